@@ -1,0 +1,129 @@
+"""Reconnect policy: how long to wait before the next connection attempt.
+
+The schedules are the endpoint's documented ones (protocol.md §4.2), as hbc and tweepy implement
+them: network errors back off linearly (250 ms steps to 16 s), HTTP errors exponentially (5 s
+doubling to 320 s), rate limiting (420/429) exponentially from 60 s. What the peers get wrong and we
+do not: counters reset only after a connection proved healthy (it delivered a message), a healthy
+connection that ends still waits a little, and a rolling bound caps attempts per minute whatever
+the upstream does.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+class Ending(enum.Enum):
+    """How a connection ended; each maps to one schedule."""
+
+    NETWORK = "network"  # connect/TLS/reset/partial transfer: linear schedule
+    HTTP = "http"  # 401, 5xx and other retryable statuses: exponential from 5 s
+    RATE_LIMITED = "rate_limited"  # 420/429: exponential from 60 s, honours Retry-After
+    CONFIG = "config"  # 403/404/406/413/416: retrying cannot help; wait for a reload
+    STALL = "stall"  # no byte for read_timeout
+    DISCONNECT = "disconnect"  # the server sent a disconnect message, then closed
+    CLOSED = "closed"  # clean end of the body
+    ABORTED = "aborted"  # our own doing: stop or reload
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """The numbers behind the policy (settings `stream.backoff`)."""
+
+    network_start: float = 0.25
+    network_step: float = 0.25
+    network_cap: float = 16.0
+    http_start: float = 5.0
+    http_cap: float = 320.0
+    rate_limit_start: float = 60.0
+    rate_limit_cap: float = 960.0
+    reconnect_delay: float = 1.0
+    max_attempts_per_minute: int = 6
+    jitter: float = 0.1
+
+
+# Codes after which reconnecting at once would fight another client using our credentials
+# (2 duplicate stream, 7 admin logout): back off as if rate limited (protocol.md §3.1).
+CONTESTED_DISCONNECT_CODES = frozenset({2, 7})
+
+
+class Backoff:
+    """Turns connection endings into waits; one instance per stream worker."""
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.schedule = schedule
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._failures: dict[Ending, int] = collections.Counter()
+        self._attempts: collections.deque[float] = collections.deque()
+        self.last_delay = 0.0
+
+    def record_attempt(self) -> None:
+        """Note a connection attempt now (for the per-minute bound)."""
+        self._attempts.append(self._clock())
+
+    def delay(
+        self,
+        ending: Ending,
+        *,
+        healthy: bool,
+        retry_after: float | None = None,
+        disconnect_code: int | None = None,
+    ) -> float | None:
+        """Seconds to wait before the next attempt; None means wait for a settings reload."""
+        if ending is Ending.CONFIG:
+            self.last_delay = 0.0
+            return None
+        if ending is Ending.DISCONNECT and disconnect_code in CONTESTED_DISCONNECT_CODES:
+            ending = Ending.RATE_LIMITED
+        if healthy:
+            self._failures.clear()
+        base = self._base_delay(ending, healthy)
+        if retry_after is not None:
+            base = max(base, retry_after)
+        wait = base + base * self._rng.uniform(0.0, self.schedule.jitter)
+        wait = max(wait, self._rate_bound_wait())
+        self.last_delay = wait
+        return wait
+
+    def _base_delay(self, ending: Ending, healthy: bool) -> float:
+        s = self.schedule
+        if ending is Ending.ABORTED:
+            return 0.0
+        if ending is Ending.RATE_LIMITED:
+            return self._bump(ending, s.rate_limit_start, lambda n: s.rate_limit_start * 2**n,
+                              s.rate_limit_cap)
+        if healthy:
+            # An established connection that ends: reconnect soon, but never in a tight loop.
+            return s.reconnect_delay
+        if ending is Ending.HTTP:
+            return self._bump(ending, s.http_start, lambda n: s.http_start * 2**n, s.http_cap)
+        return self._bump(Ending.NETWORK, s.network_start,
+                          lambda n: s.network_start + s.network_step * n, s.network_cap)
+
+    def _bump(self, kind: Ending, _start: float, step: Callable[[int], float], cap: float) -> float:
+        """Advance one schedule; switching schedule resets the others (as hbc does)."""
+        count = self._failures[kind]
+        self._failures = collections.Counter({kind: count + 1})
+        return float(min(step(count), cap))
+
+    def _rate_bound_wait(self) -> float:
+        """Wait needed so the next attempt stays within max_attempts_per_minute."""
+        now = self._clock()
+        while self._attempts and now - self._attempts[0] >= 60.0:
+            self._attempts.popleft()
+        limit = self.schedule.max_attempts_per_minute
+        if limit <= 0 or len(self._attempts) < limit:
+            return 0.0
+        return self._attempts[-limit] + 60.0 - now

@@ -1,0 +1,126 @@
+"""``ingestd check``: validate settings; with ``--online`` also test MongoDB and the endpoint.
+
+Used by the systemd unit's ExecStartPre/ExecReload, so a broken settings file makes
+``systemctl reload`` fail visibly instead of being discovered by the running daemon.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import certifi
+import pycurl
+
+from ingestd.oauth import encode_form, sign_request
+from ingestd.reader import USER_AGENT, diagnose_401
+from ingestd.settings import EXIT_CONFIG, ConfigError, Settings, load_settings
+
+EXIT_ONLINE_FAILED = 1
+PROBE_SECONDS = 10
+TLS_ERRORS = {
+    35: "the TLS handshake failed",
+    51: "the server's certificate does not match its host name",
+    58: "the client certificate could not be used",
+    60: "the server's certificate is not signed by a trusted CA "
+        "(set stream.ca_file if you use a private CA)",
+    77: "the CA bundle could not be read (check stream.ca_file)",
+}
+
+
+def run_check(config: Path, *, online: bool) -> int:
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(summary(settings))
+    if not online:
+        return 0
+    ok = check_mongo(settings) & check_endpoint(settings)
+    return 0 if ok else EXIT_ONLINE_FAILED
+
+
+def summary(settings: Settings) -> str:
+    s = settings.stream
+    return (f"settings OK: {settings.path}\n"
+            f"  endpoint   {s.url}\n"
+            f"  filters    {len(s.track)} track phrases, {len(s.follow)} follow ids, "
+            f"{len(s.locations)} location boxes\n"
+            f"  mongo      {settings.mongo.database}.{settings.mongo.collection}\n"
+            f"  state dir  {settings.state_dir}")
+
+
+def check_mongo(settings: Settings) -> bool:
+    from ingestd.mongo import make_client
+
+    client = make_client(settings.mongo)
+    try:
+        client.admin.command("ping")
+    except Exception as exc:  # any driver error is a finding to report, not a crash
+        print(f"mongo      FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+        return False
+    finally:
+        client.close()
+    print("mongo      reachable (ping ok)")
+    return True
+
+
+def check_endpoint(settings: Settings) -> bool:
+    """One signed request; reports the status and, for a 401, whether the clock is to blame."""
+    s = settings.stream
+    body = encode_form(s.post_params())
+    headers = sign_request(s.url, body, settings.auth)
+    headers["User-Agent"] = USER_AGENT
+    got: dict[str, str] = {}
+    status = [0]
+    seen = bytearray()
+
+    def on_header(line: bytes) -> None:
+        text = line.decode("latin-1").strip()
+        if text.startswith("HTTP/"):
+            parts = text.split(" ", 2)
+            status[0] = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        elif ":" in text:
+            k, _, v = text.partition(":")
+            got[k.strip().lower()] = v.strip()
+
+    def on_data(data: bytes) -> int | None:
+        seen.extend(data[:4096])
+        return 0 if status[0] == 200 and seen.strip() else None  # enough: stop reading
+
+    curl = pycurl.Curl()
+    curl.setopt(pycurl.URL, s.url)
+    curl.setopt(pycurl.POSTFIELDS, body)
+    curl.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in headers.items()])
+    curl.setopt(pycurl.HEADERFUNCTION, on_header)
+    curl.setopt(pycurl.WRITEFUNCTION, on_data)
+    curl.setopt(pycurl.CAINFO, s.ca_file or certifi.where())
+    curl.setopt(pycurl.TIMEOUT, PROBE_SECONDS)
+    curl.setopt(pycurl.NOSIGNAL, 1)
+    if s.gzip:
+        curl.setopt(pycurl.ACCEPT_ENCODING, "deflate, gzip")
+    try:
+        curl.perform()
+    except pycurl.error as exc:
+        code = exc.args[0]
+        if status[0] == 200 and code in (23, 28):
+            pass  # we stopped reading (23) or the stream was quiet (28): it answered 200
+        else:
+            print(f"endpoint   FAILED: {TLS_ERRORS.get(code, exc.args[1])} (curl error {code})")
+            return False
+    finally:
+        curl.close()
+    return report_status(status[0], bytes(seen), got.get("date"))
+
+
+def report_status(status: int, body: bytes, date: str | None) -> bool:
+    if status == 200:
+        print("endpoint   connected (HTTP 200), credentials and filters accepted")
+        return True
+    text = body.decode("utf-8", "replace").strip()[:300]
+    print(f"endpoint   FAILED: HTTP {status}: {text}")
+    if status == 401:
+        print(f"           {diagnose_401(date, time.time())}")
+    return False

@@ -1,0 +1,112 @@
+"""Command line: ``ingestd run | check | status | reload | simulate | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ingestd import __version__
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    result: int = args.func(args)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ingestd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ingestd {__version__}")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground (supervisor + workers)")
+    run.add_argument("--config", type=Path, required=True, help="path to settings.yaml")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate a settings file (used by the systemd unit)")
+    check.add_argument("--config", type=Path, required=True)
+    check.add_argument("--online", action="store_true",
+                       help="also ping MongoDB and make one authenticated request to the endpoint")
+    check.set_defaults(func=cmd_check)
+
+    status = sub.add_parser("status", help="show what a running daemon is doing")
+    status.add_argument("--config", type=Path, required=True)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    reload = sub.add_parser("reload", help="ask a running daemon to re-read its settings (SIGHUP)")
+    reload.add_argument("--config", type=Path, required=True)
+    reload.set_defaults(func=cmd_reload)
+
+    worker = sub.add_parser("worker", help=argparse.SUPPRESS)
+    worker.add_argument("--role", choices=["stream", "store"], required=True)
+    worker.add_argument("--config", type=Path, required=True)
+    worker.add_argument("--generation", type=int, default=1)
+    worker.set_defaults(func=cmd_worker)
+
+    from ingestd.simulator import cli as simulator_cli
+
+    simulate = sub.add_parser("simulate", help="run the endpoint simulator on loopback")
+    simulator_cli.add_arguments(simulate)
+    simulate.set_defaults(func=simulator_cli.run)
+
+    demo = sub.add_parser(
+        "demo", help="simulator + daemon + embedded Mongo stand-in, then a report")
+    demo.add_argument("--seconds", type=float, default=20.0, help="how long to ingest")
+    demo.add_argument("--workdir", type=Path, default=Path("demo-state"))
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ingestd.supervisor import run_supervisor
+
+    return run_supervisor(args.config)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from ingestd.workers import run_store_worker, run_stream_worker
+
+    run = run_stream_worker if args.role == "stream" else run_store_worker
+    return run(args.config, args.generation)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from ingestd.check import run_check
+
+    return run_check(args.config, online=args.online)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ingestd.status import run_status
+
+    return run_status(args.config, as_json=args.json)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from ingestd.settings import EXIT_CONFIG, ConfigError, load_settings
+    from ingestd.supervisor import send_reload
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"not reloading: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return send_reload(settings.state_dir)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ingestd.demo import run_demo
+
+    return run_demo(seconds=args.seconds, workdir=args.workdir)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""The dead-letter store: messages that cannot be stored, kept on disk with the reason.
+
+One JSON line per message in ``deadletter-YYYYMMDD.jsonl`` (UTC day). Every ``put`` is flushed and
+fsynced before it returns, because the store worker acks the spool past a dead letter right after.
+The store is bounded: once ``max_bytes`` would be exceeded the line is still written, without the
+raw bytes (``raw_dropped: "store full"``) and counted, so nothing disappears without a trace.
+Raw bytes are never logged, only written here.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+import structlog
+
+RAW_CAP = 64 * 1024
+DETAIL_CAP = 1024
+FILE_RE = re.compile(r"deadletter-\d{8}\.jsonl")
+
+log = structlog.get_logger("ingestd.deadletter")
+
+
+class DeadLetterStore:
+    """Append-only JSONL dead letters in ``directory``, bounded by ``max_bytes`` of raw content."""
+
+    def __init__(
+        self,
+        directory: Path,
+        max_bytes: int,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.counts: dict[str, int] = {}
+        self.raw_dropped = 0
+        self._clock = clock
+        directory.mkdir(parents=True, exist_ok=True)
+        self.total_bytes = sum(p.stat().st_size for p in self._files())
+        self._file: IO[bytes] | None = None
+        self._file_day = ""
+
+    def put(
+        self,
+        reason: str,
+        raw: bytes,
+        *,
+        conn_id: int | None,
+        generation: int | None,
+        seq: int | None,
+        code: int | None = None,
+        detail: str = "",
+    ) -> None:
+        """Write one dead letter durably (flush + fsync) before returning."""
+        now = self._clock()
+        entry: dict[str, Any] = {
+            "time": now.isoformat(timespec="milliseconds"),
+            "reason": reason,
+            "code": code,
+            "detail": detail[:DETAIL_CAP],
+            "conn_id": conn_id,
+            "generation": generation,
+            "seq": seq,
+            "size": len(raw),
+        }
+        line = self._encode(entry, raw)
+        self._write(now, line)
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        # Detail may quote key names from the payload: it goes to the file, not the log.
+        log.warning("dead_letter", reason=reason, code=code, seq=seq, size=len(raw))
+
+    def _encode(self, entry: dict[str, Any], raw: bytes) -> bytes:
+        head = raw[:RAW_CAP]
+        entry["truncated"] = len(raw) > RAW_CAP
+        text = _utf8_or_none(head, entry["truncated"])
+        if text is not None:
+            entry["raw"] = text
+        else:
+            entry["raw_b64"] = base64.b64encode(head).decode("ascii")
+        line = orjson.dumps(entry) + b"\n"
+        if self.total_bytes + len(line) <= self.max_bytes:
+            return line
+        # Full: keep the evidence that it happened, drop only the content.
+        entry.pop("raw", None)
+        entry.pop("raw_b64", None)
+        entry["raw_dropped"] = "store full"
+        self.raw_dropped += 1
+        return orjson.dumps(entry) + b"\n"
+
+    def _write(self, now: datetime, line: bytes) -> None:
+        stream = self._open_for(now.strftime("%Y%m%d"))
+        stream.write(line)
+        stream.flush()
+        os.fsync(stream.fileno())
+        self.total_bytes += len(line)
+
+    def _open_for(self, day: str) -> IO[bytes]:
+        if self._file is not None and self._file_day == day:
+            return self._file
+        self.close()
+        path = self.directory / f"deadletter-{day}.jsonl"
+        created = not path.exists()
+        self._file = path.open("ab")
+        self._file_day = day
+        if created:
+            _fsync_dir(self.directory)  # the new file's name must survive a crash too
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _files(self) -> list[Path]:
+        return sorted(p for p in self.directory.iterdir() if FILE_RE.fullmatch(p.name))
+
+    def iter_entries(self) -> Iterator[dict[str, Any]]:
+        """Every dead letter in file order (for tests and tools)."""
+        for path in self._files():
+            with path.open("rb") as f:
+                for line in f:
+                    if line.strip():
+                        yield orjson.loads(line)
+
+    @staticmethod
+    def raw_of(entry: dict[str, Any]) -> bytes | None:
+        """The (possibly truncated) raw bytes an entry holds, or None if they were dropped."""
+        if "raw" in entry:
+            return str(entry["raw"]).encode("utf-8")
+        if "raw_b64" in entry:
+            return base64.b64decode(entry["raw_b64"])
+        return None
+
+
+def _utf8_or_none(head: bytes, truncated: bool) -> str | None:
+    """``head`` as text if it is valid UTF-8 (allowing a character cut by the cap), else None."""
+    try:
+        return head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A cap that splits a multi-byte character is not bad input: drop the partial tail.
+        if truncated and exc.start >= len(head) - 3 and exc.reason == "unexpected end of data":
+            try:
+                return head[: exc.start].decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+        return None
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,300 @@
+"""structlog set-up for a systemd daemon: JSON lines, redaction, rate limiting, line cap.
+
+Chain (reliability.md §6): merge_contextvars → add_log_level → static context → timestamp →
+exception formatting (never frame locals) → redaction → rate limiter → capped renderer.
+Exceptions are turned into text/dicts *before* redaction so exception messages are scrubbed too.
+
+    configure_logging("info", role="stream", pid=os.getpid(), secrets=secret_values(settings))
+    log = get_logger(conn_id=3)
+    log.warning("reconnecting", reason="stall", delay=1.5)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import IO, Any, TextIO, cast
+
+import orjson
+import structlog
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
+
+MASK = "***"
+MAX_LINE_BYTES = 16 * 1024
+_MAX_DEPTH = 12
+_HEAD = ("timestamp", "level", "event")
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR, "critical": logging.CRITICAL}
+# Fields that never identify *which* error happened: they must not split rate-limit keys.
+_VOLATILE = frozenset({"timestamp", "level", "event", "repeated", "exception", "truncated"})
+# Keys whose whole value is masked. `auth` only as a whole word: "author" is harmless.
+_SECRET_KEY = re.compile(
+    r"passw|passwd|pwd|secret|token|authoriz|cookie|credential|api_?key|(?:^|[_\-.])auth(?:$|[_\-.])",
+    re.IGNORECASE,
+)
+# scheme://user:pass@host → scheme://***@host; greedy up to the last '@' of the authority.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^\s/?#@]*(?:@[^\s/?#@]*)*@")
+# Header text that carries credentials even when logged as a plain string.
+_HEADER_SECRET = re.compile(
+    r"(?i)\b((?:proxy-)?authorization\s*[:=]\s*|cookie\s*[:=]\s*|bearer\s+)[^\r\n]+"
+)
+_OAUTH_PARAM = re.compile(r'(?i)\b(oauth_(?:token|signature|consumer_key|nonce)=)"?[^",&\s]+"?')
+
+
+class _SecretRegistry:
+    """Secret values to mask anywhere in log strings; one alternation regex, rebuilt on change."""
+
+    def __init__(self) -> None:
+        self._values: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
+        self._lock = threading.Lock()
+
+    def add(self, value: str) -> None:
+        if not value or value in self._values:
+            return
+        with self._lock:
+            self._values.add(value)
+            # Longest first so a secret containing another is masked whole.
+            ordered = sorted(self._values, key=len, reverse=True)
+            self._pattern = re.compile("|".join(re.escape(v) for v in ordered))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+            self._pattern = None
+
+    def mask(self, text: str) -> str:
+        pattern = self._pattern
+        return pattern.sub(MASK, text) if pattern is not None else text
+
+
+_REGISTRY = _SecretRegistry()
+
+
+def register_secret(value: str) -> None:
+    """Mask `value` wherever it appears in any logged string from now on."""
+    _REGISTRY.add(value)
+
+
+def clear_secrets() -> None:
+    """Forget registered secrets (tests, or before re-registering after a reload)."""
+    _REGISTRY.clear()
+
+
+def scrub_userinfo(text: str) -> str:
+    """Replace `user:pass@` in URLs with `***@`."""
+    return _USERINFO.sub(rf"\1{MASK}@", text)
+
+
+def scrub_text(text: str) -> str:
+    """Apply every string-level redaction: registered secrets, URL userinfo, auth headers."""
+    text = _REGISTRY.mask(text)
+    text = scrub_userinfo(text)
+    text = _HEADER_SECRET.sub(rf"\1{MASK}", text)
+    return _OAUTH_PARAM.sub(rf"\1{MASK}", text)
+
+
+def _redact_value(value: object, depth: int = 0) -> object:
+    if isinstance(value, str):
+        return scrub_text(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if depth >= _MAX_DEPTH:
+        return "<nested too deep>"
+    if isinstance(value, Mapping):
+        return {str(k): _redact_item(str(k), v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_redact_value(v, depth + 1) for v in value]
+    # Anything else is rendered now, so its text passes through the scrubber too.
+    return scrub_text(repr(value) if isinstance(value, BaseException) else str(value))
+
+
+def _redact_item(key: str, value: object, depth: int) -> object:
+    if _SECRET_KEY.search(key) and value is not None:
+        return MASK
+    return _redact_value(value, depth)
+
+
+def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: mask secret-named keys and scrub secrets from every string."""
+    return {key: _redact_item(key, value, 0) for key, value in event_dict.items()}
+
+
+class RateLimiter:
+    """Suppress repeats of warning-or-worse events within `interval` seconds.
+
+    The key is (level, event, every non-float scalar field) unless the caller passes
+    `rate_key=...`. The first event after the interval carries `repeated=N` (suppressed count),
+    so an error storm costs one line per interval and journald never drops our lines.
+    """
+
+    _MAX_KEYS = 4096
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self._state: dict[tuple[object, ...], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+        level = _LEVELS.get(str(event_dict.get("level", "info")), logging.INFO)
+        explicit = event_dict.pop("rate_key", None)
+        if level < logging.WARNING or self.interval <= 0:
+            return event_dict
+        key = self._key(event_dict, explicit)
+        now = self.clock()
+        with self._lock:
+            last, suppressed = self._state.get(key, (None, 0))
+            if last is not None and now - last < self.interval:
+                self._state[key] = (last, suppressed + 1)
+                raise structlog.DropEvent
+            self._prune(now)
+            self._state[key] = (now, 0)
+        if suppressed:
+            event_dict["repeated"] = suppressed
+        return event_dict
+
+    @staticmethod
+    def _key(event_dict: EventDict, explicit: object) -> tuple[object, ...]:
+        head = (event_dict.get("level"), event_dict.get("event"))
+        if explicit is not None:
+            return (*head, str(explicit))
+        fields = tuple(
+            (k, v) for k, v in sorted(event_dict.items())
+            if k not in _VOLATILE and isinstance(v, str | int | bool) and not isinstance(v, float)
+        )
+        return (*head, fields)
+
+    def _prune(self, now: float) -> None:
+        # Bound memory when keys carry many distinct values: forget expired windows.
+        if len(self._state) >= self._MAX_KEYS:
+            expired = [k for k, (t, n) in self._state.items() if now - t >= self.interval]
+            for k in expired:
+                del self._state[k]
+
+
+def _truncate_strings(value: object, limit: int) -> object:
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[:limit] + "…"
+    if isinstance(value, Mapping):
+        return {k: _truncate_strings(v, limit) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_truncate_strings(v, limit) for v in value[: max(limit // 8, 4)]]
+    return value
+
+
+class CappedRenderer:
+    """Render with `renderer`; shrink string values until the line fits in `max_bytes`.
+
+    journald splits lines above 48K; a capped line stays one parseable record.
+    """
+
+    def __init__(self, renderer: Processor, max_bytes: int = MAX_LINE_BYTES) -> None:
+        self.renderer = renderer
+        self.max_bytes = max_bytes
+
+    def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> str:
+        line = self._render(logger, method, event_dict)
+        if len(line.encode()) <= self.max_bytes:
+            return line
+        for limit in (4096, 1024, 256, 64):
+            trimmed = cast(dict[str, Any], _truncate_strings(event_dict, limit))
+            trimmed["truncated"] = True
+            line = self._render(logger, method, trimmed)
+            if len(line.encode()) <= self.max_bytes:
+                return line
+        minimal = {k: event_dict[k] for k in ("timestamp", "level", "event") if k in event_dict}
+        minimal = cast(dict[str, Any], _truncate_strings(minimal, 256))
+        minimal["truncated"] = True
+        return self._render(logger, method, minimal)
+
+    def _render(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> str:
+        # A fresh dict (renderers may pop keys) with the fields people scan for first.
+        head = {k: event_dict[k] for k in _HEAD if k in event_dict}
+        out = self.renderer(logger, method, {**head, **event_dict})
+        return out.decode() if isinstance(out, bytes) else str(out)
+
+
+def _orjson_dumps(obj: object, **kw: Any) -> str:
+    return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS, **kw).decode()
+
+
+def _static_context(context: Mapping[str, object]) -> Processor:
+    """Process-wide fields (role, pid): a processor, not contextvars, so threads get them."""
+
+    def add(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+        for key, value in context.items():
+            event_dict.setdefault(key, value)
+        return event_dict
+
+    return add
+
+
+def _use_console(fmt: str, stream: IO[str]) -> bool:
+    if fmt not in ("auto", "json", "console"):
+        raise ValueError(f"log format must be auto, json or console, not {fmt!r}")
+    if fmt == "auto":
+        isatty = getattr(stream, "isatty", None)
+        return bool(isatty and isatty())
+    return fmt == "console"
+
+
+def build_processors(
+    fmt: str, stream: IO[str], error_interval: float, clock: Callable[[], float],
+    context: Mapping[str, object],
+) -> list[Processor]:
+    """The processor chain; exposed for tests and for workers that log elsewhere."""
+    console = _use_console(fmt, stream)
+    exceptions: Processor = (
+        structlog.processors.format_exc_info if console else structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
+    )
+    renderer: Processor = (
+        structlog.dev.ConsoleRenderer(colors=console and bool(stream.isatty()),
+                                      exception_formatter=structlog.dev.plain_traceback)
+        if console else structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+    )
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        _static_context(dict(context)),
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        exceptions,
+        redact,
+        RateLimiter(error_interval, clock),
+        CappedRenderer(renderer),
+    ]
+
+
+def configure_logging(
+    level: str = "info",
+    fmt: str = "auto",
+    *,
+    stream: IO[str] = sys.stdout,
+    secrets: Iterable[str] = (),
+    error_interval: float = 10.0,
+    clock: Callable[[], float] = time.monotonic,
+    **context: object,
+) -> None:
+    """Configure structlog process-wide. `context` (e.g. role, pid) is added to every event."""
+    if level not in _LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(_LEVELS)}, not {level!r}")
+    for secret in secrets:
+        register_secret(secret)
+    structlog.configure(
+        processors=build_processors(fmt, stream, error_interval, clock, context),
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.WriteLoggerFactory(file=cast(TextIO, stream)),
+        # Not cached: a reload may reconfigure level/format for loggers made at import time.
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(**bind: object) -> FilteringBoundLogger:
+    """A logger with `bind` as initial context."""
+    return cast(FilteringBoundLogger, structlog.get_logger(**bind))
+

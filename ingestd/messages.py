@@ -1,0 +1,164 @@
+"""What a parsed stream message is, and the MongoDB document a tweet becomes.
+
+This is the store worker's per-tweet hot path: one dict lookup chain to classify, the tweet dict is
+reused as the document (mutated in place, never copied) and ``created_at`` comes from integers
+(``timestamp_ms`` or the snowflake id) rather than a string parse whenever possible.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+CONTROL_TYPES = (
+    "delete",
+    "scrub_geo",
+    "limit",
+    "status_withheld",
+    "user_withheld",
+    "disconnect",
+    "warning",
+)
+KINDS = ("tweet", *CONTROL_TYPES, "unknown", "invalid")
+
+INT64_MAX = 2**63 - 1
+TWITTER_EPOCH_MS = 1288834974657
+# Ids below this may predate snowflake (Nov 2010): their high bits are not a timestamp.
+SNOWFLAKE_MIN_ID = 1 << 40
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class InvalidTweet(ValueError):
+    """A tweet-shaped message that must not be stored as is (dead-lettered with ``reason``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class MatchedLike(Protocol):
+    """What ``ingestd.matching.Matched`` provides."""
+
+    @property
+    def track(self) -> Sequence[str]: ...
+    @property
+    def follow(self) -> Sequence[int]: ...
+    @property
+    def locations(self) -> Sequence[int]: ...
+
+
+def classify(obj: object) -> str:
+    """The kind of a parsed message: ``tweet``, a control type, ``unknown`` or ``invalid``."""
+    if not isinstance(obj, dict):
+        return "invalid"
+    if ("id" in obj or "id_str" in obj) and (
+        "text" in obj or ("created_at" in obj and "user" in obj)
+    ):
+        return "tweet"
+    for key in CONTROL_TYPES:
+        if key in obj:
+            return key
+    return "unknown"
+
+
+def tweet_document(
+    obj: dict[str, Any],
+    *,
+    received_at: datetime,
+    conn_id: int,
+    generation: int,
+    seq: int,
+    matched: MatchedLike,
+) -> dict[str, Any]:
+    """Turn a parsed tweet into its document, in place; raises ``InvalidTweet``.
+
+    ``obj`` must be owned by the caller (freshly parsed): it is returned mutated, not copied.
+    """
+    check_top_level_keys(obj)
+    tweet_id = parse_id(obj.get("id", obj.get("id_str")))
+    created_str = obj.get("created_at")
+    obj["_id"] = tweet_id
+    obj["created_at"] = created_at(obj, tweet_id, created_str)
+    obj["created_at_str"] = created_str
+    obj["_ingest"] = {
+        "received_at": received_at,
+        "conn": conn_id,
+        "generation": generation,
+        "seq": seq,
+        "matched": {
+            "track": list(matched.track),
+            "follow": list(matched.follow),
+            "locations": list(matched.locations),
+        },
+    }
+    return obj
+
+
+def check_top_level_keys(obj: dict[str, Any]) -> None:
+    """Reject ``$``-prefixed, dotted or NUL-bearing top-level keys (one scan in the usual case).
+
+    MongoDB refuses ``$`` at the top level, BSON cannot hold NUL in a key, and a dotted name cannot
+    be addressed in a query. Nested keys are left to the encoder (rare, handled per document).
+    """
+    joined = "".join(obj)
+    if "$" not in joined and "." not in joined and "\x00" not in joined:
+        return
+    for key in obj:
+        if key.startswith("$") or "." in key or "\x00" in key:
+            raise InvalidTweet(f"top-level key not storable: {_describe_key(key)}")
+
+
+def _describe_key(key: str) -> str:
+    # Key names are structure, not content, but cap them: the payload is attacker-controlled.
+    return repr(key[:40])
+
+
+def parse_id(value: object) -> int:
+    """A tweet id as an int64 (an int, or a decimal digit string, as the stream sends)."""
+    if type(value) is int:
+        tweet_id = value
+    elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+        tweet_id = int(value)
+    else:
+        raise InvalidTweet(f"id is not an integer ({type(value).__name__})")
+    if not 0 < tweet_id <= INT64_MAX:
+        raise InvalidTweet("id out of int64 range")
+    return tweet_id
+
+
+def created_at(obj: dict[str, Any], tweet_id: int, created_str: object) -> datetime:
+    """UTC creation time: ``timestamp_ms``, else the snowflake id, else the string."""
+    millis = _timestamp_ms(obj.get("timestamp_ms"))
+    if millis is None and tweet_id >= SNOWFLAKE_MIN_ID:
+        millis = (tweet_id >> 22) + TWITTER_EPOCH_MS
+    if millis is not None:
+        try:
+            return _EPOCH + timedelta(milliseconds=millis)
+        except OverflowError:
+            pass
+    return parse_twitter_time(created_str)
+
+
+def _timestamp_ms(value: object) -> int | None:
+    if type(value) is int:
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 15:
+        return int(value)
+    return None
+
+
+def parse_twitter_time(value: object) -> datetime:
+    """Parse ``Wed Oct 10 20:19:24 +0000 2018`` without depending on the locale."""
+    if not isinstance(value, str):
+        raise InvalidTweet("created_at missing and not derivable from the id")
+    try:
+        # email.utils reads English day/month names whatever the locale (protocol.md §6).
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError) as exc:
+        raise InvalidTweet("created_at not in Twitter format") from exc
+    if parsed.tzinfo is None:
+        raise InvalidTweet("created_at has no time zone")
+    return parsed.astimezone(UTC)
+

@@ -1,0 +1,53 @@
+"""OAuth 1.0a request signing for `POST statuses/filter` (protocol.md §5).
+
+    body = encode_form(settings.stream.post_params())
+    headers = sign_request(settings.stream.url, body, settings.auth)
+    # send `body` verbatim (POSTFIELDS) with `headers`; sign again on every reconnect.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+
+from oauthlib.oauth1 import (  # type: ignore[import-untyped]
+    SIGNATURE_HMAC_SHA1,
+    SIGNATURE_TYPE_AUTH_HEADER,
+    Client,
+)
+
+from ingestd.settings import AuthSettings
+
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+
+def encode_form(params: list[tuple[str, str]]) -> str:
+    """Form-encode in order. oauthlib decodes this same string to build the signature."""
+    return urllib.parse.urlencode(params)
+
+
+def sign_request(
+    url: str,
+    body: str,
+    auth: AuthSettings,
+    *,
+    nonce: str | None = None,
+    timestamp: str | None = None,
+) -> dict[str, str]:
+    """Headers (Authorization, Content-Type) for POSTing the already-encoded `body` to `url`.
+
+    `nonce`/`timestamp` are for tests; by default oauthlib makes fresh ones per call.
+    """
+    client = Client(
+        auth.consumer_key.reveal(),
+        client_secret=auth.consumer_secret.reveal(),
+        resource_owner_key=auth.access_token.reveal(),
+        resource_owner_secret=auth.access_token_secret.reveal(),
+        signature_method=SIGNATURE_HMAC_SHA1,
+        signature_type=SIGNATURE_TYPE_AUTH_HEADER,
+        nonce=nonce,
+        timestamp=timestamp,
+    )
+    # The Content-Type header makes oauthlib include the form parameters in the signature.
+    _uri, headers, _body = client.sign(
+        url, http_method="POST", body=body, headers={"Content-Type": FORM_CONTENT_TYPE})
+    return {str(k): str(v) for k, v in headers.items()}

@@ -1,0 +1,317 @@
+"""One streaming response: runs the connection's script steps, then streams normally.
+
+All socket writes happen on the handler thread that owns the session. Other threads only set
+``wake`` (a newer connection with the same credentials, or shutdown); every wait in here is on that
+event, so a kick or stop is noticed at once, never after a sleep.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from typing import Any
+
+import orjson
+
+from ingestd.simulator import generator as gen
+from ingestd.simulator.feed import Feed, Outgoing
+from ingestd.simulator.generator import Template
+from ingestd.simulator.params import StreamParams
+from ingestd.simulator.script import Step
+from ingestd.simulator.state import SimState
+from ingestd.simulator.wire import Wire
+
+BATCH = 512  # messages per write on the fast path
+_CONTROL_WEIGHTS = {
+    "delete": 40,
+    "limit": 20,
+    "scrub_geo": 10,
+    "status_withheld": 10,
+    "user_withheld": 10,
+    "warning": 10,
+}
+
+
+class Session:
+    """A live ``200`` stream for connection number ``conn``."""
+
+    def __init__(
+        self,
+        state: SimState,
+        conn: int,
+        identity: str,
+        params: StreamParams,
+        wire: Wire,
+        steps: list[Step],
+    ) -> None:
+        cfg = state.config
+        self.state = state
+        self.conn = conn
+        self.identity = identity
+        self.params = params
+        self.wire = wire
+        self.steps = steps
+        seed = f"{cfg.seed}:{conn}" if cfg.seed is not None else None
+        self.rng = random.Random(seed)
+        pool = cfg.pool_size if cfg.rate <= 0 else 0
+        self.feed = Feed(params, cfg.source, self.rng, state.ids, state.real, pool)
+        self.wake = threading.Event()
+        self.kick_code: int | None = None
+        self.tweets_sent = 0
+        self.limit_track = 0
+        self.since_control = 0
+        self.last_write = time.monotonic()
+        self.last_warning = -math.inf
+        self.starved_until = 0.0
+
+    def kick(self, code: int) -> None:
+        """Called from another thread: end this stream with a ``disconnect`` message."""
+        self.kick_code = code
+        self.wake.set()
+
+    # --- main loop ----------------------------------------------------------------------
+
+    def run(self) -> str:
+        """Stream until the script, a kick, shutdown or the client ends it; return why."""
+        try:
+            for step in self.steps:
+                if step.kind == "then":
+                    break
+                reason = self._step(step)
+                if reason is not None:
+                    return reason
+            return self._stream() or "ended"
+        except OSError as exc:  # the client went away (EPIPE, ECONNRESET, ...)
+            return f"client closed ({type(exc).__name__})"
+
+    def _step(self, step: Step) -> str | None:
+        """Run one script step; a string return means the connection is over."""
+        kind, value = step.kind, step.value
+        if kind == "deliver":
+            return self._stream(count=value)
+        if kind == "keepalive_only":
+            return self._stream(duration=value, tweets=False)
+        if kind == "stall":
+            return self._interrupted() if self.wake.wait(value) else None
+        if kind == "split":
+            self.wire.split = value
+        elif kind == "control":
+            self._send_control(value)
+        elif kind == "bad_lines":
+            self._send_bad_lines(value)
+        elif kind == "trickle":
+            return self._trickle(value["bytes"], value["interval"], value["count"])
+        else:
+            return self._terminal(step)
+        return None
+
+    def _terminal(self, step: Step) -> str:
+        kind = step.kind
+        if kind == "disconnect":
+            self._send_disconnect(step.value)
+            return f"disconnect {step.value}"
+        if kind == "close":
+            self.wire.end()
+            return "close"
+        if kind == "close_mid_message":
+            self._send_half()
+            self.wire.hang_up()
+            return "close_mid_message"
+        if step.extra.get("mid_message"):  # reset
+            self._send_half()
+        self.wire.reset()
+        return "reset"
+
+    def _stream(
+        self, count: int | None = None, duration: float | None = None, tweets: bool = True
+    ) -> str | None:
+        """Tweets at ``--rate`` (with controls and keep-alives) until count/duration is reached."""
+        rate = self.state.config.rate
+        start = time.monotonic()
+        sent = 0
+        while not self.wake.is_set():
+            now = time.monotonic()
+            if (duration is not None and now - start >= duration) or (
+                count is not None and sent >= count
+            ):
+                return None
+            next_at = math.inf
+            if tweets and self._may_tweet(now):
+                due = BATCH if rate <= 0 else int((now - start) * rate) + 1 - sent
+                due = min(due, BATCH, self._quota(), (count - sent) if count is not None else BATCH)
+                if due > 0:
+                    got = self._send_tweets(due)
+                    sent += got
+                    if got < due:  # the source ran dry for now: retry in a second
+                        self.starved_until = now + 1.0
+                    continue
+                next_at = start + sent / rate
+            elif tweets:
+                next_at = self.starved_until
+            idle_until = self.last_write + self.state.config.keepalive
+            if now >= idle_until:
+                self._write(self.wire.encode(b"\r\n"))
+                continue
+            end = start + duration if duration is not None else math.inf
+            self.wake.wait(max(0.0, min(next_at, idle_until, end) - now))
+        return self._interrupted()
+
+    def _may_tweet(self, now: float) -> bool:
+        return self._quota() > 0 and now >= self.starved_until
+
+    def _quota(self) -> int:
+        limit = self.state.config.max_tweets
+        return BATCH if limit is None else max(0, limit - self.tweets_sent)
+
+    def _interrupted(self) -> str:
+        """Woken by another thread: a newer connection (code 7) or shutdown."""
+        if self.kick_code is not None:
+            self._send_disconnect(self.kick_code)
+            return f"disconnect {self.kick_code} (newer connection)"
+        self.wire.end()
+        return "shutdown"
+
+    # --- writing ------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        self.wire.send(data)
+        self.last_write = time.monotonic()
+
+    def _send_tweets(self, n: int) -> int:
+        """Up to ``n`` tweets (plus due control messages) in one write; returns tweets sent."""
+        bodies: list[bytes] = []
+        sent: list[Outgoing] = []
+        controls: list[dict[str, Any]] = []
+        every = self.state.config.control_every
+        for _ in range(n):
+            out = self.feed.next()
+            if out is None:
+                break
+            bodies.append(out.payload)
+            sent.append(out)
+            self.since_control += 1
+            if every and self.since_control >= every:
+                self.since_control = 0
+                payload, event = self._control(self._pick_control())
+                bodies.append(payload)
+                controls.append(event)
+        if bodies:
+            self._write(self.wire.encode_messages(bodies))
+            self._record(sent)
+            for event in controls:
+                self.state.ground_truth.event("control", self.conn, **event)
+        return len(sent)
+
+    def _record(self, sent: list[Outgoing]) -> None:
+        """Ground truth and counters for tweets whose bytes are all on the socket."""
+        if not sent:
+            return
+        self.tweets_sent += len(sent)
+        self.state.ground_truth.tweets(self.conn, [o.id for o in sent])
+        # a sample is plenty for delete/scrub_geo/withheld targets, and keeps the hot path cheap
+        self.state.delivered.add([(o.id, o.user_id) for o in sent[::8]])
+        self.state.count_tweets(self.conn, len(sent))
+
+    def _trickle(self, size: int, interval: float, count: int) -> str | None:
+        """The next ``count`` tweets, ``size`` bytes per chunk, ``interval`` s apart."""
+        for _ in range(count):
+            out = self.feed.next()
+            if out is None:
+                return None
+            data = self.wire.encode(self.wire.frame(out.payload))
+            for start in range(0, len(data), size):
+                self._write(data[start : start + size])
+                if start + size < len(data) and self.wake.wait(interval):
+                    self.state.ground_truth.event("partial", self.conn, id=out.id)
+                    return self._interrupted()
+            self._record([out])
+            if self.wake.wait(interval):
+                return self._interrupted()
+        return None
+
+    def _send_half(self) -> None:
+        """Half of a tweet's bytes, recorded as ``partial`` (never as delivered)."""
+        out = self.feed.next()
+        if out is None:  # predicates nothing matches: any tweet will do, it is never complete
+            tweet_id = self.state.ids.next()
+            template = Template.from_tweet(self.feed.generator.noise())
+            out = Outgoing(tweet_id, template.user_id, template.render(tweet_id))
+        data = self.wire.encode(self.wire.frame(out.payload))
+        self._write(data[: len(data) // 2])
+        self.state.ground_truth.event("partial", self.conn, id=out.id)
+
+    def _send_bad_lines(self, kinds: tuple[str, ...]) -> None:
+        for kind in kinds:
+            self._write(self.wire.encode(self.wire.frame(self._bad_line(kind))))
+            self.state.ground_truth.event("bad_line", self.conn, kind=kind)
+
+    def _bad_line(self, kind: str) -> bytes:
+        if kind == "truncated_json":
+            payload = orjson.dumps(self.feed.generator.noise())
+            return payload[: len(payload) // 2]
+        if kind == "invalid_utf8":
+            return b'{"id":1,"text":"bad \xff\xfe bytes \xc3"}'
+        if kind == "json_array":
+            return b'[{"id":1},{"id":2}]'
+        if kind == "oversize":
+            head, tail = b'{"oversize":"', b'"}'
+            size = max(self.state.config.max_line, len(head) + len(tail))
+            return head + b"x" * (size - len(head) - len(tail)) + tail
+        return b'"not an object"'
+
+    # --- control messages ---------------------------------------------------------------
+
+    def _pick_control(self) -> str:
+        kinds = dict(_CONTROL_WEIGHTS)
+        now = time.monotonic()
+        interval = self.state.config.warning_interval
+        if not self.params.stall_warnings or now - self.last_warning < interval:
+            del kinds["warning"]
+        return self.rng.choices(list(kinds), weights=list(kinds.values()))[0]
+
+    def _send_control(self, kind: str) -> None:
+        payload, event = self._control(kind)
+        self._write(self.wire.encode(self.wire.frame(payload)))
+        self.state.ground_truth.event("control", self.conn, **event)
+
+    def _send_disconnect(self, code: int) -> None:
+        payload = orjson.dumps(gen.disconnect_msg(code, f"sim-{self.identity}-{self.conn}"))
+        self._write(self.wire.encode(self.wire.frame(payload)))
+        self.state.ground_truth.event("control", self.conn, type="disconnect", code=code)
+        self.wire.end()
+
+    def _control(self, kind: str) -> tuple[bytes, dict[str, Any]]:
+        """A control message of ``kind`` and its ground-truth event."""
+        rng = self.rng
+        now_ms = time.time_ns() // 1_000_000
+        target = self.state.delivered.sample(rng)
+        if target is None or (kind == "delete" and rng.random() < 0.2):
+            target = (self.state.ids.next() - (rng.randrange(1, 10**6) << 22), rng.randrange(10**9))
+        tweet_id, user_id = target
+        countries = sorted(rng.sample(gen.COUNTRIES, rng.randrange(1, 4)))
+        msg: dict[str, Any]
+        event: dict[str, Any] = {"type": kind}
+        if kind == "delete":
+            msg = gen.delete_msg(tweet_id, user_id, now_ms)
+            event.update(id=tweet_id, user_id=user_id)
+        elif kind == "scrub_geo":
+            msg = gen.scrub_geo_msg(user_id, tweet_id)
+            event.update(user_id=user_id, up_to_status_id=tweet_id)
+        elif kind == "status_withheld":
+            msg = gen.status_withheld_msg(tweet_id, user_id, countries)
+            event.update(id=tweet_id, user_id=user_id, countries=countries)
+        elif kind == "user_withheld":
+            msg = gen.user_withheld_msg(user_id, countries)
+            event.update(user_id=user_id, countries=countries)
+        elif kind == "warning":
+            self.last_warning = time.monotonic()
+            pct = rng.choice((60, 70, 80, 90))
+            msg = gen.warning_msg(pct)
+            event.update(percent_full=pct)
+        else:
+            self.limit_track += rng.randrange(1, 50)
+            msg = gen.limit_msg(self.limit_track, now_ms)
+            event.update(track=self.limit_track)
+        return orjson.dumps(msg), event

@@ -1,0 +1,154 @@
+"""Simulator-wide configuration and shared state (connection registry, counters, id source)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ingestd.simulator.auth import Credentials, OAuthVerifier
+from ingestd.simulator.feed import RealTweets
+from ingestd.simulator.generator import Snowflake
+from ingestd.simulator.groundtruth import GroundTruth
+from ingestd.simulator.script import FaultScript
+
+if TYPE_CHECKING:
+    from ingestd.simulator.session import Session
+
+
+@dataclass(slots=True)
+class SimConfig:
+    """Everything ``ingestd simulate`` can be told (CLI flags map one to one)."""
+
+    credentials: list[Credentials]
+    source: str = "mixed"
+    rate: float = 50.0
+    max_tweets: int | None = None
+    keepalive: float = 30.0
+    control_every: int = 25
+    script: FaultScript | None = None
+    timestamp_window: float = 600.0
+    rate_limit: tuple[int, float] | None = None
+    seed: int | None = None
+    max_line: int = 600_000
+    warning_interval: float = 300.0
+    ground_truth: Path | None = None
+    pool_size: int = 1000
+
+
+class RateLimiter:
+    """Sliding-window limit on connection attempts (all attempts count, as on the real API)."""
+
+    def __init__(self, limit: tuple[int, float] | None) -> None:
+        self.limit = limit
+        self._times: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        if self.limit is None:
+            return True
+        count, window = self.limit
+        now = time.monotonic()
+        with self._lock:
+            while self._times and now - self._times[0] > window:
+                self._times.popleft()
+            self._times.append(now)
+            return len(self._times) <= count
+
+
+class DeliveredLog:
+    """Recently delivered (tweet id, user id) pairs, for deletes/scrub_geo/withheld targets."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._items: list[tuple[int, int]] = []
+        self._size = size
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def add(self, items: list[tuple[int, int]]) -> None:
+        with self._lock:
+            for item in items:
+                if len(self._items) < self._size:
+                    self._items.append(item)
+                else:
+                    self._items[self._next] = item
+                    self._next = (self._next + 1) % self._size
+
+    def sample(self, rng: random.Random) -> tuple[int, int] | None:
+        with self._lock:
+            return rng.choice(self._items) if self._items else None
+
+
+@dataclass
+class SimState:
+    """Shared by all handler threads; every mutable field is guarded by ``lock``."""
+
+    config: SimConfig
+    ground_truth: GroundTruth
+    verifier: OAuthVerifier
+    real: RealTweets = field(default_factory=RealTweets)
+    ids: Snowflake = field(default_factory=Snowflake)
+    delivered: DeliveredLog = field(default_factory=DeliveredLog)
+    stopping: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    attempts: int = 0
+    streams: int = 0
+    tweets_by_conn: dict[int, int] = field(default_factory=dict)
+    sessions: dict[int, Session] = field(default_factory=dict)
+    by_identity: dict[str, Session] = field(default_factory=dict)
+    rate_limiter: RateLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rate_limiter = RateLimiter(self.config.rate_limit)
+
+    def next_attempt(self) -> int:
+        with self.lock:
+            self.attempts += 1
+            return self.attempts
+
+    def register(self, session: Session) -> None:
+        """Make ``session`` the credential's live stream; the older one gets code 7."""
+        with self.lock:
+            self.streams += 1
+            self.sessions[session.conn] = session
+            self.tweets_by_conn[session.conn] = 0
+            older = self.by_identity.get(session.identity)
+            self.by_identity[session.identity] = session
+        if self.stopping.is_set():
+            session.wake.set()
+        if older is not None:
+            older.kick(7)
+
+    def unregister(self, session: Session) -> None:
+        with self.lock:
+            self.sessions.pop(session.conn, None)
+            if self.by_identity.get(session.identity) is session:
+                del self.by_identity[session.identity]
+
+    def count_tweets(self, conn: int, n: int) -> None:
+        with self.lock:
+            self.tweets_by_conn[conn] = self.tweets_by_conn.get(conn, 0) + n
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ``GET /_sim/state`` document."""
+        with self.lock:
+            return {
+                "attempts": self.attempts,
+                "connections": self.streams,
+                "open_connections": len(self.sessions),
+                "open": sorted(self.sessions),
+                "tweets": {str(k): v for k, v in sorted(self.tweets_by_conn.items())},
+                "tweets_total": sum(self.tweets_by_conn.values()),
+                "real_remaining": self.real.remaining,
+            }
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self.lock:
+            sessions = list(self.sessions.values())
+        for session in sessions:
+            session.wake.set()

@@ -1,0 +1,262 @@
+"""The two worker processes: ``stream`` (reader → spool) and ``store`` (spool → MongoDB).
+
+Each worker reads its settings itself, publishes ``run/<role>.json`` every second (the heartbeat),
+stops on SIGTERM, and takes reload commands as JSON lines on stdin from the supervisor (which has
+already validated the text). SIGINT and SIGHUP are ignored here: on Ctrl-C the whole process group
+gets SIGINT, and the supervisor must order the stop (stream first, then store drains the spool).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from ingestd.logs import configure_logging
+from ingestd.reader import Reader
+from ingestd.runstate import write_status
+from ingestd.settings import EXIT_CONFIG, ConfigError, Settings, load_settings, secret_values
+from ingestd.spool import SpoolWriteError, SpoolWriter
+
+log = structlog.get_logger("ingestd.worker")
+
+STATUS_INTERVAL = 1.0
+HELD_RETRY_INTERVAL = 1.0
+
+
+class ControlChannel:
+    """Reload commands from the supervisor, read on a thread so the worker loop never blocks.
+
+    The thread reads the raw file descriptor with ``os.read``: a daemon thread blocked inside a
+    buffered ``sys.stdin`` read holds the buffer's lock and aborts interpreter shutdown.
+    """
+
+    def __init__(self, fd: int = 0) -> None:
+        self.commands: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self.closed = threading.Event()
+        self._fd = fd
+        threading.Thread(target=self._pump, name="control", daemon=True).start()
+
+    def _pump(self) -> None:
+        pending = b""
+        while chunk := self._read():
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self._parse(line)
+        self.closed.set()  # supervisor gone: the worker stops instead of running orphaned
+
+    def _read(self) -> bytes:
+        try:
+            return os.read(self._fd, 1 << 16)
+        except OSError:
+            return b""
+
+    def _parse(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            cmd = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            log.error("control_command_invalid")
+            return
+        if isinstance(cmd, dict):
+            self.commands.put(cmd)
+
+    def poll(self) -> dict[str, Any] | None:
+        try:
+            return self.commands.get_nowait()
+        except queue.Empty:
+            return None
+
+
+class StopFlag:
+    """Set by SIGTERM; the handler only records, the loops act on it."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    def __bool__(self) -> bool:
+        return self.event.is_set()
+
+
+class SpoolSink:
+    """Appends framed messages to the spool; on a disk error holds them and blocks the reader.
+
+    With ``when_full: block`` nothing is dropped: the held messages are retried every second and,
+    while any are held, the reader pauses its connections (TCP pushes back on the endpoint).
+    With ``drop_newest`` they are dropped and counted with the reason.
+    """
+
+    def __init__(self, spool: SpoolWriter, *, drop: bool) -> None:
+        self.spool, self.drop = spool, drop
+        self.held: list[tuple[Sequence[tuple[int, bytes]], int, int, int]] = []
+        self.dropped = 0
+        self.last_error = ""
+        self._retry_at = 0.0
+
+    def __call__(self, items: Sequence[tuple[int, bytes]], conn: int, gen: int, ns: int) -> None:
+        if self.held:
+            self._hold_or_drop(items, conn, gen, ns)
+            return
+        try:
+            self.spool.append(items, conn, gen, ns)
+        except SpoolWriteError as exc:
+            self.last_error = f"spool write failed: {os.strerror(exc.errno or 0)}"
+            log.error("spool_write_failed", error=self.last_error, policy="drop" if self.drop
+                      else "block")
+            self._hold_or_drop(items, conn, gen, ns)
+
+    def _hold_or_drop(self, items: Sequence[tuple[int, bytes]], conn: int, gen: int,
+                      ns: int) -> None:
+        if self.drop:
+            self.dropped += len(items)
+        else:
+            self.held.append((items, conn, gen, ns))
+            self._retry_at = time.monotonic() + HELD_RETRY_INTERVAL
+
+    def retry(self) -> None:
+        """Write held messages once the disk takes them again (called from the worker loop)."""
+        if not self.held or time.monotonic() < self._retry_at:
+            return
+        try:
+            while self.held:
+                self.spool.append(*self.held[0])
+                self.held.pop(0)
+        except SpoolWriteError:
+            self._retry_at = time.monotonic() + HELD_RETRY_INTERVAL
+            return
+        self.last_error = ""
+        log.info("spool_write_recovered")
+
+    def is_full(self) -> bool:
+        return bool(self.held) or self.spool.is_full()
+
+
+def boot(config_path: Path, role: str) -> Settings | int:
+    """Load settings and configure logging; an exit code if the settings are invalid."""
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        configure_logging(role=role, pid=os.getpid())
+        log.error("settings_invalid", error=str(exc))
+        return EXIT_CONFIG
+    lg = settings.logging
+    configure_logging(lg.level, lg.format, secrets=secret_values(settings),
+                      error_interval=lg.error_interval, role=role, pid=os.getpid())
+    return settings
+
+
+def reload_settings(cmd: dict[str, Any], config_path: Path) -> tuple[int, Settings] | None:
+    """The settings of a supervisor reload command, or None if they do not validate here."""
+    from ingestd.settings import load_settings_text
+
+    try:
+        return int(cmd["generation"]), load_settings_text(str(cmd["text"]), config_path)
+    except (KeyError, ValueError, ConfigError) as exc:
+        log.error("reload_rejected", error=str(exc))
+        return None
+
+
+class RateMeter:
+    """Events per second between two successive readings of a counter."""
+
+    def __init__(self) -> None:
+        self._last: tuple[float, int] | None = None
+        self.rate = 0.0
+
+    def update(self, count: int) -> float:
+        now = time.monotonic()
+        if self._last is not None and now > self._last[0]:
+            self.rate = (count - self._last[1]) / (now - self._last[0])
+        self._last = (now, count)
+        return self.rate
+
+
+class Ticker:
+    """Runs ``fn`` at most every ``interval`` seconds."""
+
+    def __init__(self, interval: float, fn: Callable[[], None]) -> None:
+        self.interval, self.fn, self._next = interval, fn, 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self.interval
+            self.fn()
+
+
+def run_stream_worker(config_path: Path, generation: int) -> int:
+    """Stream role: keep a connection open and append every framed message to the spool."""
+    booted = boot(config_path, "stream")
+    if isinstance(booted, int):
+        return booted
+    settings = booted
+    stop, control = StopFlag(), ControlChannel()
+    sp = settings.spool
+    spool = SpoolWriter(settings.state_dir / "spool", segment_bytes=sp.segment_bytes,
+                        max_bytes=sp.max_bytes, max_records=sp.max_records,
+                        fsync_interval=sp.fsync_interval)
+    sink = SpoolSink(spool, drop=sp.when_full == "drop_newest")
+    reader = Reader(settings.stream, settings.auth, generation, sink, is_full=sink.is_full,
+                    drop_when_full=sp.when_full == "drop_newest")
+
+    meter = RateMeter()
+
+    def publish() -> None:
+        records, nbytes = spool.backlog()
+        stats = reader.stats.as_dict()
+        stats["dropped"] = {**stats["dropped"], **({"disk_error": sink.dropped}
+                                                    if sink.dropped else {})}
+        state = sink.last_error or reader.state
+        write_status(settings.state_dir, "stream", {
+            "generation": reader.generation, "state": state, "counters": stats,
+            "progress": reader.stats.bytes + reader.stats.attempts,
+            "conn": reader.active.conn_id if reader.active else None,
+            "backoff": reader.backoff.last_delay,
+            "rate": round(meter.update(reader.stats.received), 1),
+            "spool": {"records": records, "bytes": nbytes, "held": len(sink.held)},
+        })
+
+    status = Ticker(STATUS_INTERVAL, publish)
+
+    def tick() -> None:
+        spool.maybe_sync()
+        sink.retry()
+        while (cmd := control.poll()) is not None:
+            if cmd.get("cmd") == "reload" and (new := reload_settings(cmd, config_path)):
+                reader.reload(new[1].stream, new[1].auth, new[0])
+                log.info("reload_applied", generation=new[0])
+        if control.closed.is_set():
+            stop.event.set()
+        status()
+
+    log.info("stream_worker_started", generation=generation)
+    try:
+        reader.run(lambda: bool(stop), tick)
+    finally:
+        spool.close()
+        publish()
+    log.info("stream_worker_stopped", received=reader.stats.received)
+    return 0
+
+
+def run_store_worker(config_path: Path, generation: int) -> int:
+    """Store role: drain the spool into MongoDB (see writer.StoreWorker)."""
+    booted = boot(config_path, "store")
+    if isinstance(booted, int):
+        return booted
+    from ingestd.store_role import run_store_role
+
+    return run_store_role(booted, config_path, generation, StopFlag(), ControlChannel())

@@ -1,0 +1,733 @@
+"""The store worker: spool records → documents → MongoDB, acking the spool only behind MongoDB.
+
+Every record read from the spool ends in exactly one bucket, so the counters reconcile::
+
+    records_read == stored + duplicates + Σ deadlettered + Σ control + Σ skipped + pending
+
+``pending`` is tweets in the batch not yet flushed; ``skipped{deleted}`` is tweets not stored
+because a delete for them was already seen (a tombstone). A control message whose MongoDB effect is
+rejected stays counted under ``control`` and is also dead-lettered (``control_rejected``).
+
+Ordering. Tweets are batched. Deletes and ``scrub_geo`` are applied after the batch they arrived in
+is inserted: both commute with the tweets around them (a tweet after its delete is filtered by the
+tombstone set; a later tweet inside a scrub range is scrubbed as it is built). Withheld messages,
+which do not commute, end the batch: it is flushed first, then they are applied.
+
+Failures. A write that fails transiently is retried with the *same* documents (``_id`` is the tweet
+id, so a retry can only produce duplicates) with exponential back-off and jitter, forever; auth
+and configuration errors back off at the cap and set ``state`` to ``degraded: …``. Every MongoDB
+call runs on a helper thread while this thread keeps calling ``tick`` (the heartbeat) at least
+every 0.5 s.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+import bson
+import orjson
+import structlog
+from bson.errors import InvalidDocument
+from pymongo.collection import Collection
+from pymongo.errors import BulkWriteError
+
+from ingestd.deadletter import DeadLetterStore
+from ingestd.matching import Matched, Matcher
+from ingestd.messages import InvalidTweet, classify, parse_id, tweet_document
+from ingestd.mongo import (
+    DUPLICATE_KEY,
+    Document,
+    ErrorClass,
+    classify_error,
+    duplicate_on_id,
+    ensure_indexes,
+    short_reason,
+    write_error_summary,
+)
+from ingestd.settings import MongoSettings, Settings
+from ingestd.spool import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE, KIND_PARTIAL, Record
+
+log = structlog.get_logger("ingestd.writer")
+
+T = TypeVar("T")
+CollectionFactory = Callable[[MongoSettings], Collection[Document]]
+
+TICK_INTERVAL = 0.25  # well under the 0.5 s heartbeat promise
+READ_MAX_BYTES = 16 * 1024 * 1024  # bounds one read's payload bytes (memory), not the batch
+MAX_BSON_SIZE = 16 * 1024 * 1024
+TOMBSTONE_LIMIT = 1_000_000
+SCRUB_RULE_LIMIT = 100_000
+MATCHER_GENERATIONS = 16
+LIMIT_CONNECTIONS = 1024
+FRAME_REASONS = {
+    KIND_OVERSIZE: "oversize",
+    KIND_BADFRAME: "bad_frame",
+    KIND_PARTIAL: "partial_message",
+}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NO_MATCH = Matched()
+
+
+class SpoolSource(Protocol):
+    """What the writer needs from ``ingestd.spool.SpoolReader``."""
+
+    def read(self, max_records: int, max_bytes: int) -> list[Record]: ...
+    def wait_for_data(self, timeout: float) -> object: ...
+    def ack(self, record: Record) -> None: ...
+
+
+class GiveUp(Exception):
+    """Stop was requested and the drain deadline passed while MongoDB was failing."""
+
+
+class _BadControl(ValueError):
+    pass
+
+
+@dataclass(slots=True)
+class _Op:
+    """A control message's effect on MongoDB, applied after the batch it arrived in."""
+
+    kind: str
+    record: Record
+    apply: Callable[[Collection[Document]], object]
+
+
+@dataclass(slots=True)
+class _Batch:
+    docs: list[Document] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)  # parallel to docs (for dead letters)
+    deletes: list[int] = field(default_factory=list)
+    tombstones: list[Document] = field(default_factory=list)
+    ops: list[_Op] = field(default_factory=list)
+    last: Record | None = None  # newest record taken: acked when the batch is flushed
+    started: float | None = None
+    closed: bool = False  # holds an effect that must not reach later tweets: flush now
+
+    def has_writes(self) -> bool:
+        return bool(self.docs or self.deletes or self.ops)
+
+
+def _bump(counter: dict[str, int], key: str, n: int = 1) -> None:
+    counter[key] = counter.get(key, 0) + n
+
+
+@functools.lru_cache(maxsize=4)
+def _received_at(recv_ns: int) -> datetime:
+    # Cached: the reader appends each network read's messages with one recv_ns.
+    return _EPOCH + timedelta(microseconds=recv_ns // 1000)
+
+
+def _int_field(body: object, *names: str) -> int | None:
+    """The first of ``names`` in ``body`` that is an id (int or digit string), else None."""
+    if not isinstance(body, dict):
+        return None
+    for name in names:
+        try:
+            return parse_id(body.get(name))
+        except InvalidTweet:
+            continue
+    return None
+
+
+def _json_failure(payload: bytes) -> str:
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return "invalid_utf8"
+    return "invalid_json"
+
+
+class StoreWorker:
+    """Drains spool records into MongoDB. Single-threaded except for the MongoDB call helper.
+
+    ``run(should_stop, tick, drain_deadline)`` loops until ``should_stop()``, then drains the spool
+    and returns True; it returns False if it had to give up at ``drain_deadline()`` (a monotonic
+    time, or None for no deadline) because MongoDB kept failing — the spool keeps the rest.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        spool_reader: SpoolSource,
+        collection_factory: CollectionFactory,
+        deadletters: DeadLetterStore,
+        *,
+        generation: int = 0,
+        tombstone_limit: int = TOMBSTONE_LIMIT,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._settings = settings
+        self._next_settings: Settings | None = None
+        self._reader = spool_reader
+        self._factory = collection_factory
+        self._deadletters = deadletters
+        self._rng = rng or random.Random()
+        self._collection = collection_factory(settings.mongo)
+        self._target_ready = False  # tombstones loaded for this target
+        self._indexes_done = False
+        self._generation = generation
+        self._matchers: dict[int, Matcher] = {generation: self._matcher(settings)}
+        self._tombstones: set[int] = set()
+        self._tombstone_limit = tombstone_limit
+        self._scrub_rules: dict[int, int] = {}  # user id -> up_to_status_id
+        self._limits: dict[int, int] = {}  # conn id -> latest cumulative limit.track
+        self._limit_base = 0  # folded-in totals of connections evicted from _limits
+        self._batch = _Batch()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mongo")
+        self._should_stop: Callable[[], bool] = lambda: False
+        self._tick: Callable[[], None] = lambda: None
+        self._drain_deadline: Callable[[], float | None] = lambda: None
+        self._next_tick = 0.0
+        self._init_counters()
+
+    def _init_counters(self) -> None:
+        self.records_read = self.stored = self.duplicates = 0
+        self.deadlettered: dict[str, int] = {}
+        self.control: dict[str, int] = {}
+        self.skipped: dict[str, int] = {}
+        self.disconnects: dict[str, int] = {}
+        self.deletes_applied = self.deleted_documents = self.control_rejected = 0
+        self.batches = self.retries = self.last_batch_size = 0
+        self.index_failures = self.match_errors = 0
+        self.insert_seconds_total = 0.0
+        self.state = "starting"
+        self.last_error = ""
+        self.last_warning: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    def run(
+        self,
+        should_stop: Callable[[], bool],
+        tick: Callable[[], None],
+        drain_deadline: Callable[[], float | None],
+    ) -> bool:
+        """Store until ``should_stop()``, then drain; True if the spool was drained and acked."""
+        self._should_stop, self._tick, self._drain_deadline = should_stop, tick, drain_deadline
+        self.state = "running"
+        try:
+            while not should_stop():
+                self._step()
+            return self._drain()
+        except GiveUp:
+            self.state = "stopped: mongo unavailable, backlog left in spool"
+            log.warning("store_gave_up", pending=len(self._batch.docs), last_error=self.last_error)
+            return False
+
+    def apply_settings(self, generation: int, settings: Settings) -> None:
+        """Use ``settings`` from the next batch on; match ``generation``'s records by them."""
+        self._matchers[generation] = self._matcher(settings)
+        for old in sorted(self._matchers)[:-MATCHER_GENERATIONS]:
+            del self._matchers[old]
+        self._generation = max(self._generation, generation)
+        self._next_settings = settings
+        if self._batch.last is None:
+            self._switch_settings()
+
+    def counters(self) -> dict[str, Any]:
+        """A snapshot for ``run/store.json`` (safe to call from another thread)."""
+        return {
+            "records_read": self.records_read,
+            "stored": self.stored,
+            "duplicates": self.duplicates,
+            "deadlettered": dict(self.deadlettered),
+            "control": dict(self.control),
+            "skipped": dict(self.skipped),
+            "pending": len(self._batch.docs),
+            "deletes_applied": self.deletes_applied,
+            "deleted_documents": self.deleted_documents,
+            "control_rejected": self.control_rejected,
+            "limit_missed": self._limit_base + sum(self._limits.values()),
+            "disconnects": dict(self.disconnects),
+            "last_warning": self.last_warning,
+            "batches": self.batches,
+            "insert_seconds_total": round(self.insert_seconds_total, 6),
+            "insert_seconds": round(self.insert_seconds_total, 6),  # design.md name
+            "retries": self.retries,
+            "index_failures": self.index_failures,
+            "match_errors": self.match_errors,
+            "state": self.state,
+            "last_error": self.last_error,
+            "last_batch_size": self.last_batch_size,
+        }
+
+    def close(self) -> None:
+        """Release the MongoDB client and the helper thread (not the spool or dead letters)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._collection.database.client.close()
+
+    # ------------------------------------------------------------------ main loop
+
+    def _step(self) -> None:
+        if self._batch_due():
+            self._flush()
+        else:
+            records = self._reader.read(self._room(), READ_MAX_BYTES)
+            self._take_all(records)
+            if self._batch_due():
+                self._flush()
+            elif not records:
+                self._reader.wait_for_data(self._wait_time())
+        self._maybe_tick()
+
+    def _drain(self) -> bool:
+        """Read until the spool is empty (or the deadline passes), flush, ack."""
+        self.state = "draining"
+        drained = False
+        while not drained and not self._past_deadline():
+            records = self._reader.read(self._room(), READ_MAX_BYTES)
+            self._take_all(records)
+            drained = not records
+            if len(self._batch.docs) >= self._settings.writer.batch_size:
+                self._flush()
+            self._maybe_tick()
+        self._flush()
+        self.state = "stopped"
+        return drained
+
+    def _room(self) -> int:
+        return max(1, self._settings.writer.batch_size - len(self._batch.docs))
+
+    def _batch_due(self) -> bool:
+        batch = self._batch
+        if batch.last is None:
+            return False
+        if not batch.has_writes() or len(batch.docs) >= self._settings.writer.batch_size:
+            return True
+        started = batch.started if batch.started is not None else 0.0
+        return time.monotonic() - started >= self._settings.writer.flush_interval
+
+    def _wait_time(self) -> float:
+        started = self._batch.started
+        if started is None:
+            return TICK_INTERVAL
+        left = started + self._settings.writer.flush_interval - time.monotonic()
+        return max(0.0, min(TICK_INTERVAL, left))
+
+    # ------------------------------------------------------------------ taking records
+
+    def _take_all(self, records: Iterable[Record]) -> None:
+        for record in records:
+            self.records_read += 1
+            if record.kind == KIND_MESSAGE:
+                self._take_message(record)
+            else:
+                self._dead_letter(FRAME_REASONS.get(record.kind, "bad_frame"), record,
+                                  detail=f"spool record kind {record.kind}")
+            batch = self._batch  # a withheld message may have flushed and replaced it
+            batch.last = record
+            if batch.started is None:
+                batch.started = time.monotonic()
+            if batch.closed:
+                self._flush()
+            self._maybe_tick()  # dead letters fsync: a run of them must not starve the heartbeat
+
+    def _take_message(self, record: Record) -> None:
+        try:
+            obj = orjson.loads(record.payload)
+        except orjson.JSONDecodeError:
+            self._dead_letter(_json_failure(record.payload), record)
+            return
+        kind = classify(obj)
+        if kind == "tweet":
+            self._take_tweet(obj, record)
+        elif kind == "invalid":
+            self._dead_letter("not_an_object", record, detail=type(obj).__name__)
+        else:
+            try:
+                self._take_control(kind, obj, record)
+            except _BadControl as exc:
+                self._dead_letter("invalid_control", record, detail=f"{kind}: {exc}")
+                return
+            _bump(self.control, kind)
+
+    def _take_tweet(self, obj: dict[str, Any], record: Record) -> None:
+        matcher = self._matchers.get(record.generation) or self._matchers[self._generation]
+        try:
+            matched = matcher.match(obj)
+        except Exception:  # matching only annotates: a matcher bug must never lose a tweet
+            self.match_errors += 1
+            matched = _NO_MATCH
+        try:
+            doc = tweet_document(obj, received_at=_received_at(record.recv_ns),
+                                 conn_id=record.conn_id, generation=record.generation,
+                                 seq=record.seq, matched=matched)
+        except InvalidTweet as exc:
+            self._dead_letter("invalid_tweet", record, detail=exc.reason)
+            return
+        if self._scrub_rules:
+            self._scrub_new(doc)
+        self._batch.docs.append(doc)
+        self._batch.records.append(record)
+
+    def _scrub_new(self, doc: Document) -> None:
+        """Apply a scrub_geo seen earlier to a tweet that arrives after it."""
+        user = doc.get("user")
+        user_id = user.get("id") if isinstance(user, dict) else None
+        up_to = self._scrub_rules.get(user_id) if type(user_id) is int else None
+        if up_to is not None and doc["_id"] <= up_to:
+            for key in ("coordinates", "geo", "place"):
+                doc.pop(key, None)
+
+    def _dead_letter(self, reason: str, record: Record, *, code: int | None = None,
+                     detail: str = "") -> None:
+        self._deadletters.put(reason, record.payload, conn_id=record.conn_id,
+                              generation=record.generation, seq=record.seq, code=code,
+                              detail=detail)
+        _bump(self.deadlettered, reason)
+
+    # ------------------------------------------------------------------ control messages
+
+    def _take_control(self, kind: str, obj: dict[str, Any], record: Record) -> None:
+        body = obj.get(kind)
+        if kind == "delete":
+            self._on_delete(body, record)
+        elif kind == "scrub_geo":
+            self._on_scrub_geo(body, record)
+        elif kind in ("status_withheld", "user_withheld"):
+            self._on_withheld(kind, body, record)
+        elif kind == "limit":
+            self._on_limit(body, record)
+        elif kind == "disconnect":
+            code = body.get("code") if isinstance(body, dict) else None
+            _bump(self.disconnects, str(code))
+        elif kind == "warning":
+            self._on_warning(body)
+        # "unknown": counted by the caller, nothing to apply
+
+    def _on_delete(self, body: object, record: Record) -> None:
+        status = body.get("status") if isinstance(body, dict) else None
+        tweet_id = _int_field(status, "id", "id_str")
+        if tweet_id is None:
+            raise _BadControl("no status id")
+        if not self._settings.writer.apply_deletes:
+            return
+        self._tombstones.add(tweet_id)
+        self._batch.deletes.append(tweet_id)
+        self._batch.tombstones.append({
+            "_id": tweet_id,
+            "user_id": _int_field(status, "user_id", "user_id_str"),
+            "deleted_at": _received_at(record.recv_ns),
+        })
+
+    def _on_scrub_geo(self, body: object, record: Record) -> None:
+        user_id = _int_field(body, "user_id", "user_id_str")
+        up_to = _int_field(body, "up_to_status_id", "up_to_status_id_str")
+        if user_id is None or up_to is None:
+            raise _BadControl("no user_id or up_to_status_id")
+        self._scrub_rules[user_id] = max(up_to, self._scrub_rules.pop(user_id, 0))
+        if len(self._scrub_rules) > SCRUB_RULE_LIMIT:  # oldest rule first (dict order)
+            del self._scrub_rules[next(iter(self._scrub_rules))]
+        query = {"user.id": user_id, "_id": {"$lte": up_to}}
+        unset = {"$unset": {"coordinates": "", "geo": "", "place": ""}}
+        self._batch.ops.append(_Op("scrub_geo", record, lambda c: c.update_many(query, unset)))
+
+    def _on_withheld(self, kind: str, body: object, record: Record) -> None:
+        target = _int_field(body, "id", "id_str")
+        countries = body.get("withheld_in_countries") if isinstance(body, dict) else None
+        if target is None or not isinstance(countries, list):
+            raise _BadControl("no id or withheld_in_countries")
+        # The update must reach the tweets before it and none after it: flush on both sides.
+        if self._batch.docs:
+            self._flush()
+        self._batch.closed = True
+        if kind == "status_withheld":
+            update = {"$set": {"withheld_in_countries": countries}}
+            self._batch.ops.append(
+                _Op(kind, record, lambda c: c.update_one({"_id": target}, update)))
+        else:
+            update = {"$set": {"user.withheld_in_countries": countries}}
+            self._batch.ops.append(
+                _Op(kind, record, lambda c: c.update_many({"user.id": target}, update)))
+
+    def _on_limit(self, body: object, record: Record) -> None:
+        track = body.get("track") if isinstance(body, dict) else None
+        if type(track) is not int:
+            raise _BadControl("no track count")
+        # Cumulative per connection: keep the latest, sum over connections.
+        self._limits[record.conn_id] = track
+        if len(self._limits) > LIMIT_CONNECTIONS:
+            oldest = next(iter(self._limits))
+            self._limit_base += self._limits.pop(oldest)
+
+    def _on_warning(self, body: object) -> None:
+        if isinstance(body, dict):
+            self.last_warning = {"code": str(body.get("code")),
+                                 "percent_full": body.get("percent_full")}
+            log.warning("stream_warning", code=self.last_warning["code"],
+                        percent_full=self.last_warning["percent_full"])
+
+    # ------------------------------------------------------------------ flushing
+
+    def _flush(self) -> None:
+        """Write the batch (tombstones, tweets, deletes, other effects), then ack its last one."""
+        batch = self._batch
+        if batch.has_writes():
+            self._ensure_target_ready()
+            if batch.tombstones:
+                self._persist_tombstones(batch.tombstones)
+            docs, records = self._drop_tombstoned(batch.docs, batch.records)
+            batch.docs, batch.records = docs, records
+            if docs:
+                self._insert(docs, records)
+            batch.docs, batch.records = [], []
+            if batch.deletes:
+                self._apply_deletes(batch.deletes)
+            for op in batch.ops:
+                self._apply_op(op)
+        if batch.last is not None:
+            self._reader.ack(batch.last)
+        self._batch = _Batch()
+        if self._next_settings is not None:
+            self._switch_settings()
+
+    def _drop_tombstoned(self, docs: list[Document], records: list[Record]
+                         ) -> tuple[list[Document], list[Record]]:
+        tombstones = self._tombstones
+        if not tombstones or not self._settings.writer.apply_deletes:
+            return docs, records
+        keep = [i for i, doc in enumerate(docs) if doc["_id"] not in tombstones]
+        if len(keep) == len(docs):
+            return docs, records
+        _bump(self.skipped, "deleted", len(docs) - len(keep))
+        return [docs[i] for i in keep], [records[i] for i in keep]
+
+    def _insert(self, docs: list[Document], records: list[Record]) -> None:
+        """insert_many until every document is stored, a duplicate, or dead-lettered."""
+        self.last_batch_size = len(docs)
+        started = time.monotonic()
+        while docs:
+            try:
+                self._with_retry("insert", functools.partial(
+                    self._collection.insert_many, docs, ordered=False))
+                self.stored += len(docs)
+            except BulkWriteError as exc:
+                self._resolve_bulk(exc, docs, records)
+            except (InvalidDocument, OverflowError) as exc:
+                docs, records = self._drop_unencodable(exc, docs, records)
+                continue
+            docs = []
+        self.batches += 1
+        self.insert_seconds_total += time.monotonic() - started
+        if not self._indexes_done:
+            self._ensure_indexes()
+
+    def _resolve_bulk(self, exc: BulkWriteError, docs: list[Document], records: list[Record]
+                      ) -> None:
+        """Sort a final BulkWriteError into stored, duplicates and dead letters (no retry)."""
+        details = exc.details or {}
+        self.stored += int(details.get("nInserted", 0))
+        unsure: list[int] = []
+        rejected: list[tuple[int, int, str]] = []
+        for err in details.get("writeErrors", ()):
+            index, code = int(err["index"]), int(err.get("code", 0))
+            on_id = duplicate_on_id(err) if code == DUPLICATE_KEY else False
+            if on_id:
+                self.duplicates += 1
+            elif on_id is None:
+                unsure.append(index)
+            else:
+                rejected.append((index, code, short_reason(err)))
+        rejected += self._check_duplicates(unsure, docs)
+        for index, code, reason in rejected:
+            self._dead_letter("mongo_rejected", records[index], code=code, detail=reason)
+        if rejected:
+            log.error("insert_documents_rejected", errors=write_error_summary(exc)[:50],
+                      ids=[docs[i]["_id"] for i, _, _ in rejected][:50], count=len(rejected))
+
+    def _check_duplicates(self, indexes: list[int], docs: list[Document]
+                          ) -> list[tuple[int, int, str]]:
+        """11000s whose index the server did not name: stored if the _id exists, else rejected."""
+        if not indexes:
+            return []
+        ids = [docs[i]["_id"] for i in indexes]
+        found = self._with_retry("check duplicates", lambda: {
+            d["_id"] for d in self._collection.find({"_id": {"$in": ids}}, {"_id": 1})})
+        rejected = []
+        for i in indexes:
+            if docs[i]["_id"] in found:
+                self.duplicates += 1
+            else:
+                rejected.append((i, DUPLICATE_KEY, "DuplicateKey on another unique index"))
+        return rejected
+
+    def _drop_unencodable(self, exc: Exception, docs: list[Document], records: list[Record]
+                          ) -> tuple[list[Document], list[Record]]:
+        """The encoder refused the batch: dead-letter the documents it refuses, retry the rest."""
+        bad: dict[int, str] = {}
+        for i, doc in enumerate(docs):
+            try:
+                if len(bson.encode(doc)) > MAX_BSON_SIZE:
+                    bad[i] = "DocumentTooLarge"
+            except (InvalidDocument, OverflowError) as err:
+                bad[i] = type(err).__name__
+        if not bad:  # not reproducible per document: treat as transient rather than drop anything
+            self._failed("insert", exc, ErrorClass.TRANSIENT)
+            self._backoff(0, ErrorClass.TRANSIENT)
+            return docs, records
+        for i, name in bad.items():
+            self._dead_letter("unencodable", records[i], detail=name)
+        log.error("insert_documents_unencodable", ids=[docs[i]["_id"] for i in bad][:50],
+                  count=len(bad))
+        keep = [i for i in range(len(docs)) if i not in bad]
+        return [docs[i] for i in keep], [records[i] for i in keep]
+
+    def _persist_tombstones(self, tombstones: list[Document]) -> None:
+        coll = self._tombstone_collection()
+        try:
+            self._with_retry("tombstones", lambda: coll.insert_many(tombstones, ordered=False))
+        except BulkWriteError as exc:
+            if classify_error(exc) is not ErrorClass.DUPLICATES_ONLY:
+                log.error("tombstones_rejected", errors=write_error_summary(exc)[:50])
+        if len(self._tombstones) > self._tombstone_limit:
+            # Keep the newest ids: a delete that precedes its tweet is for a recent tweet.
+            keep = sorted(self._tombstones)[-(self._tombstone_limit * 3 // 4):]
+            self._tombstones = set(keep)
+
+    def _apply_deletes(self, ids: list[int]) -> None:
+        result = self._with_retry(
+            "delete", lambda: self._collection.delete_many({"_id": {"$in": ids}}))
+        self.deletes_applied += len(ids)
+        self.deleted_documents += result.deleted_count
+
+    def _apply_op(self, op: _Op) -> None:
+        try:
+            self._with_retry(op.kind, lambda: op.apply(self._collection))
+        except GiveUp:
+            raise
+        except Exception as exc:  # classified PER_DOCUMENT/DUPLICATES: this message cannot apply
+            code = getattr(exc, "code", None)
+            self.control_rejected += 1
+            self._deadletters.put("control_rejected", op.record.payload,
+                                  conn_id=op.record.conn_id, generation=op.record.generation,
+                                  seq=op.record.seq, code=code if isinstance(code, int) else None,
+                                  detail=f"{op.kind}: {type(exc).__name__}")
+
+    # ------------------------------------------------------------------ target lifecycle
+
+    def _tombstone_collection(self) -> Collection[Document]:
+        return self._collection.database[self._collection.name + "_deleted"]
+
+    def _ensure_target_ready(self) -> None:
+        """Load the newest tombstones once per target, before the first insert filters on them."""
+        if self._target_ready:
+            return
+        if self._settings.writer.apply_deletes:
+            coll, limit = self._tombstone_collection(), self._tombstone_limit
+            ids = self._with_retry("load tombstones", lambda: [
+                d["_id"] for d in coll.find({}, {"_id": 1}).sort("_id", -1).limit(limit)])
+            self._tombstones.update(ids)
+            log.info("tombstones_loaded", count=len(ids))
+        self._target_ready = True
+
+    def _ensure_indexes(self) -> None:
+        failures = self._call(lambda: ensure_indexes(self._collection))
+        self.index_failures += len(failures)
+        # A transient failure is tried again after the next batch; a refusal is not.
+        self._indexes_done = all(cls is not ErrorClass.TRANSIENT for _, cls in failures)
+
+    def _switch_settings(self) -> None:
+        new, self._next_settings = self._next_settings, None
+        if new is None:
+            return
+        old = self._settings
+        self._settings = new
+        if new.mongo != old.mongo:
+            log.info("mongo_target_changed", database=new.mongo.database,
+                     collection=new.mongo.collection)
+            self._collection.database.client.close()
+            self._collection = self._factory(new.mongo)
+            self._target_ready = self._indexes_done = False
+
+    @staticmethod
+    def _matcher(settings: Settings) -> Matcher:
+        stream = settings.stream
+        return Matcher(stream.track, stream.follow, stream.locations)
+
+    # ------------------------------------------------------------------ retries
+
+    def _with_retry(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` on the helper thread, retried while it fails transiently or for config reasons.
+
+        Failures classified per document or as duplicates are raised for the caller to sort out.
+        """
+        attempt = 0
+        while True:
+            try:
+                result = self._call(fn)
+            except GiveUp:
+                raise
+            except Exception as exc:
+                cls = classify_error(exc)
+                if cls in (ErrorClass.PER_DOCUMENT, ErrorClass.DUPLICATES_ONLY):
+                    raise
+                self._failed(what, exc, cls)
+                self._backoff(attempt, cls)
+                attempt += 1
+                continue
+            if self.state.startswith("degraded"):
+                log.info("mongo_recovered", after_retries=attempt)
+                self.state = "draining" if self._should_stop() else "running"
+            return result
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the helper thread, ticking here while it is in flight."""
+        future = self._executor.submit(fn)
+        while True:
+            done, _ = concurrent.futures.wait([future], timeout=TICK_INTERVAL)
+            if done:
+                return future.result()
+            self._maybe_tick(force=True)
+            self._check_give_up()
+
+    def _failed(self, what: str, exc: BaseException, cls: ErrorClass) -> None:
+        code = getattr(exc, "code", None)
+        name = type(exc).__name__ + (f" code {code}" if isinstance(code, int) else "")
+        self.last_error = f"{what}: {name}"
+        if cls is ErrorClass.FATAL_CONFIG:
+            self.state = f"degraded: mongo rejects our configuration ({name})"
+        else:
+            self.state = f"degraded: mongo unavailable ({name})"
+        self.retries += 1
+        # Type and code only: messages of write errors can quote document contents.
+        log.error("mongo_write_failed", op=what, error=name, error_class=cls.value,
+                  retries=self.retries)
+
+    def _backoff(self, attempt: int, cls: ErrorClass) -> None:
+        ws = self._settings.writer
+        if cls is ErrorClass.FATAL_CONFIG:
+            delay = ws.retry_cap  # retrying fast cannot fix credentials
+        else:
+            delay = min(ws.retry_cap, ws.retry_start * 2 ** min(attempt, 30))
+            delay *= self._rng.uniform(0.5, 1.0)
+        self._sleep(delay)
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self._check_give_up()
+            self._maybe_tick(force=True)
+            time.sleep(min(TICK_INTERVAL, left))
+        self._check_give_up()
+
+    def _maybe_tick(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now >= self._next_tick:
+            self._next_tick = now + TICK_INTERVAL
+            self._tick()
+
+    def _past_deadline(self) -> bool:
+        deadline = self._drain_deadline()
+        return deadline is not None and time.monotonic() >= deadline
+
+    def _check_give_up(self) -> None:
+        if self._should_stop() and self._past_deadline():
+            raise GiveUp(self.last_error)

@@ -1,0 +1,136 @@
+"""Run the real ``ingestd run`` process against the simulator and the Mongo stand-in."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from tests.support.creds import CREDS
+from tests.support.wait import wait_until
+
+
+def settings_doc(sim_url: str, mongo_uri: str, database: str, **sections: Any) -> dict[str, Any]:
+    """A settings document for tests: fast back-off numbers, everything else default."""
+    doc: dict[str, Any] = {
+        "stream": {
+            "url": sim_url, "track": ["iphone", "ipad", "ipod"], "read_timeout": 90,
+            "backoff": {"network_start": 0.25, "network_step": 0.25, "network_cap": 2,
+                        "http_start": 0.5, "http_cap": 4, "rate_limit_start": 1,
+                        "rate_limit_cap": 4, "reconnect_delay": 0.2,
+                        "max_attempts_per_minute": 60},
+        },
+        "auth": {k.lower().removeprefix("twitter_"): f"${{{k}}}" for k in CREDS},
+        "mongo": {"uri": mongo_uri, "database": database, "collection": "tweets",
+                  "server_selection_timeout_ms": 3000, "timeout_ms": 10000},
+        "writer": {"batch_size": 200, "flush_interval": 0.2},
+        "control": {"stop_timeout": 10, "heartbeat_timeout": 10},
+        "metrics": {"listen": None},
+        "logging": {"level": "info", "format": "json"},
+    }
+    for name, values in sections.items():
+        doc.setdefault(name, {}).update(values)
+    return doc
+
+
+class Daemon:
+    """One ``ingestd run`` process with its own settings file and state folder."""
+
+    def __init__(self, workdir: Path, doc: dict[str, Any]) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "settings.yaml"
+        self.state_dir = workdir / "state"
+        doc.setdefault("state_dir", str(self.state_dir))
+        self.write_settings(doc)
+        self.log_path = workdir / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_settings(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        env.update(CREDS)
+        return env
+
+    def start(self, extra_env: dict[str, str] | None = None) -> Daemon:
+        env = self.env() | (extra_env or {})
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ingestd", "run", "--config", str(self.config)],
+                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
+        return self
+
+    def status(self, role: str) -> dict[str, Any]:
+        try:
+            data = orjson.loads((self.state_dir / "run" / f"{role}.json").read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def counters(self, role: str) -> dict[str, Any]:
+        return dict(self.status(role).get("counters", {}))
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            self.assert_running()
+            return bool(self.status("stream")) and bool(self.status("store"))
+        wait_until(ready, timeout, "both workers to publish status")
+
+    def assert_running(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.tail()}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0, sig: int = signal.SIGTERM) -> tuple[int, float]:
+        """Send ``sig`` and wait for exit: (exit code, seconds it took)."""
+        assert self.proc is not None
+        started = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon did not stop within {timeout}s:\n{self.tail()}") from None
+        return code, time.monotonic() - started
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.logs().splitlines():
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                events.append(obj)
+        return events
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.logs().splitlines()[-n:])
+
+    def worker_pid(self, role: str) -> int:
+        pid = self.status(role).get("pid")
+        assert isinstance(pid, int), f"no {role} worker pid"
+        return pid

@@ -1,0 +1,100 @@
+"""MongoDB for tests: the nx-27017 stand-in as a subprocess, or a real server via an env var.
+
+Set ``INGESTD_TEST_MONGO_URI`` to run the same tests against a real mongod; tests that must stop
+and restart the server (``mongo_standin``) are skipped then. Each test gets its own database name,
+so tests never see each other's data; the stand-in runs with ``--data-dir`` (one SQLite file per
+database) because its single-file mode shares collections between database names.
+
+Use from ``tests/conftest.py`` with ``from tests.support.mongo import *``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pymongo
+import pytest
+from pymongo.errors import PyMongoError
+
+from ingestd.standin import StandIn
+
+__all__ = [
+    "ENV_URI",
+    "MongoStandIn",
+    "mongo_client",
+    "mongo_database",
+    "mongo_server",
+    "mongo_standin",
+    "mongo_uri",
+]
+
+ENV_URI = "INGESTD_TEST_MONGO_URI"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+
+# The product's own launcher (used by `ingestd demo`) is the one tests use too.
+MongoStandIn = StandIn
+
+
+def _unique_name(request: pytest.FixtureRequest) -> str:
+    base = re.sub(r"[^A-Za-z0-9]", "_", request.node.name)[:40]
+    return f"t_{base}_{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MongoStandIn | None]:
+    """The session's stand-in, or None when ``INGESTD_TEST_MONGO_URI`` names a real server."""
+    if os.environ.get(ENV_URI):
+        yield None
+        return
+    server = MongoStandIn(tmp_path_factory.mktemp("mongo")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def mongo_uri(mongo_server: MongoStandIn | None) -> str:
+    return os.environ.get(ENV_URI) or (mongo_server.uri if mongo_server else "")
+
+
+@pytest.fixture
+def mongo_database(request: pytest.FixtureRequest, mongo_uri: str) -> Iterator[str]:
+    """A database name used by this test only (dropped afterwards)."""
+    name = _unique_name(request)
+    yield name
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo_uri, serverSelectionTimeoutMS=5000)
+    try:
+        client.drop_database(name)
+    except PyMongoError:
+        pass  # a test that stopped its server: nothing to clean
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def mongo_client(mongo_uri: str) -> Iterator[pymongo.MongoClient[dict[str, Any]]]:
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo_uri, tz_aware=True, serverSelectionTimeoutMS=10000)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def mongo_standin(tmp_path: Path) -> Iterator[MongoStandIn]:
+    """A private stand-in this test may stop and restart (skipped against a real server)."""
+    if os.environ.get(ENV_URI):
+        pytest.skip("needs a server the test can stop and restart (nx-27017 stand-in)")
+    server = MongoStandIn(tmp_path / "mongo").start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,271 @@
+"""Framers: any slicing of the body gives the same frames; memory and work stay bounded."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingestd.framing import (
+    HEAD_BYTES,
+    MAX_LENGTH_LINE,
+    BadFrame,
+    Frame,
+    LengthFramer,
+    LineFramer,
+    Oversize,
+)
+
+# Text with multi-byte characters, \n, \r and control bytes, but never a CRLF inside a message.
+_text = st.text(
+    alphabet=st.sampled_from("ab{}\":,\n\r\\ é€😀中\x00"), min_size=1, max_size=120
+).map(lambda t: t.encode()).filter(lambda b: b"\r\n" not in b and not b.endswith(b"\r"))
+# None stands for a keep-alive blank line.
+_items = st.lists(st.one_of(_text, st.none()), max_size=25)
+
+
+def chunked(wire: bytes, cuts: list[int]) -> list[bytes]:
+    """Split ``wire`` at the given offsets (taken modulo its length)."""
+    points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
+    return [wire[a:b] for a, b in zip(points, points[1:], strict=False)]
+
+
+def feed_all(framer: LineFramer | LengthFramer, chunks: list[bytes]) -> list[Frame]:
+    out: list[Frame] = []
+    for chunk in chunks:
+        out.extend(framer.feed(chunk))
+    return out
+
+
+def line_wire(items: list[bytes | None]) -> bytes:
+    return b"".join((item or b"") + b"\r\n" for item in items)
+
+
+def expected_line_frames(items: list[bytes | None], max_bytes: int) -> list[Frame]:
+    return [
+        item if len(item) <= max_bytes else Oversize(len(item), item[:HEAD_BYTES])
+        for item in items
+        if item is not None
+    ]
+
+
+@settings(max_examples=300)
+@given(items=_items, cuts=st.lists(st.integers(0, 10_000), max_size=40), max_bytes=st.sampled_from([1, 30, 10**6]))
+def test_line_framer_any_chunking(items: list[bytes | None], cuts: list[int], max_bytes: int) -> None:
+    framer = LineFramer(max_bytes)
+    out = feed_all(framer, chunked(line_wire(items), cuts))
+    assert out == expected_line_frames(items, max_bytes)
+    assert framer.keepalives == items.count(None)
+    assert framer.pending_bytes == 0
+
+
+@settings(max_examples=50)
+@given(items=_items)
+def test_line_framer_one_byte_chunks(items: list[bytes | None]) -> None:
+    wire = line_wire(items)
+    framer = LineFramer(10**6)
+    out = feed_all(framer, [wire[i : i + 1] for i in range(len(wire))])
+    assert out == expected_line_frames(items, 10**6)
+    assert framer.keepalives == items.count(None)
+
+
+def test_line_framer_several_messages_in_one_chunk() -> None:
+    """The seed tutorial read one message per chunk and lost the rest."""
+    framer = LineFramer(1000)
+    out = framer.feed(b'{"id":1}\r\n{"id":2}\r\n\r\n{"id":3}\r\n{"id":')
+    assert out == [b'{"id":1}', b'{"id":2}', b'{"id":3}']
+    assert framer.keepalives == 1
+    assert framer.pending_bytes == len(b'{"id":')
+    assert framer.feed(b"4}\r\n") == [b'{"id":4}']
+
+
+def test_line_framer_never_splits_on_bare_newline() -> None:
+    framer = LineFramer(1000)
+    assert framer.feed(b'{"t":"a\nb"}\n{"u":1}\r') == []
+    assert framer.feed(b"\n") == [b'{"t":"a\nb"}\n{"u":1}']
+
+
+def test_line_framer_split_inside_utf8_and_crlf() -> None:
+    message = "naïve 😀 tweet".encode()
+    wire = message + b"\r\n"
+    cut = message.index("😀".encode()) + 2  # inside the 4-byte character
+    framer = LineFramer(1000)
+    assert framer.feed(wire[:cut]) == []
+    assert framer.feed(wire[cut:-1]) == []  # ends with the \r of the CRLF
+    assert framer.pending_bytes == len(message) + 1
+    assert framer.feed(wire[-1:]) == [message]
+
+
+def test_line_framer_oversize_bounded_memory() -> None:
+    """A 5 MB line in random slices is skipped while holding at most max + 1 bytes."""
+    max_bytes = 64 * 1024
+    rng = random.Random(7)
+    line = bytes(rng.getrandbits(8) for _ in range(4096)).replace(b"\r", b"r") * 1280
+    wire = b"before\r\n" + line + b"\r\nafter\r\n"
+    framer = LineFramer(max_bytes)
+    out: list[Frame] = []
+    pos = 0
+    while pos < len(wire):
+        step = rng.randint(1, 300_000)
+        out.extend(framer.feed(wire[pos : pos + step]))
+        pos += step
+        assert framer.buffered_bytes <= max_bytes + 1
+    assert out == [b"before", Oversize(len(line), line[:HEAD_BYTES]), b"after"]
+    assert framer.skipped_bytes == len(line)
+
+
+def test_line_framer_oversize_message_ending_in_cr_split() -> None:
+    framer = LineFramer(4)
+    assert framer.feed(b"0123456789\r") == []
+    assert framer.pending_bytes == 11
+    assert framer.feed(b"\nok\r\n") == [Oversize(10, b"0123456789"), b"ok"]
+
+
+def test_line_framer_exact_max_is_accepted() -> None:
+    framer = LineFramer(5)
+    assert framer.feed(b"12345\r") == []
+    assert framer.feed(b"\n123456\r\n") == [b"12345", Oversize(6, b"123456")]
+
+
+class _NoScanBuffer(bytearray):
+    """A message buffer that fails the test if the framer searches it."""
+
+    def _fail(self, *args: object) -> None:
+        raise AssertionError("the held buffer was rescanned")
+
+    find = rfind = index = split = count = __contains__ = _fail  # type: ignore[assignment]
+
+
+def test_line_framer_linear_in_one_byte_chunks() -> None:
+    """A message fed a byte at a time is searched once: work counted, buffer never rescanned."""
+    size = 200_000
+    framer = LineFramer(size)
+    framer._buf = _NoScanBuffer()
+    wire = b"x" * size + b"\r\n"
+    out: list[Frame] = []
+    for i in range(len(wire)):
+        out.extend(framer.feed(wire[i : i + 1]))
+    assert out == [b"x" * size]
+    assert framer.scanned_bytes == len(wire)
+
+
+def test_line_framer_reset_drops_partial() -> None:
+    framer = LineFramer(100)
+    framer.feed(b"partial")
+    assert framer.pending_head == b"partial"
+    framer.reset()
+    assert framer.pending_bytes == 0
+    assert framer.feed(b"next\r\n") == [b"next"]
+
+
+# --- LengthFramer -------------------------------------------------------------------------------
+
+_payloads = st.lists(
+    st.tuples(
+        st.binary(min_size=1, max_size=150),  # any bytes, CRLF included
+        st.integers(0, 2),  # keep-alives before the length line
+        st.booleans(),  # "\n" instead of "\r\n" after the length
+    ),
+    max_size=20,
+)
+
+
+def length_wire(frames: list[tuple[bytes, int, bool]]) -> bytes:
+    out = bytearray()
+    for payload, keepalives, bare_lf in frames:
+        out += b"\r\n" * keepalives
+        out += str(len(payload) + 2).encode() + (b"\n" if bare_lf else b"\r\n")
+        out += payload + b"\r\n"
+    return bytes(out)
+
+
+@settings(max_examples=300)
+@given(frames=_payloads, cuts=st.lists(st.integers(0, 10_000), max_size=40), max_bytes=st.sampled_from([1, 40, 10**6]))
+def test_length_framer_any_chunking(frames: list[tuple[bytes, int, bool]], cuts: list[int], max_bytes: int) -> None:
+    framer = LengthFramer(max_bytes)
+    out = feed_all(framer, chunked(length_wire(frames), cuts))
+    expected: list[Frame] = [
+        p if len(p) <= max_bytes else Oversize(len(p) + 2, (p + b"\r\n")[:HEAD_BYTES])
+        for p, _, _ in frames
+    ]
+    assert out == expected
+    assert framer.keepalives == sum(k for _, k, _ in frames)
+    assert framer.pending_bytes == 0
+    assert framer.length_mismatches == 0
+
+
+@settings(max_examples=50)
+@given(frames=_payloads)
+def test_length_framer_one_byte_chunks(frames: list[tuple[bytes, int, bool]]) -> None:
+    wire = length_wire(frames)
+    framer = LengthFramer(10**6)
+    out = feed_all(framer, [wire[i : i + 1] for i in range(len(wire))])
+    assert out == [p for p, _, _ in frames]
+
+
+def test_length_framer_bad_line_resynchronises() -> None:
+    framer = LengthFramer(1000)
+    good = b"7\r\nhello\r\n"
+    out = framer.feed(b"abc\r\n" + good + b"-5\r\n" + good)
+    assert out == [
+        BadFrame("length line is not a number", b"abc\r"),
+        b"hello",
+        BadFrame("length line is not a number", b"-5\r"),
+        b"hello",
+    ]
+    assert framer.skipped_bytes == len(b"abc\r\n-5\r\n")
+
+
+def test_length_framer_long_garbage_line_bounded() -> None:
+    """A JSON line where a length was expected: one BadFrame, bounded memory, then recovery."""
+    framer = LengthFramer(1000)
+    garbage = b'{"text":"' + b"y" * 2_000_000 + b'"}\r\n'
+    out: list[Frame] = []
+    for i in range(0, len(garbage), 4096):
+        out.extend(framer.feed(garbage[i : i + 4096]))
+        assert framer.buffered_bytes <= MAX_LENGTH_LINE + 1
+    out.extend(framer.feed(b"4\r\nok\r\n"))
+    assert out == [BadFrame("length line too long", garbage[:HEAD_BYTES]), b"ok"]
+    assert framer.skipped_bytes == len(garbage)
+
+
+def test_length_framer_too_many_digits_is_bad() -> None:
+    framer = LengthFramer(1000)
+    digits = b"9" * (MAX_LENGTH_LINE + 1)
+    out = framer.feed(digits + b"\n4\r\nok\r\n")
+    assert out == [BadFrame("length line is not a number", digits), b"ok"]
+
+
+def test_length_framer_oversize_skips_without_buffering() -> None:
+    max_bytes = 10_000
+    payload = bytes(range(256)) * 20_000  # ~5 MB
+    wire = str(len(payload) + 2).encode() + b"\r\n" + payload + b"\r\n4\r\nok\r\n"
+    framer = LengthFramer(max_bytes)
+    rng = random.Random(3)
+    out: list[Frame] = []
+    pos = 0
+    while pos < len(wire):
+        step = rng.randint(1, 200_000)
+        out.extend(framer.feed(wire[pos : pos + step]))
+        pos += step
+        assert framer.buffered_bytes <= max_bytes + 2 + HEAD_BYTES + MAX_LENGTH_LINE + 1
+    assert out == [Oversize(len(payload) + 2, payload[:HEAD_BYTES]), b"ok"]
+
+
+def test_length_framer_pending_and_mismatch() -> None:
+    framer = LengthFramer(1000)
+    assert framer.feed(b"12\r\nhalf") == []
+    assert framer.pending_bytes == 4 + 4
+    assert framer.pending_head == b"half"
+    framer.reset()
+    assert framer.pending_bytes == 0
+    # A miscounted length: the payload is kept (not lost) and the mismatch counted.
+    assert framer.feed(b"3\r\nabc") == [b"abc"]
+    assert framer.length_mismatches == 1
+
+
+def test_length_framer_empty_frames_are_keepalives() -> None:
+    framer = LengthFramer(1000)
+    assert framer.feed(b"\r\n\n0\r\n2\r\n\r\n") == []
+    assert framer.keepalives == 4

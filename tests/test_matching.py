@@ -1,0 +1,310 @@
+"""Track/follow/locations rules of protocol.md §1.3–§1.5, including every documented example."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingestd.matching import Matched, Matcher
+
+DATA = Path(__file__).resolve().parents[1] / "ingestd" / "data" / "real_tweets.jsonl"
+
+
+def tweet(text: str = "", **fields: Any) -> dict[str, Any]:
+    entities = {
+        "hashtags": fields.pop("hashtags", []),
+        "user_mentions": fields.pop("mentions", []),
+        "urls": fields.pop("urls", []),
+        "symbols": [],
+    }
+    base: dict[str, Any] = {
+        "id": 1,
+        "text": text,
+        "user": {"id": fields.pop("author", 99), "screen_name": "someone"},
+        "entities": entities,
+    }
+    base.update(fields)
+    return base
+
+
+def url(expanded: str, display: str | None = None) -> dict[str, Any]:
+    return {
+        "url": "https://t.co/abc",
+        "expanded_url": expanded,
+        "display_url": display or expanded.split("://", 1)[-1],
+    }
+
+
+def tracks(phrases: str, t: dict[str, Any]) -> list[str]:
+    return Matcher(phrases.split(","), [], []).match(t).track
+
+
+# --- §1.3 documented examples ----------------------------------------------------------------
+
+TWITTER_MATCHES = [
+    tweet("TWITTER"),
+    tweet("twitter"),
+    tweet('"Twitter"'),
+    tweet("twitter."),
+    tweet("#twitter", hashtags=[{"text": "twitter", "indices": [0, 8]}]),
+    tweet("#twitter"),  # hashtag only in the text, no entity
+    tweet("@twitter", mentions=[{"screen_name": "twitter", "id": 783214, "indices": [0, 8]}]),
+    tweet("see https://t.co/abc", urls=[url("http://twitter.com")]),
+    tweet("http://twitter.com"),
+]
+
+
+@pytest.mark.parametrize("t", TWITTER_MATCHES, ids=[t["text"] for t in TWITTER_MATCHES])
+def test_twitter_will_match(t: dict[str, Any]) -> None:
+    assert tracks("Twitter", t) == ["Twitter"]
+
+
+@pytest.mark.parametrize(
+    "t",
+    [
+        tweet("TwitterTracker"),
+        tweet("#newtwitter", hashtags=[{"text": "newtwitter", "indices": [0, 11]}]),
+    ],
+)
+def test_twitter_will_not_match(t: dict[str, Any]) -> None:
+    assert tracks("Twitter", t) == []
+
+
+def test_term_with_punctuation_matches_words_but_never_mentions() -> None:
+    assert tracks("Twitter’s", tweet("I like Twitter’s new design")) == ["Twitter’s"]
+    mention = {"screen_name": "Twitter", "id": 783214, "indices": [6, 14]}
+    assert tracks("Twitter’s", tweet("…visit @Twitter’s office", mentions=[mention])) == []
+
+
+def test_comma_is_or_space_is_and() -> None:
+    phrases = "twitter api,twitter streaming"
+    assert tracks(phrases, tweet("The Twitter API is awesome")) == ["twitter api"]
+    assert tracks(phrases, tweet("The twitter streaming service is fast")) == ["twitter streaming"]
+    assert tracks(phrases, tweet("I’m new to Twitter")) == []
+
+
+def test_domain_term_matches_only_the_whole_url() -> None:
+    assert tracks("example.com", tweet("…visit example.com")) == ["example.com"]
+    assert tracks("example.com", tweet("example.com/foobarbaz")) == []
+    assert tracks("example.com", tweet("x", urls=[url("https://example.com/foobarbaz")])) == []
+
+
+@pytest.mark.parametrize(
+    "t",
+    [
+        tweet("example.com/foobarbaz"),
+        tweet("www.example.com/foobarbaz"),
+        tweet("see https://t.co/abc", urls=[url("https://www.example.com/foobarbaz")]),
+    ],
+)
+def test_url_term_matches_with_www_canonicalised(t: dict[str, Any]) -> None:
+    assert tracks("example.com/foobarbaz", t) == ["example.com/foobarbaz"]
+    assert tracks("www.example.com/foobarbaz", t) == []
+
+
+@pytest.mark.parametrize(
+    "t",
+    [
+        tweet("x", urls=[url("http://example.com")]),
+        tweet("x", urls=[url("https://www.example.com")]),
+        tweet("x", urls=[url("https://foo.example.com")]),
+        tweet("x", urls=[url("https://foo.example.com/bar")]),
+        tweet("foo.example.com/bar"),
+        tweet("another example of a dot com boom"),
+    ],
+)
+def test_two_terms_match_any_subdomain_or_path(t: dict[str, Any]) -> None:
+    assert tracks("example com", t) == ["example com"]
+
+
+def test_unicode_matches_exactly() -> None:
+    assert tracks("touché", tweet("Touché!")) == ["touché"]
+    assert tracks("touche", tweet("Touché!")) == []
+
+
+def test_hashtag_term_matches_only_that_hashtag() -> None:
+    tagged = tweet("love #python", hashtags=[{"text": "Python", "indices": [5, 12]}])
+    assert tracks("#python", tagged) == ["#python"]
+    assert tracks("#python", tweet("love python")) == []
+
+
+def test_full_text_of_a_truncated_tweet_is_used() -> None:
+    t = tweet("short cut… https://t.co/x", extended_tweet={"full_text": "short cut and the ending"})
+    assert tracks("ending", t) == ["ending"]
+    # the wrapper's i/web link must not make every truncated tweet match "twitter"
+    t["entities"]["urls"] = [url("https://twitter.com/i/web/status/1")]
+    assert tracks("twitter", t) == []
+
+
+def test_retweet_matches_on_its_original_and_quote_on_either() -> None:
+    original = tweet("hello streaming world", id=5)
+    assert tracks("streaming", tweet("RT @x: hello…", retweeted_status=original)) == ["streaming"]
+    quote = tweet("my comment", quoted_status=original)
+    assert tracks("streaming", quote) == ["streaming"]
+    assert tracks("comment", quote) == ["comment"]
+    assert tracks("nothing", quote) == []
+
+
+def test_phrases_are_reported_as_configured_in_order() -> None:
+    m = Matcher(["Zeta", "alpha beta", "GAMMA"], [], [])
+    result = m.match(tweet("gamma, beta and ALPHA and zeta"))
+    assert result.track == ["Zeta", "alpha beta", "GAMMA"]
+    assert bool(result)
+    assert not m.match(tweet("alpha only"))
+
+
+# --- §1.4 follow ------------------------------------------------------------------------------
+
+
+def follows(t: dict[str, Any], ids: tuple[int, ...] = (42,)) -> list[int]:
+    return Matcher([], list(ids), []).match(t).follow
+
+
+def test_follow_author_and_retweets_by_the_user() -> None:
+    assert follows(tweet("hi", author=42)) == [42]
+    assert follows(tweet("RT", author=42, retweeted_status=tweet("orig", author=7))) == [42]
+
+
+def test_follow_retweets_of_and_replies_to_the_user() -> None:
+    assert follows(tweet("RT", author=7, retweeted_status=tweet("orig", author=42))) == [42]
+    assert follows(tweet("@bob yes", author=7, in_reply_to_user_id=42)) == [42]
+
+
+def test_follow_manual_reply_but_not_a_mere_mention() -> None:
+    mention = {"screen_name": "bob", "id": 42}
+    manual = tweet("@bob agreed", author=7, mentions=[{**mention, "indices": [0, 4]}])
+    assert follows(manual) == [42]
+    assert follows(tweet("Hello @bob!", author=7, mentions=[{**mention, "indices": [6, 10]}])) == []
+
+
+def test_follow_reports_ids_in_configured_order() -> None:
+    t = tweet("RT", author=42, retweeted_status=tweet("orig", author=7))
+    assert follows(t, (7, 42)) == [7, 42]
+
+
+# --- §1.5 locations ---------------------------------------------------------------------------
+
+SF = (-122.75, 36.8, -121.75, 37.8)
+NY = (-74.0, 40.0, -73.0, 41.0)
+
+
+def point(lon: float, lat: float) -> dict[str, Any]:
+    return {"type": "Point", "coordinates": [lon, lat]}
+
+
+def place(w: float, s: float, e: float, n: float) -> dict[str, Any]:
+    ring = [[w, s], [e, s], [e, n], [w, n]]
+    return {"full_name": "X", "bounding_box": {"type": "Polygon", "coordinates": [ring]}}
+
+
+def boxes(t: dict[str, Any]) -> list[int]:
+    return Matcher([], [], [SF, NY]).match(t).locations
+
+
+def test_locations_point_in_box() -> None:
+    assert boxes(tweet(coordinates=point(-122.4, 37.7))) == [0]
+    assert boxes(tweet(coordinates=point(-73.5, 40.5))) == [1]
+    assert boxes(tweet(coordinates=point(0.0, 0.0))) == []
+
+
+def test_locations_point_wins_over_place() -> None:
+    t = tweet(coordinates=point(0.0, 0.0), place=place(-123, 37, -122, 38))
+    assert boxes(t) == []
+
+
+def test_locations_place_box_intersects() -> None:
+    assert boxes(tweet(place=place(-123.0, 37.5, -122.5, 38.5))) == [0]  # overlaps SF's corner
+    assert boxes(tweet(place=place(10.0, 10.0, 11.0, 11.0))) == []
+
+
+def test_locations_ignore_geo_and_native_retweets() -> None:
+    assert boxes(tweet(geo={"type": "Point", "coordinates": [37.7, -122.4]})) == []
+    original = tweet("o", coordinates=point(-122.4, 37.7))
+    assert boxes(original) == [0]
+    assert boxes(tweet("RT", coordinates=point(-122.4, 37.7), retweeted_status=original)) == []
+
+
+def test_predicates_combine_by_or() -> None:
+    m = Matcher(["python"], [42], [SF])
+    t = tweet("python rocks", author=42, coordinates=point(-122.4, 37.7))
+    assert m.match(t) == Matched(track=["python"], follow=[42], locations=[0])
+    assert bool(m.match(tweet("", author=42)))
+
+
+# --- robustness and properties ---------------------------------------------------------------
+
+
+def test_bad_configuration_is_refused_with_the_index() -> None:
+    with pytest.raises(ValueError, match=r"track\[1\]"):
+        Matcher(["ok", "  "], [], [])
+    with pytest.raises(ValueError, match=r"locations\[0\]"):
+        Matcher([], [], [(1.0, 2.0, 3.0)])  # type: ignore[list-item]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(
+        st.sampled_from(
+            ["text", "entities", "hashtags", "urls", "user", "id", "coordinates", "place",
+             "bounding_box", "retweeted_status", "quoted_status", "extended_tweet", "full_text",
+             "user_mentions", "expanded_url", "screen_name", "in_reply_to_user_id", "indices"]
+        ),
+        children,
+        max_size=5,
+    ),
+    max_leaves=30,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_any_json_never_crashes(value: Any) -> None:
+    m = Matcher(["a b", "#x", "example.com"], [1, 2], [(-10.0, -10.0, 10.0, 10.0)])
+    result = m.match(value if isinstance(value, dict) else {"text": value, "entities": value})
+    assert isinstance(result, Matched)
+
+
+word = st.text(alphabet="abcdefghijklmnopqrstuvwxyzéü0123456789", min_size=1, max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    terms=st.lists(word, min_size=1, max_size=4, unique=True),
+    filler=st.lists(word, max_size=6),
+    data=st.data(),
+)
+def test_text_with_all_terms_in_any_order_and_case_matches(
+    terms: list[str], filler: list[str], data: st.DataObject
+) -> None:
+    phrase = " ".join(terms)
+    pieces = [
+        data.draw(st.sampled_from(["", "(", '"']))
+        + term
+        + data.draw(st.sampled_from(["", ",", "!"]))
+        for term in data.draw(st.permutations(terms))
+    ]
+    pieces = [p.upper() if data.draw(st.booleans()) else p for p in pieces]
+    text = " ".join(data.draw(st.permutations(pieces + filler)))
+    assert Matcher([phrase], [], []).match(tweet(text)).track == [phrase]
+    missing = terms[0] + "zz"
+    assert Matcher([f"{phrase} {missing}"], [], []).match(tweet(text)).track == [] or (
+        missing in [f.lower() for f in filler]
+    )
+
+
+def test_real_tweets_match_their_own_words() -> None:
+    """On real payloads: a tweet's author always matches follow, and a hashtag it carries."""
+    for line in DATA.read_text(encoding="utf-8").splitlines()[:200]:
+        t = json.loads(line)
+        if "retweeted_status" in t:
+            continue
+        assert Matcher([], [t["user"]["id"]], []).match(t).follow == [t["user"]["id"]]
+        tags = (t.get("extended_tweet") or t)["entities"]["hashtags"]
+        if tags:
+            assert Matcher([tags[0]["text"]], [], []).match(t)

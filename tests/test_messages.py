@@ -1,0 +1,164 @@
+"""messages.classify and tweet_document on real v1.1 payloads and hostile variants."""
+
+from __future__ import annotations
+
+import email.utils
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ingestd.matching import Matched
+from ingestd.messages import (
+    SNOWFLAKE_MIN_ID,
+    InvalidTweet,
+    classify,
+    parse_twitter_time,
+    tweet_document,
+)
+
+RECEIVED = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def load(name: str) -> list[Any]:
+    data = resources.files("ingestd").joinpath("data", name).read_bytes()
+    return [orjson.loads(line) for line in data.splitlines() if line.strip()]
+
+
+REAL_TWEETS = load("real_tweets.jsonl")
+CONTROL = load("real_stream_control_messages.jsonl")
+
+
+def build(obj: dict[str, Any], matched: Matched | None = None) -> dict[str, Any]:
+    return tweet_document(obj, received_at=RECEIVED, conn_id=3, generation=2, seq=41,
+                          matched=matched or Matched())
+
+
+def plain_tweets() -> list[dict[str, Any]]:
+    """Real tweets as the stream sends them (the file also holds a few Mongo exports)."""
+    return [t for t in REAL_TWEETS if type(t["id"]) is int]
+
+
+def test_real_tweets_classify_as_tweets() -> None:
+    assert {classify(t) for t in REAL_TWEETS} == {"tweet"}
+
+
+def test_real_control_messages_classify_by_top_level_key() -> None:
+    kinds = [classify(m) for m in CONTROL]
+    expected = [next(iter(m)) if next(iter(m)) in {
+        "delete", "scrub_geo", "limit", "status_withheld", "user_withheld", "disconnect",
+        "warning"} else "unknown" for m in CONTROL]
+    assert kinds == expected
+    assert "unknown" in kinds  # the `friends` preamble of user streams
+
+
+@pytest.mark.parametrize("obj,kind", [
+    ([1, 2], "invalid"),
+    ("text", "invalid"),
+    (None, "invalid"),
+    ({}, "unknown"),
+    ({"id": 1}, "unknown"),
+    ({"id_str": "5", "text": "hi"}, "tweet"),
+    ({"id": 5, "created_at": "x", "user": {}}, "tweet"),
+    ({"event": "user_update", "created_at": "x", "source": {}}, "unknown"),
+    ({"status_withheld": {"id": 1}}, "status_withheld"),
+    ({"user_withheld": {"id": 1}}, "user_withheld"),
+])
+def test_classify_shapes(obj: object, kind: str) -> None:
+    assert classify(obj) == kind
+
+
+def test_document_of_real_tweet_keeps_fields_and_derives_created_at() -> None:
+    for raw in plain_tweets():
+        original = dict(raw)
+        doc = build(raw, Matched(track=["beatles"], follow=[7], locations=[0]))
+        assert doc["_id"] == original["id"]
+        assert doc["created_at_str"] == original["created_at"]
+        parsed = email.utils.parsedate_to_datetime(original["created_at"])
+        # timestamp_ms/snowflake carry milliseconds; the string only whole seconds
+        assert abs((doc["created_at"] - parsed).total_seconds()) < 1
+        assert doc["created_at"].tzinfo is not None
+        assert doc["_ingest"] == {
+            "received_at": RECEIVED, "conn": 3, "generation": 2, "seq": 41,
+            "matched": {"track": ["beatles"], "follow": [7], "locations": [0]}}
+        for key, value in original.items():
+            if key != "created_at":
+                assert doc[key] == value
+
+
+def test_timestamp_ms_wins_and_is_exact() -> None:
+    doc = build({"id": 1207497000637231109, "text": "x", "timestamp_ms": "1576724693818",
+                 "created_at": "Thu Dec 19 03:04:53 +0000 2019"})
+    assert doc["created_at"] == datetime(2019, 12, 19, 3, 4, 53, 818000, tzinfo=UTC)
+
+
+def test_snowflake_used_without_timestamp_ms() -> None:
+    doc = build({"id": 1207497000637231109, "text": "x", "created_at": "garbage"})
+    assert doc["created_at"] == datetime(2019, 12, 19, 3, 4, 53, 818000, tzinfo=UTC)
+
+
+def test_pre_snowflake_id_parses_the_string() -> None:
+    doc = build({"id": 145344012, "text": "x", "created_at": "Wed Oct 10 20:19:24 +0000 2007"})
+    assert doc["created_at"] == datetime(2007, 10, 10, 20, 19, 24, tzinfo=UTC)
+    assert SNOWFLAKE_MIN_ID > 145344012
+
+
+def test_time_parse_ignores_locale_and_converts_offsets() -> None:
+    assert parse_twitter_time("Wed Oct 10 20:19:24 -0200 2018") == datetime(
+        2018, 10, 10, 22, 19, 24, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("value", [None, 5, "yesterday", "Wed Oct 10 20:19:24 2018"])
+def test_unparseable_created_at_without_other_source_is_invalid(value: object) -> None:
+    with pytest.raises(InvalidTweet):
+        build({"id": 145344012, "text": "x", "created_at": value})
+
+
+@pytest.mark.parametrize("tweet_id", [
+    {"$numberLong": "661275583813431296"}, -1, 0, 2**63, "12a", "", 1.5e18, True, "٣",
+])
+def test_bad_ids_are_invalid(tweet_id: object) -> None:
+    with pytest.raises(InvalidTweet) as err:
+        build({"id": tweet_id, "text": "x", "timestamp_ms": "1576724693818"})
+    assert "id" in err.value.reason
+
+
+def test_digit_string_id_and_id_str_fallback() -> None:
+    assert build({"id": "1207497000637231109", "text": "x"})["_id"] == 1207497000637231109
+    assert build({"id_str": "1207497000637231109", "text": "x"})["_id"] == 1207497000637231109
+
+
+def test_mongo_export_rows_in_the_real_file_are_invalid() -> None:
+    exported = [t for t in REAL_TWEETS if type(t["id"]) is not int]
+    assert exported
+    for raw in exported:
+        with pytest.raises(InvalidTweet):
+            build(raw)
+
+
+@pytest.mark.parametrize("key", ["$where", "a.b", "nul\x00", "$"])
+def test_unstorable_top_level_keys_are_invalid(key: str) -> None:
+    with pytest.raises(InvalidTweet) as err:
+        build({"id": 1207497000637231109, "text": "x", key: 1})
+    assert "key" in err.value.reason
+
+
+def test_dollar_or_dot_inside_a_key_is_fine() -> None:
+    doc = build({"id": 1207497000637231109, "text": "x", "price$": 1, "nested": {"a.b": 1}})
+    assert doc["price$"] == 1
+
+
+@given(st.dictionaries(st.text(max_size=8), st.integers(), max_size=6))
+def test_key_check_agrees_with_a_plain_scan(extra: dict[str, int]) -> None:
+    tweet: dict[str, Any] = {"id": 1207497000637231109, "text": "x", **extra}
+    bad = any(k.startswith("$") or "." in k or "\x00" in k for k in tweet)
+    try:
+        build(tweet)
+    except InvalidTweet:
+        assert bad
+    else:
+        assert not bad

@@ -1,0 +1,585 @@
+"""settings.py: every validation rule, secrets handling, and the derived request parameters."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ingestd.settings import (
+    EXIT_CONFIG,
+    ConfigError,
+    ConfigErrors,
+    Secret,
+    Settings,
+    StreamSettings,
+    filter_diff,
+    format_coordinate,
+    load_settings,
+    load_settings_text,
+    parse_size,
+    secret_values,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+FILE = Path("/etc/ingestd/settings.yaml")
+ENV = {
+    "TWITTER_CONSUMER_KEY": "ck-canary-1111",
+    "TWITTER_CONSUMER_SECRET": "cs-canary-2222",
+    "TWITTER_ACCESS_TOKEN": "at-canary-3333",
+    "TWITTER_ACCESS_TOKEN_SECRET": "ats-canary-4444",
+}
+BASE: dict[str, Any] = {
+    "stream": {"url": "https://stream.twitter.com/1.1/statuses/filter.json",
+               "track": ["iphone", "ipad"]},
+    "auth": {
+        "consumer_key": "${TWITTER_CONSUMER_KEY}",
+        "consumer_secret": "${TWITTER_CONSUMER_SECRET}",
+        "access_token": "${TWITTER_ACCESS_TOKEN}",
+        "access_token_secret": "${TWITTER_ACCESS_TOKEN_SECRET}",
+    },
+    "mongo": {"uri": "mongodb://localhost:27017", "database": "twitter", "collection": "tweets"},
+}
+
+
+def doc(**sections: dict[str, Any]) -> dict[str, Any]:
+    """BASE with the given sections' keys overridden (None value deletes the key)."""
+    out = copy.deepcopy(BASE)
+    for name, changes in sections.items():
+        section = out.setdefault(name, {})
+        for key, value in changes.items():
+            if value is None:
+                section.pop(key, None)
+            else:
+                section[key] = value
+    return out
+
+
+def load(data: object, env: dict[str, str] | None = None) -> Settings:
+    text = data if isinstance(data, str) else yaml.safe_dump(data, allow_unicode=True)
+    return load_settings_text(text, FILE, ENV if env is None else env)
+
+
+def errors(data: object, env: dict[str, str] | None = None) -> list[ConfigError]:
+    with pytest.raises(ConfigErrors) as info:
+        load(data, env)
+    return list(info.value.errors)
+
+
+def error_at(data: object, key_path: str, env: dict[str, str] | None = None) -> str:
+    """The reason reported for `key_path` (fails if none)."""
+    found = [e for e in errors(data, env) if e.key_path == key_path]
+    assert found, f"no error at {key_path}: {errors(data, env)}"
+    return found[0].reason
+
+
+# ---------------------------------------------------------------- the shipped example
+
+
+def test_shipped_settings_yaml_validates_and_documents_the_real_defaults() -> None:
+    s = load_settings(REPO / "settings.yaml", env=ENV)
+    assert s.auth.consumer_key.reveal() == ENV["TWITTER_CONSUMER_KEY"]
+    assert s.stream.track == ("iphone", "ipad", "ipod")
+    # The example lists every optional key "with its default": it must agree with the code.
+    minimal = load(BASE)
+    assert s.stream.backoff == minimal.stream.backoff
+    for name in ("writer", "spool", "deadletter", "control", "metrics", "logging"):
+        assert getattr(s, name) == getattr(minimal, name), name
+    assert s.mongo.write_concern == minimal.mongo.write_concern
+    assert s.mongo.timeout_ms == minimal.mongo.timeout_ms
+
+
+def test_minimal_file_gives_defaults_as_tuples() -> None:
+    s = load(BASE)
+    assert s.path == FILE
+    assert s.stream.track == ("iphone", "ipad") and isinstance(s.stream.track, tuple)
+    assert s.spool.max_bytes == 1 << 30 and s.spool.segment_bytes == 64 << 20
+    assert s.deadletter.max_bytes == 256 << 20
+    assert s.metrics.address() == ("127.0.0.1", 9464)
+    assert Path(s.stream.ca_file).is_file()
+    assert EXIT_CONFIG == 78
+
+
+# ---------------------------------------------------------------- file-level errors
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path / "nope.yaml", env=ENV)
+    assert str(info.value) == f"{tmp_path / 'nope.yaml'}: file not found"
+
+
+def test_directory_and_invalid_utf8_are_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read file"):
+        load_settings(tmp_path, env=ENV)
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"stream:\n  url: \xff\n")
+    with pytest.raises(ConfigError, match=r"not valid UTF-8 \(byte offset 15\)"):
+        load_settings(bad, env=ENV)
+
+
+def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("a: 1\n")
+
+    def denied(*_a: object, **_k: object) -> str:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", denied)  # works even when tests run as root
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env=ENV)
+    assert str(info.value) == f"{path}: cannot read file: Permission denied"
+
+
+def test_yaml_syntax_error_gives_line_and_column_without_quoting_the_file() -> None:
+    text = "stream:\n  url: https://h/x\n  track: [a, b\nauth: {consumer_key: hunter2-secret}\n"
+    (err,) = errors(text)
+    assert err.key_path == ""
+    assert "YAML syntax error at line 4, column 5" in err.reason
+    assert "hunter2" not in str(err)
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("", "file is empty"),
+    ("# only a comment\n", "file is empty"),
+    ("- a\n- b\n", "top level must be a mapping of sections, got a list"),
+    ("just text", "top level must be a mapping of sections, got a string"),
+])
+def test_empty_or_non_mapping(text: str, reason: str) -> None:
+    (err,) = errors(text)
+    assert reason in err.reason
+
+
+def test_control_character_is_reported_with_its_offset() -> None:
+    (err,) = errors("stream:\n  url: a\x00b\n")
+    assert err.reason == (
+        "YAML error at character offset 16: special characters are not allowed (#x0000)")
+
+
+def test_duplicate_key_is_an_error() -> None:
+    (err,) = errors("stream:\n  track: [a]\n  track: [b]\n")
+    assert "duplicate key 'track'" in err.reason and "line 3" in err.reason
+
+
+# ---------------------------------------------------------------- structure and types
+
+
+def test_unknown_keys_suggest_the_closest_name() -> None:
+    data = doc(stream={"trak": ["x"]}, writer={"batchsize": 5})
+    data["mongoo"] = {}
+    assert error_at(data, "stream.trak") == "unknown key; did you mean 'track'?"
+    assert "did you mean 'batch_size'" in error_at(data, "writer.batchsize")
+    assert "did you mean 'mongo'" in error_at(data, "mongoo")
+    data = doc(writer={"zzz": 1})
+    assert "(known keys: apply_deletes, batch_size, flush_interval" in error_at(data, "writer.zzz")
+
+
+@pytest.mark.parametrize(("section", "key", "value", "reason"), [
+    ("stream", "read_timeout", True, "must be a number, got a boolean"),
+    ("writer", "batch_size", True, "must be an integer, got a boolean"),
+    ("writer", "batch_size", 10.0, "must be an integer, got a number"),
+    ("stream", "gzip", "yes", "must be true or false, got a string"),
+    ("stream", "track", "iphone", "must be a list, got a string"),
+    ("writer", "flush_interval", "0.5s", "must be a number, got a string"),
+])
+def test_wrong_types(section: str, key: str, value: object, reason: str) -> None:
+    assert reason in error_at(doc(**{section: {key: value}}), f"{section}.{key}")
+
+
+def test_a_section_that_is_not_a_mapping() -> None:
+    data = doc()
+    data["writer"] = [1, 2]
+    assert error_at(data, "writer") == "must be a mapping, got a list"
+
+
+@pytest.mark.parametrize(("section", "key", "value", "reason"), [
+    ("writer", "batch_size", 0, "must be between 1 and 100000, got 0"),
+    ("writer", "batch_size", 100_001, "must be between 1 and 100000, got 100001"),
+    ("writer", "flush_interval", 0, "must be > 0, got 0"),
+    ("writer", "retry_cap", 0.1, "must be >= retry_start (0.5), got 0.1"),
+    ("spool", "fsync_interval", 0, "must be > 0"),
+    ("spool", "fsync_interval", 1.5, "must be <= 1, got 1.5"),
+    ("spool", "when_full", "drop_oldest", "must be one of block, drop_newest; got 'drop_oldest'"),
+    ("spool", "max_records", 0, "must be >= 1"),
+    ("stream", "api", "v2", "must be one of v1.1"),
+    ("stream", "filter_level", "high", "must be one of none, low, medium"),
+    ("stream", "max_message_bytes", 100, "must be between 1024 and 16777216"),
+    ("control", "crash_loop_restarts", 0, "must be >= 1"),
+    ("logging", "format", "xml", "must be one of auto, json, console"),
+    ("logging", "level", "verbose", "must be one of debug, info"),
+    ("metrics", "listen", "localhost", "must be 'host:port'"),
+    ("metrics", "listen", "127.0.0.1:65536", "must be 'host:port'"),
+    ("metrics", "listen", "::1:80", "IPv6 as '[::1]:9464'"),
+])
+def test_range_and_choice_checks(section: str, key: str, value: object, reason: str) -> None:
+    assert reason in error_at(doc(**{section: {key: value}}), f"{section}.{key}")
+
+
+def test_backoff_caps_and_jitter() -> None:
+    data = doc(stream={"backoff": {"http_cap": 1, "jitter": 2, "network_step": -1}})
+    assert error_at(data, "stream.backoff.http_cap") == "must be >= http_start (5), got 1"
+    assert "between 0 and 1" in error_at(data, "stream.backoff.jitter")
+    assert ">= 0" in error_at(data, "stream.backoff.network_step")
+
+
+def test_all_errors_are_collected_one_per_line() -> None:
+    data = doc(stream={"track": ["", "ok"], "gzip": 1}, writer={"batch_size": 0}, extra={})
+    with pytest.raises(ConfigErrors) as info:
+        load(data)
+    paths = [e.key_path for e in info.value.errors]
+    assert {"stream.track[0]", "stream.gzip", "writer.batch_size", "extra"} <= set(paths)
+    lines = str(info.value).splitlines()
+    assert len(lines) == len(info.value.errors)
+    assert all(line.startswith(f"{FILE}: ") for line in lines)
+
+
+def test_config_error_format() -> None:
+    err = ConfigError(Path("/x.yaml"), "stream.track[3]", "too long")
+    assert str(err) == "/x.yaml: stream.track[3]: too long"
+    assert (err.file, err.key_path, err.reason) == ("/x.yaml", "stream.track[3]", "too long")
+    assert isinstance(ConfigErrors([err]), ConfigError)
+
+
+# ---------------------------------------------------------------- stream predicates
+
+
+def test_track_phrase_byte_limits_count_utf8_bytes() -> None:
+    ok = "é" * 30  # 60 bytes: the limit is inclusive
+    data = doc(stream={"track": ["", "   ", "é" * 31, ok, "x" * 61, "a,b", 7]})
+    assert error_at(data, "stream.track[0]") == "phrase is 0 UTF-8 bytes; must be 1 to 60"
+    assert "0 UTF-8 bytes" in error_at(data, "stream.track[1]")
+    assert error_at(data, "stream.track[2]") == "phrase is 62 UTF-8 bytes; must be 1 to 60"
+    assert "61 UTF-8 bytes" in error_at(data, "stream.track[4]")
+    assert "separates phrases" in error_at(data, "stream.track[5]")
+    assert "must be a string, got an integer" in error_at(data, "stream.track[6]")
+    assert "stream.track[3]" not in [e.key_path for e in errors(data)]
+
+
+def test_track_at_most_400_phrases() -> None:
+    assert load(doc(stream={"track": [f"w{i}" for i in range(400)]})).stream.track[-1] == "w399"
+    reason = error_at(doc(stream={"track": [f"w{i}" for i in range(401)]}), "stream.track")
+    assert "401 phrases" in reason and "at most 400" in reason
+
+
+def test_follow_ids() -> None:
+    s = load(doc(stream={"follow": [12, "13"]}))
+    assert s.stream.follow == (12, 13)
+    data = doc(stream={"follow": [0, -5, "abc", 1.5, True]})
+    assert "positive integer, got 0" in error_at(data, "stream.follow[0]")
+    assert "got -5" in error_at(data, "stream.follow[1]")
+    assert "got 'abc'" in error_at(data, "stream.follow[2]")
+    assert "got a number" in error_at(data, "stream.follow[3]")
+    assert "got a boolean" in error_at(data, "stream.follow[4]")
+    assert "at most 5000" in error_at(doc(stream={"follow": list(range(1, 5002))}),
+                                      "stream.follow")
+
+
+SF = [-122.75, 36.8, -121.75, 37.8]
+
+
+@pytest.mark.parametrize(("box", "reason"), [
+    ([1, 2, 3], "4 numbers), got 3 items"),
+    ([1, 2, 3, "4"], "4 numbers), got a list"),
+    ("1,2,3,4", "4 numbers), got a string"),
+    ([10, 0, 5, 1], "west must be < east"),
+    ([0, 1, 1, 0], "south < north"),
+    ([0, 0, 0, 1], "west must be < east"),
+    ([-181, 0, 0, 1], "longitudes must be within -180..180"),
+    ([0, -91, 1, 0], "latitudes must be within -90..90"),
+    ([0, 0, 0.05, 1], "at least 0.1 degrees"),
+    ([0, 0, 1, 0.09], "at least 0.1 degrees"),
+])
+def test_bad_location_boxes(box: object, reason: str) -> None:
+    assert reason in error_at(doc(stream={"locations": [SF, box]}), "stream.locations[1]")
+
+
+def test_location_boxes_accepted_and_limited_to_25() -> None:
+    tenth = [-122.75, 36.8, -122.65, 36.9]  # exactly 0.1 degrees despite float noise
+    s = load(doc(stream={"locations": [SF, tenth, [-180, -90, 180, 90]]}))
+    assert s.stream.locations[0] == (-122.75, 36.8, -121.75, 37.8)
+    assert len(s.stream.locations) == 3
+    assert "at most 25" in error_at(doc(stream={"locations": [SF] * 26}), "stream.locations")
+
+
+def test_no_predicate_at_all() -> None:
+    data = doc(stream={"track": [], "follow": [], "locations": []})
+    assert "at least one of track, follow or locations" in error_at(data, "stream")
+    assert load(doc(stream={"track": None, "follow": [1]})).stream.follow == (1,)
+
+
+def test_language_codes() -> None:
+    assert load(doc(stream={"language": ["en", "pt-BR"]})).stream.language == ("en", "pt-BR")
+    data = doc(stream={"language": ["en_US", False]})
+    assert "got 'en_US'" in error_at(data, "stream.language[0]")
+    assert "quote it" in error_at(data, "stream.language[1]")  # YAML `no` (Norwegian)
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8080/1.1/statuses/filter.json",
+    "http://127.9.9.9/x", "http://[::1]:81/x", "http://localhost/x",
+    "https://stream.twitter.com/1.1/statuses/filter.json",
+])
+def test_url_accepted(url: str) -> None:
+    assert load(doc(stream={"url": url})).stream.url == url
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("http://stream.twitter.com/1.1/statuses/filter.json", "only for a loopback host"),
+    ("http://128.0.0.1/x", "only for a loopback host"),
+    ("ftp://example.com/x", "scheme must be https, got 'ftp'"),
+    ("https:///path", "has no host"),
+    ("stream.twitter.com/x", "has no host"),
+    ("", "must not be empty"),
+])
+def test_url_rejected(url: str, reason: str) -> None:
+    assert reason in error_at(doc(stream={"url": url}), "stream.url")
+
+
+def test_required_keys() -> None:
+    data = doc(stream={"url": None}, mongo={"uri": None})
+    data["auth"].pop("access_token")
+    for path in ("stream.url", "mongo.uri", "auth.access_token"):
+        assert error_at(data, path) == "required key is missing"
+
+
+def test_ca_file(tmp_path: Path) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert load(doc(stream={"ca_file": str(bundle)})).stream.ca_file == str(bundle)
+    assert "is not an existing file" in error_at(
+        doc(stream={"ca_file": str(tmp_path / "none.pem")}), "stream.ca_file")
+
+
+# ---------------------------------------------------------------- mongo
+
+
+def test_mongo_uri_error_never_shows_the_password() -> None:
+    env = {**ENV, "MONGO_PW": "pw-canary-5555"}
+    data = doc(mongo={"uri": "mongodb://user:${MONGO_PW}@db.example.com/?bogusOption=1"})
+    reason = error_at(data, "mongo.uri", env)
+    assert reason.startswith("invalid MongoDB URI:")
+    literal = doc(mongo={"uri": "mongodb://user:hunter2@db.example.com:notaport/"})
+    text = str("\n".join(str(e) for e in errors(literal)))
+    assert "hunter2" not in text and "mongo.uri: invalid MongoDB URI" in text
+    assert "pw-canary" not in "\n".join(str(e) for e in errors(data, env))
+
+
+@pytest.mark.parametrize("option", [
+    "tlsInsecure=true", "tlsAllowInvalidCertificates=true", "tlsAllowInvalidHostnames=true",
+    "tls=true&tlsDisableOCSPEndpointCheck=true", "TLSINSECURE=true",
+])
+def test_insecure_tls_options_refused_unless_loopback(option: str) -> None:
+    remote = doc(mongo={"uri": f"mongodb://u:secretpw@db1.example.com,127.0.0.1/?{option}"})
+    reason = error_at(remote, "mongo.uri")
+    assert "turn off TLS certificate checks" in reason and "secretpw" not in reason
+    local = doc(mongo={"uri": f"mongodb://localhost,127.0.0.2:27018,[::1]/?{option}"})
+    assert load(local).mongo.uri.reveal().endswith(option)
+
+
+def test_srv_uri_is_checked_without_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pymongo.synchronous import srv_resolver
+
+    def no_dns(*_a: object, **_k: object) -> None:
+        raise AssertionError("DNS lookup attempted")
+
+    monkeypatch.setattr(srv_resolver._SrvResolver, "__init__", no_dns)
+    ok = doc(mongo={"uri": "mongodb+srv://u:p@cluster0.example.invalid/db?retryWrites=true"})
+    assert load(ok).mongo.uri.reveal().startswith("mongodb+srv://")
+    bad = doc(mongo={"uri": "mongodb+srv://cluster0.example.invalid/?tlsInsecure=true"})
+    assert "turn off TLS" in error_at(bad, "mongo.uri")
+    with_port = doc(mongo={"uri": "mongodb+srv://cluster0.example.invalid:27017/"})
+    assert "port" in error_at(with_port, "mongo.uri")
+
+
+@pytest.mark.parametrize(("key", "name", "reason"), [
+    ("database", "", "must not be empty"),
+    ("database", "tw.itter", "forbids: '.'"),
+    ("database", "a b$", "forbids: ' $'"),
+    ("database", "d" * 64, "shorter than 64 bytes"),
+    ("collection", "", "must not be empty"),
+    ("collection", "a$b", "must not contain '$'"),
+    ("collection", "system.users", "reserved"),
+    ("collection", "a..b", "'..'"),
+    ("collection", ".a", "must not start or end with '.'"),
+    ("collection", "c" * 250, "at most 255 bytes"),
+])
+def test_bad_mongo_names(key: str, name: str, reason: str) -> None:
+    assert reason in error_at(doc(mongo={key: name}), f"mongo.{key}")
+
+
+def test_write_concern() -> None:
+    s = load(doc(mongo={"write_concern": {"w": "majority", "j": True}}))
+    assert (s.mongo.write_concern.w, s.mongo.write_concern.j) == ("majority", True)
+    assert load(doc(mongo={"write_concern": {"w": 2}})).mongo.write_concern.w == 2
+    assert "unacknowledged" in error_at(doc(mongo={"write_concern": {"w": 0}}),
+                                        "mongo.write_concern.w")
+    for bad in (-1, "all", True):
+        assert "integer >= 1 or 'majority'" in error_at(
+            doc(mongo={"write_concern": {"w": bad}}), "mongo.write_concern.w")
+
+
+def test_display_uri_hides_credentials() -> None:
+    s = load(doc(mongo={"uri": "mongodb://user:p%40ss@db.example.com/?tls=true"}))
+    assert s.mongo.display_uri() == "mongodb://***@db.example.com/?tls=true"
+
+
+# ---------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (1000, 1000), ("1000", 1000), ("1GiB", 1 << 30), ("64 MiB", 64 << 20), ("64mib", 64 << 20),
+    ("1.5KB", 1500), ("2GB", 2 * 10**9), ("10B", 10), ("3 KiB", 3072),
+    (0, None), (-5, None), (True, None), ("1 XB", None), ("GiB", None), ("-1MiB", None),
+    (1.5, None), (None, None), ("0.0001B", None),
+])
+def test_parse_size(value: object, expected: int | None) -> None:
+    assert parse_size(value) == expected
+
+
+def test_size_keys_report_errors() -> None:
+    data = doc(spool={"max_bytes": "lots", "segment_bytes": "2GiB"}, deadletter={"max_bytes": 0})
+    assert "got a string 'lots'" in error_at(data, "spool.max_bytes")
+    assert "positive size" in error_at(data, "deadletter.max_bytes")
+    small = doc(spool={"max_bytes": "1MiB", "segment_bytes": "2MiB"})
+    assert "must be <= max_bytes (1048576)" in error_at(small, "spool.segment_bytes")
+
+
+# ---------------------------------------------------------------- secrets
+
+
+def test_secrets_from_env_are_wrapped_and_masked() -> None:
+    s = load(BASE)
+    assert isinstance(s.auth.consumer_secret, Secret)
+    assert s.auth.consumer_secret.reveal() == "cs-canary-2222"
+    text = repr(s) + str(s)
+    assert all(v not in text for v in ENV.values())
+    assert repr(s.auth.access_token) == str(s.auth.access_token) == "***"
+
+
+def test_secret_value_semantics() -> None:
+    a, b, c = Secret("x1"), Secret("x1"), Secret("x2")
+    assert a == b and a != c and a != "x1"
+    assert len({a, b, c}) == 2
+    assert f"{a}" == "***"
+
+
+def test_credentials_directory_fallback(tmp_path: Path) -> None:
+    (tmp_path / "TWITTER_ACCESS_TOKEN_SECRET").write_text("from-file\n\n")
+    (tmp_path / "TWITTER_ACCESS_TOKEN").write_text("token-file\n")
+    env = {k: v for k, v in ENV.items() if k not in ("TWITTER_ACCESS_TOKEN_SECRET",
+                                                    "TWITTER_ACCESS_TOKEN")}
+    env["CREDENTIALS_DIRECTORY"] = str(tmp_path)
+    env["TWITTER_ACCESS_TOKEN"] = "env-wins"
+    errs = errors(BASE, env)  # "from-file\n": only one newline is stripped, the rest is invalid
+    assert [e.key_path for e in errs] == ["auth.access_token_secret"]
+    assert "whitespace" in errs[0].reason and "from-file" not in str(errs[0])
+    (tmp_path / "TWITTER_ACCESS_TOKEN_SECRET").write_text("from-file\n")
+    s = load(BASE, env)
+    assert s.auth.access_token_secret.reveal() == "from-file"
+    assert s.auth.access_token.reveal() == "env-wins"
+
+
+def test_missing_secret_names_key_and_variable() -> None:
+    env = {k: v for k, v in ENV.items() if k != "TWITTER_CONSUMER_SECRET"}
+    reason = error_at(BASE, "auth.consumer_secret", env)
+    assert "${TWITTER_CONSUMER_SECRET} is not set" in reason
+    assert "environment variable TWITTER_CONSUMER_SECRET" in reason
+    assert all(v not in reason for v in env.values())
+
+
+def test_substituted_values_never_appear_in_errors() -> None:
+    env = {**ENV, "LANG_CODE": "not_a_code_canary"}
+    data = doc(stream={"language": ["${LANG_CODE}"]})
+    reason = error_at(data, "stream.language[0]", env)
+    assert "not_a_code_canary" not in reason and "***" in reason
+
+
+def test_empty_secret_is_an_error() -> None:
+    assert error_at(BASE, "auth.consumer_key", {**ENV, "TWITTER_CONSUMER_KEY": ""}) == (
+        "must not be empty")
+
+
+def test_secret_values_include_mongo_password_raw_and_decoded() -> None:
+    s = load(doc(mongo={"uri": "mongodb://user:p%40ss@db.example.com/"}))
+    values = secret_values(s)
+    assert set(ENV.values()) <= set(values)
+    assert {"p%40ss", "p@ss"} <= set(values)
+    assert "mongodb://localhost:27017" not in secret_values(load(BASE))
+
+
+# ---------------------------------------------------------------- state dir
+
+
+def test_state_dir_resolution(tmp_path: Path) -> None:
+    assert load(BASE).state_dir == Path("/etc/ingestd/state")
+    env = {**ENV, "STATE_DIRECTORY": "/var/lib/ingestd:/var/lib/other"}
+    assert load(BASE, env).state_dir == Path("/var/lib/ingestd")
+    data = {**BASE, "state_dir": str(tmp_path)}
+    assert load(data, env).state_dir == tmp_path
+    assert load({**BASE, "state_dir": "rel"}).state_dir == Path("/etc/ingestd/rel")
+
+
+# ---------------------------------------------------------------- request parameters
+
+
+def test_post_params_order_and_formatting() -> None:
+    s = load(doc(stream={
+        "track": ["twitter api", "#python"], "follow": [12, 13],
+        "locations": [SF, [-74, 40, -73, 41], [1e-05, 0, 1, 1]],
+        "language": ["en", "fr"], "filter_level": "low", "delimited": True,
+    }))
+    assert s.stream.post_params() == [
+        ("track", "twitter api,#python"),
+        ("follow", "12,13"),
+        ("locations", "-122.75,36.8,-121.75,37.8,-74,40,-73,41,0.00001,0,1,1"),
+        ("language", "en,fr"),
+        ("filter_level", "low"),
+        ("delimited", "length"),
+        ("stall_warnings", "true"),
+    ]
+
+
+def test_post_params_omit_empty_ones() -> None:
+    s = load(doc(stream={"track": None, "follow": [7]}))
+    assert s.stream.post_params() == [("follow", "7"), ("stall_warnings", "true")]
+
+
+@given(st.floats(min_value=-180, max_value=180, allow_nan=False))
+def test_format_coordinate_is_exact_and_never_scientific(value: float) -> None:
+    text = format_coordinate(value)
+    assert "e" not in text.lower()
+    assert float(text) == value
+
+
+def test_filter_key_changes_only_for_connection_relevant_keys() -> None:
+    a = load(BASE).stream
+    b = load(doc(stream={"read_timeout": 30, "backoff": {"jitter": 0.5}})).stream
+    c = load(doc(stream={"track": ["iphone", "ipad", "ipod"]})).stream
+    d = load(doc(stream={"gzip": False})).stream
+    assert a.filter_key() == b.filter_key()
+    assert len({a.filter_key(), c.filter_key(), d.filter_key()}) == 3
+
+
+def test_filter_diff_compares_as_sets() -> None:
+    old = StreamSettings(url="https://h/x", track=("a", "b"), follow=(1, 2),
+                         locations=((0.0, 0.0, 1.0, 1.0),))
+    new = StreamSettings(url="https://h/x", track=("b", "c", "a"), follow=(2,),
+                         locations=((0.0, 0.0, 1.0, 1.0), (2.0, 2.0, 3.0, 3.0)))
+    assert filter_diff(old, new) == {
+        "track": {"added": ["c"], "removed": []},
+        "follow": {"added": [], "removed": [1]},
+        "locations": {"added": [(2.0, 2.0, 3.0, 3.0)], "removed": []},
+    }
+    assert filter_diff(new, new) == {k: {"added": [], "removed": []}
+                                     for k in ("track", "follow", "locations")}
+
+
+def test_settings_are_frozen() -> None:
+    s = load(BASE)
+    with pytest.raises(AttributeError):
+        s.stream.url = "https://other/"  # type: ignore[misc]

@@ -1,0 +1,506 @@
+"""The simulator as a subprocess, driven over real sockets (raw HTTP, http.client and pycurl)."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import zlib
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pycurl
+import pytest
+from oauthlib.oauth1 import Client  # type: ignore[import-untyped]
+
+from ingestd.matching import Matcher
+from ingestd.simulator.generator import TWITTER_EPOCH_MS
+from tests.support.creds import CREDS
+from tests.support.simulator import SimProcess
+
+PATH = "/1.1/statuses/filter.json"
+PARAMS = [
+    ("track", "python,twitter api,#rust"),
+    ("follow", "12,13"),
+    ("locations", "-122.75,36.8,-121.75,37.8"),
+]
+MATCHER = Matcher(["python", "twitter api", "#rust"], [12, 13], [(-122.75, 36.8, -121.75, 37.8)])
+
+
+def sign(
+    port: int,
+    params: list[tuple[str, str]],
+    *,
+    method: str = "POST",
+    timestamp: str | None = None,
+    secret: str | None = None,
+) -> tuple[str, dict[str, str], str]:
+    """oauthlib-signed (target, headers, body) for the simulator's URL."""
+    client = Client(
+        CREDS["TWITTER_CONSUMER_KEY"],
+        client_secret=secret or CREDS["TWITTER_CONSUMER_SECRET"],
+        resource_owner_key=CREDS["TWITTER_ACCESS_TOKEN"],
+        resource_owner_secret=CREDS["TWITTER_ACCESS_TOKEN_SECRET"],
+        timestamp=timestamp,
+    )
+    url = f"http://127.0.0.1:{port}{PATH}"
+    body = urllib.parse.urlencode(params)
+    if method == "GET":
+        uri, headers, _ = client.sign(f"{url}?{body}", http_method="GET")
+        return uri.split(f":{port}", 1)[1], headers, ""
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    _, headers, body = client.sign(url, http_method="POST", body=body, headers=headers)
+    return PATH, headers, body
+
+
+class RawStream:
+    """A hand-rolled HTTP/1.1 client that exposes the chunks exactly as sent."""
+
+    def __init__(self, port: int, target: str, headers: dict[str, str], body: str = "",
+                 method: str = "POST", gzip: bool = False) -> None:  # fmt: skip
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        head = {"Host": f"127.0.0.1:{port}", **headers, "Content-Length": str(len(body))}
+        if gzip:
+            head["Accept-Encoding"] = "deflate, gzip"
+        lines = [f"{method} {target} HTTP/1.1", *(f"{k}: {v}" for k, v in head.items())]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n" + body).encode())
+        self.buf = b""
+        status_line, *header_lines = self._until(b"\r\n\r\n").decode().split("\r\n")
+        self.status = int(status_line.split()[1])
+        self.headers = {k.lower(): v for k, v in (h.split(": ", 1) for h in header_lines)}
+        self.inflate = zlib.decompressobj(31) if self.headers.get("content-encoding") else None
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        self.buf += data
+        return bool(data)
+
+    def _until(self, marker: bytes) -> bytes:
+        while marker not in self.buf:
+            if not self._fill():
+                raise EOFError(self.buf)
+        head, self.buf = self.buf.split(marker, 1)
+        return head
+
+    def _exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if not self._fill():
+                raise EOFError(self.buf)
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def body(self) -> bytes:
+        """A non-streaming (Content-Length) body."""
+        return self._exactly(int(self.headers["content-length"]))
+
+    def chunk(self) -> bytes | None:
+        """The next chunk's (decoded) payload; ``None`` at the terminating zero chunk."""
+        size = int(self._until(b"\r\n"), 16)
+        if size == 0:
+            self._until(b"\r\n")
+            return None
+        data = self._exactly(size)
+        assert self._exactly(2) == b"\r\n"
+        return self.inflate.decompress(data) if self.inflate else data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def messages(stream: RawStream, count: int) -> Iterator[bytes]:
+    """Split the body on \\r\\n; keep-alives come out as b''."""
+    pending = b""
+    produced = 0
+    while produced < count:
+        data = stream.chunk()
+        if data is None:
+            return
+        pending += data
+        *complete, pending = pending.split(b"\r\n")
+        for message in complete:
+            produced += 1
+            yield message
+
+
+def open_stream(sim: SimProcess, params: list[tuple[str, str]] = PARAMS, **kw: Any) -> RawStream:
+    target, headers, body = sign(sim.port, params)
+    return RawStream(sim.port, target, headers, body, **kw)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimProcess]:
+    """One simulator for the tests that need no ground-truth exclusivity."""
+    with SimProcess(tmp_path_factory.mktemp("sim"), "--rate", "200", "--keepalive", "0.5") as sim:
+        yield sim
+
+
+# --- OAuth ------------------------------------------------------------------------------------
+
+
+def test_signed_post_and_get_are_accepted(shared: SimProcess) -> None:
+    for method in ("POST", "GET"):
+        target, headers, body = sign(shared.port, PARAMS, method=method)
+        stream = RawStream(shared.port, target, headers, body, method=method)
+        assert stream.status == 200
+        assert stream.headers["transfer-encoding"] == "chunked"
+        first = next(m for m in messages(stream, 50) if m)
+        assert MATCHER.match(json.loads(first))
+        stream.close()
+
+
+def test_tampered_body_wrong_secret_and_replayed_nonce_get_401(shared: SimProcess) -> None:
+    target, headers, body = sign(shared.port, PARAMS)
+    tampered = RawStream(shared.port, target, headers, body.replace("python", "java"))
+    assert tampered.status == 401
+    assert b"invalid signature" in tampered.body()
+    target, headers, body = sign(shared.port, PARAMS, secret="not-the-secret")
+    assert RawStream(shared.port, target, headers, body).status == 401
+    target, headers, body = sign(shared.port, PARAMS)
+    RawStream(shared.port, target, headers, body).close()
+    replay = RawStream(shared.port, target, headers, body)
+    assert (replay.status, replay.body()) == (401, b"Unauthorized: Nonce already used\n")
+
+
+def test_clock_skew_gets_401_saying_so_with_a_date_header(shared: SimProcess) -> None:
+    skewed = str(int(time.time()) - 3600)
+    target, headers, body = sign(shared.port, PARAMS, timestamp=skewed)
+    stream = RawStream(shared.port, target, headers, body)
+    assert stream.status == 401
+    assert b"Timestamp out of bounds" in stream.body()
+    server_time = email.utils.parsedate_to_datetime(stream.headers["date"]).timestamp()
+    assert abs(server_time - time.time()) < 3600  # a client can compute its skew from it
+
+
+# --- parameters -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "text"),
+    [
+        ([("stall_warnings", "true")], 406, "No filter parameters"),
+        ([("track", "x" * 61)], 406, "index 0 too long"),
+        ([("track", "ok,,fine")], 406, "index 1 too short"),
+        ([("track", "é" * 31)], 406, "too long"),  # 62 UTF-8 bytes
+        ([("locations", "-121,36,-122,37")], 406, "south-west"),
+        ([("locations", "-200,36,-122,37")], 406, "out of range"),
+        ([("locations", "1,2,3")], 406, "4 numbers"),
+        ([("follow", "12,abc")], 406, "index 1 is not a user id"),
+        ([("track", ",".join(f"t{i}" for i in range(401)))], 413, "maximum 400"),
+        ([("follow", ",".join(str(i) for i in range(1, 5002)))], 413, "maximum 5000"),
+        ([("locations", ",".join(["1,1,2,2"] * 26))], 413, "max 25"),
+        ([("track", "python"), ("count", "100")], 416, "count"),
+    ],
+)
+def test_invalid_parameters_get_the_documented_status(
+    shared: SimProcess, params: list[tuple[str, str]], status: int, text: str
+) -> None:
+    stream = open_stream(shared, params)
+    assert stream.status == status
+    assert text in stream.body().decode()
+
+
+def test_phrase_of_exactly_60_bytes_is_fine(shared: SimProcess) -> None:
+    assert open_stream(shared, [("track", "é" * 30)]).status == 200
+
+
+# --- framing and content ----------------------------------------------------------------------
+
+
+def test_length_delimited_stream_of_matching_valid_tweets(shared: SimProcess) -> None:
+    stream = open_stream(shared, [*PARAMS, ("delimited", "length")])
+    body = b""
+    tweets: list[dict[str, Any]] = []
+    while len(tweets) < 60:
+        chunk = stream.chunk()
+        assert chunk is not None
+        body += chunk
+        while True:
+            body = body.lstrip(b"\r\n")  # keep-alives before a length line
+            if b"\r\n" not in body:
+                break
+            length_line, rest = body.split(b"\r\n", 1)
+            size = int(length_line)
+            if len(rest) < size:
+                break
+            message, body = rest[:size], rest[size:]
+            assert message.endswith(b"\r\n")  # the count includes the trailing \r\n
+            obj = json.loads(message)
+            if "id_str" in obj:
+                tweets.append(obj)
+    stream.close()
+    for tweet in tweets:
+        assert MATCHER.match(tweet), tweet.get("text")
+        assert tweet["id_str"] == str(tweet["id"])
+        if (tweet["id"] >> 22) + TWITTER_EPOCH_MS > (time.time() - 3600) * 1000:  # generated
+            assert (tweet["id"] >> 22) + TWITTER_EPOCH_MS == int(tweet["timestamp_ms"])
+            created = email.utils.parsedate_to_datetime(tweet["created_at"]).timestamp()
+            assert int(created) == int(tweet["timestamp_ms"]) // 1000
+    assert len({t["id"] for t in tweets}) == len(tweets)
+
+
+def test_gzip_stream_is_sync_flushed_per_message(shared: SimProcess) -> None:
+    stream = open_stream(shared, gzip=True)
+    assert stream.headers["content-encoding"] == "gzip"
+    for _ in range(30):
+        data = stream.chunk()
+        assert data is not None
+        assert data.endswith(b"\r\n")  # each chunk inflates to whole messages only
+        for message in data.split(b"\r\n")[:-1]:
+            assert message == b"" or isinstance(json.loads(message), dict)
+    stream.close()
+
+
+def test_state_endpoint_counts(shared: SimProcess) -> None:
+    state = shared.state()
+    assert state["connections"] >= 1
+    assert state["tweets_total"] == sum(state["tweets"].values())
+
+
+# --- ground truth, pycurl, one connection per credential ---------------------------------------
+
+
+def curl_read(sim: SimProcess, params: list[tuple[str, str]] = PARAMS) -> tuple[int, list[bytes]]:
+    """Read a whole stream with pycurl + gzip, as the daemon does; returns (status, messages)."""
+    _, headers, body = sign(sim.port, params)
+    buf = BytesIO()
+    c = pycurl.Curl()
+    c.setopt(pycurl.URL, sim.url)
+    c.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in headers.items()])
+    c.setopt(pycurl.POSTFIELDS, body)
+    c.setopt(pycurl.ACCEPT_ENCODING, "deflate, gzip")
+    c.setopt(pycurl.WRITEFUNCTION, buf.write)
+    c.setopt(pycurl.TIMEOUT, 60)
+    c.perform()
+    status = c.getinfo(pycurl.RESPONSE_CODE)
+    c.close()
+    return status, buf.getvalue().split(b"\r\n")[:-1]
+
+
+def test_pycurl_gzip_run_matches_ground_truth_exactly(tmp_path: Path) -> None:
+    script = [[{"deliver": 120}, {"close": True}]]
+    with SimProcess(tmp_path, "--rate", "0", "--control-every", "10", script=script) as sim:
+        status, received = curl_read(sim)
+    gt = sim.ground_truth()  # complete once the simulator has stopped
+    assert status == 200
+    objs = [json.loads(m) for m in received if m]
+    tweets = [o for o in objs if "id_str" in o]
+    assert [t["id"] for t in tweets] == gt.tweet_ids(conn=1)
+    assert len(tweets) == 120
+    assert all(MATCHER.match(t) for t in tweets)
+    controls = [o for o in objs if "id_str" not in o]
+    assert len(controls) == len(gt.of("control", 1)) == 12
+    delivered = set(gt.tweet_ids())
+    deleted = [o["delete"]["status"]["id"] for o in controls if "delete" in o]
+    assert deleted == gt.deleted_ids()
+    assert gt.closes(1)[0]["reason"] == "close"
+    assert delivered  # deletes name earlier tweets (mostly) or unknown ids: both are valid
+
+
+def test_second_connection_with_same_credentials_kicks_the_first(tmp_path: Path) -> None:
+    with SimProcess(tmp_path, "--rate", "100") as sim:
+        first = open_stream(sim)
+        assert next(m for m in messages(first, 100) if m)
+        second = open_stream(sim)
+        assert second.status == 200
+        # messages() stops at the zero-length chunk (a cut body would raise EOFError)
+        rest = [m for m in messages(first, 10_000) if m]
+        assert json.loads(rest[-1])["disconnect"]["code"] == 7
+        assert next(m for m in messages(second, 100) if m)
+        second.close()
+    gt = sim.ground_truth()
+    assert [e["code"] for e in gt.control("disconnect", 1)] == [7]
+    assert gt.closes(1)[0]["reason"].startswith("disconnect 7")
+
+
+def test_control_messages_have_the_documented_shapes(tmp_path: Path) -> None:
+    script = [[{"deliver": 300}, {"control": "warning"}, {"close": True}]] * 2
+    args = ("--rate", "0", "--control-every", "2", "--warning-interval", "0", "--seed", "7")
+    with SimProcess(tmp_path, *args, script=script) as sim:
+        with_warnings = [
+            json.loads(m)
+            for m in messages(open_stream(sim, [*PARAMS, ("stall_warnings", "true")]), 10_000)
+            if m
+        ]
+        without = [json.loads(m) for m in messages(open_stream(sim), 10_000) if m]
+    controls = [o for o in with_warnings if "id_str" not in o]
+    kinds = {next(iter(o)) for o in controls}
+    assert kinds == {"delete", "limit", "scrub_geo", "status_withheld", "user_withheld", "warning"}
+    for o in controls:
+        body = next(iter(o.values()))
+        if "delete" in o:
+            assert set(body) == {"status", "timestamp_ms"}
+            assert set(body["status"]) == {"id", "id_str", "user_id", "user_id_str"}
+        elif "scrub_geo" in o:
+            assert str(body["up_to_status_id"]) == body["up_to_status_id_str"]
+        elif "warning" in o:
+            assert (
+                body["code"] == "FALLING_BEHIND" and f"{body['percent_full']}%" in body["message"]
+            )
+        elif "status_withheld" in o or "user_withheld" in o:
+            assert all(len(c) == 2 and c.isupper() for c in body["withheld_in_countries"])
+    limits = [o["limit"]["track"] for o in controls if "limit" in o]
+    assert limits == sorted(limits) and len(set(limits)) == len(limits)  # cumulative
+    warnings_without = [o for o in without if "warning" in o]
+    assert len(warnings_without) == 1  # only the scripted one: no stall_warnings, no random ones
+
+
+def test_real_source_delivers_each_real_tweet_at_most_once(tmp_path: Path) -> None:
+    real = {json.loads(line)["id"] for line in (Path(__file__).parents[1] / "ingestd" / "data"
+            / "real_tweets.jsonl").read_text(encoding="utf-8").splitlines()}  # fmt: skip
+    script = [[{"deliver": 20}, {"close": True}]] * 2
+    params = [("track", "the,a,i,to"), ("locations", "-180,-90,180,90")]
+    with SimProcess(tmp_path, "--source", "real", "--rate", "0", script=script) as sim:
+        ids = [
+            json.loads(m)["id"]
+            for _ in range(2)
+            for m in messages(open_stream(sim, params), 1000)
+            if m and b"id_str" in m
+        ]
+    assert len(ids) == 40
+    assert set(ids) <= real
+    assert len(set(ids)) == len(ids)
+
+
+# --- fault scripts -----------------------------------------------------------------------------
+
+
+def test_scripted_status_then_normal(tmp_path: Path) -> None:
+    script = [[{"status": 503, "body": "Service Unavailable", "headers": {"Retry-After": "5"}}]]
+    with SimProcess(tmp_path, "--rate", "100", script=script) as sim:
+        refused = open_stream(sim)
+        assert (refused.status, refused.headers["retry-after"]) == (503, "5")
+        assert refused.body() == b"Service Unavailable"
+        again = open_stream(sim)
+        assert again.status == 200
+        again.close()
+        statuses = [c["status"] for c in sim.ground_truth().connections()]
+    assert statuses == [503, 200]
+
+
+def test_scripted_disconnect_code(tmp_path: Path) -> None:
+    with SimProcess(tmp_path, "--rate", "0", script=[[{"deliver": 2}, {"disconnect": 12}]]) as sim:
+        stream = open_stream(sim)
+        got = [json.loads(m) for m in messages(stream, 100) if m]
+    assert [("disconnect" in o) for o in got] == [False, False, True]
+    assert got[-1]["disconnect"]["code"] == 12
+
+
+def test_close_mid_message_is_partial_not_delivered(tmp_path: Path) -> None:
+    script = [[{"deliver": 3}, {"close_mid_message": True}]]
+    with SimProcess(tmp_path, "--rate", "0", "--control-every", "0", script=script) as sim:
+        stream = open_stream(sim)
+        received = b""
+        with pytest.raises(EOFError):  # no terminating chunk: the body just stops
+            while (chunk := stream.chunk()) is not None:
+                received += chunk
+        sim.stop()
+        gt = sim.ground_truth()
+    *complete, tail = received.split(b"\r\n")
+    assert [json.loads(m)["id"] for m in complete] == gt.tweet_ids(conn=1)
+    (partial,) = gt.partial_ids(conn=1)
+    assert partial not in gt.tweet_ids()
+    assert str(partial).encode() in tail
+    assert gt.closes(1)[0]["reason"] == "close_mid_message"
+
+
+def test_reset_aborts_the_connection(tmp_path: Path) -> None:
+    with SimProcess(tmp_path, "--rate", "0", script=[[{"deliver": 2}, {"reset": True}]]) as sim:
+        stream = open_stream(sim)
+        with pytest.raises(ConnectionResetError):
+            while stream.chunk() is not None:
+                pass
+
+
+def test_bad_lines_are_sent_as_asked(tmp_path: Path) -> None:
+    kinds = ["truncated_json", "invalid_utf8", "json_array", "oversize", "non_object"]
+    script = [[{"bad_lines": kinds}, {"close": True}]]
+    with SimProcess(tmp_path, "--max-line", "5000", script=script) as sim:
+        lines = [m for m in messages(open_stream(sim), 100) if m]
+        gt = sim.ground_truth()
+    assert [e["kind"] for e in gt.of("bad_line", 1)] == kinds
+    assert len(lines) == 5
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(lines[0])
+    with pytest.raises(UnicodeDecodeError):
+        lines[1].decode("utf-8")
+    assert isinstance(json.loads(lines[2]), list)
+    assert len(lines[3]) == 5000
+    assert not isinstance(json.loads(lines[4]), dict)
+
+
+def test_stall_sends_nothing_but_keepalive_only_sends_keepalives(tmp_path: Path) -> None:
+    steps = [{"deliver": 1}, {"stall": 0.6}, {"deliver": 1}, {"keepalive_only": 0.6},
+             {"deliver": 1}, {"close": True}]  # fmt: skip
+    with SimProcess(tmp_path, "--rate", "0", "--keepalive", "0.1", script=[steps]) as sim:
+        got = list(messages(open_stream(sim), 1000))
+    tweet_at = [i for i, m in enumerate(got) if m]
+    assert len(tweet_at) == 3
+    assert tweet_at[1] == tweet_at[0] + 1  # the stall sent not even a keep-alive
+    assert tweet_at[2] - tweet_at[1] > 2  # keep-alives flowed during keepalive_only
+
+
+def test_split_cuts_messages_across_small_chunks(tmp_path: Path) -> None:
+    script = [[{"split": 7}, {"deliver": 5}, {"close": True}]]
+    with SimProcess(tmp_path, "--rate", "0", "--control-every", "0", script=script) as sim:
+        stream = open_stream(sim)
+        chunks = []
+        while (chunk := stream.chunk()) is not None:
+            chunks.append(chunk)
+        gt = sim.ground_truth()
+    assert max(len(c) for c in chunks) == 7
+    ids = [json.loads(m)["id"] for m in b"".join(chunks).split(b"\r\n") if m]
+    assert ids == gt.tweet_ids(conn=1)
+
+
+def test_trickle_delivers_whole_tweets_slowly(tmp_path: Path) -> None:
+    steps = [{"trickle": {"bytes": 500, "interval": 0.001, "count": 2}}, {"close": True}]
+    with SimProcess(tmp_path, "--rate", "0", "--control-every", "0", script=[steps]) as sim:
+        got = [json.loads(m)["id"] for m in messages(open_stream(sim), 100) if m]
+        assert got == sim.ground_truth().tweet_ids(conn=1)
+    assert len(got) == 2
+
+
+def test_rate_limit_gives_420_enhance_your_calm(tmp_path: Path) -> None:
+    with SimProcess(tmp_path, "--rate-limit", "2/600") as sim:
+        for _ in range(2):
+            assert open_stream(sim).status == 200
+        refused = open_stream(sim)
+        assert refused.status == 420
+        assert b"Enhance your calm" in refused.body()
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def test_sigterm_stops_cleanly_and_records_the_close(tmp_path: Path) -> None:
+    sim = SimProcess(tmp_path, "--rate", "50").start()
+    stream = open_stream(sim)
+    assert next(m for m in messages(stream, 100) if m)
+    assert sim.stop() == 0
+    assert sim.ground_truth().closes(1)[0]["reason"] == "shutdown"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "ingestd.simulator.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_cli_refuses_bad_setups_with_clear_messages(tmp_path: Path) -> None:
+    remote = run_cli("--host", "0.0.0.0", "--credentials", "/nonexistent")
+    assert remote.returncode == 2 and "--allow-remote" in remote.stderr
+    nocreds = run_cli("--port", "0", env={"PATH": "/usr/bin"})
+    assert nocreds.returncode == 78 and "TWITTER_CONSUMER_KEY" in nocreds.stderr
+    script = tmp_path / "bad.yaml"
+    script.write_text("- [{deliver: 3}, {stal: 2}]\n")
+    creds = tmp_path / "creds.json"
+    creds.write_text(json.dumps(CREDS))
+    bad = run_cli("--credentials", str(creds), "--script", str(script))
+    assert bad.returncode == 78
+    assert "connection 1 step 2" in bad.stderr and "'stal'" in bad.stderr
+    assert CREDS["TWITTER_CONSUMER_SECRET"] not in bad.stderr + bad.stdout

@@ -1,0 +1,637 @@
+"""Spool: round trips, crash and reopen paths, damage, disk-full, and a model-based state machine."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from ingestd.spool import (
+    CHECKPOINT,
+    HEADER_SIZE,
+    KIND_MESSAGE,
+    KIND_OVERSIZE,
+    KIND_PARTIAL,
+    MAGIC,
+    Record,
+    SpoolReader,
+    SpoolWriteError,
+    SpoolWriter,
+    encode_record,
+    list_segments,
+    read_checkpoint,
+    segment_name,
+)
+
+BIG = 10**9
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_writer(directory: Path, clock: Callable[[], float] | None = None, **kw: int) -> SpoolWriter:
+    opts: dict[str, int] = {"max_bytes": BIG, "max_records": BIG, **kw}
+    if clock is None:
+        return SpoolWriter(directory, **opts)
+    return SpoolWriter(directory, clock=clock, **opts)
+
+
+def drain(reader: SpoolReader, batch: int = 1000) -> list[Record]:
+    out: list[Record] = []
+    while chunk := reader.read(batch, BIG):
+        out.extend(chunk)
+    return out
+
+
+def payloads(n: int, size: int = 40) -> list[bytes]:
+    return [f"msg-{i:06d}-".encode().ljust(size, b"p") for i in range(n)]
+
+
+def fill(writer: SpoolWriter, items: list[bytes], per_append: int = 3) -> list[int]:
+    """Append ``items`` in batches; return their seqs."""
+    seqs: list[int] = []
+    for i in range(0, len(items), per_append):
+        batch = items[i : i + per_append]
+        last = writer.append([(KIND_MESSAGE, p) for p in batch], 1, 1, 123)
+        seqs.extend(range(last - len(batch) + 1, last + 1))
+    return seqs
+
+
+# --- basic behaviour ------------------------------------------------------------------------------
+
+
+def test_round_trip_all_fields(tmp_path: Path) -> None:
+    writer = make_writer(tmp_path)
+    last = writer.append([(KIND_MESSAGE, b'{"id":1}'), (KIND_OVERSIZE, b"head")], 7, 3, 99)
+    last2 = writer.append([(KIND_PARTIAL, b"")], 8, 4, 100)
+    reader = SpoolReader(tmp_path)
+    got = reader.read(10, BIG)
+    assert [(r.seq, r.kind, r.conn_id, r.generation, r.recv_ns, r.payload) for r in got] == [
+        (last - 1, KIND_MESSAGE, 7, 3, 99, b'{"id":1}'),
+        (last, KIND_OVERSIZE, 7, 3, 99, b"head"),
+        (last2, KIND_PARTIAL, 8, 4, 100, b""),
+    ]
+    assert got[0].offset == 0 and got[1].offset == got[0].end_offset
+    assert got[2].end_offset == os.path.getsize(tmp_path / got[2].segment)
+    assert reader.read(10, BIG) == []
+    writer.close()
+
+
+def test_read_respects_record_and_byte_budgets(tmp_path: Path) -> None:
+    writer = make_writer(tmp_path)
+    seqs = fill(writer, payloads(10, 100))
+    reader = SpoolReader(tmp_path)
+    assert [r.seq for r in reader.read(3, BIG)] == seqs[:3]
+    assert [r.seq for r in reader.read(100, 250)] == seqs[3:6]  # stops once 250 bytes reached
+    assert [r.seq for r in reader.read(100, 1)] == seqs[6:7]  # always makes progress
+    assert [r.seq for r in drain(reader)] == seqs[7:]
+
+
+def test_rolls_segments_and_ack_deletes_older(tmp_path: Path) -> None:
+    writer = make_writer(tmp_path, segment_bytes=500)
+    seqs = fill(writer, payloads(40))
+    segments = list_segments(tmp_path)
+    assert len(segments) > 3
+    reader = SpoolReader(tmp_path)
+    got = drain(reader, 7)
+    assert [r.seq for r in got] == seqs
+    middle = next(r for r in got if r.segment == segments[2])
+    reader.ack(middle)
+    assert list_segments(tmp_path) == segments[2:]
+    reader.ack(got[-1])
+    assert list_segments(tmp_path) == segments[-1:]  # the newest is never deleted
+    reader.ack(got[0])  # an older ack does not move the checkpoint back
+    assert SpoolReader(tmp_path).read(10, BIG) == []
+
+
+def test_checkpoint_survives_reopen(tmp_path: Path) -> None:
+    writer = make_writer(tmp_path, segment_bytes=400)
+    seqs = fill(writer, payloads(30))
+    reader = SpoolReader(tmp_path)
+    got = reader.read(12, BIG)
+    reader.ack(got[-1])
+    more = reader.read(5, BIG)  # read but not acked: replayed after a restart
+    reader.close()
+    again = SpoolReader(tmp_path)
+    assert [r.seq for r in drain(again)] == seqs[12:]
+    assert more[0].seq == seqs[12]
+    assert again.checkpoint_resets == 0
+
+
+def test_writer_reopen_starts_new_segment_and_continues_seq(tmp_path: Path) -> None:
+    writer = make_writer(tmp_path)
+    seqs = fill(writer, payloads(5))
+    first_segment = writer.segment
+    writer.close()
+    writer = make_writer(tmp_path)
+    assert writer.next_seq == seqs[-1] + 1
+    assert writer.segment == segment_name(seqs[-1] + 1) != first_segment
+    more = fill(writer, payloads(3))
+    assert more[0] == seqs[-1] + 1
+    assert [r.seq for r in drain(SpoolReader(tmp_path))] == seqs + more
+
+
+def test_writer_reopen_after_torn_tail(tmp_path: Path) -> None:
+    writer = make_writer(tmp_path)
+    seqs = fill(writer, payloads(6))
+    path = tmp_path / writer.segment
+    os.close(writer._fd)  # crash: no close, no sync
+    os.truncate(path, os.path.getsize(path) - 5)  # the last record is torn
+    writer = make_writer(tmp_path)
+    assert writer.next_seq == seqs[-1]  # the torn seq was never delivered: reused
+    more = fill(writer, payloads(2))
+    reader = SpoolReader(tmp_path)
+    assert [r.seq for r in drain(reader)] == seqs[:-1] + more
+    assert reader.corrupt_records == 1
+    assert reader.corrupt_bytes == HEADER_SIZE + 40 - 5
+
+
+def test_empty_segment_left_by_crash_is_reused(tmp_path: Path) -> None:
+    writer = make_writer(tmp_path)
+    os.close(writer._fd)  # crashed before writing anything
+    writer = make_writer(tmp_path)
+    fill(writer, payloads(2))
+    assert list_segments(tmp_path) == [segment_name(1)]
+
+
+def test_partial_record_in_newest_segment_is_waited_for(tmp_path: Path) -> None:
+    writer = make_writer(tmp_path)
+    fill(writer, payloads(1))
+    path = tmp_path / writer.segment
+    record = encode_record(2, KIND_MESSAGE, b"in flight", 1, 1, 5)
+    with open(path, "ab") as f:
+        f.write(record[:20])
+    reader = SpoolReader(tmp_path)
+    assert len(reader.read(10, BIG)) == 1
+    assert reader.read(10, BIG) == []
+    assert not reader.has_data()
+    # The writer finishes the record and rolls before the reader looks again: not damage.
+    with open(path, "ab") as f:
+        f.write(record[20:])
+    (tmp_path / segment_name(3)).touch()
+    assert [r.payload for r in reader.read(10, BIG)] == [b"in flight"]
+    assert reader.corrupt_records == 0
+
+
+def test_wait_for_data(tmp_path: Path) -> None:
+    writer = make_writer(tmp_path)
+    reader = SpoolReader(tmp_path)
+    assert reader.wait_for_data(0.02) is False
+    go = threading.Event()
+
+    def produce() -> None:
+        go.wait()
+        writer.append([(KIND_MESSAGE, b"x")], 1, 1, 1)
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    go.set()
+    assert reader.wait_for_data(10.0) is True
+    thread.join()
+    assert [r.payload for r in reader.read(10, BIG)] == [b"x"]
+
+
+def test_writer_and_reader_in_separate_processes(tmp_path: Path) -> None:
+    n = 2000
+    script = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from ingestd.spool import SpoolWriter
+        w = SpoolWriter(Path({str(tmp_path)!r}), segment_bytes=20000, max_bytes=10**9,
+                        max_records=10**9)
+        for i in range(0, {n}, 4):
+            w.append([(0, b"p%06d" % j) for j in range(i, i + 4)], 1, 1, 1)
+        w.close()
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    reader = SpoolReader(tmp_path)
+    got: list[Record] = []
+    while len(got) < n and (proc.poll() is None or reader.has_data()):
+        reader.wait_for_data(0.2)
+        got.extend(reader.read(100, BIG))
+        if got:
+            reader.ack(got[-1])
+    assert proc.wait() == 0
+    got.extend(drain(reader))
+    assert [r.payload for r in got] == [b"p%06d" % j for j in range(n)]
+    assert reader.corrupt_records == 0
+
+
+# --- durability and back-pressure ---------------------------------------------------------------
+
+
+def test_fsync_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    writer = make_writer(tmp_path, clock=clock)
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    writer.append([(KIND_MESSAGE, b"a")], 1, 1, 1)
+    clock.now = 0.1
+    writer.append([(KIND_MESSAGE, b"b")], 1, 1, 1)
+    assert synced == []
+    clock.now = 0.25
+    writer.append([(KIND_MESSAGE, b"c")], 1, 1, 1)
+    assert synced == [writer._fd]
+    clock.now = 0.5
+    writer.maybe_sync()  # nothing new since: no fsync
+    writer.append([(KIND_MESSAGE, b"d")], 1, 1, 1)  # 0.25 s since the last fsync
+    writer.maybe_sync()
+    assert len(synced) == 2
+
+
+def test_backlog_and_is_full_follow_acks(tmp_path: Path) -> None:
+    clock = FakeClock()
+    writer = make_writer(tmp_path, clock=clock, segment_bytes=300, max_records=10, max_bytes=BIG)
+    fill(writer, payloads(9))
+    records, size = writer.backlog()
+    assert records == 9
+    assert size == sum(os.path.getsize(tmp_path / n) for n in list_segments(tmp_path))
+    assert not writer.is_full()
+    fill(writer, payloads(1))
+    assert writer.is_full()
+    reader = SpoolReader(tmp_path)
+    got = reader.read(4, BIG)
+    reader.ack(got[-1])
+    assert writer.is_full()  # the checkpoint is only looked at every 50 ms
+    clock.now += 1
+    records, size = writer.backlog()
+    assert records == 6
+    segment = tmp_path / got[-1].segment
+    on_disk = sum(os.path.getsize(tmp_path / n) for n in list_segments(tmp_path))
+    assert size == on_disk - os.path.getsize(segment) + (os.path.getsize(segment) - got[-1].end_offset)
+    assert not writer.is_full()
+    byte_bound = make_writer(tmp_path / "b", clock=clock, max_bytes=200)
+    byte_bound.append([(KIND_MESSAGE, b"x" * 200)], 1, 1, 1)
+    assert byte_bound.is_full()
+
+
+def _failing_write(fail_on: int, short_first: bool) -> tuple[Callable[[int, object], int], list[int]]:
+    real_write = os.write
+    calls = [0]
+
+    def fake(fd: int, data: object) -> int:
+        calls[0] += 1
+        view = memoryview(data)  # type: ignore[arg-type]
+        if short_first and calls[0] == fail_on:
+            return real_write(fd, view[: len(view) // 2])  # disk fills mid-write
+        if calls[0] == fail_on + short_first:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, view)
+
+    return fake, calls
+
+
+@pytest.mark.parametrize("short_first", [False, True])
+def test_enospc_leaves_no_torn_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, short_first: bool
+) -> None:
+    writer = make_writer(tmp_path)
+    seqs = fill(writer, payloads(4), per_append=2)
+    size = os.path.getsize(tmp_path / writer.segment)
+    fake, _ = _failing_write(1, short_first)
+    monkeypatch.setattr(os, "write", fake)
+    with pytest.raises(SpoolWriteError) as info:
+        writer.append([(KIND_MESSAGE, b"lost-1"), (KIND_MESSAGE, b"lost-2")], 1, 1, 1)
+    assert info.value.errno == errno.ENOSPC
+    assert isinstance(info.value, OSError)
+    assert os.path.getsize(tmp_path / writer.segment) == size
+    monkeypatch.undo()  # space is back
+    later = fill(writer, payloads(2), per_append=2)
+    assert later[0] == seqs[-1] + 1
+    reader = SpoolReader(tmp_path)
+    assert [r.seq for r in drain(reader)] == seqs + later
+    assert reader.corrupt_records == 0
+
+
+def test_failed_undo_moves_to_a_new_segment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = make_writer(tmp_path)
+    seqs = fill(writer, payloads(2))
+    fake, _ = _failing_write(1, True)
+    monkeypatch.setattr(os, "write", fake)
+
+    def no_truncate(fd: int, length: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "ftruncate", no_truncate)
+    torn_segment = writer.segment
+    with pytest.raises(SpoolWriteError):
+        writer.append([(KIND_MESSAGE, b"z" * 100)], 1, 1, 1)
+    monkeypatch.undo()
+    later = fill(writer, payloads(1))
+    assert writer.segment != torn_segment  # never append after a torn tail
+    reader = SpoolReader(tmp_path)
+    assert [r.seq for r in drain(reader)] == seqs + later
+    assert reader.corrupt_records == 1  # the torn half-record, skipped and counted
+
+
+# --- damage -------------------------------------------------------------------------------------
+
+
+def _build(directory: Path, n: int, segment_bytes: int = 600) -> dict[int, Record]:
+    """Write n records, then reopen the writer so every written segment is sealed."""
+    writer = make_writer(directory, segment_bytes=segment_bytes)
+    fill(writer, [p + MAGIC for p in payloads(n)])  # payloads holding MAGIC make resync work
+    writer.close()
+    make_writer(directory).close()
+    records = drain(SpoolReader(directory))
+    assert len(records) == n
+    return {r.seq: r for r in records}
+
+
+def _intact(records: dict[int, Record], damaged: dict[str, set[int]]) -> list[int]:
+    """Seqs of records none of whose bytes are in ``damaged[segment]``."""
+    return sorted(
+        seq
+        for seq, r in records.items()
+        if not any(r.offset <= pos < r.end_offset for pos in damaged.get(r.segment, ()))
+    )
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="spool-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_flipped_bytes_are_skipped_and_counted(scratch: Path, data: st.DataObject) -> None:
+    directory = scratch / str(len(os.listdir(scratch)))
+    records = _build(directory, 30)
+    segments = list_segments(directory)[:-1]
+    original = {name: (directory / name).read_bytes() for name in segments}
+    for _ in range(data.draw(st.integers(1, 6))):
+        name = data.draw(st.sampled_from(segments))
+        raw = bytearray((directory / name).read_bytes())
+        raw[data.draw(st.integers(0, len(raw) - 1))] ^= data.draw(st.integers(1, 255))
+        (directory / name).write_bytes(raw)
+    damaged: dict[str, set[int]] = {}
+    for name, before in original.items():
+        after = (directory / name).read_bytes()
+        damaged[name] = {i for i, (x, y) in enumerate(zip(before, after, strict=True)) if x != y}
+    reader = SpoolReader(directory)
+    got = drain(reader, data.draw(st.integers(1, 50)))
+    assert [r.seq for r in got] == _intact(records, damaged)
+    assert all(r == records[r.seq] for r in got)
+    assert (reader.corrupt_records >= 1) == any(damaged.values())
+    lost = sum(HEADER_SIZE + len(records[s].payload) for s in set(records) - {r.seq for r in got})
+    assert reader.corrupt_bytes == lost
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_truncated_and_zeroed_segments(scratch: Path, data: st.DataObject) -> None:
+    directory = scratch / str(len(os.listdir(scratch)))
+    records = _build(directory, 30)
+    name = data.draw(st.sampled_from(list_segments(directory)[:-1]))
+    path = directory / name
+    raw = path.read_bytes()
+    start = data.draw(st.integers(0, len(raw) - 1))
+    if data.draw(st.booleans()):
+        path.write_bytes(raw[:start])  # truncated
+    else:
+        end = data.draw(st.integers(start + 1, len(raw)))
+        path.write_bytes(raw[:start] + bytes(end - start) + raw[end:])  # a run of zeros
+    after = path.read_bytes()
+    gone = {i for i in range(len(raw)) if i >= len(after) or after[i] != raw[i]}
+    reader = SpoolReader(directory)
+    got = drain(reader)
+    assert [r.seq for r in got] == _intact(records, {name: gone})
+    # Only a cut exactly at a record boundary loses records without leaving damage to count.
+    cut_on_boundary = len(after) in {0} | {r.end_offset for r in records.values() if r.segment == name}
+    if len(got) < len(records) and not cut_on_boundary:
+        assert reader.corrupt_records == 1
+
+
+def test_deleted_or_garbage_checkpoint_replays_everything(tmp_path: Path) -> None:
+    writer = make_writer(tmp_path, segment_bytes=300)
+    seqs = fill(writer, payloads(20))
+    reader = SpoolReader(tmp_path)
+    got = reader.read(10, BIG)
+    reader.ack(got[-1])
+    remaining = [r.seq for r in drain(SpoolReader(tmp_path))]
+    first_kept = int(list_segments(tmp_path)[0][:20])
+    for damage in (b"{not json", b'{"seq": "x"}', b"[]", b'{"seq":1,"segment":"../x","offset":0}', None):
+        if damage is None:
+            (tmp_path / CHECKPOINT).unlink()
+        else:
+            (tmp_path / CHECKPOINT).write_bytes(damage)
+        fresh = SpoolReader(tmp_path)
+        replay = [r.seq for r in drain(fresh)]
+        assert replay == [s for s in seqs if s >= first_kept]
+        assert set(remaining) <= set(replay)
+        assert fresh.checkpoint_resets == 1
+
+
+def test_checkpoint_beyond_end_of_segment_replays(tmp_path: Path) -> None:
+    writer = make_writer(tmp_path)
+    seqs = fill(writer, payloads(5))
+    reader = SpoolReader(tmp_path)
+    got = drain(reader)
+    reader.ack(got[-1])
+    os.truncate(tmp_path / got[-1].segment, got[2].end_offset)  # power loss took the tail
+    fresh = SpoolReader(tmp_path)
+    assert [r.seq for r in drain(fresh)] == seqs[:3]
+    assert fresh.checkpoint_resets == 1
+
+
+# --- model-based state machine --------------------------------------------------------------------
+
+
+@dataclass
+class ModelRecord:
+    seq: int
+    kind: int
+    payload: bytes
+    conn_id: int
+    segment: str
+    end: int
+
+
+_payload = st.one_of(st.binary(max_size=80), st.just(MAGIC * 3), st.just(b""))
+
+
+class SpoolMachine(RuleBasedStateMachine):
+    """The spool against an in-memory model (after Vector's disk_v2 model test)."""
+
+    SEGMENT_BYTES = 400
+
+    @initialize()
+    def setup(self) -> None:
+        # tmpfs when there is one: fsync is free there, and durability is not what this checks.
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.dir = Path(tempfile.mkdtemp(prefix="spool-model-", dir=shm))
+        self.clock = FakeClock()
+        self.writer: SpoolWriter | None = self._new_writer()
+        self.reader = SpoolReader(self.dir)
+        self.model: dict[int, ModelRecord] = {}
+        self.sizes: dict[str, int] = {}  # segment -> bytes written (mirror)
+        self.acked = 0
+        self.last: int | None = 0  # seq last delivered; None: a replay may start anywhere
+        self.last_record: Record | None = None
+        self.tears = 0
+
+    def teardown(self) -> None:
+        if hasattr(self, "dir"):
+            self.reader.close()
+            if self.writer is not None:
+                self.writer.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _new_writer(self) -> SpoolWriter:
+        return make_writer(self.dir, clock=self.clock, segment_bytes=self.SEGMENT_BYTES)
+
+    @precondition(lambda self: self.writer is not None)
+    @rule(
+        items=st.lists(st.tuples(st.integers(0, 3), _payload), min_size=1, max_size=5),
+        conn_id=st.integers(0, 2**32 - 1),
+    )
+    def append(self, items: list[tuple[int, bytes]], conn_id: int) -> None:
+        assert self.writer is not None
+        first = self.writer.next_seq
+        assert all(first > seq for seq in self.model)
+        rolled_from = self.writer.segment
+        last = self.writer.append(items, conn_id, 1, 42)
+        assert last == first + len(items) - 1
+        segment = self.writer.segment
+        if segment != rolled_from:
+            assert self.sizes.get(rolled_from, 0) >= self.SEGMENT_BYTES
+        offset = self.sizes.get(segment, 0)
+        for seq, (kind, payload) in enumerate(items, start=first):
+            offset += HEADER_SIZE + len(payload)
+            self.model[seq] = ModelRecord(seq, kind, payload, conn_id, segment, offset)
+        self.sizes[segment] = offset
+
+    @precondition(lambda self: self.writer is not None)
+    @rule(dt=st.sampled_from([0.0, 0.1, 0.3]))
+    def tick_and_sync(self, dt: float) -> None:
+        assert self.writer is not None
+        self.clock.now += dt
+        self.writer.maybe_sync()
+
+    @rule(n=st.integers(1, 6))
+    def read(self, n: int) -> None:
+        for record in self.reader.read(n, BIG):
+            self._check_delivery(record)
+
+    def _check_delivery(self, record: Record) -> None:
+        expected = self.model[record.seq]
+        got = (record.kind, record.payload, record.conn_id, record.segment, record.end_offset)
+        assert got == (expected.kind, expected.payload, expected.conn_id, expected.segment, expected.end)
+        if self.last is None:  # replay after a reset: may start early, never skip past the ack
+            after_ack = [s for s in self.model if s > self.acked]
+            assert not after_ack or record.seq <= min(after_ack)
+        else:
+            following = [s for s in self.model if s > self.last]
+            assert following and record.seq == min(following), "a valid record was skipped"
+        self.last, self.last_record = record.seq, record
+
+    @precondition(lambda self: self.last_record is not None)
+    @rule()
+    def ack(self) -> None:
+        assert self.last_record is not None
+        record = self.last_record
+        self.reader.ack(record)
+        self.acked = max(self.acked, record.seq)
+        segments = list_segments(self.dir)
+        assert record.segment in segments
+        assert all(name >= record.segment for name in segments)
+
+    @precondition(lambda self: self.writer is not None)
+    @rule(tear=st.one_of(st.just(0), st.integers(1, 120)))
+    def crash_writer(self, tear: int) -> None:
+        """Process crash (tear=0: the OS keeps every byte) or power loss (tail torn)."""
+        assert self.writer is not None
+        os.close(self.writer._fd)
+        segment, self.writer = self.writer.segment, None
+        size = self.sizes.get(segment, 0)
+        if tear == 0 or size == 0:
+            return
+        new_size = max(0, size - tear)
+        os.truncate(self.dir / segment, new_size)
+        self.sizes[segment] = new_size
+        for seq in [s for s, r in self.model.items() if r.segment == segment and r.end > new_size]:
+            del self.model[seq]
+        self.tears += 1
+        self.reopen_reader()  # a power loss takes the reader down too
+
+    @precondition(lambda self: self.writer is None)
+    @rule()
+    def reopen_writer(self) -> None:
+        self.writer = self._new_writer()
+
+    @precondition(lambda self: self.writer is not None)
+    @rule()
+    def restart_writer_cleanly(self) -> None:
+        assert self.writer is not None
+        self.writer.close()
+        self.writer = self._new_writer()
+
+    @rule()
+    def reopen_reader(self) -> None:
+        self.reader.close()
+        self.reader = SpoolReader(self.dir)
+        self.last = None if self.reader.checkpoint_resets else self.acked
+        self.last_record = None
+
+    @rule()
+    def drain_all(self) -> None:
+        """Everything valid is readable now: nothing stays stuck behind damage."""
+        self.read(BIG)
+        if self.last is not None:
+            assert not [s for s in self.model if s > self.last]
+
+    @precondition(lambda self: self.writer is not None)
+    @rule()
+    def check_backlog(self) -> None:
+        assert self.writer is not None
+        self.clock.now += 1.0  # let the writer look at the checkpoint again
+        records, size = self.writer.backlog()
+        ckpt = read_checkpoint(self.dir)
+        sizes = {n: os.path.getsize(self.dir / n) for n in list_segments(self.dir)}
+        if ckpt is None:
+            assert size == sum(sizes.values())
+            return
+        unacked = {n: v for n, v in sizes.items() if n >= ckpt.segment}
+        assert size == sum(unacked.values()) - min(ckpt.offset, unacked.get(ckpt.segment, 0))
+        pending = len([s for s in self.model if s > ckpt.seq])
+        assert pending <= records <= pending + self.tears  # a fully torn segment skips one seq
+
+    @invariant()
+    def counters_consistent(self) -> None:
+        if hasattr(self, "reader"):
+            assert self.reader.corrupt_bytes >= 0
+            assert (self.reader.corrupt_records == 0) == (self.reader.corrupt_bytes == 0)
+
+
+SpoolMachine.TestCase.settings = settings(
+    max_examples=120, stateful_step_count=30, deadline=None
+)
+test_spool_model = SpoolMachine.TestCase

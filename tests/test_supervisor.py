@@ -1,0 +1,409 @@
+"""The supervisor as a real process with real signals, driving fake workers (tests/support).
+
+Each test starts ``tests/support/supervisor_launcher.py`` (the real ``Supervisor``, fake worker
+command, small settings schema), then observes three things: the supervisor's JSON log lines, the
+fake workers' shared event log (``state/fake/events.jsonl``, in time order) and the datagrams on a
+real ``NOTIFY_SOCKET``. Waits poll a condition with a deadline; nothing sleeps a guessed amount.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+import pytest
+import yaml
+
+from ingestd import runstate
+from ingestd.supervisor import send_reload
+from tests.support.wait import wait_until
+
+LAUNCHER = Path(__file__).parent / "support" / "supervisor_launcher.py"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Run:
+    """One supervisor process under test, with its settings file and state folder."""
+
+    def __init__(self, tmp: Path, control: dict[str, Any], env: dict[str, str]) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.config = tmp / "settings.yaml"
+        self.state_dir = tmp / "state"
+        self.log_path = tmp / "supervisor.log"
+        self.doc: dict[str, Any] = {
+            "state_dir": str(self.state_dir),
+            "control": {"stop_timeout": 10, "heartbeat_timeout": 30, **control},
+            "stream": {"track": ["alpha"]},
+        }
+        self.write_config(self.doc)
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(LAUNCHER), str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def write_config(self, doc: dict[str, Any] | str) -> str:
+        text = doc if isinstance(doc, str) else yaml.safe_dump(doc)
+        tmp = self.config.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.config)
+        return text
+
+    def logs(self, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
+        """The supervisor's log events (optionally only ``event`` with these field values)."""
+        found = []
+        for line in self.log_path.read_bytes().splitlines():
+            try:
+                doc = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue  # e.g. a Python traceback from a worker
+            if event is None or (doc.get("event") == event
+                                 and all(doc.get(k) == v for k, v in match.items())):
+                found.append(doc)
+        return found
+
+    def events(self, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
+        """The fake workers' events, in time order."""
+        path = self.state_dir / "fake" / "events.jsonl"
+        if not path.exists():
+            return []
+        docs = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+        return [d for d in docs if (event is None or d["event"] == event)
+                and all(d.get(k) == v for k, v in match.items())]
+
+    def supervisor_status(self) -> dict[str, Any]:
+        return runstate.read_status(self.state_dir, "supervisor") or {}
+
+    def worker_pid(self, role: str) -> int | None:
+        pid = self.supervisor_status().get("workers", {}).get(role)
+        return pid if isinstance(pid, int) else None
+
+    def wait_ready(self) -> None:
+        wait_until(lambda: self.logs("ready"), 10, "supervisor ready")
+
+    def wait_log(self, event: str, timeout: float = 10, **match: Any) -> dict[str, Any]:
+        return wait_until(lambda: self.logs(event, **match), timeout, f"log {event} {match}")[-1]
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def close(self) -> None:
+        """Kill whatever is left (supervisor and its workers) after a test."""
+        pids = [self.pid]
+        for path in (self.state_dir / "fake").glob("*.pids"):
+            pids += [int(p) for p in path.read_text().split()]
+        for pid in pids:
+            try:
+                proc = psutil.Process(pid)
+                if proc.status() != psutil.STATUS_ZOMBIE and self.is_ours(proc):
+                    proc.kill()
+            except psutil.Error:
+                pass
+        self.proc.wait(timeout=10)
+
+    def is_ours(self, proc: psutil.Process) -> bool:
+        return any(str(LAUNCHER.parent) in part for part in proc.cmdline())
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Any]:
+    runs: list[Run] = []
+
+    def start(control: dict[str, Any] | None = None, **env: str) -> Run:
+        run = Run(tmp_path / f"run{len(runs)}", control or {}, env)
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        run.close()
+
+
+class NotifySocket:
+    """A real AF_UNIX datagram socket standing in for systemd's (abstract namespace)."""
+
+    def __init__(self) -> None:
+        self.name = f"@ingestd-test-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name[1:])
+        self.received: list[str] = []
+
+    def receive(self, timeout: float) -> str | None:
+        """The next datagram, or None if none came within ``timeout``."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536).decode()
+        except TimeoutError:
+            return None
+        self.received.append(data)
+        return data
+
+    def wait_for(self, prefix: str, timeout: float = 10) -> str:
+        """Read datagrams until one starts with ``prefix``; fail at the deadline."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = self.receive(remaining)
+            if message is not None and message.startswith(prefix):
+                return message
+        raise AssertionError(f"no {prefix!r} datagram within {timeout}s; got {self.received}")
+
+    def drain(self) -> list[str]:
+        """Everything already queued on the socket."""
+        messages = []
+        while (message := self.receive(0.001)) is not None:
+            messages.append(message)
+        return messages
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[NotifySocket]:
+    sock = NotifySocket()
+    yield sock
+    sock.sock.close()
+
+
+def kinds(messages: list[str]) -> list[str]:
+    """The first line of each datagram, WATCHDOG and STATUS-only updates left out."""
+    first = [m.split("\n", 1)[0] for m in messages]
+    return [k for k in first if k.split("=")[0] not in ("WATCHDOG", "STATUS")]
+
+
+# -- stop ---------------------------------------------------------------------------------------
+
+
+def test_sigterm_stops_stream_before_store_and_exits_0(start: Any) -> None:
+    run = start({"stop_timeout": 10}, FAKE_STORE_DRAIN="0.5")
+    run.wait_ready()
+    began = time.monotonic()
+    os.kill(run.pid, signal.SIGTERM)
+    assert run.wait_exit(timeout=12) == 0
+    assert time.monotonic() - began < 10  # within stop_timeout
+    order = [(e["role"], e["event"]) for e in run.events() if e["event"] in ("term", "exit")]
+    # The producer is gone before the consumer is even asked to stop (and then drains).
+    assert order == [("stream", "term"), ("stream", "exit"), ("store", "term"), ("store", "exit")]
+    assert run.logs("stopped", killed=[])
+    assert not (run.state_dir / "run" / "supervisor.pid").exists()
+    assert run.supervisor_status()["state"] == "stopped"
+
+
+def test_worker_outliving_stop_timeout_is_killed_and_exit_is_1(start: Any) -> None:
+    run = start({"stop_timeout": 1.5}, FAKE_STORE_IGNORE_TERM="1")
+    run.wait_ready()
+    os.kill(run.pid, signal.SIGTERM)
+    assert run.wait_exit(timeout=10) == 1
+    assert run.logs("stopped", killed=["store"])
+    assert run.logs("worker_exited", role="store", signal="SIGKILL")
+    assert run.events("exit", role="stream")  # the stream worker still stopped cleanly first
+
+
+def test_second_signal_during_stop_escalates_to_sigkill(start: Any) -> None:
+    run = start({"stop_timeout": 60}, FAKE_STREAM_IGNORE_TERM="1")
+    run.wait_ready()
+    os.kill(run.pid, signal.SIGTERM)
+    run.wait_log("stopping")
+    os.kill(run.pid, signal.SIGINT)
+    assert run.wait_exit(timeout=10) == 1  # far below the 60 s budget
+    assert run.logs("stopped", escalated=True)
+    assert not run.events("term", role="store")  # escalation skips the graceful store stop
+
+
+# -- supervision --------------------------------------------------------------------------------
+
+
+def test_killed_worker_is_restarted_and_supervisor_stays_up(start: Any) -> None:
+    run = start()
+    run.wait_ready()
+    old = run.worker_pid("stream")
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    new = wait_until(lambda: (p := run.worker_pid("stream")) not in (None, old) and p, 10,
+                     "a new stream worker")
+    assert run.logs("worker_exited", role="stream", pid=old, signal="SIGKILL")
+    assert run.proc.poll() is None
+    wait_until(lambda: (runstate.read_status(run.state_dir, "stream") or {}).get("pid") == new,
+               10, "the new worker's heartbeat")
+    assert run.supervisor_status()["restarts"] == {"store": 0, "stream": 1}
+
+
+@pytest.mark.parametrize(("ignore_abrt", "death"), [("", "SIGABRT"), ("1", "SIGKILL")])
+def test_hung_worker_is_aborted_then_killed_and_replaced(start: Any, ignore_abrt: str,
+                                                         death: str) -> None:
+    run = start({"heartbeat_timeout": 1.5}, FAKE_STREAM_HANG_AFTER="0.5", FAKE_STREAM_TIMES="1",
+                FAKE_STREAM_IGNORE_ABRT=ignore_abrt)
+    run.wait_ready()
+    hung = run.wait_log("worker_hung", role="stream")
+    run.wait_log("worker_exited", role="stream", pid=hung["pid"], signal=death)
+    assert bool(run.logs("worker_killed", role="stream")) == (death == "SIGKILL")
+    wait_until(lambda: run.events("started", role="stream", incarnation=2), 10, "a replacement")
+    assert run.proc.poll() is None
+
+
+def test_worker_that_never_beats_is_replaced_and_then_ready(start: Any) -> None:
+    run = start({"heartbeat_timeout": 1.5}, FAKE_STREAM_HANG_AFTER="0", FAKE_STREAM_TIMES="1")
+    hung = run.wait_log("worker_hung", role="stream")
+    run.wait_log("worker_exited", role="stream", pid=hung["pid"], signal="SIGABRT")
+    run.wait_ready()  # READY=1 only once the replacement has published its status
+    assert len(run.events("started", role="stream")) == 2
+
+
+def test_crash_loop_stops_the_other_worker_and_exits_75(start: Any) -> None:
+    run = start({"crash_loop_restarts": 2, "crash_loop_window": 60},
+                FAKE_STREAM_CRASH_AFTER="0.1", FAKE_STREAM_EXIT_CODE="3")
+    assert run.wait_exit(timeout=30) == 75
+    assert run.logs("crash_loop", role="stream")
+    assert len(run.events("started", role="stream")) == 3  # the first run and 2 restarts
+    assert run.events("exit", role="store")  # stopped gracefully, not killed
+
+
+def test_worker_config_error_halts_with_78_without_restarting(start: Any) -> None:
+    run = start(FAKE_STORE_CRASH_AFTER="0", FAKE_STORE_EXIT_CODE="78")
+    assert run.wait_exit(timeout=15) == 78
+    assert len(run.events("started", role="store")) == 1
+    assert not run.logs("worker_restart_scheduled")
+
+
+def test_workers_do_not_inherit_the_notify_environment(start: Any,
+                                                      notify_socket: NotifySocket) -> None:
+    run = start(NOTIFY_SOCKET=notify_socket.name, WATCHDOG_USEC="10000000")
+    run.wait_ready()
+    assert [e["notify_env"] for e in run.events("started")] == [[], []]
+
+
+# -- reload -------------------------------------------------------------------------------------
+
+
+def test_sighup_with_valid_config_reloads_both_workers(start: Any) -> None:
+    run = start()
+    run.wait_ready()
+    text = run.write_config({**run.doc, "stream": {"track": ["alpha", "beta"]}})
+    os.kill(run.pid, signal.SIGHUP)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    wait_until(lambda: len(run.events("reload")) == 2, 10, "both workers reloaded")
+    reloads = run.events("reload", generation=2, sha256=digest)
+    assert sorted(e["role"] for e in reloads) == ["store", "stream"]
+    assert run.logs("reload_applied", generation=2, filter_changed=True)
+    wait_until(lambda: run.supervisor_status().get("generation") == 2, 10, "generation 2")
+
+
+def test_sighup_with_broken_yaml_keeps_old_config(start: Any) -> None:
+    run = start()
+    run.wait_ready()
+    run.write_config("control: [unclosed\n")
+    os.kill(run.pid, signal.SIGHUP)
+    failed = run.wait_log("reload_failed")
+    assert failed["reload_failures"] == 1 and "settings.yaml" in failed["error"]
+    wait_until(lambda: run.supervisor_status().get("reload_failures") == 1, 10, "failure count")
+    assert not run.events("reload")
+    assert run.proc.poll() is None
+    assert run.supervisor_status()["generation"] == 1
+    # Still fully functional: the next good reload is generation 2.
+    run.write_config(run.doc)
+    os.kill(run.pid, signal.SIGHUP)
+    run.wait_log("reload_applied", generation=2)
+
+
+def test_hundred_reloads_leak_no_fds_or_memory(start: Any) -> None:
+    run = start()
+    run.wait_ready()
+    proc = psutil.Process(run.pid)
+
+    def reload_once(n: int) -> None:
+        track = ["alpha"] if n % 2 else ["beta"]
+        run.write_config({**run.doc, "stream": {"track": track}} if n % 3 else "bad: [")
+        expected = (run.supervisor_status().get("generation"),
+                    run.supervisor_status().get("reload_failures"))
+        os.kill(run.pid, signal.SIGHUP)
+        wait_until(lambda: (run.supervisor_status().get("generation"),
+                            run.supervisor_status().get("reload_failures")) != expected,
+                   10, f"reload {n}")
+
+    for n in range(20):  # warm-up: imports, caches, allocator arenas
+        reload_once(n)
+    fds, rss = proc.num_fds(), proc.memory_info().rss
+    for n in range(20, 120):
+        reload_once(n)
+    assert proc.num_fds() == fds
+    assert proc.memory_info().rss - rss < 2 * 1024 * 1024
+    assert run.proc.poll() is None
+
+
+def test_send_reload_signals_the_running_supervisor(start: Any) -> None:
+    run = start()
+    run.wait_ready()
+    assert send_reload(run.state_dir) == 0
+    run.wait_log("reload_applied", generation=2)
+    os.kill(run.pid, signal.SIGTERM)
+    assert run.wait_exit(timeout=12) == 0
+    assert send_reload(run.state_dir) == 1  # pid file removed on exit
+
+
+def test_send_reload_ignores_a_pid_reused_after_the_pid_file(tmp_path: Path) -> None:
+    bystander = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
+    try:
+        pidfile = runstate.run_dir(tmp_path) / "supervisor.pid"
+        pidfile.write_text(f"{bystander.pid}\n")
+        old = time.time() - 3600  # the pid file predates the process now holding that pid
+        os.utime(pidfile, (old, old))
+        assert send_reload(tmp_path) == 1
+        assert bystander.poll() is None  # SIGHUP would have killed it
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+# -- systemd notify -----------------------------------------------------------------------------
+
+
+def test_notify_messages_arrive_in_order(start: Any, notify_socket: NotifySocket) -> None:
+    run = start(NOTIFY_SOCKET=notify_socket.name)
+    ready = notify_socket.wait_for("READY=1")
+    assert "\nSTATUS=connected gen=1; " in ready
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    os.kill(run.pid, signal.SIGHUP)
+    reloading = notify_socket.wait_for("RELOADING=1")
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    fields = dict(line.split("=", 1) for line in reloading.split("\n"))
+    assert before <= int(fields["MONOTONIC_USEC"]) <= after
+    notify_socket.wait_for("READY=1")
+    run.write_config("{{ broken")
+    os.kill(run.pid, signal.SIGHUP)
+    notify_socket.wait_for("RELOADING=1")
+    notify_socket.wait_for("READY=1")  # a failed reload leaves the service ready (old config)
+    os.kill(run.pid, signal.SIGTERM)
+    notify_socket.wait_for("STOPPING=1")
+    assert run.wait_exit(timeout=12) == 0
+    notify_socket.drain()
+    assert kinds(notify_socket.received) == [
+        "READY=1", "RELOADING=1", "READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
+
+
+def test_watchdog_pauses_while_a_worker_hangs(start: Any, notify_socket: NotifySocket) -> None:
+    run = start({"heartbeat_timeout": 1.5}, NOTIFY_SOCKET=notify_socket.name,
+                WATCHDOG_USEC="400000", FAKE_STREAM_HANG_AFTER="2", FAKE_STREAM_TIMES="1",
+                FAKE_STREAM_IGNORE_ABRT="1")
+    notify_socket.wait_for("READY=1")
+    notify_socket.wait_for("WATCHDOG=1")
+    hung = run.wait_log("worker_hung", role="stream")
+    notify_socket.drain()  # sent before the hang was detected
+    run.wait_log("worker_exited", role="stream", pid=hung["pid"])
+    # From the hang decision until the hung worker is gone (SIGABRT ignored, SIGKILL after 2 s),
+    # the supervisor is alive and looping, yet it must not tell systemd all is well.
+    assert "WATCHDOG=1" not in notify_socket.drain()
+    wait_until(lambda: run.events("started", role="stream", incarnation=2), 10, "a replacement")
+    notify_socket.wait_for("WATCHDOG=1")  # fresh heartbeats again: keep-alives resume

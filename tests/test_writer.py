@@ -1,0 +1,568 @@
+"""StoreWorker against MongoDB (the nx-27017 stand-in, or INGESTD_TEST_MONGO_URI), plus the error
+classifier on real pymongo exception objects."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pymongo
+import pytest
+from bson.errors import InvalidDocument
+from pymongo.collection import Collection
+from pymongo.errors import (
+    AutoReconnect,
+    BulkWriteError,
+    ConfigurationError,
+    DocumentTooLarge,
+    InvalidURI,
+    NetworkTimeout,
+    NotPrimaryError,
+    OperationFailure,
+    ServerSelectionTimeoutError,
+    WaitQueueTimeoutError,
+    WriteConcernError,
+    WTimeoutError,
+)
+
+from ingestd.deadletter import DeadLetterStore
+from ingestd.mongo import ErrorClass, classify_error, open_collection, write_error_summary
+from ingestd.settings import (
+    AuthSettings,
+    ControlSettings,
+    DeadletterSettings,
+    LoggingSettings,
+    MetricsSettings,
+    MongoSettings,
+    Secret,
+    Settings,
+    SpoolSettings,
+    StreamSettings,
+    WriterSettings,
+)
+from ingestd.spool import (
+    KIND_BADFRAME,
+    KIND_MESSAGE,
+    KIND_OVERSIZE,
+    KIND_PARTIAL,
+    Record,
+    SpoolReader,
+    SpoolWriter,
+)
+from ingestd.writer import StoreWorker
+from tests.support.mongo import MongoStandIn
+from tests.support.wait import wait_until
+
+Doc = dict[str, Any]
+SNOW = 1_400_000_000_000_000_000  # a snowflake-range id base (2021)
+
+
+def real_tweets() -> list[bytes]:
+    data = resources.files("ingestd").joinpath("data", "real_tweets.jsonl").read_bytes()
+    return [line for line in data.splitlines() if line.strip()]
+
+
+def plain_real_tweets() -> list[bytes]:
+    return [line for line in real_tweets() if type(orjson.loads(line)["id"]) is int]
+
+
+def tweet(tweet_id: int, user_id: int = 7, **extra: Any) -> bytes:
+    obj = {"id": tweet_id, "id_str": str(tweet_id), "text": "hello beatles covid",
+           "created_at": "Tue Feb 09 22:48:55 +0000 2021", "user": {"id": user_id},
+           "entities": {"hashtags": [], "urls": [], "user_mentions": []}, **extra}
+    return orjson.dumps(obj)
+
+
+def make_settings(uri: str, database: str, *, collection: str = "tweets", batch_size: int = 100,
+                  apply_deletes: bool = True, track: tuple[str, ...] = ("beatles",),
+                  server_selection_ms: int = 2000, timeout_ms: int = 10000) -> Settings:
+    return Settings(
+        path=Path("/nonexistent/settings.yaml"), state_dir=Path("/nonexistent/state"),
+        stream=StreamSettings(url="http://127.0.0.1:1/1.1/statuses/filter.json", track=track),
+        auth=AuthSettings(Secret("a"), Secret("b"), Secret("c"), Secret("d")),
+        mongo=MongoSettings(uri=Secret(uri), database=database, collection=collection,
+                            timeout_ms=timeout_ms, server_selection_timeout_ms=server_selection_ms),
+        writer=WriterSettings(batch_size=batch_size, flush_interval=0.05,
+                              apply_deletes=apply_deletes, retry_start=0.05, retry_cap=0.4),
+        spool=SpoolSettings(), deadletter=DeadletterSettings(), control=ControlSettings(),
+        metrics=MetricsSettings(), logging=LoggingSettings())
+
+
+class FakeSpool:
+    """An in-memory SpoolReader. ``on_ack`` runs before an ack is recorded (to check invariants)."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.pos = 0
+        self.acked_seq = 0
+        self.on_ack: Callable[[Record], None] | None = None
+        self._cond = threading.Condition()
+
+    def add(self, payload: bytes, *, kind: int = KIND_MESSAGE, conn_id: int = 1,
+            generation: int = 0) -> Record:
+        with self._cond:
+            seq = len(self.records) + 1
+            rec = Record(seq, kind, conn_id, generation, time.time_ns(), payload, "seg", seq * 10)
+            self.records.append(rec)
+            self._cond.notify_all()
+        return rec
+
+    def read(self, max_records: int, max_bytes: int) -> list[Record]:
+        with self._cond:
+            out = self.records[self.pos:self.pos + max_records]
+            self.pos += len(out)
+            return out
+
+    def wait_for_data(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.pos < len(self.records), timeout)
+
+    def ack(self, record: Record) -> None:
+        assert record.seq >= self.acked_seq, "acks must move forward"
+        if self.on_ack is not None:
+            self.on_ack(record)
+        self.acked_seq = record.seq
+
+
+class Harness:
+    def __init__(self, settings: Settings, deadletter_dir: Path, spool: FakeSpool | None = None,
+                 factory: Callable[[MongoSettings], Collection[Doc]] = open_collection) -> None:
+        self.settings = settings
+        self.spool = spool or FakeSpool()
+        self.deadletters = DeadLetterStore(deadletter_dir, 1 << 30)
+        self.worker = StoreWorker(settings, self.spool, factory, self.deadletters)
+        self.ticks: list[str] = []
+
+    def tick(self) -> None:
+        self.ticks.append(self.worker.counters()["state"])
+
+    def drain(self, deadline: float | None = None) -> bool:
+        """Stop at once: the worker drains everything the spool holds, then returns."""
+        return self.worker.run(lambda: True, self.tick, lambda: deadline)
+
+    def close(self) -> None:
+        self.worker.close()
+        self.deadletters.close()
+
+
+@pytest.fixture
+def client(mongo_client: pymongo.MongoClient[Doc], mongo_database: str) -> Iterator[Any]:
+    yield mongo_client[mongo_database]
+
+
+@pytest.fixture
+def harness_factory(mongo_uri: str, mongo_database: str, tmp_path: Path
+                    ) -> Iterator[Callable[..., Harness]]:
+    made: list[Harness] = []
+
+    def make(spool: FakeSpool | None = None, **kwargs: Any) -> Harness:
+        uri = kwargs.pop("uri", mongo_uri)
+        h = Harness(make_settings(uri, mongo_database, **kwargs), tmp_path / "dead", spool)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def reconciles(c: dict[str, Any]) -> bool:
+    return bool(c["records_read"] == c["stored"] + c["duplicates"] + sum(c["deadlettered"].values())
+                + sum(c["control"].values()) + sum(c["skipped"].values()) + c["pending"])
+
+
+# ---------------------------------------------------------------- storing
+
+
+def test_real_tweets_stored_once_with_id_and_date(harness_factory: Callable[..., Harness],
+                                                   client: Any) -> None:
+    lines = real_tweets()
+    h = harness_factory(batch_size=50)
+    for line in lines:
+        h.spool.add(line)
+    assert h.drain() is True
+    plain = [orjson.loads(x) for x in plain_real_tweets()]
+    c = h.worker.counters()
+    assert c["stored"] == len(plain)
+    assert c["deadlettered"] == {"invalid_tweet": len(lines) - len(plain)}  # Mongo-export rows
+    assert reconciles(c) and c["pending"] == 0
+    assert h.spool.acked_seq == len(lines)
+    stored = {d["_id"]: d for d in client.tweets.find()}
+    assert set(stored) == {t["id"] for t in plain}
+    sample = stored[plain[0]["id"]]
+    assert isinstance(sample["created_at"], datetime) and sample["created_at"].tzinfo is not None
+    assert sample["created_at_str"] == plain[0]["created_at"]
+    assert sample["text"] == plain[0]["text"]
+    assert sample["_ingest"]["seq"] >= 1
+
+
+def test_redelivery_counts_duplicates_not_errors(harness_factory: Callable[..., Harness],
+                                                  client: Any) -> None:
+    first = harness_factory(batch_size=4)
+    for i in [1, 2, 3, 2, 4, 5, 1]:  # repeats inside one batch and across batches
+        first.spool.add(tweet(SNOW + i))
+    first.drain()
+    c = first.worker.counters()
+    assert (c["stored"], c["duplicates"]) == (5, 2)
+    again = harness_factory(batch_size=4)  # a restart replaying the spool
+    for i in range(1, 6):
+        again.spool.add(tweet(SNOW + i))
+    again.drain()
+    assert again.worker.counters()["duplicates"] == 5
+    assert client.tweets.count_documents({}) == 5
+    assert again.worker.counters()["deadlettered"] == {}
+
+
+# ---------------------------------------------------------------- control messages
+
+
+def delete(tweet_id: int) -> bytes:
+    return orjson.dumps({"delete": {"status": {"id": tweet_id, "id_str": str(tweet_id),
+                                               "user_id": 7}, "timestamp_ms": "1"}})
+
+
+def test_delete_removes_tweet_and_blocks_a_later_copy(harness_factory: Callable[..., Harness],
+                                                      client: Any) -> None:
+    h = harness_factory()
+    h.spool.add(tweet(SNOW + 1))
+    h.spool.add(tweet(SNOW + 2))
+    h.drain()
+    h.spool.add(delete(SNOW + 1))
+    h.spool.add(delete(SNOW + 3))  # delete before its tweet
+    h.spool.add(tweet(SNOW + 3))
+    h.drain()
+    assert sorted(d["_id"] for d in client.tweets.find()) == [SNOW + 2]
+    c = h.worker.counters()
+    assert c["deletes_applied"] == 2 and c["skipped"] == {"deleted": 1}
+    assert reconciles(c)
+    assert {d["_id"] for d in client.tweets_deleted.find()} == {SNOW + 1, SNOW + 3}
+    # A new process (tombstones loaded from MongoDB) still refuses the deleted tweet.
+    later = harness_factory()
+    later.spool.add(tweet(SNOW + 1))
+    later.drain()
+    assert client.tweets.count_documents({"_id": SNOW + 1}) == 0
+    assert later.worker.counters()["skipped"] == {"deleted": 1}
+
+
+def test_delete_in_same_batch_after_its_tweet(harness_factory: Callable[..., Harness],
+                                              client: Any) -> None:
+    h = harness_factory()
+    h.spool.add(tweet(SNOW + 1))
+    h.spool.add(delete(SNOW + 1))
+    h.spool.add(tweet(SNOW + 2))
+    h.drain()
+    assert [d["_id"] for d in client.tweets.find()] == [SNOW + 2]
+
+
+def test_apply_deletes_off_keeps_tweets(harness_factory: Callable[..., Harness],
+                                        client: Any) -> None:
+    h = harness_factory(apply_deletes=False)
+    h.spool.add(tweet(SNOW + 1))
+    h.spool.add(delete(SNOW + 1))
+    h.drain()
+    assert client.tweets.count_documents({}) == 1
+    assert h.worker.counters()["control"] == {"delete": 1}
+
+
+GEO = {"coordinates": {"type": "Point", "coordinates": [1.0, 2.0]}, "geo": {"type": "Point"},
+       "place": {"id": "p"}}
+
+
+def test_scrub_geo_strips_old_tweets_including_late_ones(harness_factory: Callable[..., Harness],
+                                                         client: Any) -> None:
+    h = harness_factory()
+    h.spool.add(tweet(SNOW + 1, user_id=9, **GEO))
+    h.spool.add(tweet(SNOW + 5, user_id=9, **GEO))
+    h.spool.add(tweet(SNOW + 2, user_id=8, **GEO))  # another user
+    h.spool.add(orjson.dumps({"scrub_geo": {"user_id": 9, "up_to_status_id": SNOW + 3}}))
+    h.spool.add(tweet(SNOW + 3, user_id=9, **GEO))  # arrives after the scrub, in its range
+    h.drain()
+    docs = {d["_id"]: d for d in client.tweets.find()}
+    assert "coordinates" not in docs[SNOW + 1] and "place" not in docs[SNOW + 1]
+    assert "coordinates" not in docs[SNOW + 3] and "geo" not in docs[SNOW + 3]
+    assert docs[SNOW + 5]["coordinates"] == GEO["coordinates"]
+    assert docs[SNOW + 2]["place"] == {"id": "p"}
+
+
+def test_withheld_messages_update_stored_tweets(harness_factory: Callable[..., Harness],
+                                                client: Any) -> None:
+    h = harness_factory()
+    h.spool.add(tweet(SNOW + 1, user_id=9))
+    h.spool.add(tweet(SNOW + 2, user_id=9))
+    h.spool.add(orjson.dumps({"status_withheld": {"id": SNOW + 1, "user_id": 9,
+                                                  "withheld_in_countries": ["DE"]}}))
+    h.spool.add(orjson.dumps({"user_withheld": {"id": 9, "withheld_in_countries": ["AR"]}}))
+    h.spool.add(tweet(SNOW + 3, user_id=9))  # after the message: not touched by it
+    h.drain()
+    docs = {d["_id"]: d for d in client.tweets.find()}
+    assert docs[SNOW + 1]["withheld_in_countries"] == ["DE"]
+    assert "withheld_in_countries" not in docs[SNOW + 2]
+    assert docs[SNOW + 1]["user"]["withheld_in_countries"] == ["AR"]
+    assert docs[SNOW + 2]["user"]["withheld_in_countries"] == ["AR"]
+    assert "withheld_in_countries" not in docs[SNOW + 3]["user"]
+
+
+def test_control_messages_never_become_documents(harness_factory: Callable[..., Harness],
+                                                 client: Any) -> None:
+    data = resources.files("ingestd").joinpath("data", "real_stream_control_messages.jsonl")
+    h = harness_factory()
+    for line in data.read_bytes().splitlines():
+        h.spool.add(line)
+    h.spool.add(b'{"limit":{"track":5}}', conn_id=1)
+    h.spool.add(b'{"limit":{"track":12}}', conn_id=1)
+    h.spool.add(b'{"limit":{"track":3}}', conn_id=2)
+    h.drain()
+    assert client.tweets.count_documents({}) == 0
+    c = h.worker.counters()
+    assert c["control"]["unknown"] == 1 and c["control"]["delete"] == 2
+    assert c["control"]["limit"] == 4
+    # the real file's limit (1234, conn 1) is superseded by later values on conn 1
+    assert c["limit_missed"] == 15
+    assert c["disconnects"] and c["last_warning"]["code"] == "FALLING_BEHIND"
+    assert reconciles(c)
+    assert h.spool.acked_seq == len(h.spool.records)
+
+
+# ---------------------------------------------------------------- dead letters
+
+
+def test_bad_input_is_dead_lettered_with_reason_and_raw(harness_factory: Callable[..., Harness],
+                                                        client: Any) -> None:
+    h = harness_factory()
+    bad = {
+        b'{"id": 1, "text": "unterminated': "invalid_json",
+        b'{"id": 1, "text": "\xff\xfe"}': "invalid_utf8",
+        b"[1, 2, 3]": "not_an_object",
+        orjson.dumps({**orjson.loads(tweet(SNOW + 9)), "$where": "1"}): "invalid_tweet",
+        b"head of a huge message": "oversize",
+        b"12x\r\n": "bad_frame",
+        b'{"id": 3, "te': "partial_message",
+    }
+    kinds = {"oversize": KIND_OVERSIZE, "bad_frame": KIND_BADFRAME,
+             "partial_message": KIND_PARTIAL}
+    h.spool.add(tweet(SNOW + 1))
+    for raw, reason in bad.items():
+        h.spool.add(raw, kind=kinds.get(reason, KIND_MESSAGE))
+    h.spool.add(tweet(SNOW + 2))
+    h.drain()
+    assert sorted(d["_id"] for d in client.tweets.find()) == [SNOW + 1, SNOW + 2]
+    entries = list(h.deadletters.iter_entries())
+    assert {DeadLetterStore.raw_of(e): e["reason"] for e in entries} == bad
+    c = h.worker.counters()
+    assert sum(c["deadlettered"].values()) == len(bad) and reconciles(c)
+    assert h.spool.acked_seq == len(h.spool.records)
+
+
+def test_server_rejects_one_document_others_stored(harness_factory: Callable[..., Harness],
+                                                   client: Any) -> None:
+    # A real server-side rejection: a second unique index. The 11000 it raises is not a
+    # duplicate of the tweet, so that tweet must be dead-lettered, not counted as stored.
+    client.tweets.create_index("id_str", unique=True)
+    client.tweets.insert_one({"_id": 1, "id_str": str(SNOW + 2)})
+    h = harness_factory()
+    for i in (1, 2, 3):
+        h.spool.add(tweet(SNOW + i))
+    h.drain()
+    assert client.tweets.count_documents({"_id": {"$in": [SNOW + 1, SNOW + 3]}}) == 2
+    assert client.tweets.count_documents({"_id": SNOW + 2}) == 0
+    (entry,) = h.deadletters.iter_entries()
+    assert (entry["reason"], entry["code"], entry["seq"]) == ("mongo_rejected", 11000, 2)
+    c = h.worker.counters()
+    assert (c["stored"], c["duplicates"]) == (2, 0) and reconciles(c)
+
+
+def test_injected_validation_error_dead_letters_only_that_document(
+        harness_factory: Callable[..., Harness], client: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The stand-in has no validators, so code 121 is injected at the pymongo boundary: the real
+    # insert_many stores the others, then a BulkWriteError shaped like pymongo's is raised.
+    real_insert = Collection.insert_many
+
+    def insert_many(self: Collection[Doc], docs: list[Doc], ordered: bool = True,
+                    **kw: Any) -> Any:
+        if self.name != "tweets":
+            return real_insert(self, docs, ordered=ordered, **kw)
+        bad = [i for i, d in enumerate(docs) if d.get("lang") == "xx"]
+        good = [d for i, d in enumerate(docs) if i not in bad]
+        real_insert(self, good, ordered=ordered, **kw)
+        raise BulkWriteError({
+            "writeErrors": [{"index": i, "code": 121, "errmsg": "Document failed validation",
+                             "errInfo": {"details": "PII " + str(docs[i]["text"])},
+                             "op": docs[i]} for i in bad],
+            "writeConcernErrors": [], "nInserted": len(good), "nUpserted": 0, "nMatched": 0,
+            "nModified": 0, "nRemoved": 0, "upserted": []})
+
+    monkeypatch.setattr(Collection, "insert_many", insert_many)
+    h = harness_factory()
+    h.spool.add(tweet(SNOW + 1))
+    h.spool.add(tweet(SNOW + 2, lang="xx"))
+    h.spool.add(tweet(SNOW + 3))
+    h.drain()
+    assert sorted(d["_id"] for d in client.tweets.find()) == [SNOW + 1, SNOW + 3]
+    (entry,) = h.deadletters.iter_entries()
+    assert (entry["reason"], entry["code"], entry["detail"]) == (
+        "mongo_rejected", 121, "DocumentValidationFailure")
+    assert "PII" not in h.worker.counters()["last_error"]
+
+
+def test_unencodable_document_is_dead_lettered_rest_stored(
+        harness_factory: Callable[..., Harness], client: Any) -> None:
+    # pymongo refuses the whole batch (OverflowError) for an integer beyond int64.
+    h = harness_factory()
+    h.spool.add(tweet(SNOW + 1))
+    h.spool.add(tweet(SNOW + 2, favorite_count=2**64 - 1))
+    h.spool.add(tweet(SNOW + 3))
+    h.drain()
+    assert sorted(d["_id"] for d in client.tweets.find()) == [SNOW + 1, SNOW + 3]
+    assert h.worker.counters()["deadlettered"] == {"unencodable": 1}
+
+
+# ---------------------------------------------------------------- outages
+
+
+def test_outage_retries_same_batch_and_acks_only_stored(
+        mongo_standin: MongoStandIn, tmp_path: Path) -> None:
+    database = "outage"
+    check: pymongo.MongoClient[Doc] = pymongo.MongoClient(mongo_standin.uri,
+                                                          serverSelectionTimeoutMS=20000)
+    spool = FakeSpool()
+    acked_but_missing: list[int] = []
+
+    def on_ack(record: Record) -> None:
+        expected = {orjson.loads(r.payload)["id"] for r in spool.records[:record.seq]}
+        found = {d["_id"] for d in check[database].tweets.find({}, {"_id": 1})}
+        acked_but_missing.extend(expected - found)
+
+    spool.on_ack = on_ack
+    h = Harness(make_settings(mongo_standin.uri, database, batch_size=20,
+                              server_selection_ms=300, timeout_ms=2000), tmp_path / "dead", spool)
+    stop = threading.Event()
+    result: list[bool] = []
+    thread = threading.Thread(target=lambda: result.append(
+        h.worker.run(stop.is_set, h.tick, lambda: None)))
+    thread.start()
+    try:
+        for i in range(50):
+            spool.add(tweet(SNOW + i))
+        wait_until(lambda: spool.acked_seq == 50, 60, "first tweets acked")
+        mongo_standin.stop()
+        for i in range(50, 100):
+            spool.add(tweet(SNOW + i))
+        wait_until(lambda: h.worker.counters()["retries"] >= 2, 60, "retries during outage")
+        assert spool.acked_seq == 50
+        assert any(state.startswith("degraded") for state in h.ticks)  # heartbeat kept going
+        mongo_standin.start()
+        wait_until(lambda: spool.acked_seq == 100, 60, "backlog acked after restart")
+    finally:
+        stop.set()
+        thread.join(60)
+    assert result == [True]
+    ids = [d["_id"] for d in check[database].tweets.find({}, {"_id": 1})]
+    assert sorted(ids) == [SNOW + i for i in range(100)]
+    assert acked_but_missing == []
+    c = h.worker.counters()
+    assert c["stored"] + c["duplicates"] == 100 and reconciles(c)
+    assert c["state"] == "stopped"
+    h.close()
+    check.close()
+
+
+def test_stop_while_mongo_down_gives_up_at_deadline_without_ack(
+        mongo_standin: MongoStandIn, tmp_path: Path) -> None:
+    h = Harness(make_settings(mongo_standin.uri, "down", server_selection_ms=200,
+                              timeout_ms=1000), tmp_path / "dead")
+    mongo_standin.stop()
+    h.spool.add(tweet(SNOW + 1))
+    assert h.drain(deadline=time.monotonic() + 1.0) is False
+    assert h.spool.acked_seq == 0
+    assert h.worker.counters()["pending"] == 1
+    h.close()
+
+
+# ---------------------------------------------------------------- settings and real spool
+
+
+def test_generation_filters_and_target_switch(harness_factory: Callable[..., Harness],
+                                              client: Any, mongo_uri: str,
+                                              mongo_database: str) -> None:
+    h = harness_factory(track=("beatles",))
+    h.spool.add(tweet(SNOW + 1), generation=0)
+    h.drain()
+    new = make_settings(mongo_uri, mongo_database, collection="tweets2", track=("covid",))
+    h.worker.apply_settings(1, new)
+    h.spool.add(tweet(SNOW + 2), generation=0)  # received under the old filters
+    h.spool.add(tweet(SNOW + 3), generation=1)
+    h.drain()
+    assert client.tweets.find_one({"_id": SNOW + 1})["_ingest"]["matched"]["track"] == ["beatles"]
+    moved = {d["_id"]: d["_ingest"]["matched"]["track"] for d in client.tweets2.find()}
+    assert moved == {SNOW + 2: ["beatles"], SNOW + 3: ["covid"]}
+
+
+def test_with_the_real_spool_checkpoint_follows_storage(harness_factory: Callable[..., Harness],
+                                                        client: Any, tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    writer = SpoolWriter(spool_dir, segment_bytes=1 << 20, max_bytes=1 << 30,
+                         max_records=10**6, fsync_interval=0.0)
+    writer.append([(KIND_MESSAGE, line) for line in plain_real_tweets()[:30]], 1, 0,
+                  time.time_ns())
+    writer.sync()
+    h = harness_factory()
+    reader = SpoolReader(spool_dir)
+    h.worker = StoreWorker(h.settings, reader, open_collection, h.deadletters)
+    assert h.drain() is True
+    assert client.tweets.count_documents({}) == 30
+    assert SpoolReader(spool_dir).read(100, 1 << 30) == []  # a restart has nothing to replay
+    writer.close()
+
+
+# ---------------------------------------------------------------- error classification
+
+
+def bwe(*codes: int, wce: bool = False) -> BulkWriteError:
+    return BulkWriteError({
+        "writeErrors": [{"index": i, "code": c, "errmsg": "E secret-value",
+                         "op": {"_id": i, "text": "secret-value"}} for i, c in enumerate(codes)],
+        "writeConcernErrors": [{"code": 64, "errmsg": "waiting for replication"}] if wce else [],
+        "nInserted": 0, "nUpserted": 0, "nMatched": 0, "nModified": 0, "nRemoved": 0,
+        "upserted": []})
+
+
+@pytest.mark.parametrize("exc,expected", [
+    (AutoReconnect("x"), ErrorClass.TRANSIENT),
+    (NetworkTimeout("x"), ErrorClass.TRANSIENT),
+    (NotPrimaryError("x", {}), ErrorClass.TRANSIENT),
+    (ServerSelectionTimeoutError("x"), ErrorClass.TRANSIENT),
+    (WaitQueueTimeoutError("x"), ErrorClass.TRANSIENT),
+    (WTimeoutError("x", 64, {}), ErrorClass.TRANSIENT),
+    (WriteConcernError("x", 100, {}), ErrorClass.TRANSIENT),
+    (OperationFailure("x", 11600, {"errorLabels": ["RetryableWriteError"]}),
+     ErrorClass.TRANSIENT),
+    (OperationFailure("x", 99999, {"errorLabels": ["RetryableWriteError"]}),
+     ErrorClass.TRANSIENT),
+    (OperationFailure("auth failed", 18), ErrorClass.FATAL_CONFIG),
+    (OperationFailure("not authorized", 13), ErrorClass.FATAL_CONFIG),
+    (ConfigurationError("x"), ErrorClass.FATAL_CONFIG),
+    (InvalidURI("x"), ErrorClass.FATAL_CONFIG),
+    (DocumentTooLarge("x"), ErrorClass.PER_DOCUMENT),
+    (InvalidDocument("x"), ErrorClass.PER_DOCUMENT),
+    (OverflowError("MongoDB can only handle up to 8-byte ints"), ErrorClass.PER_DOCUMENT),
+    (bwe(11000, 11000), ErrorClass.DUPLICATES_ONLY),
+    (bwe(11000, 121), ErrorClass.PER_DOCUMENT),
+    (bwe(121), ErrorClass.PER_DOCUMENT),
+    (bwe(11000, wce=True), ErrorClass.TRANSIENT),
+    (bwe(11000, 91), ErrorClass.TRANSIENT),  # ShutdownInProgress: the server never judged it
+])
+def test_classify_error(exc: BaseException, expected: ErrorClass) -> None:
+    assert classify_error(exc) is expected
+
+
+def test_write_error_summary_never_includes_the_document() -> None:
+    summary = write_error_summary(bwe(11000, 121))
+    assert summary == [(0, 11000, "DuplicateKey"), (1, 121, "DocumentValidationFailure")]
+    assert "secret-value" not in repr(summary)
