@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -90,7 +91,7 @@ class Daemon:
         if self.proc.poll() is not None:
             raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.tail()}")
 
-    def signal(self, sig: int) -> None:
+    def send(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
 

@@ -72,6 +72,7 @@ class SimProcess:
         env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.gt_path = workdir / "ground_truth.jsonl"
         self.port_file = workdir / "sim.port"
         self.stderr_path = workdir / "sim.err"
