@@ -6,6 +6,7 @@ Used by the systemd unit's ExecStartPre/ExecReload, so a broken settings file ma
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -13,18 +14,33 @@ from pathlib import Path
 import certifi
 import pycurl
 
+from ingestd.logs import register_secret, scrub_text
 from ingestd.oauth import encode_form, sign_request
 from ingestd.reader import USER_AGENT, diagnose_401
-from ingestd.settings import EXIT_CONFIG, ConfigError, Settings, load_settings
+from ingestd.settings import EXIT_CONFIG, ConfigError, Settings, load_settings, secret_values
 
 EXIT_ONLINE_FAILED = 1
 PROBE_SECONDS = 10
+MONGO_CAUSES = (
+    ("certificate verify failed", "the server's TLS certificate is not signed by a trusted CA "
+                                  "(set tlsCAFile in mongo.uri if you use a private CA)"),
+    ("connection refused", "nothing listens at that address (connection refused): is mongod "
+                           "running, and is the port right?"),
+    ("name or service not known", "the host name does not resolve (DNS)"),
+    ("nodename nor servname", "the host name does not resolve (DNS)"),
+    ("timed out", "no answer (timed out): a firewall, or the wrong host"),
+)
+CURL_ERRORS = {
+    6: "the host name does not resolve (DNS)",
+    7: "nothing listens at that address (connection refused), or the network is unreachable",
+    28: f"no answer within {PROBE_SECONDS}s (timed out)",
+}
 TLS_ERRORS = {
     35: "the TLS handshake failed",
     51: "the server's certificate does not match its host name",
     58: "the client certificate could not be used",
-    60: "the server's certificate is not signed by a trusted CA "
-        "(set stream.ca_file if you use a private CA)",
+    60: "the server's TLS certificate is not signed by a trusted CA (self-signed, or issued "
+        "by a private CA: set stream.ca_file to that CA's certificate bundle)",
     77: "the CA bundle could not be read (check stream.ca_file)",
 }
 
@@ -35,6 +51,8 @@ def run_check(config: Path, *, online: bool) -> int:
     except ConfigError as exc:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
+    for secret in secret_values(settings):
+        register_secret(secret)  # scrub_text then masks them in any error text we print
     print(summary(settings))
     if not online:
         return 0
@@ -53,18 +71,49 @@ def summary(settings: Settings) -> str:
 
 
 def check_mongo(settings: Settings) -> bool:
+    """Ping MongoDB (which also authenticates, if the URI has credentials)."""
     from ingestd.mongo import make_client
 
     client = make_client(settings.mongo)
     try:
         client.admin.command("ping")
     except Exception as exc:  # any driver error is a finding to report, not a crash
-        print(f"mongo      FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+        print(f"mongo      FAILED: {explain_mongo_error(exc, settings)}")
         return False
     finally:
         client.close()
-    print("mongo      reachable (ping ok)")
+    print(f"mongo      reachable (ping ok) at {settings.mongo.display_uri()}")
     return True
+
+
+def explain_mongo_error(exc: BaseException, settings: Settings) -> str:
+    """A driver error in plain words; the driver's own text (scrubbed) follows as detail."""
+    from pymongo.errors import ConfigurationError, ConnectionFailure, OperationFailure
+
+    detail = scrub_text(str(exc))[:300]
+    where = settings.mongo.display_uri()
+    code = getattr(exc, "code", None)
+    if isinstance(exc, OperationFailure) and code == 18:
+        return ("MongoDB rejected the user name or password in mongo.uri (authentication "
+                f"failed) at {where}")
+    if isinstance(exc, OperationFailure) and code == 13:
+        return f"the MongoDB user is not allowed to do this (unauthorized) at {where}"
+    if isinstance(exc, ConfigurationError):
+        return f"mongo.uri or its options are not usable: {detail}"
+    if isinstance(exc, ConnectionFailure):
+        # pymongo appends its timeouts and topology dump: the first clause is the finding.
+        first = re.split(r" \(configured timeouts|, Timeout: ", detail, maxsplit=1)[0]
+        return f"MongoDB is not reachable at {where}: {_why(first)}"
+    return f"{type(exc).__name__}: {detail}"
+
+
+def _why(detail: str) -> str:
+    """The likely cause behind a driver's connection error text."""
+    text = detail.lower()
+    for needle, cause in MONGO_CAUSES:
+        if needle in text:
+            return f"{cause} ({detail[:200]})"
+    return detail
 
 
 def check_endpoint(settings: Settings) -> bool:
@@ -108,7 +157,8 @@ def check_endpoint(settings: Settings) -> bool:
         if status[0] == 200 and code in (23, 28):
             pass  # we stopped reading (23) or the stream was quiet (28): it answered 200
         else:
-            print(f"endpoint   FAILED: {TLS_ERRORS.get(code, exc.args[1])} (curl error {code})")
+            why = TLS_ERRORS.get(code) or CURL_ERRORS.get(code) or scrub_text(str(exc.args[1]))
+            print(f"endpoint   FAILED: {why} (curl error {code}, {s.url})")
             return False
     finally:
         curl.close()
@@ -119,7 +169,7 @@ def report_status(status: int, body: bytes, date: str | None) -> bool:
     if status == 200:
         print("endpoint   connected (HTTP 200), credentials and filters accepted")
         return True
-    text = body.decode("utf-8", "replace").strip()[:300]
+    text = scrub_text(body.decode("utf-8", "replace").strip()[:300])
     print(f"endpoint   FAILED: HTTP {status}: {text}")
     if status == 401:
         print(f"           {diagnose_401(date, time.time())}")

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--generation", type=int, default=1)
     worker.set_defaults(func=cmd_worker)
 
-    from ingestd.simulator import cli as simulator_cli
+    import ingestd.simulator.cli as simulator_cli
 
     simulate = sub.add_parser("simulate", help="run the endpoint simulator on loopback")
     simulator_cli.add_arguments(simulate)

@@ -3,25 +3,30 @@
 One JSON line per message in ``deadletter-YYYYMMDD.jsonl`` (UTC day). Every ``put`` is flushed and
 fsynced before it returns, because the store worker acks the spool past a dead letter right after.
 The store is bounded: once ``max_bytes`` would be exceeded the line is still written, without the
-raw bytes (``raw_dropped: "store full"``) and counted, so nothing disappears without a trace.
+raw bytes (``raw_dropped: "store full"``) and counted, so nothing disappears without a trace. Those
+evidence lines have their own allowance (``evidence_bytes``); past it a dead letter is only counted
+(``lines_dropped``) and logged, so the files never exceed ``max_bytes + evidence_bytes``.
+A write that fails (disk full) is cut back off the file and raised: the caller keeps the message.
 Raw bytes are never logged, only written here.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 import structlog
 
 RAW_CAP = 64 * 1024
 DETAIL_CAP = 1024
+MIN_EVIDENCE_BYTES = 1 << 20
 FILE_RE = re.compile(r"deadletter-\d{8}\.jsonl")
 
 log = structlog.get_logger("ingestd.deadletter")
@@ -39,12 +44,15 @@ class DeadLetterStore:
     ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        # Lines without their raw bytes still need room: a bounded share on top of max_bytes.
+        self.evidence_bytes = max(MIN_EVIDENCE_BYTES, max_bytes // 16)
         self.counts: dict[str, int] = {}
         self.raw_dropped = 0
+        self.lines_dropped = 0
         self._clock = clock
         directory.mkdir(parents=True, exist_ok=True)
         self.total_bytes = sum(p.stat().st_size for p in self._files())
-        self._file: IO[bytes] | None = None
+        self._fd = -1
         self._file_day = ""
 
     def put(
@@ -71,7 +79,12 @@ class DeadLetterStore:
             "size": len(raw),
         }
         line = self._encode(entry, raw)
-        self._write(now, line)
+        if self.total_bytes + len(line) > self.max_bytes + self.evidence_bytes:
+            self.lines_dropped += 1
+            log.error("dead_letter_store_full", reason=reason, code=code, seq=seq, size=len(raw),
+                      lines_dropped=self.lines_dropped)
+        else:
+            self._write(now, line)
         self.counts[reason] = self.counts.get(reason, 0) + 1
         # Detail may quote key names from the payload: it goes to the file, not the log.
         log.warning("dead_letter", reason=reason, code=code, seq=seq, size=len(raw))
@@ -95,28 +108,36 @@ class DeadLetterStore:
         return orjson.dumps(entry) + b"\n"
 
     def _write(self, now: datetime, line: bytes) -> None:
-        stream = self._open_for(now.strftime("%Y%m%d"))
-        stream.write(line)
-        stream.flush()
-        os.fsync(stream.fileno())
+        fd = self._open_for(now.strftime("%Y%m%d"))
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            # No half line may stay behind: the next entry would be glued to it.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
         self.total_bytes += len(line)
 
-    def _open_for(self, day: str) -> IO[bytes]:
-        if self._file is not None and self._file_day == day:
-            return self._file
+    def _open_for(self, day: str) -> int:
+        if self._fd >= 0 and self._file_day == day:
+            return self._fd
         self.close()
         path = self.directory / f"deadletter-{day}.jsonl"
         created = not path.exists()
-        self._file = path.open("ab")
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._file_day = day
         if created:
             _fsync_dir(self.directory)  # the new file's name must survive a crash too
-        return self._file
+        return self._fd
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def _files(self) -> list[Path]:
         return sorted(p for p in self.directory.iterdir() if FILE_RE.fullmatch(p.name))

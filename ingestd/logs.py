@@ -7,16 +7,22 @@ Exceptions are turned into text/dicts *before* redaction so exception messages a
     configure_logging("info", role="stream", pid=os.getpid(), secrets=secret_values(settings))
     log = get_logger(conn_id=3)
     log.warning("reconnecting", reason="stall", delay=1.5)
+    bind_process(generation=4)   # after a reload: every later line carries generation=4
+
+Library logs (stdlib ``logging``: pymongo, urllib3) and uncaught exceptions (``sys.excepthook``,
+``threading.excepthook``) go through the same chain, so they are redacted and never show locals.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
 from typing import IO, Any, TextIO, cast
 
 import orjson
@@ -223,8 +229,20 @@ def _orjson_dumps(obj: object, **kw: Any) -> str:
     return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS, **kw).decode()
 
 
+# Process-wide fields (role, pid, generation) of the configured chain; bind_process updates it.
+_PROCESS_CONTEXT: dict[str, object] = {}
+
+
+def bind_process(**fields: object) -> None:
+    """Add or replace process-wide fields on every later line (e.g. the config generation)."""
+    _PROCESS_CONTEXT.update(fields)
+
+
 def _static_context(context: Mapping[str, object]) -> Processor:
-    """Process-wide fields (role, pid): a processor, not contextvars, so threads get them."""
+    """Process-wide fields (role, pid): a processor, not contextvars, so threads get them.
+
+    ``context`` is read on every event (not copied) so ``bind_process`` takes effect at once.
+    """
 
     def add(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
         for key, value in context.items():
@@ -261,7 +279,7 @@ def build_processors(
     return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        _static_context(dict(context)),
+        _static_context(context),
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         exceptions,
         redact,
@@ -285,13 +303,74 @@ def configure_logging(
         raise ValueError(f"log level must be one of {', '.join(_LEVELS)}, not {level!r}")
     for secret in secrets:
         register_secret(secret)
+    _PROCESS_CONTEXT.clear()
+    _PROCESS_CONTEXT.update(context)
+    processors = build_processors(fmt, stream, error_interval, clock, _PROCESS_CONTEXT)
+    wrapper = structlog.make_filtering_bound_logger(_LEVELS[level])
     structlog.configure(
-        processors=build_processors(fmt, stream, error_interval, clock, context),
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        processors=processors,
+        wrapper_class=wrapper,
         logger_factory=structlog.WriteLoggerFactory(file=cast(TextIO, stream)),
         # Not cached: a reload may reconfigure level/format for loggers made at import time.
         cache_logger_on_first_use=False,
     )
+    # A logger bound to this chain directly: the hooks keep redacting even if someone resets
+    # structlog's global configuration (whose default renderer prints frame locals).
+    direct = cast(FilteringBoundLogger, structlog.wrap_logger(
+        structlog.WriteLogger(cast(TextIO, stream)), processors=processors,
+        wrapper_class=wrapper))
+    _route_stdlib_logging(direct)
+    _install_excepthooks(direct)
+
+
+class _StdlibHandler(logging.Handler):
+    """Sends stdlib ``logging`` records (pymongo's, urllib3's) through our chain."""
+
+    def __init__(self, logger: FilteringBoundLogger) -> None:
+        super().__init__()
+        self.logger = logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            fields["exc_info"] = record.exc_info
+        # Failures are swallowed, not passed to handleError(): that prints the record's raw
+        # arguments, unredacted, to stderr.
+        with contextlib.suppress(Exception):
+            self.logger.log(record.levelno, "library_log", **fields)
+
+
+def _route_stdlib_logging(logger: FilteringBoundLogger) -> None:
+    """Replace our previous handler on the root logger (configure may run again on reload).
+
+    The root level stays at its default, WARNING: driver debug output (pymongo logs whole
+    commands, tweets included) is never worth the journal volume, whatever our own level is.
+    """
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StdlibHandler)]:
+        root.removeHandler(handler)
+    root.addHandler(_StdlibHandler(logger))
+
+
+def _install_excepthooks(logger: FilteringBoundLogger) -> None:
+    """Uncaught exceptions become one redacted JSON event (traceback without locals)."""
+
+    def on_uncaught(exc_type: type[BaseException], exc: BaseException,
+                    tb: TracebackType | None) -> None:
+        if issubclass(exc_type, KeyboardInterrupt):
+            sys.__excepthook__(exc_type, exc, tb)
+            return
+        logger.critical("uncaught_exception", exc_info=(exc_type, exc, tb))
+
+    def on_thread(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is None or issubclass(args.exc_type, SystemExit):
+            return
+        logger.critical("uncaught_thread_exception",
+                        thread=args.thread.name if args.thread else None,
+                        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    sys.excepthook = on_uncaught
+    threading.excepthook = on_thread
 
 
 def get_logger(**bind: object) -> FilteringBoundLogger:

@@ -92,8 +92,25 @@ def tweet_document(
             "follow": list(matched.follow),
             "locations": list(matched.locations),
         },
+        "hashtags": ingest_hashtags(obj),
     }
     return obj
+
+
+def ingest_hashtags(obj: dict[str, Any]) -> list[str]:
+    """Lower-cased, de-duplicated hashtags of the tweet (entities and extended_tweet.entities).
+
+    A flat list of strings is what analysts count and index by; the nested entity objects are
+    case-sensitive and repeat across ``entities`` and ``extended_tweet.entities``.
+    """
+    found: set[str] = set()
+    for holder in (obj, obj.get("extended_tweet")):
+        ents = holder.get("entities") if isinstance(holder, dict) else None
+        tags = ents.get("hashtags") if isinstance(ents, dict) else None
+        for tag in tags if isinstance(tags, list) else ():
+            if isinstance(tag, dict) and isinstance(text := tag.get("text"), str):
+                found.add(text.lower())
+    return sorted(found)
 
 
 def check_top_level_keys(obj: dict[str, Any]) -> None:

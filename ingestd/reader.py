@@ -38,6 +38,10 @@ RATE_LIMIT_STATUSES = frozenset({420, 429})
 # Control messages the reader itself must understand (connection endings, health figures).
 WATCHED_PREFIXES = (b'{"disconnect"', b'{"warning"', b'{"limit"')
 SKEW_THRESHOLD = 60.0  # seconds of clock difference worth blaming for a 401
+# After a filter switch the old connection is still read until the server closes it (it logs out
+# the older connection of an account by itself) or this many seconds pass: bytes already in its
+# socket are tweets the endpoint delivered.
+RETIRE_GRACE = 5.0
 
 Sink = Callable[[Sequence[tuple[int, bytes]], int, int, int], None]
 
@@ -62,6 +66,7 @@ class Connection:
     limit_track: int = 0
     paused: bool = False
     announced: bool = False  # "connected" logged once the first bytes of a 200 arrived
+    retire_at: float = 0.0  # when a replaced connection is closed at the latest
     abort: Ending | None = None  # set when we end it ourselves (stall, stop, reload)
 
     @property
@@ -118,9 +123,11 @@ class Reader:
         self.backoff = Backoff(schedule_from(stream), clock=clock)
         self.active: Connection | None = None
         self.pending: Connection | None = None  # the new connection during a filter change
+        self.retiring: list[Connection] = []  # replaced connections still being read
         self.next_attempt_at: float | None = clock()
         self.state = "connecting"
         self.stats = ReaderStats()
+        self.last_message_ns = 0  # wall clock of the last framed message (metrics)
         self._next_conn_id = 1
         self._by_handle: dict[int, Connection] = {}
 
@@ -156,6 +163,11 @@ class Reader:
         changed = stream.filter_key() != self.stream.filter_key() or auth != self.auth
         self.stream, self.auth, self.generation = stream, auth, generation
         self.backoff.schedule = schedule_from(stream)
+        waiting_for_reload = self.active is None and self.next_attempt_at is None
+        if waiting_for_reload:
+            # The server rejected our request as misconfigured: any valid reload is a new try.
+            self.next_attempt_at = self._clock()
+            return
         if not changed:
             return
         if self.pending is not None:
@@ -172,9 +184,10 @@ class Reader:
 
     def close(self) -> None:
         """Abort every connection; frames already appended stay in the spool."""
-        for conn in [c for c in (self.pending, self.active) if c is not None]:
+        for conn in [c for c in (self.pending, self.active, *self.retiring) if c is not None]:
             self._end(conn, Ending.ABORTED)
         self.active = self.pending = None
+        self.retiring.clear()
         self._multi.close()
         self.state = "stopped"
 
@@ -275,7 +288,9 @@ class Reader:
             self.stats.dropped["spool_full"] += len(items)
             return
         self.stats.received += len(items)
-        self._sink(items, conn.conn_id, conn.generation, time.time_ns())
+        now_ns = time.time_ns()
+        self.last_message_ns = now_ns
+        self._sink(items, conn.conn_id, conn.generation, now_ns)
 
     def _watch(self, conn: Connection, payload: bytes) -> None:
         """Log and count the control messages that describe the connection's health."""
@@ -309,10 +324,11 @@ class Reader:
                  after=round(self._clock() - conn.opened_at, 3))
 
     def _promote(self, conn: Connection) -> None:
-        """The new connection delivers: now the old one may go (make-before-break)."""
+        """The new connection delivers: the old one retires (make-before-break)."""
         old, self.active, self.pending = self.active, conn, None
         if old is not None:
-            self._end(old, Ending.ABORTED)
+            old.retire_at = self._clock() + min(RETIRE_GRACE, old.stream.read_timeout)
+            self.retiring.append(old)
         log.info("filters_switched", conn=conn.conn_id, generation=conn.generation,
                  old_conn=old.conn_id if old else None)
 
@@ -325,7 +341,7 @@ class Reader:
                 return
 
     def _resume_if_room(self) -> None:
-        for conn in (self.active, self.pending):
+        for conn in (self.active, self.pending, *self.retiring):
             if conn is not None and conn.paused and not self._is_full():
                 conn.paused = False
                 conn.last_byte_at = self._clock()  # the pause was ours, not the server's stall
@@ -342,6 +358,8 @@ class Reader:
                 return
 
     def _check_stalls(self, now: float) -> None:
+        for old in [c for c in self.retiring if now >= c.retire_at]:
+            self._retired(old, Ending.ABORTED)
         for conn in (self.active, self.pending):
             if conn is None or conn.paused or conn.abort is not None:
                 continue
@@ -353,6 +371,9 @@ class Reader:
 
     def _finished(self, conn: Connection, errno: int | None, errmsg: str) -> None:
         ending = self._classify(conn, errno)
+        if conn in self.retiring:
+            self._retired(conn, ending)
+            return
         self._end(conn, ending)
         if conn is self.pending:
             self._pending_failed(conn, ending)
@@ -361,6 +382,13 @@ class Reader:
             return  # an old connection we already replaced
         self.active = None
         self._schedule_reconnect(conn, ending, errmsg)
+
+    def _retired(self, conn: Connection, ending: Ending) -> None:
+        """The replaced connection is done: by the server's own close, or our grace deadline."""
+        self.retiring.remove(conn)
+        self._end(conn, ending)
+        log.info("old_connection_closed", conn=conn.conn_id, ending=ending.value,
+                 messages=conn.messages)
 
     def _pending_failed(self, conn: Connection, ending: Ending) -> None:
         """New filters did not connect: keep streaming with the old ones, report degraded."""
@@ -428,6 +456,7 @@ class Reader:
         self.stats.endings[ending.value] += 1
         if conn.framer.pending_bytes and conn.status == 200:
             self.stats.partial += 1
+            self.stats.received += 1  # `received` = records handed to the spool
             head = conn.framer.pending_head
             self._sink([(KIND_PARTIAL, head)], conn.conn_id, conn.generation, time.time_ns())
         if self.active is conn and ending is not Ending.ABORTED:

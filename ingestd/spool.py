@@ -51,6 +51,7 @@ _SEGMENT_RE = re.compile(r"^(\d{20})\.seg$")
 _BLOCK = 1024 * 1024
 _CHECKPOINT_POLL = 0.05  # seconds between checkpoint stats in the writer
 _CHECKPOINT_SETTLE_NS = 1_000_000_000  # mtimes are coarse: re-read a file changed this recently
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class SpoolWriteError(OSError):
@@ -158,6 +159,11 @@ class _SegmentCursor:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
+    @property
+    def parseable(self) -> bool:
+        """Buffered bytes that may hold a complete record (parsing stopped for the budget)."""
+        return self.buffered > 0 and self._need == 0
+
     def file_size(self) -> int:
         return os.fstat(self._fd).st_size
 
@@ -259,6 +265,9 @@ class SpoolWriter:
         self._next_seq = self._recover_next_seq()
         self._fd = -1
         self._torn = False  # a failed write could not be undone: start a new segment
+        # The disk filled up: the next append starts a new segment, so that the reader can
+        # release this one (and its space) once everything in it is stored.
+        self._roll_wanted = False
         self._dirty = False
         self._last_sync = clock()
         self._open_segment()
@@ -281,7 +290,7 @@ class SpoolWriter:
         """
         if not items:
             return self._next_seq - 1
-        if self._torn or self._size >= self.segment_bytes:
+        if self._torn or self._roll_wanted or self._size >= self.segment_bytes:
             self._roll()
         data = self._encode(items, conn_id, generation, recv_ns)
         self._write(data)
@@ -356,6 +365,8 @@ class SpoolWriter:
                 view = view[written:]
         except OSError as exc:
             self._undo()
+            if exc.errno in _DISK_FULL and self._size > 0:
+                self._roll_wanted = True
             raise SpoolWriteError(exc.errno, f"spool write failed: {exc.strerror}") from exc
         finally:
             view.release()
@@ -392,7 +403,7 @@ class SpoolWriter:
             raise SpoolWriteError(exc.errno, f"spool segment open failed: {exc.strerror}") from exc
         self._size = 0
         self._sizes[self._name] = 0
-        self._torn = False
+        self._torn = self._roll_wanted = False
 
     def _recover_next_seq(self) -> int:
         """First seq after everything on disk: the newest segment's last valid record."""
@@ -453,6 +464,7 @@ class SpoolReader:
         self._cursor: _SegmentCursor | None = None
         self._acked: Checkpoint | None = None
         self._acked_cleaned: str | None = None  # segment whose predecessors were deleted
+        self._last_read: Record | None = None  # newest record ``read`` returned
         self._start()
 
     @property
@@ -500,6 +512,8 @@ class SpoolReader:
                 continue
             if not self._at_eof(cursor):
                 break
+        if out:
+            self._last_read = out[-1]
         return out
 
     def ack(self, record: Record) -> None:
@@ -512,15 +526,31 @@ class SpoolReader:
         if self._acked_cleaned != ckpt.segment:
             self._delete_before(ckpt.segment)
             self._acked_cleaned = ckpt.segment
+        self._release_consumed()
+
+    def _release_consumed(self) -> None:
+        """Checkpoint at the start of the cursor's segment once everything read before it is acked.
+
+        Otherwise a segment is deleted only when a record of a later one is acked; on a full disk
+        the writer cannot append that record until this segment's space is given back.
+        """
+        acked, cursor, last = self._acked, self._cursor, self._last_read
+        if acked is None or cursor is None or cursor.name <= acked.segment:
+            return
+        if last is not None and (last.segment, last.offset) > (acked.segment, acked.offset):
+            return  # records read from a later segment are not stored yet
+        ckpt = Checkpoint(acked.seq, cursor.name, 0)
+        self._write_checkpoint(ckpt)
+        self._acked = ckpt
+        self._delete_before(cursor.name)
+        self._acked_cleaned = cursor.name
 
     def has_data(self) -> bool:
         """True if ``read`` may return something now (new bytes or a new segment)."""
         cursor = self._cursor or self._open_first()
         if cursor is None:
             return False
-        if cursor.buffered > 0 and cursor._need == 0:
-            return True
-        if cursor.file_size() > cursor.position + cursor.buffered:
+        if cursor.parseable or cursor.file_size() > cursor.position + cursor.buffered:
             return True
         newest = list_segments(self.directory)
         return bool(newest) and newest[-1] > cursor.name
@@ -583,6 +613,7 @@ class SpoolReader:
         if not later:  # deleted from under us: start again from whatever exists
             return True
         self._cursor = _SegmentCursor(self.directory, later[0], 0, self._damage)
+        self._release_consumed()
         return True
 
     def _write_checkpoint(self, ckpt: Checkpoint) -> None:

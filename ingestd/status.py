@@ -1,7 +1,8 @@
 """``ingestd status``: a human-readable view of a running daemon, from its run-state files.
 
 Exit codes follow ``systemctl status``: 0 running and healthy, 1 running but degraded,
-3 not running (or the state folder holds no live daemon).
+3 not running (or the state folder holds no live daemon). ``collect()`` is also what the
+metrics listener's ``/healthz`` answers with, so both always agree.
 """
 
 from __future__ import annotations
@@ -9,16 +10,20 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from ingestd.runstate import read_status
+from ingestd.runstate import RUN_DIR, read_status
 from ingestd.settings import EXIT_CONFIG, ConfigError, load_settings
 
 EXIT_OK, EXIT_DEGRADED, EXIT_NOT_RUNNING = 0, 1, 3
 STALE_AFTER = 10.0  # seconds without a heartbeat before a worker counts as not running
+ROLES = ("supervisor", "stream", "store")
+STREAM_STATES = ("connecting", "connected", "reconnecting", "degraded", "stopped")
+METRICS_ADDR_FILE = "metrics.addr"
 
 
 def run_status(config: Path, *, as_json: bool) -> int:
@@ -50,49 +55,106 @@ def alive(status: dict[str, Any] | None, now: float) -> bool:
     return True
 
 
+def stream_state(state: str) -> str:
+    """The stream worker's free-text state reduced to one of ``STREAM_STATES``, else ``other``."""
+    word = state.split(":", 1)[0].split(" ", 1)[0].strip().lower()
+    return word if word in STREAM_STATES else "other"
+
+
+def metrics_address(state_dir: Path) -> str | None:
+    """``host:port`` of the metrics listener, as the supervisor wrote it (None if none)."""
+    try:
+        return (state_dir / RUN_DIR / METRICS_ADDR_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
 def collect(state_dir: Path) -> dict[str, Any]:
+    """Everything ``status`` shows, with ``health`` (ok/degraded/down) and its ``reasons``."""
     now = time.time()
-    roles = {role: read_status(state_dir, role) for role in ("supervisor", "stream", "store")}
+    roles = {role: read_status(state_dir, role) for role in ROLES}
     running = {role: alive(st, now) for role, st in roles.items()}
-    states = [str((roles[r] or {}).get("state", "")) for r in ("stream", "store")]
-    degraded = [s for s in states if s.startswith("degraded")]
-    if not running["stream"] or not running["store"]:
-        code, health = EXIT_NOT_RUNNING, "down"
+    down = [f"{role} worker not running" for role in ("stream", "store") if not running[role]]
+    degraded = _degraded_reasons(roles)
+    if down:
+        code, health, reasons = EXIT_NOT_RUNNING, "down", down
     elif degraded:
-        code, health = EXIT_DEGRADED, "degraded"
+        code, health, reasons = EXIT_DEGRADED, "degraded", degraded
     else:
-        code, health = EXIT_OK, "ok"
-    return {"state_dir": str(state_dir), "health": health, "reasons": degraded,
-            "running": running, "workers": roles, "exit_code": code}
+        code, health, reasons = EXIT_OK, "ok", []
+    return {"state_dir": str(state_dir), "health": health, "reasons": reasons,
+            "running": running, "workers": roles, "exit_code": code,
+            "heartbeat_age": {r: round(now - float(st.get("time", 0)), 1)
+                              for r, st in roles.items() if st},
+            "metrics": metrics_address(state_dir)}
+
+
+def _degraded_reasons(roles: Mapping[str, dict[str, Any] | None]) -> list[str]:
+    stream, store = roles["stream"] or {}, roles["store"] or {}
+    reasons = []
+    # A spool write failure replaces the state text; anything unrecognised is worth a look.
+    if stream_state(str(stream.get("state", ""))) in ("degraded", "other"):
+        reasons.append(f"stream: {stream.get('state')}")
+    if str(store.get("state", "")).startswith("degraded"):
+        reasons.append(f"store: {store.get('state')}")
+    return reasons
 
 
 def render(view: dict[str, Any]) -> str:
+    """The human-readable report: one block per process, figures an operator acts on."""
+    head = f"ingestd: {view['health']}"
+    if view["reasons"]:
+        head += " (" + "; ".join(view["reasons"]) + ")"
+    lines = [head, *_supervisor_lines(view), *_stream_lines(view), *_store_lines(view)]
     w = view["workers"]
-    stream, store, sup = w.get("stream") or {}, w.get("store") or {}, w.get("supervisor") or {}
-    sc, wc = stream.get("counters", {}), store.get("counters", {})
-    spool = stream.get("spool", {})
-    lines = [
-        f"ingestd: {view['health']}" + (f" ({'; '.join(view['reasons'])})" if view["reasons"]
-                                        else ""),
-        f"  supervisor  pid {sup.get('pid', '-')}  generation {sup.get('generation', '-')}  "
-        f"reload failures {sup.get('reload_failures', 0)}",
-        f"  stream      {_run(view, 'stream')}  {stream.get('state', '-')}  "
-        f"conn {stream.get('conn', '-')}",
-        f"              received {sc.get('received', 0)}  keep-alives {sc.get('keepalives', 0)}  "
-        f"rate {stream.get('rate', 0):.1f} msg/s  limit-missed {sc.get('limit_missed', 0)}",
-        f"              endings {sc.get('endings', {})}",
-        f"  spool       backlog {spool.get('records', 0)} records / "
-        f"{spool.get('bytes', 0) / 1e6:.1f} MB",
-        f"  store       {_run(view, 'store')}  {store.get('state', '-')}",
-        f"              stored {wc.get('stored', 0)}  duplicates {wc.get('duplicates', 0)}  "
-        f"dead-lettered {sum(dict(wc.get('deadlettered', {})).values())}  "
-        f"deletes {wc.get('deletes_applied', 0)}  rate {store.get('rate', 0):.1f} tweets/s",
-    ]
-    if wc.get("last_error") or stream.get("last_error"):
-        lines.append(f"  last error  {wc.get('last_error') or stream.get('last_error')}")
+    error = (w.get("store") or {}).get("last_error") or (w.get("stream") or {}).get("last_error")
+    if error:
+        lines.append(f"  last error  {error}")
+    if view.get("metrics"):
+        lines.append(f"  metrics     http://{view['metrics']}/metrics")
     return "\n".join(lines)
+
+
+def _supervisor_lines(view: dict[str, Any]) -> list[str]:
+    sup = view["workers"].get("supervisor") or {}
+    restarts = ", ".join(f"{k}={v}" for k, v in dict(sup.get("restarts", {})).items()) or "-"
+    return [f"  supervisor  {_run(view, 'supervisor')}  {sup.get('state', '-')}  "
+            f"generation {sup.get('generation', '-')}  reload failures "
+            f"{sup.get('reload_failures', 0)}  restarts {restarts}"]
+
+
+def _stream_lines(view: dict[str, Any]) -> list[str]:
+    stream = view["workers"].get("stream") or {}
+    c, spool = dict(stream.get("counters", {})), dict(stream.get("spool", {}))
+    dropped = sum(dict(c.get("dropped", {})).values())
+    endings = ", ".join(f"{k}={v}" for k, v in sorted(dict(c.get("endings", {})).items())) or "-"
+    return [
+        f"  stream      {_run(view, 'stream')}  {stream.get('state', '-')}",
+        f"              received {c.get('received', 0)}  ({stream.get('rate', 0):.1f} msg/s)  "
+        f"keep-alives {c.get('keepalives', 0)}  limit-missed {c.get('limit_missed', 0)}  "
+        f"dropped {dropped}",
+        f"              connection ends {endings}  back-off {stream.get('backoff') or 0:.1f}s",
+        f"  queue       {spool.get('records', 0)} records / {spool.get('bytes', 0) / 1e6:.1f} MB "
+        f"waiting in the spool",
+    ]
+
+
+def _store_lines(view: dict[str, Any]) -> list[str]:
+    store = view["workers"].get("store") or {}
+    c = dict(store.get("counters", {}))
+    dead = dict(c.get("deadlettered", {}))
+    detail = " (" + ", ".join(f"{k}={v}" for k, v in sorted(dead.items())) + ")" if dead else ""
+    return [
+        f"  store       {_run(view, 'store')}  {store.get('state', '-')}",
+        f"              stored {c.get('stored', 0)}  ({store.get('rate', 0):.1f} tweets/s)  "
+        f"duplicates {c.get('duplicates', 0)}  dead-lettered {sum(dead.values())}{detail}  "
+        f"deletes {c.get('deletes_applied', 0)}",
+    ]
 
 
 def _run(view: dict[str, Any], role: str) -> str:
     st = view["workers"].get(role) or {}
-    return f"pid {st.get('pid', '-')} {'up' if view['running'][role] else 'DOWN'}"
+    if view["running"][role]:
+        return f"pid {st.get('pid', '-')} up"
+    age = view.get("heartbeat_age", {}).get(role)
+    return "DOWN" + (f" (last heartbeat {age:.0f}s ago)" if age is not None else "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -22,68 +22,98 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("ingestd.store")
 
-DRAIN_MARGIN = 1.0  # seconds kept back from stop_timeout for closing and exiting
+DRAIN_MARGIN = 1.0  # seconds kept back from the stop budget for closing and exiting
+MIN_DRAIN = 0.5
 
 
-def run_store_role(settings: Settings, config_path: Path, generation: int, stop: StopFlag,
-                   control: ControlChannel) -> int:
+class StoreRole:
     """Store until SIGTERM, then drain the spool within the stop budget; exit 0 either way.
 
     Exiting with a backlog is not a loss: the spool is durable and replayed at the next start.
     """
-    # Long-lived objects made at start-up never need collecting; freezing them keeps the
-    # cyclic collector's passes short on the hot path.
-    gc.freeze()
-    reader = SpoolReader(settings.state_dir / "spool")
-    deadletters = DeadLetterStore(settings.state_dir / "deadletter",
-                                  settings.deadletter.max_bytes)
-    worker = StoreWorker(settings, reader, open_collection, deadletters, generation=generation)
-    stopping_since: list[float] = []
-    meter = RateMeter()
 
-    def publish() -> None:
-        counters = worker.counters()
-        counters["spool_corrupt_records"] = reader.corrupt_records
-        counters["spool_corrupt_bytes"] = reader.corrupt_bytes
-        counters["spool_checkpoint_resets"] = reader.checkpoint_resets
-        write_status(settings.state_dir, "store", {
-            "generation": generation_now[0], "state": counters["state"],
+    def __init__(self, settings: Settings, config_path: Path, generation: int, stop: StopFlag,
+                 control: ControlChannel) -> None:
+        self.settings, self.config_path, self.generation = settings, config_path, generation
+        self.stop, self.control = stop, control
+        self.reader = SpoolReader(settings.state_dir / "spool")
+        deadletters = DeadLetterStore(settings.state_dir / "deadletter",
+                                      settings.deadletter.max_bytes)
+        self.worker = StoreWorker(settings, self.reader, open_collection, deadletters,
+                                  generation=generation)
+        self.meter = RateMeter()
+        self.status = Ticker(STATUS_INTERVAL, self.publish)
+        # Seconds the drain may take once SIGTERM came; the supervisor sends what is left of its
+        # stop budget just before the signal (less than stop_timeout if the stream worker took
+        # part of it).
+        self.budget = settings.control.stop_timeout
+        self.stopping_since: float | None = None
+
+    def run(self) -> int:
+        log.info("store_worker_started", generation=self.generation)
+        try:
+            drained = self.worker.run(self.should_stop, self.tick, self.drain_deadline)
+        finally:
+            self.worker.close()
+            self.publish()
+        counters = self.worker.counters()
+        log.info("store_worker_stopped", drained=drained, **{
+            k: counters[k] for k in ("stored", "duplicates", "records_read")})
+        return 0
+
+    def publish(self) -> None:
+        counters = self.worker.counters()
+        counters["spool_corrupt_records"] = self.reader.corrupt_records
+        counters["spool_corrupt_bytes"] = self.reader.corrupt_bytes
+        counters["spool_checkpoint_resets"] = self.reader.checkpoint_resets
+        write_status(self.settings.state_dir, "store", {
+            "generation": self.generation, "state": counters["state"],
             "counters": counters, "progress": counters["records_read"] + counters["retries"],
-            "rate": round(meter.update(int(counters["stored"])), 1),
+            "rate": round(self.meter.update(int(counters["stored"])), 1),
             "last_error": counters["last_error"],
         })
 
-    generation_now = [generation]
-    status = Ticker(STATUS_INTERVAL, publish)
+    def tick(self) -> None:
+        while (cmd := self.control.poll()) is not None:
+            self.command(cmd)
+        if self.control.closed.is_set():
+            self.stop.event.set()
+        self.status()
 
-    def tick() -> None:
-        while (cmd := control.poll()) is not None:
-            if cmd.get("cmd") == "reload" and (new := reload_settings(cmd, config_path)):
-                worker.apply_settings(*new)
-                generation_now[0] = new[0]
-                log.info("reload_applied", generation=new[0])
-        if control.closed.is_set():
-            stop.event.set()
-        status()
+    def command(self, cmd: dict[str, Any]) -> None:
+        """A supervisor command: a reload (already validated) or the stop budget."""
+        if cmd.get("cmd") == "reload" and (new := reload_settings(cmd, self.config_path)):
+            self.worker.apply_settings(*new)
+            self.generation = new[0]
+            log.info("reload_applied", generation=new[0])
+        elif cmd.get("cmd") == "stop" and isinstance(cmd.get("budget"), int | float):
+            self.budget = min(self.budget, float(cmd["budget"]))
 
-    def should_stop() -> bool:
-        if stop and not stopping_since:
-            stopping_since.append(time.monotonic())
-            log.info("store_draining")
-        return bool(stop)
+    def should_stop(self) -> bool:
+        if self.stop and self.stopping_since is None:
+            self.stopping_since = time.monotonic()
+            log.info("store_draining", budget=round(self.budget, 3))
+        return bool(self.stop)
 
-    def drain_deadline() -> float | None:
-        if not stopping_since:
+    def drain_deadline(self) -> float | None:
+        """When to stop taking records: early enough for the last batch's insert and the exit."""
+        if self.stopping_since is None:
             return None
-        return stopping_since[0] + max(settings.control.stop_timeout - DRAIN_MARGIN, 0.5)
+        margin = DRAIN_MARGIN + self.batch_seconds()
+        return self.stopping_since + max(self.budget - margin, MIN_DRAIN)
 
-    log.info("store_worker_started", generation=generation)
-    try:
-        drained = worker.run(should_stop, tick, drain_deadline)
-    finally:
-        worker.close()
-        publish()
-    log.info("store_worker_stopped", drained=drained, **{
-        k: v for k, v in worker.counters().items() if k in ("stored", "duplicates", "records_read")
-    })
-    return 0
+    def batch_seconds(self) -> float:
+        """Twice the mean insert time of a batch so far (the final flush comes after the
+        deadline), at most a quarter of the budget."""
+        worker = self.worker
+        mean = worker.insert_seconds_total / worker.batches if worker.batches else 0.0
+        return min(2 * mean, self.budget / 4)
+
+
+def run_store_role(settings: Settings, config_path: Path, generation: int, stop: StopFlag,
+                   control: ControlChannel) -> int:
+    """The store worker process's body (see ``StoreRole``)."""
+    # Long-lived objects made at start-up never need collecting; freezing them keeps the
+    # cyclic collector's passes short on the hot path.
+    gc.freeze()
+    return StoreRole(settings, config_path, generation, stop, control).run()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import functools
 import math
 import os
@@ -42,7 +43,6 @@ from ingestd.settings import (
     Settings,
     StreamSettings,
     filter_diff,
-    load_settings,
     load_settings_text,
     secret_values,
 )
@@ -51,6 +51,7 @@ log = structlog.get_logger("ingestd.supervisor")
 
 WorkerCommand = Callable[[str, int], list[str]]
 PIDFILE = "supervisor.pid"
+LOCKFILE = "supervisor.lock"
 
 
 class ControlView(Protocol):
@@ -202,6 +203,7 @@ class Supervisor:
     EXIT_ERROR = 1
     EXIT_TEMPFAIL = 75  # crash loop: systemd's Restart= and StartLimit take over
     EXIT_CONFIG = 78  # a worker could not load its settings: restarting cannot help
+    EXIT_LOCKED = 73  # another supervisor (or its workers, still finishing) uses the state folder
 
     LOOP_TIMEOUT = 0.5
     KILL_GRACE = 2.0  # SIGABRT → SIGKILL for a hung worker
@@ -220,6 +222,7 @@ class Supervisor:
         worker_command: WorkerCommand | None = None,
         *,
         loader: SettingsLoader = load_settings_text,
+        text: str | None = None,
     ) -> None:
         self.config_path = config_path
         self.settings = settings
@@ -250,11 +253,18 @@ class Supervisor:
         self.watchdog = sd.watchdog_interval()
         self.watchdog_due = 0.0
         self.written: tuple[float, dict[str, Any]] = (0.0, {})
+        self.lock_fd: int | None = None
+        # The settings text in force (validated at start or by the last good reload).
+        self.settings_text = text
 
     # -- main loop -----------------------------------------------------------------------------
 
     def run(self) -> int:
         """Start the workers and supervise them until a stop; returns the process exit code."""
+        # Before anything that writes to run/: a refused second supervisor must leave the
+        # running one's pid file and status untouched.
+        if not self.lock_state_dir():
+            return self.EXIT_LOCKED
         try:
             self.install_signals()
             self.write_pidfile()
@@ -285,6 +295,33 @@ class Supervisor:
         for worker in self.workers.values():
             worker.channel.flush()
         self.report()
+
+    def lock_state_dir(self) -> bool:
+        """Take ``run/supervisor.lock`` (flock) for as long as we or any of our workers live.
+
+        Two supervisors on one state folder would run two readers into one spool and two store
+        workers acking the same checkpoint. The workers inherit the locked file, so the lock
+        also outlives a killed supervisor until its orphaned workers have drained and exited.
+        """
+        path = runstate.run_dir(self.state_dir) / LOCKFILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            log.error("state_dir_locked", state_dir=str(self.state_dir), lock=str(path),
+                      holder_pid=self.pidfile_pid(),
+                      reason="another ingestd supervisor, or its workers still finishing, "
+                             "uses this state folder")
+            return False
+        self.lock_fd = fd
+        return True
+
+    def pidfile_pid(self) -> int | None:
+        """The pid in ``run/supervisor.pid``, if there is a readable one."""
+        with contextlib.suppress(OSError, ValueError):
+            return int((self.state_dir / runstate.RUN_DIR / PIDFILE).read_text())
+        return None
 
     def install_signals(self) -> None:
         """Route SIGTERM, SIGINT, SIGHUP and SIGCHLD to the queue."""
@@ -360,7 +397,8 @@ class Supervisor:
         command = self.worker_command(role, self.generation)
         try:
             proc = subprocess.Popen(command, stdin=subprocess.PIPE, close_fds=True,
-                                    start_new_session=False, env=self.worker_env())
+                                    start_new_session=False, env=self.worker_env(),
+                                    pass_fds=self.inherited_fds())
         except OSError as exc:
             log.error("worker_spawn_failed", role=role, error=str(exc))
             self.schedule_restart(role, ran_for=0.0)
@@ -369,6 +407,28 @@ class Supervisor:
         channel = ControlChannel(proc.stdin)
         self.workers[role] = Worker(role, proc, self.generation, now, now, channel)
         log.info("worker_started", role=role, pid=proc.pid, generation=self.generation)
+        self.send_settings_in_force(self.workers[role])
+
+    def send_settings_in_force(self, worker: Worker) -> None:
+        """Hand a new worker the settings in force if the file no longer holds them.
+
+        The file may have been edited since the last reload (and be invalid, or valid but not
+        yet reloaded). A replacement worker must run what the others run, and must not exit 78
+        (halting the whole service) over an edit that a SIGHUP would have rejected.
+        """
+        if self.settings_text is None:
+            return
+        try:
+            unchanged = read_config_text(self.config_path) == self.settings_text
+        except ConfigError:
+            unchanged = False
+        if not unchanged:
+            worker.channel.send({"cmd": "reload", "generation": self.generation,
+                                 "text": self.settings_text})
+
+    def inherited_fds(self) -> tuple[int, ...]:
+        """The state-folder lock: held by the workers too, so orphans keep others out."""
+        return () if self.lock_fd is None else (self.lock_fd,)
 
     def worker_env(self) -> dict[str, str]:
         """Our environment without the notify variables: only the main PID talks to systemd."""
@@ -475,13 +535,14 @@ class Supervisor:
         if self.ready:
             sd.notify(sd.reloading_message())
         try:
-            text = self.config_path.read_text(encoding="utf-8")
+            text = read_config_text(self.config_path)
             settings = self.loader(text, self.config_path)
-        except (ConfigError, OSError, UnicodeDecodeError) as exc:
+        except ConfigError as exc:
             # str(ConfigError) is "file: key.path: reason" and never holds a secret value.
             self.reload_failures += 1
-            log.error("reload_failed", error=str(exc), reload_failures=self.reload_failures,
-                      generation=self.generation)
+            log.error("reload_failed", error=str(exc), file=exc.file, key=exc.key_path,
+                      reload_failures=self.reload_failures, generation=self.generation,
+                      action=f"keeping the settings of generation {self.generation}")
         else:
             self.apply_reload(settings, text)
         if self.ready:
@@ -490,7 +551,7 @@ class Supervisor:
 
     def apply_reload(self, settings: SupervisedSettings, text: str) -> None:
         """Adopt ``settings`` and send the validated ``text`` to every running worker."""
-        old, self.settings = self.settings, settings
+        old, self.settings, self.settings_text = self.settings, settings, text
         self.generation += 1
         command = {"cmd": "reload", "generation": self.generation, "text": text}
         for worker in self.workers.values():
@@ -518,6 +579,9 @@ class Supervisor:
         for role in self.STOP_ORDER:
             worker = self.workers.get(role)
             if worker is not None and not self.escalated:
+                # What is left of the budget, so the store worker's drain ends before our
+                # deadline even when the stream worker took part of it.
+                worker.channel.send({"cmd": "stop", "budget": deadline - time.monotonic()})
                 self.signal_worker(worker, signal.SIGTERM)
                 self.wait_worker(worker, deadline)
         killed = self.kill_workers()
@@ -587,7 +651,8 @@ class Supervisor:
 
     def status_key(self) -> tuple[str, ...]:
         """The parts of the summary that are not counters."""
-        return (self.role_state("stream"), self.role_state("store"), str(self.generation))
+        return (self.role_state("stream"), self.role_state("store"), str(self.generation),
+                str(self.reload_failures))
 
     def notify_watchdog(self) -> None:
         """``WATCHDOG=1`` every half period, only while every worker's heartbeat is fresh.
@@ -624,12 +689,20 @@ class Supervisor:
         return value if isinstance(value, int) else 0
 
     def summary(self) -> str:
-        """E.g. ``connected gen=3; 1234 stored; 12.5 tweets/s`` (store trouble first)."""
-        parts = [f"{self.role_state('stream')} gen={self.generation}",
-                 f"{self.stored()} stored", f"{self.rate:.1f} tweets/s"]
+        """One line for ``STATUS=``; trouble first, then where the stream is and what it does.
+
+        E.g. ``connected conn=3 gen=2; 1234 stored; 812.5 tweets/s; settings gen=2``. The
+        stream worker's state names the connection and the generation of the filters it was
+        opened with; ``settings gen`` is the newest applied settings (an unchanged-filter or
+        writer-only reload moves it without a reconnect).
+        """
+        parts = [self.role_state("stream"), f"{self.stored()} stored",
+                 f"{self.rate:.1f} tweets/s", f"settings gen={self.generation}"]
         store_state = self.role_state("store")
-        if store_state.startswith("degraded"):
+        if store_state.startswith("degraded") or "restarting" in store_state:
             parts.insert(0, store_state)
+        if self.reload_failures:
+            parts.append(f"{self.reload_failures} reload(s) rejected, old settings in force")
         return one_line("; ".join(parts), 200)
 
     def role_state(self, role: str) -> str:
@@ -679,18 +752,44 @@ class Supervisor:
         self.write_status()
         for sig, handler in self.old_handlers.items():
             signal.signal(sig, handler)
+        if self.lock_fd is not None:
+            # Our copy only: the lock is released once the last worker holding it is gone too.
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+def read_config_text(path: Path) -> str:
+    """The settings file's text; a file that cannot be read is a ``ConfigError`` too."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "", f"not valid UTF-8 (byte offset {exc.start})") from None
+    except OSError as exc:
+        reason = f"cannot read file: {exc.strerror or type(exc).__name__}"
+        raise ConfigError(path, "", reason) from None
 
 
 def run_supervisor(config_path: Path) -> int:
     """``ingestd run``: load the settings, then supervise the workers; the process exit code."""
     try:
-        settings = load_settings(config_path)
+        # The text, not only the settings: workers restarted later get this validated copy.
+        text = read_config_text(config_path)
+        settings = load_settings_text(text, config_path)
     except ConfigError as exc:
         configure_logging(role="supervisor", pid=os.getpid())
         log.error("settings_invalid", error=str(exc))
         return Supervisor.EXIT_CONFIG
     configure_supervisor_logging(settings)
-    return Supervisor(config_path, settings).run()
+    # -- metrics listener (issue #6): serves /metrics and /healthz from the run-state files.
+    from ingestd.metrics import start_metrics_server
+
+    metrics = start_metrics_server(settings)
+    try:
+        return Supervisor(config_path, settings, text=text).run()
+    finally:
+        if metrics is not None:
+            metrics.close()
+    # -- end metrics listener
 
 
 def configure_supervisor_logging(settings: Settings) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import structlog
 
-from ingestd.logs import configure_logging
+from ingestd.logs import bind_process, configure_logging, register_secret
 from ingestd.reader import Reader
 from ingestd.runstate import write_status
 from ingestd.settings import EXIT_CONFIG, ConfigError, Settings, load_settings, secret_values
@@ -30,6 +30,7 @@ log = structlog.get_logger("ingestd.worker")
 
 STATUS_INTERVAL = 1.0
 HELD_RETRY_INTERVAL = 1.0
+BOOT_SETTINGS_WAIT = 5.0  # seconds an invalid file waits for the supervisor's validated copy
 
 
 class ControlChannel:
@@ -76,6 +77,24 @@ class ControlChannel:
             return self.commands.get_nowait()
         except queue.Empty:
             return None
+
+    def wait_reload(self, timeout: float) -> dict[str, Any] | None:
+        """The first reload command within ``timeout`` s; other commands stay queued."""
+        deadline = time.monotonic() + timeout
+        others: list[dict[str, Any]] = []
+        found = None
+        while found is None and (left := deadline - time.monotonic()) > 0:
+            try:
+                cmd = self.commands.get(timeout=left)
+            except queue.Empty:
+                break
+            if cmd.get("cmd") == "reload":
+                found = cmd
+            else:
+                others.append(cmd)
+        for cmd in others:
+            self.commands.put(cmd)
+        return found
 
 
 class StopFlag:
@@ -144,18 +163,34 @@ class SpoolSink:
         return bool(self.held) or self.spool.is_full()
 
 
-def boot(config_path: Path, role: str) -> Settings | int:
-    """Load settings and configure logging; an exit code if the settings are invalid."""
+def boot(config_path: Path, role: str, control: ControlChannel) -> Settings | int:
+    """Load settings and configure logging; an exit code if the settings are invalid.
+
+    A file edited since the last reload may be invalid: the supervisor then sends the settings
+    in force right after spawning us, and we run those (it validated them) instead of exiting.
+    """
     try:
         settings = load_settings(config_path)
     except ConfigError as exc:
-        configure_logging(role=role, pid=os.getpid())
-        log.error("settings_invalid", error=str(exc))
-        return EXIT_CONFIG
+        fallback = control.wait_reload(BOOT_SETTINGS_WAIT)
+        new = reload_settings(fallback, config_path) if fallback else None
+        if new is None:
+            configure_logging(role=role, pid=os.getpid())
+            log.error("settings_invalid", error=str(exc))
+            return EXIT_CONFIG
+        settings = new[1]
+        configure_worker_logging(settings, role)
+        log.warning("settings_file_invalid", error=str(exc), generation=new[0],
+                    action="running the settings in force, sent by the supervisor")
+        return settings
+    configure_worker_logging(settings, role)
+    return settings
+
+
+def configure_worker_logging(settings: Settings, role: str) -> None:
     lg = settings.logging
     configure_logging(lg.level, lg.format, secrets=secret_values(settings),
                       error_interval=lg.error_interval, role=role, pid=os.getpid())
-    return settings
 
 
 def reload_settings(cmd: dict[str, Any], config_path: Path) -> tuple[int, Settings] | None:
@@ -163,10 +198,15 @@ def reload_settings(cmd: dict[str, Any], config_path: Path) -> tuple[int, Settin
     from ingestd.settings import load_settings_text
 
     try:
-        return int(cmd["generation"]), load_settings_text(str(cmd["text"]), config_path)
+        generation = int(cmd["generation"])
+        settings = load_settings_text(str(cmd["text"]), config_path)
     except (KeyError, ValueError, ConfigError) as exc:
         log.error("reload_rejected", error=str(exc))
         return None
+    for value in secret_values(settings):
+        register_secret(value)  # new credentials must be masked from the first line on
+    bind_process(generation=generation)
+    return generation, settings
 
 
 class RateMeter:
@@ -199,11 +239,13 @@ class Ticker:
 
 def run_stream_worker(config_path: Path, generation: int) -> int:
     """Stream role: keep a connection open and append every framed message to the spool."""
-    booted = boot(config_path, "stream")
+    control = ControlChannel()
+    booted = boot(config_path, "stream", control)
     if isinstance(booted, int):
         return booted
     settings = booted
-    stop, control = StopFlag(), ControlChannel()
+    bind_process(generation=generation)
+    stop = StopFlag()
     sp = settings.spool
     spool = SpoolWriter(settings.state_dir / "spool", segment_bytes=sp.segment_bytes,
                         max_bytes=sp.max_bytes, max_records=sp.max_records,
@@ -226,7 +268,9 @@ def run_stream_worker(config_path: Path, generation: int) -> int:
             "conn": reader.active.conn_id if reader.active else None,
             "backoff": reader.backoff.last_delay,
             "rate": round(meter.update(reader.stats.received), 1),
-            "spool": {"records": records, "bytes": nbytes, "held": len(sink.held)},
+            "spool": {"records": records, "bytes": nbytes, "next_seq": spool.next_seq,
+                      "held": sum(len(h[0]) for h in sink.held)},
+            "last_message_time": reader.last_message_ns / 1e9 if reader.last_message_ns else None,
         })
 
     status = Ticker(STATUS_INTERVAL, publish)
@@ -254,9 +298,11 @@ def run_stream_worker(config_path: Path, generation: int) -> int:
 
 def run_store_worker(config_path: Path, generation: int) -> int:
     """Store role: drain the spool into MongoDB (see writer.StoreWorker)."""
-    booted = boot(config_path, "store")
+    control = ControlChannel()
+    booted = boot(config_path, "store", control)
     if isinstance(booted, int):
         return booted
+    bind_process(generation=generation)
     from ingestd.store_role import run_store_role
 
-    return run_store_role(booted, config_path, generation, StopFlag(), ControlChannel())
+    return run_store_role(booted, config_path, generation, StopFlag(), control)

@@ -23,6 +23,7 @@ every 0.5 s.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import functools
 import random
 import time
@@ -60,9 +61,14 @@ T = TypeVar("T")
 CollectionFactory = Callable[[MongoSettings], Collection[Document]]
 
 TICK_INTERVAL = 0.25  # well under the 0.5 s heartbeat promise
-READ_MAX_BYTES = 16 * 1024 * 1024  # bounds one read's payload bytes (memory), not the batch
+# Memory bound of the store worker: one batch (records + parsed documents) is all it holds, however
+# large the spool backlog. A parsed tweet takes several times its JSON size in Python objects, so
+# the batch's payload bytes are capped well under what the process may use.
+BATCH_MAX_BYTES = 8 * 1024 * 1024
 MAX_BSON_SIZE = 16 * 1024 * 1024
-TOMBSTONE_LIMIT = 1_000_000
+# Ids of deleted tweets kept in memory to filter a tweet whose delete came first (~70 bytes each
+# in a set of ints: ~14 MB at the limit); older ones stay in the ``<collection>_deleted`` store.
+TOMBSTONE_LIMIT = 200_000
 SCRUB_RULE_LIMIT = 100_000
 MATCHER_GENERATIONS = 16
 LIMIT_CONNECTIONS = 1024
@@ -110,9 +116,14 @@ class _Batch:
     last: Record | None = None  # newest record taken: acked when the batch is flushed
     started: float | None = None
     closed: bool = False  # holds an effect that must not reach later tweets: flush now
+    nbytes: int = 0  # payload bytes of the records whose effect is held here
 
     def has_writes(self) -> bool:
         return bool(self.docs or self.deletes or self.ops)
+
+    def size(self) -> int:
+        """Writes held: tweets plus control effects (a run of deletes must not grow unbounded)."""
+        return len(self.docs) + len(self.deletes) + len(self.ops)
 
 
 def _bump(counter: dict[str, int], key: str, n: int = 1) -> None:
@@ -257,6 +268,8 @@ class StoreWorker:
             "state": self.state,
             "last_error": self.last_error,
             "last_batch_size": self.last_batch_size,
+            "deadletter_raw_dropped": self._deadletters.raw_dropped,
+            "deadletter_lines_dropped": self._deadletters.lines_dropped,
         }
 
     def close(self) -> None:
@@ -270,7 +283,7 @@ class StoreWorker:
         if self._batch_due():
             self._flush()
         else:
-            records = self._reader.read(self._room(), READ_MAX_BYTES)
+            records = self._reader.read(self._room(), self._room_bytes())
             self._take_all(records)
             if self._batch_due():
                 self._flush()
@@ -283,10 +296,10 @@ class StoreWorker:
         self.state = "draining"
         drained = False
         while not drained and not self._past_deadline():
-            records = self._reader.read(self._room(), READ_MAX_BYTES)
+            records = self._reader.read(self._room(), self._room_bytes())
             self._take_all(records)
             drained = not records
-            if len(self._batch.docs) >= self._settings.writer.batch_size:
+            if self._batch_full():
                 self._flush()
             self._maybe_tick()
         self._flush()
@@ -294,13 +307,20 @@ class StoreWorker:
         return drained
 
     def _room(self) -> int:
-        return max(1, self._settings.writer.batch_size - len(self._batch.docs))
+        return max(1, self._settings.writer.batch_size - self._batch.size())
+
+    def _room_bytes(self) -> int:
+        return max(1, BATCH_MAX_BYTES - self._batch.nbytes)
+
+    def _batch_full(self) -> bool:
+        batch = self._batch
+        return batch.size() >= self._settings.writer.batch_size or batch.nbytes >= BATCH_MAX_BYTES
 
     def _batch_due(self) -> bool:
         batch = self._batch
         if batch.last is None:
             return False
-        if not batch.has_writes() or len(batch.docs) >= self._settings.writer.batch_size:
+        if not batch.has_writes() or self._batch_full():
             return True
         started = batch.started if batch.started is not None else 0.0
         return time.monotonic() - started >= self._settings.writer.flush_interval
@@ -324,6 +344,7 @@ class StoreWorker:
                                   detail=f"spool record kind {record.kind}")
             batch = self._batch  # a withheld message may have flushed and replaced it
             batch.last = record
+            batch.nbytes += len(record.payload)
             if batch.started is None:
                 batch.started = time.monotonic()
             if batch.closed:
@@ -379,10 +400,38 @@ class StoreWorker:
 
     def _dead_letter(self, reason: str, record: Record, *, code: int | None = None,
                      detail: str = "") -> None:
-        self._deadletters.put(reason, record.payload, conn_id=record.conn_id,
-                              generation=record.generation, seq=record.seq, code=code,
-                              detail=detail)
+        self._put_dead_letter(reason, record, code=code, detail=detail)
         _bump(self.deadlettered, reason)
+
+    def _put_dead_letter(self, reason: str, record: Record, *, code: int | None = None,
+                         detail: str = "") -> None:
+        """Write a dead letter, retrying while the disk refuses it (full, I/O error).
+
+        The spool is acked past a dead letter only once it is on disk, so waiting here loses
+        nothing: the spool keeps absorbing the stream meanwhile.
+        """
+        attempt = 0
+        while True:
+            try:
+                self._deadletters.put(reason, record.payload, conn_id=record.conn_id,
+                                      generation=record.generation, seq=record.seq, code=code,
+                                      detail=detail)
+            except OSError as exc:
+                self._deadletter_failed(exc)
+                self._backoff(attempt, ErrorClass.TRANSIENT)
+                attempt += 1
+                continue
+            if self.state.startswith("degraded: dead-letter"):
+                log.info("deadletter_write_recovered", after_retries=attempt)
+                self.state = "draining" if self._should_stop() else "running"
+            return
+
+    def _deadletter_failed(self, exc: OSError) -> None:
+        name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+        self.last_error = f"dead-letter write: {name}"
+        self.state = f"degraded: dead-letter store unwritable ({name})"
+        self.retries += 1
+        log.error("deadletter_write_failed", error=name, retries=self.retries)
 
     # ------------------------------------------------------------------ control messages
 
@@ -606,9 +655,8 @@ class StoreWorker:
         except Exception as exc:  # classified PER_DOCUMENT/DUPLICATES: this message cannot apply
             code = getattr(exc, "code", None)
             self.control_rejected += 1
-            self._deadletters.put("control_rejected", op.record.payload,
-                                  conn_id=op.record.conn_id, generation=op.record.generation,
-                                  seq=op.record.seq, code=code if isinstance(code, int) else None,
+            self._put_dead_letter("control_rejected", op.record,
+                                  code=code if isinstance(code, int) else None,
                                   detail=f"{op.kind}: {type(exc).__name__}")
 
     # ------------------------------------------------------------------ target lifecycle
@@ -661,10 +709,11 @@ class StoreWorker:
         """
         attempt = 0
         while True:
+            # Only ``fn``'s own failure is MongoDB's: one raised by a tick (heartbeat, status file)
+            # while waiting must propagate as itself, not be retried as a MongoDB error.
+            future = self._await(fn)
             try:
-                result = self._call(fn)
-            except GiveUp:
-                raise
+                result = future.result()
             except Exception as exc:
                 cls = classify_error(exc)
                 if cls in (ErrorClass.PER_DOCUMENT, ErrorClass.DUPLICATES_ONLY):
@@ -680,11 +729,15 @@ class StoreWorker:
 
     def _call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the helper thread, ticking here while it is in flight."""
+        return self._await(fn).result()
+
+    def _await(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Submit ``fn`` to the helper thread and tick until it is done; its future."""
         future = self._executor.submit(fn)
         while True:
             done, _ = concurrent.futures.wait([future], timeout=TICK_INTERVAL)
             if done:
-                return future.result()
+                return future
             self._maybe_tick(force=True)
             self._check_give_up()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from hypothesis import given, settings
@@ -18,9 +19,11 @@ from ingestd.framing import (
 )
 
 # Text with multi-byte characters, \n, \r and control bytes, but never a CRLF inside a message.
-_text = st.text(
-    alphabet=st.sampled_from("ab{}\":,\n\r\\ é€😀中\x00"), min_size=1, max_size=120
-).map(lambda t: t.encode()).filter(lambda b: b"\r\n" not in b and not b.endswith(b"\r"))
+_text = (
+    st.text(alphabet=st.sampled_from('ab{}":,\n\r\\ é€😀中\x00'), min_size=1, max_size=120)
+    .map(lambda t: t.encode())
+    .filter(lambda b: b"\r\n" not in b and not b.endswith(b"\r"))
+)
 # None stands for a keep-alive blank line.
 _items = st.lists(st.one_of(_text, st.none()), max_size=25)
 
@@ -28,7 +31,7 @@ _items = st.lists(st.one_of(_text, st.none()), max_size=25)
 def chunked(wire: bytes, cuts: list[int]) -> list[bytes]:
     """Split ``wire`` at the given offsets (taken modulo its length)."""
     points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
-    return [wire[a:b] for a, b in zip(points, points[1:], strict=False)]
+    return [wire[a:b] for a, b in itertools.pairwise(points)]
 
 
 def feed_all(framer: LineFramer | LengthFramer, chunks: list[bytes]) -> list[Frame]:
@@ -51,8 +54,14 @@ def expected_line_frames(items: list[bytes | None], max_bytes: int) -> list[Fram
 
 
 @settings(max_examples=300)
-@given(items=_items, cuts=st.lists(st.integers(0, 10_000), max_size=40), max_bytes=st.sampled_from([1, 30, 10**6]))
-def test_line_framer_any_chunking(items: list[bytes | None], cuts: list[int], max_bytes: int) -> None:
+@given(
+    items=_items,
+    cuts=st.lists(st.integers(0, 10_000), max_size=40),
+    max_bytes=st.sampled_from([1, 30, 10**6]),
+)
+def test_line_framer_any_chunking(
+    items: list[bytes | None], cuts: list[int], max_bytes: int
+) -> None:
     framer = LineFramer(max_bytes)
     out = feed_all(framer, chunked(line_wire(items), cuts))
     assert out == expected_line_frames(items, max_bytes)
@@ -181,8 +190,14 @@ def length_wire(frames: list[tuple[bytes, int, bool]]) -> bytes:
 
 
 @settings(max_examples=300)
-@given(frames=_payloads, cuts=st.lists(st.integers(0, 10_000), max_size=40), max_bytes=st.sampled_from([1, 40, 10**6]))
-def test_length_framer_any_chunking(frames: list[tuple[bytes, int, bool]], cuts: list[int], max_bytes: int) -> None:
+@given(
+    frames=_payloads,
+    cuts=st.lists(st.integers(0, 10_000), max_size=40),
+    max_bytes=st.sampled_from([1, 40, 10**6]),
+)
+def test_length_framer_any_chunking(
+    frames: list[tuple[bytes, int, bool]], cuts: list[int], max_bytes: int
+) -> None:
     framer = LengthFramer(max_bytes)
     out = feed_all(framer, chunked(length_wire(frames), cuts))
     expected: list[Frame] = [

@@ -82,12 +82,26 @@ def test_document_of_real_tweet_keeps_fields_and_derives_created_at() -> None:
         # timestamp_ms/snowflake carry milliseconds; the string only whole seconds
         assert abs((doc["created_at"] - parsed).total_seconds()) < 1
         assert doc["created_at"].tzinfo is not None
+        tags = {t["text"].lower() for holder in (original, original.get("extended_tweet") or {})
+                for t in holder.get("entities", {}).get("hashtags", [])}
         assert doc["_ingest"] == {
             "received_at": RECEIVED, "conn": 3, "generation": 2, "seq": 41,
-            "matched": {"track": ["beatles"], "follow": [7], "locations": [0]}}
+            "matched": {"track": ["beatles"], "follow": [7], "locations": [0]},
+            "hashtags": sorted(tags)}
         for key, value in original.items():
             if key != "created_at":
                 assert doc[key] == value
+
+
+def test_hashtags_are_lower_cased_deduplicated_and_include_extended_entities() -> None:
+    doc = build({"id": 5, "text": "x", "timestamp_ms": "1576724693818",
+                 "entities": {"hashtags": [{"text": "Python"}]},
+                 "extended_tweet": {"full_text": "x", "entities": {
+                     "hashtags": [{"text": "PYTHON"}, {"text": "MongoDB"}]}}})
+    assert doc["_ingest"]["hashtags"] == ["mongodb", "python"]
+    assert build({"id": 6, "text": "x", "timestamp_ms": "1576724693818",
+                  "entities": {"hashtags": "junk"}})[
+        "_ingest"]["hashtags"] == []
 
 
 def test_timestamp_ms_wins_and_is_exact() -> None:

@@ -87,9 +87,10 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def _refuse(self, conn: int, status: int, body: str, params: dict[str, Any]) -> None:
-        self._reply(status, (body + "\n").encode())
+        # Logged before the reply: a client that reconnects at once must not overtake it.
         self._log_connect(conn, status, params, reason=body)
         self.server.state.ground_truth.event("close", conn, reason=f"status {status}")
+        self._reply(status, (body + "\n").encode())
 
     def _log_connect(self, conn: int, status: int, params: dict[str, Any], **extra: Any) -> None:
         self.server.state.ground_truth.event(
@@ -154,9 +155,9 @@ class Handler(BaseHTTPRequestHandler):
         steps = state.config.script.take() if state.config.script else []
         if steps and steps[0].kind == "status":
             first = steps[0]
-            self._reply(first.value, first.extra["body"].encode(), headers=first.extra["headers"])
             self._log_connect(conn, first.value, params.summary(), scripted=True)
             state.ground_truth.event("close", conn, reason=f"status {first.value}")
+            self._reply(first.value, first.extra["body"].encode(), headers=first.extra["headers"])
             return
         use_gzip = "gzip" in self.headers.get("Accept-Encoding", "").lower()
         sock: socket.socket = self.connection

@@ -135,3 +135,38 @@ class Daemon:
         pid = self.status(role).get("pid")
         assert isinstance(pid, int), f"no {role} worker pid"
         return pid
+
+    # -- helpers for control tests (tests/test_control.py) ------------------------------------
+
+    def write_settings_atomically(self, doc: dict[str, Any] | str) -> None:
+        """Replace the settings file in one rename (what an editor or config tool does)."""
+        text = doc if isinstance(doc, str) else yaml.safe_dump(doc, sort_keys=False)
+        if not isinstance(doc, str):
+            self.doc = doc
+        tmp = self.config.with_name(f".{self.config.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.config)
+
+    def events(self, event: str, **match: Any) -> list[dict[str, Any]]:
+        """Log events named ``event`` whose fields equal ``match``."""
+        return [e for e in self.log_events() if e.get("event") == event
+                and all(e.get(k) == v for k, v in match.items())]
+
+    def wait_log(self, event: str, timeout: float = 30.0, **match: Any) -> dict[str, Any]:
+        """The newest log event ``event`` with these field values, once there is one."""
+        def found() -> list[dict[str, Any]]:
+            self.assert_running()
+            return self.events(event, **match)
+        return wait_until(found, timeout, f"log event {event} {match}")[-1]
+
+    def wait_generation(self, role: str, generation: int, timeout: float = 30.0) -> None:
+        """Until ``role`` (supervisor, stream or store) publishes ``generation``."""
+        wait_until(lambda: self.status(role).get("generation") == generation, timeout,
+                   f"{role} at generation {generation}")
+
+    def pids(self) -> dict[str, int]:
+        """Supervisor and worker pids, from ``run/supervisor.json``."""
+        assert self.proc is not None
+        workers = self.status("supervisor").get("workers", {})
+        return {"supervisor": self.proc.pid, **{r: p for r, p in workers.items()
+                                                if isinstance(p, int)}}

@@ -1,0 +1,638 @@
+"""Control and systemd on the REAL daemon: signals, reloads, worker replacement, notify, lock.
+
+Every test runs ``ingestd run`` (supervisor + stream worker + store worker) against the simulator
+and MongoDB (stand-in or ``INGESTD_TEST_MONGO_URI``), sends real signals, and reconciles what was
+stored with the simulator's ground truth. Each prints its measured figure on a ``[figure]`` line
+(run with ``-s`` to see them).
+
+Reconciling under a live stream: the simulator logs a tweet as delivered once its bytes are in
+the socket, but bytes the daemon never read (it stopped, or its reader was killed) are not
+received. Where the stream keeps flowing, the checks use what the stream worker counted as
+received; where exactness is needed the simulator runs with ``--max-tweets`` so the stream goes
+quiet and everything delivered must be stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pymongo
+import pytest
+import yaml
+
+from ingestd.settings import ConfigError, load_settings_text
+from ingestd.supervisor import Supervisor
+from tests.support.creds import CREDS
+from tests.support.daemon import Daemon, settings_doc
+from tests.support.simulator import GroundTruthLog, SimProcess
+from tests.support.wait import wait_until
+
+Launch = Callable[..., tuple[SimProcess, Daemon]]
+
+
+# -- harness --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def launch(tmp_path: Path, mongo_uri: str, mongo_database: str) -> Iterator[Launch]:
+    """Start the simulator (with ``sim_args``) and the daemon (settings ``sections``)."""
+    started: list[tuple[SimProcess, Daemon]] = []
+
+    def launch(*sim_args: str, script: list[list[dict[str, Any]]] | None = None,
+               env: dict[str, str] | None = None, **sections: Any) -> tuple[SimProcess, Daemon]:
+        sim = SimProcess(tmp_path / "sim", *sim_args, script=script).start()
+        doc = settings_doc(sim.url, mongo_uri, mongo_database, **sections)
+        daemon = Daemon(tmp_path / "daemon", doc)
+        started.append((sim, daemon))
+        daemon.start(env)
+        return sim, daemon
+
+    yield launch
+    for sim, daemon in started:
+        kill_tree(daemon)
+        sim.stop()
+
+
+def kill_tree(daemon: Daemon) -> None:
+    """SIGKILL the supervisor and every worker (a SIGSTOPped one would never exit by itself)."""
+    if daemon.proc is None or daemon.proc.poll() is not None:
+        return
+    try:
+        children = psutil.Process(daemon.proc.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    daemon.kill()
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+def figure(text: str) -> None:
+    print(f"\n[figure] {text}")
+
+
+def log_time(event: dict[str, Any]) -> float:
+    """A log event's timestamp as epoch seconds."""
+    return datetime.fromisoformat(str(event["timestamp"])).timestamp()
+
+
+def mongo_ids(mongo_uri: str, database: str) -> list[int]:
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+    try:
+        return [int(d["_id"]) for d in client[database].tweets.find({}, {"_id": 1})]
+    finally:
+        client.close()
+
+
+def accounted(store: dict[str, Any]) -> int:
+    """Records the store worker put in a final bucket (writer.py's reconciliation identity)."""
+    return int(store["stored"] + store["duplicates"] + sum(store["deadlettered"].values())
+               + sum(store["control"].values()) + sum(store["skipped"].values()))
+
+
+def stored_count(daemon: Daemon) -> int:
+    return int(daemon.counters("store").get("stored", 0))
+
+
+def wait_stored(daemon: Daemon, at_least: int, timeout: float = 60) -> int:
+    def enough() -> int:
+        daemon.assert_running()
+        n = stored_count(daemon)
+        return n if n >= at_least else 0
+    return wait_until(enough, timeout, f"{at_least} tweets stored")
+
+
+def wait_quiet(daemon: Daemon, sim: SimProcess, conn: int, tweets: int, mongo_uri: str,
+               database: str, timeout: float = 90) -> GroundTruthLog:
+    """Until connection ``conn`` delivered its ``tweets`` and the store worker has acked
+    everything the reader appended (the simulator then only sends keep-alives)."""
+    def quiet() -> GroundTruthLog | None:
+        daemon.assert_running()
+        truth = sim.ground_truth()
+        if len(truth.tweet_ids(conn)) < tweets:
+            return None
+        stream = daemon.status("stream")
+        store = daemon.counters("store")
+        if stream.get("spool", {}).get("records") != 0 or store.get("pending") != 0:
+            return None
+        expected = set(truth.tweet_ids(conn)) - set(truth.deleted_ids())
+        return truth if expected <= set(mongo_ids(mongo_uri, database)) else None
+    result: GroundTruthLog = wait_until(quiet, timeout, f"connection {conn} stored", 0.25)
+    return result
+
+
+def connect_tracks(truth: GroundTruthLog) -> list[list[str]]:
+    return [list(c["params"]["track"]) for c in truth.connections() if c["status"] == 200]
+
+
+def received_deletes(truth: GroundTruthLog, conn: int, controls_received: int) -> set[int]:
+    """Ids of the deletes among the first ``controls_received`` control messages of ``conn``
+    (the wire order is the ground-truth order)."""
+    controls = truth.of("control", conn)[:controls_received]
+    return {int(c["id"]) for c in controls if c["type"] == "delete"}
+
+
+def proc_figures(pid: int) -> tuple[int, int]:
+    proc = psutil.Process(pid)
+    return proc.num_fds(), proc.memory_info().rss
+
+
+# -- 1, 2: SIGTERM --------------------------------------------------------------------------------
+
+
+def test_sigterm_under_load_drains_everything_received(
+        launch: Launch, mongo_uri: str, mongo_database: str) -> None:
+    # --rate 0: the simulator writes as fast as TCP takes it. The spool bound (block policy)
+    # keeps the backlog drainable within stop_timeout; the rest waits in the socket.
+    sim, daemon = launch("--rate", "0", "--control-every", "50", "--seed", "21",
+                         spool={"max_records": 1000}, control={"stop_timeout": 10})
+    daemon.wait_ready()
+    wait_stored(daemon, 2000)
+    backlog = wait_until(lambda: daemon.status("stream").get("spool", {}).get("records", 0),
+                         30, "a spool backlog")
+    code, took = daemon.stop(timeout=30)
+    stream, store = daemon.counters("stream"), daemon.counters("store")
+    truth = sim.ground_truth()
+    ids = mongo_ids(mongo_uri, mongo_database)
+    draining = daemon.events("store_draining")[-1]
+    stopped = daemon.events("store_worker_stopped")[-1]
+
+    assert code == 0, daemon.tail()
+    assert took < 10, f"stop took {took:.2f}s, stop_timeout is 10s"
+    assert stopped["drained"] is True
+    assert store["pending"] == 0
+    # Every message the reader received (plus a partial message it kept as evidence) was read
+    # by the store worker and ended in exactly one bucket.
+    assert accounted(store) == store["records_read"] == stream["received"] + stream["partial"]
+    # One connection; the received tweets are a prefix of what it delivered, stored but for
+    # the deletes among the received control messages; the rest is the unread tail.
+    assert len(truth.connections()) == 1
+    delivered = truth.tweet_ids(1)
+    n_received = store["stored"] + store["duplicates"] + store["skipped"].get("deleted", 0)
+    deleted = received_deletes(truth, 1, sum(store["control"].values()))
+    assert len(ids) == len(set(ids))
+    assert set(ids) <= set(delivered)
+    assert set(ids) == set(delivered[:n_received]) - deleted
+    figure(f"SIGTERM under load: exit {code} in {took:.2f}s; drain "
+           f"{log_time(stopped) - log_time(draining):.2f}s of a {backlog}-record backlog; "
+           f"received={stream['received']} stored={store['stored']} "
+           f"control={sum(store['control'].values())} dup={store['duplicates']} "
+           f"delivered={len(delivered)} unread_tail={len(delivered) - n_received}")
+
+
+def test_sigterm_on_a_silent_stream_aborts_the_transfer_within_1s(launch: Launch) -> None:
+    # One tweet, then nothing at all (not even keep-alives): the transfer is idle in select().
+    _, daemon = launch("--rate", "50", "--keepalive", "600",
+                       script=[[{"deliver": 1}, {"stall": 600}]])
+    daemon.wait_ready()
+    wait_stored(daemon, 1, 30)
+    code, took = daemon.stop()
+    stopping = daemon.events("stopping")[-1]
+    reader_done = daemon.events("stream_worker_stopped")[-1]
+    abort = log_time(reader_done) - log_time(stopping)
+
+    assert code == 0
+    assert abort < 1.0, f"the in-flight transfer was aborted after {abort:.3f}s"
+    assert took < 2.0, f"stop took {took:.2f}s on a silent stream"
+    assert daemon.counters("stream")["endings"] == {"aborted": 1}
+    figure(f"silent stream: transfer aborted {abort * 1000:.0f} ms after the supervisor "
+           f"handled SIGTERM; exit {code} in {took:.2f}s")
+
+
+# -- 3, 4, 5: SIGHUP ------------------------------------------------------------------------------
+
+
+def test_sighup_changing_track_switches_make_before_break_without_loss(
+        launch: Launch, mongo_uri: str, mongo_database: str) -> None:
+    per_conn = 2000
+    sim, daemon = launch("--rate", "250", "--max-tweets", str(per_conn), "--keepalive", "1",
+                         "--control-every", "25", "--seed", "31",
+                         stream={"track": ["iphone", "ipad"]})
+    daemon.wait_ready()
+    wait_until(lambda: len(sim.ground_truth().tweet_ids(1)) >= 300, 30, "tweets flowing")
+    doc = dict(daemon.doc)
+    doc["stream"] = {**doc["stream"], "track": ["ipad", "ipod"]}
+    daemon.write_settings_atomically(doc)
+    daemon.send(signal.SIGHUP)
+    applied = daemon.wait_log("reload_applied", role="supervisor", generation=2)
+    truth = wait_quiet(daemon, sim, 2, per_conn, mongo_uri, mongo_database)
+    ids = mongo_ids(mongo_uri, mongo_database)
+    store = daemon.counters("store")
+
+    # The simulator saw the new parameters on a second connection, and only there.
+    assert connect_tracks(truth) == [["iphone", "ipad"], ["ipad", "ipod"]]
+    assert applied["filter_diff"]["track"] == {"added": ["ipod"], "removed": ["iphone"]}
+    assert daemon.status("stream")["conn"] == 2
+    # Nothing delivered on either connection is missing: in particular every tweet matching
+    # the common term "ipad", whichever connection carried it.
+    delivered = set(truth.tweet_ids())
+    missing = delivered - set(truth.deleted_ids()) - set(ids)
+    by_conn = {c: len(missing & set(truth.tweet_ids(c))) for c in (1, 2)}
+    assert not missing, f"lost across the switch: {by_conn}"
+    assert set(ids) <= delivered and len(ids) == len(set(ids))
+    gap = truth.of("tweet", 2)[0]["t"] - truth.of("tweet", 1)[-1]["t"]
+    common = count_matching(mongo_uri, mongo_database, "ipad")
+    figure(f"SIGHUP track change: reload gap {gap * 1000:.0f} ms (old conn's last tweet → new "
+           f"conn's first; negative = overlap); duplicates={store['duplicates']}; "
+           f"delivered conn1={len(truth.tweet_ids(1))} conn2={len(truth.tweet_ids(2))}, "
+           f"lost=0; stored matching the common term 'ipad': {common}")
+
+
+def count_matching(mongo_uri: str, database: str, term: str) -> dict[int, int]:
+    """Stored tweets whose ``_ingest.matched.track`` holds ``term``, per connection."""
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+    try:
+        docs = client[database].tweets.find({}, {"_ingest": 1})
+        counts: dict[int, int] = {}
+        for d in docs:
+            if term in d["_ingest"]["matched"]["track"]:
+                counts[d["_ingest"]["conn"]] = counts.get(d["_ingest"]["conn"], 0) + 1
+        return counts
+    finally:
+        client.close()
+
+
+def bad_settings(daemon: Daemon) -> dict[str, Callable[[], None]]:
+    """Ways to break the settings file, each applied in place (not atomically)."""
+    good = yaml.safe_dump(daemon.doc, sort_keys=False)
+    half = good[: len(good) // 2]
+    with pytest.raises(ConfigError):  # the test only means something if half is invalid
+        load_settings_text(half, daemon.config, CREDS)
+    schema = dict(daemon.doc)
+    # The interpolated secret is where a number belongs: the reason must not echo it.
+    schema["writer"] = {**schema["writer"], "batch_size": "${TWITTER_CONSUMER_SECRET}"}
+
+    def unreadable() -> None:
+        daemon.config.unlink()
+        daemon.config.mkdir()  # reading a directory fails even for root
+
+    return {
+        "syntax": lambda: daemon.config.write_text(good + "writer: [unclosed\n"),
+        "half-written": lambda: daemon.config.write_text(half),
+        "schema": lambda: daemon.config.write_text(yaml.safe_dump(schema, sort_keys=False)),
+        "unreadable": unreadable,
+    }
+
+
+def test_sighup_with_bad_settings_keeps_running_on_the_old_ones(launch: Launch) -> None:
+    sim, daemon = launch("--rate", "150", "--keepalive", "1", "--seed", "41")
+    daemon.wait_ready()
+    wait_stored(daemon, 50)
+    figures = []
+    for n, (kind, breaker) in enumerate(bad_settings(daemon).items(), start=1):
+        breaker()
+        before = stored_count(daemon)
+        daemon.send(signal.SIGHUP)
+        failed = daemon.wait_log("reload_failed", reload_failures=n)
+        wait_until(lambda n=n: daemon.status("supervisor").get("reload_failures") == n, 10,
+                   "reload_failures in run/supervisor.json")
+        assert str(daemon.config) in failed["error"], failed
+        if kind == "schema":
+            assert failed["key"] == "writer.batch_size", failed
+        wait_stored(daemon, before + 30)  # still storing, with the old settings
+        figures.append(f"{kind}: {failed['error']!r}")
+        if kind == "unreadable":
+            daemon.config.rmdir()
+    # A bad file is refused by `ingestd reload` itself: no signal is sent.
+    cli = run_cli("reload", daemon)
+    assert cli.returncode == 78 and "not reloading" in cli.stderr
+    daemon.write_settings_atomically(daemon.doc)
+    daemon.send(signal.SIGHUP)
+    daemon.wait_generation("stream", 2)
+    truth = sim.ground_truth()
+    supervisor = daemon.status("supervisor")
+
+    assert supervisor["reload_failures"] == 4 and supervisor["generation"] == 2
+    assert daemon.status("stream")["conn"] == 1
+    assert len(truth.connections()) == 1, "a rejected or unchanged reload reconnected"
+    logs = daemon.logs()
+    for name, secret in CREDS.items():
+        assert secret not in logs, f"{name} leaked into the log"
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    figure("bad reloads rejected, still one connection, still storing; logged reasons: "
+           + "; ".join(figures))
+
+
+def run_cli(command: str, daemon: Daemon) -> subprocess.CompletedProcess[str]:
+    """``ingestd COMMAND --config`` with the daemon's settings, as an operator would run it."""
+    return subprocess.run([sys.executable, "-m", "ingestd", command, "--config",
+                           str(daemon.config)], env=daemon.env(), capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_unchanged_and_writer_only_reloads_do_not_reconnect(
+        launch: Launch, mongo_uri: str, mongo_database: str) -> None:
+    per_conn = 1500
+    sim, daemon = launch("--rate", "250", "--max-tweets", str(per_conn), "--keepalive", "1",
+                         "--seed", "51", writer={"batch_size": 200, "flush_interval": 0.5})
+    daemon.wait_ready()
+    wait_until(lambda: daemon.counters("store").get("last_batch_size", 0) > 8, 30,
+               "batches larger than the new batch size")
+    # Unchanged file, via `ingestd reload` (people not under systemd).
+    cli = run_cli("reload", daemon)
+    assert cli.returncode == 0, cli.stderr
+    daemon.wait_generation("stream", 2)
+    daemon.wait_generation("store", 2)
+    # Only writer.batch_size changes.
+    doc = dict(daemon.doc)
+    doc["writer"] = {**doc["writer"], "batch_size": 8}
+    daemon.write_settings_atomically(doc)
+    daemon.send(signal.SIGHUP)
+    daemon.wait_generation("store", 3)
+    sizes = sample_batch_sizes(daemon, samples=3)
+    truth = wait_quiet(daemon, sim, 1, per_conn, mongo_uri, mongo_database)
+    ids = mongo_ids(mongo_uri, mongo_database)
+    applied = daemon.events("reload_applied", role="supervisor")
+
+    assert [e["filter_changed"] for e in applied] == [False, False]
+    assert len(truth.connections()) == 1, "an unchanged or writer-only reload reconnected"
+    assert max(sizes) <= 8, f"batch_size 8 not applied: {sizes}"
+    assert set(ids) == set(truth.tweet_ids(1)) - set(truth.deleted_ids())
+    assert len(ids) == len(set(ids))
+    figure(f"unchanged + writer-only reloads: connections={len(truth.connections())}, "
+           f"batch sizes after batch_size=8: {sizes}, stored={len(ids)} of "
+           f"{len(truth.tweet_ids(1))} delivered ({len(set(truth.deleted_ids()))} deletes)")
+
+
+def sample_batch_sizes(daemon: Daemon, samples: int) -> list[int]:
+    """``last_batch_size`` of ``samples`` successive new batches (one per status update)."""
+    sizes: list[int] = []
+    seen = daemon.counters("store")["batches"]
+
+    def next_batch() -> bool:
+        nonlocal seen
+        counters = daemon.counters("store")
+        if counters["batches"] > seen:
+            seen = counters["batches"]
+            sizes.append(counters["last_batch_size"])
+        return len(sizes) >= samples
+
+    wait_until(next_batch, 30, f"{samples} batches")
+    return sizes
+
+
+# -- 6: many reloads ------------------------------------------------------------------------------
+
+FILTER_CHANGES = {25: ["ipad", "ipod"], 50: ["iphone", "ipad", "ipod"], 75: ["iphone", "ipad"]}
+
+
+def reload_many(daemon: Daemon, first: int, count: int) -> None:
+    """``count`` SIGHUPs, each awaited until the supervisor applied it: writer-only changes
+    (batch size, flush interval), plus filter changes at ``FILTER_CHANGES``."""
+    for n in range(first, first + count):
+        doc = dict(daemon.doc)
+        doc["writer"] = {**doc["writer"], "batch_size": 100 + n % 2 * 50,
+                         "flush_interval": 0.2 + n % 3 * 0.1}
+        if n in FILTER_CHANGES:
+            doc["stream"] = {**doc["stream"], "track": FILTER_CHANGES[n]}
+        daemon.write_settings_atomically(doc)
+        generation = daemon.status("supervisor")["generation"]
+        daemon.send(signal.SIGHUP)
+        daemon.wait_generation("supervisor", generation + 1, 10)
+
+
+def settled_figures(daemon: Daemon, generation: int) -> dict[str, tuple[int, int]]:
+    """fds and RSS of the three processes once both workers run ``generation`` and the stream
+    is connected on its newest filters."""
+    daemon.wait_generation("store", generation)
+    daemon.wait_generation("stream", generation)
+    wait_until(lambda: str(daemon.status("stream").get("state")).startswith("connected"), 30,
+               "the stream connected")
+    wait_until(lambda: daemon.status("supervisor")["status"].startswith("connected"), 10,
+               "the supervisor's summary")
+    return {role: proc_figures(pid) for role, pid in daemon.pids().items()}
+
+
+@pytest.mark.parametrize("reloads", [
+    pytest.param(40, id="40"),
+    pytest.param(100, id="100", marks=pytest.mark.slow),
+])
+def test_many_reloads_leak_no_fds_or_memory(
+        launch: Launch, mongo_uri: str, mongo_database: str, reloads: int) -> None:
+    sim, daemon = launch("--rate", "100", "--keepalive", "1", "--seed", "61")
+    daemon.wait_ready()
+    wait_stored(daemon, 20)
+    reload_many(daemon, 1, 10)  # warm-up: first-use imports, caches, allocator arenas
+    before = settled_figures(daemon, 11)
+    reload_many(daemon, 11, reloads)
+    after = settled_figures(daemon, 11 + reloads)
+    truth = sim.ground_truth()
+    ids = mongo_ids(mongo_uri, mongo_database)
+
+    changes = sum(1 for n in FILTER_CHANGES if 11 <= n < 11 + reloads)
+    assert len(truth.connections()) == 1 + changes, "a writer-only reload reconnected"
+    assert daemon.status("supervisor")["reload_failures"] == 0
+    assert set(ids) <= set(truth.tweet_ids()) and len(ids) == len(set(ids))
+    for role, (fds, rss) in before.items():
+        fds_after, rss_after = after[role]
+        assert fds_after <= fds + (1 if role == "store" else 0), f"{role}: fds {fds} → {fds_after}"
+        assert rss_after - rss < 4 << 20, f"{role}: RSS {rss} → {rss_after}"
+    figure(f"{reloads} reloads ({changes} filter changes): " + "; ".join(
+        f"{role} fds {before[role][0]}→{after[role][0]} RSS {before[role][1] / 2**20:.1f}→"
+        f"{after[role][1] / 2**20:.1f} MiB" for role in before))
+
+
+# -- 7, 8: dead and hung workers ------------------------------------------------------------------
+
+
+def new_worker(daemon: Daemon, role: str, old: int, timeout: float = 30) -> int:
+    """The pid of ``role``'s replacement, once it has published its own heartbeat."""
+    def replaced() -> int:
+        daemon.assert_running()
+        pid = daemon.status(role).get("pid")
+        return pid if isinstance(pid, int) and pid != old else 0
+    pid: int = wait_until(replaced, timeout, f"a new {role} worker")
+    return pid
+
+
+@pytest.mark.parametrize("role", ["stream", "store"])
+def test_sigkilled_worker_is_replaced_and_nothing_in_the_spool_is_lost(
+        launch: Launch, mongo_uri: str, mongo_database: str, role: str) -> None:
+    per_conn = 1500
+    sim, daemon = launch("--rate", "300", "--max-tweets", str(per_conn), "--keepalive", "1",
+                         "--seed", "71")
+    daemon.wait_ready()
+    wait_stored(daemon, 200)
+    # An edit broke the file since the last (re)load: the replacement must run the settings in
+    # force, not exit 78 and halt the service.
+    daemon.config.write_text("stream: [broken\n")
+    old = daemon.worker_pid(role)
+    os.kill(old, signal.SIGKILL)
+    new = new_worker(daemon, role, old)
+    exited = daemon.wait_log("worker_exited", role=role, pid=old)
+    daemon.wait_log("settings_file_invalid", role=role, pid=new)
+    # The stream worker's replacement opens connection 2, which delivers its own quota.
+    last = 2 if role == "stream" else 1
+    truth = wait_quiet(daemon, sim, last, per_conn, mongo_uri, mongo_database)
+    ids = mongo_ids(mongo_uri, mongo_database)
+    deleted = set(truth.deleted_ids())
+    missing = set(truth.tweet_ids()) - deleted - set(ids)
+
+    assert exited["signal"] == "SIGKILL"
+    assert daemon.status("supervisor")["restarts"][role] == 1
+    assert len(truth.connections()) == last
+    assert len(ids) == len(set(ids)), "a tweet stored twice"
+    assert set(ids) <= set(truth.tweet_ids())
+    if role == "store":
+        assert not missing, "the spool is durable: a store worker crash loses nothing"
+    else:
+        # Only what the killed reader had not read yet: a tail of its connection.
+        conn1 = truth.tweet_ids(1)
+        assert missing <= set(conn1)
+        read_up_to = max(i for i, t in enumerate(conn1) if t in set(ids))
+        assert all(conn1.index(t) > read_up_to for t in missing), "a hole, not a tail"
+    figure(f"SIGKILL {role} worker: replaced, ingestion resumed; delivered="
+           f"{len(truth.tweet_ids())} stored={len(ids)} deleted={len(deleted)} "
+           f"lost_in_killed_reader's_socket={len(missing)} "
+           f"replayed_duplicates={daemon.counters('store')['duplicates']}")
+
+
+def test_sigstopped_worker_is_detected_and_replaced(launch: Launch) -> None:
+    notify = NotifySocket()
+    try:
+        _, daemon = launch("--rate", "100", "--keepalive", "1", "--seed", "81",
+                           control={"heartbeat_timeout": 3},
+                           env={"NOTIFY_SOCKET": notify.name, "WATCHDOG_USEC": "1000000"})
+        notify.wait_for("READY=1", 30)
+        notify.wait_for("WATCHDOG=1", 5)
+        old = daemon.worker_pid("stream")
+        stopped_at = time.time()
+        os.kill(old, signal.SIGSTOP)
+        hung = daemon.wait_log("worker_hung", role="stream", pid=old)
+        beats_after_hang = notify.drain()
+        daemon.wait_log("worker_exited", role="stream", pid=old, signal="SIGKILL")
+        # From the hang decision until the worker is gone, no keep-alive for systemd.
+        assert "WATCHDOG=1" not in notify.drain()
+        new = new_worker(daemon, "stream", old)
+        replaced_at = time.time()
+        notify.wait_for("WATCHDOG=1", 10)  # fresh heartbeats again
+        before = stored_count(daemon)
+        wait_stored(daemon, before + 50)
+    finally:
+        notify.close()
+    detection = log_time(hung) - stopped_at
+    assert 3 - 1.5 <= detection <= 3 + 5, f"detected after {detection:.2f}s"
+    assert new != old
+    figure(f"SIGSTOP stream worker, heartbeat_timeout=3s: hang detected after {detection:.2f}s, "
+           f"replacement heartbeating {replaced_at - stopped_at:.2f}s after the stop; "
+           f"WATCHDOG=1 messages between stop and detection: "
+           f"{sum(m == 'WATCHDOG=1' for m in beats_after_hang)}")
+
+
+# -- 9: systemd notify ----------------------------------------------------------------------------
+
+
+class NotifySocket:
+    """A real AF_UNIX datagram socket standing in for systemd's (abstract namespace)."""
+
+    def __init__(self) -> None:
+        self.name = f"@ingestd-ctl-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name[1:])
+        self.received: list[str] = []
+
+    def receive(self, timeout: float) -> str | None:
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            data = self.sock.recv(65536).decode()
+        except TimeoutError:
+            return None
+        self.received.append(data)
+        return data
+
+    def wait_for(self, prefix: str, timeout: float = 10,
+                 contains: str = "") -> str:
+        """Read datagrams until one starts with ``prefix`` (and contains ``contains``)."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = self.receive(remaining)
+            if message is not None and message.startswith(prefix) and contains in message:
+                return message
+        raise AssertionError(f"no {prefix!r} datagram within {timeout}s; got {self.received}")
+
+    def drain(self) -> list[str]:
+        messages = []
+        while (message := self.receive(0.001)) is not None:
+            messages.append(message)
+        return messages
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def kinds(messages: list[str]) -> list[str]:
+    """The first line of each datagram, WATCHDOG and STATUS-only updates left out."""
+    first = [m.split("\n", 1)[0] for m in messages]
+    return [k for k in first if k.split("=")[0] not in ("WATCHDOG", "STATUS")]
+
+
+def test_notify_messages_arrive_in_order(launch: Launch) -> None:
+    notify = NotifySocket()
+    try:
+        _, daemon = launch("--rate", "100", "--keepalive", "1", "--seed", "91",
+                           env={"NOTIFY_SOCKET": notify.name})
+        ready = notify.wait_for("READY=1", 30)
+        # READY=1 only once both workers run and published their status.
+        assert daemon.status("stream").get("pid") and daemon.status("store").get("pid")
+        status = notify.wait_for("STATUS=", 30, contains="connected conn=1 gen=1")
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        daemon.send(signal.SIGHUP)
+        reloading = notify.wait_for("RELOADING=1")
+        after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        notify.wait_for("READY=1")
+        daemon.config.write_text("{{ broken")
+        daemon.send(signal.SIGHUP)
+        notify.wait_for("RELOADING=1")
+        rejected = notify.wait_for("READY=1")  # a failed reload leaves the service ready
+        code, _ = daemon.stop()
+        notify.drain()
+    finally:
+        notify.close()
+    fields = dict(line.split("=", 1) for line in reloading.split("\n"))
+
+    assert code == 0
+    assert before <= int(fields["MONOTONIC_USEC"]) <= after
+    assert kinds(notify.received) == [
+        "READY=1", "RELOADING=1", "READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
+    assert "tweets/s" in status and "stored" in status and "settings gen=1" in status
+    assert "1 reload(s) rejected" in rejected
+    figure(f"notify: {kinds(notify.received)}; first READY: {ready!r}; STATUS example: "
+           f"{status!r}; after a bad reload: {rejected!r}")
+
+
+# -- lock -----------------------------------------------------------------------------------------
+
+
+def test_second_supervisor_on_the_same_state_dir_is_refused(launch: Launch) -> None:
+    _, daemon = launch("--rate", "50", "--keepalive", "1", "--seed", "101")
+    daemon.wait_ready()
+    first = daemon.pids()
+    second = run_cli("run", daemon)
+    status = daemon.status("supervisor")
+
+    assert second.returncode == Supervisor.EXIT_LOCKED, second.stdout + second.stderr
+    assert "state_dir_locked" in second.stdout + second.stderr
+    assert f'"holder_pid":{first["supervisor"]}' in second.stdout + second.stderr
+    # The running daemon is untouched: its pid file, status and workers.
+    pidfile = daemon.state_dir / "run" / "supervisor.pid"
+    assert int(pidfile.read_text()) == first["supervisor"]
+    assert status["state"] == "ready" and daemon.pids() == first
+    code, _ = daemon.stop()
+    assert code == 0
+    # Released on exit: the same state folder starts again.
+    daemon.start()
+    daemon.wait_ready()
+    figure(f"second supervisor refused with exit {second.returncode}: "
+           f"{(second.stdout + second.stderr).strip()[:300]}")

@@ -1,0 +1,291 @@
+"""docs/cookbook.md: every Python recipe, run on tweets the real daemon ingested from the simulator,
+must equal a plain-Python computation over the same documents.
+
+The recipes are executed verbatim from the Markdown (each ```python block that defines a function),
+so the cookbook cannot drift from what is tested. Against a real mongod (``INGESTD_TEST_MONGO_URI``)
+every recipe runs as written. The nx-27017 stand-in cannot evaluate some standard forms
+(``$match`` on dates inside ``aggregate`` — which ``count_documents`` uses too —, compound ``_id``
+documents in ``$group``, ``$dateTrunc``, ``$geoWithin``): for those, the stand-in runs an
+*equivalent* form defined below (marked STAND-IN EQUIVALENT) over the whole collection as the
+window, and the recipe itself is tested only against a real server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pymongo
+import pytest
+
+from ingestd.matching import Matcher
+from tests.support.daemon import Daemon, settings_doc
+from tests.support.mongo import ENV_URI
+from tests.support.simulator import SimProcess
+from tests.support.wait import wait_until
+
+COOKBOOK = Path(__file__).parent.parent / "docs" / "cookbook.md"
+BOXES = [[-122.75, 36.8, -121.75, 37.8], [-74.0, 40.0, -73.0, 41.0]]
+TWEETS = 400
+REAL_MONGO = bool(os.environ.get(ENV_URI))
+real_only = pytest.mark.skipif(not REAL_MONGO, reason=f"standard form; set {ENV_URI} to run")
+
+Doc = dict[str, Any]
+Coll = pymongo.collection.Collection[Doc]
+
+
+def recipes() -> dict[str, Callable[..., Any]]:
+    """The functions defined by the cookbook's Python blocks."""
+    namespace: dict[str, Any] = {}
+    blocks = re.findall(r"```python\n(.*?)```", COOKBOOK.read_text(), re.DOTALL)
+    for block in blocks:
+        if block.startswith("def "):
+            exec(compile(block, str(COOKBOOK), "exec"), namespace)
+    return {k: v for k, v in namespace.items() if callable(v) and not k.startswith("__")}
+
+
+@pytest.fixture(scope="module")
+def tweets(tmp_path_factory: pytest.TempPathFactory, mongo_uri: str) -> Iterator[Coll]:
+    """The collection after the real daemon ingested TWEETS tweets (track and location filters)."""
+    workdir, database = tmp_path_factory.mktemp("cookbook"), f"t_cookbook_{uuid.uuid4().hex[:8]}"
+    # 150/s: the tweets span a few seconds, so a window can hold some and not others.
+    sim = SimProcess(workdir / "sim", "--rate", "150", "--max-tweets", str(TWEETS),
+                     "--keepalive", "0.5", "--seed", "21").start()
+    doc = settings_doc(sim.url, mongo_uri, database)
+    doc["stream"]["locations"] = BOXES
+    daemon = Daemon(workdir / "daemon", doc).start()
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: len(sim.ground_truth().tweet_ids()) >= TWEETS
+                   and daemon.counters("store").get("records_read")
+                   == daemon.counters("stream").get("received")
+                   and daemon.counters("store").get("pending") == 0, 60, "the tweets to be stored")
+        assert daemon.stop()[0] == 0
+    finally:
+        daemon.kill()
+        sim.stop()
+    client: pymongo.MongoClient[Doc] = pymongo.MongoClient(mongo_uri, tz_aware=True)
+    yield client[database].tweets
+    client.drop_database(database)
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def docs(tweets: Coll) -> list[Doc]:
+    found = list(tweets.find())
+    assert len(found) > TWEETS // 2, "the pipeline stored the tweets"
+    return found
+
+
+@pytest.fixture(scope="module")
+def cook() -> dict[str, Callable[..., Any]]:
+    return recipes()
+
+
+# Windows start and end on whole seconds, as analysts' windows do (the stand-in compares dates
+# at whole-second precision; whole-second bounds give the same answer either way).
+
+
+def second(when: datetime) -> datetime:
+    return when.replace(microsecond=0)
+
+
+def whole(docs: list[Doc]) -> tuple[datetime, datetime]:
+    """A window holding every document."""
+    dates = [d["created_at"] for d in docs]
+    return second(min(dates)), second(max(dates)) + timedelta(seconds=1)
+
+
+def later_half(docs: list[Doc]) -> tuple[datetime, datetime]:
+    """A window leaving out the first second's documents (tests the window, not just grouping)."""
+    start, end = whole(docs)
+    start += timedelta(seconds=1)
+    inside = len(within(docs, start, end))
+    assert 0 < inside < len(docs), "the tweets should span more than one second"
+    return start, end
+
+
+def within(docs: list[Doc], start: datetime, end: datetime) -> list[Doc]:
+    return [d for d in docs if start <= d["created_at"] < end]
+
+
+# -- plain-Python answers ------------------------------------------------------------------------
+
+
+def expect_keyword_hours(docs: list[Doc]) -> Counter[tuple[str, datetime]]:
+    return Counter((t, d["created_at"].replace(minute=0, second=0, microsecond=0))
+                   for d in docs for t in d["_ingest"]["matched"]["track"])
+
+
+def expect_top_hashtags(docs: list[Doc], limit: int = 10) -> list[tuple[str, int]]:
+    uses = Counter(h["text"].lower() for d in docs for h in d["entities"]["hashtags"])
+    return sorted(uses.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+
+
+def expect_languages(docs: list[Doc]) -> list[tuple[str | None, int]]:
+    langs = Counter(d.get("lang") for d in docs)
+    return sorted(langs.items(), key=lambda kv: (-kv[1], str(kv[0])))
+
+
+def expect_retweet_share(docs: list[Doc]) -> float:
+    return sum(isinstance(d.get("retweeted_status"), dict) for d in docs) / len(docs)
+
+
+# -- recipes that every server runs as written ----------------------------------------------------
+
+
+def test_tweets_by_user(cook: dict[str, Callable[..., Any]], tweets: Coll,
+                        docs: list[Doc]) -> None:
+    user, count = Counter(d["user"]["id"] for d in docs).most_common(1)[0]
+    start, end = whole(docs)
+    got = cook["tweets_by_user"](tweets, user, start, end)
+    expected = sorted((d for d in docs if d["user"]["id"] == user),
+                      key=lambda d: d["created_at"])
+    assert count >= 1
+    assert [d["_id"] for d in got] == [d["_id"] for d in expected]
+    assert [d["created_at"] for d in got] == sorted(d["created_at"] for d in got)
+
+
+def test_tweets_by_user_respects_the_window(cook: dict[str, Callable[..., Any]], tweets: Coll,
+                                            docs: list[Doc]) -> None:
+    start, end = later_half(docs)
+    users = Counter(d["user"]["id"] for d in docs)
+    user = next(u for u, _ in users.most_common()
+                if any(d["user"]["id"] == u for d in within(docs, start, end)))
+    got = {d["_id"] for d in cook["tweets_by_user"](tweets, user, start, end)}
+    assert got == {d["_id"] for d in within(docs, start, end) if d["user"]["id"] == user}
+
+
+@pytest.mark.parametrize("box", [0, 1])
+def test_tweets_in_configured_box(cook: dict[str, Callable[..., Any]], tweets: Coll,
+                                  docs: list[Doc], box: int) -> None:
+    matcher = Matcher((), (), [tuple(b) for b in BOXES])  # type: ignore[misc]
+
+    def in_box(d: Doc) -> bool:
+        if d.get("coordinates") or d.get("place"):
+            return box in matcher.match(d).locations
+        # A scrub_geo notice removed the geometry after the tweet arrived: the mark stays.
+        return box in d["_ingest"]["matched"]["locations"]
+
+    expected = {d["_id"] for d in docs if in_box(d)}
+    got = {d["_id"] for d in cook["tweets_in_configured_box"](tweets, box)}
+    assert expected, "the simulator sent tweets from this box"
+    assert got == expected
+
+
+def test_top_hashtags_whole_collection(cook: dict[str, Callable[..., Any]], tweets: Coll,
+                                       docs: list[Doc]) -> None:
+    # STAND-IN EQUIVALENT of top_hashtags when the window holds every document: the same
+    # pipeline without its $match stage (the recipe itself runs in the real-server test).
+    got = list(tweets.aggregate([
+        {"$unwind": "$entities.hashtags"},
+        {"$group": {"_id": {"$toLower": "$entities.hashtags.text"}, "uses": {"$sum": 1}}},
+        {"$sort": {"uses": -1, "_id": 1}},
+        {"$limit": 10},
+    ]))
+    assert [(g["_id"], g["uses"]) for g in got] == expect_top_hashtags(docs)
+    assert got, "the tweets carry hashtags"
+
+
+def test_keyword_hours_whole_collection(tweets: Coll, docs: list[Doc]) -> None:
+    # STAND-IN EQUIVALENT of tweets_per_keyword_per_hour: a single-string _id (keyword|hour).
+    got = list(tweets.aggregate([
+        {"$unwind": "$_ingest.matched.track"},
+        {"$group": {"_id": {"$concat": [
+            "$_ingest.matched.track", "|",
+            {"$dateToString": {"format": "%Y-%m-%dT%H", "date": "$created_at"}}]},
+            "tweets": {"$sum": 1}}},
+    ]))
+    expected = {f"{t}|{h:%Y-%m-%dT%H}": n for (t, h), n in expect_keyword_hours(docs).items()}
+    assert {g["_id"]: g["tweets"] for g in got} == expected
+    assert len({k.split("|")[0] for k in expected}) >= 2, "several keywords matched"
+
+
+def test_language_mix_whole_collection(tweets: Coll, docs: list[Doc]) -> None:
+    # STAND-IN EQUIVALENT of language_mix over every document (no $match on dates).
+    got = list(tweets.aggregate([
+        {"$group": {"_id": "$lang", "tweets": {"$sum": 1}}},
+        {"$sort": {"tweets": -1, "_id": 1}},
+    ]))
+    assert sorted(((g["_id"], g["tweets"]) for g in got), key=str) == sorted(
+        expect_languages(docs), key=str)
+    assert [g["tweets"] for g in got] == sorted((g["tweets"] for g in got), reverse=True)
+
+
+def test_retweet_share_with_find(tweets: Coll, docs: list[Doc]) -> None:
+    # STAND-IN EQUIVALENT of retweet_share: the same filters, counted with find() because
+    # count_documents runs an aggregate $match on dates.
+    start, end = later_half(docs)
+    window = {"created_at": {"$gte": start, "$lt": end}}
+    total = len(list(tweets.find(window, {"_id": 1})))
+    retweets = len(list(tweets.find({**window, "retweeted_status": {"$type": "object"}},
+                                    {"_id": 1})))
+    expected = expect_retweet_share(within(docs, start, end))
+    assert 0 < expected < 1, "the sample has both tweets and retweets"
+    assert retweets / total == expected
+
+
+# -- the recipes as written, on a real MongoDB ----------------------------------------------------
+
+
+@real_only
+def test_recipe_tweets_per_keyword_per_hour(cook: dict[str, Callable[..., Any]], tweets: Coll,
+                                            docs: list[Doc]) -> None:
+    start, end = later_half(docs)
+    got = cook["tweets_per_keyword_per_hour"](tweets, start, end)
+    assert {(g["_id"]["track"], g["_id"]["hour"]): g["tweets"] for g in got} == dict(
+        expect_keyword_hours(within(docs, start, end)))
+
+
+@real_only
+def test_recipe_top_hashtags(cook: dict[str, Callable[..., Any]], tweets: Coll,
+                             docs: list[Doc]) -> None:
+    start, end = later_half(docs)
+    got = cook["top_hashtags"](tweets, start, end)
+    assert [(g["_id"], g["uses"]) for g in got] == expect_top_hashtags(within(docs, start, end))
+
+
+@real_only
+def test_recipe_language_mix(cook: dict[str, Callable[..., Any]], tweets: Coll,
+                             docs: list[Doc]) -> None:
+    start, end = later_half(docs)
+    got = cook["language_mix"](tweets, start, end)
+    assert sorted(((g["_id"], g["tweets"]) for g in got), key=str) == sorted(
+        expect_languages(within(docs, start, end)), key=str)
+
+
+@real_only
+def test_recipe_retweet_share(cook: dict[str, Callable[..., Any]], tweets: Coll,
+                              docs: list[Doc]) -> None:
+    start, end = later_half(docs)
+    assert cook["retweet_share"](tweets, start, end) == expect_retweet_share(
+        within(docs, start, end))
+
+
+@real_only
+def test_recipe_tweets_in_box(cook: dict[str, Callable[..., Any]], tweets: Coll,
+                              docs: list[Doc]) -> None:
+    west, south, east, north = -122.75, 36.8, -122.25, 37.8  # the west half of box 0
+
+    def inside(d: Doc) -> bool:
+        c = d.get("coordinates")
+        if not isinstance(c, dict) or c.get("type") != "Point":
+            return False
+        lon, lat = c["coordinates"]
+        return bool(west <= lon <= east and south <= lat <= north)
+
+    got = {d["_id"] for d in cook["tweets_in_box"](tweets, west, south, east, north)}
+    expected = {d["_id"] for d in docs if inside(d)}
+    assert expected and got == expected
+
+
+def test_every_recipe_is_tested() -> None:
+    tested = {"tweets_per_keyword_per_hour", "top_hashtags", "tweets_by_user", "tweets_in_box",
+              "tweets_in_configured_box", "retweet_share", "language_mix"}
+    assert set(recipes()) == tested

@@ -1,0 +1,225 @@
+"""Prometheus metrics and /healthz: served by the real supervisor, checked against ground truth.
+
+The counters are checked against two independent sources: the simulator's ground truth (what was
+sent) and MongoDB (what is stored); and against each other (the reconciliation identity).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pymongo
+from prometheus_client.parser import text_string_to_metric_families
+
+from ingestd.metrics import (
+    BATCH_SIZE_BUCKETS,
+    Histogram,
+    RunStateCollector,
+)
+from ingestd.runstate import run_dir, write_status
+from tests.support.daemon import Daemon, settings_doc
+from tests.support.simulator import GroundTruthLog, SimProcess
+from tests.support.wait import wait_until
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+OUTCOMES = ("ingestd_tweets_stored_total", "ingestd_tweets_duplicate_total",
+            "ingestd_messages_deadlettered_total", "ingestd_control_messages_total",
+            "ingestd_tweets_skipped_total", "ingestd_messages_dropped_total")
+BAD_LINES = ["truncated_json", "json_array", "non_object", "invalid_utf8"]
+
+
+def parse(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def total(samples: Samples, name: str) -> float:
+    """The sum of every labelled series of ``name`` (0 if it has none)."""
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return int(resp.status), bytes(resp.read())
+    except urllib.error.HTTPError as err:
+        return int(err.code), err.read()
+
+
+def metrics_addr(daemon: Daemon) -> str:
+    path = daemon.state_dir / "run" / "metrics.addr"
+
+    def ready() -> str:
+        daemon.assert_running()
+        return path.read_text().strip() if path.exists() else ""
+    return wait_until(ready, 30, "run/metrics.addr")
+
+
+def scrape(addr: str) -> Samples:
+    code, body = http_get(f"http://{addr}/metrics")
+    assert code == 200
+    return parse(body.decode())
+
+
+def delivered(truth: GroundTruthLog) -> int:
+    """Messages the simulator wrote in full: tweets, control messages and bad lines."""
+    return len(truth.of("tweet")) + len(truth.of("control")) + len(truth.of("bad_line"))
+
+
+def wait_settled(daemon: Daemon, sim: SimProcess, tweets: int) -> int:
+    """Until every delivered message was read by the store worker and acknowledged."""
+    def settled() -> int:
+        daemon.assert_running()
+        truth = sim.ground_truth()
+        sent = delivered(truth)
+        stream, store = daemon.status("stream"), daemon.status("store")
+        done = (len(truth.tweet_ids()) >= tweets
+                and stream.get("counters", {}).get("received") == sent
+                and store.get("counters", {}).get("records_read") == sent
+                and store.get("counters", {}).get("pending") == 0
+                and stream.get("spool", {}).get("records") == 0)
+        return sent if done else 0
+    return wait_until(settled, 60, "the daemon to settle")
+
+
+def test_metrics_reconcile_with_ground_truth_and_mongo(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    sim = SimProcess(tmp_path / "sim", "--rate", "400", "--max-tweets", "150",
+                     "--control-every", "7", "--keepalive", "1", "--seed", "3",
+                     script=[[{"deliver": 30}, {"bad_lines": BAD_LINES}]]).start()
+    doc = settings_doc(sim.url, mongo_uri, mongo_database, metrics={"listen": "127.0.0.1:0"})
+    daemon = Daemon(tmp_path / "daemon", doc).start()
+    try:
+        daemon.wait_ready()
+        addr = metrics_addr(daemon)
+        sent = wait_settled(daemon, sim, 150)
+        m = scrape(addr)
+        health = http_get(f"http://{addr}/healthz")
+        # A broken settings file on SIGHUP: counted, the old settings stay in force.
+        daemon.config.write_text(daemon.config.read_text() + "\nnot_a_section: [\n")
+        daemon.send(signal.SIGHUP)
+        wait_until(lambda: total(scrape(addr), "ingestd_config_reload_failures_total") == 1,
+                   30, "the reload failure to be counted")
+        after = scrape(addr)
+        code, _ = daemon.stop()
+    finally:
+        daemon.kill()
+        sim.stop()
+    truth = sim.ground_truth()
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+    try:
+        in_mongo = client[mongo_database].tweets.count_documents({})
+    finally:
+        client.close()
+    deleted = len(set(truth.tweet_ids()) & set(truth.deleted_ids()))
+
+    assert code == 0
+    received = value(m, "ingestd_messages_received_total")
+    assert received == sent, "received ≠ messages the simulator wrote"
+    resolved = sum(total(m, name) for name in OUTCOMES)
+    assert received == resolved + value(m, "ingestd_messages_in_flight")
+    assert value(m, "ingestd_messages_in_flight") == 0 == value(m, "ingestd_queue_records")
+    assert value(m, "ingestd_control_messages_total", type="delete") == len(truth.control("delete"))
+    # Each bad line is dead-lettered under its own reason; none is stored.
+    assert total(m, "ingestd_messages_deadlettered_total") == len(BAD_LINES)
+    assert value(m, "ingestd_messages_deadlettered_total", reason="invalid_json") >= 1
+    assert (value(m, "ingestd_tweets_stored_total") + total(m, "ingestd_tweets_skipped_total")
+            == len(truth.tweet_ids()))
+    # Deleted tweets were stored then removed, unless their delete came first (skipped).
+    skipped = total(m, "ingestd_tweets_skipped_total")
+    assert value(m, "ingestd_tweets_stored_total") - (deleted - skipped) == in_mongo
+    assert value(m, "ingestd_stream_connected") == 1
+    assert value(m, "ingestd_stream_state", state="connected") == 1
+    assert value(m, "ingestd_config_generation") == 1
+    assert value(m, "ingestd_config_reload_failures_total") == 0
+    assert value(m, "ingestd_worker_up", role="store") == 1
+    assert value(m, "ingestd_spool_disk_bytes") > 0
+    assert 0 <= value(m, "ingestd_last_message_age_seconds") < 60
+    assert health == (200, json.dumps({"status": "ok", "reasons": []},
+                                      separators=(",", ":")).encode())
+    assert value(after, "ingestd_config_generation") == 1, "a refused reload must not count"
+    print(f"\nreceived={received:.0f} stored={value(m, 'ingestd_tweets_stored_total'):.0f} "
+          f"deadlettered={total(m, 'ingestd_messages_deadlettered_total'):.0f} "
+          f"control={total(m, 'ingestd_control_messages_total'):.0f} in_mongo={in_mongo}")
+
+
+def test_in_flight_and_health_while_mongo_is_down(tmp_path: Path) -> None:
+    sim = SimProcess(tmp_path / "sim", "--rate", "500", "--max-tweets", "60",
+                     "--control-every", "0", "--keepalive", "1").start()
+    # Nothing listens on port 9 (discard) on loopback: every write fails, nothing is acked.
+    doc = settings_doc(sim.url, "mongodb://127.0.0.1:9/?connectTimeoutMS=300", "down",
+                       metrics={"listen": "127.0.0.1:0"})
+    doc["mongo"].update(server_selection_timeout_ms=300, timeout_ms=1000)
+    doc["control"]["stop_timeout"] = 2  # the store gives up draining (spool keeps it) quickly
+    daemon = Daemon(tmp_path / "daemon", doc).start()
+    try:
+        daemon.wait_ready()
+        addr = metrics_addr(daemon)
+        wait_until(lambda: value(scrape(addr), "ingestd_messages_received_total") == 60
+                   and value(scrape(addr), "ingestd_store_degraded") == 1,
+                   60, "60 messages received while the store is degraded")
+        m = scrape(addr)
+        degraded = http_get(f"http://{addr}/healthz")
+        # A dead worker makes the daemon "down" (503) until the supervisor replaces it.
+        stream_pid = daemon.worker_pid("stream")
+        os.kill(stream_pid, signal.SIGKILL)
+        def answered_503() -> tuple[int, bytes] | None:
+            answer = http_get(f"http://{addr}/healthz")
+            return answer if answer[0] == 503 else None
+        down = wait_until(answered_503, 30, "/healthz to answer 503")
+        assert down is not None
+        daemon.stop()
+    finally:
+        daemon.kill()
+        sim.stop()
+    assert value(m, "ingestd_tweets_stored_total") == 0
+    assert value(m, "ingestd_messages_in_flight") == 60 == value(m, "ingestd_queue_records")
+    assert value(m, "ingestd_queue_bytes") > 0
+    assert degraded[0] == 200
+    assert json.loads(degraded[1])["status"] == "degraded"
+    assert any("mongo" in r for r in json.loads(degraded[1])["reasons"])
+    body = json.loads(down[1])
+    assert body["status"] == "down" and "stream worker not running" in body["reasons"]
+
+
+def test_histograms_published_by_a_worker_become_prometheus_histograms(tmp_path: Path) -> None:
+    batch = Histogram(BATCH_SIZE_BUCKETS)
+    observed = [1, 5, 7, 200, 200, 10_000, 50_000]
+    for n in observed:
+        batch.observe(n)
+    run_dir(tmp_path)
+    write_status(tmp_path, "store", {"counters": {}, "hist": {"batch_size": batch.as_dict()}})
+    families = {f.name: f for f in RunStateCollector(tmp_path).collect()}
+    samples = {(s.name, s.labels.get("le")): s.value
+               for s in families["ingestd_insert_batch_size"].samples}
+    for le in BATCH_SIZE_BUCKETS:
+        expected = sum(1 for n in observed if n <= le)
+        assert samples[("ingestd_insert_batch_size_bucket", repr(float(le)))] == expected
+    assert samples[("ingestd_insert_batch_size_bucket", "+Inf")] == len(observed)
+    assert samples[("ingestd_insert_batch_size_count", None)] == len(observed)
+    assert samples[("ingestd_insert_batch_size_sum", None)] == sum(observed)
+
+
+def test_in_flight_uses_spool_positions_when_published(tmp_path: Path) -> None:
+    run_dir(tmp_path)
+    # Spool records 1..100 appended, 80 read by the store (5 of them still in its batch).
+    write_status(tmp_path, "stream", {"counters": {"received": 100},
+                                      "spool": {"records": 40, "bytes": 1, "next_seq": 101}})
+    write_status(tmp_path, "store", {"counters": {"read_seq": 80, "pending": 5, "stored": 75}})
+    families: Mapping[str, Any] = {f.name: f for f in RunStateCollector(tmp_path).collect()}
+    assert families["ingestd_messages_in_flight"].samples[0].value == 25

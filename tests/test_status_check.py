@@ -1,0 +1,216 @@
+"""``ingestd status`` and ``ingestd check``, run as real processes.
+
+status: against a running daemon and with none. check: offline validation, and ``--online``
+against the simulator (good credentials, wrong credentials, a skewed client clock), an
+unreachable MongoDB, and a TLS endpoint whose certificate no trusted CA signed.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import shutil
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.creds import CREDS
+from tests.support.daemon import Daemon, settings_doc
+from tests.support.simulator import SimProcess
+from tests.support.wait import wait_until
+
+SKEW = 300  # seconds the client clock is set ahead in the clock test
+
+
+def ingestd(*args: str, env: dict[str, str] | None = None,
+            prelude: str = "") -> subprocess.CompletedProcess[str]:
+    """Run the real CLI; ``prelude`` is Python run first in that process (e.g. to skew time)."""
+    code = f"{prelude}\nfrom ingestd.cli import main\nraise SystemExit(main({list(args)!r}))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env={**_base_env(), **(env or {})})
+
+
+def _base_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("TWITTER_")} | {
+        k: v for k, v in CREDS.items() if k not in os.environ}
+
+
+def write_settings(path: Path, doc: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc.setdefault("state_dir", str(path.parent / "state"))
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+# -- status ---------------------------------------------------------------------------------------
+
+
+def test_status_with_no_daemon_running(tmp_path: Path, mongo_uri: str) -> None:
+    config = write_settings(tmp_path / "settings.yaml", settings_doc(
+        "http://127.0.0.1:9/1.1/statuses/filter.json", mongo_uri, "unused"))
+    text = ingestd("status", "--config", str(config))
+    as_json = ingestd("status", "--config", str(config), "--json")
+
+    assert text.returncode == 3, text
+    assert "ingestd: down" in text.stdout
+    assert "stream worker not running" in text.stdout
+    view = json.loads(as_json.stdout)
+    assert as_json.returncode == 3
+    assert view["health"] == "down" and view["exit_code"] == 3
+    assert view["running"] == {"supervisor": False, "stream": False, "store": False}
+
+
+def test_status_of_a_running_daemon(tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    sim = SimProcess(tmp_path / "sim", "--rate", "200", "--max-tweets", "40",
+                     "--keepalive", "0.5", "--seed", "5").start()
+    doc = settings_doc(sim.url, mongo_uri, mongo_database, metrics={"listen": "127.0.0.1:0"})
+    daemon = Daemon(tmp_path / "daemon", doc).start()
+    try:
+        daemon.wait_ready()
+        # 40 tweets sent: stored, or skipped when their delete arrived first.
+        wait_until(lambda: (c := daemon.counters("store")).get("stored", 0)
+                   + sum(c.get("skipped", {}).values()) >= 40, 60, "40 tweets")
+        # The supervisor's own file is written once it saw both workers: status reads it too.
+        wait_until(lambda: daemon.status("supervisor").get("state") == "ready", 30, "ready")
+        text = ingestd("status", "--config", str(daemon.config))
+        as_json = ingestd("status", "--config", str(daemon.config), "--json")
+        addr = (daemon.state_dir / "run" / "metrics.addr").read_text().strip()
+        assert daemon.stop()[0] == 0
+    finally:
+        daemon.kill()
+        sim.stop()
+    after = ingestd("status", "--config", str(daemon.config))
+    print("\n" + text.stdout)
+
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert text.stdout.startswith("ingestd: ok")
+    assert re.search(r"stream +pid \d+ up +connected conn=1 gen=1", text.stdout)
+    stored = daemon.counters("store")["stored"]
+    assert f"stored {stored}" in text.stdout
+    assert f"http://{addr}/metrics" in text.stdout
+    view = json.loads(as_json.stdout)
+    assert as_json.returncode == 0 and view["health"] == "ok" and view["reasons"] == []
+    assert view["workers"]["store"]["counters"]["stored"] == stored
+    assert view["metrics"] == addr
+    assert after.returncode == 3 and "down" in after.stdout
+
+
+# -- check ----------------------------------------------------------------------------------------
+
+
+def test_check_valid_settings(tmp_path: Path, mongo_uri: str) -> None:
+    config = write_settings(tmp_path / "settings.yaml", settings_doc(
+        "http://127.0.0.1:9/1.1/statuses/filter.json", mongo_uri, "analytics"))
+    result = ingestd("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "settings OK" in result.stdout and "analytics.tweets" in result.stdout
+
+
+def test_check_invalid_settings_names_file_key_and_reason(tmp_path: Path, mongo_uri: str) -> None:
+    doc = settings_doc("http://127.0.0.1:9/1.1/statuses/filter.json", mongo_uri, "x")
+    doc["writer"]["batch_size"] = -5
+    config = write_settings(tmp_path / "settings.yaml", doc)
+    result = ingestd("check", "--config", str(config))
+    assert result.returncode == 78
+    line = next(ln for ln in result.stderr.splitlines() if "writer.batch_size" in ln)
+    assert str(config) in line
+    assert re.search(r"writer\.batch_size: .*\S", line), line
+    assert result.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def strict_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimProcess]:
+    """A simulator that accepts OAuth timestamps only within 30 s of its own clock."""
+    sim = SimProcess(tmp_path_factory.mktemp("sim"), "--rate", "100", "--keepalive", "0.5",
+                     "--timestamp-window", "30").start()
+    yield sim
+    sim.stop()
+
+
+def online_config(tmp_path: Path, url: str, mongo_uri: str, **mongo: Any) -> Path:
+    doc = settings_doc(url, mongo_uri, "check")
+    doc["mongo"].update(mongo)
+    return write_settings(tmp_path / "settings.yaml", doc)
+
+
+def test_check_online_ok(tmp_path: Path, strict_sim: SimProcess, mongo_uri: str) -> None:
+    result = ingestd("check", "--online", "--config",
+                     str(online_config(tmp_path, strict_sim.url, mongo_uri)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ping ok" in result.stdout
+    assert "connected (HTTP 200)" in result.stdout
+
+
+def test_check_online_wrong_credentials(tmp_path: Path, strict_sim: SimProcess,
+                                        mongo_uri: str) -> None:
+    config = online_config(tmp_path, strict_sim.url, mongo_uri)
+    result = ingestd("check", "--online", "--config", str(config),
+                     env={"TWITTER_CONSUMER_SECRET": "not-the-right-secret"})
+    assert result.returncode == 1
+    assert "HTTP 401" in result.stdout
+    assert "credentials rejected" in result.stdout
+    assert "clock" not in result.stdout.replace("clock agrees", "")
+
+
+def test_check_online_skewed_clock(tmp_path: Path, strict_sim: SimProcess,
+                                   mongo_uri: str) -> None:
+    # The check process alone runs SKEW seconds ahead (OAuth timestamp and its idea of "now").
+    prelude = (f"import time\n_real = time.time\n"
+               f"time.time = lambda: _real() + {SKEW}")
+    config = online_config(tmp_path, strict_sim.url, mongo_uri)
+    result = ingestd("check", "--online", "--config", str(config), prelude=prelude)
+    assert result.returncode == 1
+    found = re.search(r"local clock is (\d+)s ahead of the server's", result.stdout)
+    assert found, result.stdout
+    assert abs(int(found.group(1)) - SKEW) <= 5, "the measured offset is reported"
+
+
+def test_check_online_mongo_unreachable(tmp_path: Path, strict_sim: SimProcess) -> None:
+    config = online_config(tmp_path, strict_sim.url, "mongodb://127.0.0.1:9/",
+                           server_selection_timeout_ms=500, timeout_ms=1000)
+    result = ingestd("check", "--online", "--config", str(config))
+    assert result.returncode == 1
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("mongo"))
+    assert "MongoDB is not reachable at mongodb://127.0.0.1:9/" in line
+    assert "connection refused" in line.lower()
+    print("\n" + result.stdout)
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[str]:
+    """An HTTPS server on loopback with a self-signed certificate (made by the openssl CLI)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}/1.1/statuses/filter.json"
+    server.shutdown()
+    server.server_close()
+
+
+def test_check_online_untrusted_certificate(tmp_path: Path, tls_server: str,
+                                            mongo_uri: str) -> None:
+    result = ingestd("check", "--online", "--config",
+                     str(online_config(tmp_path, tls_server, mongo_uri)))
+    assert result.returncode == 1
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("endpoint"))
+    assert "not signed by a trusted CA" in line and "stream.ca_file" in line
+    assert "curl error 60" in line
