@@ -35,6 +35,7 @@ TRACK_AFTER = ["iphone", "ipad", "android"]
 
 
 def run_demo(seconds: float, workdir: Path) -> int:
+    workdir = workdir.resolve()  # settings resolve relative paths against their own folder
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
