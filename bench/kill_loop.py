@@ -159,7 +159,7 @@ class KillLoop:
 
     def _iteration(self, daemon: Daemon, index: int) -> None:
         target = TARGETS[index % len(TARGETS)]
-        delay = self.rng.uniform(0.05, 1.0)
+        delay = self.rng.uniform(0.05, 0.8)
         time.sleep(delay)  # the random moment: whatever the workers are doing then
         # The workers' own status files: confirmed fresh by the last _wait_working.
         pids = {role: int(daemon.status(role)["pid"]) for role in ("stream", "store")}

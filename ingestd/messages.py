@@ -28,6 +28,10 @@ TWITTER_EPOCH_MS = 1288834974657
 # Ids below this may predate snowflake (Nov 2010): their high bits are not a timestamp.
 SNOWFLAKE_MIN_ID = 1 << 40
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Top-level keys already known to be storable (no "$", ".", NUL): a set lookup per key instead of a
+# scan of every key's characters. Grows with what the stream sends, up to a bound.
+_STORABLE_KEYS: set[str] = set()
+_STORABLE_KEYS_MAX = 4096
 
 
 class InvalidTweet(ValueError):
@@ -103,14 +107,24 @@ def ingest_hashtags(obj: dict[str, Any]) -> list[str]:
     A flat list of strings is what analysts count and index by; the nested entity objects are
     case-sensitive and repeat across ``entities`` and ``extended_tweet.entities``.
     """
+    ents = obj.get("entities")
+    tags = ents.get("hashtags") if isinstance(ents, dict) else None
+    extended = obj.get("extended_tweet")
+    if not tags and not isinstance(extended, dict):
+        return []  # most tweets: no hashtags, no extended form
     found: set[str] = set()
-    for holder in (obj, obj.get("extended_tweet")):
-        ents = holder.get("entities") if isinstance(holder, dict) else None
-        tags = ents.get("hashtags") if isinstance(ents, dict) else None
-        for tag in tags if isinstance(tags, list) else ():
+    _add_hashtags(found, tags)
+    if isinstance(extended, dict):
+        ents = extended.get("entities")
+        _add_hashtags(found, ents.get("hashtags") if isinstance(ents, dict) else None)
+    return sorted(found)
+
+
+def _add_hashtags(found: set[str], tags: object) -> None:
+    if isinstance(tags, list):
+        for tag in tags:
             if isinstance(tag, dict) and isinstance(text := tag.get("text"), str):
                 found.add(text.lower())
-    return sorted(found)
 
 
 def check_top_level_keys(obj: dict[str, Any]) -> None:
@@ -119,8 +133,12 @@ def check_top_level_keys(obj: dict[str, Any]) -> None:
     MongoDB refuses ``$`` at the top level, BSON cannot hold NUL in a key, and a dotted name cannot
     be addressed in a query. Nested keys are left to the encoder (rare, handled per document).
     """
+    if _STORABLE_KEYS.issuperset(obj):
+        return  # the usual keys (orjson hands out the same key objects: hashes are cached)
     joined = "".join(obj)
     if "$" not in joined and "." not in joined and "\x00" not in joined:
+        if len(_STORABLE_KEYS) < _STORABLE_KEYS_MAX:
+            _STORABLE_KEYS.update(obj)
         return
     for key in obj:
         if key.startswith("$") or "." in key or "\x00" in key:
@@ -152,7 +170,8 @@ def created_at(obj: dict[str, Any], tweet_id: int, created_str: object) -> datet
         millis = (tweet_id >> 22) + TWITTER_EPOCH_MS
     if millis is not None:
         try:
-            return _EPOCH + timedelta(milliseconds=millis)
+            # positional (days, seconds, microseconds): exact integer arithmetic, no kwargs parse
+            return _EPOCH + timedelta(0, millis // 1000, millis % 1000 * 1000)
         except OverflowError:
             pass
     return parse_twitter_time(created_str)

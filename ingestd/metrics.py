@@ -120,13 +120,13 @@ def _dir_bytes(path: Path) -> int:
 def received_total(stream_counters: Mapping[str, Any]) -> float:
     """Every message framed off the wire.
 
-    The reader counts ``received`` for every record it hands to the spool (a partial message cut
-    by a connection end included: it is spooled and dead-lettered downstream); messages it
-    dropped because the spool was full are counted apart and added back here so the
-    reconciliation holds.
+    The stream worker's ``received`` counts every record handed to the spool (a partial message
+    cut by a connection end included: it is spooled and dead-lettered downstream); messages
+    framed but not spooled (``spool_full``, ``disk_error``) are in ``dropped`` and added back
+    here so the reconciliation holds.
     """
     dropped = _counts(stream_counters.get("dropped"))
-    return _num(stream_counters.get("received")) + dropped.get("spool_full", 0.0)
+    return _num(stream_counters.get("received")) + sum(dropped.values())
 
 
 def in_flight(stream: Mapping[str, Any], store_counters: Mapping[str, Any]) -> float:

@@ -27,6 +27,8 @@ from ingestd.framing import BadFrame, LengthFramer, LineFramer, Oversize
 from ingestd.oauth import encode_form, sign_request
 from ingestd.settings import AuthSettings, StreamSettings
 from ingestd.spool import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE, KIND_PARTIAL
+from ingestd.v2 import DIAGNOSE_401 as V2_DIAGNOSE_401
+from ingestd.v2 import stream_request as v2_stream_request
 
 log = structlog.get_logger("ingestd.reader")
 
@@ -36,7 +38,9 @@ USER_AGENT = f"ingestd/{__version__}"
 CONFIG_STATUSES = frozenset({403, 404, 406, 413, 416})
 RATE_LIMIT_STATUSES = frozenset({420, 429})
 # Control messages the reader itself must understand (connection endings, health figures).
-WATCHED_PREFIXES = (b'{"disconnect"', b'{"warning"', b'{"limit"')
+# v2: a line of only ``errors`` is an in-stream error such as operational-disconnect (§7.4).
+WATCHED_PREFIXES = (b'{"disconnect"', b'{"warning"', b'{"limit"', b'{"errors"')
+V2_OPERATIONAL_DISCONNECT = "operational-disconnect"
 SKEW_THRESHOLD = 60.0  # seconds of clock difference worth blaming for a 401
 # After a filter switch the old connection is still read until the server closes it (it logs out
 # the older connection of an account by itself) or this many seconds pass: bytes already in its
@@ -173,7 +177,9 @@ class Reader:
         if self.pending is not None:
             self._end(self.pending, Ending.ABORTED)
             self.pending = None
-        if self.active is None or not self.active.healthy:
+        # v2 allows one connection per app (a second one gets 429): no make-before-break there;
+        # v2 rules changes never get here (not in filter_key), only fields/url changes do.
+        if self.active is None or not self.active.healthy or stream.api == "v2":
             # Nothing worth keeping: replace at once (also leaves a degraded "wait for reload").
             if self.active is not None:
                 self._end(self.active, Ending.ABORTED)
@@ -217,12 +223,18 @@ class Reader:
 
     def _configure(self, curl: pycurl.Curl, conn: Connection) -> None:
         stream = conn.stream
-        body = encode_form(stream.post_params())
-        headers = sign_request(stream.url, body, self.auth)
-        headers["User-Agent"] = USER_AGENT
-        curl.setopt(pycurl.URL, stream.url)
-        curl.setopt(pycurl.POSTFIELDS, body)
-        curl.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in headers.items()])
+        if stream.api == "v2":  # X API v2: GET, fields as query parameters, bearer token
+            url, header_lines = v2_stream_request(stream, self.auth)
+            curl.setopt(pycurl.URL, url)
+            curl.setopt(pycurl.HTTPGET, 1)
+            curl.setopt(pycurl.HTTPHEADER, header_lines)
+        else:
+            body = encode_form(stream.post_params())
+            headers = sign_request(stream.url, body, self.auth)
+            headers["User-Agent"] = USER_AGENT
+            curl.setopt(pycurl.URL, stream.url)
+            curl.setopt(pycurl.POSTFIELDS, body)
+            curl.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in headers.items()])
         curl.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
         if stream.gzip:
             curl.setopt(pycurl.ACCEPT_ENCODING, "deflate, gzip")
@@ -315,6 +327,18 @@ class Reader:
             conn.limit_track = max(conn.limit_track, body["track"])
             self.stats.limit_missed += increase
             log.info("stream_limit", conn=conn.conn_id, undelivered=body["track"])
+        elif isinstance(errors := msg.get("errors"), list):
+            self._watch_v2_errors(conn, errors)
+
+    def _watch_v2_errors(self, conn: Connection, errors: list[Any]) -> None:
+        """v2 in-stream errors; an operational-disconnect ends the connection like a disconnect."""
+        for err in (e for e in errors if isinstance(e, dict)):
+            title, detail = str(err.get("title", "")), str(err.get("detail", ""))[:200]
+            if title == V2_OPERATIONAL_DISCONNECT:
+                conn.disconnect = {"code": title, "reason": detail}
+                self.stats.disconnect_codes[title] += 1
+            log.warning("stream_error", conn=conn.conn_id, title=title, detail=detail,
+                        disconnect_type=err.get("disconnect_type"))
 
     def _announce(self, conn: Connection) -> None:
         conn.announced = True
@@ -437,7 +461,8 @@ class Reader:
             body = bytes(conn.error_body).decode("utf-8", "replace").strip()[:300]
             text = f"HTTP {conn.status}: {body}" if body else f"HTTP {conn.status}"
             if conn.status == 401:
-                text += "; " + diagnose_401(conn.headers.get("date"), time.time())
+                text += "; " + (V2_DIAGNOSE_401 if conn.stream.api == "v2" else
+                                diagnose_401(conn.headers.get("date"), time.time()))
             return text
         if conn.disconnect is not None:
             return f"disconnect code {conn.disconnect.get('code')}: {conn.disconnect.get('reason')}"
@@ -484,6 +509,10 @@ def retry_after(headers: dict[str, str], now: float) -> float | None:
         except (TypeError, ValueError):
             pass
     reset = headers.get("x-rate-limit-reset")
+    # The reset time matters only once the allowance is spent: v2 sends these headers on every
+    # answer, including a 429 TooManyConnections that has requests left (protocol.md §7.1).
+    if headers.get("x-rate-limit-remaining", "0") != "0":
+        return None
     if reset and reset.isdigit():
         return max(float(reset) - now, 0.0)
     return None

@@ -3,10 +3,16 @@
 Each worker rewrites ``<state_dir>/run/<role>.json`` at least once a second. The file doubles as the
 heartbeat: a worker whose loop hangs stops rewriting it, and the supervisor replaces the worker.
 Writes are atomic (temp file + rename) so a reader never sees half a file.
+
+A full disk must not stop the heartbeat (the supervisor would kill healthy workers): files are
+padded with spaces to a multiple of ``PAD`` bytes, so when the temp file cannot be written the new
+status overwrites the old one in place, needing no new blocks. That write is not atomic; a reader
+that catches it half-way gets None once and reads the next one.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -15,6 +21,8 @@ from typing import Any
 import orjson
 
 RUN_DIR = "run"
+PAD = 4096
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def run_dir(state_dir: Path) -> Path:
@@ -28,12 +36,34 @@ def status_path(state_dir: Path, role: str) -> Path:
 
 
 def write_status(state_dir: Path, role: str, status: dict[str, Any]) -> None:
-    """Atomically publish ``status`` (plus pid, role and wall-clock time) for ``role``."""
+    """Publish ``status`` (plus pid, role and wall-clock time) for ``role``."""
     doc = {"role": role, "pid": os.getpid(), "time": time.time(), **status}
+    data = orjson.dumps(doc)
+    data += b" " * (-len(data) % PAD)  # JSON allows trailing white space
     target = status_path(state_dir, role)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(orjson.dumps(doc))
-    os.replace(tmp, target)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        tmp.unlink(missing_ok=True)
+        overwrite_in_place(target, data)
+
+
+def overwrite_in_place(target: Path, data: bytes) -> None:
+    """Rewrite ``target`` within its current size (a full disk has no blocks for a new file)."""
+    try:
+        fd = os.open(target, os.O_WRONLY)
+    except FileNotFoundError:
+        return  # nothing to overwrite yet; the next write after space returns creates it
+    try:
+        size = os.fstat(fd).st_size
+        if len(data) <= size:
+            os.pwrite(fd, data.ljust(size), 0)
+    finally:
+        os.close(fd)
 
 
 def read_status(state_dir: Path, role: str) -> dict[str, Any] | None:

@@ -116,6 +116,14 @@ class BackoffSettings:
 
 
 @dataclass(frozen=True)
+class Rule:
+    """One X API v2 filtered-stream rule as configured (protocol.md §7.3)."""
+
+    value: str
+    tag: str | None = None
+
+
+@dataclass(frozen=True)
 class StreamSettings:
     url: str
     track: tuple[str, ...] = ()
@@ -131,6 +139,13 @@ class StreamSettings:
     max_message_bytes: int = 1_000_000
     api: str = "v1.1"
     backoff: BackoffSettings = field(default_factory=BackoffSettings)
+    # -- v2 only (api: v2): rules synced over the rules endpoint, fields on the stream request
+    rules: tuple[Rule, ...] = ()
+    tweet_fields: tuple[str, ...] = ()
+    expansions: tuple[str, ...] = ()
+    user_fields: tuple[str, ...] = ()
+    place_fields: tuple[str, ...] = ()
+    backfill_minutes: int = 0
 
     def post_params(self) -> list[tuple[str, str]]:
         """Form parameters in protocol order; empty ones omitted, stall warnings always on."""
@@ -146,9 +161,25 @@ class StreamSettings:
         return [(name, value) for name, value in params if value]
 
     def filter_key(self) -> tuple[Hashable, ...]:
-        """Everything that needs a new connection when it changes."""
+        """Everything that needs a new connection when it changes.
+
+        v2 rules are not in here: they change on the live connection (rules endpoint), and
+        ``backfill_minutes`` only matters on the next reconnect.
+        """
         return (self.url, self.track, self.follow, self.locations, self.language,
-                self.filter_level, self.delimited, self.gzip)
+                self.filter_level, self.delimited, self.gzip, self.api, self.tweet_fields,
+                self.expansions, self.user_fields, self.place_fields)
+
+    def v2_query_params(self, *, backfill: bool = False) -> list[tuple[str, str]]:
+        """Query parameters of ``GET /2/tweets/search/stream``; lists comma-joined, no spaces."""
+        params = [
+            ("tweet.fields", ",".join(self.tweet_fields)),
+            ("expansions", ",".join(self.expansions)),
+            ("user.fields", ",".join(self.user_fields)),
+            ("place.fields", ",".join(self.place_fields)),
+            ("backfill_minutes", str(self.backfill_minutes) if backfill else ""),
+        ]
+        return [(name, value) for name, value in params if value and value != "0"]
 
 
 @dataclass(frozen=True)
@@ -157,6 +188,7 @@ class AuthSettings:
     consumer_secret: Secret
     access_token: Secret
     access_token_secret: Secret
+    bearer_token: Secret = field(default_factory=lambda: Secret(""))  # v2 (OAuth 2.0 app-only)
 
 
 @dataclass(frozen=True)
@@ -267,7 +299,8 @@ def secret_values(settings: Settings) -> list[str]:
     """Every secret as text (plus the Mongo password, raw and decoded) for the log redactor."""
     auth = settings.auth
     values = [s.reveal() for s in (auth.consumer_key, auth.consumer_secret,
-                                   auth.access_token, auth.access_token_secret)]
+                                   auth.access_token, auth.access_token_secret,
+                                   auth.bearer_token)]
     uri = settings.mongo.uri.reveal()
     password = _uri_password(uri)
     if password:
@@ -468,6 +501,11 @@ class _Section:
         self._known.append(name)
         return self._raw.get(name, _MISSING)
 
+    def is_set(self, name: str) -> bool:
+        """Whether the key holds something other than absent/null/empty/false/'none'."""
+        value = self._raw.get(name)
+        return value not in (None, False, "none") and value != []
+
     def section(self, name: str) -> _Section:
         raw = self.get(name)
         child = _Section(self.ctx, self.key(name), None if raw is _MISSING else raw)
@@ -599,8 +637,8 @@ def _build(root: _Section) -> Settings:
     return Settings(
         path=root.ctx.path,
         state_dir=_state_dir(root),
-        stream=_stream(root.section("stream")),
-        auth=_auth(root.section("auth")),
+        stream=(stream := _stream(root.section("stream"))),
+        auth=_auth(root.section("auth"), stream.api),
         mongo=_mongo(root.section("mongo")),
         writer=_writer(root.section("writer")),
         spool=_spool(root.section("spool")),
@@ -629,12 +667,19 @@ _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8})*$")
 
 
 def _stream(sec: _Section) -> StreamSettings:
+    api = sec.text("api", "v1.1", choices=("v1.1", "v2"))
     track_items, follow_items = sec.items("track"), sec.items("follow")
     box_items = sec.items("locations")
-    if not (track_items or follow_items or box_items):
+    if api == "v2":
+        if track_items or follow_items or box_items:
+            sec.error("api", "v2 does not take track/follow/locations (v1.1 keys): with them api "
+                             "must be one of v1.1; for v2 list stream.rules instead")
+        for key in [k for k in ("language", "filter_level", "delimited") if sec.is_set(k)]:
+            sec.error(key, "is a v1.1 parameter; v2 has no equivalent (use rule operators)")
+    elif not (track_items or follow_items or box_items):
         sec.ctx.error(sec.path, "no predicate: set at least one of track, follow or locations")
     return StreamSettings(
-        api=sec.text("api", "v1.1", choices=("v1.1",)),
+        api=api,
         url=_url(sec),
         track=_track(sec, track_items),
         follow=_follow(sec, follow_items),
@@ -643,13 +688,126 @@ def _stream(sec: _Section) -> StreamSettings:
         filter_level=sec.optional_text("filter_level", choices=("none", "low", "medium")),
         delimited=sec.boolean("delimited", False),
         gzip=sec.boolean("gzip", True),
-        read_timeout=sec.number("read_timeout", 90.0, gt=0),
+        # v2 sends a keep-alive at least every 20 s: three periods (protocol.md §7.4).
+        read_timeout=sec.number("read_timeout", 60.0 if api == "v2" else 90.0, gt=0),
         connect_timeout=sec.number("connect_timeout", 20.0, gt=0),
         ca_file=_ca_file(sec),
         # A message must fit in one BSON document (16 MiB) to be storable at all.
         max_message_bytes=sec.integer("max_message_bytes", 1_000_000, lo=1024, hi=16 << 20),
         backoff=_backoff(sec.section("backoff")),
+        **_v2_stream(sec, api),
     )
+
+
+# -- stream, v2 (protocol.md §7.2-7.3)
+
+V2_TWEET_FIELDS = frozenset((
+    "attachments", "author_id", "context_annotations", "conversation_id", "created_at",
+    "edit_controls", "entities", "geo", "id", "in_reply_to_user_id", "lang", "public_metrics",
+    "possibly_sensitive", "referenced_tweets", "reply_settings", "source", "text", "withheld",
+    "note_tweet", "edit_history_tweet_ids",
+))
+V2_EXPANSIONS = frozenset((
+    "attachments.poll_ids", "attachments.media_keys", "author_id", "edit_history_tweet_ids",
+    "entities.mentions.username", "geo.place_id", "in_reply_to_user_id", "referenced_tweets.id",
+    "referenced_tweets.id.author_id",
+))
+V2_USER_FIELDS = frozenset((
+    "created_at", "description", "entities", "id", "location", "most_recent_tweet_id", "name",
+    "pinned_tweet_id", "profile_image_url", "protected", "public_metrics", "url", "username",
+    "verified", "verified_type", "withheld",
+))
+V2_PLACE_FIELDS = frozenset((
+    "contained_within", "country", "country_code", "full_name", "geo", "id", "name",
+    "place_type",
+))
+# Defaults: enough for created_at as a date, per-author and per-language queries, and geo.
+V2_DEFAULTS = {
+    "tweet_fields": ("author_id", "created_at", "entities", "geo", "lang", "public_metrics",
+                     "referenced_tweets", "conversation_id"),
+    "expansions": ("author_id", "geo.place_id"),
+    "user_fields": ("created_at", "name", "username"),
+    "place_fields": ("country_code", "full_name", "geo", "place_type"),
+}
+MAX_RULE_LENGTH = 2048  # the largest access level's limit; the server enforces its own
+MAX_TAG_LENGTH = 256
+
+
+def _v2_stream(sec: _Section, api: str) -> dict[str, Any]:
+    """The v2 keys; with ``api: v1.1`` any of them set is a mistake worth naming."""
+    names = ("rules", "tweet_fields", "expansions", "user_fields", "place_fields",
+             "backfill_minutes")
+    if api != "v2":
+        for name in [n for n in names if sec.is_set(n)]:
+            sec.error(name, "is an X API v2 key: set stream.api to v2 to use it")
+        for name in names:
+            sec.get(name)
+        return {}
+    return {
+        "rules": _rules(sec),
+        "tweet_fields": _field_list(sec, "tweet_fields", V2_TWEET_FIELDS),
+        "expansions": _field_list(sec, "expansions", V2_EXPANSIONS),
+        "user_fields": _field_list(sec, "user_fields", V2_USER_FIELDS),
+        "place_fields": _field_list(sec, "place_fields", V2_PLACE_FIELDS),
+        # 0 = off; 1-5 asks the endpoint to resend the last N minutes after a reconnect.
+        "backfill_minutes": sec.integer("backfill_minutes", 0, lo=0, hi=5),
+    }
+
+
+def _field_list(sec: _Section, name: str, known: frozenset[str]) -> tuple[str, ...]:
+    if sec.get(name) is _MISSING:
+        return V2_DEFAULTS[name]
+    values: list[str] = []
+    for path, item in sec.items(name):
+        if not isinstance(item, str) or item not in known:
+            got = repr(item) if isinstance(item, str) else _kind(item)
+            sec.ctx.error(path, f"must be one of {', '.join(sorted(known))}; got {got}")
+        elif item not in values:
+            values.append(item)
+    return tuple(values)
+
+
+def _rules(sec: _Section) -> tuple[Rule, ...]:
+    items = sec.items("rules")
+    if not items:
+        sec.error("rules", "v2 needs at least one rule: a list of {value, tag}")
+    rules: list[Rule] = []
+    seen: dict[str, str] = {}
+    for path, item in items:
+        rule = _rule(sec.ctx, path, item)
+        if rule is None:
+            continue
+        if rule.value in seen:
+            # The endpoint refuses a second rule with the same value (DuplicateRule).
+            sec.ctx.error(f"{path}.value", f"duplicates {seen[rule.value]}.value")
+            continue
+        seen[rule.value] = path
+        rules.append(rule)
+    return tuple(rules)
+
+
+def _rule(ctx: _Context, path: str, item: object) -> Rule | None:
+    if isinstance(item, str):
+        item = {"value": item}
+    if not isinstance(item, dict):
+        ctx.error(path, f"a rule is a mapping {{value, tag}}, got {_kind(item)}")
+        return None
+    for key in item:
+        if key not in ("value", "tag"):
+            ctx.error(f"{path}.{key}", "unknown key (known keys: tag, value)")
+    value, tag = item.get("value"), item.get("tag")
+    ok = True
+    if not isinstance(value, str) or not value.strip():
+        ctx.error(f"{path}.value", "required: the rule text, e.g. 'cat has:media -is:retweet'")
+        ok = False
+    elif len(value.strip()) > MAX_RULE_LENGTH:
+        ctx.error(f"{path}.value", f"is {len(value.strip())} characters; at most "
+                                   f"{MAX_RULE_LENGTH} (the endpoint may allow fewer)")
+        ok = False
+    if tag is not None and (not isinstance(tag, str) or len(tag) > MAX_TAG_LENGTH):
+        ctx.error(f"{path}.tag", f"must be a string of at most {MAX_TAG_LENGTH} characters")
+        ok = False
+    return Rule(str(value).strip(), tag or None) if ok else None
 
 
 def _url(sec: _Section) -> str:
@@ -774,19 +932,22 @@ def _backoff(sec: _Section) -> BackoffSettings:
 # -- auth and mongo
 
 
-def _secret(sec: _Section, name: str) -> Secret:
-    value = sec.text(name, "", required=True)
+def _secret(sec: _Section, name: str, required: bool = True) -> Secret:
+    value = sec.text(name, "", required=required)
     if any(c.isspace() or not c.isprintable() for c in value):
         sec.error(name, "contains whitespace or control characters (check the credential)")
     return Secret(value)
 
 
-def _auth(sec: _Section) -> AuthSettings:
+def _auth(sec: _Section, api: str) -> AuthSettings:
+    # v1.1 signs with OAuth 1.0a (four keys); v2's filtered stream takes only a bearer token.
+    oauth, bearer = api != "v2", api == "v2"
     return AuthSettings(
-        consumer_key=_secret(sec, "consumer_key"),
-        consumer_secret=_secret(sec, "consumer_secret"),
-        access_token=_secret(sec, "access_token"),
-        access_token_secret=_secret(sec, "access_token_secret"),
+        consumer_key=_secret(sec, "consumer_key", oauth),
+        consumer_secret=_secret(sec, "consumer_secret", oauth),
+        access_token=_secret(sec, "access_token", oauth),
+        access_token_secret=_secret(sec, "access_token_secret", oauth),
+        bearer_token=_secret(sec, "bearer_token", bearer),
     )
 
 

@@ -508,12 +508,13 @@ class SpoolReader:
                 break
             before = len(out)
             nbytes = cursor.parse(out, max_records, max_bytes, nbytes)
-            if len(out) > before or cursor.fill():
+            if len(out) > before:
+                self._last_read = out[-1]  # before any _advance: it must know what was read
+                continue
+            if cursor.fill():
                 continue
             if not self._at_eof(cursor):
                 break
-        if out:
-            self._last_read = out[-1]
         return out
 
     def ack(self, record: Record) -> None:
@@ -539,11 +540,14 @@ class SpoolReader:
             return
         if last is not None and (last.segment, last.offset) > (acked.segment, acked.offset):
             return  # records read from a later segment are not stored yet
-        ckpt = Checkpoint(acked.seq, cursor.name, 0)
-        self._write_checkpoint(ckpt)
-        self._acked = ckpt
+        # Delete first: on a full disk the new checkpoint may not fit, and a checkpoint naming a
+        # deleted segment is safe (the next start replays from the oldest segment, all unacked).
         self._delete_before(cursor.name)
         self._acked_cleaned = cursor.name
+        ckpt = Checkpoint(acked.seq, cursor.name, 0)
+        self._acked = ckpt
+        with contextlib.suppress(OSError):
+            self._write_checkpoint(ckpt)
 
     def has_data(self) -> bool:
         """True if ``read`` may return something now (new bytes or a new segment)."""

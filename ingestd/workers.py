@@ -25,6 +25,7 @@ from ingestd.reader import Reader
 from ingestd.runstate import write_status
 from ingestd.settings import EXIT_CONFIG, ConfigError, Settings, load_settings, secret_values
 from ingestd.spool import SpoolWriteError, SpoolWriter
+from ingestd.v2_rules import RulesSync
 
 log = structlog.get_logger("ingestd.worker")
 
@@ -136,6 +137,10 @@ class SpoolSink:
             log.error("spool_write_failed", error=self.last_error, policy="drop" if self.drop
                       else "block")
             self._hold_or_drop(items, conn, gen, ns)
+            return
+        if self.last_error:  # drop_newest holds nothing: the first good append is the recovery
+            self.last_error = ""
+            log.info("spool_write_recovered", dropped=self.dropped)
 
     def _hold_or_drop(self, items: Sequence[tuple[int, bytes]], conn: int, gen: int,
                       ns: int) -> None:
@@ -253,15 +258,23 @@ def run_stream_worker(config_path: Path, generation: int) -> int:
     sink = SpoolSink(spool, drop=sp.when_full == "drop_newest")
     reader = Reader(settings.stream, settings.auth, generation, sink, is_full=sink.is_full,
                     drop_when_full=sp.when_full == "drop_newest")
+    # X API v2: rules live on the server; synced at start and on every reload, on a thread,
+    # while the connection keeps streaming (no-op for v1.1).
+    rules = RulesSync()
+    rules.request(settings.stream, settings.auth, generation)
 
     meter = RateMeter()
 
     def publish() -> None:
         records, nbytes = spool.backlog()
         stats = reader.stats.as_dict()
+        # `received` counts records that reached the spool: the sink's disk-error drops were
+        # framed by the reader but never spooled, so they move to `dropped`.
+        stats["received"] -= sink.dropped
         stats["dropped"] = {**stats["dropped"], **({"disk_error": sink.dropped}
                                                     if sink.dropped else {})}
-        state = sink.last_error or reader.state
+        state = sink.last_error or (f"degraded: {rules.error}; previous rules still in force"
+                                    if rules.error else reader.state)
         write_status(settings.state_dir, "stream", {
             "generation": reader.generation, "state": state, "counters": stats,
             "progress": reader.stats.bytes + reader.stats.attempts,
@@ -271,6 +284,7 @@ def run_stream_worker(config_path: Path, generation: int) -> int:
             "spool": {"records": records, "bytes": nbytes, "next_seq": spool.next_seq,
                       "held": sum(len(h[0]) for h in sink.held)},
             "last_message_time": reader.last_message_ns / 1e9 if reader.last_message_ns else None,
+            **({"rules": rules.status.as_dict()} if reader.stream.api == "v2" else {}),
         })
 
     status = Ticker(STATUS_INTERVAL, publish)
@@ -281,6 +295,7 @@ def run_stream_worker(config_path: Path, generation: int) -> int:
         while (cmd := control.poll()) is not None:
             if cmd.get("cmd") == "reload" and (new := reload_settings(cmd, config_path)):
                 reader.reload(new[1].stream, new[1].auth, new[0])
+                rules.request(new[1].stream, new[1].auth, new[0])
                 log.info("reload_applied", generation=new[0])
         if control.closed.is_set():
             stop.event.set()
@@ -290,6 +305,7 @@ def run_stream_worker(config_path: Path, generation: int) -> int:
     try:
         reader.run(lambda: bool(stop), tick)
     finally:
+        rules.close()
         spool.close()
         publish()
     log.info("stream_worker_stopped", received=reader.stats.received)

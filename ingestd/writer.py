@@ -54,6 +54,7 @@ from ingestd.mongo import (
 )
 from ingestd.settings import MongoSettings, Settings
 from ingestd.spool import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE, KIND_PARTIAL, Record
+from ingestd.v2_messages import V2_TWEET, v2_document, v2_kind
 
 log = structlog.get_logger("ingestd.writer")
 
@@ -358,8 +359,12 @@ class StoreWorker:
             self._dead_letter(_json_failure(record.payload), record)
             return
         kind = classify(obj)
+        if kind == "unknown":
+            kind = v2_kind(obj) or kind  # X API v2: v2_tweet, or v2_error counted as control
         if kind == "tweet":
             self._take_tweet(obj, record)
+        elif kind == V2_TWEET:
+            self._take_v2_tweet(obj, record)
         elif kind == "invalid":
             self._dead_letter("not_an_object", record, detail=type(obj).__name__)
         else:
@@ -386,6 +391,16 @@ class StoreWorker:
             return
         if self._scrub_rules:
             self._scrub_new(doc)
+        self._batch.docs.append(doc)
+        self._batch.records.append(record)
+
+    def _take_v2_tweet(self, obj: dict[str, Any], record: Record) -> None:
+        try:
+            doc = v2_document(obj, received_at=_received_at(record.recv_ns),
+                              conn_id=record.conn_id, generation=record.generation, seq=record.seq)
+        except InvalidTweet as exc:
+            self._dead_letter("invalid_tweet", record, detail=exc.reason)
+            return
         self._batch.docs.append(doc)
         self._batch.records.append(record)
 

@@ -8,6 +8,7 @@ the documented ones.
 
 from __future__ import annotations
 
+import itertools
 import signal
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,6 @@ import pytest
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
-
 
 # Deliver three tweets, then only keep-alives: the daemon's counters settle, so "caught up" holds.
 QUIET_AFTER_3: list[dict[str, Any]] = [{"deliver": 3}, {"keepalive_only": 60}]
@@ -43,7 +43,7 @@ def attempts(truth: GroundTruthLog) -> list[dict[str, Any]]:
 
 def gaps(events: list[dict[str, Any]]) -> list[float]:
     times = [float(e["t"]) for e in events]
-    return [round(b - a, 3) for a, b in zip(times, times[1:], strict=False)]
+    return [round(b - a, 3) for a, b in itertools.pairwise(times)]
 
 
 def stored_ids(mongo_uri: str, db: str) -> set[int]:

@@ -114,8 +114,15 @@ class FakeSpool:
         return rec
 
     def read(self, max_records: int, max_bytes: int) -> list[Record]:
+        """SpoolReader's contract: ``max_bytes`` of payload, but always one record if any."""
         with self._cond:
-            out = self.records[self.pos:self.pos + max_records]
+            out: list[Record] = []
+            nbytes = 0
+            for rec in self.records[self.pos:self.pos + max_records]:
+                if out and nbytes >= max_bytes:
+                    break
+                out.append(rec)
+                nbytes += len(rec.payload)
             self.pos += len(out)
             return out
 
@@ -566,3 +573,94 @@ def test_write_error_summary_never_includes_the_document() -> None:
     summary = write_error_summary(bwe(11000, 121))
     assert summary == [(0, 11000, "DuplicateKey"), (1, 121, "DocumentValidationFailure")]
     assert "secret-value" not in repr(summary)
+
+
+# ---------------------------------------------------------------- bounds and configuration
+
+
+def test_make_client_applies_write_concern_and_timeouts(mongo_uri: str) -> None:
+    from ingestd.mongo import make_client
+    from ingestd.settings import WriteConcernSettings
+
+    mongo = MongoSettings(uri=Secret(mongo_uri),
+                          write_concern=WriteConcernSettings("majority", True),
+                          timeout_ms=4321, server_selection_timeout_ms=1234)
+    client = make_client(mongo)
+    try:
+        assert client.write_concern.document == {"w": "majority", "j": True}
+        assert client.options.timeout == pytest.approx(4.321)
+        assert client.options.server_selection_timeout == pytest.approx(1.234)
+        coll = client["db"]["tweets"]
+        assert coll.write_concern.document == {"w": "majority", "j": True}
+    finally:
+        client.close()
+
+
+def test_batch_is_bounded_in_bytes_not_only_in_records(
+        harness_factory: Callable[..., Harness], client: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import ingestd.writer as writer_module
+
+    payloads = [tweet(SNOW + i, filler="x" * 400) for i in range(60)]
+    limit = 4 * len(payloads[0])
+    monkeypatch.setattr(writer_module, "BATCH_MAX_BYTES", limit)
+    h = harness_factory(batch_size=1000)
+    sizes: list[int] = []
+    real_insert = h.worker._insert
+
+    def spy(docs: list[Doc], records: list[Record]) -> None:
+        sizes.append(sum(len(r.payload) for r in records))
+        real_insert(docs, records)
+
+    monkeypatch.setattr(h.worker, "_insert", spy)
+    for p in payloads:
+        h.spool.add(p)
+    assert h.drain() is True
+    assert client.tweets.count_documents({}) == 60
+    # A read returns at least one record, so a batch may pass the bound by one record at most.
+    assert max(sizes) <= limit + len(payloads[0]) and len(sizes) >= 60 * len(payloads[0]) // (
+        limit + len(payloads[0]))
+
+
+def test_deletes_count_towards_the_batch(harness_factory: Callable[..., Harness],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    h = harness_factory(batch_size=10)
+    held: list[int] = []
+    real_flush = h.worker._flush
+
+    def spy() -> None:
+        held.append(h.worker._batch.size())
+        real_flush()
+
+    monkeypatch.setattr(h.worker, "_flush", spy)
+    for i in range(95):
+        h.spool.add(orjson.dumps({"delete": {"status": {"id": SNOW + i, "user_id": 1}}}))
+    assert h.drain() is True
+    assert max(held) <= 10 and sum(held) == 95
+    assert h.worker.counters()["deletes_applied"] == 95
+
+
+def test_dead_letter_disk_full_is_retried_not_lost(harness_factory: Callable[..., Harness],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    h = harness_factory()
+    real_put = h.deadletters.put
+    failures = [0]
+
+    def put(*args: Any, **kwargs: Any) -> None:
+        if failures[0] < 2:
+            failures[0] += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_put(*args, **kwargs)
+
+    monkeypatch.setattr(h.deadletters, "put", put)
+    h.spool.add(b"{not json")
+    h.spool.add(tweet(SNOW + 1))
+    assert h.drain() is True
+    (entry,) = h.deadletters.iter_entries()
+    assert (entry["reason"], entry["seq"]) == ("invalid_json", 1)
+    c = h.worker.counters()
+    assert c["retries"] == 2 and c["deadlettered"] == {"invalid_json": 1} and reconciles(c)
+    assert any(s.startswith("degraded: dead-letter store unwritable (ENOSPC)") for s in h.ticks)
+    assert h.spool.acked_seq == 2

@@ -19,6 +19,7 @@ from ingestd.simulator.groundtruth import GroundTruth
 from ingestd.simulator.script import FaultScript, ScriptError
 from ingestd.simulator.server import Simulator
 from ingestd.simulator.state import SimConfig, SimState
+from ingestd.simulator.v2 import V2Options
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 78
@@ -79,6 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--rate-limit", type=_rate_limit, help="N/SECONDS connection attempts before 420")
     a("--seed", type=int, help="seed for reproducible generated tweets")
     a("--max-line", type=_non_negative(int), default=600_000, help="size of 'oversize' bad lines")
+    # X API v2 (simulator/v2.py): the token is read from the environment like the OAuth keys.
+    a("--bearer-token-env", default="TWITTER_BEARER_TOKEN",
+      help="environment variable holding the accepted v2 bearer token (unset = v2 refuses all)")
+    a("--max-rules", type=_non_negative(int), default=25, help="v2 rules the app may hold")
+    a("--max-rule-length", type=_non_negative(int), default=512, help="v2 rule length limit")
 
 
 def _check_host(args: argparse.Namespace) -> str | None:
@@ -134,7 +140,9 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         state = build_state(args)
-        sim = Simulator(state, args.host, args.port)
+        v2 = V2Options(os.environ.get(args.bearer_token_env, ""), args.max_rules,
+                       args.max_rule_length)
+        sim = Simulator(state, args.host, args.port, v2)
     except (ValueError, ScriptError, OSError) as exc:
         print(f"ingestd simulate: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -20,6 +20,9 @@ from ingestd.simulator.auth import AuthError
 from ingestd.simulator.params import ParamError, StreamParams, parse_params
 from ingestd.simulator.session import Session
 from ingestd.simulator.state import SimState
+from ingestd.simulator.v2 import PREFIX as V2_PREFIX
+from ingestd.simulator.v2 import V2App, V2Options
+from ingestd.simulator.v2 import handle as handle_v2
 from ingestd.simulator.wire import Wire
 
 STREAM_PATH = "/1.1/statuses/filter.json"
@@ -36,8 +39,10 @@ class SimServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 64
 
-    def __init__(self, address: tuple[str, int], state: SimState) -> None:
+    def __init__(self, address: tuple[str, int], state: SimState,
+                 v2: V2Options | None = None) -> None:
         self.state = state
+        self.v2 = V2App(state, v2 or V2Options())  # X API v2 routes (simulator/v2.py)
         super().__init__(address, Handler)
 
 
@@ -64,6 +69,8 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(200, orjson.dumps(self.server.state.snapshot()), "application/json")
         elif path == STREAM_PATH:
             self._stream_request()
+        elif path.startswith(V2_PREFIX):
+            handle_v2(self.server.v2, self)
         else:
             self._reply(404, b"Unknown URL. Try /1.1/statuses/filter.json\n")
 
@@ -189,9 +196,10 @@ class Handler(BaseHTTPRequestHandler):
 class Simulator:
     """Start/stop wrapper: ``start()`` binds and serves in a thread; ``stop()`` ends it all."""
 
-    def __init__(self, state: SimState, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, state: SimState, host: str = "127.0.0.1", port: int = 0,
+                 v2: V2Options | None = None) -> None:
         self.state = state
-        self.server = SimServer((host, port), state)
+        self.server = SimServer((host, port), state, v2)
         self._thread = threading.Thread(target=self.server.serve_forever, name="sim-http")
 
     @property

@@ -1,0 +1,44 @@
+"""Status files keep beating when the disk is full (the supervisor's heartbeat depends on them)."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from ingestd import runstate
+
+
+def test_status_round_trip_and_padding(tmp_path: Path) -> None:
+    runstate.run_dir(tmp_path)
+    runstate.write_status(tmp_path, "stream", {"state": "connected", "counters": {"received": 3}})
+    raw = runstate.status_path(tmp_path, "stream").read_bytes()
+    assert len(raw) % runstate.PAD == 0
+    status = runstate.read_status(tmp_path, "stream")
+    assert status is not None and status["counters"] == {"received": 3} and status["pid"] > 0
+
+
+def test_full_disk_overwrites_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runstate.run_dir(tmp_path)
+    runstate.write_status(tmp_path, "store", {"state": "running", "progress": 1})
+
+    def no_space(self: Path, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", no_space)
+    runstate.write_status(tmp_path, "store", {"state": "degraded: disk full", "progress": 2})
+    status = runstate.read_status(tmp_path, "store")
+    assert status is not None and status["progress"] == 2 and status["state"].startswith("degr")
+    assert not list((tmp_path / "run").glob(".*.tmp")), "no temp file left behind"
+
+
+def test_other_errors_are_not_swallowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runstate.run_dir(tmp_path)
+
+    def denied(self: Path, data: bytes) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "write_bytes", denied)
+    with pytest.raises(PermissionError):
+        runstate.write_status(tmp_path, "stream", {"state": "x"})
