@@ -150,6 +150,9 @@ INDEXES = (
     IndexModel([("user.id", pymongo.ASCENDING), ("created_at", pymongo.ASCENDING)]),
     IndexModel([("_ingest.matched.track", pymongo.ASCENDING), ("created_at", pymongo.ASCENDING)]),
     IndexModel([("entities.hashtags.text", pymongo.ASCENDING), ("created_at", pymongo.ASCENDING)]),
+    IndexModel([("_ingest.hashtags", pymongo.ASCENDING), ("created_at", pymongo.ASCENDING)]),
+    IndexModel([("_ingest.matched.locations", pymongo.ASCENDING),
+                ("created_at", pymongo.ASCENDING)]),
     IndexModel([("lang", pymongo.ASCENDING)]),
     IndexModel([("coordinates", pymongo.GEOSPHERE)]),
 )

@@ -71,6 +71,7 @@ class StoreRole:
             "counters": counters, "progress": counters["records_read"] + counters["retries"],
             "rate": round(self.meter.update(int(counters["stored"])), 1),
             "last_error": counters["last_error"],
+            "hist": self.worker.histograms(),
         })
 
     def tick(self) -> None:

@@ -42,6 +42,12 @@ from pymongo.errors import BulkWriteError
 from ingestd.deadletter import DeadLetterStore
 from ingestd.matching import Matched, Matcher
 from ingestd.messages import InvalidTweet, classify, parse_id, tweet_document
+from ingestd.metrics import (
+    BATCH_SIZE_BUCKETS,
+    INSERT_SECONDS_BUCKETS,
+    LATENCY_SECONDS_BUCKETS,
+    Histogram,
+)
 from ingestd.mongo import (
     DUPLICATE_KEY,
     Document,
@@ -202,6 +208,11 @@ class StoreWorker:
 
     def _init_counters(self) -> None:
         self.records_read = self.stored = self.duplicates = 0
+        self.read_seq = 0  # seq of the last spool record read (exact in-flight for metrics)
+        self._target_epoch = 0  # bumped on every Mongo target switch: ends a back-off early
+        self.hist_batch = Histogram(BATCH_SIZE_BUCKETS)
+        self.hist_insert = Histogram(INSERT_SECONDS_BUCKETS)
+        self.hist_latency = Histogram(LATENCY_SECONDS_BUCKETS)
         self.deadlettered: dict[str, int] = {}
         self.control: dict[str, int] = {}
         self.skipped: dict[str, int] = {}
@@ -248,6 +259,7 @@ class StoreWorker:
         """A snapshot for ``run/store.json`` (safe to call from another thread)."""
         return {
             "records_read": self.records_read,
+            "read_seq": self.read_seq,
             "stored": self.stored,
             "duplicates": self.duplicates,
             "deadlettered": dict(self.deadlettered),
@@ -338,6 +350,7 @@ class StoreWorker:
     def _take_all(self, records: Iterable[Record]) -> None:
         for record in records:
             self.records_read += 1
+            self.read_seq = record.seq
             if record.kind == KIND_MESSAGE:
                 self._take_message(record)
             else:
@@ -570,8 +583,7 @@ class StoreWorker:
         started = time.monotonic()
         while docs:
             try:
-                self._with_retry("insert", functools.partial(
-                    self._collection.insert_many, docs, ordered=False))
+                self._with_retry("insert", functools.partial(self._insert_many, docs))
                 self.stored += len(docs)
             except BulkWriteError as exc:
                 self._resolve_bulk(exc, docs, records)
@@ -580,9 +592,29 @@ class StoreWorker:
                 continue
             docs = []
         self.batches += 1
-        self.insert_seconds_total += time.monotonic() - started
+        elapsed = time.monotonic() - started
+        self.insert_seconds_total += elapsed
+        self._observe_batch(len(records), elapsed, records)
         if not self._indexes_done:
             self._ensure_indexes()
+
+    def _insert_many(self, docs: list[Document]) -> object:
+        # The collection is looked up at call time: a retry may have switched the Mongo target.
+        return self._collection.insert_many(docs, ordered=False)
+
+    def _observe_batch(self, size: int, elapsed: float, records: list[Record]) -> None:
+        """Batch size, ack time, and each tweet's time from the wire to MongoDB's ack."""
+        self.hist_batch.observe(size)
+        self.hist_insert.observe(elapsed)
+        now_ns = time.time_ns()
+        for record in records:
+            self.hist_latency.observe((now_ns - record.recv_ns) / 1e9)
+
+    def histograms(self) -> dict[str, Any]:
+        """For run/store.json "hist" (see metrics.HISTOGRAMS)."""
+        return {"batch_size": self.hist_batch.as_dict(),
+                "insert_seconds": self.hist_insert.as_dict(),
+                "store_latency_seconds": self.hist_latency.as_dict()}
 
     def _resolve_bulk(self, exc: BulkWriteError, docs: list[Document], records: list[Record]
                       ) -> None:
@@ -645,9 +677,9 @@ class StoreWorker:
         return [docs[i] for i in keep], [records[i] for i in keep]
 
     def _persist_tombstones(self, tombstones: list[Document]) -> None:
-        coll = self._tombstone_collection()
         try:
-            self._with_retry("tombstones", lambda: coll.insert_many(tombstones, ordered=False))
+            self._with_retry("tombstones", lambda: self._tombstone_collection().insert_many(
+                tombstones, ordered=False))
         except BulkWriteError as exc:
             if classify_error(exc) is not ErrorClass.DUPLICATES_ONLY:
                 log.error("tombstones_rejected", errors=write_error_summary(exc)[:50])
@@ -684,9 +716,11 @@ class StoreWorker:
         if self._target_ready:
             return
         if self._settings.writer.apply_deletes:
-            coll, limit = self._tombstone_collection(), self._tombstone_limit
+            limit = self._tombstone_limit
+            # The collection is looked up at call time: a retry may switch the Mongo target.
             ids = self._with_retry("load tombstones", lambda: [
-                d["_id"] for d in coll.find({}, {"_id": 1}).sort("_id", -1).limit(limit)])
+                d["_id"] for d in self._tombstone_collection().find({}, {"_id": 1})
+                .sort("_id", -1).limit(limit)])
             self._tombstones.update(ids)
             log.info("tombstones_loaded", count=len(ids))
         self._target_ready = True
@@ -696,6 +730,22 @@ class StoreWorker:
         self.index_failures += len(failures)
         # A transient failure is tried again after the next batch; a refusal is not.
         self._indexes_done = all(cls is not ErrorClass.TRANSIENT for _, cls in failures)
+
+    def _switch_failing_target(self) -> bool:
+        """A reload brought a new Mongo target while the current one fails: use it now.
+
+        Normally a batch finishes against the target it was taken for; but when that target keeps
+        failing (a wrong URI being fixed by the operator is the usual case), waiting for it would
+        block the new settings forever. The same documents are retried against the new target.
+        """
+        if not self._new_target_pending():
+            return False
+        new = self._next_settings
+        assert new is not None
+        log.warning("mongo_target_switched_during_retry", database=new.mongo.database,
+                    collection=new.mongo.collection)
+        self._switch_settings()
+        return True
 
     def _switch_settings(self) -> None:
         new, self._next_settings = self._next_settings, None
@@ -708,6 +758,7 @@ class StoreWorker:
                      collection=new.mongo.collection)
             self._collection.database.client.close()
             self._collection = self._factory(new.mongo)
+            self._target_epoch += 1
             self._target_ready = self._indexes_done = False
 
     @staticmethod
@@ -734,8 +785,9 @@ class StoreWorker:
                 if cls in (ErrorClass.PER_DOCUMENT, ErrorClass.DUPLICATES_ONLY):
                     raise
                 self._failed(what, exc, cls)
-                self._backoff(attempt, cls)
-                attempt += 1
+                if not self._switch_failing_target():
+                    self._backoff(attempt, cls)  # cut short if a reload brings a new target
+                    attempt = 0 if self._switch_failing_target() else attempt + 1
                 continue
             if self.state.startswith("degraded"):
                 log.info("mongo_recovered", after_retries=attempt)
@@ -779,12 +831,18 @@ class StoreWorker:
         self._sleep(delay)
 
     def _sleep(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while (left := end - time.monotonic()) > 0:
+        """Back-off wait; cut short when a reload brings a new Mongo target to try."""
+        end, epoch = time.monotonic() + seconds, self._target_epoch
+        while ((left := end - time.monotonic()) > 0 and epoch == self._target_epoch
+               and not self._new_target_pending()):
             self._check_give_up()
             self._maybe_tick(force=True)
             time.sleep(min(TICK_INTERVAL, left))
         self._check_give_up()
+
+    def _new_target_pending(self) -> bool:
+        new = self._next_settings
+        return new is not None and new.mongo != self._settings.mongo
 
     def _maybe_tick(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -179,6 +179,20 @@ def test_tweets_in_configured_box(cook: dict[str, Callable[..., Any]], tweets: C
     assert got == expected
 
 
+def test_tweets_with_hashtag(cook: dict[str, Callable[..., Any]], tweets: Coll,
+                             docs: list[Doc]) -> None:
+    def tags(d: Doc) -> set[str]:
+        holders = (d, d.get("extended_tweet") or {})
+        return {h["text"].lower() for x in holders
+                for h in x.get("entities", {}).get("hashtags", [])}
+    counts = Counter(t for d in docs for t in tags(d))
+    assert counts, "the tweets carry hashtags"
+    tag = counts.most_common(1)[0][0]
+    start, end = whole(docs)
+    got = cook["tweets_with_hashtag"](tweets, tag.upper(), start, end)
+    assert sorted(d["_id"] for d in got) == sorted(d["_id"] for d in docs if tag in tags(d))
+
+
 def test_top_hashtags_whole_collection(cook: dict[str, Callable[..., Any]], tweets: Coll,
                                        docs: list[Doc]) -> None:
     # STAND-IN EQUIVALENT of top_hashtags when the window holds every document: the same
@@ -287,5 +301,5 @@ def test_recipe_tweets_in_box(cook: dict[str, Callable[..., Any]], tweets: Coll,
 
 def test_every_recipe_is_tested() -> None:
     tested = {"tweets_per_keyword_per_hour", "top_hashtags", "tweets_by_user", "tweets_in_box",
-              "tweets_in_configured_box", "retweet_share", "language_mix"}
+              "tweets_in_configured_box", "retweet_share", "language_mix", "tweets_with_hashtag"}
     assert set(recipes()) == tested
