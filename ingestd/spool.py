@@ -538,8 +538,10 @@ class SpoolReader:
         acked, cursor, last = self._acked, self._cursor, self._last_read
         if acked is None or cursor is None or cursor.name <= acked.segment:
             return
-        if last is not None and (last.segment, last.offset) > (acked.segment, acked.offset):
-            return  # records read from a later segment are not stored yet
+        if last is not None and last.seq > acked.seq:
+            # Records were read past the checkpoint and are not stored yet. (Compare seqs, not
+            # offsets: the next record starts exactly where the acked one ends.)
+            return
         # Delete first: on a full disk the new checkpoint may not fit, and a checkpoint naming a
         # deleted segment is safe (the next start replays from the oldest segment, all unacked).
         self._delete_before(cursor.name)
