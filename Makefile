@@ -23,8 +23,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict ingestd
 
+# Three workers, one test file each at a time: most tests wait on real processes and timers.
 pytest: $(STAMP)
-	$(BIN)/pytest -q -m "not slow" -p no:cacheprovider
+	$(BIN)/pytest -q -m "not slow" -p no:cacheprovider -n 3 --dist loadfile
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow -p no:cacheprovider

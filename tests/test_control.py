@@ -334,8 +334,9 @@ def run_cli(command: str, daemon: Daemon) -> subprocess.CompletedProcess[str]:
 
 def test_unchanged_and_writer_only_reloads_do_not_reconnect(
         launch: Launch, mongo_uri: str, mongo_database: str) -> None:
-    per_conn = 1500
-    sim, daemon = launch("--rate", "250", "--max-tweets", str(per_conn), "--keepalive", "1",
+    # Enough tweets that both reloads land while the stream still flows, even on a loaded box.
+    per_conn = 4000
+    sim, daemon = launch("--rate", "400", "--max-tweets", str(per_conn), "--keepalive", "1",
                          "--seed", "51", writer={"batch_size": 200, "flush_interval": 0.5})
     daemon.wait_ready()
     wait_until(lambda: daemon.counters("store").get("last_batch_size", 0) > 8, 30,
