@@ -106,8 +106,12 @@ class LineFramer:
             return out
         self._extend(parts[0])
         self._finish(out, 0)
+        max_bytes = self.max_message_bytes
         for part in parts[1:-1]:
-            self._emit(out, part)
+            if part and len(part) <= max_bytes:
+                out.append(part)  # the usual case, inlined: a whole message in this slice
+            else:
+                self._emit(out, part)
         self._extend(parts[-1])
         return out
 

@@ -270,29 +270,35 @@ class Reader:
             room = ERROR_BODY_CAP - len(conn.error_body)
             conn.error_body += data[: max(room, 0)]
             return None
-        if self._is_full() and not self._drop_when_full:
+        if not self._drop_when_full and self._is_full():
             conn.paused = True
             return int(pycurl.WRITEFUNC_PAUSE)  # libcurl keeps the bytes; TCP pushes back
         self._frame(conn, data)
         return None
 
     def _frame(self, conn: Connection, data: bytes) -> None:
-        conn.body_bytes += len(data)
-        self.stats.bytes += len(data)
-        keepalives_before = conn.framer.keepalives
+        size = len(data)
+        stats, framer = self.stats, conn.framer
+        conn.body_bytes += size
+        stats.bytes += size
+        keepalives_before = framer.keepalives
+        frames = framer.feed(data)
+        stats.keepalives += framer.keepalives - keepalives_before
+        if not frames:
+            return  # part of a message, or keep-alives only
         items: list[tuple[int, bytes]] = []
-        for item in conn.framer.feed(data):
+        append = items.append
+        for item in frames:
             if isinstance(item, bytes):
-                items.append((KIND_MESSAGE, item))
+                append((KIND_MESSAGE, item))
                 if item.startswith(WATCHED_PREFIXES):
                     self._watch(conn, item)
             elif isinstance(item, Oversize):
-                self.stats.oversize += 1
-                items.append((KIND_OVERSIZE, item.head))
+                stats.oversize += 1
+                append((KIND_OVERSIZE, item.head))
             elif isinstance(item, BadFrame):
-                self.stats.bad_frames += 1
-                items.append((KIND_BADFRAME, item.head))
-        self.stats.keepalives += conn.framer.keepalives - keepalives_before
+                stats.bad_frames += 1
+                append((KIND_BADFRAME, item.head))
         if not items:
             return
         conn.messages += len(items)

@@ -1,0 +1,122 @@
+"""The store worker alone: a pre-filled spool drained by the real ``StoreWorker`` to the blackhole.
+
+Isolates the bottleneck of the pipeline from everything else that shares the machine's cores in
+``bench/run.py`` (the stream worker, the payload server): the spool is written first (not timed),
+then ``StoreWorker.run`` (matching, documents, ``insert_many``, spool acks) drains it in this
+process, with the product's default settings and the benchmark's filters, against
+``bench/blackhole.py`` (a subprocess). Prints tweets/s and CPU µs per tweet of this process.
+
+    .venv/bin/python bench/bench_store.py [--tweets 50000] [--repeats 3]
+    .venv/bin/py-spy record -o store.svg -- .venv/bin/python bench/bench_store.py   # a profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: variant trees
+
+from bench.payload import build
+from bench.run import FOLLOW, LOCATIONS, TRACK, Blackhole
+from ingestd.deadletter import DeadLetterStore
+from ingestd.mongo import open_collection
+from ingestd.settings import load_settings_text
+from ingestd.spool import KIND_MESSAGE, SpoolReader, SpoolWriter
+from ingestd.writer import StoreWorker
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ingestd-bench"
+APPEND_BATCH = 4  # messages per spool append (what one 16 KB libcurl callback carries)
+
+
+def fill_spool(directory: Path, messages: list[bytes]) -> None:
+    writer = SpoolWriter(directory, max_bytes=1 << 40, max_records=1 << 40)
+    recv_ns = time.time_ns()
+    for i in range(0, len(messages), APPEND_BATCH):
+        writer.append([(KIND_MESSAGE, m) for m in messages[i : i + APPEND_BATCH]], 1, 0, recv_ns)
+    writer.close()
+
+
+def settings_text(mongo_uri: str, state_dir: Path) -> str:
+    return yaml.safe_dump({
+        "state_dir": str(state_dir),
+        "stream": {"url": "http://127.0.0.1:9/1.1/statuses/filter.json", "track": TRACK,
+                   "follow": FOLLOW, "locations": [list(b) for b in LOCATIONS]},
+        "auth": {"consumer_key": "k", "consumer_secret": "s", "access_token": "t",
+                 "access_token_secret": "ts"},
+        "mongo": {"uri": mongo_uri, "database": "bench", "collection": "tweets"},
+        "metrics": {"listen": None},
+    })
+
+
+class GcTimer:
+    """Collections and seconds spent in the cyclic garbage collector (``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.counts = [0, 0, 0]
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+            self.counts[info["generation"]] += 1
+
+
+def drain(state_dir: Path, mongo_uri: str, tweets: int, gc_timer: GcTimer
+          ) -> tuple[float, float, float]:
+    """Wall and CPU seconds for the store worker to store ``tweets`` from the spool, and the
+    seconds its loop waited for ``insert_many`` (``insert_seconds_total``)."""
+    settings = load_settings_text(settings_text(mongo_uri, state_dir), state_dir / "s.yaml")
+    reader = SpoolReader(state_dir / "spool")
+    worker = StoreWorker(settings, reader, open_collection,
+                         DeadLetterStore(state_dir / "deadletter", 1 << 20))
+    gc.freeze()  # as store_role does
+    gc.callbacks.append(gc_timer)
+    wall, cpu = time.perf_counter(), time.process_time()
+    worker.run(lambda: worker.stored >= tweets, lambda: None, lambda: None)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    gc.callbacks.remove(gc_timer)
+    worker.close()
+    gc.unfreeze()
+    if worker.stored != tweets:
+        raise RuntimeError(f"stored {worker.stored} of {tweets}")
+    return wall, cpu, worker.insert_seconds_total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tweets", type=int, default=50_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    payload = build(CACHE, 200_000)
+    messages = list(payload.messages(args.tweets))
+    with tempfile.TemporaryDirectory(prefix="ingestd-bench-store-") as tmp:
+        blackhole = Blackhole(Path(tmp) / "blackhole")
+        try:
+            for rep in range(args.repeats):
+                state = Path(tmp) / f"state{rep}"
+                fill_spool(state / "spool", messages)
+                timer = GcTimer()
+                wall, cpu, insert = drain(state, blackhole.uri, len(messages), timer)
+                n = len(messages)
+                print(f"store worker: {n / wall:9,.0f} tweets/s  {cpu / n * 1e6:6.1f} µs CPU/tweet"
+                      f", of which gc {timer.seconds / n * 1e6:5.1f} µs ({timer.counts} "
+                      f"collections by generation); waiting for inserts {insert / wall:4.0%} "
+                      f"of the time  (load {os.getloadavg()[0]:.2f})", flush=True)
+        finally:
+            blackhole.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
