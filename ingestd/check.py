@@ -14,6 +14,7 @@ from pathlib import Path
 import certifi
 import pycurl
 
+from ingestd.headers import parse_header_line
 from ingestd.logs import register_secret, scrub_text
 from ingestd.oauth import encode_form, sign_request
 from ingestd.reader import USER_AGENT, diagnose_401
@@ -127,13 +128,8 @@ def check_endpoint(settings: Settings) -> bool:
     seen = bytearray()
 
     def on_header(line: bytes) -> None:
-        text = line.decode("latin-1").strip()
-        if text.startswith("HTTP/"):
-            parts = text.split(" ", 2)
-            status[0] = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-        elif ":" in text:
-            k, _, v = text.partition(":")
-            got[k.strip().lower()] = v.strip()
+        if (code := parse_header_line(line, got)) is not None:
+            status[0] = code
 
     def on_data(data: bytes) -> int | None:
         seen.extend(data[:4096])

@@ -24,6 +24,7 @@ import structlog
 from ingestd import __version__
 from ingestd.backoff import Backoff, Ending, Schedule
 from ingestd.framing import BadFrame, LengthFramer, LineFramer, Oversize
+from ingestd.headers import parse_header_line
 from ingestd.oauth import encode_form, sign_request
 from ingestd.settings import AuthSettings, StreamSettings
 from ingestd.spool import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE, KIND_PARTIAL
@@ -253,14 +254,8 @@ class Reader:
     # -- libcurl callbacks (must not raise: an exception would surface as a generic error) --
 
     def _on_header(self, conn: Connection, line: bytes) -> None:
-        text = line.decode("latin-1").strip()
-        if text.startswith("HTTP/"):
-            parts = text.split(" ", 2)
-            conn.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-            conn.headers.clear()
-        elif ":" in text:
-            name, _, value = text.partition(":")
-            conn.headers[name.strip().lower()] = value.strip()
+        if (status := parse_header_line(line, conn.headers)) is not None:
+            conn.status = status
 
     def _on_data(self, conn: Connection, data: bytes) -> int | None:
         if conn.abort is not None:

@@ -31,6 +31,7 @@ import orjson
 import pycurl
 import structlog
 
+from ingestd.headers import parse_header_line
 from ingestd.settings import AuthSettings, Rule, StreamSettings
 from ingestd.v2 import bearer_headers, rules_url
 
@@ -136,16 +137,12 @@ class RulesClient:
         return int(summary.get("deleted", 0)) if isinstance(summary, dict) else 0
 
     def _call(self, method: str, url: str, payload: dict[str, Any] | None) -> _Response:
-        buf, headers, status = BytesIO(), {}, [0]
+        buf, status = BytesIO(), [0]
+        headers: dict[str, str] = {}
 
         def on_header(line: bytes) -> None:
-            text = line.decode("latin-1").strip()
-            if text.startswith("HTTP/"):
-                parts = text.split(" ", 2)
-                status[0] = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-            elif ":" in text:
-                name, _, value = text.partition(":")
-                headers[name.strip().lower()] = value.strip()
+            if (code := parse_header_line(line, headers)) is not None:
+                status[0] = code
 
         def on_data(data: bytes) -> int | None:
             if buf.tell() + len(data) > MAX_BODY:
