@@ -28,7 +28,7 @@ pytest: $(STAMP)
 	$(BIN)/pytest -q -m "not slow" -p no:cacheprovider -n 3 --dist loadfile
 
 test-slow: $(STAMP)
-	$(BIN)/pytest -q -m slow -p no:cacheprovider
+	$(BIN)/pytest -q -m slow -p no:cacheprovider --timeout 1800
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -1,22 +1,34 @@
-"""Micro-benchmark: framing and spool throughput on real tweets. Prints figures, asserts nothing.
+"""Micro-benchmark: framing, spool and the stream worker's hot path on real tweets. Asserts nothing.
 
-.venv/bin/python bench/bench_spool_framing.py [--mb 64]
+.venv/bin/python bench/bench_spool_framing.py [--mb 64] [--reference TREE] [--rounds 3]
+
+``--reference TREE`` also runs every case on the ``ingestd`` package of another source tree (e.g.
+``git archive HEAD ingestd | tar -x -C /tmp/ref``), loaded in this same process as ``ingestd_ref``,
+interleaved with this tree's runs; each figure is the best of ``--rounds`` and the last column is
+this tree's time divided by the reference's (< 1: faster).
+
+The stream worker case feeds ``Reader._on_data`` (what libcurl's write callback runs) slices of the
+decoded body, through ``SpoolSink`` into a ``SpoolWriter`` on disk (``--dir``, fsync every 0.2 s),
+and reports CPU (user + system) per tweet: libcurl's own work (recv, chunked, inflate) is not in it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-from ingestd.framing import LengthFramer, LineFramer
-from ingestd.spool import KIND_MESSAGE, SpoolReader, SpoolWriter
+from types import ModuleType
+from typing import Any
 
 TWEETS = Path(__file__).resolve().parents[1] / "ingestd" / "data" / "real_tweets.jsonl"
-CHUNK = 16 * 1024
+sys.path.insert(0, str(TWEETS.parents[2]))
+CHUNK = 16 * 1024  # libcurl's CURL_MAX_WRITE_SIZE: a write callback's slice (gzip: always)
 
 
 def load_messages(total_bytes: int) -> list[bytes]:
@@ -30,82 +42,166 @@ def load_messages(total_bytes: int) -> list[bytes]:
     return out
 
 
-def report(name: str, seconds: float, nbytes: int, messages: int) -> None:
-    mb = nbytes / 1e6
-    print(
-        f"{name:<44} {mb / seconds:9.1f} MB/s {messages / seconds:12,.0f} msg/s  ({seconds:.2f} s)"
-    )
+def load_package(name: str, tree: Path | None, scratch: Path) -> dict[str, ModuleType]:
+    """This tree's modules, or ``tree``'s ``ingestd`` copied and renamed to ``name``."""
+    if tree is not None:
+        target = scratch / name
+        shutil.copytree(tree / "ingestd", target)
+        for path in target.rglob("*.py"):
+            text = path.read_text()
+            text = re.sub(r"\bfrom ingestd([. ])", rf"from {name}\1", text)
+            path.write_text(re.sub(r"\bimport ingestd\.", f"import {name}.", text))
+        sys.path.insert(0, str(scratch))
+    mods = ("framing", "spool", "reader", "workers", "settings")
+    return {m: importlib.import_module(f"{name}.{m}") for m in mods}
 
 
-def timed(fn: Callable[[], int]) -> tuple[float, int]:
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
+def chunked(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
-def bench_framer(name: str, framer: LineFramer | LengthFramer, wire: bytes, n: int) -> None:
-    chunks = [wire[i : i + CHUNK] for i in range(0, len(wire), CHUNK)]
-
-    def run() -> int:
-        return sum(len(framer.feed(chunk)) for chunk in chunks)
-
-    seconds, got = timed(run)
+def case_framer(pkg: dict[str, ModuleType], wire: bytes, n: int, _: Path) -> float:
+    framer = pkg["framing"].LineFramer(500_000)
+    chunks = chunked(wire, CHUNK)
+    start = time.process_time()
+    got = sum(len(framer.feed(chunk)) for chunk in chunks)
     assert got == n, (got, n)
-    report(name, seconds, len(wire), n)
+    return time.process_time() - start
 
 
-def bench_one_byte(size: int) -> None:
-    framer = LineFramer(size)
-    wire = b"x" * size + b"\r\n"
-    pieces = [wire[i : i + 1] for i in range(len(wire))]
-    seconds, got = timed(lambda: sum(len(framer.feed(p)) for p in pieces))
-    report(f"LineFramer, {size // 1000} KB message in 1-byte chunks", seconds, len(wire), got)
+def case_append(pkg: dict[str, ModuleType], messages: list[bytes], directory: Path) -> float:
+    spool = pkg["spool"]
+    writer = spool.SpoolWriter(directory, max_bytes=1 << 40, max_records=1 << 40,
+                               fsync_interval=0.2)
+    batches = [[(0, m) for m in messages[i : i + 4]] for i in range(0, len(messages), 4)]
+    start = time.process_time()
+    for batch in batches:
+        writer.is_full()  # once per libcurl callback in the stream worker
+        writer.append(batch, 1, 1, 1)
+    writer.close()
+    return time.process_time() - start
 
 
-def bench_spool(messages: list[bytes], directory: Path) -> None:
-    nbytes = sum(map(len, messages))
-    writer = SpoolWriter(directory, max_bytes=1 << 40, max_records=1 << 40, fsync_interval=0.2)
-    batches = [[(KIND_MESSAGE, m) for m in messages[i : i + 4]] for i in range(0, len(messages), 4)]
+def case_is_full(pkg: dict[str, ModuleType], _: list[bytes], directory: Path) -> float:
+    """``is_full`` with a 30-segment backlog (the reader is behind), 200k calls."""
+    writer = pkg["spool"].SpoolWriter(directory, segment_bytes=4096, max_bytes=1 << 40,
+                                      max_records=1 << 40, fsync_interval=60)
+    for _ in range(30):
+        writer.append([(0, b"x" * 4096)], 1, 1, 1)
+    is_full = writer.is_full
+    start = time.process_time()
+    for _ in range(200_000):
+        is_full()
+    elapsed = time.process_time() - start
+    writer.close()
+    return elapsed
 
-    def write() -> int:
-        for batch in batches:
-            writer.append(batch, 1, 1, time.time_ns())
-        writer.close()
-        return len(messages)
 
-    seconds, _ = timed(write)
-    report("SpoolWriter.append (4/batch, fsync 0.2 s)", seconds, nbytes, len(messages))
-    reader = SpoolReader(directory)
+def case_read(pkg: dict[str, ModuleType], messages: list[bytes], directory: Path) -> float:
+    """Read back 1000 records at a time (CRC checks, ``Record``s), no ack."""
+    return read_back(pkg, messages, directory, ack=False, clock=time.process_time)
 
-    def read() -> int:
-        count = 0
-        while batch := reader.read(1000, 16 << 20):
-            count += len(batch)
+
+def case_read_ack(pkg: dict[str, ModuleType], messages: list[bytes], directory: Path) -> float:
+    """Read back and ack every 1000 records; wall time (checkpoint fsyncs block the loop)."""
+    return read_back(pkg, messages, directory, ack=True, clock=time.perf_counter)
+
+
+def read_back(pkg: dict[str, ModuleType], messages: list[bytes], directory: Path, *, ack: bool,
+              clock: Callable[[], float]) -> float:
+    spool = pkg["spool"]
+    writer = spool.SpoolWriter(directory, max_bytes=1 << 40, max_records=1 << 40)
+    for i in range(0, len(messages), 64):
+        writer.append([(0, m) for m in messages[i : i + 64]], 1, 1, 1)
+    writer.close()
+    reader = spool.SpoolReader(directory)
+    start = clock()
+    count = 0
+    while batch := reader.read(1000, 16 << 20):
+        count += len(batch)
+        if ack:
             reader.ack(batch[-1])
-        return count
+    reader.close()
+    assert count == len(messages)
+    return clock() - start
 
-    seconds, got = timed(read)
-    assert got == len(messages), (got, len(messages))
-    report("SpoolReader.read + ack per 1000", seconds, nbytes, got)
+
+def stream_case(
+    chunk: int, per_pass: int
+) -> Callable[[dict[str, ModuleType], bytes, int, Path], float]:
+    """``per_pass`` callbacks per libcurl pass; the reader flushes the sink after each pass."""
+
+    def case(pkg: dict[str, ModuleType], wire: bytes, n: int, directory: Path) -> float:
+        import pycurl
+
+        st, rd, wk = pkg["settings"], pkg["reader"], pkg["workers"]
+        stream = st.StreamSettings(url="http://127.0.0.1:1/1.1/statuses/filter.json",
+                                   track=("x",))
+        auth = st.AuthSettings(*(st.Secret(c) for c in "abcd"))
+        writer = pkg["spool"].SpoolWriter(directory, max_bytes=1 << 40, max_records=1 << 40,
+                                          fsync_interval=0.2)
+        sink = wk.SpoolSink(writer, drop=False)
+        reader = rd.Reader(stream, auth, 1, sink, is_full=sink.is_full, drop_when_full=False)
+        conn = rd.Connection(1, 1, stream, pycurl.Curl(), rd.LineFramer(500_000), 0.0, 0.0,
+                             status=200)
+        on_data = reader._on_data
+        flush = getattr(sink, "flush", lambda: None)  # the reference may write per callback
+        passes = [chunked(part, chunk) for part in chunked(wire, chunk * per_pass)]
+        start = time.process_time()
+        for pieces in passes:
+            for piece in pieces:
+                on_data(conn, piece)
+            flush()
+        writer.close()
+        elapsed = time.process_time() - start
+        assert reader.stats.received == n, (reader.stats.received, n)
+        return elapsed
+
+    return case
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mb", type=int, default=64, help="megabytes of messages per run")
+    parser.add_argument("--reference", type=Path, help="a source tree to compare against")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", default="/var/tmp", help="a disk-backed folder for the spool")
     args = parser.parse_args()
     messages = load_messages(args.mb * 1_000_000)
-    sizes = sum(map(len, messages)) / len(messages)
-    print(f"{len(messages):,} real tweets, mean {sizes:,.0f} bytes, {CHUNK // 1024} KiB chunks")
-    line_wire = b"".join(m + b"\r\n" for m in messages)
-    bench_framer("LineFramer", LineFramer(500_000), line_wire, len(messages))
-    length_wire = b"".join(b"%d\r\n%s\r\n" % (len(m) + 2, m) for m in messages)
-    bench_framer("LengthFramer", LengthFramer(500_000), length_wire, len(messages))
-    bench_one_byte(1_000_000)
-    directory = Path(tempfile.mkdtemp(prefix="bench-spool-"))
+    n = len(messages)
+    wire = b"".join(m + b"\r\n" for m in messages)
+    print(f"{n:,} real tweets, mean {len(wire) / n:,.0f} bytes; best of {args.rounds} rounds")
+    scratch = Path(tempfile.mkdtemp(prefix="bench-ref-"))
     try:
-        bench_spool(messages, directory)
+        pkgs = {"this": load_package("ingestd", None, scratch)}
+        if args.reference:
+            pkgs["ref"] = load_package("ingestd_ref", args.reference, scratch)
+        cases: list[tuple[str, Callable[..., float], tuple[Any, ...], int]] = [
+            ("LineFramer.feed, 16 KiB slices (CPU)", case_framer, (wire, n), n),
+            ("SpoolWriter is_full+append, 4/append (CPU)", case_append, (messages,), n),
+            ("is_full, 30-segment backlog (CPU, per call)", case_is_full, (None,), 200_000),
+            ("SpoolReader.read, 1000 at a time (CPU)", case_read, (messages,), n),
+            ("SpoolReader read + ack per 1000 (wall)", case_read_ack, (messages,), n),
+            ("stream worker, 16 KiB slices, 1/pass (CPU)", stream_case(16 << 10, 1), (wire, n), n),
+            ("stream worker, 16 KiB slices, 4/pass (CPU)", stream_case(16 << 10, 4), (wire, n), n),
+            ("stream worker, 64 KiB slices, 1/pass (CPU)", stream_case(64 << 10, 1), (wire, n), n),
+        ]
+        for title, fn, extra, per in cases:
+            best = dict.fromkeys(pkgs, float("inf"))
+            for _ in range(args.rounds):
+                for name, pkg in pkgs.items():
+                    directory = Path(tempfile.mkdtemp(prefix="bench-spool-", dir=args.dir))
+                    try:
+                        best[name] = min(best[name], fn(pkg, *extra, directory))
+                    finally:
+                        shutil.rmtree(directory, ignore_errors=True)
+            line = f"{title:<46}" + "".join(
+                f" {name} {best[name] / per * 1e6:7.2f} µs" for name in pkgs)
+            if "ref" in best:
+                line += f"   ratio {best['this'] / best['ref']:.2f}"
+            print(line, flush=True)
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -72,25 +74,48 @@ class GcTimer:
             self.counts[info["generation"]] += 1
 
 
-def drain(state_dir: Path, mongo_uri: str, tweets: int, gc_timer: GcTimer
-          ) -> tuple[float, float, float]:
-    """Wall and CPU seconds for the store worker to store ``tweets`` from the spool, and the
-    seconds its loop waited for ``insert_many`` (``insert_seconds_total``)."""
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def drain(state_dir: Path, mongo_uri: str, tweets: int, gc_timer: GcTimer, encoder: bool
+          ) -> tuple[float, float, float, float, int]:
+    """Wall and CPU seconds for the store worker to store ``tweets`` from the spool, the CPU
+    seconds of its encoder child, the seconds its loop waited for ``insert_many``
+    (``insert_seconds_total``) and the records the child encoded."""
     settings = load_settings_text(settings_text(mongo_uri, state_dir), state_dir / "s.yaml")
     reader = SpoolReader(state_dir / "spool")
     worker = StoreWorker(settings, reader, open_collection,
-                         DeadLetterStore(state_dir / "deadletter", 1 << 20))
+                         DeadLetterStore(state_dir / "deadletter", 1 << 20),
+                         encoder_process=encoder)
     gc.freeze()  # as store_role does
     gc.callbacks.append(gc_timer)
+    child = children_cpu()
     wall, cpu = time.perf_counter(), time.process_time()
     worker.run(lambda: worker.stored >= tweets, lambda: None, lambda: None)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     gc.callbacks.remove(gc_timer)
-    worker.close()
+    worker.close()  # waits for the encoder child: its CPU is in RUSAGE_CHILDREN from here
+    child = children_cpu() - child
     gc.unfreeze()
     if worker.stored != tweets:
         raise RuntimeError(f"stored {worker.stored} of {tweets}")
-    return wall, cpu, worker.insert_seconds_total
+    return wall, cpu, child, worker.insert_seconds_total, worker.offloaded
+
+
+def run_once(state: Path, messages: list[bytes], uri: str, encoder: bool) -> float:
+    fill_spool(state / "spool", messages)
+    timer = GcTimer()
+    wall, cpu, child, insert, offloaded = drain(state, uri, len(messages), timer, encoder)
+    n = len(messages)
+    label = "with encoder child" if encoder else "in-process        "
+    print(f"store worker {label}: {n / wall:9,.0f} tweets/s  {cpu / n * 1e6:6.1f} µs CPU/tweet"
+          f" (+ child {child / n * 1e6:5.1f} µs, {offloaded / n:4.0%} of the tweets)"
+          f", of which gc {timer.seconds / n * 1e6:5.1f} µs ({timer.counts} "
+          f"collections by generation); waiting for inserts {insert / wall:4.0%} "
+          f"of the time  (load {os.getloadavg()[0]:.2f})", flush=True)
+    return n / wall
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,16 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ingestd-bench-store-") as tmp:
         blackhole = Blackhole(Path(tmp) / "blackhole")
         try:
+            rates: dict[bool, list[float]] = {False: [], True: []}
             for rep in range(args.repeats):
-                state = Path(tmp) / f"state{rep}"
-                fill_spool(state / "spool", messages)
-                timer = GcTimer()
-                wall, cpu, insert = drain(state, blackhole.uri, len(messages), timer)
-                n = len(messages)
-                print(f"store worker: {n / wall:9,.0f} tweets/s  {cpu / n * 1e6:6.1f} µs CPU/tweet"
-                      f", of which gc {timer.seconds / n * 1e6:5.1f} µs ({timer.counts} "
-                      f"collections by generation); waiting for inserts {insert / wall:4.0%} "
-                      f"of the time  (load {os.getloadavg()[0]:.2f})", flush=True)
+                for encoder in (False, True):  # interleaved: same machine state for both
+                    rates[encoder].append(run_once(Path(tmp) / f"state{rep}{encoder}", messages,
+                                                   blackhole.uri, encoder))
+            base, shared = statistics.median(rates[False]), statistics.median(rates[True])
+            print(f"median: in-process {base:,.0f} tweets/s, with the encoder child "
+                  f"{shared:,.0f} tweets/s ({shared / base:.2f}×)")
         finally:
             blackhole.stop()
     return 0

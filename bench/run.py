@@ -112,6 +112,15 @@ def tree(pid: int) -> list[psutil.Process]:
     return [proc, *proc.children(recursive=True)]
 
 
+def grow(procs: list[psutil.Process], pid: int) -> list[psutil.Process]:
+    """``procs`` plus the processes started in the tree since (the store worker starts its
+    encoder child on the first large read, after the run began: all its CPU is in the run)."""
+    known = {p.pid for p in procs}
+    with suppress(psutil.Error):
+        return procs + [p for p in tree(pid) if p.pid not in known]
+    return procs
+
+
 def cpu_of(procs: list[psutil.Process]) -> float:
     total = 0.0
     for p in procs:
@@ -128,6 +137,8 @@ def role_of(proc: psutil.Process) -> str:
         cmd = proc.cmdline()
     except psutil.Error:
         return "?"
+    if any("ingestd.encoder" in part for part in cmd):
+        return "encoder"
     return cmd[cmd.index("--role") + 1] if "--role" in cmd else "supervisor"
 
 
@@ -248,10 +259,11 @@ class Bench:
             cpu0 = cpu_of(procs)
             roles0 = cpu_by_role(procs)
             self.server.go()
-            sampler = RssSampler(procs) if sample_rss else None
+            sampler = RssSampler(procs, daemon.proc.pid) if sample_rss else None
             stats = bh.wait_reached(tweets, self.progress("ingestd", tweets),
                                     alive=daemon.assert_running,
                                     timeout=60 + tweets / 500)
+            procs = grow(procs, daemon.proc.pid)
             cpu1 = cpu_of(procs)
             roles = {k: round(v - roles0.get(k, 0.0), 2) for k, v in cpu_by_role(procs).items()}
             peak_sum = sampler.stop() if sampler else 0
@@ -394,16 +406,17 @@ class Blackhole:
 class RssSampler:
     """Samples the summed RSS of a process tree every 0.1 s on a thread; ``stop()`` -> peak KB."""
 
-    def __init__(self, procs: list[psutil.Process]) -> None:
+    def __init__(self, procs: list[psutil.Process], root: int) -> None:
         import threading
 
-        self.procs, self.peak = procs, 0
+        self.procs, self.root, self.peak = procs, root, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
+            self.procs = grow(self.procs, self.root)
             self.peak = max(self.peak, rss_sum_kb(self.procs))
 
     def stop(self) -> int:
@@ -518,11 +531,12 @@ def run_overload(bench: Bench, rate: float, ack_delay: float, seconds: float) ->
         assert daemon.proc is not None
         procs = tree(daemon.proc.pid)
         bench.server.go()
-        sampler = RssSampler(procs)
+        sampler = RssSampler(procs, daemon.proc.pid)
         started = time.monotonic()
         while time.monotonic() - started < seconds + 2:
             time.sleep(2)
             daemon.assert_running()
+            procs = grow(procs, daemon.proc.pid)
             stream, store = daemon.counters("stream"), daemon.counters("store")
             say(f"      overload: received {stream.get('received', 0):>8,}  stored "
                 f"{store.get('stored', 0):>8,}  rss {rss_sum_kb(procs) / 1024:6.1f} MB")

@@ -13,7 +13,12 @@ EXIT_USAGE = 2
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Known args only: ``simulate`` hands the rest to the simulator's own parser.
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "simulate", False):
+        return cmd_simulate(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
@@ -51,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--generation", type=int, default=1)
     worker.set_defaults(func=cmd_worker)
 
-    import ingestd.simulator.cli as simulator_cli
-
-    simulate = sub.add_parser("simulate", help="run the endpoint simulator on loopback")
-    simulator_cli.add_arguments(simulate)
-    simulate.set_defaults(func=simulator_cli.run)
+    # Its options live in ingestd.simulator.cli, imported only to run it: every daemon process
+    # starts through this parser, and the simulator pulls in http.server, oauthlib and yaml.
+    simulate = sub.add_parser("simulate", add_help=False,
+                              help="run the endpoint simulator on loopback (see simulate --help)")
+    simulate.set_defaults(simulate=True)
 
     demo = sub.add_parser(
         "demo", help="simulator + daemon + embedded Mongo stand-in, then a report")
@@ -66,14 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from ingestd.settings import check_mongo_uri_in_child
     from ingestd.supervisor import run_supervisor
 
+    check_mongo_uri_in_child()  # the supervisor never talks to MongoDB: keep pymongo out
     return run_supervisor(args.config)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from ingestd.settings import check_mongo_uri_in_child
     from ingestd.workers import run_store_worker, run_stream_worker
 
+    if args.role == "stream":
+        check_mongo_uri_in_child()  # as for the supervisor; the store worker loads pymongo anyway
     run = run_stream_worker if args.role == "stream" else run_store_worker
     return run(args.config, args.generation)
 
@@ -100,6 +110,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print(f"not reloading: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return send_reload(settings.state_dir)
+
+
+def cmd_simulate(argv: list[str]) -> int:
+    from ingestd.simulator.cli import main as simulate
+
+    return simulate(argv)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -92,27 +92,37 @@ class LineFramer:
         self._cr = False
 
     def feed(self, data: bytes) -> list[Frame]:
-        """Consume one slice of the body; return the frames it completed, in order."""
+        """Consume one slice of the body; return the frames it completed, in order.
+
+        Searches for ``\\n`` (``bytes.find`` of one byte is a ``memchr``; ``split(b"\\r\\n")``
+        scans about three times slower) and takes it as a terminator only after a ``\\r``.
+        """
         out: list[Frame] = []
         if not data:
             return out
         self.scanned_bytes += len(data)
+        cut = 0  # start of the current message in data
         if self._cr and data[0] == 0x0A:  # the CRLF was split across two slices
             self._finish(out, -1)
-            data = data[1:]
-        parts = data.split(CRLF)
-        if len(parts) == 1:
-            self._extend(data)
-            return out
-        self._extend(parts[0])
-        self._finish(out, 0)
-        max_bytes = self.max_message_bytes
-        for part in parts[1:-1]:
-            if part and len(part) <= max_bytes:
-                out.append(part)  # the usual case, inlined: a whole message in this slice
-            else:
-                self._emit(out, part)
-        self._extend(parts[-1])
+            cut = 1
+        held = self._skipping or bool(self._buf)  # the current message began in an earlier slice
+        find, max_bytes = data.find, self.max_message_bytes
+        nl = find(b"\n", cut)
+        while nl >= 0:
+            # A \n right at ``cut`` follows the previous terminator (or a held byte that is not
+            # \r): it is part of the message, like any \n not preceded by \r.
+            if nl > cut and data[nl - 1] == 0x0D:
+                if held:
+                    self._extend(data[cut : nl - 1])
+                    self._finish(out, 0)
+                    held = False
+                elif 0 < nl - 1 - cut <= max_bytes:
+                    out.append(data[cut : nl - 1])  # the usual case: a whole message in the slice
+                else:
+                    self._emit(out, data[cut : nl - 1])
+                cut = nl + 1
+            nl = find(b"\n", nl + 1)
+        self._extend(data[cut:])
         return out
 
     def _emit(self, out: list[Frame], message: bytes) -> None:

@@ -15,34 +15,39 @@ into ``run/store.json`` under ``"hist"``); the collector turns those into histog
     server = start_metrics_server(settings)   # None when metrics.listen is null
     ...
     server.close()
+
+The store worker imports this module for ``Histogram`` only, so prometheus_client and http.server
+(~2 MB of RSS) are imported where the families and the listener are built, not at module level.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
 
 from ingestd import runstate, status
 from ingestd.settings import Settings
+
+if TYPE_CHECKING:
+    from http.server import ThreadingHTTPServer
+
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
 
 log = structlog.get_logger("ingestd.metrics")
 
@@ -167,11 +172,15 @@ class _LastMessage:
 
 
 def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    from prometheus_client.core import CounterMetricFamily
+
     return CounterMetricFamily(name, doc, value=value)
 
 
 def labelled_counter(name: str, doc: str, label: str,
                      values: Mapping[str, float]) -> CounterMetricFamily:
+    from prometheus_client.core import CounterMetricFamily
+
     family = CounterMetricFamily(name, doc, labels=[label])
     for key, value in sorted(values.items()):
         family.add_metric([key], value)
@@ -179,11 +188,25 @@ def labelled_counter(name: str, doc: str, label: str,
 
 
 def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    from prometheus_client.core import GaugeMetricFamily
+
     return GaugeMetricFamily(name, doc, value=value)
+
+
+def labelled_gauge(name: str, doc: str, label: str,
+                   values: Mapping[str, float]) -> GaugeMetricFamily:
+    from prometheus_client.core import GaugeMetricFamily
+
+    family = GaugeMetricFamily(name, doc, labels=[label])
+    for key, value in values.items():
+        family.add_metric([key], value)
+    return family
 
 
 def histogram(name: str, doc: str, data: object) -> HistogramMetricFamily | None:
     """A histogram family from ``Histogram.as_dict()`` output; None if the shape is wrong."""
+    from prometheus_client.core import HistogramMetricFamily
+
     if not isinstance(data, Mapping):
         return None
     bounds, counts = data.get("buckets"), data.get("counts")
@@ -198,8 +221,12 @@ def histogram(name: str, doc: str, data: object) -> HistogramMetricFamily | None
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=_num(data.get("sum")))
 
 
-class RunStateCollector(Collector):
-    """Builds every ``ingestd_*`` family from ``<state_dir>/run/*.json`` at scrape time."""
+class RunStateCollector:
+    """Builds every ``ingestd_*`` family from ``<state_dir>/run/*.json`` at scrape time.
+
+    A prometheus_client ``Collector`` by duck typing (the registry only calls ``collect``):
+    subclassing would import prometheus_client with this module.
+    """
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
@@ -218,11 +245,9 @@ class RunStateCollector(Collector):
 
     def _workers(self, docs: Mapping[str, Mapping[str, Any]], now: float) -> Iterable[Metric]:
         sup = docs["supervisor"]
-        up = GaugeMetricFamily("ingestd_worker_up", "1 while the role's process heartbeats.",
-                               labels=["role"])
-        for role in ("supervisor", "stream", "store"):
-            up.add_metric([role], 1.0 if status.alive(dict(docs[role]) or None, now) else 0.0)
-        yield up
+        yield labelled_gauge("ingestd_worker_up", "1 while the role's process heartbeats.", "role",
+                             {role: 1.0 if status.alive(dict(docs[role]) or None, now) else 0.0
+                              for role in ("supervisor", "stream", "store")})
         yield gauge("ingestd_config_generation", "Settings generation in force (1 at start, "
                     "+1 per successful reload).", _num(sup.get("generation")))
         yield counter("ingestd_config_reload_failures_total",
@@ -234,11 +259,9 @@ class RunStateCollector(Collector):
     def _stream(self, stream: Mapping[str, Any], now: float) -> Iterable[Metric]:
         c = _section(stream, "counters")
         state = status.stream_state(str(stream.get("state", "")))
-        states = GaugeMetricFamily("ingestd_stream_state", "1 for the stream's current state.",
-                                   labels=["state"])
-        for name in (*status.STREAM_STATES, "other"):
-            states.add_metric([name], 1.0 if name == state else 0.0)
-        yield states
+        yield labelled_gauge("ingestd_stream_state", "1 for the stream's current state.", "state",
+                             {name: 1.0 if name == state else 0.0
+                              for name in (*status.STREAM_STATES, "other")})
         yield gauge("ingestd_stream_connected", "1 while a connection is delivering.",
                     1.0 if state == "connected" else 0.0)
         yield gauge("ingestd_stream_backoff_seconds", "The reconnect delay last chosen.",
@@ -271,6 +294,12 @@ class RunStateCollector(Collector):
                       _num(c.get("retries")))
         yield counter("ingestd_deletes_applied_total", "Delete notices applied.",
                       _num(c.get("deletes_applied")))
+        yield counter("ingestd_encoder_offloaded_total",
+                      "Tweets parsed and encoded by the store worker's encoder child.",
+                      _num(c.get("offloaded")))
+        yield counter("ingestd_encoder_restarts_total",
+                      "Times the encoder child was lost (its tweets were encoded in-process).",
+                      _num(c.get("encoder_restarts")))
         yield counter("ingestd_spool_corrupt_records_total", "Spool records skipped as corrupt.",
                       _num(c.get("spool_corrupt_records")))
         yield gauge("ingestd_store_degraded", "1 while MongoDB writes are failing.",
@@ -314,47 +343,57 @@ class RunStateCollector(Collector):
 # -- the HTTP listener -----------------------------------------------------------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    timeout = HTTP_TIMEOUT
-
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        try:
-            if path == "/metrics":
-                self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
-            elif path == "/healthz":
-                code, body = healthz(self.server.state_dir)
-                self._send(code, "application/json", body)
-            else:
-                self._send(404, "text/plain; charset=utf-8", b"try /metrics or /healthz\n")
-        except Exception as exc:  # a scrape must never take the supervisor down
-            log.error("metrics_scrape_failed", path=path, error=type(exc).__name__)
-            self._send(500, "text/plain; charset=utf-8", b"internal error\n")
-
-    def _send(self, code: int, content_type: str, body: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silence the per-request stderr line: scrapes every 15 s would flood the journal."""
+ServerClass = Callable[[tuple[str, int], Path], "ThreadingHTTPServer"]
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+@functools.cache
+def _server_classes() -> tuple[ServerClass, ServerClass]:
+    """The listener's (IPv4, IPv6) server classes, defined on first use (see the module doc)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    def __init__(self, address: tuple[str, int], state_dir: Path) -> None:
-        self.state_dir = state_dir
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(RunStateCollector(state_dir))
-        super().__init__(address, _Handler)
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+        def __init__(self, address: tuple[str, int], state_dir: Path) -> None:
+            self.state_dir = state_dir
+            self.registry = CollectorRegistry(auto_describe=False)
+            self.registry.register(RunStateCollector(state_dir))
+            super().__init__(address, Handler)
+
+    class Server6(Server):
+        address_family = socket.AF_INET6
+
+    class Handler(BaseHTTPRequestHandler):
+        server: Server
+        timeout = HTTP_TIMEOUT
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            try:
+                if path == "/metrics":
+                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
+                elif path == "/healthz":
+                    code, body = healthz(self.server.state_dir)
+                    self._send(code, "application/json", body)
+                else:
+                    self._send(404, "text/plain; charset=utf-8", b"try /metrics or /healthz\n")
+            except Exception as exc:  # a scrape must never take the supervisor down
+                log.error("metrics_scrape_failed", path=path, error=type(exc).__name__)
+                self._send(500, "text/plain; charset=utf-8", b"internal error\n")
+
+        def _send(self, code: int, content_type: str, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Silence the per-request stderr line: scrapes every 15 s would flood the journal."""
+
+    return Server, Server6
 
 
 def healthz(state_dir: Path) -> tuple[int, bytes]:
@@ -368,8 +407,9 @@ class MetricsServer:
     """The supervisor's one HTTP listener (``/metrics``, ``/healthz``) on a daemon thread."""
 
     def __init__(self, state_dir: Path, host: str, port: int) -> None:
-        cls = _Server6 if ":" in host else _Server
-        self._httpd = cls((host, port), state_dir)
+        server4, server6 = _server_classes()
+        cls = server6 if ":" in host else server4
+        self._httpd: ThreadingHTTPServer = cls((host, port), state_dir)
         self.state_dir = state_dir
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics",
                                         kwargs={"poll_interval": 0.5}, daemon=True)

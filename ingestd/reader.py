@@ -35,6 +35,10 @@ log = structlog.get_logger("ingestd.reader")
 
 TICK = 0.1  # seconds between checks of stop flag, stall timers and reloads
 ERROR_BODY_CAP = 4096
+# libcurl's receive buffer (default 16 KiB): a plain body then reaches the write callback in larger
+# slices, so fewer callbacks, framer calls and spool writes per tweet. Only what is already in the
+# socket is handed over: no added latency. (Inflated gzip output still comes 16 KiB at a time.)
+RECV_BUFFER = 256 * 1024
 USER_AGENT = f"ingestd/{__version__}"
 CONFIG_STATUSES = frozenset({403, 404, 406, 413, 416})
 RATE_LIMIT_STATUSES = frozenset({420, 429})
@@ -119,10 +123,12 @@ class Reader:
         *,
         is_full: Callable[[], bool],
         drop_when_full: bool,
+        flush: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.stream, self.auth, self.generation = stream, auth, generation
         self._sink, self._is_full, self._drop_when_full = sink, is_full, drop_when_full
+        self._flush = flush  # ends a pass: the sink writes what it coalesced from the callbacks
         self._clock = clock
         self._multi = pycurl.CurlMulti()
         self.backoff = Backoff(schedule_from(stream), clock=clock)
@@ -161,6 +167,7 @@ class Reader:
             self._announce(self.active)
         self._reap()
         self._check_stalls(self._clock())
+        self._flush()  # before waiting: nothing framed stays unwritten across the select
         self._multi.select(TICK)
 
     def reload(self, stream: StreamSettings, auth: AuthSettings, generation: int) -> None:
@@ -193,6 +200,7 @@ class Reader:
         """Abort every connection; frames already appended stay in the spool."""
         for conn in [c for c in (self.pending, self.active, *self.retiring) if c is not None]:
             self._end(conn, Ending.ABORTED)
+        self._flush()
         self.active = self.pending = None
         self.retiring.clear()
         self._multi.close()
@@ -237,6 +245,7 @@ class Reader:
             curl.setopt(pycurl.POSTFIELDS, body)
             curl.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in headers.items()])
         curl.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
+        curl.setopt(pycurl.BUFFERSIZE, RECV_BUFFER)
         if stream.gzip:
             curl.setopt(pycurl.ACCEPT_ENCODING, "deflate, gzip")
         curl.setopt(pycurl.WRITEFUNCTION, lambda data: self._on_data(conn, data))

@@ -10,23 +10,21 @@ contain a secret value: `${NAME}` substitutions are masked out of every reason.
 
 from __future__ import annotations
 
-import difflib
 import hmac
 import ipaddress
+import json
 import os
 import re
+import sys
 import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 import certifi
 import yaml
-from pymongo.errors import PyMongoError
-from pymongo.uri_parser import parse_uri
 
 from ingestd.logs import MASK, scrub_userinfo
 
@@ -216,6 +214,7 @@ class WriterSettings:
     batch_size: int = 1000
     flush_interval: float = 0.5
     apply_deletes: bool = True
+    encoder_process: bool = True
     retry_start: float = 0.5
     retry_cap: float = 30.0
 
@@ -278,6 +277,8 @@ class Settings:
 
 def format_coordinate(value: float) -> str:
     """Shortest exact decimal text, never scientific notation: -122.75, 37.8, 100."""
+    from decimal import Decimal  # not at module level: the supervisor rarely formats numbers
+
     text = format(Decimal(repr(float(value))).normalize(), "f")
     return "0" if text == "-0" else text
 
@@ -520,6 +521,8 @@ class _Section:
             child.finish()
 
     def _unknown_reason(self, key: object) -> str:
+        import difflib  # error path only: the daemons do not carry it
+
         close = difflib.get_close_matches(str(key), self._known, n=1, cutoff=0.6)
         if close:
             return f"unknown key; did you mean {close[0]!r}?"
@@ -626,6 +629,8 @@ def parse_size(value: object) -> int | None:
     match = _SIZE.match(value)
     if match is None or match.group(2).lower() not in _UNITS:
         return None
+    from decimal import Decimal
+
     size = int(Decimal(match.group(1)) * _UNITS[match.group(2).lower()])
     return size if size > 0 else None
 
@@ -977,6 +982,8 @@ def _mongo(sec: _Section) -> MongoSettings:
 
 
 def _parse_mongo_uri(uri: str) -> dict[str, Any]:
+    from pymongo.uri_parser import parse_uri
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pymongo warnings may quote option values
         if uri.startswith("mongodb+srv://"):
@@ -990,19 +997,81 @@ def _parse_mongo_uri(uri: str) -> dict[str, Any]:
         return parse_uri(uri)
 
 
-def _check_mongo_uri(sec: _Section, uri: str) -> None:
+def pymongo_uri_facts(uri: str) -> dict[str, Any]:
+    """pymongo's verdict on ``uri`` as plain JSON: ``{"error": reason}`` (not yet scrubbed), or
+    ``{"true_options": [lower-cased names of options set to true], "hosts": [...]}``."""
+    from pymongo.errors import PyMongoError
+
     try:
         parsed = _parse_mongo_uri(uri)
     except (PyMongoError, ValueError, TypeError) as exc:
-        reason = str(exc)
+        return {"error": str(exc)}
+    options = parsed["options"].items()
+    return {"true_options": sorted(str(k).lower() for k, v in options if v is True),
+            "hosts": [str(host) for host, _port in parsed["nodelist"]]}
+
+
+# pymongo is ~19 MB of RSS that the supervisor and the stream worker otherwise never need: they
+# call check_mongo_uri_in_child() and, as long as they have not loaded pymongo, ask a short-lived
+# child interpreter instead. The URI goes over stdin (a command line is world-readable in /proc).
+_uri_check_in_child = False
+_URI_CHILD = ("import json, sys\n"
+              "from ingestd.settings import pymongo_uri_facts\n"
+              "sys.stdout.write(json.dumps(pymongo_uri_facts(sys.stdin.read())))\n")
+_URI_CHILD_TIMEOUT = 60.0
+# The last verdict: a reload that keeps the URI spawns no child. One entry only, so an old
+# password does not outlive the next URI change.
+_last_uri_facts: tuple[str, dict[str, Any]] | None = None
+
+
+def check_mongo_uri_in_child() -> None:
+    """From now on, check ``mongo.uri`` in a child interpreter unless pymongo is loaded here.
+
+    For the long-lived processes that never talk to MongoDB (supervisor, stream worker); the
+    child costs ~0.3 s of CPU per new URI, so one-shot tools keep the in-process default.
+    """
+    global _uri_check_in_child
+    _uri_check_in_child = True
+
+
+def mongo_uri_facts(uri: str) -> dict[str, Any]:
+    """``pymongo_uri_facts(uri)``, from a child interpreter if this process asked for that."""
+    global _last_uri_facts
+    if _last_uri_facts is not None and _last_uri_facts[0] == uri:
+        return _last_uri_facts[1]
+    in_child = _uri_check_in_child and "pymongo" not in sys.modules
+    facts = _uri_facts_in_child(uri) if in_child else pymongo_uri_facts(uri)
+    _last_uri_facts = (uri, facts)
+    return facts
+
+
+def _uri_facts_in_child(uri: str) -> dict[str, Any]:
+    import subprocess
+
+    try:
+        done = subprocess.run([sys.executable, "-c", _URI_CHILD], input=uri.encode(),
+                              capture_output=True, timeout=_URI_CHILD_TIMEOUT, check=True)
+        facts = json.loads(done.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        facts = None
+    if not isinstance(facts, dict):
+        # No usable child (no fork, killed, broken interpreter): pay the import, never guess.
+        return pymongo_uri_facts(uri)
+    return facts
+
+
+def _check_mongo_uri(sec: _Section, uri: str) -> None:
+    facts = mongo_uri_facts(uri)
+    if "error" in facts:
+        reason = str(facts["error"])
         for secret in (_uri_password(uri), _uri_userinfo(uri)):
             if secret:
                 reason = reason.replace(secret, MASK).replace(unquote(secret), MASK)
         sec.error("uri", f"invalid MongoDB URI: {reason}")
         return
-    options = {str(k).lower(): v for k, v in parsed["options"].items()}
-    insecure = [name for key, name in _INSECURE_TLS.items() if options.get(key) is True]
-    hosts = [str(host) for host, _port in parsed["nodelist"]]
+    true_options = set(facts.get("true_options", ()))
+    insecure = [name for key, name in _INSECURE_TLS.items() if key in true_options]
+    hosts = [str(host) for host in facts.get("hosts", ())]
     if insecure and not all(_is_loopback(h) for h in hosts):
         sec.error("uri", f"URI options {', '.join(insecure)} turn off TLS certificate checks; "
                          "allowed only when every host is loopback")
@@ -1068,6 +1137,7 @@ def _writer(sec: _Section) -> WriterSettings:
         batch_size=sec.integer("batch_size", 1000, lo=1, hi=100_000),
         flush_interval=sec.number("flush_interval", 0.5, gt=0),
         apply_deletes=sec.boolean("apply_deletes", True),
+        encoder_process=sec.boolean("encoder_process", True),
         retry_start=retry_start,
         retry_cap=retry_cap,
     )

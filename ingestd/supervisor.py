@@ -6,10 +6,12 @@ gunicorn's arbiter: signal handlers only enqueue; one loop drains the queue, dis
 ``handle_<signal>`` by name, then reaps children, checks heartbeats, restarts dead workers and
 reports.
 
-Reload: the supervisor validates the new settings text, then sends it to both workers as a JSON
-line on their stdin (``{"cmd": "reload", "generation": N, "text": ...}``). A worker restarted later
-starts with ``--generation N`` and re-reads the config file itself (already validated, unless it
-was edited again since: then the worker exits 78 and the supervisor halts with 78).
+Reload: the supervisor validates the new settings text (``mongo.uri`` in a short-lived child
+interpreter when it changed: pymongo never stays resident here, see
+``settings.check_mongo_uri_in_child``), then sends it to both workers as a JSON line on their
+stdin (``{"cmd": "reload", "generation": N, "text": ...}``). A worker restarted later starts
+with ``--generation N`` and re-reads the config file itself (already validated, unless it was
+edited again since: then the worker exits 78 and the supervisor halts with 78).
 A bad config on SIGHUP never stops the service: the old settings stay in force.
 """
 

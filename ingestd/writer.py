@@ -27,7 +27,7 @@ import errno
 import functools
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -36,12 +36,22 @@ import bson
 import orjson
 import structlog
 from bson.errors import InvalidDocument
+from bson.raw_bson import RawBSONDocument
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError
 
 from ingestd.deadletter import DeadLetterStore
-from ingestd.matching import Matched, Matcher
-from ingestd.messages import InvalidTweet, classify, parse_id, tweet_document
+from ingestd.encoder import (
+    DEAD,
+    PUNT,
+    Encoded,
+    EncoderProcess,
+    MatcherSpec,
+    encode,
+    encode_document,
+)
+from ingestd.matching import Matcher
+from ingestd.messages import InvalidTweet, classify, parse_id
 from ingestd.metrics import (
     BATCH_SIZE_BUCKETS,
     INSERT_SECONDS_BUCKETS,
@@ -85,7 +95,11 @@ FRAME_REASONS = {
     KIND_PARTIAL: "partial_message",
 }
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_NO_MATCH = Matched()
+# Reads smaller than this are encoded in-process: at low rates a round trip to the encoder child
+# would only add latency.
+OFFLOAD_MIN = 64
+SHARE_STEP = 0.02  # how fast the split between the two encoders adapts
+ENCODER_RESTART_INTERVAL = 10.0  # seconds between restarts of a lost encoder child
 
 
 class SpoolSource(Protocol):
@@ -94,6 +108,7 @@ class SpoolSource(Protocol):
     def read(self, max_records: int, max_bytes: int) -> list[Record]: ...
     def wait_for_data(self, timeout: float) -> object: ...
     def ack(self, record: Record) -> None: ...
+    def maybe_flush(self) -> None: ...
 
 
 class GiveUp(Exception):
@@ -115,7 +130,10 @@ class _Op:
 
 @dataclass(slots=True)
 class _Batch:
-    docs: list[Document] = field(default_factory=list)
+    # Tweets are held encoded: the parsed dict dies at once, so the cyclic GC never walks a batch
+    # of ~200k live objects and the batch weighs its BSON size (~4 MB), not several times that.
+    docs: list[RawBSONDocument] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # parallel to docs: _id without decoding
     records: list[Record] = field(default_factory=list)  # parallel to docs (for dead letters)
     deletes: list[int] = field(default_factory=list)
     tombstones: list[Document] = field(default_factory=list)
@@ -181,6 +199,8 @@ class StoreWorker:
         generation: int = 0,
         tombstone_limit: int = TOMBSTONE_LIMIT,
         rng: random.Random | None = None,
+        encoder_process: bool | None = None,
+        offload_min: int = OFFLOAD_MIN,
     ) -> None:
         self._settings = settings
         self._next_settings: Settings | None = None
@@ -193,6 +213,12 @@ class StoreWorker:
         self._indexes_done = False
         self._generation = generation
         self._matchers: dict[int, Matcher] = {generation: self._matcher(settings)}
+        self._matcher_specs: dict[int, MatcherSpec] = {generation: self._matcher_spec(settings)}
+        self._encoder_choice = encoder_process  # None: settings.writer.encoder_process decides
+        self._offload_min = offload_min
+        self._encoder: EncoderProcess | None = None
+        self._encoder_started = 0.0
+        self._share = 0.5  # fraction of a read sent to the encoder child
         self._tombstones: set[int] = set()
         self._tombstone_limit = tombstone_limit
         self._scrub_rules: dict[int, int] = {}  # user id -> up_to_status_id
@@ -219,7 +245,8 @@ class StoreWorker:
         self.disconnects: dict[str, int] = {}
         self.deletes_applied = self.deleted_documents = self.control_rejected = 0
         self.batches = self.retries = self.last_batch_size = 0
-        self.index_failures = self.match_errors = 0
+        self.index_failures = self.match_errors = self.encoder_restarts = 0
+        self.offloaded = 0  # records encoded by the encoder child
         self.insert_seconds_total = 0.0
         self.state = "starting"
         self.last_error = ""
@@ -248,8 +275,10 @@ class StoreWorker:
     def apply_settings(self, generation: int, settings: Settings) -> None:
         """Use ``settings`` from the next batch on; match ``generation``'s records by them."""
         self._matchers[generation] = self._matcher(settings)
+        self._matcher_specs[generation] = self._matcher_spec(settings)
         for old in sorted(self._matchers)[:-MATCHER_GENERATIONS]:
             del self._matchers[old]
+            self._matcher_specs.pop(old, None)
         self._generation = max(self._generation, generation)
         self._next_settings = settings
         if self._batch.last is None:
@@ -278,6 +307,8 @@ class StoreWorker:
             "retries": self.retries,
             "index_failures": self.index_failures,
             "match_errors": self.match_errors,
+            "encoder_restarts": self.encoder_restarts,
+            "offloaded": self.offloaded,
             "state": self.state,
             "last_error": self.last_error,
             "last_batch_size": self.last_batch_size,
@@ -289,6 +320,7 @@ class StoreWorker:
         """Release the MongoDB client and the helper thread (not the spool or dead letters)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._collection.database.client.close()
+        self._stop_encoder()
 
     # ------------------------------------------------------------------ main loop
 
@@ -347,12 +379,12 @@ class StoreWorker:
 
     # ------------------------------------------------------------------ taking records
 
-    def _take_all(self, records: Iterable[Record]) -> None:
-        for record in records:
+    def _take_all(self, records: list[Record]) -> None:
+        for record, encoded in zip(records, self._encode_all(records), strict=True):
             self.records_read += 1
             self.read_seq = record.seq
             if record.kind == KIND_MESSAGE:
-                self._take_message(record)
+                self._take_message(record, encoded)
             else:
                 self._dead_letter(FRAME_REASONS.get(record.kind, "bad_frame"), record,
                                   detail=f"spool record kind {record.kind}")
@@ -365,7 +397,80 @@ class StoreWorker:
                 self._flush()
             self._maybe_tick()  # dead letters fsync: a run of them must not starve the heartbeat
 
-    def _take_message(self, record: Record) -> None:
+    # ------------------------------------------------------------------ encoding
+
+    def _encode_all(self, records: list[Record]) -> list[Encoded | None]:
+        """Each record's encoding, in order: the first part by the encoder child, the rest here."""
+        encoder = self._encoder_for(len(records))
+        if encoder is None:
+            return [self._encode_here(r) for r in records]
+        split = max(1, min(len(records) - 1, round(len(records) * self._share)))
+        theirs = records[:split]
+        try:
+            encoder.submit([r for r in theirs if r.kind == KIND_MESSAGE], self._matcher_specs)
+        except OSError as exc:
+            self._encoder_lost(exc)
+            return [self._encode_here(r) for r in records]
+        ours = [self._encode_here(r) for r in records[split:]]
+        # Balance the split so that neither side waits for the other.
+        self._share += SHARE_STEP if encoder.ready() else -SHARE_STEP
+        self._share = min(0.9, max(0.1, self._share))
+        try:
+            done = iter(encoder.result())
+        except (EOFError, OSError) as exc:
+            self._encoder_lost(exc)
+            return [self._encode_here(r) for r in theirs] + ours
+        self.offloaded += len(theirs)
+        return [next(done) if r.kind == KIND_MESSAGE else None for r in theirs] + ours
+
+    def _encode_here(self, record: Record) -> Encoded | None:
+        if record.kind != KIND_MESSAGE:
+            return None
+        return encode(record, self._matcher_for(record.generation))
+
+    def _matcher_for(self, generation: int) -> Matcher:
+        return self._matchers.get(generation) or self._matchers[self._generation]
+
+    def _encoder_for(self, records: int) -> EncoderProcess | None:
+        """The encoder child when this read is worth sharing with it (started on first use)."""
+        if records < self._offload_min or not self._encoder_wanted():
+            return None
+        if self._encoder is None:
+            if time.monotonic() - self._encoder_started < ENCODER_RESTART_INTERVAL:
+                return None  # lost recently: encode here for a while rather than spin
+            self._encoder_started = time.monotonic()
+            try:
+                self._encoder = EncoderProcess()
+            except OSError as exc:
+                log.error("encoder_start_failed", error=type(exc).__name__)
+                return None
+            # The child gets every matcher again: it is new.
+            log.info("encoder_started", pid=self._encoder.pid)
+        return self._encoder
+
+    def _encoder_wanted(self) -> bool:
+        choice = self._encoder_choice
+        return self._settings.writer.encoder_process if choice is None else choice
+
+    def _stop_encoder(self) -> None:
+        if self._encoder is not None:
+            self._encoder.close()
+            self._encoder = None
+
+    def _encoder_lost(self, exc: BaseException) -> None:
+        """The child died or its pipe broke: its part is encoded here, a new one starts later."""
+        self.encoder_restarts += 1
+        log.error("encoder_lost", error=type(exc).__name__, restarts=self.encoder_restarts)
+        if self._encoder is not None:
+            self._encoder.close(timeout=0.5)
+            self._encoder = None
+
+    # ------------------------------------------------------------------ taking records
+
+    def _take_message(self, record: Record, encoded: Encoded | None) -> None:
+        if encoded is not None and encoded.status != PUNT:
+            self._take_encoded(encoded, record)
+            return
         try:
             obj = orjson.loads(record.payload)
         except orjson.JSONDecodeError:
@@ -374,8 +479,8 @@ class StoreWorker:
         kind = classify(obj)
         if kind == "unknown":
             kind = v2_kind(obj) or kind  # X API v2: v2_tweet, or v2_error counted as control
-        if kind == "tweet":
-            self._take_tweet(obj, record)
+        if kind == "tweet":  # punted by the encoder child (e.g. it did not know the generation)
+            self._take_encoded(encode(record, self._matcher_for(record.generation)), record)
         elif kind == V2_TWEET:
             self._take_v2_tweet(obj, record)
         elif kind == "invalid":
@@ -388,25 +493,6 @@ class StoreWorker:
                 return
             _bump(self.control, kind)
 
-    def _take_tweet(self, obj: dict[str, Any], record: Record) -> None:
-        matcher = self._matchers.get(record.generation) or self._matchers[self._generation]
-        try:
-            matched = matcher.match(obj)
-        except Exception:  # matching only annotates: a matcher bug must never lose a tweet
-            self.match_errors += 1
-            matched = _NO_MATCH
-        try:
-            doc = tweet_document(obj, received_at=_received_at(record.recv_ns),
-                                 conn_id=record.conn_id, generation=record.generation,
-                                 seq=record.seq, matched=matched)
-        except InvalidTweet as exc:
-            self._dead_letter("invalid_tweet", record, detail=exc.reason)
-            return
-        if self._scrub_rules:
-            self._scrub_new(doc)
-        self._batch.docs.append(doc)
-        self._batch.records.append(record)
-
     def _take_v2_tweet(self, obj: dict[str, Any], record: Record) -> None:
         try:
             doc = v2_document(obj, received_at=_received_at(record.recv_ns),
@@ -414,8 +500,31 @@ class StoreWorker:
         except InvalidTweet as exc:
             self._dead_letter("invalid_tweet", record, detail=exc.reason)
             return
-        self._batch.docs.append(doc)
-        self._batch.records.append(record)
+        self._take_encoded(encode_document(doc), record)
+
+    def _take_encoded(self, encoded: Encoded, record: Record) -> None:
+        """Hold an encoded tweet in the batch (only its BSON: the parsed objects are gone)."""
+        if encoded.match_error:
+            self.match_errors += 1
+        if encoded.status == DEAD:
+            self._dead_letter(encoded.reason, record, detail=encoded.detail)
+            return
+        raw = encoded.raw
+        if self._scrub_rules and encoded.user_id is not None:
+            raw = self._scrub_encoded(raw, encoded.user_id, encoded.tweet_id)
+        batch = self._batch
+        batch.docs.append(RawBSONDocument(raw))
+        batch.ids.append(encoded.tweet_id)
+        batch.records.append(record)
+
+    def _scrub_encoded(self, raw: bytes, user_id: int, tweet_id: int) -> bytes:
+        """Apply a scrub_geo seen earlier to a tweet encoded before it was known (rare)."""
+        up_to = self._scrub_rules.get(user_id)
+        if up_to is None or tweet_id > up_to:
+            return raw
+        doc: Document = bson.decode(raw)
+        self._scrub_new(doc)
+        return bson.encode(doc)
 
     def _scrub_new(self, doc: Document) -> None:
         """Apply a scrub_geo seen earlier to a tweet that arrives after it."""
@@ -551,11 +660,11 @@ class StoreWorker:
             self._ensure_target_ready()
             if batch.tombstones:
                 self._persist_tombstones(batch.tombstones)
-            docs, records = self._drop_tombstoned(batch.docs, batch.records)
-            batch.docs, batch.records = docs, records
+            docs, ids, records = self._drop_tombstoned(batch.docs, batch.ids, batch.records)
+            batch.docs, batch.ids, batch.records = docs, ids, records
             if docs:
-                self._insert(docs, records)
-            batch.docs, batch.records = [], []
+                self._insert(docs, ids, records)
+            batch.docs, batch.ids, batch.records = [], [], []
             if batch.deletes:
                 self._apply_deletes(batch.deletes)
             for op in batch.ops:
@@ -566,18 +675,20 @@ class StoreWorker:
         if self._next_settings is not None:
             self._switch_settings()
 
-    def _drop_tombstoned(self, docs: list[Document], records: list[Record]
-                         ) -> tuple[list[Document], list[Record]]:
+    def _drop_tombstoned(self, docs: list[RawBSONDocument], ids: list[int],
+                         records: list[Record]
+                         ) -> tuple[list[RawBSONDocument], list[int], list[Record]]:
         tombstones = self._tombstones
         if not tombstones or not self._settings.writer.apply_deletes:
-            return docs, records
-        keep = [i for i, doc in enumerate(docs) if doc["_id"] not in tombstones]
+            return docs, ids, records
+        keep = [i for i, tweet_id in enumerate(ids) if tweet_id not in tombstones]
         if len(keep) == len(docs):
-            return docs, records
+            return docs, ids, records
         _bump(self.skipped, "deleted", len(docs) - len(keep))
-        return [docs[i] for i in keep], [records[i] for i in keep]
+        return [docs[i] for i in keep], [ids[i] for i in keep], [records[i] for i in keep]
 
-    def _insert(self, docs: list[Document], records: list[Record]) -> None:
+    def _insert(self, docs: list[RawBSONDocument], ids: list[int], records: list[Record]
+                ) -> None:
         """insert_many until every document is stored, a duplicate, or dead-lettered."""
         self.last_batch_size = len(docs)
         started = time.monotonic()
@@ -586,9 +697,9 @@ class StoreWorker:
                 self._with_retry("insert", functools.partial(self._insert_many, docs))
                 self.stored += len(docs)
             except BulkWriteError as exc:
-                self._resolve_bulk(exc, docs, records)
+                self._resolve_bulk(exc, ids, records)
             except (InvalidDocument, OverflowError) as exc:
-                docs, records = self._drop_unencodable(exc, docs, records)
+                docs, ids, records = self._drop_unencodable(exc, docs, ids, records)
                 continue
             docs = []
         self.batches += 1
@@ -598,7 +709,7 @@ class StoreWorker:
         if not self._indexes_done:
             self._ensure_indexes()
 
-    def _insert_many(self, docs: list[Document]) -> object:
+    def _insert_many(self, docs: list[RawBSONDocument]) -> object:
         # The collection is looked up at call time: a retry may have switched the Mongo target.
         return self._collection.insert_many(docs, ordered=False)
 
@@ -616,8 +727,7 @@ class StoreWorker:
                 "insert_seconds": self.hist_insert.as_dict(),
                 "store_latency_seconds": self.hist_latency.as_dict()}
 
-    def _resolve_bulk(self, exc: BulkWriteError, docs: list[Document], records: list[Record]
-                      ) -> None:
+    def _resolve_bulk(self, exc: BulkWriteError, ids: list[int], records: list[Record]) -> None:
         """Sort a final BulkWriteError into stored, duplicates and dead letters (no retry)."""
         details = exc.details or {}
         self.stored += int(details.get("nInserted", 0))
@@ -632,49 +742,54 @@ class StoreWorker:
                 unsure.append(index)
             else:
                 rejected.append((index, code, short_reason(err)))
-        rejected += self._check_duplicates(unsure, docs)
+        rejected += self._check_duplicates(unsure, ids)
         for index, code, reason in rejected:
             self._dead_letter("mongo_rejected", records[index], code=code, detail=reason)
         if rejected:
             log.error("insert_documents_rejected", errors=write_error_summary(exc)[:50],
-                      ids=[docs[i]["_id"] for i, _, _ in rejected][:50], count=len(rejected))
+                      ids=[ids[i] for i, _, _ in rejected][:50], count=len(rejected))
 
-    def _check_duplicates(self, indexes: list[int], docs: list[Document]
+    def _check_duplicates(self, indexes: list[int], ids: list[int]
                           ) -> list[tuple[int, int, str]]:
         """11000s whose index the server did not name: stored if the _id exists, else rejected."""
         if not indexes:
             return []
-        ids = [docs[i]["_id"] for i in indexes]
+        unsure = [ids[i] for i in indexes]
         found = self._with_retry("check duplicates", lambda: {
-            d["_id"] for d in self._collection.find({"_id": {"$in": ids}}, {"_id": 1})})
+            d["_id"] for d in self._collection.find({"_id": {"$in": unsure}}, {"_id": 1})})
         rejected = []
         for i in indexes:
-            if docs[i]["_id"] in found:
+            if ids[i] in found:
                 self.duplicates += 1
             else:
                 rejected.append((i, DUPLICATE_KEY, "DuplicateKey on another unique index"))
         return rejected
 
-    def _drop_unencodable(self, exc: Exception, docs: list[Document], records: list[Record]
-                          ) -> tuple[list[Document], list[Record]]:
-        """The encoder refused the batch: dead-letter the documents it refuses, retry the rest."""
-        bad: dict[int, str] = {}
-        for i, doc in enumerate(docs):
-            try:
-                if len(bson.encode(doc)) > MAX_BSON_SIZE:
-                    bad[i] = "DocumentTooLarge"
-            except (InvalidDocument, OverflowError) as err:
-                bad[i] = type(err).__name__
+    def _drop_unencodable(self, exc: Exception, docs: list[RawBSONDocument], ids: list[int],
+                          records: list[Record]
+                          ) -> tuple[list[RawBSONDocument], list[int], list[Record]]:
+        """The driver refused the batch: dead-letter the documents over the server's size limit.
+
+        Documents are encoded when taken (``_hold``), so only a server limit below
+        ``MAX_BSON_SIZE`` can get here.
+        """
+        limit = self._max_bson_size()
+        bad = {i for i, doc in enumerate(docs) if len(doc.raw) > limit}
         if not bad:  # not reproducible per document: treat as transient rather than drop anything
             self._failed("insert", exc, ErrorClass.TRANSIENT)
             self._backoff(0, ErrorClass.TRANSIENT)
-            return docs, records
-        for i, name in bad.items():
-            self._dead_letter("unencodable", records[i], detail=name)
-        log.error("insert_documents_unencodable", ids=[docs[i]["_id"] for i in bad][:50],
-                  count=len(bad))
+            return docs, ids, records
+        for i in bad:
+            self._dead_letter("unencodable", records[i], detail="DocumentTooLarge")
+        log.error("insert_documents_unencodable", ids=[ids[i] for i in bad][:50], count=len(bad))
         keep = [i for i in range(len(docs)) if i not in bad]
-        return [docs[i] for i in keep], [records[i] for i in keep]
+        return [docs[i] for i in keep], [ids[i] for i in keep], [records[i] for i in keep]
+
+    def _max_bson_size(self) -> int:
+        """The smallest document limit the known servers announced (16 MiB on any mongod)."""
+        servers = self._collection.database.client.topology_description.server_descriptions()
+        sizes = [s.max_bson_size for s in servers.values() if s.max_bson_size > 0]
+        return min([MAX_BSON_SIZE, *sizes])
 
     def _persist_tombstones(self, tombstones: list[Document]) -> None:
         try:
@@ -753,6 +868,8 @@ class StoreWorker:
             return
         old = self._settings
         self._settings = new
+        if not self._encoder_wanted():
+            self._stop_encoder()
         if new.mongo != old.mongo:
             log.info("mongo_target_changed", database=new.mongo.database,
                      collection=new.mongo.collection)
@@ -763,8 +880,12 @@ class StoreWorker:
 
     @staticmethod
     def _matcher(settings: Settings) -> Matcher:
+        return Matcher(*StoreWorker._matcher_spec(settings))
+
+    @staticmethod
+    def _matcher_spec(settings: Settings) -> MatcherSpec:
         stream = settings.stream
-        return Matcher(stream.track, stream.follow, stream.locations)
+        return (list(stream.track), list(stream.follow), list(stream.locations))
 
     # ------------------------------------------------------------------ retries
 
@@ -849,6 +970,9 @@ class StoreWorker:
         if force or now >= self._next_tick:
             self._next_tick = now + TICK_INTERVAL
             self._tick()
+            # A coalesced checkpoint must not wait for the next ack (e.g. during a MongoDB
+            # back-off): the stream worker sizes the backlog from it.
+            self._reader.maybe_flush()
 
     def _past_deadline(self) -> bool:
         deadline = self._drain_deadline()

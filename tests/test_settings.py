@@ -176,7 +176,8 @@ def test_unknown_keys_suggest_the_closest_name() -> None:
     assert "did you mean 'batch_size'" in error_at(data, "writer.batchsize")
     assert "did you mean 'mongo'" in error_at(data, "mongoo")
     data = doc(writer={"zzz": 1})
-    assert "(known keys: apply_deletes, batch_size, flush_interval" in error_at(data, "writer.zzz")
+    assert "(known keys: apply_deletes, batch_size, encoder_process, flush_interval" in error_at(
+        data, "writer.zzz")
 
 
 @pytest.mark.parametrize(("section", "key", "value", "reason"), [

@@ -33,6 +33,7 @@ from ingestd.spool import (
     KIND_OVERSIZE,
     KIND_PARTIAL,
     MAGIC,
+    Checkpoint,
     Record,
     SpoolReader,
     SpoolWriteError,
@@ -150,6 +151,38 @@ def test_checkpoint_survives_reopen(tmp_path: Path) -> None:
     assert [r.seq for r in drain(again)] == seqs[12:]
     assert more[0].seq == seqs[12]
     assert again.checkpoint_resets == 0
+
+
+def test_ack_coalesces_checkpoint_writes(tmp_path: Path) -> None:
+    clock = FakeClock()
+    writer = make_writer(tmp_path, segment_bytes=300)
+    seqs = fill(writer, payloads(12), per_append=1)
+    reader = SpoolReader(tmp_path, checkpoint_interval=0.25, clock=clock)
+    got = drain(reader)
+    first_segment = [r for r in got if r.segment == got[0].segment]
+    reader.ack(first_segment[0])  # the first ack is written at once
+    assert read_checkpoint(tmp_path) == reader.acked and reader.checkpoint_writes == 1
+    clock.now = 0.1
+    reader.ack(first_segment[1])  # same segment, within the interval: deferred
+    assert reader.checkpoint_pending and reader.checkpoint_writes == 1
+    assert read_checkpoint(tmp_path).seq == first_segment[0].seq  # type: ignore[union-attr]
+    assert reader.wait_for_data(0) is False  # idle, but not due yet
+    assert reader.checkpoint_pending
+    clock.now = 0.3
+    assert reader.wait_for_data(0) is False  # idle and due: written
+    assert read_checkpoint(tmp_path) == reader.acked and not reader.checkpoint_pending
+    reader.ack(first_segment[2])
+    assert reader.checkpoint_pending
+    later = next(r for r in got if r.segment != got[0].segment)
+    reader.ack(later)  # another segment: written at once, and the consumed one released
+    assert read_checkpoint(tmp_path) == reader.acked and reader.checkpoint_writes == 3
+    assert got[0].segment not in list_segments(tmp_path)
+    same = [r for r in got if r.segment == later.segment]
+    reader.ack(same[1])
+    assert reader.checkpoint_pending
+    reader.close()  # a clean stop writes the pending checkpoint
+    assert read_checkpoint(tmp_path).seq == same[1].seq  # type: ignore[union-attr]
+    assert [r.seq for r in drain(SpoolReader(tmp_path))] == seqs[seqs.index(same[1].seq) + 1 :]
 
 
 def test_writer_reopen_starts_new_segment_and_continues_seq(tmp_path: Path) -> None:
@@ -310,20 +343,40 @@ def test_backlog_and_is_full_follow_acks(tmp_path: Path) -> None:
 
 def _failing_write(
     fail_on: int, short_first: bool
-) -> tuple[Callable[[int, object], int], list[int]]:
-    real_write = os.write
+) -> tuple[Callable[[int, list[bytes]], int], list[int]]:
+    """A fake ``os.writev`` (what the writer appends with) that fails on call ``fail_on``."""
     calls = [0]
 
-    def fake(fd: int, data: object) -> int:
+    def fake(fd: int, bufs: list[bytes]) -> int:
         calls[0] += 1
-        view = memoryview(data)  # type: ignore[arg-type]
+        data = b"".join(bufs)
         if short_first and calls[0] == fail_on:
-            return real_write(fd, view[: len(view) // 2])  # disk fills mid-write
+            return os.write(fd, data[: len(data) // 2])  # disk fills mid-write
         if calls[0] == fail_on + short_first:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, view)
+        return os.write(fd, data)
 
     return fake, calls
+
+
+def test_short_writes_and_more_buffers_than_iov_max(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = make_writer(tmp_path)
+    calls: list[int] = []
+
+    def short_writev(fd: int, bufs: list[bytes]) -> int:
+        calls.append(len(bufs))
+        assert len(bufs) <= 1024  # IOV_MAX
+        return os.write(fd, b"".join(bufs)[:1000])  # at most 1000 bytes per call
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    items = [(KIND_MESSAGE, p) for p in payloads(700, 33)]  # 1400 buffers
+    last = writer.append(items, 1, 1, 1)
+    assert len(calls) > 1 and calls[0] == 1024
+    monkeypatch.undo()
+    assert [r.payload for r in drain(SpoolReader(tmp_path))] == [p for _, p in items]
+    assert last == 700 and writer.backlog()[0] == 700
 
 
 @pytest.mark.parametrize("short_first", [False, True])
@@ -334,7 +387,7 @@ def test_enospc_leaves_no_torn_record(
     seqs = fill(writer, payloads(4), per_append=2)
     size = os.path.getsize(tmp_path / writer.segment)
     fake, _ = _failing_write(1, short_first)
-    monkeypatch.setattr(os, "write", fake)
+    monkeypatch.setattr(os, "writev", fake)
     with pytest.raises(SpoolWriteError) as info:
         writer.append([(KIND_MESSAGE, b"lost-1"), (KIND_MESSAGE, b"lost-2")], 1, 1, 1)
     assert info.value.errno == errno.ENOSPC
@@ -359,14 +412,10 @@ def test_disk_full_rolls_so_the_stored_segment_can_be_released(
     reader = SpoolReader(tmp_path)
     records = drain(reader)
     reader.ack(records[-1])
-    real_write = os.write
+    def disk_full(fd: int, bufs: list[bytes]) -> int:  # segments only: a checkpoint still fits
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    def disk_full(fd: int, data: object) -> int:  # segments only: a checkpoint still fits
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(".seg"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "write", disk_full)
+    monkeypatch.setattr(os, "writev", disk_full)
     with pytest.raises(SpoolWriteError):
         writer.append([(KIND_MESSAGE, b"held")], 1, 1, 1)
     with pytest.raises(SpoolWriteError):  # the retry goes to a new, empty segment
@@ -405,7 +454,7 @@ def test_failed_undo_moves_to_a_new_segment(
     writer = make_writer(tmp_path)
     seqs = fill(writer, payloads(2))
     fake, _ = _failing_write(1, True)
-    monkeypatch.setattr(os, "write", fake)
+    monkeypatch.setattr(os, "writev", fake)
 
     def no_truncate(fd: int, length: int) -> None:
         raise OSError(errno.EIO, "I/O error")
@@ -566,6 +615,7 @@ class SpoolMachine(RuleBasedStateMachine):
     """The spool against an in-memory model (after Vector's disk_v2 model test)."""
 
     SEGMENT_BYTES = 400
+    INTERVAL = 0.25  # checkpoint coalescing; the clock moves by 0, 0.1 or 0.3 s per tick
 
     @initialize()
     def setup(self) -> None:
@@ -574,10 +624,12 @@ class SpoolMachine(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="spool-model-", dir=shm))
         self.clock = FakeClock()
         self.writer: SpoolWriter | None = self._new_writer()
-        self.reader = SpoolReader(self.dir)
+        self.reader = self._new_reader()
         self.model: dict[int, ModelRecord] = {}
         self.sizes: dict[str, int] = {}  # segment -> bytes written (mirror)
         self.acked = 0
+        self.writes_seen = 0  # reader.checkpoint_writes when last looked at
+        self.written_at = -1e9  # clock time of the last checkpoint write
         self.last: int | None = 0  # seq last delivered; None: a replay may start anywhere
         self.last_record: Record | None = None
         self.torn_seqs = 0
@@ -591,6 +643,18 @@ class SpoolMachine(RuleBasedStateMachine):
 
     def _new_writer(self) -> SpoolWriter:
         return make_writer(self.dir, clock=self.clock, segment_bytes=self.SEGMENT_BYTES)
+
+    def _new_reader(self) -> SpoolReader:
+        self.writes_seen, self.written_at = 0, -1e9  # a new reader writes its first ack at once
+        return SpoolReader(self.dir, checkpoint_interval=self.INTERVAL, clock=self.clock)
+
+    def _saw_write(self) -> bool:
+        """Whether the reader wrote a checkpoint since the last call (and note when)."""
+        wrote = self.reader.checkpoint_writes > self.writes_seen
+        self.writes_seen = self.reader.checkpoint_writes
+        if wrote:
+            self.written_at = self.clock.now
+        return wrote
 
     @precondition(lambda self: self.writer is not None)
     @rule(
@@ -624,6 +688,7 @@ class SpoolMachine(RuleBasedStateMachine):
     def read(self, n: int) -> None:
         for record in self.reader.read(n, BIG):
             self._check_delivery(record)
+        self._saw_write()  # moving to a new segment may release the consumed one
 
     def _check_delivery(self, record: Record) -> None:
         expected = self.model[record.seq]
@@ -647,12 +712,48 @@ class SpoolMachine(RuleBasedStateMachine):
     @rule()
     def ack(self) -> None:
         assert self.last_record is not None
-        record = self.last_record
+        self._ack(self.last_record)
+
+    @precondition(lambda self: self.writer is not None)
+    @rule(
+        items=st.lists(st.tuples(st.just(KIND_MESSAGE), _payload), min_size=1, max_size=6),
+        n=st.integers(1, 3),
+        dt=st.sampled_from([0.0, 0.1]),
+    )
+    def store_batches(self, items: list[tuple[int, bytes]], n: int, dt: float) -> None:
+        """The store loop: a few records come in, are read n at a time and each batch is acked
+        (acks close together: most are coalesced)."""
+        self.append(items, 1)
+        for _ in range(3):
+            for record in self.reader.read(n, BIG):
+                self._check_delivery(record)
+            self._saw_write()
+            if self.last_record is not None:
+                self._ack(self.last_record)
+            self.clock.now += dt
+
+    def _ack(self, record: Record) -> None:
+        before, acked_before = read_checkpoint(self.dir), self.reader.acked
+        since_write = self.clock.now - self.written_at
         self.reader.ack(record)
         # Delivered records only move forward within a reader's life, so every ack is taken; after
         # a checkpoint reset it may lawfully move the checkpoint back to a replayed record.
         assert self.reader.acked is not None and self.reader.acked.seq == record.seq
-        assert read_checkpoint(self.dir) == self.reader.acked
+        on_disk = read_checkpoint(self.dir)
+        if self._saw_write():
+            # Coalesced: a write within the interval only for an ack in another segment.
+            assert (
+                before is None
+                or since_write >= self.INTERVAL
+                or before.segment != record.segment
+                or on_disk == Checkpoint(record.seq, self.reader.acked.segment, 0)  # released
+            )
+        elif self.reader.acked != acked_before:  # deferred (acking the same record is a no-op)
+            assert on_disk is not None and on_disk == before
+            assert on_disk.segment == self.reader.acked.segment and on_disk.seq < record.seq
+            assert since_write < self.INTERVAL
+            assert self.reader.checkpoint_pending
+        assert (on_disk == self.reader.acked) != self.reader.checkpoint_pending
         self.acked = record.seq
         segments = list_segments(self.dir)
         kept = self.reader.acked.segment
@@ -679,7 +780,7 @@ class SpoolMachine(RuleBasedStateMachine):
         for seq in torn:
             del self.model[seq]
         self.torn_seqs += len(torn) + 1  # + 1: a wholly torn segment's name is not reused
-        self.reopen_reader()  # a power loss takes the reader down too
+        self.crash_reader()  # a power loss takes the reader down too
 
     @precondition(lambda self: self.writer is None)
     @rule()
@@ -695,10 +796,37 @@ class SpoolMachine(RuleBasedStateMachine):
 
     @rule()
     def reopen_reader(self) -> None:
+        """A clean stop: ``close`` writes the pending checkpoint, the restart replays nothing."""
+        acked = self.reader.acked
         self.reader.close()
-        self.reader = SpoolReader(self.dir)
+        assert acked is None or read_checkpoint(self.dir) == acked
+        self.reader = self._new_reader()
         self.last = None if self.reader.checkpoint_resets else self.acked
         self.last_record = None
+
+    @rule()
+    def crash_reader(self) -> None:
+        """The store worker dies: an ack not yet written is lost, so the restart replays from
+        the last *written* checkpoint (records already stored), never from past an unacked one."""
+        cursor = self.reader._cursor
+        if cursor is not None:
+            cursor.close()  # no flush
+        on_disk = read_checkpoint(self.dir)
+        assert on_disk is None or on_disk.seq <= self.acked or self.last is None
+        self.reader = self._new_reader()
+        if on_disk is not None and not self.reader.checkpoint_resets:
+            self.acked = on_disk.seq
+        self.last = None if self.reader.checkpoint_resets else self.acked
+        self.last_record = None
+
+    @rule(dt=st.sampled_from([0.0, 0.1, 0.3]))
+    def idle(self, dt: float) -> None:
+        """An idle store loop writes the pending checkpoint once the interval has passed."""
+        self.clock.now += dt
+        due = self.clock.now - self.written_at >= self.INTERVAL
+        self.reader.maybe_flush()
+        wrote = self._saw_write()
+        assert wrote == (due and wrote) and not (due and self.reader.checkpoint_pending)
 
     @rule()
     def drain_all(self) -> None:
@@ -730,6 +858,77 @@ class SpoolMachine(RuleBasedStateMachine):
             assert self.reader.corrupt_bytes >= 0
             assert (self.reader.corrupt_records == 0) == (self.reader.corrupt_bytes == 0)
 
+    @invariant()
+    def nothing_past_the_written_checkpoint_is_deleted(self) -> None:
+        """Segments go only once a checkpoint past them is on disk (a crash replays from it)."""
+        if not hasattr(self, "reader"):
+            return
+        on_disk = read_checkpoint(self.dir)
+        segments = set(list_segments(self.dir))
+        floor = -1 if on_disk is None else on_disk.seq
+        assert all(r.segment in segments for r in self.model.values() if r.seq > floor)
+
 
 SpoolMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 test_spool_model = SpoolMachine.TestCase
+
+
+# --- the stream worker's sink: one write per reader pass ----------------------------------------
+
+
+def test_sink_coalesces_a_pass_into_one_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ingestd.workers import COALESCE_BYTES, SpoolSink
+
+    writer = make_writer(tmp_path)
+    sink = SpoolSink(writer, drop=False)
+    writes: list[int] = []
+    real_writev = os.writev
+
+    def counting(fd: int, bufs: list[bytes]) -> int:
+        writes.append(len(bufs))
+        return real_writev(fd, bufs)
+
+    monkeypatch.setattr(os, "writev", counting)
+    sink([(KIND_MESSAGE, b"a1"), (KIND_MESSAGE, b"a2")], 1, 1, 100)
+    sink([(KIND_PARTIAL, b"b1")], 2, 3, 200)  # another connection, generation and time
+    assert writes == [] and writer.backlog()[0] == 0  # held back until the pass ends
+    sink.flush()
+    assert writes == [6]  # three records, header + payload each, one writev
+    got = drain(SpoolReader(tmp_path))
+    assert [(r.payload, r.kind, r.conn_id, r.generation, r.recv_ns) for r in got] == [
+        (b"a1", KIND_MESSAGE, 1, 1, 100),
+        (b"a2", KIND_MESSAGE, 1, 1, 100),
+        (b"b1", KIND_PARTIAL, 2, 3, 200),
+    ]
+    sink([(KIND_MESSAGE, b"x" * COALESCE_BYTES)], 1, 1, 1)  # a full write's worth: at once
+    assert len(writes) == 2 and not sink.pending
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_sink_disk_error_holds_or_drops_the_whole_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drop: bool
+) -> None:
+    from ingestd.workers import SpoolSink
+
+    writer = make_writer(tmp_path)
+    sink = SpoolSink(writer, drop=drop)
+    fake, _ = _failing_write(1, False)
+    monkeypatch.setattr(os, "writev", fake)
+    sink([(KIND_MESSAGE, b"a1"), (KIND_MESSAGE, b"a2")], 1, 1, 1)
+    sink([(KIND_MESSAGE, b"b1")], 1, 1, 2)
+    sink.flush()
+    assert sink.last_error and os.path.getsize(tmp_path / writer.segment) == 0
+    monkeypatch.undo()
+    sink([(KIND_MESSAGE, b"c1")], 1, 1, 3)  # after the failure, same pass or the next
+    sink.flush()
+    if drop:
+        assert sink.dropped == 3 and not sink.held
+        assert [r.payload for r in drain(SpoolReader(tmp_path))] == [b"c1"]
+        return
+    assert sink.is_full() and sink.dropped == 0  # block: the reader pauses, nothing is lost
+    sink._retry_at = 0.0
+    sink.retry()
+    assert not sink.held and not sink.is_full()
+    assert [r.payload for r in drain(SpoolReader(tmp_path))] == [b"a1", b"a2", b"b1", b"c1"]

@@ -3,6 +3,8 @@ classifier on real pymongo exception objects."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -126,6 +128,9 @@ class FakeSpool:
             self.pos += len(out)
             return out
 
+    def maybe_flush(self) -> None:
+        pass  # acks are recorded at once here
+
     def wait_for_data(self, timeout: float) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self.pos < len(self.records), timeout)
@@ -139,11 +144,14 @@ class FakeSpool:
 
 class Harness:
     def __init__(self, settings: Settings, deadletter_dir: Path, spool: FakeSpool | None = None,
-                 factory: Callable[[MongoSettings], Collection[Doc]] = open_collection) -> None:
+                 factory: Callable[[MongoSettings], Collection[Doc]] = open_collection,
+                 encoder_process: bool = False) -> None:
         self.settings = settings
         self.spool = spool or FakeSpool()
         self.deadletters = DeadLetterStore(deadletter_dir, 1 << 30)
-        self.worker = StoreWorker(settings, self.spool, factory, self.deadletters)
+        # offload_min=1: with the encoder child, every read of two records or more is shared.
+        self.worker = StoreWorker(settings, self.spool, factory, self.deadletters,
+                                  encoder_process=encoder_process, offload_min=1)
         self.ticks: list[str] = []
 
     def tick(self) -> None:
@@ -163,14 +171,16 @@ def client(mongo_client: pymongo.MongoClient[Doc], mongo_database: str) -> Itera
     yield mongo_client[mongo_database]
 
 
-@pytest.fixture
-def harness_factory(mongo_uri: str, mongo_database: str, tmp_path: Path
-                    ) -> Iterator[Callable[..., Harness]]:
+@pytest.fixture(params=["in_process", "encoder_child"])
+def harness_factory(request: pytest.FixtureRequest, mongo_uri: str, mongo_database: str,
+                    tmp_path: Path) -> Iterator[Callable[..., Harness]]:
+    """Every writer test runs twice: tweets encoded in the worker, and shared with its child."""
     made: list[Harness] = []
 
     def make(spool: FakeSpool | None = None, **kwargs: Any) -> Harness:
         uri = kwargs.pop("uri", mongo_uri)
-        h = Harness(make_settings(uri, mongo_database, **kwargs), tmp_path / "dead", spool)
+        h = Harness(make_settings(uri, mongo_database, **kwargs), tmp_path / "dead", spool,
+                    encoder_process=request.param == "encoder_child")
         made.append(h)
         return h
 
@@ -430,6 +440,32 @@ def test_unencodable_document_is_dead_lettered_rest_stored(
     assert h.worker.counters()["deadlettered"] == {"unencodable": 1}
 
 
+def test_document_over_the_servers_limit_is_dead_lettered_rest_stored(
+        harness_factory: Callable[..., Harness], client: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server announcing a smaller maxBsonObjectSize than 16 MiB: the driver refuses the batch
+    # (DocumentTooLarge) and only the documents over that limit are dead-lettered.
+    h = harness_factory()
+    limit = 6000
+    real_insert_many = h.worker._insert_many
+
+    def insert_many(docs: list[Any]) -> object:
+        if any(len(d.raw) > limit for d in docs):
+            raise DocumentTooLarge("over the announced limit")
+        return real_insert_many(docs)
+
+    monkeypatch.setattr(h.worker, "_max_bson_size", lambda: limit)
+    monkeypatch.setattr(h.worker, "_insert_many", insert_many)
+    h.spool.add(tweet(SNOW + 1))
+    h.spool.add(tweet(SNOW + 2, filler="x" * (limit + 100)))
+    h.spool.add(tweet(SNOW + 3))
+    h.drain()
+    assert sorted(d["_id"] for d in client.tweets.find()) == [SNOW + 1, SNOW + 3]
+    assert h.worker.counters()["deadlettered"] == {"unencodable": 1}
+    (entry,) = h.deadletters.iter_entries()
+    assert (entry["reason"], entry["detail"]) == ("unencodable", "DocumentTooLarge")
+
+
 # ---------------------------------------------------------------- outages
 
 
@@ -596,6 +632,28 @@ def test_make_client_applies_write_concern_and_timeouts(mongo_uri: str) -> None:
         client.close()
 
 
+def test_a_killed_encoder_child_loses_nothing(mongo_uri: str, mongo_database: str,
+                                              tmp_path: Path, client: Any) -> None:
+    h = Harness(make_settings(mongo_uri, mongo_database), tmp_path / "dead",
+                encoder_process=True)
+    try:
+        for i in range(40):
+            h.spool.add(tweet(SNOW + i))
+        assert h.drain() is True
+        encoder = h.worker._encoder
+        assert encoder is not None and h.worker.counters()["offloaded"] > 0
+        os.kill(encoder.pid, signal.SIGKILL)
+        encoder._proc.wait()
+        for i in range(40, 100):
+            h.spool.add(tweet(SNOW + i))
+        assert h.drain() is True
+        c = h.worker.counters()
+        assert c["encoder_restarts"] == 1 and c["stored"] == 100 and c["deadlettered"] == {}
+        assert sorted(d["_id"] for d in client.tweets.find()) == [SNOW + i for i in range(100)]
+    finally:
+        h.close()
+
+
 def test_batch_is_bounded_in_bytes_not_only_in_records(
         harness_factory: Callable[..., Harness], client: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -608,9 +666,9 @@ def test_batch_is_bounded_in_bytes_not_only_in_records(
     sizes: list[int] = []
     real_insert = h.worker._insert
 
-    def spy(docs: list[Doc], records: list[Record]) -> None:
+    def spy(docs: list[Any], ids: list[int], records: list[Record]) -> None:
         sizes.append(sum(len(r.payload) for r in records))
-        real_insert(docs, records)
+        real_insert(docs, ids, records)
 
     monkeypatch.setattr(h.worker, "_insert", spy)
     for p in payloads:

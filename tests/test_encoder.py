@@ -1,0 +1,93 @@
+"""The encoder child gives exactly what in-process encoding gives, and dies with its pipe."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from importlib import resources
+
+import bson
+import orjson
+import pytest
+
+from ingestd.encoder import DEAD, OK, PUNT, Encoded, EncoderProcess, Job, encode
+from ingestd.matching import Matcher
+
+SPEC = (["beatles", "covid vaccine", "#music"], [783214, 12], [(-180.0, -90.0, 180.0, 90.0)])
+SNOW = 1_400_000_000_000_000_000
+
+
+def real_payloads() -> list[bytes]:
+    data = resources.files("ingestd").joinpath("data", "real_tweets.jsonl").read_bytes()
+    return [line for line in data.splitlines() if line.strip()]
+
+
+def jobs_for(payloads: list[bytes], generation: int = 3) -> list[Job]:
+    return [Job(p, 1_700_000_000_123_456_789 + i, 5, generation, 100 + i)
+            for i, p in enumerate(payloads)]
+
+
+@pytest.fixture
+def child() -> Iterator[EncoderProcess]:
+    proc = EncoderProcess()
+    yield proc
+    proc.close()
+
+
+def test_child_encodes_real_tweets_exactly_as_in_process(child: EncoderProcess) -> None:
+    payloads = [
+        *real_payloads(),
+        b'{"delete":{"status":{"id":1,"user_id":2}}}',  # control: the worker's path
+        b'{"id": 1, "text": ',  # invalid JSON: the worker's path (it names the reason)
+        orjson.dumps({"id": "x1", "text": "bad id", "user": {"id": 1}}),  # invalid tweet
+        orjson.dumps({"id": SNOW, "text": "big", "user": {"id": 1}, "n": 2**64 - 1}),  # unencodable
+    ]
+    jobs = jobs_for(payloads)
+    here = [encode(job, Matcher(*SPEC)) for job in jobs]
+    child.submit(jobs, {3: SPEC})
+    assert child.result() == here
+    statuses = [e.status for e in here]
+    # Mongo-export rows ({"$numberLong": …} ids) are invalid tweets, not encoding failures.
+    assert statuses.count(OK) > 500 and statuses[-4:-2] == [PUNT, PUNT]
+    assert (here[-2].reason, here[-1].reason) == ("invalid_tweet", "unencodable")
+    ok = next(e for e in here if e.status == OK)
+    doc = bson.decode(ok.raw)
+    assert doc["_id"] == ok.tweet_id and doc["_ingest"]["generation"] == 3
+
+
+def test_a_generation_the_child_was_not_told_about_is_punted(child: EncoderProcess) -> None:
+    child.submit(jobs_for(real_payloads()[:3], generation=9), {3: SPEC})
+    assert child.result() == [Encoded(PUNT)] * 3
+
+
+def test_matchers_are_sent_once_per_generation(child: EncoderProcess) -> None:
+    jobs = jobs_for(real_payloads()[:5])
+    child.submit(jobs, {3: SPEC})
+    first = child.result()
+    child.submit(jobs, {3: SPEC})  # already known: not sent again, still used
+    assert child.result() == first and all(e.status in (OK, DEAD) for e in first)
+
+
+def test_child_ignores_signals_and_exits_when_its_pipe_closes() -> None:
+    proc = EncoderProcess()
+    proc.submit(jobs_for(real_payloads()[:2]), {3: SPEC})
+    assert len(proc.result()) == 2  # running (signal handlers set)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # meant for the daemon
+        os.kill(proc.pid, sig)
+    proc.submit(jobs_for(real_payloads()[:2]), {3: SPEC})
+    assert len(proc.result()) == 2
+    proc.close(timeout=5.0)
+    assert proc._proc.returncode == 0
+
+
+def test_killed_child_raises_on_result() -> None:
+    proc = EncoderProcess()
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc._proc.wait()
+        with pytest.raises((EOFError, OSError)):
+            proc.submit(jobs_for(real_payloads()[:2]), {3: SPEC})
+            proc.result()
+    finally:
+        proc.close()
