@@ -67,7 +67,9 @@ from tests.support.daemon import Daemon, settings_doc
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 
-CONTENDERS = ("ingestd", "threaded", "floor", "naive")
+CONTENDERS = ("ingestd", "ingestd-1core", "threaded", "floor", "naive")
+# ingestd-1core: the same daemon with writer.encoder_process: false (the store worker encodes
+# every tweet itself), to show what the encoder child adds.
 # Filters of a realistic deployment: several terms that hit the sample, a phrase, a hashtag, a
 # URL-ish term, followed accounts and two boxes, so every tweet takes the full matching path.
 TRACK = ["twitter", "iphone", "ipad", "python", "#ピザの日", "api", "engineering.twitter.com",
@@ -228,19 +230,22 @@ class Bench:
 
     # -- (a) ingestd ------------------------------------------------------------------------
 
-    def ingestd_doc(self, mongo_uri: str, gzip: bool) -> dict[str, Any]:
+    def ingestd_doc(self, mongo_uri: str, gzip: bool, encoder: bool = True) -> dict[str, Any]:
         doc = settings_doc(self.server.url, mongo_uri, DATABASE)
         doc["stream"].update(track=TRACK, follow=FOLLOW, locations=[list(b) for b in LOCATIONS],
                              gzip=gzip)
-        doc["writer"] = {}  # product defaults: batch 1000, flush 0.5 s
+        # product defaults (batch 1000, flush 0.5 s, encoder child on) unless told otherwise
+        doc["writer"] = {} if encoder else {"encoder_process": False}
         return doc
 
     def run_ingestd(self, gzip: bool, tweets: int, *, rate: float = 0.0,
                     blackhole: Blackhole | None = None, profile: bool = False,
-                    sample_rss: bool = False, track: bool = False) -> Result:
+                    sample_rss: bool = False, track: bool = False, encoder: bool = True
+                    ) -> Result:
         bh = blackhole or self.blackhole
-        workdir = self.next_dir(f"ingestd-{'gzip' if gzip else 'plain'}")
-        daemon = Daemon(workdir, self.ingestd_doc(bh.uri, gzip))
+        name = "ingestd" if encoder else "ingestd-1core"
+        workdir = self.next_dir(f"{name}-{'gzip' if gzip else 'plain'}")
+        daemon = Daemon(workdir, self.ingestd_doc(bh.uri, gzip, encoder))
         bh.reset(tweets, track)
         self.server.arm(tweets, rate)
         load = load1()
@@ -286,7 +291,7 @@ class Bench:
                  "peak_rss_sum_mb": round(peak_sum / 1024, 1), "workdir": str(workdir),
                  "store": {k: counters["store"].get(k) for k in ("stored", "duplicates",
                                                                    "batches", "deadlettered")}}
-        return Result("ingestd", "gzip" if gzip else "plain", tweets, seconds, cpu1 - cpu0, rss,
+        return Result(name, "gzip" if gzip else "plain", tweets, seconds, cpu1 - cpu0, rss,
                       load, self.payload.decoded_bytes(tweets), extra)
 
     # -- (b)-(d) baselines ------------------------------------------------------------------
@@ -716,8 +721,8 @@ def main(argv: list[str] | None = None) -> int:
                         gzip = enc == "gzip"
                         n = args.tweets
                         say(f"  [{rep}/{args.repeats}] {name} {enc} ...")
-                        if name == "ingestd":
-                            r = bench.run_ingestd(gzip, n)
+                        if name.startswith("ingestd"):
+                            r = bench.run_ingestd(gzip, n, encoder=name == "ingestd")
                         else:
                             if name == "naive" and args.naive_tweets:
                                 n = min(n, args.naive_tweets)

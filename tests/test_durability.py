@@ -10,6 +10,7 @@ dropped``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import shutil
@@ -241,6 +242,54 @@ def test_sigkill_200_iterations(tmp_path: Path, mongo_uri: str, mongo_database: 
     report = KillLoop(tmp_path, mongo_uri, mongo_database, seed=7).run(200)
     report.print()
     report.check()
+
+
+def encoder_child(daemon: Daemon) -> psutil.Process | None:
+    """The store worker's encoder child, once it started (on the first large read)."""
+    store = psutil.Process(int(daemon.status("store")["pid"]))
+    for child in store.children():
+        with contextlib.suppress(psutil.Error):
+            if any("ingestd.encoder" in part for part in child.cmdline()):
+                return child
+    return None
+
+
+def test_killed_encoder_child_mid_drain_loses_nothing(tmp_path: Path,
+                                                     standin: MongoStandIn) -> None:
+    # A backlog built while MongoDB is down is drained in large reads: the store worker shares
+    # them with its encoder child, which is SIGKILLed once it has encoded some of them.
+    total = 6000
+    sim = SimProcess(tmp_path / "sim", "--rate", "1500", "--max-tweets", str(total),
+                     "--control-every", "10", "--keepalive", "1", "--seed", "11").start()
+    standin.stop()
+    daemon = Daemon(tmp_path / "daemon", durable_doc(sim, standin.uri)).start()
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: len(sim.ground_truth().tweet_ids()) >= total, 60, "the backlog")
+        standin.start()
+        child = wait_until(lambda: encoder_child(daemon), 60, "the encoder child", 0.01)
+        wait_until(lambda: daemon.counters("store").get("offloaded", 0) > 0, 60,
+                   "the child to encode part of the backlog", 0.05)
+        child.kill()
+        wait_until(lambda: daemon.counters("store").get("encoder_restarts", 0) >= 1, 60,
+                   "the store worker to notice the lost child")
+        messages = wait_drained(daemon, sim, total, timeout=180)
+        code, _ = daemon.stop()
+    finally:
+        daemon.kill()
+        sim.stop()
+    truth = sim.ground_truth()
+    delivered, deleted = set(truth.tweet_ids()), set(truth.deleted_ids())
+    ids = stored_ids(standin.uri, DB)
+    store, stream = daemon.counters("store"), daemon.counters("stream")
+    assert code == 0
+    assert len(ids) == len(set(ids)) and set(ids) == delivered - deleted
+    assert accounted(store) == store["records_read"] == messages == stream["received"]
+    assert store["deadlettered"] == {} and store["encoder_restarts"] == 1
+    assert store["stored"] > store["offloaded"] > 0
+    figures("encoder-killed", len(delivered), len(ids), store["duplicates"], 0, 0,
+            deleted=len(delivered & deleted), offloaded=store["offloaded"],
+            encoder_restarts=store["encoder_restarts"])
 
 
 # ---------------------------------------------------------------- 3. spool corruption
