@@ -159,6 +159,16 @@ def hwm_kb(pid: int) -> int:
     return 0
 
 
+def pss_sum_kb(procs: list[psutil.Process]) -> int:
+    """Proportional set size: shared pages (the interpreter, libraries) split between the
+    processes that map them, so the sum is the memory the tree really holds."""
+    total = 0
+    for p in procs:
+        with suppress(psutil.Error):
+            total += p.memory_full_info().pss // 1024
+    return total
+
+
 def rss_sum_kb(procs: list[psutil.Process]) -> int:
     total = 0
     for p in procs:
@@ -519,12 +529,13 @@ def run_latency(bench: Bench, rate: float, seconds: float) -> dict[str, Any]:
     return {"rate": rate, "tweets": tweets, "load": result.load, **figures}
 
 
-def run_overload(bench: Bench, rate: float, ack_delay: float, seconds: float) -> dict[str, Any]:
+def run_overload(bench: Bench, rate: float, ack_delay: float, seconds: float,
+                 encoder: bool = True) -> dict[str, Any]:
     """Offer ``rate``/s while every 1000-tweet insert is acked ``ack_delay`` s late."""
     tweets = min(bench.payload.tweets, int(rate * seconds))
-    bh = Blackhole(bench.workdir / "blackhole-overload", ack_delay=ack_delay)
-    workdir = bench.next_dir("ingestd-overload")
-    daemon = Daemon(workdir, bench.ingestd_doc(bh.uri, True))
+    bh = Blackhole(bench.workdir / f"blackhole-overload-{encoder}", ack_delay=ack_delay)
+    workdir = bench.next_dir("ingestd-overload" if encoder else "ingestd-1core-overload")
+    daemon = Daemon(workdir, bench.ingestd_doc(bh.uri, True, encoder))
     bh.reset(0)
     bench.server.arm(tweets, rate)
     load = load1()
@@ -546,7 +557,9 @@ def run_overload(bench: Bench, rate: float, ack_delay: float, seconds: float) ->
             say(f"      overload: received {stream.get('received', 0):>8,}  stored "
                 f"{store.get('stored', 0):>8,}  rss {rss_sum_kb(procs) / 1024:6.1f} MB")
         peak_sum = sampler.stop()
+        procs = grow(procs, daemon.proc.pid)
         hwm = {role_of(p): hwm_kb(p.pid) for p in procs}
+        pss = pss_sum_kb(procs)
         stream, store = daemon.counters("stream"), daemon.counters("store")
         spool = daemon.status("stream").get("spool", {})
         elapsed = time.monotonic() - started
@@ -559,6 +572,7 @@ def run_overload(bench: Bench, rate: float, ack_delay: float, seconds: float) ->
             "overload": round(received / max(stored, 1), 1),
             "spool_backlog_records": spool.get("records"), "load": load,
             "peak_rss_sum_mb": round(peak_sum / 1024, 1),
+            "pss_sum_mb_at_end": round(pss / 1024, 1),
             "hwm_sum_mb": round(sum(hwm.values()) / 1024, 1),
             "hwm_mb": {role: round(kb / 1024, 1) for role, kb in hwm.items()}}
 
@@ -755,14 +769,17 @@ def main(argv: list[str] | None = None) -> int:
             if "overload" not in skip:
                 say(f"\n## Overload: {args.overload_rate:,.0f}/s offered, each insert acked "
                     f"{args.overload_ack_delay} s late ...")
-                ov = run_overload(bench, args.overload_rate, args.overload_ack_delay,
-                                  args.overload_seconds)
-                report["overload"] = ov
-                say(f"   received {ov['received']:,}, stored {ov['stored']:,} "
-                    f"({ov['overload']}x overload), spool backlog "
-                    f"{ov['spool_backlog_records']} records; peak RSS of all ingestd processes: "
-                    f"{ov['peak_rss_sum_mb']} MB sampled, {ov['hwm_sum_mb']} MB sum of "
-                    f"high-water marks {ov['hwm_mb']} (load {ov['load']:.2f})")
+                for encoder in (True, False):
+                    ov = run_overload(bench, args.overload_rate, args.overload_ack_delay,
+                                      args.overload_seconds, encoder)
+                    report["overload" if encoder else "overload-1core"] = ov
+                    say(f"   {'ingestd' if encoder else 'ingestd-1core'}: received "
+                        f"{ov['received']:,}, stored {ov['stored']:,} "
+                        f"({ov['overload']}x overload), spool backlog "
+                        f"{ov['spool_backlog_records']} records; peak RSS of all ingestd "
+                        f"processes: {ov['peak_rss_sum_mb']} MB sampled, {ov['hwm_sum_mb']} MB "
+                        f"sum of high-water marks {ov['hwm_mb']}; PSS (shared pages split) at "
+                        f"the end {ov['pss_sum_mb_at_end']} MB (load {ov['load']:.2f})")
             if "standin" not in skip:
                 say(f"\n## Correctness against the nx-27017 stand-in ({args.standin_tweets:,} "
                     "tweets, speed not a figure) ...")

@@ -23,9 +23,11 @@ import contextlib
 import fcntl
 import functools
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 from array import array
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -248,20 +250,33 @@ def _unpack_results(header: ResultHeader, blob: bytes) -> list[Encoded]:
     return out
 
 
+Request = tuple[dict[int, MatcherSpec], bytes, bytes]
+
+
 def _serve(recv: Connection, send: Connection) -> None:
+    # Requests are read on their own thread, so a client may send the next chunk before it
+    # collects the previous one's results: a child that read only between sends would block
+    # writing results while the client blocks writing the next chunk (both pipes full).
+    requests: queue.Queue[Request | None] = queue.Queue()
+    threading.Thread(target=_read_requests, args=(recv, requests), daemon=True).start()
     matchers: dict[int, Matcher] = {}
-    while True:
-        try:
-            new, header = recv.recv()
-            blob = recv.recv_bytes()
-        except EOFError:
-            return  # the store worker closed the pipe (or died): nothing is held here
+    while (request := requests.get()) is not None:
+        new, header, blob = request
         for generation, (track, follow, locations) in new.items():
             matchers[generation] = Matcher(track, follow, locations)
         results = [_encode_job(job, matchers) for job in _unpack_jobs(header, blob)]
         out_header, out_blob = _pack_results(results)
         send.send(out_header)
         send.send_bytes(out_blob)
+
+
+def _read_requests(recv: Connection, requests: queue.Queue[Request | None]) -> None:
+    try:
+        while True:
+            new, header = recv.recv()
+            requests.put((new, header, recv.recv_bytes()))
+    except (EOFError, OSError):
+        requests.put(None)  # the store worker closed the pipe (or died): nothing is held here
 
 
 def _encode_job(job: Job, matchers: dict[int, Matcher]) -> Encoded:
