@@ -23,11 +23,9 @@ import contextlib
 import fcntl
 import functools
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 from array import array
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -155,7 +153,13 @@ class EncoderProcess:
         self.pending = 0  # chunks submitted and not yet collected
 
     def submit(self, jobs: Sequence[JobLike], matchers: dict[int, MatcherSpec]) -> None:
-        """Send a chunk (and the matchers for generations the child has not seen yet)."""
+        """Send a chunk (and the matchers for generations the child has not seen yet).
+
+        One chunk at a time: the child reads only between answers, so a second chunk sent before
+        the first one's results are read could block both sides on full pipes.
+        """
+        if self.pending:
+            raise RuntimeError("encoder: collect the previous chunk before sending another")
         new = {g: spec for g, spec in matchers.items() if g not in self._matchers}
         self._send.send((new, _pack_jobs(jobs)))
         self._send.send_bytes(b"".join([job.payload for job in jobs]))
@@ -250,33 +254,20 @@ def _unpack_results(header: ResultHeader, blob: bytes) -> list[Encoded]:
     return out
 
 
-Request = tuple[dict[int, MatcherSpec], bytes, bytes]
-
-
 def _serve(recv: Connection, send: Connection) -> None:
-    # Requests are read on their own thread, so a client may send the next chunk before it
-    # collects the previous one's results: a child that read only between sends would block
-    # writing results while the client blocks writing the next chunk (both pipes full).
-    requests: queue.Queue[Request | None] = queue.Queue()
-    threading.Thread(target=_read_requests, args=(recv, requests), daemon=True).start()
     matchers: dict[int, Matcher] = {}
-    while (request := requests.get()) is not None:
-        new, header, blob = request
+    while True:
+        try:
+            new, header = recv.recv()
+            blob = recv.recv_bytes()
+        except EOFError:
+            return  # the store worker closed the pipe (or died): nothing is held here
         for generation, (track, follow, locations) in new.items():
             matchers[generation] = Matcher(track, follow, locations)
         results = [_encode_job(job, matchers) for job in _unpack_jobs(header, blob)]
         out_header, out_blob = _pack_results(results)
         send.send(out_header)
         send.send_bytes(out_blob)
-
-
-def _read_requests(recv: Connection, requests: queue.Queue[Request | None]) -> None:
-    try:
-        while True:
-            new, header = recv.recv()
-            requests.put((new, header, recv.recv_bytes()))
-    except (EOFError, OSError):
-        requests.put(None)  # the store worker closed the pipe (or died): nothing is held here
 
 
 def _encode_job(job: Job, matchers: dict[int, Matcher]) -> Encoded:
