@@ -217,7 +217,7 @@ class StoreWorker:
         self._encoder_choice = encoder_process  # None: settings.writer.encoder_process decides
         self._offload_min = offload_min
         self._encoder: EncoderProcess | None = None
-        self._encoder_started = 0.0
+        self._encoder_retry_at = 0.0  # monotonic time before which no new child is started
         self._share = 0.5  # fraction of a read sent to the encoder child
         self._tombstones: set[int] = set()
         self._tombstone_limit = tombstone_limit
@@ -436,13 +436,13 @@ class StoreWorker:
         if records < self._offload_min or not self._encoder_wanted():
             return None
         if self._encoder is None:
-            if time.monotonic() - self._encoder_started < ENCODER_RESTART_INTERVAL:
+            if time.monotonic() < self._encoder_retry_at:
                 return None  # lost recently: encode here for a while rather than spin
-            self._encoder_started = time.monotonic()
             try:
                 self._encoder = EncoderProcess()
             except OSError as exc:
                 log.error("encoder_start_failed", error=type(exc).__name__)
+                self._encoder_retry_at = time.monotonic() + ENCODER_RESTART_INTERVAL
                 return None
             # The child gets every matcher again: it is new.
             log.info("encoder_started", pid=self._encoder.pid)
@@ -461,6 +461,7 @@ class StoreWorker:
         """The child died or its pipe broke: its part is encoded here, a new one starts later."""
         self.encoder_restarts += 1
         log.error("encoder_lost", error=type(exc).__name__, restarts=self.encoder_restarts)
+        self._encoder_retry_at = time.monotonic() + ENCODER_RESTART_INTERVAL
         if self._encoder is not None:
             self._encoder.close(timeout=0.5)
             self._encoder = None

@@ -3,6 +3,7 @@ classifier on real pymongo exception objects."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -145,7 +146,7 @@ class FakeSpool:
 class Harness:
     def __init__(self, settings: Settings, deadletter_dir: Path, spool: FakeSpool | None = None,
                  factory: Callable[[MongoSettings], Collection[Doc]] = open_collection,
-                 encoder_process: bool = False) -> None:
+                 encoder_process: bool | None = False) -> None:
         self.settings = settings
         self.spool = spool or FakeSpool()
         self.deadletters = DeadLetterStore(deadletter_dir, 1 << 30)
@@ -650,6 +651,29 @@ def test_a_killed_encoder_child_loses_nothing(mongo_uri: str, mongo_database: st
         c = h.worker.counters()
         assert c["encoder_restarts"] == 1 and c["stored"] == 100 and c["deadlettered"] == {}
         assert sorted(d["_id"] for d in client.tweets.find()) == [SNOW + i for i in range(100)]
+    finally:
+        h.close()
+
+
+def test_reload_switches_the_encoder_child_off_and_on(mongo_uri: str, mongo_database: str,
+                                                       tmp_path: Path, client: Any) -> None:
+    settings = make_settings(mongo_uri, mongo_database)
+    h = Harness(settings, tmp_path / "dead", encoder_process=None)  # the setting decides
+    h.worker._offload_min = 1
+    off = dataclasses.replace(settings, writer=dataclasses.replace(settings.writer,
+                                                                   encoder_process=False))
+    try:
+        for generation, new in ((0, settings), (1, off), (2, settings)):
+            if generation:
+                h.worker.apply_settings(generation, new)
+            before = h.worker.counters()["offloaded"]
+            for i in range(20):
+                h.spool.add(tweet(SNOW + 100 * generation + i), generation=generation)
+            assert h.drain() is True
+            offloaded = h.worker.counters()["offloaded"] - before
+            assert (offloaded > 0) is new.writer.encoder_process, (generation, offloaded)
+            assert (h.worker._encoder is not None) is new.writer.encoder_process
+        assert client.tweets.count_documents({}) == 60
     finally:
         h.close()
 
