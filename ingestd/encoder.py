@@ -100,6 +100,11 @@ def encode(job: JobLike, matcher: Matcher) -> Encoded:
         return _PUNTED
     if classify(obj) != "tweet":
         return _PUNTED
+    return encode_tweet(obj, job, matcher)
+
+
+def encode_tweet(obj: dict[str, Any], job: JobLike, matcher: Matcher) -> Encoded:
+    """Match and encode a parsed v1.1 tweet (``obj`` is consumed: it becomes the document)."""
     match_error = False
     try:
         matched = matcher.match(obj)

@@ -29,7 +29,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 import bson
@@ -43,12 +42,15 @@ from pymongo.errors import BulkWriteError
 from ingestd.deadletter import DeadLetterStore
 from ingestd.encoder import (
     DEAD,
+    MAX_BSON_SIZE,
     PUNT,
     Encoded,
     EncoderProcess,
     MatcherSpec,
     encode,
     encode_document,
+    encode_tweet,
+    received_at,
 )
 from ingestd.matching import Matcher
 from ingestd.messages import InvalidTweet, classify, parse_id
@@ -82,7 +84,6 @@ TICK_INTERVAL = 0.25  # well under the 0.5 s heartbeat promise
 # large the spool backlog. A parsed tweet takes several times its JSON size in Python objects, so
 # the batch's payload bytes are capped well under what the process may use.
 BATCH_MAX_BYTES = 8 * 1024 * 1024
-MAX_BSON_SIZE = 16 * 1024 * 1024
 # Ids of deleted tweets kept in memory to filter a tweet whose delete came first (~70 bytes each
 # in a set of ints: ~14 MB at the limit); older ones stay in the ``<collection>_deleted`` store.
 TOMBSTONE_LIMIT = 200_000
@@ -94,7 +95,6 @@ FRAME_REASONS = {
     KIND_BADFRAME: "bad_frame",
     KIND_PARTIAL: "partial_message",
 }
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Reads smaller than this are encoded in-process: at low rates a round trip to the encoder child
 # would only add latency.
 OFFLOAD_MIN = 64
@@ -153,12 +153,6 @@ class _Batch:
 
 def _bump(counter: dict[str, int], key: str, n: int = 1) -> None:
     counter[key] = counter.get(key, 0) + n
-
-
-@functools.lru_cache(maxsize=4)
-def _received_at(recv_ns: int) -> datetime:
-    # Cached: the reader appends each network read's messages with one recv_ns.
-    return _EPOCH + timedelta(microseconds=recv_ns // 1000)
 
 
 def _int_field(body: object, *names: str) -> int | None:
@@ -400,17 +394,19 @@ class StoreWorker:
     # ------------------------------------------------------------------ encoding
 
     def _encode_all(self, records: list[Record]) -> list[Encoded | None]:
-        """Each record's encoding, in order: the first part by the encoder child, the rest here."""
+        """The encoder child's results for the first part of ``records``, in order; None for the
+        records this process parses and encodes itself, as it takes them."""
         encoder = self._encoder_for(len(records))
         if encoder is None:
-            return [self._encode_here(r) for r in records]
+            return [None] * len(records)
         split = max(1, min(len(records) - 1, round(len(records) * self._share)))
         theirs = records[:split]
         try:
             encoder.submit([r for r in theirs if r.kind == KIND_MESSAGE], self._matcher_specs)
         except OSError as exc:
             self._encoder_lost(exc)
-            return [self._encode_here(r) for r in records]
+            return [None] * len(records)
+        # Encoded now, not as taken: the child's part, which comes first, is being encoded too.
         ours = [self._encode_here(r) for r in records[split:]]
         # Balance the split so that neither side waits for the other.
         self._share += SHARE_STEP if encoder.ready() else -SHARE_STEP
@@ -419,14 +415,14 @@ class StoreWorker:
             done = iter(encoder.result())
         except (EOFError, OSError) as exc:
             self._encoder_lost(exc)
-            return [self._encode_here(r) for r in theirs] + ours
+            return [None] * len(theirs) + ours
         self.offloaded += len(theirs)
         return [next(done) if r.kind == KIND_MESSAGE else None for r in theirs] + ours
 
     def _encode_here(self, record: Record) -> Encoded | None:
         if record.kind != KIND_MESSAGE:
             return None
-        return encode(record, self._matcher_for(record.generation))
+        return encode(record, self._matcher_for(record.generation))  # a control message: PUNT
 
     def _matcher_for(self, generation: int) -> Matcher:
         return self._matchers.get(generation) or self._matchers[self._generation]
@@ -480,8 +476,9 @@ class StoreWorker:
         kind = classify(obj)
         if kind == "unknown":
             kind = v2_kind(obj) or kind  # X API v2: v2_tweet, or v2_error counted as control
-        if kind == "tweet":  # punted by the encoder child (e.g. it did not know the generation)
-            self._take_encoded(encode(record, self._matcher_for(record.generation)), record)
+        if kind == "tweet":  # not encoded yet (or punted by the child: an unknown generation)
+            self._take_encoded(encode_tweet(obj, record, self._matcher_for(record.generation)),
+                               record)
         elif kind == V2_TWEET:
             self._take_v2_tweet(obj, record)
         elif kind == "invalid":
@@ -496,7 +493,7 @@ class StoreWorker:
 
     def _take_v2_tweet(self, obj: dict[str, Any], record: Record) -> None:
         try:
-            doc = v2_document(obj, received_at=_received_at(record.recv_ns),
+            doc = v2_document(obj, received_at=received_at(record.recv_ns),
                               conn_id=record.conn_id, generation=record.generation, seq=record.seq)
         except InvalidTweet as exc:
             self._dead_letter("invalid_tweet", record, detail=exc.reason)
@@ -512,29 +509,21 @@ class StoreWorker:
             return
         raw = encoded.raw
         if self._scrub_rules and encoded.user_id is not None:
-            raw = self._scrub_encoded(raw, encoded.user_id, encoded.tweet_id)
+            raw = self._scrubbed(raw, encoded.user_id, encoded.tweet_id)
         batch = self._batch
         batch.docs.append(RawBSONDocument(raw))
         batch.ids.append(encoded.tweet_id)
         batch.records.append(record)
 
-    def _scrub_encoded(self, raw: bytes, user_id: int, tweet_id: int) -> bytes:
-        """Apply a scrub_geo seen earlier to a tweet encoded before it was known (rare)."""
+    def _scrubbed(self, raw: bytes, user_id: int, tweet_id: int) -> bytes:
+        """A tweet without its geo fields if a scrub_geo seen before it covers it (rare)."""
         up_to = self._scrub_rules.get(user_id)
         if up_to is None or tweet_id > up_to:
             return raw
         doc: Document = bson.decode(raw)
-        self._scrub_new(doc)
+        for key in ("coordinates", "geo", "place"):
+            doc.pop(key, None)
         return bson.encode(doc)
-
-    def _scrub_new(self, doc: Document) -> None:
-        """Apply a scrub_geo seen earlier to a tweet that arrives after it."""
-        user = doc.get("user")
-        user_id = user.get("id") if isinstance(user, dict) else None
-        up_to = self._scrub_rules.get(user_id) if type(user_id) is int else None
-        if up_to is not None and doc["_id"] <= up_to:
-            for key in ("coordinates", "geo", "place"):
-                doc.pop(key, None)
 
     def _dead_letter(self, reason: str, record: Record, *, code: int | None = None,
                      detail: str = "") -> None:
@@ -602,7 +591,7 @@ class StoreWorker:
         self._batch.tombstones.append({
             "_id": tweet_id,
             "user_id": _int_field(status, "user_id", "user_id_str"),
-            "deleted_at": _received_at(record.recv_ns),
+            "deleted_at": received_at(record.recv_ns),
         })
 
     def _on_scrub_geo(self, body: object, record: Record) -> None:
