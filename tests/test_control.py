@@ -234,6 +234,7 @@ def test_sighup_changing_track_switches_make_before_break_without_loss(
     # The simulator saw the new parameters on a second connection, and only there.
     assert connect_tracks(truth) == [["iphone", "ipad"], ["ipad", "ipod"]]
     assert applied["filter_diff"]["track"] == {"added": ["ipod"], "removed": ["iphone"]}
+    wait_until(lambda: daemon.status("stream").get("conn", 0) >= 2, 10, "conn 2 in stream.json")
     assert daemon.status("stream")["conn"] == 2
     # Nothing delivered on either connection is missing: in particular every tweet matching
     # the common term "ipad", whichever connection carried it.
@@ -311,6 +312,7 @@ def test_sighup_with_bad_settings_keeps_running_on_the_old_ones(launch: Launch) 
     daemon.write_settings_atomically(daemon.doc)
     daemon.send(signal.SIGHUP)
     daemon.wait_generation("stream", 2)
+    daemon.wait_generation("supervisor", 2)
     truth = sim.ground_truth()
     supervisor = daemon.status("supervisor")
 
@@ -482,6 +484,8 @@ def test_sigkilled_worker_is_replaced_and_nothing_in_the_spool_is_lost(
     missing = set(truth.tweet_ids()) - deleted - set(ids)
 
     assert exited["signal"] == "SIGKILL"
+    wait_until(lambda: daemon.status("supervisor")["restarts"].get(role, 0) >= 1, 10,
+               f"the {role} restart in run/supervisor.json")
     assert daemon.status("supervisor")["restarts"][role] == 1
     assert len(truth.connections()) == last
     assert len(ids) == len(set(ids)), "a tweet stored twice"

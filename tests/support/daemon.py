@@ -81,10 +81,15 @@ class Daemon:
         return dict(self.status(role).get("counters", {}))
 
     def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until both workers published their status and the supervisor reported itself ready
+        with those very workers: tests read ``run/supervisor.json`` right after this."""
         def ready() -> bool:
             self.assert_running()
-            return bool(self.status("stream")) and bool(self.status("store"))
-        wait_until(ready, timeout, "both workers to publish status")
+            pids = {role: self.status(role).get("pid") for role in ("stream", "store")}
+            supervisor = self.status("supervisor")
+            return (all(pids.values()) and supervisor.get("state") == "ready"
+                    and supervisor.get("workers") == pids)
+        wait_until(ready, timeout, "both workers to publish status and the supervisor ready")
 
     def assert_running(self) -> None:
         assert self.proc is not None
