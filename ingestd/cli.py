@@ -12,6 +12,11 @@ EXIT_USAGE = 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        # Internal: how the supervisor starts its workers. Not a user command, so not in --help.
+        args = build_worker_parser().parse_args(argv[1:])
+        return cmd_worker(args)
     parser = build_parser()
     # Known args only: ``simulate`` hands the rest to the simulator's own parser.
     args, rest = parser.parse_known_args(argv)
@@ -46,15 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
 
-    reload = sub.add_parser("reload", help="ask a running daemon to re-read its settings (SIGHUP)")
+    reload = sub.add_parser(
+        "reload", help="ask a running daemon to re-read its settings and wait for its verdict",
+        description="Send SIGHUP to the daemon and wait until it applied the settings file "
+                    "(exit 0) or rejected it (exit 78, the reasons on stderr). Needs no secrets.")
     reload.add_argument("--config", type=Path, required=True)
+    reload.add_argument("--pid", type=int, default=None,
+                        help="the supervisor's pid (systemd: $MAINPID); default: its pid file")
+    reload.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds to wait for the daemon's verdict (default 30)")
     reload.set_defaults(func=cmd_reload)
-
-    worker = sub.add_parser("worker", help=argparse.SUPPRESS)
-    worker.add_argument("--role", choices=["stream", "store"], required=True)
-    worker.add_argument("--config", type=Path, required=True)
-    worker.add_argument("--generation", type=int, default=1)
-    worker.set_defaults(func=cmd_worker)
 
     # Its options live in ingestd.simulator.cli, imported only to run it: every daemon process
     # starts through this parser, and the simulator pulls in http.server, oauthlib and yaml.
@@ -68,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=Path("demo-state"))
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def build_worker_parser() -> argparse.ArgumentParser:
+    worker = argparse.ArgumentParser(prog="ingestd worker")
+    worker.add_argument("--role", choices=["stream", "store"], required=True)
+    worker.add_argument("--config", type=Path, required=True)
+    worker.add_argument("--generation", type=int, default=1)
+    return worker
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -101,15 +115,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from ingestd.settings import EXIT_CONFIG, ConfigError, load_settings
-    from ingestd.supervisor import send_reload
+    from ingestd.daemonctl import run_reload
 
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"not reloading: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    return send_reload(settings.state_dir)
+    return run_reload(args.config, pid=args.pid, timeout=args.timeout)
 
 
 def cmd_simulate(argv: list[str]) -> int:

@@ -310,8 +310,13 @@ def secret_values(settings: Settings) -> list[str]:
     return sorted({v for v in values if v}, key=len, reverse=True)
 
 
-def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate `path`; raises ConfigErrors listing every problem."""
+def load_settings(path: Path, env: Mapping[str, str] | None = None, *,
+                  secrets: bool = True) -> Settings:
+    """Read and validate `path`; raises ConfigErrors listing every problem.
+
+    ``secrets=False`` is for commands that only look at a running daemon (status, reload): a
+    `${NAME}` stays unresolved and its key is not validated, so they need no credentials.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -322,12 +327,13 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
     except OSError as exc:
         reason = f"cannot read file: {exc.strerror or type(exc).__name__}"
         raise ConfigErrors([ConfigError(path, "", reason)]) from None
-    return load_settings_text(text, path, env)
+    return load_settings_text(text, path, env, secrets=secrets)
 
 
-def load_settings_text(text: str, path: Path, env: Mapping[str, str] | None = None) -> Settings:
+def load_settings_text(text: str, path: Path, env: Mapping[str, str] | None = None, *,
+                       secrets: bool = True) -> Settings:
     """Validate settings given as text (the supervisor hands workers the text it checked)."""
-    ctx = _Context(path, os.environ if env is None else env)
+    ctx = _Context(path, os.environ if env is None else env, secrets=secrets)
     raw = _parse_yaml(text, ctx)
     raw = _interpolate(raw, "", ctx)
     root = _Section(ctx, "", raw)
@@ -352,13 +358,17 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 class _Context:
     """Collects errors; remembers substituted values so no reason can echo them."""
 
-    def __init__(self, path: Path, env: Mapping[str, str]) -> None:
+    def __init__(self, path: Path, env: Mapping[str, str], *, secrets: bool = True) -> None:
         self.path = path
         self.env = env
+        self.secrets = secrets
         self.errors: list[ConfigError] = []
         self.substituted: list[str] = []
+        self.unresolved: set[str] = set()  # key paths left as `${NAME}` when not resolving
 
     def error(self, key_path: str, reason: str) -> None:
+        if key_path in self.unresolved:
+            return  # the value is a placeholder on purpose: nothing to say about it
         for value in sorted(self.substituted, key=len, reverse=True):
             if value:
                 reason = reason.replace(value, MASK)
@@ -415,6 +425,9 @@ def _interpolate(value: Any, path: str, ctx: _Context) -> Any:
 
 
 def _lookup(name: str, path: str, ctx: _Context) -> str:
+    if not ctx.secrets:
+        ctx.unresolved.add(path)
+        return f"${{{name}}}"
     found = ctx.env.get(name)
     if found is None:
         found = _read_credential(name, path, ctx)
@@ -965,7 +978,7 @@ _INSECURE_TLS = {"tlsinsecure": "tlsInsecure", "tlsallowinvalidcertificates":
 
 def _mongo(sec: _Section) -> MongoSettings:
     uri = sec.text("uri", "", required=True)
-    if uri:
+    if uri and sec.key("uri") not in sec.ctx.unresolved:
         _check_mongo_uri(sec, uri)
     database = sec.text("database", "twitter")
     collection = sec.text("collection", "tweets")

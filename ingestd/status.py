@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from ingestd.daemonctl import locate_state_dir
 from ingestd.runstate import RUN_DIR, read_status
 from ingestd.settings import EXIT_CONFIG, ConfigError, load_settings
 
@@ -28,11 +29,11 @@ METRICS_ADDR_FILE = "metrics.addr"
 
 def run_status(config: Path, *, as_json: bool) -> int:
     try:
-        settings = load_settings(config)
+        settings = load_settings(config, secrets=False)  # looking needs no credentials
     except ConfigError as exc:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
-    view = collect(settings.state_dir)
+    view = collect(locate_state_dir(settings))
     if as_json:
         sys.stdout.write(orjson.dumps(view, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
@@ -112,6 +113,7 @@ def render(view: dict[str, Any]) -> str:
         lines.append(f"  last error  {error}")
     if view.get("metrics"):
         lines.append(f"  metrics     http://{view['metrics']}/metrics")
+    lines.append(f"  state dir   {view['state_dir']}")
     return "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ import structlog
 
 from ingestd import notify as sd
 from ingestd import runstate
+from ingestd.daemonctl import PIDFILE, config_errors, write_verdict
 from ingestd.logs import configure_logging
 from ingestd.settings import (
     ConfigError,
@@ -52,7 +53,6 @@ from ingestd.settings import (
 log = structlog.get_logger("ingestd.supervisor")
 
 WorkerCommand = Callable[[str, int], list[str]]
-PIDFILE = "supervisor.pid"
 LOCKFILE = "supervisor.lock"
 
 
@@ -242,6 +242,7 @@ class Supervisor:
         self.restart_times: collections.deque[float] = collections.deque()
         self.role_beats: dict[str, float] = {}
         self.generation = 1
+        self.reloads = 0  # SIGHUPs handled: the sequence number of run/reload.json
         self.reload_failures = 0
         self.ready = False
         self.stopping = False
@@ -536,6 +537,7 @@ class Supervisor:
         """Validate the settings file again; if good, send it to the workers as a new generation."""
         if self.ready:
             sd.notify(sd.reloading_message())
+        self.reloads += 1
         try:
             text = read_config_text(self.config_path)
             settings = self.loader(text, self.config_path)
@@ -545,20 +547,26 @@ class Supervisor:
             log.error("reload_failed", error=str(exc), file=exc.file, key=exc.key_path,
                       reload_failures=self.reload_failures, generation=self.generation,
                       action=f"keeping the settings of generation {self.generation}")
+            write_verdict(self.state_dir, self.reloads, self.generation,
+                          errors=config_errors(exc))
         else:
-            self.apply_reload(settings, text)
+            changes = self.apply_reload(settings, text)
+            write_verdict(self.state_dir, self.reloads, self.generation, changes=changes)
         if self.ready:
             # Also after a failure: the old settings are still in force and the service is ready.
             sd.notify(f"READY=1\nSTATUS={self.refresh_status()}")
 
-    def apply_reload(self, settings: SupervisedSettings, text: str) -> None:
-        """Adopt ``settings`` and send the validated ``text`` to every running worker."""
+    def apply_reload(self, settings: SupervisedSettings, text: str) -> dict[str, Any]:
+        """Adopt ``settings`` and send the validated ``text`` to every running worker; returns
+        how the filter changed."""
         old, self.settings, self.settings_text = self.settings, settings, text
         self.generation += 1
         command = {"cmd": "reload", "generation": self.generation, "text": text}
         for worker in self.workers.values():
             worker.channel.send(command)
-        log.info("reload_applied", generation=self.generation, **describe_filter(old, settings))
+        changes = describe_filter(old, settings)
+        log.info("reload_applied", generation=self.generation, **changes)
+        return changes
 
     # -- stop ----------------------------------------------------------------------------------
 
@@ -799,33 +807,3 @@ def configure_supervisor_logging(settings: Settings) -> None:
     lg = settings.logging
     configure_logging(lg.level, lg.format, secrets=secret_values(settings),
                       error_interval=lg.error_interval, role="supervisor", pid=os.getpid())
-
-
-def send_reload(state_dir: Path) -> int:
-    """``ingestd reload``: SIGHUP the running supervisor; 0 if sent, 1 if no daemon runs."""
-    path = state_dir / runstate.RUN_DIR / PIDFILE
-    try:
-        pid = int(path.read_text())
-        if not started_before(pid, path.stat().st_mtime):
-            raise ProcessLookupError(pid)
-        os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError):
-        print(f"ingestd: no running daemon (no live pid in {path})", file=sys.stderr)
-        return 1
-    return 0
-
-
-def started_before(pid: int, when: float) -> bool:
-    """Whether process ``pid`` started before ``when`` (epoch), i.e. is not a reused pid.
-
-    A stale pid file may name a pid the kernel has since given to another process, and SIGHUP
-    kills most processes. If /proc cannot tell us, assume the pid file is right.
-    """
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-    except (OSError, IndexError, StopIteration, ValueError):
-        return Path(f"/proc/{pid}").exists() or not Path("/proc/self").exists()
-    started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    return started <= when + 1.0  # btime has whole-second resolution

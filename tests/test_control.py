@@ -334,6 +334,62 @@ def run_cli(command: str, daemon: Daemon) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60, check=False)
 
 
+def operator_shell() -> dict[str, str]:
+    """An operator's environment: no TWITTER_* secrets, no $CREDENTIALS_DIRECTORY (under
+    systemd, ExecReload= and a root shell get neither; only the daemon has its credentials)."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("TWITTER_") and k not in ("CREDENTIALS_DIRECTORY",
+                                                           "NOTIFY_SOCKET")}
+
+
+def operator_cli(*args: str, daemon: Daemon) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ingestd", *args, "--config",
+                           str(daemon.config)], env=operator_shell(), capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_reload_command_reports_the_daemons_verdict_without_secrets(launch: Launch) -> None:
+    """`ingestd reload` (the unit's ExecReload) exits 0 only once the daemon applied the file
+    and both workers run it, and 78 with the daemon's reasons when the daemon rejected it, even
+    for a problem that only the holder of the secrets can see."""
+    sim, daemon = launch("--rate", "100", "--keepalive", "1", "--seed", "111")
+    daemon.wait_ready()
+    wait_stored(daemon, 20)
+    doc = dict(daemon.doc)
+    doc["stream"] = {**doc["stream"], "track": ["ipad"]}
+    daemon.write_settings_atomically(doc)
+    good = operator_cli("reload", daemon=daemon)
+    stream, store = daemon.status("stream"), daemon.status("store")
+    wait_until(lambda: len(connect_tracks(sim.ground_truth())) == 2, 30, "the new connection")
+
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert f"reload applied: generation 2 (pid {daemon.proc.pid}" in good.stdout  # type: ignore[union-attr]
+    assert "track -iphone -ipod" in good.stdout
+    assert stream["generation"] == 2 and store["generation"] == 2  # it waited for both
+    assert connect_tracks(sim.ground_truth()) == [["iphone", "ipad", "ipod"], ["ipad"]]
+
+    # A secret that exists nowhere: the command cannot tell, the daemon can.
+    broken = {**doc, "auth": {**doc["auth"], "consumer_key": "${INGESTD_TEST_NEVER_SET}"}}
+    daemon.write_settings_atomically(broken)
+    before = stored_count(daemon)
+    bad = operator_cli("reload", daemon=daemon)
+    looked = operator_cli("status", daemon=daemon)
+
+    assert bad.returncode == 78, bad.stdout + bad.stderr
+    assert "reload rejected by the daemon" in bad.stderr
+    assert (f"{daemon.config}: auth.consumer_key: ${{INGESTD_TEST_NEVER_SET}} is not set"
+            in bad.stderr)
+    wait_until(lambda: daemon.status("supervisor").get("reload_failures") == 1, 10,
+               "the failure in run/supervisor.json")
+    assert daemon.status("supervisor")["generation"] == 2
+    wait_stored(daemon, before + 20)  # still streaming on generation 2's settings
+    assert len(connect_tracks(sim.ground_truth())) == 2
+    assert looked.returncode == 0, looked.stdout + looked.stderr
+    assert looked.stdout.startswith("ingestd: ok")
+    assert f"state dir   {daemon.state_dir}" in looked.stdout
+    figure(f"reload verdicts: {good.stdout.strip()!r}; {bad.stderr.strip()!r}")
+
+
 def test_unchanged_and_writer_only_reloads_do_not_reconnect(
         launch: Launch, mongo_uri: str, mongo_database: str) -> None:
     # Enough tweets that both reloads land while the stream still flows, even on a loaded box.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import re
 import shutil
 import ssl
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
+from ingestd.settings import ConfigError
 from tests.support.creds import CREDS
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.simulator import SimProcess
@@ -214,3 +216,43 @@ def test_check_online_untrusted_certificate(tmp_path: Path, tls_server: str,
     line = next(ln for ln in result.stdout.splitlines() if ln.startswith("endpoint"))
     assert "not signed by a trusted CA" in line and "stream.ca_file" in line
     assert "curl error 60" in line
+
+
+def test_status_finds_the_units_state_folder_from_a_shell_without_secrets(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under systemd, ``state_dir: null`` means $STATE_DIRECTORY, which a root shell lacks: the
+    operator's commands look in the unit's folder when a daemon lives there, none next to the
+    file, and resolve no `${NAME}` secret to do so."""
+    from ingestd import daemonctl, runstate
+    from ingestd.settings import load_settings
+
+    config = tmp_path / "etc" / "settings.yaml"
+    config.parent.mkdir()
+    config.write_text(yaml.safe_dump({
+        "stream": {"url": "https://stream.example.org/1.1/statuses/filter.json",
+                   "track": ["x"]},
+        "auth": {"consumer_key": "${NOT_HERE}", "consumer_secret": "${NOT_HERE}",
+                 "access_token": "${NOT_HERE}", "access_token_secret": "${NOT_HERE}"},
+        "mongo": {"uri": "${MONGO_URI_NOT_HERE}"}}))
+    unit_dir = tmp_path / "var-lib-ingestd"
+    monkeypatch.setattr(daemonctl, "SYSTEMD_STATE_DIR", unit_dir)
+    env = {"PATH": "/usr/bin"}
+    settings = load_settings(config, env, secrets=False)
+    nobody_yet = daemonctl.locate_state_dir(settings, env)
+    (runstate.run_dir(unit_dir) / daemonctl.PIDFILE).write_text(f"{os.getpid()}\n")
+    found = daemonctl.locate_state_dir(settings, env)
+    unit_env = {"STATE_DIRECTORY": str(tmp_path / "s")}  # inside the unit (ExecReload=)
+    inside = daemonctl.locate_state_dir(load_settings(config, unit_env, secrets=False), unit_env)
+
+    assert nobody_yet == config.parent / "state"
+    assert found == unit_dir
+    assert inside == tmp_path / "s"  # as the daemon itself resolved it
+    with pytest.raises(ConfigError, match=r"auth\.consumer_key: \$\{NOT_HERE\} is not set"):
+        load_settings(config, env)  # the daemon's own load still resolves and checks them
+
+
+def test_help_lists_only_user_commands() -> None:
+    shown = ingestd("--help")
+    assert shown.returncode == 0
+    assert "SUPPRESS" not in shown.stdout and "worker" not in shown.stdout
+    assert re.search(r"^\s+reload\s", shown.stdout, re.MULTILINE)

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from ingestd import runstate
-from ingestd.supervisor import send_reload
+from ingestd.daemonctl import Verdict, read_verdict, supervisor_pid
 from tests.support.wait import wait_until
 
 LAUNCHER = Path(__file__).parent / "support" / "supervisor_launcher.py"
@@ -343,25 +343,43 @@ def test_hundred_reloads_leak_no_fds_or_memory(start: Any) -> None:
     assert run.proc.poll() is None
 
 
-def test_send_reload_signals_the_running_supervisor(start: Any) -> None:
+def test_reload_verdicts_are_published_for_the_reload_command(start: Any) -> None:
+    """Each SIGHUP gets one numbered verdict in run/reload.json: what ``ingestd reload`` (the
+    unit's ExecReload) waits for, because under systemd only the daemon can read the secrets."""
     run = start()
     run.wait_ready()
-    assert send_reload(run.state_dir) == 0
-    run.wait_log("reload_applied", generation=2)
+    assert supervisor_pid(run.state_dir) == run.pid
+    os.kill(run.pid, signal.SIGHUP)
+    first = wait_until(lambda: read_verdict(run.state_dir), 10, "the first verdict")
+    run.write_config({**run.doc, "stream": {"track": ["beta"]}})
+    os.kill(run.pid, signal.SIGHUP)
+    second = wait_until(lambda: (v := read_verdict(run.state_dir)) and v.seq == 2 and v, 10,
+                        "the second verdict")
+    run.write_config("stream: [")
+    os.kill(run.pid, signal.SIGHUP)
+    third = wait_until(lambda: (v := read_verdict(run.state_dir)) and v.seq == 3 and v, 10,
+                       "the third verdict")
+
+    assert first == Verdict(run.pid, 1, 2, True, (), {"filter_changed": False})
+    assert second.applied and second.generation == 3
+    assert second.changes["filter_changed"] is True  # the launcher's schema has no diff
+    assert not third.applied and third.generation == 3
+    assert len(third.errors) == 1 and third.errors[0].startswith(f"{run.config}: ")
     os.kill(run.pid, signal.SIGTERM)
     assert run.wait_exit(timeout=12) == 0
-    assert send_reload(run.state_dir) == 1  # pid file removed on exit
+    assert supervisor_pid(run.state_dir) is None  # pid file removed on exit
 
 
-def test_send_reload_ignores_a_pid_reused_after_the_pid_file(tmp_path: Path) -> None:
+def test_a_pid_reused_after_the_pid_file_is_not_the_supervisor(tmp_path: Path) -> None:
     bystander = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
     try:
         pidfile = runstate.run_dir(tmp_path) / "supervisor.pid"
         pidfile.write_text(f"{bystander.pid}\n")
         old = time.time() - 3600  # the pid file predates the process now holding that pid
         os.utime(pidfile, (old, old))
-        assert send_reload(tmp_path) == 1
-        assert bystander.poll() is None  # SIGHUP would have killed it
+        assert supervisor_pid(tmp_path) is None  # so ``ingestd reload`` sends it no SIGHUP
+        os.utime(pidfile)
+        assert supervisor_pid(tmp_path) == bystander.pid
     finally:
         bystander.kill()
         bystander.wait()

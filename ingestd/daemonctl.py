@@ -1,0 +1,219 @@
+"""The operator's side of a running daemon: find it, ask it to reload, wait for its verdict.
+
+``ingestd reload`` (the unit's ``ExecReload=``) cannot judge a settings file by itself: systemd
+does not hand ``ExecReload=`` the service's credentials when the unit uses a mount namespace
+(systemd issue 35227; see docs/operations.md), so `${NAME}` secrets cannot be resolved there.
+The verdict therefore comes from the daemon, which holds them: ``reload`` checks what it can
+without secrets, sends SIGHUP to the supervisor and waits until the supervisor publishes its
+verdict in ``run/reload.json`` and, for a good file, until both workers run the new generation.
+
+Both ends of that file live here: the supervisor calls ``write_verdict``, the command reads it.
+Commands that only look (``status``, ``reload``) load settings with ``secrets=False`` and find
+the state folder with ``locate_state_dir``, so an operator's shell needs no secret.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ingestd import runstate
+from ingestd.settings import EXIT_CONFIG, ConfigError, ConfigErrors, Settings, load_settings
+
+PIDFILE = "supervisor.pid"
+VERDICT_FILE = "reload.json"
+# StateDirectory=ingestd in deploy/systemd/ingestd.service: where the unit's daemon keeps state
+# when settings.yaml leaves state_dir null ($STATE_DIRECTORY is set only inside the unit).
+SYSTEMD_STATE_DIR = Path("/var/lib/ingestd")
+EXIT_NO_DAEMON = 1
+POLL_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The supervisor's answer to one SIGHUP: ``seq`` counts the reloads of supervisor ``pid``."""
+
+    pid: int
+    seq: int
+    generation: int
+    applied: bool
+    errors: tuple[str, ...]
+    changes: Mapping[str, Any]
+
+
+def write_verdict(state_dir: Path, seq: int, generation: int, *,
+                  errors: Sequence[str] = (), changes: Mapping[str, Any] | None = None) -> None:
+    """Supervisor side: publish the outcome of reload number ``seq`` (errors = rejected)."""
+    doc = {"seq": seq, "generation": generation, "applied": not errors,
+           "errors": list(errors), "changes": dict(changes or {})}
+    with contextlib.suppress(OSError):  # a full disk must not stop a reload being applied
+        runstate.write_status(state_dir, VERDICT_FILE.removesuffix(".json"), doc)
+
+
+def read_verdict(state_dir: Path) -> Verdict | None:
+    doc = runstate.read_status(state_dir, VERDICT_FILE.removesuffix(".json"))
+    if not doc:
+        return None
+    try:
+        return Verdict(int(doc["pid"]), int(doc["seq"]), int(doc["generation"]),
+                       bool(doc["applied"]), tuple(str(e) for e in doc["errors"]),
+                       dict(doc.get("changes") or {}))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def config_errors(exc: ConfigError) -> list[str]:
+    """Each problem as ``file: key.path: reason`` (never a secret value)."""
+    return [str(e) for e in exc.errors] if isinstance(exc, ConfigErrors) else [str(exc)]
+
+
+# -- finding the daemon -----------------------------------------------------------------------
+
+
+def locate_state_dir(settings: Settings, env: Mapping[str, str] | None = None) -> Path:
+    """The state folder of the daemon these settings describe.
+
+    ``state_dir: null`` means ``$STATE_DIRECTORY`` inside the unit, but an operator's shell has
+    no such variable: then the unit's folder is used when a daemon lives there and none lives
+    next to the settings file.
+    """
+    env = os.environ if env is None else env
+    default = Path(os.path.abspath(settings.path)).parent / "state"
+    if settings.state_dir != default or env.get("STATE_DIRECTORY"):
+        return settings.state_dir
+    for candidate in (default, SYSTEMD_STATE_DIR):
+        if supervisor_pid(candidate) is not None:
+            return candidate
+    return default
+
+
+def supervisor_pid(state_dir: Path) -> int | None:
+    """The live supervisor's pid from ``run/supervisor.pid``, or None."""
+    path = state_dir / runstate.RUN_DIR / PIDFILE
+    try:
+        pid = int(path.read_text())
+        when = path.stat().st_mtime
+    except (OSError, ValueError):
+        return None
+    return pid if started_before(pid, when) else None
+
+
+def started_before(pid: int, when: float) -> bool:
+    """Whether process ``pid`` exists and started before ``when`` (epoch): not a reused pid.
+
+    A stale pid file may name a pid the kernel has since given to another process, and SIGHUP
+    kills most processes. Without /proc/stat (ProcSubset=pid) the pid's existence must do.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return _exists(pid)
+    try:
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, IndexError, StopIteration, ValueError):
+        return True
+    started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return started <= when + 1.0  # btime has whole-second resolution
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- ingestd reload ---------------------------------------------------------------------------
+
+
+def run_reload(config: Path, *, pid: int | None, timeout: float) -> int:
+    """SIGHUP the daemon and report its verdict: 0 applied, 78 rejected, 1 no answer."""
+    try:
+        settings = load_settings(config, secrets=False)
+    except ConfigError as exc:
+        print("not reloading (nothing was sent to the daemon):", *config_errors(exc),
+              sep="\n", file=sys.stderr)
+        return EXIT_CONFIG
+    state_dir = locate_state_dir(settings)
+    target = pid or supervisor_pid(state_dir)
+    if target is None:
+        print(f"ingestd: no running daemon (no live pid in {state_dir / runstate.RUN_DIR})",
+              file=sys.stderr)
+        return EXIT_NO_DAEMON
+    before = read_verdict(state_dir)
+    try:
+        os.kill(target, signal.SIGHUP)
+    except OSError as exc:
+        print(f"ingestd: cannot signal pid {target}: {exc.strerror}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    return report(await_verdict(state_dir, target, before, timeout), state_dir, timeout)
+
+
+def await_verdict(state_dir: Path, pid: int, before: Verdict | None,
+                  timeout: float) -> Verdict | None:
+    """The first verdict of ``pid`` newer than ``before``; None when none came in time."""
+    deadline = time.monotonic() + timeout
+    old_seq = before.seq if before is not None and before.pid == pid else 0
+    while time.monotonic() < deadline:
+        verdict = read_verdict(state_dir)
+        if verdict is not None and verdict.pid == pid and verdict.seq > old_seq:
+            return verdict
+        if not _exists(pid):
+            return None
+        time.sleep(POLL_SECONDS)
+    return None
+
+
+def workers_at(state_dir: Path, generation: int, timeout: float) -> list[str]:
+    """The workers that have not adopted ``generation`` within ``timeout`` (empty = all did)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        behind = [role for role in ("stream", "store")
+                  if int((runstate.read_status(state_dir, role) or {}).get("generation", 0))
+                  < generation]
+        if not behind or time.monotonic() >= deadline:
+            return behind
+        time.sleep(POLL_SECONDS)
+
+
+def report(verdict: Verdict | None, state_dir: Path, timeout: float) -> int:
+    if verdict is None:
+        print(f"ingestd: the daemon gave no verdict within {timeout:g}s (see its log)",
+              file=sys.stderr)
+        return EXIT_NO_DAEMON
+    if not verdict.applied:
+        print(f"reload rejected by the daemon (pid {verdict.pid}); the settings of generation "
+              f"{verdict.generation} stay in force:", *verdict.errors, sep="\n", file=sys.stderr)
+        return EXIT_CONFIG
+    behind = workers_at(state_dir, verdict.generation, timeout)
+    if behind:
+        print(f"ingestd: reload accepted as generation {verdict.generation}, but the "
+              f"{' and '.join(behind)} worker has not adopted it within {timeout:g}s",
+              file=sys.stderr)
+        return EXIT_NO_DAEMON
+    print(f"reload applied: generation {verdict.generation} (pid {verdict.pid})"
+          f"{describe(verdict.changes)}")
+    return 0
+
+
+def describe(changes: Mapping[str, Any]) -> str:
+    """``; track +ipod -iphone`` from the supervisor's filter diff, or a note that none changed."""
+    diff = changes.get("filter_diff")
+    if not isinstance(diff, dict):
+        return ""
+    parts = [f"{name} " + " ".join([f"+{v}" for v in d.get("added", [])]
+                                   + [f"-{v}" for v in d.get("removed", [])])
+             for name, d in diff.items() if isinstance(d, dict)
+             and (d.get("added") or d.get("removed"))]
+    return "; " + ", ".join(parts) if parts else "; filters unchanged (no reconnect)"
