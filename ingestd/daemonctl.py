@@ -2,7 +2,7 @@
 
 ``ingestd reload`` (the unit's ``ExecReload=``) cannot judge a settings file by itself: systemd
 does not hand ``ExecReload=`` the service's credentials when the unit uses a mount namespace
-(systemd issue 35227; see docs/operations.md), so `${NAME}` secrets cannot be resolved there.
+(systemd issue 35227; see docs/systemd.md), so `${NAME}` secrets cannot be resolved there.
 The verdict therefore comes from the daemon, which holds them: ``reload`` checks what it can
 without secrets, sends SIGHUP to the supervisor and waits until the supervisor publishes its
 verdict in ``run/reload.json`` and, for a good file, until both workers run the new generation.
