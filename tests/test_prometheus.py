@@ -8,6 +8,7 @@ the dead letter happens after its first scrapes, the case ``increase()`` used to
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ class Scenario:
     sim: SimProcess
     prom: Prometheus
     before_event: float  # Unix time of a scrape taken before any dead letter
+    launched: float  # Unix time just before the daemon was started
 
 
 def metrics_addr(daemon: Daemon) -> str:
@@ -53,6 +55,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory, mongo_uri: str) -> Iterat
     sim = SimProcess(tmp / "sim", "--rate", "0", "--max-tweets", str(BURST), "--control-every",
                      "0", "--keepalive", "1", "--seed", "5", script=script).start()
     doc = settings_doc(sim.url, mongo_uri, DB, metrics={"listen": "127.0.0.1:0"}, spool=SPOOL)
+    launched = time.time()
     daemon = Daemon(tmp / "daemon", doc).start()
     prom: Prometheus | None = None
     try:
@@ -62,7 +65,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory, mongo_uri: str) -> Iterat
         # The scenario's premise: that scrape came before the dead letter.
         assert not daemon.counters("store").get("deadlettered"), (
             f"the bad line was dead-lettered before the first scrape: raise QUIET ({QUIET})")
-        yield Scenario(daemon, sim, prom, first)
+        yield Scenario(daemon, sim, prom, first, launched)
         daemon.stop()
     finally:
         if prom is not None:
@@ -130,7 +133,9 @@ def test_process_metrics_cover_every_process_of_the_daemon(scenario: Scenario) -
     assert cpu is not None and cpu > 0
     assert fds is not None and fds >= 4 * 3  # stdio and more in each process
     supervisor = psutil.Process(daemon.pids()["supervisor"])
+    # psutil's start time rests on /proc/stat's btime, whole seconds: within 1 s.
     assert start is not None and abs(start - supervisor.create_time()) < 1
+    assert scenario.launched - 0.02 <= start <= scenario.before_event
     print(f"\nprocess_resident_memory_bytes={rss:.0f} process_cpu_seconds_total={cpu:.2f} "
           f"process_open_fds={fds:.0f} start={start:.2f} psutil={supervisor.create_time():.2f}")
     assert prom.value("process_max_fds") == min(
