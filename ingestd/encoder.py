@@ -30,7 +30,7 @@ from array import array
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeAlias
 
 import bson
 import orjson
@@ -38,6 +38,9 @@ from bson.errors import InvalidDocument
 
 from ingestd.matching import Box, Matched, Matcher
 from ingestd.messages import InvalidTweet, classify, tweet_document
+
+if TYPE_CHECKING:  # the child process does not import the dead-letter store
+    from ingestd.deadletter import MessageReason
 
 MAX_BSON_SIZE = 16 * 1024 * 1024
 PIPE_BYTES = 1 << 20
@@ -79,7 +82,7 @@ class Encoded(NamedTuple):
     raw: bytes = b""
     tweet_id: int = 0
     user_id: int | None = None  # for scrub_geo rules applied after encoding
-    reason: str = ""
+    reason: MessageReason | Literal[""] = ""
     detail: str = ""
     match_error: bool = False
 
@@ -220,13 +223,15 @@ def _unpack_jobs(header: bytes, blob: bytes) -> list[Job]:
     return jobs
 
 
-ResultHeader = tuple[bytes, bytes, bytes, bytes, bytes, list[tuple[int, str, str]]]
+DeadReason: TypeAlias = "MessageReason | Literal['']"
+DeadEntry: TypeAlias = "tuple[int, DeadReason, str]"
+ResultHeader: TypeAlias = "tuple[bytes, bytes, bytes, bytes, bytes, list[DeadEntry]]"
 
 
 def _pack_results(results: Sequence[Encoded]) -> tuple[ResultHeader, bytes]:
     statuses, flags = bytearray(), bytearray()
     ids, users, sizes = array("q"), array("q"), array("q")
-    dead: list[tuple[int, str, str]] = []
+    dead: list[DeadEntry] = []
     for i, enc in enumerate(results):
         statuses.append(enc.status)
         flags.append((_MATCH_ERROR if enc.match_error else 0)
@@ -241,6 +246,9 @@ def _pack_results(results: Sequence[Encoded]) -> tuple[ResultHeader, bytes]:
     return header, b"".join([enc.raw for enc in results])
 
 
+_NOT_DEAD: tuple[Literal[""], str] = ("", "")
+
+
 def _unpack_results(header: ResultHeader, blob: bytes) -> list[Encoded]:
     statuses, flags, id_bytes, user_bytes, size_bytes, dead = header
     ids, users, sizes = array("q"), array("q"), array("q")
@@ -251,7 +259,7 @@ def _unpack_results(header: ResultHeader, blob: bytes) -> list[Encoded]:
     out, pos, view = [], 0, memoryview(blob)
     for i, status in enumerate(statuses):
         size, flag = sizes[i], flags[i]
-        reason, detail = reasons.get(i, ("", ""))
+        reason, detail = reasons.get(i, _NOT_DEAD)
         out.append(Encoded(status, bytes(view[pos:pos + size]), ids[i],
                            users[i] if flag & _HAS_USER else None, reason, detail,
                            bool(flag & _MATCH_ERROR)))

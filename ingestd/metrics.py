@@ -37,7 +37,7 @@ import orjson
 import structlog
 
 from ingestd import runstate, status
-from ingestd.settings import Settings
+from ingestd.settings import Settings, SpoolSettings
 
 if TYPE_CHECKING:
     from http.server import ThreadingHTTPServer
@@ -168,6 +168,37 @@ class _LastMessage:
         return self._changed_at
 
 
+# -- label values known in advance -----------------------------------------------------------------
+
+
+@functools.cache
+def known_labels() -> dict[str, tuple[str, ...]]:
+    """Labelled counter → the label values it has a series for from the start (at 0).
+
+    Taken from the code that produces the values, so a new reason needs no edit here. Imported
+    on first scrape: the store worker imports this module without them (see the module doc).
+    """
+    from ingestd.backoff import Ending
+    from ingestd.deadletter import MESSAGE_REASONS
+    from ingestd.messages import CONTROL_TYPES
+    from ingestd.spool import DROP_REASONS
+    from ingestd.supervisor import Supervisor
+
+    return {
+        "ingestd_worker_restarts_total": Supervisor.ROLES,
+        "ingestd_stream_reconnects_total": tuple(ending.value for ending in Ending),
+        "ingestd_messages_deadlettered_total": MESSAGE_REASONS,
+        "ingestd_messages_dropped_total": DROP_REASONS,
+        "ingestd_control_messages_total": CONTROL_TYPES,
+    }
+
+
+def known_counter(name: str, doc: str, label: str,
+                  values: Mapping[str, float]) -> CounterMetricFamily:
+    """``labelled_counter`` with the known values of ``name`` (``known_labels``) at 0."""
+    return labelled_counter(name, doc, label, values, known_labels()[name])
+
+
 # -- the collector ---------------------------------------------------------------------------------
 
 
@@ -177,12 +208,14 @@ def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
 
 
-def labelled_counter(name: str, doc: str, label: str,
-                     values: Mapping[str, float]) -> CounterMetricFamily:
+def labelled_counter(name: str, doc: str, label: str, values: Mapping[str, float],
+                     known: Iterable[str] = ()) -> CounterMetricFamily:
+    """One series per label value; every ``known`` value has one from the start, at 0, so that
+    ``rate()``/``increase()`` see the first event (a series born at 1 shows no increase)."""
     from prometheus_client.core import CounterMetricFamily
 
     family = CounterMetricFamily(name, doc, labels=[label])
-    for key, value in sorted(values.items()):
+    for key, value in sorted({**dict.fromkeys(known, 0.0), **values}.items()):
         family.add_metric([key], value)
     return family
 
@@ -228,8 +261,9 @@ class RunStateCollector:
     subclassing would import prometheus_client with this module.
     """
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, spool: SpoolSettings | None = None) -> None:
         self.state_dir = state_dir
+        self.spool = spool  # the bounds the daemon started with (see ``_spool_bounds``)
         self._last_message = _LastMessage()
         self._lock = threading.Lock()  # scrapes may run concurrently (threaded server)
 
@@ -253,8 +287,8 @@ class RunStateCollector:
         yield counter("ingestd_config_reload_failures_total",
                       "Reloads refused because the new settings were invalid.",
                       _num(sup.get("reload_failures")))
-        yield labelled_counter("ingestd_worker_restarts_total", "Worker processes restarted.",
-                               "role", _counts(sup.get("restarts")))
+        yield known_counter("ingestd_worker_restarts_total", "Worker processes restarted.",
+                            "role", _counts(sup.get("restarts")))
 
     def _stream(self, stream: Mapping[str, Any], now: float) -> Iterable[Metric]:
         c = _section(stream, "counters")
@@ -266,8 +300,8 @@ class RunStateCollector:
                     1.0 if state == "connected" else 0.0)
         yield gauge("ingestd_stream_backoff_seconds", "The reconnect delay last chosen.",
                     _num(stream.get("backoff")))
-        yield labelled_counter("ingestd_stream_reconnects_total",
-                               "Connections ended, by reason.", "reason", _counts(c.get("endings")))
+        yield known_counter("ingestd_stream_reconnects_total",
+                            "Connections ended, by reason.", "reason", _counts(c.get("endings")))
         yield counter("ingestd_stream_connection_attempts_total", "Connection attempts.",
                       _num(c.get("attempts")))
         yield counter("ingestd_stream_bytes_total", "Body bytes read (after decompression).",
@@ -319,12 +353,12 @@ class RunStateCollector:
                       _num(wc.get("stored")))
         yield counter("ingestd_tweets_duplicate_total", "Tweets already stored (same id).",
                       _num(wc.get("duplicates")))
-        yield labelled_counter("ingestd_messages_deadlettered_total", "Messages written to the "
-                               "dead-letter store.", "reason", _counts(wc.get("deadlettered")))
-        yield labelled_counter("ingestd_messages_dropped_total", "Messages dropped (counted, by "
-                               "reason).", "reason", _counts(sc.get("dropped")))
-        yield labelled_counter("ingestd_control_messages_total", "Control messages handled.",
-                               "type", _counts(wc.get("control")))
+        yield known_counter("ingestd_messages_deadlettered_total", "Messages written to the "
+                            "dead-letter store.", "reason", _counts(wc.get("deadlettered")))
+        yield known_counter("ingestd_messages_dropped_total", "Messages dropped (counted, by "
+                            "reason).", "reason", _counts(sc.get("dropped")))
+        yield known_counter("ingestd_control_messages_total", "Control messages handled.",
+                            "type", _counts(wc.get("control")))
         yield labelled_counter("ingestd_tweets_skipped_total", "Tweets not stored on purpose "
                                "(e.g. already deleted).", "reason", _counts(wc.get("skipped")))
         yield gauge("ingestd_messages_in_flight", "Received, not yet stored or otherwise "
@@ -332,6 +366,22 @@ class RunStateCollector:
         yield gauge("ingestd_queue_records", "Spool backlog: records not yet acknowledged.",
                     _num(spool.get("records")))
         yield gauge("ingestd_queue_bytes", "Spool backlog in bytes.", _num(spool.get("bytes")))
+        yield from self._spool_bounds(spool)
+
+    def _spool_bounds(self, published: Mapping[str, Any]) -> Iterable[Metric]:
+        """The bounds the queue gauges fill up to (``spool.max_bytes``, ``spool.max_records``).
+
+        The stream worker's published figures if it publishes them, else the settings the
+        daemon started with: a reload does not resize the running worker's spool.
+        """
+        for key, doc in (("max_bytes", "Spool bound in bytes (spool.max_bytes): the stream "
+                          "stops reading or drops (spool.when_full) when ingestd_queue_bytes "
+                          "reaches it."),
+                         ("max_records", "Spool bound in records (spool.max_records), for "
+                          "ingestd_queue_records.")):
+            value = published.get(key, getattr(self.spool, key, None))
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                yield gauge(f"ingestd_spool_{key}", doc, value)
 
     def _disk(self) -> Iterable[Metric]:
         yield gauge("ingestd_spool_disk_bytes", "Bytes of spool files on disk.",
@@ -343,7 +393,7 @@ class RunStateCollector:
 # -- the HTTP listener -----------------------------------------------------------------------------
 
 
-ServerClass = Callable[[tuple[str, int], Path], "ThreadingHTTPServer"]
+ServerClass = Callable[[tuple[str, int], Settings], "ThreadingHTTPServer"]
 
 
 @functools.cache
@@ -356,10 +406,13 @@ def _server_classes() -> tuple[ServerClass, ServerClass]:
     class Server(ThreadingHTTPServer):
         daemon_threads = True
 
-        def __init__(self, address: tuple[str, int], state_dir: Path) -> None:
-            self.state_dir = state_dir
+        def __init__(self, address: tuple[str, int], settings: Settings) -> None:
+            from ingestd.procstats import ProcessCollector
+
+            self.state_dir = state_dir = settings.state_dir
             self.registry = CollectorRegistry(auto_describe=False)
-            self.registry.register(RunStateCollector(state_dir))
+            self.registry.register(RunStateCollector(state_dir, settings.spool))
+            self.registry.register(ProcessCollector(state_dir))
             super().__init__(address, Handler)
 
     class Server6(Server):
@@ -406,11 +459,11 @@ def healthz(state_dir: Path) -> tuple[int, bytes]:
 class MetricsServer:
     """The supervisor's one HTTP listener (``/metrics``, ``/healthz``) on a daemon thread."""
 
-    def __init__(self, state_dir: Path, host: str, port: int) -> None:
+    def __init__(self, settings: Settings, host: str, port: int) -> None:
         server4, server6 = _server_classes()
         cls = server6 if ":" in host else server4
-        self._httpd: ThreadingHTTPServer = cls((host, port), state_dir)
-        self.state_dir = state_dir
+        self._httpd: ThreadingHTTPServer = cls((host, port), settings)
+        self.state_dir = settings.state_dir
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics",
                                         kwargs={"poll_interval": 0.5}, daemon=True)
 
@@ -450,7 +503,7 @@ def start_metrics_server(settings: Settings) -> MetricsServer | None:
     if address is None:
         return None
     try:
-        server = MetricsServer(settings.state_dir, *address).start()
+        server = MetricsServer(settings, *address).start()
     except OSError as exc:
         log.error("metrics_listen_failed", listen=settings.metrics.listen,
                   error=os.strerror(exc.errno) if exc.errno else type(exc).__name__)

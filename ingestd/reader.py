@@ -27,7 +27,7 @@ from ingestd.framing import BadFrame, LengthFramer, LineFramer, Oversize
 from ingestd.headers import parse_header_line
 from ingestd.oauth import encode_form, sign_request
 from ingestd.settings import AuthSettings, StreamSettings
-from ingestd.spool import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE, KIND_PARTIAL
+from ingestd.spool import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE, KIND_PARTIAL, DropReason
 from ingestd.v2 import DIAGNOSE_401 as V2_DIAGNOSE_401
 from ingestd.v2 import stream_request as v2_stream_request
 
@@ -93,7 +93,7 @@ class ReaderStats:
     oversize: int = 0
     bad_frames: int = 0
     partial: int = 0
-    dropped: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[DropReason] = field(default_factory=Counter)
     bytes: int = 0
     endings: Counter[str] = field(default_factory=Counter)
     disconnect_codes: Counter[str] = field(default_factory=Counter)

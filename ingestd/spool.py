@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 from crc32c import crc32c
 
@@ -55,6 +55,11 @@ CHECKPOINT_INTERVAL = 0.25  # seconds: at most one checkpoint write per interval
 _CHECKPOINT_SETTLE_NS = 1_000_000_000  # mtimes are coarse: re-read a file changed this recently
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+# Why a framed message was dropped before reaching the spool (only with ``when_full:
+# drop_newest``): the spool was at its bound, or writing to it failed. The one list (metrics).
+DropReason = Literal["spool_full", "disk_error"]
+DROP_REASONS: tuple[DropReason, ...] = get_args(DropReason)
 
 Group = tuple[Sequence[tuple[int, bytes]], int, int, int]
 """What ``SpoolWriter.append_many`` takes: ((kind, payload) items, conn_id, generation, recv_ns)."""

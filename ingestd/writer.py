@@ -39,7 +39,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError
 
-from ingestd.deadletter import DeadLetterStore
+from ingestd.deadletter import DeadLetterStore, MessageReason, Reason
 from ingestd.encoder import (
     DEAD,
     MAX_BSON_SIZE,
@@ -90,7 +90,7 @@ TOMBSTONE_LIMIT = 200_000
 SCRUB_RULE_LIMIT = 100_000
 MATCHER_GENERATIONS = 16
 LIMIT_CONNECTIONS = 1024
-FRAME_REASONS = {
+FRAME_REASONS: dict[int, MessageReason] = {
     KIND_OVERSIZE: "oversize",
     KIND_BADFRAME: "bad_frame",
     KIND_PARTIAL: "partial_message",
@@ -167,7 +167,7 @@ def _int_field(body: object, *names: str) -> int | None:
     return None
 
 
-def _json_failure(payload: bytes) -> str:
+def _json_failure(payload: bytes) -> MessageReason:
     try:
         payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -505,7 +505,7 @@ class StoreWorker:
         if encoded.match_error:
             self.match_errors += 1
         if encoded.status == DEAD:
-            self._dead_letter(encoded.reason, record, detail=encoded.detail)
+            self._dead_letter(encoded.reason or "unencodable", record, detail=encoded.detail)
             return
         raw = encoded.raw
         if self._scrub_rules and encoded.user_id is not None:
@@ -525,12 +525,12 @@ class StoreWorker:
             doc.pop(key, None)
         return bson.encode(doc)
 
-    def _dead_letter(self, reason: str, record: Record, *, code: int | None = None,
+    def _dead_letter(self, reason: MessageReason, record: Record, *, code: int | None = None,
                      detail: str = "") -> None:
         self._put_dead_letter(reason, record, code=code, detail=detail)
         _bump(self.deadlettered, reason)
 
-    def _put_dead_letter(self, reason: str, record: Record, *, code: int | None = None,
+    def _put_dead_letter(self, reason: Reason, record: Record, *, code: int | None = None,
                          detail: str = "") -> None:
         """Write a dead letter, retrying while the disk refuses it (full, I/O error).
 

@@ -8,22 +8,31 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pymongo
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingestd.metrics import (
     BATCH_SIZE_BUCKETS,
     Histogram,
     RunStateCollector,
+    known_labels,
 )
+from ingestd.procstats import ProcessCollector
 from ingestd.runstate import run_dir, write_status
+from ingestd.settings import SpoolSettings
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
@@ -223,3 +232,132 @@ def test_in_flight_uses_spool_positions_when_published(tmp_path: Path) -> None:
     write_status(tmp_path, "store", {"counters": {"read_seq": 80, "pending": 5, "stored": 75}})
     families: Mapping[str, Any] = {f.name: f for f in RunStateCollector(tmp_path).collect()}
     assert families["ingestd_messages_in_flight"].samples[0].value == 25
+
+
+def test_every_known_label_value_has_a_series_from_the_start(tmp_path: Path) -> None:
+    run_dir(tmp_path)
+    write_status(tmp_path, "store", {"counters": {"deadlettered": {"invalid_json": 2}}})
+    samples = parse(generate_latest(RunStateCollector(tmp_path)).decode())
+    for name, values in known_labels().items():
+        label = {"ingestd_worker_restarts_total": "role",
+                 "ingestd_control_messages_total": "type"}.get(name, "reason")
+        seen = {dict(labels)[label]: v for (n, labels), v in samples.items() if n == name}
+        assert set(seen) == set(values), name
+    assert value(samples, "ingestd_messages_deadlettered_total", reason="invalid_json") == 2
+    assert total(samples, "ingestd_messages_deadlettered_total") == 2
+    assert value(samples, "ingestd_messages_dropped_total", reason="spool_full") == 0
+    assert value(samples, "ingestd_worker_restarts_total", role="stream") == 0
+
+
+def test_spool_bounds_are_exported_next_to_the_queue_gauges(tmp_path: Path) -> None:
+    run_dir(tmp_path)
+    write_status(tmp_path, "stream", {"spool": {"records": 10, "bytes": 4096}})
+    bounds = SpoolSettings(max_bytes=1 << 20, max_records=1000)
+    m = parse(generate_latest(RunStateCollector(tmp_path, bounds)).decode())
+    assert value(m, "ingestd_spool_max_bytes") == 1 << 20
+    assert value(m, "ingestd_spool_max_records") == 1000
+    assert value(m, "ingestd_queue_bytes") / value(m, "ingestd_spool_max_bytes") == 4096 / (1 << 20)
+    # A stream worker that publishes the bounds of the spool it opened is believed first.
+    write_status(tmp_path, "stream", {"spool": {"records": 10, "bytes": 4096, "max_bytes": 8192}})
+    m = parse(generate_latest(RunStateCollector(tmp_path, bounds)).decode())
+    assert value(m, "ingestd_spool_max_bytes") == 8192
+
+
+def generate_latest(collector: Any) -> bytes:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client import generate_latest as render
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return bytes(render(registry))
+
+
+def test_process_collector_on_the_real_daemon_matches_psutil(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    sim = SimProcess(tmp_path / "sim", "--rate", "200", "--max-tweets", "100",
+                     "--control-every", "0", "--keepalive", "1").start()
+    launched = time.time()
+    daemon = Daemon(tmp_path / "daemon", settings_doc(sim.url, mongo_uri, mongo_database)).start()
+    try:
+        daemon.wait_ready()
+        pids = wait_until(lambda: daemon.pids() if len(daemon.pids()) == 3 else None, 30,
+                          "the supervisor to publish its workers' pids")
+        collector = ProcessCollector(daemon.state_dir, pids["supervisor"])
+        m = parse(generate_latest(collector).decode())
+        scraped = time.time()
+        procs = {role: psutil.Process(pid) for role, pid in pids.items()}
+        truth = {role: (p.memory_info().rss, sum(p.cpu_times()[:2]), p.num_fds(),
+                        p.create_time()) for role, p in procs.items()}
+    finally:
+        daemon.kill()
+        sim.stop()
+    for role, (rss, cpu, fds, started) in truth.items():
+        assert value(m, "ingestd_processes", role=role) == 1
+        assert value(m, "ingestd_process_resident_memory_bytes", role=role) == pytest.approx(
+            rss, rel=0.2), role
+        assert value(m, "ingestd_process_cpu_seconds_total", role=role) == pytest.approx(
+            cpu, abs=0.3), role
+        assert abs(value(m, "ingestd_process_open_fds", role=role) - fds) <= 3, role
+        # psutil's start times rest on /proc/stat's btime, whole seconds: within 1 s.
+        start = value(m, "ingestd_process_start_time_seconds", role=role)
+        assert launched - 0.02 <= start <= scraped and abs(start - started) < 1, role
+    assert value(m, "process_start_time_seconds") == value(
+        m, "ingestd_process_start_time_seconds", role="supervisor")
+    assert value(m, "process_resident_memory_bytes") == sum(
+        value(m, "ingestd_process_resident_memory_bytes", role=r) for r in truth)
+    assert value(m, "process_cpu_seconds_total") >= sum(
+        value(m, "ingestd_process_cpu_seconds_total", role=r) for r in truth)
+    assert value(m, "ingestd_processes", role="other") == 0
+
+
+UNSHARE = shutil.which("unshare")
+SUBSET_PID = ("umount /proc && mount -t proc -o subset=pid proc /proc && test ! -e /proc/stat "
+              '&& test ! -e /proc/meminfo && exec "$0" "$@"')
+
+
+class ProcSubsetDaemon(Daemon):
+    """The daemon in its own PID and mount namespaces whose /proc is mounted ``subset=pid``
+    (what systemd's ``ProcSubset=pid`` gives the service): no /proc/stat, meminfo, cpuinfo."""
+
+    def start(self, extra_env: dict[str, str] | None = None) -> Daemon:
+        assert UNSHARE is not None
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [UNSHARE, "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
+                 "sh", "-c", SUBSET_PID, sys.executable, "-m", "ingestd", "run", "--config",
+                 str(self.config)],
+                stdout=out, stderr=subprocess.STDOUT, env=self.env() | (extra_env or {}),
+                cwd=self.workdir)
+        return self
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or UNSHARE is None,
+                    reason="needs root and unshare(1) to mount a /proc with subset=pid")
+def test_process_metrics_where_proc_stat_is_hidden(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    sim = SimProcess(tmp_path / "sim", "--rate", "200", "--max-tweets", "100",
+                     "--control-every", "0", "--keepalive", "1").start()
+    doc = settings_doc(sim.url, mongo_uri, mongo_database, metrics={"listen": "127.0.0.1:0"})
+    launched = time.time()
+    daemon = ProcSubsetDaemon(tmp_path / "daemon", doc).start()
+    try:
+        daemon.wait_ready()
+        addr = metrics_addr(daemon)
+
+        def workers_seen() -> Samples | None:
+            m = scrape(addr)
+            return m if value(m, "ingestd_processes", role="store") == 1 else None
+        m = wait_until(workers_seen, 30, "both workers in the process metrics")
+    finally:
+        daemon.kill()
+        sim.stop()
+    assert "proc_stat_unreadable" not in daemon.logs()
+    for role in ("supervisor", "stream", "store"):
+        assert value(m, "ingestd_processes", role=role) == 1
+        assert value(m, "ingestd_process_resident_memory_bytes", role=role) > 5e6
+    assert value(m, "process_resident_memory_bytes") > 20e6
+    assert value(m, "process_open_fds") > 10
+    assert value(m, "process_cpu_seconds_total") > 0
+    assert launched - 1 <= value(m, "process_start_time_seconds") <= time.time()

@@ -1,0 +1,202 @@
+"""A real Prometheus server for tests: scrapes the daemon, answers PromQL over its HTTP API.
+
+    prom = Prometheus(tmp_path / "prom", ["127.0.0.1:9464"]).start()  # skips if not installed
+    try:
+        prom.wait_first_scrape()
+        prom.wait_value('increase(ingestd_messages_deadlettered_total[1m]) > 0', 30, "...")
+        prom.query("ingestd_queue_bytes / ingestd_spool_max_bytes")
+    finally:
+        prom.stop()
+
+Debian's ``prometheus`` package (``/usr/bin/prometheus``). Without it the test is skipped, except
+under ``CI=true``, where CI installs it and a missing binary fails the test. ``rule_files`` are
+loaded with the configuration (alert-rule tests read them back with ``rules()``/``alerts()``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.wait import wait_until
+
+BINARY = "prometheus"
+START_TRIES = 3  # a free port picked here may be taken before Prometheus binds it
+
+
+def find_binary() -> str:
+    """The prometheus binary; skips the test if absent (fails it under CI=true)."""
+    path = shutil.which(BINARY) or ("/usr/bin/prometheus"
+                                    if os.access("/usr/bin/prometheus", os.X_OK) else None)
+    if path is None:
+        note = "prometheus is not installed (Debian package `prometheus`)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{note}; CI must install it")
+        pytest.skip(note)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One element of an instant vector (or a scalar, with no labels)."""
+
+    labels: dict[str, str]
+    value: float
+
+
+class Prometheus:
+    """One Prometheus process with its own configuration and TSDB under ``workdir``."""
+
+    def __init__(self, workdir: Path, targets: Sequence[str], *, job: str = "ingestd",
+                 scrape_interval: str = "1s", rule_files: Sequence[Path] = ()) -> None:
+        self.workdir, self.job = workdir, job
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "prometheus.yml"
+        self.log_path = workdir / "prometheus.log"
+        self.config.write_text(yaml.safe_dump({
+            "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval,
+                       "scrape_timeout": scrape_interval},
+            "rule_files": [str(p) for p in rule_files],
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}],
+        }, sort_keys=False))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    # -- process -------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 60.0) -> Prometheus:
+        binary = find_binary()
+        for _ in range(START_TRIES):
+            self.port = free_port()
+            self._launch(binary)
+            if self._wait_ready(timeout):
+                return self
+        raise AssertionError(f"prometheus did not start:\n{self.tail()}")
+
+    def _launch(self, binary: str) -> None:
+        cmd = [binary, f"--config.file={self.config}",
+               f"--storage.tsdb.path={self.workdir / 'data'}",
+               f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"]
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                         cwd=self.workdir)
+
+    def _wait_ready(self, timeout: float) -> bool:
+        """True once ``/-/ready`` answers; False if the process exited (e.g. port taken)."""
+        def ready() -> str:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                return "exited"
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=5) as resp:
+                    return "ready" if resp.status == 200 else ""
+            except (OSError, urllib.error.URLError):
+                return ""
+        return wait_until(ready, timeout, "prometheus to be ready", 0.1) == "ready"
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> Prometheus:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def tail(self, n: int = 30) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # -- HTTP API ------------------------------------------------------------------------------
+
+    def api(self, path: str, **params: str) -> Any:
+        """``data`` of a ``/api/v1/<path>`` answer; fails on an error status (e.g. bad PromQL)."""
+        query = urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=10) as r:
+                body = json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            body = json.loads(err.read() or b"{}")
+        if body.get("status") != "success":
+            raise AssertionError(f"prometheus /api/v1/{path} {params}: {body}")
+        return body["data"]
+
+    def query(self, expr: str, at: float | None = None) -> list[Sample]:
+        """An instant query (at ``at``, Unix time, if given): its samples (empty if none)."""
+        data = self.api("query", query=expr, **({"time": f"{at:.3f}"} if at else {}))
+        if data["resultType"] == "scalar":
+            return [Sample({}, float(data["result"][1]))]
+        if data["resultType"] != "vector":
+            raise AssertionError(f"{expr}: expected an instant vector, got {data['resultType']}")
+        return [Sample(dict(r["metric"]), float(r["value"][1])) for r in data["result"]]
+
+    def value(self, expr: str, at: float | None = None) -> float | None:
+        """The value of a query that yields at most one sample (None if it yields none)."""
+        samples = self.query(expr, at)
+        if len(samples) > 1:
+            raise AssertionError(f"{expr}: expected one sample, got {samples}")
+        return samples[0].value if samples else None
+
+    def wait_value(self, expr: str, timeout: float, what: str) -> float:
+        """Until ``expr`` yields a sample (a comparison without ``bool`` filters): its value."""
+        def found() -> list[float]:
+            self._assert_running()
+            value = self.value(expr)
+            return [value] if value is not None else []
+        return wait_until(found, timeout, f"{what} ({expr})", 0.2)[0]
+
+    def wait_first_scrape(self, timeout: float = 30.0) -> float:
+        """Until the target was scraped successfully; the Unix time of that sample."""
+        expr = f'up{{job="{self.job}"}} == 1'
+        self.wait_value(expr, timeout, "the first successful scrape")
+        return self.query(f'timestamp(up{{job="{self.job}"}})')[0].value
+
+    def rules(self) -> Any:
+        """``/api/v1/rules``: the loaded rule groups with their state."""
+        return self.api("rules")
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """``/api/v1/alerts``: pending and firing alerts."""
+        return list(self.api("alerts")["alerts"])
+
+    def _assert_running(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"prometheus exited {self.proc.returncode}:\n{self.tail()}")
+
+
+def wait_scraped_since(prom: Prometheus, since: float, timeout: float = 30.0) -> None:
+    """Until Prometheus holds a sample of its target newer than ``since`` (Unix time)."""
+    prom.wait_value(f'timestamp(up{{job="{prom.job}"}}) > {since:.3f}', timeout,
+                    "a scrape after the event")
