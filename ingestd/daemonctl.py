@@ -204,6 +204,9 @@ def report(verdict: Verdict | None, state_dir: Path, timeout: float) -> int:
         return EXIT_NO_DAEMON
     print(f"reload applied: generation {verdict.generation} (pid {verdict.pid})"
           f"{describe(verdict.changes)}")
+    if later := verdict.changes.get("restart_needed"):
+        print(f"note: {', '.join(map(str, later))} take effect only after a restart "
+              "(systemctl restart ingestd); until then the old values stay in force")
     return 0
 
 

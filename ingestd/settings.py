@@ -18,7 +18,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
@@ -294,6 +294,17 @@ def filter_diff(old: StreamSettings, new: StreamSettings) -> dict[str, dict[str,
         name: {"added": sorted(set(b) - set(a)), "removed": sorted(set(a) - set(b))}
         for name, (a, b) in pairs.items()
     }
+
+
+def start_only_changes(old: Settings, new: Settings) -> list[str]:
+    """Keys a reload changed that take effect only at the next start: the state folder, the
+    metrics listener and the spool (its files and bounds are opened once by the stream worker)."""
+    changed = ["state_dir"] if old.state_dir != new.state_dir else []
+    if old.metrics.listen != new.metrics.listen:
+        changed.append("metrics.listen")
+    changed += [f"spool.{f.name}" for f in fields(SpoolSettings)
+                if getattr(old.spool, f.name) != getattr(new.spool, f.name)]
+    return changed
 
 
 def secret_values(settings: Settings) -> list[str]:

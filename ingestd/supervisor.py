@@ -48,6 +48,7 @@ from ingestd.settings import (
     filter_diff,
     load_settings_text,
     secret_values,
+    start_only_changes,
 )
 
 log = structlog.get_logger("ingestd.supervisor")
@@ -565,6 +566,11 @@ class Supervisor:
         for worker in self.workers.values():
             worker.channel.send(command)
         changes = describe_filter(old, settings)
+        if (isinstance(old, Settings) and isinstance(settings, Settings)
+                and (later := start_only_changes(old, settings))):
+            changes["restart_needed"] = later
+            log.warning("reload_needs_restart", keys=later, generation=self.generation,
+                        reason="these settings are read at start only: systemctl restart")
         log.info("reload_applied", generation=self.generation, **changes)
         return changes
 

@@ -300,7 +300,8 @@ def run_stream_worker(config_path: Path, generation: int) -> int:
             "backoff": reader.backoff.last_delay,
             "rate": round(meter.update(reader.stats.received), 1),
             "spool": {"records": records, "bytes": nbytes, "next_seq": spool.next_seq,
-                      "held": sum(len(h[0]) for h in sink.held)},
+                      "held": sum(len(h[0]) for h in sink.held),
+                      "max_bytes": spool.max_bytes, "max_records": spool.max_records},
             "last_message_time": reader.last_message_ns / 1e9 if reader.last_message_ns else None,
             **({"rules": rules.status.as_dict()} if reader.stream.api == "v2" else {}),
         })

@@ -357,6 +357,7 @@ def test_reload_command_reports_the_daemons_verdict_without_secrets(launch: Laun
     wait_stored(daemon, 20)
     doc = dict(daemon.doc)
     doc["stream"] = {**doc["stream"], "track": ["ipad"]}
+    doc["spool"] = {"max_records": 123_456}  # read at start only: the verdict must say so
     daemon.write_settings_atomically(doc)
     good = operator_cli("reload", daemon=daemon)
     stream, store = daemon.status("stream"), daemon.status("store")
@@ -366,6 +367,8 @@ def test_reload_command_reports_the_daemons_verdict_without_secrets(launch: Laun
     assert f"reload applied: generation 2 (pid {daemon.proc.pid}" in good.stdout  # type: ignore[union-attr]
     assert "track -iphone -ipod" in good.stdout
     assert stream["generation"] == 2 and store["generation"] == 2  # it waited for both
+    assert "note: spool.max_records take effect only after a restart" in good.stdout
+    assert stream["spool"]["max_records"] == 2_000_000  # the bound in force, as exported
     assert connect_tracks(sim.ground_truth()) == [["iphone", "ipad", "ipod"], ["ipad"]]
 
     # A secret that exists nowhere: the command cannot tell, the daemon can.
