@@ -778,9 +778,10 @@ class StoreWorker:
         if not indexes:
             return []
         unsure = [ids[i] for i in indexes]
+        # The whole (small) ``_ingest``: the stand-in flattens dotted projections.
         found = self._with_retry("check duplicates", lambda: {
             d["_id"]: d.get("_ingest") for d in self._collection.find(
-                {"_id": {"$in": unsure}}, {"_id": 1, "_ingest.seq": 1, "_ingest.conn": 1})})
+                {"_id": {"$in": unsure}}, {"_id": 1, "_ingest": 1})})
         rejected = []
         for i in indexes:
             if ids[i] not in found:

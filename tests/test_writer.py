@@ -3,6 +3,7 @@ classifier on real pymongo exception objects."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -465,6 +466,36 @@ def test_document_over_the_servers_limit_is_dead_lettered_rest_stored(
     assert h.worker.counters()["deadlettered"] == {"unencodable": 1}
     (entry,) = h.deadletters.iter_entries()
     assert (entry["reason"], entry["detail"]) == ("unencodable", "DocumentTooLarge")
+
+
+def test_retry_after_an_unknown_outcome_tells_its_own_documents_from_true_duplicates(
+        harness_factory: Callable[..., Harness], client: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Batch 2 holds a tweet already stored by batch 1 (a true duplicate) and a new one. Its first
+    # attempt is applied by the server but the reply is lost: the retry finds both ids present.
+    h = harness_factory(batch_size=2)
+    real_insert_many = h.worker._insert_many
+    calls: list[int] = []
+
+    def insert_many(docs: list[Any]) -> object:
+        calls.append(len(docs))
+        if len(calls) == 2:
+            with contextlib.suppress(BulkWriteError):
+                real_insert_many(docs)
+            raise AutoReconnect("connection reset before the reply")
+        return real_insert_many(docs)
+
+    monkeypatch.setattr(h.worker, "_insert_many", insert_many)
+    h.spool.add(tweet(SNOW + 1))
+    h.spool.add(tweet(SNOW + 2))
+    h.spool.add(tweet(SNOW + 1))  # the stream delivered it again
+    h.spool.add(tweet(SNOW + 3))
+    h.drain()
+    assert len(calls) == 3
+    assert sorted(d["_id"] for d in client.tweets.find()) == [SNOW + 1, SNOW + 2, SNOW + 3]
+    c = h.worker.counters()
+    assert (c["stored"], c["duplicates"]) == (3, 1), c
+    assert reconciles(c)
 
 
 # ---------------------------------------------------------------- outages

@@ -27,6 +27,7 @@ Every method is thread-safe. Each client connection is one thread that owns both
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import select
 import socket
@@ -385,8 +386,6 @@ def _with_write_concern_error(message: bytes, fault: _Fault) -> bytes:
 
 def _reset(sock: socket.socket) -> None:
     """Close with a TCP RST (SO_LINGER 0), as a crashed server's peers see it."""
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
     sock.close()
