@@ -55,6 +55,8 @@ def run_check(config: Path, *, online: bool) -> int:
     for secret in secret_values(settings):
         register_secret(secret)  # scrub_text then masks them in any error text we print
     print(summary(settings))
+    for notice in settings.mongo.notices:
+        print(f"warning: {notice}")
     if not online:
         return 0
     ok = check_mongo(settings) & check_endpoint(settings)

@@ -10,7 +10,11 @@ from __future__ import annotations
 import email.utils
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
+
+# Why a tweet is not stored on purpose: its delete notice arrived before it was written.
+SkipReason = Literal["deleted"]
+SKIP_REASONS: tuple[SkipReason, ...] = get_args(SkipReason)
 
 CONTROL_TYPES = (
     "delete",

@@ -125,10 +125,9 @@ def _dir_bytes(path: Path) -> int:
 def received_total(stream_counters: Mapping[str, Any]) -> float:
     """Every message framed off the wire.
 
-    The stream worker's ``received`` counts every record handed to the spool (a partial message
-    cut by a connection end included: it is spooled and dead-lettered downstream); messages
-    framed but not spooled (``spool_full``, ``disk_error``) are in ``dropped`` and added back
-    here so the reconciliation holds.
+    The stream worker's ``received`` counts every record handed to the spool; messages not
+    spooled (``spool_full``, ``disk_error``, and a message cut by a connection end,
+    ``cut_by_disconnect``) are in ``dropped`` and added back here so the reconciliation holds.
     """
     dropped = _counts(stream_counters.get("dropped"))
     return _num(stream_counters.get("received")) + sum(dropped.values())
@@ -180,7 +179,7 @@ def known_labels() -> dict[str, tuple[str, ...]]:
     """
     from ingestd.backoff import Ending
     from ingestd.deadletter import MESSAGE_REASONS
-    from ingestd.messages import CONTROL_TYPES
+    from ingestd.messages import CONTROL_TYPES, SKIP_REASONS
     from ingestd.spool import DROP_REASONS
     from ingestd.supervisor import Supervisor
 
@@ -190,6 +189,7 @@ def known_labels() -> dict[str, tuple[str, ...]]:
         "ingestd_messages_deadlettered_total": MESSAGE_REASONS,
         "ingestd_messages_dropped_total": DROP_REASONS,
         "ingestd_control_messages_total": CONTROL_TYPES,
+        "ingestd_tweets_skipped_total": SKIP_REASONS,
     }
 
 
@@ -334,6 +334,8 @@ class RunStateCollector:
         yield counter("ingestd_encoder_restarts_total",
                       "Times the encoder child was lost (its tweets were encoded in-process).",
                       _num(c.get("encoder_restarts")))
+        yield counter("ingestd_mongo_slow_writes_total", "MongoDB operations acknowledged (or "
+                      "failed) only after mongo.slow_write_seconds.", _num(c.get("slow_writes")))
         yield counter("ingestd_spool_corrupt_records_total", "Spool records skipped as corrupt.",
                       _num(c.get("spool_corrupt_records")))
         yield gauge("ingestd_store_degraded", "1 while MongoDB writes are failing.",
@@ -359,8 +361,8 @@ class RunStateCollector:
                             "reason).", "reason", _counts(sc.get("dropped")))
         yield known_counter("ingestd_control_messages_total", "Control messages handled.",
                             "type", _counts(wc.get("control")))
-        yield labelled_counter("ingestd_tweets_skipped_total", "Tweets not stored on purpose "
-                               "(e.g. already deleted).", "reason", _counts(wc.get("skipped")))
+        yield known_counter("ingestd_tweets_skipped_total", "Tweets not stored on purpose "
+                            "(e.g. already deleted).", "reason", _counts(wc.get("skipped")))
         yield gauge("ingestd_messages_in_flight", "Received, not yet stored or otherwise "
                     "resolved.", in_flight(stream, wc))
         yield gauge("ingestd_queue_records", "Spool backlog: records not yet acknowledged.",

@@ -9,14 +9,17 @@ Nothing here ever formats a failed document: pymongo puts the whole document in
 
 from __future__ import annotations
 
+import collections
 import enum
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import pymongo
 import structlog
 from bson.errors import InvalidDocument
-from pymongo import IndexModel
+from pymongo import IndexModel, monitoring
 from pymongo.collection import Collection
 from pymongo.errors import (
     BulkWriteError,
@@ -25,6 +28,7 @@ from pymongo.errors import (
     OperationFailure,
     PyMongoError,
     WriteConcernError,
+    WriteError,
 )
 
 from ingestd.settings import MongoSettings
@@ -126,21 +130,217 @@ def duplicate_on_id(err: Mapping[str, Any]) -> bool | None:
 
 
 def make_client(mongo: MongoSettings) -> pymongo.MongoClient[Document]:
-    """A client for ``mongo``; the URI is revealed here and nowhere else."""
+    """A client for ``mongo``; the URI is revealed here and nowhere else.
+
+    ``timeoutMS`` bounds a whole operation: server selection, pymongo's own retries and the
+    round trips (with it set, pymongo ignores ``serverSelectionTimeoutMS`` for operations).
+    """
     return pymongo.MongoClient(
         mongo.uri.reveal(),
         appname="ingestd",
         tz_aware=True,
-        serverSelectionTimeoutMS=mongo.server_selection_timeout_ms,
         timeoutMS=mongo.timeout_ms,
         w=mongo.write_concern.w,
         journal=mongo.write_concern.j,
+        event_listeners=[DRIVER_EVENTS],
     )
 
 
 def open_collection(mongo: MongoSettings) -> Collection[Document]:
     """The tweets collection on a new client, owned by the caller (``.database.client.close()``)."""
     return make_client(mongo)[mongo.database][mongo.collection]
+
+
+# ---------------------------------------------------------------- what the server said
+
+ERRMSG_CAP = 300  # a server message is for the operator; a long one is cut, not dropped
+
+
+def error_fields(exc: BaseException) -> dict[str, Any]:
+    """Log fields that let an operator look up what MongoDB said; never a document's content.
+
+    Server errors give ``code``, ``codeName``, ``errmsg``, ``errorLabels`` and ``errInfo``; a bulk
+    result gives its ``writeConcernErrors`` whole and its ``writeErrors`` summarised by code
+    (their messages can quote document values, so only codes, names and counts).
+    """
+    fields: dict[str, Any] = {"error": type(exc).__name__}
+    if isinstance(exc, BulkWriteError):
+        details = exc.details or {}
+        fields["writeErrors"] = write_errors_by_code(details.get("writeErrors", ()))
+        wces = details.get("writeConcernErrors", ())
+        fields["writeConcernErrors"] = [server_error(e) for e in wces if isinstance(e, Mapping)]
+        fields["nInserted"] = details.get("nInserted", 0)
+    elif isinstance(exc, WriteError):  # one document's error: its message can quote values
+        fields.update(code=exc.code, codeName=(exc.details or {}).get("codeName", ""))
+    elif isinstance(exc, OperationFailure):
+        fields.update(server_error(exc.details or {"code": exc.code, "errmsg": str(exc)}))
+    elif isinstance(reply := getattr(exc, "details", None), Mapping) and "code" in reply:
+        fields.update(server_error(reply))  # NotPrimaryError: a server reply, not a socket error
+    elif isinstance(exc, PyMongoError):
+        fields["errmsg"] = str(exc)[:ERRMSG_CAP]  # driver errors: host, port, socket error
+    if isinstance(exc, PyMongoError):
+        labels = [label for label in ("RetryableWriteError", "TransientTransactionError",
+                                      "NoWritesPerformed") if exc.has_error_label(label)]
+        if labels:
+            fields["errorLabels"] = labels
+    return fields
+
+
+def error_name(exc: BaseException) -> str:
+    """One-line name for status text: type, then the server's code(s) and codeName(s)."""
+    fields = error_fields(exc)
+    parts = [fields["error"]]
+    for wce in fields.get("writeConcernErrors", ()):
+        parts.append(f"writeConcernError {wce.get('code')} {wce.get('codeName', '')}".rstrip())
+    for err in fields.get("writeErrors", ()):
+        parts.append(f"writeErrors {err['code']} {err['codeName']} x{err['count']}")
+    if "code" in fields:
+        parts.append(f"{fields['code']} {fields.get('codeName', '')}".rstrip())
+    return parts[0] if len(parts) == 1 else f"{parts[0]} ({', '.join(parts[1:])})"
+
+
+def server_error(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """code, codeName, errmsg, errInfo (and writeConcernError) of one server error document."""
+    out: dict[str, Any] = {}
+    code = doc.get("code")
+    if isinstance(code, int):
+        out["code"] = code
+        out["codeName"] = doc.get("codeName") or CODE_NAMES.get(code, "")
+    if doc.get("errmsg"):
+        out["errmsg"] = str(doc["errmsg"])[:ERRMSG_CAP]
+    if isinstance(doc.get("errInfo"), Mapping):
+        out["errInfo"] = _plain(doc["errInfo"])
+    wce = doc.get("writeConcernError")
+    if isinstance(wce, Mapping):
+        out["writeConcernError"] = server_error(wce)
+    return out
+
+
+def write_errors_by_code(errors: object) -> list[dict[str, Any]]:
+    """``[{"code", "codeName", "count"}]`` for a bulk result's writeErrors."""
+    counts: collections.Counter[tuple[int, str]] = collections.Counter()
+    for err in errors if isinstance(errors, list | tuple) else ():
+        if isinstance(err, Mapping):
+            code = int(err.get("code", 0))
+            counts[(code, str(err.get("codeName") or CODE_NAMES.get(code, "")))] += 1
+    return [{"code": c, "codeName": n, "count": k} for (c, n), k in sorted(counts.items())]
+
+
+def _plain(value: Any) -> Any:
+    """BSON values as JSON-friendly ones (errInfo holds e.g. ``wtimeout``, ``writeConcern``)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, int | float | str | bool | None) else str(value)
+
+
+# ---------------------------------------------------------------- what pymongo saw meanwhile
+
+DRIVER_EVENTS_KEPT = 64
+
+
+class DriverEvents(monitoring.CommandListener, monitoring.ConnectionPoolListener,
+                   monitoring.ServerListener):
+    """The last few things pymongo noticed (failed commands, pool clears, server state changes).
+
+    pymongo retries inside ``timeoutMS`` without telling its caller; these events are what a
+    slow write's warning reports as its cause. Listeners run on pymongo's threads: a lock guards
+    the bounded buffer, and each hook only appends a short text.
+    """
+
+    def __init__(self) -> None:
+        self._events: collections.deque[tuple[float, str]] = collections.deque(
+            maxlen=DRIVER_EVENTS_KEPT)
+        self._lock = threading.Lock()
+
+    def since(self, started: float) -> list[str]:
+        """Distinct events since ``started`` (monotonic), oldest first, repeats counted."""
+        with self._lock:
+            texts = [text for t, text in self._events if t >= started]
+        counts = collections.Counter(texts)
+        return [text if counts[text] == 1 else f"{text} (x{counts[text]})"
+                for text in dict.fromkeys(texts)]
+
+    def _add(self, text: str) -> None:
+        with self._lock:
+            self._events.append((time.monotonic(), text))
+
+    # CommandListener
+    def started(self, event: Any) -> None:
+        pass
+
+    def succeeded(self, event: Any) -> None:
+        pass
+
+    def failed(self, event: Any) -> None:
+        failure = event.failure if isinstance(event.failure, Mapping) else {}
+        what = server_error(failure) if "code" in failure else {
+            "error": failure.get("errtype", ""), "errmsg": str(failure.get("errmsg", ""))[:200]}
+        parts = " ".join(f"{k}={v}" for k, v in what.items() if k != "errInfo")
+        self._add(f"{event.command_name} failed on {_address(event.connection_id)}: {parts}")
+
+    # ConnectionPoolListener: only what ends connections or refuses them matters here
+    def pool_cleared(self, event: monitoring.PoolClearedEvent) -> None:
+        self._add(f"connection pool cleared for {_address(event.address)}")
+
+    def connection_check_out_failed(self, event: monitoring.ConnectionCheckOutFailedEvent
+                                    ) -> None:
+        self._add(f"connection check-out failed for {_address(event.address)}: {event.reason}")
+
+    def pool_created(self, event: Any) -> None:
+        pass
+
+    def pool_ready(self, event: Any) -> None:
+        pass
+
+    def pool_closed(self, event: Any) -> None:
+        pass
+
+    def connection_created(self, event: Any) -> None:
+        pass
+
+    def connection_ready(self, event: Any) -> None:
+        pass
+
+    def connection_closed(self, event: Any) -> None:
+        pass
+
+    def connection_check_out_started(self, event: Any) -> None:
+        pass
+
+    def connection_checked_out(self, event: Any) -> None:
+        pass
+
+    def connection_checked_in(self, event: Any) -> None:
+        pass
+
+    # ServerListener
+    def opened(self, event: Any) -> None:
+        pass
+
+    def closed(self, event: Any) -> None:
+        pass
+
+    def description_changed(self, event: monitoring.ServerDescriptionChangedEvent) -> None:
+        old, new = event.previous_description, event.new_description
+        if old.server_type == new.server_type:
+            return
+        text = f"server {_address(event.server_address)}: {old.server_type_name} -> " \
+               f"{new.server_type_name}"
+        if new.error is not None:
+            text += f" ({type(new.error).__name__}: {str(new.error)[:200]})"
+        self._add(text)
+
+
+# One per process (every client reports here): the store worker has one client at a time.
+DRIVER_EVENTS = DriverEvents()
+
+
+def _address(address: object) -> str:
+    if isinstance(address, tuple) and len(address) == 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
 
 
 # Indexes behind the analysts' usual questions: by time, by user, by matched term, by hashtag,

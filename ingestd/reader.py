@@ -27,7 +27,7 @@ from ingestd.framing import BadFrame, LengthFramer, LineFramer, Oversize
 from ingestd.headers import parse_header_line
 from ingestd.oauth import encode_form, sign_request
 from ingestd.settings import AuthSettings, StreamSettings
-from ingestd.spool import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE, KIND_PARTIAL, DropReason
+from ingestd.spool import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE, DropReason
 from ingestd.v2 import DIAGNOSE_401 as V2_DIAGNOSE_401
 from ingestd.v2 import stream_request as v2_stream_request
 
@@ -51,6 +51,7 @@ SKEW_THRESHOLD = 60.0  # seconds of clock difference worth blaming for a 401
 # the older connection of an account by itself) or this many seconds pass: bytes already in its
 # socket are tweets the endpoint delivered.
 RETIRE_GRACE = 5.0
+CUT_BY_DISCONNECT: DropReason = "cut_by_disconnect"  # a message cut by a connection's end
 
 Sink = Callable[[Sequence[tuple[int, bytes]], int, int, int], None]
 
@@ -77,6 +78,7 @@ class Connection:
     announced: bool = False  # "connected" logged once the first bytes of a 200 arrived
     retire_at: float = 0.0  # when a replaced connection is closed at the latest
     abort: Ending | None = None  # set when we end it ourselves (stall, stop, reload)
+    cut_bytes: int = 0  # bytes of the message this connection's end cut off (dropped)
 
     @property
     def healthy(self) -> bool:
@@ -422,7 +424,7 @@ class Reader:
         self.retiring.remove(conn)
         self._end(conn, ending)
         log.info("old_connection_closed", conn=conn.conn_id, ending=ending.value,
-                 messages=conn.messages)
+                 messages=conn.messages, **_cut(conn))
 
     def _pending_failed(self, conn: Connection, ending: Ending) -> None:
         """New filters did not connect: keep streaming with the old ones, report degraded."""
@@ -449,7 +451,8 @@ class Reader:
         self.next_attempt_at = self._clock() + wait
         self.state = f"reconnecting in {wait:.1f}s ({reason})"
         log.warning("stream_ended", conn=conn.conn_id, ending=ending.value, reason=reason,
-                    healthy=conn.healthy, messages=conn.messages, backoff=round(wait, 3))
+                    healthy=conn.healthy, messages=conn.messages, backoff=round(wait, 3),
+                    **_cut(conn))
 
     def _classify(self, conn: Connection, errno: int | None) -> Ending:
         if conn.abort is not None:
@@ -481,7 +484,7 @@ class Reader:
         return errmsg or ending.value
 
     def _end(self, conn: Connection, ending: Ending) -> None:
-        """Remove the handle, count the ending, and keep any partial message as evidence."""
+        """Remove the handle, count the ending and any message it cut."""
         if id(conn.curl) not in self._by_handle:
             return
         conn.abort = conn.abort or ending
@@ -490,12 +493,21 @@ class Reader:
         conn.curl.close()
         self.stats.endings[ending.value] += 1
         if conn.framer.pending_bytes and conn.status == 200:
+            # A message cut by the connection's end is a routine loss of reconnecting, not bad
+            # input: counted as dropped with the reconnect (the server resends nothing; the
+            # ending's log line says a message was cut), never dead-lettered.
+            conn.cut_bytes = conn.framer.pending_bytes
             self.stats.partial += 1
-            self.stats.received += 1  # `received` = records handed to the spool
-            head = conn.framer.pending_head
-            self._sink([(KIND_PARTIAL, head)], conn.conn_id, conn.generation, time.time_ns())
+            self.stats.dropped[CUT_BY_DISCONNECT] += 1
         if self.active is conn and ending is not Ending.ABORTED:
             self.state = "reconnecting"
+
+
+def _cut(conn: Connection) -> dict[str, Any]:
+    """Log fields for a message cut by a connection's end (none if nothing was cut)."""
+    if not conn.cut_bytes:
+        return {}
+    return {"partial_message_cut": True, "cut_bytes": conn.cut_bytes, "dropped": CUT_BY_DISCONNECT}
 
 
 def schedule_from(stream: StreamSettings) -> Schedule:

@@ -202,7 +202,10 @@ class MongoSettings:
     collection: str = "tweets"
     write_concern: WriteConcernSettings = field(default_factory=WriteConcernSettings)
     timeout_ms: int = 30_000
-    server_selection_timeout_ms: int = 10_000
+    slow_write_seconds: float = 10.0
+    # Messages about keys that are accepted but do nothing (logged by the store worker; a
+    # daemon being reloaded must not fail on them). Not part of the target's identity.
+    notices: tuple[str, ...] = field(default=(), compare=False)
 
     def display_uri(self) -> str:
         """The URI with `user:pass@` replaced by `***@`, safe to log."""
@@ -1001,8 +1004,30 @@ def _mongo(sec: _Section) -> MongoSettings:
         collection=collection,
         write_concern=_write_concern(sec.section("write_concern")),
         timeout_ms=sec.integer("timeout_ms", 30_000, lo=1),
-        server_selection_timeout_ms=sec.integer("server_selection_timeout_ms", 10_000, lo=1),
+        slow_write_seconds=sec.number("slow_write_seconds", 10.0, gt=0),
+        notices=_retired_mongo_keys(sec),
     )
+
+
+# Keys that once existed and now do nothing → what to use instead.
+_RETIRED_MONGO_KEYS = {
+    "server_selection_timeout_ms": (
+        "has no effect and is ignored: with timeout_ms set, pymongo bounds server selection by "
+        "timeout_ms; remove it and use mongo.timeout_ms to bound a write attempt"),
+}
+
+
+def _retired_mongo_keys(sec: _Section) -> tuple[str, ...]:
+    """Notices (file, key, what to use instead) for retired keys present in ``sec``.
+
+    A warning, not an error: a settings file that was valid yesterday must still start the
+    daemon and reload into it; the key never changed what a write does.
+    """
+    notices = []
+    for key, advice in _RETIRED_MONGO_KEYS.items():
+        if sec.get(key) is not _MISSING:
+            notices.append(f"{sec.ctx.path}: {sec.key(key)} {advice}")
+    return tuple(notices)
 
 
 def _parse_mongo_uri(uri: str) -> dict[str, Any]:

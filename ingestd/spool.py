@@ -56,9 +56,10 @@ _CHECKPOINT_SETTLE_NS = 1_000_000_000  # mtimes are coarse: re-read a file chang
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
-# Why a framed message was dropped before reaching the spool (only with ``when_full:
-# drop_newest``): the spool was at its bound, or writing to it failed. The one list (metrics).
-DropReason = Literal["spool_full", "disk_error"]
+# Why a message never reached the spool: the spool was at its bound or writing to it failed
+# (only with ``when_full: drop_newest``), or the connection ended in the middle of it (the
+# reader counts it with the reconnect). The one list (metrics start each at 0).
+DropReason = Literal["spool_full", "disk_error", "cut_by_disconnect"]
 DROP_REASONS: tuple[DropReason, ...] = get_args(DropReason)
 
 Group = tuple[Sequence[tuple[int, bytes]], int, int, int]

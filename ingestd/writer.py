@@ -15,9 +15,13 @@ which do not commute, end the batch: it is flushed first, then they are applied.
 
 Failures. A write that fails transiently is retried with the *same* documents (``_id`` is the tweet
 id, so a retry can only produce duplicates) with exponential back-off and jitter, forever; auth
-and configuration errors back off at the cap and set ``state`` to ``degraded: …``. Every MongoDB
-call runs on a helper thread while this thread keeps calling ``tick`` (the heartbeat) at least
-every 0.5 s.
+and configuration errors back off at the cap and set ``state`` to ``degraded: …``. A failed attempt
+may still have written documents (a writeConcernError, a connection lost before the reply): when a
+retry finds such an ``_id`` present, the stored document's ``_ingest.seq``/``conn`` tell whether
+that attempt wrote it (counted as stored) or another record did (a duplicate). A write that took
+``mongo.slow_write_seconds`` or longer is logged with what pymongo saw meanwhile, and counted.
+Every MongoDB call runs on a helper thread while this thread keeps calling ``tick`` (the
+heartbeat) at least every 0.5 s.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import structlog
 from bson.errors import InvalidDocument
 from bson.raw_bson import RawBSONDocument
 from pymongo.collection import Collection
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, PyMongoError
 
 from ingestd.deadletter import DeadLetterStore, MessageReason, Reason
 from ingestd.encoder import (
@@ -53,7 +57,7 @@ from ingestd.encoder import (
     received_at,
 )
 from ingestd.matching import Matcher
-from ingestd.messages import InvalidTweet, classify, parse_id
+from ingestd.messages import InvalidTweet, SkipReason, classify, parse_id
 from ingestd.metrics import (
     BATCH_SIZE_BUCKETS,
     INSERT_SECONDS_BUCKETS,
@@ -61,12 +65,15 @@ from ingestd.metrics import (
     Histogram,
 )
 from ingestd.mongo import (
+    DRIVER_EVENTS,
     DUPLICATE_KEY,
     Document,
     ErrorClass,
     classify_error,
     duplicate_on_id,
     ensure_indexes,
+    error_fields,
+    error_name,
     short_reason,
     write_error_summary,
 )
@@ -167,6 +174,12 @@ def _int_field(body: object, *names: str) -> int | None:
     return None
 
 
+def _written_from(ingest: object, record: Record) -> bool:
+    """Whether a stored document's ``_ingest`` says it was built from ``record``."""
+    return (isinstance(ingest, dict) and ingest.get("seq") == record.seq
+            and ingest.get("conn") == record.conn_id)
+
+
 def _json_failure(payload: bytes) -> MessageReason:
     try:
         payload.decode("utf-8")
@@ -240,6 +253,7 @@ class StoreWorker:
         self.deletes_applied = self.deleted_documents = self.control_rejected = 0
         self.batches = self.retries = self.last_batch_size = 0
         self.index_failures = self.match_errors = self.encoder_restarts = 0
+        self.slow_writes = 0  # MongoDB operations that took mongo.slow_write_seconds or longer
         self.offloaded = 0  # records encoded by the encoder child
         self.insert_seconds_total = 0.0
         self.state = "starting"
@@ -257,6 +271,7 @@ class StoreWorker:
         """Store until ``should_stop()``, then drain; True if the spool was drained and acked."""
         self._should_stop, self._tick, self._drain_deadline = should_stop, tick, drain_deadline
         self.state = "running"
+        self._log_notices(self._settings)
         try:
             while not should_stop():
                 self._step()
@@ -299,6 +314,7 @@ class StoreWorker:
             "insert_seconds_total": round(self.insert_seconds_total, 6),
             "insert_seconds": round(self.insert_seconds_total, 6),  # design.md name
             "retries": self.retries,
+            "slow_writes": self.slow_writes,
             "index_failures": self.index_failures,
             "match_errors": self.match_errors,
             "encoder_restarts": self.encoder_restarts,
@@ -674,7 +690,8 @@ class StoreWorker:
         keep = [i for i, tweet_id in enumerate(ids) if tweet_id not in tombstones]
         if len(keep) == len(docs):
             return docs, ids, records
-        _bump(self.skipped, "deleted", len(docs) - len(keep))
+        deleted: SkipReason = "deleted"
+        _bump(self.skipped, deleted, len(docs) - len(keep))
         return [docs[i] for i in keep], [ids[i] for i in keep], [records[i] for i in keep]
 
     def _insert(self, docs: list[RawBSONDocument], ids: list[int], records: list[Record]
@@ -682,12 +699,14 @@ class StoreWorker:
         """insert_many until every document is stored, a duplicate, or dead-lettered."""
         self.last_batch_size = len(docs)
         started = time.monotonic()
+        tried: set[int] = set()  # ids an earlier, failed attempt of this batch may have written
         while docs:
             try:
-                self._with_retry("insert", functools.partial(self._insert_many, docs))
+                self._with_retry("insert", functools.partial(self._insert_attempt, docs, ids,
+                                                             tried))
                 self.stored += len(docs)
             except BulkWriteError as exc:
-                self._resolve_bulk(exc, ids, records)
+                self._resolve_bulk(exc, ids, records, tried)
             except (InvalidDocument, OverflowError) as exc:
                 docs, ids, records = self._drop_unencodable(exc, docs, ids, records)
                 continue
@@ -698,6 +717,17 @@ class StoreWorker:
         self._observe_batch(len(records), elapsed, records)
         if not self._indexes_done:
             self._ensure_indexes()
+
+    def _insert_attempt(self, docs: list[RawBSONDocument], ids: list[int], tried: set[int]
+                        ) -> object:
+        """One insert_many; when it fails in a way that is retried, note the ids it may have
+        written anyway (a writeConcernError, a connection lost before the reply)."""
+        try:
+            return self._insert_many(docs)
+        except PyMongoError as exc:
+            if classify_error(exc) not in (ErrorClass.PER_DOCUMENT, ErrorClass.DUPLICATES_ONLY):
+                tried.update(ids)
+            raise
 
     def _insert_many(self, docs: list[RawBSONDocument]) -> object:
         # The collection is looked up at call time: a retry may have switched the Mongo target.
@@ -717,7 +747,8 @@ class StoreWorker:
                 "insert_seconds": self.hist_insert.as_dict(),
                 "store_latency_seconds": self.hist_latency.as_dict()}
 
-    def _resolve_bulk(self, exc: BulkWriteError, ids: list[int], records: list[Record]) -> None:
+    def _resolve_bulk(self, exc: BulkWriteError, ids: list[int], records: list[Record],
+                      tried: set[int]) -> None:
         """Sort a final BulkWriteError into stored, duplicates and dead letters (no retry)."""
         details = exc.details or {}
         self.stored += int(details.get("nInserted", 0))
@@ -726,33 +757,40 @@ class StoreWorker:
         for err in details.get("writeErrors", ()):
             index, code = int(err["index"]), int(err.get("code", 0))
             on_id = duplicate_on_id(err) if code == DUPLICATE_KEY else False
-            if on_id:
+            if on_id and ids[index] not in tried:
                 self.duplicates += 1
-            elif on_id is None:
+            elif on_id or on_id is None:
                 unsure.append(index)
             else:
                 rejected.append((index, code, short_reason(err)))
-        rejected += self._check_duplicates(unsure, ids)
+        rejected += self._check_duplicates(unsure, ids, records, tried)
         for index, code, reason in rejected:
             self._dead_letter("mongo_rejected", records[index], code=code, detail=reason)
         if rejected:
             log.error("insert_documents_rejected", errors=write_error_summary(exc)[:50],
                       ids=[ids[i] for i, _, _ in rejected][:50], count=len(rejected))
 
-    def _check_duplicates(self, indexes: list[int], ids: list[int]
-                          ) -> list[tuple[int, int, str]]:
-        """11000s whose index the server did not name: stored if the _id exists, else rejected."""
+    def _check_duplicates(self, indexes: list[int], ids: list[int], records: list[Record],
+                          tried: set[int]) -> list[tuple[int, int, str]]:
+        """11000s to look up: the server did not name the index, or an earlier attempt of this
+        batch may have written the document. Present and written from this very record (same
+        spool seq and connection): stored; present otherwise: a duplicate; absent: the key is
+        another unique index, rejected."""
         if not indexes:
             return []
         unsure = [ids[i] for i in indexes]
+        # The whole (small) ``_ingest``: the stand-in flattens dotted projections.
         found = self._with_retry("check duplicates", lambda: {
-            d["_id"] for d in self._collection.find({"_id": {"$in": unsure}}, {"_id": 1})})
+            d["_id"]: d.get("_ingest") for d in self._collection.find(
+                {"_id": {"$in": unsure}}, {"_id": 1, "_ingest": 1})})
         rejected = []
         for i in indexes:
-            if ids[i] in found:
-                self.duplicates += 1
-            else:
+            if ids[i] not in found:
                 rejected.append((i, DUPLICATE_KEY, "DuplicateKey on another unique index"))
+            elif ids[i] in tried and _written_from(found[ids[i]], records[i]):
+                self.stored += 1
+            else:
+                self.duplicates += 1
         return rejected
 
     def _drop_unencodable(self, exc: Exception, docs: list[RawBSONDocument], ids: list[int],
@@ -858,6 +896,7 @@ class StoreWorker:
             return
         old = self._settings
         self._settings = new
+        self._log_notices(new)
         if not self._encoder_wanted():
             self._stop_encoder()
         if new.mongo != old.mongo:
@@ -867,6 +906,12 @@ class StoreWorker:
             self._collection = self._factory(new.mongo)
             self._target_epoch += 1
             self._target_ready = self._indexes_done = False
+
+    @staticmethod
+    def _log_notices(settings: Settings) -> None:
+        """Settings keys that are accepted but do nothing: said once per load, never fatal."""
+        for notice in settings.mongo.notices:
+            log.warning("settings_key_ignored", detail=notice)
 
     @staticmethod
     def _matcher(settings: Settings) -> Matcher:
@@ -885,6 +930,7 @@ class StoreWorker:
         Failures classified per document or as duplicates are raised for the caller to sort out.
         """
         attempt = 0
+        started = time.monotonic()
         while True:
             # Only ``fn``'s own failure is MongoDB's: one raised by a tick (heartbeat, status file)
             # while waiting must propagate as itself, not be retried as a MongoDB error.
@@ -894,16 +940,36 @@ class StoreWorker:
             except Exception as exc:
                 cls = classify_error(exc)
                 if cls in (ErrorClass.PER_DOCUMENT, ErrorClass.DUPLICATES_ONLY):
+                    self._check_slow(what, started, attempt, exc)
                     raise
                 self._failed(what, exc, cls)
                 if not self._switch_failing_target():
                     self._backoff(attempt, cls)  # cut short if a reload brings a new target
                     attempt = 0 if self._switch_failing_target() else attempt + 1
                 continue
+            self._check_slow(what, started, attempt, None)
             if self.state.startswith("degraded"):
                 log.info("mongo_recovered", after_retries=attempt)
                 self.state = "draining" if self._should_stop() else "running"
             return result
+
+    def _check_slow(self, what: str, started: float, retries: int,
+                    exc: BaseException | None) -> None:
+        """Warn about (and count) an operation that took ``mongo.slow_write_seconds`` or more.
+
+        pymongo retries inside ``timeoutMS`` without raising, so an outage shorter than that
+        shows only as time: the warning names what pymongo saw meanwhile (failed commands,
+        cleared pools, servers lost) from its monitoring events.
+        """
+        elapsed = time.monotonic() - started
+        threshold = self._settings.mongo.slow_write_seconds
+        if elapsed < threshold:
+            return
+        self.slow_writes += 1
+        log.warning("mongo_write_slow", op=what, seconds=round(elapsed, 3), threshold=threshold,
+                    retries=retries, outcome="ok" if exc is None else error_name(exc),
+                    causes=DRIVER_EVENTS.since(started) or ["none reported by pymongo"],
+                    slow_writes=self.slow_writes)
 
     def _call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the helper thread, ticking here while it is in flight."""
@@ -920,17 +986,17 @@ class StoreWorker:
             self._check_give_up()
 
     def _failed(self, what: str, exc: BaseException, cls: ErrorClass) -> None:
-        code = getattr(exc, "code", None)
-        name = type(exc).__name__ + (f" code {code}" if isinstance(code, int) else "")
+        name = error_name(exc)
         self.last_error = f"{what}: {name}"
         if cls is ErrorClass.FATAL_CONFIG:
             self.state = f"degraded: mongo rejects our configuration ({name})"
         else:
             self.state = f"degraded: mongo unavailable ({name})"
         self.retries += 1
-        # Type and code only: messages of write errors can quote document contents.
-        log.error("mongo_write_failed", op=what, error=name, error_class=cls.value,
-                  retries=self.retries)
+        # What the server said (codes, names, messages, errInfo); write errors by code only:
+        # their messages can quote document contents.
+        log.error("mongo_write_failed", op=what, error_class=cls.value, retries=self.retries,
+                  **error_fields(exc))
 
     def _backoff(self, attempt: int, cls: ErrorClass) -> None:
         ws = self._settings.writer

@@ -101,7 +101,7 @@ def test_no_secret_reaches_logs_files_metrics_or_process_listings(
                         "MONGO_URI": f"mongodb://ingest:{mongo_pw}@127.0.0.1:9/"})
     doc = settings_doc(sim.url, "${MONGO_URI}", mongo_database,
                        metrics={"listen": "127.0.0.1:0"})
-    doc["mongo"].update(server_selection_timeout_ms=300, timeout_ms=1000)
+    doc["mongo"].update(timeout_ms=1000)
     doc["control"]["stop_timeout"] = 2
     daemon = CredentialDaemon(tmp_path / "daemon", doc, creds)
     good_settings = daemon.config.read_text()

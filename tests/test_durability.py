@@ -119,7 +119,7 @@ def durable_doc(sim: SimProcess, uri: str, **sections: Any) -> dict[str, Any]:
     # Quick retries so recovery is seen soon after MongoDB returns (the cap bounds the wait).
     # Product-default batches (the helper's 200 makes a backlog drain slower on the stand-in).
     doc["writer"].update(batch_size=1000, retry_start=0.2, retry_cap=2.0)
-    doc["mongo"].update(server_selection_timeout_ms=1500, timeout_ms=5000)
+    doc["mongo"].update(timeout_ms=5000)
     return doc
 
 

@@ -173,7 +173,7 @@ def test_in_flight_and_health_while_mongo_is_down(tmp_path: Path) -> None:
     # Nothing listens on port 9 (discard) on loopback: every write fails, nothing is acked.
     doc = settings_doc(sim.url, "mongodb://127.0.0.1:9/?connectTimeoutMS=300", "down",
                        metrics={"listen": "127.0.0.1:0"})
-    doc["mongo"].update(server_selection_timeout_ms=300, timeout_ms=1000)
+    doc["mongo"].update(timeout_ms=1000)
     doc["control"]["stop_timeout"] = 2  # the store gives up draining (spool keeps it) quickly
     daemon = Daemon(tmp_path / "daemon", doc).start()
     try:

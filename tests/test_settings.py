@@ -92,6 +92,33 @@ def test_shipped_settings_yaml_validates_and_documents_the_real_defaults() -> No
         assert getattr(s, name) == getattr(minimal, name), name
     assert s.mongo.write_concern == minimal.mongo.write_concern
     assert s.mongo.timeout_ms == minimal.mongo.timeout_ms
+    assert s.mongo.slow_write_seconds == minimal.mongo.slow_write_seconds
+    assert s.mongo.notices == (), "the shipped example uses no retired key"
+
+
+# ---------------------------------------------------------------- retired and slow-write keys
+
+
+def test_retired_server_selection_timeout_is_a_notice_naming_file_key_and_replacement() -> None:
+    # It never bounded a write (pymongo uses timeoutMS for server selection once that is set):
+    # accepted so an old file still starts and reloads, but said plainly.
+    s = load(doc(mongo={"server_selection_timeout_ms": 5000}))
+    (notice,) = s.mongo.notices
+    assert str(FILE) in notice
+    assert "mongo.server_selection_timeout_ms" in notice and "ignored" in notice
+    assert "use mongo.timeout_ms" in notice
+    assert not hasattr(s.mongo, "server_selection_timeout_ms")
+    # The notice is not part of the target: removing the key on reload is not a new target.
+    assert s.mongo == load(BASE).mongo
+
+
+def test_slow_write_threshold_is_a_positive_number() -> None:
+    assert load(doc(mongo={"slow_write_seconds": 0.25})).mongo.slow_write_seconds == 0.25
+    assert load(BASE).mongo.slow_write_seconds == 10.0
+    assert "must be > 0" in error_at(doc(mongo={"slow_write_seconds": 0}),
+                                     "mongo.slow_write_seconds")
+    assert "must be a number" in error_at(doc(mongo={"slow_write_seconds": "10s"}),
+                                          "mongo.slow_write_seconds")
 
 
 def test_minimal_file_gives_defaults_as_tuples() -> None:

@@ -118,6 +118,15 @@ def test_check_valid_settings(tmp_path: Path, mongo_uri: str) -> None:
     assert "settings OK" in result.stdout and "analytics.tweets" in result.stdout
 
 
+def test_check_warns_about_a_retired_key(tmp_path: Path, mongo_uri: str) -> None:
+    doc = settings_doc("http://127.0.0.1:9/1.1/statuses/filter.json", mongo_uri, "x")
+    doc["mongo"]["server_selection_timeout_ms"] = 5000
+    config = write_settings(tmp_path / "settings.yaml", doc)
+    result = ingestd("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {config}: mongo.server_selection_timeout_ms" in result.stdout
+
+
 def test_check_invalid_settings_names_file_key_and_reason(tmp_path: Path, mongo_uri: str) -> None:
     doc = settings_doc("http://127.0.0.1:9/1.1/statuses/filter.json", mongo_uri, "x")
     doc["writer"]["batch_size"] = -5
@@ -178,8 +187,7 @@ def test_check_online_skewed_clock(tmp_path: Path, strict_sim: SimProcess,
 
 
 def test_check_online_mongo_unreachable(tmp_path: Path, strict_sim: SimProcess) -> None:
-    config = online_config(tmp_path, strict_sim.url, "mongodb://127.0.0.1:9/",
-                           server_selection_timeout_ms=500, timeout_ms=1000)
+    config = online_config(tmp_path, strict_sim.url, "mongodb://127.0.0.1:9/", timeout_ms=1000)
     result = ingestd("check", "--online", "--config", str(config))
     assert result.returncode == 1
     line = next(ln for ln in result.stdout.splitlines() if ln.startswith("mongo"))

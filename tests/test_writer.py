@@ -3,6 +3,7 @@ classifier on real pymongo exception objects."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -84,13 +85,13 @@ def tweet(tweet_id: int, user_id: int = 7, **extra: Any) -> bytes:
 
 def make_settings(uri: str, database: str, *, collection: str = "tweets", batch_size: int = 100,
                   apply_deletes: bool = True, track: tuple[str, ...] = ("beatles",),
-                  server_selection_ms: int = 2000, timeout_ms: int = 10000) -> Settings:
+                  timeout_ms: int = 10000, slow_write_seconds: float = 10.0) -> Settings:
     return Settings(
         path=Path("/nonexistent/settings.yaml"), state_dir=Path("/nonexistent/state"),
         stream=StreamSettings(url="http://127.0.0.1:1/1.1/statuses/filter.json", track=track),
         auth=AuthSettings(Secret("a"), Secret("b"), Secret("c"), Secret("d")),
         mongo=MongoSettings(uri=Secret(uri), database=database, collection=collection,
-                            timeout_ms=timeout_ms, server_selection_timeout_ms=server_selection_ms),
+                            timeout_ms=timeout_ms, slow_write_seconds=slow_write_seconds),
         writer=WriterSettings(batch_size=batch_size, flush_interval=0.05,
                               apply_deletes=apply_deletes, retry_start=0.05, retry_cap=0.4),
         spool=SpoolSettings(), deadletter=DeadletterSettings(), control=ControlSettings(),
@@ -467,6 +468,36 @@ def test_document_over_the_servers_limit_is_dead_lettered_rest_stored(
     assert (entry["reason"], entry["detail"]) == ("unencodable", "DocumentTooLarge")
 
 
+def test_retry_after_an_unknown_outcome_tells_its_own_documents_from_true_duplicates(
+        harness_factory: Callable[..., Harness], client: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Batch 2 holds a tweet already stored by batch 1 (a true duplicate) and a new one. Its first
+    # attempt is applied by the server but the reply is lost: the retry finds both ids present.
+    h = harness_factory(batch_size=2)
+    real_insert_many = h.worker._insert_many
+    calls: list[int] = []
+
+    def insert_many(docs: list[Any]) -> object:
+        calls.append(len(docs))
+        if len(calls) == 2:
+            with contextlib.suppress(BulkWriteError):
+                real_insert_many(docs)
+            raise AutoReconnect("connection reset before the reply")
+        return real_insert_many(docs)
+
+    monkeypatch.setattr(h.worker, "_insert_many", insert_many)
+    h.spool.add(tweet(SNOW + 1))
+    h.spool.add(tweet(SNOW + 2))
+    h.spool.add(tweet(SNOW + 1))  # the stream delivered it again
+    h.spool.add(tweet(SNOW + 3))
+    h.drain()
+    assert len(calls) == 3
+    assert sorted(d["_id"] for d in client.tweets.find()) == [SNOW + 1, SNOW + 2, SNOW + 3]
+    c = h.worker.counters()
+    assert (c["stored"], c["duplicates"]) == (3, 1), c
+    assert reconciles(c)
+
+
 # ---------------------------------------------------------------- outages
 
 
@@ -485,7 +516,7 @@ def test_outage_retries_same_batch_and_acks_only_stored(
 
     spool.on_ack = on_ack
     h = Harness(make_settings(mongo_standin.uri, database, batch_size=20,
-                              server_selection_ms=300, timeout_ms=2000), tmp_path / "dead", spool)
+                              timeout_ms=2000), tmp_path / "dead", spool)
     stop = threading.Event()
     result: list[bool] = []
     thread = threading.Thread(target=lambda: result.append(
@@ -519,8 +550,7 @@ def test_outage_retries_same_batch_and_acks_only_stored(
 
 def test_stop_while_mongo_down_gives_up_at_deadline_without_ack(
         mongo_standin: MongoStandIn, tmp_path: Path) -> None:
-    h = Harness(make_settings(mongo_standin.uri, "down", server_selection_ms=200,
-                              timeout_ms=1000), tmp_path / "dead")
+    h = Harness(make_settings(mongo_standin.uri, "down", timeout_ms=1000), tmp_path / "dead")
     mongo_standin.stop()
     h.spool.add(tweet(SNOW + 1))
     assert h.drain(deadline=time.monotonic() + 1.0) is False
@@ -616,17 +646,18 @@ def test_write_error_summary_never_includes_the_document() -> None:
 
 
 def test_make_client_applies_write_concern_and_timeouts(mongo_uri: str) -> None:
-    from ingestd.mongo import make_client
+    from ingestd.mongo import DRIVER_EVENTS, make_client
     from ingestd.settings import WriteConcernSettings
 
     mongo = MongoSettings(uri=Secret(mongo_uri),
-                          write_concern=WriteConcernSettings("majority", True),
-                          timeout_ms=4321, server_selection_timeout_ms=1234)
+                          write_concern=WriteConcernSettings("majority", True), timeout_ms=4321)
     client = make_client(mongo)
     try:
         assert client.write_concern.document == {"w": "majority", "j": True}
+        # timeoutMS bounds the whole operation, server selection included.
         assert client.options.timeout == pytest.approx(4.321)
-        assert client.options.server_selection_timeout == pytest.approx(1.234)
+        # The slow-write warning's causes come from these listeners.
+        assert DRIVER_EVENTS in client.options.event_listeners
         coll = client["db"]["tweets"]
         assert coll.write_concern.document == {"w": "majority", "j": True}
     finally:

@@ -29,7 +29,7 @@ def settings_doc(sim_url: str, mongo_uri: str, database: str, **sections: Any) -
         },
         "auth": {k.lower().removeprefix("twitter_"): f"${{{k}}}" for k in CREDS},
         "mongo": {"uri": mongo_uri, "database": database, "collection": "tweets",
-                  "server_selection_timeout_ms": 3000, "timeout_ms": 10000},
+                  "timeout_ms": 10000},
         "writer": {"batch_size": 200, "flush_interval": 0.2},
         "control": {"stop_timeout": 10, "heartbeat_timeout": 10},
         "metrics": {"listen": None},
