@@ -81,7 +81,8 @@ def test_labelled_counters_have_every_known_series_at_zero_before_any_event(
     assert {"invalid_json", "invalid_utf8", "mongo_rejected"} <= set(
         known["ingestd_messages_deadlettered_total"])
     assert set(known["ingestd_worker_restarts_total"]) == {"stream", "store"}
-    assert {"spool_full", "disk_error"} == set(known["ingestd_messages_dropped_total"])
+    assert {"spool_full", "disk_error", "cut_by_disconnect"} == set(
+        known["ingestd_messages_dropped_total"])
     assert {"network", "stall", "http"} <= set(known["ingestd_stream_reconnects_total"])
     for name, values in known.items():
         label = LABEL.get(name, "reason")
