@@ -94,3 +94,10 @@ def test_promtool_unit_tests_catch_a_wrong_threshold(tmp_path: Path) -> None:
     result = promtool("test", "rules", tmp_path / ALERT_TESTS.name)
     assert result.returncode != 0, result.stdout
     assert "alertname: IngestdWorkerRestarting" in result.stdout + result.stderr
+
+
+def test_the_readme_lists_every_alert_with_its_severity() -> None:
+    readme = (ALERT_RULES.parents[2] / "README.md").read_text()
+    section = readme.split("## Monitoring", 1)[1].split("\n## ", 1)[0]
+    rows = {m[0]: m[1] for m in re.findall(r"^\| `(\w+)` \| (\w+) \|", section, re.M)}
+    assert rows == {r["alert"]: r["labels"]["severity"] for r in alert_rules()}
