@@ -8,15 +8,21 @@
     finally:
         prom.stop()
 
-Debian's ``prometheus`` package (``/usr/bin/prometheus``). Without it the test is skipped, except
-under ``CI=true``, where CI installs it and a missing binary fails the test. ``rule_files`` are
-loaded with the configuration (alert-rule tests read them back with ``rules()``/``alerts()``).
+Debian's ``prometheus`` package (``/usr/bin/prometheus``, ``/usr/bin/promtool``). Without it the
+test is skipped, except under ``CI=true``, where CI installs it and a missing binary fails the test.
+``rule_files`` are loaded with the configuration (alert-rule tests read them back with
+``rules()``/``alerts()``).
+
+The shipped operators' kit is read here too: ``alert_rules()`` (deploy/prometheus/),
+``dashboard_queries()`` and ``grafana_expr()`` (deploy/grafana/, with Grafana's variables replaced
+by concrete values so Prometheus can run the queries), ``metric_names()`` (what a query reads).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,7 +30,7 @@ import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,14 +42,18 @@ from tests.support.wait import wait_until
 
 BINARY = "prometheus"
 START_TRIES = 3  # a free port picked here may be taken before Prometheus binds it
+REPO = Path(__file__).resolve().parents[2]
+ALERT_RULES = REPO / "deploy" / "prometheus" / "ingestd-alerts.yml"
+ALERT_TESTS = REPO / "deploy" / "prometheus" / "ingestd-alerts.test.yml"
+DASHBOARD = REPO / "deploy" / "grafana" / "ingestd.json"
 
 
-def find_binary() -> str:
-    """The prometheus binary; skips the test if absent (fails it under CI=true)."""
-    path = shutil.which(BINARY) or ("/usr/bin/prometheus"
-                                    if os.access("/usr/bin/prometheus", os.X_OK) else None)
+def find_binary(name: str = BINARY) -> str:
+    """``prometheus`` or ``promtool``; skips the test if absent (fails it under CI=true)."""
+    fallback = f"/usr/bin/{name}"
+    path = shutil.which(name) or (fallback if os.access(fallback, os.X_OK) else None)
     if path is None:
-        note = "prometheus is not installed (Debian package `prometheus`)"
+        note = f"{name} is not installed (Debian package `prometheus`)"
         if os.environ.get("CI") == "true":
             pytest.fail(f"{note}; CI must install it")
         pytest.skip(note)
@@ -200,3 +210,86 @@ def wait_scraped_since(prom: Prometheus, since: float, timeout: float = 30.0) ->
     """Until Prometheus holds a sample of its target newer than ``since`` (Unix time)."""
     prom.wait_value(f'timestamp(up{{job="{prom.job}"}}) > {since:.3f}', timeout,
                     "a scrape after the event")
+
+
+def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run ``promtool`` (skipping the test if absent) and return its result, never raising."""
+    return subprocess.run([find_binary("promtool"), *map(str, args)], capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+# -- the operators' kit (deploy/) ------------------------------------------------------------------
+
+
+def alert_rules(path: Path = ALERT_RULES) -> list[dict[str, Any]]:
+    """Every alerting rule of a rules file, in file order."""
+    doc = yaml.safe_load(path.read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+@dataclass(frozen=True)
+class PanelQuery:
+    """One query of a dashboard panel, as written in the JSON (Grafana variables included)."""
+
+    panel: str
+    ref: str
+    expr: str
+    legend: str
+
+
+def _panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Panels, with those inside collapsed rows."""
+    found = []
+    for panel in panels:
+        found.append(panel)
+        found.extend(_panels(panel.get("panels", [])))
+    return found
+
+
+def dashboard_panels(path: Path = DASHBOARD) -> list[dict[str, Any]]:
+    return _panels(json.loads(path.read_text())["panels"])
+
+
+def dashboard_queries(path: Path = DASHBOARD) -> list[PanelQuery]:
+    return [PanelQuery(panel["title"], t["refId"], t["expr"], t.get("legendFormat", ""))
+            for panel in dashboard_panels(path) for t in panel.get("targets", [])]
+
+
+GRAFANA_VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\[\[(\w+)\]\]|\$(\w+)")
+
+
+def grafana_variables(expr: str) -> set[str]:
+    """Names of the Grafana variables a query uses (``$x``, ``${x}``, ``${x:fmt}``, ``[[x]]``)."""
+    return {next(g for g in m.groups() if g) for m in GRAFANA_VARIABLE.finditer(expr)}
+
+
+def grafana_expr(expr: str, values: Mapping[str, str]) -> str:
+    """``expr`` as Grafana would send it, every variable replaced; an unknown one fails."""
+    def sub(match: re.Match[str]) -> str:
+        name = next(g for g in match.groups() if g)
+        if name not in values:
+            raise AssertionError(f"{expr}: no value for Grafana variable ${name}")
+        return values[name]
+    return GRAFANA_VARIABLE.sub(sub, expr)
+
+
+# Every series ingestd exports starts with one of these; ``up`` is Prometheus' own.
+METRIC_NAME = re.compile(r"\b(?:ingestd|process)_[a-z_]+\b|\bup\b(?=\s*[{\[)=])")
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (``ingestd_*``, ``process_*``, ``up``)."""
+    return set(METRIC_NAME.findall(expr))
+
+
+def describe(samples: Sequence[Sample], limit: int = 4) -> str:
+    """A one-line account of a query's answer, for the tables tests print."""
+    if not samples:
+        return "(no data)"
+    parts = []
+    for s in samples[:limit]:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())
+                          if k not in ("job", "instance", "__name__"))
+        parts.append(f"{{{labels}}} {s.value:.6g}" if labels else f"{s.value:.6g}")
+    more = f" (+{len(samples) - limit} more)" if len(samples) > limit else ""
+    return f"{len(samples)} series: " + "; ".join(parts) + more
