@@ -1,8 +1,9 @@
 """The shipped systemd unit: ``systemd-analyze verify`` finds nothing, and the exposure is ≤ 2.0.
 
-``systemd-analyze`` comes with Debian's ``systemd`` package (``make systemd-tools`` installs it:
-``apt-get install -y systemd``). The unit's ``ExecStart=`` binary must exist for ``verify``, so the
-test checks a copy whose ``/usr/local/bin/ingestd`` points at a temporary executable.
+``systemd-analyze`` comes with Debian's ``systemd`` package (``apt-get install -y systemd``; CI's
+``.ci/run`` installs it; ``make test`` installs nothing and this module is skipped without it).
+The unit's ``ExecStart=`` binary must exist for ``verify``, so the test checks a copy whose
+``/usr/local/bin/ingestd`` points at a temporary executable.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ MAX_EXPOSURE = 2.0
 ANALYZE = shutil.which("systemd-analyze")
 pytestmark = pytest.mark.skipif(
     ANALYZE is None,
-    reason="systemd-analyze not installed (apt-get install -y systemd, or `make systemd-tools`)",
+    reason="systemd-analyze not found: install Debian's systemd package (apt-get install -y "
+           "systemd) to verify the shipped unit",
 )
 
 
