@@ -37,7 +37,7 @@ def source_tree() -> Path:
 
 
 @pytest.fixture(scope="module", params=list(RELEASES), ids=list(RELEASES))
-def deployment(request: pytest.FixtureRequest, mongo_uri: str) -> Iterator[Deployment]:
+def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
     missing = missing_prerequisites()
     if missing:
         note = (f"needs {', '.join(missing)} (as root: apt-get install -y systemd-container "
@@ -48,7 +48,8 @@ def deployment(request: pytest.FixtureRequest, mongo_uri: str) -> Iterator[Deplo
     release = RELEASES[request.param]
     started = time.monotonic()
     workdir = scratch_dir()
-    dep = Deployment(release, source_tree(), workdir, mongo_uri)
+    # Only now the Mongo stand-in (tests/support/mongo.py): a skip should not start servers.
+    dep = Deployment(release, source_tree(), workdir, request.getfixturevalue("mongo_uri"))
     try:
         try:
             dep.start()
@@ -63,11 +64,12 @@ def deployment(request: pytest.FixtureRequest, mongo_uri: str) -> Iterator[Deplo
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None]:
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+        item: pytest.Item, call: pytest.CallInfo[None],
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """Attach the unit's journal to every failure, so a red CI run is diagnosable."""
-    outcome = yield
-    report = outcome.get_result()
+    report = yield
     dep = getattr(item, "funcargs", {}).get("deployment")
     if report.failed and isinstance(dep, Deployment) and dep.box is not None:
         try:
@@ -75,6 +77,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         except Exception as exc:  # the journal is a diagnostic: never mask the real failure
             journal = f"(journal unavailable: {exc})"
         report.sections.append((f"journalctl -u ingestd ({dep.release})", journal[-20000:]))
+    return report
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -72,6 +72,7 @@ class Deployment:
         root = fresh_copy(base, self.workdir)
         self.timings["copy"] = time.monotonic() - started
         self.sim.start()
+        # pip's HTTP cache survives runs (when the index's responses may be cached).
         pip_cache = CACHE / "pip"
         pip_cache.mkdir(parents=True, exist_ok=True)
         # Read-only source, but `pip install /src` writes ingestd.egg-info into the tree: an
@@ -131,12 +132,12 @@ class Deployment:
         return result.returncode, result.stdout + result.stderr
 
     def wait_active(self, timeout: float = 60.0) -> dict[str, str]:
-        def active() -> dict[str, str] | None:
+        def active() -> dict[str, str]:
             props = self.show("ActiveState", "SubState", "MainPID", "StatusText", "Result")
             if props["ActiveState"] == "failed":
                 raise AssertionError(f"unit failed: {props}")
             ok = props["ActiveState"] == "active" and props["SubState"] == "running"
-            return props if ok else None
+            return props if ok else {}
         return wait_until(active, timeout, "ingestd.service active (running)", interval=0.2)
 
     # -- the daemon's run state and output ---------------------------------------------------
@@ -166,10 +167,10 @@ class Deployment:
 
     def wait_stored(self, timeout: float = 60.0) -> set[int]:
         """Until the collection holds every tweet delivered so far, minus the deleted ones."""
-        def caught_up() -> set[int] | None:
+        def caught_up() -> set[int]:
             truth = self.sim.ground_truth()
             want = set(truth.tweet_ids()) - set(truth.deleted_ids())
-            return want if want and set(self.stored_ids()) == want else None
+            return want if want and set(self.stored_ids()) == want else set()
         return wait_until(caught_up, timeout, "every delivered tweet to be stored", interval=0.3)
 
     def connections(self) -> list[dict[str, Any]]:

@@ -92,6 +92,7 @@ def test_reload_with_new_keywords_applies_without_restart(deployment: Deployment
                last_track(deployment) == NEW_TRACK, 30,
                f"a new connection tracking {NEW_TRACK}")
     stored = deployment.wait_stored()
+    deployment.timings["reload"] = took
     print(f"\n[{deployment.release}] reload ok in {took:.2f}s; {len(stored)} tweets stored")
 
 
@@ -148,12 +149,14 @@ def test_a_hung_daemon_is_restarted_by_the_watchdog(deployment: Deployment) -> N
     conns = len(deployment.connections())
     # SIGSTOP freezes the supervisor: no more WATCHDOG=1 (WatchdogSec=10 via the test drop-in).
     deployment.box_.systemctl("kill", "--kill-whom=main", "--signal=SIGSTOP", UNIT)
+    started = time.monotonic()
 
     def restarted() -> bool:
         props = deployment.show("MainPID", "NRestarts", "ActiveState", "SubState")
         return (props["NRestarts"] != before["NRestarts"] and props["ActiveState"] == "active"
                 and props["SubState"] == "running" and props["MainPID"] != before["MainPID"])
     wait_until(restarted, 90, "systemd's watchdog to restart the hung daemon", interval=0.5)
+    deployment.timings["watchdog restart"] = time.monotonic() - started
     assert "watchdog" in deployment.journal().lower(), "the restart was not the watchdog's"
     wait_until(lambda: len(deployment.connections()) > conns, 30, "the restarted daemon's stream")
     deployment.wait_stored()
@@ -164,7 +167,7 @@ def test_stop_is_clean_and_fast(deployment: Deployment) -> None:
     deployment.wait_stored()
     started = time.monotonic()
     deployment.box_.systemctl("stop", UNIT)
-    took = time.monotonic() - started
+    took = deployment.timings["stop"] = time.monotonic() - started
     props = deployment.show("ActiveState", "Result", "ExecMainStatus")
     assert props["ActiveState"] == "inactive", props
     assert props["Result"] == "success", props
