@@ -1,0 +1,190 @@
+"""The shipped unit under a real systemd (Debian 12 / systemd 252 and Debian 13 / systemd 257).
+
+Each release gets one container, installed by the README's own lines; the tests below run in
+file order against it, as an operator would: start, inspect, reload (good, then broken), query
+status and metrics, survive a hang (watchdog), stop, and reconcile the collection against the
+simulator's ground truth. Run with ``make test-systemd`` (root, debootstrap, systemd-nspawn).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from tests.support.wait import wait_until
+from tests.systemd.deployment import CONFIG, UNIT, Deployment
+
+pytestmark = pytest.mark.systemd
+
+NEW_TRACK = ["ipad", "ipod", "macbook"]
+PROCESS_SERIES = ("process_resident_memory_bytes", "process_cpu_seconds_total",
+                  "process_open_fds")
+
+
+def last_track(dep: Deployment) -> list[str]:
+    conns = dep.connections()
+    assert conns, "the simulator saw no authenticated connection"
+    return list(conns[-1]["params"]["track"])
+
+
+def test_unit_is_active_via_ready(deployment: Deployment) -> None:
+    props = deployment.wait_active()
+    unit = deployment.show("Type", "NotifyAccess", "StatusText", "WatchdogUSec")
+    assert unit["Type"] == "notify" and unit["NotifyAccess"] == "main", unit
+    # Type=notify: "active" only after the supervisor's READY=1; STATUS= text comes from it too.
+    assert unit["StatusText"], f"no STATUS= text from the daemon: {props}"
+    print(f"\n[{deployment.release}] {props} watchdog={unit['WatchdogUSec']}")
+
+
+def test_daemon_processes_run_as_the_dynamic_user(deployment: Deployment) -> None:
+    box = deployment.box_
+    cgroup = deployment.show("ControlGroup")["ControlGroup"]
+    # /proc/PID/cgroup rather than cgroup.procs: the same on cgroup v1 (legacy hosts) and v2.
+    pids = box.run("sh", "-c", f"grep -l ':{cgroup}$' /proc/[0-9]*/cgroup", check=False,
+                   ).stdout.replace("/proc/", "").replace("/cgroup", "").split()
+    assert len(pids) >= 3, f"expected supervisor + 2 workers in {cgroup}, got {pids}"
+    uids = set()
+    for pid in pids:
+        status = box.run("cat", f"/proc/{pid}/status", check=False).stdout
+        uid_line = next((ln for ln in status.splitlines() if ln.startswith("Uid:")), "")
+        if uid_line:  # a process may have just exited
+            uids.update(uid_line.split()[1:])
+    assert uids and "0" not in uids, f"daemon uids {uids}"
+    assert len(uids) == 1, f"daemon processes run as several uids: {uids}"
+    uid = uids.pop()
+    unit = deployment.show("UID", "DynamicUser")
+    assert unit == {"UID": uid, "DynamicUser": "yes"}, f"processes run as {uid}; unit: {unit}"
+    # PID 1's own registry of dynamic users (libnss-systemd/userdbctl are not in a minimal root).
+    user = box.run("busctl", "call", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+                   "org.freedesktop.systemd1.Manager", "LookupDynamicUserByUID", "u", uid,
+                   check=False)
+    assert user.stdout.strip() == f's "{UNIT}"', (
+        f"uid {uid} does not resolve to the dynamic user: {user.stdout}{user.stderr}")
+
+
+def test_credentials_reach_the_daemon(deployment: Deployment) -> None:
+    stored = deployment.wait_stored()
+    attempts = deployment.sim.ground_truth().connections()
+    refused = [c for c in attempts if c["status"] in (401, 403)]
+    assert not refused, f"the simulator refused the daemon's OAuth: {refused}"
+    assert deployment.connections(), "no authenticated connection"
+    print(f"\n[{deployment.release}] stored {len(stored)} tweets over "
+          f"{len(deployment.connections())} authenticated connection(s)")
+
+
+def test_reload_with_new_keywords_applies_without_restart(deployment: Deployment) -> None:
+    deployment.wait_stored()
+    pid = deployment.main_pid()
+    before = len(deployment.connections())
+    doc = copy.deepcopy(deployment.doc)
+    doc["stream"]["track"] = NEW_TRACK
+    deployment.write_doc(doc)
+    started = time.monotonic()
+    code, output = deployment.reload()
+    took = time.monotonic() - started
+    assert code == 0, f"`systemctl reload {UNIT}` exited {code}:\n{output}"
+    assert deployment.main_pid() == pid, "the reload restarted the daemon"
+    wait_until(lambda: len(deployment.connections()) > before and
+               last_track(deployment) == NEW_TRACK, 30,
+               f"a new connection tracking {NEW_TRACK}")
+    stored = deployment.wait_stored()
+    deployment.timings["reload"] = took
+    print(f"\n[{deployment.release}] reload ok in {took:.2f}s; {len(stored)} tweets stored")
+
+
+def test_reload_of_a_broken_file_fails_and_keeps_the_old_settings(
+        deployment: Deployment) -> None:
+    pid = deployment.main_pid()
+    conns = deployment.connections()
+    old_track = last_track(deployment)
+    good = copy.deepcopy(deployment.doc)
+    broken = copy.deepcopy(good)
+    broken["writer"]["batch_size"] = "lots"
+    since = deployment.box_.run("date", "+@%s").stdout.strip()
+    deployment.write_settings(yaml.safe_dump(broken, sort_keys=False))
+    try:
+        code, output = deployment.reload()
+        assert code != 0, f"reload of a broken file exited 0:\n{output}"
+        assert deployment.wait_active()["MainPID"] == str(pid)
+        journal = deployment.box_.run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat",
+                                      f"--since={since}").stdout
+        lines = [ln for ln in journal.splitlines() if "writer.batch_size" in ln]
+        assert lines, f"the journal does not name the key path writer.batch_size:\n{journal}"
+        assert any(CONFIG in ln and "integer" in ln for ln in lines), (
+            f"the journal does not name the file and the reason:\n{lines}")
+        assert deployment.connections() == conns, "the broken file caused a reconnect"
+        assert last_track(deployment) == old_track
+        closed = {c.get("conn") for c in deployment.sim.ground_truth().closes()}
+        assert conns[-1].get("conn") not in closed, "the stream stopped after a rejected reload"
+    finally:
+        deployment.write_doc(good)  # the next start must find a valid file
+
+
+def test_status_from_a_root_shell_needs_no_secrets(deployment: Deployment) -> None:
+    code, output = deployment.run_in_root_shell(f"ingestd status --config {CONFIG}")
+    assert code == 0, f"`ingestd status --config {CONFIG}` (root, no TWITTER_*) exited {code}:\n" \
+                      f"{output}"
+
+
+def test_metrics_include_process_series(deployment: Deployment) -> None:
+    url = f"http://127.0.0.1:{deployment.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert "ingestd_tweets_stored_total" in samples, "not the daemon's /metrics"
+    missing = [name for name in PROCESS_SERIES if name not in samples]
+    assert not missing, f"/metrics has no {missing}"
+    assert samples["process_resident_memory_bytes"] > 0
+    assert samples["process_open_fds"] > 0
+
+
+def test_a_hung_daemon_is_restarted_by_the_watchdog(deployment: Deployment) -> None:
+    deployment.wait_stored()
+    before = deployment.show("MainPID", "NRestarts")
+    conns = len(deployment.connections())
+    # SIGSTOP freezes the supervisor: no more WATCHDOG=1 (WatchdogSec=10 via the test drop-in).
+    deployment.box_.systemctl("kill", "--kill-whom=main", "--signal=SIGSTOP", UNIT)
+    started = time.monotonic()
+
+    def restarted() -> bool:
+        props = deployment.show("MainPID", "NRestarts", "ActiveState", "SubState")
+        return (props["NRestarts"] != before["NRestarts"] and props["ActiveState"] == "active"
+                and props["SubState"] == "running" and props["MainPID"] != before["MainPID"])
+    wait_until(restarted, 90, "systemd's watchdog to restart the hung daemon", interval=0.5)
+    deployment.timings["watchdog restart"] = time.monotonic() - started
+    assert "Watchdog timeout" in deployment.journal(), "the restart was not the watchdog's"
+    wait_until(lambda: len(deployment.connections()) > conns, 30, "the restarted daemon's stream")
+    deployment.wait_stored()
+
+
+def test_stop_is_clean_and_fast(deployment: Deployment) -> None:
+    deployment.wait_active()
+    deployment.wait_stored()
+    started = time.monotonic()
+    deployment.box_.systemctl("stop", UNIT)
+    took = deployment.timings["stop"] = time.monotonic() - started
+    props = deployment.show("ActiveState", "Result", "ExecMainStatus")
+    assert props["ActiveState"] == "inactive", props
+    assert props["Result"] == "success", props
+    assert props["ExecMainStatus"] == "0", props
+    assert took < 15, f"stop took {took:.1f}s (control.stop_timeout is 10 s)"
+    print(f"\n[{deployment.release}] stop {took:.2f}s {props}")
+
+
+def test_every_delivered_tweet_is_stored_exactly_once(deployment: Deployment) -> None:
+    assert deployment.show("ActiveState")["ActiveState"] != "active", "runs after the stop test"
+    truth = deployment.sim.ground_truth()
+    delivered, deleted = set(truth.tweet_ids()), set(truth.deleted_ids())
+    ids = deployment.stored_ids()
+    assert len(ids) == len(set(ids)), "a tweet was stored twice"
+    assert set(ids) == delivered - deleted, (
+        f"stored ≠ delivered − deleted: missing {sorted(delivered - deleted - set(ids))[:20]}, "
+        f"extra {sorted(set(ids) - (delivered - deleted))[:20]}")
+    assert delivered & deleted, "the scenario should exercise deletes of stored tweets"
+    print(f"\n[{deployment.release}] delivered={len(delivered)} deleted={len(delivered & deleted)}"
+          f" stored={len(ids)} connections={len(deployment.connections())}")
