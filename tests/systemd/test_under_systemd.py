@@ -96,14 +96,25 @@ def test_reload_with_new_keywords_applies_without_restart(deployment: Deployment
     print(f"\n[{deployment.release}] reload ok in {took:.2f}s; {len(stored)} tweets stored")
 
 
+# (section, key, bad value, what the journal must say): a wrong type, which `ingestd reload`
+# refuses by itself; and a credential that does not exist, which only the daemon (the holder of
+# the unit's credentials) can find out.
+BROKEN = {
+    "wrong-type": ("writer", "batch_size", "lots", "integer"),
+    "missing-credential": ("auth", "consumer_key", "${NO_SUCH_CREDENTIAL}", "is not set"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
 def test_reload_of_a_broken_file_fails_and_keeps_the_old_settings(
-        deployment: Deployment) -> None:
+        deployment: Deployment, case: str) -> None:
+    section, key, value, reason = BROKEN[case]
     pid = deployment.main_pid()
     conns = deployment.connections()
     old_track = last_track(deployment)
     good = copy.deepcopy(deployment.doc)
     broken = copy.deepcopy(good)
-    broken["writer"]["batch_size"] = "lots"
+    broken[section][key] = value
     since = deployment.box_.run("date", "+@%s").stdout.strip()
     deployment.write_settings(yaml.safe_dump(broken, sort_keys=False))
     try:
@@ -112,9 +123,9 @@ def test_reload_of_a_broken_file_fails_and_keeps_the_old_settings(
         assert deployment.wait_active()["MainPID"] == str(pid)
         journal = deployment.box_.run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat",
                                       f"--since={since}").stdout
-        lines = [ln for ln in journal.splitlines() if "writer.batch_size" in ln]
-        assert lines, f"the journal does not name the key path writer.batch_size:\n{journal}"
-        assert any(CONFIG in ln and "integer" in ln for ln in lines), (
+        lines = [ln for ln in journal.splitlines() if f"{section}.{key}" in ln]
+        assert lines, f"the journal does not name the key path {section}.{key}:\n{journal}"
+        assert any(CONFIG in ln and reason in ln for ln in lines), (
             f"the journal does not name the file and the reason:\n{lines}")
         assert deployment.connections() == conns, "the broken file caused a reconnect"
         assert last_track(deployment) == old_track
@@ -128,6 +139,8 @@ def test_status_from_a_root_shell_needs_no_secrets(deployment: Deployment) -> No
     code, output = deployment.run_in_root_shell(f"ingestd status --config {CONFIG}")
     assert code == 0, f"`ingestd status --config {CONFIG}` (root, no TWITTER_*) exited {code}:\n" \
                       f"{output}"
+    assert output.startswith("ingestd: ok"), output
+    assert "state dir   /var/lib/ingestd" in output, output
 
 
 def test_metrics_include_process_series(deployment: Deployment) -> None:
