@@ -75,11 +75,9 @@ class Deployment:
         # pip's HTTP cache survives runs (when the index's responses may be cached).
         pip_cache = CACHE / "pip"
         pip_cache.mkdir(parents=True, exist_ok=True)
-        # Read-only source, but `pip install /src` writes ingestd.egg-info into the tree: an
-        # overlay whose upper layer lives in the run's folder keeps the host's tree untouched.
-        upper = self.workdir / "src-upper"
-        upper.mkdir()
-        self.box = Container(root, [f"--overlay={self.src}:{upper}:/src",
+        # Read-only: the README's `pip install /path/to/ingestd` must write nothing into the
+        # source tree (the build backend builds in a temporary folder).
+        self.box = Container(root, [f"--bind-ro={self.src}:/src",
                                     f"--bind={pip_cache}:/root/.cache/pip"],
                              self.workdir / "console.log")
         self._timed("boot", self.box.boot)

@@ -114,12 +114,17 @@ class Container:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT)
         self.pid1 = wait_until(self._init_pid, 30, "the container's PID 1 (systemd)")
-        # Until PID 1's bus is up, systemctl fails at once; then --wait blocks until booted.
-        state = wait_until(lambda: self.run("systemctl", "is-system-running", "--wait",
-                                            check=False, timeout=timeout).stdout.strip(),
-                           timeout, "the container's systemd to answer", interval=0.2)
+        # Until PID 1's bus is up, systemctl answers "offline" (or nothing) at once; then
+        # --wait blocks until the boot is done.
+        state = wait_until(lambda: self.system_state(timeout), timeout,
+                           "the container's systemd to answer", interval=0.2)
         assert state in ("running", "degraded"), f"container boot ended {state!r}"
         return self
+
+    def system_state(self, timeout: float) -> str | None:
+        state = self.run("systemctl", "is-system-running", "--wait", check=False,
+                         timeout=timeout).stdout.strip()
+        return None if state in ("", "offline") else state
 
     def _init_pid(self) -> int:
         assert self.proc is not None
