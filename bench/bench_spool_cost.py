@@ -8,7 +8,7 @@ dominate the figures):
   baseline  records handed over from a Python list (no spool at all)
   tmpfs     SpoolWriter.append → SpoolReader.read/ack on /dev/shm (CRC32C, checkpoints; fsync free)
   disk      the same on ``--dir`` (a real filesystem: fsync every 0.2 s, fsynced checkpoints)
-``--reference TREE`` also runs the spool cases with ``TREE/ingestd/spool.py`` (same StoreWorker),
+``--reference TREE`` also runs the spool cases with ``TREE``'s spool package (same StoreWorker),
 interleaved, best of ``--rounds``; ratios are against the baseline.
 """
 
@@ -29,9 +29,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ingestd import spool as this_spool
-from ingestd.deadletter import DeadLetterStore
-from ingestd.settings import (
+from ingestd.config.settings import (
     AuthSettings,
     ControlSettings,
     DeadletterSettings,
@@ -44,8 +42,10 @@ from ingestd.settings import (
     StreamSettings,
     WriterSettings,
 )
-from ingestd.spool import KIND_MESSAGE, Record
-from ingestd.writer import StoreWorker
+from ingestd.sink.deadletter import DeadLetterStore
+from ingestd.sink.worker import StoreWorker
+from ingestd.spool.log import KIND_MESSAGE, Record
+from ingestd.spool.log import log as this_spool
 
 TWEETS = Path(__file__).resolve().parents[1] / "ingestd" / "data" / "real_tweets.jsonl"
 PER_APPEND = 8  # messages per network read, roughly, at a few hundred tweets/s

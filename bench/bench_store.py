@@ -28,11 +28,11 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: v
 
 from bench.payload import build
 from bench.run import FOLLOW, LOCATIONS, TRACK, Blackhole
-from ingestd.deadletter import DeadLetterStore
-from ingestd.mongo import open_collection
-from ingestd.settings import load_settings_text
-from ingestd.spool import KIND_MESSAGE, SpoolReader, SpoolWriter
-from ingestd.writer import StoreWorker
+from ingestd.config.settings import load_settings_text
+from ingestd.sink.deadletter import DeadLetterStore
+from ingestd.sink.mongo import open_collection
+from ingestd.sink.worker import StoreWorker
+from ingestd.spool.log import KIND_MESSAGE, SpoolReader, SpoolWriter
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ingestd-bench"
 APPEND_BATCH = 4  # messages per spool append (what one 16 KB libcurl callback carries)

@@ -1,6 +1,6 @@
 """Differential check: ``Matcher.match`` against the token model it implements, on many inputs.
 
-``ingestd.matching.tweet_tokens`` spells out the matching model (the whole token set of a tweet);
+``ingestd.documents.matching.tweet_tokens`` spells out the matching model (a tweet's token set);
 ``Matcher`` finds the same hits without building that set (the fast path). This script compares
 the two on the real sample, on the benchmark payload's shapes and on random text full of edge
 cases (punctuation, ``#``/``@``, URLs, Unicode word characters and spaces, terms without any word
@@ -9,8 +9,8 @@ character), with track lists drawn from the tweets' own tokens so that hits are 
     .venv/bin/python bench/check_matching.py [--cases 20000] [--seed 7] [--reference FILE]
 
 ``--reference`` also compares with another implementation of ``matching.py`` (e.g. the previous
-version: ``git show HEAD:ingestd/matching.py > /tmp/m.py``), as the spec for ``track``, ``follow``
-and ``locations``. Exit status 1 on any difference.
+version: ``git show HEAD:ingestd/documents/matching.py > /tmp/m.py``), as the spec for
+``track``, ``follow`` and ``locations``. Exit status 1 on any difference.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ingestd.matching import Matched, Matcher, _term_keys, tweet_tokens
+from ingestd.documents.matching import Matched, Matcher, _term_keys, tweet_tokens
 
 DATA = Path(__file__).resolve().parents[1] / "ingestd" / "data" / "real_tweets.jsonl"
 ALPHABET = (

@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 import pycurl
 
-from ingestd.framing import LineFramer
+from ingestd.source.framing import LineFramer
 
 FORM = "track=twitter&stall_warnings=true"
 

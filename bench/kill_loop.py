@@ -253,7 +253,7 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=300)
     parser.add_argument("--mongo-uri", help="a real MongoDB (default: a private nx-27017)")
     args = parser.parse_args()
-    from ingestd.standin import StandIn
+    from ingestd.tools.standin import StandIn
 
     with tempfile.TemporaryDirectory(prefix="kill-loop-") as tmp:
         work = Path(tmp)

@@ -61,7 +61,7 @@ import pymongo
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.payload import Payload, PayloadServer, build
-from ingestd.matching import Matcher
+from ingestd.documents.matching import Matcher
 from tests.support.daemon import Daemon, settings_doc
 
 BENCH = Path(__file__).resolve().parent
@@ -139,7 +139,7 @@ def role_of(proc: psutil.Process) -> str:
         cmd = proc.cmdline()
     except psutil.Error:
         return "?"
-    if any("ingestd.encoder" in part for part in cmd):
+    if any("ingestd.documents.encoder" in part for part in cmd):
         return "encoder"
     return cmd[cmd.index("--role") + 1] if "--role" in cmd else "supervisor"
 
@@ -579,7 +579,7 @@ def run_overload(bench: Bench, rate: float, ack_delay: float, seconds: float,
 
 def run_standin(bench: Bench, tweets: int) -> dict[str, Any]:
     """The same daemon against the nx-27017 stand-in: stored == delivered, each exactly once."""
-    from ingestd.standin import StandIn
+    from ingestd.tools.standin import StandIn
 
     standin = StandIn(bench.workdir / "standin").start()
     workdir = bench.next_dir("ingestd-standin")

@@ -85,16 +85,16 @@ def build_worker_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ingestd.settings import check_mongo_uri_in_child
-    from ingestd.supervisor import run_supervisor
+    from ingestd.config.settings import check_mongo_uri_in_child
+    from ingestd.control.supervisor import run_supervisor
 
     check_mongo_uri_in_child()  # the supervisor never talks to MongoDB: keep pymongo out
     return run_supervisor(args.config)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from ingestd.settings import check_mongo_uri_in_child
-    from ingestd.workers import run_store_worker, run_stream_worker
+    from ingestd.config.settings import check_mongo_uri_in_child
+    from ingestd.control.worker import run_store_worker, run_stream_worker
 
     if args.role == "stream":
         check_mongo_uri_in_child()  # as for the supervisor; the store worker loads pymongo anyway
@@ -103,19 +103,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from ingestd.check import run_check
+    from ingestd.tools.check import run_check
 
     return run_check(args.config, online=args.online)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ingestd.status import run_status
+    from ingestd.control.status import run_status
 
     return run_status(args.config, as_json=args.json)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from ingestd.daemonctl import run_reload
+    from ingestd.control.daemonctl import run_reload
 
     return run_reload(args.config, pid=args.pid, timeout=args.timeout)
 
@@ -127,7 +127,7 @@ def cmd_simulate(argv: list[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ingestd.demo import run_demo
+    from ingestd.tools.demo import run_demo
 
     return run_demo(seconds=args.seconds, workdir=args.workdir)
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from ingestd.backoff import Backoff, Ending, Schedule
+from ingestd.source.backoff import Backoff, Ending, Schedule
 
 
 class FakeClock:

@@ -32,8 +32,8 @@ import pymongo
 import pytest
 import yaml
 
-from ingestd.settings import ConfigError, load_settings_text
-from ingestd.supervisor import Supervisor
+from ingestd.config.settings import ConfigError, load_settings_text
+from ingestd.control.supervisor import Supervisor
 from tests.support.creds import CREDS
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.simulator import GroundTruthLog, SimProcess

@@ -24,7 +24,7 @@ from typing import Any
 import pymongo
 import pytest
 
-from ingestd.matching import Matcher
+from ingestd.documents.matching import Matcher
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.mongo import ENV_URI
 from tests.support.simulator import SimProcess

@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ingestd.deadletter import RAW_CAP, DeadLetterStore
+from ingestd.sink.deadletter import RAW_CAP, DeadLetterStore
 
 
 def put(store: DeadLetterStore, raw: bytes, reason: str = "invalid_json", seq: int = 1) -> None:

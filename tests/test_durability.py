@@ -28,8 +28,8 @@ import pymongo
 import pytest
 
 from bench.kill_loop import KillLoop
-from ingestd.deadletter import DeadLetterStore
-from ingestd.spool import HEADER_SIZE, MAGIC, PREFIX_SIZE, list_segments
+from ingestd.sink.deadletter import DeadLetterStore
+from ingestd.spool.log import HEADER_SIZE, MAGIC, PREFIX_SIZE, list_segments
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.mongo import MongoStandIn
 from tests.support.simulator import GroundTruthLog, SimProcess
@@ -249,7 +249,7 @@ def encoder_child(daemon: Daemon) -> psutil.Process | None:
     store = psutil.Process(int(daemon.status("store")["pid"]))
     for child in store.children():
         with contextlib.suppress(psutil.Error):
-            if any("ingestd.encoder" in part for part in child.cmdline()):
+            if any("ingestd.documents.encoder" in part for part in child.cmdline()):
                 return child
     return None
 
@@ -305,7 +305,7 @@ class SpooledRecord:
 
 
 def scan_spool(spool: Path) -> list[SpooledRecord]:
-    """Every record in the spool, parsed independently of ``ingestd.spool`` (test oracle)."""
+    """Every record in the spool, parsed independently of ``ingestd.spool.log`` (test oracle)."""
     out = []
     for name in list_segments(spool):
         data = (spool / name).read_bytes()

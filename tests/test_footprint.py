@@ -18,15 +18,15 @@ import orjson
 import pytest
 import yaml
 
-from ingestd.settings import pymongo_uri_facts
+from ingestd.config.settings import pymongo_uri_facts
 from tests.support.creds import CREDS
 from tests.support.daemon import settings_doc
 
 MONGO = ("pymongo", "bson")
 # Loaded by the store worker only, or by tools (check --online, simulate, demo).
-NOT_IN_SUPERVISOR = (*MONGO, "pycurl", "oauthlib", "ingestd.simulator", "ingestd.writer")
+NOT_IN_SUPERVISOR = (*MONGO, "pycurl", "oauthlib", "ingestd.simulator", "ingestd.sink.worker")
 NOT_IN_STREAM = (*MONGO, "prometheus_client", "http.server", "ingestd.simulator",
-                 "ingestd.writer", "ingestd.metrics")
+                 "ingestd.sink.worker", "ingestd.control.metrics")
 NOT_IN_STORE = ("prometheus_client", "http.server", "ingestd.simulator")
 
 # Each role through its real entry point (``python -m ingestd run|worker``) up to where it would
@@ -35,15 +35,15 @@ NOT_IN_STORE = ("prometheus_client", "http.server", "ingestd.simulator")
 # a MongoDB: its module imports are enough to show it has pymongo.
 ENTRIES = {
     "supervisor": """
-        import ingestd.supervisor
-        ingestd.supervisor.Supervisor.run = lambda self: 0
+        import ingestd.control.supervisor
+        ingestd.control.supervisor.Supervisor.run = lambda self: 0
         assert main(["run", "--config", sys.argv[1]]) == 0
     """,
     "stream": """
         assert main(["worker", "--role", "stream", "--config", sys.argv[1]]) == 0
     """,
     "store": """
-        import ingestd.workers, ingestd.store_role
+        import ingestd.control.worker, ingestd.control.store_role
     """,
 }
 PROBE = """
@@ -108,7 +108,7 @@ def test_uri_verdict_from_the_child_equals_pymongo_in_process() -> None:
     """Without pymongo loaded, ``mongo.uri`` is judged by a child interpreter: same verdict."""
     done = python("""
         import sys, orjson
-        from ingestd.settings import check_mongo_uri_in_child, mongo_uri_facts
+        from ingestd.config.settings import check_mongo_uri_in_child, mongo_uri_facts
         check_mongo_uri_in_child()
         facts = [mongo_uri_facts(uri) for uri in orjson.loads(sys.argv[1])]
         assert "pymongo" not in sys.modules and "bson" not in sys.modules
@@ -125,7 +125,7 @@ def test_uri_child_runs_only_when_the_uri_changes(tmp_path: Path) -> None:
     done = python("""
         import subprocess, sys
         from pathlib import Path
-        from ingestd.settings import check_mongo_uri_in_child, load_settings
+        from ingestd.config.settings import check_mongo_uri_in_child, load_settings
         check_mongo_uri_in_child()
         calls = []
         real_run = subprocess.run
@@ -156,8 +156,8 @@ def test_reload_with_a_bad_uri_keeps_the_old_settings_without_loading_pymongo(
     done = python("""
         import sys
         from pathlib import Path
-        from ingestd.settings import check_mongo_uri_in_child, load_settings_text
-        from ingestd.supervisor import Supervisor
+        from ingestd.config.settings import check_mongo_uri_in_child, load_settings_text
+        from ingestd.control.supervisor import Supervisor
         check_mongo_uri_in_child()  # as `ingestd run` does
         config = Path(sys.argv[1])
         text = config.read_text()

@@ -8,7 +8,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingestd.framing import (
+from ingestd.source.framing import (
     HEAD_BYTES,
     MAX_LENGTH_LINE,
     BadFrame,

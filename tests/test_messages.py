@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingestd.matching import Matched
-from ingestd.messages import (
+from ingestd.documents.matching import Matched
+from ingestd.documents.messages import (
     SNOWFLAKE_MIN_ID,
     InvalidTweet,
     classify,

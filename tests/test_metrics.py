@@ -24,15 +24,15 @@ import pymongo
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingestd.metrics import (
+from ingestd.config.settings import SpoolSettings
+from ingestd.control.metrics import (
     BATCH_SIZE_BUCKETS,
     Histogram,
     RunStateCollector,
     known_labels,
 )
-from ingestd.procstats import ProcessCollector
-from ingestd.runstate import run_dir, write_status
-from ingestd.settings import SpoolSettings
+from ingestd.control.procstats import ProcessCollector
+from ingestd.control.runstate import run_dir, write_status
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until

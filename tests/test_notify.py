@@ -1,4 +1,4 @@
-"""``ingestd.notify`` against real AF_UNIX datagram sockets (path and abstract)."""
+"""``ingestd.control.notify`` against real AF_UNIX datagram sockets (path and abstract)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ingestd.notify import notify, reloading_message, watchdog_interval
+from ingestd.control.notify import notify, reloading_message, watchdog_interval
 
 
 @pytest.fixture

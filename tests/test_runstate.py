@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ingestd import runstate
+from ingestd.control import runstate
 
 
 def test_status_round_trip_and_padding(tmp_path: Path) -> None:

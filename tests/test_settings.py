@@ -11,7 +11,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingestd.settings import (
+from ingestd.config.settings import (
     EXIT_CONFIG,
     ConfigError,
     ConfigErrors,

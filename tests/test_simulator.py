@@ -19,7 +19,7 @@ import pycurl
 import pytest
 from oauthlib.oauth1 import Client  # type: ignore[import-untyped]
 
-from ingestd.matching import Matcher
+from ingestd.documents.matching import Matcher
 from ingestd.simulator.generator import TWITTER_EPOCH_MS
 from tests.support.creds import CREDS
 from tests.support.simulator import SimProcess

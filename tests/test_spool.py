@@ -26,7 +26,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from ingestd.spool import (
+from ingestd.spool.log import (
     CHECKPOINT,
     HEADER_SIZE,
     KIND_MESSAGE,
@@ -263,7 +263,7 @@ def test_writer_and_reader_in_separate_processes(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         from pathlib import Path
-        from ingestd.spool import SpoolWriter
+        from ingestd.spool.log import SpoolWriter
         w = SpoolWriter(Path({str(tmp_path)!r}), segment_bytes=20000, max_bytes=10**9,
                         max_records=10**9)
         for i in range(0, {n}, 4):
@@ -879,7 +879,7 @@ test_spool_model = SpoolMachine.TestCase
 def test_sink_coalesces_a_pass_into_one_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ingestd.workers import COALESCE_BYTES, SpoolSink
+    from ingestd.control.worker import COALESCE_BYTES, SpoolSink
 
     writer = make_writer(tmp_path)
     sink = SpoolSink(writer, drop=False)
@@ -910,7 +910,7 @@ def test_sink_coalesces_a_pass_into_one_write(
 def test_sink_disk_error_holds_or_drops_the_whole_pass(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drop: bool
 ) -> None:
-    from ingestd.workers import SpoolSink
+    from ingestd.control.worker import SpoolSink
 
     writer = make_writer(tmp_path)
     sink = SpoolSink(writer, drop=drop)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ingestd.settings import ConfigError
+from ingestd.config.settings import ConfigError
 from tests.support.creds import CREDS
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.simulator import SimProcess
@@ -231,8 +231,8 @@ def test_status_finds_the_units_state_folder_from_a_shell_without_secrets(
     """Under systemd, ``state_dir: null`` means $STATE_DIRECTORY, which a root shell lacks: the
     operator's commands look in the unit's folder when a daemon lives there, none next to the
     file, and resolve no `${NAME}` secret to do so."""
-    from ingestd import daemonctl, runstate
-    from ingestd.settings import load_settings
+    from ingestd.config.settings import load_settings
+    from ingestd.control import daemonctl, runstate
 
     config = tmp_path / "etc" / "settings.yaml"
     config.parent.mkdir()

@@ -25,8 +25,8 @@ import psutil
 import pytest
 import yaml
 
-from ingestd import runstate
-from ingestd.daemonctl import Verdict, read_verdict, supervisor_pid
+from ingestd.control import runstate
+from ingestd.control.daemonctl import Verdict, read_verdict, supervisor_pid
 from tests.support.wait import wait_until
 
 LAUNCHER = Path(__file__).parent / "support" / "supervisor_launcher.py"

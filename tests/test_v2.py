@@ -19,7 +19,7 @@ from typing import Any
 import pymongo
 import pytest
 
-from ingestd.messages import TWITTER_EPOCH_MS
+from ingestd.documents.messages import TWITTER_EPOCH_MS
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until

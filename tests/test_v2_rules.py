@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ingestd.settings import AuthSettings, Rule, Secret, StreamSettings
+from ingestd.config.settings import AuthSettings, Rule, Secret, StreamSettings
 from ingestd.simulator.v2_rules import RuleSyntaxError, TweetView, matches, parse_rule
-from ingestd.v2_rules import RulesClient, RulesError, ServerRule, diff_rules, sync_rules
+from ingestd.source.v2_rules import RulesClient, RulesError, ServerRule, diff_rules, sync_rules
 from tests.support.simulator import SimProcess
 
 TOKEN = "AAAAAAAAAAAAAAAAAAAAAtest-bearer-token-for-ingestd"

@@ -35,9 +35,7 @@ from pymongo.errors import (
     WTimeoutError,
 )
 
-from ingestd.deadletter import DeadLetterStore
-from ingestd.mongo import ErrorClass, classify_error, open_collection, write_error_summary
-from ingestd.settings import (
+from ingestd.config.settings import (
     AuthSettings,
     ControlSettings,
     DeadletterSettings,
@@ -50,7 +48,10 @@ from ingestd.settings import (
     StreamSettings,
     WriterSettings,
 )
-from ingestd.spool import (
+from ingestd.sink.deadletter import DeadLetterStore
+from ingestd.sink.mongo import ErrorClass, classify_error, open_collection, write_error_summary
+from ingestd.sink.worker import StoreWorker
+from ingestd.spool.log import (
     KIND_BADFRAME,
     KIND_MESSAGE,
     KIND_OVERSIZE,
@@ -59,7 +60,6 @@ from ingestd.spool import (
     SpoolReader,
     SpoolWriter,
 )
-from ingestd.writer import StoreWorker
 from tests.support.mongo import MongoStandIn
 from tests.support.wait import wait_until
 
@@ -646,8 +646,8 @@ def test_write_error_summary_never_includes_the_document() -> None:
 
 
 def test_make_client_applies_write_concern_and_timeouts(mongo_uri: str) -> None:
-    from ingestd.mongo import DRIVER_EVENTS, make_client
-    from ingestd.settings import WriteConcernSettings
+    from ingestd.config.settings import WriteConcernSettings
+    from ingestd.sink.mongo import DRIVER_EVENTS, make_client
 
     mongo = MongoSettings(uri=Secret(mongo_uri),
                           write_concern=WriteConcernSettings("majority", True), timeout_ms=4321)
@@ -712,7 +712,7 @@ def test_reload_switches_the_encoder_child_off_and_on(mongo_uri: str, mongo_data
 def test_batch_is_bounded_in_bytes_not_only_in_records(
         harness_factory: Callable[..., Harness], client: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import ingestd.writer as writer_module
+    import ingestd.sink.worker as writer_module
 
     payloads = [tweet(SNOW + i, filler="x" * 400) for i in range(60)]
     limit = 4 * len(payloads[0])

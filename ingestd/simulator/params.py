@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ingestd.matching import Box, Matcher
+from ingestd.documents.matching import Box, Matcher
 
 MAX_PHRASES = 400
 MAX_PHRASE_BYTES = 60

@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from ingestd.runstate import write_status
+from ingestd.control.runstate import write_status
 
 BEAT_INTERVAL = 0.2
 

@@ -21,7 +21,7 @@ import pymongo
 import pytest
 from pymongo.errors import PyMongoError
 
-from ingestd.standin import StandIn
+from ingestd.tools.standin import StandIn
 
 __all__ = [
     "ENV_URI",

@@ -18,8 +18,8 @@ from typing import Any
 import structlog
 import yaml
 
-from ingestd.settings import ConfigError
-from ingestd.supervisor import Supervisor
+from ingestd.config.settings import ConfigError
+from ingestd.control.supervisor import Supervisor
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
 

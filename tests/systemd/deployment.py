@@ -16,7 +16,7 @@ import orjson
 import pymongo
 import yaml
 
-from ingestd.standin import free_port
+from ingestd.tools.standin import free_port
 from tests.support.creds import CREDS
 from tests.support.simulator import SimProcess
 from tests.support.wait import wait_until

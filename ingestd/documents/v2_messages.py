@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from ingestd.messages import (
+from ingestd.documents.messages import (
     InvalidTweet,
     check_top_level_keys,
     created_at,

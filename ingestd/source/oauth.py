@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import urllib.parse
 
-from ingestd.settings import AuthSettings
+from ingestd.config.settings import AuthSettings
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 

@@ -2,12 +2,12 @@
 
 Parsing a tweet into Python objects and encoding it to BSON is most of the store worker's CPU
 (``bench/RESULTS.md``), and one process can use only one core. So the store worker keeps one
-*encoder process* (a child running ``ingestd.encoder.main``) and splits each read of the spool
-between it and itself: the child encodes the first part while the store worker encodes the rest,
-then the store worker applies all results in spool order. Ordering, batching, control messages,
-MongoDB and the spool checkpoint stay in the store worker; the child is a pure function of
-(payload, matcher) and holds no state that matters, so losing it loses nothing: its part is
-encoded again in-process and a new child is started.
+*encoder process* (a child running ``ingestd.documents.encoder.main``) and splits each read of
+the spool between it and itself: the child encodes the first part while the store worker
+encodes the rest, then the store worker applies all results in spool order. Ordering, batching,
+control messages, MongoDB and the spool checkpoint stay in the store worker; the child is a pure
+function of (payload, matcher) and holds no state that matters, so losing it loses nothing: its
+part is encoded again in-process and a new child is started.
 
 Only v1.1 tweets are encoded here. Anything else (control messages, v2, invalid JSON) comes back
 as ``PUNT`` and takes the store worker's usual path, so every dead-letter reason and counter has one
@@ -36,11 +36,11 @@ import bson
 import orjson
 from bson.errors import InvalidDocument
 
-from ingestd.matching import Box, Matched, Matcher
-from ingestd.messages import InvalidTweet, classify, tweet_document
+from ingestd.documents.matching import Box, Matched, Matcher
+from ingestd.documents.messages import InvalidTweet, classify, tweet_document
 
 if TYPE_CHECKING:  # the child process does not import the dead-letter store
-    from ingestd.deadletter import MessageReason
+    from ingestd.sink.deadletter import MessageReason
 
 MAX_BSON_SIZE = 16 * 1024 * 1024
 PIPE_BYTES = 1 << 20
@@ -145,8 +145,9 @@ class EncoderProcess:
 
     def __init__(self) -> None:
         self._proc = subprocess.Popen(
-            # Not ``-m``: anything pickled must name ``ingestd.encoder``, not ``__main__``.
-            [sys.executable, "-c", "import sys, ingestd.encoder as e; sys.exit(e.main())"],
+            # Not ``-m``: anything pickled must name this module, not ``__main__``.
+            [sys.executable, "-c",
+             "import sys, ingestd.documents.encoder as e; sys.exit(e.main())"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         assert self._proc.stdin is not None and self._proc.stdout is not None
         for pipe in (self._proc.stdin, self._proc.stdout):

@@ -22,7 +22,7 @@ import orjson
 import pymongo
 import yaml
 
-from ingestd.standin import StandIn
+from ingestd.tools.standin import StandIn
 
 DEMO_CREDS = {
     "TWITTER_CONSUMER_KEY": "demoConsumerKey0000000001",

@@ -47,7 +47,7 @@ class InvalidTweet(ValueError):
 
 
 class MatchedLike(Protocol):
-    """What ``ingestd.matching.Matched`` provides."""
+    """What ``ingestd.documents.matching.Matched`` provides."""
 
     @property
     def track(self) -> Sequence[str]: ...

@@ -1065,7 +1065,7 @@ def pymongo_uri_facts(uri: str) -> dict[str, Any]:
 # child interpreter instead. The URI goes over stdin (a command line is world-readable in /proc).
 _uri_check_in_child = False
 _URI_CHILD = ("import json, sys\n"
-              "from ingestd.settings import pymongo_uri_facts\n"
+              "from ingestd.config.settings import pymongo_uri_facts\n"
               "sys.stdout.write(json.dumps(pymongo_uri_facts(sys.stdin.read())))\n")
 _URI_CHILD_TIMEOUT = 60.0
 # The last verdict: a reload that keeps the URI spawns no child. One entry only, so an old

@@ -9,16 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ingestd.deadletter import DeadLetterStore
-from ingestd.mongo import open_collection
-from ingestd.runstate import write_status
-from ingestd.settings import Settings
-from ingestd.spool import SpoolReader
-from ingestd.workers import STATUS_INTERVAL, RateMeter, Ticker, reload_settings
-from ingestd.writer import StoreWorker
+from ingestd.config.settings import Settings
+from ingestd.control.runstate import write_status
+from ingestd.control.worker import STATUS_INTERVAL, RateMeter, Ticker, reload_settings
+from ingestd.sink.deadletter import DeadLetterStore
+from ingestd.sink.mongo import open_collection
+from ingestd.sink.worker import StoreWorker
+from ingestd.spool.log import SpoolReader
 
 if TYPE_CHECKING:
-    from ingestd.workers import ControlChannel, StopFlag
+    from ingestd.control.worker import ControlChannel, StopFlag
 
 log = structlog.get_logger("ingestd.store")
 

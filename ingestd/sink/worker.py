@@ -43,8 +43,14 @@ from bson.raw_bson import RawBSONDocument
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, PyMongoError
 
-from ingestd.deadletter import DeadLetterStore, MessageReason, Reason
-from ingestd.encoder import (
+from ingestd.config.settings import MongoSettings, Settings
+from ingestd.control.metrics import (
+    BATCH_SIZE_BUCKETS,
+    INSERT_SECONDS_BUCKETS,
+    LATENCY_SECONDS_BUCKETS,
+    Histogram,
+)
+from ingestd.documents.encoder import (
     DEAD,
     MAX_BSON_SIZE,
     PUNT,
@@ -56,15 +62,11 @@ from ingestd.encoder import (
     encode_tweet,
     received_at,
 )
-from ingestd.matching import Matcher
-from ingestd.messages import InvalidTweet, SkipReason, classify, parse_id
-from ingestd.metrics import (
-    BATCH_SIZE_BUCKETS,
-    INSERT_SECONDS_BUCKETS,
-    LATENCY_SECONDS_BUCKETS,
-    Histogram,
-)
-from ingestd.mongo import (
+from ingestd.documents.matching import Matcher
+from ingestd.documents.messages import InvalidTweet, SkipReason, classify, parse_id
+from ingestd.documents.v2_messages import V2_TWEET, v2_document, v2_kind
+from ingestd.sink.deadletter import DeadLetterStore, MessageReason, Reason
+from ingestd.sink.mongo import (
     DRIVER_EVENTS,
     DUPLICATE_KEY,
     Document,
@@ -77,11 +79,9 @@ from ingestd.mongo import (
     short_reason,
     write_error_summary,
 )
-from ingestd.settings import MongoSettings, Settings
-from ingestd.spool import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE, KIND_PARTIAL, Record
-from ingestd.v2_messages import V2_TWEET, v2_document, v2_kind
+from ingestd.spool.log import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE, KIND_PARTIAL, Record
 
-log = structlog.get_logger("ingestd.writer")
+log = structlog.get_logger("ingestd.sink.worker")
 
 T = TypeVar("T")
 CollectionFactory = Callable[[MongoSettings], Collection[Document]]
@@ -110,7 +110,7 @@ ENCODER_RESTART_INTERVAL = 10.0  # seconds between restarts of a lost encoder ch
 
 
 class SpoolSource(Protocol):
-    """What the writer needs from ``ingestd.spool.SpoolReader``."""
+    """What the writer needs from ``ingestd.spool.log.SpoolReader``."""
 
     def read(self, max_records: int, max_bytes: int) -> list[Record]: ...
     def wait_for_data(self, timeout: float) -> object: ...

@@ -22,16 +22,16 @@ import pycurl
 import structlog
 
 from ingestd import __version__
-from ingestd.backoff import Backoff, Ending, Schedule
-from ingestd.framing import BadFrame, LengthFramer, LineFramer, Oversize
-from ingestd.headers import parse_header_line
-from ingestd.oauth import encode_form, sign_request
-from ingestd.settings import AuthSettings, StreamSettings
-from ingestd.spool import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE, DropReason
-from ingestd.v2 import DIAGNOSE_401 as V2_DIAGNOSE_401
-from ingestd.v2 import stream_request as v2_stream_request
+from ingestd.config.settings import AuthSettings, StreamSettings
+from ingestd.source.backoff import Backoff, Ending, Schedule
+from ingestd.source.framing import BadFrame, LengthFramer, LineFramer, Oversize
+from ingestd.source.headers import parse_header_line
+from ingestd.source.oauth import encode_form, sign_request
+from ingestd.source.v2_request import DIAGNOSE_401 as V2_DIAGNOSE_401
+from ingestd.source.v2_request import stream_request as v2_stream_request
+from ingestd.spool.log import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE, DropReason
 
-log = structlog.get_logger("ingestd.reader")
+log = structlog.get_logger("ingestd.source.connection")
 
 TICK = 0.1  # seconds between checks of stop flag, stall timers and reloads
 ERROR_BODY_CAP = 4096

@@ -14,11 +14,11 @@ from pathlib import Path
 import certifi
 import pycurl
 
-from ingestd.headers import parse_header_line
+from ingestd.config.settings import EXIT_CONFIG, ConfigError, Settings, load_settings, secret_values
 from ingestd.logs import register_secret, scrub_text
-from ingestd.oauth import encode_form, sign_request
-from ingestd.reader import USER_AGENT, diagnose_401
-from ingestd.settings import EXIT_CONFIG, ConfigError, Settings, load_settings, secret_values
+from ingestd.source.connection import USER_AGENT, diagnose_401
+from ingestd.source.headers import parse_header_line
+from ingestd.source.oauth import encode_form, sign_request
 
 EXIT_ONLINE_FAILED = 1
 PROBE_SECONDS = 10
@@ -75,7 +75,7 @@ def summary(settings: Settings) -> str:
 
 def check_mongo(settings: Settings) -> bool:
     """Ping MongoDB (which also authenticates, if the URI has credentials)."""
-    from ingestd.mongo import make_client
+    from ingestd.sink.mongo import make_client
 
     client = make_client(settings.mongo)
     try:

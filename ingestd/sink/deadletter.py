@@ -38,7 +38,7 @@ DETAIL_CAP = 1024
 MIN_EVIDENCE_BYTES = 1 << 20
 FILE_RE = re.compile(r"deadletter-\d{8}\.jsonl")
 
-log = structlog.get_logger("ingestd.deadletter")
+log = structlog.get_logger("ingestd.sink.deadletter")
 
 
 class DeadLetterStore:

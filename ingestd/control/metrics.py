@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from ingestd import runstate, status
-from ingestd.settings import Settings, SpoolSettings
+from ingestd.config.settings import Settings, SpoolSettings
+from ingestd.control import runstate, status
 
 if TYPE_CHECKING:
     from http.server import ThreadingHTTPServer
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
         Metric,
     )
 
-log = structlog.get_logger("ingestd.metrics")
+log = structlog.get_logger("ingestd.control.metrics")
 
 HTTP_TIMEOUT = 10.0  # seconds a scraper may take to send its request: no thread is held forever
 
@@ -177,11 +177,11 @@ def known_labels() -> dict[str, tuple[str, ...]]:
     Taken from the code that produces the values, so a new reason needs no edit here. Imported
     on first scrape: the store worker imports this module without them (see the module doc).
     """
-    from ingestd.backoff import Ending
-    from ingestd.deadletter import MESSAGE_REASONS
-    from ingestd.messages import CONTROL_TYPES, SKIP_REASONS
-    from ingestd.spool import DROP_REASONS
-    from ingestd.supervisor import Supervisor
+    from ingestd.control.supervisor import Supervisor
+    from ingestd.documents.messages import CONTROL_TYPES, SKIP_REASONS
+    from ingestd.sink.deadletter import MESSAGE_REASONS
+    from ingestd.source.backoff import Ending
+    from ingestd.spool.log import DROP_REASONS
 
     return {
         "ingestd_worker_restarts_total": Supervisor.ROLES,
@@ -409,7 +409,7 @@ def _server_classes() -> tuple[ServerClass, ServerClass]:
         daemon_threads = True
 
         def __init__(self, address: tuple[str, int], settings: Settings) -> None:
-            from ingestd.procstats import ProcessCollector
+            from ingestd.control.procstats import ProcessCollector
 
             self.state_dir = state_dir = settings.state_dir
             self.registry = CollectorRegistry(auto_describe=False)

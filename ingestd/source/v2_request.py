@@ -13,7 +13,7 @@ from __future__ import annotations
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from ingestd import __version__
-from ingestd.settings import AuthSettings, StreamSettings
+from ingestd.config.settings import AuthSettings, StreamSettings
 
 USER_AGENT = f"ingestd/{__version__}"
 RULES_SUFFIX = "/rules"

@@ -16,9 +16,9 @@ from typing import Any
 
 import orjson
 
-from ingestd.daemonctl import locate_state_dir
-from ingestd.runstate import RUN_DIR, read_status
-from ingestd.settings import EXIT_CONFIG, ConfigError, load_settings
+from ingestd.config.settings import EXIT_CONFIG, ConfigError, load_settings
+from ingestd.control.daemonctl import locate_state_dir
+from ingestd.control.runstate import RUN_DIR, read_status
 
 EXIT_OK, EXIT_DEGRADED, EXIT_NOT_RUNNING = 0, 1, 3
 STALE_AFTER = 10.0  # seconds without a heartbeat before a worker counts as not running

@@ -20,12 +20,12 @@ from typing import Any
 import orjson
 import structlog
 
+from ingestd.config.settings import EXIT_CONFIG, ConfigError, Settings, load_settings, secret_values
+from ingestd.control.runstate import write_status
 from ingestd.logs import bind_process, configure_logging, register_secret
-from ingestd.reader import Reader
-from ingestd.runstate import write_status
-from ingestd.settings import EXIT_CONFIG, ConfigError, Settings, load_settings, secret_values
-from ingestd.spool import Group, SpoolWriteError, SpoolWriter
-from ingestd.v2_rules import RulesSync
+from ingestd.source.connection import Reader
+from ingestd.source.v2_rules import RulesSync
+from ingestd.spool.log import Group, SpoolWriteError, SpoolWriter
 
 log = structlog.get_logger("ingestd.worker")
 
@@ -218,7 +218,7 @@ def configure_worker_logging(settings: Settings, role: str) -> None:
 
 def reload_settings(cmd: dict[str, Any], config_path: Path) -> tuple[int, Settings] | None:
     """The settings of a supervisor reload command, or None if they do not validate here."""
-    from ingestd.settings import load_settings_text
+    from ingestd.config.settings import load_settings_text
 
     try:
         generation = int(cmd["generation"])
@@ -338,6 +338,6 @@ def run_store_worker(config_path: Path, generation: int) -> int:
     if isinstance(booted, int):
         return booted
     bind_process(generation=generation)
-    from ingestd.store_role import run_store_role
+    from ingestd.control.store_role import run_store_role
 
     return run_store_role(booted, config_path, generation, StopFlag(), control)

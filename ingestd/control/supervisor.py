@@ -37,11 +37,7 @@ from typing import IO, Any, ClassVar, Protocol
 import orjson
 import structlog
 
-from ingestd import notify as sd
-from ingestd import runstate
-from ingestd.daemonctl import PIDFILE, config_errors, write_verdict
-from ingestd.logs import configure_logging
-from ingestd.settings import (
+from ingestd.config.settings import (
     ConfigError,
     Settings,
     StreamSettings,
@@ -50,8 +46,12 @@ from ingestd.settings import (
     secret_values,
     start_only_changes,
 )
+from ingestd.control import notify as sd
+from ingestd.control import runstate
+from ingestd.control.daemonctl import PIDFILE, config_errors, write_verdict
+from ingestd.logs import configure_logging
 
-log = structlog.get_logger("ingestd.supervisor")
+log = structlog.get_logger("ingestd.control.supervisor")
 
 WorkerCommand = Callable[[str, int], list[str]]
 LOCKFILE = "supervisor.lock"
@@ -77,7 +77,7 @@ class StreamView(Protocol):
 
 
 class SupervisedSettings(Protocol):
-    """What the supervisor needs from ``ingestd.settings.Settings``."""
+    """What the supervisor needs from ``ingestd.config.settings.Settings``."""
 
     @property
     def state_dir(self) -> Path: ...
@@ -797,7 +797,7 @@ def run_supervisor(config_path: Path) -> int:
         return Supervisor.EXIT_CONFIG
     configure_supervisor_logging(settings)
     # -- metrics listener (issue #6): serves /metrics and /healthz from the run-state files.
-    from ingestd.metrics import start_metrics_server
+    from ingestd.control.metrics import start_metrics_server
 
     metrics = start_metrics_server(settings)
     try:

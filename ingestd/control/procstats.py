@@ -24,7 +24,7 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ingestd import runstate
+from ingestd.control import runstate
 
 PROC = Path("/proc")
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -31,11 +31,11 @@ import orjson
 import pycurl
 import structlog
 
-from ingestd.headers import parse_header_line
-from ingestd.settings import AuthSettings, Rule, StreamSettings
-from ingestd.v2 import bearer_headers, rules_url
+from ingestd.config.settings import AuthSettings, Rule, StreamSettings
+from ingestd.source.headers import parse_header_line
+from ingestd.source.v2_request import bearer_headers, rules_url
 
-log = structlog.get_logger("ingestd.v2_rules")
+log = structlog.get_logger("ingestd.source.v2_rules")
 
 REQUEST_TIMEOUT = 30  # seconds for one rules call
 MAX_BODY = 4 << 20

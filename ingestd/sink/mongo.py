@@ -31,9 +31,9 @@ from pymongo.errors import (
     WriteError,
 )
 
-from ingestd.settings import MongoSettings
+from ingestd.config.settings import MongoSettings
 
-log = structlog.get_logger("ingestd.mongo")
+log = structlog.get_logger("ingestd.sink.mongo")
 
 Document = dict[str, Any]
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ingestd import runstate
-from ingestd.settings import EXIT_CONFIG, ConfigError, ConfigErrors, Settings, load_settings
+from ingestd.config.settings import EXIT_CONFIG, ConfigError, ConfigErrors, Settings, load_settings
+from ingestd.control import runstate
 
 PIDFILE = "supervisor.pid"
 VERDICT_FILE = "reload.json"

@@ -1,0 +1,1 @@
+"""The documents stage: message kinds, matching, and the MongoDB document each tweet becomes."""

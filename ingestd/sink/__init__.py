@@ -1,0 +1,2 @@
+"""The sink stage: batching into MongoDB, compliance notices, retries and target policy, dead
+letters."""

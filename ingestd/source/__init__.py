@@ -1,0 +1,2 @@
+"""The source stage: the connection to the streaming endpoint, framing, back-off, v1.1/v2
+requests."""

@@ -1,0 +1,1 @@
+"""Tools around the daemon: check, demo and the embedded MongoDB stand-in."""
