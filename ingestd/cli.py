@@ -93,13 +93,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from ingestd.config.settings import check_mongo_uri_in_child
-    from ingestd.control.worker import run_store_worker, run_stream_worker
+    # Each role's module is imported by its own process only: the stream worker must not load
+    # pymongo (the store role's), the store worker not pycurl.
+    if args.role == "store":
+        from ingestd.control.store_role import run_store_worker
 
-    if args.role == "stream":
-        check_mongo_uri_in_child()  # as for the supervisor; the store worker loads pymongo anyway
-    run = run_stream_worker if args.role == "stream" else run_store_worker
-    return run(args.config, args.generation)
+        return run_store_worker(args.config, args.generation)
+    from ingestd.config.settings import check_mongo_uri_in_child
+    from ingestd.control.stream_role import run_stream_worker
+
+    check_mongo_uri_in_child()  # as for the supervisor; the store worker loads pymongo anyway
+    return run_stream_worker(args.config, args.generation)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -43,7 +43,7 @@ ENTRIES = {
         assert main(["worker", "--role", "stream", "--config", sys.argv[1]]) == 0
     """,
     "store": """
-        import ingestd.control.worker, ingestd.control.store_role
+        import ingestd.control.store_role
     """,
 }
 PROBE = """
@@ -164,7 +164,7 @@ def test_reload_with_a_bad_uri_keeps_the_old_settings_without_loading_pymongo(
         sup = Supervisor(config, load_settings_text(text, config), text=text)
         config.write_text(text.replace("127.0.0.1:27017", "u:hunter2@db.example.com:x/"))
         sup.reload()
-        assert sup.reload_failures == 1 and sup.generation == 1, sup.reload_failures
+        assert sup.standing.reload_failures == 1 and sup.standing.generation == 1, sup.standing
         assert sup.settings_text == text and "27017" in sup.settings.mongo.uri.reveal()
         assert "pymongo" not in sys.modules
     """, str(config))

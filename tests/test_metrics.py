@@ -25,12 +25,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingestd.config.settings import SpoolSettings
-from ingestd.control.metrics import (
-    BATCH_SIZE_BUCKETS,
-    Histogram,
-    RunStateCollector,
-    known_labels,
-)
+from ingestd.control.collector import RunStateCollector, known_labels
+from ingestd.control.metrics import BATCH_SIZE_BUCKETS, Histogram
 from ingestd.control.procstats import ProcessCollector
 from ingestd.control.runstate import run_dir, write_status
 from tests.support.daemon import Daemon, settings_doc

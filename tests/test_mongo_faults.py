@@ -16,7 +16,7 @@ import pymongo
 import pytest
 from pymongo.uri_parser import parse_uri
 
-from ingestd.control.metrics import in_flight, received_total
+from ingestd.control.collector import in_flight, received_total
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.mongo_proxy import MongoProxy
 from tests.support.simulator import SimProcess

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import psutil
 import pytest
 
-from ingestd.control.metrics import known_labels
+from ingestd.control.collector import known_labels
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.prometheus import Prometheus, find_binary
 from tests.support.simulator import SimProcess

@@ -18,7 +18,7 @@ import orjson
 import pymongo
 import pytest
 
-from ingestd.control.metrics import in_flight, received_total
+from ingestd.control.collector import in_flight, received_total
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until

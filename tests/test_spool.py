@@ -879,10 +879,10 @@ test_spool_model = SpoolMachine.TestCase
 def test_sink_coalesces_a_pass_into_one_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ingestd.control.worker import COALESCE_BYTES, SpoolSink
+    from ingestd.spool.intake import COALESCE_BYTES, SpoolIntake
 
     writer = make_writer(tmp_path)
-    sink = SpoolSink(writer, drop=False)
+    sink = SpoolIntake(writer, drop=False)
     writes: list[int] = []
     real_writev = os.writev
 
@@ -910,10 +910,10 @@ def test_sink_coalesces_a_pass_into_one_write(
 def test_sink_disk_error_holds_or_drops_the_whole_pass(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drop: bool
 ) -> None:
-    from ingestd.control.worker import SpoolSink
+    from ingestd.spool.intake import SpoolIntake
 
     writer = make_writer(tmp_path)
-    sink = SpoolSink(writer, drop=drop)
+    sink = SpoolIntake(writer, drop=drop)
     fake, _ = _failing_write(1, False)
     monkeypatch.setattr(os, "writev", fake)
     sink([(KIND_MESSAGE, b"a1"), (KIND_MESSAGE, b"a2")], 1, 1, 1)

@@ -1,24 +1,27 @@
-"""The store worker's loop: spool → writer.StoreWorker → MongoDB, with heartbeat and reloads."""
+"""The store worker process: spool → ``sink.worker.StoreWorker`` → MongoDB, with heartbeat,
+reloads and the drain on stop. Loaded by the store worker only (pymongo, never pycurl)."""
 
 from __future__ import annotations
 
 import gc
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ingestd.config.settings import Settings
+from ingestd.control.pipe import Command, Reload, Stop
 from ingestd.control.runstate import write_status
-from ingestd.control.worker import STATUS_INTERVAL, RateMeter, Ticker, reload_settings
+from ingestd.control.worker import (
+    STATUS_INTERVAL,
+    RateMeter,
+    Ticker,
+    WorkerContext,
+    start_worker,
+)
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.sink.mongo import open_collection
 from ingestd.sink.worker import StoreWorker
 from ingestd.spool.log import SpoolReader
-
-if TYPE_CHECKING:
-    from ingestd.control.worker import ControlChannel, StopFlag
 
 log = structlog.get_logger("ingestd.store")
 
@@ -32,15 +35,14 @@ class StoreRole:
     Exiting with a backlog is not a loss: the spool is durable and replayed at the next start.
     """
 
-    def __init__(self, settings: Settings, config_path: Path, generation: int, stop: StopFlag,
-                 control: ControlChannel) -> None:
-        self.settings, self.config_path, self.generation = settings, config_path, generation
-        self.stop, self.control = stop, control
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx, self.generation = ctx, ctx.generation
+        settings = ctx.settings
         self.reader = SpoolReader(settings.state_dir / "spool")
         deadletters = DeadLetterStore(settings.state_dir / "deadletter",
                                       settings.deadletter.max_bytes)
         self.worker = StoreWorker(settings, self.reader, open_collection, deadletters,
-                                  generation=generation)
+                                  generation=ctx.generation)
         self.meter = RateMeter()
         self.status = Ticker(STATUS_INTERVAL, self.publish)
         # Seconds the drain may take once SIGTERM came; the supervisor sends what is left of its
@@ -78,7 +80,7 @@ class StoreRole:
         counters["spool_corrupt_records"] = self.reader.corrupt_records
         counters["spool_corrupt_bytes"] = self.reader.corrupt_bytes
         counters["spool_checkpoint_resets"] = self.reader.checkpoint_resets
-        write_status(self.settings.state_dir, "store", {
+        write_status(self.ctx.settings.state_dir, "store", {
             "generation": self.generation, "state": counters["state"],
             "counters": counters, "progress": counters["records_read"] + counters["retries"],
             "rate": round(self.meter.update(int(counters["stored"])), 1),
@@ -87,26 +89,26 @@ class StoreRole:
         })
 
     def tick(self) -> None:
-        while (cmd := self.control.poll()) is not None:
-            self.command(cmd)
-        if self.control.closed.is_set():
-            self.stop.event.set()
+        while (command := self.ctx.control.poll()) is not None:
+            self.command(command)
+        self.ctx.orphaned()
         self.status()
 
-    def command(self, cmd: dict[str, Any]) -> None:
+    def command(self, command: Command) -> None:
         """A supervisor command: a reload (already validated) or the stop budget."""
-        if cmd.get("cmd") == "reload" and (new := reload_settings(cmd, self.config_path)):
-            self.worker.apply_settings(*new)
-            self.generation = new[0]
-            log.info("reload_applied", generation=new[0])
-        elif cmd.get("cmd") == "stop" and isinstance(cmd.get("budget"), int | float):
-            self.budget = min(self.budget, float(cmd["budget"]))
+        if isinstance(command, Reload) and (new := self.ctx.reload(command)):
+            self.worker.apply_settings(new.generation, new.settings)
+            self.generation = new.generation
+            log.info("reload_applied", generation=new.generation)
+        elif isinstance(command, Stop):
+            self.budget = min(self.budget, command.budget)
 
     def should_stop(self) -> bool:
-        if self.stop and self.stopping_since is None:
+        stop = self.ctx.stop
+        if stop and self.stopping_since is None:
             self.stopping_since = time.monotonic()
             log.info("store_draining", budget=round(self.budget, 3))
-        return bool(self.stop)
+        return bool(stop)
 
     def drain_deadline(self) -> float | None:
         """When to stop taking records: early enough for the last batch's insert and the exit."""
@@ -123,10 +125,12 @@ class StoreRole:
         return min(2 * mean, self.budget / 4)
 
 
-def run_store_role(settings: Settings, config_path: Path, generation: int, stop: StopFlag,
-                   control: ControlChannel) -> int:
-    """The store worker process's body (see ``StoreRole``)."""
+def run_store_worker(config_path: Path, generation: int) -> int:
+    """``ingestd worker --role store``: the process's body; its exit code."""
+    ctx = start_worker(config_path, "store", generation)
+    if isinstance(ctx, int):
+        return ctx
     # Long-lived objects made at start-up never need collecting; freezing them keeps the
     # cyclic collector's passes short on the hot path.
     gc.freeze()
-    return StoreRole(settings, config_path, generation, stop, control).run()
+    return StoreRole(ctx).run()

@@ -1,0 +1,175 @@
+"""What the supervisor tells the outside: READY/STATUS/WATCHDOG to systemd (``notify``) and
+``run/supervisor.json`` (read by ``ingestd status`` and the metrics collector). Loaded by the
+supervisor only."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ingestd.control import notify as sd
+from ingestd.control import runstate
+from ingestd.control.workers import ROLES, WorkerPool
+
+log = structlog.get_logger("ingestd.control.supervisor")
+
+
+@dataclass
+class Standing:
+    """The supervisor's own facts that the reports show; the supervisor updates them."""
+
+    generation: int = 1
+    reloads: int = 0  # SIGHUPs handled: the sequence number of run/reload.json
+    reload_failures: int = 0
+    ready: bool = False
+    stopping: bool = False
+    stopped: bool = False
+
+    def phase(self) -> str:
+        """starting → ready → stopping → stopped."""
+        if self.stopped:
+            return "stopped"
+        return "stopping" if self.stopping else "ready" if self.ready else "starting"
+
+
+def one_line(text: str, limit: int = 160) -> str:
+    """``text`` safe for one notify field: no newlines, bounded length."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+class Reporter:
+    """Sends the notify messages and writes ``run/supervisor.json``, each when it is due."""
+
+    RATE_WINDOW = 5.0
+    STATUS_INTERVAL = 1.0  # run/supervisor.json
+    STATUS_EVERY = 5.0  # STATUS= for counter-only changes
+
+    def __init__(self, standing: Standing, pool: WorkerPool, state_dir: Path,
+                 loop_timeout: float) -> None:
+        self.standing, self.pool, self.state_dir = standing, pool, state_dir
+        self.loop_timeout = loop_timeout  # the supervisor's longest sleep
+        self.status_line = ""
+        self.status_sent: tuple[float, tuple[str, ...]] = (0.0, ())
+        self.rate = 0.0
+        self.rate_sample: tuple[float, int] | None = None
+        self.watchdog = sd.watchdog_interval()
+        self.watchdog_due = 0.0
+        self.written: tuple[float, dict[str, Any]] = (0.0, {})
+
+    def report(self, heartbeat_timeout: float) -> None:
+        """Tell systemd and ``ingestd status`` where we are."""
+        self.update_rate()
+        self.notify_ready()
+        self.notify_status()
+        self.notify_watchdog(heartbeat_timeout)
+        self.write_status()
+
+    def notify_ready(self) -> None:
+        """``READY=1`` once both workers have published their first status file."""
+        workers = self.pool.workers
+        if self.standing.ready or any(workers.get(r) is None or workers[r].beat_time is None
+                                      for r in ROLES):
+            return
+        self.standing.ready = True
+        sd.notify(f"READY=1\nSTATUS={self.refresh_status()}")
+        log.info("ready", generation=self.standing.generation, status=self.status_line)
+
+    def notify_status(self) -> None:
+        """``STATUS=`` when a state changes; counter-only changes at most every ``STATUS_EVERY``.
+
+        The counters move all the time; each STATUS= is a D-Bus property change in systemd.
+        """
+        now, key = time.monotonic(), self.status_key()
+        if not self.standing.ready or self.summary() == self.status_line:
+            return
+        if key != self.status_sent[1] or now - self.status_sent[0] >= self.STATUS_EVERY:
+            sd.notify(f"STATUS={self.refresh_status()}")
+
+    def refresh_status(self) -> str:
+        """Recompute the summary, note it as sent, and return it."""
+        self.status_line = self.summary()
+        self.status_sent = (time.monotonic(), self.status_key())
+        return self.status_line
+
+    def status_key(self) -> tuple[str, ...]:
+        """The parts of the summary that are not counters."""
+        return (self.role_state("stream"), self.role_state("store"),
+                str(self.standing.generation), str(self.standing.reload_failures))
+
+    def notify_watchdog(self, heartbeat_timeout: float) -> None:
+        """``WATCHDOG=1`` every half period, only while every worker's heartbeat is fresh.
+
+        The supervisor's own loop being alive proves little; a hung worker that the supervisor
+        fails to replace must let systemd's watchdog act.
+        """
+        now = time.monotonic()
+        if self.watchdog is None or now < self.watchdog_due:
+            return
+        if self.pool.all_fresh(now, heartbeat_timeout):
+            sd.notify("WATCHDOG=1")
+            self.watchdog_due = now + self.watchdog / 2
+        else:
+            # Look again on the next pass, not in a busy loop.
+            self.watchdog_due = now + min(self.watchdog / 2, self.loop_timeout)
+
+    def update_rate(self) -> None:
+        """Tweets stored per second over the last ``RATE_WINDOW`` seconds."""
+        now, stored = time.monotonic(), self.stored()
+        if self.rate_sample is None:
+            self.rate_sample = (now, stored)
+        elif now - self.rate_sample[0] >= self.RATE_WINDOW:
+            then, before = self.rate_sample
+            # A restarted store worker starts its counters again from zero.
+            self.rate = max(stored - before, 0) / (now - then)
+            self.rate_sample = (now, stored)
+
+    def stored(self) -> int:
+        worker = self.pool.workers.get("store")
+        counters = worker.status.get("counters") if worker else None
+        value = counters.get("stored", 0) if isinstance(counters, dict) else 0
+        return value if isinstance(value, int) else 0
+
+    def summary(self) -> str:
+        """One line for ``STATUS=``; trouble first, then where the stream is and what it does.
+
+        E.g. ``connected conn=3 gen=2; 1234 stored; 812.5 tweets/s; settings gen=2``. The
+        stream worker's state names the connection and the generation of the filters it was
+        opened with; ``settings gen`` is the newest applied settings (an unchanged-filter or
+        writer-only reload moves it without a reconnect).
+        """
+        parts = [self.role_state("stream"), f"{self.stored()} stored",
+                 f"{self.rate:.1f} tweets/s", f"settings gen={self.standing.generation}"]
+        store_state = self.role_state("store")
+        if store_state.startswith("degraded") or "restarting" in store_state:
+            parts.insert(0, store_state)
+        if failures := self.standing.reload_failures:
+            parts.append(f"{failures} reload(s) rejected, old settings in force")
+        return one_line("; ".join(parts), 200)
+
+    def role_state(self, role: str) -> str:
+        worker = self.pool.workers.get(role)
+        if worker is None:
+            return f"{role} worker restarting"
+        return one_line(str(worker.status.get("state", "starting")))
+
+    def write_status(self) -> None:
+        """Publish ``run/supervisor.json`` when it changes, and at least every second."""
+        doc = {
+            "state": self.standing.phase(),
+            "generation": self.standing.generation,
+            "reload_failures": self.standing.reload_failures,
+            "restarts": dict(self.pool.restarts),
+            "workers": {role: w.pid for role, w in self.pool.workers.items()},
+            "status": self.status_line,
+        }
+        now = time.monotonic()
+        if doc != self.written[1] or now - self.written[0] >= self.STATUS_INTERVAL:
+            with contextlib.suppress(OSError):
+                runstate.write_status(self.state_dir, "supervisor", doc)
+            self.written = (now, doc)

@@ -1,0 +1,114 @@
+"""The stream worker process: reader → ``spool.intake.SpoolIntake`` → spool, with heartbeat and
+reloads. Loaded by the stream worker only (pycurl; never pymongo or prometheus_client)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ingestd.control.pipe import Reload
+from ingestd.control.runstate import write_status
+from ingestd.control.worker import (
+    STATUS_INTERVAL,
+    RateMeter,
+    Ticker,
+    WorkerContext,
+    start_worker,
+)
+from ingestd.source.connection import Reader
+from ingestd.source.v2_rules import RulesSync
+from ingestd.spool.intake import SpoolIntake
+from ingestd.spool.log import SpoolWriter
+
+log = structlog.get_logger("ingestd.worker")
+
+
+class StreamRole:
+    """Keep a connection open and append every framed message to the spool until SIGTERM."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        settings, sp = ctx.settings, ctx.settings.spool
+        self.spool = SpoolWriter(settings.state_dir / "spool", segment_bytes=sp.segment_bytes,
+                                 max_bytes=sp.max_bytes, max_records=sp.max_records,
+                                 fsync_interval=sp.fsync_interval)
+        drop = sp.when_full == "drop_newest"
+        self.intake = SpoolIntake(self.spool, drop=drop)
+        self.reader = Reader(settings.stream, settings.auth, ctx.generation, self.intake,
+                             is_full=self.intake.is_full, drop_when_full=drop,
+                             flush=self.intake.flush)
+        # X API v2: rules live on the server; synced at start and on every reload, on a thread,
+        # while the connection keeps streaming (no-op for v1.1).
+        self.rules = RulesSync()
+        self.rules.request(settings.stream, settings.auth, ctx.generation)
+        self.meter = RateMeter()
+        self.status = Ticker(STATUS_INTERVAL, self.publish)
+
+    def run(self) -> int:
+        log.info("stream_worker_started", generation=self.ctx.generation)
+        try:
+            self.reader.run(lambda: bool(self.ctx.stop), self.tick)
+        finally:
+            self.rules.close()
+            self.spool.close()
+            self.publish()
+        log.info("stream_worker_stopped", received=self.reader.stats.received)
+        return 0
+
+    def tick(self) -> None:
+        self.spool.maybe_sync()
+        self.intake.retry()
+        while (command := self.ctx.control.poll()) is not None:
+            if isinstance(command, Reload):  # the stop budget is the store worker's concern
+                self.reload(command)
+        self.ctx.orphaned()
+        self.status()
+
+    def reload(self, command: Reload) -> None:
+        if (new := self.ctx.reload(command)) is None:
+            return
+        self.reader.reload(new.settings.stream, new.settings.auth, new.generation)
+        self.rules.request(new.settings.stream, new.settings.auth, new.generation)
+        log.info("reload_applied", generation=new.generation)
+
+    def publish(self) -> None:
+        """``run/stream.json``: the heartbeat, with the counters and the spool's fill."""
+        reader, rules = self.reader, self.rules
+        state = self.intake.last_error or (
+            f"degraded: {rules.error}; previous rules still in force" if rules.error
+            else reader.state)
+        write_status(self.ctx.settings.state_dir, "stream", {
+            "generation": reader.generation, "state": state, "counters": self.counters(),
+            "progress": reader.stats.bytes + reader.stats.attempts,
+            "conn": reader.active.conn_id if reader.active else None,
+            "backoff": reader.backoff.last_delay,
+            "rate": round(self.meter.update(reader.stats.received), 1),
+            "spool": self.spool_status(),
+            "last_message_time": reader.last_message_ns / 1e9 if reader.last_message_ns else None,
+            **({"rules": rules.status.as_dict()} if reader.stream.api == "v2" else {}),
+        })
+
+    def counters(self) -> dict[str, Any]:
+        """The reader's counters; ``received`` counts records that reached the spool: the
+        intake's disk-error drops were framed by the reader but never spooled, so they move to
+        ``dropped``."""
+        stats = self.reader.stats.as_dict()
+        dropped = self.intake.dropped
+        stats["received"] -= dropped
+        stats["dropped"] = {**stats["dropped"], **({"disk_error": dropped} if dropped else {})}
+        return stats
+
+    def spool_status(self) -> dict[str, Any]:
+        spool = self.spool
+        records, nbytes = spool.backlog()
+        return {"records": records, "bytes": nbytes, "next_seq": spool.next_seq,
+                "held": sum(len(h[0]) for h in self.intake.held),
+                "max_bytes": spool.max_bytes, "max_records": spool.max_records}
+
+
+def run_stream_worker(config_path: Path, generation: int) -> int:
+    """``ingestd worker --role stream``: the process's body; its exit code."""
+    ctx = start_worker(config_path, "stream", generation)
+    return ctx if isinstance(ctx, int) else StreamRole(ctx).run()

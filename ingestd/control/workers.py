@@ -1,0 +1,238 @@
+"""The supervisor's worker processes: spawn, reap, heartbeats, hang kills, restart back-off and
+the crash-loop bound. Loaded by the supervisor only (``supervisor.Supervisor`` owns the pool)."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from ingestd.control import notify as sd
+from ingestd.control import runstate
+from ingestd.control.pipe import CommandWriter
+
+log = structlog.get_logger("ingestd.control.supervisor")
+
+WorkerCommand = Callable[[str, int], list[str]]
+ROLES = ("store", "stream")  # start order: the spool's consumer before its producer
+
+
+class ControlView(Protocol):
+    """The ``control`` settings the supervisor reads."""
+
+    @property
+    def stop_timeout(self) -> float: ...
+    @property
+    def heartbeat_timeout(self) -> float: ...
+    @property
+    def crash_loop_restarts(self) -> int: ...
+    @property
+    def crash_loop_window(self) -> float: ...
+
+
+def default_worker_command(config_path: Path, role: str, generation: int) -> list[str]:
+    """``python -m ingestd worker --role ROLE --config PATH --generation N``."""
+    return [sys.executable, "-m", "ingestd", "worker", "--role", role,
+            "--config", str(config_path), "--generation", str(generation)]
+
+
+@dataclass(eq=False)
+class Worker:
+    """One running worker process and what the supervisor knows about it."""
+
+    role: str
+    proc: subprocess.Popen[bytes]
+    generation: int
+    started: float  # monotonic
+    last_beat: float  # monotonic time of the last new heartbeat (spawn time until the first)
+    pipe: CommandWriter
+    beat_time: object = None  # the ``time`` field of the last heartbeat seen
+    status: dict[str, Any] = field(default_factory=dict)
+    aborted: float | None = None  # monotonic time SIGABRT was sent
+    killed: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the process, which may already be gone."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+
+
+def describe_status(status: int) -> dict[str, Any]:
+    """A waitpid status as log fields: ``exit_code`` or ``signal`` (by name)."""
+    if os.WIFEXITED(status):
+        return {"exit_code": os.WEXITSTATUS(status)}
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            return {"signal": signal.Signals(sig).name}
+        except ValueError:
+            return {"signal": str(sig)}
+    return {"status": status}
+
+
+@dataclass
+class PoolHooks:
+    """What the pool asks of the supervisor: its current ``control`` settings, what to do with
+    a new worker (hand it the settings in force), and what a crash loop means (halt)."""
+
+    control: Callable[[], ControlView]
+    spawned: Callable[[Worker], None]
+    crash_loop: Callable[[], None]
+
+
+class WorkerPool:
+    """The running workers by role, and when the missing ones start again."""
+
+    KILL_GRACE = 2.0  # SIGABRT → SIGKILL for a hung worker
+    BACKOFF_START = 1.0
+    BACKOFF_MAX = 30.0
+    HEALTHY_AFTER = 60.0  # a worker that ran this long resets its back-off
+
+    def __init__(self, command: WorkerCommand, state_dir: Path, hooks: PoolHooks) -> None:
+        self.command, self.state_dir, self.hooks = command, state_dir, hooks
+        self.workers: dict[str, Worker] = {}
+        self.restart_at: dict[str, float] = {}
+        self.backoff = dict.fromkeys(ROLES, self.BACKOFF_START)
+        self.restarts = dict.fromkeys(ROLES, 0)
+        self.restart_times: collections.deque[float] = collections.deque()
+        self.role_beats: dict[str, float] = {}  # monotonic time of each role's last heartbeat
+        self.inherited_fds: tuple[int, ...] = ()  # the state-folder lock (see StateDirClaim)
+
+    # -- starting ------------------------------------------------------------------------------
+
+    def spawn(self, role: str, generation: int) -> None:
+        """Start the ``role`` worker with ``generation``."""
+        self.restart_at.pop(role, None)
+        try:
+            proc = subprocess.Popen(self.command(role, generation), stdin=subprocess.PIPE,
+                                    close_fds=True, start_new_session=False, env=worker_env(),
+                                    pass_fds=self.inherited_fds)
+        except OSError as exc:
+            log.error("worker_spawn_failed", role=role, error=str(exc))
+            self.schedule_restart(role, ran_for=0.0)
+            return
+        now = time.monotonic()
+        worker = self.workers[role] = Worker(role, proc, generation, now, now,
+                                             CommandWriter(proc.stdin))
+        log.info("worker_started", role=role, pid=proc.pid, generation=generation)
+        self.hooks.spawned(worker)
+
+    def spawn_due(self, generation: int) -> None:
+        """Start workers whose restart time has come."""
+        now = time.monotonic()
+        for role in ROLES:
+            due = self.restart_at.get(role)
+            if due is not None and due <= now and role not in self.workers:
+                self.spawn(role, generation)
+
+    def schedule_restart(self, role: str, ran_for: float) -> None:
+        """Restart ``role`` after its back-off, unless this is one restart too many (crash loop)."""
+        now = time.monotonic()
+        control = self.hooks.control()
+        self.restart_times.append(now)
+        while self.restart_times[0] < now - control.crash_loop_window:
+            self.restart_times.popleft()
+        if len(self.restart_times) > control.crash_loop_restarts:
+            log.error("crash_loop", role=role, restarts=len(self.restart_times),
+                      window=control.crash_loop_window)
+            self.hooks.crash_loop()
+            return
+        if ran_for >= self.HEALTHY_AFTER:
+            self.backoff[role] = self.BACKOFF_START
+        delay = self.backoff[role]
+        self.backoff[role] = min(delay * 2, self.BACKOFF_MAX)
+        self.restart_at[role] = now + delay
+        self.restarts[role] += 1
+        log.info("worker_restart_scheduled", role=role, delay=delay, restarts=self.restarts[role])
+
+    # -- ending --------------------------------------------------------------------------------
+
+    def reap(self, stopping: bool) -> list[tuple[Worker, int]]:
+        """Collect every exited child (``waitpid(-1, WNOHANG)`` loop); the workers among them."""
+        exited = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            worker = next((w for w in self.workers.values() if w.pid == pid), None)
+            if worker is None:
+                continue  # not ours (we may be PID 1 in a container): reaped, nothing more
+            # Tell Popen the status we consumed, so it never waits for the pid again.
+            worker.proc.returncode = os.waitstatus_to_exitcode(status)
+            worker.pipe.close()
+            del self.workers[worker.role]
+            log.info("worker_exited", role=worker.role, pid=pid, stopping=stopping,
+                     ran_for=round(time.monotonic() - worker.started, 3), **describe_status(status))
+            exited.append((worker, status))
+        return exited
+
+    def kill_all(self) -> list[str]:
+        """SIGKILL every worker still running; the roles that had to be killed."""
+        for worker in self.workers.values():
+            log.warning("worker_killed", role=worker.role, pid=worker.pid)
+            worker.signal(signal.SIGKILL)
+        return sorted(self.workers)
+
+    # -- heartbeats ----------------------------------------------------------------------------
+
+    def replace_hung(self, timeout: float) -> None:
+        """Replace hung workers: SIGABRT on a stale heartbeat, SIGKILL ``KILL_GRACE`` later."""
+        now = time.monotonic()
+        for worker in list(self.workers.values()):
+            if worker.aborted is not None:
+                if not worker.killed and now - worker.aborted >= self.KILL_GRACE:
+                    log.warning("worker_killed", role=worker.role, pid=worker.pid)
+                    worker.signal(signal.SIGKILL)
+                    worker.killed = True
+                continue
+            self.observe_heartbeat(worker, now)
+            if now - worker.last_beat > timeout:
+                log.error("worker_hung", role=worker.role, pid=worker.pid,
+                          silent_for=round(now - worker.last_beat, 3),
+                          state=worker.status.get("state"))
+                worker.signal(signal.SIGABRT)
+                worker.aborted = now
+
+    def observe_heartbeat(self, worker: Worker, now: float) -> None:
+        """Note a new heartbeat if the worker rewrote its status file since the last look."""
+        status = runstate.read_status(self.state_dir, worker.role)
+        # A file left by the previous process of this role (another pid) is not a heartbeat.
+        if status is None or status.get("pid") != worker.pid:
+            return
+        if status.get("time") != worker.beat_time:
+            worker.beat_time = status.get("time")
+            worker.last_beat = now
+            worker.status = status
+            self.role_beats[worker.role] = now
+
+    def all_fresh(self, now: float, timeout: float) -> bool:
+        """Whether every role has heartbeaten within ``timeout`` seconds."""
+        return all(now - self.role_beats.get(r, -math.inf) <= timeout for r in ROLES)
+
+    def flush_pipes(self) -> None:
+        """Write what each worker's pipe now takes of the commands queued for it."""
+        for worker in self.workers.values():
+            worker.pipe.flush()
+
+
+def worker_env() -> dict[str, str]:
+    """Our environment without the notify variables: only the main PID talks to systemd."""
+    return {k: v for k, v in os.environ.items() if k not in sd.NOTIFY_ENV}
