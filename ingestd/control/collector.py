@@ -46,6 +46,31 @@ HISTOGRAMS = {
 }
 
 
+# Run-file counter key → (metric name, help), for the counters published as they are.
+STREAM_COUNTERS = {
+    "attempts": ("ingestd_stream_connection_attempts_total", "Connection attempts."),
+    "bytes": ("ingestd_stream_bytes_total", "Body bytes read (after decompression)."),
+    "keepalives": ("ingestd_stream_keepalives_total", "Keep-alive blank lines."),
+    "limit_missed": ("ingestd_limit_missed_total",
+                     "Tweets the endpoint reported as not delivered (limit notices)."),
+    "warnings": ("ingestd_stream_warnings_total", "Stall warnings from the endpoint."),
+}
+STORE_COUNTERS = {
+    "records_read": ("ingestd_records_read_total", "Spool records read by the store worker."),
+    "batches": ("ingestd_insert_batches_total", "insert_many batches written."),
+    "retries": ("ingestd_insert_retries_total", "MongoDB operations retried."),
+    "deletes_applied": ("ingestd_deletes_applied_total", "Delete notices applied."),
+    "offloaded": ("ingestd_encoder_offloaded_total",
+                  "Tweets parsed and encoded by the store worker's encoder child."),
+    "encoder_restarts": ("ingestd_encoder_restarts_total",
+                         "Times the encoder child was lost (its tweets were encoded in-process)."),
+    "slow_writes": ("ingestd_mongo_slow_writes_total", "MongoDB operations acknowledged (or "
+                    "failed) only after mongo.slow_write_seconds."),
+    "spool_corrupt_records": ("ingestd_spool_corrupt_records_total",
+                              "Spool records skipped as corrupt."),
+}
+
+
 # -- reading run files -----------------------------------------------------------------------------
 
 
@@ -208,6 +233,13 @@ def histogram(name: str, doc: str, data: object) -> HistogramMetricFamily | None
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=_num(data.get("sum")))
 
 
+def plain_counters(table: Mapping[str, tuple[str, str]],
+                   counters: Mapping[str, Any]) -> Iterator[CounterMetricFamily]:
+    """One counter family per ``table`` entry, valued from the run file's ``counters``."""
+    for key, (name, doc) in table.items():
+        yield counter(name, doc, _num(counters.get(key)))
+
+
 class RunStateCollector:
     """Builds every ``ingestd_*`` family from ``<state_dir>/run/*.json`` at scrape time.
 
@@ -256,16 +288,7 @@ class RunStateCollector:
                     _num(stream.get("backoff")))
         yield known_counter("ingestd_stream_reconnects_total",
                             "Connections ended, by reason.", "reason", _counts(c.get("endings")))
-        yield counter("ingestd_stream_connection_attempts_total", "Connection attempts.",
-                      _num(c.get("attempts")))
-        yield counter("ingestd_stream_bytes_total", "Body bytes read (after decompression).",
-                      _num(c.get("bytes")))
-        yield counter("ingestd_stream_keepalives_total", "Keep-alive blank lines.",
-                      _num(c.get("keepalives")))
-        yield counter("ingestd_limit_missed_total", "Tweets the endpoint reported as not "
-                      "delivered (limit notices).", _num(c.get("limit_missed")))
-        yield counter("ingestd_stream_warnings_total", "Stall warnings from the endpoint.",
-                      _num(c.get("warnings")))
+        yield from plain_counters(STREAM_COUNTERS, c)
         if stream:
             with self._lock:
                 last = self._last_message.time(stream, now)
@@ -274,24 +297,7 @@ class RunStateCollector:
 
     def _store(self, store: Mapping[str, Any]) -> Iterable[Metric]:
         c = _section(store, "counters")
-        yield counter("ingestd_records_read_total", "Spool records read by the store worker.",
-                      _num(c.get("records_read")))
-        yield counter("ingestd_insert_batches_total", "insert_many batches written.",
-                      _num(c.get("batches")))
-        yield counter("ingestd_insert_retries_total", "MongoDB operations retried.",
-                      _num(c.get("retries")))
-        yield counter("ingestd_deletes_applied_total", "Delete notices applied.",
-                      _num(c.get("deletes_applied")))
-        yield counter("ingestd_encoder_offloaded_total",
-                      "Tweets parsed and encoded by the store worker's encoder child.",
-                      _num(c.get("offloaded")))
-        yield counter("ingestd_encoder_restarts_total",
-                      "Times the encoder child was lost (its tweets were encoded in-process).",
-                      _num(c.get("encoder_restarts")))
-        yield counter("ingestd_mongo_slow_writes_total", "MongoDB operations acknowledged (or "
-                      "failed) only after mongo.slow_write_seconds.", _num(c.get("slow_writes")))
-        yield counter("ingestd_spool_corrupt_records_total", "Spool records skipped as corrupt.",
-                      _num(c.get("spool_corrupt_records")))
+        yield from plain_counters(STORE_COUNTERS, c)
         yield gauge("ingestd_store_degraded", "1 while MongoDB writes are failing.",
                     1.0 if str(store.get("state", "")).startswith("degraded") else 0.0)
         hist = _section(store, "hist")
