@@ -85,7 +85,7 @@ def build_worker_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ingestd.config.settings import check_mongo_uri_in_child
+    from ingestd.config.mongo_uri import check_mongo_uri_in_child
     from ingestd.control.supervisor import run_supervisor
 
     check_mongo_uri_in_child()  # the supervisor never talks to MongoDB: keep pymongo out
@@ -93,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from ingestd.config.settings import check_mongo_uri_in_child
+    from ingestd.config.mongo_uri import check_mongo_uri_in_child
     from ingestd.control.worker import run_store_worker, run_stream_worker
 
     if args.role == "stream":

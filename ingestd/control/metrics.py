@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from ingestd.config.settings import Settings, SpoolSettings
+from ingestd.config.schema import Settings, SpoolSettings
 from ingestd.control import runstate, status
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ingestd.config.settings import Settings
+from ingestd.config.schema import Settings
 from ingestd.control.runstate import write_status
 from ingestd.control.worker import STATUS_INTERVAL, RateMeter, Ticker, reload_settings
 from ingestd.sink.deadletter import DeadLetterStore

@@ -20,7 +20,9 @@ from typing import Any
 import orjson
 import structlog
 
-from ingestd.config.settings import EXIT_CONFIG, ConfigError, Settings, load_settings, secret_values
+from ingestd.config.errors import EXIT_CONFIG, ConfigError
+from ingestd.config.schema import Settings
+from ingestd.config.settings import load_settings, secret_values
 from ingestd.control.runstate import write_status
 from ingestd.logs import bind_process, configure_logging, register_secret
 from ingestd.source.connection import Reader
