@@ -11,20 +11,9 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ingestd.config import schema
 from ingestd.config.errors import EXIT_CONFIG, ConfigError, ConfigErrors, Secret
-from ingestd.config.schema import (
-    AuthSettings,
-    ControlSettings,
-    DeadletterSettings,
-    LoggingSettings,
-    MetricsSettings,
-    MongoSettings,
-    Rule,
-    Settings,
-    SpoolSettings,
-    StreamSettings,
-    WriterSettings,
-)
+from ingestd.config.schema import Rule, Settings, StreamSettings
 from ingestd.config.settings import load_settings, load_settings_text, secret_values
 from ingestd.config.stream import V2_READ_TIMEOUT
 from ingestd.config.stream_v2 import V2_DEFAULTS
@@ -141,12 +130,11 @@ def test_a_minimal_file_loads_exactly_the_schema_defaults() -> None:
     # (or reads the wrong field's) makes a section differ from the dataclass built bare.
     s = load(doc(mongo={"database": None, "collection": None}))
     assert s.stream == StreamSettings(url=BASE["stream"]["url"], track=("iphone", "ipad"))
-    assert s.mongo == MongoSettings(uri=Secret(BASE["mongo"]["uri"]))
-    assert s.auth == AuthSettings(*(Secret(value) for value in ENV.values()))
-    for name, schema in (("writer", WriterSettings), ("spool", SpoolSettings),
-                         ("deadletter", DeadletterSettings), ("control", ControlSettings),
-                         ("metrics", MetricsSettings), ("logging", LoggingSettings)):
-        assert getattr(s, name) == schema(), name
+    assert s.mongo == schema.MongoSettings(uri=Secret(BASE["mongo"]["uri"]))
+    assert s.auth == schema.AuthSettings(*(Secret(value) for value in ENV.values()))
+    for name in ("writer", "spool", "deadletter", "control", "metrics", "logging"):
+        section_schema = getattr(schema, f"{name.capitalize()}Settings")
+        assert getattr(s, name) == section_schema(), name
 
 
 def test_a_minimal_v2_file_differs_from_the_schema_only_where_v2_says() -> None:

@@ -16,22 +16,12 @@ from dataclasses import fields
 from pathlib import Path
 from urllib.parse import unquote
 
+from ingestd.config import schema
 from ingestd.config.errors import ConfigError, ConfigErrors
 from ingestd.config.loader import Context, interpolate, parse_yaml
 from ingestd.config.mongo_section import build_mongo
 from ingestd.config.mongo_uri import uri_password
-from ingestd.config.schema import (
-    AuthSettings,
-    ControlSettings,
-    DeadletterSettings,
-    LoggingSettings,
-    MetricsSettings,
-    MongoSettings,
-    Settings,
-    SpoolSettings,
-    StreamSettings,
-    WriterSettings,
-)
+from ingestd.config.schema import Settings, SpoolSettings
 from ingestd.config.section import Section
 from ingestd.config.sections import (
     build_auth,
@@ -107,17 +97,17 @@ def load_settings_text(text: str, path: Path, env: Mapping[str, str] | None = No
 
 def _build(root: Section) -> Settings:
     state_dir = build_state_dir(root)  # first: the order keys are read is the order of errors
-    stream = build_stream(root.section("stream", StreamSettings))
+    stream = build_stream(root.section("stream", schema.StreamSettings))
     return Settings(
         path=root.ctx.path,
         state_dir=state_dir,
         stream=stream,
-        auth=build_auth(root.section("auth", AuthSettings), stream.api),
-        mongo=build_mongo(root.section("mongo", MongoSettings)),
-        writer=build_writer(root.section("writer", WriterSettings)),
-        spool=build_spool(root.section("spool", SpoolSettings)),
-        deadletter=build_deadletter(root.section("deadletter", DeadletterSettings)),
-        control=build_control(root.section("control", ControlSettings)),
-        metrics=build_metrics(root.section("metrics", MetricsSettings)),
-        logging=build_logging(root.section("logging", LoggingSettings)),
+        auth=build_auth(root.section("auth", schema.AuthSettings), stream.api),
+        mongo=build_mongo(root.section("mongo", schema.MongoSettings)),
+        writer=build_writer(root.section("writer", schema.WriterSettings)),
+        spool=build_spool(root.section("spool", schema.SpoolSettings)),
+        deadletter=build_deadletter(root.section("deadletter", schema.DeadletterSettings)),
+        control=build_control(root.section("control", schema.ControlSettings)),
+        metrics=build_metrics(root.section("metrics", schema.MetricsSettings)),
+        logging=build_logging(root.section("logging", schema.LoggingSettings)),
     )

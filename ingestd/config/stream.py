@@ -70,9 +70,14 @@ def _url(sec: Section) -> str:
     return url
 
 
+def _check_count(sec: Section, name: str, items: list[tuple[str, object]], limit: int,
+                 noun: str) -> None:
+    if len(items) > limit:
+        sec.error(name, f"has {len(items)} {noun}; the endpoint accepts at most {limit}")
+
+
 def _track(sec: Section, items: list[tuple[str, object]]) -> tuple[str, ...]:
-    if len(items) > MAX_TRACK:
-        sec.error("track", f"has {len(items)} phrases; the endpoint accepts at most {MAX_TRACK}")
+    _check_count(sec, "track", items, MAX_TRACK, "phrases")
     phrases = []
     for path, item in items:
         if not isinstance(item, str):
@@ -89,8 +94,7 @@ def _track(sec: Section, items: list[tuple[str, object]]) -> tuple[str, ...]:
 
 
 def _follow(sec: Section, items: list[tuple[str, object]]) -> tuple[int, ...]:
-    if len(items) > MAX_FOLLOW:
-        sec.error("follow", f"has {len(items)} ids; the endpoint accepts at most {MAX_FOLLOW}")
+    _check_count(sec, "follow", items, MAX_FOLLOW, "ids")
     ids = []
     for path, item in items:
         value = item if is_number(item) else (
@@ -104,8 +108,7 @@ def _follow(sec: Section, items: list[tuple[str, object]]) -> tuple[int, ...]:
 
 
 def _locations(sec: Section, items: list[tuple[str, object]]) -> tuple[Box, ...]:
-    if len(items) > MAX_BOXES:
-        sec.error("locations", f"has {len(items)} boxes; the endpoint accepts at most {MAX_BOXES}")
+    _check_count(sec, "locations", items, MAX_BOXES, "boxes")
     boxes = []
     for path, item in items:
         box = _box(sec.ctx, path, item)
