@@ -52,13 +52,14 @@ class StreamSettings:
     filter_level: str | None = None
     delimited: bool = False
     gzip: bool = True
-    read_timeout: float = 90.0
+    read_timeout: float = 90.0  # with api: v2, config.stream.V2_READ_TIMEOUT
     connect_timeout: float = 20.0
     ca_file: str = field(default_factory=certifi.where)
     max_message_bytes: int = 1_000_000
     api: str = "v1.1"
     backoff: BackoffSettings = field(default_factory=BackoffSettings)
     # -- v2 only (api: v2): rules synced over the rules endpoint, fields on the stream request
+    # (with api: v2 the field lists default to config.stream_v2.V2_DEFAULTS)
     rules: tuple[Rule, ...] = ()
     tweet_fields: tuple[str, ...] = ()
     expansions: tuple[str, ...] = ()
