@@ -29,14 +29,14 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ingestd.config.settings import (
+from ingestd.config.errors import Secret
+from ingestd.config.schema import (
     AuthSettings,
     ControlSettings,
     DeadletterSettings,
     LoggingSettings,
     MetricsSettings,
     MongoSettings,
-    Secret,
     Settings,
     SpoolSettings,
     StreamSettings,

@@ -85,7 +85,7 @@ def build_worker_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ingestd.config.settings import check_mongo_uri_in_child
+    from ingestd.config.mongo_uri import check_mongo_uri_in_child
     from ingestd.control.supervisor import run_supervisor
 
     check_mongo_uri_in_child()  # the supervisor never talks to MongoDB: keep pymongo out
@@ -99,7 +99,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from ingestd.control.store_role import run_store_worker
 
         return run_store_worker(args.config, args.generation)
-    from ingestd.config.settings import check_mongo_uri_in_child
+    from ingestd.config.mongo_uri import check_mongo_uri_in_child
     from ingestd.control.stream_role import run_stream_worker
 
     check_mongo_uri_in_child()  # as for the supervisor; the store worker loads pymongo anyway

@@ -32,7 +32,8 @@ import pymongo
 import pytest
 import yaml
 
-from ingestd.config.settings import ConfigError, load_settings_text
+from ingestd.config.errors import ConfigError
+from ingestd.config.settings import load_settings_text
 from ingestd.control.supervisor import Supervisor
 from tests.support.creds import CREDS
 from tests.support.daemon import Daemon, settings_doc

@@ -18,7 +18,7 @@ import orjson
 import pytest
 import yaml
 
-from ingestd.config.settings import pymongo_uri_facts
+from ingestd.config.mongo_uri import pymongo_uri_facts
 from tests.support.creds import CREDS
 from tests.support.daemon import settings_doc
 
@@ -108,7 +108,7 @@ def test_uri_verdict_from_the_child_equals_pymongo_in_process() -> None:
     """Without pymongo loaded, ``mongo.uri`` is judged by a child interpreter: same verdict."""
     done = python("""
         import sys, orjson
-        from ingestd.config.settings import check_mongo_uri_in_child, mongo_uri_facts
+        from ingestd.config.mongo_uri import check_mongo_uri_in_child, mongo_uri_facts
         check_mongo_uri_in_child()
         facts = [mongo_uri_facts(uri) for uri in orjson.loads(sys.argv[1])]
         assert "pymongo" not in sys.modules and "bson" not in sys.modules
@@ -125,7 +125,8 @@ def test_uri_child_runs_only_when_the_uri_changes(tmp_path: Path) -> None:
     done = python("""
         import subprocess, sys
         from pathlib import Path
-        from ingestd.config.settings import check_mongo_uri_in_child, load_settings
+        from ingestd.config.mongo_uri import check_mongo_uri_in_child
+        from ingestd.config.settings import load_settings
         check_mongo_uri_in_child()
         calls = []
         real_run = subprocess.run
@@ -156,7 +157,8 @@ def test_reload_with_a_bad_uri_keeps_the_old_settings_without_loading_pymongo(
     done = python("""
         import sys
         from pathlib import Path
-        from ingestd.config.settings import check_mongo_uri_in_child, load_settings_text
+        from ingestd.config.mongo_uri import check_mongo_uri_in_child
+        from ingestd.config.settings import load_settings_text
         from ingestd.control.supervisor import Supervisor
         check_mongo_uri_in_child()  # as `ingestd run` does
         config = Path(sys.argv[1])

@@ -24,7 +24,7 @@ import pymongo
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingestd.config.settings import SpoolSettings
+from ingestd.config.schema import SpoolSettings
 from ingestd.control.collector import RunStateCollector, known_labels
 from ingestd.control.metrics import BATCH_SIZE_BUCKETS, Histogram
 from ingestd.control.procstats import ProcessCollector

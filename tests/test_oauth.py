@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from oauthlib.oauth1 import RequestValidator, SignatureOnlyEndpoint  # type: ignore[import-untyped]
 from oauthlib.oauth1.rfc5849.utils import parse_authorization_header  # type: ignore[import-untyped]
 
-from ingestd.config.settings import AuthSettings, Secret
+from ingestd.config.errors import Secret
+from ingestd.config.schema import AuthSettings
 from ingestd.source.oauth import FORM_CONTENT_TYPE, encode_form, sign_request
 
 # protocol.md §5.1: Twitter's "Creating a signature" example.

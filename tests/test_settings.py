@@ -1,4 +1,4 @@
-"""settings.py: every validation rule, secrets handling, and the derived request parameters."""
+"""ingestd/config: every validation rule, the defaults, secrets handling."""
 
 from __future__ import annotations
 
@@ -11,20 +11,13 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingestd.config.settings import (
-    EXIT_CONFIG,
-    ConfigError,
-    ConfigErrors,
-    Secret,
-    Settings,
-    StreamSettings,
-    filter_diff,
-    format_coordinate,
-    load_settings,
-    load_settings_text,
-    parse_size,
-    secret_values,
-)
+from ingestd.config import schema
+from ingestd.config.errors import EXIT_CONFIG, ConfigError, ConfigErrors, Secret
+from ingestd.config.schema import Rule, Settings, StreamSettings
+from ingestd.config.settings import load_settings, load_settings_text, secret_values
+from ingestd.config.stream import V2_READ_TIMEOUT
+from ingestd.config.stream_v2 import V2_DEFAULTS
+from ingestd.config.values import parse_size, plain_number
 
 REPO = Path(__file__).resolve().parents[1]
 FILE = Path("/etc/ingestd/settings.yaml")
@@ -130,6 +123,28 @@ def test_minimal_file_gives_defaults_as_tuples() -> None:
     assert s.metrics.address() == ("127.0.0.1", 9464)
     assert Path(s.stream.ca_file).is_file()
     assert EXIT_CONFIG == 78
+
+
+def test_a_minimal_file_loads_exactly_the_schema_defaults() -> None:
+    # Defaults are written once, in the schema dataclasses: a builder that supplies its own
+    # (or reads the wrong field's) makes a section differ from the dataclass built bare.
+    s = load(doc(mongo={"database": None, "collection": None}))
+    assert s.stream == StreamSettings(url=BASE["stream"]["url"], track=("iphone", "ipad"))
+    assert s.mongo == schema.MongoSettings(uri=Secret(BASE["mongo"]["uri"]))
+    assert s.auth == schema.AuthSettings(*(Secret(value) for value in ENV.values()))
+    for name in ("writer", "spool", "deadletter", "control", "metrics", "logging"):
+        section_schema = getattr(schema, f"{name.capitalize()}Settings")
+        assert getattr(s, name) == section_schema(), name
+
+
+def test_a_minimal_v2_file_differs_from_the_schema_only_where_v2_says() -> None:
+    data = {"stream": {"url": "https://api.x.com/2/tweets/search/stream", "api": "v2",
+                       "rules": ["cat has:media"]},
+            "auth": {"bearer_token": "${BEARER}"}, "mongo": BASE["mongo"]}
+    s = load(data, {"BEARER": "bearer-canary-6666"})
+    assert s.stream == StreamSettings(
+        url=data["stream"]["url"], api="v2", rules=(Rule("cat has:media"),),
+        read_timeout=V2_READ_TIMEOUT, **V2_DEFAULTS)
 
 
 # ---------------------------------------------------------------- file-level errors
@@ -553,59 +568,14 @@ def test_state_dir_resolution(tmp_path: Path) -> None:
     assert load({**BASE, "state_dir": "rel"}).state_dir == Path("/etc/ingestd/rel")
 
 
-# ---------------------------------------------------------------- request parameters
-
-
-def test_post_params_order_and_formatting() -> None:
-    s = load(doc(stream={
-        "track": ["twitter api", "#python"], "follow": [12, 13],
-        "locations": [SF, [-74, 40, -73, 41], [1e-05, 0, 1, 1]],
-        "language": ["en", "fr"], "filter_level": "low", "delimited": True,
-    }))
-    assert s.stream.post_params() == [
-        ("track", "twitter api,#python"),
-        ("follow", "12,13"),
-        ("locations", "-122.75,36.8,-121.75,37.8,-74,40,-73,41,0.00001,0,1,1"),
-        ("language", "en,fr"),
-        ("filter_level", "low"),
-        ("delimited", "length"),
-        ("stall_warnings", "true"),
-    ]
-
-
-def test_post_params_omit_empty_ones() -> None:
-    s = load(doc(stream={"track": None, "follow": [7]}))
-    assert s.stream.post_params() == [("follow", "7"), ("stall_warnings", "true")]
+# ---------------------------------------------------------------- number formatting
 
 
 @given(st.floats(min_value=-180, max_value=180, allow_nan=False))
-def test_format_coordinate_is_exact_and_never_scientific(value: float) -> None:
-    text = format_coordinate(value)
+def test_plain_number_is_exact_and_never_scientific(value: float) -> None:
+    text = plain_number(value)
     assert "e" not in text.lower()
     assert float(text) == value
-
-
-def test_filter_key_changes_only_for_connection_relevant_keys() -> None:
-    a = load(BASE).stream
-    b = load(doc(stream={"read_timeout": 30, "backoff": {"jitter": 0.5}})).stream
-    c = load(doc(stream={"track": ["iphone", "ipad", "ipod"]})).stream
-    d = load(doc(stream={"gzip": False})).stream
-    assert a.filter_key() == b.filter_key()
-    assert len({a.filter_key(), c.filter_key(), d.filter_key()}) == 3
-
-
-def test_filter_diff_compares_as_sets() -> None:
-    old = StreamSettings(url="https://h/x", track=("a", "b"), follow=(1, 2),
-                         locations=((0.0, 0.0, 1.0, 1.0),))
-    new = StreamSettings(url="https://h/x", track=("b", "c", "a"), follow=(2,),
-                         locations=((0.0, 0.0, 1.0, 1.0), (2.0, 2.0, 3.0, 3.0)))
-    assert filter_diff(old, new) == {
-        "track": {"added": ["c"], "removed": []},
-        "follow": {"added": [], "removed": [1]},
-        "locations": {"added": [(2.0, 2.0, 3.0, 3.0)], "removed": []},
-    }
-    assert filter_diff(new, new) == {k: {"added": [], "removed": []}
-                                     for k in ("track", "follow", "locations")}
 
 
 def test_settings_are_frozen() -> None:

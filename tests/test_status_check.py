@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ingestd.config.settings import ConfigError
+from ingestd.config.errors import ConfigError
 from tests.support.creds import CREDS
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.simulator import SimProcess

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ingestd.config.settings import AuthSettings, Rule, Secret, StreamSettings
+from ingestd.config.errors import Secret
+from ingestd.config.schema import AuthSettings, Rule, StreamSettings
 from ingestd.simulator.v2_rules import RuleSyntaxError, TweetView, matches, parse_rule
 from ingestd.source.v2_rules import RulesClient, RulesError, ServerRule, diff_rules, sync_rules
 from tests.support.simulator import SimProcess

@@ -35,14 +35,14 @@ from pymongo.errors import (
     WTimeoutError,
 )
 
-from ingestd.config.settings import (
+from ingestd.config.errors import Secret
+from ingestd.config.schema import (
     AuthSettings,
     ControlSettings,
     DeadletterSettings,
     LoggingSettings,
     MetricsSettings,
     MongoSettings,
-    Secret,
     Settings,
     SpoolSettings,
     StreamSettings,
@@ -646,7 +646,7 @@ def test_write_error_summary_never_includes_the_document() -> None:
 
 
 def test_make_client_applies_write_concern_and_timeouts(mongo_uri: str) -> None:
-    from ingestd.config.settings import WriteConcernSettings
+    from ingestd.config.schema import WriteConcernSettings
     from ingestd.sink.mongo import DRIVER_EVENTS, make_client
 
     mongo = MongoSettings(uri=Secret(mongo_uri),

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ingestd.config.settings import SpoolSettings
+from ingestd.config.schema import SpoolSettings
 from ingestd.control import runstate, status
 
 if TYPE_CHECKING:

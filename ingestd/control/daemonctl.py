@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ingestd.config.settings import EXIT_CONFIG, ConfigError, ConfigErrors, Settings, load_settings
+from ingestd.config.errors import EXIT_CONFIG, ConfigError, ConfigErrors
+from ingestd.config.schema import Settings
+from ingestd.config.settings import load_settings
 from ingestd.control import runstate
 
 PIDFILE = "supervisor.pid"

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from ingestd.config.settings import Settings
+from ingestd.config.schema import Settings
 from ingestd.control import runstate, status
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ import orjson
 import structlog
 
 if TYPE_CHECKING:
-    from ingestd.config.settings import Settings
+    from ingestd.config.schema import Settings
 
 log = structlog.get_logger("ingestd.worker")
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import orjson
 
-from ingestd.config.settings import EXIT_CONFIG, ConfigError, load_settings
+from ingestd.config.errors import EXIT_CONFIG, ConfigError
+from ingestd.config.settings import load_settings
 from ingestd.control.daemonctl import locate_state_dir
 from ingestd.control.runstate import RUN_DIR, read_status
 

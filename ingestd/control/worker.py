@@ -19,14 +19,9 @@ from pathlib import Path
 
 import structlog
 
-from ingestd.config.settings import (
-    EXIT_CONFIG,
-    ConfigError,
-    Settings,
-    load_settings,
-    load_settings_text,
-    secret_values,
-)
+from ingestd.config.errors import EXIT_CONFIG, ConfigError
+from ingestd.config.schema import Settings
+from ingestd.config.settings import load_settings, load_settings_text, secret_values
 from ingestd.control.pipe import CommandReader, Reload, Reloaded
 from ingestd.logs import bind_process, configure_logging, register_secret
 

@@ -31,7 +31,7 @@ from pymongo.errors import (
     WriteError,
 )
 
-from ingestd.config.settings import MongoSettings
+from ingestd.config.schema import MongoSettings
 
 log = structlog.get_logger("ingestd.sink.mongo")
 

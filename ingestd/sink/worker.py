@@ -43,7 +43,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, PyMongoError
 
-from ingestd.config.settings import MongoSettings, Settings
+from ingestd.config.schema import MongoSettings, Settings
 from ingestd.control.metrics import (
     BATCH_SIZE_BUCKETS,
     INSERT_SECONDS_BUCKETS,

@@ -22,11 +22,12 @@ import pycurl
 import structlog
 
 from ingestd import __version__
-from ingestd.config.settings import AuthSettings, StreamSettings
+from ingestd.config.schema import AuthSettings, StreamSettings
 from ingestd.source.backoff import Backoff, Ending, Schedule
 from ingestd.source.framing import BadFrame, LengthFramer, LineFramer, Oversize
 from ingestd.source.headers import parse_header_line
 from ingestd.source.oauth import encode_form, sign_request
+from ingestd.source.request import filter_key, post_params
 from ingestd.source.v2_request import DIAGNOSE_401 as V2_DIAGNOSE_401
 from ingestd.source.v2_request import stream_request as v2_stream_request
 from ingestd.spool.log import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE, DropReason
@@ -174,7 +175,7 @@ class Reader:
 
     def reload(self, stream: StreamSettings, auth: AuthSettings, generation: int) -> None:
         """Apply new settings; reconnect (make-before-break) only if the filters changed."""
-        changed = stream.filter_key() != self.stream.filter_key() or auth != self.auth
+        changed = filter_key(stream) != filter_key(self.stream) or auth != self.auth
         self.stream, self.auth, self.generation = stream, auth, generation
         self.backoff.schedule = schedule_from(stream)
         waiting_for_reload = self.active is None and self.next_attempt_at is None
@@ -240,7 +241,7 @@ class Reader:
             curl.setopt(pycurl.HTTPGET, 1)
             curl.setopt(pycurl.HTTPHEADER, header_lines)
         else:
-            body = encode_form(stream.post_params())
+            body = encode_form(post_params(stream))
             headers = sign_request(stream.url, body, self.auth)
             headers["User-Agent"] = USER_AGENT
             curl.setopt(pycurl.URL, stream.url)

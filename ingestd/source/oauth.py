@@ -1,6 +1,6 @@
 """OAuth 1.0a request signing for `POST statuses/filter` (protocol.md §5).
 
-    body = encode_form(settings.stream.post_params())
+    body = encode_form(post_params(settings.stream))
     headers = sign_request(settings.stream.url, body, settings.auth)
     # send `body` verbatim (POSTFIELDS) with `headers`; sign again on every reconnect.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import urllib.parse
 
-from ingestd.config.settings import AuthSettings
+from ingestd.config.schema import AuthSettings
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from ingestd import __version__
-from ingestd.config.settings import AuthSettings, StreamSettings
+from ingestd.config.schema import AuthSettings, StreamSettings
+from ingestd.source.request import v2_query_params
 
 USER_AGENT = f"ingestd/{__version__}"
 RULES_SUFFIX = "/rules"
@@ -35,7 +36,7 @@ def stream_url(stream: StreamSettings) -> str:
     reconnect alike the endpoint resends what it may have sent while we were away, and ``_id``
     absorbs the duplicates (protocol.md §7.2).
     """
-    params = stream.v2_query_params(backfill=stream.backfill_minutes > 0)
+    params = v2_query_params(stream, backfill=stream.backfill_minutes > 0)
     parts = urlsplit(stream.url)
     # safe="," keeps the lists readable; the endpoint wants them comma-joined without spaces.
     query = "&".join(p for p in (parts.query, urlencode(params, safe=",")) if p)

@@ -31,7 +31,7 @@ import orjson
 import pycurl
 import structlog
 
-from ingestd.config.settings import AuthSettings, Rule, StreamSettings
+from ingestd.config.schema import AuthSettings, Rule, StreamSettings
 from ingestd.source.headers import parse_header_line
 from ingestd.source.v2_request import bearer_headers, rules_url
 

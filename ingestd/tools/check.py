@@ -14,11 +14,14 @@ from pathlib import Path
 import certifi
 import pycurl
 
-from ingestd.config.settings import EXIT_CONFIG, ConfigError, Settings, load_settings, secret_values
+from ingestd.config.errors import EXIT_CONFIG, ConfigError
+from ingestd.config.schema import Settings
+from ingestd.config.settings import load_settings, secret_values
 from ingestd.logs import register_secret, scrub_text
 from ingestd.source.connection import USER_AGENT, diagnose_401
 from ingestd.source.headers import parse_header_line
 from ingestd.source.oauth import encode_form, sign_request
+from ingestd.source.request import post_params
 
 EXIT_ONLINE_FAILED = 1
 PROBE_SECONDS = 10
@@ -122,7 +125,7 @@ def _why(detail: str) -> str:
 def check_endpoint(settings: Settings) -> bool:
     """One signed request; reports the status and, for a 401, whether the clock is to blame."""
     s = settings.stream
-    body = encode_form(s.post_params())
+    body = encode_form(post_params(s))
     headers = sign_request(s.url, body, settings.auth)
     headers["User-Agent"] = USER_AGENT
     got: dict[str, str] = {}

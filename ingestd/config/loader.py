@@ -1,0 +1,134 @@
+"""Reading settings.yaml: YAML (duplicate keys refused), `${NAME}` substitution, error collection.
+
+`${NAME}` comes from the environment, else from `$CREDENTIALS_DIRECTORY/NAME` (systemd
+credentials). Every substituted value is remembered so that no error message can echo it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ingestd.config.errors import ConfigError, ConfigErrors
+from ingestd.config.values import kind
+from ingestd.logs import MASK, scrub_userinfo
+
+
+class Missing:
+    """Sentinel: the key is absent (distinct from an explicit null)."""
+
+
+MISSING = Missing()
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class Context:
+    """Collects errors; remembers substituted values so no reason can echo them."""
+
+    def __init__(self, path: Path, env: Mapping[str, str], *, secrets: bool = True) -> None:
+        self.path = path
+        self.env = env
+        self.secrets = secrets
+        self.errors: list[ConfigError] = []
+        self.substituted: list[str] = []
+        self.unresolved: set[str] = set()  # key paths left as `${NAME}` when not resolving
+
+    def error(self, key_path: str, reason: str) -> None:
+        if key_path in self.unresolved:
+            return  # the value is a placeholder on purpose: nothing to say about it
+        for value in sorted(self.substituted, key=len, reverse=True):
+            if value:
+                reason = reason.replace(value, MASK)
+        self.errors.append(ConfigError(self.path, key_path, scrub_userinfo(reason)))
+
+    def fail(self, reason: str) -> ConfigErrors:
+        return ConfigErrors([ConfigError(self.path, "", reason)])
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag.endswith(":str"):
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, ctx: Context) -> dict[object, object]:
+    try:
+        raw: object = yaml.load(text, Loader=StrictLoader)  # a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        # Only problem/context/position: str(exc) quotes file lines, which may hold secrets.
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        detail = "; ".join(p for p in (exc.context, exc.problem) if p)
+        raise ctx.fail(f"YAML syntax error at {where}: {detail}") from None
+    except yaml.reader.ReaderError as exc:
+        where = f"character offset {exc.position}"
+        raise ctx.fail(f"YAML error at {where}: {exc.reason} (#x{exc.character:04x})") from None
+    except yaml.YAMLError as exc:
+        raise ctx.fail(f"YAML error: {type(exc).__name__}") from None
+    if raw is None:
+        raise ctx.fail("file is empty: expected a mapping with stream, auth and mongo sections")
+    if not isinstance(raw, dict):
+        raise ctx.fail(f"top level must be a mapping of sections, got {kind(raw)}")
+    return raw
+
+
+def interpolate(value: Any, path: str, ctx: Context) -> Any:
+    """Replace `${NAME}` in every string: env var NAME, else $CREDENTIALS_DIRECTORY/NAME."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, join(path, str(k)), ctx) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, f"{path}[{i}]", ctx) for i, v in enumerate(value)]
+    if isinstance(value, str):
+        return _VAR.sub(lambda m: _lookup(m.group(1), path, ctx), value)
+    return value
+
+
+def _lookup(name: str, path: str, ctx: Context) -> str:
+    if not ctx.secrets:
+        ctx.unresolved.add(path)
+        return f"${{{name}}}"
+    found = ctx.env.get(name)
+    if found is None:
+        found = _read_credential(name, path, ctx)
+    if found is None:
+        return f"${{{name}}}"  # left as is: the error above already names the key
+    ctx.substituted.append(found)
+    return found
+
+
+def _read_credential(name: str, path: str, ctx: Context) -> str | None:
+    cred_dir = ctx.env.get("CREDENTIALS_DIRECTORY")
+    missing = (f"${{{name}}} is not set: define environment variable {name} or a systemd "
+               f"credential {name} (LoadCredential=)")
+    if not cred_dir:
+        ctx.error(path, missing)
+        return None
+    try:
+        data = (Path(cred_dir) / name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        ctx.error(path, missing)
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not valid UTF-8"
+        ctx.error(path, f"cannot read credential {name} from $CREDENTIALS_DIRECTORY: {why}")
+        return None
+    return data.removesuffix("\n").removesuffix("\r")
+
+
+
+
+def join(path: str, key: str) -> str:
+    """The key path of `key` inside the mapping at `path`: "stream" + "track" → "stream.track"."""
+    return f"{path}.{key}" if path else key

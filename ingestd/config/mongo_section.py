@@ -1,0 +1,87 @@
+"""Builder of the `mongo` section: the URI (checked by pymongo's parser), names, write concern."""
+
+from __future__ import annotations
+
+from ingestd.config.errors import Secret
+from ingestd.config.loader import MISSING
+from ingestd.config.mongo_uri import uri_problems
+from ingestd.config.schema import MongoSettings, WriteConcernSettings
+from ingestd.config.section import Section
+from ingestd.config.values import kind
+
+# Keys that once existed and now do nothing → what to use instead.
+_RETIRED_MONGO_KEYS = {
+    "server_selection_timeout_ms": (
+        "has no effect and is ignored: with timeout_ms set, pymongo bounds server selection by "
+        "timeout_ms; remove it and use mongo.timeout_ms to bound a write attempt"),
+}
+_BAD_DB_CHARS = set('/\\. "$*<>:|?\x00')
+
+
+def build_mongo(sec: Section) -> MongoSettings:
+    """The `mongo` section (read with schema MongoSettings)."""
+    uri = sec.text("uri", required=True)
+    if uri and sec.key("uri") not in sec.ctx.unresolved:
+        for problem in uri_problems(uri):
+            sec.error("uri", problem)
+    database = sec.text("database")
+    collection = sec.text("collection")
+    _check_db_name(sec, database)
+    _check_collection_name(sec, database, collection)
+    return MongoSettings(
+        uri=Secret(uri),
+        database=database,
+        collection=collection,
+        write_concern=_write_concern(sec.section("write_concern", WriteConcernSettings)),
+        timeout_ms=sec.integer("timeout_ms", lo=1),
+        slow_write_seconds=sec.number("slow_write_seconds", gt=0),
+        notices=_retired_mongo_keys(sec),
+    )
+
+
+def _retired_mongo_keys(sec: Section) -> tuple[str, ...]:
+    """Notices (file, key, what to use instead) for retired keys present in ``sec``.
+
+    A warning, not an error: a settings file that was valid yesterday must still start the
+    daemon and reload into it; the key never changed what a write does.
+    """
+    notices = []
+    for key, advice in _RETIRED_MONGO_KEYS.items():
+        if sec.get(key) is not MISSING:
+            notices.append(f"{sec.ctx.path}: {sec.key(key)} {advice}")
+    return tuple(notices)
+
+
+def _check_db_name(sec: Section, name: str) -> None:
+    if not name:
+        sec.error("database", "must not be empty")
+    elif bad := sorted(set(name) & _BAD_DB_CHARS):
+        sec.error("database", f"contains characters MongoDB forbids: {''.join(bad)!r}")
+    elif len(name.encode()) >= 64:
+        sec.error("database", "must be shorter than 64 bytes")
+
+
+def _check_collection_name(sec: Section, database: str, name: str) -> None:
+    if not name:
+        sec.error("collection", "must not be empty")
+    elif "$" in name or "\x00" in name:
+        sec.error("collection", "must not contain '$' or NUL")
+    elif name.startswith("system."):
+        sec.error("collection", "must not start with 'system.' (reserved)")
+    elif name.startswith(".") or name.endswith(".") or ".." in name:
+        sec.error("collection", "must not start or end with '.', nor contain '..'")
+    elif len(f"{database}.{name}".encode()) > 255:
+        sec.error("collection", "database.collection must be at most 255 bytes")
+
+
+def _write_concern(sec: Section) -> WriteConcernSettings:
+    raw = sec.get("w")
+    w: int | str = sec.default("w")
+    if raw == "majority" or (isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1):
+        w = raw
+    elif raw == 0 and not isinstance(raw, bool):
+        # The spool is acknowledged only after MongoDB confirms a write; w=0 never confirms.
+        sec.error("w", "0 (unacknowledged writes) is not allowed: tweets could be lost")
+    elif raw is not MISSING:
+        sec.error("w", f"must be an integer >= 1 or 'majority', got {kind(raw)}")
+    return WriteConcernSettings(w=w, j=sec.boolean("j"))

@@ -1,0 +1,176 @@
+"""The schema of settings.yaml: one frozen dataclass per section.
+
+Each optional key's default is written once, here: the section builders read it from these
+fields (`Section.default`), and tests/test_settings.py checks that a minimal file loads into
+exactly these defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import certifi
+
+from ingestd.config.errors import Secret
+from ingestd.logs import scrub_userinfo
+
+Box = tuple[float, float, float, float]  # west, south, east, north (degrees)
+
+
+@dataclass(frozen=True)
+class BackoffSettings:
+    """Reconnect back-off (protocol.md §4.2): linear for network errors, exponential for HTTP."""
+
+    network_start: float = 0.25
+    network_step: float = 0.25
+    network_cap: float = 16.0
+    http_start: float = 5.0
+    http_cap: float = 320.0
+    rate_limit_start: float = 60.0
+    rate_limit_cap: float = 960.0
+    reconnect_delay: float = 1.0
+    max_attempts_per_minute: int = 6
+    jitter: float = 0.1
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One X API v2 filtered-stream rule as configured (protocol.md §7.3)."""
+
+    value: str
+    tag: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    url: str
+    track: tuple[str, ...] = ()
+    follow: tuple[int, ...] = ()
+    locations: tuple[Box, ...] = ()
+    language: tuple[str, ...] = ()
+    filter_level: str | None = None
+    delimited: bool = False
+    gzip: bool = True
+    read_timeout: float = 90.0  # with api: v2, config.stream.V2_READ_TIMEOUT
+    connect_timeout: float = 20.0
+    ca_file: str = field(default_factory=certifi.where)
+    max_message_bytes: int = 1_000_000
+    api: str = "v1.1"
+    backoff: BackoffSettings = field(default_factory=BackoffSettings)
+    # -- v2 only (api: v2): rules synced over the rules endpoint, fields on the stream request
+    # (with api: v2 the field lists default to config.stream_v2.V2_DEFAULTS)
+    rules: tuple[Rule, ...] = ()
+    tweet_fields: tuple[str, ...] = ()
+    expansions: tuple[str, ...] = ()
+    user_fields: tuple[str, ...] = ()
+    place_fields: tuple[str, ...] = ()
+    backfill_minutes: int = 0
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    consumer_key: Secret
+    consumer_secret: Secret
+    access_token: Secret
+    access_token_secret: Secret
+    bearer_token: Secret = field(default_factory=lambda: Secret(""))  # v2 (OAuth 2.0 app-only)
+
+
+@dataclass(frozen=True)
+class WriteConcernSettings:
+    w: int | str = 1
+    j: bool = False
+
+
+@dataclass(frozen=True)
+class MongoSettings:
+    uri: Secret
+    database: str = "twitter"
+    collection: str = "tweets"
+    write_concern: WriteConcernSettings = field(default_factory=WriteConcernSettings)
+    timeout_ms: int = 30_000
+    slow_write_seconds: float = 10.0
+    # Messages about keys that are accepted but do nothing (logged by the store worker; a
+    # daemon being reloaded must not fail on them). Not part of the target's identity.
+    notices: tuple[str, ...] = field(default=(), compare=False)
+
+    def display_uri(self) -> str:
+        """The URI with `user:pass@` replaced by `***@`, safe to log."""
+        return scrub_userinfo(self.uri.reveal())
+
+
+@dataclass(frozen=True)
+class WriterSettings:
+    batch_size: int = 1000
+    flush_interval: float = 0.5
+    apply_deletes: bool = True
+    encoder_process: bool = True
+    retry_start: float = 0.5
+    retry_cap: float = 30.0
+
+
+@dataclass(frozen=True)
+class SpoolSettings:
+    max_bytes: int = 1 << 30
+    max_records: int = 2_000_000
+    segment_bytes: int = 64 << 20
+    fsync_interval: float = 0.2
+    when_full: str = "block"
+
+
+@dataclass(frozen=True)
+class DeadletterSettings:
+    max_bytes: int = 256 << 20
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    stop_timeout: float = 10.0
+    heartbeat_timeout: float = 30.0
+    crash_loop_restarts: int = 5
+    crash_loop_window: float = 60.0
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen: str | None = "127.0.0.1:9464"
+
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to bind, IPv6 brackets removed; None when metrics are disabled."""
+        return None if self.listen is None else split_listen(self.listen)
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "info"
+    format: str = "auto"
+    error_interval: float = 10.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    path: Path
+    state_dir: Path
+    stream: StreamSettings
+    auth: AuthSettings
+    mongo: MongoSettings
+    writer: WriterSettings
+    spool: SpoolSettings
+    deadletter: DeadletterSettings
+    control: ControlSettings
+    metrics: MetricsSettings
+    logging: LoggingSettings
+
+
+def split_listen(listen: str) -> tuple[str, int] | None:
+    """'host:port' or '[v6]:port' → (host, port); None when malformed."""
+    host, sep, port = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        return None  # bare IPv6 needs brackets to find the port
+    if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        return None
+    return host, int(port)
+

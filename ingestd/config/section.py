@@ -1,0 +1,188 @@
+"""`Section`: typed, error-collecting access to one mapping of settings.yaml.
+
+A getter that meets a bad value records "<key.path>: <reason>" and carries on with the default,
+so one load reports every problem. The default of a key is read from the section's schema
+dataclass (ingestd/config/schema.py), where it is written once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ingestd.config.loader import MISSING, Context, join
+from ingestd.config.values import is_int, is_number, kind, parse_size, plain_number
+
+
+@functools.cache
+def _schema_fields(schema: type) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(schema)}
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else plain_number(value)
+
+
+class Section:
+    """One YAML mapping at key path `path`, read by the builder of `schema`; unknown keys are
+    reported by finish().
+
+    Each getter's ``default`` (used when the key is absent or invalid) is the schema field's
+    default unless given: pass one only where it is not a field default (a placeholder, or a
+    default that depends on another key).
+    """
+
+    def __init__(self, ctx: Context, path: str, raw: object, schema: type | None = None) -> None:
+        self.ctx = ctx
+        self.path = path
+        self.schema = schema
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            ctx.error(path, f"must be a mapping, got {kind(raw)}")
+            raw = {}
+        self._raw: dict[object, object] = raw
+        self._known: list[str] = []
+        self._children: list[Section] = []
+
+    def key(self, name: str) -> str:
+        return join(self.path, name)
+
+    def error(self, name: str, reason: str) -> None:
+        self.ctx.error(self.key(name), reason)
+
+    def default(self, name: str) -> Any:
+        """The schema's default for `name` (a builder asking for one that has none is a bug)."""
+        found = _schema_fields(self.schema).get(name) if self.schema else None
+        if found is not None and found.default is not dataclasses.MISSING:
+            return found.default
+        if found is not None and found.default_factory is not dataclasses.MISSING:
+            return found.default_factory()
+        raise LookupError(f"no schema default for {self.key(name)}")
+
+    def get(self, name: str) -> object:
+        self._known.append(name)
+        return self._raw.get(name, MISSING)
+
+    def is_set(self, name: str) -> bool:
+        """Whether the key holds something other than absent/null/empty/false/'none'."""
+        value = self._raw.get(name)
+        return value not in (None, False, "none") and value != []
+
+    def section(self, name: str, schema: type | None = None) -> Section:
+        raw = self.get(name)
+        child = Section(self.ctx, self.key(name), None if raw is MISSING else raw, schema)
+        self._children.append(child)
+        return child
+
+    def finish(self) -> None:
+        for key in self._raw:
+            if key not in self._known:
+                self.ctx.error(self.key(str(key)), self._unknown_reason(key))
+        for child in self._children:
+            child.finish()
+
+    def _unknown_reason(self, key: object) -> str:
+        import difflib  # error path only: the daemons do not carry it
+
+        close = difflib.get_close_matches(str(key), self._known, n=1, cutoff=0.6)
+        if close:
+            return f"unknown key; did you mean {close[0]!r}?"
+        return f"unknown key (known keys: {', '.join(sorted(set(self._known)))})"
+
+    # -- typed getters: on error they record it and return the default
+
+    def _fallback(self, name: str, default: Any) -> Any:
+        return self.default(name) if default is MISSING else default
+
+    def _typed(self, name: str, default: Any, ok: Callable[[object], bool], what: str,
+               *, nullable: bool = False, required: bool = False) -> Any:
+        value = self.get(name)
+        if value is MISSING:
+            if required:
+                self.error(name, "required key is missing")
+            return default
+        if value is None and nullable:
+            return None
+        if not ok(value):
+            self.error(name, f"must be {what}, got {kind(value)}")
+            return default
+        return value
+
+    def boolean(self, name: str, *, default: Any = MISSING) -> bool:
+        default = self._fallback(name, default)
+        return bool(self._typed(name, default, lambda v: isinstance(v, bool), "true or false"))
+
+    def integer(self, name: str, lo: int | None = None, hi: int | None = None, *,
+                default: Any = MISSING) -> int:
+        default = self._fallback(name, default)
+        value: int = self._typed(name, default, is_int, "an integer")
+        return value if self._in_range(name, value, lo, hi) else default
+
+    def number(self, name: str, *, gt: float | None = None, lo: float | None = None,
+               hi: float | None = None, default: Any = MISSING) -> float:
+        default = self._fallback(name, default)
+        value = float(self._typed(name, default, is_number, "a number"))
+        if gt is not None and not value > gt:
+            self.error(name, f"must be > {_num(gt)}, got {_num(value)}")
+            return float(default)
+        return value if self._in_range(name, value, lo, hi) else float(default)
+
+    def _in_range(self, name: str, value: float, lo: float | None, hi: float | None) -> bool:
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            if lo is not None and hi is not None:
+                bounds = f"between {_num(lo)} and {_num(hi)}"
+            else:
+                bounds = f">= {_num(lo)}" if lo is not None else f"<= {_num(hi)}"
+            self.error(name, f"must be {bounds}, got {_num(value)}")
+            return False
+        return True
+
+    def text(self, name: str, *, choices: Sequence[str] = (), required: bool = False,
+             default: Any = MISSING) -> str:
+        # A required key has no default: "" stands in while its error is reported.
+        default = "" if required else self._fallback(name, default)
+        value = self._typed(name, default, lambda v: isinstance(v, str), "a string",
+                            required=required)
+        if required and self._raw.get(name) == "":
+            self.error(name, "must not be empty")
+        return str(value) if self._choice_ok(name, value, choices) else str(default)
+
+    def optional_text(self, name: str, *, choices: Sequence[str] = (),
+                      default: Any = MISSING) -> str | None:
+        default = self._fallback(name, default)
+        value = self._typed(name, default, lambda v: isinstance(v, str), "a string or null",
+                            nullable=True)
+        if value is None:
+            return None
+        return str(value) if self._choice_ok(name, value, choices) else default
+
+    def _choice_ok(self, name: str, value: object, choices: Sequence[str]) -> bool:
+        if choices and value not in choices:
+            self.error(name, f"must be one of {', '.join(choices)}; got {value!r}")
+            return False
+        return True
+
+    def items(self, name: str) -> list[tuple[str, object]]:
+        """(key path, value) of each list item; absent or null means an empty list."""
+        value = self.get(name)
+        if value is MISSING or value is None:
+            return []
+        if not isinstance(value, list):
+            self.error(name, f"must be a list, got {kind(value)}")
+            return []
+        return [(f"{self.key(name)}[{i}]", item) for i, item in enumerate(value)]
+
+    def size(self, name: str) -> int:
+        value = self.get(name)
+        if value is MISSING:
+            return int(self.default(name))
+        parsed = parse_size(value)
+        if parsed is None:
+            self.error(name, f"must be a positive size in bytes or a string like '64MiB' "
+                             f"(units B, KB, MB, GB, KiB, MiB, GiB), got {kind(value)}"
+                             + (f" {value!r}" if isinstance(value, str) else ""))
+            return int(self.default(name))
+        return parsed
