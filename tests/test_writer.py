@@ -56,6 +56,7 @@ from ingestd.spool.log import (
     KIND_MESSAGE,
     KIND_OVERSIZE,
     KIND_PARTIAL,
+    Checkpoint,
     Record,
     SpoolReader,
     SpoolWriter,
@@ -105,6 +106,8 @@ class FakeSpool:
         self.records: list[Record] = []
         self.pos = 0
         self.acked_seq = 0
+        self.acked: Checkpoint | None = None  # SpoolReader's checkpoint at start: a fresh spool
+        self.checkpoint_resets = 0
         self.on_ack: Callable[[Record], None] | None = None
         self._cond = threading.Condition()
 

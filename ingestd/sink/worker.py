@@ -79,7 +79,14 @@ from ingestd.sink.mongo import (
     short_reason,
     write_error_summary,
 )
-from ingestd.spool.log import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE, KIND_PARTIAL, Record
+from ingestd.spool.log import (
+    KIND_BADFRAME,
+    KIND_MESSAGE,
+    KIND_OVERSIZE,
+    KIND_PARTIAL,
+    Checkpoint,
+    Record,
+)
 
 log = structlog.get_logger("ingestd.sink.worker")
 
@@ -112,6 +119,10 @@ ENCODER_RESTART_INTERVAL = 10.0  # seconds between restarts of a lost encoder ch
 class SpoolSource(Protocol):
     """What the writer needs from ``ingestd.spool.log.SpoolReader``."""
 
+    @property
+    def acked(self) -> Checkpoint | None: ...
+    @property
+    def checkpoint_resets(self) -> int: ...
     def read(self, max_records: int, max_bytes: int) -> list[Record]: ...
     def wait_for_data(self, timeout: float) -> object: ...
     def ack(self, record: Record) -> None: ...
@@ -214,6 +225,8 @@ class StoreWorker:
         self._reader = spool_reader
         self._factory = collection_factory
         self._deadletters = deadletters
+        if spool_reader.acked is None or spool_reader.checkpoint_resets:
+            deadletters.forget_spool()  # the spool's seqs may have started again
         self._rng = rng or random.Random()
         self._collection = collection_factory(settings.mongo)
         self._target_ready = False  # tombstones loaded for this target
@@ -553,6 +566,9 @@ class StoreWorker:
         The spool is acked past a dead letter only once it is on disk, so waiting here loses
         nothing: the spool keeps absorbing the stream meanwhile.
         """
+        if self._deadletters.holds(record.seq):
+            log.info("dead_letter_replayed", reason=reason, seq=record.seq)
+            return  # written before a crash that came ahead of the spool checkpoint
         attempt = 0
         while True:
             try:
