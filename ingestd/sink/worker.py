@@ -251,6 +251,8 @@ class StoreWorker:
         self._drain_deadline: Callable[[], float | None] = lambda: None
         self._next_tick = 0.0
         self._init_counters()
+        # Nothing read yet: all up to the checkpoint is resolved (the in-flight gauge reads this).
+        self.read_seq = spool_reader.acked.seq if spool_reader.acked else 0
 
     def _init_counters(self) -> None:
         self.records_read = self.stored = self.duplicates = 0
