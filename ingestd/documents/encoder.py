@@ -30,17 +30,14 @@ from array import array
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeAlias
+from typing import Any, Literal, NamedTuple, Protocol, TypeAlias
 
 import bson
 import orjson
 from bson.errors import InvalidDocument
 
 from ingestd.documents.matching import Box, Matched, Matcher
-from ingestd.documents.messages import InvalidTweet, classify, tweet_document
-
-if TYPE_CHECKING:  # the child process does not import the dead-letter store
-    from ingestd.sink.deadletter import MessageReason
+from ingestd.documents.messages import InvalidTweet, MessageReason, classify, tweet_document
 
 MAX_BSON_SIZE = 16 * 1024 * 1024
 PIPE_BYTES = 1 << 20
@@ -224,7 +221,7 @@ def _unpack_jobs(header: bytes, blob: bytes) -> list[Job]:
     return jobs
 
 
-DeadReason: TypeAlias = "MessageReason | Literal['']"
+DeadReason: TypeAlias = MessageReason | Literal[""]
 DeadEntry: TypeAlias = "tuple[int, DeadReason, str]"
 ResultHeader: TypeAlias = "tuple[bytes, bytes, bytes, bytes, bytes, list[DeadEntry]]"
 

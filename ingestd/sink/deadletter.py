@@ -26,19 +26,15 @@ import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import orjson
 import structlog
 
-# Why a message is dead-lettered: the one list of reasons (the store worker's calls are checked
-# against it by mypy; the metrics start a series at 0 for each). A control message MongoDB
-# rejected is dead-lettered too, but counted with the control messages.
-MessageReason = Literal["invalid_json", "invalid_utf8", "not_an_object", "invalid_control",
-                        "invalid_tweet", "unencodable", "mongo_rejected", "oversize",
-                        "bad_frame", "partial_message"]
+from ingestd.documents.messages import MessageReason
+
+# A control message MongoDB rejected is dead-lettered too, but counted with the control messages.
 Reason = MessageReason | Literal["control_rejected"]
-MESSAGE_REASONS: tuple[MessageReason, ...] = get_args(MessageReason)
 
 RAW_CAP = 64 * 1024
 DETAIL_CAP = 1024

@@ -44,12 +44,6 @@ from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from ingestd.config.settings import MongoSettings, Settings
-from ingestd.control.metrics import (
-    BATCH_SIZE_BUCKETS,
-    INSERT_SECONDS_BUCKETS,
-    LATENCY_SECONDS_BUCKETS,
-    Histogram,
-)
 from ingestd.documents.encoder import (
     DEAD,
     MAX_BSON_SIZE,
@@ -63,9 +57,21 @@ from ingestd.documents.encoder import (
     received_at,
 )
 from ingestd.documents.matching import Matcher
-from ingestd.documents.messages import InvalidTweet, SkipReason, classify, parse_id
+from ingestd.documents.messages import (
+    InvalidTweet,
+    MessageReason,
+    SkipReason,
+    classify,
+    parse_id,
+)
 from ingestd.documents.v2_messages import V2_TWEET, v2_document, v2_kind
-from ingestd.sink.deadletter import DeadLetterStore, MessageReason, Reason
+from ingestd.sink.deadletter import DeadLetterStore, Reason
+from ingestd.sink.histogram import (
+    BATCH_SIZE_BUCKETS,
+    INSERT_SECONDS_BUCKETS,
+    LATENCY_SECONDS_BUCKETS,
+    Histogram,
+)
 from ingestd.sink.mongo import (
     DRIVER_EVENTS,
     DUPLICATE_KEY,
