@@ -49,7 +49,6 @@ from ingestd.documents.encoder import (
     MAX_BSON_SIZE,
     PUNT,
     Encoded,
-    EncoderProcess,
     MatcherSpec,
     encode,
     encode_document,
@@ -66,6 +65,7 @@ from ingestd.documents.messages import (
 )
 from ingestd.documents.v2_messages import V2_TWEET, v2_document, v2_kind
 from ingestd.sink.deadletter import DeadLetterStore, Reason
+from ingestd.sink.encoder_pool import EncoderProcess
 from ingestd.sink.histogram import (
     BATCH_SIZE_BUCKETS,
     INSERT_SECONDS_BUCKETS,
