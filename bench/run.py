@@ -139,7 +139,7 @@ def role_of(proc: psutil.Process) -> str:
         cmd = proc.cmdline()
     except psutil.Error:
         return "?"
-    if any("ingestd.documents.encoder" in part for part in cmd):
+    if any("ingestd.sink.encoder_pool" in part for part in cmd):
         return "encoder"
     return cmd[cmd.index("--role") + 1] if "--role" in cmd else "supervisor"
 

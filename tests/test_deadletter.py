@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import base64
+import os
+import signal
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from ingestd.sink.deadletter import RAW_CAP, DeadLetterStore
+from ingestd.sink.mongo import open_collection
+from ingestd.sink.worker import StoreWorker
+from ingestd.spool.log import KIND_MESSAGE, SpoolReader, SpoolWriter
+from tests.support.daemon import Daemon, settings_doc
+from tests.support.simulator import SimProcess
+from tests.support.wait import wait_until
+from tests.test_writer import make_settings
 
 
 def put(store: DeadLetterStore, raw: bytes, reason: str = "invalid_json", seq: int = 1) -> None:
@@ -86,3 +96,111 @@ def test_raw_never_reaches_the_log(tmp_path: Path, capsys: pytest.CaptureFixture
     put(store, b"SECRET-PAYLOAD-CONTENT")
     out = capsys.readouterr()
     assert "SECRET-PAYLOAD-CONTENT" not in out.out + out.err
+
+
+# ---------------------------------------------------------------- exactly once per spool record
+
+
+def bad_records(spool: Path, payloads: list[bytes]) -> None:
+    writer = SpoolWriter(spool, max_bytes=1 << 30, max_records=1 << 20)
+    writer.append([(KIND_MESSAGE, p) for p in payloads], conn_id=1, generation=0, recv_ns=1)
+    writer.close()
+
+
+def drain(tmp_path: Path, mongo_uri: str, reader: SpoolReader) -> dict[str, Any]:
+    """One store worker's life on the spool: drain it; the reader is left as a crash leaves it."""
+    settings = make_settings(mongo_uri, "deadletter_once")
+    dead = DeadLetterStore(tmp_path / "dead", 1 << 20)
+    worker = StoreWorker(settings, reader, open_collection, dead, encoder_process=False)
+    try:
+        assert worker.run(lambda: True, lambda: None, lambda: None)
+        return worker.counters()
+    finally:
+        worker.close()
+        dead.close()
+
+
+def test_a_replayed_record_is_not_dead_lettered_twice(tmp_path: Path, mongo_uri: str) -> None:
+    spool = tmp_path / "spool"
+    bad_records(spool, [b'{"a": 1'])
+    first = SpoolReader(spool)
+    drain(tmp_path, mongo_uri, first)
+    first.close()  # checkpoint at seq 1
+    bad_records(spool, [b'{"b": 2'])
+    # Acks coalesced for an hour: seq 2 is dead-lettered, its ack never reaches the disk.
+    crashed = SpoolReader(spool, checkpoint_interval=3600)
+    assert drain(tmp_path, mongo_uri, crashed)["deadlettered"] == {"invalid_json": 1}
+    assert crashed.checkpoint_pending
+    replay = SpoolReader(spool)
+    counters = drain(tmp_path, mongo_uri, replay)
+    replay.close()
+    assert counters["records_read"] == 1  # seq 2 again: counted where it went, written once
+    assert counters["deadlettered"] == {"invalid_json": 1}
+    entries = list(DeadLetterStore(tmp_path / "dead", 1 << 20).iter_entries())
+    assert [(e["seq"], e["raw"]) for e in entries] == [(1, '{"a": 1'), (2, '{"b": 2')]
+
+
+def test_a_new_spool_is_not_mistaken_for_a_replay(tmp_path: Path, mongo_uri: str) -> None:
+    bad_records(tmp_path / "old", [b"x1", b"x2", b"x3"])
+    drain(tmp_path, mongo_uri, SpoolReader(tmp_path / "old"))
+    # The spool is replaced by an empty one: seqs start at 1 again, no checkpoint yet.
+    bad_records(tmp_path / "new", [b"y1", b"y2"])
+    drain(tmp_path, mongo_uri, SpoolReader(tmp_path / "new"))
+    entries = list(DeadLetterStore(tmp_path / "dead", 1 << 20).iter_entries())
+    assert [(e["seq"], e["raw"]) for e in entries] == [
+        (1, "x1"), (2, "x2"), (3, "x3"), (1, "y1"), (2, "y2")]
+
+
+def test_the_newest_entry_s_seq_is_read_back_past_a_torn_tail(tmp_path: Path) -> None:
+    store = DeadLetterStore(tmp_path, 1 << 20)
+    put(store, b"a", seq=7)
+    put(store, b"b", seq=8)
+    store.close()
+    (path,) = tmp_path.glob("deadletter-*.jsonl")
+    with path.open("ab") as f:
+        f.write(b'{"time": "2024-')  # a crash in the middle of a line
+    again = DeadLetterStore(tmp_path, 1 << 20)
+    assert again.holds(8) and not again.holds(9)
+    again.forget_spool()
+    assert not DeadLetterStore(tmp_path, 1 << 20).holds(1)
+    put(again, b"c", seq=2)
+    assert DeadLetterStore(tmp_path, 1 << 20).holds(2)
+
+
+# ---------------------------------------------------------------- the real daemon
+
+
+def test_a_record_is_dead_lettered_once_however_often_the_store_worker_is_killed(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    # The bad line comes last, with tweets in its batch: the store worker is killed as soon as
+    # its dead letter is on disk (before the batch, and the bad line's spool ack, are stored),
+    # then twice more once its successor runs; the daemon's stop then drains the spool.
+    script = [[{"deliver": 150}, {"bad_lines": ["truncated_json"]}, {"keepalive_only": 600}]]
+    sim = SimProcess(tmp_path / "sim", "--rate", "0", "--max-tweets", "150", "--keepalive", "1",
+                     "--seed", "3", script=script).start()
+    daemon = Daemon(tmp_path / "daemon", settings_doc(sim.url, mongo_uri, mongo_database))
+    dead_dir = daemon.state_dir / "deadletter"
+    try:
+        daemon.start().wait_ready()
+        wait_until(lambda: any(f.read_bytes().endswith(b"\n") for f in dead_dir.glob("*.jsonl")),
+                   60, "the bad line's dead letter", interval=0.005)
+        for n in range(1, 4):
+            kill_store_worker(daemon, n)
+        code, _ = daemon.stop()
+    finally:
+        daemon.kill()
+        sim.stop()
+    assert code == 0
+    assert len(sim.ground_truth().of("bad_line")) == 1
+    entries = list(DeadLetterStore(dead_dir, 1 << 20).iter_entries())
+    assert [(e["reason"], e["seq"]) for e in entries] == [("invalid_json", entries[0]["seq"])]
+
+
+def kill_store_worker(daemon: Daemon, n: int) -> None:
+    """SIGKILL the store worker and wait for its successor to publish that it runs."""
+    pid = daemon.worker_pid("store")
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: daemon.status("supervisor").get("restarts", {}).get("store") == n, 30,
+               f"store worker restart {n}")
+    wait_until(lambda: daemon.status("store").get("pid") not in (None, pid)
+               and daemon.status("store").get("state") == "running", 30, "a new store worker")

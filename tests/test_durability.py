@@ -249,7 +249,7 @@ def encoder_child(daemon: Daemon) -> psutil.Process | None:
     store = psutil.Process(int(daemon.status("store")["pid"]))
     for child in store.children():
         with contextlib.suppress(psutil.Error):
-            if any("ingestd.documents.encoder" in part for part in child.cmdline()):
+            if any("ingestd.sink.encoder_pool" in part for part in child.cmdline()):
                 return child
     return None
 

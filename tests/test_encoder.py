@@ -11,8 +11,9 @@ import bson
 import orjson
 import pytest
 
-from ingestd.documents.encoder import DEAD, OK, PUNT, Encoded, EncoderProcess, Job, encode
+from ingestd.documents.encoder import DEAD, OK, PUNT, Encoded, encode
 from ingestd.documents.matching import Matcher
+from ingestd.sink.encoder_pool import EncoderProcess, Job
 
 SPEC = (["beatles", "covid vaccine", "#music"], [783214, 12], [(-180.0, -90.0, 180.0, 90.0)])
 SNOW = 1_400_000_000_000_000_000

@@ -27,7 +27,7 @@ MONGO = ("pymongo", "bson")
 NOT_IN_SUPERVISOR = (*MONGO, "pycurl", "oauthlib", "ingestd.simulator", "ingestd.sink.worker")
 NOT_IN_STREAM = (*MONGO, "prometheus_client", "http.server", "ingestd.simulator",
                  "ingestd.sink.worker", "ingestd.control.metrics")
-NOT_IN_STORE = ("prometheus_client", "http.server", "ingestd.simulator")
+NOT_IN_STORE = ("prometheus_client", "http.server", "ingestd.simulator", "ingestd.control.metrics")
 
 # Each role through its real entry point (``python -m ingestd run|worker``) up to where it would
 # loop: the supervisor with its metrics listener and settings check done, the stream worker until

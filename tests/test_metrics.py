@@ -26,9 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ingestd.config.schema import SpoolSettings
 from ingestd.control.collector import RunStateCollector, known_labels
-from ingestd.control.metrics import BATCH_SIZE_BUCKETS, Histogram
 from ingestd.control.procstats import ProcessCollector
 from ingestd.control.runstate import run_dir, write_status
+from ingestd.sink.histogram import BATCH_SIZE_BUCKETS, Histogram
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until

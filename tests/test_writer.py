@@ -48,6 +48,7 @@ from ingestd.config.schema import (
     StreamSettings,
     WriterSettings,
 )
+from ingestd.control.collector import in_flight
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.sink.mongo import ErrorClass, classify_error, open_collection, write_error_summary
 from ingestd.sink.worker import StoreWorker
@@ -56,6 +57,7 @@ from ingestd.spool.log import (
     KIND_MESSAGE,
     KIND_OVERSIZE,
     KIND_PARTIAL,
+    Checkpoint,
     Record,
     SpoolReader,
     SpoolWriter,
@@ -105,6 +107,8 @@ class FakeSpool:
         self.records: list[Record] = []
         self.pos = 0
         self.acked_seq = 0
+        self.acked: Checkpoint | None = None  # SpoolReader's checkpoint at start: a fresh spool
+        self.checkpoint_resets = 0
         self.on_ack: Callable[[Record], None] | None = None
         self._cond = threading.Condition()
 
@@ -777,3 +781,27 @@ def test_dead_letter_disk_full_is_retried_not_lost(harness_factory: Callable[...
     assert c["retries"] == 2 and c["deadlettered"] == {"invalid_json": 1} and reconciles(c)
     assert any(s.startswith("degraded: dead-letter store unwritable (ENOSPC)") for s in h.ticks)
     assert h.spool.acked_seq == 2
+
+
+def test_a_restarted_worker_reports_nothing_in_flight_before_it_reads(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    # read_seq feeds ingestd_messages_in_flight: a worker started on a spool stored up to its
+    # checkpoint, with nothing new to read, must not report everything ever received as unread.
+    spool = tmp_path / "spool"
+    writer = SpoolWriter(spool, max_bytes=1 << 30, max_records=1 << 20)
+    writer.append([(KIND_MESSAGE, b'{"x": 1'), (KIND_MESSAGE, b"[]")], 1, 0, 1)
+    writer.close()
+    settings = make_settings(mongo_uri, mongo_database)
+    for expected_read in (2, 0):  # the first worker reads and acks both; the next one is idle
+        reader = SpoolReader(spool)
+        dead = DeadLetterStore(tmp_path / "dead", 1 << 20)
+        worker = StoreWorker(settings, reader, open_collection, dead, encoder_process=False)
+        try:
+            assert worker.run(lambda: True, lambda: None, lambda: None)
+        finally:
+            worker.close()
+            dead.close()
+            reader.close()
+        counters = worker.counters()
+        assert (counters["records_read"], counters["read_seq"]) == (expected_read, 2)
+        assert in_flight({"spool": {"next_seq": writer.next_seq}}, counters) == 0

@@ -157,8 +157,7 @@ def known_labels() -> dict[str, tuple[str, ...]]:
     on first scrape: they pull in modules of every stage.
     """
     from ingestd.control.workers import ROLES
-    from ingestd.documents.messages import CONTROL_TYPES, SKIP_REASONS
-    from ingestd.sink.deadletter import MESSAGE_REASONS
+    from ingestd.documents.messages import CONTROL_TYPES, MESSAGE_REASONS, SKIP_REASONS
     from ingestd.source.backoff import Ending
     from ingestd.spool.log import DROP_REASONS
 

@@ -1,26 +1,25 @@
 """The supervisor's HTTP listener: ``/metrics`` (families from ``collector.RunStateCollector`` and
 ``procstats.ProcessCollector``) and ``/healthz`` (``status.collect``), on a daemon thread.
 
-``Histogram`` is the accumulator the store worker publishes bucket counts with (``as_dict()`` goes
-into ``run/store.json`` under ``"hist"``); the collector turns those into histogram families.
+The store worker publishes bucket counts (``ingestd.sink.histogram``) in ``run/store.json`` under
+``"hist"``; the collector turns those into histogram families.
 
     server = start_metrics_server(settings)   # None when metrics.listen is null
     ...
     server.close()
 
-The store worker imports this module for ``Histogram`` only, so prometheus_client and http.server
-(~2 MB of RSS) are imported where the families and the listener are built, not at module level.
+Only the supervisor imports this module; prometheus_client and http.server are still imported
+where the families and the listener are built, so importing it stays cheap.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import functools
 import os
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,35 +36,6 @@ log = structlog.get_logger("ingestd.control.metrics")
 
 HTTP_TIMEOUT = 10.0  # seconds a scraper may take to send its request: no thread is held forever
 
-BATCH_SIZE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
-INSERT_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                          5.0, 10.0, 30.0, 60.0)
-LATENCY_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                           60.0, 300.0, 900.0, 3600.0)
-
-
-class Histogram:
-    """A Prometheus-style histogram accumulator that a worker can publish as plain JSON.
-
-    ``counts[i]`` is the number of observations ``<= buckets[i]`` and ``> buckets[i-1]`` (not
-    cumulative); the extra last count is for values above the largest bound (``+Inf``).
-    """
-
-    def __init__(self, buckets: Sequence[float]) -> None:
-        self.buckets = sorted(float(b) for b in buckets)
-        self.counts = [0] * (len(self.buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        # bisect_left: a value equal to a bound belongs to that bound's bucket (le = "<=").
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"buckets": list(self.buckets), "counts": list(self.counts),
-                "sum": round(self.sum, 6), "count": self.count}
 
 
 # -- the HTTP listener -----------------------------------------------------------------------------

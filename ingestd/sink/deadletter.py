@@ -8,6 +8,13 @@ evidence lines have their own allowance (``evidence_bytes``); past it a dead let
 (``lines_dropped``) and logged, so the files never exceed ``max_bytes + evidence_bytes``.
 A write that fails (disk full) is cut back off the file and raised: the caller keeps the message.
 Raw bytes are never logged, only written here.
+
+Exactly once per spool record: the spool checkpoint is written after the dead letter, so a store
+worker killed in between replays the record. Spool seqs only grow within one spool, so the newest
+entry's seq (read back at start: it is as durable as the entry) says what is already here, and
+``holds(seq)`` lets the store worker skip a replay. When the spool cannot vouch for its seqs (no
+checkpoint, or a reset one) the store worker calls ``forget_spool``: ``spool-reset`` then marks the
+end of the files, and only entries written after it count.
 """
 
 from __future__ import annotations
@@ -19,24 +26,22 @@ import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import orjson
 import structlog
 
-# Why a message is dead-lettered: the one list of reasons (the store worker's calls are checked
-# against it by mypy; the metrics start a series at 0 for each). A control message MongoDB
-# rejected is dead-lettered too, but counted with the control messages.
-MessageReason = Literal["invalid_json", "invalid_utf8", "not_an_object", "invalid_control",
-                        "invalid_tweet", "unencodable", "mongo_rejected", "oversize",
-                        "bad_frame", "partial_message"]
+from ingestd.documents.messages import MessageReason
+
+# A control message MongoDB rejected is dead-lettered too, but counted with the control messages.
 Reason = MessageReason | Literal["control_rejected"]
-MESSAGE_REASONS: tuple[MessageReason, ...] = get_args(MessageReason)
 
 RAW_CAP = 64 * 1024
 DETAIL_CAP = 1024
 MIN_EVIDENCE_BYTES = 1 << 20
 FILE_RE = re.compile(r"deadletter-\d{8}\.jsonl")
+SPOOL_RESET = "spool-reset"
+TAIL_BYTES = 256 * 1024  # holds the newest whole line: raw is capped at 64 KiB (~88 KiB in base64)
 
 log = structlog.get_logger("ingestd.sink.deadletter")
 
@@ -63,6 +68,39 @@ class DeadLetterStore:
         self.total_bytes = sum(p.stat().st_size for p in self._files())
         self._fd = -1
         self._file_day = ""
+        self._held_seq = self._newest_seq()
+
+    def holds(self, seq: int) -> bool:
+        """Whether spool record ``seq`` was dead-lettered already (a replay after a crash)."""
+        return self._held_seq is not None and seq <= self._held_seq
+
+    def forget_spool(self) -> None:
+        """The spool's seqs may start again: stop skipping by the remembered seq (durably)."""
+        if self._held_seq is None:
+            return
+        newest = self._files()[-1]
+        _write_durably(self.directory / SPOOL_RESET,
+                       orjson.dumps({"file": newest.name, "size": newest.stat().st_size}))
+        log.info("deadletter_spool_seq_forgotten", seq=self._held_seq)
+        self._held_seq = None
+
+    def _newest_seq(self) -> int | None:
+        """The spool seq of the newest entry written since the last ``forget_spool``, if any."""
+        files = self._files()
+        if not files:
+            return None
+        newest, size = files[-1], files[-1].stat().st_size
+        try:
+            reset = orjson.loads((self.directory / SPOOL_RESET).read_bytes())
+            floor = (str(reset["file"]), int(reset["size"]))
+        except FileNotFoundError:
+            floor = ("", 0)
+        except (OSError, ValueError, TypeError, KeyError):
+            log.warning("deadletter_spool_reset_unreadable", effect="replays are written again")
+            return None
+        if (newest.name, size) <= floor:
+            return None
+        return _last_seq(newest, size)
 
     def put(
         self,
@@ -94,6 +132,8 @@ class DeadLetterStore:
                       lines_dropped=self.lines_dropped)
         else:
             self._write(now, line)
+            if seq is not None:
+                self._held_seq = max(seq, self._held_seq or 0)
         self.counts[reason] = self.counts.get(reason, 0) + 1
         # Detail may quote key names from the payload: it goes to the file, not the log.
         log.warning("dead_letter", reason=reason, code=code, seq=seq, size=len(raw))
@@ -181,6 +221,33 @@ def _utf8_or_none(head: bytes, truncated: bool) -> str | None:
             except UnicodeDecodeError:
                 return None
         return None
+
+
+def _last_seq(path: Path, size: int) -> int | None:
+    """The ``seq`` of the last whole, parseable entry in ``path`` (a crash can tear the tail)."""
+    with path.open("rb") as f:
+        f.seek(max(0, size - TAIL_BYTES))
+        tail = f.read(TAIL_BYTES)
+    for line in reversed(tail.split(b"\n")):
+        try:
+            seq = orjson.loads(line).get("seq")
+        except (orjson.JSONDecodeError, AttributeError):
+            continue
+        if type(seq) is int:
+            return seq
+    return None
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(directory: Path) -> None:

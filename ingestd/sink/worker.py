@@ -44,18 +44,11 @@ from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from ingestd.config.schema import MongoSettings, Settings
-from ingestd.control.metrics import (
-    BATCH_SIZE_BUCKETS,
-    INSERT_SECONDS_BUCKETS,
-    LATENCY_SECONDS_BUCKETS,
-    Histogram,
-)
 from ingestd.documents.encoder import (
     DEAD,
     MAX_BSON_SIZE,
     PUNT,
     Encoded,
-    EncoderProcess,
     MatcherSpec,
     encode,
     encode_document,
@@ -63,9 +56,22 @@ from ingestd.documents.encoder import (
     received_at,
 )
 from ingestd.documents.matching import Matcher
-from ingestd.documents.messages import InvalidTweet, SkipReason, classify, parse_id
+from ingestd.documents.messages import (
+    InvalidTweet,
+    MessageReason,
+    SkipReason,
+    classify,
+    parse_id,
+)
 from ingestd.documents.v2_messages import V2_TWEET, v2_document, v2_kind
-from ingestd.sink.deadletter import DeadLetterStore, MessageReason, Reason
+from ingestd.sink.deadletter import DeadLetterStore, Reason
+from ingestd.sink.encoder_pool import EncoderProcess
+from ingestd.sink.histogram import (
+    BATCH_SIZE_BUCKETS,
+    INSERT_SECONDS_BUCKETS,
+    LATENCY_SECONDS_BUCKETS,
+    Histogram,
+)
 from ingestd.sink.mongo import (
     DRIVER_EVENTS,
     DUPLICATE_KEY,
@@ -79,7 +85,14 @@ from ingestd.sink.mongo import (
     short_reason,
     write_error_summary,
 )
-from ingestd.spool.log import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE, KIND_PARTIAL, Record
+from ingestd.spool.log import (
+    KIND_BADFRAME,
+    KIND_MESSAGE,
+    KIND_OVERSIZE,
+    KIND_PARTIAL,
+    Checkpoint,
+    Record,
+)
 
 log = structlog.get_logger("ingestd.sink.worker")
 
@@ -112,6 +125,10 @@ ENCODER_RESTART_INTERVAL = 10.0  # seconds between restarts of a lost encoder ch
 class SpoolSource(Protocol):
     """What the writer needs from ``ingestd.spool.log.SpoolReader``."""
 
+    @property
+    def acked(self) -> Checkpoint | None: ...
+    @property
+    def checkpoint_resets(self) -> int: ...
     def read(self, max_records: int, max_bytes: int) -> list[Record]: ...
     def wait_for_data(self, timeout: float) -> object: ...
     def ack(self, record: Record) -> None: ...
@@ -214,6 +231,8 @@ class StoreWorker:
         self._reader = spool_reader
         self._factory = collection_factory
         self._deadletters = deadletters
+        if spool_reader.acked is None or spool_reader.checkpoint_resets:
+            deadletters.forget_spool()  # the spool's seqs may have started again
         self._rng = rng or random.Random()
         self._collection = collection_factory(settings.mongo)
         self._target_ready = False  # tombstones loaded for this target
@@ -238,6 +257,8 @@ class StoreWorker:
         self._drain_deadline: Callable[[], float | None] = lambda: None
         self._next_tick = 0.0
         self._init_counters()
+        # Nothing read yet: all up to the checkpoint is resolved (the in-flight gauge reads this).
+        self.read_seq = spool_reader.acked.seq if spool_reader.acked else 0
 
     def _init_counters(self) -> None:
         self.records_read = self.stored = self.duplicates = 0
@@ -553,6 +574,9 @@ class StoreWorker:
         The spool is acked past a dead letter only once it is on disk, so waiting here loses
         nothing: the spool keeps absorbing the stream meanwhile.
         """
+        if self._deadletters.holds(record.seq):
+            log.info("dead_letter_replayed", reason=reason, seq=record.seq)
+            return  # written before a crash that came ahead of the spool checkpoint
         attempt = 0
         while True:
             try:
