@@ -23,7 +23,7 @@ import structlog
 from ingestd.config.settings import EXIT_CONFIG, ConfigError, Settings, load_settings, secret_values
 from ingestd.control.runstate import write_status
 from ingestd.logs import bind_process, configure_logging, register_secret
-from ingestd.source.connection import Reader
+from ingestd.source.stream_reader import StreamReader
 from ingestd.source.v2_rules import RulesSync
 from ingestd.spool.log import Group, SpoolWriteError, SpoolWriter
 
@@ -274,8 +274,8 @@ def run_stream_worker(config_path: Path, generation: int) -> int:
                         max_bytes=sp.max_bytes, max_records=sp.max_records,
                         fsync_interval=sp.fsync_interval)
     sink = SpoolSink(spool, drop=sp.when_full == "drop_newest")
-    reader = Reader(settings.stream, settings.auth, generation, sink, is_full=sink.is_full,
-                    drop_when_full=sp.when_full == "drop_newest", flush=sink.flush)
+    reader = StreamReader(settings.stream, settings.auth, generation, sink, is_full=sink.is_full,
+                          drop_when_full=sp.when_full == "drop_newest", flush=sink.flush)
     # X API v2: rules live on the server; synced at start and on every reload, on a thread,
     # while the connection keeps streaming (no-op for v1.1).
     rules = RulesSync()

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from ingestd import __version__
 from ingestd.config.settings import AuthSettings, StreamSettings
+from ingestd.source.headers import USER_AGENT
 
-USER_AGENT = f"ingestd/{__version__}"
 RULES_SUFFIX = "/rules"
 # Said after an HTTP 401 on v2: there is no signature or clock involved, only the token.
 # (Worded without "bearer <word>": the log redactor masks whatever follows that, as a header.)

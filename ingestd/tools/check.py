@@ -16,9 +16,8 @@ import pycurl
 
 from ingestd.config.settings import EXIT_CONFIG, ConfigError, Settings, load_settings, secret_values
 from ingestd.logs import register_secret, scrub_text
-from ingestd.source.connection import USER_AGENT, diagnose_401
-from ingestd.source.headers import parse_header_line
-from ingestd.source.oauth import encode_form, sign_request
+from ingestd.source.headers import USER_AGENT, parse_header_line
+from ingestd.source.oauth import diagnose_401, encode_form, sign_request
 
 EXIT_ONLINE_FAILED = 1
 PROBE_SECONDS = 10
