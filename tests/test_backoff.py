@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from ingestd.source.backoff import Backoff, Ending, Schedule
+from ingestd.config.schema import BackoffSettings
+from ingestd.source.backoff import Backoff, Ending
 
 
 class FakeClock:
@@ -17,8 +18,8 @@ class FakeClock:
         return self.now
 
 
-def no_jitter(**overrides: float) -> Schedule:
-    return Schedule(jitter=0.0, max_attempts_per_minute=0, **overrides)  # type: ignore[arg-type]
+def no_jitter(**overrides: float) -> BackoffSettings:
+    return BackoffSettings(jitter=0.0, max_attempts_per_minute=0, **overrides)  # type: ignore[arg-type]
 
 
 def series(backoff: Backoff, ending: Ending, n: int, **kw: object) -> list[float | None]:
@@ -80,7 +81,7 @@ def test_contested_disconnects_back_off_like_rate_limits() -> None:
 
 @pytest.mark.parametrize("seed", range(5))
 def test_jitter_only_lengthens_and_stays_small(seed: int) -> None:
-    b = Backoff(Schedule(jitter=0.1, max_attempts_per_minute=0), rng=random.Random(seed))
+    b = Backoff(BackoffSettings(jitter=0.1, max_attempts_per_minute=0), rng=random.Random(seed))
     for expected in (5, 10, 20, 40):
         got = b.delay(Ending.HTTP, healthy=False)
         assert got is not None and expected <= got <= expected * 1.1
@@ -88,7 +89,7 @@ def test_jitter_only_lengthens_and_stays_small(seed: int) -> None:
 
 def test_attempts_per_minute_are_bounded_whatever_the_upstream_does() -> None:
     clock = FakeClock()
-    b = Backoff(Schedule(jitter=0.0, max_attempts_per_minute=6), clock=clock)
+    b = Backoff(BackoffSettings(jitter=0.0, max_attempts_per_minute=6), clock=clock)
     attempts: list[float] = []
     # An upstream that accepts, delivers one message and closes at once, for 10 simulated minutes.
     while clock.now < 1600.0:

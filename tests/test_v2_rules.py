@@ -10,7 +10,8 @@ import pytest
 from ingestd.config.errors import Secret
 from ingestd.config.schema import AuthSettings, Rule, StreamSettings
 from ingestd.simulator.v2_rules import RuleSyntaxError, TweetView, matches, parse_rule
-from ingestd.source.v2_rules import RulesClient, RulesError, ServerRule, diff_rules, sync_rules
+from ingestd.source.v2_rules import diff_rules, sync_rules
+from ingestd.source.v2_rules_client import RulesClient, RulesError, ServerRule
 from tests.support.simulator import SimProcess
 
 TOKEN = "AAAAAAAAAAAAAAAAAAAAAtest-bearer-token-for-ingestd"

@@ -17,7 +17,7 @@ from ingestd.control.worker import (
     WorkerContext,
     start_worker,
 )
-from ingestd.source.connection import Reader
+from ingestd.source.stream_reader import StreamReader
 from ingestd.source.v2_rules import RulesSync
 from ingestd.spool.intake import SpoolIntake
 from ingestd.spool.log import SpoolWriter
@@ -36,7 +36,7 @@ class StreamRole:
                                  fsync_interval=sp.fsync_interval)
         drop = sp.when_full == "drop_newest"
         self.intake = SpoolIntake(self.spool, drop=drop)
-        self.reader = Reader(settings.stream, settings.auth, ctx.generation, self.intake,
+        self.reader = StreamReader(settings.stream, settings.auth, ctx.generation, self.intake,
                              is_full=self.intake.is_full, drop_when_full=drop,
                              flush=self.intake.flush)
         # X API v2: rules live on the server; synced at start and on every reload, on a thread,

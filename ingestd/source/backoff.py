@@ -15,7 +15,8 @@ import enum
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+
+from ingestd.config.schema import BackoffSettings
 
 
 class Ending(enum.Enum):
@@ -31,22 +32,6 @@ class Ending(enum.Enum):
     ABORTED = "aborted"  # our own doing: stop or reload
 
 
-@dataclass(frozen=True, slots=True)
-class Schedule:
-    """The numbers behind the policy (settings `stream.backoff`)."""
-
-    network_start: float = 0.25
-    network_step: float = 0.25
-    network_cap: float = 16.0
-    http_start: float = 5.0
-    http_cap: float = 320.0
-    rate_limit_start: float = 60.0
-    rate_limit_cap: float = 960.0
-    reconnect_delay: float = 1.0
-    max_attempts_per_minute: int = 6
-    jitter: float = 0.1
-
-
 # Codes after which reconnecting at once would fight another client using our credentials
 # (2 duplicate stream, 7 admin logout): back off as if rate limited (protocol.md §3.1).
 CONTESTED_DISCONNECT_CODES = frozenset({2, 7})
@@ -57,7 +42,7 @@ class Backoff:
 
     def __init__(
         self,
-        schedule: Schedule,
+        schedule: BackoffSettings,
         *,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -102,17 +87,16 @@ class Backoff:
         if ending is Ending.ABORTED:
             return 0.0
         if ending is Ending.RATE_LIMITED:
-            return self._bump(ending, s.rate_limit_start, lambda n: s.rate_limit_start * 2**n,
-                              s.rate_limit_cap)
+            return self._bump(ending, lambda n: s.rate_limit_start * 2**n, s.rate_limit_cap)
         if healthy:
             # An established connection that ends: reconnect soon, but never in a tight loop.
             return s.reconnect_delay
         if ending is Ending.HTTP:
-            return self._bump(ending, s.http_start, lambda n: s.http_start * 2**n, s.http_cap)
-        return self._bump(Ending.NETWORK, s.network_start,
-                          lambda n: s.network_start + s.network_step * n, s.network_cap)
+            return self._bump(ending, lambda n: s.http_start * 2**n, s.http_cap)
+        return self._bump(Ending.NETWORK, lambda n: s.network_start + s.network_step * n,
+                          s.network_cap)
 
-    def _bump(self, kind: Ending, _start: float, step: Callable[[int], float], cap: float) -> float:
+    def _bump(self, kind: Ending, step: Callable[[int], float], cap: float) -> float:
         """Advance one schedule; switching schedule resets the others (as hbc does)."""
         count = self._failures[kind]
         self._failures = collections.Counter({kind: count + 1})

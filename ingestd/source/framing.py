@@ -74,17 +74,12 @@ class LineFramer:
         return self._skip_size if self._skipping else len(self._buf)
 
     @property
-    def pending_head(self) -> bytes:
-        """First ``HEAD_BYTES`` bytes of the incomplete message (for a partial-message record)."""
-        return self._skip_head if self._skipping else bytes(self._buf[:HEAD_BYTES])
-
-    @property
     def buffered_bytes(self) -> int:
         """Bytes actually held in memory for the current message."""
         return len(self._buf)
 
     def reset(self) -> None:
-        """Forget any incomplete message (a new connection starts clean); counters are kept."""
+        """Forget any incomplete message; counters are kept."""
         self._buf.clear()
         self._skipping = False
         self._skip_size = 0
@@ -207,19 +202,12 @@ class LengthFramer:
         return len(self._line.strip())
 
     @property
-    def pending_head(self) -> bytes:
-        """First ``HEAD_BYTES`` bytes of the incomplete payload."""
-        if self._state is _LenState.SKIP:
-            return bytes(self._head)
-        return bytes(self._buf[:HEAD_BYTES])
-
-    @property
     def buffered_bytes(self) -> int:
         """Bytes actually held in memory for the current frame."""
         return len(self._line) + len(self._buf) + len(self._head)
 
     def reset(self) -> None:
-        """Forget any incomplete frame (a new connection starts clean); counters are kept."""
+        """Forget any incomplete frame; counters are kept."""
         self._state = _LenState.LINE
         self._line.clear()
         self._buf.clear()

@@ -1,6 +1,11 @@
-"""Response header lines as libcurl's HEADERFUNCTION delivers them, one line per call."""
+"""HTTP headers: the User-Agent every request sends, and response header lines as libcurl's
+HEADERFUNCTION delivers them, one line per call."""
 
 from __future__ import annotations
+
+from ingestd import __version__
+
+USER_AGENT = f"ingestd/{__version__}"
 
 
 def parse_header_line(line: bytes, headers: dict[str, str]) -> int | None:

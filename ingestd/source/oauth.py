@@ -1,4 +1,4 @@
-"""OAuth 1.0a request signing for `POST statuses/filter` (protocol.md §5).
+"""OAuth 1.0a request signing for `POST statuses/filter` (protocol.md §5), and what a 401 means.
 
     body = encode_form(post_params(settings.stream))
     headers = sign_request(settings.stream.url, body, settings.auth)
@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import email.utils
 import urllib.parse
 
 from ingestd.config.schema import AuthSettings
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+SKEW_THRESHOLD = 60.0  # seconds of clock difference worth blaming for a 401
 
 
 def encode_form(params: list[tuple[str, str]]) -> str:
@@ -53,3 +55,18 @@ def sign_request(
     _uri, headers, _body = client.sign(
         url, http_method="POST", body=body, headers={"Content-Type": FORM_CONTENT_TYPE})
     return {str(k): str(v) for k, v in headers.items()}
+
+
+def diagnose_401(date_header: str | None, now: float) -> str:
+    """Explain a 401: clock skew (with the measured offset) or the credentials themselves."""
+    if date_header:
+        try:
+            server = email.utils.parsedate_to_datetime(date_header).timestamp()
+        except (TypeError, ValueError):
+            server = None
+        if server is not None and abs(now - server) >= SKEW_THRESHOLD:
+            direction = "ahead of" if now > server else "behind"
+            return (f"local clock is {abs(now - server):.0f}s {direction} the server's: "
+                    "fix NTP (OAuth timestamps must be within a few minutes)")
+    return ("credentials rejected: check consumer key/secret and access token/secret "
+            "(clock agrees with the server)")

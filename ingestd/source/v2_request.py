@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from ingestd import __version__
 from ingestd.config.schema import AuthSettings, StreamSettings
+from ingestd.source.headers import USER_AGENT
 from ingestd.source.request import v2_query_params
 
-USER_AGENT = f"ingestd/{__version__}"
 RULES_SUFFIX = "/rules"
 # Said after an HTTP 401 on v2: there is no signature or clock involved, only the token.
 # (Worded without "bearer <word>": the log redactor masks whatever follows that, as a header.)

@@ -11,10 +11,8 @@ reconnect, so a reload loses nothing. A sync is
     4. ``POST …/rules`` delete, then add     only what changed; if the add still fails, the
                                              deleted rules are put back
 
-HTTP is pycurl easy handles, like the stream: one HTTP stack, the same CA bundle
-(``stream.ca_file``) and the same TLS policy (always verified; plain http only for loopback, which
-settings.py enforces on ``stream.url``, the base of the rules URL). ``RulesSync`` runs syncs on a
-thread so the stream worker's read loop never waits for the rules endpoint.
+The calls go through ``v2_rules_client.RulesClient``. ``RulesSync`` runs syncs on a thread so the
+stream worker's read loop never waits for the rules endpoint.
 """
 
 from __future__ import annotations
@@ -23,39 +21,20 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from io import BytesIO
 from typing import Any
 
-import certifi
-import orjson
-import pycurl
 import structlog
 
 from ingestd.config.schema import AuthSettings, Rule, StreamSettings
-from ingestd.source.headers import parse_header_line
-from ingestd.source.v2_request import bearer_headers, rules_url
+from ingestd.source.v2_rules_client import REQUEST_TIMEOUT, RulesClient, RulesError, ServerRule
 
 log = structlog.get_logger("ingestd.source.v2_rules")
 
-REQUEST_TIMEOUT = 30  # seconds for one rules call
-MAX_BODY = 4 << 20
 RETRY_START, RETRY_CAP = 1.0, 60.0  # transient failures (network, 5xx, 429) of the rules calls
 # Dry-run errors that the delete step resolves: the value is taken by a rule we delete first,
 # or the cap counts rules we are about to delete (the dry run cannot know).
 DUPLICATE_TITLE = "DuplicateRule"
 CAP_TITLES = frozenset({"RulesCapExceeded"})
-
-
-@dataclass(frozen=True, slots=True)
-class ServerRule:
-    """A rule as the server holds it."""
-
-    id: str
-    value: str
-    tag: str | None = None
-
-    def key(self) -> tuple[str, str | None]:
-        return self.value, self.tag
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,15 +56,6 @@ def _show(value: str, tag: str | None) -> str:
     return f"{value} [{tag}]" if tag else value
 
 
-class RulesError(Exception):
-    """The server refused a rules call; ``messages`` are its own words, one per problem."""
-
-    def __init__(self, messages: Sequence[str], *, transient: bool = False) -> None:
-        super().__init__("; ".join(messages))
-        self.messages = list(messages)
-        self.transient = transient
-
-
 def diff_rules(current: Sequence[ServerRule], desired: Sequence[Rule]) -> RulesDiff:
     """What to delete and add so the server holds exactly ``desired`` (order kept)."""
     wanted = {(r.value, r.tag) for r in desired}
@@ -95,142 +65,6 @@ def diff_rules(current: Sequence[ServerRule], desired: Sequence[Rule]) -> RulesD
         delete=tuple(r for r in current if r.key() not in wanted),
         keep=tuple(r for r in current if r.key() in wanted),
     )
-
-
-# ---------------------------------------------------------------- the HTTP client
-
-
-@dataclass
-class _Response:
-    status: int
-    headers: dict[str, str]
-    body: dict[str, Any]
-
-
-class RulesClient:
-    """``GET``/``POST /2/tweets/search/stream/rules`` with the bearer token."""
-
-    def __init__(self, stream: StreamSettings, auth: AuthSettings) -> None:
-        self.url = rules_url(stream)
-        self.ca_file = stream.ca_file or certifi.where()
-        self.connect_timeout = max(1, round(stream.connect_timeout))
-        self._headers = bearer_headers(auth)
-        self.last_rate_limit: dict[str, str] = {}
-
-    def current(self) -> list[ServerRule]:
-        reply = self._call("GET", self.url, None)
-        self._raise_errors(reply)
-        return [_server_rule(r) for r in _list(reply.body.get("data"))]
-
-    def add(self, rules: Sequence[Rule], *, dry_run: bool = False,
-            ignore: Callable[[dict[str, Any]], bool] = lambda _e: False) -> list[ServerRule]:
-        body = {"add": [{"value": r.value, **({"tag": r.tag} if r.tag else {})} for r in rules]}
-        url = self.url + ("?dry_run=true" if dry_run else "")
-        reply = self._call("POST", url, body)
-        self._raise_errors(reply, ignore)
-        return [_server_rule(r) for r in _list(reply.body.get("data"))]
-
-    def delete(self, ids: Sequence[str]) -> int:
-        reply = self._call("POST", self.url, {"delete": {"ids": list(ids)}})
-        self._raise_errors(reply)
-        summary = reply.body.get("meta", {}).get("summary", {})
-        return int(summary.get("deleted", 0)) if isinstance(summary, dict) else 0
-
-    def _call(self, method: str, url: str, payload: dict[str, Any] | None) -> _Response:
-        buf, status = BytesIO(), [0]
-        headers: dict[str, str] = {}
-
-        def on_header(line: bytes) -> None:
-            if (code := parse_header_line(line, headers)) is not None:
-                status[0] = code
-
-        def on_data(data: bytes) -> int | None:
-            if buf.tell() + len(data) > MAX_BODY:
-                return 0  # abort: no rules reply is this large
-            buf.write(data)
-            return None
-
-        curl = pycurl.Curl()
-        try:
-            self._configure(curl, method, url, payload, on_header, on_data)
-            curl.perform()
-        except pycurl.error as exc:
-            raise RulesError([f"rules endpoint unreachable: {exc.args[1]} (curl error "
-                              f"{exc.args[0]})"], transient=True) from None
-        finally:
-            curl.close()
-        self.last_rate_limit = {k: v for k, v in headers.items() if k.startswith("x-rate-limit")}
-        return _Response(status[0], headers, _json_object(buf.getvalue()))
-
-    def _configure(self, curl: pycurl.Curl, method: str, url: str,
-                   payload: dict[str, Any] | None, on_header: Callable[[bytes], None],
-                   on_data: Callable[[bytes], int | None]) -> None:
-        lines = list(self._headers)
-        curl.setopt(pycurl.URL, url)
-        if method == "POST":
-            lines.append("Content-Type: application/json")
-            curl.setopt(pycurl.POSTFIELDS, orjson.dumps(payload).decode())
-        curl.setopt(pycurl.HTTPHEADER, lines)
-        curl.setopt(pycurl.HEADERFUNCTION, on_header)
-        curl.setopt(pycurl.WRITEFUNCTION, on_data)
-        curl.setopt(pycurl.NOSIGNAL, 1)
-        curl.setopt(pycurl.TIMEOUT, REQUEST_TIMEOUT)
-        curl.setopt(pycurl.CONNECTTIMEOUT, self.connect_timeout)
-        # TLS is always verified; settings refuse plain http:// for anything but loopback.
-        curl.setopt(pycurl.CAINFO, self.ca_file)
-        curl.setopt(pycurl.SSL_VERIFYPEER, 1)
-        curl.setopt(pycurl.SSL_VERIFYHOST, 2)
-
-    @staticmethod
-    def _raise_errors(reply: _Response,
-                      ignore: Callable[[dict[str, Any]], bool] | None = None) -> None:
-        reported = [e for e in _list(reply.body.get("errors")) if isinstance(e, dict)]
-        errors = [e for e in reported if ignore is None or not ignore(e)]
-        # A dry run refused only for reasons the delete step resolves counts as accepted.
-        if not errors and (200 <= reply.status < 300 or reported):
-            return
-        messages = [_describe_error(e) for e in errors] or [_describe_problem(reply)]
-        transient = reply.status == 429 or reply.status >= 500 or reply.status == 0
-        raise RulesError(messages, transient=transient)
-
-
-def _list(value: object) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        obj = orjson.loads(raw) if raw.strip() else {}
-    except orjson.JSONDecodeError:
-        return {"detail": raw[:300].decode("utf-8", "replace")}
-    return obj if isinstance(obj, dict) else {}
-
-
-def _server_rule(raw: object) -> ServerRule:
-    if not isinstance(raw, dict):
-        return ServerRule("", "")
-    tag = raw.get("tag")
-    return ServerRule(str(raw.get("id", "")), str(raw.get("value", "")),
-                      tag if isinstance(tag, str) and tag else None)
-
-
-def _describe_error(err: dict[str, Any]) -> str:
-    """``Title: 'rule value': detail`` in the server's own words."""
-    title = str(err.get("title") or err.get("type") or "error")
-    details = err.get("details")
-    detail = "; ".join(str(d) for d in details) if isinstance(details, list) else ""
-    detail = detail or str(err.get("detail") or err.get("message") or "")
-    value = err.get("value")
-    where = f" {value!r}" if isinstance(value, str) else ""
-    return f"{title}{where}: {detail}" if detail else f"{title}{where}"
-
-
-def _describe_problem(reply: _Response) -> str:
-    body = reply.body
-    title = str(body.get("title") or "")
-    detail = str(body.get("detail") or "")
-    text = ": ".join(p for p in (title, detail) if p) or "no details"
-    return f"HTTP {reply.status}: {text}"
 
 
 # ---------------------------------------------------------------- one sync

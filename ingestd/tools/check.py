@@ -18,9 +18,8 @@ from ingestd.config.errors import EXIT_CONFIG, ConfigError
 from ingestd.config.schema import Settings
 from ingestd.config.settings import load_settings, secret_values
 from ingestd.logs import register_secret, scrub_text
-from ingestd.source.connection import USER_AGENT, diagnose_401
-from ingestd.source.headers import parse_header_line
-from ingestd.source.oauth import encode_form, sign_request
+from ingestd.source.headers import USER_AGENT, parse_header_line
+from ingestd.source.oauth import diagnose_401, encode_form, sign_request
 from ingestd.source.request import post_params
 
 EXIT_ONLINE_FAILED = 1

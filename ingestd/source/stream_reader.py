@@ -1,0 +1,255 @@
+"""The stream reader: keeps one healthy connection to the endpoint open, reconnecting with back-off
+and switching filters make-before-break on a reload.
+
+One ``CurlMulti`` loop drives every connection, so the stream worker stays single-threaded and can
+check its stop flag, its stall timers and a pending reload at least every ``TICK`` seconds, even on
+a silent stream (a blocking ``perform()`` cannot be interrupted; see protocol.md §8). Bytes go
+through the ``Intake`` to the sink; ``response`` says how a connection ended.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pycurl
+import structlog
+
+from ingestd.config.schema import AuthSettings, StreamSettings
+from ingestd.source.api import api_for
+from ingestd.source.backoff import Backoff, Ending
+from ingestd.source.connection import Connection, open_connection
+from ingestd.source.intake import Intake, Sink
+from ingestd.source.request import filter_key
+from ingestd.source.response import classify, describe, disconnect_code, retry_after
+from ingestd.source.stats import ReaderStats
+
+log = structlog.get_logger("ingestd.source.stream_reader")
+
+TICK = 0.1  # seconds between checks of stop flag, stall timers and reloads
+# After a filter switch the old connection is still read until the server closes it (it logs out
+# the older connection of an account by itself) or this many seconds pass: bytes already in its
+# socket are tweets the endpoint delivered.
+RETIRE_GRACE = 5.0
+
+
+class StreamReader:
+    """Keeps one healthy connection open, switching filters make-before-break on reload."""
+
+    def __init__(
+        self,
+        stream: StreamSettings,
+        auth: AuthSettings,
+        generation: int,
+        sink: Sink,
+        *,
+        is_full: Callable[[], bool],
+        drop_when_full: bool,
+        flush: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stream, self.auth, self.generation = stream, auth, generation
+        self._flush = flush  # ends a pass: the sink writes what it coalesced from the callbacks
+        self._clock = clock
+        self._multi = pycurl.CurlMulti()
+        self.backoff = Backoff(stream.backoff, clock=clock)
+        self.active: Connection | None = None
+        self.pending: Connection | None = None  # the new connection during a filter change
+        self.retiring: list[Connection] = []  # replaced connections still being read
+        self.next_attempt_at: float | None = clock()
+        self.state = "connecting"
+        self.stats = ReaderStats()
+        self._intake = Intake(sink, self.stats, is_full=is_full, drop_when_full=drop_when_full,
+                              clock=clock)
+        self._next_conn_id = 1
+        self._by_handle: dict[int, Connection] = {}
+
+    @property
+    def last_message_ns(self) -> int:
+        """Wall clock of the last framed message (metrics); 0 before the first."""
+        return self._intake.last_message_ns
+
+    # -- public control -------------------------------------------------------------------
+
+    def run(self, should_stop: Callable[[], bool], tick: Callable[[], None]) -> None:
+        """Read until ``should_stop()``; ``tick()`` runs every loop pass (heartbeat, reloads)."""
+        try:
+            while not should_stop():
+                self.step()
+                tick()
+        finally:
+            self.close()
+
+    def step(self) -> None:
+        """One loop pass: connect if due, move bytes, reap endings, check timers."""
+        now = self._clock()
+        if self.active is None and self.pending is None and self._attempt_due(now):
+            self.active = self._open(self.stream, self.generation)
+        self._intake.resume_if_room((self.active, self.pending, *self.retiring))
+        self._perform()
+        if self.pending is not None and self.pending.body_bytes > 0:
+            # Promote here, not in a callback: libcurl forbids removing handles there.
+            self._promote(self.pending)
+        if self.active is not None and self.active.body_bytes and not self.active.announced:
+            self._announce(self.active)
+        self._reap()
+        self._check_stalls(self._clock())
+        self._flush()  # before waiting: nothing framed stays unwritten across the select
+        self._multi.select(TICK)
+
+    def reload(self, stream: StreamSettings, auth: AuthSettings, generation: int) -> None:
+        """Apply new settings; reconnect (make-before-break) only if the filters changed."""
+        changed = filter_key(stream) != filter_key(self.stream) or auth != self.auth
+        self.stream, self.auth, self.generation = stream, auth, generation
+        self.backoff.schedule = stream.backoff
+        waiting_for_reload = self.active is None and self.next_attempt_at is None
+        if waiting_for_reload:
+            # The server rejected our request as misconfigured: any valid reload is a new try.
+            self.next_attempt_at = self._clock()
+            return
+        if not changed:
+            return
+        if self.pending is not None:
+            self._end(self.pending, Ending.ABORTED)
+            self.pending = None
+        if self.active is None or not self.active.healthy or not api_for(stream).make_before_break:
+            # Nothing worth keeping: replace at once (also leaves a degraded "wait for reload").
+            if self.active is not None:
+                self._end(self.active, Ending.ABORTED)
+                self.active = None
+            self.next_attempt_at = self._clock()
+            return
+        self.pending = self._open(stream, generation)
+
+    def close(self) -> None:
+        """Abort every connection; frames already appended stay in the spool."""
+        for conn in [c for c in (self.pending, self.active, *self.retiring) if c is not None]:
+            self._end(conn, Ending.ABORTED)
+        self._flush()
+        self.active = self.pending = None
+        self.retiring.clear()
+        self._multi.close()
+        self.state = "stopped"
+
+    # -- connections ----------------------------------------------------------------------
+
+    def _attempt_due(self, now: float) -> bool:
+        return self.next_attempt_at is not None and now >= self.next_attempt_at
+
+    def _open(self, stream: StreamSettings, generation: int) -> Connection:
+        conn_id = self._next_conn_id
+        self._next_conn_id += 1
+        conn = open_connection(conn_id, generation, stream, self.auth, self._clock(),
+                               self._intake.on_data)
+        self._by_handle[id(conn.curl)] = conn
+        self._multi.add_handle(conn.curl)
+        self.backoff.record_attempt()
+        self.stats.attempts += 1
+        self.next_attempt_at = None
+        log.info("connecting", conn=conn_id, generation=generation, url=stream.url)
+        return conn
+
+    def _announce(self, conn: Connection) -> None:
+        conn.announced = True
+        self.state = f"connected conn={conn.conn_id} gen={conn.generation}"
+        log.info("connected", conn=conn.conn_id, generation=conn.generation,
+                 gzip=conn.headers.get("content-encoding") == "gzip",
+                 after=round(self._clock() - conn.opened_at, 3))
+
+    def _promote(self, conn: Connection) -> None:
+        """The new connection delivers: the old one retires (make-before-break)."""
+        old, self.active, self.pending = self.active, conn, None
+        if old is not None:
+            old.retire_at = self._clock() + min(RETIRE_GRACE, old.stream.read_timeout)
+            self.retiring.append(old)
+        log.info("filters_switched", conn=conn.conn_id, generation=conn.generation,
+                 old_conn=old.conn_id if old else None)
+
+    # -- endings ----------------------------------------------------------------------------
+
+    def _perform(self) -> None:
+        while True:
+            ret, _ = self._multi.perform()
+            if ret != pycurl.E_CALL_MULTI_PERFORM:
+                return
+
+    def _reap(self) -> None:
+        while True:
+            queued, ok, failed = self._multi.info_read()
+            for curl in ok:
+                self._finished(self._by_handle[id(curl)], None, "")
+            for curl, errno, errmsg in failed:
+                self._finished(self._by_handle[id(curl)], errno, errmsg)
+            if not queued:
+                return
+
+    def _check_stalls(self, now: float) -> None:
+        for old in [c for c in self.retiring if now >= c.retire_at]:
+            self._retired(old, Ending.ABORTED)
+        for conn in (self.active, self.pending):
+            if conn is None or conn.paused or conn.abort is not None:
+                continue
+            if now - conn.last_byte_at >= conn.stream.read_timeout:
+                log.warning("stream_stalled", conn=conn.conn_id,
+                            silent_for=round(now - conn.last_byte_at, 2))
+                conn.abort = Ending.STALL
+                self._finished(conn, None, "stall")
+
+    def _finished(self, conn: Connection, errno: int | None, errmsg: str) -> None:
+        ending = classify(conn, errno)
+        if conn in self.retiring:
+            self._retired(conn, ending)
+            return
+        self._end(conn, ending)
+        if conn is self.pending:
+            self._pending_failed(conn, ending)
+            return
+        if conn is not self.active:
+            return  # an old connection we already replaced
+        self.active = None
+        self._schedule_reconnect(conn, ending, errmsg)
+
+    def _retired(self, conn: Connection, ending: Ending) -> None:
+        """The replaced connection is done: by the server's own close, or our grace deadline."""
+        self.retiring.remove(conn)
+        self._end(conn, ending)
+        log.info("old_connection_closed", conn=conn.conn_id, ending=ending.value,
+                 messages=conn.messages, **conn.cut_fields())
+
+    def _pending_failed(self, conn: Connection, ending: Ending) -> None:
+        """New filters did not connect: keep streaming with the old ones, report degraded."""
+        self.pending = None
+        reason = describe(conn, ending, "")
+        log.error("reload_connect_failed", conn=conn.conn_id, reason=reason)
+        self.state = f"degraded: new filters not accepted ({reason}); old filters still streaming"
+        if self.active is None:
+            self._schedule_reconnect(conn, ending, "")
+
+    def _schedule_reconnect(self, conn: Connection, ending: Ending, errmsg: str) -> None:
+        wait = self.backoff.delay(
+            ending, healthy=conn.healthy, retry_after=retry_after(conn.headers, time.time()),
+            disconnect_code=disconnect_code(conn),
+        )
+        reason = describe(conn, ending, errmsg)
+        if wait is None:
+            self.next_attempt_at = None
+            self.state = f"degraded: {reason}; fix the settings and reload"
+            log.error("stream_rejected", conn=conn.conn_id, reason=reason,
+                      action="waiting for a corrected settings file (SIGHUP)")
+            return
+        self.next_attempt_at = self._clock() + wait
+        self.state = f"reconnecting in {wait:.1f}s ({reason})"
+        log.warning("stream_ended", conn=conn.conn_id, ending=ending.value, reason=reason,
+                    healthy=conn.healthy, messages=conn.messages, backoff=round(wait, 3),
+                    **conn.cut_fields())
+
+    def _end(self, conn: Connection, ending: Ending) -> None:
+        """Take the handle out of the loop and close it; count the ending and any message cut."""
+        if id(conn.curl) not in self._by_handle:
+            return
+        del self._by_handle[id(conn.curl)]
+        self._multi.remove_handle(conn.curl)
+        conn.close(ending)
+        self.stats.count_ending(ending, conn.cut_bytes)
+        if self.active is conn and ending is not Ending.ABORTED:
+            self.state = "reconnecting"
