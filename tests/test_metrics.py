@@ -33,7 +33,7 @@ from ingestd.control.metrics import (
 )
 from ingestd.control.procstats import ProcessCollector
 from ingestd.control.runstate import run_dir, write_status
-from tests.support.daemon import Daemon, settings_doc
+from tests.support.daemon import Daemon, metrics_addr, settings_doc
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
 
@@ -67,15 +67,6 @@ def http_get(url: str) -> tuple[int, bytes]:
             return int(resp.status), bytes(resp.read())
     except urllib.error.HTTPError as err:
         return int(err.code), err.read()
-
-
-def metrics_addr(daemon: Daemon) -> str:
-    path = daemon.state_dir / "run" / "metrics.addr"
-
-    def ready() -> str:
-        daemon.assert_running()
-        return path.read_text().strip() if path.exists() else ""
-    return wait_until(ready, 30, "run/metrics.addr")
 
 
 def scrape(addr: str) -> Samples:
