@@ -17,8 +17,10 @@ demo: $(STAMP)
 
 test: $(STAMP) systemd-tools lint typecheck pytest
 
+# lint-imports checks the import contracts in pyproject.toml ([tool.importlinter]).
 lint: $(STAMP)
 	$(BIN)/ruff check ingestd tests bench
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict ingestd

@@ -1,3 +1,14 @@
-"""Shared fixtures (owned by the lead; created minimal by the writer task)."""
+"""Shared fixtures: MongoDB (the nx-27017 stand-in, or a real server) from tests/support/mongo.py.
 
-from tests.support.mongo import *  # noqa: F403
+pytest finds fixtures by name in this module's namespace, so they are imported here by name.
+"""
+
+from tests.support.mongo import (
+    mongo_client,
+    mongo_database,
+    mongo_server,
+    mongo_standin,
+    mongo_uri,
+)
+
+__all__ = ["mongo_client", "mongo_database", "mongo_server", "mongo_standin", "mongo_uri"]

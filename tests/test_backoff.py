@@ -8,14 +8,7 @@ import pytest
 
 from ingestd.config.schema import BackoffSettings
 from ingestd.source.backoff import Backoff, Ending
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import FakeClock
 
 
 def no_jitter(**overrides: float) -> BackoffSettings:
@@ -88,7 +81,7 @@ def test_jitter_only_lengthens_and_stays_small(seed: int) -> None:
 
 
 def test_attempts_per_minute_are_bounded_whatever_the_upstream_does() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     b = Backoff(BackoffSettings(jitter=0.0, max_attempts_per_minute=6), clock=clock)
     attempts: list[float] = []
     # An upstream that accepts, delivers one message and closes at once, for 10 simulated minutes.

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -35,8 +34,11 @@ import yaml
 from ingestd.config.errors import ConfigError
 from ingestd.config.settings import load_settings_text
 from ingestd.control.supervisor import Supervisor
+from tests.support.counters import resolved
 from tests.support.creds import CREDS
 from tests.support.daemon import Daemon, settings_doc
+from tests.support.mongo import stored_ids
+from tests.support.notify import NotifySocket, kinds
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
 
@@ -89,20 +91,6 @@ def log_time(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(str(event["timestamp"])).timestamp()
 
 
-def mongo_ids(mongo_uri: str, database: str) -> list[int]:
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
-    try:
-        return [int(d["_id"]) for d in client[database].tweets.find({}, {"_id": 1})]
-    finally:
-        client.close()
-
-
-def accounted(store: dict[str, Any]) -> int:
-    """Records the store worker put in a final bucket (writer.py's reconciliation identity)."""
-    return int(store["stored"] + store["duplicates"] + sum(store["deadlettered"].values())
-               + sum(store["control"].values()) + sum(store["skipped"].values()))
-
-
 def stored_count(daemon: Daemon) -> int:
     return int(daemon.counters("store").get("stored", 0))
 
@@ -129,7 +117,7 @@ def wait_quiet(daemon: Daemon, sim: SimProcess, conn: int, tweets: int, mongo_ur
         if stream.get("spool", {}).get("records") != 0 or store.get("pending") != 0:
             return None
         expected = set(truth.tweet_ids(conn)) - set(truth.deleted_ids())
-        return truth if expected <= set(mongo_ids(mongo_uri, database)) else None
+        return truth if expected <= set(stored_ids(mongo_uri, database)) else None
     result: GroundTruthLog = wait_until(quiet, timeout, f"connection {conn} stored", 0.25)
     return result
 
@@ -166,7 +154,7 @@ def test_sigterm_under_load_drains_everything_received(
     code, took = daemon.stop(timeout=30)
     stream, store = daemon.counters("stream"), daemon.counters("store")
     truth = sim.ground_truth()
-    ids = mongo_ids(mongo_uri, mongo_database)
+    ids = stored_ids(mongo_uri, mongo_database)
     draining = daemon.events("store_draining")[-1]
     stopped = daemon.events("store_worker_stopped")[-1]
 
@@ -176,7 +164,7 @@ def test_sigterm_under_load_drains_everything_received(
     assert store["pending"] == 0
     # Every message the reader spooled was read by the store worker and ended in exactly one
     # bucket (a message cut by the stop's abort is not spooled: it is counted as dropped).
-    assert accounted(store) == store["records_read"] == stream["received"]
+    assert resolved(store) == store["records_read"] == stream["received"]
     assert stream["partial"] == stream["dropped"].get("cut_by_disconnect", 0)
     # One connection; the received tweets are a prefix of what it delivered, stored but for
     # the deletes among the received control messages; the rest is the unread tail.
@@ -230,7 +218,7 @@ def test_sighup_changing_track_switches_make_before_break_without_loss(
     daemon.send(signal.SIGHUP)
     applied = daemon.wait_log("reload_applied", role="supervisor", generation=2)
     truth = wait_quiet(daemon, sim, 2, per_conn, mongo_uri, mongo_database)
-    ids = mongo_ids(mongo_uri, mongo_database)
+    ids = stored_ids(mongo_uri, mongo_database)
     store = daemon.counters("store")
 
     # The simulator saw the new parameters on a second connection, and only there.
@@ -417,7 +405,7 @@ def test_unchanged_and_writer_only_reloads_do_not_reconnect(
     daemon.wait_generation("store", 3)
     sizes = sample_batch_sizes(daemon, samples=3)
     truth = wait_quiet(daemon, sim, 1, per_conn, mongo_uri, mongo_database)
-    ids = mongo_ids(mongo_uri, mongo_database)
+    ids = stored_ids(mongo_uri, mongo_database)
     applied = daemon.events("reload_applied", role="supervisor")
 
     assert [e["filter_changed"] for e in applied] == [False, False]
@@ -493,7 +481,7 @@ def test_many_reloads_leak_no_fds_or_memory(
     reload_many(daemon, 11, reloads)
     after = settled_figures(daemon, 11 + reloads)
     truth = sim.ground_truth()
-    ids = mongo_ids(mongo_uri, mongo_database)
+    ids = stored_ids(mongo_uri, mongo_database)
 
     changes = sum(1 for n in FILTER_CHANGES if 11 <= n < 11 + reloads)
     assert len(truth.connections()) == 1 + changes, "a writer-only reload reconnected"
@@ -540,7 +528,7 @@ def test_sigkilled_worker_is_replaced_and_nothing_in_the_spool_is_lost(
     # The stream worker's replacement opens connection 2, which delivers its own quota.
     last = 2 if role == "stream" else 1
     truth = wait_quiet(daemon, sim, last, per_conn, mongo_uri, mongo_database)
-    ids = mongo_ids(mongo_uri, mongo_database)
+    ids = stored_ids(mongo_uri, mongo_database)
     deleted = set(truth.deleted_ids())
     missing = set(truth.tweet_ids()) - deleted - set(ids)
 
@@ -598,50 +586,6 @@ def test_sigstopped_worker_is_detected_and_replaced(launch: Launch) -> None:
 
 
 # -- 9: systemd notify ----------------------------------------------------------------------------
-
-
-class NotifySocket:
-    """A real AF_UNIX datagram socket standing in for systemd's (abstract namespace)."""
-
-    def __init__(self) -> None:
-        self.name = f"@ingestd-ctl-{uuid.uuid4().hex}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + self.name[1:])
-        self.received: list[str] = []
-
-    def receive(self, timeout: float) -> str | None:
-        self.sock.settimeout(max(timeout, 0.001))
-        try:
-            data = self.sock.recv(65536).decode()
-        except TimeoutError:
-            return None
-        self.received.append(data)
-        return data
-
-    def wait_for(self, prefix: str, timeout: float = 10,
-                 contains: str = "") -> str:
-        """Read datagrams until one starts with ``prefix`` (and contains ``contains``)."""
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            message = self.receive(remaining)
-            if message is not None and message.startswith(prefix) and contains in message:
-                return message
-        raise AssertionError(f"no {prefix!r} datagram within {timeout}s; got {self.received}")
-
-    def drain(self) -> list[str]:
-        messages = []
-        while (message := self.receive(0.001)) is not None:
-            messages.append(message)
-        return messages
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def kinds(messages: list[str]) -> list[str]:
-    """The first line of each datagram, WATCHDOG and STATUS-only updates left out."""
-    first = [m.split("\n", 1)[0] for m in messages]
-    return [k for k in first if k.split("=")[0] not in ("WATCHDOG", "STATUS")]
 
 
 def test_notify_messages_arrive_in_order(launch: Launch) -> None:
@@ -730,7 +674,7 @@ def test_reload_fixing_a_wrong_mongo_uri_takes_effect_while_the_batch_retries(
     recovered = time.monotonic() - fixed_at
     code, _ = daemon.stop()
     assert code == 0
-    assert sorted(mongo_ids(mongo_uri, mongo_database)) == sorted(sim.ground_truth().tweet_ids())
+    assert sorted(stored_ids(mongo_uri, mongo_database)) == sorted(sim.ground_truth().tweet_ids())
     assert any(e.get("event") == "mongo_target_switched_during_retry" for e in daemon.log_events())
     # An insert in flight against the wrong address is not cancelled: it ends at timeout_ms.
     figure(f"wrong mongo.uri fixed by reload: 150/150 stored {recovered:.2f}s after SIGHUP "

@@ -30,8 +30,9 @@ import pytest
 from bench.kill_loop import KillLoop
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.spool.log import HEADER_SIZE, MAGIC, PREFIX_SIZE, list_segments
+from tests.support.counters import accounted
 from tests.support.daemon import Daemon, settings_doc
-from tests.support.mongo import MongoStandIn
+from tests.support.mongo import MongoStandIn, stored_ids
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
 
@@ -49,14 +50,6 @@ RSS_GROWTH_MB = 6.0  # measured growth ~0.6 MB while the spool backlog grows ~8.
 # ---------------------------------------------------------------- helpers
 
 
-def stored_ids(uri: str, database: str) -> list[int]:
-    client: pymongo.MongoClient[Doc] = pymongo.MongoClient(uri, serverSelectionTimeoutMS=10000)
-    try:
-        return [int(d["_id"]) for d in client[database].tweets.find({}, {"_id": 1})]
-    finally:
-        client.close()
-
-
 def daemon_rss_mb(daemon: Daemon) -> float:
     """Resident memory of the supervisor and every process below it, in MB."""
     assert daemon.proc is not None
@@ -72,13 +65,6 @@ def daemon_rss_mb(daemon: Daemon) -> float:
 
 def delivered_messages(truth: GroundTruthLog) -> int:
     return len(truth.of("tweet")) + len(truth.of("control")) + len(truth.of("bad_line"))
-
-
-def accounted(store: dict[str, Any]) -> int:
-    """Every record the store worker read ends in exactly one bucket (writer.py docstring)."""
-    return int(store["stored"] + store["duplicates"] + sum(store["deadlettered"].values())
-               + sum(store["control"].values()) + sum(store["skipped"].values())
-               + store["pending"])
 
 
 def wait_drained(daemon: Daemon, sim: SimProcess, tweets: int, timeout: float) -> int:

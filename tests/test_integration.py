@@ -16,6 +16,7 @@ import pymongo
 import pytest
 
 from tests.support.daemon import Daemon, settings_doc
+from tests.support.mongo import stored_ids
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
 
@@ -38,14 +39,6 @@ def wait_caught_up(daemon: Daemon, sim: SimProcess, expected_tweets: int, timeou
         read = daemon.counters("store").get("records_read")
         return sent if received == sent == read else 0
     return wait_until(caught_up, timeout, "the daemon to read every delivered message")
-
-
-def stored_ids(mongo_uri: str, database: str) -> list[int]:
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
-    try:
-        return [int(d["_id"]) for d in client[database].tweets.find({}, {"_id": 1})]
-    finally:
-        client.close()
 
 
 @pytest.mark.parametrize("framing", ["newline+gzip", "length+plain"])

@@ -29,7 +29,7 @@ from ingestd.control.collector import RunStateCollector, known_labels
 from ingestd.control.procstats import ProcessCollector
 from ingestd.control.runstate import run_dir, write_status
 from ingestd.sink.histogram import BATCH_SIZE_BUCKETS, Histogram
-from tests.support.daemon import Daemon, settings_doc
+from tests.support.daemon import Daemon, metrics_addr, settings_doc
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
 
@@ -63,15 +63,6 @@ def http_get(url: str) -> tuple[int, bytes]:
             return int(resp.status), bytes(resp.read())
     except urllib.error.HTTPError as err:
         return int(err.code), err.read()
-
-
-def metrics_addr(daemon: Daemon) -> str:
-    path = daemon.state_dir / "run" / "metrics.addr"
-
-    def ready() -> str:
-        daemon.assert_running()
-        return path.read_text().strip() if path.exists() else ""
-    return wait_until(ready, 30, "run/metrics.addr")
 
 
 def scrape(addr: str) -> Samples:

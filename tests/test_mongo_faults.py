@@ -12,12 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pymongo
 import pytest
 from pymongo.uri_parser import parse_uri
 
 from ingestd.control.collector import in_flight, received_total
-from tests.support.daemon import Daemon, settings_doc
+from tests.support.daemon import Daemon, finish, settings_doc
+from tests.support.mongo import stored_ids
 from tests.support.mongo_proxy import MongoProxy
 from tests.support.simulator import SimProcess
 from tests.support.wait import wait_until
@@ -41,15 +41,6 @@ def start(tmp_path: Path, proxy: MongoProxy, db: str, script: list[list[dict[str
     return sim, Daemon(tmp_path / "daemon", doc).start()
 
 
-def stop(daemon: Daemon, sim: SimProcess) -> None:
-    try:
-        code, _ = daemon.stop()
-        assert code == 0, daemon.tail()
-    finally:
-        daemon.kill()
-        sim.stop()
-
-
 def settled(daemon: Daemon, tweets: int) -> bool:
     """Every received message is resolved, and at least ``tweets`` tweets are stored."""
     daemon.assert_running()
@@ -60,19 +51,11 @@ def settled(daemon: Daemon, tweets: int) -> bool:
                 and store["stored"] + store["duplicates"] >= tweets)
 
 
-def collection_ids(mongo_uri: str, db: str) -> list[int]:
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
-    try:
-        return [int(d["_id"]) for d in client[db].tweets.find({}, {"_id": 1})]
-    finally:
-        client.close()
-
-
 def reconcile(daemon: Daemon, sim: SimProcess, mongo_uri: str, db: str) -> dict[str, Any]:
     """The counters against ground truth and the collection; returns the store counters."""
     stream, store = daemon.counters("stream"), daemon.counters("store")
     delivered = sim.ground_truth().tweet_ids()
-    ids = collection_ids(mongo_uri, db)
+    ids = stored_ids(mongo_uri, db)
     assert len(ids) == len(set(ids))
     assert set(ids) == set(delivered), "every delivered tweet stored"
     assert store["stored"] == len(ids), "stored_total equals the documents in the collection"
@@ -105,7 +88,7 @@ def test_mongo_error_lines_carry_the_servers_code_name_message_and_errinfo(
         proxy.wait_applied("write_concern_error", 1)
         wait_until(lambda: settled(daemon, TWEETS), 60, f"{TWEETS} tweets resolved")
     finally:
-        stop(daemon, sim)
+        finish(daemon, sim)
     failed = daemon.events("mongo_write_failed")
     not_primary = [e for e in failed if e.get("code") == 10107]
     assert len(not_primary) == 1, failed
@@ -136,7 +119,7 @@ def test_write_concern_error_retry_counts_the_documents_it_stored_as_stored(
         proxy.wait_applied("write_concern_error", 3)
         wait_until(lambda: settled(daemon, TWEETS), 60, f"{TWEETS} tweets resolved")
     finally:
-        stop(daemon, sim)
+        finish(daemon, sim)
     store = reconcile(daemon, sim, mongo_uri, mongo_database)
     assert store["duplicates"] == 0, "the retry found its own documents: stored, not duplicates"
     assert store["stored"] == TWEETS
@@ -155,7 +138,7 @@ def test_reply_lost_mid_write_is_stored_once_and_counted_once(
         proxy.wait_applied("reset_mid_reply", 1)
         wait_until(lambda: settled(daemon, TWEETS), 60, f"{TWEETS} tweets resolved")
     finally:
-        stop(daemon, sim)
+        finish(daemon, sim)
     store = reconcile(daemon, sim, mongo_uri, mongo_database)
     assert store["duplicates"] == 0 and store["stored"] == TWEETS
     assert any(e.get("error") == "AutoReconnect" for e in daemon.events("mongo_write_failed"))
@@ -176,7 +159,7 @@ def test_failover_longer_than_the_slow_threshold_gives_one_warning_and_one_count
         proxy.failover(window)
         wait_until(lambda: settled(daemon, 400), 90, "all tweets resolved after the failover")
     finally:
-        stop(daemon, sim)
+        finish(daemon, sim)
     assert proxy.count("failover") == 1
     slow = daemon.events("mongo_write_slow")
     assert len(slow) == 1, slow
@@ -205,7 +188,7 @@ def test_writes_faster_than_the_threshold_are_not_reported_slow(
         proxy.wait_applied("delay", 2)
         wait_until(lambda: settled(daemon, TWEETS), 60, f"{TWEETS} tweets resolved")
     finally:
-        stop(daemon, sim)
+        finish(daemon, sim)
     assert daemon.events("mongo_write_slow") == []
     assert reconcile(daemon, sim, mongo_uri, mongo_database)["slow_writes"] == 0
 
@@ -220,7 +203,7 @@ def test_retired_server_selection_key_is_named_in_a_warning_and_the_daemon_runs(
     try:
         wait_until(lambda: settled(daemon, TWEETS), 60, f"{TWEETS} tweets resolved")
     finally:
-        stop(daemon, sim)
+        finish(daemon, sim)
     (notice,) = daemon.events("settings_key_ignored")
     assert notice["level"] == "warning"
     assert str(daemon.config) in notice["detail"]

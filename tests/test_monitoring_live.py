@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.daemon import Daemon, settings_doc
+from tests.support.daemon import Daemon, metrics_addr, settings_doc
 from tests.support.prometheus import (
     ALERT_RULES,
     Prometheus,
@@ -81,15 +81,6 @@ class Live:
         text = "\n".join(lines) + "\n"
         self.table.write_text(text)
         return text
-
-
-def metrics_addr(daemon: Daemon) -> str:
-    path = daemon.state_dir / "run" / "metrics.addr"
-
-    def ready() -> str:
-        daemon.assert_running()
-        return path.read_text().strip() if path.exists() else ""
-    return wait_until(ready, 30, "run/metrics.addr")
 
 
 def refuse_one_reload(daemon: Daemon) -> None:

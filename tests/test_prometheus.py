@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from ingestd.control.collector import known_labels
-from tests.support.daemon import Daemon, settings_doc
+from tests.support.daemon import Daemon, metrics_addr, settings_doc
 from tests.support.prometheus import Prometheus, find_binary
 from tests.support.simulator import SimProcess
 from tests.support.wait import wait_until
@@ -36,15 +36,6 @@ class Scenario:
     prom: Prometheus
     before_event: float  # Unix time of a scrape taken before any dead letter
     launched: float  # Unix time just before the daemon was started
-
-
-def metrics_addr(daemon: Daemon) -> str:
-    path = daemon.state_dir / "run" / "metrics.addr"
-
-    def ready() -> str:
-        daemon.assert_running()
-        return path.read_text().strip() if path.exists() else ""
-    return wait_until(ready, 30, "run/metrics.addr")
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pymongo
 import pytest
 
 from ingestd.control.collector import in_flight, received_total
-from tests.support.daemon import Daemon, settings_doc
+from tests.support.daemon import Daemon, finish, settings_doc
+from tests.support.mongo import stored_ids
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
 
@@ -47,28 +47,11 @@ def gaps(events: list[dict[str, Any]]) -> list[float]:
     return [round(b - a, 3) for a, b in itertools.pairwise(times)]
 
 
-def stored_ids(mongo_uri: str, db: str) -> set[int]:
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
-    try:
-        return {int(d["_id"]) for d in client[db].tweets.find({}, {"_id": 1})}
-    finally:
-        client.close()
-
-
 def dead_letters(daemon: Daemon) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for path in sorted((daemon.state_dir / "deadletter").glob("*.jsonl")):
         out += [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
     return out
-
-
-def finish(daemon: Daemon, sim: SimProcess) -> None:
-    try:
-        code, _ = daemon.stop()
-        assert code == 0, daemon.tail()
-    finally:
-        daemon.kill()
-        sim.stop()
 
 
 def caught_up(daemon: Daemon, sim: SimProcess, tweets: int) -> bool:
@@ -98,7 +81,7 @@ def test_drop_mid_message_loses_only_the_partial_and_reconnects_quickly(
         finish(daemon, sim)
     truth = sim.ground_truth()
     partial = set(truth.partial_ids())
-    stored = stored_ids(mongo_uri, mongo_database)
+    stored = set(stored_ids(mongo_uri, mongo_database))
     assert len(partial) == 1 and not partial & stored
     assert stored == set(truth.tweet_ids())
     # A message cut by a routine disconnect is not bad input: no dead letter (a "dead letters
@@ -146,7 +129,7 @@ def test_stall_is_detected_within_one_second_of_read_timeout(
     detected = datetime.fromisoformat(stalled[0]["timestamp"]).timestamp() - last_byte
     assert read_timeout - 1.0 <= detected <= read_timeout + 1.0
     assert len(attempts(truth)) == 2
-    assert stored_ids(mongo_uri, mongo_database) == set(truth.tweet_ids())
+    assert set(stored_ids(mongo_uri, mongo_database)) == set(truth.tweet_ids())
     print(f"\n[stall] read_timeout={read_timeout}s detected_after={detected:.3f}s "
           f"reconnect_at=+{attempts(truth)[1]['t'] - last_byte:.3f}s")
 
@@ -240,7 +223,7 @@ def test_every_disconnect_code_reconnects(
     truth = sim.ground_truth()
     assert {int(c) for c in seen} == set(codes)
     assert len(attempts(truth)) == len(codes) + 1
-    assert stored_ids(mongo_uri, mongo_database) == set(truth.tweet_ids())
+    assert set(stored_ids(mongo_uri, mongo_database)) == set(truth.tweet_ids())
     measured = dict(zip(codes, gaps(attempts(truth)), strict=True))
     for code, gap in measured.items():
         # 2 and 7 mean someone else uses our credentials: rate-limit schedule (test: 1 s, 2 s).
@@ -274,7 +257,7 @@ def test_406_degrades_without_retrying_and_recovers_on_reload(
     assert [c["status"] for c in attempts(truth)] == [406, 200]
     assert attempts(truth)[1]["params"]["track"] == ["iphone", "ipad"]
     print(f"\n[406] one attempt while degraded; recovered on reload, "
-          f"stored={len(stored_ids(mongo_uri, mongo_database))}")
+          f"stored={len(set(stored_ids(mongo_uri, mongo_database)))}")
 
 
 def test_bad_lines_are_dead_lettered_and_good_tweets_stored(
@@ -290,7 +273,7 @@ def test_bad_lines_are_dead_lettered_and_good_tweets_stored(
     finally:
         finish(daemon, sim)
     truth = sim.ground_truth()
-    assert stored_ids(mongo_uri, mongo_database) == set(truth.tweet_ids())
+    assert set(stored_ids(mongo_uri, mongo_database)) == set(truth.tweet_ids())
     letters = dead_letters(daemon)
     assert sorted(d["reason"] for d in letters) == sorted(
         ["invalid_json", "invalid_utf8", "not_an_object", "oversize", "not_an_object"])

@@ -43,16 +43,9 @@ from ingestd.spool.log import (
     read_checkpoint,
     segment_name,
 )
+from tests.support.clock import FakeClock
 
 BIG = 10**9
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make_writer(

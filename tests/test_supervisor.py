@@ -11,11 +11,9 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import yaml
 
 from ingestd.control import runstate
 from ingestd.control.daemonctl import Verdict, read_verdict, supervisor_pid
+from tests.support.notify import NotifySocket, kinds
 from tests.support.wait import wait_until
 
 LAUNCHER = Path(__file__).parent / "support" / "supervisor_launcher.py"
@@ -135,53 +134,11 @@ def start(tmp_path: Path) -> Iterator[Any]:
         run.close()
 
 
-class NotifySocket:
-    """A real AF_UNIX datagram socket standing in for systemd's (abstract namespace)."""
-
-    def __init__(self) -> None:
-        self.name = f"@ingestd-test-{uuid.uuid4().hex}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + self.name[1:])
-        self.received: list[str] = []
-
-    def receive(self, timeout: float) -> str | None:
-        """The next datagram, or None if none came within ``timeout``."""
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(65536).decode()
-        except TimeoutError:
-            return None
-        self.received.append(data)
-        return data
-
-    def wait_for(self, prefix: str, timeout: float = 10) -> str:
-        """Read datagrams until one starts with ``prefix``; fail at the deadline."""
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            message = self.receive(remaining)
-            if message is not None and message.startswith(prefix):
-                return message
-        raise AssertionError(f"no {prefix!r} datagram within {timeout}s; got {self.received}")
-
-    def drain(self) -> list[str]:
-        """Everything already queued on the socket."""
-        messages = []
-        while (message := self.receive(0.001)) is not None:
-            messages.append(message)
-        return messages
-
-
 @pytest.fixture
 def notify_socket() -> Iterator[NotifySocket]:
     sock = NotifySocket()
     yield sock
-    sock.sock.close()
-
-
-def kinds(messages: list[str]) -> list[str]:
-    """The first line of each datagram, WATCHDOG and STATUS-only updates left out."""
-    first = [m.split("\n", 1)[0] for m in messages]
-    return [k for k in first if k.split("=")[0] not in ("WATCHDOG", "STATUS")]
+    sock.close()
 
 
 # -- stop ---------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ import pymongo
 import pytest
 
 from ingestd.documents.messages import TWITTER_EPOCH_MS
-from tests.support.daemon import Daemon, settings_doc
+from tests.support.counters import resolved
+from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
 
@@ -74,20 +75,6 @@ def settled(daemon: Daemon, sim: SimProcess, published: int) -> bool:
                 and seen >= len(set(truth.tweet_ids())))
 
 
-def accounted(store: dict[str, Any]) -> int:
-    return int(store["stored"] + store["duplicates"] + sum(store["deadlettered"].values())
-               + sum(store["control"].values()) + sum(store["skipped"].values()))
-
-
-def finish(daemon: Daemon, sim: SimProcess) -> None:
-    try:
-        code, _ = daemon.stop()
-        assert code == 0, daemon.tail()
-    finally:
-        daemon.kill()
-        sim.stop()
-
-
 # ---------------------------------------------------------------- reconciliation
 
 
@@ -112,7 +99,7 @@ def test_v2_every_delivered_tweet_is_stored_once_with_its_rules(
     ids = [d["_id"] for d in docs]
     assert len(ids) == len(set(ids)), "a tweet was stored twice"
     assert set(ids) == delivered
-    assert accounted(store) == store["records_read"] == stream["received"]
+    assert resolved(store) == store["records_read"] == stream["received"]
     assert store["stored"] + store["duplicates"] == len(truth.tweet_ids())
     assert store["control"] == {"v2_error": 1}
     assert stream["disconnect_codes"] == {"operational-disconnect": 1}

@@ -14,6 +14,7 @@ import orjson
 import yaml
 
 from tests.support.creds import CREDS
+from tests.support.simulator import SimProcess
 from tests.support.wait import wait_until
 
 
@@ -175,3 +176,23 @@ class Daemon:
         workers = self.status("supervisor").get("workers", {})
         return {"supervisor": self.proc.pid, **{r: p for r, p in workers.items()
                                                 if isinstance(p, int)}}
+
+
+def finish(daemon: Daemon, sim: SimProcess) -> None:
+    """Stop the daemon (it must exit 0), then the simulator, whatever happens."""
+    try:
+        code, _ = daemon.stop()
+        assert code == 0, daemon.tail()
+    finally:
+        daemon.kill()
+        sim.stop()
+
+
+def metrics_addr(daemon: Daemon) -> str:
+    """The supervisor's /metrics address (host:port), once it has written ``run/metrics.addr``."""
+    path = daemon.state_dir / "run" / "metrics.addr"
+
+    def ready() -> str:
+        daemon.assert_running()
+        return path.read_text().strip() if path.exists() else ""
+    return wait_until(ready, 30, "run/metrics.addr")

@@ -5,7 +5,7 @@ and restart the server (``mongo_standin``) are skipped then. Each test gets its 
 so tests never see each other's data; the stand-in runs with ``--data-dir`` (one SQLite file per
 database) because its single-file mode shares collections between database names.
 
-Use from ``tests/conftest.py`` with ``from tests.support.mongo import *``.
+``tests/conftest.py`` imports the fixtures by name; ``stored_ids`` reads back what a test stored.
 """
 
 from __future__ import annotations
@@ -22,16 +22,6 @@ import pytest
 from pymongo.errors import PyMongoError
 
 from ingestd.tools.standin import StandIn
-
-__all__ = [
-    "ENV_URI",
-    "MongoStandIn",
-    "mongo_client",
-    "mongo_database",
-    "mongo_server",
-    "mongo_standin",
-    "mongo_uri",
-]
 
 ENV_URI = "INGESTD_TEST_MONGO_URI"
 START_TIMEOUT = 30.0
@@ -98,3 +88,13 @@ def mongo_standin(tmp_path: Path) -> Iterator[MongoStandIn]:
         yield server
     finally:
         server.stop()
+
+
+def stored_ids(uri: str, database: str) -> list[int]:
+    """The ``_id`` of every document in ``database.tweets`` (a list: duplicates would show)."""
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        uri, serverSelectionTimeoutMS=10000)
+    try:
+        return [int(d["_id"]) for d in client[database].tweets.find({}, {"_id": 1})]
+    finally:
+        client.close()
