@@ -1,6 +1,6 @@
 """structlog set-up for a systemd daemon: JSON lines, redaction, rate limiting, line cap.
 
-Chain (reliability.md §6): merge_contextvars → add_log_level → static context → timestamp →
+Chain (docs/reliability.md §6): merge_contextvars → add_log_level → static context → timestamp →
 exception formatting (never frame locals) → redaction → rate limiter → capped renderer.
 Exceptions are turned into text/dicts *before* redaction so exception messages are scrubbed too.
 

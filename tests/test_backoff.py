@@ -1,4 +1,4 @@
-"""The reconnect schedule against the documented numbers (protocol.md §4.2)."""
+"""The reconnect schedule against the documented numbers (docs/protocol.md §4.2)."""
 
 from __future__ import annotations
 

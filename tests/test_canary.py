@@ -1,4 +1,4 @@
-"""Secrets never leave the process (reliability.md §8 scenario 15), with canary values.
+"""Secrets never leave the process (docs/reliability.md §8 scenario 15), with canary values.
 
 The real daemon runs with a unique random value for each OAuth secret and for the MongoDB
 password, all read from ``$CREDENTIALS_DIRECTORY`` (as systemd's LoadCredential= provides them),

@@ -1,4 +1,4 @@
-"""Track/follow/locations rules of protocol.md §1.3–§1.5, including every documented example."""
+"""Track/follow/locations rules of docs/protocol.md §1.3–§1.5, with every documented example."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from ingestd.config.errors import Secret
 from ingestd.config.schema import AuthSettings
 from ingestd.source.oauth import FORM_CONTENT_TYPE, encode_form, sign_request
 
-# protocol.md §5.1: Twitter's "Creating a signature" example.
+# docs/protocol.md §5.1: Twitter's "Creating a signature" example.
 AUTH = AuthSettings(
     consumer_key=Secret("xvz1evFS4wEEPTGEFPHBog"),
     consumer_secret=Secret("kAcSOqF21Fu85e7zjz7ZN2U4ZRhfV3WpwPAoE3Z7kBw"),
@@ -66,7 +66,7 @@ def test_secrets_are_not_in_the_headers() -> None:
 
 
 class _Validator(RequestValidator):  # type: ignore[misc]
-    """protocol.md §5.4, relaxed for Twitter-style keys (length, '-' in tokens)."""
+    """docs/protocol.md §5.4, relaxed for Twitter-style keys (length, '-' in tokens)."""
 
     enforce_ssl = False
     safe_characters: ClassVar[set[str]] = set(string.ascii_letters + string.digits + "-_")

@@ -16,7 +16,7 @@ from urllib.parse import unquote
 from ingestd.config.values import is_loopback
 from ingestd.logs import MASK
 
-# Options that turn off certificate/hostname/revocation checks (reliability.md §3.3).
+# Options that turn off certificate/hostname/revocation checks (docs/reliability.md §3.3).
 _INSECURE_TLS = {"tlsinsecure": "tlsInsecure", "tlsallowinvalidcertificates":
                  "tlsAllowInvalidCertificates", "tlsallowinvalidhostnames":
                  "tlsAllowInvalidHostnames", "tlsdisableocspendpointcheck":

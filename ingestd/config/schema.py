@@ -20,7 +20,8 @@ Box = tuple[float, float, float, float]  # west, south, east, north (degrees)
 
 @dataclass(frozen=True)
 class BackoffSettings:
-    """Reconnect back-off (protocol.md §4.2): linear for network errors, exponential for HTTP."""
+    """Reconnect back-off (docs/protocol.md §4.2): linear for network errors, exponential for
+    HTTP."""
 
     network_start: float = 0.25
     network_step: float = 0.25
@@ -36,7 +37,7 @@ class BackoffSettings:
 
 @dataclass(frozen=True)
 class Rule:
-    """One X API v2 filtered-stream rule as configured (protocol.md §7.3)."""
+    """One X API v2 filtered-stream rule as configured (docs/protocol.md §7.3)."""
 
     value: str
     tag: str | None = None

@@ -1,6 +1,6 @@
 """Builder of the `stream` section: the endpoint, the v1.1 predicates and the reconnect back-off.
 
-Limits are the endpoint's (protocol.md §1.2); v2's rules and fields are in stream_v2.py.
+Limits are the endpoint's (docs/protocol.md §1.2); v2's rules and fields are in stream_v2.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ingestd.config.values import is_int, is_loopback, is_number, kind, plain_nu
 
 MAX_TRACK, MAX_TRACK_BYTES, MAX_FOLLOW, MAX_BOXES = 400, 60, 5000, 25
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8})*$")
-# v2 sends a keep-alive at least every 20 s: three periods (protocol.md §7.4).
+# v2 sends a keep-alive at least every 20 s: three periods (docs/protocol.md §7.4).
 V2_READ_TIMEOUT = 60.0
 
 
@@ -131,7 +131,7 @@ def _box(ctx: Context, path: str, item: object) -> Box | None:
         problems.append("latitudes must be within -90..90")
     if west >= east or south >= north:
         problems.append("west must be < east and south < north (south-west corner first)")
-    # Each side 0.1..360 degrees (protocol.md §1.2); tolerance absorbs float noise.
+    # Each side 0.1..360 degrees (docs/protocol.md §1.2); tolerance absorbs float noise.
     elif east - west < 0.1 - 1e-9 or north - south < 0.1 - 1e-9:
         problems.append("each side must span at least 0.1 degrees")
     for problem in problems:

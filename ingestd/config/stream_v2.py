@@ -1,4 +1,4 @@
-"""The X API v2 keys of the `stream` section (protocol.md §7.2-7.3): rules and field lists."""
+"""The X API v2 keys of the `stream` section (docs/protocol.md §7.2-7.3): rules and field lists."""
 
 from __future__ import annotations
 

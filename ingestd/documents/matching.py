@@ -1,10 +1,10 @@
-"""Predicate matching for v1.1 ``statuses/filter`` (protocol.md §1.3–§1.5).
+"""Predicate matching for v1.1 ``statuses/filter`` (docs/protocol.md §1.3–§1.5).
 
 Shared by the simulator (which delivers only what matches) and the store worker (which records
 ``_ingest.matched``). It runs once per tweet at stream rate, so a ``Matcher`` precompiles its
 predicates into dict/set lookups and a tweet's text is scanned once per needle (see below).
 
-Model (a design choice where the docs are silent, see protocol.md §1.3):
+Model (a design choice where the docs are silent, see docs/protocol.md §1.3):
 
 * tweet tokens live in one set: plain words (edge punctuation stripped, lower case), ``#tag`` and
   ``@name`` for hashtags and mentions (from entities and from the text), canonical URLs (scheme and

@@ -200,7 +200,7 @@ def parse_twitter_time(value: object) -> datetime:
     if not isinstance(value, str):
         raise InvalidTweet("created_at missing and not derivable from the id")
     try:
-        # email.utils reads English day/month names whatever the locale (protocol.md §6).
+        # email.utils reads English day/month names whatever the locale (docs/protocol.md §6).
         parsed = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError) as exc:
         raise InvalidTweet("created_at not in Twitter format") from exc

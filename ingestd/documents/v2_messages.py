@@ -1,6 +1,6 @@
 """X API v2 stream messages: what a line is, and the MongoDB document a v2 tweet becomes.
 
-A v2 line is ``{"data": {tweet}, "includes": {...}, "matching_rules": [...]}`` (protocol.md
+A v2 line is ``{"data": {tweet}, "includes": {...}, "matching_rules": [...]}`` (docs/protocol.md
 §7.4), or ``{"errors": [...]}`` alone (e.g. ``operational-disconnect``). The document is the
 tweet's own fields at the top level, as for v1.1, so ``created_at``, ``lang`` and ``_id`` queries
 and indexes work on both; ``includes`` (users, places, ... expanded for this tweet) and

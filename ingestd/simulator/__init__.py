@@ -1,4 +1,4 @@
-"""A faithful local stand-in for v1.1 ``POST statuses/filter`` (protocol.md §1–§4, §9).
+"""A faithful local stand-in for v1.1 ``POST statuses/filter`` (docs/protocol.md §1–§4, §9).
 
 ``ingestd simulate`` serves it on loopback: OAuth 1.0a checks, parameter limits, chunked (and
 gzip) streams of real and generated tweets filtered by ``ingestd.documents.matching``, control

@@ -1,4 +1,4 @@
-"""OAuth 1.0a verification for the simulator (protocol.md §5.4), built on oauthlib.
+"""OAuth 1.0a verification for the simulator (docs/protocol.md §5.4), built on oauthlib.
 
 ``OAuthVerifier.check()`` returns the credential identity on success and raises ``AuthError`` with a
 plain-text reason (e.g. ``Timestamp out of bounds``) otherwise. oauthlib's

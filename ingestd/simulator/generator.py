@@ -1,4 +1,4 @@
-"""Realistic v1.1 tweets and control messages (protocol.md §3, §6).
+"""Realistic v1.1 tweets and control messages (docs/protocol.md §3, §6).
 
 ``TweetGenerator`` builds tweets aimed at one connection's predicates (a track phrase's terms, a
 followed author, a point in a box) plus noise; the caller delivers only what ``Matcher`` accepts.

@@ -1,4 +1,4 @@
-"""The simulator's X API v2 filtered stream (protocol.md §7): rules endpoint and stream.
+"""The simulator's X API v2 filtered stream (docs/protocol.md §7): rules endpoint and stream.
 
 Model. The app has one set of rules on the server (``GET``/``POST /2/tweets/search/stream/rules``:
 add, delete, ``dry_run``, ``DuplicateRule``, invalid syntax, too many rules). A **firehose**

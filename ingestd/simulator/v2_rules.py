@@ -1,6 +1,6 @@
 """The simulator's X API v2 rule language: parse, validate, and match against a tweet.
 
-Supported subset (protocol.md §7.3; enough to exercise the client, not the whole language):
+Supported subset (docs/protocol.md §7.3; enough to exercise the client, not the whole language):
 
 =================  ==========================================================================
 ``cat``            keyword: the tweet text, tokenised on anything but letters/digits/``_``,

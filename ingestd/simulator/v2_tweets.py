@@ -1,4 +1,4 @@
-"""v2-shaped tweets for the simulator's filtered stream (protocol.md §7.4).
+"""v2-shaped tweets for the simulator's filtered stream (docs/protocol.md §7.4).
 
 ``V2Tweets.aimed(terms)`` builds a full tweet (every field, ids as strings) containing what one
 rule branch asks for; ``render`` cuts it down to what the connection requested with

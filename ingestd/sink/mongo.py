@@ -1,8 +1,8 @@
 """MongoDB client construction, the analysts' indexes, and how pymongo errors are classified.
 
-The classification follows reliability.md §3.4. It is the one place that decides whether a failed
-write is retried (nothing is lost: ``_id`` is the tweet id, so a retry can only produce duplicates),
-counted as already stored, dead-lettered per document, or reported as a configuration problem.
+The classification follows docs/reliability.md §3.4. It is the one place that decides whether a
+failed write is retried (nothing is lost: ``_id`` is the tweet id, so a retry can only produce
+duplicates), counted as already stored, dead-lettered per document, or reported as a configuration problem.
 Nothing here ever formats a failed document: pymongo puts the whole document in
 ``BulkWriteError.details["writeErrors"][i]["op"]``.
 """
@@ -56,7 +56,7 @@ CODE_NAMES = {
 
 
 class ErrorClass(enum.Enum):
-    """What to do about a failed MongoDB operation (reliability.md §3.4)."""
+    """What to do about a failed MongoDB operation (docs/reliability.md §3.4)."""
 
     TRANSIENT = "transient"  # keep the batch, retry the same documents with back-off
     DUPLICATES_ONLY = "duplicates_only"  # every failure is a duplicate _id: already stored

@@ -1,8 +1,8 @@
 """Reconnect policy: how long to wait before the next connection attempt.
 
-The schedules are the endpoint's documented ones (protocol.md §4.2), as hbc and tweepy implement
-them: network errors back off linearly (250 ms steps to 16 s), HTTP errors exponentially (5 s
-doubling to 320 s), rate limiting (420/429) exponentially from 60 s. What the peers get wrong and we
+The schedules are the endpoint's documented ones (docs/protocol.md §4.2), as hbc and tweepy
+implement them: network errors back off linearly (250 ms steps to 16 s), HTTP errors
+exponentially (5 s doubling to 320 s), rate limiting (420/429) exponentially from 60 s. What the peers get wrong and we
 do not: counters reset only after a connection proved healthy (it delivered a message), a healthy
 connection that ends still waits a little, and a rolling bound caps attempts per minute whatever
 the upstream does.
@@ -33,7 +33,7 @@ class Ending(enum.Enum):
 
 
 # Codes after which reconnecting at once would fight another client using our credentials
-# (2 duplicate stream, 7 admin logout): back off as if rate limited (protocol.md §3.1).
+# (2 duplicate stream, 7 admin logout): back off as if rate limited (docs/protocol.md §3.1).
 CONTESTED_DISCONNECT_CODES = frozenset({2, 7})
 
 

@@ -1,4 +1,4 @@
-"""Incremental framers for the decoded stream body (protocol.md §2.1–2.2).
+"""Incremental framers for the decoded stream body (docs/protocol.md §2.1–2.2).
 
 libcurl hands the WRITEFUNCTION arbitrary slices of the body: a slice may hold several messages,
 part of one, or end inside a ``\\r\\n`` or a multi-byte UTF-8 character. The framers work on bytes

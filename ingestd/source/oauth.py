@@ -1,4 +1,5 @@
-"""OAuth 1.0a request signing for `POST statuses/filter` (protocol.md §5), and what a 401 means.
+"""OAuth 1.0a request signing for `POST statuses/filter` (docs/protocol.md §5), and what a 401
+means.
 
     body = encode_form(post_params(settings.stream))
     headers = sign_request(settings.stream.url, body, settings.auth)

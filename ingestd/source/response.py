@@ -63,7 +63,7 @@ def retry_after(headers: dict[str, str], now: float) -> float | None:
             pass
     reset = headers.get("x-rate-limit-reset")
     # The reset time matters only once the allowance is spent: v2 sends these headers on every
-    # answer, including a 429 TooManyConnections that has requests left (protocol.md §7.1).
+    # answer, including a 429 TooManyConnections that has requests left (docs/protocol.md §7.1).
     if headers.get("x-rate-limit-remaining", "0") != "0":
         return None
     if reset and reset.isdigit():

@@ -3,7 +3,7 @@ and switching filters make-before-break on a reload.
 
 One ``CurlMulti`` loop drives every connection, so the stream worker stays single-threaded and can
 check its stop flag, its stall timers and a pending reload at least every ``TICK`` seconds, even on
-a silent stream (a blocking ``perform()`` cannot be interrupted; see protocol.md §8). Bytes go
+a silent stream (a blocking ``perform()`` cannot be interrupted; see docs/protocol.md §8). Bytes go
 through the ``Intake`` to the sink; ``response`` says how a connection ended.
 """
 

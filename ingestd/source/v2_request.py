@@ -1,4 +1,4 @@
-"""X API v2 filtered stream: the request the reader sends (protocol.md §7.1-7.2).
+"""X API v2 filtered stream: the request the reader sends (docs/protocol.md §7.1-7.2).
 
 v2 differs from v1.1 on the wire only in how the connection is asked for: ``GET`` with the fields
 and expansions as query parameters, and an OAuth 2.0 app-only bearer token instead of an OAuth 1.0a
@@ -33,7 +33,7 @@ def stream_url(stream: StreamSettings) -> str:
 
     ``backfill_minutes`` is sent on every connection when configured: after a restart or a
     reconnect alike the endpoint resends what it may have sent while we were away, and ``_id``
-    absorbs the duplicates (protocol.md §7.2).
+    absorbs the duplicates (docs/protocol.md §7.2).
     """
     params = v2_query_params(stream, backfill=stream.backfill_minutes > 0)
     parts = urlsplit(stream.url)

@@ -1,6 +1,6 @@
 """X API v2 stream rules: read the server's rules, diff them with the settings, change only that.
 
-Rules live on the server, not on the connection (protocol.md §7.3): changing them never needs a
+Rules live on the server, not on the connection (docs/protocol.md §7.3): changing them never needs a
 reconnect, so a reload loses nothing. A sync is
 
     1. ``GET …/rules``                       the rules in force now

@@ -1,4 +1,4 @@
-"""The HTTP client of the X API v2 rules endpoint (protocol.md §7.3).
+"""The HTTP client of the X API v2 rules endpoint (docs/protocol.md §7.3).
 
 ``GET``/``POST …/2/tweets/search/stream/rules`` with the bearer token, over pycurl easy handles like
 the stream: one HTTP stack, the same CA bundle (``stream.ca_file``) and the same TLS policy (always
