@@ -2,7 +2,8 @@
 
 The classification follows docs/reliability.md §3.4. It is the one place that decides whether a
 failed write is retried (nothing is lost: ``_id`` is the tweet id, so a retry can only produce
-duplicates), counted as already stored, dead-lettered per document, or reported as a configuration problem.
+duplicates), counted as already stored, dead-lettered per document, or reported as a configuration
+problem.
 Nothing here ever formats a failed document: pymongo puts the whole document in
 ``BulkWriteError.details["writeErrors"][i]["op"]``.
 """

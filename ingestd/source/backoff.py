@@ -1,11 +1,11 @@
 """Reconnect policy: how long to wait before the next connection attempt.
 
 The schedules are the endpoint's documented ones (docs/protocol.md §4.2), as hbc and tweepy
-implement them: network errors back off linearly (250 ms steps to 16 s), HTTP errors
-exponentially (5 s doubling to 320 s), rate limiting (420/429) exponentially from 60 s. What the peers get wrong and we
-do not: counters reset only after a connection proved healthy (it delivered a message), a healthy
-connection that ends still waits a little, and a rolling bound caps attempts per minute whatever
-the upstream does.
+implement them: network errors back off linearly (250 ms steps to 16 s), HTTP errors exponentially
+(5 s doubling to 320 s), rate limiting (420/429) exponentially from 60 s. What the peers get wrong
+and we do not: counters reset only after a connection proved healthy (it delivered a message), a
+healthy connection that ends still waits a little, and a rolling bound caps attempts per minute
+whatever the upstream does.
 """
 
 from __future__ import annotations
