@@ -26,7 +26,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from ingestd.spool.log import (
+from ingestd.spool.format import (
     CHECKPOINT,
     HEADER_SIZE,
     KIND_MESSAGE,
@@ -35,14 +35,13 @@ from ingestd.spool.log import (
     MAGIC,
     Checkpoint,
     Record,
-    SpoolReader,
-    SpoolWriteError,
-    SpoolWriter,
     encode_record,
     list_segments,
     read_checkpoint,
     segment_name,
 )
+from ingestd.spool.reader import SpoolReader
+from ingestd.spool.writer import SpoolWriteError, SpoolWriter
 
 BIG = 10**9
 
@@ -263,7 +262,7 @@ def test_writer_and_reader_in_separate_processes(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         from pathlib import Path
-        from ingestd.spool.log import SpoolWriter
+        from ingestd.spool.writer import SpoolWriter
         w = SpoolWriter(Path({str(tmp_path)!r}), segment_bytes=20000, max_bytes=10**9,
                         max_records=10**9)
         for i in range(0, {n}, 4):

@@ -181,7 +181,7 @@ def known_labels() -> dict[str, tuple[str, ...]]:
     from ingestd.documents.messages import CONTROL_TYPES, SKIP_REASONS
     from ingestd.sink.deadletter import MESSAGE_REASONS
     from ingestd.source.backoff import Ending
-    from ingestd.spool.log import DROP_REASONS
+    from ingestd.spool.writer import DROP_REASONS
 
     return {
         "ingestd_worker_restarts_total": Supervisor.ROLES,

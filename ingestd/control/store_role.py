@@ -15,7 +15,7 @@ from ingestd.control.worker import STATUS_INTERVAL, RateMeter, Ticker, reload_se
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.sink.mongo import open_collection
 from ingestd.sink.worker import StoreWorker
-from ingestd.spool.log import SpoolReader
+from ingestd.spool.reader import SpoolReader
 
 if TYPE_CHECKING:
     from ingestd.control.worker import ControlChannel, StopFlag

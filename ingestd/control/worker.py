@@ -25,7 +25,7 @@ from ingestd.control.runstate import write_status
 from ingestd.logs import bind_process, configure_logging, register_secret
 from ingestd.source.connection import Reader
 from ingestd.source.v2_rules import RulesSync
-from ingestd.spool.log import Group, SpoolWriteError, SpoolWriter
+from ingestd.spool.writer import Group, SpoolWriteError, SpoolWriter
 
 log = structlog.get_logger("ingestd.worker")
 

@@ -79,7 +79,7 @@ from ingestd.sink.mongo import (
     short_reason,
     write_error_summary,
 )
-from ingestd.spool.log import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE, KIND_PARTIAL, Record
+from ingestd.spool.format import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE, KIND_PARTIAL, Record
 
 log = structlog.get_logger("ingestd.sink.worker")
 
@@ -110,7 +110,7 @@ ENCODER_RESTART_INTERVAL = 10.0  # seconds between restarts of a lost encoder ch
 
 
 class SpoolSource(Protocol):
-    """What the writer needs from ``ingestd.spool.log.SpoolReader``."""
+    """What the writer needs from ``ingestd.spool.reader.SpoolReader``."""
 
     def read(self, max_records: int, max_bytes: int) -> list[Record]: ...
     def wait_for_data(self, timeout: float) -> object: ...

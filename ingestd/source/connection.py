@@ -29,7 +29,8 @@ from ingestd.source.headers import parse_header_line
 from ingestd.source.oauth import encode_form, sign_request
 from ingestd.source.v2_request import DIAGNOSE_401 as V2_DIAGNOSE_401
 from ingestd.source.v2_request import stream_request as v2_stream_request
-from ingestd.spool.log import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE, DropReason
+from ingestd.spool.format import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE
+from ingestd.spool.writer import DropReason
 
 log = structlog.get_logger("ingestd.source.connection")
 
