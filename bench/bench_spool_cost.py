@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import orjson
@@ -44,11 +44,11 @@ from ingestd.config.schema import (
 )
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.sink.worker import StoreWorker
-from ingestd.spool.log import KIND_MESSAGE, Record
-from ingestd.spool.log import log as this_spool
+from ingestd.spool.format import KIND_MESSAGE, Record
 
 TWEETS = Path(__file__).resolve().parents[1] / "ingestd" / "data" / "real_tweets.jsonl"
 PER_APPEND = 8  # messages per network read, roughly, at a few hundred tweets/s
+SpoolModules = tuple[ModuleType, ModuleType]  # the modules with SpoolWriter, SpoolReader
 
 
 class _Result:
@@ -130,6 +130,9 @@ class ListSource:
     def ack(self, record: Record) -> None:
         return None
 
+    def maybe_flush(self) -> None:
+        return None
+
 
 def store_all(source: Any, work: Path) -> int:
     coll = MemoryCollection()
@@ -144,25 +147,25 @@ def baseline(payloads: list[bytes], work: Path) -> int:
     return store_all(ListSource(payloads), work)
 
 
-def load_spool(tree: Path) -> Any:
-    """Another tree's spool.py (it imports nothing from ingestd) as a module."""
-    spec = importlib.util.spec_from_file_location("ref_spool", tree / "ingestd" / "spool.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def load_spool(package: str, tree: Path | None, scratch: Path) -> SpoolModules:
+    """This tree's spool, or ``tree``'s (loaded as ``package``, whatever its layout)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_spool_framing import load_package
+
+    modules = load_package(package, tree, scratch)
+    return modules["writer"], modules["reader"]
 
 
-def through_spool(spool_module: Any, payloads: list[bytes], work: Path) -> int:
+def through_spool(spool_modules: SpoolModules, payloads: list[bytes], work: Path) -> int:
     spool = work / "spool"
-    writer = spool_module.SpoolWriter(spool, max_bytes=1 << 40, max_records=1 << 40,
-                                      fsync_interval=0.2)
+    writer_module, reader_module = spool_modules
+    writer = writer_module.SpoolWriter(spool, max_bytes=1 << 40, max_records=1 << 40,
+                                       fsync_interval=0.2)
     for i in range(0, len(payloads), PER_APPEND):
         writer.append([(KIND_MESSAGE, p) for p in payloads[i:i + PER_APPEND]], 1, 0,
                       time.time_ns())
     writer.close()
-    reader = spool_module.SpoolReader(spool)
+    reader = reader_module.SpoolReader(spool)
     try:
         return store_all(reader, work)
     finally:
@@ -184,7 +187,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tweets", type=int, default=30000)
     parser.add_argument("--dir", default="/var/tmp", help="a disk-backed folder for the spool")
-    parser.add_argument("--reference", type=Path, help="a source tree whose spool.py to compare")
+    parser.add_argument("--reference", type=Path, help="a source tree whose spool to compare")
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     tweets = [orjson.loads(x) for x in TWEETS.read_bytes().splitlines() if x.strip()]
@@ -193,9 +196,11 @@ def main() -> int:
     payloads = [orjson.dumps({**tweets[i % len(tweets)], "id": n, "id_str": str(n)})
                 for i, n in enumerate(ids)]
     shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
-    spools = [("", this_spool)]
+    scratch = Path(tempfile.mkdtemp(prefix="spool-cost-ref-"))
+    spools = [("", load_spool("ingestd", None, scratch))]
     if args.reference:
-        spools.append((" (reference)", load_spool(args.reference)))
+        spools.append((" (reference)", load_spool("ingestd_ref", args.reference, scratch)))
+    shutil.rmtree(scratch, ignore_errors=True)  # the copied modules are loaded by now
     runs: list[tuple[str, Callable[[list[bytes], Path], int], str | None]] = [
         ("baseline (list)", baseline, None)]
     for where, parent in (("tmpfs", shm), ("disk", args.dir)):

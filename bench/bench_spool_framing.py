@@ -29,6 +29,15 @@ from typing import Any
 TWEETS = Path(__file__).resolve().parents[1] / "ingestd" / "data" / "real_tweets.jsonl"
 sys.path.insert(0, str(TWEETS.parents[2]))
 CHUNK = 16 * 1024  # libcurl's CURL_MAX_WRITE_SIZE: a write callback's slice (gzip: always)
+# Role -> where it lives: this layout first, then older ones (a ``--reference`` tree may be one).
+MODULES = {
+    "framing": ("source.framing", "framing"),
+    "writer": ("spool.writer", "spool.log", "spool"),
+    "reader": ("spool.reader", "spool.log", "spool"),
+    "connection": ("source.connection", "reader"),
+    "worker": ("control.worker", "workers"),
+    "settings": ("config.settings", "settings"),
+}
 
 
 def load_messages(total_bytes: int) -> list[bytes]:
@@ -52,8 +61,17 @@ def load_package(name: str, tree: Path | None, scratch: Path) -> dict[str, Modul
             text = re.sub(r"\bfrom ingestd([. ])", rf"from {name}\1", text)
             path.write_text(re.sub(r"\bimport ingestd\.", f"import {name}.", text))
         sys.path.insert(0, str(scratch))
-    mods = ("framing", "spool", "reader", "workers", "settings")
-    return {m: importlib.import_module(f"{name}.{m}") for m in mods}
+    return {role: _import_first(name, where) for role, where in MODULES.items()}
+
+
+def _import_first(package: str, candidates: tuple[str, ...]) -> ModuleType:
+    """The first of ``candidates`` that ``package`` has: older trees are laid out differently."""
+    for candidate in candidates[:-1]:
+        try:
+            return importlib.import_module(f"{package}.{candidate}")
+        except ModuleNotFoundError:
+            continue
+    return importlib.import_module(f"{package}.{candidates[-1]}")
 
 
 def chunked(data: bytes, size: int) -> list[bytes]:
@@ -70,9 +88,8 @@ def case_framer(pkg: dict[str, ModuleType], wire: bytes, n: int, _: Path) -> flo
 
 
 def case_append(pkg: dict[str, ModuleType], messages: list[bytes], directory: Path) -> float:
-    spool = pkg["spool"]
-    writer = spool.SpoolWriter(directory, max_bytes=1 << 40, max_records=1 << 40,
-                               fsync_interval=0.2)
+    writer = pkg["writer"].SpoolWriter(directory, max_bytes=1 << 40, max_records=1 << 40,
+                                       fsync_interval=0.2)
     batches = [[(0, m) for m in messages[i : i + 4]] for i in range(0, len(messages), 4)]
     start = time.process_time()
     for batch in batches:
@@ -84,8 +101,8 @@ def case_append(pkg: dict[str, ModuleType], messages: list[bytes], directory: Pa
 
 def case_is_full(pkg: dict[str, ModuleType], _: list[bytes], directory: Path) -> float:
     """``is_full`` with a 30-segment backlog (the reader is behind), 200k calls."""
-    writer = pkg["spool"].SpoolWriter(directory, segment_bytes=4096, max_bytes=1 << 40,
-                                      max_records=1 << 40, fsync_interval=60)
+    writer = pkg["writer"].SpoolWriter(directory, segment_bytes=4096, max_bytes=1 << 40,
+                                       max_records=1 << 40, fsync_interval=60)
     for _ in range(30):
         writer.append([(0, b"x" * 4096)], 1, 1, 1)
     is_full = writer.is_full
@@ -109,12 +126,11 @@ def case_read_ack(pkg: dict[str, ModuleType], messages: list[bytes], directory: 
 
 def read_back(pkg: dict[str, ModuleType], messages: list[bytes], directory: Path, *, ack: bool,
               clock: Callable[[], float]) -> float:
-    spool = pkg["spool"]
-    writer = spool.SpoolWriter(directory, max_bytes=1 << 40, max_records=1 << 40)
+    writer = pkg["writer"].SpoolWriter(directory, max_bytes=1 << 40, max_records=1 << 40)
     for i in range(0, len(messages), 64):
         writer.append([(0, m) for m in messages[i : i + 64]], 1, 1, 1)
     writer.close()
-    reader = spool.SpoolReader(directory)
+    reader = pkg["reader"].SpoolReader(directory)
     start = clock()
     count = 0
     while batch := reader.read(1000, 16 << 20):
@@ -134,16 +150,16 @@ def stream_case(
     def case(pkg: dict[str, ModuleType], wire: bytes, n: int, directory: Path) -> float:
         import pycurl
 
-        st, rd, wk = pkg["settings"], pkg["reader"], pkg["workers"]
+        st, rd, wk = pkg["settings"], pkg["connection"], pkg["worker"]
         stream = st.StreamSettings(url="http://127.0.0.1:1/1.1/statuses/filter.json",
                                    track=("x",))
         auth = st.AuthSettings(*(st.Secret(c) for c in "abcd"))
-        writer = pkg["spool"].SpoolWriter(directory, max_bytes=1 << 40, max_records=1 << 40,
-                                          fsync_interval=0.2)
+        writer = pkg["writer"].SpoolWriter(directory, max_bytes=1 << 40, max_records=1 << 40,
+                                           fsync_interval=0.2)
         sink = wk.SpoolSink(writer, drop=False)
         reader = rd.Reader(stream, auth, 1, sink, is_full=sink.is_full, drop_when_full=False)
-        conn = rd.Connection(1, 1, stream, pycurl.Curl(), rd.LineFramer(500_000), 0.0, 0.0,
-                             status=200)
+        framer = pkg["framing"].LineFramer(500_000)
+        conn = rd.Connection(1, 1, stream, pycurl.Curl(), framer, 0.0, 0.0, status=200)
         on_data = reader._on_data
         flush = getattr(sink, "flush", lambda: None)  # the reference may write per callback
         passes = [chunked(part, chunk) for part in chunked(wire, chunk * per_pass)]

@@ -32,7 +32,9 @@ from ingestd.config.settings import load_settings_text
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.sink.mongo import open_collection
 from ingestd.sink.worker import StoreWorker
-from ingestd.spool.log import KIND_MESSAGE, SpoolReader, SpoolWriter
+from ingestd.spool.format import KIND_MESSAGE
+from ingestd.spool.reader import SpoolReader
+from ingestd.spool.writer import SpoolWriter
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ingestd-bench"
 APPEND_BATCH = 4  # messages per spool append (what one 16 KB libcurl callback carries)

@@ -1,16 +1,18 @@
 """Differential check: ``Matcher.match`` against the token model it implements, on many inputs.
 
-``ingestd.documents.matching.tweet_tokens`` spells out the matching model (a tweet's token set);
-``Matcher`` finds the same hits without building that set (the fast path). This script compares
-the two on the real sample, on the benchmark payload's shapes and on random text full of edge
-cases (punctuation, ``#``/``@``, URLs, Unicode word characters and spaces, terms without any word
-character), with track lists drawn from the tweets' own tokens so that hits are frequent.
+``ingestd.documents.match_tokens.tweet_tokens`` spells out the matching model (a tweet's token
+set); ``Matcher`` finds the same hits without building that set (the fast path). This script
+compares the two on the real sample, on the benchmark payload's shapes and on random text full of
+edge cases (punctuation, ``#``/``@``, URLs, Unicode word characters and spaces, terms without any
+word character), with track lists drawn from the tweets' own tokens so that hits are frequent.
+Both share ``match_tokens.tweet_parts`` (which parts of a tweet count): ``--reference`` checks that.
 
     .venv/bin/python bench/check_matching.py [--cases 20000] [--seed 7] [--reference FILE]
 
-``--reference`` also compares with another implementation of ``matching.py`` (e.g. the previous
-version: ``git show HEAD:ingestd/documents/matching.py > /tmp/m.py``), as the spec for
-``track``, ``follow`` and ``locations``. Exit status 1 on any difference.
+``--reference`` also compares with another, self-contained implementation of ``matching.py`` (e.g.
+the single-file version before it was split: ``git show d0042b8:ingestd/documents/matching.py >
+/tmp/m.py``), as the spec for ``track``, ``follow`` and ``locations``. Exit status 1 on any
+difference.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ingestd.documents.matching import Matched, Matcher, _term_keys, tweet_tokens
+from ingestd.documents.match_tokens import term_keys, tweet_tokens
+from ingestd.documents.matching import Matched, Matcher
 
 DATA = Path(__file__).resolve().parents[1] / "ingestd" / "data" / "real_tweets.jsonl"
 ALPHABET = (
@@ -43,7 +46,7 @@ def reference_track(matcher: Matcher, tweet: Any) -> list[str]:
     """The track phrases a tweet matches, straight from the token model."""
     tokens = tweet_tokens(tweet) if isinstance(tweet, dict) else set()
     return [phrase for phrase in matcher.track
-            if all(any(key in tokens for key in _term_keys(term))
+            if all(any(key in tokens for key in term_keys(term))
                    for term in phrase.lower().split())]
 
 

@@ -15,7 +15,9 @@ import pytest
 from ingestd.sink.deadletter import RAW_CAP, DeadLetterStore
 from ingestd.sink.mongo import open_collection
 from ingestd.sink.worker import StoreWorker
-from ingestd.spool.log import KIND_MESSAGE, SpoolReader, SpoolWriter
+from ingestd.spool.format import KIND_MESSAGE
+from ingestd.spool.reader import SpoolReader
+from ingestd.spool.writer import SpoolWriter
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.simulator import SimProcess
 from tests.support.wait import wait_until

@@ -29,7 +29,7 @@ import pytest
 
 from bench.kill_loop import KillLoop
 from ingestd.sink.deadletter import DeadLetterStore
-from ingestd.spool.log import HEADER_SIZE, MAGIC, PREFIX_SIZE, list_segments
+from ingestd.spool.format import HEADER_SIZE, MAGIC, PREFIX_SIZE, list_segments
 from tests.support.counters import accounted
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.mongo import MongoStandIn, stored_ids
@@ -291,7 +291,7 @@ class SpooledRecord:
 
 
 def scan_spool(spool: Path) -> list[SpooledRecord]:
-    """Every record in the spool, parsed independently of ``ingestd.spool.log`` (test oracle)."""
+    """Every record in the spool, parsed independently of ``ingestd.spool`` (test oracle)."""
     out = []
     for name in list_segments(spool):
         data = (spool / name).read_bytes()

@@ -52,16 +52,16 @@ from ingestd.control.collector import in_flight
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.sink.mongo import ErrorClass, classify_error, open_collection, write_error_summary
 from ingestd.sink.worker import StoreWorker
-from ingestd.spool.log import (
+from ingestd.spool.format import (
     KIND_BADFRAME,
     KIND_MESSAGE,
     KIND_OVERSIZE,
     KIND_PARTIAL,
     Checkpoint,
     Record,
-    SpoolReader,
-    SpoolWriter,
 )
+from ingestd.spool.reader import SpoolReader
+from ingestd.spool.writer import SpoolWriter
 from tests.support.mongo import MongoStandIn
 from tests.support.wait import wait_until
 

@@ -159,7 +159,7 @@ def known_labels() -> dict[str, tuple[str, ...]]:
     from ingestd.control.workers import ROLES
     from ingestd.documents.messages import CONTROL_TYPES, MESSAGE_REASONS, SKIP_REASONS
     from ingestd.source.backoff import Ending
-    from ingestd.spool.log import DROP_REASONS
+    from ingestd.spool.writer import DROP_REASONS
 
     return {
         "ingestd_worker_restarts_total": ROLES,

@@ -21,7 +21,7 @@ from ingestd.control.worker import (
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.sink.mongo import open_collection
 from ingestd.sink.worker import StoreWorker
-from ingestd.spool.log import SpoolReader
+from ingestd.spool.reader import SpoolReader
 
 log = structlog.get_logger("ingestd.store")
 

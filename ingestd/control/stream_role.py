@@ -20,7 +20,7 @@ from ingestd.control.worker import (
 from ingestd.source.stream_reader import StreamReader
 from ingestd.source.v2_rules import RulesSync
 from ingestd.spool.intake import SpoolIntake
-from ingestd.spool.log import SpoolWriter
+from ingestd.spool.writer import SpoolWriter
 
 log = structlog.get_logger("ingestd.worker")
 

@@ -85,7 +85,7 @@ from ingestd.sink.mongo import (
     short_reason,
     write_error_summary,
 )
-from ingestd.spool.log import (
+from ingestd.spool.format import (
     KIND_BADFRAME,
     KIND_MESSAGE,
     KIND_OVERSIZE,
@@ -123,7 +123,7 @@ ENCODER_RESTART_INTERVAL = 10.0  # seconds between restarts of a lost encoder ch
 
 
 class SpoolSource(Protocol):
-    """What the writer needs from ``ingestd.spool.log.SpoolReader``."""
+    """What the writer needs from ``ingestd.spool.reader.SpoolReader``."""
 
     @property
     def acked(self) -> Checkpoint | None: ...

@@ -18,7 +18,7 @@ import structlog
 from ingestd.source.connection import Connection
 from ingestd.source.framing import BadFrame, Oversize
 from ingestd.source.stats import ReaderStats
-from ingestd.spool.log import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE
+from ingestd.spool.format import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE
 
 log = structlog.get_logger("ingestd.source.intake")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ingestd.source.backoff import Ending
-from ingestd.spool.log import DropReason
+from ingestd.spool.writer import DropReason
 
 CUT_BY_DISCONNECT: DropReason = "cut_by_disconnect"  # a message cut by a connection's end
 

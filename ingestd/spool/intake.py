@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from ingestd.spool.log import Group, SpoolWriteError, SpoolWriter
+from ingestd.spool.writer import Group, SpoolWriteError, SpoolWriter
 
 log = structlog.get_logger("ingestd.worker")
 

@@ -1,0 +1,131 @@
+"""Track phrases of v1.1 ``statuses/filter``, matched at stream rate (docs/protocol.md §1.3).
+
+``TrackMatcher`` gets the answer of the token model (``match_tokens.tweet_tokens``) without building
+a tweet's token set: every token is a substring of the (lower-cased) whitespace word it comes from,
+and each \\w run of a token is a maximal \\w run of that word (edge punctuation, the ``#``/``@``,
+URL schemes and host dots are all non-word characters). So a word can only produce a configured
+key if it contains one of the key's runs; only those few words are tokenised (with the very same
+per-word rules, ``word_tokens``), and entity values are looked up directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ingestd.documents.match_tokens import (
+    WORD_RE,
+    entity_tags,
+    entity_urls,
+    term_keys,
+    tweet_parts,
+    url_tokens,
+    word_tokens,
+    words_containing,
+)
+
+# Up to this many needles, ``needle in text`` per needle beats one ``\\w+`` scan of the text.
+_SUBSTRING_SCAN_MAX = 24
+_URL_CACHE_SIZE = 8192  # entity URL values remembered per matcher (cleared when full)
+
+
+class TrackMatcher:
+    """Precompiled track phrases: the configured ones a tweet matches, in configured order."""
+
+    def __init__(self, phrases: Sequence[str]) -> None:
+        self.phrases = list(phrases)
+        self._compile_phrases()
+        self._compile_needles()
+        self._url_hits: dict[str, tuple[str, ...]] = {}  # entity URL value -> keys it yields
+
+    def _compile_phrases(self) -> None:
+        # key -> term ids; first term id -> phrases that start with it (each phrase checked once)
+        terms: dict[str, int] = {}
+        self._phrase_terms: list[frozenset[int]] = []
+        for i, phrase in enumerate(self.phrases):
+            words = phrase.lower().split()
+            if not words:
+                raise ValueError(f"track[{i}]: empty phrase {phrase!r}")
+            self._phrase_terms.append(frozenset(terms.setdefault(w, len(terms)) for w in words))
+        self._keys: dict[str, list[int]] = {}
+        for term, tid in terms.items():
+            for key in term_keys(term):
+                self._keys.setdefault(key, []).append(tid)
+        self._by_first: dict[int, list[int]] = {}
+        for pid, tids in enumerate(self._phrase_terms):
+            self._by_first.setdefault(min(tids), []).append(pid)
+        self._key_set = frozenset(self._keys)
+
+    def _compile_needles(self) -> None:
+        # One needle per key: its longest \\w run (a maximal run of any word that yields the key),
+        # or, for a key without word characters, the key itself (found by substring search).
+        runs: set[str] = set()
+        bare: list[str] = []
+        for key in self._keys:
+            found = WORD_RE.findall(key)
+            if found:
+                runs.add(max(found, key=len))
+            else:
+                bare.append(key)
+        self._runs = frozenset(runs)
+        self._run_list = tuple(sorted(runs, key=len, reverse=True))
+        self._bare = tuple(bare)
+
+    def match(self, tweet: dict[str, Any]) -> list[str]:
+        """The phrases ``tweet`` matches (all the terms of each, anywhere in it)."""
+        found = self._hits(tweet)
+        if not found:
+            return []
+        keys = self._keys
+        present: set[int] = set()
+        for key in found:
+            present.update(keys[key])
+        by_first, phrase_terms = self._by_first, self._phrase_terms
+        hits: list[int] = []
+        for tid in present:
+            for pid in by_first.get(tid, ()):
+                if phrase_terms[pid] <= present:
+                    hits.append(pid)
+        if len(hits) > 1:
+            hits.sort()
+        return [self.phrases[pid] for pid in hits]
+
+    def _hits(self, tweet: dict[str, Any]) -> set[str]:
+        """The configured keys among ``tweet_tokens(tweet)`` (same parts, same rules)."""
+        found: set[str] = set()
+        key_set, url_hits = self._key_set, self._url_hits
+        for text, groups in tweet_parts(tweet):
+            if text is not None:
+                self._text_hits(found, text)
+            for entities in groups:
+                found.update(key_set.intersection(entity_tags(entities)))
+                for value in entity_urls(entities):
+                    hits = url_hits.get(value)
+                    if hits is None:
+                        hits = self._cache_url_hits(value)
+                    found.update(hits)
+        return found
+
+    def _text_hits(self, found: set[str], text: str) -> None:
+        low = text.lower()
+        if len(self._run_list) <= _SUBSTRING_SCAN_MAX:
+            needles = [run for run in self._run_list if run in low]
+        else:
+            needles = list(self._runs.intersection(WORD_RE.findall(low)))
+        needles += [key for key in self._bare if key in low]
+        if not needles:
+            return
+        spaced = " ".join(low.split())
+        key_set = self._key_set
+        for raw in words_containing(spaced, needles):
+            for token in word_tokens(raw):
+                if token in key_set:
+                    found.add(token)
+
+    def _cache_url_hits(self, value: str) -> tuple[str, ...]:
+        if len(self._url_hits) >= _URL_CACHE_SIZE:
+            self._url_hits.clear()
+        key_set = self._key_set
+        hits = tuple(t for t in url_tokens(value.lower(), False) if t in key_set)
+        self._url_hits[value] = hits
+        return hits

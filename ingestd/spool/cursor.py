@@ -1,0 +1,152 @@
+"""Reading one segment file record by record: CRC checks, and damage skipped and counted.
+
+Used by the reader, and by the writer to find the last valid record when it starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from crc32c import crc32c
+
+from ingestd.spool.format import BODY, HEADER_SIZE, MAGIC, MAX_LENGTH, PREFIX, PREFIX_SIZE, Record
+
+_BLOCK = 1024 * 1024
+_new_record = tuple.__new__
+
+
+@dataclass(slots=True)
+class Damage:
+    records: int = 0  # damaged regions skipped
+    bytes: int = 0
+
+
+class SegmentCursor:
+    """Reads one segment in blocks and parses records; damage is skipped and counted.
+
+    Until ``sealed`` (a newer segment exists and the file was read to EOF), an incomplete record
+    at the end is assumed to be still in the middle of being written, and waited for.
+    """
+
+    def __init__(self, directory: Path, name: str, offset: int, damage: Damage) -> None:
+        self.name = name
+        self._fd = os.open(directory / name, os.O_RDONLY)
+        self._buf = bytearray()
+        self._pos = 0  # index in _buf of the next unparsed byte
+        self._off = offset  # file offset of _buf[0]
+        self._need = 0  # bytes the next record still needs
+        self._damage = damage
+        self._in_damage = False
+        self.sealed = False
+        self.at_end = False  # sealed and read to EOF: leftovers are damage, not a record in flight
+
+    @property
+    def position(self) -> int:
+        """File offset of the next unparsed byte."""
+        return self._off + self._pos
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    @property
+    def parseable(self) -> bool:
+        """Buffered bytes that may hold a complete record (parsing stopped for the budget)."""
+        return self.buffered > 0 and self._need == 0
+
+    def file_size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def fill(self) -> int:
+        """Read the next block of the file; return the number of bytes read."""
+        del self._buf[: self._pos]  # O(1) amortised for a bytearray prefix
+        self._off += self._pos
+        self._pos = 0
+        want = max(_BLOCK, self._need - len(self._buf))
+        block = os.pread(self._fd, want, self._off + len(self._buf))
+        self._buf += block
+        return len(block)
+
+    def parse(self, out: list[Record], max_records: int, max_bytes: int, nbytes: int) -> int:
+        """Append complete valid records to ``out`` within the budget; return bytes added."""
+        buf = self._buf
+        with memoryview(buf) as view:
+            while len(out) < max_records and nbytes < max_bytes:
+                record = self._parse_one(buf, view)
+                if record is None:
+                    break
+                out.append(record)
+                nbytes += len(record.payload)
+        return nbytes
+
+    def _parse_one(self, buf: bytearray, view: memoryview) -> Record | None:
+        while True:
+            i = self._pos
+            avail = len(buf) - i
+            if avail < PREFIX_SIZE:
+                if avail and self.at_end:
+                    self._skip(len(buf))
+                self._need = PREFIX_SIZE if avail else 0
+                return None
+            magic, length, crc = PREFIX.unpack_from(buf, i)
+            if magic != MAGIC or not BODY.size <= length <= MAX_LENGTH:
+                self._resync(buf, i + 1)
+                continue
+            end = i + PREFIX_SIZE + length
+            if end > len(buf):
+                if not self.at_end:
+                    self._need = end - i
+                    return None
+                self._resync(buf, i + 1)
+                continue
+            if crc32c(view[i + PREFIX_SIZE : end]) != crc:
+                self._resync(buf, i + 1)
+                continue
+            return self._record(buf, view, i, end)
+
+    def _record(self, buf: bytearray, view: memoryview, i: int, end: int) -> Record:
+        seq, recv_ns, conn_id, generation, kind = BODY.unpack_from(buf, i + PREFIX_SIZE)
+        self._pos, self._need, self._in_damage = end, 0, False
+        payload = bytes(view[i + HEADER_SIZE : end])
+        # tuple.__new__ directly: the generated Record.__new__ is a Python-level frame per record.
+        return _new_record(
+            Record, (seq, kind, conn_id, generation, recv_ns, payload, self.name, self._off + i)
+        )
+
+    def _resync(self, buf: bytearray, start: int) -> None:
+        """Skip to the next MAGIC; keep a tail that may be a MAGIC cut by the end of the data."""
+        j = buf.find(MAGIC, start)
+        if j < 0:
+            j = len(buf) if self.at_end else max(start, len(buf) - len(MAGIC) + 1)
+        self._skip(j)
+
+    def _skip(self, to: int) -> None:
+        if not self._in_damage:
+            self._damage.records += 1
+            self._in_damage = True
+        self._damage.bytes += to - self._pos
+        self._pos, self._need = to, 0
+
+
+def last_seq(directory: Path, name: str) -> int | None:
+    """Seq of the last valid record in a segment (tolerating a torn tail), block by block."""
+    cursor = SegmentCursor(directory, name, 0, Damage())
+    cursor.sealed = True
+    last: int | None = None
+    try:
+        while True:
+            batch: list[Record] = []
+            cursor.parse(batch, 256, MAX_LENGTH, 0)
+            if batch:
+                last = batch[-1].seq
+            elif cursor.fill() == 0:
+                if cursor.at_end:
+                    return last
+                cursor.at_end = True
+    finally:
+        cursor.close()

@@ -1,0 +1,153 @@
+"""The spool's on-disk format: record encoding, segment names and the checkpoint file.
+
+The stream and store workers share only the spool directory::
+
+    <dir>/<first_seq:020d>.seg   append-only segments of records
+    <dir>/checkpoint             {"seq": N, "segment": "<name>", "offset": O}: stored up to here
+
+Record layout (little-endian)::
+
+    MAGIC(4) length u32  crc32c u32 | seq u64  recv_ns u64  conn_id u32  generation u32  kind u8
+                                    | payload
+    `length` counts and `crc32c` covers everything after the crc field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from crc32c import crc32c
+
+KIND_MESSAGE = 0
+KIND_OVERSIZE = 1
+KIND_BADFRAME = 2
+KIND_PARTIAL = 3
+
+MAGIC = b"\xa5IR\x5a"
+PREFIX = struct.Struct("<4sII")  # magic, length, crc
+BODY = struct.Struct("<QQIIB")  # seq, recv_ns, conn_id, generation, kind
+PREFIX_SIZE = PREFIX.size
+HEADER_SIZE = PREFIX.size + BODY.size
+MAX_PAYLOAD = 64 * 1024 * 1024
+MAX_LENGTH = BODY.size + MAX_PAYLOAD
+
+CHECKPOINT = "checkpoint"
+FIRST_SEQ = 1
+_SEGMENT_RE = re.compile(r"^(\d{20})\.seg$")
+
+
+class Record(NamedTuple):
+    """One record read back from the spool; ``offset`` is where it starts in ``segment``.
+
+    A named tuple, not a frozen dataclass: one is made per record read, and a frozen dataclass's
+    ``__init__`` costs one ``object.__setattr__`` per field.
+    """
+
+    seq: int
+    kind: int
+    conn_id: int
+    generation: int
+    recv_ns: int
+    payload: bytes
+    segment: str
+    offset: int
+
+    @property
+    def end_offset(self) -> int:
+        """Offset just past this record: where the checkpoint points once it is stored."""
+        return self.offset + HEADER_SIZE + len(self.payload)
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    seq: int
+    segment: str
+    offset: int
+
+
+def segment_name(first_seq: int) -> str:
+    return f"{first_seq:020d}.seg"
+
+
+def segment_first_seq(name: str) -> int:
+    """The seq a segment was named after (the first it was opened for)."""
+    return int(name[:20])
+
+
+def list_segments(directory: Path) -> list[str]:
+    """Segment names, oldest first (zero-padded names sort numerically)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if _SEGMENT_RE.match(n))
+
+
+def read_checkpoint(directory: Path) -> Checkpoint | None:
+    """The checkpoint, or None if it is missing or unreadable."""
+    try:
+        doc = json.loads((directory / CHECKPOINT).read_bytes())
+        ckpt = Checkpoint(int(doc["seq"]), str(doc["segment"]), int(doc["offset"]))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    valid = _SEGMENT_RE.match(ckpt.segment) and ckpt.offset >= 0 and ckpt.seq >= 0
+    return ckpt if valid else None
+
+
+def write_checkpoint(directory: Path, ckpt: Checkpoint) -> None:
+    """Replace the checkpoint atomically and durably (two fsyncs; raises OSError)."""
+    doc = {"seq": ckpt.seq, "segment": ckpt.segment, "offset": ckpt.offset}
+    tmp = directory / f".{CHECKPOINT}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(doc).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, directory / CHECKPOINT)
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode_records(
+    out: list[bytes],
+    seq: int,
+    items: Sequence[tuple[int, bytes]],
+    conn_id: int,
+    generation: int,
+    recv_ns: int,
+) -> int:
+    """Append each record's header and payload to ``out`` (no copy of the payload); next seq."""
+    pack_body, pack_prefix = BODY.pack, PREFIX.pack
+    for kind, payload in items:
+        if len(payload) > MAX_PAYLOAD:
+            raise ValueError(f"spool payload of {len(payload)} bytes > {MAX_PAYLOAD}")
+        body = pack_body(seq, recv_ns, conn_id, generation, kind)
+        crc = crc32c(payload, crc32c(body))
+        out.append(pack_prefix(MAGIC, BODY.size + len(payload), crc) + body)
+        out.append(payload)
+        seq += 1
+    return seq
+
+
+def encode_record(
+    seq: int, kind: int, payload: bytes, conn_id: int, generation: int, recv_ns: int
+) -> bytes:
+    """One record's bytes, as the writer encodes them (for tests that craft spool files)."""
+    out: list[bytes] = []
+    encode_records(out, seq, ((kind, payload),), conn_id, generation, recv_ns)
+    return b"".join(out)

@@ -1,0 +1,253 @@
+"""The spool's reading side (store worker): records in order, acks, checkpoints, cleanup.
+
+Every record's CRC is checked; damage is skipped by scanning for the next record that validates,
+and counted (``corrupt_records``, ``corrupt_bytes``), never fatal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ingestd.spool.cursor import Damage, SegmentCursor
+from ingestd.spool.format import (
+    CHECKPOINT,
+    FIRST_SEQ,
+    Checkpoint,
+    Record,
+    list_segments,
+    read_checkpoint,
+    segment_first_seq,
+    write_checkpoint,
+)
+
+CHECKPOINT_INTERVAL = 0.25  # seconds: at most one checkpoint write per interval within a segment
+
+
+class SpoolReader:
+    """Reads records in order (store worker side) and checkpoints what has been stored.
+
+    Checkpoint writes are coalesced: within one segment at most one per ``checkpoint_interval``
+    seconds (each costs two fsyncs, during which the store loop stalls); an ack in a new segment
+    is always written at once, so that consumed segments are released promptly. ``flush`` (also
+    called by ``close`` and, once due, while waiting for data) writes the pending one. A crash
+    loses at most the acks of the last interval: the restart replays records that were already
+    stored (the store worker counts them as duplicates by ``_id``), and never skips an unacked
+    record, so the delivery guarantee is unchanged.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        checkpoint_interval: float = CHECKPOINT_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._damage = Damage()
+        self.checkpoint_resets = 0
+        self.checkpoint_writes = 0
+        self._cursor: SegmentCursor | None = None
+        self._acked: Checkpoint | None = None
+        self._written: Checkpoint | None = None  # the checkpoint on disk, as far as we know
+        self._written_at = -float("inf")
+        self._interval = checkpoint_interval
+        self._clock = clock
+        self._acked_cleaned: str | None = None  # segment whose predecessors were deleted
+        self._last_read: Record | None = None  # newest record ``read`` returned
+        self._start()
+
+    @property
+    def corrupt_records(self) -> int:
+        """Damaged regions skipped (one per run of bad bytes between valid records)."""
+        return self._damage.records
+
+    @property
+    def corrupt_bytes(self) -> int:
+        return self._damage.bytes
+
+    @property
+    def acked(self) -> Checkpoint | None:
+        return self._acked
+
+    def read(self, max_records: int = 1000, max_bytes: int = 16 * 1024 * 1024) -> list[Record]:
+        """The complete, valid records available now (non-blocking), at most ``max_records``.
+
+        ``max_bytes`` bounds the payload bytes returned; one record is returned even if larger.
+        """
+        out: list[Record] = []
+        nbytes = 0
+        while len(out) < max_records and nbytes < max_bytes:
+            cursor = self._cursor or self._open_first()
+            if cursor is None:
+                break
+            before = len(out)
+            nbytes = cursor.parse(out, max_records, max_bytes, nbytes)
+            if len(out) > before:
+                self._last_read = out[-1]  # before any _advance: it must know what was read
+                continue
+            if cursor.fill():
+                continue
+            if not self._at_eof(cursor):
+                break
+        return out
+
+    def ack(self, record: Record) -> None:
+        """Everything up to and including ``record`` is stored: checkpoint and clean up.
+
+        The checkpoint may be written later (see the class docstring); segments are deleted only
+        once a checkpoint past them is on disk.
+        """
+        ckpt = Checkpoint(record.seq, record.segment, record.end_offset)
+        if self._acked and (ckpt.segment, ckpt.offset) <= (self._acked.segment, self._acked.offset):
+            return
+        written = self._written
+        if (
+            written is None
+            or written.segment != ckpt.segment
+            or self._clock() - self._written_at >= self._interval
+        ):
+            self._write_checkpoint(ckpt)
+        self._acked = ckpt
+        if self._acked_cleaned != ckpt.segment:
+            self._delete_before(ckpt.segment)
+            self._acked_cleaned = ckpt.segment
+        self._release_consumed()
+
+    def _release_consumed(self) -> None:
+        """Checkpoint at the start of the cursor's segment once everything read before it is acked.
+
+        Otherwise a segment is deleted only when a record of a later one is acked; on a full disk
+        the writer cannot append that record until this segment's space is given back.
+        """
+        acked, cursor, last = self._acked, self._cursor, self._last_read
+        if acked is None or cursor is None or cursor.name <= acked.segment:
+            return
+        if last is not None and last.seq > acked.seq:
+            # Records were read past the checkpoint and are not stored yet. (Compare seqs, not
+            # offsets: the next record starts exactly where the acked one ends.)
+            return
+        # Delete first: on a full disk the new checkpoint may not fit, and a checkpoint naming a
+        # deleted segment is safe (the next start replays from the oldest segment, all unacked).
+        self._delete_before(cursor.name)
+        self._acked_cleaned = cursor.name
+        ckpt = Checkpoint(acked.seq, cursor.name, 0)
+        self._acked = ckpt
+        with contextlib.suppress(OSError):  # still pending: ``flush`` or the next ack retries
+            self._write_checkpoint(ckpt)
+
+    @property
+    def checkpoint_pending(self) -> bool:
+        """An ack not yet written to disk (a crash now would replay already-stored records)."""
+        return self._acked is not None and self._acked != self._written
+
+    def flush(self) -> None:
+        """Write the pending checkpoint, if any (raises OSError if that fails)."""
+        if self._acked is not None and self._acked != self._written:
+            self._write_checkpoint(self._acked)
+
+    def maybe_flush(self) -> None:
+        """Write the pending checkpoint once it is due (idle ticks: no ack comes to do it), so
+        the writer's backlog, and a full spool, follow what was stored."""
+        if self.checkpoint_pending and self._clock() - self._written_at >= self._interval:
+            with contextlib.suppress(OSError):  # retried on the next call, or by flush/close
+                self.flush()
+
+    def has_data(self) -> bool:
+        """True if ``read`` may return something now (new bytes or a new segment)."""
+        cursor = self._cursor or self._open_first()
+        if cursor is None:
+            return False
+        if cursor.parseable or cursor.file_size() > cursor.position + cursor.buffered:
+            return True
+        newest = list_segments(self.directory)
+        return bool(newest) and newest[-1] > cursor.name
+
+    def wait_for_data(self, timeout: float, poll: float = 0.005) -> bool:
+        """Return True as soon as data may be readable, False after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.has_data():
+            self.maybe_flush()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(poll, left))
+        return True
+
+    def close(self) -> None:
+        """Write the pending checkpoint (raises OSError if that fails) and close the segment."""
+        try:
+            self.flush()
+        finally:
+            if self._cursor is not None:
+                self._cursor.close()
+                self._cursor = None
+
+    def _start(self) -> None:
+        """Open at the checkpoint, or replay from the oldest segment if it cannot be used."""
+        ckpt = read_checkpoint(self.directory)
+        if ckpt is not None and ckpt.offset <= _size_or_zero(self.directory / ckpt.segment):
+            try:
+                cursor = SegmentCursor(self.directory, ckpt.segment, ckpt.offset, self._damage)
+            except FileNotFoundError:
+                pass
+            else:
+                self._cursor, self._acked, self._written = cursor, ckpt, ckpt
+                return
+        segments = list_segments(self.directory)
+        # A missing checkpoint is normal on a fresh spool; with acked segments gone it is damage.
+        gone = bool(segments) and segment_first_seq(segments[0]) > FIRST_SEQ
+        if (self.directory / CHECKPOINT).exists() or gone:
+            self.checkpoint_resets += 1
+
+    def _open_first(self) -> SegmentCursor | None:
+        segments = list_segments(self.directory)
+        if not segments:
+            return None
+        self._cursor = SegmentCursor(self.directory, segments[0], 0, self._damage)
+        return self._cursor
+
+    def _at_eof(self, cursor: SegmentCursor) -> bool:
+        """At the end of the file for now: seal or move on. False means wait for the writer."""
+        if cursor.at_end:
+            return self._advance(cursor)
+        if not cursor.sealed:
+            if not any(n > cursor.name for n in list_segments(self.directory)):
+                return False  # the newest segment: an incomplete record may be in flight
+            cursor.sealed = True  # re-read to EOF first: the writer may have finished it
+            return True
+        cursor.at_end = True
+        return True
+
+    def _advance(self, cursor: SegmentCursor) -> bool:
+        later = [n for n in list_segments(self.directory) if n > cursor.name]
+        cursor.close()
+        self._cursor = None
+        if not later:  # deleted from under us: start again from whatever exists
+            return True
+        self._cursor = SegmentCursor(self.directory, later[0], 0, self._damage)
+        self._release_consumed()
+        return True
+
+    def _write_checkpoint(self, ckpt: Checkpoint) -> None:
+        write_checkpoint(self.directory, ckpt)
+        self._written, self._written_at = ckpt, self._clock()
+        self.checkpoint_writes += 1
+
+    def _delete_before(self, segment: str) -> None:
+        segments = list_segments(self.directory)
+        newest = segments[-1] if segments else segment
+        for name in segments:
+            if name < segment and name != newest:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.directory / name).unlink()
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

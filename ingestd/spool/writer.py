@@ -1,0 +1,267 @@
+"""The spool's writing side (stream worker): append records, bound the backlog, roll segments.
+
+The writer never appends after a possibly torn tail: each ``SpoolWriter`` starts a new segment.
+A process crash loses nothing already written (the OS has it); a power failure loses at most
+``fsync_interval``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal, get_args
+
+from ingestd.spool.cursor import last_seq
+from ingestd.spool.format import (
+    CHECKPOINT,
+    FIRST_SEQ,
+    Checkpoint,
+    encode_records,
+    fsync_dir,
+    list_segments,
+    read_checkpoint,
+    segment_first_seq,
+    segment_name,
+)
+
+_CHECKPOINT_POLL = 0.05  # seconds between checkpoint stats in the writer
+_CHECKPOINT_SETTLE_NS = 1_000_000_000  # mtimes are coarse: re-read a file changed this recently
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+# Why a message never reached the spool: the spool was at its bound or writing to it failed
+# (only with ``when_full: drop_newest``), or the connection ended in the middle of it (the
+# reader counts it with the reconnect). The one list (metrics start each at 0).
+DropReason = Literal["spool_full", "disk_error", "cut_by_disconnect"]
+DROP_REASONS: tuple[DropReason, ...] = get_args(DropReason)
+
+Group = tuple[Sequence[tuple[int, bytes]], int, int, int]
+"""What ``SpoolWriter.append_many`` takes: ((kind, payload) items, conn_id, generation, recv_ns)."""
+
+
+class SpoolWriteError(OSError):
+    """A write or fsync failed (ENOSPC, EIO…); nothing torn was left behind. ``errno`` is kept."""
+
+
+class SpoolWriter:
+    """Appends records to the spool (stream worker side). Not thread-safe; one per directory."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        segment_bytes: int = 64 * 1024 * 1024,
+        max_bytes: int,
+        max_records: int,
+        fsync_interval: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.segment_bytes = segment_bytes
+        self.max_bytes = max_bytes
+        self.max_records = max_records
+        self.fsync_interval = fsync_interval
+        self._clock = clock
+        # Bytes written per segment not yet known to be wholly acknowledged, and their sum, kept
+        # as running totals: ``is_full`` runs on every libcurl write callback.
+        self._sizes = {n: (self.directory / n).stat().st_size for n in list_segments(directory)}
+        self._total = sum(self._sizes.values())
+        self._ckpt: Checkpoint | None = read_checkpoint(self.directory)
+        self._ckpt_key: tuple[int, int, int] | None = None
+        self._ckpt_checked = -float("inf")
+        self._next_seq = self._recover_next_seq()
+        self._fd = -1
+        self._torn = False  # a failed write could not be undone: start a new segment
+        # The disk filled up: the next append starts a new segment, so that the reader can
+        # release this one (and its space) once everything in it is stored.
+        self._roll_wanted = False
+        self._dirty = False
+        self._last_sync = clock()
+        self._open_segment()
+        self._first_seq = self._oldest_seq()
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    @property
+    def segment(self) -> str:
+        """Name of the segment being appended to."""
+        return self._name
+
+    def append(
+        self, items: Sequence[tuple[int, bytes]], conn_id: int, generation: int, recv_ns: int
+    ) -> int:
+        """Write ``items`` ((kind, payload) pairs) with one ``writev()``; return the last seq.
+
+        Raises SpoolWriteError (nothing of this call left on disk) if the write fails.
+        """
+        return self.append_many(((items, conn_id, generation, recv_ns),))
+
+    def append_many(self, groups: Sequence[Group]) -> int:
+        """``append`` for several (items, conn_id, generation, recv_ns) groups with one write;
+        return the last seq. Fewer, larger writes: a write syscall costs ~12 µs here, plus the
+        copy."""
+        bufs: list[bytes] = []
+        seq = self._next_seq
+        for items, conn_id, generation, recv_ns in groups:
+            seq = encode_records(bufs, seq, items, conn_id, generation, recv_ns)
+        if seq == self._next_seq:
+            return seq - 1
+        if self._torn or self._roll_wanted or self._size >= self.segment_bytes:
+            self._roll()
+        nbytes = sum(map(len, bufs))
+        self._write(bufs, nbytes)
+        self._next_seq = seq
+        self._size += nbytes
+        self._total += nbytes
+        self._sizes[self._name] = self._size
+        self._dirty = True
+        self.maybe_sync()
+        return seq - 1
+
+    def maybe_sync(self) -> None:
+        """fsync if ``fsync_interval`` has passed since the last one (call on idle ticks too)."""
+        if self._dirty and self._clock() - self._last_sync >= self.fsync_interval:
+            self.sync()
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._torn = True  # after a failed fsync the page cache cannot be trusted
+            raise SpoolWriteError(exc.errno, f"spool fsync failed: {exc.strerror}") from exc
+        self._dirty = False
+        self._last_sync = self._clock()
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            self.sync()
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def backlog(self) -> tuple[int, int]:
+        """(records, bytes) appended but not yet acknowledged by the reader.
+
+        O(1): running totals, and the checkpoint looked at every ``_CHECKPOINT_POLL`` s at most
+        (a stale checkpoint only overstates the backlog, so a full spool is never missed).
+        """
+        if self._clock() - self._ckpt_checked >= _CHECKPOINT_POLL:
+            self._poll_checkpoint()
+        ckpt = self._ckpt
+        if ckpt is None:
+            return max(0, self._next_seq - self._first_seq), self._total
+        # An offset past the end of its segment (power loss took the tail) counts as its end.
+        size = self._total - min(ckpt.offset, self._sizes.get(ckpt.segment, 0))
+        return max(0, self._next_seq - 1 - ckpt.seq), max(0, size)
+
+    def is_full(self) -> bool:
+        records, size = self.backlog()
+        return records >= self.max_records or size >= self.max_bytes
+
+    def _write(self, bufs: list[bytes], nbytes: int) -> None:
+        """Write all of ``bufs`` (``nbytes`` in all), or undo the part written and raise."""
+        try:
+            written = os.writev(self._fd, bufs[:_IOV_MAX])
+            if written != nbytes:  # more than IOV_MAX buffers, or a short write
+                _write_rest(self._fd, bufs, written)
+        except OSError as exc:
+            self._undo()
+            if exc.errno in _DISK_FULL and self._size > 0:
+                self._roll_wanted = True
+            raise SpoolWriteError(exc.errno, f"spool write failed: {exc.strerror}") from exc
+
+    def _undo(self) -> None:
+        """Cut the segment back to before the failed append so no torn record remains."""
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError:
+            self._torn = True
+
+    def _roll(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(SpoolWriteError):
+                self.sync()  # if it fails, a new segment is exactly what is called for
+            os.close(self._fd)
+            self._fd = -1
+        self._open_segment()
+
+    def _open_segment(self) -> None:
+        self._name = segment_name(self._next_seq)
+        path = self.directory / self._name
+        # The name can only exist as an empty segment left by a writer that never wrote: reuse
+        # it (a reader may already hold it open), there is no tail to be torn.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        try:
+            self._fd = os.open(path, flags, 0o600)
+            if os.fstat(self._fd).st_size:
+                os.close(self._fd)
+                raise OSError(errno.EEXIST, f"segment {self._name} is not empty")
+            fsync_dir(self.directory)
+        except OSError as exc:
+            self._fd, self._torn = -1, True  # retry the roll on the next append
+            raise SpoolWriteError(exc.errno, f"spool segment open failed: {exc.strerror}") from exc
+        self._size = 0
+        self._total -= self._sizes.get(self._name, 0)  # an empty leftover of the same name
+        self._sizes[self._name] = 0
+        self._torn = self._roll_wanted = False
+
+    def _recover_next_seq(self) -> int:
+        """First seq after everything on disk: the newest segment's last valid record."""
+        floor = FIRST_SEQ if self._ckpt is None else self._ckpt.seq + 1
+        if not self._sizes:
+            return floor
+        newest = max(self._sizes)
+        first = segment_first_seq(newest)
+        last = last_seq(self.directory, newest)
+        if last is None:  # empty: its name is unused; all damaged: never reuse its name
+            return max(floor, first + (self._sizes[newest] > 0))
+        return max(floor, first, last + 1)
+
+    def _oldest_seq(self) -> int:
+        return min((segment_first_seq(n) for n in self._sizes), default=self._next_seq)
+
+    def _poll_checkpoint(self) -> None:
+        """Re-read the checkpoint if it changed; forget the segments it says are wholly acked."""
+        self._ckpt_checked = self._clock()
+        try:
+            st = os.stat(self.directory / CHECKPOINT)
+        except FileNotFoundError:
+            self._ckpt, self._ckpt_key = None, None
+            return
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        settled = time.time_ns() - st.st_mtime_ns > _CHECKPOINT_SETTLE_NS
+        if key == self._ckpt_key and settled:
+            return
+        self._ckpt, self._ckpt_key = read_checkpoint(self.directory), key
+        if self._ckpt is not None:
+            acked = [n for n in self._sizes if n < self._ckpt.segment]
+            for name in acked:  # the reader deletes these
+                self._total -= self._sizes.pop(name)
+            if acked:
+                self._first_seq = self._oldest_seq()
+
+
+def _write_rest(fd: int, bufs: list[bytes], written: int) -> None:
+    """Finish a ``writev`` that wrote only ``written`` bytes of ``bufs``, IOV_MAX at a time."""
+    views = [memoryview(b) for b in bufs]
+    i = 0
+    while True:
+        while i < len(views) and written >= len(views[i]):
+            written -= len(views[i])
+            i += 1
+        if i == len(views):
+            return
+        views[i] = views[i][written:]
+        written = os.writev(fd, views[i : i + _IOV_MAX])
+        if written <= 0:
+            raise OSError(errno.EIO, "write returned 0")
