@@ -156,7 +156,7 @@ def known_labels() -> dict[str, tuple[str, ...]]:
     Taken from the code that produces the values, so a new reason needs no edit here. Imported
     on first scrape: they pull in modules of every stage.
     """
-    from ingestd.control.workers import ROLES
+    from ingestd.control.pool import ROLES
     from ingestd.documents.messages import CONTROL_TYPES, MESSAGE_REASONS, SKIP_REASONS
     from ingestd.source.backoff import Ending
     from ingestd.spool.writer import DROP_REASONS

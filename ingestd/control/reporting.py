@@ -14,7 +14,7 @@ import structlog
 
 from ingestd.control import notify as sd
 from ingestd.control import runstate
-from ingestd.control.workers import ROLES, WorkerPool
+from ingestd.control.pool import ROLES, WorkerPool
 
 log = structlog.get_logger("ingestd.control.supervisor")
 

@@ -37,9 +37,7 @@ from ingestd.config.settings import load_settings_text, secret_values, start_onl
 from ingestd.control import notify as sd
 from ingestd.control.daemonctl import config_errors, write_verdict
 from ingestd.control.pipe import Reload, Stop
-from ingestd.control.reporting import Reporter, Standing
-from ingestd.control.statelock import StateDirClaim
-from ingestd.control.workers import (
+from ingestd.control.pool import (
     ROLES,
     ControlView,
     PoolHooks,
@@ -48,6 +46,8 @@ from ingestd.control.workers import (
     WorkerPool,
     default_worker_command,
 )
+from ingestd.control.reporting import Reporter, Standing
+from ingestd.control.statelock import StateDirClaim
 from ingestd.logs import configure_logging
 from ingestd.source.request import filter_diff, filter_key
 

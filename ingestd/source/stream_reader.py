@@ -4,7 +4,7 @@ and switching filters make-before-break on a reload.
 One ``CurlMulti`` loop drives every connection, so the stream worker stays single-threaded and can
 check its stop flag, its stall timers and a pending reload at least every ``TICK`` seconds, even on
 a silent stream (a blocking ``perform()`` cannot be interrupted; see docs/protocol.md §8). Bytes go
-through the ``Intake`` to the sink; ``response`` says how a connection ended.
+through the ``BodyIntake`` to the sink; ``response`` says how a connection ended.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import structlog
 from ingestd.config.schema import AuthSettings, StreamSettings
 from ingestd.source.api import api_for
 from ingestd.source.backoff import Backoff, Ending
+from ingestd.source.body import BodyIntake, Sink
 from ingestd.source.connection import Connection, open_connection
-from ingestd.source.intake import Intake, Sink
 from ingestd.source.request import filter_key
 from ingestd.source.response import classify, describe, disconnect_code, retry_after
 from ingestd.source.stats import ReaderStats
@@ -59,7 +59,7 @@ class StreamReader:
         self.next_attempt_at: float | None = clock()
         self.state = "connecting"
         self.stats = ReaderStats()
-        self._intake = Intake(sink, self.stats, is_full=is_full, drop_when_full=drop_when_full,
+        self._body = BodyIntake(sink, self.stats, is_full=is_full, drop_when_full=drop_when_full,
                               clock=clock)
         self._next_conn_id = 1
         self._by_handle: dict[int, Connection] = {}
@@ -67,7 +67,7 @@ class StreamReader:
     @property
     def last_message_ns(self) -> int:
         """Wall clock of the last framed message (metrics); 0 before the first."""
-        return self._intake.last_message_ns
+        return self._body.last_message_ns
 
     # -- public control -------------------------------------------------------------------
 
@@ -85,7 +85,7 @@ class StreamReader:
         now = self._clock()
         if self.active is None and self.pending is None and self._attempt_due(now):
             self.active = self._open(self.stream, self.generation)
-        self._intake.resume_if_room((self.active, self.pending, *self.retiring))
+        self._body.resume_if_room((self.active, self.pending, *self.retiring))
         self._perform()
         if self.pending is not None and self.pending.body_bytes > 0:
             # Promote here, not in a callback: libcurl forbids removing handles there.
@@ -140,7 +140,7 @@ class StreamReader:
         conn_id = self._next_conn_id
         self._next_conn_id += 1
         conn = open_connection(conn_id, generation, stream, self.auth, self._clock(),
-                               self._intake.on_data)
+                               self._body.on_data)
         self._by_handle[id(conn.curl)] = conn
         self._multi.add_handle(conn.curl)
         self.backoff.record_attempt()

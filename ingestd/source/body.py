@@ -20,7 +20,7 @@ from ingestd.source.framing import BadFrame, Oversize
 from ingestd.source.stats import ReaderStats
 from ingestd.spool.format import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE
 
-log = structlog.get_logger("ingestd.source.intake")
+log = structlog.get_logger("ingestd.source.body")
 
 ERROR_BODY_CAP = 4096
 # Control messages the reader itself must understand (connection endings, health figures).
@@ -32,7 +32,7 @@ V2_OPERATIONAL_DISCONNECT = "operational-disconnect"
 Sink = Callable[[Sequence[tuple[int, bytes]], int, int, int], None]
 
 
-class Intake:
+class BodyIntake:
     """Frames each connection's body into the sink; pauses a transfer while the sink is full."""
 
     def __init__(self, sink: Sink, stats: ReaderStats, *, is_full: Callable[[], bool],
