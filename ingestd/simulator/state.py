@@ -8,16 +8,26 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ingestd.simulator.auth import Credentials, OAuthVerifier
 from ingestd.simulator.feed import RealTweets
 from ingestd.simulator.generator import Snowflake
 from ingestd.simulator.groundtruth import GroundTruth
 from ingestd.simulator.script import FaultScript
+from ingestd.simulator.wire import Wire
 
-if TYPE_CHECKING:
-    from ingestd.simulator.session import Session
+
+class Session(Protocol):
+    """What the shared state needs of a stream (``session.Session``): sessions register here,
+    so this side names only the protocol and the import goes one way."""
+
+    conn: int
+    identity: str
+    wake: threading.Event
+    wire: Wire
+
+    def kick(self, code: int) -> None: ...
 
 
 @dataclass(slots=True)
