@@ -95,15 +95,16 @@ def drain(state_dir: Path, mongo_uri: str, tweets: int, gc_timer: GcTimer, encod
     gc.callbacks.append(gc_timer)
     child = children_cpu()
     wall, cpu = time.perf_counter(), time.process_time()
-    worker.run(lambda: worker.stored >= tweets, lambda: None, lambda: None)
+    worker.run(lambda: worker.totals.stored >= tweets, lambda: None, lambda: None)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     gc.callbacks.remove(gc_timer)
     worker.close()  # waits for the encoder child: its CPU is in RUSAGE_CHILDREN from here
     child = children_cpu() - child
     gc.unfreeze()
-    if worker.stored != tweets:
-        raise RuntimeError(f"stored {worker.stored} of {tweets}")
-    return wall, cpu, child, worker.insert_seconds_total, worker.offloaded
+    totals = worker.totals
+    if totals.stored != tweets:
+        raise RuntimeError(f"stored {totals.stored} of {tweets}")
+    return wall, cpu, child, totals.insert_seconds_total, totals.offloaded
 
 
 def run_once(state: Path, messages: list[bytes], uri: str, encoder: bool) -> float:

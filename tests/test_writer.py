@@ -49,6 +49,7 @@ from ingestd.config.schema import (
     WriterSettings,
 )
 from ingestd.control.collector import in_flight
+from ingestd.sink.batch import Entry
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.sink.mongo import ErrorClass, classify_error, open_collection, write_error_summary
 from ingestd.sink.worker import StoreWorker
@@ -453,15 +454,15 @@ def test_document_over_the_servers_limit_is_dead_lettered_rest_stored(
     # (DocumentTooLarge) and only the documents over that limit are dead-lettered.
     h = harness_factory()
     limit = 6000
-    real_insert_many = h.worker._insert_many
+    real_insert_many = h.worker._inserter._insert_many
 
     def insert_many(docs: list[Any]) -> object:
         if any(len(d.raw) > limit for d in docs):
             raise DocumentTooLarge("over the announced limit")
         return real_insert_many(docs)
 
-    monkeypatch.setattr(h.worker, "_max_bson_size", lambda: limit)
-    monkeypatch.setattr(h.worker, "_insert_many", insert_many)
+    monkeypatch.setattr(h.worker._inserter, "_max_bson_size", lambda: limit)
+    monkeypatch.setattr(h.worker._inserter, "_insert_many", insert_many)
     h.spool.add(tweet(SNOW + 1))
     h.spool.add(tweet(SNOW + 2, filler="x" * (limit + 100)))
     h.spool.add(tweet(SNOW + 3))
@@ -478,7 +479,7 @@ def test_retry_after_an_unknown_outcome_tells_its_own_documents_from_true_duplic
     # Batch 2 holds a tweet already stored by batch 1 (a true duplicate) and a new one. Its first
     # attempt is applied by the server but the reply is lost: the retry finds both ids present.
     h = harness_factory(batch_size=2)
-    real_insert_many = h.worker._insert_many
+    real_insert_many = h.worker._inserter._insert_many
     calls: list[int] = []
 
     def insert_many(docs: list[Any]) -> object:
@@ -489,7 +490,7 @@ def test_retry_after_an_unknown_outcome_tells_its_own_documents_from_true_duplic
             raise AutoReconnect("connection reset before the reply")
         return real_insert_many(docs)
 
-    monkeypatch.setattr(h.worker, "_insert_many", insert_many)
+    monkeypatch.setattr(h.worker._inserter, "_insert_many", insert_many)
     h.spool.add(tweet(SNOW + 1))
     h.spool.add(tweet(SNOW + 2))
     h.spool.add(tweet(SNOW + 1))  # the stream delivered it again
@@ -676,7 +677,7 @@ def test_a_killed_encoder_child_loses_nothing(mongo_uri: str, mongo_database: st
         for i in range(40):
             h.spool.add(tweet(SNOW + i))
         assert h.drain() is True
-        encoder = h.worker._encoder
+        encoder = h.worker._encoding.encoder
         assert encoder is not None and h.worker.counters()["offloaded"] > 0
         os.kill(encoder.pid, signal.SIGKILL)
         encoder._proc.wait()
@@ -694,7 +695,7 @@ def test_reload_switches_the_encoder_child_off_and_on(mongo_uri: str, mongo_data
                                                        tmp_path: Path, client: Any) -> None:
     settings = make_settings(mongo_uri, mongo_database)
     h = Harness(settings, tmp_path / "dead", encoder_process=None)  # the setting decides
-    h.worker._offload_min = 1
+    h.worker._encoding.offload_min = 1
     off = dataclasses.replace(settings, writer=dataclasses.replace(settings.writer,
                                                                    encoder_process=False))
     try:
@@ -707,7 +708,7 @@ def test_reload_switches_the_encoder_child_off_and_on(mongo_uri: str, mongo_data
             assert h.drain() is True
             offloaded = h.worker.counters()["offloaded"] - before
             assert (offloaded > 0) is new.writer.encoder_process, (generation, offloaded)
-            assert (h.worker._encoder is not None) is new.writer.encoder_process
+            assert (h.worker._encoding.encoder is not None) is new.writer.encoder_process
         assert client.tweets.count_documents({}) == 60
     finally:
         h.close()
@@ -723,13 +724,13 @@ def test_batch_is_bounded_in_bytes_not_only_in_records(
     monkeypatch.setattr(writer_module, "BATCH_MAX_BYTES", limit)
     h = harness_factory(batch_size=1000)
     sizes: list[int] = []
-    real_insert = h.worker._insert
+    real_insert = h.worker._inserter.insert
 
-    def spy(docs: list[Any], ids: list[int], records: list[Record]) -> None:
-        sizes.append(sum(len(r.payload) for r in records))
-        real_insert(docs, ids, records)
+    def spy(entries: list[Entry]) -> None:
+        sizes.append(sum(len(e.record.payload) for e in entries))
+        real_insert(entries)
 
-    monkeypatch.setattr(h.worker, "_insert", spy)
+    monkeypatch.setattr(h.worker._inserter, "insert", spy)
     for p in payloads:
         h.spool.add(p)
     assert h.drain() is True

@@ -120,8 +120,8 @@ class StoreRole:
     def batch_seconds(self) -> float:
         """Twice the mean insert time of a batch so far (the final flush comes after the
         deadline), at most a quarter of the budget."""
-        worker = self.worker
-        mean = worker.insert_seconds_total / worker.batches if worker.batches else 0.0
+        totals = self.worker.totals
+        mean = totals.insert_seconds_total / totals.batches if totals.batches else 0.0
         return min(2 * mean, self.budget / 4)
 
 

@@ -1,0 +1,89 @@
+"""The store worker's counters and histograms, as published in ``run/store.json``.
+
+Every record read from the spool ends in exactly one bucket, so the counters reconcile::
+
+    records_read == stored + duplicates + Σ deadlettered + Σ control + Σ skipped + pending
+
+The supervisor's collector (``ingestd.control.collector``) reads these keys: renaming one is a
+change of the metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ingestd.sink.batch import Entry
+from ingestd.sink.histogram import (
+    BATCH_SIZE_BUCKETS,
+    INSERT_SECONDS_BUCKETS,
+    LATENCY_SECONDS_BUCKETS,
+    Histogram,
+)
+
+
+def bump(counter: dict[str, int], key: str, n: int = 1) -> None:
+    counter[key] = counter.get(key, 0) + n
+
+
+@dataclass(slots=True)
+class StoreCounters:
+    """Plain totals, written by the store worker's parts on its thread."""
+
+    records_read: int = 0
+    read_seq: int = 0  # seq of the last spool record read (exact in-flight for metrics)
+    stored: int = 0
+    duplicates: int = 0
+    deadlettered: dict[str, int] = field(default_factory=dict)
+    control: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    deletes_applied: int = 0
+    deleted_documents: int = 0
+    control_rejected: int = 0
+    disconnects: dict[str, int] = field(default_factory=dict)
+    last_warning: dict[str, Any] | None = None
+    batches: int = 0
+    insert_seconds_total: float = 0.0
+    retries: int = 0
+    slow_writes: int = 0  # MongoDB operations that took mongo.slow_write_seconds or longer
+    index_failures: int = 0
+    match_errors: int = 0
+    encoder_restarts: int = 0
+    offloaded: int = 0  # records encoded by the encoder child
+    state: str = "starting"
+    last_error: str = ""
+    last_batch_size: int = 0
+
+    def as_dict(self, **live: Any) -> dict[str, Any]:
+        """The ``run/store.json`` counters: these fields (dicts copied) plus ``live`` values that
+        other parts own (pending, limit_missed, the dead-letter store's drops)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("deadlettered", "control", "skipped", "disconnects"):
+            out[name] = dict(out[name])
+        out["insert_seconds_total"] = out["insert_seconds"] = round(self.insert_seconds_total, 6)
+        out.update(live)
+        return out
+
+
+@dataclass(slots=True)
+class StoreHistograms:
+    """Batch size, insert time and each tweet's time from the wire to MongoDB's ack."""
+
+    batch: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZE_BUCKETS))
+    insert: Histogram = field(default_factory=lambda: Histogram(INSERT_SECONDS_BUCKETS))
+    latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_SECONDS_BUCKETS))
+
+    def observe_batch(self, elapsed: float, entries: list[Entry]) -> None:
+        self.batch.observe(len(entries))
+        self.insert.observe(elapsed)
+        now_ns = time.time_ns()
+        for entry in entries:
+            self.latency.observe((now_ns - entry.record.recv_ns) / 1e9)
+
+    def as_dict(self) -> dict[str, Any]:
+        """For run/store.json "hist" (see metrics.HISTOGRAMS)."""
+        return {"batch_size": self.batch.as_dict(),
+                "insert_seconds": self.insert.as_dict(),
+                "store_latency_seconds": self.latency.as_dict()}

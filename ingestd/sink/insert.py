@@ -1,0 +1,164 @@
+"""``insert_many`` of a batch's tweets until each one is stored, a duplicate, or dead-lettered.
+
+A failed attempt is retried with the *same* documents (``_id`` is the tweet id, so a retry can
+only produce duplicates). A failed attempt may still have written documents (a
+writeConcernError, a connection lost before the reply): when a retry finds such an ``_id``
+present, the stored document's ``_ingest.seq``/``conn`` tell whether that attempt wrote it
+(counted as stored) or another record did (a duplicate).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import structlog
+from bson.errors import InvalidDocument
+from pymongo.errors import BulkWriteError, PyMongoError
+
+from ingestd.sink.batch import Entry
+from ingestd.sink.counters import StoreCounters, StoreHistograms
+from ingestd.sink.mongo import (
+    DUPLICATE_KEY,
+    ErrorClass,
+    classify_error,
+    duplicate_on_id,
+    ensure_indexes,
+    short_reason,
+    write_error_summary,
+)
+from ingestd.sink.retry import DeadLetterWriter, Retrier
+from ingestd.sink.target import MongoTarget
+from ingestd.spool.format import Record
+
+log = structlog.get_logger("ingestd.sink.insert")
+
+
+def written_from(ingest: object, record: Record) -> bool:
+    """Whether a stored document's ``_ingest`` says it was built from ``record``."""
+    return (isinstance(ingest, dict) and ingest.get("seq") == record.seq
+            and ingest.get("conn") == record.conn_id)
+
+
+class Inserter:
+    """Stores a batch's tweets in the current target and counts where each one went."""
+
+    def __init__(self, target: MongoTarget, retrier: Retrier, deadletters: DeadLetterWriter,
+                 counters: StoreCounters, histograms: StoreHistograms) -> None:
+        self._target = target
+        self._retrier = retrier
+        self._deadletters = deadletters
+        self._counters = counters
+        self._histograms = histograms
+
+    def insert(self, entries: list[Entry]) -> None:
+        """insert_many until every document is stored, a duplicate, or dead-lettered."""
+        c = self._counters
+        c.last_batch_size = len(entries)
+        started = time.monotonic()
+        tried: set[int] = set()  # ids an earlier, failed attempt of this batch may have written
+        docs = entries
+        while docs:
+            try:
+                self._retrier.with_retry("insert", functools.partial(self._attempt, docs, tried))
+                c.stored += len(docs)
+            except BulkWriteError as exc:
+                self._resolve_bulk(exc, docs, tried)
+            except (InvalidDocument, OverflowError) as exc:
+                entries = docs = self._drop_unencodable(exc, docs)
+                continue
+            docs = []
+        c.batches += 1
+        elapsed = time.monotonic() - started
+        c.insert_seconds_total += elapsed
+        self._histograms.observe_batch(elapsed, entries)
+        if not self._target.indexes_done:
+            self._ensure_indexes()
+
+    def _attempt(self, docs: list[Entry], tried: set[int]) -> object:
+        """One insert_many; when it fails in a way that is retried, note the ids it may have
+        written anyway (a writeConcernError, a connection lost before the reply)."""
+        try:
+            return self._insert_many(docs)
+        except PyMongoError as exc:
+            if classify_error(exc) not in (ErrorClass.PER_DOCUMENT, ErrorClass.DUPLICATES_ONLY):
+                tried.update([e.tweet_id for e in docs])
+            raise
+
+    def _insert_many(self, docs: list[Entry]) -> object:
+        # The collection is looked up at call time: a retry may have switched the Mongo target.
+        return self._target.collection.insert_many(docs, ordered=False)
+
+    def _resolve_bulk(self, exc: BulkWriteError, docs: list[Entry], tried: set[int]) -> None:
+        """Sort a final BulkWriteError into stored, duplicates and dead letters (no retry)."""
+        c = self._counters
+        details = exc.details or {}
+        c.stored += int(details.get("nInserted", 0))
+        unsure: list[int] = []
+        rejected: list[tuple[Entry, int, str]] = []
+        for err in details.get("writeErrors", ()):
+            index, code = int(err["index"]), int(err.get("code", 0))
+            on_id = duplicate_on_id(err) if code == DUPLICATE_KEY else False
+            if on_id and docs[index].tweet_id not in tried:
+                c.duplicates += 1
+            elif on_id or on_id is None:
+                unsure.append(index)
+            else:
+                rejected.append((docs[index], code, short_reason(err)))
+        rejected += self._check_duplicates([docs[i] for i in unsure], tried)
+        for entry, code, reason in rejected:
+            self._deadletters.add("mongo_rejected", entry.record, code=code, detail=reason)
+        if rejected:
+            log.error("insert_documents_rejected", errors=write_error_summary(exc)[:50],
+                      ids=[e.tweet_id for e, _, _ in rejected][:50], count=len(rejected))
+
+    def _check_duplicates(self, unsure: list[Entry], tried: set[int]
+                          ) -> list[tuple[Entry, int, str]]:
+        """11000s to look up: the server did not name the index, or an earlier attempt of this
+        batch may have written the document. Present and written from this very record (same
+        spool seq and connection): stored; present otherwise: a duplicate; absent: the key is
+        another unique index, rejected."""
+        if not unsure:
+            return []
+        ids = [e.tweet_id for e in unsure]
+        # The whole (small) ``_ingest``: the stand-in flattens dotted projections.
+        found = self._retrier.with_retry("check duplicates", lambda: {
+            d["_id"]: d.get("_ingest") for d in self._target.collection.find(
+                {"_id": {"$in": ids}}, {"_id": 1, "_ingest": 1})})
+        rejected = []
+        for entry in unsure:
+            if entry.tweet_id not in found:
+                rejected.append((entry, DUPLICATE_KEY, "DuplicateKey on another unique index"))
+            elif entry.tweet_id in tried and written_from(found[entry.tweet_id], entry.record):
+                self._counters.stored += 1
+            else:
+                self._counters.duplicates += 1
+        return rejected
+
+    def _drop_unencodable(self, exc: Exception, docs: list[Entry]) -> list[Entry]:
+        """The driver refused the batch: dead-letter the documents over the server's size limit.
+
+        Documents are encoded when taken, so only a server limit below ``MAX_BSON_SIZE`` can get
+        here.
+        """
+        limit = self._max_bson_size()
+        bad = [e for e in docs if len(e.raw) > limit]
+        if not bad:  # not reproducible per document: treat as transient rather than drop anything
+            self._retrier.failed("insert", exc, ErrorClass.TRANSIENT)
+            self._retrier.backoff(0, ErrorClass.TRANSIENT)
+            return docs
+        for entry in bad:
+            self._deadletters.add("unencodable", entry.record, detail="DocumentTooLarge")
+        log.error("insert_documents_unencodable", ids=[e.tweet_id for e in bad][:50],
+                  count=len(bad))
+        return [e for e in docs if len(e.raw) <= limit]
+
+    def _max_bson_size(self) -> int:
+        return self._target.max_bson_size()
+
+    def _ensure_indexes(self) -> None:
+        target = self._target
+        failures = self._retrier.call(lambda: ensure_indexes(target.collection))
+        self._counters.index_failures += len(failures)
+        # A transient failure is tried again after the next batch; a refusal is not.
+        target.indexes_done = all(cls is not ErrorClass.TRANSIENT for _, cls in failures)
