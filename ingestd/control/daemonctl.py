@@ -116,7 +116,7 @@ def started_before(pid: int, when: float) -> bool:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return _exists(pid)
+        return pid_alive(pid)
     try:
         boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime "))
@@ -126,7 +126,8 @@ def started_before(pid: int, when: float) -> bool:
     return started <= when + 1.0  # btime has whole-second resolution
 
 
-def _exists(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one we may not signal still counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -171,7 +172,7 @@ def await_verdict(state_dir: Path, pid: int, before: Verdict | None,
         verdict = read_verdict(state_dir)
         if verdict is not None and verdict.pid == pid and verdict.seq > old_seq:
             return verdict
-        if not _exists(pid):
+        if not pid_alive(pid):
             return None
         time.sleep(POLL_SECONDS)
     return None

@@ -7,7 +7,6 @@ metrics listener's ``/healthz`` answers with, so both always agree.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -18,7 +17,7 @@ import orjson
 
 from ingestd.config.errors import EXIT_CONFIG, ConfigError
 from ingestd.config.settings import load_settings
-from ingestd.control.daemonctl import locate_state_dir
+from ingestd.control.daemonctl import locate_state_dir, pid_alive
 from ingestd.control.runstate import RUN_DIR, read_status
 
 EXIT_OK, EXIT_DEGRADED, EXIT_NOT_RUNNING = 0, 1, 3
@@ -48,13 +47,7 @@ def alive(status: dict[str, Any] | None, now: float) -> bool:
     pid = status.get("pid")
     if not isinstance(pid, int) or now - float(status.get("time", 0)) > STALE_AFTER:
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def stream_state(state: str) -> str:

@@ -32,6 +32,7 @@ import orjson
 import structlog
 
 from ingestd.documents.messages import MessageReason
+from ingestd.spool.format import fsync_dir
 
 # A control message MongoDB rejected is dead-lettered too, but counted with the control messages.
 Reason = MessageReason | Literal["control_rejected"]
@@ -180,7 +181,7 @@ class DeadLetterStore:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._file_day = day
         if created:
-            _fsync_dir(self.directory)  # the new file's name must survive a crash too
+            fsync_dir(self.directory)  # the new file's name must survive a crash too
         return self._fd
 
     def close(self) -> None:
@@ -247,12 +248,4 @@ def _write_durably(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
