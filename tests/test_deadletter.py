@@ -153,20 +153,38 @@ def test_a_new_spool_is_not_mistaken_for_a_replay(tmp_path: Path, mongo_uri: str
         (1, "x1"), (2, "x2"), (3, "x3"), (1, "y1"), (2, "y2")]
 
 
-def test_the_newest_entry_s_seq_is_read_back_past_a_torn_tail(tmp_path: Path) -> None:
+def reopened(path: Path, checkpoint_seq: int) -> DeadLetterStore:
+    """The store as a restarted worker opens it, the spool's checkpoint at ``checkpoint_seq``."""
+    store = DeadLetterStore(path, 1 << 20)
+    store.remember_replays(checkpoint_seq)
+    return store
+
+
+def test_the_entries_after_the_checkpoint_are_read_back_past_a_torn_tail(tmp_path: Path) -> None:
+    # Out of seq order, as in the daemon: a parse failure (seq 24) is written when taken, the
+    # rejections of an earlier batch (5, 9) when that batch is flushed.
     store = DeadLetterStore(tmp_path, 1 << 20)
-    put(store, b"a", seq=7)
-    put(store, b"b", seq=8)
+    for seq in (3, 24, 5, 9):
+        put(store, b"x", seq=seq)
     store.close()
     (path,) = tmp_path.glob("deadletter-*.jsonl")
     with path.open("ab") as f:
         f.write(b'{"time": "2024-')  # a crash in the middle of a line
-    again = DeadLetterStore(tmp_path, 1 << 20)
-    assert again.holds(8) and not again.holds(9)
+    again = reopened(tmp_path, 4)
+    assert [s for s in range(1, 30) if again.holds(s)] == [5, 9, 24]
+    assert not again.holds(3)  # before the checkpoint: acknowledged, never replayed
     again.forget_spool()
-    assert not DeadLetterStore(tmp_path, 1 << 20).holds(1)
+    assert not again.holds(5) and not reopened(tmp_path, 0).holds(5)
     put(again, b"c", seq=2)
-    assert DeadLetterStore(tmp_path, 1 << 20).holds(2)
+    assert [s for s in range(1, 30) if reopened(tmp_path, 0).holds(s)] == [2]
+
+
+def test_a_rejection_flushed_after_a_later_parse_failure_is_still_written(
+        tmp_path: Path) -> None:
+    """Written out of seq order within one run: nothing is mistaken for a replay."""
+    store = reopened(tmp_path, 0)
+    put(store, b"bad line", seq=24)
+    assert not store.holds(5)  # seq 5's rejection comes later, with its batch
 
 
 # ---------------------------------------------------------------- the real daemon

@@ -10,9 +10,12 @@ A write that fails (disk full) is cut back off the file and raised: the caller k
 Raw bytes are never logged, only written here.
 
 Exactly once per spool record: the spool checkpoint is written after the dead letter, so a store
-worker killed in between replays the record. Spool seqs only grow within one spool, so the newest
-entry's seq (read back at start: it is as durable as the entry) says what is already here, and
-``holds(seq)`` lets the store worker skip a replay. When the spool cannot vouch for its seqs (no
+worker killed in between replays the record. At start the store worker calls
+``remember_replays(checkpoint_seq)``: the entries for records after the checkpoint (the only ones
+a replay can repeat; read back from the newest files, as durable as the entries) are remembered
+by seq, and ``holds(seq)`` lets the store worker skip exactly those. Entries are not in seq order
+(a parse failure is written when its record is taken, a rejection by MongoDB when its batch is
+flushed), so nothing is inferred from the order. When the spool cannot vouch for its seqs (no
 checkpoint, or a reset one) the store worker calls ``forget_spool``: ``spool-reset`` then marks the
 end of the files, and only entries written after it count.
 """
@@ -42,7 +45,7 @@ DETAIL_CAP = 1024
 MIN_EVIDENCE_BYTES = 1 << 20
 FILE_RE = re.compile(r"deadletter-\d{8}\.jsonl")
 SPOOL_RESET = "spool-reset"
-TAIL_BYTES = 256 * 1024  # holds the newest whole line: raw is capped at 64 KiB (~88 KiB in base64)
+REPLAY_FILES = 2  # a replay repeats the last minutes before a crash: today's file, or yesterday's
 
 log = structlog.get_logger("ingestd.sink.deadletter")
 
@@ -69,28 +72,29 @@ class DeadLetterStore:
         self.total_bytes = sum(p.stat().st_size for p in self._files())
         self._fd = -1
         self._file_day = ""
-        self._held_seq = self._newest_seq()
+        self._held: set[int] = set()
+
+    def remember_replays(self, after_seq: int) -> None:
+        """Spool records after ``after_seq`` (the checkpoint) may be replayed: remember which of
+        them are already here, written since the last ``forget_spool``."""
+        self._held = {seq for seq in self._seqs_since_reset() if seq > after_seq}
 
     def holds(self, seq: int) -> bool:
         """Whether spool record ``seq`` was dead-lettered already (a replay after a crash)."""
-        return self._held_seq is not None and seq <= self._held_seq
+        return seq in self._held
 
     def forget_spool(self) -> None:
-        """The spool's seqs may start again: stop skipping by the remembered seq (durably)."""
-        if self._held_seq is None:
-            return
-        newest = self._files()[-1]
-        _write_durably(self.directory / SPOOL_RESET,
-                       orjson.dumps({"file": newest.name, "size": newest.stat().st_size}))
-        log.info("deadletter_spool_seq_forgotten", seq=self._held_seq)
-        self._held_seq = None
-
-    def _newest_seq(self) -> int | None:
-        """The spool seq of the newest entry written since the last ``forget_spool``, if any."""
+        """The spool's seqs may start again: no entry so far can be a replay (durably)."""
+        self._held = set()
         files = self._files()
         if not files:
-            return None
-        newest, size = files[-1], files[-1].stat().st_size
+            return
+        _write_durably(self.directory / SPOOL_RESET,
+                       orjson.dumps({"file": files[-1].name, "size": files[-1].stat().st_size}))
+        log.info("deadletter_spool_seq_forgotten", file=files[-1].name)
+
+    def _seqs_since_reset(self) -> Iterator[int]:
+        """The seq of every whole entry in the newest files, past the ``spool-reset`` mark."""
         try:
             reset = orjson.loads((self.directory / SPOOL_RESET).read_bytes())
             floor = (str(reset["file"]), int(reset["size"]))
@@ -98,10 +102,10 @@ class DeadLetterStore:
             floor = ("", 0)
         except (OSError, ValueError, TypeError, KeyError):
             log.warning("deadletter_spool_reset_unreadable", effect="replays are written again")
-            return None
-        if (newest.name, size) <= floor:
-            return None
-        return _last_seq(newest, size)
+            return
+        for path in self._files()[-REPLAY_FILES:]:
+            if path.name >= floor[0]:
+                yield from _seqs(path, floor[1] if path.name == floor[0] else 0)
 
     def put(
         self,
@@ -133,8 +137,6 @@ class DeadLetterStore:
                       lines_dropped=self.lines_dropped)
         else:
             self._write(now, line)
-            if seq is not None:
-                self._held_seq = max(seq, self._held_seq or 0)
         self.counts[reason] = self.counts.get(reason, 0) + 1
         # Detail may quote key names from the payload: it goes to the file, not the log.
         log.warning("dead_letter", reason=reason, code=code, seq=seq, size=len(raw))
@@ -224,19 +226,18 @@ def _utf8_or_none(head: bytes, truncated: bool) -> str | None:
         return None
 
 
-def _last_seq(path: Path, size: int) -> int | None:
-    """The ``seq`` of the last whole, parseable entry in ``path`` (a crash can tear the tail)."""
+def _seqs(path: Path, offset: int) -> Iterator[int]:
+    """The ``seq`` of each whole, parseable line of ``path`` from ``offset`` (a crash can tear
+    the last line; it was never acknowledged, so it is not remembered)."""
     with path.open("rb") as f:
-        f.seek(max(0, size - TAIL_BYTES))
-        tail = f.read(TAIL_BYTES)
-    for line in reversed(tail.split(b"\n")):
-        try:
-            seq = orjson.loads(line).get("seq")
-        except (orjson.JSONDecodeError, AttributeError):
-            continue
-        if type(seq) is int:
-            return seq
-    return None
+        f.seek(offset)
+        for line in f:
+            try:
+                seq = orjson.loads(line).get("seq")
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
+            if type(seq) is int:
+                yield seq
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -109,6 +109,8 @@ class StoreWorker:
         self._reader = spool_reader
         if spool_reader.acked is None or spool_reader.checkpoint_resets:
             deadletters.forget_spool()  # the spool's seqs may have started again
+        else:
+            deadletters.remember_replays(spool_reader.acked.seq)
         self.totals = totals = StoreCounters()
         self.hist = StoreHistograms()
         # Nothing read yet: all up to the checkpoint is resolved (the in-flight gauge reads this).
