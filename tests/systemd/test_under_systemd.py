@@ -40,6 +40,19 @@ def test_unit_is_active_via_ready(deployment: Deployment) -> None:
     print(f"\n[{deployment.release}] {props} watchdog={unit['WatchdogUSec']}")
 
 
+def test_the_units_documentation_and_no_procps(deployment: Deployment) -> None:
+    """`systemctl help ingestd` opens what Documentation= names: the README install puts it
+    there. And nothing the unit runs needs procps, which a minimal Debian lacks."""
+    docs = deployment.show("Documentation")["Documentation"]
+    paths = [d.removeprefix("file://") for d in docs.split() if d.startswith("file://")]
+    assert paths, f"no file:// documentation in {docs!r}"
+    for path in paths:
+        code, _ = deployment.run_in_root_shell(f"test -s {path}")
+        assert code == 0, f"Documentation= names {path}, which the README install did not create"
+    code, _ = deployment.run_in_root_shell("dpkg-query -W procps")
+    assert code != 0, "the test root must lack procps, as a minimal install does"
+
+
 def test_daemon_processes_run_as_the_dynamic_user(deployment: Deployment) -> None:
     box = deployment.box_
     cgroup = deployment.show("ControlGroup")["ControlGroup"]
