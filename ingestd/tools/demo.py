@@ -196,7 +196,7 @@ def report(workdir: Path, mongo_uri: str) -> None:
     print(f"    dead-lettered         {sum(dict(store.get('deadlettered', {})).values())}")
     missing, unexpected = len(expected - stored), len(stored - expected)
     print(f"    missing               {missing}   unexpected {unexpected}")
-    step("example queries (see the README's cookbook for more)")
+    step("example queries (more in docs/cookbook.md)")
     per_term = col.aggregate([{"$unwind": "$_ingest.matched.track"},
                               {"$group": {"_id": "$_ingest.matched.track", "n": {"$sum": 1}}},
                               {"$sort": {"n": -1}}])
