@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import urllib.error
@@ -38,7 +37,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.wait import wait_until
+from tests.support.wait import terminate, wait_until
 
 BINARY = "prometheus"
 START_TRIES = 3  # a free port picked here may be taken before Prometheus binds it
@@ -125,14 +124,8 @@ class Prometheus:
         return wait_until(ready, timeout, "prometheus to be ready", 0.1) == "ready"
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc, timeout)
 
     def __enter__(self) -> Prometheus:
         return self.start()

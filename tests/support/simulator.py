@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.creds import CREDS
-from tests.support.wait import wait_until
+from tests.support.wait import terminate, wait_until
 
 
 class GroundTruthLog:
@@ -121,16 +120,7 @@ class SimProcess:
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM and wait; returns the exit status."""
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        return self.proc.returncode
+        return 0 if self.proc is None else terminate(self.proc, timeout)
 
     def __enter__(self) -> SimProcess:
         return self.start()
