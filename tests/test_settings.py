@@ -457,11 +457,19 @@ def test_bad_mongo_names(key: str, name: str, reason: str) -> None:
 
 
 def test_write_concern() -> None:
+    # The default is the safe one (issue 14): majority-acknowledged and journaled. It was
+    # w: 1, j: false, which lets a failover roll back a batch the spool had already let go of.
+    default = load(BASE).mongo.write_concern
+    assert (default.w, default.j) == ("majority", True)
     s = load(doc(mongo={"write_concern": {"w": "majority", "j": True}}))
     assert (s.mongo.write_concern.w, s.mongo.write_concern.j) == ("majority", True)
     assert load(doc(mongo={"write_concern": {"w": 2}})).mongo.write_concern.w == 2
+    weak = load(doc(mongo={"write_concern": {"w": 1, "j": False}})).mongo.write_concern
+    assert (weak.w, weak.j) == (1, False), "w: 1 stays available for a loss window one accepts"
     assert "unacknowledged" in error_at(doc(mongo={"write_concern": {"w": 0}}),
                                         "mongo.write_concern.w")
+    (w0,) = errors(doc(mongo={"write_concern": {"w": 0}}))
+    assert str(FILE) in str(w0) and "mongo.write_concern.w" in str(w0) and "0" in w0.reason
     for bad in (-1, "all", True):
         assert "integer >= 1 or 'majority'" in error_at(
             doc(mongo={"write_concern": {"w": bad}}), "mongo.write_concern.w")

@@ -80,8 +80,14 @@ class AuthSettings:
 
 @dataclass(frozen=True)
 class WriteConcernSettings:
-    w: int | str = 1
-    j: bool = False
+    """What MongoDB must have done before a batch counts as stored (docs/reliability.md §6).
+
+    ``majority`` + journal: an acknowledged batch survives a failover and a crash; anything
+    weaker lets the spool's checkpoint move past a batch the server can still lose.
+    """
+
+    w: int | str = "majority"
+    j: bool = True
 
 
 @dataclass(frozen=True)

@@ -148,8 +148,23 @@ def make_client(mongo: MongoSettings) -> pymongo.MongoClient[Document]:
 
 
 def open_collection(mongo: MongoSettings) -> Collection[Document]:
-    """The tweets collection on a new client, owned by the caller (``.database.client.close()``)."""
-    return make_client(mongo)[mongo.database][mongo.collection]
+    """The tweets collection on a new client, owned by the caller (``.database.client.close()``).
+
+    Logs the write concern the client will use (one line per client: at start, and after a
+    reload that opens a new one), so the durability in force is on record.
+    """
+    collection = make_client(mongo)[mongo.database][mongo.collection]
+    log_write_concern(collection, mongo)
+    return collection
+
+
+def log_write_concern(collection: Collection[Document], mongo: MongoSettings) -> None:
+    """``mongo_write_concern w=… j=… wtimeout=… timeout_ms=…`` as the driver will send it."""
+    wc = collection.write_concern.document  # the settings merged with any URI options
+    log.info("mongo_write_concern", w=wc.get("w", "server default"),
+             j=bool(wc.get("j", False)), wtimeout=wc.get("wtimeout", "none"),
+             timeout_ms=mongo.timeout_ms, database=mongo.database, collection=mongo.collection)
+
 
 
 # ---------------------------------------------------------------- what the server said

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import certifi
@@ -76,19 +77,36 @@ def summary(settings: Settings) -> str:
 
 
 def check_mongo(settings: Settings) -> bool:
-    """Ping MongoDB (which also authenticates, if the URI has credentials)."""
+    """Ping MongoDB (which also authenticates, if the URI has credentials), then ``hello``."""
     from ingestd.sink.mongo import make_client
 
     client = make_client(settings.mongo)
     try:
         client.admin.command("ping")
+        hello = client.admin.command("hello")
     except Exception as exc:  # any driver error is a finding to report, not a crash
         print(f"mongo      FAILED: {explain_mongo_error(exc, settings)}")
         return False
     finally:
         client.close()
     print(f"mongo      reachable (ping ok) at {settings.mongo.display_uri()}")
+    report_deployment(hello, settings)
     return True
+
+
+def report_deployment(hello: Mapping[str, object], settings: Settings) -> None:
+    """The deployment type, the write concern, and a warning per way it can lose a write there.
+
+    Warnings, not failures: ``w: 1`` can be a deliberate choice (exit status stays 0).
+    """
+    from ingestd.tools.mongo_deployment import describe, write_concern_risks
+
+    where = describe(hello)
+    wc = settings.mongo.write_concern
+    print(f"mongo      deployment: {where.describe()}")
+    print(f"mongo      write concern w={wc.w} j={str(wc.j).lower()}")
+    for key, why in write_concern_risks(wc, where):
+        print(f"warning: {settings.path}: mongo.write_concern.{key}: {why}")
 
 
 def explain_mongo_error(exc: BaseException, settings: Settings) -> str:

@@ -11,13 +11,17 @@ an election or an overload::
         proxy.reset_mid_reply(1)                # next write applied, half its reply, then RST
         proxy.delay_writes(2.0, count=1)        # next write's reply held for 2 s
         proxy.failover(5.0)                     # RST every connection, refuse new ones for 5 s
+        proxy.rewrite_hello(MONGOS_HELLO)       # every OP_MSG hello reply now says "mongos"
         proxy.wait_applied("command_error", 1)  # until the fault has been used
 
 Faults apply to write commands only (``insert``, ``delete``, ``update``), in the order they were
 asked for; ``hello``/``isMaster`` and every read pass through untouched unless a fault says so
-(``failover`` resets everything). Replies are built as the server builds them: the error codes
-carry their ``codeName``, and ``RetryableWriteError`` is labelled only on a retryable write (one
-that carries a ``txnNumber``), as servers from 4.4 do.
+(``failover`` resets everything; ``rewrite_hello`` changes what ``hello`` says the server is:
+a replica-set member or a mongos, for code that looks at the deployment type. Only OP_MSG replies
+are rewritten: the driver's first handshake on a connection, an OP_QUERY, passes as it is).
+Replies are built as the server builds them: the error codes carry their ``codeName``, and
+``RetryableWriteError`` is labelled only on a retryable write (one that carries a
+``txnNumber``), as servers from 4.4 do.
 
 Every method is thread-safe. Each client connection is one thread that owns both of its sockets
 (select loop), so a reset is always done by the thread that reads them: a connection is reset with
@@ -57,6 +61,17 @@ WRITE_CONCERN_ERRORS: dict[int, tuple[str, str]] = {
     64: ("WriteConcernFailed", "waiting for replication timed out"),
     100: ("UnsatisfiableWriteConcern", "Not enough data-bearing nodes"),
 }
+HELLO_COMMANDS = frozenset({"hello", "ismaster"})
+MONGOS_HELLO: dict[str, Any] = {"msg": "isdbgrid"}
+
+
+def replica_set_hello(set_name: str = "rs0", hosts: tuple[str, ...] = (
+        "db1.example:27017", "db2.example:27017", "db3.example:27017")) -> dict[str, Any]:
+    """The fields a replica set's primary adds to its ``hello`` reply."""
+    return {"setName": set_name, "setVersion": 1, "hosts": list(hosts), "primary": hosts[0],
+            "me": hosts[0], "isWritablePrimary": True, "secondary": False}
+
+
 _request_ids = itertools.count(1 << 30)  # our own replies' ids, far from the driver's
 
 
@@ -106,6 +121,7 @@ class MongoProxy:
         self._lock = threading.Lock()
         self._faults: collections.deque[_Fault] = collections.deque()
         self._down_until = 0.0
+        self._hello_fields: dict[str, Any] | None = None
         self._pipes: set[_Pipe] = set()
         self.applied: collections.Counter[str] = collections.Counter()  # fault kind → times
         self.writes_seen = 0
@@ -183,6 +199,15 @@ class MongoProxy:
         for pipe in pipes:
             pipe.kill()
         self._count("failover")
+
+    def rewrite_hello(self, fields: dict[str, Any] | None) -> None:
+        """Merge ``fields`` into every OP_MSG ``hello``/``isMaster`` reply; None: stop."""
+        with self._lock:
+            self._hello_fields = dict(fields) if fields is not None else None
+
+    def hello_fields(self) -> dict[str, Any] | None:
+        with self._lock:
+            return self._hello_fields
 
     def in_failover(self) -> bool:
         with self._lock:
@@ -266,6 +291,7 @@ class _Pipe:
         self._killed = threading.Event()
         self._bufs = {client.fileno(): bytearray(), upstream.fileno(): bytearray()}
         self._faults: dict[int, _Fault] = {}  # request id → fault to apply to its reply
+        self._hellos: dict[int, dict[str, Any]] = {}  # request id → fields to add to its reply
         self._outbox: list[tuple[float, bytes, bool]] = []  # (due, bytes, reset after) to client
         self.thread = threading.Thread(target=self._run, name="mongo-proxy-conn", daemon=True)
 
@@ -306,6 +332,8 @@ class _Pipe:
 
     def _from_client(self, message: bytes) -> None:
         body = op_msg_body(message)
+        if body is not None and command_name(body).lower() in HELLO_COMMANDS:
+            self._note_hello(message)
         if body is None or command_name(body).lower() not in WRITE_COMMANDS:
             self.upstream.sendall(message)
             return
@@ -318,8 +346,16 @@ class _Pipe:
             self._faults[request_id] = fault
         self.upstream.sendall(message)
 
+    def _note_hello(self, message: bytes) -> None:
+        fields = self.proxy.hello_fields()
+        if fields is not None:
+            self._hellos[HEADER.unpack_from(message)[1]] = fields
+
     def _from_server(self, message: bytes) -> None:
         response_to = HEADER.unpack_from(message)[2]
+        if (hello := self._hellos.pop(response_to, None)) is not None:
+            self.proxy._count("hello_rewrite")
+            message = _with_fields(message, hello)
         fault = self._faults.pop(response_to, None)
         if fault is None:
             self._queue(0.0, message, False)
@@ -380,6 +416,16 @@ def _with_write_concern_error(message: bytes, fault: _Fault) -> bytes:
     name, errmsg = WRITE_CONCERN_ERRORS[fault.code]
     body["writeConcernError"] = {"code": fault.code, "codeName": name, "errmsg": errmsg,
                                  "errInfo": fault.err_info}
+    _, request_id, response_to, _ = HEADER.unpack_from(message)
+    return op_msg(body, response_to, request_id)
+
+
+def _with_fields(message: bytes, fields: dict[str, Any]) -> bytes:
+    """The server's reply with ``fields`` set in its body (same ids)."""
+    body = op_msg_body(message)
+    if body is None:
+        return message
+    body.update(fields)
     _, request_id, response_to, _ = HEADER.unpack_from(message)
     return op_msg(body, response_to, request_id)
 

@@ -1,0 +1,114 @@
+"""``ingestd check --online``: the deployment type ``hello`` reports, and write-concern warnings.
+
+Standalone is the stand-in itself; a replica-set member and a mongos are the stand-in behind
+tests.support.mongo_proxy with its ``hello`` replies rewritten. The CLI runs as a real process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo.uri_parser import parse_uri
+
+from ingestd.config.schema import WriteConcernSettings
+from ingestd.tools.mongo_deployment import (
+    REPLICA_SET,
+    SHARDED,
+    STANDALONE,
+    Deployment,
+    describe,
+    write_concern_risks,
+)
+from tests.support.mongo_proxy import MONGOS_HELLO, MongoProxy, replica_set_hello
+from tests.support.simulator import SimProcess
+from tests.test_status_check import ingestd, online_config
+
+RS = replica_set_hello("rs0", ("db1:27017", "db2:27017", "db3:27017"))
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimProcess]:
+    running = SimProcess(tmp_path_factory.mktemp("sim"), "--rate", "10", "--keepalive",
+                         "0.5").start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def proxy(mongo_uri: str) -> Iterator[MongoProxy]:
+    host, port = parse_uri(mongo_uri)["nodelist"][0]
+    with MongoProxy((host, port)) as running:
+        yield running
+
+
+def check(tmp_path: Path, sim: SimProcess, uri: str, **wc: Any) -> tuple[str, list[str]]:
+    """stdout of a passing ``check --online``, and its warning lines."""
+    extra = {"write_concern": wc} if wc else {}
+    result = ingestd("check", "--online", "--config",
+                     str(online_config(tmp_path, sim.url, uri, **extra)))
+    assert result.returncode == 0, "warnings never change the exit status\n" + result.stdout
+    return result.stdout, [ln for ln in result.stdout.splitlines() if ln.startswith("warning:")]
+
+
+def test_standalone_with_the_default_write_concern_has_no_warning(
+        tmp_path: Path, sim: SimProcess, mongo_uri: str) -> None:
+    out, warnings = check(tmp_path, sim, mongo_uri)
+    assert "mongo      deployment: standalone server" in out
+    assert "mongo      write concern w=majority j=true" in out
+    assert warnings == []
+
+
+def test_standalone_without_journal_is_warned_about_j_only(
+        tmp_path: Path, sim: SimProcess, mongo_uri: str) -> None:
+    out, warnings = check(tmp_path, sim, mongo_uri, w=1, j=False)
+    assert "deployment: standalone server" in out
+    (warning,) = warnings  # w: 1 is all a standalone can give: not a risk there
+    assert f"{tmp_path / 'settings.yaml'}: mongo.write_concern.j: j=false" in warning
+    assert "crash" in warning
+
+
+@pytest.mark.parametrize(("hello", "wc", "shown", "warned"), [
+    (RS, {"w": 1}, "replica set 'rs0', primary db1:27017, 3 data-bearing members: "
+                   "db1:27017, db2:27017, db3:27017", ["w"]),
+    (RS, {}, "replica set 'rs0'", []),
+    (RS, {"w": 2, "j": True}, "replica set 'rs0'", []),  # 2 of 3 is a majority
+    (MONGOS_HELLO, {"w": 1, "j": False}, "sharded cluster (mongos)", ["w", "j"]),
+    (MONGOS_HELLO, {"w": "majority", "j": True}, "sharded cluster (mongos)", []),
+], ids=["rs-w1", "rs-default", "rs-w2-of-3", "mongos-w1-nojournal", "mongos-default"])
+def test_replica_set_and_mongos_are_recognised_and_weak_write_concerns_warned(
+        tmp_path: Path, sim: SimProcess, proxy: MongoProxy, hello: dict[str, Any],
+        wc: dict[str, Any], shown: str, warned: list[str]) -> None:
+    proxy.rewrite_hello(hello)
+    out, warnings = check(tmp_path, sim, proxy.uri, **wc)
+    assert proxy.count("hello_rewrite") >= 1, "the check's hello went through the proxy"
+    assert f"mongo      deployment: {shown}" in out, out
+    keys = [w.split("mongo.write_concern.")[1].split(":")[0] for w in warnings]
+    assert keys == warned, out
+    if "w" in warned:
+        assert "roll back" in warnings[0] and "w: majority" in warnings[0]
+
+
+def test_deployment_from_hello_replies() -> None:
+    assert describe({"isWritablePrimary": True}).kind == STANDALONE
+    assert describe({"msg": "isdbgrid"}).kind == SHARDED
+    rs = describe({"setName": "rs0", "hosts": ["a:1", "b:1"], "passives": ["c:1"],
+                   "primary": "a:1"})
+    assert rs == Deployment(REPLICA_SET, "rs0", "a:1", ("a:1", "b:1", "c:1"))
+    assert describe({"isreplicaset": True}).set_name == "(not initiated)"
+
+
+@pytest.mark.parametrize(("w", "j", "where", "keys"), [
+    ("majority", True, Deployment(SHARDED), []),
+    (1, True, Deployment(SHARDED), ["w"]),
+    (2, True, Deployment(SHARDED), ["w"]),  # shard sizes unknown from mongos: only "majority"
+    (1, True, Deployment(REPLICA_SET, "rs", "a", ("a", "b", "c")), ["w"]),
+    (2, True, Deployment(REPLICA_SET, "rs", "a", ("a", "b", "c", "d")), ["w"]),  # 2 of 4
+    (3, True, Deployment(REPLICA_SET, "rs", "a", ("a", "b", "c", "d")), []),
+    (1, True, Deployment(STANDALONE), []),
+    ("majority", False, Deployment(STANDALONE), ["j"]),
+])
+def test_write_concern_risks(w: int | str, j: bool, where: Deployment, keys: list[str]) -> None:
+    assert [k for k, _ in write_concern_risks(WriteConcernSettings(w, j), where)] == keys
