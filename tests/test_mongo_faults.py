@@ -8,14 +8,18 @@ delivered = stored (= documents in the collection) + duplicates + dead-lettered 
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pymongo
 import pytest
+from pymongo.errors import OperationFailure
 from pymongo.uri_parser import parse_uri
 
 from ingestd.control.collector import in_flight, received_total
+from ingestd.sink.mongo import INDEXES
 from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.mongo import stored_ids
 from tests.support.mongo_proxy import MongoProxy
@@ -210,3 +214,193 @@ def test_retired_server_selection_key_is_named_in_a_warning_and_the_daemon_runs(
     assert "mongo.server_selection_timeout_ms" in notice["detail"]
     assert "mongo.timeout_ms" in notice["detail"]
     reconcile(daemon, sim, mongo_uri, mongo_database)
+
+
+# ---------------------------------------------------------------- issue 14: every error on the wire
+
+
+@pytest.mark.parametrize(("code", "name"), [
+    (189, "PrimarySteppedDown"),
+    (11602, "InterruptedDueToReplStateChange"),
+    (91, "ShutdownInProgress"),
+])
+def test_replica_set_state_change_errors_are_retried_and_stored_once(
+        tmp_path: Path, proxy: MongoProxy, mongo_uri: str, mongo_database: str,
+        code: int, name: str) -> None:
+    # What a primary answers while it steps down, is interrupted by an election, or shuts down:
+    # the write was not applied; retrying (with back-off) is right, and nothing is dead-lettered.
+    proxy.fail_writes(2, code=code)
+    sim, daemon = run_until_settled(tmp_path, proxy, mongo_uri, mongo_database)
+    try:
+        proxy.wait_applied("command_error", 2)
+        wait_until(lambda: settled(daemon, TWEETS), 60, f"{TWEETS} tweets resolved")
+    finally:
+        finish(daemon, sim)
+    failed = daemon.events("mongo_write_failed", code=code)
+    # pymongo retries a retryable write once by itself (replica set): 1 or 2 lines, never 0.
+    assert 1 <= len(failed) <= 2, daemon.events("mongo_write_failed")
+    for line in failed:
+        assert line["codeName"] == name and line["error_class"] == "transient", line
+        assert line["error"] == "NotPrimaryError", line
+    store = reconcile(daemon, sim, mongo_uri, mongo_database)
+    assert store["stored"] == TWEETS and store["duplicates"] == 0
+    assert sum(store["deadlettered"].values()) == 0
+    assert store["state"] == "stopped"
+    print(f"\n[{code} {name}] failed lines={len(failed)} retries={store['retries']} "
+          f"stored={store['stored']}")
+
+
+def test_unsatisfiable_write_concern_degrades_loudly_and_counts_nothing_until_confirmed(
+        tmp_path: Path, proxy: MongoProxy, mongo_uri: str, mongo_database: str) -> None:
+    # writeConcernError 100: the primary applied the batch but the deployment can never confirm
+    # the write concern (w above its members). Retrying cannot fix it: the operator must. Until
+    # then the daemon says so (state, error line with the code) and counts nothing as stored.
+    proxy.write_concern_error(10_000, code=100, err_info={
+        "writeConcern": {"w": 5, "provenance": "clientSupplied"}})
+    sim, daemon = run_until_settled(tmp_path, proxy, mongo_uri, mongo_database,
+                                    writer={"retry_cap": 1.0})
+    try:
+        degraded = wait_until(
+            lambda: (s := daemon.counters("store")).get("state", "").startswith("degraded")
+            and s, 60, "store degraded by the unsatisfiable write concern")
+        applied_by_primary = len(stored_ids(mongo_uri, mongo_database))
+        proxy.wait_applied("write_concern_error", 2)  # retried: still refused, still said
+        proxy.pass_through()  # the operator fixes the replica set (or the settings)
+        wait_until(lambda: settled(daemon, TWEETS), 60, f"{TWEETS} tweets resolved")
+    finally:
+        finish(daemon, sim)
+    assert "mongo rejects our configuration" in degraded["state"], degraded
+    assert "writeConcernError 100 UnsatisfiableWriteConcern" in degraded["state"], degraded
+    assert degraded["stored"] == 0 < applied_by_primary, \
+        "a batch with a write-concern error is never counted as stored at that moment"
+    failed = daemon.events("mongo_write_failed")
+    assert failed and all(e["error_class"] == "fatal_config" for e in failed), failed
+    assert all(e["level"] == "error" for e in failed)
+    assert failed[0]["writeConcernErrors"][0]["code"] == 100
+    store = reconcile(daemon, sim, mongo_uri, mongo_database)
+    assert sum(store["deadlettered"].values()) == 0, "a server-side problem dead-letters nothing"
+    assert store["stored"] == TWEETS and store["duplicates"] == 0
+    print(f"\n[wce 100] degraded: {degraded['state']!r} with stored=0 while the primary held "
+          f"{applied_by_primary}; after the fix stored={store['stored']} "
+          f"retries={store['retries']} error lines={len(failed)}")
+
+
+def test_reply_held_past_timeout_ms_is_retried_and_stored_once(
+        tmp_path: Path, proxy: MongoProxy, mongo_uri: str, mongo_database: str) -> None:
+    # A primary that applies the insert and answers 30 s later: the client gives up at
+    # mongo.timeout_ms (small here), retries, and finds the batch's own documents.
+    proxy.delay_writes(30.0, count=1)
+    sim, daemon = run_until_settled(tmp_path, proxy, mongo_uri, mongo_database,
+                                    mongo={"timeout_ms": 2000})
+    try:
+        proxy.wait_applied("delay", 1)
+        wait_until(lambda: settled(daemon, TWEETS), 60, f"{TWEETS} tweets resolved")
+    finally:
+        finish(daemon, sim)
+    failed = daemon.events("mongo_write_failed")
+    timeouts = [e for e in failed if "timed out" in e.get("errmsg", "")]
+    assert timeouts and timeouts[0]["error_class"] == "transient", failed
+    store = reconcile(daemon, sim, mongo_uri, mongo_database)
+    assert store["stored"] == TWEETS and store["duplicates"] == 0
+    assert store["retries"] >= 1
+    print(f"\n[30 s reply, timeout_ms 2000] {timeouts[0]}; stored={store['stored']} "
+          f"retries={store['retries']}")
+
+
+# ---------------------------------------------------------------- issue 14: the write concern
+
+
+def test_write_concern_in_force_is_logged_once_per_client_and_after_a_reload_changing_it(
+        tmp_path: Path, proxy: MongoProxy, mongo_uri: str, mongo_database: str) -> None:
+    sim, daemon = run_until_settled(tmp_path, proxy, mongo_uri, mongo_database)
+    try:
+        wait_until(lambda: settled(daemon, TWEETS), 60, f"{TWEETS} tweets resolved")
+        (first,) = daemon.events("mongo_write_concern")
+        doc = dict(daemon.doc)
+        doc["writer"] = {**doc["writer"], "flush_interval": 0.3}  # not a new client
+        daemon.write_settings_atomically(doc)
+        daemon.send(signal.SIGHUP)
+        daemon.wait_generation("store", 2)
+        unchanged = daemon.events("mongo_write_concern")
+        doc = dict(daemon.doc)
+        doc["mongo"] = {**doc["mongo"], "write_concern": {"w": 1, "j": False}}
+        daemon.write_settings_atomically(doc)
+        daemon.send(signal.SIGHUP)
+        changed = daemon.wait_log("mongo_write_concern", w=1)
+    finally:
+        finish(daemon, sim)
+    assert (first["w"], first["j"], first["wtimeout"]) == ("majority", True, "none")
+    assert first["timeout_ms"] == 10000 and first["level"] == "info"
+    assert unchanged == [first], "a reload that keeps the client logs nothing new"
+    assert changed["j"] is False
+    assert len(daemon.events("mongo_write_concern")) == 2
+
+
+# ---------------------------------------------------------------- issue 14: sharded clusters
+
+
+def test_second_start_on_the_same_database_recreates_no_index_and_fails_none(
+        tmp_path: Path, proxy: MongoProxy, mongo_uri: str, mongo_database: str) -> None:
+    # create_index with a spec that exists is a no-op: a restart (or a second daemon on a
+    # sharded collection whose indexes an operator made first) must start cleanly.
+    truths, stores = [], []
+    for run in ("first", "second"):
+        sim, daemon = run_until_settled(tmp_path / run, proxy, mongo_uri, mongo_database)
+        try:
+            wait_until(lambda d=daemon: settled(d, TWEETS), 60, f"{run} run resolved")
+        finally:
+            finish(daemon, sim)
+        assert daemon.events("index_create_failed") == [], run
+        truths.append(set(sim.ground_truth().tweet_ids()))
+        stores.append(daemon.counters("store"))
+        if run == "first":
+            indexes = index_keys(mongo_uri, mongo_database)
+    assert index_keys(mongo_uri, mongo_database) == indexes
+    assert len(indexes) == len(INDEXES) + 1  # the analysts' indexes and _id's
+    ids = stored_ids(mongo_uri, mongo_database)
+    assert len(ids) == len(set(ids)) and set(ids) == truths[0] | truths[1]
+    assert [s["stored"] for s in stores] == [len(t) for t in truths]
+
+
+def test_a_hashed_id_index_made_for_sharding_does_not_break_startup(
+        tmp_path: Path, proxy: MongoProxy, mongo_uri: str, mongo_database: str) -> None:
+    # What an operator runs before sharding the collection on {_id: "hashed"} (README).
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+    try:
+        if not hashed_id_index_works(client[mongo_database]):
+            pytest.skip("this server cannot write to a collection with a hashed _id index "
+                        "(nx-27017 answers code 8 'JSON path error'); run against a real mongod "
+                        "with INGESTD_TEST_MONGO_URI")
+        client[mongo_database].tweets.create_index([("_id", pymongo.HASHED)])
+    finally:
+        client.close()
+    sim, daemon = run_until_settled(tmp_path, proxy, mongo_uri, mongo_database)
+    try:
+        wait_until(lambda: settled(daemon, TWEETS), 60, f"{TWEETS} tweets resolved")
+    finally:
+        finish(daemon, sim)
+    assert daemon.events("index_create_failed") == []
+    assert ("_id", "hashed") in [key for keys in index_keys(mongo_uri, mongo_database)
+                                 for key in keys]
+    reconcile(daemon, sim, mongo_uri, mongo_database)
+
+
+def hashed_id_index_works(db: Any) -> bool:
+    """Whether ``db``'s server can hold a hashed ``_id`` index and still insert (a scratch one)."""
+    try:
+        db.hashed_probe.create_index([("_id", pymongo.HASHED)])
+        db.hashed_probe.insert_one({"_id": 1})
+    except OperationFailure:
+        return False
+    finally:
+        db.drop_collection("hashed_probe")
+    return True
+
+
+def index_keys(uri: str, database: str) -> list[tuple[tuple[str, Any], ...]]:
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(uri)
+    try:
+        info = client[database].tweets.index_information()
+    finally:
+        client.close()
+    return sorted(tuple((str(k), v) for k, v in spec["key"]) for spec in info.values())

@@ -603,11 +603,12 @@ def test_with_the_real_spool_checkpoint_follows_storage(harness_factory: Callabl
 # ---------------------------------------------------------------- error classification
 
 
-def bwe(*codes: int, wce: bool = False) -> BulkWriteError:
+def bwe(*codes: int, wce: bool = False, wce_code: int = 64) -> BulkWriteError:
     return BulkWriteError({
         "writeErrors": [{"index": i, "code": c, "errmsg": "E secret-value",
                          "op": {"_id": i, "text": "secret-value"}} for i, c in enumerate(codes)],
-        "writeConcernErrors": [{"code": 64, "errmsg": "waiting for replication"}] if wce else [],
+        "writeConcernErrors": [{"code": wce_code, "errmsg": "waiting for replication"}]
+        if wce else [],
         "nInserted": 0, "nUpserted": 0, "nMatched": 0, "nModified": 0, "nRemoved": 0,
         "upserted": []})
 
@@ -619,7 +620,11 @@ def bwe(*codes: int, wce: bool = False) -> BulkWriteError:
     (ServerSelectionTimeoutError("x"), ErrorClass.TRANSIENT),
     (WaitQueueTimeoutError("x"), ErrorClass.TRANSIENT),
     (WTimeoutError("x", 64, {}), ErrorClass.TRANSIENT),
-    (WriteConcernError("x", 100, {}), ErrorClass.TRANSIENT),
+    (WriteConcernError("x", 64, {}), ErrorClass.TRANSIENT),
+    # UnsatisfiableWriteConcern / UnknownReplWriteConcern: the deployment can never confirm this
+    # write concern (w above its members, unknown tag): no retry helps; the operator must act.
+    (WriteConcernError("x", 100, {}), ErrorClass.FATAL_CONFIG),
+    (WriteConcernError("x", 79, {}), ErrorClass.FATAL_CONFIG),
     (OperationFailure("x", 11600, {"errorLabels": ["RetryableWriteError"]}),
      ErrorClass.TRANSIENT),
     (OperationFailure("x", 99999, {"errorLabels": ["RetryableWriteError"]}),
@@ -635,6 +640,7 @@ def bwe(*codes: int, wce: bool = False) -> BulkWriteError:
     (bwe(11000, 121), ErrorClass.PER_DOCUMENT),
     (bwe(121), ErrorClass.PER_DOCUMENT),
     (bwe(11000, wce=True), ErrorClass.TRANSIENT),
+    (bwe(wce=True, wce_code=100), ErrorClass.FATAL_CONFIG),
     (bwe(11000, 91), ErrorClass.TRANSIENT),  # ShutdownInProgress: the server never judged it
 ])
 def test_classify_error(exc: BaseException, expected: ErrorClass) -> None:

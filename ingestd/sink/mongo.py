@@ -45,6 +45,12 @@ FATAL_CODES = frozenset({18, 13})  # AuthenticationFailed, Unauthorized
 TRANSIENT_CODES = frozenset(
     {6, 7, 50, 89, 91, 134, 189, 262, 9001, 10058, 10107, 11600, 11602, 13435, 13436}
 )
+# Write concerns the deployment can never satisfy (w greater than its data-bearing members, an
+# unknown tag set): the writes were applied on the primary, but no retry will confirm them. Only
+# the operator can fix it (settings or the replica set): degraded, retried at the cap, not
+# dead-lettered (the documents are fine).
+UNSATISFIABLE_WRITE_CONCERN_CODES = frozenset({100, 79})  # UnsatisfiableWriteConcern,
+#                                                            UnknownReplWriteConcern
 CODE_NAMES = {
     2: "BadValue",
     50: "MaxTimeMSExpired",
@@ -75,6 +81,8 @@ def classify_error(exc: BaseException) -> ErrorClass:
         # Raised by the BSON encoder (DocumentTooLarge is an InvalidDocument; an integer beyond
         # int64 is an OverflowError) before anything is sent: a property of one document.
         return ErrorClass.PER_DOCUMENT
+    if isinstance(exc, WriteConcernError) and exc.code in UNSATISFIABLE_WRITE_CONCERN_CODES:
+        return ErrorClass.FATAL_CONFIG
     if isinstance(exc, (ConnectionFailure, WriteConcernError)):
         return ErrorClass.TRANSIENT
     if isinstance(exc, PyMongoError) and (
@@ -90,7 +98,10 @@ def classify_error(exc: BaseException) -> ErrorClass:
 
 def _classify_bulk(exc: BulkWriteError) -> ErrorClass:
     details = exc.details or {}
-    if details.get("writeConcernErrors") or exc.has_error_label("RetryableWriteError"):
+    wce_codes = {err.get("code") for err in details.get("writeConcernErrors", ())}
+    if wce_codes & UNSATISFIABLE_WRITE_CONCERN_CODES:
+        return ErrorClass.FATAL_CONFIG
+    if wce_codes or exc.has_error_label("RetryableWriteError"):
         return ErrorClass.TRANSIENT
     codes = {err.get("code") for err in details.get("writeErrors", ())}
     if not codes or codes & TRANSIENT_CODES:
