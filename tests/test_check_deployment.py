@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo.uri_parser import parse_uri
 
 from ingestd.config.schema import WriteConcernSettings
 from ingestd.tools.mongo_deployment import (
@@ -22,6 +21,7 @@ from ingestd.tools.mongo_deployment import (
     describe,
     write_concern_risks,
 )
+from tests.support.mongo import ENV_URI, configured_uri, write_target
 from tests.support.mongo_proxy import MONGOS_HELLO, MongoProxy, replica_set_hello
 from tests.support.simulator import SimProcess
 from tests.test_status_check import ingestd, online_config
@@ -39,8 +39,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimProcess]:
 
 @pytest.fixture
 def proxy(mongo_uri: str) -> Iterator[MongoProxy]:
-    host, port = parse_uri(mongo_uri)["nodelist"][0]
-    with MongoProxy((host, port)) as running:
+    with MongoProxy(write_target(mongo_uri)) as running:
         yield running
 
 
@@ -112,3 +111,26 @@ def test_deployment_from_hello_replies() -> None:
 ])
 def test_write_concern_risks(w: int | str, j: bool, where: Deployment, keys: list[str]) -> None:
     assert [k for k, _ in write_concern_risks(WriteConcernSettings(w, j), where)] == keys
+
+
+# ---------------------------------------------------------------- the test helpers' URI handling
+
+
+def test_test_uri_is_used_exactly_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = "mongodb://h1,h2,h3/?replicaSet=rs0&w=majority"
+    monkeypatch.setenv(ENV_URI, uri)
+    assert configured_uri() == uri, "a replica-set URI must not be cut down to one host"
+    monkeypatch.delenv(ENV_URI)
+    assert configured_uri() == ""
+
+
+def test_write_target_is_the_primary_a_replica_set_uri_discovers(mongo_uri: str) -> None:
+    # The proxy, told to answer hello as the primary of rs0 (itself its only member), stands in
+    # for a replica set: a replicaSet= URI must be resolved through discovery to that primary.
+    with MongoProxy(write_target(mongo_uri)) as rs:
+        me = f"127.0.0.1:{rs.port}"
+        rs.rewrite_hello(replica_set_hello("rs0", (me,)))
+        assert write_target(f"mongodb://{me}/?replicaSet=rs0") == ("127.0.0.1", rs.port)
+        assert rs.count("hello_rewrite") >= 1
+    if not configured_uri():  # the stand-in: a standalone is its own write target
+        assert write_target(mongo_uri) == ("127.0.0.1", int(mongo_uri.rsplit(":", 1)[1]))

@@ -16,12 +16,11 @@ from typing import Any
 import pymongo
 import pytest
 from pymongo.errors import OperationFailure
-from pymongo.uri_parser import parse_uri
 
 from ingestd.control.collector import in_flight, received_total
 from ingestd.sink.mongo import INDEXES
 from tests.support.daemon import Daemon, finish, settings_doc
-from tests.support.mongo import stored_ids
+from tests.support.mongo import stored_ids, write_target
 from tests.support.mongo_proxy import MongoProxy
 from tests.support.simulator import SimProcess
 from tests.support.wait import wait_until
@@ -31,8 +30,7 @@ TWEETS = 60
 
 @pytest.fixture
 def proxy(mongo_uri: str) -> Iterator[MongoProxy]:
-    host, port = parse_uri(mongo_uri)["nodelist"][0]
-    with MongoProxy((host, port)) as running:
+    with MongoProxy(write_target(mongo_uri)) as running:
         yield running
 
 

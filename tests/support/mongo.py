@@ -1,9 +1,12 @@
 """MongoDB for tests: the nx-27017 stand-in as a subprocess, or a real server via an env var.
 
-Set ``INGESTD_TEST_MONGO_URI`` to run the same tests against a real mongod; tests that must stop
-and restart the server (``mongo_standin``) are skipped then. Each test gets its own database name,
-so tests never see each other's data; the stand-in runs with ``--data-dir`` (one SQLite file per
-database) because its single-file mode shares collections between database names.
+Set ``INGESTD_TEST_MONGO_URI`` to run the same tests against a real mongod, a replica set
+(``mongodb://h1,h2,h3/?replicaSet=rs0``) or a mongos: the URI is used exactly as given, options
+and all; tests that must stop and restart the server (``mongo_standin``) are skipped then. The
+fault proxy sits in front of one server: ``write_target`` finds the one that takes writes.
+Each test gets its own database name, so tests never see each other's data; the stand-in runs
+with ``--data-dir`` (one SQLite file per database) because its single-file mode shares
+collections between database names.
 
 ``tests/conftest.py`` imports the fixtures by name; ``stored_ids`` reads back what a test stored.
 """
@@ -37,10 +40,30 @@ def _unique_name(request: pytest.FixtureRequest) -> str:
     return f"t_{base}_{uuid.uuid4().hex[:8]}"
 
 
+def configured_uri() -> str:
+    """``INGESTD_TEST_MONGO_URI`` exactly as set (never rewritten to one host), or ""."""
+    return os.environ.get(ENV_URI, "")
+
+
+def write_target(uri: str) -> tuple[str, int]:
+    """The address that takes writes behind ``uri``: the primary of a replica set, else the server
+    (standalone or mongos) the driver selected. A proxy in front of a secondary would see only
+    NotWritablePrimary."""
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        uri, serverSelectionTimeoutMS=10000)
+    try:
+        client.admin.command("ping")
+        address = client.primary or client.address
+    finally:
+        client.close()
+    assert address is not None, f"no server to write to behind {uri}"
+    return address
+
+
 @pytest.fixture(scope="session")
 def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MongoStandIn | None]:
     """The session's stand-in, or None when ``INGESTD_TEST_MONGO_URI`` names a real server."""
-    if os.environ.get(ENV_URI):
+    if configured_uri():
         yield None
         return
     server = MongoStandIn(tmp_path_factory.mktemp("mongo")).start()
@@ -52,7 +75,7 @@ def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MongoStan
 
 @pytest.fixture(scope="session")
 def mongo_uri(mongo_server: MongoStandIn | None) -> str:
-    return os.environ.get(ENV_URI) or (mongo_server.uri if mongo_server else "")
+    return configured_uri() or (mongo_server.uri if mongo_server else "")
 
 
 @pytest.fixture
@@ -81,7 +104,7 @@ def mongo_client(mongo_uri: str) -> Iterator[pymongo.MongoClient[dict[str, Any]]
 @pytest.fixture
 def mongo_standin(tmp_path: Path) -> Iterator[MongoStandIn]:
     """A private stand-in this test may stop and restart (skipped against a real server)."""
-    if os.environ.get(ENV_URI):
+    if configured_uri():
         pytest.skip("needs a server the test can stop and restart (nx-27017 stand-in)")
     server = MongoStandIn(tmp_path / "mongo").start()
     try:

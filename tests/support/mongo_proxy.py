@@ -11,14 +11,14 @@ an election or an overload::
         proxy.reset_mid_reply(1)                # next write applied, half its reply, then RST
         proxy.delay_writes(2.0, count=1)        # next write's reply held for 2 s
         proxy.failover(5.0)                     # RST every connection, refuse new ones for 5 s
-        proxy.rewrite_hello(MONGOS_HELLO)       # every OP_MSG hello reply now says "mongos"
+        proxy.rewrite_hello(MONGOS_HELLO)       # every hello reply now says "mongos"
         proxy.wait_applied("command_error", 1)  # until the fault has been used
 
 Faults apply to write commands only (``insert``, ``delete``, ``update``), in the order they were
 asked for; ``hello``/``isMaster`` and every read pass through untouched unless a fault says so
 (``failover`` resets everything; ``rewrite_hello`` changes what ``hello`` says the server is:
-a replica-set member or a mongos, for code that looks at the deployment type. Only OP_MSG replies
-are rewritten: the driver's first handshake on a connection, an OP_QUERY, passes as it is).
+a replica-set member or a mongos, for code that looks at the deployment type; the driver's
+first handshake on a connection, a legacy OP_QUERY, is rewritten too).
 Replies are built as the server builds them: the error codes carry their ``codeName``, and
 ``RetryableWriteError`` is labelled only on a retryable write (one that carries a
 ``txnNumber``), as servers from 4.4 do.
@@ -46,6 +46,8 @@ import bson
 from tests.support.wait import wait_until
 
 OP_MSG = 2013
+OP_QUERY, OP_REPLY = 2004, 1
+OP_REPLY_PREFIX = struct.Struct("<iqii")  # responseFlags, cursorID, startingFrom, numberReturned
 HEADER = struct.Struct("<iiii")  # messageLength, requestID, responseTo, opCode
 CHECKSUM_PRESENT = 1
 WRITE_COMMANDS = frozenset({"insert", "delete", "update"})
@@ -100,6 +102,23 @@ def op_msg_body(message: bytes) -> dict[str, Any] | None:
             return doc
         pos += 1 + size
     return None
+
+
+def op_query_command(message: bytes) -> dict[str, Any] | None:
+    """The command document of a legacy OP_QUERY (the driver's handshake), else None."""
+    _, _, _, op_code = HEADER.unpack_from(message)
+    if op_code != OP_QUERY:
+        return None
+    name_end = message.index(b"\x00", HEADER.size + 4)
+    pos = name_end + 1 + 8  # numberToSkip, numberToReturn
+    size = struct.unpack_from("<i", message, pos)[0]
+    doc: dict[str, Any] = bson.decode(message[pos:pos + size])
+    return doc
+
+
+def command_body(message: bytes) -> dict[str, Any] | None:
+    """The command of an OP_MSG or OP_QUERY message, else None."""
+    return op_msg_body(message) or op_query_command(message)
 
 
 def op_msg(body: dict[str, Any], response_to: int, request_id: int | None = None) -> bytes:
@@ -201,7 +220,8 @@ class MongoProxy:
         self._count("failover")
 
     def rewrite_hello(self, fields: dict[str, Any] | None) -> None:
-        """Merge ``fields`` into every OP_MSG ``hello``/``isMaster`` reply; None: stop."""
+        """Merge ``fields`` into every ``hello``/``isMaster`` reply (OP_MSG or the legacy
+        OP_QUERY handshake's OP_REPLY); None: answer as the server does again."""
         with self._lock:
             self._hello_fields = dict(fields) if fields is not None else None
 
@@ -331,9 +351,10 @@ class _Pipe:
         return max(0.0, min(0.05, self._outbox[0][0] - time.monotonic()))
 
     def _from_client(self, message: bytes) -> None:
-        body = op_msg_body(message)
-        if body is not None and command_name(body).lower() in HELLO_COMMANDS:
+        command = command_body(message)
+        if command is not None and command_name(command).lower() in HELLO_COMMANDS:
             self._note_hello(message)
+        body = op_msg_body(message)
         if body is None or command_name(body).lower() not in WRITE_COMMANDS:
             self.upstream.sendall(message)
             return
@@ -421,13 +442,27 @@ def _with_write_concern_error(message: bytes, fault: _Fault) -> bytes:
 
 
 def _with_fields(message: bytes, fields: dict[str, Any]) -> bytes:
-    """The server's reply with ``fields`` set in its body (same ids)."""
+    """The server's reply (OP_MSG or OP_REPLY) with ``fields`` set in its body (same ids)."""
+    _, request_id, response_to, op_code = HEADER.unpack_from(message)
+    if op_code == OP_REPLY:
+        return _reply_with_fields(message, fields)
     body = op_msg_body(message)
     if body is None:
         return message
     body.update(fields)
-    _, request_id, response_to, _ = HEADER.unpack_from(message)
     return op_msg(body, response_to, request_id)
+
+
+def _reply_with_fields(message: bytes, fields: dict[str, Any]) -> bytes:
+    """An OP_REPLY whose single document has ``fields`` set."""
+    _, request_id, response_to, _ = HEADER.unpack_from(message)
+    flags, cursor_id, starting_from, returned = OP_REPLY_PREFIX.unpack_from(message, HEADER.size)
+    start = HEADER.size + OP_REPLY_PREFIX.size
+    if returned != 1:
+        return message
+    doc = bson.decode(message[start:]) | fields
+    payload = OP_REPLY_PREFIX.pack(flags, cursor_id, starting_from, 1) + bson.encode(doc)
+    return HEADER.pack(HEADER.size + len(payload), request_id, response_to, OP_REPLY) + payload
 
 
 def _reset(sock: socket.socket) -> None:
