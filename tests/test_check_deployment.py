@@ -43,6 +43,10 @@ def proxy(mongo_uri: str) -> Iterator[MongoProxy]:
         yield running
 
 
+standalone_only = pytest.mark.skipif(
+    bool(configured_uri()), reason="INGESTD_TEST_MONGO_URI may name a replica set or a mongos")
+
+
 def check(tmp_path: Path, sim: SimProcess, uri: str, **wc: Any) -> tuple[str, list[str]]:
     """stdout of a passing ``check --online``, and its warning lines."""
     extra = {"write_concern": wc} if wc else {}
@@ -52,6 +56,7 @@ def check(tmp_path: Path, sim: SimProcess, uri: str, **wc: Any) -> tuple[str, li
     return result.stdout, [ln for ln in result.stdout.splitlines() if ln.startswith("warning:")]
 
 
+@standalone_only
 def test_standalone_with_the_default_write_concern_has_no_warning(
         tmp_path: Path, sim: SimProcess, mongo_uri: str) -> None:
     out, warnings = check(tmp_path, sim, mongo_uri)
@@ -60,6 +65,7 @@ def test_standalone_with_the_default_write_concern_has_no_warning(
     assert warnings == []
 
 
+@standalone_only
 def test_standalone_without_journal_is_warned_about_j_only(
         tmp_path: Path, sim: SimProcess, mongo_uri: str) -> None:
     out, warnings = check(tmp_path, sim, mongo_uri, w=1, j=False)
