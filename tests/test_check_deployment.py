@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pymongo.errors import OperationFailure
 
 from ingestd.config.schema import WriteConcernSettings
+from ingestd.tools.check import server_hello
 from ingestd.tools.mongo_deployment import (
     REPLICA_SET,
     SHARDED,
@@ -140,3 +142,16 @@ def test_write_target_is_the_primary_a_replica_set_uri_discovers(mongo_uri: str)
         assert rs.count("hello_rewrite") >= 1
     if not configured_uri():  # the stand-in: a standalone is its own write target
         assert write_target(mongo_uri) == ("127.0.0.1", int(mongo_uri.rsplit(":", 1)[1]))
+
+
+def test_a_server_without_hello_is_asked_ismaster() -> None:
+    class Admin:
+        def command(self, name: str) -> dict[str, Any]:
+            if name == "hello":  # MongoDB before 4.4.2
+                raise OperationFailure("no such command: 'hello'", 59)
+            return {"ismaster": True, "setName": "old"}
+
+    class Client:
+        admin = Admin()
+
+    assert describe(server_hello(Client())).set_name == "old"  # type: ignore[arg-type]

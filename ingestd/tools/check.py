@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import certifi
 import pycurl
@@ -22,6 +23,9 @@ from ingestd.logs import register_secret, scrub_text
 from ingestd.source.headers import USER_AGENT, parse_header_line
 from ingestd.source.oauth import diagnose_401, encode_form, sign_request
 from ingestd.source.request import post_params
+
+if TYPE_CHECKING:
+    from pymongo import MongoClient
 
 EXIT_ONLINE_FAILED = 1
 PROBE_SECONDS = 10
@@ -83,7 +87,7 @@ def check_mongo(settings: Settings) -> bool:
     client = make_client(settings.mongo)
     try:
         client.admin.command("ping")
-        hello = client.admin.command("hello")
+        hello = server_hello(client)
     except Exception as exc:  # any driver error is a finding to report, not a crash
         print(f"mongo      FAILED: {explain_mongo_error(exc, settings)}")
         return False
@@ -92,6 +96,18 @@ def check_mongo(settings: Settings) -> bool:
     print(f"mongo      reachable (ping ok) at {settings.mongo.display_uri()}")
     report_deployment(hello, settings)
     return True
+
+
+def server_hello(client: MongoClient[dict[str, Any]]) -> Mapping[str, object]:
+    """``hello``, or ``isMaster`` from a server older than 4.4.2 (CommandNotFound, 59)."""
+    from pymongo.errors import OperationFailure
+
+    try:
+        return client.admin.command("hello")
+    except OperationFailure as exc:
+        if exc.code != 59:
+            raise
+        return client.admin.command("isMaster")
 
 
 def report_deployment(hello: Mapping[str, object], settings: Settings) -> None:
