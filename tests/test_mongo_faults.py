@@ -167,7 +167,9 @@ def test_failover_longer_than_the_slow_threshold_gives_one_warning_and_one_count
     assert len(slow) == 1, slow
     (warning,) = slow
     assert warning["level"] == "warning"
-    assert warning["op"] == "insert" and warning["outcome"] == "ok"
+    # "ok_ids_present": the failover cut the reply to an insert the server had applied, and the
+    # retry found the batch's own documents (counted as stored, checked by reconcile below).
+    assert warning["op"] == "insert" and warning["outcome"] in ("ok", "ok_ids_present")
     assert threshold <= warning["seconds"] < 30
     # The causes are what pymongo saw: a command that failed on the reset connection, a pool
     # cleared or a server that went Unknown, with the socket error.

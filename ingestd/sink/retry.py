@@ -72,14 +72,14 @@ class Retrier:
             except Exception as exc:
                 cls = classify_error(exc)
                 if cls in (ErrorClass.PER_DOCUMENT, ErrorClass.DUPLICATES_ONLY):
-                    self._check_slow(what, started, attempt, exc)
+                    self._check_slow(what, started, attempt, exc, cls)
                     raise
                 self.failed(what, exc, cls)
                 if not self._switch_failing_target():
                     self.backoff(attempt, cls)  # cut short if a reload brings a new target
                     attempt = 0 if self._switch_failing_target() else attempt + 1
                 continue
-            self._check_slow(what, started, attempt, None)
+            self._check_slow(what, started, attempt, None, None)
             if self._counters.state.startswith("degraded"):
                 log.info("mongo_recovered", after_retries=attempt)
                 self.recovered()
@@ -142,7 +142,7 @@ class Retrier:
             self._check_give_up()
 
     def _check_slow(self, what: str, started: float, retries: int,
-                    exc: BaseException | None) -> None:
+                    exc: BaseException | None, cls: ErrorClass | None) -> None:
         """Warn about (and count) an operation that took ``mongo.slow_write_seconds`` or more.
 
         pymongo retries inside ``timeoutMS`` without raising, so an outage shorter than that
@@ -155,7 +155,7 @@ class Retrier:
             return
         self._counters.slow_writes += 1
         log.warning("mongo_write_slow", op=what, seconds=round(elapsed, 3), threshold=threshold,
-                    retries=retries, outcome="ok" if exc is None else error_name(exc),
+                    retries=retries, outcome=_outcome(exc, cls),
                     causes=DRIVER_EVENTS.since(started) or ["none reported by pymongo"],
                     slow_writes=self._counters.slow_writes)
 
@@ -239,3 +239,11 @@ class DeadLetterWriter:
         c.state = f"degraded: dead-letter store unwritable ({name})"
         c.retries += 1
         log.error("deadletter_write_failed", error=name, retries=c.retries)
+
+
+def _outcome(exc: BaseException | None, cls: ErrorClass | None) -> str:
+    """How a slow write ended. ``ok_ids_present``: every document is in the collection, some
+    already were (an attempt the server applied but whose reply was lost, e.g. in a failover)."""
+    if exc is None:
+        return "ok"
+    return "ok_ids_present" if cls is ErrorClass.DUPLICATES_ONLY else error_name(exc)
