@@ -21,6 +21,7 @@ from ingestd.logs import register_secret, scrub_text
 from ingestd.source.headers import USER_AGENT, parse_header_line
 from ingestd.source.oauth import diagnose_401, encode_form, sign_request
 from ingestd.source.request import post_params
+from ingestd.tools.instances import instance_warnings
 
 EXIT_ONLINE_FAILED = 1
 PROBE_SECONDS = 10
@@ -57,7 +58,7 @@ def run_check(config: Path, *, online: bool) -> int:
     for secret in secret_values(settings):
         register_secret(secret)  # scrub_text then masks them in any error text we print
     print(summary(settings))
-    for notice in settings.mongo.notices:
+    for notice in (*settings.mongo.notices, *instance_warnings(settings)):
         print(f"warning: {notice}")
     if not online:
         return 0
