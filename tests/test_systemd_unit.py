@@ -2,7 +2,7 @@
 
 Both ``ingestd.service`` and the template ``ingestd@.service`` (checked as instance
 ``ingestd@news.service``), and the template differs from the plain unit only where an instance
-must: its settings file, state folder, credentials folder and description.
+must: its settings file, state folder, credentials folder, dynamic user and description.
 
 ``systemd-analyze`` comes with Debian's ``systemd`` package (``.ci/run`` installs it; elsewhere
 the tests skip with a note). The unit's ``ExecStart=`` binary must exist for ``verify``, so the
@@ -27,6 +27,7 @@ INSTANCE_SUBSTITUTIONS = (
     ("StateDirectory=ingestd\n", "StateDirectory=ingestd/%i\n"),
     ("# /var/lib/ingestd (", "# /var/lib/ingestd/%i ("),
     ("ingestion daemon\n", "ingestion daemon (%i)\n"),
+    ("DynamicUser=yes\n", "DynamicUser=yes\nUser=ingestd-%i\n"),
 )
 BINARY = "/usr/local/bin/ingestd"
 MAX_EXPOSURE = 2.0
@@ -81,6 +82,7 @@ def test_template_is_the_plain_unit_per_instance() -> None:
     text = TEMPLATE.read_text()
     assert f"ExecReload={BINARY} reload --config /etc/ingestd/%i.yaml --pid $MAINPID" in text
     assert "StateDirectory=ingestd/%i" in text
+    assert "User=ingestd-%i" in text  # without it every instance shares one dynamic UID
 
 
 @needs_analyze
