@@ -293,7 +293,7 @@ def test_reload_of_one_instance_applies_only_to_it(instances: Instances) -> None
     instances.wait_stored("a")
 
 
-def test_status_of_each_instance_from_a_root_shell(instances: Instances) -> None:
+def test_status_and_reload_of_each_instance_from_a_root_shell(instances: Instances) -> None:
     for name in INSTANCES:
         member = instances.members[name]
         code, output = instances.root_shell(f"ingestd status --config {member.config}")
@@ -301,6 +301,10 @@ def test_status_of_each_instance_from_a_root_shell(instances: Instances) -> None
         assert output.startswith("ingestd: ok"), output
         assert f"state dir   /var/lib/ingestd/{name}" in output, output
         assert f"http://127.0.0.1:{member.metrics_port}/metrics" in output, output
+    # `ingestd reload --config` from a root shell finds its instance the same way (no --pid).
+    code, output = instances.root_shell("ingestd reload --config /etc/ingestd/b.yaml")
+    assert code == 0 and "reload applied: generation 2" in output, f"exit {code}:\n{output}"
+    assert metrics_samples(instances.members["a"].metrics_port)["ingestd_config_generation"] == 2
 
 
 def test_instances_stop_and_store_every_delivered_tweet_once(instances: Instances) -> None:
