@@ -265,3 +265,35 @@ def test_help_lists_only_user_commands() -> None:
     assert "SUPPRESS" not in shown.stdout
     assert not re.search(r"^\s+worker\s", shown.stdout, re.MULTILINE)  # internal command
     assert re.search(r"^\s+reload\s", shown.stdout, re.MULTILINE)
+
+
+def test_status_finds_an_instances_state_folder(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ingestd@news`` reads /etc/ingestd/news.yaml and keeps its state in
+    /var/lib/ingestd/news: from a root shell, ``--config news.yaml`` finds that folder, not the
+    plain unit's /var/lib/ingestd (where settings.yaml still finds its daemon)."""
+    from ingestd.config.settings import load_settings
+    from ingestd.control import daemonctl, runstate
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    doc = {"stream": {"url": "https://stream.example.org/1.1/statuses/filter.json",
+                      "track": ["x"]},
+           "auth": {k: "${NOT_HERE}" for k in ("consumer_key", "consumer_secret",
+                                              "access_token", "access_token_secret")},
+           "mongo": {"uri": "mongodb://localhost:27017"}}
+    for name in ("news", "settings"):
+        (etc / f"{name}.yaml").write_text(yaml.safe_dump(doc))
+    unit_dir = tmp_path / "var-lib-ingestd"
+    monkeypatch.setattr(daemonctl, "SYSTEMD_STATE_DIR", unit_dir)
+    env = {"PATH": "/usr/bin"}
+    news = load_settings(etc / "news.yaml", env, secrets=False)
+    plain = load_settings(etc / "settings.yaml", env, secrets=False)
+    for folder in (unit_dir, unit_dir / "news"):
+        (runstate.run_dir(folder) / daemonctl.PIDFILE).write_text(f"{os.getpid()}\n")
+
+    assert daemonctl.locate_state_dir(news, env) == unit_dir / "news"
+    assert daemonctl.locate_state_dir(plain, env) == unit_dir
+    (unit_dir / "news" / runstate.RUN_DIR / daemonctl.PIDFILE).unlink()  # instance stopped
+    # Stopped: "not running" for news, never the plain unit's daemon in its place.
+    assert daemonctl.locate_state_dir(news, env) == etc / "state"

@@ -72,8 +72,11 @@ def _url(sec: Section) -> str:
 
 def _check_count(sec: Section, name: str, items: list[tuple[str, object]], limit: int,
                  noun: str) -> None:
+    # The endpoint answers 413 to more (docs/protocol.md §1.2): refused here, not retried there.
     if len(items) > limit:
-        sec.error(name, f"has {len(items)} {noun}; the endpoint accepts at most {limit}")
+        sec.error(name, f"has {len(items)} {noun}; the endpoint accepts at most {limit} per "
+                        f"connection: split them across instances, each with its own account "
+                        f"(README: Outgrowing one machine)")
 
 
 def _track(sec: Section, items: list[tuple[str, object]]) -> tuple[str, ...]:

@@ -38,6 +38,15 @@ V2_DEFAULTS = {
     "place_fields": ("country_code", "full_name", "geo", "place_type"),
 }
 MAX_RULE_LENGTH = 2048  # the largest access level's limit; the server enforces its own
+# (access level, rules per app, characters per rule): docs/protocol.md §7.3. Which level an app
+# has is not in the settings, so `ingestd check` warns against each (ingestd/tools/instances.py).
+V2_ACCESS_LEVELS = (
+    ("Essential", 5, 512),
+    ("Elevated", 25, 512),
+    ("Academic", 1000, 1024),
+    ("Pro", 1000, 1024),
+    ("Enterprise", 2500, 2048),
+)
 MAX_TAG_LENGTH = 256
 
 

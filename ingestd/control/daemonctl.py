@@ -33,7 +33,10 @@ PIDFILE = "supervisor.pid"
 VERDICT_FILE = "reload.json"
 # StateDirectory=ingestd in deploy/systemd/ingestd.service: where the unit's daemon keeps state
 # when settings.yaml leaves state_dir null ($STATE_DIRECTORY is set only inside the unit).
+# The template ingestd@NAME.service reads /etc/ingestd/NAME.yaml and keeps state in
+# SYSTEMD_STATE_DIR/NAME (StateDirectory=ingestd/%i).
 SYSTEMD_STATE_DIR = Path("/var/lib/ingestd")
+PLAIN_UNIT_SETTINGS = "settings"
 EXIT_NO_DAEMON = 1
 POLL_SECONDS = 0.05
 
@@ -90,10 +93,17 @@ def locate_state_dir(settings: Settings, env: Mapping[str, str] | None = None) -
     default = Path(os.path.abspath(settings.path)).parent / "state"
     if settings.state_dir != default or env.get("STATE_DIRECTORY"):
         return settings.state_dir
-    for candidate in (default, SYSTEMD_STATE_DIR):
+    for candidate in (default, *unit_state_dirs(settings.path)):
         if supervisor_pid(candidate) is not None:
             return candidate
     return default
+
+
+def unit_state_dirs(config: Path) -> tuple[Path, ...]:
+    """The unit state folder ``config`` belongs to: ingestd.service's for settings.yaml,
+    ingestd@NAME's for NAME.yaml (never another instance's, nor the plain unit's)."""
+    name = Path(config).stem
+    return (SYSTEMD_STATE_DIR if name == PLAIN_UNIT_SETTINGS else SYSTEMD_STATE_DIR / name,)
 
 
 def supervisor_pid(state_dir: Path) -> int | None:

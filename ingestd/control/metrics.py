@@ -15,6 +15,7 @@ where the families and the listener are built, so importing it stays cheap.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import socket
@@ -154,8 +155,11 @@ def start_metrics_server(settings: Settings) -> MetricsServer | None:
     try:
         server = MetricsServer(settings, *address).start()
     except OSError as exc:
+        hint = {"hint": f"another process (another ingestd instance?) holds the port: give "
+                        f"each instance its own metrics.listen in {settings.path}"
+                } if exc.errno == errno.EADDRINUSE else {}
         log.error("metrics_listen_failed", listen=settings.metrics.listen,
-                  error=os.strerror(exc.errno) if exc.errno else type(exc).__name__)
+                  error=os.strerror(exc.errno) if exc.errno else type(exc).__name__, **hint)
         return None
     log.info("metrics_listening", address=server.address)
     return server

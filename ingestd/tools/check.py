@@ -23,6 +23,7 @@ from ingestd.logs import register_secret, scrub_text
 from ingestd.source.headers import USER_AGENT, parse_header_line
 from ingestd.source.oauth import diagnose_401, encode_form, sign_request
 from ingestd.source.request import post_params
+from ingestd.tools.instances import instance_warnings
 
 if TYPE_CHECKING:
     from pymongo import MongoClient
@@ -62,7 +63,7 @@ def run_check(config: Path, *, online: bool) -> int:
     for secret in secret_values(settings):
         register_secret(secret)  # scrub_text then masks them in any error text we print
     print(summary(settings))
-    for notice in settings.mongo.notices:
+    for notice in (*settings.mongo.notices, *instance_warnings(settings)):
         print(f"warning: {notice}")
     if not online:
         return 0

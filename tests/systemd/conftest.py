@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.systemd.deployment import Deployment
+from tests.systemd.instances import Instances
 from tests.systemd.machine import scratch_dir
 
 RELEASES = {"debian12": "bookworm", "debian13": "trixie"}
@@ -64,6 +65,23 @@ def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def instances(deployment: Deployment) -> Iterator[Instances]:
+    """``ingestd@a`` and ``ingestd@b``, set up by the README's lines once the plain unit's tests
+    are done with the container (they run last in the module)."""
+    group = Instances(deployment)
+    started = time.monotonic()
+    try:
+        try:
+            group.start()
+        except Exception as exc:
+            raise AssertionError(f"{exc}\n--- journal ---\n{deployment.journal()}") from exc
+        deployment.timings["instances setup"] = time.monotonic() - started
+        yield group
+    finally:
+        group.stop()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
         item: pytest.Item, call: pytest.CallInfo[None],
@@ -71,12 +89,14 @@ def pytest_runtest_makereport(
     """Attach the unit's journal to every failure, so a red CI run is diagnosable."""
     report = yield
     dep = getattr(item, "funcargs", {}).get("deployment")
+    # The journal names the instances' units too (Deployment.journal).
     if report.failed and isinstance(dep, Deployment) and dep.box is not None:
         try:
             journal = dep.journal()
         except Exception as exc:  # the journal is a diagnostic: never mask the real failure
             journal = f"(journal unavailable: {exc})"
-        report.sections.append((f"journalctl -u ingestd ({dep.release})", journal[-20000:]))
+        report.sections.append((f"journalctl -u ingestd -u 'ingestd@*' ({dep.release})",
+                                journal[-20000:]))
     return report
 
 

@@ -114,7 +114,9 @@ class Deployment:
         return int(self.show("MainPID")["MainPID"])
 
     def journal(self) -> str:
-        return self.box_.journal(UNIT) if self.box is not None else "(no container)"
+        # The template's instances too (tests/systemd/instances.py), once they exist.
+        return (self.box_.journal(UNIT, f"{UNIT}@*") if self.box is not None
+                else "(no container)")
 
     def write_settings(self, text: str) -> None:
         """Replace /etc/ingestd/settings.yaml in one rename, as root in the container."""

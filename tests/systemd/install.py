@@ -30,10 +30,14 @@ class Step:
 
 
 def install_block(readme: Path) -> str:
-    text = readme.read_text()
-    section = text.split("## Operating under systemd", 1)[1]
-    match = re.search(r"\*\*Install\*\*\s*```sh\n(.*?)```", section, re.S)
-    assert match, f"{readme}: no ```sh block under 'Operating under systemd' → 'Install'"
+    return sh_block(readme, "Operating under systemd", "Install")
+
+
+def sh_block(readme: Path, section: str, label: str) -> str:
+    """The ```sh block after ``**label**`` in README section ``## section``."""
+    text = readme.read_text().split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    match = re.search(rf"\*\*{re.escape(label)}\*\*\s*```sh\n(.*?)```", text, re.S)
+    assert match, f"{readme}: no ```sh block under '{section}' → '{label}'"
     return match.group(1)
 
 
@@ -79,13 +83,18 @@ def install(box: Container, readme: Path, settings_text: str, secrets: dict[str,
     box.run("mkdir", "-p", WORKDIR)
     box.run("sh", "-c", f"cat > {WORKDIR}/settings.yaml", input=settings_text)
     box.run("ln", "-sfn", f"{SRC}/deploy", f"{WORKDIR}/deploy")
+    return run_block(box, install_block(readme), secrets)
+
+
+def run_block(box: Container, block: str, secrets: dict[str, str]) -> str:
+    """Run a README block's steps in WORKDIR; returns the transcript (fails on the first error)."""
     transcript = []
-    for step in parse_steps(install_block(readme)):
+    for step in parse_steps(block):
         for key in step.loop_keys or ("",):
             script = f"{step.loop_var}={key}; {step.command}" if key else step.command
             result = box.run("sh", "-ec", script, cwd=WORKDIR, check=False, timeout=900,
                              input=secrets[key] if key else None)
             transcript.append(f"$ {script}\n{result.stdout}{result.stderr}".rstrip())
             assert result.returncode == 0, (
-                f"README install step failed ({result.returncode}):\n" + "\n".join(transcript))
+                f"README step failed ({result.returncode}):\n" + "\n".join(transcript))
     return "\n".join(transcript)

@@ -161,10 +161,11 @@ class Container:
         out = self.systemctl("show", unit, *(f"--property={p}" for p in props)).stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
-    def journal(self, unit: str) -> str:
+    def journal(self, *units: str) -> str:
         if not self.pid1 or self.proc is None or self.proc.poll() is not None:
             return "(container not running)"
-        return self.run("journalctl", "-u", unit, "--no-pager", "-o", "short-precise",
+        selectors = [arg for unit in units for arg in ("-u", unit)]
+        return self.run("journalctl", *selectors, "--no-pager", "-o", "short-precise",
                         check=False, timeout=60).stdout
 
     def console(self) -> str:

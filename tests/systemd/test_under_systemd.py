@@ -3,7 +3,10 @@
 Each release gets one container, installed by the README's own lines; the tests below run in
 file order against it, as an operator would: start, inspect, reload (good, then broken), query
 status and metrics, survive a hang (watchdog), stop, and reconcile the collection against the
-simulator's ground truth. Run with ``make test-systemd`` (root, debootstrap, systemd-nspawn).
+simulator's ground truth. Then the plain unit becomes instance ``ingestd@a`` of the template and
+``ingestd@b`` joins it: both stream, a reload reaches only its instance, ``ingestd status`` finds
+each, and each is reconciled against its own connections. Run with ``make test-systemd`` (root,
+debootstrap, systemd-nspawn).
 """
 
 from __future__ import annotations
@@ -11,16 +14,20 @@ from __future__ import annotations
 import copy
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.support.wait import wait_until
 from tests.systemd.deployment import CONFIG, UNIT, Deployment
+from tests.systemd.instances import TRACK, Instances
 
 pytestmark = pytest.mark.systemd
 
 NEW_TRACK = ["ipad", "ipod", "macbook"]
+INSTANCES = ("a", "b")
+A_NEW_TRACK = ["coffee", "cocoa"]
 PROCESS_SERIES = ("process_resident_memory_bytes", "process_cpu_seconds_total",
                   "process_open_fds")
 
@@ -214,3 +221,105 @@ def test_every_delivered_tweet_is_stored_exactly_once(deployment: Deployment) ->
     assert delivered & deleted, "the scenario should exercise deletes of stored tweets"
     print(f"\n[{deployment.release}] delivered={len(delivered)} deleted={len(delivered & deleted)}"
           f" stored={len(ids)} connections={len(deployment.connections())}")
+
+
+# -- several streams per host: ingestd@.service (tests/systemd/instances.py) ------------------
+# These run last: the `instances` fixture turns the stopped plain unit into instance a and adds
+# instance b with the README's lines ("Outgrowing one machine").
+
+
+def metrics_samples(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_two_instances_stream_side_by_side(instances: Instances) -> None:
+    props = {}
+    for name in INSTANCES:
+        instances.wait_active(name)
+        props[name] = instances.show(name, "MainPID", "UID", "StatusText", "DynamicUser")
+    assert props["a"]["MainPID"] != props["b"]["MainPID"], props
+    # Each instance is its own dynamic user (User=ingestd-%i): neither can read the other's
+    # state or secrets.
+    assert props["a"]["UID"] != props["b"]["UID"] and "0" not in (props["a"]["UID"],
+                                                                  props["b"]["UID"]), props
+    for name in INSTANCES:
+        user = instances.box.run(
+            "busctl", "call", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+            "org.freedesktop.systemd1.Manager", "LookupDynamicUserByUID", "u",
+            props[name]["UID"], check=False).stdout.strip()
+        assert user == f's "ingestd-{name}"', user
+        # StateDirectory=ingestd/%i with DynamicUser=: /var/lib/ingestd/NAME links to the
+        # private folder, which is what `ingestd status` (below) reads from a root shell.
+        link = Path(instances.box.root) / "var/lib/ingestd" / name
+        assert link.is_symlink() and link.resolve() == instances.state_dir(name).resolve(), link
+    for name in INSTANCES:
+        stored = instances.wait_stored(name)
+        conns = instances.connections(name)
+        assert conns and all(list(c["params"]["track"]) == TRACK[name] for c in conns), conns
+        assert (instances.state_dir(name) / "run" / "stream.json").is_file(), (
+            f"ingestd@{name} keeps no state in /var/lib/ingestd/{name}")
+        print(f"\n[{instances.dep.release}] ingestd@{name}: {len(stored)} tweets stored over "
+              f"{len(conns)} connection(s)")
+    attempts = instances.sim.ground_truth().connections()
+    refused = [c for c in attempts if c["status"] != 200]
+    assert not refused, f"the simulator refused an instance (credentials per instance?): {refused}"
+    closes = instances.sim.ground_truth().closes()
+    assert not [c for c in closes if "7" in str(c.get("reason", ""))], (
+        f"an instance was logged out by the other (one account each?): {closes}")
+
+
+def test_reload_of_one_instance_applies_only_to_it(instances: Instances) -> None:
+    pids = {name: instances.show(name, "MainPID")["MainPID"] for name in INSTANCES}
+    b_conns = instances.connections("b")
+    a_before = len(instances.connections("a"))
+    doc = copy.deepcopy(instances.members["a"].doc)
+    doc["stream"]["track"] = A_NEW_TRACK
+    instances.write_doc("a", doc)
+    result = instances.box.systemctl("reload", "ingestd@a", check=False)
+    assert result.returncode == 0, f"`systemctl reload ingestd@a`:\n{result.stdout}{result.stderr}"
+    wait_until(lambda: len(instances.connections("a")) > a_before and
+               list(instances.connections("a")[-1]["params"]["track"]) == A_NEW_TRACK, 30,
+               f"ingestd@a reconnecting with {A_NEW_TRACK}")
+    assert {name: instances.show(name, "MainPID")["MainPID"] for name in INSTANCES} == pids
+    assert instances.connections("b") == b_conns, "reloading a reconnected b"
+    closed = {c.get("conn") for c in instances.sim.ground_truth().closes()}
+    assert b_conns[-1]["conn"] not in closed, "b's stream stopped when a reloaded"
+    generations = {name: metrics_samples(instances.members[name].metrics_port)
+                   ["ingestd_config_generation"] for name in INSTANCES}
+    assert generations == {"a": 2.0, "b": 1.0}, generations
+    instances.wait_stored("a")
+
+
+def test_status_and_reload_of_each_instance_from_a_root_shell(instances: Instances) -> None:
+    for name in INSTANCES:
+        member = instances.members[name]
+        code, output = instances.root_shell(f"ingestd status --config {member.config}")
+        assert code == 0, f"`ingestd status --config {member.config}` exited {code}:\n{output}"
+        assert output.startswith("ingestd: ok"), output
+        assert f"state dir   /var/lib/ingestd/{name}" in output, output
+        assert f"http://127.0.0.1:{member.metrics_port}/metrics" in output, output
+    # `ingestd reload --config` from a root shell finds its instance the same way (no --pid).
+    code, output = instances.root_shell("ingestd reload --config /etc/ingestd/b.yaml")
+    assert code == 0 and "reload applied: generation 2" in output, f"exit {code}:\n{output}"
+    assert metrics_samples(instances.members["a"].metrics_port)["ingestd_config_generation"] == 2
+
+
+def test_instances_stop_and_store_every_delivered_tweet_once(instances: Instances) -> None:
+    for name in INSTANCES:
+        instances.wait_stored(name)
+    instances.box.systemctl("stop", *(f"ingestd@{name}" for name in INSTANCES))
+    for name in INSTANCES:
+        props = instances.show(name, "ActiveState", "Result", "ExecMainStatus")
+        assert props == {"ActiveState": "inactive", "Result": "success",
+                         "ExecMainStatus": "0"}, props
+    for name in INSTANCES:
+        want, ids = instances.expected(name), instances.stored_ids(name)
+        assert len(ids) == len(set(ids)), f"ingestd@{name} stored a tweet twice"
+        assert want and set(ids) == want, (
+            f"ingestd@{name}: stored ≠ delivered − deleted on its connections: missing "
+            f"{sorted(want - set(ids))[:20]}, extra {sorted(set(ids) - want)[:20]}")
+        print(f"\n[{instances.dep.release}] ingestd@{name}: delivered−deleted={len(want)} "
+              f"stored={len(ids)} connections={len(instances.connections(name))}")
