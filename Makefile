@@ -37,7 +37,12 @@ test-slow: $(STAMP)
 test-systemd: $(STAMP)
 	$(BIN)/pytest -q -m systemd -p no:cacheprovider --tb=short --timeout 1200 tests/systemd
 
-bench: $(STAMP)
+# The benchmark adds its own contenders' libraries (tweepy) to the venv: the bench extra.
+$(VENV)/.bench-stamp: pyproject.toml $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-stamp
 	$(BIN)/python bench/run.py
 
 # systemd-analyze verifies the shipped unit (Debian's systemd package; .ci/run installs it).

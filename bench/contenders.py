@@ -5,6 +5,10 @@
 * ``threaded``: a one-process two-thread pipeline: a pycurl thread frames the body into a
   ``queue.Queue``; the main thread parses with orjson and stores with ``insert_many(ordered=False)``
   in batches of ``--batch``.
+* ``tweepy``: tweepy 4's default v1.1 path (``tweepy.Stream``, the last release that has it is
+  4.13: ``requests`` ``iter_lines``, ``json.loads`` and a ``Status`` model per tweet in
+  ``on_data``), each status's JSON stored with ``insert_many`` in batches of ``--batch``; only the
+  URL is pointed at the local server. A bench-only dependency (``pip install -e '.[bench]'``).
 * ``floor``: the parse floor: pycurl + ingestd's ``LineFramer`` + ``orjson.loads`` on one thread, no
   insert at all.
 
@@ -174,9 +178,51 @@ def run_naive(args: argparse.Namespace) -> None:
     client.close()
 
 
+def run_tweepy(args: argparse.Namespace) -> None:
+    import pymongo
+    import tweepy
+    from tweepy.streaming import BaseStream
+
+    window = Window()
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(args.mongo)
+    coll = client[args.database]["tweepy"]
+    url = args.url
+
+    class Stream(tweepy.Stream):  # type: ignore[misc]
+        stored = 0
+        batch: list[dict[str, Any]] = []  # noqa: RUF012 (one instance)
+
+        def _connect(self, method: str, endpoint: str, **kwargs: Any) -> None:
+            # tweepy's own _connect with the local URL in place of stream.twitter.com's
+            auth = tweepy.streaming.OAuth1(self.consumer_key, self.consumer_secret,
+                                           self.access_token, self.access_token_secret)
+            BaseStream._connect(self, method, url, auth=auth, timeout=90, **kwargs)
+
+        def on_data(self, raw_data: bytes) -> None:
+            window.start()
+            super().on_data(raw_data)
+
+        def on_status(self, status: Any) -> None:
+            self.batch.append(status._json)
+            if len(self.batch) >= args.batch or self.stored + len(self.batch) >= args.tweets:
+                coll.insert_many(self.batch, ordered=False)
+                self.stored += len(self.batch)
+                self.batch = []
+                if self.stored >= args.tweets:
+                    window.done()
+                    self.disconnect()
+
+    stream = Stream("key", "secret", "token", "token-secret")
+    if not args.gzip:
+        stream.session.headers["Accept-Encoding"] = "identity"
+    stream.filter(track=["twitter"], stall_warnings=True)
+    window.report(stream.stored)
+    client.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=("naive", "threaded", "floor"))
+    parser.add_argument("kind", choices=("naive", "threaded", "tweepy", "floor"))
     parser.add_argument("--url", required=True)
     parser.add_argument("--mongo", default="mongodb://127.0.0.1:27017")
     parser.add_argument("--database", default="bench")
@@ -184,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--gzip", action="store_true")
     args = parser.parse_args(argv)
-    {"naive": run_naive, "threaded": run_threaded, "floor": run_floor}[args.kind](args)
+    runs = {"naive": run_naive, "threaded": run_threaded, "tweepy": run_tweepy, "floor": run_floor}
+    runs[args.kind](args)
     return 0
 
 

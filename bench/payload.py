@@ -156,6 +156,7 @@ class PayloadServer:
         self._accepted = threading.Condition(self._lock)
         self._closing = False
         self._socks: list[socket.socket] = []
+        self.keepalive = 0.0  # seconds between keep-alives once the payload is sent; 0 = none
         threading.Thread(target=self._accept_loop, name="payload-accept", daemon=True).start()
 
     @property
@@ -222,8 +223,7 @@ class PayloadServer:
                 self._go.wait()
                 if not self._closing:
                     self._send(sock, delivery, armed[1])
-            while sock.recv(65536):  # hold the stream open, silent, until the client leaves
-                pass
+            self._hold(sock)
         except OSError:
             pass
         finally:
@@ -231,6 +231,17 @@ class PayloadServer:
                 if sock in self._socks:
                     self._socks.remove(sock)
             sock.close()
+
+    def _hold(self, sock: socket.socket) -> None:
+        """Hold the stream open until the client leaves: silent, or a keep-alive (an empty
+        line, as the endpoint sends) every ``keepalive`` seconds if set."""
+        sock.settimeout(self.keepalive or None)
+        while True:
+            try:
+                if not sock.recv(65536):
+                    return
+            except TimeoutError:
+                sock.sendall(b"2\r\n\r\n\r\n")
 
     @staticmethod
     def _read_request(sock: socket.socket) -> bool | None:

@@ -67,7 +67,10 @@ from tests.support.daemon import Daemon, settings_doc
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 
-CONTENDERS = ("ingestd", "ingestd-1core", "threaded", "floor", "naive")
+CONTENDERS = ("ingestd", "ingestd-1core", "threaded", "tweepy", "floor", "naive")
+# What `make bench` runs (fits in 10 minutes); the others on request with --contenders.
+DEFAULT_CONTENDERS = ("ingestd", "threaded", "tweepy", "floor")
+PIPELINE, TWEEPY = "threaded", "tweepy"  # the ratios' denominators
 # ingestd-1core: the same daemon with writer.encoder_process: false (the store worker encodes
 # every tweet itself), to show what the encoder child adds.
 # Filters of a realistic deployment: several terms that hit the sample, a phrase, a hashtag, a
@@ -169,6 +172,37 @@ def pss_sum_kb(procs: list[psutil.Process]) -> int:
     return total
 
 
+def smaps_rollup_kb(pid: int) -> tuple[int, int]:
+    """(Rss, Pss) of one process from /proc/PID/smaps_rollup, in KB; (0, 0) once it is gone."""
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+    except OSError:
+        pass
+    return rss, pss
+
+
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of all threads of ``pid`` (each is a sleep that ended: a
+    wake-up); /proc/PID/status alone counts only the main thread."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        with suppress(OSError), open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
 def rss_sum_kb(procs: list[psutil.Process]) -> int:
     total = 0
     for p in procs:
@@ -191,6 +225,11 @@ class Result:
     load: float
     body_bytes: int
     extra: dict[str, Any] = field(default_factory=dict)
+    pss_mb: float = 0.0
+
+    @property
+    def us_per_tweet(self) -> float:
+        return self.cpu * 1e6 / self.tweets
 
     @property
     def rate(self) -> float:
@@ -206,14 +245,15 @@ class Result:
 
     def line(self) -> str:
         text = (f"{self.contender:>9} {self.encoding:<5} {self.rate:>9,.0f} tweets/s "
-                f"{self.mb_s:7.1f} MB/s  CPU {self.cpu_per_100k:5.2f} s/100k  "
-                f"RSS {self.rss_mb:6.1f} MB  ({self.tweets:,} in {self.seconds:.2f} s, "
+                f"{self.mb_s:7.1f} MB/s  CPU {self.us_per_tweet:5.1f} µs/tweet  "
+                f"RSS {self.rss_mb:6.1f} MB  PSS {self.pss_mb:6.1f} MB  "
+                f"({self.tweets:,} in {self.seconds:.2f} s, "
                 f"load {self.load:.2f})")
         if "cpu_by_role" in self.extra:
-            per = ", ".join(f"{k} {v * 100_000 / self.tweets:.2f}"
+            per = ", ".join(f"{k} {v * 1e6 / self.tweets:.1f}"
                             for k, v in self.extra["cpu_by_role"].items())
             mem = ", ".join(f"{k} {v}" for k, v in self.extra["rss_by_role_mb"].items())
-            text += f"\n              CPU s/100k by process: {per}; RSS MB: {mem}"
+            text += f"\n              CPU µs/tweet by process: {per}; RSS MB: {mem}"
         return text
 
 
@@ -250,7 +290,7 @@ class Bench:
 
     def run_ingestd(self, gzip: bool, tweets: int, *, rate: float = 0.0,
                     blackhole: Blackhole | None = None, profile: bool = False,
-                    sample_rss: bool = False, track: bool = False, encoder: bool = True
+                    track: bool = False, encoder: bool = True
                     ) -> Result:
         bh = blackhole or self.blackhole
         name = "ingestd" if encoder else "ingestd-1core"
@@ -274,14 +314,14 @@ class Bench:
             cpu0 = cpu_of(procs)
             roles0 = cpu_by_role(procs)
             self.server.go()
-            sampler = RssSampler(procs, daemon.proc.pid) if sample_rss else None
+            sampler = MemSampler(procs, daemon.proc.pid)
             stats = bh.wait_reached(tweets, self.progress("ingestd", tweets),
                                     alive=daemon.assert_running,
                                     timeout=60 + tweets / 500)
             procs = grow(procs, daemon.proc.pid)
             cpu1 = cpu_of(procs)
             roles = {k: round(v - roles0.get(k, 0.0), 2) for k, v in cpu_by_role(procs).items()}
-            peak_sum = sampler.stop() if sampler else 0
+            sampler.stop()
             rss = sum(hwm_kb(p.pid) for p in procs) / 1024
             counters = {role: daemon.counters(role) for role in ("stream", "store")}
             rss_roles = {role_of(p): round(hwm_kb(p.pid) / 1024, 1) for p in procs}
@@ -298,11 +338,12 @@ class Bench:
         seconds = (stats["reached_ns"] - delivery.first_byte_ns) / 1e9
         extra = {"acked": stats["inserted"], "batches": stats["batches"], "cpu_by_role": roles,
                  "rss_by_role_mb": rss_roles,
-                 "peak_rss_sum_mb": round(peak_sum / 1024, 1), "workdir": str(workdir),
+                 "peak_rss_sum_mb": round(sampler.peak_rss / 1024, 1), "workdir": str(workdir),
                  "store": {k: counters["store"].get(k) for k in ("stored", "duplicates",
                                                                    "batches", "deadlettered")}}
         return Result(name, "gzip" if gzip else "plain", tweets, seconds, cpu1 - cpu0, rss,
-                      load, self.payload.decoded_bytes(tweets), extra)
+                      load, self.payload.decoded_bytes(tweets), extra,
+                      pss_mb=sampler.peak_pss / 1024)
 
     # -- (b)-(d) baselines ------------------------------------------------------------------
 
@@ -317,6 +358,7 @@ class Bench:
             cmd.append("--gzip")
         with (workdir / "stderr.txt").open("wb") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=ROOT)
+        sampler = MemSampler([psutil.Process(proc.pid)], proc.pid)
         try:
             self.server.wait_delivery(60)
             self.server.go()
@@ -326,6 +368,7 @@ class Bench:
                                             timeout=60 + tweets / 100)
             out, _ = proc.communicate(timeout=600)
         finally:
+            sampler.stop()
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
@@ -341,7 +384,8 @@ class Bench:
             extra["acked"] = stats["inserted"]
         seconds = (end - delivery.first_byte_ns) / 1e9
         return Result(kind, "gzip" if gzip else "plain", tweets, seconds, report["cpu"],
-                      report["maxrss_kb"] / 1024, load, self.payload.decoded_bytes(tweets), extra)
+                      report["maxrss_kb"] / 1024, load, self.payload.decoded_bytes(tweets), extra,
+                      pss_mb=sampler.peak_pss / 1024)
 
     def progress(self, name: str, tweets: int) -> Callable[[int, float], None]:
         def show(done: int, elapsed: float) -> None:
@@ -418,26 +462,32 @@ class Blackhole:
         self._log.close()
 
 
-class RssSampler:
-    """Samples the summed RSS of a process tree every 0.1 s on a thread; ``stop()`` -> peak KB."""
+class MemSampler:
+    """Samples a process tree every 0.2 s on a thread: the peaks of the summed RSS and PSS
+    (/proc/PID/smaps_rollup; PSS splits shared pages between the processes mapping them)."""
 
     def __init__(self, procs: list[psutil.Process], root: int) -> None:
         import threading
 
-        self.procs, self.root, self.peak = procs, root, 0
+        self.procs, self.root, self.peak_rss, self.peak_pss = procs, root, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.1):
+        while True:
             self.procs = grow(self.procs, self.root)
-            self.peak = max(self.peak, rss_sum_kb(self.procs))
+            sums = [smaps_rollup_kb(p.pid) for p in self.procs]
+            self.peak_rss = max(self.peak_rss, sum(r for r, _ in sums))
+            self.peak_pss = max(self.peak_pss, sum(p for _, p in sums))
+            if self._stop.wait(0.2):
+                return
 
     def stop(self) -> int:
+        """Stop sampling; the peak summed RSS in KB."""
         self._stop.set()
         self._thread.join()
-        return self.peak
+        return self.peak_rss
 
 
 def spy(pid: int, output: Path) -> subprocess.Popen[bytes]:
@@ -547,7 +597,7 @@ def run_overload(bench: Bench, rate: float, ack_delay: float, seconds: float,
         assert daemon.proc is not None
         procs = tree(daemon.proc.pid)
         bench.server.go()
-        sampler = RssSampler(procs, daemon.proc.pid)
+        sampler = MemSampler(procs, daemon.proc.pid)
         started = time.monotonic()
         while time.monotonic() - started < seconds + 2:
             time.sleep(2)
@@ -572,9 +622,70 @@ def run_overload(bench: Bench, rate: float, ack_delay: float, seconds: float,
             "overload": round(received / max(stored, 1), 1),
             "spool_backlog_records": spool.get("records"), "load": load,
             "peak_rss_sum_mb": round(peak_sum / 1024, 1),
+            "peak_pss_sum_mb": round(sampler.peak_pss / 1024, 1),
             "pss_sum_mb_at_end": round(pss / 1024, 1),
             "hwm_sum_mb": round(sum(hwm.values()) / 1024, 1),
             "hwm_mb": {role: round(kb / 1024, 1) for role, kb in hwm.items()}}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_quiet(bench: Bench, rate: float, seconds: float, keepalive: float) -> dict[str, Any]:
+    """A quiet stream: keep-alives only (``rate`` 0) or ``rate`` tweets/s. The daemon with
+    product defaults (metrics served too); after a warm-up, CPU (% of one core) and wake-ups
+    (voluntary context switches, all threads) per process from /proc over ``seconds``."""
+    tweets = int(rate * (seconds + 60)) if rate else 0
+    workdir = bench.next_dir(f"ingestd-quiet-{rate:g}")
+    doc = bench.ingestd_doc(bench.blackhole.uri, False)
+    doc["metrics"] = {"listen": f"127.0.0.1:{free_port()}"}
+    daemon = Daemon(workdir, doc)
+    bench.blackhole.reset(0)
+    bench.server.keepalive = keepalive
+    bench.server.arm(tweets, rate)
+    load = load1()
+    daemon.start(bench.daemon_env)
+    try:
+        bench.server.wait_delivery(60)
+        daemon.wait_ready(60)
+        bench.server.go()
+        time.sleep(5)  # warm-up: the store worker's first batches, the encoder child if any
+        assert daemon.proc is not None
+        procs = tree(daemon.proc.pid)
+        roles = {p.pid: role_of(p) for p in procs}
+        before = {p.pid: (cpu_of([p]), wakeups(p.pid)) for p in procs}
+        started = time.monotonic()
+        time.sleep(seconds)
+        elapsed = time.monotonic() - started
+        after = {p.pid: (cpu_of([p]), wakeups(p.pid)) for p in procs}
+        daemon.assert_running()
+        stored = int(daemon.counters("store").get("stored", 0))
+    finally:
+        daemon.stop(60)
+        bench.server.keepalive = 0.0
+    per: dict[str, dict[str, float]] = {}
+    for proc in procs:
+        cpu0, wake0 = before[proc.pid]
+        cpu1, wake1 = after.get(proc.pid, (cpu0, wake0))
+        per[roles[proc.pid]] = {"core_pct": round(100 * (cpu1 - cpu0) / elapsed, 2),
+                              "wakeups_s": round((wake1 - wake0) / elapsed, 1)}
+    return {"rate": rate, "seconds": round(elapsed, 1), "keepalive_s": keepalive, "load": load,
+            "stored": stored, "core_pct": round(sum(v["core_pct"] for v in per.values()), 2),
+            "wakeups_s": round(sum(v["wakeups_s"] for v in per.values()), 1),
+            "per_process": per}
+
+
+def quiet_line(q: dict[str, Any]) -> str:
+    what = "keep-alives only" if not q["rate"] else f"{q['rate']:g} tweets/s"
+    per = ", ".join(f"{role} {v['core_pct']:.2f} % / {v['wakeups_s']:.1f}/s"
+                    for role, v in q["per_process"].items())
+    return (f"{what}: {q['core_pct']:.2f} % of a core, {q['wakeups_s']:.1f} wake-ups/s over "
+            f"{q['seconds']} s (load {q['load']:.2f}); per process: {per}")
 
 
 def run_standin(bench: Bench, tweets: int) -> dict[str, Any]:
@@ -641,23 +752,24 @@ def median_result(results: list[Result]) -> Result:
                   statistics.median(r.cpu for r in results),
                   statistics.median(r.rss_mb for r in results),
                   statistics.median(r.load for r in results), mid.body_bytes,
-                  {"runs": [round(r.rate) for r in results]})
+                  {"runs": [round(r.rate) for r in results]},
+                  pss_mb=statistics.median(r.pss_mb for r in results))
 
 
 def table(medians: dict[tuple[str, str], Result], encodings: list[str]) -> str:
-    head = ("| contender | enc | tweets/s | MB/s | CPU s/100k | peak RSS MB | "
-            "ingestd ÷ this | runs (tweets/s) | load |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    head = ("| contender | enc | tweets/s | ÷ pipeline | ÷ tweepy | CPU µs/tweet | peak RSS MB | "
+            "peak PSS MB | runs (tweets/s) | load |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for enc in encodings:
-        ours = medians.get(("ingestd", enc))
+        bases = [medians.get((PIPELINE, enc)), medians.get((TWEEPY, enc))]
         for name in CONTENDERS:
             r = medians.get((name, enc))
             if r is None:
                 continue
-            ratio = f"{ours.rate / r.rate:.2f}×" if ours and name != "ingestd" else "—"
+            ratios = [f"{r.rate / b.rate:.2f}×" if b else "—" for b in bases]
             runs = ", ".join(f"{x:,}" for x in r.extra.get("runs", []))
-            lines.append(f"| {name} | {enc} | {r.rate:,.0f} | {r.mb_s:.1f} | "
-                         f"{r.cpu_per_100k:.2f} | {r.rss_mb:.1f} | {ratio} | {runs} | "
+            lines.append(f"| {name} | {enc} | {r.rate:,.0f} | {ratios[0]} | {ratios[1]} | "
+                         f"{r.us_per_tweet:.1f} | {r.rss_mb:.1f} | {r.pss_mb:.1f} | {runs} | "
                          f"{r.load:.2f} |")
     return "\n".join(lines)
 
@@ -677,40 +789,51 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = parser.add_argument
     a("--payload-tweets", type=int, default=200_000, help="payload size (tweets), generated once")
-    a("--tweets", type=int, help="tweets per run (a prefix of the payload; default: all of it)")
+    a("--tweets", type=int, default=60_000,
+      help="tweets per run (a prefix of the payload; 0 = all of it)")
     a("--naive-tweets", type=int, default=50_000,
       help="tweets for the naive contender: a prefix of the same payload (it runs at ~2k/s); "
       "0 = all")
     a("--repeats", type=int, default=3)
     a("--encodings", default="plain,gzip")
-    a("--contenders", default=",".join(CONTENDERS))
+    a("--contenders", default=",".join(DEFAULT_CONTENDERS),
+      help=f"comma list of: {', '.join(CONTENDERS)}")
     a("--latency-rate", type=float, default=5000.0)
-    a("--latency-seconds", type=float, default=20.0)
+    a("--latency-seconds", type=float, default=12.0)
     a("--overload-rate", type=float, default=20000.0)
     a("--overload-ack-delay", type=float, default=0.5, help="s per insert (1000 tweets)")
     a("--overload-seconds", type=float, default=10.0)
-    a("--standin-tweets", type=int, default=5000)
-    a("--skip", default="", help="comma list of: latency, overload, standin")
-    a("--profile", action="store_true", help="py-spy both workers in one more ingestd run each")
+    a("--overload-1core", action="store_true", help="also the overload without the encoder child")
+    a("--quiet-seconds", type=float, default=30.0, help="measuring window of the quiet stream")
+    a("--quiet-rate", type=float, default=50.0, help="tweets/s of the busy-filter quiet stream")
+    a("--keepalive", type=float, default=30.0, help="s between keep-alives (the endpoint: 30)")
+    a("--standin-tweets", type=int, default=3000)
+    a("--skip", default="", help="comma list of: latency, overload, standin, quiet, profile")
     a("--workdir", type=Path, help="keep everything here (default: a temporary folder)")
     a("--keep", action="store_true", help="keep the temporary work folder")
     a("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
       / "ingestd-bench", help="where the generated payload is kept between runs")
     a("--json", type=Path, help="write all figures here")
+    a("--results", type=Path, default=BENCH / "RESULTS.md",
+      help="append a dated section with the figures to this file (\"\" = do not)")
     a("--tree", type=Path, help="run the daemon from this source tree (a folder holding "
       "ingestd/), to measure a proposed change against the same baselines")
     args = parser.parse_args(argv)
     encodings = args.encodings.split(",")
     contenders = [c for c in args.contenders.split(",") if c]
     skip = set(args.skip.split(","))
-    if "naive" in contenders and importlib.util.find_spec("requests") is None:
-        say("note: the naive contender needs `requests` (pip install requests): skipped")
-        contenders.remove("naive")
-    if args.profile and not shutil.which("py-spy", path=str(Path(sys.executable).parent)):
-        say("note: --profile needs py-spy (pip install py-spy): no profiles")
-        args.profile = False
+    for name, module in (("naive", "requests"), ("tweepy", "tweepy")):
+        if name in contenders and importlib.util.find_spec(module) is None:
+            say(f"note: the {name} contender needs `{module}` (pip install -e '.[bench]'): "
+                "skipped")
+            contenders.remove(name)
+    if "profile" not in skip and not shutil.which("py-spy", path=str(Path(sys.executable).parent)):
+        say("note: the profile needs py-spy (pip install py-spy): no profile")
+        skip.add("profile")
 
+    begun = time.monotonic()
     info = machine()
+    md = Markdown()
     say(f"# ingestd benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}")
     say(f"machine: {info['nproc']} CPUs, {info['cpu']}, Python {info['python']}, "
         f"load {info['loadavg']}")
@@ -721,6 +844,12 @@ def main(argv: list[str] | None = None) -> int:
     per_tweet = manifest["plain_bytes"] / payload.tweets
     say(f"  {manifest['plain_bytes'] / 1e6:.0f} MB decoded ({per_tweet:,.0f} B/tweet), "
         f"{manifest['gzip_bytes'] / 1e6:.0f} MB gzip")
+    md.add(f"## `make bench` run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
+           f"Machine: {info['nproc']} CPUs, {info['cpu']}, Python {info['python']}, load average "
+           f"{info['loadavg']} at the start. {args.tweets:,} tweets per run (a prefix of the "
+           f"{payload.tweets:,}-tweet payload, {per_tweet:,.0f} B/tweet), medians of "
+           f"{args.repeats}, contenders interleaved. Command: `bench/run.py "
+           f"{' '.join(argv if argv is not None else sys.argv[1:])}`.")
     failures: list[str] = []
     report: dict[str, Any] = {"machine": info, "payload": manifest, "args": {
         k: str(v) for k, v in vars(args).items()}}
@@ -728,24 +857,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"work folder: {workdir} (spool on {filesystem_of(workdir)})")
         bench = Bench(args, payload, workdir)
         try:
-            results: list[Result] = []
-            for rep in range(1, args.repeats + 1):
-                for enc in encodings:
-                    for name in contenders:
-                        gzip = enc == "gzip"
-                        n = args.tweets
-                        say(f"  [{rep}/{args.repeats}] {name} {enc} ...")
-                        if name.startswith("ingestd"):
-                            r = bench.run_ingestd(gzip, n, encoder=name == "ingestd")
-                        else:
-                            if name == "naive" and args.naive_tweets:
-                                n = min(n, args.naive_tweets)
-                            r = bench.run_contender(name, gzip, n)
-                        say("    " + r.line())
-                        acked = r.extra.get("acked")
-                        if acked is not None and acked != n:
-                            failures.append(f"{name} {enc}: acked {acked} != {n}")
-                        results.append(r)
+            results = run_throughput(bench, contenders, encodings, failures)
             medians = {}
             for name in contenders:
                 for enc in encodings:
@@ -753,61 +865,150 @@ def main(argv: list[str] | None = None) -> int:
                     if runs:
                         medians[(name, enc)] = median_result(runs)
             say("")
-            say(f"## Throughput (medians of {args.repeats}; load = 1-min load average at start)")
+            head = (f"### Throughput (medians of {args.repeats}; ÷ = this contender's tweets/s "
+                    f"over the pipeline's ({PIPELINE}) and tweepy's in this run; load = 1-min "
+                    "load average at the start of each run)")
+            say(head)
             say(table(medians, encodings))
+            md.add(head + "\n\n" + table(medians, encodings))
+            per_role = ingestd_per_role(results)
+            if per_role:
+                say(per_role)
+                md.add(per_role)
             report["runs"] = [asdict(r) | {"rate": r.rate} for r in results]
             report["table"] = table(medians, encodings)
 
+            if "quiet" not in skip:
+                say(f"\n### Quiet stream (product defaults, metrics on; {args.quiet_seconds:g} s "
+                    "after a 5 s warm-up) ...")
+                lines = []
+                for rate in (0.0, args.quiet_rate):
+                    q = run_quiet(bench, rate, args.quiet_seconds, args.keepalive)
+                    report[f"quiet-{rate:g}"] = q
+                    lines.append("* " + quiet_line(q))
+                    say("   " + quiet_line(q))
+                md.add("### Quiet stream (% of one core and voluntary context switches/s of all "
+                       f"daemon processes and threads, from /proc; keep-alive every "
+                       f"{args.keepalive:g} s)\n\n" + "\n".join(lines))
             if "latency" not in skip:
-                say(f"\n## Latency at a steady {args.latency_rate:,.0f} tweets/s (gzip) ...")
+                say(f"\n### Latency at a steady {args.latency_rate:,.0f} tweets/s (gzip) ...")
                 lat = run_latency(bench, args.latency_rate, args.latency_seconds)
                 report["latency"] = lat
-                say(f"   send -> acknowledged over {lat.get('count', 0):,} tweets: "
-                    f"p50 {lat.get('p50', 0):.3f} s, p90 {lat.get('p90', 0):.3f} s, "
-                    f"p99 {lat.get('p99', 0):.3f} s, max {lat.get('max', 0):.3f} s "
-                    f"(load {lat['load']:.2f})")
+                text = (f"send -> acknowledged over {lat.get('count', 0):,} tweets at "
+                        f"{args.latency_rate:,.0f}/s: p50 {lat.get('p50', 0):.3f} s, "
+                        f"p90 {lat.get('p90', 0):.3f} s, **p99 {lat.get('p99', 0):.3f} s**, "
+                        f"max {lat.get('max', 0):.3f} s (load {lat['load']:.2f})")
+                say("   " + text)
+                md.add("### Latency\n\n" + text)
             if "overload" not in skip:
-                say(f"\n## Overload: {args.overload_rate:,.0f}/s offered, each insert acked "
+                say(f"\n### Overload: {args.overload_rate:,.0f}/s offered, each insert acked "
                     f"{args.overload_ack_delay} s late ...")
-                for encoder in (True, False):
+                lines = []
+                for encoder in (True, False) if args.overload_1core else (True,):
                     ov = run_overload(bench, args.overload_rate, args.overload_ack_delay,
                                       args.overload_seconds, encoder)
                     report["overload" if encoder else "overload-1core"] = ov
-                    say(f"   {'ingestd' if encoder else 'ingestd-1core'}: received "
-                        f"{ov['received']:,}, stored {ov['stored']:,} "
-                        f"({ov['overload']}x overload), spool backlog "
-                        f"{ov['spool_backlog_records']} records; peak RSS of all ingestd "
-                        f"processes: {ov['peak_rss_sum_mb']} MB sampled, {ov['hwm_sum_mb']} MB "
-                        f"sum of high-water marks {ov['hwm_mb']}; PSS (shared pages split) at "
-                        f"the end {ov['pss_sum_mb_at_end']} MB (load {ov['load']:.2f})")
+                    text = (f"{'ingestd' if encoder else 'ingestd-1core'}: received "
+                            f"{ov['received']:,}, stored {ov['stored']:,} "
+                            f"({ov['overload']}x overload), spool backlog "
+                            f"{ov['spool_backlog_records']} records; all daemon processes: peak "
+                            f"**PSS {ov['peak_pss_sum_mb']} MB**, peak RSS "
+                            f"{ov['peak_rss_sum_mb']} MB (sampled sums), {ov['hwm_sum_mb']} MB "
+                            f"sum of high-water marks {ov['hwm_mb']} (load {ov['load']:.2f})")
+                    say("   " + text)
+                    lines.append("* " + text)
+                md.add("### Memory under overload\n\n" + "\n".join(lines))
             if "standin" not in skip:
-                say(f"\n## Correctness against the nx-27017 stand-in ({args.standin_tweets:,} "
+                say(f"\n### Correctness against the nx-27017 stand-in ({args.standin_tweets:,} "
                     "tweets, speed not a figure) ...")
                 st = run_standin(bench, args.standin_tweets)
                 report["standin"] = st
                 say(f"   {st}")
+                md.add(f"### Stand-in check ({args.standin_tweets:,} tweets)\n\n`{st}`")
                 if not st["ok"]:
                     failures.append(f"stand-in: {st}")
-            if args.profile:
-                for gzip in (False, True):
-                    enc = "gzip" if gzip else "plain"
-                    say(f"\n## Profile (py-spy, non-blocking, 250 Hz), ingestd {enc} ...")
-                    r = bench.run_ingestd(gzip, args.tweets, profile=True)
-                    say("    " + r.line() + "  (under the profiler)")
-                    run_dir = Path(r.extra["workdir"])
-                    for role in ("stream", "store"):
-                        text = summarize_profile(run_dir / f"profile-{role}.txt")
-                        report.setdefault("profiles", {})[f"{role}-{enc}"] = text
-                        say(f"\n### {role} worker ({enc})\n{text}")
+            if "profile" not in skip:
+                say("\n### Profile (py-spy, non-blocking, 250 Hz), ingestd plain ...")
+                r = bench.run_ingestd(False, args.tweets, profile=True)
+                say("    " + r.line() + "  (under the profiler)")
+                run_dir = Path(r.extra["workdir"])
+                parts = []
+                for role in ("stream", "store"):
+                    text = summarize_profile(run_dir / f"profile-{role}.txt")
+                    report.setdefault("profiles", {})[f"{role}-plain"] = text
+                    say(f"\n#### {role} worker (plain)\n{text}")
+                    parts.append(f"#### {role} worker (plain)\n\n{text}")
+                md.add("### Where ingestd's CPU goes (py-spy, one extra plain run: "
+                       f"{r.rate:,.0f} tweets/s under the profiler)\n\n" + "\n\n".join(parts))
         finally:
             bench.close()
         report["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
         if args.json:
             args.json.write_text(json.dumps(report, indent=1, default=str))
-    say(f"\nload average at the end: {report['loadavg_end']}")
+    minutes = (time.monotonic() - begun) / 60
+    say(f"\nload average at the end: {report['loadavg_end']}; {minutes:.1f} minutes")
+    md.add(f"Load average at the end {report['loadavg_end']}; the run took {minutes:.1f} minutes."
+           + "".join(f"\n\n**CHECK FAILED**: {f}" for f in failures))
+    if str(args.results) not in ("", "."):
+        md.append_to(args.results)
+        say(f"appended to {args.results}")
     for failure in failures:
         say(f"CHECK FAILED: {failure}")
     return 1 if failures else 0
+
+
+def run_throughput(bench: Bench, contenders: list[str], encodings: list[str],
+                   failures: list[str]) -> list[Result]:
+    """Every contender, every encoding, ``--repeats`` times, interleaved."""
+    args = bench.args
+    results: list[Result] = []
+    for rep in range(1, args.repeats + 1):
+        for enc in encodings:
+            for name in contenders:
+                gzip = enc == "gzip"
+                n = args.tweets
+                say(f"  [{rep}/{args.repeats}] {name} {enc} ...")
+                if name.startswith("ingestd"):
+                    r = bench.run_ingestd(gzip, n, encoder=name == "ingestd")
+                else:
+                    if name == "naive" and args.naive_tweets:
+                        n = min(n, args.naive_tweets)
+                    r = bench.run_contender(name, gzip, n)
+                say("    " + r.line())
+                acked = r.extra.get("acked")
+                if acked is not None and acked != n:
+                    failures.append(f"{name} {enc}: acked {acked} != {n}")
+                results.append(r)
+    return results
+
+
+def ingestd_per_role(results: list[Result]) -> str:
+    """ingestd's CPU µs per tweet by process (medians over its runs), per encoding."""
+    lines = []
+    for enc in ("plain", "gzip"):
+        runs = [r for r in results if r.contender == "ingestd" and r.encoding == enc]
+        if not runs:
+            continue
+        roles = sorted({k for r in runs for k in r.extra["cpu_by_role"]})
+        per = ", ".join(
+            f"{role} {statistics.median(r.extra['cpu_by_role'].get(role, 0.0) for r in runs) * 1e6 / runs[0].tweets:.1f}"  # noqa: E501
+            for role in roles)
+        lines.append(f"ingestd {enc}, CPU µs/tweet by process (medians): {per}")
+    return "\n".join(lines)
+
+
+class Markdown:
+    """The run's figures as a dated section of bench/RESULTS.md (history is kept above)."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+
+    def append_to(self, path: Path) -> None:
+        with path.open("a") as f:
+            f.write("\n\n" + "\n\n".join(self.parts) + "\n")
 
 
 if __name__ == "__main__":
