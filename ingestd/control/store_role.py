@@ -4,6 +4,8 @@ reloads and the drain on stop. Loaded by the store worker only (pymongo, never p
 from __future__ import annotations
 
 import gc
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -45,6 +47,9 @@ class StoreRole:
                                   generation=ctx.generation)
         self.meter = RateMeter()
         self.status = Ticker(STATUS_INTERVAL, self.publish)
+        # Idle, the worker sleeps until the next heartbeat, new spool records or SIGTERM.
+        self.worker.idle_wait = self.status.due_in
+        self.reader.watch.extra_fds.append(wake_on_signals())
         # Seconds the drain may take once SIGTERM came; the supervisor sends what is left of its
         # stop budget just before the signal (less than stop_timeout if the stream worker took
         # part of it).
@@ -86,6 +91,7 @@ class StoreRole:
             "rate": round(self.meter.update(int(counters["stored"])), 1),
             "last_error": counters["last_error"],
             "hist": self.worker.histograms(),
+            "loop_passes": self.worker.passes,
         })
 
     def tick(self) -> None:
@@ -123,6 +129,14 @@ class StoreRole:
         totals = self.worker.totals
         mean = totals.insert_seconds_total / totals.batches if totals.batches else 0.0
         return min(2 * mean, self.budget / 4)
+
+
+def wake_on_signals() -> int:
+    """A pipe that the interpreter writes to when a handled signal (SIGTERM) arrives: the read
+    end ends a wait on it at once (a sleeping system call is resumed after the handler)."""
+    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    return read_fd
 
 
 def run_store_worker(config_path: Path, generation: int) -> int:

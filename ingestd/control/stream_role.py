@@ -17,7 +17,7 @@ from ingestd.control.worker import (
     WorkerContext,
     start_worker,
 )
-from ingestd.source.stream_reader import StreamReader
+from ingestd.source.stream_reader import TICK, StreamReader
 from ingestd.source.v2_rules import RulesSync
 from ingestd.spool.intake import SpoolIntake
 from ingestd.spool.writer import SpoolWriter
@@ -45,6 +45,8 @@ class StreamRole:
         self.rules.request(settings.stream, settings.auth, ctx.generation)
         self.meter = RateMeter()
         self.status = Ticker(STATUS_INTERVAL, self.publish)
+        self.reader.max_wait = self.max_wait
+        self.passes = 0  # loop passes: published, so that an idle loop is observable
 
     def run(self) -> int:
         log.info("stream_worker_started", generation=self.ctx.generation)
@@ -58,6 +60,7 @@ class StreamRole:
         return 0
 
     def tick(self) -> None:
+        self.passes += 1
         self.spool.maybe_sync()
         self.intake.retry()
         while (command := self.ctx.control.poll()) is not None:
@@ -65,6 +68,13 @@ class StreamRole:
                 self.reload(command)
         self.ctx.orphaned()
         self.status()
+
+    def max_wait(self) -> float:
+        """Seconds the reader may sleep on a quiet stream: until the next fsync or heartbeat
+        (held records are retried on every short tick)."""
+        if self.intake.held:
+            return TICK
+        return min(self.spool.sync_due_in(), self.status.due_in())
 
     def reload(self, command: Reload) -> None:
         if (new := self.ctx.reload(command)) is None:
@@ -87,6 +97,7 @@ class StreamRole:
             "rate": round(self.meter.update(reader.stats.received), 1),
             "spool": self.spool_status(),
             "last_message_time": reader.last_message_ns / 1e9 if reader.last_message_ns else None,
+            "loop_passes": self.passes,
             **({"rules": rules.status.as_dict()} if reader.stream.api == "v2" else {}),
         })
 

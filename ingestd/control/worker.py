@@ -142,3 +142,7 @@ class Ticker:
         if now >= self._next:
             self._next = now + self.interval
             self.fn()
+
+    def due_in(self) -> float:
+        """Seconds until the next call runs ``fn`` (an idle loop sleeps that long)."""
+        return max(0.0, self._next - time.monotonic())

@@ -56,6 +56,7 @@ log = structlog.get_logger("ingestd.sink.worker")
 # large the spool backlog. A parsed tweet takes several times its JSON size in Python objects, so
 # the batch's payload bytes are capped well under what the process may use.
 BATCH_MAX_BYTES = 8 * 1024 * 1024
+IDLE_WAIT_MAX = 1.0  # seconds: the longest idle sleep, whatever ``idle_wait`` says
 FRAME_REASONS: dict[int, MessageReason] = {
     KIND_OVERSIZE: "oversize",
     KIND_BADFRAME: "bad_frame",
@@ -127,6 +128,10 @@ class StoreWorker:
         self._notices = StreamNotices(totals)
         self._inserter = Inserter(self._target, retry, self._letters, totals, self.hist)
         self._batch = Batch()
+        # How long to sleep with no batch open when the spool is empty: the caller's next
+        # housekeeping (heartbeat) is due then; new records end the sleep at once.
+        self.idle_wait: Callable[[], float] = lambda: TICK_INTERVAL
+        self.passes = 0  # main loop passes: published, so that an idle loop is observable
 
     # ------------------------------------------------------------------ public API
 
@@ -179,6 +184,7 @@ class StoreWorker:
     # ------------------------------------------------------------------ main loop
 
     def _step(self) -> None:
+        self.passes += 1
         if self._batch_due():
             self._flush()
         else:
@@ -228,7 +234,7 @@ class StoreWorker:
     def _wait_time(self) -> float:
         started = self._batch.started
         if started is None:
-            return TICK_INTERVAL
+            return min(IDLE_WAIT_MAX, self.idle_wait())
         left = started + self._target.settings.writer.flush_interval - time.monotonic()
         return max(0.0, min(TICK_INTERVAL, left))
 

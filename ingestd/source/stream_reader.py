@@ -27,6 +27,10 @@ from ingestd.source.stats import ReaderStats
 log = structlog.get_logger("ingestd.source.stream_reader")
 
 TICK = 0.1  # seconds between checks of stop flag, stall timers and reloads
+# On a quiet healthy connection (keep-alives only) the loop sleeps up to this long: bytes and
+# SIGTERM end the sleep at once, stall timers stay exact to this, and the caller's timers
+# (fsync, heartbeat) shorten it through ``max_wait``.
+IDLE_TICK = 0.5
 # After a filter switch the old connection is still read until the server closes it (it logs out
 # the older connection of an account by itself) or this many seconds pass: bytes already in its
 # socket are tweets the endpoint delivered.
@@ -63,6 +67,8 @@ class StreamReader:
                               clock=clock)
         self._next_conn_id = 1
         self._by_handle: dict[int, Connection] = {}
+        # Seconds until the caller's next timer (set by the stream worker): the longest sleep.
+        self.max_wait: Callable[[], float] = lambda: TICK
 
     @property
     def last_message_ns(self) -> int:
@@ -95,7 +101,18 @@ class StreamReader:
         self._reap()
         self._check_stalls(self._clock())
         self._flush()  # before waiting: nothing framed stays unwritten across the select
-        self._multi.select(TICK)
+        self._multi.select(self._select_timeout())
+
+    def _select_timeout(self) -> float:
+        """TICK while a connection is being made, replaced or paused; IDLE_TICK on a healthy
+        one; never past libcurl's own next timer or the caller's."""
+        active = self.active
+        busy = active is None or active.paused or self.pending is not None or self.retiring
+        wait = TICK if busy else IDLE_TICK
+        curl_ms = self._multi.timeout()
+        if curl_ms >= 0:
+            wait = min(wait, curl_ms / 1000)
+        return max(0.0, min(wait, self.max_wait()))
 
     def reload(self, stream: StreamSettings, auth: AuthSettings, generation: int) -> None:
         """Apply new settings; reconnect (make-before-break) only if the filters changed."""

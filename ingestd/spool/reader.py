@@ -22,6 +22,7 @@ from ingestd.spool.format import (
     segment_first_seq,
     write_checkpoint,
 )
+from ingestd.spool.watch import SpoolWatch
 
 CHECKPOINT_INTERVAL = 0.25  # seconds: at most one checkpoint write per interval within a segment
 
@@ -58,6 +59,7 @@ class SpoolReader:
         self._clock = clock
         self._acked_cleaned: str | None = None  # segment whose predecessors were deleted
         self._last_read: Record | None = None  # newest record ``read`` returned
+        self.watch = SpoolWatch(self.directory)
         self._start()
 
     @property
@@ -166,22 +168,31 @@ class SpoolReader:
         newest = list_segments(self.directory)
         return bool(newest) and newest[-1] > cursor.name
 
-    def wait_for_data(self, timeout: float, poll: float = 0.005) -> bool:
-        """Return True as soon as data may be readable, False after ``timeout`` seconds."""
+    def wait_for_data(self, timeout: float) -> bool:
+        """Return True as soon as data may be readable, False after ``timeout`` seconds.
+
+        Sleeps on the spool folder's inotify events (``SpoolWatch``), waking early only to write
+        a checkpoint that falls due meanwhile.
+        """
         deadline = time.monotonic() + timeout
-        while not self.has_data():
+        while True:
+            self.watch.clear()  # what came before this look is seen by has_data
+            if self.has_data():
+                return True
             self.maybe_flush()
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            time.sleep(min(poll, left))
-        return True
+            if self.checkpoint_pending:
+                left = min(left, max(0.0, self._written_at + self._interval - self._clock()))
+            self.watch.wait(left)
 
     def close(self) -> None:
         """Write the pending checkpoint (raises OSError if that fails) and close the segment."""
         try:
             self.flush()
         finally:
+            self.watch.close()
             if self._cursor is not None:
                 self._cursor.close()
                 self._cursor = None

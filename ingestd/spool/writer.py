@@ -126,6 +126,12 @@ class SpoolWriter:
         self.maybe_sync()
         return seq - 1
 
+    def sync_due_in(self) -> float:
+        """Seconds until ``maybe_sync`` has an fsync to do (infinite when nothing is unsynced)."""
+        if not self._dirty:
+            return float("inf")
+        return max(0.0, self._last_sync + self.fsync_interval - self._clock())
+
     def maybe_sync(self) -> None:
         """fsync if ``fsync_interval`` has passed since the last one (call on idle ticks too)."""
         if self._dirty and self._clock() - self._last_sync >= self.fsync_interval:
