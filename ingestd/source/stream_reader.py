@@ -31,6 +31,11 @@ TICK = 0.1  # seconds between checks of stop flag, stall timers and reloads
 # SIGTERM end the sleep at once, stall timers stay exact to this, and the caller's timers
 # (fsync, heartbeat) shorten it through ``max_wait``.
 IDLE_TICK = 0.5
+# A pass that moved fewer body bytes than this (a few tweets, a keep-alive) is followed by a
+# pause of GATHER_SECONDS before the next wait: the stream is slow, so reading a few messages per
+# pass costs nothing in throughput and wakes the worker a few times less (≤ 0.1 s of latency).
+GATHER_BELOW = 16 * 1024
+GATHER_SECONDS = 0.1
 # After a filter switch the old connection is still read until the server closes it (it logs out
 # the older connection of an account by itself) or this many seconds pass: bytes already in its
 # socket are tweets the endpoint delivered.
@@ -92,7 +97,9 @@ class StreamReader:
         if self.active is None and self.pending is None and self._attempt_due(now):
             self.active = self._open(self.stream, self.generation)
         self._body.resume_if_room((self.active, self.pending, *self.retiring))
+        before = self.stats.bytes
         self._perform()
+        moved = self.stats.bytes - before
         if self.pending is not None and self.pending.body_bytes > 0:
             # Promote here, not in a callback: libcurl forbids removing handles there.
             self._promote(self.pending)
@@ -101,6 +108,9 @@ class StreamReader:
         self._reap()
         self._check_stalls(self._clock())
         self._flush()  # before waiting: nothing framed stays unwritten across the select
+        if 0 < moved < GATHER_BELOW:
+            # A slow stream: let a few more messages arrive than wake up for each one.
+            time.sleep(GATHER_SECONDS)
         self._multi.select(self._select_timeout())
 
     def _select_timeout(self) -> float:
