@@ -31,6 +31,9 @@ TICK = 0.1  # seconds between checks of stop flag, stall timers and reloads
 # the older connection of an account by itself) or this many seconds pass: bytes already in its
 # socket are tweets the endpoint delivered.
 RETIRE_GRACE = 5.0
+# On losing the standby lease, bytes already in our sockets are still read for this long at most:
+# the endpoint counts them as delivered (ha.mode: standby; see ``stand_down``).
+STAND_DOWN_DRAIN = 0.2
 
 
 class StreamReader:
@@ -47,8 +50,12 @@ class StreamReader:
         drop_when_full: bool,
         flush: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
+        may_connect: Callable[[], bool] = lambda: True,
     ) -> None:
         self.stream, self.auth, self.generation = stream, auth, generation
+        # The standby lease (ha.mode: standby): no connection is opened, and every open one is
+        # closed, while this says no. Always yes in the other modes.
+        self.may_connect = may_connect
         self._flush = flush  # ends a pass: the sink writes what it coalesced from the callbacks
         self._clock = clock
         self._multi = pycurl.CurlMulti()
@@ -82,8 +89,11 @@ class StreamReader:
 
     def step(self) -> None:
         """One loop pass: connect if due, move bytes, reap endings, check timers."""
+        if not self.may_connect():
+            self.stand_down()
         now = self._clock()
-        if self.active is None and self.pending is None and self._attempt_due(now):
+        if (self.active is None and self.pending is None and self._attempt_due(now)
+                and self.may_connect()):
             self.active = self._open(self.stream, self.generation)
         self._body.resume_if_room((self.active, self.pending, *self.retiring))
         self._perform()
@@ -119,11 +129,37 @@ class StreamReader:
                 self.active = None
             self.next_attempt_at = self._clock()
             return
-        self.pending = self._open(stream, generation)
+        if self.may_connect():
+            self.pending = self._open(stream, generation)
+
+    def stand_down(self, budget: float = STAND_DOWN_DRAIN) -> None:
+        """The lease is gone: end every connection at once, and connect again as soon as
+        ``may_connect`` allows. Bytes already in the sockets are read first (for ``budget``
+        seconds at most): a frozen process that wakes up holds tweets the endpoint delivered."""
+        conns = self._connections()
+        if not conns:
+            return
+        deadline, before = self._clock() + budget, -1
+        while self._by_handle and self.stats.bytes != before and self._clock() < deadline:
+            before = self.stats.bytes
+            self._perform()
+            self._reap()
+        for conn in self._connections():
+            self._end(conn, Ending.ABORTED)
+        self._flush()
+        self.active = self.pending = None
+        self.retiring.clear()
+        self.next_attempt_at = self._clock()
+        self.state = "standby"
+        log.warning("stream_stood_down", conns=[c.conn_id for c in conns],
+                    reason="no valid lease (ha.mode: standby)")
+
+    def _connections(self) -> list[Connection]:
+        return [c for c in (self.pending, self.active, *self.retiring) if c is not None]
 
     def close(self) -> None:
         """Abort every connection; frames already appended stay in the spool."""
-        for conn in [c for c in (self.pending, self.active, *self.retiring) if c is not None]:
+        for conn in self._connections():
             self._end(conn, Ending.ABORTED)
         self._flush()
         self.active = self.pending = None
