@@ -44,7 +44,7 @@ def renew_interval(lease_seconds: float) -> float:
 
 def margin(lease_seconds: float) -> float:
     """How much earlier than a standby could take over the holder stops streaming: covers the
-    stream loop's reaction time (its tick) and clock-rate differences."""
+    stream loop's reaction time (its tick, a stand-down's drain) and clock-rate differences."""
     return lease_seconds / 5
 
 
@@ -209,6 +209,9 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
         self.interval = renew_interval(elector.lease_seconds)
+        # A stand-down may read on for this long: well inside the margin, so the stream is
+        # closed before any standby may take over.
+        self.drain_budget = min(margin(elector.lease_seconds) / 2, 0.5)
 
     def start(self) -> LeaseKeeper:
         self._thread.start()
@@ -245,7 +248,7 @@ def open_lease_collection(mongo: MongoSettings, ha: HaSettings) -> Collection[Do
     reads, and operations bounded well inside the lease."""
     client: pymongo.MongoClient[Document] = pymongo.MongoClient(
         mongo.uri.reveal(), appname="ingestd-lease", tz_aware=True,
-        timeoutMS=max(int(ha.lease_seconds * 1000 / 3), 200))
+        timeoutMS=max(int(ha.lease_seconds * 1000 / 2), 500))
     return client[mongo.database].get_collection(
         ha.collection, write_concern=WriteConcern("majority"),
         read_concern=pymongo.read_concern.ReadConcern("majority"))

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 
 class LeaseGate(Protocol):
+    drain_budget: float  # seconds a stand-down may still read: less than the lease's margin
+
     def may_stream(self) -> bool: ...
     def takeovers(self) -> list[Takeover]: ...
     def state(self, reader_state: str) -> str: ...
@@ -29,6 +31,7 @@ class OpenGate:
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
+        self.drain_budget = 0.0  # never stands down
 
     def may_stream(self) -> bool:
         return True
@@ -52,6 +55,7 @@ class StandbyGate:
 
     def __init__(self, keeper: LeaseKeeper, instance: str) -> None:
         self.keeper, self.instance = keeper, instance
+        self.drain_budget = keeper.drain_budget
 
     def may_stream(self) -> bool:
         return not self.keeper.elector.takeovers and self.keeper.may_stream()

@@ -46,6 +46,7 @@ class StreamRole:
         reader = self.reader
         self.lease: LeaseGate = open_gate(settings, lambda: reader.last_message_ns)
         reader.may_connect = self.lease.may_stream
+        reader.stand_down_drain = self.lease.drain_budget
         # X API v2: rules live on the server; synced at start and on every reload, on a thread,
         # while the connection keeps streaming (no-op for v1.1).
         self.rules = RulesSync()

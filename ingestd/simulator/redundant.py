@@ -2,8 +2,9 @@
 credentials, and every one of them carries the same tweets.
 
 The first stream's ``Feed`` produces; each stream reads the shared sequence through its own
-``FeedCursor`` from the point where it joined, so two streams open at the same time deliver the
-same ids (each recorded in the ground truth under its own connection).
+``FeedCursor`` from its start (the last ``KEEP`` tweets), as a v2 connection asking for backfill
+would: every stream carries the same ids, whenever it joined, and the ground truth records each
+delivery under its own connection.
 """
 
 from __future__ import annotations
@@ -51,8 +52,7 @@ class FeedCursor:
     def __init__(self, shared: SharedFeed, generator: TweetGenerator) -> None:
         self.shared = shared
         self.generator = generator  # for noise (bad lines, half messages): not shared
-        with shared.lock:
-            self.seq = shared.end  # a stream sees the tweets from when it joined
+        self.seq = 0  # from the start of what is kept (``SharedFeed.get`` skips ahead)
 
     def next(self) -> Outgoing | None:
         seq, out = self.shared.get(self.seq)

@@ -31,9 +31,9 @@ TICK = 0.1  # seconds between checks of stop flag, stall timers and reloads
 # the older connection of an account by itself) or this many seconds pass: bytes already in its
 # socket are tweets the endpoint delivered.
 RETIRE_GRACE = 5.0
-# On losing the standby lease, bytes already in our sockets are still read for this long at most:
-# the endpoint counts them as delivered (ha.mode: standby; see ``stand_down``).
-STAND_DOWN_DRAIN = 0.2
+# On losing the standby lease, bytes already on their way are still read for this long at most
+# (ha.mode: standby; the stream worker sets it below the lease's safety margin, see ``stand_down``).
+STAND_DOWN_DRAIN = 0.3
 
 
 class StreamReader:
@@ -56,6 +56,7 @@ class StreamReader:
         # The standby lease (ha.mode: standby): no connection is opened, and every open one is
         # closed, while this says no. Always yes in the other modes.
         self.may_connect = may_connect
+        self.stand_down_drain = STAND_DOWN_DRAIN
         self._flush = flush  # ends a pass: the sink writes what it coalesced from the callbacks
         self._clock = clock
         self._multi = pycurl.CurlMulti()
@@ -132,18 +133,23 @@ class StreamReader:
         if self.may_connect():
             self.pending = self._open(stream, generation)
 
-    def stand_down(self, budget: float = STAND_DOWN_DRAIN) -> None:
-        """The lease is gone: end every connection at once, and connect again as soon as
-        ``may_connect`` allows. Bytes already in the sockets are read first (for ``budget``
-        seconds at most): a frozen process that wakes up holds tweets the endpoint delivered."""
+    def stand_down(self) -> None:
+        """The lease is gone: end every connection, and connect again as soon as
+        ``may_connect`` allows. Bytes already on their way are read first, for at most
+        ``stand_down_drain`` seconds and only while they keep coming: a frozen process that
+        wakes up holds tweets the endpoint counted as delivered."""
         conns = self._connections()
         if not conns:
             return
-        deadline, before = self._clock() + budget, -1
-        while self._by_handle and self.stats.bytes != before and self._clock() < deadline:
+        deadline = self._clock() + self.stand_down_drain
+        quiet = self.stand_down_drain / 3  # no byte for this long: the socket is empty
+        while self._by_handle and (left := deadline - self._clock()) > 0:
             before = self.stats.bytes
+            self._multi.select(min(quiet, left))
             self._perform()
             self._reap()
+            if self.stats.bytes == before:
+                break
         for conn in self._connections():
             self._end(conn, Ending.ABORTED)
         self._flush()
