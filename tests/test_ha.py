@@ -14,15 +14,27 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import socket
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pymongo
+import pytest
+import yaml
+from pymongo.uri_parser import parse_uri
 
-from ingestd.control.lease import renew_interval
+from ingestd.config.errors import ConfigErrors
+from ingestd.config.settings import load_settings_text
+from ingestd.control.collector import RunStateCollector
+from ingestd.control.lease import LeaseElector, margin, renew_interval
+from ingestd.control.runstate import RUN_DIR, write_status
+from ingestd.control.status import render
+from tests.support.creds import CREDS
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.mongo import stored_ids
+from tests.support.mongo_proxy import MongoProxy
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
 
@@ -120,9 +132,10 @@ def lease_docs(uri: str, db: str) -> list[dict[str, Any]]:
         client.close()
 
 
-def start_pair(tmp_path: Path, sim: SimProcess, uri: str, db: str) -> tuple[Daemon, Daemon]:
+def start_pair(tmp_path: Path, sim: SimProcess, uri: str, db: str,
+               uri_a: str | None = None) -> tuple[Daemon, Daemon]:
     """A starts first and becomes active; B then starts and stands by behind A."""
-    a = Daemon(tmp_path / "a", ha_doc(sim, uri, db, "standby")).start()
+    a = Daemon(tmp_path / "a", ha_doc(sim, uri_a or uri, db, "standby")).start()
     a.wait_ready()
     active = wait_role(a, "active")
     b = Daemon(tmp_path / "b", ha_doc(sim, uri, db, "standby")).start()
@@ -226,6 +239,43 @@ def test_standby_sigstop_the_active_returns_as_standby_and_drains(
           f"woke), B's {len(delivered) - len(a_ids)}; stored {len(ids)}, no duplicate")
 
 
+def test_standby_holder_cut_off_from_mongodb_closes_before_the_takeover(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    host, port = parse_uri(mongo_uri)["nodelist"][0]
+    sim = sim_for(tmp_path)
+    a = b = None
+    try:
+        with MongoProxy((host, port)) as proxy:
+            a, b = start_pair(tmp_path, sim, mongo_uri, mongo_database, uri_a=proxy.uri)
+            wait_until(lambda: a.counters("stream").get("received", 0) >= PER_CONN, 60,
+                       "A received its connection's tweets")
+            proxy.failover(600)  # A alone loses MongoDB; its process keeps running
+            wait_role(b, "active", timeout=60)
+            stood_down = a.wait_log("stream_stood_down")
+            assert ha_view(a)["renew_failures"] > 0
+            proxy.pass_through()  # A reaches MongoDB again: B holds the lease now
+            wait_until(lambda: a.events("lease_lost"), 30, "A sees it lost the lease")
+            wait_all_stored(mongo_uri, mongo_database, sim, conns=2)
+            assert ha_view(a)["role"] == "standby" and a.counters("stream")["attempts"] == 1
+            stop_all(a, b)
+    finally:
+        for d in (a, b):
+            if d is not None:
+                d.kill()
+        sim.stop()
+    truth = sim.ground_truth()
+    spans = open_intervals(truth)
+    assert len(spans) == 2 and not truth.control("disconnect"), "nobody was logged out"
+    # The simulator notices an idle client's close only at its next keep-alive write, so A's
+    # close is taken from A's own log line, written once its connection was closed.
+    closed = datetime.fromisoformat(stood_down["timestamp"]).timestamp()
+    b_opened = spans[1][1]
+    print(f"\n[figure] A, cut off from MongoDB, closed its stream {b_opened - closed:.2f}s "
+          f"before B opened one (lease {LEASE}s, margin {margin(LEASE):.1f}s)")
+    assert closed < b_opened
+    reconcile(mongo_uri, mongo_database, sim)
+
+
 def test_single_mode_writes_no_lease(tmp_path: Path, mongo_uri: str,
                                      mongo_database: str) -> None:
     sim = sim_for(tmp_path)
@@ -273,3 +323,139 @@ def test_redundant_every_tweet_delivered_twice_stored_once(
           f"{len(ids)}, {dups} copies absorbed by _id")
     assert len(ids) == PER_CONN and dups == PER_CONN
     assert lease_docs(mongo_uri, mongo_database) == []
+
+
+# ---------------------------------------------------------------- the lease itself
+
+
+class Clock:
+    """A monotonic clock the test moves (each elector may have its own: hosts' clocks differ)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def leases(mongo_uri: str, mongo_database: str) -> Any:
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo_uri, serverSelectionTimeoutMS=10000)
+    yield client[mongo_database].leases
+    client.close()
+
+
+def elector(coll: Any, name: str, clock: Clock) -> LeaseElector:
+    return LeaseElector(coll, "stream:k", name, LEASE, clock=clock)
+
+
+def test_a_standby_takes_over_only_after_the_holder_stopped_streaming(leases: Any) -> None:
+    clock = Clock()
+    a, b = elector(leases, "a", clock), elector(leases, "b", clock)
+    a.step(1)
+    b.step(0)
+    assert a.may_stream() and not b.may_stream()
+    for _ in range(10):  # A renews every interval: B never takes over
+        clock.now += renew_interval(LEASE)
+        a.step(2)
+        b.step(0)
+        assert a.may_stream() and not b.may_stream()
+    last_renewal = clock.now
+    while not b.may_stream():  # A is cut off: only B steps from now on
+        clock.now += 0.1
+        b.step(0)
+    assert clock.now >= last_renewal + LEASE
+    assert not a.may_stream(), "A would still stream when B took over"
+    assert a.valid_until <= clock.now - margin(LEASE)
+    assert b.view.takeovers == 1 and b.takeovers[0].previous_holder == "a"
+    assert b.takeovers[0].last_recv_ns == 2  # A's last renewal carried its last message time
+    a.step(3)  # A comes back: its renewal finds B's term and deposes it
+    assert a.term is None and a.view.role == "standby" and a.view.holder == "b"
+    assert not a.may_stream() and b.may_stream()
+
+
+def test_two_standbys_racing_for_an_expired_lease_one_wins(leases: Any) -> None:
+    clock = Clock()
+    a, b, c = (elector(leases, n, clock) for n in "abc")
+    a.step(0)
+    expired = leases.find_one({"_id": "stream:k"})  # what both b and c read, A being silent
+    b._take(expired, LEASE, 0)
+    c._take(expired, LEASE, 0)  # the compare-and-set sees b's term, not the one c read
+    assert b.may_stream() and not c.may_stream() and c.term is None
+    assert leases.find_one({"_id": "stream:k"})["holder"] == "b"
+    assert leases.find_one({"_id": "stream:k"})["term"] == 2
+
+
+def test_a_released_lease_is_taken_at_once(leases: Any) -> None:
+    clock = Clock()
+    a, b = elector(leases, "a", clock), elector(leases, "b", clock)
+    a.step(5)
+    b.step(0)
+    a.release()
+    assert not a.may_stream()
+    b.step(0)  # no waiting for the lease to expire
+    assert b.may_stream() and b.takeovers[0].previous_holder == "a"
+
+
+def test_a_restarted_holder_reclaims_its_own_lease(leases: Any) -> None:
+    clock = Clock()
+    elector(leases, "a", clock).step(0)  # then the process dies without releasing
+    again = elector(leases, "a", clock)
+    again.step(0)
+    assert again.may_stream() and again.view.takeovers == 0 and not again.takeovers
+
+
+def test_mongodb_unreachable_the_holder_stops_streaming_in_time() -> None:
+    class Down:
+        def find_one_and_update(self, *args: Any, **kwargs: Any) -> None:
+            raise pymongo.errors.ServerSelectionTimeoutError("down")
+
+    clock = Clock()
+    a = LeaseElector(Down(), "stream:k", "a", LEASE, clock=clock)  # type: ignore[arg-type]
+    a.term, a.valid_until = 1, clock.now + LEASE - margin(LEASE)
+    clock.now += LEASE - margin(LEASE)
+    a.step(0)
+    assert not a.may_stream() and a.view.renew_failures == 1 and "down" in str(a.view.last_error)
+
+
+# ---------------------------------------------------------------- settings, status, metrics
+
+
+def ha_settings(**ha: Any) -> Any:
+    doc = settings_doc("http://127.0.0.1:9/1.1/statuses/filter.json", "mongodb://h", "db",
+                       **({"ha": ha} if ha else {}))
+    doc["state_dir"] = "/var/lib/ingestd/x"
+    return load_settings_text(yaml.safe_dump(doc), Path("/etc/ingestd/x.yaml"), CREDS)
+
+
+def test_ha_settings_defaults_and_errors() -> None:
+    single = ha_settings()
+    assert (single.ha.mode, single.ha.lease_seconds, single.ha.collection) == (
+        "single", 10.0, "leases")
+    assert single.ha.instance.startswith(socket.gethostname() + ":")
+    assert ha_settings().ha.instance == single.ha.instance  # stable across restarts
+    assert single.ha.lease_key.startswith("stream:")
+    assert all(v not in single.ha.lease_key for v in CREDS.values())
+    assert ha_settings(mode="standby", instance="db-1").ha.instance == "db-1"
+    with pytest.raises(ConfigErrors) as info:
+        ha_settings(mode="active-active", lease_seconds=0.5)
+    text = str(info.value)
+    assert "ha.mode: must be one of single, standby, redundant; got 'active-active'" in text
+    assert "ha.lease_seconds" in text
+
+
+def test_status_and_metrics_show_role_holder_and_takeovers(tmp_path: Path) -> None:
+    (tmp_path / RUN_DIR).mkdir()
+    ha = {"mode": "standby", "instance": "h2:1", "role": "standby", "holder": "h1:9",
+          "term": 0, "takeovers": 2, "renew_failures": 1, "last_error": None}
+    write_status(tmp_path, "stream", {"state": "standby: lease held by h1:9", "ha": ha})
+    families = {f.name: f.samples[0].value for f in RunStateCollector(tmp_path).collect()
+                if f.name.startswith("ingestd_ha_")}
+    assert families == {"ingestd_ha_active": 0.0, "ingestd_ha_takeovers": 2.0,
+                        "ingestd_ha_lease_failures": 1.0}
+    view = {"health": "ok", "reasons": [], "running": dict.fromkeys(
+        ("supervisor", "stream", "store"), True), "workers": {"stream": {"ha": ha}},
+        "state_dir": str(tmp_path)}
+    assert ("  ha          standby (h2:1)  lease holder h1:9  takeovers 2  lease failures 1"
+            in render(view).splitlines())
