@@ -47,8 +47,9 @@ def ha_doc(sim: SimProcess, uri: str, db: str, mode: str) -> dict[str, Any]:
     return settings_doc(sim.url, uri, db, ha={"mode": mode, "lease_seconds": LEASE})
 
 
-def sim_for(tmp_path: Path, *args: str) -> SimProcess:
-    return SimProcess(tmp_path / "sim", "--rate", "150", "--max-tweets", str(PER_CONN),
+def sim_for(tmp_path: Path, *args: str, per_conn: int = PER_CONN,
+            rate: int = 150) -> SimProcess:
+    return SimProcess(tmp_path / "sim", "--rate", str(rate), "--max-tweets", str(per_conn),
                       "--control-every", "0", "--keepalive", "1", "--seed", "13", *args).start()
 
 
@@ -93,12 +94,14 @@ def delivered_per_conn(truth: GroundTruthLog) -> dict[int, int]:
     return counts
 
 
-def wait_all_stored(uri: str, db: str, sim: SimProcess, conns: int) -> None:
-    """Until ``conns`` connections delivered their tweets and MongoDB holds every one."""
+def wait_all_stored(uri: str, db: str, sim: SimProcess, conns: int,
+                    per_conn: int = PER_CONN) -> None:
+    """Until the last ``conns`` connections delivered their tweets and MongoDB holds every one
+    (stopping a daemon while its connection still delivers would lose what is in its socket)."""
     def done() -> bool:
         truth = sim.ground_truth()
-        per_conn = delivered_per_conn(truth)
-        if sorted(per_conn.values())[-conns:] != [PER_CONN] * conns:
+        counts = delivered_per_conn(truth)  # the last ``conns`` connections must be complete
+        if [counts[c] for c in sorted(counts)[-conns:]] != [per_conn] * conns:
             return False
         return set(stored_ids(uri, db)) >= set(truth.tweet_ids())
     wait_until(done, 120, f"{conns} connections delivered and everything stored", interval=0.5)
@@ -132,16 +135,41 @@ def lease_docs(uri: str, db: str) -> list[dict[str, Any]]:
         client.close()
 
 
+def start_together(tmp_path: Path, sim: SimProcess, uri: str, db: str) -> tuple[Daemon, Daemon]:
+    """Both start at once; one wins the lease: (the active, the standby)."""
+    pair = [Daemon(tmp_path / n, ha_doc(sim, uri, db, "standby")).start() for n in "ab"]
+    try:
+        for daemon in pair:
+            daemon.wait_ready()
+        active = wait_until(lambda: [d for d in pair if ha_view(d).get("role") == "active"],
+                            30, "one instance active")
+        assert len(active) == 1, "two instances active at once"
+        standby = next(d for d in pair if d is not active[0])
+        wait_until(lambda: ha_view(standby).get("holder") == ha_view(active[0])["instance"],
+                   30, "the standby sees the active's lease")
+    except BaseException:
+        for daemon in pair:
+            daemon.kill()
+        raise
+    return active[0], standby
+
+
 def start_pair(tmp_path: Path, sim: SimProcess, uri: str, db: str,
                uri_a: str | None = None) -> tuple[Daemon, Daemon]:
     """A starts first and becomes active; B then starts and stands by behind A."""
     a = Daemon(tmp_path / "a", ha_doc(sim, uri_a or uri, db, "standby")).start()
-    a.wait_ready()
-    active = wait_role(a, "active")
-    b = Daemon(tmp_path / "b", ha_doc(sim, uri, db, "standby")).start()
-    b.wait_ready()
-    standby = wait_role(b, "standby")
-    wait_until(lambda: ha_view(b).get("holder") == active["instance"], 30, "B sees A's lease")
+    b = Daemon(tmp_path / "b", ha_doc(sim, uri, db, "standby"))
+    try:
+        a.wait_ready()
+        active = wait_role(a, "active")
+        b.start().wait_ready()
+        standby = wait_role(b, "standby")
+        wait_until(lambda: ha_view(b).get("holder") == active["instance"], 30,
+                   "B sees A's lease")
+    except BaseException:
+        a.kill()
+        b.kill()
+        raise
     assert standby["instance"] != active["instance"]
     return a, b
 
@@ -196,11 +224,13 @@ def test_standby_sigkill_the_active_standby_takes_over_nothing_lost(
 
 def test_standby_sigstop_the_active_returns_as_standby_and_drains(
         tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
-    sim = sim_for(tmp_path)
+    per_conn = 1500  # 15 s a connection: A is frozen while its connection still delivers
+    sim = sim_for(tmp_path, per_conn=per_conn, rate=100)
     a = b = None
     try:
-        a, b = start_pair(tmp_path, sim, mongo_uri, mongo_database)
+        a, b = start_together(tmp_path, sim, mongo_uri, mongo_database)
         wait_until(lambda: a.counters("stream").get("received", 0) >= 100, 60, "A streaming")
+        stopped_at = time.time()
         signal_all(a, signal.SIGSTOP)  # frozen mid-stream: its lease expires, B takes over
         try:
             wait_role(b, "active", timeout=60)
@@ -211,13 +241,11 @@ def test_standby_sigstop_the_active_returns_as_standby_and_drains(
             signal_all(a, signal.SIGCONT)
         wait_role(a, "standby")
         a.wait_log("stream_stood_down")
-        wait_all_stored(mongo_uri, mongo_database, sim, conns=1)
-        wait_until(lambda: ha_view(b).get("role") == "active"
-                   and b.counters("stream").get("received", 0) >= PER_CONN, 60, "B's tweets")
+        wait_all_stored(mongo_uri, mongo_database, sim, conns=1, per_conn=per_conn)
         # A, back, stands by: it opened no connection after it woke up, B kept the lease.
         assert len(sim.ground_truth().connections()) == conns_before == 2
         assert ha_view(a)["holder"] == ha_view(b)["instance"]
-        assert ha_view(b)["takeovers"] == 1
+        assert ha_view(b)["takeovers"] == 1 and ha_view(b)["role"] == "active"
         stop_all(a, b)
     finally:
         for d in (a, b):
@@ -233,10 +261,15 @@ def test_standby_sigstop_the_active_returns_as_standby_and_drains(
     assert not any(e["conn"] == b_conn and "disconnect" in str(e.get("reason"))
                    for e in truth.closes())
     assert len(truth.connections()) == 2  # nobody connected after B: not A once it woke
+    # While A was frozen, the endpoint kept writing into its socket: tweets it counts as
+    # delivered, which A read when it woke, before closing (stand-down drain).
+    while_frozen = [e for e in truth.of("tweet", a_conn) if e["t"] > stopped_at + 0.5]
+    assert while_frozen, "the scenario should freeze A while its connection delivers"
     ids, delivered = reconcile(mongo_uri, mongo_database, sim)
     a_ids = set(truth.tweet_ids(a_conn))
-    print(f"\n[figure] SIGSTOP: A's connection delivered {len(a_ids)} (stored by A after it "
-          f"woke), B's {len(delivered) - len(a_ids)}; stored {len(ids)}, no duplicate")
+    print(f"\n[figure] SIGSTOP: A's connection delivered {len(a_ids)} ({len(while_frozen)} into "
+          f"its socket while it was frozen, read when it woke), B's "
+          f"{len(delivered) - len(a_ids)}; stored {len(ids)}, no duplicate")
 
 
 def test_standby_holder_cut_off_from_mongodb_closes_before_the_takeover(
