@@ -26,7 +26,7 @@ import yaml
 from pymongo.uri_parser import parse_uri
 
 from ingestd.config.errors import ConfigErrors
-from ingestd.config.settings import load_settings_text
+from ingestd.config.settings import load_settings, load_settings_text
 from ingestd.control.collector import RunStateCollector
 from ingestd.control.lease import LeaseElector, margin, renew_interval
 from ingestd.control.runstate import RUN_DIR, write_status
@@ -471,6 +471,9 @@ def test_ha_settings_defaults_and_errors() -> None:
     assert single.ha.lease_key.startswith("stream:")
     assert all(v not in single.ha.lease_key for v in CREDS.values())
     assert ha_settings(mode="standby", instance="db-1").ha.instance == "db-1"
+    shipped = load_settings(Path(__file__).parents[1] / "settings.yaml", env=CREDS).ha
+    assert (shipped.mode, shipped.lease_seconds, shipped.collection) == (
+        single.ha.mode, single.ha.lease_seconds, single.ha.collection)  # documents the defaults
     with pytest.raises(ConfigErrors) as info:
         ha_settings(mode="active-active", lease_seconds=0.5)
     text = str(info.value)
