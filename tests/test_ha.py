@@ -28,7 +28,8 @@ from pymongo.uri_parser import parse_uri
 from ingestd.config.errors import ConfigErrors
 from ingestd.config.settings import load_settings, load_settings_text
 from ingestd.control.collector import RunStateCollector
-from ingestd.control.lease import LeaseElector, margin, renew_interval
+from ingestd.control.lease import LeaseElector, LeaseKeeper, margin, renew_interval
+from ingestd.control.lease_gate import StandbyGate
 from ingestd.control.runstate import RUN_DIR, write_status
 from ingestd.control.status import render
 from tests.support.creds import CREDS
@@ -447,9 +448,14 @@ def test_mongodb_unreachable_the_holder_stops_streaming_in_time() -> None:
     clock = Clock()
     a = LeaseElector(Down(), "stream:k", "a", LEASE, clock=clock)  # type: ignore[arg-type]
     a.term, a.valid_until = 1, clock.now + LEASE - margin(LEASE)
+    a.view.role = "active"
     clock.now += LEASE - margin(LEASE)
     a.step(0)
     assert not a.may_stream() and a.view.renew_failures == 1 and "down" in str(a.view.last_error)
+    gate = StandbyGate(LeaseKeeper(a, lambda: 0), "a")  # the thread is not started
+    assert not gate.may_stream()
+    assert gate.state("connected conn=1 gen=1").startswith("degraded: lease unreachable")
+    assert gate.view()["role"] == "standby"  # the holder whose lease lapsed
 
 
 # ---------------------------------------------------------------- settings, status, metrics

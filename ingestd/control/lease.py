@@ -36,6 +36,8 @@ log = structlog.get_logger("ingestd.lease")
 
 Document = dict[str, Any]
 
+RELEASE_TIMEOUT = 1.0  # seconds a clean stop spends releasing the lease at most
+
 
 def renew_interval(lease_seconds: float) -> float:
     """Renew (or look) five times per lease, at most once a second."""
@@ -102,6 +104,8 @@ class LeaseElector:
             log.warning("lease_step_failed", holding=self.term is not None,
                         error=self.view.last_error,
                         valid_for=round(max(self.valid_until - self.clock(), 0.0), 3))
+            return
+        self.view.last_error = None
 
     def release(self) -> None:
         """Give the lease up at a clean stop, so a standby takes over at once."""
@@ -109,9 +113,11 @@ class LeaseElector:
             return
         self.valid_until = 0.0
         try:
-            self.coll.update_one({"_id": self.key, "holder": self.instance, "term": self.term},
-                                 {"$set": {"holder": None, "released_by": self.instance},
-                                  "$inc": {"renew": 1}})
+            with pymongo.timeout(RELEASE_TIMEOUT):  # the stop budget is the store drain's
+                self.coll.update_one(
+                    {"_id": self.key, "holder": self.instance, "term": self.term},
+                    {"$set": {"holder": None, "released_by": self.instance},
+                     "$inc": {"renew": 1}})
             log.info("lease_released", term=self.term)
         except PyMongoError as exc:
             log.warning("lease_release_failed", error=str(exc)[:300],
@@ -131,7 +137,6 @@ class LeaseElector:
             self._lost()
             return
         self.valid_until = start + self.lease_seconds - margin(self.lease_seconds)
-        self.view.last_error = None
 
     def _lost(self) -> None:
         self.valid_until = 0.0
@@ -231,7 +236,7 @@ class LeaseKeeper:
     def close(self) -> None:
         """Stop the thread, then release the lease (the stream is already closed)."""
         self._stop.set()
-        self._thread.join(timeout=self.elector.lease_seconds)
+        self._thread.join(timeout=RELEASE_TIMEOUT)
         if not self._thread.is_alive():
             self.elector.release()
         self.elector.coll.database.client.close()

@@ -66,8 +66,11 @@ class StandbyGate:
     def state(self, reader_state: str) -> str:
         if self.keeper.may_stream():
             return reader_state
-        holder = self.keeper.elector.view.holder
-        return f"standby: lease held by {holder}" if holder else "standby: acquiring the lease"
+        view = self.keeper.elector.view
+        if view.last_error:  # nobody may be streaming: the operator must know
+            return f"degraded: lease unreachable ({view.last_error}); not streaming"
+        return (f"standby: lease held by {view.holder}" if view.holder
+                else "standby: acquiring the lease")
 
     def view(self) -> dict[str, Any]:
         view = self.keeper.view()
