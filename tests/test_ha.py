@@ -42,6 +42,7 @@ from tests.support.wait import wait_until
 LEASE = 3.0  # seconds: small, so takeovers are quick; the renewals stay well inside it
 PER_CONN = 600  # tweets per connection (--max-tweets)
 FIRST_BACKOFF = 0.25  # settings_doc's network_start: the delay a takeover may add at most
+BOOT = 90.0  # seconds a daemon may take to start: six engineers share two cores
 
 
 def ha_doc(sim: SimProcess, uri: str, db: str, mode: str) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def ha_view(daemon: Daemon) -> dict[str, Any]:
     return dict(daemon.status("stream").get("ha") or {})
 
 
-def wait_role(daemon: Daemon, role: str, timeout: float = 30.0) -> dict[str, Any]:
+def wait_role(daemon: Daemon, role: str, timeout: float = 60.0) -> dict[str, Any]:
     def reached() -> dict[str, Any]:
         daemon.assert_running()
         view = ha_view(daemon)
@@ -141,7 +142,7 @@ def start_together(tmp_path: Path, sim: SimProcess, uri: str, db: str) -> tuple[
     pair = [Daemon(tmp_path / n, ha_doc(sim, uri, db, "standby")).start() for n in "ab"]
     try:
         for daemon in pair:
-            daemon.wait_ready()
+            daemon.wait_ready(BOOT)
         active = wait_until(lambda: [d for d in pair if ha_view(d).get("role") == "active"],
                             30, "one instance active")
         assert len(active) == 1, "two instances active at once"
@@ -161,9 +162,9 @@ def start_pair(tmp_path: Path, sim: SimProcess, uri: str, db: str,
     a = Daemon(tmp_path / "a", ha_doc(sim, uri_a or uri, db, "standby")).start()
     b = Daemon(tmp_path / "b", ha_doc(sim, uri, db, "standby"))
     try:
-        a.wait_ready()
+        a.wait_ready(BOOT)
         active = wait_role(a, "active")
-        b.start().wait_ready()
+        b.start().wait_ready(BOOT)
         standby = wait_role(b, "standby")
         wait_until(lambda: ha_view(b).get("holder") == active["instance"], 30,
                    "B sees A's lease")
@@ -199,7 +200,7 @@ def test_standby_sigkill_the_active_standby_takes_over_nothing_lost(
         assert takeover["lease_age"] >= LEASE  # never before A's lease could have expired
         # A returns: it stands by behind B, drains its own spool, and never connects.
         a.start()
-        a.wait_ready()
+        a.wait_ready(BOOT)
         wait_role(a, "standby")
         wait_all_stored(mongo_uri, mongo_database, sim, conns=2)
         assert a.counters("stream").get("attempts") == 0, "the returning instance connected"
@@ -215,7 +216,7 @@ def test_standby_sigkill_the_active_standby_takes_over_nothing_lost(
     spans = open_intervals(truth)
     assert len(spans) == 2, spans  # A's, then B's: nobody else ever connected
     delay = spans[1][1] - killed_at
-    bound = LEASE + 2 * renew_interval(LEASE) + FIRST_BACKOFF + 1.0  # + scheduling on 2 cores
+    bound = LEASE + 2 * renew_interval(LEASE) + FIRST_BACKOFF + 2.0  # + scheduling on 2 cores
     print(f"\n[figure] standby takeover after SIGKILL: B streaming {delay:.2f}s after the kill "
           f"(lease {LEASE}s, bound {bound:.2f}s)")
     assert delay <= bound
@@ -315,7 +316,7 @@ def test_single_mode_writes_no_lease(tmp_path: Path, mongo_uri: str,
     sim = sim_for(tmp_path)
     daemon = Daemon(tmp_path / "d", settings_doc(sim.url, mongo_uri, mongo_database))
     try:
-        daemon.start().wait_ready()
+        daemon.start().wait_ready(BOOT)
         wait_all_stored(mongo_uri, mongo_database, sim, conns=1)
         assert ha_view(daemon) == {"mode": "single", "role": "single"}
         stop_all(daemon)
@@ -338,8 +339,8 @@ def test_redundant_every_tweet_delivered_twice_stored_once(
     try:
         a.start()
         b.start()
-        a.wait_ready()
-        b.wait_ready()
+        a.wait_ready(BOOT)
+        b.wait_ready(BOOT)
         wait_all_stored(mongo_uri, mongo_database, sim, conns=2)
         stop_all(a, b)
     finally:
