@@ -244,7 +244,13 @@ class LeaseKeeper:
     def _run(self) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
-            self.elector.step(self._last_recv_ns())
+            try:
+                self.elector.step(self._last_recv_ns())
+            except Exception as exc:  # e.g. a hand-edited lease document; never end the thread
+                self.elector.view.renew_failures += 1
+                self.elector.view.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.error("lease_step_crashed", error=self.elector.view.last_error,
+                          action="not streaming until a lease step succeeds")
             self._stop.wait(max(self.interval - (time.monotonic() - started), 0.0))
 
 
