@@ -247,7 +247,8 @@ def test_standby_sigstop_the_active_returns_as_standby_and_drains(
         wait_all_stored(mongo_uri, mongo_database, sim, conns=1, per_conn=per_conn)
         # A, back, stands by: it opened no connection after it woke up, B kept the lease.
         assert len(sim.ground_truth().connections()) == conns_before == 2
-        assert ha_view(a)["holder"] == ha_view(b)["instance"]
+        wait_until(lambda: ha_view(a).get("holder") == ha_view(b)["instance"], 30,
+                   "A sees B's lease")
         assert ha_view(b)["takeovers"] == 1 and ha_view(b)["role"] == "active"
         stop_all(a, b)
     finally:
