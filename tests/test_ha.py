@@ -28,7 +28,13 @@ from pymongo.uri_parser import parse_uri
 from ingestd.config.errors import ConfigErrors
 from ingestd.config.settings import load_settings, load_settings_text
 from ingestd.control.collector import RunStateCollector
-from ingestd.control.lease import LeaseElector, LeaseKeeper, margin, renew_interval
+from ingestd.control.lease import (
+    LeaseElector,
+    LeaseKeeper,
+    Takeover,
+    margin,
+    renew_interval,
+)
 from ingestd.control.lease_gate import StandbyGate
 from ingestd.control.runstate import RUN_DIR, write_status
 from ingestd.control.status import render
@@ -441,6 +447,37 @@ def test_a_restarted_holder_reclaims_its_own_lease(leases: Any) -> None:
     again = elector(leases, "a", clock)
     again.step(0)
     assert again.may_stream() and again.view.takeovers == 0 and not again.takeovers
+
+
+def test_a_takeover_whose_reply_was_lost_is_still_reported(leases: Any) -> None:
+    class LostReply:
+        """The lease collection, except that one findAndModify is applied and its reply lost."""
+
+        def __init__(self, coll: Any) -> None:
+            self.coll, self.lose = coll, 1
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.coll, name)
+
+        def find_one_and_update(self, *args: Any, **kwargs: Any) -> Any:
+            result = self.coll.find_one_and_update(*args, **kwargs)
+            if self.lose:
+                self.lose -= 1
+                raise pymongo.errors.AutoReconnect("connection reset")
+            return result
+
+    clock = Clock()
+    a = elector(leases, "a", clock)
+    a.step(7)
+    b = LeaseElector(LostReply(leases), "stream:k", "b", LEASE, clock=clock)  # type: ignore[arg-type]
+    b.step(0)
+    clock.now += LEASE
+    b.step(0)  # applied on the server, but b does not know it won
+    assert not b.may_stream() and b.view.renew_failures == 1
+    assert leases.find_one({"_id": "stream:k"})["holder"] == "b"
+    b.step(0)  # finds the lease its own: completes the takeover
+    assert b.may_stream() and b.view.takeovers == 1
+    assert b.takeovers == [Takeover("a", 7, LEASE)]
 
 
 def test_mongodb_unreachable_the_holder_stops_streaming_in_time() -> None:

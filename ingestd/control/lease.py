@@ -88,6 +88,9 @@ class LeaseElector:
         self.observed_at = 0.0
         self.view = LeaseView()
         self.takeovers: list[Takeover] = []  # consumed by the stream loop
+        # A takeover tried and not known to have failed: if its reply was lost, the next step
+        # finds the lease ours and completes it, still reporting the previous holder.
+        self._attempt: Takeover | None = None
 
     def may_stream(self) -> bool:
         return self.clock() < self.valid_until
@@ -175,6 +178,10 @@ class LeaseElector:
     def _take(self, doc: Mapping[str, Any], age: float, last_recv_ns: int) -> None:
         start = self.clock()
         term = int(doc.get("term") or 0) + 1
+        previous = doc.get("holder") or doc.get("released_by")
+        if previous != self.instance:
+            self._attempt = Takeover(previous, int(doc.get("last_recv_ns") or 0), round(age, 3))
+        # else: ours from a past run, or a take whose reply was lost: ``_attempt`` says which
         before = self.coll.find_one_and_update(
             {"_id": self.key, "holder": doc.get("holder"), "term": doc.get("term"),
              "renew": doc.get("renew")},
@@ -183,14 +190,13 @@ class LeaseElector:
                       "lease_seconds": self.lease_seconds},
              "$currentDate": {"renewed_at": True}},
             return_document=ReturnDocument.BEFORE)
+        attempt, self._attempt = self._attempt, None
         if before is None:
             return  # someone renewed or took it meanwhile
         self._won(term, start)
-        previous = before.get("holder") or before.get("released_by")
-        if previous != self.instance:
+        if attempt is not None:
             self.view.takeovers += 1
-            self.takeovers.append(Takeover(previous, int(before.get("last_recv_ns") or 0),
-                                           round(age, 3)))
+            self.takeovers.append(attempt)
 
     def _won(self, term: int, start: float) -> None:
         self.term = term
