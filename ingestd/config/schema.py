@@ -156,6 +156,18 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class HaSettings:
+    """``ha``: one active stream among instances with the same settings (docs/design.md, "Standby
+    pairs and redundant streams"). ``instance`` and ``lease_key`` are filled in by the builder."""
+
+    mode: str = "single"  # single | standby | redundant
+    lease_seconds: float = 10.0
+    instance: str = ""  # default: "<hostname>:<hash of the state folder>"
+    collection: str = "leases"
+    lease_key: str = ""  # default: "stream:<hash of the public credential keys>"
+
+
+@dataclass(frozen=True)
 class Settings:
     path: Path
     state_dir: Path
@@ -168,6 +180,7 @@ class Settings:
     control: ControlSettings
     metrics: MetricsSettings
     logging: LoggingSettings
+    ha: HaSettings = field(default_factory=HaSettings)
 
 
 def split_listen(listen: str) -> tuple[str, int] | None:

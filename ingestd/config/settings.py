@@ -18,6 +18,7 @@ from urllib.parse import unquote
 
 from ingestd.config import schema
 from ingestd.config.errors import ConfigError, ConfigErrors
+from ingestd.config.ha import build_ha
 from ingestd.config.loader import Context, interpolate, parse_yaml
 from ingestd.config.mongo_section import build_mongo
 from ingestd.config.mongo_uri import uri_password
@@ -38,10 +39,13 @@ from ingestd.config.stream import build_stream
 
 def start_only_changes(old: Settings, new: Settings) -> list[str]:
     """Keys a reload changed that take effect only at the next start: the state folder, the
-    metrics listener and the spool (its files and bounds are opened once by the stream worker)."""
+    metrics listener, ``ha`` and the spool (its files and bounds are opened once by the stream
+    worker)."""
     changed = ["state_dir"] if old.state_dir != new.state_dir else []
     if old.metrics.listen != new.metrics.listen:
         changed.append("metrics.listen")
+    if old.ha != new.ha:
+        changed.append("ha")  # the stream worker joins (or not) the lease once, at start
     changed += [f"spool.{f.name}" for f in fields(SpoolSettings)
                 if getattr(old.spool, f.name) != getattr(new.spool, f.name)]
     return changed
@@ -98,11 +102,12 @@ def load_settings_text(text: str, path: Path, env: Mapping[str, str] | None = No
 def _build(root: Section) -> Settings:
     state_dir = build_state_dir(root)  # first: the order keys are read is the order of errors
     stream = build_stream(root.section("stream", schema.StreamSettings))
+    auth = build_auth(root.section("auth", schema.AuthSettings), stream.api)
     return Settings(
         path=root.ctx.path,
         state_dir=state_dir,
         stream=stream,
-        auth=build_auth(root.section("auth", schema.AuthSettings), stream.api),
+        auth=auth,
         mongo=build_mongo(root.section("mongo", schema.MongoSettings)),
         writer=build_writer(root.section("writer", schema.WriterSettings)),
         spool=build_spool(root.section("spool", schema.SpoolSettings)),
@@ -110,4 +115,5 @@ def _build(root: Section) -> Settings:
         control=build_control(root.section("control", schema.ControlSettings)),
         metrics=build_metrics(root.section("metrics", schema.MetricsSettings)),
         logging=build_logging(root.section("logging", schema.LoggingSettings)),
+        ha=build_ha(root.section("ha", schema.HaSettings), state_dir, auth),
     )

@@ -288,11 +288,24 @@ class RunStateCollector:
         yield known_counter("ingestd_stream_reconnects_total",
                             "Connections ended, by reason.", "reason", _counts(c.get("endings")))
         yield from plain_counters(STREAM_COUNTERS, c)
+        yield from self._ha(_section(stream, "ha"))
         if stream:
             with self._lock:
                 last = self._last_message.time(stream, now)
             yield gauge("ingestd_last_message_age_seconds", "Seconds since the last message.",
                         max(now - last, 0.0))
+
+    def _ha(self, ha: Mapping[str, Any]) -> Iterable[Metric]:
+        """``ha.mode``: whether this instance streams (always, unless a standby without the
+        lease), the takeovers it made and its failed lease operations."""
+        role = ha.get("role", "single")
+        yield gauge("ingestd_ha_active", "1 while this instance may stream (ha.mode single or "
+                    "redundant, or the holder of the standby lease).",
+                    0.0 if role == "standby" or not ha else 1.0)
+        yield counter("ingestd_ha_takeovers_total", "Times this instance took the standby lease "
+                      "over from another holder.", _num(ha.get("takeovers")))
+        yield counter("ingestd_ha_lease_failures_total", "Lease renewals or reads that failed "
+                      "(MongoDB unreachable or too slow).", _num(ha.get("renew_failures")))
 
     def _store(self, store: Mapping[str, Any]) -> Iterable[Metric]:
         c = _section(store, "counters")

@@ -23,7 +23,7 @@ from ingestd.control.runstate import RUN_DIR, read_status
 EXIT_OK, EXIT_DEGRADED, EXIT_NOT_RUNNING = 0, 1, 3
 STALE_AFTER = 10.0  # seconds without a heartbeat before a worker counts as not running
 ROLES = ("supervisor", "stream", "store")
-STREAM_STATES = ("connecting", "connected", "reconnecting", "degraded", "stopped")
+STREAM_STATES = ("connecting", "connected", "reconnecting", "degraded", "stopped", "standby")
 METRICS_ADDR_FILE = "metrics.addr"
 
 
@@ -130,9 +130,21 @@ def _stream_lines(view: dict[str, Any]) -> list[str]:
         f"keep-alives {c.get('keepalives', 0)}  limit-missed {c.get('limit_missed', 0)}  "
         f"dropped {dropped}",
         f"              connection ends {endings}  back-off {stream.get('backoff') or 0:.1f}s",
+        *_ha_lines(dict(stream.get("ha") or {})),
         f"  queue       {spool.get('records', 0)} records / {spool.get('bytes', 0) / 1e6:.1f} MB "
         f"waiting in the spool",
     ]
+
+
+def _ha_lines(ha: dict[str, Any]) -> list[str]:
+    """Standby/redundant role, lease holder and takeovers (nothing for a single daemon)."""
+    if ha.get("mode", "single") == "single":
+        return []
+    if ha["mode"] == "redundant":
+        return ["  ha          redundant: every instance streams"]
+    return [f"  ha          {ha.get('role', '-')} ({ha.get('instance', '-')})  lease holder "
+            f"{ha.get('holder') or '-'}  takeovers {ha.get('takeovers', 0)}  lease failures "
+            f"{ha.get('renew_failures', 0)}"]
 
 
 def _store_lines(view: dict[str, Any]) -> list[str]:

@@ -1,5 +1,6 @@
 """The stream worker process: reader → ``spool.intake.SpoolIntake`` → spool, with heartbeat and
-reloads. Loaded by the stream worker only (pycurl; never pymongo or prometheus_client)."""
+reloads. Loaded by the stream worker only (pycurl; never prometheus_client, and pymongo only in
+``ha.mode: standby``, for the lease: see ``lease``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import structlog
 
+from ingestd.control.lease_gate import LeaseGate, OpenGate, open_gate
 from ingestd.control.pipe import Reload
 from ingestd.control.runstate import write_status
 from ingestd.control.worker import (
@@ -39,6 +41,12 @@ class StreamRole:
         self.reader = StreamReader(settings.stream, settings.auth, ctx.generation, self.intake,
                              is_full=self.intake.is_full, drop_when_full=drop,
                              flush=self.intake.flush)
+        # The stream worker itself keeps the lease: it alone can close the stream at once, even
+        # if the supervisor or the store worker is stuck (docs/design.md, "Standby pairs").
+        reader = self.reader
+        self.lease: LeaseGate = open_gate(settings, lambda: reader.last_message_ns)
+        reader.may_connect = self.lease.may_stream
+        reader.stand_down_drain = self.lease.drain_budget
         # X API v2: rules live on the server; synced at start and on every reload, on a thread,
         # while the connection keeps streaming (no-op for v1.1).
         self.rules = RulesSync()
@@ -53,6 +61,7 @@ class StreamRole:
         try:
             self.reader.run(lambda: bool(self.ctx.stop), self.tick)
         finally:
+            self.lease.close()  # after the reader closed the stream: a standby may take over now
             self.rules.close()
             self.spool.close()
             self.publish()
@@ -66,15 +75,26 @@ class StreamRole:
         while (command := self.ctx.control.poll()) is not None:
             if isinstance(command, Reload):  # the stop budget is the store worker's concern
                 self.reload(command)
+        for takeover in self.lease.takeovers():
+            self._on_takeover(takeover.previous_holder, takeover.last_recv_ns, takeover.lease_age)
         self.ctx.orphaned()
         self.status()
 
     def max_wait(self) -> float:
         """Seconds the reader may sleep on a quiet stream: until the next fsync or heartbeat
-        (held records are retried on every short tick)."""
-        if self.intake.held:
-            return TICK
+        (held records and, in ha.mode standby, the lease are checked every short tick)."""
+        if self.intake.held or not isinstance(self.lease, OpenGate):
+            return TICK  # the standby lease's margins were set for a check every TICK
         return min(self.spool.sync_due_in(), self.status.due_in())
+
+    def _on_takeover(self, previous_holder: str | None, last_recv_ns: int,
+                     lease_age: float) -> None:
+        """This instance became active in place of ``previous_holder``, whose last received
+        message was at ``last_recv_ns`` (wall clock, ns; 0 if unknown). Runs on the stream loop's
+        thread (the spool's owner) before the new connection delivers anything: the place to
+        record the takeover gap."""
+        log.warning("ha_takeover", previous_holder=previous_holder, lease_age=lease_age,
+                    previous_last_message_time=last_recv_ns / 1e9 if last_recv_ns else None)
 
     def reload(self, command: Reload) -> None:
         if (new := self.ctx.reload(command)) is None:
@@ -88,7 +108,7 @@ class StreamRole:
         reader, rules = self.reader, self.rules
         state = self.intake.last_error or (
             f"degraded: {rules.error}; previous rules still in force" if rules.error
-            else reader.state)
+            else self.lease.state(reader.state))
         write_status(self.ctx.settings.state_dir, "stream", {
             "generation": reader.generation, "state": state, "counters": self.counters(),
             "progress": reader.stats.bytes + reader.stats.attempts,
@@ -99,6 +119,7 @@ class StreamRole:
             "last_message_time": reader.last_message_ns / 1e9 if reader.last_message_ns else None,
             "loop_passes": self.passes,
             **({"rules": rules.status.as_dict()} if reader.stream.api == "v2" else {}),
+            "ha": self.lease.view(),
         })
 
     def counters(self) -> dict[str, Any]:

@@ -80,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--rate-limit", type=_rate_limit, help="N/SECONDS connection attempts before 420")
     a("--seed", type=int, help="seed for reproducible generated tweets")
     a("--max-line", type=_non_negative(int), default=600_000, help="size of 'oversize' bad lines")
+    a("--redundant", type=_non_negative(int), default=1,
+      help="live streams per credentials (v2 Enterprise redundant connections), each carrying "
+           "the same tweets; a newer one beyond that logs the oldest out (code 7; 1 = v1.1)")
     # X API v2 (simulator/v2.py): the token is read from the environment like the OAuth keys.
     a("--bearer-token-env", default="TWITTER_BEARER_TOKEN",
       help="environment variable holding the accepted v2 bearer token (unset = v2 refuses all)")
@@ -101,6 +104,8 @@ def build_state(args: argparse.Namespace) -> SimState:
     """Validate inputs and build the shared state; raises ``ValueError`` with a clear message."""
     if args.keepalive <= 0:
         raise ValueError(f"--keepalive must be more than 0 seconds, got {args.keepalive}")
+    if args.redundant < 1:
+        raise ValueError(f"--redundant must be at least 1, got {args.redundant}")
     creds = load_credentials(args.credentials)
     script = FaultScript.load(args.script) if args.script else None
     config = SimConfig(
@@ -117,6 +122,7 @@ def build_state(args: argparse.Namespace) -> SimState:
         max_line=args.max_line,
         warning_interval=args.warning_interval,
         ground_truth=args.ground_truth,
+        redundant=int(args.redundant),
     )
     return SimState(
         config=config,

@@ -19,6 +19,7 @@ from ingestd.simulator import generator as gen
 from ingestd.simulator.feed import Feed, Outgoing
 from ingestd.simulator.generator import Template
 from ingestd.simulator.params import StreamParams
+from ingestd.simulator.redundant import FeedCursor
 from ingestd.simulator.script import Step
 from ingestd.simulator.state import SimState
 from ingestd.simulator.wire import Wire
@@ -56,7 +57,10 @@ class Session:
         seed = f"{cfg.seed}:{conn}" if cfg.seed is not None else None
         self.rng = random.Random(seed)
         pool = cfg.pool_size if cfg.rate <= 0 else 0
-        self.feed = Feed(params, cfg.source, self.rng, state.ids, state.real, pool)
+        feed = Feed(params, cfg.source, self.rng, state.ids, state.real, pool)
+        self.feed: Feed | FeedCursor = feed
+        if cfg.redundant > 1:  # every stream of these credentials carries the same tweets
+            self.feed = FeedCursor(state.shared_feed(identity, feed), feed.generator)
         self.wake = threading.Event()
         self.kick_code: int | None = None
         self.tweets_sent = 0

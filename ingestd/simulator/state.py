@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ingestd.simulator.auth import Credentials, OAuthVerifier
-from ingestd.simulator.feed import RealTweets
+from ingestd.simulator.feed import Feed, RealTweets
 from ingestd.simulator.generator import Snowflake
 from ingestd.simulator.groundtruth import GroundTruth
+from ingestd.simulator.redundant import SharedFeed
 from ingestd.simulator.script import FaultScript
 from ingestd.simulator.wire import Wire
 
@@ -48,6 +49,7 @@ class SimConfig:
     warning_interval: float = 300.0
     ground_truth: Path | None = None
     pool_size: int = 1000
+    redundant: int = 1  # live streams per credentials; a newer one beyond that gets code 7
 
 
 class RateLimiter:
@@ -109,7 +111,8 @@ class SimState:
     streams: int = 0
     tweets_by_conn: dict[int, int] = field(default_factory=dict)
     sessions: dict[int, Session] = field(default_factory=dict)
-    by_identity: dict[str, Session] = field(default_factory=dict)
+    by_identity: dict[str, list[Session]] = field(default_factory=dict)  # oldest first
+    shared_feeds: dict[str, SharedFeed] = field(default_factory=dict)
     rate_limiter: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -121,23 +124,33 @@ class SimState:
             return self.attempts
 
     def register(self, session: Session) -> None:
-        """Make ``session`` the credential's live stream; the older one gets code 7."""
+        """Add ``session`` to the credential's live streams; beyond ``redundant`` of them (one
+        on v1.1) the oldest gets code 7."""
         with self.lock:
             self.streams += 1
             self.sessions[session.conn] = session
             self.tweets_by_conn[session.conn] = 0
-            older = self.by_identity.get(session.identity)
-            self.by_identity[session.identity] = session
+            live = self.by_identity.setdefault(session.identity, [])
+            live.append(session)
+            kicked = live[:-self.config.redundant]
+            del live[:-self.config.redundant]
         if self.stopping.is_set():
             session.wake.set()
-        if older is not None:
+        for older in kicked:
             older.kick(7)
 
     def unregister(self, session: Session) -> None:
         with self.lock:
             self.sessions.pop(session.conn, None)
-            if self.by_identity.get(session.identity) is session:
-                del self.by_identity[session.identity]
+            live = self.by_identity.get(session.identity, [])
+            if session in live:
+                live.remove(session)
+
+    def shared_feed(self, identity: str, producer: Feed) -> SharedFeed:
+        """The credential's shared tweet sequence (``--redundant``); ``producer`` feeds it if it
+        is the first."""
+        with self.lock:
+            return self.shared_feeds.setdefault(identity, SharedFeed(producer))
 
     def count_tweets(self, conn: int, n: int) -> None:
         with self.lock:

@@ -40,6 +40,9 @@ GATHER_SECONDS = 0.1
 # the older connection of an account by itself) or this many seconds pass: bytes already in its
 # socket are tweets the endpoint delivered.
 RETIRE_GRACE = 5.0
+# On losing the standby lease, bytes already on their way are still read for this long at most
+# (ha.mode: standby; the stream worker sets it below the lease's safety margin, see ``stand_down``).
+STAND_DOWN_DRAIN = 0.3
 
 
 class StreamReader:
@@ -56,8 +59,13 @@ class StreamReader:
         drop_when_full: bool,
         flush: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
+        may_connect: Callable[[], bool] = lambda: True,
     ) -> None:
         self.stream, self.auth, self.generation = stream, auth, generation
+        # The standby lease (ha.mode: standby): no connection is opened, and every open one is
+        # closed, while this says no. Always yes in the other modes.
+        self.may_connect = may_connect
+        self.stand_down_drain = STAND_DOWN_DRAIN
         self._flush = flush  # ends a pass: the sink writes what it coalesced from the callbacks
         self._clock = clock
         self._multi = pycurl.CurlMulti()
@@ -93,8 +101,11 @@ class StreamReader:
 
     def step(self) -> None:
         """One loop pass: connect if due, move bytes, reap endings, check timers."""
+        if not self.may_connect():
+            self.stand_down()
         now = self._clock()
-        if self.active is None and self.pending is None and self._attempt_due(now):
+        if (self.active is None and self.pending is None and self._attempt_due(now)
+                and self.may_connect()):
             self.active = self._open(self.stream, self.generation)
         self._body.resume_if_room((self.active, self.pending, *self.retiring))
         before = self.stats.bytes
@@ -146,11 +157,42 @@ class StreamReader:
                 self.active = None
             self.next_attempt_at = self._clock()
             return
-        self.pending = self._open(stream, generation)
+        if self.may_connect():
+            self.pending = self._open(stream, generation)
+
+    def stand_down(self) -> None:
+        """The lease is gone: end every connection, and connect again as soon as
+        ``may_connect`` allows. Bytes already on their way are read first, for at most
+        ``stand_down_drain`` seconds and only while they keep coming: a frozen process that
+        wakes up holds tweets the endpoint counted as delivered."""
+        conns = self._connections()
+        if not conns:
+            return
+        deadline = self._clock() + self.stand_down_drain
+        quiet = self.stand_down_drain / 3  # no byte for this long: the socket is empty
+        while self._by_handle and (left := deadline - self._clock()) > 0:
+            before = self.stats.bytes
+            self._multi.select(min(quiet, left))
+            self._perform()
+            self._reap()
+            if self.stats.bytes == before:
+                break
+        for conn in self._connections():
+            self._end(conn, Ending.ABORTED)
+        self._flush()
+        self.active = self.pending = None
+        self.retiring.clear()
+        self.next_attempt_at = self._clock()
+        self.state = "standby"
+        log.warning("stream_stood_down", conns=[c.conn_id for c in conns],
+                    reason="no valid lease (ha.mode: standby)")
+
+    def _connections(self) -> list[Connection]:
+        return [c for c in (self.pending, self.active, *self.retiring) if c is not None]
 
     def close(self) -> None:
         """Abort every connection; frames already appended stay in the spool."""
-        for conn in [c for c in (self.pending, self.active, *self.retiring) if c is not None]:
+        for conn in self._connections():
             self._end(conn, Ending.ABORTED)
         self._flush()
         self.active = self.pending = None

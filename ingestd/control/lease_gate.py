@@ -1,0 +1,91 @@
+"""What the stream worker asks before streaming: ``ha.mode`` decides.
+
+``single`` and ``redundant`` always stream and touch no lease; ``standby`` streams only while it
+holds the lease (``lease.LeaseKeeper``). pymongo is imported in standby mode only, so the stream
+worker of a single daemon stays as light as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ingestd.config.schema import Settings
+
+if TYPE_CHECKING:
+    from ingestd.control.lease import LeaseKeeper, Takeover
+
+
+class LeaseGate(Protocol):
+    drain_budget: float  # seconds a stand-down may still read: less than the lease's margin
+
+    def may_stream(self) -> bool: ...
+    def takeovers(self) -> list[Takeover]: ...
+    def state(self, reader_state: str) -> str: ...
+    def view(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
+class OpenGate:
+    """``single`` or ``redundant``: stream always; ``role`` is the mode itself."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.drain_budget = 0.0  # never stands down
+
+    def may_stream(self) -> bool:
+        return True
+
+    def takeovers(self) -> list[Takeover]:
+        return []
+
+    def state(self, reader_state: str) -> str:
+        return reader_state
+
+    def view(self) -> dict[str, Any]:
+        return {"mode": self.mode, "role": self.mode}
+
+    def close(self) -> None:
+        pass
+
+
+class StandbyGate:
+    """``standby``: stream only under a valid lease. A takeover not yet handed to the stream
+    loop (``takeovers``) holds the stream back, so it is recorded before the first new byte."""
+
+    def __init__(self, keeper: LeaseKeeper, instance: str) -> None:
+        self.keeper, self.instance = keeper, instance
+        self.drain_budget = keeper.drain_budget
+
+    def may_stream(self) -> bool:
+        return not self.keeper.elector.takeovers and self.keeper.may_stream()
+
+    def takeovers(self) -> list[Takeover]:
+        return self.keeper.take_takeovers()
+
+    def state(self, reader_state: str) -> str:
+        if self.keeper.may_stream():
+            return reader_state
+        view = self.keeper.elector.view
+        if view.last_error:  # nobody may be streaming: the operator must know
+            return f"degraded: lease unreachable ({view.last_error}); not streaming"
+        return (f"standby: lease held by {view.holder}" if view.holder
+                else "standby: acquiring the lease")
+
+    def view(self) -> dict[str, Any]:
+        view = self.keeper.view()
+        if view["role"] == "active" and not self.keeper.may_stream():
+            view["role"] = "standby"  # the lease lapsed; the thread has not noticed yet
+        return {"mode": "standby", "instance": self.instance, **view}
+
+    def close(self) -> None:
+        self.keeper.close()
+
+
+def open_gate(settings: Settings, last_recv_ns: Callable[[], int]) -> LeaseGate:
+    ha = settings.ha
+    if ha.mode != "standby":
+        return OpenGate(ha.mode)
+    from ingestd.control.lease import start_lease  # pymongo: standby mode only
+
+    return StandbyGate(start_lease(settings.mongo, ha, last_recv_ns), ha.instance)

@@ -1,0 +1,543 @@
+"""Standby pairs and redundant streams (``ha.mode``) on real daemons, one simulator, one MongoDB.
+
+Each scenario is reconciled against the simulator's ground truth: which connections were open
+when (never two at once in standby mode, no code-7 logout of the active), and every tweet it
+delivered to either instance stored exactly once. Control messages are off (``--control-every
+0``): no delete can take a delivered tweet out of the comparison. Each connection carries at most
+``--max-tweets`` tweets, so the scenario goes quiet before it is reconciled: a tweet delivered
+into a socket after the ground truth was read could otherwise be stored before the collection
+was read, and a SIGKILLed process loses what its kernel had received but it had not read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pymongo
+import pytest
+import yaml
+from pymongo.uri_parser import parse_uri
+
+from ingestd.config.errors import ConfigErrors
+from ingestd.config.settings import load_settings, load_settings_text
+from ingestd.control.collector import RunStateCollector
+from ingestd.control.lease import (
+    LeaseElector,
+    LeaseKeeper,
+    Takeover,
+    margin,
+    renew_interval,
+)
+from ingestd.control.lease_gate import StandbyGate
+from ingestd.control.runstate import RUN_DIR, write_status
+from ingestd.control.status import render
+from tests.support.creds import CREDS
+from tests.support.daemon import Daemon, settings_doc
+from tests.support.mongo import stored_ids
+from tests.support.mongo_proxy import MongoProxy
+from tests.support.simulator import GroundTruthLog, SimProcess
+from tests.support.wait import wait_until
+
+LEASE = 3.0  # seconds: small, so takeovers are quick; the renewals stay well inside it
+PER_CONN = 600  # tweets per connection (--max-tweets)
+FIRST_BACKOFF = 0.25  # settings_doc's network_start: the delay a takeover may add at most
+BOOT = 90.0  # seconds a daemon may take to start: six engineers share two cores
+
+
+def ha_doc(sim: SimProcess, uri: str, db: str, mode: str) -> dict[str, Any]:
+    return settings_doc(sim.url, uri, db, ha={"mode": mode, "lease_seconds": LEASE})
+
+
+def sim_for(tmp_path: Path, *args: str, per_conn: int = PER_CONN,
+            rate: int = 150) -> SimProcess:
+    return SimProcess(tmp_path / "sim", "--rate", str(rate), "--max-tweets", str(per_conn),
+                      "--control-every", "0", "--keepalive", "1", "--seed", "13", *args).start()
+
+
+def ha_view(daemon: Daemon) -> dict[str, Any]:
+    return dict(daemon.status("stream").get("ha") or {})
+
+
+def wait_role(daemon: Daemon, role: str, timeout: float = 60.0) -> dict[str, Any]:
+    def reached() -> dict[str, Any]:
+        daemon.assert_running()
+        view = ha_view(daemon)
+        return view if view.get("role") == role else {}
+    return wait_until(reached, timeout, f"{daemon.workdir.name} {role}")
+
+
+def signal_all(daemon: Daemon, sig: int) -> None:
+    """``sig`` to the supervisor and both workers: the whole instance, as a host failure is
+    (they share the test's process group, so the group cannot be signalled)."""
+    pids = daemon.pids()
+    for role in ("stream", "store", "supervisor"):
+        os.kill(pids[role], sig)
+
+
+def open_intervals(truth: GroundTruthLog) -> list[tuple[int, float, float]]:
+    """(conn, opened, closed) of every stream the simulator served (200); inf if still open."""
+    closes = {e["conn"]: float(e["t"]) for e in truth.closes()}
+    return sorted((e["conn"], float(e["t"]), closes.get(e["conn"], float("inf")))
+                  for e in truth.connections() if e["status"] == 200)
+
+
+def assert_never_two_at_once(truth: GroundTruthLog) -> None:
+    spans = sorted(open_intervals(truth), key=lambda span: span[1])
+    for (a, _, a_closed), (b, b_opened, _) in itertools.pairwise(spans):
+        assert a_closed <= b_opened, f"connections {a} and {b} were open at the same time"
+    assert not truth.control("disconnect"), "an instance was logged out (code 7)"
+
+
+def delivered_per_conn(truth: GroundTruthLog) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for e in truth.of("tweet"):
+        counts[e["conn"]] = counts.get(e["conn"], 0) + 1
+    return counts
+
+
+def wait_all_stored(uri: str, db: str, sim: SimProcess, conns: int,
+                    per_conn: int = PER_CONN) -> None:
+    """Until the last ``conns`` connections delivered their tweets and MongoDB holds every one
+    (stopping a daemon while its connection still delivers would lose what is in its socket)."""
+    def done() -> bool:
+        truth = sim.ground_truth()
+        counts = delivered_per_conn(truth)  # the last ``conns`` connections must be complete
+        if [counts[c] for c in sorted(counts)[-conns:]] != [per_conn] * conns:
+            return False
+        return set(stored_ids(uri, db)) >= set(truth.tweet_ids())
+    wait_until(done, 120, f"{conns} connections delivered and everything stored", interval=0.5)
+
+
+def reconcile(uri: str, db: str, sim: SimProcess) -> tuple[list[int], set[int]]:
+    truth = sim.ground_truth()
+    ids = stored_ids(uri, db)
+    delivered = set(truth.tweet_ids())
+    assert len(ids) == len(set(ids)), "a tweet was stored twice"
+    assert set(ids) == delivered, (len(set(ids) - delivered), len(delivered - set(ids)))
+    return ids, delivered
+
+
+def stop_all(*daemons: Daemon) -> None:
+    for daemon in daemons:
+        try:
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                code, _ = daemon.stop()
+                assert code == 0, daemon.tail()
+        finally:
+            daemon.kill()
+
+
+def lease_docs(uri: str, db: str) -> list[dict[str, Any]]:
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        uri, serverSelectionTimeoutMS=10000)
+    try:
+        return list(client[db].leases.find({}))
+    finally:
+        client.close()
+
+
+def start_together(tmp_path: Path, sim: SimProcess, uri: str, db: str) -> tuple[Daemon, Daemon]:
+    """Both start at once; one wins the lease: (the active, the standby)."""
+    pair = [Daemon(tmp_path / n, ha_doc(sim, uri, db, "standby")).start() for n in "ab"]
+    try:
+        for daemon in pair:
+            daemon.wait_ready(BOOT)
+        active = wait_until(lambda: [d for d in pair if ha_view(d).get("role") == "active"],
+                            30, "one instance active")
+        assert len(active) == 1, "two instances active at once"
+        standby = next(d for d in pair if d is not active[0])
+        wait_until(lambda: ha_view(standby).get("holder") == ha_view(active[0])["instance"],
+                   30, "the standby sees the active's lease")
+    except BaseException:
+        for daemon in pair:
+            daemon.kill()
+        raise
+    return active[0], standby
+
+
+def start_pair(tmp_path: Path, sim: SimProcess, uri: str, db: str,
+               uri_a: str | None = None) -> tuple[Daemon, Daemon]:
+    """A starts first and becomes active; B then starts and stands by behind A."""
+    a = Daemon(tmp_path / "a", ha_doc(sim, uri_a or uri, db, "standby")).start()
+    b = Daemon(tmp_path / "b", ha_doc(sim, uri, db, "standby"))
+    try:
+        a.wait_ready(BOOT)
+        active = wait_role(a, "active")
+        b.start().wait_ready(BOOT)
+        standby = wait_role(b, "standby")
+        wait_until(lambda: ha_view(b).get("holder") == active["instance"], 30,
+                   "B sees A's lease")
+    except BaseException:
+        a.kill()
+        b.kill()
+        raise
+    assert standby["instance"] != active["instance"]
+    return a, b
+
+
+# ---------------------------------------------------------------- standby
+
+
+def test_standby_sigkill_the_active_standby_takes_over_nothing_lost(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    sim = sim_for(tmp_path)
+    a = b = None
+    try:
+        a, b = start_pair(tmp_path, sim, mongo_uri, mongo_database)
+        # A's connection delivered all its tweets and A read them: a SIGKILL then loses nothing
+        # in A's kernel buffers (TCP cannot give those back), only A's unstored spool backlog.
+        wait_until(lambda: a.counters("stream").get("received", 0) >= PER_CONN, 60,
+                   "A received its connection's tweets")
+        assert b.counters("stream").get("attempts") == 0, "the standby opened a connection"
+        killed_at = time.time()
+        signal_all(a, signal.SIGKILL)
+        a.proc.wait(10)  # type: ignore[union-attr]
+        view = wait_role(b, "active", timeout=60)
+        assert view["takeovers"] == 1
+        takeover = b.wait_log("ha_takeover")
+        assert takeover["previous_holder"] == ha_view(a)["instance"]
+        assert takeover["lease_age"] >= LEASE  # never before A's lease could have expired
+        # A returns: it stands by behind B, drains its own spool, and never connects.
+        a.start()
+        a.wait_ready(BOOT)
+        wait_until(lambda: ha_view(a).get("holder") == view["instance"], 60,
+                   "the returning A sees B's lease")  # its first lease read may take a while
+        wait_all_stored(mongo_uri, mongo_database, sim, conns=2)
+        assert ha_view(a)["role"] == "standby"
+        assert a.counters("stream").get("attempts") == 0, "the returning instance connected"
+        stop_all(a, b)
+    finally:
+        for d in (a, b):
+            if d is not None:
+                d.kill()
+        sim.stop()
+    truth = sim.ground_truth()
+    assert_never_two_at_once(truth)
+    spans = open_intervals(truth)
+    assert len(spans) == 2, spans  # A's, then B's: nobody else ever connected
+    delay = spans[1][1] - killed_at
+    bound = LEASE + 2 * renew_interval(LEASE) + FIRST_BACKOFF + 2.0  # + scheduling on 2 cores
+    print(f"\n[figure] standby takeover after SIGKILL: B streaming {delay:.2f}s after the kill "
+          f"(lease {LEASE}s, bound {bound:.2f}s)")
+    assert delay <= bound
+    ids, delivered = reconcile(mongo_uri, mongo_database, sim)
+    print(f"[figure] delivered {len(delivered)} (2 connections), stored {len(ids)}, no duplicate")
+
+
+def test_standby_sigstop_the_active_returns_as_standby_and_drains(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    per_conn = 1500  # 15 s a connection: A is frozen while its connection still delivers
+    sim = sim_for(tmp_path, per_conn=per_conn, rate=100)
+    a = b = None
+    try:
+        a, b = start_together(tmp_path, sim, mongo_uri, mongo_database)
+        wait_until(lambda: a.counters("stream").get("received", 0) >= 100, 60, "A streaming")
+        stopped_at = time.time()
+        signal_all(a, signal.SIGSTOP)  # frozen mid-stream: its lease expires, B takes over
+        try:
+            wait_role(b, "active", timeout=60)
+            wait_until(lambda: b.counters("stream").get("received", 0) >= 50, 60,
+                       "B streaming")
+            conns_before = len(sim.ground_truth().connections())
+        finally:
+            signal_all(a, signal.SIGCONT)
+        wait_role(a, "standby")
+        a.wait_log("stream_stood_down")
+        wait_all_stored(mongo_uri, mongo_database, sim, conns=1, per_conn=per_conn)
+        # A, back, stands by: it opened no connection after it woke up, B kept the lease.
+        assert len(sim.ground_truth().connections()) == conns_before == 2
+        wait_until(lambda: ha_view(a).get("holder") == ha_view(b)["instance"], 30,
+                   "A sees B's lease")
+        assert ha_view(b)["takeovers"] == 1 and ha_view(b)["role"] == "active"
+        stop_all(a, b)
+    finally:
+        for d in (a, b):
+            if d is not None:
+                d.kill()
+        sim.stop()
+    truth = sim.ground_truth()
+    (a_conn, _, _), (b_conn, _, _) = open_intervals(truth)
+    # A frozen cannot close its connection: B's newer one logs it out (code 7). B itself was
+    # never logged out, and its connection ran until B stopped.
+    kicked = {e["conn"] for e in truth.control("disconnect")}
+    assert kicked <= {a_conn}, kicked
+    assert not any(e["conn"] == b_conn and "disconnect" in str(e.get("reason"))
+                   for e in truth.closes())
+    assert len(truth.connections()) == 2  # nobody connected after B: not A once it woke
+    # While A was frozen, the endpoint kept writing into its socket: tweets it counts as
+    # delivered, which A read when it woke, before closing (stand-down drain).
+    while_frozen = [e for e in truth.of("tweet", a_conn) if e["t"] > stopped_at + 0.5]
+    assert while_frozen, "the scenario should freeze A while its connection delivers"
+    ids, delivered = reconcile(mongo_uri, mongo_database, sim)
+    a_ids = set(truth.tweet_ids(a_conn))
+    print(f"\n[figure] SIGSTOP: A's connection delivered {len(a_ids)} ({len(while_frozen)} into "
+          f"its socket while it was frozen, read when it woke), B's "
+          f"{len(delivered) - len(a_ids)}; stored {len(ids)}, no duplicate")
+
+
+def test_standby_holder_cut_off_from_mongodb_closes_before_the_takeover(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    host, port = parse_uri(mongo_uri)["nodelist"][0]
+    sim = sim_for(tmp_path)
+    a = b = None
+    try:
+        with MongoProxy((host, port)) as proxy:
+            a, b = start_pair(tmp_path, sim, mongo_uri, mongo_database, uri_a=proxy.uri)
+            wait_until(lambda: a.counters("stream").get("received", 0) >= PER_CONN, 60,
+                       "A received its connection's tweets")
+            proxy.failover(600)  # A alone loses MongoDB; its process keeps running
+            wait_role(b, "active", timeout=60)
+            stood_down = a.wait_log("stream_stood_down")
+            assert ha_view(a)["renew_failures"] > 0
+            proxy.pass_through()  # A reaches MongoDB again: B holds the lease now
+            wait_until(lambda: a.events("lease_lost"), 30, "A sees it lost the lease")
+            wait_all_stored(mongo_uri, mongo_database, sim, conns=2)
+            assert ha_view(a)["role"] == "standby" and a.counters("stream")["attempts"] == 1
+            stop_all(a, b)
+    finally:
+        for d in (a, b):
+            if d is not None:
+                d.kill()
+        sim.stop()
+    truth = sim.ground_truth()
+    spans = open_intervals(truth)
+    assert len(spans) == 2 and not truth.control("disconnect"), "nobody was logged out"
+    # The simulator notices an idle client's close only at its next keep-alive write, so A's
+    # close is taken from A's own log line, written once its connection was closed.
+    closed = datetime.fromisoformat(stood_down["timestamp"]).timestamp()
+    b_opened = spans[1][1]
+    print(f"\n[figure] A, cut off from MongoDB, closed its stream {b_opened - closed:.2f}s "
+          f"before B opened one (lease {LEASE}s, margin {margin(LEASE):.1f}s)")
+    assert closed < b_opened
+    reconcile(mongo_uri, mongo_database, sim)
+
+
+def test_single_mode_writes_no_lease(tmp_path: Path, mongo_uri: str,
+                                     mongo_database: str) -> None:
+    sim = sim_for(tmp_path)
+    daemon = Daemon(tmp_path / "d", settings_doc(sim.url, mongo_uri, mongo_database))
+    try:
+        daemon.start().wait_ready(BOOT)
+        wait_all_stored(mongo_uri, mongo_database, sim, conns=1)
+        assert ha_view(daemon) == {"mode": "single", "role": "single"}
+        stop_all(daemon)
+    finally:
+        daemon.kill()
+        sim.stop()
+    assert lease_docs(mongo_uri, mongo_database) == []
+    assert not [e for e in daemon.log_events()
+                if str(e.get("event", "")).startswith(("lease_", "ha_"))]
+
+
+# ---------------------------------------------------------------- redundant
+
+
+def test_redundant_every_tweet_delivered_twice_stored_once(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    sim = sim_for(tmp_path, "--redundant", "2")
+    a = Daemon(tmp_path / "a", ha_doc(sim, mongo_uri, mongo_database, "redundant"))
+    b = Daemon(tmp_path / "b", ha_doc(sim, mongo_uri, mongo_database, "redundant"))
+    try:
+        a.start()
+        b.start()
+        a.wait_ready(BOOT)
+        b.wait_ready(BOOT)
+        wait_all_stored(mongo_uri, mongo_database, sim, conns=2)
+        stop_all(a, b)
+    finally:
+        a.kill()
+        b.kill()
+        sim.stop()
+    truth = sim.ground_truth()
+    (one, _, _), (two, _, _) = open_intervals(truth)
+    assert not truth.control("disconnect"), "a redundant connection was logged out"
+    assert sorted(truth.tweet_ids(one)) == sorted(truth.tweet_ids(two))
+    assert len(truth.tweet_ids(one)) == PER_CONN
+    ids, _ = reconcile(mongo_uri, mongo_database, sim)
+    dups = a.counters("store").get("duplicates", 0) + b.counters("store").get("duplicates", 0)
+    print(f"\n[figure] redundant: delivered {2 * PER_CONN} ({PER_CONN} twice), stored "
+          f"{len(ids)}, {dups} copies absorbed by _id")
+    assert len(ids) == PER_CONN and dups == PER_CONN
+    assert lease_docs(mongo_uri, mongo_database) == []
+
+
+# ---------------------------------------------------------------- the lease itself
+
+
+class Clock:
+    """A monotonic clock the test moves (each elector may have its own: hosts' clocks differ)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def leases(mongo_uri: str, mongo_database: str) -> Any:
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo_uri, serverSelectionTimeoutMS=10000)
+    yield client[mongo_database].leases
+    client.close()
+
+
+def elector(coll: Any, name: str, clock: Clock) -> LeaseElector:
+    return LeaseElector(coll, "stream:k", name, LEASE, clock=clock)
+
+
+def test_a_standby_takes_over_only_after_the_holder_stopped_streaming(leases: Any) -> None:
+    clock = Clock()
+    a, b = elector(leases, "a", clock), elector(leases, "b", clock)
+    a.step(1)
+    b.step(0)
+    assert a.may_stream() and not b.may_stream()
+    for _ in range(10):  # A renews every interval: B never takes over
+        clock.now += renew_interval(LEASE)
+        a.step(2)
+        b.step(0)
+        assert a.may_stream() and not b.may_stream()
+    last_renewal = clock.now
+    while not b.may_stream():  # A is cut off: only B steps from now on
+        clock.now += 0.1
+        b.step(0)
+    assert clock.now >= last_renewal + LEASE
+    assert not a.may_stream(), "A would still stream when B took over"
+    assert a.valid_until <= clock.now - margin(LEASE)
+    assert b.view.takeovers == 1 and b.takeovers[0].previous_holder == "a"
+    assert b.takeovers[0].last_recv_ns == 2  # A's last renewal carried its last message time
+    a.step(3)  # A comes back: its renewal finds B's term and deposes it
+    assert a.term is None and a.view.role == "standby" and a.view.holder == "b"
+    assert not a.may_stream() and b.may_stream()
+
+
+def test_two_standbys_racing_for_an_expired_lease_one_wins(leases: Any) -> None:
+    clock = Clock()
+    a, b, c = (elector(leases, n, clock) for n in "abc")
+    a.step(0)
+    expired = leases.find_one({"_id": "stream:k"})  # what both b and c read, A being silent
+    b._take(expired, LEASE, 0)
+    c._take(expired, LEASE, 0)  # the compare-and-set sees b's term, not the one c read
+    assert b.may_stream() and not c.may_stream() and c.term is None
+    assert leases.find_one({"_id": "stream:k"})["holder"] == "b"
+    assert leases.find_one({"_id": "stream:k"})["term"] == 2
+
+
+def test_a_released_lease_is_taken_at_once(leases: Any) -> None:
+    clock = Clock()
+    a, b = elector(leases, "a", clock), elector(leases, "b", clock)
+    a.step(5)
+    b.step(0)
+    a.release()
+    assert not a.may_stream()
+    b.step(0)  # no waiting for the lease to expire
+    assert b.may_stream() and b.takeovers[0].previous_holder == "a"
+
+
+def test_a_restarted_holder_reclaims_its_own_lease(leases: Any) -> None:
+    clock = Clock()
+    elector(leases, "a", clock).step(0)  # then the process dies without releasing
+    again = elector(leases, "a", clock)
+    again.step(0)
+    assert again.may_stream() and again.view.takeovers == 0 and not again.takeovers
+
+
+def test_a_takeover_whose_reply_was_lost_is_still_reported(leases: Any) -> None:
+    class LostReply:
+        """The lease collection, except that one findAndModify is applied and its reply lost."""
+
+        def __init__(self, coll: Any) -> None:
+            self.coll, self.lose = coll, 1
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.coll, name)
+
+        def find_one_and_update(self, *args: Any, **kwargs: Any) -> Any:
+            result = self.coll.find_one_and_update(*args, **kwargs)
+            if self.lose:
+                self.lose -= 1
+                raise pymongo.errors.AutoReconnect("connection reset")
+            return result
+
+    clock = Clock()
+    a = elector(leases, "a", clock)
+    a.step(7)
+    b = LeaseElector(LostReply(leases), "stream:k", "b", LEASE, clock=clock)  # type: ignore[arg-type]
+    b.step(0)
+    clock.now += LEASE
+    b.step(0)  # applied on the server, but b does not know it won
+    assert not b.may_stream() and b.view.renew_failures == 1
+    assert leases.find_one({"_id": "stream:k"})["holder"] == "b"
+    b.step(0)  # finds the lease its own: completes the takeover
+    assert b.may_stream() and b.view.takeovers == 1
+    assert b.takeovers == [Takeover("a", 7, LEASE)]
+
+
+def test_mongodb_unreachable_the_holder_stops_streaming_in_time() -> None:
+    class Down:
+        def find_one_and_update(self, *args: Any, **kwargs: Any) -> None:
+            raise pymongo.errors.ServerSelectionTimeoutError("down")
+
+    clock = Clock()
+    a = LeaseElector(Down(), "stream:k", "a", LEASE, clock=clock)  # type: ignore[arg-type]
+    a.term, a.valid_until = 1, clock.now + LEASE - margin(LEASE)
+    a.view.role = "active"
+    clock.now += LEASE - margin(LEASE)
+    a.step(0)
+    assert not a.may_stream() and a.view.renew_failures == 1 and "down" in str(a.view.last_error)
+    gate = StandbyGate(LeaseKeeper(a, lambda: 0), "a")  # the thread is not started
+    assert not gate.may_stream()
+    assert gate.state("connected conn=1 gen=1").startswith("degraded: lease unreachable")
+    assert gate.view()["role"] == "standby"  # the holder whose lease lapsed
+
+
+# ---------------------------------------------------------------- settings, status, metrics
+
+
+def ha_settings(**ha: Any) -> Any:
+    doc = settings_doc("http://127.0.0.1:9/1.1/statuses/filter.json", "mongodb://h", "db",
+                       **({"ha": ha} if ha else {}))
+    doc["state_dir"] = "/var/lib/ingestd/x"
+    return load_settings_text(yaml.safe_dump(doc), Path("/etc/ingestd/x.yaml"), CREDS)
+
+
+def test_ha_settings_defaults_and_errors() -> None:
+    single = ha_settings()
+    assert (single.ha.mode, single.ha.lease_seconds, single.ha.collection) == (
+        "single", 10.0, "leases")
+    assert single.ha.instance.startswith(socket.gethostname() + ":")
+    assert ha_settings().ha.instance == single.ha.instance  # stable across restarts
+    assert single.ha.lease_key.startswith("stream:")
+    assert all(v not in single.ha.lease_key for v in CREDS.values())
+    assert ha_settings(mode="standby", instance="db-1").ha.instance == "db-1"
+    shipped = load_settings(Path(__file__).parents[1] / "settings.yaml", env=CREDS).ha
+    assert (shipped.mode, shipped.lease_seconds, shipped.collection) == (
+        single.ha.mode, single.ha.lease_seconds, single.ha.collection)  # documents the defaults
+    with pytest.raises(ConfigErrors) as info:
+        ha_settings(mode="active-active", lease_seconds=0.5)
+    text = str(info.value)
+    assert "ha.mode: must be one of single, standby, redundant; got 'active-active'" in text
+    assert "ha.lease_seconds" in text
+
+
+def test_status_and_metrics_show_role_holder_and_takeovers(tmp_path: Path) -> None:
+    (tmp_path / RUN_DIR).mkdir()
+    ha = {"mode": "standby", "instance": "h2:1", "role": "standby", "holder": "h1:9",
+          "term": 0, "takeovers": 2, "renew_failures": 1, "last_error": None}
+    write_status(tmp_path, "stream", {"state": "standby: lease held by h1:9", "ha": ha})
+    families = {f.name: f.samples[0].value for f in RunStateCollector(tmp_path).collect()
+                if f.name.startswith("ingestd_ha_")}
+    assert families == {"ingestd_ha_active": 0.0, "ingestd_ha_takeovers": 2.0,
+                        "ingestd_ha_lease_failures": 1.0}
+    view = {"health": "ok", "reasons": [], "running": dict.fromkeys(
+        ("supervisor", "stream", "store"), True), "workers": {"stream": {"ha": ha}},
+        "state_dir": str(tmp_path)}
+    assert ("  ha          standby (h2:1)  lease holder h1:9  takeovers 2  lease failures 1"
+            in render(view).splitlines())
