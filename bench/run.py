@@ -13,8 +13,13 @@ pymongo, not a database:
     ``_ingest.matched`` is computed;
 (b) ``naive``: requests ``iter_lines`` + ``json.loads`` + ``insert_one`` per tweet (on the first
     ``--naive-tweets`` of the same payload: it runs at ~2k/s);
-(c) ``threaded``: pycurl thread -> ``queue.Queue`` -> orjson + ``insert_many`` (one process);
+(c) ``threaded``: pycurl thread -> ``queue.Queue`` -> orjson + ``insert_many`` (one process):
+    "the pipeline", the first denominator of the ratios;
+(c') ``tweepy``: tweepy 4.13's default ``tweepy.Stream`` path + ``insert_many`` (on the first
+    ``--tweepy-tweets``), the second denominator;
 (d) ``floor``: pycurl + framing + orjson only, no insert (the parse limit of one core).
+``make bench`` runs ingestd, threaded, tweepy and floor (``--contenders`` for the others) on 60k
+tweets, medians of 3, to fit in 10 minutes on an idle 2-core machine.
 
 A run's clock starts when the server sends the first body byte (the contender is connected and
 started by then) and stops when the blackhole acknowledged the last tweet (``floor``: when the last
@@ -24,7 +29,11 @@ from other users of the machine hits all of them alike; the table shows medians,
 average next to every figure. Then: (e) p50/p99 send->acknowledged latency at a steady rate,
 (f) RSS of all ingestd processes under a 10x overload (the blackhole delays every ack), (g) a
 smaller run against the nx-27017 stand-in proving the same path stores every tweet exactly once
-(its speed is not a figure), and with ``--profile`` (h) py-spy profiles of both workers.
+(its speed is not a figure), (h) a py-spy profile of both workers (one extra plain run), and (i)
+the quiet stream: CPU and wake-ups (voluntary context switches) of every daemon process from /proc
+with keep-alives only and at 50 tweets/s. Peak RSS and PSS are sampled from
+/proc/PID/smaps_rollup and summed over the contender's processes. A dated section with the figures
+is appended to ``bench/RESULTS.md``.
 ``--tree DIR`` runs the daemon from another source tree, to measure a proposed change against the
 same baselines. Results of a run, with the analysis, are kept in ``bench/RESULTS.md``.
 
@@ -794,6 +803,9 @@ def main(argv: list[str] | None = None) -> int:
     a("--naive-tweets", type=int, default=50_000,
       help="tweets for the naive contender: a prefix of the same payload (it runs at ~2k/s); "
       "0 = all")
+    a("--tweepy-tweets", type=int, default=20_000,
+      help="tweets for the tweepy contender: a prefix of the same payload (it runs at a third of "
+      "the pipeline's rate: fewer tweets keep make bench within 10 minutes); 0 = all")
     a("--repeats", type=int, default=3)
     a("--encodings", default="plain,gzip")
     a("--contenders", default=",".join(DEFAULT_CONTENDERS),
@@ -973,6 +985,8 @@ def run_throughput(bench: Bench, contenders: list[str], encodings: list[str],
                 else:
                     if name == "naive" and args.naive_tweets:
                         n = min(n, args.naive_tweets)
+                    if name == "tweepy" and args.tweepy_tweets:
+                        n = min(n, args.tweepy_tweets)
                     r = bench.run_contender(name, gzip, n)
                 say("    " + r.line())
                 acked = r.extra.get("acked")
