@@ -4,8 +4,6 @@ reloads and the drain on stop. Loaded by the store worker only (pymongo, never p
 from __future__ import annotations
 
 import gc
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from ingestd.control.worker import (
     Ticker,
     WorkerContext,
     start_worker,
+    wake_on_signals,
 )
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.sink.mongo import open_collection
@@ -129,14 +128,6 @@ class StoreRole:
         totals = self.worker.totals
         mean = totals.insert_seconds_total / totals.batches if totals.batches else 0.0
         return min(2 * mean, self.budget / 4)
-
-
-def wake_on_signals() -> int:
-    """A pipe that the interpreter writes to when a handled signal (SIGTERM) arrives: the read
-    end ends a wait on it at once (a sleeping system call is resumed after the handler)."""
-    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    return read_fd
 
 
 def run_store_worker(config_path: Path, generation: int) -> int:

@@ -18,6 +18,7 @@ from ingestd.control.worker import (
     Ticker,
     WorkerContext,
     start_worker,
+    wake_on_signals,
 )
 from ingestd.source.stream_reader import TICK, StreamReader
 from ingestd.source.v2_rules import RulesSync
@@ -54,6 +55,7 @@ class StreamRole:
         self.meter = RateMeter()
         self.status = Ticker(STATUS_INTERVAL, self.publish)
         self.reader.max_wait = self.max_wait
+        self.reader.wake_fds.append(wake_on_signals())
         self.passes = 0  # loop passes: published, so that an idle loop is observable
 
     def run(self) -> int:

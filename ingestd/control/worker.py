@@ -116,6 +116,15 @@ def reload_settings(command: Reload, config_path: Path) -> Reloaded | None:
     return Reloaded(command.generation, settings)
 
 
+def wake_on_signals() -> int:
+    """A pipe that the interpreter writes to when a handled signal (SIGTERM) arrives, whichever
+    thread the kernel delivered it to: a wait that includes the read end ends at once (a wait
+    in the main thread is otherwise resumed, or not even interrupted, by a signal)."""
+    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    return read_fd
+
+
 class RateMeter:
     """Events per second between two successive readings of a counter."""
 

@@ -9,6 +9,8 @@ through the ``BodyIntake`` to the sink; ``response`` says how a connection ended
 
 from __future__ import annotations
 
+import os
+import select
 import time
 from collections.abc import Callable
 
@@ -82,6 +84,7 @@ class StreamReader:
         self._by_handle: dict[int, Connection] = {}
         # Seconds until the caller's next timer (set by the stream worker): the longest sleep.
         self.max_wait: Callable[[], float] = lambda: TICK
+        self.wake_fds: list[int] = []  # readable = stop sleeping (the signal wake-up pipe)
 
     @property
     def last_message_ns(self) -> int:
@@ -121,8 +124,18 @@ class StreamReader:
         self._flush()  # before waiting: nothing framed stays unwritten across the select
         if 0 < moved < GATHER_BELOW:
             # A slow stream: let a few more messages arrive than wake up for each one.
-            time.sleep(GATHER_SECONDS)
-        self._multi.select(self._select_timeout())
+            self._sleep(GATHER_SECONDS, with_curl=False)
+        self._sleep(self._select_timeout())
+
+    def _sleep(self, timeout: float, with_curl: bool = True) -> None:
+        """Wait for libcurl's sockets (unless ``with_curl`` is false), a wake-up descriptor or
+        ``timeout``. SIGTERM may be delivered to any thread of the process: only the signal
+        wake-up pipe in ``wake_fds`` ends the main thread's wait on it at once."""
+        read, write, exc = self._multi.fdset() if with_curl else ([], [], [])
+        ready, _, _ = select.select([*read, *self.wake_fds], write, exc, timeout)
+        for fd in self.wake_fds:
+            if fd in ready:
+                _drain(fd)
 
     def _select_timeout(self) -> float:
         """TICK while a connection is being made, replaced or paused; IDLE_TICK on a healthy
@@ -322,3 +335,12 @@ class StreamReader:
         self.stats.count_ending(ending, conn.cut_bytes)
         if self.active is conn and ending is not Ending.ABORTED:
             self.state = "reconnecting"
+
+
+def _drain(fd: int) -> None:
+    """Empty a non-blocking wake-up pipe (its bytes only say "look again")."""
+    try:
+        while os.read(fd, 512):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
