@@ -19,6 +19,7 @@ from ingestd.control.worker import (
 )
 from ingestd.source.stream_reader import StreamReader
 from ingestd.source.v2_rules import RulesSync
+from ingestd.spool.events import GapMarkers
 from ingestd.spool.intake import SpoolIntake
 from ingestd.spool.writer import SpoolWriter
 
@@ -35,10 +36,14 @@ class StreamRole:
                                  max_bytes=sp.max_bytes, max_records=sp.max_records,
                                  fsync_interval=sp.fsync_interval)
         drop = sp.when_full == "drop_newest"
-        self.intake = SpoolIntake(self.spool, drop=drop)
+        # Coverage markers (before the intake writes anything: a crash is told by the last record).
+        last = self.spool.last_record
+        self.markers = GapMarkers(self.spool, last)
+        self.intake = SpoolIntake(self.spool, drop=drop, on_written=self.markers.seen)
         self.reader = StreamReader(settings.stream, settings.auth, ctx.generation, self.intake,
                              is_full=self.intake.is_full, drop_when_full=drop,
-                             flush=self.intake.flush)
+                             flush=self.intake.flush, markers=self.markers,
+                             first_conn_id=last.conn_id + 1 if last and last.conn_id else 1)
         # X API v2: rules live on the server; synced at start and on every reload, on a thread,
         # while the connection keeps streaming (no-op for v1.1).
         self.rules = RulesSync()
@@ -50,6 +55,8 @@ class StreamRole:
         log.info("stream_worker_started", generation=self.ctx.generation)
         try:
             self.reader.run(lambda: bool(self.ctx.stop), self.tick)
+            # The supervisor vanished without stopping us (SIGKILL, OOM): not a requested stop.
+            self.markers.gap("killed" if self.ctx.control.closed.is_set() else "stopped")
         finally:
             self.rules.close()
             self.spool.close()

@@ -23,6 +23,7 @@ from ingestd.source.connection import Connection, open_connection
 from ingestd.source.request import filter_key
 from ingestd.source.response import classify, describe, disconnect_code, retry_after
 from ingestd.source.stats import ReaderStats
+from ingestd.spool.events import GapMarkers
 
 log = structlog.get_logger("ingestd.source.stream_reader")
 
@@ -31,6 +32,12 @@ TICK = 0.1  # seconds between checks of stop flag, stall timers and reloads
 # the older connection of an account by itself) or this many seconds pass: bytes already in its
 # socket are tweets the endpoint delivered.
 RETIRE_GRACE = 5.0
+# The coverage ledger's cause for a gap that begins with this ending of the active connection.
+GAP_CAUSES = {
+    Ending.NETWORK: "reconnect", Ending.CLOSED: "reconnect", Ending.DISCONNECT: "reconnect",
+    Ending.STALL: "stall", Ending.RATE_LIMITED: "rate_limited", Ending.HTTP: "http_error",
+    Ending.CONFIG: "rejected", Ending.ABORTED: "reload",
+}
 
 
 class StreamReader:
@@ -47,6 +54,8 @@ class StreamReader:
         drop_when_full: bool,
         flush: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
+        markers: GapMarkers | None = None,
+        first_conn_id: int = 1,
     ) -> None:
         self.stream, self.auth, self.generation = stream, auth, generation
         self._flush = flush  # ends a pass: the sink writes what it coalesced from the callbacks
@@ -61,7 +70,8 @@ class StreamReader:
         self.stats = ReaderStats()
         self._body = BodyIntake(sink, self.stats, is_full=is_full, drop_when_full=drop_when_full,
                               clock=clock)
-        self._next_conn_id = 1
+        self._markers = markers  # coverage: when and why the stream stopped delivering
+        self._next_conn_id = first_conn_id
         self._by_handle: dict[int, Connection] = {}
 
     @property
@@ -116,6 +126,7 @@ class StreamReader:
             # Nothing worth keeping: replace at once (also leaves a degraded "wait for reload").
             if self.active is not None:
                 self._end(self.active, Ending.ABORTED)
+                self._mark_gap(self.active, Ending.ABORTED)
                 self.active = None
             self.next_attempt_at = self._clock()
             return
@@ -151,6 +162,9 @@ class StreamReader:
 
     def _announce(self, conn: Connection) -> None:
         conn.announced = True
+        self._flush()  # the marker goes after the bytes that announced the connection
+        if self._markers is not None:
+            self._markers.connected(conn.conn_id)
         self.state = f"connected conn={conn.conn_id} gen={conn.generation}"
         log.info("connected", conn=conn.conn_id, generation=conn.generation,
                  gzip=conn.headers.get("content-encoding") == "gzip",
@@ -207,7 +221,19 @@ class StreamReader:
         if conn is not self.active:
             return  # an old connection we already replaced
         self.active = None
+        self._mark_gap(conn, ending)
         self._schedule_reconnect(conn, ending, errmsg)
+
+    def _mark_gap(self, conn: Connection, ending: Ending) -> None:
+        """The active connection ended: the stream stops delivering (coverage marker)."""
+        if self._markers is None:
+            return
+        self._flush()  # what it delivered goes before the marker
+        code = conn.disconnect.get("code") if conn.disconnect else None
+        detail = {"conn": conn.conn_id, "ending": ending.value,
+                  **({"status": conn.status} if conn.status not in (0, 200) else {}),
+                  **({"code": code} if isinstance(code, int | str) else {})}
+        self._markers.gap(GAP_CAUSES[ending], detail=detail)
 
     def _retired(self, conn: Connection, ending: Ending) -> None:
         """The replaced connection is done: by the server's own close, or our grace deadline."""
