@@ -110,7 +110,10 @@ class StreamRole:
     def spool_status(self) -> dict[str, Any]:
         spool = self.spool
         records, nbytes = spool.backlog()
-        return {"records": records, "bytes": nbytes, "next_seq": spool.next_seq,
+        # Coverage markers are records but not messages: the queue gauges count messages.
+        markers = self.markers.after(spool.acked_seq)
+        return {"records": max(0, records - len(markers)), "bytes": nbytes,
+                "next_seq": spool.next_seq, "markers": markers,
                 "held": sum(len(h[0]) for h in self.intake.held),
                 "max_bytes": spool.max_bytes, "max_records": spool.max_records}
 

@@ -16,6 +16,7 @@ further one only if a different cause keeps it stopped (a reconnect answered by 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -90,6 +91,8 @@ class GapMarkers:
         self.last_recv_ns = last.recv_ns if last is not None else 0
         self.open_cause: str | None = "none" if last is None else None
         self.written = 0
+        # Seqs of the markers written lately: the queue gauges count messages, not markers.
+        self.seqs: deque[int] = deque(maxlen=256)
         self._resume(last)
 
     def _resume(self, last: Record | None) -> None:
@@ -130,9 +133,13 @@ class GapMarkers:
             self.open_cause = cause
             self.last_recv_ns = start
 
+    def after(self, seq: int) -> list[int]:
+        """The seqs of the recent markers past ``seq`` (not yet acknowledged, or not yet read)."""
+        return [s for s in self.seqs if s > seq]
+
     def _append(self, event: dict[str, object], recv_ns: int | None) -> bool:
         try:
-            append_event(self._spool, event, recv_ns, self.conn_id)
+            self.seqs.append(append_event(self._spool, event, recv_ns, self.conn_id))
         except SpoolWriteError as exc:  # the disk is failing: the intake reports it too
             log.error("coverage_marker_lost", event=event["type"], cause=event.get("cause"),
                       error=str(exc))

@@ -152,6 +152,11 @@ class SpoolWriter:
             os.close(self._fd)
             self._fd = -1
 
+    @property
+    def acked_seq(self) -> int:
+        """The last seq the reader acknowledged, as of the last look at the checkpoint."""
+        return self._ckpt.seq if self._ckpt is not None else self._first_seq - 1
+
     def backlog(self) -> tuple[int, int]:
         """(records, bytes) appended but not yet acknowledged by the reader.
 
