@@ -201,3 +201,32 @@ def test_coverage_collection_must_differ_from_the_tweets_collection(tmp_path: Pa
     with pytest.raises(ConfigErrors) as err:
         load_settings_text(text, tmp_path / "s.yaml", {})
     assert "mongo.coverage_collection" in str(err.value) and "must differ" in str(err.value)
+
+
+def test_v2_reconnect_asks_for_the_backfill_the_gap_needs_and_the_ledger_records_it(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    from tests.test_v2 import settled, start
+
+    total, bound = 600, 3
+    sim, daemon = start(tmp_path, mongo_uri, mongo_database, "--rate", "150", "--max-tweets",
+                        str(total), script=[[{"deliver": 100}, {"stall": 60}]], read_timeout=2,
+                        backfill_minutes=bound)
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: settled(daemon, sim, total)
+                   and len(closed_gaps(mongo_uri, mongo_database)) == 1, 120,
+                   "every published tweet, and the stall's gap closed")
+        code, _ = daemon.stop()
+        assert code == 0, daemon.tail()
+    finally:
+        daemon.kill()
+        sim.stop()
+    truth = sim.ground_truth()
+    asked = [e["params"].get("backfill_minutes") for e in truth.connections()]
+    # The first connection knows no gap: the bound; the reconnect after a ~2 s stall: 1 minute.
+    assert asked == [str(bound), "1"], asked
+    (gap,) = closed_gaps(mongo_uri, mongo_database)
+    assert gap["cause"] == "stall" and gap["backfill_minutes"] == 1
+    assert gap["backfilled_seconds"] == gap["seconds"] > 0
+    missed = {e["id"] for e in truth.of("missed")}
+    assert missed and missed <= set(stored_ids(mongo_uri, mongo_database)), "backfill recovered"

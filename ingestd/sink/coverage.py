@@ -85,6 +85,7 @@ class CoverageLedger:
     def __init__(self, target: MongoTarget, retrier: Retrier, instance: str) -> None:
         self._target, self._retry, self.instance = target, retrier, instance
         self._open: Document | None = None  # the open gap
+        self._last_closed: Document | None = None
         self._loaded = False
         # Markers, limit notices and the first record after a marker, taken but not applied:
         # MongoDB is only touched by ``flush`` (a record is taken even while MongoDB is down).
@@ -107,8 +108,9 @@ class CoverageLedger:
         event = decode_event(record.payload)
         if event is None:
             return False
-        if event["type"] == CONNECTED:
-            self.on_live(record)
+        if event["type"] == CONNECTED:  # queued as itself: it may carry the backfill asked for
+            self._queue.append((record, event))
+            self._maybe_open = False
         elif event["type"] == GAP:
             self._queue.append((record, event))
             self._maybe_open = True
@@ -177,10 +179,14 @@ class CoverageLedger:
     # ---------------------------------------------------------------- gaps
 
     def _apply(self, record: Record, event: dict[str, Any] | None) -> None:
-        if event is None:
+        if event is None or event["type"] == CONNECTED:
             gap = self._open
             if gap is not None and record.recv_ns > gap["start_ns"]:
                 self._close(gap, record.recv_ns, record.conn_id)
+            closed = self._last_closed  # by this record, or by the connection's first message
+            if event is not None and event.get("backfill_minutes") and closed is not None \
+                    and closed.get("conn_after") == record.conn_id:
+                self._backfilled(closed, int(event["backfill_minutes"]))
         elif event["type"] == "limit":
             doc = self._hour(record.recv_ns)
             key = str(record.conn_id)
@@ -222,12 +228,19 @@ class CoverageLedger:
         gap.update(end=utc(end_ns), end_ns=end_ns, seconds=round((end_ns - start_ns) / 1e9, 3),
                    conn_after=conn_after)
         self._dirty_gaps[gap["_id"]] = gap
-        self._open = None
+        self._open, self._last_closed = None, gap
         for hour, seconds in split_hours(start_ns, end_ns):
             doc = self._hour(hour)
             doc["gap_seconds"][str(start_ns)] = round(seconds, 3)
             doc["offline_seconds"] = round(sum(doc["gap_seconds"].values()), 3)
         log.info("coverage_gap_closed", cause=gap["cause"], seconds=gap["seconds"])
+
+    def _backfilled(self, gap: Document, minutes: int) -> None:
+        """v2: the connection that ended the gap asked for ``minutes`` of backfill: the endpoint
+        resends what it published in the last minutes, so that much of the gap is recovered."""
+        gap["backfill_minutes"] = minutes
+        gap["backfilled_seconds"] = round(min(gap["seconds"], minutes * 60.0), 3)
+        self._dirty_gaps[gap["_id"]] = gap
 
     def _load_open_gap(self) -> None:
         """After a restart: the gap this instance left open (a replay may re-open it too)."""

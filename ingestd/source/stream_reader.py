@@ -9,6 +9,8 @@ through the ``BodyIntake`` to the sink; ``response`` says how a connection ended
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections.abc import Callable
 
@@ -147,7 +149,17 @@ class StreamReader:
     def _attempt_due(self, now: float) -> bool:
         return self.next_attempt_at is not None and now >= self.next_attempt_at
 
+    def _backfill_for_gap(self, stream: StreamSettings) -> StreamSettings:
+        """v2: ask for the minutes of backfill the open gap needs, up to ``backfill_minutes``
+        (the bound the settings allow; the endpoint's is 5). No gap known: the bound."""
+        start = self._markers.gap_start_ns() if self._markers is not None else None
+        if not stream.backfill_minutes or not start:
+            return stream
+        minutes = min(stream.backfill_minutes, max(1, math.ceil((time.time_ns() - start) / 60e9)))
+        return dataclasses.replace(stream, backfill_minutes=minutes)
+
     def _open(self, stream: StreamSettings, generation: int) -> Connection:
+        stream = self._backfill_for_gap(stream)
         conn_id = self._next_conn_id
         self._next_conn_id += 1
         conn = open_connection(conn_id, generation, stream, self.auth, self._clock(),
@@ -164,7 +176,8 @@ class StreamReader:
         conn.announced = True
         self._flush()  # the marker goes after the bytes that announced the connection
         if self._markers is not None:
-            self._markers.connected(conn.conn_id)
+            backfill = conn.stream.backfill_minutes if conn.stream.api == "v2" else 0
+            self._markers.connected(conn.conn_id, backfill_minutes=backfill)
         self.state = f"connected conn={conn.conn_id} gen={conn.generation}"
         log.info("connected", conn=conn.conn_id, generation=conn.generation,
                  gzip=conn.headers.get("content-encoding") == "gzip",

@@ -6,8 +6,9 @@ JSON object:
 
 - ``{"type": "gap", "cause": C, "last_recv_ns": N, ...detail}``: from ``N`` (wall clock, ns, of
   the last record received before it) the stream delivers nothing, because of ``C`` (``CAUSES``).
-- ``{"type": "connected", "conn": K}``: connection K is up (first body byte of a 200): the
-  record's own receive time ends an open gap, as the first message after it would.
+- ``{"type": "connected", "conn": K[, "backfill_minutes": M]}``: connection K is up (first body
+  byte of a 200): the record's own receive time ends an open gap, as the first message after it
+  would; v2 says how many minutes of backfill it asked for.
 
 ``GapMarkers`` is the stream worker's writer of them: one gap marker when a live stream stops, a
 further one only if a different cause keeps it stopped (a reconnect answered by 420).
@@ -111,10 +112,18 @@ class GapMarkers:
         self.last_recv_ns = max(self.last_recv_ns, recv_ns)
         self.open_cause = None
 
-    def connected(self, conn_id: int) -> None:
+    def gap_start_ns(self) -> int | None:
+        """Start of the open gap (the last record received before it), or None."""
+        return self.last_recv_ns if self.open_cause is not None and self.last_recv_ns else None
+
+    def connected(self, conn_id: int, *, backfill_minutes: int = 0) -> None:
+        """Connection ``conn_id`` is up; ``backfill_minutes`` (v2) it asked the endpoint for."""
         now = time.time_ns()
         self.conn_id = max(self.conn_id, conn_id)
-        if self._append({"type": CONNECTED, "conn": conn_id}, now):
+        event: dict[str, object] = {"type": CONNECTED, "conn": conn_id}
+        if backfill_minutes:
+            event["backfill_minutes"] = backfill_minutes
+        if self._append(event, now):
             self.seen(now)
 
     def gap(self, cause: str, *, last_recv_ns: int | None = None,
