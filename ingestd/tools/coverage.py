@@ -137,7 +137,8 @@ def gap_json(gap: dict[str, Any]) -> dict[str, Any]:
             "end": _iso(gap["end_ns"]) if gap.get("end_ns") is not None else None,
             "start_ns": gap["start_ns"], "end_ns": gap.get("end_ns"),
             "seconds": gap.get("seconds"), "cause": gap["cause"], "causes": gap.get("causes"),
-            "detail": gap.get("detail", {})}
+            "detail": gap.get("detail", {}),
+            **{k: gap[k] for k in ("backfill_minutes", "backfilled_seconds") if k in gap}}
 
 
 def run_coverage(config: Path, *, since: str | None, until: str | None, instance: str | None,
