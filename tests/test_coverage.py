@@ -25,6 +25,8 @@ import pytest
 
 from ingestd.config.errors import ConfigErrors
 from ingestd.config.settings import load_settings_text
+from ingestd.sink.coverage import HOUR_NS, split_hours
+from ingestd.tools.coverage import build_rows
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.mongo import stored_ids
 from tests.support.simulator import GroundTruthLog, SimProcess
@@ -124,6 +126,8 @@ def test_every_stop_leaves_one_gap_matching_ground_truth(
         kill_everything(daemon)
         daemon.start().wait_ready()
         wait_gaps(5)
+        # This run's store worker opened one gap (the crash's); metrics export it.
+        assert daemon.counters("store")["coverage_gaps"] >= 1
         code, _ = daemon.stop()
         assert code == 0, daemon.tail()
     finally:
@@ -230,3 +234,31 @@ def test_v2_reconnect_asks_for_the_backfill_the_gap_needs_and_the_ledger_records
     assert gap["backfilled_seconds"] == gap["seconds"] > 0
     missed = {e["id"] for e in truth.of("missed")}
     assert missed and missed <= set(stored_ids(mongo_uri, mongo_database)), "backfill recovered"
+
+
+def test_limit_counts_and_gap_seconds_are_split_across_hours() -> None:
+    """A connection's cumulative limit count spanning hours counts each hour's increase once; a
+    gap across an hour boundary gives each hour its share; an open gap counts until now."""
+    h = HOUR_NS
+    hours = [
+        {"instance": "a", "hour_ns": 10 * h, "tweets": 5, "limit_max": {"7": 30}},
+        {"instance": "a", "hour_ns": 11 * h, "tweets": 6, "limit_max": {"7": 45, "8": 4}},
+        {"instance": "b", "hour_ns": 11 * h, "tweets": 1, "limit_max": {"7": 2}},
+    ]
+    gaps = [
+        {"instance": "a", "start_ns": 11 * h - 10 * 10**9, "end_ns": 11 * h + 20 * 10**9,
+         "cause": "stall"},
+        {"instance": "a", "start_ns": 11 * h + 1800 * 10**9, "end_ns": None, "cause": "stopped"},
+    ]
+    rows = build_rows(hours, gaps, 10 * h, 12 * h, now_ns=11 * h + 2700 * 10**9)
+    got = {(r.instance, r.hour[11:13]): (r.tweets, r.undelivered, r.offline_seconds, r.causes)
+           for r in rows}
+    hour10, hour11 = rows[0].hour[11:13], rows[1].hour[11:13]
+    assert got == {
+        ("a", hour10): (5, 30, 10.0, ["stall"]),
+        ("a", hour11): (6, 15 + 4, 20.0 + 900.0, ["stall", "stopped"]),
+        ("b", hour11): (1, 2, 0.0, []),
+    }
+    current = next(r for r in rows if r.instance == "a" and r.hour[11:13] == hour11)
+    assert current.covered_percent == round(100 * (1 - 920 / 2700), 2)  # the hour so far
+    assert split_hours(11 * h - 1, 11 * h + 1) == [(10 * h, 1e-9), (11 * h, 1e-9)]

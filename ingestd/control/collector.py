@@ -68,6 +68,8 @@ STORE_COUNTERS = {
                     "failed) only after mongo.slow_write_seconds."),
     "spool_corrupt_records": ("ingestd_spool_corrupt_records_total",
                               "Spool records skipped as corrupt."),
+    "coverage_gaps": ("ingestd_coverage_gaps_total",
+                      "Gaps opened in the coverage ledger (the stream stopped delivering)."),
 }
 
 

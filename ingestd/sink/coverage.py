@@ -104,7 +104,7 @@ class CoverageLedger:
     # ---------------------------------------------------------------- records
 
     def on_event(self, record: Record) -> bool:
-        """A ``KIND_EVENT`` record; False if it is not a valid marker (dead-letter it)."""
+        """A ``KIND_EVENT`` record; False if it is not a valid marker (the caller logs it)."""
         event = decode_event(record.payload)
         if event is None:
             return False
@@ -138,8 +138,11 @@ class CoverageLedger:
         """Tweets found already stored. One stored from this very record (same spool seq and
         connection) by an insert whose ledger write a crash prevented is counted now: its seq is
         past what the hour document counted. Others are true duplicates."""
-        unsure = [e for e in entries if self._hour(e.record.recv_ns) is not None
-                  and e.record.seq > self._persisted[hour_start_ns(e.record.recv_ns)]]
+        unsure = []
+        for entry in entries:
+            self._hour(entry.record.recv_ns)  # loads the hour's persisted ``seq``
+            if entry.record.seq > self._persisted[hour_start_ns(entry.record.recv_ns)]:
+                unsure.append(entry)
         if not unsure:
             return
         ids = [e.tweet_id for e in unsure]

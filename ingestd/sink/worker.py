@@ -168,6 +168,7 @@ class StoreWorker:
         return self.totals.as_dict(
             pending=len(self._batch.entries),
             limit_missed=self._notices.limit_missed(),
+            coverage_gaps=self._ledger.gaps_recorded,
             deadletter_raw_dropped=self._letters.store.raw_dropped,
             deadletter_lines_dropped=self._letters.store.lines_dropped)
 
