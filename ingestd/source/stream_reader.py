@@ -71,7 +71,7 @@ class StreamReader:
         self.state = "connecting"
         self.stats = ReaderStats()
         self._body = BodyIntake(sink, self.stats, is_full=is_full, drop_when_full=drop_when_full,
-                              clock=clock)
+                              clock=clock, on_first_body=self._mark_connected)
         self._markers = markers  # coverage: when and why the stream stopped delivering
         self._next_conn_id = first_conn_id
         self._by_handle: dict[int, Connection] = {}
@@ -174,14 +174,19 @@ class StreamReader:
 
     def _announce(self, conn: Connection) -> None:
         conn.announced = True
-        self._flush()  # the marker goes after the bytes that announced the connection
-        if self._markers is not None:
-            backfill = conn.stream.backfill_minutes if conn.stream.api == "v2" else 0
-            self._markers.connected(conn.conn_id, backfill_minutes=backfill)
         self.state = f"connected conn={conn.conn_id} gen={conn.generation}"
         log.info("connected", conn=conn.conn_id, generation=conn.generation,
                  gzip=conn.headers.get("content-encoding") == "gzip",
                  after=round(self._clock() - conn.opened_at, 3))
+
+    def _mark_connected(self, conn: Connection) -> None:
+        """A 200's first body bytes (in libcurl's callback): the coverage marker goes before the
+        connection's first message, after everything spooled before."""
+        if self._markers is None:
+            return
+        self._flush()
+        backfill = conn.stream.backfill_minutes if conn.stream.api == "v2" else 0
+        self._markers.connected(conn.conn_id, backfill_minutes=backfill)
 
     def _promote(self, conn: Connection) -> None:
         """The new connection delivers: the old one retires (make-before-break)."""
