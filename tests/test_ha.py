@@ -49,6 +49,7 @@ LEASE = 3.0  # seconds: small, so takeovers are quick; the renewals stay well in
 PER_CONN = 600  # tweets per connection (--max-tweets)
 FIRST_BACKOFF = 0.25  # settings_doc's network_start: the delay a takeover may add at most
 BOOT = 90.0  # seconds a daemon may take to start: six engineers share two cores
+FREEZE = 30.0  # seconds the SIGSTOP scenario keeps the active frozen (the figure)
 
 
 def ha_doc(sim: SimProcess, uri: str, db: str, mode: str) -> dict[str, Any]:
@@ -266,6 +267,9 @@ def test_standby_sigstop_the_active_returns_as_standby_and_drains(
             wait_until(lambda: b.counters("stream").get("received", 0) >= 50, 60,
                        "B streaming")
             conns_before = len(sim.ground_truth().connections())
+            # The scenario is a 30 s freeze (a VM paused, a process stuck in D state): its length
+            # is the point, not an event to wait for.
+            time.sleep(max(0.0, FREEZE - (time.time() - stopped_at)))
         finally:
             signal_all(a, signal.SIGCONT)
         wait_role(a, "standby")
@@ -299,8 +303,8 @@ def test_standby_sigstop_the_active_returns_as_standby_and_drains(
     assert while_frozen, "the scenario should freeze A while its connection delivers"
     ids, delivered = reconcile(mongo_uri, mongo_database, sim)
     a_ids = set(truth.tweet_ids(a_conn))
-    print(f"\n[figure] SIGSTOP: A's connection delivered {len(a_ids)} ({len(while_frozen)} into "
-          f"its socket while it was frozen, read when it woke), B's "
+    print(f"\n[figure] SIGSTOP {FREEZE:.0f}s: A's connection delivered {len(a_ids)} "
+          f"({len(while_frozen)} into its socket while it was frozen, read when it woke), B's "
           f"{len(delivered) - len(a_ids)}; stored {len(ids)}, no duplicate")
     # One takeover gap, ending at B's first tweet. It starts at A's last message *read* before
     # it froze (its last renewal said so): earlier than A's last delivery, since the endpoint
