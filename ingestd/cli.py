@@ -1,4 +1,4 @@
-"""Command line: ``ingestd run | check | status | reload | simulate | demo``."""
+"""Command line: ``ingestd run | check | status | reload | coverage | simulate | demo``."""
 
 from __future__ import annotations
 
@@ -62,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to wait for the daemon's verdict (default 30)")
     reload.set_defaults(func=cmd_reload)
 
+    coverage = sub.add_parser(
+        "coverage", help="per-hour completeness of the archive (the coverage ledger)",
+        description="Per hour: tweets stored, tweets the endpoint did not deliver (limit "
+                    "notices), seconds without a connection and the gaps' causes, read from "
+                    "mongo.coverage_collection. Needs the MongoDB URI only, no stream secrets.")
+    coverage.add_argument("--config", type=Path, required=True)
+    coverage.add_argument("--since", help="ISO 8601 time, UTC if no zone (default: until - 24h)")
+    coverage.add_argument("--until", help="ISO 8601 time, UTC if no zone (default: now)")
+    coverage.add_argument("--instance", help="only this instance (host:state_dir)")
+    coverage.add_argument("--json", action="store_true", help="machine-readable output")
+    coverage.set_defaults(func=cmd_coverage)
+
     # Its options live in ingestd.simulator.cli, imported only to run it: every daemon process
     # starts through this parser, and the simulator pulls in http.server, oauthlib and yaml.
     simulate = sub.add_parser("simulate", add_help=False,
@@ -122,6 +134,13 @@ def cmd_reload(args: argparse.Namespace) -> int:
     from ingestd.control.daemonctl import run_reload
 
     return run_reload(args.config, pid=args.pid, timeout=args.timeout)
+
+
+def cmd_coverage(args: argparse.Namespace) -> int:
+    from ingestd.tools.coverage import run_coverage
+
+    return run_coverage(args.config, since=args.since, until=args.until,
+                        instance=args.instance, as_json=args.json)
 
 
 def cmd_simulate(argv: list[str]) -> int:

@@ -299,7 +299,29 @@ def test_recipe_tweets_in_box(cook: dict[str, Callable[..., Any]], tweets: Coll,
     assert expected and got == expected
 
 
+def test_recipe_hourly_completeness(cook: dict[str, Callable[..., Any]], tweets: Coll,
+                                   docs: list[Doc]) -> None:
+    """Tweets per receive hour from the recipe match a plain count, and the ledger's own hour
+    counts (which also hold tweets deleted since); the daemon's final stop left one open gap,
+    counted until ``now``."""
+    coverage = tweets.database.coverage
+    received = [d["_ingest"]["received_at"] for d in docs]
+    start = min(received).replace(minute=0, second=0, microsecond=0)
+    end, now = start + timedelta(days=1), max(received) + timedelta(seconds=30)
+    got = cook["hourly_completeness"](tweets, coverage, start, end, now)
+    expected = Counter(r.replace(minute=0, second=0, microsecond=0) for r in received)
+    assert {r["hour"]: r["tweets"] for r in got if r["tweets"]} == dict(expected)
+    ledger = {h["hour"]: h["tweets"] for h in coverage.find({"kind": "hour"})}
+    assert set(ledger) == set(expected) and all(ledger[h] >= n for h, n in expected.items())
+    (gap,) = coverage.find({"kind": "gap"})
+    assert gap["cause"] == "stopped" and gap["end"] is None
+    offline = sum(r["offline_seconds"] for r in got)
+    assert abs(offline - (now - gap["start"]).total_seconds()) < 0.01
+    assert all(r["causes"] == ["stopped"] for r in got if r["offline_seconds"])
+
+
 def test_every_recipe_is_tested() -> None:
     tested = {"tweets_per_keyword_per_hour", "top_hashtags", "tweets_by_user", "tweets_in_box",
-              "tweets_in_configured_box", "retweet_share", "language_mix", "tweets_with_hashtag"}
+              "tweets_in_configured_box", "retweet_share", "language_mix", "tweets_with_hashtag",
+              "hourly_completeness"}
     assert set(recipes()) == tested

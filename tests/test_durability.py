@@ -29,7 +29,15 @@ import pytest
 
 from bench.kill_loop import KillLoop
 from ingestd.sink.deadletter import DeadLetterStore
-from ingestd.spool.format import HEADER_SIZE, MAGIC, PREFIX_SIZE, list_segments
+from ingestd.spool.format import (
+    HEADER_SIZE,
+    KIND_EVENT,
+    KIND_MESSAGE,
+    MAGIC,
+    PREFIX_SIZE,
+    list_segments,
+    read_checkpoint,
+)
 from tests.support.counters import accounted
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.mongo import MongoStandIn, stored_ids
@@ -288,6 +296,7 @@ class SpooledRecord:
     end: int
     seq: int
     payload: bytes
+    kind: int = KIND_MESSAGE
 
 
 def scan_spool(spool: Path) -> list[SpooledRecord]:
@@ -300,8 +309,9 @@ def scan_spool(spool: Path) -> list[SpooledRecord]:
             magic, length, _crc = struct.unpack_from("<4sII", data, pos)
             assert magic == MAGIC, f"undamaged spool has garbage at {name}:{pos}"
             seq = struct.unpack_from("<Q", data, pos + PREFIX_SIZE)[0]
+            kind = data[pos + HEADER_SIZE - 1]  # the header's last byte
             end = pos + PREFIX_SIZE + length
-            out.append(SpooledRecord(name, pos, end, seq, data[pos + HEADER_SIZE:end]))
+            out.append(SpooledRecord(name, pos, end, seq, data[pos + HEADER_SIZE:end], kind))
             pos = end
         assert pos == len(data)
     return out
@@ -380,8 +390,12 @@ def test_damaged_spool_is_skipped_counted_and_the_rest_stored(
         daemon.kill()
         sim.stop()
     spool = daemon.state_dir / "spool"
-    records = scan_spool(spool)
-    unacked = [r for r in records if r.seq > 100]
+    # Messages only: the coverage markers (connected, stopped) are records the store worker
+    # does not count; the checkpoint is still run 1's (MongoDB was unreachable in run 2).
+    records = [r for r in scan_spool(spool) if r.kind != KIND_EVENT]
+    acked = read_checkpoint(spool)
+    assert acked is not None
+    unacked = [r for r in records if r.seq > acked.seq]
     assert len(unacked) == 400 and len(sim2.ground_truth().tweet_ids()) == 400
     damage = Damage()
     damage.apply(spool, unacked, random.Random(99))
@@ -409,7 +423,7 @@ def test_damaged_spool_is_skipped_counted_and_the_rest_stored(
     assert store["spool_corrupt_bytes"] == damage.bytes()
     assert store["spool_checkpoint_resets"] == 1
     # Run 1's records still on disk (if any) are replayed without a checkpoint: duplicates.
-    assert store["duplicates"] == sum(r.seq <= 100 for r in records)
+    assert store["duplicates"] == sum(r.seq <= acked.seq for r in records)
     assert accounted(store) == store["records_read"]
     figures("spool-corruption", 500, len(ids), store["duplicates"],
             sum(store["deadlettered"].values()), len(damage.damaged()),
@@ -632,7 +646,9 @@ def test_rejected_documents_dead_lettered_rest_stored(
         sim.stop()
     letters = list(DeadLetterStore(daemon.state_dir / "deadletter", 1 << 30).iter_entries())
     order = sim.ground_truth().tweet_ids(conn=1)
-    rejected = {order[s - 1] for s in blockers}  # seq k is the k-th message: 20 tweets first
+    # Seq 1 is the connection's coverage marker ("connected", before its first message): seq k
+    # is the (k-1)-th message, 20 tweets first.
+    rejected = {order[s - 2] for s in blockers}
     ids = [i for i in stored_ids(mongo_uri, mongo_database) if i > 0]
     assert len(ids) == len(set(ids)) and set(ids) == set(order) - rejected
     server = [e for e in letters if e["reason"] == "mongo_rejected"]
@@ -640,8 +656,8 @@ def test_rejected_documents_dead_lettered_rest_stored(
     assert all("DuplicateKey" in e["detail"] for e in server), server
     assert {tweet_id_of(DeadLetterStore.raw_of(e) or b"") for e in server} == rejected
     parse = sorted((e["seq"], e["reason"]) for e in letters if e["reason"] != "mongo_rejected")
-    assert parse == [(21, "invalid_json"), (22, "invalid_utf8"), (23, "not_an_object"),
-                     (24, "not_an_object")]
+    assert parse == [(22, "invalid_json"), (23, "invalid_utf8"), (24, "not_an_object"),
+                     (25, "not_an_object")]
     assert store["deadlettered"] == {"mongo_rejected": 3, "invalid_json": 1, "invalid_utf8": 1,
                                      "not_an_object": 2}
     assert accounted(store) == store["records_read"] == messages

@@ -49,6 +49,7 @@ LEASE = 3.0  # seconds: small, so takeovers are quick; the renewals stay well in
 PER_CONN = 600  # tweets per connection (--max-tweets)
 FIRST_BACKOFF = 0.25  # settings_doc's network_start: the delay a takeover may add at most
 BOOT = 90.0  # seconds a daemon may take to start: six engineers share two cores
+FREEZE = 30.0  # seconds the SIGSTOP scenario keeps the active frozen (the figure)
 
 
 def ha_doc(sim: SimProcess, uri: str, db: str, mode: str) -> dict[str, Any]:
@@ -212,6 +213,8 @@ def test_standby_sigkill_the_active_standby_takes_over_nothing_lost(
         wait_all_stored(mongo_uri, mongo_database, sim, conns=2)
         assert ha_view(a)["role"] == "standby"
         assert a.counters("stream").get("attempts") == 0, "the returning instance connected"
+        wait_until(lambda: [g for g in takeover_gaps(mongo_uri, mongo_database) if g["end"]], 60,
+                   "B's ledger closed the takeover gap")
         stop_all(a, b)
     finally:
         for d in (a, b):
@@ -229,6 +232,24 @@ def test_standby_sigkill_the_active_standby_takes_over_nothing_lost(
     assert delay <= bound
     ids, delivered = reconcile(mongo_uri, mongo_database, sim)
     print(f"[figure] delivered {len(delivered)} (2 connections), stored {len(ids)}, no duplicate")
+    # The ledger: one takeover gap, from A's last delivered tweet to B's first, ±1 s.
+    (gap,) = takeover_gaps(mongo_uri, mongo_database)
+    last_a = float(truth.of("tweet", spans[0][0])[-1]["t"])
+    first_b = float(truth.of("tweet", spans[1][0])[0]["t"])
+    start, end = gap["start"].timestamp(), gap["end"].timestamp()
+    print(f"[figure] takeover gap {end - start:.2f}s: start {start - last_a:+.3f}s, "
+          f"end {end - first_b:+.3f}s against the ground truth")
+    assert gap["instance"] != "" and gap["detail"]["from"] == takeover["previous_holder"]
+    assert abs(start - last_a) <= 1.0 and abs(end - first_b) <= 1.0
+
+
+def takeover_gaps(uri: str, db: str) -> list[dict[str, Any]]:
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        uri, tz_aware=True, serverSelectionTimeoutMS=10000)
+    try:
+        return list(client[db].coverage.find({"kind": "gap", "cause": "takeover"}))
+    finally:
+        client.close()
 
 
 def test_standby_sigstop_the_active_returns_as_standby_and_drains(
@@ -246,6 +267,9 @@ def test_standby_sigstop_the_active_returns_as_standby_and_drains(
             wait_until(lambda: b.counters("stream").get("received", 0) >= 50, 60,
                        "B streaming")
             conns_before = len(sim.ground_truth().connections())
+            # The scenario is a 30 s freeze (a VM paused, a process stuck in D state): its length
+            # is the point, not an event to wait for.
+            time.sleep(max(0.0, FREEZE - (time.time() - stopped_at)))
         finally:
             signal_all(a, signal.SIGCONT)
         wait_role(a, "standby")
@@ -256,6 +280,8 @@ def test_standby_sigstop_the_active_returns_as_standby_and_drains(
         wait_until(lambda: ha_view(a).get("holder") == ha_view(b)["instance"], 30,
                    "A sees B's lease")
         assert ha_view(b)["takeovers"] == 1 and ha_view(b)["role"] == "active"
+        wait_until(lambda: [g for g in takeover_gaps(mongo_uri, mongo_database) if g["end"]], 60,
+                   "B's ledger closed the takeover gap")
         stop_all(a, b)
     finally:
         for d in (a, b):
@@ -277,9 +303,19 @@ def test_standby_sigstop_the_active_returns_as_standby_and_drains(
     assert while_frozen, "the scenario should freeze A while its connection delivers"
     ids, delivered = reconcile(mongo_uri, mongo_database, sim)
     a_ids = set(truth.tweet_ids(a_conn))
-    print(f"\n[figure] SIGSTOP: A's connection delivered {len(a_ids)} ({len(while_frozen)} into "
-          f"its socket while it was frozen, read when it woke), B's "
+    print(f"\n[figure] SIGSTOP {FREEZE:.0f}s: A's connection delivered {len(a_ids)} "
+          f"({len(while_frozen)} into its socket while it was frozen, read when it woke), B's "
           f"{len(delivered) - len(a_ids)}; stored {len(ids)}, no duplicate")
+    # One takeover gap, ending at B's first tweet. It starts at A's last message *read* before
+    # it froze (its last renewal said so): earlier than A's last delivery, since the endpoint
+    # kept filling A's socket, so here the ledger overstates the hole, never understates it.
+    (gap,) = takeover_gaps(mongo_uri, mongo_database)
+    first_b = float(truth.of("tweet", b_conn)[0]["t"])
+    last_a = float(truth.of("tweet", a_conn)[-1]["t"])
+    start, end = gap["start"].timestamp(), gap["end"].timestamp()
+    print(f"[figure] SIGSTOP takeover gap {end - start:.2f}s: start {start - last_a:+.3f}s "
+          f"against A's last delivery, end {end - first_b:+.3f}s against B's first")
+    assert abs(end - first_b) <= 1.0 and start <= last_a + 1.0
 
 
 def test_standby_holder_cut_off_from_mongodb_closes_before_the_takeover(

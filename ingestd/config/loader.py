@@ -29,10 +29,12 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 class Context:
     """Collects errors; remembers substituted values so no reason can echo them."""
 
-    def __init__(self, path: Path, env: Mapping[str, str], *, secrets: bool = True) -> None:
+    def __init__(self, path: Path, env: Mapping[str, str], *, secrets: bool = True,
+                 resolve: tuple[str, ...] = ()) -> None:
         self.path = path
         self.env = env
         self.secrets = secrets
+        self.resolve = resolve  # key paths resolved even without ``secrets`` (mongo.uri…)
         self.errors: list[ConfigError] = []
         self.substituted: list[str] = []
         self.unresolved: set[str] = set()  # key paths left as `${NAME}` when not resolving
@@ -96,7 +98,7 @@ def interpolate(value: Any, path: str, ctx: Context) -> Any:
 
 
 def _lookup(name: str, path: str, ctx: Context) -> str:
-    if not ctx.secrets:
+    if not ctx.secrets and path not in ctx.resolve:
         ctx.unresolved.add(path)
         return f"${{{name}}}"
     found = ctx.env.get(name)

@@ -28,10 +28,15 @@ def build_mongo(sec: Section) -> MongoSettings:
     collection = sec.text("collection")
     _check_db_name(sec, database)
     _check_collection_name(sec, database, collection)
+    coverage = sec.text("coverage_collection")
+    _check_collection_name(sec, database, coverage, "coverage_collection")
+    if coverage == collection:
+        sec.error("coverage_collection", f"must differ from mongo.collection ({collection!r})")
     return MongoSettings(
         uri=Secret(uri),
         database=database,
         collection=collection,
+        coverage_collection=coverage,
         write_concern=_write_concern(sec.section("write_concern", WriteConcernSettings)),
         timeout_ms=sec.integer("timeout_ms", lo=1),
         slow_write_seconds=sec.number("slow_write_seconds", gt=0),
@@ -61,17 +66,18 @@ def _check_db_name(sec: Section, name: str) -> None:
         sec.error("database", "must be shorter than 64 bytes")
 
 
-def _check_collection_name(sec: Section, database: str, name: str) -> None:
+def _check_collection_name(sec: Section, database: str, name: str, key: str = "collection"
+                           ) -> None:
     if not name:
-        sec.error("collection", "must not be empty")
+        sec.error(key, "must not be empty")
     elif "$" in name or "\x00" in name:
-        sec.error("collection", "must not contain '$' or NUL")
+        sec.error(key, "must not contain '$' or NUL")
     elif name.startswith("system."):
-        sec.error("collection", "must not start with 'system.' (reserved)")
+        sec.error(key, "must not start with 'system.' (reserved)")
     elif name.startswith(".") or name.endswith(".") or ".." in name:
-        sec.error("collection", "must not start or end with '.', nor contain '..'")
+        sec.error(key, "must not start or end with '.', nor contain '..'")
     elif len(f"{database}.{name}".encode()) > 255:
-        sec.error("collection", "database.collection must be at most 255 bytes")
+        sec.error(key, f"database.{key} must be at most 255 bytes")
 
 
 def _write_concern(sec: Section) -> WriteConcernSettings:

@@ -95,6 +95,8 @@ class MongoSettings:
     uri: Secret
     database: str = "twitter"
     collection: str = "tweets"
+    # The coverage ledger (gaps and per-hour figures) in the same database: ingestd.sink.coverage.
+    coverage_collection: str = "coverage"
     write_concern: WriteConcernSettings = field(default_factory=WriteConcernSettings)
     timeout_ms: int = 30_000
     slow_write_seconds: float = 10.0

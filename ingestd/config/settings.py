@@ -66,11 +66,12 @@ def secret_values(settings: Settings) -> list[str]:
 
 
 def load_settings(path: Path, env: Mapping[str, str] | None = None, *,
-                  secrets: bool = True) -> Settings:
+                  secrets: bool = True, resolve: tuple[str, ...] = ()) -> Settings:
     """Read and validate `path`; raises ConfigErrors listing every problem.
 
     ``secrets=False`` is for commands that only look at a running daemon (status, reload): a
-    `${NAME}` stays unresolved and its key is not validated, so they need no credentials.
+    `${NAME}` stays unresolved and its key is not validated, so they need no credentials; the
+    key paths in ``resolve`` (``ingestd coverage``: ``mongo.uri``) are resolved all the same.
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -82,13 +83,13 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None, *,
     except OSError as exc:
         reason = f"cannot read file: {exc.strerror or type(exc).__name__}"
         raise ConfigErrors([ConfigError(path, "", reason)]) from None
-    return load_settings_text(text, path, env, secrets=secrets)
+    return load_settings_text(text, path, env, secrets=secrets, resolve=resolve)
 
 
 def load_settings_text(text: str, path: Path, env: Mapping[str, str] | None = None, *,
-                       secrets: bool = True) -> Settings:
+                       secrets: bool = True, resolve: tuple[str, ...] = ()) -> Settings:
     """Validate settings given as text (the supervisor hands workers the text it checked)."""
-    ctx = Context(path, os.environ if env is None else env, secrets=secrets)
+    ctx = Context(path, os.environ if env is None else env, secrets=secrets, resolve=resolve)
     raw = parse_yaml(text, ctx)
     raw = interpolate(raw, "", ctx)
     root = Section(ctx, "", raw)

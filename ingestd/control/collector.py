@@ -68,6 +68,8 @@ STORE_COUNTERS = {
                     "failed) only after mongo.slow_write_seconds."),
     "spool_corrupt_records": ("ingestd_spool_corrupt_records_total",
                               "Spool records skipped as corrupt."),
+    "coverage_gaps": ("ingestd_coverage_gaps_total",
+                      "Gaps opened in the coverage ledger (the stream stopped delivering)."),
 }
 
 
@@ -123,7 +125,11 @@ def in_flight(stream: Mapping[str, Any], store_counters: Mapping[str, Any]) -> f
     spool = _section(stream, "spool")
     next_seq, read_seq = spool.get("next_seq"), store_counters.get("read_seq")
     if isinstance(next_seq, int) and isinstance(read_seq, int):
-        unread = max(next_seq - 1 - read_seq, 0)
+        # Coverage markers (``spool.markers``: their seqs) take seqs but are not messages.
+        markers = spool.get("markers")
+        unread_markers = sum(1 for m in markers if isinstance(m, int) and m > read_seq) \
+            if isinstance(markers, list) else 0
+        unread = max(next_seq - 1 - read_seq - unread_markers, 0)
         return unread + _num(store_counters.get("pending"))
     return _num(spool.get("records"))
 

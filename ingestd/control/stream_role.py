@@ -22,6 +22,7 @@ from ingestd.control.worker import (
 )
 from ingestd.source.stream_reader import TICK, StreamReader
 from ingestd.source.v2_rules import RulesSync
+from ingestd.spool.events import GapMarkers
 from ingestd.spool.intake import SpoolIntake
 from ingestd.spool.writer import SpoolWriter
 
@@ -38,10 +39,14 @@ class StreamRole:
                                  max_bytes=sp.max_bytes, max_records=sp.max_records,
                                  fsync_interval=sp.fsync_interval)
         drop = sp.when_full == "drop_newest"
-        self.intake = SpoolIntake(self.spool, drop=drop)
+        # Coverage markers (before the intake writes anything: a crash is told by the last record).
+        last = self.spool.last_record
+        self.markers = GapMarkers(self.spool, last)
+        self.intake = SpoolIntake(self.spool, drop=drop, on_written=self.markers.seen)
         self.reader = StreamReader(settings.stream, settings.auth, ctx.generation, self.intake,
                              is_full=self.intake.is_full, drop_when_full=drop,
-                             flush=self.intake.flush)
+                             flush=self.intake.flush, markers=self.markers,
+                             first_conn_id=last.conn_id + 1 if last and last.conn_id else 1)
         # The stream worker itself keeps the lease: it alone can close the stream at once, even
         # if the supervisor or the store worker is stuck (docs/design.md, "Standby pairs").
         reader = self.reader
@@ -62,6 +67,8 @@ class StreamRole:
         log.info("stream_worker_started", generation=self.ctx.generation)
         try:
             self.reader.run(lambda: bool(self.ctx.stop), self.tick)
+            # The supervisor vanished without stopping us (SIGKILL, OOM): not a requested stop.
+            self.markers.gap("killed" if self.ctx.control.closed.is_set() else "stopped")
         finally:
             self.lease.close()  # after the reader closed the stream: a standby may take over now
             self.rules.close()
@@ -97,6 +104,11 @@ class StreamRole:
         record the takeover gap."""
         log.warning("ha_takeover", previous_holder=previous_holder, lease_age=lease_age,
                     previous_last_message_time=last_recv_ns / 1e9 if last_recv_ns else None)
+        # The pair's hole: from the old holder's last message (its last renewal said when) to
+        # this instance's first; recorded in this instance's ledger (docs/design.md, coverage).
+        self.markers.gap("takeover", last_recv_ns=last_recv_ns or None,
+                         detail={"from": previous_holder or "unknown",
+                                 "lease_age": round(lease_age, 3)})
 
     def reload(self, command: Reload) -> None:
         if (new := self.ctx.reload(command)) is None:
@@ -137,7 +149,10 @@ class StreamRole:
     def spool_status(self) -> dict[str, Any]:
         spool = self.spool
         records, nbytes = spool.backlog()
-        return {"records": records, "bytes": nbytes, "next_seq": spool.next_seq,
+        # Coverage markers are records but not messages: the queue gauges count messages.
+        markers = self.markers.after(spool.acked_seq)
+        return {"records": max(0, records - len(markers)), "bytes": nbytes,
+                "next_seq": spool.next_seq, "markers": markers,
                 "held": sum(len(h[0]) for h in self.intake.held),
                 "max_bytes": spool.max_bytes, "max_records": spool.max_records}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 
 import structlog
 from bson.errors import InvalidDocument
@@ -44,7 +45,11 @@ class Inserter:
     """Stores a batch's tweets in the current target and counts where each one went."""
 
     def __init__(self, target: MongoTarget, retrier: Retrier, deadletters: DeadLetterWriter,
-                 counters: StoreCounters, histograms: StoreHistograms) -> None:
+                 counters: StoreCounters, histograms: StoreHistograms, *,
+                 on_stored: Callable[[list[Entry]], None] = lambda entries: None,
+                 on_duplicates: Callable[[list[Entry]], None] = lambda entries: None) -> None:
+        # Told of the entries newly stored, and of those found already stored (coverage ledger).
+        self._on_stored, self._on_duplicates = on_stored, on_duplicates
         self._target = target
         self._retrier = retrier
         self._deadletters = deadletters
@@ -62,6 +67,7 @@ class Inserter:
             try:
                 self._retrier.with_retry("insert", functools.partial(self._attempt, docs, tried))
                 c.stored += len(docs)
+                self._on_stored(docs)
             except BulkWriteError as exc:
                 self._resolve_bulk(exc, docs, tried)
             except (InvalidDocument, OverflowError) as exc:
@@ -96,23 +102,29 @@ class Inserter:
         c.stored += int(details.get("nInserted", 0))
         unsure: list[int] = []
         rejected: list[tuple[Entry, int, str]] = []
-        for err in details.get("writeErrors", ()):
+        errors = details.get("writeErrors", ())
+        failed = {int(err["index"]) for err in errors}
+        duplicates: list[Entry] = []
+        for err in errors:
             index, code = int(err["index"]), int(err.get("code", 0))
             on_id = duplicate_on_id(err) if code == DUPLICATE_KEY else False
             if on_id and docs[index].tweet_id not in tried:
                 c.duplicates += 1
+                duplicates.append(docs[index])
             elif on_id or on_id is None:
                 unsure.append(index)
             else:
                 rejected.append((docs[index], code, short_reason(err)))
-        rejected += self._check_duplicates([docs[i] for i in unsure], tried)
+        rejected += self._check_duplicates([docs[i] for i in unsure], tried, duplicates)
+        self._on_duplicates(duplicates)
+        self._on_stored([d for i, d in enumerate(docs) if i not in failed])
         for entry, code, reason in rejected:
             self._deadletters.add("mongo_rejected", entry.record, code=code, detail=reason)
         if rejected:
             log.error("insert_documents_rejected", errors=write_error_summary(exc)[:50],
                       ids=[e.tweet_id for e, _, _ in rejected][:50], count=len(rejected))
 
-    def _check_duplicates(self, unsure: list[Entry], tried: set[int]
+    def _check_duplicates(self, unsure: list[Entry], tried: set[int], duplicates: list[Entry]
                           ) -> list[tuple[Entry, int, str]]:
         """11000s to look up: the server did not name the index, or an earlier attempt of this
         batch may have written the document. Present and written from this very record (same
@@ -131,8 +143,10 @@ class Inserter:
                 rejected.append((entry, DUPLICATE_KEY, "DuplicateKey on another unique index"))
             elif entry.tweet_id in tried and written_from(found[entry.tweet_id], entry.record):
                 self._counters.stored += 1
+                self._on_stored([entry])
             else:
                 self._counters.duplicates += 1
+                duplicates.append(entry)
         return rejected
 
     def _drop_unencodable(self, exc: Exception, docs: list[Entry]) -> list[Entry]:

@@ -24,7 +24,8 @@ class StreamNotices:
         """Tweets the endpoint said it did not send, over all connections."""
         return self._limit_base + sum(self._limits.values())
 
-    def on_limit(self, body: object, conn_id: int) -> None:
+    def on_limit(self, body: object, conn_id: int) -> int:
+        """Note a limit notice; its cumulative ``track`` count."""
         track = body.get("track") if isinstance(body, dict) else None
         if type(track) is not int:
             raise BadControl("no track count")
@@ -33,6 +34,7 @@ class StreamNotices:
         if len(self._limits) > LIMIT_CONNECTIONS:
             oldest = next(iter(self._limits))
             self._limit_base += self._limits.pop(oldest)
+        return track
 
     def on_disconnect(self, body: object) -> None:
         code = body.get("code") if isinstance(body, dict) else None

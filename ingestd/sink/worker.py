@@ -35,6 +35,7 @@ from ingestd.documents.v2_messages import V2_TWEET, v2_document, v2_kind
 from ingestd.sink.batch import Batch, Entry
 from ingestd.sink.compliance import TOMBSTONE_LIMIT, WITHHELD, BadControl, Compliance
 from ingestd.sink.counters import StoreCounters, StoreHistograms, bump
+from ingestd.sink.coverage import CoverageLedger, instance_name
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.sink.encoder_split import OFFLOAD_MIN, EncoderSplit, Matchers
 from ingestd.sink.insert import Inserter
@@ -43,6 +44,7 @@ from ingestd.sink.retry import TICK_INTERVAL, DeadLetterWriter, GiveUp, Retrier
 from ingestd.sink.target import CollectionFactory, MongoTarget, log_notices
 from ingestd.spool.format import (
     KIND_BADFRAME,
+    KIND_EVENT,
     KIND_MESSAGE,
     KIND_OVERSIZE,
     KIND_PARTIAL,
@@ -127,7 +129,10 @@ class StoreWorker:
                                       tombstone_limit)
         self._scrub_rules = self._compliance.scrub_rules  # the same dict: read per tweet
         self._notices = StreamNotices(totals)
-        self._inserter = Inserter(self._target, retry, self._letters, totals, self.hist)
+        self._ledger = CoverageLedger(self._target, retry, instance_name(settings.state_dir))
+        self._inserter = Inserter(self._target, retry, self._letters, totals, self.hist,
+                                  on_stored=self._ledger.on_stored,
+                                  on_duplicates=self._ledger.on_duplicates)
         self._batch = Batch()
         # How long to sleep with no batch open when the spool is empty: the caller's next
         # housekeeping (heartbeat) is due then; new records end the sleep at once.
@@ -169,6 +174,7 @@ class StoreWorker:
         return self.totals.as_dict(
             pending=len(self._batch.entries),
             limit_missed=self._notices.limit_missed(),
+            coverage_gaps=self._ledger.gaps_recorded,
             deadletter_raw_dropped=self._letters.store.raw_dropped,
             deadletter_lines_dropped=self._letters.store.lines_dropped)
 
@@ -259,8 +265,12 @@ class StoreWorker:
         totals = self.totals
         encoded_all = self._encoding.encode_all(records, self._target.settings)
         for record, encoded in zip(records, encoded_all, strict=True):
-            totals.records_read += 1
             totals.read_seq = record.seq
+            if record.kind == KIND_EVENT:  # a coverage marker, not a message: not counted
+                self._take_event(record)
+                continue
+            totals.records_read += 1
+            self._ledger.on_live(record)
             if record.kind == KIND_MESSAGE:
                 self._take_message(record, encoded)
             else:
@@ -274,6 +284,14 @@ class StoreWorker:
             if batch.closed:
                 self._flush()
             self._maybe_tick()  # dead letters fsync: a run of them must not starve the heartbeat
+
+    def _take_event(self, record: Record) -> None:
+        if not self._ledger.on_event(record):
+            log.error("coverage_marker_invalid", seq=record.seq, payload=record.payload[:200])
+        batch = self._batch
+        batch.last = record
+        if batch.started is None:
+            batch.started = time.monotonic()
 
     def _take_message(self, record: Record, encoded: Encoded | None) -> None:
         if encoded is not None and encoded.status != PUNT:
@@ -340,7 +358,7 @@ class StoreWorker:
             self._batch.closed = True
             self._batch.ops.append(op)
         elif kind == "limit":
-            notices.on_limit(body, record.conn_id)
+            self._ledger.on_limit(record, notices.on_limit(body, record.conn_id))
         elif kind == "disconnect":
             notices.on_disconnect(body)
         elif kind == "warning":
@@ -359,6 +377,7 @@ class StoreWorker:
                 self._inserter.insert(entries)
             batch.entries = []
             self._compliance.after_insert(batch)
+        self._ledger.flush()  # behind the tweets, before the ack: a replay rewrites the same
         if batch.last is not None:
             self._reader.ack(batch.last)
         self._batch = Batch()

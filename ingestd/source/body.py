@@ -36,8 +36,10 @@ class BodyIntake:
     """Frames each connection's body into the sink; pauses a transfer while the sink is full."""
 
     def __init__(self, sink: Sink, stats: ReaderStats, *, is_full: Callable[[], bool],
-                 drop_when_full: bool, clock: Callable[[], float]) -> None:
+                 drop_when_full: bool, clock: Callable[[], float],
+                 on_first_body: Callable[[Connection], None] = lambda conn: None) -> None:
         self._sink, self._stats = sink, stats
+        self._on_first_body = on_first_body  # the coverage marker: before the first message
         self._is_full, self._drop_when_full = is_full, drop_when_full
         self._clock = clock
         self.last_message_ns = 0  # wall clock of the last framed message (metrics)
@@ -54,6 +56,9 @@ class BodyIntake:
         if not self._drop_when_full and self._is_full():
             conn.paused = True
             return int(pycurl.WRITEFUNC_PAUSE)  # libcurl keeps the bytes; TCP pushes back
+        if not conn.marked:
+            conn.marked = True
+            self._on_first_body(conn)
         self._frame(conn, data)
         return None
 

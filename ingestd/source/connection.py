@@ -45,6 +45,7 @@ class Connection:
     limit_track: int = 0
     paused: bool = False
     announced: bool = False  # "connected" logged once the first bytes of a 200 arrived
+    marked: bool = False  # the coverage "connected" marker went before its first message
     retire_at: float = 0.0  # when a replaced connection is closed at the latest
     abort: Ending | None = None  # set when we end it ourselves (stall, stop, reload)
     cut_bytes: int = 0  # bytes of the message this connection's end cut off (dropped)

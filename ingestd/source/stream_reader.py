@@ -9,6 +9,8 @@ through the ``BodyIntake`` to the sink; ``response`` says how a connection ended
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import select
 import time
@@ -25,6 +27,7 @@ from ingestd.source.connection import Connection, open_connection
 from ingestd.source.request import filter_key
 from ingestd.source.response import classify, describe, disconnect_code, retry_after
 from ingestd.source.stats import ReaderStats
+from ingestd.spool.events import GapMarkers
 
 log = structlog.get_logger("ingestd.source.stream_reader")
 
@@ -45,6 +48,12 @@ RETIRE_GRACE = 5.0
 # On losing the standby lease, bytes already on their way are still read for this long at most
 # (ha.mode: standby; the stream worker sets it below the lease's safety margin, see ``stand_down``).
 STAND_DOWN_DRAIN = 0.3
+# The coverage ledger's cause for a gap that begins with this ending of the active connection.
+GAP_CAUSES = {
+    Ending.NETWORK: "reconnect", Ending.CLOSED: "reconnect", Ending.DISCONNECT: "reconnect",
+    Ending.STALL: "stall", Ending.RATE_LIMITED: "rate_limited", Ending.HTTP: "http_error",
+    Ending.CONFIG: "rejected", Ending.ABORTED: "reload",
+}
 
 
 class StreamReader:
@@ -62,6 +71,8 @@ class StreamReader:
         flush: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
         may_connect: Callable[[], bool] = lambda: True,
+        markers: GapMarkers | None = None,
+        first_conn_id: int = 1,
     ) -> None:
         self.stream, self.auth, self.generation = stream, auth, generation
         # The standby lease (ha.mode: standby): no connection is opened, and every open one is
@@ -79,8 +90,9 @@ class StreamReader:
         self.state = "connecting"
         self.stats = ReaderStats()
         self._body = BodyIntake(sink, self.stats, is_full=is_full, drop_when_full=drop_when_full,
-                              clock=clock)
-        self._next_conn_id = 1
+                              clock=clock, on_first_body=self._mark_connected)
+        self._markers = markers  # coverage: when and why the stream stopped delivering
+        self._next_conn_id = first_conn_id
         self._by_handle: dict[int, Connection] = {}
         # Seconds until the caller's next timer (set by the stream worker): the longest sleep.
         self.max_wait: Callable[[], float] = lambda: TICK
@@ -167,6 +179,7 @@ class StreamReader:
             # Nothing worth keeping: replace at once (also leaves a degraded "wait for reload").
             if self.active is not None:
                 self._end(self.active, Ending.ABORTED)
+                self._mark_gap(self.active, Ending.ABORTED)
                 self.active = None
             self.next_attempt_at = self._clock()
             return
@@ -190,8 +203,11 @@ class StreamReader:
             self._reap()
             if self.stats.bytes == before:
                 break
+        active = self.active
         for conn in self._connections():
             self._end(conn, Ending.ABORTED)
+        if active is not None:
+            self._mark_gap(active, Ending.ABORTED, cause="standby")
         self._flush()
         self.active = self.pending = None
         self.retiring.clear()
@@ -218,7 +234,17 @@ class StreamReader:
     def _attempt_due(self, now: float) -> bool:
         return self.next_attempt_at is not None and now >= self.next_attempt_at
 
+    def _backfill_for_gap(self, stream: StreamSettings) -> StreamSettings:
+        """v2: ask for the minutes of backfill the open gap needs, up to ``backfill_minutes``
+        (the bound the settings allow; the endpoint's is 5). No gap known: the bound."""
+        start = self._markers.gap_start_ns() if self._markers is not None else None
+        if not stream.backfill_minutes or not start:
+            return stream
+        minutes = min(stream.backfill_minutes, max(1, math.ceil((time.time_ns() - start) / 60e9)))
+        return dataclasses.replace(stream, backfill_minutes=minutes)
+
     def _open(self, stream: StreamSettings, generation: int) -> Connection:
+        stream = self._backfill_for_gap(stream)
         conn_id = self._next_conn_id
         self._next_conn_id += 1
         conn = open_connection(conn_id, generation, stream, self.auth, self._clock(),
@@ -237,6 +263,15 @@ class StreamReader:
         log.info("connected", conn=conn.conn_id, generation=conn.generation,
                  gzip=conn.headers.get("content-encoding") == "gzip",
                  after=round(self._clock() - conn.opened_at, 3))
+
+    def _mark_connected(self, conn: Connection) -> None:
+        """A 200's first body bytes (in libcurl's callback): the coverage marker goes before the
+        connection's first message, after everything spooled before."""
+        if self._markers is None:
+            return
+        self._flush()
+        backfill = conn.stream.backfill_minutes if conn.stream.api == "v2" else 0
+        self._markers.connected(conn.conn_id, backfill_minutes=backfill)
 
     def _promote(self, conn: Connection) -> None:
         """The new connection delivers: the old one retires (make-before-break)."""
@@ -289,7 +324,20 @@ class StreamReader:
         if conn is not self.active:
             return  # an old connection we already replaced
         self.active = None
+        self._mark_gap(conn, ending)
         self._schedule_reconnect(conn, ending, errmsg)
+
+    def _mark_gap(self, conn: Connection, ending: Ending, cause: str | None = None) -> None:
+        """The active connection ended: the stream stops delivering (coverage marker); ``cause``
+        overrides the one its ending implies."""
+        if self._markers is None:
+            return
+        self._flush()  # what it delivered goes before the marker
+        code = conn.disconnect.get("code") if conn.disconnect else None
+        detail = {"conn": conn.conn_id, "ending": ending.value,
+                  **({"status": conn.status} if conn.status not in (0, 200) else {}),
+                  **({"code": code} if isinstance(code, int | str) else {})}
+        self._markers.gap(cause or GAP_CAUSES[ending], detail=detail)
 
     def _retired(self, conn: Connection, ending: Ending) -> None:
         """The replaced connection is done: by the server's own close, or our grace deadline."""

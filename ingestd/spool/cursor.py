@@ -133,17 +133,17 @@ class SegmentCursor:
         self._pos, self._need = to, 0
 
 
-def last_seq(directory: Path, name: str) -> int | None:
-    """Seq of the last valid record in a segment (tolerating a torn tail), block by block."""
+def last_record(directory: Path, name: str) -> Record | None:
+    """The last valid record in a segment (tolerating a torn tail), block by block."""
     cursor = SegmentCursor(directory, name, 0, Damage())
     cursor.sealed = True
-    last: int | None = None
+    last: Record | None = None
     try:
         while True:
             batch: list[Record] = []
             cursor.parse(batch, 256, MAX_LENGTH, 0)
             if batch:
-                last = batch[-1].seq
+                last = batch[-1]
             elif cursor.fill() == 0:
                 if cursor.at_end:
                     return last

@@ -29,6 +29,8 @@ KIND_MESSAGE = 0
 KIND_OVERSIZE = 1
 KIND_BADFRAME = 2
 KIND_PARTIAL = 3
+# A coverage marker (JSON object: a gap began, a connection came up); see ingestd.spool.events.
+KIND_EVENT = 4
 
 MAGIC = b"\xa5IR\x5a"
 PREFIX = struct.Struct("<4sII")  # magic, length, crc

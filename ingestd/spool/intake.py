@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -33,8 +33,10 @@ class SpoolIntake:
     With ``drop_newest`` they are dropped and counted with the reason.
     """
 
-    def __init__(self, spool: SpoolWriter, *, drop: bool) -> None:
+    def __init__(self, spool: SpoolWriter, *, drop: bool,
+                 on_written: Callable[[int], None] = lambda recv_ns: None) -> None:
         self.spool, self.drop = spool, drop
+        self.on_written = on_written  # receive time of the newest group written (gap markers)
         self.held: list[Group] = []
         self.pending: list[Group] = []  # this pass's messages, not written yet
         self.dropped = 0
@@ -65,6 +67,7 @@ class SpoolIntake:
                       else "block")
             self._hold_or_drop(groups)
             return
+        self.on_written(groups[-1][3])
         if self.last_error:  # drop_newest holds nothing: the first good append is the recovery
             self.last_error = ""
             log.info("spool_write_recovered", dropped=self.dropped)
@@ -83,7 +86,7 @@ class SpoolIntake:
         try:
             while self.held:
                 self.spool.append(*self.held[0])
-                self.held.pop(0)
+                self.on_written(self.held.pop(0)[3])
         except SpoolWriteError:
             self._retry_at = time.monotonic() + HELD_RETRY_INTERVAL
             return

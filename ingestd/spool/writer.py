@@ -15,11 +15,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
-from ingestd.spool.cursor import last_seq
+from ingestd.spool.cursor import last_record
 from ingestd.spool.format import (
     CHECKPOINT,
     FIRST_SEQ,
     Checkpoint,
+    Record,
     encode_records,
     fsync_dir,
     list_segments,
@@ -75,6 +76,8 @@ class SpoolWriter:
         self._ckpt: Checkpoint | None = read_checkpoint(self.directory)
         self._ckpt_key: tuple[int, int, int] | None = None
         self._ckpt_checked = -float("inf")
+        # The previous run's last record (coverage markers: did it stop cleanly, and when).
+        self.last_record = self._recover_last_record()
         self._next_seq = self._recover_next_seq()
         self._fd = -1
         self._torn = False  # a failed write could not be undone: start a new segment
@@ -155,6 +158,11 @@ class SpoolWriter:
             os.close(self._fd)
             self._fd = -1
 
+    @property
+    def acked_seq(self) -> int:
+        """The last seq the reader acknowledged, as of the last look at the checkpoint."""
+        return self._ckpt.seq if self._ckpt is not None else self._first_seq - 1
+
     def backlog(self) -> tuple[int, int]:
         """(records, bytes) appended but not yet acknowledged by the reader.
 
@@ -228,10 +236,19 @@ class SpoolWriter:
             return floor
         newest = max(self._sizes)
         first = segment_first_seq(newest)
-        last = last_seq(self.directory, newest)
-        if last is None:  # empty: its name is unused; all damaged: never reuse its name
-            return max(floor, first + (self._sizes[newest] > 0))
-        return max(floor, first, last + 1)
+        last = self.last_record
+        if last is None or last.segment != newest:
+            # empty: its name is unused; all damaged: never reuse its name
+            return max(floor, first + (self._sizes[newest] > 0),
+                       last.seq + 1 if last is not None else 0)
+        return max(floor, first, last.seq + 1)
+
+    def _recover_last_record(self) -> Record | None:
+        """The newest valid record on disk, looking back past empty or damaged segments."""
+        for name in sorted(self._sizes, reverse=True):
+            if self._sizes[name] and (record := last_record(self.directory, name)) is not None:
+                return record
+        return None
 
     def _oldest_seq(self) -> int:
         return min((segment_first_seq(n) for n in self._sizes), default=self._next_seq)

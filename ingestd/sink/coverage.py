@@ -1,0 +1,275 @@
+"""The coverage ledger: gaps in the stream and per-hour figures, next to the tweets.
+
+Collection ``mongo.coverage_collection`` (default ``coverage``), two kinds of document, both
+written by the store worker in spool order (before the spool is acked, like the tweets):
+
+- gap ``{_id: "<instance>:<start_ns>", kind: "gap", instance, start, end, start_ns, end_ns,
+  seconds, cause, causes, detail}``: the stream delivered nothing from ``start`` (the last record
+  received before the gap marker) to ``end`` (the first record after it: a message or a
+  connection coming up); ``end`` is null while the gap is open. Dates are BSON dates (UTC).
+- hour ``{_id: "hour:<instance>:<YYYY-MM-DDTHH>", kind: "hour", instance, hour, tweets,
+  hour_ns, tweets, seq, limit_max: {conn: cumulative limit.track}, gap_seconds: {start_ns:
+  seconds in this hour}, offline_seconds}``: ``tweets`` newly stored (duplicates not counted)
+  that were received in that hour, counted up to spool record ``seq``.
+
+Replaying the spool after a crash rewrites the same documents: gap documents are replaced by
+their ``_id``; limit counts and gap seconds are maxima keyed by connection and gap; a replayed
+tweet is counted only if its record is past the hour's ``seq`` and the stored copy was written
+from that very record (an insert whose ledger write the crash prevented).
+
+The store worker is the only writer of its instance's documents, so an hour document is kept in
+memory and replaced whole (no update operators: the MongoDB stand-in mishandles dotted upserts).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pymongo.collection import Collection
+
+from ingestd.sink.batch import Entry
+from ingestd.sink.insert import written_from
+from ingestd.sink.mongo import Document
+from ingestd.sink.retry import Retrier
+from ingestd.sink.target import MongoTarget
+from ingestd.spool.events import CONNECTED, GAP, decode_event
+from ingestd.spool.format import Record
+
+log = structlog.get_logger("ingestd.sink.coverage")
+
+HOUR_NS = 3600 * 10**9
+_KEEP_HOURS = 4  # hour documents cached (replay and late records touch recent hours only)
+# A plain reconnect that then met something more specific (420, 401…) takes that cause.
+_WEAK_CAUSE = "reconnect"
+
+
+def instance_name(state_dir: Path) -> str:
+    """This daemon in the ledger: host name and state folder (stable across restarts)."""
+    return f"{socket.gethostname()}:{state_dir.resolve()}"
+
+
+def utc(ns: int) -> datetime:
+    """A BSON-date-ready UTC datetime (milliseconds kept; BSON stores no finer)."""
+    return datetime.fromtimestamp(ns // 10**6 / 1000, UTC)
+
+
+def hour_start_ns(ns: int) -> int:
+    return ns - ns % HOUR_NS
+
+
+def split_hours(start_ns: int, end_ns: int) -> list[tuple[int, float]]:
+    """(hour start ns, seconds of [start, end) in that hour) for every hour it touches."""
+    parts = []
+    hour = hour_start_ns(start_ns)
+    while hour < end_ns:
+        lo, hi = max(start_ns, hour), min(end_ns, hour + HOUR_NS)
+        if hi > lo:
+            parts.append((hour, (hi - lo) / 1e9))
+        hour += HOUR_NS
+    return parts
+
+
+class CoverageLedger:
+    """Turns spool markers, stored tweets and limit notices into ledger documents.
+
+    ``on_event``/``on_live``/``on_limit`` are called while records are taken (no I/O);
+    ``on_stored``/``on_duplicates`` by the inserter; ``flush`` writes what changed, before the
+    store worker acks the spool.
+    """
+
+    def __init__(self, target: MongoTarget, retrier: Retrier, instance: str) -> None:
+        self._target, self._retry, self.instance = target, retrier, instance
+        self._open: Document | None = None  # the open gap
+        self._last_closed: Document | None = None
+        self._loaded = False
+        # Markers, limit notices and the first record after a marker, taken but not applied:
+        # MongoDB is only touched by ``flush`` (a record is taken even while MongoDB is down).
+        self._queue: list[tuple[Record, dict[str, Any] | None]] = []
+        self._maybe_open = True  # a gap may be open: the next live record is queued
+        self._dirty_gaps: dict[str, Document] = {}
+        self._hours: dict[int, Document] = {}
+        self._dirty_hours: set[int] = set()
+        self._persisted: dict[int, int] = {}  # hour -> spool seq its stored ``tweets`` count to
+        self.gaps_recorded = 0
+
+    def collection(self) -> Collection[Document]:
+        db = self._target.collection.database
+        return db[self._target.settings.mongo.coverage_collection]
+
+    # ---------------------------------------------------------------- records
+
+    def on_event(self, record: Record) -> bool:
+        """A ``KIND_EVENT`` record; False if it is not a valid marker (the caller logs it)."""
+        event = decode_event(record.payload)
+        if event is None:
+            return False
+        if event["type"] == CONNECTED:  # queued as itself: it may carry the backfill asked for
+            self._queue.append((record, event))
+            self._maybe_open = False
+        elif event["type"] == GAP:
+            self._queue.append((record, event))
+            self._maybe_open = True
+        return True
+
+    def on_live(self, record: Record) -> None:
+        """A record the stream delivered: the first after a gap marker (or after a restart, when
+        a gap may have been left open) ends that gap. Called for every record: O(1)."""
+        if self._maybe_open:
+            self._queue.append((record, None))
+            self._maybe_open = False
+
+    def on_limit(self, record: Record, track: int) -> None:
+        """A limit notice: ``track`` tweets undelivered so far on this connection (cumulative)."""
+        self._queue.append((record, {"type": "limit", "track": track}))
+
+    def on_stored(self, entries: Iterable[Entry]) -> None:
+        """Tweets newly stored (not duplicates): counted in the hour they were received."""
+        for entry in entries:
+            doc = self._hour(entry.record.recv_ns)
+            doc["tweets"] += 1
+            doc["seq"] = max(doc["seq"], entry.record.seq)
+
+    def on_duplicates(self, entries: list[Entry]) -> None:
+        """Tweets found already stored. One stored from this very record (same spool seq and
+        connection) by an insert whose ledger write a crash prevented is counted now: its seq is
+        past what the hour document counted. Others are true duplicates."""
+        unsure = []
+        for entry in entries:
+            self._hour(entry.record.recv_ns)  # loads the hour's persisted ``seq``
+            if entry.record.seq > self._persisted[hour_start_ns(entry.record.recv_ns)]:
+                unsure.append(entry)
+        if not unsure:
+            return
+        ids = [e.tweet_id for e in unsure]
+        tweets = self._target.collection
+        found = self._retry.with_retry("coverage check", lambda: {
+            d["_id"]: d.get("_ingest") for d in tweets.find({"_id": {"$in": ids}},
+                                                             {"_id": 1, "_ingest": 1})})
+        self.on_stored([e for e in unsure if written_from(found.get(e.tweet_id), e.record)])
+
+    # ---------------------------------------------------------------- writing
+
+    def flush(self) -> None:
+        """Apply the markers and notices taken, in spool order, then write the changed gap and
+        hour documents (retried like every MongoDB write)."""
+        if not self._loaded:
+            self._load_open_gap()
+        queue, self._queue = self._queue, []
+        for record, event in queue:
+            self._apply(record, event)
+        if self._dirty_gaps:
+            gaps, self._dirty_gaps = list(self._dirty_gaps.values()), {}
+            self._retry.with_retry("coverage gaps", lambda: self._replace_all(gaps))
+        if self._dirty_hours:
+            hours = [self._hours[h] for h in sorted(self._dirty_hours)]
+            self._dirty_hours.clear()
+            self._retry.with_retry("coverage hours", lambda: self._replace_all(hours))
+            for doc in hours:
+                self._persisted[hour_start_ns(doc["hour_ns"])] = doc["seq"]
+            for old in sorted(self._hours)[:-_KEEP_HOURS]:
+                del self._hours[old], self._persisted[old]
+
+    def _replace_all(self, docs: list[Document]) -> None:
+        collection = self.collection()
+        for doc in docs:  # the whole document with its _id: the stand-in drops a filter's _id
+            collection.replace_one({"_id": doc["_id"]}, doc, upsert=True)
+
+    # ---------------------------------------------------------------- gaps
+
+    def _apply(self, record: Record, event: dict[str, Any] | None) -> None:
+        if event is None or event["type"] == CONNECTED:
+            gap = self._open
+            if gap is not None and record.recv_ns > gap["start_ns"]:
+                self._close(gap, record.recv_ns, record.conn_id)
+            closed = self._last_closed  # by this record, or by the connection's first message
+            if event is not None and event.get("backfill_minutes") and closed is not None \
+                    and closed.get("conn_after") == record.conn_id:
+                self._backfilled(closed, int(event["backfill_minutes"]))
+        elif event["type"] == "limit":
+            doc = self._hour(record.recv_ns)
+            key = str(record.conn_id)
+            doc["limit_max"][key] = max(doc["limit_max"].get(key, 0), event["track"])
+        else:
+            self._on_gap(event, record)
+
+    def _on_gap(self, event: dict[str, Any], record: Record) -> None:
+        start_ns = int(event["last_recv_ns"])
+        cause = str(event["cause"])
+        gap = self._open
+        if gap is not None and start_ns <= gap["start_ns"]:
+            self._more_cause(gap, cause)  # the same gap, kept open by something else
+            return
+        if gap is not None:  # the record that ended it was lost: it ended by this start at last
+            self._close(gap, start_ns, record.conn_id)
+        detail = {k: v for k, v in event.items() if k not in ("type", "cause", "last_recv_ns")}
+        self._open = {
+            "_id": f"{self.instance}:{start_ns}", "kind": "gap", "instance": self.instance,
+            "start": utc(start_ns), "end": None, "start_ns": start_ns, "end_ns": None,
+            "seconds": None, "cause": cause, "causes": [cause], "detail": detail,
+            "marker_recv": utc(record.recv_ns),
+        }
+        self._dirty_gaps[self._open["_id"]] = self._open
+        self.gaps_recorded += 1
+        log.info("coverage_gap_opened", cause=cause, start=self._open["start"].isoformat(),
+                 **detail)
+
+    def _more_cause(self, gap: Document, cause: str) -> None:
+        if cause in gap["causes"]:
+            return
+        gap["causes"].append(cause)
+        if gap["cause"] == _WEAK_CAUSE:
+            gap["cause"] = cause
+        self._dirty_gaps[gap["_id"]] = gap
+
+    def _close(self, gap: Document, end_ns: int, conn_after: int) -> None:
+        start_ns = gap["start_ns"]
+        gap.update(end=utc(end_ns), end_ns=end_ns, seconds=round((end_ns - start_ns) / 1e9, 3),
+                   conn_after=conn_after)
+        self._dirty_gaps[gap["_id"]] = gap
+        self._open, self._last_closed = None, gap
+        for hour, seconds in split_hours(start_ns, end_ns):
+            doc = self._hour(hour)
+            doc["gap_seconds"][str(start_ns)] = round(seconds, 3)
+            doc["offline_seconds"] = round(sum(doc["gap_seconds"].values()), 3)
+        log.info("coverage_gap_closed", cause=gap["cause"], seconds=gap["seconds"])
+
+    def _backfilled(self, gap: Document, minutes: int) -> None:
+        """v2: the connection that ended the gap asked for ``minutes`` of backfill: the endpoint
+        resends what it published in the last minutes, so that much of the gap is recovered."""
+        gap["backfill_minutes"] = minutes
+        gap["backfilled_seconds"] = round(min(gap["seconds"], minutes * 60.0), 3)
+        self._dirty_gaps[gap["_id"]] = gap
+
+    def _load_open_gap(self) -> None:
+        """After a restart: the gap this instance left open (a replay may re-open it too)."""
+        def find() -> Document | None:
+            docs = list(self.collection().find(
+                {"kind": "gap", "instance": self.instance, "end": None}))
+            return max(docs, key=lambda d: d.get("start_ns", 0), default=None)
+        self._open = self._retry.with_retry("coverage load", find)
+        self._loaded = True
+
+    # ---------------------------------------------------------------- hours
+
+    def _hour(self, ns: int) -> Document:
+        """The hour document of ``ns`` (loaded once, then kept), marked to be written."""
+        hour = hour_start_ns(ns)
+        self._dirty_hours.add(hour)
+        if (doc := self._hours.get(hour)) is not None:
+            return doc
+        hour_id = f"hour:{self.instance}:{utc(hour).strftime('%Y-%m-%dT%H')}"
+        found = self._retry.with_retry(
+            "coverage load", lambda: self.collection().find_one({"_id": hour_id}))
+        doc = found or {"_id": hour_id, "kind": "hour", "instance": self.instance,
+                        "hour": utc(hour), "hour_ns": hour, "tweets": 0, "seq": 0,
+                        "limit_max": {}, "gap_seconds": {}, "offline_seconds": 0.0}
+        self._persisted.setdefault(hour, doc["seq"])
+        self._hours[hour] = doc
+        return doc
+
+

@@ -1,0 +1,171 @@
+"""``ingestd coverage``: how complete the archive is, hour by hour, from the coverage ledger.
+
+Reads ``mongo.coverage_collection`` (written by ``ingestd.sink.coverage``) and prints, per hour
+and instance: tweets stored, tweets the endpoint said it did not deliver (limit notices), seconds
+without a connection, the share of the hour covered, and the causes of its gaps. Needs only the
+MongoDB URI (from the settings, with ``${...}`` resolved): no stream credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from ingestd.config.errors import EXIT_CONFIG, ConfigError
+from ingestd.config.schema import Settings
+from ingestd.config.settings import load_settings
+from ingestd.sink.coverage import HOUR_NS, hour_start_ns, split_hours
+from ingestd.tools.check import explain_mongo_error
+
+EXIT_MONGO = 1
+DEFAULT_WINDOW = timedelta(hours=24)
+
+
+@dataclass
+class HourRow:
+    hour: str  # ISO 8601, UTC, start of the hour
+    instance: str
+    tweets: int = 0
+    undelivered: int = 0
+    offline_seconds: float = 0.0
+    covered_percent: float = 100.0
+    causes: list[str] = field(default_factory=list)
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 time; without a zone it is UTC."""
+    value = datetime.fromisoformat(text)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def ns(when: datetime) -> int:
+    return int(when.timestamp() * 1e9)
+
+
+def _iso(ns_: int) -> str:
+    return datetime.fromtimestamp(ns_ / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def undelivered_by_hour(hours: Iterable[dict[str, Any]]) -> dict[tuple[str, int], int]:
+    """(instance, hour ns) → tweets undelivered per the limit notices of that hour.
+
+    ``limit_max`` holds each connection's cumulative count as seen in that hour: the hour's share
+    is the increase over the connection's count in earlier hours.
+    """
+    out: dict[tuple[str, int], int] = {}
+    seen: dict[tuple[str, str], int] = defaultdict(int)
+    for doc in sorted(hours, key=lambda d: d["hour_ns"]):
+        total = 0
+        for conn, track in doc.get("limit_max", {}).items():
+            key = (doc["instance"], conn)
+            total += max(0, int(track) - seen[key])
+            seen[key] = max(seen[key], int(track))
+        out[(doc["instance"], doc["hour_ns"])] = total
+    return out
+
+
+def build_rows(hours: list[dict[str, Any]], gaps: list[dict[str, Any]], since_ns: int,
+               until_ns: int, now_ns: int) -> list[HourRow]:
+    """The per-hour table for [since, until): hour documents for the tweets and limit counts
+    (all earlier hours too: limit counts are cumulative), gap documents for the offline time
+    (an open gap counts until now)."""
+    undelivered = undelivered_by_hour(hours)
+    rows: dict[tuple[str, int], HourRow] = {}
+
+    def row(instance: str, hour: int) -> HourRow:
+        if (instance, hour) not in rows:
+            rows[(instance, hour)] = HourRow(_iso(hour), instance)
+        return rows[(instance, hour)]
+
+    first = hour_start_ns(since_ns)
+    for doc in hours:
+        if first <= doc["hour_ns"] < until_ns:
+            r = row(doc["instance"], doc["hour_ns"])
+            r.tweets = int(doc.get("tweets", 0))
+            r.undelivered = undelivered[(doc["instance"], doc["hour_ns"])]
+    for gap in gaps:
+        end = gap["end_ns"] if gap.get("end_ns") is not None else now_ns
+        for hour, seconds in split_hours(max(gap["start_ns"], first), min(end, until_ns)):
+            r = row(gap["instance"], hour)
+            r.offline_seconds = round(r.offline_seconds + seconds, 3)
+            if gap["cause"] not in r.causes:
+                r.causes.append(gap["cause"])
+    for (_, hour), r in rows.items():
+        span = (min(hour + HOUR_NS, max(now_ns, hour + 1)) - hour) / 1e9  # the current hour: so far
+        r.covered_percent = round(max(0.0, 100.0 * (1 - r.offline_seconds / span)), 2)
+    return [rows[k] for k in sorted(rows, key=lambda k: (k[1], k[0]))]
+
+
+def fetch(settings: Settings, since: datetime, until: datetime, instance: str | None
+          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Hour documents before ``until`` and gap documents overlapping [since, until)."""
+    from ingestd.sink.mongo import make_client
+
+    client = make_client(settings.mongo)
+    try:
+        coverage = client[settings.mongo.database][settings.mongo.coverage_collection]
+        mine = {"instance": instance} if instance else {}
+        hours = list(coverage.find({"kind": "hour", "hour": {"$lt": until}, **mine}))
+        gaps = [g for g in coverage.find({"kind": "gap", "start": {"$lt": until}, **mine})
+                if g.get("end") is None or g["end"] >= since]
+    finally:
+        client.close()
+    return hours, gaps
+
+
+def render(rows: list[HourRow]) -> str:
+    head = (f"{'hour (UTC)':<21} {'instance':<30} {'tweets':>8} {'undelivered':>11} "
+            f"{'offline s':>9} {'covered':>8}  causes")
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r.hour:<21} {r.instance[-30:]:<30} {r.tweets:>8} {r.undelivered:>11} "
+                     f"{r.offline_seconds:>9.1f} {r.covered_percent:>7.2f}%  "
+                     f"{','.join(r.causes) or '-'}")
+    if not rows:
+        lines.append("(no coverage records in this period)")
+    return "\n".join(lines)
+
+
+def gap_json(gap: dict[str, Any]) -> dict[str, Any]:
+    return {"id": gap["_id"], "instance": gap["instance"], "start": _iso(gap["start_ns"]),
+            "end": _iso(gap["end_ns"]) if gap.get("end_ns") is not None else None,
+            "start_ns": gap["start_ns"], "end_ns": gap.get("end_ns"),
+            "seconds": gap.get("seconds"), "cause": gap["cause"], "causes": gap.get("causes"),
+            "detail": gap.get("detail", {}),
+            **{k: gap[k] for k in ("backfill_minutes", "backfilled_seconds") if k in gap}}
+
+
+def run_coverage(config: Path, *, since: str | None, until: str | None, instance: str | None,
+                 as_json: bool) -> int:
+    now = datetime.now(UTC)
+    try:
+        end = parse_time(until) if until else now
+        start = parse_time(since) if since else end - DEFAULT_WINDOW
+    except ValueError as exc:
+        print(f"--since/--until: not an ISO 8601 time: {exc}", file=sys.stderr)
+        return 2
+    try:
+        settings = load_settings(config, secrets=False, resolve=("mongo.uri",))
+    except ConfigError as exc:
+        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        hours, gaps = fetch(settings, start, end, instance)
+    except Exception as exc:  # a driver error is a finding to report, not a traceback
+        print(f"coverage: {explain_mongo_error(exc, settings)}", file=sys.stderr)
+        return EXIT_MONGO
+    rows = build_rows(hours, gaps, ns(start), ns(end), ns(now))
+    if as_json:
+        period = {"since": start.isoformat(), "until": end.isoformat()}
+        print(json.dumps({**period, "hours": [asdict(r) for r in rows],
+                          "gaps": [gap_json(g) for g in sorted(gaps, key=lambda g: g["start_ns"])]},
+                         indent=2))
+    else:
+        print(render(rows))
+    return 0

@@ -1,0 +1,265 @@
+"""The coverage ledger on the real daemon: every way the stream stops leaves one gap document.
+
+One scripted run (simulator, stand-in, real daemon): a reconnect, a stall, a reconnect answered by
+420, a SIGTERM + restart and a SIGKILL of every process + restart. Each gap is reconciled against
+the simulator's ground truth (the last tweet delivered before it, the first after it) to ±1 s;
+limit notices and stored tweets against what was delivered and stored; ``ingestd coverage`` runs
+as a real subprocess. Then the spool is replayed from scratch: nothing in the ledger changes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pymongo
+import pytest
+
+from ingestd.config.errors import ConfigErrors
+from ingestd.config.settings import load_settings_text
+from ingestd.sink.coverage import HOUR_NS, split_hours
+from ingestd.tools.coverage import build_rows
+from tests.support.daemon import Daemon, settings_doc
+from tests.support.mongo import stored_ids
+from tests.support.simulator import GroundTruthLog, SimProcess
+from tests.support.wait import wait_until
+
+TOLERANCE = 1.0  # seconds: ledger times against the simulator's delivery times
+READ_TIMEOUT = 3.0
+SCRIPT: list[list[dict[str, Any]]] = [
+    [{"deliver": 40}, {"control": "limit"}, {"deliver": 20}, {"control": "limit"},
+     {"close": True}],                                      # 1 → 2: reconnect
+    [{"deliver": 40}, {"stall": 60}],                       # 2 → 3: stall (read_timeout)
+    [{"deliver": 40}, {"close": True}],                     # 3 → 5: reconnect, then...
+    [{"status": 420, "body": "Enhance your calm"}],         # 4: ...rate limited
+    [{"deliver": 40}, {"control": "limit"}],                # 5 → 6: SIGTERM + restart
+]                                                           # 6 → 7: SIGKILL + restart
+EXPECTED_CAUSES = ["reconnect", "stall", "rate_limited", "stopped", "crashed"]
+
+
+def ledger(uri: str, db: str, kind: str) -> list[dict[str, Any]]:
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        uri, tz_aware=True, serverSelectionTimeoutMS=10000)
+    try:
+        return sorted(client[db].coverage.find({"kind": kind}),
+                      key=lambda d: d.get("start_ns") or d.get("hour_ns"))
+    finally:
+        client.close()
+
+
+def closed_gaps(uri: str, db: str) -> list[dict[str, Any]]:
+    return [g for g in ledger(uri, db, "gap") if g["end"] is not None]
+
+
+def delivery_gaps(truth: GroundTruthLog) -> list[tuple[float, float]]:
+    """(last tweet delivered on a connection, first tweet on the next that delivered any)."""
+    times: dict[int, list[float]] = {}
+    for e in truth.of("tweet"):
+        times.setdefault(e["conn"], []).append(float(e["t"]))
+    conns = sorted(times)
+    return [(max(times[a]), min(times[b])) for a, b in itertools.pairwise(conns)]
+
+
+def kill_everything(daemon: Daemon) -> None:
+    """SIGKILL the stream worker, the store worker (and its encoder) and the supervisor: a
+    power cut for the processes; the restart must tell that the stream ended unannounced."""
+    procs = []
+    for pid in (daemon.worker_pid("stream"), daemon.worker_pid("store")):
+        proc = psutil.Process(pid)
+        procs += [proc, *proc.children(recursive=True)]
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+    daemon.kill()
+    gone = psutil.wait_procs(procs, timeout=30)[1] == []
+    assert gone, "the killed workers did not exit"
+
+
+def replayed(daemon: Daemon) -> bool:
+    """The store worker read all the spool holds, and found tweets it had stored before."""
+    store, spool = daemon.counters("store"), daemon.status("stream").get("spool", {})
+    read_all = store.get("read_seq", 0) >= spool.get("next_seq", 2**63) - 1
+    return bool(read_all and store.get("duplicates", 0) > 0)
+
+
+def run_coverage_cli(daemon: Daemon) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWITTER_")}  # no secrets
+    out = subprocess.run([sys.executable, "-m", "ingestd", "coverage", "--config",
+                          str(daemon.config), "--since", "2000-01-01T00:00:00", "--json"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    text = subprocess.run([sys.executable, "-m", "ingestd", "coverage", "--config",
+                           str(daemon.config), "--since", "2000-01-01T00:00:00"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert text.returncode == 0 and "covered" in text.stdout, text.stderr
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def test_every_stop_leaves_one_gap_matching_ground_truth(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    sim = SimProcess(tmp_path / "sim", "--rate", "100", "--keepalive", "1", "--control-every",
+                     "0", script=SCRIPT).start()
+    doc = settings_doc(sim.url, mongo_uri, mongo_database, stream={"read_timeout": READ_TIMEOUT})
+    daemon = Daemon(tmp_path / "daemon", doc).start()
+
+    def wait_gaps(n: int) -> None:
+        wait_until(lambda: daemon.assert_running() or len(closed_gaps(mongo_uri, mongo_database))
+                   >= n, 90, f"{n} closed gaps in the ledger")
+
+    try:
+        daemon.wait_ready()
+        wait_gaps(3)  # reconnect, stall, 420
+        code, _ = daemon.stop()
+        assert code == 0, daemon.tail()
+        opened = [g for g in ledger(mongo_uri, mongo_database, "gap") if g["end"] is None]
+        assert [g["cause"] for g in opened] == ["stopped"], "the stop is written before exit"
+        daemon.start().wait_ready()
+        wait_gaps(4)
+        kill_everything(daemon)
+        daemon.start().wait_ready()
+        wait_gaps(5)
+        # This run's store worker opened a gap (the crash's): published for the metrics.
+        wait_until(lambda: daemon.counters("store").get("coverage_gaps", 0) >= 1, 30,
+                   "coverage_gaps in run/store.json")
+        code, _ = daemon.stop()
+        assert code == 0, daemon.tail()
+    finally:
+        daemon.kill()
+        sim.stop()
+
+    truth = sim.ground_truth()
+    gaps = ledger(mongo_uri, mongo_database, "gap")
+    expected = delivery_gaps(truth)
+    assert len(expected) == len(EXPECTED_CAUSES)
+    closed, still_open = gaps[:-1], gaps[-1]
+    assert [g["cause"] for g in closed] == EXPECTED_CAUSES, [g["causes"] for g in gaps]
+    assert closed[2]["causes"] == ["reconnect", "rate_limited"]
+    for gap, (last_before, first_after) in zip(closed, expected, strict=True):
+        assert isinstance(gap["start"], datetime) and isinstance(gap["end"], datetime)
+        assert abs(gap["start"].timestamp() - last_before) <= TOLERANCE, (gap, last_before)
+        assert abs(gap["end"].timestamp() - first_after) <= TOLERANCE, (gap, first_after)
+        print(f"\n[coverage] {gap['cause']:>12}: start {gap['start_ns'] / 1e9 - last_before:+.3f}s"
+              f" end {gap['end_ns'] / 1e9 - first_after:+.3f}s vs ground truth,"
+              f" {gap['seconds']:.3f}s")
+    # The final stop: one open gap from the last tweet received.
+    last_tweet = max(float(e["t"]) for e in truth.of("tweet"))
+    assert still_open["cause"] == "stopped" and still_open["end"] is None
+    assert abs(still_open["start"].timestamp() - last_tweet) <= TOLERANCE
+    # A date-range query finds the gaps (BSON dates, not text).
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri, tz_aware=True)
+    try:
+        in_range = client[mongo_database].coverage.count_documents(
+            {"kind": "gap", "start": {"$gte": closed[0]["start"], "$lte": still_open["start"]}})
+    finally:
+        client.close()
+    assert in_range == len(gaps)
+
+    stored = len(stored_ids(mongo_uri, mongo_database))
+    limits = truth.control("limit")
+    undelivered = sum(max(e["track"] for e in limits if e["conn"] == c)
+                      for c in {e["conn"] for e in limits})
+    hours = ledger(mongo_uri, mongo_database, "hour")
+    assert sum(h["tweets"] for h in hours) == stored, "each stored tweet counted once"
+
+    report = run_coverage_cli(daemon)
+    assert sum(r["tweets"] for r in report["hours"]) == stored
+    assert sum(r["undelivered"] for r in report["hours"]) == undelivered > 0
+    assert [g["cause"] for g in report["gaps"]] == [*EXPECTED_CAUSES, "stopped"]
+    offline = sum(r["offline_seconds"] for r in report["hours"])
+    assert offline >= sum(g["seconds"] for g in closed)
+
+    # Replay the whole spool (checkpoint gone): the ledger is rewritten to the same figures.
+    (daemon.state_dir / "spool" / "checkpoint").unlink()
+    sim2 = SimProcess(tmp_path / "sim2", "--rate", "0", "--max-tweets", "0").start()
+    daemon.doc["stream"]["url"] = sim2.url
+    daemon.write_settings(daemon.doc)
+    try:
+        daemon.start().wait_ready()
+        wait_until(lambda: replayed(daemon), 60, "the replayed spool read")
+        code, _ = daemon.stop()
+        assert code == 0, daemon.tail()
+    finally:
+        daemon.kill()
+        sim2.stop()
+    after = ledger(mongo_uri, mongo_database, "gap")
+    assert [(g["_id"], g["end"]) for g in after[:len(closed)]] == [
+        (g["_id"], g["end"]) for g in closed], "a replay neither duplicates nor reopens a gap"
+    assert sum(h["tweets"] for h in ledger(mongo_uri, mongo_database, "hour")) == stored
+    assert len(stored_ids(mongo_uri, mongo_database)) == stored
+
+
+def test_coverage_collection_must_differ_from_the_tweets_collection(tmp_path: Path) -> None:
+    text = ("stream: {url: 'http://127.0.0.1:1/1.1/statuses/filter.json', track: [a]}\n"
+            "auth: {consumer_key: a, consumer_secret: b, access_token: c, "
+            "access_token_secret: d}\n"
+            "mongo: {uri: 'mongodb://127.0.0.1:1', collection: tweets, "
+            "coverage_collection: tweets}\n"
+            f"state_dir: {tmp_path}\n")
+    with pytest.raises(ConfigErrors) as err:
+        load_settings_text(text, tmp_path / "s.yaml", {})
+    assert "mongo.coverage_collection" in str(err.value) and "must differ" in str(err.value)
+
+
+def test_v2_reconnect_asks_for_the_backfill_the_gap_needs_and_the_ledger_records_it(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    from tests.test_v2 import settled, start
+
+    total, bound = 600, 3
+    sim, daemon = start(tmp_path, mongo_uri, mongo_database, "--rate", "150", "--max-tweets",
+                        str(total), script=[[{"deliver": 100}, {"stall": 60}]], read_timeout=2,
+                        backfill_minutes=bound)
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: settled(daemon, sim, total)
+                   and len(closed_gaps(mongo_uri, mongo_database)) == 1, 120,
+                   "every published tweet, and the stall's gap closed")
+        code, _ = daemon.stop()
+        assert code == 0, daemon.tail()
+    finally:
+        daemon.kill()
+        sim.stop()
+    truth = sim.ground_truth()
+    asked = [e["params"].get("backfill_minutes") for e in truth.connections()]
+    # The first connection knows no gap: the bound; the reconnect after a ~2 s stall: 1 minute.
+    assert asked == [str(bound), "1"], asked
+    (gap,) = closed_gaps(mongo_uri, mongo_database)
+    assert gap["cause"] == "stall" and gap["backfill_minutes"] == 1
+    assert gap["backfilled_seconds"] == gap["seconds"] > 0
+    missed = {e["id"] for e in truth.of("missed")}
+    assert missed and missed <= set(stored_ids(mongo_uri, mongo_database)), "backfill recovered"
+
+
+def test_limit_counts_and_gap_seconds_are_split_across_hours() -> None:
+    """A connection's cumulative limit count spanning hours counts each hour's increase once; a
+    gap across an hour boundary gives each hour its share; an open gap counts until now."""
+    h = HOUR_NS
+    hours = [
+        {"instance": "a", "hour_ns": 10 * h, "tweets": 5, "limit_max": {"7": 30}},
+        {"instance": "a", "hour_ns": 11 * h, "tweets": 6, "limit_max": {"7": 45, "8": 4}},
+        {"instance": "b", "hour_ns": 11 * h, "tweets": 1, "limit_max": {"7": 2}},
+    ]
+    gaps = [
+        {"instance": "a", "start_ns": 11 * h - 10 * 10**9, "end_ns": 11 * h + 20 * 10**9,
+         "cause": "stall"},
+        {"instance": "a", "start_ns": 11 * h + 1800 * 10**9, "end_ns": None, "cause": "stopped"},
+    ]
+    rows = build_rows(hours, gaps, 10 * h, 12 * h, now_ns=11 * h + 2700 * 10**9)
+    got = {(r.instance, r.hour[11:13]): (r.tweets, r.undelivered, r.offline_seconds, r.causes)
+           for r in rows}
+    hour10, hour11 = rows[0].hour[11:13], rows[1].hour[11:13]
+    assert got == {
+        ("a", hour10): (5, 30, 10.0, ["stall"]),
+        ("a", hour11): (6, 15 + 4, 20.0 + 900.0, ["stall", "stopped"]),
+        ("b", hour11): (1, 2, 0.0, []),
+    }
+    current = next(r for r in rows if r.instance == "a" and r.hour[11:13] == hour11)
+    assert current.covered_percent == round(100 * (1 - 920 / 2700), 2)  # the hour so far
+    assert split_hours(11 * h - 1, 11 * h + 1) == [(10 * h, 1e-9), (11 * h, 1e-9)]
