@@ -316,7 +316,11 @@ class DaemonRounds:
         daemon = Daemon(work, doc)
         try:
             daemon.start().wait_ready()
-            store = wait_until(lambda: self._settled(daemon), 120, "the replay", 0.2)
+            first = wait_until(lambda: self._settled(daemon), 120, "the replay", 0.2)
+            # Damage at the end of the spool is counted once the reader sees the segment sealed:
+            # take the figures from a status published a second after the replay went idle.
+            store = wait_until(lambda: self._settled(daemon, after=first["_time"] + 1.0), 60,
+                               "a later status", 0.2)
             restarts = daemon.status("supervisor").get("restarts", {})
             code, _ = daemon.stop()
         finally:
@@ -333,11 +337,15 @@ class DaemonRounds:
             client.close()
 
     @staticmethod
-    def _settled(daemon: Daemon) -> dict[str, Any] | None:
+    def _settled(daemon: Daemon, after: float = 0.0) -> dict[str, Any] | None:
+        """The store counters once the replay is idle, from a status newer than ``after``."""
         daemon.assert_running()
-        stream, store = daemon.status("stream"), daemon.counters("store")
+        stream, status = daemon.status("stream"), daemon.status("store")
+        store = dict(status.get("counters", {}))
         idle = store.get("pending") == 0 and stream.get("spool", {}).get("records") == 0
-        return store if idle and store.get("records_read", 0) > 0 else None
+        fresh = float(status.get("time", 0)) > after
+        return {**store, "_time": status["time"]} if idle and fresh and store.get(
+            "records_read", 0) > 0 else None
 
     def _reconcile(self, rnd: Round, d: Damage, on_disk: list[OnDisk], acked: int, db: str,
                    store: dict[str, Any], code: int, restarts: dict[str, int]) -> None:
@@ -386,6 +394,8 @@ def run(work: Path) -> Summary:
         for i in range(1, n + 1):
             kind = KINDS[(i - 1) % len(KINDS)]
             if every and i % every == 0:
+                # Kinds in turn among the daemon rounds too (``every`` may be a multiple of 8).
+                kind = KINDS[daemon_rounds.rounds % len(KINDS)]
                 rounds.append(daemon_rounds.round(kind, rng))
             else:
                 spool = work / "spool"
