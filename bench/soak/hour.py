@@ -129,7 +129,7 @@ def run(work: Path) -> Summary:
     peak = 0
     try:
         with cleanup(daemon, sim):
-            daemon.start().wait_ready()
+            daemon.start().wait_ready(120)
             started = time.monotonic()
             next_sample, next_fault = 0.0, every / 2
             while (now := time.monotonic() - started) < duration:

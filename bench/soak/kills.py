@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.kill_loop import RESTART_TIMEOUT, Kill, Report
+from bench.kill_loop import Kill, Report
 from bench.soak.common import (
     Daemon,
     SimProcess,
@@ -45,6 +45,9 @@ from ingestd.tools.standin import StandIn
 from tests.support.mongo_proxy import MongoProxy
 
 DB = "soak_kills"
+# How long a killed target may take to work again (measured and printed; the machine is shared,
+# and a start under contention was seen to take > 10 s).
+RESTART_TIMEOUT = 180.0
 TARGETS = ("stream", "store", "encoder", "daemon")
 
 
@@ -171,13 +174,14 @@ def run(work: Path) -> Summary:
     proxy = MongoProxy(("127.0.0.1", standin.port)).start()
     sim = SimProcess(work / "sim", "--rate", str(rate), "--control-every", "0", "--keepalive",
                      "1", "--seed", str(rng.randrange(1 << 30))).start()
-    doc = soak_doc(sim, proxy.uri, DB, control={"crash_loop_restarts": 100000,
-                                               "heartbeat_timeout": 10})
+    # Kills are the test: the supervisor must keep restarting, not declare a crash loop. The
+    # product's heartbeat timeout (30 s): on this shared machine a worker may take >10 s to start.
+    doc = soak_doc(sim, proxy.uri, DB, control={"crash_loop_restarts": 100000})
     daemon = Daemon(work / "daemon", doc)
     killer, trend = Killer(daemon, proxy, rng), Trend()
     try:
         with cleanup(daemon, sim):
-            daemon.start().wait_ready()
+            daemon.start().wait_ready(120)
             wait_until(lambda: daemon.counters("store").get("stored", 0) > 0, 60, "first tweet")
             started = time.monotonic()
             for index in range(n):

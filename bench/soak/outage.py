@@ -85,7 +85,7 @@ def run(work: Path) -> Summary:
     watch = Watch(daemon, sim, env_float("SOAK_OUTAGE_PRINT_EVERY", 30))
     try:
         with cleanup(daemon, sim):
-            daemon.start().wait_ready()
+            daemon.start().wait_ready(120)
             wait_until(lambda: daemon.counters("store").get("stored", 0) >= rate * WARMUP / 2,
                        120, "the first tweets stored")
             standin.stop()

@@ -46,7 +46,7 @@ def run(work: Path) -> Summary:
     daemon = Daemon(work / "daemon", settings_doc(sim.url, standin.uri, DB))
     try:
         with cleanup(daemon, sim):
-            daemon.start().wait_ready()
+            daemon.start().wait_ready(120)
             wait_until(lambda: daemon.counters("store").get("stored", 0) >= 20, 60, "20 stored")
             reload_many(daemon, 1, 10)  # warm-up: first-use imports, caches, allocator arenas
             before = settled_figures(daemon, 11)
