@@ -45,6 +45,9 @@ def soak_doc(sim: SimProcess, uri: str, database: str, **sections: Any) -> dict[
     doc = settings_doc(sim.url, uri, database, **sections)
     doc["writer"].update(batch_size=1000, retry_start=0.2, retry_cap=2.0)
     doc["mongo"].update(timeout_ms=5000)
+    # The product's heartbeat timeout, not the tests' 10 s: on this shared machine (load 20 on
+    # 2 vCPU) a worker was seen to need > 10 s to start, and was killed as hung.
+    doc["control"]["heartbeat_timeout"] = 30
     return doc
 
 

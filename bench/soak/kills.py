@@ -174,9 +174,9 @@ def run(work: Path) -> Summary:
     proxy = MongoProxy(("127.0.0.1", standin.port)).start()
     sim = SimProcess(work / "sim", "--rate", str(rate), "--control-every", "0", "--keepalive",
                      "1", "--seed", str(rng.randrange(1 << 30))).start()
-    # Kills are the test: the supervisor must keep restarting, not declare a crash loop. The
-    # product's heartbeat timeout (30 s): on this shared machine a worker may take >10 s to start.
-    doc = soak_doc(sim, proxy.uri, DB, control={"crash_loop_restarts": 100000})
+    # Kills are the test: the supervisor must keep restarting, not declare a crash loop.
+    doc = soak_doc(sim, proxy.uri, DB, control={"crash_loop_restarts": 100000,
+                                               "heartbeat_timeout": 30})
     daemon = Daemon(work / "daemon", doc)
     killer, trend = Killer(daemon, proxy, rng), Trend()
     try:

@@ -43,7 +43,8 @@ def run(work: Path) -> Summary:
     summary = Summary("reloads", extra={"reloads": n})
     standin = StandIn(work / "mongo").start()
     sim = SimProcess(work / "sim", "--rate", "100", "--keepalive", "1", "--seed", "61").start()
-    daemon = Daemon(work / "daemon", settings_doc(sim.url, standin.uri, DB))
+    doc = settings_doc(sim.url, standin.uri, DB, control={"heartbeat_timeout": 30})
+    daemon = Daemon(work / "daemon", doc)
     try:
         with cleanup(daemon, sim):
             daemon.start().wait_ready(120)
