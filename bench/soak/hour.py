@@ -17,6 +17,7 @@ from typing import Any
 
 from bench.soak.common import (
     Daemon,
+    ProcSample,
     SimProcess,
     Summary,
     Trend,
@@ -99,10 +100,13 @@ class StoreTotals:
         return self.done.get(key, 0) + self.last.get(key, 0)
 
 
-def progress(daemon: Daemon, sim: SimProcess, totals: StoreTotals, at: float) -> int:
+def progress(daemon: Daemon, sim: SimProcess, totals: StoreTotals, at: float,
+             got: dict[str, ProcSample]) -> int:
     spool = daemon.status("stream").get("spool", {})
     sup = daemon.status("supervisor")
+    procs = " ".join(f"{r}:{s.fds}fd/{s.rss / 2**20:.0f}M" for r, s in sorted(got.items()))
     say(f"[hour] t={at / 60:5.1f} min delivered={len(sim.ground_truth().tweet_ids())} "
+        f"{procs} "
         f"stored={totals.total('stored')} dup={totals.total('duplicates')} "
         f"spool={spool.get('records', 0)} rec/{int(spool.get('bytes', 0)) / 1e6:.1f} MB "
         f"store={str(daemon.status('store').get('state', ''))[:40]!r} "
@@ -119,7 +123,13 @@ def run(work: Path) -> Summary:
                                      "fault_every_s": every})
     standin = StandIn(work / "mongo").start()
     proxy = MongoProxy(("127.0.0.1", standin.port)).start()
+    # Compliance notices every 250 tweets: each scrub_geo/withheld one is an update_many by
+    # user.id that the stand-in answers by scanning the collection (~180k documents by the end);
+    # at the simulator's default (one per 25) the stand-in fell behind 50 tweets/s.
+    controls = env_int("SOAK_HOUR_CONTROL_EVERY", 250)
+    summary.extra["control_every"] = controls
     sim = SimProcess(work / "sim", "--rate", str(rate), "--keepalive", "1", "--seed", "2026",
+                     "--control-every", str(controls),
                      script=sim_script(rate, every, duration)).start()
     doc = soak_doc(sim, proxy.uri, DB, stream={"read_timeout": READ_TIMEOUT},
                    control={"crash_loop_restarts": 1000})
@@ -135,9 +145,9 @@ def run(work: Path) -> Summary:
             while (now := time.monotonic() - started) < duration:
                 daemon.assert_running()
                 if now >= next_sample:
-                    trend.add(daemon, now)
+                    got = trend.add(daemon, now)
                     totals.update(daemon)
-                    peak = max(peak, progress(daemon, sim, totals, now))
+                    peak = max(peak, progress(daemon, sim, totals, now, got))
                     next_sample += sample_every
                 if now >= next_fault:
                     faults.next()
@@ -147,7 +157,8 @@ def run(work: Path) -> Summary:
             sim.stop()
             stopped = time.time()
             proxy.pass_through()
-            wait_until(lambda: drained(daemon, stopped), 900, "the spool to drain", 0.5)
+            wait_until(lambda: drained(daemon, stopped), env_float("SOAK_HOUR_DRAIN_TIMEOUT", 3600),
+                       "the spool to drain", 0.5)
             totals.update(daemon)
             stream = daemon.counters("stream")
             restarts = dict(daemon.status("supervisor").get("restarts", {}))
