@@ -326,7 +326,8 @@ class DaemonRounds:
         finally:
             daemon.kill()
         self._reconcile(rnd, d, on_disk, acked, db, store, code, restarts)
-        shutil.rmtree(work, ignore_errors=True)
+        if not rnd.problems:  # a round with a problem keeps its spool and daemon log
+            shutil.rmtree(work, ignore_errors=True)
         return rnd
 
     def _preload(self, db: str) -> None:
