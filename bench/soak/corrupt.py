@@ -175,6 +175,8 @@ class Round:
     corrupt_records: int = 0
     corrupt_bytes: int = 0
     resets: int = 0
+    crashed: bool = False  # an exception in process, or the daemon exited non-zero
+    restarted: bool = False  # the supervisor restarted a worker during a daemon round
     problems: list[str] = field(default_factory=list)
 
 
@@ -223,6 +225,7 @@ def in_process_round(spool: Path, rng: random.Random, kind: str) -> Round:
             reader.ack(chunk[-1])
         reader.close()
     except Exception:  # a crash is the finding: report it with its traceback
+        rnd.crashed = True
         rnd.problems.append(f"{kind}: exception {traceback.format_exc(limit=3)}")
         return rnd
     reconcile_round(rnd, d, on_disk, seqs, acked, fresh, got, reader)
@@ -362,7 +365,8 @@ class DaemonRounds:
         rnd.corrupt_bytes = int(store.get("spool_corrupt_bytes", 0))
         rnd.resets = int(store.get("spool_checkpoint_resets", 0))
         where = f"{rnd.kind} {d.detail}".strip()
-        if code != 0 or any(restarts.values()):
+        rnd.crashed, rnd.restarted = code != 0, any(restarts.values())
+        if rnd.crashed or rnd.restarted:
             rnd.problems.append(f"{where}: exit {code}, worker restarts {restarts}")
         if len(ids) != len(set(ids)):
             rnd.problems.append(f"{where}: {len(ids) - len(set(ids))} ids stored twice")
@@ -434,8 +438,9 @@ def tabulate(summary: Summary, rounds: list[Round]) -> None:
     summary.duplicates = sum(r.replayed for r in rounds)
     summary.dropped = written - recovered  # damaged records, skipped and counted
     summary.lost = sum(1 for r in rounds for p in r.problems if "silent" in p or "nothing" in p)
-    summary.restarts = "0 crashes" if not any("exception" in p or "exit" in p for r in rounds
-                                              for p in r.problems) else "CRASH"
+    crashed = sum(r.crashed for r in rounds)
+    restarted = sum(r.restarted for r in rounds)
+    summary.restarts = f"{crashed} crashes, {restarted} rounds with restarted workers"
     summary.extra["columns"] = ("delivered = unacked records written; stored = recovered; "
                                 "dropped = damaged records skipped and counted; duplicates = "
                                 "acked records replayed; lost = rounds with an uncounted loss")
