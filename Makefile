@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck pytest test-slow test-systemd bench systemd-tools clean
+.PHONY: demo test lint typecheck pytest test-slow test-systemd bench soak systemd-tools clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,13 @@ $(VENV)/.bench-stamp: pyproject.toml $(STAMP)
 
 bench: $(VENV)/.bench-stamp
 	$(BIN)/python bench/run.py
+
+# The long proofs of docs/reliability.md (~2 h in all; never part of `make test`). Pick some with
+# SOAK="outage kills" (or outage,kills); scale them with SOAK_* variables (bench/soak/*.py).
+comma := ,
+SOAK ?= outage kills corrupt reloads hour
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak $(subst $(comma), ,$(SOAK))
 
 # systemd-analyze verifies the shipped unit (Debian's systemd package; .ci/run installs it).
 # Nothing is installed here: without it the unit test is skipped, and says so.

@@ -587,6 +587,48 @@ def test_checkpoint_beyond_end_of_segment_replays(tmp_path: Path) -> None:
     assert fresh.checkpoint_resets == 1
 
 
+def test_checkpoint_not_ending_its_record_replays(tmp_path: Path) -> None:
+    """A garbled checkpoint that still parses: moved ahead to a later record boundary with its
+    seq unchanged, or into the middle of a record. Trusting it would skip unacked records
+    silently (found by bench/soak corrupt); it must be reset and the spool replayed."""
+    writer = make_writer(tmp_path)
+    seqs = fill(writer, payloads(10))
+    writer.close()
+    reader = SpoolReader(tmp_path)
+    got = drain(reader)
+    reader.ack(got[2])
+    reader.close()
+    good = read_checkpoint(tmp_path)
+    assert good is not None and good.seq == seqs[2]
+    for offset in (got[6].end_offset, got[6].end_offset - 7, got[3].offset + 1):
+        (tmp_path / CHECKPOINT).write_text(
+            f'{{"seq": {good.seq}, "segment": "{good.segment}", "offset": {offset}}}')
+        fresh = SpoolReader(tmp_path)
+        assert [r.seq for r in drain(fresh)] == seqs, offset
+        assert fresh.checkpoint_resets == 1
+        fresh.close()
+    # The checkpoint as written is still trusted: no replay of what was stored.
+    (tmp_path / CHECKPOINT).write_text(
+        f'{{"seq": {good.seq}, "segment": "{good.segment}", "offset": {good.offset}}}')
+    fresh = SpoolReader(tmp_path)
+    assert [r.seq for r in drain(fresh)] == seqs[3:]
+    assert fresh.checkpoint_resets == 0
+
+
+def test_checkpoint_at_the_start_of_a_later_segment_replays(tmp_path: Path) -> None:
+    """Offset 0 is what ``_release_consumed`` writes once older segments are deleted; naming a
+    segment while an older one still holds unacked records, it would skip that one."""
+    writer = make_writer(tmp_path, segment_bytes=300)
+    seqs = fill(writer, payloads(20))
+    writer.close()
+    segments = list_segments(tmp_path)
+    assert len(segments) >= 3
+    (tmp_path / CHECKPOINT).write_text(f'{{"seq": 0, "segment": "{segments[1]}", "offset": 0}}')
+    fresh = SpoolReader(tmp_path)
+    assert [r.seq for r in drain(fresh)] == seqs
+    assert fresh.checkpoint_resets == 1
+
+
 # --- model-based state machine --------------------------------------------------------------------
 
 

@@ -152,8 +152,9 @@ class Session:
                         self.starved_until = now + 1.0
                     continue
                 next_at = start + sent / rate
-            elif tweets:
-                next_at = self.starved_until
+            elif tweets and self._quota() > 0:
+                next_at = self.starved_until  # the source ran dry: try again then
+            # else: --max-tweets used up; only keep-alives from now on (sleep until the next)
             idle_until = self.last_write + self.state.config.keepalive
             if now >= idle_until:
                 self._write(self.wire.encode(b"\r\n"))

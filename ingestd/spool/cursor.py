@@ -150,3 +150,23 @@ def last_record(directory: Path, name: str) -> Record | None:
                 cursor.at_end = True
     finally:
         cursor.close()
+
+
+def ends_record(directory: Path, name: str, offset: int, seq: int) -> bool:
+    """Whether a valid record numbered ``seq`` ends exactly at ``offset`` in segment ``name``
+    (reads the segment up to there; damage on the way is skipped, not counted)."""
+    cursor = SegmentCursor(directory, name, 0, Damage())
+    cursor.sealed = True
+    try:
+        while True:
+            batch: list[Record] = []
+            cursor.parse(batch, 256, MAX_LENGTH, 0)
+            for record in batch:
+                if record.end_offset >= offset:
+                    return record.end_offset == offset and record.seq == seq
+            if not batch and cursor.fill() == 0:
+                if cursor.at_end:
+                    return False
+                cursor.at_end = True
+    finally:
+        cursor.close()

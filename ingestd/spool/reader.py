@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ingestd.spool.cursor import Damage, SegmentCursor
+from ingestd.spool.cursor import Damage, SegmentCursor, ends_record
 from ingestd.spool.format import (
     CHECKPOINT,
     FIRST_SEQ,
@@ -200,19 +200,29 @@ class SpoolReader:
     def _start(self) -> None:
         """Open at the checkpoint, or replay from the oldest segment if it cannot be used."""
         ckpt = read_checkpoint(self.directory)
-        if ckpt is not None and ckpt.offset <= _size_or_zero(self.directory / ckpt.segment):
-            try:
-                cursor = SegmentCursor(self.directory, ckpt.segment, ckpt.offset, self._damage)
-            except FileNotFoundError:
-                pass
-            else:
-                self._cursor, self._acked, self._written = cursor, ckpt, ckpt
-                return
+        if ckpt is not None and self._trusted(ckpt):
+            self._cursor = SegmentCursor(self.directory, ckpt.segment, ckpt.offset, self._damage)
+            self._acked = self._written = ckpt
+            return
         segments = list_segments(self.directory)
         # A missing checkpoint is normal on a fresh spool; with acked segments gone it is damage.
         gone = bool(segments) and segment_first_seq(segments[0]) > FIRST_SEQ
         if (self.directory / CHECKPOINT).exists() or gone:
             self.checkpoint_resets += 1
+
+    def _trusted(self, ckpt: Checkpoint) -> bool:
+        """A checkpoint is used only if it is consistent: a valid record with its seq ends
+        exactly at its offset, or (offset 0, written by ``_release_consumed``) its segment is the
+        oldest. Any other (garbled) one could skip unacked records or start inside one; replaying
+        from the oldest segment instead only repeats records already stored."""
+        if ckpt.offset > _size_or_zero(self.directory / ckpt.segment):
+            return False
+        if ckpt.offset == 0:
+            return list_segments(self.directory)[:1] == [ckpt.segment]
+        try:
+            return ends_record(self.directory, ckpt.segment, ckpt.offset, ckpt.seq)
+        except FileNotFoundError:
+            return False
 
     def _open_first(self) -> SegmentCursor | None:
         segments = list_segments(self.directory)
