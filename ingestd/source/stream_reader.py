@@ -193,6 +193,12 @@ class StreamReader:
         wakes up holds tweets the endpoint counted as delivered."""
         conns = self._connections()
         if not conns:
+            if self.state.startswith(("connected", "reconnecting", "degraded")):
+                # The endpoint had already closed it (a newer connection logged this one out
+                # while this process was frozen): standing by all the same.
+                self.state = "standby"
+                log.warning("stream_stood_down", conns=[],
+                            reason="no valid lease (ha.mode: standby); no connection was open")
             return
         deadline = self._clock() + self.stand_down_drain
         quiet = self.stand_down_drain / 3  # no byte for this long: the socket is empty
