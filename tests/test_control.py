@@ -466,10 +466,12 @@ def settled_figures(daemon: Daemon, generation: int) -> dict[str, tuple[int, int
                "the stream connected")
     wait_until(lambda: daemon.status("supervisor")["status"].startswith("connected"), 10,
                "the supervisor's summary")
-    figures = {role: proc_figures(pid) for role, pid in daemon.pids().items()}
-    encoder = psutil.Process(daemon.pids()["store"]).children()
-    figures["encoder"] = (len(encoder), 0)  # the store worker's encoder child: running or not
-    return figures
+    return {role: proc_figures(pid) for role, pid in daemon.pids().items()}
+
+
+def encoder_children(daemon: Daemon) -> int:
+    """1 while the store worker's encoder child runs, else 0."""
+    return len(psutil.Process(daemon.pids()["store"]).children())
 
 
 @pytest.mark.parametrize("reloads", [
@@ -483,8 +485,10 @@ def test_many_reloads_leak_no_fds_or_memory(
     wait_stored(daemon, 20)
     reload_many(daemon, 1, 10)  # warm-up: first-use imports, caches, allocator arenas
     before = settled_figures(daemon, 11)
+    encoder_before = encoder_children(daemon)
     reload_many(daemon, 11, reloads)
     after = settled_figures(daemon, 11 + reloads)
+    encoder_after = encoder_children(daemon)
     assert daemon.status("supervisor")["reload_failures"] == 0
     # Reconcile on a stopped daemon: on a live stream a tweet delivered after the ground
     # truth was read can be stored before the collection is read.
@@ -497,7 +501,7 @@ def test_many_reloads_leak_no_fds_or_memory(
     assert set(ids) <= set(truth.tweet_ids()) and len(ids) == len(set(ids))
     # The encoder child starts on the first read large enough to share (its two pipes): a
     # one-time start between the two measurements is not a leak.
-    started = after.pop("encoder")[0] - before.pop("encoder")[0]
+    started = encoder_after - encoder_before
     for role, (fds, rss) in before.items():
         fds_after, rss_after = after[role]
         allowed = (1 + 2 * max(started, 0)) if role == "store" else 0

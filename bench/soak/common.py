@@ -194,6 +194,22 @@ def deadletter_count(daemon: Daemon) -> int:
     return sum(len(p.read_bytes().splitlines()) for p in files)
 
 
+def reconcile_base(summary: Summary, daemon: Daemon, sim: SimProcess, uri: str, db: str,
+                   store: dict[str, Any], stream: dict[str, Any]
+                   ) -> tuple[set[int], list[int], set[int]]:
+    """The figures every proof reconciles the same way: (delivered, stored ids, missing), with
+    delivered / stored / duplicates / dead-lettered / dropped / deleted filled into ``summary``."""
+    truth = sim.ground_truth()
+    delivered, deleted = set(truth.tweet_ids()), set(truth.deleted_ids())
+    ids = stored_ids(uri, db)
+    summary.delivered, summary.stored = len(delivered), len(set(ids))
+    summary.duplicates = int(store.get("duplicates", 0))
+    summary.deadlettered = deadletter_count(daemon)
+    summary.dropped = sum(int(v) for v in dict(stream.get("dropped", {})).values())
+    summary.extra["deleted by compliance"] = len(delivered & deleted)
+    return delivered, ids, (delivered - deleted) - set(ids)
+
+
 @dataclass
 class Summary:
     """The row every proof prints at the end; ``problems`` non-empty means the proof failed."""

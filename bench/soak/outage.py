@@ -22,12 +22,11 @@ from bench.soak.common import (
     Summary,
     Trend,
     cleanup,
-    deadletter_count,
     env_float,
     env_int,
+    reconcile_base,
     say,
     soak_doc,
-    stored_ids,
     wait_until,
 )
 from ingestd.tools.standin import StandIn
@@ -126,16 +125,8 @@ def run(work: Path) -> Summary:
 
 def reconcile(summary: Summary, daemon: Daemon, sim: SimProcess, uri: str,
               store: dict[str, Any], stream: dict[str, Any]) -> None:
-    truth = sim.ground_truth()
-    delivered, deleted = set(truth.tweet_ids()), set(truth.deleted_ids())
-    ids = stored_ids(uri, DB)
-    summary.delivered, summary.stored = len(delivered), len(set(ids))
-    summary.duplicates = int(store.get("duplicates", 0))
-    summary.deadlettered = deadletter_count(daemon)
-    summary.dropped = sum(int(v) for v in dict(stream.get("dropped", {})).values())
-    missing = (delivered - deleted) - set(ids)
+    delivered, ids, missing = reconcile_base(summary, daemon, sim, uri, DB, store, stream)
     summary.lost = max(0, len(missing) - summary.deadlettered - summary.dropped)
-    summary.extra["deleted by compliance"] = len(delivered & deleted)
     summary.extra["store counters"] = {k: store.get(k) for k in (
         "records_read", "stored", "duplicates", "deadlettered", "skipped", "control")}
     summary.check(len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} stored twice")

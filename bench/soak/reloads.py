@@ -18,12 +18,11 @@ from bench.soak.common import (
     SimProcess,
     Summary,
     cleanup,
-    deadletter_count,
     drained,
     env_int,
+    reconcile_base,
     say,
     settings_doc,
-    stored_ids,
     wait_until,
 )
 from ingestd.tools.standin import StandIn
@@ -98,18 +97,10 @@ def compare(summary: Summary, before: dict[str, tuple[int, int]],
 
 def reconcile(summary: Summary, daemon: Daemon, sim: SimProcess, uri: str,
               store: dict[str, Any], stream: dict[str, Any]) -> None:
-    truth = sim.ground_truth()
-    delivered, deleted = set(truth.tweet_ids()), set(truth.deleted_ids())
-    ids = stored_ids(uri, DB)
-    summary.delivered, summary.stored = len(delivered), len(set(ids))
-    summary.duplicates = int(store.get("duplicates", 0))
-    summary.deadlettered = deadletter_count(daemon)
-    summary.dropped = sum(int(v) for v in dict(stream.get("dropped", {})).values())
+    delivered, ids, missing = reconcile_base(summary, daemon, sim, uri, DB, store, stream)
     skipped = dict(store.get("skipped", {}))
-    missing = (delivered - deleted) - set(ids)
     accounted = sum(int(v) for k, v in skipped.items() if k != "deleted")
     summary.lost = max(0, len(missing) - accounted - summary.deadlettered - summary.dropped)
-    summary.extra["deleted by compliance"] = len(delivered & deleted)
     summary.extra["skipped by the store worker (by reason)"] = skipped
     summary.check(len(ids) == len(set(ids)), "a tweet stored twice")
     summary.check(set(ids) <= delivered, "stored ids never delivered")
