@@ -22,6 +22,7 @@ from oauthlib.oauth1 import Client  # type: ignore[import-untyped]
 
 from ingestd.documents.matching import Matcher
 from ingestd.simulator.generator import TWITTER_EPOCH_MS
+from ingestd.simulator.session import truncated
 from tests.support.creds import CREDS
 from tests.support.simulator import SimProcess
 
@@ -428,12 +429,23 @@ def test_bad_lines_are_sent_as_asked(tmp_path: Path) -> None:
     assert [e["kind"] for e in gt.of("bad_line", 1)] == kinds
     assert len(lines) == 5
     with pytest.raises(json.JSONDecodeError):
-        json.loads(lines[0])
+        json.loads(lines[0].decode("utf-8"))  # valid UTF-8: truncated JSON, nothing else
     with pytest.raises(UnicodeDecodeError):
         lines[1].decode("utf-8")
     assert isinstance(json.loads(lines[2]), list)
     assert len(lines[3]) == 5000
     assert not isinstance(json.loads(lines[4]), dict)
+
+
+@pytest.mark.parametrize("text", ["ab", "abc", "日本語のツイート", "é" * 7 + "x", "🙂🙂🙂"])
+def test_truncated_json_is_cut_on_a_character_boundary(text: str) -> None:
+    # Half of a tweet whose middle byte falls inside a multi-byte character (CI saw
+    # invalid_utf8 where the script asked for truncated_json).
+    payload = json.dumps({"text": text}, ensure_ascii=False).encode()
+    cut = truncated(payload)
+    assert payload.startswith(cut) and len(payload) // 2 - 3 <= len(cut) <= len(payload) // 2
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(cut.decode("utf-8"))
 
 
 def test_stall_sends_nothing_but_keepalive_only_sends_keepalives(tmp_path: Path) -> None:

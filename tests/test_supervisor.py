@@ -219,6 +219,35 @@ def test_worker_that_never_beats_is_replaced_and_then_ready(start: Any) -> None:
     assert len(run.events("started", role="stream")) == 2
 
 
+def test_a_frozen_service_is_not_taken_for_hung_workers(start: Any) -> None:
+    # The whole service frozen (SIGSTOP, a paused VM) for longer than the heartbeat timeout: on
+    # waking, the supervisor's first look must not abort workers that could not beat either.
+    run = start({"heartbeat_timeout": 3})
+    run.wait_ready()
+    workers = {role: run.worker_pid(role) for role in ("stream", "store")}
+    pids = [run.pid, *(p for p in workers.values() if p is not None)]
+    assert len(pids) == 3
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(5.0)  # the freeze's length is the scenario (longer than the timeout)
+        os.kill(run.pid, signal.SIGCONT)  # the supervisor first: it looks before any new beat
+        gap = run.wait_log("supervisor_suspended")["gap"]
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    assert gap >= 5.0
+    beats = {role: (runstate.read_status(run.state_dir, role) or {}).get("progress", 0)
+             for role in workers}
+    wait_until(lambda: all((runstate.read_status(run.state_dir, role) or {}).get("progress", 0)
+                           > beats[role] for role in workers), 10, "both workers beating again")
+    looks = run.supervisor_status().get("time")
+    wait_until(lambda: run.supervisor_status().get("time") != looks, 10, "a later look")
+    assert not run.logs("worker_hung")
+    assert {role: run.worker_pid(role) for role in workers} == workers
+    assert len(run.events("started")) == 2
+
+
 def test_crash_loop_stops_the_other_worker_and_exits_75(start: Any) -> None:
     run = start({"crash_loop_restarts": 2, "crash_loop_window": 60},
                 FAKE_STREAM_CRASH_AFTER="0.1", FAKE_STREAM_EXIT_CODE="3")

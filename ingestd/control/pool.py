@@ -102,6 +102,9 @@ class WorkerPool:
     BACKOFF_START = 1.0
     BACKOFF_MAX = 30.0
     HEALTHY_AFTER = 60.0  # a worker that ran this long resets its back-off
+    # The supervisor looks at least every LOOP_TIMEOUT (0.5 s): a longer gap between two looks
+    # means it could not run either (SIGSTOP, a frozen cgroup, a paused VM).
+    SUSPENDED_AFTER = 2.0
 
     def __init__(self, command: WorkerCommand, state_dir: Path, hooks: PoolHooks) -> None:
         self.command, self.state_dir, self.hooks = command, state_dir, hooks
@@ -111,6 +114,7 @@ class WorkerPool:
         self.restarts = dict.fromkeys(ROLES, 0)
         self.restart_times: collections.deque[float] = collections.deque()
         self.role_beats: dict[str, float] = {}  # monotonic time of each role's last heartbeat
+        self.last_look: float | None = None  # monotonic time of the last heartbeat check
         self.inherited_fds: tuple[int, ...] = ()  # the state-folder lock (see StateDirClaim)
 
     # -- starting ------------------------------------------------------------------------------
@@ -196,6 +200,7 @@ class WorkerPool:
     def replace_hung(self, timeout: float) -> None:
         """Replace hung workers: SIGABRT on a stale heartbeat, SIGKILL ``KILL_GRACE`` later."""
         now = time.monotonic()
+        self._discount_suspension(now)
         for worker in list(self.workers.values()):
             if worker.aborted is not None:
                 if not worker.killed and now - worker.aborted >= self.KILL_GRACE:
@@ -210,6 +215,21 @@ class WorkerPool:
                           state=worker.status.get("state"))
                 worker.signal(signal.SIGABRT)
                 worker.aborted = now
+
+    def _discount_suspension(self, now: float) -> None:
+        """Time the supervisor itself could not run does not count against the workers: the
+        whole service was frozen (SIGSTOP, a paused VM), not a worker hung. Without this, the
+        first look after a 30 s freeze would abort every worker before it could beat again."""
+        gap = now - self.last_look if self.last_look is not None else 0.0
+        self.last_look = now
+        if gap <= self.SUSPENDED_AFTER:
+            return
+        log.warning("supervisor_suspended", gap=round(gap, 3),
+                    effect="heartbeat deadlines moved on by the gap")
+        for worker in self.workers.values():
+            worker.last_beat += gap
+        for role in self.role_beats:
+            self.role_beats[role] += gap
 
     def observe_heartbeat(self, worker: Worker, now: float) -> None:
         """Note a new heartbeat if the worker rewrote its status file since the last look."""

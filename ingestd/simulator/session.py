@@ -254,8 +254,7 @@ class Session:
 
     def _bad_line(self, kind: str) -> bytes:
         if kind == "truncated_json":
-            payload = orjson.dumps(self.feed.generator.noise())
-            return payload[: len(payload) // 2]
+            return truncated(orjson.dumps(self.feed.generator.noise()))
         if kind == "invalid_utf8":
             return b'{"id":1,"text":"bad \xff\xfe bytes \xc3"}'
         if kind == "json_array":
@@ -320,3 +319,9 @@ class Session:
             msg = gen.limit_msg(self.limit_track, now_ms)
             event.update(track=self.limit_track)
         return orjson.dumps(msg), event
+
+
+def truncated(payload: bytes) -> bytes:
+    """The first half of a JSON text, cut on a character boundary: a cut through a multi-byte
+    character would make the line invalid UTF-8 rather than truncated JSON."""
+    return payload[: len(payload) // 2].decode("utf-8", "ignore").encode()
