@@ -274,6 +274,9 @@ def test_standby_sigstop_the_active_returns_as_standby_and_drains(
             signal_all(a, signal.SIGCONT)
         wait_role(a, "standby")
         a.wait_log("stream_stood_down")
+        # The whole of A was frozen, not a worker hung: its supervisor must not abort them.
+        assert a.wait_log("supervisor_suspended")["gap"] >= FREEZE - 1
+        assert not a.events("worker_hung")
         wait_all_stored(mongo_uri, mongo_database, sim, conns=1, per_conn=per_conn)
         # A, back, stands by: it opened no connection after it woke up, B kept the lease.
         assert len(sim.ground_truth().connections()) == conns_before == 2
