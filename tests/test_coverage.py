@@ -15,9 +15,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import psutil
 import pymongo
@@ -25,7 +27,16 @@ import pytest
 
 from ingestd.config.errors import ConfigErrors
 from ingestd.config.settings import load_settings_text
-from ingestd.sink.coverage import HOUR_NS, split_hours
+from ingestd.sink.coverage import (
+    HANDOVER_WAIT,
+    HOUR_NS,
+    CoverageLedger,
+    message_time_ns,
+    split_hours,
+)
+from ingestd.sink.retry import Retrier
+from ingestd.spool.events import encode_event
+from ingestd.spool.format import KIND_EVENT, KIND_MESSAGE, Record
 from ingestd.tools.coverage import build_rows
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.mongo import stored_ids
@@ -263,3 +274,125 @@ def test_limit_counts_and_gap_seconds_are_split_across_hours() -> None:
     current = next(r for r in rows if r.instance == "a" and r.hour[11:13] == hour11)
     assert current.covered_percent == round(100 * (1 - 920 / 2700), 2)  # the hour so far
     assert split_hours(11 * h - 1, 11 * h + 1) == [(10 * h, 1e-9), (11 * h, 1e-9)]
+
+
+# ---------------------------------------------------------------- handover (ledger, stand-in)
+
+
+class _Now:
+    """The ledger's monotonic clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class _Direct:
+    """A Retrier's with_retry without the helper thread: nothing fails here."""
+
+    def with_retry(self, what: str, fn: Any) -> Any:
+        return fn()
+
+
+def _ledger_pair(coll: Any, clock: _Now) -> tuple[CoverageLedger, CoverageLedger]:
+    target: Any = SimpleNamespace(collection=coll, settings=SimpleNamespace(
+        mongo=SimpleNamespace(coverage_collection="coverage")))
+    a = CoverageLedger(target, cast(Retrier, _Direct()), "host-a:/state", "a", clock)
+    b = CoverageLedger(target, cast(Retrier, _Direct()), "host-b:/state", "b", clock)
+    return a, b
+
+
+def _rec(seq: int, recv_ns: int, payload: bytes, kind: int = KIND_MESSAGE) -> Record:
+    return Record(seq, kind, 1, 1, recv_ns, payload, "s", 0)
+
+
+def _marker(seq: int, recv_ns: int, cause: str, start_ns: int, **detail: Any) -> Record:
+    event = {"type": "gap", "cause": cause, "last_recv_ns": start_ns, **detail}
+    return _rec(seq, recv_ns, encode_event(event), KIND_EVENT)
+
+
+@pytest.mark.parametrize("report_first", [False, True])
+def test_takeover_gap_start_moves_to_the_previous_holders_last_message(
+        mongo_uri: str, mongo_database: str, report_first: bool) -> None:
+    # A renewed its lease last with last_recv L, froze, and its socket kept filling until T; B
+    # took over at L and delivered first at R. A wakes at W > R, reads up to T (logged out by a
+    # code 7 notice, which has no time), and stands down. B's gap must end up [T, R], with the
+    # hour's offline seconds counted once, whichever ledger writes first.
+    s = 10**9
+    base = (time.time_ns() // HOUR_NS) * HOUR_NS + 600 * s  # inside one hour
+    lease, last, first_b, wake = base, base + 5 * s, base + 6 * s, base + 30 * s
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+    clock = _Now()
+    try:
+        coll = client[mongo_database].tweets
+        a, b = _ledger_pair(coll, clock)
+        for ledger in (a, b):
+            ledger.flush()  # loads the open gap (none)
+
+        def a_reports() -> None:
+            a.on_live(_rec(1, wake, b'{"id":1,"text":"x","timestamp_ms":"%d"}' % (last // 10**6)))
+            a.on_live(_rec(2, wake, b'{"disconnect":{"code":7,"reason":"dup"}}'))
+            a.on_event(_marker(3, wake, "reconnect", wake))
+            a.on_event(_marker(4, wake, "standby", wake))
+            a.flush()
+
+        b.on_event(_marker(1, lease + s, "takeover", lease, **{"from": "a"}))
+        b.flush()
+        if report_first:
+            a_reports()
+            clock.t += 5
+            b.settle()
+        b.on_live(_rec(2, first_b, b'{"id":2,"text":"y"}'))
+        b.flush()
+        if not report_first:
+            a_reports()
+            clock.t += 5
+            b.settle()
+        coverage = client[mongo_database].coverage
+        (gap,) = list(coverage.find({"cause": "takeover"}))
+        hour = coverage.find_one({"kind": "hour", "instance": "host-b:/state"})
+        a_gap = coverage.find_one({"kind": "gap", "instance": "host-a:/state"})
+    finally:
+        client.close()
+    assert gap["start_basis"] == "previous_holder" and gap["lease_start_ns"] == lease
+    assert (gap["start_ns"], gap["end_ns"], gap["seconds"]) == (last, first_b, 1.0)
+    assert hour is not None and hour["gap_seconds"] == {str(lease): 1.0}
+    assert hour["offline_seconds"] == 1.0
+    assert a_gap is not None and a_gap["causes"] == ["reconnect", "standby"]
+    assert (a_gap["ha_instance"], a_gap["last_message_ns"]) == ("a", last)
+
+
+def test_takeover_gap_keeps_the_lease_start_while_the_previous_holder_is_silent(
+        mongo_uri: str, mongo_database: str) -> None:
+    s = 10**9
+    lease = (time.time_ns() // HOUR_NS) * HOUR_NS + 600 * s
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+    clock = _Now()
+    try:
+        coll = client[mongo_database].tweets
+        _, b = _ledger_pair(coll, clock)
+        b.on_event(_marker(1, lease + s, "takeover", lease, **{"from": "a"}))
+        b.on_live(_rec(2, lease + 2 * s, b'{"id":2,"text":"y"}'))
+        b.flush()
+        clock.t += HANDOVER_WAIT + 1  # A never reports (its host died)
+        b.settle()
+        (gap,) = list(client[mongo_database].coverage.find({"cause": "takeover"}))
+    finally:
+        client.close()
+    assert gap["start_basis"] == "lease" and gap["start_ns"] == lease and gap["seconds"] == 2.0
+    assert not b._handovers  # no longer awaited
+
+
+@pytest.mark.parametrize(("payload", "expected"), [
+    (b'{"id":1,"timestamp_ms":"1700000000123"}', 1700000000123),
+    (b'{"limit":{"track":5,"timestamp_ms":"1700000000456"}}', 1700000000456),
+    (b'{"disconnect":{"code":7,"reason":"x"}}', None),
+    (b'{"id":1,"text":"no time"}', None),
+    (b'not json', None),
+    (b'[1,2]', None),
+])
+def test_message_time_of_a_record(payload: bytes, expected: int | None) -> None:
+    got = message_time_ns(_rec(1, 1, payload))
+    assert got == (expected * 10**6 if expected is not None else None)

@@ -283,8 +283,11 @@ def test_standby_sigstop_the_active_returns_as_standby_and_drains(
         wait_until(lambda: ha_view(a).get("holder") == ha_view(b)["instance"], 30,
                    "A sees B's lease")
         assert ha_view(b)["takeovers"] == 1 and ha_view(b)["role"] == "active"
-        wait_until(lambda: [g for g in takeover_gaps(mongo_uri, mongo_database) if g["end"]], 60,
-                   "B's ledger closed the takeover gap")
+        # B's ledger closed the gap, and settled its start once A's ledger reported where A's
+        # messages ended (A's stand-down gap).
+        wait_until(lambda: [g for g in takeover_gaps(mongo_uri, mongo_database)
+                            if g["end"] and g.get("start_basis") == "previous_holder"], 60,
+                   "B's ledger settled the takeover gap from A's report")
         stop_all(a, b)
     finally:
         for d in (a, b):
@@ -309,16 +312,18 @@ def test_standby_sigstop_the_active_returns_as_standby_and_drains(
     print(f"\n[figure] SIGSTOP {FREEZE:.0f}s: A's connection delivered {len(a_ids)} "
           f"({len(while_frozen)} into its socket while it was frozen, read when it woke), B's "
           f"{len(delivered) - len(a_ids)}; stored {len(ids)}, no duplicate")
-    # One takeover gap, ending at B's first tweet. It starts at A's last message *read* before
-    # it froze (its last renewal said so): earlier than A's last delivery, since the endpoint
-    # kept filling A's socket, so here the ledger overstates the hole, never understates it.
+    # One takeover gap, ending at B's first tweet. B first started it at A's last message read
+    # before it froze (A's last renewal said so), earlier than A's last delivery: the endpoint
+    # kept filling A's frozen socket. A's report moved it to A's last message's own time.
     (gap,) = takeover_gaps(mongo_uri, mongo_database)
     first_b = float(truth.of("tweet", b_conn)[0]["t"])
     last_a = float(truth.of("tweet", a_conn)[-1]["t"])
     start, end = gap["start"].timestamp(), gap["end"].timestamp()
+    lease_start = gap["lease_start"].timestamp()
     print(f"[figure] SIGSTOP takeover gap {end - start:.2f}s: start {start - last_a:+.3f}s "
-          f"against A's last delivery, end {end - first_b:+.3f}s against B's first")
-    assert abs(end - first_b) <= 1.0 and start <= last_a + 1.0
+          f"against A's last delivery (the lease said {lease_start - last_a:+.3f}s), end "
+          f"{end - first_b:+.3f}s against B's first")
+    assert abs(start - last_a) <= 1.0 and abs(end - first_b) <= 1.0
 
 
 def test_standby_holder_cut_off_from_mongodb_closes_before_the_takeover(

@@ -7,6 +7,12 @@ written by the store worker in spool order (before the spool is acked, like the 
   seconds, cause, causes, detail}``: the stream delivered nothing from ``start`` (the last record
   received before the gap marker) to ``end`` (the first record after it: a message or a
   connection coming up); ``end`` is null while the gap is open. Dates are BSON dates (UTC).
+  ``last_message_time``: the own timestamp (``timestamp_ms``) of the last message before the gap.
+  In ``ha.mode: standby`` also ``ha_instance``; a ``takeover`` gap has ``start_basis``: ``lease``
+  (the previous holder's last receive time, as its last lease renewal said) until the previous
+  holder's own ledger reports the gap in which it stopped (see ``Handover``): then
+  ``previous_holder``, and ``start`` is its last message's timestamp (``lease_start`` keeps the
+  first estimate).
 - hour ``{_id: "hour:<instance>:<YYYY-MM-DDTHH>", kind: "hour", instance, hour, tweets,
   hour_ns, tweets, seq, limit_max: {conn: cumulative limit.track}, gap_seconds: {start_ns:
   seconds in this hour}, offline_seconds}``: ``tweets`` newly stored (duplicates not counted)
@@ -23,13 +29,18 @@ memory and replaced whole (no update operators: the MongoDB stand-in mishandles 
 
 from __future__ import annotations
 
+import functools
 import socket
-from collections.abc import Iterable
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import structlog
+from pymongo import ASCENDING
 from pymongo.collection import Collection
 
 from ingestd.sink.batch import Entry
@@ -38,7 +49,7 @@ from ingestd.sink.mongo import Document
 from ingestd.sink.retry import Retrier
 from ingestd.sink.target import MongoTarget
 from ingestd.spool.events import CONNECTED, GAP, decode_event
-from ingestd.spool.format import Record
+from ingestd.spool.format import KIND_MESSAGE, Record
 
 log = structlog.get_logger("ingestd.sink.coverage")
 
@@ -46,6 +57,11 @@ HOUR_NS = 3600 * 10**9
 _KEEP_HOURS = 4  # hour documents cached (replay and late records touch recent hours only)
 # A plain reconnect that then met something more specific (420, 401…) takes that cause.
 _WEAK_CAUSE = "reconnect"
+# Causes with which an instance stops streaming for good (until restarted or active again).
+_LAST_CAUSES = ["standby", "crashed", "killed", "stopped"]
+_RECENT = 8  # records remembered before a gap: the last one with a time may not be the very last
+HANDOVER_LOOK_EVERY = 2.0  # s between looks for a previous holder's report
+HANDOVER_WAIT = 600.0  # s after a takeover: a previous holder that returns later is not awaited
 
 
 def instance_name(state_dir: Path) -> str:
@@ -60,6 +76,24 @@ def utc(ns: int) -> datetime:
 
 def hour_start_ns(ns: int) -> int:
     return ns - ns % HOUR_NS
+
+
+def message_time_ns(record: Record | None) -> int | None:
+    """The message's own time (``timestamp_ms``, top level or one level down as in limit and
+    delete notices), in ns; None if the record is no message or carries none."""
+    if record is None or record.kind != KIND_MESSAGE:
+        return None
+    try:
+        obj = orjson.loads(record.payload)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    inner = [v for v in obj.values() if isinstance(v, dict)] if "timestamp_ms" not in obj else []
+    for value in [obj.get("timestamp_ms"), *(v.get("timestamp_ms") for v in inner[:1])]:
+        if isinstance(value, int | str) and str(value).isdigit():
+            return int(value) * 10**6
+    return None
 
 
 def split_hours(start_ns: int, end_ns: int) -> list[tuple[int, float]]:
@@ -82,8 +116,15 @@ class CoverageLedger:
     store worker acks the spool.
     """
 
-    def __init__(self, target: MongoTarget, retrier: Retrier, instance: str) -> None:
+    def __init__(self, target: MongoTarget, retrier: Retrier, instance: str,
+                 ha_instance: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._target, self._retry, self.instance = target, retrier, instance
+        self.ha_instance, self._clock = ha_instance, clock
+        self._recent: deque[Record] = deque(maxlen=_RECENT)  # the last live records
+        # Takeover gaps whose start awaits the previous holder's report, with their deadline.
+        self._handovers: list[tuple[Document, float]] = []
+        self._next_look = 0.0
         self._open: Document | None = None  # the open gap
         self._last_closed: Document | None = None
         self._loaded = False
@@ -112,13 +153,23 @@ class CoverageLedger:
             self._queue.append((record, event))
             self._maybe_open = False
         elif event["type"] == GAP:
+            if event["cause"] != "takeover":  # the previous holder's messages are not ours
+                event["last_message_ns"] = self._last_message_ns()
             self._queue.append((record, event))
             self._maybe_open = True
         return True
 
+    def _last_message_ns(self) -> int | None:
+        """The own time of the last message before the gap (a disconnect notice has none)."""
+        for record in reversed(self._recent):
+            if (ns := message_time_ns(record)) is not None:
+                return ns
+        return None
+
     def on_live(self, record: Record) -> None:
         """A record the stream delivered: the first after a gap marker (or after a restart, when
         a gap may have been left open) ends that gap. Called for every record: O(1)."""
+        self._recent.append(record)
         if self._maybe_open:
             self._queue.append((record, None))
             self._maybe_open = False
@@ -162,6 +213,17 @@ class CoverageLedger:
         queue, self._queue = self._queue, []
         for record, event in queue:
             self._apply(record, event)
+        self._settle_handovers()
+        self._write_dirty()
+
+    def settle(self) -> None:
+        """On an idle pass: a takeover gap's start may still await the previous holder's
+        report, which can come while this stream is quiet."""
+        if self._handovers and self._loaded:
+            self._settle_handovers()
+            self._write_dirty()
+
+    def _write_dirty(self) -> None:
         if self._dirty_gaps:
             gaps, self._dirty_gaps = list(self._dirty_gaps.values()), {}
             self._retry.with_retry("coverage gaps", lambda: self._replace_all(gaps))
@@ -206,13 +268,21 @@ class CoverageLedger:
             return
         if gap is not None:  # the record that ended it was lost: it ended by this start at last
             self._close(gap, start_ns, record.conn_id)
-        detail = {k: v for k, v in event.items() if k not in ("type", "cause", "last_recv_ns")}
+        last_ns = event.get("last_message_ns")
+        detail = {k: v for k, v in event.items()
+                  if k not in ("type", "cause", "last_recv_ns", "last_message_ns")}
         self._open = {
             "_id": f"{self.instance}:{start_ns}", "kind": "gap", "instance": self.instance,
             "start": utc(start_ns), "end": None, "start_ns": start_ns, "end_ns": None,
             "seconds": None, "cause": cause, "causes": [cause], "detail": detail,
             "marker_recv": utc(record.recv_ns),
+            "last_message_time": utc(last_ns) if last_ns else None, "last_message_ns": last_ns,
+            **({"ha_instance": self.ha_instance} if self.ha_instance else {}),
         }
+        if cause == "takeover":
+            self._open.update(start_basis="lease", lease_start=self._open["start"],
+                              lease_start_ns=start_ns)
+            self._handovers.append((self._open, self._clock() + HANDOVER_WAIT))
         self._dirty_gaps[self._open["_id"]] = self._open
         self.gaps_recorded += 1
         log.info("coverage_gap_opened", cause=cause, start=self._open["start"].isoformat(),
@@ -227,16 +297,83 @@ class CoverageLedger:
         self._dirty_gaps[gap["_id"]] = gap
 
     def _close(self, gap: Document, end_ns: int, conn_after: int) -> None:
-        start_ns = gap["start_ns"]
-        gap.update(end=utc(end_ns), end_ns=end_ns, seconds=round((end_ns - start_ns) / 1e9, 3),
-                   conn_after=conn_after)
+        gap.update(end=utc(end_ns), end_ns=end_ns, conn_after=conn_after)
         self._dirty_gaps[gap["_id"]] = gap
         self._open, self._last_closed = None, gap
+        self._count_hours(gap, +1)
+        log.info("coverage_gap_closed", cause=gap["cause"], seconds=gap["seconds"])
+
+    def _count_hours(self, gap: Document, sign: int) -> None:
+        """Add (+1) or take back (-1) a closed gap's seconds in the hours it spans. Keyed by the
+        gap's first start (its ``_id``): a replay or a corrected start never counts it twice."""
+        start_ns, end_ns = gap["start_ns"], gap["end_ns"]
+        gap["seconds"] = round((end_ns - start_ns) / 1e9, 3)
+        key = str(gap["_id"]).rsplit(":", 1)[-1]
         for hour, seconds in split_hours(start_ns, end_ns):
             doc = self._hour(hour)
-            doc["gap_seconds"][str(start_ns)] = round(seconds, 3)
+            if sign > 0:
+                doc["gap_seconds"][key] = round(seconds, 3)
+            else:
+                doc["gap_seconds"].pop(key, None)
             doc["offline_seconds"] = round(sum(doc["gap_seconds"].values()), 3)
-        log.info("coverage_gap_closed", cause=gap["cause"], seconds=gap["seconds"])
+
+    # ---------------------------------------------------------------- handovers
+
+    def _settle_handovers(self) -> None:
+        """A takeover gap starts at the previous holder's last receive time as its last lease
+        renewal said. The endpoint may have delivered more to it after that (a frozen holder's
+        socket kept filling; it reads and stores those when it wakes). Once the previous holder
+        reports the gap in which it stopped, the start moves to its last message's own time."""
+        now = self._clock()
+        if not self._handovers or now < self._next_look:
+            return
+        self._next_look = now + HANDOVER_LOOK_EVERY
+        waiting = []
+        for gap, deadline in self._handovers:
+            report = self._retry.with_retry("coverage handover",
+                                            functools.partial(self._report, gap))
+            if report is not None:
+                self._take_report(gap, report[0])
+            elif now < deadline:
+                waiting.append((gap, deadline))
+            else:
+                log.info("coverage_handover_unreported", gap=gap["_id"],
+                         previous_holder=gap["detail"].get("from"),
+                         effect="the takeover gap keeps the start its lease said")
+        self._handovers = waiting
+
+    def _report(self, gap: Document) -> tuple[int | None] | None:
+        """``(last message ns,)`` from the previous holder's gaps since the lease's start, once
+        one of them says it stopped (``_LAST_CAUSES``); None while none has."""
+        holder = gap["detail"].get("from")
+        if not holder or holder == "unknown":
+            return (None,)
+        docs = self.collection().find(
+            {"kind": "gap", "ha_instance": holder, "start_ns": {"$gte": gap["lease_start_ns"]}},
+            {"causes": 1, "last_message_ns": 1, "start_ns": 1}).sort("start_ns", ASCENDING)
+        last: int | None = None
+        for doc in docs:
+            if doc.get("last_message_ns"):
+                last = max(last or 0, int(doc["last_message_ns"]))
+            if set(doc.get("causes") or ()) & set(_LAST_CAUSES):
+                return (last,)
+        return None
+
+    def _take_report(self, gap: Document, last_ns: int | None) -> None:
+        """Move the gap's start to the previous holder's last message, within [start, end]."""
+        gap["start_basis"] = "previous_holder"
+        self._dirty_gaps[gap["_id"]] = gap
+        end_ns = gap["end_ns"]
+        if last_ns is None or last_ns <= gap["start_ns"]:
+            return
+        start_ns = min(last_ns, end_ns) if end_ns is not None else last_ns
+        if end_ns is not None:
+            self._count_hours(gap, -1)
+        gap.update(start=utc(start_ns), start_ns=start_ns)
+        if end_ns is not None:
+            self._count_hours(gap, +1)
+        log.info("coverage_handover_settled", gap=gap["_id"], start=gap["start"].isoformat(),
+                 moved=round((start_ns - gap["lease_start_ns"]) / 1e9, 3))
 
     def _backfilled(self, gap: Document, minutes: int) -> None:
         """v2: the connection that ended the gap asked for ``minutes`` of backfill: the endpoint

@@ -129,7 +129,8 @@ class StoreWorker:
                                       tombstone_limit)
         self._scrub_rules = self._compliance.scrub_rules  # the same dict: read per tweet
         self._notices = StreamNotices(totals)
-        self._ledger = CoverageLedger(self._target, retry, instance_name(settings.state_dir))
+        ha = settings.ha.instance if settings.ha.mode == "standby" else None
+        self._ledger = CoverageLedger(self._target, retry, instance_name(settings.state_dir), ha)
         self._inserter = Inserter(self._target, retry, self._letters, totals, self.hist,
                                   on_stored=self._ledger.on_stored,
                                   on_duplicates=self._ledger.on_duplicates)
@@ -201,6 +202,7 @@ class StoreWorker:
             if self._batch_due():
                 self._flush()
             elif not records:
+                self._ledger.settle()
                 self._reader.wait_for_data(self._wait_time())
             elif len(records) < room:
                 self._gather()

@@ -195,7 +195,9 @@ class StreamReader:
         if not conns:
             if self.state.startswith(("connected", "reconnecting", "degraded")):
                 # The endpoint had already closed it (a newer connection logged this one out
-                # while this process was frozen): standing by all the same.
+                # while this process was frozen): standing by all the same, and the open gap
+                # says so (the ledger's handover to the new holder reads it).
+                self._mark_standby()
                 self.state = "standby"
                 log.warning("stream_stood_down", conns=[],
                             reason="no valid lease (ha.mode: standby); no connection was open")
@@ -214,6 +216,8 @@ class StreamReader:
             self._end(conn, Ending.ABORTED)
         if active is not None:
             self._mark_gap(active, Ending.ABORTED, cause="standby")
+        else:  # it ended while draining (the endpoint's logout notice was in the socket)
+            self._mark_standby()
         self._flush()
         self.active = self.pending = None
         self.retiring.clear()
@@ -221,6 +225,13 @@ class StreamReader:
         self.state = "standby"
         log.warning("stream_stood_down", conns=[c.conn_id for c in conns],
                     reason="no valid lease (ha.mode: standby)")
+
+    def _mark_standby(self) -> None:
+        """The open gap (the connection already ended) is now also a stand-down: the ledger's
+        handover to the new holder looks for it."""
+        if self._markers is not None:
+            self._flush()
+            self._markers.gap("standby")
 
     def _connections(self) -> list[Connection]:
         return [c for c in (self.pending, self.active, *self.retiring) if c is not None]
