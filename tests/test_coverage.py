@@ -56,11 +56,14 @@ SCRIPT: list[list[dict[str, Any]]] = [
 EXPECTED_CAUSES = ["reconnect", "stall", "rate_limited", "stopped", "crashed"]
 
 
-def ledger(uri: str, db: str, kind: str) -> list[dict[str, Any]]:
+def ledger(uri: str, db: str, kind: str, limits: bool = False) -> list[dict[str, Any]]:
+    """The ledger's documents of ``kind``; gaps are the interruptions, or with ``limits`` the
+    limit notices' documents (undelivered tweets while the stream was up)."""
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
         uri, tz_aware=True, serverSelectionTimeoutMS=10000)
+    cause = {"cause": "limit" if limits else {"$ne": "limit"}} if kind == "gap" else {}
     try:
-        return sorted(client[db].coverage.find({"kind": kind}),
+        return sorted(client[db].coverage.find({"kind": kind, **cause}),
                       key=lambda d: d.get("start_ns") or d.get("hour_ns"))
     finally:
         client.close()
@@ -68,6 +71,16 @@ def ledger(uri: str, db: str, kind: str) -> list[dict[str, Any]]:
 
 def closed_gaps(uri: str, db: str) -> list[dict[str, Any]]:
     return [g for g in ledger(uri, db, "gap") if g["end"] is not None]
+
+
+def limit_spans(docs: list[dict[str, Any]]) -> list[tuple[float, float, int]]:
+    """(start, end, undelivered) per connection (a connection's documents across hours joined),
+    in connection order."""
+    by_conn: dict[int, list[dict[str, Any]]] = {}
+    for doc in docs:
+        by_conn.setdefault(doc["conn"], []).append(doc)
+    return [(min(d["start"].timestamp() for d in ds), max(d["end"].timestamp() for d in ds),
+             sum(d["undelivered"] for d in ds)) for _, ds in sorted(by_conn.items())]
 
 
 def delivery_gaps(truth: GroundTruthLog) -> list[tuple[float, float]]:
@@ -179,11 +192,24 @@ def test_every_stop_leaves_one_gap_matching_ground_truth(
                       for c in {e["conn"] for e in limits})
     hours = ledger(mongo_uri, mongo_database, "hour")
     assert sum(h["tweets"] for h in hours) == stored, "each stored tweet counted once"
+    # Limit notices: `limit` documents per connection (and hour) with the connection's
+    # undelivered count, from the connection's first tweet to its last notice (±1 s).
+    limit_docs = ledger(mongo_uri, mongo_database, "gap", limits=True)
+    spans = limit_spans(limit_docs)
+    noticed = sorted({e["conn"] for e in limits})
+    assert [u for _, _, u in spans] == [max(e["track"] for e in limits if e["conn"] == c)
+                                        for c in noticed]
+    for (start, end, _), conn in zip(spans, noticed, strict=True):
+        first_tweet = min(float(e["t"]) for e in truth.of("tweet", conn))
+        last_notice = max(float(e["t"]) for e in limits if e["conn"] == conn)
+        assert abs(start - first_tweet) <= TOLERANCE and abs(end - last_notice) <= TOLERANCE
 
     report = run_coverage_cli(daemon)
     assert sum(r["tweets"] for r in report["hours"]) == stored
     assert sum(r["undelivered"] for r in report["hours"]) == undelivered > 0
-    assert [g["cause"] for g in report["gaps"]] == [*EXPECTED_CAUSES, "stopped"]
+    assert [g["cause"] for g in report["gaps"] if g["cause"] != "limit"] == [
+        *EXPECTED_CAUSES, "stopped"]
+    assert sum(g.get("undelivered", 0) for g in report["gaps"]) == undelivered
     offline = sum(r["offline_seconds"] for r in report["hours"])
     assert offline >= sum(g["seconds"] for g in closed)
 
@@ -204,6 +230,7 @@ def test_every_stop_leaves_one_gap_matching_ground_truth(
     assert [(g["_id"], g["end"]) for g in after[:len(closed)]] == [
         (g["_id"], g["end"]) for g in closed], "a replay neither duplicates nor reopens a gap"
     assert sum(h["tweets"] for h in ledger(mongo_uri, mongo_database, "hour")) == stored
+    assert ledger(mongo_uri, mongo_database, "gap", limits=True) == limit_docs
     assert len(stored_ids(mongo_uri, mongo_database)) == stored
 
 

@@ -108,6 +108,54 @@ def split_hours(start_ns: int, end_ns: int) -> list[tuple[int, float]]:
     return parts
 
 
+class LimitSpans:
+    """Limit notices as ``limit`` gap documents: tweets the filters matched and the endpoint did
+    not deliver, one document per connection and hour, from the notice before (or the connection
+    coming up) to the latest one. The stream was not offline: these carry ``undelivered``, and
+    no offline seconds count for them. A notice's count is cumulative per connection, so a
+    replayed notice (not above the last count seen) changes nothing."""
+
+    def __init__(self, collection: Callable[[], Collection[Document]], retrier: Retrier,
+                 instance: str) -> None:
+        self._collection, self._retry, self.instance = collection, retrier, instance
+        self._up: dict[int, int] = {}  # conn -> when it came up (ns)
+        self._last: dict[int, tuple[int, int]] = {}  # conn -> (count, ns) of its last notice
+        self._docs: dict[str, Document] = {}  # the current hour's documents, by _id
+
+    def connected(self, conn: int, ns: int) -> None:
+        self._up[conn] = ns
+
+    def notice(self, conn: int, count: int, ns: int) -> Document | None:
+        """The document changed by this notice, or None if it adds nothing."""
+        before, since = self._last.get(conn) or self._load_last(conn, ns)
+        if count <= before:
+            return None
+        self._last[conn] = (count, ns)
+        hour = utc(hour_start_ns(ns)).strftime("%Y-%m-%dT%H")
+        doc_id = f"{self.instance}:limit:{conn}:{hour}"
+        doc = self._docs.get(doc_id) or self._retry.with_retry(
+            "coverage load", lambda: self._collection().find_one({"_id": doc_id}))
+        if doc is None:
+            doc = {"_id": doc_id, "kind": "gap", "instance": self.instance, "cause": "limit",
+                   "causes": ["limit"], "conn": conn, "start": utc(since), "start_ns": since,
+                   "undelivered": 0, "detail": {"conn": conn}}
+            # Earlier hours' documents are complete: keep only this hour's.
+            self._docs = {k: v for k, v in self._docs.items() if k.endswith(hour)}
+        doc.update(end=utc(ns), end_ns=ns, seconds=round((ns - doc["start_ns"]) / 1e9, 3),
+                   undelivered=doc["undelivered"] + count - before, limit_track=count)
+        self._docs[doc_id] = doc
+        return doc
+
+    def _load_last(self, conn: int, ns: int) -> tuple[int, int]:
+        """After a restart: the connection's last count from its latest document."""
+        found = self._retry.with_retry("coverage load", lambda: list(self._collection().find(
+            {"kind": "gap", "cause": "limit", "instance": self.instance, "conn": conn},
+            {"limit_track": 1, "end_ns": 1}).sort("end_ns", -1).limit(1)))
+        if found:
+            return int(found[0]["limit_track"]), int(found[0]["end_ns"])
+        return 0, self._up.get(conn, ns)
+
+
 class CoverageLedger:
     """Turns spool markers, stored tweets and limit notices into ledger documents.
 
@@ -125,6 +173,7 @@ class CoverageLedger:
         # Takeover gaps whose start awaits the previous holder's report, with their deadline.
         self._handovers: list[tuple[Document, float]] = []
         self._next_look = 0.0
+        self._limits = LimitSpans(self.collection, retrier, instance)
         self._open: Document | None = None  # the open gap
         self._last_closed: Document | None = None
         self._loaded = False
@@ -252,10 +301,14 @@ class CoverageLedger:
             if event is not None and event.get("backfill_minutes") and closed is not None \
                     and closed.get("conn_after") == record.conn_id:
                 self._backfilled(closed, int(event["backfill_minutes"]))
+            if event is not None:
+                self._limits.connected(int(event.get("conn") or record.conn_id), record.recv_ns)
         elif event["type"] == "limit":
             doc = self._hour(record.recv_ns)
             key = str(record.conn_id)
             doc["limit_max"][key] = max(doc["limit_max"].get(key, 0), event["track"])
+            if (span := self._limits.notice(record.conn_id, int(event["track"]), record.recv_ns)):
+                self._dirty_gaps[span["_id"]] = span
         else:
             self._on_gap(event, record)
 

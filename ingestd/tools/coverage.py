@@ -90,6 +90,8 @@ def build_rows(hours: list[dict[str, Any]], gaps: list[dict[str, Any]], since_ns
             r.tweets = int(doc.get("tweets", 0))
             r.undelivered = undelivered[(doc["instance"], doc["hour_ns"])]
     for gap in gaps:
+        if gap["cause"] == "limit":  # undelivered tweets (from the hours), not offline time
+            continue
         end = gap["end_ns"] if gap.get("end_ns") is not None else now_ns
         for hour, seconds in split_hours(max(gap["start_ns"], first), min(end, until_ns)):
             r = row(gap["instance"], hour)
@@ -138,7 +140,8 @@ def gap_json(gap: dict[str, Any]) -> dict[str, Any]:
             "start_ns": gap["start_ns"], "end_ns": gap.get("end_ns"),
             "seconds": gap.get("seconds"), "cause": gap["cause"], "causes": gap.get("causes"),
             "detail": gap.get("detail", {}),
-            **{k: gap[k] for k in ("backfill_minutes", "backfilled_seconds") if k in gap}}
+            **{k: gap[k] for k in ("backfill_minutes", "backfilled_seconds", "undelivered")
+               if k in gap}}
 
 
 def run_coverage(config: Path, *, since: str | None, until: str | None, instance: str | None,
