@@ -19,6 +19,7 @@ from typing import Any
 import pymongo
 import pytest
 
+from ingestd.control.collector import RunStateCollector
 from ingestd.documents.messages import TWITTER_EPOCH_MS
 from tests.support.counters import resolved
 from tests.support.daemon import Daemon, finish, settings_doc
@@ -177,8 +178,13 @@ def test_an_invalid_rule_on_reload_keeps_the_old_rules_and_says_why(
         wait_until(lambda: "previous rules still in force" in daemon.status("stream")
                    .get("state", ""), 10, "the degraded state")
         in_force = daemon.status("stream")["rules"]["in_force"]
+        # Degraded, yet the connection with the old rules delivers: the metrics say both.
+        metrics = {(f.name, tuple(s.labels.items())): s.value
+                   for f in RunStateCollector(daemon.state_dir).collect() for s in f.samples}
     finally:
         finish(daemon, sim)
+    assert metrics[("ingestd_stream_connected", ())] == 1
+    assert metrics[("ingestd_stream_state", (("state", "degraded"),))] == 1
     assert any("Reference to invalid operator 'frm'" in e for e in rejected["errors"])
     assert {(r["value"], r["tag"]) for r in in_force} == {(r["value"], r["tag"]) for r in RULES}
     assert [e["op"] for e in sim.ground_truth().of("rules")] == ["add"]

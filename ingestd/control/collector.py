@@ -288,7 +288,7 @@ class RunStateCollector:
                              {name: 1.0 if name == state else 0.0
                               for name in (*status.STREAM_STATES, "other")})
         yield gauge("ingestd_stream_connected", "1 while a connection is delivering.",
-                    1.0 if state == "connected" else 0.0)
+                    1.0 if stream.get("delivering") else 0.0)
         yield gauge("ingestd_stream_backoff_seconds", "The reconnect delay last chosen.",
                     _num(stream.get("backoff")))
         yield known_counter("ingestd_stream_reconnects_total",

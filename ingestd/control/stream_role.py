@@ -127,6 +127,8 @@ class StreamRole:
             "generation": reader.generation, "state": state, "counters": self.counters(),
             "progress": reader.stats.bytes + reader.stats.attempts,
             "conn": reader.active.conn_id if reader.active else None,
+            # Delivering, whatever the state's words (degraded rules still stream the old ones).
+            "delivering": bool(reader.active and reader.active.announced),
             "backoff": reader.backoff.last_delay,
             "rate": round(self.meter.update(reader.stats.received), 1),
             "spool": self.spool_status(),
