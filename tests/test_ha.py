@@ -29,6 +29,7 @@ from ingestd.config.errors import ConfigErrors
 from ingestd.config.settings import load_settings, load_settings_text
 from ingestd.control.collector import RunStateCollector
 from ingestd.control.lease import (
+    WATCH_INTERVAL,
     LeaseElector,
     LeaseKeeper,
     Takeover,
@@ -228,7 +229,8 @@ def test_standby_sigkill_the_active_standby_takes_over_nothing_lost(
     delay = spans[1][1] - killed_at
     bound = LEASE + 2 * renew_interval(LEASE) + FIRST_BACKOFF + 2.0  # + scheduling on 2 cores
     print(f"\n[figure] standby takeover after SIGKILL: B streaming {delay:.2f}s after the kill "
-          f"(lease {LEASE}s, bound {bound:.2f}s)")
+          f"(lease {LEASE}s + first back-off {FIRST_BACKOFF}s = {LEASE + FIRST_BACKOFF:.2f}s; "
+          f"asserted bound with scheduling slack {bound:.2f}s)")
     assert delay <= bound
     ids, delivered = reconcile(mongo_uri, mongo_database, sim)
     print(f"[figure] delivered {len(delivered)} (2 connections), stored {len(ids)}, no duplicate")
@@ -460,6 +462,26 @@ def test_a_standby_takes_over_only_after_the_holder_stopped_streaming(leases: An
     a.step(3)  # A comes back: its renewal finds B's term and deposes it
     assert a.term is None and a.view.role == "standby" and a.view.holder == "b"
     assert not a.may_stream() and b.may_stream()
+
+
+def test_a_standby_looks_again_when_the_watched_lease_expires(leases: Any) -> None:
+    # The holder renews every renew interval; a standby looks every WATCH_INTERVAL (it sees a
+    # renewal at most that late) and once more at the moment the watched lease expires.
+    clock = Clock()
+    a, b = elector(leases, "a", clock), elector(leases, "b", clock)
+    a.step(1)
+    assert a.expires_in() is None  # holding: nothing to watch
+    keeper = LeaseKeeper(b, lambda: 0)  # not started: only its schedule is asked
+    assert b.expires_in() is None and keeper._next_wait(0.0) == keeper.interval  # not read yet
+    b.step(0)  # B reads A's lease at `now`: it expires LEASE later unless A renews
+    assert keeper._next_wait(0.0) == WATCH_INTERVAL < keeper.interval  # watching: sooner
+    clock.now += LEASE - 0.1
+    assert b.expires_in() == pytest.approx(0.1)
+    assert keeper._next_wait(0.0) == pytest.approx(0.1)  # the look at the expiry itself
+    clock.now += 0.2
+    b.step(0)
+    assert b.may_stream() and b.view.takeovers == 1
+    assert b.expires_in() is None and keeper._next_wait(0.0) == keeper.interval
 
 
 def test_two_standbys_racing_for_an_expired_lease_one_wins(leases: Any) -> None:

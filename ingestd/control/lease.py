@@ -37,11 +37,17 @@ log = structlog.get_logger("ingestd.lease")
 Document = dict[str, Any]
 
 RELEASE_TIMEOUT = 1.0  # seconds a clean stop spends releasing the lease at most
+EXPIRY_LOOK_MIN = 0.05  # s: the shortest wait before a look at an expiring lease (no busy loop)
 
 
 def renew_interval(lease_seconds: float) -> float:
     """Renew (or look) five times per lease, at most once a second."""
     return min(1.0, lease_seconds / 5)
+
+
+# A standby sees the holder's renewals at most this late, so it takes over at most this much
+# later than the lease's expiry (the endpoint's first reconnect back-off is 0.25 s as well).
+WATCH_INTERVAL = 0.25
 
 
 def margin(lease_seconds: float) -> float:
@@ -94,6 +100,13 @@ class LeaseElector:
 
     def may_stream(self) -> bool:
         return self.clock() < self.valid_until
+
+    def expires_in(self) -> float | None:
+        """Watching another holder's lease: seconds until it expires unless it changes before
+        (None while we hold it or have not read it yet)."""
+        if self.term is not None or self.observed is None:
+            return None
+        return self.observed_at + self.lease_seconds - self.clock()
 
     def step(self, last_recv_ns: int) -> None:
         try:
@@ -257,7 +270,16 @@ class LeaseKeeper:
                 self.elector.view.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 log.error("lease_step_crashed", error=self.elector.view.last_error,
                           action="not streaming until a lease step succeeds")
-            self._stop.wait(max(self.interval - (time.monotonic() - started), 0.0))
+            self._stop.wait(self._next_wait(time.monotonic() - started))
+
+    def _next_wait(self, elapsed: float) -> float:
+        """Until the next step: the holder renews every ``interval``; a standby looks every
+        ``WATCH_INTERVAL``, and again right when the lease it watches expires."""
+        expires = self.elector.expires_in()
+        if expires is None:
+            return max(self.interval - elapsed, 0.0)
+        wait = max(min(self.interval, WATCH_INTERVAL) - elapsed, 0.0)
+        return min(wait, max(expires, EXPIRY_LOOK_MIN))
 
 
 def open_lease_collection(mongo: MongoSettings, ha: HaSettings) -> Collection[Document]:
