@@ -409,7 +409,7 @@ def test_takeover_gap_keeps_the_lease_start_while_the_previous_holder_is_silent(
     finally:
         client.close()
     assert gap["start_basis"] == "lease" and gap["start_ns"] == lease and gap["seconds"] == 2.0
-    assert not b._handovers  # no longer awaited
+    assert not b._handovers.waiting  # no longer awaited
 
 
 @pytest.mark.parametrize(("payload", "expected"), [

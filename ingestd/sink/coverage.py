@@ -156,6 +156,64 @@ class LimitSpans:
         return 0, self._up.get(conn, ns)
 
 
+class Handovers:
+    """Takeover gaps waiting for the previous holder's report.
+
+    A takeover gap starts at the previous holder's last receive time as its last lease renewal
+    said. The endpoint may have delivered more to it after that (a frozen holder's socket kept
+    filling; it reads and stores those when it wakes). Once the previous holder's own ledger has
+    the gap in which it stopped (a final cause), its last message's own time is where the pair's
+    hole began. Looked for every ``HANDOVER_LOOK_EVERY`` s, for ``HANDOVER_WAIT`` s at most."""
+
+    def __init__(self, collection: Callable[[], Collection[Document]], retrier: Retrier,
+                 clock: Callable[[], float]) -> None:
+        self._collection, self._retry, self._clock = collection, retrier, clock
+        self.waiting: list[tuple[Document, float]] = []  # (takeover gap, deadline)
+        self._next_look = 0.0
+
+    def watch(self, gap: Document) -> None:
+        self.waiting.append((gap, self._clock() + HANDOVER_WAIT))
+
+    def reports(self) -> list[tuple[Document, int | None]]:
+        """(gap, the previous holder's last message ns or None) for every gap reported since
+        the last look; a gap past its deadline is given up (it keeps the lease's start)."""
+        now = self._clock()
+        if not self.waiting or now < self._next_look:
+            return []
+        self._next_look = now + HANDOVER_LOOK_EVERY
+        reported, waiting = [], []
+        for gap, deadline in self.waiting:
+            report = self._retry.with_retry("coverage handover",
+                                            functools.partial(self._report, gap))
+            if report is not None:
+                reported.append((gap, report[0]))
+            elif now < deadline:
+                waiting.append((gap, deadline))
+            else:
+                log.info("coverage_handover_unreported", gap=gap["_id"],
+                         previous_holder=gap["detail"].get("from"),
+                         effect="the takeover gap keeps the start its lease said")
+        self.waiting = waiting
+        return reported
+
+    def _report(self, gap: Document) -> tuple[int | None] | None:
+        """``(last message ns,)`` from the previous holder's gaps since the lease's start, once
+        one of them says it stopped (``_LAST_CAUSES``); None while none has."""
+        holder = gap["detail"].get("from")
+        if not holder or holder == "unknown":
+            return (None,)
+        docs = self._collection().find(
+            {"kind": "gap", "ha_instance": holder, "start_ns": {"$gte": gap["lease_start_ns"]}},
+            {"causes": 1, "last_message_ns": 1, "start_ns": 1}).sort("start_ns", ASCENDING)
+        last: int | None = None
+        for doc in docs:
+            if doc.get("last_message_ns"):
+                last = max(last or 0, int(doc["last_message_ns"]))
+            if set(doc.get("causes") or ()) & set(_LAST_CAUSES):
+                return (last,)
+        return None
+
+
 class CoverageLedger:
     """Turns spool markers, stored tweets and limit notices into ledger documents.
 
@@ -168,11 +226,9 @@ class CoverageLedger:
                  ha_instance: str | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._target, self._retry, self.instance = target, retrier, instance
-        self.ha_instance, self._clock = ha_instance, clock
+        self.ha_instance = ha_instance
         self._recent: deque[Record] = deque(maxlen=_RECENT)  # the last live records
-        # Takeover gaps whose start awaits the previous holder's report, with their deadline.
-        self._handovers: list[tuple[Document, float]] = []
-        self._next_look = 0.0
+        self._handovers = Handovers(self.collection, retrier, clock)
         self._limits = LimitSpans(self.collection, retrier, instance)
         self._open: Document | None = None  # the open gap
         self._last_closed: Document | None = None
@@ -268,7 +324,7 @@ class CoverageLedger:
     def settle(self) -> None:
         """On an idle pass: a takeover gap's start may still await the previous holder's
         report, which can come while this stream is quiet."""
-        if self._handovers and self._loaded:
+        if self._handovers.waiting and self._loaded:
             self._settle_handovers()
             self._write_dirty()
 
@@ -335,7 +391,7 @@ class CoverageLedger:
         if cause == "takeover":
             self._open.update(start_basis="lease", lease_start=self._open["start"],
                               lease_start_ns=start_ns)
-            self._handovers.append((self._open, self._clock() + HANDOVER_WAIT))
+            self._handovers.watch(self._open)
         self._dirty_gaps[self._open["_id"]] = self._open
         self.gaps_recorded += 1
         log.info("coverage_gap_opened", cause=cause, start=self._open["start"].isoformat(),
@@ -373,44 +429,10 @@ class CoverageLedger:
     # ---------------------------------------------------------------- handovers
 
     def _settle_handovers(self) -> None:
-        """A takeover gap starts at the previous holder's last receive time as its last lease
-        renewal said. The endpoint may have delivered more to it after that (a frozen holder's
-        socket kept filling; it reads and stores those when it wakes). Once the previous holder
-        reports the gap in which it stopped, the start moves to its last message's own time."""
-        now = self._clock()
-        if not self._handovers or now < self._next_look:
-            return
-        self._next_look = now + HANDOVER_LOOK_EVERY
-        waiting = []
-        for gap, deadline in self._handovers:
-            report = self._retry.with_retry("coverage handover",
-                                            functools.partial(self._report, gap))
-            if report is not None:
-                self._take_report(gap, report[0])
-            elif now < deadline:
-                waiting.append((gap, deadline))
-            else:
-                log.info("coverage_handover_unreported", gap=gap["_id"],
-                         previous_holder=gap["detail"].get("from"),
-                         effect="the takeover gap keeps the start its lease said")
-        self._handovers = waiting
-
-    def _report(self, gap: Document) -> tuple[int | None] | None:
-        """``(last message ns,)`` from the previous holder's gaps since the lease's start, once
-        one of them says it stopped (``_LAST_CAUSES``); None while none has."""
-        holder = gap["detail"].get("from")
-        if not holder or holder == "unknown":
-            return (None,)
-        docs = self.collection().find(
-            {"kind": "gap", "ha_instance": holder, "start_ns": {"$gte": gap["lease_start_ns"]}},
-            {"causes": 1, "last_message_ns": 1, "start_ns": 1}).sort("start_ns", ASCENDING)
-        last: int | None = None
-        for doc in docs:
-            if doc.get("last_message_ns"):
-                last = max(last or 0, int(doc["last_message_ns"]))
-            if set(doc.get("causes") or ()) & set(_LAST_CAUSES):
-                return (last,)
-        return None
+        """Takeover gaps whose previous holder has reported: their start moves (see
+        ``Handovers``)."""
+        for gap, last_ns in self._handovers.reports():
+            self._take_report(gap, last_ns)
 
     def _take_report(self, gap: Document, last_ns: int | None) -> None:
         """Move the gap's start to the previous holder's last message, within [start, end]."""
