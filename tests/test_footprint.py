@@ -23,11 +23,16 @@ from tests.support.creds import CREDS
 from tests.support.daemon import settings_doc
 
 MONGO = ("pymongo", "bson")
+# structlog loads these when installed (the dev extra brings rich), for renderers ingestd never
+# uses; ``ingestd.cli`` marks them absent (~4 MB per process).
+NEVER = ("rich", "pygments", "better_exceptions")
 # Loaded by the store worker only, or by tools (check --online, simulate, demo).
-NOT_IN_SUPERVISOR = (*MONGO, "pycurl", "oauthlib", "ingestd.simulator", "ingestd.sink.worker")
-NOT_IN_STREAM = (*MONGO, "prometheus_client", "http.server", "ingestd.simulator",
+NOT_IN_SUPERVISOR = (*MONGO, *NEVER, "pycurl", "oauthlib", "ingestd.simulator",
+                     "ingestd.sink.worker")
+NOT_IN_STREAM = (*MONGO, *NEVER, "prometheus_client", "http.server", "ingestd.simulator",
                  "ingestd.sink.worker", "ingestd.control.metrics")
-NOT_IN_STORE = ("prometheus_client", "http.server", "ingestd.simulator", "ingestd.control.metrics")
+NOT_IN_STORE = (*NEVER, "prometheus_client", "http.server", "ingestd.simulator",
+                "ingestd.control.metrics")
 
 # Each role through its real entry point (``python -m ingestd run|worker``) up to where it would
 # loop: the supervisor with its metrics listener and settings check done, the stream worker until
@@ -52,7 +57,8 @@ import orjson
 from ingestd.cli import main
 {entry}
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-sys.stdout.buffer.write(b"\\n" + orjson.dumps({{"modules": sorted(sys.modules), "hwm_kb": hwm}}))
+loaded = sorted(name for name, module in sys.modules.items() if module is not None)  # None: barred
+sys.stdout.buffer.write(b"\\n" + orjson.dumps({{"modules": loaded, "hwm_kb": hwm}}))
 """
 
 
