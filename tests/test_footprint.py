@@ -19,8 +19,10 @@ import pytest
 import yaml
 
 from ingestd.config.mongo_uri import pymongo_uri_facts
+from ingestd.control.pool import WORKER_MALLOC_ENV, worker_env
 from tests.support.creds import CREDS
-from tests.support.daemon import settings_doc
+from tests.support.daemon import Daemon, settings_doc
+from tests.support.simulator import SimProcess
 
 MONGO = ("pymongo", "bson")
 # structlog loads these when installed (the dev extra brings rich), for renderers ingestd never
@@ -179,3 +181,32 @@ def test_reload_with_a_bad_uri_keeps_the_old_settings_without_loading_pymongo(
     output = (done.stdout + done.stderr).decode()
     assert done.returncode == 0, output
     assert "reload_failed" in output and "mongo.uri" in output and "hunter2" not in output
+
+
+def test_workers_run_with_a_fixed_mmap_threshold(tmp_path: Path, mongo_uri: str,
+                                                 mongo_database: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc's dynamic mmap threshold would keep every batch-sized buffer in the workers' heaps:
+    the supervisor starts its workers with a fixed one (an operator's own value wins), and the
+    store worker's encoder child inherits it."""
+    key, value = next(iter(WORKER_MALLOC_ENV.items()))
+    monkeypatch.delenv(key, raising=False)
+    assert worker_env()[key] == value
+    monkeypatch.setenv(key, "4194304")
+    assert worker_env()[key] == "4194304"
+    monkeypatch.delenv(key)
+    sim = SimProcess(tmp_path / "sim", "--max-tweets", "0", "--keepalive", "1").start()
+    daemon = Daemon(tmp_path / "daemon", settings_doc(sim.url, mongo_uri, mongo_database))
+    try:
+        daemon.start()
+        daemon.wait_ready(60)
+        environs = {role: Path(f"/proc/{daemon.worker_pid(role)}/environ").read_bytes()
+                    for role in ("stream", "store")}
+        assert daemon.proc is not None
+        supervisor = Path(f"/proc/{daemon.proc.pid}/environ").read_bytes()
+    finally:
+        daemon.stop(30)
+        sim.stop()
+    setting = f"{key}={value}".encode()
+    assert all(setting in env.split(b"\0") for env in environs.values()), environs.keys()
+    assert setting not in supervisor.split(b"\0")  # the supervisor's own heap is left alone
