@@ -36,12 +36,11 @@ TICK = 0.1  # seconds between checks of stop flag, stall timers and reloads
 # SIGTERM end the sleep at once, stall timers stay exact to this, and the caller's timers
 # (fsync, heartbeat) shorten it through ``max_wait``.
 IDLE_TICK = 0.5
-# A pass that moved body bytes at under GATHER_BELOW bytes/s since the previous pass (a few
-# tweets, a keep-alive) is followed by a pause of GATHER_SECONDS before the next wait: the stream
-# is slow, so reading its messages every GATHER_SECONDS costs nothing in throughput (≤ 0.2 MiB
-# waits in the socket) and wakes the worker once per pause, not per message (≤ 0.2 s of latency).
-GATHER_BELOW = 1024 * 1024
-GATHER_SECONDS = 0.2
+# A pass that moved fewer body bytes than this (a few tweets, a keep-alive) is followed by a
+# pause of GATHER_SECONDS before the next wait: the stream is slow, so reading a few messages per
+# pass costs nothing in throughput and wakes the worker a few times less (≤ 0.1 s of latency).
+GATHER_BELOW = 16 * 1024
+GATHER_SECONDS = 0.1
 # After a filter switch the old connection is still read until the server closes it (it logs out
 # the older connection of an account by itself) or this many seconds pass: bytes already in its
 # socket are tweets the endpoint delivered.
@@ -98,7 +97,6 @@ class StreamReader:
         # Seconds until the caller's next timer (set by the stream worker): the longest sleep.
         self.max_wait: Callable[[], float] = lambda: TICK
         self.wake_fds: list[int] = []  # readable = stop sleeping (the signal wake-up pipe)
-        self._pass_at = clock()  # when the previous pass began (the gather's rate)
 
     @property
     def last_message_ns(self) -> int:
@@ -128,7 +126,6 @@ class StreamReader:
         before = self.stats.bytes
         self._perform()
         moved = self.stats.bytes - before
-        elapsed, self._pass_at = now - self._pass_at, now  # bytes moved since the last pass
         if self.pending is not None and self.pending.body_bytes > 0:
             # Promote here, not in a callback: libcurl forbids removing handles there.
             self._promote(self.pending)
@@ -137,7 +134,7 @@ class StreamReader:
         self._reap()
         self._check_stalls(self._clock())
         self._flush()  # before waiting: nothing framed stays unwritten across the select
-        if 0 < moved < GATHER_BELOW * elapsed:
+        if 0 < moved < GATHER_BELOW:
             # A slow stream: let a few more messages arrive than wake up for each one.
             self._sleep(GATHER_SECONDS, with_curl=False)
         self._sleep(self._select_timeout())
