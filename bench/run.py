@@ -9,7 +9,7 @@ acknowledging wire-protocol server (``bench/blackhole.py``), so the figures meas
 pymongo, not a database:
 
 (a) ``ingestd``: the real ``ingestd run`` daemon (supervisor, stream and store worker), spool on,
-    product defaults (batch 1000, flush 0.5 s, fsync 0.2 s), with track/follow/locations set so
+    product defaults (batch 1000, flush 1 s, fsync 0.2 s), with track/follow/locations set so
     ``_ingest.matched`` is computed;
 (b) ``naive``: requests ``iter_lines`` + ``json.loads`` + ``insert_one`` per tweet (on the first
     ``--naive-tweets`` of the same payload: it runs at ~2k/s);

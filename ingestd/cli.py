@@ -9,6 +9,12 @@ from pathlib import Path
 from ingestd import __version__
 
 EXIT_USAGE = 2
+# structlog imports rich and better_exceptions whenever they are installed (a development tool
+# brings rich), for a console renderer and tracebacks that ingestd never uses: rich and pygments
+# cost every daemon process ~4 MB. Marked absent here, before anything imports structlog, they are
+# never loaded (the console format prints plain tracebacks either way).
+for _unused in ("rich", "better_exceptions"):
+    sys.modules.setdefault(_unused, None)  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,15 +19,22 @@ import pytest
 import yaml
 
 from ingestd.config.mongo_uri import pymongo_uri_facts
+from ingestd.control.pool import WORKER_MALLOC_ENV, worker_env
 from tests.support.creds import CREDS
-from tests.support.daemon import settings_doc
+from tests.support.daemon import Daemon, settings_doc
+from tests.support.simulator import SimProcess
 
 MONGO = ("pymongo", "bson")
+# structlog loads these when installed (the dev extra brings rich), for renderers ingestd never
+# uses; ``ingestd.cli`` marks them absent (~4 MB per process).
+NEVER = ("rich", "pygments", "better_exceptions")
 # Loaded by the store worker only, or by tools (check --online, simulate, demo).
-NOT_IN_SUPERVISOR = (*MONGO, "pycurl", "oauthlib", "ingestd.simulator", "ingestd.sink.worker")
-NOT_IN_STREAM = (*MONGO, "prometheus_client", "http.server", "ingestd.simulator",
+NOT_IN_SUPERVISOR = (*MONGO, *NEVER, "pycurl", "oauthlib", "ingestd.simulator",
+                     "ingestd.sink.worker")
+NOT_IN_STREAM = (*MONGO, *NEVER, "prometheus_client", "http.server", "ingestd.simulator",
                  "ingestd.sink.worker", "ingestd.control.metrics")
-NOT_IN_STORE = ("prometheus_client", "http.server", "ingestd.simulator", "ingestd.control.metrics")
+NOT_IN_STORE = (*NEVER, "prometheus_client", "http.server", "ingestd.simulator",
+                "ingestd.control.metrics")
 
 # Each role through its real entry point (``python -m ingestd run|worker``) up to where it would
 # loop: the supervisor with its metrics listener and settings check done, the stream worker until
@@ -52,7 +59,8 @@ import orjson
 from ingestd.cli import main
 {entry}
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-sys.stdout.buffer.write(b"\\n" + orjson.dumps({{"modules": sorted(sys.modules), "hwm_kb": hwm}}))
+loaded = sorted(name for name, module in sys.modules.items() if module is not None)  # None: barred
+sys.stdout.buffer.write(b"\\n" + orjson.dumps({{"modules": loaded, "hwm_kb": hwm}}))
 """
 
 
@@ -173,3 +181,32 @@ def test_reload_with_a_bad_uri_keeps_the_old_settings_without_loading_pymongo(
     output = (done.stdout + done.stderr).decode()
     assert done.returncode == 0, output
     assert "reload_failed" in output and "mongo.uri" in output and "hunter2" not in output
+
+
+def test_workers_run_with_a_fixed_mmap_threshold(tmp_path: Path, mongo_uri: str,
+                                                 mongo_database: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc's dynamic mmap threshold would keep every batch-sized buffer in the workers' heaps:
+    the supervisor starts its workers with a fixed one (an operator's own value wins), and the
+    store worker's encoder child inherits it."""
+    key, value = next(iter(WORKER_MALLOC_ENV.items()))
+    monkeypatch.delenv(key, raising=False)
+    assert worker_env()[key] == value
+    monkeypatch.setenv(key, "4194304")
+    assert worker_env()[key] == "4194304"
+    monkeypatch.delenv(key)
+    sim = SimProcess(tmp_path / "sim", "--max-tweets", "0", "--keepalive", "1").start()
+    daemon = Daemon(tmp_path / "daemon", settings_doc(sim.url, mongo_uri, mongo_database))
+    try:
+        daemon.start()
+        daemon.wait_ready(60)
+        environs = {role: Path(f"/proc/{daemon.worker_pid(role)}/environ").read_bytes()
+                    for role in ("stream", "store")}
+        assert daemon.proc is not None
+        supervisor = Path(f"/proc/{daemon.proc.pid}/environ").read_bytes()
+    finally:
+        daemon.stop(30)
+        sim.stop()
+    setting = f"{key}={value}".encode()
+    assert all(setting in env.split(b"\0") for env in environs.values()), environs.keys()
+    assert setting not in supervisor.split(b"\0")  # the supervisor's own heap is left alone

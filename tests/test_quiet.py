@@ -15,7 +15,9 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import pymongo
 import pytest
 
 from ingestd.control.worker import STATUS_INTERVAL
@@ -120,3 +122,50 @@ def test_idle_daemon_loops_once_per_housekeeping_interval(
     assert passes["store"] <= store_bound
     assert passes["stream"] <= stream_bound
     assert last["store"]["counters"]["records_read"] == first["store"]["counters"]["records_read"]
+
+
+def test_slow_stream_store_worker_reads_each_batch_a_few_times(
+        tmp_path: Path, mongo_uri: str, mongo_database: str,
+        mongo_client: pymongo.MongoClient[dict[str, Any]]) -> None:
+    """At 20 tweets/s with a 2 s flush interval the store worker's gather pause lasts until the
+    batch could fill at the rate seen (capped by the flush time and the heartbeat), not
+    ``GATHER_SECONDS``: a batch costs a few loop passes and one insert carries the interval's
+    tweets. Before, the worker read again every 0.1 s (≥ 10 passes a second); every tweet the
+    simulator delivered is still stored exactly once."""
+    tweets, flush = 300, 2.0
+    sim = SimProcess(tmp_path / "sim", "--rate", "20", "--max-tweets", str(tweets),
+                     "--control-every", "0").start()
+    doc = settings_doc(sim.url, mongo_uri, mongo_database,
+                       writer={"batch_size": 1000, "flush_interval": flush})
+    daemon = Daemon(tmp_path / "daemon", doc)
+    try:
+        daemon.start()
+        daemon.wait_ready(60)
+        wait_until(lambda: daemon.counters("store").get("stored", 0) > 0, 60, "a first insert")
+        first = daemon.status("store")
+        started = time.monotonic()
+        wait_until(lambda: daemon.status("store").get("time", 0) >= first["time"] + 8, 60,
+                   "eight more heartbeats of the store worker")
+        elapsed = time.monotonic() - started
+        last = daemon.status("store")
+        wait_until(lambda: daemon.counters("store").get("stored", 0) >= tweets, 120,
+                   "every tweet stored")
+        daemon.assert_running()
+    finally:
+        daemon.stop(30)
+        sim.stop()
+    passes = last["loop_passes"] - first["loop_passes"]
+    batches = last["counters"]["batches"] - first["counters"]["batches"]
+    # An insert per flush interval at most (the batch never fills: 20 tweets/s × 2 s ≪ 1000).
+    assert 0 < batches <= elapsed / flush + 2
+    # Per batch: the read that opens it, one GATHER_SECONDS pause (the rate is not known yet),
+    # the flush, and an empty read waiting for the next record; each heartbeat may cut one more
+    # pause short. Half again to spare; the 0.1 s pauses before made ≥ 10 passes a second.
+    bound = 1.5 * (4 * batches + elapsed / STATUS_INTERVAL + 2)
+    print(f"[figure] 20 tweets/s, flush {flush} s, {elapsed:.1f} s: store passes {passes}, "
+          f"inserts {batches} (bound {bound:.0f} passes)")
+    assert passes <= bound
+    truth = sim.ground_truth().tweet_ids()
+    stored = [d["_id"] for d in mongo_client[mongo_database]["tweets"].find({}, {"_id": 1})]
+    assert len(truth) == tweets
+    assert sorted(stored) == sorted(truth)

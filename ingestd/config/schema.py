@@ -112,7 +112,7 @@ class MongoSettings:
 @dataclass(frozen=True)
 class WriterSettings:
     batch_size: int = 1000
-    flush_interval: float = 0.5
+    flush_interval: float = 1.0
     apply_deletes: bool = True
     encoder_process: bool = True
     retry_start: float = 0.5

@@ -16,6 +16,7 @@ from ingestd.control.worker import (
     RateMeter,
     Ticker,
     WorkerContext,
+    sleep_until_signal,
     start_worker,
     wake_on_signals,
 )
@@ -48,7 +49,9 @@ class StoreRole:
         self.status = Ticker(STATUS_INTERVAL, self.publish)
         # Idle, the worker sleeps until the next heartbeat, new spool records or SIGTERM.
         self.worker.idle_wait = self.status.due_in
-        self.reader.watch.extra_fds.append(wake_on_signals())
+        wake_fd = wake_on_signals()
+        self.reader.watch.extra_fds.append(wake_fd)
+        self.worker.pause = sleep_until_signal(wake_fd)  # a gather pause ends on SIGTERM too
         # Seconds the drain may take once SIGTERM came; the supervisor sends what is left of its
         # stop budget just before the signal (less than stop_timeout if the stream worker took
         # part of it).

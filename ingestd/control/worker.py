@@ -9,7 +9,9 @@ order the stop (stream first, then store drains the spool).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import threading
 import time
@@ -123,6 +125,20 @@ def wake_on_signals() -> int:
     read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     return read_fd
+
+
+def sleep_until_signal(wake_fd: int) -> Callable[[float], None]:
+    """A sleep that ends at once when ``wake_fd`` (from ``wake_on_signals``) becomes readable:
+    ``time.sleep`` would finish its time after SIGTERM, delaying the stop."""
+
+    def sleep(seconds: float) -> None:
+        ready, _, _ = select.select([wake_fd], [], [], max(0.0, seconds))
+        if ready:
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                while os.read(wake_fd, 512):
+                    pass
+
+    return sleep
 
 
 class RateMeter:

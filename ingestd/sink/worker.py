@@ -59,7 +59,11 @@ log = structlog.get_logger("ingestd.sink.worker")
 # the batch's payload bytes are capped well under what the process may use.
 BATCH_MAX_BYTES = 8 * 1024 * 1024
 IDLE_WAIT_MAX = 1.0  # seconds: the longest idle sleep, whatever ``idle_wait`` says
-GATHER_SECONDS = 0.1  # with a batch open and nothing more to read, the pause before reading again
+# With a batch open and nothing more to read, the worker pauses before reading again: until the
+# batch could be full at the rate its writes arrived so far, at least GATHER_SECONDS (the rate is
+# unknown at the first read), never past the batch's flush time nor the next heartbeat. A slow
+# stream is read about twice per flush, a fast one every GATHER_SECONDS.
+GATHER_SECONDS = 0.1
 FRAME_REASONS: dict[int, MessageReason] = {
     KIND_OVERSIZE: "oversize",
     KIND_BADFRAME: "bad_frame",
@@ -138,6 +142,8 @@ class StoreWorker:
         # How long to sleep with no batch open when the spool is empty: the caller's next
         # housekeeping (heartbeat) is due then; new records end the sleep at once.
         self.idle_wait: Callable[[], float] = lambda: TICK_INTERVAL
+        # The gather pause; the store worker's ends at once on SIGTERM (a signal wake-up pipe).
+        self.pause: Callable[[float], None] = time.sleep
         self.passes = 0  # main loop passes: published, so that an idle loop is observable
 
     # ------------------------------------------------------------------ public API
@@ -209,15 +215,20 @@ class StoreWorker:
         self._maybe_tick()
 
     def _gather(self) -> None:
-        """Caught up with a batch open: let a few more records arrive before the next read.
+        """Caught up with a batch open: let more records arrive before the next read.
 
-        On a slow stream this takes several tweets per pass instead of waking for each; on a
+        On a slow stream this takes many tweets per pass instead of waking for each append; on a
         fast one a pass reads a full batch and never comes here. It never delays a flush.
         """
-        started = self._batch.started
-        if started is not None and self._batch.has_writes():
-            due = started + self._target.settings.writer.flush_interval - time.monotonic()
-            time.sleep(max(0.0, min(GATHER_SECONDS, due)))
+        batch = self._batch
+        started = batch.started
+        if started is None or not batch.has_writes():
+            return
+        now = time.monotonic()
+        flush_in = started + self._target.settings.writer.flush_interval - now
+        # seconds until the room left fills at the rate the batch's writes came in so far
+        fill_in = self._room() * (now - started) / batch.size()
+        self.pause(max(0.0, min(max(GATHER_SECONDS, fill_in), flush_in, self.idle_wait())))
 
     def _drain(self) -> bool:
         """Read until the spool is empty (or the deadline passes), flush, ack."""
