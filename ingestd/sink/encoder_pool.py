@@ -27,11 +27,11 @@ import subprocess
 import sys
 from array import array
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple, TypeAlias
+from itertools import accumulate
+from typing import Any, NamedTuple, TypeAlias
 
 from ingestd.documents.encoder import DEAD, PUNT, Encoded, JobLike, MatcherSpec, encode
 from ingestd.documents.matching import Matcher
-from ingestd.documents.messages import MessageReason
 
 PIPE_BYTES = 1 << 20
 _PUNTED = Encoded(PUNT)
@@ -155,7 +155,6 @@ def _read_exact(fd: int, size: int) -> bytearray:
         pos += got
     return buf
 _JOB_FIELDS = 5  # payload length, recv_ns, conn_id, generation, seq
-_MATCH_ERROR, _HAS_USER = 1, 2
 
 
 def _pack_jobs(jobs: Sequence[JobLike]) -> bytes:
@@ -168,56 +167,38 @@ def _pack_jobs(jobs: Sequence[JobLike]) -> bytes:
 def _unpack_jobs(header: bytes, blob: bytearray) -> list[Job]:
     meta = array("q")
     meta.frombytes(header)
-    jobs, pos, view = [], 0, memoryview(blob)
-    for i in range(0, len(meta), _JOB_FIELDS):
-        size, recv_ns, conn_id, generation, seq = meta[i:i + _JOB_FIELDS]
-        jobs.append(Job(view[pos:pos + size], recv_ns, conn_id, generation, seq))
-        pos += size
-    return jobs
+    sizes, f = meta[0::_JOB_FIELDS], _JOB_FIELDS
+    columns = zip(accumulate(sizes), sizes, meta[1::f], meta[2::f], meta[3::f], meta[4::f],
+                  strict=True)
+    view = memoryview(blob)
+    return [_new_tuple(Job, (view[end - size:end], recv_ns, conn_id, generation, seq))
+            for end, size, recv_ns, conn_id, generation, seq in columns]
 
 
-DeadReason: TypeAlias = MessageReason | Literal[""]
-DeadEntry: TypeAlias = "tuple[int, DeadReason, str]"
-ResultHeader: TypeAlias = "tuple[bytes, bytes, bytes, bytes, bytes, list[DeadEntry]]"
+# Results travel as columns (one tuple per field of ``Encoded``, which pickle handles in C) plus
+# the documents' sizes and the dead letters' reasons; the documents are the blob.
+ResultHeader: TypeAlias = "tuple[tuple[int, ...], tuple[int, ...], tuple[int | None, ...], tuple[int, ...], tuple[bool, ...], list[tuple[int, str, str]]]"  # noqa: E501
+_new_tuple = tuple.__new__  # a row of a NamedTuple without its Python-level __new__
 
 
 def _pack_results(results: Sequence[Encoded]) -> tuple[ResultHeader, list[bytes]]:
-    statuses, flags = bytearray(), bytearray()
-    ids, users, sizes = array("q"), array("q"), array("q")
-    dead: list[DeadEntry] = []
-    for i, enc in enumerate(results):
-        statuses.append(enc.status)
-        flags.append((_MATCH_ERROR if enc.match_error else 0)
-                     | (_HAS_USER if enc.user_id is not None else 0))
-        ids.append(enc.tweet_id)
-        users.append(enc.user_id or 0)
-        sizes.append(len(enc.raw))
-        if enc.status == DEAD:
-            dead.append((i, enc.reason, enc.detail))
-    header = (bytes(statuses), bytes(flags), ids.tobytes(), users.tobytes(), sizes.tobytes(),
-              dead)
-    return header, [enc.raw for enc in results]
-
-
-_NOT_DEAD: tuple[Literal[""], str] = ("", "")
+    if not results:
+        return ((), (), (), (), (), []), []
+    statuses, raws, ids, users, reasons, details, errors = zip(*results, strict=True)
+    dead = [(i, reasons[i], details[i]) for i, status in enumerate(statuses) if status == DEAD]
+    return (statuses, ids, users, tuple(map(len, raws)), errors, dead), list(raws)
 
 
 def _unpack_results(header: ResultHeader, blob: bytearray) -> list[Encoded]:
-    statuses, flags, id_bytes, user_bytes, size_bytes, dead = header
-    ids, users, sizes = array("q"), array("q"), array("q")
-    ids.frombytes(id_bytes)
-    users.frombytes(user_bytes)
-    sizes.frombytes(size_bytes)
-    reasons = {i: (reason, detail) for i, reason, detail in dead}
-    out, pos, view = [], 0, memoryview(blob)
-    for i, status in enumerate(statuses):
-        size, flag = sizes[i], flags[i]
-        reason, detail = reasons.get(i, _NOT_DEAD)
-        out.append(Encoded(status, bytes(view[pos:pos + size]), ids[i],
-                           users[i] if flag & _HAS_USER else None, reason, detail,
-                           bool(flag & _MATCH_ERROR)))
-        pos += size
-    return out
+    statuses, ids, users, sizes, errors, dead = header
+    view = memoryview(blob)
+    raws = [bytes(view[end - size:end]) for end, size in zip(accumulate(sizes), sizes, strict=True)]
+    reasons: list[str] = [""] * len(statuses)
+    details: list[str] = [""] * len(statuses)
+    for i, reason, detail in dead:
+        reasons[i], details[i] = reason, detail
+    return [_new_tuple(Encoded, row)
+            for row in zip(statuses, raws, ids, users, reasons, details, errors, strict=True)]
 
 
 def _serve(recv: int, send: int) -> None:
