@@ -115,7 +115,7 @@ class SegmentCursor:
     def _record(self, buf: bytes, view: memoryview, i: int, end: int) -> Record:
         seq, recv_ns, conn_id, generation, kind = BODY.unpack_from(buf, i + PREFIX_SIZE)
         self._pos, self._need, self._in_damage = end, 0, False
-        payload = bytes(view[i + HEADER_SIZE : end])
+        payload = buf[i + HEADER_SIZE : end]  # bytes: the slice is the one copy
         # tuple.__new__ directly: the generated Record.__new__ is a Python-level frame per record.
         return _new_record(
             Record, (seq, kind, conn_id, generation, recv_ns, payload, self.name, self._off + i)
