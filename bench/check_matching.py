@@ -5,7 +5,8 @@ set); ``Matcher`` finds the same hits without building that set (the fast path).
 compares the two on the real sample, on the benchmark payload's shapes and on random text full of
 edge cases (punctuation, ``#``/``@``, URLs, Unicode word characters and spaces, terms without any
 word character), with track lists drawn from the tweets' own tokens so that hits are frequent.
-Both share ``match_tokens.tweet_parts`` (which parts of a tweet count): ``--reference`` checks that.
+``TrackMatcher`` walks a tweet's parts itself, so this also checks it against
+``match_tokens.tweet_parts`` (which parts of a tweet count); ``--reference`` checks the parts too.
 
     .venv/bin/python bench/check_matching.py [--cases 20000] [--seed 7] [--reference FILE]
 

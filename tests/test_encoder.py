@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
+import threading
 from collections.abc import Iterator
 from importlib import resources
 
@@ -13,7 +15,8 @@ import pytest
 
 from ingestd.documents.encoder import DEAD, OK, PUNT, Encoded, encode
 from ingestd.documents.matching import Matcher
-from ingestd.sink.encoder_pool import EncoderProcess, Job
+from ingestd.sink import encoder_pool
+from ingestd.sink.encoder_pool import EncoderProcess, Job, recv_frame, send_frame
 
 SPEC = (["beatles", "covid vaccine", "#music"], [783214, 12], [(-180.0, -90.0, 180.0, 90.0)])
 SNOW = 1_400_000_000_000_000_000
@@ -104,3 +107,38 @@ def test_one_chunk_at_a_time(child: EncoderProcess) -> None:
     assert len(child.result()) == 2
     child.submit(jobs, {3: SPEC})
     assert len(child.result()) == 2
+
+
+def test_frames_survive_partial_writes_and_many_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A signal can end a blocking writev after part of its buffers: here every call takes at
+    # most 777 bytes (cutting buffers anywhere), and 1,500 parts exceed one writev's buffers.
+    # The frame must still arrive whole and in order (a view among the parts included).
+    def short_writev(fd: int, buffers: list[memoryview]) -> int:
+        assert len(buffers) <= 1024
+        return os.write(fd, b"".join(buffers)[:777])
+
+    monkeypatch.setattr(encoder_pool.os, "writev", short_writev)
+    parts: list[bytes | memoryview] = [bytes([i % 251]) * (1 + i % 700) for i in range(1500)]
+    parts[7] = memoryview(b"0123456789")[2:5]
+    read_fd, write_fd = os.pipe()
+    got: list[tuple[object, bytearray]] = []
+    reader = threading.Thread(target=lambda: got.append(recv_frame(read_fd)))
+    reader.start()
+    try:
+        send_frame(write_fd, {"chunk": 1}, parts)
+    finally:
+        os.close(write_fd)
+        reader.join(timeout=30)
+        os.close(read_fd)
+    assert got == [({"chunk": 1}, bytearray(b"".join(parts)))]
+
+
+def test_a_closed_pipe_mid_frame_is_eof() -> None:
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, struct.pack("<QQ", 4, 100) + b"abc")  # header cut short
+    os.close(write_fd)
+    try:
+        with pytest.raises(EOFError):
+            recv_frame(read_fd)
+    finally:
+        os.close(read_fd)

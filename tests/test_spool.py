@@ -232,6 +232,29 @@ def test_partial_record_in_newest_segment_is_waited_for(tmp_path: Path) -> None:
     assert reader.corrupt_records == 0
 
 
+def test_records_across_read_blocks_arrive_whole(tmp_path: Path) -> None:
+    # The reader reads 1 MiB blocks: records cut by a block's end (or longer than a block, or
+    # still being written when it looks) must come back whole, in order, without damage.
+    writer = make_writer(tmp_path)
+    sizes = [1 + (i * 7919) % 90_000 for i in range(60)] + [2_500_000, 3, 1_048_600]
+    items = [bytes([i % 256]) * n for i, n in enumerate(sizes)]
+    seqs = fill(writer, items[:40], per_append=2)
+    reader = SpoolReader(tmp_path)
+    got = reader.read(7, BIG)
+    seqs += fill(writer, items[40:], per_append=1)
+    record = encode_record(seqs[-1] + 1, KIND_MESSAGE, b"x" * 300_000, 1, 1, 5)
+    path = tmp_path / writer.segment
+    with open(path, "ab") as f:  # a record half written when the reader gets there
+        f.write(record[:150_000])
+    got += drain(reader, batch=5)
+    with open(path, "ab") as f:
+        f.write(record[150_000:])
+    got += drain(reader, batch=5)
+    assert [r.seq for r in got] == [*seqs, seqs[-1] + 1]
+    assert [r.payload for r in got] == [*items, b"x" * 300_000]
+    assert reader.corrupt_records == 0 and reader.corrupt_bytes == 0
+
+
 def test_wait_for_data(tmp_path: Path) -> None:
     writer = make_writer(tmp_path)
     reader = SpoolReader(tmp_path)

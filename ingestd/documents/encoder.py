@@ -31,7 +31,7 @@ class JobLike(Protocol):
     """A ``Job`` or a ``spool.Record`` (the store worker encodes records directly)."""
 
     @property
-    def payload(self) -> bytes: ...
+    def payload(self) -> bytes | memoryview: ...
     @property
     def recv_ns(self) -> int: ...
     @property
@@ -56,6 +56,7 @@ class Encoded(NamedTuple):
 
 
 _PUNTED = Encoded(PUNT)
+_new_encoded = tuple.__new__
 
 
 @functools.lru_cache(maxsize=4)  # the reader appends each network read with one recv_ns
@@ -101,8 +102,9 @@ def encode_document(doc: dict[str, Any], match_error: bool = False) -> Encoded:
                        match_error=match_error)
     user = doc.get("user")
     user_id = user.get("id") if isinstance(user, dict) else None
-    return Encoded(OK, raw, doc["_id"], user_id if type(user_id) is int else None,
-                   match_error=match_error)
+    # tuple.__new__: the NamedTuple's generated __new__ is a Python frame per tweet
+    return _new_encoded(Encoded, (OK, raw, doc["_id"], user_id if type(user_id) is int else None,
+                                  "", "", match_error))
 
 
 MatcherSpec = tuple[Sequence[str], Sequence[int], Sequence[Box]]

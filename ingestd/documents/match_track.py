@@ -14,11 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ingestd.documents.match_tokens import (
+    MAX_NESTING,
     WORD_RE,
-    entity_tags,
-    entity_urls,
     term_keys,
-    tweet_parts,
     url_tokens,
     word_tokens,
     words_containing,
@@ -51,6 +49,9 @@ class TrackMatcher:
         for term, tid in terms.items():
             for key in term_keys(term):
                 self._keys.setdefault(key, []).append(tid)
+        # "#tag" / "@name" keys by bare name: entity values are checked without building keys
+        self._tag_names = frozenset(k[1:] for k in self._keys if k[:1] == "#")
+        self._mention_names = frozenset(k[1:] for k in self._keys if k[:1] == "@")
         self._by_first: dict[int, list[int]] = {}
         for pid, tids in enumerate(self._phrase_terms):
             self._by_first.setdefault(min(tids), []).append(pid)
@@ -93,18 +94,54 @@ class TrackMatcher:
     def _hits(self, tweet: dict[str, Any]) -> set[str]:
         """The configured keys among ``tweet_tokens(tweet)`` (same parts, same rules)."""
         found: set[str] = set()
-        key_set, url_hits = self._key_set, self._url_hits
-        for text, groups in tweet_parts(tweet):
-            if text is not None:
-                self._text_hits(found, text)
-            for entities in groups:
-                found.update(key_set.intersection(entity_tags(entities)))
-                for value in entity_urls(entities):
-                    hits = url_hits.get(value)
-                    if hits is None:
-                        hits = self._cache_url_hits(value)
-                    found.update(hits)
+        self._part_hits(found, tweet, 0)
         return found
+
+    def _part_hits(self, found: set[str], tweet: dict[str, Any], depth: int) -> None:
+        """``match_tokens.tweet_parts`` walked in place: no list of parts per tweet."""
+        original = tweet.get("retweeted_status")
+        while type(original) is dict and depth < MAX_NESTING:
+            tweet, depth = original, depth + 1
+            original = tweet.get("retweeted_status")
+        text = tweet.get("text")
+        entities = tweet.get("entities")
+        extended = tweet.get("extended_tweet")
+        if type(extended) is dict and type(extended.get("full_text")) is str:
+            text, entities = extended["full_text"], extended.get("entities")
+        if type(text) is str:
+            self._text_hits(found, text)
+        if type(entities) is dict:
+            self._entity_hits(found, entities)
+        entities = tweet.get("extended_entities")
+        if type(entities) is dict:
+            self._entity_hits(found, entities)
+        quoted = tweet.get("quoted_status")
+        if type(quoted) is dict and depth < MAX_NESTING:
+            self._part_hits(found, quoted, depth + 1)
+
+    def _entity_hits(self, found: set[str], entities: dict[str, Any]) -> None:
+        """``entity_tags`` and ``entity_urls`` looked up without building their lists: a
+        hashtag or mention is checked by name against the names of the ``#``/``@`` keys."""
+        if self._tag_names:
+            _name_hits(found, entities.get("hashtags"), "text", self._tag_names, "#")
+        if self._mention_names:
+            _name_hits(found, entities.get("user_mentions"), "screen_name",
+                       self._mention_names, "@")
+        url_hits = self._url_hits
+        for kind in ("urls", "media"):
+            urls = entities.get(kind)
+            if type(urls) is not list:
+                continue
+            for url in urls:
+                if type(url) is not dict:
+                    continue
+                for value in (url.get("expanded_url"), url.get("display_url")):
+                    if type(value) is str and value:
+                        hits = url_hits.get(value)
+                        if hits is None:
+                            hits = self._cache_url_hits(value)
+                        if hits:
+                            found.update(hits)
 
     def _text_hits(self, found: set[str], text: str) -> None:
         low = text.lower()
@@ -129,3 +166,16 @@ class TrackMatcher:
         hits = tuple(t for t in url_tokens(value.lower(), False) if t in key_set)
         self._url_hits[value] = hits
         return hits
+
+
+def _name_hits(found: set[str], items: object, field: str, names: frozenset[str],
+               prefix: str) -> None:
+    """Add ``prefix + name`` for each entity in ``items`` whose (lower-cased) name is wanted."""
+    if type(items) is not list:
+        return
+    for item in items:
+        value = item.get(field) if type(item) is dict else None
+        if type(value) is str and value:
+            low = value.lower()
+            if low in names:
+                found.add(prefix + low)

@@ -33,7 +33,7 @@ class SegmentCursor:
     def __init__(self, directory: Path, name: str, offset: int, damage: Damage) -> None:
         self.name = name
         self._fd = os.open(directory / name, os.O_RDONLY)
-        self._buf = bytearray()
+        self._buf = b""
         self._pos = 0  # index in _buf of the next unparsed byte
         self._off = offset  # file offset of _buf[0]
         self._need = 0  # bytes the next record still needs
@@ -63,14 +63,17 @@ class SegmentCursor:
         os.close(self._fd)
 
     def fill(self) -> int:
-        """Read the next block of the file; return the number of bytes read."""
-        del self._buf[: self._pos]  # O(1) amortised for a bytearray prefix
+        """Read the next block of the file; return the number of new bytes read.
+
+        The block starts at the first unparsed byte: the tail of the last block (a record cut by
+        its end) is read again rather than kept, so no block is ever copied into a growing
+        buffer (a copy costs about as much as the read itself).
+        """
+        kept = len(self._buf) - self._pos
         self._off += self._pos
         self._pos = 0
-        want = max(_BLOCK, self._need - len(self._buf))
-        block = os.pread(self._fd, want, self._off + len(self._buf))
-        self._buf += block
-        return len(block)
+        self._buf = os.pread(self._fd, max(_BLOCK, self._need), self._off)
+        return max(0, len(self._buf) - kept)
 
     def parse(self, out: list[Record], max_records: int, max_bytes: int, nbytes: int) -> int:
         """Append complete valid records to ``out`` within the budget; return bytes added."""
@@ -84,7 +87,7 @@ class SegmentCursor:
                 nbytes += len(record.payload)
         return nbytes
 
-    def _parse_one(self, buf: bytearray, view: memoryview) -> Record | None:
+    def _parse_one(self, buf: bytes, view: memoryview) -> Record | None:
         while True:
             i = self._pos
             avail = len(buf) - i
@@ -109,16 +112,16 @@ class SegmentCursor:
                 continue
             return self._record(buf, view, i, end)
 
-    def _record(self, buf: bytearray, view: memoryview, i: int, end: int) -> Record:
+    def _record(self, buf: bytes, view: memoryview, i: int, end: int) -> Record:
         seq, recv_ns, conn_id, generation, kind = BODY.unpack_from(buf, i + PREFIX_SIZE)
         self._pos, self._need, self._in_damage = end, 0, False
-        payload = bytes(view[i + HEADER_SIZE : end])
+        payload = buf[i + HEADER_SIZE : end]  # bytes: the slice is the one copy
         # tuple.__new__ directly: the generated Record.__new__ is a Python-level frame per record.
         return _new_record(
             Record, (seq, kind, conn_id, generation, recv_ns, payload, self.name, self._off + i)
         )
 
-    def _resync(self, buf: bytearray, start: int) -> None:
+    def _resync(self, buf: bytes, start: int) -> None:
         """Skip to the next MAGIC; keep a tail that may be a MAGIC cut by the end of the data."""
         j = buf.find(MAGIC, start)
         if j < 0:

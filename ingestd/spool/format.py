@@ -37,6 +37,7 @@ PREFIX = struct.Struct("<4sII")  # magic, length, crc
 BODY = struct.Struct("<QQIIB")  # seq, recv_ns, conn_id, generation, kind
 PREFIX_SIZE = PREFIX.size
 HEADER_SIZE = PREFIX.size + BODY.size
+_HEADER = struct.Struct("<4sIIQQIIB")  # PREFIX then BODY, packed at once by the writer
 MAX_PAYLOAD = 64 * 1024 * 1024
 MAX_LENGTH = BODY.size + MAX_PAYLOAD
 
@@ -134,13 +135,14 @@ def encode_records(
     recv_ns: int,
 ) -> int:
     """Append each record's header and payload to ``out`` (no copy of the payload); next seq."""
-    pack_body, pack_prefix = BODY.pack, PREFIX.pack
+    pack_body, pack_header, body_size = BODY.pack, _HEADER.pack, BODY.size
     for kind, payload in items:
         if len(payload) > MAX_PAYLOAD:
             raise ValueError(f"spool payload of {len(payload)} bytes > {MAX_PAYLOAD}")
-        body = pack_body(seq, recv_ns, conn_id, generation, kind)
-        crc = crc32c(payload, crc32c(body))
-        out.append(pack_prefix(MAGIC, BODY.size + len(payload), crc) + body)
+        crc = crc32c(payload, crc32c(pack_body(seq, recv_ns, conn_id, generation, kind)))
+        # the header in one pack (not prefix + body joined): a record costs two objects
+        out.append(pack_header(MAGIC, body_size + len(payload), crc, seq, recv_ns, conn_id,
+                               generation, kind))
         out.append(payload)
         seq += 1
     return seq
