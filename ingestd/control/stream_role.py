@@ -62,6 +62,7 @@ class StreamRole:
         self.reader.max_wait = self.max_wait
         self.reader.wake_fds.append(wake_on_signals())
         self.passes = 0  # loop passes: published, so that an idle loop is observable
+        self.published_state: str | None = None  # the reader's state in the last status file
 
     def run(self) -> int:
         log.info("stream_worker_started", generation=self.ctx.generation)
@@ -87,6 +88,8 @@ class StreamRole:
         for takeover in self.lease.takeovers():
             self._on_takeover(takeover.previous_holder, takeover.last_recv_ns, takeover.lease_age)
         self.ctx.orphaned()
+        if self.reader.state != self.published_state:
+            self.publish()  # a new state (connected, reconnecting…) shows at once, not ≤ 1 s late
         self.status()
 
     def max_wait(self) -> float:
@@ -120,6 +123,7 @@ class StreamRole:
     def publish(self) -> None:
         """``run/stream.json``: the heartbeat, with the counters and the spool's fill."""
         reader, rules = self.reader, self.rules
+        self.published_state = reader.state
         state = self.intake.last_error or (
             f"degraded: {rules.error}; previous rules still in force" if rules.error
             else self.lease.state(reader.state))
