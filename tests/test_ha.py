@@ -126,6 +126,14 @@ def reconcile(uri: str, db: str, sim: SimProcess) -> tuple[list[int], set[int]]:
     return ids, delivered
 
 
+def kill_all(sim: SimProcess, *daemons: Daemon | None) -> None:
+    """Whatever happened: every daemon killed (if started), then the simulator stopped."""
+    for daemon in daemons:
+        if daemon is not None:
+            daemon.kill()
+    sim.stop()
+
+
 def stop_all(*daemons: Daemon) -> None:
     for daemon in daemons:
         try:
@@ -218,10 +226,7 @@ def test_standby_sigkill_the_active_standby_takes_over_nothing_lost(
                    "B's ledger closed the takeover gap")
         stop_all(a, b)
     finally:
-        for d in (a, b):
-            if d is not None:
-                d.kill()
-        sim.stop()
+        kill_all(sim, a, b)
     truth = sim.ground_truth()
     assert_never_two_at_once(truth)
     spans = open_intervals(truth)
@@ -292,10 +297,7 @@ def test_standby_sigstop_the_active_returns_as_standby_and_drains(
                    "B's ledger settled the takeover gap from A's report")
         stop_all(a, b)
     finally:
-        for d in (a, b):
-            if d is not None:
-                d.kill()
-        sim.stop()
+        kill_all(sim, a, b)
     truth = sim.ground_truth()
     (a_conn, _, _), (b_conn, _, _) = open_intervals(truth)
     # A frozen cannot close its connection: B's newer one logs it out (code 7). B itself was
@@ -348,10 +350,7 @@ def test_standby_holder_cut_off_from_mongodb_closes_before_the_takeover(
             assert ha_view(a)["role"] == "standby" and a.counters("stream")["attempts"] == 1
             stop_all(a, b)
     finally:
-        for d in (a, b):
-            if d is not None:
-                d.kill()
-        sim.stop()
+        kill_all(sim, a, b)
     truth = sim.ground_truth()
     spans = open_intervals(truth)
     assert len(spans) == 2 and not truth.control("disconnect"), "nobody was logged out"

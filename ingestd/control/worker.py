@@ -9,7 +9,6 @@ order the stop (stream first, then store drains the spool).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import signal
@@ -26,6 +25,7 @@ from ingestd.config.schema import Settings
 from ingestd.config.settings import load_settings, load_settings_text, secret_values
 from ingestd.control.pipe import CommandReader, Reload, Reloaded
 from ingestd.logs import bind_process, configure_logging, register_secret
+from ingestd.spool.watch import drain_wakeups
 
 log = structlog.get_logger("ingestd.worker")
 
@@ -134,9 +134,7 @@ def sleep_until_signal(wake_fd: int) -> Callable[[float], None]:
     def sleep(seconds: float) -> None:
         ready, _, _ = select.select([wake_fd], [], [], max(0.0, seconds))
         if ready:
-            with contextlib.suppress(BlockingIOError, InterruptedError):
-                while os.read(wake_fd, 512):
-                    pass
+            drain_wakeups(wake_fd)
 
     return sleep
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 # Cheap C-level strip for the common punctuation; the regex below handles the rest.
@@ -126,9 +126,8 @@ def entity_tags(entities: dict[str, Any]) -> list[str]:
     return tags
 
 
-def entity_urls(entities: dict[str, Any]) -> list[str]:
+def entity_urls(entities: dict[str, Any]) -> Iterator[str]:
     """The expanded and display URLs (as given) of the links and media in ``entities``."""
-    values: list[str] = []
     for kind in ("urls", "media"):
         urls = entities.get(kind)
         if type(urls) is not list:
@@ -138,8 +137,7 @@ def entity_urls(entities: dict[str, Any]) -> list[str]:
                 continue
             for value in (url.get("expanded_url"), url.get("display_url")):
                 if type(value) is str and value:
-                    values.append(value)
-    return values
+                    yield value
 
 
 @functools.lru_cache(maxsize=8192)

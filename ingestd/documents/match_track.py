@@ -16,6 +16,7 @@ from typing import Any
 from ingestd.documents.match_tokens import (
     MAX_NESTING,
     WORD_RE,
+    entity_urls,
     term_keys,
     url_tokens,
     word_tokens,
@@ -120,7 +121,7 @@ class TrackMatcher:
             self._part_hits(found, quoted, depth + 1)
 
     def _entity_hits(self, found: set[str], entities: dict[str, Any]) -> None:
-        """``entity_tags`` and ``entity_urls`` looked up without building their lists: a
+        """``entity_tags`` looked up without building its list (and ``entity_urls`` walked): a
         hashtag or mention is checked by name against the names of the ``#``/``@`` keys."""
         if self._tag_names:
             _name_hits(found, entities.get("hashtags"), "text", self._tag_names, "#")
@@ -128,20 +129,12 @@ class TrackMatcher:
             _name_hits(found, entities.get("user_mentions"), "screen_name",
                        self._mention_names, "@")
         url_hits = self._url_hits
-        for kind in ("urls", "media"):
-            urls = entities.get(kind)
-            if type(urls) is not list:
-                continue
-            for url in urls:
-                if type(url) is not dict:
-                    continue
-                for value in (url.get("expanded_url"), url.get("display_url")):
-                    if type(value) is str and value:
-                        hits = url_hits.get(value)
-                        if hits is None:
-                            hits = self._cache_url_hits(value)
-                        if hits:
-                            found.update(hits)
+        for value in entity_urls(entities):
+            hits = url_hits.get(value)
+            if hits is None:
+                hits = self._cache_url_hits(value)
+            if hits:
+                found.update(hits)
 
     def _text_hits(self, found: set[str], text: str) -> None:
         low = text.lower()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import select
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from ingestd.source.request import filter_key
 from ingestd.source.response import classify, describe, disconnect_code, retry_after
 from ingestd.source.stats import ReaderStats
 from ingestd.spool.events import GapMarkers
+from ingestd.spool.watch import drain_wakeups
 
 log = structlog.get_logger("ingestd.source.stream_reader")
 
@@ -147,7 +147,7 @@ class StreamReader:
         ready, _, _ = select.select([*read, *self.wake_fds], write, exc, timeout)
         for fd in self.wake_fds:
             if fd in ready:
-                _drain(fd)
+                drain_wakeups(fd)
 
     def _select_timeout(self) -> float:
         """TICK while a connection is being made, replaced or paused; IDLE_TICK on a healthy
@@ -401,11 +401,3 @@ class StreamReader:
         if self.active is conn and ending is not Ending.ABORTED:
             self.state = "reconnecting"
 
-
-def _drain(fd: int) -> None:
-    """Empty a non-blocking wake-up pipe (its bytes only say "look again")."""
-    try:
-        while os.read(fd, 512):
-            pass
-    except (BlockingIOError, InterruptedError):
-        pass

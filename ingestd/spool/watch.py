@@ -59,7 +59,7 @@ class SpoolWatch:
             if not ready:
                 return
             for fd in ready & set(self.extra_fds):
-                _drain(fd)
+                drain_wakeups(fd)
             if self.clear() or ready - {self._inotify.fileno()}:
                 self.wakeups += 1
                 return
@@ -97,7 +97,7 @@ def _open_inotify(directory: Path) -> Any:
     return inotify
 
 
-def _drain(fd: int) -> None:
+def drain_wakeups(fd: int) -> None:
     """Empty a non-blocking wake-up pipe (the bytes only say "look again")."""
     try:
         while os.read(fd, 512):
