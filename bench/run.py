@@ -147,13 +147,21 @@ def cpu_of(procs: list[psutil.Process]) -> float:
 
 
 def role_of(proc: psutil.Process) -> str:
+    """supervisor, stream, store, or encoder: the store worker's child (a fresh interpreter
+    running ``ingestd.sink.encoder_pool``, or forked from the store worker, same command line)."""
     try:
         cmd = proc.cmdline()
+        parent = proc.parent()
+        parent_cmd = parent.cmdline() if parent is not None else []
     except psutil.Error:
         return "?"
-    if any("ingestd.sink.encoder_pool" in part for part in cmd):
+    if any("ingestd.sink.encoder_pool" in part for part in cmd) or _role_in(parent_cmd) == "store":
         return "encoder"
-    return cmd[cmd.index("--role") + 1] if "--role" in cmd else "supervisor"
+    return _role_in(cmd) or "supervisor"
+
+
+def _role_in(cmd: list[str]) -> str | None:
+    return cmd[cmd.index("--role") + 1] if "--role" in cmd else None
 
 
 def cpu_by_role(procs: list[psutil.Process]) -> dict[str, float]:
@@ -473,12 +481,15 @@ class Blackhole:
 
 class MemSampler:
     """Samples a process tree every 0.2 s on a thread: the peaks of the summed RSS and PSS
-    (/proc/PID/smaps_rollup; PSS splits shared pages between the processes mapping them)."""
+    (/proc/PID/smaps_rollup; PSS splits shared pages between the processes mapping them), and
+    each role's own peak PSS and RSS (``peak_by_role``: role -> (RSS KB, PSS KB))."""
 
     def __init__(self, procs: list[psutil.Process], root: int) -> None:
         import threading
 
         self.procs, self.root, self.peak_rss, self.peak_pss = procs, root, 0, 0
+        self.peak_by_role: dict[str, tuple[int, int]] = {}
+        self._roles: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -489,8 +500,17 @@ class MemSampler:
             sums = [smaps_rollup_kb(p.pid) for p in self.procs]
             self.peak_rss = max(self.peak_rss, sum(r for r, _ in sums))
             self.peak_pss = max(self.peak_pss, sum(p for _, p in sums))
+            for proc, (rss, pss) in zip(self.procs, sums, strict=True):
+                role = self._roles.setdefault(proc.pid, role_of(proc))
+                old_rss, old_pss = self.peak_by_role.get(role, (0, 0))
+                self.peak_by_role[role] = (max(old_rss, rss), max(old_pss, pss))
             if self._stop.wait(0.2):
                 return
+
+    def roles_mb(self) -> dict[str, dict[str, float]]:
+        """Each role's peak PSS and RSS in MB (peaks of each process, not at the same moment)."""
+        return {role: {"pss": round(pss / 1024, 1), "rss": round(rss / 1024, 1)}
+                for role, (rss, pss) in sorted(self.peak_by_role.items())}
 
     def stop(self) -> int:
         """Stop sampling; the peak summed RSS in KB."""
@@ -634,7 +654,12 @@ def run_overload(bench: Bench, rate: float, ack_delay: float, seconds: float,
             "peak_pss_sum_mb": round(sampler.peak_pss / 1024, 1),
             "pss_sum_mb_at_end": round(pss / 1024, 1),
             "hwm_sum_mb": round(sum(hwm.values()) / 1024, 1),
-            "hwm_mb": {role: round(kb / 1024, 1) for role, kb in hwm.items()}}
+            "hwm_mb": {role: round(kb / 1024, 1) for role, kb in hwm.items()},
+            "peak_by_role_mb": sampler.roles_mb()}
+
+
+def role_peaks(peaks: dict[str, dict[str, float]]) -> str:
+    return ", ".join(f"{role} {p['pss']} / {p['rss']}" for role, p in peaks.items())
 
 
 def free_port() -> int:
@@ -876,13 +901,13 @@ def main(argv: list[str] | None = None) -> int:
                     runs = [r for r in results if r.contender == name and r.encoding == enc]
                     if runs:
                         medians[(name, enc)] = median_result(runs)
-            say("")
             head = (f"### Throughput (medians of {args.repeats}; ÷ = this contender's tweets/s "
                     f"over the pipeline's ({PIPELINE}) and tweepy's in this run; load = 1-min "
                     "load average at the start of each run)")
-            say(head)
-            say(table(medians, encodings))
-            md.add(head + "\n\n" + table(medians, encodings))
+            if results:  # none with --repeats 0 or --contenders "" (e.g. the overload only)
+                say("\n" + head)
+                say(table(medians, encodings))
+                md.add(head + "\n\n" + table(medians, encodings))
             per_role = ingestd_per_role(results)
             if per_role:
                 say(per_role)
@@ -926,7 +951,9 @@ def main(argv: list[str] | None = None) -> int:
                             f"{ov['spool_backlog_records']} records; all daemon processes: peak "
                             f"**PSS {ov['peak_pss_sum_mb']} MB**, peak RSS "
                             f"{ov['peak_rss_sum_mb']} MB (sampled sums), {ov['hwm_sum_mb']} MB "
-                            f"sum of high-water marks {ov['hwm_mb']} (load {ov['load']:.2f})")
+                            f"sum of high-water marks {ov['hwm_mb']}; each process's peak "
+                            f"PSS / RSS {role_peaks(ov['peak_by_role_mb'])} (load "
+                            f"{ov['load']:.2f})")
                     say("   " + text)
                     lines.append("* " + text)
                 md.add("### Memory under overload\n\n" + "\n".join(lines))

@@ -6,6 +6,7 @@ import os
 import signal
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from importlib import resources
 
@@ -17,6 +18,7 @@ from ingestd.documents.encoder import DEAD, OK, PUNT, Encoded, encode
 from ingestd.documents.matching import Matcher
 from ingestd.sink import encoder_pool
 from ingestd.sink.encoder_pool import EncoderProcess, Job, recv_frame, send_frame
+from tests.support.wait import wait_until
 
 SPEC = (["beatles", "covid vaccine", "#music"], [783214, 12], [(-180.0, -90.0, 180.0, 90.0)])
 SNOW = 1_400_000_000_000_000_000
@@ -142,3 +144,32 @@ def test_a_closed_pipe_mid_frame_is_eof() -> None:
             recv_frame(read_fd)
     finally:
         os.close(read_fd)
+
+
+def test_an_idle_child_gives_its_free_heap_back_once_per_pause(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc keeps a chunk's freed documents in the heap (~5 MB): a child that gets no new chunk
+    within IDLE_TRIM_SECONDS of an answer trims it, once per pause, and encodes as before."""
+    assert encoder_pool.heap_trimmer() is not None  # glibc here: the real malloc_trim
+    trims: list[float] = []
+    monkeypatch.setattr(encoder_pool, "heap_trimmer",
+                        lambda: lambda: trims.append(time.monotonic()))
+    to_child, child_in = os.pipe()
+    child_out, from_child = os.pipe()
+    server = threading.Thread(target=encoder_pool._serve, args=(to_child, from_child))
+    server.start()
+    jobs = jobs_for(real_payloads()[:50])
+    try:
+        for pause in (1, 2):
+            send_frame(child_in, ({3: SPEC} if pause == 1 else {}, encoder_pool._pack_jobs(jobs)),
+                       [job.payload for job in jobs])
+            header, blob = recv_frame(child_out)
+            assert encoder_pool._unpack_results(header, blob) == [
+                encode(job, Matcher(*SPEC)) for job in jobs]
+            wait_until(lambda n=pause: len(trims) >= n, 10, f"trim after pause {pause}")
+    finally:
+        os.close(child_in)  # EOF: the child's loop ends
+        server.join(timeout=30)
+        for fd in (to_child, child_out, from_child):
+            os.close(fd)
+    assert not server.is_alive() and len(trims) == 2  # one per pause, none while blocked

@@ -26,13 +26,16 @@ from hypothesis.stateful import (
     rule,
 )
 
+from ingestd.spool.cursor import last_record
 from ingestd.spool.format import (
+    BODY,
     CHECKPOINT,
     HEADER_SIZE,
     KIND_MESSAGE,
     KIND_OVERSIZE,
     KIND_PARTIAL,
     MAGIC,
+    PREFIX,
     Checkpoint,
     Record,
     encode_record,
@@ -102,6 +105,33 @@ def test_round_trip_all_fields(tmp_path: Path) -> None:
     assert got[2].end_offset == os.path.getsize(tmp_path / got[2].segment)
     assert reader.read(10, BIG) == []
     writer.close()
+
+
+# RFC 3720 appendix B.4: CRC-32C (Castagnoli) of 32-byte blocks. A record's crc covers its 29-byte
+# body and its payload, so a 3-byte payload and the right field values make each block.
+RFC3720_VECTORS = [
+    (bytes(32), 0x8A9136AA),
+    (b"\xff" * 32, 0x62A8AB43),
+    (bytes(range(32)), 0x46DD794E),
+    (bytes(range(31, -1, -1)), 0x113FDB5C),
+]
+
+
+@pytest.mark.parametrize(("block", "crc"), RFC3720_VECTORS)
+def test_record_crc_is_crc32c_on_the_rfc3720_vectors(tmp_path: Path, block: bytes,
+                                                     crc: int) -> None:
+    """The spool format's checksum is CRC-32C whatever library computes it: segments written
+    before the switch from ``crc32c`` to ``google-crc32c`` read back, and the other way round."""
+    seq, recv_ns, conn_id, generation, kind = BODY.unpack(block[:BODY.size])
+    record = encode_record(seq, kind, block[BODY.size:], conn_id, generation, recv_ns)
+    assert PREFIX.unpack_from(record)[2] == crc  # the writer's path
+    (tmp_path / "one.seg").write_bytes(record)
+    read = last_record(tmp_path, "one.seg")  # the reader: a record failing its CRC is skipped
+    assert read is not None and (read.seq, read.payload) == (seq, block[BODY.size:])
+    damaged = bytearray(record)
+    damaged[-1] ^= 1
+    (tmp_path / "damaged.seg").write_bytes(bytes(damaged))
+    assert last_record(tmp_path, "damaged.seg") is None
 
 
 def test_read_respects_record_and_byte_budgets(tmp_path: Path) -> None:

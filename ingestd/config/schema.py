@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import certifi
-
 from ingestd.config.errors import Secret
 from ingestd.logs import scrub_userinfo
 
@@ -55,7 +53,9 @@ class StreamSettings:
     gzip: bool = True
     read_timeout: float = 90.0  # with api: v2, config.stream.V2_READ_TIMEOUT
     connect_timeout: float = 20.0
-    ca_file: str = field(default_factory=certifi.where)
+    # "": certifi's bundle (config.stream.ca_bundle), looked up where a TLS connection is made:
+    # importing certifi loads importlib.resources, ~0.5 MB in every process that reads settings.
+    ca_file: str = ""
     max_message_bytes: int = 1_000_000
     api: str = "v1.1"
     backoff: BackoffSettings = field(default_factory=BackoffSettings)

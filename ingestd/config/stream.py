@@ -153,6 +153,15 @@ def _language(sec: Section) -> tuple[str, ...]:
     return tuple(codes)
 
 
+def ca_bundle(stream: StreamSettings) -> str:
+    """The CA bundle a TLS connection verifies against: ``stream.ca_file``, else certifi's."""
+    if stream.ca_file:
+        return stream.ca_file
+    import certifi  # here: it loads importlib.resources, and only the stream worker connects
+
+    return certifi.where()
+
+
 def _ca_file(sec: Section) -> str:
     configured = sec.optional_text("ca_file", default=None)  # None: not a path to check
     if configured is None:

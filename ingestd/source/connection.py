@@ -10,10 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import certifi
 import pycurl
 
 from ingestd.config.schema import AuthSettings, StreamSettings
+from ingestd.config.stream import ca_bundle
 from ingestd.source.api import StreamApi, api_for
 from ingestd.source.backoff import Ending
 from ingestd.source.framing import LengthFramer, LineFramer
@@ -101,7 +101,7 @@ def open_connection(conn_id: int, generation: int, stream: StreamSettings, auth:
     curl.setopt(pycurl.TCP_KEEPIDLE, 30)
     curl.setopt(pycurl.TCP_KEEPINTVL, 15)
     # TLS is always verified; settings refuse plain http:// for anything but loopback.
-    curl.setopt(pycurl.CAINFO, stream.ca_file or certifi.where())
+    curl.setopt(pycurl.CAINFO, ca_bundle(stream))
     curl.setopt(pycurl.SSL_VERIFYPEER, 1)
     curl.setopt(pycurl.SSL_VERIFYHOST, 2)
     return conn
