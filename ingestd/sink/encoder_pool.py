@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import os
 import pickle
 import select
@@ -27,12 +26,13 @@ import struct
 import subprocess
 import sys
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from itertools import accumulate
 from typing import Any, NamedTuple, TypeAlias
 
 from ingestd.documents.encoder import DEAD, PUNT, Encoded, JobLike, MatcherSpec, encode
 from ingestd.documents.matching import Matcher
+from ingestd.memory import heap_trimmer
 
 PIPE_BYTES = 1 << 20
 # A chunk leaves ~5 MB of freed documents and parsed tweets in the child's heap, which glibc keeps
@@ -228,15 +228,6 @@ def _answer_chunk(recv: int, send: int, matchers: dict[int, Matcher]) -> bool:
     results = [_encode_job(job, matchers) for job in _unpack_jobs(header, blob)]
     send_frame(send, *_pack_results(results))
     return True
-
-
-def heap_trimmer() -> Callable[[], object] | None:
-    """glibc's ``malloc_trim(0)``, which gives the free pages inside the heap back to the OS
-    (glibc only returns the heap's top on its own); None where the C library has none (musl)."""
-    import ctypes  # here, not at the top: only the encoder child loads it (~0.3 MB)
-
-    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    return None if malloc_trim is None else functools.partial(malloc_trim, 0)
 
 
 def _encode_job(job: Job, matchers: dict[int, Matcher]) -> Encoded:
