@@ -7,6 +7,7 @@ import signal
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from importlib import resources
 
@@ -173,3 +174,33 @@ def test_an_idle_child_gives_its_free_heap_back_once_per_pause(
         for fd in (to_child, child_out, from_child):
             os.close(fd)
     assert not server.is_alive() and len(trims) == 2  # one per pause, none while blocked
+
+
+def test_a_chunks_payloads_are_freed_before_its_answer_is_sent(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer can wait in the pipe until the store worker has encoded its own part: the
+    child must not hold the chunk's payloads (~2 MB) meanwhile."""
+
+    class Blob(bytearray):  # a bytearray that can be watched with a weak reference
+        pass
+
+    jobs = jobs_for(real_payloads()[:20])
+    received: list[weakref.ref[Blob]] = []
+    alive_at_send: list[bool] = []
+
+    def recv(fd: int) -> tuple[object, bytearray]:
+        if received:
+            raise EOFError
+        blob = Blob(b"".join(job.payload for job in jobs))
+        received.append(weakref.ref(blob))
+        return ({3: SPEC}, encoder_pool._pack_jobs(jobs)), blob
+
+    def send(fd: int, header: object, parts: list[bytes]) -> None:
+        alive_at_send.append(received[0]() is not None)
+        assert len(parts) == len(jobs)
+
+    monkeypatch.setattr(encoder_pool, "recv_frame", recv)
+    monkeypatch.setattr(encoder_pool, "send_frame", send)
+    monkeypatch.setattr(encoder_pool, "heap_trimmer", lambda: None)
+    encoder_pool._serve(-1, -1)
+    assert alive_at_send == [False]

@@ -226,6 +226,9 @@ def _answer_chunk(recv: int, send: int, matchers: dict[int, Matcher]) -> bool:
     for generation, (track, follow, locations) in new.items():
         matchers[generation] = Matcher(track, follow, locations)
     results = [_encode_job(job, matchers) for job in _unpack_jobs(header, blob)]
+    # The payloads (~2 MB, their views are gone) are freed before the answer, which waits in the
+    # pipe until the store worker has encoded its own part.
+    del blob
     send_frame(send, *_pack_results(results))
     return True
 
