@@ -28,17 +28,14 @@ MONGO = ("pymongo", "bson")
 # structlog loads these when installed (the dev extra brings rich), for renderers ingestd never
 # uses; ``ingestd.cli`` marks them absent (~4 MB per process).
 NEVER = ("rich", "pygments", "better_exceptions")
-# The spool's CRC-32C comes from google_crc32c: the ``crc32c`` package imports importlib.metadata
-# (email, csv, zipfile) to read its own version. certifi (which loads importlib.resources) only
-# where a TLS connection is made: the stream worker and ``check --online``.
-RETIRED = ("crc32c",)
+# certifi (which loads importlib.resources, ~0.5 MB) only where a TLS connection is made: the
+# stream worker and ``check --online`` (``config.stream.ca_bundle``).
 # Loaded by the store worker only, or by tools (check --online, simulate, demo).
-NOT_IN_SUPERVISOR = (*MONGO, *NEVER, *RETIRED, "pycurl", "oauthlib", "ingestd.simulator",
+NOT_IN_SUPERVISOR = (*MONGO, *NEVER, "pycurl", "oauthlib", "ingestd.simulator",
                      "ingestd.sink.worker", "certifi", "importlib.resources")
-NOT_IN_STREAM = (*MONGO, *NEVER, *RETIRED, "prometheus_client", "http.server",
-                 "ingestd.simulator", "ingestd.sink.worker", "ingestd.control.metrics",
-                 "importlib.metadata")
-NOT_IN_STORE = (*NEVER, *RETIRED, "prometheus_client", "http.server", "ingestd.simulator",
+NOT_IN_STREAM = (*MONGO, *NEVER, "prometheus_client", "http.server", "ingestd.simulator",
+                 "ingestd.sink.worker", "ingestd.control.metrics")
+NOT_IN_STORE = (*NEVER, "prometheus_client", "http.server", "ingestd.simulator",
                 "ingestd.control.metrics", "certifi")
 
 # Each role through its real entry point (``python -m ingestd run|worker``) up to where it would

@@ -120,8 +120,8 @@ RFC3720_VECTORS = [
 @pytest.mark.parametrize(("block", "crc"), RFC3720_VECTORS)
 def test_record_crc_is_crc32c_on_the_rfc3720_vectors(tmp_path: Path, block: bytes,
                                                      crc: int) -> None:
-    """The spool format's checksum is CRC-32C whatever library computes it: segments written
-    before the switch from ``crc32c`` to ``google-crc32c`` read back, and the other way round."""
+    """The spool format's checksum is CRC-32C over a record's body and payload, on the writer's
+    and the reader's paths: whatever library computes it, existing segments stay readable."""
     seq, recv_ns, conn_id, generation, kind = BODY.unpack(block[:BODY.size])
     record = encode_record(seq, kind, block[BODY.size:], conn_id, generation, recv_ns)
     assert PREFIX.unpack_from(record)[2] == crc  # the writer's path

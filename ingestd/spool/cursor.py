@@ -9,8 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from google_crc32c import extend as crc32c_extend
-from google_crc32c import value as crc32c
+from crc32c import crc32c
 
 from ingestd.spool.format import BODY, HEADER_SIZE, MAGIC, MAX_LENGTH, PREFIX, PREFIX_SIZE, Record
 
@@ -79,15 +78,16 @@ class SegmentCursor:
     def parse(self, out: list[Record], max_records: int, max_bytes: int, nbytes: int) -> int:
         """Append complete valid records to ``out`` within the budget; return bytes added."""
         buf = self._buf
-        while len(out) < max_records and nbytes < max_bytes:
-            record = self._parse_one(buf)
-            if record is None:
-                break
-            out.append(record)
-            nbytes += len(record.payload)
+        with memoryview(buf) as view:
+            while len(out) < max_records and nbytes < max_bytes:
+                record = self._parse_one(buf, view)
+                if record is None:
+                    break
+                out.append(record)
+                nbytes += len(record.payload)
         return nbytes
 
-    def _parse_one(self, buf: bytes) -> Record | None:
+    def _parse_one(self, buf: bytes, view: memoryview) -> Record | None:
         while True:
             i = self._pos
             avail = len(buf) - i
@@ -107,17 +107,15 @@ class SegmentCursor:
                     return None
                 self._resync(buf, i + 1)
                 continue
-            # The payload is sliced (its one copy) before the check: google_crc32c takes bytes,
-            # not views, so the CRC runs over the body's 29 bytes and then the payload's copy.
-            payload = buf[i + HEADER_SIZE : end]
-            if crc32c_extend(crc32c(buf[i + PREFIX_SIZE : i + HEADER_SIZE]), payload) != crc:
+            if crc32c(view[i + PREFIX_SIZE : end]) != crc:
                 self._resync(buf, i + 1)
                 continue
-            return self._record(buf, payload, i, end)
+            return self._record(buf, view, i, end)
 
-    def _record(self, buf: bytes, payload: bytes, i: int, end: int) -> Record:
+    def _record(self, buf: bytes, view: memoryview, i: int, end: int) -> Record:
         seq, recv_ns, conn_id, generation, kind = BODY.unpack_from(buf, i + PREFIX_SIZE)
         self._pos, self._need, self._in_damage = end, 0, False
+        payload = buf[i + HEADER_SIZE : end]  # bytes: the slice is the one copy
         # tuple.__new__ directly: the generated Record.__new__ is a Python-level frame per record.
         return _new_record(
             Record, (seq, kind, conn_id, generation, recv_ns, payload, self.name, self._off + i)

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from google_crc32c import extend as crc32c_extend
-from google_crc32c import value as crc32c
+from crc32c import crc32c
 
 KIND_MESSAGE = 0
 KIND_OVERSIZE = 1
@@ -140,7 +139,7 @@ def encode_records(
     for kind, payload in items:
         if len(payload) > MAX_PAYLOAD:
             raise ValueError(f"spool payload of {len(payload)} bytes > {MAX_PAYLOAD}")
-        crc = crc32c_extend(crc32c(pack_body(seq, recv_ns, conn_id, generation, kind)), payload)
+        crc = crc32c(payload, crc32c(pack_body(seq, recv_ns, conn_id, generation, kind)))
         # the header in one pack (not prefix + body joined): a record costs two objects
         out.append(pack_header(MAGIC, body_size + len(payload), crc, seq, recv_ns, conn_id,
                                generation, kind))
