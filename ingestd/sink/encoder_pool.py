@@ -38,8 +38,8 @@ PIPE_BYTES = 1 << 20
 # A chunk leaves ~5 MB of freed documents and parsed tweets in the child's heap, which glibc keeps
 # for reuse. Under an overload (or any pause) the child waits for MongoDB's acks with that memory
 # held for nothing: when no chunk comes within this many seconds of an answer, the free heap pages
-# go back to the OS (measured: −2.6 MB of PSS at the peak of a 10× overload, bench/RESULTS.md). At
-# full speed the next chunk comes sooner, so the pages are reused without a fault.
+# go back to the OS (measured: −2 to −4 MB of PSS at the peak of a 10× overload,
+# bench/RESULTS.md). At full speed the next chunk comes sooner: the pages are reused, no fault.
 IDLE_TRIM_SECONDS = 0.1
 _PUNTED = Encoded(PUNT)
 
