@@ -223,6 +223,22 @@ def test_locations_place_box_intersects() -> None:
     assert boxes(tweet(place=place(10.0, 10.0, 11.0, 11.0))) == []
 
 
+def test_locations_place_box_is_the_extent_of_its_valid_points() -> None:
+    """The box spans every valid pair in any order; malformed pairs are skipped."""
+    def ring_place(ring: list[Any]) -> dict[str, Any]:
+        return {"bounding_box": {"type": "Polygon", "coordinates": [ring]}}
+
+    # only the extent of all four points reaches SF (west -123..-121.9, south 36..37.0)
+    corners = [[-121.9, 37.0], [-123.0, 36.0], [-124.0, 35.0], [-122.5, 36.5]]
+    assert boxes(tweet(place=ring_place(corners))) == [0]
+    assert boxes(tweet(place=ring_place(corners[1:3]))) == []  # the west-south part alone
+    east_last = [[-130.0, 36.0], [-125.0, 36.5], [-121.0, 37.0]]  # east and north rise last
+    assert boxes(tweet(place=ring_place(east_last))) == [0]
+    junk = [[True, 1.0], ["-122", "37"], [1.0], None, [-122.5, 37.5]]
+    assert boxes(tweet(place=ring_place(junk))) == [0]
+    assert boxes(tweet(place=ring_place([[True, 1.0], [None, 2.0]]))) == []
+
+
 def test_locations_ignore_geo_and_native_retweets() -> None:
     assert boxes(tweet(geo={"type": "Point", "coordinates": [37.7, -122.4]})) == []
     original = tweet("o", coordinates=point(-122.4, 37.7))
