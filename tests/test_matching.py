@@ -415,4 +415,5 @@ def test_one_key_reports_every_phrase_it_completes_and_a_fresh_list() -> None:
     first = m.match(tweet("an API"))
     assert first.track == ["Api", "api"]
     first.track.append("changed by the caller")
+    assert m.match(tweet("api!")).track == ["Api", "api"]
     assert m.match(tweet("#api")).track == ["Api", "api"]
