@@ -5,7 +5,9 @@ a tweet's token set: every token is a substring of the (lower-cased) whitespace 
 and each \\w run of a token is a maximal \\w run of that word (edge punctuation, the ``#``/``@``,
 URL schemes and host dots are all non-word characters). So a word can only produce a configured
 key if it contains one of the key's runs; only those few words are tokenised (with the very same
-per-word rules, ``word_tokens``), and entity values are looked up directly.
+per-word rules, ``word_tokens``), and entity values are looked up directly. The needles are found
+by one Aho-Corasick pass (pyahocorasick) over the lower-cased text, for any number of phrases, and
+an occurrence counts only as a maximal \\w run.
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ from ingestd.documents.match_tokens import (
     words_containing,
 )
 
-# Up to this many needles, ``needle in text`` per needle beats one ``\\w+`` scan of the text.
-_SUBSTRING_SCAN_MAX = 24
 _CACHE_SIZE = 8192  # entity URL values / text words remembered per matcher (cleared when full)
 
 
@@ -63,7 +63,7 @@ class TrackMatcher:
 
     def _compile_needles(self) -> None:
         # One needle per key: its longest \\w run (a maximal run of any word that yields the key),
-        # or, for a key without word characters, the key itself (found by substring search).
+        # or, for a key without word characters, the key itself (any occurrence counts).
         runs: set[str] = set()
         bare: list[str] = []
         for key in self._keys:
@@ -72,11 +72,8 @@ class TrackMatcher:
                 runs.add(max(found, key=len))
             else:
                 bare.append(key)
-        self._runs = frozenset(runs)
-        self._run_list = tuple(sorted(runs, key=len, reverse=True))
-        self._bare = tuple(bare)
-        self._bare_set = frozenset(bare)
-        self._automaton = ahocorasick.Automaton()
+        self._bare = frozenset(bare)
+        self._automaton = ahocorasick.Automaton()  # needle -> itself
         for needle in (*runs, *bare):
             self._automaton.add_word(needle, needle)
         self._automaton.make_automaton()
@@ -160,9 +157,9 @@ class TrackMatcher:
     def _text_hits(self, found: set[str], text: str) -> None:
         low = text.lower()
         needles: set[str] | None = None
-        bare = self._bare_set
+        bare = self._bare
         for end, needle in self._automaton.iter(low):
-            # a run needle counts only as a maximal \\w run (as every token's runs are)
+            # a run needle counts only as a maximal \w run (as every token's runs are)
             before = end - len(needle)
             if needle not in bare and (
                 (before >= 0 and ((c := low[before]).isalnum() or c == "_"))
