@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ingestd.documents.match_tokens import term_keys, tweet_tokens
 from ingestd.documents.matching import Matched, Matcher
 
 DATA = Path(__file__).resolve().parents[1] / "ingestd" / "data" / "real_tweets.jsonl"
@@ -222,6 +223,22 @@ def test_locations_place_box_intersects() -> None:
     assert boxes(tweet(place=place(10.0, 10.0, 11.0, 11.0))) == []
 
 
+def test_locations_place_box_is_the_extent_of_its_valid_points() -> None:
+    """The box spans every valid pair in any order; malformed pairs are skipped."""
+    def ring_place(ring: list[Any]) -> dict[str, Any]:
+        return {"bounding_box": {"type": "Polygon", "coordinates": [ring]}}
+
+    # only the extent of all four points reaches SF (west -123..-121.9, south 36..37.0)
+    corners = [[-121.9, 37.0], [-123.0, 36.0], [-124.0, 35.0], [-122.5, 36.5]]
+    assert boxes(tweet(place=ring_place(corners))) == [0]
+    assert boxes(tweet(place=ring_place(corners[1:3]))) == []  # the west-south part alone
+    east_last = [[-130.0, 36.0], [-125.0, 36.5], [-121.0, 37.0]]  # east and north rise last
+    assert boxes(tweet(place=ring_place(east_last))) == [0]
+    junk = [[True, 1.0], ["-122", "37"], [1.0], None, [-122.5, 37.5]]
+    assert boxes(tweet(place=ring_place(junk))) == [0]
+    assert boxes(tweet(place=ring_place([[True, 1.0], [None, 2.0]]))) == []
+
+
 def test_locations_ignore_geo_and_native_retweets() -> None:
     assert boxes(tweet(geo={"type": "Point", "coordinates": [37.7, -122.4]})) == []
     original = tweet("o", coordinates=point(-122.4, 37.7))
@@ -308,3 +325,95 @@ def test_real_tweets_match_their_own_words() -> None:
         tags = (t.get("extended_tweet") or t)["entities"]["hashtags"]
         if tags:
             assert Matcher([tags[0]["text"]], [], []).match(t)
+
+
+# --- the fast track matcher against its token model (one automaton pass over the text) -------
+
+
+def model_tracks(phrases: list[str], t: dict[str, Any]) -> list[str]:
+    """The phrases the token model (match_tokens.tweet_tokens, the spec) says ``t`` matches."""
+    tokens = tweet_tokens(t)
+    return [p for p in phrases
+            if all(any(k in tokens for k in term_keys(term)) for term in p.lower().split())]
+
+
+def test_needles_that_overlap_or_prefix_each_other() -> None:
+    phrases = ["api", "apis", "pi", "rapid api", "twit", "twitter"]
+    cases = {
+        "apis": ["apis"],
+        "rapid api": ["api", "rapid api"],
+        "capital rapids": [],  # needles inside longer words never count
+        "api_x pi_": [],  # "_" is a word character
+        "x:api,pi!": [],  # one word "x:api,pi", not the terms
+        "#apis @PI": ["apis", "pi"],
+        "twitter twit": ["twit", "twitter"],
+        "api": ["api"],  # needle is the whole text: both ends at the text's edges
+        "pi api": ["api", "pi"],
+    }
+    for text, want in cases.items():
+        got = Matcher(phrases, [], []).match(tweet(text)).track
+        assert got == want == model_tracks(phrases, tweet(text)), text
+
+
+def test_lower_case_that_changes_length_keeps_positions() -> None:
+    # "İ".lower() is two characters (i + combining dot): positions are in the lower-cased text
+    assert tracks("api", tweet("İİ api")) == ["api"]
+    assert tracks("api", tweet("İİİ rapid")) == []
+    assert tracks("İstanbul", tweet("İSTANBUL!")) == ["İstanbul"]
+    assert tracks("istanbul", tweet("İstanbul")) == []  # the dot stays: "i̇stanbul"
+    assert tracks("東京", tweet("今日は東京で")) == []  # one word, not the term
+    assert tracks("東京", tweet("今日は #東京 で")) == ["東京"]
+
+
+def test_terms_without_word_characters_are_found_as_substrings() -> None:
+    # a host part of "-" is a token of its own; "-.-" is one only as a canonical entity URL
+    phrases = ["-", "-.-", "…"]
+    for text in ["a.-.b", "see a.-.b-", "a-.-b", "… x", "http://-.-"]:
+        got = Matcher(phrases, [], []).match(tweet(text)).track
+        assert got == model_tracks(phrases, tweet(text)), text
+    assert tracks("-", tweet("see a.-.b now")) == ["-"]
+    assert tracks("-", tweet("a-.-b")) == []
+    assert tracks("-.-", tweet("x", urls=[url("http://-.-")])) == ["-.-"]
+
+
+track_words = st.sampled_from(
+    ["api", "apis", "pi", "rapid", "twitter", "twit", "#api", "@pi", "example.com", "co",
+     "İstanbul", "straße", "東京", "-.-", "a_b", "x"]
+)
+text_pieces = st.sampled_from(
+    ["api", "APIs", "pi", "rapid", "Twitter", "twit", "#api", "@PI", "example.com",
+     "http://www.example.com/x", "co.uk", "İSTANBUL", "STRASSE", "straße", "東京", "-.-",
+     "a_b", "x", "_", "#", "@", ".", ",", "!", "'", "…", "İ", "é", " ", " ", "\u00a0", "\n"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(phrases=st.lists(st.lists(track_words, min_size=1, max_size=2).map(" ".join),
+                        min_size=1, max_size=6),
+       pieces=st.lists(text_pieces, max_size=14))
+def test_text_matching_equals_the_token_model(phrases: list[str], pieces: list[str]) -> None:
+    t = tweet("".join(pieces))
+    assert Matcher(phrases, [], []).match(t).track == model_tracks(phrases, t)
+
+
+def test_long_track_lists_equal_the_token_model_on_real_tweets() -> None:
+    """400 phrases (the v1.1 limit) drawn from the sample's own tokens: many hits."""
+    real = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines()[:300]]
+    pool = sorted({tok for t in real for tok in tweet_tokens(t)})
+    phrases = [pool[(i * 7919) % len(pool)] for i in range(400)]
+    m = Matcher(phrases, [], [])
+    hits = 0
+    for t in real:
+        got = m.match(t).track
+        assert got == model_tracks(phrases, t)
+        hits += bool(got)
+    assert hits > 100  # the comparison is not vacuous
+
+
+def test_one_key_reports_every_phrase_it_completes_and_a_fresh_list() -> None:
+    m = Matcher(["Api", "rapid api", "api", "x"], [], [])
+    first = m.match(tweet("an API"))
+    assert first.track == ["Api", "api"]
+    first.track.append("changed by the caller")
+    assert m.match(tweet("api!")).track == ["Api", "api"]
+    assert m.match(tweet("#api")).track == ["Api", "api"]

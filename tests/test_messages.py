@@ -166,7 +166,8 @@ def test_dollar_or_dot_inside_a_key_is_fine() -> None:
     assert doc["price$"] == 1
 
 
-@given(st.dictionaries(st.text(max_size=8), st.integers(), max_size=6))
+# "id" is left out: an extra "id" of 0 replaces the tweet's id and is refused as an id, not a key
+@given(st.dictionaries(st.text(max_size=8).filter(lambda k: k != "id"), st.integers(), max_size=6))
 def test_key_check_agrees_with_a_plain_scan(extra: dict[str, int]) -> None:
     tweet: dict[str, Any] = {"id": 1207497000637231109, "text": "x", **extra}
     bad = any(k.startswith("$") or "." in k or "\x00" in k for k in tweet)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 # Cheap C-level strip for the common punctuation; the regex below handles the rest.
@@ -97,7 +97,7 @@ def word_tokens(raw: str) -> tuple[str, ...]:
     return (word,) if word else ()
 
 
-def words_containing(spaced: str, needles: Sequence[str]) -> set[str]:
+def words_containing(spaced: str, needles: Iterable[str]) -> set[str]:
     """The words of ``spaced`` (words joined by single spaces) that contain one of ``needles``."""
     words: set[str] = set()
     for needle in needles:

@@ -5,7 +5,9 @@ a tweet's token set: every token is a substring of the (lower-cased) whitespace 
 and each \\w run of a token is a maximal \\w run of that word (edge punctuation, the ``#``/``@``,
 URL schemes and host dots are all non-word characters). So a word can only produce a configured
 key if it contains one of the key's runs; only those few words are tokenised (with the very same
-per-word rules, ``word_tokens``), and entity values are looked up directly.
+per-word rules, ``word_tokens``), and entity values are looked up directly. The needles are found
+by one Aho-Corasick pass (pyahocorasick) over the lower-cased text, for any number of phrases, and
+an occurrence counts only as a maximal \\w run.
 """
 
 from __future__ import annotations
@@ -13,19 +15,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import ahocorasick
+
 from ingestd.documents.match_tokens import (
     MAX_NESTING,
     WORD_RE,
-    entity_urls,
     term_keys,
     url_tokens,
     word_tokens,
     words_containing,
 )
 
-# Up to this many needles, ``needle in text`` per needle beats one ``\\w+`` scan of the text.
-_SUBSTRING_SCAN_MAX = 24
-_URL_CACHE_SIZE = 8192  # entity URL values remembered per matcher (cleared when full)
+_CACHE_SIZE = 8192  # entity URL values / text words remembered per matcher (cleared when full)
 
 
 class TrackMatcher:
@@ -36,6 +37,7 @@ class TrackMatcher:
         self._compile_phrases()
         self._compile_needles()
         self._url_hits: dict[str, tuple[str, ...]] = {}  # entity URL value -> keys it yields
+        self._word_hits: dict[str, tuple[str, ...]] = {}  # text word (with a needle) -> keys
 
     def _compile_phrases(self) -> None:
         # key -> term ids; first term id -> phrases that start with it (each phrase checked once)
@@ -57,10 +59,11 @@ class TrackMatcher:
         for pid, tids in enumerate(self._phrase_terms):
             self._by_first.setdefault(min(tids), []).append(pid)
         self._key_set = frozenset(self._keys)
+        self._single = {key: self._phrases_of({key}) for key in self._keys}
 
     def _compile_needles(self) -> None:
         # One needle per key: its longest \\w run (a maximal run of any word that yields the key),
-        # or, for a key without word characters, the key itself (found by substring search).
+        # or, for a key without word characters, the key itself (any occurrence counts).
         runs: set[str] = set()
         bare: list[str] = []
         for key in self._keys:
@@ -69,15 +72,23 @@ class TrackMatcher:
                 runs.add(max(found, key=len))
             else:
                 bare.append(key)
-        self._runs = frozenset(runs)
-        self._run_list = tuple(sorted(runs, key=len, reverse=True))
-        self._bare = tuple(bare)
+        self._bare = frozenset(bare)
+        self._automaton = ahocorasick.Automaton()  # needle -> itself
+        for needle in (*runs, *bare):
+            self._automaton.add_word(needle, needle)
+        self._automaton.make_automaton()
 
     def match(self, tweet: dict[str, Any]) -> list[str]:
         """The phrases ``tweet`` matches (all the terms of each, anywhere in it)."""
-        found = self._hits(tweet)
+        found: set[str] = set()
+        self._part_hits(found, tweet, 0)
         if not found:
             return []
+        if len(found) == 1:  # the usual hit: one key, its phrases precomputed
+            return self._single[next(iter(found))][:]  # a copy: callers own their list
+        return self._phrases_of(found)
+
+    def _phrases_of(self, found: set[str]) -> list[str]:
         keys = self._keys
         present: set[int] = set()
         for key in found:
@@ -91,12 +102,6 @@ class TrackMatcher:
         if len(hits) > 1:
             hits.sort()
         return [self.phrases[pid] for pid in hits]
-
-    def _hits(self, tweet: dict[str, Any]) -> set[str]:
-        """The configured keys among ``tweet_tokens(tweet)`` (same parts, same rules)."""
-        found: set[str] = set()
-        self._part_hits(found, tweet, 0)
-        return found
 
     def _part_hits(self, found: set[str], tweet: dict[str, Any], depth: int) -> None:
         """``match_tokens.tweet_parts`` walked in place: no list of parts per tweet."""
@@ -121,39 +126,70 @@ class TrackMatcher:
             self._part_hits(found, quoted, depth + 1)
 
     def _entity_hits(self, found: set[str], entities: dict[str, Any]) -> None:
-        """``entity_tags`` looked up without building its list (and ``entity_urls`` walked): a
-        hashtag or mention is checked by name against the names of the ``#``/``@`` keys."""
-        if self._tag_names:
-            _name_hits(found, entities.get("hashtags"), "text", self._tag_names, "#")
-        if self._mention_names:
-            _name_hits(found, entities.get("user_mentions"), "screen_name",
-                       self._mention_names, "@")
-        url_hits = self._url_hits
-        for value in entity_urls(entities):
-            hits = url_hits.get(value)
-            if hits is None:
-                hits = self._cache_url_hits(value)
-            if hits:
-                found.update(hits)
+        """``entity_tags`` and ``entity_urls`` looked up without building their lists: a hashtag
+        or mention is checked by name against the names of the ``#``/``@`` keys. Empty lists (most
+        tweets) cost one truth test each."""
+        if self._tag_names and (items := entities.get("hashtags")):
+            _name_hits(found, items, "text", self._tag_names, "#")
+        if self._mention_names and (items := entities.get("user_mentions")):
+            _name_hits(found, items, "screen_name", self._mention_names, "@")
+        if items := entities.get("urls"):
+            self._url_list_hits(found, items)
+        if items := entities.get("media"):
+            self._url_list_hits(found, items)
+
+    def _url_list_hits(self, found: set[str], urls: object) -> None:
+        """The keys among the tokens of ``entity_urls`` (each URL value's hits cached)."""
+        if type(urls) is not list:
+            return
+        cache = self._url_hits
+        for url in urls:
+            if type(url) is not dict:
+                continue
+            for value in (url.get("expanded_url"), url.get("display_url")):
+                if type(value) is str and value:
+                    hits = cache.get(value)
+                    if hits is None:
+                        hits = self._cache_url_hits(value)
+                    if hits:
+                        found.update(hits)
 
     def _text_hits(self, found: set[str], text: str) -> None:
         low = text.lower()
-        if len(self._run_list) <= _SUBSTRING_SCAN_MAX:
-            needles = [run for run in self._run_list if run in low]
-        else:
-            needles = list(self._runs.intersection(WORD_RE.findall(low)))
-        needles += [key for key in self._bare if key in low]
-        if not needles:
+        needles: set[str] | None = None
+        bare = self._bare
+        for end, needle in self._automaton.iter(low):
+            # a run needle counts only as a maximal \w run (as every token's runs are)
+            before = end - len(needle)
+            if needle not in bare and (
+                (before >= 0 and ((c := low[before]).isalnum() or c == "_"))
+                or (end + 1 < len(low) and ((c := low[end + 1]).isalnum() or c == "_"))
+            ):
+                continue
+            if needles is None:
+                needles = {needle}
+            else:
+                needles.add(needle)
+        if needles is None:
             return
-        spaced = " ".join(low.split())
+        cache = self._word_hits
+        for raw in words_containing(" ".join(low.split()), needles):
+            hits = cache.get(raw)
+            if hits is None:
+                hits = self._cache_word_hits(raw)
+            if hits:
+                found.update(hits)
+
+    def _cache_word_hits(self, raw: str) -> tuple[str, ...]:
+        if len(self._word_hits) >= _CACHE_SIZE:
+            self._word_hits.clear()
         key_set = self._key_set
-        for raw in words_containing(spaced, needles):
-            for token in word_tokens(raw):
-                if token in key_set:
-                    found.add(token)
+        hits = tuple(token for token in word_tokens(raw) if token in key_set)
+        self._word_hits[raw] = hits
+        return hits
 
     def _cache_url_hits(self, value: str) -> tuple[str, ...]:
-        if len(self._url_hits) >= _URL_CACHE_SIZE:
+        if len(self._url_hits) >= _CACHE_SIZE:
             self._url_hits.clear()
         key_set = self._key_set
         hits = tuple(t for t in url_tokens(value.lower(), False) if t in key_set)

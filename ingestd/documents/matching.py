@@ -142,16 +142,39 @@ def _place_bbox(place: object) -> Box | None:
     rings = bbox.get("coordinates")
     if not isinstance(rings, list) or not rings or not isinstance(rings[0], list):
         return None
-    points = [p for p in (_as_pair(item) for item in rings[0]) if p is not None]
-    if not points:
-        return None
-    lons = [p[0] for p in points]
-    lats = [p[1] for p in points]
-    return min(lons), min(lats), max(lons), max(lats)
+    # min/max as the pairs come: no list of points per tweet (a place on ~1 tweet in 4)
+    west = south = east = north = 0.0
+    seen = False
+    for item in rings[0]:
+        pair = _as_pair(item)
+        if pair is None:
+            continue
+        lon, lat = pair
+        if not seen:
+            west = east = lon
+            south = north = lat
+            seen = True
+            continue
+        if lon < west:
+            west = lon
+        elif lon > east:
+            east = lon
+        if lat < south:
+            south = lat
+        elif lat > north:
+            north = lat
+    return (west, south, east, north) if seen else None
 
 
 def _as_pair(item: object) -> tuple[float, float] | None:
-    if isinstance(item, list) and len(item) == 2:
+    if type(item) is list and len(item) == 2:
+        lon, lat = item
+        # JSON numbers are exactly float or int; anything else takes _number's checks
+        lon = float(lon) if type(lon) is float or type(lon) is int else _number(lon)
+        lat = float(lat) if type(lat) is float or type(lat) is int else _number(lat)
+        if lon is not None and lat is not None:
+            return lon, lat
+    elif isinstance(item, list) and len(item) == 2:
         lon, lat = _number(item[0]), _number(item[1])
         if lon is not None and lat is not None:
             return lon, lat
