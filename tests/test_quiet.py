@@ -17,9 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pymongo
 import pytest
 
+from ingestd.control import runstate
+from ingestd.control.pool import PoolHooks, WorkerPool
 from ingestd.control.worker import STATUS_INTERVAL
 from ingestd.source.stream_reader import GATHER_SECONDS, IDLE_TICK
 from ingestd.spool import writer as spool_writer
@@ -244,3 +247,44 @@ def test_slow_stream_stream_worker_gathers_on_every_pass(
     assert received > 50 * elapsed  # the stream did deliver throughout
     assert passes <= bound
     assert gathers >= 0.8 * passes
+
+
+def test_supervisor_parses_a_worker_status_only_once_it_was_rewritten(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervisor looks at each worker's heartbeat on every pass; it reads and parses the
+    status file only when the file was replaced since (a worker rewrites it every second; the
+    supervisor passed every 0.5 s and parsed both files each time)."""
+    reads = 0
+    read = runstate.read_status
+
+    def counted(state_dir: Path, role: str) -> dict[str, Any] | None:
+        nonlocal reads
+        reads += 1
+        return read(state_dir, role)
+
+    monkeypatch.setattr(runstate, "read_status", counted)
+    hooks = PoolHooks(control=lambda: None, spawned=lambda worker: None,  # type: ignore[arg-type]
+                      crash_loop=lambda: None)
+    pool = WorkerPool(lambda role, generation: ["sleep", "60"], tmp_path, hooks)
+    (tmp_path / runstate.RUN_DIR).mkdir()
+    pool.spawn("store", 1)
+    worker = pool.workers["store"]
+
+    def beat(at: float) -> None:  # as runstate.write_status does it, with the worker's pid
+        target = runstate.status_path(tmp_path, "store")
+        tmp = target.with_name(".tmp")
+        tmp.write_bytes(orjson.dumps({"role": "store", "pid": worker.pid, "time": at}))
+        os.replace(tmp, target)
+
+    try:
+        beat(1.0)
+        for _ in range(5):
+            pool.replace_hung(30.0)
+        assert (reads, worker.beat_time) == (1, 1.0)
+        beat(2.0)
+        for _ in range(5):
+            pool.replace_hung(30.0)
+        assert (reads, worker.beat_time) == (2, 2.0)  # the new heartbeat was seen at once
+    finally:
+        pool.kill_all()
+        worker.proc.wait(10)
