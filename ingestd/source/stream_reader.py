@@ -36,12 +36,15 @@ TICK = 0.1  # seconds between checks of stop flag, stall timers and reloads
 # SIGTERM end the sleep at once, stall timers stay exact to this, and the caller's timers
 # (fsync, heartbeat) shorten it through ``max_wait``.
 IDLE_TICK = 0.5
-# A pass that moved fewer body bytes than this (a few tweets, a keep-alive), or that moved them
-# at under GATHER_RATE since the previous read, is followed by a pause of GATHER_SECONDS before the
-# next wait: the stream is slow, so reading a few messages per pass costs nothing in throughput
-# and wakes the worker a few times less (≤ 0.1 s of latency). The rate keeps a slow stream
-# (50 tweets/s ≈ 190 KB/s) gathering on every pass: the bytes of one pause alone pass 16 KiB.
+# A pass that moved fewer body bytes than this (a few tweets, a keep-alive), or under
+# GATHER_RATE_BELOW at under GATHER_RATE since the previous read, is followed by a pause of
+# GATHER_SECONDS before the next wait: the stream is slow, so reading a few messages per pass
+# costs nothing in throughput and wakes the worker a few times less (≤ 0.1 s of latency). The
+# rate keeps a slow stream (50 tweets/s ≈ 190 KB/s) gathering on every pass: the bytes of one
+# pause alone pass 16 KiB. A larger pass never counts as slow: a starved worker whose reads are
+# capped by libcurl's buffer would see a low rate on a fast stream.
 GATHER_BELOW = 16 * 1024
+GATHER_RATE_BELOW = 64 * 1024
 GATHER_RATE = 1024 * 1024  # bytes/s (~270 tweets/s of 3.8 KB); a 5k/s stream is ~19 MB/s
 GATHER_SECONDS = 0.1
 # After a filter switch the old connection is still read until the server closes it (it logs out
@@ -147,12 +150,13 @@ class StreamReader:
         self._sleep(self._select_timeout())
 
     def _slow(self, moved: int) -> bool:
-        """Whether ``moved`` bytes, read now, make a slow stream: a small pass, or a rate under
-        ``GATHER_RATE`` since the previous read (a gather pause's bytes on a 50 tweets/s stream).
-        A fast stream's passes are unchanged: large, or many close together."""
+        """Whether ``moved`` bytes, read now, make a slow stream: a small pass, or a pass under
+        ``GATHER_RATE_BELOW`` at a rate under ``GATHER_RATE`` since the previous read (a gather
+        pause's bytes on a 50 tweets/s stream). A fast stream's passes are unchanged: large, or
+        many close together."""
         now = self._clock()
         elapsed, self._read_at = now - self._read_at, now
-        return moved < GATHER_BELOW or moved < GATHER_RATE * elapsed
+        return moved < GATHER_BELOW or moved < min(GATHER_RATE_BELOW, GATHER_RATE * elapsed)
 
     def _sleep(self, timeout: float, with_curl: bool = True) -> None:
         """Wait for libcurl's sockets (unless ``with_curl`` is false), a wake-up descriptor or
