@@ -17,14 +17,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pymongo
 import pytest
 
+from ingestd.control import runstate
+from ingestd.control.pool import PoolHooks, WorkerPool
 from ingestd.control.worker import STATUS_INTERVAL
-from ingestd.source.stream_reader import IDLE_TICK
+from ingestd.source.stream_reader import GATHER_SECONDS, IDLE_TICK
+from ingestd.spool import writer as spool_writer
 from ingestd.spool.format import KIND_MESSAGE
 from ingestd.spool.reader import SpoolReader
 from ingestd.spool.writer import SpoolWriter
+from tests.support.clock import FakeClock
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.simulator import SimProcess
 from tests.support.wait import wait_until
@@ -169,3 +174,117 @@ def test_slow_stream_store_worker_reads_each_batch_a_few_times(
     stored = [d["_id"] for d in mongo_client[mongo_database]["tweets"].find({}, {"_id": 1})]
     assert len(truth) == tweets
     assert sorted(stored) == sorted(truth)
+
+
+def test_writer_reads_a_moving_checkpoint_once_a_second_far_from_the_bounds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store worker rewrites the checkpoint about every second; the stream worker's writer
+    looks at it on every ``is_full`` (each libcurl callback). Under half the bounds it re-reads it
+    at most every ``_CHECKPOINT_POLL_FAR`` s; from half on, every ``_CHECKPOINT_POLL`` s again, so
+    a full spool is seen as soon as before. Before, a checkpoint younger than a second was
+    re-read on every look 50 ms apart (~10 reads a second on a 50 tweets/s stream)."""
+    reads = 0
+    read = spool_writer.read_checkpoint
+
+    def counted(directory: Path) -> Any:
+        nonlocal reads
+        reads += 1
+        return read(directory)
+
+    monkeypatch.setattr(spool_writer, "read_checkpoint", counted)
+    clock = FakeClock()
+    writer = SpoolWriter(tmp_path, max_bytes=10**9, max_records=100, clock=clock)
+    reader = SpoolReader(tmp_path, checkpoint_interval=0.0)
+    writer.append([(KIND_MESSAGE, b"x" * 100)] * 45, 1, 1, time.time_ns())
+    reads = 0
+    step = 0.0625  # a look every 62.5 ms (exact in binary), the checkpoint moved before each
+    for _ in range(32):  # 2 s
+        reader.ack(reader.read(1)[0])
+        clock.now += step
+        assert not writer.is_full()
+    assert 2 <= reads <= 3  # one per second (the first look included)
+    assert writer.backlog()[0] < 45 - 16  # the checkpoints it read were current
+
+    writer.append([(KIND_MESSAGE, b"x" * 100)] * 70, 1, 1, time.time_ns())  # past half of 100
+    reads = 0
+    for _ in range(20):
+        reader.ack(reader.read(1)[0])
+        clock.now += step
+        writer.is_full()
+    assert reads == 20  # near the bounds: a look every 50 ms at most, as before
+
+
+def test_slow_stream_stream_worker_gathers_on_every_pass(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """At 150 tweets/s (a few hundred KB/s) every pass that read something is followed by a
+    ``GATHER_SECONDS`` pause: the pause's bytes come at under ``GATHER_RATE``. Before, the bytes
+    of one pause (> 16 KiB) made the next pass look fast: it waited for the very next tweet and
+    then paused, two passes and two wake-ups per pause."""
+    sim = SimProcess(tmp_path / "sim", "--rate", "150", "--max-tweets", "20000",
+                     "--control-every", "0").start()
+    daemon = Daemon(tmp_path / "daemon", settings_doc(sim.url, mongo_uri, mongo_database))
+    try:
+        daemon.start()
+        daemon.wait_ready(60)
+        wait_until(lambda: daemon.counters("store").get("stored", 0) > 0, 60, "a first insert")
+        first = daemon.status("stream")
+        started = time.monotonic()
+        wait_until(lambda: daemon.status("stream").get("time", 0) >= first["time"] + 6, 60,
+                   "six more heartbeats of the stream worker")
+        elapsed = time.monotonic() - started
+        last = daemon.status("stream")
+        daemon.assert_running()
+    finally:
+        daemon.stop(30)
+        sim.stop()
+    passes = last["loop_passes"] - first["loop_passes"]
+    gathers = last.get("gathers", 0) - first.get("gathers", 0)
+    received = last["counters"]["received"] - first["counters"]["received"]
+    # A pass per pause at most, plus a few for the heartbeat; a loaded machine passes less often.
+    bound = 1.25 * elapsed / GATHER_SECONDS + 3
+    print(f"[figure] 150 tweets/s, {elapsed:.1f} s: stream passes {passes}, gathers {gathers}, "
+          f"received {received} (bound {bound:.0f} passes)")
+    assert received > 50 * elapsed  # the stream did deliver throughout
+    assert passes <= bound
+    assert gathers >= 0.8 * passes
+
+
+def test_supervisor_parses_a_worker_status_only_once_it_was_rewritten(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervisor looks at each worker's heartbeat on every pass; it reads and parses the
+    status file only when the file was replaced since (a worker rewrites it every second; the
+    supervisor passed every 0.5 s and parsed both files each time)."""
+    reads = 0
+    read = runstate.read_status
+
+    def counted(state_dir: Path, role: str) -> dict[str, Any] | None:
+        nonlocal reads
+        reads += 1
+        return read(state_dir, role)
+
+    monkeypatch.setattr(runstate, "read_status", counted)
+    hooks = PoolHooks(control=lambda: None, spawned=lambda worker: None,  # type: ignore[arg-type]
+                      crash_loop=lambda: None)
+    pool = WorkerPool(lambda role, generation: ["sleep", "60"], tmp_path, hooks)
+    (tmp_path / runstate.RUN_DIR).mkdir()
+    pool.spawn("store", 1)
+    worker = pool.workers["store"]
+
+    def beat(at: float) -> None:  # as runstate.write_status does it, with the worker's pid
+        target = runstate.status_path(tmp_path, "store")
+        tmp = target.with_name(".tmp")
+        tmp.write_bytes(orjson.dumps({"role": "store", "pid": worker.pid, "time": at}))
+        os.replace(tmp, target)
+
+    try:
+        beat(1.0)
+        for _ in range(5):
+            pool.replace_hung(30.0)
+        assert (reads, worker.beat_time) == (1, 1.0)
+        beat(2.0)
+        for _ in range(5):
+            pool.replace_hung(30.0)
+        assert (reads, worker.beat_time) == (2, 2.0)  # the new heartbeat was seen at once
+    finally:
+        pool.kill_all()
+        worker.proc.wait(10)

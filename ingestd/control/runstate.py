@@ -66,6 +66,16 @@ def overwrite_in_place(target: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def status_identity(state_dir: Path, role: str) -> tuple[int, int, int] | None:
+    """(inode, mtime ns, size) of ``role``'s status file, None if it is missing: every write
+    replaces the file (a new inode), so an unchanged identity means an unchanged status."""
+    try:
+        st = os.stat(status_path(state_dir, role))
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def read_status(state_dir: Path, role: str) -> dict[str, Any] | None:
     """The last status ``role`` published, or None if there is none (or it is unreadable)."""
     try:

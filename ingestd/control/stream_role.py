@@ -138,6 +138,7 @@ class StreamRole:
             "spool": self.spool_status(),
             "last_message_time": reader.last_message_ns / 1e9 if reader.last_message_ns else None,
             "loop_passes": self.passes,
+            "gathers": reader.gathers,  # passes followed by a gather pause (a slow stream)
             **({"rules": rules.status.as_dict()} if reader.stream.api == "v2" else {}),
             "ha": self.lease.view(),
         })

@@ -126,7 +126,9 @@ class Supervisor:
     EXIT_CONFIG = 78  # a worker could not load its settings: restarting cannot help
     EXIT_LOCKED = 73  # another supervisor (or its workers, still finishing) uses the state folder
 
-    LOOP_TIMEOUT = 0.5
+    # The longest sleep without a signal (SIGCHLD, SIGTERM, SIGHUP end it at once): worker
+    # heartbeats are rewritten every second, so a look every second sees each one.
+    LOOP_TIMEOUT = 1.0
     REAP_TIMEOUT = 5.0  # for processes already sent SIGKILL
 
     def __init__(

@@ -36,10 +36,16 @@ TICK = 0.1  # seconds between checks of stop flag, stall timers and reloads
 # SIGTERM end the sleep at once, stall timers stay exact to this, and the caller's timers
 # (fsync, heartbeat) shorten it through ``max_wait``.
 IDLE_TICK = 0.5
-# A pass that moved fewer body bytes than this (a few tweets, a keep-alive) is followed by a
-# pause of GATHER_SECONDS before the next wait: the stream is slow, so reading a few messages per
-# pass costs nothing in throughput and wakes the worker a few times less (≤ 0.1 s of latency).
+# A pass that moved fewer body bytes than this (a few tweets, a keep-alive), or under
+# GATHER_RATE_BELOW at under GATHER_RATE since the previous read, is followed by a pause of
+# GATHER_SECONDS before the next wait: the stream is slow, so reading a few messages per pass
+# costs nothing in throughput and wakes the worker a few times less (≤ 0.1 s of latency). The
+# rate keeps a slow stream (50 tweets/s ≈ 190 KB/s) gathering on every pass: the bytes of one
+# pause alone pass 16 KiB. A larger pass never counts as slow: a starved worker whose reads are
+# capped by libcurl's buffer would see a low rate on a fast stream.
 GATHER_BELOW = 16 * 1024
+GATHER_RATE_BELOW = 64 * 1024
+GATHER_RATE = 1024 * 1024  # bytes/s (~270 tweets/s of 3.8 KB); a 5k/s stream is ~19 MB/s
 GATHER_SECONDS = 0.1
 # After a filter switch the old connection is still read until the server closes it (it logs out
 # the older connection of an account by itself) or this many seconds pass: bytes already in its
@@ -97,6 +103,8 @@ class StreamReader:
         # Seconds until the caller's next timer (set by the stream worker): the longest sleep.
         self.max_wait: Callable[[], float] = lambda: TICK
         self.wake_fds: list[int] = []  # readable = stop sleeping (the signal wake-up pipe)
+        self._read_at = clock()  # when the previous pass read (the gather's rate)
+        self.gathers = 0  # gather pauses taken (published: a slow stream's passes are countable)
 
     @property
     def last_message_ns(self) -> int:
@@ -126,6 +134,7 @@ class StreamReader:
         before = self.stats.bytes
         self._perform()
         moved = self.stats.bytes - before
+        slow = moved > 0 and self._slow(moved)
         if self.pending is not None and self.pending.body_bytes > 0:
             # Promote here, not in a callback: libcurl forbids removing handles there.
             self._promote(self.pending)
@@ -134,10 +143,20 @@ class StreamReader:
         self._reap()
         self._check_stalls(self._clock())
         self._flush()  # before waiting: nothing framed stays unwritten across the select
-        if 0 < moved < GATHER_BELOW:
+        if slow:
             # A slow stream: let a few more messages arrive than wake up for each one.
+            self.gathers += 1
             self._sleep(GATHER_SECONDS, with_curl=False)
         self._sleep(self._select_timeout())
+
+    def _slow(self, moved: int) -> bool:
+        """Whether ``moved`` bytes, read now, make a slow stream: a small pass, or a pass under
+        ``GATHER_RATE_BELOW`` at a rate under ``GATHER_RATE`` since the previous read (a gather
+        pause's bytes on a 50 tweets/s stream). A fast stream's passes are unchanged: large, or
+        many close together."""
+        now = self._clock()
+        elapsed, self._read_at = now - self._read_at, now
+        return moved < GATHER_BELOW or moved < min(GATHER_RATE_BELOW, GATHER_RATE * elapsed)
 
     def _sleep(self, timeout: float, with_curl: bool = True) -> None:
         """Wait for libcurl's sockets (unless ``with_curl`` is false), a wake-up descriptor or

@@ -29,7 +29,10 @@ from ingestd.spool.format import (
     segment_name,
 )
 
-_CHECKPOINT_POLL = 0.05  # seconds between checkpoint stats in the writer
+_CHECKPOINT_POLL = 0.05  # seconds between checkpoint stats in the writer near the spool's bounds
+# ... and far from them (under half of both): the store worker rewrites the checkpoint about every
+# second, so a look every 0.05 s re-read it ~10 times a second on a slow stream.
+_CHECKPOINT_POLL_FAR = 1.0
 _CHECKPOINT_SETTLE_NS = 1_000_000_000  # mtimes are coarse: re-read a file changed this recently
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -76,6 +79,7 @@ class SpoolWriter:
         self._ckpt: Checkpoint | None = read_checkpoint(self.directory)
         self._ckpt_key: tuple[int, int, int] | None = None
         self._ckpt_checked = -float("inf")
+        self.checkpoint_reads = 0  # checkpoint files read (tests count them)
         # The previous run's last record (coverage markers: did it stop cleanly, and when).
         self.last_record = self._recover_last_record()
         self._next_seq = self._recover_next_seq()
@@ -167,10 +171,20 @@ class SpoolWriter:
         """(records, bytes) appended but not yet acknowledged by the reader.
 
         O(1): running totals, and the checkpoint looked at every ``_CHECKPOINT_POLL`` s at most
-        (a stale checkpoint only overstates the backlog, so a full spool is never missed).
+        near the bounds, every ``_CHECKPOINT_POLL_FAR`` s under half of them (a stale checkpoint
+        only overstates the backlog, so a full spool is never missed, and the backlog seen only
+        grows until the next look: over half, looks come every ``_CHECKPOINT_POLL`` s again).
         """
-        if self._clock() - self._ckpt_checked >= _CHECKPOINT_POLL:
+        records, size = self._backlog()
+        near = 2 * records >= self.max_records or 2 * size >= self.max_bytes
+        if self._clock() - self._ckpt_checked >= (_CHECKPOINT_POLL if near
+                                                  else _CHECKPOINT_POLL_FAR):
             self._poll_checkpoint()
+            records, size = self._backlog()
+        return records, size
+
+    def _backlog(self) -> tuple[int, int]:
+        """``backlog`` as of the last look at the checkpoint."""
         ckpt = self._ckpt
         if ckpt is None:
             return max(0, self._next_seq - self._first_seq), self._total
@@ -266,6 +280,7 @@ class SpoolWriter:
         if key == self._ckpt_key and settled:
             return
         self._ckpt, self._ckpt_key = read_checkpoint(self.directory), key
+        self.checkpoint_reads += 1
         if self._ckpt is not None:
             acked = [n for n in self._sizes if n < self._ckpt.segment]
             for name in acked:  # the reader deletes these
