@@ -946,7 +946,9 @@ class SpoolMachine(RuleBasedStateMachine):
     @rule()
     def check_backlog(self) -> None:
         assert self.writer is not None
-        self.clock.now += 1.0  # let the writer look at the checkpoint again
+        # Past the writer's longest wait between looks at the checkpoint (1 s far from the bounds;
+        # 1.0 exactly can fall short: after 3.1 s of fake time, (3.1 + 1.0) - 3.1 < 1.0).
+        self.clock.now += 1.5
         records, size = self.writer.backlog()
         ckpt = read_checkpoint(self.dir)
         sizes = {n: os.path.getsize(self.dir / n) for n in list_segments(self.dir)}
