@@ -20,6 +20,7 @@ import ahocorasick
 from ingestd.documents.match_tokens import (
     MAX_NESTING,
     WORD_RE,
+    entity_urls,
     term_keys,
     url_tokens,
     word_tokens,
@@ -126,33 +127,21 @@ class TrackMatcher:
             self._part_hits(found, quoted, depth + 1)
 
     def _entity_hits(self, found: set[str], entities: dict[str, Any]) -> None:
-        """``entity_tags`` and ``entity_urls`` looked up without building their lists: a hashtag
-        or mention is checked by name against the names of the ``#``/``@`` keys. Empty lists (most
-        tweets) cost one truth test each."""
+        """``entity_tags`` looked up without building its list (and ``entity_urls`` walked, each
+        URL value's hits cached): a hashtag or mention is checked by name against the names of the
+        ``#``/``@`` keys. Empty lists (most tweets) cost one truth test each."""
         if self._tag_names and (items := entities.get("hashtags")):
             _name_hits(found, items, "text", self._tag_names, "#")
         if self._mention_names and (items := entities.get("user_mentions")):
             _name_hits(found, items, "screen_name", self._mention_names, "@")
-        if items := entities.get("urls"):
-            self._url_list_hits(found, items)
-        if items := entities.get("media"):
-            self._url_list_hits(found, items)
-
-    def _url_list_hits(self, found: set[str], urls: object) -> None:
-        """The keys among the tokens of ``entity_urls`` (each URL value's hits cached)."""
-        if type(urls) is not list:
-            return
-        cache = self._url_hits
-        for url in urls:
-            if type(url) is not dict:
-                continue
-            for value in (url.get("expanded_url"), url.get("display_url")):
-                if type(value) is str and value:
-                    hits = cache.get(value)
-                    if hits is None:
-                        hits = self._cache_url_hits(value)
-                    if hits:
-                        found.update(hits)
+        if entities.get("urls") or entities.get("media"):  # empty lists: no generator
+            cache = self._url_hits
+            for value in entity_urls(entities):
+                hits = cache.get(value)
+                if hits is None:
+                    hits = self._cache_url_hits(value)
+                if hits:
+                    found.update(hits)
 
     def _text_hits(self, found: set[str], text: str) -> None:
         low = text.lower()
