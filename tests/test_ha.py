@@ -340,6 +340,9 @@ def test_standby_holder_cut_off_from_mongodb_closes_before_the_takeover(
             a, b = start_pair(tmp_path, sim, mongo_uri, mongo_database, uri_a=proxy.uri)
             wait_until(lambda: a.counters("stream").get("received", 0) >= PER_CONN, 60,
                        "A received its connection's tweets")
+            # The holder's margin counts on a look at the lease every TICK: no slow-stream pause
+            # may lengthen its reaction (fresh-13: B connected 4 ms before A had closed).
+            assert a.status("stream").get("gathers") == 0
             proxy.failover(600)  # A alone loses MongoDB; its process keeps running
             wait_role(b, "active", timeout=60)
             stood_down = a.wait_log("stream_stood_down")

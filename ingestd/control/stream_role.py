@@ -53,6 +53,8 @@ class StreamRole:
         self.lease: LeaseGate = open_gate(settings, lambda: reader.last_message_ns)
         reader.may_connect = self.lease.may_stream
         reader.stand_down_drain = self.lease.drain_budget
+        if not isinstance(self.lease, OpenGate):
+            reader.gather_seconds = 0.0  # see StreamReader.gather_seconds and max_wait below
         # X API v2: rules live on the server; synced at start and on every reload, on a thread,
         # while the connection keeps streaming (no-op for v1.1).
         self.rules = RulesSync()

@@ -85,6 +85,9 @@ class StreamReader:
         # closed, while this says no. Always yes in the other modes.
         self.may_connect = may_connect
         self.stand_down_drain = STAND_DOWN_DRAIN
+        # The slow-stream pause (0: none). A standby pair's holder sets 0: its lease margin counts
+        # on a look at the lease every TICK, and a pause would be added to that reaction time.
+        self.gather_seconds = GATHER_SECONDS
         self._flush = flush  # ends a pass: the sink writes what it coalesced from the callbacks
         self._clock = clock
         self._multi = pycurl.CurlMulti()
@@ -143,10 +146,10 @@ class StreamReader:
         self._reap()
         self._check_stalls(self._clock())
         self._flush()  # before waiting: nothing framed stays unwritten across the select
-        if slow:
+        if slow and self.gather_seconds > 0:
             # A slow stream: let a few more messages arrive than wake up for each one.
             self.gathers += 1
-            self._sleep(GATHER_SECONDS, with_curl=False)
+            self._sleep(self.gather_seconds, with_curl=False)
         self._sleep(self._select_timeout())
 
     def _slow(self, moved: int) -> bool:
