@@ -25,6 +25,7 @@ from ingestd.simulator.generator import TWITTER_EPOCH_MS
 from ingestd.simulator.session import truncated
 from tests.support.creds import CREDS
 from tests.support.simulator import SimProcess
+from tests.support.wait import wait_until
 
 PATH = "/1.1/statuses/filter.json"
 PARAMS = [
@@ -535,3 +536,19 @@ def test_idle_after_max_tweets_does_not_spin(tmp_path: Path) -> None:
         stream.close()
     # Sleeping costs ~0.01 s; spinning took 0.25-0.35 s here even at load 20 on 2 vCPU.
     assert used < 0.1, f"{used:.2f} CPU s over three idle keep-alive seconds"
+
+
+def test_a_client_closing_an_idle_stream_is_recorded_at_once(tmp_path: Path) -> None:
+    """The ground truth's close time is when the client closed, not the next keep-alive write:
+    a standby pair's test checks that the old holder closed before the new one connected."""
+    keepalive = 30.0
+    with SimProcess(tmp_path, "--rate", "100", "--max-tweets", "5", "--keepalive",
+                    str(keepalive), "--control-every", "0") as sim:
+        stream = open_stream(sim)
+        assert len([m for m in messages(stream, 5) if m]) == 5  # then keep-alives only
+        closed_at = time.time()
+        stream.close()
+        wait_until(lambda: not sim.state()["open"], keepalive / 2, "the simulator saw the close")
+    (close,) = sim.ground_truth().closes(1)
+    assert close["reason"].startswith("client closed")
+    assert close["t"] - closed_at < keepalive / 2

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import random
+import select
+import socket
 import threading
 import time
 from typing import Any
@@ -23,6 +25,8 @@ from ingestd.simulator.redundant import FeedCursor
 from ingestd.simulator.script import Step
 from ingestd.simulator.state import SimState
 from ingestd.simulator.wire import Wire
+
+CLOSE_LOOK = 0.05  # s between looks for a client's close on an idle connection
 
 BATCH = 512  # messages per write on the fast path
 _CONTROL_WEIGHTS = {
@@ -160,8 +164,24 @@ class Session:
                 self._write(self.wire.encode(b"\r\n"))
                 continue
             end = start + duration if duration is not None else math.inf
-            self.wake.wait(max(0.0, min(next_at, idle_until, end) - now))
+            self._idle(max(0.0, min(next_at, idle_until, end) - now))
         return self._interrupted()
+
+    def _idle(self, timeout: float) -> None:
+        """Wait up to ``timeout`` or until woken; a client that closes its end meanwhile ends the
+        connection at once, so the ground truth records when it closed (an idle connection would
+        otherwise notice only at its next keep-alive write, up to ``--keepalive`` later)."""
+        deadline = time.monotonic() + timeout
+        sock = self.wire.sock
+        while not self.wake.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            ready, _, _ = select.select([sock], [], [], min(left, CLOSE_LOOK))
+            if ready:
+                if not sock.recv(1, socket.MSG_PEEK):
+                    raise ConnectionResetError("the client closed its end")
+                self.wake.wait(min(left, CLOSE_LOOK))  # bytes from the client: not a close
 
     def _may_tweet(self, now: float) -> bool:
         return self._quota() > 0 and now >= self.starved_until
