@@ -129,6 +129,19 @@ def test_idle_daemon_loops_once_per_housekeeping_interval(
     assert last["store"]["counters"]["records_read"] == first["store"]["counters"]["records_read"]
 
 
+def status_across_heartbeats(daemon: Daemon, role: str, beats: int
+                             ) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """``role``'s status once the first insert is done and again ``beats`` heartbeats later, with
+    the seconds between the two looks."""
+    wait_until(lambda: daemon.counters("store").get("stored", 0) > 0, 60, "a first insert")
+    first = daemon.status(role)
+    started = time.monotonic()
+    wait_until(lambda: daemon.status(role).get("time", 0) >= first["time"] + beats, 60,
+               f"{beats} more heartbeats of the {role} worker")
+    elapsed = time.monotonic() - started
+    return first, daemon.status(role), elapsed
+
+
 def test_slow_stream_store_worker_reads_each_batch_a_few_times(
         tmp_path: Path, mongo_uri: str, mongo_database: str,
         mongo_client: pymongo.MongoClient[dict[str, Any]]) -> None:
@@ -146,13 +159,7 @@ def test_slow_stream_store_worker_reads_each_batch_a_few_times(
     try:
         daemon.start()
         daemon.wait_ready(60)
-        wait_until(lambda: daemon.counters("store").get("stored", 0) > 0, 60, "a first insert")
-        first = daemon.status("store")
-        started = time.monotonic()
-        wait_until(lambda: daemon.status("store").get("time", 0) >= first["time"] + 8, 60,
-                   "eight more heartbeats of the store worker")
-        elapsed = time.monotonic() - started
-        last = daemon.status("store")
+        first, last, elapsed = status_across_heartbeats(daemon, "store", 8)
         wait_until(lambda: daemon.counters("store").get("stored", 0) >= tweets, 120,
                    "every tweet stored")
         daemon.assert_running()
@@ -226,13 +233,7 @@ def test_slow_stream_stream_worker_gathers_on_every_pass(
     try:
         daemon.start()
         daemon.wait_ready(60)
-        wait_until(lambda: daemon.counters("store").get("stored", 0) > 0, 60, "a first insert")
-        first = daemon.status("stream")
-        started = time.monotonic()
-        wait_until(lambda: daemon.status("stream").get("time", 0) >= first["time"] + 6, 60,
-                   "six more heartbeats of the stream worker")
-        elapsed = time.monotonic() - started
-        last = daemon.status("stream")
+        first, last, elapsed = status_across_heartbeats(daemon, "stream", 6)
         daemon.assert_running()
     finally:
         daemon.stop(30)

@@ -167,15 +167,11 @@ def _place_bbox(place: object) -> Box | None:
 
 
 def _as_pair(item: object) -> tuple[float, float] | None:
-    if type(item) is list and len(item) == 2:
+    if isinstance(item, list) and len(item) == 2:
         lon, lat = item
         # JSON numbers are exactly float or int; anything else takes _number's checks
         lon = float(lon) if type(lon) is float or type(lon) is int else _number(lon)
         lat = float(lat) if type(lat) is float or type(lat) is int else _number(lat)
-        if lon is not None and lat is not None:
-            return lon, lat
-    elif isinstance(item, list) and len(item) == 2:
-        lon, lat = _number(item[0]), _number(item[1])
         if lon is not None and lat is not None:
             return lon, lat
     return None

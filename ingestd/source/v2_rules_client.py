@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
-import certifi
 import orjson
 import pycurl
 
 from ingestd.config.schema import AuthSettings, Rule, StreamSettings
+from ingestd.config.stream import ca_bundle
 from ingestd.source.headers import parse_header_line
 from ingestd.source.v2_request import bearer_headers, rules_url
 
@@ -58,7 +58,7 @@ class RulesClient:
 
     def __init__(self, stream: StreamSettings, auth: AuthSettings) -> None:
         self.url = rules_url(stream)
-        self.ca_file = stream.ca_file or certifi.where()
+        self.ca_file = ca_bundle(stream)
         self.connect_timeout = max(1, round(stream.connect_timeout))
         self._headers = bearer_headers(auth)
         self.last_rate_limit: dict[str, str] = {}

@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import certifi
 import pycurl
 
 from ingestd.config.errors import EXIT_CONFIG, ConfigError
 from ingestd.config.schema import Settings
 from ingestd.config.settings import load_settings, secret_values
+from ingestd.config.stream import ca_bundle
 from ingestd.logs import register_secret, scrub_text
 from ingestd.source.headers import USER_AGENT, parse_header_line
 from ingestd.source.oauth import diagnose_401, encode_form, sign_request
@@ -180,7 +180,7 @@ def check_endpoint(settings: Settings) -> bool:
     curl.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in headers.items()])
     curl.setopt(pycurl.HEADERFUNCTION, on_header)
     curl.setopt(pycurl.WRITEFUNCTION, on_data)
-    curl.setopt(pycurl.CAINFO, s.ca_file or certifi.where())
+    curl.setopt(pycurl.CAINFO, ca_bundle(s))
     curl.setopt(pycurl.TIMEOUT, PROBE_SECONDS)
     curl.setopt(pycurl.NOSIGNAL, 1)
     if s.gzip:
