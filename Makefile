@@ -30,7 +30,7 @@ pytest: $(STAMP)
 	$(BIN)/pytest -q -m "not slow and not systemd" -p no:cacheprovider -n 3 --dist loadfile
 
 test-slow: $(STAMP)
-	$(BIN)/pytest -q -m slow -p no:cacheprovider --timeout 1800
+	$(BIN)/pytest -q -m slow -p no:cacheprovider --timeout 3600
 
 # The shipped unit under a real systemd: Debian 12 and 13 containers (debootstrap, cached in
 # /var/cache/ingestd-test; systemd-nspawn). Needs root; skips with a note otherwise (fails if CI=true).
