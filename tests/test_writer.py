@@ -60,6 +60,7 @@ from ingestd.spool.format import (
     KIND_PARTIAL,
     Checkpoint,
     Record,
+    RecordRef,
 )
 from ingestd.spool.reader import SpoolReader
 from ingestd.spool.writer import SpoolWriter
@@ -141,6 +142,12 @@ class FakeSpool:
     def wait_for_data(self, timeout: float) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self.pos < len(self.records), timeout)
+
+    def reread(self, ref: RecordRef) -> Record | None:
+        """SpoolReader's: the record read back (a batched tweet's payload, for its dead letter)."""
+        assert ref.seq > self.acked_seq, "a record is read back only before it is acked"
+        rec = self.records[ref.seq - 1]
+        return rec if (rec.segment, rec.offset) == (ref.segment, ref.offset) else None
 
     def ack(self, record: Record) -> None:
         assert record.seq >= self.acked_seq, "acks must move forward"
@@ -733,7 +740,7 @@ def test_batch_is_bounded_in_bytes_not_only_in_records(
     real_insert = h.worker._inserter.insert
 
     def spy(entries: list[Entry]) -> None:
-        sizes.append(sum(len(e.record.payload) for e in entries))
+        sizes.append(sum(len(h.spool.records[e.record.seq - 1].payload) for e in entries))
         real_insert(entries)
 
     monkeypatch.setattr(h.worker._inserter, "insert", spy)

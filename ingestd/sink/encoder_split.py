@@ -1,19 +1,20 @@
 """The split of each spool read between the encoder child and the store worker itself.
 
-The child (``encoder_pool.EncoderProcess``) encodes the first part of a read while this process
-encodes the rest; the share adapts so that neither side waits for the other. A lost child loses
-nothing: its part is encoded here, and a new child is started no sooner than
+The child (``encoder_pool.EncoderProcess``) encodes the last part of a read while this process
+encodes and takes the first part; the share adapts so that neither side waits for the other. A
+lost child loses nothing: its part is encoded here, and a new child is started no sooner than
 ``ENCODER_RESTART_INTERVAL`` later. Kept apart from ``encoder_pool``, which the child imports.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import structlog
 
 from ingestd.config.schema import Settings
-from ingestd.documents.encoder import Encoded, MatcherSpec, encode
+from ingestd.documents.encoder import Encoded, MatcherSpec
 from ingestd.documents.matching import Matcher
 from ingestd.sink.counters import StoreCounters
 from ingestd.sink.encoder_pool import EncoderProcess
@@ -69,37 +70,57 @@ class EncoderSplit:
         self.encoder: EncoderProcess | None = None
         self._retry_at = 0.0  # monotonic time before which no new child is started
         self._share = 0.5  # fraction of a read sent to the encoder child
+        self._pending: EncoderProcess | None = None  # the child encoding a part of this read
 
-    def encode_all(self, records: list[Record], settings: Settings) -> list[Encoded | None]:
-        """The encoder child's results for the first part of ``records``, in order; None for the
-        records this process parses and encodes itself, as it takes them."""
+    def submit(self, records: list[Record], settings: Settings) -> int:
+        """Send the last part of ``records`` to the encoder child when the read is worth sharing;
+        how many records (at the end of ``records``) it encodes: 0 if none, all are encoded here.
+
+        The child takes the last part, so that this process can take its own part, the first one,
+        as it encodes it (each tweet's payload then dies at once); then ``collect``.
+        """
         encoder = self._encoder_for(len(records), settings)
         if encoder is None:
-            return [None] * len(records)
-        split = max(1, min(len(records) - 1, round(len(records) * self._share)))
-        theirs = records[:split]
+            return 0
+        theirs = max(1, min(len(records) - 1, round(len(records) * self._share)))
         try:
-            encoder.submit([r for r in theirs if r.kind == KIND_MESSAGE], self._matchers.specs)
+            encoder.submit([r for r in records[-theirs:] if r.kind == KIND_MESSAGE],
+                           self._matchers.specs)
         except OSError as exc:
             self._lost(exc)
-            return [None] * len(records)
-        # Encoded now, not as taken: the child's part, which comes first, is being encoded too.
-        ours = [self.encode_here(r) for r in records[split:]]
+            return 0
+        self._pending = encoder
+        return theirs
+
+    def collect(self, theirs: list[Record]) -> Iterator[tuple[Record, Encoded | None]]:
+        """The records ``submit`` sent, with the child's results, in spool order (None: the
+        caller encodes that one as it takes it). ``theirs`` is the caller's list of them, newest
+        first: each record is popped as it is yielded, so that nothing here holds a tweet's
+        payload once the caller has taken it."""
+        encoder, self._pending = self._pending, None
+        results = self._results(encoder, len(theirs)) if encoder is not None else None
+        while theirs:
+            record = theirs.pop()
+            if results is None or record.kind != KIND_MESSAGE:
+                yield record, None
+            else:
+                yield record, next(results)
+
+    def _results(self, encoder: EncoderProcess, count: int) -> Iterator[Encoded] | None:
+        """The child's answer to its pending chunk; None if its records are to be encoded here
+        (the child is gone, or was stopped meanwhile by new settings)."""
+        if encoder is not self.encoder:
+            return None  # ``stop`` closed it during a flush of this read (new settings)
         # Balance the split so that neither side waits for the other.
         self._share += SHARE_STEP if encoder.ready() else -SHARE_STEP
         self._share = min(0.9, max(0.1, self._share))
         try:
-            done = iter(encoder.result())
+            results = encoder.results()
         except (EOFError, OSError) as exc:
             self._lost(exc)
-            return [None] * len(theirs) + ours
-        self._counters.offloaded += len(theirs)
-        return [next(done) if r.kind == KIND_MESSAGE else None for r in theirs] + ours
-
-    def encode_here(self, record: Record) -> Encoded | None:
-        if record.kind != KIND_MESSAGE:
             return None
-        return encode(record, self._matchers.get(record.generation))  # a control message: PUNT
+        self._counters.offloaded += count
+        return results
 
     def apply(self, settings: Settings) -> None:
         """New settings: stop the child if they no longer want it (it restarts on use)."""
