@@ -28,6 +28,15 @@ MATCHER_GENERATIONS = 16
 OFFLOAD_MIN = 64
 SHARE_STEP = 0.02  # how fast the split between the two encoders adapts
 ENCODER_RESTART_INTERVAL = 10.0  # seconds between restarts of a lost encoder child
+# ``writer.encoder_process: auto``: the child (a whole interpreter, ~14 MB of PSS) earns its memory
+# only while encoding is what the store worker spends its time on. While MongoDB's acks take most
+# of it (a slow or overloaded server: the spool holds the backlog), a child would shorten each
+# batch by part of the little time spent encoding (under a 10x overload, ~5 % of the drain rate):
+# it is not started, or it is stopped, until encoding matters again. The measure is the share of
+# the worker's time spent in inserts, smoothed over batches; two thresholds keep it from flapping.
+INSERT_SHARE_START = 0.75  # a child starts while inserts take less of the time than this
+INSERT_SHARE_STOP = 0.9  # and stops once they take more
+INSERT_SHARE_WEIGHT = 0.5  # weight of the newest batch in the smoothed share
 
 
 def matcher_spec(settings: Settings) -> MatcherSpec:
@@ -66,6 +75,7 @@ class EncoderSplit:
         self._matchers = matchers
         self._counters = counters
         self._choice = choice  # None: settings.writer.encoder_process decides
+        self.inserts = InsertShare()
         self.offload_min = offload_min
         self.encoder: EncoderProcess | None = None
         self._retry_at = 0.0  # monotonic time before which no new child is started
@@ -133,11 +143,30 @@ class EncoderSplit:
             self.encoder = None
 
     def _wanted(self, settings: Settings) -> bool:
+        return self._mode(settings) is not False
+
+    def _mode(self, settings: Settings) -> bool | str:
         return settings.writer.encoder_process if self._choice is None else self._choice
+
+    def _pays(self, settings: Settings) -> bool:
+        """In ``auto`` mode: whether encoding, not MongoDB, takes most of the worker's time.
+        Nothing is known before the first insert: that batch is encoded here."""
+        if self._mode(settings) != "auto":
+            return True
+        share = self.inserts.share
+        if share is None:
+            return False
+        return share < (INSERT_SHARE_STOP if self.encoder is not None else INSERT_SHARE_START)
 
     def _encoder_for(self, records: int, settings: Settings) -> EncoderProcess | None:
         """The encoder child when this read is worth sharing with it (started on first use)."""
         if records < self.offload_min or not self._wanted(settings):
+            return None
+        if not self._pays(settings):
+            if self.encoder is not None:
+                log.info("encoder_stopped", reason="inserts take most of the time",
+                         insert_share=round(self.inserts.share or 0.0, 2))
+                self.stop()
             return None
         if self.encoder is None:
             if time.monotonic() < self._retry_at:
@@ -161,3 +190,23 @@ class EncoderSplit:
         if self.encoder is not None:
             self.encoder.close(timeout=0.5)
             self.encoder = None
+
+
+class InsertShare:
+    """The share of the store worker's time spent in inserts, smoothed over batches: each batch's
+    insert time over the time since the previous insert ended (or since the batch began)."""
+
+    def __init__(self) -> None:
+        self.share: float | None = None  # None until the first insert
+        self._last_end: float | None = None
+
+    def note(self, batch_started: float, started: float, ended: float) -> None:
+        """An insert ran from ``started`` to ``ended`` (monotonic) for a batch begun then."""
+        since = batch_started if self._last_end is None else self._last_end
+        self._last_end = ended
+        cycle = ended - since
+        if cycle <= 0:
+            return
+        share = min(1.0, (ended - started) / cycle)
+        old = self.share
+        self.share = share if old is None else old + INSERT_SHARE_WEIGHT * (share - old)

@@ -400,7 +400,9 @@ class StoreWorker:
             entries = self._compliance.before_insert(batch)
             batch.entries = entries
             if entries:
+                started = time.monotonic()
                 self._inserter.insert(entries)
+                self._encoding.inserts.note(batch.started or started, started, time.monotonic())
             batch.entries = []
             self._compliance.after_insert(batch)
         self._ledger.flush()  # behind the tweets, before the ack: a replay rewrites the same
