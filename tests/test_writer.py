@@ -742,14 +742,11 @@ def test_auto_mode_keeps_a_child_only_while_encoding_is_the_work() -> None:
     split = EncoderSplit(Matchers(0, settings), StoreCounters(), None, offload_min=1)
     records = [Record(i + 1, KIND_MESSAGE, 1, 0, time.time_ns(), tweet(SNOW + i), "s", 10 * i)
                for i in range(20)]
-    clock = 0.0
 
     def batches(insert_share: float, count: int = 4) -> None:
-        """Batches of 1 s each, ``insert_share`` of it in the insert."""
-        nonlocal clock
+        """Batches of 1 s of work each, ``insert_share`` of it in the insert."""
         for _ in range(count):
-            split.inserts.note(clock, clock + 1 - insert_share, clock + 1)
-            clock += 1
+            split.inserts.note(insert_share, 1 - insert_share)
 
     def shared() -> bool:
         """Whether a read is shared with a child (and then its results are all collected)."""

@@ -4,10 +4,11 @@ Parsing a tweet into Python objects and encoding it to BSON is most of the store
 (``bench/RESULTS.md``), and one process can use only one core. So the store worker keeps one
 *encoder process* (a child running ``ingestd.sink.encoder_pool.main``) and splits each read of
 the spool between it and itself: the child encodes the last part while the store worker
-encodes and takes the first, then the store worker takes the child's results, in spool order. Ordering, batching,
-control messages, MongoDB and the spool checkpoint stay in the store worker; the child is a pure
-function of (payload, matcher) (``ingestd.documents.encoder``) and holds no state that matters,
-so losing it loses nothing: its part is encoded again in-process and a new child is started.
+encodes and takes the first, then the store worker takes the child's results, in spool order.
+Ordering, batching, control messages, MongoDB and the spool checkpoint stay in the store worker;
+the child is a pure function of (payload, matcher) (``ingestd.documents.encoder``) and holds no
+state that matters, so losing it loses nothing: its part is encoded again in-process and a new
+child is started.
 
 Wire format between the two processes, over the child's stdin/stdout pipes: one frame per chunk
 each way, ``_FRAME`` (the lengths of a pickled header and of a blob), the header, then the blob of

@@ -33,7 +33,8 @@ ENCODER_RESTART_INTERVAL = 10.0  # seconds between restarts of a lost encoder ch
 # of it (a slow or overloaded server: the spool holds the backlog), a child would shorten each
 # batch by part of the little time spent encoding (under a 10x overload, ~5 % of the drain rate):
 # it is not started, or it is stopped, until encoding matters again. The measure is the share of
-# the worker's time spent in inserts, smoothed over batches; two thresholds keep it from flapping.
+# the worker's busy time (taking records, inserting them; not its idle waits for data) spent in
+# inserts, smoothed over batches; two thresholds keep it from flapping.
 INSERT_SHARE_START = 0.75  # a child starts while inserts take less of the time than this
 INSERT_SHARE_STOP = 0.9  # and stops once they take more
 INSERT_SHARE_WEIGHT = 0.5  # weight of the newest batch in the smoothed share
@@ -193,20 +194,17 @@ class EncoderSplit:
 
 
 class InsertShare:
-    """The share of the store worker's time spent in inserts, smoothed over batches: each batch's
-    insert time over the time since the previous insert ended (or since the batch began)."""
+    """The share of the store worker's busy time spent in inserts, smoothed over batches: each
+    batch's insert time over that plus the time spent taking (reading, encoding) its records."""
 
     def __init__(self) -> None:
         self.share: float | None = None  # None until the first insert
-        self._last_end: float | None = None
 
-    def note(self, batch_started: float, started: float, ended: float) -> None:
-        """An insert ran from ``started`` to ``ended`` (monotonic) for a batch begun then."""
-        since = batch_started if self._last_end is None else self._last_end
-        self._last_end = ended
-        cycle = ended - since
-        if cycle <= 0:
+    def note(self, inserting: float, taking: float) -> None:
+        """A batch took ``taking`` seconds to take and ``inserting`` seconds to insert."""
+        busy = inserting + taking
+        if busy <= 0:
             return
-        share = min(1.0, (ended - started) / cycle)
+        share = inserting / busy
         old = self.share
         self.share = share if old is None else old + INSERT_SHARE_WEIGHT * (share - old)

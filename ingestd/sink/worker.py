@@ -147,6 +147,7 @@ class StoreWorker:
         # The gather pause; the store worker's ends at once on SIGTERM (a signal wake-up pipe).
         self.pause: Callable[[float], None] = time.sleep
         self.passes = 0  # main loop passes: published, so that an idle loop is observable
+        self._taking = 0.0  # seconds spent taking records since the last insert
 
     # ------------------------------------------------------------------ public API
 
@@ -281,6 +282,7 @@ class StoreWorker:
         document. Peak memory is one read's documents, not its documents and its payloads.
         """
         count = len(records)
+        started = time.monotonic()
         encoding = self._encoding
         theirs = encoding.submit(records, self._target.settings)  # the last ``theirs`` records
         records.reverse()  # popped oldest first
@@ -288,6 +290,7 @@ class StoreWorker:
             self._take(records.pop(), None)  # encoded here as it is taken
         for record, encoded in encoding.collect(records):
             self._take(record, encoded)
+        self._taking += time.monotonic() - started  # busy time, for ``EncoderSplit.inserts``
         return count
 
     def _take(self, record: Record, encoded: Encoded | None) -> None:
@@ -402,7 +405,8 @@ class StoreWorker:
             if entries:
                 started = time.monotonic()
                 self._inserter.insert(entries)
-                self._encoding.inserts.note(batch.started or started, started, time.monotonic())
+                self._encoding.inserts.note(time.monotonic() - started, self._taking)
+                self._taking = 0.0
             batch.entries = []
             self._compliance.after_insert(batch)
         self._ledger.flush()  # behind the tweets, before the ack: a replay rewrites the same
