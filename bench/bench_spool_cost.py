@@ -44,7 +44,7 @@ from ingestd.config.schema import (
 )
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.sink.worker import StoreWorker
-from ingestd.spool.format import KIND_MESSAGE, Record
+from ingestd.spool.format import KIND_MESSAGE, Record, RecordRef
 
 TWEETS = Path(__file__).resolve().parents[1] / "ingestd" / "data" / "real_tweets.jsonl"
 PER_APPEND = 8  # messages per network read, roughly, at a few hundred tweets/s
@@ -132,6 +132,9 @@ class ListSource:
 
     def maybe_flush(self) -> None:
         return None
+
+    def reread(self, ref: RecordRef) -> Record | None:
+        return self.records[ref.seq - 1]
 
 
 def store_all(source: Any, work: Path) -> int:

@@ -275,7 +275,11 @@ def test_killed_encoder_child_mid_drain_loses_nothing(tmp_path: Path,
     sim = SimProcess(tmp_path / "sim", "--rate", "1500", "--max-tweets", str(total),
                      "--control-every", "10", "--keepalive", "1", "--seed", "11").start()
     standin.stop()
-    daemon = Daemon(tmp_path / "daemon", durable_doc(sim, standin.uri)).start()
+    doc = durable_doc(sim, standin.uri)
+    # A child for every large read, whatever the stand-in's speed ("auto" would start one only
+    # while encoding, not the inserts, takes most of the store worker's time).
+    doc["writer"]["encoder_process"] = True
+    daemon = Daemon(tmp_path / "daemon", doc).start()
     try:
         daemon.wait_ready()
         wait_until(lambda: len(sim.ground_truth().tweet_ids()) >= total, 60, "the backlog")

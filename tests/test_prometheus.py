@@ -46,6 +46,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory, mongo_uri: str) -> Iterat
     sim = SimProcess(tmp / "sim", "--rate", "0", "--max-tweets", str(BURST), "--control-every",
                      "0", "--keepalive", "1", "--seed", "5", script=script).start()
     doc = settings_doc(sim.url, mongo_uri, DB, metrics={"listen": "127.0.0.1:0"}, spool=SPOOL)
+    doc["writer"]["encoder_process"] = True  # a child for the burst, whatever the stand-in's speed
     launched = time.time()
     daemon = Daemon(tmp / "daemon", doc).start()
     prom: Prometheus | None = None

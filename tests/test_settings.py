@@ -228,11 +228,18 @@ def test_unknown_keys_suggest_the_closest_name() -> None:
     ("writer", "batch_size", True, "must be an integer, got a boolean"),
     ("writer", "batch_size", 10.0, "must be an integer, got a number"),
     ("stream", "gzip", "yes", "must be true or false, got a string"),
+    ("writer", "encoder_process", "yes", 'must be true, false or "auto", got a string'),
+    ("writer", "encoder_process", 1, 'must be true, false or "auto", got an integer'),
     ("stream", "track", "iphone", "must be a list, got a string"),
     ("writer", "flush_interval", "0.5s", "must be a number, got a string"),
 ])
 def test_wrong_types(section: str, key: str, value: object, reason: str) -> None:
     assert reason in error_at(doc(**{section: {key: value}}), f"{section}.{key}")
+
+
+@pytest.mark.parametrize("value", [True, False, "auto"])
+def test_encoder_process_takes_true_false_or_auto(value: object) -> None:
+    assert load(doc(writer={"encoder_process": value})).writer.encoder_process == value
 
 
 def test_a_section_that_is_not_a_mapping() -> None:

@@ -285,6 +285,24 @@ def test_records_across_read_blocks_arrive_whole(tmp_path: Path) -> None:
     assert reader.corrupt_records == 0 and reader.corrupt_bytes == 0
 
 
+def test_reread_gives_back_an_unacked_record_from_its_reference(tmp_path: Path) -> None:
+    # The store worker keeps a RecordRef of each batched tweet, not its payload: a dead letter
+    # reads the payload back from the spool, including a record larger than a read block.
+    writer = make_writer(tmp_path, segment_bytes=4096)
+    items = [*payloads(30, size=300), b"y" * 2_500_000, b"z" * 10]
+    fill(writer, items, per_append=2)
+    reader = SpoolReader(tmp_path)
+    records = drain(reader)
+    assert len({r.segment for r in records}) > 1
+    assert all(reader.reread(r.ref()) == r for r in records)
+    wrong_seq = records[5].ref()._replace(seq=records[6].seq)
+    wrong_offset = records[5].ref()._replace(offset=records[5].offset + 1)
+    assert reader.reread(wrong_seq) is None and reader.reread(wrong_offset) is None
+    reader.ack(records[-1])  # stored: earlier segments are deleted, and so is their copy
+    assert reader.reread(records[0].ref()) is None
+    assert reader.corrupt_records == 0
+
+
 def test_wait_for_data(tmp_path: Path) -> None:
     writer = make_writer(tmp_path)
     reader = SpoolReader(tmp_path)

@@ -49,8 +49,11 @@ from ingestd.config.schema import (
     WriterSettings,
 )
 from ingestd.control.collector import in_flight
+from ingestd.documents.encoder import OK
 from ingestd.sink.batch import Entry
+from ingestd.sink.counters import StoreCounters
 from ingestd.sink.deadletter import DeadLetterStore
+from ingestd.sink.encoder_split import EncoderSplit, Matchers
 from ingestd.sink.mongo import ErrorClass, classify_error, open_collection, write_error_summary
 from ingestd.sink.worker import StoreWorker
 from ingestd.spool.format import (
@@ -60,6 +63,7 @@ from ingestd.spool.format import (
     KIND_PARTIAL,
     Checkpoint,
     Record,
+    RecordRef,
 )
 from ingestd.spool.reader import SpoolReader
 from ingestd.spool.writer import SpoolWriter
@@ -141,6 +145,12 @@ class FakeSpool:
     def wait_for_data(self, timeout: float) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self.pos < len(self.records), timeout)
+
+    def reread(self, ref: RecordRef) -> Record | None:
+        """SpoolReader's: the record read back (a batched tweet's payload, for its dead letter)."""
+        assert ref.seq > self.acked_seq, "a record is read back only before it is acked"
+        rec = self.records[ref.seq - 1]
+        return rec if (rec.segment, rec.offset) == (ref.segment, ref.offset) else None
 
     def ack(self, record: Record) -> None:
         assert record.seq >= self.acked_seq, "acks must move forward"
@@ -700,6 +710,8 @@ def test_a_killed_encoder_child_loses_nothing(mongo_uri: str, mongo_database: st
 def test_reload_switches_the_encoder_child_off_and_on(mongo_uri: str, mongo_database: str,
                                                        tmp_path: Path, client: Any) -> None:
     settings = make_settings(mongo_uri, mongo_database)
+    settings = dataclasses.replace(settings, writer=dataclasses.replace(settings.writer,
+                                                                        encoder_process=True))
     h = Harness(settings, tmp_path / "dead", encoder_process=None)  # the setting decides
     h.worker._encoding.offload_min = 1
     off = dataclasses.replace(settings, writer=dataclasses.replace(settings.writer,
@@ -720,6 +732,74 @@ def test_reload_switches_the_encoder_child_off_and_on(mongo_uri: str, mongo_data
         h.close()
 
 
+def test_auto_mode_keeps_a_child_only_while_encoding_is_the_work() -> None:
+    """``writer.encoder_process: auto``: no child before an insert was timed; none while
+    inserts take most of the store worker's time (MongoDB is the bottleneck: the child's memory
+    would buy a few percent); one once encoding is the work; kept between the two thresholds;
+    stopped when MongoDB slows down again."""
+    settings = make_settings("mongodb://127.0.0.1:1", "db")
+    assert settings.writer.encoder_process == "auto"  # the default
+    split = EncoderSplit(Matchers(0, settings), StoreCounters(), None, offload_min=1)
+    records = [Record(i + 1, KIND_MESSAGE, 1, 0, time.time_ns(), tweet(SNOW + i), "s", 10 * i)
+               for i in range(20)]
+
+    def batches(insert_share: float, count: int = 4) -> None:
+        """Batches of 1 s of work each, ``insert_share`` of it in the insert."""
+        for _ in range(count):
+            split.inserts.note(insert_share, 1 - insert_share)
+
+    def shared() -> bool:
+        """Whether a read is shared with a child (and then its results are all collected)."""
+        read = list(records)
+        theirs = split.submit(read, settings)
+        read.reverse()
+        del read[theirs:]  # the caller takes its own part: only the child's part is collected
+        taken = [encoded for _, encoded in split.collect(read)]
+        assert all(e is not None and e.status == OK for e in taken)
+        return theirs > 0
+
+    try:
+        assert not shared() and split.encoder is None  # nothing timed yet
+        batches(0.95)
+        assert not shared() and split.encoder is None  # MongoDB-bound: no child
+        batches(0.3)
+        assert shared() and split.encoder is not None  # encoding-bound: started
+        batches(0.8)
+        assert shared() and split.encoder is not None  # between the thresholds: kept
+        child = split.encoder
+        batches(0.95)
+        assert not shared() and split.encoder is None  # MongoDB-bound again: stopped
+        assert child._proc.wait(10) == 0
+    finally:
+        split.stop()
+
+
+def test_auto_mode_starts_no_child_while_inserts_are_the_bottleneck(
+        mongo_uri: str, mongo_database: str, tmp_path: Path, client: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MongoDB that takes 0.2 s per insert: the worker encodes every read itself (no
+    interpreter held for a few percent of the drain rate) and stores everything."""
+    real_insert = Collection.insert_many
+
+    def slow_insert(self: Collection[Doc], docs: Any, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.2)  # the server's latency, not a wait for an event
+        return real_insert(self, docs, *args, **kwargs)
+
+    monkeypatch.setattr(Collection, "insert_many", slow_insert)
+    h = Harness(make_settings(mongo_uri, mongo_database, batch_size=20), tmp_path / "dead",
+                encoder_process=None)  # the setting decides: auto, the default
+    try:
+        for i in range(200):
+            h.spool.add(tweet(SNOW + i))
+        assert h.drain() is True
+        c = h.worker.counters()
+        assert (c["offloaded"], c["stored"], c["batches"]) == (0, 200, 10)
+        assert h.worker._encoding.encoder is None
+        assert client.tweets.count_documents({}) == 200
+    finally:
+        h.close()
+
+
 def test_batch_is_bounded_in_bytes_not_only_in_records(
         harness_factory: Callable[..., Harness], client: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -733,7 +813,7 @@ def test_batch_is_bounded_in_bytes_not_only_in_records(
     real_insert = h.worker._inserter.insert
 
     def spy(entries: list[Entry]) -> None:
-        sizes.append(sum(len(e.record.payload) for e in entries))
+        sizes.append(sum(len(h.spool.records[e.record.seq - 1].payload) for e in entries))
         real_insert(entries)
 
     monkeypatch.setattr(h.worker._inserter, "insert", spy)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ingestd.config.errors import Secret
 from ingestd.logs import scrub_userinfo
@@ -114,7 +115,9 @@ class WriterSettings:
     batch_size: int = 1000
     flush_interval: float = 1.0
     apply_deletes: bool = True
-    encoder_process: bool = True
+    # true: an encoder child; false: none; "auto": a child while encoding, not MongoDB, takes
+    # most of the store worker's time (``sink.encoder_split``)
+    encoder_process: bool | Literal["auto"] = "auto"
     retry_start: float = 0.5
     retry_cap: float = 30.0
 

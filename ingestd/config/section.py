@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from ingestd.config.loader import MISSING, Context, join
 from ingestd.config.values import is_int, is_number, kind, parse_size, plain_number
@@ -114,6 +114,14 @@ class Section:
     def boolean(self, name: str, *, default: Any = MISSING) -> bool:
         default = self._fallback(name, default)
         return bool(self._typed(name, default, lambda v: isinstance(v, bool), "true or false"))
+
+    def boolean_or(self, name: str, word: Literal["auto"], *, default: Any = MISSING
+                   ) -> bool | Literal["auto"]:
+        """true, false, or ``word`` (a third mode)."""
+        default = self._fallback(name, default)
+        value = self._typed(name, default, lambda v: isinstance(v, bool) or v == word,
+                            f'true, false or "{word}"')
+        return bool(value) if isinstance(value, bool) else word
 
     def integer(self, name: str, lo: int | None = None, hi: int | None = None, *,
                 default: Any = MISSING) -> int:

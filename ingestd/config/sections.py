@@ -62,7 +62,7 @@ def build_writer(sec: Section) -> WriterSettings:
         batch_size=sec.integer("batch_size", lo=1, hi=100_000),
         flush_interval=sec.number("flush_interval", gt=0),
         apply_deletes=sec.boolean("apply_deletes"),
-        encoder_process=sec.boolean("encoder_process"),
+        encoder_process=sec.boolean_or("encoder_process", "auto"),
         retry_start=retry_start,
         retry_cap=retry_cap,
     )

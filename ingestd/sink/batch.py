@@ -9,19 +9,20 @@ from bson.raw_bson import RawBSONDocument
 from pymongo.collection import Collection
 
 from ingestd.sink.mongo import Document
-from ingestd.spool.format import Record
+from ingestd.spool.format import Record, RecordRef
 
 
 class Entry(RawBSONDocument):
-    """A tweet in a batch: its BSON (what ``insert_many`` sends as is), its id and its record.
+    """A tweet in a batch: its BSON (what ``insert_many`` sends as is), its id and its record's
+    reference (not its payload: a batch would hold each tweet twice; a dead letter re-reads it).
 
-    The document itself carries the id and the record (set right after it is made), so holding a
-    tweet costs no object beyond its document: this is the per-tweet path.
+    The document itself carries the id and the reference (set right after it is made), so holding
+    a tweet costs no object beyond its document: this is the per-tweet path.
     """
 
     __slots__ = ("record", "tweet_id")
     tweet_id: int  # the _id, without decoding the BSON
-    record: Record  # for dead letters and provenance
+    record: RecordRef  # for dead letters (``SpoolReader.reread``) and provenance
 
 
 @dataclass(slots=True)

@@ -3,11 +3,12 @@
 Parsing a tweet into Python objects and encoding it to BSON is most of the store worker's CPU
 (``bench/RESULTS.md``), and one process can use only one core. So the store worker keeps one
 *encoder process* (a child running ``ingestd.sink.encoder_pool.main``) and splits each read of
-the spool between it and itself: the child encodes the first part while the store worker
-encodes the rest, then the store worker applies all results in spool order. Ordering, batching,
-control messages, MongoDB and the spool checkpoint stay in the store worker; the child is a pure
-function of (payload, matcher) (``ingestd.documents.encoder``) and holds no state that matters,
-so losing it loses nothing: its part is encoded again in-process and a new child is started.
+the spool between it and itself: the child encodes the last part while the store worker
+encodes and takes the first, then the store worker takes the child's results, in spool order.
+Ordering, batching, control messages, MongoDB and the spool checkpoint stay in the store worker;
+the child is a pure function of (payload, matcher) (``ingestd.documents.encoder``) and holds no
+state that matters, so losing it loses nothing: its part is encoded again in-process and a new
+child is started.
 
 Wire format between the two processes, over the child's stdin/stdout pipes: one frame per chunk
 each way, ``_FRAME`` (the lengths of a pickled header and of a blob), the header, then the blob of
@@ -26,7 +27,7 @@ import struct
 import subprocess
 import sys
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from itertools import accumulate
 from typing import Any, NamedTuple, TypeAlias
 
@@ -94,9 +95,15 @@ class EncoderProcess:
 
     def result(self) -> list[Encoded]:
         """The oldest chunk's results; raises ``EOFError``/``OSError`` if the child is gone."""
+        return list(self.results())
+
+    def results(self) -> Iterator[Encoded]:
+        """``result`` one at a time: the answer is read now (and raises here), each document is
+        copied out of it only when its turn comes (the store worker frees the tweet's payload
+        as it takes each one, and the next document reuses that memory)."""
         header, blob = recv_frame(self._recv)
         self.pending -= 1
-        return _unpack_results(header, blob)
+        return _iter_results(header, blob)
 
     def close(self, timeout: float = 2.0) -> None:
         for fd in (self._send, self._recv):
@@ -197,15 +204,20 @@ def _pack_results(results: Sequence[Encoded]) -> tuple[ResultHeader, list[bytes]
 
 
 def _unpack_results(header: ResultHeader, blob: bytearray) -> list[Encoded]:
+    return list(_iter_results(header, blob))
+
+
+def _iter_results(header: ResultHeader, blob: bytearray) -> Iterator[Encoded]:
     statuses, ids, users, sizes, errors, dead = header
-    view = memoryview(blob)
-    raws = [bytes(view[end - size:end]) for end, size in zip(accumulate(sizes), sizes, strict=True)]
     reasons: list[str] = [""] * len(statuses)
     details: list[str] = [""] * len(statuses)
     for i, reason, detail in dead:
         reasons[i], details[i] = reason, detail
-    return [_new_tuple(Encoded, row)
-            for row in zip(statuses, raws, ids, users, reasons, details, errors, strict=True)]
+    with memoryview(blob) as view:
+        raws = (bytes(view[end - size:end])
+                for end, size in zip(accumulate(sizes), sizes, strict=True))
+        for row in zip(statuses, raws, ids, users, reasons, details, errors, strict=True):
+            yield _new_tuple(Encoded, row)
 
 
 def _serve(recv: int, send: int) -> None:

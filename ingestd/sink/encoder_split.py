@@ -1,19 +1,20 @@
 """The split of each spool read between the encoder child and the store worker itself.
 
-The child (``encoder_pool.EncoderProcess``) encodes the first part of a read while this process
-encodes the rest; the share adapts so that neither side waits for the other. A lost child loses
-nothing: its part is encoded here, and a new child is started no sooner than
+The child (``encoder_pool.EncoderProcess``) encodes the last part of a read while this process
+encodes and takes the first part; the share adapts so that neither side waits for the other. A
+lost child loses nothing: its part is encoded here, and a new child is started no sooner than
 ``ENCODER_RESTART_INTERVAL`` later. Kept apart from ``encoder_pool``, which the child imports.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import structlog
 
 from ingestd.config.schema import Settings
-from ingestd.documents.encoder import Encoded, MatcherSpec, encode
+from ingestd.documents.encoder import Encoded, MatcherSpec
 from ingestd.documents.matching import Matcher
 from ingestd.sink.counters import StoreCounters
 from ingestd.sink.encoder_pool import EncoderProcess
@@ -27,6 +28,16 @@ MATCHER_GENERATIONS = 16
 OFFLOAD_MIN = 64
 SHARE_STEP = 0.02  # how fast the split between the two encoders adapts
 ENCODER_RESTART_INTERVAL = 10.0  # seconds between restarts of a lost encoder child
+# ``writer.encoder_process: auto``: the child (a whole interpreter, ~14 MB of PSS) earns its memory
+# only while encoding is what the store worker spends its time on. While MongoDB's acks take most
+# of it (a slow or overloaded server: the spool holds the backlog), a child would shorten each
+# batch by part of the little time spent encoding (under a 10x overload, ~5 % of the drain rate):
+# it is not started, or it is stopped, until encoding matters again. The measure is the share of
+# the worker's busy time (taking records, inserting them; not its idle waits for data) spent in
+# inserts, smoothed over batches; two thresholds keep it from flapping.
+INSERT_SHARE_START = 0.75  # a child starts while inserts take less of the time than this
+INSERT_SHARE_STOP = 0.9  # and stops once they take more
+INSERT_SHARE_WEIGHT = 0.5  # weight of the newest batch in the smoothed share
 
 
 def matcher_spec(settings: Settings) -> MatcherSpec:
@@ -65,41 +76,62 @@ class EncoderSplit:
         self._matchers = matchers
         self._counters = counters
         self._choice = choice  # None: settings.writer.encoder_process decides
+        self.inserts = InsertShare()
         self.offload_min = offload_min
         self.encoder: EncoderProcess | None = None
         self._retry_at = 0.0  # monotonic time before which no new child is started
         self._share = 0.5  # fraction of a read sent to the encoder child
+        self._pending: EncoderProcess | None = None  # the child encoding a part of this read
 
-    def encode_all(self, records: list[Record], settings: Settings) -> list[Encoded | None]:
-        """The encoder child's results for the first part of ``records``, in order; None for the
-        records this process parses and encodes itself, as it takes them."""
+    def submit(self, records: list[Record], settings: Settings) -> int:
+        """Send the last part of ``records`` to the encoder child when the read is worth sharing;
+        how many records (at the end of ``records``) it encodes: 0 if none, all are encoded here.
+
+        The child takes the last part, so that this process can take its own part, the first one,
+        as it encodes it (each tweet's payload then dies at once); then ``collect``.
+        """
         encoder = self._encoder_for(len(records), settings)
         if encoder is None:
-            return [None] * len(records)
-        split = max(1, min(len(records) - 1, round(len(records) * self._share)))
-        theirs = records[:split]
+            return 0
+        theirs = max(1, min(len(records) - 1, round(len(records) * self._share)))
         try:
-            encoder.submit([r for r in theirs if r.kind == KIND_MESSAGE], self._matchers.specs)
+            encoder.submit([r for r in records[-theirs:] if r.kind == KIND_MESSAGE],
+                           self._matchers.specs)
         except OSError as exc:
             self._lost(exc)
-            return [None] * len(records)
-        # Encoded now, not as taken: the child's part, which comes first, is being encoded too.
-        ours = [self.encode_here(r) for r in records[split:]]
+            return 0
+        self._pending = encoder
+        return theirs
+
+    def collect(self, theirs: list[Record]) -> Iterator[tuple[Record, Encoded | None]]:
+        """The records ``submit`` sent, with the child's results, in spool order (None: the
+        caller encodes that one as it takes it). ``theirs`` is the caller's list of them, newest
+        first: each record is popped as it is yielded, so that nothing here holds a tweet's
+        payload once the caller has taken it."""
+        encoder, self._pending = self._pending, None
+        results = self._results(encoder, len(theirs)) if encoder is not None else None
+        while theirs:
+            record = theirs.pop()
+            if results is None or record.kind != KIND_MESSAGE:
+                yield record, None
+            else:
+                yield record, next(results)
+
+    def _results(self, encoder: EncoderProcess, count: int) -> Iterator[Encoded] | None:
+        """The child's answer to its pending chunk; None if its records are to be encoded here
+        (the child is gone, or was stopped meanwhile by new settings)."""
+        if encoder is not self.encoder:
+            return None  # ``stop`` closed it during a flush of this read (new settings)
         # Balance the split so that neither side waits for the other.
         self._share += SHARE_STEP if encoder.ready() else -SHARE_STEP
         self._share = min(0.9, max(0.1, self._share))
         try:
-            done = iter(encoder.result())
+            results = encoder.results()
         except (EOFError, OSError) as exc:
             self._lost(exc)
-            return [None] * len(theirs) + ours
-        self._counters.offloaded += len(theirs)
-        return [next(done) if r.kind == KIND_MESSAGE else None for r in theirs] + ours
-
-    def encode_here(self, record: Record) -> Encoded | None:
-        if record.kind != KIND_MESSAGE:
             return None
-        return encode(record, self._matchers.get(record.generation))  # a control message: PUNT
+        self._counters.offloaded += count
+        return results
 
     def apply(self, settings: Settings) -> None:
         """New settings: stop the child if they no longer want it (it restarts on use)."""
@@ -112,11 +144,30 @@ class EncoderSplit:
             self.encoder = None
 
     def _wanted(self, settings: Settings) -> bool:
+        return self._mode(settings) is not False
+
+    def _mode(self, settings: Settings) -> bool | str:
         return settings.writer.encoder_process if self._choice is None else self._choice
+
+    def _pays(self, settings: Settings) -> bool:
+        """In ``auto`` mode: whether encoding, not MongoDB, takes most of the worker's time.
+        Nothing is known before the first insert: that batch is encoded here."""
+        if self._mode(settings) != "auto":
+            return True
+        share = self.inserts.share
+        if share is None:
+            return False
+        return share < (INSERT_SHARE_STOP if self.encoder is not None else INSERT_SHARE_START)
 
     def _encoder_for(self, records: int, settings: Settings) -> EncoderProcess | None:
         """The encoder child when this read is worth sharing with it (started on first use)."""
         if records < self.offload_min or not self._wanted(settings):
+            return None
+        if not self._pays(settings):
+            if self.encoder is not None:
+                log.info("encoder_stopped", reason="inserts take most of the time",
+                         insert_share=round(self.inserts.share or 0.0, 2))
+                self.stop()
             return None
         if self.encoder is None:
             if time.monotonic() < self._retry_at:
@@ -140,3 +191,20 @@ class EncoderSplit:
         if self.encoder is not None:
             self.encoder.close(timeout=0.5)
             self.encoder = None
+
+
+class InsertShare:
+    """The share of the store worker's busy time spent in inserts, smoothed over batches: each
+    batch's insert time over that plus the time spent taking (reading, encoding) its records."""
+
+    def __init__(self) -> None:
+        self.share: float | None = None  # None until the first insert
+
+    def note(self, inserting: float, taking: float) -> None:
+        """A batch took ``taking`` seconds to take and ``inserting`` seconds to insert."""
+        busy = inserting + taking
+        if busy <= 0:
+            return
+        share = inserting / busy
+        old = self.share
+        self.share = share if old is None else old + INSERT_SHARE_WEIGHT * (share - old)

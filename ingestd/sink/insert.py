@@ -30,12 +30,12 @@ from ingestd.sink.mongo import (
 )
 from ingestd.sink.retry import DeadLetterWriter, Retrier
 from ingestd.sink.target import MongoTarget
-from ingestd.spool.format import Record
+from ingestd.spool.format import RecordRef
 
 log = structlog.get_logger("ingestd.sink.insert")
 
 
-def written_from(ingest: object, record: Record) -> bool:
+def written_from(ingest: object, record: RecordRef) -> bool:
     """Whether a stored document's ``_ingest`` says it was built from ``record``."""
     return (isinstance(ingest, dict) and ingest.get("seq") == record.seq
             and ingest.get("conn") == record.conn_id)
@@ -119,7 +119,7 @@ class Inserter:
         self._on_duplicates(duplicates)
         self._on_stored([d for i, d in enumerate(docs) if i not in failed])
         for entry, code, reason in rejected:
-            self._deadletters.add("mongo_rejected", entry.record, code=code, detail=reason)
+            self._deadletters.add_ref("mongo_rejected", entry.record, code=code, detail=reason)
         if rejected:
             log.error("insert_documents_rejected", errors=write_error_summary(exc)[:50],
                       ids=[e.tweet_id for e, _, _ in rejected][:50], count=len(rejected))
@@ -162,7 +162,7 @@ class Inserter:
             self._retrier.backoff(0, ErrorClass.TRANSIENT)
             return docs
         for entry in bad:
-            self._deadletters.add("unencodable", entry.record, detail="DocumentTooLarge")
+            self._deadletters.add_ref("unencodable", entry.record, detail="DocumentTooLarge")
         log.error("insert_documents_unencodable", ids=[e.tweet_id for e in bad][:50],
                   count=len(bad))
         return [e for e in docs if len(e.raw) <= limit]

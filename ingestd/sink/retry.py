@@ -24,7 +24,7 @@ from ingestd.sink.counters import StoreCounters, bump
 from ingestd.sink.deadletter import DeadLetterStore, Reason
 from ingestd.sink.mongo import DRIVER_EVENTS, ErrorClass, classify_error, error_fields, error_name
 from ingestd.sink.target import MongoTarget
-from ingestd.spool.format import Record
+from ingestd.spool.format import KIND_MESSAGE, Record, RecordRef
 
 log = structlog.get_logger("ingestd.sink.retry")
 
@@ -199,16 +199,31 @@ class DeadLetterWriter:
     nothing: the spool keeps absorbing the stream meanwhile.
     """
 
-    def __init__(self, store: DeadLetterStore, counters: StoreCounters, retrier: Retrier) -> None:
+    def __init__(self, store: DeadLetterStore, counters: StoreCounters, retrier: Retrier,
+                 reread: Callable[[RecordRef], Record | None]) -> None:
         self.store = store
         self._counters = counters
         self._retrier = retrier
+        self._reread = reread  # the spool's copy of a batched tweet (``SpoolReader.reread``)
 
     def add(self, reason: MessageReason, record: Record, *, code: int | None = None,
             detail: str = "") -> None:
         """Dead-letter a record that ends here (counted under ``deadlettered``)."""
         self.put(reason, record, code=code, detail=detail)
         bump(self._counters.deadlettered, reason)
+
+    def add_ref(self, reason: MessageReason, ref: RecordRef, *, code: int | None = None,
+                detail: str = "") -> None:
+        """``add`` for a batched tweet, whose payload is read back from the spool (not acked
+        yet, so still there). Should it be unreadable, the dead letter says so: never dropped."""
+        record = self._reread(ref)
+        if record is None:
+            log.error("dead_letter_payload_unreadable", seq=ref.seq, segment=ref.segment,
+                      offset=ref.offset)
+            detail = f"{detail}; payload unreadable from spool {ref.segment}@{ref.offset}"
+            record = Record(ref.seq, KIND_MESSAGE, ref.conn_id, ref.generation, ref.recv_ns, b"",
+                            ref.segment, ref.offset)
+        self.add(reason, record, code=code, detail=detail)
 
     def put(self, reason: Reason, record: Record, *, code: int | None = None,
             detail: str = "") -> None:

@@ -50,6 +50,7 @@ from ingestd.spool.format import (
     KIND_PARTIAL,
     Checkpoint,
     Record,
+    RecordRef,
 )
 
 log = structlog.get_logger("ingestd.sink.worker")
@@ -82,6 +83,7 @@ class SpoolSource(Protocol):
     def wait_for_data(self, timeout: float) -> object: ...
     def ack(self, record: Record) -> None: ...
     def maybe_flush(self) -> None: ...
+    def reread(self, ref: RecordRef) -> Record | None: ...
 
 
 def _json_failure(payload: bytes) -> MessageReason:
@@ -128,7 +130,7 @@ class StoreWorker:
         self._target = MongoTarget(settings, collection_factory, self._encoding.apply)
         self._retry = retry = Retrier(self._target, totals, spool_reader.maybe_flush, rng)
         self._maybe_tick = retry.maybe_tick
-        self._letters = DeadLetterWriter(deadletters, totals, retry)
+        self._letters = DeadLetterWriter(deadletters, totals, retry, spool_reader.reread)
         self._compliance = Compliance(self._target, retry, self._letters, totals,
                                       tombstone_limit)
         self._scrub_rules = self._compliance.scrub_rules  # the same dict: read per tweet
@@ -145,6 +147,7 @@ class StoreWorker:
         # The gather pause; the store worker's ends at once on SIGTERM (a signal wake-up pipe).
         self.pause: Callable[[float], None] = time.sleep
         self.passes = 0  # main loop passes: published, so that an idle loop is observable
+        self._taking = 0.0  # seconds spent taking records since the last insert
 
     # ------------------------------------------------------------------ public API
 
@@ -203,14 +206,13 @@ class StoreWorker:
             self._flush()
         else:
             room = self._room()
-            records = self._reader.read(room, self._room_bytes())
-            self._take_all(records)
+            read = self._take_all(self._reader.read(room, self._room_bytes()))
             if self._batch_due():
                 self._flush()
-            elif not records:
+            elif not read:
                 self._ledger.settle()
                 self._reader.wait_for_data(self._wait_time())
-            elif len(records) < room:
+            elif read < room:
                 self._gather()
         self._maybe_tick()
 
@@ -235,9 +237,7 @@ class StoreWorker:
         self.totals.state = "draining"
         drained = False
         while not drained and not self._retry.past_deadline():
-            records = self._reader.read(self._room(), self._room_bytes())
-            self._take_all(records)
-            drained = not records
+            drained = not self._take_all(self._reader.read(self._room(), self._room_bytes()))
             if self._batch_full():
                 self._flush()
             self._maybe_tick()
@@ -274,29 +274,45 @@ class StoreWorker:
 
     # ------------------------------------------------------------------ taking records
 
-    def _take_all(self, records: list[Record]) -> None:
-        totals = self.totals
-        encoded_all = self._encoding.encode_all(records, self._target.settings)
-        for record, encoded in zip(records, encoded_all, strict=True):
-            totals.read_seq = record.seq
-            if record.kind == KIND_EVENT:  # a coverage marker, not a message: not counted
-                self._take_event(record)
-                continue
-            totals.records_read += 1
-            self._ledger.on_live(record)
-            if record.kind == KIND_MESSAGE:
-                self._take_message(record, encoded)
-            else:
-                self._letters.add(FRAME_REASONS.get(record.kind, "bad_frame"), record,
-                                  detail=f"spool record kind {record.kind}")
-            batch = self._batch  # a withheld message may have flushed and replaced it
-            batch.last = record
-            batch.nbytes += len(record.payload)
-            if batch.started is None:
-                batch.started = time.monotonic()
-            if batch.closed:
-                self._flush()
-            self._maybe_tick()  # dead letters fsync: a run of them must not starve the heartbeat
+    def _take_all(self, records: list[Record]) -> int:
+        """Encode and take a read's records in spool order; how many there were.
+
+        ``records`` is emptied as they are taken: a batch keeps each tweet's BSON and a
+        ``RecordRef``, so a tweet's payload dies once it is encoded and its memory holds the next
+        document. Peak memory is one read's documents, not its documents and its payloads.
+        """
+        count = len(records)
+        started = time.monotonic()
+        encoding = self._encoding
+        theirs = encoding.submit(records, self._target.settings)  # the last ``theirs`` records
+        records.reverse()  # popped oldest first
+        for _ in range(count - theirs):
+            self._take(records.pop(), None)  # encoded here as it is taken
+        for record, encoded in encoding.collect(records):
+            self._take(record, encoded)
+        self._taking += time.monotonic() - started  # busy time, for ``EncoderSplit.inserts``
+        return count
+
+    def _take(self, record: Record, encoded: Encoded | None) -> None:
+        self.totals.read_seq = record.seq
+        if record.kind == KIND_EVENT:  # a coverage marker, not a message: not counted
+            self._take_event(record)
+            return
+        self.totals.records_read += 1
+        self._ledger.on_live(record)
+        if record.kind == KIND_MESSAGE:
+            self._take_message(record, encoded)
+        else:
+            self._letters.add(FRAME_REASONS.get(record.kind, "bad_frame"), record,
+                              detail=f"spool record kind {record.kind}")
+        batch = self._batch  # a withheld message may have flushed and replaced it
+        batch.last = record
+        batch.nbytes += len(record.payload)
+        if batch.started is None:
+            batch.started = time.monotonic()
+        if batch.closed:
+            self._flush()
+        self._maybe_tick()  # dead letters fsync: a run of them must not starve the heartbeat
 
     def _take_event(self, record: Record) -> None:
         if not self._ledger.on_event(record):
@@ -354,7 +370,7 @@ class StoreWorker:
             raw = self._compliance.scrubbed(raw, encoded.user_id, encoded.tweet_id)
         entry = Entry(raw)
         entry.tweet_id = encoded.tweet_id
-        entry.record = record
+        entry.record = record.ref()  # not the payload: it is re-read from the spool if needed
         self._batch.entries.append(entry)
 
     def _take_control(self, kind: str, body: object, record: Record) -> None:
@@ -387,7 +403,10 @@ class StoreWorker:
             entries = self._compliance.before_insert(batch)
             batch.entries = entries
             if entries:
+                started = time.monotonic()
                 self._inserter.insert(entries)
+                self._encoding.inserts.note(time.monotonic() - started, self._taking)
+                self._taking = 0.0
             batch.entries = []
             self._compliance.after_insert(batch)
         self._ledger.flush()  # behind the tweets, before the ack: a replay rewrites the same

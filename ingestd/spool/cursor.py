@@ -155,6 +155,26 @@ def last_record(directory: Path, name: str) -> Record | None:
         cursor.close()
 
 
+def record_at(directory: Path, name: str, offset: int, seq: int) -> Record | None:
+    """The valid record numbered ``seq`` that starts at ``offset`` in segment ``name``; None if
+    the segment is gone or holds something else there (damage is skipped, not counted)."""
+    try:
+        cursor = SegmentCursor(directory, name, offset, Damage())
+    except OSError:
+        return None
+    found: list[Record] = []
+    try:
+        while True:  # a block, or more if the record is larger (``fill`` reads what it needs)
+            cursor.parse(found, 1, MAX_LENGTH, 0)
+            if found or not cursor.fill():
+                break
+    except OSError:
+        return None
+    finally:
+        cursor.close()
+    return found[0] if found and found[0].seq == seq and found[0].offset == offset else None
+
+
 def ends_record(directory: Path, name: str, offset: int, seq: int) -> bool:
     """Whether a valid record numbered ``seq`` ends exactly at ``offset`` in segment ``name``
     (reads the segment up to there; damage on the way is skipped, not counted)."""

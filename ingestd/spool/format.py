@@ -67,6 +67,27 @@ class Record(NamedTuple):
         """Offset just past this record: where the checkpoint points once it is stored."""
         return self.offset + HEADER_SIZE + len(self.payload)
 
+    def ref(self) -> RecordRef:
+        """This record without its payload."""
+        return _new_tuple(RecordRef, (self.seq, self.conn_id, self.generation, self.recv_ns,
+                                      self.segment, self.offset))
+
+
+class RecordRef(NamedTuple):
+    """A record's identity and place in the spool, without its payload: what the store worker
+    keeps of a tweet once it is encoded, so that a batch does not hold each tweet twice (its JSON
+    and its BSON). The record is not acked yet, so ``SpoolReader.reread`` can fetch it back."""
+
+    seq: int
+    conn_id: int
+    generation: int
+    recv_ns: int
+    segment: str
+    offset: int
+
+
+_new_tuple = tuple.__new__  # a NamedTuple row without its Python-level __new__ (a frame per call)
+
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:

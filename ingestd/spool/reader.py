@@ -11,12 +11,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ingestd.spool.cursor import Damage, SegmentCursor, ends_record
+from ingestd.spool.cursor import Damage, SegmentCursor, ends_record, record_at
 from ingestd.spool.format import (
     CHECKPOINT,
     FIRST_SEQ,
     Checkpoint,
     Record,
+    RecordRef,
     list_segments,
     read_checkpoint,
     segment_first_seq,
@@ -96,6 +97,12 @@ class SpoolReader:
             if not self._at_eof(cursor):
                 break
         return out
+
+    def reread(self, ref: RecordRef) -> Record | None:
+        """The record ``ref`` names, read back from its segment (a tweet's payload for its dead
+        letter: the store worker keeps only a ``RecordRef`` of each tweet once it is encoded).
+        A record not acked yet is still on disk; None if it cannot be read back intact."""
+        return record_at(self.directory, ref.segment, ref.offset, ref.seq)
 
     def ack(self, record: Record) -> None:
         """Everything up to and including ``record`` is stored: checkpoint and clean up.
