@@ -76,12 +76,15 @@ from tests.support.daemon import Daemon, settings_doc
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 
-CONTENDERS = ("ingestd", "ingestd-1core", "threaded", "tweepy", "floor", "naive")
+CONTENDERS = ("ingestd", "ingestd-1core", "prespool", "threaded", "tweepy", "floor", "naive")
 # What `make bench` runs (fits in 10 minutes); the others on request with --contenders.
 DEFAULT_CONTENDERS = ("ingestd", "threaded", "tweepy", "floor")
 PIPELINE, TWEEPY = "threaded", "tweepy"  # the ratios' denominators
 # ingestd-1core: the same daemon with writer.encoder_process: false (the store worker encodes
 # every tweet itself), to show what the encoder child adds.
+# prespool: the same daemon with tweets encoded to BSON by the stream worker before the spool and
+# only inserted by the store worker (a prototype: bench/prespool.py; branch spike).
+DAEMONS = ("ingestd", "ingestd-1core", "prespool")
 # Filters of a realistic deployment: several terms that hit the sample, a phrase, a hashtag, a
 # URL-ish term, followed accounts and two boxes, so every tweet takes the full matching path.
 TRACK = ["twitter", "iphone", "ipad", "python", "#ピザの日", "api", "engineering.twitter.com",
@@ -281,6 +284,9 @@ class Bench:
         self.args, self.payload, self.workdir = args, payload, workdir
         # ``--tree``: run the daemon from another source tree (to measure a proposed change)
         self.daemon_env = {"PYTHONPATH": str(args.tree)} if args.tree else {}
+        # prespool: this tree's daemon with its workers patched by bench/prespool.py
+        self.prespool_env = {"PYTHONPATH": f"{BENCH / 'prespool_site'}:{ROOT}",
+                             "INGESTD_BENCH_PRESPOOL": "1"}
         self.server = PayloadServer(payload)
         self.blackhole = Blackhole(workdir / "blackhole")
         self._runs = 0
@@ -307,16 +313,16 @@ class Bench:
 
     def run_ingestd(self, gzip: bool, tweets: int, *, rate: float = 0.0,
                     blackhole: Blackhole | None = None, profile: bool = False,
-                    track: bool = False, encoder: bool = True
+                    track: bool = False, encoder: bool = True, prespool: bool = False
                     ) -> Result:
         bh = blackhole or self.blackhole
-        name = "ingestd" if encoder else "ingestd-1core"
+        name = "prespool" if prespool else "ingestd" if encoder else "ingestd-1core"
         workdir = self.next_dir(f"{name}-{'gzip' if gzip else 'plain'}")
         daemon = Daemon(workdir, self.ingestd_doc(bh.uri, gzip, encoder))
         bh.reset(tweets, track)
         self.server.arm(tweets, rate)
         load = load1()
-        daemon.start(self.daemon_env)
+        daemon.start(self.prespool_env if prespool else self.daemon_env)
         spies: list[subprocess.Popen[bytes]] = []
         try:
             self.server.wait_delivery(60)
@@ -722,15 +728,17 @@ def quiet_line(q: dict[str, Any]) -> str:
             f"{q['seconds']} s (load {q['load']:.2f}); per process: {per}")
 
 
-def run_standin(bench: Bench, tweets: int) -> dict[str, Any]:
-    """The same daemon against the nx-27017 stand-in: stored == delivered, each exactly once."""
+def run_standin(bench: Bench, tweets: int, prespool: bool = False) -> dict[str, Any]:
+    """The same daemon against the nx-27017 stand-in: stored == delivered, each exactly once
+    (``prespool``: the prototype's daemon)."""
     from ingestd.tools.standin import StandIn
 
-    standin = StandIn(bench.workdir / "standin").start()
-    workdir = bench.next_dir("ingestd-standin")
+    # a fresh database per run: a second run into the first one's would store nothing new
+    standin = StandIn(bench.workdir / ("standin-prespool" if prespool else "standin")).start()
+    workdir = bench.next_dir("prespool-standin" if prespool else "ingestd-standin")
     daemon = Daemon(workdir, bench.ingestd_doc(standin.uri, True))
     bench.server.arm(tweets)
-    daemon.start(bench.daemon_env)
+    daemon.start(bench.prespool_env if prespool else bench.daemon_env)
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(standin.uri)
     coll = client[DATABASE]["tweets"]
     try:
@@ -768,7 +776,9 @@ def run_standin(bench: Bench, tweets: int) -> dict[str, Any]:
         daemon.stop(60)
         client.close()
         standin.stop()
-    ok = count == tweets == distinct and ids == expected and not wrong
+    # and the store worker counted each as stored (a rerun into old data finds only duplicates)
+    ok = (count == tweets == distinct and ids == expected and not wrong
+          and int(store.get("stored", 0)) == tweets and not store.get("duplicates"))
     return {"delivered": tweets, "received": stream.get("received"), "stored_documents": count,
             "distinct_ids": distinct, "ids_match_payload": ids == expected,
             "with_track_match": with_track, "matched_differs": wrong,
@@ -845,6 +855,8 @@ def main(argv: list[str] | None = None) -> int:
     a("--quiet-rate", type=float, default=50.0, help="tweets/s of the busy-filter quiet stream")
     a("--keepalive", type=float, default=30.0, help="s between keep-alives (the endpoint: 30)")
     a("--standin-tweets", type=int, default=3000)
+    a("--profile-contenders", default="ingestd",
+      help=f"comma list of the daemons to profile (one extra plain run each): {', '.join(DAEMONS)}")
     a("--skip", default="", help="comma list of: latency, overload, standin, quiet, profile")
     a("--workdir", type=Path, help="keep everything here (default: a temporary folder)")
     a("--keep", action="store_true", help="keep the temporary work folder")
@@ -960,24 +972,27 @@ def main(argv: list[str] | None = None) -> int:
             if "standin" not in skip:
                 say(f"\n### Correctness against the nx-27017 stand-in ({args.standin_tweets:,} "
                     "tweets, speed not a figure) ...")
-                st = run_standin(bench, args.standin_tweets)
-                report["standin"] = st
-                say(f"   {st}")
-                md.add(f"### Stand-in check ({args.standin_tweets:,} tweets)\n\n`{st}`")
-                if not st["ok"]:
-                    failures.append(f"stand-in: {st}")
-            if "profile" not in skip:
-                say("\n### Profile (py-spy, non-blocking, 250 Hz), ingestd plain ...")
-                r = bench.run_ingestd(False, args.tweets, profile=True)
+                for prespool in (False, True) if "prespool" in contenders else (False,):
+                    st = run_standin(bench, args.standin_tweets, prespool)
+                    who = "prespool" if prespool else "ingestd"
+                    report[f"standin-{who}"] = st
+                    say(f"   {who}: {st}")
+                    md.add(f"### Stand-in check, {who} ({args.standin_tweets:,} tweets)\n\n`{st}`")
+                    if not st["ok"]:
+                        failures.append(f"stand-in {who}: {st}")
+            for name in [] if "profile" in skip else args.profile_contenders.split(","):
+                say(f"\n### Profile (py-spy, non-blocking, 250 Hz), {name} plain ...")
+                r = bench.run_ingestd(False, args.tweets, profile=True,
+                                      encoder=name == "ingestd", prespool=name == "prespool")
                 say("    " + r.line() + "  (under the profiler)")
                 run_dir = Path(r.extra["workdir"])
                 parts = []
                 for role in ("stream", "store"):
                     text = summarize_profile(run_dir / f"profile-{role}.txt")
-                    report.setdefault("profiles", {})[f"{role}-plain"] = text
-                    say(f"\n#### {role} worker (plain)\n{text}")
+                    report.setdefault("profiles", {})[f"{name}-{role}-plain"] = text
+                    say(f"\n#### {name}: {role} worker (plain)\n{text}")
                     parts.append(f"#### {role} worker (plain)\n\n{text}")
-                md.add("### Where ingestd's CPU goes (py-spy, one extra plain run: "
+                md.add(f"### Where {name}'s CPU goes (py-spy, one extra plain run: "
                        f"{r.rate:,.0f} tweets/s under the profiler)\n\n" + "\n\n".join(parts))
         finally:
             bench.close()
@@ -1007,8 +1022,9 @@ def run_throughput(bench: Bench, contenders: list[str], encodings: list[str],
                 gzip = enc == "gzip"
                 n = args.tweets
                 say(f"  [{rep}/{args.repeats}] {name} {enc} ...")
-                if name.startswith("ingestd"):
-                    r = bench.run_ingestd(gzip, n, encoder=name == "ingestd")
+                if name in DAEMONS:
+                    r = bench.run_ingestd(gzip, n, encoder=name == "ingestd",
+                                          prespool=name == "prespool")
                 else:
                     if name == "naive" and args.naive_tweets:
                         n = min(n, args.naive_tweets)
@@ -1024,17 +1040,17 @@ def run_throughput(bench: Bench, contenders: list[str], encodings: list[str],
 
 
 def ingestd_per_role(results: list[Result]) -> str:
-    """ingestd's CPU µs per tweet by process (medians over its runs), per encoding."""
+    """Each daemon contender's CPU µs per tweet by process (medians over its runs), per encoding."""
     lines = []
-    for enc in ("plain", "gzip"):
-        runs = [r for r in results if r.contender == "ingestd" and r.encoding == enc]
+    for name, enc in [(n, e) for n in DAEMONS for e in ("plain", "gzip")]:
+        runs = [r for r in results if r.contender == name and r.encoding == enc]
         if not runs:
             continue
         roles = sorted({k for r in runs for k in r.extra["cpu_by_role"]})
         per = ", ".join(
             f"{role} {statistics.median(r.extra['cpu_by_role'].get(role, 0.0) for r in runs) * 1e6 / runs[0].tweets:.1f}"  # noqa: E501
             for role in roles)
-        lines.append(f"ingestd {enc}, CPU µs/tweet by process (medians): {per}")
+        lines.append(f"{name} {enc}, CPU µs/tweet by process (medians): {per}")
     return "\n".join(lines)
 
 
