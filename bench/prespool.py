@@ -24,6 +24,7 @@ are not pruned.
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from collections.abc import Sequence
@@ -52,9 +53,16 @@ class Job(NamedTuple):
 
 
 class EncodingIntake(SpoolIntake):
-    """``SpoolIntake`` that encodes v1.1 tweets to their BSON documents just before the write."""
+    """``SpoolIntake`` that encodes v1.1 tweets to their BSON documents just before the write.
+
+    ``share`` (``INGESTD_BENCH_PRESPOOL_SHARE``, default 1): the fraction of messages it encodes,
+    spread evenly; the others go to the spool as JSON and the store worker encodes them itself
+    (its existing path), so that the two workers' CPU per tweet can be balanced.
+    """
 
     matchers: dict[int, Matcher]
+    share = float(os.environ.get("INGESTD_BENCH_PRESPOOL_SHARE", "1"))
+    _credit = 0.0
 
     def flush(self) -> None:
         if self.pending:
@@ -63,18 +71,22 @@ class EncodingIntake(SpoolIntake):
 
     def _encoded(self, groups: Sequence[Any]) -> list[Any]:
         seq = self.spool.next_seq  # the seqs this write will give its records
+        share, credit = self.share, self._credit
         out = []
         for items, conn, gen, ns in groups:
             matcher = self.matchers.get(gen) or self.matchers[max(self.matchers)]
             new: list[tuple[int, bytes]] = []
             for kind, payload in items:
-                if kind == KIND_MESSAGE:
+                credit += share
+                if kind == KIND_MESSAGE and credit >= 1.0:
+                    credit -= 1.0
                     enc = encode(Job(payload, ns, conn, gen, seq), matcher)
                     if enc.status == OK:
                         kind, payload = KIND_BSON, enc.raw
                 new.append((kind, payload))
                 seq += 1
             out.append((new, conn, gen, ns))
+        self._credit = min(credit, 1.0)
         return out
 
 

@@ -76,15 +76,18 @@ from tests.support.daemon import Daemon, settings_doc
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 
-CONTENDERS = ("ingestd", "ingestd-1core", "prespool", "threaded", "tweepy", "floor", "naive")
+CONTENDERS = ("ingestd", "ingestd-1core", "prespool", "prespool-split", "threaded", "tweepy",
+              "floor", "naive")
 # What `make bench` runs (fits in 10 minutes); the others on request with --contenders.
 DEFAULT_CONTENDERS = ("ingestd", "threaded", "tweepy", "floor")
 PIPELINE, TWEEPY = "threaded", "tweepy"  # the ratios' denominators
 # ingestd-1core: the same daemon with writer.encoder_process: false (the store worker encodes
 # every tweet itself), to show what the encoder child adds.
 # prespool: the same daemon with tweets encoded to BSON by the stream worker before the spool and
-# only inserted by the store worker (a prototype: bench/prespool.py; branch spike).
-DAEMONS = ("ingestd", "ingestd-1core", "prespool")
+# only inserted by the store worker (a prototype: bench/prespool.py; branch spike);
+# prespool-split: the stream worker encodes only --split-share of the tweets, spread evenly, and
+# the store worker the rest (as ingestd-1core does), to balance the two cores.
+DAEMONS = ("ingestd", "ingestd-1core", "prespool", "prespool-split")
 # Filters of a realistic deployment: several terms that hit the sample, a phrase, a hashtag, a
 # URL-ish term, followed accounts and two boxes, so every tweet takes the full matching path.
 TRACK = ["twitter", "iphone", "ipad", "python", "#ピザの日", "api", "engineering.twitter.com",
@@ -291,6 +294,13 @@ class Bench:
         self.blackhole = Blackhole(workdir / "blackhole")
         self._runs = 0
 
+    def env_of(self, prespool: str) -> dict[str, str]:
+        """The daemon's extra environment: ``prespool`` names a prototype contender, or is ""."""
+        if not prespool:
+            return self.daemon_env
+        share = self.args.split_share if prespool == "prespool-split" else 1.0
+        return self.prespool_env | {"INGESTD_BENCH_PRESPOOL_SHARE": str(share)}
+
     def close(self) -> None:
         self.server.close()
         self.blackhole.stop()
@@ -313,16 +323,16 @@ class Bench:
 
     def run_ingestd(self, gzip: bool, tweets: int, *, rate: float = 0.0,
                     blackhole: Blackhole | None = None, profile: bool = False,
-                    track: bool = False, encoder: bool = True, prespool: bool = False
+                    track: bool = False, encoder: bool = True, prespool: str = ""
                     ) -> Result:
         bh = blackhole or self.blackhole
-        name = "prespool" if prespool else "ingestd" if encoder else "ingestd-1core"
+        name = prespool or ("ingestd" if encoder else "ingestd-1core")
         workdir = self.next_dir(f"{name}-{'gzip' if gzip else 'plain'}")
-        daemon = Daemon(workdir, self.ingestd_doc(bh.uri, gzip, encoder))
+        daemon = Daemon(workdir, self.ingestd_doc(bh.uri, gzip, encoder and not prespool))
         bh.reset(tweets, track)
         self.server.arm(tweets, rate)
         load = load1()
-        daemon.start(self.prespool_env if prespool else self.daemon_env)
+        daemon.start(self.env_of(prespool))
         spies: list[subprocess.Popen[bytes]] = []
         try:
             self.server.wait_delivery(60)
@@ -728,17 +738,17 @@ def quiet_line(q: dict[str, Any]) -> str:
             f"{q['seconds']} s (load {q['load']:.2f}); per process: {per}")
 
 
-def run_standin(bench: Bench, tweets: int, prespool: bool = False) -> dict[str, Any]:
+def run_standin(bench: Bench, tweets: int, prespool: str = "") -> dict[str, Any]:
     """The same daemon against the nx-27017 stand-in: stored == delivered, each exactly once
-    (``prespool``: the prototype's daemon)."""
+    (``prespool``: the prototype contender's daemon)."""
     from ingestd.tools.standin import StandIn
 
     # a fresh database per run: a second run into the first one's would store nothing new
-    standin = StandIn(bench.workdir / ("standin-prespool" if prespool else "standin")).start()
-    workdir = bench.next_dir("prespool-standin" if prespool else "ingestd-standin")
-    daemon = Daemon(workdir, bench.ingestd_doc(standin.uri, True))
+    standin = StandIn(bench.workdir / f"standin-{prespool or 'ingestd'}").start()
+    workdir = bench.next_dir(f"{prespool or 'ingestd'}-standin")
+    daemon = Daemon(workdir, bench.ingestd_doc(standin.uri, True, not prespool))
     bench.server.arm(tweets)
-    daemon.start(bench.prespool_env if prespool else bench.daemon_env)
+    daemon.start(bench.env_of(prespool))
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(standin.uri)
     coll = client[DATABASE]["tweets"]
     try:
@@ -855,6 +865,8 @@ def main(argv: list[str] | None = None) -> int:
     a("--quiet-rate", type=float, default=50.0, help="tweets/s of the busy-filter quiet stream")
     a("--keepalive", type=float, default=30.0, help="s between keep-alives (the endpoint: 30)")
     a("--standin-tweets", type=int, default=3000)
+    a("--split-share", type=float, default=0.6,
+      help="prespool-split: the share of tweets the stream worker encodes")
     a("--profile-contenders", default="ingestd",
       help=f"comma list of the daemons to profile (one extra plain run each): {', '.join(DAEMONS)}")
     a("--skip", default="", help="comma list of: latency, overload, standin, quiet, profile")
@@ -972,9 +984,9 @@ def main(argv: list[str] | None = None) -> int:
             if "standin" not in skip:
                 say(f"\n### Correctness against the nx-27017 stand-in ({args.standin_tweets:,} "
                     "tweets, speed not a figure) ...")
-                for prespool in (False, True) if "prespool" in contenders else (False,):
-                    st = run_standin(bench, args.standin_tweets, prespool)
-                    who = "prespool" if prespool else "ingestd"
+                for who in ["ingestd", *(c for c in contenders if c.startswith("prespool"))]:
+                    st = run_standin(bench, args.standin_tweets,
+                                     "" if who == "ingestd" else who)
                     report[f"standin-{who}"] = st
                     say(f"   {who}: {st}")
                     md.add(f"### Stand-in check, {who} ({args.standin_tweets:,} tweets)\n\n`{st}`")
@@ -982,8 +994,8 @@ def main(argv: list[str] | None = None) -> int:
                         failures.append(f"stand-in {who}: {st}")
             for name in [] if "profile" in skip else args.profile_contenders.split(","):
                 say(f"\n### Profile (py-spy, non-blocking, 250 Hz), {name} plain ...")
-                r = bench.run_ingestd(False, args.tweets, profile=True,
-                                      encoder=name == "ingestd", prespool=name == "prespool")
+                r = bench.run_ingestd(False, args.tweets, profile=True, encoder=name == "ingestd",
+                                      prespool=name if name.startswith("prespool") else "")
                 say("    " + r.line() + "  (under the profiler)")
                 run_dir = Path(r.extra["workdir"])
                 parts = []
@@ -1024,7 +1036,7 @@ def run_throughput(bench: Bench, contenders: list[str], encodings: list[str],
                 say(f"  [{rep}/{args.repeats}] {name} {enc} ...")
                 if name in DAEMONS:
                     r = bench.run_ingestd(gzip, n, encoder=name == "ingestd",
-                                          prespool=name == "prespool")
+                                          prespool=name if name.startswith("prespool") else "")
                 else:
                     if name == "naive" and args.naive_tweets:
                         n = min(n, args.naive_tweets)
