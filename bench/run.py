@@ -17,7 +17,10 @@ pymongo, not a database:
     "the pipeline", the first denominator of the ratios;
 (c') ``tweepy``: tweepy 4.13's default ``tweepy.Stream`` path + ``insert_many`` (on the first
     ``--tweepy-tweets``), the second denominator;
-(d) ``floor``: pycurl + framing + orjson only, no insert (the parse limit of one core).
+(d) ``floor``: pycurl + framing + orjson only, no insert (the parse limit of one core);
+(a') ``prespool`` / ``prespool-split`` (on request): a prototype, the daemon with its stream
+    worker encoding all (or ``--split-share``) of the tweets to BSON before the spool and its
+    store worker only inserting them, no encoder child (``bench/prespool.py``).
 ``make bench`` runs ingestd, threaded, tweepy and floor (``--contenders`` for the others) on 60k
 tweets, medians of 3, to fit in 10 minutes on an idle 2-core machine.
 
