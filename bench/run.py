@@ -628,16 +628,18 @@ def run_latency(bench: Bench, rate: float, seconds: float) -> dict[str, Any]:
 
 
 def run_overload(bench: Bench, rate: float, ack_delay: float, seconds: float,
-                 encoder: bool = True) -> dict[str, Any]:
-    """Offer ``rate``/s while every 1000-tweet insert is acked ``ack_delay`` s late."""
+                 encoder: bool = True, prespool: str = "") -> dict[str, Any]:
+    """Offer ``rate``/s while every 1000-tweet insert is acked ``ack_delay`` s late
+    (``prespool``: a prototype contender's daemon)."""
     tweets = min(bench.payload.tweets, int(rate * seconds))
-    bh = Blackhole(bench.workdir / f"blackhole-overload-{encoder}", ack_delay=ack_delay)
-    workdir = bench.next_dir("ingestd-overload" if encoder else "ingestd-1core-overload")
-    daemon = Daemon(workdir, bench.ingestd_doc(bh.uri, True, encoder))
+    name = prespool or ("ingestd" if encoder else "ingestd-1core")
+    bh = Blackhole(bench.workdir / f"blackhole-overload-{name}", ack_delay=ack_delay)
+    workdir = bench.next_dir(f"{name}-overload")
+    daemon = Daemon(workdir, bench.ingestd_doc(bh.uri, True, encoder and not prespool))
     bh.reset(0)
     bench.server.arm(tweets, rate)
     load = load1()
-    daemon.start(bench.daemon_env)
+    daemon.start(bench.env_of(prespool))
     try:
         bench.server.wait_delivery(60)
         daemon.wait_ready(60)
@@ -968,11 +970,14 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"\n### Overload: {args.overload_rate:,.0f}/s offered, each insert acked "
                     f"{args.overload_ack_delay} s late ...")
                 lines = []
-                for encoder in (True, False) if args.overload_1core else (True,):
+                variants = ["ingestd", *(["ingestd-1core"] if args.overload_1core else []),
+                            *(c for c in contenders if c.startswith("prespool"))]
+                for who in variants:
                     ov = run_overload(bench, args.overload_rate, args.overload_ack_delay,
-                                      args.overload_seconds, encoder)
-                    report["overload" if encoder else "overload-1core"] = ov
-                    text = (f"{'ingestd' if encoder else 'ingestd-1core'}: received "
+                                      args.overload_seconds, who == "ingestd",
+                                      who if who.startswith("prespool") else "")
+                    report["overload" if who == "ingestd" else f"overload-{who}"] = ov
+                    text = (f"{who}: received "
                             f"{ov['received']:,}, stored {ov['stored']:,} "
                             f"({ov['overload']}x overload), spool backlog "
                             f"{ov['spool_backlog_records']} records; all daemon processes: peak "
