@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import struct
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -36,6 +37,7 @@ from ingestd.spool.format import KIND_MESSAGE, Record
 from ingestd.spool.intake import SpoolIntake
 
 KIND_BSON = 5  # a v1.1 tweet's stored document, BSON-encoded by the stream worker
+BUDGET_SLACK = 0.005  # seconds of encoding allowed at the start of each second
 _INT64 = struct.Struct("<q")
 _INT32 = struct.Struct("<i")
 _ID64 = b"\x12_id\x00"  # bson.encode writes a top-level _id first
@@ -58,16 +60,33 @@ class EncodingIntake(SpoolIntake):
     ``share`` (``INGESTD_BENCH_PRESPOOL_SHARE``, default 1): the fraction of messages it encodes,
     spread evenly; the others go to the spool as JSON and the store worker encodes them itself
     (its existing path), so that the two workers' CPU per tweet can be balanced.
+
+    ``budget`` (``INGESTD_BENCH_PRESPOOL_BUDGET``, default 1): the most of its wall-clock time the
+    stream worker spends encoding, per second; past it a write's messages go as JSON. Reading
+    keeps the rest of its time whatever the rate (an overload), and the share adapts by itself.
     """
 
     matchers: dict[int, Matcher]
     share = float(os.environ.get("INGESTD_BENCH_PRESPOOL_SHARE", "1"))
+    budget = float(os.environ.get("INGESTD_BENCH_PRESPOOL_BUDGET", "1"))
     _credit = 0.0
+    _window = 0.0  # start of the current second (monotonic)
+    _busy = 0.0  # seconds spent encoding in it
 
     def flush(self) -> None:
-        if self.pending:
+        if self.pending and self._within_budget():
+            started = time.monotonic()
             self.pending = self._encoded(self.pending)
+            self._busy += time.monotonic() - started
         super().flush()
+
+    def _within_budget(self) -> bool:
+        if self.budget >= 1.0:
+            return True
+        now = time.monotonic()
+        if now - self._window >= 1.0:
+            self._window, self._busy = now, 0.0
+        return self._busy < self.budget * (now - self._window) + BUDGET_SLACK
 
     def _encoded(self, groups: Sequence[Any]) -> list[Any]:
         seq = self.spool.next_seq  # the seqs this write will give its records

@@ -79,8 +79,8 @@ from tests.support.daemon import Daemon, settings_doc
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 
-CONTENDERS = ("ingestd", "ingestd-1core", "prespool", "prespool-split", "threaded", "tweepy",
-              "floor", "naive")
+CONTENDERS = ("ingestd", "ingestd-1core", "prespool", "prespool-split", "prespool-budget",
+              "threaded", "tweepy", "floor", "naive")
 # What `make bench` runs (fits in 10 minutes); the others on request with --contenders.
 DEFAULT_CONTENDERS = ("ingestd", "threaded", "tweepy", "floor")
 PIPELINE, TWEEPY = "threaded", "tweepy"  # the ratios' denominators
@@ -89,8 +89,9 @@ PIPELINE, TWEEPY = "threaded", "tweepy"  # the ratios' denominators
 # prespool: the same daemon with tweets encoded to BSON by the stream worker before the spool and
 # only inserted by the store worker (a prototype: bench/prespool.py; branch spike);
 # prespool-split: the stream worker encodes only --split-share of the tweets, spread evenly, and
-# the store worker the rest (as ingestd-1core does), to balance the two cores.
-DAEMONS = ("ingestd", "ingestd-1core", "prespool", "prespool-split")
+# the store worker the rest (as ingestd-1core does), to balance the two cores;
+# prespool-budget: the stream worker encodes while that takes under --encode-budget of its time.
+DAEMONS = ("ingestd", "ingestd-1core", "prespool", "prespool-split", "prespool-budget")
 # Filters of a realistic deployment: several terms that hit the sample, a phrase, a hashtag, a
 # URL-ish term, followed accounts and two boxes, so every tweet takes the full matching path.
 TRACK = ["twitter", "iphone", "ipad", "python", "#ピザの日", "api", "engineering.twitter.com",
@@ -302,7 +303,9 @@ class Bench:
         if not prespool:
             return self.daemon_env
         share = self.args.split_share if prespool == "prespool-split" else 1.0
-        return self.prespool_env | {"INGESTD_BENCH_PRESPOOL_SHARE": str(share)}
+        budget = self.args.encode_budget if prespool == "prespool-budget" else 1.0
+        return self.prespool_env | {"INGESTD_BENCH_PRESPOOL_SHARE": str(share),
+                                    "INGESTD_BENCH_PRESPOOL_BUDGET": str(budget)}
 
     def close(self) -> None:
         self.server.close()
@@ -872,6 +875,8 @@ def main(argv: list[str] | None = None) -> int:
     a("--standin-tweets", type=int, default=3000)
     a("--split-share", type=float, default=0.6,
       help="prespool-split: the share of tweets the stream worker encodes")
+    a("--encode-budget", type=float, default=0.5,
+      help="prespool-budget: the most of its time the stream worker spends encoding")
     a("--profile-contenders", default="ingestd",
       help=f"comma list of the daemons to profile (one extra plain run each): {', '.join(DAEMONS)}")
     a("--skip", default="", help="comma list of: latency, overload, standin, quiet, profile")
