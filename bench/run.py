@@ -18,9 +18,10 @@ pymongo, not a database:
 (c') ``tweepy``: tweepy 4.13's default ``tweepy.Stream`` path + ``insert_many`` (on the first
     ``--tweepy-tweets``), the second denominator;
 (d) ``floor``: pycurl + framing + orjson only, no insert (the parse limit of one core);
-(a') ``prespool`` / ``prespool-split`` (on request): a prototype, the daemon with its stream
-    worker encoding all (or ``--split-share``) of the tweets to BSON before the spool and its
-    store worker only inserting them, no encoder child (``bench/prespool.py``).
+(a') ``prespool`` / ``prespool-split`` / ``prespool-budget`` (on request): a prototype, the daemon
+    with its stream worker encoding all of the tweets (or ``--split-share`` of them, or while that
+    takes under ``--encode-budget`` of a core) to BSON before the spool, its store worker encoding
+    the rest and inserting, no encoder child (``bench/prespool.py``).
 ``make bench`` runs ingestd, threaded, tweepy and floor (``--contenders`` for the others) on 60k
 tweets, medians of 3, to fit in 10 minutes on an idle 2-core machine.
 
@@ -1000,9 +1001,11 @@ def main(argv: list[str] | None = None) -> int:
                 for who in ["ingestd", *(c for c in contenders if c.startswith("prespool"))]:
                     st = run_standin(bench, args.standin_tweets,
                                      "" if who == "ingestd" else who)
-                    report[f"standin-{who}"] = st
+                    # ingestd's keeps the name and heading it had before the prototypes
+                    tag = "" if who == "ingestd" else f", {who}"
+                    report["standin" if who == "ingestd" else f"standin-{who}"] = st
                     say(f"   {who}: {st}")
-                    md.add(f"### Stand-in check, {who} ({args.standin_tweets:,} tweets)\n\n`{st}`")
+                    md.add(f"### Stand-in check{tag} ({args.standin_tweets:,} tweets)\n\n`{st}`")
                     if not st["ok"]:
                         failures.append(f"stand-in {who}: {st}")
             for name in [] if "profile" in skip else args.profile_contenders.split(","):
