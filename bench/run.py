@@ -17,7 +17,11 @@ pymongo, not a database:
     "the pipeline", the first denominator of the ratios;
 (c') ``tweepy``: tweepy 4.13's default ``tweepy.Stream`` path + ``insert_many`` (on the first
     ``--tweepy-tweets``), the second denominator;
-(d) ``floor``: pycurl + framing + orjson only, no insert (the parse limit of one core).
+(d) ``floor``: pycurl + framing + orjson only, no insert (the parse limit of one core);
+(a') ``prespool`` / ``prespool-split`` / ``prespool-budget`` (on request): a prototype, the daemon
+    with its stream worker encoding all of the tweets (or ``--split-share`` of them, or while that
+    takes under ``--encode-budget`` of a core) to BSON before the spool, its store worker encoding
+    the rest and inserting, no encoder child (``bench/prespool.py``).
 ``make bench`` runs ingestd, threaded, tweepy and floor (``--contenders`` for the others) on 60k
 tweets, medians of 3, to fit in 10 minutes on an idle 2-core machine.
 
@@ -76,12 +80,19 @@ from tests.support.daemon import Daemon, settings_doc
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 
-CONTENDERS = ("ingestd", "ingestd-1core", "threaded", "tweepy", "floor", "naive")
+CONTENDERS = ("ingestd", "ingestd-1core", "prespool", "prespool-split", "prespool-budget",
+              "threaded", "tweepy", "floor", "naive")
 # What `make bench` runs (fits in 10 minutes); the others on request with --contenders.
 DEFAULT_CONTENDERS = ("ingestd", "threaded", "tweepy", "floor")
 PIPELINE, TWEEPY = "threaded", "tweepy"  # the ratios' denominators
 # ingestd-1core: the same daemon with writer.encoder_process: false (the store worker encodes
 # every tweet itself), to show what the encoder child adds.
+# prespool: the same daemon with tweets encoded to BSON by the stream worker before the spool and
+# only inserted by the store worker (a prototype: bench/prespool.py; branch spike);
+# prespool-split: the stream worker encodes only --split-share of the tweets, spread evenly, and
+# the store worker the rest (as ingestd-1core does), to balance the two cores;
+# prespool-budget: the stream worker encodes while that takes under --encode-budget of its time.
+DAEMONS = ("ingestd", "ingestd-1core", "prespool", "prespool-split", "prespool-budget")
 # Filters of a realistic deployment: several terms that hit the sample, a phrase, a hashtag, a
 # URL-ish term, followed accounts and two boxes, so every tweet takes the full matching path.
 TRACK = ["twitter", "iphone", "ipad", "python", "#ピザの日", "api", "engineering.twitter.com",
@@ -281,9 +292,21 @@ class Bench:
         self.args, self.payload, self.workdir = args, payload, workdir
         # ``--tree``: run the daemon from another source tree (to measure a proposed change)
         self.daemon_env = {"PYTHONPATH": str(args.tree)} if args.tree else {}
+        # prespool: this tree's daemon with its workers patched by bench/prespool.py
+        self.prespool_env = {"PYTHONPATH": f"{BENCH / 'prespool_site'}:{ROOT}",
+                             "INGESTD_BENCH_PRESPOOL": "1"}
         self.server = PayloadServer(payload)
         self.blackhole = Blackhole(workdir / "blackhole")
         self._runs = 0
+
+    def env_of(self, prespool: str) -> dict[str, str]:
+        """The daemon's extra environment: ``prespool`` names a prototype contender, or is ""."""
+        if not prespool:
+            return self.daemon_env
+        share = self.args.split_share if prespool == "prespool-split" else 1.0
+        budget = self.args.encode_budget if prespool == "prespool-budget" else 1.0
+        return self.prespool_env | {"INGESTD_BENCH_PRESPOOL_SHARE": str(share),
+                                    "INGESTD_BENCH_PRESPOOL_BUDGET": str(budget)}
 
     def close(self) -> None:
         self.server.close()
@@ -307,16 +330,16 @@ class Bench:
 
     def run_ingestd(self, gzip: bool, tweets: int, *, rate: float = 0.0,
                     blackhole: Blackhole | None = None, profile: bool = False,
-                    track: bool = False, encoder: bool = True
+                    track: bool = False, encoder: bool = True, prespool: str = ""
                     ) -> Result:
         bh = blackhole or self.blackhole
-        name = "ingestd" if encoder else "ingestd-1core"
+        name = prespool or ("ingestd" if encoder else "ingestd-1core")
         workdir = self.next_dir(f"{name}-{'gzip' if gzip else 'plain'}")
-        daemon = Daemon(workdir, self.ingestd_doc(bh.uri, gzip, encoder))
+        daemon = Daemon(workdir, self.ingestd_doc(bh.uri, gzip, encoder and not prespool))
         bh.reset(tweets, track)
         self.server.arm(tweets, rate)
         load = load1()
-        daemon.start(self.daemon_env)
+        daemon.start(self.env_of(prespool))
         spies: list[subprocess.Popen[bytes]] = []
         try:
             self.server.wait_delivery(60)
@@ -609,16 +632,18 @@ def run_latency(bench: Bench, rate: float, seconds: float) -> dict[str, Any]:
 
 
 def run_overload(bench: Bench, rate: float, ack_delay: float, seconds: float,
-                 encoder: bool = True) -> dict[str, Any]:
-    """Offer ``rate``/s while every 1000-tweet insert is acked ``ack_delay`` s late."""
+                 encoder: bool = True, prespool: str = "") -> dict[str, Any]:
+    """Offer ``rate``/s while every 1000-tweet insert is acked ``ack_delay`` s late
+    (``prespool``: a prototype contender's daemon)."""
     tweets = min(bench.payload.tweets, int(rate * seconds))
-    bh = Blackhole(bench.workdir / f"blackhole-overload-{encoder}", ack_delay=ack_delay)
-    workdir = bench.next_dir("ingestd-overload" if encoder else "ingestd-1core-overload")
-    daemon = Daemon(workdir, bench.ingestd_doc(bh.uri, True, encoder))
+    name = prespool or ("ingestd" if encoder else "ingestd-1core")
+    bh = Blackhole(bench.workdir / f"blackhole-overload-{name}", ack_delay=ack_delay)
+    workdir = bench.next_dir(f"{name}-overload")
+    daemon = Daemon(workdir, bench.ingestd_doc(bh.uri, True, encoder and not prespool))
     bh.reset(0)
     bench.server.arm(tweets, rate)
     load = load1()
-    daemon.start(bench.daemon_env)
+    daemon.start(bench.env_of(prespool))
     try:
         bench.server.wait_delivery(60)
         daemon.wait_ready(60)
@@ -722,15 +747,17 @@ def quiet_line(q: dict[str, Any]) -> str:
             f"{q['seconds']} s (load {q['load']:.2f}); per process: {per}")
 
 
-def run_standin(bench: Bench, tweets: int) -> dict[str, Any]:
-    """The same daemon against the nx-27017 stand-in: stored == delivered, each exactly once."""
+def run_standin(bench: Bench, tweets: int, prespool: str = "") -> dict[str, Any]:
+    """The same daemon against the nx-27017 stand-in: stored == delivered, each exactly once
+    (``prespool``: the prototype contender's daemon)."""
     from ingestd.tools.standin import StandIn
 
-    standin = StandIn(bench.workdir / "standin").start()
-    workdir = bench.next_dir("ingestd-standin")
-    daemon = Daemon(workdir, bench.ingestd_doc(standin.uri, True))
+    # a fresh database per run: a second run into the first one's would store nothing new
+    standin = StandIn(bench.workdir / f"standin-{prespool or 'ingestd'}").start()
+    workdir = bench.next_dir(f"{prespool or 'ingestd'}-standin")
+    daemon = Daemon(workdir, bench.ingestd_doc(standin.uri, True, not prespool))
     bench.server.arm(tweets)
-    daemon.start(bench.daemon_env)
+    daemon.start(bench.env_of(prespool))
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(standin.uri)
     coll = client[DATABASE]["tweets"]
     try:
@@ -768,7 +795,9 @@ def run_standin(bench: Bench, tweets: int) -> dict[str, Any]:
         daemon.stop(60)
         client.close()
         standin.stop()
-    ok = count == tweets == distinct and ids == expected and not wrong
+    # and the store worker counted each as stored (a rerun into old data finds only duplicates)
+    ok = (count == tweets == distinct and ids == expected and not wrong
+          and int(store.get("stored", 0)) == tweets and not store.get("duplicates"))
     return {"delivered": tweets, "received": stream.get("received"), "stored_documents": count,
             "distinct_ids": distinct, "ids_match_payload": ids == expected,
             "with_track_match": with_track, "matched_differs": wrong,
@@ -845,6 +874,12 @@ def main(argv: list[str] | None = None) -> int:
     a("--quiet-rate", type=float, default=50.0, help="tweets/s of the busy-filter quiet stream")
     a("--keepalive", type=float, default=30.0, help="s between keep-alives (the endpoint: 30)")
     a("--standin-tweets", type=int, default=3000)
+    a("--split-share", type=float, default=0.6,
+      help="prespool-split: the share of tweets the stream worker encodes")
+    a("--encode-budget", type=float, default=0.5,
+      help="prespool-budget: the most of its time the stream worker spends encoding")
+    a("--profile-contenders", default="ingestd",
+      help=f"comma list of the daemons to profile (one extra plain run each): {', '.join(DAEMONS)}")
     a("--skip", default="", help="comma list of: latency, overload, standin, quiet, profile")
     a("--workdir", type=Path, help="keep everything here (default: a temporary folder)")
     a("--keep", action="store_true", help="keep the temporary work folder")
@@ -941,11 +976,14 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"\n### Overload: {args.overload_rate:,.0f}/s offered, each insert acked "
                     f"{args.overload_ack_delay} s late ...")
                 lines = []
-                for encoder in (True, False) if args.overload_1core else (True,):
+                variants = ["ingestd", *(["ingestd-1core"] if args.overload_1core else []),
+                            *(c for c in contenders if c.startswith("prespool"))]
+                for who in variants:
                     ov = run_overload(bench, args.overload_rate, args.overload_ack_delay,
-                                      args.overload_seconds, encoder)
-                    report["overload" if encoder else "overload-1core"] = ov
-                    text = (f"{'ingestd' if encoder else 'ingestd-1core'}: received "
+                                      args.overload_seconds, who == "ingestd",
+                                      who if who.startswith("prespool") else "")
+                    report["overload" if who == "ingestd" else f"overload-{who}"] = ov
+                    text = (f"{who}: received "
                             f"{ov['received']:,}, stored {ov['stored']:,} "
                             f"({ov['overload']}x overload), spool backlog "
                             f"{ov['spool_backlog_records']} records; all daemon processes: peak "
@@ -960,24 +998,29 @@ def main(argv: list[str] | None = None) -> int:
             if "standin" not in skip:
                 say(f"\n### Correctness against the nx-27017 stand-in ({args.standin_tweets:,} "
                     "tweets, speed not a figure) ...")
-                st = run_standin(bench, args.standin_tweets)
-                report["standin"] = st
-                say(f"   {st}")
-                md.add(f"### Stand-in check ({args.standin_tweets:,} tweets)\n\n`{st}`")
-                if not st["ok"]:
-                    failures.append(f"stand-in: {st}")
-            if "profile" not in skip:
-                say("\n### Profile (py-spy, non-blocking, 250 Hz), ingestd plain ...")
-                r = bench.run_ingestd(False, args.tweets, profile=True)
+                for who in ["ingestd", *(c for c in contenders if c.startswith("prespool"))]:
+                    st = run_standin(bench, args.standin_tweets,
+                                     "" if who == "ingestd" else who)
+                    # ingestd's keeps the name and heading it had before the prototypes
+                    tag = "" if who == "ingestd" else f", {who}"
+                    report["standin" if who == "ingestd" else f"standin-{who}"] = st
+                    say(f"   {who}: {st}")
+                    md.add(f"### Stand-in check{tag} ({args.standin_tweets:,} tweets)\n\n`{st}`")
+                    if not st["ok"]:
+                        failures.append(f"stand-in {who}: {st}")
+            for name in [] if "profile" in skip else args.profile_contenders.split(","):
+                say(f"\n### Profile (py-spy, non-blocking, 250 Hz), {name} plain ...")
+                r = bench.run_ingestd(False, args.tweets, profile=True, encoder=name == "ingestd",
+                                      prespool=name if name.startswith("prespool") else "")
                 say("    " + r.line() + "  (under the profiler)")
                 run_dir = Path(r.extra["workdir"])
                 parts = []
                 for role in ("stream", "store"):
                     text = summarize_profile(run_dir / f"profile-{role}.txt")
-                    report.setdefault("profiles", {})[f"{role}-plain"] = text
-                    say(f"\n#### {role} worker (plain)\n{text}")
+                    report.setdefault("profiles", {})[f"{name}-{role}-plain"] = text
+                    say(f"\n#### {name}: {role} worker (plain)\n{text}")
                     parts.append(f"#### {role} worker (plain)\n\n{text}")
-                md.add("### Where ingestd's CPU goes (py-spy, one extra plain run: "
+                md.add(f"### Where {name}'s CPU goes (py-spy, one extra plain run: "
                        f"{r.rate:,.0f} tweets/s under the profiler)\n\n" + "\n\n".join(parts))
         finally:
             bench.close()
@@ -1007,8 +1050,9 @@ def run_throughput(bench: Bench, contenders: list[str], encodings: list[str],
                 gzip = enc == "gzip"
                 n = args.tweets
                 say(f"  [{rep}/{args.repeats}] {name} {enc} ...")
-                if name.startswith("ingestd"):
-                    r = bench.run_ingestd(gzip, n, encoder=name == "ingestd")
+                if name in DAEMONS:
+                    r = bench.run_ingestd(gzip, n, encoder=name == "ingestd",
+                                          prespool=name if name.startswith("prespool") else "")
                 else:
                     if name == "naive" and args.naive_tweets:
                         n = min(n, args.naive_tweets)
@@ -1024,17 +1068,17 @@ def run_throughput(bench: Bench, contenders: list[str], encodings: list[str],
 
 
 def ingestd_per_role(results: list[Result]) -> str:
-    """ingestd's CPU µs per tweet by process (medians over its runs), per encoding."""
+    """Each daemon contender's CPU µs per tweet by process (medians over its runs), per encoding."""
     lines = []
-    for enc in ("plain", "gzip"):
-        runs = [r for r in results if r.contender == "ingestd" and r.encoding == enc]
+    for name, enc in [(n, e) for n in DAEMONS for e in ("plain", "gzip")]:
+        runs = [r for r in results if r.contender == name and r.encoding == enc]
         if not runs:
             continue
         roles = sorted({k for r in runs for k in r.extra["cpu_by_role"]})
         per = ", ".join(
             f"{role} {statistics.median(r.extra['cpu_by_role'].get(role, 0.0) for r in runs) * 1e6 / runs[0].tweets:.1f}"  # noqa: E501
             for role in roles)
-        lines.append(f"ingestd {enc}, CPU µs/tweet by process (medians): {per}")
+        lines.append(f"{name} {enc}, CPU µs/tweet by process (medians): {per}")
     return "\n".join(lines)
 
 
