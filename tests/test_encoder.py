@@ -165,7 +165,7 @@ def test_an_idle_child_gives_its_free_heap_back_once_per_pause(
             send_frame(child_in, ({3: SPEC} if pause == 1 else {}, encoder_pool._pack_jobs(jobs)),
                        [job.payload for job in jobs])
             header, blob = recv_frame(child_out)
-            assert encoder_pool._unpack_results(header, blob) == [
+            assert list(encoder_pool._iter_results(header, blob)) == [
                 encode(job, Matcher(*SPEC)) for job in jobs]
             wait_until(lambda n=pause: len(trims) >= n, 10, f"trim after pause {pause}")
     finally:

@@ -203,10 +203,6 @@ def _pack_results(results: Sequence[Encoded]) -> tuple[ResultHeader, list[bytes]
     return (statuses, ids, users, tuple(map(len, raws)), errors, dead), list(raws)
 
 
-def _unpack_results(header: ResultHeader, blob: bytearray) -> list[Encoded]:
-    return list(_iter_results(header, blob))
-
-
 def _iter_results(header: ResultHeader, blob: bytearray) -> Iterator[Encoded]:
     statuses, ids, users, sizes, errors, dead = header
     reasons: list[str] = [""] * len(statuses)
