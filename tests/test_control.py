@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -457,13 +458,27 @@ def reload_many(daemon: Daemon, first: int, count: int) -> None:
         daemon.wait_generation("supervisor", generation + 1, 10)
 
 
+def filters_generation(generation: int) -> int:
+    """The generation whose reload last changed the filters, as of ``generation`` (reload ``n``
+    of ``reload_many`` makes generation ``n + 1``; generation 1 is the start)."""
+    return max([1] + [n + 1 for n in FILTER_CHANGES if n + 1 <= generation])
+
+
 def settled_figures(daemon: Daemon, generation: int) -> dict[str, tuple[int, int]]:
     """fds and RSS of the three processes once both workers run ``generation`` and the stream
     is connected on its newest filters."""
     daemon.wait_generation("store", generation)
     daemon.wait_generation("stream", generation)
-    wait_until(lambda: str(daemon.status("stream").get("state")).startswith("connected"), 30,
-               "the stream connected")
+    # The worker adopts a filter change at once but keeps reading the old connection until the
+    # new one delivers (make-before-break): wait for the connection opened on the newest filters.
+    filters = filters_generation(generation)
+    newest = f"connected conn={{}} gen={filters}"
+    def switched() -> bool:
+        status = daemon.status("stream")
+        return (re.fullmatch(newest.format(r"\d+"), str(status.get("state"))) is not None
+                and status.get("pending") is None and not status.get("retiring"))
+    wait_until(switched, 30, f"the stream connected on generation {filters}'s filters, the old "
+               "connection closed")
     wait_until(lambda: daemon.status("supervisor")["status"].startswith("connected"), 10,
                "the supervisor's summary")
     return {role: proc_figures(pid) for role, pid in daemon.pids().items()}

@@ -133,6 +133,9 @@ class StreamRole:
             "generation": reader.generation, "state": state, "counters": self.counters(),
             "progress": reader.stats.bytes + reader.stats.attempts,
             "conn": reader.active.conn_id if reader.active else None,
+            # A filter change in progress (make-before-break): the new connection, the old ones.
+            "pending": reader.pending.conn_id if reader.pending else None,
+            "retiring": [c.conn_id for c in reader.retiring],
             # Delivering, whatever the state's words (degraded rules still stream the old ones).
             "delivering": bool(reader.active and reader.active.announced),
             "backoff": reader.backoff.last_delay,
