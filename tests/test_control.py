@@ -472,10 +472,11 @@ def settled_figures(daemon: Daemon, generation: int) -> dict[str, tuple[int, int
     # The worker adopts a filter change at once but keeps reading the old connection until the
     # new one delivers (make-before-break): wait for the connection opened on the newest filters.
     filters = filters_generation(generation)
-    newest = f"connected conn={{}} gen={filters}"
+    newest = rf"connected conn=\d+ gen={filters}"
+
     def switched() -> bool:
         status = daemon.status("stream")
-        return (re.fullmatch(newest.format(r"\d+"), str(status.get("state"))) is not None
+        return (re.fullmatch(newest, str(status.get("state"))) is not None
                 and status.get("pending") is None and not status.get("retiring"))
     wait_until(switched, 30, f"the stream connected on generation {filters}'s filters, the old "
                "connection closed")
