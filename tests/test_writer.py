@@ -50,7 +50,7 @@ from ingestd.config.schema import (
 )
 from ingestd.control.collector import in_flight
 from ingestd.documents.encoder import OK
-from ingestd.sink.batch import Entry
+from ingestd.sink.batch import Entry, InFlight
 from ingestd.sink.counters import StoreCounters
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.sink.encoder_split import EncoderSplit, Matchers
@@ -734,9 +734,9 @@ def test_reload_switches_the_encoder_child_off_and_on(mongo_uri: str, mongo_data
 
 def test_auto_mode_keeps_a_child_only_while_encoding_is_the_work() -> None:
     """``writer.encoder_process: auto``: no child before an insert was timed; none while
-    inserts take most of the store worker's time (MongoDB is the bottleneck: the child's memory
-    would buy a few percent); one once encoding is the work; kept between the two thresholds;
-    stopped when MongoDB slows down again."""
+    waits for inserts take most of the store worker's time (MongoDB is the bottleneck: the
+    child's memory would buy nothing); one once encoding is the work; kept between the two
+    thresholds; stopped when MongoDB slows down again."""
     settings = make_settings("mongodb://127.0.0.1:1", "db")
     assert settings.writer.encoder_process == "auto"  # the default
     split = EncoderSplit(Matchers(0, settings), StoreCounters(), None, offload_min=1)
@@ -744,7 +744,7 @@ def test_auto_mode_keeps_a_child_only_while_encoding_is_the_work() -> None:
                for i in range(20)]
 
     def batches(insert_share: float, count: int = 4) -> None:
-        """Batches of 1 s of work each, ``insert_share`` of it in the insert."""
+        """Batches of 1 s of work each, ``insert_share`` of it waiting for the insert."""
         for _ in range(count):
             split.inserts.note(insert_share, 1 - insert_share)
 
@@ -763,8 +763,10 @@ def test_auto_mode_keeps_a_child_only_while_encoding_is_the_work() -> None:
         batches(0.95)
         assert not shared() and split.encoder is None  # MongoDB-bound: no child
         batches(0.3)
+        assert not shared() and split.encoder is None  # inserts still the slower side
+        batches(0.1)
         assert shared() and split.encoder is not None  # encoding-bound: started
-        batches(0.8)
+        batches(0.6)
         assert shared() and split.encoder is not None  # between the thresholds: kept
         child = split.encoder
         batches(0.95)
@@ -810,13 +812,13 @@ def test_batch_is_bounded_in_bytes_not_only_in_records(
     monkeypatch.setattr(writer_module, "BATCH_MAX_BYTES", limit)
     h = harness_factory(batch_size=1000)
     sizes: list[int] = []
-    real_insert = h.worker._inserter.insert
+    real_begin = h.worker._inserter.begin
 
-    def spy(entries: list[Entry]) -> None:
+    def spy(entries: list[Entry]) -> InFlight:
         sizes.append(sum(len(h.spool.records[e.record.seq - 1].payload) for e in entries))
-        real_insert(entries)
+        return real_begin(entries)
 
-    monkeypatch.setattr(h.worker._inserter, "insert", spy)
+    monkeypatch.setattr(h.worker._inserter, "begin", spy)
     for p in payloads:
         h.spool.add(p)
     assert h.drain() is True
@@ -824,6 +826,54 @@ def test_batch_is_bounded_in_bytes_not_only_in_records(
     # A read returns at least one record, so a batch may pass the bound by one record at most.
     assert max(sizes) <= limit + len(payloads[0]) and len(sizes) >= 60 * len(payloads[0]) // (
         limit + len(payloads[0]))
+
+
+def test_next_batch_is_taken_while_an_insert_is_in_flight_and_writes_stay_in_order(
+        harness_factory: Callable[..., Harness], client: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Batch 1 (tweets 1, 2) is inserting, held on an event; the worker takes batch 2 (a delete of
+    # tweet 1, tweet 3) meanwhile, but starts no write of batch 2 and acks nothing until batch 1's
+    # insert is done: MongoDB sees insert 1, then batch 2's tombstone, insert and delete.
+    h = harness_factory(batch_size=2)
+    release, finishing = threading.Event(), threading.Event()
+    real_insert_many, real_finish = h.worker._inserter._insert_many, h.worker._inserter.finish
+    calls: list[list[int]] = []
+
+    def insert_many(docs: list[Any]) -> object:
+        calls.append([d.tweet_id for d in docs])
+        if len(calls) == 1:
+            assert release.wait(30), "the test never released the first insert"
+        return real_insert_many(docs)
+
+    def finish(flight: InFlight) -> None:
+        finishing.set()
+        real_finish(flight)
+
+    acks: list[tuple[int, list[int]]] = []
+    h.spool.on_ack = lambda rec: acks.append(
+        (rec.seq, sorted(d["_id"] for d in client.tweets.find())))
+    monkeypatch.setattr(h.worker._inserter, "_insert_many", insert_many)
+    monkeypatch.setattr(h.worker._inserter, "finish", finish)
+    for payload in (tweet(SNOW + 1), tweet(SNOW + 2), delete(SNOW + 1), tweet(SNOW + 3)):
+        h.spool.add(payload)
+    result: list[bool] = []
+    worker = threading.Thread(target=lambda: result.append(h.drain()))
+    worker.start()
+    try:
+        assert finishing.wait(30), "the worker never came to finish batch 1"
+        c = h.worker.counters()
+        assert c["records_read"] == 4 and c["pending"] == 3  # batch 2 taken meanwhile
+        assert calls == [[SNOW + 1, SNOW + 2]] and h.spool.acked_seq == 0
+        assert client.tweets_deleted.count_documents({}) == 0  # batch 2 has written nothing
+    finally:
+        release.set()
+        worker.join(60)
+    assert result == [True]
+    assert calls == [[SNOW + 1, SNOW + 2], [SNOW + 3]]
+    # each ack behind its batch's writes: batch 1 stored; then batch 2's insert and delete
+    assert acks == [(2, [SNOW + 1, SNOW + 2]), (4, [SNOW + 2, SNOW + 3])]
+    c = h.worker.counters()
+    assert (c["stored"], c["deletes_applied"], c["pending"]) == (3, 1, 0) and reconciles(c)
 
 
 def test_deletes_count_towards_the_batch(harness_factory: Callable[..., Harness],

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from bson.raw_bson import RawBSONDocument
@@ -53,3 +55,31 @@ class Batch:
     def size(self) -> int:
         """Writes held: tweets plus control effects (a run of deletes must not grow unbounded)."""
         return len(self.entries) + len(self.deletes) + len(self.ops)
+
+
+class InFlight:
+    """A batch's tweets and their first ``insert_many``, running on the helper thread."""
+
+    __slots__ = ("_ended", "entries", "future", "started", "tried")
+
+    def __init__(self, entries: list[Entry], tried: set[int], future: Future[object]) -> None:
+        self.entries, self.tried, self.future = entries, tried, future
+        self.started = time.monotonic()
+        # When the attempt ended, set on the helper thread. Not a bound method: the future would
+        # hold this object and this the future, a cycle only the cyclic GC frees (with its batch).
+        self._ended = ended = [self.started]
+        future.add_done_callback(lambda _: ended.__setitem__(0, time.monotonic()))
+
+    @property
+    def done_at(self) -> float:
+        return self._ended[0]
+
+
+@dataclass(slots=True)
+class Flight:
+    """A flushed batch not yet finished: its insert (None: no tweets to insert) runs on the helper
+    thread while the next batch is taken; ``ledger_mark`` ends its coverage records."""
+
+    batch: Batch
+    insert: InFlight | None
+    ledger_mark: int

@@ -310,12 +310,18 @@ class CoverageLedger:
 
     # ---------------------------------------------------------------- writing
 
-    def flush(self) -> None:
-        """Apply the markers and notices taken, in spool order, then write the changed gap and
-        hour documents (retried like every MongoDB write)."""
+    def mark(self) -> int:
+        """Where the records taken so far end: ``flush(mark)`` applies those and no later ones
+        (the store worker takes the next batch while this one's insert is in flight)."""
+        return len(self._queue)
+
+    def flush(self, upto: int | None = None) -> None:
+        """Apply the markers and notices taken (up to ``upto``, a ``mark()``), in spool order,
+        then write the changed gap and hour documents (retried like every MongoDB write)."""
         if not self._loaded:
             self._load_open_gap()
-        queue, self._queue = self._queue, []
+        cut = len(self._queue) if upto is None else upto
+        queue, self._queue = self._queue[:cut], self._queue[cut:]
         for record, event in queue:
             self._apply(record, event)
         self._settle_handovers()

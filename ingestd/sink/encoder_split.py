@@ -29,14 +29,16 @@ OFFLOAD_MIN = 64
 SHARE_STEP = 0.02  # how fast the split between the two encoders adapts
 ENCODER_RESTART_INTERVAL = 10.0  # seconds between restarts of a lost encoder child
 # ``writer.encoder_process: auto``: the child (a whole interpreter, ~14 MB of PSS) earns its memory
-# only while encoding is what the store worker spends its time on. While MongoDB's acks take most
-# of it (a slow or overloaded server: the spool holds the backlog), a child would shorten each
-# batch by part of the little time spent encoding (under a 10x overload, ~5 % of the drain rate):
-# it is not started, or it is stopped, until encoding matters again. The measure is the share of
-# the worker's busy time (taking records, inserting them; not its idle waits for data) spent in
-# inserts, smoothed over batches; two thresholds keep it from flapping.
-INSERT_SHARE_START = 0.75  # a child starts while inserts take less of the time than this
-INSERT_SHARE_STOP = 0.9  # and stops once they take more
+# only while encoding is what holds the store worker up. A batch's insert runs while the next one
+# is taken (``StoreWorker._flush``), so the measure is the share of the worker's busy time (taking
+# records, waiting for the insert before it; not its idle waits for data) spent waiting for
+# inserts, smoothed over batches. It is ~0 while taking is the slower side: a child then shortens
+# every cycle. Once an insert takes longer than taking a batch, a child cannot speed anything up;
+# with a child halving the taking, the share passes 0.5 there. Behind a MongoDB that acks a batch
+# in 0.5 s (a 10x overload: the spool holds the backlog) it is ~0.85. Two thresholds keep it from
+# flapping: a child started at 0.25 (inserts ~1.3x the taking) sees ~0.62.
+INSERT_SHARE_START = 0.25  # a child starts while waits for inserts take less of the time than this
+INSERT_SHARE_STOP = 0.75  # and stops once they take more
 INSERT_SHARE_WEIGHT = 0.5  # weight of the newest batch in the smoothed share
 
 
@@ -150,7 +152,7 @@ class EncoderSplit:
         return settings.writer.encoder_process if self._choice is None else self._choice
 
     def _pays(self, settings: Settings) -> bool:
-        """In ``auto`` mode: whether encoding, not MongoDB, takes most of the worker's time.
+        """In ``auto`` mode: whether encoding, not waiting for MongoDB, holds the worker up.
         Nothing is known before the first insert: that batch is encoded here."""
         if self._mode(settings) != "auto":
             return True
@@ -165,7 +167,7 @@ class EncoderSplit:
             return None
         if not self._pays(settings):
             if self.encoder is not None:
-                log.info("encoder_stopped", reason="inserts take most of the time",
+                log.info("encoder_stopped", reason="waits for inserts take most of the time",
                          insert_share=round(self.inserts.share or 0.0, 2))
                 self.stop()
             return None
@@ -194,14 +196,16 @@ class EncoderSplit:
 
 
 class InsertShare:
-    """The share of the store worker's busy time spent in inserts, smoothed over batches: each
-    batch's insert time over that plus the time spent taking (reading, encoding) its records."""
+    """The share of the store worker's busy time spent waiting for inserts, smoothed over batches:
+    the wait for each batch's insert over that plus the time spent taking (reading, encoding) the
+    records since the insert before."""
 
     def __init__(self) -> None:
         self.share: float | None = None  # None until the first insert
 
     def note(self, inserting: float, taking: float) -> None:
-        """A batch took ``taking`` seconds to take and ``inserting`` seconds to insert."""
+        """The worker took records for ``taking`` seconds, then waited ``inserting`` seconds for
+        an insert."""
         busy = inserting + taking
         if busy <= 0:
             return

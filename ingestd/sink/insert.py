@@ -12,12 +12,13 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import structlog
 from bson.errors import InvalidDocument
 from pymongo.errors import BulkWriteError, PyMongoError
 
-from ingestd.sink.batch import Entry
+from ingestd.sink.batch import Entry, InFlight
 from ingestd.sink.counters import StoreCounters, StoreHistograms
 from ingestd.sink.mongo import (
     DUPLICATE_KEY,
@@ -56,26 +57,39 @@ class Inserter:
         self._counters = counters
         self._histograms = histograms
 
-    def insert(self, entries: list[Entry]) -> None:
-        """insert_many until every document is stored, a duplicate, or dead-lettered."""
-        c = self._counters
-        c.last_batch_size = len(entries)
-        started = time.monotonic()
+    def begin(self, entries: list[Entry]) -> InFlight:
+        """Start the first ``insert_many`` of ``entries`` on the helper thread; ``finish`` waits
+        for it and sorts out the outcome (the caller takes the next batch meanwhile)."""
         tried: set[int] = set()  # ids an earlier, failed attempt of this batch may have written
-        docs = entries
+        future = self._retrier.start(functools.partial(self._attempt, entries, tried))
+        return InFlight(entries, tried, future)
+
+    def finish(self, flight: InFlight) -> None:
+        """Wait for ``flight``'s first attempt, then retry until every document is stored, a
+        duplicate, or dead-lettered."""
+        c = self._counters
+        c.last_batch_size = len(flight.entries)
+        retries = c.retries
+        entries = docs = flight.entries
+        first: Future[object] | None = flight.future
+        clean = True  # the first attempt stored the whole batch: it took until ``done_at``
         while docs:
             try:
-                self._retrier.with_retry("insert", functools.partial(self._attempt, docs, tried))
+                self._retrier.with_retry("insert", functools.partial(
+                    self._attempt, docs, flight.tried), first, flight.started)
                 c.stored += len(docs)
                 self._on_stored(docs)
             except BulkWriteError as exc:
-                self._resolve_bulk(exc, docs, tried)
+                clean = False
+                self._resolve_bulk(exc, docs, flight.tried)
             except (InvalidDocument, OverflowError) as exc:
+                clean, first = False, None
                 entries = docs = self._drop_unencodable(exc, docs)
                 continue
             docs = []
         c.batches += 1
-        elapsed = time.monotonic() - started
+        clean = clean and c.retries == retries
+        elapsed = (flight.done_at if clean else time.monotonic()) - flight.started
         c.insert_seconds_total += elapsed
         self._histograms.observe_batch(elapsed, entries)
         if not self._target.indexes_done:

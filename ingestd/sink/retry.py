@@ -56,17 +56,27 @@ class Retrier:
         self.drain_deadline: Callable[[], float | None] = lambda: None
         self._next_tick = 0.0
 
-    def with_retry(self, what: str, fn: Callable[[], T]) -> T:
+    def start(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """``fn()`` started on the helper thread, not waited for: the first attempt of a later
+        ``with_retry(..., first=)`` (the store worker takes the next batch meanwhile)."""
+        return self._executor.submit(fn)
+
+    def with_retry(self, what: str, fn: Callable[[], T],
+                   first: concurrent.futures.Future[T] | None = None,
+                   since: float | None = None) -> T:
         """``fn()`` on the helper thread, retried while it fails transiently or for config reasons.
 
-        Failures classified per document or as duplicates are raised for the caller to sort out.
+        ``first``: an attempt already started by ``start(fn)`` (at ``since``), waited for before
+        any retry. Failures classified per document or as duplicates are raised for the caller to
+        sort out.
         """
         attempt = 0
-        started = time.monotonic()
+        started = time.monotonic() if since is None else since
         while True:
             # Only ``fn``'s own failure is MongoDB's: one raised by a tick (heartbeat, status file)
             # while waiting must propagate as itself, not be retried as a MongoDB error.
-            future = self._await(fn)
+            future = self._await(fn) if first is None else self._wait(first)
+            first = None
             try:
                 result = future.result()
             except Exception as exc:
@@ -133,7 +143,10 @@ class Retrier:
 
     def _await(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Submit ``fn`` to the helper thread and tick until it is done; its future."""
-        future = self._executor.submit(fn)
+        return self._wait(self._executor.submit(fn))
+
+    def _wait(self, future: concurrent.futures.Future[T]) -> concurrent.futures.Future[T]:
+        """Tick until ``future`` is done; ``future``."""
         while True:
             done, _ = concurrent.futures.wait([future], timeout=TICK_INTERVAL)
             if done:

@@ -32,7 +32,7 @@ from ingestd.documents.encoder import (
 )
 from ingestd.documents.messages import InvalidTweet, MessageReason, classify
 from ingestd.documents.v2_messages import V2_TWEET, v2_document, v2_kind
-from ingestd.sink.batch import Batch, Entry
+from ingestd.sink.batch import Batch, Entry, Flight
 from ingestd.sink.compliance import TOMBSTONE_LIMIT, WITHHELD, BadControl, Compliance
 from ingestd.sink.counters import StoreCounters, StoreHistograms, bump
 from ingestd.sink.coverage import CoverageLedger, instance_name
@@ -141,6 +141,7 @@ class StoreWorker:
                                   on_stored=self._ledger.on_stored,
                                   on_duplicates=self._ledger.on_duplicates)
         self._batch = Batch()
+        self._flight: Flight | None = None  # the batch before, its insert still running
         # How long to sleep with no batch open when the spool is empty: the caller's next
         # housekeeping (heartbeat) is due then; new records end the sleep at once.
         self.idle_wait: Callable[[], float] = lambda: TICK_INTERVAL
@@ -168,7 +169,7 @@ class StoreWorker:
             return self._drain()
         except GiveUp:
             self.totals.state = "stopped: mongo unavailable, backlog left in spool"
-            log.warning("store_gave_up", pending=len(self._batch.entries),
+            log.warning("store_gave_up", pending=self._pending(),
                         last_error=self.totals.last_error)
             return False
 
@@ -176,17 +177,21 @@ class StoreWorker:
         """Use ``settings`` from the next batch on; match ``generation``'s records by them."""
         self._matchers.add(generation, settings)
         self._target.next_settings = settings
-        if self._batch.last is None:
-            self._target.switch()
+        self._maybe_switch()
 
     def counters(self) -> dict[str, Any]:
         """A snapshot for ``run/store.json`` (safe to call from another thread)."""
         return self.totals.as_dict(
-            pending=len(self._batch.entries),
+            pending=self._pending(),
             limit_missed=self._notices.limit_missed(),
             coverage_gaps=self._ledger.gaps_recorded,
             deadletter_raw_dropped=self._letters.store.raw_dropped,
             deadletter_lines_dropped=self._letters.store.lines_dropped)
+
+    def _pending(self) -> int:
+        """Tweets taken, not yet stored: the open batch's and the one in flight."""
+        flight = self._flight
+        return len(self._batch.entries) + (len(flight.batch.entries) if flight else 0)
 
     def histograms(self) -> dict[str, Any]:
         """For run/store.json "hist" (see metrics.HISTOGRAMS)."""
@@ -210,9 +215,11 @@ class StoreWorker:
             if self._batch_due():
                 self._flush()
             elif not read:
+                self._finish_flight()
                 self._ledger.settle()
                 self._reader.wait_for_data(self._wait_time())
             elif read < room:
+                self._finish_flight()
                 self._gather()
         self._maybe_tick()
 
@@ -242,6 +249,7 @@ class StoreWorker:
                 self._flush()
             self._maybe_tick()
         self._flush()
+        self._finish_flight()
         self.totals.state = "stopped"
         return drained
 
@@ -397,21 +405,46 @@ class StoreWorker:
     # ------------------------------------------------------------------ flushing
 
     def _flush(self) -> None:
-        """Write the batch (tombstones, tweets, deletes, other effects), then ack its last one."""
-        batch = self._batch
+        """Write the batch: its tombstones now, its tweets' insert started on the helper thread,
+        the rest (deletes, other effects, coverage, the ack) once that insert is done.
+
+        The batch before it is finished first, so MongoDB sees every batch's writes in spool
+        order and the spool is acked in order; what overlaps the insert is only the taking
+        (reading and encoding) of the next batch. A worker about to wait finishes it at once.
+        """
+        self._finish_flight()
+        batch, self._batch = self._batch, Batch()
+        self._flight = flight = Flight(batch, None, self._ledger.mark())
         if batch.has_writes():
-            entries = self._compliance.before_insert(batch)
-            batch.entries = entries
-            if entries:
-                started = time.monotonic()
-                self._inserter.insert(entries)
-                self._encoding.inserts.note(time.monotonic() - started, self._taking)
-                self._taking = 0.0
-            batch.entries = []
-            self._compliance.after_insert(batch)
-        self._ledger.flush()  # behind the tweets, before the ack: a replay rewrites the same
+            batch.entries = self._compliance.before_insert(batch)
+            if batch.entries:
+                flight.insert = self._inserter.begin(batch.entries)
+        if self._target.next_settings is not None:
+            self._finish_flight()  # a reload's settings apply from the next batch on
+
+    def _finish_flight(self) -> None:
+        """Finish the batch whose insert is in flight: its outcome, its deletes and other effects,
+        its coverage, then its ack."""
+        flight = self._flight
+        if flight is None:
+            return
+        batch = flight.batch
+        if flight.insert is not None:
+            started = time.monotonic()
+            self._inserter.finish(flight.insert)
+            # the time this worker was held up by the insert, against its time taking records
+            self._encoding.inserts.note(time.monotonic() - started, self._taking)
+            self._taking = 0.0
+        batch.entries = []
+        self._compliance.after_insert(batch)
+        self._ledger.flush(flight.ledger_mark)  # behind the tweets, before the ack
         if batch.last is not None:
             self._reader.ack(batch.last)
-        self._batch = Batch()
-        if self._target.next_settings is not None:
+        self._flight = None  # counted as pending until here (``counters`` may run meanwhile)
+        self._maybe_switch()
+
+    def _maybe_switch(self) -> None:
+        """Take a reload's settings between batches: none open, none in flight."""
+        if self._target.next_settings is not None and self._flight is None \
+                and self._batch.last is None:
             self._target.switch()
