@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from bson.raw_bson import RawBSONDocument
 from pymongo.collection import Collection
 
+from ingestd.sink.attempt import Started
 from ingestd.sink.mongo import Document
 from ingestd.spool.format import Record, RecordRef
 
@@ -57,22 +56,14 @@ class Batch:
         return len(self.entries) + len(self.deletes) + len(self.ops)
 
 
+@dataclass(slots=True)
 class InFlight:
-    """A batch's tweets and their first ``insert_many``, running on the helper thread."""
+    """A batch's tweets and their first ``insert_many``, running on the helper thread;
+    ``tried``: the ids a failed attempt may have written (``Inserter._attempt``)."""
 
-    __slots__ = ("_ended", "entries", "future", "started", "tried")
-
-    def __init__(self, entries: list[Entry], tried: set[int], future: Future[object]) -> None:
-        self.entries, self.tried, self.future = entries, tried, future
-        self.started = time.monotonic()
-        # When the attempt ended, set on the helper thread. Not a bound method: the future would
-        # hold this object and this the future, a cycle only the cyclic GC frees (with its batch).
-        self._ended = ended = [self.started]
-        future.add_done_callback(lambda _: ended.__setitem__(0, time.monotonic()))
-
-    @property
-    def done_at(self) -> float:
-        return self._ended[0]
+    entries: list[Entry]
+    tried: set[int]
+    attempt: Started[object]
 
 
 @dataclass(slots=True)

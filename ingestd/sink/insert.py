@@ -12,12 +12,12 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 
 import structlog
 from bson.errors import InvalidDocument
 from pymongo.errors import BulkWriteError, PyMongoError
 
+from ingestd.sink.attempt import Started
 from ingestd.sink.batch import Entry, InFlight
 from ingestd.sink.counters import StoreCounters, StoreHistograms
 from ingestd.sink.mongo import (
@@ -61,8 +61,8 @@ class Inserter:
         """Start the first ``insert_many`` of ``entries`` on the helper thread; ``finish`` waits
         for it and sorts out the outcome (the caller takes the next batch meanwhile)."""
         tried: set[int] = set()  # ids an earlier, failed attempt of this batch may have written
-        future = self._retrier.start(functools.partial(self._attempt, entries, tried))
-        return InFlight(entries, tried, future)
+        return InFlight(entries, tried, self._retrier.start(
+            functools.partial(self._attempt, entries, tried)))
 
     def finish(self, flight: InFlight) -> None:
         """Wait for ``flight``'s first attempt, then retry until every document is stored, a
@@ -71,12 +71,12 @@ class Inserter:
         c.last_batch_size = len(flight.entries)
         retries = c.retries
         entries = docs = flight.entries
-        first: Future[object] | None = flight.future
-        clean = True  # the first attempt stored the whole batch: it took until ``done_at``
+        first: Started[object] | None = flight.attempt
+        clean = True  # the first attempt stored the whole batch: it took until it ended
         while docs:
             try:
                 self._retrier.with_retry("insert", functools.partial(
-                    self._attempt, docs, flight.tried), first, flight.started)
+                    self._attempt, docs, flight.tried), first)
                 c.stored += len(docs)
                 self._on_stored(docs)
             except BulkWriteError as exc:
@@ -89,7 +89,7 @@ class Inserter:
             docs = []
         c.batches += 1
         clean = clean and c.retries == retries
-        elapsed = (flight.done_at if clean else time.monotonic()) - flight.started
+        elapsed = (flight.attempt.ended if clean else time.monotonic()) - flight.attempt.started
         c.insert_seconds_total += elapsed
         self._histograms.observe_batch(elapsed, entries)
         if not self._target.indexes_done:

@@ -20,6 +20,7 @@ from typing import TypeVar
 import structlog
 
 from ingestd.documents.messages import MessageReason
+from ingestd.sink.attempt import Started
 from ingestd.sink.counters import StoreCounters, bump
 from ingestd.sink.deadletter import DeadLetterStore, Reason
 from ingestd.sink.mongo import DRIVER_EVENTS, ErrorClass, classify_error, error_fields, error_name
@@ -56,40 +57,39 @@ class Retrier:
         self.drain_deadline: Callable[[], float | None] = lambda: None
         self._next_tick = 0.0
 
-    def start(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+    def start(self, fn: Callable[[], T]) -> Started[T]:
         """``fn()`` started on the helper thread, not waited for: the first attempt of a later
         ``with_retry(..., first=)`` (the store worker takes the next batch meanwhile)."""
-        return self._executor.submit(fn)
+        started = time.monotonic()
+        return Started(self._executor.submit(fn), started)
 
-    def with_retry(self, what: str, fn: Callable[[], T],
-                   first: concurrent.futures.Future[T] | None = None,
-                   since: float | None = None) -> T:
+    def with_retry(self, what: str, fn: Callable[[], T], first: Started[T] | None = None) -> T:
         """``fn()`` on the helper thread, retried while it fails transiently or for config reasons.
 
-        ``first``: an attempt already started by ``start(fn)`` (at ``since``), waited for before
-        any retry. Failures classified per document or as duplicates are raised for the caller to
-        sort out.
+        ``first``: an attempt already started by ``start(fn)``, waited for before any retry.
+        Failures classified per document or as duplicates are raised for the caller to sort out.
         """
         attempt = 0
-        started = time.monotonic() if since is None else since
+        started = time.monotonic() if first is None else first.started
         while True:
             # Only ``fn``'s own failure is MongoDB's: one raised by a tick (heartbeat, status file)
             # while waiting must propagate as itself, not be retried as a MongoDB error.
-            future = self._await(fn) if first is None else self._wait(first)
-            first = None
+            future = self._await(fn) if first is None else self._wait(first.future)
+            # an attempt started earlier took until it ended, not until it was looked at
+            ended, first = (None if first is None else first.ended), None
             try:
                 result = future.result()
             except Exception as exc:
                 cls = classify_error(exc)
                 if cls in (ErrorClass.PER_DOCUMENT, ErrorClass.DUPLICATES_ONLY):
-                    self._check_slow(what, started, attempt, exc, cls)
+                    self._check_slow(what, started, attempt, exc, cls, ended)
                     raise
                 self.failed(what, exc, cls)
                 if not self._switch_failing_target():
                     self.backoff(attempt, cls)  # cut short if a reload brings a new target
                     attempt = 0 if self._switch_failing_target() else attempt + 1
                 continue
-            self._check_slow(what, started, attempt, None, None)
+            self._check_slow(what, started, attempt, None, None, ended)
             if self._counters.state.startswith("degraded"):
                 log.info("mongo_recovered", after_retries=attempt)
                 self.recovered()
@@ -154,15 +154,15 @@ class Retrier:
             self.maybe_tick(force=True)
             self._check_give_up()
 
-    def _check_slow(self, what: str, started: float, retries: int,
-                    exc: BaseException | None, cls: ErrorClass | None) -> None:
+    def _check_slow(self, what: str, started: float, retries: int, exc: BaseException | None,
+                    cls: ErrorClass | None, ended: float | None = None) -> None:
         """Warn about (and count) an operation that took ``mongo.slow_write_seconds`` or more.
 
         pymongo retries inside ``timeoutMS`` without raising, so an outage shorter than that
         shows only as time: the warning names what pymongo saw meanwhile (failed commands,
         cleared pools, servers lost) from its monitoring events.
         """
-        elapsed = time.monotonic() - started
+        elapsed = (time.monotonic() if ended is None else ended) - started
         threshold = self._target.settings.mongo.slow_write_seconds
         if elapsed < threshold:
             return
