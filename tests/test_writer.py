@@ -835,13 +835,14 @@ def test_next_batch_is_taken_while_an_insert_is_in_flight_and_writes_stay_in_ord
     # tweet 1, tweet 3) meanwhile, but starts no write of batch 2 and acks nothing until batch 1's
     # insert is done: MongoDB sees insert 1, then batch 2's tombstone, insert and delete.
     h = harness_factory(batch_size=2)
-    release, finishing = threading.Event(), threading.Event()
+    release, inserting, finishing = threading.Event(), threading.Event(), threading.Event()
     real_insert_many, real_finish = h.worker._inserter._insert_many, h.worker._inserter.finish
     calls: list[list[int]] = []
 
     def insert_many(docs: list[Any]) -> object:
         calls.append([d.tweet_id for d in docs])
         if len(calls) == 1:
+            inserting.set()
             assert release.wait(30), "the test never released the first insert"
         return real_insert_many(docs)
 
@@ -860,6 +861,7 @@ def test_next_batch_is_taken_while_an_insert_is_in_flight_and_writes_stay_in_ord
     worker = threading.Thread(target=lambda: result.append(h.drain()))
     worker.start()
     try:
+        assert inserting.wait(30), "batch 1's insert never started"
         assert finishing.wait(30), "the worker never came to finish batch 1"
         c = h.worker.counters()
         assert c["records_read"] == 4 and c["pending"] == 3  # batch 2 taken meanwhile
