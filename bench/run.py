@@ -633,13 +633,14 @@ def run_latency(bench: Bench, rate: float, seconds: float) -> dict[str, Any]:
 
 
 def run_overload(bench: Bench, rate: float, ack_delay: float, seconds: float,
-                 encoder: bool = True, prespool: str = "") -> dict[str, Any]:
+                 encoder: bool = True, prespool: str = "", tag: str = "overload"
+                 ) -> dict[str, Any]:
     """Offer ``rate``/s while every 1000-tweet insert is acked ``ack_delay`` s late
-    (``prespool``: a prototype contender's daemon)."""
+    (``prespool``: a prototype contender's daemon; ``tag`` names the run's folders)."""
     tweets = min(bench.payload.tweets, int(rate * seconds))
     name = prespool or ("ingestd" if encoder else "ingestd-1core")
-    bh = Blackhole(bench.workdir / f"blackhole-overload-{name}", ack_delay=ack_delay)
-    workdir = bench.next_dir(f"{name}-overload")
+    bh = Blackhole(bench.workdir / f"blackhole-{tag}-{name}", ack_delay=ack_delay)
+    workdir = bench.next_dir(f"{name}-{tag}")
     daemon = Daemon(workdir, bench.ingestd_doc(bh.uri, True, encoder and not prespool))
     bh.reset(0)
     bench.server.arm(tweets, rate)
@@ -1001,7 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"\n### Drain behind a MongoDB acking each insert {args.drain_ack_delay} s "
                     "late ...")
                 dr = run_overload(bench, args.overload_rate, args.drain_ack_delay,
-                                  args.overload_seconds)
+                                  args.overload_seconds, tag="drain")
                 report["drain"] = dr
                 text = (f"ingestd: stored {dr['stored']:,} of {dr['received']:,} received in "
                         f"{dr['seconds']} s (**{dr['stored'] / dr['seconds']:,.0f} tweets/s**; "
