@@ -19,10 +19,13 @@ class Started(Generic[T]):
         self.future, self.started = future, started
         # Set on the helper thread. Not a bound method: the future would hold this object and
         # this the future, a cycle only the cyclic GC frees (with the batch behind it).
-        self._ended = ended = [started]
+        self._ended: list[float | None] = [None]
+        ended = self._ended
         future.add_done_callback(lambda _: ended.__setitem__(0, time.monotonic()))
 
     @property
     def ended(self) -> float:
-        """When the attempt ended (``started`` until then)."""
-        return self._ended[0]
+        """When the attempt ended; read once the future is done. A waiter can wake before the
+        future runs its callbacks: then it ended just now."""
+        ended = self._ended[0]
+        return time.monotonic() if ended is None else ended
