@@ -8,18 +8,23 @@ process, with the product's default settings and the benchmark's filters, agains
 
     .venv/bin/python bench/bench_store.py [--tweets 50000] [--repeats 3]
     .venv/bin/py-spy record -o store.svg -- .venv/bin/python bench/bench_store.py   # a profile
+    .venv/bin/python bench/bench_store.py --only child --perf /tmp/store.data   # perf, drain only
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import resource
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -81,8 +86,25 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def drain(state_dir: Path, mongo_uri: str, tweets: int, gc_timer: GcTimer, encoder: bool
-          ) -> tuple[float, float, float, float, int]:
+@contextlib.contextmanager
+def perf_record(output: Path | None) -> Iterator[None]:
+    """``perf record`` of this process (all threads, call graphs) while the block runs; the
+    encoder child is a process of its own: ``perf record -a`` around the whole run shows it."""
+    if output is None:
+        yield
+        return
+    perf = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o", str(output),
+                             "-p", str(os.getpid())], stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # perf attaches asynchronously: nothing says when it has
+    try:
+        yield
+    finally:
+        perf.send_signal(signal.SIGINT)
+        perf.wait()
+
+
+def drain(state_dir: Path, mongo_uri: str, tweets: int, gc_timer: GcTimer, encoder: bool,
+          perf: Path | None = None) -> tuple[float, float, float, float, int]:
     """Wall and CPU seconds for the store worker to store ``tweets`` from the spool, the CPU
     seconds of its encoder child, the seconds its loop waited for ``insert_many``
     (``insert_seconds_total``) and the records the child encoded."""
@@ -94,9 +116,10 @@ def drain(state_dir: Path, mongo_uri: str, tweets: int, gc_timer: GcTimer, encod
     gc.freeze()  # as store_role does
     gc.callbacks.append(gc_timer)
     child = children_cpu()
-    wall, cpu = time.perf_counter(), time.process_time()
-    worker.run(lambda: worker.totals.stored >= tweets, lambda: None, lambda: None)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    with perf_record(perf):
+        wall, cpu = time.perf_counter(), time.process_time()
+        worker.run(lambda: worker.totals.stored >= tweets, lambda: None, lambda: None)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     gc.callbacks.remove(gc_timer)
     worker.close()  # waits for the encoder child: its CPU is in RUSAGE_CHILDREN from here
     child = children_cpu() - child
@@ -107,10 +130,11 @@ def drain(state_dir: Path, mongo_uri: str, tweets: int, gc_timer: GcTimer, encod
     return wall, cpu, child, totals.insert_seconds_total, totals.offloaded
 
 
-def run_once(state: Path, messages: list[bytes], uri: str, encoder: bool) -> float:
+def run_once(state: Path, messages: list[bytes], uri: str, encoder: bool,
+             perf: Path | None = None) -> float:
     fill_spool(state / "spool", messages)
     timer = GcTimer()
-    wall, cpu, child, insert, offloaded = drain(state, uri, len(messages), timer, encoder)
+    wall, cpu, child, insert, offloaded = drain(state, uri, len(messages), timer, encoder, perf)
     n = len(messages)
     label = "with encoder child" if encoder else "in-process        "
     print(f"store worker {label}: {n / wall:9,.0f} tweets/s  {cpu / n * 1e6:6.1f} µs CPU/tweet"
@@ -125,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tweets", type=int, default=50_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=("in-process", "child"),
+                        help="run one arrangement only (default: both, interleaved)")
+    parser.add_argument("--perf", type=Path, help="perf record the drain into this file")
     args = parser.parse_args(argv)
+    arrangements = [False, True] if args.only is None else [args.only == "child"]
     payload = build(CACHE, 200_000)
     messages = list(payload.messages(args.tweets))
     with tempfile.TemporaryDirectory(prefix="ingestd-bench-store-") as tmp:
@@ -133,12 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rates: dict[bool, list[float]] = {False: [], True: []}
             for rep in range(args.repeats):
-                for encoder in (False, True):  # interleaved: same machine state for both
+                for encoder in arrangements:  # interleaved: same machine state for both
                     rates[encoder].append(run_once(Path(tmp) / f"state{rep}{encoder}", messages,
-                                                   blackhole.uri, encoder))
-            base, shared = statistics.median(rates[False]), statistics.median(rates[True])
-            print(f"median: in-process {base:,.0f} tweets/s, with the encoder child "
-                  f"{shared:,.0f} tweets/s ({shared / base:.2f}×)")
+                                                   blackhole.uri, encoder, args.perf))
+            if rates[False] and rates[True]:
+                base, shared = statistics.median(rates[False]), statistics.median(rates[True])
+                print(f"median: in-process {base:,.0f} tweets/s, with the encoder child "
+                      f"{shared:,.0f} tweets/s ({shared / base:.2f}×)")
         finally:
             blackhole.stop()
     return 0
