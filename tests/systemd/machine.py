@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,8 +69,30 @@ class BaseRoot:
         return self.root, time.monotonic() - started
 
     def build(self, wanted: str) -> None:
+        """debootstrap into ``root.tmp``, then rename. A second try on failure: a clean CI machine
+        once saw bookworm's debootstrap exit 1 with nothing on its output (trixie then built in the
+        same run), which points at the machine (mirror, a full shared disk) rather than the
+        package list. Every failed try is reported, as a warning if the next one succeeds."""
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / "root.tmp"
+        failures: list[str] = []
+        for _ in range(2):
+            failure = self._debootstrap(tmp)
+            if failure is None:
+                break
+            failures.append(failure)
+        else:
+            raise RuntimeError("\n\n".join(failures))
+        if failures:
+            warnings.warn(f"debootstrap {self.release} needed a second try:\n{failures[0]}",
+                          stacklevel=2)
+        shutil.rmtree(self.root, ignore_errors=True)
+        tmp.rename(self.root)
+        self.stamp.write_text(wanted)
+
+    def _debootstrap(self, tmp: Path) -> str | None:
+        """One try: None on success, else what it printed, its own log in the target, and the
+        disk's free space (a full disk also silences the log). The partial root is removed."""
         shutil.rmtree(tmp, ignore_errors=True)
         log = self.dir / "debootstrap.log"
         with log.open("wb") as out:
@@ -77,12 +100,20 @@ class BaseRoot:
                 ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
                  self.release, str(tmp), host_mirror()],
                 stdout=out, stderr=subprocess.STDOUT, timeout=1200, check=False).returncode
-        if code != 0:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-            raise RuntimeError(f"debootstrap {self.release} failed ({code}):\n{tail}")
-        shutil.rmtree(self.root, ignore_errors=True)
-        tmp.rename(self.root)
-        self.stamp.write_text(wanted)
+        if code == 0:
+            return None
+        free = shutil.disk_usage(self.dir).free / 2**20
+        report = [f"debootstrap {self.release} failed ({code}); {free:,.0f} MiB free on {self.dir}",
+                  "--- its output ---", _tail(log)]
+        inner = tmp / "debootstrap" / "debootstrap.log"
+        if inner.exists():
+            report += [f"--- {inner} ---", _tail(inner)]
+        shutil.rmtree(tmp, ignore_errors=True)
+        return "\n".join(report)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def fresh_copy(base: Path, workdir: Path) -> Path:
