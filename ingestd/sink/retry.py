@@ -134,6 +134,10 @@ class Retrier:
             # back-off): the stream worker sizes the backlog from it.
             self._flush_spool()
 
+    def tick_due_in(self) -> float:
+        """Seconds until ``maybe_tick`` runs the caller's housekeeping again."""
+        return max(0.0, self._next_tick - time.monotonic())
+
     def past_deadline(self) -> bool:
         deadline = self.drain_deadline()
         return deadline is not None and time.monotonic() >= deadline

@@ -237,7 +237,7 @@ class StoreWorker:
         flush_in = started + self._target.settings.writer.flush_interval - now
         # seconds until the room left fills at the rate the batch's writes came in so far
         fill_in = self._room() * (now - started) / batch.size()
-        self.pause(max(0.0, min(max(GATHER_SECONDS, fill_in), flush_in, self.idle_wait())))
+        self.pause(max(0.0, min(max(GATHER_SECONDS, fill_in), flush_in, self._until_tick())))
 
     def _drain(self) -> bool:
         """Read until the spool is empty (or the deadline passes), flush, ack."""
@@ -276,9 +276,16 @@ class StoreWorker:
     def _wait_time(self) -> float:
         started = self._batch.started
         if started is None:
-            return min(IDLE_WAIT_MAX, self.idle_wait())
+            return min(IDLE_WAIT_MAX, self._until_tick())
         left = started + self._target.settings.writer.flush_interval - time.monotonic()
         return max(0.0, min(TICK_INTERVAL, left))
+
+    def _until_tick(self) -> float:
+        """Seconds until the housekeeping ``idle_wait`` names can run: it runs on the retrier's
+        tick (every ``TICK_INTERVAL``), so a heartbeat falling due between two ticks waits for the
+        next one. Waking at the heartbeat itself would spin with zero-second waits until then (a
+        record taken just before the heartbeat moves the tick: up to 0.25 s of empty passes)."""
+        return max(self.idle_wait(), self._retry.tick_due_in())
 
     # ------------------------------------------------------------------ taking records
 
