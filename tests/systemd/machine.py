@@ -69,10 +69,8 @@ class BaseRoot:
         return self.root, time.monotonic() - started
 
     def build(self, wanted: str) -> None:
-        """debootstrap into ``root.tmp``, then rename. A second try on failure: a clean CI machine
-        once saw bookworm's debootstrap exit 1 with nothing on its output (trixie then built in the
-        same run), which points at the machine (mirror, a full shared disk) rather than the
-        package list. Every failed try is reported, as a warning if the next one succeeds."""
+        """debootstrap into ``root.tmp``, then rename. A second try on failure (a mirror or a full
+        disk may pass); every failed try is reported, as a warning if the next one succeeds."""
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / "root.tmp"
         failures: list[str] = []
@@ -86,14 +84,14 @@ class BaseRoot:
         if failures:
             warnings.warn(f"debootstrap {self.release} needed a second try:\n{failures[0]}",
                           stacklevel=2)
-        shutil.rmtree(self.root, ignore_errors=True)
+        remove_root(self.root)
         tmp.rename(self.root)
         self.stamp.write_text(wanted)
 
     def _debootstrap(self, tmp: Path) -> str | None:
         """One try: None on success, else what it printed, its own log in the target, and the
         disk's free space (a full disk also silences the log). The partial root is removed."""
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_root(tmp)
         log = self.dir / "debootstrap.log"
         with log.open("wb") as out:
             code = subprocess.run(
@@ -108,8 +106,33 @@ class BaseRoot:
         inner = tmp / "debootstrap" / "debootstrap.log"
         if inner.exists():
             report += [f"--- {inner} ---", _tail(inner)]
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_root(tmp)
         return "\n".join(report)
+
+
+def remove_root(path: Path) -> None:
+    """Remove a partial root, detaching what is mounted in it first. A debootstrap that was killed
+    (or failed) after it mounted the target's /proc leaves that mount behind; removing the folder
+    then fails on /proc's files, and the next debootstrap into it fails after "Extracting" with
+    nothing on its output (seen in CI and here: a root.tmp whose /proc was still mounted)."""
+    for mount in reversed(mounts_under(path)):  # deepest last in mountinfo: detach those first
+        subprocess.run(["umount", "--lazy", mount], check=False, capture_output=True)
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        left = mounts_under(path)
+        raise RuntimeError(f"cannot remove {path}" + (f": still mounted: {left}" if left else ""))
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path``, in /proc/self/mountinfo order (parents first)."""
+    top = str(path.resolve()) if path.exists() else str(path)
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        # field 5 is the mount point, with space, tab, newline and backslash escaped in octal
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+        if point == top or point.startswith(top + "/"):
+            found.append(point)
+    return found
 
 
 def _tail(path: Path, lines: int = 20) -> str:
