@@ -114,7 +114,8 @@ def remove_root(path: Path) -> None:
     """Remove a partial root, detaching what is mounted in it first. A debootstrap that was killed
     (or failed) after it mounted the target's /proc leaves that mount behind; removing the folder
     then fails on /proc's files, and the next debootstrap into it fails after "Extracting" with
-    nothing on its output (seen in CI and here: a root.tmp whose /proc was still mounted)."""
+    nothing on its output (seen here, a root.tmp whose /proc was still mounted; CI showed the
+    same symptom)."""
     for mount in reversed(mounts_under(path)):  # deepest last in mountinfo: detach those first
         subprocess.run(["umount", "--lazy", mount], check=False, capture_output=True)
     shutil.rmtree(path, ignore_errors=True)
