@@ -142,6 +142,37 @@ def status_across_heartbeats(daemon: Daemon, role: str, beats: int
     return first, daemon.status(role), elapsed
 
 
+def store_worker_at_rate(tmp_path: Path, mongo_uri: str, mongo_database: str, rate: str,
+                         tweets: int, writer: dict[str, Any], beats: int
+                         ) -> tuple[SimProcess, dict[str, Any], dict[str, Any], float]:
+    """The daemon fed ``tweets`` at ``rate`` tweets/s with these ``writer`` settings: the store
+    worker's status across ``beats`` heartbeats (``status_across_heartbeats``), once every tweet
+    is stored and the daemon stopped; the simulator too, for its ground truth."""
+    sim = SimProcess(tmp_path / "sim", "--rate", rate, "--max-tweets", str(tweets),
+                     "--control-every", "0").start()
+    daemon = Daemon(tmp_path / "daemon",
+                    settings_doc(sim.url, mongo_uri, mongo_database, writer=writer))
+    try:
+        daemon.start()
+        daemon.wait_ready(60)
+        first, last, elapsed = status_across_heartbeats(daemon, "store", beats)
+        wait_until(lambda: daemon.counters("store").get("stored", 0) >= tweets, 120,
+                   "every tweet stored")
+        daemon.assert_running()
+    finally:
+        daemon.stop(30)
+        sim.stop()
+    return sim, first, last, elapsed
+
+
+def assert_each_delivered_tweet_stored_once(
+        sim: SimProcess, db: pymongo.database.Database[dict[str, Any]], tweets: int) -> None:
+    truth = sim.ground_truth().tweet_ids()
+    stored = [d["_id"] for d in db["tweets"].find({}, {"_id": 1})]
+    assert len(truth) == tweets
+    assert sorted(stored) == sorted(truth)
+
+
 def test_slow_stream_store_worker_reads_each_batch_a_few_times(
         tmp_path: Path, mongo_uri: str, mongo_database: str,
         mongo_client: pymongo.MongoClient[dict[str, Any]]) -> None:
@@ -151,21 +182,9 @@ def test_slow_stream_store_worker_reads_each_batch_a_few_times(
     tweets. Before, the worker read again every 0.1 s (≥ 10 passes a second); every tweet the
     simulator delivered is still stored exactly once."""
     tweets, flush = 300, 2.0
-    sim = SimProcess(tmp_path / "sim", "--rate", "20", "--max-tweets", str(tweets),
-                     "--control-every", "0").start()
-    doc = settings_doc(sim.url, mongo_uri, mongo_database,
-                       writer={"batch_size": 1000, "flush_interval": flush})
-    daemon = Daemon(tmp_path / "daemon", doc)
-    try:
-        daemon.start()
-        daemon.wait_ready(60)
-        first, last, elapsed = status_across_heartbeats(daemon, "store", 8)
-        wait_until(lambda: daemon.counters("store").get("stored", 0) >= tweets, 120,
-                   "every tweet stored")
-        daemon.assert_running()
-    finally:
-        daemon.stop(30)
-        sim.stop()
+    sim, first, last, elapsed = store_worker_at_rate(
+        tmp_path, mongo_uri, mongo_database, "20", tweets,
+        {"batch_size": 1000, "flush_interval": flush}, beats=8)
     passes = last["loop_passes"] - first["loop_passes"]
     batches = last["counters"]["batches"] - first["counters"]["batches"]
     # An insert per flush interval at most (the batch never fills: 20 tweets/s × 2 s ≪ 1000).
@@ -177,10 +196,7 @@ def test_slow_stream_store_worker_reads_each_batch_a_few_times(
     print(f"[figure] 20 tweets/s, flush {flush} s, {elapsed:.1f} s: store passes {passes}, "
           f"inserts {batches} (bound {bound:.0f} passes)")
     assert passes <= bound
-    truth = sim.ground_truth().tweet_ids()
-    stored = [d["_id"] for d in mongo_client[mongo_database]["tweets"].find({}, {"_id": 1})]
-    assert len(truth) == tweets
-    assert sorted(stored) == sorted(truth)
+    assert_each_delivered_tweet_stored_once(sim, mongo_client[mongo_database], tweets)
 
 
 def test_sparse_records_do_not_spin_the_idle_store_worker(
@@ -193,20 +209,8 @@ def test_sparse_records_do_not_spin_the_idle_store_worker(
     the worker looped with zero-second waits until the tick (up to 0.25 s each time): 20,000 to
     29,000 passes in this test instead of about 70."""
     tweets = 30
-    sim = SimProcess(tmp_path / "sim", "--rate", "1.37", "--max-tweets", str(tweets),
-                     "--control-every", "0").start()
-    doc = settings_doc(sim.url, mongo_uri, mongo_database, writer={"flush_interval": 0.1})
-    daemon = Daemon(tmp_path / "daemon", doc)
-    try:
-        daemon.start()
-        daemon.wait_ready(60)
-        first, last, elapsed = status_across_heartbeats(daemon, "store", 12)
-        wait_until(lambda: daemon.counters("store").get("stored", 0) >= tweets, 120,
-                   "every tweet stored")
-        daemon.assert_running()
-    finally:
-        daemon.stop(30)
-        sim.stop()
+    sim, first, last, elapsed = store_worker_at_rate(
+        tmp_path, mongo_uri, mongo_database, "1.37", tweets, {"flush_interval": 0.1}, beats=12)
     passes = last["loop_passes"] - first["loop_passes"]
     read = last["counters"]["records_read"] - first["counters"]["records_read"]
     # Per record: the read that takes it, a gather pause, the flush, and the empty read that
@@ -216,10 +220,7 @@ def test_sparse_records_do_not_spin_the_idle_store_worker(
           f"{read} records (bound {bound:.0f})")
     assert read > 0
     assert passes <= bound
-    truth = sim.ground_truth().tweet_ids()
-    stored = [d["_id"] for d in mongo_client[mongo_database]["tweets"].find({}, {"_id": 1})]
-    assert len(truth) == tweets
-    assert sorted(stored) == sorted(truth)
+    assert_each_delivered_tweet_stored_once(sim, mongo_client[mongo_database], tweets)
 
 
 def test_writer_reads_a_moving_checkpoint_once_a_second_far_from_the_bounds(
