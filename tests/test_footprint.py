@@ -185,18 +185,21 @@ def test_reload_with_a_bad_uri_keeps_the_old_settings_without_loading_pymongo(
     assert "reload_failed" in output and "mongo.uri" in output and "hunter2" not in output
 
 
-def test_workers_run_with_a_fixed_mmap_threshold(tmp_path: Path, mongo_uri: str,
-                                                 mongo_database: str,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_run_with_fixed_malloc_thresholds(tmp_path: Path, mongo_uri: str,
+                                                  mongo_database: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """glibc's dynamic mmap threshold would keep every batch-sized buffer in the workers' heaps:
-    the supervisor starts its workers with a fixed one (an operator's own value wins), and the
-    store worker's encoder child inherits it."""
-    key, value = next(iter(WORKER_MALLOC_ENV.items()))
-    monkeypatch.delenv(key, raising=False)
-    assert worker_env()[key] == value
-    monkeypatch.setenv(key, "4194304")
-    assert worker_env()[key] == "4194304"
-    monkeypatch.delenv(key)
+    the supervisor starts its workers with fixed thresholds (an operator's own value wins, key by
+    key), and the store worker's encoder child inherits them."""
+    assert set(WORKER_MALLOC_ENV) == {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}
+    for key in WORKER_MALLOC_ENV:
+        monkeypatch.delenv(key, raising=False)
+    assert {k: worker_env()[k] for k in WORKER_MALLOC_ENV} == WORKER_MALLOC_ENV
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4194304")
+    env = worker_env()
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "4194304"
+    assert env["MALLOC_TRIM_THRESHOLD_"] == WORKER_MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"]
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     sim = SimProcess(tmp_path / "sim", "--max-tweets", "0", "--keepalive", "1").start()
     daemon = Daemon(tmp_path / "daemon", settings_doc(sim.url, mongo_uri, mongo_database))
     try:
@@ -209,6 +212,7 @@ def test_workers_run_with_a_fixed_mmap_threshold(tmp_path: Path, mongo_uri: str,
     finally:
         daemon.stop(30)
         sim.stop()
-    setting = f"{key}={value}".encode()
-    assert all(setting in env.split(b"\0") for env in environs.values()), environs.keys()
-    assert setting not in supervisor.split(b"\0")  # the supervisor's own heap is left alone
+    for key, value in WORKER_MALLOC_ENV.items():
+        setting = f"{key}={value}".encode()
+        assert all(setting in env.split(b"\0") for env in environs.values()), (key, list(environs))
+        assert setting not in supervisor.split(b"\0")  # the supervisor's own heap is left alone

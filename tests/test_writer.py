@@ -878,6 +878,44 @@ def test_next_batch_is_taken_while_an_insert_is_in_flight_and_writes_stay_in_ord
     assert (c["stored"], c["deletes_applied"], c["pending"]) == (3, 1, 0) and reconciles(c)
 
 
+def test_an_idle_worker_gives_its_heap_back_once_after_a_burst(
+        harness_factory: Callable[..., Harness]) -> None:
+    # The heap keeps batch-sized buffers (control.pool.WORKER_MALLOC_ENV): they are given back
+    # when the worker is idle with nothing open or in flight, once trim_after_bytes of payload
+    # were flushed since the last trim; not at every idle pass of a slow stream.
+    h = harness_factory(batch_size=2)
+    tweets = [tweet(SNOW + i) for i in (1, 2, 3)]
+    h.worker.trim_after_bytes = sum(map(len, tweets))
+    trims: list[tuple[int, int]] = []
+    h.worker.trim_heap = lambda: trims.append((h.spool.acked_seq,
+                                               h.worker.counters()["pending"]))
+    phases: list[Callable[[], object] | None] = [
+        lambda: [h.spool.add(p) for p in tweets[:2]], lambda: h.spool.add(tweets[2]), None]
+    trims_when_settled: list[int] = []
+    settled_at: int | None = None
+
+    def should_stop() -> bool:
+        """Each phase's records stored and acked, and two idle passes after: the next phase."""
+        nonlocal settled_at
+        if h.spool.acked_seq < len(h.spool.records) or h.worker.counters()["pending"]:
+            return False
+        settled_at = h.worker.passes if settled_at is None else settled_at
+        if h.worker.passes < settled_at + 2:
+            return False
+        settled_at = None
+        trims_when_settled.append(len(trims))
+        phase = phases.pop(0)
+        if phase is None:
+            return True
+        phase()
+        return False
+
+    assert h.worker.run(should_stop, h.tick, lambda: None)
+    assert trims_when_settled == [0, 0, 1]  # the first two tweets' bytes fell short
+    assert trims == [(3, 0)]  # after all three were stored and acked, with nothing pending
+    assert h.worker.counters()["stored"] == 3
+
+
 def test_deletes_count_towards_the_batch(harness_factory: Callable[..., Harness],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     h = harness_factory(batch_size=10)

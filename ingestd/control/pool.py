@@ -26,14 +26,20 @@ log = structlog.get_logger("ingestd.control.supervisor")
 
 WorkerCommand = Callable[[str, int], list[str]]
 ROLES = ("store", "stream")  # start order: the spool's consumer before its producer
-# glibc's malloc raises its mmap threshold to the size of the largest mmapped buffer freed so far
-# (up to 32 MB): after the first batch, the store worker's ~4 MB insert message and both ends of the
-# encoder child's ~2 MB chunks come from the heap, whose freed holes keep the high-water of every
-# buffer ever used. A fixed threshold (the variable also turns the adjustment off) maps each buffer
-# over 1.25 MiB on its own and gives it back when freed; the spool reader's 1 MiB blocks stay in the
-# heap. Under a 10× overload: ~14 MB less PSS over the processes (bench/RESULTS.md). An operator's
-# own value in the environment wins.
-WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1280 * 1024)}
+# glibc's malloc, left alone, raises its mmap threshold to the largest mmapped buffer freed so far
+# (up to 32 MB), so every batch-sized buffer ends up in the heap, whose holes keep the high-water of
+# all of them. Fixed thresholds (setting them turns the adjustment off) keep memory bounded and
+# cheap to reuse: buffers up to 8 MiB (a 1000-tweet insert message, ~4 MB, and its copy as bytes;
+# the encoder child's chunks) come from the heap, and up to 16 MiB freed at a heap's top stays
+# mapped. A buffer mapped on its own, or a heap trimmed after each batch, is faulted in again page
+# by page for the next one: with 1.25 MiB and glibc's 128 KiB trim threshold the store worker took
+# ~3 page faults per tweet, ~7 µs of kernel time, and stored ~20 % fewer tweets per second (~4 MB
+# less PSS under a 10× overload; bench/RESULTS.md). The store worker gives its free heap back when
+# it is idle after a burst (``sink.worker.TRIM_AFTER_BYTES``), the encoder child when no chunk
+# came for 0.1 s.
+# An operator's own value in the environment wins, key by key.
+WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(8 << 20),
+                     "MALLOC_TRIM_THRESHOLD_": str(16 << 20)}
 
 
 class ControlView(Protocol):

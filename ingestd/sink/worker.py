@@ -32,6 +32,7 @@ from ingestd.documents.encoder import (
 )
 from ingestd.documents.messages import InvalidTweet, MessageReason, classify
 from ingestd.documents.v2_messages import V2_TWEET, v2_document, v2_kind
+from ingestd.memory import trim_heap
 from ingestd.sink.batch import Batch, Entry, Flight
 from ingestd.sink.compliance import TOMBSTONE_LIMIT, WITHHELD, BadControl, Compliance
 from ingestd.sink.counters import StoreCounters, StoreHistograms, bump
@@ -65,6 +66,10 @@ IDLE_WAIT_MAX = 1.0  # seconds: the longest idle sleep, whatever ``idle_wait`` s
 # unknown at the first read), never past the batch's flush time nor the next heartbeat. A slow
 # stream is read about twice per flush, a fast one every GATHER_SECONDS.
 GATHER_SECONDS = 0.1
+# The workers keep batch-sized buffers in the heap (``control.pool.WORKER_MALLOC_ENV``): once
+# this many payload bytes were flushed since the last trim, the worker gives its heap's free pages
+# back the next time it is idle (nothing open, nothing in flight): after a burst, not per tweet.
+TRIM_AFTER_BYTES = 16 * 1024 * 1024
 FRAME_REASONS: dict[int, MessageReason] = {
     KIND_OVERSIZE: "oversize",
     KIND_BADFRAME: "bad_frame",
@@ -149,6 +154,9 @@ class StoreWorker:
         self.pause: Callable[[float], None] = time.sleep
         self.passes = 0  # main loop passes: published, so that an idle loop is observable
         self._taking = 0.0  # seconds spent taking records since the last insert
+        self.trim_heap: Callable[[], None] = trim_heap
+        self.trim_after_bytes = TRIM_AFTER_BYTES
+        self._untrimmed = 0  # payload bytes flushed since the heap was last trimmed
 
     # ------------------------------------------------------------------ public API
 
@@ -217,11 +225,18 @@ class StoreWorker:
             elif not read:
                 self._finish_flight()
                 self._ledger.settle()
+                self._maybe_trim()
                 self._reader.wait_for_data(self._wait_time())
             elif read < room:
                 self._finish_flight()
                 self._gather()
         self._maybe_tick()
+
+    def _maybe_trim(self) -> None:
+        """Idle after a burst: give the batches' freed buffers back to the OS."""
+        if self._batch.last is None and self._untrimmed >= self.trim_after_bytes:
+            self._untrimmed = 0
+            self.trim_heap()
 
     def _gather(self) -> None:
         """Caught up with a batch open: let more records arrive before the next read.
@@ -421,6 +436,7 @@ class StoreWorker:
         """
         self._finish_flight()
         batch, self._batch = self._batch, Batch()
+        self._untrimmed += batch.nbytes
         self._flight = flight = Flight(batch, None, self._ledger.mark())
         if batch.has_writes():
             batch.entries = self._compliance.before_insert(batch)
