@@ -31,6 +31,7 @@ import yaml
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: variant trees
 
+import ingestd.memory
 from bench.payload import build
 from bench.run import FOLLOW, LOCATIONS, TRACK, Blackhole
 from ingestd.config.settings import load_settings_text
@@ -113,7 +114,8 @@ def drain(state_dir: Path, mongo_uri: str, tweets: int, gc_timer: GcTimer, encod
     worker = StoreWorker(settings, reader, open_collection,
                          DeadLetterStore(state_dir / "deadletter", 1 << 20),
                          encoder_process=encoder)
-    gc.freeze()  # as store_role does
+    threshold = gc.get_threshold()
+    getattr(ingestd.memory, "quiet_gc", gc.freeze)()  # as store_role does (older trees: freeze)
     gc.callbacks.append(gc_timer)
     child = children_cpu()
     with perf_record(perf):
@@ -124,6 +126,7 @@ def drain(state_dir: Path, mongo_uri: str, tweets: int, gc_timer: GcTimer, encod
     worker.close()  # waits for the encoder child: its CPU is in RUSAGE_CHILDREN from here
     child = children_cpu() - child
     gc.unfreeze()
+    gc.set_threshold(*threshold)
     totals = worker.totals
     if totals.stored != tweets:
         raise RuntimeError(f"stored {totals.stored} of {tweets}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import signal
 import threading
@@ -50,6 +51,7 @@ from ingestd.config.schema import (
 )
 from ingestd.control.collector import in_flight
 from ingestd.documents.encoder import OK
+from ingestd.memory import quiet_gc
 from ingestd.sink.batch import Entry, InFlight
 from ingestd.sink.counters import StoreCounters
 from ingestd.sink.deadletter import DeadLetterStore
@@ -914,6 +916,34 @@ def test_an_idle_worker_gives_its_heap_back_once_after_a_burst(
     assert trims_when_settled == [0, 0, 1]  # the first two tweets' bytes fell short
     assert trims == [(3, 0)]  # after all three were stored and acked, with nothing pending
     assert h.worker.counters()["stored"] == 3
+
+
+def test_storing_tweets_leaves_the_cyclic_collector_idle(
+        harness_factory: Callable[..., Harness]) -> None:
+    # memory.quiet_gc's premise: a parsed tweet's objects die together and a batch's entries go
+    # with its flush, so their net count stays under GC_THRESHOLD0 and the collector never runs
+    # while tweets are stored (at CPython's default of 700 it ran every few hundred tweets).
+    h = harness_factory(batch_size=1000)
+    for i in range(3000):
+        h.spool.add(tweet(SNOW + i, text=f"tweet {i} about #python"))
+    generations: list[int] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            generations.append(info["generation"])
+
+    threshold = gc.get_threshold()
+    gc.collect()  # an empty young generation to start from
+    quiet_gc()
+    gc.callbacks.append(on_gc)
+    try:
+        assert h.drain()
+    finally:
+        gc.callbacks.remove(on_gc)
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+    assert h.worker.counters()["stored"] == 3000
+    assert generations == [], f"{len(generations)} collections while storing 3000 tweets"
 
 
 def test_deletes_count_towards_the_batch(harness_factory: Callable[..., Harness],

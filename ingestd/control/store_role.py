@@ -3,7 +3,6 @@ reloads and the drain on stop. Loaded by the store worker only (pymongo, never p
 
 from __future__ import annotations
 
-import gc
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ingestd.control.worker import (
     start_worker,
     wake_on_signals,
 )
+from ingestd.memory import quiet_gc
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.sink.mongo import open_collection
 from ingestd.sink.worker import StoreWorker
@@ -138,7 +138,5 @@ def run_store_worker(config_path: Path, generation: int) -> int:
     ctx = start_worker(config_path, "store", generation)
     if isinstance(ctx, int):
         return ctx
-    # Long-lived objects made at start-up never need collecting; freezing them keeps the
-    # cyclic collector's passes short on the hot path.
-    gc.freeze()
+    quiet_gc()
     return StoreRole(ctx).run()

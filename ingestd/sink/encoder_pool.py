@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, TypeAlias
 
 from ingestd.documents.encoder import DEAD, PUNT, Encoded, JobLike, MatcherSpec, encode
 from ingestd.documents.matching import Matcher
-from ingestd.memory import heap_trimmer
+from ingestd.memory import heap_trimmer, quiet_gc
 
 PIPE_BYTES = 1 << 20
 # A chunk leaves ~5 MB of freed documents and parsed tweets in the child's heap, which glibc keeps
@@ -256,6 +256,7 @@ def main() -> int:
     # systemd stop sent to the whole cgroup) must not end it before the store worker has drained.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    quiet_gc()
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         _serve(0, 1)
     return 0
