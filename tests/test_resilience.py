@@ -110,6 +110,36 @@ def test_drop_mid_message_loses_only_the_partial_and_reconnects_quickly(
           f"dropped={stream['dropped']} reconnect_after={reconnect:.3f}s")
 
 
+def test_an_undecodable_gzip_body_ends_the_connection_with_its_reason_and_loses_nothing(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    # The daemon inflates gzip itself (source.inflate): bytes that cannot be inflated end the
+    # connection like a network error, with the reason named, and the next one carries on.
+    script = [[{"deliver": 20}, {"corrupt_gzip": True}], [{"deliver": 20}, {"stall": 60}]]
+    sim, daemon = run_pair(tmp_path, mongo_uri, mongo_database, script, "--control-every", "0",
+                           stream={"gzip": True})
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: caught_up(daemon, sim, 40), 60, "40 tweets over two connections")
+    finally:
+        finish(daemon, sim)
+    truth = sim.ground_truth()
+    assert truth.closes(1)[0]["reason"] == "corrupt_gzip"
+    assert [c["accept_encoding"] for c in attempts(truth)] == ["deflate, gzip"] * 2
+    stored = stored_ids(mongo_uri, mongo_database)
+    assert sorted(stored) == sorted(truth.tweet_ids()) and len(stored) == 40
+    events = daemon.log_events()
+    (bad,) = [e for e in events if e.get("event") == "stream_body_undecodable"]
+    (ended,) = [e for e in events if e.get("event") == "stream_ended" and e.get("conn") == 1]
+    assert bad["conn"] == 1 and "compressed body cannot be inflated" in bad["reason"]
+    assert ended["ending"] == "network" and ended["reason"] == bad["reason"]
+    assert dead_letters(daemon) == []
+    stream, store = daemon.counters("stream"), daemon.counters("store")
+    assert stream["dropped"] == {} and store["deadlettered"] == {}
+    assert received_total(stream) == store["stored"] == 40
+    print(f"\n[corrupt gzip] stored={len(stored)} reason={ended['reason']!r}")
+
+
 def test_stall_is_detected_within_one_second_of_read_timeout(
     tmp_path: Path, mongo_uri: str, mongo_database: str
 ) -> None:

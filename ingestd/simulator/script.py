@@ -85,7 +85,7 @@ def _step_simple(where: str, kind: str, value: object) -> Step:
         return Step(kind, number)
     if kind in ("keepalive_only", "stall"):
         return Step(kind, _positive_number(f"{where}.{kind}", value))
-    if kind in ("close_mid_message", "reset", "close"):
+    if kind in ("close_mid_message", "reset", "close", "corrupt_gzip"):
         if value is not True:
             raise ScriptError(f"{where}.{kind}: expected true, got {value!r}")
         return Step(kind, True)
@@ -101,11 +101,9 @@ def _step_simple(where: str, kind: str, value: object) -> Step:
         if value != "normal":
             raise ScriptError(f"{where}.then: only 'normal' is supported, got {value!r}")
         return Step(kind, value)
-    known = "deliver, keepalive_only, stall, close_mid_message, reset, close, status, "
-    raise ScriptError(
-        f"{where}: unknown step {kind!r} (known: {known}disconnect, bad_lines, "
-        "trickle, split, control, then)"
-    )
+    known = ("deliver, keepalive_only, stall, close_mid_message, corrupt_gzip, reset, close, "
+             "status, disconnect, bad_lines, trickle, split, control, then")
+    raise ScriptError(f"{where}: unknown step {kind!r} (known: {known})")
 
 
 def parse_step(where: str, raw: object, first: bool) -> Step:

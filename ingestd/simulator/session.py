@@ -127,6 +127,9 @@ class Session:
             self._send_half()
             self.wire.hang_up()
             return "close_mid_message"
+        if kind == "corrupt_gzip":
+            self.wire.corrupt()
+            return "corrupt_gzip"
         if step.extra.get("mid_message"):  # reset
             self._send_half()
         self.wire.reset()

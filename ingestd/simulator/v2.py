@@ -355,6 +355,9 @@ class V2Session:
         if kind in ("reset", "close_mid_message"):
             self.wire.reset()
             return kind
+        if kind == "corrupt_gzip":
+            self.wire.corrupt()
+            return kind
         return None  # v1.1-only steps (bad_lines, control, trickle, split) do not apply
 
     def _stream(self, count: int | None, duration: float | None, *, tweets: bool,

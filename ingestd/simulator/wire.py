@@ -67,6 +67,12 @@ class Wire:
             self.send(self._gzip.flush(zlib.Z_FINISH))
         self.sock.sendall(_END)
 
+    def corrupt(self) -> None:
+        """Bytes no deflate stream can go on with (block type 11 is reserved), then a hang-up: a
+        gzip client must end the connection; on a plain body they are a line the close cuts."""
+        self.send(b"\xff" * 16)
+        self.hang_up()
+
     def hang_up(self) -> None:
         """Send FIN now, with no zero-length chunk: the body ends early."""
         self.sock.shutdown(socket.SHUT_RDWR)

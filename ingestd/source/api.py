@@ -43,6 +43,10 @@ class V1Api:
         body = encode_form(post_params(stream))
         headers = sign_request(stream.url, body, auth)  # signed again on every connection
         headers["User-Agent"] = USER_AGENT
+        if stream.gzip:
+            # both names: the endpoint may compress only then (docs/protocol.md §2.3); the body is
+            # inflated by source.inflate, not libcurl
+            headers["Accept-Encoding"] = "deflate, gzip"
         curl.setopt(pycurl.URL, stream.url)
         curl.setopt(pycurl.POSTFIELDS, body)
         curl.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in headers.items()])
@@ -65,6 +69,8 @@ class V2Api:
         url, header_lines = v2_request.stream_request(stream, auth)
         curl.setopt(pycurl.URL, url)
         curl.setopt(pycurl.HTTPGET, 1)
+        if stream.gzip:
+            header_lines = [*header_lines, "Accept-Encoding: deflate, gzip"]  # see V1Api
         curl.setopt(pycurl.HTTPHEADER, header_lines)
 
     def framer(self, stream: StreamSettings) -> LineFramer | LengthFramer:

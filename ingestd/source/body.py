@@ -15,8 +15,10 @@ import orjson
 import pycurl
 import structlog
 
+from ingestd.source.backoff import Ending
 from ingestd.source.connection import Connection
 from ingestd.source.framing import BadFrame, Oversize
+from ingestd.source.inflate import BadEncoding
 from ingestd.source.stats import ReaderStats
 from ingestd.spool.format import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE
 
@@ -50,8 +52,7 @@ class BodyIntake:
             return 0  # abort the transfer: we are ending this connection ourselves
         conn.last_byte_at = self._clock()
         if conn.status != 200:
-            room = ERROR_BODY_CAP - len(conn.error_body)
-            conn.error_body += data[: max(room, 0)]
+            self._keep_error_body(conn, data)
             return None
         if not self._drop_when_full and self._is_full():
             conn.paused = True
@@ -59,8 +60,27 @@ class BodyIntake:
         if not conn.marked:
             conn.marked = True
             self._on_first_body(conn)
-        self._frame(conn, data)
+        try:
+            for piece in conn.decoded(data):
+                self._frame(conn, piece)
+        except BadEncoding as exc:  # what came before it was framed; the rest cannot be read
+            log.warning("stream_body_undecodable", conn=conn.conn_id, reason=str(exc))
+            conn.failure = str(exc)
+            conn.abort = Ending.NETWORK
+            return 0
         return None
+
+    @staticmethod
+    def _keep_error_body(conn: Connection, data: bytes) -> None:
+        """The first ``ERROR_BODY_CAP`` bytes of an error response, for its log line."""
+        try:
+            for piece in conn.decoded(data):
+                room = ERROR_BODY_CAP - len(conn.error_body)
+                if room <= 0:
+                    return
+                conn.error_body += piece[:room]
+        except BadEncoding:
+            pass  # keep what was readable: the status says enough
 
     def resume_if_room(self, conns: Iterable[Connection | None]) -> None:
         for conn in conns:

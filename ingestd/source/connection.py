@@ -6,7 +6,7 @@ options every connection shares; the reader adds it to its ``CurlMulti`` loop an
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,11 +18,13 @@ from ingestd.source.api import StreamApi, api_for
 from ingestd.source.backoff import Ending
 from ingestd.source.framing import LengthFramer, LineFramer
 from ingestd.source.headers import parse_header_line
+from ingestd.source.inflate import Inflater, body_decoder
 from ingestd.source.stats import CUT_BY_DISCONNECT
 
-# libcurl's receive buffer (default 16 KiB): a plain body then reaches the write callback in larger
+# libcurl's receive buffer (default 16 KiB): a body then reaches the write callback in larger
 # slices, so fewer callbacks, framer calls and spool writes per tweet. Only what is already in the
-# socket is handed over: no added latency. (Inflated gzip output still comes 16 KiB at a time.)
+# socket is handed over: no added latency. A compressed body is inflated here, a whole slice at a
+# time (``source.inflate``), not by libcurl, whose output would come 16 KiB at a time.
 RECV_BUFFER = 256 * 1024
 
 @dataclass
@@ -49,6 +51,9 @@ class Connection:
     retire_at: float = 0.0  # when a replaced connection is closed at the latest
     abort: Ending | None = None  # set when we end it ourselves (stall, stop, reload)
     cut_bytes: int = 0  # bytes of the message this connection's end cut off (dropped)
+    decoder: Inflater | None = None  # set from Content-Encoding at the first body bytes
+    decoding_known: bool = False
+    failure: str = ""  # why we ended it, where no status or libcurl error says (a bad body)
 
     @property
     def healthy(self) -> bool:
@@ -63,6 +68,14 @@ class Connection:
         """libcurl's HEADERFUNCTION (must not raise)."""
         if (status := parse_header_line(line, self.headers)) is not None:
             self.status = status
+
+    def decoded(self, data: bytes) -> Iterable[bytes]:
+        """The body bytes ``data`` carries, inflated if the response is compressed; the iteration
+        raises ``inflate.BadEncoding`` if they cannot be decoded."""
+        if not self.decoding_known:
+            self.decoding_known = True
+            self.decoder = body_decoder(self.headers.get("content-encoding", ""))
+        return (data,) if self.decoder is None else self.decoder.inflate(data)
 
     def close(self, ending: Ending) -> None:
         """Close the handle (already out of the multi loop); note a message its end cut."""
@@ -91,8 +104,6 @@ def open_connection(conn_id: int, generation: int, stream: StreamSettings, auth:
     api.request(curl, stream, auth)
     curl.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
     curl.setopt(pycurl.BUFFERSIZE, RECV_BUFFER)
-    if stream.gzip:
-        curl.setopt(pycurl.ACCEPT_ENCODING, "deflate, gzip")
     curl.setopt(pycurl.WRITEFUNCTION, lambda data: on_data(conn, data))
     curl.setopt(pycurl.HEADERFUNCTION, conn.on_header)
     curl.setopt(pycurl.NOSIGNAL, 1)

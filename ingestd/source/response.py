@@ -40,6 +40,8 @@ def describe(conn: Connection, ending: Ending, errmsg: str) -> str:
         return text
     if conn.disconnect is not None:
         return f"disconnect code {conn.disconnect.get('code')}: {conn.disconnect.get('reason')}"
+    if conn.failure:
+        return conn.failure
     if ending is Ending.STALL:
         return f"no data for {conn.stream.read_timeout:g}s"
     return errmsg or ending.value

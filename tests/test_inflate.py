@@ -1,0 +1,123 @@
+"""source.inflate: a compressed body inflated by us (isal), as the simulator and servers send it."""
+
+from __future__ import annotations
+
+import random
+import time
+import zlib
+
+import pycurl
+import pytest
+
+from ingestd.config.schema import StreamSettings
+from ingestd.source.backoff import Ending
+from ingestd.source.body import ERROR_BODY_CAP, BodyIntake
+from ingestd.source.connection import Connection
+from ingestd.source.framing import LineFramer
+from ingestd.source.inflate import PIECE_BYTES, BadEncoding, Inflater, body_decoder
+from ingestd.source.stats import ReaderStats
+
+
+def gzip_stream(messages: list[bytes], *, finish: bool = True) -> bytes:
+    """What a streaming server sends: one gzip member, a sync flush after every message."""
+    z = zlib.compressobj(6, zlib.DEFLATED, 31)
+    out = b"".join(z.compress(m) + z.flush(zlib.Z_SYNC_FLUSH) for m in messages)
+    return out + (z.flush(zlib.Z_FINISH) if finish else b"")
+
+
+def inflate_all(body: Inflater, wire: bytes, sizes: list[int]) -> bytes:
+    out, pos = bytearray(), 0
+    for size in sizes:
+        for piece in body.inflate(wire[pos:pos + size]):
+            out += piece
+        pos += size
+    assert pos == len(wire)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("split", ["one_read", "single_bytes", "random_reads"])
+def test_any_split_of_the_wire_gives_the_same_body(split: str) -> None:
+    messages = [b'{"id":%d,"text":"%s"}\r\n' % (i, b"x" * (i % 300)) for i in range(500)]
+    wire = gzip_stream(messages, finish=False)  # a stream that has not ended
+    rng = random.Random(7)
+    sizes = {"one_read": [len(wire)], "single_bytes": [1] * len(wire)}.get(split)
+    if sizes is None:
+        sizes = []
+        while sum(sizes) < len(wire):
+            sizes.append(min(rng.randint(1, 5000), len(wire) - sum(sizes)))
+    assert inflate_all(Inflater(31), wire, sizes) == b"".join(messages)
+
+
+def test_a_compression_bomb_comes_out_in_bounded_pieces() -> None:
+    wire = gzip_stream([b"\n" * (20 * PIECE_BYTES + 5)])
+    pieces = list(Inflater(31).inflate(wire))  # ~20 KB on the wire
+    assert len(wire) < 64 * 1024
+    assert max(map(len, pieces)) <= PIECE_BYTES
+    assert sum(map(len, pieces)) == 20 * PIECE_BYTES + 5
+
+
+def test_members_in_a_row_are_one_body() -> None:
+    wire = gzip_stream([b"first\r\n"]) + gzip_stream([b"second\r\n"])
+    assert inflate_all(Inflater(31), wire, [len(wire)]) == b"first\r\nsecond\r\n"
+
+
+@pytest.mark.parametrize("wire", [
+    b"not gzip at all",
+    gzip_stream([b"ok\r\n"], finish=False) + b"\xff" * 16,  # the simulator's corrupt_gzip step
+    gzip_stream([b"ok\r\n"]) + b"trailing junk",
+])
+def test_undecodable_bytes_raise_bad_encoding_after_what_was_readable(wire: bytes) -> None:
+    out = bytearray()
+    with pytest.raises(BadEncoding, match="compressed body cannot be inflated"):
+        for piece in Inflater(31).inflate(wire):
+            out += piece
+    assert bytes(out) in (b"", b"ok\r\n")
+
+
+@pytest.mark.parametrize(("header", "wbits"), [
+    ("", 0), ("identity", 0), ("gzip", 31), ("X-Gzip", 31), (" gzip ", 31), ("deflate", 15)])
+def test_the_decoder_follows_content_encoding(header: str, wbits: int) -> None:
+    decoder = body_decoder(header)
+    if not wbits:
+        assert decoder is None
+        return
+    assert decoder is not None
+    z = zlib.compressobj(6, zlib.DEFLATED, wbits)
+    assert b"".join(decoder.inflate(z.compress(b"body\r\n") + z.flush())) == b"body\r\n"
+
+
+def test_an_encoding_we_did_not_ask_for_is_named() -> None:
+    with pytest.raises(BadEncoding, match="Content-Encoding 'br' was not asked for"):
+        body_decoder("br")
+
+
+def intake_and_connection(status: int, encoding: str) -> tuple[BodyIntake, Connection, list[int]]:
+    framed: list[int] = []
+    intake = BodyIntake(lambda items, conn_id, generation, now_ns: framed.append(len(items)),
+                        ReaderStats(), is_full=lambda: False, drop_when_full=False,
+                        clock=time.monotonic)
+    stream = StreamSettings(url="https://stream.twitter.com/1.1/statuses/filter.json",
+                            track=("a",))
+    conn = Connection(1, 0, stream, pycurl.Curl(), LineFramer(1 << 20), 0.0, 0.0, status=status,
+                      headers={"content-encoding": encoding})
+    return intake, conn, framed
+
+
+def test_a_gzip_error_body_is_kept_inflated_for_the_log() -> None:
+    # A server may gzip its 401 body like any other: the reason shown is its text, capped.
+    text = b'{"errors":[{"code":32,"message":"Could not authenticate you."}]}' + b" " * 9000
+    intake, conn, framed = intake_and_connection(401, "gzip")
+    wire = gzip_stream([text])
+    for start in range(0, len(wire), 7):
+        assert intake.on_data(conn, wire[start:start + 7]) is None
+    assert bytes(conn.error_body) == text[:ERROR_BODY_CAP] and framed == []
+
+
+def test_an_undecodable_body_aborts_the_transfer_with_its_reason() -> None:
+    intake, conn, framed = intake_and_connection(200, "gzip")
+    assert intake.on_data(conn, gzip_stream([b'{"id":1}\r\n'], finish=False)) is None
+    assert intake.on_data(conn, b"\xff" * 16) == 0  # libcurl ends the transfer (write error)
+    assert conn.abort is Ending.NETWORK
+    assert conn.failure.startswith("compressed body cannot be inflated")
+    assert framed == [1]  # the message before the bad bytes was framed
+    assert intake.on_data(conn, b"more") == 0  # nothing after it is taken
