@@ -14,7 +14,13 @@ from ingestd.source.backoff import Ending
 from ingestd.source.body import ERROR_BODY_CAP, BodyIntake
 from ingestd.source.connection import Connection
 from ingestd.source.framing import LineFramer
-from ingestd.source.inflate import PIECE_BYTES, BadEncoding, Inflater, body_decoder
+from ingestd.source.inflate import (
+    PIECE_BYTES,
+    STEP_BYTES,
+    BadEncoding,
+    Inflater,
+    body_decoder,
+)
 from ingestd.source.stats import ReaderStats
 
 
@@ -37,9 +43,11 @@ def inflate_all(body: Inflater, wire: bytes, sizes: list[int]) -> bytes:
 
 @pytest.mark.parametrize("split", ["one_read", "single_bytes", "random_reads"])
 def test_any_split_of_the_wire_gives_the_same_body(split: str) -> None:
-    messages = [b'{"id":%d,"text":"%s"}\r\n' % (i, b"x" * (i % 300)) for i in range(500)]
-    wire = gzip_stream(messages, finish=False)  # a stream that has not ended
     rng = random.Random(7)
+    messages = [b'{"id":%d,"text":"%s"}\r\n' % (i, rng.randbytes(i % 300).hex().encode())
+                for i in range(500)]
+    wire = gzip_stream(messages, finish=False)  # a stream that has not ended
+    assert len(wire) > 4 * STEP_BYTES  # one read is inflated in several steps
     sizes = {"one_read": [len(wire)], "single_bytes": [1] * len(wire)}.get(split)
     if sizes is None:
         sizes = []
