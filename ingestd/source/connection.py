@@ -23,8 +23,8 @@ from ingestd.source.stats import CUT_BY_DISCONNECT
 
 # libcurl's receive buffer (default 16 KiB): a body then reaches the write callback in larger
 # slices, so fewer callbacks, framer calls and spool writes per tweet. Only what is already in the
-# socket is handed over: no added latency. A compressed body is inflated here, a whole slice at a
-# time (``source.inflate``), not by libcurl, whose output would come 16 KiB at a time.
+# socket is handed over: no added latency. A compressed body is inflated by ``source.inflate``,
+# 16 KiB of input (~150 KB of tweets) per step, not by libcurl, whose output comes 16 KiB at a time.
 RECV_BUFFER = 256 * 1024
 
 @dataclass
