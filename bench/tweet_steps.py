@@ -24,7 +24,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import bson
 import orjson
@@ -36,14 +35,7 @@ from bench.run import FOLLOW, LOCATIONS, TRACK
 from ingestd.documents.encoder import encode, received_at
 from ingestd.documents.matching import Matched, Matcher
 from ingestd.documents.messages import tweet_document
-
-
-class Job(NamedTuple):
-    payload: bytes
-    recv_ns: int
-    conn_id: int
-    generation: int
-    seq: int
+from ingestd.sink.encoder_pool import Job
 
 
 def steps(lines: list[bytes], passes: int) -> dict[str, Callable[[], object]]:

@@ -42,9 +42,6 @@ class Inflater:
 
     def inflate(self, data: bytes) -> Iterator[bytes]:
         """The bytes ``data`` completes, in pieces of at most ``PIECE_BYTES``."""
-        if len(data) <= STEP_BYTES:
-            yield from self._inflate(data)
-            return
         view = memoryview(data)
         for start in range(0, len(view), STEP_BYTES):
             yield from self._inflate(view[start:start + STEP_BYTES])
