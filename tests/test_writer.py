@@ -172,6 +172,15 @@ class Harness:
         self.worker = StoreWorker(settings, self.spool, factory, self.deadletters,
                                   encoder_process=encoder_process, offload_min=1)
         self.ticks: list[str] = []
+        if encoder_process:
+            self.start_encoder()
+
+    def start_encoder(self) -> None:
+        """Start the encoder child and wait until it is ready: reads are encoded in-process
+        until then, and these tests are about reads shared with it."""
+        encoder = self.worker._encoding.start_child()
+        assert encoder is not None
+        wait_until(encoder.poll_started, 30, "the encoder child to start")
 
     def tick(self) -> None:
         self.ticks.append(self.worker.counters()["state"])
@@ -723,12 +732,17 @@ def test_reload_switches_the_encoder_child_off_and_on(mongo_uri: str, mongo_data
             if generation:
                 h.worker.apply_settings(generation, new)
             before = h.worker.counters()["offloaded"]
-            for i in range(20):
-                h.spool.add(tweet(SNOW + 100 * generation + i), generation=generation)
-            assert h.drain() is True
+            for part in range(2):
+                for i in range(10):
+                    h.spool.add(tweet(SNOW + 100 * generation + 10 * part + i),
+                                generation=generation)
+                assert h.drain() is True
+                encoder = h.worker._encoding.encoder
+                assert (encoder is not None) is new.writer.encoder_process
+                if encoder is not None:  # started by the first read; shared with once ready
+                    wait_until(encoder.poll_started, 30, "the encoder child to start")
             offloaded = h.worker.counters()["offloaded"] - before
             assert (offloaded > 0) is new.writer.encoder_process, (generation, offloaded)
-            assert (h.worker._encoding.encoder is not None) is new.writer.encoder_process
         assert client.tweets.count_documents({}) == 60
     finally:
         h.close()
@@ -767,13 +781,44 @@ def test_auto_mode_keeps_a_child_only_while_encoding_is_the_work() -> None:
         batches(0.3)
         assert not shared() and split.encoder is None  # inserts still the slower side
         batches(0.1)
-        assert shared() and split.encoder is not None  # encoding-bound: started
+        assert not shared() and split.encoder is not None  # encoding-bound: started...
+        wait_until(split.encoder.poll_started, 30, "the encoder child to start")
+        assert shared()  # ...and shared with once it is ready
         batches(0.6)
         assert shared() and split.encoder is not None  # between the thresholds: kept
         child = split.encoder
         batches(0.95)
         assert not shared() and split.encoder is None  # MongoDB-bound again: stopped
         assert child._proc.wait(10) == 0
+    finally:
+        split.stop()
+
+
+@pytest.mark.parametrize("code", [
+    "import time; time.sleep(120)",  # hangs before it is ready (an import that never returns)
+    "import sys; sys.exit(3)",  # dies before it is ready
+])
+def test_reads_are_encoded_here_until_the_child_is_ready_and_a_child_that_never_is_is_replaced(
+        code: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new child imports in the background (~0.1 s): the worker does not wait for it, it
+    encodes reads itself until the child says it is ready. One that dies or hangs before then
+    is lost like any other (its process ended, a restart counted), never waited for."""
+    from ingestd.sink import encoder_pool, encoder_split
+    monkeypatch.setattr(encoder_pool, "CHILD_CODE", code)
+    monkeypatch.setattr(encoder_split, "ENCODER_START_TIMEOUT", 0.5)
+    settings = make_settings("mongodb://127.0.0.1:1", "db")
+    counters = StoreCounters()
+    split = EncoderSplit(Matchers(0, settings), counters, True, offload_min=1)
+    records = [Record(i + 1, KIND_MESSAGE, 1, 0, time.time_ns(), tweet(SNOW + i), "s", 10 * i)
+               for i in range(20)]
+    try:
+        assert split.submit(list(records), settings) == 0  # all encoded here
+        child = split.encoder
+        assert child is not None and counters.encoder_restarts == 0
+        wait_until(lambda: split.submit(list(records), settings) == 0
+                   and counters.encoder_restarts == 1, 30, "the child to be given up")
+        assert split.encoder is None and child._proc.poll() is not None
+        assert counters.offloaded == 0
     finally:
         split.stop()
 

@@ -10,8 +10,13 @@ the child is a pure function of (payload, matcher) (``ingestd.documents.encoder`
 state that matters, so losing it loses nothing: its part is encoded again in-process and a new
 child is started.
 
-Wire format between the two processes, over the child's stdin/stdout pipes: one frame per chunk
-each way, ``_FRAME`` (the lengths of a pickled header and of a blob), the header, then the blob of
+The child starts in the background: a new interpreter takes ~60–90 ms to import what it needs,
+and a chunk written before then would hold the store worker up on a full pipe. So the child
+writes one ``_STARTED`` byte once it is ready, and the store worker shares reads with it only
+after it has seen that byte (``poll_started``).
+
+Wire format between the two processes, over the child's stdin/stdout pipes: after that byte, one
+frame per chunk each way, ``_FRAME`` (the lengths of a pickled header and of a blob), the header, then the blob of
 concatenated payloads (or BSON documents); see ``_pack_jobs``.
 """
 
@@ -43,6 +48,9 @@ PIPE_BYTES = 1 << 20
 # bench/RESULTS.md). At full speed the next chunk comes sooner: the pages are reused, no fault.
 IDLE_TRIM_SECONDS = 0.1
 _PUNTED = Encoded(PUNT)
+_STARTED = b"\x01"  # the child's first byte: its imports are done, chunks are read at once
+# Not ``-m``: anything pickled must name this module, not ``__main__``.
+CHILD_CODE = "import sys, ingestd.sink.encoder_pool as e; sys.exit(e.main())"
 
 
 class Job(NamedTuple):
@@ -61,9 +69,7 @@ class EncoderProcess:
 
     def __init__(self) -> None:
         self._proc = subprocess.Popen(
-            # Not ``-m``: anything pickled must name this module, not ``__main__``.
-            [sys.executable, "-c",
-             "import sys, ingestd.sink.encoder_pool as e; sys.exit(e.main())"],
+            [sys.executable, "-c", CHILD_CODE],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         assert self._proc.stdin is not None and self._proc.stdout is not None
         for pipe in (self._proc.stdin, self._proc.stdout):
@@ -76,6 +82,19 @@ class EncoderProcess:
         self._proc.stdout.close()
         self._matchers: set[int] = set()  # generations the child has a matcher for
         self.pending = 0  # chunks submitted and not yet collected
+        self.started = False  # the child's ``_STARTED`` byte has been read
+
+    def poll_started(self) -> bool:
+        """Whether the child is ready for chunks, without waiting; ``EOFError``/``OSError`` if it
+        died before it was."""
+        if not self.started and select.select([self._recv], [], [], 0)[0]:
+            self._await_start()
+        return self.started
+
+    def _await_start(self) -> None:
+        if _read_exact(self._recv, len(_STARTED)) != _STARTED:
+            raise OSError("encoder child: unexpected first byte")
+        self.started = True
 
     def submit(self, jobs: Sequence[JobLike], matchers: dict[int, MatcherSpec]) -> None:
         """Send a chunk (and the matchers for generations the child has not seen yet).
@@ -101,6 +120,8 @@ class EncoderProcess:
         """``result`` one at a time: the answer is read now (and raises here), each document is
         copied out of it only when its turn comes (the store worker frees the tweet's payload
         as it takes each one, and the next document reuses that memory)."""
+        if not self.started:
+            self._await_start()  # submitted before it was ready: that byte comes first
         header, blob = recv_frame(self._recv)
         self.pending -= 1
         return _iter_results(header, blob)
@@ -258,5 +279,6 @@ def main() -> int:
         signal.signal(sig, signal.SIG_IGN)
     quiet_gc()
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        _write_all(1, [_STARTED])
         _serve(0, 1)
     return 0

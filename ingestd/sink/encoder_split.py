@@ -1,8 +1,8 @@
 """The split of each spool read between the encoder child and the store worker itself.
 
 The child (``encoder_pool.EncoderProcess``) encodes the last part of a read while this process
-encodes and takes the first part; the share adapts so that neither side waits for the other. A
-lost child loses nothing: its part is encoded here, and a new child is started no sooner than
+encodes and takes the first part; the share adapts so that neither side waits for the other.
+Reads are encoded here while the child starts (it imports in the background). A lost child loses nothing: its part is encoded here, and a new child is started no sooner than
 ``ENCODER_RESTART_INTERVAL`` later. Kept apart from ``encoder_pool``, which the child imports.
 """
 
@@ -28,6 +28,8 @@ MATCHER_GENERATIONS = 16
 OFFLOAD_MIN = 64
 SHARE_STEP = 0.02  # how fast the split between the two encoders adapts
 ENCODER_RESTART_INTERVAL = 10.0  # seconds between restarts of a lost encoder child
+# A child not ready this long after it was started (its imports take ~0.1 s) is taken as lost.
+ENCODER_START_TIMEOUT = 30.0
 # ``writer.encoder_process: auto``: the child (a whole interpreter, ~14 MB of PSS) earns its memory
 # only while encoding is what holds the store worker up. A batch's insert runs while the next one
 # is taken (``StoreWorker._flush``), so the measure is the share of the worker's busy time (taking
@@ -82,6 +84,7 @@ class EncoderSplit:
         self.offload_min = offload_min
         self.encoder: EncoderProcess | None = None
         self._retry_at = 0.0  # monotonic time before which no new child is started
+        self._started_at = 0.0  # monotonic time the current child was started
         self._share = 0.5  # fraction of a read sent to the encoder child
         self._pending: EncoderProcess | None = None  # the child encoding a part of this read
 
@@ -162,7 +165,8 @@ class EncoderSplit:
         return share < (INSERT_SHARE_STOP if self.encoder is not None else INSERT_SHARE_START)
 
     def _encoder_for(self, records: int, settings: Settings) -> EncoderProcess | None:
-        """The encoder child when this read is worth sharing with it (started on first use)."""
+        """The encoder child when this read is worth sharing with it and the child is ready
+        (started on first use; until it is ready, reads are encoded here)."""
         if records < self.offload_min or not self._wanted(settings):
             return None
         if not self._pays(settings):
@@ -171,24 +175,43 @@ class EncoderSplit:
                          insert_share=round(self.inserts.share or 0.0, 2))
                 self.stop()
             return None
+        encoder = self.start_child()
+        if encoder is None or encoder.started:
+            return encoder
+        try:
+            ready = encoder.poll_started()
+        except (EOFError, OSError) as exc:
+            self._lost(exc)
+            return None
+        if ready:
+            log.info("encoder_started", pid=encoder.pid,
+                     after=round(time.monotonic() - self._started_at, 3))
+            return encoder
+        if time.monotonic() - self._started_at > ENCODER_START_TIMEOUT:
+            self._lost(TimeoutError(f"not ready after {ENCODER_START_TIMEOUT:.0f} s"))
+        return None
+
+    def start_child(self) -> EncoderProcess | None:
+        """The encoder child, started now if there is none; None if it cannot be started yet.
+        The child gets ready in the background (``EncoderProcess.poll_started``)."""
         if self.encoder is None:
             if time.monotonic() < self._retry_at:
                 return None  # lost recently: encode here for a while rather than spin
             try:
-                self.encoder = EncoderProcess()
+                self.encoder = EncoderProcess()  # it gets every matcher again: it is new
             except OSError as exc:
                 log.error("encoder_start_failed", error=type(exc).__name__)
                 self._retry_at = time.monotonic() + ENCODER_RESTART_INTERVAL
                 return None
-            # The child gets every matcher again: it is new.
-            log.info("encoder_started", pid=self.encoder.pid)
+            self._started_at = time.monotonic()
         return self.encoder
 
     def _lost(self, exc: BaseException) -> None:
         """The child died or its pipe broke: its part is encoded here, a new one starts later."""
         c = self._counters
         c.encoder_restarts += 1
-        log.error("encoder_lost", error=type(exc).__name__, restarts=c.encoder_restarts)
+        log.error("encoder_lost", error=type(exc).__name__, detail=str(exc)[:200],
+                  restarts=c.encoder_restarts)
         self._retry_at = time.monotonic() + ENCODER_RESTART_INTERVAL
         if self.encoder is not None:
             self.encoder.close(timeout=0.5)
