@@ -157,16 +157,18 @@ def test_an_idle_child_gives_its_free_heap_back_once_per_pause(
                         lambda: lambda: trims.append(time.monotonic()))
     to_child, child_in = os.pipe()
     child_out, from_child = os.pipe()
-    server = threading.Thread(target=encoder_pool._serve, args=(to_child, from_child))
+    region, fd = encoder_pool.Region.create(1 << 20, 1 << 20)
+    os.close(fd)
+    server = threading.Thread(target=encoder_pool._serve, args=(to_child, from_child, region))
     server.start()
     jobs = jobs_for(real_payloads()[:50])
     try:
         for pause in (1, 2):
-            send_frame(child_in, ({3: SPEC} if pause == 1 else {}, encoder_pool._pack_jobs(jobs)),
-                       [job.payload for job in jobs])
-            header, blob = recv_frame(child_out)
-            assert list(encoder_pool._iter_results(header, blob)) == [
-                encode(job, Matcher(*SPEC)) for job in jobs]
+            send_frame(child_in, ({3: SPEC} if pause == 1 else {}, encoder_pool._pack_jobs(jobs),
+                                  False), [job.payload for job in jobs])
+            (header, shared), blob = recv_frame(child_out)
+            assert list(encoder_pool._iter_results(header, region.back if shared else blob)) \
+                == [encode(job, Matcher(*SPEC)) for job in jobs]
             wait_until(lambda n=pause: len(trims) >= n, 10, f"trim after pause {pause}")
     finally:
         os.close(child_in)  # EOF: the child's loop ends
@@ -193,7 +195,7 @@ def test_a_chunks_payloads_are_freed_before_its_answer_is_sent(
             raise EOFError
         blob = Blob(b"".join(job.payload for job in jobs))
         received.append(weakref.ref(blob))
-        return ({3: SPEC}, encoder_pool._pack_jobs(jobs)), blob
+        return ({3: SPEC}, encoder_pool._pack_jobs(jobs), False), blob
 
     def send(fd: int, header: object, parts: list[bytes]) -> None:
         alive_at_send.append(received[0]() is not None)
@@ -202,5 +204,7 @@ def test_a_chunks_payloads_are_freed_before_its_answer_is_sent(
     monkeypatch.setattr(encoder_pool, "recv_frame", recv)
     monkeypatch.setattr(encoder_pool, "send_frame", send)
     monkeypatch.setattr(encoder_pool, "heap_trimmer", lambda: None)
-    encoder_pool._serve(-1, -1)
+    region, fd = encoder_pool.Region.create(4096, 0)  # no room for the answer: the pipe's path
+    os.close(fd)
+    encoder_pool._serve(-1, -1, region)
     assert alive_at_send == [False]

@@ -143,6 +143,11 @@ class EncoderSplit:
         if not self._wanted(settings):
             self.stop()
 
+    def release(self) -> None:
+        """Idle after a burst: the child's shared region gives its pages back."""
+        if self.encoder is not None and self.encoder.started:
+            self.encoder.release()
+
     def stop(self) -> None:
         if self.encoder is not None:
             self.encoder.close()

@@ -237,6 +237,7 @@ class StoreWorker:
         if self._batch.last is None and self._untrimmed >= self.trim_after_bytes:
             self._untrimmed = 0
             self.trim_heap()
+            self._encoding.release()
 
     def _gather(self) -> None:
         """Caught up with a batch open: let more records arrive before the next read.
