@@ -100,16 +100,56 @@ def test_killed_child_raises_on_result() -> None:
         proc.close()
 
 
-def test_one_chunk_at_a_time(child: EncoderProcess) -> None:
-    # The child reads only between answers: a second chunk sent before the first one's results
-    # are read could deadlock on full pipes, so the handle refuses it.
-    jobs = jobs_for(real_payloads()[:2])
-    child.submit(jobs, {3: SPEC})
-    with pytest.raises(RuntimeError):
+def test_chunks_queue_in_the_region_and_answers_come_in_order(child: EncoderProcess) -> None:
+    payloads = real_payloads()
+    chunks = [jobs_for(payloads[i:i + 100]) for i in range(0, 400, 100)]
+    assert child.queues  # 1 MiB pipes here: all the headers fit
+    for jobs in chunks:  # sent before any answer is read: each answered as it is done
         child.submit(jobs, {3: SPEC})
-    assert len(child.result()) == 2
-    child.submit(jobs, {3: SPEC})
-    assert len(child.result()) == 2
+    assert child.pending == 4
+    matcher = Matcher(*SPEC)
+    for jobs in chunks:
+        assert child.result() == [encode(job, matcher) for job in jobs]
+    assert child.pending == 0
+
+
+def test_a_chunk_too_big_for_the_region_goes_alone_through_the_pipe(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The child reads a chunk only between answers, so a chunk whose payloads go through the
+    # pipe could block on it while the child blocks on its answer: it is never queued with
+    # others, and none is queued behind it.
+    monkeypatch.setattr(encoder_pool, "REGION_IN_BYTES", 64 * 1024)
+    proc = EncoderProcess()
+    try:
+        matcher = Matcher(*SPEC)
+        big, small = jobs_for(real_payloads()[:200]), jobs_for(real_payloads()[:2])
+        assert sum(len(job.payload) for job in big) > 64 * 1024
+        proc.submit(small, {3: SPEC})
+        assert not proc.can_queue(sum(len(job.payload) for job in big))
+        with pytest.raises(RuntimeError):
+            proc.submit(big, {3: SPEC})
+        assert proc.result() == [encode(job, matcher) for job in small]
+        proc.submit(big, {3: SPEC})  # none pending: through the pipe
+        with pytest.raises(RuntimeError):
+            proc.submit(small, {3: SPEC})
+        assert proc.result() == [encode(job, matcher) for job in big]
+    finally:
+        proc.close()
+
+
+def test_documents_too_big_for_the_region_are_punted_to_the_store_worker(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(encoder_pool, "REGION_OUT_BYTES", 64 * 1024)
+    proc = EncoderProcess()
+    try:
+        jobs = jobs_for(real_payloads()[:100])
+        proc.submit(jobs, {3: SPEC})
+        assert proc.result() == [Encoded(PUNT)] * len(jobs)  # encoded in-process instead
+        few = jobs_for(real_payloads()[:3])
+        proc.submit(few, {3: SPEC})
+        assert proc.result() == [encode(job, Matcher(*SPEC)) for job in few]
+    finally:
+        proc.close()
 
 
 def test_frames_survive_partial_writes_and_many_parts(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,9 +205,9 @@ def test_an_idle_child_gives_its_free_heap_back_once_per_pause(
     try:
         for pause in (1, 2):
             send_frame(child_in, ({3: SPEC} if pause == 1 else {}, encoder_pool._pack_jobs(jobs),
-                                  False), [job.payload for job in jobs])
-            (header, shared), blob = recv_frame(child_out)
-            assert list(encoder_pool._iter_results(header, region.back if shared else blob)) \
+                                  -1, True), [job.payload for job in jobs])
+            (header, start), _ = recv_frame(child_out)
+            assert list(encoder_pool._iter_results(header, region.back[start:])) \
                 == [encode(job, Matcher(*SPEC)) for job in jobs]
             wait_until(lambda n=pause: len(trims) >= n, 10, f"trim after pause {pause}")
     finally:
@@ -195,16 +235,15 @@ def test_a_chunks_payloads_are_freed_before_its_answer_is_sent(
             raise EOFError
         blob = Blob(b"".join(job.payload for job in jobs))
         received.append(weakref.ref(blob))
-        return ({3: SPEC}, encoder_pool._pack_jobs(jobs), False), blob
+        return ({3: SPEC}, encoder_pool._pack_jobs(jobs), -1, True), blob
 
     def send(fd: int, header: object, parts: list[bytes]) -> None:
         alive_at_send.append(received[0]() is not None)
-        assert len(parts) == len(jobs)
 
     monkeypatch.setattr(encoder_pool, "recv_frame", recv)
     monkeypatch.setattr(encoder_pool, "send_frame", send)
     monkeypatch.setattr(encoder_pool, "heap_trimmer", lambda: None)
-    region, fd = encoder_pool.Region.create(4096, 0)  # no room for the answer: the pipe's path
+    region, fd = encoder_pool.Region.create(4096, 1 << 20)
     os.close(fd)
     encoder_pool._serve(-1, -1, region)
     assert alive_at_send == [False]

@@ -58,6 +58,7 @@ CHILD_CODE = "import sys, ingestd.sink.encoder_pool as e; sys.exit(e.main())"
 # fit goes through the pipe. The region is sparse: only the pages a chunk touches use memory.
 REGION_IN_BYTES = 16 << 20
 REGION_OUT_BYTES = 24 << 20
+MAX_PENDING = 8  # chunks sent before the first one's answer is read (``can_queue``)
 
 
 class Region:
@@ -116,7 +117,8 @@ class Job(NamedTuple):
 
 
 class EncoderProcess:
-    """The store worker's handle on its encoder child: ``submit`` a chunk, later ``result``."""
+    """The store worker's handle on its encoder child: ``submit`` chunks, later their ``results``
+    in the same order."""
 
     def __init__(self) -> None:
         self._region, fd = Region.create(REGION_IN_BYTES, REGION_OUT_BYTES)
@@ -128,16 +130,18 @@ class EncoderProcess:
         finally:
             os.close(fd)  # mapped here, inherited there
         assert self._proc.stdin is not None and self._proc.stdout is not None
-        for pipe in (self._proc.stdin, self._proc.stdout):
-            # A chunk is ~2–4 MB each way: a 1 MiB pipe cuts the context switches by 16.
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        sizes = [_pipe_size(pipe.fileno()) for pipe in (self._proc.stdin, self._proc.stdout)]
+        # Chunks queue up only where the pipes hold all their headers (see ``can_queue``).
+        self.queues = min(sizes) >= PIPE_BYTES
         self._send = os.dup(self._proc.stdin.fileno())
         self._recv = os.dup(self._proc.stdout.fileno())
         self._proc.stdin.close()
         self._proc.stdout.close()
+        self.region_bytes = len(self._region.into)  # payloads that can be sent in the region
         self._matchers: set[int] = set()  # generations the child has a matcher for
         self.pending = 0  # chunks submitted and not yet collected
+        self._into_end = 0  # end of the pending chunks' payloads in the region
+        self._piped = False  # a pending chunk's payloads went through the pipe
         self.started = False  # the child's ``_STARTED`` byte has been read
 
     def poll_started(self) -> bool:
@@ -152,22 +156,41 @@ class EncoderProcess:
             raise OSError("encoder child: unexpected first byte")
         self.started = True
 
-    def submit(self, jobs: Sequence[JobLike], matchers: dict[int, MatcherSpec]) -> None:
-        """Send a chunk (and the matchers for generations the child has not seen yet).
+    def can_queue(self, size: int) -> bool:
+        """Whether a chunk of ``size`` payload bytes may be sent now, before the pending ones'
+        results are read.
 
-        One chunk at a time: the child reads only between answers, so a second chunk sent before
-        the first one's results are read could block both sides on full pipes.
+        The child reads a chunk only between answers, and the store worker reads answers only
+        when it collects them: a write that blocks on a full pipe while the other side does the
+        same would hold both for ever. So a chunk joins pending ones only if nothing can block:
+        its payloads go through the region (a header alone through the pipe), at most
+        ``MAX_PENDING`` are pending, and the pipes are big enough for all their headers. A
+        chunk that does not fit in the region goes alone, as the only one pending.
         """
-        if self.pending:
-            raise RuntimeError("encoder: collect the previous chunk before sending another")
-        new = {g: spec for g, spec in matchers.items() if g not in self._matchers}
+        if not self.pending:
+            return True
+        return (self.queues and not self._piped and self.pending < MAX_PENDING
+                and self._into_end + size <= len(self._region.into))
+
+    def submit(self, jobs: Sequence[JobLike], matchers: dict[int, MatcherSpec]) -> None:
+        """Send a chunk (and the matchers for generations the child has not seen yet)."""
         payloads = [job.payload for job in jobs]
-        shared = put(self._region.into, payloads)
-        send_frame(self._send, (new, _pack_jobs(jobs), shared), () if shared else payloads)
+        size = sum(len(payload) for payload in payloads)
+        if not self.can_queue(size):
+            raise RuntimeError("encoder: collect the pending chunks before sending this one")
+        new = {g: spec for g, spec in matchers.items() if g not in self._matchers}
+        start = self._into_end if self.pending else 0
+        shared = put(self._region.into[start:], payloads)
+        # ``not self.pending``: the child may write this chunk's documents from the start of its
+        # half of the region again (every answer before it has been read).
+        send_frame(self._send, (new, _pack_jobs(jobs), start if shared else -1, not self.pending),
+                   () if shared else payloads)
         self._matchers.update(new)
+        self._into_end, self._piped = (start + size, False) if shared else (0, True)
         self.pending += 1
 
     def ready(self) -> bool:
+        """Whether the oldest pending chunk's answer has come."""
         return bool(select.select([self._recv], [], [], 0)[0])
 
     def result(self) -> list[Encoded]:
@@ -176,15 +199,14 @@ class EncoderProcess:
 
     def results(self) -> Iterator[Encoded]:
         """``result`` one at a time: the answer is read now (and raises here), each document is
-        copied out of it only when its turn comes (the store worker frees the tweet's payload
-        as it takes each one, and the next document reuses that memory)."""
+        copied out of the region only when its turn comes (the store worker frees the tweet's
+        payload as it takes each one, and the next document reuses that memory). The child
+        writes no other answer over it before a chunk is submitted with none pending."""
         if not self.started:
             self._await_start()  # submitted before it was ready: that byte comes first
-        (header, shared), blob = recv_frame(self._recv)
+        (header, start), _ = recv_frame(self._recv)
         self.pending -= 1
-        # Read from the region as each document is taken: nothing else is written to it until
-        # the next ``submit``, which comes after this chunk's results have all been taken.
-        return _iter_results(header, self._region.back if shared else blob)
+        return _iter_results(header, self._region.back[start:])
 
     def release(self) -> None:
         """Idle: give the shared region's pages back (none while a chunk is in flight)."""
@@ -215,6 +237,16 @@ class EncoderProcess:
 # join) and read into one buffer (``readv``), and the child parses views of it.
 _FRAME = struct.Struct("<QQ")  # header bytes, blob bytes
 _IOV_MAX = 512  # buffers per writev (Linux allows 1024)
+
+
+def _pipe_size(fd: int) -> int:
+    """Make the pipe ``PIPE_BYTES`` big if the system allows; its size."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    except OSError:
+        return 0
 
 
 def send_frame(fd: int, header: Any, parts: Sequence[bytes | memoryview]) -> None:
@@ -290,7 +322,7 @@ def _pack_results(results: Sequence[Encoded]) -> tuple[ResultHeader, list[bytes]
     return (statuses, ids, users, tuple(map(len, raws)), errors, dead), list(raws)
 
 
-def _iter_results(header: ResultHeader, blob: bytearray | memoryview) -> Iterator[Encoded]:
+def _iter_results(header: ResultHeader, blob: memoryview) -> Iterator[Encoded]:
     statuses, ids, users, sizes, errors, dead = header
     reasons: list[str] = [""] * len(statuses)
     details: list[str] = [""] * len(statuses)
@@ -306,28 +338,47 @@ def _iter_results(header: ResultHeader, blob: bytearray | memoryview) -> Iterato
 def _serve(recv: int, send: int, region: Region) -> None:
     matchers: dict[int, Matcher] = {}
     trim = heap_trimmer()
-    while _answer_chunk(recv, send, matchers, region):
+    back = _Back(region)
+    while _answer_chunk(recv, send, matchers, back):
         if trim is not None and not select.select([recv], [], [], IDLE_TRIM_SECONDS)[0]:
             trim()
 
 
-def _answer_chunk(recv: int, send: int, matchers: dict[int, Matcher], region: Region) -> bool:
+class _Back:
+    """The child's half of the region: its answers, one after the other until the store worker
+    sends a chunk with none pending (it has read them all): then from the start again."""
+
+    def __init__(self, region: Region) -> None:
+        self.region = region
+        self.end = 0
+
+    def put(self, first: bool, results: list[Encoded]) -> tuple[ResultHeader, int]:
+        """Write ``results``' documents; their header and where they start. Documents that do not
+        fit are not sent: the chunk is punted and the store worker encodes it (never seen with
+        real tweets: a read's documents take about 1.2x its payloads, ≤ 10 MB)."""
+        start = 0 if first else self.end
+        header, raws = _pack_results(results)
+        if not put(self.region.back[start:], raws):
+            header, raws = _pack_results([_PUNTED] * len(results))
+        self.end = start + sum(map(len, raws))
+        return header, start
+
+
+def _answer_chunk(recv: int, send: int, matchers: dict[int, Matcher], back: _Back) -> bool:
     """Encode one chunk and send its results; False once the pipe is closed. A function of its
     own so that the chunk's buffers are freed when it returns, before the heap is trimmed."""
     try:
-        (new, header, shared), blob = recv_frame(recv)
+        (new, header, start, first), blob = recv_frame(recv)
     except EOFError:
         return False  # the store worker closed the pipe (or died): nothing is held here
     for generation, (track, follow, locations) in new.items():
         matchers[generation] = Matcher(track, follow, locations)
-    jobs = _unpack_jobs(header, region.into if shared else blob)
+    jobs = _unpack_jobs(header, back.region.into[start:] if start >= 0 else blob)
     results = [_encode_job(job, matchers) for job in jobs]
-    # The payloads (~2 MB, their views are gone) are freed before the answer, which waits in the
+    # The payloads (a piped chunk's are ~2 MB) are freed before the answer, which waits in the
     # pipe until the store worker has encoded its own part.
     del blob, jobs
-    head, raws = _pack_results(results)
-    shared = put(region.back, raws)
-    send_frame(send, (head, shared), () if shared else raws)
+    send_frame(send, back.put(first, results), ())
     return True
 
 

@@ -1,8 +1,9 @@
 """The split of each spool read between the encoder child and the store worker itself.
 
-The child (``encoder_pool.EncoderProcess``) encodes the last part of a read while this process
-encodes and takes the first part; the share adapts so that neither side waits for the other.
-Reads are encoded here while the child starts (it imports in the background). A lost child loses nothing: its part is encoded here, and a new child is started no sooner than
+The child (``encoder_pool.EncoderProcess``) encodes the last part of a read, sent in a few chunks,
+while this process encodes and takes the first part; the share adapts so that neither side waits
+for the other. Reads are encoded here while the child starts (it imports in the background). A
+lost child loses nothing: its part is encoded here, and a new child is started no sooner than
 ``ENCODER_RESTART_INTERVAL`` later. Kept apart from ``encoder_pool``, which the child imports.
 """
 
@@ -27,6 +28,7 @@ MATCHER_GENERATIONS = 16
 # would only add latency.
 OFFLOAD_MIN = 64
 SHARE_STEP = 0.02  # how fast the split between the two encoders adapts
+CHUNKS = 4  # chunks the child's part of a read is sent in (``EncoderSplit._send``)
 ENCODER_RESTART_INTERVAL = 10.0  # seconds between restarts of a lost encoder child
 # A child not ready this long after it was started (its imports take ~0.1 s) is taken as lost.
 ENCODER_START_TIMEOUT = 30.0
@@ -87,6 +89,7 @@ class EncoderSplit:
         self._started_at = 0.0  # monotonic time the current child was started
         self._share = 0.5  # fraction of a read sent to the encoder child
         self._pending: EncoderProcess | None = None  # the child encoding a part of this read
+        self._chunks = 0  # chunks of this read sent to the child
 
     def submit(self, records: list[Record], settings: Settings) -> int:
         """Send the last part of ``records`` to the encoder child when the read is worth sharing;
@@ -100,13 +103,26 @@ class EncoderSplit:
             return 0
         theirs = max(1, min(len(records) - 1, round(len(records) * self._share)))
         try:
-            encoder.submit([r for r in records[-theirs:] if r.kind == KIND_MESSAGE],
-                           self._matchers.specs)
+            self._chunks = self._send(encoder, [r for r in records[-theirs:]
+                                                if r.kind == KIND_MESSAGE])
         except OSError as exc:
             self._lost(exc)
             return 0
         self._pending = encoder
         return theirs
+
+    def _send(self, encoder: EncoderProcess, messages: list[Record]) -> int:
+        """Send ``messages`` to the child in ``CHUNKS`` chunks when it can queue them, else in one;
+        how many. The child answers each chunk as it is done: this process takes one chunk's
+        documents while the child encodes the next, and the child waits only while the last
+        one's are taken (with one chunk, it waited while all of them were)."""
+        size = sum(len(r.payload) for r in messages)
+        count = CHUNKS if encoder.queues and size <= encoder.region_bytes else 1
+        step = max(1, -(-len(messages) // count))
+        chunks = [messages[i:i + step] for i in range(0, len(messages), step)] or [[]]
+        for chunk in chunks:
+            encoder.submit(chunk, self._matchers.specs)
+        return len(chunks)
 
     def collect(self, theirs: list[Record]) -> Iterator[tuple[Record, Encoded | None]]:
         """The records ``submit`` sent, with the child's results, in spool order (None: the
@@ -114,29 +130,33 @@ class EncoderSplit:
         first: each record is popped as it is yielded, so that nothing here holds a tweet's
         payload once the caller has taken it."""
         encoder, self._pending = self._pending, None
-        results = self._results(encoder, len(theirs)) if encoder is not None else None
+        results = self._results(encoder, self._chunks) if encoder is not None else None
         while theirs:
             record = theirs.pop()
-            if results is None or record.kind != KIND_MESSAGE:
-                yield record, None
-            else:
-                yield record, next(results)
+            encoded = None
+            if results is not None and record.kind == KIND_MESSAGE:
+                encoded = next(results, None)
+                if encoded is None:  # the child is gone: the rest is encoded here
+                    results = None
+            yield record, encoded
 
-    def _results(self, encoder: EncoderProcess, count: int) -> Iterator[Encoded] | None:
-        """The child's answer to its pending chunk; None if its records are to be encoded here
-        (the child is gone, or was stopped meanwhile by new settings)."""
-        if encoder is not self.encoder:
-            return None  # ``stop`` closed it during a flush of this read (new settings)
-        # Balance the split so that neither side waits for the other.
-        self._share += SHARE_STEP if encoder.ready() else -SHARE_STEP
-        self._share = min(0.9, max(0.1, self._share))
-        try:
-            results = encoder.results()
-        except (EOFError, OSError) as exc:
-            self._lost(exc)
-            return None
-        self._counters.offloaded += count
-        return results
+    def _results(self, encoder: EncoderProcess, chunks: int) -> Iterator[Encoded]:
+        """The child's answers to this read's chunks, each read when its turn comes; they end
+        early if the child is lost, or was stopped meanwhile by new settings."""
+        for chunk in range(chunks):
+            if encoder is not self.encoder:
+                return  # ``stop`` closed it during a flush of this read (new settings)
+            if chunk == chunks - 1:  # balance the split: neither side should wait
+                self._share += SHARE_STEP if encoder.ready() else -SHARE_STEP
+                self._share = min(0.9, max(0.1, self._share))
+            try:
+                answer = encoder.results()
+            except (EOFError, OSError) as exc:
+                self._lost(exc)
+                return
+            for encoded in answer:
+                self._counters.offloaded += 1
+                yield encoded
 
     def apply(self, settings: Settings) -> None:
         """New settings: stop the child if they no longer want it (it restarts on use)."""
