@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import struct
@@ -10,6 +11,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from importlib import resources
+from pathlib import Path
 
 import bson
 import orjson
@@ -150,6 +152,27 @@ def test_documents_too_big_for_the_region_are_punted_to_the_store_worker(
         assert proc.result() == [encode(job, Matcher(*SPEC)) for job in few]
     finally:
         proc.close()
+
+
+def region_rss_kb(proc: EncoderProcess) -> int:
+    """Resident kB of ``proc``'s shared region in this process (its line in /proc/self/smaps)."""
+    start = ctypes.addressof(ctypes.c_char.from_buffer(proc._region.map))
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"{start:x}-"))
+    return next(int(line.split()[1]) for line in lines[at + 1:] if line.startswith("Rss:"))
+
+
+def test_an_idle_child_region_gives_its_pages_back(child: EncoderProcess) -> None:
+    jobs = jobs_for(real_payloads()[:200])
+    child.submit(jobs, {3: SPEC})
+    child.release()  # a chunk is in flight: nothing is released, nothing is lost
+    assert child.result() == [encode(job, Matcher(*SPEC)) for job in jobs]
+    size = sum(len(job.payload) for job in jobs)
+    assert region_rss_kb(child) * 1024 >= size  # its payloads, and its documents
+    child.release()
+    assert region_rss_kb(child) == 0
+    child.submit(jobs, {3: SPEC})  # and it is used again as before
+    assert child.result() == [encode(job, Matcher(*SPEC)) for job in jobs]
 
 
 def test_frames_survive_partial_writes_and_many_parts(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -936,6 +936,8 @@ def test_an_idle_worker_gives_its_heap_back_once_after_a_burst(
     trims: list[tuple[int, int]] = []
     h.worker.trim_heap = lambda: trims.append((h.spool.acked_seq,
                                                h.worker.counters()["pending"]))
+    released: list[int] = []  # and the encoder child's shared region with it
+    h.worker._encoding.release = lambda: released.append(len(trims))  # type: ignore[method-assign]
     phases: list[Callable[[], object] | None] = [
         lambda: [h.spool.add(p) for p in tweets[:2]], lambda: h.spool.add(tweets[2]), None]
     trims_when_settled: list[int] = []
@@ -960,6 +962,7 @@ def test_an_idle_worker_gives_its_heap_back_once_after_a_burst(
     assert h.worker.run(should_stop, h.tick, lambda: None)
     assert trims_when_settled == [0, 0, 1]  # the first two tweets' bytes fell short
     assert trims == [(3, 0)]  # after all three were stored and acked, with nothing pending
+    assert released == [1]
     assert h.worker.counters()["stored"] == 3
 
 
