@@ -16,6 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import orjson
 import pytest
 import yaml
 
@@ -174,6 +175,60 @@ def test_metrics_include_process_series(deployment: Deployment) -> None:
     assert not missing, f"/metrics has no {missing}"
     assert samples["process_resident_memory_bytes"] > 0
     assert samples["process_open_fds"] > 0
+
+
+# What systemd-run cannot take for a probe, or what only the daemon's own start needs.
+NOT_SANDBOX = ("Exec", "Type", "Restart", "TimeoutStopSec", "WatchdogSec", "NotifyAccess",
+               "KillMode", "LoadCredential", "StateDirectory", "ConfigurationDirectory")
+ENCODER_PROBE = """
+import json, time
+from importlib import resources
+from ingestd.documents.encoder import OK, encode
+from ingestd.documents.matching import Matcher
+from ingestd.sink.encoder_pool import EncoderProcess, Job
+data = resources.files("ingestd").joinpath("data", "real_tweets.jsonl").read_bytes()
+jobs = [Job(p, time.time_ns(), 1, 1, i) for i, p in enumerate(data.splitlines()) if p.strip()]
+spec = (["the", "covid vaccine"], [12], [(-180.0, -90.0, 180.0, 90.0)])
+here = [encode(job, Matcher(*spec)) for job in jobs]
+child = EncoderProcess()
+chunks = [jobs[i:i + 150] for i in range(0, len(jobs), 150)]
+for chunk in chunks:  # queued: payloads in the shared region, headers in the pipe
+    child.submit(chunk, {1: spec})
+there = [e for _ in chunks for e in child.result()]
+child.release()
+child.close()
+print(json.dumps({"queues": child.queues, "same": there == here,
+                  "ok": sum(e.status == OK for e in there)}))
+"""
+
+
+def sandbox_properties(unit_text: str) -> list[str]:
+    """The [Service] settings of ``systemctl cat`` output that sandbox the daemon's processes."""
+    props, section = [], ""
+    for line in unit_text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif (section == "[Service]" and "=" in line and not line.startswith(("#", ";"))
+              and not line.startswith(NOT_SANDBOX)):
+            props.append(line)
+    return props
+
+
+def test_the_encoder_child_works_inside_the_units_sandbox(deployment: Deployment) -> None:
+    """The store worker's encoder child shares a memfd with it (mmap, madvise) and enlarges its
+    pipes. A probe does exactly that as a transient service with the unit's own sandboxing
+    (DynamicUser, SystemCallFilter, MemoryDenyWriteExecute, ...): a refused call would leave the
+    daemon without its second core, with only a log line to say so."""
+    box = deployment.box_
+    props = sandbox_properties(box.systemctl("cat", UNIT).stdout)
+    assert "DynamicUser=yes" in props and any(p.startswith("SystemCallFilter=") for p in props)
+    result = box.run("systemd-run", "--wait", "--pipe", "--quiet", "--service-type=exec",
+                     *(f"--property={p}" for p in props),
+                     "/opt/ingestd/bin/python", "-c", ENCODER_PROBE, check=False, timeout=120)
+    assert result.returncode == 0, f"probe failed:\n{result.stdout}\n{result.stderr}"
+    report = orjson.loads(result.stdout.strip().splitlines()[-1])
+    assert report["queues"] and report["same"] and report["ok"] > 500, report
 
 
 def test_a_hung_daemon_is_restarted_by_the_watchdog(deployment: Deployment) -> None:
