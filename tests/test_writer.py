@@ -50,12 +50,12 @@ from ingestd.config.schema import (
     WriterSettings,
 )
 from ingestd.control.collector import in_flight
-from ingestd.documents.encoder import OK
+from ingestd.documents.encoder import OK, Encoded, encode
 from ingestd.memory import quiet_gc
 from ingestd.sink.batch import Entry, InFlight
 from ingestd.sink.counters import StoreCounters
 from ingestd.sink.deadletter import DeadLetterStore
-from ingestd.sink.encoder_split import EncoderSplit, Matchers
+from ingestd.sink.encoder_split import CHUNKS, EncoderSplit, Matchers
 from ingestd.sink.mongo import ErrorClass, classify_error, open_collection, write_error_summary
 from ingestd.sink.worker import StoreWorker
 from ingestd.spool.format import (
@@ -790,6 +790,45 @@ def test_auto_mode_keeps_a_child_only_while_encoding_is_the_work() -> None:
         batches(0.95)
         assert not shared() and split.encoder is None  # MongoDB-bound again: stopped
         assert child._proc.wait(10) == 0
+    finally:
+        split.stop()
+
+
+def test_a_read_shared_in_chunks_comes_back_in_order_even_if_the_child_stops_midway() -> None:
+    """The child's part of a read goes in chunks, answered one by one: the results come back in
+    spool order, each chunk's when its turn comes. New settings can stop the child while the
+    worker takes that part (a withheld notice flushes the batch, the switch follows): the rest
+    is then encoded here, and that is no lost child."""
+    settings = make_settings("mongodb://127.0.0.1:1", "db")
+    counters = StoreCounters()
+    split = EncoderSplit(Matchers(0, settings), counters, True, offload_min=1)
+    child = split.start_child()
+    assert child is not None
+    wait_until(child.poll_started, 30, "the encoder child to start")
+    records = [Record(i + 1, KIND_MESSAGE, 1, 0, time.time_ns(), tweet(SNOW + i), "s", 10 * i)
+               for i in range(200)]
+    matcher = Matchers(0, settings).get(0)
+    try:
+        for stop_after in (None, 30):
+            read = list(records)
+            theirs = split.submit(read, settings)
+            assert 40 <= theirs < 200 and child.pending == CHUNKS
+            read.reverse()
+            del read[theirs:]  # the caller's own part is taken (and encoded) by the caller
+            taken: list[tuple[int, Encoded | None]] = []
+            for record, encoded in split.collect(read):
+                taken.append((record.seq, encoded))
+                if len(taken) == stop_after:
+                    split.stop()  # as ``StoreWorker._maybe_switch`` does between two batches
+            assert [seq for seq, _ in taken] == [r.seq for r in records[-theirs:]]
+            got = [(seq, e) for seq, e in taken if e is not None]
+            assert all(e == encode(records[seq - 1], matcher) for seq, e in got)
+            if stop_after is None:
+                assert len(got) == theirs
+            else:  # the chunk being taken is complete, the later ones are encoded here
+                assert stop_after <= len(got) < theirs
+                assert split.encoder is None and child._proc.wait(10) == 0
+        assert counters.encoder_restarts == 0
     finally:
         split.stop()
 
