@@ -72,9 +72,9 @@ class Region:
 
     def __init__(self, fd: int, in_bytes: int, out_bytes: int) -> None:
         self.map = mmap.mmap(fd, in_bytes + out_bytes)
-        self.view = memoryview(self.map)
-        self.into = self.view[:in_bytes]  # payloads, store worker → child
-        self.back = self.view[in_bytes:]  # documents, child → store worker
+        view = memoryview(self.map)
+        self.into = view[:in_bytes]  # payloads, store worker → child
+        self.back = view[in_bytes:]  # documents, child → store worker
 
     @classmethod
     def create(cls, in_bytes: int, out_bytes: int) -> tuple[Region, int]:
@@ -170,7 +170,7 @@ class EncoderProcess:
         if not self.pending:
             return True
         return (self.queues and not self._piped and self.pending < MAX_PENDING
-                and self._into_end + size <= len(self._region.into))
+                and self._into_end + size <= self.region_bytes)
 
     def submit(self, jobs: Sequence[JobLike], matchers: dict[int, MatcherSpec]) -> None:
         """Send a chunk (and the matchers for generations the child has not seen yet)."""
