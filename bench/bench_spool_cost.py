@@ -84,10 +84,14 @@ class MemoryCollection:
         self.ids -= ids
         return _Result(len(ids))
 
-    def update_many(self, *_: object) -> None:
+    def update_many(self, *_: object, **__: object) -> None:
         return None
 
     update_one = update_many
+    replace_one = update_many  # the coverage ledger's hour and gap documents
+
+    def find_one(self, *_: object) -> None:
+        return None
 
     def find(self, *_: object) -> _Cursor:
         return _Cursor()
@@ -113,6 +117,9 @@ def settings() -> Settings:
 
 class ListSource:
     """Baseline: the records are already in memory; ack is free."""
+
+    acked = None  # no checkpoint: nothing stored before
+    checkpoint_resets = 0
 
     def __init__(self, payloads: list[bytes]) -> None:
         self.records = [Record(i + 1, KIND_MESSAGE, 1, 0, time.time_ns(), p, "mem", i)
