@@ -7,14 +7,16 @@
 interleaved with this tree's runs; each figure is the best of ``--rounds`` and the last column is
 this tree's time divided by the reference's (< 1: faster).
 
-The stream worker case feeds ``Reader._on_data`` (what libcurl's write callback runs) slices of the
-decoded body, through ``SpoolSink`` into a ``SpoolWriter`` on disk (``--dir``, fsync every 0.2 s),
-and reports CPU (user + system) per tweet: libcurl's own work (recv, chunked, inflate) is not in it.
+The stream worker cases feed ``BodyIntake.on_data`` (what libcurl's write callback runs) slices of
+the decoded body, through ``SpoolIntake`` into a ``SpoolWriter`` on disk (``--dir``, fsync every
+0.2 s), and report CPU (user + system) per tweet: libcurl's own work (recv, chunked, inflate) is
+not in it; a reference tree without that intake shows nan there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import re
 import shutil
@@ -35,9 +37,10 @@ MODULES = {
     "writer": ("spool.writer", "spool.log", "spool"),
     "reader": ("spool.reader", "spool.log", "spool"),
     "connection": ("source.connection", "reader"),
-    "worker": ("control.worker", "workers"),
-    "settings": ("config.settings", "settings"),
+    "schema": ("config.schema", "settings"),
 }
+# The stream worker's intake, only in this layout (the stream cases skip a tree without it).
+OPTIONAL = {"body": "source.body", "intake": "spool.intake", "stats": "source.stats"}
 
 
 def load_messages(total_bytes: int) -> list[bytes]:
@@ -61,7 +64,11 @@ def load_package(name: str, tree: Path | None, scratch: Path) -> dict[str, Modul
             text = re.sub(r"\bfrom ingestd([. ])", rf"from {name}\1", text)
             path.write_text(re.sub(r"\bimport ingestd\.", f"import {name}.", text))
         sys.path.insert(0, str(scratch))
-    return {role: _import_first(name, where) for role, where in MODULES.items()}
+    modules = {role: _import_first(name, where) for role, where in MODULES.items()}
+    for role, where in OPTIONAL.items():
+        with contextlib.suppress(ImportError):
+            modules[role] = importlib.import_module(f"{name}.{where}")
+    return modules
 
 
 def _import_first(package: str, candidates: tuple[str, ...]) -> ModuleType:
@@ -145,32 +152,34 @@ def read_back(pkg: dict[str, ModuleType], messages: list[bytes], directory: Path
 def stream_case(
     chunk: int, per_pass: int
 ) -> Callable[[dict[str, ModuleType], bytes, int, Path], float]:
-    """``per_pass`` callbacks per libcurl pass; the reader flushes the sink after each pass."""
+    """``per_pass`` libcurl callbacks (``BodyIntake.on_data``) per pass, then the intake's
+    flush: one spool write per pass, as ``StreamReader`` does it."""
 
     def case(pkg: dict[str, ModuleType], wire: bytes, n: int, directory: Path) -> float:
         import pycurl
 
-        st, rd, wk = pkg["settings"], pkg["connection"], pkg["worker"]
-        stream = st.StreamSettings(url="http://127.0.0.1:1/1.1/statuses/filter.json",
-                                   track=("x",))
-        auth = st.AuthSettings(*(st.Secret(c) for c in "abcd"))
+        if "body" not in pkg:
+            return float("nan")  # a reference tree from before source/body.py
+        stream = pkg["schema"].StreamSettings(url="http://127.0.0.1:1/1.1/statuses/filter.json",
+                                              track=("x",), gzip=False)
         writer = pkg["writer"].SpoolWriter(directory, max_bytes=1 << 40, max_records=1 << 40,
                                            fsync_interval=0.2)
-        sink = wk.SpoolSink(writer, drop=False)
-        reader = rd.Reader(stream, auth, 1, sink, is_full=sink.is_full, drop_when_full=False)
+        intake = pkg["intake"].SpoolIntake(writer, drop=False)
+        stats = pkg["stats"].ReaderStats()
+        body = pkg["body"].BodyIntake(intake, stats, is_full=intake.is_full,
+                                      drop_when_full=False, clock=time.monotonic)
         framer = pkg["framing"].LineFramer(500_000)
-        conn = rd.Connection(1, 1, stream, pycurl.Curl(), framer, 0.0, 0.0, status=200)
-        on_data = reader._on_data
-        flush = getattr(sink, "flush", lambda: None)  # the reference may write per callback
+        conn = pkg["connection"].Connection(1, 1, stream, pycurl.Curl(), framer, 0.0, 0.0,
+                                            status=200, marked=True)
         passes = [chunked(part, chunk) for part in chunked(wire, chunk * per_pass)]
         start = time.process_time()
         for pieces in passes:
             for piece in pieces:
-                on_data(conn, piece)
-            flush()
+                body.on_data(conn, piece)
+            intake.flush()
         writer.close()
         elapsed = time.process_time() - start
-        assert reader.stats.received == n, (reader.stats.received, n)
+        assert stats.received == n, (stats.received, n)
         return elapsed
 
     return case

@@ -1,18 +1,20 @@
 """How fast this machine is right now, and what a new page costs it. Asserts nothing.
 
-Figures in a `make bench` run move with the machine's speed of the hour (a shared VM here: the
-same code ran 50 µs per tweet at one hour and 70 at another). Ratios within one run hold up;
-absolute figures (issue 15's goal 2: µs of CPU per tweet) do not. So `bench/run.py` takes
-``encode_us`` at its start and its end: CPU µs per tweet of ``orjson.loads`` + ``bson.encode``
-over the real sample tweets, best of a few passes on one core.
+Figures in a `make bench` run move with the machine's state of the hour (a shared VM here: the
+same code ran 50 µs per tweet at one hour and 70 at another). Ratios within one run hold up
+better; absolute figures (issue 15's goal 2: µs of CPU per tweet) do not. So `bench/run.py` takes
+two probes at its start and its end (``probe``):
 
-``--pages`` measures what writing into the page cache costs, per 3.8 KB tweet (the spool's
-append): into a new file, over a file's cached pages, and into a new file right after another
-was deleted. On a VM that hands free memory back to its host (free page reporting, a balloon),
-the first touch of such a page is a fault the host serves, and costs several times the write
-itself. A spool backlog (the stream worker reading faster than the store worker stores, as in
-every throughput run) lives in new pages; a spool that keeps up reuses the pages of the segments
-it deletes (docs/design.md, "Where the CPU goes").
+* ``encode_us``: CPU µs per tweet of ``orjson.loads`` + ``bson.encode`` over the real sample
+  tweets, best of a few passes on one core: the CPU's speed;
+* what writing a 3.8 KB tweet into the page cache costs (the spool's append): into a new file's
+  pages, and over pages already cached (``--pages`` adds a new file right after a delete).
+
+On a VM that hands free memory back to its host (free page reporting, a balloon), the first touch
+of such a page most likely is a fault the host serves, and costs several times the write itself.
+A spool backlog (the stream worker reading faster than the store worker stores, as in every
+throughput run) lives in new pages; a spool that keeps up reuses the pages of the segments it
+deletes (docs/design.md, "Where the CPU goes").
 
     .venv/bin/python bench/probe.py [--pages] [--dir /var/tmp]
 """
@@ -70,6 +72,19 @@ def _write(path: Path, chunk: bytes, flags: int) -> float:
         return time.thread_time() - started
     finally:
         os.close(fd)
+
+
+def probe(folder: Path | None = None) -> dict[str, float]:
+    """Both probes, for `bench/run.py`'s header and footer."""
+    pages = page_costs(folder or Path(tempfile.gettempdir()))
+    return {"encode_us": encode_us(), "new_page_us": pages["new file"],
+            "cached_page_us": pages["over cached pages"]}
+
+
+def describe(p: dict[str, float]) -> str:
+    return (f"orjson.loads + bson.encode {p['encode_us']:.1f} µs per tweet; writing a tweet "
+            f"into a new file's pages {p['new_page_us']:.2f} µs, over cached pages "
+            f"{p['cached_page_us']:.2f} µs")
 
 
 def main() -> None:

@@ -75,7 +75,7 @@ import pymongo
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.payload import Payload, PayloadServer, build
-from bench.probe import encode_us
+from bench.probe import describe, probe
 from ingestd.documents.matching import Matcher
 from tests.support.daemon import Daemon, settings_doc
 
@@ -926,12 +926,12 @@ def main(argv: list[str] | None = None) -> int:
     per_tweet = manifest["plain_bytes"] / payload.tweets
     say(f"  {manifest['plain_bytes'] / 1e6:.0f} MB decoded ({per_tweet:,.0f} B/tweet), "
         f"{manifest['gzip_bytes'] / 1e6:.0f} MB gzip")
-    speed = encode_us()  # the machine's speed of the hour (bench/probe.py), again at the end
-    say(f"speed probe: orjson.loads + bson.encode {speed:.1f} µs/tweet")
+    speed = probe()  # the machine's state of the hour (bench/probe.py), again at the end
+    say(f"speed probe: {describe(speed)}")
     md.add(f"## `make bench` run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
            f"Machine: {info['nproc']} CPUs, {info['cpu']}, Python {info['python']}, load average "
-           f"{info['loadavg']} at the start; speed probe (`bench/probe.py`: orjson.loads + "
-           f"bson.encode of the real tweets, one core) {speed:.1f} µs/tweet. {args.tweets:,} "
+           f"{info['loadavg']} at the start; probes (`bench/probe.py`): {describe(speed)}. "
+           f"{args.tweets:,} "
            f"tweets per run (a prefix of the {payload.tweets:,}-tweet payload, "
            f"{per_tweet:,.0f} B/tweet), medians of {args.repeats}, contenders interleaved. "
            f"Command: `bench/run.py "
@@ -1050,14 +1050,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             bench.close()
         report["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-        report["speed_probe_us"] = [round(speed, 2), round(encode_us(), 2)]
+        report["probes"] = [speed, probe()]
         if args.json:
             args.json.write_text(json.dumps(report, indent=1, default=str))
     minutes = (time.monotonic() - begun) / 60
     say(f"\nload average at the end: {report['loadavg_end']}; {minutes:.1f} minutes")
-    say(f"speed probe at the end: {report['speed_probe_us'][1]:.1f} µs/tweet")
-    md.add(f"Load average at the end {report['loadavg_end']}; speed probe at the end "
-           f"{report['speed_probe_us'][1]:.1f} µs/tweet; the run took {minutes:.1f} minutes."
+    say(f"probes at the end: {describe(report['probes'][1])}")
+    md.add(f"Load average at the end {report['loadavg_end']}; probes at the end: "
+           f"{describe(report['probes'][1])}; the run took {minutes:.1f} minutes."
            + "".join(f"\n\n**CHECK FAILED**: {f}" for f in failures))
     if str(args.results) not in ("", "."):
         md.append_to(args.results)

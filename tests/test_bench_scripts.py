@@ -1,0 +1,60 @@
+"""The quick bench scripts still run against this tree (they are not imported by anything else).
+
+Two of them had stopped working unnoticed: ``bench_spool_cost.py`` retried forever against a
+collection without what the coverage ledger calls, and ``bench_spool_framing.py`` called stream
+worker classes that a re-layout had replaced. Each script runs here at its smallest size in a
+fresh interpreter and must finish with its figures printed; no figure is judged (benchmarks print
+figures, tests never time anything). The payload-driven ones (`bench/run.py`, `bench_store.py`)
+are exercised by `make bench`.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str, timeout: float = 120) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_probe_prints_both_probes(tmp_path: Path) -> None:
+    out = run_script("bench/probe.py", "--pages", "--dir", str(tmp_path))
+    assert re.search(r"orjson.loads \+ bson.encode: [\d.]+ µs", out)
+    for case in ("new file", "over cached pages", "new file after a delete"):
+        assert re.search(rf"page cache, {case} +: +[\d.]+ µs", out), out
+    assert list(tmp_path.iterdir()) == []  # its files are gone
+
+
+def test_spool_cost_stores_every_tweet_in_each_case(tmp_path: Path) -> None:
+    out = run_script("bench/bench_spool_cost.py", "--tweets", "300", "--dir", str(tmp_path))
+    for case in ("baseline (list)", "spool on tmpfs", "spool on disk"):
+        assert re.search(rf"{re.escape(case)} .*stored 300\)", out), out
+
+
+def test_spool_framing_runs_every_case(tmp_path: Path) -> None:
+    out = run_script("bench/bench_spool_framing.py", "--mb", "1", "--rounds", "1",
+                     "--dir", str(tmp_path))
+    figures = re.findall(r"^(.+?) +this +([\d.]+) µs$", out, re.MULTILINE)
+    assert len(figures) == 8, out
+    assert sum(title.startswith("stream worker") for title, _ in figures) == 3
+
+
+@pytest.mark.parametrize("script", ["tweet_steps.py", "encode_routes.py"])
+def test_per_tweet_steps_run(script: str) -> None:
+    out = run_script(f"bench/{script}", "--rounds", "1", "--passes", "1")
+    assert re.search(r"orjson.*bson.encode.* [\d.]+", out), out
+
+
+def test_matching_check_finds_no_difference() -> None:
+    out = run_script("bench/check_matching.py", "--cases", "300")
+    assert re.search(r"checked against the token model: 0 differences", out), out
