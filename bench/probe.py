@@ -16,7 +16,7 @@ A spool backlog (the stream worker reading faster than the store worker stores, 
 throughput run) lives in new pages; a spool that keeps up reuses the pages of the segments it
 deletes (docs/design.md, "Where the CPU goes").
 
-    .venv/bin/python bench/probe.py [--pages] [--dir /var/tmp]
+    .venv/bin/python bench/probe.py [--pages] [--dir /var/tmp] [--mb 256]
 """
 
 from __future__ import annotations
@@ -50,28 +50,29 @@ def encode_us(passes: int = 10, rounds: int = 3) -> float:
     return 1e6 * best / (passes * len(lines))
 
 
-def page_costs(folder: Path, after_delete: bool = True) -> dict[str, float]:
-    """CPU µs per tweet's bytes: a new file, the same file over its cached pages, and (with
-    ``after_delete``) a new file written right after the first was deleted."""
+def page_costs(folder: Path, after_delete: bool = True,
+               size: int = PAGE_BYTES) -> dict[str, float]:
+    """CPU µs per tweet's bytes, ``size`` bytes each: a new file, the same file over its cached
+    pages, and (with ``after_delete``) a new file written right after the first was deleted."""
     chunk = os.urandom(_CHUNK)
     first, second = folder / "page-probe-1", folder / "page-probe-2"
     try:
-        costs = {"new file": _write(first, chunk, os.O_TRUNC),
-                 "over cached pages": _write(first, chunk, 0)}
+        costs = {"new file": _write(first, chunk, os.O_TRUNC, size),
+                 "over cached pages": _write(first, chunk, 0, size)}
         first.unlink()
         if after_delete:
-            costs["new file after a delete"] = _write(second, chunk, os.O_TRUNC)
+            costs["new file after a delete"] = _write(second, chunk, os.O_TRUNC, size)
     finally:
         first.unlink(missing_ok=True)
         second.unlink(missing_ok=True)
-    return {what: cpu * TWEET_BYTES / PAGE_BYTES * 1e6 for what, cpu in costs.items()}
+    return {what: cpu * TWEET_BYTES / size * 1e6 for what, cpu in costs.items()}
 
 
-def _write(path: Path, chunk: bytes, flags: int) -> float:
+def _write(path: Path, chunk: bytes, flags: int, size: int) -> float:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
     try:
         started = time.thread_time()
-        for _ in range(PAGE_BYTES // len(chunk)):
+        for _ in range(size // len(chunk)):
             os.write(fd, chunk)
         return time.thread_time() - started
     finally:
@@ -96,10 +97,11 @@ def main() -> None:
     parser.add_argument("--pages", action="store_true", help="also the page-cache costs")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()),
                         help="a folder on the spool's filesystem")
+    parser.add_argument("--mb", type=int, default=PAGE_BYTES >> 20, help="MiB written per case")
     args = parser.parse_args()
     print(f"orjson.loads + bson.encode: {encode_us():.1f} µs CPU per tweet (one core)")
     if args.pages:
-        for what, us in page_costs(args.dir).items():
+        for what, us in page_costs(args.dir, size=args.mb << 20).items():
             print(f"page cache, {what:24s}: {us:5.2f} µs CPU per {TWEET_BYTES} B tweet")
 
 

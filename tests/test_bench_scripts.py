@@ -28,7 +28,7 @@ def run_script(*args: str, timeout: float = 120) -> str:
 
 
 def test_probe_prints_both_probes(tmp_path: Path) -> None:
-    out = run_script("bench/probe.py", "--pages", "--dir", str(tmp_path))
+    out = run_script("bench/probe.py", "--pages", "--dir", str(tmp_path), "--mb", "4")
     assert re.search(r"orjson.loads \+ bson.encode: [\d.]+ µs", out)
     for case in ("new file", "over cached pages", "new file after a delete"):
         assert re.search(rf"page cache, {case} +: +[\d.]+ µs", out), out
