@@ -134,6 +134,9 @@ class ListSource:
     def wait_for_data(self, timeout: float) -> bool:
         return self.pos < len(self.records)
 
+    def unread_bytes(self) -> int:
+        return sum(len(r.payload) for r in self.records[self.pos:])
+
     def ack(self, record: Record) -> None:
         return None
 

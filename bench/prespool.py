@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 from ingestd.documents.encoder import OK, Encoded, encode
 from ingestd.documents.matching import Matcher
-from ingestd.sink.encoder_split import InsertShare
+from ingestd.sink.encoder_split import TimeShare
 from ingestd.spool.format import KIND_MESSAGE, Record
 from ingestd.spool.intake import SpoolIntake
 
@@ -134,7 +134,8 @@ class PreEncoded:
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         self.encoder = None
-        self.inserts = InsertShare()  # the store worker notes each insert's time here
+        self.inserts = TimeShare()  # the store worker notes each insert's time here
+        self.busy = TimeShare()  # and its busy time
 
     def submit(self, records: list[Record], settings: object) -> int:
         return len(records)

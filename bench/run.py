@@ -326,7 +326,7 @@ class Bench:
         doc = settings_doc(self.server.url, mongo_uri, DATABASE)
         doc["stream"].update(track=TRACK, follow=FOLLOW, locations=[list(b) for b in LOCATIONS],
                              gzip=gzip)
-        # product defaults (batch 1000, flush 0.5 s, encoder child on) unless told otherwise
+        # product defaults (batch 1000, flush 1 s, encoder_process auto) unless told otherwise
         doc["writer"] = {} if encoder else {"encoder_process": False}
         return doc
 
@@ -630,7 +630,10 @@ def run_latency(bench: Bench, rate: float, seconds: float) -> dict[str, Any]:
     finally:
         bh.stop()
     figures = latency_figures(bench, pairs, bench.server.deliveries[0].slices)
-    return {"rate": rate, "tweets": tweets, "load": result.load, **figures}
+    # a stream the daemon keeps up with: its CPU per tweet in a steady state (bench/steady.py)
+    per_role = {k: round(v * 1e6 / tweets, 1) for k, v in result.extra["cpu_by_role"].items()}
+    return {"rate": rate, "tweets": tweets, "load": result.load, **figures,
+            "us_per_tweet": round(result.us_per_tweet, 1), "us_per_tweet_by_role": per_role}
 
 
 def run_overload(bench: Bench, rate: float, ack_delay: float, seconds: float,
@@ -983,7 +986,10 @@ def main(argv: list[str] | None = None) -> int:
                 text = (f"send -> acknowledged over {lat.get('count', 0):,} tweets at "
                         f"{args.latency_rate:,.0f}/s: p50 {lat.get('p50', 0):.3f} s, "
                         f"p90 {lat.get('p90', 0):.3f} s, **p99 {lat.get('p99', 0):.3f} s**, "
-                        f"max {lat.get('max', 0):.3f} s (load {lat['load']:.2f})")
+                        f"max {lat.get('max', 0):.3f} s (load {lat['load']:.2f}); CPU at "
+                        f"that steady rate **{lat['us_per_tweet']:.1f} µs/tweet** (by process: "
+                        + ", ".join(f"{k} {v}" for k, v in lat["us_per_tweet_by_role"].items()
+                                    if v) + ")")
                 say("   " + text)
                 md.add("### Latency\n\n" + text)
             if "overload" not in skip:

@@ -5,7 +5,7 @@ collection without what the coverage ledger calls, and ``bench_spool_framing.py`
 worker classes that a re-layout had replaced. Each script runs here at its smallest size in a
 fresh interpreter and must finish with its figures printed; no figure is judged (benchmarks print
 figures, tests never time anything). The payload-driven ones (`bench/run.py`, `bench_store.py`)
-are exercised by `make bench`.
+are exercised by `make bench`; `steady.py` runs here with a small payload of its own.
 """
 
 from __future__ import annotations
@@ -58,3 +58,13 @@ def test_per_tweet_steps_run(script: str) -> None:
 def test_matching_check_finds_no_difference() -> None:
     out = run_script("bench/check_matching.py", "--cases", "300")
     assert re.search(r"checked against the token model: 0 differences", out), out
+
+
+def test_steady_rates_store_tweets_with_and_without_the_child(tmp_path: Path) -> None:
+    """The real daemon at a steady rate (a small payload of its own, 1 s windows)."""
+    out = run_script("bench/steady.py", "--rates", "300", "--encoder", "auto,false",
+                     "--seconds", "1", "--warmup", "1", "--repeats", "1",
+                     "--payload-tweets", "2000", "--cache", str(tmp_path), timeout=240)
+    rows = re.findall(r"encoder_process (\w+) +stored +([\d,]+)/s +CPU +[\d.]+ µs/tweet", out)
+    assert [mode for mode, _ in rows] == ["auto", "false"], out
+    assert all(int(rate.replace(",", "")) > 0 for _, rate in rows), out

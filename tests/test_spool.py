@@ -107,6 +107,24 @@ def test_round_trip_all_fields(tmp_path: Path) -> None:
     writer.close()
 
 
+def test_unread_bytes_is_what_the_reader_has_still_to_read_across_segments(tmp_path: Path
+                                                                           ) -> None:
+    """How far behind the stream the store worker is (it decides on its encoder child by it)."""
+    writer = SpoolWriter(tmp_path, segment_bytes=1000, max_bytes=BIG, max_records=BIG)
+    for i in range(30):
+        writer.append([(KIND_MESSAGE, b"x" * 100)], 1, 0, i)
+    writer.sync()
+    reader = SpoolReader(tmp_path)
+    total = sum(os.path.getsize(tmp_path / n) for n in list_segments(tmp_path))
+    assert len(list_segments(tmp_path)) > 2 and reader.unread_bytes() == total
+    got = reader.read(12, BIG)
+    remaining = total - sum(r.end_offset - r.offset for r in got)
+    assert reader.unread_bytes() == remaining
+    reader.read(100, BIG)
+    assert reader.unread_bytes() == 0
+    writer.close()
+
+
 # RFC 3720 appendix B.4: CRC-32C (Castagnoli) of 32-byte blocks. A record's crc covers its 29-byte
 # body and its payload, so a 3-byte payload and the right field values make each block.
 RFC3720_VECTORS = [

@@ -55,7 +55,7 @@ from ingestd.memory import quiet_gc
 from ingestd.sink.batch import Entry, InFlight
 from ingestd.sink.counters import StoreCounters
 from ingestd.sink.deadletter import DeadLetterStore
-from ingestd.sink.encoder_split import CHUNKS, EncoderSplit, Matchers
+from ingestd.sink.encoder_split import BEHIND_BYTES, CHUNKS, EncoderSplit, Matchers
 from ingestd.sink.mongo import ErrorClass, classify_error, open_collection, write_error_summary
 from ingestd.sink.worker import StoreWorker
 from ingestd.spool.format import (
@@ -147,6 +147,10 @@ class FakeSpool:
     def wait_for_data(self, timeout: float) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self.pos < len(self.records), timeout)
+
+    def unread_bytes(self) -> int:
+        with self._cond:
+            return sum(len(rec.payload) for rec in self.records[self.pos:])
 
     def reread(self, ref: RecordRef) -> Record | None:
         """SpoolReader's: the record read back (a batched tweet's payload, for its dead letter)."""
@@ -760,36 +764,92 @@ def test_auto_mode_keeps_a_child_only_while_encoding_is_the_work() -> None:
                for i in range(20)]
 
     def batches(insert_share: float, count: int = 4) -> None:
-        """Batches of 1 s of work each, ``insert_share`` of it waiting for the insert."""
+        """Batches of 1 s of work each, ``insert_share`` of it waiting for the insert, with a
+        backlog in the spool behind them."""
         for _ in range(count):
             split.inserts.note(insert_share, 1 - insert_share)
-
-    def shared() -> bool:
-        """Whether a read is shared with a child (and then its results are all collected)."""
-        read = list(records)
-        theirs = split.submit(read, settings)
-        read.reverse()
-        del read[theirs:]  # the caller takes its own part: only the child's part is collected
-        taken = [encoded for _, encoded in split.collect(read)]
-        assert all(e is not None and e.status == OK for e in taken)
-        return theirs > 0
+            split.busy.note(1.0, 0.0)
+            split.unread = BEHIND_BYTES
 
     try:
-        assert not shared() and split.encoder is None  # nothing timed yet
+        assert not shared(split, records, settings) and split.encoder is None  # nothing timed
         batches(0.95)
-        assert not shared() and split.encoder is None  # MongoDB-bound: no child
+        assert not shared(split, records, settings) and split.encoder is None  # MongoDB-bound
         batches(0.3)
-        assert not shared() and split.encoder is None  # inserts still the slower side
+        assert not shared(split, records, settings) and split.encoder is None  # inserts slower
         batches(0.1)
-        assert not shared() and split.encoder is not None  # encoding-bound: started...
+        assert not shared(split, records, settings) and split.encoder is not None  # started...
         wait_until(split.encoder.poll_started, 30, "the encoder child to start")
-        assert shared()  # ...and shared with once it is ready
+        assert shared(split, records, settings)  # ...and shared with once it is ready
         batches(0.6)
-        assert shared() and split.encoder is not None  # between the thresholds: kept
+        assert shared(split, records, settings) and split.encoder is not None  # kept
         child = split.encoder
         batches(0.95)
-        assert not shared() and split.encoder is None  # MongoDB-bound again: stopped
+        assert not shared(split, records, settings) and split.encoder is None  # stopped
         assert child._proc.wait(10) == 0
+    finally:
+        split.stop()
+
+
+def shared(split: EncoderSplit, records: list[Record], settings: Settings) -> bool:
+    """Whether a read of ``records`` is shared with a child (its results are then collected)."""
+    read = list(records)
+    theirs = split.submit(read, settings)
+    read.reverse()
+    del read[theirs:]  # the caller takes its own part: only the child's part is collected
+    taken = [encoded for _, encoded in split.collect(read)]
+    assert all(e is not None and e.status == OK for e in taken)
+    return theirs > 0
+
+
+def test_auto_mode_keeps_a_child_only_while_the_worker_cannot_keep_up_alone() -> None:
+    """``writer.encoder_process: auto``, encoding the work (inserts quick): no child while the
+    worker keeps up, waiting for data part of the time (a steady stream: a child there cost 7–19
+    µs of CPU per tweet more, bench/RESULTS.md); one once it is busy nearly all the time, or at
+    once when the spool holds several batches it has not read (a burst); kept while the child
+    makes it keep up with little to spare; stopped once it has caught up and waits for data half
+    of the time, also on a read too small to share (a slow stream frees the child's memory)."""
+    settings = make_settings("mongodb://127.0.0.1:1", "db")
+    split = EncoderSplit(Matchers(0, settings), StoreCounters(), None, offload_min=2)
+    records = [Record(i + 1, KIND_MESSAGE, 1, 0, time.time_ns(), tweet(SNOW + i), "s", 10 * i)
+               for i in range(20)]
+
+    def batches(busy_share: float, unread: int = 0, count: int = 8) -> None:
+        """Batches of 1 s each, ``busy_share`` of it taking records or waiting for the insert
+        (a tenth of that), the rest waiting for data; ``unread`` bytes left after each."""
+        for _ in range(count):
+            split.inserts.note(0.1 * busy_share, 0.9 * busy_share)
+            split.busy.note(busy_share, 1 - busy_share)
+            split.unread = unread
+
+    def stopped_by_a_small_read() -> bool:
+        child = split.encoder
+        assert child is not None
+        assert split.submit(records[:1], settings) == 0  # encoded here...
+        return split.encoder is None and child._proc.wait(10) == 0  # ...and the child gone
+
+    try:
+        batches(0.4)
+        assert not shared(split, records, settings) and split.encoder is None  # keeps up alone
+        batches(0.8)
+        assert not shared(split, records, settings) and split.encoder is None  # still does
+        batches(0.99)
+        assert not shared(split, records, settings) and split.encoder is not None  # busy
+        wait_until(split.encoder.poll_started, 30, "the encoder child to start")
+        assert shared(split, records, settings)
+        batches(0.6)
+        assert shared(split, records, settings) and split.encoder is not None  # kept
+        batches(0.3)
+        assert stopped_by_a_small_read()  # caught up
+        batches(0.4, unread=BEHIND_BYTES - 1, count=1)
+        assert not shared(split, records, settings) and split.encoder is None
+        batches(0.4, unread=BEHIND_BYTES, count=1)  # a burst: behind before the busy share knows
+        assert not shared(split, records, settings) and split.encoder is not None
+        wait_until(split.encoder.poll_started, 30, "the encoder child to start")
+        batches(0.3, unread=BEHIND_BYTES, count=1)
+        assert shared(split, records, settings)  # kept while behind
+        batches(0.3)
+        assert stopped_by_a_small_read()
     finally:
         split.stop()
 

@@ -9,6 +9,7 @@ lost child loses nothing: its part is encoded here, and a new child is started n
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 
@@ -32,18 +33,35 @@ CHUNKS = 4  # chunks the child's part of a read is sent in (``EncoderSplit._send
 ENCODER_RESTART_INTERVAL = 10.0  # seconds between restarts of a lost encoder child
 # A child not ready this long after it was started (its imports take ~0.1 s) is taken as lost.
 ENCODER_START_TIMEOUT = 30.0
-# ``writer.encoder_process: auto``: the child (a whole interpreter, ~14 MB of PSS) earns its memory
-# only while encoding is what holds the store worker up. A batch's insert runs while the next one
-# is taken (``StoreWorker._flush``), so the measure is the share of the worker's busy time (taking
-# records, waiting for the insert before it; not its idle waits for data) spent waiting for
-# inserts, smoothed over batches. It is ~0 while taking is the slower side: a child then shortens
-# every cycle. Once an insert takes longer than taking a batch, a child cannot speed anything up;
-# with a child halving the taking, the share passes 0.5 there. Behind a MongoDB that acks a batch
-# in 0.5 s (a 10x overload: the spool holds the backlog) it is ~0.85. Two thresholds keep it from
-# flapping: a child started at 0.25 (inserts ~1.3x the taking) sees ~0.62.
+# ``writer.encoder_process: auto``: the child (a whole interpreter, ~14 MB of PSS) earns its memory,
+# and the CPU its pipes and cross-core copies cost, only while the store worker cannot keep up
+# alone: at a steady 5k–10k tweets/s, which the worker keeps up with, the daemon spent 7–19 µs of
+# CPU per tweet more with a child than without (bench/steady.py, bench/RESULTS.md 2026-12-04).
+# Three measures decide:
+# - the spool's unread bytes after a read (``SpoolReader.unread_bytes``): several batches'
+#   worth means the worker is behind, as in a burst or a catch-up after an outage;
+# - ``busy``: the share of the worker's time not spent waiting for data (taking records, waiting
+#   for inserts), smoothed over time (``BUSY_TIME_CONSTANT``): batch by batch it jumps between
+#   ~0.3 and 1 at a steady 10k tweets/s (~0.65 on average alone, ~0.45 with a child);
+# - ``inserts``: the share of the busy time spent waiting for inserts, smoothed batch by batch. A
+#   batch's insert runs while the next is taken (``StoreWorker._flush``): it is ~0 while taking is
+#   the slower side, and a child then shortens every cycle. Once an insert takes longer than
+#   taking a batch, a child cannot speed anything up; with a child halving the taking, the share
+#   passes 0.5 there. Behind a MongoDB that acks a batch in 0.5 s (a 10x overload: the spool holds
+#   the backlog) it is ~0.85.
+# A child starts while encoding is the work (inserts) and the worker is behind or busy nearly all
+# the time; it stops when MongoDB becomes the bottleneck, or once the worker has caught up and
+# waits for data half of the time. The thresholds keep it from flapping: a child started at 0.25
+# of inserts sees ~0.62; one started at busy 0.9 leaves the worker busy ~0.6 or more.
 INSERT_SHARE_START = 0.25  # a child starts while waits for inserts take less of the time than this
 INSERT_SHARE_STOP = 0.75  # and stops once they take more
-INSERT_SHARE_WEIGHT = 0.5  # weight of the newest batch in the smoothed share
+BUSY_SHARE_START = 0.9  # a child starts while the worker is busy at least this share of the time
+BUSY_SHARE_STOP = 0.5  # and stops once it is busy less, with no backlog
+BEHIND_BYTES = 16 * 1024 * 1024  # unread spool bytes that mean "behind" (~4 batches of tweets)
+SHARE_WEIGHT = 0.5  # weight of the newest batch in the insert share
+BUSY_TIME_CONSTANT = 2.0  # seconds: the busy share follows a change by 63 % in this time
+# A batch's idle time counts up to this much: a burst after a quiet hour is busy from its start.
+IDLE_COUNTED_MAX = 1.0
 
 
 def matcher_spec(settings: Settings) -> MatcherSpec:
@@ -82,7 +100,11 @@ class EncoderSplit:
         self._matchers = matchers
         self._counters = counters
         self._choice = choice  # None: settings.writer.encoder_process decides
-        self.inserts = InsertShare()
+        self.inserts = TimeShare()  # of the busy time, waiting for inserts
+        # Of all the time, not waiting for data: a new worker is taken to keep up until its
+        # batches say otherwise (its first one's time holds its connection and index builds).
+        self.busy = TimeShare(0.0, BUSY_TIME_CONSTANT)
+        self.unread = 0  # the spool's unread bytes after the last read (the worker notes it)
         self.offload_min = offload_min
         self.encoder: EncoderProcess | None = None
         self._retry_at = 0.0  # monotonic time before which no new child is started
@@ -180,25 +202,31 @@ class EncoderSplit:
         return settings.writer.encoder_process if self._choice is None else self._choice
 
     def _pays(self, settings: Settings) -> bool:
-        """In ``auto`` mode: whether encoding, not waiting for MongoDB, holds the worker up.
-        Nothing is known before the first insert: that batch is encoded here."""
+        """In ``auto`` mode: whether the worker cannot keep up alone and encoding, not waiting
+        for MongoDB, holds it up. Nothing is known before the first insert: that batch is
+        encoded here."""
         if self._mode(settings) != "auto":
             return True
-        share = self.inserts.share
-        if share is None:
+        inserts, busy = self.inserts.share, self.busy.share
+        if inserts is None or busy is None:
             return False
-        return share < (INSERT_SHARE_STOP if self.encoder is not None else INSERT_SHARE_START)
+        behind = self.unread >= BEHIND_BYTES
+        if self.encoder is not None:
+            return inserts < INSERT_SHARE_STOP and (behind or busy >= BUSY_SHARE_STOP)
+        return inserts < INSERT_SHARE_START and (behind or busy >= BUSY_SHARE_START)
 
     def _encoder_for(self, records: int, settings: Settings) -> EncoderProcess | None:
         """The encoder child when this read is worth sharing with it and the child is ready
         (started on first use; until it is ready, reads are encoded here)."""
-        if records < self.offload_min or not self._wanted(settings):
+        if not self._wanted(settings):
             return None
         if not self._pays(settings):
-            if self.encoder is not None:
-                log.info("encoder_stopped", reason="waits for inserts take most of the time",
-                         insert_share=round(self.inserts.share or 0.0, 2))
+            if self.encoder is not None:  # also on a small read: a slow stream frees its memory
+                log.info("encoder_stopped", insert_share=round(self.inserts.share or 0.0, 2),
+                         busy_share=round(self.busy.share or 0.0, 2))
                 self.stop()
+            return None
+        if records < self.offload_min:
             return None
         encoder = self.start_child()
         if encoder is None or encoder.started:
@@ -243,20 +271,26 @@ class EncoderSplit:
             self.encoder = None
 
 
-class InsertShare:
-    """The share of the store worker's busy time spent waiting for inserts, smoothed over batches:
-    the wait for each batch's insert over that plus the time spent taking (reading, encoding) the
-    records since the insert before."""
+class TimeShare:
+    """A share of the store worker's time, smoothed: of each batch's time, the part spent one way
+    (e.g. waiting for its insert) over that plus the rest. The newest batch weighs
+    ``SHARE_WEIGHT``, or, with a ``time_constant``, by its length (a short batch moves the share
+    little: a burst of short batches is noticed in about that time, not in two batches)."""
 
-    def __init__(self) -> None:
-        self.share: float | None = None  # None until the first insert
+    def __init__(self, share: float | None = None, time_constant: float | None = None) -> None:
+        self.share = share  # None: nothing known until the first batch
+        self._time_constant = time_constant
 
-    def note(self, inserting: float, taking: float) -> None:
-        """The worker took records for ``taking`` seconds, then waited ``inserting`` seconds for
-        an insert."""
-        busy = inserting + taking
-        if busy <= 0:
+    def note(self, part: float, rest: float) -> None:
+        """Of a batch's time, ``part`` seconds went one way and ``rest`` seconds the other."""
+        total = part + rest
+        if total <= 0:
             return
-        share = inserting / busy
+        share = part / total
         old = self.share
-        self.share = share if old is None else old + INSERT_SHARE_WEIGHT * (share - old)
+        if old is None:
+            self.share = share
+            return
+        tau = self._time_constant
+        weight = SHARE_WEIGHT if tau is None else 1 - math.exp(-total / tau)
+        self.share = old + weight * (share - old)

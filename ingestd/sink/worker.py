@@ -38,7 +38,7 @@ from ingestd.sink.compliance import TOMBSTONE_LIMIT, WITHHELD, BadControl, Compl
 from ingestd.sink.counters import StoreCounters, StoreHistograms, bump
 from ingestd.sink.coverage import CoverageLedger, instance_name
 from ingestd.sink.deadletter import DeadLetterStore
-from ingestd.sink.encoder_split import OFFLOAD_MIN, EncoderSplit, Matchers
+from ingestd.sink.encoder_split import IDLE_COUNTED_MAX, OFFLOAD_MIN, EncoderSplit, Matchers
 from ingestd.sink.insert import Inserter
 from ingestd.sink.notices import StreamNotices
 from ingestd.sink.retry import TICK_INTERVAL, DeadLetterWriter, GiveUp, Retrier
@@ -86,6 +86,7 @@ class SpoolSource(Protocol):
     def checkpoint_resets(self) -> int: ...
     def read(self, max_records: int, max_bytes: int) -> list[Record]: ...
     def wait_for_data(self, timeout: float) -> object: ...
+    def unread_bytes(self) -> int: ...
     def ack(self, record: Record) -> None: ...
     def maybe_flush(self) -> None: ...
     def reread(self, ref: RecordRef) -> Record | None: ...
@@ -154,6 +155,8 @@ class StoreWorker:
         self.pause: Callable[[float], None] = time.sleep
         self.passes = 0  # main loop passes: published, so that an idle loop is observable
         self._taking = 0.0  # seconds spent taking records since the last insert
+        self._idle = 0.0  # seconds spent waiting for data since the last insert
+        self._since = time.monotonic()  # when the time since the last insert began
         self.trim_heap: Callable[[], None] = trim_heap
         self.trim_after_bytes = TRIM_AFTER_BYTES
         self._untrimmed = 0  # payload bytes flushed since the heap was last trimmed
@@ -170,6 +173,7 @@ class StoreWorker:
         retry = self._retry
         retry.should_stop, retry.tick, retry.drain_deadline = should_stop, tick, drain_deadline
         self.totals.state = "running"
+        self._since = time.monotonic()  # the shares of time count from here
         log_notices(self._target.settings)
         try:
             while not should_stop():
@@ -226,7 +230,9 @@ class StoreWorker:
                 self._finish_flight()
                 self._ledger.settle()
                 self._maybe_trim()
+                started = time.monotonic()
                 self._reader.wait_for_data(self._wait_time())
+                self._idle += time.monotonic() - started
             elif read < room:
                 self._finish_flight()
                 self._gather()
@@ -254,6 +260,7 @@ class StoreWorker:
         # seconds until the room left fills at the rate the batch's writes came in so far
         fill_in = self._room() * (now - started) / batch.size()
         self.pause(max(0.0, min(max(GATHER_SECONDS, fill_in), flush_in, self._until_tick())))
+        self._idle += time.monotonic() - now
 
     def _drain(self) -> bool:
         """Read until the spool is empty (or the deadline passes), flush, ack."""
@@ -321,7 +328,7 @@ class StoreWorker:
             self._take(records.pop(), None)  # encoded here as it is taken
         for record, encoded in encoding.collect(records):
             self._take(record, encoded)
-        self._taking += time.monotonic() - started  # busy time, for ``EncoderSplit.inserts``
+        self._taking += time.monotonic() - started  # for ``EncoderSplit.inserts``
         return count
 
     def _take(self, record: Record, encoded: Encoded | None) -> None:
@@ -456,9 +463,7 @@ class StoreWorker:
         if flight.insert is not None:
             started = time.monotonic()
             self._inserter.finish(flight.insert)
-            # the time this worker was held up by the insert, against its time taking records
-            self._encoding.inserts.note(time.monotonic() - started, self._taking)
-            self._taking = 0.0
+            self._note_shares(started)
         batch.entries = []
         self._compliance.after_insert(batch)
         self._ledger.flush(flight.ledger_mark)  # behind the tweets, before the ack
@@ -466,6 +471,20 @@ class StoreWorker:
             self._reader.ack(batch.last)
         self._flight = None  # counted as pending until here (``counters`` may run meanwhile)
         self._maybe_switch()
+
+    def _note_shares(self, insert_started: float) -> None:
+        """What the time since the last insert says about the encoder child (``EncoderSplit``):
+        the wait for this insert against the time spent taking records, the time not spent
+        waiting for data against that (a quiet hour before a burst counts as one idle second),
+        and how far behind the stream the worker is."""
+        now = time.monotonic()
+        encoding = self._encoding
+        encoding.inserts.note(now - insert_started, self._taking)
+        busy = now - self._since - self._idle
+        encoding.busy.note(busy, min(self._idle, IDLE_COUNTED_MAX))
+        encoding.unread = self._reader.unread_bytes()
+        self._taking = self._idle = 0.0
+        self._since = now
 
     def _maybe_switch(self) -> None:
         """Take a reload's settings between batches: none open, none in flight."""

@@ -175,6 +175,16 @@ class SpoolReader:
         newest = list_segments(self.directory)
         return bool(newest) and newest[-1] > cursor.name
 
+    def unread_bytes(self) -> int:
+        """Bytes of the spool not read yet (records and their framing): how far behind the
+        stream this reader is. A few system calls: for a decision per batch, not per record."""
+        cursor = self._cursor
+        if cursor is None:
+            return sum(_size_or_zero(self.directory / n) for n in list_segments(self.directory))
+        later = [n for n in list_segments(self.directory) if n > cursor.name]
+        return (max(0, cursor.file_size() - cursor.position)
+                + sum(_size_or_zero(self.directory / n) for n in later))
+
     def wait_for_data(self, timeout: float) -> bool:
         """Return True as soon as data may be readable, False after ``timeout`` seconds.
 

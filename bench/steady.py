@@ -1,0 +1,100 @@
+"""The daemon's CPU per tweet at steady offered rates, with and without the encoder child.
+
+``make bench``'s throughput runs are bursts: the spool fills faster than the store worker empties
+it. A stream the store worker keeps up with is another regime: this runs the real ``ingestd run``
+daemon (``bench/run.py``'s ``Daemon``, payload server and blackhole) at each ``--rates`` rate and
+each ``writer.encoder_process`` setting of ``--encoder``, interleaved, and prints, over a window
+of ``--seconds`` after a warm-up, the tweets stored per second and the CPU µs per stored tweet of
+all the daemon's processes (and by process). Prints figures; asserts only that tweets were stored.
+
+    .venv/bin/python bench/steady.py                                  # 5k and 10k/s, auto vs false
+    .venv/bin/python bench/steady.py --rates 10000 --encoder auto,true,false --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: variant trees
+
+from bench import run
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ingestd-bench"
+
+
+def steady(bench: run.Bench, rate: float, seconds: float, warmup: float, encoder: str
+           ) -> dict[str, Any]:
+    """One daemon at ``rate`` tweets/s: stored/s and CPU µs per stored tweet over the window."""
+    doc = bench.ingestd_doc(bench.blackhole.uri, False)
+    doc["writer"] = {"encoder_process": {"auto": "auto", "true": True, "false": False}[encoder]}
+    daemon = run.Daemon(bench.next_dir(f"steady-{rate:g}-{encoder}"), doc)
+    bench.blackhole.reset(0)
+    bench.server.arm(bench.payload.tweets, rate)
+    daemon.start(bench.daemon_env)
+    try:
+        bench.server.wait_delivery(60)
+        daemon.wait_ready(60)
+        bench.server.go()
+        time.sleep(warmup)  # the rate to settle, and auto mode's choice with it
+        assert daemon.proc is not None
+        procs = run.grow(run.tree(daemon.proc.pid), daemon.proc.pid)
+        cpu0, stored0 = run.cpu_by_role(procs), int(daemon.counters("store").get("stored", 0))
+        started = time.monotonic()
+        time.sleep(seconds)  # the measuring window: a duration, not a wait for an event
+        elapsed = time.monotonic() - started
+        procs = run.grow(procs, daemon.proc.pid)
+        cpu1, stored1 = run.cpu_by_role(procs), int(daemon.counters("store").get("stored", 0))
+        daemon.assert_running()
+    finally:
+        daemon.stop(60)
+    stored = stored1 - stored0
+    if stored <= 0:
+        raise RuntimeError(f"nothing stored at {rate:g}/s with encoder_process {encoder}")
+    roles = {k: 1e6 * (v - cpu0.get(k, 0.0)) / stored for k, v in cpu1.items()}
+    return {"rate": rate, "encoder": encoder, "stored_per_s": stored / elapsed,
+            "us_per_tweet": sum(roles.values()), "by_role": roles}
+
+
+def line(r: dict[str, Any]) -> str:
+    roles = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["by_role"].items()) if v >= 0.05)
+    return (f"{r['rate']:>7,.0f}/s offered  encoder_process {r['encoder']:<5}  stored "
+            f"{r['stored_per_s']:>7,.0f}/s  CPU {r['us_per_tweet']:5.1f} µs/tweet ({roles})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rates", default="5000,10000", help="comma list of tweets/s")
+    parser.add_argument("--encoder", default="auto,false",
+                        help="comma list of writer.encoder_process values: auto, true, false")
+    parser.add_argument("--seconds", type=float, default=15.0, help="measuring window")
+    parser.add_argument("--warmup", type=float, default=4.0)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--payload-tweets", type=int, default=200_000)
+    parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--tree", type=Path, help="run the daemon from this source tree")
+    parser.add_argument("--workdir", type=Path, help="keep the daemons' folders (logs) here")
+    args = parser.parse_args(argv)
+    payload = run.build(args.cache, args.payload_tweets, progress=False)
+    ns = argparse.Namespace(tree=args.tree, split_share=1.0, encode_budget=1.0)
+    results = []
+    with run.workspace(args.workdir, False) as workdir:
+        bench = run.Bench(ns, payload, workdir)
+        try:
+            for _ in range(args.repeats):  # interleaved: the machine's moods hit all alike
+                for rate in (float(r) for r in args.rates.split(",")):
+                    for encoder in args.encoder.split(","):
+                        result = steady(bench, rate, args.seconds, args.warmup, encoder)
+                        results.append(result)
+                        print(line(result), flush=True)
+        finally:
+            bench.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
