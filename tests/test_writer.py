@@ -804,7 +804,7 @@ def shared(split: EncoderSplit, records: list[Record], settings: Settings) -> bo
 
 def test_auto_mode_keeps_a_child_only_while_the_worker_cannot_keep_up_alone() -> None:
     """``writer.encoder_process: auto``, encoding the work (inserts quick): no child while the
-    worker keeps up, waiting for data part of the time (a steady stream: a child there cost 7–19
+    worker keeps up, waiting for data part of the time (a steady stream: a child there cost 2–14
     µs of CPU per tweet more, bench/RESULTS.md); one once it is busy nearly all the time, or at
     once when the spool holds several batches it has not read (a burst); kept while the child
     makes it keep up with little to spare; stopped once it has caught up and waits for data half

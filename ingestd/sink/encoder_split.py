@@ -35,7 +35,7 @@ ENCODER_RESTART_INTERVAL = 10.0  # seconds between restarts of a lost encoder ch
 ENCODER_START_TIMEOUT = 30.0
 # ``writer.encoder_process: auto``: the child (a whole interpreter, ~14 MB of PSS) earns its memory,
 # and the CPU its pipes and cross-core copies cost, only while the store worker cannot keep up
-# alone: at a steady 5k–10k tweets/s, which the worker keeps up with, the daemon spent 7–19 µs of
+# alone: at a steady 5k–10k tweets/s, which the worker keeps up with, the daemon spent 2–14 µs of
 # CPU per tweet more with a child than without (bench/steady.py, bench/RESULTS.md 2026-12-04).
 # Three measures decide:
 # - the spool's unread bytes after a read (``SpoolReader.unread_bytes``): several batches'
