@@ -13,6 +13,7 @@ encoding is shared with the encoder child by ``sink.encoder_split``.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -482,7 +483,8 @@ class StoreWorker:
         encoding.inserts.note(now - insert_started, self._taking)
         busy = now - self._since - self._idle
         encoding.busy.note(busy, min(self._idle, IDLE_COUNTED_MAX))
-        encoding.unread = self._reader.unread_bytes()
+        with contextlib.suppress(OSError):  # a hint: the last value stands until a look works
+            encoding.unread = self._reader.unread_bytes()
         self._taking = self._idle = 0.0
         self._since = now
 
