@@ -114,6 +114,9 @@ def drain(state_dir: Path, mongo_uri: str, tweets: int, gc_timer: GcTimer, encod
     worker = StoreWorker(settings, reader, open_collection,
                          DeadLetterStore(state_dir / "deadletter", 1 << 20),
                          encoder_process=encoder)
+    waiting = reader.wait_for_data  # once every tweet is stored the run is over: no idle wait
+    reader.wait_for_data = lambda timeout: (  # type: ignore[method-assign]
+        worker.totals.stored >= tweets or waiting(timeout))
     threshold = gc.get_threshold()
     getattr(ingestd.memory, "quiet_gc", gc.freeze)()  # as store_role does (older trees: freeze)
     gc.callbacks.append(gc_timer)
