@@ -33,26 +33,13 @@ CHUNKS = 4  # chunks the child's part of a read is sent in (``EncoderSplit._send
 ENCODER_RESTART_INTERVAL = 10.0  # seconds between restarts of a lost encoder child
 # A child not ready this long after it was started (its imports take ~0.1 s) is taken as lost.
 ENCODER_START_TIMEOUT = 30.0
-# ``writer.encoder_process: auto``: the child (a whole interpreter, ~14 MB of PSS) earns its memory,
-# and the CPU its pipes and cross-core copies cost, only while the store worker cannot keep up
-# alone: at a steady 5k–10k tweets/s, which the worker keeps up with, the daemon spent 2–14 µs of
-# CPU per tweet more with a child than without (bench/steady.py, bench/RESULTS.md 2026-12-04).
-# Three measures decide:
-# - the spool's unread bytes after a read (``SpoolReader.unread_bytes``): several batches'
-#   worth means the worker is behind, as in a burst or a catch-up after an outage;
-# - ``busy``: the share of the worker's time not spent waiting for data (taking records, waiting
-#   for inserts), smoothed over time (``BUSY_TIME_CONSTANT``): batch by batch it jumps between
-#   ~0.3 and 1 at a steady 10k tweets/s (~0.65 on average alone, ~0.45 with a child);
-# - ``inserts``: the share of the busy time spent waiting for inserts, smoothed batch by batch. A
-#   batch's insert runs while the next is taken (``StoreWorker._flush``): it is ~0 while taking is
-#   the slower side, and a child then shortens every cycle. Once an insert takes longer than
-#   taking a batch, a child cannot speed anything up; with a child halving the taking, the share
-#   passes 0.5 there. Behind a MongoDB that acks a batch in 0.5 s (a 10x overload: the spool holds
-#   the backlog) it is ~0.85.
-# A child starts while encoding is the work (inserts) and the worker is behind or busy nearly all
-# the time; it stops when MongoDB becomes the bottleneck, or once the worker has caught up and
-# waits for data half of the time. The thresholds keep it from flapping: a child started at 0.25
-# of inserts sees ~0.62; one started at busy 0.9 leaves the worker busy ~0.6 or more.
+# ``writer.encoder_process: auto`` (docs/design.md, "Processes"): a child only while encoding, not
+# the inserts, is the work (``inserts``: the share of the busy time spent waiting for inserts) and
+# the worker cannot keep up alone: behind (``unread`` spool bytes) or busy nearly all the time
+# (``busy``: the share of all the time not spent waiting for data, smoothed over seconds, as batch
+# by batch it jumps between ~0.3 and 1 at a steady 10k tweets/s). A child where the worker keeps
+# up alone cost 2–14 µs of CPU per tweet (bench/steady.py). Each pair of thresholds keeps it from
+# flapping: a child started at inserts 0.25 sees ~0.62; one started at busy 0.9 leaves ~0.6.
 INSERT_SHARE_START = 0.25  # a child starts while waits for inserts take less of the time than this
 INSERT_SHARE_STOP = 0.75  # and stops once they take more
 BUSY_SHARE_START = 0.9  # a child starts while the worker is busy at least this share of the time
@@ -104,7 +91,7 @@ class EncoderSplit:
         # Of all the time, not waiting for data: a new worker is taken to keep up until its
         # batches say otherwise (its first one's time holds its connection and index builds).
         self.busy = TimeShare(0.0, BUSY_TIME_CONSTANT)
-        self.unread = 0  # the spool's unread bytes after the last read (the worker notes it)
+        self.unread = 0  # the spool's unread bytes after the last insert
         self.offload_min = offload_min
         self.encoder: EncoderProcess | None = None
         self._retry_at = 0.0  # monotonic time before which no new child is started
@@ -179,6 +166,17 @@ class EncoderSplit:
             for encoded in answer:
                 self._counters.offloaded += 1
                 yield encoded
+
+    def note(self, inserting: float, taking: float, busy: float, idle: float,
+             unread: int | None) -> None:
+        """The time since the worker's last insert: ``inserting`` waiting for this one and
+        ``taking`` records; ``busy`` not waiting for data and ``idle`` waiting (a quiet hour
+        before a burst counts as ``IDLE_COUNTED_MAX``); ``unread`` spool bytes (None: unknown,
+        the last value stands)."""
+        self.inserts.note(inserting, taking)
+        self.busy.note(busy, min(idle, IDLE_COUNTED_MAX))
+        if unread is not None:
+            self.unread = unread
 
     def apply(self, settings: Settings) -> None:
         """New settings: stop the child if they no longer want it (it restarts on use)."""

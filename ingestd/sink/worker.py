@@ -39,7 +39,7 @@ from ingestd.sink.compliance import TOMBSTONE_LIMIT, WITHHELD, BadControl, Compl
 from ingestd.sink.counters import StoreCounters, StoreHistograms, bump
 from ingestd.sink.coverage import CoverageLedger, instance_name
 from ingestd.sink.deadletter import DeadLetterStore
-from ingestd.sink.encoder_split import IDLE_COUNTED_MAX, OFFLOAD_MIN, EncoderSplit, Matchers
+from ingestd.sink.encoder_split import OFFLOAD_MIN, EncoderSplit, Matchers
 from ingestd.sink.insert import Inserter
 from ingestd.sink.notices import StreamNotices
 from ingestd.sink.retry import TICK_INTERVAL, DeadLetterWriter, GiveUp, Retrier
@@ -476,15 +476,13 @@ class StoreWorker:
     def _note_shares(self, insert_started: float) -> None:
         """What the time since the last insert says about the encoder child (``EncoderSplit``):
         the wait for this insert against the time spent taking records, the time not spent
-        waiting for data against that (a quiet hour before a burst counts as one idle second),
-        and how far behind the stream the worker is."""
+        waiting for data against that, and how far behind the stream the worker is."""
         now = time.monotonic()
-        encoding = self._encoding
-        encoding.inserts.note(now - insert_started, self._taking)
-        busy = now - self._since - self._idle
-        encoding.busy.note(busy, min(self._idle, IDLE_COUNTED_MAX))
+        unread = None
         with contextlib.suppress(OSError):  # a hint: the last value stands until a look works
-            encoding.unread = self._reader.unread_bytes()
+            unread = self._reader.unread_bytes()
+        self._encoding.note(now - insert_started, self._taking, now - self._since - self._idle,
+                            self._idle, unread)
         self._taking = self._idle = 0.0
         self._since = now
 

@@ -179,11 +179,9 @@ class SpoolReader:
         """Bytes of the spool not read yet (records and their framing): how far behind the
         stream this reader is. A few system calls: for a decision per batch, not per record."""
         cursor = self._cursor
-        if cursor is None:
-            return sum(_size_or_zero(self.directory / n) for n in list_segments(self.directory))
-        later = [n for n in list_segments(self.directory) if n > cursor.name]
-        return (max(0, cursor.file_size() - cursor.position)
-                + sum(_size_or_zero(self.directory / n) for n in later))
+        ahead = 0 if cursor is None else max(0, cursor.file_size() - cursor.position)
+        return ahead + sum(_size_or_zero(self.directory / n) for n in list_segments(self.directory)
+                           if cursor is None or n > cursor.name)
 
     def wait_for_data(self, timeout: float) -> bool:
         """Return True as soon as data may be readable, False after ``timeout`` seconds.
