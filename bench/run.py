@@ -31,6 +31,7 @@ tweet was parsed). CPU is the contender's processes' CPU seconds in that window;
 sum of the processes' high-water marks. Contenders are interleaved within each repeat so that load
 from other users of the machine hits all of them alike; the table shows medians, with the load
 average next to every figure. Then: (e) p50/p99 send->acknowledged latency at a steady rate,
+with ingestd's CPU per tweet there and the pipeline's on the same paced stream,
 (f) RSS of all ingestd processes under a 10x overload (the blackhole delays every ack), (f') the
 rate at which ingestd drains a backlog into a MongoDB that acks each insert 0.05 s late, (g) a
 smaller run against the nx-27017 stand-in proving the same path stores every tweet exactly once
@@ -300,6 +301,7 @@ class Bench:
         self.server = PayloadServer(payload)
         self.blackhole = Blackhole(workdir / "blackhole")
         self._runs = 0
+        self.show_progress = True  # a line every ~2 s while a contender runs
 
     def env_of(self, prespool: str) -> dict[str, str]:
         """The daemon's extra environment: ``prespool`` names a prototype contender, or is ""."""
@@ -389,10 +391,10 @@ class Bench:
 
     # -- (b)-(d) baselines ------------------------------------------------------------------
 
-    def run_contender(self, kind: str, gzip: bool, tweets: int) -> Result:
+    def run_contender(self, kind: str, gzip: bool, tweets: int, rate: float = 0.0) -> Result:
         workdir = self.next_dir(f"{kind}-{'gzip' if gzip else 'plain'}")
         self.blackhole.reset(tweets)
-        self.server.arm(tweets)
+        self.server.arm(tweets, rate)
         load = load1()
         cmd = [sys.executable, str(BENCH / "contenders.py"), kind, "--url", self.server.url,
                "--mongo", self.blackhole.uri, "--database", DATABASE, "--tweets", str(tweets)]
@@ -431,6 +433,8 @@ class Bench:
 
     def progress(self, name: str, tweets: int) -> Callable[[int, float], None]:
         def show(done: int, elapsed: float) -> None:
+            if not self.show_progress:
+                return
             rate = done / elapsed if elapsed > 0 else 0.0
             say(f"      {name}: {done:>9,}/{tweets:,} acknowledged  {rate:>9,.0f}/s  "
                 f"{elapsed:5.1f} s")
@@ -630,10 +634,13 @@ def run_latency(bench: Bench, rate: float, seconds: float) -> dict[str, Any]:
     finally:
         bh.stop()
     figures = latency_figures(bench, pairs, bench.server.deliveries[0].slices)
-    # a stream the daemon keeps up with: its CPU per tweet in a steady state (bench/steady.py)
+    # a stream the daemon keeps up with: its CPU per tweet in a steady state (bench/steady.py),
+    # and the one-process pipeline's on the same stream, paced alike (the same-run baseline)
     per_role = {k: round(v * 1e6 / tweets, 1) for k, v in result.extra["cpu_by_role"].items()}
+    pipeline = bench.run_contender("threaded", True, tweets, rate=rate)
     return {"rate": rate, "tweets": tweets, "load": result.load, **figures,
-            "us_per_tweet": round(result.us_per_tweet, 1), "us_per_tweet_by_role": per_role}
+            "us_per_tweet": round(result.us_per_tweet, 1), "us_per_tweet_by_role": per_role,
+            "pipeline_us_per_tweet": round(pipeline.us_per_tweet, 1)}
 
 
 def run_overload(bench: Bench, rate: float, ack_delay: float, seconds: float,
@@ -989,7 +996,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"max {lat.get('max', 0):.3f} s (load {lat['load']:.2f}); CPU at "
                         f"that steady rate **{lat['us_per_tweet']:.1f} µs/tweet** (by process: "
                         + ", ".join(f"{k} {v}" for k, v in lat["us_per_tweet_by_role"].items()
-                                    if v) + ")")
+                                    if v) + f"); the pipeline (threaded) on the same paced "
+                        f"stream: {lat['pipeline_us_per_tweet']:.1f} µs/tweet "
+                        f"({lat['us_per_tweet'] / lat['pipeline_us_per_tweet']:.2f}× its CPU)")
                 say("   " + text)
                 md.add("### Latency\n\n" + text)
             if "overload" not in skip:

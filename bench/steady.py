@@ -5,10 +5,15 @@ it. A stream the store worker keeps up with is another regime: this runs the rea
 daemon (``bench/run.py``'s ``Daemon``, payload server and blackhole) at each ``--rates`` rate and
 each ``writer.encoder_process`` setting of ``--encoder``, interleaved, and prints, over a window
 of ``--seconds`` after a warm-up, the tweets stored per second and the CPU µs per stored tweet of
-all the daemon's processes (and by process). Prints figures; asserts only that tweets were stored.
+all the daemon's processes (and by process). ``--pipeline`` adds, at each rate, the one-process
+pipeline contender (``bench/contenders.py threaded``) on the same paced stream: its CPU per stored
+tweet from its first byte to its last insert, the same-run baseline of goal 2 (on this VM a paced
+stream costs every contender more per tweet than a burst does: bench/RESULTS.md). ``--gzip`` asks
+for a compressed stream. Prints figures; asserts only that tweets were stored.
 
     .venv/bin/python bench/steady.py                                  # 5k and 10k/s, auto vs false
     .venv/bin/python bench/steady.py --rates 10000 --encoder auto,true,false --repeats 3
+    .venv/bin/python bench/steady.py --rates 5000 --encoder auto --pipeline --gzip
 """
 
 from __future__ import annotations
@@ -27,10 +32,10 @@ from bench import run
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ingestd-bench"
 
 
-def steady(bench: run.Bench, rate: float, seconds: float, warmup: float, encoder: str
-           ) -> dict[str, Any]:
+def steady(bench: run.Bench, rate: float, seconds: float, warmup: float, encoder: str,
+           gzip: bool = False) -> dict[str, Any]:
     """One daemon at ``rate`` tweets/s: stored/s and CPU µs per stored tweet over the window."""
-    doc = bench.ingestd_doc(bench.blackhole.uri, False)
+    doc = bench.ingestd_doc(bench.blackhole.uri, gzip)
     doc["writer"] = {"encoder_process": {"auto": "auto", "true": True, "false": False}[encoder]}
     daemon = run.Daemon(bench.next_dir(f"steady-{rate:g}-{encoder}"), doc)
     bench.blackhole.reset(0)
@@ -60,10 +65,23 @@ def steady(bench: run.Bench, rate: float, seconds: float, warmup: float, encoder
             "us_per_tweet": sum(roles.values()), "by_role": roles}
 
 
+def pipeline(bench: run.Bench, rate: float, seconds: float, warmup: float, gzip: bool
+             ) -> dict[str, Any]:
+    """The threaded pipeline contender on the same paced stream, as long as the daemon's run."""
+    tweets = min(bench.payload.tweets, int(rate * (warmup + seconds)))
+    result = bench.run_contender("threaded", gzip, tweets, rate=rate)
+    return {"rate": rate, "stored_per_s": result.rate, "us_per_tweet": result.us_per_tweet}
+
+
 def line(r: dict[str, Any]) -> str:
     roles = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["by_role"].items()) if v >= 0.05)
     return (f"{r['rate']:>7,.0f}/s offered  encoder_process {r['encoder']:<5}  stored "
             f"{r['stored_per_s']:>7,.0f}/s  CPU {r['us_per_tweet']:5.1f} µs/tweet ({roles})")
+
+
+def pipeline_line(r: dict[str, Any]) -> str:
+    return (f"{r['rate']:>7,.0f}/s offered  pipeline (threaded)    stored "
+            f"{r['stored_per_s']:>7,.0f}/s  CPU {r['us_per_tweet']:5.1f} µs/tweet")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,19 +96,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--tree", type=Path, help="run the daemon from this source tree")
     parser.add_argument("--workdir", type=Path, help="keep the daemons' folders (logs) here")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="also run the threaded pipeline contender at each rate")
+    parser.add_argument("--gzip", action="store_true", help="a gzip'd stream (default: plain)")
     args = parser.parse_args(argv)
     payload = run.build(args.cache, args.payload_tweets, progress=False)
     ns = argparse.Namespace(tree=args.tree, split_share=1.0, encode_budget=1.0)
     results = []
     with run.workspace(args.workdir, False) as workdir:
         bench = run.Bench(ns, payload, workdir)
+        bench.show_progress = False  # one line per run is the output
         try:
             for _ in range(args.repeats):  # interleaved: the machine's moods hit all alike
                 for rate in (float(r) for r in args.rates.split(",")):
                     for encoder in args.encoder.split(","):
-                        result = steady(bench, rate, args.seconds, args.warmup, encoder)
+                        result = steady(bench, rate, args.seconds, args.warmup, encoder,
+                                        args.gzip)
                         results.append(result)
                         print(line(result), flush=True)
+                    if args.pipeline:
+                        print(pipeline_line(pipeline(bench, rate, args.seconds, args.warmup,
+                                                     args.gzip)), flush=True)
         finally:
             bench.close()
     return 0

@@ -61,10 +61,15 @@ def test_matching_check_finds_no_difference() -> None:
 
 
 def test_steady_rates_store_tweets_with_and_without_the_child(tmp_path: Path) -> None:
-    """The real daemon at a steady rate (a small payload of its own, 1 s windows)."""
+    """The real daemon at a steady rate (a small payload of its own, 1 s windows), then the
+    pipeline contender on the same paced stream."""
     out = run_script("bench/steady.py", "--rates", "300", "--encoder", "auto,false",
-                     "--seconds", "1", "--warmup", "1", "--repeats", "1",
+                     "--seconds", "1", "--warmup", "1", "--repeats", "1", "--pipeline",
                      "--payload-tweets", "2000", "--cache", str(tmp_path), timeout=240)
     rows = re.findall(r"encoder_process (\w+) +stored +([\d,]+)/s +CPU +[\d.]+ µs/tweet", out)
     assert [mode for mode, _ in rows] == ["auto", "false"], out
     assert all(int(rate.replace(",", "")) > 0 for _, rate in rows), out
+    piped = re.findall(r"pipeline \(threaded\) +stored +([\d,]+)/s +CPU +([\d.]+) µs/tweet", out)
+    assert len(piped) == 1 and float(piped[0][1]) > 0, out
+    # paced: it cannot store faster than the 300/s it was sent (give or take its clock's edges)
+    assert 0 < int(piped[0][0].replace(",", "")) < 450, out
