@@ -33,7 +33,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: v
 
 import ingestd.memory
 from bench.payload import build
-from bench.run import FOLLOW, LOCATIONS, TRACK, Blackhole
+from bench.run import CACHE, FOLLOW, LOCATIONS, TRACK, Blackhole
 from ingestd.config.settings import load_settings_text
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.sink.mongo import open_collection
@@ -42,7 +42,6 @@ from ingestd.spool.format import KIND_MESSAGE
 from ingestd.spool.reader import SpoolReader
 from ingestd.spool.writer import SpoolWriter
 
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ingestd-bench"
 APPEND_BATCH = 4  # messages per spool append (what one 16 KB libcurl callback carries)
 
 

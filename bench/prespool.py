@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 
 from ingestd.documents.encoder import OK, Encoded, encode
 from ingestd.documents.matching import Matcher
-from ingestd.sink.encoder_split import TimeShare
 from ingestd.spool.format import KIND_MESSAGE, Record
 from ingestd.spool.intake import SpoolIntake
 
@@ -134,8 +133,9 @@ class PreEncoded:
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         self.encoder = None
-        self.inserts = TimeShare()  # the store worker notes each insert's time here
-        self.busy = TimeShare()  # and its busy time
+
+    def note(self, *times: object) -> None:
+        """The store worker's times since its last insert: no child to decide on here."""
 
     def submit(self, records: list[Record], settings: object) -> int:
         return len(records)
@@ -151,6 +151,9 @@ class PreEncoded:
                 yield record, None
 
     def apply(self, settings: object) -> None:
+        pass
+
+    def release(self) -> None:
         pass
 
     def stop(self) -> None:

@@ -82,6 +82,8 @@ from tests.support.daemon import Daemon, settings_doc
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+# where generated payloads are kept between runs (bench/run.py, steady.py, bench_store.py)
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ingestd-bench"
 
 CONTENDERS = ("ingestd", "ingestd-1core", "prespool", "prespool-split", "prespool-budget",
               "threaded", "tweepy", "floor", "naive")
@@ -903,8 +905,8 @@ def main(argv: list[str] | None = None) -> int:
     a("--skip", default="", help="comma list of: latency, overload, standin, quiet, profile")
     a("--workdir", type=Path, help="keep everything here (default: a temporary folder)")
     a("--keep", action="store_true", help="keep the temporary work folder")
-    a("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-      / "ingestd-bench", help="where the generated payload is kept between runs")
+    a("--cache", type=Path, default=CACHE,
+      help="where the generated payload is kept between runs")
     a("--json", type=Path, help="write all figures here")
     a("--results", type=Path, default=BENCH / "RESULTS.md",
       help="append a dated section with the figures to this file (\"\" = do not)")

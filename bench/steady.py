@@ -19,7 +19,6 @@ for a compressed stream. Prints figures; asserts only that tweets were stored.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,8 +27,6 @@ from typing import Any
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: variant trees
 
 from bench import run
-
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ingestd-bench"
 
 
 def steady(bench: run.Bench, rate: float, seconds: float, warmup: float, encoder: str,
@@ -93,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--payload-tweets", type=int, default=200_000)
-    parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--cache", type=Path, default=run.CACHE)
     parser.add_argument("--tree", type=Path, help="run the daemon from this source tree")
     parser.add_argument("--workdir", type=Path, help="keep the daemons' folders (logs) here")
     parser.add_argument("--pipeline", action="store_true",
@@ -102,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     payload = run.build(args.cache, args.payload_tweets, progress=False)
     ns = argparse.Namespace(tree=args.tree, split_share=1.0, encode_budget=1.0)
-    results = []
     with run.workspace(args.workdir, False) as workdir:
         bench = run.Bench(ns, payload, workdir)
         bench.show_progress = False  # one line per run is the output
@@ -112,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
                     for encoder in args.encoder.split(","):
                         result = steady(bench, rate, args.seconds, args.warmup, encoder,
                                         args.gzip)
-                        results.append(result)
                         print(line(result), flush=True)
                     if args.pipeline:
                         print(pipeline_line(pipeline(bench, rate, args.seconds, args.warmup,

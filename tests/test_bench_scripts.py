@@ -10,6 +10,7 @@ are exercised by `make bench`; `steady.py` runs here with a small payload of its
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -73,3 +74,19 @@ def test_steady_rates_store_tweets_with_and_without_the_child(tmp_path: Path) ->
     assert len(piped) == 1 and float(piped[0][1]) > 0, out
     # paced: it cannot store faster than the 300/s it was sent (give or take its clock's edges)
     assert 0 < int(piped[0][0].replace(",", "")) < 450, out
+
+
+def test_prespool_contender_stores_every_tweet(tmp_path: Path) -> None:
+    """The prototype contender's stand-in for ``EncoderSplit`` (bench/prespool.py) keeps up with
+    what the store worker calls on it: it once crash-looped at the first insert, unnoticed, as
+    ``make bench`` runs it only on request."""
+    work = tmp_path / "work"
+    out = run_script("bench/run.py", "--contenders", "prespool", "--payload-tweets", "2000",
+                     "--tweets", "2000", "--repeats", "1", "--encodings", "plain",
+                     "--skip", "latency,overload,standin,quiet,profile", "--results", "",
+                     "--cache", str(tmp_path / "cache"), "--workdir", str(work), timeout=240)
+    assert re.search(r"\| prespool \| plain \| [\d,]+ \|", out), out
+    # a crashing store worker is restarted and re-inserts its batch: the count alone can pass
+    exits = [json.loads(line) for log in work.glob("*/daemon.log")
+             for line in log.read_text().splitlines() if '"worker_exited"' in line]
+    assert exits and all(e["exit_code"] == 0 for e in exits), exits
