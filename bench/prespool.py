@@ -140,6 +140,10 @@ class PreEncoded:
     def submit(self, records: list[Record], settings: object) -> int:
         return len(records)
 
+    def may_hold(self) -> bool:
+        """Nothing to keep busy between reads: every record is taken as the read comes."""
+        return False
+
     def collect(self, theirs: list[Record]) -> Iterator[tuple[Record, Encoded | None]]:
         while theirs:  # newest first: popped in spool order
             record = theirs.pop()

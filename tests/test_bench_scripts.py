@@ -90,3 +90,16 @@ def test_prespool_contender_stores_every_tweet(tmp_path: Path) -> None:
     exits = [json.loads(line) for log in work.glob("*/daemon.log")
              for line in log.read_text().splitlines() if '"worker_exited"' in line]
     assert exits and all(e["exit_code"] == 0 for e in exits), exits
+
+
+def test_timeline_shows_the_cores_of_each_process_during_a_burst(tmp_path: Path) -> None:
+    """The real daemon on one small burst: a row per step, every tweet acknowledged, and the
+    mean cores while the stream worker read."""
+    out = run_script("bench/timeline.py", "--tweets", "2000", "--payload-tweets", "2000",
+                     "--interval", "0.05", "--cache", str(tmp_path), timeout=240)
+    rows = re.findall(r"acked +([\d,]+) .* stream ([\d.]+) +store ([\d.]+) .* total ([\d.]+)",
+                      out)
+    assert rows and int(rows[-1][0].replace(",", "")) == 2000, out
+    assert any(float(store) > 0 for _, _, store, _ in rows), out  # the store worker's CPU shows
+    assert re.search(r"^2,000 tweets in [\d.]+ s", out, re.M), out
+    assert "mean cores while the stream worker reads" in out, out

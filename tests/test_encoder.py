@@ -115,6 +115,32 @@ def test_chunks_queue_in_the_region_and_answers_come_in_order(child: EncoderProc
     assert child.pending == 0
 
 
+def test_a_second_read_in_flight_does_not_write_over_the_first_ones_answers(
+        child: EncoderProcess) -> None:
+    # A store worker behind the stream sends the next read's chunks before it takes the last
+    # read's documents (``StoreWorker._take_all``): both reads are answered before the first
+    # one's documents are copied out, so they must be in different halves of the region.
+    payloads = real_payloads()
+    first = [jobs_for(payloads[i:i + 60]) for i in range(0, 240, 60)]
+    second = [jobs_for(payloads[i:i + 60]) for i in range(240, 480, 60)]
+    child.begin_read()
+    for jobs in first:
+        child.submit(jobs, {3: SPEC})
+    size = sum(len(job.payload) for jobs in second for job in jobs)
+    assert child.can_queue_read(size, len(second))
+    child.begin_read()
+    for jobs in second:
+        child.submit(jobs, {3: SPEC})
+    assert child.pending == 8 and not child.can_queue_read(1, 1)  # MAX_PENDING: no third read
+    # Every answer's header is read first: once the second read's last one is here, the child
+    # has written all its documents. Only then are the first read's documents copied out.
+    answers = [child.results() for _ in range(8)]
+    assert child.pending == 0
+    matcher = Matcher(*SPEC)
+    for jobs, answer in zip(first + second, answers, strict=True):
+        assert list(answer) == [encode(job, matcher) for job in jobs]
+
+
 def test_a_chunk_too_big_for_the_region_goes_alone_through_the_pipe(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # The child reads a chunk only between answers, so a chunk whose payloads go through the
@@ -227,8 +253,9 @@ def test_an_idle_child_gives_its_free_heap_back_once_per_pause(
     jobs = jobs_for(real_payloads()[:50])
     try:
         for pause in (1, 2):
+            # (matchers, jobs, payloads in the pipe, documents at 0, not past the region's end)
             send_frame(child_in, ({3: SPEC} if pause == 1 else {}, encoder_pool._pack_jobs(jobs),
-                                  -1, True), [job.payload for job in jobs])
+                                  -1, 0, 1 << 20), [job.payload for job in jobs])
             (header, start), _ = recv_frame(child_out)
             assert list(encoder_pool._iter_results(header, region.back[start:])) \
                 == [encode(job, Matcher(*SPEC)) for job in jobs]
@@ -258,7 +285,7 @@ def test_a_chunks_payloads_are_freed_before_its_answer_is_sent(
             raise EOFError
         blob = Blob(b"".join(job.payload for job in jobs))
         received.append(weakref.ref(blob))
-        return ({3: SPEC}, encoder_pool._pack_jobs(jobs), -1, True), blob
+        return ({3: SPEC}, encoder_pool._pack_jobs(jobs), -1, 0, 1 << 20), blob
 
     def send(fd: int, header: object, parts: list[bytes]) -> None:
         alive_at_send.append(received[0]() is not None)

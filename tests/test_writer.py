@@ -722,6 +722,50 @@ def test_a_killed_encoder_child_loses_nothing(mongo_uri: str, mongo_database: st
         h.close()
 
 
+def test_a_worker_behind_holds_a_read_with_the_child_and_keeps_spool_order(
+        mongo_uri: str, mongo_database: str, tmp_path: Path, client: Any) -> None:
+    """Full reads (a worker behind the stream): the child's part of each read is taken at the
+    next read, once that read's part was sent to it (``StoreWorker._take_all``). Deletes and a
+    withheld notice still act in spool order, every tweet is stored once, and nothing is held
+    across the wait at the end, the settings switch or the drain."""
+    h = Harness(make_settings(mongo_uri, mongo_database, batch_size=20), tmp_path / "dead",
+                encoder_process=True)
+    # The policy (``EncoderSplit.may_hold``: only while inserts are not the work) is tested on
+    # its own; the stand-in's slow inserts would keep it off here.
+    h.worker._encoding.may_hold = lambda: True  # type: ignore[method-assign]
+    held: list[int] = []
+    try:
+        for i in range(300):
+            h.spool.add(tweet(SNOW + i, user_id=9))
+            if i % 50 == 49:  # a delete of a tweet taken a read or two before
+                h.spool.add(delete(SNOW + i - 30))
+            if i == 149:  # changes the tweets before it, not those after
+                h.spool.add(orjson.dumps({"user_withheld": {"id": 9,
+                                                            "withheld_in_countries": ["AR"]}}))
+        total = len(h.spool.records)
+        h.spool.add(delete(SNOW + 299))
+
+        def should_stop() -> bool:
+            held.append(len(h.worker._held))
+            return h.worker.counters()["records_read"] >= total + 1
+
+        assert h.worker.run(should_stop, h.tick, lambda: None) is True
+        assert max(held) > 0  # reads were held with the child between passes
+        assert h.worker._held == [] and h.spool.acked_seq == total + 1
+        c = h.worker.counters()
+        deleted = {SNOW + i - 30 for i in range(49, 300, 50)} | {SNOW + 299}
+        assert c["offloaded"] > 150 and c["deadlettered"] == {}
+        assert c["stored"] + c["skipped"].get("deleted", 0) == 300, c
+        docs = {d["_id"]: d for d in client.tweets.find()}
+        assert set(docs) == {SNOW + i for i in range(300)} - deleted
+        withheld = {d["_id"] for d in docs.values() if "withheld_in_countries" in d["user"]}
+        assert withheld == {SNOW + i for i in range(150)} - deleted
+        seqs = [d["_ingest"]["seq"] for d in sorted(docs.values(), key=lambda d: d["_id"])]
+        assert seqs == sorted(seqs)  # each tweet its own record
+    finally:
+        h.close()
+
+
 def test_reload_switches_the_encoder_child_off_and_on(mongo_uri: str, mongo_database: str,
                                                        tmp_path: Path, client: Any) -> None:
     settings = make_settings(mongo_uri, mongo_database)
@@ -750,6 +794,24 @@ def test_reload_switches_the_encoder_child_off_and_on(mongo_uri: str, mongo_data
         assert client.tweets.count_documents({}) == 60
     finally:
         h.close()
+
+
+def test_a_read_is_held_with_the_child_only_while_encoding_is_the_work() -> None:
+    """Behind a MongoDB that acks late, holding a read with the child only delays the inserts:
+    the worker holds one only with a child running and waits for inserts under 0.25 of its
+    busy time."""
+    settings = make_settings("mongodb://127.0.0.1:1", "db")
+    split = EncoderSplit(Matchers(0, settings), StoreCounters(), True, offload_min=1)
+    assert not split.may_hold()  # no child, no insert timed yet
+    split.encoder = object()  # type: ignore[assignment]  # only its presence is looked at
+    assert not split.may_hold()  # no insert timed yet
+    split.inserts.note(0.01, 0.99)  # encoding is the work
+    assert split.may_hold()
+    for _ in range(4):
+        split.inserts.note(0.5, 0.5)  # now MongoDB is
+    assert split.inserts.share is not None and split.inserts.share > 0.25
+    assert not split.may_hold()
+    split.encoder = None
 
 
 def test_auto_mode_keeps_a_child_only_while_encoding_is_the_work() -> None:

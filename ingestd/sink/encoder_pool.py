@@ -53,10 +53,12 @@ _PUNTED = Encoded(PUNT)
 _STARTED = b"\x01"  # the child's first byte: its imports are done, chunks are read at once
 # Not ``-m``: anything pickled must name this module, not ``__main__``.
 CHILD_CODE = "import sys, ingestd.sink.encoder_pool as e; sys.exit(e.main())"
-# The shared region's two halves: payloads to the child, documents back. A read's payloads are at
-# most 8 MiB (``sink.worker.BATCH_MAX_BYTES``) and its documents ~1.2x that; a blob that does not
-# fit goes through the pipe. The region is sparse: only the pages a chunk touches use memory.
-REGION_IN_BYTES = 16 << 20
+# The shared region's two directions: payloads to the child, documents back. Each direction has
+# two halves, one per read in flight (``begin_read``): a read's payloads are at most ~8 MiB
+# (``sink.worker.BATCH_MAX_BYTES``) and its documents ~1.2x that; a blob that does not fit goes
+# through the pipe. The region is sparse: only the pages a chunk touches use memory, and the
+# second halves only while reads overlap (a store worker behind the stream).
+REGION_IN_BYTES = 18 << 20
 REGION_OUT_BYTES = 24 << 20
 MAX_PENDING = 8  # chunks sent before the first one's answer is read (``can_queue``)
 
@@ -137,10 +139,14 @@ class EncoderProcess:
         self._recv = os.dup(self._proc.stdout.fileno())
         self._proc.stdin.close()
         self._proc.stdout.close()
-        self.region_bytes = len(self._region.into)  # payloads that can be sent in the region
+        self._in_half = len(self._region.into) // 2
+        self._out_half = len(self._region.back) // 2
+        self.region_bytes = self._in_half  # payloads one read can send in the region
         self._matchers: set[int] = set()  # generations the child has a matcher for
         self.pending = 0  # chunks submitted and not yet collected
-        self._into_end = 0  # end of the pending chunks' payloads in the region
+        self._half = 0  # the halves the current read's chunks use (``begin_read``)
+        self._into_end = 0  # end of the current read's payloads so far in the region
+        self._out_at = 0  # where the child writes the next chunk's documents (-1: after the last)
         self._piped = False  # a pending chunk's payloads went through the pipe
         self.started = False  # the child's ``_STARTED`` byte has been read
 
@@ -156,6 +162,25 @@ class EncoderProcess:
             raise OSError("encoder child: unexpected first byte")
         self.started = True
 
+    def begin_read(self) -> None:
+        """The next chunks are a new read's. While an earlier read's chunks are pending (their
+        documents may still be being taken) it uses the other halves of the region, else the
+        first ones. The caller has taken every answer of the read before the pending one."""
+        self._start_half(1 - self._half if self.pending else 0)
+
+    def _start_half(self, half: int) -> None:
+        self._half = half
+        self._into_end = half * self._in_half
+        self._out_at = half * self._out_half
+
+    def can_queue_read(self, size: int, chunks: int) -> bool:
+        """Whether a new read of ``chunks`` chunks and ``size`` payload bytes can be sent behind
+        the pending chunks (``can_queue`` for each of its chunks, in the other halves)."""
+        if not self.pending:
+            return True
+        return (self.queues and not self._piped and self.pending + chunks <= MAX_PENDING
+                and size <= self._in_half)
+
     def can_queue(self, size: int) -> bool:
         """Whether a chunk of ``size`` payload bytes may be sent now, before the pending ones'
         results are read.
@@ -170,7 +195,7 @@ class EncoderProcess:
         if not self.pending:
             return True
         return (self.queues and not self._piped and self.pending < MAX_PENDING
-                and self._into_end + size <= self.region_bytes)
+                and self._into_end + size <= (self._half + 1) * self._in_half)
 
     def submit(self, jobs: Sequence[JobLike], matchers: dict[int, MatcherSpec]) -> None:
         """Send a chunk (and the matchers for generations the child has not seen yet)."""
@@ -179,14 +204,20 @@ class EncoderProcess:
         if not self.can_queue(size):
             raise RuntimeError("encoder: collect the pending chunks before sending this one")
         new = {g: spec for g, spec in matchers.items() if g not in self._matchers}
-        start = self._into_end if self.pending else 0
-        shared = put(self._region.into[start:], payloads)
-        # ``not self.pending``: the child may write this chunk's documents from the start of its
-        # half of the region again (every answer before it has been read).
-        send_frame(self._send, (new, _pack_jobs(jobs), start if shared else -1, not self.pending),
+        if not self.pending:  # every answer has been taken: the current halves start again
+            self._start_half(self._half)
+        start, end = self._into_end, (self._half + 1) * self._in_half
+        shared = put(self._region.into[start:end], payloads)
+        # The child writes this chunk's documents at ``_out_at`` (-1: after its last answer),
+        # never past the end of the current half.
+        send_frame(self._send, (new, _pack_jobs(jobs), start if shared else -1, self._out_at,
+                                (self._half + 1) * self._out_half),
                    () if shared else payloads)
         self._matchers.update(new)
-        self._into_end, self._piped = (start + size, False) if shared else (0, True)
+        self._out_at = -1
+        if shared:
+            self._into_end = start + size
+        self._piped = not shared
         self.pending += 1
 
     def ready(self) -> bool:
@@ -345,20 +376,21 @@ def _serve(recv: int, send: int, region: Region) -> None:
 
 
 class _Back:
-    """The child's half of the region: its answers, one after the other until the store worker
-    sends a chunk with none pending (it has read them all): then from the start again."""
+    """The child's direction of the region: its answers, one after the other, from where the
+    store worker says a read's first chunk goes (it knows which answers it has taken)."""
 
     def __init__(self, region: Region) -> None:
         self.region = region
         self.end = 0
 
-    def put(self, first: bool, results: list[Encoded]) -> tuple[ResultHeader, int]:
-        """Write ``results``' documents; their header and where they start. Documents that do not
-        fit are not sent: the chunk is punted and the store worker encodes it (never seen with
-        real tweets: a read's documents take about 1.2x its payloads, ≤ 10 MB)."""
-        start = 0 if first else self.end
+    def put(self, at: int, limit: int, results: list[Encoded]) -> tuple[ResultHeader, int]:
+        """Write ``results``' documents at ``at`` (-1: after the last answer), not past ``limit``;
+        their header and where they start. Documents that do not fit are not sent: the chunk is
+        punted and the store worker encodes it (never seen with real tweets: a read's documents
+        take about 1.2x its payloads, ≤ 10 MB)."""
+        start = self.end if at < 0 else at
         header, raws = _pack_results(results)
-        if not put(self.region.back[start:], raws):
+        if not put(self.region.back[start:limit], raws):
             header, raws = _pack_results([_PUNTED] * len(results))
         self.end = start + sum(map(len, raws))
         return header, start
@@ -368,7 +400,7 @@ def _answer_chunk(recv: int, send: int, matchers: dict[int, Matcher], back: _Bac
     """Encode one chunk and send its results; False once the pipe is closed. A function of its
     own so that the chunk's buffers are freed when it returns, before the heap is trimmed."""
     try:
-        (new, header, start, first), blob = recv_frame(recv)
+        (new, header, start, out_at, out_limit), blob = recv_frame(recv)
     except EOFError:
         return False  # the store worker closed the pipe (or died): nothing is held here
     for generation, (track, follow, locations) in new.items():
@@ -378,7 +410,7 @@ def _answer_chunk(recv: int, send: int, matchers: dict[int, Matcher], back: _Bac
     # The payloads (a piped chunk's are ~2 MB) are freed before the answer, which waits in the
     # pipe until the store worker has encoded its own part.
     del blob, jobs
-    send_frame(send, back.put(first, results), ())
+    send_frame(send, back.put(out_at, out_limit, results), ())
     return True
 
 

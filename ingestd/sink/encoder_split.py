@@ -2,16 +2,21 @@
 
 The child (``encoder_pool.EncoderProcess``) encodes the last part of a read, sent in a few chunks,
 while this process encodes and takes the first part; the share adapts so that neither side waits
-for the other. Reads are encoded here while the child starts (it imports in the background). A
-lost child loses nothing: its part is encoded here, and a new child is started no sooner than
-``ENCODER_RESTART_INTERVAL`` later. Kept apart from ``encoder_pool``, which the child imports.
+for the other. A worker behind the stream may also leave a read's part with the child while it
+reads the next one (``submit`` while one is pending, ``collect`` in the same order): the child
+then works while this process reads, flushes and takes. Reads are encoded here while the child
+starts (it imports in the background). A lost child loses nothing: its part is encoded here, and
+a new child is started no sooner than ``ENCODER_RESTART_INTERVAL`` later. Kept apart from
+``encoder_pool``, which the child imports.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import structlog
 
@@ -49,6 +54,13 @@ SHARE_WEIGHT = 0.5  # weight of the newest batch in the insert share
 BUSY_TIME_CONSTANT = 2.0  # seconds: the busy share follows a change by 63 % in this time
 # A batch's idle time counts up to this much: a burst after a quiet hour is busy from its start.
 IDLE_COUNTED_MAX = 1.0
+
+
+class _Sent(NamedTuple):
+    """A read's part with the child: its encoder and how many chunks it went in."""
+
+    encoder: EncoderProcess
+    chunks: int
 
 
 def matcher_spec(settings: Settings) -> MatcherSpec:
@@ -97,49 +109,67 @@ class EncoderSplit:
         self._retry_at = 0.0  # monotonic time before which no new child is started
         self._started_at = 0.0  # monotonic time the current child was started
         self._share = 0.5  # fraction of a read sent to the encoder child
-        self._pending: EncoderProcess | None = None  # the child encoding a part of this read
-        self._chunks = 0  # chunks of this read sent to the child
+        self._sent: deque[_Sent] = deque()  # parts with the child, oldest first (at most two)
+
+    @property
+    def pending(self) -> int:
+        """Reads whose part is with the child, not collected yet."""
+        return len(self._sent)
+
+    def may_hold(self) -> bool:
+        """Whether a read's part may stay with the child while the next read is taken: only while
+        encoding, not waiting for inserts, is the work (behind a MongoDB that acks each batch
+        late, a busier worker thread only delays the inserts' own Python work: bench/RESULTS.md,
+        2026-12-05)."""
+        share = self.inserts.share
+        return self.encoder is not None and share is not None and share < INSERT_SHARE_START
 
     def submit(self, records: list[Record], settings: Settings) -> int:
         """Send the last part of ``records`` to the encoder child when the read is worth sharing;
         how many records (at the end of ``records``) it encodes: 0 if none, all are encoded here.
 
         The child takes the last part, so that this process can take its own part, the first one,
-        as it encodes it (each tweet's payload then dies at once); then ``collect``.
+        as it encodes it (each tweet's payload then dies at once); then ``collect``. One earlier
+        read's part may still be pending (collected first): this one queues behind it when the
+        child can take both at once, else it is encoded here.
         """
+        if len(self._sent) > 1:
+            raise RuntimeError("encoder split: collect the pending read before sending another")
         encoder = self._encoder_for(len(records), settings)
         if encoder is None:
             return 0
         theirs = max(1, min(len(records) - 1, round(len(records) * self._share)))
+        messages = [r for r in records[-theirs:] if r.kind == KIND_MESSAGE]
+        size = sum(len(r.payload) for r in messages)
+        count = CHUNKS if encoder.queues and size <= encoder.region_bytes else 1
+        if not encoder.can_queue_read(size, count):
+            return 0
         try:
-            self._chunks = self._send(encoder, [r for r in records[-theirs:]
-                                                if r.kind == KIND_MESSAGE])
+            self._sent.append(_Sent(encoder, self._send(encoder, messages, count)))
         except OSError as exc:
             self._lost(exc)
             return 0
-        self._pending = encoder
         return theirs
 
-    def _send(self, encoder: EncoderProcess, messages: list[Record]) -> int:
-        """Send ``messages`` to the child in ``CHUNKS`` chunks when it can queue them, else in one;
-        how many. The child answers each chunk as it is done: this process takes one chunk's
-        documents while the child encodes the next, and the child waits only while the last
-        one's are taken (with one chunk, it waited while all of them were)."""
-        size = sum(len(r.payload) for r in messages)
-        count = CHUNKS if encoder.queues and size <= encoder.region_bytes else 1
+    def _send(self, encoder: EncoderProcess, messages: list[Record], count: int) -> int:
+        """Send ``messages`` to the child in ``count`` chunks (``CHUNKS`` when it can queue them,
+        else one); how many. The child answers each chunk as it is done: this process takes one
+        chunk's documents while the child encodes the next, and the child waits only while the
+        last one's are taken (with one chunk, it waited while all of them were)."""
         step = max(1, -(-len(messages) // count))
         chunks = [messages[i:i + step] for i in range(0, len(messages), step)] or [[]]
+        encoder.begin_read()
         for chunk in chunks:
             encoder.submit(chunk, self._matchers.specs)
         return len(chunks)
 
     def collect(self, theirs: list[Record]) -> Iterator[tuple[Record, Encoded | None]]:
-        """The records ``submit`` sent, with the child's results, in spool order (None: the
-        caller encodes that one as it takes it). ``theirs`` is the caller's list of them, newest
-        first: each record is popped as it is yielded, so that nothing here holds a tweet's
-        payload once the caller has taken it."""
-        encoder, self._pending = self._pending, None
-        results = self._results(encoder, self._chunks) if encoder is not None else None
+        """The records of the oldest part ``submit`` sent (none sent: encoded by the caller),
+        with the child's results, in spool order (None: the caller encodes that one as it takes
+        it). ``theirs`` is the caller's list of them, newest first: each record is popped as it
+        is yielded, so that nothing here holds a tweet's payload once the caller has taken it."""
+        sent = self._sent.popleft() if self._sent else None
+        results = self._results(sent.encoder, sent.chunks) if sent is not None else None
         while theirs:
             record = theirs.pop()
             encoded = None

@@ -149,6 +149,7 @@ class StoreWorker:
                                   on_duplicates=self._ledger.on_duplicates)
         self._batch = Batch()
         self._flight: Flight | None = None  # the batch before, its insert still running
+        self._held: list[Record] = []  # a read's part left with the encoder child, newest first
         # How long to sleep with no batch open when the spool is empty: the caller's next
         # housekeeping (heartbeat) is due then; new records end the sleep at once.
         self.idle_wait: Callable[[], float] = lambda: TICK_INTERVAL
@@ -223,8 +224,9 @@ class StoreWorker:
         if self._batch_due():
             self._flush()
         else:
-            room = self._room()
-            read = self._take_all(self._reader.read(room, self._room_bytes()))
+            room, room_bytes = self._read_size()
+            records = self._reader.read(room, room_bytes)
+            read = self._take_all(records, hold=len(records) >= room)
             if self._batch_due():
                 self._flush()
             elif not read:
@@ -272,6 +274,7 @@ class StoreWorker:
             if self._batch_full():
                 self._flush()
             self._maybe_tick()
+        self._take_held()
         self._flush()
         self._finish_flight()
         self.totals.state = "stopped"
@@ -282,6 +285,14 @@ class StoreWorker:
 
     def _room_bytes(self) -> int:
         return max(1, BATCH_MAX_BYTES - self._batch.nbytes)
+
+    def _read_size(self) -> tuple[int, int]:
+        """Records and bytes the next read may bring: the open batch's room, or a whole batch's
+        while records are held with the encoder child (behind the stream: the batch is flushed
+        when it fills up as records are taken)."""
+        if self._held:
+            return self._target.settings.writer.batch_size, BATCH_MAX_BYTES
+        return self._room(), self._room_bytes()
 
     def _batch_full(self) -> bool:
         batch = self._batch
@@ -313,24 +324,43 @@ class StoreWorker:
 
     # ------------------------------------------------------------------ taking records
 
-    def _take_all(self, records: list[Record]) -> int:
+    def _take_all(self, records: list[Record], hold: bool = False) -> int:
         """Encode and take a read's records in spool order; how many there were.
 
         ``records`` is emptied as they are taken: a batch keeps each tweet's BSON and a
         ``RecordRef``, so a tweet's payload dies once it is encoded and its memory holds the next
         document. Peak memory is one read's documents, not its documents and its payloads.
+
+        With ``hold`` (a full read: the worker is behind the stream) the encoder child's part of
+        this read is left with it, and taken at the start of the next call, once the next read's
+        part has been sent: the child encodes while this process reads, flushes and takes,
+        instead of waiting for it. Nothing is held across a wait, a reload or the drain's end.
         """
         count = len(records)
         started = time.monotonic()
         encoding = self._encoding
         theirs = encoding.submit(records, self._target.settings)  # the last ``theirs`` records
+        self._take_held()  # the part of the read before: earlier in the spool than this one
         records.reverse()  # popped oldest first
         for _ in range(count - theirs):
             self._take(records.pop(), None)  # encoded here as it is taken
-        for record, encoded in encoding.collect(records):
-            self._take(record, encoded)
+        if theirs:
+            if hold and self._target.next_settings is None and encoding.may_hold():
+                self._held = records
+            else:
+                self._take_from_child(records)
         self._taking += time.monotonic() - started  # for ``EncoderSplit.inserts``
         return count
+
+    def _take_held(self) -> None:
+        """Take the read's part left with the encoder child, if any (``_take_all``)."""
+        if self._held:
+            held, self._held = self._held, []
+            self._take_from_child(held)
+
+    def _take_from_child(self, records: list[Record]) -> None:
+        for record, encoded in self._encoding.collect(records):
+            self._take(record, encoded)
 
     def _take(self, record: Record, encoded: Encoded | None) -> None:
         self.totals.read_seq = record.seq
@@ -349,7 +379,8 @@ class StoreWorker:
         batch.nbytes += len(record.payload)
         if batch.started is None:
             batch.started = time.monotonic()
-        if batch.closed:
+        if batch.closed or batch.size() >= self._target.settings.writer.batch_size \
+                or batch.nbytes >= BATCH_MAX_BYTES:  # a read may bring more than its room
             self._flush()
         self._maybe_tick()  # dead letters fsync: a run of them must not starve the heartbeat
 
@@ -487,7 +518,8 @@ class StoreWorker:
         self._since = now
 
     def _maybe_switch(self) -> None:
-        """Take a reload's settings between batches: none open, none in flight."""
+        """Take a reload's settings between batches: none open, none in flight, no records held
+        with the encoder child (the next read takes them and holds none)."""
         if self._target.next_settings is not None and self._flight is None \
-                and self._batch.last is None:
+                and self._batch.last is None and not self._held:
             self._target.switch()
