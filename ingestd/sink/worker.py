@@ -57,9 +57,10 @@ from ingestd.spool.format import (
 
 log = structlog.get_logger("ingestd.sink.worker")
 
-# Memory bound of the store worker: one batch (records + parsed documents) is all it holds, however
-# large the spool backlog. A parsed tweet takes several times its JSON size in Python objects, so
-# the batch's payload bytes are capped well under what the process may use.
+# Memory bound of the store worker: one batch (records + parsed documents), the batch in flight and
+# at most one read's part held with the encoder child are all it holds, however large the spool
+# backlog. A parsed tweet takes several times its JSON size in Python objects, so the batch's
+# payload bytes are capped well under what the process may use.
 BATCH_MAX_BYTES = 8 * 1024 * 1024
 IDLE_WAIT_MAX = 1.0  # seconds: the longest idle sleep, whatever ``idle_wait`` says
 # With a batch open and nothing more to read, the worker pauses before reading again: until the
@@ -329,7 +330,8 @@ class StoreWorker:
 
         ``records`` is emptied as they are taken: a batch keeps each tweet's BSON and a
         ``RecordRef``, so a tweet's payload dies once it is encoded and its memory holds the next
-        document. Peak memory is one read's documents, not its documents and its payloads.
+        document. Peak memory is one read's documents, not its documents and its payloads (plus,
+        while a read is held, that read's part's payloads).
 
         With ``hold`` (a full read: the worker is behind the stream) the encoder child's part of
         this read is left with it, and taken at the start of the next call, once the next read's
