@@ -111,11 +111,6 @@ class EncoderSplit:
         self._share = 0.5  # fraction of a read sent to the encoder child
         self._sent: deque[_Sent] = deque()  # parts with the child, oldest first (at most two)
 
-    @property
-    def pending(self) -> int:
-        """Reads whose part is with the child, not collected yet."""
-        return len(self._sent)
-
     def may_hold(self) -> bool:
         """Whether a read's part may stay with the child while the next read is taken: only while
         encoding, not waiting for inserts, is the work (behind a MongoDB that acks each batch
