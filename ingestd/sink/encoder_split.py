@@ -50,6 +50,11 @@ INSERT_SHARE_STOP = 0.75  # and stops once they take more
 BUSY_SHARE_START = 0.9  # a child starts while the worker is busy at least this share of the time
 BUSY_SHARE_STOP = 0.5  # and stops once it is busy less, with no backlog
 BEHIND_BYTES = 16 * 1024 * 1024  # unread spool bytes that mean "behind" (~4 batches of tweets)
+# A read's part is held with the child (``may_hold``) only while waits for inserts take less than
+# this share of the busy time. Measured: 0.02–0.11 (median 0.04) in a burst into a MongoDB that
+# acks at once, 0.13–0.45 behind one that acks each batch 0.05 s late, where holding slowed the
+# drain ~4 % (bench/RESULTS.md, 2026-12-05).
+HOLD_INSERT_SHARE = 0.1
 SHARE_WEIGHT = 0.5  # weight of the newest batch in the insert share
 BUSY_TIME_CONSTANT = 2.0  # seconds: the busy share follows a change by 63 % in this time
 # A batch's idle time counts up to this much: a burst after a quiet hour is busy from its start.
@@ -113,11 +118,10 @@ class EncoderSplit:
 
     def may_hold(self) -> bool:
         """Whether a read's part may stay with the child while the next read is taken: only while
-        encoding, not waiting for inserts, is the work (behind a MongoDB that acks each batch
-        late, a busier worker thread only delays the inserts' own Python work: bench/RESULTS.md,
-        2026-12-05)."""
+        encoding, not waiting for inserts, is nearly all the work (behind a MongoDB that acks each
+        batch late, a busier worker thread only delays the inserts' own Python work)."""
         share = self.inserts.share
-        return self.encoder is not None and share is not None and share < INSERT_SHARE_START
+        return self.encoder is not None and share is not None and share < HOLD_INSERT_SHARE
 
     def submit(self, records: list[Record], settings: Settings) -> int:
         """Send the last part of ``records`` to the encoder child when the read is worth sharing;
