@@ -220,20 +220,25 @@ def smaps_rollup_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def wakeups(pid: int) -> int:
-    """Voluntary context switches of all threads of ``pid`` (each is a sleep that ended: a
-    wake-up); /proc/PID/status alone counts only the main thread."""
-    total = 0
+def task_files(pid: int, name: str) -> list[str]:
+    """The text of ``/proc/PID/task/*/NAME``, one per thread of ``pid`` that could be read
+    (none once it is gone): /proc/PID/NAME alone is often the main thread's only."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return 0
+        return []
+    texts = []
     for tid in tids:
-        with suppress(OSError), open(f"/proc/{pid}/task/{tid}/status") as f:
-            for line in f:
-                if line.startswith("voluntary_ctxt_switches:"):
-                    total += int(line.split()[1])
-    return total
+        with suppress(OSError), open(f"/proc/{pid}/task/{tid}/{name}") as f:
+            texts.append(f.read())
+    return texts
+
+
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of all threads of ``pid`` (each is a sleep that ended: a
+    wake-up)."""
+    return sum(int(line.split()[1]) for text in task_files(pid, "status")
+               for line in text.splitlines() if line.startswith("voluntary_ctxt_switches:"))
 
 
 def rss_sum_kb(procs: list[psutil.Process]) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,19 +34,8 @@ STREAM_DONE = 0.05
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time of all of ``pid``'s threads (0 once it is gone)."""
-    total = 0
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0.0
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass
-    return total / 1e9
+    """CPU time of all of ``pid``'s threads, in ns from schedstat (0 once it is gone)."""
+    return sum(int(text.split()[0]) for text in run.task_files(pid, "schedstat")) / 1e9
 
 
 def sample(bench: run.Bench, pid: int) -> dict[str, Any]:

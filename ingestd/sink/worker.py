@@ -271,9 +271,8 @@ class StoreWorker:
         self.totals.state = "draining"
         drained = False
         while not drained and not self._retry.past_deadline():
+            # a batch is flushed as it fills (``_take``)
             drained = not self._take_all(self._reader.read(self._room(), self._room_bytes()))
-            if self._batch_full():
-                self._flush()
             self._maybe_tick()
         self._take_held()
         self._flush()
@@ -381,8 +380,7 @@ class StoreWorker:
         batch.nbytes += len(record.payload)
         if batch.started is None:
             batch.started = time.monotonic()
-        if batch.closed or batch.size() >= self._target.settings.writer.batch_size \
-                or batch.nbytes >= BATCH_MAX_BYTES:  # a read may bring more than its room
+        if batch.closed or self._batch_full():  # a read may bring more than the batch's room
             self._flush()
         self._maybe_tick()  # dead letters fsync: a run of them must not starve the heartbeat
 
