@@ -152,8 +152,8 @@ def read_back(pkg: dict[str, ModuleType], messages: list[bytes], directory: Path
 def stream_case(
     chunk: int, per_pass: int
 ) -> Callable[[dict[str, ModuleType], bytes, int, Path], float]:
-    """``per_pass`` libcurl callbacks (``BodyIntake.on_data``) per pass, then the intake's
-    flush: one spool write per pass, as ``StreamReader`` does it."""
+    """``per_pass`` libcurl callbacks (``BodyIntake.on_data``) per pass, then what they held is
+    framed and the intake flushed: one spool write per pass, as ``StreamReader`` does it."""
 
     def case(pkg: dict[str, ModuleType], wire: bytes, n: int, directory: Path) -> float:
         import pycurl
@@ -171,11 +171,14 @@ def stream_case(
         framer = pkg["framing"].LineFramer(500_000)
         conn = pkg["connection"].Connection(1, 1, stream, pycurl.Curl(), framer, 0.0, 0.0,
                                             status=200, marked=True)
+        # A pass ends by framing what the callbacks held (``settle``, since 2026-12-05).
+        settle = getattr(body, "settle", lambda: None)
         passes = [chunked(part, chunk) for part in chunked(wire, chunk * per_pass)]
         start = time.process_time()
         for pieces in passes:
             for piece in pieces:
                 body.on_data(conn, piece)
+            settle()
             intake.flush()
         writer.close()
         elapsed = time.process_time() - start

@@ -21,12 +21,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import bson
 import psutil
 import pymongo
 import pytest
 
 from ingestd.config.errors import ConfigErrors
 from ingestd.config.settings import load_settings_text
+from ingestd.sink.batch import Entry
 from ingestd.sink.coverage import (
     HANDOVER_WAIT,
     HOUR_NS,
@@ -423,3 +425,31 @@ def test_takeover_gap_keeps_the_lease_start_while_the_previous_holder_is_silent(
 def test_message_time_of_a_record(payload: bytes, expected: int | None) -> None:
     got = message_time_ns(_rec(1, 1, payload))
     assert got == (expected * 10**6 if expected is not None else None)
+
+
+def _entry(seq: int, recv_ns: int) -> Entry:
+    entry = Entry(bson.encode({"_id": seq}))
+    entry.tweet_id, entry.record = seq, _rec(seq, recv_ns, b"{}").ref()
+    return entry
+
+
+def test_stored_tweets_are_counted_in_the_hour_each_was_received(
+        mongo_uri: str, mongo_database: str) -> None:
+    """A batch within one hour is counted at once; one across an hour boundary tweet by tweet:
+    each hour gets its own tweets and the newest spool seq among them, out of order or not."""
+    s = 10**9
+    hour = (time.time_ns() // HOUR_NS) * HOUR_NS - 2 * HOUR_NS
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+    try:
+        ledger, _ = _ledger_pair(client[mongo_database].tweets, _Now())
+        ledger.on_stored([_entry(1, hour + 10 * s), _entry(3, hour + 5 * s),
+                          _entry(2, hour + 20 * s)])
+        ledger.on_stored([_entry(4, hour + HOUR_NS - s), _entry(6, hour + HOUR_NS + s),
+                          _entry(5, hour + HOUR_NS - 2 * s), _entry(7, hour + HOUR_NS + 2 * s)])
+        ledger.on_stored([])
+        ledger.flush()
+        docs = list(client[mongo_database].coverage.find({"kind": "hour"}))
+    finally:
+        client.close()
+    got = {d["hour_ns"]: (d["tweets"], d["seq"]) for d in docs}
+    assert got == {hour: (5, 5), hour + HOUR_NS: (2, 7)}

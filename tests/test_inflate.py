@@ -5,13 +5,15 @@ from __future__ import annotations
 import random
 import time
 import zlib
+from types import SimpleNamespace
+from typing import cast
 
 import pycurl
 import pytest
 
 from ingestd.config.schema import StreamSettings
 from ingestd.source.backoff import Ending
-from ingestd.source.body import ERROR_BODY_CAP, BodyIntake
+from ingestd.source.body import ERROR_BODY_CAP, FULL_CHECK_BYTES, HOLD_BYTES, BodyIntake
 from ingestd.source.connection import Connection
 from ingestd.source.framing import LineFramer
 from ingestd.source.inflate import (
@@ -56,17 +58,21 @@ def test_any_split_of_the_wire_gives_the_same_body(split: str) -> None:
     assert inflate_all(Inflater(31), wire, sizes) == b"".join(messages)
 
 
-def test_a_compression_bomb_comes_out_in_bounded_pieces() -> None:
-    wire = gzip_stream([b"\n" * (20 * PIECE_BYTES + 5)])
-    pieces = list(Inflater(31).inflate(wire))  # ~20 KB on the wire
-    assert len(wire) < 64 * 1024
-    assert max(map(len, pieces)) <= PIECE_BYTES
-    assert sum(map(len, pieces)) == 20 * PIECE_BYTES + 5
+@pytest.mark.parametrize("pieces", [80, 3])
+def test_a_compression_bomb_comes_out_in_bounded_pieces(pieces: int) -> None:
+    # 80 pieces: ~20 KB on the wire, inflated in steps; 3: under one step, in one first call
+    wire = gzip_stream([b"\n" * (pieces * PIECE_BYTES + 5)])
+    out = list(Inflater(31).inflate(wire))
+    assert (len(wire) > STEP_BYTES) == (pieces == 80)
+    assert max(map(len, out)) <= PIECE_BYTES
+    assert sum(map(len, out)) == pieces * PIECE_BYTES + 5
 
 
-def test_members_in_a_row_are_one_body() -> None:
-    wire = gzip_stream([b"first\r\n"]) + gzip_stream([b"second\r\n"])
-    assert inflate_all(Inflater(31), wire, [len(wire)]) == b"first\r\nsecond\r\n"
+@pytest.mark.parametrize("size", [None, 1, 7])
+def test_members_in_a_row_are_one_body(size: int | None) -> None:
+    wire = gzip_stream([b"first\r\n"]) + gzip_stream([b"second\r\n"]) + gzip_stream([b"3\r\n"])
+    sizes = [len(wire)] if size is None else [size] * (len(wire) // size) + [len(wire) % size]
+    assert inflate_all(Inflater(31), wire, sizes) == b"first\r\nsecond\r\n3\r\n"
 
 
 @pytest.mark.parametrize("wire", [
@@ -127,5 +133,77 @@ def test_an_undecodable_body_aborts_the_transfer_with_its_reason() -> None:
     assert intake.on_data(conn, b"\xff" * 16) == 0  # libcurl ends the transfer (write error)
     assert conn.abort is Ending.NETWORK
     assert conn.failure.startswith("compressed body cannot be inflated")
+    intake.settle()  # the reader's pass ends
     assert framed == [1]  # the message before the bad bytes was framed
     assert intake.on_data(conn, b"more") == 0  # nothing after it is taken
+
+
+def test_callbacks_are_framed_together_in_order_and_before_a_marker() -> None:
+    """A pass's small callbacks are framed at once when it ends; a connection's first body
+    (its coverage marker) first frames what other connections delivered before it; a piece of
+    HOLD_BYTES or more is framed as it comes, after what was held."""
+    calls: list[tuple[int, int]] = []  # (conn, messages) per sink call; (conn, -1): a marker
+    intake = BodyIntake(lambda items, conn_id, generation, now_ns: calls.append(
+                            (conn_id, len(items))), ReaderStats(), is_full=lambda: False,
+                        drop_when_full=False, clock=time.monotonic,
+                        on_first_body=lambda conn: (intake.settle(),
+                                                    calls.append((conn.conn_id, -1))))
+    stream = StreamSettings(url="https://stream.twitter.com/1.1/statuses/filter.json",
+                            track=("a",))
+    a, b = (Connection(n, 0, stream, pycurl.Curl(), LineFramer(1 << 20), 0.0, 0.0, status=200)
+            for n in (1, 2))
+    for piece in (b'{"id":1}\r\n{"id', b'":2}\r', b'\n{"id":3}\r\n'):
+        assert intake.on_data(a, piece) is None
+    assert calls == [(1, -1)]  # held: nothing framed during the pass
+    assert intake.on_data(b, b'{"id":10}\r\n') is None
+    assert intake.on_data(a, b'{"id":4}\r\n') is None
+    intake.settle()
+    assert calls == [(1, -1), (1, 3), (2, -1), (2, 1), (1, 1)]
+    assert (a.messages, b.messages) == (4, 1)
+    large = b'{"id":5,"text":"' + b"x" * HOLD_BYTES + b'"}\r\n'
+    assert intake.on_data(b, b'{"id":11}\r\n') is None
+    assert intake.on_data(a, large) is None
+    assert calls[5:] == [(2, 1), (1, 1)]  # held first, then the large piece, in the callback
+
+
+def test_a_full_spool_is_looked_at_each_pass_and_per_check_bytes_and_pushes_back() -> None:
+    """The first callback of a pass asks whether the sink is full, later ones once per
+    ``FULL_CHECK_BYTES``; a full sink pauses the transfer (libcurl keeps the bytes) at most that
+    many body bytes late, and the same bytes are taken once the next pass finds room."""
+    looks: list[bool] = []
+    full = False
+
+    def is_full() -> bool:
+        looks.append(full)
+        return full
+
+    framed: list[int] = []
+    intake = BodyIntake(lambda items, conn_id, generation, now_ns: framed.append(len(items)),
+                        ReaderStats(), is_full=is_full, drop_when_full=False,
+                        clock=time.monotonic)
+    stream = StreamSettings(url="https://stream.twitter.com/1.1/statuses/filter.json",
+                            track=("a",))
+    resumed: list[int] = []
+    curl = cast(pycurl.Curl, SimpleNamespace(pause=resumed.append))  # not in a transfer here
+    conn = Connection(1, 0, stream, curl, LineFramer(1 << 20), 0.0, 0.0, status=200)
+    message = b'{"id":1,"text":"' + b"x" * 1000 + b'"}\r\n'
+    per_look = -(-FULL_CHECK_BYTES // len(message))  # callbacks of a message each per look
+    intake.resume_if_room([conn])
+    first = 3 * per_look + per_look // 2  # the sink fills between two looks
+    for _ in range(first):
+        assert intake.on_data(conn, message) is None
+    intake.settle()  # the pass ends
+    assert len(looks) == 4 and sum(framed) == first
+    full = True
+    taken = 0
+    while intake.on_data(conn, message) is None:
+        taken += 1
+    assert conn.paused and 0 < taken <= per_look  # pushed back within FULL_CHECK_BYTES
+    intake.resume_if_room([conn])  # still full: stays paused, and the next pass looks again
+    assert conn.paused
+    full = False
+    intake.resume_if_room([conn])
+    assert not conn.paused and resumed == [pycurl.PAUSE_CONT]
+    assert intake.on_data(conn, message) is None  # the kept bytes come again, and are taken
+    intake.settle()
+    assert sum(framed) == first + taken + 1

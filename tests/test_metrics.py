@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import bson
 import psutil
 import pymongo
 import pytest
@@ -28,7 +29,10 @@ from ingestd.config.schema import SpoolSettings
 from ingestd.control.collector import RunStateCollector, known_labels
 from ingestd.control.procstats import ProcessCollector
 from ingestd.control.runstate import run_dir, write_status
-from ingestd.sink.histogram import BATCH_SIZE_BUCKETS, Histogram
+from ingestd.sink.batch import Entry
+from ingestd.sink.counters import StoreHistograms
+from ingestd.sink.histogram import BATCH_SIZE_BUCKETS, LATENCY_SECONDS_BUCKETS, Histogram
+from ingestd.spool.format import RecordRef
 from tests.support.daemon import Daemon, metrics_addr, settings_doc
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
@@ -348,3 +352,25 @@ def test_process_metrics_where_proc_stat_is_hidden(
     assert value(m, "process_open_fds") > 10
     assert value(m, "process_cpu_seconds_total") > 0
     assert launched - 1 <= value(m, "process_start_time_seconds") <= time.time()
+
+
+def test_a_batchs_store_latency_counts_each_tweet_from_its_own_receipt() -> None:
+    """Tweets sharing a network read's receive time are counted together: the histogram is the
+    one observing each tweet's latency would give."""
+    now = time.time_ns()
+    ages = [0.001, 0.001, 0.001, 0.3, 0.3, 2.0, 7200.0]  # seconds before now
+    entries = []
+    for seq, age in enumerate(ages):
+        entry = Entry(bson.encode({"_id": seq}))
+        entry.tweet_id = seq
+        entry.record = RecordRef(seq, 1, 1, now - int(age * 1e9), "s", 0)
+        entries.append(entry)
+    hist = StoreHistograms()
+    hist.observe_batch(0.01, entries)
+    latency = hist.as_dict()["store_latency_seconds"]
+    one_by_one = Histogram(LATENCY_SECONDS_BUCKETS)
+    for age in ages:
+        one_by_one.observe(age)
+    assert latency["count"] == len(ages) == sum(latency["counts"])
+    assert latency["counts"] == one_by_one.counts
+    assert sum(ages) <= latency["sum"] < sum(ages) + 0.5  # observed a moment after ``now``

@@ -30,10 +30,11 @@ memory and replaced whole (no update operators: the MongoDB stand-in mishandles 
 from __future__ import annotations
 
 import functools
+import operator
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ _KEEP_HOURS = 4  # hour documents cached (replay and late records touch recent h
 _WEAK_CAUSE = "reconnect"
 # Causes with which an instance stops streaming for good (until restarted or active again).
 _LAST_CAUSES = ["standby", "crashed", "killed", "stopped"]
+_RECV_NS = operator.attrgetter("record.recv_ns")  # of an Entry, without a Python frame
+_SEQ = operator.attrgetter("record.seq")
 _RECENT = 8  # records remembered before a gap: the last one with a time may not be the very last
 HANDOVER_LOOK_EVERY = 2.0  # s between looks for a previous holder's report
 HANDOVER_WAIT = 600.0  # s after a takeover: a previous holder that returns later is not awaited
@@ -283,12 +286,24 @@ class CoverageLedger:
         """A limit notice: ``track`` tweets undelivered so far on this connection (cumulative)."""
         self._queue.append((record, {"type": "limit", "track": track}))
 
-    def on_stored(self, entries: Iterable[Entry]) -> None:
-        """Tweets newly stored (not duplicates): counted in the hour they were received."""
+    def on_stored(self, entries: Sequence[Entry]) -> None:
+        """Tweets newly stored (not duplicates): counted in the hour they were received. A batch
+        nearly always falls within one hour: then it is counted at once, not tweet by tweet (this
+        runs on the store worker's busy thread for every tweet)."""
+        if not entries:
+            return
+        received = list(map(_RECV_NS, entries))
+        first, last = min(received), max(received)
+        if hour_start_ns(first) == hour_start_ns(last):
+            self._count(first, len(entries), max(map(_SEQ, entries)))
+            return
         for entry in entries:
-            doc = self._hour(entry.record.recv_ns)
-            doc["tweets"] += 1
-            doc["seq"] = max(doc["seq"], entry.record.seq)
+            self._count(entry.record.recv_ns, 1, entry.record.seq)
+
+    def _count(self, ns: int, tweets: int, seq: int) -> None:
+        doc = self._hour(ns)
+        doc["tweets"] += tweets
+        doc["seq"] = max(doc["seq"], seq)
 
     def on_duplicates(self, entries: list[Entry]) -> None:
         """Tweets found already stored. One stored from this very record (same spool seq and

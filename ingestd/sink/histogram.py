@@ -30,11 +30,12 @@ class Histogram:
         self.sum = 0.0
         self.count = 0
 
-    def observe(self, value: float) -> None:
+    def observe(self, value: float, times: int = 1) -> None:
+        """Count ``value`` (``times`` times)."""
         # bisect_left: a value equal to a bound belongs to that bound's bucket (le = "<=").
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
+        self.counts[bisect.bisect_left(self.buckets, value)] += times
+        self.sum += value * times
+        self.count += times
 
     def as_dict(self) -> dict[str, Any]:
         return {"buckets": list(self.buckets), "counts": list(self.counts),

@@ -6,6 +6,7 @@ options every connection shares; the reader adds it to its ``CurlMulti`` loop an
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,7 +105,7 @@ def open_connection(conn_id: int, generation: int, stream: StreamSettings, auth:
     api.request(curl, stream, auth)
     curl.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
     curl.setopt(pycurl.BUFFERSIZE, RECV_BUFFER)
-    curl.setopt(pycurl.WRITEFUNCTION, lambda data: on_data(conn, data))
+    curl.setopt(pycurl.WRITEFUNCTION, functools.partial(on_data, conn))  # no Python frame
     curl.setopt(pycurl.HEADERFUNCTION, conn.on_header)
     curl.setopt(pycurl.NOSIGNAL, 1)
     curl.setopt(pycurl.CONNECTTIMEOUT, max(1, round(stream.connect_timeout)))

@@ -7,7 +7,8 @@ zlib and hand the output over 16 KiB at a time; here a whole socket read reaches
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
 from typing import cast
 
 from isal import isal_zlib
@@ -24,6 +25,7 @@ _IDENTITY = frozenset({"", "identity"})
 # (HTTP's "deflate", RFC 9110 §8.4.1.2).
 _WBITS = {"gzip": 16 + isal_zlib.MAX_WBITS, "x-gzip": 16 + isal_zlib.MAX_WBITS,
           "deflate": isal_zlib.MAX_WBITS}
+_Decompressor = isal_zlib.Decompress  # what decompressobj returns
 # isal's stub declares ``error`` as an instance; at run time it is the exception class.
 _InflateError = cast("type[Exception]", isal_zlib.error)
 
@@ -40,19 +42,38 @@ class Inflater:
         self._wbits = wbits
         self._z = isal_zlib.decompressobj(wbits)
 
-    def inflate(self, data: bytes) -> Iterator[bytes]:
-        """The bytes ``data`` completes, in pieces of at most ``PIECE_BYTES``."""
+    def inflate(self, data: bytes) -> Iterable[bytes]:
+        """The bytes ``data`` completes, in pieces of at most ``PIECE_BYTES``.
+
+        A paced stream comes a message (~430 bytes) per call: one ``decompress`` that takes it
+        all is answered without a generator (its frames cost ~1.2 µs of the ~6.6 per message)."""
+        if len(data) > STEP_BYTES:
+            return self._steps(data)
+        z = self._z
+        out = _decompress(z, data)
+        if z.eof or z.unconsumed_tail or len(out) >= PIECE_BYTES:
+            return itertools.chain((out,) if out else (), self._rest(z))
+        return (out,) if out else ()
+
+    def _steps(self, data: bytes) -> Iterator[bytes]:
         view = memoryview(data)
         for start in range(0, len(view), STEP_BYTES):
             yield from self._inflate(view[start:start + STEP_BYTES])
 
+    def _rest(self, z: _Decompressor) -> Iterator[bytes]:
+        """What a first ``decompress`` left: the next gzip member, input it did not take, or
+        output it held back."""
+        if z.eof:
+            if z.unused_data:
+                self._z = isal_zlib.decompressobj(self._wbits)
+                yield from self._inflate(z.unused_data)
+            return
+        yield from self._inflate(z.unconsumed_tail)
+
     def _inflate(self, data: bytes | memoryview) -> Iterator[bytes]:
         z = self._z
         while True:
-            try:
-                out = z.decompress(data, PIECE_BYTES)
-            except _InflateError as exc:
-                raise BadEncoding(f"compressed body cannot be inflated: {exc}") from None
+            out = _decompress(z, data)
             if out:
                 yield out
             if z.eof:  # a stream ended: what follows is the next one (or nothing)
@@ -64,6 +85,13 @@ class Inflater:
             data = z.unconsumed_tail
             if not data and len(out) < PIECE_BYTES:
                 return  # all input taken and no output held back
+
+
+def _decompress(z: _Decompressor, data: bytes | memoryview) -> bytes:
+    try:
+        return z.decompress(data, PIECE_BYTES)
+    except _InflateError as exc:
+        raise BadEncoding(f"compressed body cannot be inflated: {exc}") from None
 
 
 def body_decoder(content_encoding: str) -> Inflater | None:

@@ -88,7 +88,7 @@ class StreamReader:
         # The slow-stream pause (0: none). A standby pair's holder sets 0: its lease margin counts
         # on a look at the lease every TICK, and a pause would be added to that reaction time.
         self.gather_seconds = GATHER_SECONDS
-        self._flush = flush  # ends a pass: the sink writes what it coalesced from the callbacks
+        self._sink_flush = flush  # the sink writes what it coalesced from the callbacks
         self._clock = clock
         self._multi = pycurl.CurlMulti()
         self.backoff = Backoff(stream.backoff, clock=clock)
@@ -151,6 +151,12 @@ class StreamReader:
             self.gathers += 1
             self._sleep(self.gather_seconds, with_curl=False)
         self._sleep(self._select_timeout())
+
+    def _flush(self) -> None:
+        """Frame the bytes the callbacks held, then write them: a pass ends, or the reader writes
+        to the spool itself (a coverage marker goes after every message read before it)."""
+        self._body.settle()
+        self._sink_flush()
 
     def _slow(self, moved: int) -> bool:
         """Whether ``moved`` bytes, read now, make a slow stream: a small pass, or a pass under
@@ -260,6 +266,7 @@ class StreamReader:
 
     def close(self) -> None:
         """Abort every connection; frames already appended stay in the spool."""
+        self._body.settle()
         for conn in self._connections():
             self._end(conn, Ending.ABORTED)
         self._flush()
@@ -324,10 +331,13 @@ class StreamReader:
     # -- endings ----------------------------------------------------------------------------
 
     def _perform(self) -> None:
+        """Move bytes; what the callbacks held is framed before anything looks at the
+        connections (their counts, disconnect notices, a message cut by an ending)."""
         while True:
             ret, _ = self._multi.perform()
             if ret != pycurl.E_CALL_MULTI_PERFORM:
-                return
+                break
+        self._body.settle()
 
     def _reap(self) -> None:
         while True:
