@@ -6,9 +6,10 @@ burst of ``--tweets`` tweets, as the throughput runs do, and every ``--interval`
 tweets the blackhole acknowledged and the cores each process used (CPU time from
 ``/proc/<pid>/task/*/schedstat``, nanoseconds, all threads). The summary gives the mean cores by
 process while the stream worker was still reading and after it had spooled everything: a burst's
-end is the store worker and its encoder child alone, and 2 cores minus what they use is what the
-split between them leaves idle (bench/RESULTS.md, 2026-12-05). Prints figures; asserts only that
-every tweet was acknowledged.
+end is the store worker and its encoder child alone. Each line also gives the cores of what else
+runs on the machine, the acknowledging stand-in (``sink``) and this process (``bench``: the payload
+server, the sampling), and the machine's total: 2 cores minus that is what is idle
+(bench/RESULTS.md, 2026-12-05). Prints figures; asserts only that every tweet was acknowledged.
 
     .venv/bin/python bench/timeline.py                      # 60,000 tweets, plain, 0.1 s steps
     .venv/bin/python bench/timeline.py --gzip --tree /path/to/variant
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +30,9 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: v
 from bench import run
 
 ROLES = ("stream", "store", "encoder", "supervisor")
+# Not the daemon, on the same two cores: the acknowledging MongoDB stand-in (bench/blackhole.py)
+# and this process (the payload server's sends, the sampling).
+OTHERS = ("sink", "bench")
 # A step in which the stream worker used less than this share of a core counts as "after it had
 # spooled everything" (it still wakes for keep-alives and housekeeping).
 STREAM_DONE = 0.05
@@ -40,7 +45,9 @@ def cpu_seconds(pid: int) -> float:
 
 def sample(bench: run.Bench, pid: int) -> dict[str, Any]:
     """The acknowledged count and each role's CPU seconds now."""
-    row: dict[str, Any] = {"t": time.monotonic(), "acked": bench.blackhole.stats()["inserted"]}
+    row: dict[str, Any] = {"t": time.monotonic(), "acked": bench.blackhole.stats()["inserted"],
+                           "sink": cpu_seconds(bench.blackhole.proc.pid),
+                           "bench": cpu_seconds(os.getpid())}
     for proc in run.tree(pid):
         role = run.role_of(proc)
         row[role] = row.get(role, 0.0) + cpu_seconds(proc.pid)
@@ -79,7 +86,8 @@ def steps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for before, after in itertools.pairwise(rows):
         dt = after["t"] - before["t"]
-        cores = {r: max(0.0, after.get(r, 0.0) - before.get(r, 0.0)) / dt for r in ROLES}
+        cores = {r: max(0.0, after.get(r, 0.0) - before.get(r, 0.0)) / dt
+                 for r in (*ROLES, *OTHERS)}
         out.append({"t": after["t"] - rows[0]["t"], "dt": dt, "acked": after["acked"],
                     "rate": (after["acked"] - before["acked"]) / dt, "cores": cores})
     return out
@@ -87,13 +95,16 @@ def steps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def mean_cores(part: list[dict[str, Any]]) -> dict[str, float]:
     seconds = sum(s["dt"] for s in part)
-    return {r: sum(s["cores"][r] * s["dt"] for s in part) / seconds for r in ROLES} \
-        if seconds else {}
+    return {r: sum(s["cores"][r] * s["dt"] for s in part) / seconds
+            for r in (*ROLES, *OTHERS)} if seconds else {}
 
 
 def cores_text(cores: dict[str, float]) -> str:
-    return "  ".join(f"{r} {c:4.2f}" for r, c in cores.items()) + \
-        f"  total {sum(cores.values()):4.2f}"
+    """The daemon's processes and their total, then the others and the machine's total."""
+    daemon = sum(cores[r] for r in ROLES)
+    return "  ".join(f"{r} {cores[r]:4.2f}" for r in ROLES) + f"  total {daemon:4.2f}  |  " + \
+        "  ".join(f"{r} {cores[r]:4.2f}" for r in OTHERS) + \
+        f"  machine {daemon + sum(cores[r] for r in OTHERS):4.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:

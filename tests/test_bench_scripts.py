@@ -93,13 +93,16 @@ def test_prespool_contender_stores_every_tweet(tmp_path: Path) -> None:
 
 
 def test_timeline_shows_the_cores_of_each_process_during_a_burst(tmp_path: Path) -> None:
-    """The real daemon on one small burst: a row per step, every tweet acknowledged, and the
-    mean cores while the stream worker read."""
+    """The real daemon on one small burst: a row per step, every tweet acknowledged, the mean
+    cores while the stream worker read, and the machine's total past the daemon's."""
     out = run_script("bench/timeline.py", "--tweets", "2000", "--payload-tweets", "2000",
                      "--interval", "0.05", "--cache", str(tmp_path), timeout=240)
-    rows = re.findall(r"acked +([\d,]+) .* stream ([\d.]+) +store ([\d.]+) .* total ([\d.]+)",
-                      out)
+    rows = re.findall(r"acked +([\d,]+) .* stream ([\d.]+) +store ([\d.]+) .* total ([\d.]+)"
+                      r" +\| +sink ([\d.]+) +bench ([\d.]+) +machine ([\d.]+)", out)
     assert rows and int(rows[-1][0].replace(",", "")) == 2000, out
-    assert any(float(store) > 0 for _, _, store, _ in rows), out  # the store worker's CPU shows
+    assert any(float(row[2]) > 0 for row in rows), out  # the store worker's CPU shows
+    assert any(float(row[5]) > 0 for row in rows), out  # the payload server's sends show
+    for *_, total, sink, bench, machine in rows:  # printed to 2 decimals each
+        assert abs(float(total) + float(sink) + float(bench) - float(machine)) <= 0.02, out
     assert re.search(r"^2,000 tweets in [\d.]+ s", out, re.M), out
     assert "mean cores while the stream worker reads" in out, out
