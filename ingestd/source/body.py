@@ -32,9 +32,9 @@ ERROR_BODY_CAP = 4096
 FULL_CHECK_BYTES = 16 * 1024
 # A paced stream comes a chunk (a message or two) per callback. Each callback's body bytes are
 # decoded at once (a bad one ends the transfer there), but held until the reader's pass ends
-# (``settle``) or this many are held, and framed together: per message, framing and the spool
-# intake's call cost ~1.2 µs per tweet more (bench/RESULTS.md). A fast stream's pieces are larger
-# than this and go through as they come.
+# (``settle``) or this many are held, and framed together: a callback at a time, the framing, the
+# spool intake's call and the look at the spool cost ~1.2 µs per tweet more than 16 KiB at a time
+# (bench/RESULTS.md). A fast stream's pieces are larger than this and go through as they come.
 HOLD_BYTES = 16 * 1024
 # Control messages the reader itself must understand (connection endings, health figures).
 # v2: a line of only ``errors`` is an in-stream error such as operational-disconnect (§7.4).

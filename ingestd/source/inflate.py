@@ -46,7 +46,7 @@ class Inflater:
         """The bytes ``data`` completes, in pieces of at most ``PIECE_BYTES``.
 
         A paced stream comes a message (~430 bytes) per call: one ``decompress`` that takes it
-        all is answered without a generator (its frames cost ~1.2 µs of the ~6.6 per message)."""
+        all is answered without generators (they cost ~0.6 µs of the ~6.6 per message)."""
         if len(data) > STEP_BYTES:
             return self._steps(data)
         z = self._z
