@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,10 @@ class Entry(RawBSONDocument):
     __slots__ = ("record", "tweet_id")
     tweet_id: int  # the _id, without decoding the BSON
     record: RecordRef  # for dead letters (``SpoolReader.reread``) and provenance
+
+
+# An entry's receive time, without a Python frame (a batch's entries are counted at once).
+ENTRY_RECV_NS = operator.attrgetter("record.recv_ns")
 
 
 @dataclass(slots=True)

@@ -11,21 +11,18 @@ change of the metrics.
 from __future__ import annotations
 
 import dataclasses
-import operator
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ingestd.sink.batch import Entry
+from ingestd.sink.batch import ENTRY_RECV_NS, Entry
 from ingestd.sink.histogram import (
     BATCH_SIZE_BUCKETS,
     INSERT_SECONDS_BUCKETS,
     LATENCY_SECONDS_BUCKETS,
     Histogram,
 )
-
-_RECV_NS = operator.attrgetter("record.recv_ns")  # of an Entry, without a Python frame
 
 
 def bump(counter: dict[str, int], key: str, n: int = 1) -> None:
@@ -84,7 +81,7 @@ class StoreHistograms:
         self.insert.observe(elapsed)
         now_ns = time.time_ns()
         # The reader stamps a network read's messages alike: a batch has few distinct times.
-        for recv_ns, count in Counter(map(_RECV_NS, entries)).items():
+        for recv_ns, count in Counter(map(ENTRY_RECV_NS, entries)).items():
             self.latency.observe((now_ns - recv_ns) / 1e9, count)
 
     def as_dict(self) -> dict[str, Any]:

@@ -44,7 +44,7 @@ import structlog
 from pymongo import ASCENDING
 from pymongo.collection import Collection
 
-from ingestd.sink.batch import Entry
+from ingestd.sink.batch import ENTRY_RECV_NS, Entry
 from ingestd.sink.insert import written_from
 from ingestd.sink.mongo import Document
 from ingestd.sink.retry import Retrier
@@ -60,7 +60,6 @@ _KEEP_HOURS = 4  # hour documents cached (replay and late records touch recent h
 _WEAK_CAUSE = "reconnect"
 # Causes with which an instance stops streaming for good (until restarted or active again).
 _LAST_CAUSES = ["standby", "crashed", "killed", "stopped"]
-_RECV_NS = operator.attrgetter("record.recv_ns")  # of an Entry, without a Python frame
 _SEQ = operator.attrgetter("record.seq")
 _RECENT = 8  # records remembered before a gap: the last one with a time may not be the very last
 HANDOVER_LOOK_EVERY = 2.0  # s between looks for a previous holder's report
@@ -292,7 +291,7 @@ class CoverageLedger:
         runs on the store worker's busy thread for every tweet)."""
         if not entries:
             return
-        received = list(map(_RECV_NS, entries))
+        received = list(map(ENTRY_RECV_NS, entries))
         first, last = min(received), max(received)
         if hour_start_ns(first) == hour_start_ns(last):
             self._count(first, len(entries), max(map(_SEQ, entries)))

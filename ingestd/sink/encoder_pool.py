@@ -176,10 +176,11 @@ class EncoderProcess:
     def can_queue_read(self, size: int, chunks: int) -> bool:
         """Whether a new read of ``chunks`` chunks and ``size`` payload bytes can be sent behind
         the pending chunks (``can_queue`` for each of its chunks, in the other halves)."""
-        if not self.pending:
-            return True
-        return (self.queues and not self._piped and self.pending + chunks <= MAX_PENDING
-                and size <= self._in_half)
+        return not self.pending or (self._queueable(chunks) and size <= self._in_half)
+
+    def _queueable(self, chunks: int) -> bool:
+        """Whether ``chunks`` more may queue behind the pending ones (pipes, count)."""
+        return self.queues and not self._piped and self.pending + chunks <= MAX_PENDING
 
     def can_queue(self, size: int) -> bool:
         """Whether a chunk of ``size`` payload bytes may be sent now, before the pending ones'
@@ -192,10 +193,8 @@ class EncoderProcess:
         ``MAX_PENDING`` are pending, and the pipes are big enough for all their headers. A
         chunk that does not fit in the region goes alone, as the only one pending.
         """
-        if not self.pending:
-            return True
-        return (self.queues and not self._piped and self.pending < MAX_PENDING
-                and self._into_end + size <= (self._half + 1) * self._in_half)
+        return not self.pending or (self._queueable(1)
+                                    and self._into_end + size <= (self._half + 1) * self._in_half)
 
     def submit(self, jobs: Sequence[JobLike], matchers: dict[int, MatcherSpec]) -> None:
         """Send a chunk (and the matchers for generations the child has not seen yet)."""

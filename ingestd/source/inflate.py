@@ -52,23 +52,14 @@ class Inflater:
         z = self._z
         out = _decompress(z, data)
         if z.eof or z.unconsumed_tail or len(out) >= PIECE_BYTES:
-            return itertools.chain((out,) if out else (), self._rest(z))
+            # the rest: a next gzip member, input not taken, or output held back
+            return itertools.chain((out,) if out else (), self._inflate(z.unconsumed_tail))
         return (out,) if out else ()
 
     def _steps(self, data: bytes) -> Iterator[bytes]:
         view = memoryview(data)
         for start in range(0, len(view), STEP_BYTES):
             yield from self._inflate(view[start:start + STEP_BYTES])
-
-    def _rest(self, z: _Decompressor) -> Iterator[bytes]:
-        """What a first ``decompress`` left: the next gzip member, input it did not take, or
-        output it held back."""
-        if z.eof:
-            if z.unused_data:
-                self._z = isal_zlib.decompressobj(self._wbits)
-                yield from self._inflate(z.unused_data)
-            return
-        yield from self._inflate(z.unconsumed_tail)
 
     def _inflate(self, data: bytes | memoryview) -> Iterator[bytes]:
         z = self._z
