@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import email.utils
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
 
+import bson
 import orjson
 import pytest
+from bson.codec_options import CodecOptions
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ingestd.documents.matching import Matched
 from ingestd.documents.messages import (
+    MAX_DATE_MS,
+    MIN_DATE_MS,
     SNOWFLAKE_MIN_ID,
     InvalidTweet,
     classify,
@@ -22,6 +26,7 @@ from ingestd.documents.messages import (
 )
 
 RECEIVED = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
+STORED = CodecOptions(tz_aware=True)  # how a document reads back: dates as aware datetimes
 
 
 def load(name: str) -> list[Any]:
@@ -33,9 +38,14 @@ REAL_TWEETS = load("real_tweets.jsonl")
 CONTROL = load("real_stream_control_messages.jsonl")
 
 
-def build(obj: dict[str, Any], matched: Matched | None = None) -> dict[str, Any]:
+def document(obj: dict[str, Any], matched: Matched | None = None) -> dict[str, Any]:
     return tweet_document(obj, received_at=RECEIVED, conn_id=3, generation=2, seq=41,
                           matched=matched or Matched())
+
+
+def build(obj: dict[str, Any], matched: Matched | None = None) -> dict[str, Any]:
+    """The document as MongoDB stores it (its dates are built as BSON dates, not datetimes)."""
+    return bson.decode(bson.encode(document(obj, matched)), codec_options=STORED)
 
 
 def plain_tweets() -> list[dict[str, Any]]:
@@ -115,6 +125,23 @@ def test_snowflake_used_without_timestamp_ms() -> None:
     assert doc["created_at"] == datetime(2019, 12, 19, 3, 4, 53, 818000, tzinfo=UTC)
 
 
+@pytest.mark.parametrize("millis", [str(MAX_DATE_MS + 1), str(MIN_DATE_MS - 1), "9" * 15])
+def test_a_timestamp_no_datetime_can_hold_falls_back_to_the_string(millis: str) -> None:
+    # an analyst's default client could not read such a date back
+    doc = build({"id": 145344012, "text": "x", "timestamp_ms": millis,
+                 "created_at": "Wed Oct 10 20:19:24 +0000 2007"})
+    assert doc["created_at"] == datetime(2007, 10, 10, 20, 19, 24, tzinfo=UTC)
+
+
+def test_the_date_bounds_are_the_first_and_last_millisecond_a_datetime_holds() -> None:
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    assert epoch + timedelta(milliseconds=MIN_DATE_MS) == datetime.min.replace(tzinfo=UTC)
+    last = datetime.max.replace(microsecond=999000, tzinfo=UTC)
+    assert epoch + timedelta(milliseconds=MAX_DATE_MS) == last
+    doc = build({"id": 145344012, "text": "x", "timestamp_ms": str(MAX_DATE_MS)})
+    assert doc["created_at"] == last
+
+
 def test_pre_snowflake_id_parses_the_string() -> None:
     doc = build({"id": 145344012, "text": "x", "created_at": "Wed Oct 10 20:19:24 +0000 2007"})
     assert doc["created_at"] == datetime(2007, 10, 10, 20, 19, 24, tzinfo=UTC)
@@ -172,7 +199,7 @@ def test_key_check_agrees_with_a_plain_scan(extra: dict[str, int]) -> None:
     tweet: dict[str, Any] = {"id": 1207497000637231109, "text": "x", **extra}
     bad = any(k.startswith("$") or "." in k or "\x00" in k for k in tweet)
     try:
-        build(tweet)
+        document(tweet)  # the key check alone: an int beyond int64 is the encoder's to refuse
     except InvalidTweet:
         assert bad
     else:

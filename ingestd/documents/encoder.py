@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, NamedTuple, Protocol
 
 import bson
 import orjson
+from bson.datetime_ms import DatetimeMS
 from bson.errors import InvalidDocument
 
 from ingestd.documents.matching import Box, Matched, Matcher
@@ -23,8 +23,6 @@ from ingestd.documents.messages import InvalidTweet, MessageReason, classify, tw
 MAX_BSON_SIZE = 16 * 1024 * 1024
 PIPE_BYTES = 1 << 20
 OK, DEAD, PUNT = 0, 1, 2
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_NO_MATCH = Matched()
 
 
 class JobLike(Protocol):
@@ -60,8 +58,10 @@ _new_encoded = tuple.__new__
 
 
 @functools.lru_cache(maxsize=4)  # the reader appends each network read with one recv_ns
-def received_at(recv_ns: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=recv_ns // 1000)
+def received_at(recv_ns: int) -> DatetimeMS:
+    """The BSON date of a receive time (a BSON date holds milliseconds: the rest is dropped, as
+    encoding a ``datetime`` would)."""
+    return DatetimeMS(recv_ns // 1_000_000)
 
 
 def encode(job: JobLike, matcher: Matcher) -> Encoded:
@@ -81,7 +81,7 @@ def encode_tweet(obj: dict[str, Any], job: JobLike, matcher: Matcher) -> Encoded
     try:
         matched = matcher.match(obj)
     except Exception:  # matching only annotates: a matcher bug must never lose a tweet
-        matched, match_error = _NO_MATCH, True
+        matched, match_error = Matched(), True
     try:
         doc = tweet_document(obj, received_at=received_at(job.recv_ns), conn_id=job.conn_id,
                              generation=job.generation, seq=job.seq, matched=matched)

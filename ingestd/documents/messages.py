@@ -2,15 +2,19 @@
 
 This is the store worker's per-tweet hot path: one dict lookup chain to classify, the tweet dict is
 reused as the document (mutated in place, never copied) and ``created_at`` comes from integers
-(``timestamp_ms`` or the snowflake id) rather than a string parse whenever possible.
+(``timestamp_ms`` or the snowflake id) rather than a string parse whenever possible, as a
+``bson.DatetimeMS`` (the BSON date's own integer: no calendar arithmetic to build it or to encode
+it, ~0.5 µs per date less than a ``datetime``; stored and read back as the same BSON date).
 """
 
 from __future__ import annotations
 
 import email.utils
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, get_args
+
+from bson.datetime_ms import DatetimeMS
 
 # Why a tweet is not stored on purpose: its delete notice arrived before it was written.
 SkipReason = Literal["deleted"]
@@ -37,7 +41,12 @@ INT64_MAX = 2**63 - 1
 TWITTER_EPOCH_MS = 1288834974657
 # Ids below this may predate snowflake (Nov 2010): their high bits are not a timestamp.
 SNOWFLAKE_MIN_ID = 1 << 40
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The milliseconds a ``datetime`` can hold: a BSON date outside them would not decode for an
+# analyst's default pymongo client, so such a time falls back to the string.
+MIN_DATE_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
+MAX_DATE_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+BsonDate = datetime | DatetimeMS
+"""A document's date: ``DatetimeMS`` on the hot path, ``datetime`` where a string was parsed."""
 # Top-level keys already known to be storable (no "$", ".", NUL): a set lookup per key instead of a
 # scan of every key's characters. Grows with what the stream sends, up to a bound.
 _STORABLE_KEYS: set[str] = set()
@@ -80,7 +89,7 @@ def classify(obj: object) -> str:
 def tweet_document(
     obj: dict[str, Any],
     *,
-    received_at: datetime,
+    received_at: BsonDate,
     conn_id: int,
     generation: int,
     seq: int,
@@ -89,6 +98,7 @@ def tweet_document(
     """Turn a parsed tweet into its document, in place; raises ``InvalidTweet``.
 
     ``obj`` must be owned by the caller (freshly parsed): it is returned mutated, not copied.
+    So must ``matched``: its lists become the document's.
     """
     check_top_level_keys(obj)
     tweet_id = parse_id(obj.get("id", obj.get("id_str")))
@@ -102,9 +112,9 @@ def tweet_document(
         "generation": generation,
         "seq": seq,
         "matched": {
-            "track": list(matched.track),
-            "follow": list(matched.follow),
-            "locations": list(matched.locations),
+            "track": matched.track,
+            "follow": matched.follow,
+            "locations": matched.locations,
         },
         "hashtags": ingest_hashtags(obj),
     }
@@ -173,17 +183,13 @@ def parse_id(value: object) -> int:
     return tweet_id
 
 
-def created_at(obj: dict[str, Any], tweet_id: int, created_str: object) -> datetime:
+def created_at(obj: dict[str, Any], tweet_id: int, created_str: object) -> BsonDate:
     """UTC creation time: ``timestamp_ms``, else the snowflake id, else the string."""
     millis = _timestamp_ms(obj.get("timestamp_ms"))
     if millis is None and tweet_id >= SNOWFLAKE_MIN_ID:
         millis = (tweet_id >> 22) + TWITTER_EPOCH_MS
-    if millis is not None:
-        try:
-            # positional (days, seconds, microseconds): exact integer arithmetic, no kwargs parse
-            return _EPOCH + timedelta(0, millis // 1000, millis % 1000 * 1000)
-        except OverflowError:
-            pass
+    if millis is not None and MIN_DATE_MS <= millis <= MAX_DATE_MS:
+        return DatetimeMS(millis)
     return parse_twitter_time(created_str)
 
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ingestd.documents.messages import (
+    BsonDate,
     InvalidTweet,
     check_top_level_keys,
     created_at,
@@ -37,7 +38,7 @@ def v2_kind(obj: object) -> str | None:
 
 
 def v2_document(
-    obj: dict[str, Any], *, received_at: datetime, conn_id: int, generation: int, seq: int
+    obj: dict[str, Any], *, received_at: BsonDate, conn_id: int, generation: int, seq: int
 ) -> dict[str, Any]:
     """The document for a v2 tweet message; raises ``InvalidTweet`` (dead-lettered)."""
     data: dict[str, Any] = obj["data"]
@@ -69,7 +70,7 @@ def v2_document(
     return doc
 
 
-def _created_at(value: object, tweet_id: int) -> datetime:
+def _created_at(value: object, tweet_id: int) -> BsonDate:
     """``2022-09-14T19:00:55.000Z`` as a UTC date; without it, the snowflake id's time."""
     if isinstance(value, str):
         try:
