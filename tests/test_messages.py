@@ -125,8 +125,9 @@ def test_snowflake_used_without_timestamp_ms() -> None:
     assert doc["created_at"] == datetime(2019, 12, 19, 3, 4, 53, 818000, tzinfo=UTC)
 
 
-@pytest.mark.parametrize("millis", [str(MAX_DATE_MS + 1), str(MIN_DATE_MS - 1), "9" * 15])
-def test_a_timestamp_no_datetime_can_hold_falls_back_to_the_string(millis: str) -> None:
+@pytest.mark.parametrize("millis", [MAX_DATE_MS + 1, MIN_DATE_MS - 1, str(MAX_DATE_MS + 1),
+                                    "9" * 15])
+def test_a_timestamp_no_datetime_can_hold_falls_back_to_the_string(millis: int | str) -> None:
     # an analyst's default client could not read such a date back
     doc = build({"id": 145344012, "text": "x", "timestamp_ms": millis,
                  "created_at": "Wed Oct 10 20:19:24 +0000 2007"})
@@ -140,6 +141,8 @@ def test_the_date_bounds_are_the_first_and_last_millisecond_a_datetime_holds() -
     assert epoch + timedelta(milliseconds=MAX_DATE_MS) == last
     doc = build({"id": 145344012, "text": "x", "timestamp_ms": str(MAX_DATE_MS)})
     assert doc["created_at"] == last
+    doc = build({"id": 145344012, "text": "x", "timestamp_ms": MIN_DATE_MS})
+    assert doc["created_at"] == datetime.min.replace(tzinfo=UTC)
 
 
 def test_pre_snowflake_id_parses_the_string() -> None:
