@@ -56,6 +56,15 @@ def test_per_tweet_steps_run(script: str) -> None:
     assert re.search(r"orjson.*bson.encode.* [\d.]+", out), out
 
 
+def test_slices_prints_every_case_in_each_round() -> None:
+    out = run_script("bench/slices.py", "--rounds", "2", "--tweets", "100")
+    header = re.search(r"^round +(.+)$", out, re.MULTILINE)
+    assert header and header.group(1).count(" ms") == 4, out  # four cases with a gap, one without
+    rows = re.findall(r"^(?:\s*\d+|median)((?: +[\d.]+){5})$", out, re.MULTILINE)
+    assert len(rows) == 3, out  # two rounds and the medians
+    assert all(float(v) > 0 for row in rows for v in row.split()), out
+
+
 def test_matching_check_finds_no_difference() -> None:
     out = run_script("bench/check_matching.py", "--cases", "300")
     assert re.search(r"checked against the token model: 0 differences", out), out
