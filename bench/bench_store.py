@@ -9,6 +9,13 @@ process, with the product's default settings and the benchmark's filters, agains
     .venv/bin/python bench/bench_store.py [--tweets 50000] [--repeats 3]
     .venv/bin/py-spy record -o store.svg -- .venv/bin/python bench/bench_store.py   # a profile
     .venv/bin/python bench/bench_store.py --only child --perf /tmp/store.data   # perf, drain only
+    .venv/bin/python bench/bench_store.py --paced 5000   # in-process: pre-filled against paced
+
+``--paced RATE`` compares, in-process, a pre-filled spool with one that a writer process fills at
+RATE tweets/s while the worker drains it (``--append`` tweets per append, as the stream worker of
+a paced stream writes): the store worker alone at a steady rate, without the stream worker, the
+network or gzip. ``--keep-awake`` (with ``--paced``) keeps the vCPUs from halting meanwhile
+(``bench/awake.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import contextlib
 import gc
 import os
+import pickle
 import resource
 import signal
 import statistics
@@ -32,6 +40,7 @@ import yaml
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: variant trees
 
 import ingestd.memory
+from bench.awake import kept_awake
 from bench.payload import build
 from bench.run import CACHE, FOLLOW, LOCATIONS, TRACK, Blackhole
 from ingestd.config.settings import load_settings_text
@@ -51,6 +60,34 @@ def fill_spool(directory: Path, messages: list[bytes]) -> None:
     for i in range(0, len(messages), APPEND_BATCH):
         writer.append([(KIND_MESSAGE, m) for m in messages[i : i + APPEND_BATCH]], 1, 0, recv_ns)
     writer.close()
+
+
+def feed_spool(directory: Path, messages: list[bytes], rate: float, per: int
+               ) -> subprocess.Popen[bytes]:
+    """A writer process (this script with ``--feed``) appending ``messages`` to the spool in
+    ``directory``, ``per`` at a time, at ``rate`` tweets/s on an absolute schedule."""
+    directory.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, __file__, "--feed", str(directory), "--rate",
+                             str(rate), "--append", str(per)], stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    pickle.dump(messages, proc.stdin)
+    proc.stdin.close()
+    return proc
+
+
+def feed_main(directory: Path, rate: float, per: int) -> int:
+    """``--feed``: the writer process of ``feed_spool`` (fsyncs on the writer's own interval)."""
+    messages: list[bytes] = pickle.load(sys.stdin.buffer)
+    writer = SpoolWriter(directory, max_bytes=1 << 40, max_records=1 << 40)
+    started, appended = time.monotonic(), 0
+    while appended < len(messages):
+        chunk = messages[appended : appended + per]
+        writer.append([(KIND_MESSAGE, m) for m in chunk], 1, 0, time.time_ns())
+        writer.maybe_sync()
+        appended += len(chunk)
+        time.sleep(max(0.0, started + appended / rate - time.monotonic()))
+    writer.close()
+    return 0
 
 
 def settings_text(mongo_uri: str, state_dir: Path) -> str:
@@ -136,12 +173,24 @@ def drain(state_dir: Path, mongo_uri: str, tweets: int, gc_timer: GcTimer, encod
 
 
 def run_once(state: Path, messages: list[bytes], uri: str, encoder: bool,
-             perf: Path | None = None) -> float:
-    fill_spool(state / "spool", messages)
+             perf: Path | None = None, paced: tuple[float, int] | None = None) -> float:
+    """One drain; with ``paced`` (rate, tweets per append) the spool is fed while it drains."""
+    feed = None
+    if paced is None:
+        fill_spool(state / "spool", messages)
+    else:
+        feed = feed_spool(state / "spool", messages, *paced)
     timer = GcTimer()
-    wall, cpu, child, insert, offloaded = drain(state, uri, len(messages), timer, encoder, perf)
+    try:
+        wall, cpu, child, insert, offloaded = drain(state, uri, len(messages), timer, encoder,
+                                                    perf)
+    finally:
+        if feed is not None:
+            feed.wait()
     n = len(messages)
     label = "with encoder child" if encoder else "in-process        "
+    if paced is not None:
+        label += f" fed at {paced[0]:,.0f}/s"
     print(f"store worker {label}: {n / wall:9,.0f} tweets/s  {cpu / n * 1e6:6.1f} µs CPU/tweet"
           f" (+ child {child / n * 1e6:5.1f} µs, {offloaded / n:4.0%} of the tweets)"
           f", of which gc {timer.seconds / n * 1e6:5.1f} µs ({timer.counts} "
@@ -157,9 +206,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("in-process", "child"),
                         help="run one arrangement only (default: both, interleaved)")
     parser.add_argument("--perf", type=Path, help="perf record the drain into this file")
+    parser.add_argument("--paced", type=float, metavar="RATE",
+                        help="in-process only: a pre-filled spool against one fed at RATE/s")
+    parser.add_argument("--append", type=int, default=350,
+                        help="tweets per append when fed (--paced)")
+    parser.add_argument("--keep-awake", action="store_true",
+                        help="with --paced: a SCHED_IDLE busy loop on each CPU (bench/awake.py)")
+    parser.add_argument("--payload-tweets", type=int, default=200_000)
+    parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--feed", type=Path, help=argparse.SUPPRESS)  # the writer process
+    parser.add_argument("--rate", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.feed is not None:
+        return feed_main(args.feed, args.rate, args.append)
+    if args.paced is not None:
+        return compare_paced(args)
     arrangements = [False, True] if args.only is None else [args.only == "child"]
-    payload = build(CACHE, 200_000)
+    payload = build(args.cache, args.payload_tweets)
     messages = list(payload.messages(args.tweets))
     with tempfile.TemporaryDirectory(prefix="ingestd-bench-store-") as tmp:
         blackhole = Blackhole(Path(tmp) / "blackhole")
@@ -173,6 +236,26 @@ def main(argv: list[str] | None = None) -> int:
                 base, shared = statistics.median(rates[False]), statistics.median(rates[True])
                 print(f"median: in-process {base:,.0f} tweets/s, with the encoder child "
                       f"{shared:,.0f} tweets/s ({shared / base:.2f}×)")
+        finally:
+            blackhole.stop()
+    return 0
+
+
+def compare_paced(args: argparse.Namespace) -> int:
+    """``--paced``: in-process, a pre-filled spool and a fed one, interleaved."""
+    payload = build(args.cache, args.payload_tweets)
+    messages = list(payload.messages(args.tweets))
+    with tempfile.TemporaryDirectory(prefix="ingestd-bench-store-") as tmp, \
+            kept_awake(args.keep_awake) as spinners:
+        if spinners:
+            print(f"vCPUs kept awake: a SCHED_IDLE busy loop on each of {len(spinners)} CPUs",
+                  flush=True)
+        blackhole = Blackhole(Path(tmp) / "blackhole")
+        try:
+            for rep in range(args.repeats):
+                run_once(Path(tmp) / f"filled{rep}", messages, blackhole.uri, False)
+                run_once(Path(tmp) / f"fed{rep}", messages, blackhole.uri, False,
+                         paced=(args.paced, args.append))
         finally:
             blackhole.stop()
     return 0

@@ -14,6 +14,10 @@ for a compressed stream. Prints figures; asserts only that tweets were stored.
     .venv/bin/python bench/steady.py                                  # 5k and 10k/s, auto vs false
     .venv/bin/python bench/steady.py --rates 10000 --encoder auto,true,false --repeats 3
     .venv/bin/python bench/steady.py --rates 5000 --encoder auto --pipeline --gzip
+    .venv/bin/python bench/steady.py --rates 5000 --encoder auto --gzip --keep-awake
+
+``--keep-awake`` keeps the machine's vCPUs from halting while it runs (``bench/awake.py``: a
+diagnostic of what idle vCPUs cost on a VM, not a goal's figure).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: variant trees
 
 from bench import run
+from bench.awake import kept_awake
 
 
 def steady(bench: run.Bench, rate: float, seconds: float, warmup: float, encoder: str,
@@ -96,10 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline", action="store_true",
                         help="also run the threaded pipeline contender at each rate")
     parser.add_argument("--gzip", action="store_true", help="a gzip'd stream (default: plain)")
+    parser.add_argument("--keep-awake", action="store_true",
+                        help="a SCHED_IDLE busy loop on each CPU: idle vCPUs never halt")
     args = parser.parse_args(argv)
     payload = run.build(args.cache, args.payload_tweets, progress=False)
     ns = argparse.Namespace(tree=args.tree, split_share=1.0, encode_budget=1.0)
-    with run.workspace(args.workdir, False) as workdir:
+    with run.workspace(args.workdir, False) as workdir, kept_awake(args.keep_awake) as spinners:
+        if spinners:
+            print(f"vCPUs kept awake: a SCHED_IDLE busy loop on each of {len(spinners)} CPUs "
+                  "(not counted: not the daemon's)", flush=True)
         bench = run.Bench(ns, payload, workdir)
         bench.show_progress = False  # one line per run is the output
         try:

@@ -11,12 +11,16 @@ are exercised by `make bench`; `steady.py` runs here with a small payload of its
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from bench.awake import kept_awake
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,6 +67,37 @@ def test_slices_prints_every_case_in_each_round() -> None:
     rows = re.findall(r"^(?:\s*\d+|median)((?: +[\d.]+){5})$", out, re.MULTILINE)
     assert len(rows) == 3, out  # two rounds and the medians
     assert all(float(v) > 0 for row in rows for v in row.split()), out
+
+
+def test_kept_awake_pins_an_idle_busy_loop_to_each_cpu_and_ends_them() -> None:
+    """``bench/awake.py``: one SCHED_IDLE loop per CPU while the block runs, none after it."""
+    cpus = sorted(os.sched_getaffinity(0))
+    with kept_awake() as pids:
+        assert len(pids) == len(cpus)
+        deadline = time.monotonic() + 30
+        # each loop sets its own policy and CPU as it starts: wait until all of them have
+        while any(os.sched_getscheduler(pid) != os.SCHED_IDLE for pid in pids):
+            assert time.monotonic() < deadline, "a busy loop never became SCHED_IDLE"
+            time.sleep(0.01)
+        assert [os.sched_getaffinity(pid) for pid in pids] == [{cpu} for cpu in cpus]
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # killed and reaped
+    with kept_awake(enabled=False) as none:
+        assert none == []
+
+
+def test_store_worker_drains_a_paced_spool_as_well_as_a_filled_one(tmp_path: Path) -> None:
+    """``bench_store.py --paced``: a writer process feeds the spool while the worker drains it
+    (with the vCPUs kept awake, the diagnostic's other half)."""
+    out = run_script("bench/bench_store.py", "--paced", "2000", "--append", "100", "--tweets",
+                     "1000", "--repeats", "1", "--payload-tweets", "2000", "--cache",
+                     str(tmp_path), "--keep-awake", timeout=240)
+    assert "kept awake" in out, out
+    rows = re.findall(r"in-process +(fed at [\d,]+/s)?: +([\d,]+) tweets/s +([\d.]+) µs", out)
+    # each line is printed once all 1,000 tweets were stored (bench_store raises otherwise)
+    assert [fed for fed, _, _ in rows] == ["", "fed at 2,000/s"], out
+    assert all(float(us) > 0 for _, _, us in rows), out
 
 
 def test_matching_check_finds_no_difference() -> None:
