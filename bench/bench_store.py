@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
@@ -141,10 +141,12 @@ def perf_record(output: Path | None) -> Iterator[None]:
 
 
 def drain(state_dir: Path, mongo_uri: str, tweets: int, gc_timer: GcTimer, encoder: bool,
-          perf: Path | None = None) -> tuple[float, float, float, float, int]:
+          perf: Path | None = None, given_up: Callable[[], bool] = lambda: False
+          ) -> tuple[float, float, float, float, int]:
     """Wall and CPU seconds for the store worker to store ``tweets`` from the spool, the CPU
     seconds of its encoder child, the seconds its loop waited for ``insert_many``
-    (``insert_seconds_total``) and the records the child encoded."""
+    (``insert_seconds_total``) and the records the child encoded. ``given_up``: the tweets will
+    not all come (a fed spool's writer failed): stop, and fail on the count."""
     settings = load_settings_text(settings_text(mongo_uri, state_dir), state_dir / "s.yaml")
     reader = SpoolReader(state_dir / "spool")
     worker = StoreWorker(settings, reader, open_collection,
@@ -152,14 +154,15 @@ def drain(state_dir: Path, mongo_uri: str, tweets: int, gc_timer: GcTimer, encod
                          encoder_process=encoder)
     waiting = reader.wait_for_data  # once every tweet is stored the run is over: no idle wait
     reader.wait_for_data = lambda timeout: (  # type: ignore[method-assign]
-        worker.totals.stored >= tweets or waiting(timeout))
+        worker.totals.stored >= tweets or given_up() or waiting(timeout))
     threshold = gc.get_threshold()
     getattr(ingestd.memory, "quiet_gc", gc.freeze)()  # as store_role does (older trees: freeze)
     gc.callbacks.append(gc_timer)
     child = children_cpu()
     with perf_record(perf):
         wall, cpu = time.perf_counter(), time.process_time()
-        worker.run(lambda: worker.totals.stored >= tweets, lambda: None, lambda: None)
+        worker.run(lambda: worker.totals.stored >= tweets or given_up(), lambda: None,
+                   lambda: None)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     gc.callbacks.remove(gc_timer)
     worker.close()  # waits for the encoder child: its CPU is in RUSAGE_CHILDREN from here
@@ -181,9 +184,10 @@ def run_once(state: Path, messages: list[bytes], uri: str, encoder: bool,
     else:
         feed = feed_spool(state / "spool", messages, *paced)
     timer = GcTimer()
+    failed = (lambda: False) if feed is None else (lambda: feed.poll() not in (None, 0))
     try:
         wall, cpu, child, insert, offloaded = drain(state, uri, len(messages), timer, encoder,
-                                                    perf)
+                                                    perf, failed)
     finally:
         if feed is not None:
             feed.wait()
