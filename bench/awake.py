@@ -36,14 +36,16 @@ while os.getppid() == parent:
 
 @contextlib.contextmanager
 def kept_awake(enabled: bool = True) -> Iterator[list[int]]:
-    """While the block runs, a ``SCHED_IDLE`` busy loop on each CPU this process may use; the
-    loops' pids (none when not ``enabled``)."""
+    """While the block runs, a ``SCHED_IDLE`` busy loop on each CPU this process may use (said
+    on stdout, next to the figures it affects); the loops' pids (none when not ``enabled``)."""
     procs: list[subprocess.Popen[bytes]] = []
     try:
         if enabled:
             for cpu in sorted(os.sched_getaffinity(0)):
                 procs.append(subprocess.Popen([sys.executable, "-c", _SPIN, str(cpu),
                                                str(os.getpid())]))
+            print(f"vCPUs kept awake: a SCHED_IDLE busy loop on each of {len(procs)} CPUs "
+                  "(not counted: not the measured processes')", flush=True)
         yield [p.pid for p in procs]
     finally:
         for proc in procs:

@@ -250,10 +250,7 @@ def compare_paced(args: argparse.Namespace) -> int:
     payload = build(args.cache, args.payload_tweets)
     messages = list(payload.messages(args.tweets))
     with tempfile.TemporaryDirectory(prefix="ingestd-bench-store-") as tmp, \
-            kept_awake(args.keep_awake) as spinners:
-        if spinners:
-            print(f"vCPUs kept awake: a SCHED_IDLE busy loop on each of {len(spinners)} CPUs",
-                  flush=True)
+            kept_awake(args.keep_awake):
         blackhole = Blackhole(Path(tmp) / "blackhole")
         try:
             for rep in range(args.repeats):

@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     quiet_gc()  # as in the store worker and its encoder child
     gc.freeze()
-    matcher = Matcher(TRACK, FOLLOW, [(w, s, e, n) for w, s, e, n in LOCATIONS])
+    matcher = Matcher(TRACK, FOLLOW, LOCATIONS)
     jobs = cycle([Job(line, time.time_ns(), 1, 0, i) for i, line in enumerate(sample())])
     figures: dict[str, list[float]] = {label(*case): [] for case in CASES}
     print(f"CPU µs per tweet of encoder.encode, {args.tweets:,} tweets per case and round")

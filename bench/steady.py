@@ -106,10 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     payload = run.build(args.cache, args.payload_tweets, progress=False)
     ns = argparse.Namespace(tree=args.tree, split_share=1.0, encode_budget=1.0)
-    with run.workspace(args.workdir, False) as workdir, kept_awake(args.keep_awake) as spinners:
-        if spinners:
-            print(f"vCPUs kept awake: a SCHED_IDLE busy loop on each of {len(spinners)} CPUs "
-                  "(not counted: not the daemon's)", flush=True)
+    with run.workspace(args.workdir, False) as workdir, kept_awake(args.keep_awake):
         bench = run.Bench(ns, payload, workdir)
         bench.show_progress = False  # one line per run is the output
         try:
