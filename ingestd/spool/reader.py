@@ -7,6 +7,8 @@ and counted (``corrupt_records``, ``corrupt_bytes``), never fatal.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -276,10 +278,35 @@ class SpoolReader:
     def _delete_before(self, segment: str) -> None:
         segments = list_segments(self.directory)
         newest = segments[-1] if segments else segment
+        held: list[int] = []
         for name in segments:
             if name < segment and name != newest:
                 with contextlib.suppress(FileNotFoundError):
-                    (self.directory / name).unlink()
+                    held.append(_unlink_held(self.directory / name))
+        if held:
+            threading.Thread(target=_close_all, args=(held,), name="spool-release",
+                             daemon=True).start()
+
+
+def _unlink_held(path: Path) -> int:
+    """Delete ``path`` from the folder now, holding it open: its pages are freed at the last close.
+
+    Freeing a 64 MB segment's cached pages took ~20 ms of the store loop in a burst (in the
+    unlink); with the file held open the unlink returns at once and the caller's thread
+    (``_close_all``) pays for the pages. The folder is the same as with a plain unlink.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.unlink(path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _size_or_zero(path: Path) -> int:
