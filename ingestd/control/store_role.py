@@ -22,6 +22,7 @@ from ingestd.control.worker import (
 from ingestd.memory import quiet_gc
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.sink.mongo import open_collection
+from ingestd.sink.retry import GiveUp
 from ingestd.sink.worker import StoreWorker
 from ingestd.spool.reader import SpoolReader
 
@@ -74,12 +75,14 @@ class StoreRole:
     def close_spool(self) -> None:
         """Write the spool checkpoint the reader may still hold back (acks are coalesced).
 
-        If that fails, the next start replays records already stored: duplicates, not a loss.
+        If that fails, or the coverage ledger it waits for cannot be written (MongoDB failing
+        past the drain deadline), the next start replays records already stored: duplicates, not
+        a loss.
         """
         try:
             self.reader.close()
-        except OSError as exc:
-            log.warning("spool_checkpoint_write_failed", error=str(exc),
+        except (OSError, GiveUp) as exc:
+            log.warning("spool_checkpoint_write_failed", error=str(exc) or type(exc).__name__,
                         effect="already stored records are replayed at the next start")
 
     def publish(self) -> None:

@@ -330,8 +330,13 @@ class CoverageLedger:
         return len(self._queue)
 
     def flush(self, upto: int | None = None) -> None:
-        """Apply the markers and notices taken (up to ``upto``, a ``mark()``), in spool order,
-        then write the changed gap and hour documents (retried like every MongoDB write)."""
+        """``apply(upto)``, then ``write()``."""
+        self.apply(upto)
+        self.write()
+
+    def apply(self, upto: int | None = None) -> None:
+        """Apply the markers and notices taken (up to ``upto``, a ``mark()``), in spool order, to
+        the documents held here (``write`` stores them)."""
         if not self._loaded:
             self._load_open_gap()
         cut = len(self._queue) if upto is None else upto
@@ -339,6 +344,17 @@ class CoverageLedger:
         for record, event in queue:
             self._apply(record, event)
         self._settle_handovers()
+
+    def write(self) -> None:
+        """Write the changed gap and hour documents (retried like every MongoDB write).
+
+        The store worker calls this before each spool checkpoint
+        (``SpoolReader.before_checkpoint``), not after each batch: a checkpoint never passes
+        records whose counts are not stored, and a crash between two checkpoints replays the
+        records after the last one, counted again by their provenance (see the module
+        docstring). In a burst that is one write per checkpoint interval instead of one per
+        batch, each a round trip the store loop waited for (bench/RESULTS.md, "The coverage
+        ledger written with the checkpoint")."""
         self._write_dirty()
 
     def settle(self) -> None:

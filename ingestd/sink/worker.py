@@ -86,6 +86,7 @@ class SpoolSource(Protocol):
     def acked(self) -> Checkpoint | None: ...
     @property
     def checkpoint_resets(self) -> int: ...
+    before_checkpoint: Callable[[], None]
     def read(self, max_records: int, max_bytes: int) -> list[Record]: ...
     def wait_for_data(self, timeout: float) -> object: ...
     def unread_bytes(self) -> int: ...
@@ -145,6 +146,7 @@ class StoreWorker:
         self._notices = StreamNotices(totals)
         ha = settings.ha.instance if settings.ha.mode == "standby" else None
         self._ledger = CoverageLedger(self._target, retry, instance_name(settings.state_dir), ha)
+        spool_reader.before_checkpoint = self._ledger.write
         self._inserter = Inserter(self._target, retry, self._letters, totals, self.hist,
                                   on_stored=self._ledger.on_stored,
                                   on_duplicates=self._ledger.on_duplicates)
@@ -498,7 +500,8 @@ class StoreWorker:
             self._note_shares(started)
         batch.entries = []
         self._compliance.after_insert(batch)
-        self._ledger.flush(flight.ledger_mark)  # behind the tweets, before the ack
+        # behind the tweets; written before the checkpoint that passes them (``before_checkpoint``)
+        self._ledger.apply(flight.ledger_mark)
         if batch.last is not None:
             self._reader.ack(batch.last)
         self._flight = None  # counted as pending until here (``counters`` may run meanwhile)

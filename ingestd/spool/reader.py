@@ -60,6 +60,10 @@ class SpoolReader:
         self._written_at = -float("inf")
         self._interval = checkpoint_interval
         self._clock = clock
+        # Runs before each checkpoint write: what must be durable before the records it passes
+        # are (the store worker writes its coverage ledger here). An exception leaves the
+        # checkpoint unwritten: the next start replays, it never skips.
+        self.before_checkpoint: Callable[[], None] = lambda: None
         self._acked_cleaned: str | None = None  # segment whose predecessors were deleted
         self._last_read: Record | None = None  # newest record ``read`` returned
         self.watch = SpoolWatch(self.directory)
@@ -271,6 +275,7 @@ class SpoolReader:
         return True
 
     def _write_checkpoint(self, ckpt: Checkpoint) -> None:
+        self.before_checkpoint()
         write_checkpoint(self.directory, ckpt)
         self._written, self._written_at = ckpt, self._clock()
         self.checkpoint_writes += 1
