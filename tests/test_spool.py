@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -46,6 +47,7 @@ from ingestd.spool.format import (
 from ingestd.spool.reader import SpoolReader
 from ingestd.spool.writer import SpoolWriteError, SpoolWriter
 from tests.support.clock import FakeClock
+from tests.support.wait import wait_until
 
 BIG = 10**9
 
@@ -179,6 +181,29 @@ def test_rolls_segments_and_ack_deletes_older(tmp_path: Path) -> None:
     assert SpoolReader(tmp_path).read(10, BIG) == []
 
 
+def test_deleted_segments_are_closed_soon(tmp_path: Path) -> None:
+    """A consumed segment is unlinked at once but closed by a helper thread (its cached pages are
+    freed off the store loop): no descriptor of a deleted segment may stay open."""
+    writer = make_writer(tmp_path, segment_bytes=500)
+    fill(writer, payloads(40))
+    writer.close()
+    reader = SpoolReader(tmp_path)
+    got = drain(reader, 7)
+    reader.ack(got[-1])
+    assert list_segments(tmp_path) == [got[-1].segment]  # the folder changes at once
+
+    def deleted_segments_open() -> list[str]:
+        fds = Path("/proc/self/fd")
+        names = []
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):
+                names.append(os.readlink(fd))
+        return [n for n in names if n.startswith(str(tmp_path)) and n.endswith("(deleted)")]
+
+    wait_until(lambda: not deleted_segments_open(), 10, "deleted segments closed")
+    reader.close()
+
+
 def test_checkpoint_survives_reopen(tmp_path: Path) -> None:
     writer = make_writer(tmp_path, segment_bytes=400)
     seqs = fill(writer, payloads(30))
@@ -223,6 +248,57 @@ def test_ack_coalesces_checkpoint_writes(tmp_path: Path) -> None:
     reader.close()  # a clean stop writes the pending checkpoint
     assert read_checkpoint(tmp_path).seq == same[1].seq  # type: ignore[union-attr]
     assert [r.seq for r in drain(SpoolReader(tmp_path))] == seqs[seqs.index(same[1].seq) + 1 :]
+
+
+def test_before_checkpoint_runs_before_every_checkpoint_write(tmp_path: Path) -> None:
+    """The store worker writes its coverage ledger in ``before_checkpoint``: it must run before
+    each checkpoint reaches the disk (on an ack, when an idle wait finds one due, on close), and
+    only then, so the ledger is never behind a checkpoint and not written per batch."""
+    clock = FakeClock()
+    writer = make_writer(tmp_path, segment_bytes=300)
+    fill(writer, payloads(12), per_append=1)
+    reader = SpoolReader(tmp_path, checkpoint_interval=0.25, clock=clock)
+    on_disk: list[Checkpoint | None] = []  # the checkpoint on disk each time the hook ran
+    reader.before_checkpoint = lambda: on_disk.append(read_checkpoint(tmp_path))
+    got = drain(reader)
+    first = [r for r in got if r.segment == got[0].segment]
+    reader.ack(first[0])
+    assert on_disk == [None] and reader.checkpoint_writes == 1  # ran before the first write
+    clock.now = 0.1
+    reader.ack(first[1])  # deferred: no checkpoint, no hook
+    assert len(on_disk) == 1 and reader.checkpoint_pending
+    clock.now = 0.3
+    reader.wait_for_data(0)  # due while idle: the hook, then the checkpoint
+    assert on_disk[1] == Checkpoint(first[0].seq, first[0].segment, first[0].end_offset)
+    assert reader.checkpoint_writes == 2
+    reader.ack(first[2])
+    reader.close()
+    assert len(on_disk) == 3 == reader.checkpoint_writes
+    assert read_checkpoint(tmp_path).seq == first[2].seq  # type: ignore[union-attr]
+
+
+def test_a_failing_before_checkpoint_leaves_the_checkpoint_where_it_was(tmp_path: Path) -> None:
+    """If what must precede a checkpoint fails (the ledger's MongoDB write), the checkpoint is not
+    written: a restart replays those records (duplicates), it never skips them."""
+    writer = make_writer(tmp_path)
+    seqs = fill(writer, payloads(6), per_append=1)
+    reader = SpoolReader(tmp_path, checkpoint_interval=0.0)
+    got = drain(reader)
+    reader.ack(got[1])
+    failures = []
+
+    def failing() -> None:
+        failures.append(1)
+        raise RuntimeError("ledger write failed")
+
+    reader.before_checkpoint = failing
+    with pytest.raises(RuntimeError):
+        reader.ack(got[4])
+    assert failures and read_checkpoint(tmp_path).seq == got[1].seq  # type: ignore[union-attr]
+    reader.before_checkpoint = lambda: None
+    reader.ack(got[4])  # the next ack that may write does
+    assert read_checkpoint(tmp_path).seq == got[4].seq  # type: ignore[union-attr]
+    assert [r.seq for r in drain(SpoolReader(tmp_path))] == seqs[5:]
 
 
 def test_writer_reopen_starts_new_segment_and_continues_seq(tmp_path: Path) -> None:
