@@ -147,7 +147,7 @@ class SpoolReader:
             return
         # Delete first: on a full disk the new checkpoint may not fit, and a checkpoint naming a
         # deleted segment is safe (the next start replays from the oldest segment, all unacked).
-        self._delete_before(cursor.name)
+        self._delete_before(cursor.name, release_now=True)
         self._acked_cleaned = cursor.name
         ckpt = Checkpoint(acked.seq, cursor.name, 0)
         self._acked = ckpt
@@ -280,24 +280,31 @@ class SpoolReader:
         self._written, self._written_at = ckpt, self._clock()
         self.checkpoint_writes += 1
 
-    def _delete_before(self, segment: str) -> None:
+    def _delete_before(self, segment: str, release_now: bool = False) -> None:
+        """Delete the segments before ``segment`` (never the newest). Their cached pages are freed
+        on a ``spool-release`` thread, or before returning with ``release_now`` (a full disk
+        needs the space at once)."""
         segments = list_segments(self.directory)
         newest = segments[-1] if segments else segment
         held: list[int] = []
-        for name in segments:
-            if name < segment and name != newest:
-                with contextlib.suppress(FileNotFoundError):
-                    held.append(_unlink_held(self.directory / name))
-        if held:
-            threading.Thread(target=_close_all, args=(held,), name="spool-release",
-                             daemon=True).start()
+        try:
+            for name in segments:
+                if name < segment and name != newest:
+                    with contextlib.suppress(FileNotFoundError):
+                        held.append(_unlink_held(self.directory / name))
+        finally:
+            if release_now or len(held) == 0:
+                _close_all(held)
+            else:
+                threading.Thread(target=_close_all, args=(held,), name="spool-release",
+                                 daemon=True).start()
 
 
 def _unlink_held(path: Path) -> int:
     """Delete ``path`` from the folder now, holding it open: its pages are freed at the last close.
 
     Freeing a 64 MB segment's cached pages took ~20 ms of the store loop in a burst (in the
-    unlink); with the file held open the unlink returns at once and the caller's thread
+    unlink); with the file held open the unlink returns at once and the ``spool-release`` thread
     (``_close_all``) pays for the pages. The folder is the same as with a plain unlink.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
