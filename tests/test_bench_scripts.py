@@ -136,6 +136,22 @@ def test_prespool_contender_stores_every_tweet(tmp_path: Path) -> None:
     assert exits and all(e["exit_code"] == 0 for e in exits), exits
 
 
+def test_pairs_runs_both_trees_in_each_round_and_prints_the_paired_ratio(tmp_path: Path) -> None:
+    """Two rounds of one small burst per tree (this tree twice): each round names its order, both
+    rates and their ratio, and the summary's ratio is the rounds' (figures are not judged)."""
+    out = run_script("bench/pairs.py", "--b", str(ROOT), "--rounds", "2", "--tweets", "2000",
+                     "--payload-tweets", "2000", "--cache", str(tmp_path), timeout=300)
+    rounds = re.findall(r"round +\d+ \(([AB]) first\): A +([\d,]+)/s .* B +([\d,]+)/s .* "
+                        r"B/A ([\d.]+)", out)
+    assert [r[0] for r in rounds] == ["A", "B"], out  # the order swaps
+    ratios = []
+    for _, a, b, ratio in rounds:
+        ratios.append(int(b.replace(",", "")) / int(a.replace(",", "")))
+        assert abs(ratios[-1] - float(ratio)) < 0.001, out
+    mean = re.search(r"paired ratio B/A median ([\d.]+), mean ([\d.]+) over 2 rounds", out)
+    assert mean and abs(float(mean.group(2)) - sum(ratios) / 2) < 0.001, out
+
+
 def test_timeline_shows_the_cores_of_each_process_during_a_burst(tmp_path: Path) -> None:
     """The real daemon on one small burst: a row per step, every tweet acknowledged, the mean
     cores while the stream worker read, and the machine's total past the daemon's."""
