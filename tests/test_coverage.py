@@ -329,6 +329,12 @@ class _Direct:
         return fn()
 
 
+def flush(ledger: CoverageLedger) -> None:
+    """What the store worker does by the next checkpoint: apply what was taken, then write."""
+    ledger.apply()
+    ledger.write()
+
+
 def _ledger_pair(coll: Any, clock: _Now) -> tuple[CoverageLedger, CoverageLedger]:
     target: Any = SimpleNamespace(collection=coll, settings=SimpleNamespace(
         mongo=SimpleNamespace(coverage_collection="coverage")))
@@ -362,23 +368,23 @@ def test_takeover_gap_start_moves_to_the_previous_holders_last_message(
         coll = client[mongo_database].tweets
         a, b = _ledger_pair(coll, clock)
         for ledger in (a, b):
-            ledger.flush()  # loads the open gap (none)
+            flush(ledger)  # loads the open gap (none)
 
         def a_reports() -> None:
             a.on_live(_rec(1, wake, b'{"id":1,"text":"x","timestamp_ms":"%d"}' % (last // 10**6)))
             a.on_live(_rec(2, wake, b'{"disconnect":{"code":7,"reason":"dup"}}'))
             a.on_event(_marker(3, wake, "reconnect", wake))
             a.on_event(_marker(4, wake, "standby", wake))
-            a.flush()
+            flush(a)
 
         b.on_event(_marker(1, lease + s, "takeover", lease, **{"from": "a"}))
-        b.flush()
+        flush(b)
         if report_first:
             a_reports()
             clock.t += 5
             b.settle()
         b.on_live(_rec(2, first_b, b'{"id":2,"text":"y"}'))
-        b.flush()
+        flush(b)
         if not report_first:
             a_reports()
             clock.t += 5
@@ -408,7 +414,7 @@ def test_takeover_gap_keeps_the_lease_start_while_the_previous_holder_is_silent(
         _, b = _ledger_pair(coll, clock)
         b.on_event(_marker(1, lease + s, "takeover", lease, **{"from": "a"}))
         b.on_live(_rec(2, lease + 2 * s, b'{"id":2,"text":"y"}'))
-        b.flush()
+        flush(b)
         clock.t += HANDOVER_WAIT + 1  # A never reports (its host died)
         b.settle()
         (gap,) = list(client[mongo_database].coverage.find({"cause": "takeover"}))
@@ -451,7 +457,7 @@ def test_stored_tweets_are_counted_in_the_hour_each_was_received(
         ledger.on_stored([_entry(4, hour + HOUR_NS - s), _entry(6, hour + HOUR_NS + s),
                           _entry(5, hour + HOUR_NS - 2 * s), _entry(7, hour + HOUR_NS + 2 * s)])
         ledger.on_stored([])
-        ledger.flush()
+        flush(ledger)
         docs = list(client[mongo_database].coverage.find({"kind": "hour"}))
     finally:
         client.close()

@@ -329,11 +329,6 @@ class CoverageLedger:
         (the store worker takes the next batch while this one's insert is in flight)."""
         return len(self._queue)
 
-    def flush(self, upto: int | None = None) -> None:
-        """``apply(upto)``, then ``write()``."""
-        self.apply(upto)
-        self.write()
-
     def apply(self, upto: int | None = None) -> None:
         """Apply the markers and notices taken (up to ``upto``, a ``mark()``), in spool order, to
         the documents held here (``write`` stores them)."""

@@ -293,7 +293,7 @@ class SpoolReader:
                     with contextlib.suppress(FileNotFoundError):
                         held.append(_unlink_held(self.directory / name))
         finally:
-            if release_now or len(held) == 0:
+            if release_now or not held:
                 _close_all(held)
             else:
                 threading.Thread(target=_close_all, args=(held,), name="spool-release",
