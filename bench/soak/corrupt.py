@@ -69,6 +69,7 @@ class OnDisk:
     end: int
     seq: int
     payload: bytes
+    kind: int = KIND_MESSAGE  # the daemon's spool also holds coverage markers (KIND_EVENT)
 
 
 def scan(spool: Path) -> list[OnDisk]:
@@ -80,8 +81,9 @@ def scan(spool: Path) -> list[OnDisk]:
             magic, length, _ = struct.unpack_from("<4sII", data, pos)
             assert magic == MAGIC, f"undamaged spool has garbage at {name}:{pos}"
             seq = struct.unpack_from("<Q", data, pos + PREFIX_SIZE)[0]
+            kind = data[pos + HEADER_SIZE - 1]  # the header's last byte
             end = pos + PREFIX_SIZE + length
-            out.append(OnDisk(name, pos, end, seq, data[pos + HEADER_SIZE:end]))
+            out.append(OnDisk(name, pos, end, seq, data[pos + HEADER_SIZE:end], kind))
             pos = end
     return out
 
@@ -354,8 +356,10 @@ class DaemonRounds:
     def _reconcile(self, rnd: Round, d: Damage, on_disk: list[OnDisk], acked: int, db: str,
                    store: dict[str, Any], code: int, restarts: dict[str, int]) -> None:
         ids = stored_ids(self.standin.uri, db)
-        tweet = {r.seq: int(orjson.loads(r.payload)["id"]) for r in on_disk}
-        unacked = [r for r in on_disk if r.seq > acked]
+        # Tweets only: a coverage marker is no document (its damage is counted all the same).
+        tweets = [r for r in on_disk if r.kind == KIND_MESSAGE]
+        tweet = {r.seq: int(orjson.loads(r.payload)["id"]) for r in tweets}
+        unacked = [r for r in tweets if r.seq > acked]
         new = set(ids) - self.acked_ids
         rnd.written = len(unacked)
         rnd.recovered = sum(1 for r in unacked if tweet[r.seq] in new)

@@ -177,6 +177,9 @@ def run(work: Path) -> Summary:
     # Kills are the test: the supervisor must keep restarting, not declare a crash loop.
     doc = soak_doc(sim, proxy.uri, DB, control={"crash_loop_restarts": 100000,
                                                "heartbeat_timeout": 30})
+    # A child on every large read: ``auto`` starts one only for a worker that cannot keep up
+    # while encoding, and the backlog a held reply makes is waiting for MongoDB, not encoding.
+    doc["writer"]["encoder_process"] = True
     daemon = Daemon(work / "daemon", doc)
     killer, trend = Killer(daemon, proxy, rng), Trend()
     try:
