@@ -103,8 +103,11 @@ class Report:
 
     def print(self) -> None:
         for k in self.kills:
+            # a killed store worker's duplicates: what it replayed after the kill before it
+            replayed = (f"; its store worker had replayed {k.duplicates_before}"
+                        if k.target in ("store", "daemon") else "")
             print(f"  #{k.index:3d} kill {k.target:6s} after {k.delay:4.2f}s "
-                  f"-> working again in {k.restart_s:5.2f}s")
+                  f"-> working again in {k.restart_s:5.2f}s{replayed}")
         lost = sum(len(v) for v in self.lost.values())
         per_kill = sorted(len(v) for v in self.lost.values())
         restarts = [k.restart_s for k in self.kills]

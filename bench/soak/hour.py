@@ -175,8 +175,11 @@ def run(work: Path) -> Summary:
         f"{len(sim.ground_truth().connections())} stream connections"
     summary.extra["trend (criterion: fds q4<=q2+2; RSS/PSS q4<=1.1*q2+4MiB; CPU q4<=1.5*q2+2)"] \
         = "\n" + "\n".join(trend.lines())
-    for role, what, _, _, ok in trend.verdicts():
-        summary.check(ok, f"{role} {what} not flat")
+    if env_int("SOAK_HOUR_JUDGE_TRENDS", 1):
+        for role, what, _, _, ok in trend.verdicts():
+            summary.check(ok, f"{role} {what} not flat")
+    else:  # a smoke run of seconds (tests/test_soak_smoke.py): a leak needs minutes to show
+        summary.extra["trend verdicts"] = "not judged (SOAK_HOUR_JUDGE_TRENDS=0)"
     return summary
 
 

@@ -83,12 +83,16 @@ class Daemon:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Until both workers published their status and the supervisor reported itself ready
-        with those very workers: tests read ``run/supervisor.json`` right after this."""
+        with those very workers: tests read ``run/supervisor.json`` right after this. The
+        supervisor must be this process: a SIGKILLed daemon's files stay, ready with its workers,
+        until the new one writes its own (the soak's kill proof read the old restart counts)."""
         def ready() -> bool:
             self.assert_running()
+            assert self.proc is not None
             pids = {role: self.status(role).get("pid") for role in ("stream", "store")}
             supervisor = self.status("supervisor")
             return (all(pids.values()) and supervisor.get("state") == "ready"
+                    and supervisor.get("pid") == self.proc.pid
                     and supervisor.get("workers") == pids)
         wait_until(ready, timeout, "both workers to publish status and the supervisor ready")
 
