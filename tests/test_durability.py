@@ -444,6 +444,9 @@ def test_damaged_spool_is_skipped_counted_and_the_rest_stored(
     assert set(ids) == first | {tweet_id_of(r.payload) for r in intact}, "a tweet is missing"
     assert store["spool_corrupt_records"] == len(damage.damaged())
     assert store["spool_corrupt_bytes"] == damage.bytes()
+    # Each flipped record is a number skipped. The record cut at the end is not: the next writer
+    # numbers its first record after the last intact one (counted as a damaged region only).
+    assert store["spool_missing_records"] == len(damage.flipped)
     assert store["spool_checkpoint_resets"] == 1
     # Run 1's records still on disk (if any) are replayed without a checkpoint: duplicates.
     assert store["duplicates"] == sum(r.seq <= acked.seq for r in records)

@@ -313,6 +313,7 @@ class ProcSubsetDaemon(Daemon):
 
     def start(self, extra_env: dict[str, str] | None = None) -> Daemon:
         assert UNSHARE is not None
+        self.started_at = time.time()
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
                 [UNSHARE, "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",

@@ -46,6 +46,7 @@ from ingestd.spool.format import (
 )
 from ingestd.spool.reader import SpoolReader
 from ingestd.spool.writer import SpoolWriteError, SpoolWriter
+from ingestd.spool.written import WRITTEN, WrittenMark
 from tests.support.clock import FakeClock
 from tests.support.wait import wait_until
 
@@ -315,18 +316,62 @@ def test_writer_reopen_starts_new_segment_and_continues_seq(tmp_path: Path) -> N
 
 
 def test_writer_reopen_after_torn_tail(tmp_path: Path) -> None:
+    """The last append completed, then its record lost its end (a power loss before the fsync
+    that outlived the ``written`` mark): its number is not given again, so the reader counts the
+    record lost, not only its bytes."""
     writer = make_writer(tmp_path)
     seqs = fill(writer, payloads(6))
     path = tmp_path / writer.segment
     os.close(writer._fd)  # crash: no close, no sync
     os.truncate(path, os.path.getsize(path) - 5)  # the last record is torn
     writer = make_writer(tmp_path)
-    assert writer.next_seq == seqs[-1]  # the torn seq was never delivered: reused
+    assert writer.next_seq == seqs[-1] + 1
     more = fill(writer, payloads(2))
     reader = SpoolReader(tmp_path)
     assert [r.seq for r in drain(reader)] == seqs[:-1] + more
     assert reader.corrupt_records == 1
     assert reader.corrupt_bytes == HEADER_SIZE + 40 - 5
+    assert reader.missing_records == 1
+
+
+def test_a_record_torn_while_being_appended_is_numbered_again(tmp_path: Path) -> None:
+    """The writer died inside the write (a fatal signal can cut a large write short): the append
+    never returned, so its records were never noted as written and their numbers are reused."""
+    writer = make_writer(tmp_path)
+    seqs = fill(writer, payloads(6))
+    path = tmp_path / writer.segment
+    os.close(writer._fd)
+    WrittenMark(tmp_path).note(seqs[-2])  # as the mark stood before the last append
+    os.truncate(path, os.path.getsize(path) - 5)
+    writer = make_writer(tmp_path)
+    assert writer.next_seq == seqs[-1]
+    more = fill(writer, payloads(2))
+    reader = SpoolReader(tmp_path)
+    assert [r.seq for r in drain(reader)] == seqs[:-1] + more
+    assert reader.corrupt_records == 1
+    assert reader.missing_records == 0
+
+
+def test_the_newest_segment_cut_at_a_record_boundary_counts_its_records(tmp_path: Path) -> None:
+    """Found by bench/soak corrupt: the next writer numbered on from the cut, so the records it
+    took left no trace. The ``written`` mark keeps their numbers from being given again."""
+    writer = make_writer(tmp_path)
+    seqs = fill(writer, payloads(6))
+    writer.close()
+    records = drain(SpoolReader(tmp_path))
+    os.truncate(tmp_path / records[3].segment, records[3].offset)  # seqs[3:] gone, no torn byte
+    writer = make_writer(tmp_path)
+    more = fill(writer, payloads(2))
+    reader = SpoolReader(tmp_path)
+    assert [r.seq for r in drain(reader)] == seqs[:3] + more
+    assert reader.corrupt_records == 0
+    assert reader.missing_records == 3
+    writer.close()
+    # A mark that cannot be read is no mark: numbering goes on after the last record on disk.
+    last = drain(SpoolReader(tmp_path))[-1]
+    os.truncate(tmp_path / last.segment, last.offset)
+    (tmp_path / WRITTEN).write_bytes(b"garbage of 12")
+    assert make_writer(tmp_path).next_seq == last.seq
 
 
 def test_empty_segment_left_by_crash_is_reused(tmp_path: Path) -> None:
@@ -683,6 +728,7 @@ def test_flipped_bytes_are_skipped_and_counted(scratch: Path, data: st.DataObjec
     assert (reader.corrupt_records >= 1) == any(damaged.values())
     lost = sum(HEADER_SIZE + len(records[s].payload) for s in set(records) - {r.seq for r in got})
     assert reader.corrupt_bytes == lost
+    assert reader.missing_records == len(records) - len(got)  # each record lost, by its number
 
 
 @settings(
@@ -706,12 +752,75 @@ def test_truncated_and_zeroed_segments(scratch: Path, data: st.DataObject) -> No
     reader = SpoolReader(directory)
     got = drain(reader)
     assert [r.seq for r in got] == _intact(records, {name: gone})
-    # Only a cut exactly at a record boundary loses records without leaving damage to count.
+    # A cut exactly at a record boundary leaves no damaged bytes to count: only the numbering
+    # sees what it took. Every other loss is a counted region as well.
     cut_on_boundary = len(after) in {0} | {
         r.end_offset for r in records.values() if r.segment == name
     }
     if len(got) < len(records) and not cut_on_boundary:
         assert reader.corrupt_records == 1
+    assert reader.missing_records == len(records) - len(got)
+
+
+def test_a_segment_cut_at_a_record_boundary_counts_the_records_it_took(tmp_path: Path) -> None:
+    """No damaged byte is left to skip (found by bench/soak corrupt: counted nothing before)."""
+    records = _build(tmp_path, 30)
+    name = list_segments(tmp_path)[1]
+    inside = sorted((r for r in records.values() if r.segment == name), key=lambda r: r.seq)
+    os.truncate(tmp_path / name, inside[1].offset)  # keeps its first record only
+    reader = SpoolReader(tmp_path)
+    got = [r.seq for r in drain(reader)]
+    assert got == [s for s in sorted(records) if s not in {r.seq for r in inside[1:]}]
+    assert reader.corrupt_records == 0
+    assert reader.missing_records == len(inside) - 1
+
+
+def test_a_lost_segment_file_counts_its_records(tmp_path: Path) -> None:
+    records = _build(tmp_path, 30)
+    segments = list_segments(tmp_path)
+    name = segments[len(segments) // 2]
+    (tmp_path / name).unlink()
+    reader = SpoolReader(tmp_path)
+    got = drain(reader)
+    assert reader.missing_records == sum(r.segment == name for r in records.values())
+    assert len(got) + reader.missing_records == len(records)
+
+
+def test_the_numbering_resumes_from_a_trusted_checkpoint(tmp_path: Path) -> None:
+    """The segment right after the checkpoint's is lost: the first record read after a restart
+    is the one that shows it."""
+    records = _build(tmp_path, 30)
+    segments = list_segments(tmp_path)
+    reader = SpoolReader(tmp_path)
+    first = [r for r in drain(reader) if r.segment == segments[0]]
+    reader.ack(first[-1])
+    reader.close()
+    (tmp_path / segments[1]).unlink()
+    fresh = SpoolReader(tmp_path)
+    assert fresh.checkpoint_resets == 0
+    drain(fresh)
+    assert fresh.missing_records == sum(r.segment == segments[1] for r in records.values())
+
+
+def test_stored_records_lost_with_a_power_loss_are_not_counted_missing(tmp_path: Path) -> None:
+    """The checkpoint can be ahead of the segment's synced end (the reader acks what it read from
+    the page cache): the writer continues after the checkpoint, and the records in between were
+    stored. A restart replays from the oldest segment; the numbers it skips were stored."""
+    writer = make_writer(tmp_path)
+    seqs = fill(writer, payloads(5))
+    writer.close()
+    reader = SpoolReader(tmp_path)
+    got = drain(reader)
+    reader.ack(got[-1])
+    reader.close()
+    os.truncate(tmp_path / got[-1].segment, got[2].end_offset)  # power loss took the tail
+    writer = make_writer(tmp_path)
+    later = fill(writer, payloads(2))
+    assert later[0] == seqs[-1] + 1  # never reuses a number the checkpoint says was stored
+    fresh = SpoolReader(tmp_path)
+    assert [r.seq for r in drain(fresh)] == seqs[:3] + later
+    assert fresh.checkpoint_resets == 1
+    assert fresh.missing_records == 0
 
 
 def test_deleted_or_garbage_checkpoint_replays_everything(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ Prometheus' ``rate()``/``increase()`` treat as an ordinary counter reset.
 The counters reconcile (``ingestd_messages_in_flight`` is the difference still on its way)::
 
     received = stored + duplicate + deadlettered + control + skipped + dropped + in_flight
+               (+ spool_missing: records lost to damage of the spool files, if any)
 
 Registered by the supervisor's HTTP listener (``metrics``); loaded by the supervisor only, on the
 first scrape. prometheus_client is imported where the families are built, like the listener.
@@ -67,7 +68,10 @@ STORE_COUNTERS = {
     "slow_writes": ("ingestd_mongo_slow_writes_total", "MongoDB operations acknowledged (or "
                     "failed) only after mongo.slow_write_seconds."),
     "spool_corrupt_records": ("ingestd_spool_corrupt_records_total",
-                              "Spool records skipped as corrupt."),
+                              "Damaged regions of the spool skipped (a run of bad bytes each)."),
+    "spool_missing_records": ("ingestd_spool_missing_records_total",
+                              "Spool record numbers skipped: records lost to damage, never "
+                              "stored."),
     "coverage_gaps": ("ingestd_coverage_gaps_total",
                       "Gaps opened in the coverage ledger (the stream stopped delivering)."),
 }

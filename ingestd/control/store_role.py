@@ -89,6 +89,7 @@ class StoreRole:
         counters = self.worker.counters()
         counters["spool_corrupt_records"] = self.reader.corrupt_records
         counters["spool_corrupt_bytes"] = self.reader.corrupt_bytes
+        counters["spool_missing_records"] = self.reader.missing_records
         counters["spool_checkpoint_resets"] = self.reader.checkpoint_resets
         write_status(self.ctx.settings.state_dir, "store", {
             "generation": self.generation, "state": counters["state"],

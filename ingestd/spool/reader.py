@@ -1,7 +1,8 @@
 """The spool's reading side (store worker): records in order, acks, checkpoints, cleanup.
 
 Every record's CRC is checked; damage is skipped by scanning for the next record that validates,
-and counted (``corrupt_records``, ``corrupt_bytes``), never fatal.
+and counted (``corrupt_records``, ``corrupt_bytes``), never fatal. Record numbers skipped are
+counted too (``missing_records``): damage that leaves no bytes to skip loses records all the same.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ingestd.spool.format import (
     segment_first_seq,
     write_checkpoint,
 )
+from ingestd.spool.numbering import Numbering
 from ingestd.spool.watch import SpoolWatch
 
 CHECKPOINT_INTERVAL = 0.25  # seconds: at most one checkpoint write per interval within a segment
@@ -66,6 +68,7 @@ class SpoolReader:
         self.before_checkpoint: Callable[[], None] = lambda: None
         self._acked_cleaned: str | None = None  # segment whose predecessors were deleted
         self._last_read: Record | None = None  # newest record ``read`` returned
+        self._numbering = Numbering(FIRST_SEQ - 1, None)  # set by ``_start``
         self.watch = SpoolWatch(self.directory)
         self._start()
 
@@ -77,6 +80,11 @@ class SpoolReader:
     @property
     def corrupt_bytes(self) -> int:
         return self._damage.bytes
+
+    @property
+    def missing_records(self) -> int:
+        """Record numbers skipped: records lost to damage, whether or not it left bytes."""
+        return self._numbering.missing
 
     @property
     def acked(self) -> Checkpoint | None:
@@ -96,7 +104,9 @@ class SpoolReader:
             before = len(out)
             nbytes = cursor.parse(out, max_records, max_bytes, nbytes)
             if len(out) > before:
-                self._last_read = out[-1]  # before any _advance: it must know what was read
+                # before any _advance: it must know what was read, and the numbering too
+                self._numbering.check(out, before)
+                self._last_read = out[-1]
                 continue
             if cursor.fill():
                 continue
@@ -224,7 +234,10 @@ class SpoolReader:
         if ckpt is not None and self._trusted(ckpt):
             self._cursor = SegmentCursor(self.directory, ckpt.segment, ckpt.offset, self._damage)
             self._acked = self._written = ckpt
+            self._numbering = Numbering(ckpt.seq, ckpt.seq + 1)
             return
+        if ckpt is not None:  # not trusted to resume from, but its number was stored
+            self._numbering = Numbering(ckpt.seq, None)
         segments = list_segments(self.directory)
         # A missing checkpoint is normal on a fresh spool; with acked segments gone it is damage.
         gone = bool(segments) and segment_first_seq(segments[0]) > FIRST_SEQ
@@ -250,6 +263,7 @@ class SpoolReader:
         if not segments:
             return None
         self._cursor = SegmentCursor(self.directory, segments[0], 0, self._damage)
+        self._numbering.enter(segments[0])
         return self._cursor
 
     def _at_eof(self, cursor: SegmentCursor) -> bool:
@@ -271,6 +285,7 @@ class SpoolReader:
         if not later:  # deleted from under us: start again from whatever exists
             return True
         self._cursor = SegmentCursor(self.directory, later[0], 0, self._damage)
+        self._numbering.enter(later[0])
         self._release_consumed()
         return True
 

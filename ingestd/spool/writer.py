@@ -2,7 +2,8 @@
 
 The writer never appends after a possibly torn tail: each ``SpoolWriter`` starts a new segment.
 A process crash loses nothing already written (the OS has it); a power failure loses at most
-``fsync_interval``.
+``fsync_interval``. Records are numbered on from the last one ever appended (``written``), never
+from the last one found on disk, so the reader counts the records a damaged spool lost.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ingestd.spool.format import (
     segment_first_seq,
     segment_name,
 )
+from ingestd.spool.written import WrittenMark
 
 _CHECKPOINT_POLL = 0.05  # seconds between checkpoint stats in the writer near the spool's bounds
 # ... and far from them (under half of both): the store worker rewrites the checkpoint about every
@@ -82,6 +84,7 @@ class SpoolWriter:
         self.checkpoint_reads = 0  # checkpoint files read (tests count them)
         # The previous run's last record (coverage markers: did it stop cleanly, and when).
         self.last_record = self._recover_last_record()
+        self._mark = WrittenMark(self.directory)
         self._next_seq = self._recover_next_seq()
         self._fd = -1
         self._torn = False  # a failed write could not be undone: start a new segment
@@ -125,6 +128,7 @@ class SpoolWriter:
             self._roll()
         nbytes = sum(map(len, bufs))
         self._write(bufs, nbytes)
+        self._mark.note(seq - 1)
         self._next_seq = seq
         self._size += nbytes
         self._total += nbytes
@@ -161,6 +165,7 @@ class SpoolWriter:
         finally:
             os.close(self._fd)
             self._fd = -1
+            self._mark.close()
 
     @property
     def acked_seq(self) -> int:
@@ -244,8 +249,12 @@ class SpoolWriter:
         self._torn = self._roll_wanted = False
 
     def _recover_next_seq(self) -> int:
-        """First seq after everything on disk: the newest segment's last valid record."""
+        """First seq after everything on disk (the newest segment's last valid record) and after
+        the last record ever appended: a number is never given twice, even to replace a record
+        that damage took."""
         floor = FIRST_SEQ if self._ckpt is None else self._ckpt.seq + 1
+        if self._mark.previous is not None:
+            floor = max(floor, self._mark.previous + 1)
         if not self._sizes:
             return floor
         newest = max(self._sizes)

@@ -53,6 +53,7 @@ class Daemon:
         self.write_settings(doc)
         self.log_path = workdir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0  # wall clock of the last start (status files older are stale)
 
     def write_settings(self, doc: dict[str, Any]) -> None:
         self.doc = doc
@@ -65,6 +66,7 @@ class Daemon:
 
     def start(self, extra_env: dict[str, str] | None = None) -> Daemon:
         env = self.env() | (extra_env or {})
+        self.started_at = time.time()
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ingestd", "run", "--config", str(self.config)],
@@ -84,15 +86,15 @@ class Daemon:
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Until both workers published their status and the supervisor reported itself ready
         with those very workers: tests read ``run/supervisor.json`` right after this. The
-        supervisor must be this process: a SIGKILLed daemon's files stay, ready with its workers,
-        until the new one writes its own (the soak's kill proof read the old restart counts)."""
+        supervisor's status must be written since this start: a SIGKILLed daemon's files stay,
+        ready with its workers, until the new one writes its own (the soak's kill proof read the
+        old restart counts). (Its time, not its pid: a wrapper may stand between.)"""
         def ready() -> bool:
             self.assert_running()
-            assert self.proc is not None
             pids = {role: self.status(role).get("pid") for role in ("stream", "store")}
             supervisor = self.status("supervisor")
             return (all(pids.values()) and supervisor.get("state") == "ready"
-                    and supervisor.get("pid") == self.proc.pid
+                    and float(supervisor.get("time", 0)) >= self.started_at
                     and supervisor.get("workers") == pids)
         wait_until(ready, timeout, "both workers to publish status and the supervisor ready")
 
