@@ -415,7 +415,8 @@ def test_damaged_spool_is_skipped_counted_and_the_rest_stored(
     spool = daemon.state_dir / "spool"
     # Messages only: the coverage markers (connected, stopped) are records the store worker
     # does not count; the checkpoint is still run 1's (MongoDB was unreachable in run 2).
-    records = [r for r in scan_spool(spool) if r.kind != KIND_EVENT]
+    spooled = scan_spool(spool)
+    records = [r for r in spooled if r.kind != KIND_EVENT]
     acked = read_checkpoint(spool)
     assert acked is not None
     unacked = [r for r in records if r.seq > acked.seq]
@@ -444,9 +445,13 @@ def test_damaged_spool_is_skipped_counted_and_the_rest_stored(
     assert set(ids) == first | {tweet_id_of(r.payload) for r in intact}, "a tweet is missing"
     assert store["spool_corrupt_records"] == len(damage.damaged())
     assert store["spool_corrupt_bytes"] == damage.bytes()
-    # Each flipped record is a number skipped. The record cut at the end is not: the next writer
-    # numbers its first record after the last intact one (counted as a damaged region only).
-    assert store["spool_missing_records"] == len(damage.flipped)
+    # Each flipped record is a number skipped, and so are the record cut at the end and the
+    # coverage marker(s) run 2 wrote after it: the next writer numbers on after the last record
+    # ever appended (the spool's ``written`` mark), not after the last one left intact.
+    assert damage.truncated is not None
+    cut_off = sum(r.seq >= damage.truncated.seq for r in spooled)
+    assert cut_off >= 2  # the message cut in two and run 2's stop marker
+    assert store["spool_missing_records"] == len(damage.flipped) + cut_off
     assert store["spool_checkpoint_resets"] == 1
     # Run 1's records still on disk (if any) are replayed without a checkpoint: duplicates.
     assert store["duplicates"] == sum(r.seq <= acked.seq for r in records)

@@ -21,6 +21,7 @@ from bench.soak.common import (
     SimProcess,
     Summary,
     Trend,
+    check_no_records_missing,
     cleanup,
     deadletter_count,
     drained,
@@ -164,6 +165,7 @@ def run(work: Path) -> Summary:
             restarts = dict(daemon.status("supervisor").get("restarts", {}))
             code, _ = daemon.stop()
             summary.check(code == 0, f"daemon exited {code}")
+            check_no_records_missing(summary, daemon)
         reconcile(summary, daemon, sim, proxy.uri, totals, stream)
     finally:
         proxy.stop()

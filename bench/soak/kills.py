@@ -30,6 +30,7 @@ from bench.soak.common import (
     SimProcess,
     Summary,
     Trend,
+    check_no_records_missing,
     cleanup,
     daemon_processes,
     deadletter_count,
@@ -203,6 +204,7 @@ def run(work: Path) -> Summary:
             restarts = killer.all_restarts()
             code, _ = daemon.stop()
             summary.check(code == 0, f"daemon exited {code}")
+            check_no_records_missing(summary, daemon)
         report = Report(killer.kills, delivered_by_conn(sim), stored_ids(proxy.uri, DB),
                         duplicates, deadletter_count(daemon))
     finally:

@@ -21,6 +21,7 @@ from bench.soak.common import (
     SimProcess,
     Summary,
     Trend,
+    check_no_records_missing,
     cleanup,
     env_float,
     env_int,
@@ -114,6 +115,7 @@ def run(work: Path) -> Summary:
             store, stream = daemon.counters("store"), daemon.counters("stream")
             code, _ = daemon.stop()
             summary.check(code == 0, f"daemon exited {code}")
+            check_no_records_missing(summary, daemon)
         reconcile(summary, daemon, sim, standin.uri, store, stream)
     finally:
         standin.stop()

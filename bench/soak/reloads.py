@@ -17,6 +17,7 @@ from bench.soak.common import (
     Daemon,
     SimProcess,
     Summary,
+    check_no_records_missing,
     cleanup,
     drained,
     env_int,
@@ -67,6 +68,7 @@ def run(work: Path) -> Summary:
             same_pids = daemon.pids() == pids
             code, _ = daemon.stop()
             summary.check(code == 0, f"daemon exited {code}")
+            check_no_records_missing(summary, daemon)
         reconcile(summary, daemon, sim, standin.uri, store, stream)
     finally:
         standin.stop()
