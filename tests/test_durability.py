@@ -28,6 +28,7 @@ import pymongo
 import pytest
 
 from bench.kill_loop import KillLoop
+from ingestd.control.status import collect, render
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.spool.format import (
     HEADER_SIZE,
@@ -436,6 +437,7 @@ def test_damaged_spool_is_skipped_counted_and_the_rest_stored(
             done = store.get("records_read") == len(intact) and store.get("pending") == 0
             return store if done and store.get("spool_corrupt_records") else None
         store = wait_until(settled, 60, "the damaged spool to be replayed")
+        status = render(collect(daemon.state_dir))  # what `ingestd status` prints
         assert daemon.stop()[0] == 0
     finally:
         daemon.kill()
@@ -452,6 +454,8 @@ def test_damaged_spool_is_skipped_counted_and_the_rest_stored(
     cut_off = sum(r.seq >= damage.truncated.seq for r in spooled)
     assert cut_off >= 2  # the message cut in two and run 2's stop marker
     assert store["spool_missing_records"] == len(damage.flipped) + cut_off
+    assert (f"spool damage: {store['spool_missing_records']} records lost, "
+            f"{store['spool_corrupt_records']} damaged regions skipped") in status
     assert store["spool_checkpoint_resets"] == 1
     # Run 1's records still on disk (if any) are replayed without a checkpoint: duplicates.
     assert store["duplicates"] == sum(r.seq <= acked.seq for r in records)

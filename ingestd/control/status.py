@@ -152,12 +152,17 @@ def _store_lines(view: dict[str, Any]) -> list[str]:
     c = dict(store.get("counters", {}))
     dead = dict(c.get("deadlettered", {}))
     detail = " (" + ", ".join(f"{k}={v}" for k, v in sorted(dead.items())) + ")" if dead else ""
-    return [
+    lines = [
         f"  store       {_run(view, 'store')}  {store.get('state', '-')}",
         f"              stored {c.get('stored', 0)}  ({store.get('rate', 0):.1f} tweets/s)  "
         f"duplicates {c.get('duplicates', 0)}  dead-lettered {sum(dead.values())}{detail}  "
         f"deletes {c.get('deletes_applied', 0)}",
     ]
+    missing, regions = c.get("spool_missing_records", 0), c.get("spool_corrupt_records", 0)
+    if missing or regions:  # only a damaged disk or a hand: say it where the operator looks
+        lines.append(f"              spool damage: {missing} records lost, {regions} damaged "
+                     "regions skipped (journal: spool_records_missing)")
+    return lines
 
 
 def _run(view: dict[str, Any], role: str) -> str:
