@@ -29,6 +29,7 @@ from ingestd.spool import writer as spool_writer
 from ingestd.spool.format import KIND_MESSAGE
 from ingestd.spool.reader import SpoolReader
 from ingestd.spool.writer import SpoolWriter
+from ingestd.spool.written import WrittenMark
 from tests.support.clock import FakeClock
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.simulator import SimProcess
@@ -80,6 +81,21 @@ def test_an_append_wakes_the_reader_and_its_own_checkpoint_does_not(tmp_path: Pa
     reader.watch.clear()
     reader.ack(records[-1])  # writes the checkpoint (interval 0): events about our own file
     reader.flush()
+    assert reader.watch.clear() is False
+
+
+def test_the_writers_written_mark_does_not_wake_the_reader(tmp_path: Path) -> None:
+    """The mark is rewritten right after each append: its event would be a second wake-up for
+    the same records (the append's own event wakes the reader)."""
+    writer = writer_for(tmp_path)
+    reader = SpoolReader(tmp_path)
+    if reader.watch.polling:
+        pytest.skip("inotify is not available here: the reader polls")
+    writer.append([(KIND_MESSAGE, b"x")], 1, 1, 1)
+    assert reader.watch.clear() is True  # the append (and its mark)
+    mark = WrittenMark(tmp_path)
+    mark.note(1)  # as the writer does after an append
+    mark.close()
     assert reader.watch.clear() is False
 
 

@@ -8,7 +8,9 @@ store worker wakes only when it has something to do.
 
 The watch lives as long as the reader, so an append made between "nothing to read" and the wait
 still leaves an event queued: no wake-up is lost. Events about the reader's own files (the
-checkpoint and its temporary copy) are ignored. Without inotify (another OS, or the per-user
+checkpoint and its temporary copy) are ignored, and so are those about the writer's ``written``
+mark: it is rewritten right after each append, and would wake the reader twice for the same
+records. Without inotify (another OS, or the per-user
 watch limit reached) ``wait`` falls back to polling every ``POLL_FALLBACK`` seconds.
 """
 
@@ -23,11 +25,12 @@ from typing import Any
 import structlog
 
 from ingestd.spool.format import CHECKPOINT
+from ingestd.spool.written import WRITTEN
 
 log = structlog.get_logger("ingestd.spool.watch")
 
 POLL_FALLBACK = 0.005  # seconds between looks at the files when inotify is not available
-_OWN_FILES = frozenset({CHECKPOINT, f".{CHECKPOINT}.tmp"})
+_OWN_FILES = frozenset({CHECKPOINT, f".{CHECKPOINT}.tmp", WRITTEN})
 
 
 class SpoolWatch:
