@@ -4,7 +4,7 @@ The writer numbers records one by one and names each segment after its first num
 records of an undamaged spool come out consecutively. Damage that leaves bytes behind (a flipped
 bit, a record cut in half) is counted by the cursor as a damaged region; damage that leaves none
 (a segment cut exactly at a record boundary, a segment file gone) would pass unseen. Counting the
-numbers skipped counts both, and says how many records each loss took (docs/design.md, "Spool").
+numbers skipped counts both, and says how many records each loss took (docs/design.md, "spool/").
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class Numbering:
         they skip."""
         first, last = records[start].seq, records[-1].seq
         if first == self.expected and last - first == len(records) - start - 1:
-            self.expected = last + 1  # the usual read: consecutive, one comparison
+            self.expected = last + 1  # the usual block: consecutive, two comparisons
             return
         expected = self.expected
         for record in itertools.islice(records, start, None):
