@@ -35,10 +35,12 @@ from bench.awake import kept_awake
 
 
 def steady(bench: run.Bench, rate: float, seconds: float, warmup: float, encoder: str,
-           gzip: bool = False) -> dict[str, Any]:
+           gzip: bool = False, batch_size: int = 0) -> dict[str, Any]:
     """One daemon at ``rate`` tweets/s: stored/s and CPU µs per stored tweet over the window."""
     doc = bench.ingestd_doc(bench.blackhole.uri, gzip)
     doc["writer"] = {"encoder_process": {"auto": "auto", "true": True, "false": False}[encoder]}
+    if batch_size:
+        doc["writer"]["batch_size"] = batch_size
     daemon = run.Daemon(bench.next_dir(f"steady-{rate:g}-{encoder}"), doc)
     bench.blackhole.reset(0)
     bench.server.arm(bench.payload.tweets, rate)
@@ -63,7 +65,7 @@ def steady(bench: run.Bench, rate: float, seconds: float, warmup: float, encoder
     if stored <= 0:
         raise RuntimeError(f"nothing stored at {rate:g}/s with encoder_process {encoder}")
     roles = {k: 1e6 * (v - cpu0.get(k, 0.0)) / stored for k, v in cpu1.items()}
-    return {"rate": rate, "encoder": encoder, "stored_per_s": stored / elapsed,
+    return {"rate": rate, "encoder": encoder, "batch_size": batch_size, "stored_per_s": stored / elapsed,
             "us_per_tweet": sum(roles.values()), "by_role": roles}
 
 
@@ -77,7 +79,8 @@ def pipeline(bench: run.Bench, rate: float, seconds: float, warmup: float, gzip:
 
 def line(r: dict[str, Any]) -> str:
     roles = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["by_role"].items()) if v >= 0.05)
-    return (f"{r['rate']:>7,.0f}/s offered  encoder_process {r['encoder']:<5}  stored "
+    size = f"  batch_size {r['batch_size']:<5}" if r["batch_size"] else ""
+    return (f"{r['rate']:>7,.0f}/s offered  encoder_process {r['encoder']:<5}{size}  stored "
             f"{r['stored_per_s']:>7,.0f}/s  CPU {r['us_per_tweet']:5.1f} µs/tweet ({roles})")
 
 
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", default="5000,10000", help="comma list of tweets/s")
     parser.add_argument("--encoder", default="auto,false",
                         help="comma list of writer.encoder_process values: auto, true, false")
+    parser.add_argument("--batch-sizes", default="0",
+                        help="comma list of writer.batch_size values (0: the default)")
     parser.add_argument("--seconds", type=float, default=15.0, help="measuring window")
     parser.add_argument("--warmup", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=2)
@@ -113,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.repeats):  # interleaved: the machine's moods hit all alike
                 for rate in (float(r) for r in args.rates.split(",")):
                     for encoder in args.encoder.split(","):
-                        result = steady(bench, rate, args.seconds, args.warmup, encoder,
-                                        args.gzip)
-                        print(line(result), flush=True)
+                        for size in (int(b) for b in args.batch_sizes.split(",")):
+                            result = steady(bench, rate, args.seconds, args.warmup, encoder,
+                                            args.gzip, size)
+                            print(line(result), flush=True)
                     if args.pipeline:
                         print(pipeline_line(pipeline(bench, rate, args.seconds, args.warmup,
                                                      args.gzip)), flush=True)
