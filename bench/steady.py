@@ -65,8 +65,8 @@ def steady(bench: run.Bench, rate: float, seconds: float, warmup: float, encoder
     if stored <= 0:
         raise RuntimeError(f"nothing stored at {rate:g}/s with encoder_process {encoder}")
     roles = {k: 1e6 * (v - cpu0.get(k, 0.0)) / stored for k, v in cpu1.items()}
-    return {"rate": rate, "encoder": encoder, "batch_size": batch_size, "stored_per_s": stored / elapsed,
-            "us_per_tweet": sum(roles.values()), "by_role": roles}
+    return {"rate": rate, "encoder": encoder, "batch_size": batch_size,
+            "stored_per_s": stored / elapsed, "us_per_tweet": sum(roles.values()), "by_role": roles}
 
 
 def pipeline(bench: run.Bench, rate: float, seconds: float, warmup: float, gzip: bool

@@ -12,9 +12,11 @@ was read, and a SIGKILLed process loses what its kernel had received but it had 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +39,7 @@ from ingestd.control.lease import (
     renew_interval,
 )
 from ingestd.control.lease_gate import StandbyGate
-from ingestd.control.runstate import RUN_DIR, write_status
+from ingestd.control.runstate import RUN_DIR, status_path, write_status
 from ingestd.control.status import render
 from tests.support.creds import CREDS
 from tests.support.daemon import Daemon, settings_doc
@@ -206,10 +208,16 @@ def test_standby_sigkill_the_active_standby_takes_over_nothing_lost(
         wait_until(lambda: a.counters("stream").get("received", 0) >= PER_CONN, 60,
                    "A received its connection's tweets")
         assert b.counters("stream").get("attempts") == 0, "the standby opened a connection"
+        (labels, _), lease = ha_active(a.state_dir), ha_view(a)["lease"]
+        assert labels == {"mode": "standby", "lease": lease} and lease.startswith("stream:")
+        assert [ha_active(d.state_dir) for d in (a, b)] == [(labels, 1.0), (labels, 0.0)]
         killed_at = time.time()
         signal_all(a, signal.SIGKILL)
         a.proc.wait(10)  # type: ignore[union-attr]
         view = wait_role(b, "active", timeout=60)
+        # A's run file still says active; its metrics (were A's listener up) would not: the pair
+        # the alerts sum by lease has one active instance.
+        assert [ha_active(d.state_dir) for d in (a, b)] == [(labels, 0.0), (labels, 1.0)]
         assert view["takeovers"] == 1
         takeover = b.wait_log("ha_takeover")
         assert takeover["previous_holder"] == ha_view(a)["instance"]
@@ -564,6 +572,7 @@ def test_mongodb_unreachable_the_holder_stops_streaming_in_time() -> None:
     assert not gate.may_stream()
     assert gate.state("connected conn=1 gen=1").startswith("degraded: lease unreachable")
     assert gate.view()["role"] == "standby"  # the holder whose lease lapsed
+    assert gate.view()["lease"] == "stream:k"  # the label a pair's metrics are summed by
 
 
 # ---------------------------------------------------------------- settings, status, metrics
@@ -609,3 +618,27 @@ def test_status_and_metrics_show_role_holder_and_takeovers(tmp_path: Path) -> No
         "state_dir": str(tmp_path)}
     assert ("  ha          standby (h2:1)  lease holder h1:9  takeovers 2  lease failures 1"
             in render(view).splitlines())
+
+
+def ha_active(state_dir: Path) -> tuple[dict[str, str], float]:
+    """``ingestd_ha_active``'s one sample, as the instance of ``state_dir`` exports it."""
+    (family,) = [f for f in RunStateCollector(state_dir).collect() if f.name == "ingestd_ha_active"]
+    (sample,) = family.samples
+    return sample.labels, sample.value
+
+
+def test_ha_active_is_labelled_by_lease_and_needs_a_live_stream_worker(tmp_path: Path) -> None:
+    (tmp_path / RUN_DIR).mkdir()
+    ha = {"mode": "standby", "instance": "h1:9", "lease": "stream:0123", "role": "active"}
+    write_status(tmp_path, "stream", {"state": "connected", "ha": ha})
+    assert ha_active(tmp_path) == ({"mode": "standby", "lease": "stream:0123"}, 1.0)
+    # A stream worker that died holding the lease leaves a file that still says active; it
+    # streams no more, and the pair's other instance takes over: summed by lease, one active.
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    doc = json.loads(status_path(tmp_path, "stream").read_bytes())
+    status_path(tmp_path, "stream").write_text(json.dumps({**doc, "pid": exited.pid}))
+    assert ha_active(tmp_path) == ({"mode": "standby", "lease": "stream:0123"}, 0.0)
+    write_status(tmp_path, "stream", {"state": "connected", "ha": {"mode": "single",
+                                                                   "role": "single"}})
+    assert ha_active(tmp_path) == ({"mode": "single", "lease": ""}, 1.0)

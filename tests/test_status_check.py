@@ -116,6 +116,17 @@ def test_check_valid_settings(tmp_path: Path, mongo_uri: str) -> None:
     result = ingestd("check", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert "settings OK" in result.stdout and "analytics.tweets" in result.stdout
+    assert "  ha " not in result.stdout  # single: nothing to say
+
+
+def test_check_names_a_standby_s_lease_document(tmp_path: Path, mongo_uri: str) -> None:
+    doc = settings_doc("http://127.0.0.1:9/1.1/statuses/filter.json", mongo_uri, "analytics")
+    doc["ha"] = {"mode": "standby", "instance": "db-1", "collection": "pairs"}
+    result = ingestd("check", "--config", str(write_settings(tmp_path / "s.yaml", doc)))
+    assert result.returncode == 0, result.stderr
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("  ha ")]
+    assert re.fullmatch(r"  ha +standby as db-1, lease stream:[0-9a-f]{16} in analytics\.pairs "
+                        r"at mongodb://\S+", line), line
 
 
 def test_check_warns_about_a_retired_key(tmp_path: Path, mongo_uri: str) -> None:

@@ -298,20 +298,32 @@ class RunStateCollector:
         yield known_counter("ingestd_stream_reconnects_total",
                             "Connections ended, by reason.", "reason", _counts(c.get("endings")))
         yield from plain_counters(STREAM_COUNTERS, c)
-        yield from self._ha(_section(stream, "ha"))
+        yield from self._ha(stream, now)
         if stream:
             with self._lock:
                 last = self._last_message.time(stream, now)
             yield gauge("ingestd_last_message_age_seconds", "Seconds since the last message.",
                         max(now - last, 0.0))
 
-    def _ha(self, ha: Mapping[str, Any]) -> Iterable[Metric]:
+    def _ha(self, stream: Mapping[str, Any], now: float) -> Iterable[Metric]:
         """``ha.mode``: whether this instance streams (always, unless a standby without the
-        lease), the takeovers it made and its failed lease operations."""
-        role = ha.get("role", "single")
-        yield gauge("ingestd_ha_active", "1 while this instance may stream (ha.mode single or "
-                    "redundant, or the holder of the standby lease).",
-                    0.0 if role == "standby" or not ha else 1.0)
+        lease), the takeovers it made and its failed lease operations. A standby pair's
+        instances share ``lease`` (the lease key): summed by it, the pair's active count is one
+        (deploy/prometheus/ingestd-alerts.yml, IngestdStandby*)."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        ha = _section(stream, "ha")
+        mode = str(ha.get("mode", ""))
+        if mode == "standby":  # a dead stream worker's file still names the role it last had
+            active = ha.get("role") == "active" and status.alive(dict(stream), now)
+        else:
+            active = bool(ha)
+        family = GaugeMetricFamily(
+            "ingestd_ha_active", "1 while this instance may stream (ha.mode single or "
+            "redundant, or the holder of the standby lease).", labels=["mode", "lease"])
+        family.add_metric([mode, str(ha.get("lease", "")) if mode == "standby" else ""],
+                          1.0 if active else 0.0)
+        yield family
         yield counter("ingestd_ha_takeovers_total", "Times this instance took the standby lease "
                       "over from another holder.", _num(ha.get("takeovers")))
         yield counter("ingestd_ha_lease_failures_total", "Lease renewals or reads that failed "

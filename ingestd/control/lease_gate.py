@@ -76,7 +76,8 @@ class StandbyGate:
         view = self.keeper.view()
         if view["role"] == "active" and not self.keeper.may_stream():
             view["role"] = "standby"  # the lease lapsed; the thread has not noticed yet
-        return {"mode": "standby", "instance": self.instance, **view}
+        return {"mode": "standby", "instance": self.instance, "lease": self.keeper.elector.key,
+                **view}
 
     def close(self) -> None:
         self.keeper.close()

@@ -78,7 +78,17 @@ def summary(settings: Settings) -> str:
             f"  filters    {len(s.track)} track phrases, {len(s.follow)} follow ids, "
             f"{len(s.locations)} location boxes\n"
             f"  mongo      {settings.mongo.database}.{settings.mongo.collection}\n"
-            f"  state dir  {settings.state_dir}")
+            f"  state dir  {settings.state_dir}{_ha_line(settings)}")
+
+
+def _ha_line(settings: Settings) -> str:
+    """A standby pair must share one lease document: what decides which one (see the alert
+    IngestdStandbyBothActive)."""
+    ha = settings.ha
+    if ha.mode != "standby":
+        return f"\n  ha         {ha.mode}" if ha.mode != "single" else ""
+    return (f"\n  ha         standby as {ha.instance}, lease {ha.lease_key} in "
+            f"{settings.mongo.database}.{ha.collection} at {settings.mongo.display_uri()}")
 
 
 def check_mongo(settings: Settings) -> bool:
