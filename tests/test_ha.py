@@ -45,6 +45,7 @@ from tests.support.creds import CREDS
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.mongo import stored_ids
 from tests.support.mongo_proxy import MongoProxy
+from tests.support.prometheus import ALERT_RULES, Prometheus, find_binary, free_port
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
 
@@ -390,6 +391,65 @@ def test_single_mode_writes_no_lease(tmp_path: Path, mongo_uri: str,
     assert lease_docs(mongo_uri, mongo_database) == []
     assert not [e for e in daemon.log_events()
                 if str(e.get("event", "")).startswith(("lease_", "ha_"))]
+
+
+PAIR = 'sum by (job, lease) (ingestd_ha_active{mode="standby"})'  # what the standby alerts sum
+
+
+def test_a_real_prometheus_counts_one_active_per_pair_through_a_takeover(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """The standby alerts' premise, with Prometheus scraping real instances: the pair sums to one
+    through a takeover (a killed instance's series go stale at its first failed scrape, so the
+    pair never counts its old holder next to the new one), and to two once a third instance
+    with the same credentials holds a lease in another collection (IngestdStandbyBothActive)."""
+    find_binary()
+    sim = sim_for(tmp_path)
+    ports = [free_port() for _ in "abc"]
+    targets = [f"127.0.0.1:{port}" for port in ports]
+
+    def instance(i: int, collection: str = "leases") -> Daemon:
+        doc = ha_doc(sim, mongo_uri, mongo_database, "standby")
+        doc["ha"]["collection"] = collection
+        doc["metrics"] = {"listen": targets[i]}
+        return Daemon(tmp_path / "abc"[i], doc)
+
+    a, b, c = instance(0), instance(1), instance(2, collection="leases_elsewhere")
+    prom = Prometheus(tmp_path / "prom", targets, rule_files=[ALERT_RULES])
+    try:
+        a.start().wait_ready(BOOT)
+        lease = wait_role(a, "active")["lease"]
+        b.start().wait_ready(BOOT)
+        wait_role(b, "standby")
+        prom.start()
+
+        def pair() -> list[tuple[dict[str, str], float]]:
+            return [(s.labels, s.value) for s in prom.query(PAIR)]
+
+        def active(i: int) -> float | None:
+            return prom.value(f'ingestd_ha_active{{instance="{targets[i]}"}}')
+
+        wait_until(lambda: active(0) == 1 and active(1) == 0, 30, "A active, B standby scraped")
+        assert pair() == [({"job": "ingestd", "lease": lease}, 1.0)]
+        signal_all(a, signal.SIGKILL)
+        a.proc.wait(10)  # type: ignore[union-attr]
+        wait_role(b, "active", timeout=60)
+        wait_until(lambda: active(1) == 1, 30, "B's takeover scraped")
+        assert active(0) is None, "the killed instance's last sample is still current"
+        assert pair() == [({"job": "ingestd", "lease": lease}, 1.0)]
+        c.start().wait_ready(BOOT)
+        assert wait_role(c, "active")["lease"] == lease  # same credentials, its own lease
+        wait_until(lambda: active(2) == 1, 30, "C scraped")
+        assert pair() == [({"job": "ingestd", "lease": lease}, 2.0)]
+        def both_active() -> dict[str, Any]:
+            rules = {r["name"]: r for g in prom.rules()["groups"] for r in g["rules"]}
+            rule = rules["IngestdStandbyBothActive"]
+            assert rule["health"] == "ok", rule.get("lastError")
+            return rule if rule["state"] != "inactive" else {}
+
+        assert wait_until(both_active, 10, "the rule's next evaluation")["state"] == "pending"
+    finally:
+        prom.stop()
+        kill_all(sim, a, b, c)
 
 
 # ---------------------------------------------------------------- redundant
