@@ -666,8 +666,8 @@ def test_ha_settings_defaults_and_errors() -> None:
 
 def test_status_and_metrics_show_role_holder_and_takeovers(tmp_path: Path) -> None:
     (tmp_path / RUN_DIR).mkdir()
-    ha = {"mode": "standby", "instance": "h2:1", "role": "standby", "holder": "h1:9",
-          "term": 0, "takeovers": 2, "renew_failures": 1, "last_error": None}
+    ha = {"mode": "standby", "instance": "h2:1", "lease": "stream:0123", "role": "standby",
+          "holder": "h1:9", "term": 0, "takeovers": 2, "renew_failures": 1, "last_error": None}
     write_status(tmp_path, "stream", {"state": "standby: lease held by h1:9", "ha": ha})
     families = {f.name: f.samples[0].value for f in RunStateCollector(tmp_path).collect()
                 if f.name.startswith("ingestd_ha_")}
@@ -676,8 +676,10 @@ def test_status_and_metrics_show_role_holder_and_takeovers(tmp_path: Path) -> No
     view = {"health": "ok", "reasons": [], "running": dict.fromkeys(
         ("supervisor", "stream", "store"), True), "workers": {"stream": {"ha": ha}},
         "state_dir": str(tmp_path)}
-    assert ("  ha          standby (h2:1)  lease holder h1:9  takeovers 2  lease failures 1"
-            in render(view).splitlines())
+    lines = render(view).splitlines()
+    at = lines.index(
+        "  ha          standby (h2:1)  lease holder h1:9  takeovers 2  lease failures 1")
+    assert lines[at + 1] == "              lease stream:0123"
 
 
 def ha_active(state_dir: Path) -> tuple[dict[str, str], float]:

@@ -144,7 +144,9 @@ def _ha_lines(ha: dict[str, Any]) -> list[str]:
         return ["  ha          redundant: every instance streams"]
     return [f"  ha          {ha.get('role', '-')} ({ha.get('instance', '-')})  lease holder "
             f"{ha.get('holder') or '-'}  takeovers {ha.get('takeovers', 0)}  lease failures "
-            f"{ha.get('renew_failures', 0)}"]
+            f"{ha.get('renew_failures', 0)}",
+            # the pair's name in the alerts (their ``lease`` label)
+            f"              lease {ha.get('lease') or '-'}"]
 
 
 def _store_lines(view: dict[str, Any]) -> list[str]:
