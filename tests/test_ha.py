@@ -440,6 +440,7 @@ def test_a_real_prometheus_counts_one_active_per_pair_through_a_takeover(
         assert wait_role(c, "active")["lease"] == lease  # same credentials, its own lease
         wait_until(lambda: active(2) == 1, 30, "C scraped")
         assert pair() == [({"job": "ingestd", "lease": lease}, 2.0)]
+
         def both_active() -> dict[str, Any]:
             rules = {r["name"]: r for g in prom.rules()["groups"] for r in g["rules"]}
             rule = rules["IngestdStandbyBothActive"]
