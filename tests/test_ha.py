@@ -396,6 +396,33 @@ def test_single_mode_writes_no_lease(tmp_path: Path, mongo_uri: str,
 PAIR = 'sum by (job, lease) (ingestd_ha_active{mode="standby"})'  # what the standby alerts sum
 
 
+def scraped(tmp_path: Path, name: str, sim: SimProcess, uri: str, db: str, listen: str,
+            collection: str = "leases") -> Daemon:
+    """A standby instance whose metrics listen on ``listen`` (a target Prometheus knows)."""
+    doc = ha_doc(sim, uri, db, "standby")
+    doc["ha"]["collection"] = collection
+    doc["metrics"] = {"listen": listen}
+    return Daemon(tmp_path / name, doc)
+
+
+def pair_sum(prom: Prometheus) -> list[tuple[dict[str, str], float]]:
+    return [(s.labels, s.value) for s in prom.query(PAIR)]
+
+
+def scraped_active(prom: Prometheus, target: str) -> float | None:
+    """``target``'s last scraped ``ingestd_ha_active`` (None: not scraped, or stale)."""
+    return prom.value(f'ingestd_ha_active{{instance="{target}"}}')
+
+
+def wait_rule_state(prom: Prometheus, alert: str) -> str:
+    """The alert's state once its rule has evaluated to something (pending or firing)."""
+    def state() -> str:
+        rules = {r["name"]: r for g in prom.rules()["groups"] for r in g["rules"]}
+        assert rules[alert]["health"] == "ok", rules[alert].get("lastError")
+        return "" if rules[alert]["state"] == "inactive" else str(rules[alert]["state"])
+    return wait_until(state, 10, f"{alert}'s next evaluation")
+
+
 def test_a_real_prometheus_counts_one_active_per_pair_through_a_takeover(
         tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
     """The standby alerts' premise, with Prometheus scraping real instances: the pair sums to one
@@ -404,16 +431,10 @@ def test_a_real_prometheus_counts_one_active_per_pair_through_a_takeover(
     with the same credentials holds a lease in another collection (IngestdStandbyBothActive)."""
     find_binary()
     sim = sim_for(tmp_path)
-    ports = [free_port() for _ in "abc"]
-    targets = [f"127.0.0.1:{port}" for port in ports]
-
-    def instance(i: int, collection: str = "leases") -> Daemon:
-        doc = ha_doc(sim, mongo_uri, mongo_database, "standby")
-        doc["ha"]["collection"] = collection
-        doc["metrics"] = {"listen": targets[i]}
-        return Daemon(tmp_path / "abc"[i], doc)
-
-    a, b, c = instance(0), instance(1), instance(2, collection="leases_elsewhere")
+    targets = [f"127.0.0.1:{free_port()}" for _ in "abc"]
+    a = scraped(tmp_path, "a", sim, mongo_uri, mongo_database, targets[0])
+    b = scraped(tmp_path, "b", sim, mongo_uri, mongo_database, targets[1])
+    c = scraped(tmp_path, "c", sim, mongo_uri, mongo_database, targets[2], "leases_elsewhere")
     prom = Prometheus(tmp_path / "prom", targets, rule_files=[ALERT_RULES])
     try:
         a.start().wait_ready(BOOT)
@@ -422,35 +443,64 @@ def test_a_real_prometheus_counts_one_active_per_pair_through_a_takeover(
         wait_role(b, "standby")
         prom.start()
 
-        def pair() -> list[tuple[dict[str, str], float]]:
-            return [(s.labels, s.value) for s in prom.query(PAIR)]
-
         def active(i: int) -> float | None:
-            return prom.value(f'ingestd_ha_active{{instance="{targets[i]}"}}')
+            return scraped_active(prom, targets[i])
 
         wait_until(lambda: active(0) == 1 and active(1) == 0, 30, "A active, B standby scraped")
-        assert pair() == [({"job": "ingestd", "lease": lease}, 1.0)]
+        assert pair_sum(prom) == [({"job": "ingestd", "lease": lease}, 1.0)]
         signal_all(a, signal.SIGKILL)
         a.proc.wait(10)  # type: ignore[union-attr]
         wait_role(b, "active", timeout=60)
         wait_until(lambda: active(1) == 1, 30, "B's takeover scraped")
         assert active(0) is None, "the killed instance's last sample is still current"
-        assert pair() == [({"job": "ingestd", "lease": lease}, 1.0)]
+        assert pair_sum(prom) == [({"job": "ingestd", "lease": lease}, 1.0)]
         c.start().wait_ready(BOOT)
         assert wait_role(c, "active")["lease"] == lease  # same credentials, its own lease
         wait_until(lambda: active(2) == 1, 30, "C scraped")
-        assert pair() == [({"job": "ingestd", "lease": lease}, 2.0)]
-
-        def both_active() -> dict[str, Any]:
-            rules = {r["name"]: r for g in prom.rules()["groups"] for r in g["rules"]}
-            rule = rules["IngestdStandbyBothActive"]
-            assert rule["health"] == "ok", rule.get("lastError")
-            return rule if rule["state"] != "inactive" else {}
-
-        assert wait_until(both_active, 10, "the rule's next evaluation")["state"] == "pending"
+        assert pair_sum(prom) == [({"job": "ingestd", "lease": lease}, 2.0)]
+        assert wait_rule_state(prom, "IngestdStandbyBothActive") == "pending"  # for: 2m
     finally:
         prom.stop()
         kill_all(sim, a, b, c)
+
+
+def test_a_real_prometheus_sees_a_pair_whose_lease_is_unreachable_stream_nowhere(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """IngestdStandbyNoneActive's premise with real instances: both lose MongoDB (a proxy cut
+    between them and it), the holder stands down, the other cannot take over: the pair sums to
+    zero. Back on MongoDB, one of them takes the lease again and the sum is one."""
+    find_binary()
+    host, port = parse_uri(mongo_uri)["nodelist"][0]
+    sim = sim_for(tmp_path)
+    targets = [f"127.0.0.1:{free_port()}" for _ in "ab"]
+    a = b = None
+    prom = Prometheus(tmp_path / "prom", targets, rule_files=[ALERT_RULES])
+    try:
+        with MongoProxy((host, port)) as proxy:
+            a = scraped(tmp_path, "a", sim, proxy.uri, mongo_database, targets[0])
+            b = scraped(tmp_path, "b", sim, proxy.uri, mongo_database, targets[1])
+            a.start().wait_ready(BOOT)
+            lease = wait_role(a, "active")["lease"]
+            b.start().wait_ready(BOOT)
+            wait_role(b, "standby")
+            prom.start()
+            wait_until(lambda: [scraped_active(prom, t) for t in targets] == [1.0, 0.0], 30,
+                       "A active, B standby scraped")
+            assert pair_sum(prom) == [({"job": "ingestd", "lease": lease}, 1.0)]
+            proxy.failover(600)  # neither instance reaches MongoDB; both keep running
+            wait_role(a, "standby", timeout=60)
+            a.wait_log("stream_stood_down")
+            assert ha_view(b)["role"] == "standby"
+            wait_until(lambda: pair_sum(prom) == [({"job": "ingestd", "lease": lease}, 0.0)],
+                       30, "the stand-down scraped")
+            assert wait_rule_state(prom, "IngestdStandbyNoneActive") == "pending"  # for: 2m
+            proxy.pass_through()
+            wait_until(lambda: pair_sum(prom) == [({"job": "ingestd", "lease": lease}, 1.0)],
+                       60, "one instance active again, scraped")
+            stop_all(a, b)
+    finally:
+        prom.stop()
+        kill_all(sim, a, b)
 
 
 # ---------------------------------------------------------------- redundant
