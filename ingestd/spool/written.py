@@ -37,9 +37,9 @@ class WrittenMark:
     def note(self, seq: int) -> None:
         """Record ``seq`` as the last record appended."""
         if self._fd >= 0:
-            seq_bytes = seq.to_bytes(8, "little")
+            mark = _MARK.pack(seq, crc32c(seq.to_bytes(8, "little")))
             with contextlib.suppress(OSError):
-                os.pwrite(self._fd, seq_bytes + crc32c(seq_bytes).to_bytes(4, "little"), 0)
+                os.pwrite(self._fd, mark, 0)
 
     def close(self) -> None:
         if self._fd >= 0:
