@@ -105,6 +105,17 @@ def test_matching_check_finds_no_difference() -> None:
     assert re.search(r"checked against the token model: 0 differences", out), out
 
 
+def test_inflate_measures_every_library_and_the_inflater_at_each_read_size(tmp_path: Path
+                                                                             ) -> None:
+    # Each route must give back exactly the plain body's bytes (the script checks) and a figure.
+    out = run_script("bench/inflate.py", "--payload-tweets", "600", "--tweets", "600",
+                     "--reads", "430,65536", "--rounds", "1", "--cache", str(tmp_path))
+    rows = re.findall(r"^\| ([\w -]+) \| ([\d.]+) \([\d.]+×\) \| ([\d.]+) \([\d.]+×\) \|$",
+                      out, re.M)
+    assert {"zlib", "zlib-ng", "ingestd Inflater"} <= {name for name, _, _ in rows}, out
+    assert all(float(a) > 0 and float(b) > 0 for _, a, b in rows), out
+
+
 def test_steady_rates_store_tweets_with_and_without_the_child(tmp_path: Path) -> None:
     """The real daemon at a steady rate (a small payload of its own, 1 s windows), then the
     pipeline contender on the same paced stream."""

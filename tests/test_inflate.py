@@ -1,4 +1,4 @@
-"""source.inflate: a compressed body inflated by us (isal), as the simulator and servers send it."""
+"""source.inflate: a compressed body inflated by us (zlib-ng), as servers send it."""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """A connection's compressed body, inflated here rather than by libcurl (docs/protocol.md §2.3).
 
-We send ``Accept-Encoding: deflate, gzip`` ourselves and inflate with isal (Intel's ISA-L), which
-takes about half of zlib's CPU for the same stream (bench/RESULTS.md). libcurl would inflate with
-zlib and hand the output over 16 KiB at a time; here a whole socket read reaches the framer at once.
+We send ``Accept-Encoding: deflate, gzip`` ourselves and inflate with zlib-ng, which takes ~60 %
+of zlib's CPU for a stream flushed after every message (each message a deflate block with its own
+Huffman header: ISA-L, decoding such blocks, spends most of its time building its tables and took
+~75 %; bench/RESULTS.md). libcurl would inflate with zlib and hand the output over 16 KiB at a
+time; here a whole socket read reaches the framer at once.
 """
 
 from __future__ import annotations
@@ -11,23 +13,22 @@ import itertools
 from collections.abc import Iterable, Iterator
 from typing import cast
 
-from isal import isal_zlib
+from zlib_ng import zlib_ng
 
 # Compressed bytes inflated per step: a tweet stream inflates ~9×, so one step's output (~150 KB)
 # is what the framer and the spool intake hold at once, however large the socket read was.
 STEP_BYTES = 16 * 1024
 # The most output one step makes: a small body that inflates to gigabytes (a compression bomb)
 # reaches the framer in pieces of this size, which bounds its memory like any other long read.
-# isal allocates this much for every call (at 1 MiB a loop over real tweets kept 1.4 MB more).
 PIECE_BYTES = 256 * 1024
 _IDENTITY = frozenset({"", "identity"})
 # Content-Encoding → the wrapper around the deflate data: gzip's header and trailer, or zlib's
 # (HTTP's "deflate", RFC 9110 §8.4.1.2).
-_WBITS = {"gzip": 16 + isal_zlib.MAX_WBITS, "x-gzip": 16 + isal_zlib.MAX_WBITS,
-          "deflate": isal_zlib.MAX_WBITS}
-_Decompressor = isal_zlib.Decompress  # what decompressobj returns
-# isal's stub declares ``error`` as an instance; at run time it is the exception class.
-_InflateError = cast("type[Exception]", isal_zlib.error)
+_WBITS = {"gzip": 16 + zlib_ng.MAX_WBITS, "x-gzip": 16 + zlib_ng.MAX_WBITS,
+          "deflate": zlib_ng.MAX_WBITS}
+_Decompressor = zlib_ng._Decompress  # what decompressobj returns
+# The stub declares ``error`` as an instance (as isal's and CPython's old ones did): it is a class.
+_InflateError = cast("type[Exception]", zlib_ng.error)
 
 
 class BadEncoding(ValueError):
@@ -40,7 +41,7 @@ class Inflater:
 
     def __init__(self, wbits: int) -> None:
         self._wbits = wbits
-        self._z = isal_zlib.decompressobj(wbits)
+        self._z = zlib_ng.decompressobj(wbits)
 
     def inflate(self, data: bytes) -> Iterable[bytes]:
         """The bytes ``data`` completes, in pieces of at most ``PIECE_BYTES``.
@@ -71,7 +72,7 @@ class Inflater:
                 data = z.unused_data
                 if not data:
                     return
-                z = self._z = isal_zlib.decompressobj(self._wbits)
+                z = self._z = zlib_ng.decompressobj(self._wbits)
                 continue
             data = z.unconsumed_tail
             if not data and len(out) < PIECE_BYTES:
