@@ -11,14 +11,16 @@ an election or an overload::
         proxy.reset_mid_reply(1)                # next write applied, half its reply, then RST
         proxy.delay_writes(2.0, count=1)        # next write's reply held for 2 s
         proxy.failover(5.0)                     # RST every connection, refuse new ones for 5 s
+        proxy.failover_at_next_insert(5.0)      # the same, when the next insert arrives
         proxy.rewrite_hello(MONGOS_HELLO)       # every hello reply now says "mongos"
         proxy.wait_applied("command_error", 1)  # until the fault has been used
 
-Faults apply to write commands only (``insert``, ``delete``, ``update``), in the order they were
-asked for; ``hello``/``isMaster`` and every read pass through untouched unless a fault says so
-(``failover`` resets everything; ``rewrite_hello`` changes what ``hello`` says the server is:
-a replica-set member or a mongos, for code that looks at the deployment type; the driver's
-first handshake on a connection, a legacy OP_QUERY, is rewritten too).
+Faults apply to write commands only (``insert``, ``delete``, ``update``; ``failover_at_next_insert``
+waits for an ``insert``), in the order they were asked for; ``hello``/``isMaster`` and every
+read pass through untouched unless a fault says so (``failover`` resets everything;
+``rewrite_hello`` changes what ``hello`` says the server is: a replica-set member or a mongos,
+for code that looks at the deployment type; the driver's first handshake on a connection, a
+legacy OP_QUERY, is rewritten too).
 Replies are built as the server builds them: the error codes carry their ``codeName``, and
 ``RetryableWriteError`` is labelled only on a retryable write (one that carries a
 ``txnNumber``), as servers from 4.4 do.
@@ -79,8 +81,9 @@ _request_ids = itertools.count(1 << 30)  # our own replies' ids, far from the dr
 
 @dataclass
 class _Fault:
-    kind: str  # command_error | write_concern_error | reset_mid_reply | delay
+    kind: str  # command_error | write_concern_error | reset_mid_reply | delay | failover
     remaining: int
+    commands: frozenset[str] = WRITE_COMMANDS  # the write commands it waits for
     code: int = 0
     seconds: float = 0.0
     err_info: dict[str, Any] = field(default_factory=dict)
@@ -212,12 +215,13 @@ class MongoProxy:
 
     def failover(self, seconds: float) -> None:
         """Reset every connection now and every new one for ``seconds``; then pass through."""
-        with self._lock:
-            self._down_until = time.monotonic() + seconds
-            pipes = list(self._pipes)
-        for pipe in pipes:
-            pipe.kill()
+        self._go_down(seconds)
         self._count("failover")
+
+    def failover_at_next_insert(self, seconds: float) -> None:
+        """``failover(seconds)`` at the moment the next ``insert`` arrives (it is not forwarded):
+        a failover that certainly catches a batch in flight, not whichever write was."""
+        self._add(_Fault("failover", 1, seconds=seconds, commands=frozenset({"insert"})))
 
     def rewrite_hello(self, fields: dict[str, Any] | None) -> None:
         """Merge ``fields`` into every ``hello``/``isMaster`` reply (OP_MSG or the legacy
@@ -254,15 +258,23 @@ class MongoProxy:
         with self._lock:
             self._faults.append(fault)
 
+    def _go_down(self, seconds: float) -> None:
+        with self._lock:
+            self._down_until = time.monotonic() + seconds
+            pipes = list(self._pipes)
+        for pipe in pipes:
+            pipe.kill()
+
     def _count(self, kind: str) -> None:
         with self._lock:
             self.applied[kind] += 1
 
-    def take_fault(self) -> _Fault | None:
-        """The fault for the write being forwarded now (one use of the oldest queued one)."""
+    def take_fault(self, command: str) -> _Fault | None:
+        """The fault for the write ``command`` being forwarded now (one use of the oldest queued
+        one, if it waits for that command)."""
         with self._lock:
             self.writes_seen += 1
-            if not self._faults:
+            if not self._faults or command not in self._faults[0].commands:
                 return None
             fault = self._faults[0]
             fault.remaining -= 1
@@ -358,10 +370,13 @@ class _Pipe:
         if body is None or command_name(body).lower() not in WRITE_COMMANDS:
             self.upstream.sendall(message)
             return
-        fault = self.proxy.take_fault()
+        fault = self.proxy.take_fault(command_name(body).lower())
         request_id = HEADER.unpack_from(message)[1]
         if fault is not None and fault.kind == "command_error":
             self._queue(0.0, op_msg(_command_error(fault.code, body), request_id), False)
+            return
+        if fault is not None and fault.kind == "failover":
+            self.proxy._go_down(fault.seconds)  # resets this pipe too (counted by take_fault)
             return
         if fault is not None:
             self._faults[request_id] = fault
