@@ -31,7 +31,8 @@ tweet was parsed). CPU is the contender's processes' CPU seconds in that window;
 sum of the processes' high-water marks. Contenders are interleaved within each repeat so that load
 from other users of the machine hits all of them alike; the table shows medians, with the load
 average next to every figure. Then: (e) p50/p99 send->acknowledged latency at a steady rate,
-with ingestd's CPU per tweet there and the pipeline's on the same paced stream,
+with ingestd's CPU per tweet there and the pipeline's on the same paced stream (``--steady-rounds``
+rounds of both, order swapped each round; medians, every round listed),
 (f) RSS of all ingestd processes under a 10x overload (the blackhole delays every ack), (f') the
 rate at which ingestd drains a backlog into a MongoDB that acks each insert 0.05 s late, (g) a
 smaller run against the nx-27017 stand-in proving the same path stores every tweet exactly once
@@ -607,8 +608,9 @@ def _frame_name(frame: str) -> str:
 # ---------------------------------------------------------------- extra runs
 
 
-def latency_figures(bench: Bench, pairs: list[tuple[int, int]], slices: list[tuple[int, int]]
-                    ) -> dict[str, float]:
+def latencies(bench: Bench, pairs: list[tuple[int, int]], slices: list[tuple[int, int]]
+              ) -> list[float]:
+    """Each acknowledged tweet's send → acknowledged time, in seconds."""
     ids = bench.payload.ids()
     index_of = {tweet_id: i for i, tweet_id in enumerate(ids)}
     starts = [s for s, _ in slices]
@@ -621,7 +623,11 @@ def latency_figures(bench: Bench, pairs: list[tuple[int, int]], slices: list[tup
             continue
         k = bisect.bisect_right(starts, i) - 1
         lat.append((ack_ns - slices[k][1]) / 1e9)
-    lat.sort()
+    return lat
+
+
+def latency_figures(lat: list[float]) -> dict[str, float]:
+    lat = sorted(lat)
     if not lat:
         return {}
 
@@ -632,22 +638,63 @@ def latency_figures(bench: Bench, pairs: list[tuple[int, int]], slices: list[tup
             "max": lat[-1]}
 
 
-def run_latency(bench: Bench, rate: float, seconds: float) -> dict[str, Any]:
+def run_latency(bench: Bench, rate: float, seconds: float, rounds: int) -> dict[str, Any]:
+    """``rounds`` paced runs of ingestd and of the one-process pipeline on the same stream (the
+    same-run baseline), their order swapped each round. A steady rate's CPU per tweet moves by
+    ±6 µs from run to run on this VM (bench/RESULTS.md): one run cannot say where it sits."""
     tweets = min(bench.payload.tweets, int(rate * seconds))
-    bh = Blackhole(bench.workdir / "blackhole-latency")
-    try:
-        result = bench.run_ingestd(True, tweets, rate=rate, blackhole=bh, track=True)
-        pairs = bh.dump(bench.workdir / "latency-pairs.bin")
-    finally:
-        bh.stop()
-    figures = latency_figures(bench, pairs, bench.server.deliveries[0].slices)
-    # a stream the daemon keeps up with: its CPU per tweet in a steady state (bench/steady.py),
-    # and the one-process pipeline's on the same stream, paced alike (the same-run baseline)
-    per_role = {k: round(v * 1e6 / tweets, 1) for k, v in result.extra["cpu_by_role"].items()}
-    pipeline = bench.run_contender("threaded", True, tweets, rate=rate)
-    return {"rate": rate, "tweets": tweets, "load": result.load, **figures,
-            "us_per_tweet": round(result.us_per_tweet, 1), "us_per_tweet_by_role": per_role,
-            "pipeline_us_per_tweet": round(pipeline.us_per_tweet, 1)}
+    ours: list[float] = []
+    pipes: list[float] = []
+    roles: dict[str, list[float]] = {}
+    lat: list[float] = []
+    p99s: list[float] = []
+    loads: list[float] = []
+    for i in range(rounds):
+        for who in ("ingestd", "pipeline") if i % 2 == 0 else ("pipeline", "ingestd"):
+            if who == "pipeline":
+                pipes.append(round(
+                    bench.run_contender("threaded", True, tweets, rate=rate).us_per_tweet, 1))
+                continue
+            bh = Blackhole(bench.workdir / f"blackhole-latency-{i}")
+            try:
+                result = bench.run_ingestd(True, tweets, rate=rate, blackhole=bh, track=True)
+                pairs = bh.dump(bench.workdir / f"latency-pairs-{i}.bin")
+            finally:
+                bh.stop()
+            these = latencies(bench, pairs, bench.server.deliveries[0].slices)
+            lat += these
+            p99s.append(latency_figures(these).get("p99", 0.0))
+            ours.append(round(result.us_per_tweet, 1))
+            loads.append(result.load)
+            for role, cpu in result.extra["cpu_by_role"].items():
+                roles.setdefault(role, []).append(cpu * 1e6 / tweets)
+        say(f"      steady round {i + 1}: ingestd {ours[-1]:.1f} µs/tweet, pipeline "
+            f"{pipes[-1]:.1f}, p99 {p99s[-1]:.3f} s")
+    med = statistics.median
+    return {"rate": rate, "tweets": tweets, "rounds": rounds, "load": max(loads),
+            **latency_figures(lat), "p99_by_round": [round(p, 3) for p in p99s],
+            "us_per_tweet": med(ours), "us_per_tweet_by_round": ours,
+            "us_per_tweet_by_role": {k: round(med(v), 1) for k, v in roles.items()},
+            "pipeline_us_per_tweet": med(pipes), "pipeline_by_round": pipes,
+            "ratio_by_round": [round(a / b, 2) for a, b in zip(ours, pipes, strict=True)]}
+
+
+def latency_text(lat: dict[str, Any]) -> str:
+    def listed(values: list[float]) -> str:
+        return ", ".join(f"{v:g}" for v in values)
+
+    return (f"send -> acknowledged over {lat.get('count', 0):,} tweets in {lat['rounds']} "
+            f"runs at {lat['rate']:,.0f}/s: p50 {lat.get('p50', 0):.3f} s, p90 "
+            f"{lat.get('p90', 0):.3f} s, **p99 {lat.get('p99', 0):.3f} s** (by run: "
+            f"{listed(lat['p99_by_round'])}), max {lat.get('max', 0):.3f} s (highest load "
+            f"{lat['load']:.2f}); CPU at that steady rate, median of the runs **"
+            f"{lat['us_per_tweet']:.1f} µs/tweet** (by run: {listed(lat['us_per_tweet_by_round'])};"
+            " by process, medians: "
+            + ", ".join(f"{k} {v}" for k, v in lat["us_per_tweet_by_role"].items() if v)
+            + f"); the pipeline (threaded) on the same paced stream: "
+            f"{lat['pipeline_us_per_tweet']:.1f} µs/tweet (by run: "
+            f"{listed(lat['pipeline_by_round'])}); ingestd's CPU over the pipeline's, run by run: "
+            f"{listed(lat['ratio_by_round'])}")
 
 
 def run_overload(bench: Bench, rate: float, ack_delay: float, seconds: float,
@@ -891,6 +938,8 @@ def main(argv: list[str] | None = None) -> int:
       help=f"comma list of: {', '.join(CONTENDERS)}")
     a("--latency-rate", type=float, default=5000.0)
     a("--latency-seconds", type=float, default=12.0)
+    a("--steady-rounds", type=int, default=3,
+      help="paced runs of ingestd and the pipeline at --latency-rate (medians reported)")
     a("--overload-rate", type=float, default=20000.0)
     a("--overload-ack-delay", type=float, default=0.5, help="s per insert (1000 tweets)")
     a("--overload-seconds", type=float, default=10.0)
@@ -995,17 +1044,10 @@ def main(argv: list[str] | None = None) -> int:
                        f"{args.keepalive:g} s)\n\n" + "\n".join(lines))
             if "latency" not in skip:
                 say(f"\n### Latency at a steady {args.latency_rate:,.0f} tweets/s (gzip) ...")
-                lat = run_latency(bench, args.latency_rate, args.latency_seconds)
+                lat = run_latency(bench, args.latency_rate, args.latency_seconds,
+                                  args.steady_rounds)
                 report["latency"] = lat
-                text = (f"send -> acknowledged over {lat.get('count', 0):,} tweets at "
-                        f"{args.latency_rate:,.0f}/s: p50 {lat.get('p50', 0):.3f} s, "
-                        f"p90 {lat.get('p90', 0):.3f} s, **p99 {lat.get('p99', 0):.3f} s**, "
-                        f"max {lat.get('max', 0):.3f} s (load {lat['load']:.2f}); CPU at "
-                        f"that steady rate **{lat['us_per_tweet']:.1f} µs/tweet** (by process: "
-                        + ", ".join(f"{k} {v}" for k, v in lat["us_per_tweet_by_role"].items()
-                                    if v) + f"); the pipeline (threaded) on the same paced "
-                        f"stream: {lat['pipeline_us_per_tweet']:.1f} µs/tweet "
-                        f"({lat['us_per_tweet'] / lat['pipeline_us_per_tweet']:.2f}× its CPU)")
+                text = latency_text(lat)
                 say("   " + text)
                 md.add("### Latency\n\n" + text)
             if "overload" not in skip:

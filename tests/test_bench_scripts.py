@@ -147,6 +147,34 @@ def test_prespool_contender_stores_every_tweet(tmp_path: Path) -> None:
     assert exits and all(e["exit_code"] == 0 for e in exits), exits
 
 
+def test_steady_rate_runs_both_in_each_round_and_reports_the_median(tmp_path: Path) -> None:
+    """``make bench``'s steady-rate run (latency and goal 2's CPU figure): each round runs ingestd
+    and the pipeline; the reported CPU is the median of the rounds, all of which are listed."""
+    out = run_script("bench/run.py", "--repeats", "0", "--payload-tweets", "2000",
+                     "--latency-rate", "400", "--latency-seconds", "2", "--steady-rounds", "3",
+                     "--skip", "overload,standin,quiet,profile", "--results", "",
+                     "--cache", str(tmp_path / "cache"), "--workdir", str(tmp_path / "work"),
+                     timeout=300)
+    rounds = re.findall(r"steady round (\d): ingestd ([\d.]+) µs/tweet, pipeline ([\d.]+), "
+                        r"p99 ([\d.]+) s", out)
+    assert [r[0] for r in rounds] == ["1", "2", "3"], out
+    line = re.search(r"over ([\d,]+) tweets in 3 runs at 400/s: .*\*\*p99 ([\d.]+) s\*\* "
+                     r"\(by run: ([\d., ]+)\).* median of the runs \*\*([\d.]+) µs/tweet\*\* "
+                     r"\(by run: ([\d., ]+);.*pipeline.*: ([\d.]+) µs/tweet \(by run: "
+                     r"([\d., ]+)\); .*run by run: ([\d., ]+)$", out, re.M)
+    assert line, out
+    count, p99, p99s, cpu, cpus, pipe, pipes, ratios = line.groups()
+    assert int(count.replace(",", "")) == 3 * 800  # every tweet of every run acknowledged
+    as_floats = [[float(v) for v in part.split(", ")] for part in (p99s, cpus, pipes, ratios)]
+    assert all(len(values) == 3 for values in as_floats), line.group(0)
+    p99_by_run, cpu_by_run, pipe_by_run, ratio_by_run = as_floats
+    assert [float(r[1]) for r in rounds] == cpu_by_run
+    assert float(cpu) == sorted(cpu_by_run)[1] and float(pipe) == sorted(pipe_by_run)[1]
+    assert min(p99_by_run) <= float(p99) <= max(p99_by_run)  # pooled over the runs
+    assert ratio_by_run == [round(a / b, 2) for a, b in zip(cpu_by_run, pipe_by_run,
+                                                            strict=True)]
+
+
 def test_pairs_runs_both_trees_in_each_round_and_prints_the_paired_ratio(tmp_path: Path) -> None:
     """Two rounds of one small burst per tree (this tree twice): each round names its order, both
     rates and their ratio, and the summary's ratio is the rounds' (figures are not judged)."""
