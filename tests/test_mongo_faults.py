@@ -149,7 +149,7 @@ def test_reply_lost_mid_write_is_stored_once_and_counted_once(
 # ---------------------------------------------------------------- issue 19, point 6
 
 
-def test_failover_longer_than_the_slow_threshold_gives_one_warning_and_one_count(
+def test_failover_longer_than_the_slow_threshold_warns_once_for_each_write_that_waited(
         tmp_path: Path, proxy: MongoProxy, mongo_uri: str, mongo_database: str) -> None:
     threshold, window = 1.5, 4.0
     script = [[{"deliver": 400}, {"keepalive_only": 120}]]
@@ -165,23 +165,29 @@ def test_failover_longer_than_the_slow_threshold_gives_one_warning_and_one_count
         finish(daemon, sim)
     assert proxy.count("failover") == 1
     slow = daemon.events("mongo_write_slow")
-    assert len(slow) == 1, slow
-    (warning,) = slow
-    assert warning["level"] == "warning"
-    # "ok_ids_present": the failover cut the reply to an insert the server had applied, and the
-    # retry found the batch's own documents (counted as stored, checked by reconcile below).
-    assert warning["op"] == "insert" and warning["outcome"] in ("ok", "ok_ids_present")
-    assert threshold <= warning["seconds"] < 30
-    # The causes are what pymongo saw: a command that failed on the reset connection, a pool
-    # cleared or a server that went Unknown, with the socket error.
+    # The batch's insert waited through the failover: one warning for it. When its first attempt
+    # fails fast, the retrier's back-off ticks, and the spool checkpoint written there needs the
+    # coverage ledger's write first, which waits through the same outage (seen in 1 of ~10
+    # runs): a second write that took that long, with its own warning. Nothing else was slow.
+    ops = [w["op"] for w in slow]
+    assert ops.count("insert") == 1, slow
+    assert all(op == "insert" or op.startswith("coverage ") for op in ops), slow
+    assert len(set(ops)) == len(ops), slow  # one warning per write, not per attempt
+    (warning,) = [w for w in slow if w["op"] == "insert"]
+    for each in slow:
+        assert each["level"] == "warning" and threshold <= each["seconds"] < 30, each
+        assert each["outcome"] == "ok", each  # the proxy reset it before the server saw it
+    # The insert's causes are what pymongo saw: a command that failed on the reset connection, a
+    # pool cleared or a server that went Unknown, with the socket error.
     causes = " | ".join(warning["causes"])
     assert "Unknown" in causes or "pool cleared" in causes or "failed on" in causes, causes
     store = reconcile(daemon, sim, mongo_uri, mongo_database)
-    assert store["slow_writes"] == 1
+    assert store["slow_writes"] == len(slow)  # each warning counted once
     hist = daemon.status("store")["hist"]["insert_seconds"]
     fast = sum(c for b, c in zip(hist["buckets"], hist["counts"], strict=False) if b <= 1.0)
     assert hist["count"] - fast >= 1, "the slow batch is in a bucket above 1 s"
-    print(f"\n[failover {window}s] slow warning after {warning['seconds']}s, causes: {causes}")
+    print(f"\n[failover {window}s] slow warnings {ops}, the insert's after {warning['seconds']}s, "
+          f"causes: {causes}")
 
 
 def test_writes_faster_than_the_threshold_are_not_reported_slow(
