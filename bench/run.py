@@ -642,6 +642,8 @@ def run_latency(bench: Bench, rate: float, seconds: float, rounds: int) -> dict[
     """``rounds`` paced runs of ingestd and of the one-process pipeline on the same stream (the
     same-run baseline), their order swapped each round. A steady rate's CPU per tweet moves by
     ±6 µs from run to run on this VM (bench/RESULTS.md): one run cannot say where it sits."""
+    if rounds < 1:
+        raise SystemExit(f"--steady-rounds must be 1 or more, not {rounds}")
     tweets = min(bench.payload.tweets, int(rate * seconds))
     ours: list[float] = []
     pipes: list[float] = []
@@ -898,7 +900,8 @@ def table(medians: dict[tuple[str, str], Result], encodings: list[str]) -> str:
             r = medians.get((name, enc))
             if r is None:
                 continue
-            ratios = [f"{r.rate / b.rate:.2f}×" if b else "—" for b in bases]
+            # three decimals: goal 1's edge (1.5×) must not be rounded onto (1.497 read 1.50)
+            ratios = [f"{r.rate / b.rate:.3f}×" if b else "—" for b in bases]
             pipeline = bases[0]
             cpu_ratio = (f"{r.us_per_tweet / pipeline.us_per_tweet:.2f}×"
                          if pipeline and pipeline.us_per_tweet else "—")
