@@ -196,7 +196,8 @@ def report(workdir: Path, mongo_uri: str) -> None:
     print(f"    dead-lettered         {sum(dict(store.get('deadlettered', {})).values())}")
     missing, unexpected = len(expected - stored), len(stored - expected)
     print(f"    missing               {missing}   unexpected {unexpected}")
-    step("example queries (more in docs/cookbook.md)")
+    step("example queries (more in docs/cookbook.md, for a real MongoDB: the stand-in evaluates "
+         "only some)")
     per_term = col.aggregate([{"$unwind": "$_ingest.matched.track"},
                               {"$group": {"_id": "$_ingest.matched.track", "n": {"$sum": 1}}},
                               {"$sort": {"n": -1}}])
