@@ -209,6 +209,16 @@ def test_duplicate_key_is_an_error() -> None:
     assert "duplicate key 'track'" in err.reason and "line 3" in err.reason
 
 
+def test_yaml_aliases_still_work_and_are_bounded() -> None:
+    text = (yaml.safe_dump(BASE) + "writer: {batch_size: &n 10}\n"
+            + "control: {crash_loop_restarts: *n}\n")
+    settings = load(text)
+    assert settings.writer.batch_size == settings.control.crash_loop_restarts == 10
+    (err,) = errors(yaml.safe_dump(BASE) + "x: &a [*a]\n")
+    assert (err.key_path, err.reason) == (
+        "x[0]", "a YAML alias refers to a value that contains it (a recursive alias)")
+
+
 # ---------------------------------------------------------------- structure and types
 
 

@@ -150,6 +150,34 @@ def test_check_invalid_settings_names_file_key_and_reason(tmp_path: Path, mongo_
     assert result.stdout == ""
 
 
+def _laughs(levels: int) -> str:
+    """Billion laughs: each level an alias list of nine of the level below (9**levels values)."""
+    lines = ["l0: &l0 [ha, ha, ha, ha, ha, ha, ha, ha, ha]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(("text", "where", "reason"), [
+    ("x: &a [*a]\n", "x[0]", "a recursive alias"),
+    ("stream: &s {track: [a], backoff: *s}\n", "stream.backoff", "a recursive alias"),
+    (_laughs(9), "l5", "expands to more than 100,000 values"),
+    ("x: " + "[" * 40 + "]" * 40 + "\n", "x", "nested deeper than 32 levels"),
+    ("x: " + "[" * 3000 + "]" * 3000 + "\n", "", "YAML nested too deeply"),
+])
+def test_check_refuses_yaml_alias_bombs_with_a_reason(tmp_path: Path, text: str, where: str,
+                                                      reason: str) -> None:
+    """Recursive aliases, billion laughs and deep nesting: a bounded refusal naming the file
+    and key (exit 78), not a RecursionError or a process eating memory."""
+    config = tmp_path / "anchors.yaml"
+    config.write_text(text)
+    result = ingestd("check", "--config", str(config))
+    assert result.returncode == 78, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    prefix = f"{config}: {where}: " if where else f"{config}: "
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith(prefix)]
+    assert reason in line, line
+
+
 @pytest.fixture(scope="module")
 def strict_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimProcess]:
     """A simulator that accepts OAuth timestamps only within 30 s of its own clock."""
