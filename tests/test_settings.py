@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -438,9 +439,20 @@ def test_mongo_uri_error_never_shows_the_password() -> None:
 def test_insecure_tls_options_refused_unless_loopback(option: str) -> None:
     remote = doc(mongo={"uri": f"mongodb://u:secretpw@db1.example.com,127.0.0.1/?{option}"})
     reason = error_at(remote, "mongo.uri")
-    assert "turn off TLS certificate checks" in reason and "secretpw" not in reason
+    assert "off TLS certificate checks" in reason and "secretpw" not in reason
+    # Only the option written is named, not those pymongo derives from it (tlsInsecure's three).
+    named = re.findall(r"tls\w+", reason)
+    assert [n.lower() for n in named] == [option.split("&")[-1].split("=")[0].lower()], reason
+    assert reason.startswith("URI option ") and " turns off " in reason
     local = doc(mongo={"uri": f"mongodb://localhost,127.0.0.2:27018,[::1]/?{option}"})
     assert load(local).mongo.uri.reveal().endswith(option)
+
+
+def test_two_insecure_tls_options_are_both_named() -> None:
+    uri = "mongodb://db.example.com/?tlsAllowInvalidHostnames=true&tlsAllowInvalidCertificates=true"
+    assert error_at(doc(mongo={"uri": uri}), "mongo.uri") == (
+        "URI options tlsAllowInvalidCertificates, tlsAllowInvalidHostnames turn off TLS "
+        "certificate checks; allowed only when every host is loopback")
 
 
 def test_srv_uri_is_checked_without_dns(monkeypatch: pytest.MonkeyPatch) -> None:

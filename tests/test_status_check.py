@@ -150,6 +150,23 @@ def test_check_invalid_settings_names_file_key_and_reason(tmp_path: Path, mongo_
     assert result.stdout == ""
 
 
+def test_check_names_only_the_insecure_tls_option_written(tmp_path: Path) -> None:
+    """tlsInsecure implies three more options in pymongo; the refusal names what the operator
+    wrote. Loopback is exempt (a local test server), as http:// is for the stream."""
+    query = "/?tlsInsecure=true&tls=true"
+    doc = settings_doc("http://127.0.0.1:9/1.1/statuses/filter.json",
+                       f"mongodb://u:pw-canary-77@db.example.com:27017{query}", "x")
+    config = write_settings(tmp_path / "remote.yaml", doc)
+    result = ingestd("check", "--config", str(config))
+    assert result.returncode == 78, result.stdout + result.stderr
+    assert result.stderr.splitlines()[1:] == [
+        f"{config}: mongo.uri: URI option tlsInsecure turns off TLS certificate checks; "
+        "allowed only when every host is loopback"]
+    doc["mongo"]["uri"] = f"mongodb://u:pw-canary-77@127.0.0.1:27017{query}"
+    local = ingestd("check", "--config", str(write_settings(tmp_path / "local.yaml", doc)))
+    assert local.returncode == 0, local.stdout + local.stderr
+
+
 def _laughs(levels: int) -> str:
     """Billion laughs: each level an alias list of nine of the level below (9**levels values)."""
     lines = ["l0: &l0 [ha, ha, ha, ha, ha, ha, ha, ha, ha]"]
