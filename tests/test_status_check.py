@@ -150,6 +150,47 @@ def test_check_invalid_settings_names_file_key_and_reason(tmp_path: Path, mongo_
     assert result.stdout == ""
 
 
+# -- a state folder that cannot be used ------------------------------------------------------------
+
+
+def unusable_state_dirs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """state_dir values no user could use, with the reason check and run must give."""
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("")  # a parent path component that is a regular file
+    taken = tmp_path / "taken"
+    (taken / "run").mkdir(parents=True)
+    (taken / "spool").write_text("")  # the stream worker's folder is a file
+    return {"parent_is_a_file": (typo / "state", f"{typo} is not a directory"),
+            "spool_is_a_file": (taken, f"{taken / 'spool'} is not a directory")}
+
+
+@pytest.mark.parametrize("case", ["parent_is_a_file", "spool_is_a_file"])
+def test_check_and_run_refuse_a_state_folder_that_cannot_be_used(tmp_path: Path, mongo_uri: str,
+                                                                 case: str) -> None:
+    """check names file, key and reason (exit 78) and creates nothing; run gives one clear
+    error with exit 78, before binding its metrics port: no traceback, no crash loop."""
+    state_dir, reason = unusable_state_dirs(tmp_path)[case]
+    doc = settings_doc("http://127.0.0.1:9/1.1/statuses/filter.json", mongo_uri, "x",
+                       metrics={"listen": "127.0.0.1:0"})
+    doc["state_dir"] = str(state_dir)
+    config = write_settings(tmp_path / "settings.yaml", doc)
+    before = sorted(tmp_path.rglob("*"))
+    expected = f"{config}: state_dir: {state_dir} cannot be used: {reason}"
+
+    checked = ingestd("check", "--config", str(config))
+    assert checked.returncode == 78, checked.stdout + checked.stderr
+    assert checked.stderr.splitlines() == ["invalid settings:", expected]
+    assert sorted(tmp_path.rglob("*")) == before  # check only looks
+
+    ran = ingestd("run", "--config", str(config))
+    output = ran.stdout + ran.stderr
+    assert ran.returncode == 78, output
+    events = [json.loads(line) for line in ran.stdout.splitlines()]
+    assert [(e["level"], e["event"]) for e in events] == [("error", "state_dir_unusable")], output
+    assert events[0]["error"] == expected and events[0]["key"] == "state_dir"
+    assert "Traceback" not in output and "metrics_listen_failed" not in output
+
+
 def test_check_names_only_the_insecure_tls_option_written(tmp_path: Path) -> None:
     """tlsInsecure implies three more options in pymongo; the refusal names what the operator
     wrote. Loopback is exempt (a local test server), as http:// is for the stream."""
