@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ingestd.config.errors import ConfigError
+from ingestd.config.errors import EXIT_UNAVAILABLE, ConfigError
 from tests.support.creds import CREDS
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.simulator import SimProcess
@@ -264,7 +264,7 @@ def test_check_online_wrong_credentials(tmp_path: Path, strict_sim: SimProcess,
     config = online_config(tmp_path, strict_sim.url, mongo_uri)
     result = ingestd("check", "--online", "--config", str(config),
                      env={"TWITTER_CONSUMER_SECRET": "not-the-right-secret"})
-    assert result.returncode == 1
+    assert result.returncode == EXIT_UNAVAILABLE  # 69: a service check needs said no
     assert "HTTP 401" in result.stdout
     assert "credentials rejected" in result.stdout
     assert "clock" not in result.stdout.replace("clock agrees", "")
@@ -277,7 +277,7 @@ def test_check_online_skewed_clock(tmp_path: Path, strict_sim: SimProcess,
                f"time.time = lambda: _real() + {SKEW}")
     config = online_config(tmp_path, strict_sim.url, mongo_uri)
     result = ingestd("check", "--online", "--config", str(config), prelude=prelude)
-    assert result.returncode == 1
+    assert result.returncode == EXIT_UNAVAILABLE  # 69: a service check needs said no
     found = re.search(r"local clock is (\d+)s ahead of the server's", result.stdout)
     assert found, result.stdout
     assert abs(int(found.group(1)) - SKEW) <= 5, "the measured offset is reported"
@@ -286,11 +286,26 @@ def test_check_online_skewed_clock(tmp_path: Path, strict_sim: SimProcess,
 def test_check_online_mongo_unreachable(tmp_path: Path, strict_sim: SimProcess) -> None:
     config = online_config(tmp_path, strict_sim.url, "mongodb://127.0.0.1:9/", timeout_ms=1000)
     result = ingestd("check", "--online", "--config", str(config))
-    assert result.returncode == 1
+    assert result.returncode == EXIT_UNAVAILABLE  # 69: a service check needs said no
     line = next(ln for ln in result.stdout.splitlines() if ln.startswith("mongo"))
     assert "MongoDB is not reachable at mongodb://127.0.0.1:9/" in line
     assert "connection refused" in line.lower()
     print("\n" + result.stdout)
+
+
+def test_coverage_and_reload_exit_codes_for_what_is_not_there(tmp_path: Path) -> None:
+    """Not bugs, so not 1 ("unexpected error"): coverage with MongoDB unreachable exits 69 like
+    check --online; reload with no daemon exits 3 like status."""
+    config = online_config(tmp_path, "http://127.0.0.1:9/1.1/statuses/filter.json",
+                           "mongodb://127.0.0.1:9/", timeout_ms=1000)
+    coverage = ingestd("coverage", "--config", str(config))
+    assert coverage.returncode == EXIT_UNAVAILABLE, coverage.stdout + coverage.stderr
+    assert "coverage: MongoDB is not reachable at mongodb://127.0.0.1:9/" in coverage.stderr
+    reload = ingestd("reload", "--config", str(config))
+    assert reload.returncode == 3, reload.stdout + reload.stderr
+    assert reload.stderr.startswith("ingestd: no running daemon")
+    status = ingestd("status", "--config", str(config))
+    assert status.returncode == reload.returncode
 
 
 @pytest.fixture
@@ -317,7 +332,7 @@ def test_check_online_untrusted_certificate(tmp_path: Path, tls_server: str,
                                             mongo_uri: str) -> None:
     result = ingestd("check", "--online", "--config",
                      str(online_config(tmp_path, tls_server, mongo_uri)))
-    assert result.returncode == 1
+    assert result.returncode == EXIT_UNAVAILABLE  # 69: a service check needs said no
     line = next(ln for ln in result.stdout.splitlines() if ln.startswith("endpoint"))
     assert "not signed by a trusted CA" in line and "stream.ca_file" in line
     assert "curl error 60" in line

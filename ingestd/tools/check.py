@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pycurl
 
-from ingestd.config.errors import EXIT_CONFIG, ConfigError
+from ingestd.config.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError
 from ingestd.config.schema import Settings
 from ingestd.config.settings import load_settings, secret_values
 from ingestd.config.stream import ca_bundle
@@ -29,7 +29,6 @@ from ingestd.tools.instances import instance_warnings
 if TYPE_CHECKING:
     from pymongo import MongoClient
 
-EXIT_ONLINE_FAILED = 1
 PROBE_SECONDS = 10
 MONGO_CAUSES = (
     ("certificate verify failed", "the server's TLS certificate is not signed by a trusted CA "
@@ -73,7 +72,7 @@ def run_check(config: Path, *, online: bool) -> int:
     if not online:
         return 0
     ok = check_mongo(settings) & check_endpoint(settings)
-    return 0 if ok else EXIT_ONLINE_FAILED
+    return 0 if ok else EXIT_UNAVAILABLE
 
 
 def state_dir_findings(settings: Settings) -> tuple[str, list[str]]:
