@@ -184,7 +184,6 @@ class Supervisor:
         if self.start_listener is not None:
             self.listener = self.start_listener()
         try:
-            self.signals.install()
             self.spawn_workers()
             # Start-up's garbage (the settings' YAML, imports) leaves free pages in the heap that
             # the supervisor, idle from now on, would keep for good (~0.6 MB).
@@ -215,17 +214,26 @@ class Supervisor:
             if not self.claim.lock():
                 return self.EXIT_LOCKED
             statedir.prepare(self.state_dir)
+            # Before the pid file: `ingestd reload` may send SIGHUP as soon as it exists.
+            self.signals.install()
             self.claim.write_pidfile()
-        except (OSError, statedir.StateDirUnusable) as exc:
-            self.claim.release()
-            unusable = exc if isinstance(exc, statedir.StateDirUnusable) else \
-                statedir.explain(self.state_dir, exc)
-            error = ConfigError(self.config_path, "state_dir",
-                                f"{self.state_dir} cannot be used: {unusable.reason}")
-            log.error("state_dir_unusable", error=str(error), file=str(self.config_path),
-                      key="state_dir", state_dir=str(self.state_dir), reason=unusable.reason)
+        except OSError as exc:
+            self.unusable_state_dir(statedir.explain(self.state_dir, exc))
+            return self.EXIT_CONFIG
+        except statedir.StateDirUnusable as exc:
+            self.unusable_state_dir(exc)
             return self.EXIT_CONFIG
         return None
+
+    def unusable_state_dir(self, unusable: statedir.StateDirUnusable) -> None:
+        """Undo the claim and say, once, which setting and path are at fault (exit 78 follows:
+        a restart cannot help until the folder or the setting is fixed)."""
+        self.signals.restore()
+        self.claim.release()
+        error = ConfigError(self.config_path, "state_dir",
+                            f"{self.state_dir} cannot be used: {unusable.reason}")
+        log.error("state_dir_unusable", error=str(error), file=str(self.config_path),
+                  key="state_dir", state_dir=str(self.state_dir), reason=unusable.reason)
 
     def supervise(self) -> None:
         """One pass after the signals: reap, check heartbeats, restart, report."""
