@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     reload = sub.add_parser(
         "reload", help="ask a running daemon to re-read its settings and wait for its verdict",
         description="Send SIGHUP to the daemon and wait until it applied the settings file "
-                    "(exit 0) or rejected it (exit 78, the reasons on stderr). Needs no secrets.")
+                    "(exit 0) or rejected it (exit 78, the reasons on stderr); exit 3 when no "
+                    "daemon runs. Needs no secrets.")
     reload.add_argument("--config", type=Path, required=True)
     reload.add_argument("--pid", type=int, default=None,
                         help="the supervisor's pid (systemd: $MAINPID); default: its pid file")

@@ -15,6 +15,7 @@ quiet and everything delivered must be stored.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -678,6 +679,41 @@ def test_second_supervisor_on_the_same_state_dir_is_refused(launch: Launch) -> N
     daemon.wait_ready()
     figure(f"second supervisor refused with exit {second.returncode}: "
            f"{(second.stdout + second.stderr).strip()[:300]}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("port", ["any", "fixed"])
+def test_a_refused_second_supervisor_leaves_the_metrics_listener_alone(launch: Launch,
+                                                                      port: str) -> None:
+    """The second run takes the state-folder lock before it binds a port or writes in run/: the
+    running daemon keeps its run/metrics.addr and the status line that points at it, and the
+    refused one says only why it was refused."""
+    listen = "127.0.0.1:0" if port == "any" else f"127.0.0.1:{free_port()}"
+    _, daemon = launch("--rate", "20", "--keepalive", "1", metrics={"listen": listen})
+    daemon.wait_ready()
+    addr_file = daemon.state_dir / "run" / "metrics.addr"
+    addr = wait_until(lambda: addr_file.exists() and addr_file.read_text().strip(), 10,
+                      "run/metrics.addr")
+    line = f"metrics     http://{addr}/metrics"
+    assert line in run_cli("status", daemon).stdout
+
+    second = run_cli("run", daemon)
+    output = second.stdout + second.stderr
+    assert second.returncode == Supervisor.EXIT_LOCKED, output
+    events = [json.loads(line).get("event") for line in second.stdout.splitlines()]
+    assert events == ["state_dir_locked"], output  # no metrics_listen_failed before it
+    assert addr_file.read_text().strip() == addr
+    assert line in run_cli("status", daemon).stdout
+    host, _, number = addr.rpartition(":")
+    with socket.create_connection((host, int(number)), timeout=5) as sock:  # still served
+        sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert sock.recv(64).startswith(b"HTTP/1.0 200")
+    assert daemon.stop()[0] == 0
 
 
 def test_reload_fixing_a_wrong_mongo_uri_takes_effect_while_the_batch_retries(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,16 @@ def test_control_character_is_reported_with_its_offset() -> None:
 def test_duplicate_key_is_an_error() -> None:
     (err,) = errors("stream:\n  track: [a]\n  track: [b]\n")
     assert "duplicate key 'track'" in err.reason and "line 3" in err.reason
+
+
+def test_yaml_aliases_still_work_and_are_bounded() -> None:
+    text = (yaml.safe_dump(BASE) + "writer: {batch_size: &n 10}\n"
+            + "control: {crash_loop_restarts: *n}\n")
+    settings = load(text)
+    assert settings.writer.batch_size == settings.control.crash_loop_restarts == 10
+    (err,) = errors(yaml.safe_dump(BASE) + "x: &a [*a]\n")
+    assert (err.key_path, err.reason) == (
+        "x[0]", "a YAML alias refers to a value that contains it (a recursive alias)")
 
 
 # ---------------------------------------------------------------- structure and types
@@ -428,9 +439,20 @@ def test_mongo_uri_error_never_shows_the_password() -> None:
 def test_insecure_tls_options_refused_unless_loopback(option: str) -> None:
     remote = doc(mongo={"uri": f"mongodb://u:secretpw@db1.example.com,127.0.0.1/?{option}"})
     reason = error_at(remote, "mongo.uri")
-    assert "turn off TLS certificate checks" in reason and "secretpw" not in reason
+    assert "off TLS certificate checks" in reason and "secretpw" not in reason
+    # Only the option written is named, not those pymongo derives from it (tlsInsecure's three).
+    named = re.findall(r"tls\w+", reason)
+    assert [n.lower() for n in named] == [option.split("&")[-1].split("=")[0].lower()], reason
+    assert reason.startswith("URI option ") and " turns off " in reason
     local = doc(mongo={"uri": f"mongodb://localhost,127.0.0.2:27018,[::1]/?{option}"})
     assert load(local).mongo.uri.reveal().endswith(option)
+
+
+def test_two_insecure_tls_options_are_both_named() -> None:
+    uri = "mongodb://db.example.com/?tlsAllowInvalidHostnames=true&tlsAllowInvalidCertificates=true"
+    assert error_at(doc(mongo={"uri": uri}), "mongo.uri") == (
+        "URI options tlsAllowInvalidCertificates, tlsAllowInvalidHostnames turn off TLS "
+        "certificate checks; allowed only when every host is loopback")
 
 
 def test_srv_uri_is_checked_without_dns(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -443,7 +465,8 @@ def test_srv_uri_is_checked_without_dns(monkeypatch: pytest.MonkeyPatch) -> None
     ok = doc(mongo={"uri": "mongodb+srv://u:p@cluster0.example.invalid/db?retryWrites=true"})
     assert load(ok).mongo.uri.reveal().startswith("mongodb+srv://")
     bad = doc(mongo={"uri": "mongodb+srv://cluster0.example.invalid/?tlsInsecure=true"})
-    assert "turn off TLS" in error_at(bad, "mongo.uri")
+    assert error_at(bad, "mongo.uri") == ("URI option tlsInsecure turns off TLS certificate "
+                                          "checks; allowed only when every host is loopback")
     with_port = doc(mongo={"uri": "mongodb+srv://cluster0.example.invalid:27017/"})
     assert "port" in error_at(with_port, "mongo.uri")
 

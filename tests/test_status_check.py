@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ingestd.config.errors import ConfigError
+from ingestd.config.errors import EXIT_UNAVAILABLE, ConfigError
 from tests.support.creds import CREDS
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.simulator import SimProcess
@@ -150,6 +150,92 @@ def test_check_invalid_settings_names_file_key_and_reason(tmp_path: Path, mongo_
     assert result.stdout == ""
 
 
+# -- a state folder that cannot be used ------------------------------------------------------------
+
+
+def unusable_state_dirs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """state_dir values no user could use, with the reason check and run must give."""
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("")  # a parent path component that is a regular file
+    taken = tmp_path / "taken"
+    (taken / "run").mkdir(parents=True)
+    (taken / "spool").write_text("")  # the stream worker's folder is a file
+    return {"parent_is_a_file": (typo / "state", f"{typo} is not a directory"),
+            "spool_is_a_file": (taken, f"{taken / 'spool'} is not a directory")}
+
+
+@pytest.mark.parametrize("case", ["parent_is_a_file", "spool_is_a_file"])
+def test_check_and_run_refuse_a_state_folder_that_cannot_be_used(tmp_path: Path, mongo_uri: str,
+                                                                 case: str) -> None:
+    """check names file, key and reason (exit 78) and creates nothing; run gives one clear
+    error with exit 78, before binding its metrics port: no traceback, no crash loop."""
+    state_dir, reason = unusable_state_dirs(tmp_path)[case]
+    doc = settings_doc("http://127.0.0.1:9/1.1/statuses/filter.json", mongo_uri, "x",
+                       metrics={"listen": "127.0.0.1:0"})
+    doc["state_dir"] = str(state_dir)
+    config = write_settings(tmp_path / "settings.yaml", doc)
+    before = sorted(tmp_path.rglob("*"))
+    expected = f"{config}: state_dir: {state_dir} cannot be used: {reason}"
+
+    checked = ingestd("check", "--config", str(config))
+    assert checked.returncode == 78, checked.stdout + checked.stderr
+    assert checked.stderr.splitlines() == ["invalid settings:", expected]
+    assert sorted(tmp_path.rglob("*")) == before  # check only looks
+
+    ran = ingestd("run", "--config", str(config))
+    output = ran.stdout + ran.stderr
+    assert ran.returncode == 78, output
+    events = [json.loads(line) for line in ran.stdout.splitlines()]
+    assert [(e["level"], e["event"]) for e in events] == [("error", "state_dir_unusable")], output
+    assert events[0]["error"] == expected and events[0]["key"] == "state_dir"
+    assert "Traceback" not in output and "metrics_listen_failed" not in output
+
+
+def test_check_names_only_the_insecure_tls_option_written(tmp_path: Path) -> None:
+    """tlsInsecure implies three more options in pymongo; the refusal names what the operator
+    wrote. Loopback is exempt (a local test server), as http:// is for the stream."""
+    query = "/?tlsInsecure=true&tls=true"
+    doc = settings_doc("http://127.0.0.1:9/1.1/statuses/filter.json",
+                       f"mongodb://u:pw-canary-77@db.example.com:27017{query}", "x")
+    config = write_settings(tmp_path / "remote.yaml", doc)
+    result = ingestd("check", "--config", str(config))
+    assert result.returncode == 78, result.stdout + result.stderr
+    assert result.stderr.splitlines()[1:] == [
+        f"{config}: mongo.uri: URI option tlsInsecure turns off TLS certificate checks; "
+        "allowed only when every host is loopback"]
+    doc["mongo"]["uri"] = f"mongodb://u:pw-canary-77@127.0.0.1:27017{query}"
+    local = ingestd("check", "--config", str(write_settings(tmp_path / "local.yaml", doc)))
+    assert local.returncode == 0, local.stdout + local.stderr
+
+
+def _laughs(levels: int) -> str:
+    """Billion laughs: each level an alias list of nine of the level below (9**levels values)."""
+    lines = ["l0: &l0 [ha, ha, ha, ha, ha, ha, ha, ha, ha]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(("text", "where", "reason"), [
+    ("x: &a [*a]\n", "x[0]", "a recursive alias"),
+    ("stream: &s {track: [a], backoff: *s}\n", "stream.backoff", "a recursive alias"),
+    (_laughs(9), "l5", "expands to more than 100,000 values"),
+    ("x: " + "[" * 40 + "]" * 40 + "\n", "x", "nested deeper than 32 levels"),
+    ("x: " + "[" * 3000 + "]" * 3000 + "\n", "", "YAML nested too deeply"),
+])
+def test_check_refuses_yaml_alias_bombs_with_a_reason(tmp_path: Path, text: str, where: str,
+                                                      reason: str) -> None:
+    """Recursive aliases, billion laughs and deep nesting: a bounded refusal naming the file
+    and key (exit 78), not a RecursionError or a process eating memory."""
+    config = tmp_path / "anchors.yaml"
+    config.write_text(text)
+    result = ingestd("check", "--config", str(config))
+    assert result.returncode == 78, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    prefix = f"{config}: {where}: " if where else f"{config}: "
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith(prefix)]
+    assert reason in line, line
+
+
 @pytest.fixture(scope="module")
 def strict_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimProcess]:
     """A simulator that accepts OAuth timestamps only within 30 s of its own clock."""
@@ -178,7 +264,7 @@ def test_check_online_wrong_credentials(tmp_path: Path, strict_sim: SimProcess,
     config = online_config(tmp_path, strict_sim.url, mongo_uri)
     result = ingestd("check", "--online", "--config", str(config),
                      env={"TWITTER_CONSUMER_SECRET": "not-the-right-secret"})
-    assert result.returncode == 1
+    assert result.returncode == EXIT_UNAVAILABLE  # 69: a service check needs said no
     assert "HTTP 401" in result.stdout
     assert "credentials rejected" in result.stdout
     assert "clock" not in result.stdout.replace("clock agrees", "")
@@ -191,7 +277,7 @@ def test_check_online_skewed_clock(tmp_path: Path, strict_sim: SimProcess,
                f"time.time = lambda: _real() + {SKEW}")
     config = online_config(tmp_path, strict_sim.url, mongo_uri)
     result = ingestd("check", "--online", "--config", str(config), prelude=prelude)
-    assert result.returncode == 1
+    assert result.returncode == EXIT_UNAVAILABLE  # 69: a service check needs said no
     found = re.search(r"local clock is (\d+)s ahead of the server's", result.stdout)
     assert found, result.stdout
     assert abs(int(found.group(1)) - SKEW) <= 5, "the measured offset is reported"
@@ -200,11 +286,26 @@ def test_check_online_skewed_clock(tmp_path: Path, strict_sim: SimProcess,
 def test_check_online_mongo_unreachable(tmp_path: Path, strict_sim: SimProcess) -> None:
     config = online_config(tmp_path, strict_sim.url, "mongodb://127.0.0.1:9/", timeout_ms=1000)
     result = ingestd("check", "--online", "--config", str(config))
-    assert result.returncode == 1
+    assert result.returncode == EXIT_UNAVAILABLE  # 69: a service check needs said no
     line = next(ln for ln in result.stdout.splitlines() if ln.startswith("mongo"))
     assert "MongoDB is not reachable at mongodb://127.0.0.1:9/" in line
     assert "connection refused" in line.lower()
     print("\n" + result.stdout)
+
+
+def test_coverage_and_reload_exit_codes_for_what_is_not_there(tmp_path: Path) -> None:
+    """Not bugs, so not 1 ("unexpected error"): coverage with MongoDB unreachable exits 69 like
+    check --online; reload with no daemon exits 3 like status."""
+    config = online_config(tmp_path, "http://127.0.0.1:9/1.1/statuses/filter.json",
+                           "mongodb://127.0.0.1:9/", timeout_ms=1000)
+    coverage = ingestd("coverage", "--config", str(config))
+    assert coverage.returncode == EXIT_UNAVAILABLE, coverage.stdout + coverage.stderr
+    assert "coverage: MongoDB is not reachable at mongodb://127.0.0.1:9/" in coverage.stderr
+    reload = ingestd("reload", "--config", str(config))
+    assert reload.returncode == 3, reload.stdout + reload.stderr
+    assert reload.stderr.startswith("ingestd: no running daemon")
+    status = ingestd("status", "--config", str(config))
+    assert status.returncode == reload.returncode
 
 
 @pytest.fixture
@@ -231,7 +332,7 @@ def test_check_online_untrusted_certificate(tmp_path: Path, tls_server: str,
                                             mongo_uri: str) -> None:
     result = ingestd("check", "--online", "--config",
                      str(online_config(tmp_path, tls_server, mongo_uri)))
-    assert result.returncode == 1
+    assert result.returncode == EXIT_UNAVAILABLE  # 69: a service check needs said no
     line = next(ln for ln in result.stdout.splitlines() if ln.startswith("endpoint"))
     assert "not signed by a trusted CA" in line and "stream.ca_file" in line
     assert "curl error 60" in line

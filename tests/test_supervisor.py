@@ -155,6 +155,10 @@ def test_sigterm_stops_stream_before_store_and_exits_0(start: Any) -> None:
     # The producer is gone before the consumer is even asked to stop (and then drains).
     assert order == [("stream", "term"), ("stream", "exit"), ("store", "term"), ("store", "exit")]
     assert run.logs("stopped", killed=[])
+    # Exits the supervisor asked for are routine: info, not a warning to page on.
+    exits = run.logs("worker_exited")
+    assert [(e["role"], e["level"], e["requested"]) for e in exits] == [
+        ("stream", "info", True), ("store", "info", True)], exits
     assert not (run.state_dir / "run" / "supervisor.pid").exists()
     assert run.supervisor_status()["state"] == "stopped"
 
@@ -191,7 +195,10 @@ def test_killed_worker_is_restarted_and_supervisor_stays_up(start: Any) -> None:
     os.kill(old, signal.SIGKILL)
     new = wait_until(lambda: (p := run.worker_pid("stream")) not in (None, old) and p, 10,
                      "a new stream worker")
-    assert run.logs("worker_exited", role="stream", pid=old, signal="SIGKILL")
+    # A death nobody asked for reaches a warning-level filter (the runbook's journal lines).
+    assert run.logs("worker_exited", role="stream", pid=old, signal="SIGKILL", level="warning",
+                    requested=False)
+    assert run.logs("worker_restart_scheduled", role="stream", level="warning")
     assert run.proc.poll() is None
     wait_until(lambda: (runstate.read_status(run.state_dir, "stream") or {}).get("pid") == new,
                10, "the new worker's heartbeat")
@@ -206,6 +213,9 @@ def test_hung_worker_is_aborted_then_killed_and_replaced(start: Any, ignore_abrt
     run.wait_ready()
     hung = run.wait_log("worker_hung", role="stream")
     run.wait_log("worker_exited", role="stream", pid=hung["pid"], signal=death)
+    # The hang itself is the error; the kill that ended it was the supervisor's own.
+    assert hung["level"] == "error"
+    assert run.logs("worker_exited", role="stream", signal=death, level="info", requested=True)
     assert bool(run.logs("worker_killed", role="stream")) == (death == "SIGKILL")
     wait_until(lambda: run.events("started", role="stream", incarnation=2), 10, "a replacement")
     assert run.proc.poll() is None
@@ -253,6 +263,8 @@ def test_crash_loop_stops_the_other_worker_and_exits_75(start: Any) -> None:
                 FAKE_STREAM_CRASH_AFTER="0.1", FAKE_STREAM_EXIT_CODE="3")
     assert run.wait_exit(timeout=30) == 75
     assert run.logs("crash_loop", role="stream")
+    crashes = run.logs("worker_exited", role="stream", exit_code=3)
+    assert len(crashes) == 3 and all(e["level"] == "warning" for e in crashes), crashes
     assert len(run.events("started", role="stream")) == 3  # the first run and 2 restarts
     assert run.events("exit", role="store")  # stopped gracefully, not killed
 

@@ -13,6 +13,9 @@ from typing import Final
 from ingestd.logs import MASK
 
 EXIT_CONFIG: Final = 78  # EX_CONFIG (sysexits.h): what every command exits with on bad settings
+# EX_UNAVAILABLE (sysexits.h): a service a command needs (MongoDB, the endpoint, the daemon's
+# answer) cannot be reached or refused; 1 stays "unexpected error".
+EXIT_UNAVAILABLE: Final = 69
 
 
 class ConfigError(Exception):

@@ -24,6 +24,11 @@ class Missing:
 
 MISSING = Missing()
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Bounds on the settings tree once YAML aliases are expanded: the largest real file (5,000 follow
+# ids, 400 phrases, v2 rules) has ~10k values and 5 levels. A file beyond them is an alias bomb
+# (billion laughs) or a mistake, refused with a reason instead of exhausting memory or the stack.
+MAX_VALUES = 100_000
+MAX_DEPTH = 32
 
 
 class Context:
@@ -79,6 +84,8 @@ def parse_yaml(text: str, ctx: Context) -> dict[object, object]:
         raise ctx.fail(f"YAML error at {where}: {exc.reason} (#x{exc.character:04x})") from None
     except yaml.YAMLError as exc:
         raise ctx.fail(f"YAML error: {type(exc).__name__}") from None
+    except RecursionError:
+        raise ctx.fail(f"YAML nested too deeply (at most {MAX_DEPTH} levels)") from None
     if raw is None:
         raise ctx.fail("file is empty: expected a mapping with stream, auth and mongo sections")
     if not isinstance(raw, dict):
@@ -87,14 +94,47 @@ def parse_yaml(text: str, ctx: Context) -> dict[object, object]:
 
 
 def interpolate(value: Any, path: str, ctx: Context) -> Any:
-    """Replace `${NAME}` in every string: env var NAME, else $CREDENTIALS_DIRECTORY/NAME."""
-    if isinstance(value, dict):
-        return {k: interpolate(v, join(path, str(k)), ctx) for k, v in value.items()}
-    if isinstance(value, list):
-        return [interpolate(v, f"{path}[{i}]", ctx) for i, v in enumerate(value)]
-    if isinstance(value, str):
-        return _VAR.sub(lambda m: _lookup(m.group(1), path, ctx), value)
-    return value
+    """Replace `${NAME}` in every string: env var NAME, else $CREDENTIALS_DIRECTORY/NAME.
+
+    Returns a tree without shared parts (YAML aliases are copied); a recursive alias, a tree
+    nested deeper than ``MAX_DEPTH`` or larger than ``MAX_VALUES`` is refused (``ConfigErrors``).
+    """
+    return _Expansion(ctx).copy(value, path, ())
+
+
+class _Expansion:
+    """One walk of the parsed tree, with its bounds."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.values = 0
+
+    def copy(self, value: Any, path: str, open_ids: tuple[int, ...]) -> Any:
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise self.refuse(_top(path), f"expands to more than {MAX_VALUES:,} values "
+                                          "(YAML aliases repeated inside aliases?)")
+        if isinstance(value, dict | list):
+            if id(value) in open_ids:
+                raise self.refuse(path, "a YAML alias refers to a value that contains it "
+                                        "(a recursive alias)")
+            if len(open_ids) >= MAX_DEPTH:
+                raise self.refuse(_top(path), f"nested deeper than {MAX_DEPTH} levels")
+            inside = (*open_ids, id(value))
+            if isinstance(value, dict):
+                return {k: self.copy(v, join(path, str(k)), inside) for k, v in value.items()}
+            return [self.copy(v, f"{path}[{i}]", inside) for i, v in enumerate(value)]
+        if isinstance(value, str):
+            return _VAR.sub(lambda m: _lookup(m.group(1), path, self.ctx), value)
+        return value
+
+    def refuse(self, path: str, reason: str) -> ConfigErrors:
+        return ConfigErrors([ConfigError(self.ctx.path, path, reason)])
+
+
+def _top(path: str) -> str:
+    """The top-level key of ``path``: ``stream`` for ``stream.track[3]``."""
+    return re.split(r"[.\[]", path, maxsplit=1)[0]
 
 
 def _lookup(name: str, path: str, ctx: Context) -> str:

@@ -112,9 +112,20 @@ def uri_problems(uri: str) -> list[str]:
     insecure = [name for key, name in _INSECURE_TLS.items() if key in true_options]
     hosts = [str(host) for host in facts.get("hosts", ())]
     if insecure and not all(is_loopback(h) for h in hosts):
-        return [f"URI options {', '.join(insecure)} turn off TLS certificate checks; "
-                "allowed only when every host is loopback"]
+        # pymongo sets every implied option (tlsInsecure=true sets the other three): name only
+        # those written in the URI.
+        written = _option_names(uri)
+        named = [name for name in insecure if name.lower() in written] or insecure
+        which = f"URI option {named[0]} turns" if len(named) == 1 else \
+            f"URI options {', '.join(named)} turn"
+        return [f"{which} off TLS certificate checks; allowed only when every host is loopback"]
     return []
+
+
+def _option_names(uri: str) -> set[str]:
+    """The lower-cased names of the options written in ``uri``'s query string."""
+    query = uri.partition("?")[2].partition("#")[0]
+    return {part.partition("=")[0].strip().lower() for part in query.replace(";", "&").split("&")}
 
 
 def _uri_userinfo(uri: str) -> str:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ingestd.config.errors import EXIT_CONFIG, ConfigError, ConfigErrors
+from ingestd.config.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError, ConfigErrors
 from ingestd.config.schema import Settings
 from ingestd.config.settings import load_settings
 from ingestd.control import runstate
@@ -37,7 +37,8 @@ VERDICT_FILE = "reload.json"
 # SYSTEMD_STATE_DIR/NAME (StateDirectory=ingestd/%i).
 SYSTEMD_STATE_DIR = Path("/var/lib/ingestd")
 PLAIN_UNIT_SETTINGS = "settings"
-EXIT_NO_DAEMON = 1
+EXIT_NOT_RUNNING = 3  # no daemon to reload: as `ingestd status` (LSB "program is not running")
+EXIT_NOPERM = 77  # EX_NOPERM: the daemon runs, but this user may not signal it
 POLL_SECONDS = 0.05
 
 
@@ -151,7 +152,8 @@ def pid_alive(pid: int) -> bool:
 
 
 def run_reload(config: Path, *, pid: int | None, timeout: float) -> int:
-    """SIGHUP the daemon and report its verdict: 0 applied, 78 rejected, 1 no answer."""
+    """SIGHUP the daemon and report its verdict: 0 applied, 78 rejected, 3 no daemon running,
+    77 not allowed to signal it, 69 no verdict (or a worker behind) within ``timeout``."""
     try:
         settings = load_settings(config, secrets=False)
     except ConfigError as exc:
@@ -163,13 +165,13 @@ def run_reload(config: Path, *, pid: int | None, timeout: float) -> int:
     if target is None:
         print(f"ingestd: no running daemon (no live pid in {state_dir / runstate.RUN_DIR})",
               file=sys.stderr)
-        return EXIT_NO_DAEMON
+        return EXIT_NOT_RUNNING
     before = read_verdict(state_dir)
     try:
         os.kill(target, signal.SIGHUP)
     except OSError as exc:
         print(f"ingestd: cannot signal pid {target}: {exc.strerror}", file=sys.stderr)
-        return EXIT_NO_DAEMON
+        return EXIT_NOPERM if isinstance(exc, PermissionError) else EXIT_NOT_RUNNING
     return report(await_verdict(state_dir, target, before, timeout), state_dir, timeout)
 
 
@@ -204,7 +206,7 @@ def report(verdict: Verdict | None, state_dir: Path, timeout: float) -> int:
     if verdict is None:
         print(f"ingestd: the daemon gave no verdict within {timeout:g}s (see its log)",
               file=sys.stderr)
-        return EXIT_NO_DAEMON
+        return EXIT_UNAVAILABLE
     if not verdict.applied:
         print(f"reload rejected by the daemon (pid {verdict.pid}); the settings of generation "
               f"{verdict.generation} stay in force:", *verdict.errors, sep="\n", file=sys.stderr)
@@ -214,7 +216,7 @@ def report(verdict: Verdict | None, state_dir: Path, timeout: float) -> int:
         print(f"ingestd: reload accepted as generation {verdict.generation}, but the "
               f"{' and '.join(behind)} worker has not adopted it within {timeout:g}s",
               file=sys.stderr)
-        return EXIT_NO_DAEMON
+        return EXIT_UNAVAILABLE
     print(f"reload applied: generation {verdict.generation} (pid {verdict.pid})"
           f"{describe(verdict.changes)}")
     if later := verdict.changes.get("restart_needed"):

@@ -76,6 +76,7 @@ class Worker:
     status: dict[str, Any] = field(default_factory=dict)
     aborted: float | None = None  # monotonic time SIGABRT was sent
     killed: bool = False
+    sent: set[int] = field(default_factory=set)  # the signals the supervisor sent it
 
     @property
     def pid(self) -> int:
@@ -83,8 +84,16 @@ class Worker:
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the process, which may already be gone."""
+        self.sent.add(sig)
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, sig)
+
+    def requested(self, status: int, stopping: bool) -> bool:
+        """Whether an exit with waitpid ``status`` is one the supervisor asked for: killed by a
+        signal it sent (a stop, a hang), or a clean exit during a stop."""
+        if os.WIFSIGNALED(status):
+            return os.WTERMSIG(status) in self.sent
+        return stopping and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 def describe_status(status: int) -> dict[str, Any]:
@@ -178,7 +187,9 @@ class WorkerPool:
         self.backoff[role] = min(delay * 2, self.BACKOFF_MAX)
         self.restart_at[role] = now + delay
         self.restarts[role] += 1
-        log.info("worker_restart_scheduled", role=role, delay=delay, restarts=self.restarts[role])
+        # Only a worker that died or hung outside a stop is restarted.
+        log.warning("worker_restart_scheduled", role=role, delay=delay,
+                    restarts=self.restarts[role])
 
     # -- ending --------------------------------------------------------------------------------
 
@@ -199,8 +210,12 @@ class WorkerPool:
             worker.proc.returncode = os.waitstatus_to_exitcode(status)
             worker.pipe.close()
             del self.workers[worker.role]
-            log.info("worker_exited", role=worker.role, pid=pid, stopping=stopping,
-                     ran_for=round(time.monotonic() - worker.started, 3), **describe_status(status))
+            # An exit nobody asked for (a crash, the OOM killer) is what operators filter for.
+            requested = worker.requested(status, stopping)
+            report = log.info if requested else log.warning
+            report("worker_exited", role=worker.role, pid=pid, stopping=stopping,
+                   requested=requested, ran_for=round(time.monotonic() - worker.started, 3),
+                   **describe_status(status))
             exited.append((worker, status))
         return exited
 

@@ -35,6 +35,7 @@ from ingestd.config.errors import ConfigError
 from ingestd.config.schema import Settings, StreamSettings
 from ingestd.config.settings import load_settings_text, secret_values, start_only_changes
 from ingestd.control import notify as sd
+from ingestd.control import statedir
 from ingestd.control.daemonctl import config_errors, write_verdict
 from ingestd.control.pipe import Reload, Stop
 from ingestd.control.pool import (
@@ -67,6 +68,15 @@ class SupervisedSettings(Protocol):
 
 
 SettingsLoader = Callable[[str, Path], SupervisedSettings]
+
+
+class Listener(Protocol):
+    """The metrics listener, as the supervisor holds it."""
+
+    def close(self) -> None: ...
+
+
+ListenerFactory = Callable[[], Listener | None]
 
 
 def describe_filter(old: SupervisedSettings, new: SupervisedSettings) -> dict[str, Any]:
@@ -139,6 +149,7 @@ class Supervisor:
         *,
         loader: SettingsLoader = load_settings_text,
         text: str | None = None,
+        listener: ListenerFactory | None = None,
     ) -> None:
         self.config_path = config_path
         self.settings = settings
@@ -159,19 +170,20 @@ class Supervisor:
         self.exit_code: int | None = None
         # The settings text in force (validated at start or by the last good reload).
         self.settings_text = text
+        self.start_listener = listener  # started once the state folder is ours
+        self.listener: Listener | None = None
 
     # -- main loop -----------------------------------------------------------------------------
 
     def run(self) -> int:
         """Start the workers and supervise them until a stop; returns the process exit code."""
-        # Before anything that writes to run/: a refused second supervisor must leave the
-        # running one's pid file and status untouched.
-        if not self.claim.lock():
-            return self.EXIT_LOCKED
+        refused = self.claim_state_dir()
+        if refused is not None:
+            return refused
         self.pool.inherited_fds = self.claim.fds
+        if self.start_listener is not None:
+            self.listener = self.start_listener()
         try:
-            self.signals.install()
-            self.claim.write_pidfile()
             self.spawn_workers()
             # Start-up's garbage (the settings' YAML, imports) leaves free pages in the heap that
             # the supervisor, idle from now on, would keep for good (~0.6 MB).
@@ -190,6 +202,38 @@ class Supervisor:
             return self.EXIT_ERROR
         finally:
             self.cleanup()
+
+    def claim_state_dir(self) -> int | None:
+        """Lock the state folder, create its sub-folders and write the pid file; the exit code
+        if the folder is another supervisor's or cannot be used.
+
+        First of all: a refused second supervisor must leave the running one's files in run/
+        untouched and bind no port (its metrics.addr would replace the running one's).
+        """
+        try:
+            if not self.claim.lock():
+                return self.EXIT_LOCKED
+            statedir.prepare(self.state_dir)
+            # Before the pid file: `ingestd reload` may send SIGHUP as soon as it exists.
+            self.signals.install()
+            self.claim.write_pidfile()
+        except OSError as exc:
+            self.unusable_state_dir(statedir.explain(self.state_dir, exc))
+            return self.EXIT_CONFIG
+        except statedir.StateDirUnusable as exc:
+            self.unusable_state_dir(exc)
+            return self.EXIT_CONFIG
+        return None
+
+    def unusable_state_dir(self, unusable: statedir.StateDirUnusable) -> None:
+        """Undo the claim and say, once, which setting and path are at fault (exit 78 follows:
+        a restart cannot help until the folder or the setting is fixed)."""
+        self.signals.restore()
+        self.claim.release()
+        error = ConfigError(self.config_path, "state_dir",
+                            f"{self.state_dir} cannot be used: {unusable.reason}")
+        log.error("state_dir_unusable", error=str(error), file=str(self.config_path),
+                  key="state_dir", state_dir=str(self.state_dir), reason=unusable.reason)
 
     def supervise(self) -> None:
         """One pass after the signals: reap, check heartbeats, restart, report."""
@@ -375,6 +419,8 @@ class Supervisor:
         self.standing.stopped = True
         self.reporter.write_status()
         self.signals.restore()
+        if self.listener is not None:
+            self.listener.close()  # while the lock is ours: its metrics.addr is ours too
         self.claim.release()
 
 
@@ -403,12 +449,8 @@ def run_supervisor(config_path: Path) -> int:
     # Imported here, not at module level: tests build a Supervisor without the metrics listener.
     from ingestd.control.metrics import start_metrics_server
 
-    metrics = start_metrics_server(settings)
-    try:
-        return Supervisor(config_path, settings, text=text).run()
-    finally:
-        if metrics is not None:
-            metrics.close()
+    return Supervisor(config_path, settings, text=text,
+                      listener=lambda: start_metrics_server(settings)).run()
 
 
 def configure_supervisor_logging(settings: Settings) -> None:

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import pycurl
 
-from ingestd.config.errors import EXIT_CONFIG, ConfigError
+from ingestd.config.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError
 from ingestd.config.schema import Settings
 from ingestd.config.settings import load_settings, secret_values
 from ingestd.config.stream import ca_bundle
+from ingestd.control import statedir
 from ingestd.logs import register_secret, scrub_text
 from ingestd.source.headers import USER_AGENT, parse_header_line
 from ingestd.source.oauth import diagnose_401, encode_form, sign_request
@@ -28,7 +29,6 @@ from ingestd.tools.instances import instance_warnings
 if TYPE_CHECKING:
     from pymongo import MongoClient
 
-EXIT_ONLINE_FAILED = 1
 PROBE_SECONDS = 10
 MONGO_CAUSES = (
     ("certificate verify failed", "the server's TLS certificate is not signed by a trusted CA "
@@ -62,13 +62,33 @@ def run_check(config: Path, *, online: bool) -> int:
         return EXIT_CONFIG
     for secret in secret_values(settings):
         register_secret(secret)  # scrub_text then masks them in any error text we print
+    state_error, state_warnings = state_dir_findings(settings)
+    if state_error:
+        print(f"invalid settings:\n{state_error}", file=sys.stderr)
+        return EXIT_CONFIG
     print(summary(settings))
-    for notice in (*settings.mongo.notices, *instance_warnings(settings)):
+    for notice in (*settings.mongo.notices, *state_warnings, *instance_warnings(settings)):
         print(f"warning: {notice}")
     if not online:
         return 0
     ok = check_mongo(settings) & check_endpoint(settings)
-    return 0 if ok else EXIT_ONLINE_FAILED
+    return 0 if ok else EXIT_UNAVAILABLE
+
+
+def state_dir_findings(settings: Settings) -> tuple[str, list[str]]:
+    """(an error, warnings) about the state folder, found by looking only (nothing is created).
+
+    An error when no user could use it (a path component that is a file, a read-only file
+    system); a warning when only the user running ``check`` cannot write it: the daemon may run
+    as another (systemd's DynamicUser).
+    """
+    found = statedir.inspect(settings.state_dir)
+    if found is None:
+        return "", []
+    text = f"{settings.path}: state_dir: {settings.state_dir} cannot be used: {found.reason}"
+    if found.anyone:
+        return text, []
+    return "", [f"{text} (by this user; the daemon's user may differ)"]
 
 
 def summary(settings: Settings) -> str:

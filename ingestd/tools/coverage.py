@@ -17,13 +17,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from ingestd.config.errors import EXIT_CONFIG, ConfigError
+from ingestd.config.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError
 from ingestd.config.schema import Settings
 from ingestd.config.settings import load_settings
 from ingestd.sink.coverage import HOUR_NS, hour_start_ns, split_hours
 from ingestd.tools.check import explain_mongo_error
 
-EXIT_MONGO = 1
+EXIT_MONGO = EXIT_UNAVAILABLE  # MongoDB unreachable or refusing (as check --online)
 DEFAULT_WINDOW = timedelta(hours=24)
 
 

@@ -1,0 +1,110 @@
+"""The state folder: its sub-folders, whether it can be used, and creating them at start.
+
+``inspect`` only looks (``ingestd check`` must create nothing); ``prepare`` creates the folders
+once the supervisor holds the state-folder lock. Both name the path at fault: "…/typo.yaml is
+not a directory" says more than the ENOTDIR of a mkdir three levels down.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from ingestd.control import runstate
+
+# Created at start by the supervisor, so that a folder the workers could not create (spool/ by
+# the stream worker, deadletter/ by the store worker) stops the start with one clear error
+# instead of a crash loop.
+SUBDIRS = (runstate.RUN_DIR, "spool", "deadletter")
+ACCESS = os.W_OK | os.X_OK  # create and remove entries
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Why a state folder cannot be used. ``anyone``: no user could use it (a path component
+    that is a file, a read-only file system), not only the user who looked."""
+
+    reason: str
+    anyone: bool
+
+
+def inspect(state_dir: Path) -> Finding | None:
+    """What stops ``state_dir`` (and its sub-folders) being created and written; no side effects."""
+    existing = Path(state_dir.anchor or "/")
+    for path in (*reversed(state_dir.parents), state_dir):
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            finding = _writable(existing)
+            return None if finding is None else Finding(
+                f"{path} cannot be created: {finding.reason}", finding.anyone)
+        except OSError as exc:
+            return Finding(f"{path}: {exc.strerror}", exc.errno != errno.EACCES)
+        if not stat.S_ISDIR(mode):
+            return Finding(f"{path} is not a directory", anyone=True)
+        existing = path
+    for path in (state_dir, *(state_dir / name for name in SUBDIRS)):
+        finding = _existing_dir(path)
+        if finding is not None:
+            return finding
+    return None
+
+
+def _existing_dir(path: Path) -> Finding | None:
+    """A folder that exists must be a writable directory; a missing one is created later."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return Finding(f"{path}: {exc.strerror}", exc.errno != errno.EACCES)
+    if not stat.S_ISDIR(mode):
+        return Finding(f"{path} is not a directory", anyone=True)
+    return _writable(path)
+
+
+def _writable(path: Path) -> Finding | None:
+    if os.access(path, ACCESS, effective_ids=os.access in os.supports_effective_ids):
+        return None
+    try:
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        return Finding(f"{path} is on a read-only file system", anyone=True)
+    uid = os.geteuid()
+    # Root can write anywhere else: what stops root stops every user.
+    return Finding(f"{path} is not writable by uid {uid}", anyone=uid == 0)
+
+
+class StateDirUnusable(Exception):
+    """The state folder cannot be created or written: ``reason`` names the path at fault."""
+
+    def __init__(self, state_dir: Path, reason: str) -> None:
+        super().__init__(reason)
+        self.state_dir = state_dir
+        self.reason = reason
+
+
+def explain(state_dir: Path, exc: OSError) -> StateDirUnusable:
+    """``exc`` (from creating or writing in ``state_dir``) as a reason naming the culprit."""
+    finding = inspect(state_dir)
+    if finding is not None:
+        return StateDirUnusable(state_dir, finding.reason)
+    where = exc.filename if exc.filename is not None else state_dir
+    return StateDirUnusable(state_dir, f"{where}: {exc.strerror or type(exc).__name__}")
+
+
+def prepare(state_dir: Path) -> None:
+    """Create the state folder's sub-folders; ``StateDirUnusable`` if one cannot be used."""
+    try:
+        for name in SUBDIRS:
+            path = state_dir / name
+            path.mkdir(parents=True, exist_ok=True)
+            if not os.access(path, ACCESS, effective_ids=os.access in os.supports_effective_ids):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    except OSError as exc:
+        raise explain(state_dir, exc) from None
