@@ -384,6 +384,46 @@ def test_reload_command_reports_the_daemons_verdict_without_secrets(launch: Laun
     figure(f"reload verdicts: {good.stdout.strip()!r}; {bad.stderr.strip()!r}")
 
 
+def test_restart_note_judges_start_only_keys_against_the_values_in_force(
+        launch: Launch) -> None:
+    """A start-only key is judged against what the running processes started with, not against
+    the previous file: reverting ``spool.max_records`` needs no restart. A stream worker replaced
+    meanwhile opened its spool with the file's bound: reverting then does need one."""
+    _sim, daemon = launch("--rate", "50", "--keepalive", "1", "--seed", "113")
+    daemon.wait_ready()
+    started = dict(daemon.doc)
+    changed = {**started, "spool": {"max_records": 100_000}}
+    note = "note: spool.max_records take effect only after a restart"
+    daemon.write_settings_atomically(changed)
+    first = operator_cli("reload", daemon=daemon)
+    daemon.write_settings_atomically(started)
+    reverted = operator_cli("reload", daemon=daemon)
+
+    assert first.returncode == 0 and note in first.stdout, first.stdout + first.stderr
+    assert reverted.returncode == 0, reverted.stdout + reverted.stderr
+    assert "restart" not in reverted.stdout, "the file equals the value in force"
+    assert [e["generation"] for e in daemon.events("reload_needs_restart")] == [2]
+    assert daemon.status("stream")["spool"]["max_records"] == 2_000_000
+
+    # The file says 100000 when the stream worker is replaced: that bound is now in force.
+    daemon.write_settings_atomically(changed)
+    assert note in operator_cli("reload", daemon=daemon).stdout  # generation 4
+    old = daemon.worker_pid("stream")
+    os.kill(old, signal.SIGKILL)
+    new_worker(daemon, "stream", old)
+    wait_until(lambda: daemon.status("stream").get("spool", {}).get("max_records") == 100_000,
+               30, "the replacement's spool bound")
+    daemon.write_settings_atomically(started)
+    back = operator_cli("reload", daemon=daemon)
+
+    assert back.returncode == 0 and note in back.stdout, back.stdout + back.stderr
+    needs = daemon.events("reload_needs_restart")
+    assert [(e["generation"], e["keys"]) for e in needs] == [
+        (2, ["spool.max_records"]), (4, ["spool.max_records"]), (5, ["spool.max_records"])]
+    figure(f"start-only key reverted: {reverted.stdout.strip()!r}; reverted after the stream "
+           f"worker restarted with the new bound: {back.stdout.strip()!r}")
+
+
 def test_unchanged_and_writer_only_reloads_do_not_reconnect(
         launch: Launch, mongo_uri: str, mongo_database: str) -> None:
     # Enough tweets that both reloads land while the stream still flows, even on a loaded box.
