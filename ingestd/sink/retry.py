@@ -23,7 +23,14 @@ from ingestd.documents.messages import MessageReason
 from ingestd.sink.attempt import Started
 from ingestd.sink.counters import StoreCounters, bump
 from ingestd.sink.deadletter import DeadLetterStore, Reason
-from ingestd.sink.mongo import DRIVER_EVENTS, ErrorClass, classify_error, error_fields, error_name
+from ingestd.sink.mongo import (
+    DRIVER_EVENTS,
+    ErrorClass,
+    classify_error,
+    error_fields,
+    error_key,
+    error_name,
+)
 from ingestd.sink.target import MongoTarget
 from ingestd.spool.format import KIND_MESSAGE, Record, RecordRef
 
@@ -109,9 +116,11 @@ class Retrier:
             c.state = f"degraded: mongo unavailable ({name})"
         c.retries += 1
         # What the server said (codes, names, messages, errInfo); write errors by code only:
-        # their messages can quote document contents.
+        # their messages can quote document contents. Repeats fold by what the error is and
+        # where (``retries`` and the message's timeouts change at every attempt).
+        key = f"{what} {cls.value} {error_key(exc)} @{self._target.servers()}"
         log.error("mongo_write_failed", op=what, error_class=cls.value, retries=c.retries,
-                  **error_fields(exc))
+                  rate_key=key, **error_fields(exc))
 
     def recovered(self) -> None:
         self._counters.state = "draining" if self.should_stop() else "running"
