@@ -199,6 +199,10 @@ def watch(conn: Connection, payload: bytes, stats: ReaderStats) -> None:
         return
     if isinstance(body := msg.get("disconnect"), dict):
         conn.disconnect = body
+        if conn.switched_out:  # the endpoint ends the old connection of our filter switch
+            log.info("stream_disconnect", conn=conn.conn_id, code=body.get("code"),
+                     reason=str(body.get("reason", ""))[:200], planned="filter switch")
+            return
         stats.disconnect_codes[str(body.get("code"))] += 1
         log.warning("stream_disconnect", conn=conn.conn_id, code=body.get("code"),
                     reason=str(body.get("reason", ""))[:200])
