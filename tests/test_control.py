@@ -243,6 +243,48 @@ def test_sighup_changing_track_switches_make_before_break_without_loss(
            f"lost=0; stored matching the common term 'ipad': {common}")
 
 
+@pytest.mark.parametrize("late", [False, True], ids=["logout_after_first_byte",
+                                                     "logout_before_first_byte"])
+def test_the_endpoints_logout_of_a_replaced_connection_is_a_planned_end(
+        launch: Launch, late: bool) -> None:
+    """The endpoint logs the old connection of a filter switch out (disconnect code 7) once the
+    new one is up, as the real one does for a second connection of an account: no warning, no
+    `disconnect` reconnect; each switch ends one connection as `retired`. The notice is still a
+    delivered control message, counted as such. ``late``: each new connection's first byte
+    comes a second after its 200, so the logout is read while the old one is still active."""
+    switches = 3
+    script = [[{"then": "normal"}], *[[{"stall": 1}]] * switches] if late else None
+    sim, daemon = launch("--rate", "100", "--keepalive", "1", "--control-every", "0",
+                         "--seed", "37", script=script)
+    daemon.wait_ready()
+    wait_stored(daemon, 10)
+    for n in range(2, 2 + switches):
+        doc = dict(daemon.doc)
+        doc["stream"] = {**doc["stream"], "track": ["ipad", f"ipod{n}"]}
+        daemon.write_settings_atomically(doc)
+        daemon.send(signal.SIGHUP)
+        wait_until(lambda n=n: (s := daemon.status("stream")).get("conn") == n
+                   and s.get("pending") is None and not s.get("retiring"), 30, f"conn {n} alone")
+    wait_until(lambda: len(sim.ground_truth().control("disconnect")) == switches, 10,
+               "the endpoint's logouts")
+    wait_until(lambda: daemon.counters("store").get("control", {}).get("disconnect") == switches,
+               30, "the logouts counted as control messages")
+    stream = daemon.counters("stream")
+    notices = daemon.events("stream_disconnect")
+
+    assert [e["code"] for e in sim.ground_truth().control("disconnect")] == [7] * switches
+    assert stream["endings"] == {"retired": switches}, stream["endings"]
+    assert stream["disconnect_codes"] == {}
+    assert [(e["level"], e["code"], e.get("planned")) for e in notices] == [
+        ("info", 7, "filter switch")] * switches
+    assert daemon.events("stream_ended") == [], "a logged-out old connection was reconnected"
+    switched = daemon.events("filters_switched")
+    assert [e["old_conn"] for e in switched] == ([None] * switches if late else [1, 2, 3])
+    figure(f"{switches} filter switches (logout {'before' if late else 'after'} the new "
+           f"connection's first byte): connection ends {stream['endings']}, logouts counted as "
+           f"control messages: {switches}")
+
+
 def count_matching(mongo_uri: str, database: str, term: str) -> dict[int, int]:
     """Stored tweets whose ``_ingest.matched.track`` holds ``term``, per connection."""
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
@@ -383,6 +425,46 @@ def test_reload_command_reports_the_daemons_verdict_without_secrets(launch: Laun
     assert looked.stdout.startswith("ingestd: ok")
     assert f"state dir   {daemon.state_dir}" in looked.stdout
     figure(f"reload verdicts: {good.stdout.strip()!r}; {bad.stderr.strip()!r}")
+
+
+def test_restart_note_judges_start_only_keys_against_the_values_in_force(
+        launch: Launch) -> None:
+    """A start-only key is judged against what the running processes started with, not against
+    the previous file: reverting ``spool.max_records`` needs no restart. A stream worker replaced
+    meanwhile opened its spool with the file's bound: reverting then does need one."""
+    _sim, daemon = launch("--rate", "50", "--keepalive", "1", "--seed", "113")
+    daemon.wait_ready()
+    started = dict(daemon.doc)
+    changed = {**started, "spool": {"max_records": 100_000}}
+    note = "note: spool.max_records take effect only after a restart"
+    daemon.write_settings_atomically(changed)
+    first = operator_cli("reload", daemon=daemon)
+    daemon.write_settings_atomically(started)
+    reverted = operator_cli("reload", daemon=daemon)
+
+    assert first.returncode == 0 and note in first.stdout, first.stdout + first.stderr
+    assert reverted.returncode == 0, reverted.stdout + reverted.stderr
+    assert "restart" not in reverted.stdout, "the file equals the value in force"
+    assert [e["generation"] for e in daemon.events("reload_needs_restart")] == [2]
+    assert daemon.status("stream")["spool"]["max_records"] == 2_000_000
+
+    # The file says 100000 when the stream worker is replaced: that bound is now in force.
+    daemon.write_settings_atomically(changed)
+    assert note in operator_cli("reload", daemon=daemon).stdout  # generation 4
+    old = daemon.worker_pid("stream")
+    os.kill(old, signal.SIGKILL)
+    new_worker(daemon, "stream", old)
+    wait_until(lambda: daemon.status("stream").get("spool", {}).get("max_records") == 100_000,
+               30, "the replacement's spool bound")
+    daemon.write_settings_atomically(started)
+    back = operator_cli("reload", daemon=daemon)
+
+    assert back.returncode == 0 and note in back.stdout, back.stdout + back.stderr
+    needs = daemon.events("reload_needs_restart")
+    assert [(e["generation"], e["keys"]) for e in needs] == [
+        (2, ["spool.max_records"]), (4, ["spool.max_records"]), (5, ["spool.max_records"])]
+    figure(f"start-only key reverted: {reverted.stdout.strip()!r}; reverted after the stream "
+           f"worker restarted with the new bound: {back.stdout.strip()!r}")
 
 
 def test_unchanged_and_writer_only_reloads_do_not_reconnect(

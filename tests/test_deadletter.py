@@ -224,3 +224,31 @@ def kill_store_worker(daemon: Daemon, n: int) -> None:
                f"store worker restart {n}")
     wait_until(lambda: daemon.status("store").get("pid") not in (None, pid)
                and daemon.status("store").get("state") == "running", 30, "a new store worker")
+
+
+def test_an_oversize_message_is_dead_lettered_with_its_real_size_and_its_head(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """Only a head of a message over ``stream.max_message_bytes`` reaches the spool, but its dead
+    letter (and log line) says its real size as the framer counted it (the line without its
+    CRLF), that the raw bytes are truncated, and why in words."""
+    size = 2_000_000
+    script = [[{"deliver": 5}, {"bad_lines": ["oversize"]}, {"deliver": 5},
+               {"keepalive_only": 600}]]
+    sim = SimProcess(tmp_path / "sim", "--rate", "100", "--keepalive", "1", "--control-every",
+                     "0", "--max-line", str(size), "--seed", "5", script=script).start()
+    daemon = Daemon(tmp_path / "daemon", settings_doc(sim.url, mongo_uri, mongo_database))
+    try:
+        daemon.start().wait_ready()
+        logged = daemon.wait_log("dead_letter", timeout=60, reason="oversize")
+    finally:
+        daemon.kill()
+        sim.stop()
+    (entry,) = DeadLetterStore(daemon.state_dir / "deadletter", 1 << 30).iter_entries()
+    assert entry["reason"] == "oversize" and entry["conn_id"] == 1
+    assert entry["size"] == size and entry["truncated"] is True
+    assert entry["detail"] == f"message of {size} bytes over stream.max_message_bytes 1000000"
+    assert DeadLetterStore.raw_of(entry) == (b'{"oversize":"' + b"x" * size)[:RAW_CAP]
+    assert logged["size"] == size
+    print(f"\n[figure] oversize dead letter: size={entry['size']} truncated="
+          f"{entry['truncated']} kept={len(DeadLetterStore.raw_of(entry) or b'')} "
+          f"detail={entry['detail']!r}")

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingestd.source.framing import (
+    BAD_HEAD_BYTES,
     HEAD_BYTES,
     MAX_LENGTH_LINE,
     BadFrame,
@@ -240,7 +241,7 @@ def test_length_framer_long_garbage_line_bounded() -> None:
         out.extend(framer.feed(garbage[i : i + 4096]))
         assert framer.buffered_bytes <= MAX_LENGTH_LINE + 1
     out.extend(framer.feed(b"4\r\nok\r\n"))
-    assert out == [BadFrame("length line too long", garbage[:HEAD_BYTES]), b"ok"]
+    assert out == [BadFrame("length line too long", garbage[:BAD_HEAD_BYTES]), b"ok"]
     assert framer.skipped_bytes == len(garbage)
 
 

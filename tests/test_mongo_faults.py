@@ -8,8 +8,11 @@ delivered = stored (= documents in the collection) + duplicates + dead-lettered 
 
 from __future__ import annotations
 
+import itertools
 import signal
+import socket
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -270,8 +273,9 @@ def test_write_concern_error_degrades_loudly_and_counts_nothing_until_confirmed(
     # confirmed, the daemon says so (state, error line with the code) and counts nothing stored.
     proxy.write_concern_error(10_000, code=code, err_info={
         "writeConcern": {"w": 5, "provenance": "clientSupplied"}})
+    # error_interval 0: every attempt's own line is looked at (repeats would fold, same error).
     sim, daemon = run_until_settled(tmp_path, proxy, mongo_uri, mongo_database,
-                                    writer={"retry_cap": 1.0})
+                                    writer={"retry_cap": 1.0}, logging={"error_interval": 0})
     try:
         degraded = wait_until(
             lambda: (s := daemon.counters("store")).get("state", "").startswith("degraded")
@@ -417,3 +421,47 @@ def index_keys(uri: str, database: str) -> list[tuple[tuple[str, Any], ...]]:
     finally:
         client.close()
     return sorted(tuple((str(k), v) for k, v in spec["key"]) for spec in info.values())
+
+
+# ---------------------------------------------------------------- folding repeated errors
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released): MongoDB is down there."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def test_repeated_write_failures_fold_by_what_the_error_is_with_a_count(
+        tmp_path: Path, mongo_database: str) -> None:
+    """MongoDB down: each attempt's line differs in ``retries`` and in the timings inside
+    ``errmsg``, yet it is the same error: one line per ``logging.error_interval`` for each
+    operation and error, the next one saying how many were folded into it."""
+    interval = 2.0
+    sim = SimProcess(tmp_path / "sim", "--rate", "20", "--keepalive", "1", "--control-every",
+                     "0").start()
+    uri = f"mongodb://127.0.0.1:{closed_port()}/?directConnection=true"
+    doc = settings_doc(sim.url, uri, mongo_database, mongo={"timeout_ms": 200},
+                       writer={"retry_start": 0.05, "retry_cap": 0.2},
+                       logging={"error_interval": interval})
+    daemon = Daemon(tmp_path / "daemon", doc).start()
+    try:
+        def folded() -> list[dict[str, Any]]:
+            daemon.assert_running()
+            return [e for e in daemon.events("mongo_write_failed") if e.get("repeated")]
+        first = wait_until(folded, 30, "a mongo_write_failed line with a folded count")[0]
+        failed = daemon.events("mongo_write_failed")
+    finally:
+        daemon.kill()
+        sim.stop()
+    same = [e for e in failed if (e["op"], e["error"]) == (first["op"], first["error"])]
+    assert first["error"] == "ServerSelectionTimeoutError", first
+    assert len({e["errmsg"] for e in same}) > 1, "the message changes at every attempt"
+    assert first["repeated"] >= 2, first  # attempts every ~0.25 s for 2 s
+    assert first["retries"] > same[0]["retries"] + first["repeated"] - 1
+    times = [datetime.fromisoformat(str(e["timestamp"])).timestamp() for e in same]
+    assert all(b - a >= interval - 0.1 for a, b in itertools.pairwise(times)), times
+    print(f"\n[figure] MongoDB down, error_interval {interval:g}s: {len(same)} lines for "
+          f"{first['op']} {first['error']}, the second folding {first['repeated']}")

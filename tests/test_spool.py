@@ -34,14 +34,18 @@ from ingestd.spool.format import (
     HEADER_SIZE,
     KIND_MESSAGE,
     KIND_OVERSIZE,
+    KIND_OVERSIZE_SIZED,
     KIND_PARTIAL,
     MAGIC,
     PREFIX,
     Checkpoint,
+    OversizeRecord,
     Record,
     encode_record,
     list_segments,
+    oversize_payload,
     read_checkpoint,
+    read_oversize,
     segment_name,
 )
 from ingestd.spool.reader import SpoolReader
@@ -107,6 +111,20 @@ def test_round_trip_all_fields(tmp_path: Path) -> None:
     assert got[0].offset == 0 and got[1].offset == got[0].end_offset
     assert got[2].end_offset == os.path.getsize(tmp_path / got[2].segment)
     assert reader.read(10, BIG) == []
+    writer.close()
+
+
+def test_oversize_records_carry_their_size_and_older_ones_still_read(tmp_path: Path) -> None:
+    """The format change for over-size messages is compatible: a spool holding records of the
+    older kind (head only) next to the newer (size, limit, head) reads both."""
+    writer = make_writer(tmp_path)
+    writer.append([(KIND_OVERSIZE, b"old head"),
+                   (KIND_OVERSIZE_SIZED, oversize_payload(2_000_000, 1_000_000, b"new head"))],
+                  1, 1, 5)
+    old, new = SpoolReader(tmp_path).read(10, BIG)
+    assert read_oversize(old.kind, old.payload) == OversizeRecord(None, None, b"old head")
+    assert read_oversize(new.kind, new.payload) == OversizeRecord(2_000_000, 1_000_000,
+                                                                  b"new head")
     writer.close()
 
 

@@ -62,10 +62,12 @@ from ingestd.spool.format import (
     KIND_BADFRAME,
     KIND_MESSAGE,
     KIND_OVERSIZE,
+    KIND_OVERSIZE_SIZED,
     KIND_PARTIAL,
     Checkpoint,
     Record,
     RecordRef,
+    oversize_payload,
 )
 from ingestd.spool.reader import SpoolReader
 from ingestd.spool.writer import SpoolWriter
@@ -406,6 +408,24 @@ def test_bad_input_is_dead_lettered_with_reason_and_raw(harness_factory: Callabl
     c = h.worker.counters()
     assert sum(c["deadlettered"].values()) == len(bad) and reconciles(c)
     assert h.spool.acked_seq == len(h.spool.records)
+
+
+def test_oversize_records_of_either_spool_version_are_dead_lettered_truncated(
+        harness_factory: Callable[..., Harness]) -> None:
+    """A record with the size the framer counted gives that size; one from an older spool (the
+    head only) says its size was not recorded. Both are truncated: only a head was kept."""
+    h = harness_factory()
+    head = b'{"text":"' + b"y" * 100
+    h.spool.add(oversize_payload(3_000_000, 1_000_000, head), kind=KIND_OVERSIZE_SIZED)
+    h.spool.add(head, kind=KIND_OVERSIZE)
+    h.drain()
+    new, old = h.deadletters.iter_entries()
+    assert (new["reason"], new["size"], new["truncated"]) == ("oversize", 3_000_000, True)
+    assert new["detail"] == "message of 3000000 bytes over stream.max_message_bytes 1000000"
+    assert (old["reason"], old["size"], old["truncated"]) == ("oversize", len(head), True)
+    assert "size was not recorded (spooled by an older version)" in old["detail"]
+    assert DeadLetterStore.raw_of(new) == DeadLetterStore.raw_of(old) == head
+    assert h.worker.counters()["deadlettered"]["oversize"] == 2
 
 
 def test_server_rejects_one_document_others_stored(harness_factory: Callable[..., Harness],

@@ -41,11 +41,20 @@ def start_only_changes(old: Settings, new: Settings) -> list[str]:
     """Keys a reload changed that take effect only at the next start: the state folder, the
     metrics listener, ``ha`` and the spool (its files and bounds are opened once by the stream
     worker)."""
+    return supervisor_start_only_changes(old, new) + stream_start_only_changes(old, new)
+
+
+def supervisor_start_only_changes(old: Settings, new: Settings) -> list[str]:
+    """The start-only keys the supervisor reads once: the state folder, the metrics listener."""
     changed = ["state_dir"] if old.state_dir != new.state_dir else []
     if old.metrics.listen != new.metrics.listen:
         changed.append("metrics.listen")
-    if old.ha != new.ha:
-        changed.append("ha")  # the stream worker joins (or not) the lease once, at start
+    return changed
+
+
+def stream_start_only_changes(old: Settings, new: Settings) -> list[str]:
+    """The start-only keys the stream worker reads once, when it starts: ``ha`` and the spool."""
+    changed = ["ha"] if old.ha != new.ha else []  # it joins (or not) the lease once
     changed += [f"spool.{f.name}" for f in fields(SpoolSettings)
                 if getattr(old.spool, f.name) != getattr(new.spool, f.name)]
     return changed

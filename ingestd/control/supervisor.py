@@ -33,7 +33,12 @@ import structlog
 
 from ingestd.config.errors import ConfigError
 from ingestd.config.schema import Settings, StreamSettings
-from ingestd.config.settings import load_settings_text, secret_values, start_only_changes
+from ingestd.config.settings import (
+    load_settings_text,
+    secret_values,
+    stream_start_only_changes,
+    supervisor_start_only_changes,
+)
 from ingestd.control import notify as sd
 from ingestd.control import statedir
 from ingestd.control.daemonctl import config_errors, write_verdict
@@ -172,6 +177,11 @@ class Supervisor:
         self.settings_text = text
         self.start_listener = listener  # started once the state folder is ours
         self.listener: Listener | None = None
+        # What the running processes started with: a start-only key is judged against these,
+        # not against the previous file (a reverted change needs no restart). The stream
+        # worker's are taken again whenever it is (re)started.
+        self.started_with = settings
+        self.stream_started_with = settings
 
     # -- main loop -----------------------------------------------------------------------------
 
@@ -304,11 +314,23 @@ class Supervisor:
         if self.settings_text is None:
             return
         try:
-            unchanged = read_config_text(self.config_path) == self.settings_text
+            file_text = read_config_text(self.config_path)
         except ConfigError:
-            unchanged = False
-        if not unchanged:
+            file_text = None
+        if worker.role == "stream":
+            self.stream_started_with = self.booted_with(file_text)
+        if file_text != self.settings_text:
             worker.pipe.send(Reload(self.standing.generation, self.settings_text))
+
+    def booted_with(self, file_text: str | None) -> SupervisedSettings:
+        """The settings a worker starting now reads at boot: the file's, if it is valid (its
+        start-only keys stay in force after the reload that follows), else those in force."""
+        if file_text is None or file_text == self.settings_text:
+            return self.settings
+        try:
+            return self.loader(file_text, self.config_path)
+        except ConfigError:
+            return self.settings
 
     def handle_exit(self, worker: Worker, status: int) -> None:
         """Decide what a worker's exit means: restart with back-off, or halt on a config error."""
@@ -353,13 +375,20 @@ class Supervisor:
         for worker in self.pool.workers.values():
             worker.pipe.send(Reload(generation, text))
         changes = describe_filter(old, settings)
-        if (isinstance(old, Settings) and isinstance(settings, Settings)
-                and (later := start_only_changes(old, settings))):
+        if later := self.start_only_changes(settings):
             changes["restart_needed"] = later
             log.warning("reload_needs_restart", keys=later, generation=generation,
                         reason="these settings are read at start only: systemctl restart")
         log.info("reload_applied", generation=generation, **changes)
         return changes
+
+    def start_only_changes(self, new: SupervisedSettings) -> list[str]:
+        """Start-only keys whose new value differs from the one the running processes use."""
+        sup, stream = self.started_with, self.stream_started_with
+        if not (isinstance(new, Settings) and isinstance(sup, Settings)
+                and isinstance(stream, Settings)):
+            return []
+        return supervisor_start_only_changes(sup, new) + stream_start_only_changes(stream, new)
 
     # -- stop ----------------------------------------------------------------------------------
 

@@ -117,9 +117,15 @@ class DeadLetterStore:
         seq: int | None,
         code: int | None = None,
         detail: str = "",
+        size: int | None = None,
+        cut: bool = False,
     ) -> None:
-        """Write one dead letter durably (flush + fsync) before returning."""
+        """Write one dead letter durably (flush + fsync) before returning.
+
+        ``size``: the message's own size when ``raw`` is only its head (an over-size message);
+        ``cut``: ``raw`` is only a head even where the size is unknown."""
         now = self._clock()
+        size = len(raw) if size is None else size
         entry: dict[str, Any] = {
             "time": now.isoformat(timespec="milliseconds"),
             "reason": reason,
@@ -128,22 +134,22 @@ class DeadLetterStore:
             "conn_id": conn_id,
             "generation": generation,
             "seq": seq,
-            "size": len(raw),
+            "size": size,
         }
-        line = self._encode(entry, raw)
+        line = self._encode(entry, raw, cut)
         if self.total_bytes + len(line) > self.max_bytes + self.evidence_bytes:
             self.lines_dropped += 1
-            log.error("dead_letter_store_full", reason=reason, code=code, seq=seq, size=len(raw),
+            log.error("dead_letter_store_full", reason=reason, code=code, seq=seq, size=size,
                       lines_dropped=self.lines_dropped)
         else:
             self._write(now, line)
         self.counts[reason] = self.counts.get(reason, 0) + 1
         # Detail may quote key names from the payload: it goes to the file, not the log.
-        log.warning("dead_letter", reason=reason, code=code, seq=seq, size=len(raw))
+        log.warning("dead_letter", reason=reason, code=code, seq=seq, size=size)
 
-    def _encode(self, entry: dict[str, Any], raw: bytes) -> bytes:
+    def _encode(self, entry: dict[str, Any], raw: bytes, cut: bool) -> bytes:
         head = raw[:RAW_CAP]
-        entry["truncated"] = len(raw) > RAW_CAP
+        entry["truncated"] = cut or entry["size"] > len(head)
         text = _utf8_or_none(head, entry["truncated"])
         if text is not None:
             entry["raw"] = text

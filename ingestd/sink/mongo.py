@@ -213,6 +213,19 @@ def error_fields(exc: BaseException) -> dict[str, Any]:
     return fields
 
 
+def error_key(exc: BaseException) -> str:
+    """What the error is, for folding repeats of it (``logs.RateLimiter``'s ``rate_key``): its
+    type, code(s), codeName(s) and labels; never its message, whose timings and topology
+    change at every attempt."""
+    fields = error_fields(exc)
+    wces = [*fields.get("writeConcernErrors", ()), fields.get("writeConcernError") or {}]
+    parts = [fields["error"], str(fields.get("code", "")), fields.get("codeName", ""),
+             *(f"wce {e.get('code')} {e.get('codeName', '')}" for e in wces if e),
+             *(f"we {e['code']}" for e in fields.get("writeErrors", ())),  # not their counts
+             *fields.get("errorLabels", ())]
+    return " ".join(p for p in parts if p)
+
+
 def error_name(exc: BaseException) -> str:
     """One-line name for status text: type, then the server's code(s) and codeName(s)."""
     fields = error_fields(exc)

@@ -23,9 +23,16 @@ from ingestd.documents.messages import MessageReason
 from ingestd.sink.attempt import Started
 from ingestd.sink.counters import StoreCounters, bump
 from ingestd.sink.deadletter import DeadLetterStore, Reason
-from ingestd.sink.mongo import DRIVER_EVENTS, ErrorClass, classify_error, error_fields, error_name
+from ingestd.sink.mongo import (
+    DRIVER_EVENTS,
+    ErrorClass,
+    classify_error,
+    error_fields,
+    error_key,
+    error_name,
+)
 from ingestd.sink.target import MongoTarget
-from ingestd.spool.format import KIND_MESSAGE, Record, RecordRef
+from ingestd.spool.format import KIND_MESSAGE, Record, RecordRef, read_oversize
 
 log = structlog.get_logger("ingestd.sink.retry")
 
@@ -109,9 +116,11 @@ class Retrier:
             c.state = f"degraded: mongo unavailable ({name})"
         c.retries += 1
         # What the server said (codes, names, messages, errInfo); write errors by code only:
-        # their messages can quote document contents.
+        # their messages can quote document contents. Repeats fold by what the error is and
+        # where (``retries`` and the message's timeouts change at every attempt).
+        key = f"{what} {cls.value} {error_key(exc)} @{self._target.servers()}"
         log.error("mongo_write_failed", op=what, error_class=cls.value, retries=c.retries,
-                  **error_fields(exc))
+                  rate_key=key, **error_fields(exc))
 
     def recovered(self) -> None:
         self._counters.state = "draining" if self.should_stop() else "running"
@@ -229,6 +238,18 @@ class DeadLetterWriter:
         self.put(reason, record, code=code, detail=detail)
         bump(self._counters.deadlettered, reason)
 
+    def add_oversize(self, record: Record) -> None:
+        """Dead-letter an over-size message's record: its head, with the size the framer
+        counted (not recorded by a spool of an older version: the detail says so)."""
+        size, limit, head = read_oversize(record.kind, record.payload)
+        if size is None:
+            detail = ("message over stream.max_message_bytes; its size was not recorded "
+                      f"(spooled by an older version), its first {len(head)} bytes kept")
+        else:
+            detail = f"message of {size} bytes over stream.max_message_bytes {limit}"
+        self.put("oversize", record._replace(payload=head), detail=detail, size=size, cut=True)
+        bump(self._counters.deadlettered, "oversize")
+
     def add_ref(self, reason: MessageReason, ref: RecordRef, *, code: int | None = None,
                 detail: str = "") -> None:
         """``add`` for a batched tweet, whose payload is read back from the spool (not acked
@@ -243,8 +264,9 @@ class DeadLetterWriter:
         self.add(reason, record, code=code, detail=detail)
 
     def put(self, reason: Reason, record: Record, *, code: int | None = None,
-            detail: str = "") -> None:
-        """Write a dead letter (not counted: a rejected control message is counted as such)."""
+            detail: str = "", size: int | None = None, cut: bool = False) -> None:
+        """Write a dead letter (not counted: a rejected control message is counted as such);
+        ``size`` and ``cut`` as in ``DeadLetterStore.put``."""
         if self.store.holds(record.seq):
             log.info("dead_letter_replayed", reason=reason, seq=record.seq)
             return  # written before a crash that came ahead of the spool checkpoint
@@ -253,7 +275,7 @@ class DeadLetterWriter:
             try:
                 self.store.put(reason, record.payload, conn_id=record.conn_id,
                                generation=record.generation, seq=record.seq, code=code,
-                               detail=detail)
+                               detail=detail, size=size, cut=cut)
             except OSError as exc:
                 self._failed(exc)
                 self._retrier.backoff(attempt, ErrorClass.TRANSIENT)

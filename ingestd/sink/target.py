@@ -58,6 +58,11 @@ class MongoTarget:
             self.epoch += 1
             self.ready = self.indexes_done = False
 
+    def servers(self) -> str:
+        """The servers the client knows of (its seeds, or those it discovered), as host:port."""
+        known = self.collection.database.client.topology_description.server_descriptions()
+        return ",".join(sorted(f"{host}:{port}" for host, port in known))
+
     def tombstones(self) -> Collection[Document]:
         """``<collection>_deleted``: the ids of deleted tweets."""
         return self.collection.database[self.collection.name + "_deleted"]

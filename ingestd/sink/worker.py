@@ -49,6 +49,7 @@ from ingestd.spool.format import (
     KIND_EVENT,
     KIND_MESSAGE,
     KIND_OVERSIZE,
+    KIND_OVERSIZE_SIZED,
     KIND_PARTIAL,
     Checkpoint,
     Record,
@@ -72,8 +73,8 @@ GATHER_SECONDS = 0.1
 # this many payload bytes were flushed since the last trim, the worker gives its heap's free pages
 # back the next time it is idle (nothing open, nothing in flight): after a burst, not per tweet.
 TRIM_AFTER_BYTES = 16 * 1024 * 1024
+OVERSIZE_KINDS = (KIND_OVERSIZE_SIZED, KIND_OVERSIZE)  # the second in older spools only
 FRAME_REASONS: dict[int, MessageReason] = {
-    KIND_OVERSIZE: "oversize",
     KIND_BADFRAME: "bad_frame",
     KIND_PARTIAL: "partial_message",
 }
@@ -374,6 +375,8 @@ class StoreWorker:
         self._ledger.on_live(record)
         if record.kind == KIND_MESSAGE:
             self._take_message(record, encoded)
+        elif record.kind in OVERSIZE_KINDS:
+            self._letters.add_oversize(record)
         else:
             self._letters.add(FRAME_REASONS.get(record.kind, "bad_frame"), record,
                               detail=f"spool record kind {record.kind}")

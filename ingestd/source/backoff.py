@@ -30,6 +30,9 @@ class Ending(enum.Enum):
     DISCONNECT = "disconnect"  # the server sent a disconnect message, then closed
     CLOSED = "closed"  # clean end of the body
     ABORTED = "aborted"  # our own doing: stop or reload
+    # A connection replaced by new filters (make-before-break) ended, however: logged out by
+    # the endpoint for its successor (code 7), closed, or at our grace deadline. Counted only.
+    RETIRED = "retired"
 
 
 # Codes after which reconnecting at once would fight another client using our credentials

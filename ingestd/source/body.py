@@ -21,7 +21,12 @@ from ingestd.source.connection import Connection
 from ingestd.source.framing import BadFrame, Oversize
 from ingestd.source.inflate import BadEncoding
 from ingestd.source.stats import ReaderStats
-from ingestd.spool.format import KIND_BADFRAME, KIND_MESSAGE, KIND_OVERSIZE
+from ingestd.spool.format import (
+    KIND_BADFRAME,
+    KIND_MESSAGE,
+    KIND_OVERSIZE_SIZED,
+    oversize_payload,
+)
 
 log = structlog.get_logger("ingestd.source.body")
 
@@ -162,8 +167,9 @@ class BodyIntake:
                 if item.startswith(WATCHED_PREFIXES):
                     watch(conn, item, stats)
             elif isinstance(item, Oversize):
-                stats.oversize += 1
-                append((KIND_OVERSIZE, item.head))
+                stats.oversize += 1  # its real size travels with it, for the dead letter
+                append((KIND_OVERSIZE_SIZED, oversize_payload(item.size, framer.max_message_bytes,
+                                                              item.head)))
             elif isinstance(item, BadFrame):
                 stats.bad_frames += 1
                 append((KIND_BADFRAME, item.head))
@@ -193,6 +199,10 @@ def watch(conn: Connection, payload: bytes, stats: ReaderStats) -> None:
         return
     if isinstance(body := msg.get("disconnect"), dict):
         conn.disconnect = body
+        if conn.switched_out:  # the endpoint ends the old connection of our filter switch
+            log.info("stream_disconnect", conn=conn.conn_id, code=body.get("code"),
+                     reason=str(body.get("reason", ""))[:200], planned="filter switch")
+            return
         stats.disconnect_codes[str(body.get("code"))] += 1
         log.warning("stream_disconnect", conn=conn.conn_id, code=body.get("code"),
                     reason=str(body.get("reason", ""))[:200])

@@ -16,7 +16,7 @@ import pycurl
 from ingestd.config.schema import AuthSettings, StreamSettings
 from ingestd.config.stream import ca_bundle
 from ingestd.source.api import StreamApi, api_for
-from ingestd.source.backoff import Ending
+from ingestd.source.backoff import CONTESTED_DISCONNECT_CODES, Ending
 from ingestd.source.framing import LengthFramer, LineFramer
 from ingestd.source.headers import parse_header_line
 from ingestd.source.inflate import Inflater, body_decoder
@@ -50,6 +50,7 @@ class Connection:
     announced: bool = False  # "connected" logged once the first bytes of a 200 arrived
     marked: bool = False  # the coverage "connected" marker went before its first message
     retire_at: float = 0.0  # when a replaced connection is closed at the latest
+    replaced: bool = False  # a connection with new filters was opened to replace this one
     abort: Ending | None = None  # set when we end it ourselves (stall, stop, reload)
     cut_bytes: int = 0  # bytes of the message this connection's end cut off (dropped)
     decoder: Inflater | None = None  # set from Content-Encoding at the first body bytes
@@ -60,6 +61,13 @@ class Connection:
     def healthy(self) -> bool:
         """A connection that delivered a message proved the credentials and filters work."""
         return self.status == 200 and self.messages > 0
+
+    @property
+    def switched_out(self) -> bool:
+        """The endpoint logged this connection out for a newer one of the account (code 2 or
+        7) after we opened its replacement: the planned end of a filter switch, not a fault."""
+        code = self.disconnect.get("code") if self.disconnect else None
+        return self.replaced and code in CONTESTED_DISCONNECT_CODES
 
     @property
     def api(self) -> StreamApi:

@@ -16,8 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum, auto
 
-HEAD_BYTES = 1024
-"""How many leading bytes of a skipped message or bad line are kept for the dead-letter store."""
+HEAD_BYTES = 64 * 1024
+"""How many leading bytes of an over-size message are kept for the dead-letter store (its cap on
+raw bytes, ``sink.deadletter.RAW_CAP``)."""
+
+BAD_HEAD_BYTES = 1024
+"""How many leading bytes of a bad length line are kept (of the slice it was found in)."""
 
 MAX_LENGTH_LINE = 12
 """Longest accepted ``delimited=length`` line (digits, before the line ending)."""
@@ -65,7 +69,7 @@ class LineFramer:
         self._buf = bytearray()  # start of the current message (at most max + 1 bytes)
         self._skipping = False  # inside an over-size message
         self._skip_size = 0
-        self._skip_head = b""
+        self._skip_head = bytearray()  # grown in place: a byte-at-a-time feed stays O(n)
         self._cr = False  # the last byte seen of the current message is b"\r"
 
     @property
@@ -81,9 +85,10 @@ class LineFramer:
     def reset(self) -> None:
         """Forget any incomplete message; counters are kept."""
         self._buf.clear()
-        self._skipping = False
-        self._skip_size = 0
-        self._skip_head = b""
+        if self._skipping:  # the skip fields are set only while skipping
+            self._skipping = False
+            self._skip_size = 0
+            self._skip_head = bytearray()
         self._cr = False
 
     def feed(self, data: bytes) -> list[Frame]:
@@ -134,7 +139,7 @@ class LineFramer:
         if self._skipping:
             size = self._skip_size + trim
             self.skipped_bytes += size
-            out.append(Oversize(size, self._skip_head[:size]))
+            out.append(Oversize(size, bytes(self._skip_head[:size])))
         else:
             end = len(self._buf) + trim
             self._emit(out, bytes(self._buf[:end]))
@@ -156,7 +161,7 @@ class LineFramer:
             self._buf += data
             return
         held = len(self._buf)
-        head = bytes(self._buf[:HEAD_BYTES]) + data[: max(0, HEAD_BYTES - held)]
+        head = self._buf[:HEAD_BYTES] + data[: max(0, HEAD_BYTES - held)]
         cr = self._cr
         self.reset()
         self._skipping, self._skip_size, self._skip_head, self._cr = True, size, head, cr
@@ -237,7 +242,7 @@ class LengthFramer:
             if len(data) - pos <= room:
                 self._line += data[pos:]
                 return len(data)
-            self._bad_line(data[pos : pos + HEAD_BYTES], "length line too long", out)
+            self._bad_line(data[pos : pos + BAD_HEAD_BYTES], "length line too long", out)
             self._state = _LenState.DISCARD  # counts the line's bytes from pos on
             return pos
         line = bytes(self._line) + data[pos:nl]
@@ -256,7 +261,7 @@ class LengthFramer:
             self._start_payload(int(digits), len(line) + 1)
 
     def _bad_line(self, more: bytes, reason: str, out: list[Frame], line: bytes = b"") -> None:
-        head = (bytes(self._line) + line + more)[:HEAD_BYTES]
+        head = (bytes(self._line) + line + more)[:BAD_HEAD_BYTES]
         self.skipped_bytes += len(self._line) + len(line)
         self._line.clear()
         out.append(BadFrame(reason, head))

@@ -213,6 +213,7 @@ class StreamReader:
             return
         if self.may_connect():
             self.pending = self._open(stream, generation)
+        self.active.replaced = self.pending is not None
 
     def stand_down(self) -> None:
         """The lease is gone: end every connection, and connect again as soon as
@@ -363,6 +364,11 @@ class StreamReader:
 
     def _finished(self, conn: Connection, errno: int | None, errmsg: str) -> None:
         ending = classify(conn, errno)
+        if conn is self.active and self.pending is not None and conn.switched_out:
+            # Logged out for our new connection before that one delivered its first byte (the
+            # endpoint streams to it from now on): retired, no gap, no reconnect.
+            self.active = None
+            self.retiring.append(conn)
         if conn in self.retiring:
             self._retired(conn, ending)
             return
@@ -391,7 +397,7 @@ class StreamReader:
     def _retired(self, conn: Connection, ending: Ending) -> None:
         """The replaced connection is done: by the server's own close, or our grace deadline."""
         self.retiring.remove(conn)
-        self._end(conn, ending)
+        self._end(conn, ending, counted=Ending.RETIRED)  # a planned end, however it came
         log.info("old_connection_closed", conn=conn.conn_id, ending=ending.value,
                  messages=conn.messages, **conn.cut_fields())
 
@@ -401,7 +407,10 @@ class StreamReader:
         reason = describe(conn, ending, "")
         log.error("reload_connect_failed", conn=conn.conn_id, reason=reason)
         self.state = f"degraded: new filters not accepted ({reason}); old filters still streaming"
-        if self.active is None:
+        if self.active is not None:
+            self.active.replaced = False  # its logout would no longer be ours
+        else:  # the old one was logged out for this one meanwhile: nothing streams now
+            self._mark_gap(conn, ending)
             self._schedule_reconnect(conn, ending, "")
 
     def _schedule_reconnect(self, conn: Connection, ending: Ending, errmsg: str) -> None:
@@ -422,14 +431,15 @@ class StreamReader:
                     healthy=conn.healthy, messages=conn.messages, backoff=round(wait, 3),
                     **conn.cut_fields())
 
-    def _end(self, conn: Connection, ending: Ending) -> None:
-        """Take the handle out of the loop and close it; count the ending and any message cut."""
+    def _end(self, conn: Connection, ending: Ending, counted: Ending | None = None) -> None:
+        """Take the handle out of the loop and close it; count the ending (as ``counted`` if
+        given) and any message cut."""
         if id(conn.curl) not in self._by_handle:
             return
         del self._by_handle[id(conn.curl)]
         self._multi.remove_handle(conn.curl)
         conn.close(ending)
-        self.stats.count_ending(ending, conn.cut_bytes)
+        self.stats.count_ending(counted or ending, conn.cut_bytes)
         if self.active is conn and ending is not Ending.ABORTED:
             self.state = "reconnecting"
 

@@ -10,6 +10,10 @@ Record layout (little-endian)::
     MAGIC(4) length u32  crc32c u32 | seq u64  recv_ns u64  conn_id u32  generation u32  kind u8
                                     | payload
     `length` counts and `crc32c` covers everything after the crc field.
+
+An over-size message is a ``KIND_OVERSIZE_SIZED`` record: ``size u64  limit u64 | head``, its
+real size as the framer counted it, the ``stream.max_message_bytes`` it was over, and its first
+bytes. Spools written before that hold ``KIND_OVERSIZE`` records (the head only), still read.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ KIND_BADFRAME = 2
 KIND_PARTIAL = 3
 # A coverage marker (JSON object: a gap began, a connection came up); see ingestd.spool.events.
 KIND_EVENT = 4
+# An over-size message with its size and the limit it was over (``OVERSIZE``), then its head.
+# (KIND_OVERSIZE records, from older versions, hold only the head.)
+KIND_OVERSIZE_SIZED = 5
+OVERSIZE = struct.Struct("<QQ")  # size, max_message_bytes
 
 MAGIC = b"\xa5IR\x5a"
 PREFIX = struct.Struct("<4sII")  # magic, length, crc
@@ -87,6 +95,28 @@ class RecordRef(NamedTuple):
 
 
 _new_tuple = tuple.__new__  # a NamedTuple row without its Python-level __new__ (a frame per call)
+
+
+class OversizeRecord(NamedTuple):
+    """What an over-size message's record says: ``size`` and ``limit`` are None in a
+    ``KIND_OVERSIZE`` record (written before they were recorded)."""
+
+    size: int | None
+    limit: int | None
+    head: bytes
+
+
+def oversize_payload(size: int, limit: int, head: bytes) -> bytes:
+    """The payload of a ``KIND_OVERSIZE_SIZED`` record."""
+    return OVERSIZE.pack(size, limit) + head
+
+
+def read_oversize(kind: int, payload: bytes) -> OversizeRecord:
+    """An over-size message's record, of either kind."""
+    if kind != KIND_OVERSIZE_SIZED or len(payload) < OVERSIZE.size:
+        return OversizeRecord(None, None, payload)
+    size, limit = OVERSIZE.unpack_from(payload)
+    return OversizeRecord(size, limit, payload[OVERSIZE.size:])
 
 
 @dataclass(frozen=True, slots=True)
