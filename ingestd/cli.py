@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from ingestd import __version__
@@ -33,8 +37,60 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    result: int = args.func(args)
+    result: int
+    if args.func is cmd_run:  # the daemon logs to stdout: a report's tolerance is not for it
+        result = cmd_run(args)
+        return result
+    with reader_may_leave():
+        result = args.func(args)
     return result
+
+
+class _PipeTolerantStdout(io.TextIOWrapper):
+    """sys.stdout for a command whose reader may go away (``ingestd status | head -1``): the
+    first write that meets a closed pipe points fd 1 at /dev/null (the recipe of the ``signal``
+    docs' note on SIGPIPE), and the command carries on to its own exit code."""
+
+    def write(self, s: str) -> int:
+        try:
+            return super().write(s)
+        except BrokenPipeError:
+            self._discard()
+            return len(s)
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except BrokenPipeError:
+            self._discard()
+
+    def _discard(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self.fileno())  # what is still buffered goes there, silently
+        finally:
+            os.close(devnull)
+
+
+@contextlib.contextmanager
+def reader_may_leave() -> Iterator[None]:
+    """Run a command with ``_PipeTolerantStdout``: a closed stdout neither prints a traceback
+    nor changes the exit code. Flushed here, not at interpreter exit (whose EPIPE would be
+    reported and exit 120)."""
+    original = sys.stdout
+    if original is None or not hasattr(original, "buffer"):
+        yield
+        return
+    original.flush()
+    tolerant = _PipeTolerantStdout(original.buffer, encoding=original.encoding,
+                                   errors=original.errors,
+                                   line_buffering=bool(original.line_buffering))
+    sys.stdout = tolerant
+    try:
+        yield
+    finally:
+        sys.stdout = original
+        tolerant.detach()  # flushes (tolerantly); the buffer stays open, it is fd 1's
 
 
 def build_parser() -> argparse.ArgumentParser:
