@@ -70,7 +70,7 @@ def collect(state_dir: Path) -> dict[str, Any]:
     roles = {role: read_status(state_dir, role) for role in ROLES}
     running = {role: alive(st, now) for role, st in roles.items()}
     down = [f"{role} worker not running" for role in ("stream", "store") if not running[role]]
-    degraded = _degraded_reasons(roles)
+    degraded = _degraded_reasons(roles, now)
     if down:
         code, health, reasons = EXIT_NOT_RUNNING, "down", down
     elif degraded:
@@ -114,15 +114,43 @@ def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def _degraded_reasons(roles: Mapping[str, dict[str, Any] | None]) -> list[str]:
+def _degraded_reasons(roles: Mapping[str, dict[str, Any] | None], now: float) -> list[str]:
     stream, store = roles["stream"] or {}, roles["store"] or {}
     reasons = []
     # A spool write failure replaces the state text; anything unrecognised is worth a look.
     if stream_state(str(stream.get("state", ""))) in ("degraded", "other"):
         reasons.append(f"stream: {stream.get('state')}")
+    elif (outage := stream_outage(stream, now)) is not None:
+        reasons.append(f"stream: {outage}")
     if str(store.get("state", "")).startswith("degraded"):
         reasons.append(f"store: {store.get('state')}")
     return reasons
+
+
+def stream_outage(stream: Mapping[str, Any], now: float) -> str | None:
+    """Why the stream cannot deliver, if it cannot: every attempt since the last accepted
+    connection answered with an HTTP error (at once: 401, 420, 5xx… are no network blip), or
+    no accepted connection for longer than the worker's ``outage_grace`` (a reconnect within
+    it is not an outage). Never for a standby of a pair: it has no connection by design."""
+    ha = _mapping(stream.get("ha"))
+    if ha.get("mode") == "standby" and ha.get("role") != "active":
+        return None
+    refused = _mapping(stream.get("refused"))
+    if refused:
+        return (f"every attempt refused since {_utc(refused.get('since'))} "
+                f"({refused.get('attempts')} attempts, none accepted): {refused.get('reason')}")
+    since, grace = stream.get("unconnected_since"), stream.get("outage_grace")
+    if (isinstance(since, int | float) and isinstance(grace, int | float)
+            and now - since > grace):
+        return f"no connection since {_utc(since)} (grace {grace:g}s): {stream.get('state')}"
+    return None
+
+
+def _utc(when: object) -> str:
+    """A time in the reasons: absolute, so that they read the same from one look to the next."""
+    if not isinstance(when, int | float):
+        return "?"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def render(view: dict[str, Any]) -> str:
