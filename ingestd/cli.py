@@ -27,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
         # Internal: how the supervisor starts its workers. Not a user command, so not in --help.
         args = build_worker_parser().parse_args(argv[1:])
         return cmd_worker(args)
+    if argv[:1] == ["run"]:  # the daemon logs to stdout: a report's tolerance is not for it
+        return run_command(argv)
+    with reader_may_leave():  # --help and usage errors included
+        return run_command(argv)
+
+
+def run_command(argv: list[str]) -> int:
     parser = build_parser()
     # Known args only: ``simulate`` hands the rest to the simulator's own parser.
     args, rest = parser.parse_known_args(argv)
@@ -37,12 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    result: int
-    if args.func is cmd_run:  # the daemon logs to stdout: a report's tolerance is not for it
-        result = cmd_run(args)
-        return result
-    with reader_may_leave():
-        result = args.func(args)
+    result: int = args.func(args)
     return result
 
 
