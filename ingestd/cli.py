@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from ingestd import __version__
@@ -23,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
         # Internal: how the supervisor starts its workers. Not a user command, so not in --help.
         args = build_worker_parser().parse_args(argv[1:])
         return cmd_worker(args)
+    if argv[:1] == ["run"]:  # the daemon logs to stdout: a report's tolerance is not for it
+        return run_command(argv)
+    with reader_may_leave():  # --help and usage errors included
+        return run_command(argv)
+
+
+def run_command(argv: list[str]) -> int:
     parser = build_parser()
     # Known args only: ``simulate`` hands the rest to the simulator's own parser.
     args, rest = parser.parse_known_args(argv)
@@ -35,6 +46,53 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     result: int = args.func(args)
     return result
+
+
+class _PipeTolerantStdout(io.TextIOWrapper):
+    """sys.stdout for a command whose reader may go away (``ingestd status | head -1``): the
+    first write that meets a closed pipe points fd 1 at /dev/null (the recipe of the ``signal``
+    docs' note on SIGPIPE), and the command carries on to its own exit code."""
+
+    def write(self, s: str) -> int:
+        try:
+            return super().write(s)
+        except BrokenPipeError:
+            self._discard()
+            return len(s)
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except BrokenPipeError:
+            self._discard()
+
+    def _discard(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self.fileno())  # what is still buffered goes there, silently
+        finally:
+            os.close(devnull)
+
+
+@contextlib.contextmanager
+def reader_may_leave() -> Iterator[None]:
+    """Run a command with ``_PipeTolerantStdout``: a closed stdout neither prints a traceback
+    nor changes the exit code. Flushed here, not at interpreter exit (whose EPIPE would be
+    reported and exit 120)."""
+    original = sys.stdout
+    if original is None or not hasattr(original, "buffer"):
+        yield
+        return
+    original.flush()
+    tolerant = _PipeTolerantStdout(original.buffer, encoding=original.encoding,
+                                   errors=original.errors,
+                                   line_buffering=bool(original.line_buffering))
+    sys.stdout = tolerant
+    try:
+        yield
+    finally:
+        sys.stdout = original
+        tolerant.detach()  # flushes (tolerantly); the buffer stays open, it is fd 1's
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,7 @@ from ingestd.control.lease import (
 )
 from ingestd.control.lease_gate import StandbyGate
 from ingestd.control.runstate import RUN_DIR, status_path, write_status
-from ingestd.control.status import render
+from ingestd.control.status import collect, render
 from tests.support.creds import CREDS
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.mongo import stored_ids
@@ -212,6 +212,9 @@ def test_standby_sigkill_the_active_standby_takes_over_nothing_lost(
         (labels, _), lease = ha_active(a.state_dir), ha_view(a)["lease"]
         assert labels == {"mode": "standby", "lease": lease} and lease.startswith("stream:")
         assert [ha_active(d.state_dir) for d in (a, b)] == [(labels, 1.0), (labels, 0.0)]
+        # No connection by design: the standby is not degraded for it (the grace is moot).
+        assert b.status("stream")["unconnected_since"] is None
+        assert collect(b.state_dir)["health"] == "ok"
         killed_at = time.time()
         signal_all(a, signal.SIGKILL)
         a.proc.wait(10)  # type: ignore[union-attr]

@@ -269,7 +269,7 @@ class RunStateCollector:
         yield from self._workers(docs, now)
         yield from self._stream(docs["stream"], now)
         yield from self._store(docs["store"])
-        yield from self._flow(docs["stream"], docs["store"])
+        yield from self._flow(docs["stream"], docs["store"], now)
         yield from self._disk()
 
     def _workers(self, docs: Mapping[str, Mapping[str, Any]], now: float) -> Iterable[Metric]:
@@ -340,7 +340,8 @@ class RunStateCollector:
             if family is not None:
                 yield family
 
-    def _flow(self, stream: Mapping[str, Any], store: Mapping[str, Any]) -> Iterable[Metric]:
+    def _flow(self, stream: Mapping[str, Any], store: Mapping[str, Any],
+              now: float) -> Iterable[Metric]:
         sc, wc, spool = _section(stream, "counters"), _section(store, "counters"), _section(
             stream, "spool")
         yield counter("ingestd_messages_received_total", "Messages framed off the wire (tweets "
@@ -359,9 +360,11 @@ class RunStateCollector:
                             "(e.g. already deleted).", "reason", _counts(wc.get("skipped")))
         yield gauge("ingestd_messages_in_flight", "Received, not yet stored or otherwise "
                     "resolved.", in_flight(stream, wc))
+        # as ``ingestd status`` shows it (a stopped stream worker's own figure is stale)
+        records, nbytes = status.queue(stream, store, status.alive(dict(stream) or None, now))
         yield gauge("ingestd_queue_records", "Spool backlog: records not yet acknowledged.",
-                    _num(spool.get("records")))
-        yield gauge("ingestd_queue_bytes", "Spool backlog in bytes.", _num(spool.get("bytes")))
+                    records)
+        yield gauge("ingestd_queue_bytes", "Spool backlog in bytes.", nbytes)
         yield from self._spool_bounds(spool)
 
     def _spool_bounds(self, published: Mapping[str, Any]) -> Iterable[Metric]:

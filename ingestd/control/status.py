@@ -70,29 +70,87 @@ def collect(state_dir: Path) -> dict[str, Any]:
     roles = {role: read_status(state_dir, role) for role in ROLES}
     running = {role: alive(st, now) for role, st in roles.items()}
     down = [f"{role} worker not running" for role in ("stream", "store") if not running[role]]
-    degraded = _degraded_reasons(roles)
+    degraded = _degraded_reasons(roles, now)
     if down:
         code, health, reasons = EXIT_NOT_RUNNING, "down", down
     elif degraded:
         code, health, reasons = EXIT_DEGRADED, "degraded", degraded
     else:
         code, health, reasons = EXIT_OK, "ok", []
+    records, nbytes = queue(roles["stream"] or {}, roles["store"] or {}, running["stream"])
     return {"state_dir": str(state_dir), "health": health, "reasons": reasons,
             "running": running, "workers": roles, "exit_code": code,
+            "queue": {"records": records, "bytes": nbytes},
             "heartbeat_age": {r: round(now - float(st.get("time", 0)), 1)
                               for r, st in roles.items() if st},
             "metrics": metrics_address(state_dir)}
 
 
-def _degraded_reasons(roles: Mapping[str, dict[str, Any] | None]) -> list[str]:
+def queue(stream: Mapping[str, Any], store: Mapping[str, Any],
+          stream_running: bool) -> tuple[int, int]:
+    """(records, bytes) waiting in the spool: the stream worker's figure while it runs (the
+    writer, who sees the bound). Its last one, written as it stopped, predates the store worker's
+    drain: once it is gone nothing more is appended, and the store worker's checkpoint (published
+    after its final write) against the stream's last seq is the newer word. Both only ever
+    overstate (an older checkpoint), so the smaller is the truer."""
+    spool, store_spool = _mapping(stream.get("spool")), store.get("spool")
+    records, nbytes = _int(spool.get("records")), _int(spool.get("bytes"))
+    if stream_running or not isinstance(store_spool, Mapping):
+        return records, nbytes
+    next_seq, acked, markers = spool.get("next_seq"), store_spool.get("acked_seq"), spool.get(
+        "markers")
+    if isinstance(next_seq, int) and isinstance(acked, int):
+        unacked_markers = len([m for m in markers if isinstance(m, int) and m > acked]
+                              if isinstance(markers, list) else [])
+        records = min(records, max(0, next_seq - 1 - acked - unacked_markers))
+    return records, min(nbytes, _int(store_spool.get("bytes", nbytes)))
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _degraded_reasons(roles: Mapping[str, dict[str, Any] | None], now: float) -> list[str]:
     stream, store = roles["stream"] or {}, roles["store"] or {}
     reasons = []
     # A spool write failure replaces the state text; anything unrecognised is worth a look.
     if stream_state(str(stream.get("state", ""))) in ("degraded", "other"):
         reasons.append(f"stream: {stream.get('state')}")
+    elif (outage := stream_outage(stream, now)) is not None:
+        reasons.append(f"stream: {outage}")
     if str(store.get("state", "")).startswith("degraded"):
         reasons.append(f"store: {store.get('state')}")
     return reasons
+
+
+def stream_outage(stream: Mapping[str, Any], now: float) -> str | None:
+    """Why the stream cannot deliver, if it cannot: every attempt since the last accepted
+    connection answered with an HTTP error (at once: 401, 420, 5xx… are no network blip), or
+    no accepted connection for longer than the worker's ``outage_grace`` (a reconnect within
+    it is not an outage). Never for a standby of a pair: it has no connection by design."""
+    ha = _mapping(stream.get("ha"))
+    if ha.get("mode") == "standby" and ha.get("role") != "active":
+        return None
+    refused = _mapping(stream.get("refused"))
+    if refused:
+        return (f"every attempt refused since {_utc(refused.get('since'))} "
+                f"({refused.get('attempts')} attempts, none accepted): {refused.get('reason')}")
+    since, grace = stream.get("unconnected_since"), stream.get("outage_grace")
+    if (isinstance(since, int | float) and isinstance(grace, int | float)
+            and now - since > grace):
+        return f"no connection since {_utc(since)} (grace {grace:g}s): {stream.get('state')}"
+    return None
+
+
+def _utc(when: object) -> str:
+    """A time in the reasons: absolute, so that they read the same from one look to the next."""
+    if not isinstance(when, int | float):
+        return "?"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def render(view: dict[str, Any]) -> str:
@@ -121,7 +179,8 @@ def _supervisor_lines(view: dict[str, Any]) -> list[str]:
 
 def _stream_lines(view: dict[str, Any]) -> list[str]:
     stream = view["workers"].get("stream") or {}
-    c, spool = dict(stream.get("counters", {})), dict(stream.get("spool", {}))
+    c = dict(stream.get("counters", {}))
+    spool = dict(view.get("queue") or stream.get("spool", {}))  # hand-made views lack "queue"
     dropped = sum(dict(c.get("dropped", {})).values())
     endings = ", ".join(f"{k}={v}" for k, v in sorted(dict(c.get("endings", {})).items())) or "-"
     return [

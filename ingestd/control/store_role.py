@@ -91,6 +91,7 @@ class StoreRole:
         counters["spool_corrupt_bytes"] = self.reader.corrupt_bytes
         counters["spool_missing_records"] = self.reader.missing_records
         counters["spool_checkpoint_resets"] = self.reader.checkpoint_resets
+        acked_seq, unacked_bytes = self.reader.unacked()
         write_status(self.ctx.settings.state_dir, "store", {
             "generation": self.generation, "state": counters["state"],
             "counters": counters, "progress": counters["records_read"] + counters["retries"],
@@ -98,6 +99,9 @@ class StoreRole:
             "last_error": counters["last_error"],
             "hist": self.worker.histograms(),
             "loop_passes": self.worker.passes,
+            # The checkpoint on disk: with the stream worker's last seq, the queue once it is
+            # stopped (its own figure stops at its exit, before this worker's drain).
+            "spool": {"acked_seq": acked_seq, "bytes": unacked_bytes},
         })
 
     def tick(self) -> None:

@@ -4,6 +4,7 @@ reloads. Loaded by the stream worker only (pycurl; never prometheus_client, and 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from ingestd.control.worker import (
     start_worker,
     wake_on_signals,
 )
+from ingestd.source.backoff import outage_grace
 from ingestd.source.stream_reader import TICK, StreamReader
 from ingestd.source.v2_rules import RulesSync
 from ingestd.spool.events import GapMarkers
@@ -65,6 +67,9 @@ class StreamRole:
         self.reader.wake_fds.append(wake_on_signals())
         self.passes = 0  # loop passes: published, so that an idle loop is observable
         self.published_state: str | None = None  # the reader's state in the last status file
+        # Wall clock since which this instance should stream and has no accepted connection
+        # (from the start); None while connected, or standing by (ha.mode: standby).
+        self.unconnected_since: float | None = time.time()
 
     def run(self) -> int:
         log.info("stream_worker_started", generation=self.ctx.generation)
@@ -143,10 +148,25 @@ class StreamRole:
             "spool": self.spool_status(),
             "last_message_time": reader.last_message_ns / 1e9 if reader.last_message_ns else None,
             "loop_passes": self.passes,
+            **self.connection_health(),
             "gathers": reader.gathers,  # passes followed by a gather pause (a slow stream)
             **({"rules": rules.status.as_dict()} if reader.stream.api == "v2" else {}),
             "ha": self.lease.view(),
         })
+
+    def connection_health(self) -> dict[str, Any]:
+        """What ``status`` judges the stream by: since when it has had no accepted connection
+        while it should have one, the grace for that, and the HTTP refusals since the last one.
+        Called on every state change (``tick``), so ``since`` is exact to a loop pass."""
+        reader, expected = self.reader, self.lease.may_stream()
+        if reader.connected or not expected:
+            self.unconnected_since = None
+        elif self.unconnected_since is None:
+            self.unconnected_since = time.time()
+        refused = reader.refused if expected else None  # a standby's past refusals are moot
+        return {"unconnected_since": self.unconnected_since,
+                "outage_grace": outage_grace(reader.stream.backoff),
+                "refused": refused.as_dict() if refused else None}
 
     def counters(self) -> dict[str, Any]:
         """The reader's counters; ``received`` counts records that reached the spool: the

@@ -114,3 +114,12 @@ class Backoff:
         if limit <= 0 or len(self._attempts) < limit:
             return 0.0
         return self._attempts[-limit] + 60.0 - now
+
+
+def outage_grace(schedule: BackoffSettings) -> float:
+    """Seconds without an accepted connection before health says degraded (``status``): twice
+    the network schedule's cap (32 s by default). The longest wait that schedule ever takes,
+    plus the connect that follows it, fits: one reconnect never flaps health, at whatever step
+    it comes. From a reset schedule (0.25 s, +0.25 s per attempt) it is ~15 failed attempts: an
+    outage, not a blip. HTTP errors need no grace: they are degraded at once (``Refusal``)."""
+    return 2 * schedule.network_cap

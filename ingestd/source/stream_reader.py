@@ -62,6 +62,20 @@ GAP_CAUSES = {
 }
 
 
+@dataclasses.dataclass
+class Refusal:
+    """Every attempt since the last connection was answered with an HTTP error (401, 420, 5xx,
+    406…): the endpoint refuses the stream, and retrying alone may never help (``status``)."""
+
+    status: int  # the last answer's
+    reason: str  # ``describe``'s line for it: the status, the body and the hint (401)
+    since: float  # wall clock of the first refused attempt
+    attempts: int = 1
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
 class StreamReader:
     """Keeps one healthy connection open, switching filters make-before-break on reload."""
 
@@ -108,6 +122,13 @@ class StreamReader:
         self.wake_fds: list[int] = []  # readable = stop sleeping (the signal wake-up pipe)
         self._read_at = clock()  # when the previous pass read (the gather's rate)
         self.gathers = 0  # gather pauses taken (published: a slow stream's passes are countable)
+        self.refused: Refusal | None = None  # since the last connection (None: none refused)
+
+    @property
+    def connected(self) -> bool:
+        """The current connection was accepted (HTTP 200): what health asks of the stream; a
+        silent one is ended by the stall timer, not judged here."""
+        return self.active is not None and self.active.status == 200
 
     @property
     def last_message_ns(self) -> int:
@@ -143,6 +164,8 @@ class StreamReader:
             self._promote(self.pending)
         if self.active is not None and self.active.body_bytes and not self.active.announced:
             self._announce(self.active)
+        if self.refused is not None and self.connected:
+            self.refused = None
         self._reap()
         self._check_stalls(self._clock())
         self._flush()  # before waiting: nothing framed stays unwritten across the select
@@ -419,6 +442,8 @@ class StreamReader:
             disconnect_code=disconnect_code(conn),
         )
         reason = describe(conn, ending, errmsg)
+        if conn.status not in (0, 200):
+            self._note_refusal(conn.status, reason)
         if wait is None:
             self.next_attempt_at = None
             self.state = f"degraded: {reason}; fix the settings and reload"
@@ -430,6 +455,11 @@ class StreamReader:
         log.warning("stream_ended", conn=conn.conn_id, ending=ending.value, reason=reason,
                     healthy=conn.healthy, messages=conn.messages, backoff=round(wait, 3),
                     **conn.cut_fields())
+
+    def _note_refusal(self, status: int, reason: str) -> None:
+        last = self.refused
+        self.refused = Refusal(status, reason, last.since if last else time.time(),
+                               last.attempts + 1 if last else 1)
 
     def _end(self, conn: Connection, ending: Ending, counted: Ending | None = None) -> None:
         """Take the handle out of the loop and close it; count the ending (as ``counted`` if

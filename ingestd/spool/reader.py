@@ -199,6 +199,17 @@ class SpoolReader:
         return ahead + sum(_size_or_zero(self.directory / n) for n in list_segments(self.directory)
                            if cursor is None or n > cursor.name)
 
+    def unacked(self) -> tuple[int, int]:
+        """(seq, bytes): the checkpoint on disk and the spool's bytes after it, what the next
+        start would replay. The store worker publishes them: it writes the last checkpoint at a
+        stop, after the stream worker's last word on the queue (``status.queue``)."""
+        ckpt = self._written
+        if ckpt is None:
+            return 0, sum(_size_or_zero(self.directory / n) for n in list_segments(self.directory))
+        after = sum(_size_or_zero(self.directory / n) for n in list_segments(self.directory)
+                    if n >= ckpt.segment)
+        return ckpt.seq, max(0, after - ckpt.offset)
+
     def wait_for_data(self, timeout: float) -> bool:
         """Return True as soon as data may be readable, False after ``timeout`` seconds.
 
