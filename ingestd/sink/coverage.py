@@ -12,7 +12,8 @@ written by the store worker in spool order (before the spool is acked, like the 
   (the previous holder's last receive time, as its last lease renewal said) until the previous
   holder's own ledger reports the gap in which it stopped (see ``Handover``): then
   ``previous_holder``, and ``start`` is its last message's timestamp (``lease_start`` keeps the
-  first estimate).
+  first estimate). The instance's first gap, ``not_started``, starts at the start of the hour of
+  its first start (``started_at``): the archive did not exist before.
 - hour ``{_id: "hour:<instance>:<YYYY-MM-DDTHH>", kind: "hour", instance, hour, tweets,
   hour_ns, tweets, seq, limit_max: {conn: cumulative limit.track}, gap_seconds: {start_ns:
   seconds in this hour}, offline_seconds}``: ``tweets`` newly stored (duplicates not counted)
