@@ -39,8 +39,9 @@ from ingestd.sink.coverage import (
     split_hours,
 )
 from ingestd.sink.retry import Retrier
-from ingestd.spool.events import encode_event
+from ingestd.spool.events import GapMarkers, decode_event, encode_event
 from ingestd.spool.format import KIND_EVENT, KIND_MESSAGE, Record
+from ingestd.spool.writer import SpoolWriter
 from ingestd.tools.coverage import build_rows
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.mongo import stored_ids
@@ -696,3 +697,32 @@ def test_coverage_report_tells_the_time_before_the_first_start() -> None:
     assert (row.offline_seconds, row.not_started_seconds) == (1810.0, 1800.0)
     assert row.covered_percent == round(100 * (1 - 1810 / 3600), 2)
     assert row.causes == ["not_started"]
+
+
+def test_gap_markers_open_the_archive_on_a_fresh_spool(tmp_path: Path) -> None:
+    """The first start writes the ``not_started`` marker (from the hour's start); a refused
+    attempt adds its cause to that gap, and the next run resumes it, numbering on past the
+    refused connection ids."""
+    def writer() -> SpoolWriter:
+        return SpoolWriter(tmp_path / "spool", max_bytes=1 << 30, max_records=10**6)
+
+    before = time.time_ns()
+    spool = writer()
+    markers = GapMarkers(spool, spool.last_record)
+    after = time.time_ns()
+    assert markers.open_cause == "not_started" and markers.gap_start_ns() is None
+    assert markers.written == 1  # read back below, with the later markers
+    markers.gap("rate_limited", detail={"conn": 4, "status": 420})
+    markers.gap("rate_limited", detail={"conn": 5, "status": 420})  # the same gap: no marker
+    markers.gap("stopped")
+    spool.close()
+    again = writer()
+    last = again.last_record
+    assert last is not None and last.conn_id == 5
+    event = decode_event(last.payload)
+    assert event is not None and event["cause"] == "stopped"
+    start = int(event["last_recv_ns"])
+    assert start in (before - before % HOUR_NS, after - after % HOUR_NS)
+    resumed = GapMarkers(again, last)
+    assert (resumed.open_cause, resumed.last_recv_ns, resumed.written) == ("stopped", start, 0)
+    again.close()

@@ -144,9 +144,10 @@ class GapMarkers:
             detail: Mapping[str, object] | None = None) -> None:
         """The stream stopped delivering because of ``cause`` (one of ``CAUSES``).
 
-        Nothing is written if a gap with this cause is already open, or if nothing was ever
-        received (no start). ``last_recv_ns`` overrides the start (a takeover knows it from the
-        lease); ``detail`` (small JSON values) is kept in the ledger.
+        Nothing is written if a gap with this cause is already open, or if no start is known
+        (a fresh spool whose ``not_started`` marker the disk refused). ``last_recv_ns``
+        overrides the start (a takeover knows it from the lease); ``detail`` (small JSON values)
+        is kept in the ledger.
         """
         start = last_recv_ns or self.last_recv_ns
         conn = (detail or {}).get("conn")
