@@ -329,8 +329,9 @@ def test_recipe_tweets_in_box(cook: dict[str, Callable[..., Any]], tweets: Coll,
 def test_recipe_hourly_completeness(cook: dict[str, Callable[..., Any]], tweets: Coll,
                                    docs: list[Doc]) -> None:
     """Tweets per receive hour from the recipe match a plain count, and the ledger's own hour
-    counts (which also hold tweets deleted since); the daemon's final stop left one open gap,
-    counted until ``now``."""
+    counts (which also hold tweets deleted since); the archive's first gap (``not_started``,
+    from its hour's start to the first connection) is closed, and the daemon's final stop left
+    one open gap, counted until ``now``."""
     coverage = tweets.database.coverage
     received = [d["_ingest"]["received_at"] for d in docs]
     start = min(received).replace(minute=0, second=0, microsecond=0)
@@ -340,13 +341,17 @@ def test_recipe_hourly_completeness(cook: dict[str, Callable[..., Any]], tweets:
     assert {r["hour"]: r["tweets"] for r in got if r["tweets"]} == dict(expected)
     ledger = {h["hour"]: h["tweets"] for h in coverage.find({"kind": "hour"})}
     assert set(ledger) == set(expected) and all(ledger[h] >= n for h, n in expected.items())
-    (gap,) = coverage.find({"kind": "gap", "cause": {"$ne": "limit"}})
+    first, gap = sorted(coverage.find({"kind": "gap", "cause": {"$ne": "limit"}}),
+                        key=lambda g: g["start"])
+    assert first["cause"] == "not_started" and first["end"] <= min(received)
     assert gap["cause"] == "stopped" and gap["end"] is None
     # The stream's limit notices left `limit` documents: undelivered tweets, no offline time.
     assert coverage.count_documents({"kind": "gap", "cause": "limit"}) > 0
     offline = sum(r["offline_seconds"] for r in got)
-    assert abs(offline - (now - gap["start"]).total_seconds()) < 0.01
-    assert all(r["causes"] == ["stopped"] for r in got if r["offline_seconds"])
+    before = max(timedelta(0), first["end"] - max(first["start"], start))  # in the window
+    assert abs(offline - (now - gap["start"] + before).total_seconds()) < 0.01
+    causes = {"stopped", "not_started"} if before else {"stopped"}
+    assert {c for r in got for c in r["causes"]} == causes
 
 
 def test_every_recipe_is_tested() -> None:

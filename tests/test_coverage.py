@@ -5,6 +5,8 @@ One scripted run (simulator, stand-in, real daemon): a reconnect, a stall, a rec
 the simulator's ground truth (the last tweet delivered before it, the first after it) to ±1 s;
 limit notices and stored tweets against what was delivered and stored; ``ingestd coverage`` runs
 as a real subprocess. Then the spool is replayed from scratch: nothing in the ledger changes.
+An instance's archive begins with a ``not_started`` gap from the start of the hour of its first
+start to its first connection, whatever runs without a message came in between.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -37,8 +39,9 @@ from ingestd.sink.coverage import (
     split_hours,
 )
 from ingestd.sink.retry import Retrier
-from ingestd.spool.events import encode_event
+from ingestd.spool.events import GapMarkers, decode_event, encode_event
 from ingestd.spool.format import KIND_EVENT, KIND_MESSAGE, Record
+from ingestd.spool.writer import SpoolWriter
 from ingestd.tools.coverage import build_rows
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.mongo import stored_ids
@@ -136,9 +139,9 @@ def test_every_stop_leaves_one_gap_matching_ground_truth(
     doc = settings_doc(sim.url, mongo_uri, mongo_database, stream={"read_timeout": READ_TIMEOUT})
     daemon = Daemon(tmp_path / "daemon", doc).start()
 
-    def wait_gaps(n: int) -> None:
+    def wait_gaps(n: int) -> None:  # n interruptions, after the archive's first gap
         wait_until(lambda: daemon.assert_running() or len(closed_gaps(mongo_uri, mongo_database))
-                   >= n, 90, f"{n} closed gaps in the ledger")
+                   >= n + 1, 90, f"{n} closed gaps in the ledger after the first")
 
     try:
         daemon.wait_ready()
@@ -162,7 +165,11 @@ def test_every_stop_leaves_one_gap_matching_ground_truth(
         sim.stop()
 
     truth = sim.ground_truth()
-    gaps = ledger(mongo_uri, mongo_database, "gap")
+    first, *gaps = ledger(mongo_uri, mongo_database, "gap")
+    # The archive began at the start of the hour of the first start; until the first tweet.
+    first_tweet = min(float(e["t"]) for e in truth.of("tweet"))
+    assert first["cause"] == "not_started" and first["start_ns"] % HOUR_NS == 0
+    assert abs(first["end"].timestamp() - first_tweet) <= TOLERANCE, (first, first_tweet)
     expected = delivery_gaps(truth)
     assert len(expected) == len(EXPECTED_CAUSES)
     closed, still_open = gaps[:-1], gaps[-1]
@@ -214,10 +221,10 @@ def test_every_stop_leaves_one_gap_matching_ground_truth(
     assert sum(r["tweets"] for r in report["hours"]) == stored
     assert sum(r["undelivered"] for r in report["hours"]) == undelivered > 0
     assert [g["cause"] for g in report["gaps"] if g["cause"] != "limit"] == [
-        *EXPECTED_CAUSES, "stopped"]
+        "not_started", *EXPECTED_CAUSES, "stopped"]
     assert sum(g.get("undelivered", 0) for g in report["gaps"]) == undelivered
     offline = sum(r["offline_seconds"] for r in report["hours"])
-    assert offline >= sum(g["seconds"] for g in closed)
+    assert offline >= sum(g["seconds"] for g in [first, *closed])
 
     # Replay the whole spool (checkpoint gone): the ledger is rewritten to the same figures.
     (daemon.state_dir / "spool" / "checkpoint").unlink()
@@ -233,11 +240,166 @@ def test_every_stop_leaves_one_gap_matching_ground_truth(
         daemon.kill()
         sim2.stop()
     after = ledger(mongo_uri, mongo_database, "gap")
-    assert [(g["_id"], g["end"]) for g in after[:len(closed)]] == [
-        (g["_id"], g["end"]) for g in closed], "a replay neither duplicates nor reopens a gap"
+    assert [(g["_id"], g["end"]) for g in after[:len(closed) + 1]] == [
+        (g["_id"], g["end"]) for g in [first, *closed]], \
+        "a replay neither duplicates nor reopens a gap"
     assert sum(h["tweets"] for h in ledger(mongo_uri, mongo_database, "hour")) == stored
     assert ledger(mongo_uri, mongo_database, "gap", limits=True) == limit_docs
     assert len(stored_ids(mongo_uri, mongo_database)) == stored
+
+
+# ---------------------------------------------------------------- the archive's beginning
+
+# Every attempt refused: each run on it gets no message at all (back-off 0.5-4 s between tries).
+REFUSE_ALL = 200
+
+
+def refusing(workdir: Path, status: int) -> SimProcess:
+    return SimProcess(workdir, "--rate", "100", script=[[{"status": status, "body": "no"}]]
+                      * REFUSE_ALL).start()
+
+
+def refused(sim: SimProcess, status: int) -> int:
+    return sum(1 for c in sim.ground_truth().connections() if c["status"] == status)
+
+
+def open_gap(uri: str, db: str) -> dict[str, Any] | None:
+    return next((g for g in ledger(uri, db, "gap") if g["end"] is None), None)
+
+
+def hour_of(seconds: float) -> int:
+    return int(seconds * 1e9) - int(seconds * 1e9) % HOUR_NS
+
+
+def run_refused(daemon: Daemon, sim: SimProcess, status: int, cause: str, uri: str,
+                db: str) -> tuple[float, float]:
+    """One run on ``sim`` (every attempt refused with ``status``) until two attempts were
+    refused and the ledger's open gap lists ``cause``; then SIGTERM. (start, stop) wall times."""
+    daemon.doc["stream"]["url"] = sim.url
+    daemon.write_settings(daemon.doc)
+    before = refused(sim, status)
+    started = time.time()
+    daemon.start().wait_ready()
+
+    def recorded() -> bool:
+        gap = open_gap(uri, db)
+        return refused(sim, status) >= before + 2 and gap is not None and cause in gap["causes"]
+    wait_until(lambda: daemon.assert_running() or recorded(), 60,
+               f"two {status}s and the ledger's open gap with {cause}")
+    code, _ = daemon.stop()
+    assert code == 0, daemon.tail()
+    return started, time.time()
+
+
+def run_delivering(daemon: Daemon, sim: SimProcess, uri: str, db: str, closed: int) -> float:
+    """One run on the delivering ``sim`` until ``closed`` gaps are closed; its start time."""
+    daemon.doc["stream"]["url"] = sim.url
+    daemon.write_settings(daemon.doc)
+    started = time.time()
+    daemon.start().wait_ready()
+    wait_until(lambda: daemon.assert_running() or len(closed_gaps(uri, db)) >= closed, 60,
+               f"{closed} closed gaps")
+    code, _ = daemon.stop()
+    assert code == 0, daemon.tail()
+    return started
+
+
+def test_first_start_counts_the_hour_before_it_as_offline(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """The first daemon on a fresh state folder: its hour is covered from its first connection
+    only. The ``not_started`` gap runs from the start of that hour (the archive did not exist) to
+    the connection; ``ingestd coverage`` counts it offline and says how much came before the
+    start. Tolerances: the stream worker takes its start time between the launch and ready; the
+    gap ends at the connection's first body byte, after the simulator logged the connect and
+    before the first tweet arrived (±TOLERANCE for a loaded machine)."""
+    sim = SimProcess(tmp_path / "sim", "--rate", "100", "--keepalive", "1").start()
+    daemon = Daemon(tmp_path / "daemon", settings_doc(sim.url, mongo_uri, mongo_database))
+    try:
+        launched = time.time()
+        daemon.start().wait_ready()
+        ready = time.time()
+        wait_until(lambda: daemon.assert_running() or closed_gaps(mongo_uri, mongo_database), 60,
+                   "the archive's first gap closed")
+        code, _ = daemon.stop()
+        assert code == 0, daemon.tail()
+    finally:
+        daemon.kill()
+        sim.stop()
+    truth = sim.ground_truth()
+    connect = truth.connections()[0]["t"]
+    first_tweet = min(float(e["t"]) for e in truth.of("tweet"))
+    gap, stopped = ledger(mongo_uri, mongo_database, "gap")
+    started = gap["detail"]["started_ns"] / 1e9
+    assert gap["cause"] == "not_started" and gap["causes"] == ["not_started"]
+    assert launched <= started <= ready and gap["started_at"].timestamp() == pytest.approx(
+        started, abs=0.001)
+    assert gap["start_ns"] == hour_of(started) and isinstance(gap["start"], datetime)
+    assert connect <= gap["end"].timestamp() <= first_tweet + TOLERANCE, (gap, connect)
+    hours = {h["hour_ns"]: h for h in ledger(mongo_uri, mongo_database, "hour")}
+    key = str(gap["start_ns"])
+    for hour, seconds in split_hours(gap["start_ns"], gap["end_ns"]):
+        assert hours[hour]["gap_seconds"][key] == round(seconds, 3)
+    assert stopped["cause"] == "stopped" and stopped["end"] is None
+
+    newest_second = stopped["start_ns"] // 10**9  # the stand-in compares dates to the second
+    wait_until(lambda: time.time() >= newest_second + 1, 5, "the clock past that second")
+    report = run_coverage_cli(daemon)
+    row = next(r for r in report["hours"] if r["hour"] == _hour_iso(gap["start_ns"]))
+    before_start = started - gap["start_ns"] / 1e9
+    assert row["not_started_seconds"] == pytest.approx(min(before_start, 3600), abs=0.002)
+    assert row["offline_seconds"] >= min(connect - gap["start_ns"] / 1e9, 3600) - 0.002
+    assert "not_started" in row["causes"] and row["covered_percent"] < 100
+    (reported,) = [g for g in report["gaps"] if g["cause"] == "not_started"]
+    assert reported["start_ns"] == gap["start_ns"] and reported["started_at"]
+
+
+def _hour_iso(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_runs_without_a_message_are_offline_with_their_causes(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """Runs that never receive a message (every attempt answered 420, then 401) leave the whole
+    time without a connection offline, the gap listing what happened during it: on a fresh state
+    folder (the archive's first gap) and after a stopped run (its stop gap). Reconciled against
+    the runs' start times and the simulator's first/last tweets of the delivering runs."""
+    good = SimProcess(tmp_path / "good", "--rate", "100", "--keepalive", "1").start()
+    calm, unauthorized = refusing(tmp_path / "calm", 420), refusing(tmp_path / "unauth", 401)
+    daemon = Daemon(tmp_path / "daemon", settings_doc(good.url, mongo_uri, mongo_database))
+    try:
+        first_start, _ = run_refused(daemon, calm, 420, "rate_limited", mongo_uri, mongo_database)
+        run_refused(daemon, unauthorized, 401, "http_error", mongo_uri, mongo_database)
+        run_delivering(daemon, good, mongo_uri, mongo_database, 1)
+        run_refused(daemon, calm, 420, "rate_limited", mongo_uri, mongo_database)
+        run_delivering(daemon, good, mongo_uri, mongo_database, 2)
+    finally:
+        daemon.kill()
+        for sim in (good, calm, unauthorized):
+            sim.stop()
+    truth = good.ground_truth()
+    conns = [c["conn"] for c in truth.connections()]
+    assert len(conns) == 2, "one connection per delivering run"
+    tweets = {c: [float(e["t"]) for e in truth.of("tweet", c)] for c in conns}
+    connects = [c["t"] for c in truth.connections()]
+    archive, stop, last = ledger(mongo_uri, mongo_database, "gap")
+    # The fresh folder: offline from the start of the first start's hour to the first connection.
+    assert archive["cause"] == "not_started" and archive["causes"] == [
+        "not_started", "rate_limited", "stopped", "http_error"]
+    assert archive["start_ns"] == hour_of(first_start) <= archive["detail"]["started_ns"]
+    assert connects[0] <= archive["end"].timestamp() <= min(tweets[conns[0]]) + TOLERANCE
+    # After a stopped run: offline from its last tweet to the next connection, through the 420s.
+    assert stop["cause"] == "stopped" and stop["causes"] == ["stopped", "rate_limited"]
+    assert abs(stop["start"].timestamp() - max(tweets[conns[0]])) <= TOLERANCE
+    assert connects[1] <= stop["end"].timestamp() <= min(tweets[conns[1]]) + TOLERANCE
+    assert last["cause"] == "stopped" and last["end"] is None
+    attempts = [e["conn"] for e in daemon.log_events() if e.get("event") == "connecting"]
+    assert len(attempts) == len(set(attempts)), "connection ids are unique in the spool"
+    # The hours count each closed gap's seconds once, under its own key.
+    hours = ledger(mongo_uri, mongo_database, "hour")
+    for gap in (archive, stop):
+        counted = sum(h["gap_seconds"].get(str(gap["start_ns"]), 0) for h in hours)
+        assert counted == pytest.approx(gap["seconds"], abs=0.002 * len(hours))
+        assert gap["seconds"] == round((gap["end_ns"] - gap["start_ns"]) / 1e9, 3)
 
 
 def test_coverage_collection_must_differ_from_the_tweets_collection(tmp_path: Path) -> None:
@@ -263,8 +425,8 @@ def test_v2_reconnect_asks_for_the_backfill_the_gap_needs_and_the_ledger_records
     try:
         daemon.wait_ready()
         wait_until(lambda: settled(daemon, sim, total)
-                   and len(closed_gaps(mongo_uri, mongo_database)) == 1, 120,
-                   "every published tweet, and the stall's gap closed")
+                   and len(closed_gaps(mongo_uri, mongo_database)) == 2, 120,
+                   "every published tweet, and the stall's gap closed (after the first)")
         code, _ = daemon.stop()
         assert code == 0, daemon.tail()
     finally:
@@ -274,7 +436,10 @@ def test_v2_reconnect_asks_for_the_backfill_the_gap_needs_and_the_ledger_records
     asked = [e["params"].get("backfill_minutes") for e in truth.connections()]
     # The first connection knows no gap: the bound; the reconnect after a ~2 s stall: 1 minute.
     assert asked == [str(bound), "1"], asked
-    (gap,) = closed_gaps(mongo_uri, mongo_database)
+    first, gap = closed_gaps(mongo_uri, mongo_database)
+    # The archive's first gap: its connection asked for the bound, and got that much back.
+    assert first["cause"] == "not_started" and first["backfill_minutes"] == bound
+    assert first["backfilled_seconds"] == round(min(first["seconds"], bound * 60.0), 3)
     assert gap["cause"] == "stall" and gap["backfill_minutes"] == 1
     assert gap["backfilled_seconds"] == gap["seconds"] > 0
     missed = {e["id"] for e in truth.of("missed")}
@@ -463,3 +628,101 @@ def test_stored_tweets_are_counted_in_the_hour_each_was_received(
         client.close()
     got = {d["hour_ns"]: (d["tweets"], d["seq"]) for d in docs}
     assert got == {hour: (5, 5), hour + HOUR_NS: (2, 7)}
+
+
+def test_not_started_gap_replayed_under_an_open_gap_changes_nothing(
+        mongo_uri: str, mongo_database: str) -> None:
+    """A spool replayed from its first record (the ``not_started`` marker) while a later gap is
+    open: that gap goes on, the archive's first gap is neither reopened nor counted twice."""
+    s = 10**9
+    hour = (time.time_ns() // HOUR_NS) * HOUR_NS - 2 * HOUR_NS
+    started, stop = hour + 600 * s, hour + 900 * s
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+    try:
+        coll = client[mongo_database].tweets
+        ledger_, _ = _ledger_pair(coll, _Now())
+        records = [_marker(1, started, "not_started", hour, started_ns=started),
+                   _rec(2, started + s, b'{"connected":1}'),
+                   _rec(3, stop - s, b'{"id":3,"text":"x"}'),
+                   _marker(4, stop, "stopped", stop - s)]
+        for record in records:
+            (ledger_.on_event if record.kind == KIND_EVENT else ledger_.on_live)(record)
+        flush(ledger_)
+        before = sorted(client[mongo_database].coverage.find(), key=lambda d: d["_id"])
+        again, _ = _ledger_pair(coll, _Now())  # a new store worker replays the whole spool
+        for record in records:
+            (again.on_event if record.kind == KIND_EVENT else again.on_live)(record)
+        flush(again)
+        after = sorted(client[mongo_database].coverage.find(), key=lambda d: d["_id"])
+    finally:
+        client.close()
+    assert after == before
+    first = next(d for d in after if d.get("cause") == "not_started")
+    assert (first["start_ns"], first["end_ns"], first["seconds"]) == (hour, started + s, 601.0)
+    (hour_doc,) = [d for d in after if d["kind"] == "hour"]
+    assert hour_doc["offline_seconds"] == 601.0
+
+
+def test_takeover_ends_a_standbys_first_gap_even_from_before_it(
+        mongo_uri: str, mongo_database: str) -> None:
+    """A fresh standby's archive begins at its hour; the previous holder's last message was in
+    the hour before: the takeover still gets its own gap (the pair's hole), not a cause of the
+    standby's first gap, and no second counts the same time twice."""
+    s = 10**9
+    hour = (time.time_ns() // HOUR_NS) * HOUR_NS - 2 * HOUR_NS
+    lease_last, started, first_b = hour - 5 * s, hour + 2 * s, hour + 20 * s
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+    try:
+        _, b = _ledger_pair(client[mongo_database].tweets, _Now())
+        b.on_event(_marker(1, started, "not_started", hour, started_ns=started))
+        b.on_event(_marker(2, first_b - s, "takeover", lease_last, **{"from": "a"}))
+        b.on_live(_rec(3, first_b, b'{"id":3,"text":"y"}'))
+        flush(b)
+        gaps = {g["cause"]: g for g in client[mongo_database].coverage.find({"kind": "gap"})}
+        hours = {h["hour_ns"]: h for h in client[mongo_database].coverage.find({"kind": "hour"})}
+    finally:
+        client.close()
+    assert set(gaps) == {"not_started", "takeover"}
+    assert (gaps["not_started"]["end_ns"], gaps["not_started"]["seconds"]) == (hour, 0.0)
+    assert (gaps["takeover"]["start_ns"], gaps["takeover"]["end_ns"]) == (lease_last, first_b)
+    assert hours[hour]["offline_seconds"] == 20.0
+    assert hours[hour - HOUR_NS]["offline_seconds"] == 5.0
+
+
+def test_coverage_report_tells_the_time_before_the_first_start() -> None:
+    h = HOUR_NS
+    gaps = [{"instance": "a", "start_ns": 10 * h, "end_ns": 10 * h + 1810 * 10**9,
+             "cause": "not_started", "detail": {"started_ns": 10 * h + 1800 * 10**9}}]
+    (row,) = build_rows([], gaps, 10 * h, 11 * h, now_ns=12 * h)
+    assert (row.offline_seconds, row.not_started_seconds) == (1810.0, 1800.0)
+    assert row.covered_percent == round(100 * (1 - 1810 / 3600), 2)
+    assert row.causes == ["not_started"]
+
+
+def test_gap_markers_open_the_archive_on_a_fresh_spool(tmp_path: Path) -> None:
+    """The first start writes the ``not_started`` marker (from the hour's start); a refused
+    attempt adds its cause to that gap, and the next run resumes it, numbering on past the
+    refused connection ids."""
+    def writer() -> SpoolWriter:
+        return SpoolWriter(tmp_path / "spool", max_bytes=1 << 30, max_records=10**6)
+
+    before = time.time_ns()
+    spool = writer()
+    markers = GapMarkers(spool, spool.last_record)
+    after = time.time_ns()
+    assert markers.open_cause == "not_started" and markers.gap_start_ns() is None
+    assert markers.written == 1  # read back below, with the later markers
+    markers.gap("rate_limited", detail={"conn": 4, "status": 420})
+    markers.gap("rate_limited", detail={"conn": 5, "status": 420})  # the same gap: no marker
+    markers.gap("stopped")
+    spool.close()
+    again = writer()
+    last = again.last_record
+    assert last is not None and last.conn_id == 5
+    event = decode_event(last.payload)
+    assert event is not None and event["cause"] == "stopped"
+    start = int(event["last_recv_ns"])
+    assert start in (before - before % HOUR_NS, after - after % HOUR_NS)
+    resumed = GapMarkers(again, last)
+    assert (resumed.open_cause, resumed.last_recv_ns, resumed.written) == ("stopped", start, 0)
+    again.close()

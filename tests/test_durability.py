@@ -681,9 +681,10 @@ def test_rejected_documents_dead_lettered_rest_stored(
         sim.stop()
     letters = list(DeadLetterStore(daemon.state_dir / "deadletter", 1 << 30).iter_entries())
     order = sim.ground_truth().tweet_ids(conn=1)
-    # Seq 1 is the connection's coverage marker ("connected", before its first message): seq k
-    # is the (k-1)-th message, 20 tweets first.
-    rejected = {order[s - 2] for s in blockers}
+    # Seqs 1 and 2 are coverage markers (the fresh archive's ``not_started`` gap, then the
+    # connection's "connected", before its first message): seq k is the (k-2)-th message, 20
+    # tweets first.
+    rejected = {order[s - 3] for s in blockers}
     ids = [i for i in stored_ids(mongo_uri, mongo_database) if i > 0]
     assert len(ids) == len(set(ids)) and set(ids) == set(order) - rejected
     server = [e for e in letters if e["reason"] == "mongo_rejected"]
@@ -691,8 +692,8 @@ def test_rejected_documents_dead_lettered_rest_stored(
     assert all("DuplicateKey" in e["detail"] for e in server), server
     assert {tweet_id_of(DeadLetterStore.raw_of(e) or b"") for e in server} == rejected
     parse = sorted((e["seq"], e["reason"]) for e in letters if e["reason"] != "mongo_rejected")
-    assert parse == [(22, "invalid_json"), (23, "invalid_utf8"), (24, "not_an_object"),
-                     (25, "not_an_object")]
+    assert parse == [(23, "invalid_json"), (24, "invalid_utf8"), (25, "not_an_object"),
+                     (26, "not_an_object")]
     assert store["deadlettered"] == {"mongo_rejected": 3, "invalid_json": 1, "invalid_utf8": 1,
                                      "not_an_object": 2}
     assert accounted(store) == store["records_read"] == messages

@@ -12,7 +12,8 @@ written by the store worker in spool order (before the spool is acked, like the 
   (the previous holder's last receive time, as its last lease renewal said) until the previous
   holder's own ledger reports the gap in which it stopped (see ``Handover``): then
   ``previous_holder``, and ``start`` is its last message's timestamp (``lease_start`` keeps the
-  first estimate).
+  first estimate). The instance's first gap, ``not_started``, starts at the start of the hour of
+  its first start (``started_at``): the archive did not exist before.
 - hour ``{_id: "hour:<instance>:<YYYY-MM-DDTHH>", kind: "hour", instance, hour, tweets,
   hour_ns, tweets, seq, limit_max: {conn: cumulative limit.track}, gap_seconds: {start_ns:
   seconds in this hour}, offline_seconds}``: ``tweets`` newly stored (duplicates not counted)
@@ -49,12 +50,11 @@ from ingestd.sink.insert import written_from
 from ingestd.sink.mongo import Document
 from ingestd.sink.retry import Retrier
 from ingestd.sink.target import MongoTarget
-from ingestd.spool.events import CONNECTED, GAP, decode_event
+from ingestd.spool.events import CONNECTED, GAP, HOUR_NS, NOT_STARTED, decode_event
 from ingestd.spool.format import KIND_MESSAGE, Record
 
 log = structlog.get_logger("ingestd.sink.coverage")
 
-HOUR_NS = 3600 * 10**9
 _KEEP_HOURS = 4  # hour documents cached (replay and late records touch recent hours only)
 # A plain reconnect that then met something more specific (420, 401…) takes that cause.
 _WEAK_CAUSE = "reconnect"
@@ -108,6 +108,12 @@ def split_hours(start_ns: int, end_ns: int) -> list[tuple[int, float]]:
             parts.append((hour, (hi - lo) / 1e9))
         hour += HOUR_NS
     return parts
+
+
+def _takes_over(gap: Document, cause: str) -> bool:
+    """A takeover ends a standby's first gap (``not_started``) even when the previous holder's
+    last message came before that gap's start: the pair's hole gets its own takeover gap."""
+    return cause == "takeover" and gap["cause"] == NOT_STARTED
 
 
 class LimitSpans:
@@ -403,11 +409,15 @@ class CoverageLedger:
         start_ns = int(event["last_recv_ns"])
         cause = str(event["cause"])
         gap = self._open
-        if gap is not None and start_ns <= gap["start_ns"]:
+        if gap is not None and cause == NOT_STARTED:
+            # The spool began again under an open gap (replayed from its first record, or emptied
+            # by hand): that gap goes on; its hour was no fresh archive's.
+            return
+        if gap is not None and start_ns <= gap["start_ns"] and not _takes_over(gap, cause):
             self._more_cause(gap, cause)  # the same gap, kept open by something else
             return
         if gap is not None:  # the record that ended it was lost: it ended by this start at last
-            self._close(gap, start_ns, record.conn_id)
+            self._close(gap, max(start_ns, gap["start_ns"]), record.conn_id)
         last_ns = event.get("last_message_ns")
         detail = {k: v for k, v in event.items()
                   if k not in ("type", "cause", "last_recv_ns", "last_message_ns")}
@@ -418,6 +428,8 @@ class CoverageLedger:
             "marker_recv": utc(record.recv_ns),
             "last_message_time": utc(last_ns) if last_ns else None, "last_message_ns": last_ns,
             **({"ha_instance": self.ha_instance} if self.ha_instance else {}),
+            **({"started_at": utc(int(detail["started_ns"]))}
+               if cause == NOT_STARTED and isinstance(detail.get("started_ns"), int) else {}),
         }
         if cause == "takeover":
             self._open.update(start_basis="lease", lease_start=self._open["start"],

@@ -6,6 +6,8 @@ JSON object:
 
 - ``{"type": "gap", "cause": C, "last_recv_ns": N, ...detail}``: from ``N`` (wall clock, ns, of
   the last record received before it) the stream delivers nothing, because of ``C`` (``CAUSES``).
+  A fresh spool (the instance's first start) begins with a ``not_started`` gap from the start of
+  that hour: before it the archive did not exist, and until the first connection nothing came.
 - ``{"type": "connected", "conn": K[, "backfill_minutes": M]}``: connection K is up (first body
   byte of a 200): the record's own receive time ends an open gap, as the first message after it
   would; v2 says how many minutes of backfill it asked for.
@@ -34,9 +36,12 @@ CONNECTED = "connected"
 # Why the stream stopped delivering. ``takeover``: another instance of a standby pair became
 # active (written by the HA code); ``killed``: the supervisor vanished (SIGKILL, OOM);
 # ``crashed``: found at startup, the previous stream worker wrote no marker before it ended;
-# ``standby``: this instance lost the lease and left the stream to another (ha.mode: standby).
+# ``standby``: this instance lost the lease and left the stream to another (ha.mode: standby);
+# ``not_started``: the first start on a fresh spool: the archive begins (see ``GapMarkers``).
 CAUSES = ("reconnect", "stall", "rate_limited", "http_error", "rejected", "reload", "stopped",
-          "killed", "crashed", "takeover", "standby")
+          "killed", "crashed", "takeover", "standby", "not_started")
+NOT_STARTED = "not_started"
+HOUR_NS = 3600 * 10**9
 
 
 class BadEvent(ValueError):
@@ -83,8 +88,10 @@ class GapMarkers:
 
     ``last_recv_ns`` is the receive time of the newest record that proves the stream was live (a
     message or a ``connected`` marker); ``open_cause`` is the cause of the open gap, or None.
-    On a fresh spool nothing is known yet: the gap is open with no start and no marker is written
-    until the first record arrives.
+    A fresh spool is the instance's first start: its archive begins with a ``not_started`` gap
+    from the start of the current hour (``covered`` is the share of the hour with a connection,
+    and there was none before), open until the first connection, whatever else keeps it open
+    (420s, a stop) added to its causes.
     """
 
     def __init__(self, spool: SpoolWriter, last: Record | None) -> None:
@@ -98,8 +105,11 @@ class GapMarkers:
         self._resume(last)
 
     def _resume(self, last: Record | None) -> None:
-        """The previous run ended without a marker after its last record: it crashed."""
+        """The previous run ended without a marker after its last record: it crashed. No record
+        at all: the instance's archive begins now (its first start)."""
         if last is None:
+            now = time.time_ns()
+            self.gap(NOT_STARTED, last_recv_ns=now - now % HOUR_NS, detail={"started_ns": now})
             return
         event = decode_event(last.payload) if last.kind == KIND_EVENT else None
         if event is not None and event["type"] == GAP:
@@ -114,8 +124,11 @@ class GapMarkers:
         self.open_cause = None
 
     def gap_start_ns(self) -> int | None:
-        """Start of the open gap (the last record received before it), or None."""
-        return self.last_recv_ns if self.open_cause is not None and self.last_recv_ns else None
+        """Start of the open gap (the last record received before it), or None (also for the
+        archive's first gap: nothing was missed before the instance existed)."""
+        if self.open_cause in (None, NOT_STARTED):
+            return None
+        return self.last_recv_ns or None
 
     def connected(self, conn_id: int, *, backfill_minutes: int = 0) -> None:
         """Connection ``conn_id`` is up; ``backfill_minutes`` (v2) it asked the endpoint for."""
@@ -131,11 +144,15 @@ class GapMarkers:
             detail: Mapping[str, object] | None = None) -> None:
         """The stream stopped delivering because of ``cause`` (one of ``CAUSES``).
 
-        Nothing is written if a gap with this cause is already open, or if nothing was ever
-        received (no start). ``last_recv_ns`` overrides the start (a takeover knows it from the
-        lease); ``detail`` (small JSON values) is kept in the ledger.
+        Nothing is written if a gap with this cause is already open, or if no start is known
+        (a fresh spool whose ``not_started`` marker the disk refused). ``last_recv_ns``
+        overrides the start (a takeover knows it from the lease); ``detail`` (small JSON values)
+        is kept in the ledger.
         """
         start = last_recv_ns or self.last_recv_ns
+        conn = (detail or {}).get("conn")
+        if isinstance(conn, int):  # a refused attempt's id too: the next run numbers on past it
+            self.conn_id = max(self.conn_id, conn)
         if not start or cause == self.open_cause:
             return
         event = {**(detail or {}), "type": GAP, "cause": cause, "last_recv_ns": start}

@@ -2,7 +2,9 @@
 
 Reads ``mongo.coverage_collection`` (written by ``ingestd.sink.coverage``) and prints, per hour
 and instance: tweets stored, tweets the endpoint said it did not deliver (limit notices), seconds
-without a connection, the share of the hour covered, and the causes of its gaps. Needs only the
+without a connection, the share of the hour covered, and the causes of its gaps. The hour in
+which an instance first started counts the time before that start as offline (``not_started``:
+the archive did not exist; ``--json`` gives that part as ``not_started_seconds``). Needs only the
 MongoDB URI (from the settings, with ``${...}`` resolved): no stream credentials.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +22,8 @@ from typing import Any
 from ingestd.config.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError
 from ingestd.config.schema import Settings
 from ingestd.config.settings import load_settings
-from ingestd.sink.coverage import HOUR_NS, hour_start_ns, split_hours
+from ingestd.sink.coverage import hour_start_ns, split_hours
+from ingestd.spool.events import HOUR_NS, NOT_STARTED
 from ingestd.tools.check import explain_mongo_error
 
 EXIT_MONGO = EXIT_UNAVAILABLE  # MongoDB unreachable or refusing (as check --online)
@@ -34,6 +37,8 @@ class HourRow:
     tweets: int = 0
     undelivered: int = 0
     offline_seconds: float = 0.0
+    # Of offline_seconds: before the instance first started (its archive did not exist yet).
+    not_started_seconds: float = 0.0
     covered_percent: float = 100.0
     causes: list[str] = field(default_factory=list)
 
@@ -98,10 +103,22 @@ def build_rows(hours: list[dict[str, Any]], gaps: list[dict[str, Any]], since_ns
             r.offline_seconds = round(r.offline_seconds + seconds, 3)
             if gap["cause"] not in r.causes:
                 r.causes.append(gap["cause"])
+        _before_start(gap, first, until_ns, row)
     for (_, hour), r in rows.items():
         span = (min(hour + HOUR_NS, max(now_ns, hour + 1)) - hour) / 1e9  # the current hour: so far
         r.covered_percent = round(max(0.0, 100.0 * (1 - r.offline_seconds / span)), 2)
     return [rows[k] for k in sorted(rows, key=lambda k: (k[1], k[0]))]
+
+
+def _before_start(gap: dict[str, Any], first: int, until_ns: int,
+                  row: Callable[[str, int], HourRow]) -> None:
+    """A ``not_started`` gap's part before the instance's first start (``detail.started_ns``)."""
+    started = (gap.get("detail") or {}).get("started_ns")
+    if gap["cause"] != NOT_STARTED or not isinstance(started, int):
+        return
+    for hour, seconds in split_hours(max(gap["start_ns"], first), min(started, until_ns)):
+        r = row(gap["instance"], hour)
+        r.not_started_seconds = round(r.not_started_seconds + seconds, 3)
 
 
 def fetch(settings: Settings, since: datetime, until: datetime, instance: str | None
@@ -140,6 +157,7 @@ def gap_json(gap: dict[str, Any]) -> dict[str, Any]:
             "start_ns": gap["start_ns"], "end_ns": gap.get("end_ns"),
             "seconds": gap.get("seconds"), "cause": gap["cause"], "causes": gap.get("causes"),
             "detail": gap.get("detail", {}),
+            **({"started_at": _iso(gap["detail"]["started_ns"])} if "started_at" in gap else {}),
             **{k: gap[k] for k in ("backfill_minutes", "backfilled_seconds", "undelivered")
                if k in gap}}
 
