@@ -24,7 +24,7 @@ from ingestd.control.collector import in_flight, received_total
 from ingestd.sink.mongo import INDEXES
 from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.mongo import stored_ids, write_target
-from tests.support.mongo_proxy import MongoProxy
+from tests.support.mongo_proxy import INSERTS, MongoProxy
 from tests.support.simulator import SimProcess
 from tests.support.wait import wait_until
 
@@ -86,8 +86,9 @@ def run_until_settled(tmp_path: Path, proxy: MongoProxy, mongo_uri: str, db: str
 
 def test_mongo_error_lines_carry_the_servers_code_name_message_and_errinfo(
         tmp_path: Path, proxy: MongoProxy, mongo_uri: str, mongo_database: str) -> None:
-    proxy.fail_writes(1, code=10107)
-    proxy.write_concern_error(1, code=64)
+    # Inserts: the lines of a batch's write (a fresh archive's first write is its coverage gap).
+    proxy.fail_writes(1, code=10107, commands=INSERTS)
+    proxy.write_concern_error(1, code=64, commands=INSERTS)
     sim, daemon = run_until_settled(tmp_path, proxy, mongo_uri, mongo_database)
     try:
         proxy.wait_applied("write_concern_error", 1)
@@ -272,7 +273,7 @@ def test_write_concern_error_degrades_loudly_and_counts_nothing_until_confirmed(
     # (w above its members: the operator must act; retried at the cap). Until a write is
     # confirmed, the daemon says so (state, error line with the code) and counts nothing stored.
     proxy.write_concern_error(10_000, code=code, err_info={
-        "writeConcern": {"w": 5, "provenance": "clientSupplied"}})
+        "writeConcern": {"w": 5, "provenance": "clientSupplied"}}, commands=INSERTS)
     # error_interval 0: every attempt's own line is looked at (repeats would fold, same error).
     sim, daemon = run_until_settled(tmp_path, proxy, mongo_uri, mongo_database,
                                     writer={"retry_cap": 1.0}, logging={"error_interval": 0})

@@ -12,11 +12,13 @@ an election or an overload::
         proxy.delay_writes(2.0, count=1)        # next write's reply held for 2 s
         proxy.failover(5.0)                     # RST every connection, refuse new ones for 5 s
         proxy.failover_at_next_insert(5.0)      # the same, when the next insert arrives
+        proxy.fail_writes(1, commands=INSERTS)  # a fault for the next insert only
         proxy.rewrite_hello(MONGOS_HELLO)       # every hello reply now says "mongos"
         proxy.wait_applied("command_error", 1)  # until the fault has been used
 
 Faults apply to write commands only (``insert``, ``delete``, ``update``; ``failover_at_next_insert``
-waits for an ``insert``), in the order they were asked for; ``hello``/``isMaster`` and every
+waits for an ``insert``, and ``commands=INSERTS`` makes a fault do so: the coverage ledger's
+writes are ``update``s), in the order they were asked for; ``hello``/``isMaster`` and every
 read pass through untouched unless a fault says so (``failover`` resets everything;
 ``rewrite_hello`` changes what ``hello`` says the server is: a replica-set member or a mongos,
 for code that looks at the deployment type; the driver's first handshake on a connection, a
@@ -53,6 +55,7 @@ OP_REPLY_PREFIX = struct.Struct("<iqii")  # responseFlags, cursorID, startingFro
 HEADER = struct.Struct("<iiii")  # messageLength, requestID, responseTo, opCode
 CHECKSUM_PRESENT = 1
 WRITE_COMMANDS = frozenset({"insert", "delete", "update"})
+INSERTS = frozenset({"insert"})  # the tweets' writes (the coverage ledger's are updates)
 
 # code → (codeName, errmsg, retryable write error): as a mongod answers during an election.
 COMMAND_ERRORS: dict[int, tuple[str, str, bool]] = {
@@ -189,21 +192,26 @@ class MongoProxy:
             self._faults.clear()
             self._down_until = 0.0
 
-    def fail_writes(self, count: int, code: int = 10107) -> None:
-        """Answer the next ``count`` writes with a command error (not forwarded to the server)."""
+    def fail_writes(self, count: int, code: int = 10107,
+                    commands: frozenset[str] = WRITE_COMMANDS) -> None:
+        """Answer the next ``count`` writes (of ``commands``) with a command error (not forwarded
+        to the server)."""
         if code not in COMMAND_ERRORS:
             raise ValueError(f"unknown command error {code}; known: {sorted(COMMAND_ERRORS)}")
-        self._add(_Fault("command_error", count, code=code))
+        self._add(_Fault("command_error", count, code=code, commands=commands))
 
     def write_concern_error(self, count: int, code: int = 64,
-                            err_info: dict[str, Any] | None = None) -> None:
-        """Forward the next ``count`` writes; add a ``writeConcernError`` to their replies."""
+                            err_info: dict[str, Any] | None = None,
+                            commands: frozenset[str] = WRITE_COMMANDS) -> None:
+        """Forward the next ``count`` writes (of ``commands``); add a ``writeConcernError`` to
+        their replies."""
         if code not in WRITE_CONCERN_ERRORS:
             raise ValueError(f"unknown write concern error {code}")
         info = err_info if err_info is not None else {
             "wtimeout": True,
             "writeConcern": {"w": 2, "wtimeout": 100, "provenance": "clientSupplied"}}
-        self._add(_Fault("write_concern_error", count, code=code, err_info=info))
+        self._add(_Fault("write_concern_error", count, code=code, err_info=info,
+                         commands=commands))
 
     def reset_mid_reply(self, count: int) -> None:
         """Forward the next ``count`` writes, send half of each reply, then reset the connection."""
@@ -221,7 +229,7 @@ class MongoProxy:
     def failover_at_next_insert(self, seconds: float) -> None:
         """``failover(seconds)`` at the moment the next ``insert`` arrives (it is not forwarded):
         a failover that certainly catches a batch in flight, not whichever write was."""
-        self._add(_Fault("failover", 1, seconds=seconds, commands=frozenset({"insert"})))
+        self._add(_Fault("failover", 1, seconds=seconds, commands=INSERTS))
 
     def rewrite_hello(self, fields: dict[str, Any] | None) -> None:
         """Merge ``fields`` into every ``hello``/``isMaster`` reply (OP_MSG or the legacy
