@@ -43,7 +43,7 @@ from ingestd.spool.events import GapMarkers, decode_event, encode_event
 from ingestd.spool.format import KIND_EVENT, KIND_MESSAGE, Record
 from ingestd.spool.writer import SpoolWriter
 from ingestd.tools.coverage import build_rows
-from tests.support.daemon import Daemon, settings_doc
+from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.mongo import stored_ids
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
@@ -158,11 +158,8 @@ def test_every_stop_leaves_one_gap_matching_ground_truth(
         # This run's store worker opened a gap (the crash's): published for the metrics.
         wait_until(lambda: daemon.counters("store").get("coverage_gaps", 0) >= 1, 30,
                    "coverage_gaps in run/store.json")
-        code, _ = daemon.stop()
-        assert code == 0, daemon.tail()
     finally:
-        daemon.kill()
-        sim.stop()
+        finish(daemon, sim)
 
     truth = sim.ground_truth()
     first, *gaps = ledger(mongo_uri, mongo_database, "gap")
@@ -234,11 +231,8 @@ def test_every_stop_leaves_one_gap_matching_ground_truth(
     try:
         daemon.start().wait_ready()
         wait_until(lambda: replayed(daemon), 60, "the replayed spool read")
-        code, _ = daemon.stop()
-        assert code == 0, daemon.tail()
     finally:
-        daemon.kill()
-        sim2.stop()
+        finish(daemon, sim2)
     after = ledger(mongo_uri, mongo_database, "gap")
     assert [(g["_id"], g["end"]) for g in after[:len(closed) + 1]] == [
         (g["_id"], g["end"]) for g in [first, *closed]], \
@@ -320,11 +314,8 @@ def test_first_start_counts_the_hour_before_it_as_offline(
         ready = time.time()
         wait_until(lambda: daemon.assert_running() or closed_gaps(mongo_uri, mongo_database), 60,
                    "the archive's first gap closed")
-        code, _ = daemon.stop()
-        assert code == 0, daemon.tail()
     finally:
-        daemon.kill()
-        sim.stop()
+        finish(daemon, sim)
     truth = sim.ground_truth()
     connect = truth.connections()[0]["t"]
     first_tweet = min(float(e["t"]) for e in truth.of("tweet"))
@@ -427,11 +418,8 @@ def test_v2_reconnect_asks_for_the_backfill_the_gap_needs_and_the_ledger_records
         wait_until(lambda: settled(daemon, sim, total)
                    and len(closed_gaps(mongo_uri, mongo_database)) == 2, 120,
                    "every published tweet, and the stall's gap closed (after the first)")
-        code, _ = daemon.stop()
-        assert code == 0, daemon.tail()
     finally:
-        daemon.kill()
-        sim.stop()
+        finish(daemon, sim)
     truth = sim.ground_truth()
     asked = [e["params"].get("backfill_minutes") for e in truth.connections()]
     # The first connection knows no gap: the bound; the reconnect after a ~2 s stall: 1 minute.
