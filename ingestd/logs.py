@@ -131,7 +131,8 @@ def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> Event
 
 
 class RateLimiter:
-    """Suppress repeats of warning-or-worse events within `interval` seconds.
+    """Suppress repeats of warning-or-worse events within `interval` seconds, and of any event
+    that passes `rate_key=...` (a frequent info line, such as the endpoint's limit notices).
 
     The key is (level, event, every non-float scalar field) unless the caller passes
     `rate_key=...`. The first event after the interval carries `repeated=N` (suppressed count),
@@ -149,7 +150,7 @@ class RateLimiter:
     def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
         level = _LEVELS.get(str(event_dict.get("level", "info")), logging.INFO)
         explicit = event_dict.pop("rate_key", None)
-        if level < logging.WARNING or self.interval <= 0:
+        if self.interval <= 0 or (level < logging.WARNING and explicit is None):
             return event_dict
         key = self._key(event_dict, explicit)
         now = self.clock()

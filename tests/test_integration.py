@@ -98,6 +98,12 @@ def test_control_messages_never_become_documents(
         col = client[mongo_database].tweets
         kinds = {str(ev.get("type")) for ev in sim.ground_truth().of("control")}
         assert {"delete", "limit", "scrub_geo"} <= kinds, kinds
+        # Limit notices are logged once per logging.error_interval (10 s) and connection, each
+        # line with the cumulative count so far and how many notices it stands for.
+        notices = [ev for ev in sim.ground_truth().of("control") if ev.get("type") == "limit"]
+        logged = daemon.events("stream_limit")
+        assert 1 <= len(logged) < len(notices), (len(logged), len(notices))
+        assert len(logged) + sum(e.get("repeated", 0) for e in logged) <= len(notices)
         for key in ("delete", "scrub_geo", "limit", "status_withheld", "user_withheld",
                     "disconnect", "warning"):
             assert col.count_documents({key: {"$exists": True}}) == 0, key

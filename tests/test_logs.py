@@ -171,6 +171,19 @@ def test_rate_key_overrides_the_fields() -> None:
     assert all("rate_key" not in e for e in lines(buf))
 
 
+def test_an_info_event_with_a_rate_key_is_folded_too() -> None:
+    # The endpoint's limit notices: info, every few seconds, a cumulative count per connection.
+    buf, clock = setup()
+    log = get_logger()
+    for undelivered in (5, 9, 14):
+        log.info("stream_limit", conn=1, undelivered=undelivered, rate_key="conn 1")
+    log.info("stream_limit", conn=2, undelivered=3, rate_key="conn 2")
+    clock.now += 10
+    log.info("stream_limit", conn=1, undelivered=20, rate_key="conn 1")
+    assert [(e["conn"], e["undelivered"], e.get("repeated")) for e in lines(buf)] == [
+        (1, 5, None), (2, 3, None), (1, 20, 2)]
+
+
 def test_zero_interval_disables_rate_limiting() -> None:
     buf = io.StringIO()
     configure_logging("info", "json", stream=buf, error_interval=0)

@@ -215,7 +215,10 @@ def watch(conn: Connection, payload: bytes, stats: ReaderStats) -> None:
         increase = max(body["track"] - conn.limit_track, 0)
         conn.limit_track = max(conn.limit_track, body["track"])
         stats.limit_missed += increase
-        log.info("stream_limit", conn=conn.conn_id, undelivered=body["track"])
+        # Folded per connection (logging.error_interval): a limited stream sends one every few
+        # seconds, and the count is cumulative, so the line that is printed says it all.
+        log.info("stream_limit", conn=conn.conn_id, undelivered=body["track"],
+                 rate_key=f"conn {conn.conn_id}")
     elif isinstance(errors := msg.get("errors"), list):
         _watch_v2_errors(conn, errors, stats)
 
