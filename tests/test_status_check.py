@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import yaml
 
-from ingestd.config.errors import EXIT_UNAVAILABLE, ConfigError
+from ingestd.config.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError
 from tests.support.creds import CREDS
-from tests.support.daemon import Daemon, settings_doc
+from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.simulator import SimProcess
 from tests.support.wait import wait_until
 
@@ -409,3 +409,139 @@ def test_status_finds_an_instances_state_folder(tmp_path: Path,
     (unit_dir / "news" / runstate.RUN_DIR / daemonctl.PIDFILE).unlink()  # instance stopped
     # Stopped: "not running" for news, never the plain unit's daemon in its place.
     assert daemonctl.locate_state_dir(news, env) == etc / "state"
+
+
+# -- check --online beside a running stream (a v1.1 probe would log it out: code 7) ---------------
+
+
+def _streaming(tmp_path: Path, mongo_uri: str, db: str, **sections: Any
+               ) -> tuple[SimProcess, Daemon]:
+    """A daemon connected to its own simulator: (simulator, daemon)."""
+    sim = SimProcess(tmp_path / "sim", "--rate", "50", "--keepalive", "0.5").start()
+    daemon = Daemon(tmp_path / "daemon", settings_doc(sim.url, mongo_uri, db, **sections))
+    daemon.start()
+    try:
+        daemon.wait_ready()
+        daemon.wait_log("connected", conn=1)
+    except BaseException:
+        daemon.kill()
+        sim.stop()
+        raise
+    return sim, daemon
+
+
+def _assert_untouched(sim: SimProcess, daemon: Daemon) -> None:
+    truth = sim.ground_truth()
+    assert [c["conn"] for c in truth.connections()] == [1], "the check opened a connection"
+    assert not truth.control("disconnect"), "the running stream was logged out (code 7)"
+    assert not daemon.events("stream_disconnect") and not daemon.events("stream_ended")
+
+
+def test_check_online_beside_a_running_daemon_skips_the_probe(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    sim, daemon = _streaming(tmp_path, mongo_uri, mongo_database)
+    try:
+        result = ingestd("check", "--online", "--config", str(daemon.config))
+        _assert_untouched(sim, daemon)
+    finally:
+        finish(daemon, sim)
+    print("\n" + result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ping ok" in result.stdout
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("endpoint"))
+    assert line.startswith("endpoint   probe skipped: a running ingestd holds this settings' "
+                           f"state folder {daemon.state_dir}"), line
+    assert "were not tested" in line and "code 7" in line
+
+
+def test_check_online_from_another_host_of_a_standby_pair_skips_the_probe(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """Another state folder (another host), same account and lease: the lease tells."""
+    sim, daemon = _streaming(tmp_path, mongo_uri, mongo_database,
+                             ha={"mode": "standby", "lease_seconds": 3})
+    other = {**daemon.doc, "state_dir": str(tmp_path / "other" / "state")}
+    try:
+        wait_until(lambda: daemon.status("stream").get("ha", {}).get("role") == "active", 30,
+                   "the daemon holds the lease")
+        result = ingestd("check", "--online", "--config",
+                         str(write_settings(tmp_path / "other" / "settings.yaml", other)))
+        _assert_untouched(sim, daemon)
+    finally:
+        finish(daemon, sim)
+    print("\n" + result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    holder = daemon.status("stream")["ha"]["instance"]
+    assert re.search(rf"endpoint   probe skipped: the standby lease stream:[0-9a-f]{{16}} is held "
+                     rf"by {re.escape(holder)}, which is renewing it", result.stdout), result.stdout
+
+
+def test_check_online_probes_when_no_stream_runs(tmp_path: Path, strict_sim: SimProcess,
+                                                 mongo_uri: str) -> None:
+    """A stopped daemon's state folder (its lock file left behind) does not block the probe."""
+    config = online_config(tmp_path, strict_sim.url, mongo_uri)
+    run = tmp_path / "state" / "run"
+    run.mkdir(parents=True)
+    (run / "supervisor.lock").touch()
+    result = ingestd("check", "--online", "--config", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "connected (HTTP 200)" in result.stdout
+
+
+# -- check --online with X API v2: the rules endpoint, never a stream -----------------------------
+
+V2_TOKEN = "AAAAAAAAAAAAAAAAAAAAAcheck-v2-token-ingestd-tests"
+
+
+@pytest.fixture(scope="module")
+def v2_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimProcess]:
+    sim = SimProcess(tmp_path_factory.mktemp("v2sim"), "--keepalive", "1",
+                     env={"TWITTER_BEARER_TOKEN": V2_TOKEN}).start()
+    yield sim
+    sim.stop()
+
+
+def v2_config(tmp_path: Path, sim: SimProcess, mongo_uri: str, **ha: Any) -> Path:
+    doc = settings_doc(f"http://127.0.0.1:{sim.port}/2/tweets/search/stream", mongo_uri, "check")
+    del doc["stream"]["track"]
+    doc["stream"].update({"api": "v2", "rules": [{"value": "coffee OR music", "tag": "drinks"},
+                                                 {"value": "rain -sunny"}]})
+    doc["auth"] = {"bearer_token": "${TWITTER_BEARER_TOKEN}"}
+    if ha:
+        doc["ha"] = ha
+    return write_settings(tmp_path / "settings.yaml", doc)
+
+
+def test_check_online_v2_asks_the_rules_endpoint_with_the_bearer_token(
+        tmp_path: Path, v2_sim: SimProcess, mongo_uri: str) -> None:
+    result = ingestd("check", "--online", "--config", str(v2_config(tmp_path, v2_sim, mongo_uri)),
+                     env={"TWITTER_BEARER_TOKEN": V2_TOKEN})
+    print("\n" + result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"  filters +2 rules \(v2", result.stdout), result.stdout
+    assert "bearer token accepted (no stream opened)" in result.stdout
+    assert "rules      2 configured, 0 on the server: 2 to add, 0 to delete" in result.stdout
+    assert not [c for c in v2_sim.ground_truth().connections() if c.get("api") == "v2"]
+
+
+def test_check_online_v2_reports_a_rejected_token(tmp_path: Path, v2_sim: SimProcess,
+                                                  mongo_uri: str) -> None:
+    wrong = "AAAAAAAAAAAAAAAAAAAAAwrong-check-token"
+    result = ingestd("check", "--online", "--config", str(v2_config(tmp_path, v2_sim, mongo_uri)),
+                     env={"TWITTER_BEARER_TOKEN": wrong})
+    assert result.returncode == EXIT_UNAVAILABLE, result.stdout + result.stderr
+    assert "endpoint   FAILED: token rejected: check auth.bearer_token (HTTP 401" in result.stdout
+    assert wrong not in result.stdout + result.stderr
+
+
+def test_check_and_run_refuse_a_v2_standby_pair(tmp_path: Path, v2_sim: SimProcess,
+                                                mongo_uri: str) -> None:
+    config = v2_config(tmp_path, v2_sim, mongo_uri, mode="standby")
+    env = {"TWITTER_BEARER_TOKEN": V2_TOKEN}
+    for command in ("check", "run"):  # run logs it (settings_invalid); reload loads the same way
+        result = ingestd(command, "--config", str(config), env=env)
+        text = result.stdout + result.stderr
+        assert result.returncode == EXIT_CONFIG, text
+        why = re.search(rf"{re.escape(str(config))}: ha\.mode: standby is for stream\.api v1\.1"
+                        r"[^\n\"]*", text)
+        assert why, text
+        assert "429 TooManyConnections" in why[0] and "ha.mode: redundant" in why[0]

@@ -13,8 +13,16 @@ MODES = ("single", "standby", "redundant")
 MIN_LEASE = 1.0  # below this a renewal every lease_seconds/5 is faster than a MongoDB round trip
 
 
-def build_ha(sec: Section, state_dir: Path, auth: AuthSettings) -> HaSettings:
+def build_ha(sec: Section, state_dir: Path, auth: AuthSettings, api: str) -> HaSettings:
     mode = sec.text("mode", choices=MODES)
+    if mode == "standby" and api == "v2":
+        # A frozen or cut-off holder's v2 connection still counts against the app's limit: the
+        # new holder is refused (429 TooManyConnections) and backs off for a minute or more,
+        # instead of taking over within lease_seconds (docs/protocol.md §7.4).
+        sec.error("mode", "standby is for stream.api v1.1, where a new connection logs the old "
+                          "one out; v2 refuses it (429 TooManyConnections) while the old "
+                          "holder's connection lingers, so a takeover waits a minute or more: "
+                          "use ha.mode: redundant (v2 redundant connections) or single")
     lease = sec.number("lease_seconds", lo=MIN_LEASE, hi=3600)
     instance = sec.text("instance", default="") or default_instance(state_dir)
     lease_key = sec.text("lease_key", default="") or default_lease_key(auth)

@@ -125,5 +125,5 @@ def _build(root: Section) -> Settings:
         control=build_control(root.section("control", schema.ControlSettings)),
         metrics=build_metrics(root.section("metrics", schema.MetricsSettings)),
         logging=build_logging(root.section("logging", schema.LoggingSettings)),
-        ha=build_ha(root.section("ha", schema.HaSettings), state_dir, auth),
+        ha=build_ha(root.section("ha", schema.HaSettings), state_dir, auth, stream.api),
     )

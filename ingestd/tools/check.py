@@ -9,14 +9,14 @@ from __future__ import annotations
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pycurl
 
 from ingestd.config.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError
-from ingestd.config.schema import Settings
+from ingestd.config.schema import Rule, Settings, StreamSettings
 from ingestd.config.settings import load_settings, secret_values
 from ingestd.config.stream import ca_bundle
 from ingestd.control import statedir
@@ -24,6 +24,7 @@ from ingestd.logs import register_secret, scrub_text
 from ingestd.source.headers import USER_AGENT, parse_header_line
 from ingestd.source.oauth import diagnose_401, encode_form, sign_request
 from ingestd.source.request import post_params
+from ingestd.source.v2_rules_client import RulesClient, RulesError, ServerRule
 from ingestd.tools.instances import instance_warnings
 
 if TYPE_CHECKING:
@@ -71,8 +72,8 @@ def run_check(config: Path, *, online: bool) -> int:
         print(f"warning: {notice}")
     if not online:
         return 0
-    ok = check_mongo(settings) & check_endpoint(settings)
-    return 0 if ok else EXIT_UNAVAILABLE
+    mongo_ok = check_mongo(settings)
+    return 0 if check_endpoint(settings, mongo_ok=mongo_ok) and mongo_ok else EXIT_UNAVAILABLE
 
 
 def state_dir_findings(settings: Settings) -> tuple[str, list[str]]:
@@ -95,10 +96,16 @@ def summary(settings: Settings) -> str:
     s = settings.stream
     return (f"settings OK: {settings.path}\n"
             f"  endpoint   {s.url}\n"
-            f"  filters    {len(s.track)} track phrases, {len(s.follow)} follow ids, "
-            f"{len(s.locations)} location boxes\n"
+            f"  filters    {_filters(s)}\n"
             f"  mongo      {settings.mongo.database}.{settings.mongo.collection}\n"
             f"  state dir  {settings.state_dir}{_ha_line(settings)}")
+
+
+def _filters(s: StreamSettings) -> str:
+    if s.api == "v2":  # v2 filters by the rules held on the server (docs/protocol.md §7.3)
+        return f"{len(s.rules)} rules (v2; synced to the rules endpoint at start and reload)"
+    return (f"{len(s.track)} track phrases, {len(s.follow)} follow ids, "
+            f"{len(s.locations)} location boxes")
 
 
 def _ha_line(settings: Settings) -> str:
@@ -186,7 +193,64 @@ def _why(detail: str) -> str:
     return detail
 
 
-def check_endpoint(settings: Settings) -> bool:
+def check_endpoint(settings: Settings, *, mongo_ok: bool = True) -> bool:
+    """v2: the rules endpoint (no stream is opened). v1.1: a real stream connection, unless a
+    running stream on these settings would be logged out by it (docs/protocol.md §3)."""
+    if settings.stream.api == "v2":
+        return check_rules(settings)
+    if why := stream_in_use(settings, mongo_ok=mongo_ok):
+        print(f"endpoint   probe skipped: {why}. A probe is a real stream connection, and a "
+              "second one on these credentials logs the running stream out (disconnect code "
+              "7). The settings were validated and MongoDB checked (above); the endpoint and "
+              "credentials were not tested")
+        return True
+    return probe_stream(settings)
+
+
+def stream_in_use(settings: Settings, *, mongo_ok: bool) -> str:
+    """Why a stream on these settings may be running ("" if none is known to be)."""
+    from ingestd.tools.stream_in_use import lease_holder, state_dir_holder
+
+    if why := state_dir_holder(settings.state_dir):
+        return why
+    if settings.ha.mode != "standby":
+        return ""
+    if not mongo_ok:
+        return "the standby lease could not be read (MongoDB failed above)"
+    return lease_holder(settings)
+
+
+def check_rules(settings: Settings) -> bool:
+    """``GET`` the v2 rules: proves the endpoint answers and the bearer token is accepted, without
+    opening a stream (a second stream would be refused, or take an active one's place)."""
+    client = RulesClient(settings.stream, settings.auth)
+    try:
+        held = client.current()
+    except RulesError as exc:
+        text = scrub_text("; ".join(exc.messages))[:300]
+        if exc.status in (401, 403):
+            print(f"endpoint   FAILED: token rejected: check auth.bearer_token (HTTP "
+                  f"{exc.status}: {text}; {client.url})")
+        else:
+            print(f"endpoint   FAILED: {text} ({client.url})")
+        return False
+    print("endpoint   rules endpoint answered (HTTP 200), bearer token accepted (no stream "
+          "opened)")
+    print(f"rules      {rules_comparison(settings.stream.rules, held)}")
+    return True
+
+
+def rules_comparison(configured: Sequence[Rule], held: Sequence[ServerRule]) -> str:
+    want = {(r.value, r.tag) for r in configured}
+    have = {r.key() for r in held}
+    text = f"{len(configured)} configured, {len(held)} on the server"
+    if want == have:
+        return f"{text}: the same"
+    return (f"{text}: {len(want - have)} to add, {len(have - want)} to delete at the "
+            "daemon's next start or reload")
+
+
+def probe_stream(settings: Settings) -> bool:
     """One signed request; reports the status and, for a 401, whether the clock is to blame."""
     s = settings.stream
     body = encode_form(post_params(s))
