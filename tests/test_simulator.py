@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import http.client
 import json
 import socket
 import subprocess
@@ -552,3 +553,92 @@ def test_a_client_closing_an_idle_stream_is_recorded_at_once(tmp_path: Path) -> 
     (close,) = sim.ground_truth().closes(1)
     assert close["reason"].startswith("client closed")
     assert close["t"] - closed_at < keepalive / 2
+
+
+# ---------------------------------------------------------------- v2 routes
+
+V2_TOKEN = "AAAAAAAAAAAAAAAAAAAAAv2-simulator-tests"
+V2_ENV = {"V2TOKEN": V2_TOKEN}
+V2_STREAM = "/2/tweets/search/stream"
+
+
+def v2_request(sim: SimProcess, method: str, path: str,
+               body: dict[str, Any] | None = None) -> http.client.HTTPResponse:
+    conn = http.client.HTTPConnection("127.0.0.1", sim.port, timeout=10)
+    data = json.dumps(body).encode() if body is not None else None
+    conn.request(method, path, body=data, headers={"Authorization": f"Bearer {V2_TOKEN}",
+                                                   "Content-Type": "application/json"})
+    return conn.getresponse()  # keeps its socket open while referenced
+
+
+def v2_lines(response: http.client.HTTPResponse, count: int) -> list[bytes]:
+    """The next ``count`` non-keep-alive lines of a v2 stream (fewer if it ends)."""
+    lines: list[bytes] = []
+    while len(lines) < count:
+        line = response.readline()
+        if not line:
+            break
+        if line.strip():
+            lines.append(line.rstrip(b"\r\n"))
+    return lines
+
+
+def test_v2_redundant_connections_each_carry_every_tweet(tmp_path: Path) -> None:
+    args = ("--bearer-token-env", "V2TOKEN", "--redundant", "2", "--rate", "200")
+    with SimProcess(tmp_path, *args, env=V2_ENV) as sim:
+        one, two = v2_request(sim, "GET", V2_STREAM), v2_request(sim, "GET", V2_STREAM)
+        third = v2_request(sim, "GET", V2_STREAM)
+        refused = json.loads(third.read())
+        # Rules only now: the firehose publishes nothing before, so both streams start together.
+        added = v2_request(sim, "POST", V2_STREAM + "/rules",
+                           {"add": [{"value": "coffee OR music"}]})
+        assert added.status == 200
+        got = [[json.loads(m)["data"]["id"] for m in v2_lines(r, 30)] for r in (one, two)]
+        one.close()
+        two.close()
+        wait_until(lambda: len(sim.ground_truth().closes()) == 2, 10, "both streams closed")
+        truth = sim.ground_truth()
+    assert (one.status, two.status, third.status) == (200, 200, 429)
+    assert refused["connection_issue"] == "TooManyConnections"
+    assert [(c["conn"], c["status"]) for c in truth.connections()] == [(1, 200), (2, 200),
+                                                                       (3, 429)]
+    assert got[0] == got[1] and len(got[0]) == 30
+    assert truth.tweet_ids(1)[:30] == truth.tweet_ids(2)[:30] == [int(i) for i in got[0]]
+
+
+def test_v2_bad_lines_are_sent_as_asked(tmp_path: Path) -> None:
+    kinds = ["truncated_json", "invalid_utf8", "json_array", "oversize", "non_object"]
+    script = [[{"bad_lines": kinds}, {"close": True}]]
+    args = ("--bearer-token-env", "V2TOKEN", "--max-line", "5000")
+    with SimProcess(tmp_path, *args, script=script, env=V2_ENV) as sim:
+        stream = v2_request(sim, "GET", V2_STREAM)
+        lines = v2_lines(stream, 100)
+        gt = sim.ground_truth()
+    assert stream.status == 200
+    assert [e["kind"] for e in gt.of("bad_line", 1)] == kinds
+    assert len(lines) == 5
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(lines[0].decode("utf-8"))
+    with pytest.raises(UnicodeDecodeError):
+        lines[1].decode("utf-8")
+    assert isinstance(json.loads(lines[2]), list)
+    assert len(lines[3]) == 5000
+    assert not isinstance(json.loads(lines[4]), dict)
+
+
+def test_cli_v2_only_needs_only_the_bearer_token(tmp_path: Path) -> None:
+    no_keys = {key: "" for key in CREDS}  # SimProcess passes CREDS otherwise
+    with SimProcess(tmp_path, "--api", "v2", "--bearer-token-env", "V2TOKEN",
+                    env={**no_keys, **V2_ENV}) as sim:
+        assert v2_request(sim, "GET", V2_STREAM + "/rules").status == 200
+        assert v2_request(sim, "POST", "/1.1/statuses/filter.json").status == 404
+    path = {"PATH": "/usr/bin"}
+    no_token = run_cli("--api", "v2", "--bearer-token-env", "V2TOKEN", env=path)
+    assert no_token.returncode == 78
+    assert "no bearer token: set V2TOKEN" in no_token.stderr
+    assert "TWITTER_CONSUMER_KEY" not in no_token.stderr
+    both = run_cli("--api", "both", env={**path, "TWITTER_CONSUMER_KEY": "k"})
+    assert both.returncode == 78
+    assert "set TWITTER_CONSUMER_SECRET, TWITTER_ACCESS_TOKEN, TWITTER_ACCESS_TOKEN_SECRET or" \
+        in both.stderr
+    assert "TWITTER_CONSUMER_KEY" not in both.stderr and "TWITTER_BEARER_TOKEN" in both.stderr

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pymongo
 import pytest
 
@@ -117,6 +118,90 @@ def test_v2_every_delivered_tweet_is_stored_once_with_its_rules(
           f"stored={len(ids)} duplicates={store['duplicates']} "
           f"deadlettered={sum(store['deadlettered'].values())} "
           f"missed_in_reconnect_gap={len(missed)}")
+
+
+# ---------------------------------------------------------------- redundant connections
+
+
+def test_redundant_v2_instances_both_stream_and_each_stores_every_tweet(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    # --redundant 2 (v2 Enterprise): both connections are served and carry the same tweets;
+    # backfill_minutes replays what was published before each one connected.
+    total = 400
+    sim = SimProcess(tmp_path / "sim", "--keepalive", "1", "--seed", "5", "--rate", "150",
+                     "--max-tweets", str(total), "--redundant", "2", env=ENV).start()
+    doc = v2_doc(sim, mongo_uri, mongo_database, RULES, backfill_minutes=5)
+    daemons = [Daemon(tmp_path / name, {**doc, "ha": {"mode": "redundant"}}) for name in "ab"]
+    try:
+        for daemon in daemons:
+            daemon.start(extra_env=ENV)
+            daemon.wait_ready()
+        wait_until(lambda: all(both_settled(daemons, sim, total)), 90, "both instances settled")
+        stores = [d.counters("store") for d in daemons]
+    finally:
+        for daemon in daemons:
+            daemon.kill()
+        sim.stop()
+    truth = sim.ground_truth()
+    published = set(truth.tweet_ids()) | {e["id"] for e in truth.of("missed")}
+    ids = [d["_id"] for d in stored(mongo_uri, mongo_database)]
+    assert [(c["conn"], c["status"]) for c in stream_connects(truth)] == [(1, 200), (2, 200)]
+    assert len(published) == total
+    assert set(truth.tweet_ids(1)) == set(truth.tweet_ids(2)) == published
+    assert len(ids) == len(set(ids)) and set(ids) == published
+    assert sorted(s["stored"] + s["duplicates"] for s in stores) == sorted(
+        len(truth.tweet_ids(c)) for c in (1, 2)), "an instance did not store its stream"
+    print(f"\n[v2 redundant] published={total} delivered={len(truth.tweet_ids())} "
+          f"stored={len(ids)} duplicates={sum(s['duplicates'] for s in stores)}")
+
+
+def both_settled(daemons: list[Daemon], sim: SimProcess, published: int) -> list[bool]:
+    """Per instance: it read all it received, and the two together resolved every delivery."""
+    truth = sim.ground_truth()
+    if len(set(truth.tweet_ids()) | {e["id"] for e in truth.of("missed")}) < published:
+        return [False]
+    done, seen = [], 0
+    for daemon in daemons:
+        daemon.assert_running()
+        stream, store = daemon.counters("stream"), daemon.counters("store")
+        done.append(bool(stream and store and store["records_read"] == stream["received"]))
+        seen += store["stored"] + store["duplicates"] if store else 0
+    return [*done, seen == len(truth.tweet_ids())]
+
+
+# ---------------------------------------------------------------- bad lines
+
+
+def test_v2_bad_lines_are_dead_lettered_with_their_reason_and_reconcile(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    kinds = ["truncated_json", "invalid_utf8", "json_array", "oversize", "non_object"]
+    total = 60
+    sim, daemon = start(tmp_path, mongo_uri, mongo_database, "--rate", "100", "--max-tweets",
+                        str(total), "--max-line", "600000",
+                        script=[[{"deliver": 20}, {"bad_lines": kinds}]],
+                        max_message_bytes=500000)
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: settled(daemon, sim, total), 60, "every published tweet")
+        wait_until(lambda: sum(daemon.counters("store")["deadlettered"].values()) == len(kinds),
+                   30, "the bad lines dead-lettered")
+        stream, store = daemon.counters("stream"), daemon.counters("store")
+    finally:
+        finish(daemon, sim)
+    truth = sim.ground_truth()
+    letters = [orjson.loads(line) for path in sorted((daemon.state_dir / "deadletter")
+                                                     .glob("*.jsonl"))
+               for line in path.read_bytes().splitlines() if line.strip()]
+    assert [e["kind"] for e in truth.of("bad_line", 1)] == kinds
+    assert sorted(d["reason"] for d in letters) == sorted(
+        ["invalid_json", "invalid_utf8", "not_an_object", "oversize", "not_an_object"])
+    assert {d["_id"] for d in stored(mongo_uri, mongo_database)} == set(truth.tweet_ids())
+    assert store["deadlettered"] == {"invalid_json": 1, "invalid_utf8": 1, "not_an_object": 2,
+                                     "oversize": 1}
+    assert stream["received"] == store["records_read"] == resolved(store)
+    assert store["stored"] + store["duplicates"] == len(truth.tweet_ids())
 
 
 # ---------------------------------------------------------------- reload: rules, no reconnect

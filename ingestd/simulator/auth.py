@@ -85,7 +85,8 @@ def load_credentials(path: Path | None, env: Mapping[str, str] | None = None) ->
     """``--credentials FILE`` if given, else the environment; ``ValueError`` if neither."""
     creds = load_credentials_file(path) if path else credentials_from_env(env or os.environ)
     if not creds:
-        raise ValueError(f"no credentials: set {', '.join(ENV_KEYS)} or pass --credentials FILE")
+        missing = [key for key in ENV_KEYS if not (env or os.environ).get(key)]
+        raise ValueError(f"no credentials: set {', '.join(missing)} or pass --credentials FILE")
     return creds
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from ingestd.simulator.auth import OAuthVerifier, load_credentials
+from ingestd.simulator.auth import Credentials, OAuthVerifier, load_credentials
 from ingestd.simulator.feed import SOURCES
 from ingestd.simulator.groundtruth import GroundTruth
 from ingestd.simulator.script import FaultScript, ScriptError
@@ -21,6 +21,7 @@ from ingestd.simulator.server import Simulator
 from ingestd.simulator.state import SimConfig, SimState
 from ingestd.simulator.v2 import V2Options
 
+APIS = ("v1.1", "v2", "both")
 EXIT_USAGE = 2
 EXIT_CONFIG = 78
 
@@ -81,13 +82,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seed", type=int, help="seed for reproducible generated tweets")
     a("--max-line", type=_non_negative(int), default=600_000, help="size of 'oversize' bad lines")
     a("--redundant", type=_non_negative(int), default=1,
-      help="live streams per credentials (v2 Enterprise redundant connections), each carrying "
-           "the same tweets; a newer one beyond that logs the oldest out (code 7; 1 = v1.1)")
+      help="live streams per credentials or v2 app (v2 Enterprise redundant connections), each "
+           "carrying the same tweets; one more logs the oldest out in v1.1 (code 7; 1 = v1.1) "
+           "and gets 429 TooManyConnections in v2")
     # X API v2 (simulator/v2.py): the token is read from the environment like the OAuth keys.
     a("--bearer-token-env", default="TWITTER_BEARER_TOKEN",
       help="environment variable holding the accepted v2 bearer token (unset = v2 refuses all)")
     a("--max-rules", type=_non_negative(int), default=25, help="v2 rules the app may hold")
     a("--max-rule-length", type=_non_negative(int), default=512, help="v2 rule length limit")
+    a("--api", choices=APIS,
+      help="serve only v1.1 (needs the four OAuth keys), only v2 (needs only the bearer token) "
+           "or both (needs both); unset = v1.1, plus v2 when the token is set")
 
 
 def _check_host(args: argparse.Namespace) -> str | None:
@@ -106,7 +111,7 @@ def build_state(args: argparse.Namespace) -> SimState:
         raise ValueError(f"--keepalive must be more than 0 seconds, got {args.keepalive}")
     if args.redundant < 1:
         raise ValueError(f"--redundant must be at least 1, got {args.redundant}")
-    creds = load_credentials(args.credentials)
+    creds = _credentials(args)
     script = FaultScript.load(args.script) if args.script else None
     config = SimConfig(
         credentials=creds,
@@ -123,12 +128,30 @@ def build_state(args: argparse.Namespace) -> SimState:
         warning_interval=args.warning_interval,
         ground_truth=args.ground_truth,
         redundant=int(args.redundant),
+        apis=("v1.1", "v2") if args.api in (None, "both") else (args.api,),
     )
     return SimState(
         config=config,
         ground_truth=GroundTruth(args.ground_truth),
         verifier=OAuthVerifier(creds, args.timestamp_window),
     )
+
+
+def _credentials(args: argparse.Namespace) -> list[Credentials]:
+    """The OAuth keys the APIs served need (none for v2 only); one error names all that is
+    missing, the bearer token included."""
+    problems: list[str] = []
+    creds: list[Credentials] = []
+    if args.api != "v2":
+        try:
+            creds = load_credentials(args.credentials)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if args.api in ("v2", "both") and not os.environ.get(args.bearer_token_env):
+        problems.append(f"no bearer token: set {args.bearer_token_env} (--bearer-token-env)")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return creds
 
 
 def _write_port_file(path: Path, port: int) -> None:

@@ -67,12 +67,14 @@ class Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         if path == STATE_PATH and self.command == "GET":
             self._reply(200, orjson.dumps(self.server.state.snapshot()), "application/json")
-        elif path == STREAM_PATH:
+        elif path == STREAM_PATH and "v1.1" in self.server.state.config.apis:
             self._stream_request()
-        elif path.startswith(V2_PREFIX):
+        elif path.startswith(V2_PREFIX) and "v2" in self.server.state.config.apis:
             handle_v2(self.server.v2, self)
         else:
-            self._reply(404, b"Unknown URL. Try /1.1/statuses/filter.json\n")
+            served = " or ".join({"v1.1": STREAM_PATH, "v2": "/2/tweets/search/stream"}[api]
+                                 for api in self.server.state.config.apis)
+            self._reply(404, f"Unknown URL. Try {served}\n".encode())
 
     # --- responses ----------------------------------------------------------------------
 

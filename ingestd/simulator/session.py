@@ -276,17 +276,7 @@ class Session:
             self.state.ground_truth.event("bad_line", self.conn, kind=kind)
 
     def _bad_line(self, kind: str) -> bytes:
-        if kind == "truncated_json":
-            return truncated(orjson.dumps(self.feed.generator.noise()))
-        if kind == "invalid_utf8":
-            return b'{"id":1,"text":"bad \xff\xfe bytes \xc3"}'
-        if kind == "json_array":
-            return b'[{"id":1},{"id":2}]'
-        if kind == "oversize":
-            head, tail = b'{"oversize":"', b'"}'
-            size = max(self.state.config.max_line, len(head) + len(tail))
-            return head + b"x" * (size - len(head) - len(tail)) + tail
-        return b'"not an object"'
+        return bad_line(kind, self.state.config.max_line, self.feed.generator.noise())
 
     # --- control messages ---------------------------------------------------------------
 
@@ -342,6 +332,22 @@ class Session:
             msg = gen.limit_msg(self.limit_track, now_ms)
             event.update(track=self.limit_track)
         return orjson.dumps(msg), event
+
+
+def bad_line(kind: str, max_line: int, noise: dict[str, Any]) -> bytes:
+    """A ``bad_lines`` script step's line of ``kind`` (v1.1 and v2 alike); ``noise`` is a message
+    whose JSON text is cut for ``truncated_json``."""
+    if kind == "truncated_json":
+        return truncated(orjson.dumps(noise))
+    if kind == "invalid_utf8":
+        return b'{"id":1,"text":"bad \xff\xfe bytes \xc3"}'
+    if kind == "json_array":
+        return b'[{"id":1},{"id":2}]'
+    if kind == "oversize":
+        head, tail = b'{"oversize":"', b'"}'
+        size = max(max_line, len(head) + len(tail))
+        return head + b"x" * (size - len(head) - len(tail)) + tail
+    return b'"not an object"'
 
 
 def truncated(payload: bytes) -> bytes:

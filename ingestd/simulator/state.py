@@ -50,6 +50,7 @@ class SimConfig:
     ground_truth: Path | None = None
     pool_size: int = 1000
     redundant: int = 1  # live streams per credentials; a newer one beyond that gets code 7
+    apis: tuple[str, ...] = ("v1.1", "v2")  # routes served (--api); others answer 404
 
 
 class RateLimiter:

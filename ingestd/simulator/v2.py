@@ -5,17 +5,19 @@ add, delete, ``dry_run``, ``DuplicateRule``, invalid syntax, too many rules). A 
 thread publishes tweets at ``--rate`` per second for as long as the simulator runs, whether or not
 a client is connected: each candidate is evaluated against the rules in force at that moment, and
 one that matches is *published* with its ``matching_rules``, kept in the delivery log (5 minutes),
-and queued for the connected stream — or, with no stream connected, recorded as ``missed``. So a
+and queued for each connected stream — or, with no stream connected, recorded as ``missed``. So a
 rules change on the live connection takes effect for the next tweet without a reconnect, and a
 reconnect gap really loses tweets unless the client asks for ``backfill_minutes``, which replays
 the log's last N minutes (duplicates included, as documented).
 
-Streams: bearer auth (401 problem JSON), one connection per app (429 ``TooManyConnections``),
-``x-rate-limit-*`` headers, ``\\r\\n`` keep-alives, scripted faults (``deliver``,
-``keepalive_only``, ``stall``, ``close``, ``reset``, ``status``; ``disconnect`` sends
-``operational-disconnect``).
-Ground truth: ``connect``/``close`` per request, ``tweet`` per line written, ``missed`` per
-published tweet never written, ``backfill`` and ``rules`` (every change, with ids, values, tags).
+Streams: bearer auth (401 problem JSON), ``--redundant`` connections per app (1 by default; one
+more gets 429 ``TooManyConnections``; each connected one is queued every published tweet, as v2
+Enterprise redundant connections carry the same tweets), ``x-rate-limit-*`` headers, ``\\r\\n``
+keep-alives, scripted faults (``deliver``, ``keepalive_only``, ``stall``, ``close``, ``reset``,
+``status``, ``bad_lines``; ``disconnect`` sends ``operational-disconnect``).
+Ground truth: ``connect``/``close`` per request, ``tweet`` per line written, ``bad_line`` per bad
+line, ``missed`` per published tweet never written (per connection it was queued for),
+``backfill`` and ``rules`` (every change, with ids, values, tags).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from urllib.parse import parse_qsl, urlsplit
 import orjson
 
 from ingestd.simulator.script import Step
+from ingestd.simulator.session import bad_line
 from ingestd.simulator.state import SimState
 from ingestd.simulator.v2_rules import Expr, RuleSyntaxError, TweetView, matches, parse_rule
 from ingestd.simulator.v2_rules import positive_branch as branch_terms
@@ -114,14 +117,14 @@ class _Window:
 
 
 class V2App:
-    """Rules, firehose, delivery log and the one connected stream; guarded by ``lock``."""
+    """Rules, firehose, delivery log and the connected streams; guarded by ``lock``."""
 
     def __init__(self, state: SimState, options: V2Options) -> None:
         self.state, self.options = state, options
         self.lock = threading.Lock()
         self.rules: dict[str, StoredRule] = {}
         self.log: deque[Published] = deque()
-        self.active: V2Session | None = None
+        self.active: list[V2Session] = []  # at most --redundant live streams
         seed = state.config.seed
         self.rng = random.Random(f"{seed}:v2" if seed is not None else None)
         self.tweets = V2Tweets(self.rng, state.ids)
@@ -175,12 +178,12 @@ class V2App:
             self.log.append(item)
             while self.log and item.t - self.log[0].t > LOG_SECONDS:
                 self.log.popleft()
-            session = self.active
-            if session is not None:
+            sessions = list(self.active)
+            for session in sessions:  # redundant streams each carry every tweet
                 session.queue.append(item)
-        if session is not None:
+        for session in sessions:
             session.wake.set()
-        else:
+        if not sessions:
             self.state.ground_truth.event("missed", None, id=item.id)
 
     # -- rules
@@ -271,15 +274,16 @@ class V2App:
     # -- streams
 
     def attach(self, session: V2Session, backfill_minutes: int) -> int | None:
-        """Make ``session`` the app's stream (None: another one is connected → 429).
+        """Add ``session`` to the app's streams (None: ``--redundant`` are connected → 429).
 
         The backfill snapshot and the registration happen under one lock, so every published
         tweet is either in the replay or queued live: none falls between, none is in both.
         """
         with self.lock:
-            if self.active is not None and self.active.alive:
+            self.active = [s for s in self.active if s.alive]
+            if len(self.active) >= self.state.config.redundant:
                 return None
-            self.active = session
+            self.active.append(session)
             cutoff = time.time() - backfill_minutes * 60
             replay = [p for p in self.log if p.t >= cutoff] if backfill_minutes else []
             session.queue.extend(replay)
@@ -287,15 +291,15 @@ class V2App:
 
     def detach(self, session: V2Session) -> list[Published]:
         with self.lock:
-            if self.active is session:
-                self.active = None
+            if session in self.active:
+                self.active.remove(session)
             left, session.queue = list(session.queue), deque()
         return left
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             return {"rules": [r.public() for r in self.rules.values()],
-                    "published": self.published, "connected": self.active is not None,
+                    "published": self.published, "connected": len(self.active),
                     "log": len(self.log)}
 
 
@@ -358,7 +362,16 @@ class V2Session:
         if kind == "corrupt_gzip":
             self.wire.corrupt()
             return kind
-        return None  # v1.1-only steps (bad_lines, control, trickle, split) do not apply
+        if kind == "bad_lines":
+            self._send_bad_lines(value)
+        return None  # v1.1-only steps (control, trickle, split) do not apply
+
+    def _send_bad_lines(self, kinds: tuple[str, ...]) -> None:
+        for kind in kinds:
+            noise = {"data": self.app.tweets.noise()}
+            line = bad_line(kind, self.app.state.config.max_line, noise)
+            self._write(self.wire.frame(line))
+            self.app.state.ground_truth.event("bad_line", self.conn, kind=kind)
 
     def _stream(self, count: int | None, duration: float | None, *, tweets: bool,
                 keepalives: bool = True) -> str | None:
