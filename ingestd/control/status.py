@@ -201,11 +201,19 @@ def _ha_lines(ha: dict[str, Any]) -> list[str]:
         return []
     if ha["mode"] == "redundant":
         return ["  ha          redundant: every instance streams"]
-    return [f"  ha          {ha.get('role', '-')} ({ha.get('instance', '-')})  lease holder "
-            f"{ha.get('holder') or '-'}  takeovers {ha.get('takeovers', 0)}  lease failures "
-            f"{ha.get('renew_failures', 0)}",
+    return [f"  ha          {ha.get('role', '-')} ({ha.get('instance', '-')})  {_holder(ha)}  "
+            f"takeovers {ha.get('takeovers', 0)}  lease failures {ha.get('renew_failures', 0)}",
             # the pair's name in the alerts (their ``lease`` label)
             f"              lease {ha.get('lease') or '-'}"]
+
+
+def _holder(ha: Mapping[str, Any]) -> str:
+    """The holder as this instance knows it; once stopped, what it last knew (it holds none)."""
+    if ha.get("role") == "released":
+        return f"lease released at {_utc(ha.get('released_at'))}"
+    if ha.get("role") == "stopped":
+        return f"lease last held by {ha.get('last_holder') or '-'}"
+    return f"lease holder {ha.get('holder') or '-'}"
 
 
 def _store_lines(view: dict[str, Any]) -> list[str]:
