@@ -25,6 +25,8 @@ STALE_AFTER = 10.0  # seconds without a heartbeat before a worker counts as not 
 ROLES = ("supervisor", "stream", "store")
 STREAM_STATES = ("connecting", "connected", "reconnecting", "degraded", "stopped", "standby")
 METRICS_ADDR_FILE = "metrics.addr"
+# Store states after a MongoDB error was retried through (not "stopped: mongo unavailable…").
+STORE_RECOVERED = ("running", "draining", "stopped")
 
 
 def run_status(config: Path, *, as_json: bool) -> int:
@@ -159,14 +161,26 @@ def render(view: dict[str, Any]) -> str:
     if view["reasons"]:
         head += " (" + "; ".join(view["reasons"]) + ")"
     lines = [head, *_supervisor_lines(view), *_stream_lines(view), *_store_lines(view)]
-    w = view["workers"]
-    error = (w.get("store") or {}).get("last_error") or (w.get("stream") or {}).get("last_error")
-    if error:
+    if error := _last_error(view["workers"].get("store") or {}):
         lines.append(f"  last error  {error}")
     if view.get("metrics"):
         lines.append(f"  metrics     http://{view['metrics']}/metrics")
     lines.append(f"  state dir   {view['state_dir']}")
     return "\n".join(lines)
+
+
+def _last_error(store: Mapping[str, Any]) -> str | None:
+    """The store worker's last MongoDB/dead-letter error, with when it happened, and said to be
+    past once the store got through it (it is kept: the cause of a recent outage)."""
+    error = store.get("last_error")
+    if not error:
+        return None
+    at = store.get("last_error_at")
+    text = f"{_utc(at)} {error}" if isinstance(at, int | float) else str(error)
+    state = store.get("state")
+    if state in STORE_RECOVERED:
+        text += f" (past: the store is {state} since)"
+    return text
 
 
 def _supervisor_lines(view: dict[str, Any]) -> list[str]:
