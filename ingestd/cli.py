@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     coverage.add_argument("--config", type=Path, required=True)
     coverage.add_argument("--since", help="ISO 8601 time, UTC if no zone (default: until - 24h)")
     coverage.add_argument("--until", help="ISO 8601 time, UTC if no zone (default: now)")
-    coverage.add_argument("--instance", help="only this instance (host:state_dir)")
+    coverage.add_argument("--instance", help="only this instance: host:state_dir, or its "
+                          "ha.instance (as status shows it)")
     coverage.add_argument("--json", action="store_true", help="machine-readable output")
     coverage.set_defaults(func=cmd_coverage)
 

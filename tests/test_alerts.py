@@ -101,3 +101,14 @@ def test_the_readme_lists_every_alert_with_its_severity() -> None:
     section = readme.split("## Monitoring", 1)[1].split("\n## ", 1)[0]
     rows = {m[0]: m[1] for m in re.findall(r"^\| `(\w+)` \| (\w+) \|", section, re.M)}
     assert rows == {r["alert"]: r["labels"]["severity"] for r in alert_rules()}
+
+
+def test_the_settings_values_the_alerts_name_are_real() -> None:
+    """An operator copies ``spool.when_full: …`` from an alert into the settings: it must be a
+    value the settings accept (the alerts said ``drop``, the setting is ``drop_newest``)."""
+    from ingestd.config.schema import WHEN_FULL_CHOICES
+
+    for path in (ALERT_RULES, ALERT_TESTS):
+        named = re.findall(r"when_full: ([a-z_]+)", path.read_text())
+        assert named, path
+        assert set(named) <= set(WHEN_FULL_CHOICES), (path.name, named)

@@ -29,6 +29,7 @@ import pymongo
 import pytest
 
 from ingestd.config.errors import ConfigErrors
+from ingestd.config.schema import Settings
 from ingestd.config.settings import load_settings_text
 from ingestd.sink.batch import Entry
 from ingestd.sink.coverage import (
@@ -42,7 +43,7 @@ from ingestd.sink.retry import Retrier
 from ingestd.spool.events import GapMarkers, decode_event, encode_event
 from ingestd.spool.format import KIND_EVENT, KIND_MESSAGE, Record
 from ingestd.spool.writer import SpoolWriter
-from ingestd.tools.coverage import build_rows
+from ingestd.tools.coverage import UnknownInstance, build_rows, render, resolve_instance
 from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.mongo import stored_ids
 from tests.support.simulator import GroundTruthLog, SimProcess
@@ -685,6 +686,83 @@ def test_coverage_report_tells_the_time_before_the_first_start() -> None:
     assert (row.offline_seconds, row.not_started_seconds) == (1810.0, 1800.0)
     assert row.covered_percent == round(100 * (1 - 1810 / 3600), 2)
     assert row.causes == ["not_started"]
+
+
+def test_coverage_table_lists_every_cause_of_the_hours_gaps() -> None:
+    """The causes column is every cause a gap lasted through (``causes``), not its main one."""
+    h = HOUR_NS
+    gaps = [{"instance": "a", "start_ns": 10 * h, "end_ns": 10 * h + 60 * 10**9,
+             "cause": "not_started", "causes": ["not_started", "http_error", "stopped"]},
+            {"instance": "a", "start_ns": 10 * h + 120 * 10**9, "end_ns": 10 * h + 130 * 10**9,
+             "cause": "reconnect", "causes": ["reconnect", "rate_limited"]}]
+    (row,) = build_rows([], gaps, 10 * h, 11 * h, now_ns=12 * h)
+    assert row.causes == ["not_started", "http_error", "stopped", "reconnect", "rate_limited"]
+    assert render([row]).splitlines()[1].endswith(
+        "  not_started,http_error,stopped,reconnect,rate_limited")
+
+
+def coverage_cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWITTER_")}  # no secrets
+    return subprocess.run([sys.executable, "-m", "ingestd", "coverage", "--config",
+                           str(daemon.config), "--since", "2000-01-01T00:00:00", *args],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_coverage_instance_accepts_the_ha_instance_and_refuses_unknown_names(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """``--instance`` takes the ledger's name (host:state folder) and the ``ha.instance`` that
+    ``status`` shows; a name that is neither is an error listing the ledger's names, never an
+    empty table with exit 0."""
+    sim = SimProcess(tmp_path / "sim", "--rate", "100", "--keepalive", "1").start()
+    doc = settings_doc(sim.url, mongo_uri, mongo_database,
+                       ha={"mode": "standby", "lease_seconds": 3.0})
+    daemon = Daemon(tmp_path / "daemon", doc)
+    try:
+        daemon.start().wait_ready()
+        wait_until(lambda: daemon.assert_running() or closed_gaps(mongo_uri, mongo_database), 60,
+                   "the archive's first gap closed")
+        ha_name = daemon.status("stream")["ha"]["instance"]
+    finally:
+        finish(daemon, sim)
+    (gap, *_) = ledger(mongo_uri, mongo_database, "gap")
+    ledger_name = gap["instance"]
+    assert gap["ha_instance"] == ha_name != ledger_name
+    until = ("--until", datetime.now(UTC).isoformat())  # the open stop gap: the same end
+    by_ledger = coverage_cli(daemon, "--instance", ledger_name, "--json", *until)
+    by_ha = coverage_cli(daemon, "--instance", ha_name, "--json", *until)
+    assert by_ledger.returncode == by_ha.returncode == 0, by_ha.stderr
+    def hours(out: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+        # covered_percent of the current hour is "so far": it moves between the two calls
+        return [{**h, "covered_percent": None} for h in json.loads(out.stdout)["hours"]]
+    assert hours(by_ha) == hours(by_ledger) != []
+    assert f"ha.instance {ha_name} is the ledger's instance {ledger_name}" in by_ha.stderr
+    table = coverage_cli(daemon, "--instance", ha_name)
+    assert table.returncode == 0 and "no coverage records" not in table.stdout, table.stdout
+    unknown = coverage_cli(daemon, "--instance", "nobody:1")
+    assert unknown.returncode == 2 and unknown.stdout == "", unknown.stdout
+    assert "--instance nobody:1: no such instance" in unknown.stderr
+    assert ledger_name in unknown.stderr
+
+
+def test_coverage_instance_maps_a_pair_partners_ha_instance(
+        mongo_uri: str, mongo_database: str) -> None:
+    """Another instance's ha.instance (a pair's partner) maps through the ha_instance its gaps
+    record."""
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo_uri, serverSelectionTimeoutMS=10000)
+    try:
+        coll = client[mongo_database].coverage
+        coll.insert_one({"_id": "h:/b:1", "kind": "gap", "instance": "h:/b",
+                         "ha_instance": "vm:b", "cause": "standby"})
+        mine = cast(Settings, SimpleNamespace(ha=SimpleNamespace(instance="vm:a"),
+                                              state_dir=Path("/nonexistent/a")))
+        assert resolve_instance(coll, mine, "h:/b") == ("h:/b", None)
+        assert resolve_instance(coll, mine, "vm:b")[0] == "h:/b"
+        assert resolve_instance(coll, mine, "vm:a")[0].endswith(":/nonexistent/a")
+        with pytest.raises(UnknownInstance, match="h:/b"):
+            resolve_instance(coll, mine, "vm:c")
+    finally:
+        client.close()
 
 
 def test_gap_markers_open_the_archive_on_a_fresh_spool(tmp_path: Path) -> None:

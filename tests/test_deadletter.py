@@ -252,3 +252,15 @@ def test_an_oversize_message_is_dead_lettered_with_its_real_size_and_its_head(
     print(f"\n[figure] oversize dead letter: size={entry['size']} truncated="
           f"{entry['truncated']} kept={len(DeadLetterStore.raw_of(entry) or b'')} "
           f"detail={entry['detail']!r}")
+
+
+def test_readme_lists_every_dead_letter_reason() -> None:
+    """The README's list of reasons is the code's (MESSAGE_REASONS), no more, no less."""
+    import re
+
+    from ingestd.documents.messages import MESSAGE_REASONS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (listed,) = re.findall(r"`ingestd_messages_deadlettered_total`\) is one of:(.*?)\.\n", readme,
+                           re.DOTALL)
+    assert sorted(re.findall(r"`([a-z0-9_]+)`", listed)) == sorted(MESSAGE_REASONS)

@@ -262,6 +262,42 @@ def test_standby_sigkill_the_active_standby_takes_over_nothing_lost(
     assert abs(start - last_a) <= 1.0 and abs(end - first_b) <= 1.0
 
 
+def test_a_stopped_active_says_it_released_and_a_restart_is_no_takeover(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """The audit's sequence: the active stops cleanly (its last status must not claim the
+    lease), then the pair is started again: the free lease is acquired, not taken over, and
+    the pair's gap is still recorded."""
+    sim = sim_for(tmp_path)
+    a = b = None
+    try:
+        a = Daemon(tmp_path / "a", ha_doc(sim, mongo_uri, mongo_database, "standby")).start()
+        a.wait_ready(BOOT)
+        a_name = wait_role(a, "active")["instance"]
+        wait_until(lambda: a.counters("stream").get("received", 0) > 0, 60, "A streaming")
+        code, _ = a.stop()
+        assert code == 0, a.tail()
+        assert a.events("lease_released"), a.tail()
+        view = ha_view(a)
+        assert view["role"] == "released" and view["holder"] is None, view
+        assert view["last_holder"] == a_name
+        text = render(collect(a.state_dir))
+        assert f"lease holder {a_name}" not in text and "lease held by" not in text, text
+        assert "stopped: lease released at" in text and "ha          released" in text, text
+        b = Daemon(tmp_path / "b", ha_doc(sim, mongo_uri, mongo_database, "standby")).start()
+        b.wait_ready(BOOT)
+        assert wait_role(b, "active")["takeovers"] == 0
+        free = b.wait_log("ha_lease_was_free")
+        assert free["previous_holder"] == a_name and free["free_seconds"] >= 0
+        assert not b.events("ha_takeover")
+        wait_until(lambda: [g for g in takeover_gaps(mongo_uri, mongo_database) if g["end"]], 60,
+                   "B's ledger closed the pair's gap")
+        (gap,) = takeover_gaps(mongo_uri, mongo_database)
+        assert gap["detail"]["from"] == a_name and gap["detail"]["released"] is True
+        stop_all(b)
+    finally:
+        kill_all(sim, a, b)
+
+
 def takeover_gaps(uri: str, db: str) -> list[dict[str, Any]]:
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
         uri, tz_aware=True, serverSelectionTimeoutMS=10000)
@@ -586,6 +622,40 @@ def test_a_standby_takes_over_only_after_the_holder_stopped_streaming(leases: An
     a.step(3)  # A comes back: its renewal finds B's term and deposes it
     assert a.term is None and a.view.role == "standby" and a.view.holder == "b"
     assert not a.may_stream() and b.may_stream()
+
+
+def test_a_released_lease_stops_claiming_the_holder_and_is_acquired_not_taken_over(
+        leases: Any) -> None:
+    clock = Clock()
+    a = elector(leases, "a", clock)
+    a.step(1)
+    gate = StandbyGate(LeaseKeeper(a, lambda: 0), "a")  # not started: release by hand
+    gate.closed = True  # what gate.close does before the keeper's release
+    a.release()
+    assert a.view.role == "released" and a.view.holder is None and a.view.last_holder == "a"
+    assert gate.view()["role"] == "released"
+    assert gate.state("connected").startswith("stopped: lease released at ")
+    doc = leases.find_one({"_id": "stream:k"})
+    assert doc["holder"] is None and doc["released_at"] is not None
+    # B starts after the pair stopped: the lease is free at its first look. Not a takeover.
+    b = elector(leases, "b", clock)
+    b.step(0)
+    assert b.may_stream() and b.view.takeovers == 0
+    (found,) = b.takeovers
+    assert found.found_free and found.released and not found.counted
+    assert found.previous_holder == "a" and found.free_since is not None
+    # A returns as standby and sees B hold it; B releases while A watches: a takeover (counted).
+    a.step(0)
+    assert a.view.role == "standby" and a.view.holder == "b"
+    b.release()
+    a.step(0)
+    assert a.may_stream() and a.view.takeovers == 1
+    (taken,) = a.takeovers
+    assert taken.counted and taken.released and taken.previous_holder == "b"
+    # B, stopped while standing by behind A, last knew A as the holder.
+    b.step(0)
+    b.release()
+    assert b.view.role == "stopped" and b.view.holder is None and b.view.last_holder == "a"
 
 
 def test_a_standby_looks_again_when_the_watched_lease_expires(leases: Any) -> None:

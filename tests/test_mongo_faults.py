@@ -21,6 +21,7 @@ import pytest
 from pymongo.errors import OperationFailure
 
 from ingestd.control.collector import in_flight, received_total
+from ingestd.control.status import collect, render
 from ingestd.sink.mongo import INDEXES
 from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.mongo import stored_ids, write_target
@@ -466,3 +467,25 @@ def test_repeated_write_failures_fold_by_what_the_error_is_with_a_count(
     assert all(b - a >= interval - 0.1 for a, b in itertools.pairwise(times)), times
     print(f"\n[figure] MongoDB down, error_interval {interval:g}s: {len(same)} lines for "
           f"{first['op']} {first['error']}, the second folding {first['repeated']}")
+
+
+def test_status_dates_a_past_mongo_error_and_says_it_is_past(
+        tmp_path: Path, proxy: MongoProxy, mongo_uri: str, mongo_database: str) -> None:
+    """An error the store retried through stays in ``status`` (the cause of a recent outage),
+    dated and marked past: the operator must not chase it as a present one."""
+    proxy.fail_writes(1, code=10107, commands=INSERTS)
+    sim, daemon = run_until_settled(tmp_path, proxy, mongo_uri, mongo_database)
+    try:
+        proxy.wait_applied("command_error", 1)
+        wait_until(lambda: settled(daemon, TWEETS), 60, f"{TWEETS} tweets resolved")
+        store = daemon.status("store")
+        assert store["state"] == "running" and store["last_error"].startswith("insert: ")
+        logged = daemon.events("mongo_write_failed")[0]["timestamp"]
+        (line,) = [ln for ln in render(collect(daemon.state_dir)).splitlines()
+                   if ln.startswith("  last error")]
+    finally:
+        finish(daemon, sim)
+    when, rest = line.removeprefix("  last error  ").split(" ", 1)
+    assert rest == f"{store['last_error']} (past: the store is running since)"
+    failed_at = datetime.fromisoformat(logged.replace("Z", "+00:00")).timestamp()
+    assert abs(datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp() - failed_at) <= 1

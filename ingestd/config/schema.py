@@ -122,6 +122,10 @@ class WriterSettings:
     retry_cap: float = 30.0
 
 
+# spool.when_full: stop reading (the endpoint then disconnects us), or drop the newest messages.
+WHEN_FULL_CHOICES = ("block", "drop_newest")
+
+
 @dataclass(frozen=True)
 class SpoolSettings:
     max_bytes: int = 1 << 30

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ingestd.config.errors import Secret
 from ingestd.config.schema import (
+    WHEN_FULL_CHOICES,
     AuthSettings,
     ControlSettings,
     DeadletterSettings,
@@ -78,7 +79,7 @@ def build_spool(sec: Section) -> SpoolSettings:
         max_records=sec.integer("max_records", lo=1),
         segment_bytes=segment_bytes,
         fsync_interval=sec.number("fsync_interval", gt=0, hi=1),
-        when_full=sec.text("when_full", choices=("block", "drop_newest")),
+        when_full=sec.text("when_full", choices=WHEN_FULL_CHOICES),
     )
 
 

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import pymongo
@@ -58,11 +59,24 @@ def margin(lease_seconds: float) -> float:
 
 @dataclass(frozen=True)
 class Takeover:
-    """This instance won the lease from another holder (expired or released)."""
+    """This instance won the lease from another holder: one it watched hold it (expired, or
+    released while this one stood by), or one that had released it before this instance first
+    looked (``free_since``: a pair restarted after a full stop; no takeover, nobody was
+    deposed, but the pair's gap since that holder's last message is the same)."""
 
     previous_holder: str | None
     last_recv_ns: int  # the previous holder's last received message (wall clock), 0 if unknown
     lease_age: float  # seconds the previous holder's lease went unrenewed, as seen here
+    # Found released at this instance's first look: when (wall clock, s: MongoDB's time of the
+    # release; None for a lease released before releases were dated).
+    free_since: float | None = None
+    found_free: bool = False
+    released: bool = False  # the previous holder released it (a clean stop), not let it expire
+
+    @property
+    def counted(self) -> bool:
+        """A takeover proper (``takeovers``, ``ha_takeover``): not a free lease picked up."""
+        return not self.found_free
 
 
 @dataclass
@@ -75,6 +89,10 @@ class LeaseView:
     takeovers: int = 0
     renew_failures: int = 0
     last_error: str | None = None
+    # Set at a stop (role "released" if it held the lease, else "stopped"; holder None): wall
+    # clock of the release, and the holder last seen before it (this instance if the active).
+    released_at: float | None = None
+    last_holder: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -94,6 +112,9 @@ class LeaseElector:
         self.observed_at = 0.0
         self.view = LeaseView()
         self.takeovers: list[Takeover] = []  # consumed by the stream loop
+        # Whether a live holder (not a released lease) was ever seen: a lease found released at
+        # the first look is acquired, not taken over.
+        self.saw_holder = False
         # A takeover tried and not known to have failed: if its reply was lost, the next step
         # finds the lease ours and completes it, still reporting the previous holder.
         self._attempt: Takeover | None = None
@@ -124,21 +145,33 @@ class LeaseElector:
         self.view.last_error = None
 
     def release(self) -> None:
-        """Give the lease up at a clean stop, so a standby takes over at once."""
+        """Give the lease up at a clean stop, so a standby takes over at once. The view says so
+        from here on: a stopped instance's last status must not call it the holder."""
+        self.valid_until = 0.0
+        self._stopped_view()
         if self.term is None:
             return
-        self.valid_until = 0.0
         try:
             with pymongo.timeout(RELEASE_TIMEOUT):  # the stop budget is the store drain's
                 self.coll.update_one(
                     {"_id": self.key, "holder": self.instance, "term": self.term},
                     {"$set": {"holder": None, "released_by": self.instance},
-                     "$inc": {"renew": 1}})
+                     "$inc": {"renew": 1}, "$currentDate": {"released_at": True}})
             log.info("lease_released", term=self.term)
         except PyMongoError as exc:
             log.warning("lease_release_failed", error=str(exc)[:300],
                         effect="a standby takes over once the lease expires")
+            self.view.last_error = f"release: {type(exc).__name__}: {exc}"[:300]
         self.term = None
+
+    def _stopped_view(self) -> None:
+        """Stopping: no longer a holder nor a standby, whatever the release's outcome (a
+        failed one lapses within the lease)."""
+        held = self.term is not None
+        last = self.instance if held else self.view.holder
+        self.view.role = "released" if held else "stopped"
+        self.view.holder, self.view.term, self.view.last_holder = None, 0, last
+        self.view.released_at = time.time() if held else None
 
     # -- holding ---------------------------------------------------------------------------
 
@@ -174,6 +207,8 @@ class LeaseElector:
         seen = (doc.get("holder"), doc.get("term"), doc.get("renew"))
         if seen != self.observed:
             self.observed, self.observed_at = seen, now
+        if doc.get("holder") not in (None, self.instance):
+            self.saw_holder = True
         self._set_view("standby", doc.get("holder"), 0)
         free = doc.get("holder") in (None, self.instance)  # released, or ours from a past run
         if free or now - self.observed_at >= self.lease_seconds:
@@ -193,7 +228,7 @@ class LeaseElector:
         term = int(doc.get("term") or 0) + 1
         previous = doc.get("holder") or doc.get("released_by")
         if previous != self.instance:
-            self._attempt = Takeover(previous, int(doc.get("last_recv_ns") or 0), round(age, 3))
+            self._attempt = self._takeover(doc, previous, age)
         # else: ours from a past run, or a take whose reply was lost: ``_attempt`` says which
         before = self.coll.find_one_and_update(
             {"_id": self.key, "holder": doc.get("holder"), "term": doc.get("term"),
@@ -208,11 +243,21 @@ class LeaseElector:
             return  # someone renewed or took it meanwhile
         self._won(term, start)
         if attempt is not None:
-            self.view.takeovers += 1
+            self.view.takeovers += attempt.counted
             self.takeovers.append(attempt)
 
+    def _takeover(self, doc: Mapping[str, Any], previous: str | None, age: float) -> Takeover:
+        last_recv_ns = int(doc.get("last_recv_ns") or 0)
+        released = doc.get("holder") is None
+        if not released or self.saw_holder:
+            return Takeover(previous, last_recv_ns, round(age, 3), released=released)
+        at = doc.get("released_at")  # MongoDB's clock, as is "renewed_at"
+        since = at.timestamp() if isinstance(at, datetime) else None
+        return Takeover(previous, last_recv_ns, 0.0, free_since=since, found_free=True,
+                        released=True)
+
     def _won(self, term: int, start: float) -> None:
-        self.term = term
+        self.term, self.saw_holder = term, False
         self.valid_until = start + self.lease_seconds - margin(self.lease_seconds)
         self._set_view("active", self.instance, term)
         log.info("lease_acquired", term=term, instance=self.instance)
@@ -220,6 +265,7 @@ class LeaseElector:
     def _set_view(self, role: str, holder: Any, term: int) -> None:
         self.view.role, self.view.term = role, term
         self.view.holder = holder if isinstance(holder, str) else None
+        self.view.released_at = self.view.last_holder = None
 
 
 class LeaseKeeper:
@@ -258,6 +304,8 @@ class LeaseKeeper:
         self._thread.join(timeout=RELEASE_TIMEOUT)
         if not self._thread.is_alive():
             self.elector.release()
+        else:  # a stuck step: no release (the lease lapses), but the view must not say holder
+            self.elector.valid_until = 0.0
         self.elector.coll.database.client.close()
 
     def _run(self) -> None:

@@ -7,13 +7,14 @@ worker of a single daemon stays as light as before.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ingestd.config.schema import Settings
 
 if TYPE_CHECKING:
-    from ingestd.control.lease import LeaseKeeper, Takeover
+    from ingestd.control.lease import LeaseKeeper, LeaseView, Takeover
 
 
 class LeaseGate(Protocol):
@@ -56,6 +57,7 @@ class StandbyGate:
     def __init__(self, keeper: LeaseKeeper, instance: str) -> None:
         self.keeper, self.instance = keeper, instance
         self.drain_budget = keeper.drain_budget
+        self.closed = False  # the stream worker is stopping: the last status says so
 
     def may_stream(self) -> bool:
         return not self.keeper.elector.takeovers and self.keeper.may_stream()
@@ -64,9 +66,11 @@ class StandbyGate:
         return self.keeper.take_takeovers()
 
     def state(self, reader_state: str) -> str:
+        view = self.keeper.elector.view
+        if self.closed:
+            return stopped_state(view)
         if self.keeper.may_stream():
             return reader_state
-        view = self.keeper.elector.view
         if view.last_error:  # nobody may be streaming: the operator must know
             return f"degraded: lease unreachable ({view.last_error}); not streaming"
         return (f"standby: lease held by {view.holder}" if view.holder
@@ -74,13 +78,29 @@ class StandbyGate:
 
     def view(self) -> dict[str, Any]:
         view = self.keeper.view()
-        if view["role"] == "active" and not self.keeper.may_stream():
+        if self.closed and view["role"] != "released":  # no release (a stuck lease step)
+            view.update(role="stopped", holder=None)
+        elif view["role"] == "active" and not self.keeper.may_stream():
             view["role"] = "standby"  # the lease lapsed; the thread has not noticed yet
         return {"mode": "standby", "instance": self.instance, "lease": self.keeper.elector.key,
                 **view}
 
     def close(self) -> None:
+        self.closed = True
         self.keeper.close()
+
+
+def stopped_state(view: LeaseView) -> str:
+    """A stopped instance's last word on the lease: released, or not its own; never held."""
+    if view.role == "released":
+        return f"stopped: lease released at {_utc(view.released_at)} (was the active)"
+    if view.role == "stopped":
+        return f"stopped: was standing by (lease last held by {view.last_holder or '-'})"
+    return "stopped: lease not released (a lease step was stuck); it lapses by itself"
+
+
+def _utc(when: float | None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)) if when else "?"
 
 
 def open_gate(settings: Settings, last_recv_ns: Callable[[], int]) -> LeaseGate:

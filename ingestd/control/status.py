@@ -25,6 +25,8 @@ STALE_AFTER = 10.0  # seconds without a heartbeat before a worker counts as not 
 ROLES = ("supervisor", "stream", "store")
 STREAM_STATES = ("connecting", "connected", "reconnecting", "degraded", "stopped", "standby")
 METRICS_ADDR_FILE = "metrics.addr"
+# Store states after a MongoDB error was retried through (not "stopped: mongo unavailable…").
+STORE_RECOVERED = ("running", "draining", "stopped")
 
 
 def run_status(config: Path, *, as_json: bool) -> int:
@@ -159,14 +161,26 @@ def render(view: dict[str, Any]) -> str:
     if view["reasons"]:
         head += " (" + "; ".join(view["reasons"]) + ")"
     lines = [head, *_supervisor_lines(view), *_stream_lines(view), *_store_lines(view)]
-    w = view["workers"]
-    error = (w.get("store") or {}).get("last_error") or (w.get("stream") or {}).get("last_error")
-    if error:
+    if error := _last_error(view["workers"].get("store") or {}):
         lines.append(f"  last error  {error}")
     if view.get("metrics"):
         lines.append(f"  metrics     http://{view['metrics']}/metrics")
     lines.append(f"  state dir   {view['state_dir']}")
     return "\n".join(lines)
+
+
+def _last_error(store: Mapping[str, Any]) -> str | None:
+    """The store worker's last MongoDB/dead-letter error, with when it happened, and said to be
+    past once the store got through it (it is kept: the cause of a recent outage)."""
+    error = store.get("last_error")
+    if not error:
+        return None
+    at = store.get("last_error_at")
+    text = f"{_utc(at)} {error}" if isinstance(at, int | float) else str(error)
+    state = store.get("state")
+    if state in STORE_RECOVERED:
+        text += f" (past: the store is {state} since)"
+    return text
 
 
 def _supervisor_lines(view: dict[str, Any]) -> list[str]:
@@ -201,11 +215,19 @@ def _ha_lines(ha: dict[str, Any]) -> list[str]:
         return []
     if ha["mode"] == "redundant":
         return ["  ha          redundant: every instance streams"]
-    return [f"  ha          {ha.get('role', '-')} ({ha.get('instance', '-')})  lease holder "
-            f"{ha.get('holder') or '-'}  takeovers {ha.get('takeovers', 0)}  lease failures "
-            f"{ha.get('renew_failures', 0)}",
+    return [f"  ha          {ha.get('role', '-')} ({ha.get('instance', '-')})  {_holder(ha)}  "
+            f"takeovers {ha.get('takeovers', 0)}  lease failures {ha.get('renew_failures', 0)}",
             # the pair's name in the alerts (their ``lease`` label)
             f"              lease {ha.get('lease') or '-'}"]
+
+
+def _holder(ha: Mapping[str, Any]) -> str:
+    """The holder as this instance knows it; once stopped, what it last knew (it holds none)."""
+    if ha.get("role") == "released":
+        return f"lease released at {_utc(ha.get('released_at'))}"
+    if ha.get("role") == "stopped":
+        return f"lease last held by {ha.get('last_holder') or '-'}"
+    return f"lease holder {ha.get('holder') or '-'}"
 
 
 def _store_lines(view: dict[str, Any]) -> list[str]:

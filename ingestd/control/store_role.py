@@ -96,7 +96,7 @@ class StoreRole:
             "generation": self.generation, "state": counters["state"],
             "counters": counters, "progress": counters["records_read"] + counters["retries"],
             "rate": round(self.meter.update(int(counters["stored"])), 1),
-            "last_error": counters["last_error"],
+            "last_error": counters["last_error"], "last_error_at": counters["last_error_at"],
             "hist": self.worker.histograms(),
             "loop_passes": self.worker.passes,
             # The checkpoint on disk: with the stream worker's last seq, the queue once it is

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -27,6 +27,9 @@ from ingestd.source.v2_rules import RulesSync
 from ingestd.spool.events import GapMarkers
 from ingestd.spool.intake import SpoolIntake
 from ingestd.spool.writer import SpoolWriter
+
+if TYPE_CHECKING:
+    from ingestd.control.lease import Takeover
 
 log = structlog.get_logger("ingestd.worker")
 
@@ -93,7 +96,7 @@ class StreamRole:
             if isinstance(command, Reload):  # the stop budget is the store worker's concern
                 self.reload(command)
         for takeover in self.lease.takeovers():
-            self._on_takeover(takeover.previous_holder, takeover.last_recv_ns, takeover.lease_age)
+            self._on_takeover(takeover)
         self.ctx.orphaned()
         if self.reader.state != self.published_state:
             self.publish()  # a new state (connected, reconnecting…) shows at once, not ≤ 1 s late
@@ -106,19 +109,27 @@ class StreamRole:
             return TICK  # the standby lease's margins were set for a check every TICK
         return min(self.spool.sync_due_in(), self.status.due_in())
 
-    def _on_takeover(self, previous_holder: str | None, last_recv_ns: int,
-                     lease_age: float) -> None:
-        """This instance became active in place of ``previous_holder``, whose last received
-        message was at ``last_recv_ns`` (wall clock, ns; 0 if unknown). Runs on the stream loop's
-        thread (the spool's owner) before the new connection delivers anything: the place to
-        record the takeover gap."""
-        log.warning("ha_takeover", previous_holder=previous_holder, lease_age=lease_age,
-                    previous_last_message_time=last_recv_ns / 1e9 if last_recv_ns else None)
+    def _on_takeover(self, takeover: Takeover) -> None:
+        """This instance became active in place of ``takeover.previous_holder``, whose last
+        received message was at ``last_recv_ns`` (wall clock, ns; 0 if unknown). Runs on the
+        stream loop's thread (the spool's owner) before the new connection delivers anything:
+        the place to record the takeover gap."""
+        previous, last_recv_ns = takeover.previous_holder, takeover.last_recv_ns
+        last_message = last_recv_ns / 1e9 if last_recv_ns else None
+        if takeover.counted:
+            log.warning("ha_takeover", previous_holder=previous, lease_age=takeover.lease_age,
+                        released=takeover.released, previous_last_message_time=last_message)
+            detail: dict[str, Any] = {"lease_age": takeover.lease_age}
+        else:  # the lease was free at the first look (the pair had stopped): nobody deposed
+            free = takeover.free_since
+            free_for = round(max(time.time() - free, 0.0), 3) if free is not None else None
+            log.info("ha_lease_was_free", previous_holder=previous, released_at=free,
+                     free_seconds=free_for, previous_last_message_time=last_message)
+            detail = {"released": True, "free_seconds": free_for}
         # The pair's hole: from the old holder's last message (its last renewal said when) to
         # this instance's first; recorded in this instance's ledger (docs/design.md, coverage).
         self.markers.gap("takeover", last_recv_ns=last_recv_ns or None,
-                         detail={"from": previous_holder or "unknown",
-                                 "lease_age": round(lease_age, 3)})
+                         detail={"from": previous or "unknown", **detail})
 
     def reload(self, command: Reload) -> None:
         if (new := self.ctx.reload(command)) is None:

@@ -55,6 +55,8 @@ class StoreCounters:
     offloaded: int = 0  # records encoded by the encoder child
     state: str = "starting"
     last_error: str = ""
+    # When (wall clock) last_error happened: a past error must not read as a present one.
+    last_error_at: float | None = None
     last_batch_size: int = 0
 
     def as_dict(self, **live: Any) -> dict[str, Any]:

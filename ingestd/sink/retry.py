@@ -109,7 +109,7 @@ class Retrier:
     def failed(self, what: str, exc: BaseException, cls: ErrorClass) -> None:
         c = self._counters
         name = error_name(exc)
-        c.last_error = f"{what}: {name}"
+        c.last_error, c.last_error_at = f"{what}: {name}", time.time()
         if cls is ErrorClass.FATAL_CONFIG:
             c.state = f"degraded: mongo rejects our configuration ({name})"
         else:
@@ -289,7 +289,7 @@ class DeadLetterWriter:
     def _failed(self, exc: OSError) -> None:
         c = self._counters
         name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-        c.last_error = f"dead-letter write: {name}"
+        c.last_error, c.last_error_at = f"dead-letter write: {name}", time.time()
         c.state = f"degraded: dead-letter store unwritable ({name})"
         c.retries += 1
         log.error("deadletter_write_failed", error=name, retries=c.retries)

@@ -17,15 +17,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ingestd.config.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError
 from ingestd.config.schema import Settings
 from ingestd.config.settings import load_settings
-from ingestd.sink.coverage import hour_start_ns, split_hours
+from ingestd.sink.coverage import hour_start_ns, instance_name, split_hours
 from ingestd.spool.events import HOUR_NS, NOT_STARTED
 from ingestd.tools.check import explain_mongo_error
 
+if TYPE_CHECKING:
+    from pymongo.collection import Collection
+
+Document = dict[str, Any]
 EXIT_MONGO = EXIT_UNAVAILABLE  # MongoDB unreachable or refusing (as check --online)
 DEFAULT_WINDOW = timedelta(hours=24)
 
@@ -101,8 +105,10 @@ def build_rows(hours: list[dict[str, Any]], gaps: list[dict[str, Any]], since_ns
         for hour, seconds in split_hours(max(gap["start_ns"], first), min(end, until_ns)):
             r = row(gap["instance"], hour)
             r.offline_seconds = round(r.offline_seconds + seconds, 3)
-            if gap["cause"] not in r.causes:
-                r.causes.append(gap["cause"])
+            # Every cause the gap lasted through (``causes``), not only its main one.
+            for cause in (gap["cause"], *(gap.get("causes") or ())):
+                if cause not in r.causes:
+                    r.causes.append(cause)
         _before_start(gap, first, until_ns, row)
     for (_, hour), r in rows.items():
         span = (min(hour + HOUR_NS, max(now_ns, hour + 1)) - hour) / 1e9  # the current hour: so far
@@ -121,6 +127,31 @@ def _before_start(gap: dict[str, Any], first: int, until_ns: int,
         r.not_started_seconds = round(r.not_started_seconds + seconds, 3)
 
 
+class UnknownInstance(Exception):
+    """``--instance`` names no instance of the ledger, under either of its names."""
+
+
+def resolve_instance(coverage: Collection[Document], settings: Settings, name: str
+                     ) -> tuple[str, str | None]:
+    """The ledger's name (``host:state folder``) for ``name``, which may also be an ``ha.instance``
+    (what ``status`` and ``ha_takeover`` show): this daemon's own, or one its gaps record. With a
+    note to print when it was mapped; raises ``UnknownInstance`` (listing the ledger's names)."""
+    if coverage.find_one({"instance": name}, {"_id": 1}) is not None:
+        return name, None
+    if name == settings.ha.instance:
+        ledger = instance_name(settings.state_dir)
+    else:
+        found = sorted(coverage.distinct("instance", {"kind": "gap", "ha_instance": name}))
+        if len(found) != 1:
+            known = sorted(coverage.distinct("instance"))
+            raise UnknownInstance(
+                f"coverage: --instance {name}: no such instance in the ledger, which names "
+                f"instances <host>:<state folder> ({', '.join(known) or 'none yet'}); an "
+                "ha.instance is accepted once one of its gaps names it")
+        ledger = found[0]
+    return ledger, f"coverage: ha.instance {name} is the ledger's instance {ledger}"
+
+
 def fetch(settings: Settings, since: datetime, until: datetime, instance: str | None
           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Hour documents before ``until`` and gap documents overlapping [since, until)."""
@@ -129,6 +160,10 @@ def fetch(settings: Settings, since: datetime, until: datetime, instance: str | 
     client = make_client(settings.mongo)
     try:
         coverage = client[settings.mongo.database][settings.mongo.coverage_collection]
+        if instance:
+            instance, note = resolve_instance(coverage, settings, instance)
+            if note:
+                print(note, file=sys.stderr)
         mine = {"instance": instance} if instance else {}
         hours = list(coverage.find({"kind": "hour", "hour": {"$lt": until}, **mine}))
         gaps = [g for g in coverage.find({"kind": "gap", "start": {"$lt": until}, **mine})
@@ -178,6 +213,9 @@ def run_coverage(config: Path, *, since: str | None, until: str | None, instance
         return EXIT_CONFIG
     try:
         hours, gaps = fetch(settings, start, end, instance)
+    except UnknownInstance as exc:
+        print(exc, file=sys.stderr)
+        return 2
     except Exception as exc:  # a driver error is a finding to report, not a traceback
         print(f"coverage: {explain_mongo_error(exc, settings)}", file=sys.stderr)
         return EXIT_MONGO
