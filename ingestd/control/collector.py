@@ -325,7 +325,8 @@ class RunStateCollector:
                           1.0 if active else 0.0)
         yield family
         yield counter("ingestd_ha_takeovers_total", "Times this instance took the standby lease "
-                      "over from another holder.", _num(ha.get("takeovers")))
+                      "over from another holder (expired or released while it watched; a lease "
+                      "found free at start is not counted).", _num(ha.get("takeovers")))
         yield counter("ingestd_ha_lease_failures_total", "Lease renewals or reads that failed "
                       "(MongoDB unreachable or too slow).", _num(ha.get("renew_failures")))
 
