@@ -88,6 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="environment variable holding the accepted v2 bearer token (unset = v2 refuses all)")
     a("--max-rules", type=_non_negative(int), default=25, help="v2 rules the app may hold")
     a("--max-rule-length", type=_non_negative(int), default=512, help="v2 rule length limit")
+    a("--v2-close-lag", type=_non_negative(float), default=0.0,
+      help="seconds a v2 stream whose client went away still holds the app's one connection")
 
 
 def _check_host(args: argparse.Namespace) -> str | None:
@@ -147,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         state = build_state(args)
         v2 = V2Options(os.environ.get(args.bearer_token_env, ""), args.max_rules,
-                       args.max_rule_length)
+                       args.max_rule_length, args.v2_close_lag)
         sim = Simulator(state, args.host, args.port, v2)
     except (ValueError, ScriptError, OSError) as exc:
         print(f"ingestd simulate: {exc}", file=sys.stderr)

@@ -40,10 +40,17 @@ class ServerRule:
 class RulesError(Exception):
     """The server refused a rules call; ``messages`` are its own words, one per problem."""
 
-    def __init__(self, messages: Sequence[str], *, transient: bool = False) -> None:
+    def __init__(self, messages: Sequence[str], *, transient: bool = False,
+                 status: int = 0) -> None:
         super().__init__("; ".join(messages))
         self.messages = list(messages)
         self.transient = transient
+        self.status = status  # the HTTP status (0: none)
+
+    @property
+    def credentials(self) -> bool:
+        """401/403: the token was refused, whatever the rules say."""
+        return self.status in (401, 403)
 
 
 @dataclass
@@ -137,7 +144,7 @@ class RulesClient:
             return
         messages = [_describe_error(e) for e in errors] or [_describe_problem(reply)]
         transient = reply.status == 429 or reply.status >= 500 or reply.status == 0
-        raise RulesError(messages, transient=transient)
+        raise RulesError(messages, transient=transient, status=reply.status)
 
 
 def _list(value: object) -> list[Any]:
