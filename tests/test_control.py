@@ -382,6 +382,25 @@ def operator_cli(*args: str, daemon: Daemon) -> subprocess.CompletedProcess[str]
                           text=True, timeout=60, check=False)
 
 
+def test_reload_command_says_a_language_change_reconnects(launch: Launch) -> None:
+    """What ``ingestd reload`` says about the connection is what the daemon does: a key outside
+    track/follow/locations (``language``) reconnects too."""
+    sim, daemon = launch("--rate", "100", "--keepalive", "1", "--seed", "112")
+    daemon.wait_ready()
+    wait_stored(daemon, 20)
+    doc = dict(daemon.doc)
+    doc["stream"] = {**doc["stream"], "language": ["en"]}
+    daemon.write_settings_atomically(doc)
+    result = operator_cli("reload", daemon=daemon)
+    applied = daemon.wait_log("reload_applied", role="supervisor", generation=2)
+    wait_until(lambda: len(connect_tracks(sim.ground_truth())) == 2, 30, "the new connection")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "; new connection (stream.language changed)" in result.stdout
+    assert "filters unchanged" not in result.stdout
+    assert applied["filter_changed"] is True and applied["reconnect"] == ["stream.language"]
+
+
 def test_reload_command_reports_the_daemons_verdict_without_secrets(launch: Launch) -> None:
     """`ingestd reload` (the unit's ExecReload) exits 0 only once the daemon applied the file
     and both workers run it, and 78 with the daemon's reasons when the daemon rejected it, even

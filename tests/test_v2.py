@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import http.client
 import itertools
+import os
 import signal
+import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -361,3 +364,105 @@ def test_a_bad_bearer_token_is_diagnosed_and_never_logged(
     assert "token rejected: check auth.bearer_token" in ended["reason"]
     assert wrong not in daemon.logs()
     assert all(c["status"] == 401 for c in stream_connects(sim.ground_truth()))
+
+
+# ---------------------------------------------------------------- reloads: verdicts, reconnects
+
+# Production's 429 schedule (60 s doubling): a 429 about our own old connection, taken at its
+# word, shows as a minute without a stream.
+PRODUCTION_429 = {"network_start": 0.25, "network_step": 0.25, "network_cap": 2,
+                  "http_start": 0.5, "http_cap": 4, "rate_limit_start": 60,
+                  "rate_limit_cap": 320, "reconnect_delay": 0.2, "max_attempts_per_minute": 60}
+
+
+def reload_cli(daemon: Daemon) -> subprocess.CompletedProcess[str]:
+    """``ingestd reload`` from an operator's shell (no secrets), as the unit's ExecReload."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWITTER_")}
+    return subprocess.run([sys.executable, "-m", "ingestd", "reload", "--config",
+                           str(daemon.config)], env=env, capture_output=True, text=True,
+                          timeout=90, check=False)
+
+
+def test_a_fields_reload_reconnects_within_seconds_and_reload_says_so(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    """One connection per app: the old one is closed first; the endpoint may not have noticed
+    yet (429 TooManyConnections), which is retried within seconds, not after the 60 s of the
+    429 schedule. ``ingestd reload`` says the daemon reconnects, and why."""
+    # The simulator holds a closed stream as the app's connection for 2 s (a real endpoint
+    # notices late): the first two attempts after the close meet 429.
+    sim, daemon = start(tmp_path, mongo_uri, mongo_database, "--rate", "50",
+                        "--v2-close-lag", "2", backoff=PRODUCTION_429)
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: daemon.counters("store").get("stored", 0) >= 20, 60, "tweets stored")
+        doc = dict(daemon.doc)
+        fields = ["author_id", "created_at", "entities", "geo", "lang", "conversation_id"]
+        doc["stream"] = {**doc["stream"], "tweet_fields": fields}
+        daemon.write_settings_atomically(doc)
+        reloaded_at = time.time()
+        result = reload_cli(daemon)
+        daemon.wait_log("connected", timeout=20, generation=2)
+        connected_at = time.time()
+        ended = daemon.events("stream_ended")
+    finally:
+        finish(daemon, sim)
+    accepted = [c for c in stream_connects(sim.ground_truth()) if c["status"] == 200]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "new connection (stream.tweet_fields changed)" in result.stdout
+    assert "filters unchanged" not in result.stdout
+    assert len(accepted) == 2 and "public_metrics" not in str(accepted[1]["params"])
+    assert connected_at - reloaded_at < 15
+    assert ended and all("TooManyConnections" in e["reason"] for e in ended), ended
+    assert all(e["backoff"] <= 2 for e in ended), ended  # never the 429 schedule
+    print(f"\n[v2 fields reload] reconnected after {accepted[1]['t'] - reloaded_at:.2f}s; "
+          f"429s on the way: {len(ended)}")
+
+
+@pytest.mark.parametrize("rules", [
+    [{"value": "(coffee OR music", "tag": "unbalanced"}],
+    [{"value": f"word{i}"} for i in range(32)],  # the cap is 25
+], ids=["unbalanced", "over-cap"])
+def test_a_reload_whose_rules_the_endpoint_refuses_is_rejected(
+    tmp_path: Path, mongo_uri: str, mongo_database: str, rules: list[dict[str, Any]]
+) -> None:
+    sim, daemon = start(tmp_path, mongo_uri, mongo_database, "--rate", "50")
+    try:
+        daemon.wait_ready()
+        daemon.wait_log("rules_synced", generation=1)
+        daemon.write_settings_atomically(v2_doc(sim, mongo_uri, mongo_database, rules))
+        result = reload_cli(daemon)
+        wait_until(lambda: daemon.status("supervisor").get("reload_failures") == 1, 10,
+                   "the failure counted")
+        failed = daemon.wait_log("reload_failed", role="supervisor", generation=2)
+        in_force = daemon.status("stream")["rules"]["in_force"]
+        metrics = {(s.name, tuple(s.labels.items())): s.value
+                   for f in RunStateCollector(daemon.state_dir).collect() for s in f.samples}
+    finally:
+        finish(daemon, sim)
+    assert result.returncode == 78, result.stdout + result.stderr
+    assert "refused the stream.rules of generation 2" in result.stderr
+    assert "previous rules stay in force" in result.stderr
+    assert ("UnprocessableEntity" in result.stderr or "RulesCapExceeded" in result.stderr)
+    assert "reload applied" not in result.stdout
+    assert failed["key"] == "stream.rules"
+    assert metrics[("ingestd_config_reload_failures_total", ())] == 1
+    assert {(r["value"], r["tag"]) for r in in_force} == {(r["value"], r["tag"]) for r in RULES}
+
+
+def test_a_refused_token_on_the_rules_endpoint_is_a_credentials_problem(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    sim = SimProcess(tmp_path / "sim", "--keepalive", "1", "--rate", "50", env=ENV).start()
+    daemon = Daemon(tmp_path / "daemon", v2_doc(sim, mongo_uri, mongo_database, RULES))
+    daemon.start(extra_env={"TWITTER_BEARER_TOKEN": "WRONG"})
+    try:
+        rejected = daemon.wait_log("rules_rejected", generation=1)
+        wait_until(lambda: "check auth.bearer_token" in daemon.status("stream").get("state", ""),
+                   10, "the token named in the state")
+        state = daemon.status("stream")["state"]
+    finally:
+        finish(daemon, sim)
+    assert "token rejected: check auth.bearer_token" in rejected["action"]
+    assert "stream.rules" not in rejected["action"]
+    assert "rules not accepted" not in state and "token rejected" in state

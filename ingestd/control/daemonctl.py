@@ -172,7 +172,8 @@ def run_reload(config: Path, *, pid: int | None, timeout: float) -> int:
     except OSError as exc:
         print(f"ingestd: cannot signal pid {target}: {exc.strerror}", file=sys.stderr)
         return EXIT_NOPERM if isinstance(exc, PermissionError) else EXIT_NOT_RUNNING
-    return report(await_verdict(state_dir, target, before, timeout), state_dir, timeout)
+    verdict = await_verdict(state_dir, target, before, timeout)
+    return report(verdict, state_dir, timeout, v2_rules=settings.stream.api == "v2")
 
 
 def await_verdict(state_dir: Path, pid: int, before: Verdict | None,
@@ -202,7 +203,25 @@ def workers_at(state_dir: Path, generation: int, timeout: float) -> list[str]:
         time.sleep(POLL_SECONDS)
 
 
-def report(verdict: Verdict | None, state_dir: Path, timeout: float) -> int:
+def rules_outcome(state_dir: Path, generation: int, timeout: float) -> list[str] | None:
+    """v2: the endpoint's reasons if it refused the rules of ``generation`` (or of a newer one),
+    [] once they (or newer ones) are in force, None if neither is known within ``timeout`` (the
+    stream worker syncs them after adopting the generation, retrying transient failures)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rules = (runstate.read_status(state_dir, "stream") or {}).get("rules") or {}
+        accepted, refused = rules.get("generation") or 0, rules.get("refused_generation") or 0
+        if refused >= generation and refused > accepted:
+            return [str(e) for e in rules.get("refused") or []] or [str(rules.get("error"))]
+        if accepted >= generation:
+            return []
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(POLL_SECONDS)
+
+
+def report(verdict: Verdict | None, state_dir: Path, timeout: float, *,
+           v2_rules: bool = False) -> int:
     if verdict is None:
         print(f"ingestd: the daemon gave no verdict within {timeout:g}s (see its log)",
               file=sys.stderr)
@@ -217,6 +236,8 @@ def report(verdict: Verdict | None, state_dir: Path, timeout: float) -> int:
               f"{' and '.join(behind)} worker has not adopted it within {timeout:g}s",
               file=sys.stderr)
         return EXIT_UNAVAILABLE
+    if v2_rules and (code := report_rules(verdict, state_dir, timeout)) is not None:
+        return code
     print(f"reload applied: generation {verdict.generation} (pid {verdict.pid})"
           f"{describe(verdict.changes)}")
     if later := verdict.changes.get("restart_needed"):
@@ -225,13 +246,38 @@ def report(verdict: Verdict | None, state_dir: Path, timeout: float) -> int:
     return 0
 
 
+def report_rules(verdict: Verdict, state_dir: Path, timeout: float) -> int | None:
+    """v2: the rules are part of the settings but the endpoint judges them, after the workers
+    adopted the generation: a refusal rejects the reload (78), an unknown outcome is 69."""
+    refused = rules_outcome(state_dir, verdict.generation, timeout)
+    if refused is None:
+        print(f"ingestd: reload accepted as generation {verdict.generation}, but the endpoint "
+              f"has not confirmed its stream.rules within {timeout:g}s (see `ingestd status`)",
+              file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if refused:
+        print(f"reload rejected: the endpoint refused the stream.rules of generation "
+              f"{verdict.generation} (pid {verdict.pid}); the previous rules stay in force:",
+              *refused, sep="\n", file=sys.stderr)
+        return EXIT_CONFIG
+    return None
+
+
 def describe(changes: Mapping[str, Any]) -> str:
-    """``; track +ipod -iphone`` from the supervisor's filter diff, or a note that none changed."""
+    """``; track +ipod -iphone; new connection (stream.track changed)`` from the supervisor's
+    reload fields, or a note that the connection stays. Whether it reconnects is the daemon's
+    own ``filter_changed`` (the reader's rule), never guessed from the diff."""
     diff = changes.get("filter_diff")
-    if not isinstance(diff, dict):
-        return ""
     parts = [f"{name} " + " ".join([f"+{v}" for v in d.get("added", [])]
                                    + [f"-{v}" for v in d.get("removed", [])])
-             for name, d in diff.items() if isinstance(d, dict)
-             and (d.get("added") or d.get("removed"))]
-    return "; " + ", ".join(parts) if parts else "; filters unchanged (no reconnect)"
+             for name, d in (diff.items() if isinstance(diff, dict) else ())
+             if isinstance(d, dict) and (d.get("added") or d.get("removed"))]
+    changed = changes.get("filter_changed")
+    if changed is None:  # a verdict without the field (an older daemon): the diff alone
+        return "; " + ", ".join(parts) if parts else ""
+    if not changed:
+        return "; filters unchanged (no reconnect)"
+    keys = changes.get("reconnect") or ["stream settings"]
+    notes = [", ".join(parts)] if parts else []
+    notes.append(f"new connection ({', '.join(map(str, keys))} changed)")
+    return "; " + "; ".join(notes)

@@ -26,6 +26,7 @@ class Standing:
     generation: int = 1
     reloads: int = 0  # SIGHUPs handled: the sequence number of run/reload.json
     reload_failures: int = 0
+    rules_refused: int = 0  # v2: the newest generation whose refused rules were counted above
     ready: bool = False
     stopping: bool = False
     stopped: bool = False

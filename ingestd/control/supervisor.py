@@ -56,7 +56,7 @@ from ingestd.control.reporting import Reporter, Standing
 from ingestd.control.statelock import StateDirClaim
 from ingestd.logs import configure_logging
 from ingestd.memory import trim_heap
-from ingestd.source.request import filter_diff, filter_key
+from ingestd.source.request import filter_diff, reconnect_keys
 
 log = structlog.get_logger("ingestd.control.supervisor")
 
@@ -85,13 +85,18 @@ ListenerFactory = Callable[[], Listener | None]
 
 
 def describe_filter(old: SupervisedSettings, new: SupervisedSettings) -> dict[str, Any]:
-    """Log fields for a reload: whether the stream filter changed, and how (phrases, ids, boxes)."""
+    """Log fields for a reload: whether the stream reconnects, for which keys (``reconnect``,
+    the reader's own rule: ``request.reconnect_keys`` and the credentials), and how the filter
+    changed (phrases, ids, boxes)."""
     before, after = old.stream, new.stream
     if not (isinstance(before, StreamSettings) and isinstance(after, StreamSettings)):
         return {"filter_changed": before != after}  # a test's stand-in settings
-    if filter_key(before) == filter_key(after):
+    keys = reconnect_keys(before, after)
+    if getattr(old, "auth", None) != getattr(new, "auth", None):
+        keys.append("auth")  # the reader reconnects with new credentials too
+    if not keys:
         return {"filter_changed": False}
-    return {"filter_changed": True, "filter_diff": filter_diff(before, after)}
+    return {"filter_changed": True, "reconnect": keys, "filter_diff": filter_diff(before, after)}
 
 
 class SignalQueue:
@@ -255,7 +260,27 @@ class Supervisor:
         self.pool.replace_hung(control.heartbeat_timeout)
         self.pool.spawn_due(self.standing.generation)
         self.pool.flush_pipes()
+        self.count_refused_rules()
         self.reporter.report(control.heartbeat_timeout)
+
+    def count_refused_rules(self) -> None:
+        """v2: the endpoint judges stream.rules only after the stream worker adopted a reload;
+        a refusal makes that reload a failed one (the counter behind IngestdReloadFailed). The
+        generation stays applied; its rules are the previous ones. Generation 1's are no reload,
+        and a restarted worker's second refusal of a generation is counted once."""
+        worker = self.pool.workers.get("stream")
+        rules = worker.status.get("rules") if worker is not None else None
+        refused = rules.get("refused_generation") if isinstance(rules, dict) else None
+        standing = self.standing
+        if not isinstance(refused, int) or refused <= max(1, standing.rules_refused):
+            return
+        standing.rules_refused = refused
+        standing.reload_failures += 1
+        log.error("reload_failed", generation=refused, key="stream.rules",
+                  error=str(rules.get("error", "")) if isinstance(rules, dict) else "",
+                  reload_failures=standing.reload_failures,
+                  action="the endpoint refused the new stream.rules; the previous rules stay in "
+                         "force")
 
     def wait_for_signals(self) -> None:
         """Block until a signal or the next timer is due, then dispatch every queued signal."""

@@ -93,6 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--api", choices=APIS,
       help="serve only v1.1 (needs the four OAuth keys), only v2 (needs only the bearer token) "
            "or both (needs both); unset = v1.1, plus v2 when the token is set")
+    a("--v2-close-lag", type=_non_negative(float), default=0.0,
+      help="seconds a v2 stream whose client went away still holds the app's one connection")
 
 
 def _check_host(args: argparse.Namespace) -> str | None:
@@ -170,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         state = build_state(args)
         v2 = V2Options(os.environ.get(args.bearer_token_env, ""), args.max_rules,
-                       args.max_rule_length)
+                       args.max_rule_length, args.v2_close_lag)
         sim = Simulator(state, args.host, args.port, v2)
     except (ValueError, ScriptError, OSError) as exc:
         print(f"ingestd simulate: {exc}", file=sys.stderr)

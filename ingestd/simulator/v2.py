@@ -74,6 +74,9 @@ class V2Options:
     bearer_token: str = ""
     max_rules: int = 25
     max_rule_length: int = 512
+    # Seconds a stream whose client went away still counts as the app's connection (a real
+    # endpoint notices a closed client late): a reconnect meanwhile gets 429 TooManyConnections.
+    close_lag: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,17 +330,24 @@ class V2Session:
 
     def run(self) -> str:
         try:
-            for step in self.steps:
-                if step.kind == "then":
-                    break
-                reason = self._step(step)
-                if reason is not None:
-                    return reason
-            return self._stream(None, None, tweets=True) or "ended"
-        except OSError as exc:
-            return f"client closed ({type(exc).__name__})"
+            try:
+                reason = self._run_steps()
+            except OSError as exc:
+                reason = f"client closed ({type(exc).__name__})"
+            if reason.startswith("client closed") and (lag := self.app.options.close_lag):
+                time.sleep(lag)  # not noticed yet: still the app's one connection
+            return reason
         finally:
             self.alive = False
+
+    def _run_steps(self) -> str:
+        for step in self.steps:
+            if step.kind == "then":
+                break
+            reason = self._step(step)
+            if reason is not None:
+                return reason
+        return self._stream(None, None, tweets=True) or "ended"
 
     def _step(self, step: Step) -> str | None:
         kind, value = step.kind, step.value

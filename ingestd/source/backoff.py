@@ -85,6 +85,12 @@ class Backoff:
         self.last_delay = wait
         return wait
 
+    def soon(self, seconds: float) -> float:
+        """A short wait outside the schedules (their counters unchanged), still bound by
+        max_attempts_per_minute."""
+        self.last_delay = max(seconds, self._rate_bound_wait())
+        return self.last_delay
+
     def _base_delay(self, ending: Ending, healthy: bool) -> float:
         s = self.schedule
         if ending is Ending.ABORTED:

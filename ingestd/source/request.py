@@ -40,15 +40,22 @@ def v2_query_params(stream: StreamSettings, *, backfill: bool = False) -> list[t
     return [(name, value) for name, value in params if value and value != "0"]
 
 
-def filter_key(stream: StreamSettings) -> tuple[Hashable, ...]:
-    """Everything that needs a new connection when it changes.
+# Every stream key whose change needs a new connection. v2 rules are not in here: they change on
+# the live connection (rules endpoint), and ``backfill_minutes`` only matters on the next
+# reconnect. The reader (whether to reconnect) and ``ingestd reload`` (what it reports) both read
+# this one list, so they cannot disagree.
+CONNECTION_KEYS = ("url", "track", "follow", "locations", "language", "filter_level", "delimited",
+                   "gzip", "api", "tweet_fields", "expansions", "user_fields", "place_fields")
 
-    v2 rules are not in here: they change on the live connection (rules endpoint), and
-    ``backfill_minutes`` only matters on the next reconnect.
-    """
-    return (stream.url, stream.track, stream.follow, stream.locations, stream.language,
-            stream.filter_level, stream.delimited, stream.gzip, stream.api, stream.tweet_fields,
-            stream.expansions, stream.user_fields, stream.place_fields)
+
+def filter_key(stream: StreamSettings) -> tuple[Hashable, ...]:
+    """Everything that needs a new connection when it changes (``CONNECTION_KEYS``)."""
+    return tuple(getattr(stream, key) for key in CONNECTION_KEYS)
+
+
+def reconnect_keys(old: StreamSettings, new: StreamSettings) -> list[str]:
+    """The ``stream.*`` keys whose change needs a new connection (empty: none changed)."""
+    return [f"stream.{key}" for key in CONNECTION_KEYS if getattr(old, key) != getattr(new, key)]
 
 
 def filter_diff(old: StreamSettings, new: StreamSettings) -> dict[str, dict[str, list[Any]]]:

@@ -51,6 +51,15 @@ GATHER_SECONDS = 0.1
 # the older connection of an account by itself) or this many seconds pass: bytes already in its
 # socket are tweets the endpoint delivered.
 RETIRE_GRACE = 5.0
+# v2 allows one connection per app, so a reload that changes the connection closes the old one
+# first (no make-before-break). The endpoint notices the close only a moment later (the simulator
+# within its 50 ms poll; the real one on its next write, which on a flowing stream is well under a
+# second), so the new connection may meet 429 TooManyConnections about our own old one. Such a
+# 429 within OWN_CLOSE_WINDOW seconds of our close is retried after these waits (~4.5 s in all,
+# 3 attempts: within max_attempts_per_minute) before the documented 429 schedule (60 s doubling),
+# which is for another client holding the app's connection (docs/protocol.md §7).
+OWN_CLOSE_RETRIES = (1.0, 1.5, 2.0)
+OWN_CLOSE_WINDOW = 15.0
 # On losing the standby lease, bytes already on their way are still read for this long at most
 # (ha.mode: standby; the stream worker sets it below the lease's safety margin, see ``stand_down``).
 STAND_DOWN_DRAIN = 0.3
@@ -123,6 +132,10 @@ class StreamReader:
         self._read_at = clock()  # when the previous pass read (the gather's rate)
         self.gathers = 0  # gather pauses taken (published: a slow stream's passes are countable)
         self.refused: Refusal | None = None  # since the last connection (None: none refused)
+        # When we closed the connection ourselves for a v2 reload, and the short retries of a
+        # 429 TooManyConnections taken since (``OWN_CLOSE_RETRIES``).
+        self._own_close_at: float | None = None
+        self._own_close_retries = 0
 
     @property
     def connected(self) -> bool:
@@ -229,9 +242,13 @@ class StreamReader:
         if self.active is None or not self.active.healthy or not api_for(stream).make_before_break:
             # Nothing worth keeping: replace at once (also leaves a degraded "wait for reload").
             if self.active is not None:
+                # Closed now (taking a transfer in progress out of the multi closes its socket
+                # at once), before the new connection is opened on the next pass: on v2 the
+                # endpoint refuses a second connection of the app.
                 self._end(self.active, Ending.ABORTED)
                 self._mark_gap(self.active, Ending.ABORTED)
                 self.active = None
+                self._own_close_at, self._own_close_retries = self._clock(), 0
             self.next_attempt_at = self._clock()
             return
         if self.may_connect():
@@ -437,12 +454,13 @@ class StreamReader:
             self._schedule_reconnect(conn, ending, "")
 
     def _schedule_reconnect(self, conn: Connection, ending: Ending, errmsg: str) -> None:
-        wait = self.backoff.delay(
+        own = self._own_close_wait(conn)
+        wait = own or self.backoff.delay(
             ending, healthy=conn.healthy, retry_after=retry_after(conn.headers, time.time()),
             disconnect_code=disconnect_code(conn),
         )
         reason = describe(conn, ending, errmsg)
-        if conn.status not in (0, 200):
+        if conn.status not in (0, 200) and own is None:  # our own old connection is no refusal
             self._note_refusal(conn.status, reason)
         if wait is None:
             self.next_attempt_at = None
@@ -455,6 +473,18 @@ class StreamReader:
         log.warning("stream_ended", conn=conn.conn_id, ending=ending.value, reason=reason,
                     healthy=conn.healthy, messages=conn.messages, backoff=round(wait, 3),
                     **conn.cut_fields())
+
+    def _own_close_wait(self, conn: Connection) -> float | None:
+        """A short wait if ``conn`` met 429 TooManyConnections soon after we closed the app's
+        connection ourselves (the endpoint has not noticed yet); None: the usual schedule."""
+        closed_at, tries = self._own_close_at, self._own_close_retries
+        if (closed_at is None or conn.status != 429 or tries >= len(OWN_CLOSE_RETRIES)
+                or conn.opened_at - closed_at > OWN_CLOSE_WINDOW
+                or b"TooManyConnections" not in conn.error_body):
+            self._own_close_at = None
+            return None
+        self._own_close_retries += 1
+        return self.backoff.soon(OWN_CLOSE_RETRIES[tries])
 
     def _note_refusal(self, status: int, reason: str) -> None:
         last = self.refused

@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 
 from ingestd.config.schema import AuthSettings, Rule, StreamSettings
+from ingestd.source.v2_request import DIAGNOSE_401
 from ingestd.source.v2_rules_client import REQUEST_TIMEOUT, RulesClient, RulesError, ServerRule
 
 log = structlog.get_logger("ingestd.source.v2_rules")
@@ -142,11 +143,16 @@ class RulesStatus:
     generation: int | None = None  # settings generation whose rules are in force
     error: str = ""  # last refusal; cleared by the next successful sync
     rate_limit: dict[str, str] = field(default_factory=dict)
+    # The newest generation whose rules the endpoint refused, and its reasons: `ingestd reload`
+    # reports that generation's reload as rejected, the supervisor counts it as a failed reload.
+    refused_generation: int | None = None
+    refused: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"syncs": self.syncs, "failures": self.failures, "in_force": self.in_force,
                 "generation": self.generation, "error": self.error,
-                "rate_limit": self.rate_limit}
+                "rate_limit": self.rate_limit, "refused_generation": self.refused_generation,
+                "refused": self.refused}
 
 
 class RulesSync:
@@ -239,7 +245,14 @@ class RulesSync:
         if exc.transient:
             log.warning("rules_sync_retry", generation=job.generation, error=str(exc)[:500])
             return False
-        self.status.error = f"rules not accepted: {exc}"[:500]
+        if exc.credentials:  # not the rules' fault: the stream's own line says the same
+            self.status.error = f"{DIAGNOSE_401} (rules endpoint: {exc})"[:500]
+            action = f"previous rules stay in force; {DIAGNOSE_401}"
+        else:
+            self.status.error = f"rules not accepted: {exc}"[:500]
+            action = "previous rules stay in force; fix stream.rules and reload"
+        self.status.refused_generation = job.generation
+        self.status.refused = [self.status.error] if exc.credentials else exc.messages[:20]
         log.error("rules_rejected", generation=job.generation, errors=exc.messages[:20],
-                  action="previous rules stay in force; fix stream.rules and reload")
+                  action=action)
         return True

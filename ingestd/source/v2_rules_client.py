@@ -45,7 +45,12 @@ class RulesError(Exception):
         super().__init__("; ".join(messages))
         self.messages = list(messages)
         self.transient = transient
-        self.status = status  # the HTTP status; 0 when no answer came
+        self.status = status  # the HTTP status (0: none)
+
+    @property
+    def credentials(self) -> bool:
+        """401/403: the token was refused, whatever the rules say."""
+        return self.status in (401, 403)
 
 
 @dataclass
