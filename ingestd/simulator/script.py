@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,18 @@ class Step:
     kind: str
     value: Any
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_steps(steps: Sequence[Step], take: Callable[[Step], str | None]) -> str | None:
+    """Take a connection's script steps up to ``then`` (v1.1 and v2 sessions alike): the reason
+    the first step that ends the connection gave, or None when the steps ran out."""
+    for step in steps:
+        if step.kind == "then":
+            break
+        reason = take(step)
+        if reason is not None:
+            return reason
+    return None
 
 
 def _positive_number(where: str, value: object, *, integer: bool = False) -> float:

@@ -22,7 +22,7 @@ from ingestd.simulator.feed import Feed, Outgoing
 from ingestd.simulator.generator import Template
 from ingestd.simulator.params import StreamParams
 from ingestd.simulator.redundant import FeedCursor
-from ingestd.simulator.script import Step
+from ingestd.simulator.script import Step, run_steps
 from ingestd.simulator.state import SimState
 from ingestd.simulator.wire import Wire
 
@@ -84,13 +84,8 @@ class Session:
     def run(self) -> str:
         """Stream until the script, a kick, shutdown or the client ends it; return why."""
         try:
-            for step in self.steps:
-                if step.kind == "then":
-                    break
-                reason = self._step(step)
-                if reason is not None:
-                    return reason
-            return self._stream() or "ended"
+            reason = run_steps(self.steps, self._step)
+            return reason if reason is not None else (self._stream() or "ended")
         except OSError as exc:  # the client went away (EPIPE, ECONNRESET, ...)
             return f"client closed ({type(exc).__name__})"
 

@@ -37,7 +37,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
-from ingestd.simulator.script import Step
+from ingestd.simulator.script import Step, run_steps
 from ingestd.simulator.session import bad_line
 from ingestd.simulator.state import SimState
 from ingestd.simulator.v2_rules import Expr, RuleSyntaxError, TweetView, matches, parse_rule
@@ -341,13 +341,8 @@ class V2Session:
             self.alive = False
 
     def _run_steps(self) -> str:
-        for step in self.steps:
-            if step.kind == "then":
-                break
-            reason = self._step(step)
-            if reason is not None:
-                return reason
-        return self._stream(None, None, tweets=True) or "ended"
+        reason = run_steps(self.steps, self._step)
+        return reason if reason is not None else (self._stream(None, None, tweets=True) or "ended")
 
     def _step(self, step: Step) -> str | None:
         kind, value = step.kind, step.value
