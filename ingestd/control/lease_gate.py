@@ -7,11 +7,11 @@ worker of a single daemon stays as light as before.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ingestd.config.schema import Settings
+from ingestd.control.runstate import utc_text
 
 if TYPE_CHECKING:
     from ingestd.control.lease import LeaseKeeper, LeaseView, Takeover
@@ -93,14 +93,10 @@ class StandbyGate:
 def stopped_state(view: LeaseView) -> str:
     """A stopped instance's last word on the lease: released, or not its own; never held."""
     if view.role == "released":
-        return f"stopped: lease released at {_utc(view.released_at)} (was the active)"
+        return f"stopped: lease released at {utc_text(view.released_at)} (was the active)"
     if view.role == "stopped":
         return f"stopped: was standing by (lease last held by {view.last_holder or '-'})"
     return "stopped: lease not released (a lease step was stuck); it lapses by itself"
-
-
-def _utc(when: float | None) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)) if when else "?"
 
 
 def open_gate(settings: Settings, last_recv_ns: Callable[[], int]) -> LeaseGate:

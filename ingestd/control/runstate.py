@@ -25,6 +25,14 @@ PAD = 4096
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
+
+def utc_text(when: object) -> str:
+    """A wall-clock time (s) as UTC ISO text for status lines: absolute, so that they read the
+    same from one look to the next; "?" when unknown."""
+    if not isinstance(when, int | float) or isinstance(when, bool) or not when:
+        return "?"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
 def run_dir(state_dir: Path) -> Path:
     path = state_dir / RUN_DIR
     path.mkdir(parents=True, exist_ok=True)

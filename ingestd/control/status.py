@@ -18,7 +18,7 @@ import orjson
 from ingestd.config.errors import EXIT_CONFIG, ConfigError
 from ingestd.config.settings import load_settings
 from ingestd.control.daemonctl import locate_state_dir, pid_alive
-from ingestd.control.runstate import RUN_DIR, read_status
+from ingestd.control.runstate import RUN_DIR, read_status, utc_text
 
 EXIT_OK, EXIT_DEGRADED, EXIT_NOT_RUNNING = 0, 1, 3
 STALE_AFTER = 10.0  # seconds without a heartbeat before a worker counts as not running
@@ -139,20 +139,13 @@ def stream_outage(stream: Mapping[str, Any], now: float) -> str | None:
         return None
     refused = _mapping(stream.get("refused"))
     if refused:
-        return (f"every attempt refused since {_utc(refused.get('since'))} "
+        return (f"every attempt refused since {utc_text(refused.get('since'))} "
                 f"({refused.get('attempts')} attempts, none accepted): {refused.get('reason')}")
     since, grace = stream.get("unconnected_since"), stream.get("outage_grace")
     if (isinstance(since, int | float) and isinstance(grace, int | float)
             and now - since > grace):
-        return f"no connection since {_utc(since)} (grace {grace:g}s): {stream.get('state')}"
+        return f"no connection since {utc_text(since)} (grace {grace:g}s): {stream.get('state')}"
     return None
-
-
-def _utc(when: object) -> str:
-    """A time in the reasons: absolute, so that they read the same from one look to the next."""
-    if not isinstance(when, int | float):
-        return "?"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def render(view: dict[str, Any]) -> str:
@@ -176,7 +169,7 @@ def _last_error(store: Mapping[str, Any]) -> str | None:
     if not error:
         return None
     at = store.get("last_error_at")
-    text = f"{_utc(at)} {error}" if isinstance(at, int | float) else str(error)
+    text = f"{utc_text(at)} {error}" if isinstance(at, int | float) else str(error)
     state = store.get("state")
     if state in STORE_RECOVERED:
         text += f" (past: the store is {state} since)"
@@ -224,7 +217,7 @@ def _ha_lines(ha: dict[str, Any]) -> list[str]:
 def _holder(ha: Mapping[str, Any]) -> str:
     """The holder as this instance knows it; once stopped, what it last knew (it holds none)."""
     if ha.get("role") == "released":
-        return f"lease released at {_utc(ha.get('released_at'))}"
+        return f"lease released at {utc_text(ha.get('released_at'))}"
     if ha.get("role") == "stopped":
         return f"lease last held by {ha.get('last_holder') or '-'}"
     return f"lease holder {ha.get('holder') or '-'}"
