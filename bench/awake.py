@@ -5,7 +5,7 @@ On the benchmark machine (a Firecracker VM whose kernel runs the haltpoll cpuidl
 ``haltpoll.guest_halt_poll_ns=0``: ``/proc/cmdline``) an idle vCPU halts at once, and its physical
 core serves the host's other work until the vCPU wakes. A worker that sleeps between slices of
 tweets then finds its caches cold at each wake-up, and at a steady rate the daemon sleeps most of
-the time (bench/RESULTS.md, "The steady state's excess: the vCPUs halting").
+the time (bench/LOG.md, "The steady state's excess: the vCPUs halting").
 
 ``kept_awake`` runs one ``SCHED_IDLE`` busy loop pinned to each CPU. Such a task runs only when
 nothing else wants its CPU (its weight is 3 against a normal task's 1024), so the vCPU never

@@ -1,6 +1,6 @@
 """Paired throughput runs of ingestd from two source trees: the measure of a change.
 
-One ``make bench`` figure moves by ±10 % from run to run on this VM (bench/RESULTS.md, "Why the
+One ``make bench`` figure moves by ±10 % from run to run on this VM (bench/LOG.md, "Why the
 figures move"), more than most changes are worth. This runs ``bench/run.py``'s ingestd burst
 (``--contenders ingestd --repeats 1``) from tree A and tree B in turns, the order swapped every
 round, and prints each round's tweets/s, CPU µs per tweet and B's ratio to A, then the medians

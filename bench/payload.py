@@ -42,7 +42,9 @@ VERSION = 1
 TWITTER_EPOCH_MS = 1288834974657
 BASE_MS = 1_700_000_000_000
 SEND_BLOCK = 1 << 20  # bytes per chunk at full speed
-PACE_TICK = 0.01  # seconds between paced sends
+# The longest sleep of a paced send loop: a send goes out as soon as a tweet is due, so at 5k/s
+# about one tweet per send (the endpoint sends a chunk per message; bench/LOG.md, 2026-12-05 21:00)
+PACE_TICK = 0.01
 
 
 @dataclass(frozen=True)

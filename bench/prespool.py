@@ -16,7 +16,7 @@ when ``INGESTD_BENCH_PRESPOOL=1``):
   ``KIND_MESSAGE`` so that ``StoreWorker._take_all`` takes it (the real batch, insert_many of
   ``RawBSONDocument`` entries, retries, coverage ledger, checkpointed acks).
 
-What the prototype leaves out (see bench/RESULTS.md): ``user_id`` for scrub_geo rules and the
+What the prototype leaves out (see bench/LOG.md): ``user_id`` for scrub_geo rules and the
 ``match_error`` count are not carried in the record; messages held on a disk error would be
 re-sequenced after a coverage marker; a reload adds its generation's matcher but the generations
 are not pruned.

@@ -40,9 +40,10 @@ smaller run against the nx-27017 stand-in proving the same path stores every twe
 the quiet stream: CPU and wake-ups (voluntary context switches) of every daemon process from /proc
 with keep-alives only and at 50 tweets/s. Peak RSS and PSS are sampled from
 /proc/PID/smaps_rollup and summed over the contender's processes. A dated section with the figures
-is appended to ``bench/RESULTS.md``.
+is appended to ``bench/LOG.md``.
 ``--tree DIR`` runs the daemon from another source tree, to measure a proposed change against the
-same baselines. Results of a run, with the analysis, are kept in ``bench/RESULTS.md``.
+same baselines. ``bench/LOG.md`` keeps every run with its reading; ``bench/RESULTS.md`` sums
+them up against issue 15's goals.
 
 Prints figures and ratios; asserts nothing about speed. Exit status 1 only if a correctness check
 fails (a contender stored a different number of tweets than delivered).
@@ -641,7 +642,7 @@ def latency_figures(lat: list[float]) -> dict[str, float]:
 def run_latency(bench: Bench, rate: float, seconds: float, rounds: int) -> dict[str, Any]:
     """``rounds`` paced runs of ingestd and of the one-process pipeline on the same stream (the
     same-run baseline), their order swapped each round. A steady rate's CPU per tweet moves by
-    ±6 µs from run to run on this VM (bench/RESULTS.md): one run cannot say where it sits."""
+    ±6 µs from run to run on this VM (bench/LOG.md): one run cannot say where it sits."""
     if rounds < 1:
         raise SystemExit(f"--steady-rounds must be 1 or more, not {rounds}")
     tweets = min(bench.payload.tweets, int(rate * seconds))
@@ -889,7 +890,7 @@ def median_result(results: list[Result]) -> Result:
 
 
 def table(medians: dict[tuple[str, str], Result], encodings: list[str]) -> str:
-    # The VM's speed moves by up to 2x over hours under every contender alike (bench/RESULTS.md):
+    # The VM's speed moves by up to 2x over hours under every contender alike (bench/LOG.md):
     # CPU per tweet is also given over the pipeline's in the same run, which moves less.
     head = ("| contender | enc | tweets/s | ÷ pipeline | ÷ tweepy | CPU µs/tweet | "
             "CPU ÷ pipeline | peak RSS MB | peak PSS MB | runs (tweets/s) | load |")
@@ -965,7 +966,7 @@ def main(argv: list[str] | None = None) -> int:
     a("--cache", type=Path, default=CACHE,
       help="where the generated payload is kept between runs")
     a("--json", type=Path, help="write all figures here")
-    a("--results", type=Path, default=BENCH / "RESULTS.md",
+    a("--results", type=Path, default=BENCH / "LOG.md",
       help="append a dated section with the figures to this file (\"\" = do not)")
     a("--tree", type=Path, help="run the daemon from this source tree (a folder holding "
       "ingestd/), to measure a proposed change against the same baselines")
@@ -1178,7 +1179,7 @@ def ingestd_per_role(results: list[Result]) -> str:
 
 
 class Markdown:
-    """The run's figures as a dated section of bench/RESULTS.md (history is kept above)."""
+    """The run's figures as a dated section of bench/LOG.md (history is kept above)."""
 
     def __init__(self) -> None:
         self.parts: list[str] = []

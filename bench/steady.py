@@ -8,7 +8,7 @@ of ``--seconds`` after a warm-up, the tweets stored per second and the CPU µs p
 all the daemon's processes (and by process). ``--pipeline`` adds, at each rate, the one-process
 pipeline contender (``bench/contenders.py threaded``) on the same paced stream: its CPU per stored
 tweet from its first byte to its last insert, the same-run baseline of goal 2 (on this VM a paced
-stream costs every contender more per tweet than a burst does: bench/RESULTS.md). ``--gzip`` asks
+stream costs every contender more per tweet than a burst does: bench/LOG.md). ``--gzip`` asks
 for a compressed stream. Prints figures; asserts only that tweets were stored.
 
     .venv/bin/python bench/steady.py                                  # 5k and 10k/s, auto vs false

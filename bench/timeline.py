@@ -9,7 +9,7 @@ process while the stream worker was still reading and after it had spooled every
 end is the store worker and its encoder child alone. Each line also gives the cores of what else
 runs on the machine, the acknowledging stand-in (``sink``) and this process (``bench``: the payload
 server, the sampling), and the machine's total: 2 cores minus that is what is idle
-(bench/RESULTS.md, 2026-12-05). Prints figures; asserts only that every tweet was acknowledged.
+(bench/LOG.md, 2026-12-05). Prints figures; asserts only that every tweet was acknowledged.
 
     .venv/bin/python bench/timeline.py                      # 60,000 tweets, plain, 0.1 s steps
     .venv/bin/python bench/timeline.py --gzip --tree /path/to/variant

@@ -886,7 +886,7 @@ def shared(split: EncoderSplit, records: list[Record], settings: Settings) -> bo
 def test_auto_mode_keeps_a_child_only_while_the_worker_cannot_keep_up_alone() -> None:
     """``writer.encoder_process: auto``, encoding the work (inserts quick): no child while the
     worker keeps up, waiting for data part of the time (a steady stream: a child there cost 2–14
-    µs of CPU per tweet more, bench/RESULTS.md); one once it is busy nearly all the time, or at
+    µs of CPU per tweet more, bench/LOG.md); one once it is busy nearly all the time, or at
     once when the spool holds several batches it has not read (a burst); kept while the child
     makes it keep up with little to spare; stopped once it has caught up and waits for data half
     of the time, also on a read too small to share (a slow stream frees the child's memory)."""

@@ -34,7 +34,7 @@ ROLES = ("store", "stream")  # start order: the spool's consumer before its prod
 # mapped. A buffer mapped on its own, or a heap trimmed after each batch, is faulted in again page
 # by page for the next one: with 1.25 MiB and glibc's 128 KiB trim threshold the store worker took
 # ~3 page faults per tweet, ~7 µs of kernel time, and stored ~20 % fewer tweets per second (~4 MB
-# less PSS under a 10× overload; bench/RESULTS.md). The store worker gives its free heap back when
+# less PSS under a 10× overload; bench/LOG.md). The store worker gives its free heap back when
 # it is idle after a burst (``sink.worker.TRIM_AFTER_BYTES``), the encoder child when no chunk
 # came for 0.1 s.
 # An operator's own value in the environment wins, key by key.

@@ -354,7 +354,7 @@ class CoverageLedger:
         records whose counts are not stored, and a crash between two checkpoints replays the
         records after the last one, counted again by their provenance (see the module
         docstring). In a burst that is one write per checkpoint interval instead of one per
-        batch, each a round trip the store loop waited for (bench/RESULTS.md, "The coverage
+        batch, each a round trip the store loop waited for (bench/LOG.md, "The coverage
         ledger written with the checkpoint")."""
         self._write_dirty()
 

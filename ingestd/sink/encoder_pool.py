@@ -1,7 +1,7 @@
 """The store worker's encoder child: the process, its wire and its pipes.
 
 Parsing a tweet into Python objects and encoding it to BSON is most of the store worker's CPU
-(``bench/RESULTS.md``), and one process can use only one core. So the store worker keeps one
+(``bench/LOG.md``), and one process can use only one core. So the store worker keeps one
 *encoder process* (a child running ``ingestd.sink.encoder_pool.main``) and splits each read of
 the spool between it and itself: the child encodes the last part while the store worker
 encodes and takes the first, then the store worker takes the child's results, in spool order.
@@ -47,7 +47,7 @@ PIPE_BYTES = 1 << 20
 # for reuse. Under an overload (or any pause) the child waits for MongoDB's acks with that memory
 # held for nothing: when no chunk comes within this many seconds of an answer, the free heap pages
 # go back to the OS (measured: −2 to −4 MB of PSS at the peak of a 10× overload,
-# bench/RESULTS.md). At full speed the next chunk comes sooner: the pages are reused, no fault.
+# bench/LOG.md). At full speed the next chunk comes sooner: the pages are reused, no fault.
 IDLE_TRIM_SECONDS = 0.1
 _PUNTED = Encoded(PUNT)
 _STARTED = b"\x01"  # the child's first byte: its imports are done, chunks are read at once
@@ -68,7 +68,7 @@ class Region:
 
     Through a pipe, a 2–4 MB blob goes 1 MiB at a time (the pipe's size), each time a wake-up of
     the other side, and a writer holds while the reader has not drained it: the store worker
-    measured 2.8 µs per tweet blocked in its writes (``bench/RESULTS.md``). Written here, a blob
+    measured 2.8 µs per tweet blocked in its writes (``bench/LOG.md``). Written here, a blob
     is one copy and no system call; the pipe carries only the header that names its size.
     """
 

@@ -53,7 +53,7 @@ BEHIND_BYTES = 16 * 1024 * 1024  # unread spool bytes that mean "behind" (~4 bat
 # A read's part is held with the child (``may_hold``) only while waits for inserts take less than
 # this share of the busy time. Measured: 0.02–0.11 (median 0.04) in a burst into a MongoDB that
 # acks at once, 0.13–0.45 behind one that acks each batch 0.05 s late, where holding slowed the
-# drain ~4 % (bench/RESULTS.md, 2026-12-05).
+# drain ~4 % (bench/LOG.md, 2026-12-05).
 HOLD_INSERT_SHARE = 0.1
 SHARE_WEIGHT = 0.5  # weight of the newest batch in the insert share
 BUSY_TIME_CONSTANT = 2.0  # seconds: the busy share follows a change by 63 % in this time

@@ -39,7 +39,7 @@ FULL_CHECK_BYTES = 16 * 1024
 # decoded at once (a bad one ends the transfer there), but held until the reader's pass ends
 # (``settle``) or this many are held, and framed together: a callback at a time, the framing, the
 # spool intake's call and the look at the spool cost ~1.2 µs per tweet more than 16 KiB at a time
-# (bench/RESULTS.md). A fast stream's pieces are larger than this and go through as they come.
+# (bench/LOG.md). A fast stream's pieces are larger than this and go through as they come.
 HOLD_BYTES = 16 * 1024
 # Control messages the reader itself must understand (connection endings, health figures).
 # v2: a line of only ``errors`` is an in-stream error such as operational-disconnect (§7.4).

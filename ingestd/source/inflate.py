@@ -3,7 +3,7 @@
 We send ``Accept-Encoding: deflate, gzip`` ourselves and inflate with zlib-ng, which takes ~60 %
 of zlib's CPU for a stream flushed after every message (each message a deflate block with its own
 Huffman header: ISA-L, decoding such blocks, spends most of its time building its tables and took
-~85 %; bench/RESULTS.md). libcurl would inflate with zlib and hand the output over 16 KiB at a
+~85 %; bench/LOG.md). libcurl would inflate with zlib and hand the output over 16 KiB at a
 time; here a whole socket read reaches the framer at once.
 """
 
