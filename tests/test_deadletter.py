@@ -264,3 +264,46 @@ def test_readme_lists_every_dead_letter_reason() -> None:
     (listed,) = re.findall(r"`ingestd_messages_deadlettered_total`\) is one of:(.*?)\.\n", readme,
                            re.DOTALL)
     assert sorted(re.findall(r"`([a-z0-9_]+)`", listed)) == sorted(MESSAGE_REASONS)
+
+
+def test_dead_letter_lines_are_folded_per_reason_and_add_up(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """A storm of bad lines costs a few log lines (the first of each reason in full, then a
+    folded `repeated` count per logging.error_interval), not one each; the lines of a reason add
+    up to its dead letters, and the store and the counters keep every one."""
+    n = 1500
+    script = [[{"deliver": 5}, {"bad_lines": ["truncated_json"] * n},
+               {"bad_lines": ["non_object"] * n}, {"keepalive_only": 600}]]
+    sim = SimProcess(tmp_path / "sim", "--rate", "0", "--max-tweets", "5", "--keepalive", "1",
+                     "--seed", "7", script=script).start()
+    daemon = Daemon(tmp_path / "daemon", settings_doc(sim.url, mongo_uri, mongo_database,
+                                                      logging={"error_interval": 1}))
+    dead_dir = daemon.state_dir / "deadletter"
+
+    def logged() -> dict[str, int]:
+        sums: dict[str, int] = {}
+        for e in daemon.events("dead_letter"):
+            sums[e["reason"]] = sums.get(e["reason"], 0) + 1 + e.get("repeated", 0)
+        return sums
+
+    try:
+        daemon.start().wait_ready()
+        wait_until(lambda: sum(1 for _ in DeadLetterStore(dead_dir, 1 << 30).iter_entries())
+                   == 2 * n, 60, "every bad line dead-lettered")
+        # The storm's last fold is printed once its window ends, without a further dead letter.
+        sums = wait_until(lambda: s if sum((s := logged()).values()) == 2 * n else None, 30,
+                          f"dead_letter lines adding up to {2 * n}")
+        counted = wait_until(lambda: c if sum((c := dict(daemon.counters("store")[
+            "deadlettered"])).values()) == 2 * n else None, 30, "the counters (published ≤ 1 s)")
+        code, _ = daemon.stop()
+    finally:
+        daemon.kill()
+        sim.stop()
+    assert code == 0
+    lines = daemon.events("dead_letter")
+    assert len(lines) < 2 * n / 20, f"{len(lines)} dead_letter lines for {2 * n} dead letters"
+    reasons = [e["reason"] for e in DeadLetterStore(dead_dir, 1 << 30).iter_entries()]
+    assert sums == {r: reasons.count(r) for r in set(reasons)} and len(sums) == 2
+    assert counted == sums
+    assert all("repeated" not in e for e in [
+        next(e for e in lines if e["reason"] == r) for r in sums])  # the first of each in full

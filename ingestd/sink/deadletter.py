@@ -140,12 +140,14 @@ class DeadLetterStore:
         if self.total_bytes + len(line) > self.max_bytes + self.evidence_bytes:
             self.lines_dropped += 1
             log.error("dead_letter_store_full", reason=reason, code=code, seq=seq, size=size,
-                      lines_dropped=self.lines_dropped)
+                      lines_dropped=self.lines_dropped, rate_key=reason)
         else:
             self._write(now, line)
         self.counts[reason] = self.counts.get(reason, 0) + 1
         # Detail may quote key names from the payload: it goes to the file, not the log.
-        log.warning("dead_letter", reason=reason, code=code, seq=seq, size=size)
+        # Folded per reason (logging.error_interval): the first in full, then a `repeated`
+        # count; every seq is in the file.
+        log.warning("dead_letter", reason=reason, code=code, seq=seq, size=size, rate_key=reason)
 
     def _encode(self, entry: dict[str, Any], raw: bytes, cut: bool) -> bytes:
         head = raw[:RAW_CAP]
