@@ -43,6 +43,29 @@ def test_entry_fields_and_daily_file(tmp_path: Path) -> None:
     assert store.counts == {"mongo_rejected": 1}
 
 
+def test_a_file_moved_or_deleted_away_is_created_again_at_its_path(tmp_path: Path) -> None:
+    # logrotate-style: after `mv` (or `rm`) of today's file the next dead letter goes to a new
+    # file at the path, not to the moved file (or an unlinked inode).
+    dead, elsewhere = tmp_path / "dead", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    store = DeadLetterStore(dead, 1 << 20, clock=lambda: datetime(2024, 5, 6, tzinfo=UTC))
+    path = dead / "deadletter-20240506.jsonl"
+    try:
+        put(store, b"one", seq=1)
+        path.rename(elsewhere / path.name)
+        put(store, b"two", seq=2)
+        assert [e["seq"] for e in store.iter_entries()] == [2]
+        assert [orjson.loads(line)["seq"] for line in (elsewhere / path.name).read_bytes()
+                .splitlines()] == [1]
+        assert store.total_bytes == path.stat().st_size  # the bound counts what is there
+        path.unlink()
+        put(store, b"three", seq=3)
+        put(store, b"four", seq=4)
+        assert [e["seq"] for e in store.iter_entries()] == [3, 4]
+    finally:
+        store.close()
+
+
 def test_invalid_utf8_is_kept_as_base64(tmp_path: Path) -> None:
     store = DeadLetterStore(tmp_path, 1 << 20)
     raw = b'{"text": "\xff\xfe"}'
