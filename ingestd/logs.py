@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import IO, Any, TextIO, cast
 
@@ -138,10 +139,11 @@ class RateLimiter:
     The key is (level, event, every non-float scalar field) unless the caller passes
     `rate_key=...`. The first event after the interval carries `repeated=N` (suppressed count),
     so an error storm costs one line per interval and journald never drops our lines.
-    A storm that stops inside its window is not left uncounted: ``flush`` (every interval, on
-    the ``log-folds`` thread that ``start`` runs; at exit for every window) prints the last
-    suppressed event with `repeated` = the others suppressed before it. Either way every line
-    stands for itself plus its `repeated`: the lines of a key add up to its events.
+    A storm that stops inside its window is not left uncounted: ``flush`` (every half interval
+    on the ``log-folds`` thread while events are suppressed; at exit for every window) prints
+    the last suppressed event, stamped now, with `repeated` = the others suppressed before
+    it. Either way every line stands for itself plus its `repeated`: the lines of a key add up
+    to its events.
     """
 
     _MAX_KEYS = 4096
@@ -154,6 +156,7 @@ class RateLimiter:
         self._lock = threading.Lock()
         self.emit: Callable[[EventDict], None] | None = None  # prints a flushed line
         self._stop = threading.Event()
+        self._auto = False  # start the flushing thread at the first suppressed event
         self._thread: threading.Thread | None = None
 
     def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
@@ -167,6 +170,10 @@ class RateLimiter:
             last, suppressed, _ = self._state.get(key, (None, 0, None))
             if last is not None and now - last < self.interval:
                 self._state[key] = (last, suppressed + 1, event_dict)
+                if self._auto and self._thread is None and not self._stop.is_set():
+                    self._thread = threading.Thread(target=self._run, name="log-folds",
+                                                    daemon=True)
+                    self._thread.start()
                 raise structlog.DropEvent
             self._prune(now)
             self._state[key] = (now, 0, None)
@@ -186,6 +193,8 @@ class RateLimiter:
                     continue
                 if suppressed > 1:
                     event_dict["repeated"] = suppressed - 1
+                if "timestamp" in event_dict:  # printed now: lines stay an interval apart
+                    event_dict["timestamp"] = _utc_now_iso()
                 due.append(event_dict)
                 self._state[key] = (now, 0, None)
         if self.emit is not None:
@@ -195,16 +204,17 @@ class RateLimiter:
         return due
 
     def start(self) -> None:
-        """Flush every ``interval`` on a daemon thread (real time: not with a test's clock)."""
-        if self.interval <= 0 or self._thread is not None:
-            return
+        """Flush on a daemon thread (real time: not with a test's clock), every half interval
+        while any event is suppressed; the thread ends when none is (an idle daemon has none)."""
+        self._auto = self.interval > 0
 
-        def run() -> None:
-            while not self._stop.wait(self.interval / 2):
-                self.flush()
-
-        self._thread = threading.Thread(target=run, name="log-folds", daemon=True)
-        self._thread.start()
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval / 2):
+            self.flush()
+            with self._lock:
+                if not any(n for _, n, _ in self._state.values()):
+                    self._thread = None
+                    return
 
     def close(self) -> None:
         """Stop the thread and print every pending fold (a reconfigure, the process's exit)."""
@@ -230,6 +240,11 @@ class RateLimiter:
                        if now - t >= self.interval and not n]
             for k in expired:
                 del self._state[k]
+
+
+def _utc_now_iso() -> str:
+    """Now as the chain's ``TimeStamper(fmt="iso", utc=True)`` writes it."""
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _truncate_strings(value: object, limit: int) -> object:
