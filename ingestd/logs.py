@@ -15,6 +15,7 @@ Library logs (stdlib ``logging``: pymongo, urllib3) and uncaught exceptions (``s
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import re
@@ -22,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import IO, Any, TextIO, cast
 
@@ -137,6 +139,11 @@ class RateLimiter:
     The key is (level, event, every non-float scalar field) unless the caller passes
     `rate_key=...`. The first event after the interval carries `repeated=N` (suppressed count),
     so an error storm costs one line per interval and journald never drops our lines.
+    A storm that stops inside its window is not left uncounted: ``flush`` (every half interval
+    on the ``log-folds`` thread while events are suppressed; at exit for every window) prints
+    the last suppressed event, stamped now, with `repeated` = the others suppressed before
+    it. Either way every line stands for itself plus its `repeated`: the lines of a key add up
+    to its events.
     """
 
     _MAX_KEYS = 4096
@@ -144,8 +151,13 @@ class RateLimiter:
     def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = interval
         self.clock = clock
-        self._state: dict[tuple[object, ...], tuple[float, int]] = {}
+        # key → (window start, suppressed count, the last suppressed event)
+        self._state: dict[tuple[object, ...], tuple[float, int, EventDict | None]] = {}
         self._lock = threading.Lock()
+        self.emit: Callable[[EventDict], None] | None = None  # prints a flushed line
+        self._stop = threading.Event()
+        self._auto = False  # start the flushing thread at the first suppressed event
+        self._thread: threading.Thread | None = None
 
     def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
         level = _LEVELS.get(str(event_dict.get("level", "info")), logging.INFO)
@@ -155,15 +167,59 @@ class RateLimiter:
         key = self._key(event_dict, explicit)
         now = self.clock()
         with self._lock:
-            last, suppressed = self._state.get(key, (None, 0))
+            last, suppressed, _ = self._state.get(key, (None, 0, None))
             if last is not None and now - last < self.interval:
-                self._state[key] = (last, suppressed + 1)
+                self._state[key] = (last, suppressed + 1, event_dict)
+                if self._auto and self._thread is None and not self._stop.is_set():
+                    self._thread = threading.Thread(target=self._run, name="log-folds",
+                                                    daemon=True)
+                    self._thread.start()
                 raise structlog.DropEvent
             self._prune(now)
-            self._state[key] = (now, 0)
+            self._state[key] = (now, 0, None)
         if suppressed:
             event_dict["repeated"] = suppressed
         return event_dict
+
+    def flush(self, everything: bool = False) -> list[EventDict]:
+        """The folded lines due: for each window that has ended (every window if
+        ``everything``) with events suppressed, the last of them, carrying `repeated` = the
+        others; their windows start again now. Printed with ``emit`` if one is set."""
+        now = self.clock()
+        due: list[EventDict] = []
+        with self._lock:
+            for key, (last, suppressed, event_dict) in list(self._state.items()):
+                if event_dict is None or not (everything or now - last >= self.interval):
+                    continue
+                if suppressed > 1:
+                    event_dict["repeated"] = suppressed - 1
+                if "timestamp" in event_dict:  # printed now: lines stay an interval apart
+                    event_dict["timestamp"] = _utc_now_iso()
+                due.append(event_dict)
+                self._state[key] = (now, 0, None)
+        if self.emit is not None:
+            for event_dict in due:
+                with contextlib.suppress(Exception):
+                    self.emit(event_dict)
+        return due
+
+    def start(self) -> None:
+        """Flush on a daemon thread (real time: not with a test's clock), every half interval
+        while any event is suppressed; the thread ends when none is (an idle daemon has none)."""
+        self._auto = self.interval > 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval / 2):
+            self.flush()
+            with self._lock:
+                if not any(n for _, n, _ in self._state.values()):
+                    self._thread = None
+                    return
+
+    def close(self) -> None:
+        """Stop the thread and print every pending fold (a reconfigure, the process's exit)."""
+        self._stop.set()
+        self.flush(everything=True)
 
     @staticmethod
     def _key(event_dict: EventDict, explicit: object) -> tuple[object, ...]:
@@ -177,11 +233,18 @@ class RateLimiter:
         return (*head, fields)
 
     def _prune(self, now: float) -> None:
-        # Bound memory when keys carry many distinct values: forget expired windows.
+        # Bound memory when keys carry many distinct values: forget expired windows without a
+        # pending fold (those are printed by the next flush).
         if len(self._state) >= self._MAX_KEYS:
-            expired = [k for k, (t, n) in self._state.items() if now - t >= self.interval]
+            expired = [k for k, (t, n, _) in self._state.items()
+                       if now - t >= self.interval and not n]
             for k in expired:
                 del self._state[k]
+
+
+def _utc_now_iso() -> str:
+    """Now as the chain's ``TimeStamper(fmt="iso", utc=True)`` writes it."""
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _truncate_strings(value: object, limit: int) -> object:
@@ -277,6 +340,11 @@ def build_processors(
                                       exception_formatter=structlog.dev.plain_traceback)
         if console else structlog.processors.JSONRenderer(serializer=_orjson_dumps)
     )
+    limiter, capped = RateLimiter(error_interval, clock), CappedRenderer(renderer)
+    writer = structlog.WriteLogger(cast(TextIO, stream))
+    # A folded line the limiter flushes has been through the chain up to it: render and write.
+    limiter.emit = lambda event_dict: writer.msg(
+        capped(writer, str(event_dict.get("level", "warning")), event_dict))
     return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -284,8 +352,8 @@ def build_processors(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         exceptions,
         redact,
-        RateLimiter(error_interval, clock),
-        CappedRenderer(renderer),
+        limiter,
+        capped,
     ]
 
 
@@ -307,6 +375,8 @@ def configure_logging(
     _PROCESS_CONTEXT.clear()
     _PROCESS_CONTEXT.update(context)
     processors = build_processors(fmt, stream, error_interval, clock, _PROCESS_CONTEXT)
+    _use_limiter(next(p for p in processors if isinstance(p, RateLimiter)),
+                 flush_thread=clock is time.monotonic)
     wrapper = structlog.make_filtering_bound_logger(_LEVELS[level])
     structlog.configure(
         processors=processors,
@@ -322,6 +392,27 @@ def configure_logging(
         wrapper_class=wrapper))
     _route_stdlib_logging(direct)
     _install_excepthooks(direct)
+
+
+# The configured chain's rate limiter: its folds are printed at exit, or when it is replaced.
+_LIMITER: RateLimiter | None = None
+
+
+def _use_limiter(limiter: RateLimiter, *, flush_thread: bool) -> None:
+    global _LIMITER
+    previous, _LIMITER = _LIMITER, limiter
+    if previous is None:
+        atexit.register(flush_repeats, everything=True)
+    else:
+        previous.close()
+    if flush_thread:  # a test's clock does not tick with real time: it calls flush_repeats
+        limiter.start()
+
+
+def flush_repeats(everything: bool = False) -> None:
+    """Print the folded repeats whose window has ended (all of them with ``everything``)."""
+    if _LIMITER is not None:
+        _LIMITER.flush(everything)
 
 
 class _StdlibHandler(logging.Handler):

@@ -794,3 +794,38 @@ def test_gap_markers_open_the_archive_on_a_fresh_spool(tmp_path: Path) -> None:
     resumed = GapMarkers(again, last)
     assert (resumed.open_cause, resumed.last_recv_ns, resumed.written) == ("stopped", start, 0)
     again.close()
+
+
+def test_a_marker_the_disk_refuses_is_logged_and_the_stream_worker_goes_on(
+        tmp_path: Path) -> None:
+    # A full disk at a start, a connection and a stop: each marker's loss is one
+    # coverage_marker_lost line (the marker's type in `marker`: `event` is the line's name),
+    # and the caller, the stream worker's loop, carries on.
+    import errno
+    import io
+
+    import orjson
+    import structlog
+
+    from ingestd.logs import configure_logging
+    from ingestd.spool.writer import SpoolWriteError
+
+    class FullSpool(SpoolWriter):
+        def append(self, *args: Any, **kwargs: Any) -> int:
+            raise SpoolWriteError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    buf = io.StringIO()
+    configure_logging("info", "json", stream=buf, error_interval=0)
+    spool = FullSpool(tmp_path / "spool", max_bytes=1 << 20, max_records=1000)
+    try:
+        markers = GapMarkers(spool, None)  # the fresh spool's not_started gap
+        markers.connected(1)
+        markers.gap("stopped", last_recv_ns=time.time_ns())
+    finally:
+        spool.close()
+        structlog.reset_defaults()
+    lost = [e for e in map(orjson.loads, buf.getvalue().splitlines())
+            if e["event"] == "coverage_marker_lost"]
+    assert [(e["marker"], e["cause"]) for e in lost] == [
+        ("gap", "not_started"), ("connected", None), ("gap", "stopped")]
+    assert all("No space left" in e["error"] for e in lost) and markers.written == 0

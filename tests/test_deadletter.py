@@ -43,6 +43,29 @@ def test_entry_fields_and_daily_file(tmp_path: Path) -> None:
     assert store.counts == {"mongo_rejected": 1}
 
 
+def test_a_file_moved_or_deleted_away_is_created_again_at_its_path(tmp_path: Path) -> None:
+    # logrotate-style: after `mv` (or `rm`) of today's file the next dead letter goes to a new
+    # file at the path, not to the moved file (or an unlinked inode).
+    dead, elsewhere = tmp_path / "dead", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    store = DeadLetterStore(dead, 1 << 20, clock=lambda: datetime(2024, 5, 6, tzinfo=UTC))
+    path = dead / "deadletter-20240506.jsonl"
+    try:
+        put(store, b"one", seq=1)
+        path.rename(elsewhere / path.name)
+        put(store, b"two", seq=2)
+        assert [e["seq"] for e in store.iter_entries()] == [2]
+        assert [orjson.loads(line)["seq"] for line in (elsewhere / path.name).read_bytes()
+                .splitlines()] == [1]
+        assert store.total_bytes == path.stat().st_size  # the bound counts what is there
+        path.unlink()
+        put(store, b"three", seq=3)
+        put(store, b"four", seq=4)
+        assert [e["seq"] for e in store.iter_entries()] == [3, 4]
+    finally:
+        store.close()
+
+
 def test_invalid_utf8_is_kept_as_base64(tmp_path: Path) -> None:
     store = DeadLetterStore(tmp_path, 1 << 20)
     raw = b'{"text": "\xff\xfe"}'
@@ -264,3 +287,46 @@ def test_readme_lists_every_dead_letter_reason() -> None:
     (listed,) = re.findall(r"`ingestd_messages_deadlettered_total`\) is one of:(.*?)\.\n", readme,
                            re.DOTALL)
     assert sorted(re.findall(r"`([a-z0-9_]+)`", listed)) == sorted(MESSAGE_REASONS)
+
+
+def test_dead_letter_lines_are_folded_per_reason_and_add_up(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """A storm of bad lines costs a few log lines (the first of each reason in full, then a
+    folded `repeated` count per logging.error_interval), not one each; the lines of a reason add
+    up to its dead letters, and the store and the counters keep every one."""
+    n = 1500
+    script = [[{"deliver": 5}, {"bad_lines": ["truncated_json"] * n},
+               {"bad_lines": ["non_object"] * n}, {"keepalive_only": 600}]]
+    sim = SimProcess(tmp_path / "sim", "--rate", "0", "--max-tweets", "5", "--keepalive", "1",
+                     "--seed", "7", script=script).start()
+    daemon = Daemon(tmp_path / "daemon", settings_doc(sim.url, mongo_uri, mongo_database,
+                                                      logging={"error_interval": 1}))
+    dead_dir = daemon.state_dir / "deadletter"
+
+    def logged() -> dict[str, int]:
+        sums: dict[str, int] = {}
+        for e in daemon.events("dead_letter"):
+            sums[e["reason"]] = sums.get(e["reason"], 0) + 1 + e.get("repeated", 0)
+        return sums
+
+    try:
+        daemon.start().wait_ready()
+        wait_until(lambda: sum(1 for _ in DeadLetterStore(dead_dir, 1 << 30).iter_entries())
+                   == 2 * n, 60, "every bad line dead-lettered")
+        # The storm's last fold is printed once its window ends, without a further dead letter.
+        sums = wait_until(lambda: s if sum((s := logged()).values()) == 2 * n else None, 30,
+                          f"dead_letter lines adding up to {2 * n}")
+        counted = wait_until(lambda: c if sum((c := dict(daemon.counters("store")[
+            "deadlettered"])).values()) == 2 * n else None, 30, "the counters (published ≤ 1 s)")
+        code, _ = daemon.stop()
+    finally:
+        daemon.kill()
+        sim.stop()
+    assert code == 0
+    lines = daemon.events("dead_letter")
+    assert len(lines) < 2 * n / 20, f"{len(lines)} dead_letter lines for {2 * n} dead letters"
+    reasons = [e["reason"] for e in DeadLetterStore(dead_dir, 1 << 30).iter_entries()]
+    assert sums == {r: reasons.count(r) for r in set(reasons)} and len(sums) == 2
+    assert counted == sums
+    assert all("repeated" not in e for e in [
+        next(e for e in lines if e["reason"] == r) for r in sums])  # the first of each in full

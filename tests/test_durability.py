@@ -601,13 +601,27 @@ def test_spool_full_block_pauses_the_stream_and_loses_nothing(
         spool = daemon.status("stream")["spool"]
         assert plateau < tweets, "the stream should be held back, not finished"
         assert spool["bytes"] >= 2 << 20, spool
+        # Said once, with the bound and the policy; the status shows the bound and the pause.
+        (full,) = daemon.events("spool_full")
+        shown = render(collect(daemon.state_dir))  # what `ingestd status` prints
         standin.start()
         messages = wait_drained(daemon, sim, tweets, timeout=180)
+        resumed = daemon.wait_log("spool_intake_resumed", timeout=30)
         stream, store = daemon.counters("stream"), daemon.counters("store")
         assert daemon.stop()[0] == 0
     finally:
         daemon.kill()
         sim.stop()
+    assert (full["level"], full["policy"], full["max_bytes"]) == ("warning", "block", 2 << 20)
+    assert full["bytes"] >= 2 << 20 and full["max_records"] == spool["max_records"]
+    assert f"(bound {spool['max_records']} records / 2.1 MB)" in shown, shown
+    assert "intake paused" in shown and "(when_full: block)" in shown, shown
+    assert spool["full_since"] is not None and spool["when_full"] == "block"
+    # One episode: held back for the whole outage (≥ the quiet wait) and the drain at the bound
+    # that follows (pausing and resuming many times a second), resumed once after 2 s of room.
+    assert daemon.events("spool_intake_resumed") == [resumed]
+    assert resumed["full_seconds"] >= 3.0 and resumed["policy"] == "block"
+    assert len(daemon.events("spool_full")) == 1
     ids = stored_ids(standin.uri, DB)
     delivered = set(sim.ground_truth().tweet_ids())
     assert not stream["dropped"]

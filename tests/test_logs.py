@@ -14,6 +14,7 @@ from ingestd.logs import (
     MAX_LINE_BYTES,
     clear_secrets,
     configure_logging,
+    flush_repeats,
     get_logger,
     register_secret,
     scrub_text,
@@ -182,6 +183,29 @@ def test_an_info_event_with_a_rate_key_is_folded_too() -> None:
     log.info("stream_limit", conn=1, undelivered=20, rate_key="conn 1")
     assert [(e["conn"], e["undelivered"], e.get("repeated")) for e in lines(buf)] == [
         (1, 5, None), (2, 3, None), (1, 20, 2)]
+
+
+def test_a_storm_that_stops_inside_its_window_is_still_counted() -> None:
+    # Nothing comes after the storm: the fold is printed once its window ends (the log-folds
+    # thread's flush), as the last suppressed event carrying the others; the lines add up.
+    buf, clock = setup()
+    log = get_logger()
+    for seq in range(6):
+        log.warning("dead_letter", reason="invalid_json", seq=seq, rate_key="invalid_json")
+    log.warning("dead_letter", reason="not_an_object", seq=6, rate_key="not_an_object")
+    log.warning("dead_letter", reason="not_an_object", seq=7, rate_key="not_an_object")
+    flush_repeats()
+    assert len(lines(buf)) == 2  # windows still open
+    clock.now += 10
+    flush_repeats()
+    flush_repeats()  # nothing more to print
+    assert [(e["reason"], e["seq"], e.get("repeated")) for e in lines(buf)] == [
+        ("invalid_json", 0, None), ("not_an_object", 6, None),
+        ("invalid_json", 5, 4), ("not_an_object", 7, None)]
+    log.warning("dead_letter", reason="invalid_json", seq=8, rate_key="invalid_json")
+    assert len(lines(buf)) == 4  # the flush started a new window
+    flush_repeats(everything=True)  # at exit: whatever is pending
+    assert [(e["seq"], e.get("repeated")) for e in lines(buf)][4:] == [(8, None)]
 
 
 def test_zero_interval_disables_rate_limiting() -> None:

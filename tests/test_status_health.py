@@ -93,8 +93,10 @@ def test_status_after_a_drained_stop_shows_what_the_spool_holds(
     # Durability: the last checkpoint covers every record the stream worker appended.
     assert checkpoint is not None and checkpoint.seq == last_word["next_seq"] - 1
     assert text.returncode == 3 and text.stdout.startswith("ingestd: down")
-    assert "  queue       0 records / 0.0 MB waiting in the spool" in text.stdout
-    assert json.loads(as_json.stdout)["queue"] == {"records": 0, "bytes": 0}
+    assert "  queue       0 records / 0.0 MB waiting in the spool (bound " in text.stdout
+    assert json.loads(as_json.stdout)["queue"] == {
+        "records": 0, "bytes": 0, "max_records": last_word["max_records"],
+        "max_bytes": last_word["max_bytes"], "when_full": "block", "full_since": None}
 
 
 # -- a stream that cannot deliver ------------------------------------------------------------------

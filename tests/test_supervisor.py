@@ -262,11 +262,29 @@ def test_crash_loop_stops_the_other_worker_and_exits_75(start: Any) -> None:
     run = start({"crash_loop_restarts": 2, "crash_loop_window": 60},
                 FAKE_STREAM_CRASH_AFTER="0.1", FAKE_STREAM_EXIT_CODE="3")
     assert run.wait_exit(timeout=30) == 75
-    assert run.logs("crash_loop", role="stream")
+    (loop,) = run.logs("crash_loop")
+    assert (loop["exits"], loop["exits_by_role"], loop["last_exit"]) == (3, {"stream": 3},
+                                                                         "stream")
     crashes = run.logs("worker_exited", role="stream", exit_code=3)
     assert len(crashes) == 3 and all(e["level"] == "warning" for e in crashes), crashes
     assert len(run.events("started", role="stream")) == 3  # the first run and 2 restarts
     assert run.events("exit", role="store")  # stopped gracefully, not killed
+
+
+def test_crash_loop_line_counts_both_workers_and_says_so_by_role(start: Any) -> None:
+    # Both workers crash: the limit is on their exits together, and the line says how many of
+    # each (not the sum under one role's name); they match the workers' own crash lines.
+    run = start({"crash_loop_restarts": 4, "crash_loop_window": 60},
+                FAKE_STREAM_CRASH_AFTER="0.1", FAKE_STORE_CRASH_AFTER="0.1")
+    assert run.wait_exit(timeout=30) == 75
+    (loop,) = run.logs("crash_loop")
+    crashed = {role: len(run.logs("worker_exited", role=role, exit_code=3))
+               for role in ("stream", "store")}
+    by_role = loop["exits_by_role"]
+    assert loop["exits"] == sum(by_role.values()) == 5 and loop["limit"] == 4
+    assert set(by_role) == {"stream", "store"}, loop
+    assert all(by_role[role] <= crashed[role] for role in by_role), (loop, crashed)
+    assert loop["last_exit"] in by_role and loop.get("role", "supervisor") == "supervisor"
 
 
 def test_worker_config_error_halts_with_78_without_restarting(start: Any) -> None:

@@ -136,7 +136,9 @@ class WorkerPool:
         self.restart_at: dict[str, float] = {}
         self.backoff = dict.fromkeys(ROLES, self.BACKOFF_START)
         self.restarts = dict.fromkeys(ROLES, 0)
-        self.restart_times: collections.deque[float] = collections.deque()
+        # (monotonic time, role) of each worker exit that asked for a restart: the crash loop
+        # counts both roles together, within control.crash_loop_window.
+        self.restart_times: collections.deque[tuple[float, str]] = collections.deque()
         self.role_beats: dict[str, float] = {}  # monotonic time of each role's last heartbeat
         self.last_look: float | None = None  # monotonic time of the last heartbeat check
         self.status_reads = 0  # worker status files read and parsed (tests count them)
@@ -173,11 +175,16 @@ class WorkerPool:
         """Restart ``role`` after its back-off, unless this is one restart too many (crash loop)."""
         now = time.monotonic()
         control = self.hooks.control()
-        self.restart_times.append(now)
-        while self.restart_times[0] < now - control.crash_loop_window:
+        self.restart_times.append((now, role))
+        while self.restart_times[0][0] < now - control.crash_loop_window:
             self.restart_times.popleft()
         if len(self.restart_times) > control.crash_loop_restarts:
-            log.error("crash_loop", role=role, restarts=len(self.restart_times),
+            # The count is of both workers together: say so, by role, and whose exit tipped it
+            # (the line's own `role` is the supervisor's).
+            by_role = collections.Counter(r for _, r in self.restart_times)
+            log.error("crash_loop", exits=len(self.restart_times),
+                      exits_by_role={r: by_role[r] for r in ROLES if by_role[r]},
+                      last_exit=role, limit=control.crash_loop_restarts,
                       window=control.crash_loop_window)
             self.hooks.crash_loop()
             return

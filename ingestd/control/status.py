@@ -82,7 +82,8 @@ def collect(state_dir: Path) -> dict[str, Any]:
     records, nbytes = queue(roles["stream"] or {}, roles["store"] or {}, running["stream"])
     return {"state_dir": str(state_dir), "health": health, "reasons": reasons,
             "running": running, "workers": roles, "exit_code": code,
-            "queue": {"records": records, "bytes": nbytes},
+            "queue": {"records": records, "bytes": nbytes,
+                      **bound(roles["stream"] or {}, running["stream"])},
             "heartbeat_age": {r: round(now - float(st.get("time", 0)), 1)
                               for r, st in roles.items() if st},
             "metrics": metrics_address(state_dir)}
@@ -106,6 +107,17 @@ def queue(stream: Mapping[str, Any], store: Mapping[str, Any],
                               if isinstance(markers, list) else [])
         records = min(records, max(0, next_seq - 1 - acked - unacked_markers))
     return records, min(nbytes, _int(store_spool.get("bytes", nbytes)))
+
+
+def bound(stream: Mapping[str, Any], stream_running: bool) -> dict[str, Any]:
+    """The spool's bound and policy as the stream worker last published them, and since when
+    it has been full (None: room; only while the stream worker runs)."""
+    spool = _mapping(stream.get("spool"))
+    if "max_records" not in spool:
+        return {}
+    full_since = spool.get("full_since") if stream_running else None
+    return {"max_records": spool.get("max_records"), "max_bytes": spool.get("max_bytes"),
+            "when_full": spool.get("when_full"), "full_since": full_since}
 
 
 def _mapping(value: object) -> Mapping[str, Any]:
@@ -198,8 +210,27 @@ def _stream_lines(view: dict[str, Any]) -> list[str]:
         f"              connection ends {endings}  back-off {stream.get('backoff') or 0:.1f}s",
         *_ha_lines(dict(stream.get("ha") or {})),
         f"  queue       {spool.get('records', 0)} records / {spool.get('bytes', 0) / 1e6:.1f} MB "
-        f"waiting in the spool",
+        f"waiting in the spool{_bound_text(spool)}",
+        *_full_lines(spool),
     ]
+
+
+def _bound_text(spool: Mapping[str, Any]) -> str:
+    if not isinstance(spool.get("max_records"), int) or not isinstance(
+            spool.get("max_bytes"), int):
+        return ""
+    return f" (bound {spool['max_records']} records / {spool['max_bytes'] / 1e6:.1f} MB)"
+
+
+def _full_lines(spool: Mapping[str, Any]) -> list[str]:
+    if not spool.get("full_since"):
+        return []
+    since = utc_text(spool["full_since"])
+    if spool.get("when_full") == "drop_newest":
+        return [f"              spool full since {since}: newest messages dropped (when_full: "
+                "drop_newest)"]
+    return [f"              spool full since {since}: intake paused at the bound, the endpoint "
+            "held back (when_full: block)"]
 
 
 def _ha_lines(ha: dict[str, Any]) -> list[str]:

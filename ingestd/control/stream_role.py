@@ -92,6 +92,7 @@ class StreamRole:
         self.passes += 1
         self.spool.maybe_sync()
         self.intake.retry()
+        self.intake.check_bound()  # a full spool's episode ends here when nothing else looks
         while (command := self.ctx.control.poll()) is not None:
             if isinstance(command, Reload):  # the stop budget is the store worker's concern
                 self.reload(command)
@@ -197,7 +198,9 @@ class StreamRole:
         return {"records": max(0, records - len(markers)), "bytes": nbytes,
                 "next_seq": spool.next_seq, "markers": markers,
                 "held": sum(len(h[0]) for h in self.intake.held),
-                "max_bytes": spool.max_bytes, "max_records": spool.max_records}
+                "max_bytes": spool.max_bytes, "max_records": spool.max_records,
+                # Since when the bound has held the intake back (None: there is room).
+                "full_since": self.intake.full_since, "when_full": self.intake.policy}
 
 
 def run_stream_worker(config_path: Path, generation: int) -> int:

@@ -7,6 +7,8 @@ raw bytes (``raw_dropped: "store full"``) and counted, so nothing disappears wit
 evidence lines have their own allowance (``evidence_bytes``); past it a dead letter is only counted
 (``lines_dropped``) and logged, so the files never exceed ``max_bytes + evidence_bytes``.
 A write that fails (disk full) is cut back off the file and raised: the caller keeps the message.
+A file moved or deleted while the daemon runs (logrotate, ``mv``) is not written to any more: the
+next dead letter creates the file at its path again (its inode is checked before every write).
 Raw bytes are never logged, only written here.
 
 Exactly once per spool record: the spool checkpoint is written after the dead letter, so a store
@@ -140,12 +142,14 @@ class DeadLetterStore:
         if self.total_bytes + len(line) > self.max_bytes + self.evidence_bytes:
             self.lines_dropped += 1
             log.error("dead_letter_store_full", reason=reason, code=code, seq=seq, size=size,
-                      lines_dropped=self.lines_dropped)
+                      lines_dropped=self.lines_dropped, rate_key=reason)
         else:
             self._write(now, line)
         self.counts[reason] = self.counts.get(reason, 0) + 1
         # Detail may quote key names from the payload: it goes to the file, not the log.
-        log.warning("dead_letter", reason=reason, code=code, seq=seq, size=size)
+        # Folded per reason (logging.error_interval): the first in full, then a `repeated`
+        # count; every seq is in the file.
+        log.warning("dead_letter", reason=reason, code=code, seq=seq, size=size, rate_key=reason)
 
     def _encode(self, entry: dict[str, Any], raw: bytes, cut: bool) -> bytes:
         head = raw[:RAW_CAP]
@@ -182,7 +186,13 @@ class DeadLetterStore:
 
     def _open_for(self, day: str) -> int:
         if self._fd >= 0 and self._file_day == day:
-            return self._fd
+            if self._still_at_path():
+                return self._fd
+            # Moved or deleted away (logrotate, an operator's mv): write at the path again, and
+            # bound what is there now.
+            log.info("deadletter_file_reopened", file=f"deadletter-{day}.jsonl")
+            self.close()
+            self.total_bytes = sum(p.stat().st_size for p in self._files())
         self.close()
         path = self.directory / f"deadletter-{day}.jsonl"
         created = not path.exists()
@@ -191,6 +201,15 @@ class DeadLetterStore:
         if created:
             fsync_dir(self.directory)  # the new file's name must survive a crash too
         return self._fd
+
+    def _still_at_path(self) -> bool:
+        """Whether the open file is still the one at its path (one stat per dead letter)."""
+        try:
+            at_path = os.stat(self.directory / f"deadletter-{self._file_day}.jsonl")
+        except FileNotFoundError:
+            return False
+        opened = os.fstat(self._fd)
+        return (at_path.st_dev, at_path.st_ino) == (opened.st_dev, opened.st_ino)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -17,6 +17,7 @@ from ingestd.spool.writer import Group, SpoolWriteError, SpoolWriter
 log = structlog.get_logger("ingestd.worker")
 
 HELD_RETRY_INTERVAL = 1.0
+RESUME_AFTER = 2.0  # s with room below the bound that end a full spool's episode (see check_bound)
 COALESCE_BYTES = 64 * 1024  # spool write size to aim at (see SpoolIntake)
 
 
@@ -31,6 +32,13 @@ class SpoolIntake:
     With ``when_full: block`` nothing is dropped: the held messages are retried every second and,
     while any are held, the reader pauses its connections (TCP pushes back on the endpoint).
     With ``drop_newest`` they are dropped and counted with the reason.
+
+    The spool's bound (``spool.max_records``/``max_bytes``) is looked at through ``is_full``: the
+    reader's look before it takes more (``block``: it pauses), or before it spools a pass's
+    messages (``drop_newest``: it drops them), and the worker loop's (``check_bound``). The
+    first look that finds it full logs one ``spool_full`` warning (the bound, the policy); once
+    it has had room for ``RESUME_AFTER`` s, one ``spool_intake_resumed`` line says how long it was
+    full (``full_seconds``, first to last look); ``full_since`` is in the status meanwhile.
     """
 
     def __init__(self, spool: SpoolWriter, *, drop: bool,
@@ -43,6 +51,8 @@ class SpoolIntake:
         self.last_error = ""
         self._pending_bytes = 0
         self._retry_at = 0.0
+        self.full_since: float | None = None  # wall clock the spool was found full at
+        self._full_at = self._last_full_at = 0.0  # monotonic: the first and last look full
 
     def __call__(self, items: Sequence[tuple[int, bytes]], conn: int, gen: int, ns: int) -> None:
         if self.held:
@@ -94,4 +104,38 @@ class SpoolIntake:
         log.info("spool_write_recovered")
 
     def is_full(self) -> bool:
-        return bool(self.held) or self.spool.is_full()
+        return self.check_bound() or bool(self.held)
+
+    def check_bound(self) -> bool:
+        """Whether the spool is at its bound; logs when it first is, and when it has had room
+        for ``RESUME_AFTER`` s (the worker loop calls this every pass: at the bound a fast
+        stream pauses and resumes many times a second, one episode in the log)."""
+        full = self.spool.is_full()
+        now = time.monotonic()
+        if full:
+            if self.full_since is None:
+                self._full_changed(True, now)
+            self._last_full_at = now
+        elif self.full_since is not None and now - self._last_full_at >= RESUME_AFTER:
+            self._full_changed(False, now)
+        return full
+
+    @property
+    def policy(self) -> str:
+        return "drop_newest" if self.drop else "block"
+
+    def _full_changed(self, full: bool, now: float) -> None:
+        spool = self.spool
+        if full:
+            self.full_since, self._full_at = time.time(), now
+            records, nbytes = spool.backlog()
+            log.warning("spool_full", policy=self.policy, records=records, bytes=nbytes,
+                        max_records=spool.max_records, max_bytes=spool.max_bytes,
+                        effect="newest messages dropped (counted)" if self.drop else
+                        "intake paused: the endpoint is held back until the store worker "
+                        "drains the spool")
+            return
+        self.full_since = None
+        # From the first look that found it full to the last (the room since is RESUME_AFTER).
+        log.info("spool_intake_resumed", policy=self.policy,
+                 full_seconds=round(self._last_full_at - self._full_at, 3))
