@@ -236,6 +236,7 @@ def test_the_health_rule(tmp_path: Path, fields: dict[str, Any], health: str) ->
             value = {**value, "since": now + value["since"]}
         stream[key] = now + value if isinstance(value, float) else value
     runstate.run_dir(tmp_path)
+    runstate.write_status(tmp_path, "supervisor", {"state": "ready"})
     runstate.write_status(tmp_path, "stream", stream)
     runstate.write_status(tmp_path, "store", {"state": "running"})
     view = status.collect(tmp_path)

@@ -127,3 +127,21 @@ def _build(root: Section) -> Settings:
         logging=build_logging(root.section("logging", schema.LoggingSettings)),
         ha=build_ha(root.section("ha", schema.HaSettings), state_dir, auth, stream.api),
     )
+
+
+def lenient_state_dir(path: Path, env: Mapping[str, str] | None = None) -> Path | None:
+    """The ``state_dir`` a settings file names, read as ``build_state_dir`` reads it but from
+    the raw YAML alone, so that the rest of the file may be invalid (``ingestd status`` must
+    find the daemon exactly when its file is broken). A file that cannot be read or parsed
+    names none: the default then. None when ``state_dir`` itself is wrong (not a string, an
+    unset ``${NAME}``): no folder can be determined."""
+    ctx = Context(path, os.environ if env is None else env, secrets=False,
+                  resolve=("state_dir",))
+    try:
+        raw: object = parse_yaml(path.read_text(encoding="utf-8"), ctx)
+        if isinstance(raw, dict):
+            raw = {"state_dir": interpolate(raw.get("state_dir"), "state_dir", ctx)}
+    except (OSError, UnicodeDecodeError, ConfigError):
+        raw = {}
+    state_dir = build_state_dir(Section(ctx, "", raw if isinstance(raw, dict) else {}))
+    return None if any(e.key_path == "state_dir" for e in ctx.errors) else state_dir

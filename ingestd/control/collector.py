@@ -274,14 +274,18 @@ class RunStateCollector:
 
     def _workers(self, docs: Mapping[str, Mapping[str, Any]], now: float) -> Iterable[Metric]:
         sup = docs["supervisor"]
+        timeout = status.timeout_in_force(sup)
         yield labelled_gauge("ingestd_worker_up", "1 while the role's process heartbeats.", "role",
-                             {role: 1.0 if status.alive(dict(docs[role]) or None, now) else 0.0
+                             {role: 1.0 if status.alive(docs[role], now, timeout) else 0.0
                               for role in ("supervisor", "stream", "store")})
         yield gauge("ingestd_config_generation", "Settings generation in force (1 at start, "
                     "+1 per successful reload).", _num(sup.get("generation")))
         yield counter("ingestd_config_reload_failures_total",
                       "Reloads refused because the new settings were invalid.",
                       _num(sup.get("reload_failures")))
+        yield gauge("ingestd_config_reload_refused", "1 while the latest reload attempt was "
+                    "refused (ingestd status: degraded, last reload refused); 0 once a later one "
+                    "is applied.", 1.0 if sup.get("reload_refused") else 0.0)
         yield known_counter("ingestd_worker_restarts_total", "Worker processes restarted.",
                             "role", _counts(sup.get("restarts")))
 
@@ -315,7 +319,7 @@ class RunStateCollector:
         ha = _section(stream, "ha")
         mode = str(ha.get("mode", ""))
         if mode == "standby":  # a dead stream worker's file still names the role it last had
-            active = ha.get("role") == "active" and status.alive(dict(stream), now)
+            active = ha.get("role") == "active" and status.alive(stream, now)
         else:
             active = bool(ha)
         family = GaugeMetricFamily(
@@ -362,7 +366,7 @@ class RunStateCollector:
         yield gauge("ingestd_messages_in_flight", "Received, not yet stored or otherwise "
                     "resolved.", in_flight(stream, wc))
         # as ``ingestd status`` shows it (a stopped stream worker's own figure is stale)
-        records, nbytes = status.queue(stream, store, status.alive(dict(stream) or None, now))
+        records, nbytes = status.queue(stream, store, status.alive(stream, now))
         yield gauge("ingestd_queue_records", "Spool backlog: records not yet acknowledged.",
                     records)
         yield gauge("ingestd_queue_bytes", "Spool backlog in bytes.", nbytes)

@@ -90,11 +90,18 @@ def locate_state_dir(settings: Settings, env: Mapping[str, str] | None = None) -
     no such variable: then the unit's folder is used when a daemon lives there and none lives
     next to the settings file.
     """
+    return locate_state_dir_of(settings.path, settings.state_dir, env)
+
+
+def locate_state_dir_of(config: Path, state_dir: Path,
+                        env: Mapping[str, str] | None = None) -> Path:
+    """``locate_state_dir`` for a settings file ``config`` whose ``state_dir`` reads so (also
+    when the rest of the file is invalid: ``ingestd status`` still finds the daemon)."""
     env = os.environ if env is None else env
-    default = Path(os.path.abspath(settings.path)).parent / "state"
-    if settings.state_dir != default or env.get("STATE_DIRECTORY"):
-        return settings.state_dir
-    for candidate in (default, *unit_state_dirs(settings.path)):
+    default = Path(os.path.abspath(config)).parent / "state"
+    if state_dir != default or env.get("STATE_DIRECTORY"):
+        return state_dir
+    for candidate in (default, *unit_state_dirs(config)):
         if supervisor_pid(candidate) is not None:
             return candidate
     return default

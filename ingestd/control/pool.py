@@ -139,6 +139,10 @@ class WorkerPool:
         # (monotonic time, role) of each worker exit that asked for a restart: the crash loop
         # counts both roles together, within control.crash_loop_window.
         self.restart_times: collections.deque[tuple[float, str]] = collections.deque()
+        # role → monotonic times of its restarts within the crash-loop window (status: a role
+        # restarted repeatedly is crash-looping, even while its latest process runs)
+        self.role_restarts: dict[str, collections.deque[float]] = {
+            role: collections.deque() for role in ROLES}
         self.role_beats: dict[str, float] = {}  # monotonic time of each role's last heartbeat
         self.last_look: float | None = None  # monotonic time of the last heartbeat check
         self.status_reads = 0  # worker status files read and parsed (tests count them)
@@ -194,9 +198,18 @@ class WorkerPool:
         self.backoff[role] = min(delay * 2, self.BACKOFF_MAX)
         self.restart_at[role] = now + delay
         self.restarts[role] += 1
+        self.role_restarts.setdefault(role, collections.deque()).append(now)
         # Only a worker that died or hung outside a stop is restarted.
         log.warning("worker_restart_scheduled", role=role, delay=delay,
                     restarts=self.restarts[role])
+
+    def recent_restarts(self, window: float) -> dict[str, int]:
+        """Restarts of each role in the last ``window`` seconds."""
+        now = time.monotonic()
+        for times in self.role_restarts.values():
+            while times and times[0] < now - window:
+                times.popleft()
+        return {role: len(times) for role, times in self.role_restarts.items()}
 
     # -- ending --------------------------------------------------------------------------------
 

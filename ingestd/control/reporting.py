@@ -27,9 +27,17 @@ class Standing:
     reloads: int = 0  # SIGHUPs handled: the sequence number of run/reload.json
     reload_failures: int = 0
     rules_refused: int = 0  # v2: the newest generation whose refused rules were counted above
+    # While the latest reload attempt was refused: {"at": wall time, "reason", "generation" in
+    # force}; None once a later one is applied (the cumulative count is reload_failures).
+    refused: dict[str, Any] | None = None
     ready: bool = False
     stopping: bool = False
     stopped: bool = False
+
+    def reload_refused(self, reason: str, generation: int) -> None:
+        """The latest reload attempt was refused; ``generation`` stays in force."""
+        self.refused = {"at": time.time(), "reason": one_line(reason, 300),
+                        "generation": generation}
 
     def phase(self) -> str:
         """starting → ready → stopping → stopped."""
@@ -62,9 +70,11 @@ class Reporter:
         self.watchdog = sd.watchdog_interval()
         self.watchdog_due = 0.0
         self.written: tuple[float, dict[str, Any]] = (0.0, {})
+        self.heartbeat_timeout: float | None = None  # control.heartbeat_timeout in force
 
     def report(self, heartbeat_timeout: float) -> None:
         """Tell systemd and ``ingestd status`` where we are."""
+        self.heartbeat_timeout = heartbeat_timeout
         self.update_rate()
         self.notify_ready()
         self.notify_status()
@@ -101,7 +111,7 @@ class Reporter:
     def status_key(self) -> tuple[str, ...]:
         """The parts of the summary that are not counters."""
         return (self.role_state("stream"), self.role_state("store"),
-                str(self.standing.generation), str(self.standing.reload_failures))
+                str(self.standing.generation), self.refused_text())
 
     def notify_watchdog(self, heartbeat_timeout: float) -> None:
         """``WATCHDOG=1`` every half period, only while every worker's heartbeat is fresh.
@@ -149,9 +159,19 @@ class Reporter:
         store_state = self.role_state("store")
         if store_state.startswith("degraded") or "restarting" in store_state:
             parts.insert(0, store_state)
-        if failures := self.standing.reload_failures:
-            parts.append(f"{failures} reload(s) rejected, old settings in force")
+        if refused := self.refused_text():
+            parts.append(refused)
         return one_line("; ".join(parts), 200)
+
+    def refused_text(self) -> str:
+        """``last reload refused at HH:MM:SS UTC, generation N in force`` while the latest
+        reload attempt was refused, else empty: STATUS= says the present (the count of
+        refused reloads is in the metrics)."""
+        refused = self.standing.refused
+        if not refused:
+            return ""
+        at = time.strftime("%H:%M:%S", time.gmtime(refused["at"]))
+        return f"last reload refused at {at} UTC, generation {refused['generation']} in force"
 
     def role_state(self, role: str) -> str:
         worker = self.pool.workers.get(role)
@@ -161,13 +181,19 @@ class Reporter:
 
     def write_status(self) -> None:
         """Publish ``run/supervisor.json`` when it changes, and at least every second."""
+        window = self.pool.hooks.control().crash_loop_window
         doc = {
             "state": self.standing.phase(),
             "generation": self.standing.generation,
             "reload_failures": self.standing.reload_failures,
+            "reload_refused": self.standing.refused,
             "restarts": dict(self.pool.restarts),
             "workers": {role: w.pid for role, w in self.pool.workers.items()},
             "status": self.status_line,
+            # what ``ingestd status`` judges the processes by (status.liveness)
+            "heartbeat_timeout": self.heartbeat_timeout,
+            "crash_loop_window": window,
+            "recent_restarts": self.pool.recent_restarts(window),
         }
         now = time.monotonic()
         if doc != self.written[1] or now - self.written[0] >= self.STATUS_INTERVAL:

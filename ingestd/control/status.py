@@ -3,6 +3,15 @@
 Exit codes follow ``systemctl status``: 0 running and healthy, 1 running but degraded,
 3 not running (or the state folder holds no live daemon). ``collect()`` is also what the
 metrics listener's ``/healthz`` answers with, so both always agree.
+
+Liveness, one rule for the supervisor and both workers (``liveness``): each rewrites its
+``run/<role>.json`` every second. A process whose pid is gone is ``not running`` (health down);
+one alive whose last heartbeat is at most ``LATE_AFTER`` old is ``ok``; older is ``late``, and
+past ``control.heartbeat_timeout`` ``hung`` (both degraded: the process exists but does not
+work; the supervisor replaces a hung worker, nothing replaces a hung supervisor but systemd's
+watchdog). A worker the supervisor had to restart ``CRASH_LOOP_RESTARTS`` times or more within
+``control.crash_loop_window`` is ``crash-looping`` (down) whether or not its latest process is
+alive at the moment one looks, so that the headline does not flip between two looks.
 """
 
 from __future__ import annotations
@@ -15,14 +24,18 @@ from typing import Any
 
 import orjson
 
-from ingestd.config.errors import EXIT_CONFIG, ConfigError
-from ingestd.config.settings import load_settings
-from ingestd.control.daemonctl import locate_state_dir, pid_alive
+from ingestd.config.errors import EXIT_CONFIG, ConfigError, ConfigErrors
+from ingestd.config.schema import ControlSettings
+from ingestd.config.settings import lenient_state_dir, load_settings
+from ingestd.control.daemonctl import locate_state_dir, locate_state_dir_of, pid_alive
 from ingestd.control.runstate import RUN_DIR, read_status, utc_text
 
 EXIT_OK, EXIT_DEGRADED, EXIT_NOT_RUNNING = 0, 1, 3
-STALE_AFTER = 10.0  # seconds without a heartbeat before a worker counts as not running
+LATE_AFTER = 5.0  # seconds without a heartbeat (written every second) before a process is late
+CRASH_LOOP_RESTARTS = 2  # restarts of one role within control.crash_loop_window: crash-looping
+DEFAULT_HEARTBEAT_TIMEOUT = ControlSettings.heartbeat_timeout
 ROLES = ("supervisor", "stream", "store")
+NAMES = {"supervisor": "supervisor", "stream": "stream worker", "store": "store worker"}
 STREAM_STATES = ("connecting", "connected", "reconnecting", "degraded", "stopped", "standby")
 METRICS_ADDR_FILE = "metrics.addr"
 # Store states after a MongoDB error was retried through (not "stopped: mongo unavailable…").
@@ -33,9 +46,19 @@ def run_status(config: Path, *, as_json: bool) -> int:
     try:
         settings = load_settings(config, secrets=False)  # looking needs no credentials
     except ConfigError as exc:
-        print(f"invalid settings:\n{exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    view = collect(locate_state_dir(settings))
+        # The file on disk is broken (a reload of it was, or will be, refused): the daemon
+        # runs on the settings in force all the same, and this is when its status matters.
+        found = lenient_state_dir(config)
+        if found is None:
+            print(f"invalid settings (no state folder can be determined from them):\n{exc}",
+                  file=sys.stderr)
+            return EXIT_CONFIG
+        view = collect(locate_state_dir_of(config, found))
+        errors = [str(e) for e in exc.errors] if isinstance(exc, ConfigErrors) else [str(exc)]
+        view["settings_invalid"] = errors
+    else:
+        view = collect(locate_state_dir(settings),
+                       heartbeat_timeout=settings.control.heartbeat_timeout)
     if as_json:
         sys.stdout.write(orjson.dumps(view, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
@@ -43,13 +66,34 @@ def run_status(config: Path, *, as_json: bool) -> int:
     return int(view["exit_code"])
 
 
-def alive(status: dict[str, Any] | None, now: float) -> bool:
-    if not status:
-        return False
-    pid = status.get("pid")
-    if not isinstance(pid, int) or now - float(status.get("time", 0)) > STALE_AFTER:
-        return False
-    return pid_alive(pid)
+def timeout_in_force(supervisor: Mapping[str, Any] | None,
+                      fallback: float | None = None) -> float:
+    """``control.heartbeat_timeout`` in force: the supervisor's published value, else the
+    settings' (``fallback``), else the default."""
+    value = (supervisor or {}).get("heartbeat_timeout")
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return fallback if fallback is not None else DEFAULT_HEARTBEAT_TIMEOUT
+
+
+def liveness(status: Mapping[str, Any] | None, now: float,
+             timeout: float = DEFAULT_HEARTBEAT_TIMEOUT) -> str:
+    """``ok``, ``late``, ``hung`` or ``not running`` (see the module's doc): a live pid, and
+    the age of its last heartbeat against ``LATE_AFTER`` and the heartbeat timeout."""
+    pid = (status or {}).get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not pid_alive(pid):
+        return "not running"
+    age = now - float((status or {}).get("time", 0))
+    if age <= min(LATE_AFTER, timeout):
+        return "ok"
+    return "late" if age <= timeout else "hung"
+
+
+def alive(status: Mapping[str, Any] | None, now: float,
+          timeout: float = DEFAULT_HEARTBEAT_TIMEOUT) -> bool:
+    """Whether the process heart-beats: alive and not past the heartbeat timeout
+    (``ingestd_worker_up``)."""
+    return liveness(status, now, timeout) in ("ok", "late")
 
 
 def stream_state(state: str) -> str:
@@ -66,27 +110,75 @@ def metrics_address(state_dir: Path) -> str | None:
         return None
 
 
-def collect(state_dir: Path) -> dict[str, Any]:
-    """Everything ``status`` shows, with ``health`` (ok/degraded/down) and its ``reasons``."""
+def collect(state_dir: Path, *, heartbeat_timeout: float | None = None) -> dict[str, Any]:
+    """Everything ``status`` shows, with ``health`` (ok/degraded/down) and its ``reasons``.
+    ``heartbeat_timeout``: the settings' value, used when the supervisor published none."""
     now = time.time()
     roles = {role: read_status(state_dir, role) for role in ROLES}
-    running = {role: alive(st, now) for role, st in roles.items()}
-    down = [f"{role} worker not running" for role in ("stream", "store") if not running[role]]
-    degraded = _degraded_reasons(roles, now)
+    timeout = timeout_in_force(roles["supervisor"], heartbeat_timeout)
+    live = {role: liveness(st, now, timeout) for role, st in roles.items()}
+    age = {r: round(now - float(st.get("time", 0)), 1) for r, st in roles.items() if st}
+    sup_up = live["supervisor"] != "not running"
+    looping = _crash_looping(roles["supervisor"] or {}) if sup_up else {}
+    down = [f"{NAMES[role]} crash-looping ({looping[role]})" if role in looping
+            else f"{NAMES[role]} not running" for role in ROLES
+            if role in looping or live[role] == "not running"]
+    degraded = [*_unresponsive(live, age, timeout), *_degraded_reasons(roles, now)]
+    if sup_up and (refused := _reload_refused(roles["supervisor"] or {})):
+        degraded.append(refused)
     if down:
         code, health, reasons = EXIT_NOT_RUNNING, "down", down
     elif degraded:
         code, health, reasons = EXIT_DEGRADED, "degraded", degraded
     else:
         code, health, reasons = EXIT_OK, "ok", []
-    records, nbytes = queue(roles["stream"] or {}, roles["store"] or {}, running["stream"])
+    running = {role: live[role] != "not running" for role in ROLES}
+    records, nbytes = queue(roles["stream"] or {}, roles["store"] or {},
+                            live["stream"] in ("ok", "late"))
     return {"state_dir": str(state_dir), "health": health, "reasons": reasons,
-            "running": running, "workers": roles, "exit_code": code,
+            "running": running, "liveness": live, "heartbeat_timeout": timeout,
+            "workers": roles, "exit_code": code,
             "queue": {"records": records, "bytes": nbytes,
-                      **bound(roles["stream"] or {}, running["stream"])},
-            "heartbeat_age": {r: round(now - float(st.get("time", 0)), 1)
-                              for r, st in roles.items() if st},
-            "metrics": metrics_address(state_dir)}
+                      **bound(roles["stream"] or {}, live["stream"] in ("ok", "late"))},
+            "heartbeat_age": age,
+            # only while the supervisor (whose thread serves it) answers
+            "metrics": metrics_address(state_dir) if live["supervisor"] == "ok" else None}
+
+
+def _unresponsive(live: Mapping[str, str], age: Mapping[str, float],
+                  timeout: float) -> list[str]:
+    """Processes alive but silent: late or hung (degraded)."""
+    reasons = []
+    for role in ROLES:
+        if live[role] not in ("late", "hung"):
+            continue
+        since = f"last heartbeat {age.get(role, 0):.0f}s ago"
+        if role == "supervisor":
+            reasons.append(f"supervisor not responding ({since})")
+        elif live[role] == "late":
+            reasons.append(f"{NAMES[role]} late ({since}; replaced after {timeout:g}s)")
+        else:
+            reasons.append(f"{NAMES[role]} hung ({since}, over control.heartbeat_timeout "
+                           f"{timeout:g}s)")
+    return reasons
+
+
+def _crash_looping(supervisor: Mapping[str, Any]) -> dict[str, str]:
+    """Role → why it is crash-looping, from the supervisor's recent restarts."""
+    recent, window = _mapping(supervisor.get("recent_restarts")), supervisor.get(
+        "crash_loop_window")
+    return {role: f"{n} restarts in the last {window:g}s" for role, n in recent.items()
+            if isinstance(n, int) and n >= CRASH_LOOP_RESTARTS
+            and isinstance(window, int | float)}
+
+
+def _reload_refused(supervisor: Mapping[str, Any]) -> str | None:
+    """While the latest reload attempt was refused: why, and the generation still in force."""
+    refused = _mapping(supervisor.get("reload_refused"))
+    if not refused:
+        return None
+    return (f"last reload refused: {refused.get('reason')}; generation "
+            f"{refused.get('generation', supervisor.get('generation'))} in force")
 
 
 def queue(stream: Mapping[str, Any], store: Mapping[str, Any],
@@ -165,7 +257,8 @@ def render(view: dict[str, Any]) -> str:
     head = f"ingestd: {view['health']}"
     if view["reasons"]:
         head += " (" + "; ".join(view["reasons"]) + ")"
-    lines = [head, *_supervisor_lines(view), *_stream_lines(view), *_store_lines(view)]
+    lines = [head, *_settings_lines(view), *_supervisor_lines(view), *_stream_lines(view),
+             *_store_lines(view)]
     if error := _last_error(view["workers"].get("store") or {}):
         lines.append(f"  last error  {error}")
     if view.get("metrics"):
@@ -188,10 +281,19 @@ def _last_error(store: Mapping[str, Any]) -> str | None:
     return text
 
 
+def _settings_lines(view: dict[str, Any]) -> list[str]:
+    """One line when the settings file on disk is invalid (the daemon runs on those in force)."""
+    errors = view.get("settings_invalid")
+    if not errors:
+        return []
+    more = f" (+{len(errors) - 1} more: ingestd check)" if len(errors) > 1 else ""
+    return [f"  settings    the file on disk is invalid, not in force: {errors[0]}{more}"]
+
+
 def _supervisor_lines(view: dict[str, Any]) -> list[str]:
     sup = view["workers"].get("supervisor") or {}
     restarts = ", ".join(f"{k}={v}" for k, v in dict(sup.get("restarts", {})).items()) or "-"
-    return [f"  supervisor  {_run(view, 'supervisor')}  {sup.get('state', '-')}  "
+    return [f"  supervisor  {_run(view, 'supervisor')}{_state(view, 'supervisor')}  "
             f"generation {sup.get('generation', '-')}  reload failures "
             f"{sup.get('reload_failures', 0)}  restarts {restarts}"]
 
@@ -203,7 +305,7 @@ def _stream_lines(view: dict[str, Any]) -> list[str]:
     dropped = sum(dict(c.get("dropped", {})).values())
     endings = ", ".join(f"{k}={v}" for k, v in sorted(dict(c.get("endings", {})).items())) or "-"
     return [
-        f"  stream      {_run(view, 'stream')}  {stream.get('state', '-')}",
+        f"  stream      {_run(view, 'stream')}{_state(view, 'stream')}",
         f"              received {c.get('received', 0)}  ({stream.get('rate', 0):.1f} msg/s)  "
         f"keep-alives {c.get('keepalives', 0)}  limit-missed {c.get('limit_missed', 0)}  "
         f"dropped {dropped}",
@@ -260,7 +362,7 @@ def _store_lines(view: dict[str, Any]) -> list[str]:
     dead = dict(c.get("deadlettered", {}))
     detail = " (" + ", ".join(f"{k}={v}" for k, v in sorted(dead.items())) + ")" if dead else ""
     lines = [
-        f"  store       {_run(view, 'store')}  {store.get('state', '-')}",
+        f"  store       {_run(view, 'store')}{_state(view, 'store')}",
         f"              stored {c.get('stored', 0)}  ({store.get('rate', 0):.1f} tweets/s)  "
         f"duplicates {c.get('duplicates', 0)}  dead-lettered {sum(dead.values())}{detail}  "
         f"deletes {c.get('deletes_applied', 0)}",
@@ -273,8 +375,25 @@ def _store_lines(view: dict[str, Any]) -> list[str]:
 
 
 def _run(view: dict[str, Any], role: str) -> str:
+    """``pid N up``, ``pid N late|hung (last heartbeat Ns ago)``, or ``not running (…)``:
+    the same judgement (``liveness``) as the headline's."""
     st = view["workers"].get(role) or {}
-    if view["running"][role]:
-        return f"pid {st.get('pid', '-')} up"
+    live = dict(view.get("liveness") or {}).get(role)
+    if live is None:  # a hand-made view without it
+        live = "ok" if view["running"][role] else "not running"
     age = view.get("heartbeat_age", {}).get(role)
-    return "DOWN" + (f" (last heartbeat {age:.0f}s ago)" if age is not None else "")
+    since = f" (last heartbeat {age:.0f}s ago)" if age is not None else ""
+    if live == "ok":
+        return f"pid {st.get('pid', '-')} up"
+    if live == "not running":
+        return "not running" + since
+    return f"pid {st.get('pid', '-')} {live.upper()}{since}"
+
+
+def _state(view: dict[str, Any], role: str) -> str:
+    """The process's own state text; once it is not up, marked as what it last said."""
+    state = (view["workers"].get(role) or {}).get("state")
+    if state is None:
+        return "  -"
+    live = dict(view.get("liveness") or {}).get(role, "ok")
+    return f"  {state}" if live == "ok" else f"  last state: {state}"

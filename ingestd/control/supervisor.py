@@ -276,6 +276,9 @@ class Supervisor:
             return
         standing.rules_refused = refused
         standing.reload_failures += 1
+        standing.reload_refused(f"the endpoint refused the stream.rules of generation {refused}"
+                                f" (previous rules in force): {rules.get('error', '')}"
+                                if isinstance(rules, dict) else "stream.rules refused", refused)
         log.error("reload_failed", generation=refused, key="stream.rules",
                   error=str(rules.get("error", "")) if isinstance(rules, dict) else "",
                   reload_failures=standing.reload_failures,
@@ -379,6 +382,7 @@ class Supervisor:
         except ConfigError as exc:
             # str(ConfigError) is "file: key.path: reason" and never holds a secret value.
             standing.reload_failures += 1
+            standing.reload_refused(str(exc), standing.generation)
             log.error("reload_failed", error=str(exc), file=exc.file, key=exc.key_path,
                       reload_failures=standing.reload_failures, generation=standing.generation,
                       action=f"keeping the settings of generation {standing.generation}")
@@ -396,6 +400,7 @@ class Supervisor:
         how the filter changed."""
         old, self.settings, self.settings_text = self.settings, settings, text
         self.standing.generation += 1
+        self.standing.refused = None  # the latest attempt is applied: nothing refused now
         generation = self.standing.generation
         for worker in self.pool.workers.values():
             worker.pipe.send(Reload(generation, text))
@@ -457,6 +462,7 @@ class Supervisor:
                     log.warning("stop_escalated", signal=signal.Signals(sig).name)
                     self.escalated = True
             self.pool.reap(stopping=True)
+            self.reporter.write_status()  # a draining supervisor still heart-beats
 
     def kill_workers(self) -> list[str]:
         """SIGKILL every worker still running and reap them; the roles that had to be killed."""
