@@ -203,6 +203,54 @@ def test_sigterm_on_a_silent_stream_aborts_the_transfer_within_1s(launch: Launch
            f"handled SIGTERM; exit {code} in {took:.2f}s")
 
 
+def sigterm_pending(pid: int) -> bool:
+    """Whether SIGTERM waits, undelivered, for ``pid`` (a stopped process: /proc's masks)."""
+    fields = dict(line.split(":\t", 1) for line in
+                  Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+    bit = 1 << (signal.SIGTERM - 1)
+    return any(int(fields.get(mask, "0"), 16) & bit for mask in ("SigPnd", "ShdPnd"))
+
+
+def test_sigterm_stores_what_was_already_in_the_socket(
+        launch: Launch, mongo_uri: str, mongo_database: str) -> None:
+    # One tweet, then a burst of 40 that the stream worker cannot read before the stop: it is
+    # SIGSTOPped (as a loop held in a gather pause, a slow fsync or a busy machine is) while the
+    # simulator writes the burst, and continued only once the supervisor's SIGTERM is pending.
+    # The burst is in the socket when the stop comes: every tweet sent must be stored.
+    burst = 40
+    sim, daemon = launch("--rate", "0", "--keepalive", "600", "--seed", "23",
+                         script=[[{"deliver": 1}, {"stall": 5}, {"deliver": burst},
+                                  {"stall": 600}]])
+    daemon.wait_ready()
+    wait_until(lambda: daemon.counters("stream").get("received", 0) >= 1, 30, "the first tweet")
+    worker = daemon.worker_pid("stream")
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        early = sim.ground_truth().tweet_ids(1)
+        assert len(early) == 1, f"the burst came before the worker was stopped: {len(early)}"
+        sent = wait_until(lambda: (ids := sim.ground_truth().tweet_ids(1)) and
+                          len(ids) == 1 + burst and ids, 30, "the simulator sent the burst")
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: sigterm_pending(worker), 10, "SIGTERM pending at the stream worker")
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    code = daemon.proc.wait(30)
+    stream, store = daemon.counters("stream"), daemon.counters("store")
+    ids = set(stored_ids(mongo_uri, mongo_database))
+    drained = daemon.events("stream_stop_drained")
+
+    assert code == 0, daemon.tail()
+    assert set(sent) <= ids, f"{len(set(sent) - ids)} of {len(sent)} sent tweets not stored"
+    controls = len(sim.ground_truth().of("control", 1))  # sent among the tweets (none lost)
+    assert stream["received"] == len(sent) + controls == resolved(store)
+    assert store["stored"] == len(sent)
+    assert drained and drained[-1]["messages"] >= burst
+    assert daemon.events("store_worker_stopped")[-1]["drained"] is True
+    figure(f"SIGTERM with {burst} tweets in the socket: all {len(sent)} sent stored; drain "
+           f"{drained[-1]['seconds'] * 1000:.0f} ms, {drained[-1]['reads']} reads")
+
+
 # -- 3, 4, 5: SIGHUP ------------------------------------------------------------------------------
 
 

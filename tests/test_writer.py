@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,8 @@ def tweet(tweet_id: int, user_id: int = 7, **extra: Any) -> bytes:
 
 def make_settings(uri: str, database: str, *, collection: str = "tweets", batch_size: int = 100,
                   apply_deletes: bool = True, track: tuple[str, ...] = ("beatles",),
-                  timeout_ms: int = 10000, slow_write_seconds: float = 10.0) -> Settings:
+                  timeout_ms: int = 10000, slow_write_seconds: float = 10.0,
+                  tombstone_retention: int = WriterSettings.tombstone_retention) -> Settings:
     return Settings(
         path=Path("/nonexistent/settings.yaml"), state_dir=Path("/nonexistent/state"),
         stream=StreamSettings(url="http://127.0.0.1:1/1.1/statuses/filter.json", track=track),
@@ -104,7 +105,8 @@ def make_settings(uri: str, database: str, *, collection: str = "tweets", batch_
         mongo=MongoSettings(uri=Secret(uri), database=database, collection=collection,
                             timeout_ms=timeout_ms, slow_write_seconds=slow_write_seconds),
         writer=WriterSettings(batch_size=batch_size, flush_interval=0.05,
-                              apply_deletes=apply_deletes, retry_start=0.05, retry_cap=0.4),
+                              apply_deletes=apply_deletes, retry_start=0.05, retry_cap=0.4,
+                              tombstone_retention=tombstone_retention),
         spool=SpoolSettings(), deadletter=DeadletterSettings(), control=ControlSettings(),
         metrics=MetricsSettings(), logging=LoggingSettings())
 
@@ -299,6 +301,60 @@ def test_delete_removes_tweet_and_blocks_a_later_copy(harness_factory: Callable[
     later.drain()
     assert client.tweets.count_documents({"_id": SNOW + 1}) == 0
     assert later.worker.counters()["skipped"] == {"deleted": 1}
+
+
+def ttl_indexes(client: Any) -> list[dict[str, Any]]:
+    """The tombstones' indexes on ``deleted_at`` (exactly one is expected)."""
+    return [dict(i) for i in client.tweets_deleted.list_indexes()
+            if dict(i["key"]) == {"deleted_at": 1}]
+
+
+def test_tombstones_expire_with_the_retention_and_only_retained_ones_load(
+        harness_factory: Callable[..., Harness], client: Any) -> None:
+    h = harness_factory(tombstone_retention=3600)
+    old = h.spool.add(delete(SNOW + 11))
+    # Received two hours ago (a spool replayed after an outage): past the one-hour retention.
+    h.spool.records[-1] = old._replace(recv_ns=time.time_ns() - 7200 * 10**9)
+    h.spool.add(delete(SNOW + 12))
+    h.drain()
+    # The server removes a tombstone `tombstone_retention` seconds after its delete arrived
+    # (mongod's TTL pass runs every 60 s; a stand-in may run it at once, or never).
+    [index] = ttl_indexes(client)
+    assert index["expireAfterSeconds"] == 3600
+    stones = {d["_id"]: d for d in client.tweets_deleted.find()}
+    assert SNOW + 12 in stones and set(stones) <= {SNOW + 11, SNOW + 12}
+    # Real BSON dates (text would be kept forever by the TTL monitor), the receive times.
+    assert all(isinstance(d["deleted_at"], datetime) for d in stones.values())
+    assert stones[SNOW + 12]["deleted_at"].timestamp() > time.time() - 60
+    if SNOW + 11 in stones:
+        assert stones[SNOW + 11]["deleted_at"].timestamp() < time.time() - 7000
+    else:  # expired already: put it back, as a server whose TTL pass has not run would hold it
+        client.tweets_deleted.insert_one({"_id": SNOW + 11, "user_id": 7, "deleted_at":
+                                          datetime.fromtimestamp(time.time() - 7200, UTC)})
+    # A new process loads only the tombstones the retention keeps (a server may not have run
+    # its TTL pass yet): the expired one no longer blocks its tweet, the retained one does.
+    later = harness_factory(tombstone_retention=3600)
+    later.spool.add(tweet(SNOW + 11))
+    later.spool.add(tweet(SNOW + 12))
+    later.drain()
+    assert sorted(d["_id"] for d in client.tweets.find()) == [SNOW + 11]
+    assert later.worker.counters()["skipped"] == {"deleted": 1}
+
+
+def test_a_reload_changing_the_tombstone_retention_updates_the_ttl_index(
+        harness_factory: Callable[..., Harness], client: Any, mongo_uri: str,
+        mongo_database: str) -> None:
+    h = harness_factory(tombstone_retention=3600)
+    h.spool.add(delete(SNOW + 21))
+    h.drain()
+    assert [i["expireAfterSeconds"] for i in ttl_indexes(client)] == [3600]
+    h.worker.apply_settings(1, make_settings(mongo_uri, mongo_database,
+                                             tombstone_retention=86400))
+    h.spool.add(delete(SNOW + 22))
+    h.drain()
+    assert [i["expireAfterSeconds"] for i in ttl_indexes(client)] == [86400]
+    assert h.worker.counters()["index_failures"] == 0
+    assert {d["_id"] for d in client.tweets_deleted.find()} == {SNOW + 21, SNOW + 22}
 
 
 def test_delete_in_same_batch_after_its_tweet(harness_factory: Callable[..., Harness],

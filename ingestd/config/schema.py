@@ -110,6 +110,12 @@ class MongoSettings:
         return scrub_userinfo(self.uri.reveal())
 
 
+# writer.tombstone_retention bounds (seconds): a delete can precede its tweet by seconds on a live
+# stream, so a minute is the least; MongoDB's expireAfterSeconds is a 32-bit int.
+TOMBSTONE_RETENTION_MIN = 60
+TOMBSTONE_RETENTION_MAX = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class WriterSettings:
     batch_size: int = 1000
@@ -120,6 +126,9 @@ class WriterSettings:
     encoder_process: bool | Literal["auto"] = "auto"
     retry_start: float = 0.5
     retry_cap: float = 30.0
+    # Seconds a tombstone (``<collection>_deleted``) is kept after its delete was received: a TTL
+    # index on ``deleted_at`` removes it then, and the start-up load reads only the ones younger.
+    tombstone_retention: int = 7 * 86400
 
 
 # spool.when_full: stop reading (the endpoint then disconnects us), or drop the newest messages.

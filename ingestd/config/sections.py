@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ingestd.config.errors import Secret
 from ingestd.config.schema import (
+    TOMBSTONE_RETENTION_MAX,
+    TOMBSTONE_RETENTION_MIN,
     WHEN_FULL_CHOICES,
     AuthSettings,
     ControlSettings,
@@ -66,6 +68,8 @@ def build_writer(sec: Section) -> WriterSettings:
         encoder_process=sec.boolean_or("encoder_process", "auto"),
         retry_start=retry_start,
         retry_cap=retry_cap,
+        tombstone_retention=sec.integer("tombstone_retention", lo=TOMBSTONE_RETENTION_MIN,
+                                        hi=TOMBSTONE_RETENTION_MAX),
     )
 
 

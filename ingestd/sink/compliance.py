@@ -9,17 +9,26 @@ effect is rejected is dead-lettered (``control_rejected``).
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bson
 import structlog
-from pymongo.errors import BulkWriteError
+from bson import DatetimeMS
+from pymongo.errors import BulkWriteError, PyMongoError
 
 from ingestd.documents.encoder import received_at
 from ingestd.documents.messages import InvalidTweet, SkipReason, parse_id
 from ingestd.sink.batch import Batch, Entry, Op
 from ingestd.sink.counters import StoreCounters, bump
-from ingestd.sink.mongo import Document, ErrorClass, classify_error, write_error_summary
+from ingestd.sink.mongo import (
+    Document,
+    ErrorClass,
+    classify_error,
+    ensure_tombstone_ttl,
+    write_error_summary,
+)
 from ingestd.sink.retry import DeadLetterWriter, GiveUp, Retrier
 from ingestd.sink.target import MongoTarget
 from ingestd.spool.format import Record
@@ -27,7 +36,8 @@ from ingestd.spool.format import Record
 log = structlog.get_logger("ingestd.sink.compliance")
 
 # Ids of deleted tweets kept in memory to filter a tweet whose delete came first (~70 bytes each
-# in a set of ints: ~14 MB at the limit); older ones stay in the ``<collection>_deleted`` store.
+# in a set of ints: ~14 MB at the limit); older ones stay in the ``<collection>_deleted`` store,
+# each until ``writer.tombstone_retention`` after its delete was received (a TTL index).
 TOMBSTONE_LIMIT = 200_000
 SCRUB_RULE_LIMIT = 100_000
 WITHHELD = ("status_withheld", "user_withheld")
@@ -76,7 +86,9 @@ class Compliance:
         batch.tombstones.append({
             "_id": tweet_id,
             "user_id": int_field(status, "user_id", "user_id_str"),
-            "deleted_at": received_at(record.recv_ns),
+            # A BSON date (never text: the TTL index ignores a document whose field is not a
+            # date, and keeps it forever); a record without a receive time counts from now.
+            "deleted_at": received_at(record.recv_ns if record.recv_ns > 0 else time.time_ns()),
         })
 
     def on_scrub_geo(self, body: object, record: Record, batch: Batch) -> None:
@@ -118,6 +130,7 @@ class Compliance:
 
     def before_insert(self, batch: Batch) -> list[Entry]:
         """Persist the batch's tombstones; its tweets that no delete has removed."""
+        self._ensure_ttl()
         self._ensure_loaded()
         if batch.tombstones:
             self._persist_tombstones(batch.tombstones)
@@ -130,19 +143,47 @@ class Compliance:
         for op in batch.ops:
             self._apply_op(op)
 
+    def _ensure_ttl(self) -> None:
+        """Set the tombstones' TTL index to ``writer.tombstone_retention``: once per target, and
+        again when a reload changes the retention (``collMod``). Never fatal: a failure is logged
+        and counted (``index_failures``); a transient one is tried again at the next batch."""
+        target = self._target
+        seconds = target.settings.writer.tombstone_retention
+        if target.tombstone_ttl == seconds:
+            return
+        try:
+            # The collection is looked up at call time: a retry may switch the Mongo target.
+            done = self._retrier.call(lambda: ensure_tombstone_ttl(target.tombstones(), seconds))
+        except PyMongoError as exc:
+            cls = classify_error(exc)
+            log.error("index_create_failed", index="deleted_at_ttl", error=type(exc).__name__,
+                      code=getattr(exc, "code", None), error_class=cls.value)
+            self._counters.index_failures += 1
+            if cls is not ErrorClass.TRANSIENT:
+                target.tombstone_ttl = seconds  # refused: not asked again for this retention
+            return
+        target.tombstone_ttl = seconds
+        if done != "kept":
+            log.info("tombstone_ttl", action=done, retention_seconds=seconds)
+
     def _ensure_loaded(self) -> None:
-        """Load the newest tombstones once per target, before the first insert filters on them."""
+        """Load the newest tombstones once per target, before the first insert filters on them:
+        those the retention keeps (younger than ``writer.tombstone_retention``), at most
+        ``tombstone_limit`` of them, newest deletes first."""
         target = self._target
         if target.ready:
             return
         if target.settings.writer.apply_deletes:
             limit = self._tombstone_limit
+            retention = target.settings.writer.tombstone_retention
             # The collection is looked up at call time: a retry may switch the Mongo target.
-            ids = self._retrier.with_retry("load tombstones", lambda: [
-                d["_id"] for d in target.tombstones().find({}, {"_id": 1})
-                .sort("_id", -1).limit(limit)])
+            def load() -> list[int]:
+                since = DatetimeMS(datetime.now(UTC) - timedelta(seconds=retention))
+                cursor = target.tombstones().find({"deleted_at": {"$gte": since}}, {"_id": 1})
+                return [d["_id"] for d in cursor.sort("deleted_at", -1).limit(limit)]
+            ids = self._retrier.with_retry("load tombstones", load)
             self._tombstones.update(ids)
-            log.info("tombstones_loaded", count=len(ids))
+            log.info("tombstones_loaded", count=len(ids), retention_seconds=retention)
         target.ready = True
 
     def _persist_tombstones(self, tombstones: list[Document]) -> None:

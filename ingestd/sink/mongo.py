@@ -411,3 +411,41 @@ def ensure_indexes(collection: Collection[Document]) -> list[tuple[str, ErrorCla
                       code=getattr(exc, "code", None), error_class=cls.value)
             failures.append((name, cls))
     return failures
+
+
+# The tombstones' TTL index (``<collection>_deleted``): a tombstone is removed by the server once
+# ``deleted_at`` is older than ``writer.tombstone_retention``. Found by its key, not its name.
+TOMBSTONE_TTL_KEY = {"deleted_at": 1}
+TOMBSTONE_TTL_NAME = "deleted_at_ttl"
+
+
+def _ttl_index(collection: Collection[Document]) -> Mapping[str, Any] | None:
+    for index in collection.list_indexes():
+        if dict(index["key"]) == TOMBSTONE_TTL_KEY:
+            return dict(index)
+    return None
+
+
+def ensure_tombstone_ttl(collection: Collection[Document], seconds: int) -> str:
+    """Make the TTL index on ``deleted_at`` expire after ``seconds``: ``created``, ``updated``
+    (``collMod``; a server that did not apply it, or an index on the key without a TTL, gets
+    the index dropped and created again) or ``kept``. Errors are raised."""
+    index = _ttl_index(collection)
+    if index is None:
+        collection.create_index(list(TOMBSTONE_TTL_KEY.items()), name=TOMBSTONE_TTL_NAME,
+                                expireAfterSeconds=seconds)
+        return "created"
+    if index.get("expireAfterSeconds") == seconds:
+        return "kept"
+    try:
+        collection.database.command("collMod", collection.name, index={
+            "keyPattern": TOMBSTONE_TTL_KEY, "expireAfterSeconds": seconds})
+    except OperationFailure as exc:
+        log.info("tombstone_ttl_collmod_refused", code=exc.code, error=str(exc)[:200])
+    index = _ttl_index(collection)
+    if index is None or index.get("expireAfterSeconds") != seconds:
+        if index is not None:
+            collection.drop_index(str(index["name"]))
+        collection.create_index(list(TOMBSTONE_TTL_KEY.items()), name=TOMBSTONE_TTL_NAME,
+                                expireAfterSeconds=seconds)
+    return "updated"

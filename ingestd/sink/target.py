@@ -36,6 +36,7 @@ class MongoTarget:
         self.epoch = 0  # bumped on every switch of target: ends a back-off early
         self.ready = False  # tombstones loaded for this target
         self.indexes_done = False
+        self.tombstone_ttl: int | None = None  # the retention the TTL index was last set to
 
     def new_target_pending(self) -> bool:
         new = self.next_settings
@@ -57,6 +58,7 @@ class MongoTarget:
             self.collection = self._factory(new.mongo)
             self.epoch += 1
             self.ready = self.indexes_done = False
+            self.tombstone_ttl = None
 
     def servers(self) -> str:
         """The servers the client knows of (its seeds, or those it discovered), as host:port."""

@@ -66,11 +66,13 @@ class BodyIntake:
         self._mixed = False  # the held pieces are of more than one connection
         self._held_bytes = 0
         self.last_message_ns = 0  # wall clock of the last framed message (metrics)
+        self.chunks = 0  # libcurl callbacks with bytes (a read moved something)
 
     def on_data(self, conn: Connection, data: bytes) -> int | None:
         """libcurl's WRITEFUNCTION (must not raise: it would surface as a generic error)."""
         if conn.abort is not None:
             return 0  # abort the transfer: we are ending this connection ourselves
+        self.chunks += 1
         conn.last_byte_at = self._clock()
         if conn.status != 200:
             self._keep_error_body(conn, data)

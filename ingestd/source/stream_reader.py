@@ -63,6 +63,11 @@ OWN_CLOSE_WINDOW = 15.0
 # On losing the standby lease, bytes already on their way are still read for this long at most
 # (ha.mode: standby; the stream worker sets it below the lease's safety margin, see ``stand_down``).
 STAND_DOWN_DRAIN = 0.3
+# On a clean stop, what has already arrived in the sockets is read (without waiting for more),
+# framed and spooled before the connections are closed, for at most this long: a stop then loses
+# only bytes still on the wire (and, with a full spool under ``when_full: block``, what TCP holds
+# back). A stream that keeps flowing is read until the bound; an empty socket ends it at once.
+STOP_DRAIN = 0.5
 # The coverage ledger's cause for a gap that begins with this ending of the active connection.
 GAP_CAUSES = {
     Ending.NETWORK: "reconnect", Ending.CLOSED: "reconnect", Ending.DISCONNECT: "reconnect",
@@ -156,8 +161,30 @@ class StreamReader:
             while not should_stop():
                 self.step()
                 tick()
+            self.drain()
         finally:
             self.close()
+
+    def drain(self, budget: float = STOP_DRAIN) -> None:
+        """A clean stop: take what the sockets already hold — read without blocking until a pass
+        reads nothing or ``budget`` seconds passed — and frame and spool it; ``close`` follows.
+        The loop may not have read for a while before the stop (a gather pause, a slow fsync or
+        status write in ``tick``, a busy machine): without this, those bytes were aborted
+        unread, after the endpoint had sent them."""
+        started = self._clock()
+        deadline = started + budget
+        received, nbytes, chunks = self.stats.received, self.stats.bytes, self._body.chunks
+        while True:
+            self._body.resume_if_room(self._connections())
+            before = self._body.chunks
+            self._perform()
+            self._flush()
+            if self._body.chunks == before or self._clock() >= deadline:
+                break
+        log.info("stream_stop_drained", messages=self.stats.received - received,
+                 bytes=self.stats.bytes - nbytes, reads=self._body.chunks - chunks,
+                 seconds=round(self._clock() - started, 3),
+                 paused=any(c.paused for c in self._connections()))
 
     def step(self) -> None:
         """One loop pass: connect if due, move bytes, reap endings, check timers."""
