@@ -103,8 +103,9 @@ def test_a_backlog_replayed_after_a_restart_is_matched_by_the_filters_it_came_un
         daemon.start()
         daemon.wait_ready()
         assert daemon.status("supervisor")["generation"] == 2  # not 1 again
-        truth = sim.ground_truth()
-        second = [c["conn"] for c in truth.connections() if c["status"] == 200][-1]
+        accepted = wait_until(lambda: [c["conn"] for c in sim.ground_truth().connections()
+                                       if c["status"] == 200][1:], 30, "the second run's stream")
+        second = accepted[-1]
 
         def drained() -> bool:
             daemon.assert_running()
