@@ -158,7 +158,10 @@ def build_worker_parser() -> argparse.ArgumentParser:
     worker = argparse.ArgumentParser(prog="ingestd worker")
     worker.add_argument("--role", choices=["stream", "store"], required=True)
     worker.add_argument("--config", type=Path, required=True)
-    worker.add_argument("--generation", type=int, default=1)
+    # The generation in force when the worker was started (reloads come on its stdin since):
+    # ``--generation`` is the older spelling, still taken.
+    worker.add_argument("--start-generation", "--generation", dest="generation", type=int,
+                        default=1)
     return worker
 
 

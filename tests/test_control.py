@@ -36,6 +36,8 @@ import yaml
 from ingestd.config.errors import ConfigError
 from ingestd.config.settings import load_settings_text
 from ingestd.control.supervisor import Supervisor
+from ingestd.documents.matching import Matcher
+from ingestd.spool.generations import GenerationRecord
 from tests.support.counters import resolved
 from tests.support.creds import CREDS
 from tests.support.daemon import Daemon, settings_doc
@@ -283,6 +285,13 @@ def test_sighup_changing_track_switches_make_before_break_without_loss(
     by_conn = {c: len(missing & set(truth.tweet_ids(c))) for c in (1, 2)}
     assert not missing, f"lost across the switch: {by_conn}"
     assert set(ids) <= delivered and len(ids) == len(set(ids))
+    # Each generation's filters were recorded before it ran, and every tweet's matched phrases
+    # are those of the filters its connection was opened with (the switch's first tweets too).
+    record = GenerationRecord(daemon.state_dir)
+    assert [record.lookup(g) for g in (1, 2)] == [(["iphone", "ipad"], [], []),
+                                                  (["ipad", "ipod"], [], [])]
+    wrong = wrongly_matched(mongo_uri, mongo_database, dict(enumerate(connect_tracks(truth), 1)))
+    assert not wrong, f"matched by another connection's filters: {wrong[:5]}"
     gap = truth.of("tweet", 2)[0]["t"] - truth.of("tweet", 1)[-1]["t"]
     common = count_matching(mongo_uri, mongo_database, "ipad")
     figure(f"SIGHUP track change: reload gap {gap * 1000:.0f} ms (old conn's last tweet → new "
@@ -331,6 +340,24 @@ def test_the_endpoints_logout_of_a_replaced_connection_is_a_planned_end(
     figure(f"{switches} filter switches (logout {'before' if late else 'after'} the new "
            f"connection's first byte): connection ends {stream['endings']}, logouts counted as "
            f"control messages: {switches}")
+
+
+def wrongly_matched(mongo_uri: str, database: str,
+                    tracks: dict[int, list[str]]) -> list[tuple[int, int, list[str], list[str]]]:
+    """Stored tweets whose ``_ingest.matched.track`` is not what their connection's track
+    (``tracks``, by connection id) matches: (conn, generation, expected, stored)."""
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+    try:
+        wrong = []
+        for d in client[database].tweets.find():
+            ingest = d["_ingest"]
+            expected = Matcher(tracks[ingest["conn"]]).match(d).track
+            if ingest["matched"]["track"] != expected:
+                wrong.append((ingest["conn"], ingest["generation"], expected,
+                              ingest["matched"]["track"]))
+        return wrong
+    finally:
+        client.close()
 
 
 def count_matching(mongo_uri: str, database: str, term: str) -> dict[int, int]:

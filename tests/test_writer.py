@@ -69,6 +69,7 @@ from ingestd.spool.format import (
     RecordRef,
     oversize_payload,
 )
+from ingestd.spool.generations import GenerationRecord
 from ingestd.spool.reader import SpoolReader
 from ingestd.spool.writer import SpoolWriter
 from tests.support.mongo import MongoStandIn
@@ -97,9 +98,10 @@ def tweet(tweet_id: int, user_id: int = 7, **extra: Any) -> bytes:
 def make_settings(uri: str, database: str, *, collection: str = "tweets", batch_size: int = 100,
                   apply_deletes: bool = True, track: tuple[str, ...] = ("beatles",),
                   timeout_ms: int = 10000, slow_write_seconds: float = 10.0,
-                  tombstone_retention: int = WriterSettings.tombstone_retention) -> Settings:
+                  tombstone_retention: int = WriterSettings.tombstone_retention,
+                  state_dir: Path = Path("/nonexistent/state")) -> Settings:
     return Settings(
-        path=Path("/nonexistent/settings.yaml"), state_dir=Path("/nonexistent/state"),
+        path=Path("/nonexistent/settings.yaml"), state_dir=state_dir,
         stream=StreamSettings(url="http://127.0.0.1:1/1.1/statuses/filter.json", track=track),
         auth=AuthSettings(Secret("a"), Secret("b"), Secret("c"), Secret("d")),
         mongo=MongoSettings(uri=Secret(uri), database=database, collection=collection,
@@ -172,13 +174,14 @@ class FakeSpool:
 class Harness:
     def __init__(self, settings: Settings, deadletter_dir: Path, spool: FakeSpool | None = None,
                  factory: Callable[[MongoSettings], Collection[Doc]] = open_collection,
-                 encoder_process: bool | None = False) -> None:
+                 encoder_process: bool | None = False, generation: int = 0) -> None:
         self.settings = settings
         self.spool = spool or FakeSpool()
         self.deadletters = DeadLetterStore(deadletter_dir, 1 << 30)
         # offload_min=1: with the encoder child, every read of two records or more is shared.
         self.worker = StoreWorker(settings, self.spool, factory, self.deadletters,
-                                  encoder_process=encoder_process, offload_min=1)
+                                  generation=generation, encoder_process=encoder_process,
+                                  offload_min=1)
         self.ticks: list[str] = []
         if encoder_process:
             self.start_encoder()
@@ -215,8 +218,9 @@ def harness_factory(request: pytest.FixtureRequest, mongo_uri: str, mongo_databa
 
     def make(spool: FakeSpool | None = None, **kwargs: Any) -> Harness:
         uri = kwargs.pop("uri", mongo_uri)
+        generation = kwargs.pop("generation", 0)
         h = Harness(make_settings(uri, mongo_database, **kwargs), tmp_path / "dead", spool,
-                    encoder_process=request.param == "encoder_child")
+                    encoder_process=request.param == "encoder_child", generation=generation)
         made.append(h)
         return h
 
@@ -682,6 +686,54 @@ def test_generation_filters_and_target_switch(harness_factory: Callable[..., Har
     assert client.tweets.find_one({"_id": SNOW + 1})["_ingest"]["matched"]["track"] == ["beatles"]
     moved = {d["_id"]: d["_ingest"]["matched"]["track"] for d in client.tweets2.find()}
     assert moved == {SNOW + 2: ["beatles"], SNOW + 3: ["covid"]}
+
+
+def test_a_generation_applied_by_the_stream_worker_first_is_matched_by_its_filters(
+        harness_factory: Callable[..., Harness], client: Any, tmp_path: Path) -> None:
+    """Defect: after a make-before-break switch the stream worker's first tweets under
+    generation 2 reached the store worker before its reload did, and were matched by
+    generation 1's filters (``matched: []``). The supervisor records each generation's filters
+    before any worker runs it; the store worker (and its encoder child, which punts a generation
+    it was not told about) resolves an unknown one from that record."""
+    state = tmp_path / "state"
+    record = GenerationRecord(state)
+    record.record(1, (["beatles"], [], []))
+    record.record(2, (["covid"], [99], []))
+    h = harness_factory(state_dir=state, generation=1, track=("beatles",))
+    h.spool.add(tweet(SNOW + 1), generation=1)
+    h.drain()
+    for i in range(2, 12):  # generation 2's first tweets, before its reload reached this worker
+        h.spool.add(tweet(SNOW + i, user_id=99), generation=2)
+    h.drain()
+    for i in range(12, 22):  # the child knows generation 2 now (sent with the next chunk)
+        h.spool.add(tweet(SNOW + i, user_id=99), generation=2)
+    h.drain()
+    matched = {d["_id"]: d["_ingest"]["matched"] for d in client.tweets.find()}
+    assert matched.pop(SNOW + 1) == {"track": ["beatles"], "follow": [], "locations": []}
+    assert len(matched) == 20
+    wrong = {k: v for k, v in matched.items()
+             if v != {"track": ["covid"], "follow": [99], "locations": []}}
+    assert not wrong, wrong
+    assert h.worker.counters()["matched_fallback"] == {}
+
+
+def test_a_generation_whose_filters_cannot_be_found_is_counted_by_reason(
+        harness_factory: Callable[..., Harness], client: Any, tmp_path: Path) -> None:
+    """Nothing silent: a record of a generation with no recorded filters (an older ingestd's
+    replayed run, or one never recorded) is matched by the newest filters and counted."""
+    state = tmp_path / "state"
+    record = GenerationRecord(state)
+    record.record(3, (["covid"], [], []))  # the first generation this folder recorded
+    h = harness_factory(state_dir=state, generation=3, track=("beatles",))
+    h.spool.add(tweet(SNOW + 1), generation=1)  # before the record: an older ingestd's
+    h.spool.add(tweet(SNOW + 2), generation=1)
+    h.spool.add(tweet(SNOW + 3), generation=3)
+    h.spool.add(tweet(SNOW + 4), generation=9)  # never recorded
+    h.drain()
+    matched = {d["_id"]: d["_ingest"]["matched"]["track"] for d in client.tweets.find()}
+    # The recorded filters of the start generation win over this worker's own settings.
+    assert matched == {SNOW + i: ["covid"] for i in range(1, 5)}
+    assert h.worker.counters()["matched_fallback"] == {"before_record": 2, "missing": 1}
 
 
 def test_with_the_real_spool_checkpoint_follows_storage(harness_factory: Callable[..., Harness],

@@ -169,6 +169,7 @@ def known_labels() -> dict[str, tuple[str, ...]]:
     from ingestd.control.pool import ROLES
     from ingestd.documents.messages import CONTROL_TYPES, MESSAGE_REASONS, SKIP_REASONS
     from ingestd.source.backoff import Ending
+    from ingestd.spool.generations import UNRESOLVED_REASONS
     from ingestd.spool.writer import DROP_REASONS
 
     return {
@@ -178,6 +179,7 @@ def known_labels() -> dict[str, tuple[str, ...]]:
         "ingestd_messages_dropped_total": DROP_REASONS,
         "ingestd_control_messages_total": CONTROL_TYPES,
         "ingestd_tweets_skipped_total": SKIP_REASONS,
+        "ingestd_tweets_matched_fallback_total": UNRESOLVED_REASONS,
     }
 
 
@@ -278,8 +280,9 @@ class RunStateCollector:
         yield labelled_gauge("ingestd_worker_up", "1 while the role's process heartbeats.", "role",
                              {role: 1.0 if status.alive(docs[role], now, timeout) else 0.0
                               for role in ("supervisor", "stream", "store")})
-        yield gauge("ingestd_config_generation", "Settings generation in force (1 at start, "
-                    "+1 per successful reload).", _num(sup.get("generation")))
+        yield gauge("ingestd_config_generation", "Settings generation in force (numbered on "
+                    "from the state folder's last run, +1 per successful reload).",
+                    _num(sup.get("generation")))
         yield counter("ingestd_config_reload_failures_total",
                       "Reloads refused because the new settings were invalid.",
                       _num(sup.get("reload_failures")))
@@ -363,6 +366,10 @@ class RunStateCollector:
                             "type", _counts(wc.get("control")))
         yield known_counter("ingestd_tweets_skipped_total", "Tweets not stored on purpose "
                             "(e.g. already deleted).", "reason", _counts(wc.get("skipped")))
+        yield known_counter("ingestd_tweets_matched_fallback_total", "Tweets whose _ingest.matched "
+                            "was computed with the newest filters because the filters of their "
+                            "own generation were not found.", "reason",
+                            _counts(wc.get("matched_fallback")))
         yield gauge("ingestd_messages_in_flight", "Received, not yet stored or otherwise "
                     "resolved.", in_flight(stream, wc))
         # as ``ingestd status`` shows it (a stopped stream worker's own figure is stale)

@@ -56,9 +56,10 @@ class ControlView(Protocol):
 
 
 def default_worker_command(config_path: Path, role: str, generation: int) -> list[str]:
-    """``python -m ingestd worker --role ROLE --config PATH --generation N``."""
+    """``python -m ingestd worker --role ROLE --config PATH --start-generation N`` (the
+    generation in force at its start; later ones come as reloads on its stdin)."""
     return [sys.executable, "-m", "ingestd", "worker", "--role", role,
-            "--config", str(config_path), "--generation", str(generation)]
+            "--config", str(config_path), "--start-generation", str(generation)]
 
 
 @dataclass(eq=False)

@@ -24,6 +24,9 @@ class Standing:
     """The supervisor's own facts that the reports show; the supervisor updates them."""
 
     generation: int = 1
+    # This start's first generation: numbered on from the last run's in the state folder
+    # (``spool.generations``); the later ones are reloads.
+    start_generation: int = 1
     reloads: int = 0  # SIGHUPs handled: the sequence number of run/reload.json
     reload_failures: int = 0
     rules_refused: int = 0  # v2: the newest generation whose refused rules were counted above

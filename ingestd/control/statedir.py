@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ingestd.control import runstate
+from ingestd.spool import generations
 
 # Created at start by the supervisor, so that a folder the workers could not create (spool/ by
 # the stream worker, deadletter/ by the store worker) stops the start with one clear error
-# instead of a crash loop.
-SUBDIRS = (runstate.RUN_DIR, "spool", "deadletter")
+# instead of a crash loop (generations/ is the supervisor's own: spool.generations).
+SUBDIRS = (runstate.RUN_DIR, "spool", "deadletter", generations.DIRNAME)
 ACCESS = os.W_OK | os.X_OK  # create and remove entries
 
 

@@ -11,8 +11,12 @@ file); this module is the loop, the signals, reload and stop.
 Reload: the supervisor validates the new settings text (``mongo.uri`` in a short-lived child
 interpreter when it changed: pymongo never stays resident here, see
 ``settings.check_mongo_uri_in_child``), then sends it to both workers as a ``pipe.Reload``
-command on their stdin. A worker restarted later starts with ``--generation N`` and re-reads the
-config file itself (already validated, unless it was edited again since: then the supervisor
+command on their stdin. Each generation's filters are recorded in the state folder first
+(``spool.generations``: numbers unique for the folder's life, the start's after the last run's),
+so that the store worker matches every record by the filters it was received under, whatever
+the timing and across restarts. A worker restarted later starts with ``--start-generation N``
+(the generation in force when it starts; reloads follow on its stdin) and re-reads the config
+file itself (already validated, unless it was edited again since: then the supervisor
 sends it the settings in force, see ``send_settings_in_force``).
 A bad config on SIGHUP never stops the service: the old settings stay in force.
 """
@@ -57,6 +61,7 @@ from ingestd.control.statelock import StateDirClaim
 from ingestd.logs import configure_logging
 from ingestd.memory import trim_heap
 from ingestd.source.request import filter_diff, reconnect_keys
+from ingestd.spool.generations import GenerationRecord, filter_spec
 
 log = structlog.get_logger("ingestd.control.supervisor")
 
@@ -175,6 +180,7 @@ class Supervisor:
             worker_command or functools.partial(default_worker_command, config_path),
             self.state_dir, hooks)
         self.standing = Standing()
+        self.generations = GenerationRecord(self.state_dir)
         self.reporter = Reporter(self.standing, self.pool, self.state_dir, self.LOOP_TIMEOUT)
         self.escalated = False
         self.exit_code: int | None = None
@@ -229,6 +235,7 @@ class Supervisor:
             if not self.claim.lock():
                 return self.EXIT_LOCKED
             statedir.prepare(self.state_dir)
+            self.record_start_generation()
             # Before the pid file: `ingestd reload` may send SIGHUP as soon as it exists.
             self.signals.install()
             self.claim.write_pidfile()
@@ -239,6 +246,14 @@ class Supervisor:
             self.unusable_state_dir(exc)
             return self.EXIT_CONFIG
         return None
+
+    def record_start_generation(self) -> None:
+        """Number this start's generation after the last run's and record its filters before
+        any worker runs (``OSError``: the folder cannot be used)."""
+        generation = self.generations.next_generation()
+        self.generations.record(generation, filter_spec(self.settings.stream))
+        self.standing.generation = self.standing.start_generation = generation
+        log.info("generation_recorded", generation=generation)
 
     def unusable_state_dir(self, unusable: statedir.StateDirUnusable) -> None:
         """Undo the claim and say, once, which setting and path are at fault (exit 78 follows:
@@ -266,13 +281,14 @@ class Supervisor:
     def count_refused_rules(self) -> None:
         """v2: the endpoint judges stream.rules only after the stream worker adopted a reload;
         a refusal makes that reload a failed one (the counter behind IngestdReloadFailed). The
-        generation stays applied; its rules are the previous ones. Generation 1's are no reload,
-        and a restarted worker's second refusal of a generation is counted once."""
+        generation stays applied; its rules are the previous ones. The start generation's are no
+        reload, and a restarted worker's second refusal of a generation is counted once."""
         worker = self.pool.workers.get("stream")
         rules = worker.status.get("rules") if worker is not None else None
         refused = rules.get("refused_generation") if isinstance(rules, dict) else None
         standing = self.standing
-        if not isinstance(refused, int) or refused <= max(1, standing.rules_refused):
+        if not isinstance(refused, int) or refused <= max(standing.start_generation,
+                                                         standing.rules_refused):
             return
         standing.rules_refused = refused
         standing.reload_failures += 1
@@ -389,19 +405,36 @@ class Supervisor:
             write_verdict(self.state_dir, standing.reloads, standing.generation,
                           errors=config_errors(exc))
         else:
-            changes = self.apply_reload(settings, text)
-            write_verdict(self.state_dir, standing.reloads, standing.generation, changes=changes)
+            try:
+                changes = self.apply_reload(settings, text)
+            except OSError as exc:
+                # The new generation's filters could not be recorded: its records could not be
+                # matched by them, so the old settings stay in force.
+                standing.reload_failures += 1
+                reason = (f"{self.generations.directory}: cannot record generation "
+                          f"{standing.generation + 1}: {exc.strerror or type(exc).__name__}")
+                log.error("reload_failed", error=reason, key="state_dir",
+                          reload_failures=standing.reload_failures,
+                          generation=standing.generation,
+                          action=f"keeping the settings of generation {standing.generation}")
+                write_verdict(self.state_dir, standing.reloads, standing.generation,
+                              errors=[reason])
+            else:
+                write_verdict(self.state_dir, standing.reloads, standing.generation,
+                              changes=changes)
         if standing.ready:
             # Also after a failure: the old settings are still in force and the service is ready.
             sd.notify(f"READY=1\nSTATUS={self.reporter.refresh_status()}")
 
     def apply_reload(self, settings: SupervisedSettings, text: str) -> dict[str, Any]:
         """Adopt ``settings`` and send the validated ``text`` to every running worker; returns
-        how the filter changed."""
+        how the filter changed. The new generation's filters are recorded first (``OSError``:
+        nothing changed)."""
+        generation = self.standing.generation + 1
+        self.generations.record(generation, filter_spec(settings.stream))
         old, self.settings, self.settings_text = self.settings, settings, text
-        self.standing.generation += 1
+        self.standing.generation = generation
         self.standing.refused = None  # the latest attempt is applied: nothing refused now
-        generation = self.standing.generation
         for worker in self.pool.workers.values():
             worker.pipe.send(Reload(generation, text))
         changes = describe_filter(old, settings)

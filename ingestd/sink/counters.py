@@ -51,6 +51,9 @@ class StoreCounters:
     slow_writes: int = 0  # MongoDB operations that took mongo.slow_write_seconds or longer
     index_failures: int = 0
     match_errors: int = 0
+    # Tweets matched by the newest generation's filters because their own generation's were not
+    # found, by reason (``spool.generations.Unresolved``).
+    matched_fallback: dict[str, int] = field(default_factory=dict)
     encoder_restarts: int = 0
     offloaded: int = 0  # records encoded by the encoder child
     state: str = "starting"
@@ -63,7 +66,7 @@ class StoreCounters:
         """The ``run/store.json`` counters: these fields (dicts copied) plus ``live`` values that
         other parts own (pending, limit_missed, the dead-letter store's drops)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("deadlettered", "control", "skipped", "disconnects"):
+        for name in ("deadlettered", "control", "skipped", "disconnects", "matched_fallback"):
             out[name] = dict(out[name])
         out["insert_seconds_total"] = out["insert_seconds"] = round(self.insert_seconds_total, 6)
         out.update(live)

@@ -23,13 +23,15 @@ import structlog
 from ingestd.config.schema import Settings
 from ingestd.documents.encoder import Encoded, MatcherSpec
 from ingestd.documents.matching import Matcher
-from ingestd.sink.counters import StoreCounters
+from ingestd.sink.counters import StoreCounters, bump
 from ingestd.sink.encoder_pool import EncoderProcess
 from ingestd.spool.format import KIND_MESSAGE, Record
+from ingestd.spool.generations import GenerationRecord, Unresolved
 
 log = structlog.get_logger("ingestd.sink.encoder_split")
 
-MATCHER_GENERATIONS = 16
+MATCHER_GENERATIONS = 16  # matchers kept besides the newest one's
+UNRESOLVED_KEPT = 1024  # generations remembered as not found (each is logged once)
 # Reads smaller than this are encoded in-process: at low rates a round trip to the encoder child
 # would only add latency.
 OFFLOAD_MIN = 64
@@ -74,26 +76,72 @@ def matcher_spec(settings: Settings) -> MatcherSpec:
 
 
 class Matchers:
-    """The matcher of each settings generation whose records may still be in the spool."""
+    """The matcher of each settings generation whose records may still be in the spool.
 
-    def __init__(self, generation: int, settings: Settings) -> None:
+    A generation not known here (a record replayed from an earlier run, or one received under
+    a reload that has not reached this process yet) is resolved from the state folder's record
+    of generations (``spool.generations``: the supervisor writes each before any record can carry
+    it). One whose filters cannot be found there is matched by the newest generation's, counted
+    by reason in ``StoreCounters.matched_fallback`` and logged once (``generation_unknown``).
+    """
+
+    def __init__(self, generation: int, settings: Settings,
+                 record: GenerationRecord | None = None,
+                 counters: StoreCounters | None = None) -> None:
         self.newest = generation
         self._matchers: dict[int, Matcher] = {}
         self.specs: dict[int, MatcherSpec] = {}  # what the encoder child builds its matchers from
-        self.add(generation, settings)
+        self._record = record
+        self._counters = counters if counters is not None else StoreCounters()
+        self._unresolved: dict[int, Unresolved] = {}  # generations matched by the newest's
+        # The start generation's filters as recorded; the worker's own settings if none were
+        # (a worker started by hand, or by tests, without a supervisor).
+        found = record.lookup(generation) if record is not None else None
+        if isinstance(found, tuple):
+            self._add_spec(generation, found)
+        else:
+            if record is not None and record.directory.is_dir():
+                log.warning("generation_unrecorded", generation=generation, reason=found,
+                            action="matching its records by this worker's settings")
+            self.add(generation, settings)
 
     def add(self, generation: int, settings: Settings) -> None:
-        spec = matcher_spec(settings)
+        self.newest = max(self.newest, generation)
+        self._add_spec(generation, matcher_spec(settings))
+        self._unresolved.pop(generation, None)
+
+    def _add_spec(self, generation: int, spec: MatcherSpec) -> None:
+        self._matchers.pop(generation, None)  # re-inserted as the most recent
         self._matchers[generation] = Matcher(*spec)
         self.specs[generation] = spec
-        for old in sorted(self._matchers)[:-MATCHER_GENERATIONS]:
+        # The least recently added go first (never the newest): an old generation resolved for
+        # a replay stays while its records are read.
+        for old in [g for g in self._matchers if g != self.newest][:-MATCHER_GENERATIONS]:
             del self._matchers[old]
             self.specs.pop(old, None)
-        self.newest = max(self.newest, generation)
 
     def get(self, generation: int) -> Matcher:
-        """``generation``'s matcher; the newest one for a generation too old to be kept."""
-        return self._matchers.get(generation) or self._matchers[self.newest]
+        """``generation``'s matcher: known, resolved from the record of generations, else the
+        newest one (counted)."""
+        matcher = self._matchers.get(generation)
+        return matcher if matcher is not None else self._resolve(generation)
+
+    def _resolve(self, generation: int) -> Matcher:
+        reason = self._unresolved.get(generation)
+        if reason is None:
+            found = self._record.lookup(generation) if self._record is not None else "missing"
+            if isinstance(found, tuple):
+                log.info("generation_resolved", generation=generation, newest=self.newest)
+                self._add_spec(generation, found)
+                return self._matchers[generation]
+            reason = found
+            if len(self._unresolved) >= UNRESOLVED_KEPT:
+                self._unresolved.clear()
+            self._unresolved[generation] = reason
+            log.error("generation_unknown", generation=generation, reason=reason,
+                      action=f"matching its records by generation {self.newest}'s filters")
+        bump(self._counters.matched_fallback, reason)
+        return self._matchers[self.newest]
 
 
 class EncoderSplit:

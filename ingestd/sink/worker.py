@@ -55,6 +55,7 @@ from ingestd.spool.format import (
     Record,
     RecordRef,
 )
+from ingestd.spool.generations import GenerationRecord
 
 log = structlog.get_logger("ingestd.sink.worker")
 
@@ -135,7 +136,8 @@ class StoreWorker:
         self.hist = StoreHistograms()
         # Nothing read yet: all up to the checkpoint is resolved (the in-flight gauge reads this).
         totals.read_seq = spool_reader.acked.seq if spool_reader.acked else 0
-        self._matchers = Matchers(generation, settings)
+        self._matchers = Matchers(generation, settings, GenerationRecord(settings.state_dir),
+                                  totals)
         self._encoding = EncoderSplit(self._matchers, totals, encoder_process, offload_min)
         self._target = MongoTarget(settings, collection_factory, self._encoding.apply)
         self._retry = retry = Retrier(self._target, totals, spool_reader.maybe_flush, rng)

@@ -1,0 +1,148 @@
+"""The filters each settings generation was received under, kept in the state folder.
+
+Every spool record carries the generation of the settings its connection was opened with; the
+store worker computes ``_ingest.matched`` with that generation's filters. Process timing and
+restarts must not change which filters those are, so the supervisor records each generation's
+filter spec here (``<state_dir>/generations/<N>.json``, written once, atomically) **before** any
+worker can write a record under it, and the store worker resolves a generation it does not know
+yet from here (docs/design.md, "Generations").
+
+Generation numbers are unique for the life of a state folder: a start takes the number after the
+newest one recorded. ``first`` holds the first number recorded in this folder; a folder that
+held a spool before generations were recorded (an older ingestd) starts at ``LEGACY_FIRST``, so
+that the numbers of the records it may replay (each older run counted from 1) are never given
+again. A record whose generation is below ``first`` is one of those: its filters were never
+recorded. The newest ``KEEP`` generations are kept (a spool backlog across more reloads than that
+falls back, counted as ``pruned``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import orjson
+
+DIRNAME = "generations"
+FIRST_FILE = "first"
+KEEP = 256  # generations kept: each file is written once, a few KB (at most ~100 KB)
+LEGACY_FIRST = 65536  # first generation of a state folder whose spool predates this record
+
+Box = tuple[float, float, float, float]
+FilterSpec = tuple[list[str], list[int], list[Box]]
+"""(track phrases, follow ids, location boxes): what ``documents.matching.Matcher`` is built of."""
+
+Unresolved = Literal["before_record", "pruned", "missing", "unreadable"]
+"""Why a generation's filters cannot be found: recorded before this folder kept generations (an
+older ingestd's run), pruned (more than ``KEEP`` generations since), never recorded, or a file
+that cannot be read."""
+UNRESOLVED_REASONS: tuple[str, ...] = get_args(Unresolved)
+
+
+def filter_spec(stream: object) -> FilterSpec:
+    """The filters of ``stream`` (``config.schema.StreamSettings``; a stand-in without them has
+    none)."""
+    track: Sequence[str] = getattr(stream, "track", ())
+    follow: Sequence[int] = getattr(stream, "follow", ())
+    boxes: Sequence[Sequence[float]] = getattr(stream, "locations", ())
+    return (list(track), list(follow), [_box(b) for b in boxes])
+
+
+def _box(values: Sequence[Any]) -> Box:
+    w, s, e, n = (float(v) for v in values)
+    return (w, s, e, n)
+
+
+class GenerationRecord:
+    """``<state_dir>/generations/``: one file per generation, written by the supervisor, read by
+    the store worker."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.directory = state_dir / DIRNAME
+
+    def _numbers(self) -> list[int]:
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+
+    def first(self) -> int | None:
+        """The first generation recorded in this folder; None before any was."""
+        try:
+            return int((self.directory / FIRST_FILE).read_text(encoding="ascii").strip())
+        except (OSError, ValueError):
+            return None
+
+    def next_generation(self) -> int:
+        """The number a start gives its first generation: after the newest recorded, else 1 on a
+        new folder and ``LEGACY_FIRST`` on one whose spool an older ingestd wrote (its records
+        may be replayed with numbers from 1 up). Creates the record's folder (``OSError``)."""
+        numbers = self._numbers()
+        first = self.first()
+        if numbers:
+            return numbers[-1] + 1
+        if first is not None:
+            return first  # recorded, then every file lost: start where the record started
+        spool = self.state_dir / "spool"
+        legacy = spool.is_dir() and any(spool.iterdir())
+        first = LEGACY_FIRST if legacy else 1
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _write_atomically(self.directory, FIRST_FILE, b"%d\n" % first)
+        return first
+
+    def record(self, generation: int, spec: FilterSpec) -> None:
+        """Keep ``generation``'s filters durably (fsynced), then forget all but the newest
+        ``KEEP`` generations. ``OSError`` if it could not be written: nothing may run under
+        ``generation`` then."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.first() is None:
+            _write_atomically(self.directory, FIRST_FILE, b"%d\n" % generation)
+        track, follow, boxes = spec
+        doc = {"generation": generation, "track": track, "follow": follow,
+               "locations": [list(b) for b in boxes]}
+        _write_atomically(self.directory, f"{generation}.json", orjson.dumps(doc))
+        for old in self._numbers()[:-KEEP]:
+            with contextlib.suppress(OSError):
+                (self.directory / f"{old}.json").unlink()
+
+    def lookup(self, generation: int) -> FilterSpec | Unresolved:
+        """``generation``'s filters, or why they cannot be found."""
+        try:
+            raw = (self.directory / f"{generation}.json").read_bytes()
+        except FileNotFoundError:
+            return self._why_missing(generation)
+        except OSError:
+            return "unreadable"
+        try:
+            doc = orjson.loads(raw)
+            return ([str(t) for t in doc["track"]], [int(f) for f in doc["follow"]],
+                    [_box(b) for b in doc["locations"]])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return "unreadable"
+
+    def _why_missing(self, generation: int) -> Unresolved:
+        first = self.first()
+        if first is None or generation < first:
+            return "before_record"
+        numbers = self._numbers()
+        return "pruned" if numbers and generation < numbers[0] else "missing"
+
+
+def _write_atomically(directory: Path, name: str, data: bytes) -> None:
+    """Write ``directory/name`` whole or not at all, and durably (file and folder fsynced)."""
+    tmp = directory / f".{name}.tmp"
+    with tmp.open("wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, directory / name)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

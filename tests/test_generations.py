@@ -1,0 +1,156 @@
+"""Settings generations: unique for a state folder's life, and each one's filters recorded, so that
+``_ingest.matched`` is computed with the filters a tweet was received under, across restarts
+(docs/design.md, "Generations").
+
+The restart test runs the real daemon, simulator and a private MongoDB stand-in: a backlog
+received under one run's filters is replayed by the next run, started with other filters. Every
+stored document's ``matched`` is checked against the filters of the simulator connection that
+delivered the tweet (its ground truth).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pymongo
+
+from ingestd.documents.matching import Matcher
+from ingestd.spool.generations import KEEP, LEGACY_FIRST, GenerationRecord
+from tests.support.daemon import Daemon, settings_doc
+from tests.support.mongo import MongoStandIn, stored_ids
+from tests.support.simulator import SimProcess
+from tests.support.wait import wait_until
+
+DB = "generations"
+
+
+# ---------------------------------------------------------------- the record itself
+
+
+def test_numbers_continue_after_the_last_recorded_generation(tmp_path: Path) -> None:
+    first_run = GenerationRecord(tmp_path)
+    assert first_run.next_generation() == 1  # a new folder
+    first_run.record(1, (["iphone", "android"], [], []))
+    first_run.record(2, (["iphone"], [12], [(-1.0, -2.0, 3.0, 4.0)]))
+    second_run = GenerationRecord(tmp_path)  # a restart reads the folder again
+    assert second_run.next_generation() == 3
+    assert second_run.lookup(1) == (["iphone", "android"], [], [])
+    assert second_run.lookup(2) == (["iphone"], [12], [(-1.0, -2.0, 3.0, 4.0)])
+    assert second_run.lookup(3) == "missing"
+
+
+def test_a_folder_whose_spool_an_older_ingestd_wrote_starts_past_its_numbers(
+        tmp_path: Path) -> None:
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "00000000000000000001.seg").write_bytes(b"x")
+    record = GenerationRecord(tmp_path)
+    assert record.next_generation() == LEGACY_FIRST
+    record.record(LEGACY_FIRST, (["ipod"], [], []))
+    assert record.lookup(1) == "before_record"  # an older run's record: filters never kept
+    assert GenerationRecord(tmp_path).next_generation() == LEGACY_FIRST + 1
+
+
+def test_only_the_newest_generations_are_kept(tmp_path: Path) -> None:
+    record = GenerationRecord(tmp_path)
+    for generation in range(1, KEEP + 3):
+        record.record(generation, ([f"w{generation}"], [], []))
+    assert len(list(record.directory.glob("*.json"))) == KEEP
+    assert record.lookup(2) == "pruned"
+    assert record.lookup(KEEP + 2) == ([f"w{KEEP + 2}"], [], [])
+    assert record.next_generation() == KEEP + 3
+
+
+# ---------------------------------------------------------------- restart with a backlog
+
+
+def matched_of(doc: dict[str, Any], track: list[str]) -> dict[str, list[Any]]:
+    m = Matcher(track).match(doc)
+    return {"track": m.track, "follow": m.follow, "locations": m.locations}
+
+
+def test_a_backlog_replayed_after_a_restart_is_matched_by_the_filters_it_came_under(
+        tmp_path: Path, mongo_standin: MongoStandIn) -> None:
+    """Defect: a backlog left in the spool (MongoDB down at the stop) was replayed by the next
+    run with its old generation number but matched by the new run's filters (received under
+    [iphone, android], stored with ``matched.track: []``), and the new run numbered its
+    generations from 1 again."""
+    standin = mongo_standin
+    sim = SimProcess(tmp_path / "sim", "--rate", "300", "--max-tweets", "1500", "--keepalive",
+                     "1", "--control-every", "0", "--source", "generated",
+                     "--seed", "7").start()
+    doc = settings_doc(sim.url, standin.uri, DB, stream={"track": ["iphone", "android"]},
+                       control={"stop_timeout": 4, "heartbeat_timeout": 10})
+    doc["mongo"].update(timeout_ms=2000)
+    doc["writer"].update(retry_start=0.2, retry_cap=1.0)
+    daemon = Daemon(tmp_path / "daemon", doc)
+    try:
+        daemon.start()
+        daemon.wait_ready()
+        wait_until(lambda: daemon.counters("store").get("stored", 0) >= 100, 30,
+                   "first tweets stored")
+        standin.stop()  # MongoDB down: what arrives now stays in the spool
+        wait_until(lambda: daemon.status("stream").get("spool", {}).get("records", 0) >= 300,
+                   30, "a backlog in the spool")
+        daemon.stop()
+        assert daemon.status("store")["spool"]["bytes"] > 0, "the backlog was left in the spool"
+
+        # The next run: other filters, MongoDB back.
+        daemon.write_settings_atomically({**doc, "stream": {**doc["stream"],
+                                                            "track": ["iphone", "ipod"]}})
+        standin.start()
+        daemon.start()
+        daemon.wait_ready()
+        assert daemon.status("supervisor")["generation"] == 2  # not 1 again
+        accepted = wait_until(lambda: [c["conn"] for c in sim.ground_truth().connections()
+                                       if c["status"] == 200][1:], 30, "the second run's stream")
+        second = accepted[-1]
+
+        def drained() -> bool:
+            daemon.assert_running()
+            truth = sim.ground_truth()
+            store = daemon.status("store")
+            return (len(truth.tweet_ids(second)) >= 1500
+                    and daemon.status("stream").get("spool", {}).get("records") == 0
+                    and store.get("counters", {}).get("pending") == 0
+                    and set(truth.tweet_ids(second)) <= set(stored_ids(standin.uri, DB)))
+        wait_until(drained, 60, "the backlog and the second connection stored", 0.25)
+        store = daemon.counters("store")
+        cmdlines = [psutil.Process(daemon.worker_pid(r)).cmdline() for r in ("stream", "store")]
+        resolved = daemon.events("generation_resolved", generation=1)
+    finally:
+        daemon.kill()
+        sim.stop()
+
+    truth = sim.ground_truth()
+    tracks = {c["conn"]: list(c["params"]["track"]) for c in truth.connections()
+              if c["status"] == 200}
+    conn_of = {e["id"]: e["conn"] for e in truth.of("tweet")}
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        standin.uri, serverSelectionTimeoutMS=10000)
+    try:
+        docs = list(client[DB].tweets.find())
+    finally:
+        client.close()
+    assert list(tracks.values()) == [["iphone", "android"], ["iphone", "ipod"]]
+    wrong = []
+    for d in docs:
+        expected = matched_of(d, tracks[conn_of[d["_id"]]])
+        if d["_ingest"]["matched"] != expected:
+            wrong.append((d["_ingest"]["conn"], d["_ingest"]["generation"], expected["track"],
+                          d["_ingest"]["matched"]["track"]))
+    first_conn = min(tracks)
+    first_run_docs = [d for d in docs if conn_of[d["_id"]] == first_conn]
+    android = sum(1 for d in first_run_docs if "android" in d["_ingest"]["matched"]["track"])
+    print(f"\n[figure] {len(docs)} stored, {len(first_run_docs)} received under "
+          f"[iphone, android] ({android} matched 'android'), wrong matched: {len(wrong)}")
+    assert not wrong, f"{len(wrong)} stored with another generation's filters: {wrong[:5]}"
+    assert resolved, "the replayed generation was resolved from the state folder's record"
+    assert store.get("matched_fallback") == {}
+    # Generations are unique across the two runs: one number per run's filters.
+    gens = {(d["_ingest"]["conn"], d["_ingest"]["generation"]) for d in docs}
+    assert {g for _, g in gens} == {1, 2}
+    assert all(len({g for c, g in gens if c == conn}) == 1 for conn, _ in gens)
+    # The workers' command line names the generation they started with for what it is.
+    assert all(c[c.index("--start-generation") + 1] == "2" for c in cmdlines), cmdlines
