@@ -168,7 +168,7 @@ class GapMarkers:
         try:
             self.seqs.append(append_event(self._spool, event, recv_ns, self.conn_id))
         except SpoolWriteError as exc:  # the disk is failing: the intake reports it too
-            log.error("coverage_marker_lost", event=event["type"], cause=event.get("cause"),
+            log.error("coverage_marker_lost", marker=event["type"], cause=event.get("cause"),
                       error=str(exc))
             return False
         self.written += 1
