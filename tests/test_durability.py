@@ -717,7 +717,7 @@ def fill_to_the_last_block(path: Path) -> None:
 
 
 def run_small_disk(tmp_path: Path, standin: MongoStandIn, mounts: list[Path],
-                   policy: str) -> None:
+                   policy: str, mongo_down: bool = True) -> None:
     # The audit's drill: the whole state folder on an 8 MiB tmpfs with the default 64 MiB
     # segments and no filler to remove: MongoDB is stopped until the spool fills the disk, and
     # the only way space comes back is the store worker deleting what it stored. Its checkpoint
@@ -732,17 +732,24 @@ def run_small_disk(tmp_path: Path, standin: MongoStandIn, mounts: list[Path],
     daemon = Daemon(tmp_path / "daemon", doc)
     mount_tmpfs(daemon.state_dir, "8m")
     mounts.append(daemon.state_dir)
-    standin.stop()
+    if mongo_down:
+        standin.stop()
     try:
         daemon.start().wait_ready()
-        wait_until(lambda: disk_full_seen(daemon, policy), 60, "the spool to hit ENOSPC")
-        if policy == "block":
-            assert len(sim.ground_truth().tweet_ids()) < tweets, "the disk filled too late"
+        if mongo_down:
+            wait_until(lambda: disk_full_seen(daemon, policy), 60, "the spool to hit ENOSPC")
+            if policy == "block":
+                assert len(sim.ground_truth().tweet_ids()) < tweets, "the disk filled too late"
+        else:  # MongoDB healthy: another file fills the disk while tweets are being stored
+            wait_until(lambda: daemon.counters("store").get("stored", 0) > 500, 60,
+                       "tweets stored")
         # What the failed append left free (up to one coalesced write) could still take a
         # checkpoint's temp file: another file takes it, and stays (the audit's second case).
         fill_to_the_last_block(daemon.state_dir)
+        daemon.wait_log("spool_write_failed", 60)
         daemon.assert_running()
-        standin.start()  # no space given back by hand
+        if mongo_down:
+            standin.start()  # no space given back by hand
         messages = wait_drained(daemon, sim, tweets, timeout=180, stall=60)
         stream, store = daemon.counters("stream"), daemon.counters("store")
         restarts = daemon.status("supervisor").get("restarts")
@@ -768,14 +775,20 @@ def run_small_disk(tmp_path: Path, standin: MongoStandIn, mounts: list[Path],
         assert set(stream["dropped"]) <= {"disk_error", "spool_full"}
         assert stream["dropped"].get("disk_error", 0) > 0
         assert len(delivered - set(ids)) == dropped
-    figures(f"small-disk {policy}", len(delivered), len(ids), store["duplicates"],
-            sum(store["deadlettered"].values()), dropped, drops=stream["dropped"])
+    figures(f"small-disk {policy} mongo_down={mongo_down}", len(delivered), len(ids),
+            store["duplicates"], sum(store["deadlettered"].values()), dropped,
+            drops=stream["dropped"])
 
 
 @pytest.mark.parametrize("policy", ["block", "drop_newest"])
 def test_small_disk_default_segments_frees_stored_space_no_crash_loop(
         tmp_path: Path, standin: MongoStandIn, mounts: list[Path], policy: str) -> None:
     run_small_disk(tmp_path, standin, mounts, policy)
+
+
+def test_small_disk_filled_by_another_file_while_storing_no_crash_loop(
+        tmp_path: Path, standin: MongoStandIn, mounts: list[Path]) -> None:
+    run_small_disk(tmp_path, standin, mounts, "block", mongo_down=False)
 
 
 # ---------------------------------------------------------------- 4b. read-only state folder

@@ -217,8 +217,10 @@ def write_checkpoint(directory: Path, ckpt: Checkpoint) -> None:
 def reserve_checkpoint(directory: Path) -> None:
     """Set aside a checkpoint-sized file, for the first checkpoint of a spool whose disk is
     already full (``write_checkpoint``). Best effort: a disk full already cannot give one."""
-    if (directory / CHECKPOINT).exists() or (directory / CHECKPOINT_SPARE).exists():
-        return
+    for name in (CHECKPOINT_SPARE, CHECKPOINT):  # one of an older version is shorter
+        with contextlib.suppress(OSError):
+            if (directory / name).stat().st_size >= CHECKPOINT_SIZE:
+                return
     with contextlib.suppress(OSError):
         fd = os.open(directory / CHECKPOINT_SPARE, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

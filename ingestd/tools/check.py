@@ -113,13 +113,17 @@ def spool_size_warnings(settings: Settings) -> list[str]:
     if size <= 0:
         return []
     warnings = []
-    for key, value in (("segment_bytes", settings.spool.segment_bytes),
-                       ("max_bytes", settings.spool.max_bytes)):
+    for key, value, effect in (
+            ("segment_bytes", settings.spool.segment_bytes,
+             "a segment ends when the disk fills up instead"),
+            ("max_bytes", settings.spool.max_bytes,
+             "the disk fills up before this bound (spool.when_full then applies to the disk "
+             "errors, counted as disk_error)")):
         if value > size:
             warnings.append(
                 f"{settings.path}: spool.{key}: {value} bytes ({_mib(value)}) cannot fit the "
                 f"file system of the state folder ({where}: {size} bytes, {_mib(size)}); "
-                "the disk fills up before this bound")
+                f"{effect}")
     return warnings
 
 
