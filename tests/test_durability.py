@@ -808,6 +808,18 @@ def remount(where: Path, read_only: bool) -> None:
 @pytest.mark.parametrize("policy", ["block", "drop_newest"])
 def test_read_only_state_dir_at_runtime_no_crash_loop(
         tmp_path: Path, standin: MongoStandIn, mounts: list[Path], policy: str) -> None:
+    run_read_only(tmp_path, standin, mounts, policy, whole_state_dir=True)
+
+
+def test_read_only_spool_folder_status_says_why(
+        tmp_path: Path, standin: MongoStandIn, mounts: list[Path]) -> None:
+    # Only the spool folder read-only: the status files still work and say what fails, the
+    # store worker's "degraded: spool checkpoint unwritable (…EROFS…)" while it keeps storing.
+    run_read_only(tmp_path, standin, mounts, "block", whole_state_dir=False)
+
+
+def run_read_only(tmp_path: Path, standin: MongoStandIn, mounts: list[Path], policy: str,
+                  whole_state_dir: bool) -> None:
     # The state folder turns read-only under a running daemon (the audit's bind mount): the
     # open segment is written on until it rolls, then the spool's writes fail and follow
     # when_full; checkpoints and status files fail and are reported. Longer than the heartbeat
@@ -818,7 +830,7 @@ def test_read_only_state_dir_at_runtime_no_crash_loop(
                      "--control-every", "0", "--keepalive", "1", "--seed", "19").start()
     doc = durable_doc(sim, standin.uri, spool={"when_full": policy, "segment_bytes": "256KiB"})
     daemon = Daemon(tmp_path / "daemon", doc)
-    state = daemon.state_dir
+    state = daemon.state_dir if whole_state_dir else daemon.state_dir / "spool"
     try:
         daemon.start().wait_ready()
         wait_until(lambda: daemon.counters("store").get("stored", 0) > 200, 60, "tweets stored")
@@ -831,9 +843,17 @@ def test_read_only_state_dir_at_runtime_no_crash_loop(
         try:
             failed = daemon.wait_log("spool_write_failed", 60)
             assert "Read-only file system (EROFS)" in failed["error"]
-            assert f"{state}/spool/" in failed["error"], failed
-            daemon.wait_log("status_write_failed", 30)
+            assert f"{daemon.state_dir}/spool/" in failed["error"], failed
             daemon.wait_log("spool_checkpoint_write_failed", 30)
+            if whole_state_dir:
+                daemon.wait_log("status_write_failed", 30)
+            else:
+                store_state = wait_until(
+                    lambda: str(daemon.status("store").get("state", "")).startswith(
+                        "degraded: spool checkpoint unwritable") and daemon.status("store"),
+                    30, "the store worker's status to say why")["state"]
+                assert "(EROFS)" in store_state, store_state
+                assert "(EROFS)" in str(daemon.status("stream").get("state")), daemon.tail()
             heartbeat = float(doc["control"]["heartbeat_timeout"])
             wait_until(lambda: (daemon.assert_running() or
                                 time.monotonic() - read_only_at > heartbeat + 3),
@@ -842,6 +862,8 @@ def test_read_only_state_dir_at_runtime_no_crash_loop(
         finally:
             remount(state, read_only=False)
         messages = wait_drained(daemon, sim, tweets, timeout=180, stall=60)
+        wait_until(lambda: not str(daemon.status("store").get("state")).startswith("degraded"),
+                   30, "the store worker's status to recover")
         stream, store = daemon.counters("stream"), daemon.counters("store")
         restarts = daemon.status("supervisor").get("restarts")
         code, _ = daemon.stop()
@@ -854,7 +876,8 @@ def test_read_only_state_dir_at_runtime_no_crash_loop(
     assert code == 0, daemon.tail()
     assert not restarts or not any(restarts.values()), f"workers restarted: {restarts}"
     assert not daemon.events("uncaught_exception") and "Traceback" not in daemon.logs()
-    assert daemon.events("spool_write_recovered") and daemon.events("status_write_recovered")
+    assert daemon.events("spool_write_recovered")
+    assert daemon.events("status_write_recovered") or not whole_state_dir
     assert daemon.events("spool_checkpoint_write_recovered")
     assert len(ids) == len(set(ids)) and set(ids) <= delivered
     assert spooled(stream) + dropped == messages == len(delivered)
@@ -865,5 +888,6 @@ def test_read_only_state_dir_at_runtime_no_crash_loop(
         assert set(stream["dropped"]) <= {"disk_error", "spool_full"}
         assert stream["dropped"].get("disk_error", 0) > 0
         assert len(delivered - set(ids)) == dropped
-    figures(f"read-only state_dir {policy}", len(delivered), len(ids), store["duplicates"],
+    folder = "state_dir" if whole_state_dir else "spool"
+    figures(f"read-only {folder} {policy}", len(delivered), len(ids), store["duplicates"],
             sum(store["deadlettered"].values()), dropped, drops=stream["dropped"])
