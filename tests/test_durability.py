@@ -718,3 +718,190 @@ def test_rejected_documents_dead_lettered_rest_stored(
         assert text not in logs
     figures("per-document errors", len(order), len(ids), store["duplicates"], len(letters), 0)
 
+
+
+def fill_to_the_last_block(path: Path) -> None:
+    """Write a file in ``path`` until its file system has no block left (the daemon's own
+    writes may race it: it stops at the first ENOSPC of the smallest size)."""
+    with (path / "filler").open("wb", buffering=0) as f:
+        for chunk in (1 << 16, 1 << 12):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * chunk)
+
+
+def run_small_disk(tmp_path: Path, standin: MongoStandIn, mounts: list[Path],
+                   policy: str, mongo_down: bool = True) -> None:
+    # The audit's drill: the whole state folder on an 8 MiB tmpfs with the default 64 MiB
+    # segments and no filler to remove: MongoDB is stopped until the spool fills the disk, and
+    # the only way space comes back is the store worker deleting what it stored. Its checkpoint
+    # must be written without a new block (in place) and the writer must have rolled, or the
+    # store worker dies on the checkpoint (a crash loop, exit 75) and nothing is freed.
+    # (drop_newest: the stream still delivers once space is back; its first good append is
+    # what clears the state, see spool.intake)
+    tweets = 15000
+    sim = SimProcess(tmp_path / "sim", "--rate", "1000", "--max-tweets", str(tweets),
+                     "--control-every", "0", "--keepalive", "1", "--seed", "18").start()
+    doc = durable_doc(sim, standin.uri, spool={"when_full": policy})
+    daemon = Daemon(tmp_path / "daemon", doc)
+    mount_tmpfs(daemon.state_dir, "8m")
+    mounts.append(daemon.state_dir)
+    if mongo_down:
+        standin.stop()
+    try:
+        daemon.start().wait_ready()
+        if mongo_down:
+            wait_until(lambda: disk_full_seen(daemon, policy), 60, "the spool to hit ENOSPC")
+            if policy == "block":
+                assert len(sim.ground_truth().tweet_ids()) < tweets, "the disk filled too late"
+        else:  # MongoDB healthy: another file fills the disk while tweets are being stored
+            wait_until(lambda: daemon.counters("store").get("stored", 0) > 500, 60,
+                       "tweets stored")
+        # What the failed append left free (up to one coalesced write) could still take a
+        # checkpoint's temp file: another file takes it, and stays (the audit's second case).
+        fill_to_the_last_block(daemon.state_dir)
+        daemon.wait_log("spool_write_failed", 60)
+        daemon.assert_running()
+        if mongo_down:
+            standin.start()  # no space given back by hand
+        messages = wait_drained(daemon, sim, tweets, timeout=180, stall=60)
+        stream, store = daemon.counters("stream"), daemon.counters("store")
+        restarts = daemon.status("supervisor").get("restarts")
+        state = str(daemon.status("stream").get("state"))
+        code, _ = daemon.stop()
+    finally:
+        daemon.kill()
+        sim.stop()
+    ids = stored_ids(standin.uri, DB)
+    delivered = set(sim.ground_truth().tweet_ids())
+    dropped = sum(stream["dropped"].values())
+    assert code == 0, daemon.tail()
+    assert not restarts or not any(restarts.values()), f"workers restarted: {restarts}"
+    assert not daemon.events("uncaught_exception") and "Traceback" not in daemon.logs()
+    assert state.startswith("connected"), f"the stream still reports {state!r} after recovery"
+    assert len(ids) == len(set(ids)) and set(ids) <= delivered
+    assert spooled(stream) + dropped == messages == len(delivered)
+    assert len(ids) == store["stored"] + store["duplicates"] == spooled(stream)
+    assert store["spool_missing_records"] == store["spool_corrupt_records"] == 0
+    if policy == "block":
+        assert dropped == 0 and set(ids) == delivered
+    else:
+        assert set(stream["dropped"]) <= {"disk_error", "spool_full"}
+        assert stream["dropped"].get("disk_error", 0) > 0
+        assert len(delivered - set(ids)) == dropped
+    figures(f"small-disk {policy} mongo_down={mongo_down}", len(delivered), len(ids),
+            store["duplicates"], sum(store["deadlettered"].values()), dropped,
+            drops=stream["dropped"])
+
+
+@pytest.mark.parametrize("policy", ["block", "drop_newest"])
+def test_small_disk_default_segments_frees_stored_space_no_crash_loop(
+        tmp_path: Path, standin: MongoStandIn, mounts: list[Path], policy: str) -> None:
+    run_small_disk(tmp_path, standin, mounts, policy)
+
+
+def test_small_disk_filled_by_another_file_while_storing_no_crash_loop(
+        tmp_path: Path, standin: MongoStandIn, mounts: list[Path]) -> None:
+    run_small_disk(tmp_path, standin, mounts, "block", mongo_down=False)
+
+
+# ---------------------------------------------------------------- 4b. read-only state folder
+
+
+def try_mount(args: list[str]) -> None:
+    done = subprocess.run(args, capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot {' '.join(args)}: {done.stderr.decode(errors='replace')}")
+
+
+def remount(where: Path, read_only: bool) -> None:
+    option = "remount,bind,ro" if read_only else "remount,bind,rw"
+    subprocess.run(["mount", "-o", option, str(where)], check=True)
+
+
+@pytest.mark.parametrize("policy", ["block", "drop_newest"])
+def test_read_only_state_dir_at_runtime_no_crash_loop(
+        tmp_path: Path, standin: MongoStandIn, mounts: list[Path], policy: str) -> None:
+    run_read_only(tmp_path, standin, mounts, policy, whole_state_dir=True)
+
+
+def test_read_only_spool_folder_status_says_why(
+        tmp_path: Path, standin: MongoStandIn, mounts: list[Path]) -> None:
+    # Only the spool folder read-only: the status files still work and say what fails, the
+    # store worker's "degraded: spool checkpoint unwritable (…EROFS…)" while it keeps storing.
+    run_read_only(tmp_path, standin, mounts, "block", whole_state_dir=False)
+
+
+def run_read_only(tmp_path: Path, standin: MongoStandIn, mounts: list[Path], policy: str,
+                  whole_state_dir: bool) -> None:
+    # The state folder turns read-only under a running daemon (the audit's bind mount): the
+    # open segment is written on until it rolls, then the spool's writes fail and follow
+    # when_full; checkpoints and status files fail and are reported. Longer than the heartbeat
+    # timeout (10 s): the workers beat through the supervisor's pipe and are not killed. Made
+    # writable again, everything resumes by itself.
+    tweets = 6000
+    sim = SimProcess(tmp_path / "sim", "--rate", "400", "--max-tweets", str(tweets),
+                     "--control-every", "0", "--keepalive", "1", "--seed", "19").start()
+    doc = durable_doc(sim, standin.uri, spool={"when_full": policy, "segment_bytes": "256KiB"})
+    daemon = Daemon(tmp_path / "daemon", doc)
+    state = daemon.state_dir if whole_state_dir else daemon.state_dir / "spool"
+    try:
+        daemon.start().wait_ready()
+        wait_until(lambda: daemon.counters("store").get("stored", 0) > 200, 60, "tweets stored")
+        # Mounted over the running daemon: the files it holds open stay writable (they belong
+        # to the mount below), as in the audit; every new open meets the read-only one.
+        try_mount(["mount", "--bind", str(state), str(state)])
+        mounts.append(state)
+        try_mount(["mount", "-o", "remount,bind,ro", str(state)])
+        read_only_at = time.monotonic()
+        try:
+            failed = daemon.wait_log("spool_write_failed", 60)
+            assert "Read-only file system (EROFS)" in failed["error"]
+            assert f"{daemon.state_dir}/spool/" in failed["error"], failed
+            daemon.wait_log("spool_checkpoint_write_failed", 30)
+            if whole_state_dir:
+                daemon.wait_log("status_write_failed", 30)
+            else:
+                store_state = wait_until(
+                    lambda: str(daemon.status("store").get("state", "")).startswith(
+                        "degraded: spool checkpoint unwritable") and daemon.status("store"),
+                    30, "the store worker's status to say why")["state"]
+                assert "(EROFS)" in store_state, store_state
+                assert "(EROFS)" in str(daemon.status("stream").get("state")), daemon.tail()
+            heartbeat = float(doc["control"]["heartbeat_timeout"])
+            wait_until(lambda: (daemon.assert_running() or
+                                time.monotonic() - read_only_at > heartbeat + 3),
+                       heartbeat + 30, "longer than the heartbeat timeout, read-only", 0.5)
+            assert not daemon.events("worker_hung"), daemon.tail()
+        finally:
+            remount(state, read_only=False)
+        messages = wait_drained(daemon, sim, tweets, timeout=180, stall=60)
+        wait_until(lambda: not str(daemon.status("store").get("state")).startswith("degraded"),
+                   30, "the store worker's status to recover")
+        stream, store = daemon.counters("stream"), daemon.counters("store")
+        restarts = daemon.status("supervisor").get("restarts")
+        code, _ = daemon.stop()
+    finally:
+        daemon.kill()
+        sim.stop()
+    ids = stored_ids(standin.uri, DB)
+    delivered = set(sim.ground_truth().tweet_ids())
+    dropped = sum(stream["dropped"].values())
+    assert code == 0, daemon.tail()
+    assert not restarts or not any(restarts.values()), f"workers restarted: {restarts}"
+    assert not daemon.events("uncaught_exception") and "Traceback" not in daemon.logs()
+    assert daemon.events("spool_write_recovered")
+    assert daemon.events("status_write_recovered") or not whole_state_dir
+    assert daemon.events("spool_checkpoint_write_recovered")
+    assert len(ids) == len(set(ids)) and set(ids) <= delivered
+    assert spooled(stream) + dropped == messages == len(delivered)
+    assert len(ids) == store["stored"] + store["duplicates"] == spooled(stream)
+    if policy == "block":
+        assert dropped == 0 and set(ids) == delivered
+    else:
+        assert set(stream["dropped"]) <= {"disk_error", "spool_full"}
+        assert stream["dropped"].get("disk_error", 0) > 0
+        assert len(delivered - set(ids)) == dropped
+    folder = "state_dir" if whole_state_dir else "spool"
+    figures(f"read-only {folder} {policy}", len(delivered), len(ids), store["duplicates"],
+            sum(store["deadlettered"].values()), dropped, drops=stream["dropped"])

@@ -605,14 +605,17 @@ def test_enospc_leaves_no_torn_record(
 ) -> None:
     writer = make_writer(tmp_path)
     seqs = fill(writer, payloads(4), per_append=2)
-    size = os.path.getsize(tmp_path / writer.segment)
+    segment = writer.segment
+    size = os.path.getsize(tmp_path / segment)
     fake, _ = _failing_write(1, short_first)
     monkeypatch.setattr(os, "writev", fake)
     with pytest.raises(SpoolWriteError) as info:
         writer.append([(KIND_MESSAGE, b"lost-1"), (KIND_MESSAGE, b"lost-2")], 1, 1, 1)
     assert info.value.errno == errno.ENOSPC
     assert isinstance(info.value, OSError)
-    assert os.path.getsize(tmp_path / writer.segment) == size
+    assert os.path.getsize(tmp_path / segment) == size
+    # rolled at once: the full segment can be released once stored (the next one is empty)
+    assert writer.segment != segment and os.path.getsize(tmp_path / writer.segment) == 0
     monkeypatch.undo()  # space is back
     later = fill(writer, payloads(2), per_append=2)
     assert later[0] == seqs[-1] + 1

@@ -38,6 +38,10 @@ ROLES = ("store", "stream")  # start order: the spool's consumer before its prod
 # it is idle after a burst (``sink.worker.TRIM_AFTER_BYTES``), the encoder child when no chunk
 # came for 0.1 s.
 # An operator's own value in the environment wins, key by key.
+# The heartbeat's second way: a worker that cannot rewrite its status file (a read-only or full
+# state folder) writes a byte to this pipe instead, so that it is not taken for hung and killed
+# (a crash loop) while it keeps working. Its status file then stays as it was.
+BEAT_FD_ENV = "INGESTD_BEAT_FD"
 WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(8 << 20),
                      "MALLOC_TRIM_THRESHOLD_": str(16 << 20)}
 
@@ -78,6 +82,7 @@ class Worker:
     aborted: float | None = None  # monotonic time SIGABRT was sent
     killed: bool = False
     sent: set[int] = field(default_factory=set)  # the signals the supervisor sent it
+    beat_fd: int = -1  # read end of its beat pipe (``BEAT_FD_ENV``), non-blocking
 
     @property
     def pid(self) -> int:
@@ -154,17 +159,24 @@ class WorkerPool:
     def spawn(self, role: str, generation: int) -> None:
         """Start the ``role`` worker with ``generation``."""
         self.restart_at.pop(role, None)
+        beat_read, beat_write = os.pipe()
+        os.set_blocking(beat_read, False)
+        os.set_blocking(beat_write, False)
         try:
             proc = subprocess.Popen(self.command(role, generation), stdin=subprocess.PIPE,
-                                    close_fds=True, start_new_session=False, env=worker_env(),
-                                    pass_fds=self.inherited_fds)
+                                    close_fds=True, start_new_session=False,
+                                    env=worker_env() | {BEAT_FD_ENV: str(beat_write)},
+                                    pass_fds=(*self.inherited_fds, beat_write))
         except OSError as exc:
+            os.close(beat_read)
             log.error("worker_spawn_failed", role=role, error=str(exc))
             self.schedule_restart(role, ran_for=0.0)
             return
+        finally:
+            os.close(beat_write)
         now = time.monotonic()
         worker = self.workers[role] = Worker(role, proc, generation, now, now,
-                                             CommandWriter(proc.stdin))
+                                             CommandWriter(proc.stdin), beat_fd=beat_read)
         log.info("worker_started", role=role, pid=proc.pid, generation=generation)
         self.hooks.spawned(worker)
 
@@ -230,6 +242,7 @@ class WorkerPool:
             # Tell Popen the status we consumed, so it never waits for the pid again.
             worker.proc.returncode = os.waitstatus_to_exitcode(status)
             worker.pipe.close()
+            close_beat(worker)
             del self.workers[worker.role]
             # An exit nobody asked for (a crash, the OOM killer) is what operators filter for.
             requested = worker.requested(status, stopping)
@@ -284,7 +297,11 @@ class WorkerPool:
             self.role_beats[role] += gap
 
     def observe_heartbeat(self, worker: Worker, now: float) -> None:
-        """Note a new heartbeat if the worker rewrote its status file since the last look."""
+        """Note a new heartbeat if the worker rewrote its status file since the last look, or
+        wrote to its beat pipe (it could not write the file)."""
+        if beat_pipe_written(worker):
+            worker.last_beat = now
+            self.role_beats[worker.role] = now
         # The file is replaced whole (a new inode) on every write: unchanged identity, nothing
         # new to parse (~2 of 3 looks while a worker beats every second).
         identity = runstate.status_identity(self.state_dir, worker.role)
@@ -310,6 +327,30 @@ class WorkerPool:
         """Write what each worker's pipe now takes of the commands queued for it."""
         for worker in self.workers.values():
             worker.pipe.flush()
+
+
+def beat_pipe_written(worker: Worker) -> bool:
+    """Whether the worker wrote to its beat pipe since the last look (what it wrote is read)."""
+    beat = False
+    while worker.beat_fd >= 0:
+        try:
+            data = os.read(worker.beat_fd, 4096)
+        except BlockingIOError:
+            break
+        except OSError:
+            close_beat(worker)
+            break
+        if not data:  # the worker is gone
+            close_beat(worker)
+            break
+        beat = True
+    return beat
+
+
+def close_beat(worker: Worker) -> None:
+    if worker.beat_fd >= 0:
+        os.close(worker.beat_fd)
+        worker.beat_fd = -1
 
 
 def worker_env() -> dict[str, str]:

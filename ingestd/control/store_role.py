@@ -9,10 +9,10 @@ from pathlib import Path
 import structlog
 
 from ingestd.control.pipe import Command, Reload, Stop
-from ingestd.control.runstate import write_status
 from ingestd.control.worker import (
     STATUS_INTERVAL,
     RateMeter,
+    StatusPublisher,
     Ticker,
     WorkerContext,
     sleep_until_signal,
@@ -47,6 +47,7 @@ class StoreRole:
         self.worker = StoreWorker(settings, self.reader, open_collection, deadletters,
                                   generation=ctx.generation)
         self.meter = RateMeter()
+        self.write_status = StatusPublisher(settings.state_dir, "store")
         self.status = Ticker(STATUS_INTERVAL, self.publish)
         # Idle, the worker sleeps until the next heartbeat, new spool records or SIGTERM.
         self.worker.idle_wait = self.status.due_in
@@ -92,8 +93,13 @@ class StoreRole:
         counters["spool_missing_records"] = self.reader.missing_records
         counters["spool_checkpoint_resets"] = self.reader.checkpoint_resets
         acked_seq, unacked_bytes = self.reader.unacked()
-        write_status(self.ctx.settings.state_dir, "store", {
-            "generation": self.generation, "state": counters["state"],
+        state, error = str(counters["state"]), self.reader.checkpoint_error
+        if error:  # storing goes on; the checkpoint (and the space behind it) waits
+            if not state.startswith("degraded"):
+                state = f"degraded: spool checkpoint unwritable ({error})"
+            counters["last_error"] = f"spool checkpoint: {error}"
+        self.write_status({
+            "generation": self.generation, "state": state,
             "counters": counters, "progress": counters["records_read"] + counters["retries"],
             "rate": round(self.meter.update(int(counters["stored"])), 1),
             "last_error": counters["last_error"], "last_error_at": counters["last_error_at"],
@@ -101,7 +107,8 @@ class StoreRole:
             "loop_passes": self.worker.passes,
             # The checkpoint on disk: with the stream worker's last seq, the queue once it is
             # stopped (its own figure stops at its exit, before this worker's drain).
-            "spool": {"acked_seq": acked_seq, "bytes": unacked_bytes},
+            "spool": {"acked_seq": acked_seq, "bytes": unacked_bytes,
+                      "checkpoint_failures": self.reader.checkpoint_failures},
         })
 
     def tick(self) -> None:

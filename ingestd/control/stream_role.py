@@ -12,10 +12,10 @@ import structlog
 
 from ingestd.control.lease_gate import LeaseGate, OpenGate, open_gate
 from ingestd.control.pipe import Reload
-from ingestd.control.runstate import write_status
 from ingestd.control.worker import (
     STATUS_INTERVAL,
     RateMeter,
+    StatusPublisher,
     Ticker,
     WorkerContext,
     start_worker,
@@ -65,6 +65,7 @@ class StreamRole:
         self.rules = RulesSync()
         self.rules.request(settings.stream, settings.auth, ctx.generation)
         self.meter = RateMeter()
+        self.write_status = StatusPublisher(settings.state_dir, "stream")
         self.status = Ticker(STATUS_INTERVAL, self.publish)
         self.reader.max_wait = self.max_wait
         self.reader.wake_fds.append(wake_on_signals())
@@ -146,7 +147,7 @@ class StreamRole:
         state = self.intake.last_error or (
             f"degraded: {rules.error}; previous rules still in force" if rules.error
             else self.lease.state(reader.state))
-        write_status(self.ctx.settings.state_dir, "stream", {
+        self.write_status({
             "generation": reader.generation, "state": state, "counters": self.counters(),
             "progress": reader.stats.bytes + reader.stats.attempts,
             "conn": reader.active.conn_id if reader.active else None,

@@ -9,6 +9,7 @@ order the stop (stream first, then store drains the spool).
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -24,6 +26,7 @@ from ingestd.config.errors import EXIT_CONFIG, ConfigError
 from ingestd.config.schema import Settings
 from ingestd.config.settings import load_settings, load_settings_text, secret_values
 from ingestd.control.pipe import CommandReader, Reload, Reloaded
+from ingestd.control.runstate import status_path, write_status
 from ingestd.logs import bind_process, configure_logging, register_secret
 from ingestd.spool.watch import drain_wakeups
 
@@ -152,6 +155,54 @@ class RateMeter:
             self.rate = (count - self._last[1]) / (now - self._last[0])
         self._last = (now, count)
         return self.rate
+
+
+_BEAT_FD_ENV = "INGESTD_BEAT_FD"  # control.pool.BEAT_FD_ENV (not imported: supervisor-only)
+
+
+class StatusPublisher:
+    """Writes ``run/<role>.json`` (the heartbeat); never raises.
+
+    A status file that cannot be written (a read-only state folder, EIO…) is a warning, folded
+    by the log's rate limit, and the heartbeat goes through the beat pipe the supervisor gave
+    (``control.pool.BEAT_FD_ENV``) instead, so that a worker that keeps working is not taken for
+    hung. The first write that works again says so.
+    """
+
+    def __init__(self, state_dir: Path, role: str) -> None:
+        self.state_dir, self.role = state_dir, role
+        self.error = ""  # why the last write failed ("" when it worked)
+        self.failures = 0
+        try:
+            self._beat_fd = int(os.environ.pop(_BEAT_FD_ENV, "-1"))
+        except ValueError:
+            self._beat_fd = -1
+
+    def __call__(self, status: dict[str, Any]) -> None:
+        try:
+            write_status(self.state_dir, self.role, status)
+        except OSError as exc:
+            self.failures += 1
+            name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            where = exc.filename or status_path(self.state_dir, self.role)
+            self.error = f"{where}: {exc.strerror or exc} ({name})"
+            log.warning("status_write_failed", error=self.error,
+                        effect="status not published; heartbeat sent to the supervisor directly")
+            self._beat()
+            return
+        if self.error:
+            log.info("status_write_recovered", failures=self.failures, previous_error=self.error)
+            self.error = ""
+
+    def _beat(self) -> None:
+        if self._beat_fd < 0:
+            return
+        try:
+            os.write(self._beat_fd, b".")
+        except BlockingIOError:
+            pass  # the supervisor has beats enough unread
+        except OSError:
+            self._beat_fd = -1
 
 
 class Ticker:

@@ -3,7 +3,10 @@
 The stream and store workers share only the spool directory::
 
     <dir>/<first_seq:020d>.seg   append-only segments of records
-    <dir>/checkpoint             {"seq": N, "segment": "<name>", "offset": O}: stored up to here
+    <dir>/checkpoint             {"seq": N, "segment": "<name>", "offset": O, "crc": C}: stored
+                                 up to here (C: crc32c of "N <name> O"; spaces pad the file to
+                                 CHECKPOINT_SIZE bytes)
+    <dir>/.checkpoint.spare      CHECKPOINT_SIZE bytes set aside at start (see write_checkpoint)
 
 Record layout (little-endian)::
 
@@ -18,6 +21,8 @@ bytes. Spools written before that hold ``KIND_OVERSIZE`` records (the head only)
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -50,6 +55,12 @@ MAX_PAYLOAD = 64 * 1024 * 1024
 MAX_LENGTH = BODY.size + MAX_PAYLOAD
 
 CHECKPOINT = "checkpoint"
+CHECKPOINT_SPARE = f".{CHECKPOINT}.spare"
+CHECKPOINT_TMP = f".{CHECKPOINT}.tmp"
+# Every checkpoint file has this size (JSON padded with spaces; the longest is ~120 bytes), so
+# that a new one can overwrite the old in place, within blocks the file already has.
+CHECKPOINT_SIZE = 256
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 FIRST_SEQ = 1
 _SEGMENT_RE = re.compile(r"^(\d{20})\.seg$")
 
@@ -145,28 +156,102 @@ def list_segments(directory: Path) -> list[str]:
 
 
 def read_checkpoint(directory: Path) -> Checkpoint | None:
-    """The checkpoint, or None if it is missing or unreadable."""
+    """The checkpoint, or None if it is missing or unreadable (a torn in-place write included:
+    its crc does not match; checkpoints written before the crc have none, and are read)."""
     try:
         doc = json.loads((directory / CHECKPOINT).read_bytes())
         ckpt = Checkpoint(int(doc["seq"]), str(doc["segment"]), int(doc["offset"]))
-    except (OSError, ValueError, TypeError, KeyError):
+        crc = doc.get("crc")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if crc is not None and crc != _checkpoint_crc(ckpt):
         return None
     valid = _SEGMENT_RE.match(ckpt.segment) and ckpt.offset >= 0 and ckpt.seq >= 0
     return ckpt if valid else None
 
 
+def _checkpoint_crc(ckpt: Checkpoint) -> int:
+    return crc32c(f"{ckpt.seq} {ckpt.segment} {ckpt.offset}".encode())
+
+
+def checkpoint_bytes(ckpt: Checkpoint) -> bytes:
+    """The checkpoint file's content: ``CHECKPOINT_SIZE`` bytes."""
+    doc = {"seq": ckpt.seq, "segment": ckpt.segment, "offset": ckpt.offset,
+           "crc": _checkpoint_crc(ckpt)}
+    return json.dumps(doc).encode().ljust(CHECKPOINT_SIZE)
+
+
 def write_checkpoint(directory: Path, ckpt: Checkpoint) -> None:
-    """Replace the checkpoint atomically and durably (two fsyncs; raises OSError)."""
-    doc = {"seq": ckpt.seq, "segment": ckpt.segment, "offset": ckpt.offset}
-    tmp = directory / f".{CHECKPOINT}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Replace the checkpoint atomically and durably (two fsyncs; raises OSError).
+
+    On a full disk (ENOSPC, EDQUOT) the temp file gets no block, and the deadlock would be
+    complete: no checkpoint, so no consumed segment deleted, so no space. The checkpoint is then
+    overwritten in place, within the blocks it has (or, if there is none yet, the spare that
+    ``reserve_checkpoint`` set aside is written and renamed to it), and fsynced. Not atomic: a
+    power loss in the middle of that write can leave a checkpoint whose crc does not match, read
+    as none; the next start then replays the spool from its oldest segment (records already
+    stored come again as duplicates; none is skipped).
+    """
+    data = checkpoint_bytes(ckpt)
+    tmp = directory / CHECKPOINT_TMP
     try:
-        os.write(fd, json.dumps(doc).encode())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, directory / CHECKPOINT)
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if not _overwrite(directory / CHECKPOINT, data):
+            if not _overwrite(directory / CHECKPOINT_SPARE, data):
+                raise
+            os.replace(directory / CHECKPOINT_SPARE, directory / CHECKPOINT)
+    fsync_dir(directory)
+
+
+def reserve_checkpoint(directory: Path) -> None:
+    """Set aside a checkpoint-sized file, for the first checkpoint of a spool whose disk is
+    already full (``write_checkpoint``). Best effort: a disk full already cannot give one."""
+    for name in (CHECKPOINT_SPARE, CHECKPOINT):  # one of an older version is shorter
+        with contextlib.suppress(OSError):
+            if (directory / name).stat().st_size >= CHECKPOINT_SIZE:
+                return
+    with contextlib.suppress(OSError):
+        fd = os.open(directory / CHECKPOINT_SPARE, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, b" " * CHECKPOINT_SIZE)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _overwrite(path: Path, data: bytes) -> bool:
+    """Write ``data`` over ``path`` in place and fsync; False if it is missing or too short
+    (writing past its end could need a new block)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        if os.fstat(fd).st_size < len(data):
+            return False
+        if os.pwrite(fd, data, 0) != len(data):
+            raise OSError(errno.EIO, "short checkpoint write")
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, directory / CHECKPOINT)
-    fsync_dir(directory)
+    return True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def fsync_dir(directory: Path) -> None:

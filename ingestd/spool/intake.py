@@ -6,6 +6,7 @@ stream worker only (``control.stream_role``).
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,15 @@ log = structlog.get_logger("ingestd.worker")
 HELD_RETRY_INTERVAL = 1.0
 RESUME_AFTER = 2.0  # s with room below the bound that end a full spool's episode (see check_bound)
 COALESCE_BYTES = 64 * 1024  # spool write size to aim at (see SpoolIntake)
+PROBE_ROOM = 4 * COALESCE_BYTES  # free bytes that make a failing spool look writable again
+
+
+def describe(exc: SpoolWriteError) -> str:
+    """One line naming the file and the errno: "spool write failed: <path>: <strerror> (EROFS)"."""
+    code = exc.errno or 0
+    where = f"{exc.filename}: " if exc.filename else ""
+    return (f"spool write failed: {where}{os.strerror(code)} "
+            f"({errno.errorcode.get(code, 'unknown')})")
 
 
 class SpoolIntake:
@@ -72,7 +82,7 @@ class SpoolIntake:
         try:
             self.spool.append_many(groups)
         except SpoolWriteError as exc:
-            self.last_error = f"spool write failed: {os.strerror(exc.errno or 0)}"
+            self.last_error = describe(exc)
             log.error("spool_write_failed", error=self.last_error, policy="drop" if self.drop
                       else "block")
             self._hold_or_drop(groups)
@@ -87,17 +97,28 @@ class SpoolIntake:
             self.dropped += sum(len(group[0]) for group in groups)
         else:
             self.held.extend(groups)
-            self._retry_at = time.monotonic() + HELD_RETRY_INTERVAL
+        self._retry_at = time.monotonic() + HELD_RETRY_INTERVAL
 
     def retry(self) -> None:
-        """Write held messages once the disk takes them again (called from the worker loop)."""
-        if not self.held or time.monotonic() < self._retry_at:
+        """Write held messages once the disk takes them again (called from the worker loop).
+
+        With ``drop_newest`` nothing is held: after a failure the spool is probed instead, so that
+        the state clears once the disk would take writes, even if no message comes to show it."""
+        if time.monotonic() < self._retry_at:
+            return
+        if not self.held:
+            if self.drop and self.last_error:
+                self._retry_at = time.monotonic() + HELD_RETRY_INTERVAL
+                if self.spool.probe(PROBE_ROOM):
+                    self.last_error = ""
+                    log.info("spool_write_recovered", dropped=self.dropped, probed=True)
             return
         try:
             while self.held:
                 self.spool.append(*self.held[0])
                 self.on_written(self.held.pop(0)[3])
-        except SpoolWriteError:
+        except SpoolWriteError as exc:
+            self.last_error = describe(exc)
             self._retry_at = time.monotonic() + HELD_RETRY_INTERVAL
             return
         self.last_error = ""

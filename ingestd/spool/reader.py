@@ -8,11 +8,14 @@ counted too (``missing_records``): damage that leaves no bytes to skip loses rec
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import structlog
 
 from ingestd.spool.cursor import Damage, SegmentCursor, ends_record, record_at
 from ingestd.spool.format import (
@@ -23,11 +26,14 @@ from ingestd.spool.format import (
     RecordRef,
     list_segments,
     read_checkpoint,
+    reserve_checkpoint,
     segment_first_seq,
     write_checkpoint,
 )
 from ingestd.spool.numbering import Numbering
 from ingestd.spool.watch import SpoolWatch
+
+log = structlog.get_logger("ingestd.spool.reader")
 
 CHECKPOINT_INTERVAL = 0.25  # seconds: at most one checkpoint write per interval within a segment
 
@@ -42,6 +48,11 @@ class SpoolReader:
     loses at most the acks of the last interval: the restart replays records that were already
     stored (the store worker counts them as duplicates by ``_id``), and never skips an unacked
     record, so the delivery guarantee is unchanged.
+
+    A checkpoint that cannot be written (a full disk past ``write_checkpoint``'s in-place
+    fallback, a read-only file system, EIO) never stops the reader: the ack stays pending and is
+    retried by the next ack and on idle ticks, ``checkpoint_error`` says why (the store worker's
+    status is degraded meanwhile), and the segments behind it are kept until one is written.
     """
 
     def __init__(
@@ -60,6 +71,8 @@ class SpoolReader:
         self._acked: Checkpoint | None = None
         self._written: Checkpoint | None = None  # the checkpoint on disk, as far as we know
         self._written_at = -float("inf")
+        self.checkpoint_error = ""  # why the last checkpoint write failed ("" once one works)
+        self.checkpoint_failures = 0  # checkpoint writes that failed
         self._interval = checkpoint_interval
         self._clock = clock
         # Runs before each checkpoint write: what must be durable before the records it passes
@@ -135,10 +148,11 @@ class SpoolReader:
             or written.segment != ckpt.segment
             or self._clock() - self._written_at >= self._interval
         ):
-            self._write_checkpoint(ckpt)
+            self._try_write(ckpt)  # if it fails, pending: the next ack or an idle tick retries
         self._acked = ckpt
-        if self._acked_cleaned != ckpt.segment:
-            self._delete_before(ckpt.segment)
+        written = self._written
+        if self._acked_cleaned != ckpt.segment and written is not None \
+                and written.segment == ckpt.segment and self._delete_before(ckpt.segment):
             self._acked_cleaned = ckpt.segment
         self._release_consumed()
 
@@ -157,12 +171,12 @@ class SpoolReader:
             return
         # Delete first: on a full disk the new checkpoint may not fit, and a checkpoint naming a
         # deleted segment is safe (the next start replays from the oldest segment, all unacked).
-        self._delete_before(cursor.name, release_now=True)
+        if not self._delete_before(cursor.name, release_now=True):
+            return
         self._acked_cleaned = cursor.name
         ckpt = Checkpoint(acked.seq, cursor.name, 0)
         self._acked = ckpt
-        with contextlib.suppress(OSError):  # still pending: ``flush`` or the next ack retries
-            self._write_checkpoint(ckpt)
+        self._try_write(ckpt)  # if it fails, still pending: ``flush`` or the next ack retries
 
     @property
     def checkpoint_pending(self) -> bool:
@@ -177,9 +191,9 @@ class SpoolReader:
     def maybe_flush(self) -> None:
         """Write the pending checkpoint once it is due (idle ticks: no ack comes to do it), so
         the writer's backlog, and a full spool, follow what was stored."""
-        if self.checkpoint_pending and self._clock() - self._written_at >= self._interval:
-            with contextlib.suppress(OSError):  # retried on the next call, or by flush/close
-                self.flush()
+        if self.checkpoint_pending and self._clock() - self._written_at >= self._interval \
+                and self._acked is not None:
+            self._try_write(self._acked)  # if it fails: retried on the next call, or by close
 
     def has_data(self) -> bool:
         """True if ``read`` may return something now (new bytes or a new segment)."""
@@ -241,6 +255,7 @@ class SpoolReader:
 
     def _start(self) -> None:
         """Open at the checkpoint, or replay from the oldest segment if it cannot be used."""
+        reserve_checkpoint(self.directory)
         ckpt = read_checkpoint(self.directory)
         if ckpt is not None and self._trusted(ckpt):
             self._cursor = SegmentCursor(self.directory, ckpt.segment, ckpt.offset, self._damage)
@@ -302,14 +317,38 @@ class SpoolReader:
 
     def _write_checkpoint(self, ckpt: Checkpoint) -> None:
         self.before_checkpoint()
-        write_checkpoint(self.directory, ckpt)
+        try:
+            write_checkpoint(self.directory, ckpt)
+        except OSError as exc:
+            self._written_at = self._clock()  # retried an interval later, not on every record
+            self.checkpoint_failures += 1
+            name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            where = exc.filename if exc.filename is not None else self.directory / CHECKPOINT
+            self.checkpoint_error = f"{where}: {exc.strerror or exc} ({name})"
+            log.error("spool_checkpoint_write_failed", error=self.checkpoint_error,
+                      effect="the checkpoint stays pending and is retried; stored segments are "
+                      "kept until it is written")
+            raise
         self._written, self._written_at = ckpt, self._clock()
         self.checkpoint_writes += 1
+        if self.checkpoint_error:
+            log.info("spool_checkpoint_write_recovered", failures=self.checkpoint_failures,
+                     previous_error=self.checkpoint_error)
+            self.checkpoint_error = ""
 
-    def _delete_before(self, segment: str, release_now: bool = False) -> None:
+    def _try_write(self, ckpt: Checkpoint) -> bool:
+        """``_write_checkpoint``; False (reported) instead of OSError if it failed."""
+        try:
+            self._write_checkpoint(ckpt)
+        except OSError:
+            return False
+        return True
+
+    def _delete_before(self, segment: str, release_now: bool = False) -> bool:
         """Delete the segments before ``segment`` (never the newest). Their cached pages are freed
         on a ``spool-release`` thread, or before returning with ``release_now`` (a full disk
-        needs the space at once)."""
+        needs the space at once). False if one could not be deleted (a read-only file system:
+        a later ack tries again)."""
         segments = list_segments(self.directory)
         newest = segments[-1] if segments else segment
         held: list[int] = []
@@ -318,12 +357,17 @@ class SpoolReader:
                 if name < segment and name != newest:
                     with contextlib.suppress(FileNotFoundError):
                         held.append(_unlink_held(self.directory / name))
+        except OSError as exc:
+            log.error("spool_segment_delete_failed", path=exc.filename, error=exc.strerror,
+                      errno=errno.errorcode.get(exc.errno or 0, ""))
+            return False
         finally:
             if release_now or not held:
                 _close_all(held)
             else:
                 threading.Thread(target=_close_all, args=(held,), name="spool-release",
                                  daemon=True).start()
+        return True
 
 
 def _unlink_held(path: Path) -> int:

@@ -24,13 +24,13 @@ from typing import Any
 
 import structlog
 
-from ingestd.spool.format import CHECKPOINT
+from ingestd.spool.format import CHECKPOINT, CHECKPOINT_SPARE, CHECKPOINT_TMP
 from ingestd.spool.written import WRITTEN
 
 log = structlog.get_logger("ingestd.spool.watch")
 
 POLL_FALLBACK = 0.005  # seconds between looks at the files when inotify is not available
-_OWN_FILES = frozenset({CHECKPOINT, f".{CHECKPOINT}.tmp", WRITTEN})
+_OWN_FILES = frozenset({CHECKPOINT, CHECKPOINT_TMP, CHECKPOINT_SPARE, WRITTEN})
 
 
 class SpoolWatch:

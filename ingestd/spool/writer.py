@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
+import structlog
+
 from ingestd.spool.cursor import last_record
 from ingestd.spool.format import (
     CHECKPOINT,
@@ -30,6 +32,8 @@ from ingestd.spool.format import (
     segment_name,
 )
 from ingestd.spool.written import WrittenMark
+
+log = structlog.get_logger("ingestd.spool.writer")
 
 _CHECKPOINT_POLL = 0.05  # seconds between checkpoint stats in the writer near the spool's bounds
 # ... and far from them (under half of both): the store worker rewrites the checkpoint about every
@@ -93,7 +97,15 @@ class SpoolWriter:
         self._roll_wanted = False
         self._dirty = False
         self._last_sync = clock()
-        self._open_segment()
+        self._name, self._size = segment_name(self._next_seq), 0
+        try:
+            self._open_segment()
+        except SpoolWriteError as exc:
+            # A full disk or a read-only state folder at start: the first append tries again,
+            # and its failure follows ``when_full`` (spool.intake), as any later one does.
+            log.error("spool_write_failed", error=f"{exc.filename}: {os.strerror(exc.errno or 0)}",
+                      errno=errno.errorcode.get(exc.errno or 0, ""),
+                      effect="retried at the first append")
         self._first_seq = self._oldest_seq()
 
     @property
@@ -137,6 +149,22 @@ class SpoolWriter:
         self.maybe_sync()
         return seq - 1
 
+    def probe(self, room: int) -> bool:
+        """Whether an append of ``room`` bytes should go in now: the segment is open (opening a
+        new one if a failure left none) and the file system is writable with ``room`` bytes
+        free. For ``when_full: drop_newest``, which holds nothing to retry: the stream's state
+        says the disk is failing until a write or this look says it is not."""
+        if self._torn or self._fd < 0:
+            try:
+                self._roll()
+            except SpoolWriteError:
+                return False
+        try:
+            st = os.statvfs(self.directory)
+        except OSError:
+            return False
+        return not st.f_flag & os.ST_RDONLY and st.f_bavail * st.f_frsize >= room
+
     def sync_due_in(self) -> float:
         """Seconds until ``maybe_sync`` has an fsync to do (infinite when nothing is unsynced)."""
         if not self._dirty:
@@ -153,7 +181,8 @@ class SpoolWriter:
             os.fsync(self._fd)
         except OSError as exc:
             self._torn = True  # after a failed fsync the page cache cannot be trusted
-            raise SpoolWriteError(exc.errno, f"spool fsync failed: {exc.strerror}") from exc
+            raise SpoolWriteError(exc.errno, f"spool fsync failed: {exc.strerror}",
+                                  str(self.directory / self._name)) from exc
         self._dirty = False
         self._last_sync = self._clock()
 
@@ -208,10 +237,16 @@ class SpoolWriter:
             if written != nbytes:  # more than IOV_MAX buffers, or a short write
                 _write_rest(self._fd, bufs, written)
         except OSError as exc:
+            where = str(self.directory / self._name)
             self._undo()
-            if exc.errno in _DISK_FULL and self._size > 0:
+            if exc.errno in _DISK_FULL and self._size > 0 and not self._torn:
+                # Roll now: an empty segment needs no data block, and once it exists the reader
+                # can pass this one and delete it as soon as it is stored, which gives the space
+                # back for the retries. (If the new one cannot be opened, the next append tries.)
                 self._roll_wanted = True
-            raise SpoolWriteError(exc.errno, f"spool write failed: {exc.strerror}") from exc
+                with contextlib.suppress(SpoolWriteError):
+                    self._roll()
+            raise SpoolWriteError(exc.errno, f"spool write failed: {exc.strerror}", where) from exc
 
     def _undo(self) -> None:
         """Cut the segment back to before the failed append so no torn record remains."""
@@ -242,7 +277,8 @@ class SpoolWriter:
             fsync_dir(self.directory)
         except OSError as exc:
             self._fd, self._torn = -1, True  # retry the roll on the next append
-            raise SpoolWriteError(exc.errno, f"spool segment open failed: {exc.strerror}") from exc
+            raise SpoolWriteError(exc.errno, f"spool segment open failed: {exc.strerror}",
+                                  str(path)) from exc
         self._size = 0
         self._total -= self._sizes.get(self._name, 0)  # an empty leftover of the same name
         self._sizes[self._name] = 0
@@ -288,7 +324,9 @@ class SpoolWriter:
         settled = time.time_ns() - st.st_mtime_ns > _CHECKPOINT_SETTLE_NS
         if key == self._ckpt_key and settled:
             return
-        self._ckpt, self._ckpt_key = read_checkpoint(self.directory), key
+        self._ckpt = read_checkpoint(self.directory)
+        # one caught in the middle of an in-place rewrite (a full disk) is read again next time
+        self._ckpt_key = key if self._ckpt is not None else None
         self.checkpoint_reads += 1
         if self._ckpt is not None:
             acked = [n for n in self._sizes if n < self._ckpt.segment]

@@ -6,6 +6,7 @@ Used by the systemd unit's ExecStartPre/ExecReload, so a broken settings file ma
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -68,7 +69,8 @@ def run_check(config: Path, *, online: bool) -> int:
         print(f"invalid settings:\n{state_error}", file=sys.stderr)
         return EXIT_CONFIG
     print(summary(settings))
-    for notice in (*settings.mongo.notices, *state_warnings, *instance_warnings(settings)):
+    for notice in (*settings.mongo.notices, *state_warnings, *spool_size_warnings(settings),
+                   *instance_warnings(settings)):
         print(f"warning: {notice}")
     if not online:
         return 0
@@ -90,6 +92,43 @@ def state_dir_findings(settings: Settings) -> tuple[str, list[str]]:
     if found.anyone:
         return text, []
     return "", [f"{text} (by this user; the daemon's user may differ)"]
+
+
+def spool_size_warnings(settings: Settings) -> list[str]:
+    """A warning per spool bound the state folder's file system is too small for (statvfs of
+    the spool folder, or of its nearest existing parent: ``check`` creates nothing).
+
+    Not an error: the daemon copes (a full disk rolls to a new segment, then applies
+    ``spool.when_full``; docs/reliability.md), but ``spool.max_bytes`` is then never what stops
+    the spool, and the file system's own limit comes first."""
+    spool = settings.state_dir / "spool"
+    where = next((p for p in (spool, *spool.parents) if p.exists()), None)
+    if where is None:
+        return []
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return []
+    size = st.f_blocks * st.f_frsize
+    if size <= 0:
+        return []
+    warnings = []
+    for key, value, effect in (
+            ("segment_bytes", settings.spool.segment_bytes,
+             "a segment ends when the disk fills up instead"),
+            ("max_bytes", settings.spool.max_bytes,
+             "the disk fills up before this bound (spool.when_full then applies to the disk "
+             "errors, counted as disk_error)")):
+        if value > size:
+            warnings.append(
+                f"{settings.path}: spool.{key}: {value} bytes ({_mib(value)}) cannot fit the "
+                f"file system of the state folder ({where}: {size} bytes, {_mib(size)}); "
+                f"{effect}")
+    return warnings
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 def summary(settings: Settings) -> str:
