@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from ingestd.control.status import collect, render
-from ingestd.control.tally import Carried, role_totals
 from tests.support.daemon import Daemon, finish, metrics_addr, settings_doc
 from tests.support.mongo import write_target
 from tests.support.mongo_proxy import INSERTS, MongoProxy
@@ -30,6 +29,7 @@ def delivered(sim: SimProcess) -> int:
 
 
 def reconciliation(daemon: Daemon) -> dict[str, Any]:
+    """``ingestd status``'s reconciliation (its ``reconcile`` line)."""
     return dict(collect(daemon.state_dir)["reconciliation"])
 
 
@@ -195,6 +195,8 @@ def test_a_stall_warning_is_logged_once_at_warning_level(
 def test_a_worker_file_already_carried_is_not_counted_twice() -> None:
     """The supervisor publishes a reaped worker's counts before the replacement overwrites its
     file: meanwhile the collector must see them once, not twice."""
+    from ingestd.control.tally import Carried, role_totals
+
     dead = {"pid": 11, "counters": {"stored": 7, "records_read": 9, "pending": 2,
                                     "read_seq": 12, "deadlettered": {"invalid_json": 1}}}
     carried = Carried()
