@@ -495,7 +495,7 @@ def test_reload_command_reports_the_daemons_verdict_without_secrets(launch: Laun
     assert f"reload applied: generation 2 (pid {daemon.proc.pid}" in good.stdout  # type: ignore[union-attr]
     assert "track -iphone -ipod" in good.stdout
     assert stream["generation"] == 2 and store["generation"] == 2  # it waited for both
-    assert "note: spool.max_records take effect only after a restart" in good.stdout
+    assert "note: spool.max_records takes effect only after a restart" in good.stdout
     assert stream["spool"]["max_records"] == 2_000_000  # the bound in force, as exported
     assert connect_tracks(sim.ground_truth()) == [["iphone", "ipad", "ipod"], ["ipad"]]
 
@@ -533,7 +533,7 @@ def test_restart_note_judges_start_only_keys_against_the_values_in_force(
     daemon.wait_ready()
     started = dict(daemon.doc)
     changed = {**started, "spool": {"max_records": 100_000}}
-    note = "note: spool.max_records take effect only after a restart"
+    note = "note: spool.max_records takes effect only after a restart"
     daemon.write_settings_atomically(changed)
     first = operator_cli("reload", daemon=daemon)
     daemon.write_settings_atomically(started)

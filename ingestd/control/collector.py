@@ -2,13 +2,15 @@
 
 The workers share no memory with the supervisor, so nothing here keeps counters of its own: on each
 scrape ``RunStateCollector`` reads the run-state files (rewritten by every worker each second) and
-builds the metric families from them. A restarted worker starts its counters from zero again, which
-Prometheus' ``rate()``/``increase()`` treat as an ordinary counter reset.
+builds the metric families from them. A restarted worker starts its own counters from zero again;
+the supervisor carries the counts of the workers it reaped (``tally``), so the counters here never
+fall while the supervisor runs (a new daemon run is a new process: an ordinary counter reset).
 
 The counters reconcile (``ingestd_messages_in_flight`` is the difference still on its way)::
 
-    received = stored + duplicate + deadlettered + control + skipped + dropped + in_flight
-               (+ spool_missing: records lost to damage of the spool files, if any)
+    received + replayed = stored + duplicate + deadlettered + control + skipped + dropped
+                          + in_flight
+                          (+ spool_missing: records lost to damage of the spool files, if any)
 
 Registered by the supervisor's HTTP listener (``metrics``); loaded by the supervisor only, on the
 first scrape. prometheus_client is imported where the families are built, like the listener.
@@ -26,7 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ingestd.config.schema import SpoolSettings
-from ingestd.control import runstate, status
+from ingestd.control import runstate, status, tally
+from ingestd.control.tally import in_flight, received_total
 
 if TYPE_CHECKING:
     from prometheus_client.core import (
@@ -58,6 +61,8 @@ STREAM_COUNTERS = {
 }
 STORE_COUNTERS = {
     "records_read": ("ingestd_records_read_total", "Spool records read by the store worker."),
+    "replayed": ("ingestd_spool_replayed_total", "Spool records an earlier daemon run received, "
+                 "read by this one (received + replayed reconcile with the outcomes)."),
     "batches": ("ingestd_insert_batches_total", "insert_many batches written."),
     "retries": ("ingestd_insert_retries_total", "MongoDB operations retried."),
     "deletes_applied": ("ingestd_deletes_applied_total", "Delete notices applied."),
@@ -80,21 +85,7 @@ STORE_COUNTERS = {
 # -- reading run files -----------------------------------------------------------------------------
 
 
-def _num(value: object) -> float:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
-
-
-def _counts(value: object) -> dict[str, float]:
-    """A ``{label: count}`` dict from a run file, ignoring anything malformed."""
-    if not isinstance(value, Mapping):
-        return {}
-    return {str(k): _num(v) for k, v in value.items()}
-
-
-def _section(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    """``doc[key]`` if it is a mapping, else an empty one (run files are read, never trusted)."""
-    value = doc.get(key)
-    return value if isinstance(value, Mapping) else {}
+_num, _counts, _section = tally.num, tally.counts, tally.section
 
 
 def _dir_bytes(path: Path) -> int:
@@ -105,37 +96,6 @@ def _dir_bytes(path: Path) -> int:
                 if entry.is_file(follow_symlinks=False):
                     total += entry.stat(follow_symlinks=False).st_size
     return total
-
-
-def received_total(stream_counters: Mapping[str, Any]) -> float:
-    """Every message framed off the wire.
-
-    The stream worker's ``received`` counts every record handed to the spool; messages not
-    spooled (``spool_full``, ``disk_error``, and a message cut by a connection end,
-    ``cut_by_disconnect``) are in ``dropped`` and added back here so the reconciliation holds.
-    """
-    dropped = _counts(stream_counters.get("dropped"))
-    return _num(stream_counters.get("received")) + sum(dropped.values())
-
-
-def in_flight(stream: Mapping[str, Any], store_counters: Mapping[str, Any]) -> float:
-    """Messages received but not yet resolved into one of the outcome counters.
-
-    Exact when the workers publish spool positions (stream ``spool.next_seq``, store
-    ``read_seq``): records not yet read plus tweets read into a batch not yet inserted. Without
-    them, the spool backlog (appended, not yet acknowledged) is used: exact whenever the store
-    worker has acknowledged what it counted, at most one batch high while one is being written.
-    """
-    spool = _section(stream, "spool")
-    next_seq, read_seq = spool.get("next_seq"), store_counters.get("read_seq")
-    if isinstance(next_seq, int) and isinstance(read_seq, int):
-        # Coverage markers (``spool.markers``: their seqs) take seqs but are not messages.
-        markers = spool.get("markers")
-        unread_markers = sum(1 for m in markers if isinstance(m, int) and m > read_seq) \
-            if isinstance(markers, list) else 0
-        unread = max(next_seq - 1 - read_seq - unread_markers, 0)
-        return unread + _num(store_counters.get("pending"))
-    return _num(spool.get("records"))
 
 
 class _LastMessage:
@@ -268,6 +228,9 @@ class RunStateCollector:
         now = time.time()
         docs = {role: runstate.read_status(self.state_dir, role) or {}
                 for role in ("supervisor", "stream", "store")}
+        # the daemon run's counts: the running worker's plus its predecessors' (``tally``)
+        for role in ("stream", "store"):
+            docs[role] = tally.role_totals(docs[role], docs["supervisor"], role)
         yield from self._workers(docs, now)
         yield from self._stream(docs["stream"], now)
         yield from self._store(docs["store"])

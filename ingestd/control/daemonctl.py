@@ -248,7 +248,8 @@ def report(verdict: Verdict | None, state_dir: Path, timeout: float, *,
     print(f"reload applied: generation {verdict.generation} (pid {verdict.pid})"
           f"{describe(verdict.changes)}")
     if later := verdict.changes.get("restart_needed"):
-        print(f"note: {', '.join(map(str, later))} take effect only after a restart "
+        verb = "takes" if len(later) == 1 else "take"
+        print(f"note: {', '.join(map(str, later))} {verb} effect only after a restart "
               "(systemctl restart ingestd); until then the old values stay in force")
     return 0
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import structlog
 
 from ingestd.control import notify as sd
-from ingestd.control import runstate
+from ingestd.control import runstate, tally
 from ingestd.control.pipe import CommandWriter
 
 log = structlog.get_logger("ingestd.control.supervisor")
@@ -153,6 +153,11 @@ class WorkerPool:
         self.last_look: float | None = None  # monotonic time of the last heartbeat check
         self.status_reads = 0  # worker status files read and parsed (tests count them)
         self.inherited_fds: tuple[int, ...] = ()  # the state-folder lock (see StateDirClaim)
+        # Each role's reaped workers' last counts (``tally``), published in run/supervisor.json.
+        self.carried = {role: tally.Carried() for role in ROLES}
+        # The last spool record when the daemon started: store workers count the records up to
+        # it as replayed (see ``tally.REPLAY_ENV``); set by the supervisor before the first spawn.
+        self.replay_through = 0
 
     # -- starting ------------------------------------------------------------------------------
 
@@ -165,7 +170,8 @@ class WorkerPool:
         try:
             proc = subprocess.Popen(self.command(role, generation), stdin=subprocess.PIPE,
                                     close_fds=True, start_new_session=False,
-                                    env=worker_env() | {BEAT_FD_ENV: str(beat_write)},
+                                    env=worker_env() | self.role_env(role)
+                                    | {BEAT_FD_ENV: str(beat_write)},
                                     pass_fds=(*self.inherited_fds, beat_write))
         except OSError as exc:
             os.close(beat_read)
@@ -179,6 +185,13 @@ class WorkerPool:
                                              CommandWriter(proc.stdin), beat_fd=beat_read)
         log.info("worker_started", role=role, pid=proc.pid, generation=generation)
         self.hooks.spawned(worker)
+
+    def role_env(self, role: str) -> dict[str, str]:
+        """A store worker's replay boundary: the spool's last record at the daemon's start, and
+        the last one an earlier store worker of this run counted as read."""
+        if role != "store":
+            return {}
+        return {tally.REPLAY_ENV: f"{self.replay_through}:{self.carried['store'].read_seq}"}
 
     def spawn_due(self, generation: int) -> None:
         """Start workers whose restart time has come."""
@@ -244,6 +257,9 @@ class WorkerPool:
             worker.pipe.close()
             close_beat(worker)
             del self.workers[worker.role]
+            # Its last published counts go on counting in the run's totals (``tally``).
+            self.carried[worker.role].carry(
+                worker.role, pid, runstate.read_status(self.state_dir, worker.role))
             # An exit nobody asked for (a crash, the OOM killer) is what operators filter for.
             requested = worker.requested(status, stopping)
             report = log.info if requested else log.warning

@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 
 from ingestd.control import notify as sd
-from ingestd.control import runstate
+from ingestd.control import runstate, tally
 from ingestd.control.pool import ROLES, WorkerPool
 
 log = structlog.get_logger("ingestd.control.supervisor")
@@ -139,15 +139,17 @@ class Reporter:
             self.rate_sample = (now, stored)
         elif now - self.rate_sample[0] >= self.RATE_WINDOW:
             then, before = self.rate_sample
-            # A restarted store worker starts its counters again from zero.
             self.rate = max(stored - before, 0) / (now - then)
             self.rate_sample = (now, stored)
 
     def stored(self) -> int:
+        """Tweets stored in this daemon run: the store worker's and its predecessors'."""
         worker = self.pool.workers.get("store")
         counters = worker.status.get("counters") if worker else None
         value = counters.get("stored", 0) if isinstance(counters, dict) else 0
-        return value if isinstance(value, int) else 0
+        carried = self.pool.carried["store"].counters.get("stored", 0)
+        return (value if isinstance(value, int) else 0) + (
+            carried if isinstance(carried, int) else 0)
 
     def summary(self) -> str:
         """One line for ``STATUS=``; trouble first, then where the stream is and what it does.
@@ -197,6 +199,7 @@ class Reporter:
             "heartbeat_timeout": self.heartbeat_timeout,
             "crash_loop_window": window,
             "recent_restarts": self.pool.recent_restarts(window),
+            tally.CARRIED_KEY: {role: c.as_dict() for role, c in self.pool.carried.items()},
         }
         now = time.monotonic()
         if doc != self.written[1] or now - self.written[0] >= self.STATUS_INTERVAL:

@@ -27,6 +27,7 @@ import orjson
 from ingestd.config.errors import EXIT_CONFIG, ConfigError, ConfigErrors
 from ingestd.config.schema import ControlSettings
 from ingestd.config.settings import lenient_state_dir, load_settings
+from ingestd.control import tally
 from ingestd.control.daemonctl import locate_state_dir, locate_state_dir_of, pid_alive
 from ingestd.control.runstate import RUN_DIR, read_status, utc_text
 
@@ -135,11 +136,16 @@ def collect(state_dir: Path, *, heartbeat_timeout: float | None = None) -> dict[
     running = {role: live[role] != "not running" for role in ROLES}
     records, nbytes = queue(roles["stream"] or {}, roles["store"] or {},
                             live["stream"] in ("ok", "late"))
+    # the daemon run's counts, across worker restarts (``tally``)
+    totals = {role: tally.role_totals(roles[role], roles["supervisor"], role)
+              for role in ("stream", "store")}
     return {"state_dir": str(state_dir), "health": health, "reasons": reasons,
             "running": running, "liveness": live, "heartbeat_timeout": timeout,
             "workers": roles, "exit_code": code,
             "queue": {"records": records, "bytes": nbytes,
                       **bound(roles["stream"] or {}, live["stream"] in ("ok", "late"))},
+            "counters": {role: dict(doc.get("counters") or {}) for role, doc in totals.items()},
+            "reconciliation": tally.reconciliation(totals["stream"], totals["store"]),
             "heartbeat_age": age,
             # only while the supervisor (whose thread serves it) answers
             "metrics": metrics_address(state_dir) if live["supervisor"] == "ok" else None}
@@ -258,7 +264,7 @@ def render(view: dict[str, Any]) -> str:
     if view["reasons"]:
         head += " (" + "; ".join(view["reasons"]) + ")"
     lines = [head, *_settings_lines(view), *_supervisor_lines(view), *_stream_lines(view),
-             *_store_lines(view)]
+             *_store_lines(view), *_reconciliation_lines(view)]
     if error := _last_error(view["workers"].get("store") or {}):
         lines.append(f"  last error  {error}")
     if view.get("metrics"):
@@ -300,7 +306,7 @@ def _supervisor_lines(view: dict[str, Any]) -> list[str]:
 
 def _stream_lines(view: dict[str, Any]) -> list[str]:
     stream = view["workers"].get("stream") or {}
-    c = dict(stream.get("counters", {}))
+    c = _counters(view, "stream")
     spool = dict(view.get("queue") or stream.get("spool", {}))  # hand-made views lack "queue"
     dropped = sum(dict(c.get("dropped", {})).values())
     endings = ", ".join(f"{k}={v}" for k, v in sorted(dict(c.get("endings", {})).items())) or "-"
@@ -358,20 +364,42 @@ def _holder(ha: Mapping[str, Any]) -> str:
 
 def _store_lines(view: dict[str, Any]) -> list[str]:
     store = view["workers"].get("store") or {}
-    c = dict(store.get("counters", {}))
+    c = _counters(view, "store")
     dead = dict(c.get("deadlettered", {}))
     detail = " (" + ", ".join(f"{k}={v}" for k, v in sorted(dead.items())) + ")" if dead else ""
     lines = [
         f"  store       {_run(view, 'store')}{_state(view, 'store')}",
         f"              stored {c.get('stored', 0)}  ({store.get('rate', 0):.1f} tweets/s)  "
         f"duplicates {c.get('duplicates', 0)}  dead-lettered {sum(dead.values())}{detail}  "
-        f"deletes {c.get('deletes_applied', 0)}",
+        f"deletes {c.get('deletes_applied', 0)}  replayed {c.get('replayed', 0)}",
     ]
     missing, regions = c.get("spool_missing_records", 0), c.get("spool_corrupt_records", 0)
     if missing or regions:  # only a damaged disk or a hand: say it where the operator looks
         lines.append(f"              spool damage: {missing} records lost, {regions} damaged "
                      "regions skipped (journal: spool_records_missing)")
     return lines
+
+
+def _counters(view: dict[str, Any], role: str) -> dict[str, Any]:
+    """``role``'s counts over the daemon run (its worker's own, in hand-made views)."""
+    counters = (view.get("counters") or {}).get(role)
+    if counters is None:
+        counters = (view["workers"].get(role) or {}).get("counters", {})
+    return dict(counters)
+
+
+def _reconciliation_lines(view: dict[str, Any]) -> list[str]:
+    """README's identity with this run's figures: received + replayed = resolved + in flight."""
+    r = view.get("reconciliation")
+    if not r:
+        return []
+    missing = f" + spool-lost {r['spool_missing']}" if r["spool_missing"] else ""
+    diff = r["difference"]
+    verdict = "holds" if diff == 0 else (
+        f"off by {diff:+d}: the workers report up to 1 s apart; if it lasts, counts a worker "
+        "crash lost (docs/design.md, counters)")
+    return [f"  reconcile   received {r['received']} + replayed {r['replayed']} = resolved "
+            f"{r['resolved']} + in flight {r['in_flight']}{missing}  ({verdict})"]
 
 
 def _run(view: dict[str, Any], role: str) -> str:

@@ -3,12 +3,14 @@ reloads and the drain on stop. Loaded by the store worker only (pymongo, never p
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import structlog
 
 from ingestd.control.pipe import Command, Reload, Stop
+from ingestd.control.tally import REPLAY_ENV
 from ingestd.control.worker import (
     STATUS_INTERVAL,
     RateMeter,
@@ -45,7 +47,7 @@ class StoreRole:
         deadletters = DeadLetterStore(settings.state_dir / "deadletter",
                                       settings.deadletter.max_bytes)
         self.worker = StoreWorker(settings, self.reader, open_collection, deadletters,
-                                  generation=ctx.generation)
+                                  generation=ctx.generation, replay=replay_boundary())
         self.meter = RateMeter()
         self.write_status = StatusPublisher(settings.state_dir, "store")
         self.status = Ticker(STATUS_INTERVAL, self.publish)
@@ -70,7 +72,7 @@ class StoreRole:
             self.publish()
         counters = self.worker.counters()
         log.info("store_worker_stopped", drained=drained, **{
-            k: counters[k] for k in ("stored", "duplicates", "records_read")})
+            k: counters[k] for k in ("stored", "duplicates", "records_read", "replayed")})
         return 0
 
     def close_spool(self) -> None:
@@ -146,6 +148,15 @@ class StoreRole:
         totals = self.worker.totals
         mean = totals.insert_seconds_total / totals.batches if totals.batches else 0.0
         return min(2 * mean, self.budget / 4)
+
+
+def replay_boundary() -> tuple[int, int]:
+    """(through, counted) from the supervisor (``tally.REPLAY_ENV``); (0, 0) without it."""
+    through, _, counted = os.environ.get(REPLAY_ENV, "").partition(":")
+    try:
+        return int(through), int(counted or 0)
+    except ValueError:
+        return 0, 0
 
 
 def run_store_worker(config_path: Path, generation: int) -> int:

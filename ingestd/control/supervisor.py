@@ -205,6 +205,8 @@ class Supervisor:
         if self.start_listener is not None:
             self.listener = self.start_listener()
         try:
+            self.pool.replay_through = spool_last_seq(self.state_dir)
+            self.reporter.write_status()  # no counts carried yet: the last run's are gone
             self.spawn_workers()
             # Start-up's garbage (the settings' YAML, imports) leaves free pages in the heap that
             # the supervisor, idle from now on, would keep for good (~0.6 MB).
@@ -544,6 +546,19 @@ def run_supervisor(config_path: Path) -> int:
 
     return Supervisor(config_path, settings, text=text,
                       listener=lambda: start_metrics_server(settings)).run()
+
+
+def spool_last_seq(state_dir: Path) -> int:
+    """The spool's last record before any worker starts: the records a store worker reads up to
+    it were received by an earlier daemon run (``replayed``); 0 if it cannot be read."""
+    from ingestd.spool.cursor import last_seq_on_disk
+
+    try:
+        return last_seq_on_disk(state_dir / "spool")
+    except OSError as exc:
+        log.warning("spool_replay_unknown", error=str(exc),
+                    effect="records left by an earlier run are not counted as replayed")
+        return 0
 
 
 def configure_supervisor_logging(settings: Settings) -> None:

@@ -4,6 +4,9 @@ Every record read from the spool ends in exactly one bucket, so the counters rec
 
     records_read == stored + duplicates + Σ deadlettered + Σ control + Σ skipped + pending
 
+``replayed`` counts the records read that an earlier daemon run received (they were in the spool
+when this run started): the stream worker's ``received`` never counted them.
+
 The supervisor's collector (``ingestd.control.collector``) reads these keys: renaming one is a
 change of the metrics.
 """
@@ -34,6 +37,7 @@ class StoreCounters:
     """Plain totals, written by the store worker's parts on its thread."""
 
     records_read: int = 0
+    replayed: int = 0  # of records_read: received by an earlier daemon run (see the module doc)
     read_seq: int = 0  # seq of the last spool record read (exact in-flight for metrics)
     stored: int = 0
     duplicates: int = 0

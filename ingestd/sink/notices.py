@@ -44,5 +44,7 @@ class StreamNotices:
         if isinstance(body, dict):
             warning = {"code": str(body.get("code")), "percent_full": body.get("percent_full")}
             self._counters.last_warning = warning
-            log.warning("stream_warning", code=warning["code"],
-                        percent_full=warning["percent_full"])
+            # The stream worker logs the notice at warning level (with its ``conn``) as it
+            # arrives; here it is only noted, so the journal has one line per notice.
+            log.debug("stream_warning_noted", code=warning["code"],
+                      percent_full=warning["percent_full"])

@@ -81,7 +81,7 @@ class Retrier:
         while True:
             # Only ``fn``'s own failure is MongoDB's: one raised by a tick (heartbeat, status file)
             # while waiting must propagate as itself, not be retried as a MongoDB error.
-            future = self._await(fn) if first is None else self._wait(first.future)
+            future = self._await(fn, what) if first is None else self._wait(first.future, what)
             # an attempt started earlier took until it ended, not until it was looked at
             ended, first = (None if first is None else first.ended), None
             try:
@@ -154,18 +154,29 @@ class Retrier:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _await(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+    def _await(self, fn: Callable[[], T],
+               what: str = "mongo operation") -> concurrent.futures.Future[T]:
         """Submit ``fn`` to the helper thread and tick until it is done; its future."""
-        return self._wait(self._executor.submit(fn))
+        return self._wait(self._executor.submit(fn), what)
 
-    def _wait(self, future: concurrent.futures.Future[T]) -> concurrent.futures.Future[T]:
-        """Tick until ``future`` is done; ``future``."""
+    def _wait(self, future: concurrent.futures.Future[T],
+              what: str = "mongo operation") -> concurrent.futures.Future[T]:
+        """Tick until ``future`` is done; ``future``. Giving up meanwhile (a stop past its drain
+        deadline), the error is that ``what`` got no reply (a paused or unreachable server whose
+        driver has not timed out yet), unless the store is degraded by an error of its own."""
+        started = time.monotonic()
         while True:
             done, _ = concurrent.futures.wait([future], timeout=TICK_INTERVAL)
             if done:
                 return future
             self.maybe_tick(force=True)
-            self._check_give_up()
+            if self.should_stop() and self.past_deadline():
+                c = self._counters
+                if not (c.last_error and c.state.startswith("degraded")):
+                    c.last_error = (f"{what}: no reply from MongoDB after "
+                                    f"{time.monotonic() - started:.1f}s")
+                    c.last_error_at = time.time()
+                self._check_give_up()
 
     def _check_slow(self, what: str, started: float, retries: int, exc: BaseException | None,
                     cls: ErrorClass | None, ended: float | None = None) -> None:

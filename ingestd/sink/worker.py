@@ -126,8 +126,12 @@ class StoreWorker:
         rng: random.Random | None = None,
         encoder_process: bool | None = None,
         offload_min: int = OFFLOAD_MIN,
+        replay: tuple[int, int] = (0, 0),
     ) -> None:
         self._reader = spool_reader
+        # (through, counted): records numbered up to ``through`` were received by an earlier
+        # daemon run; those up to ``counted`` an earlier store worker of this run counted already.
+        self._replay_through, self._replay_counted = replay
         if spool_reader.acked is None or spool_reader.checkpoint_resets:
             deadletters.forget_spool()  # the spool's seqs may have started again
         else:
@@ -374,6 +378,8 @@ class StoreWorker:
             self._take_event(record)
             return
         self.totals.records_read += 1
+        if self._replay_counted < record.seq <= self._replay_through:
+            self.totals.replayed += 1
         self._ledger.on_live(record)
         if record.kind == KIND_MESSAGE:
             self._take_message(record, encoded)

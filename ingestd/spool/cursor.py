@@ -11,7 +11,16 @@ from pathlib import Path
 
 from crc32c import crc32c
 
-from ingestd.spool.format import BODY, HEADER_SIZE, MAGIC, MAX_LENGTH, PREFIX, PREFIX_SIZE, Record
+from ingestd.spool.format import (
+    BODY,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_LENGTH,
+    PREFIX,
+    PREFIX_SIZE,
+    Record,
+    list_segments,
+)
 
 _BLOCK = 1024 * 1024
 _new_record = tuple.__new__
@@ -153,6 +162,16 @@ def last_record(directory: Path, name: str) -> Record | None:
                 cursor.at_end = True
     finally:
         cursor.close()
+
+
+def last_seq_on_disk(directory: Path) -> int:
+    """The number of the newest valid record in ``directory``'s segments (0 if none)."""
+    if not directory.is_dir():
+        return 0
+    for name in sorted(list_segments(directory), reverse=True):
+        if (directory / name).stat().st_size and (record := last_record(directory, name)):
+            return record.seq
+    return 0
 
 
 def record_at(directory: Path, name: str, offset: int, seq: int) -> Record | None:

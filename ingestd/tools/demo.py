@@ -155,12 +155,13 @@ def read_run(workdir: Path, role: str) -> dict[str, Any]:
 
 
 def wait_caught_up(workdir: Path, timeout: float) -> None:
-    """Until the store worker has read every message the stream worker received."""
+    """Until the store worker has read every message the stream worker received, and those an
+    earlier run left in the spool (``replayed``: a state folder kept from a previous demo)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         received = read_run(workdir, "stream").get("counters", {}).get("received", -1)
-        read = read_run(workdir, "store").get("counters", {}).get("records_read", -2)
-        if received == read:
+        store = read_run(workdir, "store").get("counters", {})
+        if received + store.get("replayed", 0) == store.get("records_read", -2):
             return
         time.sleep(0.2)
 

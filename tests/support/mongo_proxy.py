@@ -217,9 +217,10 @@ class MongoProxy:
         """Forward the next ``count`` writes, send half of each reply, then reset the connection."""
         self._add(_Fault("reset_mid_reply", count))
 
-    def delay_writes(self, seconds: float, count: int = 1) -> None:
-        """Forward the next ``count`` writes; hold each reply for ``seconds``."""
-        self._add(_Fault("delay", count, seconds=seconds))
+    def delay_writes(self, seconds: float, count: int = 1,
+                     commands: frozenset[str] = WRITE_COMMANDS) -> None:
+        """Forward the next ``count`` writes (of ``commands``); hold each reply for ``seconds``."""
+        self._add(_Fault("delay", count, seconds=seconds, commands=commands))
 
     def failover(self, seconds: float) -> None:
         """Reset every connection now and every new one for ``seconds``; then pass through."""

@@ -1,0 +1,195 @@
+"""The daemon run's counts: each worker's counters plus what its earlier incarnations counted.
+
+A worker publishes its own counters in ``run/<role>.json``, from zero for each process. The
+supervisor lives on while workers are restarted: when it reaps one it *carries* that process's
+last published counters (``Carried``) and publishes the sum per role in ``run/supervisor.json``
+(``"carried"``), with the pids it holds. ``role_totals`` adds them to the running worker's, so the
+metrics (the supervisor is the Prometheus target) and ``ingestd status`` keep counting across
+worker restarts within one daemon run; a new daemon run starts again from zero.
+
+What a crash still loses: the counts between a worker's last report (≤ 1 s before) and its death.
+The stream worker's messages spooled in that window are read by the store worker all the same,
+so the reconciliation is off by them; a store worker's tweets stored after its last checkpoint
+write are read again by its successor and counted again (as duplicates). A record the crashed
+store worker read but had not resolved (``pending``) is not carried as read: its successor reads
+it again and counts it then.
+
+The identity (``reconciliation``; ``ingestd_messages_in_flight`` is the part on its way)::
+
+    received + replayed = stored + duplicates + dead-lettered + control + skipped + dropped
+                          + in_flight   (+ spool_missing: records lost to spool damage, if any)
+
+``received`` counts the messages this run framed off the wire (``dropped`` ones included),
+``replayed`` the records an earlier run received and left in the spool, read by this run.
+
+Loaded by the supervisor, the metrics collector and ``ingestd status``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+CARRIED_KEY = "carried"  # in run/supervisor.json
+# Counter keys of the run files that are not counters (positions, sizes, times): never summed.
+NOT_SUMMED = frozenset({"read_seq", "pending", "last_error_at", "last_batch_size"})
+# The store worker's replay boundary, set by the supervisor for each store worker it starts:
+# ``<through>:<counted>``, records numbered up to ``through`` were in the spool when the daemon
+# started; those up to ``counted`` were already counted as replayed by an earlier store worker.
+REPLAY_ENV = "INGESTD_SPOOL_REPLAY"
+
+
+def num(value: object) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+def counts(value: object) -> dict[str, float]:
+    """A ``{label: count}`` dict from a run file, ignoring anything malformed."""
+    if not isinstance(value, Mapping):
+        return {}
+    return {str(k): num(v) for k, v in value.items()}
+
+
+def section(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """``doc[key]`` if it is a mapping, else an empty one (run files are read, never trusted)."""
+    value = doc.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _is_num(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def add_counters(base: Mapping[str, Any], more: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` + ``more``, key by key: numbers and ``{label: number}`` dicts are summed; other
+    values (and the ``NOT_SUMMED`` keys) are taken from ``more`` if it has them."""
+    out = dict(base)
+    for key, value in more.items():
+        have = out.get(key)
+        if key in NOT_SUMMED or not (_is_num(value) or isinstance(value, Mapping)):
+            out[key] = value
+        elif _is_num(value):
+            total = (have if _is_num(have) else 0) + value
+            out[key] = round(total, 6) if isinstance(total, float) else total
+        else:
+            merged = dict(have) if isinstance(have, Mapping) else {}
+            for label, n in value.items():
+                if _is_num(n):
+                    merged[label] = merged.get(label, 0) + n
+            out[key] = merged
+    return out
+
+
+def add_histograms(base: Mapping[str, Any], more: Mapping[str, Any]) -> dict[str, Any]:
+    """``Histogram.as_dict()`` dicts by name, summed (same buckets; else ``more``'s wins)."""
+    out = dict(base)
+    for name, hist in more.items():
+        have = out.get(name)
+        if (isinstance(have, Mapping) and isinstance(hist, Mapping)
+                and have.get("buckets") == hist.get("buckets")
+                and isinstance(have.get("counts"), list) and isinstance(hist.get("counts"), list)
+                and len(have["counts"]) == len(hist["counts"])):
+            out[name] = {**hist, "counts": [num(a) + num(b) for a, b in
+                                            zip(have["counts"], hist["counts"], strict=True)],
+                         "sum": num(have.get("sum")) + num(hist.get("sum"))}
+        else:
+            out[name] = hist
+    return out
+
+
+def resolved_part(role: str, counters: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a dead worker's counters to carry: all of them, except that the store worker's
+    records read but not resolved (``pending``) are read again by its successor."""
+    out = {k: v for k, v in counters.items() if k not in NOT_SUMMED}
+    if role == "store" and _is_num(out.get("records_read")):
+        out["records_read"] = max(0, int(num(out["records_read"]) - num(counters.get("pending"))))
+    return out
+
+
+class Carried:
+    """The supervisor's sum of one role's dead workers' last published counters."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+        self.counters: dict[str, Any] = {}
+        self.hist: dict[str, Any] = {}
+        self.read_seq = 0  # store: the newest record a dead store worker counted as read
+
+    def carry(self, role: str, pid: int, doc: Mapping[str, Any] | None) -> None:
+        """Add the last status ``doc`` of worker ``pid`` (nothing if it is another process's)."""
+        if doc is None or doc.get("pid") != pid or pid in self.pids:
+            return
+        c = section(doc, "counters")
+        self.pids.append(pid)
+        self.counters = add_counters(self.counters, resolved_part(role, c))
+        self.hist = add_histograms(self.hist, section(doc, "hist"))
+        if isinstance(seq := c.get("read_seq"), int):
+            self.read_seq = max(self.read_seq, seq)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pids": self.pids[-20:], "counters": self.counters, "hist": self.hist}
+
+
+def role_totals(role_doc: Mapping[str, Any] | None,
+                supervisor_doc: Mapping[str, Any] | None, role: str) -> dict[str, Any]:
+    """``role``'s status doc with its ``counters`` (and ``hist``) summed over the daemon run.
+
+    A worker's file still there after the supervisor carried it (same pid) adds nothing more.
+    """
+    doc = dict(role_doc or {})
+    carried = section(section(supervisor_doc or {}, CARRIED_KEY), role)
+    if not carried:
+        return doc
+    pids = carried.get("pids")
+    own = section(doc, "counters")
+    counted = isinstance(pids, list) and doc.get("pid") in pids
+    current = {k: v for k, v in own.items() if k in NOT_SUMMED} if counted else own
+    doc["counters"] = add_counters(section(carried, "counters"), current)
+    doc["hist"] = add_histograms(section(carried, "hist"),
+                                 {} if counted else section(doc, "hist"))
+    return doc
+
+
+def received_total(stream_counters: Mapping[str, Any]) -> float:
+    """Every message framed off the wire.
+
+    The stream worker's ``received`` counts every record handed to the spool; messages not
+    spooled (``spool_full``, ``disk_error``, and a message cut by a connection end,
+    ``cut_by_disconnect``) are in ``dropped`` and added back here so the reconciliation holds.
+    """
+    dropped = counts(stream_counters.get("dropped"))
+    return num(stream_counters.get("received")) + sum(dropped.values())
+
+
+def in_flight(stream: Mapping[str, Any], store_counters: Mapping[str, Any]) -> float:
+    """Messages received (or replayed) but not yet resolved into one of the outcome counters.
+
+    Exact when the workers publish spool positions (stream ``spool.next_seq``, store
+    ``read_seq``): records not yet read plus tweets read into a batch not yet inserted. Without
+    them, the spool backlog (appended, not yet acknowledged) is used: exact whenever the store
+    worker has acknowledged what it counted, at most one batch high while one is being written.
+    """
+    spool = section(stream, "spool")
+    next_seq, read_seq = spool.get("next_seq"), store_counters.get("read_seq")
+    if isinstance(next_seq, int) and isinstance(read_seq, int):
+        # Coverage markers (``spool.markers``: their seqs) take seqs but are not messages.
+        markers = spool.get("markers")
+        unread_markers = sum(1 for m in markers if isinstance(m, int) and m > read_seq) \
+            if isinstance(markers, list) else 0
+        unread = max(next_seq - 1 - read_seq - unread_markers, 0)
+        return unread + num(store_counters.get("pending"))
+    return num(spool.get("records"))
+
+
+def reconciliation(stream: Mapping[str, Any], store: Mapping[str, Any]) -> dict[str, int]:
+    """Both sides of the identity (module doc) from the run's totals (``role_totals``)."""
+    sc, wc = section(stream, "counters"), section(store, "counters")
+    received, replayed = received_total(sc), num(wc.get("replayed"))
+    resolved = (num(wc.get("stored")) + num(wc.get("duplicates"))
+                + sum(counts(wc.get("deadlettered")).values())
+                + sum(counts(wc.get("control")).values())
+                + sum(counts(wc.get("skipped")).values()) + sum(counts(sc.get("dropped")).values()))
+    flight, missing = in_flight(stream, wc), num(wc.get("spool_missing_records"))
+    return {"received": int(received), "replayed": int(replayed), "resolved": int(resolved),
+            "in_flight": int(flight), "spool_missing": int(missing),
+            "difference": int(received + replayed - resolved - flight - missing)}

@@ -1,0 +1,213 @@
+"""The daemon run's counts: across worker restarts, across a daemon restart that replays a spool
+backlog, and the log lines and errors that go with them (real daemon, simulator, Mongo stand-in).
+
+README, "Health and metrics": received + replayed = stored + duplicates + dead-lettered + control +
+skipped + dropped + in flight, and the counters never fall while the supervisor runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from ingestd.control.status import collect, render
+from tests.support.daemon import Daemon, finish, metrics_addr, settings_doc
+from tests.support.mongo import write_target
+from tests.support.mongo_proxy import INSERTS, MongoProxy
+from tests.support.simulator import SimProcess
+from tests.support.wait import wait_until
+from tests.test_metrics import OUTCOMES, Samples, scrape, total, value
+
+SIM_ARGS = ("--rate", "200", "--keepalive", "1", "--control-every", "0")
+
+
+def delivered(sim: SimProcess) -> int:
+    truth = sim.ground_truth()
+    return len(truth.of("tweet")) + len(truth.of("control")) + len(truth.of("bad_line"))
+
+
+def reconciliation(daemon: Daemon) -> dict[str, Any]:
+    """``ingestd status``'s reconciliation (its ``reconcile`` line)."""
+    return dict(collect(daemon.state_dir)["reconciliation"])
+
+
+def wait_reconciled(daemon: Daemon, received: int, replayed: int = 0) -> dict[str, Any]:
+    """Until the run's counts say every message was received and resolved (nothing in flight)
+    and the store worker's checkpoint covers all it read (a kill then loses no count)."""
+    def done() -> dict[str, Any] | None:
+        daemon.assert_running()
+        r = reconciliation(daemon)
+        store = daemon.status("store")
+        checkpointed = (store.get("spool", {}).get("acked_seq")
+                        == store.get("counters", {}).get("read_seq"))
+        ok = (r["received"] == received and r["replayed"] == replayed and r["in_flight"] == 0
+              and r["difference"] == 0 and checkpointed)
+        return r if ok else None
+    result = wait_until(done, 60, f"{received} received (+{replayed} replayed) and resolved")
+    assert result is not None
+    return result
+
+
+def replace(daemon: Daemon, role: str) -> int:
+    """SIGKILL ``role``'s worker; the replacement's pid once it has published its status."""
+    old = daemon.worker_pid(role)
+    os.kill(old, signal.SIGKILL)
+    return wait_until(lambda: (pid if (pid := daemon.status(role).get("pid")) not in (None, old)
+                               else None), 30, f"a new {role} worker")
+
+
+def identity(m: Samples) -> float:
+    """received + replayed - (the outcomes + in flight): 0 when the counters reconcile."""
+    return (value(m, "ingestd_messages_received_total") + value(m, "ingestd_spool_replayed_total")
+            - sum(total(m, name) for name in OUTCOMES) - value(m, "ingestd_messages_in_flight"))
+
+
+def test_counters_keep_counting_across_worker_restarts(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    # One connection per stream worker: 120 messages, then 80 for the replacement.
+    sim = SimProcess(tmp_path / "sim", *SIM_ARGS, script=[
+        [{"deliver": 120}, {"keepalive_only": 600}],
+        [{"deliver": 80}, {"keepalive_only": 600}]]).start()
+    doc = settings_doc(sim.url, mongo_uri, mongo_database, metrics={"listen": "127.0.0.1:0"})
+    daemon = Daemon(tmp_path / "daemon", doc).start()
+    try:
+        daemon.wait_ready()
+        addr = metrics_addr(daemon)
+        wait_reconciled(daemon, 120)
+        before = scrape(addr)
+        replace(daemon, "stream")
+        # the replacement's first report: it has counted (next to) nothing of its own yet
+        after_stream = scrape(addr)
+        after_stream_status = collect(daemon.state_dir)
+        wait_reconciled(daemon, 200)
+        settled = scrape(addr)
+        replace(daemon, "store")
+        after_store = scrape(addr)
+        after_store_status = collect(daemon.state_dir)
+        final = wait_reconciled(daemon, 200)
+        m = scrape(addr)
+        shown = render(collect(daemon.state_dir))
+    finally:
+        finish(daemon, sim)
+
+    for name in ("ingestd_messages_received_total", "ingestd_tweets_stored_total",
+                 "ingestd_records_read_total", "ingestd_stream_connection_attempts_total"):
+        assert value(after_stream, name) >= value(before, name), name
+        assert value(after_store, name) >= value(settled, name), name
+    # the first 120 and what the replacement's connection delivered by its first report
+    assert value(after_stream, "ingestd_messages_received_total") >= 120
+    assert after_stream_status["counters"]["stream"]["received"] >= 120
+    assert value(after_store, "ingestd_tweets_stored_total") == 200
+    assert after_store_status["counters"]["store"]["stored"] == 200
+    assert value(after_store, "ingestd_insert_batch_size_count") >= value(
+        settled, "ingestd_insert_batch_size_count")
+    # the whole run, counted once: as delivered, and reconciling
+    assert value(m, "ingestd_messages_received_total") == delivered(sim) == 200
+    assert value(m, "ingestd_tweets_stored_total") == 200
+    assert value(m, "ingestd_tweets_duplicate_total") == 0
+    assert value(m, "ingestd_records_read_total") == 200
+    assert identity(m) == 0 and final["difference"] == 0
+    assert value(m, "ingestd_worker_restarts_total", role="stream") == 1
+    assert value(m, "ingestd_worker_restarts_total", role="store") == 1
+    assert "stored 200 " in shown
+    assert "reconcile   received 200 + replayed 0 = resolved 200 + in flight 0  (holds)" in shown
+
+
+def test_a_replayed_backlog_reconciles_and_a_stop_while_mongo_hangs_names_the_error(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    sim = SimProcess(tmp_path / "sim", *SIM_ARGS, script=[
+        [{"deliver": 50}, {"keepalive_only": 600}],
+        [{"deliver": 30}, {"keepalive_only": 600}]]).start()
+    with MongoProxy(write_target(mongo_uri)) as proxy:
+        # Run 1: MongoDB takes the first insert and never answers (paused): the 50 messages stay
+        # in the spool, and the stop gives up draining after its budget.
+        proxy.delay_writes(600.0, count=1, commands=INSERTS)
+        doc = settings_doc(sim.url, proxy.uri, mongo_database,
+                           metrics={"listen": "127.0.0.1:0"})
+        doc["mongo"]["timeout_ms"] = 120_000
+        doc["control"]["stop_timeout"] = 2
+        first = Daemon(tmp_path / "daemon", doc).start()
+        try:
+            first.wait_ready()
+            wait_until(lambda: first.counters("stream").get("received") == 50
+                       and first.counters("store").get("pending", 0) > 0, 60,
+                       "50 messages received, a batch waiting for MongoDB")
+            first.stop()  # the store worker, stuck closing its client, may be killed
+        finally:
+            first.kill()
+        (gave_up,) = first.events("store_gave_up")
+        stopped = collect(first.state_dir)["workers"]["store"]
+
+        # Run 2: MongoDB answers again; the new connection delivers 30 more.
+        proxy.pass_through()
+        doc = {**doc, "mongo": {**doc["mongo"], "timeout_ms": 10000},
+               "control": {**doc["control"], "stop_timeout": 10}}
+        second = Daemon(tmp_path / "daemon", doc).start()
+        try:
+            second.wait_ready()
+            addr = metrics_addr(second)
+            wait_reconciled(second, 30, replayed=50)
+            m = scrape(addr)
+            view = collect(second.state_dir)
+            shown = render(view)
+        finally:
+            finish(second, sim)
+
+    assert gave_up["last_error"].startswith("insert: no reply from MongoDB after "), gave_up
+    assert stopped["state"].startswith("stopped: mongo unavailable"), stopped
+    assert stopped["last_error"] == gave_up["last_error"]
+    assert value(m, "ingestd_messages_received_total") == 30
+    assert value(m, "ingestd_spool_replayed_total") == 50
+    assert value(m, "ingestd_records_read_total") == 80
+    assert (value(m, "ingestd_tweets_stored_total") + value(m, "ingestd_tweets_duplicate_total")
+            == 80 == delivered(sim))
+    assert identity(m) == 0
+    store = view["counters"]["store"]
+    assert view["counters"]["stream"]["received"] + store["replayed"] == store["records_read"]
+    assert "replayed 50" in shown
+    assert "reconcile   received 30 + replayed 50 = resolved 80 + in flight 0  (holds)" in shown
+
+
+def test_a_stall_warning_is_logged_once_at_warning_level(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    sim = SimProcess(tmp_path / "sim", *SIM_ARGS, script=[
+        [{"deliver": 5}, {"control": "warning"}, {"deliver": 5}, {"control": "warning"},
+         {"keepalive_only": 600}]]).start()
+    daemon = Daemon(tmp_path / "daemon", settings_doc(sim.url, mongo_uri, mongo_database)).start()
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: daemon.counters("store").get("control", {}).get("warning") == 2, 60,
+                   "both warnings handled by the store worker")
+    finally:
+        finish(daemon, sim)
+    notices = len(sim.ground_truth().control("warning"))
+    lines = [e for e in daemon.log_events()
+             if e.get("level") == "warning" and "warning" in str(e.get("event"))]
+    assert notices == 2
+    assert len(lines) == notices, lines
+    assert all(e["event"] == "stream_warning" and e["role"] == "stream" and e.get("conn") == 1
+               for e in lines), lines
+    assert {e["code"] for e in lines} == {"FALLING_BEHIND"}
+
+
+def test_a_worker_file_already_carried_is_not_counted_twice() -> None:
+    """The supervisor publishes a reaped worker's counts before the replacement overwrites its
+    file: meanwhile the collector must see them once, not twice."""
+    from ingestd.control.tally import Carried, role_totals
+
+    dead = {"pid": 11, "counters": {"stored": 7, "records_read": 9, "pending": 2,
+                                    "read_seq": 12, "deadlettered": {"invalid_json": 1}}}
+    carried = Carried()
+    carried.carry("store", 11, dead)
+    carried.carry("store", 11, dead)  # reaped once; a second look adds nothing
+    supervisor = {"carried": {"store": carried.as_dict()}}
+    same = role_totals(dead, supervisor, "store")["counters"]
+    assert (same["stored"], same["records_read"], same["pending"]) == (7, 7, 2)
+    new = {"pid": 12, "counters": {"stored": 1, "records_read": 3, "pending": 2, "read_seq": 14,
+                                   "deadlettered": {"invalid_json": 2, "oversize": 1}}}
+    both = role_totals(new, supervisor, "store")["counters"]
+    assert (both["stored"], both["records_read"], both["read_seq"]) == (8, 10, 14)
+    assert both["deadlettered"] == {"invalid_json": 3, "oversize": 1}
+    assert carried.read_seq == 12
