@@ -765,6 +765,30 @@ def test_sigkilled_worker_is_replaced_and_nothing_in_the_spool_is_lost(
            f"replayed_duplicates={daemon.counters('store')['duplicates']}")
 
 
+def test_a_replacement_worker_runs_the_settings_in_force_not_an_unreloaded_edit(
+        launch: Launch, mongo_uri: str, mongo_database: str) -> None:
+    """An edit nobody reloaded must not reach the stream: the stream worker's replacement opens
+    its connection with the filters in force (those its generation recorded), not the file's."""
+    sim, daemon = launch("--rate", "200", "--max-tweets", "600", "--keepalive", "1",
+                         "--seed", "73", stream={"track": ["iphone", "ipad"]})
+    daemon.wait_ready()
+    wait_stored(daemon, 100)
+    doc = dict(daemon.doc)
+    doc["stream"] = {**doc["stream"], "track": ["ipod"]}  # valid, but not reloaded
+    daemon.write_settings_atomically(doc)
+    old = daemon.worker_pid("stream")
+    os.kill(old, signal.SIGKILL)
+    new = new_worker(daemon, "stream", old)
+    noted = daemon.wait_log("settings_file_not_in_force", role="stream", pid=new)
+    truth = wait_quiet(daemon, sim, 2, 600, mongo_uri, mongo_database)
+
+    assert noted["generation"] == 1
+    assert connect_tracks(truth) == [["iphone", "ipad"], ["iphone", "ipad"]]
+    wrong = wrongly_matched(mongo_uri, mongo_database, dict(enumerate(connect_tracks(truth), 1)))
+    assert not wrong, f"matched by another connection's filters: {wrong[:5]}"
+    assert not daemon.events("reload_applied", role="stream"), "no reload was asked for"
+
+
 def test_sigstopped_worker_is_detected_and_replaced(launch: Launch) -> None:
     notify = NotifySocket()
     try:

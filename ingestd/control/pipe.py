@@ -13,6 +13,7 @@ A worker turns a ``Reload`` into ``Reloaded(generation, settings)``
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import queue
 import threading
@@ -27,6 +28,16 @@ if TYPE_CHECKING:
     from ingestd.config.schema import Settings
 
 log = structlog.get_logger("ingestd.worker")
+
+
+# The settings in force, as the supervisor hands each worker it starts: the SHA-256 of their
+# text. A worker whose file no longer holds that text (edited since the last reload) waits for the
+# copy the supervisor sends right after the spawn instead of running the file (``worker.boot``).
+IN_FORCE_ENV = "INGESTD_SETTINGS_IN_FORCE"
+
+
+def settings_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -118,11 +118,13 @@ def describe_status(status: int) -> dict[str, Any]:
 @dataclass
 class PoolHooks:
     """What the pool asks of the supervisor: its current ``control`` settings, what to do with
-    a new worker (hand it the settings in force), and what a crash loop means (halt)."""
+    a new worker (hand it the settings in force), what a crash loop means (halt), and what a
+    new worker's environment adds (the digest of the settings in force, ``pipe.IN_FORCE_ENV``)."""
 
     control: Callable[[], ControlView]
     spawned: Callable[[Worker], None]
     crash_loop: Callable[[], None]
+    env: Callable[[], dict[str, str]] = dict
 
 
 class WorkerPool:
@@ -170,7 +172,7 @@ class WorkerPool:
         try:
             proc = subprocess.Popen(self.command(role, generation), stdin=subprocess.PIPE,
                                     close_fds=True, start_new_session=False,
-                                    env=worker_env() | self.role_env(role)
+                                    env=worker_env() | self.role_env(role) | self.hooks.env()
                                     | {BEAT_FD_ENV: str(beat_write)},
                                     pass_fds=(*self.inherited_fds, beat_write))
         except OSError as exc:

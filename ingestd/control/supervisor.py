@@ -46,7 +46,7 @@ from ingestd.config.settings import (
 from ingestd.control import notify as sd
 from ingestd.control import statedir
 from ingestd.control.daemonctl import config_errors, write_verdict
-from ingestd.control.pipe import Reload, Stop
+from ingestd.control.pipe import IN_FORCE_ENV, Reload, Stop, settings_digest
 from ingestd.control.pool import (
     ROLES,
     ControlView,
@@ -175,7 +175,8 @@ class Supervisor:
         self.claim = StateDirClaim(self.state_dir)
         hooks = PoolHooks(control=lambda: self.settings.control,
                           spawned=self.send_settings_in_force,
-                          crash_loop=lambda: self.halt(self.EXIT_TEMPFAIL, "crash loop"))
+                          crash_loop=lambda: self.halt(self.EXIT_TEMPFAIL, "crash loop"),
+                          env=self.in_force_env)
         self.pool = WorkerPool(
             worker_command or functools.partial(default_worker_command, config_path),
             self.state_dir, hooks)
@@ -350,33 +351,32 @@ class Supervisor:
             if role not in self.pool.workers and self.exit_code is None:
                 self.pool.spawn(role, self.standing.generation)
 
+    def in_force_env(self) -> dict[str, str]:
+        """A new worker's note of the settings in force: it waits for them (``send_settings_in_
+        force``) instead of running a file that no longer holds them."""
+        if self.settings_text is None:
+            return {}
+        return {IN_FORCE_ENV: settings_digest(self.settings_text)}
+
     def send_settings_in_force(self, worker: Worker) -> None:
         """Hand a new worker the settings in force if the file no longer holds them.
 
         The file may have been edited since the last reload (and be invalid, or valid but not
         yet reloaded). A replacement worker must run what the others run, and must not exit 78
-        (halting the whole service) over an edit that a SIGHUP would have rejected.
+        (halting the whole service) over an edit that a SIGHUP would have rejected: it knows
+        the settings in force by their digest (``in_force_env``) and waits for this copy before
+        it connects or writes anything, so an edit nobody reloaded never takes effect.
         """
         if self.settings_text is None:
             return
+        if worker.role == "stream":
+            self.stream_started_with = self.settings  # what it runs, whatever the file says
         try:
             file_text = read_config_text(self.config_path)
         except ConfigError:
             file_text = None
-        if worker.role == "stream":
-            self.stream_started_with = self.booted_with(file_text)
         if file_text != self.settings_text:
             worker.pipe.send(Reload(self.standing.generation, self.settings_text))
-
-    def booted_with(self, file_text: str | None) -> SupervisedSettings:
-        """The settings a worker starting now reads at boot: the file's, if it is valid (its
-        start-only keys stay in force after the reload that follows), else those in force."""
-        if file_text is None or file_text == self.settings_text:
-            return self.settings
-        try:
-            return self.loader(file_text, self.config_path)
-        except ConfigError:
-            return self.settings
 
     def handle_exit(self, worker: Worker, status: int) -> None:
         """Decide what a worker's exit means: restart with back-off, or halt on a config error."""

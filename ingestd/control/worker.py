@@ -25,7 +25,13 @@ import structlog
 from ingestd.config.errors import EXIT_CONFIG, ConfigError
 from ingestd.config.schema import Settings
 from ingestd.config.settings import load_settings, load_settings_text, secret_values
-from ingestd.control.pipe import CommandReader, Reload, Reloaded
+from ingestd.control.pipe import (
+    IN_FORCE_ENV,
+    CommandReader,
+    Reload,
+    Reloaded,
+    settings_digest,
+)
 from ingestd.control.runstate import status_path, write_status
 from ingestd.logs import bind_process, configure_logging, register_secret
 from ingestd.spool.watch import drain_wakeups
@@ -79,12 +85,41 @@ def start_worker(config_path: Path, role: str, generation: int) -> WorkerContext
     return WorkerContext(booted, config_path, generation, StopFlag(), control)
 
 
+def _settings_in_force(config_path: Path, control: CommandReader) -> Reloaded | None:
+    """The supervisor's copy of the settings in force when the file no longer holds them (it
+    sends it right after the spawn): a worker must not connect, or write, by an edit that no
+    reload applied. None when the file holds them (or no supervisor said what they are)."""
+    digest = os.environ.get(IN_FORCE_ENV)
+    if not digest:
+        return None
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = None
+    if text is not None and settings_digest(text) == digest:
+        return None
+    sent = control.wait_reload(BOOT_SETTINGS_WAIT)
+    return reload_settings(sent, config_path) if sent else None
+
+
 def boot(config_path: Path, role: str, control: CommandReader) -> Settings | int:
     """Load settings and configure logging; an exit code if the settings are invalid.
 
     A file edited since the last reload may be invalid: the supervisor then sends the settings
     in force right after spawning us, and we run those (it validated them) instead of exiting.
     """
+    if (in_force := _settings_in_force(config_path, control)) is not None:
+        configure_worker_logging(in_force.settings, role)
+        action = "running the settings in force, sent by the supervisor"
+        try:
+            load_settings(config_path)
+        except ConfigError as exc:
+            log.warning("settings_file_invalid", error=str(exc), generation=in_force.generation,
+                        action=action)
+        else:
+            log.warning("settings_file_not_in_force", generation=in_force.generation,
+                        action=f"{action} (the file was edited since the last reload)")
+        return in_force.settings
     try:
         settings = load_settings(config_path)
     except ConfigError as exc:
