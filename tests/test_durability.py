@@ -495,6 +495,31 @@ def fill(path: Path, leave: int) -> Path:
     return filler
 
 
+def disk_drill(tmp_path: Path, standin: MongoStandIn, policy: str, tweets: int, *, rate: int,
+               seed: int, **spool: str) -> tuple[SimProcess, dict[str, Any], Daemon]:
+    """A disk drill's simulator (started), settings (``spool.when_full: policy``) and daemon."""
+    sim = SimProcess(tmp_path / "sim", "--rate", str(rate), "--max-tweets", str(tweets),
+                     "--control-every", "0", "--keepalive", "1", "--seed", str(seed)).start()
+    doc = durable_doc(sim, standin.uri, spool={"when_full": policy, **spool})
+    return sim, doc, Daemon(tmp_path / "daemon", doc)
+
+
+def assert_stored_or_dropped(policy: str, ids: list[int], delivered: set[int],
+                             stream: dict[str, Any], store: dict[str, Any], messages: int) -> None:
+    """Every delivered tweet stored once or counted as dropped with its reason (the disk
+    drills): ``block`` drops nothing, ``drop_newest`` drops only on the disk's account."""
+    dropped = sum(stream["dropped"].values())
+    assert len(ids) == len(set(ids)) and set(ids) <= delivered
+    assert spooled(stream) + dropped == messages == len(delivered)
+    assert len(ids) == store["stored"] + store["duplicates"] == spooled(stream)
+    if policy == "block":
+        assert dropped == 0 and set(ids) == delivered
+    else:
+        assert set(stream["dropped"]) <= {"disk_error", "spool_full"}
+        assert stream["dropped"].get("disk_error", 0) > 0
+        assert len(delivered - set(ids)) == dropped
+
+
 def run_disk_full(tmp_path: Path, standin: MongoStandIn, mounts: list[Path], policy: str,
                   whole_state_dir: bool) -> None:
     # A 12 MiB tmpfs (the spool folder, or the whole state folder) with a filler file leaving
@@ -502,10 +527,8 @@ def run_disk_full(tmp_path: Path, standin: MongoStandIn, mounts: list[Path], pol
     # the spool's own bound. Then the filler goes, MongoDB returns: everything must be stored
     # (block) or exactly the counted drops missing (drop_newest), with no worker restart.
     tweets = 1500
-    sim = SimProcess(tmp_path / "sim", "--rate", "600", "--max-tweets", str(tweets),
-                     "--control-every", "0", "--keepalive", "1", "--seed", "8").start()
-    doc = durable_doc(sim, standin.uri, spool={"when_full": policy, "segment_bytes": "1MiB"})
-    daemon = Daemon(tmp_path / "daemon", doc)
+    sim, _, daemon = disk_drill(tmp_path, standin, policy, tweets, rate=600, seed=8,
+                                segment_bytes="1MiB")
     disk = daemon.state_dir if whole_state_dir else daemon.state_dir / "spool"
     mount_tmpfs(disk, "12m")
     mounts.append(disk)
@@ -533,16 +556,7 @@ def run_disk_full(tmp_path: Path, standin: MongoStandIn, mounts: list[Path], pol
     assert code == 0
     assert not restarts or not any(restarts.values()), f"workers restarted: {restarts}"
     assert state.startswith("connected"), f"the stream still reports {state!r} after recovery"
-    assert len(ids) == len(set(ids)) and set(ids) <= delivered
-    # Every delivered tweet is stored or counted as dropped, with its reason.
-    assert spooled(stream) + dropped == messages == len(delivered)
-    assert len(ids) == store["stored"] + store["duplicates"] == spooled(stream)
-    if policy == "block":
-        assert dropped == 0 and set(ids) == delivered
-    else:
-        assert set(stream["dropped"]) <= {"disk_error", "spool_full"}
-        assert stream["dropped"].get("disk_error", 0) > 0
-        assert len(delivered - set(ids)) == dropped
+    assert_stored_or_dropped(policy, ids, delivered, stream, store, messages)
     figures(f"disk-full {policy}", len(delivered), len(ids), store["duplicates"],
             sum(store["deadlettered"].values()), dropped, drops=stream["dropped"])
 
@@ -740,10 +754,7 @@ def run_small_disk(tmp_path: Path, standin: MongoStandIn, mounts: list[Path],
     # (drop_newest: the stream still delivers once space is back; its first good append is
     # what clears the state, see spool.intake)
     tweets = 15000
-    sim = SimProcess(tmp_path / "sim", "--rate", "1000", "--max-tweets", str(tweets),
-                     "--control-every", "0", "--keepalive", "1", "--seed", "18").start()
-    doc = durable_doc(sim, standin.uri, spool={"when_full": policy})
-    daemon = Daemon(tmp_path / "daemon", doc)
+    sim, _, daemon = disk_drill(tmp_path, standin, policy, tweets, rate=1000, seed=18)
     mount_tmpfs(daemon.state_dir, "8m")
     mounts.append(daemon.state_dir)
     if mongo_down:
@@ -779,16 +790,8 @@ def run_small_disk(tmp_path: Path, standin: MongoStandIn, mounts: list[Path],
     assert not restarts or not any(restarts.values()), f"workers restarted: {restarts}"
     assert not daemon.events("uncaught_exception") and "Traceback" not in daemon.logs()
     assert state.startswith("connected"), f"the stream still reports {state!r} after recovery"
-    assert len(ids) == len(set(ids)) and set(ids) <= delivered
-    assert spooled(stream) + dropped == messages == len(delivered)
-    assert len(ids) == store["stored"] + store["duplicates"] == spooled(stream)
     assert store["spool_missing_records"] == store["spool_corrupt_records"] == 0
-    if policy == "block":
-        assert dropped == 0 and set(ids) == delivered
-    else:
-        assert set(stream["dropped"]) <= {"disk_error", "spool_full"}
-        assert stream["dropped"].get("disk_error", 0) > 0
-        assert len(delivered - set(ids)) == dropped
+    assert_stored_or_dropped(policy, ids, delivered, stream, store, messages)
     figures(f"small-disk {policy} mongo_down={mongo_down}", len(delivered), len(ids),
             store["duplicates"], sum(store["deadlettered"].values()), dropped,
             drops=stream["dropped"])
@@ -840,10 +843,8 @@ def run_read_only(tmp_path: Path, standin: MongoStandIn, mounts: list[Path], pol
     # timeout (10 s): the workers beat through the supervisor's pipe and are not killed. Made
     # writable again, everything resumes by itself.
     tweets = 6000
-    sim = SimProcess(tmp_path / "sim", "--rate", "400", "--max-tweets", str(tweets),
-                     "--control-every", "0", "--keepalive", "1", "--seed", "19").start()
-    doc = durable_doc(sim, standin.uri, spool={"when_full": policy, "segment_bytes": "256KiB"})
-    daemon = Daemon(tmp_path / "daemon", doc)
+    sim, doc, daemon = disk_drill(tmp_path, standin, policy, tweets, rate=400, seed=19,
+                                  segment_bytes="256KiB")
     state = daemon.state_dir if whole_state_dir else daemon.state_dir / "spool"
     try:
         daemon.start().wait_ready()
@@ -893,15 +894,7 @@ def run_read_only(tmp_path: Path, standin: MongoStandIn, mounts: list[Path], pol
     assert daemon.events("spool_write_recovered")
     assert daemon.events("status_write_recovered") or not whole_state_dir
     assert daemon.events("spool_checkpoint_write_recovered")
-    assert len(ids) == len(set(ids)) and set(ids) <= delivered
-    assert spooled(stream) + dropped == messages == len(delivered)
-    assert len(ids) == store["stored"] + store["duplicates"] == spooled(stream)
-    if policy == "block":
-        assert dropped == 0 and set(ids) == delivered
-    else:
-        assert set(stream["dropped"]) <= {"disk_error", "spool_full"}
-        assert stream["dropped"].get("disk_error", 0) > 0
-        assert len(delivered - set(ids)) == dropped
+    assert_stored_or_dropped(policy, ids, delivered, stream, store, messages)
     folder = "state_dir" if whole_state_dir else "spool"
     figures(f"read-only {folder} {policy}", len(delivered), len(ids), store["duplicates"],
             sum(store["deadlettered"].values()), dropped, drops=stream["dropped"])
