@@ -26,8 +26,6 @@ from typing import Any, Literal, get_args
 
 import orjson
 
-from ingestd.spool.format import fsync_dir
-
 DIRNAME = "generations"
 FIRST_FILE = "first"
 KEEP = 256  # generations kept: each file is written once, a few KB (at most ~100 KB)
@@ -143,4 +141,8 @@ def _write_atomically(directory: Path, name: str, data: bytes) -> None:
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, directory / name)
-    fsync_dir(directory)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
