@@ -70,7 +70,8 @@ class StreamRole:
         self.reader.max_wait = self.max_wait
         self.reader.wake_fds.append(wake_on_signals())
         self.passes = 0  # loop passes: published, so that an idle loop is observable
-        self.published_state: str | None = None  # the reader's state in the last status file
+        # the reader's state and the spool's error in the last status file
+        self.published_state: tuple[str, str] | None = None
         # Wall clock since which this instance should stream and has no accepted connection
         # (from the start); None while connected, or standing by (ha.mode: standby).
         self.unconnected_since: float | None = time.time()
@@ -100,8 +101,8 @@ class StreamRole:
         for takeover in self.lease.takeovers():
             self._on_takeover(takeover)
         self.ctx.orphaned()
-        if self.reader.state != self.published_state:
-            self.publish()  # a new state (connected, reconnecting…) shows at once, not ≤ 1 s late
+        if (self.reader.state, self.intake.last_error) != self.published_state:
+            self.publish()  # a new state (connected, disk failing…) shows at once, not ≤ 1 s late
         self.status()
 
     def max_wait(self) -> float:
@@ -143,7 +144,7 @@ class StreamRole:
     def publish(self) -> None:
         """``run/stream.json``: the heartbeat, with the counters and the spool's fill."""
         reader, rules = self.reader, self.rules
-        self.published_state = reader.state
+        self.published_state = (reader.state, self.intake.last_error)
         state = self.intake.last_error or (
             f"degraded: {rules.error}; previous rules still in force" if rules.error
             else self.lease.state(reader.state))

@@ -168,8 +168,11 @@ class GapMarkers:
         try:
             self.seqs.append(append_event(self._spool, event, recv_ns, self.conn_id))
         except SpoolWriteError as exc:  # the disk is failing: the intake reports it too
-            log.error("coverage_marker_lost", marker=event["type"], cause=event.get("cause"),
-                      error=str(exc))
-            return False
+            if exc.kept:  # written (a failed fsync after it): the marker is in the spool
+                self.seqs.append(self._spool.next_seq - 1)
+            else:
+                log.error("coverage_marker_lost", marker=event["type"],
+                          cause=event.get("cause"), error=str(exc))
+                return False
         self.written += 1
         return True

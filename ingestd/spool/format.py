@@ -262,6 +262,9 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+BUFFERS_PER_RECORD = 2  # what encode_records appends per record: its header, its payload
+
+
 def encode_records(
     out: list[bytes],
     seq: int,

@@ -31,6 +31,17 @@ def describe(exc: SpoolWriteError) -> str:
             f"({errno.errorcode.get(code, 'unknown')})")
 
 
+def split_kept(groups: list[Group], kept: int) -> tuple[list[Group], list[Group]]:
+    """``groups`` split after their first ``kept`` messages: (what a failed write still put in
+    the spool, what it did not: to hold or drop). A group may be cut in two."""
+    for i, (items, conn, gen, ns) in enumerate(groups):
+        if kept < len(items):
+            head = [*groups[:i], (items[:kept], conn, gen, ns)] if kept else groups[:i]
+            return head, [(items[kept:], conn, gen, ns), *groups[i + 1:]]
+        kept -= len(items)
+    return groups, []
+
+
 class SpoolIntake:
     """Appends framed messages to the spool; on a disk error holds them and blocks the reader.
 
@@ -84,8 +95,11 @@ class SpoolIntake:
         except SpoolWriteError as exc:
             self.last_error = describe(exc)
             log.error("spool_write_failed", error=self.last_error, policy="drop" if self.drop
-                      else "block")
-            self._hold_or_drop(groups)
+                      else "block", kept=exc.kept)
+            written, rest = split_kept(groups, exc.kept)
+            if written:
+                self.on_written(written[-1][3])
+            self._hold_or_drop(rest)
             return
         self.on_written(groups[-1][3])
         if self.last_error:  # drop_newest holds nothing: the first good append is the recovery
@@ -118,6 +132,9 @@ class SpoolIntake:
                 self.spool.append(*self.held[0])
                 self.on_written(self.held.pop(0)[3])
         except SpoolWriteError as exc:
+            written, self.held[:1] = split_kept(self.held[:1], exc.kept)
+            if written:
+                self.on_written(written[-1][3])
             self.last_error = describe(exc)
             self._retry_at = time.monotonic() + HELD_RETRY_INTERVAL
             return

@@ -14,12 +14,13 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, NoReturn, get_args
 
 import structlog
 
 from ingestd.spool.cursor import last_record
 from ingestd.spool.format import (
+    BUFFERS_PER_RECORD,
     CHECKPOINT,
     FIRST_SEQ,
     Checkpoint,
@@ -55,7 +56,13 @@ Group = tuple[Sequence[tuple[int, bytes]], int, int, int]
 
 
 class SpoolWriteError(OSError):
-    """A write or fsync failed (ENOSPC, EIO…); nothing torn was left behind. ``errno`` is kept."""
+    """A write or fsync failed (ENOSPC, EIO…); nothing torn was left behind. ``errno`` is kept.
+
+    ``kept`` is how many of the call's records (its first ones) are in the spool all the same,
+    numbered and readable as if appended: only the others are to be held or dropped.
+    """
+
+    kept = 0
 
 
 class SpoolWriter:
@@ -129,7 +136,7 @@ class SpoolWriter:
     def append_many(self, groups: Sequence[Group]) -> int:
         """``append`` for several (items, conn_id, generation, recv_ns) groups with one write;
         return the last seq. Fewer, larger writes: a write syscall costs ~12 µs here, plus the
-        copy."""
+        copy. Raises SpoolWriteError, whose ``kept`` says how many records went in."""
         bufs: list[bytes] = []
         seq = self._next_seq
         for items, conn_id, generation, recv_ns in groups:
@@ -140,14 +147,22 @@ class SpoolWriter:
             self._roll()
         nbytes = sum(map(len, bufs))
         self._write(bufs, nbytes)
-        self._mark.note(seq - 1)
-        self._next_seq = seq
+        self._commit(seq - self._next_seq, nbytes)
+        try:
+            self.maybe_sync()
+        except SpoolWriteError as exc:
+            exc.kept = len(bufs) // BUFFERS_PER_RECORD  # written, readable: not to be retried
+            raise
+        return seq - 1
+
+    def _commit(self, records: int, nbytes: int) -> None:
+        """Count ``records`` (``nbytes``) just written as appended."""
+        self._next_seq += records
+        self._mark.note(self._next_seq - 1)
         self._size += nbytes
         self._total += nbytes
         self._sizes[self._name] = self._size
         self._dirty = True
-        self.maybe_sync()
-        return seq - 1
 
     def probe(self, room: int) -> bool:
         """Whether an append of ``room`` bytes should go in now: the segment is open (opening a
@@ -231,27 +246,42 @@ class SpoolWriter:
         return records >= self.max_records or size >= self.max_bytes
 
     def _write(self, bufs: list[bytes], nbytes: int) -> None:
-        """Write all of ``bufs`` (``nbytes`` in all), or undo the part written and raise."""
+        """Write all of ``bufs`` (``nbytes`` in all), or keep the whole records written, undo
+        the rest and raise (see ``_fail``)."""
+        written = 0
         try:
             written = os.writev(self._fd, bufs[:_IOV_MAX])
-            if written != nbytes:  # more than IOV_MAX buffers, or a short write
-                _write_rest(self._fd, bufs, written)
+            while written != nbytes:  # more than IOV_MAX buffers, or a short write
+                written += _write_more(self._fd, bufs, written)
         except OSError as exc:
-            where = str(self.directory / self._name)
-            self._undo()
-            if exc.errno in _DISK_FULL and self._size > 0 and not self._torn:
-                # Roll now: an empty segment needs no data block, and once it exists the reader
-                # can pass this one and delete it as soon as it is stored, which gives the space
-                # back for the retries. (If the new one cannot be opened, the next append tries.)
-                self._roll_wanted = True
-                with contextlib.suppress(SpoolWriteError):
-                    self._roll()
-            raise SpoolWriteError(exc.errno, f"spool write failed: {exc.strerror}", where) from exc
+            self._fail(exc, bufs, written)
 
-    def _undo(self) -> None:
-        """Cut the segment back to before the failed append so no torn record remains."""
+    def _fail(self, exc: OSError, bufs: list[bytes], written: int) -> NoReturn:
+        """A write stopped after ``written`` bytes: keep its whole records, cut off the rest.
+
+        Whole records stay (``SpoolWriteError.kept``): the reader may have read them already, in
+        the instant before this runs, and a record read must not come again with its retry (it
+        was stored twice, counted twice; with ``drop_newest``, stored and counted dropped)."""
+        where = str(self.directory / self._name)
+        records, whole = _whole_records(bufs, written)
+        if whole != written:
+            self._undo(self._size + whole)
+        self._commit(records, whole)
+        if exc.errno in _DISK_FULL and self._size > 0 and not self._torn:
+            # Roll now: an empty segment needs no data block, and once it exists the reader
+            # can pass this one and delete it as soon as it is stored, which gives the space
+            # back for the retries. (If the new one cannot be opened, the next append tries.)
+            self._roll_wanted = True
+            with contextlib.suppress(SpoolWriteError):
+                self._roll()
+        error = SpoolWriteError(exc.errno, f"spool write failed: {exc.strerror}", where)
+        error.kept = records
+        raise error from exc
+
+    def _undo(self, size: int) -> None:
+        """Cut the segment back to ``size`` (a record boundary) so no torn record remains."""
         try:
-            os.ftruncate(self._fd, self._size)
+            os.ftruncate(self._fd, size)
         except OSError:
             self._torn = True
 
@@ -336,17 +366,25 @@ class SpoolWriter:
                 self._first_seq = self._oldest_seq()
 
 
-def _write_rest(fd: int, bufs: list[bytes], written: int) -> None:
-    """Finish a ``writev`` that wrote only ``written`` bytes of ``bufs``, IOV_MAX at a time."""
-    views = [memoryview(b) for b in bufs]
+def _write_more(fd: int, bufs: list[bytes], written: int) -> int:
+    """One more ``writev`` of ``bufs`` past their first ``written`` bytes (IOV_MAX buffers at
+    most); the bytes it wrote."""
     i = 0
-    while True:
-        while i < len(views) and written >= len(views[i]):
-            written -= len(views[i])
-            i += 1
-        if i == len(views):
-            return
-        views[i] = views[i][written:]
-        written = os.writev(fd, views[i : i + _IOV_MAX])
-        if written <= 0:
-            raise OSError(errno.EIO, "write returned 0")
+    while written >= len(bufs[i]):
+        written -= len(bufs[i])
+        i += 1
+    n = os.writev(fd, [memoryview(bufs[i])[written:], *bufs[i + 1 : i + _IOV_MAX]])
+    if n <= 0:
+        raise OSError(errno.EIO, "write returned 0")
+    return n
+
+
+def _whole_records(bufs: list[bytes], written: int) -> tuple[int, int]:
+    """(records, bytes) of the whole records in the first ``written`` bytes of ``bufs``."""
+    records = size = 0
+    for i in range(0, len(bufs), BUFFERS_PER_RECORD):
+        record = sum(map(len, bufs[i : i + BUFFERS_PER_RECORD]))
+        if size + record > written:
+            break
+        records, size = records + 1, size + record
+    return records, size
