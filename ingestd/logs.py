@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import IO, Any, TextIO, cast
 
@@ -141,9 +140,11 @@ class RateLimiter:
     so an error storm costs one line per interval and journald never drops our lines.
     A storm that stops inside its window is not left uncounted: ``flush`` (every half interval
     on the ``log-folds`` thread while events are suppressed; at exit for every window) prints
-    the last suppressed event, stamped now, with `repeated` = the others suppressed before
-    it. Either way every line stands for itself plus its `repeated`: the lines of a key add up
-    to its events.
+    the last suppressed event, with its own time, and `repeated` = the others suppressed before
+    it (so it may follow lines stamped later: sorted by time, lines read in the order things
+    happened; stamped at the flush, a fold of failures read as a new failure after a recovery).
+    Either way every line stands for itself plus its `repeated`: the lines of a key add up to
+    its events.
     """
 
     _MAX_KEYS = 4096
@@ -193,8 +194,6 @@ class RateLimiter:
                     continue
                 if suppressed > 1:
                     event_dict["repeated"] = suppressed - 1
-                if "timestamp" in event_dict:  # printed now: lines stay an interval apart
-                    event_dict["timestamp"] = _utc_now_iso()
                 due.append(event_dict)
                 self._state[key] = (now, 0, None)
         if self.emit is not None:
@@ -240,11 +239,6 @@ class RateLimiter:
                        if now - t >= self.interval and not n]
             for k in expired:
                 del self._state[k]
-
-
-def _utc_now_iso() -> str:
-    """Now as the chain's ``TimeStamper(fmt="iso", utc=True)`` writes it."""
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _truncate_strings(value: object, limit: int) -> object:

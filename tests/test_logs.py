@@ -208,6 +208,23 @@ def test_a_storm_that_stops_inside_its_window_is_still_counted() -> None:
     assert [(e["seq"], e.get("repeated")) for e in lines(buf)][4:] == [(8, None)]
 
 
+def test_a_fold_printed_later_keeps_the_time_of_the_event_it_stands_for() -> None:
+    # The audit's read-only drill: "spool_write_failed repeated=49" printed at its window's end
+    # carried the flush's time, two seconds after "spool_write_recovered", as if the disk had
+    # failed again. The folded line is the last suppressed event: it keeps that event's time,
+    # so the lines sort (jq, journalctl -o json, Loki) in the order things happened.
+    buf, clock = setup()
+    log = get_logger()
+    log.error("spool_write_failed", error="EROFS")
+    log.error("spool_write_failed", error="EROFS")  # suppressed
+    log.info("spool_write_recovered")
+    clock.now += 10
+    flush_repeats()
+    failed, recovered, fold = lines(buf)
+    assert fold["event"] == "spool_write_failed" and "repeated" not in fold  # one, itself
+    assert failed["timestamp"] <= fold["timestamp"] <= recovered["timestamp"], lines(buf)
+
+
 def test_zero_interval_disables_rate_limiting() -> None:
     buf = io.StringIO()
     configure_logging("info", "json", stream=buf, error_interval=0)
