@@ -892,6 +892,13 @@ def run_read_only(tmp_path: Path, standin: MongoStandIn, mounts: list[Path], pol
                                 time.monotonic() - read_only_at > heartbeat + 3),
                        heartbeat + 30, "longer than the heartbeat timeout, read-only", 0.5)
             assert not daemon.events("worker_hung"), daemon.tail()
+            if whole_state_dir:  # what `ingestd status` says: no file is fresh, none can be
+                view = collect(daemon.state_dir)
+                shown = render(view)
+                assert view["health"] == "degraded" and set(view["liveness"].values()) == {
+                    "unknown"}, shown
+                assert "status files cannot be written" in shown, shown
+                assert "read-only file system" in shown and "HUNG" not in shown, shown
         finally:
             remount(state, read_only=False)
         messages = wait_drained(daemon, sim, tweets, timeout=180, stall=60)

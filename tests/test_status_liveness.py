@@ -157,6 +157,54 @@ def test_the_liveness_rule_past_the_heartbeat_timeout(tmp_path: Path) -> None:
         status.render(view)
 
 
+def test_old_files_on_a_read_only_state_folder_are_unknown_not_hung(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No status file can be rewritten (the run folder's file system says read-only): an old
+    file proves nothing (the workers beat to the supervisor through its pipe), so a live
+    process is ``unknown``, degraded with the reason, and counts as up in the metrics; a
+    process that is gone is still not running. (The real mount: tests/test_durability.py,
+    the read-only drills.)"""
+    from ingestd.control.collector import RunStateCollector
+
+    now = time.time()
+    runstate.run_dir(tmp_path)
+    for role, state in (("supervisor", "ready"), ("stream", "connected conn=1 gen=1"),
+                        ("store", "running")):
+        runstate.write_status(tmp_path, role, {"state": state, "time": now - 40})
+
+    def worker_up() -> dict[str, float]:
+        family = next(f for f in RunStateCollector(tmp_path).collect()
+                      if f.name == "ingestd_worker_up")
+        return {s.labels["role"]: s.value for s in family.samples}
+
+    assert set(status.collect(tmp_path)["liveness"].values()) == {"hung"}
+    assert set(worker_up().values()) == {0.0}
+    real = os.statvfs
+
+    class ReadOnly:
+        def __init__(self, path: object) -> None:
+            self.f_flag = real(path).f_flag | os.ST_RDONLY  # type: ignore[arg-type]
+
+    monkeypatch.setattr(status.os, "statvfs", ReadOnly)
+    view = status.collect(tmp_path)
+    text = status.render(view)
+    print("\n" + text)
+    assert view["liveness"] == dict.fromkeys(("supervisor", "stream", "store"), "unknown")
+    assert view["health"] == "degraded" and view["exit_code"] == 1
+    assert view["reasons"] == [
+        f"status files cannot be written ({tmp_path / 'run'}: read-only file system); "
+        "figures up to 40s old, liveness unknown; the logs are live"]
+    assert (f"  stream      pid {os.getpid()} alive (status file not rewritable; 40s old)  "
+            "last state: connected conn=1 gen=1") in text
+    assert set(worker_up().values()) == {1.0}
+
+    doc = runstate.read_status(tmp_path, "store") or {}
+    runstate.status_path(tmp_path, "store").write_bytes(
+        json.dumps({**doc, "pid": _gone_pid()}).encode())
+    view = status.collect(tmp_path)
+    assert view["liveness"]["store"] == "not running" and view["health"] == "down"
+
+
 def _gone_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()

@@ -240,8 +240,9 @@ class RunStateCollector:
     def _workers(self, docs: Mapping[str, Mapping[str, Any]], now: float) -> Iterable[Metric]:
         sup = docs["supervisor"]
         timeout = status.timeout_in_force(sup)
+        frozen = status.files_frozen(self.state_dir) is not None
         yield labelled_gauge("ingestd_worker_up", "1 while the role's process heartbeats.", "role",
-                             {role: 1.0 if status.alive(docs[role], now, timeout) else 0.0
+                             {role: 1.0 if status.alive(docs[role], now, timeout, frozen) else 0.0
                               for role in ("supervisor", "stream", "store")})
         yield gauge("ingestd_config_generation", "Settings generation in force (numbered on "
                     "from the state folder's last run, +1 per successful reload).",

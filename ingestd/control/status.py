@@ -9,13 +9,18 @@ Liveness, one rule for the supervisor and both workers (``liveness``): each rewr
 one alive whose last heartbeat is at most ``LATE_AFTER`` old is ``ok``; older is ``late``, and
 past ``control.heartbeat_timeout`` ``hung`` (both degraded: the process exists but does not
 work; the supervisor replaces a hung worker, nothing replaces a hung supervisor but systemd's
-watchdog). A worker the supervisor had to restart ``CRASH_LOOP_RESTARTS`` times or more within
+watchdog). While the run folder's file system is read-only (``files_frozen``) no status file can
+be rewritten: the workers beat through the supervisor's pipe instead (``control.pool``), so an
+old file proves nothing, and a live process is ``unknown`` rather than late or hung (degraded,
+with the reason; the supervisor still replaces a worker whose beats stop).
+A worker the supervisor had to restart ``CRASH_LOOP_RESTARTS`` times or more within
 ``control.crash_loop_window`` is ``crash-looping`` (down) whether or not its latest process is
 alive at the moment one looks, so that the headline does not flip between two looks.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -78,23 +83,37 @@ def timeout_in_force(supervisor: Mapping[str, Any] | None,
 
 
 def liveness(status: Mapping[str, Any] | None, now: float,
-             timeout: float = DEFAULT_HEARTBEAT_TIMEOUT) -> str:
-    """``ok``, ``late``, ``hung`` or ``not running`` (see the module's doc): a live pid, and
-    the age of its last heartbeat against ``LATE_AFTER`` and the heartbeat timeout."""
+             timeout: float = DEFAULT_HEARTBEAT_TIMEOUT, frozen: bool = False) -> str:
+    """``ok``, ``late``, ``hung``, ``unknown`` or ``not running`` (see the module's doc): a
+    live pid, and the age of its last heartbeat against ``LATE_AFTER`` and the heartbeat
+    timeout; ``frozen``: the status files cannot be rewritten (``files_frozen``)."""
     pid = (status or {}).get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or not pid_alive(pid):
         return "not running"
     age = now - float((status or {}).get("time", 0))
     if age <= min(LATE_AFTER, timeout):
         return "ok"
+    if frozen:
+        return "unknown"
     return "late" if age <= timeout else "hung"
 
 
 def alive(status: Mapping[str, Any] | None, now: float,
-          timeout: float = DEFAULT_HEARTBEAT_TIMEOUT) -> bool:
+          timeout: float = DEFAULT_HEARTBEAT_TIMEOUT, frozen: bool = False) -> bool:
     """Whether the process heart-beats: alive and not past the heartbeat timeout
-    (``ingestd_worker_up``)."""
-    return liveness(status, now, timeout) in ("ok", "late")
+    (``ingestd_worker_up``). With the files frozen, a live process counts: the supervisor sees
+    its beats through the pipe and replaces it once they stop."""
+    return liveness(status, now, timeout, frozen) in ("ok", "late", "unknown")
+
+
+def files_frozen(state_dir: Path) -> str | None:
+    """Why no status file can be rewritten, if the run folder's file system says why: a
+    read-only mount (a file system remounted read-only after errors, a read-only bind)."""
+    try:
+        flags = os.statvfs(state_dir / RUN_DIR).f_flag
+    except OSError:
+        return None
+    return "read-only file system" if flags & os.ST_RDONLY else None
 
 
 def stream_state(state: str) -> str:
@@ -117,7 +136,8 @@ def collect(state_dir: Path, *, heartbeat_timeout: float | None = None) -> dict[
     now = time.time()
     roles = {role: read_status(state_dir, role) for role in ROLES}
     timeout = timeout_in_force(roles["supervisor"], heartbeat_timeout)
-    live = {role: liveness(st, now, timeout) for role, st in roles.items()}
+    frozen = files_frozen(state_dir)
+    live = {role: liveness(st, now, timeout, bool(frozen)) for role, st in roles.items()}
     age = {r: round(now - float(st.get("time", 0)), 1) for r, st in roles.items() if st}
     sup_up = live["supervisor"] != "not running"
     looping = _crash_looping(roles["supervisor"] or {}) if sup_up else {}
@@ -125,6 +145,10 @@ def collect(state_dir: Path, *, heartbeat_timeout: float | None = None) -> dict[
             else f"{NAMES[role]} not running" for role in ROLES
             if role in looping or live[role] == "not running"]
     degraded = [*_unresponsive(live, age, timeout), *_degraded_reasons(roles, now)]
+    if frozen and "unknown" in live.values():
+        oldest = max(age[r] for r in ROLES if live[r] == "unknown")
+        degraded.insert(0, f"status files cannot be written ({state_dir / RUN_DIR}: {frozen}); "
+                        f"figures up to {oldest:.0f}s old, liveness unknown; the logs are live")
     if sup_up and (refused := _reload_refused(roles["supervisor"] or {})):
         degraded.append(refused)
     if down:
@@ -134,8 +158,8 @@ def collect(state_dir: Path, *, heartbeat_timeout: float | None = None) -> dict[
     else:
         code, health, reasons = EXIT_OK, "ok", []
     running = {role: live[role] != "not running" for role in ROLES}
-    records, nbytes = queue(roles["stream"] or {}, roles["store"] or {},
-                            live["stream"] in ("ok", "late"))
+    beating = {role: live[role] in ("ok", "late", "unknown") for role in ROLES}
+    records, nbytes = queue(roles["stream"] or {}, roles["store"] or {}, beating["stream"])
     # the daemon run's counts, across worker restarts (``tally``)
     totals = {role: tally.role_totals(roles[role], roles["supervisor"], role)
               for role in ("stream", "store")}
@@ -143,12 +167,13 @@ def collect(state_dir: Path, *, heartbeat_timeout: float | None = None) -> dict[
             "running": running, "liveness": live, "heartbeat_timeout": timeout,
             "workers": roles, "exit_code": code,
             "queue": {"records": records, "bytes": nbytes,
-                      **bound(roles["stream"] or {}, live["stream"] in ("ok", "late"))},
+                      **bound(roles["stream"] or {}, beating["stream"])},
             "counters": {role: dict(doc.get("counters") or {}) for role, doc in totals.items()},
             "reconciliation": tally.reconciliation(totals["stream"], totals["store"]),
             "heartbeat_age": age,
             # only while the supervisor (whose thread serves it) answers
-            "metrics": metrics_address(state_dir) if live["supervisor"] == "ok" else None}
+            "metrics": metrics_address(state_dir) if live["supervisor"] in ("ok", "unknown")
+            else None}
 
 
 def _unresponsive(live: Mapping[str, str], age: Mapping[str, float],
@@ -415,6 +440,8 @@ def _run(view: dict[str, Any], role: str) -> str:
         return f"pid {st.get('pid', '-')} up"
     if live == "not running":
         return "not running" + since
+    if live == "unknown":  # alive; its status file cannot be rewritten (``files_frozen``)
+        return f"pid {st.get('pid', '-')} alive (status file not rewritable; {age or 0:.0f}s old)"
     return f"pid {st.get('pid', '-')} {live.upper()}{since}"
 
 
