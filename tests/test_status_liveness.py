@@ -14,6 +14,8 @@ import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import time
 import urllib.error
@@ -203,6 +205,27 @@ def test_old_files_on_a_read_only_state_folder_are_unknown_not_hung(
         json.dumps({**doc, "pid": _gone_pid()}).encode())
     view = status.collect(tmp_path)
     assert view["liveness"]["store"] == "not running" and view["health"] == "down"
+
+
+def test_a_scraper_that_hangs_up_leaves_one_log_line_and_no_traceback(running: Daemon) -> None:
+    """A scrape whose client goes away (Prometheus's scrape timeout; here a reset right after
+    the request) is an info line, not an error line followed by a traceback on stdout that
+    breaks the JSON log (the HA audit's frozen-supervisor drill)."""
+    host, port = metrics_addr(running).rsplit(":", 1)
+    for path in ("/metrics", "/healthz", "/metrics"):
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    gone = ("metrics_client_gone", "metrics_request_failed")
+    wait_until(lambda: sum(len(running.events(e)) for e in gone) >= 3, 30,
+               "a log line for each scrape cut short")
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as reply:
+        assert reply.status == 200  # the listener still serves
+    logs = running.logs()
+    assert "Traceback" not in logs and not running.events("metrics_scrape_failed"), logs[-3000:]
+    for line in logs.splitlines():
+        json.loads(line)  # every line is JSON
+    assert all(e["level"] == "info" for name in gone for e in running.events(name))
 
 
 def _gone_pid() -> int:

@@ -19,6 +19,7 @@ import errno
 import functools
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +66,14 @@ def _server_classes() -> tuple[ServerClass, ServerClass]:
             self.registry.register(ProcessCollector(state_dir))
             super().__init__(address, Handler)
 
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            """An exception out of a request (the scraper hung up before its request was read):
+            one log line, where socketserver would print a traceback outside the JSON log."""
+            exc = sys.exc_info()[1]
+            client_gone = isinstance(exc, ConnectionError | TimeoutError)
+            (log.info if client_gone else log.warning)(
+                "metrics_request_failed", error=type(exc).__name__)
+
     class Server6(Server):
         address_family = socket.AF_INET6
 
@@ -75,16 +84,22 @@ def _server_classes() -> tuple[ServerClass, ServerClass]:
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             try:
-                if path == "/metrics":
-                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
-                elif path == "/healthz":
-                    code, body = healthz(self.server.state_dir)
-                    self._send(code, "application/json", body)
-                else:
-                    self._send(404, "text/plain; charset=utf-8", b"try /metrics or /healthz\n")
+                code, content_type, body = self._response(path)
             except Exception as exc:  # a scrape must never take the supervisor down
                 log.error("metrics_scrape_failed", path=path, error=type(exc).__name__)
-                self._send(500, "text/plain; charset=utf-8", b"internal error\n")
+                code, content_type, body = 500, "text/plain; charset=utf-8", b"internal error\n"
+            try:
+                self._send(code, content_type, body)
+            except OSError as exc:  # the scraper hung up (its own timeout): not our failure
+                log.info("metrics_client_gone", path=path, error=type(exc).__name__)
+
+        def _response(self, path: str) -> tuple[int, str, bytes]:
+            if path == "/metrics":
+                return 200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry)
+            if path == "/healthz":
+                code, body = healthz(self.server.state_dir)
+                return code, "application/json", body
+            return 404, "text/plain; charset=utf-8", b"try /metrics or /healthz\n"
 
         def _send(self, code: int, content_type: str, body: bytes) -> None:
             self.send_response(code)
