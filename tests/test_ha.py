@@ -262,6 +262,36 @@ def test_standby_sigkill_the_active_standby_takes_over_nothing_lost(
     assert abs(start - last_a) <= 1.0 and abs(end - first_b) <= 1.0
 
 
+def test_two_instances_given_one_name_do_not_log_each_other_out(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    # The HA audit's high finding: the same ha.instance in both settings files (the README
+    # says to run a pair "with the same settings file"). Before: each took the lease back as
+    # its own restarted process, 32 connections a minute, code-7 logouts, every status ok.
+    sim = sim_for(tmp_path)
+    docs = [ha_doc(sim, mongo_uri, mongo_database, "standby") for _ in "ab"]
+    for doc in docs:
+        doc["ha"]["instance"] = "twin"
+    a, b = Daemon(tmp_path / "a", docs[0]), Daemon(tmp_path / "b", docs[1])
+    try:
+        a.start().wait_ready(BOOT)
+        wait_role(a, "active")
+        b.start().wait_ready(BOOT)
+        conflict = b.wait_log("ha_instance_conflict", 60)
+        assert conflict["other_site"].endswith(f":{(a.state_dir).resolve()}"), conflict
+        renewals = lease_docs(mongo_uri, mongo_database)[0]["renew"]
+        wait_until(lambda: lease_docs(mongo_uri, mongo_database)[0]["renew"] >= renewals + 10,
+                   60, "ten more renewals by A while B stands by")
+        state = str(b.status("stream").get("state"))
+        assert state.startswith("degraded: ha.instance 'twin' is also used"), state
+        assert collect(b.state_dir)["health"] == "degraded"
+        assert ha_view(a)["role"] == "active" and ha_view(a)["takeovers"] == 0
+        assert b.counters("stream").get("attempts") == 0, "B connected"
+        stop_all(b, a)  # B first: A's release would hand the stream to B
+    finally:
+        kill_all(sim, a, b)
+    assert len(open_intervals(sim.ground_truth())) == 1  # one connection: no logouts
+
+
 def test_a_stopped_active_says_it_released_and_a_restart_is_no_takeover(
         tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
     """The audit's sequence: the active stops cleanly (its last status must not claim the
@@ -595,8 +625,8 @@ def leases(mongo_uri: str, mongo_database: str) -> Any:
     client.close()
 
 
-def elector(coll: Any, name: str, clock: Clock) -> LeaseElector:
-    return LeaseElector(coll, "stream:k", name, LEASE, clock=clock)
+def elector(coll: Any, name: str, clock: Clock, site: str = "") -> LeaseElector:
+    return LeaseElector(coll, "stream:k", name, LEASE, clock=clock, site=site)
 
 
 def test_a_standby_takes_over_only_after_the_holder_stopped_streaming(leases: Any) -> None:
@@ -707,6 +737,34 @@ def test_a_restarted_holder_reclaims_its_own_lease(leases: Any) -> None:
     again = elector(leases, "a", clock)
     again.step(0)
     assert again.may_stream() and again.view.takeovers == 0 and not again.takeovers
+
+
+def test_a_second_instance_with_the_same_name_waits_and_says_so(leases: Any) -> None:
+    # The HA audit: two instances configured with the same ha.instance (a copied settings file)
+    # each took the lease back "as its own restarted process", 32 times a minute, and every
+    # status said ok. The site (host:state folder) tells a restart from a namesake.
+    clock = Clock()
+    first = elector(leases, "a", clock, site="h1:/var/lib/ingestd")
+    twin = elector(leases, "a", clock, site="h2:/var/lib/ingestd")
+    first.step(1)
+    for _ in range(10):  # the namesake never takes a live lease; the holder keeps it
+        twin.step(0)
+        assert first.may_stream() and not twin.may_stream() and twin.term is None
+        assert twin.view.conflict and "h1:/var/lib/ingestd" in twin.view.conflict
+        clock.now += renew_interval(LEASE)
+        first.step(2)
+    assert first.view.conflict is None and leases.find_one({"_id": "stream:k"})["term"] == 1
+    restarted = elector(leases, "a", clock, site="h1:/var/lib/ingestd")  # same site: at once
+    restarted.step(3)
+    assert restarted.may_stream() and not restarted.takeovers
+    last_renewal = clock.now  # the holder dies: the namesake takes over like any standby
+    while not twin.may_stream():
+        clock.now += 0.1
+        twin.step(0)
+    assert clock.now >= last_renewal + LEASE
+    (taken,) = twin.takeovers
+    assert taken.counted and taken.previous_holder == "a" and twin.view.takeovers == 1
+    assert twin.view.conflict is None
 
 
 def test_a_takeover_whose_reply_was_lost_is_still_reported(leases: Any) -> None:

@@ -12,16 +12,24 @@ from a date stored in the document: as in Kubernetes' client-go leader election,
 - the holder considers itself active only until the start of its last successful renewal +
   ``lease_seconds`` - ``margin``: earlier than any standby can take over.
 
+The document also names the holder's ``site`` (host name and state folder): a holder that is this
+instance's own name at this site is this instance's previous process (restarted), whose lease is
+taken back at once; the same name at another site is a second instance configured with the same
+``ha.instance`` (a copied settings file), which is waited for like any holder and reported
+(``LeaseView.conflict``), never taken back at once: the two would log each other out for good.
+
 Loaded by the stream worker in standby mode only (it brings pymongo in).
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pymongo
@@ -93,6 +101,9 @@ class LeaseView:
     # clock of the release, and the holder last seen before it (this instance if the active).
     released_at: float | None = None
     last_holder: str | None = None
+    # Another process holds the lease under this instance's own name (``ha.instance`` is not
+    # unique): what ``ingestd status`` says (degraded) while it lasts.
+    conflict: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -103,8 +114,10 @@ class LeaseElector:
     when it expires. Not thread-safe: one thread calls ``step``; others read ``valid_until``."""
 
     def __init__(self, coll: Collection[Document], key: str, instance: str,
-                 lease_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 lease_seconds: float, clock: Callable[[], float] = time.monotonic,
+                 site: str = "") -> None:
         self.coll, self.key, self.instance = coll, key, instance
+        self.site = site  # where this instance runs (host:state folder; see the module doc)
         self.lease_seconds, self.clock = lease_seconds, clock
         self.term: int | None = None  # ours while we hold the lease
         self.valid_until = 0.0  # monotonic; we may stream before it
@@ -207,18 +220,41 @@ class LeaseElector:
         seen = (doc.get("holder"), doc.get("term"), doc.get("renew"))
         if seen != self.observed:
             self.observed, self.observed_at = seen, now
-        if doc.get("holder") not in (None, self.instance):
+        holder = doc.get("holder")
+        if holder is not None and not self._mine(doc):
             self.saw_holder = True
-        self._set_view("standby", doc.get("holder"), 0)
-        free = doc.get("holder") in (None, self.instance)  # released, or ours from a past run
+        self._set_view("standby", holder, 0)
+        self._note_conflict(doc if holder == self.instance and not self._mine(doc) else None)
+        free = holder is None or self._mine(doc)  # released, or ours from a past run
         if free or now - self.observed_at >= self.lease_seconds:
             self._take(doc, now - self.observed_at, last_recv_ns)
+
+    def _mine(self, doc: Mapping[str, Any]) -> bool:
+        """Held (or released) under this instance's name at this site: by this very instance,
+        or its previous process. (A lease written before sites were recorded has none.)"""
+        named = doc.get("holder") or doc.get("released_by")
+        return named == self.instance and doc.get("site") in (None, "", self.site)
+
+    def _note_conflict(self, doc: Mapping[str, Any] | None) -> None:
+        """Report (once per episode) another process holding the lease under our own name."""
+        if doc is None:
+            if self.view.conflict is not None:
+                log.info("ha_instance_conflict_over", instance=self.instance)
+            self.view.conflict = None
+            return
+        if self.view.conflict is None:
+            log.error("ha_instance_conflict", instance=self.instance, site=self.site,
+                      other_site=doc.get("site"),
+                      action="standing by until that process's lease expires; give every "
+                      "instance of the pair its own ha.instance")
+        self.view.conflict = (f"ha.instance {self.instance!r} is also used by the lease's "
+                              f"holder at {doc.get('site')}; each instance needs its own name")
 
     def _create(self, now: float, last_recv_ns: int) -> None:
         try:
             self.coll.insert_one({"_id": self.key, "holder": self.instance, "term": 1,
                                   "renew": 0, "last_recv_ns": last_recv_ns,
-                                  "lease_seconds": self.lease_seconds})
+                                  "lease_seconds": self.lease_seconds, "site": self.site})
         except DuplicateKeyError:
             return  # another instance created it first: watch it from the next step
         self._won(1, now)
@@ -227,7 +263,7 @@ class LeaseElector:
         start = self.clock()
         term = int(doc.get("term") or 0) + 1
         previous = doc.get("holder") or doc.get("released_by")
-        if previous != self.instance:
+        if not self._mine(doc):
             self._attempt = self._takeover(doc, previous, age)
         # else: ours from a past run, or a take whose reply was lost: ``_attempt`` says which
         before = self.coll.find_one_and_update(
@@ -235,7 +271,7 @@ class LeaseElector:
              "renew": doc.get("renew")},
             {"$set": {"holder": self.instance, "term": term, "renew": 0,
                       "last_recv_ns": last_recv_ns, "previous_holder": doc.get("holder"),
-                      "lease_seconds": self.lease_seconds},
+                      "lease_seconds": self.lease_seconds, "site": self.site},
              "$currentDate": {"renewed_at": True}},
             return_document=ReturnDocument.BEFORE)
         attempt, self._attempt = self._attempt, None
@@ -258,6 +294,7 @@ class LeaseElector:
 
     def _won(self, term: int, start: float) -> None:
         self.term, self.saw_holder = term, False
+        self._note_conflict(None)
         self.valid_until = start + self.lease_seconds - margin(self.lease_seconds)
         self._set_view("active", self.instance, term)
         log.info("lease_acquired", term=term, instance=self.instance)
@@ -341,10 +378,16 @@ def open_lease_collection(mongo: MongoSettings, ha: HaSettings) -> Collection[Do
         read_concern=pymongo.read_concern.ReadConcern("majority"))
 
 
-def start_lease(mongo: MongoSettings, ha: HaSettings,
-                last_recv_ns: Callable[[], int]) -> LeaseKeeper:
+def lease_site(state_dir: Path) -> str:
+    """Where an instance runs, as the lease records it: its host and its state folder."""
+    return f"{socket.gethostname()}:{state_dir.resolve()}"
+
+
+def start_lease(mongo: MongoSettings, ha: HaSettings, last_recv_ns: Callable[[], int],
+                state_dir: Path) -> LeaseKeeper:
     coll = open_lease_collection(mongo, ha)
-    elector = LeaseElector(coll, ha.lease_key, ha.instance, ha.lease_seconds)
+    site = lease_site(state_dir)
+    elector = LeaseElector(coll, ha.lease_key, ha.instance, ha.lease_seconds, site=site)
     log.info("lease_watch_started", instance=ha.instance, key=ha.lease_key,
-             lease_seconds=ha.lease_seconds, collection=ha.collection)
+             lease_seconds=ha.lease_seconds, collection=ha.collection, site=site)
     return LeaseKeeper(elector, last_recv_ns).start()

@@ -73,6 +73,8 @@ class StandbyGate:
             return reader_state
         if view.last_error:  # nobody may be streaming: the operator must know
             return f"degraded: lease unreachable ({view.last_error}); not streaming"
+        if view.conflict:
+            return f"degraded: {view.conflict}; standing by"
         return (f"standby: lease held by {view.holder}" if view.holder
                 else "standby: acquiring the lease")
 
@@ -105,4 +107,5 @@ def open_gate(settings: Settings, last_recv_ns: Callable[[], int]) -> LeaseGate:
         return OpenGate(ha.mode)
     from ingestd.control.lease import start_lease  # pymongo: standby mode only
 
-    return StandbyGate(start_lease(settings.mongo, ha, last_recv_ns), ha.instance)
+    return StandbyGate(start_lease(settings.mongo, ha, last_recv_ns, settings.state_dir),
+                       ha.instance)
