@@ -41,6 +41,7 @@ from ingestd.control.lease import (
 from ingestd.control.lease_gate import StandbyGate
 from ingestd.control.runstate import RUN_DIR, status_path, write_status
 from ingestd.control.status import collect, render
+from ingestd.sink.coverage import instance_name
 from tests.support.creds import CREDS
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.mongo import stored_ids
@@ -328,11 +329,11 @@ def test_a_stopped_active_says_it_released_and_a_restart_is_no_takeover(
         kill_all(sim, a, b)
 
 
-def takeover_gaps(uri: str, db: str) -> list[dict[str, Any]]:
+def takeover_gaps(uri: str, db: str, cause: str = "takeover") -> list[dict[str, Any]]:
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
         uri, tz_aware=True, serverSelectionTimeoutMS=10000)
     try:
-        return list(client[db].coverage.find({"kind": "gap", "cause": "takeover"}))
+        return list(client[db].coverage.find({"kind": "gap", "cause": cause}))
     finally:
         client.close()
 
@@ -429,6 +430,13 @@ def test_standby_holder_cut_off_from_mongodb_closes_before_the_takeover(
             wait_until(lambda: a.events("lease_lost"), 30, "A sees it lost the lease")
             wait_all_stored(mongo_uri, mongo_database, sim, conns=2)
             assert ha_view(a)["role"] == "standby" and a.counters("stream")["attempts"] == 1
+            # A's stand-down gap says why: it could not renew (not "lost": nobody had taken
+            # it yet; "lapsed" if the renewal's own timeout had not fired by then)
+            a_name = instance_name(a.state_dir)  # the ledger's name for A
+            (gap,) = wait_until(lambda: [g for g in takeover_gaps(
+                mongo_uri, mongo_database, "standby") if g["instance"] == a_name], 30,
+                "A's stand-down gap in the ledger")
+            assert gap["detail"]["lease"] in ("unreachable", "lapsed"), gap
             stop_all(a, b)
     finally:
         kill_all(sim, a, b)
@@ -765,6 +773,27 @@ def test_a_second_instance_with_the_same_name_waits_and_says_so(leases: Any) -> 
     (taken,) = twin.takeovers
     assert taken.counted and taken.previous_holder == "a" and twin.view.takeovers == 1
     assert twin.view.conflict is None
+
+
+def test_a_stand_down_says_why_the_lease_said_no(leases: Any) -> None:
+    # The HA audit: a holder cut off from MongoDB recorded its outage as a plain "standby" gap,
+    # as if another instance had the stream; nobody had, and no takeover gap told the hole.
+    clock = Clock()
+    a = elector(leases, "a", clock)
+    a.step(1)
+    gate = StandbyGate(LeaseKeeper(a, lambda: 0), "a")  # not started: stepped by hand
+    clock.now += LEASE  # no renewal in time, no error seen (a frozen host)
+    assert not gate.may_stream() and gate.stand_down_why() == "lapsed"
+    a.view.last_error = "ServerSelectionTimeoutError: …"  # what a failed step records
+    assert gate.stand_down_why() == "unreachable"
+    b = elector(leases, "b", clock)
+    b.step(0)
+    clock.now += LEASE
+    b.step(0)  # unchanged for a lease on B's clock: B takes it
+    assert b.may_stream()
+    a.view.last_error = None
+    a.step(2)  # A's renewal finds B's term
+    assert a.view.holder == "b" and gate.stand_down_why() == "lost"
 
 
 def test_a_takeover_whose_reply_was_lost_is_still_reported(leases: Any) -> None:

@@ -21,6 +21,7 @@ class LeaseGate(Protocol):
     drain_budget: float  # seconds a stand-down may still read: less than the lease's margin
 
     def may_stream(self) -> bool: ...
+    def stand_down_why(self) -> str | None: ...
     def takeovers(self) -> list[Takeover]: ...
     def state(self, reader_state: str) -> str: ...
     def view(self) -> dict[str, Any]: ...
@@ -36,6 +37,9 @@ class OpenGate:
 
     def may_stream(self) -> bool:
         return True
+
+    def stand_down_why(self) -> str | None:
+        return None
 
     def takeovers(self) -> list[Takeover]:
         return []
@@ -64,6 +68,13 @@ class StandbyGate:
 
     def takeovers(self) -> list[Takeover]:
         return self.keeper.take_takeovers()
+
+    def stand_down_why(self) -> str | None:
+        """Why this instance may not stream (the stand-down gap's ``lease`` detail)."""
+        view = self.keeper.elector.view
+        if view.last_error:
+            return "unreachable"
+        return "lost" if view.holder not in (None, self.instance) else "lapsed"
 
     def state(self, reader_state: str) -> str:
         view = self.keeper.elector.view

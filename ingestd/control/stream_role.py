@@ -57,6 +57,7 @@ class StreamRole:
         reader = self.reader
         self.lease: LeaseGate = open_gate(settings, lambda: reader.last_message_ns)
         reader.may_connect = self.lease.may_stream
+        reader.stand_down_why = self.lease.stand_down_why
         reader.stand_down_drain = self.lease.drain_budget
         if not isinstance(self.lease, OpenGate):
             reader.gather_seconds = 0.0  # see StreamReader.gather_seconds and max_wait below

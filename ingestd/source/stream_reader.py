@@ -13,7 +13,7 @@ import dataclasses
 import math
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import pycurl
 import structlog
@@ -112,6 +112,8 @@ class StreamReader:
         # The standby lease (ha.mode: standby): no connection is opened, and every open one is
         # closed, while this says no. Always yes in the other modes.
         self.may_connect = may_connect
+        # Why the lease says no, for the stand-down's gap (``LeaseGate.stand_down_why``).
+        self.stand_down_why: Callable[[], str | None] = lambda: None
         self.stand_down_drain = STAND_DOWN_DRAIN
         # The slow-stream pause (0: none). A standby pair's holder sets 0: its lease margin counts
         # on a look at the lease every TICK, and a pause would be added to that reaction time.
@@ -307,11 +309,11 @@ class StreamReader:
             self._reap()
             if self.stats.bytes == before:
                 break
-        active = self.active
+        active, why = self.active, self._why()
         for conn in self._connections():
             self._end(conn, Ending.ABORTED)
         if active is not None:
-            self._mark_gap(active, Ending.ABORTED, cause="standby")
+            self._mark_gap(active, Ending.ABORTED, cause="standby", more=why)
         else:  # it ended while draining (the endpoint's logout notice was in the socket)
             self._mark_standby()
         self._flush()
@@ -327,7 +329,14 @@ class StreamReader:
         handover to the new holder looks for it."""
         if self._markers is not None:
             self._flush()
-            self._markers.gap("standby")
+            self._markers.gap("standby", detail=self._why())
+
+    def _why(self) -> dict[str, str]:
+        """The stand-down gap's ``lease`` detail: ``lost`` (another instance holds it),
+        ``unreachable`` (it could not be renewed: then nobody streams, and no instance writes a
+        takeover gap) or ``lapsed`` (not renewed in time, no error known: a frozen process)."""
+        why = self.stand_down_why()
+        return {"lease": why} if why else {}
 
     def _connections(self) -> list[Connection]:
         return [c for c in (self.pending, self.active, *self.retiring) if c is not None]
@@ -449,16 +458,17 @@ class StreamReader:
         self._mark_gap(conn, ending)
         self._schedule_reconnect(conn, ending, errmsg)
 
-    def _mark_gap(self, conn: Connection, ending: Ending, cause: str | None = None) -> None:
+    def _mark_gap(self, conn: Connection, ending: Ending, cause: str | None = None,
+                  more: Mapping[str, object] | None = None) -> None:
         """The active connection ended: the stream stops delivering (coverage marker); ``cause``
-        overrides the one its ending implies."""
+        overrides the one its ending implies; ``more`` is added to its detail."""
         if self._markers is None:
             return
         self._flush()  # what it delivered goes before the marker
         code = conn.disconnect.get("code") if conn.disconnect else None
         detail = {"conn": conn.conn_id, "ending": ending.value,
                   **({"status": conn.status} if conn.status not in (0, 200) else {}),
-                  **({"code": code} if isinstance(code, int | str) else {})}
+                  **({"code": code} if isinstance(code, int | str) else {}), **(more or {})}
         self._markers.gap(cause or GAP_CAUSES[ending], detail=detail)
 
     def _retired(self, conn: Connection, ending: Ending) -> None:
