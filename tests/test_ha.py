@@ -49,6 +49,7 @@ from tests.support.mongo_proxy import MongoProxy
 from tests.support.prometheus import ALERT_RULES, Prometheus, find_binary, free_port
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
+from tests.test_control import operator_cli
 
 LEASE = 3.0  # seconds: small, so takeovers are quick; the renewals stay well inside it
 PER_CONN = 600  # tweets per connection (--max-tweets)
@@ -286,6 +287,15 @@ def test_two_instances_given_one_name_do_not_log_each_other_out(
         assert state.startswith("degraded: ha.instance 'twin' is also used"), state
         assert collect(b.state_dir)["health"] == "degraded"
         assert ha_view(a)["role"] == "active" and ha_view(a)["takeovers"] == 0
+        # A standby's reload changes no connection, and `ingestd reload` says so (the audit:
+        # "new connection (stream.track changed)" for one it never opened)
+        doc = dict(b.doc)
+        doc["stream"] = {**doc["stream"], "track": [*doc["stream"]["track"], "standbyword"]}
+        b.write_settings_atomically(doc)
+        reload = operator_cli("reload", daemon=b)
+        assert reload.returncode == 0, reload.stdout + reload.stderr
+        assert "track +standbyword; no connection to change, standing by (stream.track " \
+            "changed: used once this instance becomes active)" in reload.stdout, reload.stdout
         assert b.counters("stream").get("attempts") == 0, "B connected"
         stop_all(b, a)  # B first: A's release would hand the stream to B
     finally:
@@ -643,6 +653,7 @@ def test_a_standby_takes_over_only_after_the_holder_stopped_streaming(leases: An
     a.step(1)
     b.step(0)
     assert a.may_stream() and not b.may_stream()
+    assert (b.view.role, b.view.holder, b.view.term) == ("standby", "a", a.term)  # audit: 0
     for _ in range(10):  # A renews every interval: B never takes over
         clock.now += renew_interval(LEASE)
         a.step(2)
@@ -891,6 +902,11 @@ def test_status_and_metrics_show_role_holder_and_takeovers(tmp_path: Path) -> No
     at = lines.index(
         "  ha          standby (h2:1)  lease holder h1:9  takeovers 2  lease failures 1")
     assert lines[at + 1] == "              lease stream:0123"
+    # The lease unreachable: the holder last seen (itself, say) is not called the holder (the
+    # HA audit: "standby (ingest-b) lease holder ingest-b" while nobody could hold it)
+    ha.update(holder="h2:1", last_error="ServerSelectionTimeoutError: …")
+    assert "  ha          standby (h2:1)  lease unreachable (last seen held by h2:1)  " \
+        "takeovers 2  lease failures 1" in render(view).splitlines()
 
 
 def ha_active(state_dir: Path) -> tuple[dict[str, str], float]:

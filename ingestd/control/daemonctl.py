@@ -245,8 +245,10 @@ def report(verdict: Verdict | None, state_dir: Path, timeout: float, *,
         return EXIT_UNAVAILABLE
     if v2_rules and (code := report_rules(verdict, state_dir, timeout)) is not None:
         return code
+    stream = runstate.read_status(state_dir, "stream") or {}
+    standing_by = isinstance(ha := stream.get("ha"), dict) and ha.get("role") == "standby"
     print(f"reload applied: generation {verdict.generation} (pid {verdict.pid})"
-          f"{describe(verdict.changes)}")
+          f"{describe(verdict.changes, standing_by)}")
     if later := verdict.changes.get("restart_needed"):
         verb = "takes" if len(later) == 1 else "take"
         print(f"note: {', '.join(map(str, later))} {verb} effect only after a restart "
@@ -271,10 +273,11 @@ def report_rules(verdict: Verdict, state_dir: Path, timeout: float) -> int | Non
     return None
 
 
-def describe(changes: Mapping[str, Any]) -> str:
+def describe(changes: Mapping[str, Any], standing_by: bool = False) -> str:
     """``; track +ipod -iphone; new connection (stream.track changed)`` from the supervisor's
     reload fields, or a note that the connection stays. Whether it reconnects is the daemon's
-    own ``filter_changed`` (the reader's rule), never guessed from the diff."""
+    own ``filter_changed`` (the reader's rule), never guessed from the diff. A standby of a pair
+    (``standing_by``) has no connection: its first one, once active, uses the new filters."""
     diff = changes.get("filter_diff")
     parts = [f"{name} " + " ".join([f"+{v}" for v in d.get("added", [])]
                                    + [f"-{v}" for v in d.get("removed", [])])
@@ -287,5 +290,8 @@ def describe(changes: Mapping[str, Any]) -> str:
         return "; filters unchanged (no reconnect)"
     keys = changes.get("reconnect") or ["stream settings"]
     notes = [", ".join(parts)] if parts else []
-    notes.append(f"new connection ({', '.join(map(str, keys))} changed)")
+    changed_keys = ", ".join(map(str, keys))
+    notes.append(f"no connection to change, standing by ({changed_keys} changed: used once "
+                 "this instance becomes active)" if standing_by
+                 else f"new connection ({changed_keys} changed)")
     return "; " + "; ".join(notes)

@@ -207,7 +207,7 @@ class LeaseElector:
         log.warning("lease_lost", term=self.term, holder=holder,
                     action="stream closed; the spool keeps draining into MongoDB")
         self.term, self.observed = None, None
-        self._set_view("standby", holder, 0)
+        self._set_view("standby", holder, _term(doc) if doc else 0)
 
     # -- watching --------------------------------------------------------------------------
 
@@ -223,7 +223,7 @@ class LeaseElector:
         holder = doc.get("holder")
         if holder is not None and not self._mine(doc):
             self.saw_holder = True
-        self._set_view("standby", holder, 0)
+        self._set_view("standby", holder, _term(doc))  # the holder's term, as last seen
         self._note_conflict(doc if holder == self.instance and not self._mine(doc) else None)
         free = holder is None or self._mine(doc)  # released, or ours from a past run
         if free or now - self.observed_at >= self.lease_seconds:
@@ -303,6 +303,11 @@ class LeaseElector:
         self.view.role, self.view.term = role, term
         self.view.holder = holder if isinstance(holder, str) else None
         self.view.released_at = self.view.last_holder = None
+
+
+def _term(doc: Mapping[str, Any]) -> int:
+    term = doc.get("term")
+    return term if isinstance(term, int) and not isinstance(term, bool) else 0
 
 
 class LeaseKeeper:

@@ -384,6 +384,8 @@ def _holder(ha: Mapping[str, Any]) -> str:
         return f"lease released at {utc_text(ha.get('released_at'))}"
     if ha.get("role") == "stopped":
         return f"lease last held by {ha.get('last_holder') or '-'}"
+    if ha.get("last_error"):  # the holder last seen: nobody may hold it now (not even itself)
+        return f"lease unreachable (last seen held by {ha.get('holder') or '-'})"
     return f"lease holder {ha.get('holder') or '-'}"
 
 
