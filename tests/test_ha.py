@@ -907,6 +907,11 @@ def test_status_and_metrics_show_role_holder_and_takeovers(tmp_path: Path) -> No
     ha.update(holder="h2:1", last_error="ServerSelectionTimeoutError: …")
     assert "  ha          standby (h2:1)  lease unreachable (last seen held by h2:1)  " \
         "takeovers 2  lease failures 1" in render(view).splitlines()
+    # A frozen (hung) active: its file still calls it the holder; the line says it is old
+    ha.update(role="active", holder="h2:1", last_error=None)
+    view["liveness"] = {"supervisor": "ok", "stream": "hung", "store": "ok"}
+    assert "  ha          last said: active (h2:1)  lease holder h2:1  takeovers 2  " \
+        "lease failures 1" in render(view).splitlines()
 
 
 def ha_active(state_dir: Path) -> tuple[dict[str, str], float]:

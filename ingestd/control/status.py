@@ -341,7 +341,8 @@ def _stream_lines(view: dict[str, Any]) -> list[str]:
         f"keep-alives {c.get('keepalives', 0)}  limit-missed {c.get('limit_missed', 0)}  "
         f"dropped {dropped}",
         f"              connection ends {endings}  back-off {stream.get('backoff') or 0:.1f}s",
-        *_ha_lines(dict(stream.get("ha") or {})),
+        *_ha_lines(dict(stream.get("ha") or {}),
+                   dict(view.get("liveness") or {}).get("stream", "ok") != "ok"),
         f"  queue       {spool.get('records', 0)} records / {spool.get('bytes', 0) / 1e6:.1f} MB "
         f"waiting in the spool{_bound_text(spool)}",
         *_full_lines(spool),
@@ -366,13 +367,17 @@ def _full_lines(spool: Mapping[str, Any]) -> list[str]:
             "held back (when_full: block)"]
 
 
-def _ha_lines(ha: dict[str, Any]) -> list[str]:
-    """Standby/redundant role, lease holder and takeovers (nothing for a single daemon)."""
+def _ha_lines(ha: dict[str, Any], stale: bool = False) -> list[str]:
+    """Standby/redundant role, lease holder and takeovers (nothing for a single daemon);
+    ``stale``: the stream worker is not up, so this is what it last said (a frozen active's
+    file still calls it the holder while the standby takes over)."""
     if ha.get("mode", "single") == "single":
         return []
     if ha["mode"] == "redundant":
         return ["  ha          redundant: every instance streams"]
-    return [f"  ha          {ha.get('role', '-')} ({ha.get('instance', '-')})  {_holder(ha)}  "
+    last = "last said: " if stale else ""
+    return [f"  ha          {last}{ha.get('role', '-')} ({ha.get('instance', '-')})  "
+            f"{_holder(ha)}  "
             f"takeovers {ha.get('takeovers', 0)}  lease failures {ha.get('renew_failures', 0)}",
             # the pair's name in the alerts (their ``lease`` label)
             f"              lease {ha.get('lease') or '-'}"]
