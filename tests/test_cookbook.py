@@ -123,8 +123,15 @@ def expect_keyword_hours(docs: list[Doc]) -> Counter[tuple[str, datetime]]:
                    for d in docs for t in d["_ingest"]["matched"]["track"])
 
 
+def full_hashtags(d: Doc) -> set[str]:
+    """A tweet's hashtags, lower-cased, from the tweet's entities and its full text's
+    (``extended_tweet``: a stream's tweet over 140 characters is cut, its entities too)."""
+    holders = (d, d.get("extended_tweet") or {})
+    return {h["text"].lower() for x in holders for h in x.get("entities", {}).get("hashtags", [])}
+
+
 def expect_top_hashtags(docs: list[Doc], limit: int = 10) -> list[tuple[str, int]]:
-    uses = Counter(h["text"].lower() for d in docs for h in d["entities"]["hashtags"])
+    uses = Counter(t for d in docs for t in full_hashtags(d))
     return sorted(uses.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
 
 
@@ -181,10 +188,7 @@ def test_tweets_in_configured_box(cook: dict[str, Callable[..., Any]], tweets: C
 
 def test_tweets_with_hashtag(cook: dict[str, Callable[..., Any]], tweets: Coll,
                              docs: list[Doc]) -> None:
-    def tags(d: Doc) -> set[str]:
-        holders = (d, d.get("extended_tweet") or {})
-        return {h["text"].lower() for x in holders
-                for h in x.get("entities", {}).get("hashtags", [])}
+    tags = full_hashtags
     counts = Counter(t for d in docs for t in tags(d))
     assert counts, "the tweets carry hashtags"
     tag = counts.most_common(1)[0][0]
@@ -198,13 +202,21 @@ def test_top_hashtags_whole_collection(cook: dict[str, Callable[..., Any]], twee
     # STAND-IN EQUIVALENT of top_hashtags when the window holds every document: the same
     # pipeline without its $match stage (the recipe itself runs in the real-server test).
     got = list(tweets.aggregate([
-        {"$unwind": "$entities.hashtags"},
-        {"$group": {"_id": {"$toLower": "$entities.hashtags.text"}, "uses": {"$sum": 1}}},
+        {"$project": {"tag": "$_ingest.hashtags"}},
+        {"$unwind": "$tag"},
+        {"$group": {"_id": "$tag", "uses": {"$sum": 1}}},
         {"$sort": {"uses": -1, "_id": 1}},
         {"$limit": 10},
     ]))
     assert [(g["_id"], g["uses"]) for g in got] == expect_top_hashtags(docs)
     assert got, "the tweets carry hashtags"
+    # the analyst audit: the two hashtag recipes agree (uses = tweets "with hashtag X")
+    start, end = whole(docs)
+    for g in got[:3]:
+        assert len(cook["tweets_with_hashtag"](tweets, g["_id"], start, end)) == g["uses"]
+    # and the full text's hashtags count: some tweets here have more than their entities say
+    assert any(full_hashtags(d) - {h["text"].lower() for h in d["entities"]["hashtags"]}
+               for d in docs), "no truncated tweet with a hashtag past the cut"
 
 
 def test_keyword_hours_whole_collection(tweets: Coll, docs: list[Doc]) -> None:

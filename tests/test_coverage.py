@@ -703,6 +703,21 @@ def test_coverage_table_lists_every_cause_of_the_hours_gaps() -> None:
         "  not_started,http_error,stopped,reconnect,rate_limited")
 
 
+def test_coverage_table_shows_whole_instance_names_in_aligned_columns() -> None:
+    # The analyst audit: names were cut to their last 30 characters, dropping the host, so two
+    # hosts with the same state folder read the same.
+    h = HOUR_NS
+    names = ["analytics-host-01:/var/lib/ingestd/instances/news",
+             "analytics-host-02:/var/lib/ingestd/instances/news", "b"]
+    gaps = [{"instance": name, "start_ns": 10 * h, "end_ns": 10 * h + 60 * 10**9,
+             "cause": "reconnect", "causes": ["reconnect"]} for name in names]
+    rows = build_rows([], gaps, 10 * h, 11 * h, now_ns=12 * h)
+    lines = render(rows).splitlines()
+    assert [n for n in names if any(f" {n} " in line for line in lines[1:])] == names
+    ends = {line.index(" 0 ") + 1 for line in lines[1:]}  # the tweets column, right-aligned
+    assert ends == {lines[0].index("tweets") + len("tweets") - 1}, lines
+
+
 def coverage_cli(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWITTER_")}  # no secrets
     return subprocess.run([sys.executable, "-m", "ingestd", "coverage", "--config",

@@ -174,11 +174,14 @@ def fetch(settings: Settings, since: datetime, until: datetime, instance: str | 
 
 
 def render(rows: list[HourRow]) -> str:
-    head = (f"{'hour (UTC)':<21} {'instance':<30} {'tweets':>8} {'undelivered':>11} "
+    # The whole instance name (host:state folder): a cut one hid the host, and two hosts'
+    # rows read the same (the analyst audit).
+    wide = max([len("instance"), *(len(r.instance) for r in rows)])
+    head = (f"{'hour (UTC)':<21} {'instance':<{wide}} {'tweets':>8} {'undelivered':>11} "
             f"{'offline s':>9} {'covered':>8}  causes")
     lines = [head]
     for r in rows:
-        lines.append(f"{r.hour:<21} {r.instance[-30:]:<30} {r.tweets:>8} {r.undelivered:>11} "
+        lines.append(f"{r.hour:<21} {r.instance:<{wide}} {r.tweets:>8} {r.undelivered:>11} "
                      f"{r.offline_seconds:>9.1f} {r.covered_percent:>7.2f}%  "
                      f"{','.join(r.causes) or '-'}")
     if not rows:
