@@ -642,3 +642,34 @@ def test_cli_v2_only_needs_only_the_bearer_token(tmp_path: Path) -> None:
     assert "set TWITTER_CONSUMER_SECRET, TWITTER_ACCESS_TOKEN, TWITTER_ACCESS_TOKEN_SECRET or" \
         in both.stderr
     assert "TWITTER_CONSUMER_KEY" not in both.stderr and "TWITTER_BEARER_TOKEN" in both.stderr
+
+
+def test_generated_entities_point_at_their_text_and_retweets_carry_the_originals() -> None:
+    # The analyst audit: 4,020 of 8,882 generated retweets had no hashtags in their entities
+    # although their text showed the original's; the endpoint gives a retweet the original's
+    # entities that its (cut) "RT @name: …" text still shows, moved past the prefix.
+    import random
+
+    from ingestd.simulator.generator import Snowflake, TweetGenerator
+    from ingestd.simulator.params import StreamParams
+
+    gen = TweetGenerator(StreamParams(track=("iphone", "coffee music")), random.Random(7),
+                         Snowflake())
+    carried = 0
+    for tweet in (gen.matching() for _ in range(3000)):
+        for holder in (tweet, tweet.get("retweeted_status") or {}):
+            text = holder.get("text", "")
+            for h in holder.get("entities", {}).get("hashtags", []):
+                assert text[h["indices"][0]:h["indices"][1]] == "#" + h["text"], (text, h)
+            for m in holder.get("entities", {}).get("user_mentions", []):
+                assert text[m["indices"][0]:m["indices"][1]] == "@" + m["screen_name"]
+        original = tweet.get("retweeted_status")
+        if original is None:
+            continue
+        prefix = len(f"RT @{original['user']['screen_name']}: ")
+        source = original.get("extended_tweet", {}).get("entities") or original["entities"]
+        shown = [h["text"] for h in source["hashtags"]
+                 if prefix + h["indices"][1] <= len(tweet["text"])]
+        assert [h["text"] for h in tweet["entities"]["hashtags"]] == shown
+        carried += bool(shown)
+    assert carried > 10, "retweets whose text shows a hashtag"

@@ -322,7 +322,14 @@ class TweetGenerator:
         body.mention(author)
         body.text += ":"
         full = original.get("extended_tweet", {}).get("full_text", original["text"])
+        prefix = len(body.text) + 1
         body.text = (body.text + " " + full)[:140]
+        # As the endpoint does: the retweet's entities are the original's that its (cut) text
+        # still shows, moved past "RT @name: " (an analyst's hashtag count reads them).
+        shown = original.get("extended_tweet", {}).get("entities") or original["entities"]
+        for kind, found in body.entities.items():
+            found.extend({**e, "indices": [prefix + e["indices"][0], prefix + e["indices"][1]]}
+                         for e in shown.get(kind, []) if prefix + e["indices"][1] <= len(body.text))
         wrapper = self._tweet(retweeter, body)
         wrapper["retweeted_status"] = original
         wrapper["filter_level"] = original["filter_level"]
