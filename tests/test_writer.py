@@ -1348,3 +1348,33 @@ def test_a_restarted_worker_reports_nothing_in_flight_before_it_reads(
         counters = worker.counters()
         assert (counters["records_read"], counters["read_seq"]) == (expected_read, 2)
         assert in_flight({"spool": {"next_seq": writer.next_seq}}, counters) == 0
+
+
+def test_giving_up_names_the_operation_mongodb_did_not_answer() -> None:
+    """A stop past its drain deadline while an insert hangs: the error given up on is the
+    insert's, not that of the checkpoint's ledger write the tick started meanwhile, which is
+    queued behind the insert on the one helper thread and never reached MongoDB (the CI's
+    test_counts failure: 'coverage hours: no reply from MongoDB after 1.5s')."""
+    from ingestd.sink.counters import StoreCounters
+    from ingestd.sink.retry import GiveUp, Retrier
+
+    hang, counters = threading.Event(), StoreCounters()
+    retry = Retrier(None, counters, lambda: None)  # type: ignore[arg-type]
+    deadline = time.monotonic() + 0.3
+    retry.should_stop, retry.drain_deadline = (lambda: True), (lambda: deadline)
+    ledger_writes: list[str] = []
+
+    def tick() -> None:  # the checkpoint's ledger write, once
+        if not ledger_writes:
+            ledger_writes.append("started")
+            retry.with_retry("coverage hours", lambda: ledger_writes.append("ran"))
+
+    retry.tick = tick
+    try:
+        with pytest.raises(GiveUp):
+            retry.with_retry("insert", lambda: hang.wait(30))
+    finally:
+        hang.set()
+        retry.close()
+    assert ledger_writes == ["started"]  # queued behind the insert: it never ran
+    assert counters.last_error.startswith("insert: no reply from MongoDB after "), counters

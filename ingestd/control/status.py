@@ -375,7 +375,8 @@ def _ha_lines(ha: dict[str, Any], stale: bool = False) -> list[str]:
         return []
     if ha["mode"] == "redundant":
         return ["  ha          redundant: every instance streams"]
-    last = "last said: " if stale else ""
+    # (a stop's own last word, released or stopped, already reads as the past)
+    last = "last said: " if stale and ha.get("role") not in ("released", "stopped") else ""
     return [f"  ha          {last}{ha.get('role', '-')} ({ha.get('instance', '-')})  "
             f"{_holder(ha)}  "
             f"takeovers {ha.get('takeovers', 0)}  lease failures {ha.get('renew_failures', 0)}",

@@ -63,6 +63,10 @@ class Retrier:
         self.tick: Callable[[], None] = lambda: None
         self.drain_deadline: Callable[[], float | None] = lambda: None
         self._next_tick = 0.0
+        # The operations being waited for, outermost first: a tick's write (the coverage ledger
+        # with the checkpoint) waits inside an insert's wait, queued behind it on the one helper
+        # thread, so the outermost is the one MongoDB did not answer.
+        self._waiting: list[tuple[str, float]] = []
 
     def start(self, fn: Callable[[], T]) -> Started[T]:
         """``fn()`` started on the helper thread, not waited for: the first attempt of a later
@@ -162,21 +166,30 @@ class Retrier:
     def _wait(self, future: concurrent.futures.Future[T],
               what: str = "mongo operation") -> concurrent.futures.Future[T]:
         """Tick until ``future`` is done; ``future``. Giving up meanwhile (a stop past its drain
-        deadline), the error is that ``what`` got no reply (a paused or unreachable server whose
-        driver has not timed out yet), unless the store is degraded by an error of its own."""
-        started = time.monotonic()
-        while True:
-            done, _ = concurrent.futures.wait([future], timeout=TICK_INTERVAL)
-            if done:
-                return future
-            self.maybe_tick(force=True)
-            if self.should_stop() and self.past_deadline():
-                c = self._counters
-                if not (c.last_error and c.state.startswith("degraded")):
-                    c.last_error = (f"{what}: no reply from MongoDB after "
-                                    f"{time.monotonic() - started:.1f}s")
-                    c.last_error_at = time.time()
-                self._check_give_up()
+        deadline), the error is that the outermost operation waited for got no reply (a paused
+        or unreachable server whose driver has not timed out yet), unless the store is degraded
+        by an error of its own. (Not the innermost: a tick's write queued behind a hung insert
+        never reached MongoDB; naming it hid the insert, the CI's test_counts failure.)"""
+        self._waiting.append((what, time.monotonic()))
+        try:
+            while True:
+                done, _ = concurrent.futures.wait([future], timeout=TICK_INTERVAL)
+                if done:
+                    return future
+                self.maybe_tick(force=True)
+                if self.should_stop() and self.past_deadline():
+                    self._no_reply()
+                    self._check_give_up()
+        finally:
+            self._waiting.pop()
+
+    def _no_reply(self) -> None:
+        c = self._counters
+        if not (c.last_error and c.state.startswith("degraded")):
+            what, started = self._waiting[0]
+            c.last_error = (f"{what}: no reply from MongoDB after "
+                            f"{time.monotonic() - started:.1f}s")
+            c.last_error_at = time.time()
 
     def _check_slow(self, what: str, started: float, retries: int, exc: BaseException | None,
                     cls: ErrorClass | None, ended: float | None = None) -> None:
