@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -394,6 +395,27 @@ def test_runs_without_a_message_are_offline_with_their_causes(
         counted = sum(h["gap_seconds"].get(str(gap["start_ns"]), 0) for h in hours)
         assert counted == pytest.approx(gap["seconds"], abs=0.002 * len(hours))
         assert gap["seconds"] == round((gap["end_ns"] - gap["start_ns"]) / 1e9, 3)
+
+
+def test_a_connection_unanswered_at_the_stop_keeps_its_id_from_the_next_run(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """Connection ids are unique for the state folder's life, also for an attempt the stop cut
+    before any answer (the CI: a run stopped 6 ms after "connecting conn=7", and the next run's
+    first connection was conn=7 again). Here an endpoint that accepts and never answers."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/1.1/statuses/filter.json"
+        daemon = Daemon(tmp_path / "daemon", settings_doc(url, mongo_uri, mongo_database))
+        try:
+            for run in (1, 2):
+                daemon.start().wait_ready()
+                daemon.wait_log("connecting", 30, generation=run)
+                assert daemon.stop()[0] == 0, daemon.tail()
+        finally:
+            daemon.kill()
+    attempts = [e["conn"] for e in daemon.log_events() if e.get("event") == "connecting"]
+    assert attempts == [1, 2], attempts
 
 
 def test_coverage_collection_must_differ_from_the_tweets_collection(tmp_path: Path) -> None:

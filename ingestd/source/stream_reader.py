@@ -366,6 +366,11 @@ class StreamReader:
         minutes = min(stream.backfill_minutes, max(1, math.ceil((time.time_ns() - start) / 60e9)))
         return dataclasses.replace(stream, backfill_minutes=minutes)
 
+    @property
+    def last_conn_id(self) -> int:
+        """The id of the newest connection attempted (0: none yet), answered or not."""
+        return self._next_conn_id - 1
+
     def _open(self, stream: StreamSettings, generation: int) -> Connection:
         stream = self._backfill_for_gap(stream)
         conn_id = self._next_conn_id
