@@ -30,11 +30,16 @@ MONGO = ("pymongo", "bson")
 NEVER = ("rich", "pygments", "better_exceptions")
 # certifi (which loads importlib.resources, ~0.5 MB) only where a TLS connection is made: the
 # stream worker and ``check --online`` (``config.stream.ca_bundle``).
+# importlib.metadata (with email, zipfile, csv...: ~2.3 MB in S and R) only in the store worker,
+# which has it from pymongo: the crc32c package's __init__ imports it for its __version__, so the
+# spool loads the library's C extension without it (``ingestd.spool.checksum``). The stream worker
+# has email from oauthlib (urllib.request).
 # Loaded by the store worker only, or by tools (check --online, simulate, demo).
 NOT_IN_SUPERVISOR = (*MONGO, *NEVER, "pycurl", "oauthlib", "ingestd.simulator",
-                     "ingestd.sink.worker", "certifi", "importlib.resources")
+                     "ingestd.sink.worker", "certifi", "importlib.resources",
+                     "importlib.metadata", "email")
 NOT_IN_STREAM = (*MONGO, *NEVER, "prometheus_client", "http.server", "ingestd.simulator",
-                 "ingestd.sink.worker", "ingestd.control.metrics")
+                 "ingestd.sink.worker", "ingestd.control.metrics", "importlib.metadata")
 NOT_IN_STORE = (*NEVER, "prometheus_client", "http.server", "ingestd.simulator",
                 "ingestd.control.metrics", "certifi")
 
@@ -45,6 +50,7 @@ NOT_IN_STORE = (*NEVER, "prometheus_client", "http.server", "ingestd.simulator",
 ENTRIES = {
     "supervisor": """
         import ingestd.control.supervisor
+        import ingestd.spool.cursor  # what run() imports when it first reads the spool
         ingestd.control.supervisor.Supervisor.run = lambda self: 0
         assert main(["run", "--config", sys.argv[1]]) == 0
     """,

@@ -1386,3 +1386,37 @@ def test_sink_disk_error_holds_or_drops_only_what_was_not_written(
     reader = SpoolReader(tmp_path)
     assert [r.payload for r in drain(reader)] == expected
     assert reader.corrupt_records == reader.missing_records == 0
+
+
+@given(data=st.binary(max_size=5000), seed=st.integers(0, 2**32 - 1))
+def test_the_spool_checksum_is_the_crc32c_librarys(data: bytes, seed: int) -> None:
+    """``spool.checksum`` loads the library's C extension without its package ``__init__``: the
+    same function, chained the same way, over bytes and memoryviews."""
+    import crc32c as library
+
+    from ingestd.spool import checksum
+
+    assert checksum.crc32c(data) == library.crc32c(data)
+    assert checksum.crc32c(memoryview(data), seed) == library.crc32c(data, seed)
+
+
+@pytest.mark.parametrize("extension", ["missing", "wrong", "broken"])
+def test_the_spool_checksum_falls_back_to_the_package(monkeypatch: pytest.MonkeyPatch,
+                                                      extension: str) -> None:
+    """Where the library's layout changed (no extension module where it was), or the function
+    found fails the check value, the package's own import is used."""
+    import types
+
+    import crc32c as library
+
+    from ingestd.spool import checksum
+
+    def found() -> types.ModuleType | None:
+        if extension == "broken":
+            raise ImportError("moved")
+        module = types.ModuleType("crc32c._crc32c")
+        module.crc32c = lambda data, value=0: 0  # type: ignore[attr-defined]
+        return None if extension == "missing" else module
+
+    monkeypatch.setattr(checksum, "_extension", found)
+    assert checksum._load() is library.crc32c

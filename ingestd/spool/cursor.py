@@ -9,8 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from crc32c import crc32c
-
+from ingestd.spool.checksum import crc32c
 from ingestd.spool.format import (
     BODY,
     HEADER_SIZE,

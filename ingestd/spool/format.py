@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from crc32c import crc32c
+from ingestd.spool.checksum import crc32c
 
 KIND_MESSAGE = 0
 KIND_OVERSIZE = 1

@@ -17,7 +17,7 @@ import os
 import struct
 from pathlib import Path
 
-from crc32c import crc32c
+from ingestd.spool.checksum import crc32c
 
 WRITTEN = "written"
 _MARK = struct.Struct("<QI")  # seq, crc32c of the seq's 8 bytes
