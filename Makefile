@@ -26,8 +26,9 @@ typecheck: $(STAMP)
 	$(BIN)/mypy --strict ingestd
 
 # Three workers, one test file each at a time: most tests wait on real processes and timers.
+# -rs names every skipped test and why (only the real-mongod ones may skip under CI).
 pytest: $(STAMP)
-	$(BIN)/pytest -q -m "not slow and not systemd" -p no:cacheprovider -n 3 --dist loadfile
+	$(BIN)/pytest -q -rs -m "not slow and not systemd" -p no:cacheprovider -n 3 --dist loadfile
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow -p no:cacheprovider --timeout 3600

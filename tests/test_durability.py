@@ -43,6 +43,7 @@ from tests.support.counters import accounted
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.mongo import MongoStandIn, stored_ids
 from tests.support.simulator import GroundTruthLog, SimProcess
+from tests.support.skips import unavailable
 from tests.support.wait import wait_progressing, wait_until
 
 Doc = dict[str, Any]
@@ -474,7 +475,7 @@ def mount_tmpfs(where: Path, size: str) -> None:
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
                           capture_output=True, check=False)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace')}")
+        unavailable(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace')}")
 
 
 @pytest.fixture
@@ -830,7 +831,7 @@ def test_small_disk_filled_by_another_file_while_storing_no_crash_loop(
 def try_mount(args: list[str]) -> None:
     done = subprocess.run(args, capture_output=True, check=False)
     if done.returncode != 0:
-        pytest.skip(f"cannot {' '.join(args)}: {done.stderr.decode(errors='replace')}")
+        unavailable(f"cannot {' '.join(args)}: {done.stderr.decode(errors='replace')}")
 
 
 def remount(where: Path, read_only: bool) -> None:

@@ -35,6 +35,7 @@ from ingestd.sink.histogram import BATCH_SIZE_BUCKETS, LATENCY_SECONDS_BUCKETS, 
 from ingestd.spool.format import RecordRef
 from tests.support.daemon import Daemon, metrics_addr, settings_doc
 from tests.support.simulator import GroundTruthLog, SimProcess
+from tests.support.skips import unavailable
 from tests.support.wait import wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -324,11 +325,11 @@ class ProcSubsetDaemon(Daemon):
         return self
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or UNSHARE is None,
-                    reason="needs root and unshare(1) to mount a /proc with subset=pid")
 def test_process_metrics_where_proc_stat_is_hidden(
     tmp_path: Path, mongo_uri: str, mongo_database: str
 ) -> None:
+    if os.geteuid() != 0 or UNSHARE is None:
+        unavailable("needs root and unshare(1) to mount a /proc with subset=pid")
     sim = SimProcess(tmp_path / "sim", "--rate", "200", "--max-tweets", "100",
                      "--control-every", "0", "--keepalive", "1").start()
     doc = settings_doc(sim.url, mongo_uri, mongo_database, metrics={"listen": "127.0.0.1:0"})

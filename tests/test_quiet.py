@@ -33,6 +33,7 @@ from ingestd.spool.written import WrittenMark
 from tests.support.clock import FakeClock
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.simulator import SimProcess
+from tests.support.skips import unavailable
 from tests.support.wait import wait_until
 
 
@@ -45,7 +46,7 @@ def test_idle_reader_looks_at_the_spool_twice(tmp_path: Path,
     writer_for(tmp_path)
     reader = SpoolReader(tmp_path)
     if reader.watch.polling:
-        pytest.skip("inotify is not available here: the reader polls")
+        unavailable("inotify is not available here: the reader polls")
     looks = 0
     has_data = reader.has_data
 
@@ -64,7 +65,7 @@ def test_an_append_wakes_the_reader_and_its_own_checkpoint_does_not(tmp_path: Pa
     writer = writer_for(tmp_path)
     reader = SpoolReader(tmp_path, checkpoint_interval=0.0)
     if reader.watch.polling:
-        pytest.skip("inotify is not available here: the reader polls")
+        unavailable("inotify is not available here: the reader polls")
     go = threading.Event()
 
     def produce() -> None:
@@ -90,7 +91,7 @@ def test_the_writers_written_mark_does_not_wake_the_reader(tmp_path: Path) -> No
     writer = writer_for(tmp_path)
     reader = SpoolReader(tmp_path)
     if reader.watch.polling:
-        pytest.skip("inotify is not available here: the reader polls")
+        unavailable("inotify is not available here: the reader polls")
     writer.append([(KIND_MESSAGE, b"x")], 1, 1, 1)
     assert reader.watch.clear() is True  # the append (and its mark)
     mark = WrittenMark(tmp_path)
@@ -102,7 +103,7 @@ def test_the_writers_written_mark_does_not_wake_the_reader(tmp_path: Path) -> No
 def test_a_signal_pipe_ends_the_wait(tmp_path: Path) -> None:
     reader = SpoolReader(tmp_path)
     if reader.watch.polling:
-        pytest.skip("inotify is not available here: the reader polls")
+        unavailable("inotify is not available here: the reader polls")
     read_fd, write_fd = os.pipe2(os.O_NONBLOCK)
     reader.watch.extra_fds.append(read_fd)
     threading.Timer(0.05, os.write, (write_fd, b"\x0f")).start()

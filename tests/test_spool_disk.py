@@ -30,6 +30,7 @@ from ingestd.spool.writer import SpoolWriteError, SpoolWriter
 from tests.support.clock import FakeClock
 from tests.support.creds import CREDS
 from tests.support.daemon import settings_doc
+from tests.support.skips import unavailable
 
 BIG = 10**9
 
@@ -37,7 +38,7 @@ BIG = 10**9
 def _mount(args: list[str]) -> None:
     done = subprocess.run(args, capture_output=True, check=False)
     if done.returncode != 0:
-        pytest.skip(f"cannot {' '.join(args[:3])}: {done.stderr.decode(errors='replace')}")
+        unavailable(f"cannot {' '.join(args[:3])}: {done.stderr.decode(errors='replace')}")
 
 
 @pytest.fixture

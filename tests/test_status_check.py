@@ -27,6 +27,7 @@ from ingestd.config.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError
 from tests.support.creds import CREDS
 from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.simulator import SimProcess
+from tests.support.skips import unavailable
 from tests.support.wait import wait_until
 
 SKEW = 300  # seconds the client clock is set ahead in the clock test
@@ -312,7 +313,7 @@ def test_coverage_and_reload_exit_codes_for_what_is_not_there(tmp_path: Path) ->
 def tls_server(tmp_path: Path) -> Iterator[str]:
     """An HTTPS server on loopback with a self-signed certificate (made by the openssl CLI)."""
     if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not installed")
+        unavailable("openssl CLI not installed")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",

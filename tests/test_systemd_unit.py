@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.skips import unavailable
+
 UNIT = Path(__file__).resolve().parents[1] / "deploy" / "systemd" / "ingestd.service"
 TEMPLATE = UNIT.with_name("ingestd@.service")
 # What makes an instance an instance: every other line of the template is the plain unit's.
@@ -33,10 +35,12 @@ BINARY = "/usr/local/bin/ingestd"
 MAX_EXPOSURE = 2.0
 
 ANALYZE = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(
-    ANALYZE is None,
-    reason="systemd-analyze not installed (apt-get install -y systemd; .ci/run installs it)",
-)
+
+
+def needs_analyze() -> None:
+    if ANALYZE is None:
+        unavailable("systemd-analyze not installed (apt-get install -y systemd; .ci/run "
+                    "installs it)")
 
 
 @pytest.fixture(params=["ingestd.service", "ingestd@news.service"])
@@ -85,8 +89,8 @@ def test_template_is_the_plain_unit_per_instance() -> None:
     assert "User=ingestd-%i" in text  # without it every instance shares one dynamic UID
 
 
-@needs_analyze
 def test_verify_reports_no_problem(unit_copy: Path) -> None:
+    needs_analyze()
     result = analyze("verify", "--man=no", str(unit_copy))
     ours = [line for line in (result.stdout + result.stderr).splitlines()
             if unit_copy.name in line or str(unit_copy.parent) in line]
@@ -94,10 +98,10 @@ def test_verify_reports_no_problem(unit_copy: Path) -> None:
     assert ours == []
 
 
-@needs_analyze
 def test_security_exposure_is_at_most_2(unit_copy: Path) -> None:
+    needs_analyze()
     if "--offline" not in analyze("security", "--help").stdout:
-        pytest.skip("this systemd-analyze has no `security --offline` (needs systemd >= 250)")
+        unavailable("this systemd-analyze has no `security --offline` (needs systemd >= 250)")
     result = analyze("security", "--offline=yes", "--no-pager", str(unit_copy))
     match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", result.stdout)
     assert match, result.stdout + result.stderr
