@@ -26,7 +26,8 @@ from tests.support.simulator import SimProcess
 
 MONGO = ("pymongo", "bson")
 # structlog loads these when installed (the dev extra brings rich), for renderers ingestd never
-# uses; ``ingestd.cli`` marks them absent (~4 MB per process).
+# uses; ``ingestd.cli`` marks rich and better_exceptions absent, and pygments, which only rich
+# imports, stays out with it (~4 MB per process).
 NEVER = ("rich", "pygments", "better_exceptions")
 # certifi (which loads importlib.resources, ~0.5 MB) only where a TLS connection is made: the
 # stream worker and ``check --online`` (``config.stream.ca_bundle``).

@@ -198,6 +198,28 @@ def test_in_flight_and_health_while_mongo_is_down(tmp_path: Path) -> None:
     assert body["status"] == "down" and "stream worker not running" in body["reasons"]
 
 
+def test_readme_metrics_table_names_every_exported_family(tmp_path: Path) -> None:
+    """README's table of metric families is the collectors' list, with each one's type: no more,
+    no less. Run files that make every conditional family appear (histograms, the HA section,
+    the last message's age, the spool bounds)."""
+    import re
+
+    run_dir(tmp_path)
+    hist = Histogram(BATCH_SIZE_BUCKETS).as_dict()
+    write_status(tmp_path, "supervisor", {"pid": os.getpid()})
+    write_status(tmp_path, "stream", {"state": "connected", "counters": {},
+                                      "ha": {"mode": "standby", "lease": "k", "role": "active"}})
+    write_status(tmp_path, "store", {"counters": {}, "hist": dict.fromkeys(
+        ("batch_size", "insert_seconds", "store_latency_seconds"), hist)})
+    families = [*RunStateCollector(tmp_path, SpoolSettings()).collect(),
+                *ProcessCollector(tmp_path).collect()]
+    # prometheus_client names a counter family without its samples' ``_total``
+    exported = {f.name + ("_total" if f.type == "counter" else ""): f.type for f in families}
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = dict(re.findall(r"^\| `([a-z_]+)` \| (counter|gauge|histogram) \|", readme, re.M))
+    assert table == exported
+
+
 def test_histograms_published_by_a_worker_become_prometheus_histograms(tmp_path: Path) -> None:
     batch = Histogram(BATCH_SIZE_BUCKETS)
     observed = [1, 5, 7, 200, 200, 10_000, 50_000]
