@@ -14,7 +14,7 @@ from typing import Any
 
 from ingestd.control.status import collect, render
 from tests.support.daemon import Daemon, finish, metrics_addr, settings_doc
-from tests.support.mongo import write_target
+from tests.support.mongo import stored_ids, write_target
 from tests.support.mongo_proxy import INSERTS, MongoProxy
 from tests.support.simulator import SimProcess
 from tests.support.wait import wait_until
@@ -113,6 +113,42 @@ def test_counters_keep_counting_across_worker_restarts(
     assert value(m, "ingestd_worker_restarts_total", role="store") == 1
     assert "stored 200 " in shown
     assert "reconcile   received 200 + replayed 0 = resolved 200 + in flight 0  (holds)" in shown
+
+
+def test_a_stream_worker_killed_mid_stream_leaves_no_count_behind(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """SIGKILL the stream worker while tweets pour in: the messages it spooled after its last
+    report (up to 1 s of them) are read and stored all the same, and the supervisor counts them
+    as received from the spool, so the run's reconciliation still holds, with no difference."""
+    sim = SimProcess(tmp_path / "sim", "--rate", "1000", "--keepalive", "1", "--control-every",
+                     "0", script=[[{"deliver": 4000}, {"keepalive_only": 600}],
+                                  [{"deliver": 500}, {"keepalive_only": 600}]]).start()
+    doc = settings_doc(sim.url, mongo_uri, mongo_database)
+    daemon = Daemon(tmp_path / "daemon", doc).start()
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: daemon.status("stream").get("counters", {}).get("received", 0) >= 1000,
+                   30, "1000 received")
+        replace(daemon, "stream")
+
+        def settled() -> dict[str, Any] | None:
+            daemon.assert_running()
+            r = reconciliation(daemon)
+            sent = delivered(sim)
+            stream = daemon.status("stream")
+            # the replacement's connection delivered its 500 and everything spooled was read
+            done = (sent >= 1000 + 500 and stream.get("counters", {}).get("received") == 500
+                    and r["in_flight"] == 0)
+            return r if done else None
+        r = wait_until(settled, 60, "the replacement's 500 received and everything read")
+        assert r is not None
+        stored = len(stored_ids(mongo_uri, mongo_database))
+    finally:
+        finish(daemon, sim)
+    assert r["difference"] == 0, r
+    # what the first worker spooled: all of it counted as received, none of it lost
+    assert r["received"] == r["resolved"] == stored
+    assert 1500 <= r["received"] <= delivered(sim)
 
 
 def test_a_replayed_backlog_reconciles_and_a_stop_while_mongo_hangs_names_the_error(

@@ -1420,3 +1420,26 @@ def test_the_spool_checksum_falls_back_to_the_package(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(checksum, "_extension", found)
     assert checksum._load() is library.crc32c
+
+
+def test_messages_after_counts_what_a_killed_stream_worker_never_reported(tmp_path: Path) -> None:
+    """``messages_after``: records from ``seq`` on, received after the report's time; a coverage
+    marker is not a message, and a message held back by a disk error and written after the
+    report keeps its earlier receive time (it was counted). Across segment rolls."""
+    from ingestd.spool.cursor import messages_after
+    from ingestd.spool.format import KIND_BADFRAME, KIND_EVENT
+
+    spool = SpoolWriter(tmp_path, segment_bytes=200, max_bytes=BIG, max_records=BIG)
+    for ns in (10, 20, 30):  # reported: seqs 1-3, before the report at ns 35
+        spool.append([(KIND_MESSAGE, b"m%d" % ns * 20)], 1, 1, ns)
+    next_seq = spool.next_seq
+    spool.append([(KIND_MESSAGE, b"held" * 20)], 1, 1, 33)  # held at the report, written after
+    spool.append([(KIND_EVENT, b"{}")], 1, 1, 40)  # a coverage marker
+    spool.append([(KIND_MESSAGE, b"a" * 80), (KIND_BADFRAME, b"b" * 80)], 1, 1, 50)
+    spool.append([(KIND_MESSAGE, b"c" * 80)], 2, 1, 60)
+    spool.close()
+    assert len(list_segments(tmp_path)) > 2  # the records span rolled segments
+    assert messages_after(tmp_path, next_seq, 35) == 3
+    assert messages_after(tmp_path, next_seq, 55) == 1
+    assert messages_after(tmp_path, spool.next_seq, 0) == 0
+    assert messages_after(tmp_path, 1, 0) == 8 - 1  # everything but the marker

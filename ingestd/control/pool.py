@@ -260,8 +260,7 @@ class WorkerPool:
             close_beat(worker)
             del self.workers[worker.role]
             # Its last published counts go on counting in the run's totals (``tally``).
-            self.carried[worker.role].carry(
-                worker.role, pid, runstate.read_status(self.state_dir, worker.role))
+            self.carry(worker.role, pid)
             # An exit nobody asked for (a crash, the OOM killer) is what operators filter for.
             requested = worker.requested(status, stopping)
             report = log.info if requested else log.warning
@@ -270,6 +269,23 @@ class WorkerPool:
                    **describe_status(status))
             exited.append((worker, status))
         return exited
+
+    def carry(self, role: str, pid: int) -> None:
+        """Add a reaped worker's last published counts to the run's, and for a stream worker
+        the messages it spooled after that report (read back from the spool)."""
+        doc = runstate.read_status(self.state_dir, role)
+        after = 0
+        if role == "stream" and doc is not None and doc.get("pid") == pid:
+            try:
+                after = tally.unreported_received(self.state_dir / "spool", doc)
+            except OSError as exc:
+                log.warning("worker_counts_unrecovered", role=role, pid=pid, error=str(exc),
+                            effect="messages spooled after its last report are not counted as "
+                                   "received: the reconciliation is off by them")
+            if after:
+                log.info("worker_counts_recovered", role=role, pid=pid, received=after,
+                         reason="spooled after its last report")
+        self.carried[role].carry(role, pid, doc, received_after=after)
 
     def kill_all(self) -> list[str]:
         """SIGKILL every worker still running; the roles that had to be killed."""

@@ -152,8 +152,12 @@ class StreamRole:
         state = self.intake.last_error or (
             f"degraded: {rules.error}; previous rules still in force" if rules.error
             else self.lease.state(reader.state))
+        # Taken before the counters: a message received after it is counted in the next report
+        # (what a kill loses of it, the supervisor reads back from the spool: tally).
+        counted_ns = time.time_ns()
         self.write_status({
-            "generation": reader.generation, "state": state, "counters": self.counters(),
+            "generation": reader.generation, "state": state, "counted_ns": counted_ns,
+            "counters": self.counters(),
             "progress": reader.stats.bytes + reader.stats.attempts,
             "conn": reader.active.conn_id if reader.active else None,
             # A filter change in progress (make-before-break): the new connection, the old ones.

@@ -7,10 +7,12 @@ last published counters (``Carried``) and publishes the sum per role in ``run/su
 metrics (the supervisor is the Prometheus target) and ``ingestd status`` keep counting across
 worker restarts within one daemon run; a new daemon run starts again from zero.
 
-What a crash still loses: the counts between a worker's last report (≤ 1 s before) and its death.
-The stream worker's messages spooled in that window are read by the store worker all the same,
-so the reconciliation is off by them; a store worker's tweets stored after its last checkpoint
-write are read again by its successor and counted again (as duplicates). A record the crashed
+A crash comes up to 1 s after a worker's last report. The messages a stream worker spooled in
+that window are read back from the spool when it is reaped (``unreported_received``: numbered
+from the report's ``spool.next_seq``, received after its ``counted_ns``) and carried as received,
+so they reconcile. What a crash still loses: a store worker's tweets stored between its last
+checkpoint write and its last report are read again by its successor and counted again (as
+duplicates), leaving the reconciliation off by them. A record the crashed
 store worker read but had not resolved (``pending``) is not carried as read: its successor reads
 it again and counts it then.
 
@@ -28,6 +30,7 @@ Loaded by the supervisor, the metrics collector and ``ingestd status``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 CARRIED_KEY = "carried"  # in run/supervisor.json
@@ -115,19 +118,39 @@ class Carried:
         self.hist: dict[str, Any] = {}
         self.read_seq = 0  # store: the newest record a dead store worker counted as read
 
-    def carry(self, role: str, pid: int, doc: Mapping[str, Any] | None) -> None:
-        """Add the last status ``doc`` of worker ``pid`` (nothing if it is another process's)."""
+    def carry(self, role: str, pid: int, doc: Mapping[str, Any] | None,
+              received_after: int = 0) -> None:
+        """Add the last status ``doc`` of worker ``pid`` (nothing if it is another process's),
+        and ``received_after``: the messages a stream worker spooled after that report
+        (``unreported_received``)."""
         if doc is None or doc.get("pid") != pid or pid in self.pids:
             return
         c = section(doc, "counters")
         self.pids.append(pid)
         self.counters = add_counters(self.counters, resolved_part(role, c))
+        if received_after:
+            self.counters = add_counters(self.counters, {"received": received_after})
         self.hist = add_histograms(self.hist, section(doc, "hist"))
         if isinstance(seq := c.get("read_seq"), int):
             self.read_seq = max(self.read_seq, seq)
 
     def as_dict(self) -> dict[str, Any]:
         return {"pids": self.pids[-20:], "counters": self.counters, "hist": self.hist}
+
+
+def unreported_received(spool_dir: Path, doc: Mapping[str, Any] | None) -> int:
+    """Messages an exited stream worker spooled after its last report (``doc``), which it never
+    counted as received: a kill (SIGKILL, the OOM killer, a hang) comes up to a second after a
+    report. They are in the spool all the same, and the store worker reads them: numbered from
+    the report's ``spool.next_seq``, received after its ``counted_ns`` (0 without those: a file
+    from another version)."""
+    spool = section(doc or {}, "spool")
+    next_seq, counted_ns = spool.get("next_seq"), (doc or {}).get("counted_ns")
+    if not isinstance(next_seq, int) or not isinstance(counted_ns, int):
+        return 0
+    from ingestd.spool.cursor import messages_after  # the supervisor reads the spool only here
+
+    return messages_after(spool_dir, next_seq, counted_ns)
 
 
 def role_totals(role_doc: Mapping[str, Any] | None,

@@ -5,7 +5,9 @@ Used by the reader, and by the writer to find the last valid record when it star
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,12 +15,14 @@ from ingestd.spool.checksum import crc32c
 from ingestd.spool.format import (
     BODY,
     HEADER_SIZE,
+    KIND_EVENT,
     MAGIC,
     MAX_LENGTH,
     PREFIX,
     PREFIX_SIZE,
     Record,
     list_segments,
+    segment_first_seq,
 )
 
 _BLOCK = 1024 * 1024
@@ -146,21 +150,43 @@ class SegmentCursor:
 
 def last_record(directory: Path, name: str) -> Record | None:
     """The last valid record in a segment (tolerating a torn tail), block by block."""
+    last: Record | None = None
+    for last in _segment_records(directory, name):  # noqa: B007 - the loop leaves the last
+        pass
+    return last
+
+
+def _segment_records(directory: Path, name: str) -> Iterator[Record]:
+    """Every valid record of a segment, in order (a torn tail and damage skipped)."""
     cursor = SegmentCursor(directory, name, 0, Damage())
     cursor.sealed = True
-    last: Record | None = None
     try:
         while True:
             batch: list[Record] = []
             cursor.parse(batch, 256, MAX_LENGTH, 0)
-            if batch:
-                last = batch[-1]
-            elif cursor.fill() == 0:
+            yield from batch
+            if not batch and cursor.fill() == 0:
                 if cursor.at_end:
-                    return last
+                    return
                 cursor.at_end = True
     finally:
         cursor.close()
+
+
+def messages_after(directory: Path, seq: int, after_ns: int) -> int:
+    """Messages (records other than coverage markers) numbered ``seq`` or later and received
+    after ``after_ns``: what a stream worker spooled after the report that said its next record
+    would be ``seq`` and counted what it had received by ``after_ns`` (a message held back by a
+    disk error and written later keeps its earlier receive time: it was counted)."""
+    names = list_segments(directory)
+    # the segment holding ``seq`` is the last one named at or before it; later ones follow it
+    first = max((i for i, n in enumerate(names) if segment_first_seq(n) <= seq), default=0)
+    count = 0
+    for name in names[first:]:
+        with contextlib.suppress(FileNotFoundError):  # acked and freed meanwhile: not counted
+            count += sum(1 for r in _segment_records(directory, name)
+                         if r.seq >= seq and r.kind != KIND_EVENT and r.recv_ns > after_ns)
+    return count
 
 
 def last_seq_on_disk(directory: Path) -> int:
