@@ -19,6 +19,8 @@ from typing import Any
 import orjson
 import pymongo
 import pytest
+import structlog
+import structlog.testing
 from bson.errors import InvalidDocument
 from pymongo.collection import Collection
 from pymongo.errors import (
@@ -729,11 +731,15 @@ def test_a_generation_whose_filters_cannot_be_found_is_counted_by_reason(
     h.spool.add(tweet(SNOW + 2), generation=1)
     h.spool.add(tweet(SNOW + 3), generation=3)
     h.spool.add(tweet(SNOW + 4), generation=9)  # never recorded
-    h.drain()
+    with structlog.testing.capture_logs() as logs:
+        h.drain()
     matched = {d["_id"]: d["_ingest"]["matched"]["track"] for d in client.tweets.find()}
     # The recorded filters of the start generation win over this worker's own settings.
     assert matched == {SNOW + i: ["covid"] for i in range(1, 5)}
     assert h.worker.counters()["matched_fallback"] == {"before_record": 2, "missing": 1}
+    # once per generation; an upgrade's replayed backlog is routine, lost filters are not
+    assert {(e["reason"], e["log_level"]) for e in logs if e["event"] == "generation_unknown"} \
+        == {("before_record", "warning"), ("missing", "error")}
 
 
 def test_with_the_real_spool_checkpoint_follows_storage(harness_factory: Callable[..., Harness],

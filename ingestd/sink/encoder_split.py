@@ -138,8 +138,11 @@ class Matchers:
             if len(self._unresolved) >= UNRESOLVED_KEPT:
                 self._unresolved.clear()
             self._unresolved[generation] = reason
-            log.error("generation_unknown", generation=generation, reason=reason,
-                      action=f"matching its records by generation {self.newest}'s filters")
+            # An older version's backlog replayed after an upgrade is routine (README,
+            # "Upgrade"): a warning; filters lost or never recorded are an error.
+            report = log.warning if reason == "before_record" else log.error
+            report("generation_unknown", generation=generation, reason=reason,
+                   action=f"matching its records by generation {self.newest}'s filters")
         bump(self._counters.matched_fallback, reason)
         return self._matchers[self.newest]
 
