@@ -52,6 +52,7 @@ from ingestd.config.schema import (
     WriterSettings,
 )
 from ingestd.control.collector import in_flight
+from ingestd.control.tally import reconciliation
 from ingestd.documents.encoder import OK, Encoded, encode
 from ingestd.memory import quiet_gc
 from ingestd.sink.batch import Entry, InFlight
@@ -757,6 +758,47 @@ def test_with_the_real_spool_checkpoint_follows_storage(harness_factory: Callabl
     assert client.tweets.count_documents({}) == 30
     assert SpoolReader(spool_dir).read(100, 1 << 30) == []  # a restart has nothing to replay
     writer.close()
+
+
+@pytest.mark.parametrize("counted", [0, 26])
+def test_records_lost_to_damage_count_as_replayed_only_if_an_earlier_run_received_them(
+        harness_factory: Callable[..., Harness], client: Any, tmp_path: Path,
+        counted: int) -> None:
+    """Records 1-20 were received by an earlier daemon run, 21-30 by this one (its stream
+    worker's ``received``); 5 and 25 are zeroed. Both are counted as lost, 5 also as replayed
+    (this run's ``received`` never counted it), 25 not: the run's reconciliation holds. With
+    ``counted`` 26, an earlier store worker of this run read past both and counted them."""
+    spool_dir = tmp_path / "spool"
+    writer = SpoolWriter(spool_dir, segment_bytes=1 << 20, max_bytes=1 << 30,
+                         max_records=10**6, fsync_interval=0.0)
+    writer.append([(KIND_MESSAGE, line) for line in plain_real_tweets()[:30]], 1, 0,
+                  time.time_ns())
+    writer.sync()
+    writer.close()
+    records = {r.seq: r for r in SpoolReader(spool_dir).read(100, 1 << 30)}
+    assert sorted(records) == list(range(1, 31))
+    for seq in (5, 25):
+        rec = records[seq]
+        with (spool_dir / rec.segment).open("r+b") as f:
+            f.seek(rec.offset)
+            f.write(bytes(rec.end_offset - rec.offset))
+    h = harness_factory()
+    reader = SpoolReader(spool_dir)
+    h.worker = StoreWorker(h.settings, reader, open_collection, h.deadletters,
+                           replay=(20, counted))
+    assert h.drain() is True
+    c = h.worker.counters()
+    assert reader.missing_records == 2 and reader.corrupt_records == 2
+    assert client.tweets.count_documents({}) == c["stored"] == c["records_read"] == 28
+    if counted:  # read, and their losses counted, by the store worker before: not again
+        assert (c["spool_missing_records"], c["replayed"]) == (0, 0)
+        return
+    assert c["spool_missing_records"] == 2
+    assert c["replayed"] == 20  # 19 read, 1 lost
+    stream = {"counters": {"received": 10}, "spool": {"next_seq": 31}}
+    r = reconciliation(stream, {"counters": c})
+    assert r == {"received": 10, "replayed": 20, "resolved": 28, "in_flight": 0,
+                 "spool_missing": 2, "difference": 0}
 
 
 # ---------------------------------------------------------------- error classification

@@ -10,7 +10,8 @@ The counters reconcile (``ingestd_messages_in_flight`` is the difference still o
 
     received + replayed = stored + duplicate + deadlettered + control + skipped + dropped
                           + in_flight
-                          (+ spool_missing: records lost to damage of the spool files, if any)
+                          (+ spool_missing: records lost to damage of the spool files, if any;
+                           those an earlier run received are counted in replayed too)
 
 Registered by the supervisor's HTTP listener (``metrics``); loaded by the supervisor only, on the
 first scrape. prometheus_client is imported where the families are built, like the listener.
@@ -62,7 +63,8 @@ STREAM_COUNTERS = {
 STORE_COUNTERS = {
     "records_read": ("ingestd_records_read_total", "Spool records read by the store worker."),
     "replayed": ("ingestd_spool_replayed_total", "Spool records an earlier daemon run received, "
-                 "read by this one (received + replayed reconcile with the outcomes)."),
+                 "read by this one or found lost to damage (received + replayed reconcile with "
+                 "the outcomes and the spool's missing records)."),
     "batches": ("ingestd_insert_batches_total", "insert_many batches written."),
     "retries": ("ingestd_insert_retries_total", "MongoDB operations retried."),
     "deletes_applied": ("ingestd_deletes_applied_total", "Delete notices applied."),

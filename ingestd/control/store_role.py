@@ -92,7 +92,6 @@ class StoreRole:
         counters = self.worker.counters()
         counters["spool_corrupt_records"] = self.reader.corrupt_records
         counters["spool_corrupt_bytes"] = self.reader.corrupt_bytes
-        counters["spool_missing_records"] = self.reader.missing_records
         counters["spool_checkpoint_resets"] = self.reader.checkpoint_resets
         acked_seq, unacked_bytes = self.reader.unacked()
         state, error = str(counters["state"]), self.reader.checkpoint_error

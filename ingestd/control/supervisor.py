@@ -549,12 +549,17 @@ def run_supervisor(config_path: Path) -> int:
 
 
 def spool_last_seq(state_dir: Path) -> int:
-    """The spool's last record before any worker starts: the records a store worker reads up to
-    it were received by an earlier daemon run (``replayed``); 0 if it cannot be read."""
+    """The spool's last record before any worker starts: the records a store worker reads (or
+    finds lost to damage) up to it were received by an earlier daemon run (``replayed``); 0 if it
+    cannot be read. The last one appended, if the spool's ``written`` mark says so: the records
+    cut off the end of the newest segment were received by an earlier run too, and a new writer
+    numbers on after the mark."""
     from ingestd.spool.cursor import last_seq_on_disk
+    from ingestd.spool.written import last_written
 
     try:
-        return last_seq_on_disk(state_dir / "spool")
+        return max(last_seq_on_disk(state_dir / "spool"),
+                   last_written(state_dir / "spool") or 0)
     except OSError as exc:
         log.warning("spool_replay_unknown", error=str(exc),
                     effect="records left by an earlier run are not counted as replayed")

@@ -22,7 +22,13 @@ The identity (``reconciliation``; ``ingestd_messages_in_flight`` is the part on 
                           + in_flight   (+ spool_missing: records lost to spool damage, if any)
 
 ``received`` counts the messages this run framed off the wire (``dropped`` ones included),
-``replayed`` the records an earlier run received and left in the spool, read by this run.
+``replayed`` the records an earlier run received and left in the spool, read by this run or found
+lost to damage. ``spool_missing`` counts every record lost to damage (a record number the reader
+skipped), whichever run received it: a lost record of this run's is in ``received``, one of an
+earlier run's in ``replayed`` (the store worker counts it there, ``StoreWorker.lost``: the
+supervisor's replay boundary, ``REPLAY_ENV``, reaches the spool's ``written`` mark, so the records
+cut off its end count too), so either way it is taken off once. Until the reader passes a lost
+record, its number is in ``in_flight`` like any record not read yet.
 
 Loaded by the supervisor, the metrics collector and ``ingestd status``.
 """
@@ -37,8 +43,9 @@ CARRIED_KEY = "carried"  # in run/supervisor.json
 # Counter keys of the run files that are not counters (positions, sizes, times): never summed.
 NOT_SUMMED = frozenset({"read_seq", "pending", "last_error_at", "last_batch_size"})
 # The store worker's replay boundary, set by the supervisor for each store worker it starts:
-# ``<through>:<counted>``, records numbered up to ``through`` were in the spool when the daemon
-# started; those up to ``counted`` were already counted as replayed by an earlier store worker.
+# ``<through>:<counted>``, records numbered up to ``through`` were appended by an earlier daemon
+# run; those up to ``counted`` were already counted (as replayed, or lost to damage) by an earlier
+# store worker of this run.
 REPLAY_ENV = "INGESTD_SPOOL_REPLAY"
 
 

@@ -4,8 +4,10 @@ Every record read from the spool ends in exactly one bucket, so the counters rec
 
     records_read == stored + duplicates + Σ deadlettered + Σ control + Σ skipped + pending
 
-``replayed`` counts the records read that an earlier daemon run received (they were in the spool
-when this run started): the stream worker's ``received`` never counted them.
+``replayed`` counts the records an earlier daemon run received (they were in the spool when this
+run started) that this run read or found lost to damage: the stream worker's ``received`` never
+counted them. ``spool_missing_records`` counts the records found lost to damage (record numbers
+skipped), whoever received them; neither is part of the identity above.
 
 The supervisor's collector (``ingestd.control.collector``) reads these keys: renaming one is a
 change of the metrics.
@@ -37,7 +39,9 @@ class StoreCounters:
     """Plain totals, written by the store worker's parts on its thread."""
 
     records_read: int = 0
-    replayed: int = 0  # of records_read: received by an earlier daemon run (see the module doc)
+    # read or lost (spool_missing_records) of the records an earlier daemon run received
+    replayed: int = 0
+    spool_missing_records: int = 0  # records lost to spool damage: numbers the reader skipped
     read_seq: int = 0  # seq of the last spool record read (exact in-flight for metrics)
     stored: int = 0
     duplicates: int = 0

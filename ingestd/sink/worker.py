@@ -89,6 +89,7 @@ class SpoolSource(Protocol):
     @property
     def checkpoint_resets(self) -> int: ...
     before_checkpoint: Callable[[], None]
+    on_missing: Callable[[int, int], None]
     def read(self, max_records: int, max_bytes: int) -> list[Record]: ...
     def wait_for_data(self, timeout: float) -> object: ...
     def unread_bytes(self) -> int: ...
@@ -132,6 +133,7 @@ class StoreWorker:
         # (through, counted): records numbered up to ``through`` were received by an earlier
         # daemon run; those up to ``counted`` an earlier store worker of this run counted already.
         self._replay_through, self._replay_counted = replay
+        spool_reader.on_missing = self.lost
         if spool_reader.acked is None or spool_reader.checkpoint_resets:
             deadletters.forget_spool()  # the spool's seqs may have started again
         else:
@@ -211,6 +213,21 @@ class StoreWorker:
             coverage_gaps=self._ledger.gaps_recorded,
             deadletter_raw_dropped=self._letters.store.raw_dropped,
             deadletter_lines_dropped=self._letters.store.lines_dropped)
+
+    def lost(self, first: int, last: int) -> None:
+        """Spool records ``first``..``last`` are lost to damage (``SpoolReader.on_missing``).
+
+        Counted in ``spool_missing_records``; those an earlier daemon run received (within the
+        replay boundary) in ``replayed`` as well: this run's ``received`` never counted them, and
+        the reconciliation (``control.tally``) takes every lost record off its received side. The
+        numbers up to ``counted`` an earlier store worker of this run counted already.
+        """
+        first = max(first, self._replay_counted + 1)
+        if first > last:
+            return
+        self.totals.spool_missing_records += last - first + 1
+        if first <= self._replay_through:
+            self.totals.replayed += min(last, self._replay_through) - first + 1
 
     def _pending(self) -> int:
         """Tweets taken, not yet stored: the open batch's and the one in flight."""

@@ -10,6 +10,7 @@ numbers skipped counts both, and says how many records each loss took (docs/desi
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import structlog
 
@@ -21,7 +22,8 @@ log = structlog.get_logger("ingestd.spool.numbering")
 class Numbering:
     """Counts the record numbers skipped between consecutive records read."""
 
-    def __init__(self, stored_through: int, expected: int | None) -> None:
+    def __init__(self, stored_through: int, expected: int | None,
+                 on_lost: Callable[[int, int], None] = lambda first, last: None) -> None:
         # Numbers up to this one were acknowledged as stored (the checkpoint's, even one not
         # trusted to resume from): a skip over them loses nothing. After a power loss the
         # checkpoint can be ahead of the segment's synced end; the writer then continues after
@@ -29,6 +31,9 @@ class Numbering:
         self.stored_through = stored_through
         self.expected = expected  # the number the next record read should have (None: unknown)
         self.missing = 0  # record numbers skipped: records lost to damage
+        # Told each run of numbers lost (first, last): the store worker counts them by the run that
+        # received them (``sink.worker.StoreWorker.lost``).
+        self.on_lost = on_lost
 
     def enter(self, segment: str) -> None:
         """Reading moves to ``segment`` (its name is its first record's number): the records
@@ -58,6 +63,7 @@ class Numbering:
         if lost <= 0:
             return
         self.missing += lost
+        self.on_lost(first_lost, found - 1)
         log.error("spool_records_missing", count=lost, first_seq=first_lost, last_seq=found - 1,
                   resumed_at=where, effect="these records were in the spool and are gone: "
                   "never stored")

@@ -81,7 +81,11 @@ class SpoolReader:
         self.before_checkpoint: Callable[[], None] = lambda: None
         self._acked_cleaned: str | None = None  # segment whose predecessors were deleted
         self._last_read: Record | None = None  # newest record ``read`` returned
-        self._numbering = Numbering(FIRST_SEQ - 1, None)  # set by ``_start``
+        # Told each run of record numbers found lost (first, last), as ``read`` meets it, before
+        # the record after it is returned (the store worker counts them: ``missing_records``
+        # counts them all, also those an earlier reader of the same spool counted already).
+        self.on_missing: Callable[[int, int], None] = lambda first, last: None
+        self._numbering = Numbering(FIRST_SEQ - 1, None, self._lost)  # set by ``_start``
         self.watch = SpoolWatch(self.directory)
         self._start()
 
@@ -260,10 +264,10 @@ class SpoolReader:
         if ckpt is not None and self._trusted(ckpt):
             self._cursor = SegmentCursor(self.directory, ckpt.segment, ckpt.offset, self._damage)
             self._acked = self._written = ckpt
-            self._numbering = Numbering(ckpt.seq, ckpt.seq + 1)
+            self._numbering = Numbering(ckpt.seq, ckpt.seq + 1, self._lost)
             return
         if ckpt is not None:  # not trusted to resume from, but its number was stored
-            self._numbering = Numbering(ckpt.seq, None)
+            self._numbering = Numbering(ckpt.seq, None, self._lost)
         segments = list_segments(self.directory)
         # A missing checkpoint is normal on a fresh spool; with acked segments gone it is damage.
         gone = bool(segments) and segment_first_seq(segments[0]) > FIRST_SEQ
@@ -283,6 +287,9 @@ class SpoolReader:
             return ends_record(self.directory, ckpt.segment, ckpt.offset, ckpt.seq)
         except FileNotFoundError:
             return False
+
+    def _lost(self, first: int, last: int) -> None:
+        self.on_missing(first, last)
 
     def _open_first(self) -> SegmentCursor | None:
         segments = list_segments(self.directory)

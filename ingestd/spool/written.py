@@ -47,6 +47,12 @@ class WrittenMark:
             self._fd = -1
 
 
+def last_written(directory: Path) -> int | None:
+    """The mark in ``directory``: the number of the last record a writer appended there (None:
+    none, or unreadable). Records up to it that are no longer on disk were cut off."""
+    return _read(directory / WRITTEN)
+
+
 def _read(path: Path) -> int | None:
     try:
         raw = path.read_bytes()[:_MARK.size]
