@@ -1426,3 +1426,28 @@ def test_giving_up_names_the_operation_mongodb_did_not_answer() -> None:
         retry.close()
     assert ledger_writes == ["started"]  # queued behind the insert: it never ran
     assert counters.last_error.startswith("insert: no reply from MongoDB after "), counters
+
+
+def test_giving_up_names_the_hung_insert_not_the_ledger_write_waited_for_behind_it() -> None:
+    """The insert runs on the helper thread while the worker goes on (``Retrier.start``); the
+    worker then waits for a coverage ledger write, queued behind the hung insert. Giving up
+    names the insert, the operation MongoDB did not answer (the CI's test_counts flake:
+    'coverage gaps: no reply from MongoDB after 2.0s')."""
+    from ingestd.sink.counters import StoreCounters
+    from ingestd.sink.retry import GiveUp, Retrier
+
+    hang, running, counters = threading.Event(), threading.Event(), StoreCounters()
+    retry = Retrier(None, counters, lambda: None)  # type: ignore[arg-type]
+    deadline = time.monotonic() + 0.3
+    retry.should_stop, retry.drain_deadline = (lambda: True), (lambda: deadline)
+    ran: list[str] = []
+    try:
+        retry.start(lambda: running.set() or hang.wait(30), "insert")  # a batch's insert_many
+        assert running.wait(5)
+        with pytest.raises(GiveUp):
+            retry.with_retry("coverage gaps", lambda: ran.append("gaps"))
+    finally:
+        hang.set()
+        retry.close()
+    assert ran == []  # queued behind the insert: it never reached MongoDB
+    assert counters.last_error.startswith("insert: no reply from MongoDB after "), counters

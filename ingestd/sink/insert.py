@@ -62,7 +62,7 @@ class Inserter:
         for it and sorts out the outcome (the caller takes the next batch meanwhile)."""
         tried: set[int] = set()  # ids an earlier, failed attempt of this batch may have written
         return InFlight(entries, tried, self._retrier.start(
-            functools.partial(self._attempt, entries, tried)))
+            functools.partial(self._attempt, entries, tried), "insert"))
 
     def finish(self, flight: InFlight) -> None:
         """Wait for ``flight``'s first attempt, then retry until every document is stored, a

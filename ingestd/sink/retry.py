@@ -67,12 +67,24 @@ class Retrier:
         # with the checkpoint) waits inside an insert's wait, queued behind it on the one helper
         # thread, so the outermost is the one MongoDB did not answer.
         self._waiting: list[tuple[str, float]] = []
+        # What the helper thread is running, since when: the operation MongoDB has not answered
+        # while the worker waits for another one queued behind it (``_no_reply``).
+        self._running: tuple[str, float] | None = None
 
-    def start(self, fn: Callable[[], T]) -> Started[T]:
+    def start(self, fn: Callable[[], T], what: str) -> Started[T]:
         """``fn()`` started on the helper thread, not waited for: the first attempt of a later
         ``with_retry(..., first=)`` (the store worker takes the next batch meanwhile)."""
         started = time.monotonic()
-        return Started(self._executor.submit(fn), started)
+        return Started(self._submit(fn, what), started)
+
+    def _submit(self, fn: Callable[[], T], what: str) -> concurrent.futures.Future[T]:
+        def run() -> T:
+            self._running = (what, time.monotonic())
+            try:
+                return fn()
+            finally:
+                self._running = None
+        return self._executor.submit(run)
 
     def with_retry(self, what: str, fn: Callable[[], T], first: Started[T] | None = None) -> T:
         """``fn()`` on the helper thread, retried while it fails transiently or for config reasons.
@@ -161,15 +173,16 @@ class Retrier:
     def _await(self, fn: Callable[[], T],
                what: str = "mongo operation") -> concurrent.futures.Future[T]:
         """Submit ``fn`` to the helper thread and tick until it is done; its future."""
-        return self._wait(self._executor.submit(fn), what)
+        return self._wait(self._submit(fn, what), what)
 
     def _wait(self, future: concurrent.futures.Future[T],
               what: str = "mongo operation") -> concurrent.futures.Future[T]:
         """Tick until ``future`` is done; ``future``. Giving up meanwhile (a stop past its drain
-        deadline), the error is that the outermost operation waited for got no reply (a paused
-        or unreachable server whose driver has not timed out yet), unless the store is degraded
-        by an error of its own. (Not the innermost: a tick's write queued behind a hung insert
-        never reached MongoDB; naming it hid the insert, the CI's test_counts failure.)"""
+        deadline), the error is that the operation the helper thread is running got no reply (a
+        paused or unreachable server whose driver has not timed out yet), unless the store is
+        degraded by an error of its own. Not the one waited for: a ledger write queued behind a
+        hung insert (a tick's, or the next batch's while the insert runs on) never reached
+        MongoDB; naming it hid the insert (the CI's test_counts failures)."""
         self._waiting.append((what, time.monotonic()))
         try:
             while True:
@@ -186,7 +199,7 @@ class Retrier:
     def _no_reply(self) -> None:
         c = self._counters
         if not (c.last_error and c.state.startswith("degraded")):
-            what, started = self._waiting[0]
+            what, started = self._running or self._waiting[0]
             c.last_error = (f"{what}: no reply from MongoDB after "
                             f"{time.monotonic() - started:.1f}s")
             c.last_error_at = time.time()
