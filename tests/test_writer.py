@@ -743,14 +743,20 @@ def test_a_generation_whose_filters_cannot_be_found_is_counted_by_reason(
         == {("before_record", "warning"), ("missing", "error")}
 
 
-def test_with_the_real_spool_checkpoint_follows_storage(harness_factory: Callable[..., Harness],
-                                                        client: Any, tmp_path: Path) -> None:
-    spool_dir = tmp_path / "spool"
+def spool_of_30_real_tweets(spool_dir: Path) -> SpoolWriter:
+    """A real spool holding 30 real tweets, records 1-30, synced."""
     writer = SpoolWriter(spool_dir, segment_bytes=1 << 20, max_bytes=1 << 30,
                          max_records=10**6, fsync_interval=0.0)
     writer.append([(KIND_MESSAGE, line) for line in plain_real_tweets()[:30]], 1, 0,
                   time.time_ns())
     writer.sync()
+    return writer
+
+
+def test_with_the_real_spool_checkpoint_follows_storage(harness_factory: Callable[..., Harness],
+                                                        client: Any, tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    writer = spool_of_30_real_tweets(spool_dir)
     h = harness_factory()
     reader = SpoolReader(spool_dir)
     h.worker = StoreWorker(h.settings, reader, open_collection, h.deadletters)
@@ -769,12 +775,7 @@ def test_records_lost_to_damage_count_as_replayed_only_if_an_earlier_run_receive
     (this run's ``received`` never counted it), 25 not: the run's reconciliation holds. With
     ``counted`` 26, an earlier store worker of this run read past both and counted them."""
     spool_dir = tmp_path / "spool"
-    writer = SpoolWriter(spool_dir, segment_bytes=1 << 20, max_bytes=1 << 30,
-                         max_records=10**6, fsync_interval=0.0)
-    writer.append([(KIND_MESSAGE, line) for line in plain_real_tweets()[:30]], 1, 0,
-                  time.time_ns())
-    writer.sync()
-    writer.close()
+    spool_of_30_real_tweets(spool_dir).close()
     records = {r.seq: r for r in SpoolReader(spool_dir).read(100, 1 << 30)}
     assert sorted(records) == list(range(1, 31))
     for seq in (5, 25):
