@@ -10,14 +10,18 @@ delivered the tweet (its ground truth).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psutil
 import pymongo
 
 from ingestd.documents.matching import Matcher
+from ingestd.spool.format import KIND_MESSAGE
 from ingestd.spool.generations import KEEP, LEGACY_FIRST, GenerationRecord
+from ingestd.spool.writer import SpoolWriter
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.mongo import MongoStandIn, stored_ids
 from tests.support.simulator import SimProcess
@@ -50,6 +54,81 @@ def test_a_folder_whose_spool_an_older_ingestd_wrote_starts_past_its_numbers(
     record.record(LEGACY_FIRST, (["ipod"], [], []))
     assert record.lookup(1) == "before_record"  # an older run's record: filters never kept
     assert GenerationRecord(tmp_path).next_generation() == LEGACY_FIRST + 1
+
+
+def test_records_appended_after_a_clean_stop_set_the_recorded_generations_aside(
+        tmp_path: Path) -> None:
+    """Only another program (an older ingestd, numbering its generations from 1 again) appends
+    to a stopped daemon's spool: the next start sets the recorded generations aside, so a
+    colliding number falls back (counted) instead of taking this version's filters."""
+    record = GenerationRecord(tmp_path)
+    assert record.supersede_if_appended(5) is None  # never stopped here: nothing to compare
+    record.record(1, (["iphone"], [], []))
+    record.record(2, (["ipad"], [], []))
+    record.note_stop(10)
+    assert record.supersede_if_appended(10) is None  # nothing appended since
+    assert record.lookup(1) == (["iphone"], [], [])
+    record.note_stop(10)
+    assert record.supersede_if_appended(14) == (11, 14)
+    assert record.lookup(1) == record.lookup(2) == "before_record"
+    assert record.next_generation() == 3
+    assert sorted(p.name for p in (record.directory / "superseded").iterdir()) == [
+        "1.json", "2.json"]
+    # the mark is used once: a run that crashes leaves none, its own appends are not foreign
+    record.record(3, (["ipod"], [], []))
+    assert record.supersede_if_appended(20) is None
+    assert record.lookup(3) == (["ipod"], [], [])
+
+
+def test_an_older_versions_records_after_a_stop_are_not_matched_by_our_filters(
+        tmp_path: Path, mongo_standin: MongoStandIn) -> None:
+    """The audit's downgrade and upgrade back: this version recorded generation 1 = [iphone];
+    an older one (no ``generations/``) then spooled tweets as its own generation 1 = [android]
+    and stopped with them unstored; this version starts again with [android]. Those tweets were
+    matched by our generation 1's filters ([], nothing counted); now by the start's, counted."""
+    standin = mongo_standin
+    sim = SimProcess(tmp_path / "sim", "--rate", "200", "--max-tweets", "50", "--keepalive",
+                     "1", "--control-every", "0").start()
+    doc = settings_doc(sim.url, standin.uri, DB, stream={"track": ["iphone"]})
+    daemon = Daemon(tmp_path / "daemon", doc)
+    try:
+        daemon.start()
+        daemon.wait_ready()
+        wait_until(lambda: daemon.counters("store").get("stored", 0) >= 50, 30, "50 stored")
+        daemon.stop()
+        # the older version's run: three tweets of its generation 1, left in the spool
+        spool = SpoolWriter(daemon.state_dir / "spool", max_bytes=1 << 30, max_records=10**6)
+        ids = [9_100_000_000_000_000_001 + i for i in range(3)]
+        tweets = [orjson.dumps({"id": i, "id_str": str(i), "text": "my new android phone",
+                                "created_at": "Sat Dec 05 10:00:00 +0000 2026",
+                                "user": {"id": 7, "screen_name": "someone"},
+                                "entities": {"hashtags": [], "user_mentions": [], "urls": []}})
+                  for i in ids]
+        spool.append([(KIND_MESSAGE, t) for t in tweets], 1, 1, time.time_ns())
+        spool.close()
+        daemon.write_settings_atomically({**doc, "stream": {**doc["stream"],
+                                                            "track": ["android"]}})
+        daemon.start()
+        daemon.wait_ready()
+        wait_until(lambda: set(ids) <= set(stored_ids(standin.uri, DB)), 30,
+                   "the older version's tweets stored")
+        # published once a second: until the counts include them
+        store = wait_until(lambda: (c if (c := daemon.counters("store")).get(
+            "matched_fallback") == {"before_record": 3} else None), 10, "3 fallbacks counted")
+        superseded = daemon.events("generations_superseded")
+    finally:
+        daemon.kill()
+        sim.stop()
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        standin.uri, serverSelectionTimeoutMS=10000)
+    try:
+        docs = {d["_id"]: d["_ingest"] for d in client[DB].tweets.find({"_id": {"$in": ids}})}
+    finally:
+        client.close()
+    assert {i: (d["generation"], d["matched"]["track"]) for i, d in docs.items()} == {
+        i: (1, ["android"]) for i in ids}
+    assert store["matched_fallback"] == {"before_record": 3}
+    assert len(superseded) == 1
 
 
 def test_only_the_newest_generations_are_kept(tmp_path: Path) -> None:

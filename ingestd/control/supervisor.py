@@ -253,6 +253,16 @@ class Supervisor:
     def record_start_generation(self) -> None:
         """Number this start's generation after the last run's and record its filters before
         any worker runs (``OSError``: the folder cannot be used)."""
+        try:
+            last_seq = read_spool_last_seq(self.state_dir)
+        except OSError:
+            last_seq = -1  # unknown: nothing to compare (the stop's mark is removed all the same)
+        appended = self.generations.supersede_if_appended(last_seq)
+        if appended is not None:
+            log.warning("generations_superseded", first_seq=appended[0], last_seq=appended[1],
+                        effect="records appended after this version's last stop (an older "
+                        "ingestd ran here) and every older one are matched by this start's "
+                        "filters, counted as matched_fallback before_record")
         generation = self.generations.next_generation()
         self.generations.record(generation, filter_spec(self.settings.stream))
         self.standing.generation = self.standing.start_generation = generation
@@ -482,9 +492,21 @@ class Supervisor:
                 worker.signal(signal.SIGTERM)
                 self.wait_worker(worker, deadline)
         killed = self.kill_workers()
+        self.note_stop()
         code = self.EXIT_ERROR if killed else self.EXIT_OK
         log.info("stopped", reason=reason, killed=killed, escalated=self.escalated)
         return code
+
+    def note_stop(self) -> None:
+        """Every worker gone: the spool's last record, for the next start to tell whether
+        another program appended meanwhile (``GenerationRecord.supersede_if_appended``)."""
+        if self.pool.workers:
+            return  # one could not be reaped: it may still append
+        try:
+            self.generations.note_stop(read_spool_last_seq(self.state_dir))
+        except OSError as exc:
+            log.warning("stop_mark_failed", error=str(exc),
+                        effect="the next start cannot tell whether an older ingestd ran here")
 
     def wait_worker(self, worker: Worker, deadline: float) -> None:
         """Wait for ``worker`` to exit until ``deadline``; a second TERM/INT cuts the wait short."""
@@ -548,18 +570,22 @@ def run_supervisor(config_path: Path) -> int:
                       listener=lambda: start_metrics_server(settings)).run()
 
 
+def read_spool_last_seq(state_dir: Path) -> int:
+    """The number of the spool's last record appended (``OSError`` if it cannot be read)."""
+    from ingestd.spool.cursor import last_seq_on_disk
+    from ingestd.spool.written import last_written
+
+    return max(last_seq_on_disk(state_dir / "spool"), last_written(state_dir / "spool") or 0)
+
+
 def spool_last_seq(state_dir: Path) -> int:
     """The spool's last record before any worker starts: the records a store worker reads (or
     finds lost to damage) up to it were received by an earlier daemon run (``replayed``); 0 if it
     cannot be read. The last one appended, if the spool's ``written`` mark says so: the records
     cut off the end of the newest segment were received by an earlier run too, and a new writer
     numbers on after the mark."""
-    from ingestd.spool.cursor import last_seq_on_disk
-    from ingestd.spool.written import last_written
-
     try:
-        return max(last_seq_on_disk(state_dir / "spool"),
-                   last_written(state_dir / "spool") or 0)
+        return read_spool_last_seq(state_dir)
     except OSError as exc:
         log.warning("spool_replay_unknown", error=str(exc),
                     effect="records left by an earlier run are not counted as replayed")

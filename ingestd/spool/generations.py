@@ -28,6 +28,8 @@ import orjson
 
 DIRNAME = "generations"
 FIRST_FILE = "first"
+STOPPED_FILE = "stopped_at"  # the spool's last record when this version last stopped cleanly
+SUPERSEDED = "superseded"  # generation files set aside (``supersede_if_appended``)
 KEEP = 256  # generations kept: each file is written once, a few KB (at most ~100 KB)
 LEGACY_FIRST = 65536  # first generation of a state folder whose spool predates this record
 
@@ -95,6 +97,42 @@ class GenerationRecord:
         _write_atomically(self.directory, FIRST_FILE, b"%d\n" % first)
         return first
 
+    def note_stop(self, last_seq: int) -> None:
+        """At a stop, every worker gone: the spool's last record number. The next start compares
+        the spool with it (``supersede_if_appended``)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _write_atomically(self.directory, STOPPED_FILE, b"%d\n" % last_seq)
+
+    def supersede_if_appended(self, last_seq: int) -> tuple[int, int] | None:
+        """At a start, before numbering: the records appended since this version's last stop
+        (``last_seq`` is now the spool's last), if any; their range, else None.
+
+        Only another program appends to a stopped daemon's spool: an older ingestd (README,
+        "Downgrade"), which numbers its generations from 1 again, so a record's number no longer
+        says which of the filters recorded here it came under. The generations recorded so far
+        are set aside (``superseded/``) and numbering goes on past them: those records, like
+        every older one, are then matched by the newest filters and counted (``before_record``),
+        never by another run's filters. The mark is removed at once, so a run that crashes
+        leaves none to compare with (its own appends are not another program's).
+        """
+        try:
+            stopped: int | None = int((self.directory / STOPPED_FILE).read_text("ascii"))
+        except (OSError, ValueError):
+            stopped = None
+        with contextlib.suppress(FileNotFoundError):
+            (self.directory / STOPPED_FILE).unlink()
+            _fsync_dir(self.directory)
+        if stopped is None or last_seq <= stopped:
+            return None
+        numbers = self._numbers()
+        if numbers:
+            aside = self.directory / SUPERSEDED
+            aside.mkdir(exist_ok=True)
+            for number in numbers:
+                os.replace(self.directory / f"{number}.json", aside / f"{number}.json")
+            _write_atomically(self.directory, FIRST_FILE, b"%d\n" % (numbers[-1] + 1))
+        return stopped + 1, last_seq
+
     def record(self, generation: int, spec: FilterSpec) -> None:
         """Keep ``generation``'s filters durably (fsynced), then forget all but the newest
         ``KEEP`` generations. ``OSError`` if it could not be written: nothing may run under
@@ -141,6 +179,10 @@ def _write_atomically(directory: Path, name: str, data: bytes) -> None:
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, directory / name)
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dfd)
