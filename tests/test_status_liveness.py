@@ -164,7 +164,7 @@ def test_old_files_on_a_read_only_state_folder_are_unknown_not_hung(
     """No status file can be rewritten (the run folder's file system says read-only): an old
     file proves nothing (the workers beat to the supervisor through its pipe), so a live
     process is ``unknown``, degraded with the reason, and counts as up in the metrics; a
-    process that is gone is still not running. (The real mount: tests/test_durability.py,
+    process that is gone is still not running. (The real mount: tests/test_durability_disk.py,
     the read-only drills.)"""
     from ingestd.control.collector import RunStateCollector
 

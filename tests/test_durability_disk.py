@@ -1,0 +1,337 @@
+"""Durability on the real daemon when the disk fills up or turns read-only (issue #5): the spool
+applies ``spool.when_full``, nothing crash-loops, and everything resumes once the disk takes
+writes again. Split from ``test_durability.py`` (same helpers, same reconciliation against the
+simulator's ground truth), so the two files run on two of ``make test``'s workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingestd.control.status import collect, render
+from tests.support.daemon import Daemon
+from tests.support.mongo import MongoStandIn, stored_ids
+from tests.support.simulator import SimProcess
+from tests.support.skips import unavailable
+from tests.support.wait import wait_until
+from tests.test_durability import DB, durable_doc, figures, spooled, wait_drained
+
+
+@pytest.fixture
+def standin(mongo_standin: MongoStandIn) -> Iterator[MongoStandIn]:
+    yield mongo_standin
+
+
+# ---------------------------------------------------------------- 4. disk full
+
+
+def mount_tmpfs(where: Path, size: str) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        unavailable(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace')}")
+
+
+@pytest.fixture
+def mounts() -> Iterator[list[Path]]:
+    """Mount points to unmount at the end of the test (lazily: a daemon may still hold files)."""
+    made: list[Path] = []
+    yield made
+    for mnt in reversed(made):
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(path: Path, leave: int) -> Path:
+    """Fill the filesystem of ``path`` until ``leave`` bytes are free; return the filler file."""
+    filler = path / "filler"
+    free = shutil.disk_usage(path).free - leave
+    with filler.open("wb") as f:
+        f.write(b"\0" * max(free, 0))
+    return filler
+
+
+def disk_drill(tmp_path: Path, standin: MongoStandIn, policy: str, tweets: int, *, rate: int,
+               seed: int, **spool: str) -> tuple[SimProcess, dict[str, Any], Daemon]:
+    """A disk drill's simulator (started), settings (``spool.when_full: policy``) and daemon."""
+    sim = SimProcess(tmp_path / "sim", "--rate", str(rate), "--max-tweets", str(tweets),
+                     "--control-every", "0", "--keepalive", "1", "--seed", str(seed)).start()
+    doc = durable_doc(sim, standin.uri, spool={"when_full": policy, **spool})
+    return sim, doc, Daemon(tmp_path / "daemon", doc)
+
+
+def stream_state_after_recovery(daemon: Daemon) -> str:
+    """The stream's state once the disk works again: "connected…", or the assertion fails
+    with the last one seen. With ``drop_newest`` nothing is held to retry, so the spool error
+    clears at the next good write or at the spool's probe (every second: spool.intake), which
+    may come just after the spool drained, when no message is left to write."""
+    seen = [""]
+
+    def cleared() -> bool:
+        seen[0] = str(daemon.status("stream").get("state"))
+        return seen[0].startswith("connected")
+
+    try:
+        wait_until(cleared, 15, "the stream's state to clear after recovery")
+    except AssertionError:
+        raise AssertionError(f"the stream still reports {seen[0]!r} after recovery") from None
+    return seen[0]
+
+
+def assert_stored_or_dropped(policy: str, ids: list[int], delivered: set[int],
+                             stream: dict[str, Any], store: dict[str, Any], messages: int) -> None:
+    """Every delivered tweet stored once or counted as dropped with its reason (the disk
+    drills): ``block`` drops nothing, ``drop_newest`` drops only on the disk's account."""
+    dropped = sum(stream["dropped"].values())
+    assert len(ids) == len(set(ids)) and set(ids) <= delivered
+    assert spooled(stream) + dropped == messages == len(delivered)
+    assert len(ids) == store["stored"] + store["duplicates"] == spooled(stream)
+    if policy == "block":
+        assert dropped == 0 and set(ids) == delivered
+    else:
+        assert set(stream["dropped"]) <= {"disk_error", "spool_full"}
+        assert stream["dropped"].get("disk_error", 0) > 0
+        assert len(delivered - set(ids)) == dropped
+
+
+def run_disk_full(tmp_path: Path, standin: MongoStandIn, mounts: list[Path], policy: str,
+                  whole_state_dir: bool) -> None:
+    # A 12 MiB tmpfs (the spool folder, or the whole state folder) with a filler file leaving
+    # ~1 MiB; MongoDB is stopped, so the spool can only grow and the disk fills up long before
+    # the spool's own bound. Then the filler goes, MongoDB returns: everything must be stored
+    # (block) or exactly the counted drops missing (drop_newest), with no worker restart.
+    tweets = 1500
+    sim, _, daemon = disk_drill(tmp_path, standin, policy, tweets, rate=600, seed=8,
+                                segment_bytes="1MiB")
+    disk = daemon.state_dir if whole_state_dir else daemon.state_dir / "spool"
+    mount_tmpfs(disk, "12m")
+    mounts.append(disk)
+    filler = fill(disk, leave=1 << 20)
+    standin.stop()
+    try:
+        daemon.start().wait_ready()
+        wait_until(lambda: disk_full_seen(daemon, policy), 60, "the spool to hit ENOSPC")
+        if policy == "block":
+            assert len(sim.ground_truth().tweet_ids()) < tweets, "the disk filled too late"
+        daemon.assert_running()
+        filler.unlink()  # space returns
+        standin.start()
+        messages = wait_drained(daemon, sim, tweets, timeout=120)
+        stream, store = daemon.counters("stream"), daemon.counters("store")
+        restarts = daemon.status("supervisor").get("restarts")
+        stream_state_after_recovery(daemon)
+        code, _ = daemon.stop()
+    finally:
+        daemon.kill()
+        sim.stop()
+    ids = stored_ids(standin.uri, DB)
+    delivered = set(sim.ground_truth().tweet_ids())
+    dropped = sum(stream["dropped"].values())
+    assert code == 0
+    assert not restarts or not any(restarts.values()), f"workers restarted: {restarts}"
+    assert_stored_or_dropped(policy, ids, delivered, stream, store, messages)
+    figures(f"disk-full {policy}", len(delivered), len(ids), store["duplicates"],
+            sum(store["deadlettered"].values()), dropped, drops=stream["dropped"])
+
+
+@pytest.mark.parametrize("policy", ["block", "drop_newest"])
+def test_disk_full_spool_applies_policy_and_recovers(
+        tmp_path: Path, standin: MongoStandIn, mounts: list[Path], policy: str) -> None:
+    run_disk_full(tmp_path, standin, mounts, policy, whole_state_dir=False)
+
+
+def test_disk_full_whole_state_dir_no_crash_loop(
+        tmp_path: Path, standin: MongoStandIn, mounts: list[Path]) -> None:
+    run_disk_full(tmp_path, standin, mounts, "block", whole_state_dir=True)
+
+
+def disk_full_seen(daemon: Daemon, policy: str) -> bool:
+    daemon.assert_running()
+    status = daemon.status("stream")
+    if policy == "block":
+        return bool(status.get("spool", {}).get("held")) and "spool write failed" in str(
+            status.get("state"))
+    return bool(status.get("counters", {}).get("dropped", {}).get("disk_error"))
+
+
+def fill_to_the_last_block(path: Path) -> None:
+    """Write a file in ``path`` until its file system has no block left (the daemon's own
+    writes may race it: it stops at the first ENOSPC of the smallest size)."""
+    with (path / "filler").open("wb", buffering=0) as f:
+        for chunk in (1 << 16, 1 << 12):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * chunk)
+
+
+def run_small_disk(tmp_path: Path, standin: MongoStandIn, mounts: list[Path],
+                   policy: str, mongo_down: bool = True) -> None:
+    # The audit's drill: the whole state folder on an 8 MiB tmpfs with the default 64 MiB
+    # segments and no filler to remove: MongoDB is stopped until the spool fills the disk, and
+    # the only way space comes back is the store worker deleting what it stored. Its checkpoint
+    # must be written without a new block (in place) and the writer must have rolled, or the
+    # store worker dies on the checkpoint (a crash loop, exit 75) and nothing is freed.
+    # (drop_newest: the stream still delivers once space is back; its first good append is
+    # what clears the state, see spool.intake)
+    tweets = 15000
+    sim, _, daemon = disk_drill(tmp_path, standin, policy, tweets, rate=1000, seed=18)
+    mount_tmpfs(daemon.state_dir, "8m")
+    mounts.append(daemon.state_dir)
+    if mongo_down:
+        standin.stop()
+    try:
+        daemon.start().wait_ready()
+        if mongo_down:
+            wait_until(lambda: disk_full_seen(daemon, policy), 60, "the spool to hit ENOSPC")
+            if policy == "block":
+                assert len(sim.ground_truth().tweet_ids()) < tweets, "the disk filled too late"
+        else:  # MongoDB healthy: another file fills the disk while tweets are being stored
+            wait_until(lambda: daemon.counters("store").get("stored", 0) > 500, 60,
+                       "tweets stored")
+        # What the failed append left free (up to one coalesced write) could still take a
+        # checkpoint's temp file: another file takes it, and stays (the audit's second case).
+        fill_to_the_last_block(daemon.state_dir)
+        daemon.wait_log("spool_write_failed", 60)
+        daemon.assert_running()
+        if mongo_down:
+            standin.start()  # no space given back by hand
+        messages = wait_drained(daemon, sim, tweets, timeout=180, stall=60)
+        stream, store = daemon.counters("stream"), daemon.counters("store")
+        restarts = daemon.status("supervisor").get("restarts")
+        stream_state_after_recovery(daemon)
+        code, _ = daemon.stop()
+    finally:
+        daemon.kill()
+        sim.stop()
+    ids = stored_ids(standin.uri, DB)
+    delivered = set(sim.ground_truth().tweet_ids())
+    dropped = sum(stream["dropped"].values())
+    assert code == 0, daemon.tail()
+    assert not restarts or not any(restarts.values()), f"workers restarted: {restarts}"
+    assert not daemon.events("uncaught_exception") and "Traceback" not in daemon.logs()
+    assert store["spool_missing_records"] == store["spool_corrupt_records"] == 0
+    assert_stored_or_dropped(policy, ids, delivered, stream, store, messages)
+    figures(f"small-disk {policy} mongo_down={mongo_down}", len(delivered), len(ids),
+            store["duplicates"], sum(store["deadlettered"].values()), dropped,
+            drops=stream["dropped"])
+
+
+@pytest.mark.parametrize("policy", ["block", "drop_newest"])
+def test_small_disk_default_segments_frees_stored_space_no_crash_loop(
+        tmp_path: Path, standin: MongoStandIn, mounts: list[Path], policy: str) -> None:
+    run_small_disk(tmp_path, standin, mounts, policy)
+
+
+def test_small_disk_filled_by_another_file_while_storing_no_crash_loop(
+        tmp_path: Path, standin: MongoStandIn, mounts: list[Path]) -> None:
+    run_small_disk(tmp_path, standin, mounts, "block", mongo_down=False)
+
+
+# ---------------------------------------------------------------- 4b. read-only state folder
+
+
+def try_mount(args: list[str]) -> None:
+    done = subprocess.run(args, capture_output=True, check=False)
+    if done.returncode != 0:
+        unavailable(f"cannot {' '.join(args)}: {done.stderr.decode(errors='replace')}")
+
+
+def remount(where: Path, read_only: bool) -> None:
+    option = "remount,bind,ro" if read_only else "remount,bind,rw"
+    subprocess.run(["mount", "-o", option, str(where)], check=True)
+
+
+@pytest.mark.parametrize("policy", ["block", "drop_newest"])
+def test_read_only_state_dir_at_runtime_no_crash_loop(
+        tmp_path: Path, standin: MongoStandIn, mounts: list[Path], policy: str) -> None:
+    run_read_only(tmp_path, standin, mounts, policy, whole_state_dir=True)
+
+
+def test_read_only_spool_folder_status_says_why(
+        tmp_path: Path, standin: MongoStandIn, mounts: list[Path]) -> None:
+    # Only the spool folder read-only: the status files still work and say what fails, the
+    # store worker's "degraded: spool checkpoint unwritable (…EROFS…)" while it keeps storing.
+    run_read_only(tmp_path, standin, mounts, "block", whole_state_dir=False)
+
+
+def run_read_only(tmp_path: Path, standin: MongoStandIn, mounts: list[Path], policy: str,
+                  whole_state_dir: bool) -> None:
+    # The state folder turns read-only under a running daemon (the audit's bind mount): the
+    # open segment is written on until it rolls, then the spool's writes fail and follow
+    # when_full; checkpoints and status files fail and are reported. Longer than the heartbeat
+    # timeout (10 s): the workers beat through the supervisor's pipe and are not killed. Made
+    # writable again, everything resumes by itself.
+    tweets = 6000
+    sim, doc, daemon = disk_drill(tmp_path, standin, policy, tweets, rate=400, seed=19,
+                                  segment_bytes="256KiB")
+    state = daemon.state_dir if whole_state_dir else daemon.state_dir / "spool"
+    try:
+        daemon.start().wait_ready()
+        wait_until(lambda: daemon.counters("store").get("stored", 0) > 200, 60, "tweets stored")
+        # Mounted over the running daemon: the files it holds open stay writable (they belong
+        # to the mount below), as in the audit; every new open meets the read-only one.
+        try_mount(["mount", "--bind", str(state), str(state)])
+        mounts.append(state)
+        try_mount(["mount", "-o", "remount,bind,ro", str(state)])
+        read_only_at = time.monotonic()
+        try:
+            failed = daemon.wait_log("spool_write_failed", 60)
+            assert "Read-only file system (EROFS)" in failed["error"]
+            assert f"{daemon.state_dir}/spool/" in failed["error"], failed
+            daemon.wait_log("spool_checkpoint_write_failed", 30)
+            if whole_state_dir:
+                daemon.wait_log("status_write_failed", 30)
+            else:
+                store_state = wait_until(
+                    lambda: str(daemon.status("store").get("state", "")).startswith(
+                        "degraded: spool checkpoint unwritable") and daemon.status("store"),
+                    30, "the store worker's status to say why")["state"]
+                assert "(EROFS)" in store_state, store_state
+                # published at the pass that failed (a few ms after the line is logged)
+                wait_until(lambda: "(EROFS)" in str(daemon.status("stream").get("state")), 5,
+                           "the stream's status to say why")
+            heartbeat = float(doc["control"]["heartbeat_timeout"])
+            wait_until(lambda: (daemon.assert_running() or
+                                time.monotonic() - read_only_at > heartbeat + 3),
+                       heartbeat + 30, "longer than the heartbeat timeout, read-only", 0.5)
+            assert not daemon.events("worker_hung"), daemon.tail()
+            if whole_state_dir:  # what `ingestd status` says: no file is fresh, none can be
+                view = collect(daemon.state_dir)
+                shown = render(view)
+                assert view["health"] == "degraded" and set(view["liveness"].values()) == {
+                    "unknown"}, shown
+                assert "status files cannot be written" in shown, shown
+                assert "read-only file system" in shown and "HUNG" not in shown, shown
+        finally:
+            remount(state, read_only=False)
+        messages = wait_drained(daemon, sim, tweets, timeout=180, stall=60)
+        wait_until(lambda: not str(daemon.status("store").get("state")).startswith("degraded"),
+                   30, "the store worker's status to recover")
+        stream_state_after_recovery(daemon)  # its spool_write_recovered line is logged by then
+        stream, store = daemon.counters("stream"), daemon.counters("store")
+        restarts = daemon.status("supervisor").get("restarts")
+        code, _ = daemon.stop()
+    finally:
+        daemon.kill()
+        sim.stop()
+    ids = stored_ids(standin.uri, DB)
+    delivered = set(sim.ground_truth().tweet_ids())
+    dropped = sum(stream["dropped"].values())
+    assert code == 0, daemon.tail()
+    assert not restarts or not any(restarts.values()), f"workers restarted: {restarts}"
+    assert not daemon.events("uncaught_exception") and "Traceback" not in daemon.logs()
+    assert daemon.events("spool_write_recovered")
+    assert daemon.events("status_write_recovered") or not whole_state_dir
+    assert daemon.events("spool_checkpoint_write_recovered")
+    assert_stored_or_dropped(policy, ids, delivered, stream, store, messages)
+    folder = "state_dir" if whole_state_dir else "spool"
+    figures(f"read-only {folder} {policy}", len(delivered), len(ids), store["duplicates"],
+            sum(store["deadlettered"].values()), dropped, drops=stream["dropped"])
