@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck pytest test-slow test-systemd bench soak systemd-tools clean
+.PHONY: demo test lint typecheck pytest test-smoke test-slow test-systemd bench soak systemd-tools clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,7 +28,12 @@ typecheck: $(STAMP)
 # Three workers, one test file each at a time: most tests wait on real processes and timers.
 # -rs names every skipped test and why (only the real-mongod ones may skip under CI).
 pytest: $(STAMP)
-	$(BIN)/pytest -q -rs -m "not slow and not systemd" -p no:cacheprovider -n 3 --dist loadfile
+	$(BIN)/pytest -q -rs -m "not slow and not systemd and not smoke" -p no:cacheprovider -n 3 \
+	  --dist loadfile
+
+# The soak proofs and bench scripts at their smallest size (~3 min; CI runs it after make test).
+test-smoke: $(STAMP)
+	$(BIN)/pytest -q -rs -m smoke -p no:cacheprovider -n 3 --dist load
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow -p no:cacheprovider --timeout 3600

@@ -22,6 +22,9 @@ import pytest
 
 from bench.awake import kept_awake
 
+# ~3.5 min of test time together: their own target, run by CI (make test stays within 10 min)
+pytestmark = pytest.mark.smoke
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

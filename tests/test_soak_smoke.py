@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+# ~3.5 min of test time together: their own target, run by CI (make test stays within 10 min)
+pytestmark = pytest.mark.smoke
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SIZES = {
