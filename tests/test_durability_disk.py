@@ -19,6 +19,7 @@ import pytest
 from ingestd.control.status import collect, render
 from tests.support.daemon import Daemon
 from tests.support.mongo import MongoStandIn, stored_ids
+from tests.support.mounts import bind_read_only
 from tests.support.simulator import SimProcess
 from tests.support.skips import unavailable
 from tests.support.wait import wait_until
@@ -238,12 +239,6 @@ def test_small_disk_filled_by_another_file_while_storing_no_crash_loop(
 # ---------------------------------------------------------------- 4b. read-only state folder
 
 
-def try_mount(args: list[str]) -> None:
-    done = subprocess.run(args, capture_output=True, check=False)
-    if done.returncode != 0:
-        unavailable(f"cannot {' '.join(args)}: {done.stderr.decode(errors='replace')}")
-
-
 def remount(where: Path, read_only: bool) -> None:
     option = "remount,bind,ro" if read_only else "remount,bind,rw"
     subprocess.run(["mount", "-o", option, str(where)], check=True)
@@ -276,11 +271,11 @@ def run_read_only(tmp_path: Path, standin: MongoStandIn, mounts: list[Path], pol
     try:
         daemon.start().wait_ready()
         wait_until(lambda: daemon.counters("store").get("stored", 0) > 200, 60, "tweets stored")
-        # Mounted over the running daemon: the files it holds open stay writable (they belong
-        # to the mount below), as in the audit; every new open meets the read-only one.
-        try_mount(["mount", "--bind", str(state), str(state)])
+        # Mounted over the running daemon in one step (a bind then a remount fails when the
+        # daemon opens a file in between: tests/support/mounts.py): the files it holds open
+        # stay writable, as in the audit; every new open meets the read-only mount.
+        bind_read_only(state)
         mounts.append(state)
-        try_mount(["mount", "-o", "remount,bind,ro", str(state)])
         read_only_at = time.monotonic()
         try:
             failed = daemon.wait_log("spool_write_failed", 60)

@@ -30,6 +30,7 @@ from ingestd.spool.writer import SpoolWriteError, SpoolWriter
 from tests.support.clock import FakeClock
 from tests.support.creds import CREDS
 from tests.support.daemon import settings_doc
+from tests.support.mounts import bind_read_only
 from tests.support.skips import unavailable
 
 BIG = 10**9
@@ -321,3 +322,33 @@ def test_drop_newest_state_clears_once_the_disk_takes_writes_without_a_message(
     sink.flush()
     payloads = [r.payload for r in SpoolReader(tmp_path).read(10, BIG)]
     assert payloads[-2:] == [b"before", b"after"]
+
+
+# a file in the folder open for writing nearly all the time, reopened every 20 ms while it can
+BUSY_WRITER = ("import contextlib, sys, time\n"
+               "while True:\n"
+               "    with contextlib.suppress(OSError), open(sys.argv[1], 'wb') as f:\n"
+               "        f.write(b'x')\n"
+               "        time.sleep(0.02)\n"
+               "    time.sleep(0.001)\n")
+
+
+def test_read_only_bind_over_a_folder_being_written_is_one_step(tmp_path: Path) -> None:
+    # The drills turn the state folder read-only under a running daemon. A bind mount then a
+    # read-only remount failed ("mount point is busy", CI of ad8c332) when a file was opened
+    # for writing in between: 1-3 times in 20 with this writer. bind_read_only has no window.
+    where = tmp_path / "busy"
+    where.mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", BUSY_WRITER, str(where / "segment")])
+    try:
+        for _ in range(50):
+            bind_read_only(where)
+            try:
+                with pytest.raises(OSError) as info:
+                    (where / "new").open("wb")
+                assert info.value.errno == errno.EROFS
+            finally:
+                subprocess.run(["umount", "-l", str(where)], check=True)
+    finally:
+        writer.kill()
+        writer.wait()
