@@ -278,7 +278,7 @@ def test_before_checkpoint_runs_before_every_checkpoint_write(tmp_path: Path) ->
     fill(writer, payloads(12), per_append=1)
     reader = SpoolReader(tmp_path, checkpoint_interval=0.25, clock=clock)
     on_disk: list[Checkpoint | None] = []  # the checkpoint on disk each time the hook ran
-    reader.before_checkpoint = lambda: on_disk.append(read_checkpoint(tmp_path))
+    reader.before_checkpoint = lambda ckpt: on_disk.append(read_checkpoint(tmp_path))
     got = drain(reader)
     first = [r for r in got if r.segment == got[0].segment]
     reader.ack(first[0])
@@ -306,7 +306,7 @@ def test_a_failing_before_checkpoint_leaves_the_checkpoint_where_it_was(tmp_path
     reader.ack(got[1])
     failures = []
 
-    def failing() -> None:
+    def failing(ckpt: Checkpoint) -> None:
         failures.append(1)
         raise RuntimeError("ledger write failed")
 
@@ -314,7 +314,7 @@ def test_a_failing_before_checkpoint_leaves_the_checkpoint_where_it_was(tmp_path
     with pytest.raises(RuntimeError):
         reader.ack(got[4])
     assert failures and read_checkpoint(tmp_path).seq == got[1].seq  # type: ignore[union-attr]
-    reader.before_checkpoint = lambda: None
+    reader.before_checkpoint = lambda ckpt: None
     reader.ack(got[4])  # the next ack that may write does
     assert read_checkpoint(tmp_path).seq == got[4].seq  # type: ignore[union-attr]
     assert [r.seq for r in drain(SpoolReader(tmp_path))] == seqs[5:]

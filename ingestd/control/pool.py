@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,8 +19,9 @@ from typing import Any, Protocol
 import structlog
 
 from ingestd.control import notify as sd
-from ingestd.control import runstate, tally
+from ingestd.control import runstate, settled, tally
 from ingestd.control.pipe import CommandWriter
+from ingestd.spool.format import read_checkpoint
 
 log = structlog.get_logger("ingestd.control.supervisor")
 
@@ -272,8 +273,12 @@ class WorkerPool:
 
     def carry(self, role: str, pid: int) -> None:
         """Add a reaped worker's last published counts to the run's, and for a stream worker
-        the messages it spooled after that report (read back from the spool)."""
+        the messages it spooled after that report (read back from the spool); for a store
+        worker its counts at the checkpoint its successor resumes from (``settled``)."""
         doc = runstate.read_status(self.state_dir, role)
+        if role == "store":
+            self.carried[role].carry(role, pid, doc, settled=self.settled_counts(pid, doc))
+            return
         after = 0
         if role == "stream" and doc is not None and doc.get("pid") == pid:
             try:
@@ -286,6 +291,26 @@ class WorkerPool:
                 log.info("worker_counts_recovered", role=role, pid=pid, received=after,
                          reason="spooled after its last report")
         self.carried[role].carry(role, pid, doc, received_after=after)
+
+    def settled_counts(self, pid: int, doc: Mapping[str, Any] | None
+                       ) -> tuple[int, settled.Counts] | None:
+        """Store worker ``pid``'s counts at the spool checkpoint on disk, if it left them."""
+        if doc is None or doc.get("pid") != pid:
+            return None
+        ckpt = read_checkpoint(self.state_dir / "spool")
+        seq = ckpt.seq if ckpt is not None else 0
+        counts = settled.read_settled(self.state_dir, pid, seq)
+        if counts is None:
+            log.warning("worker_counts_unsettled", role="store", pid=pid, checkpoint_seq=seq,
+                        effect="its last report is carried instead: records read again by its "
+                               "successor may be counted twice (the reconciliation is off by "
+                               "them)")
+            return None
+        reported = tally.section(doc, "counters").get("records_read")
+        if reported != counts.get("records_read"):  # its successor reads some records again
+            log.info("worker_counts_settled", role="store", pid=pid, checkpoint_seq=seq,
+                     records_read=counts.get("records_read"), reported_read=reported)
+        return seq, counts
 
     def kill_all(self) -> list[str]:
         """SIGKILL every worker still running; the roles that had to be killed."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import structlog
 
 from ingestd.control.pipe import Command, Reload, Stop
+from ingestd.control.settled import SettledRecord
 from ingestd.control.tally import REPLAY_ENV
 from ingestd.control.worker import (
     STATUS_INTERVAL,
@@ -48,6 +49,10 @@ class StoreRole:
                                       settings.deadletter.max_bytes)
         self.worker = StoreWorker(settings, self.reader, open_collection, deadletters,
                                   generation=ctx.generation, replay=replay_boundary())
+        written = self.reader.written
+        self.settled = SettledRecord(settings.state_dir, written.seq if written else 0,
+                                     self.worker.settled.counts)
+        self.worker.on_checkpoint = self.before_checkpoint
         self.meter = RateMeter()
         self.write_status = StatusPublisher(settings.state_dir, "store")
         self.status = Ticker(STATUS_INTERVAL, self.publish)
@@ -111,6 +116,12 @@ class StoreRole:
             "spool": {"acked_seq": acked_seq, "bytes": unacked_bytes,
                       "checkpoint_failures": self.reader.checkpoint_failures},
         })
+
+    def before_checkpoint(self, seq: int) -> None:
+        """Keep this worker's counts at checkpoint ``seq`` beside the one on disk (``settled``)."""
+        written, settled = self.reader.written, self.worker.settled
+        if settled.seq == seq:
+            self.settled.before_checkpoint(written.seq if written else 0, seq, settled.counts)
 
     def tick(self) -> None:
         while (command := self.ctx.control.poll()) is not None:

@@ -10,11 +10,11 @@ worker restarts within one daemon run; a new daemon run starts again from zero.
 A crash comes up to 1 s after a worker's last report. The messages a stream worker spooled in
 that window are read back from the spool when it is reaped (``unreported_received``: numbered
 from the report's ``spool.next_seq``, received after its ``counted_ns``) and carried as received,
-so they reconcile. What a crash still loses: a store worker's tweets stored between its last
-checkpoint write and its last report are read again by its successor and counted again (as
-duplicates), leaving the reconciliation off by them. A record the crashed
-store worker read but had not resolved (``pending``) is not carried as read: its successor reads
-it again and counts it then.
+so they reconcile. A store worker's successor reads again from the checkpoint on disk, behind or
+ahead of the last report: of a store worker the supervisor carries, for the counters of the
+identity below, its counts at that checkpoint (``control.settled``), so no record is counted
+twice or not at all. Without them (a file that could not be written) it carries the last report,
+less the records read but not resolved (``pending``), which its successor counts.
 
 The identity (``reconciliation``; ``ingestd_messages_in_flight`` is the part on its way)::
 
@@ -123,22 +123,32 @@ class Carried:
         self.pids: list[int] = []
         self.counters: dict[str, Any] = {}
         self.hist: dict[str, Any] = {}
-        self.read_seq = 0  # store: the newest record a dead store worker counted as read
+        # store: the newest record a dead store worker counted (as read, or lost): its successors
+        # do not count it again as replayed (``REPLAY_ENV``)
+        self.read_seq = 0
 
     def carry(self, role: str, pid: int, doc: Mapping[str, Any] | None,
-              received_after: int = 0) -> None:
+              received_after: int = 0, settled: tuple[int, Mapping[str, Any]] | None = None
+              ) -> None:
         """Add the last status ``doc`` of worker ``pid`` (nothing if it is another process's),
         and ``received_after``: the messages a stream worker spooled after that report
-        (``unreported_received``)."""
+        (``unreported_received``). ``settled``: a store worker's (checkpoint seq, its counts of
+        the records up to it), which replace the report's for those counters."""
         if doc is None or doc.get("pid") != pid or pid in self.pids:
             return
         c = section(doc, "counters")
         self.pids.append(pid)
-        self.counters = add_counters(self.counters, resolved_part(role, c))
+        seq: object = c.get("read_seq")
+        if settled is not None:
+            seq, counts = settled
+            part = {k: v for k, v in c.items() if k not in NOT_SUMMED} | dict(counts)
+        else:
+            part = resolved_part(role, c)
+        self.counters = add_counters(self.counters, part)
         if received_after:
             self.counters = add_counters(self.counters, {"received": received_after})
         self.hist = add_histograms(self.hist, section(doc, "hist"))
-        if isinstance(seq := c.get("read_seq"), int):
+        if isinstance(seq, int):
             self.read_seq = max(self.read_seq, seq)
 
     def as_dict(self) -> dict[str, Any]:

@@ -81,6 +81,69 @@ class StoreCounters:
         return out
 
 
+# The counters of the reconciliation's identity (``control.tally``): what ``Settled`` tracks.
+SETTLED_KEYS = ("records_read", "replayed", "spool_missing_records", "stored", "duplicates",
+                "deadlettered", "control", "skipped")
+Counts = dict[str, int | dict[str, int]]
+
+
+def settled_counts(totals: StoreCounters) -> Counts:
+    """The ``SETTLED_KEYS`` of ``totals`` (dicts copied)."""
+    return {key: (dict(value) if isinstance(value := getattr(totals, key), dict) else value)
+            for key in SETTLED_KEYS}
+
+
+def minus(a: Counts, b: Counts) -> Counts:
+    """``a - b``, key by key and label by label (labels that come to 0 are left out)."""
+    out: Counts = {}
+    for key, value in a.items():
+        other = b.get(key, 0)
+        if isinstance(value, dict):
+            labels = other if isinstance(other, dict) else {}
+            diff = {k: value.get(k, 0) - labels.get(k, 0) for k in value.keys() | labels.keys()}
+            out[key] = {k: n for k, n in diff.items() if n}
+        else:
+            out[key] = value - (other if isinstance(other, int) else 0)
+    return out
+
+
+class Settled:
+    """The counts of the records up to the last ack (``seq``): the part of the counters that a
+    successor, resuming at that checkpoint, will not count again.
+
+    The counters also count records taken but not acked yet: those of the open batch and of
+    the batch in flight. Records are counted as they are taken, in spool order (``StoreWorker``
+    counts a record only once it is in the open batch, and a loss only once a later record is),
+    and a batch's own outcomes (tombstoned tweets at its flush; stored, duplicates and dead
+    letters at its finish) come between its flush and its ack. So at a flight's finish the open
+    batch's part is the counters less the settled counts and the flight's part (taken at its
+    flush), and after the ack the settled counts are the counters less that part. Three
+    snapshots of eight counters per batch, none per record.
+    """
+
+    def __init__(self, totals: StoreCounters, seq: int) -> None:
+        self._totals = totals
+        self.seq = seq
+        self.counts = settled_counts(totals)
+        self._flight: Counts = {}  # the flight's part: counted, not acked
+
+    def flushed(self) -> None:
+        """The open batch became the flight (after its tombstoned tweets were counted)."""
+        self._flight = minus(settled_counts(self._totals), self.counts)
+
+    def finishing(self) -> Counts:
+        """Before the flight's outcomes are counted: the open batch's part."""
+        return minus(minus(settled_counts(self._totals), self.counts), self._flight)
+
+    def finished(self, open_part: Counts, acked: int | None) -> None:
+        """The flight's outcomes are counted and its last record, ``acked``, is about to be
+        acked (None: a flight of no record, nothing acked; its part is the open batch's)."""
+        if acked is not None:
+            self.counts = minus(settled_counts(self._totals), open_part)
+            self.seq = acked
+        self._flight = {}
+
+
 @dataclass(slots=True)
 class StoreHistograms:
     """Batch size, insert time and each tweet's time from the wire to MongoDB's ack."""

@@ -36,7 +36,7 @@ from ingestd.documents.v2_messages import V2_TWEET, v2_document, v2_kind
 from ingestd.memory import trim_heap
 from ingestd.sink.batch import Batch, Entry, Flight
 from ingestd.sink.compliance import TOMBSTONE_LIMIT, WITHHELD, BadControl, Compliance
-from ingestd.sink.counters import StoreCounters, StoreHistograms, bump
+from ingestd.sink.counters import Settled, StoreCounters, StoreHistograms, bump
 from ingestd.sink.coverage import CoverageLedger, instance_name
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.sink.encoder_split import OFFLOAD_MIN, EncoderSplit, Matchers
@@ -88,7 +88,7 @@ class SpoolSource(Protocol):
     def acked(self) -> Checkpoint | None: ...
     @property
     def checkpoint_resets(self) -> int: ...
-    before_checkpoint: Callable[[], None]
+    before_checkpoint: Callable[[Checkpoint], None]
     on_missing: Callable[[int, int], None]
     def read(self, max_records: int, max_bytes: int) -> list[Record]: ...
     def wait_for_data(self, timeout: float) -> object: ...
@@ -142,6 +142,9 @@ class StoreWorker:
         self.hist = StoreHistograms()
         # Nothing read yet: all up to the checkpoint is resolved (the in-flight gauge reads this).
         totals.read_seq = spool_reader.acked.seq if spool_reader.acked else 0
+        # This worker's counts of the records up to its last ack (``Settled``; control.settled).
+        self.settled = Settled(totals, totals.read_seq)
+        self._losses: list[tuple[int, int]] = []  # runs of lost records, counted with the next
         self._matchers = Matchers(generation, settings, GenerationRecord(settings.state_dir),
                                   totals)
         self._encoding = EncoderSplit(self._matchers, totals, encoder_process, offload_min)
@@ -155,7 +158,10 @@ class StoreWorker:
         self._notices = StreamNotices(totals)
         ha = settings.ha.instance if settings.ha.mode == "standby" else None
         self._ledger = CoverageLedger(self._target, retry, instance_name(settings.state_dir), ha)
-        spool_reader.before_checkpoint = self._ledger.write
+        spool_reader.before_checkpoint = self._before_checkpoint
+        # Told the seq of each checkpoint about to be written, after the ledger: the store role
+        # keeps this worker's counts at it (``settled``) beside the checkpoint (control.settled).
+        self.on_checkpoint: Callable[[int], None] = lambda seq: None
         self._inserter = Inserter(self._target, retry, self._letters, totals, self.hist,
                                   on_stored=self._ledger.on_stored,
                                   on_duplicates=self._ledger.on_duplicates)
@@ -223,11 +229,29 @@ class StoreWorker:
         numbers up to ``counted`` an earlier store worker of this run counted already.
         """
         first = max(first, self._replay_counted + 1)
-        if first > last:
-            return
+        if first <= last:
+            # Counted when the next record is taken (``_count_losses``): the read that finds a
+            # loss may bring records before it, and a batch acked there must not include it.
+            self._losses.append((first, last))
+
+    def _count_losses(self, before: int | None) -> None:
+        """Count the runs of lost records numbered below ``before`` (None: all of them)."""
+        later = []
+        for first, last in self._losses:
+            if before is None or last < before:
+                self._count_lost(first, last)
+            else:
+                later.append((first, last))
+        self._losses = later
+
+    def _count_lost(self, first: int, last: int) -> None:
         self.totals.spool_missing_records += last - first + 1
         if first <= self._replay_through:
             self.totals.replayed += min(last, self._replay_through) - first + 1
+
+    def _before_checkpoint(self, ckpt: Checkpoint) -> None:
+        self._ledger.write()
+        self.on_checkpoint(ckpt.seq)
 
     def _pending(self) -> int:
         """Tweets taken, not yet stored: the open batch's and the one in flight."""
@@ -257,6 +281,7 @@ class StoreWorker:
             if self._batch_due():
                 self._flush()
             elif not read:
+                self._count_losses(None)  # none is before a record still to be taken
                 self._finish_flight()
                 self._ledger.settle()
                 self._maybe_trim()
@@ -301,6 +326,7 @@ class StoreWorker:
             drained = not self._take_all(self._reader.read(self._room(), self._room_bytes()))
             self._maybe_tick()
         self._take_held()
+        self._count_losses(None)
         self._flush()
         self._finish_flight()
         self.totals.state = "stopped"
@@ -390,13 +416,13 @@ class StoreWorker:
             self._take(record, encoded)
 
     def _take(self, record: Record, encoded: Encoded | None) -> None:
-        self.totals.read_seq = record.seq
+        totals = self.totals
+        totals.read_seq = record.seq
         if record.kind == KIND_EVENT:  # a coverage marker, not a message: not counted
+            if self._losses:
+                self._count_losses(record.seq)
             self._take_event(record)
             return
-        self.totals.records_read += 1
-        if self._replay_counted < record.seq <= self._replay_through:
-            self.totals.replayed += 1
         self._ledger.on_live(record)
         if record.kind == KIND_MESSAGE:
             self._take_message(record, encoded)
@@ -405,6 +431,13 @@ class StoreWorker:
         else:
             self._letters.add(FRAME_REASONS.get(record.kind, "bad_frame"), record,
                               detail=f"spool record kind {record.kind}")
+        # Counted as read only now: a withheld message flushes the batch before it (``Settled``
+        # gives the flight what was counted until then), and this record is the next batch's.
+        totals.records_read += 1
+        if self._replay_counted < record.seq <= self._replay_through:
+            totals.replayed += 1
+        if self._losses:
+            self._count_losses(record.seq)
         batch = self._batch  # a withheld message may have flushed and replaced it
         batch.last = record
         batch.nbytes += len(record.payload)
@@ -512,6 +545,7 @@ class StoreWorker:
             batch.entries = self._compliance.before_insert(batch)
             if batch.entries:
                 flight.insert = self._inserter.begin(batch.entries)
+        self.settled.flushed()  # after its tombstoned tweets are counted: they are its own
         if self._target.next_settings is not None:
             self._finish_flight()  # a reload's settings apply from the next batch on
 
@@ -522,6 +556,7 @@ class StoreWorker:
         if flight is None:
             return
         batch = flight.batch
+        open_part = self.settled.finishing()
         if flight.insert is not None:
             started = time.monotonic()
             self._inserter.finish(flight.insert)
@@ -530,6 +565,7 @@ class StoreWorker:
         self._compliance.after_insert(batch)
         # behind the tweets; written before the checkpoint that passes them (``before_checkpoint``)
         self._ledger.apply(flight.ledger_mark)
+        self.settled.finished(open_part, None if batch.last is None else batch.last.seq)
         if batch.last is not None:
             self._reader.ack(batch.last)
         self._flight = None  # counted as pending until here (``counters`` may run meanwhile)

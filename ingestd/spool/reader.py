@@ -75,10 +75,11 @@ class SpoolReader:
         self.checkpoint_failures = 0  # checkpoint writes that failed
         self._interval = checkpoint_interval
         self._clock = clock
-        # Runs before each checkpoint write: what must be durable before the records it passes
-        # are (the store worker writes its coverage ledger here). An exception leaves the
-        # checkpoint unwritten: the next start replays, it never skips.
-        self.before_checkpoint: Callable[[], None] = lambda: None
+        # Runs before each checkpoint write, with the checkpoint: what must be durable before
+        # the records it passes are (the store worker writes its coverage ledger, and its counts
+        # at that checkpoint, here). An exception leaves the checkpoint unwritten: the next start
+        # replays, it never skips.
+        self.before_checkpoint: Callable[[Checkpoint], None] = lambda ckpt: None
         self._acked_cleaned: str | None = None  # segment whose predecessors were deleted
         self._last_read: Record | None = None  # newest record ``read`` returned
         # Told each run of record numbers found lost (first, last), as ``read`` meets it, before
@@ -106,6 +107,11 @@ class SpoolReader:
     @property
     def acked(self) -> Checkpoint | None:
         return self._acked
+
+    @property
+    def written(self) -> Checkpoint | None:
+        """The checkpoint on disk, as far as this reader knows (None: none it wrote or trusts)."""
+        return self._written
 
     def read(self, max_records: int = 1000, max_bytes: int = 16 * 1024 * 1024) -> list[Record]:
         """The complete, valid records available now (non-blocking), at most ``max_records``.
@@ -323,7 +329,7 @@ class SpoolReader:
         return True
 
     def _write_checkpoint(self, ckpt: Checkpoint) -> None:
-        self.before_checkpoint()
+        self.before_checkpoint(ckpt)
         try:
             write_checkpoint(self.directory, ckpt)
         except OSError as exc:
