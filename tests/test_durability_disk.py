@@ -10,7 +10,8 @@ import contextlib
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,54 @@ def assert_stored_or_dropped(policy: str, ids: list[int], delivered: set[int],
         assert len(delivered - set(ids)) == dropped
 
 
+@dataclass
+class DrillEnd:
+    """What a disk drill ends with: the messages resolved, the workers' last counters, and
+    (``landed``, once the daemon is gone) the ids stored against those delivered."""
+
+    messages: int
+    stream: dict[str, Any]
+    store: dict[str, Any]
+    ids: list[int] = field(default_factory=list)
+    delivered: set[int] = field(default_factory=set)
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.stream["dropped"].values())
+
+    def landed(self, standin: MongoStandIn, sim: SimProcess) -> DrillEnd:
+        self.ids = stored_ids(standin.uri, DB)
+        self.delivered = set(sim.ground_truth().tweet_ids())
+        return self
+
+    def check(self, policy: str) -> None:
+        assert_stored_or_dropped(policy, self.ids, self.delivered, self.stream, self.store,
+                                 self.messages)
+
+    def report(self, name: str) -> None:
+        """Print the drill's reconciliation (``figures``)."""
+        figures(name, len(self.delivered), len(self.ids), self.store["duplicates"],
+                sum(self.store["deadlettered"].values()), self.dropped,
+                drops=self.stream["dropped"])
+
+
+def drain_and_stop(daemon: Daemon, sim: SimProcess, tweets: int, *, timeout: float,
+                   stall: float | None = None,
+                   recovered: Callable[[], object] = lambda: None) -> DrillEnd:
+    """A drill's end once the disk works again: until every delivered message is stored or
+    dropped (and ``recovered()``), then the stop: exit 0, no worker restarted, no traceback."""
+    messages = wait_drained(daemon, sim, tweets, timeout=timeout, stall=stall)
+    recovered()
+    stream_state_after_recovery(daemon)  # its spool_write_recovered line is logged by then
+    end = DrillEnd(messages, daemon.counters("stream"), daemon.counters("store"))
+    restarts = daemon.status("supervisor").get("restarts")
+    code, _ = daemon.stop()
+    assert code == 0, daemon.tail()
+    assert not restarts or not any(restarts.values()), f"workers restarted: {restarts}"
+    assert not daemon.events("uncaught_exception") and "Traceback" not in daemon.logs()
+    return end
+
+
 def run_disk_full(tmp_path: Path, standin: MongoStandIn, mounts: list[Path], policy: str,
                   whole_state_dir: bool) -> None:
     # A 12 MiB tmpfs (the spool folder, or the whole state folder) with a filler file leaving
@@ -125,22 +174,12 @@ def run_disk_full(tmp_path: Path, standin: MongoStandIn, mounts: list[Path], pol
         daemon.assert_running()
         filler.unlink()  # space returns
         standin.start()
-        messages = wait_drained(daemon, sim, tweets, timeout=120)
-        stream, store = daemon.counters("stream"), daemon.counters("store")
-        restarts = daemon.status("supervisor").get("restarts")
-        stream_state_after_recovery(daemon)
-        code, _ = daemon.stop()
+        end = drain_and_stop(daemon, sim, tweets, timeout=120)
     finally:
         daemon.kill()
         sim.stop()
-    ids = stored_ids(standin.uri, DB)
-    delivered = set(sim.ground_truth().tweet_ids())
-    dropped = sum(stream["dropped"].values())
-    assert code == 0
-    assert not restarts or not any(restarts.values()), f"workers restarted: {restarts}"
-    assert_stored_or_dropped(policy, ids, delivered, stream, store, messages)
-    figures(f"disk-full {policy}", len(delivered), len(ids), store["duplicates"],
-            sum(store["deadlettered"].values()), dropped, drops=stream["dropped"])
+    end.landed(standin, sim).check(policy)
+    end.report(f"disk-full {policy}")
 
 
 @pytest.mark.parametrize("policy", ["block", "drop_newest"])
@@ -204,25 +243,13 @@ def run_small_disk(tmp_path: Path, standin: MongoStandIn, mounts: list[Path],
         daemon.assert_running()
         if mongo_down:
             standin.start()  # no space given back by hand
-        messages = wait_drained(daemon, sim, tweets, timeout=180, stall=60)
-        stream, store = daemon.counters("stream"), daemon.counters("store")
-        restarts = daemon.status("supervisor").get("restarts")
-        stream_state_after_recovery(daemon)
-        code, _ = daemon.stop()
+        end = drain_and_stop(daemon, sim, tweets, timeout=180, stall=60)
     finally:
         daemon.kill()
         sim.stop()
-    ids = stored_ids(standin.uri, DB)
-    delivered = set(sim.ground_truth().tweet_ids())
-    dropped = sum(stream["dropped"].values())
-    assert code == 0, daemon.tail()
-    assert not restarts or not any(restarts.values()), f"workers restarted: {restarts}"
-    assert not daemon.events("uncaught_exception") and "Traceback" not in daemon.logs()
-    assert store["spool_missing_records"] == store["spool_corrupt_records"] == 0
-    assert_stored_or_dropped(policy, ids, delivered, stream, store, messages)
-    figures(f"small-disk {policy} mongo_down={mongo_down}", len(delivered), len(ids),
-            store["duplicates"], sum(store["deadlettered"].values()), dropped,
-            drops=stream["dropped"])
+    assert end.store["spool_missing_records"] == end.store["spool_corrupt_records"] == 0
+    end.landed(standin, sim).check(policy)
+    end.report(f"small-disk {policy} mongo_down={mongo_down}")
 
 
 @pytest.mark.parametrize("policy", ["block", "drop_newest"])
@@ -307,26 +334,14 @@ def run_read_only(tmp_path: Path, standin: MongoStandIn, mounts: list[Path], pol
                 assert "read-only file system" in shown and "HUNG" not in shown, shown
         finally:
             remount(state, read_only=False)
-        messages = wait_drained(daemon, sim, tweets, timeout=180, stall=60)
-        wait_until(lambda: not str(daemon.status("store").get("state")).startswith("degraded"),
-                   30, "the store worker's status to recover")
-        stream_state_after_recovery(daemon)  # its spool_write_recovered line is logged by then
-        stream, store = daemon.counters("stream"), daemon.counters("store")
-        restarts = daemon.status("supervisor").get("restarts")
-        code, _ = daemon.stop()
+        end = drain_and_stop(daemon, sim, tweets, timeout=180, stall=60, recovered=lambda: (
+            wait_until(lambda: not str(daemon.status("store").get("state")).startswith(
+                "degraded"), 30, "the store worker's status to recover")))
     finally:
         daemon.kill()
         sim.stop()
-    ids = stored_ids(standin.uri, DB)
-    delivered = set(sim.ground_truth().tweet_ids())
-    dropped = sum(stream["dropped"].values())
-    assert code == 0, daemon.tail()
-    assert not restarts or not any(restarts.values()), f"workers restarted: {restarts}"
-    assert not daemon.events("uncaught_exception") and "Traceback" not in daemon.logs()
     assert daemon.events("spool_write_recovered")
     assert daemon.events("status_write_recovered") or not whole_state_dir
     assert daemon.events("spool_checkpoint_write_recovered")
-    assert_stored_or_dropped(policy, ids, delivered, stream, store, messages)
-    folder = "state_dir" if whole_state_dir else "spool"
-    figures(f"read-only {folder} {policy}", len(delivered), len(ids), store["duplicates"],
-            sum(store["deadlettered"].values()), dropped, drops=stream["dropped"])
+    end.landed(standin, sim).check(policy)
+    end.report(f"read-only {'state_dir' if whole_state_dir else 'spool'} {policy}")
