@@ -7,7 +7,9 @@ The real-process proof (SIGKILLed store workers, the run's reconciliation) is in
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -16,11 +18,14 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog.testing
 
 from ingestd.control.settled import SettledRecord, read_settled, settled_path
 from ingestd.control.tally import Carried, reconciliation, role_totals
 from ingestd.sink.counters import SETTLED_KEYS, Counts, StoreCounters, settled_counts
 from ingestd.spool.format import KIND_MESSAGE, Record
+from tests.test_durability_disk import mount_tmpfs
+from tests.test_spool_disk import fill_up
 from tests.test_writer import SNOW, FakeSpool, Harness, delete, make_settings, tweet
 
 WITHHELD = orjson.dumps({"status_withheld": {"id": SNOW + 1, "user_id": 7,
@@ -46,15 +51,26 @@ class GappySpool(FakeSpool):
         self.records.append(rec)
         return rec
 
-    def lose(self, count: int) -> None:
-        self.gaps[self.next_seq + count] = (self.next_seq, self.next_seq + count - 1)
+    def lose(self, count: int, *, at_end: bool = False) -> None:
+        """Records lost: found as the record after them is read, or (``at_end``) by the first
+        read that finds nothing more (the real reader entering a segment with no record yet)."""
+        gap = (self.next_seq, self.next_seq + count - 1)
+        if at_end:
+            self.end_gap = gap
+        else:
+            self.gaps[self.next_seq + count] = gap
         self.next_seq += count
+
+    end_gap: tuple[int, int] | None = None
 
     def read(self, max_records: int, max_bytes: int) -> list[Record]:
         out = super().read(max_records, max_bytes)
         for rec in out:
             if rec.seq in self.gaps:
                 self.on_missing(*self.gaps[rec.seq])
+        if not out and self.end_gap is not None:
+            self.on_missing(*self.end_gap)
+            self.end_gap = None
         return out
 
     def reread(self, ref: Any) -> Record | None:
@@ -161,9 +177,37 @@ def test_a_loss_found_by_a_read_waits_for_the_record_after_it(
     assert at == {3: 0, 4: 0, 5: 0, 9: 3}
 
 
+def test_a_loss_at_the_spools_end_is_not_settled_by_an_ack_of_the_records_before_it(
+        mongo_uri: str, mongo_database: str, tmp_path: Path) -> None:
+    """A loss found by a read that brings nothing (no record after it yet) while the open batch
+    still holds records numbered before it: the ack of that batch must not include it (the
+    audit's case; the old code counted it at once, at the idle pass)."""
+    spool = GappySpool()
+    settings = make_settings(mongo_uri, mongo_database, batch_size=3)
+    # a batch open long enough for the read that finds the loss to come before its flush
+    settings = dataclasses.replace(settings, writer=dataclasses.replace(
+        settings.writer, flush_interval=1.0))
+    h = Harness(settings, tmp_path / "dead", spool)
+    try:
+        spool.add(tweet(SNOW + 1))
+        spool.add(tweet(SNOW + 2))
+        spool.lose(2, at_end=True)  # 3-4
+        at: dict[int, Any] = {}
+        spool.on_ack = lambda r: at.__setitem__(
+            r.seq, h.worker.settled.counts["spool_missing_records"])
+        deadline = time.monotonic() + 30
+        assert h.worker.run(  # the main loop until the loss is counted, then the drain
+            lambda: h.worker.totals.spool_missing_records > 0 or time.monotonic() > deadline,
+            lambda: None, lambda: None)
+    finally:
+        h.close()
+    assert at == {2: 0}
+    assert h.worker.totals.spool_missing_records == 2 and h.worker.settled.seq == 2
+
+
 def test_the_file_names_the_counts_at_the_checkpoint_on_disk_either_side_of_a_write(
         tmp_path: Path) -> None:
-    (tmp_path / "run").mkdir()
+    (tmp_path / "spool").mkdir()
     zero: Counts = {"records_read": 0, "stored": 0, "control": {}}
     record = SettledRecord(tmp_path, 0, zero)
     pid = os.getpid()
@@ -186,14 +230,56 @@ def test_the_file_names_the_counts_at_the_checkpoint_on_disk_either_side_of_a_wr
         assert read_settled(tmp_path, pid, 5) is None
 
 
+def test_a_failed_write_is_logged_once_and_the_pair_before_stays(tmp_path: Path) -> None:
+    (tmp_path / "spool").mkdir()
+    pid = os.getpid()
+    zero: Counts = {"records_read": 0}
+    record = SettledRecord(tmp_path, 0, zero)
+    settled_path(tmp_path).unlink()
+    settled_path(tmp_path).mkdir()  # what a write cannot replace
+    with structlog.testing.capture_logs() as logs:
+        record.before_checkpoint(0, 5, {"records_read": 5})
+        record.before_checkpoint(0, 7, {"records_read": 7})
+    assert [e["event"] for e in logs] == ["settled_write_failed"]  # once for the episode
+    assert str(settled_path(tmp_path)) in logs[0]["path"]
+    settled_path(tmp_path).rmdir()
+    record.before_checkpoint(0, 9, {"records_read": 9})
+    assert read_settled(tmp_path, pid, 9) == {"records_read": 9}
+    assert read_settled(tmp_path, pid, 0) == zero
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (unmounted lazily at the end)."""
+    where = tmp_path / "disk"
+    mount_tmpfs(where, "1m")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_on_a_full_disk_the_file_is_overwritten_in_place(small_disk: Path) -> None:
+    """Like the checkpoint beside it (``spool.format.write_checkpoint``), and in the same folder:
+    on a full disk the checkpoint moves on, so the counts at it must too."""
+    state = small_disk
+    (state / "spool").mkdir()
+    pid = os.getpid()
+    record = SettledRecord(state, 0, {"records_read": 0})
+    fill_up(state)
+    with structlog.testing.capture_logs() as logs:
+        record.before_checkpoint(0, 5, {"records_read": 5, "control": {"limit": 1}})
+    assert not logs
+    assert read_settled(state, pid, 5) == {"records_read": 5, "control": {"limit": 1}}
+    assert read_settled(state, pid, 0) == {"records_read": 0}
+
+
 def test_a_carried_store_worker_counts_at_the_checkpoint_not_its_last_report() -> None:
-    """Its last report counted records 1-120 (20 of them pending); the checkpoint on disk is at
+    """Its last report counted records 1-120 (15 of them pending); the checkpoint on disk is at
     100, where its successor resumes: carried are the counts up to 100 alone, and the records
     after 100 are counted once, by the successor."""
     report = {"pid": 7, "counters": {
-        "records_read": 120, "stored": 95, "duplicates": 0, "control": {"limit": 5},
+        "records_read": 120, "stored": 95, "duplicates": 0, "control": {"limit": 10},
         "deadlettered": {}, "skipped": {}, "replayed": 0, "spool_missing_records": 0,
-        "pending": 20, "read_seq": 120, "batches": 12}}
+        "pending": 15, "read_seq": 120, "batches": 12}}
     at100: Counts = {"records_read": 100, "stored": 95, "duplicates": 0, "control": {"limit": 5},
                      "deadlettered": {}, "skipped": {}, "replayed": 0, "spool_missing_records": 0}
     carried = Carried()
@@ -202,8 +288,15 @@ def test_a_carried_store_worker_counts_at_the_checkpoint_not_its_last_report() -
     assert carried.counters["batches"] == 12 and carried.read_seq == 100
     successor = {"pid": 8, "counters": dict(StoreCounters().as_dict(pending=0),
                                             records_read=30, stored=30, read_seq=130)}
-    store = role_totals(successor, {"carried": {"store": carried.as_dict()}}, "store")
+    # until the successor reports, the dead worker's own file is the store's: its read_seq
+    # (120) and pending (15: 5 of 101-120 were limit messages) must not be read against
+    # counts that stop at 100
+    supervisor = {"carried": {"store": carried.as_dict()}}
     stream = {"counters": {"received": 130}, "spool": {"next_seq": 131}}
+    gap = reconciliation(stream, role_totals(report, supervisor, "store"))
+    assert gap == {"received": 130, "replayed": 0, "resolved": 100, "in_flight": 30,
+                   "spool_missing": 0, "difference": 0}
+    store = role_totals(successor, supervisor, "store")
     assert reconciliation(stream, store) == {
         "received": 130, "replayed": 0, "resolved": 130, "in_flight": 0, "spool_missing": 0,
         "difference": 0}

@@ -128,6 +128,16 @@ class PoolHooks:
     env: Callable[[], dict[str, str]] = dict
 
 
+def unsettled_effect(checkpoint_seq: int, read_seq: object) -> str:
+    """What carrying a store worker's last report instead of its counts at the checkpoint does
+    to the reconciliation, by where the checkpoint stands against the report."""
+    if isinstance(read_seq, int) and checkpoint_seq > read_seq:
+        return ("its last report is carried instead; the records after it up to the checkpoint "
+                "were counted by no report: the reconciliation stays short of them")
+    return ("its last report is carried instead; its successor counts again what it reads of "
+            "the records before the report: the reconciliation stays over by them")
+
+
 class WorkerPool:
     """The running workers by role, and when the missing ones start again."""
 
@@ -301,10 +311,9 @@ class WorkerPool:
         seq = ckpt.seq if ckpt is not None else 0
         counts = settled.read_settled(self.state_dir, pid, seq)
         if counts is None:
+            read_seq = tally.section(doc, "counters").get("read_seq")
             log.warning("worker_counts_unsettled", role="store", pid=pid, checkpoint_seq=seq,
-                        effect="its last report is carried instead: records read again by its "
-                               "successor may be counted twice (the reconciliation is off by "
-                               "them)")
+                        reported_read_seq=read_seq, effect=unsettled_effect(seq, read_seq))
             return None
         reported = tally.section(doc, "counters").get("records_read")
         if reported != counts.get("records_read"):  # its successor reads some records again

@@ -60,16 +60,19 @@ def write_status(state_dir: Path, role: str, status: dict[str, Any]) -> None:
         overwrite_in_place(target, data)
 
 
-def overwrite_in_place(target: Path, data: bytes) -> None:
-    """Rewrite ``target`` within its current size (a full disk has no blocks for a new file)."""
+def overwrite_in_place(target: Path, data: bytes) -> bool:
+    """Rewrite ``target`` within its current size (a full disk has no blocks for a new file);
+    False if it could not (no such file yet, or ``data`` is longer)."""
     try:
         fd = os.open(target, os.O_WRONLY)
     except FileNotFoundError:
-        return  # nothing to overwrite yet; the next write after space returns creates it
+        return False  # nothing to overwrite yet; the next write after space returns creates it
     try:
         size = os.fstat(fd).st_size
-        if len(data) <= size:
-            os.pwrite(fd, data.ljust(size), 0)
+        if len(data) > size:
+            return False
+        os.pwrite(fd, data.ljust(size), 0)
+        return True
     finally:
         os.close(fd)
 

@@ -126,6 +126,9 @@ class Carried:
         # store: the newest record a dead store worker counted (as read, or lost): its successors
         # do not count it again as replayed (``REPLAY_ENV``)
         self.read_seq = 0
+        # The last one carried: where its counts leave off (``read_seq``, ``pending``), which
+        # its run file, left until a successor reports, must not contradict (``role_totals``).
+        self.position: dict[str, int] = {}
 
     def carry(self, role: str, pid: int, doc: Mapping[str, Any] | None,
               received_after: int = 0, settled: tuple[int, Mapping[str, Any]] | None = None
@@ -142,8 +145,10 @@ class Carried:
         if settled is not None:
             seq, counts = settled
             part = {k: v for k, v in c.items() if k not in NOT_SUMMED} | dict(counts)
+            self.position = {"pid": pid, "read_seq": seq, "pending": 0}
         else:
             part = resolved_part(role, c)
+            self.position = {}
         self.counters = add_counters(self.counters, part)
         if received_after:
             self.counters = add_counters(self.counters, {"received": received_after})
@@ -152,7 +157,8 @@ class Carried:
             self.read_seq = max(self.read_seq, seq)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"pids": self.pids[-20:], "counters": self.counters, "hist": self.hist}
+        return {"pids": self.pids[-20:], "counters": self.counters, "hist": self.hist,
+                "position": self.position}
 
 
 def unreported_received(spool_dir: Path, doc: Mapping[str, Any] | None) -> int:
@@ -174,7 +180,9 @@ def role_totals(role_doc: Mapping[str, Any] | None,
                 supervisor_doc: Mapping[str, Any] | None, role: str) -> dict[str, Any]:
     """``role``'s status doc with its ``counters`` (and ``hist``) summed over the daemon run.
 
-    A worker's file still there after the supervisor carried it (same pid) adds nothing more.
+    A worker's file still there after the supervisor carried it (same pid) adds nothing more;
+    its position is the one its carried counts leave off at (a store worker carried at its
+    checkpoint: that seq, nothing pending), so the records after it are in flight.
     """
     doc = dict(role_doc or {})
     carried = section(section(supervisor_doc or {}, CARRIED_KEY), role)
@@ -183,7 +191,11 @@ def role_totals(role_doc: Mapping[str, Any] | None,
     pids = carried.get("pids")
     own = section(doc, "counters")
     counted = isinstance(pids, list) and doc.get("pid") in pids
-    current = {k: v for k, v in own.items() if k in NOT_SUMMED} if counted else own
+    current = dict(own)
+    if counted:
+        position = section(carried, "position")
+        at = position if position.get("pid") == doc.get("pid") else {}
+        current = {k: at.get(k, v) for k, v in own.items() if k in NOT_SUMMED}
     doc["counters"] = add_counters(section(carried, "counters"), current)
     doc["hist"] = add_histograms(section(carried, "hist"),
                                  {} if counted else section(doc, "hist"))

@@ -235,7 +235,9 @@ class StoreWorker:
             self._losses.append((first, last))
 
     def _count_losses(self, before: int | None) -> None:
-        """Count the runs of lost records numbered below ``before`` (None: all of them)."""
+        """Count the runs of lost records numbered below ``before`` (None: all of them, once
+        every record taken before them is acked: a loss at the spool's end, found with no record
+        after it, must not be settled by an ack of the records before it)."""
         later = []
         for first, last in self._losses:
             if before is None or last < before:
@@ -281,8 +283,9 @@ class StoreWorker:
             if self._batch_due():
                 self._flush()
             elif not read:
-                self._count_losses(None)  # none is before a record still to be taken
                 self._finish_flight()
+                if self._batch.last is None:  # all taken is acked: a loss after it is unsettled
+                    self._count_losses(None)
                 self._ledger.settle()
                 self._maybe_trim()
                 started = time.monotonic()
@@ -326,9 +329,9 @@ class StoreWorker:
             drained = not self._take_all(self._reader.read(self._room(), self._room_bytes()))
             self._maybe_tick()
         self._take_held()
-        self._count_losses(None)
         self._flush()
         self._finish_flight()
+        self._count_losses(None)  # after the last ack: a successor finds them again
         self.totals.state = "stopped"
         return drained
 
