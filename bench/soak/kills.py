@@ -1,8 +1,8 @@
 """Proof 2: ``SOAK_KILLS`` (200) SIGKILLs at random moments, each target replaced every time.
 
-Targets in turn: the stream worker, the store worker, the store worker's encoder child, and the
-whole daemon (supervisor and every process below it, then a fresh start, as systemd restarts the
-unit). A worker kill counts as restarted when the supervisor's restart counter for that role went
+Targets in turn: the whole daemon (supervisor and every process below it, then a fresh start, as
+systemd restarts the unit), the stream worker, the store worker, and the store worker's encoder
+child. A worker kill counts as restarted when the supervisor's restart counter for that role went
 up by one and the replacement works; an encoder kill when the store worker counted the lost child
 and a new child took over; a daemon kill when the new daemon is ready and working. The delay before
 each kill is drawn from a seeded RNG (``SOAK_SEED``, printed). Runs through the wire proxy so an
@@ -10,7 +10,8 @@ encoder kill can wait for a large read: a held reply makes the backlog the child
 
 Reconciliation reuses bench/kill_loop.py's ``Report``: every delivered tweet stored exactly once,
 except a per-connection tail a killed stream worker had not read from its socket yet (never in
-the spool), which must be a suffix of its connection delivered at most 2 s before the kill.
+the spool), which must be a suffix of its connection delivered at most 2 s before the kill. And
+the last daemon run's own counters (``ingestd status``'s reconciliation) must hold exactly.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from bench.soak.common import (
     stored_ids,
     wait_until,
 )
+from ingestd.control.status import collect
 from ingestd.tools.standin import StandIn
 from tests.support.mongo_proxy import MongoProxy
 
@@ -49,7 +51,9 @@ DB = "soak_kills"
 # How long a killed target may take to work again (measured and printed; the machine is shared,
 # and a start under contention was seen to take > 10 s).
 RESTART_TIMEOUT = 180.0
-TARGETS = ("stream", "store", "encoder", "daemon")
+# The daemon first: the last daemon run (after the last daemon kill) then has a kill of each
+# worker, and its counts must still reconcile at the end.
+TARGETS = ("daemon", "stream", "store", "encoder")
 
 
 class Killer:
@@ -199,6 +203,12 @@ def run(work: Path) -> Summary:
             sim.stop()
             stopped = time.time()
             wait_until(lambda: drained(daemon, stopped), 300, "the spool to drain", 0.2)
+            # The counters of the last daemon run (its worker kills carried, its replay
+            # counted) must reconcile exactly once everything is read.
+            counts = collect(daemon.state_dir)["reconciliation"]
+            summary.check(counts["difference"] == 0 and counts["in_flight"] == 0,
+                          f"the last daemon run's counts do not reconcile: {counts}")
+            summary.extra["last daemon run's reconciliation"] = counts
             duplicates = int(daemon.counters("store").get("duplicates", 0)) + sum(
                 k.duplicates_before for k in killer.kills)
             restarts = killer.all_restarts()
