@@ -189,6 +189,7 @@ class Supervisor:
         self.settings_text = text
         self.start_listener = listener  # started once the state folder is ours
         self.listener: Listener | None = None
+        self.spool_at_start = 0  # the spool's last record at start (record_start_generation)
         # What the running processes started with: a start-only key is judged against these,
         # not against the previous file (a reverted change needs no restart). The stream
         # worker's are taken again whenever it is (re)started.
@@ -206,7 +207,7 @@ class Supervisor:
         if self.start_listener is not None:
             self.listener = self.start_listener()
         try:
-            self.pool.replay_through = spool_last_seq(self.state_dir)
+            self.pool.replay_through = self.spool_at_start
             self.reporter.write_status()  # no counts carried yet: the last run's are gone
             self.spawn_workers()
             # Start-up's garbage (the settings' YAML, imports) leaves free pages in the heap that
@@ -253,10 +254,9 @@ class Supervisor:
     def record_start_generation(self) -> None:
         """Number this start's generation after the last run's and record its filters before
         any worker runs (``OSError``: the folder cannot be used)."""
-        try:
-            last_seq = read_spool_last_seq(self.state_dir)
-        except OSError:
-            last_seq = -1  # unknown: nothing to compare (the stop's mark is removed all the same)
+        # Read once, before any worker runs: also the store workers' replay boundary (``run``).
+        # Unknown (0): nothing to compare (the stop's mark is removed all the same).
+        self.spool_at_start = last_seq = spool_last_seq(self.state_dir)
         appended = self.generations.supersede_if_appended(last_seq)
         if appended is not None:
             log.warning("generations_superseded", first_seq=appended[0], last_seq=appended[1],
