@@ -369,6 +369,18 @@ def test_values_past_what_the_daemon_can_use_are_refused(
     assert reason in error_at(doc(**{section: {key: value}}), key_path)
 
 
+@pytest.mark.parametrize(("options", "reason"), [
+    ("tls=true&tlsCAFile=/nonexistent/ca.pem", "tlscafile file is not readable"),
+    ("tls=true&tlsCertificateKeyFile=/etc/passwd", "Private key doesn't match certificate"),
+])
+def test_a_mongo_uri_no_client_can_be_built_from_is_refused(options: str, reason: str) -> None:
+    # Found only by building a client: the store worker did, at start, and crash-looped (the
+    # supervisor, checking a reload's URI, died of the OSError).
+    uri = f"mongodb://user:pw-canary-9@db.example.com:27017/?{options}"
+    found = error_at(doc(mongo={"uri": uri}), "mongo.uri")
+    assert reason in found and "pw-canary-9" not in found, found
+
+
 def test_a_password_in_the_stream_url_is_refused_and_never_quoted() -> None:
     for url in ("https://user:hunter2secret@stream.example.com/x", "https://hunter2secret@x.y/z",
                 "https://user:hunter2secret@/x"):

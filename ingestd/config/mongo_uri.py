@@ -46,11 +46,23 @@ def pymongo_uri_facts(uri: str) -> dict[str, Any]:
 
     try:
         parsed = _parse_mongo_uri(uri)
-    except (PyMongoError, ValueError, TypeError) as exc:
+        _build_client(uri)
+    except (PyMongoError, ValueError, TypeError, OSError) as exc:
         return {"error": str(exc)}
     options = parsed["options"].items()
     return {"true_options": sorted(str(k).lower() for k, v in options if v is True),
             "hosts": [str(host) for host, _port in parsed["nodelist"]]}
+
+
+def _build_client(uri: str) -> None:
+    """Build (and close) a client as the store worker will, without connecting: what only a
+    client finds is found here, at load (a ``tlsCAFile`` that cannot be read, a key file's wrong
+    password), and refused like any bad setting instead of crashing the worker at start."""
+    import pymongo
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pymongo.MongoClient(uri, connect=False).close()
 
 
 _uri_check_in_child = False  # set by check_mongo_uri_in_child()
