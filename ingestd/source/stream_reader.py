@@ -540,6 +540,7 @@ class StreamReader:
             return
         del self._by_handle[id(conn.curl)]
         self._multi.remove_handle(conn.curl)
+        self._body.end(conn)
         conn.close(ending)
         self.stats.count_ending(counted or ending, conn.cut_bytes)
         if self.active is conn and ending is not Ending.ABORTED:
