@@ -502,6 +502,9 @@ def test_insecure_tls_options_refused_unless_loopback(option: str) -> None:
     assert reason.startswith("URI option ") and " turns off " in reason
     local = doc(mongo={"uri": f"mongodb://localhost,127.0.0.2:27018,[::1]/?{option}"})
     assert load(local).mongo.uri.reveal().endswith(option)
+    # an SRV name is no host: DNS may name any (the secrets audit: "localhost" passed)
+    srv = doc(mongo={"uri": f"mongodb+srv://localhost/?{option}"})
+    assert "off TLS certificate checks" in error_at(srv, "mongo.uri")
 
 
 def test_two_insecure_tls_options_are_both_named() -> None:

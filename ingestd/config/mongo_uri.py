@@ -123,7 +123,9 @@ def uri_problems(uri: str) -> list[str]:
     true_options = set(facts.get("true_options", ()))
     insecure = [name for key, name in _INSECURE_TLS.items() if key in true_options]
     hosts = [str(host) for host in facts.get("hosts", ())]
-    if insecure and not all(is_loopback(h) for h in hosts):
+    # A mongodb+srv name is not a host: DNS names the hosts, which may be anywhere.
+    srv = uri.startswith("mongodb+srv://")
+    if insecure and (srv or not all(is_loopback(h) for h in hosts)):
         # pymongo sets every implied option (tlsInsecure=true sets the other three): name only
         # those written in the URI.
         written = _option_names(uri)
