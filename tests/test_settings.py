@@ -626,6 +626,22 @@ def test_credentials_directory_fallback(tmp_path: Path) -> None:
     assert s.auth.access_token.reveal() == "env-wins"
 
 
+def test_a_credential_error_names_the_file_it_looked_in(tmp_path: Path) -> None:
+    # The secrets audit: a missing folder read like an unset variable, an empty file like an
+    # empty value: neither said where the daemon had looked.
+    env = {k: v for k, v in ENV.items() if k != "TWITTER_CONSUMER_SECRET"}
+    env["CREDENTIALS_DIRECTORY"] = str(tmp_path / "nonexistent")
+    reason = error_at(BASE, "auth.consumer_secret", env)
+    assert f"looked in {tmp_path}/nonexistent/TWITTER_CONSUMER_SECRET" in reason, reason
+    assert f"$CREDENTIALS_DIRECTORY {tmp_path}/nonexistent is not a folder" in reason
+    env["CREDENTIALS_DIRECTORY"] = str(tmp_path)
+    assert "no such file" in error_at(BASE, "auth.consumer_secret", env)
+    (tmp_path / "TWITTER_CONSUMER_SECRET").write_text("\n")
+    errs = [e for e in errors(BASE, env) if e.key_path == "auth.consumer_secret"]
+    assert [e.reason for e in errs] == [
+        f"credential TWITTER_CONSUMER_SECRET ({tmp_path}/TWITTER_CONSUMER_SECRET) is empty"]
+
+
 def test_missing_secret_names_key_and_variable() -> None:
     env = {k: v for k, v in ENV.items() if k != "TWITTER_CONSUMER_SECRET"}
     reason = error_at(BASE, "auth.consumer_secret", env)
