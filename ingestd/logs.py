@@ -50,6 +50,11 @@ _HEADER_SECRET = re.compile(
     r"(?i)\b((?:proxy-)?authorization\s*[:=]\s*|cookie\s*[:=]\s*|bearer\s+)[^\r\n]+"
 )
 _OAUTH_PARAM = re.compile(r'(?i)\b(oauth_(?:token|signature|consumer_key|nonce)=)"?[^",&\s]+"?')
+# MongoDB URI options whose value is a secret: a key file's password, and the auth mechanism's
+# properties (MONGODB-AWS takes AWS_SESSION_TOKEN there).
+_URI_SECRET_OPTION = re.compile(
+    r"(?i)\b((?:tlsCertificateKeyFilePassword|sslPEMKeyPassword|authMechanismProperties)=)"
+    r"[^&;#\s]*")
 
 
 class _SecretRegistry:
@@ -93,8 +98,9 @@ def clear_secrets() -> None:
 
 
 def scrub_userinfo(text: str) -> str:
-    """Replace `user:pass@` in URLs with `***@`."""
-    return _USERINFO.sub(rf"\1{MASK}@", text)
+    """Replace `user:pass@` in URLs with `***@`, and the values of a MongoDB URI's secret
+    options (a key file's password, AWS_SESSION_TOKEN) with `***`."""
+    return _URI_SECRET_OPTION.sub(rf"\1{MASK}", _USERINFO.sub(rf"\1{MASK}@", text))
 
 
 def scrub_text(text: str) -> str:
@@ -103,6 +109,19 @@ def scrub_text(text: str) -> str:
     text = scrub_userinfo(text)
     text = _HEADER_SECRET.sub(rf"\1{MASK}", text)
     return _OAUTH_PARAM.sub(rf"\1{MASK}", text)
+
+
+def scrub_strings(value: Any) -> Any:
+    """``value`` with ``scrub_text`` applied to every string in it (keys and structure kept): for
+    documents other processes and people read, such as the status files, where a reason may
+    quote what a server sent back (a 401 body echoing the request's Authorization header)."""
+    if isinstance(value, str):
+        return scrub_text(value)
+    if isinstance(value, dict):
+        return {k: scrub_strings(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub_strings(v) for v in value]
+    return value
 
 
 def _redact_value(value: object, depth: int = 0) -> object:

@@ -384,6 +384,17 @@ def bad_settings(daemon: Daemon) -> dict[str, Callable[[], None]]:
     # The interpolated secret is where a number belongs: the reason must not echo it.
     schema["writer"] = {**schema["writer"], "batch_size": "${TWITTER_CONSUMER_SECRET}"}
 
+    # A user id past 64 bits: loaded, it crashed the supervisor recording the generation.
+    huge = dict(daemon.doc)
+    huge["stream"] = {**huge["stream"], "follow": [1 << 70]}
+    # A state folder the next start would refuse (a file): start-only, so it was "applied".
+    state = {**daemon.doc, "state_dir": str(daemon.config)}
+    # A CA file pymongo cannot read: its OSError escaped the URI check and stopped the daemon.
+    uri = daemon.doc["mongo"]["uri"]
+    uri += ("&" if "?" in uri else "/?" if uri.count("/") == 2 else "?") \
+        + "tls=true&tlsCAFile=/nonexistent/ca.pem"
+    ca = {**daemon.doc, "mongo": {**daemon.doc["mongo"], "uri": uri}}
+
     def unreadable() -> None:
         daemon.config.unlink()
         daemon.config.mkdir()  # reading a directory fails even for root
@@ -392,6 +403,11 @@ def bad_settings(daemon: Daemon) -> dict[str, Callable[[], None]]:
         "syntax": lambda: daemon.config.write_text(good + "writer: [unclosed\n"),
         "half-written": lambda: daemon.config.write_text(half),
         "schema": lambda: daemon.config.write_text(yaml.safe_dump(schema, sort_keys=False)),
+        "huge follow id": lambda: daemon.config.write_text(yaml.safe_dump(huge, sort_keys=False)),
+        "state_dir a file": lambda: daemon.config.write_text(
+            yaml.safe_dump(state, sort_keys=False)),
+        "unreadable CA file": lambda: daemon.config.write_text(
+            yaml.safe_dump(ca, sort_keys=False)),
         "unreadable": unreadable,
     }
 
@@ -409,8 +425,10 @@ def test_sighup_with_bad_settings_keeps_running_on_the_old_ones(launch: Launch) 
         wait_until(lambda n=n: daemon.status("supervisor").get("reload_failures") == n, 10,
                    "reload_failures in run/supervisor.json")
         assert str(daemon.config) in failed["error"], failed
-        if kind == "schema":
-            assert failed["key"] == "writer.batch_size", failed
+        keys = {"schema": "writer.batch_size", "huge follow id": "stream.follow[0]",
+                "state_dir a file": "state_dir", "unreadable CA file": "mongo.uri"}
+        if kind in keys:
+            assert failed["key"] == keys[kind], failed
         wait_stored(daemon, before + 30)  # still storing, with the old settings
         figures.append(f"{kind}: {failed['error']!r}")
         if kind == "unreadable":
@@ -425,7 +443,7 @@ def test_sighup_with_bad_settings_keeps_running_on_the_old_ones(launch: Launch) 
     truth = sim.ground_truth()
     supervisor = daemon.status("supervisor")
 
-    assert supervisor["reload_failures"] == 4 and supervisor["generation"] == 2
+    assert supervisor["reload_failures"] == len(figures) == 7 and supervisor["generation"] == 2
     assert daemon.status("stream")["conn"] == 1
     assert len(truth.connections()) == 1, "a rejected or unchanged reload reconnected"
     logs = daemon.logs()

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 
+import pycurl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ingestd.config.schema import StreamSettings
+from ingestd.source.backoff import Ending
+from ingestd.source.body import BodyIntake
+from ingestd.source.connection import Connection
 from ingestd.source.framing import (
     BAD_HEAD_BYTES,
     HEAD_BYTES,
@@ -18,6 +24,8 @@ from ingestd.source.framing import (
     LineFramer,
     Oversize,
 )
+from ingestd.source.stats import ReaderStats
+from ingestd.spool.format import KIND_MESSAGE, KIND_OVERSIZE_SIZED
 
 # Text with multi-byte characters, \n, \r and control bytes, but never a CRLF inside a message.
 _text = (
@@ -283,3 +291,42 @@ def test_length_framer_empty_frames_are_keepalives() -> None:
     framer = LengthFramer(1000)
     assert framer.feed(b"\r\n\n0\r\n2\r\n\r\n") == []
     assert framer.keepalives == 4
+
+
+# ---------------------------------------------------------------- a body ending inside an
+# over-size message (the input audit: counted as a routine cut, not as over-size)
+
+
+def test_a_body_ending_inside_an_over_size_message_reports_it_as_over_size() -> None:
+    line = LineFramer(1024)
+    assert line.feed(b'{"id":1}\r\n' + b"x" * 3000) == [b'{"id":1}']
+    assert line.cut_oversize() == Oversize(3000, b"x" * 3000)  # its head: all of it here
+    assert line.pending_bytes == 0 and line.cut_oversize() is None  # reset: nothing left to cut
+    assert line.feed(b'{"id":2}\r\n') == [b'{"id":2}']
+    # a partial message under the limit is no over-size message: it stays a cut
+    assert line.feed(b'{"id":3') == [] and line.cut_oversize() is None
+    assert line.pending_bytes == 7
+    # length framing: the length line already said how large (the audit: a 2,000,000 length
+    # swallowed the next messages and the loss was reported as one routine cut)
+    length = LengthFramer(1024)
+    assert length.feed(b"2000000\r\n" + b"y" * 500) == []
+    assert length.cut_oversize() == Oversize(2_000_000, b"y" * 500)
+    assert length.skipped_bytes == 500 and length.pending_bytes == 0
+    assert length.feed(b"4\r\nok\r\n") == [b"ok"] and length.cut_oversize() is None
+
+
+def test_the_intake_spools_a_cut_over_size_message_as_over_size_not_as_a_cut() -> None:
+    spooled: list[tuple[int, bytes]] = []
+    stats = ReaderStats()
+    intake = BodyIntake(lambda items, conn_id, generation, now_ns: spooled.extend(items),
+                        stats, is_full=lambda: False, drop_when_full=False,
+                        clock=time.monotonic)
+    stream = StreamSettings(url="https://stream.twitter.com/1.1/statuses/filter.json",
+                            track=("a",))
+    conn = Connection(1, 0, stream, pycurl.Curl(), LengthFramer(1024), 0.0, 0.0, status=200)
+    assert intake.on_data(conn, b"9\r\n{\"id\":1}\r\n99999\r\n" + b"z" * 2000) is None
+    intake.end(conn)  # the connection closes inside the over-size payload
+    conn.close(Ending.NETWORK)
+    assert [kind for kind, _ in spooled] == [KIND_MESSAGE, KIND_OVERSIZE_SIZED]
+    assert conn.cut_bytes == 0 and conn.cut_fields() == {}  # not a cut
+    assert stats.oversize == 1 and stats.received == 2

@@ -265,6 +265,12 @@ def test_scrub_helpers() -> None:
         "mongodb://***@h1,h2/db and https://***@host/p")
     assert scrub_userinfo("mongodb://u:p@ss@h/db") == "mongodb://***@h/db"
     assert scrub_userinfo("https://host/path@x") == "https://host/path@x"
+    # secrets in a MongoDB URI's options (check printed them in the lease's and ping's lines)
+    assert scrub_userinfo(
+        "mongodb://h/?tls=true&authMechanism=MONGODB-AWS&authMechanismProperties="
+        "AWS_SESSION_TOKEN:tok9&TLSCertificateKeyFilePassword=kp9;w=1") == (
+        "mongodb://h/?tls=true&authMechanism=MONGODB-AWS&authMechanismProperties=***"
+        "&TLSCertificateKeyFilePassword=***;w=1")
     assert scrub_text("Bearer abc.def") == "Bearer ***"
     register_secret("s3")
     assert scrub_text("as3b") == "a***b"

@@ -489,3 +489,38 @@ def test_status_dates_a_past_mongo_error_and_says_it_is_past(
     assert rest == f"{store['last_error']} (past: the store is running since)"
     failed_at = datetime.fromisoformat(logged.replace("Z", "+00:00")).timestamp()
     assert abs(datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp() - failed_at) <= 1
+
+
+def test_an_srv_name_that_does_not_resolve_degrades_the_store_worker_and_crashes_nothing(
+        tmp_path: Path) -> None:
+    """A ``mongodb+srv`` name that DNS does not answer (not up yet at boot, or mistyped) is a
+    failed write, retried and said, while the stream goes on into the spool. Before, the store
+    worker's MongoClient resolved it at construction: an uncaught ConfigurationError, a crash
+    loop, and the daemon stopped."""
+    sim = SimProcess(tmp_path / "sim", "--rate", "100", "--keepalive", "1", "--control-every",
+                     "0", "--seed", "17").start()
+    doc = settings_doc(sim.url, "mongodb+srv://ingestd-test.invalid/", "srv_unresolved",
+                       writer={"retry_cap": 1.0}, logging={"error_interval": 0})
+    daemon = Daemon(tmp_path / "daemon", doc).start()
+    try:
+        daemon.wait_ready()
+        degraded = wait_until(
+            lambda: (s := daemon.counters("store")).get("state", "").startswith("degraded")
+            and s, 60, "the store worker degraded by the unresolved name")
+        wait_until(lambda: len(daemon.events("mongo_write_failed")) >= 3, 60, "three retries")
+        wait_until(lambda: daemon.counters("stream").get("received", 0) >= 100, 60,
+                   "the stream spooling meanwhile")
+        text = render(collect(daemon.state_dir))
+        code, _ = daemon.stop()
+    finally:
+        daemon.kill()
+        sim.stop()
+    assert "ConfigurationError" in degraded["state"], degraded
+    failed = daemon.events("mongo_write_failed")
+    assert all("does not exist" in e.get("errmsg", e.get("error", "")) for e in failed), failed
+    assert not [e for e in daemon.events("worker_exited", role="store")
+                if not e["requested"]], "the store worker died"
+    assert not daemon.events("uncaught_exception")
+    assert "degraded" in text.splitlines()[0], text
+    print(f"\n[srv unresolved] {degraded['state']!r}; {len(failed)} failed attempts, "
+          f"{daemon.counters('stream')['received']} spooled; stop exit {code}")

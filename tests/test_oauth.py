@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import string
 import urllib.parse
 from typing import Any, ClassVar
@@ -14,7 +15,7 @@ from oauthlib.oauth1.rfc5849.utils import parse_authorization_header  # type: ig
 
 from ingestd.config.errors import Secret
 from ingestd.config.schema import AuthSettings
-from ingestd.source.oauth import FORM_CONTENT_TYPE, encode_form, sign_request
+from ingestd.source.oauth import FORM_CONTENT_TYPE, diagnose_401, encode_form, sign_request
 
 # docs/protocol.md §5.1: Twitter's "Creating a signature" example.
 AUTH = AuthSettings(
@@ -123,3 +124,16 @@ def test_unicode_and_commas_round_trip() -> None:
 def test_any_form_body_verifies(params: list[tuple[str, str]]) -> None:
     body = encode_form(params)
     assert verify(URL, body, sign_request(URL, body, AUTH))[0]
+
+
+def test_a_401_is_diagnosed_by_the_server_s_date_and_only_then_clears_the_clock() -> None:
+    now = 1_800_000_000.0
+    date = email.utils.formatdate(now - 3600, usegmt=True)
+    assert diagnose_401(date, now).startswith("local clock is 3600s ahead of the server's")
+    in_step = diagnose_401(email.utils.formatdate(now + 2, usegmt=True), now)
+    assert in_step.endswith("(clock agrees with the server)")
+    # no Date (or one that cannot be read): nothing was measured, so nothing is said to agree
+    for missing in (None, "", "not a date"):
+        text = diagnose_401(missing, now)
+        assert text.startswith("credentials rejected") and "agrees" not in text, text
+        assert "no Date to compare the clock with" in text

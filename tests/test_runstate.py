@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ingestd.control import runstate
+from ingestd.logs import register_secret
 
 
 def test_status_round_trip_and_padding(tmp_path: Path) -> None:
@@ -42,3 +43,21 @@ def test_other_errors_are_not_swallowed(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(Path, "write_bytes", denied)
     with pytest.raises(PermissionError):
         runstate.write_status(tmp_path, "stream", {"state": "x"})
+
+
+def test_a_reason_quoting_a_secret_is_masked_in_the_status_file(tmp_path: Path) -> None:
+    """The secrets audit: a 401 body that echoed the request's Authorization header reached
+    ``ingestd status``, ``/healthz`` and systemd's STATUS= through the stream worker's status
+    file, while the log line of the same event was masked."""
+    register_secret("bearer-canary-5555")
+    (tmp_path / runstate.RUN_DIR).mkdir()
+    reason = ("token rejected (rules endpoint: HTTP 401: bad Bearer bearer-canary-5555; "
+              "Authorization: OAuth oauth_signature=\"sig-canary\"; at mongodb://u:pw-canary@h/)")
+    runstate.write_status(tmp_path, "stream", {
+        "state": f"degraded: {reason}", "reasons": [reason], "counts": {"auth_failures": 3}})
+    text = runstate.status_path(tmp_path, "stream").read_text()
+    for secret in ("bearer-canary-5555", "sig-canary", "pw-canary"):
+        assert secret not in text, text
+    status = runstate.read_status(tmp_path, "stream")
+    assert status is not None and status["counts"] == {"auth_failures": 3}  # keys kept
+    assert status["state"].startswith("degraded: token rejected (rules endpoint: HTTP 401")

@@ -336,13 +336,66 @@ def test_follow_ids() -> None:
     s = load(doc(stream={"follow": [12, "13"]}))
     assert s.stream.follow == (12, 13)
     data = doc(stream={"follow": [0, -5, "abc", 1.5, True]})
-    assert "positive integer, got 0" in error_at(data, "stream.follow[0]")
+    assert "positive 64-bit integer, got 0" in error_at(data, "stream.follow[0]")
     assert "got -5" in error_at(data, "stream.follow[1]")
     assert "got 'abc'" in error_at(data, "stream.follow[2]")
     assert "got a number" in error_at(data, "stream.follow[3]")
     assert "got a boolean" in error_at(data, "stream.follow[4]")
     assert "at most 5000" in error_at(doc(stream={"follow": list(range(1, 5002))}),
                                       "stream.follow")
+
+
+# Values `check` and a reload once accepted and a worker then crashed on (the input audit of
+# 2026-12-06): each must be refused here, naming the key, so the daemon never sees it.
+@pytest.mark.parametrize(("section", "key", "value", "key_path", "reason"), [
+    ("stream", "follow", [1 << 70], "stream.follow[0]", "positive 64-bit integer"),
+    ("stream", "follow", [1 << 63], "stream.follow[0]", "positive 64-bit integer"),
+    ("stream", "url", "http://127.0.0.1:99999/x", "stream.url", "invalid port"),
+    ("stream", "url", "http://127.0.0.1:0/x", "stream.url", "invalid port"),
+    ("stream", "url", "http://127.0.0.1:port/x", "stream.url", "invalid port"),
+    ("stream", "connect_timeout", float("inf"), "stream.connect_timeout", "at most 604800"),
+    ("stream", "connect_timeout", 1e30, "stream.connect_timeout", "at most 604800"),
+    ("stream", "connect_timeout", 10**30, "stream.connect_timeout", "at most 604800"),
+    pytest.param("stream", "connect_timeout", 10**400, "stream.connect_timeout",
+                 "at most 604800", id="stream-connect_timeout-10**400"),
+    ("stream", "read_timeout", float("nan"), "stream.read_timeout", "got nan"),
+    ("control", "stop_timeout", float("-inf"), "control.stop_timeout", "at most 604800"),
+    ("mongo", "timeout_ms", 10**9, "mongo.timeout_ms", "between 1 and 604800000"),
+    ("spool", "max_records", 10**30, "spool.max_records",
+     "64-bit integer (<= 9223372036854775807), got 1000000000000000000000000000000"),
+])
+def test_values_past_what_the_daemon_can_use_are_refused(
+        section: str, key: str, value: object, key_path: str, reason: str) -> None:
+    assert reason in error_at(doc(**{section: {key: value}}), key_path)
+
+
+@pytest.mark.parametrize(("options", "reason"), [
+    ("tls=true&tlsCAFile=/nonexistent/ca.pem", "tlscafile file is not readable"),
+    ("tls=true&tlsCertificateKeyFile=/etc/passwd", "Private key doesn't match certificate"),
+])
+def test_a_mongo_uri_no_client_can_be_built_from_is_refused(options: str, reason: str) -> None:
+    # Found only by building a client: the store worker did, at start, and crash-looped (the
+    # supervisor, checking a reload's URI, died of the OSError).
+    uri = f"mongodb://user:pw-canary-9@db.example.com:27017/?{options}"
+    found = error_at(doc(mongo={"uri": uri}), "mongo.uri")
+    assert reason in found and "pw-canary-9" not in found, found
+
+
+def test_a_password_in_the_stream_url_is_refused_and_never_quoted() -> None:
+    for url in ("https://user:hunter2secret@stream.example.com/x", "https://hunter2secret@x.y/z",
+                "https://user:hunter2secret@/x"):
+        errs = errors(doc(stream={"url": url}))
+        assert [e.key_path for e in errs] == ["stream.url"], errs
+        assert all("hunter2secret" not in str(e) for e in errs), errs
+    assert "user name or password" in error_at(doc(stream={"url": "https://a:b@x.y/z"}),
+                                               "stream.url")
+
+
+def test_the_longest_durations_and_largest_integers_still_load() -> None:
+    s = load(doc(stream={"connect_timeout": 604800, "follow": [(1 << 63) - 1]},
+                 mongo={"timeout_ms": 604_800_000}, spool={"max_records": (1 << 63) - 1}))
+    assert s.stream.connect_timeout == 604800.0 and s.stream.follow == ((1 << 63) - 1,)
+    assert s.mongo.timeout_ms == 604_800_000 and s.spool.max_records == (1 << 63) - 1
 
 
 SF = [-122.75, 36.8, -121.75, 37.8]
@@ -449,6 +502,9 @@ def test_insecure_tls_options_refused_unless_loopback(option: str) -> None:
     assert reason.startswith("URI option ") and " turns off " in reason
     local = doc(mongo={"uri": f"mongodb://localhost,127.0.0.2:27018,[::1]/?{option}"})
     assert load(local).mongo.uri.reveal().endswith(option)
+    # an SRV name is no host: DNS may name any (the secrets audit: "localhost" passed)
+    srv = doc(mongo={"uri": f"mongodb+srv://localhost/?{option}"})
+    assert "off TLS certificate checks" in error_at(srv, "mongo.uri")
 
 
 def test_two_insecure_tls_options_are_both_named() -> None:
@@ -568,6 +624,22 @@ def test_credentials_directory_fallback(tmp_path: Path) -> None:
     s = load(BASE, env)
     assert s.auth.access_token_secret.reveal() == "from-file"
     assert s.auth.access_token.reveal() == "env-wins"
+
+
+def test_a_credential_error_names_the_file_it_looked_in(tmp_path: Path) -> None:
+    # The secrets audit: a missing folder read like an unset variable, an empty file like an
+    # empty value: neither said where the daemon had looked.
+    env = {k: v for k, v in ENV.items() if k != "TWITTER_CONSUMER_SECRET"}
+    env["CREDENTIALS_DIRECTORY"] = str(tmp_path / "nonexistent")
+    reason = error_at(BASE, "auth.consumer_secret", env)
+    assert f"looked in {tmp_path}/nonexistent/TWITTER_CONSUMER_SECRET" in reason, reason
+    assert f"$CREDENTIALS_DIRECTORY {tmp_path}/nonexistent is not a folder" in reason
+    env["CREDENTIALS_DIRECTORY"] = str(tmp_path)
+    assert "no such file" in error_at(BASE, "auth.consumer_secret", env)
+    (tmp_path / "TWITTER_CONSUMER_SECRET").write_text("\n")
+    errs = [e for e in errors(BASE, env) if e.key_path == "auth.consumer_secret"]
+    assert [e.reason for e in errs] == [
+        f"credential TWITTER_CONSUMER_SECRET ({tmp_path}/TWITTER_CONSUMER_SECRET) is empty"]
 
 
 def test_missing_secret_names_key_and_variable() -> None:

@@ -314,7 +314,11 @@ def test_second_connection_with_same_credentials_kicks_the_first(tmp_path: Path)
         assert second.status == 200
         # messages() stops at the zero-length chunk (a cut body would raise EOFError)
         rest = [m for m in messages(first, 10_000) if m]
-        assert json.loads(rest[-1])["disconnect"]["code"] == 7
+        disconnect = json.loads(rest[-1])["disconnect"]
+        assert disconnect["code"] == 7
+        # the secrets audit: stream_name carried the consumer key and the token into the spool
+        assert not any(part in disconnect["stream_name"]
+                       for value in CREDS.values() for part in value.split("-")), disconnect
         assert next(m for m in messages(second, 100) if m)
         second.close()
     gt = sim.ground_truth()

@@ -339,6 +339,27 @@ def test_check_online_untrusted_certificate(tmp_path: Path, tls_server: str,
     assert "curl error 60" in line
 
 
+def test_the_daemon_names_stream_ca_file_when_the_certificate_is_not_trusted(
+        tmp_path: Path, tls_server: str, mongo_uri: str) -> None:
+    """The secrets audit: ``check --online`` named the setting, the daemon's log line and
+    status said only OpenSSL's "self-signed certificate (18)"."""
+    daemon = Daemon(tmp_path / "daemon", settings_doc(tls_server, mongo_uri, "tls_reason"))
+    try:
+        daemon.start().wait_ready()
+        ended = daemon.wait_log("stream_ended", ending="network")
+        def stated() -> str | None:
+            state = str(daemon.status("stream").get("state", ""))
+            return state if "curl error" in state else None
+        state = wait_until(stated, 30, "the reason in the status")
+        code, _ = daemon.stop()
+    finally:
+        daemon.kill()
+    assert code == 0
+    for text in (ended["reason"], state):
+        assert "not signed by a trusted CA" in text and "set stream.ca_file" in text, text
+        assert "curl error 60" in text, text
+
+
 def test_status_finds_the_units_state_folder_from_a_shell_without_secrets(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under systemd, ``state_dir: null`` means $STATE_DIRECTORY, which a root shell lacks: the

@@ -443,6 +443,25 @@ def test_control_messages_never_become_documents(harness_factory: Callable[..., 
     assert h.spool.acked_seq == len(h.spool.records)
 
 
+def test_control_messages_that_cannot_mean_anything_are_dead_lettered(
+        harness_factory: Callable[..., Harness], client: Any) -> None:
+    # The input audit: these were counted as valid notices (a limit of -7 undelivered tweets
+    # reached the log and the ledger), their payloads gone.
+    h = harness_factory()
+    bad = [b'{"limit":{"track":-7}}', b'{"limit":{"track":"5"}}', b'{"disconnect":"bye"}',
+           b'{"warning":5}', b'{"delete":{}}']
+    for raw in bad:
+        h.spool.add(raw)
+    h.spool.add(b'{"limit":{"track":0}}')
+    h.drain()
+    entries = list(h.deadletters.iter_entries())
+    assert [DeadLetterStore.raw_of(e) for e in entries] == bad
+    assert {e["reason"] for e in entries} == {"invalid_control"}
+    c = h.worker.counters()
+    assert c["control"] == {"limit": 1} and c["limit_missed"] == 0 and not c["disconnects"]
+    assert c["deadlettered"] == {"invalid_control": len(bad)} and reconciles(c)
+
+
 # ---------------------------------------------------------------- dead letters
 
 

@@ -157,16 +157,23 @@ def _read_credential(name: str, path: str, ctx: Context) -> str | None:
     if not cred_dir:
         ctx.error(path, missing)
         return None
+    where = Path(cred_dir) / name  # named in every error: which folder was looked in
     try:
-        data = (Path(cred_dir) / name).read_text(encoding="utf-8")
+        data = where.read_text(encoding="utf-8")
     except FileNotFoundError:
-        ctx.error(path, missing)
+        absent = "no such file" if Path(cred_dir).is_dir() else \
+            f"$CREDENTIALS_DIRECTORY {cred_dir} is not a folder"
+        ctx.error(path, f"{missing}; looked in {where}: {absent}")
         return None
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else "not valid UTF-8"
-        ctx.error(path, f"cannot read credential {name} from $CREDENTIALS_DIRECTORY: {why}")
+        ctx.error(path, f"cannot read credential {name} from {where}: {why}")
         return None
-    return data.removesuffix("\n").removesuffix("\r")
+    value = data.removesuffix("\n").removesuffix("\r")
+    if not value:
+        ctx.error(path, f"credential {name} ({where}) is empty")
+        return None
+    return value
 
 
 

@@ -6,8 +6,11 @@ from ingestd.config.errors import Secret
 from ingestd.config.loader import MISSING
 from ingestd.config.mongo_uri import uri_problems
 from ingestd.config.schema import MongoSettings, WriteConcernSettings
-from ingestd.config.section import Section
+from ingestd.config.section import SECONDS_MAX, Section
 from ingestd.config.values import kind
+
+# pymongo takes a timeoutMS under a billion; a week (the longest duration setting) is under it.
+TIMEOUT_MS_MAX = int(SECONDS_MAX * 1000)
 
 # Keys that once existed and now do nothing → what to use instead.
 _RETIRED_MONGO_KEYS = {
@@ -38,7 +41,7 @@ def build_mongo(sec: Section) -> MongoSettings:
         collection=collection,
         coverage_collection=coverage,
         write_concern=_write_concern(sec.section("write_concern", WriteConcernSettings)),
-        timeout_ms=sec.integer("timeout_ms", lo=1),
+        timeout_ms=sec.integer("timeout_ms", lo=1, hi=TIMEOUT_MS_MAX),
         slow_write_seconds=sec.number("slow_write_seconds", gt=0),
         notices=_retired_mongo_keys(sec),
     )

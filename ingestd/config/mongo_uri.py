@@ -46,11 +46,23 @@ def pymongo_uri_facts(uri: str) -> dict[str, Any]:
 
     try:
         parsed = _parse_mongo_uri(uri)
-    except (PyMongoError, ValueError, TypeError) as exc:
+        _build_client(uri)
+    except (PyMongoError, ValueError, TypeError, OSError) as exc:
         return {"error": str(exc)}
     options = parsed["options"].items()
     return {"true_options": sorted(str(k).lower() for k, v in options if v is True),
             "hosts": [str(host) for host, _port in parsed["nodelist"]]}
+
+
+def _build_client(uri: str) -> None:
+    """Build (and close) a client as the store worker will, without connecting: what only a
+    client finds is found here, at load (a ``tlsCAFile`` that cannot be read, a key file's wrong
+    password), and refused like any bad setting instead of crashing the worker at start."""
+    import pymongo
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pymongo.MongoClient(uri, connect=False).close()
 
 
 _uri_check_in_child = False  # set by check_mongo_uri_in_child()
@@ -111,7 +123,9 @@ def uri_problems(uri: str) -> list[str]:
     true_options = set(facts.get("true_options", ()))
     insecure = [name for key, name in _INSECURE_TLS.items() if key in true_options]
     hosts = [str(host) for host in facts.get("hosts", ())]
-    if insecure and not all(is_loopback(h) for h in hosts):
+    # A mongodb+srv name is not a host: DNS names the hosts, which may be anywhere.
+    srv = uri.startswith("mongodb+srv://")
+    if insecure and (srv or not all(is_loopback(h) for h in hosts)):
         # pymongo sets every implied option (tlsInsecure=true sets the other three): name only
         # those written in the URI.
         written = _option_names(uri)

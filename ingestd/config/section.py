@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -19,6 +20,13 @@ from ingestd.config.values import is_int, is_number, kind, parse_size, plain_num
 @functools.cache
 def _schema_fields(schema: type) -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in dataclasses.fields(schema)}
+
+
+# Integers are written to BSON and to the status files as 64-bit signed integers.
+INT_MAX = (1 << 63) - 1
+# Every ``number`` setting is a duration in seconds: a week is far beyond any sensible one, and
+# keeps each within what timers and libcurl's millisecond options take (1e30 overflowed them).
+SECONDS_MAX = 7 * 86400.0
 
 
 def _num(value: float | None) -> str:
@@ -125,14 +133,28 @@ class Section:
 
     def integer(self, name: str, lo: int | None = None, hi: int | None = None, *,
                 default: Any = MISSING) -> int:
-        default = self._fallback(name, default)
-        value: int = self._typed(name, default, is_int, "an integer")
-        return value if self._in_range(name, value, lo, hi) else default
+        fallback: int = self._fallback(name, default)
+        value: int = self._typed(name, fallback, is_int, "an integer")
+        if hi is None and abs(value) > INT_MAX:
+            self.error(name, f"must be a 64-bit integer (<= {INT_MAX}), got {value}")
+            return fallback
+        return value if self._in_range(name, value, lo, hi) else fallback
 
     def number(self, name: str, *, gt: float | None = None, lo: float | None = None,
                hi: float | None = None, default: Any = MISSING) -> float:
         default = self._fallback(name, default)
-        value = float(self._typed(name, default, is_number, "a number"))
+        raw = self._typed(name, default, is_number, "a number")
+        try:
+            value = float(raw)
+        except OverflowError:  # an integer of over 308 digits
+            value = math.inf if raw > 0 else -math.inf
+        if math.isnan(value):
+            self.error(name, "must be a number, got nan")
+            return float(default)
+        if hi is None and abs(value) > SECONDS_MAX:
+            self.error(name, f"must be at most {_num(SECONDS_MAX)} seconds (a week), "
+                       f"got {_num(value)}")
+            return float(default)
         if gt is not None and not value > gt:
             self.error(name, f"must be > {_num(gt)}, got {_num(value)}")
             return float(default)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from ingestd.config.loader import MISSING, Context
 from ingestd.config.schema import BackoffSettings, Box, StreamSettings
-from ingestd.config.section import Section
+from ingestd.config.section import INT_MAX, Section
 from ingestd.config.stream_v2 import v2_stream
 from ingestd.config.values import is_int, is_loopback, is_number, kind, plain_number
 
@@ -57,17 +57,29 @@ def build_stream(sec: Section) -> StreamSettings:
 
 
 def _url(sec: Section) -> str:
+    """The endpoint's URL. Errors never quote it: a URL may carry a password."""
     url = sec.text("url", required=True)
     if not url:
         return url
     parts = urlsplit(url)
     if not parts.hostname:
-        sec.error("url", f"has no host: {url!r}")
+        sec.error("url", "has no host")
+    elif parts.username is not None or parts.password is not None:
+        sec.error("url", "must not hold a user name or password (the credentials go in auth)")
+    elif not _port_ok(parts):
+        sec.error("url", "has an invalid port (1 to 65535)")
     elif parts.scheme == "http" and not is_loopback(parts.hostname):
         sec.error("url", "http:// is allowed only for a loopback host; use https://")
     elif parts.scheme not in ("https", "http"):
         sec.error("url", f"scheme must be https, got {parts.scheme or 'none'!r}")
     return url
+
+
+def _port_ok(parts: SplitResult) -> bool:
+    try:
+        return parts.port != 0  # None: the scheme's default
+    except ValueError:  # not a number, or out of range
+        return False
 
 
 def _check_count(sec: Section, name: str, items: list[tuple[str, object]], limit: int,
@@ -102,9 +114,9 @@ def _follow(sec: Section, items: list[tuple[str, object]]) -> tuple[int, ...]:
     for path, item in items:
         value = item if is_number(item) else (
             int(item) if isinstance(item, str) and item.isascii() and item.isdigit() else None)
-        if not isinstance(value, int) or value <= 0:
+        if not isinstance(value, int) or not 0 < value <= INT_MAX:
             got = repr(item) if is_int(item) or isinstance(item, str) else kind(item)
-            sec.ctx.error(path, f"user id must be a positive integer, got {got}")
+            sec.ctx.error(path, f"user id must be a positive 64-bit integer, got {got}")
         else:
             ids.append(value)
     return tuple(ids)

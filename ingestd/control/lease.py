@@ -374,9 +374,10 @@ class LeaseKeeper:
 
 def open_lease_collection(mongo: MongoSettings, ha: HaSettings) -> Collection[Document]:
     """The lease collection on a client of its own: majority-acknowledged writes, majority
-    reads, and operations bounded well inside the lease."""
+    reads, and operations bounded well inside the lease. ``connect=False``: an SRV name that
+    does not resolve fails a lease operation (this instance stands by), not the worker."""
     client: pymongo.MongoClient[Document] = pymongo.MongoClient(
-        mongo.uri.reveal(), appname="ingestd-lease", tz_aware=True,
+        mongo.uri.reveal(), connect=False, appname="ingestd-lease", tz_aware=True,
         timeoutMS=max(int(ha.lease_seconds * 1000 / 2), 500))
     return client[mongo.database].get_collection(
         ha.collection, write_concern=WriteConcern("majority"),

@@ -20,6 +20,8 @@ from typing import Any
 
 import orjson
 
+from ingestd.logs import scrub_strings
+
 RUN_DIR = "run"
 PAD = 4096
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -44,8 +46,9 @@ def status_path(state_dir: Path, role: str) -> Path:
 
 
 def write_status(state_dir: Path, role: str, status: dict[str, Any]) -> None:
-    """Publish ``status`` (plus pid, role and wall-clock time) for ``role``."""
-    doc = {"role": role, "pid": os.getpid(), "time": time.time(), **status}
+    """Publish ``status`` (plus pid, role and wall-clock time) for ``role``, secrets masked as
+    in the log: ``status``, ``/healthz`` and systemd's STATUS= show its reasons."""
+    doc = {"role": role, "pid": os.getpid(), "time": time.time(), **scrub_strings(status)}
     data = orjson.dumps(doc)
     data += b" " * (-len(data) % PAD)  # JSON allows trailing white space
     target = status_path(state_dir, role)

@@ -409,34 +409,46 @@ class Supervisor:
             settings = self.loader(text, self.config_path)
         except ConfigError as exc:
             # str(ConfigError) is "file: key.path: reason" and never holds a secret value.
-            standing.reload_failures += 1
-            standing.reload_refused(str(exc), standing.generation)
-            log.error("reload_failed", error=str(exc), file=exc.file, key=exc.key_path,
-                      reload_failures=standing.reload_failures, generation=standing.generation,
-                      action=f"keeping the settings of generation {standing.generation}")
-            write_verdict(self.state_dir, standing.reloads, standing.generation,
-                          errors=config_errors(exc))
+            self.refuse_reload(str(exc), config_errors(exc), file=exc.file, key=exc.key_path)
         else:
-            try:
-                changes = self.apply_reload(settings, text)
-            except OSError as exc:
-                # The new generation's filters could not be recorded: its records could not be
-                # matched by them, so the old settings stay in force.
-                standing.reload_failures += 1
-                reason = (f"{self.generations.directory}: cannot record generation "
-                          f"{standing.generation + 1}: {exc.strerror or type(exc).__name__}")
-                log.error("reload_failed", error=reason, key="state_dir",
-                          reload_failures=standing.reload_failures,
-                          generation=standing.generation,
-                          action=f"keeping the settings of generation {standing.generation}")
-                write_verdict(self.state_dir, standing.reloads, standing.generation,
-                              errors=[reason])
+            if (problem := self.new_state_dir_problem(settings)) is not None:
+                self.refuse_reload(problem, [problem], key="state_dir")
             else:
-                write_verdict(self.state_dir, standing.reloads, standing.generation,
-                              changes=changes)
+                self.adopt(settings, text)
         if standing.ready:
             # Also after a failure: the old settings are still in force and the service is ready.
             sd.notify(f"READY=1\nSTATUS={self.reporter.refresh_status()}")
+
+    def adopt(self, settings: SupervisedSettings, text: str) -> None:
+        standing = self.standing
+        try:
+            changes = self.apply_reload(settings, text)
+        except OSError as exc:
+            # The new generation's filters could not be recorded: its records could not be
+            # matched by them, so the old settings stay in force.
+            reason = (f"{self.generations.directory}: cannot record generation "
+                      f"{standing.generation + 1}: {exc.strerror or type(exc).__name__}")
+            self.refuse_reload(reason, [reason], key="state_dir")
+        else:
+            write_verdict(self.state_dir, standing.reloads, standing.generation, changes=changes)
+
+    def refuse_reload(self, reason: str, errors: list[str], **where: str | None) -> None:
+        """Keep the settings in force: say why (log, status, the verdict ``reload`` waits for)."""
+        standing = self.standing
+        standing.reload_failures += 1
+        standing.reload_refused(reason, standing.generation)
+        log.error("reload_failed", error=reason, **where,
+                  reload_failures=standing.reload_failures, generation=standing.generation,
+                  action=f"keeping the settings of generation {standing.generation}")
+        write_verdict(self.state_dir, standing.reloads, standing.generation, errors=errors)
+
+    def new_state_dir_problem(self, settings: SupervisedSettings) -> str | None:
+        """Why a new ``state_dir`` could not be used at the next start (as ``check`` says), if
+        so: refused now, not found at the restart it waits for."""
+        new = settings.state_dir
+        if new == self.state_dir or (found := statedir.inspect(new)) is None or not found.anyone:
+            return None
+        return f"{self.config_path}: state_dir: {new} cannot be used: {found.reason}"
 
     def apply_reload(self, settings: SupervisedSettings, text: str) -> dict[str, Any]:
         """Adopt ``settings`` and send the validated ``text`` to every running worker; returns

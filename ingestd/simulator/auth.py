@@ -8,6 +8,7 @@ check failed without re-implementing any of them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import string
@@ -49,8 +50,10 @@ class Credentials:
 
     @property
     def identity(self) -> str:
-        """Stable non-secret id of the credential (for the one-connection rule)."""
-        return f"{self.consumer_key}/{self.access_token.split('-', 1)[0]}"
+        """Stable non-secret id of the credential (for the one-connection rule): a digest, since
+        it is sent back in a disconnect's ``stream_name`` and lands in the client's spool."""
+        account = f"{self.consumer_key}/{self.access_token.split('-', 1)[0]}"
+        return hashlib.sha256(account.encode()).hexdigest()[:12]
 
 
 def credentials_from_env(env: Mapping[str, str]) -> list[Credentials]:

@@ -146,9 +146,13 @@ def make_client(mongo: MongoSettings) -> pymongo.MongoClient[Document]:
 
     ``timeoutMS`` bounds a whole operation: server selection, pymongo's own retries and the
     round trips (with it set, pymongo ignores ``serverSelectionTimeoutMS`` for operations).
+    ``connect=False``: nothing happens until the first operation, so a ``mongodb+srv`` name
+    that does not resolve (DNS not up yet at boot) fails that operation, which is retried,
+    instead of the constructor, which would crash the worker.
     """
     return pymongo.MongoClient(
         mongo.uri.reveal(),
+        connect=False,
         appname="ingestd",
         tz_aware=True,
         timeoutMS=mongo.timeout_ms,

@@ -27,8 +27,8 @@ class StreamNotices:
     def on_limit(self, body: object, conn_id: int) -> int:
         """Note a limit notice; its cumulative ``track`` count."""
         track = body.get("track") if isinstance(body, dict) else None
-        if type(track) is not int:
-            raise BadControl("no track count")
+        if type(track) is not int or track < 0:  # a count of undelivered tweets
+            raise BadControl("no track count" if type(track) is not int else f"track {track}")
         # Cumulative per connection: keep the latest, sum over connections.
         self._limits[conn_id] = track
         if len(self._limits) > LIMIT_CONNECTIONS:
@@ -37,14 +37,16 @@ class StreamNotices:
         return track
 
     def on_disconnect(self, body: object) -> None:
-        code = body.get("code") if isinstance(body, dict) else None
-        bump(self._counters.disconnects, str(code))
+        if not isinstance(body, dict):
+            raise BadControl("not an object")
+        bump(self._counters.disconnects, str(body.get("code")))
 
     def on_warning(self, body: object) -> None:
-        if isinstance(body, dict):
-            warning = {"code": str(body.get("code")), "percent_full": body.get("percent_full")}
-            self._counters.last_warning = warning
-            # The stream worker logs the notice at warning level (with its ``conn``) as it
-            # arrives; here it is only noted, so the journal has one line per notice.
-            log.debug("stream_warning_noted", code=warning["code"],
-                      percent_full=warning["percent_full"])
+        if not isinstance(body, dict):
+            raise BadControl("not an object")
+        warning = {"code": str(body.get("code")), "percent_full": body.get("percent_full")}
+        self._counters.last_warning = warning
+        # The stream worker logs the notice at warning level (with its ``conn``) as it
+        # arrives; here it is only noted, so the journal has one line per notice.
+        log.debug("stream_warning_noted", code=warning["code"],
+                  percent_full=warning["percent_full"])

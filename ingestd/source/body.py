@@ -18,7 +18,7 @@ import structlog
 
 from ingestd.source.backoff import Ending
 from ingestd.source.connection import Connection
-from ingestd.source.framing import BadFrame, Oversize
+from ingestd.source.framing import BadFrame, Frame, Oversize
 from ingestd.source.inflate import BadEncoding
 from ingestd.source.stats import ReaderStats
 from ingestd.spool.format import (
@@ -159,8 +159,18 @@ class BodyIntake:
         keepalives_before = framer.keepalives
         frames = framer.feed(data)
         stats.keepalives += framer.keepalives - keepalives_before
-        if not frames:
-            return  # part of a message, or keep-alives only
+        if frames:  # else part of a message, or keep-alives only
+            self._spool(conn, frames)
+
+    def end(self, conn: Connection) -> None:
+        """``conn``'s body ends: what is held is framed, and an over-size message it cut short
+        goes to the spool as over-size (dead-lettered with its head), not counted as a cut."""
+        self.settle()
+        if conn.status == 200 and (item := conn.framer.cut_oversize()) is not None:
+            self._spool(conn, [item])
+
+    def _spool(self, conn: Connection, frames: list[Frame]) -> None:
+        stats, framer = self._stats, conn.framer
         items: list[tuple[int, bytes]] = []
         append = items.append
         for item in frames:

@@ -91,6 +91,17 @@ class LineFramer:
             self._skip_head = bytearray()
         self._cr = False
 
+    def cut_oversize(self) -> Oversize | None:
+        """The body ended inside an over-size message: that message (its size so far), to be
+        reported as over-size rather than as a cut; None if none was being skipped."""
+        if not self._skipping:
+            return None
+        size = self._skip_size
+        self.skipped_bytes += size
+        item = Oversize(size, bytes(self._skip_head[:size]))
+        self.reset()
+        return item
+
     def feed(self, data: bytes) -> list[Frame]:
         """Consume one slice of the body; return the frames it completed, in order.
 
@@ -218,6 +229,16 @@ class LengthFramer:
         self._buf.clear()
         self._head.clear()
         self._need = self._left = self._frame_bytes = 0
+
+    def cut_oversize(self) -> Oversize | None:
+        """The body ended inside an over-size payload: it (its declared size), to be reported as
+        over-size rather than as a cut, as its length line already said; None if none was."""
+        if self._state is not _LenState.SKIP:
+            return None
+        self.skipped_bytes += self._need - self._left
+        item = Oversize(self._need, bytes(self._head))
+        self.reset()
+        return item
 
     def feed(self, data: bytes) -> list[Frame]:
         """Consume one slice of the body; return the frames it completed, in order."""

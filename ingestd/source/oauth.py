@@ -59,15 +59,18 @@ def sign_request(
 
 
 def diagnose_401(date_header: str | None, now: float) -> str:
-    """Explain a 401: clock skew (with the measured offset) or the credentials themselves."""
+    """Explain a 401: clock skew (with the measured offset) or the credentials themselves.
+    Without a readable ``Date`` header the clock is not judged, and the text says so."""
+    server = None
     if date_header:
         try:
             server = email.utils.parsedate_to_datetime(date_header).timestamp()
         except (TypeError, ValueError):
             server = None
-        if server is not None and abs(now - server) >= SKEW_THRESHOLD:
-            direction = "ahead of" if now > server else "behind"
-            return (f"local clock is {abs(now - server):.0f}s {direction} the server's: "
-                    "fix NTP (OAuth timestamps must be within a few minutes)")
-    return ("credentials rejected: check consumer key/secret and access token/secret "
-            "(clock agrees with the server)")
+    if server is not None and abs(now - server) >= SKEW_THRESHOLD:
+        direction = "ahead of" if now > server else "behind"
+        return (f"local clock is {abs(now - server):.0f}s {direction} the server's: "
+                "fix NTP (OAuth timestamps must be within a few minutes)")
+    clock = ("clock agrees with the server" if server is not None else
+             "the server sent no Date to compare the clock with: check NTP too")
+    return f"credentials rejected: check consumer key/secret and access token/secret ({clock})"

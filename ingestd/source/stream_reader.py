@@ -24,7 +24,13 @@ from ingestd.source.backoff import Backoff, Ending
 from ingestd.source.body import BodyIntake, Sink
 from ingestd.source.connection import Connection, open_connection
 from ingestd.source.request import filter_key
-from ingestd.source.response import classify, describe, disconnect_code, retry_after
+from ingestd.source.response import (
+    classify,
+    curl_error_text,
+    describe,
+    disconnect_code,
+    retry_after,
+)
 from ingestd.source.stats import ReaderStats
 from ingestd.spool.events import GapMarkers
 from ingestd.spool.watch import drain_wakeups
@@ -461,7 +467,7 @@ class StreamReader:
             return  # an old connection we already replaced
         self.active = None
         self._mark_gap(conn, ending)
-        self._schedule_reconnect(conn, ending, errmsg)
+        self._schedule_reconnect(conn, ending, curl_error_text(errno, errmsg))
 
     def _mark_gap(self, conn: Connection, ending: Ending, cause: str | None = None,
                   more: Mapping[str, object] | None = None) -> None:
@@ -540,6 +546,7 @@ class StreamReader:
             return
         del self._by_handle[id(conn.curl)]
         self._multi.remove_handle(conn.curl)
+        self._body.end(conn)
         conn.close(ending)
         self.stats.count_ending(counted or ending, conn.cut_bytes)
         if self.active is conn and ending is not Ending.ABORTED:

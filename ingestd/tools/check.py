@@ -25,6 +25,7 @@ from ingestd.logs import register_secret, scrub_text
 from ingestd.source.headers import USER_AGENT, parse_header_line
 from ingestd.source.oauth import diagnose_401, encode_form, sign_request
 from ingestd.source.request import post_params
+from ingestd.source.response import TLS_ERRORS
 from ingestd.source.v2_rules_client import RulesClient, RulesError, ServerRule
 from ingestd.tools.instances import instance_warnings
 
@@ -45,14 +46,6 @@ CURL_ERRORS = {
     6: "the host name does not resolve (DNS)",
     7: "nothing listens at that address (connection refused), or the network is unreachable",
     28: f"no answer within {PROBE_SECONDS}s (timed out)",
-}
-TLS_ERRORS = {
-    35: "the TLS handshake failed",
-    51: "the server's certificate does not match its host name",
-    58: "the client certificate could not be used",
-    60: "the server's TLS certificate is not signed by a trusted CA (self-signed, or issued "
-        "by a private CA: set stream.ca_file to that CA's certificate bundle)",
-    77: "the CA bundle could not be read (check stream.ca_file)",
 }
 
 
