@@ -320,6 +320,8 @@ def test_standby_killed_workers_of_the_active_are_replaced_and_the_pair_stays_on
             reclaims += 1
         assert active == [b], "the standby did not take over after a 4 s restart"
         wait_role(a, "standby")
+        # the pair's alerts sum ingestd_ha_active by lease: one active, B
+        assert [ha_active(d.state_dir)[1] for d in (a, b)] == [0.0, 1.0]
         wait_all_stored(mongo_uri, mongo_database, sim, conns=reclaims + 2, per_conn=per_conn)
         r = wait_until(lambda: (lambda r: r if r["in_flight"] == 0 else None)(reconciliation(a)),
                        60, "A's counts: every message it received resolved")
