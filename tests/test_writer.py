@@ -476,6 +476,8 @@ def test_bad_input_is_dead_lettered_with_reason_and_raw(harness_factory: Callabl
         b"head of a huge message": "oversize",
         b"12x\r\n": "bad_frame",
         b'{"id": 3, "te': "partial_message",
+        b'{"text": "no id", "created_at": "Mon Jan 01 00:00:00 +0000 2024", "user": {"id": 7}}':
+            "invalid_tweet",
     }
     kinds = {"oversize": KIND_OVERSIZE, "bad_frame": KIND_BADFRAME,
              "partial_message": KIND_PARTIAL}
