@@ -77,6 +77,11 @@ def test_real_control_messages_classify_by_top_level_key() -> None:
     ({"event": "user_update", "created_at": "x", "source": {}}, "unknown"),
     ({"status_withheld": {"id": 1}}, "status_withheld"),
     ({"user_withheld": {"id": 1}}, "user_withheld"),
+    # the input audit: a tweet without id was counted as an unknown control message, its
+    # payload gone; a tweet, it is dead-lettered (invalid_tweet, no usable id)
+    ({"text": "hi", "created_at": "x", "user": {"id": 1}}, "tweet"),
+    ({"full_text": "hi", "user": {"id": 1}}, "tweet"),
+    ({"text": "hi"}, "unknown"),
 ])
 def test_classify_shapes(obj: object, kind: str) -> None:
     assert classify(obj) == kind

@@ -552,6 +552,8 @@ def test_check_online_v2_reports_a_rejected_token(tmp_path: Path, v2_sim: SimPro
                      env={"TWITTER_BEARER_TOKEN": wrong})
     assert result.returncode == EXIT_UNAVAILABLE, result.stdout + result.stderr
     assert "endpoint   FAILED: token rejected: check auth.bearer_token (HTTP 401" in result.stdout
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("endpoint"))
+    assert "HTTP 401: HTTP 401" not in line and "Unauthorized: Unauthorized" not in line, line
     assert wrong not in result.stdout + result.stderr
 
 

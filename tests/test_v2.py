@@ -465,4 +465,6 @@ def test_a_refused_token_on_the_rules_endpoint_is_a_credentials_problem(
         finish(daemon, sim)
     assert "token rejected: check auth.bearer_token" in rejected["action"]
     assert "stream.rules" not in rejected["action"]
+    # the first sync failed: there are no previous rules to stay in force (the secrets audit)
+    assert rejected["action"].startswith("the endpoint holds none of these settings' rules yet")
     assert "rules not accepted" not in state and "token rejected" in state

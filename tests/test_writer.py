@@ -476,6 +476,8 @@ def test_bad_input_is_dead_lettered_with_reason_and_raw(harness_factory: Callabl
         b"head of a huge message": "oversize",
         b"12x\r\n": "bad_frame",
         b'{"id": 3, "te': "partial_message",
+        b'{"text": "no id", "created_at": "Mon Jan 01 00:00:00 +0000 2024", "user": {"id": 7}}':
+            "invalid_tweet",
     }
     kinds = {"oversize": KIND_OVERSIZE, "bad_frame": KIND_BADFRAME,
              "partial_message": KIND_PARTIAL}
@@ -487,6 +489,9 @@ def test_bad_input_is_dead_lettered_with_reason_and_raw(harness_factory: Callabl
     assert sorted(d["_id"] for d in client.tweets.find()) == [SNOW + 1, SNOW + 2]
     entries = list(h.deadletters.iter_entries())
     assert {DeadLetterStore.raw_of(e): e["reason"] for e in entries} == bad
+    # the parser's own words say where it failed (the input audit: an empty detail)
+    details = {e["reason"]: e.get("detail", "") for e in entries}
+    assert details["invalid_json"].startswith("unexpected end of data: line 1"), details
     c = h.worker.counters()
     assert sum(c["deadlettered"].values()) == len(bad) and reconciles(c)
     assert h.spool.acked_seq == len(h.spool.records)

@@ -464,8 +464,8 @@ class StoreWorker:
             return
         try:
             obj = orjson.loads(record.payload)
-        except orjson.JSONDecodeError:
-            self._letters.add(_json_failure(record.payload), record)
+        except orjson.JSONDecodeError as exc:  # its text says where and why, never the content
+            self._letters.add(_json_failure(record.payload), record, detail=str(exc)[:200])
             return
         kind = classify(obj)
         if kind == "unknown":

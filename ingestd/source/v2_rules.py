@@ -245,12 +245,15 @@ class RulesSync:
         if exc.transient:
             log.warning("rules_sync_retry", generation=job.generation, error=str(exc)[:500])
             return False
+        # what the endpoint filters by meanwhile: a first sync that failed left it none of ours
+        kept = ("previous rules stay in force" if self.status.generation is not None
+                else "the endpoint holds none of these settings' rules yet")
         if exc.credentials:  # not the rules' fault: the stream's own line says the same
             self.status.error = f"{DIAGNOSE_401} (rules endpoint: {exc})"[:500]
-            action = f"previous rules stay in force; {DIAGNOSE_401}"
+            action = f"{kept}; {DIAGNOSE_401}"
         else:
             self.status.error = f"rules not accepted: {exc}"[:500]
-            action = "previous rules stay in force; fix stream.rules and reload"
+            action = f"{kept}; fix stream.rules and reload"
         self.status.refused_generation = job.generation
         self.status.refused = [self.status.error] if exc.credentials else exc.messages[:20]
         log.error("rules_rejected", generation=job.generation, errors=exc.messages[:20],

@@ -182,5 +182,5 @@ def _describe_problem(reply: _Response) -> str:
     body = reply.body
     title = str(body.get("title") or "")
     detail = str(body.get("detail") or "")
-    text = ": ".join(p for p in (title, detail) if p) or "no details"
+    text = ": ".join(dict.fromkeys(p for p in (title, detail) if p)) or "no details"  # once
     return f"HTTP {reply.status}: {text}"

@@ -260,9 +260,9 @@ def check_rules(settings: Settings) -> bool:
         held = client.current()
     except RulesError as exc:
         text = scrub_text("; ".join(exc.messages))[:300]
-        if exc.status in (401, 403):
-            print(f"endpoint   FAILED: token rejected: check auth.bearer_token (HTTP "
-                  f"{exc.status}: {text}; {client.url})")
+        if exc.status in (401, 403):  # the messages already say "HTTP <status>: …"
+            print(f"endpoint   FAILED: token rejected: check auth.bearer_token ({text}; "
+                  f"{client.url})")
         else:
             print(f"endpoint   FAILED: {text} ({client.url})")
         return False
