@@ -81,7 +81,7 @@ class AuthSettings:
 
 @dataclass(frozen=True)
 class WriteConcernSettings:
-    """What MongoDB must have done before a batch counts as stored (docs/reliability.md §6).
+    """What MongoDB must have done before a batch counts as stored (docs/reliability.md §3.5).
 
     ``majority`` + journal: an acknowledged batch survives a failover and a crash; anything
     weaker lets the spool's checkpoint move past a batch the server can still lose.

@@ -68,6 +68,10 @@ STORE_COUNTERS = {
     "batches": ("ingestd_insert_batches_total", "insert_many batches written."),
     "retries": ("ingestd_insert_retries_total", "MongoDB operations retried."),
     "deletes_applied": ("ingestd_deletes_applied_total", "Delete notices applied."),
+    "control_rejected": ("ingestd_control_rejected_total",
+                         "Control messages whose effect MongoDB refused (a delete, scrub_geo or "
+                         "withheld update); each is in the dead-letter files as "
+                         "control_rejected."),
     "offloaded": ("ingestd_encoder_offloaded_total",
                   "Tweets parsed and encoded by the store worker's encoder child."),
     "encoder_restarts": ("ingestd_encoder_restarts_total",

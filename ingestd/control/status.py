@@ -429,8 +429,8 @@ def _reconciliation_lines(view: dict[str, Any]) -> list[str]:
     missing = f" + spool-lost {r['spool_missing']}" if r["spool_missing"] else ""
     diff = r["difference"]
     verdict = "holds" if diff == 0 else (
-        f"off by {diff:+d}: the workers report up to 1 s apart; if it lasts, counts a worker "
-        "crash lost (docs/design.md, counters)")
+        f"off by {diff:+d}: the workers report up to 1 s apart; if it lasts after a worker "
+        "crash, look for worker_counts_unsettled in the log (README, log events)")
     return [f"  reconcile   received {r['received']} + replayed {r['replayed']} = resolved "
             f"{r['resolved']} + in flight {r['in_flight']}{missing}  ({verdict})"]
 

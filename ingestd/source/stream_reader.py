@@ -23,14 +23,9 @@ from ingestd.source.api import api_for
 from ingestd.source.backoff import Backoff, Ending
 from ingestd.source.body import BodyIntake, Sink
 from ingestd.source.connection import Connection, open_connection
+from ingestd.source.curl_errors import curl_error_text
 from ingestd.source.request import filter_key
-from ingestd.source.response import (
-    classify,
-    curl_error_text,
-    describe,
-    disconnect_code,
-    retry_after,
-)
+from ingestd.source.response import classify, describe, disconnect_code, retry_after
 from ingestd.source.stats import ReaderStats
 from ingestd.spool.events import GapMarkers
 from ingestd.spool.watch import drain_wakeups

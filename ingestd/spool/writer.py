@@ -129,7 +129,7 @@ class SpoolWriter:
     ) -> int:
         """Write ``items`` ((kind, payload) pairs) with one ``writev()``; return the last seq.
 
-        Raises SpoolWriteError (nothing of this call left on disk) if the write fails.
+        Raises SpoolWriteError if the write fails; its ``kept`` says how many records went in.
         """
         return self.append_many(((items, conn_id, generation, recv_ns),))
 

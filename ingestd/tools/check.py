@@ -22,10 +22,10 @@ from ingestd.config.settings import load_settings, secret_values
 from ingestd.config.stream import ca_bundle
 from ingestd.control import statedir
 from ingestd.logs import register_secret, scrub_text
+from ingestd.source.curl_errors import TLS_ERRORS
 from ingestd.source.headers import USER_AGENT, parse_header_line
 from ingestd.source.oauth import diagnose_401, encode_form, sign_request
 from ingestd.source.request import post_params
-from ingestd.source.response import TLS_ERRORS
 from ingestd.source.v2_rules_client import RulesClient, RulesError, ServerRule
 from ingestd.tools.instances import instance_warnings
 

@@ -1,7 +1,7 @@
 """The MongoDB deployment a ``hello`` reply describes, and what the write concern risks there.
 
 Used by ``ingestd check --online``: the same write concern is safe on one deployment and loses
-acknowledged writes on another (docs/reliability.md §6).
+acknowledged writes on another (docs/reliability.md §3.5).
 """
 
 from __future__ import annotations
