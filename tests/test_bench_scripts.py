@@ -119,6 +119,13 @@ def test_inflate_measures_every_library_and_the_inflater_at_each_read_size(tmp_p
     assert all(float(a) > 0 and float(b) > 0 for _, a, b in rows), out
 
 
+def test_inflate_trees_measures_each_tree_at_each_split() -> None:
+    out = run_script("bench/inflate_trees.py", str(ROOT), str(ROOT), "--rounds", "1", "--passes",
+                     "1", "--reads", "65536")
+    rows = re.findall(r"^\| (\S+) \| ([\d.]+) / [\d.]+ \| ([\d.]+) / [\d.]+ \|$", out, re.M)
+    assert len(rows) == 2 and all(float(a) > 0 and float(b) > 0 for _, a, b in rows), out
+
+
 def test_steady_rates_store_tweets_with_and_without_the_child(tmp_path: Path) -> None:
     """The real daemon at a steady rate (a small payload of its own, 1 s windows), then the
     pipeline contender on the same paced stream."""

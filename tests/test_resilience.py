@@ -140,6 +140,54 @@ def test_an_undecodable_gzip_body_ends_the_connection_with_its_reason_and_loses_
     print(f"\n[corrupt gzip] stored={len(stored)} reason={ended['reason']!r}")
 
 
+def test_tweets_in_the_read_that_turns_corrupt_are_stored_and_the_cut_one_counted(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    # 30 tweets, half of one more and the bad bytes in one write: the read that takes them could
+    # not be inflated, and its tweets were lost uncounted. Each complete one is stored; the cut
+    # one is counted as cut by the connection's end.
+    script = [[{"deliver": 20}, {"corrupt_gzip": {"tweets": 30, "partial": True}}],
+              [{"deliver": 20}, {"stall": 60}]]
+    sim, daemon = run_pair(tmp_path, mongo_uri, mongo_database, script, "--control-every", "0",
+                           stream={"gzip": True})
+
+    def second_stored() -> bool:  # the spool keeps arrival order: conn 1's are read before
+        daemon.assert_running()
+        second = sim.ground_truth().tweet_ids(conn=2)
+        stream, store = daemon.counters("stream"), daemon.counters("store")
+        return (len(second) == 20 and bool(stream) and bool(store)
+                and store["records_read"] == stream["received"]
+                and set(second) <= set(stored_ids(mongo_uri, mongo_database)))
+
+    try:
+        daemon.wait_ready()
+        wait_until(second_stored, 60, "the second connection's 20 tweets stored")
+    finally:
+        finish(daemon, sim)
+    truth = sim.ground_truth()
+    assert truth.closes(1)[0]["reason"] == "corrupt_gzip"
+    assert len(truth.tweet_ids(conn=1)) == 50
+    (partial,) = truth.partial_ids(conn=1)
+    stored = stored_ids(mongo_uri, mongo_database)
+    assert sorted(stored) == sorted(truth.tweet_ids()) and partial not in stored
+    stream, store = daemon.counters("stream"), daemon.counters("store")
+    assert stream["dropped"] == {"cut_by_disconnect": 1}
+    assert received_total(stream) == 70 + 1
+    assert received_total(stream) == (
+        store["stored"] + store["duplicates"] + sum(store["control"].values())
+        + sum(store["skipped"].values()) + sum(stream["dropped"].values())
+        + in_flight(daemon.status("stream"), store))
+    assert in_flight(daemon.status("stream"), store) == 0
+    events = daemon.log_events()
+    (bad,) = [e for e in events if e.get("event") == "stream_body_undecodable"]
+    (ended,) = [e for e in events if e.get("event") == "stream_ended" and e.get("conn") == 1]
+    assert bad["conn"] == 1 and "invalid block type" in bad["reason"]
+    assert ended["ending"] == "network" and ended["messages"] == 50
+    assert ended["partial_message_cut"] is True and ended["dropped"] == "cut_by_disconnect"
+    assert dead_letters(daemon) == [] and store["deadlettered"] == {}
+    print(f"\n[corrupt gzip mid-read] stored={len(stored)} cut_bytes={ended['cut_bytes']}")
+
+
 def test_stall_is_detected_within_one_second_of_read_timeout(
     tmp_path: Path, mongo_uri: str, mongo_database: str
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import http.client
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -23,7 +24,9 @@ from oauthlib.oauth1 import Client  # type: ignore[import-untyped]
 
 from ingestd.documents.matching import Matcher
 from ingestd.simulator.generator import TWITTER_EPOCH_MS
+from ingestd.simulator.script import FaultScript, ScriptError
 from ingestd.simulator.session import truncated
+from ingestd.simulator.wire import BAD_BYTES
 from tests.support.creds import CREDS
 from tests.support.simulator import SimProcess
 from tests.support.wait import wait_until
@@ -416,6 +419,43 @@ def test_close_mid_message_is_partial_not_delivered(tmp_path: Path) -> None:
     assert partial not in gt.tweet_ids()
     assert str(partial).encode() in tail
     assert gt.closes(1)[0]["reason"] == "close_mid_message"
+
+
+def test_corrupt_gzip_can_come_in_the_write_of_the_tweets_before_it(tmp_path: Path) -> None:
+    # A client's read then takes the complete tweets, half of one more and the bad bytes at once.
+    script = [[{"deliver": 2}, {"corrupt_gzip": {"tweets": 4, "partial": True}}]]
+    with SimProcess(tmp_path, "--rate", "0", "--control-every", "0", script=script) as sim:
+        stream = open_stream(sim, gzip=True)
+        stream.inflate = None  # the chunks as sent
+        chunks = []
+        with pytest.raises(EOFError):  # no terminating chunk: the body just stops
+            while (chunk := stream.chunk()) is not None:
+                chunks.append(chunk)
+        sim.stop()
+        gt = sim.ground_truth()
+    z = zlib.decompressobj(31)
+    first = z.decompress(b"".join(chunks[:-1]))
+    assert chunks[-1].endswith(BAD_BYTES)
+    *complete, half = z.decompress(chunks[-1][:-len(BAD_BYTES)]).split(b"\r\n")
+    with pytest.raises(zlib.error, match="invalid block type"):  # a flush point, then these
+        z.decompress(BAD_BYTES)
+    ids = [json.loads(m)["id"] for m in first.split(b"\r\n") + complete if m]
+    assert ids == gt.tweet_ids(conn=1) and len(ids) == 6
+    assert len(complete) == 4  # the last chunk carried four complete tweets
+    (partial,) = gt.partial_ids(conn=1)
+    assert str(partial).encode() in half and partial not in ids
+    assert gt.closes(1)[0]["reason"] == "corrupt_gzip"
+
+
+@pytest.mark.parametrize(("step", "error"), [
+    ({"tweets": -1}, "corrupt_gzip.tweets: expected a non-negative integer"),
+    ({"tweets": 3, "partial": "yes"}, "corrupt_gzip.partial: expected true or false"),
+    ({"count": 3}, "corrupt_gzip: expected true or {tweets, partial}"),
+    (False, "corrupt_gzip: expected true or {tweets, partial}"),
+])
+def test_a_bad_corrupt_gzip_step_is_refused_with_where(step: object, error: str) -> None:
+    with pytest.raises(ScriptError, match=re.escape(f"<script>: connection 1 step 2.{error}")):
+        FaultScript([[{"deliver": 1}, {"corrupt_gzip": step}]])
 
 
 def test_reset_aborts_the_connection(tmp_path: Path) -> None:

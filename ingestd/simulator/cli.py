@@ -70,7 +70,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=300.0,
         help="minimum seconds between FALLING_BEHIND warnings (stall_warnings=true only)",
     )
-    a("--script", type=Path, help="fault script (JSON or YAML list of per-connection steps)")
+    a(
+        "--script",
+        type=Path,
+        help="fault script (JSON or YAML list of per-connection steps: ingestd/simulator/"
+        "script.py); 'corrupt_gzip: true' sends bytes no gzip stream can go on with in a chunk of "
+        "their own, 'corrupt_gzip: {tweets: N, partial: true}' in one write after N tweets and the "
+        "first half of one more (v1.1; a v2 stream sends them alone)",
+    )
     a("--credentials", type=Path, help="YAML/JSON with the four TWITTER_* keys (else env)")
     a(
         "--timestamp-window",

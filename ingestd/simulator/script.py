@@ -88,6 +88,20 @@ def _step_trickle(where: str, value: object) -> Step:
     )
 
 
+def _step_corrupt_gzip(where: str, value: object) -> Step:
+    """``corrupt_gzip: {tweets: N, partial: true}``: the bad bytes in the write of N tweets (and of
+    half of one more), so that a client reads them together; ``true`` sends them alone."""
+    if not isinstance(value, dict) or set(value) - {"tweets", "partial"}:
+        raise ScriptError(f"{where}.corrupt_gzip: expected true or {{tweets, partial}}, "
+                          f"got {value!r}")
+    tweets = int(_positive_number(f"{where}.corrupt_gzip.tweets", value.get("tweets", 0),
+                                  integer=True))
+    partial = value.get("partial", False)
+    if not isinstance(partial, bool):
+        raise ScriptError(f"{where}.corrupt_gzip.partial: expected true or false, got {partial!r}")
+    return Step("corrupt_gzip", True, {"tweets": tweets, "partial": partial})
+
+
 def _step_simple(where: str, kind: str, value: object) -> Step:
     """Steps whose single value is a number, a flag, a name or a list of names."""
     if kind in ("deliver", "split", "disconnect"):
@@ -136,6 +150,8 @@ def parse_step(where: str, raw: object, first: bool) -> Step:
     ((kind, value),) = raw.items()
     if kind == "trickle":
         return _step_trickle(where, value)
+    if kind == "corrupt_gzip" and value is not True:
+        return _step_corrupt_gzip(where, value)
     return _step_simple(where, str(kind), value)
 
 

@@ -123,7 +123,7 @@ class Session:
             self.wire.hang_up()
             return "close_mid_message"
         if kind == "corrupt_gzip":
-            self.wire.corrupt()
+            self._send_corrupt(step.extra.get("tweets", 0), step.extra.get("partial", False))
             return "corrupt_gzip"
         if step.extra.get("mid_message"):  # reset
             self._send_half()
@@ -256,14 +256,33 @@ class Session:
 
     def _send_half(self) -> None:
         """Half of a tweet's bytes, recorded as ``partial`` (never as delivered)."""
+        out = self._tweet_to_cut()
+        data = self.wire.encode(self.wire.frame(out.payload))
+        self._write(data[: len(data) // 2])
+        self.state.ground_truth.event("partial", self.conn, id=out.id)
+
+    def _tweet_to_cut(self) -> Outgoing:
+        """The next tweet, for a step that sends only part of it."""
         out = self.feed.next()
         if out is None:  # predicates nothing matches: any tweet will do, it is never complete
             tweet_id = self.state.ids.next()
             template = Template.from_tweet(self.feed.generator.noise())
             out = Outgoing(tweet_id, template.user_id, template.render(tweet_id))
-        data = self.wire.encode(self.wire.frame(out.payload))
-        self._write(data[: len(data) // 2])
-        self.state.ground_truth.event("partial", self.conn, id=out.id)
+        return out
+
+    def _send_corrupt(self, tweets: int, partial: bool) -> None:
+        """``tweets`` tweets, the first half of one more if ``partial`` (sync-flushed: the bad bytes
+        then start a deflate block), and the bad bytes, in one write; then a hang-up."""
+        sent = [out for out in (self.feed.next() for _ in range(tweets)) if out is not None]
+        data = self.wire.encode_messages([out.payload for out in sent]) if sent else b""
+        half = self._tweet_to_cut() if partial else None
+        if half is not None:
+            framed = self.wire.frame(half.payload)
+            data += self.wire.encode(framed[: len(framed) // 2])
+        self.wire.corrupt(data)
+        self._record(sent)
+        if half is not None:
+            self.state.ground_truth.event("partial", self.conn, id=half.id)
 
     def _send_bad_lines(self, kinds: tuple[str, ...]) -> None:
         for kind in kinds:

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 KEEPALIVE = b"\r\n"
 _END = b"0\r\n\r\n"
+# After a sync flush, what ``corrupt`` sends: a block header of the reserved type 11.
+BAD_BYTES = b"\xff" * 16
 
 
 class Wire:
@@ -67,10 +69,11 @@ class Wire:
             self.send(self._gzip.flush(zlib.Z_FINISH))
         self.sock.sendall(_END)
 
-    def corrupt(self) -> None:
+    def corrupt(self, before: bytes = b"") -> None:
         """Bytes no deflate stream can go on with (block type 11 is reserved), then a hang-up: a
-        gzip client must end the connection; on a plain body they are a line the close cuts."""
-        self.send(b"\xff" * 16)
+        gzip client must end the connection; on a plain body they are a line the close cuts.
+        ``before`` (encoded body bytes) goes in the same write: one chunk, unless ``split``."""
+        self.send(before + BAD_BYTES)
         self.hang_up()
 
     def hang_up(self) -> None:
