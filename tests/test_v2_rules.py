@@ -177,5 +177,5 @@ def test_duplicate_rule_reported_by_the_server(sim: SimProcess) -> None:
 def test_a_bad_token_is_a_401_with_the_problem_text(sim: SimProcess) -> None:
     with pytest.raises(RulesError) as info:
         client(sim, token="wrong").current()
-    assert info.value.messages == ["HTTP 401: Unauthorized: Unauthorized"]
+    assert info.value.messages == ["HTTP 401: Unauthorized"]  # title and detail alike: said once
     assert "wrong" not in str(info.value)
