@@ -196,6 +196,7 @@ def test_clock_skew_gets_401_saying_so_with_a_date_header(shared: SimProcess) ->
         ([("track", "é" * 31)], 406, "too long"),  # 62 UTF-8 bytes
         ([("locations", "-121,36,-122,37")], 406, "south-west"),
         ([("locations", "-200,36,-122,37")], 406, "out of range"),
+        ([("locations", "0,0,0.05,0.05")], 406, "at least 0.1 degrees"),  # the simulator audit
         ([("locations", "1,2,3")], 406, "4 numbers"),
         ([("follow", "12,abc")], 406, "index 1 is not a user id"),
         ([("track", ",".join(f"t{i}" for i in range(401)))], 413, "maximum 400"),

@@ -140,3 +140,9 @@ def _check_box(index: int, box: Box) -> None:
         raise ParamError(
             406, f"Parameter locations box {index} must be south-west then north-east: {text}"
         )
+    # Each side spans 0.1 to 360 degrees (docs/protocol.md §1.2); the tolerance absorbs float
+    # noise, as the daemon's settings check does.
+    if east - west < 0.1 - 1e-9 or north - south < 0.1 - 1e-9:
+        raise ParamError(
+            406, f"Parameter locations box {index} must span at least 0.1 degrees: {text}"
+        )
