@@ -69,6 +69,19 @@ def caught_up(daemon: Daemon, sim: SimProcess, tweets: int) -> bool:
     return bool(store["records_read"] == stream["received"] and seen >= tweets)
 
 
+def assert_reconciled(daemon: Daemon, received: int) -> None:
+    """received = stored + duplicate + deadlettered + control + skipped + dropped + in flight,
+    with nothing in flight and no dead letter."""
+    stream, store = daemon.counters("stream"), daemon.counters("store")
+    assert received_total(stream) == received
+    assert store["deadlettered"] == {}
+    assert received_total(stream) == (
+        store["stored"] + store["duplicates"] + sum(store["control"].values())
+        + sum(store["skipped"].values()) + sum(stream["dropped"].values())
+        + in_flight(daemon.status("stream"), store))
+    assert in_flight(daemon.status("stream"), store) == 0
+
+
 def test_drop_mid_message_loses_only_the_partial_and_reconnects_quickly(
     tmp_path: Path, mongo_uri: str, mongo_database: str
 ) -> None:
@@ -91,12 +104,7 @@ def test_drop_mid_message_loses_only_the_partial_and_reconnects_quickly(
     assert stream["dropped"] == {"cut_by_disconnect": 1}
     assert store["deadlettered"] == {}
     # received = stored + duplicate + deadlettered + control + skipped + dropped + in_flight
-    assert received_total(stream) == 40 + 1
-    assert received_total(stream) == (
-        store["stored"] + store["duplicates"] + sum(store["control"].values())
-        + sum(store["skipped"].values()) + sum(stream["dropped"].values())
-        + in_flight(daemon.status("stream"), store))
-    assert in_flight(daemon.status("stream"), store) == 0
+    assert_reconciled(daemon, 40 + 1)
     (ended,) = [e for e in daemon.log_events() if e.get("event") == "stream_ended"
                 and e.get("conn") == 1]
     assert ended["partial_message_cut"] is True and ended["dropped"] == "cut_by_disconnect"
@@ -172,12 +180,7 @@ def test_tweets_in_the_read_that_turns_corrupt_are_stored_and_the_cut_one_counte
     assert sorted(stored) == sorted(truth.tweet_ids()) and partial not in stored
     stream, store = daemon.counters("stream"), daemon.counters("store")
     assert stream["dropped"] == {"cut_by_disconnect": 1}
-    assert received_total(stream) == 70 + 1
-    assert received_total(stream) == (
-        store["stored"] + store["duplicates"] + sum(store["control"].values())
-        + sum(store["skipped"].values()) + sum(stream["dropped"].values())
-        + in_flight(daemon.status("stream"), store))
-    assert in_flight(daemon.status("stream"), store) == 0
+    assert_reconciled(daemon, 70 + 1)
     events = daemon.log_events()
     (bad,) = [e for e in events if e.get("event") == "stream_body_undecodable"]
     (ended,) = [e for e in events if e.get("event") == "stream_ended" and e.get("conn") == 1]
