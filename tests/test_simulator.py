@@ -467,6 +467,33 @@ def test_reset_aborts_the_connection(tmp_path: Path) -> None:
                 pass
 
 
+def test_a_reset_lists_the_tweets_the_client_had_not_acknowledged(tmp_path: Path) -> None:
+    """The simulator audit: a reset discards what the client's kernel had not acknowledged, yet
+    the ground truth counted it as delivered, so a client lagging at a reset was blamed for the
+    loss. A client that reads only after the reset gets what its kernel holds; every delivered
+    tweet it does not get is listed as ``reset_unacked``."""
+    total = 1500  # ~6 MB at once: more than the loopback buffers take before the reset
+    with SimProcess(tmp_path, "--rate", "0", "--control-every", "0",
+                    script=[[{"deliver": total}, {"reset": True}]]) as sim:
+        stream = open_stream(sim)
+        wait_until(lambda: sim.ground_truth().closes(1), 30, "the reset")
+        got: list[int] = []
+        with pytest.raises((ConnectionResetError, EOFError)):
+            for message in messages(stream, 10 * total):
+                if message:
+                    got.append(json.loads(message)["id"])
+        truth = sim.ground_truth()
+    delivered = truth.tweet_ids(conn=1)
+    ((unacked_event),) = truth.of("reset_unacked", 1)
+    unacked = set(unacked_event["ids"])
+    assert len(delivered) == total and unacked_event["bytes"] > 0 and unacked
+    missing = set(delivered) - set(got)
+    assert missing and missing <= unacked, (len(missing), len(unacked))
+    # TCP keeps order: what the client got is a prefix, what is at risk the writes after it
+    assert got == delivered[:len(got)]
+    assert truth.reset_unacked_ids() == unacked
+
+
 def test_bad_lines_are_sent_as_asked(tmp_path: Path) -> None:
     kinds = ["truncated_json", "invalid_utf8", "json_array", "oversize", "non_object"]
     script = [[{"bad_lines": kinds}, {"close": True}]]

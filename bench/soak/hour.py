@@ -194,8 +194,12 @@ def reconcile(summary: Summary, daemon: Daemon, sim: SimProcess, uri: str,
     summary.duplicates = totals.total("duplicates")
     summary.deadlettered = deadletter_count(daemon)
     summary.dropped = sum(int(v) for v in dict(stream.get("dropped", {})).values())
-    missing = (delivered - deleted) - set(ids)
+    # a reset discards what the daemon's kernel had not acknowledged: never received, not lost
+    # by the daemon (the simulator lists those tweets); counted apart
+    discarded = (truth.reset_unacked_ids() & (delivered - deleted)) - set(ids)
+    missing = (delivered - deleted) - set(ids) - discarded
     summary.lost = max(0, len(missing) - summary.deadlettered - summary.dropped)
+    summary.extra["discarded by the simulator's resets (unacknowledged)"] = len(discarded)
     summary.extra["deleted by compliance"] = len(delivered & deleted)
     summary.extra["stream dropped (by reason)"] = dict(stream.get("dropped", {}))
     summary.extra["missing ids (first 5)"] = sorted(missing)[:5]

@@ -7,6 +7,7 @@ event, so a kick or stop is noticed at once, never after a sleep.
 
 from __future__ import annotations
 
+import collections
 import math
 import random
 import select
@@ -39,6 +40,10 @@ _CONTROL_WEIGHTS = {
 }
 
 
+# Writes remembered for a reset's ground truth: more than any socket's send buffer holds.
+RECENT_BYTES = 16 << 20
+
+
 class Session:
     """A live ``200`` stream for connection number ``conn``."""
 
@@ -68,6 +73,9 @@ class Session:
         self.wake = threading.Event()
         self.kick_code: int | None = None
         self.tweets_sent = 0
+        # (the wire's socket_bytes after a write, the tweet ids it completed), the last
+        # RECENT_BYTES: a reset discards the bytes the client had not acknowledged yet
+        self._recent: collections.deque[tuple[int, list[int]]] = collections.deque()
         self.limit_track = 0
         self.since_control = 0
         self.last_write = time.monotonic()
@@ -127,6 +135,7 @@ class Session:
             return "corrupt_gzip"
         if step.extra.get("mid_message"):  # reset
             self._send_half()
+        self._note_unacked()
         self.wire.reset()
         return "reset"
 
@@ -232,10 +241,28 @@ class Session:
         if not sent:
             return
         self.tweets_sent += len(sent)
-        self.state.ground_truth.tweets(self.conn, [o.id for o in sent])
+        ids = [o.id for o in sent]
+        self.state.ground_truth.tweets(self.conn, ids)
+        end = self.wire.socket_bytes
+        recent = self._recent
+        recent.append((end, ids))
+        while recent[0][0] < end - RECENT_BYTES:
+            recent.popleft()
         # a sample is plenty for delete/scrub_geo/withheld targets, and keeps the hot path cheap
         self.state.delivered.add([(o.id, o.user_id) for o in sent[::8]])
         self.state.count_tweets(self.conn, len(sent))
+
+    def _note_unacked(self) -> None:
+        """Before a reset: the tweets whose bytes the client's kernel had not acknowledged yet.
+        The RST discards them (a client that lagged never reads them), so the ground truth
+        lists them as ``reset_unacked``: delivered to the socket, perhaps never to the client.
+        Those acknowledged stay readable by the client after the reset."""
+        unacked = self.wire.unacked_bytes()
+        if unacked is None:
+            return
+        start = self.wire.socket_bytes - unacked
+        ids = [i for end, batch in self._recent if end > start for i in batch]
+        self.state.ground_truth.event("reset_unacked", self.conn, bytes=unacked, ids=ids)
 
     def _trickle(self, size: int, interval: float, count: int) -> str | None:
         """The next ``count`` tweets, ``size`` bytes per chunk, ``interval`` s apart."""

@@ -8,9 +8,12 @@ message and chunk boundaries disagree, as the real stream's do).
 
 from __future__ import annotations
 
+import array
+import fcntl
 import os
 import socket
 import struct
+import termios
 import zlib
 from collections.abc import Sequence
 
@@ -28,7 +31,8 @@ class Wire:
         self.delimited = delimited
         self.split = 0
         self._gzip = zlib.compressobj(6, zlib.DEFLATED, 31) if gzip else None
-        self.bytes_sent = 0
+        self.bytes_sent = 0  # body bytes (before chunking)
+        self.socket_bytes = 0  # every byte of the body handed to the socket, chunking included
 
     def frame(self, message: bytes) -> bytes:
         """A message as it appears in the decoded body."""
@@ -57,8 +61,22 @@ class Wire:
         step = self.split or len(data)
         for start in range(0, len(data), step):
             piece = data[start : start + step]
-            self.sock.sendall(b"%x\r\n%b\r\n" % (len(piece), piece))
+            self._sendall(b"%x\r\n%b\r\n" % (len(piece), piece))
             self.bytes_sent += len(piece)
+
+    def _sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+        self.socket_bytes += len(data)
+
+    def unacked_bytes(self) -> int | None:
+        """Bytes handed to the socket that the client's kernel has not acknowledged yet (Linux's
+        SIOCOUTQ: the last ones written), which a reset discards; None where it cannot be read."""
+        count = array.array("i", [0])
+        try:
+            fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, count)
+        except OSError:
+            return None
+        return count[0]
 
     def keepalive(self) -> None:
         self.send(self.encode(KEEPALIVE))
@@ -67,7 +85,7 @@ class Wire:
         """Finish the body cleanly (the gzip trailer, then the zero-length chunk)."""
         if self._gzip is not None:
             self.send(self._gzip.flush(zlib.Z_FINISH))
-        self.sock.sendall(_END)
+        self._sendall(_END)
 
     def corrupt(self, before: bytes = b"") -> None:
         """Bytes no deflate stream can go on with (block type 11 is reserved), then a hang-up: a

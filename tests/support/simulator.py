@@ -56,6 +56,11 @@ class GroundTruthLog:
     def partial_ids(self, conn: int | None = None) -> list[int]:
         return [e["id"] for e in self.of("partial", conn)]
 
+    def reset_unacked_ids(self, conn: int | None = None) -> set[int]:
+        """Tweets delivered to the socket whose bytes the client's kernel had not acknowledged
+        when a ``reset`` discarded them: a client that lagged never got them."""
+        return {i for e in self.of("reset_unacked", conn) for i in e["ids"]}
+
     def closes(self, conn: int | None = None) -> list[dict[str, Any]]:
         return self.of("close", conn)
 
