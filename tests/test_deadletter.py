@@ -281,7 +281,7 @@ def test_readme_lists_every_dead_letter_reason() -> None:
     """The README's list of reasons is the code's (MESSAGE_REASONS), no more, no less."""
     import re
 
-    from ingestd.documents.messages import MESSAGE_REASONS
+    from ingestd.documents.labels import MESSAGE_REASONS
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     (listed,) = re.findall(r"`ingestd_messages_deadlettered_total`\) is one of:(.*?)\.\n", readme,

@@ -52,6 +52,8 @@ ENTRIES = {
     "supervisor": """
         import ingestd.control.supervisor
         import ingestd.spool.cursor  # what run() imports when it first reads the spool
+        from ingestd.control.collector import known_labels
+        known_labels()  # what the first scrape of /metrics imports (it once brought bson)
         ingestd.control.supervisor.Supervisor.run = lambda self: 0
         assert main(["run", "--config", sys.argv[1]]) == 0
     """,

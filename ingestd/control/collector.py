@@ -133,7 +133,7 @@ def known_labels() -> dict[str, tuple[str, ...]]:
     on first scrape: they pull in modules of every stage.
     """
     from ingestd.control.pool import ROLES
-    from ingestd.documents.messages import CONTROL_TYPES, MESSAGE_REASONS, SKIP_REASONS
+    from ingestd.documents.labels import CONTROL_TYPES, MESSAGE_REASONS, SKIP_REASONS
     from ingestd.source.backoff import Ending
     from ingestd.spool.generations import UNRESOLVED_REASONS
     from ingestd.spool.writer import DROP_REASONS

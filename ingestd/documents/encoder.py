@@ -17,8 +17,9 @@ import orjson
 from bson.datetime_ms import DatetimeMS
 from bson.errors import InvalidDocument
 
+from ingestd.documents.labels import MessageReason
 from ingestd.documents.matching import Box, Matched, Matcher
-from ingestd.documents.messages import InvalidTweet, MessageReason, classify, tweet_document
+from ingestd.documents.messages import InvalidTweet, classify, tweet_document
 
 MAX_BSON_SIZE = 16 * 1024 * 1024
 PIPE_BYTES = 1 << 20

@@ -12,30 +12,11 @@ from __future__ import annotations
 import email.utils
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Protocol
 
 from bson.datetime_ms import DatetimeMS
 
-# Why a tweet is not stored on purpose: its delete notice arrived before it was written.
-SkipReason = Literal["deleted"]
-SKIP_REASONS: tuple[SkipReason, ...] = get_args(SkipReason)
-# Why a message is dead-lettered: the one list of reasons (the store worker's calls are checked
-# against it by mypy; the metrics start a series at 0 for each).
-MessageReason = Literal["invalid_json", "invalid_utf8", "not_an_object", "invalid_control",
-                        "invalid_tweet", "unencodable", "mongo_rejected", "oversize",
-                        "bad_frame", "partial_message"]
-MESSAGE_REASONS: tuple[MessageReason, ...] = get_args(MessageReason)
-
-CONTROL_TYPES = (
-    "delete",
-    "scrub_geo",
-    "limit",
-    "status_withheld",
-    "user_withheld",
-    "disconnect",
-    "warning",
-)
-KINDS = ("tweet", *CONTROL_TYPES, "unknown", "invalid")
+from ingestd.documents.labels import CONTROL_TYPES
 
 INT64_MAX = 2**63 - 1
 TWITTER_EPOCH_MS = 1288834974657

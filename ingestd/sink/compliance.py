@@ -19,7 +19,8 @@ from bson import DatetimeMS
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from ingestd.documents.encoder import received_at
-from ingestd.documents.messages import InvalidTweet, SkipReason, parse_id
+from ingestd.documents.labels import SkipReason
+from ingestd.documents.messages import InvalidTweet, parse_id
 from ingestd.sink.batch import Batch, Entry, Op
 from ingestd.sink.counters import StoreCounters, bump
 from ingestd.sink.mongo import (

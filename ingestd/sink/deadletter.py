@@ -36,7 +36,7 @@ from typing import Any, Literal
 import orjson
 import structlog
 
-from ingestd.documents.messages import MessageReason
+from ingestd.documents.labels import MessageReason
 from ingestd.spool.format import fsync_dir
 
 # A control message MongoDB rejected is dead-lettered too, but counted with the control messages.

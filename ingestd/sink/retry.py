@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import structlog
 
-from ingestd.documents.messages import MessageReason
+from ingestd.documents.labels import MessageReason
 from ingestd.sink.attempt import Started
 from ingestd.sink.counters import StoreCounters, bump
 from ingestd.sink.deadletter import DeadLetterStore, Reason

@@ -31,7 +31,8 @@ from ingestd.documents.encoder import (
     encode_tweet,
     received_at,
 )
-from ingestd.documents.messages import InvalidTweet, MessageReason, classify
+from ingestd.documents.labels import MessageReason
+from ingestd.documents.messages import InvalidTweet, classify
 from ingestd.documents.v2_messages import V2_TWEET, v2_document, v2_kind
 from ingestd.memory import trim_heap
 from ingestd.sink.batch import Batch, Entry, Flight

@@ -1,0 +1,27 @@
+"""The names messages are counted and dead-lettered by: one list each, read by the store worker
+and by the supervisor's metrics (which start a series at 0 for every name). A module of its own,
+without bson: the supervisor reads it at its first scrape and never loads pymongo's packages."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# Why a tweet is not stored on purpose: its delete notice arrived before it was written.
+SkipReason = Literal["deleted"]
+SKIP_REASONS: tuple[SkipReason, ...] = get_args(SkipReason)
+# Why a message is dead-lettered: the one list of reasons (the store worker's calls are checked
+# against it by mypy; the metrics start a series at 0 for each).
+MessageReason = Literal["invalid_json", "invalid_utf8", "not_an_object", "invalid_control",
+                        "invalid_tweet", "unencodable", "mongo_rejected", "oversize",
+                        "bad_frame", "partial_message"]
+MESSAGE_REASONS: tuple[MessageReason, ...] = get_args(MessageReason)
+
+CONTROL_TYPES = (
+    "delete",
+    "scrub_geo",
+    "limit",
+    "status_withheld",
+    "user_withheld",
+    "disconnect",
+    "warning",
+)
