@@ -49,7 +49,9 @@ _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^\s/?#@]*(?:@[^\s/?#@]*)*
 _HEADER_SECRET = re.compile(
     r"(?i)\b((?:proxy-)?authorization\s*[:=]\s*|cookie\s*[:=]\s*|bearer\s+)[^\r\n]+"
 )
-_OAUTH_PARAM = re.compile(r'(?i)\b(oauth_(?:token|signature|consumer_key|nonce)=)"?[^",&\s]+"?')
+# The value may be quoted, or quoted with escaped quotes (a JSON body that echoes the header).
+_OAUTH_PARAM = re.compile(
+    r'(?i)\b(oauth_(?:token|signature|consumer_key|nonce)=)(?:\\?")?[^"\\,&\s]+(?:\\?")?')
 # MongoDB URI options whose value is a secret: a key file's password, and the auth mechanism's
 # properties (MONGODB-AWS takes AWS_SESSION_TOKEN there).
 _URI_SECRET_OPTION = re.compile(

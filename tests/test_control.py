@@ -494,6 +494,33 @@ def test_reload_command_says_a_language_change_reconnects(launch: Launch) -> Non
     assert applied["filter_changed"] is True and applied["reconnect"] == ["stream.language"]
 
 
+def test_reload_command_with_a_new_state_dir_finds_the_daemon_in_its_own(
+        launch: Launch, tmp_path: Path) -> None:
+    """The re-audit: a file naming another state_dir (applied at the next start only) sent
+    `ingestd reload --pid` (the unit's ExecReload) to wait for a verdict in the new folder, where
+    none comes: 30 s, then exit 69, for an applied reload and a refused one alike."""
+    sim, daemon = launch("--rate", "100", "--keepalive", "1", "--seed", "113")
+    daemon.wait_ready()
+    wait_stored(daemon, 20)
+    pid = str(daemon.proc.pid)  # type: ignore[union-attr]
+    moved = {**daemon.doc, "state_dir": str(tmp_path / "elsewhere" / "state")}
+    moved["stream"] = {**moved["stream"], "track": ["ipad"]}
+    daemon.write_settings_atomically(moved)
+    good = operator_cli("reload", "--pid", pid, "--timeout", "20", daemon=daemon)
+    unusable = {**moved, "state_dir": str(daemon.config)}  # a file
+    daemon.write_settings_atomically(unusable)
+    bad = operator_cli("reload", "--pid", pid, "--timeout", "20", daemon=daemon)
+    wait_until(lambda: len(connect_tracks(sim.ground_truth())) == 2, 30, "the new connection")
+
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "reload applied: generation 2" in good.stdout
+    # ha too: its instance name defaults to one made of the state folder
+    assert "note: state_dir, ha take effect only after a restart" in good.stdout, good.stdout
+    assert bad.returncode == 78, bad.stdout + bad.stderr
+    assert f"state_dir: {daemon.config} cannot be used" in bad.stderr, bad.stderr
+    assert not (tmp_path / "elsewhere").exists()  # nothing moved before a restart
+
+
 def test_reload_command_reports_the_daemons_verdict_without_secrets(launch: Launch) -> None:
     """`ingestd reload` (the unit's ExecReload) exits 0 only once the daemon applied the file
     and both workers run it, and 78 with the daemon's reasons when the daemon rejected it, even

@@ -330,3 +330,18 @@ def test_the_intake_spools_a_cut_over_size_message_as_over_size_not_as_a_cut() -
     assert [kind for kind, _ in spooled] == [KIND_MESSAGE, KIND_OVERSIZE_SIZED]
     assert conn.cut_bytes == 0 and conn.cut_fields() == {}  # not a cut
     assert stats.oversize == 1 and stats.received == 2
+
+
+def test_a_limit_count_no_stream_can_have_is_not_added_to_the_missed_count() -> None:
+    # The re-audit: 2^64-1 in a limit notice reached the stream worker's status file, which
+    # cannot hold it (the worker crashed writing it); the store worker dead-letters the notice.
+    stats = ReaderStats()
+    intake = BodyIntake(lambda items, conn_id, generation, now_ns: None, stats,
+                        is_full=lambda: False, drop_when_full=False, clock=time.monotonic)
+    stream = StreamSettings(url="https://stream.twitter.com/1.1/statuses/filter.json",
+                            track=("a",))
+    conn = Connection(1, 0, stream, pycurl.Curl(), LineFramer(1 << 20), 0.0, 0.0, status=200)
+    for count in (7, 18446744073709551615, 9007199254740992, -3, 12):
+        intake.on_data(conn, b'{"limit":{"track":%d}}\r\n' % count)
+        intake.settle()
+    assert stats.limit_missed == 12 and conn.limit_track == 12

@@ -272,5 +272,9 @@ def test_scrub_helpers() -> None:
         "mongodb://h/?tls=true&authMechanism=MONGODB-AWS&authMechanismProperties=***"
         "&TLSCertificateKeyFilePassword=***;w=1")
     assert scrub_text("Bearer abc.def") == "Bearer ***"
+    # a JSON body echoing the OAuth header escapes its quotes (the re-audit: only the backslash
+    # was masked, the nonce and signature stayed)
+    echoed = '{"auth": "OAuth oauth_nonce=\\"11709\\", oauth_signature=\\"JASpc%3D\\""}'
+    assert scrub_text(echoed) == '{"auth": "OAuth oauth_nonce=***, oauth_signature=***"}'
     register_secret("s3")
     assert scrub_text("as3b") == "a***b"

@@ -353,6 +353,7 @@ def test_follow_ids() -> None:
     ("stream", "url", "http://127.0.0.1:99999/x", "stream.url", "invalid port"),
     ("stream", "url", "http://127.0.0.1:0/x", "stream.url", "invalid port"),
     ("stream", "url", "http://127.0.0.1:port/x", "stream.url", "invalid port"),
+    ("stream", "url", "http://[::1/x", "stream.url", "is not a URL: Invalid IPv6 URL"),
     ("stream", "connect_timeout", float("inf"), "stream.connect_timeout", "at most 604800"),
     ("stream", "connect_timeout", 1e30, "stream.connect_timeout", "at most 604800"),
     ("stream", "connect_timeout", 10**30, "stream.connect_timeout", "at most 604800"),

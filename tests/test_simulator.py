@@ -745,3 +745,19 @@ def test_generated_entities_point_at_their_text_and_retweets_carry_the_originals
         assert [h["text"] for h in tweet["entities"]["hashtags"]] == shown
         carried += bool(shown)
     assert carried > 10, "retweets whose text shows a hashtag"
+
+
+def test_the_hour_soak_forgives_only_an_unacknowledged_tail_of_a_reset_connection() -> None:
+    """The re-audit: ``reset_unacked`` lists whole writes, so it may list tweets the client did
+    get; a daemon losing one of them must still be caught. TCP delivers in order: only a run of
+    missing listed tweets at a reset connection's end was discarded by the reset."""
+    from bench.soak.hour import reset_discarded
+    from tests.support.simulator import GroundTruthLog
+
+    events = [{"event": "tweet", "conn": 1, "id": i, "t": 0} for i in (1, 2, 3, 4, 5)]
+    events.append({"event": "reset_unacked", "conn": 1, "ids": [3, 4, 5], "bytes": 9, "t": 0})
+    truth = GroundTruthLog(events)
+    assert reset_discarded(truth, {1, 2, 3}, set()) == {4, 5}
+    assert reset_discarded(truth, {1, 2, 4}, set()) == {5}  # 3 missing before a stored one
+    assert reset_discarded(truth, {1, 2}, {5}) == {3, 4}  # 5 deleted: no part of the run
+    assert reset_discarded(truth, {1, 2, 3, 4, 5}, set()) == set()

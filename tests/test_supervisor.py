@@ -441,3 +441,39 @@ def test_watchdog_pauses_while_a_worker_hangs(start: Any, notify_socket: NotifyS
     assert "WATCHDOG=1" not in notify_socket.drain()
     wait_until(lambda: run.events("started", role="stream", incarnation=2), 10, "a replacement")
     notify_socket.wait_for("WATCHDOG=1")  # fresh heartbeats again: keep-alives resume
+
+
+def test_a_settings_check_that_crashes_refuses_the_reload_and_the_daemon_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The re-audit: a stream.url with an unclosed IPv6 bracket made the loader raise a plain
+    ValueError, which killed the supervisor at a SIGHUP (an outage). That URL is a settings error
+    now; any other bug of the loader refuses the reload and keeps the settings in force."""
+    from ingestd.config.settings import load_settings_text
+    from ingestd.control.supervisor import Supervisor
+    from tests.support.creds import CREDS
+    from tests.support.daemon import settings_doc
+
+    for name, value in CREDS.items():
+        monkeypatch.setenv(name, value)
+
+    config = tmp_path / "settings.yaml"
+    doc = settings_doc("http://127.0.0.1:9/1.1/statuses/filter.json", "mongodb://127.0.0.1:9",
+                       "twitter")
+    doc["state_dir"] = str(tmp_path / "state")
+    text = yaml.safe_dump(doc)
+    config.write_text(text)
+
+    def loader(raw: str, path: Path) -> Any:
+        if raw != text:
+            raise RuntimeError("a loader bug")
+        return load_settings_text(raw, path)
+
+    sup = Supervisor(config, load_settings_text(text, config), text=text, loader=loader)
+    config.write_text(text + "\n# edited\n")
+    sup.reload()
+    assert sup.standing.reload_failures == 1 and sup.standing.generation == 1, sup.standing
+    assert sup.settings_text == text
+    config.write_text(text.replace("http://127.0.0.1:9/", "http://[::1/"))
+    sup.loader = load_settings_text
+    sup.reload()  # a settings error now, not a ValueError out of urlsplit
+    assert sup.standing.reload_failures == 2 and sup.standing.generation == 1

@@ -185,6 +185,23 @@ def run(work: Path) -> Summary:
     return summary
 
 
+def reset_discarded(truth: Any, stored: set[int], deleted: set[int]) -> set[int]:
+    """Tweets a reset discarded before the daemon's kernel acknowledged them: never received,
+    not lost by the daemon, so counted apart. TCP delivers in order, so on each reset
+    connection only a run of missing tweets at its end qualifies, and only those the simulator
+    listed as unacknowledged: a tweet missing before a stored one is the daemon's loss."""
+    discarded: set[int] = set()
+    for conn in {e["conn"] for e in truth.of("reset_unacked")}:
+        listed = truth.reset_unacked_ids(conn)
+        for tweet in reversed(truth.tweet_ids(conn)):
+            if tweet in deleted:
+                continue  # removed by its delete notice, not by the reset
+            if tweet in stored or tweet not in listed:
+                break
+            discarded.add(tweet)
+    return discarded
+
+
 def reconcile(summary: Summary, daemon: Daemon, sim: SimProcess, uri: str,
               totals: StoreTotals, stream: dict[str, Any]) -> None:
     truth = sim.ground_truth()
@@ -194,9 +211,7 @@ def reconcile(summary: Summary, daemon: Daemon, sim: SimProcess, uri: str,
     summary.duplicates = totals.total("duplicates")
     summary.deadlettered = deadletter_count(daemon)
     summary.dropped = sum(int(v) for v in dict(stream.get("dropped", {})).values())
-    # a reset discards what the daemon's kernel had not acknowledged: never received, not lost
-    # by the daemon (the simulator lists those tweets); counted apart
-    discarded = (truth.reset_unacked_ids() & (delivered - deleted)) - set(ids)
+    discarded = reset_discarded(truth, set(ids), deleted)
     missing = (delivered - deleted) - set(ids) - discarded
     summary.lost = max(0, len(missing) - summary.deadlettered - summary.dropped)
     summary.extra["discarded by the simulator's resets (unacknowledged)"] = len(discarded)

@@ -61,7 +61,11 @@ def _url(sec: Section) -> str:
     url = sec.text("url", required=True)
     if not url:
         return url
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket; the reason quotes nothing
+        sec.error("url", f"is not a URL: {exc}")
+        return url
     if not parts.hostname:
         sec.error("url", "has no host")
     elif parts.username is not None or parts.password is not None:

@@ -158,6 +158,10 @@ def pid_alive(pid: int) -> bool:
 # -- ingestd reload ---------------------------------------------------------------------------
 
 
+# statelock.LOCKFILE, in the run folder (statelock imports this module: named again here)
+_LOCK_SUFFIX = f"/{runstate.RUN_DIR}/supervisor.lock"
+
+
 def run_reload(config: Path, *, pid: int | None, timeout: float) -> int:
     """SIGHUP the daemon and report its verdict: 0 applied, 78 rejected, 3 no daemon running,
     77 not allowed to signal it, 69 no verdict (or a worker behind) within ``timeout``."""
@@ -170,9 +174,12 @@ def run_reload(config: Path, *, pid: int | None, timeout: float) -> int:
     state_dir = locate_state_dir(settings)
     target = pid or supervisor_pid(state_dir)
     if target is None:
-        print(f"ingestd: no running daemon (no live pid in {state_dir / runstate.RUN_DIR})",
-              file=sys.stderr)
+        print(f"ingestd: no running daemon (no live pid in {state_dir / runstate.RUN_DIR}; a "
+              "daemon started with another state_dir, which a reload does not move, is found "
+              "with --pid)", file=sys.stderr)
         return EXIT_NOT_RUNNING
+    # The folder the daemon runs in: the file may name another since (applied at a restart).
+    state_dir = state_dir_of(target) or state_dir
     before = read_verdict(state_dir)
     try:
         os.kill(target, signal.SIGHUP)
@@ -181,6 +188,20 @@ def run_reload(config: Path, *, pid: int | None, timeout: float) -> int:
         return EXIT_NOPERM if isinstance(exc, PermissionError) else EXIT_NOT_RUNNING
     verdict = await_verdict(state_dir, target, before, timeout)
     return report(verdict, state_dir, timeout, v2_rules=settings.stream.api == "v2")
+
+
+def state_dir_of(pid: int) -> Path | None:
+    """The state folder the supervisor ``pid`` runs in, from the lock file it holds open
+    (``run/supervisor.lock``); None if its descriptors cannot be read."""
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return None
+    for fd in fds:
+        with contextlib.suppress(OSError):  # closed meanwhile
+            if (link := os.readlink(fd)).endswith(_LOCK_SUFFIX):
+                return Path(link).parent.parent
+    return None
 
 
 def await_verdict(state_dir: Path, pid: int, before: Verdict | None,

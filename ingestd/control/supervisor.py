@@ -410,6 +410,11 @@ class Supervisor:
         except ConfigError as exc:
             # str(ConfigError) is "file: key.path: reason" and never holds a secret value.
             self.refuse_reload(str(exc), config_errors(exc), file=exc.file, key=exc.key_path)
+        except Exception as exc:  # a loader bug must not take the running daemon down
+            log.error("reload_check_crashed", exc_info=True)
+            reason = (f"{self.config_path}: the settings check failed unexpectedly "
+                      f"({type(exc).__name__}); see reload_check_crashed in the log")
+            self.refuse_reload(reason, [reason], file=str(self.config_path))
         else:
             if (problem := self.new_state_dir_problem(settings)) is not None:
                 self.refuse_reload(problem, [problem], key="state_dir")

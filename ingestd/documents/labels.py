@@ -1,6 +1,7 @@
-"""The names messages are counted and dead-lettered by: one list each, read by the store worker
-and by the supervisor's metrics (which start a series at 0 for every name). A module of its own,
-without bson: the supervisor reads it at its first scrape and never loads pymongo's packages."""
+"""The names messages are counted and dead-lettered by (one list each, read by the store worker
+and by the supervisor's metrics, which start a series at 0 for every name), and the bound on a
+limit notice's count. A module of its own, without bson: the supervisor reads it at its first
+scrape and the stream worker for that bound, and neither loads pymongo's packages."""
 
 from __future__ import annotations
 
@@ -25,3 +26,8 @@ CONTROL_TYPES = (
     "disconnect",
     "warning",
 )
+
+# The largest count a ``limit`` notice may carry: far beyond any real one (the endpoint counts
+# tweets it could not deliver), and small enough that the sums over connections, the ledger's
+# documents and the status files stay within 64-bit integers; a larger one is dead-lettered.
+LIMIT_TRACK_MAX = (1 << 53) - 1

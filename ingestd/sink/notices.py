@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import structlog
 
+from ingestd.documents.labels import LIMIT_TRACK_MAX
 from ingestd.sink.compliance import BadControl
 from ingestd.sink.counters import StoreCounters, bump
 
@@ -27,8 +28,10 @@ class StreamNotices:
     def on_limit(self, body: object, conn_id: int) -> int:
         """Note a limit notice; its cumulative ``track`` count."""
         track = body.get("track") if isinstance(body, dict) else None
-        if type(track) is not int or track < 0:  # a count of undelivered tweets
-            raise BadControl("no track count" if type(track) is not int else f"track {track}")
+        if type(track) is not int:
+            raise BadControl("no track count")
+        if not 0 <= track <= LIMIT_TRACK_MAX:  # a count of undelivered tweets
+            raise BadControl(f"track {track} is no count of undelivered tweets")
         # Cumulative per connection: keep the latest, sum over connections.
         self._limits[conn_id] = track
         if len(self._limits) > LIMIT_CONNECTIONS:

@@ -16,6 +16,7 @@ import orjson
 import pycurl
 import structlog
 
+from ingestd.documents.labels import LIMIT_TRACK_MAX
 from ingestd.source.backoff import Ending
 from ingestd.source.connection import Connection
 from ingestd.source.framing import BadFrame, Frame, Oversize
@@ -222,14 +223,15 @@ def watch(conn: Connection, payload: bytes, stats: ReaderStats) -> None:
         stats.warnings += 1
         log.warning("stream_warning", conn=conn.conn_id, code=body.get("code"),
                     percent_full=body.get("percent_full"))
-    elif isinstance(body := msg.get("limit"), dict) and isinstance(body.get("track"), int):
+    elif isinstance(body := msg.get("limit"), dict) and type(track := body.get("track")) is int \
+            and 0 <= track <= LIMIT_TRACK_MAX:  # else not counted here, dead-lettered by W
         # `track` is cumulative per connection: add only the increase.
-        increase = max(body["track"] - conn.limit_track, 0)
-        conn.limit_track = max(conn.limit_track, body["track"])
+        increase = max(track - conn.limit_track, 0)
+        conn.limit_track = max(conn.limit_track, track)
         stats.limit_missed += increase
         # Folded per connection (logging.error_interval): a limited stream sends one every few
         # seconds, and the count is cumulative, so the line that is printed says it all.
-        log.info("stream_limit", conn=conn.conn_id, undelivered=body["track"],
+        log.info("stream_limit", conn=conn.conn_id, undelivered=track,
                  rate_key=f"conn {conn.conn_id}")
     elif isinstance(errors := msg.get("errors"), list):
         _watch_v2_errors(conn, errors, stats)
