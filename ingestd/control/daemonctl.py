@@ -30,6 +30,7 @@ from ingestd.config.settings import load_settings
 from ingestd.control import runstate
 
 PIDFILE = "supervisor.pid"
+LOCKFILE = "supervisor.lock"  # held (flock) by the supervisor and its workers: statelock
 VERDICT_FILE = "reload.json"
 # StateDirectory=ingestd in deploy/systemd/ingestd.service: where the unit's daemon keeps state
 # when settings.yaml leaves state_dir null ($STATE_DIRECTORY is set only inside the unit).
@@ -158,8 +159,7 @@ def pid_alive(pid: int) -> bool:
 # -- ingestd reload ---------------------------------------------------------------------------
 
 
-# statelock.LOCKFILE, in the run folder (statelock imports this module: named again here)
-_LOCK_SUFFIX = f"/{runstate.RUN_DIR}/supervisor.lock"
+_LOCK_SUFFIX = f"/{runstate.RUN_DIR}/{LOCKFILE}"
 
 
 def run_reload(config: Path, *, pid: int | None, timeout: float) -> int:

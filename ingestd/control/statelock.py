@@ -11,11 +11,9 @@ from pathlib import Path
 import structlog
 
 from ingestd.control import runstate
-from ingestd.control.daemonctl import PIDFILE
+from ingestd.control.daemonctl import LOCKFILE, PIDFILE
 
 log = structlog.get_logger("ingestd.control.supervisor")
-
-LOCKFILE = "supervisor.lock"
 
 
 class StateDirClaim:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from ingestd.config.schema import Settings
 from ingestd.control import runstate
-from ingestd.control.daemonctl import PIDFILE
-from ingestd.control.statelock import LOCKFILE
+from ingestd.control.daemonctl import LOCKFILE, PIDFILE
 
 PROC_LOCKS = Path("/proc/locks")
 LOOK_INTERVAL = 0.05  # s between reads of the lease while waiting for a renewal
