@@ -31,7 +31,8 @@ pytest: $(STAMP)
 	$(BIN)/pytest -q -rs -m "not slow and not systemd and not smoke" -p no:cacheprovider -n 3 \
 	  --dist loadfile
 
-# The soak proofs and bench scripts at their smallest size (~3 min; CI runs it after make test).
+# The soak proofs and bench scripts at their smallest size, the 60 s MongoDB outage and the 20-kill
+# test (~3 min; CI runs it after make test, which they would push near its 10 minutes).
 test-smoke: $(STAMP)
 	$(BIN)/pytest -q -rs -m smoke -p no:cacheprovider -n 3 --dist load
 

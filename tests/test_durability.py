@@ -230,6 +230,7 @@ def check_outage(standin: MongoStandIn, sim: SimProcess, daemon: Daemon,
                                                                   1))
 
 
+@pytest.mark.smoke  # ~90 s: in `make test-smoke` (CI runs it after `make test`)
 def test_mongo_down_60s_nothing_lost_memory_flat(tmp_path: Path, standin: MongoStandIn) -> None:
     # 100 tweets/s: the stand-in stores ~350/s with the analysts' indexes, so the 60 s backlog
     # (~6000 tweets, ~10 MB of spool) drains in ~25 s and the test stays under 2 min.
@@ -244,6 +245,7 @@ def test_mongo_down_5min_at_300_per_second(tmp_path: Path, standin: MongoStandIn
 # ---------------------------------------------------------------- 2. SIGKILL at random moments
 
 
+@pytest.mark.smoke  # ~50 s: in `make test-smoke` (CI runs it after `make test`)
 def test_sigkill_workers_at_random_moments(tmp_path: Path, mongo_uri: str,
                                            mongo_database: str) -> None:
     report = KillLoop(tmp_path, mongo_uri, mongo_database, seed=20240605).run(20)
