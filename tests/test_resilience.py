@@ -9,6 +9,7 @@ the documented ones.
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 from datetime import datetime
 from pathlib import Path
@@ -310,6 +311,53 @@ def test_every_disconnect_code_reconnects(
         # 2 and 7 mean someone else uses our credentials: rate-limit schedule (test: 1 s, 2 s).
         assert gap >= (1.0 if code in (2, 7) else 0.2), (code, gap)
     print(f"\n[disconnect codes] reconnect gap per code: {measured}; stored={total}")
+
+
+def test_a_stream_worker_that_falls_behind_is_warned_then_cut_off_and_loses_nothing_delivered(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    """The endpoint's queue for a slow client (docs/protocol.md §9). The stream worker is
+    SIGSTOPped while tweets are published at 1000/s: the sockets fill, then the simulator's queue
+    of 1500 for the connection. Running again, the worker reads what the sockets held, the
+    FALLING_BEHIND warning and disconnect code 4, and reconnects. Every tweet delivered is stored
+    once; those the queue dropped were never delivered."""
+    after = 300
+    script = [[{"deliver": 10**6}], [{"deliver": after}, {"keepalive_only": 600}]]
+    # Plain, not gzip: ~3.8 KB a tweet fills the sockets' buffers in seconds (gzip'd, they take
+    # ten times as many); the watchdog is given longer than the worker is stopped.
+    sim, daemon = run_pair(tmp_path, mongo_uri, mongo_database, script, "--rate", "1000",
+                           "--queue", "1500", "--control-every", "0", stream={"gzip": False},
+                           control={"heartbeat_timeout": 60})
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: daemon.counters("stream").get("received", 0) >= 100, 30, "tweets")
+        worker = daemon.worker_pid("stream")
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            full = wait_until(lambda: sim.ground_truth().of("queue_full", 1), 60, "a full queue")
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        wait_until(lambda: len(sim.ground_truth().tweet_ids(2)) == after, 60, "the reconnection")
+        delivered = sim.ground_truth().tweet_ids()
+        wait_until(lambda: caught_up(daemon, sim, len(delivered)), 60, "every delivered tweet")
+        stream, store = daemon.counters("stream"), daemon.counters("store")
+        warned = daemon.events("stream_warning")
+        assert daemon.worker_pid("stream") == worker  # behind, not hung: the same worker read on
+    finally:
+        finish(daemon, sim)
+    truth = sim.ground_truth()
+    ((warning,),) = [truth.control("warning", 1)]
+    assert warning["percent_full"] >= 60 and warning["queued"] >= 0.6 * 1500
+    assert full[0]["queued"] >= 1500
+    assert [e["code"] for e in truth.control("disconnect", 1)] == [4]
+    assert truth.closes(1)[0]["reason"] == "disconnect 4 (queue full)"
+    assert stream["disconnect_codes"] == {"4": 1}
+    assert [(e["code"], e["percent_full"]) for e in warned] == [("FALLING_BEHIND", 60)]
+    assert store["control"].get("warning") == 1 and store["duplicates"] == 0
+    ids = stored_ids(mongo_uri, mongo_database)
+    assert len(ids) == len(set(ids)) and set(ids) == set(delivered)
+    print(f"\n[slow client] delivered {len(delivered)} = stored {len(ids)}; the queue dropped "
+          f"{full[0]['queued']} never delivered; warning at {warning['queued']} queued")
 
 
 def test_406_degrades_without_retrying_and_recovers_on_reload(

@@ -360,6 +360,8 @@ def test_control_messages_have_the_documented_shapes(tmp_path: Path) -> None:
     assert limits == sorted(limits) and len(set(limits)) == len(limits)  # cumulative
     warnings_without = [o for o in without if "warning" in o]
     assert len(warnings_without) == 1  # only the scripted one: no stall_warnings, no random ones
+    # a client that keeps up is never told it falls behind: the scripted warning is the only one
+    assert sum("warning" in o for o in with_warnings) == 1
 
 
 def test_real_source_delivers_each_real_tweet_at_most_once(tmp_path: Path) -> None:
@@ -572,6 +574,69 @@ def test_sigterm_stops_cleanly_and_records_the_close(tmp_path: Path) -> None:
     assert next(m for m in messages(stream, 100) if m)
     assert sim.stop() == 0
     assert sim.ground_truth().closes(1)[0]["reason"] == "shutdown"
+
+
+# --- a client that falls behind (docs/protocol.md §9) ----------------------------------------
+
+STALL_WARNINGS = [*PARAMS, ("stall_warnings", "true")]
+
+
+def test_a_client_that_stops_reading_is_warned_then_disconnected_with_code_4(
+        tmp_path: Path) -> None:
+    """Published at 2000/s to a client that reads nothing: once the sockets are full the
+    endpoint's queue fills (2000 deep). What the client reads when it reads again: the tweets the
+    sockets held, one FALLING_BEHIND at 60 %, disconnect code 4 and the body's end. The ground
+    truth names exactly those tweets as delivered, and the queue as dropped."""
+    with SimProcess(tmp_path, "--rate", "2000", "--queue", "2000", "--control-every", "0") as sim:
+        stream = open_stream(sim, STALL_WARNINGS)
+        got = [json.loads(next(m for m in messages(stream, 10) if m))]
+        full = wait_until(lambda: sim.ground_truth().of("queue_full", 1), 60, "a full queue")
+        got += [json.loads(m) for m in messages(stream, 10**6) if m]  # to the zero-length chunk
+        truth = sim.ground_truth()
+    *tweets, warning, disconnect = got
+    assert warning["warning"]["code"] == "FALLING_BEHIND"
+    assert warning["warning"]["percent_full"] == 60
+    assert disconnect["disconnect"]["code"] == 4 and disconnect["disconnect"]["reason"] == "Stall"
+    assert [t["id"] for t in tweets] == truth.tweet_ids(1)
+    (event,) = truth.control("warning", 1)
+    assert event["percent_full"] == 60 and 1200 <= event["queued"] < 2000
+    assert full[0]["queued"] >= full[0]["capacity"] == 2000
+    assert truth.closes(1)[0]["reason"] == "disconnect 4 (queue full)"
+
+
+def test_a_client_that_keeps_up_is_never_warned_nor_cut_off(tmp_path: Path) -> None:
+    # Random control messages every 2 tweets, none of them a warning: FALLING_BEHIND means the
+    # client fell behind (a script can still send one).
+    with SimProcess(tmp_path, "--rate", "2000", "--queue", "2000", "--control-every", "2",
+                    "--warning-interval", "0") as sim:
+        stream = open_stream(sim, STALL_WARNINGS)
+        got = [json.loads(m) for m in messages(stream, 6000) if m]
+        stream.close()
+        wait_until(lambda: sim.ground_truth().closes(1), 30, "the close")
+        truth = sim.ground_truth()
+    kinds = {next(iter(o)) for o in got if "id" not in o}
+    assert "limit" in kinds and "warning" not in kinds and "disconnect" not in kinds
+    assert not truth.of("queue_full") and not truth.control("warning")
+    assert truth.closes(1)[0]["reason"].startswith("client closed")
+
+
+def test_stopping_while_a_client_reads_nothing_ends_its_stream_at_once(tmp_path: Path) -> None:
+    # --queue 0: no queue, so the connection only waits on its socket (TCP back-pressure).
+    sim = SimProcess(tmp_path, "--rate", "0", "--queue", "0").start()
+    stream = open_stream(sim)
+    assert next(m for m in messages(stream, 100) if m)
+    counts: list[int] = []
+
+    def socket_full() -> bool:  # two looks 0.2 s apart find no new tweet: the write waits
+        counts.append(len(sim.ground_truth().tweet_ids(1)))
+        return len(counts) > 1 and counts[-1] == counts[-2]
+
+    wait_until(socket_full, 30, "the sockets to fill", 0.2)
+    assert sim.stop() == 0
+    # Ended by its own session, not cut off by Simulator.stop's shutdown after a 3 s grace (a
+    # BrokenPipeError, as it was while the write blocked in sendall)
+    assert sim.ground_truth().closes(1)[0]["reason"] == "shutdown (the client was reading nothing)"
+    stream.close()
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

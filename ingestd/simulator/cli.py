@@ -14,6 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 from ingestd.simulator.auth import Credentials, OAuthVerifier, load_credentials
+from ingestd.simulator.backlog import QUEUE_DEFAULT
 from ingestd.simulator.feed import SOURCES
 from ingestd.simulator.groundtruth import GroundTruth
 from ingestd.simulator.script import FaultScript, ScriptError
@@ -68,8 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warning-interval",
         type=_non_negative(float),
         default=300.0,
-        help="minimum seconds between FALLING_BEHIND warnings (stall_warnings=true only)",
+        help="minimum seconds between FALLING_BEHIND warnings to a client that falls behind "
+        "(stall_warnings=true only)",
     )
+    a("--queue", type=_non_negative(int), default=QUEUE_DEFAULT,
+      help="tweets the endpoint queues for a client that reads slower than --rate: "
+           "FALLING_BEHIND from 60%% full (stall_warnings=true), disconnect code 4 when full; "
+           "0 = unbounded (TCP back-pressure only, the client just slows the stream)")
     a(
         "--script",
         type=Path,
@@ -135,6 +141,7 @@ def build_state(args: argparse.Namespace) -> SimState:
         seed=args.seed,
         max_line=args.max_line,
         warning_interval=args.warning_interval,
+        queue=int(args.queue),
         ground_truth=args.ground_truth,
         redundant=int(args.redundant),
         apis=("v1.1", "v2") if args.api in (None, "both") else (args.api,),

@@ -170,12 +170,13 @@ class Handler(BaseHTTPRequestHandler):
             return
         use_gzip = "gzip" in self.headers.get("Accept-Encoding", "").lower()
         sock: socket.socket = self.connection
-        sock.settimeout(None)  # a slow reader blocks us, as TCP back-pressure should
+        sock.settimeout(None)  # the headers: a slow reader blocks us, as TCP back-pressure should
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         wire = Wire(sock, gzip=use_gzip, delimited=params.delimited)
         session = Session(state, conn, identity, params, wire, steps)
         self._log_connect(conn, 200, params.summary())  # before the client can see the 200
         self._send_stream_headers(use_gzip)
+        sock.setblocking(False)  # the body's writes wait in Wire, which watches the queue meanwhile
         state.register(session)
         try:
             reason = session.run()

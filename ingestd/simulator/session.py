@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from ingestd.simulator import generator as gen
+from ingestd.simulator.backlog import Backlog, Pace
 from ingestd.simulator.feed import Feed, Outgoing
 from ingestd.simulator.generator import Template
 from ingestd.simulator.params import StreamParams
@@ -36,12 +37,16 @@ _CONTROL_WEIGHTS = {
     "scrub_geo": 10,
     "status_withheld": 10,
     "user_withheld": 10,
-    "warning": 10,
-}
+}  # no warning: FALLING_BEHIND comes when the client falls behind (backlog.py), or from a script
+_CONTROL_KINDS, _CONTROL_WEIGHT_LIST = list(_CONTROL_WEIGHTS), list(_CONTROL_WEIGHTS.values())
 
 
 # Writes remembered for a reset's ground truth: more than any socket's send buffer holds.
 RECENT_BYTES = 16 << 20
+
+
+class Stopping(Exception):
+    """The simulator stops while a write waits for a client that reads nothing."""
 
 
 class Session:
@@ -79,8 +84,10 @@ class Session:
         self.limit_track = 0
         self.since_control = 0
         self.last_write = time.monotonic()
-        self.last_warning = -math.inf
         self.starved_until = 0.0
+        self.backlog = Backlog(cfg.queue, params.stall_warnings, cfg.warning_interval)
+        self._pace: Pace | None = None  # while tweets are published at --rate
+        wire.on_blocked = self._on_blocked
 
     def kick(self, code: int) -> None:
         """Called from another thread: end this stream with a ``disconnect`` message."""
@@ -96,6 +103,8 @@ class Session:
             return reason if reason is not None else (self._stream() or "ended")
         except OSError as exc:  # the client went away (EPIPE, ECONNRESET, ...)
             return f"client closed ({type(exc).__name__})"
+        except Stopping:
+            return "shutdown (the client was reading nothing)"
 
     def _step(self, step: Step) -> str | None:
         """Run one script step; a string return means the connection is over."""
@@ -144,25 +153,40 @@ class Session:
     ) -> str | None:
         """Tweets at ``--rate`` (with controls and keep-alives) until count/duration is reached."""
         rate = self.state.config.rate
-        start = time.monotonic()
-        sent = 0
+        pace = Pace(rate, time.monotonic(), count=count, quota=self._quota_left())
+        self._pace = pace if tweets and rate > 0 else None
+        try:
+            return self._pass_until(pace, duration, tweets)
+        finally:
+            self._pace = None
+
+    def _pass_until(self, pace: Pace, duration: float | None, tweets: bool) -> str | None:
+        rate, count, start = pace.rate, pace.count, pace.start
+        starved = False
         while not self.wake.is_set():
             now = time.monotonic()
             if (duration is not None and now - start >= duration) or (
-                count is not None and sent >= count
+                count is not None and pace.sent >= count
             ):
                 return None
             next_at = math.inf
             if tweets and self._may_tweet(now):
-                due = BATCH if rate <= 0 else int((now - start) * rate) + 1 - sent
-                due = min(due, BATCH, self._quota(), (count - sent) if count is not None else BATCH)
+                if starved:  # what the source could not give was never published
+                    pace.rebase(now)
+                    starved = False
+                if self._pace is not None and (ended := self._behind(pace, now)):
+                    return ended
+                due = BATCH if rate <= 0 else int((now - pace.start) * rate) + 1 - pace.sent
+                due = min(due, BATCH, self._quota(),
+                          (count - pace.sent) if count is not None else BATCH)
                 if due > 0:
                     got = self._send_tweets(due)
-                    sent += got
+                    pace.sent += got
                     if got < due:  # the source ran dry for now: retry in a second
                         self.starved_until = now + 1.0
+                        starved = rate > 0
                     continue
-                next_at = start + sent / rate
+                next_at = pace.start + pace.sent / rate
             elif tweets and self._quota() > 0:
                 next_at = self.starved_until  # the source ran dry: try again then
             # else: --max-tweets used up; only keep-alives from now on (sleep until the next)
@@ -173,6 +197,42 @@ class Session:
             end = start + duration if duration is not None else math.inf
             self._idle(max(0.0, min(next_at, idle_until, end) - now))
         return self._interrupted()
+
+    def _behind(self, pace: Pace, now: float) -> str | None:
+        """The queue before this pass's write: a warning is due, or a full queue ends the stream
+        (dropped, then disconnect code 4)."""
+        backlog = self.backlog
+        self._observe(pace, now)
+        warning = backlog.take_warning()  # noted before any overflow: it comes first
+        if warning is not None:
+            percent, queued = warning
+            payload = orjson.dumps(gen.warning_msg(percent))
+            self._write(self.wire.encode(self.wire.frame(payload)))
+            self.state.ground_truth.event("control", self.conn, type="warning",
+                                          percent_full=percent, queued=queued)
+        if backlog.overflow is not None:
+            self._pace = None  # the rest is the disconnect message, not queued tweets
+            self._send_disconnect(4)
+            return "disconnect 4 (queue full)"
+        return None
+
+    def _on_blocked(self) -> None:
+        """A write waits for a client that reads nothing, while the queue behind it fills."""
+        if self.wake.is_set() and self.kick_code is None:
+            raise Stopping
+        pace = self._pace
+        if pace is not None and self.kick_code is None:
+            self._observe(pace, time.monotonic())
+
+    def _observe(self, pace: Pace, now: float) -> None:
+        """The queue's depth, noted; when it first overflows the ground truth says so at once
+        (the client may read nothing for a long time yet): the queued tweets are dropped."""
+        backlog, queued = self.backlog, pace.queued(now)
+        if backlog.overflow is None:
+            backlog.observe(queued, now)
+            if backlog.overflow is not None:
+                self.state.ground_truth.event("queue_full", self.conn, queued=backlog.overflow,
+                                              capacity=backlog.capacity)
 
     def _idle(self, timeout: float) -> None:
         """Wait up to ``timeout`` or until woken; a client that closes its end meanwhile ends the
@@ -194,8 +254,12 @@ class Session:
         return self._quota() > 0 and now >= self.starved_until
 
     def _quota(self) -> int:
+        left = self._quota_left()
+        return BATCH if left is None else left
+
+    def _quota_left(self) -> int | None:
         limit = self.state.config.max_tweets
-        return BATCH if limit is None else max(0, limit - self.tweets_sent)
+        return None if limit is None else max(0, limit - self.tweets_sent)
 
     def _interrupted(self) -> str:
         """Woken by another thread: a newer connection (code 7) or shutdown."""
@@ -322,12 +386,7 @@ class Session:
     # --- control messages ---------------------------------------------------------------
 
     def _pick_control(self) -> str:
-        kinds = dict(_CONTROL_WEIGHTS)
-        now = time.monotonic()
-        interval = self.state.config.warning_interval
-        if not self.params.stall_warnings or now - self.last_warning < interval:
-            del kinds["warning"]
-        return self.rng.choices(list(kinds), weights=list(kinds.values()))[0]
+        return self.rng.choices(_CONTROL_KINDS, weights=_CONTROL_WEIGHT_LIST)[0]
 
     def _send_control(self, kind: str) -> None:
         payload, event = self._control(kind)
@@ -363,8 +422,7 @@ class Session:
         elif kind == "user_withheld":
             msg = gen.user_withheld_msg(user_id, countries)
             event.update(user_id=user_id, countries=countries)
-        elif kind == "warning":
-            self.last_warning = time.monotonic()
+        elif kind == "warning":  # a script's: whatever the queue holds
             pct = rng.choice((60, 70, 80, 90))
             msg = gen.warning_msg(pct)
             event.update(percent_full=pct)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ingestd.simulator.auth import Credentials, OAuthVerifier
+from ingestd.simulator.backlog import QUEUE_DEFAULT
 from ingestd.simulator.feed import Feed, RealTweets
 from ingestd.simulator.generator import Snowflake
 from ingestd.simulator.groundtruth import GroundTruth
@@ -47,6 +48,7 @@ class SimConfig:
     seed: int | None = None
     max_line: int = 600_000
     warning_interval: float = 300.0
+    queue: int = QUEUE_DEFAULT  # messages queued for a slow client before code 4; 0 = unbounded
     ground_truth: Path | None = None
     pool_size: int = 1000
     redundant: int = 1  # live streams per credentials; a newer one beyond that gets code 7

@@ -11,16 +11,18 @@ from __future__ import annotations
 import array
 import fcntl
 import os
+import select
 import socket
 import struct
 import termios
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 KEEPALIVE = b"\r\n"
 _END = b"0\r\n\r\n"
 # After a sync flush, what ``corrupt`` sends: a block header of the reserved type 11.
 BAD_BYTES = b"\xff" * 16
+BLOCKED_LOOK = 0.05  # s between looks at the session (and for a close) while the client reads none
 
 
 class Wire:
@@ -33,6 +35,9 @@ class Wire:
         self._gzip = zlib.compressobj(6, zlib.DEFLATED, 31) if gzip else None
         self.bytes_sent = 0  # body bytes (before chunking)
         self.socket_bytes = 0  # every byte of the body handed to the socket, chunking included
+        # Called every BLOCKED_LOOK while the socket takes nothing; it must not write. It may
+        # raise to abandon the write (the simulator stopping).
+        self.on_blocked: Callable[[], None] = _nothing
 
     def frame(self, message: bytes) -> bytes:
         """A message as it appears in the decoded body."""
@@ -65,8 +70,29 @@ class Wire:
             self.bytes_sent += len(piece)
 
     def _sendall(self, data: bytes) -> None:
-        self.sock.sendall(data)
-        self.socket_bytes += len(data)
+        """Write all of ``data``; while the client reads nothing, look at the session (its queue
+        keeps filling) and whether the client closed, instead of blocking in ``sendall``."""
+        sock, view = self.sock, memoryview(data)
+        while view:
+            try:
+                sent = sock.send(view)
+            except BlockingIOError:
+                sent = 0
+            self.socket_bytes += sent
+            view = view[sent:]
+            if view:
+                self._wait_writable()
+
+    def _wait_writable(self) -> None:
+        sock = self.sock
+        readable, writable, _ = select.select([sock], [sock], [], BLOCKED_LOOK)
+        if writable:
+            return
+        if readable:
+            if not sock.recv(1, socket.MSG_PEEK):
+                raise ConnectionResetError("the client closed its end")
+            select.select([], [sock], [], BLOCKED_LOOK)  # bytes from the client, not a close
+        self.on_blocked()
 
     def unacked_bytes(self) -> int | None:
         """Bytes handed to the socket that the client's kernel has not acknowledged yet (Linux's
@@ -106,3 +132,7 @@ class Wire:
         """
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         os.close(self.sock.detach())
+
+
+def _nothing() -> None:
+    return None
