@@ -352,6 +352,7 @@ def test_a_stream_worker_that_falls_behind_is_warned_then_cut_off_and_loses_noth
     assert [e["code"] for e in truth.control("disconnect", 1)] == [4]
     assert truth.closes(1)[0]["reason"] == "disconnect 4 (queue full)"
     assert stream["disconnect_codes"] == {"4": 1}
+    assert stream["warnings"] == 1  # ingestd_stream_warnings_total: IngestdStreamFallingBehind
     assert [(e["code"], e["percent_full"]) for e in warned] == [("FALLING_BEHIND", 60)]
     assert store["control"].get("warning") == 1 and store["duplicates"] == 0
     ids = stored_ids(mongo_uri, mongo_database)
