@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,12 @@ import orjson
 import pytest
 
 from ingestd.control.collector import in_flight, received_total
+from ingestd.simulator.generator import TWITTER_EPOCH_MS
 from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.mongo import stored_ids
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
+from tests.test_coverage import ledger
 
 # Deliver three tweets, then only keep-alives: the daemon's counters settle, so "caught up" holds.
 QUIET_AFTER_3: list[dict[str, Any]] = [{"deliver": 3}, {"keepalive_only": 60}]
@@ -357,8 +361,38 @@ def test_a_stream_worker_that_falls_behind_is_warned_then_cut_off_and_loses_noth
     assert store["control"].get("warning") == 1 and store["duplicates"] == 0
     ids = stored_ids(mongo_uri, mongo_database)
     assert len(ids) == len(set(ids)) and set(ids) == set(delivered)
+    # The ledger's gap: by receipt it is the reconnect's fraction of a second; by the messages'
+    # own times (timestamp_ms) it spans the tweets the endpoint's queue dropped.
+    last_before = max(snowflake_ms(i) for i in truth.tweet_ids(1))
+    first_after = min(snowflake_ms(i) for i in truth.tweet_ids(2))
+    (gap,) = [g for g in ledger(mongo_uri, mongo_database, "gap")
+              if g["detail"].get("code") == 4]
+    assert gap["cause"] == "reconnect" and gap["detail"]["ending"] == "disconnect"
+    assert gap["last_message_ns"] // 10**6 == last_before
+    assert gap["first_message_ns"] // 10**6 == first_after
+    assert gap["message_seconds"] == round((first_after - last_before) / 1000, 3)
+    # at 1000/s, the 1500 dropped tweets were published over 1.5 s before the reconnect
+    assert gap["message_seconds"] >= gap["seconds"] + 1.5 * 0.9, gap
+    shown = coverage_text(daemon)
+    assert f"{gap['message_seconds']:.1f} s by the messages' own times" in shown, shown
+    print(shown)
     print(f"\n[slow client] delivered {len(delivered)} = stored {len(ids)}; the queue dropped "
-          f"{full[0]['queued']} never delivered; warning at {warning['queued']} queued")
+          f"{full[0]['queued']} never delivered; warning at {warning['queued']} queued; the gap "
+          f"{gap['seconds']} s by receipt, {gap['message_seconds']} s by the messages' times")
+
+
+def snowflake_ms(tweet_id: int) -> int:
+    """A tweet id's own time (the simulator's timestamp_ms is its id's)."""
+    return (tweet_id >> 22) + TWITTER_EPOCH_MS
+
+
+def coverage_text(daemon: Daemon) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWITTER_")}  # no secrets
+    out = subprocess.run([sys.executable, "-m", "ingestd", "coverage", "--config",
+                          str(daemon.config), "--since", "2000-01-01T00:00:00"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def test_406_degrades_without_retrying_and_recovers_on_reload(

@@ -7,7 +7,9 @@ written by the store worker in spool order (before the spool is acked, like the 
   seconds, cause, causes, detail}``: the stream delivered nothing from ``start`` (the last record
   received before the gap marker) to ``end`` (the first record after it: a message or a
   connection coming up); ``end`` is null while the gap is open. Dates are BSON dates (UTC).
-  ``last_message_time``: the own timestamp (``timestamp_ms``) of the last message before the gap.
+  ``last_message_time``: the own timestamp (``timestamp_ms``) of the last message before the gap;
+  ``first_message_time`` that of the first message after it, and ``message_seconds`` the hole by
+  those own times (longer than ``seconds`` when the connection lagged behind the endpoint).
   In ``ha.mode: standby`` also ``ha_instance``; a ``takeover`` gap has ``start_basis``: ``lease``
   (the previous holder's last receive time, as its last lease renewal said) until the previous
   holder's own ledger reports the gap in which it stopped (see ``Handover``): then
@@ -245,6 +247,9 @@ class CoverageLedger:
         # MongoDB is only touched by ``flush`` (a record is taken even while MongoDB is down).
         self._queue: list[tuple[Record, dict[str, Any] | None]] = []
         self._maybe_open = True  # a gap may be open: the next live record is queued
+        # After a gap marker or a connection coming up, the next live record is queued too: its
+        # own time is where the gap ends by the messages' times (``_first_message``).
+        self._first_after = False
         self._dirty_gaps: dict[str, Document] = {}
         self._hours: dict[int, Document] = {}
         self._dirty_hours: set[int] = set()
@@ -264,12 +269,12 @@ class CoverageLedger:
             return False
         if event["type"] == CONNECTED:  # queued as itself: it may carry the backfill asked for
             self._queue.append((record, event))
-            self._maybe_open = False
+            self._maybe_open, self._first_after = False, True
         elif event["type"] == GAP:
             if event["cause"] != "takeover":  # the previous holder's messages are not ours
                 event["last_message_ns"] = self._last_message_ns()
             self._queue.append((record, event))
-            self._maybe_open = True
+            self._maybe_open = self._first_after = True
         return True
 
     def _last_message_ns(self) -> int | None:
@@ -283,9 +288,9 @@ class CoverageLedger:
         """A record the stream delivered: the first after a gap marker (or after a restart, when
         a gap may have been left open) ends that gap. Called for every record: O(1)."""
         self._recent.append(record)
-        if self._maybe_open:
+        if self._maybe_open or self._first_after:
             self._queue.append((record, None))
-            self._maybe_open = False
+            self._maybe_open = self._first_after = False
 
     def on_limit(self, record: Record, track: int) -> None:
         """A limit notice: ``track`` tweets undelivered so far on this connection (cumulative)."""
@@ -396,6 +401,8 @@ class CoverageLedger:
                 self._backfilled(closed, int(event["backfill_minutes"]))
             if event is not None:
                 self._limits.connected(int(event.get("conn") or record.conn_id), record.recv_ns)
+            else:
+                self._first_message(record)
         elif event["type"] == "limit":
             doc = self._hour(record.recv_ns)
             key = str(record.conn_id)
@@ -454,6 +461,22 @@ class CoverageLedger:
         self._open, self._last_closed = None, gap
         self._count_hours(gap, +1)
         log.info("coverage_gap_closed", cause=gap["cause"], seconds=gap["seconds"])
+
+    def _first_message(self, record: Record) -> None:
+        """The first message after the last gap closed, on the connection that closed it: the
+        hole by the messages' own times is ``message_seconds``, from the last message's
+        ``timestamp_ms`` before the gap to this one's. It is longer than ``seconds`` (receive
+        times) when the connection lagged behind the endpoint: a code-4 disconnect after
+        FALLING_BEHIND drops the endpoint's queue, tweets published before the gap's ``start``."""
+        gap = self._last_closed
+        if gap is None or "first_message_ns" in gap or gap.get("conn_after") != record.conn_id:
+            return
+        first_ns, last_ns = message_time_ns(record), gap.get("last_message_ns")
+        gap["first_message_ns"] = first_ns
+        gap["first_message_time"] = utc(first_ns) if first_ns else None
+        if first_ns and last_ns:
+            gap["message_seconds"] = round(max(0, first_ns - last_ns) / 1e9, 3)
+        self._dirty_gaps[gap["_id"]] = gap
 
     def _count_hours(self, gap: Document, sign: int) -> None:
         """Add (+1) or take back (-1) a closed gap's seconds in the hours it spans. Keyed by the

@@ -196,8 +196,30 @@ def gap_json(gap: dict[str, Any]) -> dict[str, Any]:
             "seconds": gap.get("seconds"), "cause": gap["cause"], "causes": gap.get("causes"),
             "detail": gap.get("detail", {}),
             **({"started_at": _iso(gap["detail"]["started_ns"])} if "started_at" in gap else {}),
-            **{k: gap[k] for k in ("backfill_minutes", "backfilled_seconds", "undelivered")
-               if k in gap}}
+            **{k: gap[k] for k in ("backfill_minutes", "backfilled_seconds", "undelivered",
+                                   "message_seconds") if k in gap},
+            **{k: _iso(gap[f"{k}_ns"]) for k in ("last_message", "first_message")
+               if gap.get(f"{k}_ns")}}
+
+
+LAG_NOTE_SECONDS = 1.0  # a hole by the messages' own times this much longer is worth a note
+
+
+def lag_notes(gaps: list[dict[str, Any]]) -> list[str]:
+    """Gaps whose hole by the messages' own times is longer than by receive times: the
+    connection lagged behind the endpoint (its queue dropped, code 4), so the hours' offline
+    seconds understate what is missing."""
+    notes = []
+    for gap in sorted(gaps, key=lambda g: g["start_ns"]):
+        by_messages, by_receipt = gap.get("message_seconds"), gap.get("seconds")
+        if by_messages is None or by_receipt is None \
+                or by_messages < by_receipt + LAG_NOTE_SECONDS:
+            continue
+        notes.append(f"note: the {gap['cause']} gap at {_iso(gap['start_ns'])} lasted "
+                     f"{by_receipt:.1f} s by receipt but {by_messages:.1f} s by the messages' own "
+                     f"times (from {_iso(gap['last_message_ns'])}): the connection lagged behind "
+                     f"the endpoint, and the tweets published meanwhile are missing")
+    return notes
 
 
 def run_coverage(config: Path, *, since: str | None, until: str | None, instance: str | None,
@@ -229,5 +251,5 @@ def run_coverage(config: Path, *, since: str | None, until: str | None, instance
                           "gaps": [gap_json(g) for g in sorted(gaps, key=lambda g: g["start_ns"])]},
                          indent=2))
     else:
-        print(render(rows))
+        print("\n".join([render(rows), *lag_notes(gaps)]))
     return 0
