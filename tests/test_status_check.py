@@ -161,11 +161,13 @@ def unusable_state_dirs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     taken = tmp_path / "taken"
     (taken / "run").mkdir(parents=True)
     (taken / "spool").write_text("")  # the stream worker's folder is a file
+    proc = Path("/proc/ingestd")  # the input audit: access(2) tells root it may write in /proc
     return {"parent_is_a_file": (typo / "state", f"{typo} is not a directory"),
-            "spool_is_a_file": (taken, f"{taken / 'spool'} is not a directory")}
+            "spool_is_a_file": (taken, f"{taken / 'spool'} is not a directory"),
+            "on_proc": (proc, f"{proc} is on the kernel's proc file system, which holds no files")}
 
 
-@pytest.mark.parametrize("case", ["parent_is_a_file", "spool_is_a_file"])
+@pytest.mark.parametrize("case", ["parent_is_a_file", "spool_is_a_file", "on_proc"])
 def test_check_and_run_refuse_a_state_folder_that_cannot_be_used(tmp_path: Path, mongo_uri: str,
                                                                  case: str) -> None:
     """check names file, key and reason (exit 78) and creates nothing; run gives one clear

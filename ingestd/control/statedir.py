@@ -21,6 +21,12 @@ from ingestd.spool import generations
 # instead of a crash loop (generations/ is the supervisor's own: spool.generations).
 SUBDIRS = (runstate.RUN_DIR, "spool", "deadletter", generations.DIRNAME)
 ACCESS = os.W_OK | os.X_OK  # create and remove entries
+MOUNTINFO = Path("/proc/self/mountinfo")
+# Kernel file systems that hold no files of ours: root may look able to write there (access(2)
+# says yes on /proc), yet nothing can be created (the audit's state_dir: /proc/ingestd).
+PSEUDO_FS = frozenset({"proc", "sysfs", "cgroup", "cgroup2", "devpts", "debugfs", "tracefs",
+                       "securityfs", "pstore", "bpf", "configfs", "efivarfs", "mqueue",
+                       "fusectl", "binfmt_misc", "nsfs", "autofs"})
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,9 @@ class Finding:
 
 def inspect(state_dir: Path) -> Finding | None:
     """What stops ``state_dir`` (and its sub-folders) being created and written; no side effects."""
+    if (kind := file_system_type(state_dir)) in PSEUDO_FS:
+        return Finding(f"{state_dir} is on the kernel's {kind} file system, which holds no files",
+                       anyone=True)
     existing = Path(state_dir.anchor or "/")
     for path in (*reversed(state_dir.parents), state_dir):
         try:
@@ -52,6 +61,35 @@ def inspect(state_dir: Path) -> Finding | None:
         if finding is not None:
             return finding
     return None
+
+
+def file_system_type(path: Path) -> str | None:
+    """The type of the file system ``path`` is on, or would be created on (its longest mount
+    point prefix in /proc/self/mountinfo, the later of two mounts on one point); None if
+    unknown."""
+    try:
+        lines = MOUNTINFO.read_text("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(path)
+    best, kind = "", None
+    for line in lines:
+        fields, sep, after = line.partition(" - ")
+        parts = fields.split()
+        if not sep or len(parts) < 5 or not after.split():
+            continue
+        mount = _unescape(parts[4])
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, after.split()[0]
+    return kind
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in a path as octal escapes."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
 
 
 def _existing_dir(path: Path) -> Finding | None:
