@@ -43,6 +43,14 @@ def test_probe_prints_both_probes(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # its files are gone
 
 
+def test_status_write_prints_each_way(tmp_path: Path) -> None:
+    out = run_script("bench/status_write.py", "--writes", "3", "--pause", "0",
+                     "--dir", str(tmp_path))
+    for way in ("replace", "exchange", "spare", "in place"):
+        assert re.search(rf"^  {way} +-?\d+\.\d µs of CPU a write$", out, re.M), out
+    assert not list(tmp_path.iterdir())  # its folder removed
+
+
 def test_spool_cost_stores_every_tweet_in_each_case(tmp_path: Path) -> None:
     out = run_script("bench/bench_spool_cost.py", "--tweets", "300", "--dir", str(tmp_path))
     for case in ("baseline (list)", "spool on tmpfs", "spool on disk"):

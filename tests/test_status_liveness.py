@@ -151,7 +151,7 @@ def test_the_liveness_rule_past_the_heartbeat_timeout(tmp_path: Path) -> None:
 
     doc = runstate.read_status(tmp_path, "store") or {}
     runstate.status_path(tmp_path, "store").write_bytes(
-        json.dumps({**doc, "pid": _gone_pid(), "time": now - 1}).encode())
+        json.dumps({**doc, "pid": _gone_pid(), "time": now - 1, "time_end": now - 1}).encode())
     view = status.collect(tmp_path)
     assert view["liveness"]["store"] == "not running" and view["health"] == "down"
     assert view["reasons"] == ["store worker not running"] and view["exit_code"] == 3

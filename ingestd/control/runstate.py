@@ -2,12 +2,16 @@
 
 Each worker rewrites ``<state_dir>/run/<role>.json`` at least once a second. The file doubles as the
 heartbeat: a worker whose loop hangs stops rewriting it, and the supervisor replaces the worker.
-Writes are atomic (temp file + rename) so a reader never sees half a file.
 
-A full disk must not stop the heartbeat (the supervisor would kill healthy workers): files are
-padded with spaces to a multiple of ``PAD`` bytes, so when the temp file cannot be written the new
-status overwrites the old one in place, needing no new blocks. That write is not atomic; a reader
-that catches it half-way gets None once and reads the next one.
+A status overwrites the file in place: files are padded with spaces to a multiple of ``PAD``
+bytes, so the next status nearly always fits. That costs ~40 µs, where a temp file renamed over
+the old one cost ~400 µs of CPU, because ext4 starts writing back a file renamed over another
+(``auto_da_alloc``): three such writes a second were a quarter of the idle daemon's CPU
+(bench/LOG.md, "Status files rewritten in place"). It needs no new blocks either, so a full disk
+does not stop the heartbeat (the supervisor would kill healthy workers). An in-place write is not
+atomic: the status ends with ``time_end``, equal to its ``time``, and a reader that catches a
+write half-way (the two differ, or the JSON is cut) reads again. A new file, or a status that
+outgrew it, is written to a temp file and renamed (atomic).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ingestd.logs import scrub_strings
 RUN_DIR = "run"
 PAD = 4096
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+READ_TRIES = 3  # reads of a status caught half-way through an in-place write
 
 
 
@@ -49,9 +54,13 @@ def write_status(state_dir: Path, role: str, status: dict[str, Any]) -> None:
     """Publish ``status`` (plus pid, role and wall-clock time) for ``role``, secrets masked as
     in the log: ``status``, ``/healthz`` and systemd's STATUS= show its reasons."""
     doc = {"role": role, "pid": os.getpid(), "time": time.time(), **scrub_strings(status)}
+    doc.pop("time_end", None)  # (a status read back and written again carries one)
+    doc["time_end"] = doc["time"]  # last: a reader mid-write sees it differ from ``time``
     data = orjson.dumps(doc)
     data += b" " * (-len(data) % PAD)  # JSON allows trailing white space
     target = status_path(state_dir, role)
+    if overwrite_in_place(target, data):
+        return
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(data)
@@ -67,7 +76,7 @@ def overwrite_in_place(target: Path, data: bytes) -> bool:
     """Rewrite ``target`` within its current size (a full disk has no blocks for a new file);
     False if it could not (no such file yet, or ``data`` is longer)."""
     try:
-        fd = os.open(target, os.O_WRONLY)
+        fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False  # nothing to overwrite yet; the next write after space returns creates it
     try:
@@ -82,7 +91,8 @@ def overwrite_in_place(target: Path, data: bytes) -> bool:
 
 def status_identity(state_dir: Path, role: str) -> tuple[int, int, int] | None:
     """(inode, mtime ns, size) of ``role``'s status file, None if it is missing: every write
-    replaces the file (a new inode), so an unchanged identity means an unchanged status."""
+    changes its modification time (or replaces the file: a new inode), so an unchanged identity
+    means an unchanged status."""
     try:
         st = os.stat(status_path(state_dir, role))
     except OSError:
@@ -91,9 +101,18 @@ def status_identity(state_dir: Path, role: str) -> tuple[int, int, int] | None:
 
 
 def read_status(state_dir: Path, role: str) -> dict[str, Any] | None:
-    """The last status ``role`` published, or None if there is none (or it is unreadable)."""
-    try:
-        data = orjson.loads(status_path(state_dir, role).read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+    """The last status ``role`` published, or None if there is none (or it is unreadable). One
+    caught half-way through an in-place write is read again."""
+    path = status_path(state_dir, role)
+    for _ in range(READ_TRIES):
+        try:
+            data = orjson.loads(path.read_bytes())
+        except OSError:
+            return None
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(data, dict):
+            return None
+        if data.get("time_end", data.get("time")) == data.get("time"):
+            return data
+    return None

@@ -22,6 +22,7 @@ import orjson
 import pymongo
 import yaml
 
+from ingestd.control import runstate
 from ingestd.tools.standin import StandIn
 
 DEMO_CREDS = {
@@ -148,10 +149,7 @@ def progress(workdir: Path, elapsed: float) -> None:
 
 
 def read_run(workdir: Path, role: str) -> dict[str, Any]:
-    try:
-        return dict(orjson.loads((workdir / "state" / "run" / f"{role}.json").read_bytes()))
-    except (OSError, orjson.JSONDecodeError):
-        return {}
+    return runstate.read_status(workdir / "state", role) or {}
 
 
 def wait_caught_up(workdir: Path, timeout: float) -> None:
@@ -186,7 +184,7 @@ def report(workdir: Path, mongo_uri: str) -> None:
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
     col = client.twitter.tweets
     stored = {int(d["_id"]) for d in col.find({}, {"_id": 1})}
-    store = orjson.loads((workdir / "state" / "run" / "store.json").read_bytes())["counters"]
+    store = read_run(workdir, "store")["counters"]
     expected = delivered - deletes
     step("what landed (reconciled against the simulator's ground truth)")
     print(f"    simulator delivered   {len(delivered)} tweets, {sum(controls.values())} control "

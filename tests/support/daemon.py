@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import yaml
 
+from ingestd.control import runstate
 from tests.support.creds import CREDS
 from tests.support.simulator import SimProcess
 from tests.support.wait import wait_until
@@ -74,11 +75,7 @@ class Daemon:
         return self
 
     def status(self, role: str) -> dict[str, Any]:
-        try:
-            data = orjson.loads((self.state_dir / "run" / f"{role}.json").read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        return runstate.read_status(self.state_dir, role) or {}  # a half-written one read again
 
     def counters(self, role: str) -> dict[str, Any]:
         return dict(self.status(role).get("counters", {}))
