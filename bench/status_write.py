@@ -66,19 +66,19 @@ class Writers:
         os.unlink(self.tmp)
 
     def spare_swap(self) -> None:
-        fd = os.open(self.spare, os.O_WRONLY)
-        try:
-            os.pwrite(fd, STATUS, 0)
-        finally:
-            os.close(fd)
+        overwrite(self.spare)
         self._exchange(self.spare)
 
     def in_place(self) -> None:
-        fd = os.open(self.target, os.O_WRONLY)
-        try:
-            os.pwrite(fd, STATUS, 0)
-        finally:
-            os.close(fd)
+        overwrite(self.target)
+
+
+def overwrite(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, STATUS, 0)
+    finally:
+        os.close(fd)
 
 
 def cost(write: Callable[[], None], writes: int, pause: float) -> float:
