@@ -18,6 +18,9 @@ from ingestd.source.framing import (
     BAD_HEAD_BYTES,
     HEAD_BYTES,
     MAX_LENGTH_LINE,
+    NOT_A_NUMBER,
+    TOO_LONG,
+    TOO_LONG_CUT,
     BadFrame,
     Frame,
     LengthFramer,
@@ -25,7 +28,13 @@ from ingestd.source.framing import (
     Oversize,
 )
 from ingestd.source.stats import ReaderStats
-from ingestd.spool.format import KIND_MESSAGE, KIND_OVERSIZE_SIZED
+from ingestd.spool.format import (
+    KIND_BADFRAME_SIZED,
+    KIND_MESSAGE,
+    KIND_OVERSIZE_SIZED,
+    BadFrameRecord,
+    read_badframe,
+)
 
 # Text with multi-byte characters, \n, \r and control bytes, but never a CRLF inside a message.
 _text = (
@@ -232,24 +241,25 @@ def test_length_framer_bad_line_resynchronises() -> None:
     good = b"7\r\nhello\r\n"
     out = framer.feed(b"abc\r\n" + good + b"-5\r\n" + good)
     assert out == [
-        BadFrame("length line is not a number", b"abc\r"),
+        BadFrame(NOT_A_NUMBER, 5, b"abc\r\n"),  # the whole line, its line end included
         b"hello",
-        BadFrame("length line is not a number", b"-5\r"),
+        BadFrame(NOT_A_NUMBER, 4, b"-5\r\n"),
         b"hello",
     ]
     assert framer.skipped_bytes == len(b"abc\r\n-5\r\n")
 
 
 def test_length_framer_long_garbage_line_bounded() -> None:
-    """A JSON line where a length was expected: one BadFrame, bounded memory, then recovery."""
+    """A JSON line where a length was expected: one BadFrame, bounded memory, then recovery.
+    Only the line's head is held while it is skipped; it is reported at its end, with its size."""
     framer = LengthFramer(1000)
     garbage = b'{"text":"' + b"y" * 2_000_000 + b'"}\r\n'
     out: list[Frame] = []
     for i in range(0, len(garbage), 4096):
         out.extend(framer.feed(garbage[i : i + 4096]))
-        assert framer.buffered_bytes <= MAX_LENGTH_LINE + 1
+        assert framer.buffered_bytes <= BAD_HEAD_BYTES
     out.extend(framer.feed(b"4\r\nok\r\n"))
-    assert out == [BadFrame("length line too long", garbage[:BAD_HEAD_BYTES]), b"ok"]
+    assert out == [BadFrame(TOO_LONG, len(garbage), garbage[:BAD_HEAD_BYTES]), b"ok"]
     assert framer.skipped_bytes == len(garbage)
 
 
@@ -257,7 +267,79 @@ def test_length_framer_too_many_digits_is_bad() -> None:
     framer = LengthFramer(1000)
     digits = b"9" * (MAX_LENGTH_LINE + 1)
     out = framer.feed(digits + b"\n4\r\nok\r\n")
-    assert out == [BadFrame("length line is not a number", digits), b"ok"]
+    assert out == [BadFrame(NOT_A_NUMBER, len(digits) + 1, digits + b"\n"), b"ok"]
+
+
+# ---------------------------------------------------------------- a bad length line's real size
+# (the input audit's L3: reported at once with a head of the slice it was found in, so it was
+# dead-lettered as 1 KiB, complete, whatever its size)
+
+
+def test_a_long_bad_length_line_is_reported_once_at_its_end_with_its_size() -> None:
+    """A line of a million digits: reported when its line end comes, every byte of it counted
+    across the slices, only its head held meanwhile; the frames around it come out in order."""
+    bad = b"9" * 1_000_000 + b"\r\n"
+    before = b"8\r\nbefore\r\n"
+    wire = before + bad + b"4\r\nok\r\n7\r\nafter\r\n"
+    framer = LengthFramer(1000)
+    out: list[Frame] = []
+    rng = random.Random(7)
+    pos = 0
+    while pos < len(wire):
+        step = rng.randint(1, 70_000)
+        out.extend(framer.feed(wire[pos : pos + step]))
+        pos += step
+        assert framer.buffered_bytes <= BAD_HEAD_BYTES
+        if pos < len(before) + len(bad):  # its line end not fed yet: nothing said of it
+            assert out in ([], [b"before"])
+    assert out == [b"before", BadFrame(TOO_LONG, len(bad), bad[:BAD_HEAD_BYTES]), b"ok",
+                   b"after"]
+    assert framer.skipped_bytes == len(bad)
+    assert framer.pending_bytes == 0 and framer.cut_bad_line() is None
+
+
+def test_a_bad_length_line_fed_one_byte_at_a_time() -> None:
+    """Its head is its first BAD_HEAD_BYTES whatever the slicing, not what one slice held (a
+    byte at a time gave 14 bytes), and its size is every byte; the next lines frame as usual."""
+    bad = b'{"text":"' + b"y" * 3000 + b'"}\r\n'
+    wire = b"5\r\nabc\r\n" + bad + b"-1\r\n4\r\nok\r\n"
+    framer = LengthFramer(1000)
+    out: list[Frame] = []
+    for i in range(len(wire)):
+        out.extend(framer.feed(wire[i : i + 1]))
+        assert framer.buffered_bytes <= BAD_HEAD_BYTES
+    assert out == [b"abc", BadFrame(TOO_LONG, len(bad), bad[:BAD_HEAD_BYTES]),
+                   BadFrame(NOT_A_NUMBER, 4, b"-1\r\n"), b"ok"]
+    assert framer.skipped_bytes == len(bad) + 4
+
+
+@settings(max_examples=200)
+@given(
+    length=st.integers(MAX_LENGTH_LINE + 2, 3 * BAD_HEAD_BYTES),
+    crlf=st.booleans(),
+    cuts=st.lists(st.integers(0, 10_000), max_size=30),
+)
+def test_a_bad_length_line_any_chunking(length: int, crlf: bool, cuts: list[int]) -> None:
+    bad = b"x" * length + (b"\r\n" if crlf else b"\n")
+    wire = b"5\r\nabc\r\n" + bad + b"4\r\nok\r\n"
+    framer = LengthFramer(1000)
+    assert feed_all(framer, chunked(wire, cuts)) == [
+        b"abc", BadFrame(TOO_LONG, len(bad), bad[:BAD_HEAD_BYTES]), b"ok"]
+    assert framer.skipped_bytes == len(bad) and framer.pending_bytes == 0
+
+
+def test_a_body_ending_inside_a_bad_length_line_reports_it_with_its_size_so_far() -> None:
+    framer = LengthFramer(1024)
+    assert framer.feed(b"4\r\nok\r\n" + b"x" * 3000) == [b"ok"]
+    assert framer.feed(b"x" * 2000) == []
+    assert framer.cut_oversize() is None  # no over-size message: a bad line
+    assert framer.cut_bad_line() == BadFrame(TOO_LONG_CUT, 5000, b"x" * BAD_HEAD_BYTES)
+    assert framer.skipped_bytes == 5000
+    assert framer.pending_bytes == 0 and framer.cut_bad_line() is None  # reset: reported once
+    assert framer.feed(b"4\r\nok\r\n") == [b"ok"]  # the next body frames from its start
+    # a length line not known bad yet is a partial frame (a cut), not a bad one
+    assert framer.feed(b"12") == [] and framer.cut_bad_line() is None
+    assert framer.pending_bytes == 2
 
 
 def test_length_framer_oversize_skips_without_buffering() -> None:
@@ -345,3 +427,32 @@ def test_a_limit_count_no_stream_can_have_is_not_added_to_the_missed_count() -> 
         intake.on_data(conn, b'{"limit":{"track":%d}}\r\n' % count)
         intake.settle()
     assert stats.limit_missed == 12 and conn.limit_track == 12
+
+
+def test_the_intake_spools_bad_length_lines_with_their_size_and_reason() -> None:
+    """Each bad length line is spooled once, in stream order, with the size the framer counted
+    and its reason; one the body's end cuts is spooled too (not counted as a routine cut)."""
+    spooled: list[tuple[int, bytes]] = []
+    stats = ReaderStats()
+    intake = BodyIntake(lambda items, conn_id, generation, now_ns: spooled.extend(items),
+                        stats, is_full=lambda: False, drop_when_full=False,
+                        clock=time.monotonic)
+    stream = StreamSettings(url="https://stream.twitter.com/1.1/statuses/filter.json",
+                            track=("a",))
+    conn = Connection(1, 0, stream, pycurl.Curl(), LengthFramer(1024), 0.0, 0.0, status=200)
+    long_line = b"1" * 1_000_000 + b"\r\n"
+    body = (b'9\r\n{"id":1}\r\n' + long_line + b'abc\r\n9\r\n{"id":2}\r\n'
+            + b"2" * 5000)
+    assert intake.on_data(conn, body) is None
+    intake.end(conn)  # the connection closes inside the second long line
+    conn.close(Ending.NETWORK)
+    assert [kind for kind, _ in spooled] == [KIND_MESSAGE, KIND_BADFRAME_SIZED,
+                                             KIND_BADFRAME_SIZED, KIND_MESSAGE,
+                                             KIND_BADFRAME_SIZED]
+    assert [read_badframe(kind, payload) for kind, payload in spooled
+            if kind == KIND_BADFRAME_SIZED] == [
+        BadFrameRecord(len(long_line), TOO_LONG, long_line[:BAD_HEAD_BYTES]),
+        BadFrameRecord(5, NOT_A_NUMBER, b"abc\r\n"),
+        BadFrameRecord(5000, TOO_LONG_CUT, b"2" * BAD_HEAD_BYTES),
+    ]
+    assert stats.bad_frames == 3 and conn.cut_bytes == 0

@@ -32,18 +32,23 @@ from ingestd.spool.format import (
     BODY,
     CHECKPOINT,
     HEADER_SIZE,
+    KIND_BADFRAME,
+    KIND_BADFRAME_SIZED,
     KIND_MESSAGE,
     KIND_OVERSIZE,
     KIND_OVERSIZE_SIZED,
     KIND_PARTIAL,
     MAGIC,
     PREFIX,
+    BadFrameRecord,
     Checkpoint,
     OversizeRecord,
     Record,
+    badframe_payload,
     encode_record,
     list_segments,
     oversize_payload,
+    read_badframe,
     read_checkpoint,
     read_oversize,
     segment_name,
@@ -125,6 +130,32 @@ def test_oversize_records_carry_their_size_and_older_ones_still_read(tmp_path: P
     assert read_oversize(old.kind, old.payload) == OversizeRecord(None, None, b"old head")
     assert read_oversize(new.kind, new.payload) == OversizeRecord(2_000_000, 1_000_000,
                                                                   b"new head")
+    writer.close()
+
+
+def test_bad_frame_records_carry_size_and_reason_and_older_ones_still_read(tmp_path: Path
+                                                                           ) -> None:
+    """A bad length line's record holds its size and the framer's reason before its head; a
+    spool holding the older kind (head only) next to it reads both."""
+    writer = make_writer(tmp_path)
+    head = b"9" * 1024
+    writer.append([(KIND_BADFRAME, b"12x\r"),
+                   (KIND_BADFRAME_SIZED, badframe_payload(1_000_002, "length line too long", head)),
+                   (KIND_BADFRAME_SIZED, badframe_payload(5, "length line is not a number",
+                                                          b"abc\r\n"))],
+                  1, 1, 5)
+    old, new, short = SpoolReader(tmp_path).read(10, BIG)
+    assert (old.kind, new.kind, short.kind) == (KIND_BADFRAME, KIND_BADFRAME_SIZED,
+                                                KIND_BADFRAME_SIZED)
+    assert read_badframe(old.kind, old.payload) == BadFrameRecord(None, None, b"12x\r")
+    assert read_badframe(new.kind, new.payload) == BadFrameRecord(1_000_002,
+                                                                  "length line too long", head)
+    assert read_badframe(short.kind, short.payload) == BadFrameRecord(
+        5, "length line is not a number", b"abc\r\n")
+    # a payload too short for what its header says is all head, never a misread size
+    cut = badframe_payload(7, "length line too long", b"")[:-3]
+    assert read_badframe(KIND_BADFRAME_SIZED, cut) == BadFrameRecord(None, None, cut)
+    assert read_badframe(KIND_BADFRAME_SIZED, b"\x01") == BadFrameRecord(None, None, b"\x01")
     writer.close()
 
 

@@ -63,6 +63,7 @@ from ingestd.sink.mongo import ErrorClass, classify_error, open_collection, writ
 from ingestd.sink.worker import StoreWorker
 from ingestd.spool.format import (
     KIND_BADFRAME,
+    KIND_BADFRAME_SIZED,
     KIND_MESSAGE,
     KIND_OVERSIZE,
     KIND_OVERSIZE_SIZED,
@@ -70,6 +71,7 @@ from ingestd.spool.format import (
     Checkpoint,
     Record,
     RecordRef,
+    badframe_payload,
     oversize_payload,
 )
 from ingestd.spool.generations import GenerationRecord
@@ -516,6 +518,36 @@ def test_oversize_records_of_either_spool_version_are_dead_lettered_truncated(
     assert "size was not recorded (spooled by an older version)" in old["detail"]
     assert DeadLetterStore.raw_of(new) == DeadLetterStore.raw_of(old) == head
     assert h.worker.counters()["deadlettered"]["oversize"] == 2
+
+
+def test_bad_length_lines_are_dead_lettered_with_their_size_and_reason(
+        harness_factory: Callable[..., Harness]) -> None:
+    """A million-digit length line is dead-lettered with the size the framer counted, as
+    truncated (only its head was kept), the framer's reason in its detail and its log line's
+    size; a short one whole. A record of the older kind (head only) is read as before."""
+    h = harness_factory()
+    head = b"9" * 1024
+    h.spool.add(badframe_payload(1_000_002, "length line too long", head),
+                kind=KIND_BADFRAME_SIZED)
+    h.spool.add(badframe_payload(5, "length line is not a number", b"abc\r\n"),
+                kind=KIND_BADFRAME_SIZED)
+    h.spool.add(b"12x\r", kind=KIND_BADFRAME)
+    with structlog.testing.capture_logs() as logs:
+        h.drain()
+    long, short, old = h.deadletters.iter_entries()
+    assert (long["reason"], long["size"], long["truncated"]) == ("bad_frame", 1_000_002, True)
+    assert long["detail"] == "length line too long: a line of 1000002 bytes, its first 1024 kept"
+    assert DeadLetterStore.raw_of(long) == head
+    assert (short["reason"], short["size"], short["truncated"]) == ("bad_frame", 5, False)
+    assert short["detail"] == "length line is not a number: a line of 5 bytes, its first 5 kept"
+    assert DeadLetterStore.raw_of(short) == b"abc\r\n"
+    assert (old["reason"], old["size"], old["truncated"], old["detail"]) == (
+        "bad_frame", 4, False, f"spool record kind {KIND_BADFRAME}")
+    assert DeadLetterStore.raw_of(old) == b"12x\r"
+    logged = [e for e in logs if e["event"] == "dead_letter"]
+    assert [e["size"] for e in logged] == [1_000_002, 5, 4]
+    c = h.worker.counters()
+    assert c["deadlettered"] == {"bad_frame": 3} and reconciles(c)
 
 
 def test_server_rejects_one_document_others_stored(harness_factory: Callable[..., Harness],

@@ -32,7 +32,13 @@ from ingestd.sink.mongo import (
     error_name,
 )
 from ingestd.sink.target import MongoTarget
-from ingestd.spool.format import KIND_MESSAGE, Record, RecordRef, read_oversize
+from ingestd.spool.format import (
+    KIND_MESSAGE,
+    Record,
+    RecordRef,
+    read_badframe,
+    read_oversize,
+)
 
 log = structlog.get_logger("ingestd.sink.retry")
 
@@ -286,6 +292,17 @@ class DeadLetterWriter:
             detail = f"message of {size} bytes over stream.max_message_bytes {limit}"
         self.put("oversize", record._replace(payload=head), detail=detail, size=size, cut=True)
         bump(self._counters.deadlettered, "oversize")
+
+    def add_bad_frame(self, record: Record) -> None:
+        """Dead-letter a bad length line's ``KIND_BADFRAME_SIZED`` record: its head, with the
+        size the framer counted (``truncated`` when the head is less) and the framer's reason."""
+        size, reason, head = read_badframe(record.kind, record.payload)
+        if size is None:  # a record too short for its header: say what it is, keep its bytes
+            self.add("bad_frame", record, detail=f"spool record kind {record.kind}")
+            return
+        detail = f"{reason}: a line of {size} bytes, its first {len(head)} kept"
+        self.put("bad_frame", record._replace(payload=head), detail=detail, size=size)
+        bump(self._counters.deadlettered, "bad_frame")
 
     def add_ref(self, reason: MessageReason, ref: RecordRef, *, code: int | None = None,
                 detail: str = "") -> None:

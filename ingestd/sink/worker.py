@@ -47,6 +47,7 @@ from ingestd.sink.retry import TICK_INTERVAL, DeadLetterWriter, GiveUp, Retrier
 from ingestd.sink.target import CollectionFactory, MongoTarget, log_notices
 from ingestd.spool.format import (
     KIND_BADFRAME,
+    KIND_BADFRAME_SIZED,
     KIND_EVENT,
     KIND_MESSAGE,
     KIND_OVERSIZE,
@@ -77,7 +78,7 @@ GATHER_SECONDS = 0.1
 TRIM_AFTER_BYTES = 16 * 1024 * 1024
 OVERSIZE_KINDS = (KIND_OVERSIZE_SIZED, KIND_OVERSIZE)  # the second in older spools only
 FRAME_REASONS: dict[int, MessageReason] = {
-    KIND_BADFRAME: "bad_frame",
+    KIND_BADFRAME: "bad_frame",  # an older spool's: the head only (KIND_BADFRAME_SIZED now)
     KIND_PARTIAL: "partial_message",
 }
 
@@ -432,6 +433,8 @@ class StoreWorker:
             self._take_message(record, encoded)
         elif record.kind in OVERSIZE_KINDS:
             self._letters.add_oversize(record)
+        elif record.kind == KIND_BADFRAME_SIZED:
+            self._letters.add_bad_frame(record)
         else:
             self._letters.add(FRAME_REASONS.get(record.kind, "bad_frame"), record,
                               detail=f"spool record kind {record.kind}")

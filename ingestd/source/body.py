@@ -19,13 +19,14 @@ import structlog
 from ingestd.documents.labels import LIMIT_TRACK_MAX
 from ingestd.source.backoff import Ending
 from ingestd.source.connection import Connection
-from ingestd.source.framing import BadFrame, Frame, Oversize
+from ingestd.source.framing import BadFrame, Frame, LengthFramer, Oversize
 from ingestd.source.inflate import BadEncoding
 from ingestd.source.stats import ReaderStats
 from ingestd.spool.format import (
-    KIND_BADFRAME,
+    KIND_BADFRAME_SIZED,
     KIND_MESSAGE,
     KIND_OVERSIZE_SIZED,
+    badframe_payload,
     oversize_payload,
 )
 
@@ -164,10 +165,17 @@ class BodyIntake:
             self._spool(conn, frames)
 
     def end(self, conn: Connection) -> None:
-        """``conn``'s body ends: what is held is framed, and an over-size message it cut short
-        goes to the spool as over-size (dead-lettered with its head), not counted as a cut."""
+        """``conn``'s body ends: what is held is framed, and an over-size message or a bad
+        length line it cut short goes to the spool as such (dead-lettered with its head and its
+        size so far), not counted as a cut."""
         self.settle()
-        if conn.status == 200 and (item := conn.framer.cut_oversize()) is not None:
+        if conn.status != 200:
+            return
+        framer = conn.framer
+        item: Frame | None = framer.cut_oversize()
+        if item is None and isinstance(framer, LengthFramer):
+            item = framer.cut_bad_line()
+        if item is not None:
             self._spool(conn, [item])
 
     def _spool(self, conn: Connection, frames: list[Frame]) -> None:
@@ -184,8 +192,8 @@ class BodyIntake:
                 append((KIND_OVERSIZE_SIZED, oversize_payload(item.size, framer.max_message_bytes,
                                                               item.head)))
             elif isinstance(item, BadFrame):
-                stats.bad_frames += 1
-                append((KIND_BADFRAME, item.head))
+                stats.bad_frames += 1  # its size and the framer's reason travel with it too
+                append((KIND_BADFRAME_SIZED, badframe_payload(item.size, item.reason, item.head)))
         if not items:
             return
         conn.messages += len(items)

@@ -4,7 +4,8 @@ libcurl hands the WRITEFUNCTION arbitrary slices of the body: a slice may hold s
 part of one, or end inside a ``\\r\\n`` or a multi-byte UTF-8 character. The framers work on bytes
 only (never decode), cost O(n) whatever the slicing, and never hold more than about
 ``max_message_bytes`` of one message: an over-size message is skipped up to its end and reported
-once as :class:`Oversize`, so memory stays bounded whatever the input.
+once as :class:`Oversize`, and a bad length line likewise as :class:`BadFrame`, so memory stays
+bounded whatever the input.
 
     framer = LineFramer(max_message_bytes=500_000)
     for item in framer.feed(chunk):
@@ -21,10 +22,15 @@ HEAD_BYTES = 64 * 1024
 raw bytes, ``sink.deadletter.RAW_CAP``)."""
 
 BAD_HEAD_BYTES = 1024
-"""How many leading bytes of a bad length line are kept (of the slice it was found in)."""
+"""How many leading bytes of a bad length line are kept (its line end too, if within them)."""
 
 MAX_LENGTH_LINE = 12
 """Longest accepted ``delimited=length`` line (digits, before the line ending)."""
+
+# The reasons of a BadFrame (the dead letter's detail quotes them).
+NOT_A_NUMBER = "length line is not a number"
+TOO_LONG = "length line too long"
+TOO_LONG_CUT = "length line too long, cut by the body's end"
 
 CRLF = b"\r\n"
 
@@ -43,9 +49,14 @@ class Oversize:
 
 @dataclass(frozen=True, slots=True)
 class BadFrame:
-    """A ``delimited=length`` line that is not a length; the framer resynchronised after it."""
+    """A ``delimited=length`` line that is not a length; the framer resynchronised after it.
+
+    ``size`` is the line's length as skipped: through its ``\\n``, or up to the body's end (a
+    body that ended inside it); ``head`` its first ``BAD_HEAD_BYTES`` bytes.
+    """
 
     reason: str
+    size: int
     head: bytes
 
 
@@ -188,9 +199,10 @@ class _LenState(Enum):
 class LengthFramer:
     """Frames ``delimited=length`` bodies: ``<N>\\r\\n`` then N bytes ending with ``\\r\\n``.
 
-    A bad length line yields one :class:`BadFrame` and the framer resynchronises at the next
-    line. A payload that does not end with ``\\r\\n`` (a miscounted length) is still returned
-    whole, so nothing is lost, and counted in ``length_mismatches``.
+    A bad length line yields one :class:`BadFrame`, with its size, once its end is found (one
+    too long for a length is skipped to there, only its head kept); the framer resynchronises at
+    the next line. A payload that does not end with ``\\r\\n`` (a miscounted length) is still
+    returned whole, so nothing is lost, and counted in ``length_mismatches``.
     """
 
     def __init__(self, max_message_bytes: int) -> None:
@@ -205,7 +217,8 @@ class LengthFramer:
         self._buf = bytearray()  # partial payload
         self._need = 0  # declared payload length
         self._left = 0  # SKIP: payload bytes still to skip
-        self._head = bytearray()  # SKIP: first HEAD_BYTES of the payload
+        self._head = bytearray()  # SKIP: first HEAD_BYTES of the payload; DISCARD: of the line
+        self._bad_size = 0  # DISCARD: bytes of the bad line so far
         self._frame_bytes = 0  # bytes of the current frame's length line
 
     @property
@@ -228,7 +241,7 @@ class LengthFramer:
         self._line.clear()
         self._buf.clear()
         self._head.clear()
-        self._need = self._left = self._frame_bytes = 0
+        self._need = self._left = self._frame_bytes = self._bad_size = 0
 
     def cut_oversize(self) -> Oversize | None:
         """The body ended inside an over-size payload: it (its declared size), to be reported as
@@ -237,6 +250,15 @@ class LengthFramer:
             return None
         self.skipped_bytes += self._need - self._left
         item = Oversize(self._need, bytes(self._head))
+        self.reset()
+        return item
+
+    def cut_bad_line(self) -> BadFrame | None:
+        """The body ended inside a length line found too long: it (its size so far), to be
+        reported as a bad frame rather than lost; None if none was being skipped."""
+        if self._state is not _LenState.DISCARD:
+            return None
+        item = BadFrame(TOO_LONG_CUT, self._bad_size, bytes(self._head))
         self.reset()
         return item
 
@@ -252,7 +274,7 @@ class LengthFramer:
             elif self._state is _LenState.SKIP:
                 pos = self._feed_skip(data, pos, out)
             else:
-                pos = self._feed_discard(data, pos)
+                pos = self._feed_discard(data, pos, out)
         return out
 
     def _feed_line(self, data: bytes, pos: int, out: list[Frame]) -> int:
@@ -263,8 +285,11 @@ class LengthFramer:
             if len(data) - pos <= room:
                 self._line += data[pos:]
                 return len(data)
-            self._bad_line(data[pos : pos + BAD_HEAD_BYTES], "length line too long", out)
-            self._state = _LenState.DISCARD  # counts the line's bytes from pos on
+            # Too long for a length: skipped to its end, which reports it (``_feed_discard``).
+            self._state, self._bad_size = _LenState.DISCARD, len(self._line)
+            self._head += self._line
+            self.skipped_bytes += len(self._line)
+            self._line.clear()
             return pos
         line = bytes(self._line) + data[pos:nl]
         self._line.clear()
@@ -276,16 +301,11 @@ class LengthFramer:
         if not digits:
             self.keepalives += 1
         elif not digits.isdigit() or len(digits) > MAX_LENGTH_LINE:
-            self._bad_line(b"", "length line is not a number", out, line)
-            self.skipped_bytes += 1  # its \n
+            whole = line + b"\n"  # at most MAX_LENGTH_LINE + 2 bytes: the search's bound
+            self.skipped_bytes += len(whole)
+            out.append(BadFrame(NOT_A_NUMBER, len(whole), whole))
         else:
             self._start_payload(int(digits), len(line) + 1)
-
-    def _bad_line(self, more: bytes, reason: str, out: list[Frame], line: bytes = b"") -> None:
-        head = (bytes(self._line) + line + more)[:BAD_HEAD_BYTES]
-        self.skipped_bytes += len(self._line) + len(line)
-        self._line.clear()
-        out.append(BadFrame(reason, head))
 
     def _start_payload(self, size: int, line_bytes: int) -> None:
         if size == 0:  # an empty frame carries nothing: treat it like a blank line
@@ -330,10 +350,15 @@ class LengthFramer:
             self.reset()
         return pos + take
 
-    def _feed_discard(self, data: bytes, pos: int) -> int:
+    def _feed_discard(self, data: bytes, pos: int, out: list[Frame]) -> int:
         nl = data.find(b"\n", pos)
         stop = len(data) if nl < 0 else nl + 1
+        room = BAD_HEAD_BYTES - len(self._head)
+        if room > 0:
+            self._head += data[pos : min(stop, pos + room)]
         self.skipped_bytes += stop - pos
+        self._bad_size += stop - pos
         if nl >= 0:
-            self._state = _LenState.LINE
+            out.append(BadFrame(TOO_LONG, self._bad_size, bytes(self._head)))
+            self.reset()
         return stop

@@ -17,6 +17,10 @@ Record layout (little-endian)::
 An over-size message is a ``KIND_OVERSIZE_SIZED`` record: ``size u64  limit u64 | head``, its
 real size as the framer counted it, the ``stream.max_message_bytes`` it was over, and its first
 bytes. Spools written before that hold ``KIND_OVERSIZE`` records (the head only), still read.
+A bad ``delimited=length`` line is a ``KIND_BADFRAME_SIZED`` record: ``size u64  reason_len u16 |
+reason | head``, the line's size as the framer counted it (through its line end, or the body's end),
+the framer's reason (UTF-8) and the line's first bytes. Older spools hold ``KIND_BADFRAME``
+records (the head only), still read.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ KIND_EVENT = 4
 # (KIND_OVERSIZE records, from older versions, hold only the head.)
 KIND_OVERSIZE_SIZED = 5
 OVERSIZE = struct.Struct("<QQ")  # size, max_message_bytes
+# A bad length line with its size and the framer's reason (``BADFRAME``, then the reason), then
+# its head. (KIND_BADFRAME records, from older versions, hold only the head.)
+KIND_BADFRAME_SIZED = 6
+BADFRAME = struct.Struct("<QH")  # size, length of the reason that follows
 
 MAGIC = b"\xa5IR\x5a"
 PREFIX = struct.Struct("<4sII")  # magic, length, crc
@@ -128,6 +136,33 @@ def read_oversize(kind: int, payload: bytes) -> OversizeRecord:
         return OversizeRecord(None, None, payload)
     size, limit = OVERSIZE.unpack_from(payload)
     return OversizeRecord(size, limit, payload[OVERSIZE.size:])
+
+
+class BadFrameRecord(NamedTuple):
+    """What a bad length line's record says: ``size`` and ``reason`` are None in a
+    ``KIND_BADFRAME`` record (written before they were recorded)."""
+
+    size: int | None
+    reason: str | None
+    head: bytes
+
+
+def badframe_payload(size: int, reason: str, head: bytes) -> bytes:
+    """The payload of a ``KIND_BADFRAME_SIZED`` record."""
+    text = reason.encode("utf-8")
+    return BADFRAME.pack(size, len(text)) + text + head
+
+
+def read_badframe(kind: int, payload: bytes) -> BadFrameRecord:
+    """A bad length line's record, of either kind (one too short for its header: all head)."""
+    if kind != KIND_BADFRAME_SIZED or len(payload) < BADFRAME.size:
+        return BadFrameRecord(None, None, payload)
+    size, reason_len = BADFRAME.unpack_from(payload)
+    start = BADFRAME.size + reason_len
+    if len(payload) < start:
+        return BadFrameRecord(None, None, payload)
+    reason = payload[BADFRAME.size:start].decode("utf-8", "replace")
+    return BadFrameRecord(size, reason, payload[start:])
 
 
 @dataclass(frozen=True, slots=True)
