@@ -17,7 +17,7 @@ import re
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -371,3 +371,40 @@ def test_every_recipe_is_tested() -> None:
               "tweets_in_configured_box", "retweet_share", "language_mix", "tweets_with_hashtag",
               "hourly_completeness"}
     assert set(recipes()) == tested
+
+
+def test_recipe_hourly_completeness_counts_a_lagging_connections_gap_as_the_tool_does(
+        cook: dict[str, Callable[..., Any]], mongo_uri: str) -> None:
+    """A gap 0.3 s long by receipt and 2.0 s by the messages' own times, half a second into an
+    hour: the recipe, like ``ingestd coverage``, counts 1.5 s in the hour before and 0.5 s in
+    its own, never past the end of the gap before."""
+    from ingestd.sink.coverage import HOUR_NS
+    from ingestd.tools.coverage import build_rows
+
+    s = 10**9
+    hour_ns = (int(datetime.now().timestamp()) * s // HOUR_NS - 3) * HOUR_NS
+    end_ns = hour_ns + s // 2
+
+    def date(ns: int) -> datetime:
+        return datetime.fromtimestamp(ns // 10**6 / 1000, UTC).replace(tzinfo=None)  # as pymongo
+
+    gaps = [{"_id": f"a:{ns}", "kind": "gap", "instance": "a", "cause": "reconnect",
+             "causes": ["reconnect"], "start": date(ns), "end": date(end), "start_ns": ns,
+             "end_ns": end, "seconds": round((end - ns) / 1e9, 3), "message_seconds": held,
+             "previous_end_ns": floor}
+            for ns, end, held, floor in [(end_ns - 3 * s // 10, end_ns, 2.0, hour_ns - 60 * s),
+                                         # a later one whose lagging connection came up late
+                                         (end_ns + 100 * s, end_ns + 101 * s, 9.0,
+                                          end_ns + 97 * s)]]
+    client: pymongo.MongoClient[Doc] = pymongo.MongoClient(mongo_uri)
+    try:
+        db = client[f"lag_{uuid.uuid4().hex[:8]}"]
+        db.coverage.insert_many(gaps)
+        start, end = date(hour_ns - HOUR_NS), date(hour_ns + HOUR_NS)
+        got = cook["hourly_completeness"](db.tweets, db.coverage, start, end, end)
+    finally:
+        client.drop_database(db.name)
+        client.close()
+    tool = build_rows([], gaps, hour_ns - HOUR_NS, hour_ns + HOUR_NS, now_ns=hour_ns + HOUR_NS)
+    assert [round(r["offline_seconds"], 3) for r in got] == [1.5, 0.5 + 4.0]
+    assert [r.offline_seconds for r in tool] == [1.5, 4.5]

@@ -38,13 +38,20 @@ from ingestd.sink.coverage import (
     HOUR_NS,
     CoverageLedger,
     message_time_ns,
+    offline_span,
     split_hours,
 )
 from ingestd.sink.retry import Retrier
 from ingestd.spool.events import GapMarkers, decode_event, encode_event
 from ingestd.spool.format import KIND_EVENT, KIND_MESSAGE, Record
 from ingestd.spool.writer import SpoolWriter
-from ingestd.tools.coverage import UnknownInstance, build_rows, render, resolve_instance
+from ingestd.tools.coverage import (
+    UnknownInstance,
+    build_rows,
+    lag_notes,
+    render,
+    resolve_instance,
+)
 from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.mongo import stored_ids
 from tests.support.simulator import GroundTruthLog, SimProcess
@@ -723,6 +730,70 @@ def test_coverage_table_lists_every_cause_of_the_hours_gaps() -> None:
     assert row.causes == ["not_started", "http_error", "stopped", "reconnect", "rate_limited"]
     assert render([row]).splitlines()[1].endswith(
         "  not_started,http_error,stopped,reconnect,rate_limited")
+
+
+def _lagged_gap(start_ns: int, end_ns: int, message_seconds: float,
+                previous_end_ns: int | None) -> dict[str, Any]:
+    gap = {"instance": "a", "start_ns": start_ns, "end_ns": end_ns, "cause": "reconnect",
+           "causes": ["reconnect"], "seconds": round((end_ns - start_ns) / 1e9, 3),
+           "message_seconds": message_seconds, "last_message_ns": start_ns - 2 * 10**9}
+    return gap if previous_end_ns is None else {**gap, "previous_end_ns": previous_end_ns}
+
+
+def test_a_lagging_connections_gap_counts_its_hole_by_the_messages_times() -> None:
+    """A connection that lagged 1.7 s: the gap lasted 0.3 s by receipt, 2.0 s by the messages'
+    own times. The hours count the 2.0 s (reaching back from its end, across the hour's start),
+    never past the end of the gap before, and a lag under LAG_SECONDS not at all."""
+    h, s = HOUR_NS, 10**9
+    end = 11 * h + s // 2  # half a second into hour 11
+    rows = build_rows([], [_lagged_gap(end - 3 * s // 10, end, 2.0, 10 * h)], 10 * h, 12 * h,
+                      now_ns=12 * h)
+    assert [(r.hour[11:13], r.offline_seconds) for r in rows] == [("10", 1.5), ("11", 0.5)]
+    assert offline_span(_lagged_gap(end - 3 * s // 10, end, 2.0, 10 * h)) == (end - 2 * s, end)
+    floor = end - s  # the connection that lagged came up only a second before the gap's end
+    assert offline_span(_lagged_gap(end - 3 * s // 10, end, 2.0, floor)) == (floor, end)
+    # no known start of the lagging connection, or a lag within LAG_SECONDS: receipt times
+    assert offline_span(_lagged_gap(end - 3 * s // 10, end, 2.0, None)) == (end - 3 * s // 10,
+                                                                           end)
+    assert offline_span(_lagged_gap(end - s, end, 1.9, 10 * h)) == (end - s, end)
+    (note,) = lag_notes([{**_lagged_gap(end - 3 * s // 10, end, 2.0, 10 * h), "_id": "x"}])
+    assert "0.3 s by receipt but 2.0 s by the messages' own times" in note
+    assert not lag_notes([_lagged_gap(end - s, end, 1.9, 10 * h)])
+
+
+def test_the_ledger_counts_a_lagging_connections_gap_in_its_hours(
+        mongo_uri: str, mongo_database: str) -> None:
+    """The store worker's ledger: a connection comes up, lags (its last message published 1.7 s
+    before it was received), is cut off, and the next connection's first message is fresh. The
+    hour document counts the hole by the messages' own times, and a replay changes nothing."""
+    s = 10**9
+    hour = (time.time_ns() // HOUR_NS) * HOUR_NS - 2 * HOUR_NS
+    up, cut = hour + 600 * s, hour + 700 * s
+    after = cut + 3 * s // 10
+    records = [_marker(1, up - s, "reconnect", up - 10 * s),
+               _rec(2, up, b'{"id":2,"text":"x","timestamp_ms":"%d"}' % (up // 10**6)),
+               _rec(3, cut, b'{"id":3,"text":"x","timestamp_ms":"%d"}' % ((cut - 17 * s // 10)
+                                                                         // 10**6)),
+               _marker(4, cut + s // 10, "reconnect", cut),
+               _rec(5, after, b'{"id":5,"text":"x","timestamp_ms":"%d"}' % (after // 10**6))]
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+    try:
+        coll = client[mongo_database].tweets
+        docs = []
+        for _ in range(2):  # the second time, a new store worker replays the spool
+            ledger_, _ = _ledger_pair(coll, _Now())
+            for record in records:
+                (ledger_.on_event if record.kind == KIND_EVENT else ledger_.on_live)(record)
+            flush(ledger_)
+            docs.append(sorted(client[mongo_database].coverage.find(), key=lambda d: d["_id"]))
+    finally:
+        client.close()
+    assert docs[0] == docs[1]
+    gap = next(d for d in docs[0] if d.get("start_ns") == cut)
+    assert (gap["seconds"], gap["message_seconds"], gap["previous_end_ns"]) == (0.3, 2.0, up)
+    (hour_doc,) = [d for d in docs[0] if d["kind"] == "hour"]
+    assert hour_doc["gap_seconds"][str(cut)] == 2.0
+    assert hour_doc["offline_seconds"] == 10.0 + 2.0  # the first gap's 10 s, then the lag's
 
 
 def test_coverage_table_shows_whole_instance_names_in_aligned_columns() -> None:

@@ -373,6 +373,12 @@ def test_a_stream_worker_that_falls_behind_is_warned_then_cut_off_and_loses_noth
     assert gap["message_seconds"] == round((first_after - last_before) / 1000, 3)
     # at 1000/s, the 1500 dropped tweets were published over 1.5 s before the reconnect
     assert gap["message_seconds"] >= gap["seconds"] + 1.5 * 0.9, gap
+    # The hours count the longer hole, reaching back from the gap's end (a lag, not a clock)
+    assert gap["previous_end_ns"] < gap["end_ns"] - round(gap["message_seconds"] * 1e9)
+    key = str(gap["start_ns"])
+    counted = [h["gap_seconds"][key] for h in ledger(mongo_uri, mongo_database, "hour")
+               if key in h["gap_seconds"]]
+    assert round(sum(counted), 3) == pytest.approx(gap["message_seconds"], abs=0.002), counted
     shown = coverage_text(daemon)
     assert f"{gap['message_seconds']:.1f} s by the messages' own times" in shown, shown
     print(shown)

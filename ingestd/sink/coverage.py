@@ -9,7 +9,8 @@ written by the store worker in spool order (before the spool is acked, like the 
   connection coming up); ``end`` is null while the gap is open. Dates are BSON dates (UTC).
   ``last_message_time``: the own timestamp (``timestamp_ms``) of the last message before the gap;
   ``first_message_time`` that of the first message after it, and ``message_seconds`` the hole by
-  those own times (longer than ``seconds`` when the connection lagged behind the endpoint).
+  those own times (longer than ``seconds`` when the connection lagged behind the endpoint);
+  ``previous_end_ns`` the end of the gap before in this run, which such a lag never reaches past.
   In ``ha.mode: standby`` also ``ha_instance``; a ``takeover`` gap has ``start_basis``: ``lease``
   (the previous holder's last receive time, as its last lease renewal said) until the previous
   holder's own ledger reports the gap in which it stopped (see ``Handover``): then
@@ -19,7 +20,8 @@ written by the store worker in spool order (before the spool is acked, like the 
 - hour ``{_id: "hour:<instance>:<YYYY-MM-DDTHH>", kind: "hour", instance, hour, tweets,
   hour_ns, tweets, seq, limit_max: {conn: cumulative limit.track}, gap_seconds: {start_ns:
   seconds in this hour}, offline_seconds}``: ``tweets`` newly stored (duplicates not counted)
-  that were received in that hour, counted up to spool record ``seq``.
+  that were received in that hour, counted up to spool record ``seq``; a gap's seconds are those
+  of its ``offline_span`` (a lagging connection's reach back by its ``message_seconds``).
 
 Replaying the spool after a crash rewrites the same documents: gap documents are replaced by
 their ``_id``; limit counts and gap seconds are maxima keyed by connection and gap; a replayed
@@ -110,6 +112,25 @@ def split_hours(start_ns: int, end_ns: int) -> list[tuple[int, float]]:
             parts.append((hour, (hi - lo) / 1e9))
         hour += HOUR_NS
     return parts
+
+
+LAG_SECONDS = 1.0  # a hole by the messages' own times this much longer: the connection lagged
+
+
+def offline_span(gap: Document, end_ns: int | None = None) -> tuple[int, int]:
+    """The receive-time span a gap's offline seconds count: ``start`` to ``end`` (``end_ns`` for
+    an open gap), reaching back from ``end`` by ``message_seconds`` when that hole, by the
+    messages' own times, is ``LAG_SECONDS`` or more longer. Then the connection lagged: the
+    endpoint dropped what it had queued for it, tweets published before ``start``. Anchored at
+    ``end``, whose first message is fresh, so the endpoint's clock is never mixed with ours.
+    Never past ``previous_end_ns``, the end of the gap before: the lagging connection came up
+    then, so nothing older is this gap's (and odd message times cannot stretch it further)."""
+    start = gap["start_ns"]
+    end = gap["end_ns"] if end_ns is None else end_ns
+    held, floor = gap.get("message_seconds"), gap.get("previous_end_ns")
+    if held is not None and floor is not None and held >= (end - start) / 1e9 + LAG_SECONDS:
+        start = max(min(start, end - round(held * 1e9)), min(start, floor))
+    return start, end
 
 
 def _takes_over(gap: Document, cause: str) -> bool:
@@ -434,6 +455,7 @@ class CoverageLedger:
             "seconds": None, "cause": cause, "causes": [cause], "detail": detail,
             "marker_recv": utc(record.recv_ns),
             "last_message_time": utc(last_ns) if last_ns else None, "last_message_ns": last_ns,
+            **({"previous_end_ns": self._last_closed["end_ns"]} if self._last_closed else {}),
             **({"ha_instance": self.ha_instance} if self.ha_instance else {}),
             **({"started_at": utc(int(detail["started_ns"]))}
                if cause == NOT_STARTED and isinstance(detail.get("started_ns"), int) else {}),
@@ -476,15 +498,17 @@ class CoverageLedger:
         gap["first_message_time"] = utc(first_ns) if first_ns else None
         if first_ns and last_ns:
             gap["message_seconds"] = round(max(0, first_ns - last_ns) / 1e9, 3)
+            if gap.get("end_ns") is not None:
+                self._count_hours(gap, +1)  # a lag reaches back: it spans more than it did
         self._dirty_gaps[gap["_id"]] = gap
 
     def _count_hours(self, gap: Document, sign: int) -> None:
-        """Add (+1) or take back (-1) a closed gap's seconds in the hours it spans. Keyed by the
-        gap's first start (its ``_id``): a replay or a corrected start never counts it twice."""
-        start_ns, end_ns = gap["start_ns"], gap["end_ns"]
-        gap["seconds"] = round((end_ns - start_ns) / 1e9, 3)
+        """Add (+1) or take back (-1) a closed gap's seconds in the hours it spans (its
+        ``offline_span``). Keyed by the gap's first start (its ``_id``): a replay or a corrected
+        start never counts it twice."""
+        gap["seconds"] = round((gap["end_ns"] - gap["start_ns"]) / 1e9, 3)
         key = str(gap["_id"]).rsplit(":", 1)[-1]
-        for hour, seconds in split_hours(start_ns, end_ns):
+        for hour, seconds in split_hours(*offline_span(gap)):
             doc = self._hour(hour)
             if sign > 0:
                 doc["gap_seconds"][key] = round(seconds, 3)

@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, Any
 from ingestd.config.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError
 from ingestd.config.schema import Settings
 from ingestd.config.settings import load_settings
-from ingestd.sink.coverage import hour_start_ns, instance_name, split_hours
+from ingestd.sink.coverage import (
+    hour_start_ns,
+    instance_name,
+    offline_span,
+    split_hours,
+)
 from ingestd.spool.events import HOUR_NS, NOT_STARTED
 from ingestd.tools.check import explain_mongo_error
 
@@ -101,8 +106,8 @@ def build_rows(hours: list[dict[str, Any]], gaps: list[dict[str, Any]], since_ns
     for gap in gaps:
         if gap["cause"] == "limit":  # undelivered tweets (from the hours), not offline time
             continue
-        end = gap["end_ns"] if gap.get("end_ns") is not None else now_ns
-        for hour, seconds in split_hours(max(gap["start_ns"], first), min(end, until_ns)):
+        start, end = offline_span(gap, gap["end_ns"] if gap.get("end_ns") is not None else now_ns)
+        for hour, seconds in split_hours(max(start, first), min(end, until_ns)):
             r = row(gap["instance"], hour)
             r.offline_seconds = round(r.offline_seconds + seconds, 3)
             # Every cause the gap lasted through (``causes``), not only its main one.
@@ -202,23 +207,21 @@ def gap_json(gap: dict[str, Any]) -> dict[str, Any]:
                if gap.get(f"{k}_ns")}}
 
 
-LAG_NOTE_SECONDS = 1.0  # a hole by the messages' own times this much longer is worth a note
-
-
 def lag_notes(gaps: list[dict[str, Any]]) -> list[str]:
     """Gaps whose hole by the messages' own times is longer than by receive times: the
-    connection lagged behind the endpoint (its queue dropped, code 4), so the hours' offline
-    seconds understate what is missing."""
+    connection lagged behind the endpoint (its queue dropped, code 4). The hours count such a gap
+    by that longer hole (``offline_span``); the note says why an hour's offline seconds exceed
+    the gap's own."""
     notes = []
     for gap in sorted(gaps, key=lambda g: g["start_ns"]):
-        by_messages, by_receipt = gap.get("message_seconds"), gap.get("seconds")
-        if by_messages is None or by_receipt is None \
-                or by_messages < by_receipt + LAG_NOTE_SECONDS:
-            continue
+        if gap.get("end_ns") is None or offline_span(gap)[0] >= gap["start_ns"]:
+            continue  # open, or no lag: the hours count it as it is
+        by_messages, by_receipt = gap["message_seconds"], gap["seconds"]
         notes.append(f"note: the {gap['cause']} gap at {_iso(gap['start_ns'])} lasted "
                      f"{by_receipt:.1f} s by receipt but {by_messages:.1f} s by the messages' own "
                      f"times (from {_iso(gap['last_message_ns'])}): the connection lagged behind "
-                     f"the endpoint, and the tweets published meanwhile are missing")
+                     f"the endpoint, and the tweets published meanwhile are missing (the "
+                     f"hours count the longer hole)")
     return notes
 
 
