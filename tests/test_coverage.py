@@ -36,7 +36,9 @@ from ingestd.sink.batch import Entry
 from ingestd.sink.coverage import (
     HANDOVER_WAIT,
     HOUR_NS,
+    LIMIT_CONNECTIONS,
     CoverageLedger,
+    LimitSpans,
     message_time_ns,
     offline_span,
     split_hours,
@@ -730,6 +732,32 @@ def test_coverage_table_lists_every_cause_of_the_hours_gaps() -> None:
     assert row.causes == ["not_started", "http_error", "stopped", "reconnect", "rate_limited"]
     assert render([row]).splitlines()[1].endswith(
         "  not_started,http_error,stopped,reconnect,rate_limited")
+
+
+def test_limit_counts_are_kept_for_the_last_connections_only(
+        mongo_uri: str, mongo_database: str) -> None:
+    """The long-run audit: LimitSpans remembered every connection for the store worker's life
+    (one per reconnect or reload, for months). It keeps the last LIMIT_CONNECTIONS; a late
+    notice of an older one is counted from its document, and a replayed one adds nothing."""
+    s = 10**9
+    t = (time.time_ns() // HOUR_NS) * HOUR_NS + 60 * s
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+    try:
+        coll = client[mongo_database].coverage
+        spans = LimitSpans(lambda: coll, cast(Retrier, _Direct()), "host:/state")
+        for conn in range(1, 51):
+            spans.connected(conn, t + conn * s)
+            doc = spans.notice(conn, 10, t + conn * s + s // 2)
+            assert doc is not None and doc["undelivered"] == 10
+            coll.replace_one({"_id": doc["_id"]}, doc, upsert=True)  # as the ledger writes it
+        kept = (len(spans._up), len(spans._last))
+        late = spans.notice(1, 15, t + 60 * s)  # connection 1 is long forgotten
+        replayed = spans.notice(2, 10, t + 61 * s)
+    finally:
+        client.close()
+    assert kept == (LIMIT_CONNECTIONS, LIMIT_CONNECTIONS)
+    assert late is not None and late["undelivered"] == 15 and late["limit_track"] == 15
+    assert replayed is None
 
 
 def _lagged_gap(start_ns: int, end_ns: int, message_seconds: float,

@@ -139,6 +139,9 @@ def _takes_over(gap: Document, cause: str) -> bool:
     return cause == "takeover" and gap["cause"] == NOT_STARTED
 
 
+LIMIT_CONNECTIONS = 8  # connections whose limit counts LimitSpans keeps in memory
+
+
 class LimitSpans:
     """Limit notices as ``limit`` gap documents: tweets the filters matched and the endpoint did
     not deliver, one document per connection and hour, from the notice before (or the connection
@@ -154,7 +157,14 @@ class LimitSpans:
         self._docs: dict[str, Document] = {}  # the current hour's documents, by _id
 
     def connected(self, conn: int, ns: int) -> None:
+        """A connection came up. Only the last ``LIMIT_CONNECTIONS`` are remembered: a daemon
+        makes one per reconnect or reload for months, and a late notice comes from the one
+        before at most (an older one's count is read back from its document, ``_load_last``)."""
         self._up[conn] = ns
+        if len(self._up) > LIMIT_CONNECTIONS:
+            kept = list(self._up)[-LIMIT_CONNECTIONS:]  # in the order they came up
+            self._up = {c: self._up[c] for c in kept}
+            self._last = {c: v for c, v in self._last.items() if c in self._up}
 
     def notice(self, conn: int, count: int, ns: int) -> Document | None:
         """The document changed by this notice, or None if it adds nothing."""
