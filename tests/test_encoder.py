@@ -253,10 +253,13 @@ def test_an_idle_child_gives_its_free_heap_back_once_per_pause(
     jobs = jobs_for(real_payloads()[:50])
     try:
         for pause in (1, 2):
-            # (matchers, jobs, payloads in the pipe, documents at 0, not past the region's end)
-            send_frame(child_in, ({3: SPEC} if pause == 1 else {}, encoder_pool._pack_jobs(jobs),
-                                  -1, 0, 1 << 20), [job.payload for job in jobs])
-            (header, start), _ = recv_frame(child_out)
+            # (new matchers, generations dropped, jobs, payloads in the pipe, documents at 0,
+            # not past the region's end)
+            send_frame(child_in, ({3: SPEC} if pause == 1 else {}, [],
+                                  encoder_pool._pack_jobs(jobs), -1, 0, 1 << 20),
+                       [job.payload for job in jobs])
+            (header, start, held), _ = recv_frame(child_out)
+            assert held == (3,)
             assert list(encoder_pool._iter_results(header, region.back[start:])) \
                 == [encode(job, Matcher(*SPEC)) for job in jobs]
             wait_until(lambda n=pause: len(trims) >= n, 10, f"trim after pause {pause}")
@@ -285,7 +288,7 @@ def test_a_chunks_payloads_are_freed_before_its_answer_is_sent(
             raise EOFError
         blob = Blob(b"".join(job.payload for job in jobs))
         received.append(weakref.ref(blob))
-        return ({3: SPEC}, encoder_pool._pack_jobs(jobs), -1, 0, 1 << 20), blob
+        return ({3: SPEC}, [], encoder_pool._pack_jobs(jobs), -1, 0, 1 << 20), blob
 
     def send(fd: int, header: object, parts: list[bytes]) -> None:
         alive_at_send.append(received[0]() is not None)
@@ -297,3 +300,104 @@ def test_a_chunks_payloads_are_freed_before_its_answer_is_sent(
     os.close(fd)
     encoder_pool._serve(-1, -1, region)
     assert alive_at_send == [False]
+
+
+class ThreadChild:
+    """``subprocess.Popen`` for ``EncoderProcess``: the child's own code (``_serve`` behind its
+    ``_STARTED`` byte) run in a thread of this process, so that the matchers it holds can be
+    counted (``CountedMatcher``). Pipes, shared region and wire are the real ones."""
+
+    def __init__(self, args: list[str], **_: object) -> None:
+        fd, in_bytes, out_bytes = map(int, args[-3:])
+        region = encoder_pool.Region(fd, in_bytes, out_bytes)  # mapped: the caller closes fd
+        child_in, to_child = os.pipe()
+        from_child, child_out = os.pipe()
+        self.stdin, self.stdout = os.fdopen(to_child, "wb"), os.fdopen(from_child, "rb")
+        self.pid, self.returncode = os.getpid(), None
+
+        def serve() -> None:
+            try:
+                encoder_pool._write_all(child_out, [encoder_pool._STARTED])
+                encoder_pool._serve(child_in, child_out, region)
+            finally:
+                os.close(child_in)
+                os.close(child_out)
+
+        self._thread = threading.Thread(target=serve, daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive()
+        self.returncode = 0
+        return 0
+
+    def kill(self) -> None:
+        raise AssertionError("the thread child ends when its pipe closes")
+
+
+def test_the_child_holds_no_more_matchers_than_the_store_worker_and_old_ones_still_match(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``encoder_process: true`` the child lives as long as the daemon, through every reload:
+    it must hold the matchers of the generations the store worker keeps (16 plus the newest), not
+    one per reload for ever, and only the newest's caches at full size. A record of a generation
+    it dropped (a backlog) is still matched by that generation's own filters."""
+    from ingestd.documents.match_track import RETIRED_CACHE_SIZE
+    from ingestd.sink.encoder_split import MATCHER_GENERATIONS, Matchers
+    from ingestd.spool.generations import GenerationRecord
+    from tests.test_writer import make_settings
+
+    made: list[weakref.ref[Matcher]] = []
+
+    class CountedMatcher(Matcher):
+        def __init__(self, *args: object) -> None:
+            super().__init__(*args)  # type: ignore[arg-type]
+            made.append(weakref.ref(self))
+
+    def alive() -> list[Matcher]:
+        return [m for m in (ref() for ref in made) if m is not None]
+
+    monkeypatch.setattr(encoder_pool, "Matcher", CountedMatcher)  # the child's, not the worker's
+    monkeypatch.setattr(encoder_pool.subprocess, "Popen", ThreadChild)
+    monkeypatch.setattr(encoder_pool, "heap_trimmer", lambda: None)
+
+    def track(g: int) -> tuple[str, ...]:  # generation 1 matches much of the sample, others little
+        return ("the", "covid vaccine", "#music") if g == 1 else (f"word{g}", "beatles")
+
+    record = GenerationRecord(tmp_path)
+    record.record(1, (list(track(1)), [], []))
+    matchers = Matchers(1, make_settings("mongodb://127.0.0.1:1", "db", track=track(1)), record)
+    payloads = real_payloads()[:60]
+    last = MATCHER_GENERATIONS + 24
+    proc = EncoderProcess()
+    try:
+        for g in range(1, last + 1):
+            if g > 1:  # a reload
+                record.record(g, (list(track(g)), [], []))
+                matchers.add(g, make_settings("mongodb://127.0.0.1:1", "db", track=track(g)))
+            jobs = jobs_for(payloads, g)
+            proc.submit(jobs, matchers.specs)
+            assert proc.result() == [encode(job, Matcher(track(g))) for job in jobs]
+            assert len(alive()) <= MATCHER_GENERATIONS + 1, f"after generation {g}"
+        assert set(proc.child_generations) == set(matchers.specs) and 1 not in matchers.specs
+        assert all(m.track == list(track(last)) or m._track is None
+                   or m._track.cache_size == RETIRED_CACHE_SIZE for m in alive())
+        # A backlog of generation 1 read now: the child dropped it, so its first read is punted
+        # and the store worker matches it itself (resolved again from the record); the next read
+        # goes to the child with generation 1's filters sent again.
+        jobs = jobs_for(payloads, 1)
+        reference = [encode(job, Matcher(track(1))) for job in jobs]
+        proc.submit(jobs, matchers.specs)
+        answers = proc.result()
+        assert answers == [Encoded(PUNT)] * len(jobs)
+        taken = [encode(job, matchers.get(1)) if e.status == PUNT else e  # StoreWorker's path
+                 for job, e in zip(jobs, answers, strict=True)]
+        assert taken == reference
+        proc.submit(jobs, matchers.specs)
+        assert proc.result() == reference and 1 in proc.child_generations
+        assert len(alive()) <= MATCHER_GENERATIONS + 1
+        matched = [bson.decode(e.raw)["_ingest"]["matched"]["track"]
+                   for e in reference if e.status == OK]
+        assert sum(bool(m) for m in matched) > 10  # generation 1's filters, not the newest's
+    finally:
+        proc.close()

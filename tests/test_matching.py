@@ -417,3 +417,70 @@ def test_one_key_reports_every_phrase_it_completes_and_a_fresh_list() -> None:
     first.track.append("changed by the caller")
     assert m.match(tweet("api!")).track == ["Api", "api"]
     assert m.match(tweet("#api")).track == ["Api", "api"]
+
+
+# ---------------------------------------------------------------- caches across generations
+
+
+def distinct_tweets(count: int) -> list[dict[str, Any]]:
+    """Real tweets, each given its own URL and its own word with a needle (as a stream's are),
+    so that each one adds entries to a matcher's caches."""
+    real = [t for t in map(json.loads, DATA.read_text().splitlines()) if type(t["id"]) is int]
+    out = []
+    for i in range(count):
+        t = {k: v for k, v in real[i % len(real)].items()
+             if k not in ("retweeted_status", "quoted_status", "extended_tweet")}
+        out.append(dict(t, text=f"{t['text']} covid-{i}",
+                        entities={"urls": [url(f"https://example.com/covid/{i}")]}))
+    return out
+
+
+def cache_entries(matcher: Matcher) -> int:
+    track = matcher._track
+    assert track is not None
+    return len(track._url_hits) + len(track._word_hits)
+
+
+def test_a_superseded_generations_caches_are_emptied_kept_small_and_it_matches_as_before(
+        tmp_path: Path) -> None:
+    """The store worker keeps 17 generations' matchers; their caches hold up to ~4.5 MB each. Only
+    the newest one's may grow to full size: an older one, read only by a backlog, starts again
+    empty and stays within RETIRED_CACHE_SIZE per cache, and matches exactly as before."""
+    from ingestd.documents.match_track import RETIRED_CACHE_SIZE
+    from ingestd.sink.encoder_split import Matchers
+    from ingestd.spool.generations import GenerationRecord
+    from tests.test_writer import make_settings
+
+    tracks = {1: ("covid", "example", "beatles"), 2: ("example",), 3: ("nothing here",)}
+    settings = {g: make_settings("mongodb://127.0.0.1:1", "db", track=track)
+                for g, track in tracks.items()}
+    record = GenerationRecord(tmp_path)
+    record.record(1, (list(tracks[1]), [], []))
+    matchers = Matchers(1, settings[1], record)
+    tweets = distinct_tweets(3 * RETIRED_CACHE_SIZE)
+    reference = Matcher(tracks[1])
+    first = matchers.get(1)
+    for t in tweets[:RETIRED_CACHE_SIZE]:
+        first.match(t)
+    assert cache_entries(first) > 2 * RETIRED_CACHE_SIZE * 0.9  # the newest's: full size
+    matchers.add(2, settings[2])  # a reload: generation 1 is superseded
+    assert matchers.get(1) is first and cache_entries(first) == 0
+    backlog = tweets[RETIRED_CACHE_SIZE:]
+    for t in backlog:  # its backlog, read after the reload
+        assert first.match(t) == reference.match(t)
+        assert cache_entries(first) <= 2 * RETIRED_CACHE_SIZE
+    assert sum(bool(first.match(t).track) for t in backlog) == len(backlog)
+    newest = matchers.get(2)
+    for t in backlog:
+        newest.match(t)
+    assert cache_entries(newest) > 2 * RETIRED_CACHE_SIZE  # still full size
+    matchers.add(3, settings[3])
+    assert cache_entries(newest) == 0
+    # An older generation resolved from the record (a backlog replayed after a restart) is small
+    # from the start.
+    record.record(2, (list(tracks[2]), [], []))
+    record.record(3, (list(tracks[3]), [], []))
+    replayed = Matchers(3, settings[3], record).get(1)
+    for t in backlog:
+        assert replayed.match(t) == reference.match(t)
+    assert 0 < cache_entries(replayed) <= 2 * RETIRED_CACHE_SIZE

@@ -28,6 +28,11 @@ from ingestd.documents.match_tokens import (
 )
 
 _CACHE_SIZE = 8192  # entity URL values / text words remembered per matcher (cleared when full)
+# The same for a matcher whose generation has been superseded (``retire``): only a backlog still
+# reads its records. Full caches take up to ~4.5 MB per matcher and the store worker keeps 17; a
+# retired one's hold the hot entries (the 558 real sample tweets need ~600 with bench/run.py's
+# filters), while most URLs and words in a stream are seen once and never hit.
+RETIRED_CACHE_SIZE = 1024
 
 
 class TrackMatcher:
@@ -39,6 +44,14 @@ class TrackMatcher:
         self._compile_needles()
         self._url_hits: dict[str, tuple[str, ...]] = {}  # entity URL value -> keys it yields
         self._word_hits: dict[str, tuple[str, ...]] = {}  # text word (with a needle) -> keys
+        self.cache_size = _CACHE_SIZE  # entries of each cache before it is cleared
+
+    def retire(self) -> None:
+        """Its generation is superseded: empty the caches, and keep them small from now on."""
+        if self.cache_size != RETIRED_CACHE_SIZE:
+            self.cache_size = RETIRED_CACHE_SIZE
+            self._url_hits.clear()
+            self._word_hits.clear()
 
     def _compile_phrases(self) -> None:
         # key -> term ids; first term id -> phrases that start with it (each phrase checked once)
@@ -170,7 +183,7 @@ class TrackMatcher:
                 found.update(hits)
 
     def _cache_word_hits(self, raw: str) -> tuple[str, ...]:
-        if len(self._word_hits) >= _CACHE_SIZE:
+        if len(self._word_hits) >= self.cache_size:
             self._word_hits.clear()
         key_set = self._key_set
         hits = tuple(token for token in word_tokens(raw) if token in key_set)
@@ -178,7 +191,7 @@ class TrackMatcher:
         return hits
 
     def _cache_url_hits(self, value: str) -> tuple[str, ...]:
-        if len(self._url_hits) >= _CACHE_SIZE:
+        if len(self._url_hits) >= self.cache_size:
             self._url_hits.clear()
         key_set = self._key_set
         hits = tuple(t for t in url_tokens(value.lower(), False) if t in key_set)

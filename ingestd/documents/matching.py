@@ -8,7 +8,7 @@ token model it implements is ``match_tokens``); follow and locations are here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,11 @@ class Matcher:
         self.locations = [_box(i, box) for i, box in enumerate(locations)]
         self._track = TrackMatcher(self.track) if self.track else None
         self._follow_order = {uid: i for i, uid in reversed(list(enumerate(self.follow)))}
+
+    def retire(self) -> None:
+        """Its generation is superseded: its caches shrink (``TrackMatcher.retire``)."""
+        if self._track is not None:
+            self._track.retire()
 
     def match(self, tweet: dict[str, Any]) -> Matched:
         """Return the predicates ``tweet`` matches (empty ``Matched`` for junk input)."""
@@ -106,6 +111,16 @@ class Matcher:
             for i, (w, s, e, n) in enumerate(self.locations)
             if pw <= e and w <= pe and ps <= n and s <= pn
         ]
+
+
+def retire_superseded(matchers: Mapping[int, Matcher]) -> None:
+    """Retire every matcher but the highest generation's, the one new tweets are received under:
+    the others match only a backlog (or a replay), which may refill their small caches."""
+    if matchers:
+        newest = max(matchers)
+        for generation, matcher in matchers.items():
+            if generation != newest:
+                matcher.retire()
 
 
 def _box(index: int, box: Sequence[float]) -> Box:

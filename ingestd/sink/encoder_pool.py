@@ -19,6 +19,9 @@ Wire format between the two processes, over the child's stdin/stdout pipes: afte
 frame per chunk each way, ``_FRAME`` (the lengths of a pickled header and of a blob), the header,
 then the blob of concatenated payloads (or BSON documents); see ``_pack_jobs``. The blob travels
 in a shared memory region (``Region``) whenever it fits, so that the pipes carry only headers.
+A chunk's header also carries the filters of generations new to the child and the generations it
+is to forget (the store worker keeps a bounded number, ``encoder_split.Matchers``); an answer's,
+the generations the child then holds.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from itertools import accumulate
 from typing import Any, NamedTuple, TypeAlias
 
 from ingestd.documents.encoder import DEAD, PUNT, Encoded, JobLike, MatcherSpec, encode
-from ingestd.documents.matching import Matcher
+from ingestd.documents.matching import Matcher, retire_superseded
 from ingestd.memory import heap_trimmer, quiet_gc
 
 PIPE_BYTES = 1 << 20
@@ -143,6 +146,7 @@ class EncoderProcess:
         self._out_half = len(self._region.back) // 2
         self.region_bytes = self._in_half  # payloads one read can send in the region
         self._matchers: set[int] = set()  # generations the child has a matcher for
+        self.child_generations: tuple[int, ...] = ()  # what the child held at its last answer
         self.pending = 0  # chunks submitted and not yet collected
         self._half = 0  # the halves the current read's chunks use (``begin_read``)
         self._into_end = 0  # end of the current read's payloads so far in the region
@@ -197,21 +201,26 @@ class EncoderProcess:
                                     and self._into_end + size <= (self._half + 1) * self._in_half)
 
     def submit(self, jobs: Sequence[JobLike], matchers: dict[int, MatcherSpec]) -> None:
-        """Send a chunk (and the matchers for generations the child has not seen yet)."""
+        """Send a chunk, with the matchers for generations the child does not have yet and the
+        generations no longer in ``matchers``, which the child drops (the store worker keeps a
+        bounded number: ``encoder_split.Matchers``). A record of a dropped generation is punted
+        back; once the store worker has it again, its spec goes again with the next chunk."""
         payloads = [job.payload for job in jobs]
         size = sum(len(payload) for payload in payloads)
         if not self.can_queue(size):
             raise RuntimeError("encoder: collect the pending chunks before sending this one")
         new = {g: spec for g, spec in matchers.items() if g not in self._matchers}
+        gone = [g for g in self._matchers if g not in matchers]
         if not self.pending:  # every answer has been taken: the current halves start again
             self._start_half(self._half)
         start, end = self._into_end, (self._half + 1) * self._in_half
         shared = put(self._region.into[start:end], payloads)
         # The child writes this chunk's documents at ``_out_at`` (-1: after its last answer),
         # never past the end of the current half.
-        send_frame(self._send, (new, _pack_jobs(jobs), start if shared else -1, self._out_at,
-                                (self._half + 1) * self._out_half),
+        send_frame(self._send, (new, gone, _pack_jobs(jobs), start if shared else -1,
+                                self._out_at, (self._half + 1) * self._out_half),
                    () if shared else payloads)
+        self._matchers.difference_update(gone)
         self._matchers.update(new)
         self._out_at = -1
         if shared:
@@ -234,7 +243,7 @@ class EncoderProcess:
         writes no other answer over it before a chunk is submitted with none pending."""
         if not self.started:
             self._await_start()  # submitted before it was ready: that byte comes first
-        (header, start), _ = recv_frame(self._recv)
+        (header, start, self.child_generations), _ = recv_frame(self._recv)
         self.pending -= 1
         return _iter_results(header, self._region.back[start:])
 
@@ -399,18 +408,30 @@ def _answer_chunk(recv: int, send: int, matchers: dict[int, Matcher], back: _Bac
     """Encode one chunk and send its results; False once the pipe is closed. A function of its
     own so that the chunk's buffers are freed when it returns, before the heap is trimmed."""
     try:
-        (new, header, start, out_at, out_limit), blob = recv_frame(recv)
+        (new, gone, header, start, out_at, out_limit), blob = recv_frame(recv)
     except EOFError:
         return False  # the store worker closed the pipe (or died): nothing is held here
-    for generation, (track, follow, locations) in new.items():
-        matchers[generation] = Matcher(track, follow, locations)
+    if new or gone:
+        _update_matchers(matchers, new, gone)
     jobs = _unpack_jobs(header, back.region.into[start:] if start >= 0 else blob)
     results = [_encode_job(job, matchers) for job in jobs]
     # The payloads (a piped chunk's are ~2 MB) are freed before the answer, which waits in the
     # pipe until the store worker has encoded its own part.
     del blob, jobs
-    send_frame(send, back.put(out_at, out_limit, results), ())
+    send_frame(send, (*back.put(out_at, out_limit, results), tuple(matchers)), ())
     return True
+
+
+def _update_matchers(matchers: dict[int, Matcher], new: dict[int, MatcherSpec],
+                     gone: list[int]) -> None:
+    """Hold the matchers the store worker holds: it names the generations it dropped (a child
+    living as long as the daemon would otherwise keep one per reload, for ever), and the caches
+    of all but the newest shrink as its own do."""
+    for generation in gone:
+        matchers.pop(generation, None)
+    for generation, (track, follow, locations) in new.items():
+        matchers[generation] = Matcher(track, follow, locations)
+    retire_superseded(matchers)
 
 
 def _encode_job(job: Job, matchers: dict[int, Matcher]) -> Encoded:

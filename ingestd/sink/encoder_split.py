@@ -22,7 +22,7 @@ import structlog
 
 from ingestd.config.schema import Settings
 from ingestd.documents.encoder import Encoded, MatcherSpec
-from ingestd.documents.matching import Matcher
+from ingestd.documents.matching import Matcher, retire_superseded
 from ingestd.sink.counters import StoreCounters, bump
 from ingestd.sink.encoder_pool import EncoderProcess
 from ingestd.spool.format import KIND_MESSAGE, Record
@@ -115,10 +115,12 @@ class Matchers:
         self._matchers[generation] = Matcher(*spec)
         self.specs[generation] = spec
         # The least recently added go first (never the newest): an old generation resolved for
-        # a replay stays while its records are read.
+        # a replay stays while its records are read. The encoder child drops what is dropped
+        # here (``EncoderProcess.submit``): it holds no more matchers than this process.
         for old in [g for g in self._matchers if g != self.newest][:-MATCHER_GENERATIONS]:
             del self._matchers[old]
             self.specs.pop(old, None)
+        retire_superseded(self._matchers)
 
     def get(self, generation: int) -> Matcher:
         """``generation``'s matcher: known, resolved from the record of generations, else the
