@@ -154,14 +154,11 @@ def grow(procs: list[psutil.Process], pid: int) -> list[psutil.Process]:
 
 
 def cpu_of(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
+    """CPU seconds of ``procs`` and of their children that exited: a process's own times end
+    with it, and a reaped child's (the encoder child, which ``auto`` stops and starts again
+    within a burst) are its parent's ``children_*`` from then on. Taken at the start and the end
+    of a run, the difference is the run's CPU whichever children came and went meanwhile."""
+    return sum(cpu_by_role(procs).values())
 
 
 def role_of(proc: psutil.Process) -> str:
@@ -183,7 +180,19 @@ def _role_in(cmd: list[str]) -> str | None:
 
 
 def cpu_by_role(procs: list[psutil.Process]) -> dict[str, float]:
-    return {role_of(p): cpu_of([p]) for p in procs}
+    """``cpu_of`` by role; a store worker's reaped children count as ``encoder``."""
+    roles: dict[str, float] = {}
+    for p in procs:
+        role = role_of(p)
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue  # exited: reaped by a parent in ``procs``, whose children_* hold its CPU
+        roles[role] = roles.get(role, 0.0) + t.user + t.system
+        if reaped := t.children_user + t.children_system:
+            child = "encoder" if role == "store" else role
+            roles[child] = roles.get(child, 0.0) + reaped
+    return roles
 
 
 def hwm_kb(pid: int) -> int:
