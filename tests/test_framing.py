@@ -397,7 +397,10 @@ def test_a_body_ending_inside_an_over_size_message_reports_it_as_over_size() -> 
     assert length.feed(b"4\r\nok\r\n") == [b"ok"] and length.cut_oversize() is None
 
 
-def test_the_intake_spools_a_cut_over_size_message_as_over_size_not_as_a_cut() -> None:
+def intake_on(framer: LengthFramer | LineFramer
+              ) -> tuple[BodyIntake, Connection, ReaderStats, list[tuple[int, bytes]]]:
+    """A body intake spooling into a list, and a connection answered 200 that frames with
+    ``framer``."""
     spooled: list[tuple[int, bytes]] = []
     stats = ReaderStats()
     intake = BodyIntake(lambda items, conn_id, generation, now_ns: spooled.extend(items),
@@ -405,7 +408,12 @@ def test_the_intake_spools_a_cut_over_size_message_as_over_size_not_as_a_cut() -
                         clock=time.monotonic)
     stream = StreamSettings(url="https://stream.twitter.com/1.1/statuses/filter.json",
                             track=("a",))
-    conn = Connection(1, 0, stream, pycurl.Curl(), LengthFramer(1024), 0.0, 0.0, status=200)
+    conn = Connection(1, 0, stream, pycurl.Curl(), framer, 0.0, 0.0, status=200)
+    return intake, conn, stats, spooled
+
+
+def test_the_intake_spools_a_cut_over_size_message_as_over_size_not_as_a_cut() -> None:
+    intake, conn, stats, spooled = intake_on(LengthFramer(1024))
     assert intake.on_data(conn, b"9\r\n{\"id\":1}\r\n99999\r\n" + b"z" * 2000) is None
     intake.end(conn)  # the connection closes inside the over-size payload
     conn.close(Ending.NETWORK)
@@ -417,12 +425,7 @@ def test_the_intake_spools_a_cut_over_size_message_as_over_size_not_as_a_cut() -
 def test_a_limit_count_no_stream_can_have_is_not_added_to_the_missed_count() -> None:
     # The re-audit: 2^64-1 in a limit notice reached the stream worker's status file, which
     # cannot hold it (the worker crashed writing it); the store worker dead-letters the notice.
-    stats = ReaderStats()
-    intake = BodyIntake(lambda items, conn_id, generation, now_ns: None, stats,
-                        is_full=lambda: False, drop_when_full=False, clock=time.monotonic)
-    stream = StreamSettings(url="https://stream.twitter.com/1.1/statuses/filter.json",
-                            track=("a",))
-    conn = Connection(1, 0, stream, pycurl.Curl(), LineFramer(1 << 20), 0.0, 0.0, status=200)
+    intake, conn, stats, _ = intake_on(LineFramer(1 << 20))
     for count in (7, 18446744073709551615, 9007199254740992, -3, 12):
         intake.on_data(conn, b'{"limit":{"track":%d}}\r\n' % count)
         intake.settle()
@@ -432,14 +435,7 @@ def test_a_limit_count_no_stream_can_have_is_not_added_to_the_missed_count() -> 
 def test_the_intake_spools_bad_length_lines_with_their_size_and_reason() -> None:
     """Each bad length line is spooled once, in stream order, with the size the framer counted
     and its reason; one the body's end cuts is spooled too (not counted as a routine cut)."""
-    spooled: list[tuple[int, bytes]] = []
-    stats = ReaderStats()
-    intake = BodyIntake(lambda items, conn_id, generation, now_ns: spooled.extend(items),
-                        stats, is_full=lambda: False, drop_when_full=False,
-                        clock=time.monotonic)
-    stream = StreamSettings(url="https://stream.twitter.com/1.1/statuses/filter.json",
-                            track=("a",))
-    conn = Connection(1, 0, stream, pycurl.Curl(), LengthFramer(1024), 0.0, 0.0, status=200)
+    intake, conn, stats, spooled = intake_on(LengthFramer(1024))
     long_line = b"1" * 1_000_000 + b"\r\n"
     body = (b'9\r\n{"id":1}\r\n' + long_line + b'abc\r\n9\r\n{"id":2}\r\n'
             + b"2" * 5000)
