@@ -312,3 +312,39 @@ def test_a_worker_file_already_carried_is_not_counted_twice() -> None:
     assert (both["stored"], both["records_read"], both["read_seq"]) == (8, 10, 14)
     assert both["deadlettered"] == {"invalid_json": 3, "oversize": 1}
     assert carried.read_seq == 12
+
+
+def test_a_worker_on_a_reused_pid_is_carried_and_counted() -> None:
+    """A supervisor that runs for months restarts workers on pids the kernel hands out again.
+    Worker A (pid 11) is carried; a later worker B gets pid 11 too. B's own file is counted
+    while it runs and carried when it dies; a B that died before its first report leaves A's
+    file, which is not carried twice."""
+    from ingestd.control.tally import Carried, role_totals
+
+    a = {"pid": 11, "proc": "11-1", "counters": {"stored": 7, "records_read": 7, "pending": 0,
+                                                 "read_seq": 7}}
+    b = {"pid": 11, "proc": "11-2", "counters": {"stored": 5, "records_read": 5, "pending": 0,
+                                                 "read_seq": 12}}
+    carried = Carried()
+    carried.carry("store", 11, a)
+    running = role_totals(b, {"carried": {"store": carried.as_dict()}}, "store")["counters"]
+    assert running["stored"] == 12  # A's carried 7 and B's own 5
+    carried.carry("store", 11, a)  # B died before it reported: A's file, carried already
+    assert carried.counters["stored"] == 7
+    carried.carry("store", 11, b)  # B reported, then died
+    assert carried.counters["stored"] == 12
+    after = role_totals(b, {"carried": {"store": carried.as_dict()}}, "store")["counters"]
+    assert after["stored"] == 12  # B's file, still there, is not counted again
+    for n in range(100):  # the identities kept stay bounded
+        carried.carry("stream", 1000 + n, {"pid": 1000 + n, "proc": f"{n}", "counters": {}})
+    assert len(carried.as_dict()["procs"]) == len(carried.as_dict()["pids"]) == 20
+
+
+def test_status_files_name_the_process_that_wrote_them(tmp_path: Path) -> None:
+    from ingestd.control import runstate
+
+    runstate.run_dir(tmp_path)
+    runstate.write_status(tmp_path, "store", {"counters": {}})
+    doc = runstate.read_status(tmp_path, "store")
+    assert doc is not None and doc["proc"] == runstate.process_token()
+    assert doc["proc"].startswith(f"{os.getpid()}-")

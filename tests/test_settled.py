@@ -300,3 +300,16 @@ def test_a_carried_store_worker_counts_at_the_checkpoint_not_its_last_report() -
     assert reconciliation(stream, store) == {
         "received": 130, "replayed": 0, "resolved": 130, "in_flight": 0, "spool_missing": 0,
         "difference": 0}
+
+
+def test_counts_of_an_earlier_worker_on_the_same_pid_are_not_taken(tmp_path: Path) -> None:
+    """A pid comes back once the kernel's counter wraps: the file names the process that wrote
+    it, and counts another process on the same pid left are not a dead worker's own."""
+    from ingestd.control.runstate import process_token
+
+    (tmp_path / "spool").mkdir()
+    zero: Counts = {"records_read": 0, "stored": 0, "control": {}}
+    SettledRecord(tmp_path, 0, zero)
+    pid = os.getpid()
+    assert read_settled(tmp_path, pid, 0, process_token()) == zero
+    assert read_settled(tmp_path, pid, 0, f"{pid}-1") is None  # an earlier worker's file

@@ -309,7 +309,7 @@ class WorkerPool:
             return None
         ckpt = read_checkpoint(self.state_dir / "spool")
         seq = ckpt.seq if ckpt is not None else 0
-        counts = settled.read_settled(self.state_dir, pid, seq)
+        counts = settled.read_settled(self.state_dir, pid, seq, doc.get("proc"))
         if counts is None:
             read_seq = tally.section(doc, "counters").get("read_seq")
             log.warning("worker_counts_unsettled", role="store", pid=pid, checkpoint_seq=seq,

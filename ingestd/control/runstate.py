@@ -17,6 +17,7 @@ outgrew it, is written to a temp file and renamed (atomic).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import time
 from pathlib import Path
@@ -40,6 +41,17 @@ def utc_text(when: object) -> str:
         return "?"
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
+def process_token() -> str:
+    """This process among all that had its pid: the kernel hands a pid out again once its
+    counter wraps, and a supervisor that runs for months restarts workers on reused pids."""
+    return _token_of(os.getpid())
+
+
+@functools.cache
+def _token_of(pid: int) -> str:
+    return f"{pid}-{time.time_ns()}"  # per pid: a forked child gets its own
+
+
 def run_dir(state_dir: Path) -> Path:
     path = state_dir / RUN_DIR
     path.mkdir(parents=True, exist_ok=True)
@@ -51,9 +63,11 @@ def status_path(state_dir: Path, role: str) -> Path:
 
 
 def write_status(state_dir: Path, role: str, status: dict[str, Any]) -> None:
-    """Publish ``status`` (plus pid, role and wall-clock time) for ``role``, secrets masked as
-    in the log: ``status``, ``/healthz`` and systemd's STATUS= show its reasons."""
-    doc = {"role": role, "pid": os.getpid(), "time": time.time(), **scrub_strings(status)}
+    """Publish ``status`` (plus pid, ``proc`` (``process_token``), role and wall-clock time) for
+    ``role``, secrets masked as in the log: ``status``, ``/healthz`` and systemd's STATUS= show
+    its reasons."""
+    doc = {"role": role, "pid": os.getpid(), "proc": process_token(), "time": time.time(),
+           **scrub_strings(status)}
     doc.pop("time_end", None)  # (a status read back and written again carries one)
     doc["time_end"] = doc["time"]  # last: a reader mid-write sees it differ from ``time``
     data = orjson.dumps(doc)

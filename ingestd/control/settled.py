@@ -7,7 +7,9 @@ all. So before each checkpoint write the store worker writes, to ``spool/store.s
 counts of the records up to that checkpoint (``sink.counters.Settled``) and up to the one on disk
 before it::
 
-    {"pid": P, "at": [[seq_on_disk, counts], [seq_being_written, counts]]}
+    {"pid": P, "proc": T, "at": [[seq_on_disk, counts], [seq_being_written, counts]]}
+
+(``proc``: ``runstate.process_token``, which tells apart two workers on the same pid.)
 
 Whichever of the two the checkpoint file names once the worker is dead (the write may or may not
 have happened) gives exactly what it counted of the records its successor will not read again;
@@ -28,7 +30,7 @@ from typing import Any
 import orjson
 import structlog
 
-from ingestd.control.runstate import DISK_FULL, PAD, overwrite_in_place
+from ingestd.control.runstate import DISK_FULL, PAD, overwrite_in_place, process_token
 
 log = structlog.get_logger("ingestd.control.settled")
 
@@ -47,7 +49,7 @@ class SettledRecord:
 
     def __init__(self, state_dir: Path, on_disk: int, counts: Counts) -> None:
         self._path = settled_path(state_dir)
-        self._pid = os.getpid()
+        self._pid, self._proc = os.getpid(), process_token()
         self._known: dict[int, Counts] = {}  # counts at each checkpoint seq
         self._failing = False  # the last write failed (logged once, until one works)
         self.before_checkpoint(on_disk, on_disk, counts)  # killed before its first checkpoint
@@ -57,7 +59,8 @@ class SettledRecord:
         known = {on_disk: self._known[on_disk]} if on_disk in self._known else {}
         known[seq] = counts
         self._known = known
-        data = orjson.dumps({"pid": self._pid, "at": [[s, c] for s, c in known.items()]})
+        data = orjson.dumps({"pid": self._pid, "proc": self._proc,
+                             "at": [[s, c] for s, c in known.items()]})
         try:
             self._write(data + b" " * (-len(data) % PAD))  # JSON allows trailing white space
         except OSError as exc:
@@ -83,13 +86,16 @@ class SettledRecord:
                 raise
 
 
-def read_settled(state_dir: Path, pid: int, seq: int) -> Counts | None:
-    """Worker ``pid``'s counts at checkpoint ``seq``, if its file has them (else None)."""
+def read_settled(state_dir: Path, pid: int, seq: int, proc: object = None) -> Counts | None:
+    """Worker ``pid``'s counts at checkpoint ``seq``, if its file has them (else None); with
+    ``proc`` (its status file's), only if that process wrote the file (a pid comes back)."""
     try:
         doc = orjson.loads(settled_path(state_dir).read_bytes())
     except (OSError, orjson.JSONDecodeError):
         return None
     if not isinstance(doc, dict) or doc.get("pid") != pid or not isinstance(doc.get("at"), list):
+        return None
+    if proc is not None and doc.get("proc", proc) != proc:
         return None
     for entry in doc["at"]:
         if isinstance(entry, list) and len(entry) == 2 and entry[0] == seq:

@@ -35,6 +35,7 @@ Loaded by the supervisor, the metrics collector and ``ingestd status``.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -116,11 +117,22 @@ def resolved_part(role: str, counters: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+CARRIED_KEPT = 20  # the last workers carried whose identity is kept: a status file moves on
+
+
+def worker_key(doc: Mapping[str, Any]) -> object:
+    """The process that wrote a status ``doc``: its ``proc`` token (``runstate.process_token``),
+    unique where a pid is reused; its pid in a file without one (an older version's)."""
+    proc = doc.get("proc")
+    return proc if isinstance(proc, str) else doc.get("pid")
+
+
 class Carried:
     """The supervisor's sum of one role's dead workers' last published counters."""
 
     def __init__(self) -> None:
-        self.pids: list[int] = []
+        self.pids: deque[int] = deque(maxlen=CARRIED_KEPT)
+        self.procs: deque[object] = deque(maxlen=CARRIED_KEPT)  # ``worker_key`` of each
         self.counters: dict[str, Any] = {}
         self.hist: dict[str, Any] = {}
         # store: the newest record a dead store worker counted (as read, or lost): its successors
@@ -128,7 +140,7 @@ class Carried:
         self.read_seq = 0
         # The last one carried: where its counts leave off (``read_seq``, ``pending``), which
         # its run file, left until a successor reports, must not contradict (``role_totals``).
-        self.position: dict[str, int] = {}
+        self.position: dict[str, object] = {}
 
     def carry(self, role: str, pid: int, doc: Mapping[str, Any] | None,
               received_after: int = 0, settled: tuple[int, Mapping[str, Any]] | None = None
@@ -137,15 +149,19 @@ class Carried:
         and ``received_after``: the messages a stream worker spooled after that report
         (``unreported_received``). ``settled``: a store worker's (checkpoint seq, its counts of
         the records up to it), which replace the report's for those counters."""
-        if doc is None or doc.get("pid") != pid or pid in self.pids:
+        # Not ``pid`` in the carried pids: a pid comes back once the kernel's counter wraps, and
+        # a later worker's own counts would be lost. The file a worker leaves until a successor
+        # reports is the same process's, already carried, when its successor dies first.
+        if doc is None or doc.get("pid") != pid or worker_key(doc) in self.procs:
             return
         c = section(doc, "counters")
         self.pids.append(pid)
+        self.procs.append(worker_key(doc))
         seq: object = c.get("read_seq")
         if settled is not None:
             seq, counts = settled
             part = {k: v for k, v in c.items() if k not in NOT_SUMMED} | dict(counts)
-            self.position = {"pid": pid, "read_seq": seq, "pending": 0}
+            self.position = {"pid": pid, "proc": worker_key(doc), "read_seq": seq, "pending": 0}
         else:
             part = resolved_part(role, c)
             self.position = {}
@@ -157,8 +173,8 @@ class Carried:
             self.read_seq = max(self.read_seq, seq)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"pids": self.pids[-20:], "counters": self.counters, "hist": self.hist,
-                "position": self.position}
+        return {"pids": list(self.pids), "procs": list(self.procs), "counters": self.counters,
+                "hist": self.hist, "position": self.position}
 
 
 def unreported_received(spool_dir: Path, doc: Mapping[str, Any] | None) -> int:
@@ -180,21 +196,26 @@ def role_totals(role_doc: Mapping[str, Any] | None,
                 supervisor_doc: Mapping[str, Any] | None, role: str) -> dict[str, Any]:
     """``role``'s status doc with its ``counters`` (and ``hist``) summed over the daemon run.
 
-    A worker's file still there after the supervisor carried it (same pid) adds nothing more;
-    its position is the one its carried counts leave off at (a store worker carried at its
-    checkpoint: that seq, nothing pending), so the records after it are in flight.
+    A worker's file still there after the supervisor carried it (the same process:
+    ``worker_key``) adds nothing more; its position is the one its carried counts leave off at
+    (a store worker carried at its checkpoint: that seq, nothing pending), so the records after
+    it are in flight.
     """
     doc = dict(role_doc or {})
     carried = section(section(supervisor_doc or {}, CARRIED_KEY), role)
     if not carried:
         return doc
-    pids = carried.get("pids")
+    procs = carried.get("procs")
+    if isinstance(procs, list):
+        counted = worker_key(doc) in procs
+    else:  # a supervisor of an older version: pids only
+        pids = carried.get("pids")
+        counted = isinstance(pids, list) and doc.get("pid") in pids
     own = section(doc, "counters")
-    counted = isinstance(pids, list) and doc.get("pid") in pids
     current = dict(own)
     if counted:
         position = section(carried, "position")
-        at = position if position.get("pid") == doc.get("pid") else {}
+        at = position if worker_key(position) == worker_key(doc) else {}
         current = {k: at.get(k, v) for k, v in own.items() if k in NOT_SUMMED}
     doc["counters"] = add_counters(section(carried, "counters"), current)
     doc["hist"] = add_histograms(section(carried, "hist"),
