@@ -55,7 +55,9 @@ def page_costs(folder: Path, after_delete: bool = True,
     """CPU µs per tweet's bytes, ``size`` bytes each: a new file, the same file over its cached
     pages, and (with ``after_delete``) a new file written right after the first was deleted."""
     chunk = os.urandom(_CHUNK)
-    first, second = folder / "page-probe-1", folder / "page-probe-2"
+    # Named per process: two benches probing the same folder at once (the smoke suite runs
+    # bench/run.py in parallel workers) would write, and delete, each other's file.
+    first, second = (folder / f"page-probe-{os.getpid()}-{n}" for n in (1, 2))
     try:
         costs = {"new file": _write(first, chunk, os.O_TRUNC, size),
                  "over cached pages": _write(first, chunk, 0, size)}
