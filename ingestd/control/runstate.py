@@ -33,13 +33,13 @@ DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 READ_TRIES = 3  # reads of a status caught half-way through an in-place write
 
 
-
 def utc_text(when: object) -> str:
     """A wall-clock time (s) as UTC ISO text for status lines: absolute, so that they read the
     same from one look to the next; "?" when unknown."""
     if not isinstance(when, int | float) or isinstance(when, bool) or not when:
         return "?"
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
 
 def process_token() -> str:
     """This process among all that had its pid: the kernel hands a pid out again once its

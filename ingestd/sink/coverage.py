@@ -508,7 +508,7 @@ class CoverageLedger:
         gap["first_message_time"] = utc(first_ns) if first_ns else None
         if first_ns and last_ns:
             gap["message_seconds"] = round(max(0, first_ns - last_ns) / 1e9, 3)
-            if gap.get("end_ns") is not None:
+            if gap.get("end_ns") is not None and offline_span(gap)[0] < gap["start_ns"]:
                 self._count_hours(gap, +1)  # a lag reaches back: it spans more than it did
         self._dirty_gaps[gap["_id"]] = gap
 
