@@ -134,9 +134,11 @@ def test_a_stream_worker_killed_mid_stream_leaves_no_count_behind(
 
         def settled() -> dict[str, Any] | None:
             daemon.assert_running()
-            r = reconciliation(daemon)
-            sent = delivered(sim)
+            # The stream's status first: the reconciliation read after it holds at least its
+            # count (read before, it can lag the store worker's by a report: CI fresh-126).
             stream = daemon.status("stream")
+            sent = delivered(sim)
+            r = reconciliation(daemon)
             # the replacement's connection delivered its 500 and everything spooled was read
             done = (sent >= 1000 + 500 and stream.get("counters", {}).get("received") == 500
                     and r["in_flight"] == 0)
