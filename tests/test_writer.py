@@ -58,7 +58,15 @@ from ingestd.memory import quiet_gc
 from ingestd.sink.batch import Entry, InFlight
 from ingestd.sink.counters import StoreCounters
 from ingestd.sink.deadletter import DeadLetterStore
-from ingestd.sink.encoder_split import BEHIND_BYTES, CHUNKS, EncoderSplit, Matchers
+from ingestd.sink.encoder_split import (
+    BEHIND_BYTES,
+    BUSY_SHARE_STOP,
+    BUSY_TIME_CONSTANT,
+    CHUNKS,
+    EncoderSplit,
+    Matchers,
+    TimeShare,
+)
 from ingestd.sink.mongo import ErrorClass, classify_error, open_collection, write_error_summary
 from ingestd.sink.worker import StoreWorker
 from ingestd.spool.format import (
@@ -1147,6 +1155,39 @@ def test_auto_mode_keeps_a_child_only_while_the_worker_cannot_keep_up_alone() ->
         assert shared(split, records, settings)  # kept while behind
         batches(0.3)
         assert stopped_by_a_small_read()
+    finally:
+        split.stop()
+
+
+def test_auto_mode_keeps_the_child_through_a_bursts_end_until_the_worker_waits_for_data() -> None:
+    """A burst into a worker that was idle: the child starts because the worker is behind, long
+    before the busy share (smoothed over seconds, from 0) can say the worker is busy. Once the
+    backlog is under ``BEHIND_BYTES`` the last batches are still taken back to back: the child
+    stays for them (a burst's end taken alone ran at ~2/3 of the speed, bench/LOG.md), and goes
+    at the first batch that waited for data."""
+    settings = make_settings("mongodb://127.0.0.1:1", "db")
+    split = EncoderSplit(Matchers(0, settings), StoreCounters(), None, offload_min=2)
+    split.busy = TimeShare(0.0, BUSY_TIME_CONSTANT)  # as a new worker has it
+    records = [Record(i + 1, KIND_MESSAGE, 1, 0, time.time_ns(), tweet(SNOW + i), "s", 10 * i)
+               for i in range(20)]
+
+    def batch(unread: int, waited: float = 0.0) -> None:
+        """A 20 ms batch taken back to back (inserts quick), after ``waited`` s for data."""
+        split.note(0.001, 0.019, 0.02, waited, unread)
+
+    try:
+        batch(BEHIND_BYTES, waited=1.0)  # the burst's first batch, after an idle second
+        assert not shared(split, records, settings) and split.encoder is not None
+        wait_until(split.encoder.poll_started, 30, "the encoder child to start")
+        for unread in (BEHIND_BYTES, BEHIND_BYTES // 2, BEHIND_BYTES // 4, 4096, 0):
+            batch(unread)
+            assert shared(split, records, settings), f"unread {unread}"
+        assert split.busy.share is not None and split.busy.share < BUSY_SHARE_STOP
+        child = split.encoder
+        assert child is not None
+        batch(0, waited=0.1)  # the spool read to its end: the worker waited for data
+        assert not shared(split, records, settings) and split.encoder is None
+        assert child._proc.wait(10) == 0
     finally:
         split.stop()
 

@@ -292,7 +292,11 @@ class EncoderSplit:
             return False
         behind = self.unread >= BEHIND_BYTES
         if self.encoder is not None:
-            return inserts < INSERT_SHARE_STOP and (behind or busy >= BUSY_SHARE_STOP)
+            # Also kept while the newest batch had no wait for data: the smoothed share lags
+            # by seconds, and a burst's end (the last few batches, no longer behind) would
+            # otherwise be taken alone with the child idle (bench/LOG.md, "A burst's tail").
+            working = busy >= BUSY_SHARE_STOP or (self.busy.last or 0.0) >= BUSY_SHARE_START
+            return inserts < INSERT_SHARE_STOP and (behind or working)
         return inserts < INSERT_SHARE_START and (behind or busy >= BUSY_SHARE_START)
 
     def _encoder_for(self, records: int, settings: Settings) -> EncoderProcess | None:
@@ -359,6 +363,7 @@ class TimeShare:
 
     def __init__(self, share: float | None = None, time_constant: float | None = None) -> None:
         self.share = share  # None: nothing known until the first batch
+        self.last: float | None = None  # the newest batch's own share, unsmoothed
         self._time_constant = time_constant
 
     def note(self, part: float, rest: float) -> None:
@@ -366,7 +371,7 @@ class TimeShare:
         total = part + rest
         if total <= 0:
             return
-        share = part / total
+        share = self.last = part / total
         old = self.share
         if old is None:
             self.share = share
