@@ -330,6 +330,71 @@ def test_second_connection_with_same_credentials_kicks_the_first(tmp_path: Path)
     assert gt.closes(1)[0]["reason"].startswith("disconnect 7")
 
 
+CONTROL_STARTS = tuple(b'{"%s"' % k for k in (
+    b"delete", b"limit", b"scrub_geo", b"status_withheld", b"user_withheld"))
+
+
+def drain(stream: RawStream) -> tuple[bytes, bool]:
+    """The rest of a body that may end mid-chunk: (its decoded bytes, whether the zero-length
+    chunk came). Reads the socket to its end."""
+    while stream._fill():
+        pass
+    raw, decoded = stream.buf, b""
+    while raw:
+        head, sep, rest = raw.partition(b"\r\n")
+        if not sep:
+            break
+        size = int(head, 16)
+        if size == 0:
+            return decoded, True
+        data, raw = rest[:size], rest[size + 2:]
+        decoded += stream.inflate.decompress(data) if stream.inflate else data
+    return decoded, False
+
+
+@pytest.mark.parametrize("gzip", [False, True], ids=["plain", "gzip"])
+def test_a_stream_logged_out_while_its_client_reads_nothing_is_closed_at_once(
+        tmp_path: Path, gzip: bool) -> None:
+    """A newer connection on the same credentials logs out one whose client reads nothing: the
+    endpoint closes it at once, not when the client reads again (the disconnect message cannot
+    follow half a write, so it never comes). The client then reads what its sockets held and the
+    end. The ground truth names exactly the tweets whose last byte went out, and the one cut."""
+    # --queue 0: the connection waits on its socket only (TCP back-pressure).
+    with SimProcess(tmp_path, "--rate", "0", "--queue", "0", "--control-every", "50") as sim:
+        first = open_stream(sim, gzip=gzip)
+        body = first.chunk()  # one write's tweets, then the client reads nothing
+        assert body
+        counts: list[int] = []
+
+        def socket_full() -> bool:  # two looks 0.2 s apart find no new tweet: the write waits
+            counts.append(len(sim.ground_truth().tweet_ids(1)))
+            return len(counts) > 1 and counts[-1] == counts[-2]
+
+        wait_until(socket_full, 30, "the sockets to fill", 0.2)
+        second = open_stream(sim)
+        assert second.status == 200
+        (close,) = wait_until(lambda: sim.ground_truth().closes(1), 10, "the first one's close")
+        assert close["reason"] == "disconnect 7 (newer connection; the client was reading nothing)"
+        rest, ended = drain(first)
+        second.close()
+        truth = sim.ground_truth()
+    *complete, tail = (body + rest).split(b"\r\n")
+    got = [json.loads(m) for m in complete if m]
+    assert not ended and not any("disconnect" in m for m in got)
+    assert [m["id"] for m in got if "id_str" in m] == truth.tweet_ids(1)
+    assert sorted(next(iter(m)) for m in got if "id_str" not in m) == sorted(
+        e["type"] for e in truth.of("control", 1))
+    assert close["tweets"] == len(truth.tweet_ids(1)) > 512
+    # What came of the message the close cut: a tweet's is ground truth `partial`, never a
+    # `tweet` (gzip may hold all of its bytes back, plain shows them).
+    partial = truth.partial_ids(1)
+    assert len(partial) <= 1 and not set(partial) & set(truth.tweet_ids(1))
+    if tail and not tail.startswith(CONTROL_STARTS):
+        assert len(partial) == 1
+        if (cut := re.match(rb'[{]"created_at":"[^"]*","id":(\d+)', tail)) is not None:
+            assert partial == [int(cut.group(1))]
+
+
 def test_control_messages_have_the_documented_shapes(tmp_path: Path) -> None:
     script = [[{"deliver": 300}, {"control": "warning"}, {"close": True}]] * 2
     args = ("--rate", "0", "--control-every", "2", "--warning-interval", "0", "--seed", "7")
@@ -632,7 +697,8 @@ def test_stopping_while_a_client_reads_nothing_ends_its_stream_at_once(tmp_path:
     # --queue 0: no queue, so the connection only waits on its socket (TCP back-pressure).
     sim = SimProcess(tmp_path, "--rate", "0", "--queue", "0").start()
     stream = open_stream(sim)
-    assert next(m for m in messages(stream, 100) if m)
+    body = stream.chunk()  # one write's tweets, then the client reads nothing
+    assert body
     counts: list[int] = []
 
     def socket_full() -> bool:  # two looks 0.2 s apart find no new tweet: the write waits
@@ -643,8 +709,18 @@ def test_stopping_while_a_client_reads_nothing_ends_its_stream_at_once(tmp_path:
     assert sim.stop() == 0
     # Ended by its own session, not cut off by Simulator.stop's shutdown after a 3 s grace (a
     # BrokenPipeError, as it was while the write blocked in sendall)
-    assert sim.ground_truth().closes(1)[0]["reason"] == "shutdown (the client was reading nothing)"
+    truth = sim.ground_truth()
+    assert truth.closes(1)[0]["reason"] == "shutdown (the client was reading nothing)"
+    # What the client reads now is exactly the ground truth's tweets: the write given up counts
+    # those whose last byte went out (and none of the rest).
+    rest, ended = drain(stream)
     stream.close()
+    *complete, tail = (body + rest).split(b"\r\n")
+    got = [json.loads(m) for m in complete if m]
+    assert not ended and [m["id"] for m in got if "id_str" in m] == truth.tweet_ids(1)
+    assert len(got) - len(truth.tweet_ids(1)) == len(truth.of("control", 1))
+    if tail and not tail.startswith(CONTROL_STARTS):
+        assert len(truth.partial_ids(1)) == 1
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

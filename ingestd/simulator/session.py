@@ -7,13 +7,17 @@ event, so a kick or stop is noticed at once, never after a sleep.
 
 from __future__ import annotations
 
+import bisect
 import collections
+import contextlib
 import math
 import random
 import select
 import socket
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -45,8 +49,17 @@ _CONTROL_KINDS, _CONTROL_WEIGHT_LIST = list(_CONTROL_WEIGHTS), list(_CONTROL_WEI
 RECENT_BYTES = 16 << 20
 
 
-class Stopping(Exception):
-    """The simulator stops while a write waits for a client that reads nothing."""
+class GivenUp(Exception):
+    """A write that waits for a client that reads nothing is given up: the stream ends at once."""
+
+
+class Stopping(GivenUp):
+    """The simulator stops."""
+
+
+class LoggedOut(GivenUp):
+    """A newer connection on the same credentials logged this one out. The disconnect message
+    cannot follow half a write, so the endpoint closes without it (docs/protocol.md)."""
 
 
 class Session:
@@ -105,6 +118,9 @@ class Session:
             return f"client closed ({type(exc).__name__})"
         except Stopping:
             return "shutdown (the client was reading nothing)"
+        except LoggedOut:
+            self.wire.hang_up()  # the bytes the socket took still go, then the end
+            return f"disconnect {self.kick_code} (newer connection; the client was reading nothing)"
 
     def _step(self, step: Step) -> str | None:
         """Run one script step; a string return means the connection is over."""
@@ -217,11 +233,12 @@ class Session:
         return None
 
     def _on_blocked(self) -> None:
-        """A write waits for a client that reads nothing, while the queue behind it fills."""
-        if self.wake.is_set() and self.kick_code is None:
-            raise Stopping
+        """A write waits for a client that reads nothing, while the queue behind it fills; a stop
+        or a newer connection gives the write up."""
+        if self.wake.is_set():
+            raise Stopping if self.kick_code is None else LoggedOut
         pace = self._pace
-        if pace is not None and self.kick_code is None:
+        if pace is not None:
             self._observe(pace, time.monotonic())
 
     def _observe(self, pace: Pace, now: float) -> None:
@@ -280,6 +297,7 @@ class Session:
         bodies: list[bytes] = []
         sent: list[Outgoing] = []
         controls: list[dict[str, Any]] = []
+        items: list[Outgoing | dict[str, Any]] = []  # bodies' tweets and controls' events
         every = self.state.config.control_every
         for _ in range(n):
             out = self.feed.next()
@@ -287,14 +305,18 @@ class Session:
                 break
             bodies.append(out.payload)
             sent.append(out)
+            items.append(out)
             self.since_control += 1
             if every and self.since_control >= every:
                 self.since_control = 0
                 payload, event = self._control(self._pick_control())
                 bodies.append(payload)
                 controls.append(event)
+                items.append(event)
         if bodies:
-            self._write(self.wire.encode_messages(bodies))
+            data, ends = self.wire.encode_batch(bodies)
+            with self._delivering(items, ends):
+                self._write(data)
             self._record(sent)
             for event in controls:
                 self.state.ground_truth.event("control", self.conn, **event)
@@ -316,6 +338,31 @@ class Session:
         self.state.delivered.add([(o.id, o.user_id) for o in sent[::8]])
         self.state.count_tweets(self.conn, len(sent))
 
+    @contextlib.contextmanager
+    def _delivering(self, items: list[Outgoing | dict[str, Any]], ends: list[int],
+                    since: int | None = None) -> Iterator[None]:
+        """Around the write of ``items`` (encoded, each ending at ``ends`` from body offset
+        ``since``, by default here): if it is given up part-way, the ground truth still gets each
+        one whose last byte went out, and the tweet it cut as ``partial``, so it stays exactly
+        what a client could have read."""
+        start = self.wire.bytes_sent if since is None else since
+        try:
+            yield
+        except GivenUp:
+            self._record_taken(items, ends, self.wire.bytes_sent - start)
+            raise
+
+    def _record_taken(self, items: list[Outgoing | dict[str, Any]], ends: list[int], taken: int
+                      ) -> None:
+        done = bisect.bisect_right(ends, taken)
+        self._record([o for o in items[:done] if isinstance(o, Outgoing)])
+        for event in items[:done]:
+            if isinstance(event, dict):
+                self.state.ground_truth.event("control", self.conn, **event)
+        cut = items[done] if done < len(items) else None
+        if isinstance(cut, Outgoing) and taken > (ends[done - 1] if done else 0):
+            self.state.ground_truth.event("partial", self.conn, id=cut.id)
+
     def _note_unacked(self) -> None:
         """Before a reset: the tweets whose bytes the client's kernel had not acknowledged yet.
         The RST discards them (a client that lagged never reads them), so the ground truth
@@ -335,8 +382,10 @@ class Session:
             if out is None:
                 return None
             data = self.wire.encode(self.wire.frame(out.payload))
+            began = self.wire.bytes_sent
             for start in range(0, len(data), size):
-                self._write(data[start : start + size])
+                with self._delivering([out], [len(data)], since=began):
+                    self._write(data[start : start + size])
                 if start + size < len(data) and self.wake.wait(interval):
                     self.state.ground_truth.event("partial", self.conn, id=out.id)
                     return self._interrupted()
@@ -349,8 +398,10 @@ class Session:
         """Half of a tweet's bytes, recorded as ``partial`` (never as delivered)."""
         out = self._tweet_to_cut()
         data = self.wire.encode(self.wire.frame(out.payload))
-        self._write(data[: len(data) // 2])
-        self.state.ground_truth.event("partial", self.conn, id=out.id)
+        try:
+            self._write(data[: len(data) // 2])
+        finally:  # given up or not, the tweet never completes
+            self.state.ground_truth.event("partial", self.conn, id=out.id)
 
     def _tweet_to_cut(self) -> Outgoing:
         """The next tweet, for a step that sends only part of it."""
@@ -365,12 +416,16 @@ class Session:
         """``tweets`` tweets, the first half of one more if ``partial`` (sync-flushed: the bad bytes
         then start a deflate block), and the bad bytes, in one write; then a hang-up."""
         sent = [out for out in (self.feed.next() for _ in range(tweets)) if out is not None]
-        data = self.wire.encode_messages([out.payload for out in sent]) if sent else b""
+        data, ends = self.wire.encode_batch([out.payload for out in sent]) if sent else (b"", [])
+        items: list[Outgoing | dict[str, Any]] = list(sent)
         half = self._tweet_to_cut() if partial else None
         if half is not None:
             framed = self.wire.frame(half.payload)
             data += self.wire.encode(framed[: len(framed) // 2])
-        self.wire.corrupt(data)
+            items.append(half)
+            ends.append(sys.maxsize)  # never complete
+        with self._delivering(items, ends):
+            self.wire.corrupt(data)
         self._record(sent)
         if half is not None:
             self.state.ground_truth.event("partial", self.conn, id=half.id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import fcntl
+import itertools
 import os
 import select
 import socket
@@ -33,7 +34,7 @@ class Wire:
         self.delimited = delimited
         self.split = 0
         self._gzip = zlib.compressobj(6, zlib.DEFLATED, 31) if gzip else None
-        self.bytes_sent = 0  # body bytes (before chunking)
+        self.bytes_sent = 0  # body bytes (before chunking) handed to the socket, to the byte
         self.socket_bytes = 0  # every byte of the body handed to the socket, chunking included
         # Called every BLOCKED_LOOK while the socket takes nothing; it must not write. It may
         # raise to abandon the write (the simulator stopping).
@@ -53,11 +54,20 @@ class Wire:
 
     def encode_messages(self, messages: Sequence[bytes]) -> bytes:
         """Several messages framed and encoded; with gzip each gets its own sync flush."""
-        if self._gzip is None and not self.delimited:
-            return b"\r\n".join(messages) + b"\r\n"  # one join: the --rate 0 hot path
+        return self.encode_batch(messages)[0]
+
+    def encode_batch(self, messages: Sequence[bytes]) -> tuple[bytes, list[int]]:
+        """``encode_messages``, and where each message's bytes end in it: a write given up
+        part-way delivered exactly the messages whose end went out (each gzip'd message is
+        sync-flushed, so its last byte is all a client needs to decode it)."""
+        if self._gzip is None and not self.delimited:  # one join: the --rate 0 hot path
+            data = b"\r\n".join(messages) + b"\r\n"
+            return data, list(itertools.accumulate(len(m) + 2 for m in messages))
         if self._gzip is None:
-            return b"".join([self.frame(m) for m in messages])
-        return b"".join([self.encode(self.frame(m)) for m in messages])
+            pieces = [self.frame(m) for m in messages]
+        else:
+            pieces = [self.encode(self.frame(m)) for m in messages]
+        return b"".join(pieces), list(itertools.accumulate(map(len, pieces)))
 
     def send(self, data: bytes) -> None:
         """Write already-encoded bytes as one chunk, or as ``split``-byte chunks."""
@@ -66,8 +76,12 @@ class Wire:
         step = self.split or len(data)
         for start in range(0, len(data), step):
             piece = data[start : start + step]
-            self._sendall(b"%x\r\n%b\r\n" % (len(piece), piece))
-            self.bytes_sent += len(piece)
+            head = b"%x\r\n" % len(piece)
+            before = self.socket_bytes
+            try:
+                self._sendall(head + piece + b"\r\n")
+            finally:  # a write given up part-way (the session's on_blocked) counts what went
+                self.bytes_sent += min(max(self.socket_bytes - before - len(head), 0), len(piece))
 
     def _sendall(self, data: bytes) -> None:
         """Write all of ``data``; while the client reads nothing, look at the session (its queue
