@@ -7,7 +7,6 @@ event, so a kick or stop is noticed at once, never after a sleep.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import contextlib
 import math
@@ -30,7 +29,7 @@ from ingestd.simulator.params import StreamParams
 from ingestd.simulator.redundant import FeedCursor
 from ingestd.simulator.script import Step, run_steps
 from ingestd.simulator.state import SimState
-from ingestd.simulator.wire import Wire
+from ingestd.simulator.wire import GivenUp, Stopping, Wire, completed
 
 CLOSE_LOOK = 0.05  # s between looks for a client's close on an idle connection
 
@@ -47,14 +46,6 @@ _CONTROL_KINDS, _CONTROL_WEIGHT_LIST = list(_CONTROL_WEIGHTS), list(_CONTROL_WEI
 
 # Writes remembered for a reset's ground truth: more than any socket's send buffer holds.
 RECENT_BYTES = 16 << 20
-
-
-class GivenUp(Exception):
-    """A write that waits for a client that reads nothing is given up: the stream ends at once."""
-
-
-class Stopping(GivenUp):
-    """The simulator stops."""
 
 
 class LoggedOut(GivenUp):
@@ -354,14 +345,13 @@ class Session:
 
     def _record_taken(self, items: list[Outgoing | dict[str, Any]], ends: list[int], taken: int
                       ) -> None:
-        done = bisect.bisect_right(ends, taken)
+        done, cut = completed(ends, taken)
         self._record([o for o in items[:done] if isinstance(o, Outgoing)])
         for event in items[:done]:
             if isinstance(event, dict):
                 self.state.ground_truth.event("control", self.conn, **event)
-        cut = items[done] if done < len(items) else None
-        if isinstance(cut, Outgoing) and taken > (ends[done - 1] if done else 0):
-            self.state.ground_truth.event("partial", self.conn, id=cut.id)
+        if cut and isinstance(tweet := items[done], Outgoing):
+            self.state.ground_truth.event("partial", self.conn, id=tweet.id)
 
     def _note_unacked(self) -> None:
         """Before a reset: the tweets whose bytes the client's kernel had not acknowledged yet.

@@ -43,7 +43,7 @@ from ingestd.simulator.state import SimState
 from ingestd.simulator.v2_rules import Expr, RuleSyntaxError, TweetView, matches, parse_rule
 from ingestd.simulator.v2_rules import positive_branch as branch_terms
 from ingestd.simulator.v2_tweets import Fields, V2Tweets
-from ingestd.simulator.wire import Wire
+from ingestd.simulator.wire import GivenUp, Stopping, Wire, completed
 
 STREAM_PATH = "/2/tweets/search/stream"
 RULES_PATH = STREAM_PATH + "/rules"
@@ -328,12 +328,17 @@ class V2Session:
     sent: int = 0
     last_write: float = field(default_factory=time.monotonic)
 
+    def __post_init__(self) -> None:
+        self.wire.on_blocked = self._on_blocked
+
     def run(self) -> str:
         try:
             try:
                 reason = self._run_steps()
             except OSError as exc:
                 reason = f"client closed ({type(exc).__name__})"
+            except Stopping:
+                reason = "shutdown (the client was reading nothing)"
             if reason.startswith("client closed") and (lag := self.app.options.close_lag):
                 time.sleep(lag)  # not noticed yet: still the app's one connection
             return reason
@@ -406,10 +411,34 @@ class V2Session:
             n = len(self.queue) if limit is None else min(limit, len(self.queue))
             items = [self.queue.popleft() for _ in range(min(n, 256))]
         fields, render = self.fields, self.app.tweets.render
-        self._write(b"".join(self.wire.frame(render(p.tweet, p.rules, fields)) for p in items))
-        self.sent += len(items)
-        self.app.state.ground_truth.tweets(self.conn, [p.id for p in items])
+        data, ends = self.wire.encode_batch([render(p.tweet, p.rules, fields) for p in items])
+        start = self.wire.bytes_sent
+        try:
+            self.wire.send(data)
+        except GivenUp:
+            self._record(items, completed(ends, self.wire.bytes_sent - start))
+            raise
+        self.last_write = time.monotonic()
+        self._record(items, (len(items), False))
         return len(items)
+
+    def _record(self, items: list[Published], taken: tuple[int, bool]) -> None:
+        """The ground truth of a write: the tweets that went whole; those of a write given up
+        part-way that did not are ``missed`` (published for us, never read), the one it cut
+        ``partial`` too."""
+        done, cut = taken
+        gt = self.app.state.ground_truth
+        self.sent += done
+        gt.tweets(self.conn, [p.id for p in items[:done]])
+        if cut:
+            gt.event("partial", self.conn, id=items[done].id)
+        for item in items[done:]:
+            gt.event("missed", self.conn, id=item.id)
+
+    def _on_blocked(self) -> None:
+        """A write waits for a client that reads nothing: a stop gives it up."""
+        if self.app.state.stopping.is_set():
+            raise Stopping
 
     def _write(self, body: bytes) -> None:
         self.wire.send(self.wire.encode(body))
@@ -541,6 +570,7 @@ def _open_stream(app: V2App, handler: BaseHTTPRequestHandler, conn: int, query: 
     for name, value in limits.items():
         handler.send_header(name, value)
     handler.end_headers()
+    sock.setblocking(False)  # the body's writes wait in Wire, which watches for a stop meanwhile
     reason = "ended"
     try:
         reason = session.run()

@@ -9,6 +9,7 @@ message and chunk boundaries disagree, as the real stream's do).
 from __future__ import annotations
 
 import array
+import bisect
 import fcntl
 import itertools
 import os
@@ -26,6 +27,21 @@ BAD_BYTES = b"\xff" * 16
 BLOCKED_LOOK = 0.05  # s between looks at the session (and for a close) while the client reads none
 
 
+class GivenUp(Exception):
+    """A write that waits for a client that reads nothing is given up: the stream ends at once."""
+
+
+class Stopping(GivenUp):
+    """The simulator stops."""
+
+
+def completed(ends: Sequence[int], taken: int) -> tuple[int, bool]:
+    """A write of messages ending at ``ends`` (``encode_batch``) given up after ``taken`` of its
+    body bytes: how many messages went whole, and whether some bytes of the next one went."""
+    done = bisect.bisect_right(ends, taken)
+    return done, done < len(ends) and taken > (ends[done - 1] if done else 0)
+
+
 class Wire:
     """Writes one streaming response body to ``sock``; all writes happen on one thread."""
 
@@ -36,8 +52,8 @@ class Wire:
         self._gzip = zlib.compressobj(6, zlib.DEFLATED, 31) if gzip else None
         self.bytes_sent = 0  # body bytes (before chunking) handed to the socket, to the byte
         self.socket_bytes = 0  # every byte of the body handed to the socket, chunking included
-        # Called every BLOCKED_LOOK while the socket takes nothing; it must not write. It may
-        # raise to abandon the write (the simulator stopping).
+        # Called every BLOCKED_LOOK while the socket takes nothing; it must not write. It raises
+        # GivenUp to abandon the write (the simulator stopping, a newer connection).
         self.on_blocked: Callable[[], None] = _nothing
 
     def frame(self, message: bytes) -> bytes:
