@@ -434,10 +434,13 @@ def test_damaged_spool_is_skipped_counted_and_the_rest_stored(
         intact = [r for r in records if r.seq not in damage.damaged()]
 
         def settled() -> dict[str, Any] | None:
+            # The cut tail is judged only once this run's writer has appended past it, which may
+            # come after every intact record was read: wait for all the damage to be counted.
             daemon.assert_running()
             store = daemon.counters("store")
             done = store.get("records_read") == len(intact) and store.get("pending") == 0
-            return store if done and store.get("spool_corrupt_records") else None
+            counted = store.get("spool_corrupt_records") == len(damage.damaged())
+            return store if done and counted else None
         store = wait_until(settled, 60, "the damaged spool to be replayed")
         status = render(collect(daemon.state_dir))  # what `ingestd status` prints
         assert daemon.stop()[0] == 0
