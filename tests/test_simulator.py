@@ -28,7 +28,7 @@ from ingestd.simulator.script import FaultScript, ScriptError
 from ingestd.simulator.session import truncated
 from ingestd.simulator.wire import BAD_BYTES
 from tests.support.creds import CREDS
-from tests.support.simulator import SimProcess
+from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
 
 PATH = "/1.1/statuses/filter.json"
@@ -352,6 +352,44 @@ def drain(stream: RawStream) -> tuple[bytes, bool]:
     return decoded, False
 
 
+def wait_socket_full(sim: SimProcess) -> None:
+    """Until connection 1's write waits on a client that reads nothing (two looks 0.2 s apart
+    find no new tweet in the ground truth)."""
+    counts: list[int] = []
+
+    def full() -> bool:
+        counts.append(len(sim.ground_truth().tweet_ids(1)))
+        return len(counts) > 1 and counts[-1] == counts[-2]
+
+    wait_until(full, 30, "the sockets to fill", 0.2)
+
+
+def read_rest(stream: RawStream, body: bytes) -> tuple[list[bytes], bytes, bool]:
+    """After ``body``, the rest of a stream that stopped being read: its whole messages, the part
+    of one a close cut, and whether the body ended cleanly (its zero-length chunk came)."""
+    rest, ended = drain(stream)
+    stream.close()
+    *complete, tail = (body + rest).split(b"\r\n")
+    return [m for m in complete if m], tail, ended
+
+
+def stop_while_unread(sim: SimProcess, stream: RawStream) -> tuple[list[bytes], bytes,
+                                                                   GroundTruthLog]:
+    """Read one chunk, then nothing until connection 1's write waits; stop the simulator; then
+    read the rest: (whole messages, the cut part, the ground truth). The stream must end by its
+    own session, not be cut off by ``Simulator.stop``'s shutdown after a 3 s grace (a
+    BrokenPipeError, as it was while the write blocked in ``sendall``)."""
+    body = stream.chunk()
+    assert body
+    wait_socket_full(sim)
+    assert sim.stop() == 0
+    truth = sim.ground_truth()
+    assert truth.closes(1)[0]["reason"] == "shutdown (the client was reading nothing)"
+    complete, tail, ended = read_rest(stream, body)
+    assert not ended
+    return complete, tail, truth
+
+
 @pytest.mark.parametrize("gzip", [False, True], ids=["plain", "gzip"])
 def test_a_stream_logged_out_while_its_client_reads_nothing_is_closed_at_once(
         tmp_path: Path, gzip: bool) -> None:
@@ -364,22 +402,15 @@ def test_a_stream_logged_out_while_its_client_reads_nothing_is_closed_at_once(
         first = open_stream(sim, gzip=gzip)
         body = first.chunk()  # one write's tweets, then the client reads nothing
         assert body
-        counts: list[int] = []
-
-        def socket_full() -> bool:  # two looks 0.2 s apart find no new tweet: the write waits
-            counts.append(len(sim.ground_truth().tweet_ids(1)))
-            return len(counts) > 1 and counts[-1] == counts[-2]
-
-        wait_until(socket_full, 30, "the sockets to fill", 0.2)
+        wait_socket_full(sim)
         second = open_stream(sim)
         assert second.status == 200
         (close,) = wait_until(lambda: sim.ground_truth().closes(1), 10, "the first one's close")
         assert close["reason"] == "disconnect 7 (newer connection; the client was reading nothing)"
-        rest, ended = drain(first)
+        complete, tail, ended = read_rest(first, body)
         second.close()
         truth = sim.ground_truth()
-    *complete, tail = (body + rest).split(b"\r\n")
-    got = [json.loads(m) for m in complete if m]
+    got = [json.loads(m) for m in complete]
     assert not ended and not any("disconnect" in m for m in got)
     assert [m["id"] for m in got if "id_str" in m] == truth.tweet_ids(1)
     assert sorted(next(iter(m)) for m in got if "id_str" not in m) == sorted(
@@ -696,28 +727,11 @@ def test_a_client_that_keeps_up_is_never_warned_nor_cut_off(tmp_path: Path) -> N
 def test_stopping_while_a_client_reads_nothing_ends_its_stream_at_once(tmp_path: Path) -> None:
     # --queue 0: no queue, so the connection only waits on its socket (TCP back-pressure).
     sim = SimProcess(tmp_path, "--rate", "0", "--queue", "0").start()
-    stream = open_stream(sim)
-    body = stream.chunk()  # one write's tweets, then the client reads nothing
-    assert body
-    counts: list[int] = []
-
-    def socket_full() -> bool:  # two looks 0.2 s apart find no new tweet: the write waits
-        counts.append(len(sim.ground_truth().tweet_ids(1)))
-        return len(counts) > 1 and counts[-1] == counts[-2]
-
-    wait_until(socket_full, 30, "the sockets to fill", 0.2)
-    assert sim.stop() == 0
-    # Ended by its own session, not cut off by Simulator.stop's shutdown after a 3 s grace (a
-    # BrokenPipeError, as it was while the write blocked in sendall)
-    truth = sim.ground_truth()
-    assert truth.closes(1)[0]["reason"] == "shutdown (the client was reading nothing)"
-    # What the client reads now is exactly the ground truth's tweets: the write given up counts
-    # those whose last byte went out (and none of the rest).
-    rest, ended = drain(stream)
-    stream.close()
-    *complete, tail = (body + rest).split(b"\r\n")
-    got = [json.loads(m) for m in complete if m]
-    assert not ended and [m["id"] for m in got if "id_str" in m] == truth.tweet_ids(1)
+    complete, tail, truth = stop_while_unread(sim, open_stream(sim))
+    # What the client read is exactly the ground truth's tweets: the write given up counts those
+    # whose last byte went out (and none of the rest).
+    got = [json.loads(m) for m in complete]
+    assert [m["id"] for m in got if "id_str" in m] == truth.tweet_ids(1)
     assert len(got) - len(truth.tweet_ids(1)) == len(truth.of("control", 1))
     if tail and not tail.startswith(CONTROL_STARTS):
         assert len(truth.partial_ids(1)) == 1
@@ -861,23 +875,9 @@ def test_v2_stopping_while_a_client_reads_nothing_ends_its_stream_at_once(
               "&expansions=author_id,geo.place_id&user.fields=created_at,description,location,"
               "public_metrics,verified&place.fields=country_code,geo,place_type")
     stream = RawStream(sim.port, target, {"Authorization": f"Bearer {V2_TOKEN}"}, method="GET")
-    body = stream.chunk()  # then the client reads nothing
-    assert body
-    counts: list[int] = []
-
-    def socket_full() -> bool:  # two looks 0.2 s apart find no new tweet: the write waits
-        counts.append(len(sim.ground_truth().tweet_ids(1)))
-        return len(counts) > 1 and counts[-1] == counts[-2]
-
-    wait_until(socket_full, 30, "the sockets to fill", 0.2)
-    assert sim.stop() == 0
-    truth = sim.ground_truth()
-    assert truth.closes(1)[0]["reason"] == "shutdown (the client was reading nothing)"
-    rest, ended = drain(stream)
-    stream.close()
-    *complete, tail = (body + rest).split(b"\r\n")
-    got = [int(json.loads(m)["data"]["id"]) for m in complete if m]
-    assert not ended and got == truth.tweet_ids(1) and len(got) > 100
+    complete, tail, truth = stop_while_unread(sim, stream)
+    got = [int(json.loads(m)["data"]["id"]) for m in complete]
+    assert got == truth.tweet_ids(1) and len(got) > 100
     missed, partial = {e["id"] for e in truth.of("missed", 1)}, truth.partial_ids(1)
     assert missed and not missed & set(got) and set(partial) <= missed and len(partial) <= 1
     if tail:
