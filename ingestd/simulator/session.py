@@ -110,7 +110,8 @@ class Session:
         except Stopping:
             return "shutdown (the client was reading nothing)"
         except LoggedOut:
-            self.wire.hang_up()  # the bytes the socket took still go, then the end
+            with contextlib.suppress(OSError):  # the client may have gone meanwhile
+                self.wire.hang_up()  # the bytes the socket took still go, then the end
             return f"disconnect {self.kick_code} (newer connection; the client was reading nothing)"
 
     def _step(self, step: Step) -> str | None:
