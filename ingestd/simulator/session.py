@@ -287,32 +287,28 @@ class Session:
     def _send_tweets(self, n: int) -> int:
         """Up to ``n`` tweets (plus due control messages) in one write; returns tweets sent."""
         bodies: list[bytes] = []
-        sent: list[Outgoing] = []
-        controls: list[dict[str, Any]] = []
         items: list[Outgoing | dict[str, Any]] = []  # bodies' tweets and controls' events
+        tweets = 0
         every = self.state.config.control_every
         for _ in range(n):
             out = self.feed.next()
             if out is None:
                 break
             bodies.append(out.payload)
-            sent.append(out)
             items.append(out)
+            tweets += 1
             self.since_control += 1
             if every and self.since_control >= every:
                 self.since_control = 0
                 payload, event = self._control(self._pick_control())
                 bodies.append(payload)
-                controls.append(event)
                 items.append(event)
         if bodies:
             data, ends = self.wire.encode_batch(bodies)
             with self._delivering(items, ends):
                 self._write(data)
-            self._record(sent)
-            for event in controls:
-                self.state.ground_truth.event("control", self.conn, **event)
-        return len(sent)
+            self._record_items(items, len(items))
+        return tweets
 
     def _record(self, sent: list[Outgoing]) -> None:
         """Ground truth and counters for tweets whose bytes are all on the socket."""
@@ -341,12 +337,13 @@ class Session:
         try:
             yield
         except GivenUp:
-            self._record_taken(items, ends, self.wire.bytes_sent - start)
+            self._record_items(items, *completed(ends, self.wire.bytes_sent - start))
             raise
 
-    def _record_taken(self, items: list[Outgoing | dict[str, Any]], ends: list[int], taken: int
+    def _record_items(self, items: list[Outgoing | dict[str, Any]], done: int, cut: bool = False
                       ) -> None:
-        done, cut = completed(ends, taken)
+        """The ground truth of a write's first ``done`` items (its tweets, then its control
+        messages), and of the tweet after them if the write cut it."""
         self._record([o for o in items[:done] if isinstance(o, Outgoing)])
         for event in items[:done]:
             if isinstance(event, dict):

@@ -416,17 +416,16 @@ class V2Session:
         try:
             self.wire.send(data)
         except GivenUp:
-            self._record(items, completed(ends, self.wire.bytes_sent - start))
+            self._record(items, *completed(ends, self.wire.bytes_sent - start))
             raise
         self.last_write = time.monotonic()
-        self._record(items, (len(items), False))
+        self._record(items, len(items))
         return len(items)
 
-    def _record(self, items: list[Published], taken: tuple[int, bool]) -> None:
+    def _record(self, items: list[Published], done: int, cut: bool = False) -> None:
         """The ground truth of a write: the tweets that went whole; those of a write given up
         part-way that did not are ``missed`` (published for us, never read), the one it cut
         ``partial`` too."""
-        done, cut = taken
         gt = self.app.state.ground_truth
         self.sent += done
         gt.tweets(self.conn, [p.id for p in items[:done]])

@@ -68,14 +68,10 @@ class Wire:
             return body
         return self._gzip.compress(body) + self._gzip.flush(zlib.Z_SYNC_FLUSH)
 
-    def encode_messages(self, messages: Sequence[bytes]) -> bytes:
-        """Several messages framed and encoded; with gzip each gets its own sync flush."""
-        return self.encode_batch(messages)[0]
-
     def encode_batch(self, messages: Sequence[bytes]) -> tuple[bytes, list[int]]:
-        """``encode_messages``, and where each message's bytes end in it: a write given up
-        part-way delivered exactly the messages whose end went out (each gzip'd message is
-        sync-flushed, so its last byte is all a client needs to decode it)."""
+        """Several messages framed and encoded (with gzip each gets its own sync flush), and where
+        each one's bytes end: a write given up part-way delivered exactly the messages whose end
+        went out (a sync-flushed message's last byte is all a client needs to decode it)."""
         if self._gzip is None and not self.delimited:  # one join: the --rate 0 hot path
             data = b"\r\n".join(messages) + b"\r\n"
             return data, list(itertools.accumulate(len(m) + 2 for m in messages))
