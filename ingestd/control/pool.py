@@ -370,8 +370,8 @@ class WorkerPool:
         if beat_pipe_written(worker):
             worker.last_beat = now
             self.role_beats[worker.role] = now
-        # The file is replaced whole (a new inode) on every write: unchanged identity, nothing
-        # new to parse (~2 of 3 looks while a worker beats every second).
+        # The file is rewritten in place on every write (runstate): unchanged inode, mtime and
+        # size, nothing new to parse (~2 of 3 looks while a worker beats every second).
         identity = runstate.status_identity(self.state_dir, worker.role)
         if identity is not None and identity == worker.beat_file:
             return

@@ -4,13 +4,13 @@ It spawns the two workers (``store`` then ``stream``), turns signals into decisi
 workers that die or stop heartbeating, and speaks the systemd notify protocol. The shape is
 gunicorn's arbiter: signal handlers only enqueue; one loop drains the queue, dispatches
 ``handle_<signal>`` by name, then reaps children, checks heartbeats, restarts dead workers and
-reports. The jobs are split: ``workers.WorkerPool`` (processes, heartbeats, back-off),
+reports. The jobs are split: ``pool.WorkerPool`` (processes, heartbeats, back-off),
 ``reporting.Reporter`` (notify, run/supervisor.json), ``statelock.StateDirClaim`` (lock, pid
 file); this module is the loop, the signals, reload and stop.
 
 Reload: the supervisor validates the new settings text (``mongo.uri`` in a short-lived child
 interpreter when it changed: pymongo never stays resident here, see
-``settings.check_mongo_uri_in_child``), then sends it to both workers as a ``pipe.Reload``
+``config.mongo_uri.check_mongo_uri_in_child``), then sends it to both workers as a ``pipe.Reload``
 command on their stdin. Each generation's filters are recorded in the state folder first
 (``spool.generations``: numbers unique for the folder's life, the start's after the last run's),
 so that the store worker matches every record by the filters it was received under, whatever

@@ -255,7 +255,8 @@ class StreamReader:
         return max(0.0, min(wait, self.max_wait()))
 
     def reload(self, stream: StreamSettings, auth: AuthSettings, generation: int) -> None:
-        """Apply new settings; reconnect (make-before-break) only if the filters changed."""
+        """Apply new settings; reconnect (make-before-break) only if a connection key
+        (``request.CONNECTION_KEYS``: filters, url, gzip, ...) or the credentials changed."""
         changed = filter_key(stream) != filter_key(self.stream) or auth != self.auth
         self.stream, self.auth, self.generation = stream, auth, generation
         self.backoff.schedule = stream.backoff

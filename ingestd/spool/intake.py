@@ -1,7 +1,7 @@
 """The stream worker's way into the spool: coalesced appends, disk errors, the when_full policy.
 
-``SpoolIntake`` is the reader's message callback (``source.connection.Reader``); loaded by the
-stream worker only (``control.stream_role``).
+``SpoolIntake`` is the reader's message callback (``source.stream_reader.StreamReader``);
+loaded by the stream worker only (``control.stream_role``).
 """
 
 from __future__ import annotations
