@@ -865,13 +865,14 @@ def test_coverage_instance_accepts_the_ha_instance_and_refuses_unknown_names(
     (gap, *_) = ledger(mongo_uri, mongo_database, "gap")
     ledger_name = gap["instance"]
     assert gap["ha_instance"] == ha_name != ledger_name
-    until = ("--until", datetime.now(UTC).isoformat())  # the open stop gap: the same end
-    by_ledger = coverage_cli(daemon, "--instance", ledger_name, "--json", *until)
-    by_ha = coverage_cli(daemon, "--instance", ha_name, "--json", *until)
+    by_ledger = coverage_cli(daemon, "--instance", ledger_name, "--json")
+    by_ha = coverage_cli(daemon, "--instance", ha_name, "--json")
     assert by_ledger.returncode == by_ha.returncode == 0, by_ha.stderr
     def hours(out: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
-        # covered_percent of the current hour is "so far": it moves between the two calls
-        return [{**h, "covered_percent": None} for h in json.loads(out.stdout)["hours"]]
+        # The open stop gap counts until now (rows are whole hours "so far"): its seconds and the
+        # share covered move between the two calls.
+        return [{**h, "covered_percent": None, "offline_seconds": None}
+                for h in json.loads(out.stdout)["hours"]]
     assert hours(by_ha) == hours(by_ledger) != []
     assert f"ha.instance {ha_name} is the ledger's instance {ledger_name}" in by_ha.stderr
     table = coverage_cli(daemon, "--instance", ha_name)
@@ -880,6 +881,63 @@ def test_coverage_instance_accepts_the_ha_instance_and_refuses_unknown_names(
     assert unknown.returncode == 2 and unknown.stdout == "", unknown.stdout
     assert "--instance nobody:1: no such instance" in unknown.stderr
     assert ledger_name in unknown.stderr
+
+
+def test_coverage_rows_are_whole_hours_wherever_the_window_cuts_them(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """The analyst audit: with ``--since`` inside an hour, that hour's gaps before it vanished
+    from its row while its tweets stayed (offline time understated, coverage overstated); the
+    default window (now − 24 h) always cut the oldest row so. Each row now counts its whole hour,
+    whatever ``--since``/``--until`` fall on, and says which window it reports."""
+    h, s = HOUR_NS, 10**9
+    hour = (time.time_ns() // h - 3) * h  # a past hour: no "so far"
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo_uri, serverSelectionTimeoutMS=10000)
+    try:
+        coll = client[mongo_database].coverage
+        coll.insert_one({"_id": "h:/s:hour", "kind": "hour", "instance": "h:/s", "hour_ns": hour,
+                         "hour": _utc(hour), "tweets": 100, "limit_max": {}})
+        for n, (start, end, cause) in enumerate([(60, 160, "stall"), (1800, 1830, "reconnect")]):
+            a, b = hour + start * s, hour + end * s
+            coll.insert_one({"_id": f"h:/s:{n}", "kind": "gap", "instance": "h:/s",
+                             "cause": cause, "start_ns": a, "end_ns": b, "start": _utc(a),
+                             "end": _utc(b), "seconds": end - start})
+    finally:
+        client.close()
+    doc = settings_doc("http://127.0.0.1:9/1.1/statuses/filter.json", mongo_uri, mongo_database)
+    daemon = Daemon(tmp_path / "daemon", doc)
+    daemon.config.write_text(json.dumps(doc))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWITTER_")}
+
+    def report(since: int, until: int, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ingestd", "coverage", "--config",
+                               str(daemon.config), "--since", _utc(since).isoformat(), "--until",
+                               _utc(until).isoformat(), *args],
+                              capture_output=True, text=True, env=env, timeout=60)
+
+    for since, until in [(hour, hour + h), (hour + 1000 * s, hour + 2000 * s),
+                         (hour + 3500 * s, hour + 3599 * s), (hour - 10 * s, hour + 1 * s)]:
+        out = report(since, until, "--json")
+        assert out.returncode == 0, out.stderr
+        got = json.loads(out.stdout)
+        first = hour if since >= hour else hour - h  # the window, widened to whole hours
+        assert (got["since"], got["until"]) == (_utc(first).isoformat(),
+                                                _utc(hour + h).isoformat())
+        (row,) = [r for r in got["hours"] if r["hour"] == _iso_z(hour)]
+        assert (row["tweets"], row["offline_seconds"], row["causes"]) == (
+            100, 130.0, ["stall", "reconnect"]), (since, until, row)
+        assert row["covered_percent"] == round(100 * (1 - 130 / 3600), 2)
+    inverted = report(hour + 2000 * s, hour + 1000 * s)
+    assert inverted.returncode == 2 and inverted.stdout == "", inverted.stdout
+    assert "is not before --until" in inverted.stderr
+
+
+def _utc(ns_: int) -> datetime:
+    return datetime.fromtimestamp(ns_ // 10**9, UTC)
+
+
+def _iso_z(ns_: int) -> str:
+    return _utc(ns_).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def test_coverage_instance_maps_a_pair_partners_ha_instance(

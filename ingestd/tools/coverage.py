@@ -4,7 +4,8 @@ Reads ``mongo.coverage_collection`` (written by ``ingestd.sink.coverage``) and p
 and instance: tweets stored, tweets the endpoint said it did not deliver (limit notices), seconds
 without a connection, the share of the hour covered, and the causes of its gaps. The hour in
 which an instance first started counts the time before that start as offline (``not_started``:
-the archive did not exist; ``--json`` gives that part as ``not_started_seconds``). Needs only the
+the archive did not exist; ``--json`` gives that part as ``not_started_seconds``). Rows are whole
+hours: the window is widened to the hours it touches (``whole_hours``). Needs only the
 MongoDB URI (from the settings, with ``${...}`` resolved): no stream credentials.
 """
 
@@ -62,8 +63,21 @@ def ns(when: datetime) -> int:
     return int(when.timestamp() * 1e9)
 
 
+def _at(ns_: int) -> datetime:
+    return datetime.fromtimestamp(ns_ // 10**9, UTC)
+
+
 def _iso(ns_: int) -> str:
     return datetime.fromtimestamp(ns_ / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def whole_hours(since_ns: int, until_ns: int) -> tuple[int, int]:
+    """The table's window: from the start of ``since``'s hour to the end of the hour ``until``
+    falls in. Every row is a whole hour, so an hour's offline seconds come from all of its gaps,
+    not only those after a ``--since`` inside it (the default window starts mid-hour)."""
+    first = hour_start_ns(since_ns)
+    last = hour_start_ns(until_ns)
+    return first, (last if last == until_ns else last + HOUR_NS)
 
 
 def undelivered_by_hour(hours: Iterable[dict[str, Any]]) -> dict[tuple[str, int], int]:
@@ -86,9 +100,9 @@ def undelivered_by_hour(hours: Iterable[dict[str, Any]]) -> dict[tuple[str, int]
 
 def build_rows(hours: list[dict[str, Any]], gaps: list[dict[str, Any]], since_ns: int,
                until_ns: int, now_ns: int) -> list[HourRow]:
-    """The per-hour table for [since, until): hour documents for the tweets and limit counts
-    (all earlier hours too: limit counts are cumulative), gap documents for the offline time
-    (an open gap counts until now)."""
+    """The per-hour table for the whole hours of [since, until) (``whole_hours``): hour documents
+    for the tweets and limit counts (all earlier hours too: limit counts are cumulative), gap
+    documents for the offline time (an open gap counts until now)."""
     undelivered = undelivered_by_hour(hours)
     rows: dict[tuple[str, int], HourRow] = {}
 
@@ -97,7 +111,7 @@ def build_rows(hours: list[dict[str, Any]], gaps: list[dict[str, Any]], since_ns
             rows[(instance, hour)] = HourRow(_iso(hour), instance)
         return rows[(instance, hour)]
 
-    first = hour_start_ns(since_ns)
+    first, until_ns = whole_hours(since_ns, until_ns)
     for doc in hours:
         if first <= doc["hour_ns"] < until_ns:
             r = row(doc["instance"], doc["hour_ns"])
@@ -159,7 +173,8 @@ def resolve_instance(coverage: Collection[Document], settings: Settings, name: s
 
 def fetch(settings: Settings, since: datetime, until: datetime, instance: str | None
           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Hour documents before ``until`` and gap documents overlapping [since, until)."""
+    """Hour documents before ``until`` and gap documents overlapping [since, until) (callers pass
+    whole hours)."""
     from ingestd.sink.mongo import make_client
 
     client = make_client(settings.mongo)
@@ -171,8 +186,9 @@ def fetch(settings: Settings, since: datetime, until: datetime, instance: str | 
                 print(note, file=sys.stderr)
         mine = {"instance": instance} if instance else {}
         hours = list(coverage.find({"kind": "hour", "hour": {"$lt": until}, **mine}))
+        since_ns = ns(since)  # ``end_ns``, not ``end``: an integer compares on every server
         gaps = [g for g in coverage.find({"kind": "gap", "start": {"$lt": until}, **mine})
-                if g.get("end") is None or g["end"] >= since]
+                if g.get("end_ns") is None or g["end_ns"] >= since_ns]
     finally:
         client.close()
     return hours, gaps
@@ -234,6 +250,12 @@ def run_coverage(config: Path, *, since: str | None, until: str | None, instance
     except ValueError as exc:
         print(f"--since/--until: not an ISO 8601 time: {exc}", file=sys.stderr)
         return 2
+    if start >= end:
+        print(f"--since {start.isoformat()} is not before --until {end.isoformat()}",
+              file=sys.stderr)
+        return 2
+    first, last = whole_hours(ns(start), ns(end))
+    start, end = _at(first), _at(last)
     try:
         settings = load_settings(config, secrets=False, resolve=("mongo.uri",))
     except ConfigError as exc:
