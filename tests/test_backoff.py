@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import random
+from datetime import UTC, datetime
+from email.utils import format_datetime
 
 import pytest
 
 from ingestd.config.schema import BackoffSettings
-from ingestd.source.backoff import Backoff, Ending
+from ingestd.source.backoff import Backoff, Ending, ServerWait
+from ingestd.source.response import ServerHint, describe_hint, server_hint
 from tests.support.clock import FakeClock
+
+NOW = 1_800_000_000.0  # epoch seconds for the header tests
 
 
 def no_jitter(**overrides: float) -> BackoffSettings:
@@ -44,6 +50,110 @@ def test_retry_after_is_honoured_when_longer() -> None:
     b = Backoff(no_jitter())
     assert b.delay(Ending.RATE_LIMITED, healthy=False, retry_after=300.0) == 300.0
     assert b.delay(Ending.HTTP, healthy=False, retry_after=1.0) == 5.0
+
+
+def test_a_server_wait_is_held_to_the_cap_of_its_ending() -> None:
+    """A 420 asking for 28 h, a 503 asking for a day: the stream stays silent no longer than the
+    operator's caps (rate_limit_cap 960 s, http_cap 320 s), jitter included."""
+    for seed in range(5):
+        b = Backoff(BackoffSettings(max_attempts_per_minute=0), rng=random.Random(seed))
+        assert b.delay(Ending.RATE_LIMITED, healthy=False, retry_after=100000.0) == 960.0
+        assert b.last_server_wait == ServerWait(100000.0, 960.0, "rate_limit_cap")
+        assert b.last_server_wait.capped
+        assert b.delay(Ending.HTTP, healthy=False, retry_after=86400.0) == 320.0
+        assert b.last_server_wait == ServerWait(86400.0, 320.0, "http_cap")
+        assert b.delay(Ending.RATE_LIMITED, healthy=False, retry_after=math.inf) == 960.0
+
+
+def test_a_server_wait_is_not_jittered() -> None:
+    """The server named the moment: waiting up to 10 % past it buys nothing, and would push a
+    capped wait past the cap."""
+    b = Backoff(BackoffSettings(jitter=0.1, max_attempts_per_minute=0), rng=random.Random(1))
+    assert b.delay(Ending.RATE_LIMITED, healthy=False, retry_after=300.0) == 300.0
+    assert b.last_server_wait is not None and not b.last_server_wait.capped
+    # Shorter than the schedule: the schedule's (jittered) wait stands.
+    got = b.delay(Ending.RATE_LIMITED, healthy=False, retry_after=1.0)
+    assert got is not None and 120.0 <= got <= 132.0
+
+
+def test_a_server_wait_lengthens_only_rate_limits_and_http_errors() -> None:
+    b = Backoff(no_jitter())
+    assert b.delay(Ending.NETWORK, healthy=False, retry_after=100.0) == 0.25
+    assert b.last_server_wait == ServerWait(100.0, None)
+    assert b.delay(Ending.STALL, healthy=False, retry_after=100.0) == 0.5
+    assert b.delay(Ending.DISCONNECT, healthy=True, retry_after=100.0, disconnect_code=12) == 1.0
+    assert b.delay(Ending.CLOSED, healthy=True, retry_after=100.0) == 1.0
+    # Nothing usable: the schedule alone.
+    assert b.delay(Ending.RATE_LIMITED, healthy=False, retry_after=math.nan) == 60.0
+    assert b.delay(Ending.RATE_LIMITED, healthy=False, retry_after=-5.0) == 120.0
+
+
+def test_retry_after_counts_on_420_429_503_only() -> None:
+    seconds = {status: server_hint(status, {"retry-after": "120"}, NOW)
+               for status in (420, 429, 503, 401, 500, 502)}
+    assert [seconds[s] for s in (420, 429, 503)] == [ServerHint("retry-after", "120", 120.0)] * 3
+    for status in (401, 500, 502):
+        hint = seconds[status]
+        assert hint is not None and hint.seconds is None
+        assert hint.problem == f"not honoured after HTTP {status} (only after 420, 429 and 503)"
+    # A stream's 200 headers are not an answer to a refused attempt.
+    assert server_hint(200, {"retry-after": "120"}, NOW) is None
+
+
+def test_rate_limit_reset_counts_only_once_the_allowance_is_spent() -> None:
+    day = str(int(NOW) + 86400)
+    assert server_hint(429, {"x-rate-limit-reset": day, "x-rate-limit-remaining": "0"},
+                       NOW) == ServerHint("x-rate-limit-reset", day, 86400.0)
+    assert server_hint(420, {"x-rate-limit-reset": day, "x-rate-limit-remaining": "0"},
+                       NOW) is not None
+    # The audit's 503: a reset time, and no word that anything was spent.
+    assert server_hint(503, {"x-rate-limit-reset": day}, NOW) is None
+    assert server_hint(429, {"x-rate-limit-reset": day}, NOW) is None
+    # v2's 429 TooManyConnections with requests left.
+    assert server_hint(429, {"x-rate-limit-reset": day, "x-rate-limit-remaining": "3"},
+                       NOW) is None
+    # Spent, but on an answer that is no rate limit.
+    assert server_hint(503, {"x-rate-limit-reset": day, "x-rate-limit-remaining": "0"},
+                       NOW) is None
+
+
+@pytest.mark.parametrize(("headers", "problem"), [
+    ({"retry-after": "soon"}, "neither seconds nor an HTTP date"),
+    ({"retry-after": "-5"}, "neither seconds nor an HTTP date"),
+    ({"retry-after": "\u00b2"}, "neither seconds nor an HTTP date"),
+    ({"retry-after": "Mon, 01 Jan 2024 00:00:00 GMT"}, "in the past"),
+    ({"x-rate-limit-reset": "1700000000", "x-rate-limit-remaining": "0"}, "in the past"),
+    ({"x-rate-limit-reset": "tomorrow", "x-rate-limit-remaining": "0"}, "not epoch seconds"),
+])
+def test_a_past_or_unreadable_server_wait_is_ignored(headers: dict[str, str],
+                                                     problem: str) -> None:
+    hint = server_hint(420, headers, NOW)
+    assert hint is not None and hint.seconds is None and hint.problem == problem
+    assert describe_hint(hint, None).endswith(f" ignored: {problem}")
+
+
+def test_retry_after_as_an_http_date_and_the_longer_of_two() -> None:
+    date = format_datetime(datetime.fromtimestamp(NOW + 600, UTC), usegmt=True)
+    assert server_hint(503, {"retry-after": date}, NOW) == ServerHint("retry-after", date, 600.0)
+    both = {"retry-after": "30", "x-rate-limit-reset": str(int(NOW) + 900),
+            "x-rate-limit-remaining": "0"}
+    hint = server_hint(429, both, NOW)
+    assert hint is not None and (hint.header, hint.seconds) == ("x-rate-limit-reset", 900.0)
+
+
+def test_the_log_says_when_a_server_wait_was_capped() -> None:
+    b = Backoff(no_jitter())
+    hint = server_hint(420, {"retry-after": "100000"}, NOW)
+    assert hint is not None
+    b.delay(Ending.RATE_LIMITED, healthy=False, retry_after=hint.seconds)
+    assert describe_hint(hint, b.last_server_wait) == (
+        "retry-after=100000 capped to 960 (stream.backoff.rate_limit_cap)")
+    reset = server_hint(429, {"x-rate-limit-reset": str(int(NOW) + 120),
+                              "x-rate-limit-remaining": "0"}, NOW)
+    assert reset is not None
+    b.delay(Ending.RATE_LIMITED, healthy=False, retry_after=reset.seconds)
+    assert describe_hint(reset, b.last_server_wait) == (
+        f"x-rate-limit-reset={int(NOW) + 120} (in 120s) honoured")
 
 
 def test_config_errors_wait_for_a_reload() -> None:

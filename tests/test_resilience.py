@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,42 @@ def test_rate_limited_waits_the_rate_limit_schedule(
     (gap,) = gaps(attempts(sim.ground_truth()))
     assert gap >= 1.0, "test schedule: rate_limit_start = 1 s"
     print(f"\n[{status}] second attempt after {gap:.3f}s (rate_limit_start 1 s)")
+
+
+def test_server_waits_are_capped_per_ending(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    """The audit's answers: a 420 asking for 28 h, a 503 asking for 28 h, and a 503 with a reset
+    time a day away but no word that the allowance was spent. The daemon reconnects within the
+    caps (2 s here), and the log says which wait was capped."""
+    script = [
+        [{"status": 420, "body": "Enhance Your Calm", "headers": {"Retry-After": "100000"}}],
+        [{"status": 503, "body": "Service Unavailable", "headers": {"Retry-After": "100000"}}],
+        [{"status": 503, "body": "Service Unavailable",
+          "headers": {"x-rate-limit-reset": str(int(time.time()) + 86400)}}],
+        QUIET_AFTER_3,
+    ]
+    backoff = {"rate_limit_start": 1, "rate_limit_cap": 2, "http_start": 0.5, "http_cap": 2}
+    sim, daemon = run_pair(tmp_path, mongo_uri, mongo_database, script, "--control-every", "0",
+                           stream={"backoff": backoff})
+    try:
+        daemon.wait_ready()
+        # Before the fix the first answer silenced the stream for 28 h.
+        wait_until(lambda: caught_up(daemon, sim, 3), 30, "tweets after the three refusals")
+    finally:
+        finish(daemon, sim)
+    measured = gaps(attempts(sim.ground_truth()))
+    # The two Retry-After waits are the caps exactly (not jittered); the ignored reset leaves
+    # the HTTP schedule's second step: 1 s (+ up to 10 % jitter).
+    for got, want, most in zip(measured, [2.0, 2.0, 1.0], [2.0, 2.0, 1.1], strict=True):
+        assert want <= got <= most + 0.5, measured
+    ended = {e["conn"]: e for e in daemon.log_events() if e.get("event") == "stream_ended"}
+    capped = "retry-after=100000 capped to 2 (stream.backoff.{})"
+    assert ended[1]["server_wait"] == capped.format("rate_limit_cap")
+    assert ended[2]["server_wait"] == capped.format("http_cap")
+    assert [ended[c]["backoff"] for c in (1, 2)] == [2.0, 2.0]
+    assert "server_wait" not in ended[3] and ended[3]["backoff"] <= 1.1
+    print(f"\n[server waits] gaps between attempts {measured} (caps 2, 2; schedule 1)")
 
 
 @pytest.mark.slow

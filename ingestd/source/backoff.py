@@ -4,17 +4,20 @@ The schedules are the endpoint's documented ones (docs/protocol.md §4.2), as hb
 implement them: network errors back off linearly (250 ms steps to 16 s), HTTP errors exponentially
 (5 s doubling to 320 s), rate limiting (420/429) exponentially from 60 s. What the peers get wrong
 and we do not: counters reset only after a connection proved healthy (it delivered a message), a
-healthy connection that ends still waits a little, and a rolling bound caps attempts per minute
-whatever the upstream does.
+healthy connection that ends still waits a little, a rolling bound caps attempts per minute
+whatever the upstream does, and a wait the server asks for (``response.server_hint``) lengthens
+only the endings that may carry one, never past that schedule's cap.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import math
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ingestd.config.schema import BackoffSettings
 
@@ -24,7 +27,7 @@ class Ending(enum.Enum):
 
     NETWORK = "network"  # connect/TLS/reset/partial transfer: linear schedule
     HTTP = "http"  # 401, 5xx and other retryable statuses: exponential from 5 s
-    RATE_LIMITED = "rate_limited"  # 420/429: exponential from 60 s, honours Retry-After
+    RATE_LIMITED = "rate_limited"  # 420/429: exponential from 60 s, honours the server's wait
     CONFIG = "config"  # 403/404/406/413/416: retrying cannot help; wait for a reload
     STALL = "stall"  # no byte for read_timeout
     DISCONNECT = "disconnect"  # the server sent a disconnect message, then closed
@@ -38,6 +41,19 @@ class Ending(enum.Enum):
 # Codes after which reconnecting at once would fight another client using our credentials
 # (2 duplicate stream, 7 admin logout): back off as if rate limited (docs/protocol.md §3.1).
 CONTESTED_DISCONNECT_CODES = frozenset({2, 7})
+
+
+@dataclass(frozen=True, slots=True)
+class ServerWait:
+    """A wait the server asked for, as ``Backoff.delay`` applied it."""
+
+    asked: float  # seconds from now
+    cap: float | None  # what it is held to; None: this ending takes no server wait
+    setting: str = ""  # the cap's key in stream.backoff, for the log
+
+    @property
+    def capped(self) -> bool:
+        return self.cap is not None and self.asked > self.cap
 
 
 class Backoff:
@@ -56,6 +72,7 @@ class Backoff:
         self._failures: dict[Ending, int] = collections.Counter()
         self._attempts: collections.deque[float] = collections.deque()
         self.last_delay = 0.0
+        self.last_server_wait: ServerWait | None = None  # of the last delay() given one
 
     def record_attempt(self) -> None:
         """Note a connection attempt now (for the per-minute bound)."""
@@ -69,7 +86,14 @@ class Backoff:
         retry_after: float | None = None,
         disconnect_code: int | None = None,
     ) -> float | None:
-        """Seconds to wait before the next attempt; None means wait for a settings reload."""
+        """Seconds to wait before the next attempt; None means wait for a settings reload.
+
+        ``retry_after``: seconds the server asked us to wait (``response.server_hint``). It can
+        lengthen a rate-limited or HTTP-error wait up to that schedule's cap, and is not
+        jittered: a server's value, not our guess, and a cap is the longest an operator lets one
+        header silence the stream. Other endings ignore it.
+        """
+        self.last_server_wait = None
         if ending is Ending.CONFIG:
             self.last_delay = 0.0
             return None
@@ -78,9 +102,9 @@ class Backoff:
         if healthy:
             self._failures.clear()
         base = self._base_delay(ending, healthy)
-        if retry_after is not None:
-            base = max(base, retry_after)
         wait = base + base * self._rng.uniform(0.0, self.schedule.jitter)
+        if retry_after is not None and not math.isnan(retry_after):
+            wait = max(wait, self._server_wait(ending, retry_after))
         wait = max(wait, self._rate_bound_wait())
         self.last_delay = wait
         return wait
@@ -90,6 +114,18 @@ class Backoff:
         max_attempts_per_minute."""
         self.last_delay = max(seconds, self._rate_bound_wait())
         return self.last_delay
+
+    def _server_wait(self, ending: Ending, asked: float) -> float:
+        """The part of the server's wait this ending honours (0: none), noted for the log."""
+        s = self.schedule
+        if ending is Ending.RATE_LIMITED:
+            used = ServerWait(asked, s.rate_limit_cap, "rate_limit_cap")
+        elif ending is Ending.HTTP:
+            used = ServerWait(asked, s.http_cap, "http_cap")
+        else:
+            used = ServerWait(asked, None)
+        self.last_server_wait = used
+        return 0.0 if used.cap is None else max(min(asked, used.cap), 0.0)
 
     def _base_delay(self, ending: Ending, healthy: bool) -> float:
         s = self.schedule

@@ -25,7 +25,13 @@ from ingestd.source.body import BodyIntake, Sink
 from ingestd.source.connection import Connection, open_connection
 from ingestd.source.curl_errors import curl_error_text
 from ingestd.source.request import filter_key
-from ingestd.source.response import classify, describe, disconnect_code, retry_after
+from ingestd.source.response import (
+    classify,
+    describe,
+    describe_hint,
+    disconnect_code,
+    server_hint,
+)
 from ingestd.source.stats import ReaderStats
 from ingestd.spool.events import GapMarkers
 from ingestd.spool.watch import drain_wakeups
@@ -499,10 +505,13 @@ class StreamReader:
 
     def _schedule_reconnect(self, conn: Connection, ending: Ending, errmsg: str) -> None:
         own = self._own_close_wait(conn)
-        wait = own or self.backoff.delay(
-            ending, healthy=conn.healthy, retry_after=retry_after(conn.headers, time.time()),
+        hint = None if own is not None else server_hint(conn.status, conn.headers, time.time())
+        wait = own if own is not None else self.backoff.delay(
+            ending, healthy=conn.healthy, retry_after=hint.seconds if hint else None,
             disconnect_code=disconnect_code(conn),
         )
+        # What became of the server's wait: a capped one explains a shorter wait than it asked.
+        note = describe_hint(hint, self.backoff.last_server_wait) if hint else None
         reason = describe(conn, ending, errmsg)
         if conn.status not in (0, 200) and own is None:  # our own old connection is no refusal
             self._note_refusal(conn.status, reason)
@@ -513,10 +522,10 @@ class StreamReader:
                       action="waiting for a corrected settings file (SIGHUP)")
             return
         self.next_attempt_at = self._clock() + wait
-        self.state = f"reconnecting in {wait:.1f}s ({reason})"
+        self.state = f"reconnecting in {wait:.1f}s ({reason}{f'; {note}' if note else ''})"
         log.warning("stream_ended", conn=conn.conn_id, ending=ending.value, reason=reason,
                     healthy=conn.healthy, messages=conn.messages, backoff=round(wait, 3),
-                    **conn.cut_fields())
+                    **({"server_wait": note} if note else {}), **conn.cut_fields())
 
     def _own_close_wait(self, conn: Connection) -> float | None:
         """A short wait if ``conn`` met 429 TooManyConnections soon after we closed the app's
