@@ -1098,13 +1098,13 @@ def test_a_reload_of_read_timeout_alone_reaches_the_open_connection(launch: Laun
     daemon.write_settings_atomically(doc)
     reloaded = operator_cli("reload", daemon=daemon)
     assert reloaded.returncode == 0, reloaded.stderr
-    stalled = daemon.wait_log("stream_stalled", role="stream", conn=1, timeout=15)
+    stalled = daemon.wait_log("stream_stalled", role="stream", conn=1, timeout=30)
     again = daemon.wait_log("connected", role="stream", conn=2)
     code, _ = daemon.stop()
 
     assert code == 0
     assert "filters unchanged" in reloaded.stdout, reloaded.stdout
-    assert 3 <= stalled["silent_for"] < 10, stalled
+    assert 3 <= stalled["silent_for"] < 30, stalled  # not the 90 s the connection opened with
     assert again["generation"] == 2
     figure(f"read_timeout 90 → 3 by reload: the open connection stalled after "
            f"{stalled['silent_for']} s silent")
