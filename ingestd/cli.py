@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import io
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,10 @@ from pathlib import Path
 from ingestd import __version__
 
 EXIT_USAGE = 2
+# `ingestd run`'s stop and reload signals, held pending from its first line until the
+# supervisor's handlers take them (``supervisor.SignalQueue.install`` lets them in): until then
+# SIGHUP's default action would end the daemon without a line, and SIGINT raise a traceback.
+HELD_AT_START = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 # structlog imports rich and better_exceptions whenever they are installed (a development tool
 # brings rich), for a console renderer and tracebacks that ingestd never uses: rich and pygments
 # cost every daemon process ~4 MB. Marked absent here, before anything imports structlog, they are
@@ -28,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_worker_parser().parse_args(argv[1:])
         return cmd_worker(args)
     if argv[:1] == ["run"]:  # the daemon logs to stdout: a report's tolerance is not for it
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_AT_START)  # before the heavy imports
         return run_command(argv)
     with reader_may_leave():  # --help and usage errors included
         return run_command(argv)

@@ -15,19 +15,23 @@ quiet and everything delivered must be stored.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import certifi
 import psutil
 import pymongo
 import pytest
@@ -997,3 +1001,199 @@ def test_reload_fixing_a_wrong_mongo_uri_takes_effect_while_the_batch_retries(
     # An insert in flight against the wrong address is not cancelled: it ends at timeout_ms.
     figure(f"wrong mongo.uri fixed by reload: 150/150 stored {recovered:.2f}s after SIGHUP "
            "(timeout_ms 1 s)")
+
+
+# -- the settings audit: a file that fails later, read_timeout, signals during start-up ---------
+
+
+def test_replaced_workers_run_the_settings_in_force_when_the_unchanged_file_fails_now(
+        launch: Launch, tmp_path: Path) -> None:
+    """Validation depends on the world: the untouched file names a CA file deleted since the
+    start. A replaced worker runs the settings in force and warns why the file fails now; it
+    used to exit 78, which halted the daemon with 78 (systemd then left it down)."""
+    ca = tmp_path / "ca.pem"
+    shutil.copy(certifi.where(), ca)
+    _, daemon = launch("--rate", "100", "--keepalive", "1", "--seed", "75",
+                       stream={"ca_file": str(ca)})
+    daemon.wait_ready()
+    wait_stored(daemon, 50)
+    ca.unlink()
+    for role in ("store", "stream"):
+        old = daemon.worker_pid(role)
+        os.kill(old, signal.SIGKILL)
+        new = new_worker(daemon, role, old)
+        noted = daemon.wait_log("settings_file_invalid", role=role, pid=new)
+        assert noted["file_unchanged"] is True, noted
+        assert f"stream.ca_file: '{ca}' is not an existing file" in noted["error"], noted
+    wait_stored(daemon, stored_count(daemon) + 50)  # the new workers' connection is stored
+    status = run_cli("status", daemon)
+    code, _ = daemon.stop()
+
+    assert code == 0
+    assert "is not an existing file" in status.stdout, status.stdout
+    assert [e["reason"] for e in daemon.events("stopping")] == ["SIGTERM"]
+    assert not daemon.events("settings_invalid")
+
+
+@pytest.fixture
+def tls_port() -> Iterator[int]:
+    """A loopback port that accepts TCP connections and closes them: a TLS client gets as far
+    as loading its CA bundle, then finds no server."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                server.accept()[0].close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield int(server.getsockname()[1])
+    done.set()
+    thread.join()
+    server.close()
+
+
+def test_a_deleted_ca_file_is_a_connection_error_of_the_replaced_stream_worker(
+        tmp_path: Path, tls_port: int, mongo_uri: str, mongo_database: str) -> None:
+    """The CA file is gone for good: the replaced stream worker still starts, and its
+    connections fail with a reason naming stream.ca_file, retried with back-off, in the log and
+    the status; the daemon stays up."""
+    ca = tmp_path / "ca.pem"
+    shutil.copy(certifi.where(), ca)
+    url = f"https://127.0.0.1:{tls_port}/1.1/statuses/filter.json"
+    daemon = Daemon(tmp_path / "daemon", settings_doc(url, mongo_uri, mongo_database,
+                                                      stream={"ca_file": str(ca)}))
+    try:
+        daemon.start().wait_ready()
+        ca.unlink()
+        old = daemon.worker_pid("stream")
+        os.kill(old, signal.SIGKILL)
+        new = new_worker(daemon, "stream", old)
+        ended = daemon.wait_log("stream_ended", role="stream", pid=new)
+        def stated() -> str | None:
+            state = str(daemon.status("stream").get("state", ""))
+            return state if "curl error 77" in state else None
+        state = wait_until(stated, 30, "the CA bundle's error in the status")
+        code, _ = daemon.stop()
+    finally:
+        daemon.kill()
+    assert code == 0
+    assert ended["ending"] == "network" and ended["backoff"] > 0, ended
+    for text in (ended["reason"], state):
+        assert "the CA bundle could not be read (check stream.ca_file)" in text, text
+    assert state.startswith("reconnecting in"), state
+
+
+def test_a_reload_of_read_timeout_alone_reaches_the_open_connection(launch: Launch) -> None:
+    """Only read_timeout changes (no reconnect): the open connection stalls by the new timeout,
+    measured from its last byte, not only the connections opened after it."""
+    _, daemon = launch("--rate", "5", "--max-tweets", "2", "--keepalive", "1000")
+    daemon.wait_ready()
+    daemon.wait_log("connected", role="stream", conn=1)
+    doc = dict(daemon.doc)
+    doc["stream"] = {**doc["stream"], "read_timeout": 3}
+    daemon.write_settings_atomically(doc)
+    reloaded = operator_cli("reload", daemon=daemon)
+    assert reloaded.returncode == 0, reloaded.stderr
+    stalled = daemon.wait_log("stream_stalled", role="stream", conn=1, timeout=30)
+    again = daemon.wait_log("connected", role="stream", conn=2)
+    code, _ = daemon.stop()
+
+    assert code == 0
+    assert "filters unchanged" in reloaded.stdout, reloaded.stdout
+    assert 3 <= stalled["silent_for"] < 30, stalled  # not the 90 s the connection opened with
+    assert again["generation"] == 2
+    figure(f"read_timeout 90 → 3 by reload: the open connection stalled after "
+           f"{stalled['silent_for']} s silent")
+
+
+def start_reading_its_settings(daemon: Daemon) -> int:
+    """Start the daemon with its settings file a FIFO: ``ingestd run`` is then held in its first
+    read of the file, past its first line and before the supervisor takes its signals. Returns
+    the FIFO's write end, open once the daemon has opened the read end."""
+    daemon.config.unlink()
+    os.mkfifo(daemon.config)
+    daemon.start()
+
+    def opened() -> int | None:
+        daemon.assert_running()
+        try:
+            return os.open(daemon.config, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no reader yet
+                return None
+            raise
+    fd: int = wait_until(opened, 30, "the daemon to open its settings file")
+    return fd
+
+
+def finish_reading(daemon: Daemon, fd: int, read: dict[str, Any], then: dict[str, Any]) -> None:
+    """Put the file ``then`` in the FIFO's place (what the operator leaves), then let the daemon
+    read ``read`` (what the start read before the edit) to its end."""
+    daemon.write_settings_atomically(then)
+    os.set_blocking(fd, True)
+    try:
+        os.write(fd, yaml.safe_dump(read, sort_keys=False).encode())
+    except BrokenPipeError:
+        assert daemon.proc is not None
+        code = daemon.proc.wait(10)
+        raise AssertionError(f"the daemon died reading its settings ({code}):\n"
+                             f"{daemon.tail()}") from None
+    finally:
+        os.close(fd)
+
+
+def test_a_sighup_while_the_daemon_starts_reloads_the_file_it_finds(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """A SIGHUP in the first moments of ``ingestd run`` (before the supervisor took its
+    signals) ended it without a line. It is held now, and acted on before the workers start:
+    they start with the file the operator left, not the one the start read before the edit."""
+    sim = SimProcess(tmp_path / "sim", "--rate", "50", "--keepalive", "1").start()
+    daemon = Daemon(tmp_path / "daemon", settings_doc(sim.url, mongo_uri, mongo_database))
+    try:
+        fd = start_reading_its_settings(daemon)
+        daemon.send(signal.SIGHUP)
+        read = daemon.doc
+        finish_reading(daemon, fd, read, {**read, "stream": {**read["stream"],
+                                                             "track": ["ipod"]}})
+        daemon.wait_ready()
+        daemon.wait_log("connected", role="stream", conn=1)
+        held = daemon.wait_log("signals_during_startup", role="supervisor")
+        applied = daemon.wait_log("reload_applied", role="supervisor")
+        started = daemon.events("worker_started")
+        tracks = connect_tracks(sim.ground_truth())
+        code, _ = daemon.stop()
+    finally:
+        daemon.kill()
+        sim.stop()
+    assert code == 0
+    assert held["signals"] == ["SIGHUP"]
+    assert applied["generation"] == 2 and applied["filter_diff"]["track"]["removed"]
+    assert {e["generation"] for e in started} == {2}, started
+    assert tracks == [["ipod"]]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_while_the_daemon_starts_is_a_clean_stop(tmp_path: Path,
+                                                        sig: signal.Signals) -> None:
+    """SIGTERM in the first moments of ``ingestd run`` ended it without a line, SIGINT with a
+    traceback: now either is a clean stop, exit 0, before any worker starts."""
+    doc = settings_doc("http://127.0.0.1:9/1.1/statuses/filter.json", "mongodb://127.0.0.1:9",
+                       "startup_stop")
+    daemon = Daemon(tmp_path / "daemon", doc)
+    try:
+        fd = start_reading_its_settings(daemon)
+        daemon.send(sig)
+        finish_reading(daemon, fd, daemon.doc, daemon.doc)
+        assert daemon.proc is not None
+        code = daemon.proc.wait(30)
+    finally:
+        daemon.kill()
+    assert code == 0, daemon.tail()
+    assert daemon.events("signals_during_startup")[0]["signals"] == [sig.name]
+    assert [e["reason"] for e in daemon.events("stopping")] == [sig.name]
+    assert not daemon.events("worker_started")
+    assert "Traceback" not in daemon.logs()

@@ -35,11 +35,14 @@ class Context:
     """Collects errors; remembers substituted values so no reason can echo them."""
 
     def __init__(self, path: Path, env: Mapping[str, str], *, secrets: bool = True,
-                 resolve: tuple[str, ...] = ()) -> None:
+                 resolve: tuple[str, ...] = (), check_files: bool = True) -> None:
         self.path = path
         self.env = env
         self.secrets = secrets
         self.resolve = resolve  # key paths resolved even without ``secrets`` (mongo.uri…)
+        # False: a file the settings name (stream.ca_file) is not looked for. A worker loading
+        # the text its supervisor validated: the file may be gone since, which its use reports.
+        self.check_files = check_files
         self.errors: list[ConfigError] = []
         self.substituted: list[str] = []
         self.unresolved: set[str] = set()  # key paths left as `${NAME}` when not resolving

@@ -96,9 +96,12 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None, *,
 
 
 def load_settings_text(text: str, path: Path, env: Mapping[str, str] | None = None, *,
-                       secrets: bool = True, resolve: tuple[str, ...] = ()) -> Settings:
-    """Validate settings given as text (the supervisor hands workers the text it checked)."""
-    ctx = Context(path, os.environ if env is None else env, secrets=secrets, resolve=resolve)
+                       secrets: bool = True, resolve: tuple[str, ...] = (),
+                       check_files: bool = True) -> Settings:
+    """Validate settings given as text (the supervisor hands workers the text it checked;
+    ``check_files=False``: the files it names are not looked for, see ``Context``)."""
+    ctx = Context(path, os.environ if env is None else env, secrets=secrets, resolve=resolve,
+                  check_files=check_files)
     raw = parse_yaml(text, ctx)
     raw = interpolate(raw, "", ctx)
     root = Section(ctx, "", raw)

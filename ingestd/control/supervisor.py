@@ -15,10 +15,10 @@ command on their stdin. Each generation's filters are recorded in the state fold
 (``spool.generations``: numbers unique for the folder's life, the start's after the last run's),
 so that the store worker matches every record by the filters it was received under, whatever
 the timing and across restarts. A worker restarted later starts with ``--start-generation N``
-(the generation in force when it starts; reloads follow on its stdin) and re-reads the config
-file itself (already validated, unless it was edited again since: then the supervisor
-sends it the settings in force, see ``send_settings_in_force``).
-A bad config on SIGHUP never stops the service: the old settings stay in force.
+(the generation in force when it starts; reloads follow on its stdin) and runs the settings
+in force, which the supervisor sends it right after the spawn (``send_settings_in_force``),
+whatever the file holds by then. A bad config on SIGHUP never stops the service: the old
+settings stay in force; nor does a file that stopped validating when a worker is replaced.
 """
 
 from __future__ import annotations
@@ -112,10 +112,15 @@ class SignalQueue:
     def __init__(self) -> None:
         self.queue: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.old_handlers: dict[int, Any] = {}
+        self.held: list[signal.Signals] = []  # those that came while held (``install``)
 
     def install(self) -> None:
+        """Take the signals, and let in those ``ingestd run`` held since its first line
+        (``cli.HELD_AT_START``): any that came meanwhile is queued now."""
         for sig in self.SIGNALS:
             self.old_handlers[sig] = signal.signal(sig, self.put)
+        self.held = sorted(signal.sigpending() & set(self.SIGNALS))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)  # runs the handlers
 
     def put(self, sig: int, frame: FrameType | None) -> None:
         """Signal handler: NO LOGGING, no work; just queue the signal for the main loop."""
@@ -148,7 +153,7 @@ class Supervisor:
     EXIT_OK = 0
     EXIT_ERROR = 1
     EXIT_TEMPFAIL = 75  # crash loop: systemd's Restart= and StartLimit take over
-    EXIT_CONFIG = 78  # a worker could not load its settings: restarting cannot help
+    EXIT_CONFIG = 78  # invalid settings or state folder at start: restarting cannot help
     EXIT_LOCKED = 73  # another supervisor (or its workers, still finishing) uses the state folder
 
     # The longest sleep without a signal (SIGCHLD, SIGTERM, SIGHUP end it at once): worker
@@ -209,6 +214,7 @@ class Supervisor:
         try:
             self.pool.replay_through = self.spool_at_start
             self.reporter.write_status()  # no counts carried yet: the last run's are gone
+            self.take_held_signals()
             self.spawn_workers()
             # Start-up's garbage (the settings' YAML, imports) leaves free pages in the heap that
             # the supervisor, idle from now on, would keep for good (~0.6 MB).
@@ -250,6 +256,18 @@ class Supervisor:
             self.unusable_state_dir(exc)
             return self.EXIT_CONFIG
         return None
+
+    def take_held_signals(self) -> None:
+        """Act on a stop or reload sent while the daemon was starting, before any worker runs:
+        a stop starts none, and a reload reads the file again, so the workers start with the
+        file as the operator left it (the start may have read it before their edit)."""
+        if self.signals.held:
+            log.info("signals_during_startup", signals=[s.name for s in self.signals.held],
+                     action="acted on now, before the workers start")
+        for sig in self.signals.drain(0.0):
+            self.dispatch(sig)
+            if self.exit_code is not None:
+                return
 
     def record_start_generation(self) -> None:
         """Number this start's generation after the last run's and record its filters before
@@ -369,31 +387,26 @@ class Supervisor:
         return {IN_FORCE_ENV: settings_digest(self.settings_text)}
 
     def send_settings_in_force(self, worker: Worker) -> None:
-        """Hand a new worker the settings in force if the file no longer holds them.
+        """Hand a new worker the settings in force, whatever the file holds now.
 
-        The file may have been edited since the last reload (and be invalid, or valid but not
-        yet reloaded). A replacement worker must run what the others run, and must not exit 78
-        (halting the whole service) over an edit that a SIGHUP would have rejected: it knows
-        the settings in force by their digest (``in_force_env``) and waits for this copy before
-        it connects or writes anything, so an edit nobody reloaded never takes effect.
+        The file may have been edited since the last reload (valid or not), or still hold the
+        same text that no longer validates (a file it names is gone: validation depends on the
+        world). A new worker must run what the others run, and must not exit 78 (halting the
+        whole service) over the file's state: it knows the settings in force by their digest
+        (``in_force_env``) and waits for this copy before it connects or writes anything, so an
+        edit nobody reloaded never takes effect.
         """
         if self.settings_text is None:
             return
         if worker.role == "stream":
             self.stream_started_with = self.settings  # what it runs, whatever the file says
-        try:
-            file_text = read_config_text(self.config_path)
-        except ConfigError:
-            file_text = None
-        if file_text != self.settings_text:
-            worker.pipe.send(Reload(self.standing.generation, self.settings_text))
+        worker.pipe.send(Reload(self.standing.generation, self.settings_text))
 
     def handle_exit(self, worker: Worker, status: int) -> None:
-        """Decide what a worker's exit means: restart with back-off, or halt on a config error."""
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == self.EXIT_CONFIG:
-            # gunicorn's APP_LOAD_ERROR: the settings file is unusable, a restart storm cannot help.
-            self.halt(self.EXIT_CONFIG, f"{worker.role} worker: invalid settings")
-            return
+        """Restart an exited worker after its back-off (the crash-loop bound applies). An exit
+        78 too: it runs the settings the supervisor validated, so what failed depends on the
+        world (a credential gone), which may come back; a restart of the daemon that still
+        finds it broken exits 78 at its start."""
         self.pool.schedule_restart(worker.role, ran_for=time.monotonic() - worker.started)
 
     # -- reload --------------------------------------------------------------------------------

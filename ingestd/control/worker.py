@@ -1,10 +1,11 @@
 """What both worker processes share: boot, logging set-up, reloads, the stop flag, and timers.
 
-A worker (``stream_role.StreamRole``, ``store_role.StoreRole``) reads its settings itself,
-publishes ``run/<role>.json`` every second (the heartbeat), stops on SIGTERM, and takes commands
-from the supervisor on its stdin (``pipe``; reloads are validated there already). SIGINT and
-SIGHUP are ignored here: on Ctrl-C the whole process group gets SIGINT, and the supervisor must
-order the stop (stream first, then store drains the spool).
+A worker (``stream_role.StreamRole``, ``store_role.StoreRole``) runs the settings in force (the
+supervisor's copy; the file when started alone, see ``boot``), publishes ``run/<role>.json``
+every second (the heartbeat), stops on SIGTERM, and takes commands from the supervisor on its
+stdin (``pipe``; reloads are validated there already). SIGINT and SIGHUP are ignored here: on
+Ctrl-C the whole process group gets SIGINT, and the supervisor must order the stop (stream
+first, then store drains the spool).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ingestd.spool.watch import drain_wakeups
 log = structlog.get_logger("ingestd.worker")
 
 STATUS_INTERVAL = 1.0
-BOOT_SETTINGS_WAIT = 5.0  # seconds an invalid file waits for the supervisor's validated copy
+BOOT_SETTINGS_WAIT = 5.0  # seconds a new worker waits for the settings in force (sent at once)
 
 
 class StopFlag:
@@ -85,56 +86,76 @@ def start_worker(config_path: Path, role: str, generation: int) -> WorkerContext
     return WorkerContext(booted, config_path, generation, StopFlag(), control)
 
 
-def _settings_in_force(config_path: Path, control: CommandReader) -> Reloaded | None:
-    """The supervisor's copy of the settings in force when the file no longer holds them (it
-    sends it right after the spawn): a worker must not connect, or write, by an edit that no
-    reload applied. None when the file holds them (or no supervisor said what they are)."""
-    digest = os.environ.get(IN_FORCE_ENV)
-    if not digest:
-        return None
-    try:
-        text = config_path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        text = None
-    if text is not None and settings_digest(text) == digest:
-        return None
-    sent = control.wait_reload(BOOT_SETTINGS_WAIT)
-    return reload_settings(sent, config_path) if sent else None
-
-
 def boot(config_path: Path, role: str, control: CommandReader) -> Settings | int:
     """Load settings and configure logging; an exit code if the settings are invalid.
 
-    A file edited since the last reload may be invalid: the supervisor then sends the settings
-    in force right after spawning us, and we run those (it validated them) instead of exiting.
+    Started by a supervisor (``IN_FORCE_ENV`` set), the worker runs the settings in force,
+    whatever the file says now (``boot_in_force``); started alone, it runs the file.
     """
-    if (in_force := _settings_in_force(config_path, control)) is not None:
-        configure_worker_logging(in_force.settings, role)
-        action = "running the settings in force, sent by the supervisor"
-        try:
-            load_settings(config_path)
-        except ConfigError as exc:
-            log.warning("settings_file_invalid", error=str(exc), generation=in_force.generation,
-                        action=action)
-        else:
-            log.warning("settings_file_not_in_force", generation=in_force.generation,
-                        action=f"{action} (the file was edited since the last reload)")
-        return in_force.settings
+    if digest := os.environ.get(IN_FORCE_ENV):
+        return boot_in_force(config_path, role, control, digest)
     try:
         settings = load_settings(config_path)
     except ConfigError as exc:
-        fallback = control.wait_reload(BOOT_SETTINGS_WAIT)
-        new = reload_settings(fallback, config_path) if fallback else None
-        if new is None:
-            configure_logging(role=role, pid=os.getpid())
-            log.error("settings_invalid", error=str(exc))
-            return EXIT_CONFIG
-        configure_worker_logging(new.settings, role)
-        log.warning("settings_file_invalid", error=str(exc), generation=new.generation,
-                    action="running the settings in force, sent by the supervisor")
-        return new.settings
+        configure_logging(role=role, pid=os.getpid())
+        log.error("settings_invalid", error=str(exc))
+        return EXIT_CONFIG
     configure_worker_logging(settings, role)
     return settings
+
+
+def boot_in_force(config_path: Path, role: str, control: CommandReader,
+                  digest: str) -> Settings | int:
+    """The settings in force: the copy the supervisor sends right after every spawn (or the
+    file, if no copy came and it still holds them). The file may have been edited since the
+    last reload, be invalid, or hold the same text that no longer validates (a file it names is
+    gone: validation depends on the world): none of that may halt the service (exit 78), nor
+    put an edit nobody reloaded into force. The supervisor validated them; here a file they
+    name is not looked for (the connection reports a missing CA file, with back-off). What
+    still fails (a credential that can no longer be read) exits, and the supervisor restarts
+    the worker after its back-off, as after a crash."""
+    sent = control.wait_reload(BOOT_SETTINGS_WAIT)
+    file_text = read_text(config_path)
+    text = sent.text if sent else file_text
+    try:
+        if text is None or settings_digest(text) != digest:
+            raise ConfigError(config_path, "", "no settings in force: the supervisor sent none "
+                              "and the file no longer holds them")
+        settings = load_settings_text(text, config_path, check_files=False)
+    except ConfigError as exc:
+        configure_logging(role=role, pid=os.getpid())
+        log.error("settings_invalid", error=str(exc),
+                  action="exiting; the supervisor restarts this worker after its back-off")
+        return EXIT_CONFIG
+    configure_worker_logging(settings, role)
+    judge_settings_file(config_path, sent.generation if sent else None,
+                        unchanged=file_text == text)
+    return settings
+
+
+def judge_settings_file(config_path: Path, generation: int | None, *, unchanged: bool) -> None:
+    """Warn when the file on disk is not what runs: it no longer validates (a reload of it
+    would be refused, a restart would exit 78), or it holds an edit no reload applied."""
+    action = "running the settings in force, validated by the supervisor"
+    try:
+        load_settings(config_path)
+    except ConfigError as exc:
+        why = " (unchanged: a file, variable or credential it names changed)" if unchanged else ""
+        log.warning("settings_file_invalid", error=str(exc), file_unchanged=unchanged,
+                    generation=generation, action=f"{action}; the file fails now{why}: a reload "
+                    "of it is refused and a restart exits 78 until it is fixed")
+        return
+    if not unchanged:
+        log.warning("settings_file_not_in_force", generation=generation,
+                    action=f"{action} (the file was edited since the last reload)")
+
+
+def read_text(path: Path) -> str | None:
+    """The file's text; None if it cannot be read (``load_settings`` then says why)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def configure_worker_logging(settings: Settings, role: str) -> None:

@@ -266,6 +266,7 @@ class StreamReader:
         changed = filter_key(stream) != filter_key(self.stream) or auth != self.auth
         self.stream, self.auth, self.generation = stream, auth, generation
         self.backoff.schedule = stream.backoff
+        self._retime(stream.read_timeout)
         waiting_for_reload = self.active is None and self.next_attempt_at is None
         if waiting_for_reload:
             # The server rejected our request as misconfigured: any valid reload is a new try.
@@ -291,6 +292,13 @@ class StreamReader:
         if self.may_connect():
             self.pending = self._open(stream, generation)
         self.active.replaced = self.pending is not None
+
+    def _retime(self, read_timeout: float) -> None:
+        """A new ``read_timeout`` reaches the open connections at once, not only the next one
+        (their stall is measured from their last byte); a replaced one keeps its grace."""
+        for conn in (self.active, self.pending):
+            if conn is not None and conn.stream.read_timeout != read_timeout:
+                conn.stream = dataclasses.replace(conn.stream, read_timeout=read_timeout)
 
     def stand_down(self) -> None:
         """The lease is gone: end every connection, and connect again as soon as
