@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import IO, Any, TextIO, cast
+from typing import IO, Any, NamedTuple, Protocol, TextIO, cast
 
 import orjson
 import structlog
@@ -387,8 +387,12 @@ def configure_logging(
         raise ValueError(f"log level must be one of {', '.join(_LEVELS)}, not {level!r}")
     for secret in secrets:
         register_secret(secret)
-    _PROCESS_CONTEXT.clear()
+    # Replaced key by key, never emptied: another thread's line meanwhile keeps role and pid.
+    for key in [k for k in _PROCESS_CONTEXT if k not in context]:
+        del _PROCESS_CONTEXT[key]
     _PROCESS_CONTEXT.update(context)
+    global _CONFIGURED
+    _CONFIGURED = _Configured(level, fmt, error_interval, stream, clock)
     processors = build_processors(fmt, stream, error_interval, clock, _PROCESS_CONTEXT)
     _use_limiter(next(p for p in processors if isinstance(p, RateLimiter)),
                  flush_thread=clock is time.monotonic)
@@ -407,6 +411,45 @@ def configure_logging(
         wrapper_class=wrapper))
     _route_stdlib_logging(direct)
     _install_excepthooks(direct)
+
+
+class _Configured(NamedTuple):
+    """What ``configure_logging`` was last given (``reconfigure_logging`` keeps the rest)."""
+
+    level: str
+    fmt: str
+    error_interval: float
+    stream: IO[str]
+    clock: Callable[[], float]
+
+
+_CONFIGURED: _Configured | None = None
+
+
+class LoggingView(Protocol):
+    """The ``logging`` settings section, as ``reconfigure_logging`` reads it."""
+
+    @property
+    def level(self) -> str: ...
+    @property
+    def format(self) -> str: ...
+    @property
+    def error_interval(self) -> float: ...
+
+
+def reconfigure_logging(new: LoggingView) -> bool:
+    """Apply a reload's ``logging`` settings in this process if they changed (True then): the
+    same stream, the process's fields (role, pid, generation) and the secrets registered are
+    kept; the old rate limiter prints its pending folds. Loggers are not cached, so every
+    logger, also one made at import, follows at its next line."""
+    done = _CONFIGURED
+    if done is None or (done.level, done.fmt, done.error_interval) == (
+            new.level, new.format, new.error_interval):
+        return False
+    configure_logging(new.level, new.format, stream=done.stream,
+                      error_interval=new.error_interval, clock=done.clock,
+                      **cast(dict[str, Any], _PROCESS_CONTEXT))
+    return True
 
 
 # The configured chain's rate limiter: its folds are printed at exit, or when it is replaced.

@@ -479,6 +479,82 @@ def operator_cli(*args: str, daemon: Daemon) -> subprocess.CompletedProcess[str]
                           text=True, timeout=60, check=False)
 
 
+def test_a_reload_with_numbers_past_64_bits_is_refused_and_the_workers_run_on(
+        launch: Launch) -> None:
+    """The settings audit (D1, D2, D4): ``w: 99999999999999999999`` passed ``check`` and a
+    reload put it in force as generation 2; the store worker then crash-looped logging it and
+    the daemon exited 75. A spool bound past 64 bits did the same to the stream worker, and a
+    400-digit batch size made the reload check crash. Now `ingestd reload` refuses them, and so
+    does the daemon at a bare SIGHUP, naming file and key; generation 1 runs on, unharmed."""
+    _sim, daemon = launch("--rate", "100", "--keepalive", "1", "--seed", "114")
+    daemon.wait_ready()
+    wait_stored(daemon, 20)
+    pids = daemon.pids()
+    good = daemon.doc
+    bad = {
+        "mongo.write_concern.w": {**good, "mongo": {**good["mongo"],
+                                                    "write_concern": {"w": 10**20 - 1}}},
+        "spool.max_bytes": {**good, "spool": {"max_bytes": "99999999999999TiB"}},
+        "deadletter.max_bytes": {**good, "deadletter": {"max_bytes": 10**26}},
+        "writer.batch_size": {**good, "writer": {**good["writer"], "batch_size": 10**400}},
+    }
+    for n, (key, doc) in enumerate(bad.items(), start=1):
+        daemon.write_settings_atomically(doc)
+        refused = operator_cli("reload", daemon=daemon)
+        assert refused.returncode == 78, refused.stdout + refused.stderr
+        assert f"{daemon.config}: {key}: must be " in refused.stderr, refused.stderr
+        daemon.send(signal.SIGHUP)  # what `systemctl kill -s HUP` does: the daemon judges
+        failed = daemon.wait_log("reload_failed", reload_failures=n)
+        assert failed["key"] == key and failed["error"].startswith(f"{daemon.config}: {key}: ")
+        assert len(failed["error"].split(": ", 2)[2]) < 200, failed  # 400 digits: shortened
+    before = stored_count(daemon)
+    wait_stored(daemon, before + 20)  # still storing, on generation 1's settings
+
+    assert not daemon.events("reload_check_crashed") and not daemon.events("reload_applied")
+    assert {role: daemon.status(role)["generation"] for role in ("supervisor", "stream",
+                                                                "store")} == dict.fromkeys(
+        ("supervisor", "stream", "store"), 1)
+    assert daemon.pids() == pids and not daemon.events("worker_exited")
+    figure(f"reloads past 64 bits refused by `ingestd reload` and by the daemon: {len(bad)}; "
+           "generation 1 in force, no worker restarted")
+
+
+def test_a_reload_of_the_log_level_takes_effect_in_every_process(launch: Launch) -> None:
+    """The settings audit (D5): `logging.level: error` was reported applied by a reload while
+    every process went on logging info lines. Now each process applies a reload's logging
+    section, and logs its own ``reload_applied`` at the new level."""
+    _sim, daemon = launch("--rate", "20", "--keepalive", "1", "--seed", "115")
+    daemon.wait_ready()
+    start = dict(daemon.doc)
+    roles = ("supervisor", "stream", "store")
+
+    def reload(doc: dict[str, Any], generation: int) -> None:
+        daemon.write_settings_atomically(doc)
+        result = operator_cli("reload", daemon=daemon)  # waits for both workers to adopt it
+        assert result.returncode == 0, result.stdout + result.stderr
+        for role in roles:
+            daemon.wait_generation(role, generation)
+
+    quiet = {**start, "logging": {**start["logging"], "level": "warning"}}
+    reload(quiet, 2)
+    # Generation 3 changes a writer key (an info line in every process) and a start-only key
+    # (a warning from the supervisor).
+    reload({**quiet, "writer": {**start["writer"], "batch_size": 50},
+            "spool": {"max_records": 100_000}}, 3)
+    needs_restart = daemon.wait_log("reload_needs_restart", generation=3)
+    reload({**start, "writer": {**start["writer"], "batch_size": 50},
+            "spool": {"max_records": 100_000}}, 4)
+    applied = {role: daemon.wait_log("reload_applied", role=role, generation=4) for role in roles}
+
+    info = [e for e in daemon.log_events() if e.get("level") in ("info", "debug")
+            and e.get("generation") in (2, 3)]
+    assert not info, info  # reload_applied of 2 and 3 included: each logged at its new level
+    assert needs_restart["level"] == "warning" and needs_restart["role"] == "supervisor"
+    assert {role: (e["level"], e["pid"]) for role, e in applied.items()} == {
+        role: ("info", pid) for role, pid in daemon.pids().items()}, applied
+    figure("log level reloaded to warning and back to info in the supervisor and both workers")
+
+
 def test_reload_command_says_a_language_change_reconnects(launch: Launch) -> None:
     """What ``ingestd reload`` says about the connection is what the daemon does: a key outside
     track/follow/locations (``language``) reconnects too."""

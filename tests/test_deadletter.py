@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import signal
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
+from ingestd.config.schema import DeadletterSettings
 from ingestd.sink.deadletter import RAW_CAP, DeadLetterStore
 from ingestd.sink.mongo import open_collection
 from ingestd.sink.worker import StoreWorker
@@ -107,6 +109,26 @@ def test_existing_files_count_towards_the_bound(tmp_path: Path) -> None:
     put(second, b"y" * 1000, seq=2)
     assert second.raw_dropped == 1
     assert [e["seq"] for e in second.iter_entries()] == [1, 2]
+
+
+def test_a_reload_bounds_the_next_dead_letter(tmp_path: Path, mongo_uri: str) -> None:
+    # The settings audit: deadletter.max_bytes set by a reload was reported applied, and the
+    # store worker kept the bound it started with.
+    spool = tmp_path / "spool"
+    bad_records(spool, [b'{"a": 1'])
+    settings = make_settings(mongo_uri, "deadletter_reload")
+    dead = DeadLetterStore(tmp_path / "dead", 1 << 20)
+    worker = StoreWorker(settings, SpoolReader(spool), open_collection, dead,
+                         encoder_process=False)
+    try:
+        worker.apply_settings(1, replace(settings, deadletter=DeadletterSettings(max_bytes=10)))
+        assert worker.run(lambda: True, lambda: None, lambda: None)
+    finally:
+        worker.close()
+        dead.close()
+    (entry,) = dead.iter_entries()
+    assert entry["raw_dropped"] == "store full" and "raw" not in entry, entry
+    assert (dead.max_bytes, dead.evidence_bytes) == (10, 1 << 20)
 
 
 def test_put_reaches_the_disk_before_returning(tmp_path: Path) -> None:

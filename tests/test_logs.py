@@ -10,12 +10,15 @@ import orjson
 import pytest
 import structlog
 
+from ingestd.config.schema import LoggingSettings
 from ingestd.logs import (
     MAX_LINE_BYTES,
+    bind_process,
     clear_secrets,
     configure_logging,
     flush_repeats,
     get_logger,
+    reconfigure_logging,
     register_secret,
     scrub_text,
     scrub_userinfo,
@@ -278,3 +281,39 @@ def test_scrub_helpers() -> None:
     assert scrub_text(echoed) == '{"auth": "OAuth oauth_nonce=***, oauth_signature=***"}'
     register_secret("s3")
     assert scrub_text("as3b") == "a***b"
+
+
+# ---------------------------------------------------------------- a reload's logging section
+
+
+def test_a_reload_applies_level_format_and_interval_and_keeps_the_process_fields() -> None:
+    # The settings audit: `logging.level: error` was reported applied by a reload, and info
+    # lines kept coming (nothing reconfigured structlog after the start).
+    buf, _ = setup(role="store", pid=77)
+    bind_process(generation=3)
+    log = get_logger()  # made before the reload, as a module's logger is
+    assert reconfigure_logging(LoggingSettings(level="info", format="json",
+                                               error_interval=10.0)) is False  # unchanged
+    assert reconfigure_logging(LoggingSettings(level="warning", format="json",
+                                               error_interval=0.0)) is True
+    log.info("hidden")
+    log.warning("shown")
+    log.warning("shown")  # interval 0: not folded any more
+    get_logger().error("secret", value=CANARY)
+    assert [(e["event"], e["role"], e["pid"], e["generation"]) for e in lines(buf)] == [
+        ("shown", "store", 77, 3), ("shown", "store", 77, 3), ("secret", "store", 77, 3)]
+    assert CANARY not in buf.getvalue()  # the secrets registered before stay masked
+    reconfigure_logging(LoggingSettings(level="debug", format="console", error_interval=10.0))
+    log.debug("pretty", key="v")
+    last = buf.getvalue().splitlines()[-1]
+    assert "pretty" in last and "key=v" in last and not last.startswith("{")
+
+
+def test_reconfigure_before_any_configure_changes_nothing() -> None:
+    import ingestd.logs as logs
+
+    saved, logs._CONFIGURED = logs._CONFIGURED, None
+    try:
+        assert reconfigure_logging(LoggingSettings(level="error")) is False
+    finally:
+        logs._CONFIGURED = saved

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from ingestd.config.schema import Rule, Settings, StreamSettings
 from ingestd.config.settings import load_settings, load_settings_text, secret_values
 from ingestd.config.stream import V2_READ_TIMEOUT, ca_bundle
 from ingestd.config.stream_v2 import V2_DEFAULTS
-from ingestd.config.values import parse_size, plain_number
+from ingestd.config.values import number_text, parse_size, plain_number
 
 REPO = Path(__file__).resolve().parents[1]
 FILE = Path("/etc/ingestd/settings.yaml")
@@ -333,8 +334,8 @@ def test_track_at_most_400_phrases() -> None:
 
 
 def test_follow_ids() -> None:
-    s = load(doc(stream={"follow": [12, "13"]}))
-    assert s.stream.follow == (12, 13)
+    s = load(doc(stream={"follow": [12, "13", "0000000000000000000000000014"]}))
+    assert s.stream.follow == (12, 13, 14)
     data = doc(stream={"follow": [0, -5, "abc", 1.5, True]})
     assert "positive 64-bit integer, got 0" in error_at(data, "stream.follow[0]")
     assert "got -5" in error_at(data, "stream.follow[1]")
@@ -363,7 +364,7 @@ def test_follow_ids() -> None:
     ("control", "stop_timeout", float("-inf"), "control.stop_timeout", "at most 604800"),
     ("mongo", "timeout_ms", 10**9, "mongo.timeout_ms", "between 1 and 604800000"),
     ("spool", "max_records", 10**30, "spool.max_records",
-     "64-bit integer (<= 9223372036854775807), got 1000000000000000000000000000000"),
+     "64-bit integer (<= 9223372036854775807), got 10000000000000000000… (31 digits)"),
 ])
 def test_values_past_what_the_daemon_can_use_are_refused(
         section: str, key: str, value: object, key_path: str, reason: str) -> None:
@@ -397,6 +398,168 @@ def test_the_longest_durations_and_largest_integers_still_load() -> None:
                  mongo={"timeout_ms": 604_800_000}, spool={"max_records": (1 << 63) - 1}))
     assert s.stream.connect_timeout == 604800.0 and s.stream.follow == ((1 << 63) - 1,)
     assert s.mongo.timeout_ms == 604_800_000 and s.spool.max_records == (1 << 63) - 1
+
+
+# ---------------------------------------------------------------- numbers of any size
+
+# Where each schema dataclass sits in the file; a section added to the schema without an entry
+# here fails test_every_numeric_key_is_swept, so no numeric key escapes the sweep below.
+SECTION_PATHS: dict[type, str] = {
+    schema.StreamSettings: "stream", schema.BackoffSettings: "stream.backoff",
+    schema.MongoSettings: "mongo", schema.WriteConcernSettings: "mongo.write_concern",
+    schema.WriterSettings: "writer", schema.SpoolSettings: "spool",
+    schema.DeadletterSettings: "deadletter", schema.ControlSettings: "control",
+    schema.LoggingSettings: "logging", schema.HaSettings: "ha",
+}
+
+
+def numeric_keys() -> list[str]:
+    """Every key of settings.yaml whose value is a number (or may be one: ``w``); lists of
+    numbers (follow ids, location boxes) have tests of their own."""
+    return [f"{path}.{f.name}" for cls, path in SECTION_PATHS.items()
+            for f in dataclasses.fields(cls)
+            if re.search(r"\b(int|float)\b", str(f.type)) and not str(f.type).startswith("tuple")]
+
+
+def test_every_numeric_key_is_swept() -> None:
+    sections = {f.type for cls in vars(schema).values() if dataclasses.is_dataclass(cls)
+                for f in dataclasses.fields(cls) if str(f.type).endswith("Settings")}
+    assert {str(t) for t in sections} <= {c.__name__ for c in SECTION_PATHS} | {
+        "AuthSettings", "MetricsSettings"}  # no numbers in these two
+    assert len(numeric_keys()) == 33, numeric_keys()  # the walk found them all
+
+
+def with_literal(key_path: str, literal: str) -> str:
+    """BASE as YAML text with ``key_path`` set to the YAML ``literal`` as written (a value
+    yaml.safe_dump cannot write: an integer past str()'s 4300 digits); v2 keys in a v2 file."""
+    data = copy.deepcopy(BASE)
+    if key_path == "stream.backfill_minutes":
+        data["stream"] = {"url": "https://api.x.com/2/tweets/search/stream", "api": "v2",
+                          "rules": ["cat"]}
+        data["auth"] = {"bearer_token": "bearer-canary-6666"}
+    *parents, name = key_path.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[name] = "@@VALUE@@"
+    return yaml.safe_dump(data).replace("'@@VALUE@@'", literal)
+
+
+HUGE = {
+    "21 digits": "9" * 21,  # just past 64 bits: it once reached orjson (status files, logs)
+    "400 digits": "9" * 400,  # float() overflows
+    "-400 digits": "-" + "9" * 400,
+    "4000 hex digits": "0x" + "f" * 4000,  # str() refuses it: past 4300 decimal digits
+    "1e400": "1e400",  # YAML reads inf
+    "-.inf": "-.inf",
+    ".nan": ".nan",
+}
+
+
+@pytest.mark.parametrize("literal", HUGE.values(), ids=HUGE.keys())
+@pytest.mark.parametrize("key_path", numeric_keys())
+def test_every_numeric_key_refuses_a_huge_number_with_a_short_reason(
+        key_path: str, literal: str) -> None:
+    # The audit: each of these passed check (a crash later), or crashed check with a bare
+    # traceback (OverflowError, ValueError). Always ConfigErrors now, naming file and key.
+    found = error_at(with_literal(key_path, literal), key_path)
+    assert len(found) < 200, found
+    assert "9" * 21 not in found and "f" * 21 not in found, found  # shortened
+
+
+@pytest.mark.parametrize(("item", "got"), [
+    ("0x" + "f" * 4000, "got an integer of about 4,816 digits"),
+    ("'" + "9" * 5000 + "'", "got '" + "9" * 40 + "'… (5000 characters)"),
+    ("-" + "9" * 400, "got -99999999999999999999… (400 digits)"),
+], ids=["hex", "5000-digit string", "-400 digits"])
+def test_a_follow_id_of_any_size_is_judged_without_a_crash(item: str, got: str) -> None:
+    text = yaml.safe_dump(BASE).replace("track:\n", f"follow: [{item}]\n  track:\n")
+    reason = error_at(text, "stream.follow[0]")
+    assert reason == f"user id must be a positive 64-bit integer, {got}", reason
+
+
+def test_a_coordinate_of_any_size_is_judged_without_a_crash() -> None:
+    text = yaml.safe_dump(BASE).replace("track:\n", f"locations: [[{'9' * 400}, 0, 1, 1]]\n"
+                                                     "  track:\n")
+    assert "longitudes must be within -180..180" in error_at(text, "stream.locations[0]")
+
+
+@pytest.mark.parametrize(("literal", "where", "reason"), [
+    ("9" * 5000, "line 2", "an integer of 5000 digits cannot be read (at most 4300)"),
+    ("2026-02-30", "line 2", "cannot read this value as a timestamp: day is out of range"),
+])
+def test_a_scalar_yaml_cannot_read_is_a_yaml_error_naming_its_line(
+        literal: str, where: str, reason: str) -> None:
+    text = f"writer:\n  batch_size: {literal}\n"
+    (err,) = errors(text)
+    assert err.key_path == "" and f"at {where}, column 15: {reason}" in err.reason, err
+
+
+def test_write_concern_w_counts_at_most_the_50_members_of_a_replica_set() -> None:
+    # D1 of the audit: w: 99999999999999999999 passed check and a reload, then the store
+    # worker crash-looped logging it (orjson: "Integer exceeds 64-bit range").
+    assert load(doc(mongo={"write_concern": {"w": 50}})).mongo.write_concern.w == 50
+    for w, shown in ((51, "51"), (99999999999999999999, "99999999999999999999"),
+                     (10**400, "10000000000000000000… (401 digits)")):
+        reason = error_at(doc(mongo={"write_concern": {"w": w}}), "mongo.write_concern.w")
+        assert reason == ("must be at most 50 (the members that acknowledge a write; a replica "
+                          f"set has at most 50), got {shown}"), reason
+
+
+@pytest.mark.parametrize(("option", "reason"), [
+    ("wtimeoutMS=604800001", "URI option wtimeoutMS must be at most 604800000 (a week), "
+                             "got 604800001"),
+    ("w=1&WTimeoutMS=99999999999999999999", "URI option WTimeoutMS must be at most 604800000 "
+                                           "(a week), got 99999999999999999999"),
+    ("wtimeoutMS=%39" + "9" * 30, "got 99999999999999999999… (31 digits)"),
+])
+def test_a_wtimeout_in_the_uri_is_bounded(option: str, reason: str) -> None:
+    # The URI's wtimeoutMS is the one write-concern value the settings do not override:
+    # pymongo takes any size, and the store worker's log line could not write it.
+    uri = f"mongodb://user:pw-canary-5@db.example.com/?{option}"
+    found = error_at(doc(mongo={"uri": uri}), "mongo.uri")
+    assert reason in found and "pw-canary-5" not in found, found
+    ok = load(doc(mongo={"uri": "mongodb://db.example.com/?wtimeoutMS=604800000"}))
+    assert ok.mongo.uri.reveal().endswith("604800000")
+
+
+@pytest.mark.parametrize(("key_path", "value", "got"), [
+    ("spool.max_bytes", 99999999999999999999999999,
+     "99999999999999999999… (26 digits)"),
+    ("spool.max_bytes", "99999999999999TiB", "a string '99999999999999TiB'"),
+    ("spool.segment_bytes", "1025TiB", "a string '1025TiB'"),
+    ("deadletter.max_bytes", (1 << 50) + 1, "1125899906842625"),
+    ("deadletter.max_bytes", "9" * 10**6 + "B", "a string '" + "9" * 40 + "'… (1000001 "
+                                                  "characters)"),
+], ids=["26 digits", "TiB", "segment", "PiB+1", "a megabyte of digits"])
+def test_sizes_are_at_most_1024_tib(key_path: str, value: object, got: str) -> None:
+    # D2 of the audit: a spool bound past 64 bits passed check (a warning only), then the
+    # stream worker crash-looped writing it to its status file.
+    section, key = key_path.split(".")
+    reason = error_at(doc(**{section: {key: value}}), key_path)
+    assert reason == f"must be at most 1024TiB (1125899906842624 bytes), got {got}", reason
+    largest = load(doc(spool={"max_bytes": "1024TiB", "segment_bytes": 1 << 50},
+                       deadletter={"max_bytes": "1.5 TiB"}))
+    assert largest.spool.max_bytes == largest.spool.segment_bytes == 1 << 50
+    assert largest.deadletter.max_bytes == 3 << 39
+
+
+def test_a_listen_port_of_any_length_is_refused_without_a_crash() -> None:
+    listen = "127.0.0.1:" + "9" * 5000
+    assert "must be 'host:port'" in error_at(doc(metrics={"listen": listen}), "metrics.listen")
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (12345678901234567891, "12345678901234567891"),  # exact: float() would round it
+    (10**20, "10000000000000000000… (21 digits)"),
+    (-(10**25), "-10000000000000000000… (26 digits)"),
+    (1 << 20000, "an integer of about 6,021 digits"),
+    (-(1 << 20000), "a negative integer of about 6,021 digits"),
+    (1e300, "10000000000000000000… (301 digits)"),
+    (float("inf"), "inf"), (float("nan"), "nan"),
+], ids=["20 digits", "21 digits", "-26 digits", "2**20000", "-2**20000", "1e300", "inf", "nan"])
+def test_number_text_shortens_and_never_raises(value: float, text: str) -> None:
+    assert number_text(value) == text
 
 
 SF = [-122.75, 36.8, -121.75, 37.8]

@@ -483,3 +483,35 @@ def test_a_settings_check_that_crashes_refuses_the_reload_and_the_daemon_goes_on
     sup.loader = load_settings_text
     sup.reload()  # a settings error now, not a ValueError out of urlsplit
     assert sup.standing.reload_failures == 2 and sup.standing.generation == 1
+
+
+def test_a_settings_check_that_crashes_at_start_is_logged_and_exits_78(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings audit: a loader bug at start left a bare traceback and exit 1, where the
+    same bug at a reload is one logged line (``reload_check_crashed``). Now one JSON line with
+    its traceback, and 78: the same file would fail the same way at every restart."""
+    import io
+    import threading
+
+    import structlog
+
+    from ingestd.control import supervisor
+
+    def crash(text: str, path: Path) -> Any:
+        raise RuntimeError("a loader bug")
+
+    out, configure = io.StringIO(), supervisor.configure_logging
+    monkeypatch.setattr(supervisor, "configure_logging",
+                        lambda *a, **kw: configure(*a, stream=out, **kw))
+    monkeypatch.setattr(supervisor, "load_settings_text", crash)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # configure_logging replaces both
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    config = tmp_path / "settings.yaml"
+    config.write_text("state_dir: x\n")
+    try:
+        assert supervisor.run_supervisor(config) == 78
+    finally:
+        structlog.reset_defaults()
+    (line,) = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert line["event"] == "settings_check_crashed" and line["role"] == "supervisor", line
+    assert line["file"] == str(config) and "a loader bug" in str(line["exception"]), line

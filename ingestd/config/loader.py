@@ -72,6 +72,24 @@ class StrictLoader(yaml.SafeLoader):
                 seen.add(key_node.value)
         return super().construct_mapping(node, deep)
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """A scalar PyYAML cannot turn into its type (an integer of over 4300 digits, the date
+        2026-02-30) is a YAML error at its line, not a ValueError out of the loader."""
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, _unreadable(node, exc), node.start_mark) from None
+
+
+def _unreadable(node: yaml.Node, exc: Exception) -> str:
+    """Why a scalar could not be read; never its text (a line of the file may hold a secret)."""
+    kind = str(node.tag).rpartition(":")[2]
+    if kind == "int" and isinstance(node.value, str):
+        digits = sum(c.isdigit() for c in node.value)
+        return f"an integer of {digits} digits cannot be read (at most 4300)"
+    return f"cannot read this value as a {kind}: {exc}"
+
 
 def parse_yaml(text: str, ctx: Context) -> dict[object, object]:
     try:

@@ -208,7 +208,9 @@ def split_listen(listen: str) -> tuple[str, int] | None:
         host = host[1:-1]
     elif ":" in host:
         return None  # bare IPv6 needs brackets to find the port
-    if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not port.isascii() or not port.isdigit():
+        return None
+    if len(port.lstrip("0")) > 5 or int(port) > 65535:  # int() refuses 4300 digits and more
         return None
     return host, int(port)
 

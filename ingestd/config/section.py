@@ -14,7 +14,20 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from ingestd.config.loader import MISSING, Context, join
-from ingestd.config.values import is_int, is_number, kind, parse_size, plain_number
+from ingestd.config.values import (
+    SIZE_MAX,
+    is_int,
+    is_number,
+    kind,
+    number_text,
+    parse_size,
+    quoted,
+    range_problem,
+)
+
+
+def _nan(value: float) -> bool:
+    return isinstance(value, float) and math.isnan(value)  # math.isnan(10**400) overflows
 
 
 @functools.cache
@@ -27,10 +40,6 @@ INT_MAX = (1 << 63) - 1
 # Every ``number`` setting is a duration in seconds: a week is far beyond any sensible one, and
 # keeps each within what timers and libcurl's millisecond options take (1e30 overflowed them).
 SECONDS_MAX = 7 * 86400.0
-
-
-def _num(value: float | None) -> str:
-    return "" if value is None else plain_number(value)
 
 
 class Section:
@@ -136,39 +145,27 @@ class Section:
         fallback: int = self._fallback(name, default)
         value: int = self._typed(name, fallback, is_int, "an integer")
         if hi is None and abs(value) > INT_MAX:
-            self.error(name, f"must be a 64-bit integer (<= {INT_MAX}), got {value}")
+            self.error(name, f"must be a 64-bit integer (<= {INT_MAX}), "
+                             f"got {number_text(value)}")
             return fallback
-        return value if self._in_range(name, value, lo, hi) else fallback
+        return value if self._in_range(name, value, lo=lo, hi=hi) else fallback
 
     def number(self, name: str, *, gt: float | None = None, lo: float | None = None,
                hi: float | None = None, default: Any = MISSING) -> float:
-        default = self._fallback(name, default)
-        raw = self._typed(name, default, is_number, "a number")
-        try:
-            value = float(raw)
-        except OverflowError:  # an integer of over 308 digits
-            value = math.inf if raw > 0 else -math.inf
-        if math.isnan(value):
-            self.error(name, "must be a number, got nan")
-            return float(default)
-        if hi is None and abs(value) > SECONDS_MAX:
-            self.error(name, f"must be at most {_num(SECONDS_MAX)} seconds (a week), "
-                       f"got {_num(value)}")
-            return float(default)
-        if gt is not None and not value > gt:
-            self.error(name, f"must be > {_num(gt)}, got {_num(value)}")
-            return float(default)
-        return value if self._in_range(name, value, lo, hi) else float(default)
+        fallback = float(self._fallback(name, default))
+        # Checked as written (an int of any size): float() of a 400-digit integer overflows.
+        value: float = self._typed(name, fallback, is_number, "a number")
+        if hi is None and not _nan(value) and abs(value) > SECONDS_MAX:
+            self.error(name, f"must be at most {number_text(SECONDS_MAX)} seconds (a week), "
+                             f"got {number_text(value)}")
+            return fallback
+        return float(value) if self._in_range(name, value, gt=gt, lo=lo, hi=hi) else fallback
 
-    def _in_range(self, name: str, value: float, lo: float | None, hi: float | None) -> bool:
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            if lo is not None and hi is not None:
-                bounds = f"between {_num(lo)} and {_num(hi)}"
-            else:
-                bounds = f">= {_num(lo)}" if lo is not None else f"<= {_num(hi)}"
-            self.error(name, f"must be {bounds}, got {_num(value)}")
-            return False
-        return True
+    def _in_range(self, name: str, value: float, **bounds: float | None) -> bool:
+        problem = range_problem(value, **bounds)
+        if problem is not None:
+            self.error(name, problem)
+        return problem is None
 
     def text(self, name: str, *, choices: Sequence[str] = (), required: bool = False,
              default: Any = MISSING) -> str:
@@ -212,7 +209,20 @@ class Section:
         parsed = parse_size(value)
         if parsed is None:
             self.error(name, f"must be a positive size in bytes or a string like '64MiB' "
-                             f"(units B, KB, MB, GB, KiB, MiB, GiB), got {kind(value)}"
-                             + (f" {value!r}" if isinstance(value, str) else ""))
+                             f"(units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), "
+                             f"got {_quoted(value)}")
+            return int(self.default(name))
+        if parsed > SIZE_MAX:
+            self.error(name, f"must be at most 1024TiB ({SIZE_MAX} bytes), got {_quoted(value)}")
             return int(self.default(name))
         return parsed
+
+
+def _quoted(value: object) -> str:
+    """What a size error says it got: a string or a number as written (shortened), else its
+    kind."""
+    if isinstance(value, str):
+        return f"{kind(value)} {quoted(value)}"
+    if isinstance(value, int | float) and is_number(value):
+        return number_text(value)
+    return kind(value)

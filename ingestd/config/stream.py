@@ -5,6 +5,7 @@ Limits are the endpoint's (docs/protocol.md §1.2); v2's rules and fields are in
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -14,7 +15,15 @@ from ingestd.config.loader import MISSING, Context
 from ingestd.config.schema import BackoffSettings, Box, StreamSettings
 from ingestd.config.section import INT_MAX, Section
 from ingestd.config.stream_v2 import v2_stream
-from ingestd.config.values import is_int, is_loopback, is_number, kind, plain_number
+from ingestd.config.values import (
+    is_int,
+    is_loopback,
+    is_number,
+    kind,
+    number_text,
+    plain_number,
+    quoted,
+)
 
 MAX_TRACK, MAX_TRACK_BYTES, MAX_FOLLOW, MAX_BOXES = 400, 60, 5000, 25
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8})*$")
@@ -116,14 +125,23 @@ def _follow(sec: Section, items: list[tuple[str, object]]) -> tuple[int, ...]:
     _check_count(sec, "follow", items, MAX_FOLLOW, "ids")
     ids = []
     for path, item in items:
-        value = item if is_number(item) else (
-            int(item) if isinstance(item, str) and item.isascii() and item.isdigit() else None)
+        value = item if is_number(item) else _digits(item)
         if not isinstance(value, int) or not 0 < value <= INT_MAX:
-            got = repr(item) if is_int(item) or isinstance(item, str) else kind(item)
+            got = number_text(item) if isinstance(item, int) and is_int(item) else \
+                quoted(item) if isinstance(item, str) else kind(item)
             sec.ctx.error(path, f"user id must be a positive 64-bit integer, got {got}")
         else:
             ids.append(value)
     return tuple(ids)
+
+
+def _digits(item: object) -> int | None:
+    """An id written as a string of digits; None if it is not one, or is longer than any
+    64-bit integer (``int()`` refuses strings past 4300 digits)."""
+    if not (isinstance(item, str) and item.isascii() and item.isdigit()):
+        return None
+    digits = item.lstrip("0") or "0"
+    return int(digits) if len(digits) <= len(str(INT_MAX)) else None
 
 
 def _locations(sec: Section, items: list[tuple[str, object]]) -> tuple[Box, ...]:
@@ -142,7 +160,7 @@ def _box(ctx: Context, path: str, item: object) -> Box | None:
         got = f"{len(item)} items" if isinstance(item, list) and len(item) != 4 else kind(item)
         ctx.error(path, f"{shape}, got {got}")
         return None
-    west, south, east, north = (float(n) for n in item)
+    west, south, east, north = (_degrees(n) for n in item)
     problems = []
     if not (-180 <= west <= 180 and -180 <= east <= 180):
         problems.append("longitudes must be within -180..180")
@@ -156,6 +174,14 @@ def _box(ctx: Context, path: str, item: object) -> Box | None:
     for problem in problems:
         ctx.error(path, problem)
     return None if problems else (west, south, east, north)
+
+
+def _degrees(value: float) -> float:
+    """A coordinate as a float; one far past any degree (float() of a 400-digit integer
+    overflows) as an infinity, which the range checks refuse."""
+    if abs(value) > 1000:
+        return math.inf if value > 0 else -math.inf
+    return float(value)
 
 
 def _language(sec: Section) -> tuple[str, ...]:

@@ -58,7 +58,7 @@ from ingestd.control.pool import (
 )
 from ingestd.control.reporting import Reporter, Standing
 from ingestd.control.statelock import StateDirClaim
-from ingestd.logs import configure_logging
+from ingestd.logs import configure_logging, reconfigure_logging
 from ingestd.memory import trim_heap
 from ingestd.source.request import filter_diff, reconnect_keys
 from ingestd.spool.generations import GenerationRecord, filter_spec
@@ -475,6 +475,8 @@ class Supervisor:
         generation = self.standing.generation + 1
         self.generations.record(generation, filter_spec(settings.stream))
         old, self.settings, self.settings_text = self.settings, settings, text
+        if isinstance(settings, Settings):  # before the lines below: they are the new level's
+            reconfigure_logging(settings.logging)
         self.standing.generation = generation
         self.standing.refused = None  # the latest attempt is applied: nothing refused now
         for worker in self.pool.workers.values():
@@ -592,6 +594,10 @@ def run_supervisor(config_path: Path) -> int:
         configure_logging(role="supervisor", pid=os.getpid())
         log.error("settings_invalid", error=str(exc))
         return Supervisor.EXIT_CONFIG
+    except Exception:  # a bug in a check: one JSON line with its traceback, as for a reload
+        configure_logging(role="supervisor", pid=os.getpid())
+        log.error("settings_check_crashed", file=str(config_path), exc_info=True)
+        return Supervisor.EXIT_CONFIG  # the same file fails the same way: no restart storm
     configure_supervisor_logging(settings)
     # Imported here, not at module level: tests build a Supervisor without the metrics listener.
     from ingestd.control.metrics import start_metrics_server

@@ -34,7 +34,7 @@ from ingestd.control.pipe import (
     settings_digest,
 )
 from ingestd.control.runstate import status_path, write_status
-from ingestd.logs import bind_process, configure_logging, register_secret
+from ingestd.logs import bind_process, configure_logging, reconfigure_logging, register_secret
 from ingestd.spool.watch import drain_wakeups
 
 log = structlog.get_logger("ingestd.worker")
@@ -67,8 +67,12 @@ class WorkerContext:
     control: CommandReader
 
     def reload(self, command: Reload) -> Reloaded | None:
-        """The settings of ``command``, or None if they do not validate here."""
-        return reload_settings(command, self.config_path)
+        """The settings of ``command``, or None if they do not validate here; their ``logging``
+        section is in force from here on (the role's ``reload_applied`` line included)."""
+        new = reload_settings(command, self.config_path)
+        if new is not None:
+            reconfigure_logging(new.settings.logging)
+        return new
 
     def orphaned(self) -> None:
         """Stop once the supervisor is gone (the control pipe is at EOF)."""

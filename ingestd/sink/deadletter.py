@@ -5,7 +5,8 @@ fsynced before it returns, because the store worker acks the spool past a dead l
 The store is bounded: once ``max_bytes`` would be exceeded the line is still written, without the
 raw bytes (``raw_dropped: "store full"``) and counted, so nothing disappears without a trace. Those
 evidence lines have their own allowance (``evidence_bytes``); past it a dead letter is only counted
-(``lines_dropped``) and logged, so the files never exceed ``max_bytes + evidence_bytes``.
+(``lines_dropped``) and logged, so the files never exceed ``max_bytes + evidence_bytes`` (a
+reload's bound, ``resize``, holds from the next dead letter: files past a lowered one stay).
 A write that fails (disk full) is cut back off the file and raised: the caller keeps the message.
 A file moved or deleted while the daemon runs (logrotate, ``mv``) is not written to any more: the
 next dead letter creates the file at its path again (its inode is checked before every write).
@@ -63,9 +64,8 @@ class DeadLetterStore:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.directory = directory
-        self.max_bytes = max_bytes
-        # Lines without their raw bytes still need room: a bounded share on top of max_bytes.
-        self.evidence_bytes = max(MIN_EVIDENCE_BYTES, max_bytes // 16)
+        self.max_bytes = self.evidence_bytes = 0
+        self.resize(max_bytes)
         self.counts: dict[str, int] = {}
         self.raw_dropped = 0
         self.lines_dropped = 0
@@ -75,6 +75,14 @@ class DeadLetterStore:
         self._fd = -1
         self._file_day = ""
         self._held: set[int] = set()
+
+    def resize(self, max_bytes: int) -> None:
+        """Bound the store by ``max_bytes`` from the next dead letter on (a reload's
+        ``deadletter.max_bytes``). Files already past a smaller bound stay: only new raw bytes,
+        then new lines, are held back."""
+        self.max_bytes = max_bytes
+        # Lines without their raw bytes still need room: a bounded share on top of max_bytes.
+        self.evidence_bytes = max(MIN_EVIDENCE_BYTES, max_bytes // 16)
 
     def remember_replays(self, after_seq: int) -> None:
         """Spool records after ``after_seq`` (the checkpoint) may be replayed: remember which of

@@ -211,6 +211,7 @@ class StoreWorker:
         """Use ``settings`` from the next batch on; match ``generation``'s records by them."""
         self._matchers.add(generation, settings)
         self._target.next_settings = settings
+        self._letters.store.resize(settings.deadletter.max_bytes)  # the next dead letter's
         self._maybe_switch()
 
     def counters(self) -> dict[str, Any]:
