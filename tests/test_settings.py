@@ -663,6 +663,38 @@ def test_empty_secret_is_an_error() -> None:
         "must not be empty")
 
 
+NOT_PRINTABLE_ASCII = ("contains whitespace, a control character or a non-ASCII character; a "
+                       "credential is printable ASCII (check it: a paste can add a typographic "
+                       "quote or a look-alike letter)")
+
+
+@pytest.mark.parametrize("value", [
+    "tokén-canary", "token-canary\u2019", "\u0410AAA-canary", "canary\u200b", "canary\u00a0x",
+    "can ary", "canary\x7f",
+])
+@pytest.mark.parametrize("variable", ["TWITTER_CONSUMER_KEY", "TWITTER_CONSUMER_SECRET",
+                                      "TWITTER_ACCESS_TOKEN", "TWITTER_ACCESS_TOKEN_SECRET"])
+def test_an_oauth_credential_must_be_printable_ascii(variable: str, value: str) -> None:
+    """oauthlib would percent-encode it and sign: a key X never issued, a 401 on every
+    connection. Refused at load, the field named, never the value."""
+    key = "auth." + variable.lower().removeprefix("twitter_")
+    errs = errors(BASE, {**ENV, variable: value})
+    assert [(e.key_path, e.reason) for e in errs] == [(key, NOT_PRINTABLE_ASCII)]
+    assert "canary" not in "\n".join(str(e) for e in errs)
+
+
+@pytest.mark.parametrize("value", ["AAAA%2Bb%3Dtokén", "AAAA\u2013canary", "AAAA canary"])
+def test_a_bearer_token_must_be_printable_ascii(value: str) -> None:
+    """The secrets audit: a non-ASCII token passed check and then crashed every connection
+    attempt (UnicodeEncodeError writing the Authorization header)."""
+    data = {"stream": {"url": "https://api.x.com/2/tweets/search/stream", "api": "v2",
+                       "rules": [{"value": "cats"}]},
+            "auth": {"bearer_token": "${BEARER}"}, "mongo": BASE["mongo"]}
+    assert error_at(data, "auth.bearer_token", {"BEARER": value}) == NOT_PRINTABLE_ASCII
+    token = "AAAAAAAAAAAAAAAAAAAAA%2Fx~!#$&'()*+,-./:;<=>?@[]^_`{|}"
+    assert load(data, {"BEARER": token}).auth.bearer_token.reveal() == token
+
+
 def test_secret_values_include_mongo_password_raw_and_decoded() -> None:
     s = load(doc(mongo={"uri": "mongodb://user:p%40ss@db.example.com/"}))
     values = secret_values(s)

@@ -194,6 +194,25 @@ def test_check_and_run_refuse_a_state_folder_that_cannot_be_used(tmp_path: Path,
     assert "Traceback" not in output and "metrics_listen_failed" not in output
 
 
+def test_check_refuses_a_bearer_token_http_cannot_carry(tmp_path: Path) -> None:
+    """The secrets audit: a token with a non-ASCII character passed check (exit 0), then every
+    connection attempt crashed the stream worker (UnicodeEncodeError in the header)."""
+    doc = settings_doc("https://api.x.example/2/tweets/search/stream", "mongodb://127.0.0.1:9/",
+                       "check")
+    del doc["stream"]["track"]
+    doc["stream"].update({"api": "v2", "rules": [{"value": "cats"}]})
+    doc["auth"] = {"bearer_token": "${TWITTER_BEARER_TOKEN}"}
+    config = write_settings(tmp_path / "settings.yaml", doc)
+    result = ingestd("check", "--config", str(config),
+                     env={"TWITTER_BEARER_TOKEN": "AAAA-canary-tok\u00e9n"})
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "invalid settings:",
+        f"{config}: auth.bearer_token: contains whitespace, a control character or a non-ASCII "
+        "character; a credential is printable ASCII (check it: a paste can add a typographic "
+        "quote or a look-alike letter)"]
+
+
 def test_check_names_only_the_insecure_tls_option_written(tmp_path: Path) -> None:
     """tlsInsecure implies three more options in pymongo; the refusal names what the operator
     wrote. Loopback is exempt (a local test server), as http:// is for the stream."""
