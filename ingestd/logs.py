@@ -44,7 +44,9 @@ _SECRET_KEY = re.compile(
     re.IGNORECASE,
 )
 # scheme://user:pass@host → scheme://***@host; greedy up to the last '@' of the authority.
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^\s/?#@]*(?:@[^\s/?#@]*)*@")
+# '#' does not end it: pymongo takes a raw '#' as part of a password. (A space does end it: in
+# free text nothing tells the two apart; the daemon registers the password itself too.)
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^\s/?@]*(?:@[^\s/?@]*)*@")
 # Header text that carries credentials even when logged as a plain string.
 _HEADER_SECRET = re.compile(
     r"(?i)\b((?:proxy-)?authorization\s*[:=]\s*|cookie\s*[:=]\s*|bearer\s+)[^\r\n]+"

@@ -117,6 +117,8 @@ URIS = [
     "mongodb://u:pw@db1.example.com,127.0.0.1/?tlsInsecure=true",
     "mongodb://localhost,[::1]/?tlsAllowInvalidHostnames=true&TLSINSECURE=true",
     "mongodb://db.example.com/?bogusOption=1",
+    "mongodb://db.example.com/?datetime_conversion=x",  # a KeyError in pymongo's validator
+    "mongodb://localhost/?tlsInsecure=true&directConnection=true",
     "mongodb+srv://cluster0.example.invalid/db?retryWrites=true",
     "mongodb+srv://cluster0.example.invalid:27017/",
     "http://not-mongo/",

@@ -268,6 +268,9 @@ def test_scrub_helpers() -> None:
         "mongodb://***@h1,h2/db and https://***@host/p")
     assert scrub_userinfo("mongodb://u:p@ss@h/db") == "mongodb://***@h/db"
     assert scrub_userinfo("https://host/path@x") == "https://host/path@x"
+    # pymongo takes a raw '#' as part of a password (the secrets audit: "MONGO#PW-123" shown)
+    assert scrub_userinfo("at mongodb://ingest:MONGO#PW-123@db:27017/?a=b") == (
+        "at mongodb://***@db:27017/?a=b")
     # secrets in a MongoDB URI's options (check printed them in the lease's and ping's lines)
     assert scrub_userinfo(
         "mongodb://h/?tls=true&authMechanism=MONGODB-AWS&authMechanismProperties="

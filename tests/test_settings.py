@@ -652,6 +652,41 @@ def test_mongo_uri_error_never_shows_the_password() -> None:
     assert "pw-canary" not in "\n".join(str(e) for e in errors(data, env))
 
 
+# The secrets audit: ?datetime_conversion=x raised a KeyError from pymongo's validator through
+# load_settings (a traceback and exit 1 from run, check and reload).
+@pytest.mark.parametrize(("query", "named"), [
+    ("datetime_conversion=x", "option datetime_conversion=x: Invalid datetime_conversion value"),
+    ("w=-1", "option w=-1: The value of w must be a non negative integer"),
+    ("authSource=admin&timeoutMS=soon", "option timeoutMS=soon: "),
+    ("uuidRepresentation=x;tls=true", "option uuidRepresentation=x: "),
+    ("tls=maybe", "option tls=maybe: "),
+    ("tlsCertificateKeyFilePassword=pw-canary-5555&tls=x", "option tls=x: "),
+])
+def test_a_bad_uri_option_names_the_option_and_value(query: str, named: str) -> None:
+    uri = f"mongodb://user:pw-canary-5555@db.example.com/?{query}"
+    reason = error_at(doc(mongo={"uri": uri}), "mongo.uri")
+    assert reason.startswith(f"invalid MongoDB URI: {named}"), reason
+    assert "pw-canary" not in reason
+
+
+@pytest.mark.parametrize("query", [
+    "tlsCertificateKeyFilePassword=pw-canary-5555&maxPoolSize=-1",
+    "authMechanismProperties=AWS_SESSION_TOKEN:pw-canary-5555&maxPoolSize=-1",
+])
+def test_a_bad_uri_option_never_quotes_a_secret_option(query: str) -> None:
+    reason = error_at(doc(mongo={"uri": f"mongodb://db.example.com/?{query}"}), "mongo.uri")
+    assert "maxPoolSize=-1" in reason and "pw-canary" not in reason
+
+
+def test_a_bad_uri_option_value_is_not_quoted_where_a_password_may_have_spilled() -> None:
+    # A raw '?' in a password puts its tail in the query: pymongo reads "tls=x@db…" as an option.
+    uri = "mongodb://user:pw-canary?tls=x@db.example.com/"
+    reason = error_at(doc(mongo={"uri": uri}), "mongo.uri")
+    assert "option tls=***" in reason and "x@db" not in reason, reason
+    unknown = error_at(doc(mongo={"uri": "mongodb://db.example.com/?pwcanary5555=1"}), "mongo.uri")
+    assert "pwcanary" not in unknown and "Unknown option" in unknown  # pymongo's own caution
+
+
 @pytest.mark.parametrize("option", [
     "tlsInsecure=true", "tlsAllowInvalidCertificates=true", "tlsAllowInvalidHostnames=true",
     "tls=true&tlsDisableOCSPEndpointCheck=true", "TLSINSECURE=true",
@@ -664,18 +699,50 @@ def test_insecure_tls_options_refused_unless_loopback(option: str) -> None:
     named = re.findall(r"tls\w+", reason)
     assert [n.lower() for n in named] == [option.split("&")[-1].split("=")[0].lower()], reason
     assert reason.startswith("URI option ") and " turns off " in reason
-    local = doc(mongo={"uri": f"mongodb://localhost,127.0.0.2:27018,[::1]/?{option}"})
-    assert load(local).mongo.uri.reveal().endswith(option)
+    for local in (f"mongodb://localhost:27018/?directConnection=true&{option}",
+                  f"mongodb://[::1]/?{option}&loadBalanced=true"):
+        assert load(doc(mongo={"uri": local})).mongo.uri.reveal() == local
     # an SRV name is no host: DNS may name any (the secrets audit: "localhost" passed)
     srv = doc(mongo={"uri": f"mongodb+srv://localhost/?{option}"})
     assert "off TLS certificate checks" in error_at(srv, "mongo.uri")
+
+
+# The secrets audit: a loopback seed's hello named a primary at 192.0.2.2, and pymongo connected
+# there with verification off. Only a client pinned to its one loopback host may turn checks off.
+PINNED = "allowed only for one loopback host with directConnection=true"
+UNPINNED = ("(without it the client also connects, checks off, to every replica-set member the "
+            "host names, wherever they are)")
+
+
+@pytest.mark.parametrize(("uri", "fix"), [
+    ("mongodb://localhost:27118/?tls=true&tlsInsecure=true", "add directConnection=true"),
+    ("mongodb://127.0.0.1/?tlsAllowInvalidCertificates=true&directConnection=false",
+     "add directConnection=true"),
+    ("mongodb://127.0.0.1/?tlsAllowInvalidHostnames=true&replicaSet=rs0",
+     "add directConnection=true"),
+    ("mongodb://localhost,127.0.0.2:27018,[::1]/?tlsInsecure=true",
+     "list one loopback host and add directConnection=true"),
+])
+def test_insecure_tls_on_loopback_needs_a_direct_connection(uri: str, fix: str) -> None:
+    reason = error_at(doc(mongo={"uri": uri}), "mongo.uri")
+    assert reason.endswith(f"{PINNED}: {fix} {UNPINNED}"), reason
+
+
+@pytest.mark.parametrize("uri", [
+    "mongodb://db.example.com/?tlsInsecure=true&directConnection=true",
+    "mongodb://10.0.0.5/?tlsInsecure=true&loadBalanced=true",
+    "mongodb+srv://localhost/?tlsInsecure=true",
+])
+def test_insecure_tls_pinned_to_a_remote_host_is_still_refused(uri: str) -> None:
+    assert error_at(doc(mongo={"uri": uri}), "mongo.uri") == (
+        f"URI option tlsInsecure turns off TLS certificate checks; {PINNED}")
 
 
 def test_two_insecure_tls_options_are_both_named() -> None:
     uri = "mongodb://db.example.com/?tlsAllowInvalidHostnames=true&tlsAllowInvalidCertificates=true"
     assert error_at(doc(mongo={"uri": uri}), "mongo.uri") == (
         "URI options tlsAllowInvalidCertificates, tlsAllowInvalidHostnames turn off TLS "
-        "certificate checks; allowed only when every host is loopback")
+        f"certificate checks; {PINNED}")
 
 
 def test_srv_uri_is_checked_without_dns(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -689,7 +756,7 @@ def test_srv_uri_is_checked_without_dns(monkeypatch: pytest.MonkeyPatch) -> None
     assert load(ok).mongo.uri.reveal().startswith("mongodb+srv://")
     bad = doc(mongo={"uri": "mongodb+srv://cluster0.example.invalid/?tlsInsecure=true"})
     assert error_at(bad, "mongo.uri") == ("URI option tlsInsecure turns off TLS certificate "
-                                          "checks; allowed only when every host is loopback")
+                                          f"checks; {PINNED}")
     with_port = doc(mongo={"uri": "mongodb+srv://cluster0.example.invalid:27017/"})
     assert "port" in error_at(with_port, "mongo.uri")
 
@@ -826,11 +893,43 @@ def test_empty_secret_is_an_error() -> None:
         "must not be empty")
 
 
+NOT_PRINTABLE_ASCII = ("contains whitespace, a control character or a non-ASCII character; a "
+                       "credential is printable ASCII (check it: a paste can add a typographic "
+                       "quote or a look-alike letter)")
+
+
+@pytest.mark.parametrize("value", [
+    "tokén-canary", "token-canary\u2019", "\u0410AAA-canary", "canary\u200b", "canary\u00a0x",
+    "can ary", "canary\x7f",
+])
+@pytest.mark.parametrize("variable", ["TWITTER_CONSUMER_KEY", "TWITTER_CONSUMER_SECRET",
+                                      "TWITTER_ACCESS_TOKEN", "TWITTER_ACCESS_TOKEN_SECRET"])
+def test_an_oauth_credential_must_be_printable_ascii(variable: str, value: str) -> None:
+    """oauthlib would percent-encode it and sign: a key X never issued, a 401 on every
+    connection. Refused at load, the field named, never the value."""
+    key = "auth." + variable.lower().removeprefix("twitter_")
+    errs = errors(BASE, {**ENV, variable: value})
+    assert [(e.key_path, e.reason) for e in errs] == [(key, NOT_PRINTABLE_ASCII)]
+    assert "canary" not in "\n".join(str(e) for e in errs)
+
+
+@pytest.mark.parametrize("value", ["AAAA%2Bb%3Dtokén", "AAAA\u2013canary", "AAAA canary"])
+def test_a_bearer_token_must_be_printable_ascii(value: str) -> None:
+    """The secrets audit: a non-ASCII token passed check and then crashed every connection
+    attempt (UnicodeEncodeError writing the Authorization header)."""
+    data = {"stream": {"url": "https://api.x.com/2/tweets/search/stream", "api": "v2",
+                       "rules": [{"value": "cats"}]},
+            "auth": {"bearer_token": "${BEARER}"}, "mongo": BASE["mongo"]}
+    assert error_at(data, "auth.bearer_token", {"BEARER": value}) == NOT_PRINTABLE_ASCII
+    token = "AAAAAAAAAAAAAAAAAAAAA%2Fx~!#$&'()*+,-./:;<=>?@[]^_`{|}"
+    assert load(data, {"BEARER": token}).auth.bearer_token.reveal() == token
+
+
 def test_secret_values_include_mongo_password_raw_and_decoded() -> None:
-    s = load(doc(mongo={"uri": "mongodb://user:p%40ss@db.example.com/"}))
+    s = load(doc(mongo={"uri": "mongodb://user:p%40ss+x@db.example.com/"}))
     values = secret_values(s)
     assert set(ENV.values()) <= set(values)
-    assert {"p%40ss", "p@ss"} <= set(values)
+    assert {"p%40ss+x", "p@ss+x", "p@ss x"} <= set(values)  # pymongo's decoding: '+' is ' '
     assert "mongodb://localhost:27017" not in secret_values(load(BASE))
 
 

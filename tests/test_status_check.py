@@ -194,9 +194,46 @@ def test_check_and_run_refuse_a_state_folder_that_cannot_be_used(tmp_path: Path,
     assert "Traceback" not in output and "metrics_listen_failed" not in output
 
 
+def test_a_bad_mongo_uri_option_is_a_settings_error_for_check_run_and_reload(
+        tmp_path: Path) -> None:
+    """The secrets audit: pymongo's validator raised a KeyError for ?datetime_conversion=x, and
+    run, check and reload printed a traceback and exited 1."""
+    doc = settings_doc("http://127.0.0.1:9/1.1/statuses/filter.json",
+                       "mongodb://u:pw-canary-78@db.example.com/?datetime_conversion=x", "x")
+    config = write_settings(tmp_path / "settings.yaml", doc)
+    expected = (f"{config}: mongo.uri: invalid MongoDB URI: option datetime_conversion=x: "
+                "Invalid datetime_conversion value")
+    for command in ("check", "run", "reload"):
+        result = ingestd(command, "--config", str(config))
+        text = result.stdout + result.stderr
+        assert result.returncode == EXIT_CONFIG, (command, text)
+        assert expected in text, (command, text)
+        assert "Traceback" not in text and "pw-canary" not in text, (command, text)
+
+
+def test_check_refuses_a_bearer_token_http_cannot_carry(tmp_path: Path) -> None:
+    """The secrets audit: a token with a non-ASCII character passed check (exit 0), then every
+    connection attempt crashed the stream worker (UnicodeEncodeError in the header)."""
+    doc = settings_doc("https://api.x.example/2/tweets/search/stream", "mongodb://127.0.0.1:9/",
+                       "check")
+    del doc["stream"]["track"]
+    doc["stream"].update({"api": "v2", "rules": [{"value": "cats"}]})
+    doc["auth"] = {"bearer_token": "${TWITTER_BEARER_TOKEN}"}
+    config = write_settings(tmp_path / "settings.yaml", doc)
+    result = ingestd("check", "--config", str(config),
+                     env={"TWITTER_BEARER_TOKEN": "AAAA-canary-tok\u00e9n"})
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "invalid settings:",
+        f"{config}: auth.bearer_token: contains whitespace, a control character or a non-ASCII "
+        "character; a credential is printable ASCII (check it: a paste can add a typographic "
+        "quote or a look-alike letter)"]
+
+
 def test_check_names_only_the_insecure_tls_option_written(tmp_path: Path) -> None:
     """tlsInsecure implies three more options in pymongo; the refusal names what the operator
-    wrote. Loopback is exempt (a local test server), as http:// is for the stream."""
+    wrote. One loopback host with directConnection=true is exempt (a local test server), as
+    http:// is for the stream."""
     query = "/?tlsInsecure=true&tls=true"
     doc = settings_doc("http://127.0.0.1:9/1.1/statuses/filter.json",
                        f"mongodb://u:pw-canary-77@db.example.com:27017{query}", "x")
@@ -205,8 +242,8 @@ def test_check_names_only_the_insecure_tls_option_written(tmp_path: Path) -> Non
     assert result.returncode == 78, result.stdout + result.stderr
     assert result.stderr.splitlines()[1:] == [
         f"{config}: mongo.uri: URI option tlsInsecure turns off TLS certificate checks; "
-        "allowed only when every host is loopback"]
-    doc["mongo"]["uri"] = f"mongodb://u:pw-canary-77@127.0.0.1:27017{query}"
+        "allowed only for one loopback host with directConnection=true"]
+    doc["mongo"]["uri"] = f"mongodb://u:pw-canary-77@127.0.0.1:27017{query}&directConnection=true"
     local = ingestd("check", "--config", str(write_settings(tmp_path / "local.yaml", doc)))
     assert local.returncode == 0, local.stdout + local.stderr
 

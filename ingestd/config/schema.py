@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from ingestd.config.errors import Secret
+from ingestd.config.mongo_uri import mask_userinfo
 from ingestd.logs import scrub_userinfo
 
 Box = tuple[float, float, float, float]  # west, south, east, north (degrees)
@@ -106,8 +107,10 @@ class MongoSettings:
     notices: tuple[str, ...] = field(default=(), compare=False)
 
     def display_uri(self) -> str:
-        """The URI with `user:pass@` replaced by `***@`, safe to log."""
-        return scrub_userinfo(self.uri.reveal())
+        """The URI with `user:pass@` replaced by `***@` where pymongo splits it (a password may
+        hold `#` or a space, which end a URL for a text scrubber), and secret options masked:
+        safe to print."""
+        return scrub_userinfo(mask_userinfo(self.uri.reveal()))
 
 
 # writer.tombstone_retention bounds (seconds): a delete can precede its tweet by seconds on a live

@@ -37,9 +37,14 @@ def build_state_dir(root: Section) -> Path:
 
 
 def _secret(sec: Section, name: str, required: bool) -> Secret:
+    """A credential: printable ASCII without spaces, what an HTTP header carries (a non-ASCII
+    bearer token crashed every connection attempt) and what X issues (oauthlib percent-encodes a
+    non-ASCII OAuth key and signs on: a 401 on every connection). The reason never quotes it."""
     value = sec.text(name, required=required, default="")
-    if any(c.isspace() or not c.isprintable() for c in value):
-        sec.error(name, "contains whitespace or control characters (check the credential)")
+    if not all("!" <= c <= "~" for c in value):
+        sec.error(name, "contains whitespace, a control character or a non-ASCII character; a "
+                        "credential is printable ASCII (check it: a paste can add a "
+                        "typographic quote or a look-alike letter)")
     return Secret(value)
 
 

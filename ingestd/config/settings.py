@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 from ingestd.config import schema
 from ingestd.config.errors import ConfigError, ConfigErrors
@@ -69,8 +69,9 @@ def secret_values(settings: Settings) -> list[str]:
     uri = settings.mongo.uri.reveal()
     password = uri_password(uri)
     if password:
-        # The whole URI only when it carries credentials: masking a bare host is noise.
-        values += [uri, password, unquote(password)]
+        # The whole URI only when it carries credentials: masking a bare host is noise. pymongo
+        # decodes the password with unquote_plus ('+' is a space).
+        values += [uri, password, unquote(password), unquote_plus(password)]
     return sorted({v for v in values if v}, key=len, reverse=True)
 
 

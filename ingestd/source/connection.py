@@ -21,6 +21,7 @@ from ingestd.source.framing import LengthFramer, LineFramer
 from ingestd.source.headers import parse_header_line
 from ingestd.source.inflate import Inflater, body_decoder
 from ingestd.source.stats import CUT_BY_DISCONNECT
+from ingestd.source.transport import configure_transport
 
 # libcurl's receive buffer (default 16 KiB): a body then reaches the write callback in larger
 # slices, so fewer callbacks, framer calls and spool writes per tweet. Only what is already in the
@@ -120,8 +121,5 @@ def open_connection(conn_id: int, generation: int, stream: StreamSettings, auth:
     curl.setopt(pycurl.TCP_KEEPALIVE, 1)
     curl.setopt(pycurl.TCP_KEEPIDLE, 30)
     curl.setopt(pycurl.TCP_KEEPINTVL, 15)
-    # TLS is always verified; settings refuse plain http:// for anything but loopback.
-    curl.setopt(pycurl.CAINFO, ca_bundle(stream))
-    curl.setopt(pycurl.SSL_VERIFYPEER, 1)
-    curl.setopt(pycurl.SSL_VERIFYHOST, 2)
+    configure_transport(curl, stream.url, ca_bundle(stream))  # TLS verified; proxy policy
     return conn

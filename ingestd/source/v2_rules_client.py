@@ -1,9 +1,10 @@
 """The HTTP client of the X API v2 rules endpoint (docs/protocol.md §7.3).
 
 ``GET``/``POST …/2/tweets/search/stream/rules`` with the bearer token, over pycurl easy handles like
-the stream: one HTTP stack, the same CA bundle (``stream.ca_file``) and the same TLS policy (always
-verified; plain http only for loopback, which settings enforce on ``stream.url``, the base of the
-rules URL). Refusals come back as ``RulesError`` in the server's own words.
+the stream: one HTTP stack, the same CA bundle (``stream.ca_file``) and the same transport policy
+(``source.transport``: TLS always verified; plain http only for loopback, which settings enforce on
+``stream.url``, the base of the rules URL, and never through a proxy). Refusals come back as
+``RulesError`` in the server's own words.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pycurl
 from ingestd.config.schema import AuthSettings, Rule, StreamSettings
 from ingestd.config.stream import ca_bundle
 from ingestd.source.headers import parse_header_line
+from ingestd.source.transport import configure_transport
 from ingestd.source.v2_request import bearer_headers, rules_url
 
 REQUEST_TIMEOUT = 30  # seconds for one rules call
@@ -129,10 +131,7 @@ class RulesClient:
         curl.setopt(pycurl.NOSIGNAL, 1)
         curl.setopt(pycurl.TIMEOUT, REQUEST_TIMEOUT)
         curl.setopt(pycurl.CONNECTTIMEOUT, self.connect_timeout)
-        # TLS is always verified; settings refuse plain http:// for anything but loopback.
-        curl.setopt(pycurl.CAINFO, self.ca_file)
-        curl.setopt(pycurl.SSL_VERIFYPEER, 1)
-        curl.setopt(pycurl.SSL_VERIFYHOST, 2)
+        configure_transport(curl, url, self.ca_file)  # TLS verified; proxy policy
 
     @staticmethod
     def _raise_errors(reply: _Response,

@@ -26,6 +26,7 @@ from ingestd.source.curl_errors import TLS_ERRORS
 from ingestd.source.headers import USER_AGENT, parse_header_line
 from ingestd.source.oauth import diagnose_401, encode_form, sign_request
 from ingestd.source.request import post_params
+from ingestd.source.transport import configure_transport
 from ingestd.source.v2_rules_client import RulesClient, RulesError, ServerRule
 from ingestd.tools.instances import instance_warnings
 
@@ -306,7 +307,7 @@ def probe_stream(settings: Settings) -> bool:
     curl.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in headers.items()])
     curl.setopt(pycurl.HEADERFUNCTION, on_header)
     curl.setopt(pycurl.WRITEFUNCTION, on_data)
-    curl.setopt(pycurl.CAINFO, ca_bundle(s))
+    configure_transport(curl, s.url, ca_bundle(s))  # as the daemon's: TLS verified, proxy policy
     curl.setopt(pycurl.TIMEOUT, PROBE_SECONDS)
     curl.setopt(pycurl.NOSIGNAL, 1)
     if s.gzip:

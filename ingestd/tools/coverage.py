@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from ingestd.config.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError
 from ingestd.config.schema import Settings
-from ingestd.config.settings import load_settings
+from ingestd.config.settings import load_settings, secret_values
+from ingestd.logs import register_secret
 from ingestd.sink.coverage import (
     hour_start_ns,
     instance_name,
@@ -261,6 +262,8 @@ def run_coverage(config: Path, *, since: str | None, until: str | None, instance
     except ConfigError as exc:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
+    for secret in secret_values(settings):
+        register_secret(secret)  # a driver error's text may quote the password
     try:
         hours, gaps = fetch(settings, start, end, instance)
     except UnknownInstance as exc:
