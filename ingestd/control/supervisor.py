@@ -58,7 +58,7 @@ from ingestd.control.pool import (
 )
 from ingestd.control.reporting import Reporter, Standing
 from ingestd.control.statelock import StateDirClaim
-from ingestd.logs import configure_logging, reconfigure_logging
+from ingestd.logs import configure_logging, reconfigure_logging, register_secret
 from ingestd.memory import trim_heap
 from ingestd.source.request import filter_diff, reconnect_keys
 from ingestd.spool.generations import GenerationRecord, filter_spec
@@ -476,6 +476,8 @@ class Supervisor:
         self.generations.record(generation, filter_spec(settings.stream))
         old, self.settings, self.settings_text = self.settings, settings, text
         if isinstance(settings, Settings):  # before the lines below: they are the new level's
+            for secret in secret_values(settings):
+                register_secret(secret)  # new credentials masked here too, as in the workers
             reconfigure_logging(settings.logging)
         self.standing.generation = generation
         self.standing.refused = None  # the latest attempt is applied: nothing refused now

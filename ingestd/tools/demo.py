@@ -22,6 +22,7 @@ import orjson
 import pymongo
 import yaml
 
+from ingestd.config.mongo_uri import mask_userinfo
 from ingestd.control import runstate
 from ingestd.tools.standin import StandIn
 
@@ -44,21 +45,24 @@ def run_demo(seconds: float, workdir: Path) -> int:
     mongo_uri = os.environ.get("INGESTD_DEMO_MONGO_URI")
     standin = None if mongo_uri else StandIn(workdir / "mongo").start()
     mongo_uri = mongo_uri or (standin.uri if standin else "")
-    step(f"MongoDB: {'embedded stand-in (nx-27017) at ' + mongo_uri if standin else mongo_uri}")
+    # A given URI may hold a password: the settings name the variable, the output masks it.
+    settings_uri = "${INGESTD_DEMO_MONGO_URI}" if not standin else mongo_uri
+    step(f"MongoDB: {'embedded stand-in (nx-27017) at ' if standin else ''}"
+         f"{mask_userinfo(mongo_uri)}")
     sim = start_simulator(workdir, env)
     daemon: subprocess.Popen[bytes] | None = None
     try:
         port = wait_for_file(workdir / "sim.port", 20.0, sim)
         url = f"http://127.0.0.1:{port}/1.1/statuses/filter.json"
         step(f"simulator: {url} (track/follow/locations filtering, OAuth 1.0a checked)")
-        config = write_settings(workdir, url, mongo_uri, TRACK_BEFORE)
+        config = write_settings(workdir, url, settings_uri, TRACK_BEFORE)
         with (workdir / "daemon.log").open("wb") as out:
             daemon = subprocess.Popen(
                 [sys.executable, "-m", "ingestd", "run", "--config", str(config)],
                 env=env, stdout=out, stderr=subprocess.STDOUT)
         step(f"daemon: ingestd run --config {config} (pid {daemon.pid}); logs in "
              f"{workdir / 'daemon.log'}")
-        ingest(workdir, config, daemon, mongo_uri, url, seconds)
+        ingest(workdir, config, daemon, settings_uri, url, seconds)
         step("stopping the simulator first: its clean close means every delivered byte is read")
         sim.send_signal(signal.SIGTERM)
         sim.wait(20)
@@ -123,7 +127,7 @@ def write_settings(workdir: Path, url: str, mongo_uri: str, track: list[str]) ->
     return path
 
 
-def ingest(workdir: Path, config: Path, daemon: subprocess.Popen[bytes], mongo_uri: str,
+def ingest(workdir: Path, config: Path, daemon: subprocess.Popen[bytes], settings_uri: str,
            url: str, seconds: float) -> None:
     step(f"ingesting for {seconds:.0f}s; keywords {TRACK_BEFORE}, switching to {TRACK_AFTER} "
          "half-way (SIGHUP)")
@@ -132,7 +136,7 @@ def ingest(workdir: Path, config: Path, daemon: subprocess.Popen[bytes], mongo_u
         if daemon.poll() is not None:
             raise SystemExit(f"the daemon exited early ({daemon.returncode}); see daemon.log")
         if not reloaded and elapsed >= seconds / 2:
-            write_settings(workdir, url, mongo_uri, TRACK_AFTER)
+            write_settings(workdir, url, settings_uri, TRACK_AFTER)
             daemon.send_signal(signal.SIGHUP)
             reloaded = True
             print("    SIGHUP sent: new keywords, make-before-break reconnect", flush=True)
