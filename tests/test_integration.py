@@ -140,13 +140,14 @@ def test_scrub_geo_reaches_every_stored_copy_of_the_users_tweets(
     # coordinates, geo and place. Each scrub_geo the simulator delivered (one user, up to an id)
     # must leave none of them in any copy of that user's tweets, whether it was stored before the
     # notice or arrived after it; and every other copy keeps them (every tweet here has the keys).
-    sim = SimProcess(tmp_path / "sim", "--rate", "400", "--max-tweets", "400",
+    # One burst: the store worker reads it in large reads, shared with its encoder child.
+    sim = SimProcess(tmp_path / "sim", "--rate", "0", "--max-tweets", "1500",
                      "--control-every", "2", "--keepalive", "1", "--seed", "5").start()
     doc = settings_doc(sim.url, mongo_uri, mongo_database, writer={"encoder_process": True})
     daemon = Daemon(tmp_path / "daemon", doc).start()
     try:
         daemon.wait_ready()
-        wait_caught_up(daemon, sim, 400, timeout=60)
+        wait_caught_up(daemon, sim, 1500, timeout=120)
         assert daemon.stop()[0] == 0
     finally:
         daemon.kill()
