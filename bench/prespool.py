@@ -16,10 +16,10 @@ when ``INGESTD_BENCH_PRESPOOL=1``):
   ``KIND_MESSAGE`` so that ``StoreWorker._take_all`` takes it (the real batch, insert_many of
   ``RawBSONDocument`` entries, retries, coverage ledger, checkpointed acks).
 
-What the prototype leaves out (see bench/LOG.md): ``user_id`` for scrub_geo rules and the
-``match_error`` count are not carried in the record; messages held on a disk error would be
-re-sequenced after a coverage marker; a reload adds its generation's matcher but the generations
-are not pruned.
+What the prototype leaves out (see bench/LOG.md): ``user_id`` and ``embedded_users`` for scrub_geo
+rules and the ``match_error`` count are not carried in the record; messages held on a disk error
+would be re-sequenced after a coverage marker; a reload adds its generation's matcher but the
+generations are not pruned.
 """
 
 from __future__ import annotations

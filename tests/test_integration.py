@@ -8,6 +8,7 @@ the reconciliation is exact: stored = delivered − deleted, nothing else in the
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,58 @@ def test_control_messages_never_become_documents(
             assert d["_ingest"]["matched"]["track"], d["_id"]
     finally:
         client.close()
+
+
+GEO_FIELDS = ("coordinates", "geo", "place")
+
+
+def tweet_copies(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A stored tweet ("") and each copy of another tweet it carries, by path."""
+    yield "", doc
+    original, quoted = doc.get("retweeted_status"), doc.get("quoted_status")
+    for path, copy in (("retweeted_status", original), ("quoted_status", quoted),
+                       ("retweeted_status.quoted_status", (original or {}).get("quoted_status"))):
+        if copy is not None:
+            yield path, copy
+
+
+def test_scrub_geo_reaches_every_stored_copy_of_the_users_tweets(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    # The analyst audit: a retweet or a quote of a scrubbed user's tweet kept that tweet's
+    # coordinates, geo and place. Each scrub_geo the simulator delivered (one user, up to an id)
+    # must leave none of them in any copy of that user's tweets, whether it was stored before the
+    # notice or arrived after it; and every other copy keeps them (every tweet here has the keys).
+    # One burst: the store worker reads it in large reads, shared with its encoder child.
+    sim = SimProcess(tmp_path / "sim", "--rate", "0", "--max-tweets", "1500",
+                     "--control-every", "2", "--keepalive", "1", "--seed", "5").start()
+    doc = settings_doc(sim.url, mongo_uri, mongo_database, writer={"encoder_process": True})
+    daemon = Daemon(tmp_path / "daemon", doc).start()
+    try:
+        daemon.wait_ready()
+        wait_caught_up(daemon, sim, 1500, timeout=120)
+        assert daemon.stop()[0] == 0
+    finally:
+        daemon.kill()
+        sim.stop()
+    up_to: dict[int, int] = {}
+    for notice in sim.ground_truth().control("scrub_geo"):
+        user = notice["user_id"]
+        up_to[user] = max(up_to.get(user, 0), notice["up_to_status_id"])
+    assert daemon.counters("store")["offloaded"] > 0, "the encoder child took part"
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+    scrubbed: list[str] = []
+    try:
+        for stored in client[mongo_database].tweets.find():
+            for path, copy in tweet_copies(stored):
+                if copy["id"] <= up_to.get(copy["user"]["id"], 0):
+                    assert not set(GEO_FIELDS) & set(copy), (stored["_id"], path)
+                    scrubbed.append(path)
+                else:
+                    assert set(GEO_FIELDS) <= set(copy), (stored["_id"], path)
+    finally:
+        client.close()
+    assert "" in scrubbed and {"retweeted_status", "quoted_status"} & set(scrubbed), scrubbed
 
 
 def test_sigterm_on_a_silent_stream_exits_promptly(

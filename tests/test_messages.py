@@ -21,6 +21,8 @@ from ingestd.documents.messages import (
     SNOWFLAKE_MIN_ID,
     InvalidTweet,
     classify,
+    embedded_authors,
+    embedded_copies,
     parse_twitter_time,
     tweet_document,
 )
@@ -51,6 +53,11 @@ def build(obj: dict[str, Any], matched: Matched | None = None) -> dict[str, Any]
 def plain_tweets() -> list[dict[str, Any]]:
     """Real tweets as the stream sends them (the file also holds a few Mongo exports)."""
     return [t for t in REAL_TWEETS if type(t["id"]) is int]
+
+
+def fresh_tweets() -> list[dict[str, Any]]:
+    """``plain_tweets`` read anew: a document is built by changing the tweet it is given."""
+    return [t for t in load("real_tweets.jsonl") if type(t["id"]) is int]
 
 
 def test_real_tweets_classify_as_tweets() -> None:
@@ -97,8 +104,7 @@ def test_document_of_real_tweet_keeps_fields_and_derives_created_at() -> None:
         # timestamp_ms/snowflake carry milliseconds; the string only whole seconds
         assert abs((doc["created_at"] - parsed).total_seconds()) < 1
         assert doc["created_at"].tzinfo is not None
-        tags = {t["text"].lower() for holder in (original, original.get("extended_tweet") or {})
-                for t in holder.get("entities", {}).get("hashtags", [])}
+        tags = full_hashtags(original.get("retweeted_status") or original)
         assert doc["_ingest"] == {
             "received_at": RECEIVED, "conn": 3, "generation": 2, "seq": 41,
             "matched": {"track": ["beatles"], "follow": [7], "locations": [0]},
@@ -106,6 +112,65 @@ def test_document_of_real_tweet_keeps_fields_and_derives_created_at() -> None:
         for key, value in original.items():
             if key != "created_at":
                 assert doc[key] == value
+
+
+def full_hashtags(tweet: dict[str, Any]) -> set[str]:
+    """A tweet's own hashtags, lower-cased: its entities' and its full text's."""
+    return {t["text"].lower() for holder in (tweet, tweet.get("extended_tweet") or {})
+            for t in holder.get("entities", {}).get("hashtags", [])}
+
+
+# Real retweets of long tweets: their own entities (those of the cut "RT @x: …" text) hold none of
+# the original's hashtags, which are in retweeted_status.extended_tweet.entities.
+CUT_RETWEETS = {
+    932386200773677056: ["aliceinwonderland", "downtherabbithole", "followthewhiterabbit",
+                         "qanon"],
+    932386714047229952: ["sound_tripper", "山下智久"],
+    932386637018947584: ["narou"],
+}
+
+
+def test_a_retweets_hashtags_are_its_originals_full_list() -> None:
+    # The analyst audit: these were stored with _ingest.hashtags [] (the top-level entities only).
+    found = {t["id"]: t for t in fresh_tweets() if t["id"] in CUT_RETWEETS}
+    assert set(found) == set(CUT_RETWEETS)
+    for tweet_id, tags in CUT_RETWEETS.items():
+        assert found[tweet_id]["entities"]["hashtags"] == []
+        assert build(found[tweet_id])["_ingest"]["hashtags"] == tags
+
+
+def test_every_real_retweets_own_hashtags_are_among_its_originals() -> None:
+    retweets = [t for t in fresh_tweets() if "retweeted_status" in t]
+    assert len(retweets) > 100
+    for raw in retweets:
+        own = full_hashtags(raw)
+        assert own <= set(build(raw)["_ingest"]["hashtags"]), raw["id"]
+
+
+def test_quoted_hashtags_are_the_quoted_tweets_not_this_ones() -> None:
+    quoted = {"id": 4, "text": "#Quoted", "entities": {"hashtags": [{"text": "Quoted"}]}}
+    quote = {"id": 5, "text": "x #Mine", "timestamp_ms": "1576724693818",
+             "entities": {"hashtags": [{"text": "Mine"}]}, "quoted_status": quoted}
+    assert build(quote)["_ingest"]["hashtags"] == ["mine"]
+    # a retweet of that quote: the quote's hashtags, still not the quoted tweet's
+    retweet = {"id": 6, "text": "RT @q: x #Mine", "timestamp_ms": "1576724693818",
+               "entities": {"hashtags": [{"text": "Mine"}]}, "quoted_status": quoted,
+               "retweeted_status": {**quote, "extended_tweet": {"full_text": "x #Mine #More",
+                   "entities": {"hashtags": [{"text": "Mine"}, {"text": "More"}]}}}}
+    assert build(retweet)["_ingest"]["hashtags"] == ["mine", "more"]
+
+
+def test_embedded_authors_are_the_users_of_the_copies_a_tweet_carries() -> None:
+    # What scrub_geo rules are checked against on the per-tweet path (its fast form).
+    kinds = set()
+    for t in fresh_tweets():
+        authors = embedded_authors(t)
+        assert authors == tuple(c["user"]["id"] for c in embedded_copies(t)), t["id"]
+        kinds.add(len(authors))
+    assert kinds == {0, 1, 3}  # plain; a retweet or a quote; a retweet of a quote
+    odd = {"id": 1, "retweeted_status": {"user": {"id": "5"}}, "quoted_status": [1]}
+    assert embedded_authors(odd) == () and list(embedded_copies(odd)) == [
+        {"user": {"id": "5"}}]
 
 
 def test_hashtags_are_lower_cased_deduplicated_and_include_extended_entities() -> None:

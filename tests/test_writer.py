@@ -56,6 +56,7 @@ from ingestd.control.tally import reconciliation
 from ingestd.documents.encoder import OK, Encoded, encode
 from ingestd.memory import quiet_gc
 from ingestd.sink.batch import Entry, InFlight
+from ingestd.sink.compliance import scrub_updates
 from ingestd.sink.counters import StoreCounters
 from ingestd.sink.deadletter import DeadLetterStore
 from ingestd.sink.encoder_split import (
@@ -67,7 +68,13 @@ from ingestd.sink.encoder_split import (
     Matchers,
     TimeShare,
 )
-from ingestd.sink.mongo import ErrorClass, classify_error, open_collection, write_error_summary
+from ingestd.sink.mongo import (
+    ErrorClass,
+    classify_error,
+    ensure_indexes,
+    open_collection,
+    write_error_summary,
+)
 from ingestd.sink.worker import StoreWorker
 from ingestd.spool.format import (
     KIND_BADFRAME,
@@ -85,7 +92,7 @@ from ingestd.spool.format import (
 from ingestd.spool.generations import GenerationRecord
 from ingestd.spool.reader import SpoolReader
 from ingestd.spool.writer import SpoolWriter
-from tests.support.mongo import MongoStandIn
+from tests.support.mongo import ENV_URI, MongoStandIn, configured_uri
 from tests.support.wait import wait_until
 
 Doc = dict[str, Any]
@@ -196,6 +203,7 @@ class Harness:
                                   generation=generation, encoder_process=encoder_process,
                                   offload_min=1)
         self.ticks: list[str] = []
+        self.with_child = bool(encoder_process)
         if encoder_process:
             self.start_encoder()
 
@@ -270,6 +278,19 @@ def test_real_tweets_stored_once_with_id_and_date(harness_factory: Callable[...,
     assert sample["created_at_str"] == plain[0]["created_at"]
     assert sample["text"] == plain[0]["text"]
     assert sample["_ingest"]["seq"] >= 1
+    # A retweet's hashtags are its original's full list, whichever process encoded it (the
+    # analyst audit: 932386200773677056 was stored with none, its text cut before them).
+    for t in plain:
+        if "retweeted_status" in t:
+            assert stored[t["id"]]["_ingest"]["hashtags"] == full_hashtags(t["retweeted_status"])
+    assert stored[932386200773677056]["_ingest"]["hashtags"] == [
+        "aliceinwonderland", "downtherabbithole", "followthewhiterabbit", "qanon"]
+    assert (c["offloaded"] > 0) is h.with_child
+
+
+def full_hashtags(t: Doc) -> list[str]:
+    return sorted({h["text"].lower() for holder in (t, t.get("extended_tweet") or {})
+                   for h in holder.get("entities", {}).get("hashtags", [])})
 
 
 def test_redelivery_counts_duplicates_not_errors(harness_factory: Callable[..., Harness],
@@ -412,6 +433,76 @@ def test_scrub_geo_strips_old_tweets_including_late_ones(harness_factory: Callab
     assert "coordinates" not in docs[SNOW + 3] and "geo" not in docs[SNOW + 3]
     assert docs[SNOW + 5]["coordinates"] == GEO["coordinates"]
     assert docs[SNOW + 2]["place"] == {"id": "p"}
+
+
+COPIES = ("", "retweeted_status", "quoted_status", "retweeted_status.quoted_status")
+
+
+def geo_state(doc: Doc) -> dict[str, str]:
+    """Each tweet copy in a stored document ("" for its own fields): its geo fields ``kept`` as
+    sent, ``scrubbed`` (none left) or ``partial``."""
+    states = {}
+    for path in COPIES:
+        copy: Any = doc
+        for key in filter(None, path.split(".")):
+            copy = copy.get(key) if isinstance(copy, dict) else None
+        if isinstance(copy, dict):
+            kept = [copy.get(key) == value for key, value in GEO.items()]
+            states[path] = "kept" if all(kept) else "scrubbed" if not any(
+                key in copy for key in GEO) else "partial"
+    return states
+
+
+def status(tweet_id: int, user_id: int, **extra: Any) -> Doc:
+    return dict(orjson.loads(tweet(tweet_id, user_id, **GEO, **extra)))
+
+
+def test_scrub_geo_reaches_the_copies_retweets_and_quotes_carry(
+        harness_factory: Callable[..., Harness], client: Any) -> None:
+    # The analyst audit: a retweet or a quote of a scrubbed user's tweet kept the original's
+    # place. User 9 is scrubbed up to SNOW + 3; users 7 and 8 retweet and quote 9's tweets.
+    h = harness_factory(batch_size=3)  # copies stored in earlier batches and in the notice's
+    old, older, newer = status(SNOW + 1, 9), status(SNOW + 2, 9), status(SNOW + 5, 9)
+    quote = status(SNOW + 6, 8, quoted_status=old)  # 8's own geo is never 9's to scrub
+
+    def copies(base: int) -> list[bytes]:
+        return [tweet(base, 8, **GEO, retweeted_status=old),
+                tweet(base + 1, 8, **GEO, quoted_status=older),
+                tweet(base + 2, 7, **GEO, retweeted_status=quote, quoted_status=old),
+                tweet(base + 3, 8, **GEO, retweeted_status=newer),  # past up_to
+                tweet(base + 4, 8, **GEO, quoted_status=status(SNOW + 3, 6))]  # another user
+
+    for raw in copies(SNOW + 10):
+        h.spool.add(raw)
+    h.spool.add(orjson.dumps({"scrub_geo": {"user_id": 9, "up_to_status_id": SNOW + 3}}))
+    for raw in copies(SNOW + 20):  # arrive after the notice: scrubbed before they are stored
+        h.spool.add(raw)
+    h.drain()
+    docs = {d["_id"]: d for d in client.tweets.find()}
+    for base in (SNOW + 10, SNOW + 20):
+        assert {i: geo_state(docs[base + i]) for i in range(5)} == {
+            0: {"": "kept", "retweeted_status": "scrubbed"},
+            1: {"": "kept", "quoted_status": "scrubbed"},
+            2: {"": "kept", "retweeted_status": "kept", "quoted_status": "scrubbed",
+                "retweeted_status.quoted_status": "scrubbed"},
+            3: {"": "kept", "retweeted_status": "kept"},
+            4: {"": "kept", "quoted_status": "kept"},
+        }, base
+        # only the geo fields went: the copy is otherwise as sent
+        assert docs[base]["retweeted_status"]["user"] == {"id": 9}
+        assert docs[base]["retweeted_status"]["text"] == old["text"]
+    c = h.worker.counters()
+    assert c["control"] == {"scrub_geo": 1} and c["control_rejected"] == 0
+    assert (c["offloaded"] > 0) is h.with_child
+
+
+@pytest.mark.skipif(not configured_uri(), reason=f"a real MongoDB's query plans; set {ENV_URI}")
+def test_scrub_geo_filters_are_served_by_indexes(client: Any) -> None:
+    # A notice must not scan the collection for the copies retweets and quotes carry.
+    assert ensure_indexes(client.tweets) == []
+    for query, _ in scrub_updates(9, SNOW):
+        plan = str(client.tweets.find(query).explain()["queryPlanner"])
+        assert "IXSCAN" in plan and "COLLSCAN" not in plan, query
 
 
 def test_withheld_messages_update_stored_tweets(harness_factory: Callable[..., Harness],

@@ -19,7 +19,7 @@ from bson.errors import InvalidDocument
 
 from ingestd.documents.labels import MessageReason
 from ingestd.documents.matching import Box, Matched, Matcher
-from ingestd.documents.messages import InvalidTweet, classify, tweet_document
+from ingestd.documents.messages import InvalidTweet, classify, embedded_authors, tweet_document
 
 MAX_BSON_SIZE = 16 * 1024 * 1024
 PIPE_BYTES = 1 << 20
@@ -52,6 +52,7 @@ class Encoded(NamedTuple):
     reason: MessageReason | Literal[""] = ""
     detail: str = ""
     match_error: bool = False
+    embedded_users: tuple[int, ...] = ()  # authors of the tweets it carries copies of: likewise
 
 
 _PUNTED = Encoded(PUNT)
@@ -105,7 +106,7 @@ def encode_document(doc: dict[str, Any], match_error: bool = False) -> Encoded:
     user_id = user.get("id") if isinstance(user, dict) else None
     # tuple.__new__: the NamedTuple's generated __new__ is a Python frame per tweet
     return _new_encoded(Encoded, (OK, raw, doc["_id"], user_id if type(user_id) is int else None,
-                                  "", "", match_error))
+                                  "", "", match_error, embedded_authors(doc)))
 
 
 MatcherSpec = tuple[Sequence[str], Sequence[int], Sequence[Box]]

@@ -2,7 +2,9 @@
 
 Deletes and ``scrub_geo`` are applied after the batch they arrived in is inserted: both commute
 with the tweets around them (a tweet after its delete is filtered by the tombstone set; a later
-tweet inside a scrub range is scrubbed as it is built). Withheld messages, which do not commute,
+tweet inside a scrub range is scrubbed as it is built). A scrub reaches every copy of the user's
+tweets: the tweets themselves, and the originals that retweets and quotes carry
+(``EMBEDDED_PATHS``). Withheld messages, which do not commute,
 end the batch: the store worker flushes it first, then they are applied. A notice whose MongoDB
 effect is rejected is dead-lettered (``control_rejected``).
 """
@@ -16,11 +18,12 @@ from typing import Any
 import bson
 import structlog
 from bson import DatetimeMS
+from pymongo import UpdateMany
 from pymongo.errors import BulkWriteError, PyMongoError
 
-from ingestd.documents.encoder import received_at
+from ingestd.documents.encoder import Encoded, received_at
 from ingestd.documents.labels import SkipReason
-from ingestd.documents.messages import InvalidTweet, parse_id
+from ingestd.documents.messages import EMBEDDED_PATHS, InvalidTweet, embedded_copies, parse_id
 from ingestd.sink.batch import Batch, Entry, Op
 from ingestd.sink.counters import StoreCounters, bump
 from ingestd.sink.mongo import (
@@ -42,6 +45,7 @@ log = structlog.get_logger("ingestd.sink.compliance")
 TOMBSTONE_LIMIT = 200_000
 SCRUB_RULE_LIMIT = 100_000
 WITHHELD = ("status_withheld", "user_withheld")
+GEO_FIELDS = ("coordinates", "geo", "place")
 
 
 class BadControl(ValueError):
@@ -58,6 +62,24 @@ def int_field(body: object, *names: str) -> int | None:
         except InvalidTweet:
             continue
     return None
+
+
+def scrub_updates(user_id: int, up_to: int) -> list[tuple[Document, Document]]:
+    """A scrub_geo's (filter, update) pairs: the user's tweets up to ``up_to``, then each place a
+    retweet or a quote carries a copy of one (each filter served by an index, ``mongo.INDEXES``)."""
+    updates = [({"user.id": user_id, "_id": {"$lte": up_to}}, _unset_geo(""))]
+    updates += [({f"{path}.user.id": user_id, f"{path}.id": {"$lte": up_to}},
+                 _unset_geo(f"{path}.")) for path in EMBEDDED_PATHS]
+    return updates
+
+
+def _unset_geo(prefix: str) -> Document:
+    return {"$unset": {prefix + key: "" for key in GEO_FIELDS}}
+
+
+def _drop_geo(doc: Document) -> None:
+    for key in GEO_FIELDS:
+        doc.pop(key, None)
 
 
 class Compliance:
@@ -100,9 +122,9 @@ class Compliance:
         self.scrub_rules[user_id] = max(up_to, self.scrub_rules.pop(user_id, 0))
         if len(self.scrub_rules) > SCRUB_RULE_LIMIT:  # oldest rule first (dict order)
             del self.scrub_rules[next(iter(self.scrub_rules))]
-        query = {"user.id": user_id, "_id": {"$lte": up_to}}
-        unset = {"$unset": {"coordinates": "", "geo": "", "place": ""}}
-        batch.ops.append(Op("scrub_geo", record, lambda c: c.update_many(query, unset)))
+        writes = [UpdateMany(query, unset) for query, unset in scrub_updates(user_id, up_to)]
+        # One round trip; unordered: a copy MongoDB refuses does not keep the others unscrubbed.
+        batch.ops.append(Op("scrub_geo", record, lambda c: c.bulk_write(writes, ordered=False)))
 
     @staticmethod
     def withheld_op(kind: str, body: object, record: Record) -> Op:
@@ -117,15 +139,32 @@ class Compliance:
         update = {"$set": {"user.withheld_in_countries": countries}}
         return Op(kind, record, lambda c: c.update_many({"user.id": target}, update))
 
-    def scrubbed(self, raw: bytes, user_id: int, tweet_id: int) -> bytes:
-        """A tweet without its geo fields if a scrub_geo seen before it covers it (rare)."""
-        up_to = self.scrub_rules.get(user_id)
-        if up_to is None or tweet_id > up_to:
-            return raw
-        doc: Document = bson.decode(raw)
-        for key in ("coordinates", "geo", "place"):
-            doc.pop(key, None)
+    def scrubbed(self, encoded: Encoded) -> bytes:
+        """A tweet without the geo fields of each copy in it that a scrub_geo seen before it
+        covers: its own, or a retweeted or quoted tweet's (rare: decoded only then)."""
+        rules = self.scrub_rules
+        up_to = rules.get(encoded.user_id) if encoded.user_id is not None else None
+        own = up_to is not None and encoded.tweet_id <= up_to
+        if not own and not any(uid in rules for uid in encoded.embedded_users):
+            return encoded.raw
+        doc: Document = bson.decode(encoded.raw)
+        if own:
+            _drop_geo(doc)
+        for copy in embedded_copies(doc):
+            if self._covers(copy):
+                _drop_geo(copy)
         return bson.encode(doc)
+
+    def _covers(self, copy: Document) -> bool:
+        """Whether a scrub rule covers an embedded copy, by the fields ``scrub_updates`` filters
+        stored copies on (``user.id``, ``id``)."""
+        user = copy.get("user")
+        author = user.get("id") if isinstance(user, dict) else None
+        tweet_id = copy.get("id")
+        if not isinstance(author, int) or not isinstance(tweet_id, int):
+            return False
+        up_to = self.scrub_rules.get(author)
+        return up_to is not None and tweet_id <= up_to
 
     # ------------------------------------------------------------------ applying a batch
 

@@ -349,20 +349,20 @@ def _unpack_jobs(header: bytes, blob: bytearray | memoryview) -> list[Job]:
 
 # Results travel as columns (one tuple per field of ``Encoded``, which pickle handles in C) plus
 # the documents' sizes and the dead letters' reasons; the documents are the blob.
-ResultHeader: TypeAlias = "tuple[tuple[int, ...], tuple[int, ...], tuple[int | None, ...], tuple[int, ...], tuple[bool, ...], list[tuple[int, str, str]]]"  # noqa: E501
+ResultHeader: TypeAlias = "tuple[tuple[int, ...], tuple[int, ...], tuple[int | None, ...], tuple[int, ...], tuple[bool, ...], tuple[tuple[int, ...], ...], list[tuple[int, str, str]]]"  # noqa: E501
 _new_tuple = tuple.__new__  # a row of a NamedTuple without its Python-level __new__
 
 
 def _pack_results(results: Sequence[Encoded]) -> tuple[ResultHeader, list[bytes]]:
     if not results:
-        return ((), (), (), (), (), []), []
-    statuses, raws, ids, users, reasons, details, errors = zip(*results, strict=True)
+        return ((), (), (), (), (), (), []), []
+    statuses, raws, ids, users, reasons, details, errors, embedded = zip(*results, strict=True)
     dead = [(i, reasons[i], details[i]) for i, status in enumerate(statuses) if status == DEAD]
-    return (statuses, ids, users, tuple(map(len, raws)), errors, dead), list(raws)
+    return (statuses, ids, users, tuple(map(len, raws)), errors, embedded, dead), list(raws)
 
 
 def _iter_results(header: ResultHeader, blob: memoryview) -> Iterator[Encoded]:
-    statuses, ids, users, sizes, errors, dead = header
+    statuses, ids, users, sizes, errors, embedded, dead = header
     reasons: list[str] = [""] * len(statuses)
     details: list[str] = [""] * len(statuses)
     for i, reason, detail in dead:
@@ -370,7 +370,8 @@ def _iter_results(header: ResultHeader, blob: memoryview) -> Iterator[Encoded]:
     with memoryview(blob) as view:
         raws = (bytes(view[end - size:end])
                 for end, size in zip(accumulate(sizes), sizes, strict=True))
-        for row in zip(statuses, raws, ids, users, reasons, details, errors, strict=True):
+        for row in zip(statuses, raws, ids, users, reasons, details, errors, embedded,
+                       strict=True):
             yield _new_tuple(Encoded, row)
 
 

@@ -33,6 +33,7 @@ from pymongo.errors import (
 )
 
 from ingestd.config.schema import MongoSettings
+from ingestd.documents.messages import EMBEDDED_PATHS
 
 log = structlog.get_logger("ingestd.sink.mongo")
 
@@ -388,7 +389,10 @@ def _address(address: object) -> str:
 
 
 # Indexes behind the analysts' usual questions: by time, by user, by matched term, by hashtag,
-# by language, by place. 2dsphere last: a server without geo indexes must not block the others.
+# by language, by place; then those a scrub_geo notice needs to find the copies of a user's
+# tweets that retweets and quotes carry without a collection scan (sparse: they hold only the
+# documents that have such a copy). 2dsphere last: a server without geo indexes must not block
+# the others.
 INDEXES = (
     IndexModel([("created_at", pymongo.ASCENDING)]),
     IndexModel([("user.id", pymongo.ASCENDING), ("created_at", pymongo.ASCENDING)]),
@@ -398,6 +402,8 @@ INDEXES = (
     IndexModel([("_ingest.matched.locations", pymongo.ASCENDING),
                 ("created_at", pymongo.ASCENDING)]),
     IndexModel([("lang", pymongo.ASCENDING)]),
+    *(IndexModel([(f"{path}.user.id", pymongo.ASCENDING), (f"{path}.id", pymongo.ASCENDING)],
+                 sparse=True) for path in EMBEDDED_PATHS),
     IndexModel([("coordinates", pymongo.GEOSPHERE)]),
 )
 

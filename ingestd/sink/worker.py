@@ -506,9 +506,7 @@ class StoreWorker:
         if encoded.status == DEAD:
             self._letters.add(encoded.reason or "unencodable", record, detail=encoded.detail)
             return
-        raw = encoded.raw
-        if self._scrub_rules and encoded.user_id is not None:
-            raw = self._compliance.scrubbed(raw, encoded.user_id, encoded.tweet_id)
+        raw = self._compliance.scrubbed(encoded) if self._scrub_rules else encoded.raw
         entry = Entry(raw)
         entry.tweet_id = encoded.tweet_id
         entry.record = record.ref()  # not the payload: it is re-read from the spool if needed
