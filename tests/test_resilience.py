@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pymongo
 import pytest
 
 from ingestd.control.collector import in_flight, received_total
@@ -470,7 +471,8 @@ def test_406_degrades_without_retrying_and_recovers_on_reload(
 def test_bad_lines_are_dead_lettered_and_good_tweets_stored(
     tmp_path: Path, mongo_uri: str, mongo_database: str
 ) -> None:
-    kinds = ["truncated_json", "invalid_utf8", "json_array", "oversize", "non_object"]
+    kinds = ["truncated_json", "invalid_utf8", "json_array", "oversize", "non_object",
+             "deep_nesting"]
     script = [[{"deliver": 10}, {"bad_lines": kinds}, {"deliver": 10}, {"stall": 60}]]
     sim, daemon = run_pair(tmp_path, mongo_uri, mongo_database, script, "--control-every", "0",
                            "--max-line", "600000", stream={"max_message_bytes": 500000})
@@ -483,11 +485,41 @@ def test_bad_lines_are_dead_lettered_and_good_tweets_stored(
     assert set(stored_ids(mongo_uri, mongo_database)) == set(truth.tweet_ids())
     letters = dead_letters(daemon)
     assert sorted(d["reason"] for d in letters) == sorted(
-        ["invalid_json", "invalid_utf8", "not_an_object", "oversize", "not_an_object"])
+        ["invalid_json", "invalid_utf8", "not_an_object", "oversize", "not_an_object",
+         "unencodable"])
     for d in letters:
         assert d["conn_id"] == 1 and d["time"] and ("raw" in d or "raw_b64" in d)
     print(f"\n[bad lines] stored={len(truth.tweet_ids())} dead-lettered="
           f"{sorted(d['reason'] for d in letters)}")
+
+
+def test_tweets_with_half_a_surrogate_pair_are_stored_with_the_replacement_character(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    script = [[{"deliver": 10}, {"lone_surrogates": 3}, {"deliver": 10}, {"stall": 60}]]
+    sim, daemon = run_pair(tmp_path, mongo_uri, mongo_database, script, "--control-every", "0")
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: caught_up(daemon, sim, 23), 60, "all 23 tweets read")
+        store = daemon.counters("store")
+    finally:
+        finish(daemon, sim)
+    truth = sim.ground_truth()
+    (event,) = truth.of("lone_surrogates")
+    repaired = set(event["ids"])
+    assert len(repaired) == 3 and repaired <= set(truth.tweet_ids())
+    assert set(stored_ids(mongo_uri, mongo_database)) == set(truth.tweet_ids())
+    assert dead_letters(daemon) == [] and store["deadlettered"] == {}
+    assert store["repaired"] == 3
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+    try:
+        docs = list(client[mongo_database]["tweets"].find({}, {"text": 1, "full_text": 1}))
+    finally:
+        client.close()
+    marked = {d["_id"] for d in docs
+              if (d.get("text") or d.get("full_text", "")).startswith("\ufffd")}
+    assert marked == repaired
+    print(f"\n[lone surrogates] stored={len(docs)} repaired={store['repaired']} dead-lettered=0")
 
 
 def test_attempts_per_minute_are_bounded_when_upstream_closes_every_connection(

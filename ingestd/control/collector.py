@@ -72,6 +72,9 @@ STORE_COUNTERS = {
                          "Control messages whose effect MongoDB refused (a delete, scrub_geo or "
                          "withheld update); each is in the dead-letter files as "
                          "control_rejected."),
+    "repaired": ("ingestd_messages_repaired_total",
+                 "Messages parsed only after each lone UTF-16 surrogate escape in their JSON (half "
+                 "an emoji, which JSON parsers and BSON refuse) was replaced by U+FFFD."),
     "offloaded": ("ingestd_encoder_offloaded_total",
                   "Tweets parsed and encoded by the store worker's encoder child."),
     "encoder_restarts": ("ingestd_encoder_restarts_total",

@@ -99,6 +99,9 @@ def encode_document(doc: dict[str, Any], match_error: bool = False) -> Encoded:
     except (InvalidDocument, OverflowError) as exc:  # e.g. a NUL in a nested key, a huge int
         return Encoded(DEAD, reason="unencodable", detail=type(exc).__name__,
                        match_error=match_error)
+    except RecursionError:  # nested near 1000 deep (orjson takes 1024): one message, not a crash
+        return Encoded(DEAD, reason="unencodable", detail="RecursionError: nested too deeply",
+                       match_error=match_error)
     if len(raw) > MAX_BSON_SIZE:
         return Encoded(DEAD, reason="unencodable", detail="DocumentTooLarge",
                        match_error=match_error)

@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-BAD_LINE_KINDS = ("truncated_json", "invalid_utf8", "json_array", "oversize", "non_object")
+BAD_LINE_KINDS = ("truncated_json", "invalid_utf8", "json_array", "oversize", "non_object",
+                  "deep_nesting")
 CONTROL_TYPES = ("delete", "scrub_geo", "limit", "status_withheld", "user_withheld", "warning")
 
 
@@ -104,7 +105,7 @@ def _step_corrupt_gzip(where: str, value: object) -> Step:
 
 def _step_simple(where: str, kind: str, value: object) -> Step:
     """Steps whose single value is a number, a flag, a name or a list of names."""
-    if kind in ("deliver", "split", "disconnect"):
+    if kind in ("deliver", "split", "disconnect", "lone_surrogates"):
         number = int(_positive_number(f"{where}.{kind}", value, integer=True))
         if kind == "split" and number < 1:
             raise ScriptError(f"{where}.split: must be at least 1 byte")
@@ -128,7 +129,7 @@ def _step_simple(where: str, kind: str, value: object) -> Step:
             raise ScriptError(f"{where}.then: only 'normal' is supported, got {value!r}")
         return Step(kind, value)
     known = ("deliver, keepalive_only, stall, close_mid_message, corrupt_gzip, reset, close, "
-             "status, disconnect, bad_lines, trickle, split, control, then")
+             "status, disconnect, bad_lines, lone_surrogates, trickle, split, control, then")
     raise ScriptError(f"{where}: unknown step {kind!r} (known: {known})")
 
 

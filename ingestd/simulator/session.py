@@ -129,6 +129,8 @@ class Session:
             self._send_control(value)
         elif kind == "bad_lines":
             self._send_bad_lines(value)
+        elif kind == "lone_surrogates":
+            self._send_lone_surrogates(value)
         elif kind == "trickle":
             return self._trickle(value["bytes"], value["interval"], value["count"])
         else:
@@ -423,6 +425,18 @@ class Session:
             self._write(self.wire.encode(self.wire.frame(self._bad_line(kind))))
             self.state.ground_truth.event("bad_line", self.conn, kind=kind)
 
+    def _send_lone_surrogates(self, n: int) -> None:
+        """The next ``n`` tweets, each with half an emoji's escape pair at the start of its text
+        (as a cut between the halves leaves): valid JSON that strict parsers refuse."""
+        sent = [out for out in (self.feed.next() for _ in range(n)) if out is not None]
+        if not sent:
+            return
+        data, ends = self.wire.encode_batch([with_lone_surrogate(out.payload) for out in sent])
+        with self._delivering(list(sent), ends):
+            self._write(data)
+        self._record(sent)
+        self.state.ground_truth.event("lone_surrogates", self.conn, ids=[o.id for o in sent])
+
     def _bad_line(self, kind: str) -> bytes:
         return bad_line(kind, self.state.config.max_line, self.feed.generator.noise())
 
@@ -476,6 +490,11 @@ class Session:
         return orjson.dumps(msg), event
 
 
+# orjson parses up to 1024 levels; pymongo's encoder gives up near Python's recursion limit (1000)
+# and MongoDB refuses more than 100 (docs/protocol.md §6)
+DEEP_NESTING = 1000
+
+
 def bad_line(kind: str, max_line: int, noise: dict[str, Any]) -> bytes:
     """A ``bad_lines`` script step's line of ``kind`` (v1.1 and v2 alike); ``noise`` is a message
     whose JSON text is cut for ``truncated_json``."""
@@ -485,11 +504,24 @@ def bad_line(kind: str, max_line: int, noise: dict[str, Any]) -> bytes:
         return b'{"id":1,"text":"bad \xff\xfe bytes \xc3"}'
     if kind == "json_array":
         return b'[{"id":1},{"id":2}]'
+    if kind == "deep_nesting":  # a tweet's shape, nested deeper than BSON encoders recurse
+        nested = b"[" * DEEP_NESTING + b"]" * DEEP_NESTING
+        return b'{"id":1234567890123456789,"text":"deep","n":' + nested + b"}"
     if kind == "oversize":
         head, tail = b'{"oversize":"', b'"}'
         size = max(max_line, len(head) + len(tail))
         return head + b"x" * (size - len(head) - len(tail)) + tail
     return b'"not an object"'
+
+
+def with_lone_surrogate(payload: bytes) -> bytes:
+    """A tweet's JSON with a lone high surrogate escape first in its ``text`` (or ``full_text``)."""
+    for key in (b'"text":"', b'"full_text":"'):
+        at = payload.find(key)
+        if at >= 0:
+            at += len(key)
+            return payload[:at] + b"\\ud83d" + payload[at:]
+    raise ValueError("a tweet without text")
 
 
 def truncated(payload: bytes) -> bytes:

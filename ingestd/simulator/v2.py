@@ -374,7 +374,7 @@ class V2Session:
             return kind
         if kind == "bad_lines":
             self._send_bad_lines(value)
-        return None  # v1.1-only steps (control, trickle, split) do not apply
+        return None  # v1.1-only steps (control, trickle, split, lone_surrogates) do not apply
 
     def _send_bad_lines(self, kinds: tuple[str, ...]) -> None:
         for kind in kinds:

@@ -59,6 +59,8 @@ class StoreCounters:
     slow_writes: int = 0  # MongoDB operations that took mongo.slow_write_seconds or longer
     index_failures: int = 0
     match_errors: int = 0
+    # messages parsed only once their lone surrogate escapes became U+FFFD (documents.surrogates)
+    repaired: int = 0
     # Tweets matched by the newest generation's filters because their own generation's were not
     # found, by reason (``spool.generations.Unresolved``).
     matched_fallback: dict[str, int] = field(default_factory=dict)

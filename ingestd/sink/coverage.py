@@ -49,6 +49,7 @@ import structlog
 from pymongo import ASCENDING
 from pymongo.collection import Collection
 
+from ingestd.documents import surrogates
 from ingestd.sink.batch import ENTRY_RECV_NS, Entry
 from ingestd.sink.insert import written_from
 from ingestd.sink.mongo import Document
@@ -90,7 +91,7 @@ def message_time_ns(record: Record | None) -> int | None:
     if record is None or record.kind != KIND_MESSAGE:
         return None
     try:
-        obj = orjson.loads(record.payload)
+        obj, _ = surrogates.loads(record.payload)
     except orjson.JSONDecodeError:
         return None
     if not isinstance(obj, dict):

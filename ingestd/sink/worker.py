@@ -23,6 +23,7 @@ import orjson
 import structlog
 
 from ingestd.config.schema import Settings
+from ingestd.documents import surrogates
 from ingestd.documents.encoder import (
     DEAD,
     PUNT,
@@ -468,10 +469,12 @@ class StoreWorker:
             self._take_encoded(encoded, record)
             return
         try:
-            obj = orjson.loads(record.payload)
+            obj, repaired = surrogates.loads(record.payload)
         except orjson.JSONDecodeError as exc:  # its text says where and why, never the content
             self._letters.add(_json_failure(record.payload), record, detail=str(exc)[:200])
             return
+        if repaired:
+            self.totals.repaired += 1
         kind = classify(obj)
         if kind == "unknown":
             kind = v2_kind(obj) or kind  # X API v2: v2_tweet, or v2_error counted as control
