@@ -26,11 +26,12 @@ from ingestd.documents.matching import Matcher
 from ingestd.simulator.generator import TWITTER_EPOCH_MS
 from ingestd.simulator.script import FaultScript, ScriptError
 from ingestd.simulator.session import truncated
-from ingestd.simulator.wire import BAD_BYTES
+from ingestd.simulator.wire import BAD_BYTES, Wire, completed
 from tests.support.creds import CREDS
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
 
+REAL_TWEETS = Path(__file__).parents[1] / "ingestd/data/real_tweets.jsonl"
 PATH = "/1.1/statuses/filter.json"
 PARAMS = [
     ("track", "python,twitter api,#rust"),
@@ -424,6 +425,39 @@ def test_a_stream_logged_out_while_its_client_reads_nothing_is_closed_at_once(
         assert len(partial) == 1
         if (cut := re.match(rb'[{]"created_at":"[^"]*","id":(\d+)', tail)) is not None:
             assert partial == [int(cut.group(1))]
+
+
+def client_reads(sent: bytes, frames: list[bytes], gzip: bool) -> int:
+    """How many of ``frames`` a client decodes whole from the body bytes ``sent``."""
+    body, done = (zlib.decompressobj(31).decompress(sent) if gzip else sent), 0
+    for frame in frames:
+        if not body.startswith(frame):
+            break
+        body, done = body[len(frame):], done + 1
+    return done
+
+
+@pytest.mark.parametrize("gzip", [False, True], ids=["plain", "gzip"])
+def test_a_write_cut_anywhere_counts_exactly_the_messages_a_client_decodes(gzip: bool) -> None:
+    """The ground truth of a write given up part-way. With gzip a message decodes before its
+    last bytes arrive (its sync flush's empty stored block): counted by its last byte, such a
+    message was ``partial`` while the client had it whole. Every cut of a second write (whose
+    messages refer back into the first's text) is checked against a client's decode."""
+    left, right = socket.socketpair()
+    with left, right:
+        wire = Wire(left, gzip=gzip, delimited=False)
+        tweets = [line for line in REAL_TWEETS.read_bytes().splitlines()[:4]]
+        first, _ = wire.encode_batch(tweets[:3])
+        second, ends = wire.encode_batch([tweets[0], tweets[1], tweets[3]])
+    frames = [t + b"\r\n" for t in [*tweets[:3], tweets[0], tweets[1], tweets[3]]]
+    before_the_end = 0
+    for taken in range(len(second) + 1):
+        done, cut = wire.completed(ends, taken)
+        assert done == client_reads(first + second[:taken], frames, gzip) - 3, taken
+        assert cut == (done < len(ends) and taken > (ends[done - 1] if done else 0)), taken
+        before_the_end += done > completed(ends, taken)[0]
+    # gzip: each message decodes 5–6 bytes before its end; plain: only at its last byte
+    assert 3 * 5 <= before_the_end <= 3 * 6 if gzip else before_the_end == 0
 
 
 def test_control_messages_have_the_documented_shapes(tmp_path: Path) -> None:

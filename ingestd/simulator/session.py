@@ -29,7 +29,7 @@ from ingestd.simulator.params import StreamParams
 from ingestd.simulator.redundant import FeedCursor
 from ingestd.simulator.script import Step, run_steps
 from ingestd.simulator.state import SimState
-from ingestd.simulator.wire import GivenUp, Stopping, Wire, completed
+from ingestd.simulator.wire import GivenUp, Stopping, Wire
 
 CLOSE_LOOK = 0.05  # s between looks for a client's close on an idle connection
 
@@ -339,7 +339,7 @@ class Session:
         try:
             yield
         except GivenUp:
-            self._record_items(items, *completed(ends, self.wire.bytes_sent - start))
+            self._record_items(items, *self.wire.completed(ends, self.wire.bytes_sent - start))
             raise
 
     def _record_items(self, items: list[Outgoing | dict[str, Any]], done: int, cut: bool = False

@@ -43,7 +43,7 @@ from ingestd.simulator.state import SimState
 from ingestd.simulator.v2_rules import Expr, RuleSyntaxError, TweetView, matches, parse_rule
 from ingestd.simulator.v2_rules import positive_branch as branch_terms
 from ingestd.simulator.v2_tweets import Fields, V2Tweets
-from ingestd.simulator.wire import GivenUp, Stopping, Wire, completed
+from ingestd.simulator.wire import GivenUp, Stopping, Wire
 
 STREAM_PATH = "/2/tweets/search/stream"
 RULES_PATH = STREAM_PATH + "/rules"
@@ -416,7 +416,7 @@ class V2Session:
         try:
             self.wire.send(data)
         except GivenUp:
-            self._record(items, *completed(ends, self.wire.bytes_sent - start))
+            self._record(items, *self.wire.completed(ends, self.wire.bytes_sent - start))
             raise
         self.last_write = time.monotonic()
         self._record(items, len(items))

@@ -25,6 +25,9 @@ _END = b"0\r\n\r\n"
 # After a sync flush, what ``corrupt`` sends: a block header of the reserved type 11.
 BAD_BYTES = b"\xff" * 16
 BLOCKED_LOOK = 0.05  # s between looks at the session (and for a close) while the client reads none
+# Deflate refers back at most this far: the dictionary a piece of the stream is decoded against.
+WINDOW = 32 * 1024
+GZIP_HEADER = 10  # zlib's gzip header (no name, no extra field): before the first deflate byte
 
 
 class GivenUp(Exception):
@@ -50,6 +53,10 @@ class Wire:
         self.delimited = delimited
         self.split = 0
         self._gzip = zlib.compressobj(6, zlib.DEFLATED, 31) if gzip else None
+        self._window = b""  # gzip: the last WINDOW body bytes compressed so far
+        self._header = GZIP_HEADER  # gzip: header bytes the next compressed piece starts with
+        # gzip: the last encode_batch's ends, bytes, framed messages, window and header before it
+        self._batch: tuple[list[int], bytes, list[bytes], bytes, int] | None = None
         self.bytes_sent = 0  # body bytes (before chunking) handed to the socket, to the byte
         self.socket_bytes = 0  # every byte of the body handed to the socket, chunking included
         # Called every BLOCKED_LOOK while the socket takes nothing; it must not write. It raises
@@ -66,20 +73,47 @@ class Wire:
         """Body bytes as sent: gzip-compressed and sync-flushed when gzip is on."""
         if self._gzip is None:
             return body
-        return self._gzip.compress(body) + self._gzip.flush(zlib.Z_SYNC_FLUSH)
+        out = self._gzip.compress(body) + self._gzip.flush(zlib.Z_SYNC_FLUSH)
+        self._window = (self._window + body)[-WINDOW:]
+        if out:
+            self._header = 0
+        return out
 
     def encode_batch(self, messages: Sequence[bytes]) -> tuple[bytes, list[int]]:
         """Several messages framed and encoded (with gzip each gets its own sync flush), and where
-        each one's bytes end: a write given up part-way delivered exactly the messages whose end
-        went out (a sync-flushed message's last byte is all a client needs to decode it)."""
+        each one's bytes end: a write given up part-way delivered the messages whose end went out,
+        and with gzip perhaps the next one too (``Wire.completed``)."""
         if self._gzip is None and not self.delimited:  # one join: the --rate 0 hot path
             data = b"\r\n".join(messages) + b"\r\n"
             return data, list(itertools.accumulate(len(m) + 2 for m in messages))
         if self._gzip is None:
             pieces = [self.frame(m) for m in messages]
-        else:
-            pieces = [self.encode(self.frame(m)) for m in messages]
-        return b"".join(pieces), list(itertools.accumulate(map(len, pieces)))
+            return b"".join(pieces), list(itertools.accumulate(map(len, pieces)))
+        window, header = self._window, self._header
+        frames = [self.frame(m) for m in messages]
+        pieces = [self.encode(f) for f in frames]
+        data, ends = b"".join(pieces), list(itertools.accumulate(map(len, pieces)))
+        self._batch = (ends, data, frames, window, header)
+        return data, ends
+
+    def completed(self, ends: list[int], taken: int) -> tuple[int, bool]:
+        """``completed`` for a write of ``ends`` given up after ``taken`` body bytes. A gzip'd
+        message needs less than all of its bytes: the last 5–6 of its sync flush (an empty stored
+        block) carry none of its data, so the message the write cut is decoded here from what
+        went out, as the client would (the last ``encode_batch``'s; ``ends`` is its list)."""
+        done, cut = completed(ends, taken)
+        batch = self._batch
+        if not cut or batch is None or batch[0] is not ends or done >= len(batch[2]):
+            return done, cut
+        _, data, frames, window, header = batch
+        start = ends[done - 1] if done else header
+        window = (window + b"".join(frames[:done]))[-WINDOW:]
+        inflater = zlib.decompressobj(-15, zdict=window) if window else zlib.decompressobj(-15)
+        try:
+            whole = inflater.decompress(data[start:taken]) == frames[done]
+        except zlib.error:
+            whole = False
+        return (done + 1, False) if whole else (done, cut)
 
     def send(self, data: bytes) -> None:
         """Write already-encoded bytes as one chunk, or as ``split``-byte chunks."""
