@@ -6,20 +6,26 @@ Each test reproduces a fault that crashed or hung the stream worker before its f
 
 from __future__ import annotations
 
+import signal
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 
-from tests.support.daemon import Daemon, finish
+from tests.support.daemon import Daemon, finish, settings_doc
+from tests.support.raw_endpoint import JSON_STREAM_HEAD, RawEndpoint, chunk, tweet
 from tests.support.wait import wait_until
 from tests.test_resilience import QUIET_AFTER_3, caught_up, run_pair
 
 CRASHES = ("uncaught_exception", "uncaught_thread_exception", "worker_exited")
 
 
-def crashes(daemon: Daemon) -> list[dict[str, Any]]:
-    """Uncaught exceptions and unrequested worker exits (the stop's own exits are info)."""
+def crashes(daemon: Daemon, role: str | None = None) -> list[dict[str, Any]]:
+    """Uncaught exceptions and unrequested worker exits (the stop's own exits are info), of
+    ``role``'s processes if given."""
     return [e for e in daemon.log_events()
-            if e.get("event") in CRASHES and e.get("level") != "info"]
+            if e.get("event") in CRASHES and e.get("level") != "info"
+            and role in (None, e.get("role"))]
 
 
 def ended(daemon: Daemon) -> list[dict[str, Any]]:
@@ -62,3 +68,89 @@ def test_a_rate_limit_answer_with_a_huge_remaining_count_backs_off_without_a_cra
     assert crashes(daemon) == []
     (first, *_) = ended(daemon)
     assert first["ending"] == "rate_limited" and "HTTP 429" in first["reason"]
+
+
+def keepalives_until_stop(client: socket.socket, stop: threading.Event) -> None:
+    while not stop.wait(0.5):
+        client.sendall(chunk(b"\r\n"))
+
+
+def raw_daemon(tmp_path: Path, mongo_uri: str, db: str, url: str, **stream: Any) -> Daemon:
+    doc = settings_doc(url, mongo_uri, db)
+    doc["stream"].update(stream)
+    return Daemon(tmp_path / "daemon", doc).start()
+
+
+def test_a_logout_with_an_unhashable_code_during_a_filter_switch_retires_the_old_connection(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    """While a filter switch is under way the reader asks whether a disconnect's code is one of
+    the logout codes (2, 7): a code that is a list or an object made that set lookup raise
+    TypeError out of the read loop, crashing the stream worker."""
+    second = threading.Event()
+
+    def old(client: socket.socket, stop: threading.Event) -> None:
+        client.sendall(JSON_STREAM_HEAD + chunk(tweet(1)))
+        while not second.wait(0.5):
+            client.sendall(chunk(b"\r\n"))
+        client.sendall(chunk(b'{"disconnect":{"code":[7],"reason":"logged out"}}\r\n')
+                       + b"0\r\n\r\n")
+
+    def new(client: socket.socket, stop: threading.Event) -> None:
+        client.sendall(JSON_STREAM_HEAD + chunk(tweet(2)))
+        second.set()
+        keepalives_until_stop(client, stop)
+
+    with RawEndpoint([old, new]) as endpoint:
+        daemon = raw_daemon(tmp_path, mongo_uri, mongo_database, endpoint.url)
+        try:
+            daemon.wait_ready()
+            wait_until(lambda: daemon.counters("stream").get("received", 0) >= 1, 30,
+                       "the first connection's tweet")
+            doc = daemon.doc
+            doc["stream"]["track"] = ["ipad"]
+            daemon.write_settings_atomically(doc)
+            daemon.send(signal.SIGHUP)
+            daemon.wait_log("old_connection_closed", 30, conn=1)
+            wait_until(lambda: daemon.counters("stream").get("received", 0) >= 3, 30,
+                       "the logout and the new connection's tweet")
+            daemon.assert_running()
+        finally:
+            code, _ = daemon.stop()
+            daemon.kill()
+    assert crashes(daemon) == [] and code == 0
+    assert daemon.counters("stream")["endings"].get("retired") == 1
+
+
+def test_control_messages_with_fields_nested_1000_deep_end_the_connection_without_a_crash(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    """orjson reads JSON nested up to 1024 deep, str() fails past ~1000 (RecursionError): the
+    reader's str() of a disconnect's code or reason, a warning's code or a v2 error's title
+    raised out of the read loop, crashing the stream worker. (The store worker's own handling
+    of such notices is not this test's subject: only the stream worker is judged here.)"""
+    deep = b"[" * 1000 + b"]" * 1000
+    lines = [b'{"errors":[{"title":%s,"detail":%s}]}\r\n' % (deep, deep),
+             b'{"disconnect":{"code":%s,"reason":%s}}\r\n' % (deep, deep)]
+
+    def first(client: socket.socket, stop: threading.Event) -> None:
+        client.sendall(JSON_STREAM_HEAD + chunk(tweet(1)) + b"".join(map(chunk, lines))
+                       + b"0\r\n\r\n")
+
+    def then(client: socket.socket, stop: threading.Event) -> None:
+        client.sendall(JSON_STREAM_HEAD + chunk(tweet(2)))
+        keepalives_until_stop(client, stop)
+
+    with RawEndpoint([first, then]) as endpoint:
+        daemon = raw_daemon(tmp_path, mongo_uri, mongo_database, endpoint.url)
+        try:
+            daemon.wait_ready()
+            daemon.wait_log("connected", 30, conn=2)
+            wait_until(lambda: daemon.counters("stream").get("received", 0) >= 4, 30,
+                       "the control messages and a tweet on the next connection")
+        finally:
+            code, _ = daemon.stop()
+            daemon.kill()
+    assert crashes(daemon, "stream") == [] and code == 0
+    (ended_1,) = [e for e in ended(daemon) if e["conn"] == 1]
+    assert ended_1["ending"] == "disconnect" and ended_1["reason"].startswith("disconnect code")

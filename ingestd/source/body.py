@@ -47,6 +47,7 @@ HOLD_BYTES = 16 * 1024
 # v2: a line of only ``errors`` is an in-stream error such as operational-disconnect (§7.4).
 WATCHED_PREFIXES = (b'{"disconnect"', b'{"warning"', b'{"limit"', b'{"errors"')
 V2_OPERATIONAL_DISCONNECT = "operational-disconnect"
+SHOWN_CHARS = 200  # of a control message's text field, in the log and the status
 
 # (items as (kind, payload), conn_id, generation, wall clock in ns)
 Sink = Callable[[Sequence[tuple[int, bytes]], int, int, int], None]
@@ -219,18 +220,19 @@ def watch(conn: Connection, payload: bytes, stats: ReaderStats) -> None:
     if not isinstance(msg, dict):
         return
     if isinstance(body := msg.get("disconnect"), dict):
-        conn.disconnect = body
+        # Only its scalars are kept: what the reader logs, counts and describes it by.
+        code, reason = shown(body.get("code")), shown(body.get("reason", ""))
+        conn.disconnect = {"code": code, "reason": reason}
         if conn.switched_out:  # the endpoint ends the old connection of our filter switch
-            log.info("stream_disconnect", conn=conn.conn_id, code=body.get("code"),
-                     reason=str(body.get("reason", ""))[:200], planned="filter switch")
+            log.info("stream_disconnect", conn=conn.conn_id, code=code, reason=reason,
+                     planned="filter switch")
             return
-        stats.disconnect_codes[str(body.get("code"))] += 1
-        log.warning("stream_disconnect", conn=conn.conn_id, code=body.get("code"),
-                    reason=str(body.get("reason", ""))[:200])
+        stats.disconnect_codes[str(code)] += 1
+        log.warning("stream_disconnect", conn=conn.conn_id, code=code, reason=reason)
     elif isinstance(body := msg.get("warning"), dict):
         stats.warnings += 1
-        log.warning("stream_warning", conn=conn.conn_id, code=body.get("code"),
-                    percent_full=body.get("percent_full"))
+        log.warning("stream_warning", conn=conn.conn_id, code=shown(body.get("code")),
+                    percent_full=shown(body.get("percent_full")))
     elif isinstance(body := msg.get("limit"), dict) and type(track := body.get("track")) is int \
             and 0 <= track <= LIMIT_TRACK_MAX:  # else not counted here, dead-lettered by W
         # `track` is cumulative per connection: add only the increase.
@@ -245,13 +247,23 @@ def watch(conn: Connection, payload: bytes, stats: ReaderStats) -> None:
         _watch_v2_errors(conn, errors, stats)
 
 
+def shown(value: object) -> str | int | float | bool | None:
+    """A control message's field as the reader logs, counts and describes it: a scalar as sent
+    (a string cut to ``SHOWN_CHARS``), anything else by its type only. The server's JSON may
+    nest ~1000 deep, past what ``str()`` (RecursionError) or a log line can render."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return value[:SHOWN_CHARS]
+    return f"<{type(value).__name__}>"
+
+
 def _watch_v2_errors(conn: Connection, errors: list[Any], stats: ReaderStats) -> None:
     """v2 in-stream errors; an operational-disconnect ends the connection like a disconnect."""
     for err in (e for e in errors if isinstance(e, dict)):
-        title, detail = str(err.get("title", "")), str(err.get("detail", ""))[:200]
+        title, detail = str(shown(err.get("title", ""))), str(shown(err.get("detail", "")))
         if title == V2_OPERATIONAL_DISCONNECT:
             conn.disconnect = {"code": title, "reason": detail}
             stats.disconnect_codes[title] += 1
         log.warning("stream_error", conn=conn.conn_id, title=title, detail=detail,
-                    disconnect_type=err.get("disconnect_type"))
-
+                    disconnect_type=shown(err.get("disconnect_type")))
