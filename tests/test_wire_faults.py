@@ -154,3 +154,45 @@ def test_control_messages_with_fields_nested_1000_deep_end_the_connection_withou
     assert crashes(daemon, "stream") == [] and code == 0
     (ended_1,) = [e for e in ended(daemon) if e["conn"] == 1]
     assert ended_1["ending"] == "disconnect" and ended_1["reason"].startswith("disconnect code")
+
+
+def test_an_error_answer_whose_body_never_ends_is_given_up_within_the_read_timeout(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    """A 503 whose body keeps coming (a byte at a time, or without end): its first 4 KiB are
+    kept for the log and the rest was read as long as it came, so the reader never reconnected,
+    and never told why. Now an error body is read for at most read_timeout (or until 4 KiB are
+    kept), then the answer counts as refused like any other 503."""
+
+    def trickling_503(client: socket.socket, stop: threading.Event) -> None:
+        client.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/html\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n")
+        while not stop.wait(0.2):
+            client.sendall(chunk(b"<"))
+
+    def endless_503(client: socket.socket, stop: threading.Event) -> None:
+        client.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 1000000000000\r\n"
+                       b"\r\n")
+        while not stop.is_set():
+            client.sendall(b"x" * 65536)
+
+    def then(client: socket.socket, stop: threading.Event) -> None:
+        client.sendall(JSON_STREAM_HEAD + chunk(tweet(1)))
+        keepalives_until_stop(client, stop)
+
+    with RawEndpoint([trickling_503, endless_503, then]) as endpoint:
+        daemon = raw_daemon(tmp_path, mongo_uri, mongo_database, endpoint.url, read_timeout=3)
+        try:
+            daemon.wait_ready()
+            # read_timeout (3 s) for the first, at once for the second, the HTTP schedule's
+            # 0.5 s and 1 s (+ jitter) after them: well within 20 s.
+            wait_until(lambda: daemon.counters("stream").get("received", 0) >= 1, 20,
+                       "a tweet after the two endless 503 answers")
+        finally:
+            code, _ = daemon.stop()
+            daemon.kill()
+    assert crashes(daemon) == [] and code == 0
+    first, second = ended(daemon)[:2]
+    assert first["ending"] == second["ending"] == "http", (first, second)
+    assert first["reason"].startswith("HTTP 503: <<<")
+    assert second["reason"].startswith("HTTP 503: xxx")

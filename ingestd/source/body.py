@@ -76,10 +76,12 @@ class BodyIntake:
         if conn.abort is not None:
             return 0  # abort the transfer: we are ending this connection ourselves
         self.chunks += 1
-        conn.last_byte_at = self._clock()
         if conn.status != 200:
-            self._keep_error_body(conn, data)
-            return None
+            # Text for the log only: read up to its cap, and not kept alive by its bytes (the
+            # stall timer gives it read_timeout from the attempt), so a body without end is
+            # given up and the answer refused as its status says.
+            return self._keep_error_body(conn, data)
+        conn.last_byte_at = self._clock()
         if not self._drop_when_full and self._full(len(data)):
             conn.paused = True
             return int(pycurl.WRITEFUNC_PAUSE)  # libcurl keeps the bytes; TCP pushes back
@@ -125,16 +127,18 @@ class BodyIntake:
             self._frame(items[0][0], b"".join(piece for _, piece in items))
 
     @staticmethod
-    def _keep_error_body(conn: Connection, data: bytes) -> None:
-        """The first ``ERROR_BODY_CAP`` bytes of an error response, for its log line."""
+    def _keep_error_body(conn: Connection, data: bytes) -> int | None:
+        """Keep the first ``ERROR_BODY_CAP`` bytes of an error response, for its log line;
+        0 (end the transfer) once they are kept."""
         try:
             for piece in conn.decoded(data):
                 room = ERROR_BODY_CAP - len(conn.error_body)
                 if room <= 0:
-                    return
+                    break
                 conn.error_body += piece[:room]
         except BadEncoding:
             pass  # keep what was readable: the status says enough
+        return 0 if len(conn.error_body) >= ERROR_BODY_CAP else None
 
     def _full(self, size: int) -> bool:
         """Whether to push back: the sink is full (looked at per ``FULL_CHECK_BYTES``)."""
