@@ -12,11 +12,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.raw_endpoint import JSON_STREAM_HEAD, RawEndpoint, chunk, tweet
 from tests.support.wait import wait_until
 from tests.test_resilience import QUIET_AFTER_3, caught_up, run_pair
 
+V2_ENV = {"TWITTER_BEARER_TOKEN": "AAAAAAAAAAAAAAAAAAAAAv2-raw-endpoint-token"}
 CRASHES = ("uncaught_exception", "uncaught_thread_exception", "worker_exited")
 
 
@@ -89,14 +92,14 @@ def test_a_logout_with_an_unhashable_code_during_a_filter_switch_retires_the_old
     TypeError out of the read loop, crashing the stream worker."""
     second = threading.Event()
 
-    def old(client: socket.socket, stop: threading.Event) -> None:
+    def old(client: socket.socket, _: bytes, stop: threading.Event) -> None:
         client.sendall(JSON_STREAM_HEAD + chunk(tweet(1)))
         while not second.wait(0.5):
             client.sendall(chunk(b"\r\n"))
         client.sendall(chunk(b'{"disconnect":{"code":[7],"reason":"logged out"}}\r\n')
                        + b"0\r\n\r\n")
 
-    def new(client: socket.socket, stop: threading.Event) -> None:
+    def new(client: socket.socket, _: bytes, stop: threading.Event) -> None:
         client.sendall(JSON_STREAM_HEAD + chunk(tweet(2)))
         second.set()
         keepalives_until_stop(client, stop)
@@ -133,11 +136,11 @@ def test_control_messages_with_fields_nested_1000_deep_end_the_connection_withou
     lines = [b'{"errors":[{"title":%s,"detail":%s}]}\r\n' % (deep, deep),
              b'{"disconnect":{"code":%s,"reason":%s}}\r\n' % (deep, deep)]
 
-    def first(client: socket.socket, stop: threading.Event) -> None:
+    def first(client: socket.socket, _: bytes, stop: threading.Event) -> None:
         client.sendall(JSON_STREAM_HEAD + chunk(tweet(1)) + b"".join(map(chunk, lines))
                        + b"0\r\n\r\n")
 
-    def then(client: socket.socket, stop: threading.Event) -> None:
+    def then(client: socket.socket, _: bytes, stop: threading.Event) -> None:
         client.sendall(JSON_STREAM_HEAD + chunk(tweet(2)))
         keepalives_until_stop(client, stop)
 
@@ -164,19 +167,19 @@ def test_an_error_answer_whose_body_never_ends_is_given_up_within_the_read_timeo
     and never told why. Now an error body is read for at most read_timeout (or until 4 KiB are
     kept), then the answer counts as refused like any other 503."""
 
-    def trickling_503(client: socket.socket, stop: threading.Event) -> None:
+    def trickling_503(client: socket.socket, _: bytes, stop: threading.Event) -> None:
         client.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/html\r\n"
                        b"Transfer-Encoding: chunked\r\n\r\n")
         while not stop.wait(0.2):
             client.sendall(chunk(b"<"))
 
-    def endless_503(client: socket.socket, stop: threading.Event) -> None:
+    def endless_503(client: socket.socket, _: bytes, stop: threading.Event) -> None:
         client.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 1000000000000\r\n"
                        b"\r\n")
         while not stop.is_set():
             client.sendall(b"x" * 65536)
 
-    def then(client: socket.socket, stop: threading.Event) -> None:
+    def then(client: socket.socket, _: bytes, stop: threading.Event) -> None:
         client.sendall(JSON_STREAM_HEAD + chunk(tweet(1)))
         keepalives_until_stop(client, stop)
 
@@ -196,3 +199,69 @@ def test_an_error_answer_whose_body_never_ends_is_given_up_within_the_read_timeo
     assert first["ending"] == second["ending"] == "http", (first, second)
     assert first["reason"].startswith("HTTP 503: <<<")
     assert second["reason"].startswith("HTTP 503: xxx")
+
+
+def json_answer(client: socket.socket, body: bytes, status: bytes = b"200 OK") -> None:
+    client.sendall(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                   b"Connection: close\r\n\r\n%s" % (status, len(body), body))
+
+
+@pytest.mark.parametrize(("step", "reply"), [
+    (b'"delete"', b'{"meta":"deleted"}'),  # wrong shape: meta.get raised AttributeError
+    (b'"delete"', b'{"meta":{"summary":{"deleted":"one"}}}'),  # int("one"): ValueError
+    (b'"delete"', b'{"errors":[{"title":%s}]}' % (b"[" * 1000 + b"]" * 1000)),  # RecursionError
+    (b"dry_run", b'{"errors":[{"title":["DuplicateRule"],"value":["x"]}]}'),  # unhashable
+], ids=["meta_not_an_object", "deleted_not_a_number", "title_nested_1000_deep",
+        "dry_run_error_title_a_list"])
+def test_v2_rules_answers_of_the_wrong_shape_are_reported_and_the_rules_sync_goes_on(
+    tmp_path: Path, mongo_uri: str, mongo_database: str, step: bytes, reply: bytes
+) -> None:
+    """The rules thread read the endpoint's JSON by its documented shape: an answer of another
+    shape (to the delete step, or the dry run) raised out of the thread, which died
+    (``uncaught_thread_exception``); no rules sync ran after it, on a reload neither (``ingestd
+    reload`` waited for an answer in vain)."""
+
+    def v2(client: socket.socket, request: bytes, stop: threading.Event) -> None:
+        line, _, body = request.partition(b"\r\n")[0], b"", request.partition(b"\r\n\r\n")[2]
+        if line.startswith(b"GET /2/tweets/search/stream/rules"):
+            json_answer(client, b'{"data":[{"id":"9","value":"old rule"}],"meta":{}}')
+        elif line.startswith(b"POST /2/tweets/search/stream/rules") and step in line + body:
+            json_answer(client, reply)
+        elif line.startswith(b"POST /2/tweets/search/stream/rules"):
+            json_answer(client, b'{"data":[{"id":"10","value":"coffee"}],'
+                                b'"meta":{"summary":{"created":1,"valid":1}}}')
+        else:
+            client.sendall(JSON_STREAM_HEAD)
+            keepalives_until_stop(client, stop)
+
+    with RawEndpoint([v2]) as endpoint:
+        url = endpoint.url.replace("/1.1/statuses/filter.json", "/2/tweets/search/stream")
+        doc = settings_doc(url, mongo_uri, mongo_database)
+        del doc["stream"]["track"]
+        doc["stream"].update({"api": "v2", "rules": [{"value": "coffee"}], "read_timeout": 10})
+        doc["auth"] = {"bearer_token": "${TWITTER_BEARER_TOKEN}"}
+        daemon = Daemon(tmp_path / "daemon", doc).start(extra_env=V2_ENV)
+        try:
+            daemon.wait_ready()
+            # The delete step's answer: either understood (generation 1's rules in force) or
+            # reported, and then retried or refused; never the thread's end.
+            wait_until(lambda: rules_settled(daemon, 1), 30, "the rules sync's outcome")
+            doc["stream"]["rules"] = [{"value": "tea"}]
+            daemon.write_settings_atomically(doc)
+            daemon.send(signal.SIGHUP)
+            wait_until(lambda: rules_settled(daemon, 2), 30, "the reload's rules sync")
+        finally:
+            code, _ = daemon.stop()
+            daemon.kill()
+    assert crashes(daemon) == [] and code == 0
+
+
+def rules_settled(daemon: Daemon, generation: int) -> bool:
+    """The rules thread answered for ``generation``: in force, refused, or retrying."""
+    daemon.assert_running()
+    if crashes(daemon):
+        raise AssertionError(f"crashed: {crashes(daemon)[0]}")
+    rules = daemon.status("stream").get("rules") or {}
+    retried = [e for e in daemon.log_events() if e.get("event") == "rules_sync_retry"
+               and e.get("generation") == generation]
+    return generation in (rules.get("generation"), rules.get("refused_generation")) or bool(retried)

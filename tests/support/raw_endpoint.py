@@ -1,6 +1,6 @@
 """A raw-socket HTTP endpoint for faults the simulator cannot produce: each accepted connection
 is handed to the next script function (the last one repeats), which writes whatever bytes it
-likes. The request (headers and body) has been read before the function runs."""
+likes. The request (head and body, as sent) has been read before the function runs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 
-Answer = Callable[[socket.socket, threading.Event], None]  # (client, stop)
+Answer = Callable[[socket.socket, bytes, threading.Event], None]  # (client, request, stop)
 
 JSON_STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                     b"Transfer-Encoding: chunked\r\n\r\n")
@@ -33,7 +33,7 @@ class RawEndpoint:
     def __init__(self, script: Sequence[Answer]) -> None:
         self.script = list(script)
         self.stop = threading.Event()
-        self.requests: list[bytes] = []  # each connection's request head, in order
+        self.requests: list[bytes] = []  # each connection's request, in order
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
@@ -74,14 +74,14 @@ class RawEndpoint:
     def _serve(self, client: socket.socket, answer: Answer, index: int) -> None:
         with client:
             try:
-                self.requests[index] = _read_request(client)
-                answer(client, self.stop)
+                self.requests[index] = request = _read_request(client)
+                answer(client, request, self.stop)
             except OSError:
                 pass  # the client went away: its business
 
 
 def _read_request(client: socket.socket) -> bytes:
-    """The request head, and its body (Content-Length) read and discarded."""
+    """The request: its head, then its body (Content-Length)."""
     data = b""
     while b"\r\n\r\n" not in data:
         more = client.recv(65536)
@@ -99,4 +99,4 @@ def _read_request(client: socket.socket) -> bytes:
         if not more:
             break
         body += more
-    return head
+    return head + b"\r\n\r\n" + body
