@@ -133,7 +133,8 @@ def test_a_401_is_diagnosed_by_the_server_s_date_and_only_then_clears_the_clock(
     in_step = diagnose_401(email.utils.formatdate(now + 2, usegmt=True), now)
     assert in_step.endswith("(clock agrees with the server)")
     # no Date (or one that cannot be read): nothing was measured, so nothing is said to agree
-    for missing in (None, "", "not a date"):
+    for missing in (None, "", "not a date", "Mon, 01 Jan 2024 00:00:00 +99999999999999",
+                    "Mon, 99999999999999999999 Jan 2024 00:00:00 GMT"):  # OverflowError
         text = diagnose_401(missing, now)
         assert text.startswith("credentials rejected") and "agrees" not in text, text
         assert "no Date to compare the clock with" in text

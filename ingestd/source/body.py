@@ -47,6 +47,7 @@ HOLD_BYTES = 16 * 1024
 # v2: a line of only ``errors`` is an in-stream error such as operational-disconnect (§7.4).
 WATCHED_PREFIXES = (b'{"disconnect"', b'{"warning"', b'{"limit"', b'{"errors"')
 V2_OPERATIONAL_DISCONNECT = "operational-disconnect"
+SHOWN_CHARS = 200  # of a control message's text field, in the log and the status
 
 # (items as (kind, payload), conn_id, generation, wall clock in ns)
 Sink = Callable[[Sequence[tuple[int, bytes]], int, int, int], None]
@@ -75,10 +76,12 @@ class BodyIntake:
         if conn.abort is not None:
             return 0  # abort the transfer: we are ending this connection ourselves
         self.chunks += 1
-        conn.last_byte_at = self._clock()
         if conn.status != 200:
-            self._keep_error_body(conn, data)
-            return None
+            # Text for the log only: read up to its cap, and not kept alive by its bytes (the
+            # stall timer gives it read_timeout from the attempt), so a body without end is
+            # given up and the answer refused as its status says.
+            return self._keep_error_body(conn, data)
+        conn.last_byte_at = self._clock()
         if not self._drop_when_full and self._full(len(data)):
             conn.paused = True
             return int(pycurl.WRITEFUNC_PAUSE)  # libcurl keeps the bytes; TCP pushes back
@@ -124,16 +127,18 @@ class BodyIntake:
             self._frame(items[0][0], b"".join(piece for _, piece in items))
 
     @staticmethod
-    def _keep_error_body(conn: Connection, data: bytes) -> None:
-        """The first ``ERROR_BODY_CAP`` bytes of an error response, for its log line."""
+    def _keep_error_body(conn: Connection, data: bytes) -> int | None:
+        """Keep the first ``ERROR_BODY_CAP`` bytes of an error response, for its log line;
+        0 (end the transfer) once they are kept."""
         try:
             for piece in conn.decoded(data):
                 room = ERROR_BODY_CAP - len(conn.error_body)
                 if room <= 0:
-                    return
+                    break
                 conn.error_body += piece[:room]
         except BadEncoding:
             pass  # keep what was readable: the status says enough
+        return 0 if len(conn.error_body) >= ERROR_BODY_CAP else None
 
     def _full(self, size: int) -> bool:
         """Whether to push back: the sink is full (looked at per ``FULL_CHECK_BYTES``)."""
@@ -219,18 +224,19 @@ def watch(conn: Connection, payload: bytes, stats: ReaderStats) -> None:
     if not isinstance(msg, dict):
         return
     if isinstance(body := msg.get("disconnect"), dict):
-        conn.disconnect = body
+        # Only its scalars are kept: what the reader logs, counts and describes it by.
+        code, reason = shown(body.get("code")), shown(body.get("reason", ""))
+        conn.disconnect = {"code": code, "reason": reason}
         if conn.switched_out:  # the endpoint ends the old connection of our filter switch
-            log.info("stream_disconnect", conn=conn.conn_id, code=body.get("code"),
-                     reason=str(body.get("reason", ""))[:200], planned="filter switch")
+            log.info("stream_disconnect", conn=conn.conn_id, code=code, reason=reason,
+                     planned="filter switch")
             return
-        stats.disconnect_codes[str(body.get("code"))] += 1
-        log.warning("stream_disconnect", conn=conn.conn_id, code=body.get("code"),
-                    reason=str(body.get("reason", ""))[:200])
+        stats.disconnect_codes[str(code)] += 1
+        log.warning("stream_disconnect", conn=conn.conn_id, code=code, reason=reason)
     elif isinstance(body := msg.get("warning"), dict):
         stats.warnings += 1
-        log.warning("stream_warning", conn=conn.conn_id, code=body.get("code"),
-                    percent_full=body.get("percent_full"))
+        log.warning("stream_warning", conn=conn.conn_id, code=shown(body.get("code")),
+                    percent_full=shown(body.get("percent_full")))
     elif isinstance(body := msg.get("limit"), dict) and type(track := body.get("track")) is int \
             and 0 <= track <= LIMIT_TRACK_MAX:  # else not counted here, dead-lettered by W
         # `track` is cumulative per connection: add only the increase.
@@ -245,13 +251,23 @@ def watch(conn: Connection, payload: bytes, stats: ReaderStats) -> None:
         _watch_v2_errors(conn, errors, stats)
 
 
+def shown(value: object) -> str | int | float | bool | None:
+    """A control message's field as the reader logs, counts and describes it: a scalar as sent
+    (a string cut to ``SHOWN_CHARS``), anything else by its type only. The server's JSON may
+    nest ~1000 deep, past what ``str()`` (RecursionError) or a log line can render."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return value[:SHOWN_CHARS]
+    return f"<{type(value).__name__}>"
+
+
 def _watch_v2_errors(conn: Connection, errors: list[Any], stats: ReaderStats) -> None:
     """v2 in-stream errors; an operational-disconnect ends the connection like a disconnect."""
     for err in (e for e in errors if isinstance(e, dict)):
-        title, detail = str(err.get("title", "")), str(err.get("detail", ""))[:200]
+        title, detail = str(shown(err.get("title", ""))), str(shown(err.get("detail", "")))
         if title == V2_OPERATIONAL_DISCONNECT:
             conn.disconnect = {"code": title, "reason": detail}
             stats.disconnect_codes[title] += 1
         log.warning("stream_error", conn=conn.conn_id, title=title, detail=detail,
-                    disconnect_type=err.get("disconnect_type"))
-
+                    disconnect_type=shown(err.get("disconnect_type")))

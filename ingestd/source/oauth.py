@@ -65,7 +65,7 @@ def diagnose_401(date_header: str | None, now: float) -> str:
     if date_header:
         try:
             server = email.utils.parsedate_to_datetime(date_header).timestamp()
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # a field too large for a C int
             server = None
     if server is not None and abs(now - server) >= SKEW_THRESHOLD:
         direction = "ahead of" if now > server else "behind"

@@ -87,7 +87,7 @@ def server_hint(status: int, headers: Mapping[str, str], now: float) -> ServerHi
     # v2 sends these headers on every answer, a 429 TooManyConnections with requests left
     # included (docs/protocol.md §7.1): the reset time is a wait only once the allowance is spent.
     remaining = headers.get("x-rate-limit-remaining", "")
-    spent = remaining.isascii() and remaining.isdigit() and int(remaining) == 0
+    spent = _is_seconds(remaining) and not remaining.strip("0")  # no int(): 4300 digits max
     if status in RATE_LIMIT_STATUSES and spent and (reset := headers.get("x-rate-limit-reset")):
         hints.append(_rate_limit_reset(reset, now))
     usable = [h for h in hints if h.seconds is not None]

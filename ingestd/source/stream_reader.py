@@ -453,11 +453,16 @@ class StreamReader:
         for conn in (self.active, self.pending):
             if conn is None or conn.paused or conn.abort is not None:
                 continue
-            if now - conn.last_byte_at >= conn.stream.read_timeout:
+            if now - conn.last_byte_at < conn.stream.read_timeout:
+                continue
+            if conn.status in (0, 200):
                 log.warning("stream_stalled", conn=conn.conn_id,
                             silent_for=round(now - conn.last_byte_at, 2))
                 conn.abort = Ending.STALL
-                self._finished(conn, None, "stall")
+            else:  # an error answer whose body did not end in time: refused as its status says
+                log.warning("stream_error_body_unfinished", conn=conn.conn_id, status=conn.status,
+                            after=round(now - conn.opened_at, 2))
+            self._finished(conn, None, "stall")
 
     def _finished(self, conn: Connection, errno: int | None, errmsg: str) -> None:
         ending = classify(conn, errno)

@@ -98,11 +98,11 @@ def sync_rules(client: RulesClient, desired: Sequence[Rule]) -> SyncResult:
 def _resolved_by_delete(diff: RulesDiff) -> Callable[[dict[str, Any]], bool]:
     deleted_values = {r.value for r in diff.delete}
 
-    def ignore(err: dict[str, Any]) -> bool:
-        title = err.get("title")
+    def ignore(err: dict[str, Any]) -> bool:  # the server's JSON: any value, hashable or not
+        title, value = err.get("title"), err.get("value")
         if title == DUPLICATE_TITLE:
-            return err.get("value") in deleted_values
-        return title in CAP_TITLES and bool(diff.delete)
+            return isinstance(value, str) and value in deleted_values
+        return isinstance(title, str) and title in CAP_TITLES and bool(diff.delete)
 
     return ignore
 

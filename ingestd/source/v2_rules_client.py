@@ -88,8 +88,10 @@ class RulesClient:
     def delete(self, ids: Sequence[str]) -> int:
         reply = self._call("POST", self.url, {"delete": {"ids": list(ids)}})
         self._raise_errors(reply)
-        summary = reply.body.get("meta", {}).get("summary", {})
-        return int(summary.get("deleted", 0)) if isinstance(summary, dict) else 0
+        meta = reply.body.get("meta")
+        summary = meta.get("summary") if isinstance(meta, dict) else None
+        deleted = summary.get("deleted") if isinstance(summary, dict) else None
+        return deleted if type(deleted) is int else 0  # the server's JSON: any shape
 
     def _call(self, method: str, url: str, payload: dict[str, Any] | None) -> _Response:
         buf, status = BytesIO(), [0]
@@ -162,16 +164,26 @@ def _server_rule(raw: object) -> ServerRule:
     if not isinstance(raw, dict):
         return ServerRule("", "")
     tag = raw.get("tag")
-    return ServerRule(str(raw.get("id", "")), str(raw.get("value", "")),
+    return ServerRule(_text(raw.get("id", "")), _text(raw.get("value", "")),
                       tag if isinstance(tag, str) and tag else None)
+
+
+def _text(value: object) -> str:
+    """A field of the server's JSON as text: a scalar as sent, anything else by its type only
+    (``str()`` of a list nested ~1000 deep, which orjson reads, raises RecursionError)."""
+    if isinstance(value, str):
+        return value
+    if value is None or isinstance(value, bool | int | float):
+        return str(value)
+    return f"<{type(value).__name__}>"
 
 
 def _describe_error(err: dict[str, Any]) -> str:
     """``Title: 'rule value': detail`` in the server's own words."""
-    title = str(err.get("title") or err.get("type") or "error")
+    title = _text(err.get("title") or err.get("type") or "error")
     details = err.get("details")
-    detail = "; ".join(str(d) for d in details) if isinstance(details, list) else ""
-    detail = detail or str(err.get("detail") or err.get("message") or "")
+    detail = "; ".join(_text(d) for d in details) if isinstance(details, list) else ""
+    detail = detail or _text(err.get("detail") or err.get("message") or "")
     value = err.get("value")
     where = f" {value!r}" if isinstance(value, str) else ""
     return f"{title}{where}: {detail}" if detail else f"{title}{where}"
@@ -179,7 +191,7 @@ def _describe_error(err: dict[str, Any]) -> str:
 
 def _describe_problem(reply: _Response) -> str:
     body = reply.body
-    title = str(body.get("title") or "")
-    detail = str(body.get("detail") or "")
+    title = _text(body.get("title") or "")
+    detail = _text(body.get("detail") or "")
     text = ": ".join(dict.fromkeys(p for p in (title, detail) if p)) or "no details"  # once
     return f"HTTP {reply.status}: {text}"
