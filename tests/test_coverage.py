@@ -618,6 +618,11 @@ def test_takeover_gap_keeps_the_lease_start_while_the_previous_holder_is_silent(
     (b'{"id":1,"text":"no time"}', None),
     (b'not json', None),
     (b'[1,2]', None),
+    # no date holds them (the ledger stores it as one: the worker crash-looped at the next gap)
+    (b'{"id":1,"timestamp_ms":"99999999999999999999"}', None),
+    (b'{"id":1,"timestamp_ms":18446744073709551615}', None),
+    (b'{"id":1,"timestamp_ms":"\xc2\xb2"}', None),  # a superscript 2: isdigit(), not int()
+    (b'{"id":1,"timestamp_ms":"' + b"1" * 5000 + b'"}', None),
 ])
 def test_message_time_of_a_record(payload: bytes, expected: int | None) -> None:
     got = message_time_ns(_rec(1, 1, payload))

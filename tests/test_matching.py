@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingestd.documents.match_tokens import term_keys, tweet_tokens
+from ingestd.documents.match_tokens import term_keys, tweet_tokens, word_tokens
 from ingestd.documents.matching import Matched, Matcher
 
 DATA = Path(__file__).resolve().parents[1] / "ingestd" / "data" / "real_tweets.jsonl"
@@ -484,3 +485,13 @@ def test_a_superseded_generations_caches_are_emptied_kept_small_and_it_matches_a
     for t in backlog:
         assert replayed.match(t) == reference.match(t)
     assert 0 < cache_entries(replayed) <= 2 * RETIRED_CACHE_SIZE
+
+
+def test_a_long_run_of_symbols_in_a_word_is_tokenised_in_linear_time() -> None:
+    # A regex's trailing \\W+$ took time quadratic in the run: 20 s for 60,000 symbols, and the
+    # store worker was restarted as hung, again and again (simulator bad line "slow_word").
+    word = "iphone" + "\u2603" * 30000 + "_"
+    started = time.monotonic()
+    assert word_tokens(word) == (word,)
+    assert word_tokens("\u2603" * 30000 + "#x" + "\u2603" * 30000 + ".") == ("x",)
+    assert time.monotonic() - started < 1.0

@@ -24,6 +24,7 @@ import pytest
 
 from ingestd.control.collector import in_flight, received_total
 from ingestd.simulator.generator import TWITTER_EPOCH_MS
+from ingestd.simulator.session import POISON_LINES
 from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.mongo import stored_ids
 from tests.support.simulator import GroundTruthLog, SimProcess
@@ -491,6 +492,45 @@ def test_bad_lines_are_dead_lettered_and_good_tweets_stored(
         assert d["conn_id"] == 1 and d["time"] and ("raw" in d or "raw_b64" in d)
     print(f"\n[bad lines] stored={len(truth.tweet_ids())} dead-lettered="
           f"{sorted(d['reason'] for d in letters)}")
+
+
+def test_poison_lines_never_crash_stall_or_hang_the_store_worker(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    # Each of these once crash-looped the store worker (an uncaught exception, or restarted as
+    # hung) or stalled it (a batch or an update MongoDB refused whole, retried for ever), and
+    # nothing after it was stored. far_timestamp goes last: the coverage ledger reads the own
+    # time of the last message before the gap the close opens.
+    kinds = ["nested_500", "date_out_of_range", "withheld_nested", "notice_nested", "slow_word",
+             "far_timestamp"]
+    script = [[{"deliver": 10}, {"bad_lines": kinds}, {"close": True}],
+              [{"deliver": 10}, {"stall": 60}]]
+    sim, daemon = run_pair(tmp_path, mongo_uri, mongo_database, script, "--control-every", "0")
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: caught_up(daemon, sim, 22), 60, "all lines read")
+        store = daemon.counters("store")
+    finally:
+        finish(daemon, sim)
+    events = [e.get("event") for e in daemon.log_events()]
+    for bad in ("uncaught_exception", "worker_hung", "mongo_write_failed"):
+        assert bad not in events
+    assert events.count("worker_started") == 2  # the stream worker and the store worker, once
+    poison = {orjson.loads(POISON_LINES[kind])["id"] for kind in ("slow_word", "far_timestamp")}
+    truth = set(sim.ground_truth().tweet_ids())
+    assert set(stored_ids(mongo_uri, mongo_database)) == truth | poison
+    assert sorted((d["reason"], d["detail"]) for d in dead_letters(daemon)) == [
+        ("invalid_control", "status_withheld: withheld_in_countries is not a list of country "
+                            "codes"),
+        ("invalid_tweet", "created_at out of range in UTC"),
+        ("unencodable", "nested deeper than MongoDB's 100 levels")]
+    assert store["control"] == {"warning": 1} and store["last_warning"]["code"] == "list"
+    # the gap the close opened, closed: far_timestamp's own time is no time (a date cannot hold
+    # it), so its start by the messages' times comes from an earlier message
+    gaps = ledger(mongo_uri, mongo_database, "gap")
+    assert [g["causes"] for g in gaps if g["end"] is not None][1:2] == [["reconnect"]], gaps
+    assert all(g["last_message_ns"] != int("9" * 20) * 10**6 for g in gaps)
+    print(f"\n[poison lines] stored={store['stored']} dead-lettered={store['deadlettered']}")
 
 
 def test_tweets_with_half_a_surrogate_pair_are_stored_with_the_replacement_character(

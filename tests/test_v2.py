@@ -207,6 +207,27 @@ def test_v2_bad_lines_are_dead_lettered_with_their_reason_and_reconcile(
     assert store["stored"] + store["duplicates"] == len(truth.tweet_ids())
 
 
+def test_v2_poison_lines_are_dead_lettered_or_stored_never_a_crash(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    # Each crash-looped the store worker (OverflowError, TypeError) with nothing stored after it.
+    kinds = ["v2_date_out_of_range", "v2_rules_not_a_list"]
+    total = 40
+    sim, daemon = start(tmp_path, mongo_uri, mongo_database, "--rate", "100", "--max-tweets",
+                        str(total), script=[[{"deliver": 20}, {"bad_lines": kinds}]])
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: settled(daemon, sim, total), 60, "every published tweet")
+        store = daemon.counters("store")
+    finally:
+        finish(daemon, sim)
+    assert "uncaught_exception" not in [e.get("event") for e in daemon.log_events()]
+    assert store["deadlettered"] == {"invalid_tweet": 1}
+    docs = {d["_id"]: d for d in stored(mongo_uri, mongo_database, {"_ingest": 1})}
+    assert set(docs) == set(sim.ground_truth().tweet_ids()) | {1500000000000000002}
+    assert docs[1500000000000000002]["_ingest"]["matched"] == {"rules": [], "tags": []}
+
+
 # ---------------------------------------------------------------- reload: rules, no reconnect
 
 

@@ -55,6 +55,7 @@ from ingestd.control.collector import in_flight
 from ingestd.control.tally import reconciliation
 from ingestd.documents.encoder import OK, Encoded, encode
 from ingestd.memory import quiet_gc
+from ingestd.simulator.session import POISON_LINES
 from ingestd.sink.batch import Entry, InFlight
 from ingestd.sink.compliance import scrub_updates
 from ingestd.sink.counters import StoreCounters
@@ -737,6 +738,56 @@ def test_document_over_the_servers_limit_is_dead_lettered_rest_stored(
     assert h.worker.counters()["deadlettered"] == {"unencodable": 1}
     (entry,) = h.deadletters.iter_entries()
     assert (entry["reason"], entry["detail"]) == ("unencodable", "DocumentTooLarge")
+
+
+def test_a_document_nested_deeper_than_mongodb_stores_is_dead_lettered_rest_stored(
+        harness_factory: Callable[..., Harness], client: Any) -> None:
+    # The server refuses such a batch whole (the stand-in past ~450 levels), not the document:
+    # it was retried for ever and nothing after it was stored.
+    h = harness_factory()
+    h.spool.add(tweet(SNOW + 1))
+    h.spool.add(POISON_LINES["nested_500"])
+    h.spool.add(tweet(SNOW + 3))
+    assert h.drain(time.monotonic() + 20) is True
+    assert sorted(d["_id"] for d in client.tweets.find()) == [SNOW + 1, SNOW + 3]
+    c = h.worker.counters()
+    assert c["deadlettered"] == {"unencodable": 1} and c["retries"] == 0 and reconciles(c)
+    (entry,) = h.deadletters.iter_entries()
+    assert entry["detail"] == "nested deeper than MongoDB's 100 levels"
+    assert DeadLetterStore.raw_of(entry) == POISON_LINES["nested_500"]
+
+
+def test_poison_messages_are_dead_lettered_counted_or_stored(
+        harness_factory: Callable[..., Harness], client: Any) -> None:
+    # Each crashed the store worker at every start (or, for the withheld notice, had MongoDB
+    # refuse its update for ever) while its record stayed in the spool.
+    h = harness_factory()
+    lines = [POISON_LINES[kind] for kind in (
+        "date_out_of_range", "v2_date_out_of_range", "v2_rules_not_a_list", "withheld_nested",
+        "notice_nested")]
+    lines.append(b'{"disconnect":{"code":' + b"[" * 1015 + b"]" * 1015 + b',"reason":"x"}}')
+    # str() of its rule id raised RecursionError; now the document is one BSON cannot encode
+    lines.append(b'{"data":{"id":"1500000000000000004","text":"x"},'
+                 b'"matching_rules":[{"id":' + b"[" * 1015 + b"]" * 1015 + b',"tag":"t"}]}')
+    for line in lines:
+        h.spool.add(line)
+    h.spool.add(tweet(SNOW + 1))
+    assert h.drain(time.monotonic() + 20) is True
+    c = h.worker.counters()
+    assert c["deadlettered"] == {"invalid_tweet": 2, "invalid_control": 1, "unencodable": 1}
+    assert reconciles(c)
+    assert [(e["reason"], e["detail"]) for e in h.deadletters.iter_entries()] == [
+        ("invalid_tweet", "created_at out of range in UTC"),
+        ("invalid_tweet", "created_at out of range in UTC"),
+        ("invalid_control", "status_withheld: withheld_in_countries is not a list of country "
+                            "codes"),
+        ("unencodable", "RecursionError: nested too deeply")]
+    stored = {d["_id"]: d for d in client.tweets.find()}
+    assert sorted(stored) == [SNOW + 1, 1500000000000000002]
+    assert stored[1500000000000000002]["_ingest"]["matched"] == {"rules": [], "tags": []}
+    assert c["disconnects"] == {"list": 1}
+    assert c["last_warning"] == {"code": "list", "percent_full": None}
+    orjson.dumps(c)  # published in run/store.json: a nested value there failed every write
 
 
 def test_retry_after_an_unknown_outcome_tells_its_own_documents_from_true_duplicates(

@@ -205,7 +205,7 @@ def parse_id(value: object) -> int:
 
 def created_at(obj: dict[str, Any], tweet_id: int, created_str: object) -> BsonDate:
     """UTC creation time: ``timestamp_ms``, else the snowflake id, else the string."""
-    millis = _timestamp_ms(obj.get("timestamp_ms"))
+    millis = timestamp_ms(obj.get("timestamp_ms"))
     if millis is None and tweet_id >= SNOWFLAKE_MIN_ID:
         millis = (tweet_id >> 22) + TWITTER_EPOCH_MS
     if millis is not None and MIN_DATE_MS <= millis <= MAX_DATE_MS:
@@ -213,7 +213,9 @@ def created_at(obj: dict[str, Any], tweet_id: int, created_str: object) -> BsonD
     return parse_twitter_time(created_str)
 
 
-def _timestamp_ms(value: object) -> int | None:
+def timestamp_ms(value: object) -> int | None:
+    """A ``timestamp_ms`` as an int (the stream sends a digit string), else None; not checked
+    against any range."""
     if type(value) is int:
         return value
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 15:
@@ -232,5 +234,14 @@ def parse_twitter_time(value: object) -> datetime:
         raise InvalidTweet("created_at not in Twitter format") from exc
     if parsed.tzinfo is None:
         raise InvalidTweet("created_at has no time zone")
-    return parsed.astimezone(UTC)
+    return in_utc(parsed)
+
+
+def in_utc(parsed: datetime) -> datetime:
+    """``parsed`` in UTC; raises ``InvalidTweet`` when its offset moves it out of years 1–9999
+    (``Fri Dec 31 23:59:59 -2359 9999``: OverflowError, uncaught it crash-looped the worker)."""
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError as exc:
+        raise InvalidTweet("created_at out of range in UTC") from exc
 

@@ -9,7 +9,7 @@ and indexes work on both; ``includes`` (users, places, ... expanded for this twe
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from ingestd.documents.messages import (
@@ -17,6 +17,7 @@ from ingestd.documents.messages import (
     InvalidTweet,
     check_top_level_keys,
     created_at,
+    in_utc,
     parse_id,
 )
 
@@ -51,7 +52,10 @@ def v2_document(
     doc["_id"] = tweet_id
     doc["created_at"] = _created_at(created_str, tweet_id)
     doc["created_at_str"] = created_str
-    rules = [r for r in obj.get("matching_rules") or () if isinstance(r, dict)]
+    rules = obj.get("matching_rules")
+    # a list of rule objects with scalar ids and tags: anything else is left out (iterating a
+    # number raised TypeError; str() of a list nested ~1000 deep, RecursionError)
+    rules = [r for r in rules if isinstance(r, dict)] if isinstance(rules, list) else []
     doc["matching_rules"] = rules
     if isinstance(includes := obj.get("includes"), dict):
         doc["includes"] = includes
@@ -63,11 +67,15 @@ def v2_document(
         "generation": generation,
         "seq": seq,
         "api": "v2",
-        "matched": {"rules": [str(r.get("id")) for r in rules if r.get("id") is not None],
-                    "tags": [str(r["tag"]) for r in rules if r.get("tag")]},
+        "matched": {"rules": [str(r["id"]) for r in rules if _is_label(r.get("id"))],
+                    "tags": [str(r["tag"]) for r in rules if r.get("tag") and _is_label(r["tag"])]},
         "hashtags": _hashtags(data),
     }
     return doc
+
+
+def _is_label(value: object) -> bool:
+    return value is not None and not isinstance(value, dict | list)
 
 
 def _created_at(value: object, tweet_id: int) -> BsonDate:
@@ -79,7 +87,7 @@ def _created_at(value: object, tweet_id: int) -> BsonDate:
             raise InvalidTweet("created_at not ISO 8601") from exc
         if parsed.tzinfo is None:
             raise InvalidTweet("created_at has no time zone")
-        return parsed.astimezone(UTC)
+        return in_utc(parsed)
     # created_at was not requested (tweet.fields): the id still carries the time.
     return created_at({}, tweet_id, None)
 

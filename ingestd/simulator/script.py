@@ -18,7 +18,9 @@ from typing import Any
 import yaml
 
 BAD_LINE_KINDS = ("truncated_json", "invalid_utf8", "json_array", "oversize", "non_object",
-                  "deep_nesting")
+                  "deep_nesting", "nested_500", "date_out_of_range", "v2_date_out_of_range",
+                  "v2_rules_not_a_list", "far_timestamp", "withheld_nested", "notice_nested",
+                  "slow_word")
 CONTROL_TYPES = ("delete", "scrub_geo", "limit", "status_withheld", "user_withheld", "warning")
 
 

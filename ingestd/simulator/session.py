@@ -495,6 +495,36 @@ class Session:
 DEEP_NESTING = 1000
 
 
+def _nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+# Valid JSON of a message's shape that the store worker once could not get past (a crash, a crash
+# loop or a batch retried for ever); each is dead-lettered, counted or stored now.
+POISON_LINES = {
+    # nested deeper than MongoDB stores: the stand-in refuses the whole insert, not the document
+    "nested_500": b'{"id":1234567890123456788,"text":"deep","n":' + _nested(500) + b"}",
+    # a pre-snowflake id, and a time zone that moves the date past year 9999 in UTC
+    "date_out_of_range": b'{"id":12345,"id_str":"12345","text":"late","user":{"id":5},'
+                         b'"created_at":"Fri Dec 31 23:59:59 -2359 9999"}',
+    "v2_date_out_of_range": b'{"data":{"id":"1500000000000000001","text":"late",'
+                            b'"created_at":"9999-12-31T23:59:59-23:59"}}',
+    "v2_rules_not_a_list": b'{"data":{"id":"1500000000000000002","text":"x"},"matching_rules":5}',
+    # a good tweet whose own time no date can hold: the coverage ledger reads it before a gap
+    "far_timestamp": b'{"id":1400000000000000001,"id_str":"1400000000000000001","text":"far",'
+                     b'"user":{"id":5},"timestamp_ms":"99999999999999999999"}',
+    "withheld_nested": b'{"status_withheld":{"id":1400000000000000002,"user_id":5,'
+                       b'"withheld_in_countries":' + _nested(500) + b"}}",
+    # a word with a track term (the tests' "iphone") and a long run of symbols before a "_":
+    # trimming its edge punctuation with a regex took time quadratic in the run
+    "slow_word": b'{"id":1400000000000000003,"id_str":"1400000000000000003","user":{"id":5},'
+                 b'"text":"iphone' + "\u2603".encode() * 60000 + b'_"}',
+    # not first in the line: the stream worker's notice watch reads only lines that start with it
+    "notice_nested": b'{"timestamp_ms":"1","warning":{"code":' + _nested(1015)
+                     + b',"percent_full":' + _nested(300) + b"}}",
+}
+
+
 def bad_line(kind: str, max_line: int, noise: dict[str, Any]) -> bytes:
     """A ``bad_lines`` script step's line of ``kind`` (v1.1 and v2 alike); ``noise`` is a message
     whose JSON text is cut for ``truncated_json``."""
@@ -507,6 +537,8 @@ def bad_line(kind: str, max_line: int, noise: dict[str, Any]) -> bytes:
     if kind == "deep_nesting":  # a tweet's shape, nested deeper than BSON encoders recurse
         nested = b"[" * DEEP_NESTING + b"]" * DEEP_NESTING
         return b'{"id":1234567890123456789,"text":"deep","n":' + nested + b"}"
+    if kind in POISON_LINES:
+        return POISON_LINES[kind]
     if kind == "oversize":
         head, tail = b'{"oversize":"', b'"}'
         size = max(max_line, len(head) + len(tail))

@@ -133,6 +133,10 @@ class Compliance:
         countries = body.get("withheld_in_countries") if isinstance(body, dict) else None
         if target is None or not isinstance(countries, list):
             raise BadControl("no id or withheld_in_countries")
+        # copied into stored tweets as is: anything but codes (a list nested 500 deep) made
+        # MongoDB refuse the whole update, retried for ever
+        if not all(type(code) is str for code in countries):
+            raise BadControl("withheld_in_countries is not a list of country codes")
         if kind == "status_withheld":
             update: dict[str, Any] = {"$set": {"withheld_in_countries": countries}}
             return Op(kind, record, lambda c: c.update_one({"_id": target}, update))

@@ -50,6 +50,7 @@ from pymongo import ASCENDING
 from pymongo.collection import Collection
 
 from ingestd.documents import surrogates
+from ingestd.documents.messages import MAX_DATE_MS, timestamp_ms
 from ingestd.sink.batch import ENTRY_RECV_NS, Entry
 from ingestd.sink.insert import written_from
 from ingestd.sink.mongo import Document
@@ -98,8 +99,11 @@ def message_time_ns(record: Record | None) -> int | None:
         return None
     inner = [v for v in obj.values() if isinstance(v, dict)] if "timestamp_ms" not in obj else []
     for value in [obj.get("timestamp_ms"), *(v.get("timestamp_ms") for v in inner[:1])]:
-        if isinstance(value, int | str) and str(value).isdigit():
-            return int(value) * 10**6
+        # as a tweet's created_at reads it, and only a time a date holds: the ledger stores it
+        # as one (``utc``), which raised on "99999999999999999999" and crash-looped the worker
+        millis = timestamp_ms(value)
+        if millis is not None and 0 <= millis <= MAX_DATE_MS:
+            return millis * 10**6
     return None
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from typing import Any
 
+import bson
 import structlog
 from bson.errors import InvalidDocument
-from pymongo.errors import BulkWriteError, PyMongoError
+from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 from ingestd.sink.attempt import Started
 from ingestd.sink.batch import Entry, InFlight
@@ -34,6 +36,30 @@ from ingestd.sink.target import MongoTarget
 from ingestd.spool.format import RecordRef
 
 log = structlog.get_logger("ingestd.sink.insert")
+
+# MongoDB stores documents nested at most this deep (its documented limit). A deeper one can make
+# the server refuse the whole insert_many, not the document (the stand-in does past ~450
+# levels): one tweet stalled every batch after it.
+MAX_NESTING = 100
+
+
+class TooDeep(InvalidDocument):
+    """The server refused a batch that holds documents nested deeper than ``MAX_NESTING``."""
+
+    def __init__(self, entries: list[Entry]) -> None:
+        super().__init__(f"{len(entries)} documents nested deeper than {MAX_NESTING} levels")
+        self.entries = entries
+
+
+def nested_too_deep(raw: bytes | memoryview, limit: int = MAX_NESTING) -> bool:
+    """Whether a BSON document nests more than ``limit`` levels (the document itself is one)."""
+    level: list[Any] = [bson.decode(raw)]
+    for _ in range(limit):  # one level at a time: no recursion
+        level = [v for c in level for v in (c.values() if isinstance(c, dict) else c)
+                 if isinstance(v, dict | list)]
+        if not level:
+            return False
+    return True
 
 
 def written_from(ingest: object, record: RecordRef) -> bool:
@@ -103,6 +129,11 @@ class Inserter:
         except PyMongoError as exc:
             if classify_error(exc) not in (ErrorClass.PER_DOCUMENT, ErrorClass.DUPLICATES_ONLY):
                 tried.update([e.tweet_id for e in docs])
+                # The server refused the command as a whole: a document it can never store
+                # (looked for only then: decoding every document costs ~20 µs each) is the
+                # cause to remove, not an outage to wait out.
+                if type(exc) is OperationFailure and (deep := _too_deep(docs)):
+                    raise TooDeep(deep) from exc
             raise
 
     def _insert_many(self, docs: list[Entry]) -> object:
@@ -164,22 +195,25 @@ class Inserter:
         return rejected
 
     def _drop_unencodable(self, exc: Exception, docs: list[Entry]) -> list[Entry]:
-        """The driver refused the batch: dead-letter the documents over the server's size limit.
-
-        Documents are encoded when taken, so only a server limit below ``MAX_BSON_SIZE`` can get
-        here.
-        """
+        """The driver refused the batch: dead-letter the documents over the server's size limit
+        (documents are encoded when taken, so only a server limit below ``MAX_BSON_SIZE`` can get
+        here); the server refused it whole (``TooDeep``): those nested too deeply."""
         limit = self._max_bson_size()
         bad = [e for e in docs if len(e.raw) > limit]
-        if not bad:  # not reproducible per document: treat as transient rather than drop anything
+        deep = [e for e in exc.entries if len(e.raw) <= limit] if isinstance(exc, TooDeep) else []
+        if not bad and not deep:  # not reproducible per document: transient rather than drop
             self._retrier.failed("insert", exc, ErrorClass.TRANSIENT)
             self._retrier.backoff(0, ErrorClass.TRANSIENT)
             return docs
         for entry in bad:
             self._deadletters.add_ref("unencodable", entry.record, detail="DocumentTooLarge")
-        log.error("insert_documents_unencodable", ids=[e.tweet_id for e in bad][:50],
-                  count=len(bad))
-        return [e for e in docs if len(e.raw) <= limit]
+        for entry in deep:
+            self._deadletters.add_ref("unencodable", entry.record,
+                                      detail=f"nested deeper than MongoDB's {MAX_NESTING} levels")
+        dropped = {id(e) for e in bad + deep}
+        log.error("insert_documents_unencodable", ids=[e.tweet_id for e in bad + deep][:50],
+                  count=len(dropped))
+        return [e for e in docs if id(e) not in dropped]
 
     def _max_bson_size(self) -> int:
         return self._target.max_bson_size()
@@ -190,3 +224,7 @@ class Inserter:
         self._counters.index_failures += len(failures)
         # A transient failure is tried again after the next batch; a refusal is not.
         target.indexes_done = all(cls is not ErrorClass.TRANSIENT for _, cls in failures)
+
+
+def _too_deep(docs: list[Entry]) -> list[Entry]:
+    return [e for e in docs if nested_too_deep(e.raw)]

@@ -42,14 +42,32 @@ class StreamNotices:
     def on_disconnect(self, body: object) -> None:
         if not isinstance(body, dict):
             raise BadControl("not an object")
-        bump(self._counters.disconnects, str(body.get("code")))
+        bump(self._counters.disconnects, _label(body.get("code")))
 
     def on_warning(self, body: object) -> None:
         if not isinstance(body, dict):
             raise BadControl("not an object")
-        warning = {"code": str(body.get("code")), "percent_full": body.get("percent_full")}
+        pct = body.get("percent_full")
+        # published in run/store.json: a structure there (nested 300 deep: orjson's limit is
+        # 255) made every status write fail, and the worker with it
+        warning = {"code": _label(body.get("code")),
+                   "percent_full": pct if type(pct) is int or type(pct) is float else None}
         self._counters.last_warning = warning
         # The stream worker logs the notice at warning level (with its ``conn``) as it
         # arrives; here it is only noted, so the journal has one line per notice.
         log.debug("stream_warning_noted", code=warning["code"],
                   percent_full=warning["percent_full"])
+
+
+LABEL_MAX = 64  # characters of a notice's code kept as a counter's key
+
+
+def _label(code: object) -> str:
+    """A notice's code as a counter's key: a number or a name as sent (capped), else its type's
+    name: ``str()`` of a structure nested ~1000 deep raises RecursionError, and a code is a
+    counter's key in run/store.json for the worker's whole life."""
+    if type(code) is str:
+        return code[:LABEL_MAX]
+    if type(code) is int or code is None:
+        return str(code)[:LABEL_MAX]
+    return type(code).__name__
