@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingestd.config.schema import StreamSettings
+from ingestd.documents.labels import CODES_MAX, OTHER_CODE
 from ingestd.source.backoff import Ending
-from ingestd.source.body import BodyIntake
+from ingestd.source.body import BodyIntake, watch
 from ingestd.source.connection import Connection
 from ingestd.source.framing import (
     BAD_HEAD_BYTES,
@@ -452,3 +453,14 @@ def test_the_intake_spools_bad_length_lines_with_their_size_and_reason() -> None
         BadFrameRecord(5000, TOO_LONG_CUT, b"2" * BAD_HEAD_BYTES),
     ]
     assert stats.bad_frames == 3 and conn.cut_bytes == 0
+
+
+def test_distinct_disconnect_codes_beyond_the_cap_are_counted_as_other() -> None:
+    """A server sending ever new codes must not grow the status file without bound."""
+    _, conn, stats, _ = intake_on(LineFramer(1024))
+    codes = [*range(CODES_MAX + 20), 5]
+    for code in codes:
+        watch(conn, b'{"disconnect":{"code":%d,"reason":"r"}}' % code, stats)
+    counts = stats.disconnect_codes
+    assert len(counts) == CODES_MAX + 1 and counts[OTHER_CODE] == 20
+    assert counts["5"] == 2 and sum(counts.values()) == len(codes)

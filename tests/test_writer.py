@@ -54,6 +54,7 @@ from ingestd.config.schema import (
 from ingestd.control.collector import in_flight
 from ingestd.control.tally import reconciliation
 from ingestd.documents.encoder import OK, Encoded, encode
+from ingestd.documents.labels import CODES_MAX, OTHER_CODE
 from ingestd.memory import quiet_gc
 from ingestd.simulator.session import POISON_LINES
 from ingestd.sink.batch import Entry, InFlight
@@ -76,6 +77,7 @@ from ingestd.sink.mongo import (
     open_collection,
     write_error_summary,
 )
+from ingestd.sink.notices import StreamNotices
 from ingestd.sink.worker import StoreWorker
 from ingestd.spool.format import (
     KIND_BADFRAME,
@@ -1694,3 +1696,15 @@ def test_giving_up_names_the_hung_insert_not_the_ledger_write_waited_for_behind_
         retry.close()
     assert ran == []  # queued behind the insert: it never reached MongoDB
     assert counters.last_error.startswith("insert: no reply from MongoDB after "), counters
+
+
+def test_distinct_disconnect_codes_beyond_the_cap_are_counted_as_other() -> None:
+    """The store worker's count, published in run/store.json, is bounded like the reader's."""
+    counters = StoreCounters()
+    notices = StreamNotices(counters)
+    codes: list[object] = [*range(CODES_MAX + 20), 5, "5"]
+    for code in codes:
+        notices.on_disconnect({"code": code})
+    counts = counters.disconnects
+    assert len(counts) == CODES_MAX + 1 and counts[OTHER_CODE] == 20
+    assert counts["5"] == 3 and sum(counts.values()) == len(codes)

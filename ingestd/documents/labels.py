@@ -5,6 +5,7 @@ scrape and the stream worker for that bound, and neither loads pymongo's package
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal, get_args
 
 # Why a tweet is not stored on purpose: its delete notice arrived before it was written.
@@ -31,3 +32,14 @@ CONTROL_TYPES = (
 # tweets it could not deliver), and small enough that the sums over connections, the ledger's
 # documents and the status files stay within 64-bit integers; a larger one is dead-lettered.
 LIMIT_TRACK_MAX = (1 << 53) - 1
+
+# Distinct disconnect codes counted by name in the status files; any further ones as "other". The
+# endpoint's codes are 1–12 (docs/protocol.md §3.1): a server sending ever new ones must not grow
+# the workers' counters and status files without bound.
+CODES_MAX = 32
+OTHER_CODE = "other"
+
+
+def code_key(counts: Mapping[str, int], code: str) -> str:
+    """``code`` as a key of ``counts``: itself while fewer than ``CODES_MAX`` codes are counted."""
+    return code if code in counts or len(counts) < CODES_MAX else OTHER_CODE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import structlog
 
-from ingestd.documents.labels import LIMIT_TRACK_MAX
+from ingestd.documents.labels import LIMIT_TRACK_MAX, code_key
 from ingestd.sink.compliance import BadControl
 from ingestd.sink.counters import StoreCounters, bump
 
@@ -42,7 +42,8 @@ class StreamNotices:
     def on_disconnect(self, body: object) -> None:
         if not isinstance(body, dict):
             raise BadControl("not an object")
-        bump(self._counters.disconnects, _label(body.get("code")))
+        counts = self._counters.disconnects
+        bump(counts, code_key(counts, _label(body.get("code"))))
 
     def on_warning(self, body: object) -> None:
         if not isinstance(body, dict):

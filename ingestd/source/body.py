@@ -16,7 +16,7 @@ import orjson
 import pycurl
 import structlog
 
-from ingestd.documents.labels import LIMIT_TRACK_MAX
+from ingestd.documents.labels import LIMIT_TRACK_MAX, code_key
 from ingestd.source.backoff import Ending
 from ingestd.source.connection import Connection
 from ingestd.source.framing import BadFrame, Frame, LengthFramer, Oversize
@@ -231,7 +231,8 @@ def watch(conn: Connection, payload: bytes, stats: ReaderStats) -> None:
             log.info("stream_disconnect", conn=conn.conn_id, code=code, reason=reason,
                      planned="filter switch")
             return
-        stats.disconnect_codes[str(code)] += 1
+        codes = stats.disconnect_codes
+        codes[code_key(codes, str(code))] += 1
         log.warning("stream_disconnect", conn=conn.conn_id, code=code, reason=reason)
     elif isinstance(body := msg.get("warning"), dict):
         stats.warnings += 1
@@ -268,6 +269,6 @@ def _watch_v2_errors(conn: Connection, errors: list[Any], stats: ReaderStats) ->
         title, detail = str(shown(err.get("title", ""))), str(shown(err.get("detail", "")))
         if title == V2_OPERATIONAL_DISCONNECT:
             conn.disconnect = {"code": title, "reason": detail}
-            stats.disconnect_codes[title] += 1
+            stats.disconnect_codes[code_key(stats.disconnect_codes, title)] += 1
         log.warning("stream_error", conn=conn.conn_id, title=title, detail=detail,
                     disconnect_type=shown(err.get("disconnect_type")))
