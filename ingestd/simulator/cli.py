@@ -101,7 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # X API v2 (simulator/v2.py): the token is read from the environment like the OAuth keys.
     a("--bearer-token-env", default="TWITTER_BEARER_TOKEN",
       help="environment variable holding the accepted v2 bearer token (unset = v2 refuses all)")
-    a("--max-rules", type=_non_negative(int), default=25, help="v2 rules the app may hold")
+    a("--max-rules", type=_non_negative(int), default=25,
+      help="v2 rules the app may hold (thousands for an Enterprise-sized list, served in pages)")
     a("--max-rule-length", type=_non_negative(int), default=512, help="v2 rule length limit")
     a("--api", choices=APIS,
       help="serve only v1.1 (needs the four OAuth keys), only v2 (needs only the bearer token) "

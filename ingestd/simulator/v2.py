@@ -1,7 +1,8 @@
 """The simulator's X API v2 filtered stream (docs/protocol.md §7): rules endpoint and stream.
 
 Model. The app has one set of rules on the server (``GET``/``POST /2/tweets/search/stream/rules``:
-add, delete, ``dry_run``, ``DuplicateRule``, invalid syntax, too many rules). A **firehose**
+add, delete, ``dry_run``, ``DuplicateRule``, invalid syntax, too many rules; ``GET`` in pages of
+``max_results``, 1-1000, default 1000, with an opaque ``next_token``). A **firehose**
 thread publishes tweets at ``--rate`` per second for as long as the simulator runs, whether or not
 a client is connected: each candidate is evaluated against the rules in force at that moment, and
 one that matches is *published* with its ``matching_rules``, kept in the delivery log (5 minutes),
@@ -22,6 +23,8 @@ line, ``missed`` per published tweet never written (per connection it was queued
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hmac
 import random
@@ -52,6 +55,7 @@ LOG_SECONDS = 300.0  # backfill_minutes is at most 5
 TICK = 0.05  # firehose and session poll period (also how fast a vanished client is noticed)
 STREAM_LIMIT, RULES_LIMIT, WINDOW = 50, 450, 900  # documented allowances per 15 minutes
 MAX_BODY = 1 << 20
+PAGE_MAX = 1000  # GET rules: max_results is 1-1000, 1000 when absent
 PROBLEMS = "https://api.twitter.com/2/problems/"
 UNAUTHORIZED = {"title": "Unauthorized", "type": "about:blank", "status": 401,
                 "detail": "Unauthorized"}
@@ -268,11 +272,18 @@ class V2App:
                                "type": PROBLEMS + "resource-not-found"} for i in missing]
         return 200, body
 
-    def list_rules(self, ids: set[str] | None) -> dict[str, Any]:
+    def list_rules(self, ids: set[str] | None, size: int = PAGE_MAX,
+                   after: int = 0) -> dict[str, Any]:
+        """One page: up to ``size`` rules with an id above ``after``, oldest first (ids grow, so
+        a rule added or deleted while a client pages neither shifts nor repeats the others)."""
         with self.lock:
-            rules = [r.public() for r in self.rules.values() if ids is None or r.id in ids]
-        meta: dict[str, Any] = {"sent": _now_iso(), "result_count": len(rules)}
-        return {"data": rules, "meta": meta} if rules else {"meta": meta}
+            rules = [r for r in self.rules.values()
+                     if int(r.id) > after and (ids is None or r.id in ids)]
+        page = [r.public() for r in rules[:size]]
+        meta: dict[str, Any] = {"sent": _now_iso(), "result_count": len(page)}
+        if len(rules) > size:
+            meta["next_token"] = _page_token(int(rules[size - 1].id))
+        return {"data": page, "meta": meta} if page else {"meta": meta}
 
     # -- streams
 
@@ -308,6 +319,40 @@ class V2App:
 
 def _now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+
+
+def _page_token(after: int) -> str:
+    """Opaque to the client (lower-case base32, as the real tokens look): the last id sent."""
+    return base64.b32encode(after.to_bytes(8, "big")).decode().rstrip("=").lower()
+
+
+def _page_after(token: str) -> int | None:
+    """The id a ``pagination_token`` continues after; None: not one of ours."""
+    try:
+        raw = base64.b32decode(token.upper() + "=" * (-len(token) % 8))
+    except (binascii.Error, ValueError):
+        return None
+    return int.from_bytes(raw, "big") if len(raw) == 8 and token == token.lower() else None
+
+
+def _invalid_parameter(name: str, value: str, why: str) -> dict[str, Any]:
+    """The v2 400 for a bad query parameter, shaped as the real endpoint's."""
+    return {"errors": [{"parameters": {name: [value]},
+                        "message": f"The `{name}` query parameter value [{value}] {why}"}],
+            "title": "Invalid Request", "detail": "One or more parameters to your request was "
+            "invalid.", "type": PROBLEMS + "invalid-request"}
+
+
+def _page_query(query: dict[str, str]) -> tuple[int, int] | dict[str, Any]:
+    """(max_results, after id) of a ``GET …/rules``, or the 400 problem for a bad one."""
+    size = query.get("max_results", str(PAGE_MAX))
+    if not (size.isascii() and size.isdigit() and len(size) <= 4 and 1 <= int(size) <= PAGE_MAX):
+        return _invalid_parameter("max_results", size, f"is not between 1 and {PAGE_MAX}")
+    token = query.get("pagination_token")
+    after = 0 if token is None else _page_after(token)
+    if after is None:
+        return _invalid_parameter("pagination_token", token or "", "is not valid")
+    return int(size), after
 
 
 # ---------------------------------------------------------------- one stream
@@ -483,7 +528,11 @@ def _rules_request(app: V2App, handler: BaseHTTPRequestHandler, query: dict[str,
         return
     if handler.command == "GET":
         ids = set(query["ids"].split(",")) if query.get("ids") else None
-        _reply(handler, 200, app.list_rules(ids), limits)
+        page = _page_query(query)
+        if isinstance(page, dict):
+            _reply(handler, 400, page, limits)
+        else:
+            _reply(handler, 200, app.list_rules(ids, *page), limits)
         return
     try:
         length = int(handler.headers.get("Content-Length") or 0)

@@ -5,6 +5,10 @@ the stream: one HTTP stack, the same CA bundle (``stream.ca_file``) and the same
 (``source.transport``: TLS always verified; plain http only for loopback, which settings enforce on
 ``stream.url``, the base of the rules URL, and never through a proxy). Refusals come back as
 ``RulesError`` in the server's own words.
+
+The server's list is paginated (``max_results``, ``meta.next_token`` → ``pagination_token``):
+``current`` reads every page, so an app with more than one page of rules (Enterprise) is diffed
+against all of them, not the first thousand.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import pycurl
@@ -24,7 +29,14 @@ from ingestd.source.transport import configure_transport
 from ingestd.source.v2_request import bearer_headers, rules_url
 
 REQUEST_TIMEOUT = 30  # seconds for one rules call
-MAX_BODY = 4 << 20
+# A full page: 1,000 rules of 2,048 characters, ~2.3 MB in ASCII but up to ~6.2 MB in CJK
+# (3 bytes a character in UTF-8) and ~12.3 MB if the server \u-escapes them.
+MAX_BODY = 16 << 20
+PAGE_SIZE = 1000  # max_results: the endpoint's most (and its default)
+# Pages read before giving up: 100,000 rules, 40 times the Enterprise 2,500. A server whose
+# next_token never ends (or a proxy replaying one page) must not keep the sync thread forever.
+MAX_PAGES = 100
+MAX_TOKEN = 2048  # characters: real tokens are a few dozen; this keeps the URL an ordinary one
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +85,30 @@ class RulesClient:
         self.last_rate_limit: dict[str, str] = {}
 
     def current(self) -> list[ServerRule]:
-        reply = self._call("GET", self.url, None)
-        self._raise_errors(reply)
-        return [_server_rule(r) for r in _list(reply.body.get("data"))]
+        """Every rule the server holds: each page of ``GET …/rules`` until no ``next_token``."""
+        rules: dict[str, ServerRule] = {}  # by id: a rule added while paging may show twice
+        tokens: set[str] = set()
+        token: str | None = None
+        for _ in range(MAX_PAGES):
+            reply = self._call("GET", self._page_url(token), None)
+            self._raise_errors(reply)
+            for rule in (_server_rule(r) for r in _list(reply.body.get("data"))):
+                rules.setdefault(rule.id, rule)
+            token = _next_token(reply.body)
+            if token is None:
+                return list(rules.values())
+            if token in tokens:  # the same page again: following it would never end
+                raise RulesError([f"rules list: the server sent next_token {token!r} twice "
+                                  f"(after {len(rules):,} rules); the list cannot be read"])
+            tokens.add(token)
+        raise RulesError([f"rules list: still a next_token after {MAX_PAGES} pages "
+                          f"({len(rules):,} rules); the list cannot be read"])
+
+    def _page_url(self, token: str | None) -> str:
+        query = f"max_results={PAGE_SIZE}"
+        if token is not None:
+            query += f"&pagination_token={quote(token, safe='')}"  # opaque: sent as received
+        return f"{self.url}?{query}"
 
     def add(self, rules: Sequence[Rule], *, dry_run: bool = False,
             ignore: Callable[[dict[str, Any]], bool] = lambda _e: False) -> list[ServerRule]:
@@ -94,7 +127,7 @@ class RulesClient:
         return deleted if type(deleted) is int else 0  # the server's JSON: any shape
 
     def _call(self, method: str, url: str, payload: dict[str, Any] | None) -> _Response:
-        buf, status = BytesIO(), [0]
+        buf, status, over = BytesIO(), [0], [False]
         headers: dict[str, str] = {}
 
         def on_header(line: bytes) -> None:
@@ -103,7 +136,8 @@ class RulesClient:
 
         def on_data(data: bytes) -> int | None:
             if buf.tell() + len(data) > MAX_BODY:
-                return 0  # abort: no rules reply is this large
+                over[0] = True
+                return 0  # abort: no rules reply is this large (curl reports error 23)
             buf.write(data)
             return None
 
@@ -112,6 +146,9 @@ class RulesClient:
             self._configure(curl, method, url, payload, on_header, on_data)
             curl.perform()
         except pycurl.error as exc:
+            if over[0]:  # the endpoint answered: too much to be a rules answer
+                raise RulesError([f"rules answer larger than {MAX_BODY >> 20} MiB (HTTP "
+                                  f"{status[0]}): not read"], status=status[0]) from None
             raise RulesError([f"rules endpoint unreachable: {exc.args[1]} (curl error "
                               f"{exc.args[0]})"], transient=True) from None
         finally:
@@ -150,6 +187,21 @@ class RulesClient:
 
 def _list(value: object) -> list[Any]:
     return value if isinstance(value, list) else []
+
+
+def _next_token(body: dict[str, Any]) -> str | None:
+    """``meta.next_token``: None when absent or empty (the last page); any other shape, or a
+    token no server would send, is a RulesError (reading on, or stopping, would be a guess)."""
+    meta = body.get("meta")
+    token = meta.get("next_token") if isinstance(meta, dict) else None
+    if token is None or token == "":
+        return None
+    if not isinstance(token, str):
+        raise RulesError([f"rules list: meta.next_token is not text but {_text(token)[:40]}"])
+    if len(token) > MAX_TOKEN:
+        raise RulesError([f"rules list: meta.next_token of {len(token):,} characters "
+                          f"(more than {MAX_TOKEN})"])
+    return token
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
