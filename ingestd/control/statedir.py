@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ingestd.control import runstate
 from ingestd.spool import generations
+from ingestd.spool.format import file_at_fault
 
 # Created at start by the supervisor, so that a folder the workers could not create (spool/ by
 # the stream worker, deadletter/ by the store worker) stops the start with one clear error
@@ -133,7 +134,7 @@ def explain(state_dir: Path, exc: OSError) -> StateDirUnusable:
     finding = inspect(state_dir)
     if finding is not None:
         return StateDirUnusable(state_dir, finding.reason)
-    where = exc.filename if exc.filename is not None else state_dir
+    where = file_at_fault(exc) or state_dir
     return StateDirUnusable(state_dir, f"{where}: {exc.strerror or type(exc).__name__}")
 
 

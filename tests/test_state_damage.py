@@ -1,0 +1,156 @@
+"""A damaged state folder on the real daemon (docs/reliability.md §8, #8): files restored from
+another moment, deleted as junk, or of a shape this version never writes.
+
+Each test stores a first connection's tweets, damages the folder (stopped, or running), and checks
+that the daemon goes on by itself where it safely can, with no worker crash and no second daemon
+on one spool, and reconciles MongoDB with the simulator's ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingestd.control.supervisor import Supervisor
+from ingestd.spool.format import CHECKPOINT, list_segments
+from tests.support.daemon import Daemon, finish, settings_doc
+from tests.support.mongo import stored_ids
+from tests.support.simulator import SimProcess
+from tests.support.wait import wait_until
+
+TWEETS = 30  # per connection: then only keep-alives, so "all stored" is a fixed set
+SCRIPT = [[{"deliver": TWEETS}, {"keepalive_only": 600}] for _ in range(8)]
+CRASHES = ("uncaught_exception", "worker_exited")  # an exit the supervisor asked for is info
+
+
+class Pair:
+    def __init__(self, tmp_path: Path, mongo_uri: str, database: str) -> None:
+        self.uri, self.database = mongo_uri, database
+        self.sim = SimProcess(tmp_path / "sim", "--rate", "200", "--keepalive", "1",
+                              "--control-every", "0", script=SCRIPT).start()
+        self.daemon = Daemon(tmp_path / "daemon", settings_doc(self.sim.url, mongo_uri, database))
+
+    def all_stored(self, tweets: int) -> bool:
+        """The simulator sent ``tweets`` tweets and MongoDB holds each of them."""
+        self.daemon.assert_running()
+        truth = set(self.sim.ground_truth().tweet_ids())
+        return len(truth) >= tweets and truth <= set(stored_ids(self.uri, self.database))
+
+    def first_connection_stored_then_stopped(self) -> None:
+        self.daemon.start().wait_ready()
+        wait_until(lambda: self.all_stored(TWEETS), 60, "the first connection's tweets stored")
+        code, _ = self.daemon.stop()
+        assert code == 0, self.daemon.tail()
+
+    def assert_exactly_once(self) -> None:
+        stored = stored_ids(self.uri, self.database)
+        assert sorted(stored) == sorted(self.sim.ground_truth().tweet_ids())
+
+    def crashes(self) -> list[dict[str, Any]]:
+        return [e for e in self.daemon.log_events()
+                if e.get("event") in CRASHES and e.get("level") != "info"]
+
+
+@pytest.fixture
+def pair(tmp_path: Path, mongo_uri: str, mongo_database: str) -> Iterator[Pair]:
+    pair = Pair(tmp_path, mongo_uri, mongo_database)
+    try:
+        yield pair
+    finally:
+        pair.daemon.kill()
+        pair.sim.stop()
+
+
+def test_a_checkpoint_whose_number_is_past_a_floats_range_replays_with_no_crash(pair: Pair
+                                                                                ) -> None:
+    # JSON reads 1e999 as infinity, which no int holds: the checkpoint is garbage like any other.
+    pair.first_connection_stored_then_stopped()
+    spool = pair.daemon.state_dir / "spool"
+    segment = list_segments(spool)[0]
+    (spool / CHECKPOINT).write_text(f'{{"seq": 1e999, "segment": "{segment}", "offset": 100}}')
+    pair.daemon.start().wait_ready()
+    wait_until(lambda: pair.all_stored(2 * TWEETS), 60, "the second connection's tweets stored")
+    finish(pair.daemon, pair.sim)
+    store = pair.daemon.counters("store")  # the stopped store worker's last word
+    assert pair.crashes() == []
+    pair.assert_exactly_once()
+    assert store["duplicates"] == store["replayed"] == TWEETS  # the spool replayed, none lost
+
+
+def test_a_generation_file_past_the_spools_range_is_not_numbered_after(pair: Pair) -> None:
+    # A record's generation is a uint32: numbering after 4294967296.json failed every append.
+    pair.first_connection_stored_then_stopped()
+    generations = pair.daemon.state_dir / "generations"
+    shutil.copy(generations / "1.json", generations / "4294967296.json")
+    pair.daemon.start().wait_ready()
+    wait_until(lambda: pair.all_stored(2 * TWEETS), 60, "the second connection's tweets stored")
+    generation = pair.daemon.status("supervisor")["generation"]
+    finish(pair.daemon, pair.sim)
+    assert pair.crashes() == []
+    assert generation == 2
+    pair.assert_exactly_once()
+
+
+def run_second(daemon: Daemon) -> tuple[int, str]:
+    """A second ``ingestd run`` on the daemon's settings: its exit code and output (one that
+    starts after all is stopped at once, workers and all, by SIGTERM)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ingestd", "run", "--config",
+                             str(daemon.config)], env=daemon.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    return proc.returncode, out
+
+
+def test_a_lock_file_deleted_as_stale_still_refuses_a_second_daemon(pair: Pair) -> None:
+    # A second daemon on the folder logged the first one's stream out (code 7) and ran a second
+    # store worker on its spool.
+    pair.daemon.start().wait_ready()
+    wait_until(lambda: pair.all_stored(TWEETS), 60, "the first connection's tweets stored")
+    first = pair.daemon.pids()
+    os.unlink(pair.daemon.state_dir / "run" / "supervisor.lock")
+    code, out = run_second(pair.daemon)
+    assert code == Supervisor.EXIT_LOCKED, out
+    assert [json.loads(line)["event"] for line in out.splitlines()] == ["state_dir_locked"]
+    assert pair.daemon.pids() == first
+    finish(pair.daemon, pair.sim)
+    assert len(pair.sim.ground_truth().connections()) == 1  # never logged out by a second one
+    pair.assert_exactly_once()
+
+
+def test_a_run_folder_removed_as_junk_comes_back_and_status_reads_ok(pair: Pair) -> None:
+    # Its files were written to a folder that no longer was: `ingestd status` said "down"
+    # (exit 3) for as long as the daemon ran, and /healthz answered 503.
+    pair.daemon.start().wait_ready()
+    shutil.rmtree(pair.daemon.state_dir / "run")
+
+    def status() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ingestd", "status", "--config",
+                               str(pair.daemon.config)], env=pair.daemon.env(),
+                              capture_output=True, text=True, timeout=60, check=False)
+    wait_until(lambda: status().returncode == 0, 30, "ingestd status: ok again")
+    wait_until(lambda: pair.all_stored(TWEETS), 60, "the first connection's tweets stored")
+    finish(pair.daemon, pair.sim)
+    assert pair.crashes() == []
+    pair.assert_exactly_once()
+
+
+def test_a_folder_in_place_of_the_pid_file_is_named_at_start(pair: Pair) -> None:
+    # The rename's error names its source, the temp file, which is not what is in the way.
+    (pair.daemon.state_dir / "run" / "supervisor.pid").mkdir(parents=True)
+    code, out = run_second(pair.daemon)
+    assert code == Supervisor.EXIT_CONFIG, out
+    (line,) = [e for e in map(json.loads, out.splitlines()) if e["level"] == "error"]
+    assert line["event"] == "state_dir_unusable", out
+    assert line["reason"] == f"{pair.daemon.state_dir}/run/supervisor.pid: Is a directory"
