@@ -99,10 +99,10 @@ def test_a_generation_file_past_the_spools_range_is_not_numbered_after(pair: Pai
     pair.assert_exactly_once()
 
 
-def run_second(daemon: Daemon) -> tuple[int, str]:
+def run_second(daemon: Daemon, *prefix: str) -> tuple[int, str]:
     """A second ``ingestd run`` on the daemon's settings: its exit code and output (one that
     starts after all is stopped at once, workers and all, by SIGTERM)."""
-    proc = subprocess.Popen([sys.executable, "-m", "ingestd", "run", "--config",
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "ingestd", "run", "--config",
                              str(daemon.config)], env=daemon.env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -154,3 +154,33 @@ def test_a_folder_in_place_of_the_pid_file_is_named_at_start(pair: Pair) -> None
     (line,) = [e for e in map(json.loads, out.splitlines()) if e["level"] == "error"]
     assert line["event"] == "state_dir_unusable", out
     assert line["reason"] == f"{pair.daemon.state_dir}/run/supervisor.pid: Is a directory"
+
+
+def as_any_user() -> list[str]:
+    """A command prefix under which file modes bind root as they bind any user (a daemon's
+    DynamicUser, a migrated folder's wrong owner); none needed for another user."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("root without setpriv: file modes do not bind root")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+
+
+def test_a_segment_the_daemons_user_cannot_read_stops_the_start_naming_it(pair: Pair) -> None:
+    # Both workers died on it at every start (PermissionError tracebacks), then exit 75.
+    pair.first_connection_stored_then_stopped()
+    spool = pair.daemon.state_dir / "spool"
+    segment = spool / list_segments(spool)[0]
+    segment.chmod(0)
+    code, out = run_second(pair.daemon, *as_any_user())
+    assert code == Supervisor.EXIT_CONFIG, out
+    events = list(map(json.loads, out.splitlines()))
+    (line,) = [e for e in events if e["level"] in ("error", "critical")]
+    assert line["event"] == "state_dir_unusable", out
+    assert line["reason"] == f"{segment} is not readable by uid {os.geteuid()}"
+    assert "worker_started" not in [e["event"] for e in events]
+    segment.chmod(0o600)  # made readable, the next start stores what the spool held
+    pair.daemon.start().wait_ready()
+    wait_until(lambda: pair.all_stored(2 * TWEETS), 60, "the second connection's tweets stored")
+    finish(pair.daemon, pair.sim)
+    pair.assert_exactly_once()

@@ -15,13 +15,14 @@ from pathlib import Path
 
 from ingestd.control import runstate
 from ingestd.spool import generations
-from ingestd.spool.format import file_at_fault
+from ingestd.spool.format import file_at_fault, list_segments
 
 # Created at start by the supervisor, so that a folder the workers could not create (spool/ by
 # the stream worker, deadletter/ by the store worker) stops the start with one clear error
 # instead of a crash loop (generations/ is the supervisor's own: spool.generations).
 SUBDIRS = (runstate.RUN_DIR, "spool", "deadletter", generations.DIRNAME)
 ACCESS = os.W_OK | os.X_OK  # create and remove entries
+_EFFECTIVE = os.access in os.supports_effective_ids  # judge as the daemon's own uid
 MOUNTINFO = Path("/proc/self/mountinfo")
 # Kernel file systems that hold no files of ours: root may look able to write there (access(2)
 # says yes on /proc), yet nothing can be created (the audit's state_dir: /proc/ingestd).
@@ -61,6 +62,20 @@ def inspect(state_dir: Path) -> Finding | None:
         finding = _existing_dir(path)
         if finding is not None:
             return finding
+    return _unreadable_segment(state_dir / "spool")
+
+
+def _unreadable_segment(spool: Path) -> Finding | None:
+    """A spool segment this user cannot read (a chown or a backup's restore gone wrong): both
+    workers would die on it at every start; the operator can make it readable (or move it
+    away: its records are then counted lost)."""
+    try:
+        names = list_segments(spool)
+    except OSError as exc:  # a folder that cannot be listed (mode 0300)
+        return Finding(f"{spool}: {exc.strerror}", anyone=exc.errno != errno.EACCES)
+    for name in names:
+        if not os.access(spool / name, os.R_OK, effective_ids=_EFFECTIVE):
+            return Finding(f"{spool / name} is not readable by uid {os.geteuid()}", anyone=False)
     return None
 
 
@@ -107,7 +122,7 @@ def _existing_dir(path: Path) -> Finding | None:
 
 
 def _writable(path: Path) -> Finding | None:
-    if os.access(path, ACCESS, effective_ids=os.access in os.supports_effective_ids):
+    if os.access(path, ACCESS, effective_ids=_EFFECTIVE):
         return None
     try:
         read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
@@ -144,7 +159,9 @@ def prepare(state_dir: Path) -> None:
         for name in SUBDIRS:
             path = state_dir / name
             path.mkdir(parents=True, exist_ok=True)
-            if not os.access(path, ACCESS, effective_ids=os.access in os.supports_effective_ids):
+            if not os.access(path, ACCESS, effective_ids=_EFFECTIVE):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
     except OSError as exc:
         raise explain(state_dir, exc) from None
+    if (finding := _unreadable_segment(state_dir / "spool")) is not None:
+        raise StateDirUnusable(state_dir, finding.reason)
