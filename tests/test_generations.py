@@ -60,6 +60,21 @@ def test_numbers_past_a_spool_records_generation_field_are_not_ours(tmp_path: Pa
         record.record(MAX_GENERATION + 1, (["iphone"], [], []))  # the number after 4294967295
 
 
+def test_a_generation_file_of_another_shape_is_unreadable(tmp_path: Path) -> None:
+    record = GenerationRecord(tmp_path)
+    record.record(1, (["iphone"], [12], [(-1.0, -2.0, 3.0, 4.0)]))
+    path = tmp_path / "generations" / "1.json"
+    good = orjson.loads(path.read_bytes())
+    for shape in ([], "x", 3, {**good, "track": "iphone"}, {**good, "track": ["a", " "]},
+                  {**good, "track": [1]}, {**good, "follow": "12"}, {**good, "follow": [True]},
+                  {**good, "locations": ["1234"]}, {**good, "locations": [[1, 2, 3]]},
+                  {**good, "locations": [[1, 2, 3, "x"]]}, {**good, "locations": 5}):
+        path.write_bytes(orjson.dumps(shape))
+        assert record.lookup(1) == "unreadable", shape
+    path.write_bytes(orjson.dumps(good))
+    assert record.lookup(1) == (["iphone"], [12], [(-1.0, -2.0, 3.0, 4.0)])
+
+
 def test_a_folder_whose_spool_an_older_ingestd_wrote_starts_past_its_numbers(
         tmp_path: Path) -> None:
     (tmp_path / "spool").mkdir()

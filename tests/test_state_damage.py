@@ -13,14 +13,17 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from ingestd.control.supervisor import Supervisor
-from ingestd.spool.format import CHECKPOINT, list_segments
+from ingestd.spool.format import CHECKPOINT, KIND_MESSAGE, list_segments
+from ingestd.spool.writer import SpoolWriter
 from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.mongo import stored_ids
 from tests.support.simulator import SimProcess
@@ -184,3 +187,31 @@ def test_a_segment_the_daemons_user_cannot_read_stops_the_start_naming_it(pair: 
     wait_until(lambda: pair.all_stored(2 * TWEETS), 60, "the second connection's tweets stored")
     finish(pair.daemon, pair.sim)
     pair.assert_exactly_once()
+
+
+@pytest.mark.parametrize("track", ["iphone", ["iphone", " "]], ids=["a string", "a blank phrase"])
+def test_a_generation_file_of_another_shape_is_counted_and_never_fatal(pair: Pair,
+                                                                       track: object) -> None:
+    # A string's characters were taken as phrases (matched: nothing, silently); a blank phrase,
+    # which no settings validate, made the store worker's Matcher raise at every start.
+    pair.first_connection_stored_then_stopped()
+    backlog = 9_100_000_000_000_000_001  # a tweet generation 1 left unstored in the spool
+    spool = SpoolWriter(pair.daemon.state_dir / "spool", max_bytes=1 << 30, max_records=10**6)
+    spool.append([(KIND_MESSAGE, orjson.dumps({
+        "id": backlog, "id_str": str(backlog), "text": "my iphone",
+        "created_at": "Sat Dec 05 10:00:00 +0000 2026", "user": {"id": 7, "screen_name": "me"},
+        "entities": {"hashtags": [], "user_mentions": [], "urls": []}}))], 1, 1, time.time_ns())
+    spool.close()
+    (pair.daemon.state_dir / "generations" / "stopped_at").unlink()  # as a killed run leaves it
+    generation = pair.daemon.state_dir / "generations" / "1.json"
+    generation.write_bytes(orjson.dumps({**orjson.loads(generation.read_bytes()), "track": track}))
+    pair.daemon.start().wait_ready()
+    wait_until(lambda: pair.all_stored(2 * TWEETS)
+               and backlog in stored_ids(pair.uri, pair.database), 60, "every tweet stored")
+    finish(pair.daemon, pair.sim)
+    assert pair.crashes() == []
+    assert pair.daemon.counters("store")["matched_fallback"] == {"unreadable": 1}
+    (unknown,) = pair.daemon.events("generation_unknown")
+    assert unknown["generation"] == 1 and unknown["reason"] == "unreadable"
+    assert sorted(stored_ids(pair.uri, pair.database)) == sorted(
+        [*pair.sim.ground_truth().tweet_ids(), backlog])

@@ -170,9 +170,7 @@ class GenerationRecord:
         except OSError:
             return "unreadable"
         try:
-            doc = orjson.loads(raw)
-            return ([str(t) for t in doc["track"]], [int(f) for f in doc["follow"]],
-                    [_box(b) for b in doc["locations"]])
+            return _spec(orjson.loads(raw))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return "unreadable"
 
@@ -182,6 +180,21 @@ class GenerationRecord:
             return "before_record"
         numbers = self._numbers()
         return "pruned" if numbers and generation < numbers[0] else "missing"
+
+
+def _spec(doc: Any) -> FilterSpec:
+    """The filters of a generation file, as ``record`` writes them; ``TypeError`` or
+    ``ValueError`` for any other shape (a file edited or garbled by hand): a string's characters
+    taken as phrases matched nothing, silently, and a blank phrase, which no settings validate,
+    made ``documents.matching.Matcher`` raise in the store worker at every start."""
+    track, follow, boxes = doc["track"], doc["follow"], doc["locations"]
+    if not all(isinstance(v, list) for v in (track, follow, boxes, *boxes)):
+        raise TypeError("filters are lists")
+    if not all(isinstance(t, str) and t.split() for t in track):
+        raise ValueError("a track phrase is text with a word")
+    if not all(isinstance(f, int) and not isinstance(f, bool) for f in follow):
+        raise TypeError("follow ids are integers")
+    return (track, follow, [_box(b) for b in boxes])
 
 
 def _write_atomically(directory: Path, name: str, data: bytes) -> None:
