@@ -159,6 +159,16 @@ def test_a_folder_in_place_of_the_pid_file_is_named_at_start(pair: Pair) -> None
     assert line["reason"] == f"{pair.daemon.state_dir}/run/supervisor.pid: Is a directory"
 
 
+def test_a_folder_named_as_a_spool_segment_stops_the_start_naming_it(pair: Pair) -> None:
+    # Both workers died on it at every start (IsADirectoryError, naming no file), then exit 75.
+    folder = pair.daemon.state_dir / "spool" / "00000000000000000999.seg"
+    folder.mkdir(parents=True)
+    code, out = run_second(pair.daemon)
+    assert code == Supervisor.EXIT_CONFIG, out
+    (line,) = [e for e in map(json.loads, out.splitlines()) if e["level"] in ("error", "critical")]
+    assert line["event"] == "state_dir_unusable" and line["reason"] == f"{folder} is not a file"
+
+
 def as_any_user() -> list[str]:
     """A command prefix under which file modes bind root as they bind any user (a daemon's
     DynamicUser, a migrated folder's wrong owner); none needed for another user."""

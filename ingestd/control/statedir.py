@@ -7,6 +7,7 @@ not a directory" says more than the ENOTDIR of a mkdir three levels down.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -62,20 +63,23 @@ def inspect(state_dir: Path) -> Finding | None:
         finding = _existing_dir(path)
         if finding is not None:
             return finding
-    return _unreadable_segment(state_dir / "spool")
+    return _unusable_segment(state_dir / "spool")
 
 
-def _unreadable_segment(spool: Path) -> Finding | None:
-    """A spool segment this user cannot read (a chown or a backup's restore gone wrong): both
-    workers would die on it at every start; the operator can make it readable (or move it
-    away: its records are then counted lost)."""
+def _unusable_segment(spool: Path) -> Finding | None:
+    """A spool segment that is no file, or one this user cannot read (a chown or a backup's
+    restore gone wrong): both workers would die on it at every start; the operator can fix it
+    (or move it away: its records are then counted lost)."""
     try:
         names = list_segments(spool)
     except OSError as exc:  # a folder that cannot be listed (mode 0300)
         return Finding(f"{spool}: {exc.strerror}", anyone=exc.errno != errno.EACCES)
-    for name in names:
-        if not os.access(spool / name, os.R_OK, effective_ids=_EFFECTIVE):
-            return Finding(f"{spool / name} is not readable by uid {os.geteuid()}", anyone=False)
+    for path in (spool / name for name in names):
+        with contextlib.suppress(FileNotFoundError):  # stored and deleted meanwhile
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                return Finding(f"{path} is not a file", anyone=True)
+            if not os.access(path, os.R_OK, effective_ids=_EFFECTIVE):
+                return Finding(f"{path} is not readable by uid {os.geteuid()}", anyone=False)
     return None
 
 
@@ -163,5 +167,5 @@ def prepare(state_dir: Path) -> None:
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
     except OSError as exc:
         raise explain(state_dir, exc) from None
-    if (finding := _unreadable_segment(state_dir / "spool")) is not None:
+    if (finding := _unusable_segment(state_dir / "spool")) is not None:
         raise StateDirUnusable(state_dir, finding.reason)
