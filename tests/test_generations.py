@@ -17,10 +17,11 @@ from typing import Any
 import orjson
 import psutil
 import pymongo
+import pytest
 
 from ingestd.documents.matching import Matcher
 from ingestd.spool.format import KIND_MESSAGE
-from ingestd.spool.generations import KEEP, LEGACY_FIRST, GenerationRecord
+from ingestd.spool.generations import KEEP, LEGACY_FIRST, MAX_GENERATION, GenerationRecord
 from ingestd.spool.writer import SpoolWriter
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.mongo import MongoStandIn, stored_ids
@@ -43,6 +44,35 @@ def test_numbers_continue_after_the_last_recorded_generation(tmp_path: Path) -> 
     assert second_run.lookup(1) == (["iphone", "android"], [], [])
     assert second_run.lookup(2) == (["iphone"], [12], [(-1.0, -2.0, 3.0, 4.0)])
     assert second_run.lookup(3) == "missing"
+
+
+def test_numbers_past_a_spool_records_generation_field_are_not_ours(tmp_path: Path) -> None:
+    # A record carries its generation as a uint32: numbering after a file put there by hand
+    # (4294967296.json, or such a ``first``) made every append of the stream worker fail.
+    record = GenerationRecord(tmp_path)
+    record.record(7, (["iphone"], [], []))
+    (tmp_path / "generations" / f"{MAX_GENERATION + 1}.json").write_bytes(b"{}")
+    assert record.next_generation() == 8
+    (tmp_path / "generations" / "7.json").unlink()
+    (tmp_path / "generations" / "first").write_text(f"{MAX_GENERATION + 1}\n")
+    assert record.first() is None
+    with pytest.raises(OSError, match="past the spool's 4294967295"):
+        record.record(MAX_GENERATION + 1, (["iphone"], [], []))  # the number after 4294967295
+
+
+def test_a_generation_file_of_another_shape_is_unreadable(tmp_path: Path) -> None:
+    record = GenerationRecord(tmp_path)
+    record.record(1, (["iphone"], [12], [(-1.0, -2.0, 3.0, 4.0)]))
+    path = tmp_path / "generations" / "1.json"
+    good = orjson.loads(path.read_bytes())
+    for shape in ([], "x", 3, {**good, "track": "iphone"}, {**good, "track": ["a", " "]},
+                  {**good, "track": [1]}, {**good, "follow": "12"}, {**good, "follow": [True]},
+                  {**good, "locations": ["1234"]}, {**good, "locations": [[1, 2, 3]]},
+                  {**good, "locations": [[1, 2, 3, "x"]]}, {**good, "locations": 5}):
+        path.write_bytes(orjson.dumps(shape))
+        assert record.lookup(1) == "unreadable", shape
+    path.write_bytes(orjson.dumps(good))
+    assert record.lookup(1) == (["iphone"], [12], [(-1.0, -2.0, 3.0, 4.0)])
 
 
 def test_a_folder_whose_spool_an_older_ingestd_wrote_starts_past_its_numbers(

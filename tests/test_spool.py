@@ -956,6 +956,7 @@ def test_deleted_or_garbage_checkpoint_replays_everything(tmp_path: Path) -> Non
         b'{"seq": "x"}',
         b"[]",
         b'{"seq":1,"segment":"../x","offset":0}',
+        b'{"seq":1e999,"segment":"00000000000000000001.seg","offset":0}',  # JSON: infinity
         None,
     ):
         if damage is None:
@@ -967,6 +968,16 @@ def test_deleted_or_garbage_checkpoint_replays_everything(tmp_path: Path) -> Non
         assert replay == [s for s in seqs if s >= first_kept]
         assert set(remaining) <= set(replay)
         assert fresh.checkpoint_resets == 1
+
+
+def test_a_folder_in_place_of_the_checkpoint_is_what_its_error_names(tmp_path: Path) -> None:
+    # (The rename's error names its source, the temp file: not what is in the way.)
+    writer = make_writer(tmp_path)
+    fill(writer, payloads(3))
+    (tmp_path / CHECKPOINT).mkdir()
+    reader = SpoolReader(tmp_path)
+    reader.ack(drain(reader)[-1])
+    assert reader.checkpoint_error == f"{tmp_path / CHECKPOINT}: Is a directory (EISDIR)"
 
 
 def test_checkpoint_beyond_end_of_segment_replays(tmp_path: Path) -> None:

@@ -77,7 +77,11 @@ def write_status(state_dir: Path, role: str, status: dict[str, Any]) -> None:
         return
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(data)
+        except FileNotFoundError:  # run/ removed by hand (its files look disposable): anew
+            (state_dir / RUN_DIR).mkdir(exist_ok=True)
+            tmp.write_bytes(data)
         os.replace(tmp, target)
     except OSError as exc:
         if exc.errno not in DISK_FULL:

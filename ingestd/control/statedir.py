@@ -7,6 +7,7 @@ not a directory" says more than the ENOTDIR of a mkdir three levels down.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -15,12 +16,14 @@ from pathlib import Path
 
 from ingestd.control import runstate
 from ingestd.spool import generations
+from ingestd.spool.format import file_at_fault, list_segments
 
 # Created at start by the supervisor, so that a folder the workers could not create (spool/ by
 # the stream worker, deadletter/ by the store worker) stops the start with one clear error
 # instead of a crash loop (generations/ is the supervisor's own: spool.generations).
 SUBDIRS = (runstate.RUN_DIR, "spool", "deadletter", generations.DIRNAME)
 ACCESS = os.W_OK | os.X_OK  # create and remove entries
+_EFFECTIVE = os.access in os.supports_effective_ids  # judge as the daemon's own uid
 MOUNTINFO = Path("/proc/self/mountinfo")
 # Kernel file systems that hold no files of ours: root may look able to write there (access(2)
 # says yes on /proc), yet nothing can be created (the audit's state_dir: /proc/ingestd).
@@ -60,6 +63,23 @@ def inspect(state_dir: Path) -> Finding | None:
         finding = _existing_dir(path)
         if finding is not None:
             return finding
+    return _unusable_segment(state_dir / "spool")
+
+
+def _unusable_segment(spool: Path) -> Finding | None:
+    """A spool segment that is no file, or one this user cannot read (a chown or a backup's
+    restore gone wrong): both workers would die on it at every start; the operator can fix it
+    (or move it away: its records are then counted lost)."""
+    try:
+        names = list_segments(spool)
+    except OSError as exc:  # a folder that cannot be listed (mode 0300)
+        return Finding(f"{spool}: {exc.strerror}", anyone=exc.errno != errno.EACCES)
+    for path in (spool / name for name in names):
+        with contextlib.suppress(FileNotFoundError):  # stored and deleted meanwhile
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                return Finding(f"{path} is not a file", anyone=True)
+            if not os.access(path, os.R_OK, effective_ids=_EFFECTIVE):
+                return Finding(f"{path} is not readable by uid {os.geteuid()}", anyone=False)
     return None
 
 
@@ -106,7 +126,7 @@ def _existing_dir(path: Path) -> Finding | None:
 
 
 def _writable(path: Path) -> Finding | None:
-    if os.access(path, ACCESS, effective_ids=os.access in os.supports_effective_ids):
+    if os.access(path, ACCESS, effective_ids=_EFFECTIVE):
         return None
     try:
         read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
@@ -133,7 +153,7 @@ def explain(state_dir: Path, exc: OSError) -> StateDirUnusable:
     finding = inspect(state_dir)
     if finding is not None:
         return StateDirUnusable(state_dir, finding.reason)
-    where = exc.filename if exc.filename is not None else state_dir
+    where = file_at_fault(exc) or state_dir
     return StateDirUnusable(state_dir, f"{where}: {exc.strerror or type(exc).__name__}")
 
 
@@ -143,7 +163,9 @@ def prepare(state_dir: Path) -> None:
         for name in SUBDIRS:
             path = state_dir / name
             path.mkdir(parents=True, exist_ok=True)
-            if not os.access(path, ACCESS, effective_ids=os.access in os.supports_effective_ids):
+            if not os.access(path, ACCESS, effective_ids=_EFFECTIVE):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
     except OSError as exc:
         raise explain(state_dir, exc) from None
+    if (finding := _unusable_segment(state_dir / "spool")) is not None:
+        raise StateDirUnusable(state_dir, finding.reason)

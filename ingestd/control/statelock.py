@@ -22,31 +22,38 @@ class StateDirClaim:
     Two supervisors on one state folder would run two readers into one spool and two store
     workers acking the same checkpoint. The workers inherit the locked file (``fds``), so the
     lock also outlives a killed supervisor until its orphaned workers have drained and exited.
+    The state folder itself is locked too: a lock file deleted by hand (taken for a stale one)
+    would let the next supervisor lock a new file of that name and share the spool.
     """
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.lock_fd: int | None = None
+        self.folder_fd: int | None = None
 
     @property
     def fds(self) -> tuple[int, ...]:
-        """The descriptors the workers must inherit: the lock, once taken."""
-        return () if self.lock_fd is None else (self.lock_fd,)
+        """The descriptors the workers must inherit: the locks, once taken."""
+        return tuple(fd for fd in (self.lock_fd, self.folder_fd) if fd is not None)
 
     def lock(self) -> bool:
-        """Take ``run/supervisor.lock``; False (logged) if another holds it."""
+        """Take ``run/supervisor.lock`` and the folder's lock; False (logged) if another holds
+        either."""
         path = runstate.run_dir(self.state_dir) / LOCKFILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        folder = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_folder(folder)
         except OSError:
             os.close(fd)
+            os.close(folder)
             log.error("state_dir_locked", state_dir=str(self.state_dir), lock=str(path),
                       holder_pid=self.pidfile_pid(),
                       reason="another ingestd supervisor, or its workers still finishing, "
                              "uses this state folder")
             return False
-        self.lock_fd = fd
+        self.lock_fd, self.folder_fd = fd, folder
         return True
 
     def pidfile_pid(self) -> int | None:
@@ -70,6 +77,18 @@ class StateDirClaim:
 
     def release(self) -> None:
         """Close our copy of the lock: it is released once the last worker holding it is gone."""
-        if self.lock_fd is not None:
-            os.close(self.lock_fd)
-            self.lock_fd = None
+        for fd in self.fds:
+            os.close(fd)
+        self.lock_fd = self.folder_fd = None
+
+
+def _lock_folder(fd: int) -> None:
+    """flock the state folder (``BlockingIOError`` if another holds it). A file system that
+    cannot flock a folder (NFS takes flock as a POSIX lock, which needs a writable file) leaves
+    the lock file's alone, as before."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise
+    except OSError as exc:
+        log.debug("state_dir_folder_lock_unsupported", error=str(exc))

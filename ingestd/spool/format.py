@@ -197,8 +197,8 @@ def read_checkpoint(directory: Path) -> Checkpoint | None:
         doc = json.loads((directory / CHECKPOINT).read_bytes())
         ckpt = Checkpoint(int(doc["seq"]), str(doc["segment"]), int(doc["offset"]))
         crc = doc.get("crc")
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, OverflowError):
+        return None  # OverflowError: a number past a float's range (1e999) is infinity in JSON
     if crc is not None and crc != _checkpoint_crc(ckpt):
         return None
     valid = _SEGMENT_RE.match(ckpt.segment) and ckpt.offset >= 0 and ckpt.seq >= 0
@@ -287,6 +287,18 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+# A rename fails with these when its target is in the way (a folder where the file should be).
+_TARGET_IN_THE_WAY = frozenset({errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST})
+
+
+def file_at_fault(exc: OSError) -> str | None:
+    """The file an ``OSError`` is about: a rename's target when that is what stopped it (its
+    ``filename`` is the temp file, which is never the culprit then), else its ``filename``."""
+    if exc.filename2 is not None and exc.errno in _TARGET_IN_THE_WAY:
+        return str(exc.filename2)
+    return None if exc.filename is None else str(exc.filename)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -19,6 +19,7 @@ falls back, counted as ``pruned``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,9 @@ STOPPED_FILE = "stopped_at"  # the spool's last record when this version last st
 SUPERSEDED = "superseded"  # generation files set aside (``supersede_if_appended``)
 KEEP = 256  # generations kept: each file is written once, a few KB (at most ~100 KB)
 LEGACY_FIRST = 65536  # first generation of a state folder whose spool predates this record
+# A spool record's generation field is a uint32 (``format.BODY``): a number past it, from a file
+# this version never wrote, is no generation of ours (numbering after it, every append failed).
+MAX_GENERATION = 2**32 - 1
 
 Box = tuple[float, float, float, float]
 FilterSpec = tuple[list[str], list[int], list[Box]]
@@ -53,6 +57,10 @@ def filter_spec(stream: object) -> FilterSpec:
     return (list(track), list(follow), [_box(b) for b in boxes])
 
 
+def _in_range(generation: int) -> bool:
+    return 1 <= generation <= MAX_GENERATION
+
+
 def _box(values: Sequence[Any]) -> Box:
     w, s, e, n = (float(v) for v in values)
     return (w, s, e, n)
@@ -71,14 +79,16 @@ class GenerationRecord:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return []
-        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+        numbers = (int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+        return sorted(n for n in numbers if _in_range(n))
 
     def first(self) -> int | None:
-        """The first generation recorded in this folder; None before any was."""
+        """The first generation recorded in this folder; None before any was (or unreadable)."""
         try:
-            return int((self.directory / FIRST_FILE).read_text(encoding="ascii").strip())
+            first = int((self.directory / FIRST_FILE).read_text(encoding="ascii").strip())
         except (OSError, ValueError):
             return None
+        return first if _in_range(first) else None
 
     def next_generation(self) -> int:
         """The number a start gives its first generation: after the newest recorded, else 1 on a
@@ -137,6 +147,9 @@ class GenerationRecord:
         """Keep ``generation``'s filters durably (fsynced), then forget all but the newest
         ``KEEP`` generations. ``OSError`` if it could not be written: nothing may run under
         ``generation`` then."""
+        if not _in_range(generation):  # past 4294967295.json: a file put there by hand
+            raise OSError(errno.ERANGE, f"generation {generation} is past the spool's "
+                          f"{MAX_GENERATION}", str(self.directory / f"{generation}.json"))
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.first() is None:
             _write_atomically(self.directory, FIRST_FILE, b"%d\n" % generation)
@@ -157,9 +170,7 @@ class GenerationRecord:
         except OSError:
             return "unreadable"
         try:
-            doc = orjson.loads(raw)
-            return ([str(t) for t in doc["track"]], [int(f) for f in doc["follow"]],
-                    [_box(b) for b in doc["locations"]])
+            return _spec(orjson.loads(raw))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return "unreadable"
 
@@ -169,6 +180,21 @@ class GenerationRecord:
             return "before_record"
         numbers = self._numbers()
         return "pruned" if numbers and generation < numbers[0] else "missing"
+
+
+def _spec(doc: Any) -> FilterSpec:
+    """The filters of a generation file, as ``record`` writes them; ``TypeError`` or
+    ``ValueError`` for any other shape (a file edited or garbled by hand): a string's characters
+    taken as phrases matched nothing, silently, and a blank phrase, which no settings validate,
+    made ``documents.matching.Matcher`` raise in the store worker at every start."""
+    track, follow, boxes = doc["track"], doc["follow"], doc["locations"]
+    if not all(isinstance(v, list) for v in (track, follow, boxes, *boxes)):
+        raise TypeError("filters are lists")
+    if not all(isinstance(t, str) and t.split() for t in track):
+        raise ValueError("a track phrase is text with a word")
+    if not all(isinstance(f, int) and not isinstance(f, bool) for f in follow):
+        raise TypeError("follow ids are integers")
+    return (track, follow, [_box(b) for b in boxes])
 
 
 def _write_atomically(directory: Path, name: str, data: bytes) -> None:

@@ -24,6 +24,7 @@ from ingestd.spool.format import (
     Checkpoint,
     Record,
     RecordRef,
+    file_at_fault,
     list_segments,
     read_checkpoint,
     reserve_checkpoint,
@@ -336,7 +337,7 @@ class SpoolReader:
             self._written_at = self._clock()  # retried an interval later, not on every record
             self.checkpoint_failures += 1
             name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-            where = exc.filename if exc.filename is not None else self.directory / CHECKPOINT
+            where = file_at_fault(exc) or self.directory / CHECKPOINT
             self.checkpoint_error = f"{where}: {exc.strerror or exc} ({name})"
             log.error("spool_checkpoint_write_failed", error=self.checkpoint_error,
                       effect="the checkpoint stays pending and is retried; stored segments are "
