@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ingestd.config.schema import SpoolSettings
 from ingestd.control.collector import RunStateCollector, known_labels
+from ingestd.control.metrics import MAX_REQUESTS
 from ingestd.control.procstats import ProcessCollector
 from ingestd.control.runstate import run_dir, write_status
 from ingestd.sink.batch import Entry
@@ -398,3 +400,54 @@ def test_a_batchs_store_latency_counts_each_tweet_from_its_own_receipt() -> None
     assert latency["count"] == len(ages) == sum(latency["counts"])
     assert latency["counts"] == one_by_one.counts
     assert sum(ages) <= latency["sum"] < sum(ages) + 0.5  # observed a moment after ``now``
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the other end closed ``sock`` (EOF or a reset waiting to be read)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_connections_to_the_metrics_port_hold_a_bounded_number_of_threads(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    """150 connections that send nothing (a port scanner, a stuck client) held a supervisor
+    thread each for HTTP_TIMEOUT: under systemd's TasksMax=128, shared with the workers, that
+    would starve them of threads and forks. Those past MAX_REQUESTS are closed at once, and the
+    listener serves again as soon as the idle ones go."""
+    sim = SimProcess(tmp_path / "sim", "--rate", "20", "--keepalive", "1").start()
+    doc = settings_doc(sim.url, mongo_uri, mongo_database, metrics={"listen": "127.0.0.1:0"})
+    daemon = Daemon(tmp_path / "daemon", doc).start()
+    idle: list[socket.socket] = []
+    try:
+        daemon.wait_ready()
+        addr = metrics_addr(daemon)
+        host, port = addr.rsplit(":", 1)
+        assert daemon.proc is not None
+        supervisor = psutil.Process(daemon.proc.pid)
+        before = supervisor.num_threads()
+        idle = [socket.create_connection((host, int(port))) for _ in range(150)]
+        refused = wait_until(
+            lambda: (n := sum(map(closed_by_peer, idle))) >= 150 - MAX_REQUESTS and n, 10,
+            "the connections past MAX_REQUESTS closed by the listener")
+        threads = supervisor.num_threads()
+        for sock in idle:
+            sock.close()
+        code, _ = wait_until(lambda: http_get(f"http://{addr}/healthz"), 10, "a health check")
+        scrape(addr)
+        logged = [e for e in daemon.log_events() if e.get("event") == "metrics_connection_refused"]
+    finally:
+        for sock in idle:
+            sock.close()
+        daemon.stop()
+        sim.stop()
+    assert refused == 150 - MAX_REQUESTS
+    # the handlers, and the log's fold thread (started by the first refusal line it folds)
+    assert threads <= before + MAX_REQUESTS + 1, (before, threads)
+    assert code == 200 and logged  # folded by the log's rate limit: at least one line
+    print(f"\n[metrics flood] threads {before} → {threads} with 150 idle connections, "
+          f"{refused} closed at once, {len(logged)} log lines")

@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ingestd.control.metrics")
 
 HTTP_TIMEOUT = 10.0  # seconds a scraper may take to send its request: no thread is held forever
+# Requests served at once (a thread each); a connection past them is closed at once. Unbounded,
+# idle connections (a port scanner, a stuck client) each held a thread for HTTP_TIMEOUT: 150 of
+# them take the service past systemd's TasksMax=128, shared with the workers' threads and forks.
+MAX_REQUESTS = 8
 
 
 
@@ -55,6 +59,10 @@ def _server_classes() -> tuple[ServerClass, ServerClass]:
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True
+        # the listen backlog (socketserver's default is 5): a burst of connections waits in the
+        # kernel for the accept loop, which closes those past MAX_REQUESTS at once, rather than
+        # having its SYNs dropped and retried seconds later
+        request_queue_size = 64
 
         def __init__(self, address: tuple[str, int], settings: Settings) -> None:
             from ingestd.control.collector import RunStateCollector
@@ -64,7 +72,28 @@ def _server_classes() -> tuple[ServerClass, ServerClass]:
             self.registry = CollectorRegistry(auto_describe=False)
             self.registry.register(RunStateCollector(state_dir, settings.spool))
             self.registry.register(ProcessCollector(state_dir))
+            self.slots = threading.BoundedSemaphore(MAX_REQUESTS)
             super().__init__(address, Handler)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            """A thread for the request if fewer than ``MAX_REQUESTS`` are being served, else
+            the connection closed (a scraper tries again at its next interval)."""
+            if not self.slots.acquire(blocking=False):
+                log.warning("metrics_connection_refused", busy=MAX_REQUESTS,
+                            rate_key="metrics_connection_refused")
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:  # no thread started: it will not give the slot back
+                self.slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
 
         def handle_error(self, request: Any, client_address: Any) -> None:
             """An exception out of a request (the scraper hung up before its request was read):
