@@ -51,10 +51,17 @@ def loads(payload: bytes | memoryview) -> tuple[Any, bool]:
     try:
         return orjson.loads(payload), False
     except orjson.JSONDecodeError as first:
-        fixed = without_lone_surrogates(bytes(payload))
-        if fixed is None:
-            raise
-        try:
-            return orjson.loads(fixed), True
-        except orjson.JSONDecodeError:
-            raise first from None
+        return loads_repaired(payload, first), True
+
+
+def loads_repaired(payload: bytes | memoryview, refused: orjson.JSONDecodeError) -> Any:
+    """``payload``, which orjson ``refused``, parsed again without lone surrogates; raises
+    ``refused`` if it has none or is still not JSON (callers parse with orjson first, so the hot
+    path pays nothing here)."""
+    fixed = without_lone_surrogates(bytes(payload))
+    if fixed is None:
+        raise refused
+    try:
+        return orjson.loads(fixed)
+    except orjson.JSONDecodeError:
+        raise refused from None

@@ -469,11 +469,13 @@ class StoreWorker:
             self._take_encoded(encoded, record)
             return
         try:
-            obj, repaired = surrogates.loads(record.payload)
-        except orjson.JSONDecodeError as exc:  # its text says where and why, never the content
-            self._letters.add(_json_failure(record.payload), record, detail=str(exc)[:200])
-            return
-        if repaired:
+            obj = orjson.loads(record.payload)
+        except orjson.JSONDecodeError as exc:
+            try:
+                obj = surrogates.loads_repaired(record.payload, exc)
+            except orjson.JSONDecodeError:  # its text says where and why, never the content
+                self._letters.add(_json_failure(record.payload), record, detail=str(exc)[:200])
+                return
             self.totals.repaired += 1
         kind = classify(obj)
         if kind == "unknown":
