@@ -172,6 +172,14 @@ class MetricsServer:
         write_addr(self.state_dir, self.address)
         return self
 
+    def publish(self) -> bool:
+        """Write ``run/metrics.addr`` again if it is gone or names another listener (``run/``
+        removed by hand); True if it did (``OSError`` if it cannot)."""
+        if status.metrics_address(self.state_dir) == self.address:
+            return False
+        write_addr(self.state_dir, self.address)
+        return True
+
     def close(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,9 @@ class Reporter:
         self.watchdog_due = 0.0
         self.written: tuple[float, dict[str, Any]] = (0.0, {})
         self.heartbeat_timeout: float | None = None  # control.heartbeat_timeout in force
+        # Called when run/supervisor.json had to be written anew: run/ (or the file) was removed
+        # by hand, and the files written once at start (the pid file) may be gone with it.
+        self.on_new_file: Callable[[], None] = lambda: None
 
     def report(self, heartbeat_timeout: float) -> None:
         """Tell systemd and ``ingestd status`` where we are."""
@@ -203,6 +207,9 @@ class Reporter:
         }
         now = time.monotonic()
         if doc != self.written[1] or now - self.written[0] >= self.STATUS_INTERVAL:
+            anew = False
             with contextlib.suppress(OSError):
-                runstate.write_status(self.state_dir, "supervisor", doc)
+                anew = runstate.write_status(self.state_dir, "supervisor", doc)
             self.written = (now, doc)
+            if anew:
+                self.on_new_file()

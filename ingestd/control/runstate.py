@@ -62,10 +62,12 @@ def status_path(state_dir: Path, role: str) -> Path:
     return state_dir / RUN_DIR / f"{role}.json"
 
 
-def write_status(state_dir: Path, role: str, status: dict[str, Any]) -> None:
+def write_status(state_dir: Path, role: str, status: dict[str, Any]) -> bool:
     """Publish ``status`` (plus pid, ``proc`` (``process_token``), role and wall-clock time) for
     ``role``, secrets masked as in the log: ``status``, ``/healthz`` and systemd's STATUS= show
-    its reasons."""
+    its reasons. True if the file was written anew rather than in place: it was gone (``run/``
+    or the file removed by hand, or a first write) or the status outgrew it. The supervisor then
+    looks at the other files of ``run/``: the one moment that costs nothing extra to notice."""
     doc = {"role": role, "pid": os.getpid(), "proc": process_token(), "time": time.time(),
            **scrub_strings(status)}
     doc.pop("time_end", None)  # (a status read back and written again carries one)
@@ -74,7 +76,7 @@ def write_status(state_dir: Path, role: str, status: dict[str, Any]) -> None:
     data += b" " * (-len(data) % PAD)  # JSON allows trailing white space
     target = status_path(state_dir, role)
     if overwrite_in_place(target, data):
-        return
+        return False
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         try:
@@ -88,6 +90,7 @@ def write_status(state_dir: Path, role: str, status: dict[str, Any]) -> None:
             raise
         tmp.unlink(missing_ok=True)
         overwrite_in_place(target, data)
+    return True
 
 
 def overwrite_in_place(target: Path, data: bytes) -> bool:

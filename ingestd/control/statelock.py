@@ -1,5 +1,12 @@
 """The supervisor's claim on its state folder: ``run/supervisor.lock`` (flock) and
-``run/supervisor.pid`` (for ``ingestd reload``). Loaded by the supervisor only."""
+``run/supervisor.pid`` (for ``ingestd reload``). Loaded by the supervisor only.
+
+Both files are written once, at start, in a folder whose files look disposable: ``run/`` removed
+by hand, or a tmp cleaner that ages files (systemd-tmpfiles), takes them while the daemon runs.
+The folder's own flock still refuses a second daemon, but ``ingestd reload`` finds no pid and
+``check --online`` no lock; ``restore`` writes them again (the supervisor calls it when its status
+file had to be written anew, and every ``Supervisor.RUN_FILES_LOOK`` seconds: one stat).
+"""
 
 from __future__ import annotations
 
@@ -30,6 +37,8 @@ class StateDirClaim:
         self.state_dir = state_dir
         self.lock_fd: int | None = None
         self.folder_fd: int | None = None
+        # The pid file as written (inode, mtime, size); None before it is, and once removed.
+        self.pidfile_written: tuple[int, int, int] | None = None
 
     @property
     def fds(self) -> tuple[int, ...]:
@@ -68,9 +77,54 @@ class StateDirClaim:
         tmp = path.with_name(f".{PIDFILE}.{os.getpid()}.tmp")
         tmp.write_text(f"{os.getpid()}\n")
         os.replace(tmp, path)
+        self.pidfile_written = _identity(path)
+
+    def pidfile_intact(self) -> bool:
+        """Whether ``run/supervisor.pid`` is still the file written (one stat; True before it
+        was written and after it was removed at the stop: nothing to restore then)."""
+        if self.pidfile_written is None:
+            return True
+        return _identity(self.state_dir / runstate.RUN_DIR / PIDFILE) == self.pidfile_written
+
+    def restore(self) -> list[str]:
+        """Write again what ``run/`` lost of the claim: the pid file if it is gone or was
+        replaced, the lock file (locked anew) if it is gone. The names of the files written
+        (``OSError`` if one cannot be)."""
+        restored = []
+        if not self.pidfile_intact():
+            self.write_pidfile()
+            restored.append(PIDFILE)
+        if self.relock():
+            restored.append(LOCKFILE)
+        return restored
+
+    def relock(self) -> bool:
+        """Lock a new ``run/supervisor.lock`` if ours is gone from the folder (True if so).
+
+        The held descriptor of a deleted file locks nothing a newcomer can see. A new file is
+        locked only if free: a second supervisor may hold it for the moment the folder's lock
+        takes to refuse it; the next look locks it then. The workers keep the old one."""
+        if self.lock_fd is None:
+            return False
+        path = runstate.run_dir(self.state_dir) / LOCKFILE
+        held = os.fstat(self.lock_fd)
+        with contextlib.suppress(FileNotFoundError):
+            now = os.stat(path)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return False
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        os.close(self.lock_fd)
+        self.lock_fd = fd
+        return True
 
     def remove_pidfile(self) -> None:
         """Remove ``run/supervisor.pid`` if it is still ours."""
+        self.pidfile_written = None  # stopping: not to be restored
         if self.pidfile_pid() == os.getpid():
             with contextlib.suppress(OSError):
                 (self.state_dir / runstate.RUN_DIR / PIDFILE).unlink()
@@ -80,6 +134,15 @@ class StateDirClaim:
         for fd in self.fds:
             os.close(fd)
         self.lock_fd = self.folder_fd = None
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime ns, size) of ``path``: another write changes one of them; None if gone."""
+    try:
+        st = os.stat(path)
+    except OSError:  # gone, or run/ unreadable: written again (restore says if that fails)
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _lock_folder(fd: int) -> None:

@@ -85,6 +85,9 @@ class Listener(Protocol):
 
     def close(self) -> None: ...
 
+    def publish(self) -> bool:
+        """Write ``run/metrics.addr`` again if it is not this listener's; True if it did."""
+
 
 ListenerFactory = Callable[[], Listener | None]
 
@@ -160,6 +163,10 @@ class Supervisor:
     # heartbeats are rewritten every second, so a look every second sees each one.
     LOOP_TIMEOUT = 1.0
     REAP_TIMEOUT = 5.0  # for processes already sent SIGKILL
+    # Seconds between looks at run/supervisor.pid (one stat): a tmp cleaner may take it alone,
+    # and `ingestd reload` cannot find the daemon without it. run/ removed whole is seen at once,
+    # by the status write (``restore_run_files``).
+    RUN_FILES_LOOK = 10.0
 
     def __init__(
         self,
@@ -188,6 +195,9 @@ class Supervisor:
         self.standing = Standing()
         self.generations = GenerationRecord(self.state_dir)
         self.reporter = Reporter(self.standing, self.pool, self.state_dir, self.LOOP_TIMEOUT)
+        self.reporter.on_new_file = self.restore_run_files
+        self.run_files_due = 0.0  # monotonic time of the next look at the pid file
+        self.run_files_failed = False  # the last restore failed (logged once until one works)
         self.escalated = False
         self.exit_code: int | None = None
         # The settings text in force (validated at start or by the last good reload).
@@ -308,6 +318,38 @@ class Supervisor:
         self.pool.flush_pipes()
         self.count_refused_rules()
         self.reporter.report(control.heartbeat_timeout)
+        self.look_at_pidfile()
+
+    def look_at_pidfile(self) -> None:
+        """Every ``RUN_FILES_LOOK`` s: is the pid file still the one written (one stat)?"""
+        now = time.monotonic()
+        if now < self.run_files_due:
+            return
+        self.run_files_due = now + self.RUN_FILES_LOOK
+        if not self.claim.pidfile_intact():
+            self.restore_run_files()
+
+    def restore_run_files(self) -> None:
+        """Write again what ``run/`` lost of the files written once at start: the pid file
+        (``ingestd reload`` finds the daemon by it, ``status`` the folder), the lock file
+        (``check --online`` sees a running stream by its flock) and ``metrics.addr`` (the
+        metrics URL ``status`` shows). The status files come back by themselves."""
+        try:
+            restored = self.claim.restore()
+            if self.listener is not None and self.listener.publish():
+                restored.append("metrics.addr")
+        except OSError as exc:
+            if not self.run_files_failed:
+                log.warning("run_files_restore_failed", error=str(exc),
+                            effect="ingestd reload needs --pid until run/ is writable")
+            self.run_files_failed = True
+            return
+        self.run_files_failed = False
+        self.pool.inherited_fds = self.claim.fds  # a new lock file: the next worker holds it
+        if restored:
+            log.warning("run_files_restored", files=restored,
+                        reason="removed or replaced while the daemon ran (by hand, or a tmp "
+                               "cleaner); the state folder's lock stayed held throughout")
 
     def count_refused_rules(self) -> None:
         """v2: the endpoint judges stream.rules only after the stream worker adopted a reload;
