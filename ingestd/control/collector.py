@@ -313,8 +313,14 @@ class RunStateCollector:
     def _store(self, store: Mapping[str, Any]) -> Iterable[Metric]:
         c = _section(store, "counters")
         yield from plain_counters(STORE_COUNTERS, c)
-        yield gauge("ingestd_store_degraded", "1 while MongoDB writes are failing.",
+        yield gauge("ingestd_store_degraded", "1 while the store worker is degraded: MongoDB "
+                    "writes failing, or the spool checkpoint cannot be written.",
                     1.0 if str(store.get("state", "")).startswith("degraded") else 0.0)
+        # Its own series: an unwritable checkpoint keeps stored segments on disk, a MongoDB
+        # failure does not; the two need different hands (docs/reliability.md, #8b).
+        yield counter("ingestd_spool_checkpoint_failures_total", "Spool checkpoint writes that "
+                      "failed (the segments behind it are kept until one is written).",
+                      _num(_section(store, "spool").get("checkpoint_failures")))
         hist = _section(store, "hist")
         for key, (name, doc) in HISTOGRAMS.items():
             family = histogram(name, doc, hist.get(key))

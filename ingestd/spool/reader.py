@@ -161,11 +161,19 @@ class SpoolReader:
         ):
             self._try_write(ckpt)  # if it fails, pending: the next ack or an idle tick retries
         self._acked = ckpt
-        written = self._written
-        if self._acked_cleaned != ckpt.segment and written is not None \
-                and written.segment == ckpt.segment and self._delete_before(ckpt.segment):
-            self._acked_cleaned = ckpt.segment
+        self._clean_behind_written()
         self._release_consumed()
+
+    def _clean_behind_written(self) -> None:
+        """Delete the segments before the checkpoint on disk, once per segment it reaches.
+
+        Also after a checkpoint written late (``maybe_flush``: the one that could not be written
+        before, a folder in its place): a quiet stream brings no ack to free what it passes.
+        """
+        written = self._written
+        if written is not None and self._acked_cleaned != written.segment \
+                and self._delete_before(written.segment):
+            self._acked_cleaned = written.segment
 
     def _release_consumed(self) -> None:
         """Checkpoint at the start of the cursor's segment once everything read before it is acked.
@@ -203,8 +211,8 @@ class SpoolReader:
         """Write the pending checkpoint once it is due (idle ticks: no ack comes to do it), so
         the writer's backlog, and a full spool, follow what was stored."""
         if self.checkpoint_pending and self._clock() - self._written_at >= self._interval \
-                and self._acked is not None:
-            self._try_write(self._acked)  # if it fails: retried on the next call, or by close
+                and self._acked is not None and self._try_write(self._acked):
+            self._clean_behind_written()  # else retried on the next call, or by close
 
     def has_data(self) -> bool:
         """True if ``read`` may return something now (new bytes or a new segment)."""
