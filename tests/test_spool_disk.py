@@ -197,6 +197,28 @@ def test_a_failed_checkpoint_write_is_reported_retried_and_never_raised(
     assert ckpt is not None and ckpt.seq == rest[-1].seq
 
 
+def test_segments_kept_behind_an_unwritable_checkpoint_are_freed_when_it_is_written(
+        tmp_path: Path) -> None:
+    # A folder in place of the checkpoint (an operator's mistake, a restore): acked segments
+    # read in one burst were kept while it was there. Once removed, the idle tick wrote the
+    # checkpoint but freed nothing: a quiet stream kept them until its next tweet.
+    clock = FakeClock()
+    writer = SpoolWriter(tmp_path, segment_bytes=4096, max_bytes=BIG, max_records=BIG)
+    for _ in range(40):
+        writer.append([(KIND_MESSAGE, b"x" * 500)], 1, 1, 1)
+    (tmp_path / CHECKPOINT).mkdir()
+    reader = SpoolReader(tmp_path, clock=clock)
+    burst = reader.read(100, BIG)  # every record, across the segments, before any ack
+    reader.ack(burst[-1])
+    assert "checkpoint: Is a directory (EISDIR)" in reader.checkpoint_error
+    assert len(list_segments(tmp_path)) > 1  # kept: no checkpoint on disk passes them
+    (tmp_path / CHECKPOINT).rmdir()  # what the operator does (docs/reliability.md)
+    clock.now += 1.0
+    reader.maybe_flush()  # the store worker's idle tick: no tweet comes to ack
+    assert reader.checkpoint_error == "" and read_checkpoint(tmp_path) == reader.acked
+    assert list_segments(tmp_path) == [burst[-1].segment]
+
+
 @pytest.fixture
 def read_only_later(tmp_path: Path) -> Iterator[tuple[Path, list[bool]]]:
     """A folder, and a switch: ``switch[0] = True`` makes it read-only (a bind mount of itself,

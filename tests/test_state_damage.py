@@ -22,8 +22,9 @@ import orjson
 import pytest
 
 from ingestd.control.supervisor import Supervisor
-from ingestd.spool.format import CHECKPOINT, KIND_MESSAGE, list_segments
+from ingestd.spool.format import CHECKPOINT, KIND_MESSAGE, list_segments, read_checkpoint
 from ingestd.spool.writer import SpoolWriter
+from ingestd.tools.stream_in_use import state_dir_holder
 from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.mongo import stored_ids
 from tests.support.simulator import SimProcess
@@ -32,6 +33,7 @@ from tests.support.wait import wait_until
 TWEETS = 30  # per connection: then only keep-alives, so "all stored" is a fixed set
 SCRIPT = [[{"deliver": TWEETS}, {"keepalive_only": 600}] for _ in range(8)]
 CRASHES = ("uncaught_exception", "worker_exited")  # an exit the supervisor asked for is info
+LOOK = 10.0  # s: Supervisor.RUN_FILES_LOOK, how often the supervisor looks at its pid file
 
 
 class Pair:
@@ -132,21 +134,84 @@ def test_a_lock_file_deleted_as_stale_still_refuses_a_second_daemon(pair: Pair) 
     pair.assert_exactly_once()
 
 
+def command(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    """``ingestd ARGS --config`` with the daemon's settings, as an operator runs it by hand."""
+    return subprocess.run([sys.executable, "-m", "ingestd", *args, "--config",
+                           str(daemon.config)], env=daemon.env(), capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def reload_by_hand(pair: Pair, generation: int) -> None:
+    """``ingestd reload`` without ``--pid`` (found by run/supervisor.pid) applies a filter
+    change as ``generation``, and the stream reconnects with it."""
+    doc = pair.daemon.doc
+    doc["stream"]["track"] = [*doc["stream"]["track"], f"ipad{generation}"]
+    pair.daemon.write_settings(doc)
+    reload = command(pair.daemon, "reload", "--timeout", "30")
+    assert reload.returncode == 0, reload.stderr
+    assert f"reload applied: generation {generation}" in reload.stdout
+
+
 def test_a_run_folder_removed_as_junk_comes_back_and_status_reads_ok(pair: Pair) -> None:
     # Its files were written to a folder that no longer was: `ingestd status` said "down"
-    # (exit 3) for as long as the daemon ran, and /healthz answered 503.
+    # (exit 3) for as long as the daemon ran, and /healthz answered 503. Then the status files
+    # came back but the pid file did not: `ingestd reload` said "no running daemon" (exit 3)
+    # until a restart, `ingestd status` showed no metrics URL, and `check --online` saw no lock.
+    pair.daemon.doc["metrics"] = {"listen": "127.0.0.1:0"}
+    pair.daemon.write_settings(pair.daemon.doc)
     pair.daemon.start().wait_ready()
-    shutil.rmtree(pair.daemon.state_dir / "run")
-
-    def status() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "ingestd", "status", "--config",
-                               str(pair.daemon.config)], env=pair.daemon.env(),
-                              capture_output=True, text=True, timeout=60, check=False)
-    wait_until(lambda: status().returncode == 0, 30, "ingestd status: ok again")
+    run = pair.daemon.state_dir / "run"
+    address = (run / "metrics.addr").read_text()
+    shutil.rmtree(run)
+    wait_until(lambda: command(pair.daemon, "status").returncode == 0, 30,
+               "ingestd status: ok again")
+    # restored by the same status write that made run/ again: no wait for a later look
+    wait_until(lambda: (run / "supervisor.pid").exists(), 3, "run/supervisor.pid again")
+    assert (run / "supervisor.pid").read_text() == f"{pair.daemon.pids()['supervisor']}\n"
+    assert (run / "metrics.addr").read_text() == address
+    assert state_dir_holder(pair.daemon.state_dir) != ""  # the new lock file is flocked
     wait_until(lambda: pair.all_stored(TWEETS), 60, "the first connection's tweets stored")
+    reload_by_hand(pair, 2)
+    wait_until(lambda: pair.all_stored(2 * TWEETS), 60, "the second connection's tweets stored")
+    assert run_second(pair.daemon)[0] == Supervisor.EXIT_LOCKED
     finish(pair.daemon, pair.sim)
     assert pair.crashes() == []
+    (restored,) = pair.daemon.events("run_files_restored")
+    assert sorted(restored["files"]) == ["metrics.addr", "supervisor.lock", "supervisor.pid"]
     pair.assert_exactly_once()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "overwritten"])
+def test_a_pid_file_a_tmp_cleaner_took_is_written_again(pair: Pair, damage: str) -> None:
+    # systemd-tmpfiles ages files by their times, and the pid file is written once, at start:
+    # `ingestd reload` by hand said "no running daemon" (exit 3) until a restart.
+    pair.daemon.start().wait_ready()
+    pidfile = pair.daemon.state_dir / "run" / "supervisor.pid"
+    if damage == "deleted":
+        pidfile.unlink()
+    else:  # by a restored backup: a pid no process has
+        pidfile.write_text(f"{dead_pid()}\n")
+    assert command(pair.daemon, "reload").returncode == 3  # what the operator met
+    supervisor = pair.daemon.pids()["supervisor"]
+    wait_until(lambda: pidfile.exists() and pidfile.read_text() == f"{supervisor}\n",
+               LOOK + 5, "run/supervisor.pid written again")
+    wait_until(lambda: pair.all_stored(TWEETS), 60, "the first connection's tweets stored")
+    reload_by_hand(pair, 2)
+    wait_until(lambda: pair.all_stored(2 * TWEETS), 60, "the second connection's tweets stored")
+    finish(pair.daemon, pair.sim)
+    assert pair.crashes() == []
+    (restored,) = pair.daemon.events("run_files_restored")
+    assert restored["files"] == ["supervisor.pid"]
+    assert not pidfile.exists()  # removed at the stop, as ever
+    assert Supervisor.RUN_FILES_LOOK <= LOOK
+    pair.assert_exactly_once()
+
+
+def dead_pid() -> int:
+    """A pid no process has now (one that just exited, reaped)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
 
 
 def test_a_folder_in_place_of_the_pid_file_is_named_at_start(pair: Pair) -> None:
@@ -223,5 +288,83 @@ def test_a_generation_file_of_another_shape_is_counted_and_never_fatal(pair: Pai
     assert pair.daemon.counters("store")["matched_fallback"] == {"unreadable": 1}
     (unknown,) = pair.daemon.events("generation_unknown")
     assert unknown["generation"] == 1 and unknown["reason"] == "unreadable"
+    assert sorted(stored_ids(pair.uri, pair.database)) == sorted(
+        [*pair.sim.ground_truth().tweet_ids(), backlog])
+
+
+
+def metric(state_dir: Path, name: str) -> float | None:
+    """One sample of /metrics, as the supervisor's collector reads the run files."""
+    from ingestd.control.collector import RunStateCollector
+
+    return next((s.value for family in RunStateCollector(state_dir).collect()
+                 for s in family.samples if s.name == name), None)
+
+
+def test_a_folder_in_place_of_the_checkpoint_is_visible_and_cleared_once_removed(
+        pair: Pair) -> None:
+    # Storing went on and the status said why, but no metric but ingestd_store_degraded (whose
+    # help said "MongoDB writes are failing") showed it. The daemon recovers by itself once the
+    # operator removes the folder: it never removes it (an operator's folder may hold anything).
+    spool = pair.daemon.state_dir / "spool"
+    pair.daemon.start().wait_ready()
+    wait_until(lambda: pair.all_stored(TWEETS), 60, "the first connection's tweets stored")
+    store_pid = pair.daemon.pids()["store"]
+    (spool / CHECKPOINT).unlink()
+    (spool / CHECKPOINT).mkdir()
+    reload_by_hand(pair, 2)  # the second connection's tweets: acks the checkpoint cannot follow
+    wait_until(lambda: pair.all_stored(2 * TWEETS), 60, "the second connection's tweets stored")
+    store = wait_until(lambda: (s := pair.daemon.status("store")).get(
+        "spool", {}).get("checkpoint_failures", 0) >= 5 and s, 30, "failures retried")
+    assert store["state"].startswith("degraded: spool checkpoint unwritable (")
+    assert f"{spool / CHECKPOINT}: Is a directory (EISDIR)" in store["state"]
+    assert command(pair.daemon, "status").returncode == 1  # degraded
+    assert metric(pair.daemon.state_dir, "ingestd_store_degraded") == 1
+    failures = metric(pair.daemon.state_dir, "ingestd_spool_checkpoint_failures_total")
+    assert failures is not None and failures >= 5
+    (spool / CHECKPOINT).rmdir()  # what the operator does (docs/reliability.md, #8b)
+    wait_until(lambda: not pair.daemon.status("store")["state"].startswith("degraded"), 30,
+               "the store worker's state clear, with no restart")
+    assert command(pair.daemon, "status").returncode == 0
+    assert metric(pair.daemon.state_dir, "ingestd_store_degraded") == 0
+    acked = pair.daemon.status("store")["spool"]["acked_seq"]
+    assert pair.daemon.pids()["store"] == store_pid
+    finish(pair.daemon, pair.sim)
+    assert pair.crashes() == []
+    assert read_checkpoint(spool) is not None and acked > 0
+    lines = pair.daemon.events("spool_checkpoint_write_failed")
+    assert 0 < len(lines) < failures  # folded by the log's rate limit, never silent
+    assert len(pair.daemon.events("spool_checkpoint_write_recovered")) == 1
+    pair.assert_exactly_once()
+
+
+def test_a_stop_mark_restored_from_a_backup_sets_generations_aside_and_loses_no_tweet(
+        pair: Pair) -> None:
+    # generations/stopped_at holding a valid but wrong (older) number reads as an older ingestd
+    # having appended: the generations are set aside, kept in superseded/. What that costs is
+    # only the filters the backlog's _ingest.matched is computed with (the newest), counted and
+    # logged; every tweet is still stored, and the new start's are matched by their own.
+    pair.first_connection_stored_then_stopped()
+    backlog = 9_100_000_000_000_000_002  # a tweet generation 1 left unstored in the spool
+    spool = SpoolWriter(pair.daemon.state_dir / "spool", max_bytes=1 << 30, max_records=10**6)
+    spool.append([(KIND_MESSAGE, orjson.dumps({
+        "id": backlog, "id_str": str(backlog), "text": "my iphone",
+        "created_at": "Sat Dec 05 10:00:00 +0000 2026", "user": {"id": 7, "screen_name": "me"},
+        "entities": {"hashtags": [], "user_mentions": [], "urls": []}}))], 1, 1, time.time_ns())
+    spool.close()
+    generations = pair.daemon.state_dir / "generations"
+    (generations / "stopped_at").write_text("3\n")  # a backup's: the spool is past it
+    pair.daemon.start().wait_ready()
+    wait_until(lambda: pair.all_stored(2 * TWEETS)
+               and backlog in stored_ids(pair.uri, pair.database), 60, "every tweet stored")
+    generation = pair.daemon.status("supervisor")["generation"]
+    finish(pair.daemon, pair.sim)
+    assert pair.crashes() == []
+    (superseded,) = pair.daemon.events("generations_superseded")
+    assert superseded["first_seq"] == 4 and superseded["level"] == "warning"
+    assert (generations / "superseded" / "1.json").is_file()  # set aside, not deleted
+    assert generation == 2  # numbered past the set-aside ones: never reused
+    # the backlog's tweets only (those of generation 1 still in the spool), each counted
+    assert pair.daemon.counters("store")["matched_fallback"] == {"before_record": 1}
     assert sorted(stored_ids(pair.uri, pair.database)) == sorted(
         [*pair.sim.ground_truth().tweet_ids(), backlog])
