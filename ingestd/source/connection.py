@@ -18,7 +18,7 @@ from ingestd.config.stream import ca_bundle
 from ingestd.source.api import StreamApi, api_for
 from ingestd.source.backoff import CONTESTED_DISCONNECT_CODES, Ending
 from ingestd.source.framing import LengthFramer, LineFramer
-from ingestd.source.headers import parse_header_line
+from ingestd.source.headers import ResponseHead
 from ingestd.source.inflate import Inflater, body_decoder
 from ingestd.source.stats import CUT_BY_DISCONNECT
 from ingestd.source.transport import configure_transport
@@ -57,6 +57,10 @@ class Connection:
     decoder: Inflater | None = None  # set from Content-Encoding at the first body bytes
     decoding_known: bool = False
     failure: str = ""  # why we ended it, where no status or libcurl error says (a bad body)
+    head: ResponseHead = field(init=False)  # reads header lines into status and headers
+
+    def __post_init__(self) -> None:
+        self.head = ResponseHead(self.headers)
 
     @property
     def healthy(self) -> bool:
@@ -74,10 +78,12 @@ class Connection:
     def api(self) -> StreamApi:
         return api_for(self.stream)
 
-    def on_header(self, line: bytes) -> None:
-        """libcurl's HEADERFUNCTION (must not raise)."""
-        if (status := parse_header_line(line, self.headers)) is not None:
-            self.status = status
+    def on_header(self, line: bytes) -> int | None:
+        """libcurl's HEADERFUNCTION (must not raise); 0 refuses a line that is no header line
+        (``head.malformed`` says which), and libcurl ends the transfer."""
+        refused = self.head.take(line)
+        self.status = self.head.status
+        return refused
 
     def decoded(self, data: bytes) -> Iterable[bytes]:
         """The body bytes ``data`` carries, inflated if the response is compressed; the iteration

@@ -79,7 +79,7 @@ STOP_DRAIN = 0.5
 GAP_CAUSES = {
     Ending.NETWORK: "reconnect", Ending.CLOSED: "reconnect", Ending.DISCONNECT: "reconnect",
     Ending.STALL: "stall", Ending.RATE_LIMITED: "rate_limited", Ending.HTTP: "http_error",
-    Ending.CONFIG: "rejected", Ending.ABORTED: "reload",
+    Ending.CONFIG: "rejected", Ending.ABORTED: "reload", Ending.MALFORMED_HEADER: "reconnect",
 }
 
 
@@ -465,6 +465,8 @@ class StreamReader:
             self._finished(conn, None, "stall")
 
     def _finished(self, conn: Connection, errno: int | None, errmsg: str) -> None:
+        # A head line libcurl refused (error 8) is a malformed header as much as one we refused.
+        conn.head.malformed = conn.head.refused_by_curl(errno, errmsg)
         ending = classify(conn, errno)
         if conn is self.active and self.pending is not None and conn.switched_out:
             # Logged out for our new connection before that one delivered its first byte (the
