@@ -9,12 +9,18 @@ from __future__ import annotations
 import signal
 import socket
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ingestd.source.body import FULL_CHECK_BYTES, HOLD_BYTES
+from ingestd.source.inflate import PIECE_BYTES
+from ingestd.spool.format import HEADER_SIZE
+from ingestd.spool.intake import COALESCE_BYTES
 from tests.support.daemon import Daemon, finish, settings_doc
+from tests.support.mongo import MongoStandIn
 from tests.support.raw_endpoint import JSON_STREAM_HEAD, RawEndpoint, chunk, tweet
 from tests.support.wait import wait_until
 from tests.test_resilience import QUIET_AFTER_3, caught_up, run_pair
@@ -309,3 +315,49 @@ def test_a_junk_response_header_line_ends_the_connection_with_a_reason_naming_it
     assert first["reason"].startswith(f"malformed_response_header: {shown}"), first["reason"]
     assert "junk" not in first["reason"].partition("(value not shown)")[2], "a value was shown"
     assert daemon.counters("stream")["endings"].get("malformed_response_header") == 1
+
+
+def test_a_gzip_bomb_of_tiny_messages_passes_a_full_spool_by_a_bounded_amount(
+    tmp_path: Path, mongo_standin: MongoStandIn
+) -> None:
+    """``when_full: block``: fullness was looked at per 16 KiB of compressed input, and 16 KiB of
+    gzip inflates to ~16 MB of tiny messages: one read went to the spool whole, far past its
+    bound (~20 MB of spool here over a 1 MiB bound; up to ~264 MB of body for a 256 KiB read).
+    Now the look comes per 16 KiB inflated, between the inflater's pieces, and the spool passes
+    its bound by at most what is documented (docs/design.md, "source/")."""
+    line = b'{"id":1}\r\n'  # no tweet: the store worker would count it, if it could write
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = z.compress(line * ((4 << 20) // len(line))) + z.flush(zlib.Z_SYNC_FLUSH)
+    assert len(bomb) < 16 * 1024  # one read, one look before it (formerly)
+
+    def gzip_bomb(client: socket.socket, _: bytes, stop: threading.Event) -> None:
+        client.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                       b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       + chunk(bomb))
+        stop.wait()
+
+    max_bytes = 1 << 20
+    # The body taken past a look that found room, and what the intake and the reader held
+    # unwritten at that look; in spool bytes for these messages (a 41-byte record header each).
+    body_past = FULL_CHECK_BYTES + PIECE_BYTES + HOLD_BYTES + COALESCE_BYTES
+    spool_past = (body_past // len(line) + 1) * (HEADER_SIZE + len(line) - 2)
+    with RawEndpoint([gzip_bomb]) as endpoint:
+        doc = settings_doc(endpoint.url, mongo_standin.uri, "bomb",
+                           spool={"max_bytes": max_bytes, "segment_bytes": "256KiB"})
+        daemon = Daemon(tmp_path / "daemon", doc)
+        mongo_standin.stop()  # nothing is stored: the spool fills to its bound and stays there
+        try:
+            daemon.start().wait_ready()
+            daemon.wait_log("spool_full", 30)
+            spool = wait_until(lambda: full_spool(daemon), 30, "the full spool in the status")
+        finally:
+            code, _ = daemon.stop()
+            daemon.kill()
+    assert crashes(daemon) == [] and code == 0
+    assert max_bytes <= spool["bytes"] < max_bytes + spool_past, (spool, spool_past)
+
+
+def full_spool(daemon: Daemon) -> dict[str, Any] | None:
+    """The stream worker's spool figures once its status says the spool is full."""
+    spool: dict[str, Any] = daemon.status("stream").get("spool") or {}
+    return spool if spool.get("full_since") is not None else None

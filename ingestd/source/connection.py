@@ -7,7 +7,7 @@ options every connection shares; the reader adds it to its ``CurlMulti`` loop an
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,9 @@ class Connection:
     abort: Ending | None = None  # set when we end it ourselves (stall, stop, reload)
     cut_bytes: int = 0  # bytes of the message this connection's end cut off (dropped)
     decoder: Inflater | None = None  # set from Content-Encoding at the first body bytes
+    # The rest of a read's inflated pieces, left by a full spool (``body.BodyIntake._take``):
+    # taken before the transfer resumes.
+    held_pieces: Iterator[bytes] | None = None
     decoding_known: bool = False
     failure: str = ""  # why we ended it, where no status or libcurl error says (a bad body)
     head: ResponseHead = field(init=False)  # reads header lines into status and headers
@@ -96,6 +99,7 @@ class Connection:
     def close(self, ending: Ending) -> None:
         """Close the handle (already out of the multi loop); note a message its end cut."""
         self.abort = self.abort or ending
+        self.held_pieces = None  # what a full spool held back: lost as TCP's bytes are
         self.curl.close()
         if self.framer.pending_bytes and self.status == 200:
             self.cut_bytes = self.framer.pending_bytes
