@@ -274,22 +274,14 @@ def rules_settled(daemon: Daemon, generation: int) -> bool:
 @pytest.mark.parametrize(("junk", "shown"), [
     (b"garbage line without a colon", "header line 3 refused by libcurl: Header without colon"),
     (b"\x00\x01\xff\xfe binary junk", "header line 3 refused by libcurl: NUL byte in header"),
-    # pycurl gave our callback's ValueError (int("²")) a traceback, libcurl an error 23:
-    (b"HTTP/x: \xb2 junk", 'header line 3 "HTTP/x": (value not shown) (its field name'),
-    # read as a new status line: the 200 stream was taken for a 503's error body
-    (b"HTTP/1.1 503 x: y", 'header line 3 "HTTP/1.1 503 x": (value not shown)'),
-    (b"X-Junk: \x01\x02\x03", 'header line 3 "X-Junk": (value not shown) (a control character'),
-], ids=["no_colon", "nul_bytes", "status_digit_junk", "status_line_inside_the_head",
-        "control_bytes_in_a_value"])
-def test_a_junk_response_header_line_ends_the_connection_with_a_reason_naming_it(
+], ids=["no_colon", "nul_bytes"])
+def test_a_head_line_libcurl_refuses_ends_the_connection_with_a_reason_naming_it(
     tmp_path: Path, mongo_uri: str, mongo_database: str, junk: bytes, shown: str
 ) -> None:
-    """A header line that is no header line (a broken proxy's junk) ended the transfer with
-    libcurl's bare words ("Header without colon"; "Failure writing output to destination" when
-    our header callback raised, with a traceback in the log), counted as a plain network ending;
-    or it was read as a status line. Now the reason names the line (its place, its first bytes
-    up to the colon, escaped), the ending is counted as ``malformed_response_header`` and the
-    reader reconnects after the network back-off."""
+    """libcurl itself ends a transfer whose head holds a line without a colon or with a NUL
+    (error 8). The ending was a plain network one with libcurl's bare words; now the reason
+    names the line's place, it is counted as ``malformed_response_header`` and the reader
+    reconnects after the network back-off."""
 
     def bad(client: socket.socket, _: bytes, stop: threading.Event) -> None:
         client.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + junk
@@ -313,8 +305,47 @@ def test_a_junk_response_header_line_ends_the_connection_with_a_reason_naming_it
     (first,) = [e for e in ended(daemon) if e["conn"] == 1]
     assert first["ending"] == "malformed_response_header" and first["backoff"] > 0, first
     assert first["reason"].startswith(f"malformed_response_header: {shown}"), first["reason"]
-    assert "junk" not in first["reason"].partition("(value not shown)")[2], "a value was shown"
     assert daemon.counters("stream")["endings"].get("malformed_response_header") == 1
+
+
+@pytest.mark.parametrize(("junk", "shown"), [
+    # pycurl gave our callback's ValueError (int("²")) a traceback, libcurl an error 23:
+    (b"HTTP/x: \xb2 junk", 'header line 3 "HTTP/x": (value not shown) (its field name'),
+    # read as a new status line: the 200 stream was taken for a 503's error body
+    (b"HTTP/1.1 503 x: y", 'header line 3 "HTTP/1.1 503 x": (value not shown)'),
+    (b"X-Junk: \x01\x02\x03", 'header line 3 "X-Junk": (value not shown) (a control character'),
+], ids=["status_digit_junk", "status_line_inside_the_head", "control_bytes_in_a_value"])
+def test_a_junk_head_line_libcurl_passes_is_skipped_and_the_stream_read(
+    tmp_path: Path, mongo_uri: str, mongo_database: str, junk: bytes, shown: str
+) -> None:
+    """A junk line libcurl passes on (a broken proxy's) made our header callback raise (a
+    traceback, then libcurl's bare error 23: the connection ended, again and again) or was read
+    as a new status line (the 200 stream taken for a 503's error body). Now it is skipped and
+    logged once, naming the line without its value, and the stream is read on that connection:
+    no reconnect over a line the daemon does not need."""
+
+    def bad(client: socket.socket, _: bytes, stop: threading.Event) -> None:
+        client.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + junk
+                       + b"\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(tweet(1)))
+        keepalives_until_stop(client, stop)
+
+    with RawEndpoint([bad]) as endpoint:
+        daemon = raw_daemon(tmp_path, mongo_uri, mongo_database, endpoint.url)
+        try:
+            daemon.wait_ready()
+            wait_until(lambda: daemon.counters("stream").get("received", 0) >= 1, 30,
+                       "the first connection's tweet")
+            skipped = daemon.wait_log("response_header_lines_skipped", 30)
+            before_stop = ended(daemon)
+        finally:
+            code, _ = daemon.stop()
+            daemon.kill()
+    assert crashes(daemon) == [] and code == 0
+    assert before_stop == [], before_stop
+    assert skipped["conn"] == 1 and len(skipped["lines"]) == 1, skipped
+    assert skipped["lines"][0].startswith(shown), skipped
+    assert "junk" not in skipped["lines"][0].partition("(value not shown)")[2], "a value shown"
+    assert daemon.counters("stream")["endings"].get("malformed_response_header", 0) == 0
 
 
 def test_a_gzip_bomb_of_tiny_messages_passes_a_full_spool_by_a_bounded_amount(

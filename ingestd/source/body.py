@@ -94,16 +94,7 @@ class BodyIntake:
             conn.marked = True
             self._on_first_body(conn)  # settles what is held: it goes before the marker
         try:
-            # ``_take``'s loop, written out: a call more per callback is ~1 % of a paced
-            # stream's per-tweet cost here.
-            pieces = iter(conn.decoded(data))
-            for piece in pieces:
-                self._hold(conn, piece)
-                self._unchecked += len(piece)
-                if self._unchecked >= FULL_CHECK_BYTES and not self._drop_when_full \
-                        and self._look_full():
-                    self._leave(conn, pieces)
-                    break
+            self._take(conn, iter(conn.decoded(data)))
         except BadEncoding as exc:  # what came before it is framed; the rest cannot be read
             self._undecodable(conn, exc)
             return 0

@@ -60,6 +60,7 @@ class Connection:
     held_pieces: Iterator[bytes] | None = None
     decoding_known: bool = False
     failure: str = ""  # why we ended it, where no status or libcurl error says (a bad body)
+    malformed: str = ""  # libcurl refused a line of the response head: the reason saying so
     head: ResponseHead = field(init=False)  # reads header lines into status and headers
 
     def __post_init__(self) -> None:
@@ -81,12 +82,10 @@ class Connection:
     def api(self) -> StreamApi:
         return api_for(self.stream)
 
-    def on_header(self, line: bytes) -> int | None:
-        """libcurl's HEADERFUNCTION (must not raise); 0 refuses a line that is no header line
-        (``head.malformed`` says which), and libcurl ends the transfer."""
-        refused = self.head.take(line)
+    def on_header(self, line: bytes) -> None:
+        """libcurl's HEADERFUNCTION (must not raise); a junk line is skipped (``head.ignored``)."""
+        self.head.take(line)
         self.status = self.head.status
-        return refused
 
     def decoded(self, data: bytes) -> Iterable[bytes]:
         """The body bytes ``data`` carries, inflated if the response is compressed; the iteration

@@ -8,18 +8,19 @@ import re
 from ingestd import __version__
 
 USER_AGENT = f"ingestd/{__version__}"
-# The reason a connection ends with when its response head holds a line that is no header line
-# (a broken proxy's junk): also the ending's name, counted in ingestd_stream_reconnects_total.
+# The reason a connection ends with when libcurl refuses a line of its response head (a broken
+# proxy's junk): also the ending's name, counted in ingestd_stream_reconnects_total.
 MALFORMED_HEADER = "malformed_response_header"
 # Bytes of a refused line shown in the reason: enough to recognise it, never its value (a line
 # that echoes a request header could carry a token), escaped as Python shows bytes.
 SHOWN_BYTES = 32
 # RFC 9110 §5.1: a field name is a token; RFC 9110 §5.5: a value holds no control character but
 # HTAB (obs-text, bytes 0x80-0xFF, is allowed). libcurl refuses only a line without a colon or
-# with a NUL: it passes the rest, which a client must refuse (RFC 9112 §5).
+# with a NUL; the rest it passes are skipped (``ResponseHead``).
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 CURLE_WEIRD_SERVER_REPLY = 8  # libcurl's error for a response head it cannot read
+IGNORED_SHOWN = 3  # skipped lines kept per response head for the log (a junk head may be long)
 
 
 class MalformedHeader(ValueError):
@@ -31,25 +32,28 @@ class ResponseHead:
 
     ``take`` is the HEADERFUNCTION: it must not raise (pycurl would log a traceback and libcurl
     end the transfer with a bare "Failure writing output" error 23). A line that is no header
-    line is refused instead: ``malformed`` says which and why, and the 0 returned makes libcurl
-    end the transfer (error 23), whose caller reports ``malformed``, not libcurl's words."""
+    line (a broken proxy's junk) is skipped, not refused: the few headers read (status, encoding,
+    rate limits, date) are still read, and a working stream is not reconnected for ever over a
+    line it does not need. ``ignored`` says which lines were skipped (the caller logs it). A line
+    libcurl itself refuses (no colon, a NUL) ends the transfer before it reaches ``take``:
+    ``refused_by_curl`` gives that ending its reason."""
 
     def __init__(self, headers: dict[str, str] | None = None) -> None:
         self.headers: dict[str, str] = {} if headers is None else headers
         self.status = 0
         self.lines = 0  # lines of the current head taken; 0: a status line may come next
-        self.malformed = ""
+        self.ignored: list[str] = []  # the first IGNORED_SHOWN lines skipped, as shown
 
-    def take(self, line: bytes) -> int | None:
+    def take(self, line: bytes) -> None:
         try:
             status = parse_header_line(line, self.headers, at_start=self.lines == 0)
         except MalformedHeader as exc:
-            self.malformed = f"{MALFORMED_HEADER}: header line {self.lines + 1} {exc}"
-            return 0
+            if len(self.ignored) < IGNORED_SHOWN:
+                self.ignored.append(f"header line {self.lines + 1} {exc}")
+            status = None
         self.lines = self.lines + 1 if line.rstrip(b"\r\n") else 0  # a blank line ends a head
         if status is not None:
             self.status = status
-        return None
 
     @property
     def in_head(self) -> bool:
@@ -60,8 +64,6 @@ class ResponseHead:
         """The reason for a transfer libcurl ended while reading the head: a line it refused
         (CURLE_WEIRD_SERVER_REPLY: "Header without colon", "NUL byte in header"…) never reaches
         HEADERFUNCTION, so only its place is known. "" for any other ending."""
-        if self.malformed:
-            return self.malformed
         if errno != CURLE_WEIRD_SERVER_REPLY or not self.in_head:
             return ""
         where = "the status line" if self.status == 0 else f"header line {self.lines + 1}"
@@ -74,7 +76,8 @@ def parse_header_line(line: bytes, headers: dict[str, str], *, at_start: bool) -
     ``at_start``: the line is the first of a response head (the first line, or the first after
     a head's blank line), the only place a status line may be. Returns the status code for a
     status line (which also clears ``headers``: after a redirect or a ``100 Continue`` a new
-    response starts), else None. Raises ``MalformedHeader`` for a line that is neither.
+    response starts), else None. Raises ``MalformedHeader`` for a line that is neither (a status
+    line inside a head included: it is no new response).
     """
     text = line.decode("latin-1").rstrip("\r\n")
     if not text:

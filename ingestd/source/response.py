@@ -41,7 +41,7 @@ def classify(conn: Connection, errno: int | None) -> Ending:
         if conn.status in RATE_LIMIT_STATUSES:
             return Ending.RATE_LIMITED
         return Ending.HTTP
-    if conn.head.malformed:  # a refused status's own ending (above) keeps its schedule
+    if conn.malformed:  # a refused status's own ending (above) keeps its schedule
         return Ending.MALFORMED_HEADER
     if conn.disconnect is not None:
         return Ending.DISCONNECT
@@ -57,11 +57,11 @@ def describe(conn: Connection, ending: Ending, errmsg: str) -> str:
         text = f"HTTP {conn.status}: {body}" if body else f"HTTP {conn.status}"
         if conn.status == 401:
             text += "; " + conn.api.explain_401(conn.headers)
-        return f"{text}; {conn.head.malformed}" if conn.head.malformed else text
+        return f"{text}; {conn.malformed}" if conn.malformed else text
     if conn.disconnect is not None:
         return f"disconnect code {conn.disconnect.get('code')}: {conn.disconnect.get('reason')}"
-    if conn.head.malformed:
-        return conn.head.malformed
+    if conn.malformed:
+        return conn.malformed
     if conn.failure:
         return conn.failure
     if ending is Ending.STALL:

@@ -413,6 +413,8 @@ class StreamReader:
         log.info("connected", conn=conn.conn_id, generation=conn.generation,
                  gzip=conn.headers.get("content-encoding") == "gzip",
                  after=round(self._clock() - conn.opened_at, 3))
+        if conn.head.ignored:  # a broken proxy's junk in the head: the stream is read all the same
+            log.warning("response_header_lines_skipped", conn=conn.conn_id, lines=conn.head.ignored)
 
     def _mark_connected(self, conn: Connection) -> None:
         """A 200's first body bytes (in libcurl's callback): the coverage marker goes before the
@@ -471,8 +473,7 @@ class StreamReader:
             self._finished(conn, None, "stall")
 
     def _finished(self, conn: Connection, errno: int | None, errmsg: str) -> None:
-        # A head line libcurl refused (error 8) is a malformed header as much as one we refused.
-        conn.head.malformed = conn.head.refused_by_curl(errno, errmsg)
+        conn.malformed = conn.head.refused_by_curl(errno, errmsg)  # a junk head line (error 8)
         ending = classify(conn, errno)
         if conn is self.active and self.pending is not None and conn.switched_out:
             # Logged out for our new connection before that one delivered its first byte (the

@@ -128,7 +128,7 @@ class RulesClient:
 
     def _call(self, method: str, url: str, payload: dict[str, Any] | None) -> _Response:
         buf, over = BytesIO(), [False]
-        head = ResponseHead()  # its take refuses junk lines: no traceback from the callback
+        head = ResponseHead()  # its take skips junk lines: no traceback from the callback
 
         def on_data(data: bytes) -> int | None:
             if buf.tell() + len(data) > MAX_BODY:
@@ -157,7 +157,7 @@ class RulesClient:
         return _Response(head.status, head.headers, _json_object(buf.getvalue()))
 
     def _configure(self, curl: pycurl.Curl, method: str, url: str,
-                   payload: dict[str, Any] | None, on_header: Callable[[bytes], int | None],
+                   payload: dict[str, Any] | None, on_header: Callable[[bytes], None],
                    on_data: Callable[[bytes], int | None]) -> None:
         lines = list(self._headers)
         curl.setopt(pycurl.URL, url)

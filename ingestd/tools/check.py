@@ -289,7 +289,7 @@ def probe_stream(settings: Settings) -> bool:
     body = encode_form(post_params(s))
     headers = sign_request(s.url, body, settings.auth)
     headers["User-Agent"] = USER_AGENT
-    head = ResponseHead()  # its take refuses junk lines: no traceback from the callback
+    head = ResponseHead()  # its take skips junk lines: no traceback from the callback
     seen = bytearray()
 
     def on_data(data: bytes) -> int | None:
