@@ -273,7 +273,8 @@ def test_callbacks_are_framed_together_in_order_and_before_a_marker() -> None:
 def test_a_full_spool_is_looked_at_each_pass_and_per_check_bytes_and_pushes_back() -> None:
     """The first callback of a pass asks whether the sink is full, later ones once per
     ``FULL_CHECK_BYTES``; a full sink pauses the transfer (libcurl keeps the bytes) at most that
-    many body bytes late, and the same bytes are taken once the next pass finds room."""
+    many body bytes late (counted as taken, after inflating), and the same bytes are taken once
+    the next pass finds room."""
     looks: list[bool] = []
     full = False
 
@@ -307,7 +308,53 @@ def test_a_full_spool_is_looked_at_each_pass_and_per_check_bytes_and_pushes_back
     assert conn.paused
     full = False
     intake.resume_if_room([conn])
-    assert not conn.paused and resumed == [pycurl.PAUSE_CONT]
+    # The look that found it full came after a callback's bytes were taken: libcurl is paused
+    # from there (PAUSE_RECV), and the next callback's bytes were handed back (kept by libcurl).
+    assert not conn.paused and resumed == [pycurl.PAUSE_RECV, pycurl.PAUSE_CONT]
     assert intake.on_data(conn, message) is None  # the kept bytes come again, and are taken
     intake.settle()
     assert sum(framed) == first + taken + 1
+
+
+def test_a_gzip_bomb_of_tiny_messages_is_paused_between_pieces_and_taken_whole_later() -> None:
+    """16 KiB of gzip can inflate to ~16 MB of tiny messages. The spool was looked at per
+    FULL_CHECK_BYTES of compressed input, so one read of it went to the spool whole, past a full
+    spool's bound by all of it (up to ~264 MB for a 256 KiB read). Now the look comes per
+    FULL_CHECK_BYTES inflated, between the inflater's pieces: a full spool stops the read there,
+    the rest waits with the connection (libcurl paused) and is taken, in order, once there is
+    room, before libcurl hands over anything more."""
+    line = b'{"id":1}\r\n'
+    count = (8 << 20) // len(line)
+    bomb = gzip_stream([line * count], finish=False)
+    assert len(bomb) < 16 * 1024  # one read: a single look at the spool before it, formerly
+    framed: list[int] = []  # body bytes of each sink call (payloads and their line ends)
+    bound = [1 << 20]
+    intake = BodyIntake(lambda items, conn_id, generation, now_ns: framed.append(
+                            sum(len(payload) + 2 for _, payload in items)),
+                        ReaderStats(), is_full=lambda: sum(framed) >= bound[0],
+                        drop_when_full=False, clock=time.monotonic)
+    stream = StreamSettings(url="https://stream.twitter.com/1.1/statuses/filter.json",
+                            track=("a",))
+    paused: list[int] = []
+    curl = cast(pycurl.Curl, SimpleNamespace(pause=paused.append))  # not in a transfer here
+    conn = Connection(1, 0, stream, curl, LineFramer(1 << 20), 0.0, 0.0, status=200,
+                      headers={"content-encoding": "gzip"})
+    intake.resume_if_room([conn])
+    assert intake.on_data(conn, bomb) is None  # taken by libcurl: paused from inside instead
+    intake.settle()
+    past = FULL_CHECK_BYTES + inflate.PIECE_BYTES + HOLD_BYTES  # the documented overshoot
+    assert conn.paused and paused == [pycurl.PAUSE_RECV]
+    assert bound[0] <= sum(framed) < bound[0] + past, sum(framed)
+    assert intake.on_data(conn, b"next read") == pycurl.WRITEFUNC_PAUSE  # libcurl keeps it
+    intake.resume_if_room([conn])  # still full: nothing taken
+    intake.settle()
+    assert conn.paused and sum(framed) < bound[0] + past
+    resumes = 0
+    while conn.paused:  # room for 2 MB more at each pass: the held pieces, a part at a time
+        bound[0] = sum(framed) + (2 << 20)
+        intake.resume_if_room([conn])
+        intake.settle()
+        assert sum(framed) < bound[0] + past
+        resumes += 1
+    assert resumes == 4 and paused[-1] == pycurl.PAUSE_CONT
+    assert sum(framed) == count * len(line) and conn.messages == count  # all, once

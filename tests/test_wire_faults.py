@@ -9,12 +9,18 @@ from __future__ import annotations
 import signal
 import socket
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ingestd.source.body import FULL_CHECK_BYTES, HOLD_BYTES
+from ingestd.source.inflate import PIECE_BYTES
+from ingestd.spool.format import HEADER_SIZE
+from ingestd.spool.intake import COALESCE_BYTES
 from tests.support.daemon import Daemon, finish, settings_doc
+from tests.support.mongo import MongoStandIn
 from tests.support.raw_endpoint import JSON_STREAM_HEAD, RawEndpoint, chunk, tweet
 from tests.support.wait import wait_until
 from tests.test_resilience import QUIET_AFTER_3, caught_up, run_pair
@@ -263,3 +269,126 @@ def rules_settled(daemon: Daemon, generation: int) -> bool:
     retried = [e for e in daemon.log_events() if e.get("event") == "rules_sync_retry"
                and e.get("generation") == generation]
     return generation in (rules.get("generation"), rules.get("refused_generation")) or bool(retried)
+
+
+@pytest.mark.parametrize(("junk", "shown"), [
+    (b"garbage line without a colon", "header line 3 refused by libcurl: Header without colon"),
+    (b"\x00\x01\xff\xfe binary junk", "header line 3 refused by libcurl: NUL byte in header"),
+], ids=["no_colon", "nul_bytes"])
+def test_a_head_line_libcurl_refuses_ends_the_connection_with_a_reason_naming_it(
+    tmp_path: Path, mongo_uri: str, mongo_database: str, junk: bytes, shown: str
+) -> None:
+    """libcurl itself ends a transfer whose head holds a line without a colon or with a NUL
+    (error 8). The ending was a plain network one with libcurl's bare words; now the reason
+    names the line's place, it is counted as ``malformed_response_header`` and the reader
+    reconnects after the network back-off."""
+
+    def bad(client: socket.socket, _: bytes, stop: threading.Event) -> None:
+        client.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + junk
+                       + b"\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(tweet(1)))
+        keepalives_until_stop(client, stop)
+
+    def then(client: socket.socket, _: bytes, stop: threading.Event) -> None:
+        client.sendall(JSON_STREAM_HEAD + chunk(tweet(2)))
+        keepalives_until_stop(client, stop)
+
+    with RawEndpoint([bad, then]) as endpoint:
+        daemon = raw_daemon(tmp_path, mongo_uri, mongo_database, endpoint.url)
+        try:
+            daemon.wait_ready()
+            wait_until(lambda: daemon.counters("stream").get("received", 0) >= 1, 30,
+                       "the next connection's tweet")
+        finally:
+            code, _ = daemon.stop()
+            daemon.kill()
+    assert crashes(daemon) == [] and code == 0
+    (first,) = [e for e in ended(daemon) if e["conn"] == 1]
+    assert first["ending"] == "malformed_response_header" and first["backoff"] > 0, first
+    assert first["reason"].startswith(f"malformed_response_header: {shown}"), first["reason"]
+    assert daemon.counters("stream")["endings"].get("malformed_response_header") == 1
+
+
+@pytest.mark.parametrize(("junk", "shown"), [
+    # pycurl gave our callback's ValueError (int("²")) a traceback, libcurl an error 23:
+    (b"HTTP/x: \xb2 junk", 'header line 3 "HTTP/x": (value not shown) (its field name'),
+    # read as a new status line: the 200 stream was taken for a 503's error body
+    (b"HTTP/1.1 503 x: y", 'header line 3 "HTTP/1.1 503 x": (value not shown)'),
+    (b"X-Junk: \x01\x02\x03", 'header line 3 "X-Junk": (value not shown) (a control character'),
+], ids=["status_digit_junk", "status_line_inside_the_head", "control_bytes_in_a_value"])
+def test_a_junk_head_line_libcurl_passes_is_skipped_and_the_stream_read(
+    tmp_path: Path, mongo_uri: str, mongo_database: str, junk: bytes, shown: str
+) -> None:
+    """A junk line libcurl passes on (a broken proxy's) made our header callback raise (a
+    traceback, then libcurl's bare error 23: the connection ended, again and again) or was read
+    as a new status line (the 200 stream taken for a 503's error body). Now it is skipped and
+    logged once, naming the line without its value, and the stream is read on that connection:
+    no reconnect over a line the daemon does not need."""
+
+    def bad(client: socket.socket, _: bytes, stop: threading.Event) -> None:
+        client.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + junk
+                       + b"\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(tweet(1)))
+        keepalives_until_stop(client, stop)
+
+    with RawEndpoint([bad]) as endpoint:
+        daemon = raw_daemon(tmp_path, mongo_uri, mongo_database, endpoint.url)
+        try:
+            daemon.wait_ready()
+            wait_until(lambda: daemon.counters("stream").get("received", 0) >= 1, 30,
+                       "the first connection's tweet")
+            skipped = daemon.wait_log("response_header_lines_skipped", 30)
+            before_stop = ended(daemon)
+        finally:
+            code, _ = daemon.stop()
+            daemon.kill()
+    assert crashes(daemon) == [] and code == 0
+    assert before_stop == [], before_stop
+    assert skipped["conn"] == 1 and len(skipped["lines"]) == 1, skipped
+    assert skipped["lines"][0].startswith(shown), skipped
+    assert "junk" not in skipped["lines"][0].partition("(value not shown)")[2], "a value shown"
+    assert daemon.counters("stream")["endings"].get("malformed_response_header", 0) == 0
+
+
+def test_a_gzip_bomb_of_tiny_messages_passes_a_full_spool_by_a_bounded_amount(
+    tmp_path: Path, mongo_standin: MongoStandIn
+) -> None:
+    """``when_full: block``: fullness was looked at per 16 KiB of compressed input, and 16 KiB of
+    gzip inflates to ~16 MB of tiny messages: one read went to the spool whole, far past its
+    bound (~20 MB of spool here over a 1 MiB bound; up to ~264 MB of body for a 256 KiB read).
+    Now the look comes per 16 KiB inflated, between the inflater's pieces, and the spool passes
+    its bound by at most what is documented (docs/design.md, "source/")."""
+    line = b'{"id":1}\r\n'  # no tweet: the store worker would count it, if it could write
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = z.compress(line * ((4 << 20) // len(line))) + z.flush(zlib.Z_SYNC_FLUSH)
+    assert len(bomb) < 16 * 1024  # one read, one look before it (formerly)
+
+    def gzip_bomb(client: socket.socket, _: bytes, stop: threading.Event) -> None:
+        client.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                       b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       + chunk(bomb))
+        stop.wait()
+
+    max_bytes = 1 << 20
+    # The body taken past a look that found room, and what the intake and the reader held
+    # unwritten at that look; in spool bytes for these messages (a 41-byte record header each).
+    body_past = FULL_CHECK_BYTES + PIECE_BYTES + HOLD_BYTES + COALESCE_BYTES
+    spool_past = (body_past // len(line) + 1) * (HEADER_SIZE + len(line) - 2)
+    with RawEndpoint([gzip_bomb]) as endpoint:
+        doc = settings_doc(endpoint.url, mongo_standin.uri, "bomb",
+                           spool={"max_bytes": max_bytes, "segment_bytes": "256KiB"})
+        daemon = Daemon(tmp_path / "daemon", doc)
+        mongo_standin.stop()  # nothing is stored: the spool fills to its bound and stays there
+        try:
+            daemon.start().wait_ready()
+            daemon.wait_log("spool_full", 30)
+            spool = wait_until(lambda: full_spool(daemon), 30, "the full spool in the status")
+        finally:
+            code, _ = daemon.stop()
+            daemon.kill()
+    assert crashes(daemon) == [] and code == 0
+    assert max_bytes <= spool["bytes"] < max_bytes + spool_past, (spool, spool_past)
+
+
+def full_spool(daemon: Daemon) -> dict[str, Any] | None:
+    """The stream worker's spool figures once its status says the spool is full."""
+    spool: dict[str, Any] = daemon.status("stream").get("spool") or {}
+    return spool if spool.get("full_since") is not None else None

@@ -36,6 +36,9 @@ class Ending(enum.Enum):
     # A connection replaced by new filters (make-before-break) ended, however: logged out by
     # the endpoint for its successor (code 7), closed, or at our grace deadline. Counted only.
     RETIRED = "retired"
+    # The response head held a line that is no header line (a broken proxy's junk): the network
+    # schedule, counted apart so that the operator sees it (source.headers.MALFORMED_HEADER).
+    MALFORMED_HEADER = "malformed_response_header"
 
 
 # Codes after which reconnecting at once would fight another client using our credentials

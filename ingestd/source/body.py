@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -34,8 +34,11 @@ log = structlog.get_logger("ingestd.source.body")
 
 ERROR_BODY_CAP = 4096
 # The spool's fullness is looked at on the first callback of each reader pass and then once per
-# this many body bytes: a paced stream's callbacks are a message or two each, and a look per
-# callback cost ~1 µs per tweet. A full spool is passed by at most this much (before inflating).
+# this many body bytes taken, counted after inflating: a paced stream's callbacks are a message or
+# two each, and a look per callback cost ~1 µs per tweet. Counted before inflating, a full spool
+# was passed by all that one 256 KiB read inflates to: ~264 MB for a gzip body of tiny messages
+# (deflate inflates up to ~1032x). Now the look also comes between the inflater's pieces (at most
+# ``inflate.PIECE_BYTES``), so after a look that found room at most this plus one piece is taken.
 FULL_CHECK_BYTES = 16 * 1024
 # A paced stream comes a chunk (a message or two) per callback. Each callback's body bytes are
 # decoded at once (a bad one ends the transfer there), but held until the reader's pass ends
@@ -82,21 +85,47 @@ class BodyIntake:
             # given up and the answer refused as its status says.
             return self._keep_error_body(conn, data)
         conn.last_byte_at = self._clock()
-        if not self._drop_when_full and self._full(len(data)):
+        # Paused with output held (``_take``): the rest of libcurl's read waits with it.
+        if conn.paused or (self._unchecked >= FULL_CHECK_BYTES and not self._drop_when_full
+                           and self._look_full()):
             conn.paused = True
             return int(pycurl.WRITEFUNC_PAUSE)  # libcurl keeps the bytes; TCP pushes back
         if not conn.marked:
             conn.marked = True
             self._on_first_body(conn)  # settles what is held: it goes before the marker
         try:
-            for piece in conn.decoded(data):
-                self._hold(conn, piece)
+            self._take(conn, iter(conn.decoded(data)))
         except BadEncoding as exc:  # what came before it is framed; the rest cannot be read
-            log.warning("stream_body_undecodable", conn=conn.conn_id, reason=str(exc))
-            conn.failure = str(exc)
-            conn.abort = Ending.NETWORK
+            self._undecodable(conn, exc)
             return 0
         return None
+
+    def _take(self, conn: Connection, pieces: Iterator[bytes]) -> None:
+        """Hold ``pieces`` (a read inflated), looking at the spool between them: a full one
+        leaves the rest, not inflated yet, with ``conn`` (``_leave``)."""
+        for piece in pieces:
+            self._hold(conn, piece)
+            self._unchecked += len(piece)
+            if self._unchecked >= FULL_CHECK_BYTES and not self._drop_when_full \
+                    and self._look_full():
+                self._leave(conn, pieces)
+                return
+
+    @staticmethod
+    def _leave(conn: Connection, pieces: Iterator[bytes]) -> None:
+        """A full spool stops a read between its pieces: the rest waits with ``conn``
+        (``held_pieces``, taken by ``resume_if_room``) and the transfer is paused."""
+        conn.held_pieces, conn.paused = pieces, True
+        # libcurl took the read: a pause returned now would hand it over again. Paused from
+        # here, libcurl reads no more (nor the body's end); what is left of its read comes to
+        # on_data, which answers WRITEFUNC_PAUSE while ``conn.paused``.
+        conn.curl.pause(pycurl.PAUSE_RECV)
+
+    @staticmethod
+    def _undecodable(conn: Connection, exc: BadEncoding) -> None:
+        log.warning("stream_body_undecodable", conn=conn.conn_id, reason=str(exc))
+        conn.failure = str(exc)
+        conn.abort = Ending.NETWORK
 
     def _hold(self, conn: Connection, piece: bytes) -> None:
         """Hold a small piece of body until ``settle``; frame a large one as it comes."""
@@ -140,23 +169,40 @@ class BodyIntake:
             pass  # keep what was readable: the status says enough
         return 0 if len(conn.error_body) >= ERROR_BODY_CAP else None
 
-    def _full(self, size: int) -> bool:
-        """Whether to push back: the sink is full (looked at per ``FULL_CHECK_BYTES``)."""
-        if self._unchecked < FULL_CHECK_BYTES:
-            self._unchecked += size
-            return False
-        self._unchecked = size
+    def _look_full(self) -> bool:
+        """Whether to push back: the sink is full (looked at per ``FULL_CHECK_BYTES`` taken)."""
+        self._unchecked = 0
         return self._is_full()
 
-    def resume_if_room(self, conns: Iterable[Connection | None]) -> None:
-        """A pass begins: resume paused transfers if the sink has room; the pass's first
-        callback looks at the sink again."""
-        self._unchecked = FULL_CHECK_BYTES
+    def resume_if_room(self, conns: Iterable[Connection | None]) -> list[Connection]:
+        """A pass begins: resume paused transfers if the sink has room, their held pieces
+        first; the pass's first callback looks at the sink again. Returns the connections whose
+        held pieces turned out undecodable: the caller ends them (no callback will)."""
+        failed: list[Connection] = []
         for conn in conns:
             if conn is not None and conn.paused and not self._is_full():
+                if conn.held_pieces is not None and not self._take_held(conn, failed):
+                    continue  # full again (or failed): still paused
                 conn.paused = False
                 conn.last_byte_at = self._clock()  # the pause was ours, not the server's stall
                 conn.curl.pause(pycurl.PAUSE_CONT)
+        self._unchecked = FULL_CHECK_BYTES
+        return failed
+
+    def _take_held(self, conn: Connection, failed: list[Connection]) -> bool:
+        """Take the pieces a full spool left with ``conn``; whether all of them were taken."""
+        pieces, conn.held_pieces = conn.held_pieces, None
+        if pieces is None:
+            return True
+        self._unchecked, conn.paused = 0, False  # the caller just looked: room
+        try:
+            self._take(conn, pieces)  # may leave the rest with conn again
+        except BadEncoding as exc:
+            self._undecodable(conn, exc)
+            conn.paused = True  # ended by the caller; until then, libcurl stays paused
+            failed.append(conn)
+            return False
+        return conn.held_pieces is None
 
     def _frame(self, conn: Connection, data: bytes) -> None:
         size = len(data)

@@ -7,7 +7,7 @@ options every connection shares; the reader adds it to its ``CurlMulti`` loop an
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,7 @@ from ingestd.config.stream import ca_bundle
 from ingestd.source.api import StreamApi, api_for
 from ingestd.source.backoff import CONTESTED_DISCONNECT_CODES, Ending
 from ingestd.source.framing import LengthFramer, LineFramer
-from ingestd.source.headers import parse_header_line
+from ingestd.source.headers import ResponseHead
 from ingestd.source.inflate import Inflater, body_decoder
 from ingestd.source.stats import CUT_BY_DISCONNECT
 from ingestd.source.transport import configure_transport
@@ -55,8 +55,16 @@ class Connection:
     abort: Ending | None = None  # set when we end it ourselves (stall, stop, reload)
     cut_bytes: int = 0  # bytes of the message this connection's end cut off (dropped)
     decoder: Inflater | None = None  # set from Content-Encoding at the first body bytes
+    # The rest of a read's inflated pieces, left by a full spool (``body.BodyIntake._take``):
+    # taken before the transfer resumes.
+    held_pieces: Iterator[bytes] | None = None
     decoding_known: bool = False
     failure: str = ""  # why we ended it, where no status or libcurl error says (a bad body)
+    malformed: str = ""  # libcurl refused a line of the response head: the reason saying so
+    head: ResponseHead = field(init=False)  # reads header lines into status and headers
+
+    def __post_init__(self) -> None:
+        self.head = ResponseHead(self.headers)
 
     @property
     def healthy(self) -> bool:
@@ -75,9 +83,9 @@ class Connection:
         return api_for(self.stream)
 
     def on_header(self, line: bytes) -> None:
-        """libcurl's HEADERFUNCTION (must not raise)."""
-        if (status := parse_header_line(line, self.headers)) is not None:
-            self.status = status
+        """libcurl's HEADERFUNCTION (must not raise); a junk line is skipped (``head.ignored``)."""
+        self.head.take(line)
+        self.status = self.head.status
 
     def decoded(self, data: bytes) -> Iterable[bytes]:
         """The body bytes ``data`` carries, inflated if the response is compressed; the iteration
@@ -90,6 +98,7 @@ class Connection:
     def close(self, ending: Ending) -> None:
         """Close the handle (already out of the multi loop); note a message its end cut."""
         self.abort = self.abort or ending
+        self.held_pieces = None  # what a full spool held back: lost as TCP's bytes are
         self.curl.close()
         if self.framer.pending_bytes and self.status == 200:
             self.cut_bytes = self.framer.pending_bytes

@@ -41,6 +41,8 @@ def classify(conn: Connection, errno: int | None) -> Ending:
         if conn.status in RATE_LIMIT_STATUSES:
             return Ending.RATE_LIMITED
         return Ending.HTTP
+    if conn.malformed:  # a refused status's own ending (above) keeps its schedule
+        return Ending.MALFORMED_HEADER
     if conn.disconnect is not None:
         return Ending.DISCONNECT
     if errno is None:
@@ -55,9 +57,11 @@ def describe(conn: Connection, ending: Ending, errmsg: str) -> str:
         text = f"HTTP {conn.status}: {body}" if body else f"HTTP {conn.status}"
         if conn.status == 401:
             text += "; " + conn.api.explain_401(conn.headers)
-        return text
+        return f"{text}; {conn.malformed}" if conn.malformed else text
     if conn.disconnect is not None:
         return f"disconnect code {conn.disconnect.get('code')}: {conn.disconnect.get('reason')}"
+    if conn.malformed:
+        return conn.malformed
     if conn.failure:
         return conn.failure
     if ending is Ending.STALL:

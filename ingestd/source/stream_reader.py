@@ -13,7 +13,7 @@ import dataclasses
 import math
 import select
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import pycurl
 import structlog
@@ -79,7 +79,7 @@ STOP_DRAIN = 0.5
 GAP_CAUSES = {
     Ending.NETWORK: "reconnect", Ending.CLOSED: "reconnect", Ending.DISCONNECT: "reconnect",
     Ending.STALL: "stall", Ending.RATE_LIMITED: "rate_limited", Ending.HTTP: "http_error",
-    Ending.CONFIG: "rejected", Ending.ABORTED: "reload",
+    Ending.CONFIG: "rejected", Ending.ABORTED: "reload", Ending.MALFORMED_HEADER: "reconnect",
 }
 
 
@@ -184,7 +184,7 @@ class StreamReader:
         deadline = started + budget
         received, nbytes, chunks = self.stats.received, self.stats.bytes, self._body.chunks
         while True:
-            self._body.resume_if_room(self._connections())
+            self._resume(self._connections())
             before = self._body.chunks
             self._perform()
             self._flush()
@@ -203,7 +203,7 @@ class StreamReader:
         if (self.active is None and self.pending is None and self._attempt_due(now)
                 and self.may_connect()):
             self.active = self._open(self.stream, self.generation)
-        self._body.resume_if_room((self.active, self.pending, *self.retiring))
+        self._resume((self.active, self.pending, *self.retiring))
         before = self.stats.bytes
         self._perform()
         moved = self.stats.bytes - before
@@ -223,6 +223,12 @@ class StreamReader:
             self.gathers += 1
             self._sleep(self.gather_seconds, with_curl=False)
         self._sleep(self._select_timeout())
+
+    def _resume(self, conns: Iterable[Connection | None]) -> None:
+        """Resume paused connections the spool has room for; end those whose held-back body
+        turned out undecodable (outside a callback: no error from libcurl will end them)."""
+        for conn in self._body.resume_if_room(conns):
+            self._finished(conn, None, "")
 
     def _flush(self) -> None:
         """Frame the bytes the callbacks held, then write them: a pass ends, or the reader writes
@@ -407,6 +413,8 @@ class StreamReader:
         log.info("connected", conn=conn.conn_id, generation=conn.generation,
                  gzip=conn.headers.get("content-encoding") == "gzip",
                  after=round(self._clock() - conn.opened_at, 3))
+        if conn.head.ignored:  # a broken proxy's junk in the head: the stream is read all the same
+            log.warning("response_header_lines_skipped", conn=conn.conn_id, lines=conn.head.ignored)
 
     def _mark_connected(self, conn: Connection) -> None:
         """A 200's first body bytes (in libcurl's callback): the coverage marker goes before the
@@ -465,6 +473,7 @@ class StreamReader:
             self._finished(conn, None, "stall")
 
     def _finished(self, conn: Connection, errno: int | None, errmsg: str) -> None:
+        conn.malformed = conn.head.refused_by_curl(errno, errmsg)  # a junk head line (error 8)
         ending = classify(conn, errno)
         if conn is self.active and self.pending is not None and conn.switched_out:
             # Logged out for our new connection before that one delivered its first byte (the

@@ -24,7 +24,7 @@ import pycurl
 
 from ingestd.config.schema import AuthSettings, Rule, StreamSettings
 from ingestd.config.stream import ca_bundle
-from ingestd.source.headers import parse_header_line
+from ingestd.source.headers import ResponseHead
 from ingestd.source.transport import configure_transport
 from ingestd.source.v2_request import bearer_headers, rules_url
 
@@ -127,12 +127,8 @@ class RulesClient:
         return deleted if type(deleted) is int else 0  # the server's JSON: any shape
 
     def _call(self, method: str, url: str, payload: dict[str, Any] | None) -> _Response:
-        buf, status, over = BytesIO(), [0], [False]
-        headers: dict[str, str] = {}
-
-        def on_header(line: bytes) -> None:
-            if (code := parse_header_line(line, headers)) is not None:
-                status[0] = code
+        buf, over = BytesIO(), [False]
+        head = ResponseHead()  # its take skips junk lines: no traceback from the callback
 
         def on_data(data: bytes) -> int | None:
             if buf.tell() + len(data) > MAX_BODY:
@@ -143,18 +139,22 @@ class RulesClient:
 
         curl = pycurl.Curl()
         try:
-            self._configure(curl, method, url, payload, on_header, on_data)
+            self._configure(curl, method, url, payload, head.take, on_data)
             curl.perform()
         except pycurl.error as exc:
             if over[0]:  # the endpoint answered: too much to be a rules answer
                 raise RulesError([f"rules answer larger than {MAX_BODY >> 20} MiB (HTTP "
-                                  f"{status[0]}): not read"], status=status[0]) from None
+                                  f"{head.status}): not read"], status=head.status) from None
+            if malformed := head.refused_by_curl(exc.args[0], exc.args[1]):
+                raise RulesError([f"rules endpoint's answer unreadable: {malformed}"],
+                                 transient=True) from None
             raise RulesError([f"rules endpoint unreachable: {exc.args[1]} (curl error "
                               f"{exc.args[0]})"], transient=True) from None
         finally:
             curl.close()
-        self.last_rate_limit = {k: v for k, v in headers.items() if k.startswith("x-rate-limit")}
-        return _Response(status[0], headers, _json_object(buf.getvalue()))
+        self.last_rate_limit = {k: v for k, v in head.headers.items()
+                                if k.startswith("x-rate-limit")}
+        return _Response(head.status, head.headers, _json_object(buf.getvalue()))
 
     def _configure(self, curl: pycurl.Curl, method: str, url: str,
                    payload: dict[str, Any] | None, on_header: Callable[[bytes], None],

@@ -23,7 +23,7 @@ from ingestd.config.stream import ca_bundle
 from ingestd.control import statedir
 from ingestd.logs import register_secret, scrub_text
 from ingestd.source.curl_errors import TLS_ERRORS
-from ingestd.source.headers import USER_AGENT, parse_header_line
+from ingestd.source.headers import USER_AGENT, ResponseHead
 from ingestd.source.oauth import diagnose_401, encode_form, sign_request
 from ingestd.source.request import post_params
 from ingestd.source.transport import configure_transport
@@ -289,23 +289,18 @@ def probe_stream(settings: Settings) -> bool:
     body = encode_form(post_params(s))
     headers = sign_request(s.url, body, settings.auth)
     headers["User-Agent"] = USER_AGENT
-    got: dict[str, str] = {}
-    status = [0]
+    head = ResponseHead()  # its take skips junk lines: no traceback from the callback
     seen = bytearray()
-
-    def on_header(line: bytes) -> None:
-        if (code := parse_header_line(line, got)) is not None:
-            status[0] = code
 
     def on_data(data: bytes) -> int | None:
         seen.extend(data[:4096])
-        return 0 if status[0] == 200 and seen.strip() else None  # enough: stop reading
+        return 0 if head.status == 200 and seen.strip() else None  # enough: stop reading
 
     curl = pycurl.Curl()
     curl.setopt(pycurl.URL, s.url)
     curl.setopt(pycurl.POSTFIELDS, body)
     curl.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in headers.items()])
-    curl.setopt(pycurl.HEADERFUNCTION, on_header)
+    curl.setopt(pycurl.HEADERFUNCTION, head.take)
     curl.setopt(pycurl.WRITEFUNCTION, on_data)
     configure_transport(curl, s.url, ca_bundle(s))  # as the daemon's: TLS verified, proxy policy
     curl.setopt(pycurl.TIMEOUT, PROBE_SECONDS)
@@ -316,7 +311,10 @@ def probe_stream(settings: Settings) -> bool:
         curl.perform()
     except pycurl.error as exc:
         code = exc.args[0]
-        if status[0] == 200 and code in (23, 28):
+        if malformed := head.refused_by_curl(code, str(exc.args[1])):
+            print(f"endpoint   FAILED: {scrub_text(malformed)} ({s.url})")
+            return False
+        if head.status == 200 and code in (23, 28):
             pass  # we stopped reading (23) or the stream was quiet (28): it answered 200
         else:
             why = TLS_ERRORS.get(code) or CURL_ERRORS.get(code) or scrub_text(str(exc.args[1]))
@@ -324,7 +322,7 @@ def probe_stream(settings: Settings) -> bool:
             return False
     finally:
         curl.close()
-    return report_status(status[0], bytes(seen), got.get("date"))
+    return report_status(head.status, bytes(seen), head.headers.get("date"))
 
 
 def report_status(status: int, body: bytes, date: str | None) -> bool:
