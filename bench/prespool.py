@@ -15,9 +15,16 @@ when ``INGESTD_BENCH_PRESPOOL=1``):
   ``_id`` read from the BSON's first element), and the record is handed on as a
   ``KIND_MESSAGE`` so that ``StoreWorker._take_all`` takes it (the real batch, insert_many of
   ``RawBSONDocument`` entries, retries, coverage ledger, checkpointed acks).
+* ``prespool-child`` (``INGESTD_BENCH_PRESPOOL_CHILD=1``): the store worker keeps the real
+  ``EncoderSplit`` and its encoder child (``writer.encoder_process: auto``) for the JSON records;
+  a ``KIND_BSON`` record is turned into an ``OK`` result at ``StoreWorker._take`` instead.
+
+``KIND_BSON`` is 0xB5: 5 is ``KIND_OVERSIZE_SIZED`` since the first prototype (2026-12-07).
 
 What the prototype leaves out (see bench/LOG.md): ``user_id`` and ``embedded_users`` for scrub_geo
-rules and the ``match_error`` count are not carried in the record; messages held on a disk error
+rules and the ``match_error`` count are not carried in the record; a tweet encoded before the spool
+that is dead-lettered at insert is re-read from the spool as its BSON, not its
+JSON; messages held on a disk error
 would be re-sequenced after a coverage marker; a reload adds its generation's matcher but the
 generations are not pruned.
 """
@@ -34,9 +41,9 @@ from typing import Any, NamedTuple
 from ingestd.documents.encoder import OK, Encoded, encode
 from ingestd.documents.matching import Matcher
 from ingestd.spool.format import KIND_MESSAGE, Record
+from ingestd.spool.intake import SpoolIntake
 
 _new_tuple = tuple.__new__  # a Record without NamedTuple._replace's cost
-from ingestd.spool.intake import SpoolIntake
 
 # A v1.1 tweet's stored document, BSON-encoded by the stream worker: a kind the spool format does
 # not use (5 and 6 became KIND_OVERSIZE_SIZED and KIND_BADFRAME_SIZED since the first prototype).

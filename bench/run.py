@@ -21,7 +21,9 @@ pymongo, not a database:
 (a') ``prespool`` / ``prespool-split`` / ``prespool-budget`` (on request): a prototype, the daemon
     with its stream worker encoding all of the tweets (or ``--split-share`` of them, or while that
     takes under ``--encode-budget`` of a core) to BSON before the spool, its store worker encoding
-    the rest and inserting, no encoder child (``bench/prespool.py``).
+    the rest and inserting, no encoder child (``bench/prespool.py``); ``prespool-child``: the
+    stream worker encodes ``--split-share``, the store worker shares the JSON rest with its encoder
+    child as ingestd does. A prototype's name may carry its share or budget: ``prespool-split@0.5``.
 ``make bench`` runs ingestd, threaded, tweepy and floor (``--contenders`` for the others) on 60k
 tweets, medians of 3, to fit in 10 minutes on an idle 2-core machine.
 
