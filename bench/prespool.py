@@ -15,9 +15,16 @@ when ``INGESTD_BENCH_PRESPOOL=1``):
   ``_id`` read from the BSON's first element), and the record is handed on as a
   ``KIND_MESSAGE`` so that ``StoreWorker._take_all`` takes it (the real batch, insert_many of
   ``RawBSONDocument`` entries, retries, coverage ledger, checkpointed acks).
+* ``prespool-child`` (``INGESTD_BENCH_PRESPOOL_CHILD=1``): the store worker keeps the real
+  ``EncoderSplit`` and its encoder child (``writer.encoder_process: auto``) for the JSON records;
+  a ``KIND_BSON`` record is turned into an ``OK`` result at ``StoreWorker._take`` instead.
+
+``KIND_BSON`` is 0xB5: 5 is ``KIND_OVERSIZE_SIZED`` since the first prototype (2026-12-07).
 
 What the prototype leaves out (see bench/LOG.md): ``user_id`` and ``embedded_users`` for scrub_geo
-rules and the ``match_error`` count are not carried in the record; messages held on a disk error
+rules and the ``match_error`` count are not carried in the record; a tweet encoded before the spool
+that is dead-lettered at insert is re-read from the spool as its BSON, not its
+JSON; messages held on a disk error
 would be re-sequenced after a coverage marker; a reload adds its generation's matcher but the
 generations are not pruned.
 """
@@ -36,7 +43,11 @@ from ingestd.documents.matching import Matcher
 from ingestd.spool.format import KIND_MESSAGE, Record
 from ingestd.spool.intake import SpoolIntake
 
-KIND_BSON = 5  # a v1.1 tweet's stored document, BSON-encoded by the stream worker
+_new_tuple = tuple.__new__  # a Record without NamedTuple._replace's cost
+
+# A v1.1 tweet's stored document, BSON-encoded by the stream worker: a kind the spool format does
+# not use (5 and 6 became KIND_OVERSIZE_SIZED and KIND_BADFRAME_SIZED since the first prototype).
+KIND_BSON = 0xB5
 BUDGET_SLACK = 0.005  # seconds of encoding allowed at the start of each second
 _INT64 = struct.Struct("<q")
 _INT32 = struct.Struct("<i")
@@ -124,6 +135,12 @@ def tweet_id_of(raw: bytes) -> int:
     return int(bson.decode(raw)["_id"])
 
 
+def as_message(r: Record) -> Record:
+    """``r`` as a ``KIND_MESSAGE`` record (its payload the BSON)."""
+    return _new_tuple(Record, (r.seq, KIND_MESSAGE, r.conn_id, r.generation, r.recv_ns, r.payload,
+                               r.segment, r.offset))
+
+
 class PreEncoded:
     """Stands in for ``EncoderSplit``: the records' BSON is already made; no encoder child.
 
@@ -150,7 +167,7 @@ class PreEncoded:
             if record.kind == KIND_BSON:
                 raw = record.payload
                 # handed on as a message, so that StoreWorker._take takes it
-                yield record._replace(kind=KIND_MESSAGE), Encoded(OK, raw, tweet_id_of(raw))
+                yield as_message(record), Encoded(OK, raw, tweet_id_of(raw))
             else:
                 yield record, None
 
@@ -172,7 +189,27 @@ def install() -> None:
     elif role == "store":
         import ingestd.sink.worker as worker
 
-        worker.EncoderSplit = PreEncoded  # type: ignore[misc,assignment]
+        if os.environ.get("INGESTD_BENCH_PRESPOOL_CHILD") == "1":
+            _install_store_child(worker)
+        else:
+            worker.EncoderSplit = PreEncoded  # type: ignore[misc,assignment]
+
+
+def _install_store_child(worker: Any) -> None:
+    """``prespool-child``: the real ``EncoderSplit`` (and its encoder child) stays for the JSON
+    records; a ``KIND_BSON`` record, wherever the split puts it (the store worker's own part, or
+    the child's: ``EncoderSplit`` sends the child only ``KIND_MESSAGE`` records and yields any
+    other with None), is taken as an ``OK`` result at ``StoreWorker._take``."""
+    original_take = worker.StoreWorker._take
+
+    def take(self: Any, record: Record, encoded: Encoded | None) -> None:
+        if record.kind == KIND_BSON:
+            raw = record.payload
+            original_take(self, as_message(record), Encoded(OK, raw, tweet_id_of(raw)))
+        else:
+            original_take(self, record, encoded)
+
+    worker.StoreWorker._take = take
 
 
 def _matcher(stream: Any) -> Matcher:

@@ -21,7 +21,9 @@ pymongo, not a database:
 (a') ``prespool`` / ``prespool-split`` / ``prespool-budget`` (on request): a prototype, the daemon
     with its stream worker encoding all of the tweets (or ``--split-share`` of them, or while that
     takes under ``--encode-budget`` of a core) to BSON before the spool, its store worker encoding
-    the rest and inserting, no encoder child (``bench/prespool.py``).
+    the rest and inserting, no encoder child (``bench/prespool.py``); ``prespool-child``: the
+    stream worker encodes ``--split-share``, the store worker shares the JSON rest with its encoder
+    child as ingestd does. A prototype's name may carry its share or budget: ``prespool-split@0.5``.
 ``make bench`` runs ingestd, threaded, tweepy and floor (``--contenders`` for the others) on 60k
 tweets, medians of 3, to fit in 10 minutes on an idle 2-core machine.
 
@@ -88,7 +90,7 @@ ROOT = BENCH.parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ingestd-bench"
 
 CONTENDERS = ("ingestd", "ingestd-1core", "prespool", "prespool-split", "prespool-budget",
-              "threaded", "tweepy", "floor", "naive")
+              "prespool-child", "threaded", "tweepy", "floor", "naive")
 # What `make bench` runs (fits in 10 minutes); the others on request with --contenders.
 DEFAULT_CONTENDERS = ("ingestd", "threaded", "tweepy", "floor")
 PIPELINE, TWEEPY = "threaded", "tweepy"  # the ratios' denominators
@@ -99,7 +101,24 @@ PIPELINE, TWEEPY = "threaded", "tweepy"  # the ratios' denominators
 # prespool-split: the stream worker encodes only --split-share of the tweets, spread evenly, and
 # the store worker the rest (as ingestd-1core does), to balance the two cores;
 # prespool-budget: the stream worker encodes while that takes under --encode-budget of its time.
-DAEMONS = ("ingestd", "ingestd-1core", "prespool", "prespool-split", "prespool-budget")
+# prespool-child: the stream worker encodes --split-share, the store worker shares the JSON rest
+# with its encoder child as ingestd does (writer.encoder_process: auto).
+# A prototype's name may carry its own share or budget: ``prespool-split@0.55`` (several shares
+# interleaved in one command); see ``prespool_args``.
+DAEMONS = ("ingestd", "ingestd-1core", "prespool", "prespool-split", "prespool-budget",
+           "prespool-child")
+
+
+def prespool_args(name: str) -> tuple[str, float | None]:
+    """A prototype contender's name without its ``@share`` suffix, and the suffix (None: none)."""
+    base, _, value = name.partition("@")
+    return base, float(value) if value else None
+
+
+def with_encoder(name: str) -> bool:
+    """Whether a daemon contender keeps the product's encoder child setting (auto)."""
+    return name in ("ingestd", "") or prespool_args(name)[0] == "prespool-child"
+
 # Filters of a realistic deployment: several terms that hit the sample, a phrase, a hashtag, a
 # URL-ish term, followed accounts and two boxes, so every tweet takes the full matching path.
 TRACK = ["twitter", "iphone", "ipad", "python", "#ピザの日", "api", "engineering.twitter.com",
@@ -325,10 +344,16 @@ class Bench:
         """The daemon's extra environment: ``prespool`` names a prototype contender, or is ""."""
         if not prespool:
             return self.daemon_env
-        share = self.args.split_share if prespool == "prespool-split" else 1.0
-        budget = self.args.encode_budget if prespool == "prespool-budget" else 1.0
+        base, value = prespool_args(prespool)
+        share = budget = 1.0
+        if base in ("prespool-split", "prespool-child"):
+            share = self.args.split_share if value is None else value
+        if base == "prespool-budget":
+            budget = self.args.encode_budget if value is None else value
         return self.prespool_env | {"INGESTD_BENCH_PRESPOOL_SHARE": str(share),
-                                    "INGESTD_BENCH_PRESPOOL_BUDGET": str(budget)}
+                                    "INGESTD_BENCH_PRESPOOL_BUDGET": str(budget),
+                                    "INGESTD_BENCH_PRESPOOL_CHILD":
+                                        "1" if base == "prespool-child" else "0"}
 
     def close(self) -> None:
         self.server.close()
@@ -357,7 +382,8 @@ class Bench:
         bh = blackhole or self.blackhole
         name = prespool or ("ingestd" if encoder else "ingestd-1core")
         workdir = self.next_dir(f"{name}-{'gzip' if gzip else 'plain'}")
-        daemon = Daemon(workdir, self.ingestd_doc(bh.uri, gzip, encoder and not prespool))
+        daemon = Daemon(workdir, self.ingestd_doc(bh.uri, gzip,
+                                                  encoder and with_encoder(prespool)))
         bh.reset(tweets, track)
         self.server.arm(tweets, rate)
         load = load1()
@@ -718,7 +744,7 @@ def run_overload(bench: Bench, rate: float, ack_delay: float, seconds: float,
     name = prespool or ("ingestd" if encoder else "ingestd-1core")
     bh = Blackhole(bench.workdir / f"blackhole-{tag}-{name}", ack_delay=ack_delay)
     workdir = bench.next_dir(f"{name}-{tag}")
-    daemon = Daemon(workdir, bench.ingestd_doc(bh.uri, True, encoder and not prespool))
+    daemon = Daemon(workdir, bench.ingestd_doc(bh.uri, True, encoder and with_encoder(prespool)))
     bh.reset(0)
     bench.server.arm(tweets, rate)
     load = load1()
@@ -834,7 +860,7 @@ def run_standin(bench: Bench, tweets: int, prespool: str = "") -> dict[str, Any]
     # a fresh database per run: a second run into the first one's would store nothing new
     standin = StandIn(bench.workdir / f"standin-{prespool or 'ingestd'}").start()
     workdir = bench.next_dir(f"{prespool or 'ingestd'}-standin")
-    daemon = Daemon(workdir, bench.ingestd_doc(standin.uri, True, not prespool))
+    daemon = Daemon(workdir, bench.ingestd_doc(standin.uri, True, with_encoder(prespool)))
     bench.server.arm(tweets)
     daemon.start(bench.env_of(prespool))
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(standin.uri)
@@ -982,6 +1008,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     encodings = args.encodings.split(",")
     contenders = [c for c in args.contenders.split(",") if c]
+    # a prototype's name with its own share (``prespool-split@0.55``) joins the tables' lists
+    extra = tuple(c for c in contenders if c.startswith("prespool") and "@" in c
+                  and prespool_args(c)[0] in DAEMONS)
+    globals().update(CONTENDERS=CONTENDERS + extra, DAEMONS=DAEMONS + extra)
     skip = set(args.skip.split(","))
     for name, module in (("naive", "requests"), ("tweepy", "tweepy")):
         if name in contenders and importlib.util.find_spec(module) is None:
@@ -1071,7 +1101,8 @@ def main(argv: list[str] | None = None) -> int:
                             *(c for c in contenders if c.startswith("prespool"))]
                 for who in variants:
                     ov = run_overload(bench, args.overload_rate, args.overload_ack_delay,
-                                      args.overload_seconds, who == "ingestd",
+                                      args.overload_seconds,
+                                      who == "ingestd" or who.startswith("prespool"),
                                       who if who.startswith("prespool") else "")
                     report["overload" if who == "ingestd" else f"overload-{who}"] = ov
                     text = (f"{who}: received "
@@ -1112,7 +1143,8 @@ def main(argv: list[str] | None = None) -> int:
                         failures.append(f"stand-in {who}: {st}")
             for name in [] if "profile" in skip else args.profile_contenders.split(","):
                 say(f"\n### Profile (py-spy, non-blocking, 250 Hz), {name} plain ...")
-                r = bench.run_ingestd(False, args.tweets, profile=True, encoder=name == "ingestd",
+                r = bench.run_ingestd(False, args.tweets, profile=True,
+                                      encoder=name == "ingestd" or name.startswith("prespool"),
                                       prespool=name if name.startswith("prespool") else "")
                 say("    " + r.line() + "  (under the profiler)")
                 run_dir = Path(r.extra["workdir"])
@@ -1156,7 +1188,8 @@ def run_throughput(bench: Bench, contenders: list[str], encodings: list[str],
                 n = args.tweets
                 say(f"  [{rep}/{args.repeats}] {name} {enc} ...")
                 if name in DAEMONS:
-                    r = bench.run_ingestd(gzip, n, encoder=name == "ingestd",
+                    r = bench.run_ingestd(gzip, n,
+                                          encoder=name == "ingestd" or name.startswith("prespool"),
                                           prespool=name if name.startswith("prespool") else "")
                 else:
                     if name == "naive" and args.naive_tweets:

@@ -54,13 +54,15 @@ def sample(bench: run.Bench, pid: int) -> dict[str, Any]:
     return row
 
 
-def burst(bench: run.Bench, tweets: int, gzip: bool, interval: float) -> list[dict[str, Any]]:
-    """One daemon, one burst: a sample every ``interval`` s from the go to the last ack."""
+def burst(bench: run.Bench, tweets: int, gzip: bool, interval: float,
+          prespool: str = "") -> list[dict[str, Any]]:
+    """One daemon, one burst: a sample every ``interval`` s from the go to the last ack
+    (``prespool``: a prototype contender of bench/run.py, e.g. ``prespool-split@0.6``)."""
     daemon = run.Daemon(bench.next_dir(f"timeline-{'gzip' if gzip else 'plain'}"),
-                        bench.ingestd_doc(bench.blackhole.uri, gzip))
+                        bench.ingestd_doc(bench.blackhole.uri, gzip, run.with_encoder(prespool)))
     bench.blackhole.reset(tweets)
     bench.server.arm(tweets)
-    daemon.start(bench.daemon_env)
+    daemon.start(bench.env_of(prespool))
     rows: list[dict[str, Any]] = []
     try:
         bench.server.wait_delivery(60)
@@ -116,13 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=run.CACHE)
     parser.add_argument("--tree", type=Path, help="run the daemon from this source tree")
     parser.add_argument("--workdir", type=Path, help="keep the daemon's folder (logs) here")
+    parser.add_argument("--contender", default="ingestd",
+                        help="ingestd, or a prototype of bench/run.py (prespool-split@0.6, ...)")
     args = parser.parse_args(argv)
     payload = run.build(args.cache, args.payload_tweets, progress=False)
-    ns = argparse.Namespace(tree=args.tree, split_share=1.0, encode_budget=1.0)
+    ns = argparse.Namespace(tree=args.tree, split_share=0.6, encode_budget=0.5)
     with run.workspace(args.workdir, False) as workdir:
         bench = run.Bench(ns, payload, workdir)
         try:
-            rows = burst(bench, min(args.tweets, payload.tweets), args.gzip, args.interval)
+            rows = burst(bench, min(args.tweets, payload.tweets), args.gzip, args.interval,
+                         "" if args.contender == "ingestd" else args.contender)
         finally:
             bench.close()
     timeline = steps(rows)
