@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import os
 import signal
 import sys
@@ -127,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(exit 0) or rejected it (exit 78, the reasons on stderr); exit 3 when no "
                     "daemon runs. Needs no secrets.")
     reload.add_argument("--config", type=Path, required=True)
-    reload.add_argument("--pid", type=int, default=None,
+    reload.add_argument("--pid", type=positive_pid, default=None,
                         help="the supervisor's pid (systemd: $MAINPID); default: its pid file")
-    reload.add_argument("--timeout", type=float, default=30.0,
+    reload.add_argument("--timeout", type=positive_seconds, default=30.0,
                         help="seconds to wait for the daemon's verdict (default 30)")
     reload.set_defaults(func=cmd_reload)
 
@@ -158,6 +159,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=Path("demo-state"))
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def positive_pid(text: str) -> int:
+    """A process id for ``--pid``: kill(2) takes 0 as this process group and -1 as every
+    process the caller may signal, so only a positive number is one process."""
+    try:
+        pid = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a process id: {text!r}") from None
+    if pid <= 0:
+        raise argparse.ArgumentTypeError(f"not a process id: {text!r} (a pid is positive)")
+    return pid
+
+
+def positive_seconds(text: str) -> float:
+    """A finite number of seconds above 0 (``nan`` or ``-1`` would end every wait at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"not a number of seconds above 0: {text!r}")
+    return value
 
 
 def build_worker_parser() -> argparse.ArgumentParser:

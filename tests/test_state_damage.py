@@ -184,24 +184,36 @@ def test_a_run_folder_removed_as_junk_comes_back_and_status_reads_ok(pair: Pair)
 @pytest.mark.parametrize("damage", ["deleted", "overwritten"])
 def test_a_pid_file_a_tmp_cleaner_took_is_written_again(pair: Pair, damage: str) -> None:
     # systemd-tmpfiles ages files by their times, and the pid file is written once, at start:
-    # `ingestd reload` by hand said "no running daemon" (exit 3) until a restart.
+    # `ingestd reload` by hand said "no running daemon" (exit 3) until a restart, then, with
+    # the file written back at the supervisor's next look, for up to 10 s.
     pair.daemon.start().wait_ready()
-    pidfile = pair.daemon.state_dir / "run" / "supervisor.pid"
-    if damage == "deleted":
-        pidfile.unlink()
-    else:  # by a restored backup: a pid no process has
-        pidfile.write_text(f"{dead_pid()}\n")
-    assert command(pair.daemon, "reload").returncode == 3  # what the operator met
-    supervisor = pair.daemon.pids()["supervisor"]
-    wait_until(lambda: pidfile.exists() and pidfile.read_text() == f"{supervisor}\n",
-               LOOK + 5, "run/supervisor.pid written again")
     wait_until(lambda: pair.all_stored(TWEETS), 60, "the first connection's tweets stored")
-    reload_by_hand(pair, 2)
+    pidfile = pair.daemon.state_dir / "run" / "supervisor.pid"
+    supervisor = pair.daemon.pids()["supervisor"]
+
+    def take() -> None:
+        if damage == "deleted":
+            pidfile.unlink()
+        else:  # by a restored backup: a pid no process has
+            pidfile.write_text(f"{dead_pid()}\n")
+
+    def written_again() -> bool:
+        return pidfile.exists() and pidfile.read_text() == f"{supervisor}\n"
+
+    take()
+    wait_until(written_again, LOOK + 5, "run/supervisor.pid written again")
+    take()  # again, just after a look: the next one is RUN_FILES_LOOK away
+    reload_by_hand(pair, 2)  # found by run/supervisor.json's pid, verified by its token
+    assert not written_again()  # (so not by the pid file)
+    worker = command(pair.daemon, "reload", "--pid", str(pair.daemon.worker_pid("stream")))
+    assert worker.returncode == 3, worker.stderr
+    assert f"its supervisor is pid {supervisor}" in worker.stderr
+    wait_until(written_again, LOOK + 5, "run/supervisor.pid written again")
     wait_until(lambda: pair.all_stored(2 * TWEETS), 60, "the second connection's tweets stored")
     finish(pair.daemon, pair.sim)
-    assert pair.crashes() == []
-    (restored,) = pair.daemon.events("run_files_restored")
-    assert restored["files"] == ["supervisor.pid"]
+    assert pair.crashes() == []  # the worker got no SIGHUP
+    assert [e["files"] for e in pair.daemon.events("run_files_restored")] == [
+        ["supervisor.pid"], ["supervisor.pid"]]
     assert not pidfile.exists()  # removed at the stop, as ever
     assert Supervisor.RUN_FILES_LOOK <= LOOK
     pair.assert_exactly_once()

@@ -348,6 +348,59 @@ def test_coverage_and_reload_exit_codes_for_what_is_not_there(tmp_path: Path) ->
     assert status.returncode == reload.returncode
 
 
+def offline_config(tmp_path: Path) -> Path:
+    """A valid settings file whose secrets are not set (reload and status need none)."""
+    return write_settings(tmp_path / "settings.yaml", {
+        "stream": {"url": "http://127.0.0.1:9/1.1/statuses/filter.json", "track": ["x"]},
+        "auth": {k: "${NOT_HERE}" for k in ("consumer_key", "consumer_secret", "access_token",
+                                            "access_token_secret")},
+        "mongo": {"uri": "mongodb://127.0.0.1:9/"}})
+
+
+def own_pid_namespace() -> list[str]:
+    """A prefix running a command in a pid namespace of its own, where kill(-1) and pid 1 reach
+    only what it started: a regression of what the tests below prove must not hang up the
+    machine's processes."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a pid namespace of its own")
+    return ["unshare", "--pid", "--fork", "--mount-proc"]
+
+
+@pytest.mark.parametrize(("pid", "code", "says"), [
+    ("-1", 2, "argument --pid: not a process id: '-1' (a pid is positive)"),
+    ("0", 2, "argument --pid: not a process id: '0' (a pid is positive)"),
+    ("x1", 2, "argument --pid: not a process id: 'x1'"),
+    ("1", 3, "ingestd: not signalling pid 1: it is not an ingestd supervisor (it holds no "
+             "run/supervisor.lock open)"),
+    ("$bystander", 3, "it is not an ingestd supervisor"),
+])
+def test_reload_signals_no_process_but_an_ingestd_supervisor(tmp_path: Path, pid: str,
+                                                            code: int, says: str) -> None:
+    # `--pid -1` hung up every process root may signal (kill(-1, SIGHUP)), `--pid 0` was taken
+    # as "no --pid", and pid 1 (systemd reloads itself on SIGHUP) or any other program got the
+    # signal, then 30 s of waiting for a verdict and exit 69.
+    config = offline_config(tmp_path)
+    script = (f"sleep 60 & bystander=$!; {sys.executable} -m ingestd reload --config {config} "
+              f"--timeout 2 --pid {pid}; code=$?; kill -0 $bystander && echo bystander alive; "
+              "kill $bystander; exit $code")
+    # pid 1 of the namespace is this sh, which takes no signal it has no handler for
+    run = subprocess.run([*own_pid_namespace(), "sh", "-c", script], capture_output=True,
+                         text=True, timeout=60, env=_base_env(), check=False)
+    assert run.returncode == code, run.stdout + run.stderr
+    assert says in run.stderr and "Traceback" not in run.stderr
+    assert run.stdout == "bystander alive\n"
+
+
+def test_reload_timeout_must_be_seconds_above_zero(tmp_path: Path) -> None:
+    # `--timeout nan` or `-1` ended every wait at once: "no verdict within nans", exit 69.
+    config = offline_config(tmp_path)
+    for value in ("nan", "-1", "0", "inf", "soon"):
+        run = ingestd("reload", "--config", str(config), "--timeout", value)
+        assert run.returncode == 2, run.stderr
+        assert "argument --timeout: not a number of seconds" in run.stderr
+        assert f"{value!r}" in run.stderr
+
+
 @pytest.fixture
 def tls_server(tmp_path: Path) -> Iterator[str]:
     """An HTTPS server on loopback with a self-signed certificate (made by the openssl CLI)."""

@@ -407,6 +407,51 @@ def test_a_pid_reused_after_the_pid_file_is_not_the_supervisor(tmp_path: Path) -
         bystander.wait()
 
 
+def supervisor_json(state_dir: Path, pid: object, proc: object, **fields: object) -> None:
+    """``run/supervisor.json`` as a supervisor writes it, with ``pid`` and ``proc`` as given."""
+    now = time.time()
+    doc = {"role": "supervisor", "pid": pid, "proc": proc, "state": "ready", "time": now,
+           **fields, "time_end": now}
+    (runstate.run_dir(state_dir) / "supervisor.json").write_bytes(orjson.dumps(doc))
+
+
+def test_a_missing_pid_file_is_made_up_for_by_the_verified_status_file(tmp_path: Path) -> None:
+    # A tmp cleaner took run/supervisor.pid: `ingestd reload` said "no running daemon" (exit 3)
+    # until the supervisor's next look wrote it back (up to 10 s).
+    bystander = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
+    try:
+        pid = bystander.pid
+        supervisor_json(tmp_path, pid, f"{pid}-{time.time_ns()}")
+        assert supervisor_pid(tmp_path) == pid
+        # the pid file of a process gone, or a pid that signals a group: the status file's
+        (tmp_path / "run" / "supervisor.pid").write_text("-1\n")
+        assert supervisor_pid(tmp_path) == pid
+        # never a pid the kernel handed out again: its process started after the token
+        supervisor_json(tmp_path, pid, f"{pid}-{time.time_ns() - 3600 * 10**9}")
+        assert supervisor_pid(tmp_path) is None
+        supervisor_json(tmp_path, pid, f"{pid}-{time.time_ns()}", state="stopped")
+        assert supervisor_pid(tmp_path) is None
+        for bad_pid, proc in ((pid, f"{pid + 1}-{time.time_ns()}"), (pid, None), (pid, 7),
+                              (str(pid), f"{pid}-{time.time_ns()}"), (True, "1-1"),
+                              (-1, f"-1-{time.time_ns()}"), (pid, f"{pid}-١٢٣"),
+                              (pid, f"{pid}-")):
+            supervisor_json(tmp_path, bad_pid, proc)
+            assert supervisor_pid(tmp_path) is None, (bad_pid, proc)
+        (tmp_path / "run" / "supervisor.json").write_bytes(b'{"role": "supervisor", "pid": ')
+        assert supervisor_pid(tmp_path) is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+@pytest.mark.parametrize("text", ["-1", "0"])
+def test_a_pid_file_naming_a_process_group_is_no_supervisor(tmp_path: Path, text: str) -> None:
+    # kill(-1, SIGHUP) signals every process root may signal, kill(0, …) the caller's group:
+    # `ingestd reload` took either as a live supervisor and hung up the whole machine.
+    (runstate.run_dir(tmp_path) / "supervisor.pid").write_text(f"{text}\n")
+    assert supervisor_pid(tmp_path) is None
+
+
 # -- systemd notify -----------------------------------------------------------------------------
 
 

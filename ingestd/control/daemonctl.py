@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,14 +116,41 @@ def unit_state_dirs(config: Path) -> tuple[Path, ...]:
 
 
 def supervisor_pid(state_dir: Path) -> int | None:
-    """The live supervisor's pid from ``run/supervisor.pid``, or None."""
+    """The live supervisor's pid from ``run/supervisor.pid``, else from its status file.
+
+    The pid file is written once, at start: a tmp cleaner may take it, and the supervisor
+    writes it back only at its next look (``Supervisor.RUN_FILES_LOOK``). Its status file,
+    rewritten every second, names the same process meanwhile (``status_file_pid``).
+    """
     path = state_dir / runstate.RUN_DIR / PIDFILE
     try:
         pid = int(path.read_text())
         when = path.stat().st_mtime
     except (OSError, ValueError):
+        return status_file_pid(state_dir)
+    # pid 0 or a negative one would signal a process group, or every process (kill(-1))
+    if pid > 0 and started_before(pid, when):
+        return pid
+    return status_file_pid(state_dir)
+
+
+def status_file_pid(state_dir: Path) -> int | None:
+    """The pid ``run/supervisor.json`` names, if that process is verifiably the supervisor
+    that wrote it: it started before the file's ``proc`` token was taken
+    (``runstate.process_token``: the pid and the wall clock, in ns, of the writer's first
+    status), so a pid the kernel handed out again since is never taken. None when a stopped
+    supervisor wrote it last, or when the start time cannot be read: no guess."""
+    doc = runstate.read_status(state_dir, "supervisor") or {}
+    pid, proc = doc.get("pid"), doc.get("proc")
+    if (doc.get("role") != "supervisor" or doc.get("state") == "stopped"
+            or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0
+            or not isinstance(proc, str)):
         return None
-    return pid if started_before(pid, when) else None
+    token_pid, _, token_ns = proc.partition("-")
+    if token_pid != str(pid) or not token_ns.isascii() or not token_ns.isdigit():
+        return None
+    started = start_time(pid)
+    return pid if started is not None and started <= int(token_ns) / 1e9 + 1.0 else None
 
 
 def started_before(pid: int, when: float) -> bool:
@@ -132,17 +159,22 @@ def started_before(pid: int, when: float) -> bool:
     A stale pid file may name a pid the kernel has since given to another process, and SIGHUP
     kills most processes. Without /proc/stat (ProcSubset=pid) the pid's existence must do.
     """
+    started = start_time(pid)
+    if started is None:
+        return pid_alive(pid)
+    return started <= when + 1.0  # btime has whole-second resolution
+
+
+def start_time(pid: int) -> float | None:
+    """When process ``pid`` started (epoch s), or None if unknown (no such process, or no
+    /proc/stat: ProcSubset=pid)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return pid_alive(pid)
-    try:
         boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, StopIteration, ValueError):
-        return True
-    started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    return started <= when + 1.0  # btime has whole-second resolution
+        return None
 
 
 def pid_alive(pid: int) -> bool:
@@ -171,6 +203,9 @@ def run_reload(config: Path, *, pid: int | None, timeout: float) -> int:
         print("not reloading (nothing was sent to the daemon):", *config_errors(exc),
               sep="\n", file=sys.stderr)
         return EXIT_CONFIG
+    if pid is not None and (why := not_a_supervisor(pid)):
+        print(f"ingestd: not signalling pid {pid}: {why}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
     state_dir = locate_state_dir(settings)
     target = pid or supervisor_pid(state_dir)
     if target is None:
@@ -194,13 +229,37 @@ def state_dir_of(pid: int) -> Path | None:
     """The state folder the supervisor ``pid`` runs in, from the lock file it holds open
     (``run/supervisor.lock``); None if its descriptors cannot be read."""
     try:
-        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        return held_state_dir(Path(f"/proc/{pid}/fd").iterdir())
     except OSError:
         return None
+
+
+def held_state_dir(fds: Iterable[Path]) -> Path | None:
+    """The state folder whose ``run/supervisor.lock`` one of ``fds`` (``/proc/PID/fd``
+    entries) is open on, if any (a lock file a tmp cleaner took still counts)."""
     for fd in fds:
         with contextlib.suppress(OSError):  # closed meanwhile
-            if (link := os.readlink(fd)).endswith(_LOCK_SUFFIX):
+            link = os.readlink(fd).removesuffix(" (deleted)")
+            if link.endswith(_LOCK_SUFFIX):
                 return Path(link).parent.parent
+    return None
+
+
+def not_a_supervisor(pid: int) -> str | None:
+    """Why ``reload --pid PID`` must not signal ``pid``, if its descriptors show it is no
+    ingestd supervisor: SIGHUP ends most programs (pid 1's reloads its own configuration),
+    and a worker's is no reload. None when it is one, or when they cannot be read (another
+    user's process: the signal's own permission check answers)."""
+    try:
+        folder = held_state_dir(list(Path(f"/proc/{pid}/fd").iterdir()))
+    except OSError:
+        return None  # gone (the signal says so) or not ours to look at
+    if folder is None:
+        return f"it is not an ingestd supervisor (it holds no {_LOCK_SUFFIX[1:]} open)"
+    supervisor = supervisor_pid(folder)
+    if supervisor is not None and supervisor != pid:
+        return (f"it is not the supervisor of the daemon in {folder} but one of its "
+                f"processes; its supervisor is pid {supervisor}")
     return None
 
 
