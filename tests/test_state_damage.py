@@ -276,6 +276,16 @@ def test_a_segment_the_daemons_user_cannot_read_stops_the_start_naming_it(pair: 
     pair.assert_exactly_once()
 
 
+def spool_backlog_tweet(pair: Pair, tweet_id: int) -> None:
+    """Append a tweet of generation 1 to the stopped daemon's spool: a backlog left unstored."""
+    spool = SpoolWriter(pair.daemon.state_dir / "spool", max_bytes=1 << 30, max_records=10**6)
+    spool.append([(KIND_MESSAGE, orjson.dumps({
+        "id": tweet_id, "id_str": str(tweet_id), "text": "my iphone",
+        "created_at": "Sat Dec 05 10:00:00 +0000 2026", "user": {"id": 7, "screen_name": "me"},
+        "entities": {"hashtags": [], "user_mentions": [], "urls": []}}))], 1, 1, time.time_ns())
+    spool.close()
+
+
 @pytest.mark.parametrize("track", ["iphone", ["iphone", " "]], ids=["a string", "a blank phrase"])
 def test_a_generation_file_of_another_shape_is_counted_and_never_fatal(pair: Pair,
                                                                        track: object) -> None:
@@ -283,12 +293,7 @@ def test_a_generation_file_of_another_shape_is_counted_and_never_fatal(pair: Pai
     # which no settings validate, made the store worker's Matcher raise at every start.
     pair.first_connection_stored_then_stopped()
     backlog = 9_100_000_000_000_000_001  # a tweet generation 1 left unstored in the spool
-    spool = SpoolWriter(pair.daemon.state_dir / "spool", max_bytes=1 << 30, max_records=10**6)
-    spool.append([(KIND_MESSAGE, orjson.dumps({
-        "id": backlog, "id_str": str(backlog), "text": "my iphone",
-        "created_at": "Sat Dec 05 10:00:00 +0000 2026", "user": {"id": 7, "screen_name": "me"},
-        "entities": {"hashtags": [], "user_mentions": [], "urls": []}}))], 1, 1, time.time_ns())
-    spool.close()
+    spool_backlog_tweet(pair, backlog)
     (pair.daemon.state_dir / "generations" / "stopped_at").unlink()  # as a killed run leaves it
     generation = pair.daemon.state_dir / "generations" / "1.json"
     generation.write_bytes(orjson.dumps({**orjson.loads(generation.read_bytes()), "track": track}))
@@ -358,12 +363,7 @@ def test_a_stop_mark_restored_from_a_backup_sets_generations_aside_and_loses_no_
     # logged; every tweet is still stored, and the new start's are matched by their own.
     pair.first_connection_stored_then_stopped()
     backlog = 9_100_000_000_000_000_002  # a tweet generation 1 left unstored in the spool
-    spool = SpoolWriter(pair.daemon.state_dir / "spool", max_bytes=1 << 30, max_records=10**6)
-    spool.append([(KIND_MESSAGE, orjson.dumps({
-        "id": backlog, "id_str": str(backlog), "text": "my iphone",
-        "created_at": "Sat Dec 05 10:00:00 +0000 2026", "user": {"id": 7, "screen_name": "me"},
-        "entities": {"hashtags": [], "user_mentions": [], "urls": []}}))], 1, 1, time.time_ns())
-    spool.close()
+    spool_backlog_tweet(pair, backlog)
     generations = pair.daemon.state_dir / "generations"
     (generations / "stopped_at").write_text("3\n")  # a backup's: the spool is past it
     pair.daemon.start().wait_ready()

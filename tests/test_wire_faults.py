@@ -21,7 +21,7 @@ from ingestd.spool.format import HEADER_SIZE
 from ingestd.spool.intake import COALESCE_BYTES
 from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.mongo import MongoStandIn
-from tests.support.raw_endpoint import JSON_STREAM_HEAD, RawEndpoint, chunk, tweet
+from tests.support.raw_endpoint import JSON_STREAM_HEAD, Answer, RawEndpoint, chunk, tweet
 from tests.support.wait import wait_until
 from tests.test_resilience import QUIET_AFTER_3, caught_up, run_pair
 
@@ -82,10 +82,37 @@ def keepalives_until_stop(client: socket.socket, stop: threading.Event) -> None:
         client.sendall(chunk(b"\r\n"))
 
 
+def delivers(tweet_id: int) -> Answer:
+    """A connection's handler that answers 200, sends one tweet, then keep-alives until stop."""
+
+    def handler(client: socket.socket, _: bytes, stop: threading.Event) -> None:
+        client.sendall(JSON_STREAM_HEAD + chunk(tweet(tweet_id)))
+        keepalives_until_stop(client, stop)
+
+    return handler
+
+
 def raw_daemon(tmp_path: Path, mongo_uri: str, db: str, url: str, **stream: Any) -> Daemon:
     doc = settings_doc(url, mongo_uri, db)
     doc["stream"].update(stream)
     return Daemon(tmp_path / "daemon", doc).start()
+
+
+def run_until_received(tmp_path: Path, mongo_uri: str, db: str, script: list[Answer],
+                       count: int, why: str, timeout: float = 30, **stream: Any) -> Daemon:
+    """Run the daemon against ``script`` until its stream worker received ``count`` messages,
+    then stop it; asserts it stopped cleanly and nothing crashed."""
+    with RawEndpoint(script) as endpoint:
+        daemon = raw_daemon(tmp_path, mongo_uri, db, endpoint.url, **stream)
+        try:
+            daemon.wait_ready()
+            wait_until(lambda: daemon.counters("stream").get("received", 0) >= count, timeout,
+                       why)
+        finally:
+            code, _ = daemon.stop()
+            daemon.kill()
+    assert crashes(daemon) == [] and code == 0
+    return daemon
 
 
 def test_a_logout_with_an_unhashable_code_during_a_filter_switch_retires_the_old_connection(
@@ -144,11 +171,7 @@ def test_control_messages_with_fields_nested_1000_deep_end_the_connection_withou
         client.sendall(JSON_STREAM_HEAD + chunk(tweet(1)) + b"".join(map(chunk, lines))
                        + b"0\r\n\r\n")
 
-    def then(client: socket.socket, _: bytes, stop: threading.Event) -> None:
-        client.sendall(JSON_STREAM_HEAD + chunk(tweet(2)))
-        keepalives_until_stop(client, stop)
-
-    with RawEndpoint([first, then]) as endpoint:
+    with RawEndpoint([first, delivers(2)]) as endpoint:
         daemon = raw_daemon(tmp_path, mongo_uri, mongo_database, endpoint.url)
         try:
             daemon.wait_ready()
@@ -183,22 +206,11 @@ def test_an_error_answer_whose_body_never_ends_is_given_up_within_the_read_timeo
         while not stop.is_set():
             client.sendall(b"x" * 65536)
 
-    def then(client: socket.socket, _: bytes, stop: threading.Event) -> None:
-        client.sendall(JSON_STREAM_HEAD + chunk(tweet(1)))
-        keepalives_until_stop(client, stop)
-
-    with RawEndpoint([trickling_503, endless_503, then]) as endpoint:
-        daemon = raw_daemon(tmp_path, mongo_uri, mongo_database, endpoint.url, read_timeout=3)
-        try:
-            daemon.wait_ready()
-            # read_timeout (3 s) for the first, at once for the second, the HTTP schedule's
-            # 0.5 s and 1 s (+ jitter) after them: well within 20 s.
-            wait_until(lambda: daemon.counters("stream").get("received", 0) >= 1, 20,
-                       "a tweet after the two endless 503 answers")
-        finally:
-            code, _ = daemon.stop()
-            daemon.kill()
-    assert crashes(daemon) == [] and code == 0
+    # read_timeout (3 s) for the first, at once for the second, the HTTP schedule's 0.5 s and
+    # 1 s (+ jitter) after them: well within 20 s.
+    daemon = run_until_received(tmp_path, mongo_uri, mongo_database,
+                                [trickling_503, endless_503, delivers(1)], 1,
+                                "a tweet after the two endless 503 answers", 20, read_timeout=3)
     first, second = ended(daemon)[:2]
     assert first["ending"] == second["ending"] == "http", (first, second)
     assert first["reason"].startswith("HTTP 503: <<<")
@@ -288,20 +300,8 @@ def test_a_head_line_libcurl_refuses_ends_the_connection_with_a_reason_naming_it
                        + b"\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(tweet(1)))
         keepalives_until_stop(client, stop)
 
-    def then(client: socket.socket, _: bytes, stop: threading.Event) -> None:
-        client.sendall(JSON_STREAM_HEAD + chunk(tweet(2)))
-        keepalives_until_stop(client, stop)
-
-    with RawEndpoint([bad, then]) as endpoint:
-        daemon = raw_daemon(tmp_path, mongo_uri, mongo_database, endpoint.url)
-        try:
-            daemon.wait_ready()
-            wait_until(lambda: daemon.counters("stream").get("received", 0) >= 1, 30,
-                       "the next connection's tweet")
-        finally:
-            code, _ = daemon.stop()
-            daemon.kill()
-    assert crashes(daemon) == [] and code == 0
+    daemon = run_until_received(tmp_path, mongo_uri, mongo_database, [bad, delivers(2)], 1,
+                                "the next connection's tweet")
     (first,) = [e for e in ended(daemon) if e["conn"] == 1]
     assert first["ending"] == "malformed_response_header" and first["backoff"] > 0, first
     assert first["reason"].startswith(f"malformed_response_header: {shown}"), first["reason"]
