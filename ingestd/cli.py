@@ -155,8 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", help="simulator + daemon + embedded Mongo stand-in, then a report")
-    demo.add_argument("--seconds", type=float, default=20.0, help="how long to ingest")
-    demo.add_argument("--workdir", type=Path, default=Path("demo-state"))
+    demo.add_argument("--seconds", type=positive_seconds, default=20.0,
+                      help="how long to ingest")
+    demo.add_argument("--workdir", type=Path, default=Path("demo-state"),
+                      help="a new folder, or one an earlier demo made (it is emptied first)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

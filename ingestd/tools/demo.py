@@ -36,11 +36,24 @@ TRACK_BEFORE = ["iphone", "ipad", "ipod"]
 TRACK_AFTER = ["iphone", "ipad", "android"]
 
 
+# A folder the demo made holds this file: the next demo empties it. Any other folder is the
+# user's: `--workdir ~` or `--workdir /var/lib/ingestd` deleted it whole.
+DEMO_MARK = ".ingestd-demo"
+# What a demo folder held before it was marked (its simulator's log and ground truth).
+UNMARKED_DEMO_FILES = ("simulator.log", "truth.jsonl")
+
+
+class WorkdirRefused(Exception):
+    """``--workdir`` names a folder the demo must not empty, or cannot make."""
+
+
 def run_demo(seconds: float, workdir: Path) -> int:
     workdir = workdir.resolve()  # settings resolve relative paths against their own folder
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    try:
+        prepare_workdir(workdir)
+    except WorkdirRefused as exc:
+        print(f"ingestd demo: {exc}", file=sys.stderr)
+        return 2
     env = {**os.environ, **DEMO_CREDS}
     mongo_uri = os.environ.get("INGESTD_DEMO_MONGO_URI")
     standin = None if mongo_uri else StandIn(workdir / "mongo").start()
@@ -89,6 +102,33 @@ def run_demo(seconds: float, workdir: Path) -> int:
 
 def step(text: str) -> None:
     print(f"==> {text}", flush=True)
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """An empty folder for this run, marked as the demo's: a previous demo's is emptied, a new
+    one made; anything else raises ``WorkdirRefused`` and is left as it is."""
+    try:
+        if workdir.exists() and not is_empty_dir(workdir):
+            if not is_demo_folder(workdir):
+                raise WorkdirRefused(
+                    f"--workdir {workdir} exists and is not a folder an earlier demo made (no "
+                    f"{DEMO_MARK} in it): not emptying it; name a new folder")
+            shutil.rmtree(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / DEMO_MARK).write_text("made by `ingestd demo`; the next demo empties it\n")
+    except OSError as exc:
+        raise WorkdirRefused(f"--workdir {workdir}: {exc.strerror or exc}") from None
+
+
+def is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def is_demo_folder(path: Path) -> bool:
+    """Made by a demo: marked, or (before the mark) holding its simulator's files."""
+    if not path.is_dir():
+        return False
+    return (path / DEMO_MARK).is_file() or all((path / n).is_file() for n in UNMARKED_DEMO_FILES)
 
 
 def start_simulator(workdir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
