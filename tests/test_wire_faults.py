@@ -358,7 +358,8 @@ def test_a_gzip_bomb_of_tiny_messages_passes_a_full_spool_by_a_bounded_amount(
     its bound by at most what is documented (docs/design.md, "source/")."""
     line = b'{"id":1}\r\n'  # no tweet: the store worker would count it, if it could write
     z = zlib.compressobj(9, zlib.DEFLATED, 31)
-    bomb = z.compress(line * ((4 << 20) // len(line))) + z.flush(zlib.Z_SYNC_FLUSH)
+    lines = (4 << 20) // len(line)
+    bomb = z.compress(line * lines) + z.flush(zlib.Z_SYNC_FLUSH)
     assert len(bomb) < 16 * 1024  # one read, one look before it (formerly)
 
     def gzip_bomb(client: socket.socket, _: bytes, stop: threading.Event) -> None:
@@ -386,6 +387,14 @@ def test_a_gzip_bomb_of_tiny_messages_passes_a_full_spool_by_a_bounded_amount(
             daemon.kill()
     assert crashes(daemon) == [] and code == 0
     assert max_bytes <= spool["bytes"] < max_bytes + spool_past, (spool, spool_past)
+    # The whole bomb came in one read: what the spool took, what it held back when the stop
+    # closed the connection (dropped: spool_full; they were lost uncounted) and the message
+    # the close cut add up to every line sent.
+    counters = daemon.counters("stream")
+    dropped = counters["dropped"]
+    assert dropped.get("spool_full", 0) > 0, counters
+    assert counters["received"] + dropped["spool_full"] + dropped.get("cut_by_disconnect", 0) \
+        == lines, counters
 
 
 def full_spool(daemon: Daemon) -> dict[str, Any] | None:

@@ -6,6 +6,7 @@ options every connection shares; the reader adds it to its ``CurlMulti`` loop an
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from ingestd.source.api import StreamApi, api_for
 from ingestd.source.backoff import CONTESTED_DISCONNECT_CODES, Ending
 from ingestd.source.framing import LengthFramer, LineFramer
 from ingestd.source.headers import ResponseHead
-from ingestd.source.inflate import Inflater, body_decoder
+from ingestd.source.inflate import BadEncoding, Inflater, body_decoder
 from ingestd.source.stats import CUT_BY_DISCONNECT
 from ingestd.source.transport import configure_transport
 
@@ -58,6 +59,7 @@ class Connection:
     # The rest of a read's inflated pieces, left by a full spool (``body.BodyIntake._take``):
     # taken before the transfer resumes.
     held_pieces: Iterator[bytes] | None = None
+    held_dropped: int = 0  # messages in held_pieces when it closed (counted dropped: spool_full)
     decoding_known: bool = False
     failure: str = ""  # why we ended it, where no status or libcurl error says (a bad body)
     malformed: str = ""  # libcurl refused a line of the response head: the reason saying so
@@ -98,17 +100,31 @@ class Connection:
     def close(self, ending: Ending) -> None:
         """Close the handle (already out of the multi loop); note a message its end cut."""
         self.abort = self.abort or ending
-        self.held_pieces = None  # what a full spool held back: lost as TCP's bytes are
+        self.held_dropped = self._drop_held()
         self.curl.close()
         if self.framer.pending_bytes and self.status == 200:
             self.cut_bytes = self.framer.pending_bytes
 
+    def _drop_held(self) -> int:
+        """The messages in what a full spool held back (``held_pieces``), framed only to be
+        counted: closed with the connection they are dropped as ``spool_full``, not lost
+        silently (a message they end inside is the cut one). At most one read's worth."""
+        pieces, self.held_pieces = self.held_pieces, None
+        count = 0
+        with contextlib.suppress(BadEncoding):  # what came before the bad bytes is counted
+            for piece in pieces or ():
+                count += sum(1 for f in self.framer.feed(piece) if not isinstance(f, bytes) or f)
+        return count
+
     def cut_fields(self) -> dict[str, Any]:
-        """Log fields for a message cut by this connection's end (none if nothing was cut)."""
+        """Log fields for a message cut by this connection's end, and for the messages a full
+        spool held back (none if nothing was cut or held)."""
+        held = {"held_dropped": self.held_dropped, "held_dropped_as": "spool_full"} \
+            if self.held_dropped else {}
         if not self.cut_bytes:
-            return {}
+            return held
         return {"partial_message_cut": True, "cut_bytes": self.cut_bytes,
-                "dropped": CUT_BY_DISCONNECT}
+                "dropped": CUT_BY_DISCONNECT, **held}
 
 
 OnData = Callable[[Connection, bytes], int | None]  # libcurl's WRITEFUNCTION, per connection

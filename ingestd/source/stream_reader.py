@@ -576,6 +576,8 @@ class StreamReader:
         self._body.end(conn)
         conn.close(ending)
         self.stats.count_ending(counted or ending, conn.cut_bytes)
+        if conn.held_dropped:  # a full spool held them back (when_full: block) as it closed
+            self.stats.dropped["spool_full"] += conn.held_dropped
         if self.active is conn and ending is not Ending.ABORTED:
             self.state = "reconnecting"
 
