@@ -7,6 +7,7 @@ simulator's ground truth), so the two files run on two of ``make test``'s worker
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import subprocess
 import time
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from ingestd.control.status import collect, render
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, finish
 from tests.support.mongo import MongoStandIn, stored_ids
 from tests.support.mounts import bind_read_only
 from tests.support.simulator import SimProcess
@@ -261,6 +262,44 @@ def test_small_disk_default_segments_frees_stored_space_no_crash_loop(
 def test_small_disk_filled_by_another_file_while_storing_no_crash_loop(
         tmp_path: Path, standin: MongoStandIn, mounts: list[Path]) -> None:
     run_small_disk(tmp_path, standin, mounts, "block", mongo_down=False)
+
+
+def test_a_restart_onto_a_full_disk_exits_75_naming_the_file_and_starts_once_space_returns(
+        tmp_path: Path, standin: MongoStandIn, mounts: list[Path]) -> None:
+    """The ops audit: a daemon restarted (by systemd, a reboot, an operator) onto a state
+    folder whose disk is full exited 78 (`state_dir_unusable`, naming only the folder), which
+    the unit's `RestartPreventExitStatus=78` never restarts: down for good, although space
+    comes back by itself (and the spool's backlog, once stored, frees it). Now exit 75
+    (`state_dir_full`, naming the file that could not be written, no temp file left), which
+    systemd's `Restart=` retries; once space returns the next start runs."""
+    sim = SimProcess(tmp_path / "sim", "--rate", "50").start()
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "4m")
+    mounts.append(disk)
+    doc = durable_doc(sim, standin.uri)
+    doc["state_dir"] = str(disk / "state")
+    daemon = Daemon(tmp_path / "daemon", doc)
+    daemon.state_dir = disk / "state"
+    try:
+        daemon.start().wait_ready()
+        assert daemon.stop()[0] == 0
+        fill_to_the_last_block(disk)
+        daemon.start()
+        assert daemon.proc is not None
+        assert daemon.proc.wait(30) == 75, daemon.tail()
+        (full,) = daemon.events("state_dir_full")
+        assert re.fullmatch(rf"{re.escape(str(daemon.state_dir))}/(run/supervisor\.pid|"
+                            r"generations/(first|\d+\.json)): No space left on device",
+                            full["reason"]), full
+        assert not daemon.events("state_dir_unusable")
+        folders = (daemon.state_dir / "run", daemon.state_dir / "generations")
+        assert [p for d in folders for p in d.iterdir() if p.name.endswith(".tmp")] == []
+        (disk / "filler").unlink()
+        daemon.start().wait_ready()
+        finish(daemon, sim)
+    finally:
+        daemon.kill()
+        sim.stop()
 
 
 # ---------------------------------------------------------------- 4b. read-only state folder

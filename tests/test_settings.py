@@ -913,6 +913,22 @@ def test_an_oauth_credential_must_be_printable_ascii(variable: str, value: str) 
     assert "canary" not in "\n".join(str(e) for e in errs)
 
 
+@pytest.mark.parametrize(("variable", "key"), [
+    ("TWITTER_CONSUMER_KEY", "auth.consumer_key"), ("MONGO_URI", "mongo.uri")])
+def test_an_environment_variable_that_is_not_utf8_is_refused_naming_it(
+        variable: str, key: str) -> None:
+    """The ops audit: `TWITTER_CONSUMER_KEY=$(printf 'ab\\xffcd') ingestd check` died with a
+    UnicodeEncodeError traceback (exit 1): Python holds the undecodable byte as a lone
+    surrogate, which the lease key's hash could not encode. Now an error naming the variable
+    and the key, never the value (a MONGO_URI with a Latin-1 password byte likewise)."""
+    data = doc(mongo={"uri": "${MONGO_URI}"})
+    value = "canary\udcffx" if variable != "MONGO_URI" else "mongodb://u:canary\udcff@db/"
+    env = {**ENV, "MONGO_URI": "mongodb://db/", variable: value}
+    reason = error_at(data, key, env)
+    assert reason == f"environment variable {variable} (for ${{{variable}}}) is not valid UTF-8"
+    assert "canary" not in "\n".join(str(e) for e in errors(data, env))
+
+
 @pytest.mark.parametrize("value", ["AAAA%2Bb%3Dtokén", "AAAA\u2013canary", "AAAA canary"])
 def test_a_bearer_token_must_be_printable_ascii(value: str) -> None:
     """The secrets audit: a non-ASCII token passed check and then crashed every connection

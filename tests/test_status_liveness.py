@@ -17,6 +17,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -361,6 +362,43 @@ def test_a_refused_reload_is_degraded_until_one_is_applied(running: Daemon) -> N
     assert metric(addr, "ingestd_config_reload_failures_total") == 1.0
     assert "refused" not in applied_status and "rejected" not in applied_status
     assert "settings gen=2" in applied_status
+
+
+def test_a_settings_file_edited_to_latin1_still_finds_the_running_daemon(
+        running: Daemon) -> None:
+    """The ops audit: a "café" saved in Latin-1 in a track phrase made `ingestd status` look in
+    the default folder next to the file (the whole file unreadable as UTF-8) and report the
+    running daemon `down` (exit 3). Now the bad byte is read as U+FFFD, `state_dir` is found,
+    and the daemon's own state is shown with a line about the file."""
+    daemon = running
+    text = daemon.config.read_text().replace("iphone", "caf\u00e9")
+    assert f"state_dir: {daemon.state_dir}\n" in text  # not the default next to the file:
+    daemon.config = daemon.workdir / "etc" / "settings.yaml"  # a default would find it
+    daemon.config.parent.mkdir()
+    daemon.config.write_bytes(text.encode("latin-1"))
+    shown, view = views(daemon)
+    assert shown.returncode == 0 == view["_code"], shown.stdout + shown.stderr
+    assert f"  state dir   {daemon.state_dir}" in shown.stdout
+    assert "not valid UTF-8" in line(shown.stdout, "settings")
+    assert view["settings_invalid"] and view["health"] == "ok"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run status as another user")
+def test_a_settings_file_status_cannot_read_determines_no_folder(tmp_path: Path) -> None:
+    """The ops audit: `ingestd status` run by a user who may not read the settings file
+    reported the default folder next to it `down` (exit 3), whatever the daemon named in the
+    file was doing. Now no folder can be determined: exit 78, the file and the reason named."""
+    config = tmp_path / "settings.yaml"
+    write_settings(config, {"state_dir": str(tmp_path / "elsewhere")})
+    config.chmod(0o600)
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    done = subprocess.run([*as_nobody, sys.executable, "-m", "ingestd", "status", "--config",
+                           str(config)], capture_output=True, text=True, cwd="/",
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == EXIT_CONFIG, done.stdout + done.stderr
+    assert done.stdout == ""
+    assert done.stderr == ("invalid settings (no state folder can be determined from them):\n"
+                           f"{config}: cannot read file: Permission denied\n")
 
 
 def test_status_with_an_invalid_file_still_finds_the_state_folder(tmp_path: Path) -> None:

@@ -163,12 +163,27 @@ def _lookup(name: str, path: str, ctx: Context) -> str:
         ctx.unresolved.add(path)
         return f"${{{name}}}"
     found = ctx.env.get(name)
+    if found is not None and not _decodes(found):
+        # Python carries an environment value's undecodable bytes as lone surrogates, which
+        # no later step can encode (a traceback out of `check`, a store worker dying on the
+        # URI): refused here, naming the variable and never the value.
+        ctx.error(path, f"environment variable {name} (for ${{{name}}}) is not valid UTF-8")
+        return f"${{{name}}}"
     if found is None:
         found = _read_credential(name, path, ctx)
     if found is None:
         return f"${{{name}}}"  # left as is: the error above already names the key
     ctx.substituted.append(found)
     return found
+
+
+def _decodes(value: str) -> bool:
+    """Whether ``value`` is text, not undecodable bytes (``surrogateescape``'s lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _read_credential(name: str, path: str, ctx: Context) -> str | None:

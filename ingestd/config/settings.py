@@ -136,16 +136,25 @@ def _build(root: Section) -> Settings:
 def lenient_state_dir(path: Path, env: Mapping[str, str] | None = None) -> Path | None:
     """The ``state_dir`` a settings file names, read as ``build_state_dir`` reads it but from
     the raw YAML alone, so that the rest of the file may be invalid (``ingestd status`` must
-    find the daemon exactly when its file is broken). A file that cannot be read or parsed
-    names none: the default then. None when ``state_dir`` itself is wrong (not a string, an
-    unset ``${NAME}``): no folder can be determined."""
+    find the daemon exactly when its file is broken). A file that cannot be parsed, or is
+    missing, names none: the default then. None when the file cannot
+    be read (no permission: the default would be a guess, and a running daemon reported as
+    down) or when ``state_dir`` itself is wrong (not a string, an unset ``${NAME}``): no folder
+    can be determined. Bytes that are not UTF-8 (a Latin-1 "café" in a track phrase) are read
+    as U+FFFD: the ``state_dir`` line is usually not where they are."""
     ctx = Context(path, os.environ if env is None else env, secrets=False,
                   resolve=("state_dir",))
     try:
-        raw: object = parse_yaml(path.read_text(encoding="utf-8"), ctx)
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        text = ""
+    except OSError:
+        return None
+    try:
+        raw: object = parse_yaml(text, ctx)
         if isinstance(raw, dict):
             raw = {"state_dir": interpolate(raw.get("state_dir"), "state_dir", ctx)}
-    except (OSError, UnicodeDecodeError, ConfigError):
+    except ConfigError:
         raw = {}
     state_dir = build_state_dir(Section(ctx, "", raw if isinstance(raw, dict) else {}))
     return None if any(e.key_path == "state_dir" for e in ctx.errors) else state_dir

@@ -139,13 +139,20 @@ def _writable(path: Path) -> Finding | None:
     return Finding(f"{path} is not writable by uid {uid}", anyone=uid == 0)
 
 
-class StateDirUnusable(Exception):
-    """The state folder cannot be created or written: ``reason`` names the path at fault."""
+# A file system out of space (or the daemon's user out of quota): it passes, unlike a setting.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
-    def __init__(self, state_dir: Path, reason: str) -> None:
+
+class StateDirUnusable(Exception):
+    """The state folder cannot be created or written: ``reason`` names the path at fault.
+    ``full``: only because its file system has no space left, which frees up by itself (the
+    spool's stored segments are deleted, a log rotates), unlike a setting."""
+
+    def __init__(self, state_dir: Path, reason: str, *, full: bool = False) -> None:
         super().__init__(reason)
         self.state_dir = state_dir
         self.reason = reason
+        self.full = full
 
 
 def explain(state_dir: Path, exc: OSError) -> StateDirUnusable:
@@ -154,7 +161,8 @@ def explain(state_dir: Path, exc: OSError) -> StateDirUnusable:
     if finding is not None:
         return StateDirUnusable(state_dir, finding.reason)
     where = file_at_fault(exc) or state_dir
-    return StateDirUnusable(state_dir, f"{where}: {exc.strerror or type(exc).__name__}")
+    return StateDirUnusable(state_dir, f"{where}: {exc.strerror or type(exc).__name__}",
+                            full=exc.errno in NO_SPACE)
 
 
 def prepare(state_dir: Path) -> None:

@@ -75,7 +75,14 @@ class StateDirClaim:
         """``run/supervisor.pid``, for ``ingestd reload``."""
         path = runstate.run_dir(self.state_dir) / PIDFILE
         tmp = path.with_name(f".{PIDFILE}.{os.getpid()}.tmp")
-        tmp.write_text(f"{os.getpid()}\n")
+        try:
+            tmp.write_text(f"{os.getpid()}\n")
+        except OSError as exc:
+            # A write's error names no file (a full disk): the reason must, and no temp
+            # file may stay behind for each refused start.
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         os.replace(tmp, path)
         self.pidfile_written = _identity(path)
 

@@ -155,7 +155,7 @@ class Supervisor:
 
     EXIT_OK = 0
     EXIT_ERROR = 1
-    EXIT_TEMPFAIL = 75  # crash loop: systemd's Restart= and StartLimit take over
+    EXIT_TEMPFAIL = 75  # crash loop, or a full state folder at start: systemd's Restart= takes over
     EXIT_CONFIG = 78  # invalid settings or state folder at start: restarting cannot help
     EXIT_LOCKED = 73  # another supervisor (or its workers, still finishing) uses the state folder
 
@@ -260,11 +260,9 @@ class Supervisor:
             self.signals.install()
             self.claim.write_pidfile()
         except OSError as exc:
-            self.unusable_state_dir(statedir.explain(self.state_dir, exc))
-            return self.EXIT_CONFIG
+            return self.unusable_state_dir(statedir.explain(self.state_dir, exc))
         except statedir.StateDirUnusable as exc:
-            self.unusable_state_dir(exc)
-            return self.EXIT_CONFIG
+            return self.unusable_state_dir(exc)
         return None
 
     def take_held_signals(self) -> None:
@@ -296,15 +294,23 @@ class Supervisor:
         self.standing.generation = self.standing.start_generation = generation
         log.info("generation_recorded", generation=generation)
 
-    def unusable_state_dir(self, unusable: statedir.StateDirUnusable) -> None:
-        """Undo the claim and say, once, which setting and path are at fault (exit 78 follows:
-        a restart cannot help until the folder or the setting is fixed)."""
+    def unusable_state_dir(self, unusable: statedir.StateDirUnusable) -> int:
+        """Undo the claim, say once which setting and path are at fault, and the exit code:
+        78 (the unit does not restart: only the operator can fix the folder or the setting),
+        but 75 for a full file system, which frees up by itself: 78 would keep the daemon, and
+        the backlog whose storing frees the spool's space, down for good."""
         self.signals.restore()
         self.claim.release()
         error = ConfigError(self.config_path, "state_dir",
                             f"{self.state_dir} cannot be used: {unusable.reason}")
+        if unusable.full:
+            log.error("state_dir_full", error=str(error), file=str(self.config_path),
+                      key="state_dir", state_dir=str(self.state_dir), reason=unusable.reason,
+                      action="free space on its file system; systemd's Restart= tries again")
+            return self.EXIT_TEMPFAIL
         log.error("state_dir_unusable", error=str(error), file=str(self.config_path),
                   key="state_dir", state_dir=str(self.state_dir), reason=unusable.reason)
+        return self.EXIT_CONFIG
 
     def supervise(self) -> None:
         """One pass after the signals: reap, check heartbeats, restart, report."""

@@ -200,10 +200,16 @@ def _spec(doc: Any) -> FilterSpec:
 def _write_atomically(directory: Path, name: str, data: bytes) -> None:
     """Write ``directory/name`` whole or not at all, and durably (file and folder fsynced)."""
     tmp = directory / f".{name}.tmp"
-    with tmp.open("wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
+    try:
+        with tmp.open("wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as exc:
+        # A write's error names no file: the start's `state_dir_unusable` line must.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(exc.errno, exc.strerror, str(directory / name)) from None
     os.replace(tmp, directory / name)
     _fsync_dir(directory)
 
