@@ -160,6 +160,26 @@ def test_the_liveness_rule_past_the_heartbeat_timeout(tmp_path: Path) -> None:
         status.render(view)
 
 
+def test_a_stop_or_start_in_progress_says_so_before_the_workers_down(tmp_path: Path) -> None:
+    """While the store worker drains after a stop (or in a start's first second) the headline
+    read "down (stream worker not running)" alone: a fault, to whoever looked. The supervisor's
+    phase now comes first; health and exit code stay those of workers not running."""
+    runstate.run_dir(tmp_path)
+    runstate.write_status(tmp_path, "store", {"state": "draining"})
+    runstate.status_path(tmp_path, "stream").write_bytes(json.dumps(
+        {"role": "stream", "pid": _gone_pid(), "time": time.time() - 1, "state": "stopped"}
+    ).encode())
+    for phase, says in (("stopping", "supervisor stopping (workers finishing: the store worker "
+                                     "drains)"), ("starting", "supervisor starting (workers "
+                                                              "being started)")):
+        runstate.write_status(tmp_path, "supervisor", {"state": phase, "heartbeat_timeout": 8})
+        view = status.collect(tmp_path)
+        assert view["reasons"] == [says, "stream worker not running"], view["reasons"]
+        assert view["health"] == "down" and view["exit_code"] == 3
+    runstate.write_status(tmp_path, "supervisor", {"state": "ready", "heartbeat_timeout": 8})
+    assert status.collect(tmp_path)["reasons"] == ["stream worker not running"]
+
+
 def test_old_files_on_a_read_only_state_folder_are_unknown_not_hung(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No status file can be rewritten (the run folder's file system says read-only): an old

@@ -130,6 +130,13 @@ def metrics_address(state_dir: Path) -> str | None:
         return None
 
 
+# The supervisor's phases in which a worker is down by design (``reporting.Standing.phase``):
+# said first, so that "down (stream worker not running)" during a stop's drain or the first
+# second of a start is not read as a fault.
+TRANSITIONS = {"starting": "supervisor starting (workers being started)",
+               "stopping": "supervisor stopping (workers finishing: the store worker drains)"}
+
+
 def collect(state_dir: Path, *, heartbeat_timeout: float | None = None) -> dict[str, Any]:
     """Everything ``status`` shows, with ``health`` (ok/degraded/down) and its ``reasons``.
     ``heartbeat_timeout``: the settings' value, used when the supervisor published none."""
@@ -144,6 +151,9 @@ def collect(state_dir: Path, *, heartbeat_timeout: float | None = None) -> dict[
     down = [f"{NAMES[role]} crash-looping ({looping[role]})" if role in looping
             else f"{NAMES[role]} not running" for role in ROLES
             if role in looping or live[role] == "not running"]
+    phase = str((roles["supervisor"] or {}).get("state", "")) if sup_up else ""
+    if down and phase in TRANSITIONS:  # workers not (or no longer) running is the phase's own
+        down.insert(0, TRANSITIONS[phase])
     degraded = [*_unresponsive(live, age, timeout), *_degraded_reasons(roles, now)]
     if frozen and "unknown" in live.values():
         oldest = max(age[r] for r in ROLES if live[r] == "unknown")
