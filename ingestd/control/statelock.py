@@ -19,6 +19,7 @@ import structlog
 
 from ingestd.control import runstate
 from ingestd.control.daemonctl import LOCKFILE, PIDFILE
+from ingestd.spool.format import writing_for
 
 log = structlog.get_logger("ingestd.control.supervisor")
 
@@ -75,14 +76,8 @@ class StateDirClaim:
         """``run/supervisor.pid``, for ``ingestd reload``."""
         path = runstate.run_dir(self.state_dir) / PIDFILE
         tmp = path.with_name(f".{PIDFILE}.{os.getpid()}.tmp")
-        try:
+        with writing_for(path, tmp):
             tmp.write_text(f"{os.getpid()}\n")
-        except OSError as exc:
-            # A write's error names no file (a full disk): the reason must, and no temp
-            # file may stay behind for each refused start.
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
         os.replace(tmp, path)
         self.pidfile_written = _identity(path)
 

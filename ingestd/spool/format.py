@@ -31,7 +31,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -301,8 +301,21 @@ def file_at_fault(exc: OSError) -> str | None:
     return None if exc.filename is None else str(exc.filename)
 
 
+@contextlib.contextmanager
+def writing_for(target: Path, tmp: Path) -> Iterator[None]:
+    """Around the write of ``tmp``, a temp file renamed over ``target`` after: an ``OSError``
+    comes out naming ``target`` (a write's error names no file, and a full disk's reason must)
+    and ``tmp`` is removed (no temp file left behind by each refused start)."""
+    try:
+        yield
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(exc.errno, exc.strerror, str(target)) from None
+
+
 def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:

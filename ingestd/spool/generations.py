@@ -27,6 +27,8 @@ from typing import Any, Literal, get_args
 
 import orjson
 
+from ingestd.spool.format import fsync_dir, writing_for
+
 DIRNAME = "generations"
 FIRST_FILE = "first"
 STOPPED_FILE = "stopped_at"  # the spool's last record when this version last stopped cleanly
@@ -131,7 +133,7 @@ class GenerationRecord:
             stopped = None
         with contextlib.suppress(FileNotFoundError):
             (self.directory / STOPPED_FILE).unlink()
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         if stopped is None or last_seq <= stopped:
             return None
         numbers = self._numbers()
@@ -200,23 +202,9 @@ def _spec(doc: Any) -> FilterSpec:
 def _write_atomically(directory: Path, name: str, data: bytes) -> None:
     """Write ``directory/name`` whole or not at all, and durably (file and folder fsynced)."""
     tmp = directory / f".{name}.tmp"
-    try:
-        with tmp.open("wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-    except OSError as exc:
-        # A write's error names no file: the start's `state_dir_unusable` line must.
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise OSError(exc.errno, exc.strerror, str(directory / name)) from None
+    with writing_for(directory / name, tmp), tmp.open("wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(tmp, directory / name)
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(directory)
