@@ -32,6 +32,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: v
 
 from bench import run
 from bench.awake import kept_awake
+from tests.support.wait import wait_until
 
 
 def steady(bench: run.Bench, rate: float, seconds: float, warmup: float, encoder: str,
@@ -52,12 +53,13 @@ def steady(bench: run.Bench, rate: float, seconds: float, warmup: float, encoder
         time.sleep(warmup)  # the rate to settle, and auto mode's choice with it
         assert daemon.proc is not None
         procs = run.grow(run.tree(daemon.proc.pid), daemon.proc.pid)
-        cpu0, stored0 = run.cpu_by_role(procs), int(daemon.counters("store").get("stored", 0))
-        started = time.monotonic()
+        started, stored0 = store_written(daemon, 0.0)
+        cpu0 = run.cpu_by_role(procs)
         time.sleep(seconds)  # the measuring window: a duration, not a wait for an event
-        elapsed = time.monotonic() - started
+        ended, stored1 = store_written(daemon, started + seconds)
         procs = run.grow(procs, daemon.proc.pid)
-        cpu1, stored1 = run.cpu_by_role(procs), int(daemon.counters("store").get("stored", 0))
+        cpu1 = run.cpu_by_role(procs)
+        elapsed = ended - started
         daemon.assert_running()
     finally:
         daemon.stop(60)
@@ -67,6 +69,21 @@ def steady(bench: run.Bench, rate: float, seconds: float, warmup: float, encoder
     roles = {k: 1e6 * (v - cpu0.get(k, 0.0)) / stored for k, v in cpu1.items()}
     return {"rate": rate, "encoder": encoder, "batch_size": batch_size,
             "stored_per_s": stored / elapsed, "us_per_tweet": sum(roles.values()), "by_role": roles}
+
+
+def store_written(daemon: run.Daemon, after: float) -> tuple[float, int]:
+    """The store worker's next status write later than ``after`` (its own clock): its time and
+    stored count. The counts are published once a second, so a window read at arbitrary moments
+    could span no write at all (and read 0 stored) or two; between writes it spans the counts'
+    own interval."""
+    def written() -> tuple[float, int] | None:
+        daemon.assert_running()
+        doc = daemon.status("store")
+        at = float(doc.get("time", 0.0))
+        return (at, int(doc.get("counters", {}).get("stored", 0))) if at > after else None
+    if after == 0.0:
+        after = float(daemon.status("store").get("time", 0.0))
+    return wait_until(written, 30, "the store worker's next status write", interval=0.01)
 
 
 def pipeline(bench: run.Bench, rate: float, seconds: float, warmup: float, gzip: bool
