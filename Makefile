@@ -4,12 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck pytest test-smoke test-slow test-systemd bench soak systemd-tools clean
+.PHONY: constraints demo test lint typecheck pytest test-smoke test-slow test-systemd bench soak systemd-tools clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package (and pip) to the versions CI last passed with: a clean clone
+# builds the same venv next month. pyproject.toml keeps the ranges a user's install accepts.
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -46,8 +48,8 @@ test-systemd: $(STAMP)
 	$(BIN)/pytest -q -m systemd -p no:cacheprovider --tb=short --timeout 1200 tests/systemd
 
 # The benchmark adds its own contenders' libraries (tweepy) to the venv: the bench extra.
-$(VENV)/.bench-stamp: pyproject.toml $(STAMP)
-	$(BIN)/pip install -q -e '.[dev,bench]'
+$(VENV)/.bench-stamp: pyproject.toml constraints.txt $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,bench]'
 	touch $@
 
 bench: $(VENV)/.bench-stamp
@@ -65,6 +67,18 @@ soak: $(STAMP)
 systemd-tools:
 	@command -v systemd-analyze >/dev/null 2>&1 || \
 	  echo "note: systemd-analyze not found (apt-get install -y systemd); tests/test_systemd_unit.py will be skipped"
+
+# New versions, on purpose: the newest releases pyproject.toml allows, frozen into constraints.txt
+# (then run make test and commit both). Uses a scratch venv; .venv is left as it is.
+constraints:
+	rm -rf .venv-constraints
+	$(PY) -m venv .venv-constraints
+	.venv-constraints/bin/pip install -q --upgrade pip
+	.venv-constraints/bin/pip install -q -e '.[dev,bench]'
+	{ sed -n '/^#/p' constraints.txt; .venv-constraints/bin/pip freeze --exclude-editable; \
+	  .venv-constraints/bin/pip --version | awk '{print "pip==" $$2}'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-constraints
 
 clean:
 	rm -rf $(VENV) demo-state .mypy_cache .ruff_cache .pytest_cache
