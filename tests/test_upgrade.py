@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -21,7 +22,17 @@ import pytest
 
 from ingestd.control import statedir
 from ingestd.control.supervisor import Supervisor
-from ingestd.spool.format import list_segments
+from ingestd.spool.format import (
+    HEADER_SIZE,
+    KIND_BADFRAME,
+    KIND_MESSAGE,
+    KIND_OVERSIZE,
+    KIND_PARTIAL,
+    encode_record,
+    list_segments,
+    segment_name,
+)
+from ingestd.spool.generations import LEGACY_FIRST
 from ingestd.spool.writer import SpoolWriter
 from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.mongo import stored_ids
@@ -142,3 +153,68 @@ def test_the_stamp_is_written_once(tmp_path: Path) -> None:
     statedir.prepare(tmp_path)
     assert stamp.stat().st_ino == first and stamp.read_text() == '{"format": 1}\n'
     assert statedir.inspect(tmp_path) is None
+
+
+def tweet(tweet_id: int) -> bytes:
+    return orjson.dumps({"id": tweet_id, "id_str": str(tweet_id), "text": "my iphone",
+                         "created_at": "Sat Dec 05 10:00:00 +0000 2026",
+                         "user": {"id": 7, "screen_name": "me"},
+                         "entities": {"hashtags": [], "user_mentions": [], "urls": []}})
+
+
+OLD_IDS = [9_200_000_000_000_000_001 + i for i in range(3)]
+
+
+def oldest_layout(state_dir: Path) -> None:
+    """A state folder as the first layout (222ace4, 2026-12-03) left it at a stop with MongoDB
+    down, written from the documented layout (spool/format.py): one segment, a checkpoint of
+    three fields (no crc, not padded) after its first tweet (stored), a backlog of two tweets and
+    a record of each kind older versions wrote, and the dead letter that version wrote already for
+    the backlog's invalid message. No generations/, written mark, coverage marker or stamp."""
+    records = [(KIND_MESSAGE, tweet(OLD_IDS[0])), (KIND_MESSAGE, tweet(OLD_IDS[1])),
+               (KIND_OVERSIZE, b'{"id": 1, "text": "an over-size mess'),
+               (KIND_BADFRAME, b"12x3\r\n"), (KIND_PARTIAL, b'{"id": 2, "te'),
+               (KIND_MESSAGE, b'{"id": 3, "text": '), (KIND_MESSAGE, tweet(OLD_IDS[2]))]
+    now = time.time_ns()
+    data = [encode_record(seq, kind, payload, 1, 1, now)
+            for seq, (kind, payload) in enumerate(records, start=1)]
+    spool = state_dir / "spool"
+    spool.mkdir(parents=True)
+    (spool / segment_name(1)).write_bytes(b"".join(data))
+    (spool / "checkpoint").write_text(json.dumps(
+        {"seq": 1, "segment": segment_name(1), "offset": len(data[0])}))
+    assert len(data[0]) == HEADER_SIZE + len(records[0][1])
+    letters = state_dir / "deadletter"
+    letters.mkdir()
+    day = datetime.now(UTC)
+    (letters / f"deadletter-{day:%Y%m%d}.jsonl").write_bytes(orjson.dumps({
+        "time": day.isoformat(timespec="milliseconds"), "reason": "invalid_json", "code": None,
+        "detail": "unexpected end of data", "conn_id": 1, "generation": 1, "seq": 6, "size": 18,
+        "truncated": False, "raw": '{"id": 3, "text": '}) + b"\n")
+
+
+def test_the_oldest_layouts_backlog_is_replayed_once(folder: Folder) -> None:
+    """An upgrade from the first layout: the backlog after its checkpoint is stored or
+    dead-lettered once, the record before it is not replayed, the dead letter that version wrote
+    is not written again, and the old generation's tweets are counted as matched by this start's
+    filters (``before_record``)."""
+    state_dir = folder.daemon.state_dir
+    oldest_layout(state_dir)
+    folder.daemon.start().wait_ready()
+    wait_until(lambda: folder.stored_all(TWEETS), 60, "the simulator's tweets stored")
+    store = wait_until(lambda: (c if (c := folder.daemon.counters("store")).get(
+        "replayed") == 6 and c.get("pending") == 0 else None), 30, "the backlog counted")
+    finish(folder.daemon, folder.sim)
+    assert set(stored_ids(folder.uri, folder.database)) == (
+        set(folder.sim.ground_truth().tweet_ids()) | set(OLD_IDS[1:]))  # not OLD_IDS[0]
+    letters = [json.loads(line) for f in sorted((state_dir / "deadletter").glob("*.jsonl"))
+               for line in f.read_text().splitlines()]
+    assert sorted((e["seq"], e["reason"]) for e in letters) == [
+        (3, "oversize"), (4, "bad_frame"), (5, "partial_message"), (6, "invalid_json")]
+    # the replayed invalid message counts as dead-lettered (its line is the older version's)
+    assert store["deadlettered"] == {"oversize": 1, "bad_frame": 1, "partial_message": 1,
+                                     "invalid_json": 1}
+    assert store["matched_fallback"] == {"before_record": 2}
+    assert folder.daemon.status("supervisor")["generation"] == LEGACY_FIRST
+    assert json.loads((state_dir / statedir.FORMAT_FILE).read_text()) == {
+        "format": statedir.FORMAT}
