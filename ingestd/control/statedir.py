@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import stat
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from ingestd.control import runstate
 from ingestd.spool import generations
-from ingestd.spool.format import file_at_fault, list_segments
+from ingestd.spool.format import file_at_fault, fsync_dir, list_segments, writing_for
 
 # Created at start by the supervisor, so that a folder the workers could not create (spool/ by
 # the stream worker, deadletter/ by the store worker) stops the start with one clear error
@@ -25,6 +26,13 @@ SUBDIRS = (runstate.RUN_DIR, "spool", "deadletter", generations.DIRNAME)
 ACCESS = os.W_OK | os.X_OK  # create and remove entries
 _EFFECTIVE = os.access in os.supports_effective_ids  # judge as the daemon's own uid
 MOUNTINFO = Path("/proc/self/mountinfo")
+# The state folder's format stamp: ``{"format": N}``. N names what this version writes there (spool
+# record kinds 0-6, checkpoint, written mark, generations/, dead letters); a later version that
+# writes something this one would misread (a new record kind, a new checkpoint) raises it, so this
+# version refuses the folder instead of dead-lettering or skipping what it cannot read. Versions
+# before the stamp ignore it (docs/design.md, "Upgrades and rollbacks").
+FORMAT_FILE = "format"
+FORMAT = 1
 # Kernel file systems that hold no files of ours: root may look able to write there (access(2)
 # says yes on /proc), yet nothing can be created (the audit's state_dir: /proc/ingestd).
 PSEUDO_FS = frozenset({"proc", "sysfs", "cgroup", "cgroup2", "devpts", "debugfs", "tracefs",
@@ -63,7 +71,31 @@ def inspect(state_dir: Path) -> Finding | None:
         finding = _existing_dir(path)
         if finding is not None:
             return finding
-    return _unusable_segment(state_dir / "spool")
+    return _newer_format(state_dir) or _unusable_segment(state_dir / "spool")
+
+
+def _newer_format(state_dir: Path) -> Finding | None:
+    """The stamp of a later version (or one that is not a stamp): this version must not run the
+    folder, whose spool may hold what it cannot read."""
+    path = state_dir / FORMAT_FILE
+    try:
+        doc = json.loads(path.read_bytes())
+        found = doc["format"]
+        if isinstance(found, bool) or not isinstance(found, int):
+            raise TypeError(found)
+    except FileNotFoundError:
+        return None  # a new folder, or an older version's
+    except OSError as exc:
+        return Finding(f"{path}: {exc.strerror}", exc.errno != errno.EACCES)
+    except (ValueError, TypeError, KeyError):
+        return Finding(f"{path} is not a format stamp ({{\"format\": N}}): remove it if no "
+                       "later ingestd wrote it", anyone=True)
+    if found <= FORMAT:
+        return None
+    return Finding(f"{path} says format {found}: a later ingestd wrote this folder, and this "
+                   f"version reads format {FORMAT} and older. Run that version until `ingestd "
+                   "status` shows an empty queue, then remove the file (docs/design.md, "
+                   "\"Upgrades and rollbacks\")", anyone=True)
 
 
 def _unusable_segment(spool: Path) -> Finding | None:
@@ -175,5 +207,25 @@ def prepare(state_dir: Path) -> None:
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
     except OSError as exc:
         raise explain(state_dir, exc) from None
-    if (finding := _unusable_segment(state_dir / "spool")) is not None:
+    if (finding := _newer_format(state_dir) or _unusable_segment(state_dir / "spool")):
         raise StateDirUnusable(state_dir, finding.reason)
+    try:
+        _stamp(state_dir)
+    except OSError as exc:
+        raise explain(state_dir, exc) from None
+
+
+def _stamp(state_dir: Path) -> None:
+    """Write this version's format stamp, whole or not at all (once: it stays while it says so)."""
+    path = state_dir / FORMAT_FILE
+    data = json.dumps({"format": FORMAT}).encode() + b"\n"
+    with contextlib.suppress(OSError):
+        if path.read_bytes() == data:
+            return
+    tmp = state_dir / f".{FORMAT_FILE}.tmp"
+    with writing_for(path, tmp), tmp.open("wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    fsync_dir(state_dir)
