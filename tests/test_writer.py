@@ -74,6 +74,8 @@ from ingestd.sink.mongo import (
     ErrorClass,
     classify_error,
     ensure_indexes,
+    error_name,
+    missing_privilege,
     open_collection,
     write_error_summary,
 )
@@ -1044,6 +1046,13 @@ def bwe(*codes: int, wce: bool = False, wce_code: int = 64) -> BulkWriteError:
      ErrorClass.TRANSIENT),
     (OperationFailure("auth failed", 18), ErrorClass.FATAL_CONFIG),
     (OperationFailure("not authorized", 13), ErrorClass.FATAL_CONFIG),
+    # Atlas's front end: a role without the action, or a wrong password (both 8000 AtlasError)
+    (OperationFailure("x", 8000, {"errmsg": "user is not allowed to do action [insert] on "
+                                            "[db.tweets]", "code": 8000}), ErrorClass.FATAL_CONFIG),
+    (OperationFailure("x", 8000, {"errmsg": "bad auth : authentication failed", "code": 8000}),
+     ErrorClass.FATAL_CONFIG),
+    (OperationFailure("x", 8000, {"errmsg": "something else", "code": 8000}),
+     ErrorClass.TRANSIENT),
     (ConfigurationError("x"), ErrorClass.FATAL_CONFIG),
     (InvalidURI("x"), ErrorClass.FATAL_CONFIG),
     (DocumentTooLarge("x"), ErrorClass.PER_DOCUMENT),
@@ -1058,6 +1067,27 @@ def bwe(*codes: int, wce: bool = False, wce_code: int = 64) -> BulkWriteError:
 ])
 def test_classify_error(exc: BaseException, expected: ErrorClass) -> None:
     assert classify_error(exc) is expected
+
+
+@pytest.mark.parametrize("code,errmsg,said", [
+    (13, 'not authorized on db1 to execute command { insert: "tweets", ordered: false, lsid: '
+         '{ id: UUID("0f") }, $db: "db1" }', "the user lacks the insert privilege on db1.tweets"),
+    (13, 'not authorized on db1 to execute command { delete: "tweets", $db: "db1" }',
+     "the user lacks the remove privilege on db1.tweets"),
+    (13, 'not authorized on db1 to execute command { createIndexes: "tweets_deleted", $db: '
+         '"db1" }', "the user lacks the createIndex privilege on db1.tweets_deleted"),
+    (13, "not authorized", "the user lacks a privilege this operation needs"),
+    (8000, "user is not allowed to do action [update] on [db1.coverage]",
+     "the user lacks the update privilege on db1.coverage"),
+    (8000, "bad auth : authentication failed", None),
+    (18, "Authentication failed.", None),
+])
+def test_a_missing_privilege_is_named_from_what_the_server_said(
+        code: int, errmsg: str, said: str | None) -> None:
+    exc = OperationFailure(errmsg, code, {"ok": 0, "errmsg": errmsg, "code": code})
+    assert missing_privilege(exc) == said
+    if said is not None:
+        assert error_name(exc).startswith(f"{said}: OperationFailure {code}")
 
 
 def test_write_error_summary_never_includes_the_document() -> None:

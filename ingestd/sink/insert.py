@@ -24,6 +24,7 @@ from ingestd.sink.batch import Entry, InFlight
 from ingestd.sink.counters import StoreCounters, StoreHistograms
 from ingestd.sink.mongo import (
     DUPLICATE_KEY,
+    INDEX_NAMES,
     ErrorClass,
     classify_error,
     duplicate_on_id,
@@ -222,8 +223,13 @@ class Inserter:
         target = self._target
         failures = self._retrier.call(lambda: ensure_indexes(target.collection))
         self._counters.index_failures += len(failures)
+        # What status says is missing now: this target's analysts' indexes (each was tried).
+        missing = self._counters.indexes_missing
+        for name in INDEX_NAMES:
+            missing.pop(name, None)
+        missing.update((name, why) for name, _, why in failures)
         # A transient failure is tried again after the next batch; a refusal is not.
-        target.indexes_done = all(cls is not ErrorClass.TRANSIENT for _, cls in failures)
+        target.indexes_done = all(cls is not ErrorClass.TRANSIENT for _, cls, _ in failures)
 
 
 def _too_deep(docs: list[Entry]) -> list[Entry]:

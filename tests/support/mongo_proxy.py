@@ -56,6 +56,10 @@ HEADER = struct.Struct("<iiii")  # messageLength, requestID, responseTo, opCode
 CHECKSUM_PRESENT = 1
 WRITE_COMMANDS = frozenset({"insert", "delete", "update"})
 INSERTS = frozenset({"insert"})  # the tweets' writes (the coverage ledger's are updates)
+# Commands a fault may also name (``commands=``; lowercase, as matched): the indexes' creation,
+# the standby lease's compare-and-set.
+CREATE_INDEXES, FIND_AND_MODIFY = frozenset({"createindexes"}), frozenset({"findandmodify"})
+FAULTABLE = WRITE_COMMANDS | CREATE_INDEXES | FIND_AND_MODIFY
 
 # code → (codeName, errmsg, retryable write error): as a mongod answers during an election.
 COMMAND_ERRORS: dict[int, tuple[str, str, bool]] = {
@@ -63,6 +67,9 @@ COMMAND_ERRORS: dict[int, tuple[str, str, bool]] = {
     189: ("PrimarySteppedDown", "Primary stepped down while waiting for replication", True),
     11602: ("InterruptedDueToReplStateChange", "operation was interrupted", True),
     91: ("ShutdownInProgress", "The server is in quiesce mode and will shut down", True),
+    # A user whose roles lack the command's privilege: mongod quotes the command's head.
+    13: ("Unauthorized", 'not authorized on {db} to execute command {{ {command}: "{coll}", '
+         '$db: "{db}" }}', False),
 }
 WRITE_CONCERN_ERRORS: dict[int, tuple[str, str]] = {
     64: ("WriteConcernFailed", "waiting for replication timed out"),
@@ -376,7 +383,7 @@ class _Pipe:
         if command is not None and command_name(command).lower() in HELLO_COMMANDS:
             self._note_hello(message)
         body = op_msg_body(message)
-        if body is None or command_name(body).lower() not in WRITE_COMMANDS:
+        if body is None or command_name(body).lower() not in FAULTABLE:
             self.upstream.sendall(message)
             return
         fault = self.proxy.take_fault(command_name(body).lower())
@@ -447,6 +454,8 @@ def _split(buf: bytearray) -> list[bytes]:
 
 def _command_error(code: int, request: dict[str, Any]) -> dict[str, Any]:
     name, errmsg, retryable = COMMAND_ERRORS[code]
+    command = command_name(request)
+    errmsg = errmsg.format(db=request.get("$db", ""), command=command, coll=request[command])
     reply: dict[str, Any] = {"ok": 0.0, "errmsg": errmsg, "code": code, "codeName": name}
     if retryable and "txnNumber" in request:
         reply["errorLabels"] = ["RetryableWriteError"]
