@@ -71,6 +71,7 @@ from ingestd.sink.encoder_split import (
     TimeShare,
 )
 from ingestd.sink.mongo import (
+    INDEXES,
     ErrorClass,
     classify_error,
     ensure_indexes,
@@ -313,6 +314,33 @@ def test_redelivery_counts_duplicates_not_errors(harness_factory: Callable[..., 
     assert again.worker.counters()["duplicates"] == 5
     assert client.tweets.count_documents({}) == 5
     assert again.worker.counters()["deadlettered"] == {}
+
+
+def test_indexes_dropped_while_the_worker_runs_are_created_again(
+        harness_factory: Callable[..., Harness], client: Any) -> None:
+    """An admin drops the collection (its indexes go with it) and the tombstones' TTL index
+    while the daemon runs: they were missing until the next start, with status ok. The store
+    worker looks at its indexes every ``index_check_seconds`` (0 here: at every batch)."""
+    h = harness_factory(batch_size=2)
+    h.worker._inserter.index_check_seconds = 0
+    h.spool.add(tweet(SNOW + 1))
+    h.spool.add(delete(SNOW + 9))  # a tombstone: the TTL index's collection exists
+    h.drain()
+    made = {name: dict(ix["key"]) for name, ix in client.tweets.index_information().items()}
+    [ttl] = ttl_indexes(client)
+    assert len(made) == len(INDEXES) + 1
+    client.tweets.drop()
+    client.tweets_deleted.drop_index(ttl["name"])
+    assert ttl_indexes(client) == []
+    for i in range(2, 6):  # two batches: the second one's look finds the TTL index gone
+        h.spool.add(tweet(SNOW + i))
+    h.drain()
+    again = {name: dict(ix["key"]) for name, ix in client.tweets.index_information().items()}
+    assert again == made
+    assert ttl_indexes(client) == [ttl]
+    c = h.worker.counters()
+    assert c["indexes_missing"] == {} and c["index_failures"] == 0
+    assert client.tweets.count_documents({}) == 4 and c["stored"] == 5
 
 
 # ---------------------------------------------------------------- control messages

@@ -15,7 +15,7 @@ import enum
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pymongo
@@ -450,11 +450,23 @@ INDEXES = (
 INDEX_NAMES = tuple(str(model.document["name"]) for model in INDEXES)
 
 
-def ensure_indexes(collection: Collection[Document]) -> list[tuple[str, ErrorClass, str]]:
-    """Create the analysts' indexes one by one; failures are logged and returned as
+def missing_indexes(collection: Collection[Document]) -> list[IndexModel]:
+    """The analysts' indexes ``collection`` lacks, by key (one on the same key under another name
+    is there): all of them for a collection that does not exist (dropped). Errors are raised."""
+    have = {_key(index["key"]) for index in collection.list_indexes()}
+    return [model for model in INDEXES if _key(model.document["key"]) not in have]
+
+
+def _key(key: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(dict(key).items())
+
+
+def ensure_indexes(collection: Collection[Document], models: Sequence[IndexModel] = INDEXES
+                   ) -> list[tuple[str, ErrorClass, str]]:
+    """Create ``models`` (the analysts' indexes) one by one; failures are logged and returned as
     ``(name, class, why)`` (``why``: ``error_name``), never raised."""
     failures: list[tuple[str, ErrorClass, str]] = []
-    for model in INDEXES:
+    for model in models:
         name = str(model.document["name"])
         try:
             collection.create_indexes([model])
