@@ -355,6 +355,39 @@ def test_write_concern_in_force_is_logged_once_per_client_and_after_a_reload_cha
     assert len(daemon.events("mongo_write_concern")) == 2
 
 
+# ---------------------------------------------------------------- what the status says
+
+
+def test_mongodb_unreachable_status_says_what_the_driver_met(
+        tmp_path: Path, proxy: MongoProxy, mongo_uri: str, mongo_database: str) -> None:
+    """No server reply, no code: the status named only the exception
+    (``mongo unavailable (ServerSelectionTimeoutError)``) whether the host refused, reset, did
+    not resolve or had no primary. Now pymongo's cause, without its timeouts and topology."""
+    script = [[{"deliver": TWEETS}, {"keepalive_only": 120}]]
+    sim, daemon = start(tmp_path, proxy, mongo_database, script,
+                        mongo={"timeout_ms": 2000}, writer={"retry_cap": 1.0})
+    try:
+        daemon.wait_ready()
+        proxy.failover(600)  # every connection reset, new ones too: MongoDB down
+        degraded = wait_until(
+            lambda: (s := daemon.status("store")).get("state", "").startswith("degraded")
+            and s, 60, "store degraded")
+        text = render(collect(daemon.state_dir))
+        proxy.pass_through()
+        wait_until(lambda: settled(daemon, TWEETS), 60, f"{TWEETS} tweets resolved")
+    finally:
+        finish(daemon, sim)
+    state = degraded["state"]
+    # AutoReconnect or ServerSelectionTimeoutError, depending on where the reset met the write
+    assert state.startswith("degraded: mongo unavailable ("), state
+    assert f"Error (127.0.0.1:{proxy.port}: " in state or \
+        f"AutoReconnect (127.0.0.1:{proxy.port}: " in state, state
+    assert "Connection reset by peer" in state or "connection closed" in state, state
+    assert "Topology Description" not in state and "configured timeouts" not in state, state
+    assert f"127.0.0.1:{proxy.port}: " in text
+    reconcile(daemon, sim, mongo_uri, mongo_database)
+
+
 # ---------------------------------------------------------------- a user without a privilege
 
 

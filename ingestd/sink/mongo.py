@@ -282,7 +282,22 @@ def error_name(exc: BaseException) -> str:
         parts.append(f"{fields['code']} {fields.get('codeName', '')}".rstrip())
     if privilege := fields.get("missing_privilege"):  # what to fix first, then the server's code
         return f"{privilege}: {' '.join(parts)}"
+    if len(parts) == 1 and isinstance(exc, ConnectionFailure) and (cause := driver_cause(exc)):
+        parts.append(cause)  # no server reply: what the driver met (refused, no primary, DNS…)
     return parts[0] if len(parts) == 1 else f"{parts[0]} ({', '.join(parts[1:])})"
+
+
+DRIVER_CAUSE_CAP = 160
+# What pymongo appends to the cause of a failed selection or connection: its timeouts and the
+# whole topology, too long for a status line (the error line keeps them, in ``errmsg``).
+_DRIVER_NOISE = re.compile(r" \(configured timeouts:[^)]*\)|, Timeout: .*$", re.S)
+
+
+def driver_cause(exc: ConnectionFailure) -> str:
+    """The driver's own cause of a connection failure, short: ``db1:27017: [Errno 111]
+    Connection refused``, ``No primary available for writes``, a DNS failure."""
+    text = _DRIVER_NOISE.sub("", str(exc)).strip()
+    return text if len(text) <= DRIVER_CAUSE_CAP else text[:DRIVER_CAUSE_CAP - 1] + "…"
 
 
 def server_error(doc: Mapping[str, Any]) -> dict[str, Any]:
