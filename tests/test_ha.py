@@ -45,7 +45,7 @@ from ingestd.sink.coverage import instance_name
 from tests.support.creds import CREDS
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.mongo import stored_ids
-from tests.support.mongo_proxy import MongoProxy
+from tests.support.mongo_proxy import FIND_AND_MODIFY, MongoProxy
 from tests.support.prometheus import ALERT_RULES, Prometheus, find_binary, free_port
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
@@ -551,6 +551,46 @@ def test_standby_holder_cut_off_from_mongodb_closes_before_the_takeover(
     print(f"\n[figure] A, cut off from MongoDB, closed its stream {b_opened - closed:.2f}s "
           f"before B opened one (lease {LEASE}s, margin {margin(LEASE):.1f}s)")
     assert closed < b_opened
+    reconcile(mongo_uri, mongo_database, sim)
+
+
+def test_standby_stepdowns_during_renewals_keep_one_stream_and_a_long_one_hands_over(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """The primary steps down while the holder renews (NotWritablePrimary on its
+    findAndModify). A short election (two renewals) is ridden out inside the lease: no
+    stand-down, no takeover. A long one (renewals refused for well past the lease) hands over:
+    A closes its stream before B opens one, and once it can write again finds it lost."""
+    host, port = parse_uri(mongo_uri)["nodelist"][0]
+    sim = sim_for(tmp_path)
+    a = b = None
+    try:
+        with MongoProxy((host, port)) as proxy:
+            a, b = start_pair(tmp_path, sim, mongo_uri, mongo_database, uri_a=proxy.uri)
+            wait_until(lambda: a.counters("stream").get("received", 0) >= 100, 60, "A streams")
+            proxy.fail_writes(2, code=10107, commands=FIND_AND_MODIFY)
+            proxy.wait_applied("command_error", 2)
+            wait_until(lambda: ha_view(a)["renew_failures"] == 2 and not ha_view(a)["last_error"],
+                       30, "A renewed again")
+            assert ha_view(a)["role"] == "active" and ha_view(b)["role"] == "standby"
+            assert not a.events("stream_stood_down") and ha_view(b)["takeovers"] == 0
+            renewals = int(10 * LEASE / renew_interval(LEASE))  # ~10 leases of refusals
+            proxy.fail_writes(renewals, code=10107, commands=FIND_AND_MODIFY)
+            wait_role(b, "active", timeout=60)
+            stood_down = a.wait_log("stream_stood_down")
+            assert a.status("stream")["state"].startswith("degraded: lease unreachable "
+                                                           "(NotPrimaryError: not primary")
+            proxy.pass_through()
+            wait_until(lambda: a.events("lease_lost"), 30, "A sees it lost the lease")
+            wait_all_stored(mongo_uri, mongo_database, sim, conns=2)
+            assert ha_view(a)["role"] == "standby" and a.counters("stream")["attempts"] == 1
+            stop_all(a, b)
+    finally:
+        kill_all(sim, a, b)
+    truth = sim.ground_truth()
+    spans = open_intervals(truth)
+    assert len(spans) == 2 and not truth.control("disconnect"), "nobody was logged out"
+    closed = datetime.fromisoformat(stood_down["timestamp"]).timestamp()
+    assert closed < spans[1][1], "A closed its stream before B opened one"
     reconcile(mongo_uri, mongo_database, sim)
 
 
