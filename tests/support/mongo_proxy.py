@@ -14,6 +14,7 @@ an election or an overload::
         proxy.failover_at_next_insert(5.0)      # the same, when the next insert arrives
         proxy.fail_writes(1, commands=INSERTS)  # a fault for the next insert only
         proxy.rewrite_hello(MONGOS_HELLO)       # every hello reply now says "mongos"
+        proxy.answer("connectionStatus", {...}) # a command answered by the proxy, not the server
         proxy.wait_applied("command_error", 1)  # until the fault has been used
 
 Faults apply to write commands only (``insert``, ``delete``, ``update``; ``failover_at_next_insert``
@@ -154,6 +155,7 @@ class MongoProxy:
         self._faults: collections.deque[_Fault] = collections.deque()
         self._down_until = 0.0
         self._hello_fields: dict[str, Any] | None = None
+        self._answers: dict[str, dict[str, Any]] = {}  # command (lowercase) → canned reply
         self._pipes: set[_Pipe] = set()
         self.applied: collections.Counter[str] = collections.Counter()  # fault kind → times
         self.writes_seen = 0
@@ -244,6 +246,19 @@ class MongoProxy:
         OP_QUERY handshake's OP_REPLY); None: answer as the server does again."""
         with self._lock:
             self._hello_fields = dict(fields) if fields is not None else None
+
+    def answer(self, command: str, reply: dict[str, Any] | None) -> None:
+        """Answer every ``command`` (any case) with ``reply`` instead of the server (None: forward
+        it again): e.g. ``connectionStatus`` as a server with access control answers it."""
+        with self._lock:
+            if reply is None:
+                self._answers.pop(command.lower(), None)
+            else:
+                self._answers[command.lower()] = dict(reply)
+
+    def answer_for(self, command: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._answers.get(command)
 
     def hello_fields(self) -> dict[str, Any] | None:
         with self._lock:
@@ -383,6 +398,9 @@ class _Pipe:
         if command is not None and command_name(command).lower() in HELLO_COMMANDS:
             self._note_hello(message)
         body = op_msg_body(message)
+        if body is not None and (reply := self.proxy.answer_for(command_name(body).lower())):
+            self._queue(0.0, op_msg(reply, HEADER.unpack_from(message)[1]), False)
+            return
         if body is None or command_name(body).lower() not in FAULTABLE:
             self.upstream.sendall(message)
             return
