@@ -155,3 +155,49 @@ def test_a_server_without_hello_is_asked_ismaster() -> None:
         admin = Admin()
 
     assert describe(server_hello(Client())).set_name == "old"  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- the user's privileges
+
+
+def connection_status(*grants: tuple[dict[str, Any], list[str]]) -> dict[str, Any]:
+    """``connectionStatus`` (showPrivileges) as a server with access control answers it."""
+    return {"ok": 1.0, "authInfo": {
+        "authenticatedUsers": [{"user": "ingest", "db": "admin"}],
+        "authenticatedUserRoles": [{"role": "custom", "db": "admin"}],
+        "authenticatedUserPrivileges": [{"resource": r, "actions": a} for r, a in grants]}}
+
+
+READ_WRITE = ["find", "insert", "update", "remove", "createIndex", "listIndexes", "dropIndex"]
+
+
+def test_check_online_names_the_privileges_the_user_lacks(
+        tmp_path: Path, sim: SimProcess, proxy: MongoProxy) -> None:
+    """A ping needs no privilege: a user whose role lacked insert passed ``check --online`` and
+    then stalled the daemon. Now the check lists what the daemon needs and the user lacks."""
+    config = online_config(tmp_path, sim.url, proxy.uri)
+    proxy.answer("connectionStatus", connection_status(
+        ({"db": "", "collection": ""}, ["find", "listIndexes"])))  # a read-only role
+    result = ingestd("check", "--online", "--config", str(config))
+    assert result.returncode != 0, result.stdout
+    failed = [ln for ln in result.stdout.splitlines() if ln.startswith("mongo      FAILED")]
+    assert "mongo      FAILED: the user lacks insert, update, remove on check.tweets: the store " \
+        "worker stalls until granted" in failed, result.stdout
+    assert any("lacks createIndex on check.tweets: tweets are stored, indexes are missing"
+               in ln for ln in result.stdout.splitlines() if ln.startswith("warning:"))
+    assert "grant the user readWrite on the database" in result.stdout
+
+
+@pytest.mark.parametrize("resource", [
+    {"db": "check", "collection": ""}, {"db": "", "collection": ""}, {"anyResource": True}])
+def test_check_online_passes_a_user_with_read_write_on_the_database(
+        tmp_path: Path, sim: SimProcess, proxy: MongoProxy, resource: dict[str, Any]) -> None:
+    proxy.answer("connectionStatus", connection_status((resource, READ_WRITE)))
+    out, warnings = check(tmp_path, sim, proxy.uri)
+    assert "mongo      privileges ok for ingest@admin" in out and warnings == []
+
+
+def test_check_online_without_a_user_says_privileges_were_not_checked(
+        tmp_path: Path, sim: SimProcess, mongo_uri: str) -> None:
+    out, _ = check(tmp_path, sim, mongo_uri)
+    assert "mongo      privileges not checked: no user authenticated" in out

@@ -45,7 +45,7 @@ from ingestd.sink.coverage import instance_name
 from tests.support.creds import CREDS
 from tests.support.daemon import Daemon, settings_doc
 from tests.support.mongo import stored_ids
-from tests.support.mongo_proxy import MongoProxy
+from tests.support.mongo_proxy import FIND_AND_MODIFY, MongoProxy
 from tests.support.prometheus import ALERT_RULES, Prometheus, find_binary, free_port
 from tests.support.simulator import GroundTruthLog, SimProcess
 from tests.support.wait import wait_until
@@ -263,6 +263,59 @@ def test_standby_sigkill_the_active_standby_takes_over_nothing_lost(
           f"end {end - first_b:+.3f}s against the ground truth")
     assert gap["instance"] != "" and gap["detail"]["from"] == takeover["previous_holder"]
     assert abs(start - last_a) <= 1.0 and abs(end - first_b) <= 1.0
+
+
+SKEWED_CLOCK = Path(__file__).resolve().parent / "support" / "skewed_clock"
+
+
+def skewed_env(seconds: float) -> dict[str, str]:
+    """The environment of a daemon whose host's wall clock is ``seconds`` off (sitecustomize)."""
+    path = os.pathsep.join(p for p in (str(SKEWED_CLOCK), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, "INGESTD_TEST_CLOCK_SKEW": str(seconds)}
+
+
+@pytest.mark.parametrize("skew", [-10.0, 10.0], ids=["standby-clock-behind", "standby-ahead"])
+def test_standby_takeover_gap_is_timed_by_one_clock_when_the_hosts_disagree(
+        tmp_path: Path, mongo_uri: str, mongo_database: str, skew: float) -> None:
+    """B's wall clock is 10 s off A's. The takeover gap started at A's last receive time (A's
+    clock) and ended at B's first message (B's): behind, B's messages all came before the start
+    and the gap was never closed (coverage said the pair was offline while B streamed); ahead,
+    the gap was 10 s too long. Now B times it by its own clock and the lease's age."""
+    sim = sim_for(tmp_path)
+    a = b = None
+    try:
+        a = Daemon(tmp_path / "a", ha_doc(sim, mongo_uri, mongo_database, "standby")).start()
+        a.wait_ready(BOOT)
+        wait_role(a, "active")
+        b = Daemon(tmp_path / "b", ha_doc(sim, mongo_uri, mongo_database, "standby"))
+        b.start(skewed_env(skew))
+        b.wait_ready(BOOT)
+        wait_until(lambda: ha_view(b).get("holder") == ha_view(a)["instance"], 60,
+                   "B sees A's lease")
+        # A stored all its connection's tweets: killed, it leaves no backlog behind (this test
+        # does not bring it back to drain one).
+        wait_until(lambda: a.counters("store").get("stored", 0) >= PER_CONN, 60,
+                   "A stored its connection's tweets")
+        signal_all(a, signal.SIGKILL)
+        a.proc.wait(10)  # type: ignore[union-attr]
+        wait_role(b, "active", timeout=60)
+        wait_all_stored(mongo_uri, mongo_database, sim, conns=2)
+        (gap,) = wait_until(lambda: [g for g in takeover_gaps(mongo_uri, mongo_database)
+                                     if g["end"]], 60, "B's ledger closed the takeover gap")
+        warned = b.wait_log("coverage_clock_skew")
+        stop_all(b)
+    finally:
+        kill_all(sim, a, b)
+    truth = sim.ground_truth()
+    spans = open_intervals(truth)
+    hole = float(truth.of("tweet", spans[1][0])[0]["t"]) - \
+        float(truth.of("tweet", spans[0][0])[-1]["t"])
+    print(f"\n[figure] B's clock {skew:+g}s: takeover gap {gap['seconds']:.2f}s, true hole "
+          f"{hole:.2f}s, skew seen {warned['ahead_seconds']:+.2f}s")
+    assert abs(warned["ahead_seconds"] + skew) <= 1.0, warned  # A's clock ahead of B's
+    assert gap["start_basis"] in ("lease_age", "previous_holder") and gap["clock_skew_ns"]
+    assert abs(gap["seconds"] - hole) <= 1.5, (gap["seconds"], hole)
+    reconcile(mongo_uri, mongo_database, sim)
 
 
 def coverage_gaps(uri: str, db: str) -> list[dict[str, Any]]:
@@ -551,6 +604,46 @@ def test_standby_holder_cut_off_from_mongodb_closes_before_the_takeover(
     print(f"\n[figure] A, cut off from MongoDB, closed its stream {b_opened - closed:.2f}s "
           f"before B opened one (lease {LEASE}s, margin {margin(LEASE):.1f}s)")
     assert closed < b_opened
+    reconcile(mongo_uri, mongo_database, sim)
+
+
+def test_standby_stepdowns_during_renewals_keep_one_stream_and_a_long_one_hands_over(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """The primary steps down while the holder renews (NotWritablePrimary on its
+    findAndModify). A short election (two renewals) is ridden out inside the lease: no
+    stand-down, no takeover. A long one (renewals refused for well past the lease) hands over:
+    A closes its stream before B opens one, and once it can write again finds it lost."""
+    host, port = parse_uri(mongo_uri)["nodelist"][0]
+    sim = sim_for(tmp_path)
+    a = b = None
+    try:
+        with MongoProxy((host, port)) as proxy:
+            a, b = start_pair(tmp_path, sim, mongo_uri, mongo_database, uri_a=proxy.uri)
+            wait_until(lambda: a.counters("stream").get("received", 0) >= 100, 60, "A streams")
+            proxy.fail_writes(2, code=10107, commands=FIND_AND_MODIFY)
+            proxy.wait_applied("command_error", 2)
+            wait_until(lambda: ha_view(a)["renew_failures"] == 2 and not ha_view(a)["last_error"],
+                       30, "A renewed again")
+            assert ha_view(a)["role"] == "active" and ha_view(b)["role"] == "standby"
+            assert not a.events("stream_stood_down") and ha_view(b)["takeovers"] == 0
+            renewals = int(10 * LEASE / renew_interval(LEASE))  # ~10 leases of refusals
+            proxy.fail_writes(renewals, code=10107, commands=FIND_AND_MODIFY)
+            wait_role(b, "active", timeout=60)
+            stood_down = a.wait_log("stream_stood_down")
+            assert a.status("stream")["state"].startswith("degraded: lease unreachable "
+                                                           "(NotPrimaryError: not primary")
+            proxy.pass_through()
+            wait_until(lambda: a.events("lease_lost"), 30, "A sees it lost the lease")
+            wait_all_stored(mongo_uri, mongo_database, sim, conns=2)
+            assert ha_view(a)["role"] == "standby" and a.counters("stream")["attempts"] == 1
+            stop_all(a, b)
+    finally:
+        kill_all(sim, a, b)
+    truth = sim.ground_truth()
+    spans = open_intervals(truth)
+    assert len(spans) == 2 and not truth.control("disconnect"), "nobody was logged out"
+    closed = datetime.fromisoformat(stood_down["timestamp"]).timestamp()
+    assert closed < spans[1][1], "A closed its stream before B opened one"
     reconcile(mongo_uri, mongo_database, sim)
 
 
@@ -918,6 +1011,7 @@ def test_a_takeover_whose_reply_was_lost_is_still_reported(leases: Any) -> None:
     clock = Clock()
     a = elector(leases, "a", clock)
     a.step(7)
+    renewed = leases.find_one({"_id": "stream:k"})["renewed_ns"]  # a's clock at its last write
     b = LeaseElector(LostReply(leases), "stream:k", "b", LEASE, clock=clock)  # type: ignore[arg-type]
     b.step(0)
     clock.now += LEASE
@@ -926,7 +1020,7 @@ def test_a_takeover_whose_reply_was_lost_is_still_reported(leases: Any) -> None:
     assert leases.find_one({"_id": "stream:k"})["holder"] == "b"
     b.step(0)  # finds the lease its own: completes the takeover
     assert b.may_stream() and b.view.takeovers == 1
-    assert b.takeovers == [Takeover("a", 7, LEASE)]
+    assert b.takeovers == [Takeover("a", 7, LEASE, renewed_ns=renewed)] and renewed > 0
 
 
 def test_mongodb_unreachable_the_holder_stops_streaming_in_time() -> None:

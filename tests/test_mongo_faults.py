@@ -25,7 +25,7 @@ from ingestd.control.status import collect, render
 from ingestd.sink.mongo import INDEXES
 from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.mongo import stored_ids, write_target
-from tests.support.mongo_proxy import INSERTS, MongoProxy
+from tests.support.mongo_proxy import CREATE_INDEXES, INSERTS, MongoProxy
 from tests.support.simulator import SimProcess
 from tests.support.wait import wait_until
 
@@ -353,6 +353,102 @@ def test_write_concern_in_force_is_logged_once_per_client_and_after_a_reload_cha
     assert unchanged == [first], "a reload that keeps the client logs nothing new"
     assert changed["j"] is False
     assert len(daemon.events("mongo_write_concern")) == 2
+
+
+# ---------------------------------------------------------------- what the status says
+
+
+def test_mongodb_unreachable_status_says_what_the_driver_met(
+        tmp_path: Path, proxy: MongoProxy, mongo_uri: str, mongo_database: str) -> None:
+    """No server reply, no code: the status named only the exception
+    (``mongo unavailable (ServerSelectionTimeoutError)``) whether the host refused, reset, did
+    not resolve or had no primary. Now pymongo's cause, without its timeouts and topology."""
+    script = [[{"deliver": TWEETS}, {"keepalive_only": 120}]]
+    sim, daemon = start(tmp_path, proxy, mongo_database, script,
+                        mongo={"timeout_ms": 2000}, writer={"retry_cap": 1.0})
+    try:
+        daemon.wait_ready()
+        proxy.failover(600)  # every connection reset, new ones too: MongoDB down
+        degraded = wait_until(
+            lambda: (s := daemon.status("store")).get("state", "").startswith("degraded")
+            and s, 60, "store degraded")
+        text = render(collect(daemon.state_dir))
+        proxy.pass_through()
+        wait_until(lambda: settled(daemon, TWEETS), 60, f"{TWEETS} tweets resolved")
+    finally:
+        finish(daemon, sim)
+    state = degraded["state"]
+    # AutoReconnect or ServerSelectionTimeoutError, depending on where the reset met the write
+    assert state.startswith("degraded: mongo unavailable ("), state
+    assert f"Error (127.0.0.1:{proxy.port}: " in state or \
+        f"AutoReconnect (127.0.0.1:{proxy.port}: " in state, state
+    assert "Connection reset by peer" in state or "connection closed" in state, state
+    assert "Topology Description" not in state and "configured timeouts" not in state, state
+    assert f"127.0.0.1:{proxy.port}: " in text
+    reconcile(daemon, sim, mongo_uri, mongo_database)
+
+
+# ---------------------------------------------------------------- a user without a privilege
+
+
+def test_a_user_without_the_insert_privilege_is_told_so_and_stored_once_granted(
+        tmp_path: Path, proxy: MongoProxy, mongo_uri: str, mongo_database: str) -> None:
+    """A user whose roles lack ``insert`` on the collection (13 Unauthorized): status names the
+    privilege and the namespace, not a bare code; retried at the cap (no spin), nothing
+    dead-lettered; once granted, every tweet is stored once."""
+    proxy.fail_writes(10_000, code=13, commands=INSERTS)
+    sim, daemon = run_until_settled(tmp_path, proxy, mongo_uri, mongo_database,
+                                    writer={"retry_cap": 1.0})
+    want = f"the user lacks the insert privilege on {mongo_database}.tweets"
+    try:
+        degraded = wait_until(
+            lambda: (s := daemon.status("store")).get("state", "").startswith("degraded")
+            and s, 60, "store degraded by Unauthorized")
+        proxy.wait_applied("command_error", 3)  # retried: still refused, still said
+        view = collect(daemon.state_dir)
+        proxy.pass_through()  # the operator grants the role
+        wait_until(lambda: settled(daemon, TWEETS), 60, f"{TWEETS} tweets resolved")
+    finally:
+        finish(daemon, sim)
+    assert degraded["state"] == ("degraded: mongo rejects our configuration "
+                                 f"({want}: OperationFailure 13 Unauthorized)"), degraded
+    assert view["health"] == "degraded" and want in view["reasons"][0], view["reasons"]
+    assert f"insert: {want}" in render(view)
+    failed = daemon.events("mongo_write_failed")
+    assert failed and all(e["error_class"] == "fatal_config" and e["missing_privilege"] == want
+                          for e in failed), failed
+    store = reconcile(daemon, sim, mongo_uri, mongo_database)
+    assert store["stored"] == TWEETS and sum(store["deadlettered"].values()) == 0
+
+
+def test_indexes_the_user_may_not_create_are_named_in_status_and_tweets_still_stored(
+        tmp_path: Path, proxy: MongoProxy, mongo_uri: str, mongo_database: str) -> None:
+    """A role without ``createIndex``: tweets are stored, but the analysts' indexes and the
+    tombstones' TTL are missing. Before, status said ``ok`` and no metric moved: only
+    ``index_create_failed`` lines with a bare code."""
+    proxy.fail_writes(10_000, code=13, commands=CREATE_INDEXES)
+    sim, daemon = run_until_settled(tmp_path, proxy, mongo_uri, mongo_database)
+    try:
+        wait_until(lambda: settled(daemon, TWEETS), 60, f"{TWEETS} tweets resolved")
+        view = wait_until(lambda: (v := collect(daemon.state_dir))["health"] != "ok" and v, 30,
+                          "status says what is missing")
+        text = render(view)
+    finally:
+        finish(daemon, sim)
+    expected = len(INDEXES) + 1  # the analysts' and the tombstones' TTL
+    assert view["health"] == "degraded", view
+    (reason,) = view["reasons"]
+    assert reason.startswith(f"store: {expected} indexes missing ("), reason
+    assert reason.endswith(f"the user lacks the createIndex privilege on {mongo_database}.tweets"
+                           ": OperationFailure 13 Unauthorized"), reason
+    assert f"{expected} indexes missing" in text and "journal: index_create_failed" in text
+    failed = daemon.events("index_create_failed")
+    assert len(failed) == expected and all(e["code"] == 13 for e in failed), failed
+    assert {e["missing_privilege"] for e in failed} == {
+        f"the user lacks the createIndex privilege on {mongo_database}.{coll}"
+        for coll in ("tweets", "tweets_deleted")}
+    store = reconcile(daemon, sim, mongo_uri, mongo_database)
+    assert store["stored"] == TWEETS and store["index_failures"] == expected
 
 
 # ---------------------------------------------------------------- issue 14: sharded clusters

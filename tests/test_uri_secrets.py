@@ -112,7 +112,7 @@ def test_check_and_coverage_never_print_the_password(tmp_path: Path, password: s
 
 
 class _Admin:
-    def command(self, name: str) -> dict[str, object]:
+    def command(self, name: str, **options: object) -> dict[str, object]:
         return {"ok": 1.0, "isWritablePrimary": True} if name == "hello" else {"ok": 1.0}
 
 

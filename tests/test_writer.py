@@ -71,9 +71,12 @@ from ingestd.sink.encoder_split import (
     TimeShare,
 )
 from ingestd.sink.mongo import (
+    INDEXES,
     ErrorClass,
     classify_error,
     ensure_indexes,
+    error_name,
+    missing_privilege,
     open_collection,
     write_error_summary,
 )
@@ -311,6 +314,33 @@ def test_redelivery_counts_duplicates_not_errors(harness_factory: Callable[..., 
     assert again.worker.counters()["duplicates"] == 5
     assert client.tweets.count_documents({}) == 5
     assert again.worker.counters()["deadlettered"] == {}
+
+
+def test_indexes_dropped_while_the_worker_runs_are_created_again(
+        harness_factory: Callable[..., Harness], client: Any) -> None:
+    """An admin drops the collection (its indexes go with it) and the tombstones' TTL index
+    while the daemon runs: they were missing until the next start, with status ok. The store
+    worker looks at its indexes every ``index_check_seconds`` (0 here: at every batch)."""
+    h = harness_factory(batch_size=2)
+    h.worker._inserter.index_check_seconds = 0
+    h.spool.add(tweet(SNOW + 1))
+    h.spool.add(delete(SNOW + 9))  # a tombstone: the TTL index's collection exists
+    h.drain()
+    made = {name: dict(ix["key"]) for name, ix in client.tweets.index_information().items()}
+    [ttl] = ttl_indexes(client)
+    assert len(made) == len(INDEXES) + 1
+    client.tweets.drop()
+    client.tweets_deleted.drop_index(ttl["name"])
+    assert ttl_indexes(client) == []
+    for i in range(2, 6):  # two batches: the second one's look finds the TTL index gone
+        h.spool.add(tweet(SNOW + i))
+    h.drain()
+    again = {name: dict(ix["key"]) for name, ix in client.tweets.index_information().items()}
+    assert again == made
+    assert ttl_indexes(client) == [ttl]
+    c = h.worker.counters()
+    assert c["indexes_missing"] == {} and c["index_failures"] == 0
+    assert client.tweets.count_documents({}) == 4 and c["stored"] == 5
 
 
 # ---------------------------------------------------------------- control messages
@@ -1044,6 +1074,13 @@ def bwe(*codes: int, wce: bool = False, wce_code: int = 64) -> BulkWriteError:
      ErrorClass.TRANSIENT),
     (OperationFailure("auth failed", 18), ErrorClass.FATAL_CONFIG),
     (OperationFailure("not authorized", 13), ErrorClass.FATAL_CONFIG),
+    # Atlas's front end: a role without the action, or a wrong password (both 8000 AtlasError)
+    (OperationFailure("x", 8000, {"errmsg": "user is not allowed to do action [insert] on "
+                                            "[db.tweets]", "code": 8000}), ErrorClass.FATAL_CONFIG),
+    (OperationFailure("x", 8000, {"errmsg": "bad auth : authentication failed", "code": 8000}),
+     ErrorClass.FATAL_CONFIG),
+    (OperationFailure("x", 8000, {"errmsg": "something else", "code": 8000}),
+     ErrorClass.TRANSIENT),
     (ConfigurationError("x"), ErrorClass.FATAL_CONFIG),
     (InvalidURI("x"), ErrorClass.FATAL_CONFIG),
     (DocumentTooLarge("x"), ErrorClass.PER_DOCUMENT),
@@ -1058,6 +1095,27 @@ def bwe(*codes: int, wce: bool = False, wce_code: int = 64) -> BulkWriteError:
 ])
 def test_classify_error(exc: BaseException, expected: ErrorClass) -> None:
     assert classify_error(exc) is expected
+
+
+@pytest.mark.parametrize("code,errmsg,said", [
+    (13, 'not authorized on db1 to execute command { insert: "tweets", ordered: false, lsid: '
+         '{ id: UUID("0f") }, $db: "db1" }', "the user lacks the insert privilege on db1.tweets"),
+    (13, 'not authorized on db1 to execute command { delete: "tweets", $db: "db1" }',
+     "the user lacks the remove privilege on db1.tweets"),
+    (13, 'not authorized on db1 to execute command { createIndexes: "tweets_deleted", $db: '
+         '"db1" }', "the user lacks the createIndex privilege on db1.tweets_deleted"),
+    (13, "not authorized", "the user lacks a privilege this operation needs"),
+    (8000, "user is not allowed to do action [update] on [db1.coverage]",
+     "the user lacks the update privilege on db1.coverage"),
+    (8000, "bad auth : authentication failed", None),
+    (18, "Authentication failed.", None),
+])
+def test_a_missing_privilege_is_named_from_what_the_server_said(
+        code: int, errmsg: str, said: str | None) -> None:
+    exc = OperationFailure(errmsg, code, {"ok": 0, "errmsg": errmsg, "code": code})
+    assert missing_privilege(exc) == said
+    if said is not None:
+        assert error_name(exc).startswith(f"{said}: OperationFailure {code}")
 
 
 def test_write_error_summary_never_includes_the_document() -> None:

@@ -316,6 +316,10 @@ class RunStateCollector:
         yield gauge("ingestd_store_degraded", "1 while the store worker is degraded: MongoDB "
                     "writes failing, or the spool checkpoint cannot be written.",
                     1.0 if str(store.get("state", "")).startswith("degraded") else 0.0)
+        yield gauge("ingestd_indexes_missing", "Indexes of the collection (and the tombstones' "
+                    "TTL) the store worker could not create: a refusal (the user lacks "
+                    "createIndex) or a failure tried again after the next batch.",
+                    len(_section(c, "indexes_missing")))
         # Its own series: an unwritable checkpoint keeps stored segments on disk, a MongoDB
         # failure does not; the two need different hands (docs/reliability.md, #8b).
         yield counter("ingestd_spool_checkpoint_failures_total", "Spool checkpoint writes that "

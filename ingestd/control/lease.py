@@ -80,6 +80,9 @@ class Takeover:
     free_since: float | None = None
     found_free: bool = False
     released: bool = False  # the previous holder released it (a clean stop), not let it expire
+    # The previous holder's wall clock at its last renewal (ns, 0 if unknown): against this
+    # host's time of seeing that renewal (``lease_age`` ago), how far apart the clocks are.
+    renewed_ns: int = 0
 
     @property
     def counted(self) -> bool:
@@ -192,7 +195,8 @@ class LeaseElector:
         start = self.clock()
         doc = self.coll.find_one_and_update(
             {"_id": self.key, "holder": self.instance, "term": self.term},
-            {"$inc": {"renew": 1}, "$set": {"last_recv_ns": last_recv_ns},
+            {"$inc": {"renew": 1}, "$set": {"last_recv_ns": last_recv_ns,
+                                            "renewed_ns": time.time_ns()},
              "$currentDate": {"renewed_at": True}},
             return_document=ReturnDocument.AFTER)
         if doc is None:
@@ -254,6 +258,7 @@ class LeaseElector:
         try:
             self.coll.insert_one({"_id": self.key, "holder": self.instance, "term": 1,
                                   "renew": 0, "last_recv_ns": last_recv_ns,
+                                  "renewed_ns": time.time_ns(),
                                   "lease_seconds": self.lease_seconds, "site": self.site})
         except DuplicateKeyError:
             return  # another instance created it first: watch it from the next step
@@ -270,7 +275,8 @@ class LeaseElector:
             {"_id": self.key, "holder": doc.get("holder"), "term": doc.get("term"),
              "renew": doc.get("renew")},
             {"$set": {"holder": self.instance, "term": term, "renew": 0,
-                      "last_recv_ns": last_recv_ns, "previous_holder": doc.get("holder"),
+                      "last_recv_ns": last_recv_ns, "renewed_ns": time.time_ns(),
+                      "previous_holder": doc.get("holder"),
                       "lease_seconds": self.lease_seconds, "site": self.site},
              "$currentDate": {"renewed_at": True}},
             return_document=ReturnDocument.BEFORE)
@@ -286,7 +292,8 @@ class LeaseElector:
         last_recv_ns = int(doc.get("last_recv_ns") or 0)
         released = doc.get("holder") is None
         if not released or self.saw_holder:
-            return Takeover(previous, last_recv_ns, round(age, 3), released=released)
+            return Takeover(previous, last_recv_ns, round(age, 3), released=released,
+                            renewed_ns=_int(doc.get("renewed_ns")))
         at = doc.get("released_at")  # MongoDB's clock, as is "renewed_at"
         since = at.timestamp() if isinstance(at, datetime) else None
         return Takeover(previous, last_recv_ns, 0.0, free_since=since, found_free=True,
@@ -303,6 +310,10 @@ class LeaseElector:
         self.view.role, self.view.term = role, term
         self.view.holder = holder if isinstance(holder, str) else None
         self.view.released_at = self.view.last_holder = None
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _term(doc: Mapping[str, Any]) -> int:

@@ -271,7 +271,20 @@ def _degraded_reasons(roles: Mapping[str, dict[str, Any] | None], now: float) ->
         reasons.append(f"stream: {outage}")
     if str(store.get("state", "")).startswith("degraded"):
         reasons.append(f"store: {store.get('state')}")
+    if missing := indexes_missing(store):
+        reasons.append(f"store: {missing}")
     return reasons
+
+
+def indexes_missing(store: Mapping[str, Any]) -> str | None:
+    """The indexes the store worker could not make (analysts' queries scan the collection; no
+    TTL: tombstones are never removed), and why the first one failed."""
+    missing = _mapping(_mapping(store.get("counters")).get("indexes_missing"))
+    if not missing:
+        return None
+    names = sorted(missing)
+    return (f"{len(names)} indexes missing ({', '.join(names[:3])}"
+            f"{', …' if len(names) > 3 else ''}): {missing[names[0]]}")
 
 
 def stream_outage(stream: Mapping[str, Any], now: float) -> str | None:
@@ -416,6 +429,8 @@ def _store_lines(view: dict[str, Any]) -> list[str]:
         f"duplicates {c.get('duplicates', 0)}  dead-lettered {sum(dead.values())}{detail}  "
         f"deletes {c.get('deletes_applied', 0)}  replayed {c.get('replayed', 0)}",
     ]
+    if indexes := indexes_missing(store):
+        lines.append(f"              {indexes} (journal: index_create_failed)")
     missing, regions = c.get("spool_missing_records", 0), c.get("spool_corrupt_records", 0)
     if missing or regions:  # only a damaged disk or a hand: say it where the operator looks
         lines.append(f"              spool damage: {missing} records lost, {regions} damaged "

@@ -126,7 +126,11 @@ class StreamRole:
         if takeover.counted:
             log.warning("ha_takeover", previous_holder=previous, lease_age=takeover.lease_age,
                         released=takeover.released, previous_last_message_time=last_message)
-            detail: dict[str, Any] = {"lease_age": takeover.lease_age}
+            # ``released``: the age counts from the release, not from the holder's last renewal
+            detail: dict[str, Any] = {"lease_age": takeover.lease_age,
+                                      **({"released": True} if takeover.released else {}),
+                                      **({"renewed_ns": takeover.renewed_ns}
+                                         if takeover.renewed_ns else {})}
         else:  # the lease was free at the first look (the pair had stopped): nobody deposed
             free = takeover.free_since
             free_for = round(max(time.time() - free, 0.0), 3) if free is not None else None

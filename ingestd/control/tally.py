@@ -42,7 +42,8 @@ from typing import Any
 
 CARRIED_KEY = "carried"  # in run/supervisor.json
 # Counter keys of the run files that are not counters (positions, sizes, times): never summed.
-NOT_SUMMED = frozenset({"read_seq", "pending", "last_error_at", "last_batch_size"})
+NOT_SUMMED = frozenset({"read_seq", "pending", "last_error_at", "last_batch_size",
+                        "indexes_missing"})
 # The store worker's replay boundary, set by the supervisor for each store worker it starts:
 # ``<through>:<counted>``, records numbered up to ``through`` were appended by an earlier daemon
 # run; those up to ``counted`` were already counted (as replayed, or lost to damage) by an earlier

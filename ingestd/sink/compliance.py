@@ -27,10 +27,12 @@ from ingestd.documents.messages import EMBEDDED_PATHS, InvalidTweet, embedded_co
 from ingestd.sink.batch import Batch, Entry, Op
 from ingestd.sink.counters import StoreCounters, bump
 from ingestd.sink.mongo import (
+    TOMBSTONE_TTL_NAME,
     Document,
     ErrorClass,
     classify_error,
     ensure_tombstone_ttl,
+    index_failed,
     write_error_summary,
 )
 from ingestd.sink.retry import DeadLetterWriter, GiveUp, Retrier
@@ -199,13 +201,13 @@ class Compliance:
             # The collection is looked up at call time: a retry may switch the Mongo target.
             done = self._retrier.call(lambda: ensure_tombstone_ttl(target.tombstones(), seconds))
         except PyMongoError as exc:
-            cls = classify_error(exc)
-            log.error("index_create_failed", index="deleted_at_ttl", error=type(exc).__name__,
-                      code=getattr(exc, "code", None), error_class=cls.value)
+            cls, why = index_failed(TOMBSTONE_TTL_NAME, exc)
             self._counters.index_failures += 1
+            self._counters.indexes_missing[TOMBSTONE_TTL_NAME] = why
             if cls is not ErrorClass.TRANSIENT:
                 target.tombstone_ttl = seconds  # refused: not asked again for this retention
             return
+        self._counters.indexes_missing.pop(TOMBSTONE_TTL_NAME, None)
         target.tombstone_ttl = seconds
         if done != "kept":
             log.info("tombstone_ttl", action=done, retention_seconds=seconds)

@@ -58,6 +58,10 @@ class StoreCounters:
     retries: int = 0
     slow_writes: int = 0  # MongoDB operations that took mongo.slow_write_seconds or longer
     index_failures: int = 0
+    # Indexes of the target that could not be made, by name: why (``mongo.error_name``; a
+    # missing createIndex privilege is named). Emptied as they are made (a transient failure is
+    # tried again after the next batch, a refusal at the next target or start).
+    indexes_missing: dict[str, str] = field(default_factory=dict)
     match_errors: int = 0
     # messages parsed only once their lone surrogate escapes became U+FFFD (documents.surrogates)
     repaired: int = 0
@@ -76,7 +80,8 @@ class StoreCounters:
         """The ``run/store.json`` counters: these fields (dicts copied) plus ``live`` values that
         other parts own (pending, limit_missed, the dead-letter store's drops)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("deadlettered", "control", "skipped", "disconnects", "matched_fallback"):
+        for name in ("deadlettered", "control", "skipped", "disconnects", "matched_fallback",
+                     "indexes_missing"):
             out[name] = dict(out[name])
         out["insert_seconds_total"] = out["insert_seconds"] = round(self.insert_seconds_total, 6)
         out.update(live)

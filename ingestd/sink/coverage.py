@@ -39,7 +39,7 @@ import operator
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,37 @@ def split_hours(start_ns: int, end_ns: int) -> list[tuple[int, float]]:
 
 
 LAG_SECONDS = 1.0  # a hole by the messages' own times this much longer: the connection lagged
+
+
+# Seconds by which the previous holder's clock may seem apart from this host's without being so:
+# this host sees a renewal up to a look (0.25 s) late and records the takeover up to a stream
+# loop's tick (0.1 s) after it won the lease.
+SKEW_TOLERANCE = 1.0
+
+
+def _gap_start(event: Mapping[str, Any], record: Record) -> tuple[int, int]:
+    """A gap marker's start (ns), by this host's clock; for a takeover, also how far ahead of
+    this host's the previous holder's clock is, if beyond ``SKEW_TOLERANCE`` (ns; else 0).
+
+    A takeover gap starts at the previous holder's last receive time, by its clock, and ends at
+    this host's first message, by this one's. With the clocks apart by more than the hole, the gap
+    came out too long, or (the holder's clock ahead) started after this host's records and was
+    never closed: coverage said the pair was offline while it streamed. The holder's last renewal
+    carries its clock (``renewed_ns``); this host saw it ``lease_age`` before the marker, by its
+    monotonic clock: the difference is the skew, taken off the start. (A released lease's age
+    counts from the release: there, and without ``renewed_ns``, only a start later than the
+    marker itself is moved, to the marker.)"""
+    start_ns = int(event["last_recv_ns"])
+    age, renewed = event.get("lease_age"), event.get("renewed_ns")
+    if event.get("cause") != "takeover" or not isinstance(age, int | float):
+        return start_ns, 0
+    if isinstance(renewed, int) and renewed and not event.get("released"):
+        skew = renewed - (record.recv_ns - round(age * 1e9))
+        if abs(skew) > SKEW_TOLERANCE * 1e9 or start_ns - skew > record.recv_ns:
+            return min(start_ns - skew, record.recv_ns), skew
+    if start_ns > record.recv_ns:
+        return record.recv_ns, start_ns - record.recv_ns
+    return start_ns, 0
 
 
 def offline_span(gap: Document, end_ns: int | None = None) -> tuple[int, int]:
@@ -449,8 +480,8 @@ class CoverageLedger:
             self._on_gap(event, record)
 
     def _on_gap(self, event: dict[str, Any], record: Record) -> None:
-        start_ns = int(event["last_recv_ns"])
         cause = str(event["cause"])
+        start_ns, skew_ns = _gap_start(event, record)
         gap = self._open
         if gap is not None and cause == NOT_STARTED:
             # The spool began again under an open gap (replayed from its first record, or emptied
@@ -478,6 +509,12 @@ class CoverageLedger:
         if cause == "takeover":
             self._open.update(start_basis="lease", lease_start=self._open["start"],
                               lease_start_ns=start_ns)
+            if skew_ns:  # the previous holder's times are read through it (``_take_report``)
+                self._open.update(start_basis="lease_age", clock_skew_ns=skew_ns)
+                log.warning("coverage_clock_skew", previous_holder=detail.get("from"),
+                            ahead_seconds=round(skew_ns / 1e9, 3),
+                            effect="the takeover gap is timed by this host's clock and the "
+                            "lease's age", action="synchronise the hosts' clocks (NTP)")
             self._handovers.watch(self._open)
         self._dirty_gaps[self._open["_id"]] = self._open
         self.gaps_recorded += 1
@@ -544,6 +581,8 @@ class CoverageLedger:
         gap["start_basis"] = "previous_holder"
         self._dirty_gaps[gap["_id"]] = gap
         end_ns = gap["end_ns"]
+        if last_ns is not None:  # the previous holder's clock, as this host's
+            last_ns -= int(gap.get("clock_skew_ns") or 0)
         if last_ns is None or last_ns <= gap["start_ns"]:
             return
         start_ns = min(last_ns, end_ns) if end_ns is not None else last_ns

@@ -24,10 +24,15 @@ from ingestd.sink.batch import Entry, InFlight
 from ingestd.sink.counters import StoreCounters, StoreHistograms
 from ingestd.sink.mongo import (
     DUPLICATE_KEY,
+    INDEX_NAMES,
+    INDEXES,
+    TOMBSTONE_TTL_NAME,
     ErrorClass,
     classify_error,
     duplicate_on_id,
     ensure_indexes,
+    error_fields,
+    missing_indexes,
     short_reason,
     write_error_summary,
 )
@@ -37,6 +42,9 @@ from ingestd.spool.format import RecordRef
 
 log = structlog.get_logger("ingestd.sink.insert")
 
+# Seconds between two looks at the collection's indexes (one listIndexes): one dropped by hand,
+# or with the collection, is created again within this.
+INDEX_CHECK_SECONDS = 300.0
 # MongoDB stores documents nested at most this deep (its documented limit). A deeper one can make
 # the server refuse the whole insert_many, not the document (the stand-in does past ~450
 # levels): one tweet stalled every batch after it.
@@ -82,6 +90,8 @@ class Inserter:
         self._deadletters = deadletters
         self._counters = counters
         self._histograms = histograms
+        self.index_check_seconds = INDEX_CHECK_SECONDS
+        self._index_check_at = 0.0  # monotonic: when the indexes are looked at again
 
     def begin(self, entries: list[Entry]) -> InFlight:
         """Start the first ``insert_many`` of ``entries`` on the helper thread; ``finish`` waits
@@ -118,7 +128,7 @@ class Inserter:
         elapsed = (flight.attempt.ended if clean else time.monotonic()) - flight.attempt.started
         c.insert_seconds_total += elapsed
         self._histograms.observe_batch(elapsed, entries)
-        if not self._target.indexes_done:
+        if self._index_check_due():
             self._ensure_indexes()
 
     def _attempt(self, docs: list[Entry], tried: set[int]) -> object:
@@ -218,12 +228,40 @@ class Inserter:
     def _max_bson_size(self) -> int:
         return self._target.max_bson_size()
 
+    def _index_check_due(self) -> bool:
+        return not self._target.indexes_done or time.monotonic() >= self._index_check_at
+
     def _ensure_indexes(self) -> None:
-        target = self._target
-        failures = self._retrier.call(lambda: ensure_indexes(target.collection))
+        """Create the analysts' indexes the collection lacks: at the first batch of a target,
+        and every ``index_check_seconds`` after (an index or the collection dropped by hand
+        while the daemon runs was missing until the next start; the TTL is looked at too).
+        A re-check leaves alone those refused before (tried again at the next start)."""
+        target, missing = self._target, self._counters.indexes_missing
+        recheck = target.indexes_done
+        self._index_check_at = time.monotonic() + self.index_check_seconds
+        if recheck and TOMBSTONE_TTL_NAME not in missing:
+            target.tombstone_ttl = None  # the next batch looks for the TTL index again
+        try:
+            models = self._retrier.call(lambda: missing_indexes(target.collection))
+        except PyMongoError as exc:  # no listIndexes (a role without it): create them all
+            log.warning("index_list_failed", **error_fields(exc))
+            models = list(INDEXES)
+        if recheck:
+            models = [m for m in models if str(m.document["name"]) not in missing]
+            if models:
+                log.warning("index_missing", indexes=[str(m.document["name"]) for m in models],
+                            action="created again (dropped by hand, or with the collection)")
+        failures = self._retrier.call(lambda: ensure_indexes(target.collection, models))
         self._counters.index_failures += len(failures)
+        # What status says is missing now: this target's analysts' indexes.
+        if not recheck:  # each was looked for
+            for name in INDEX_NAMES:
+                missing.pop(name, None)
+        for model in models:
+            missing.pop(str(model.document["name"]), None)
+        missing.update((name, why) for name, _, why in failures)
         # A transient failure is tried again after the next batch; a refusal is not.
-        target.indexes_done = all(cls is not ErrorClass.TRANSIENT for _, cls in failures)
+        target.indexes_done = all(cls is not ErrorClass.TRANSIENT for _, cls, _ in failures)
 
 
 def _too_deep(docs: list[Entry]) -> list[Entry]:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import collections
 import enum
+import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pymongo
@@ -40,7 +41,9 @@ log = structlog.get_logger("ingestd.sink.mongo")
 Document = dict[str, Any]
 
 DUPLICATE_KEY = 11000
-FATAL_CODES = frozenset({18, 13})  # AuthenticationFailed, Unauthorized
+UNAUTHORIZED, ATLAS_ERROR = 13, 8000
+ATLAS_BAD_AUTH = "bad auth"  # 8000's message for a wrong user name or password
+FATAL_CODES = frozenset({18, UNAUTHORIZED})  # AuthenticationFailed, Unauthorized
 # Not-primary/recovering/interrupted/timeout codes (pymongo's _RETRYABLE_ERROR_CODES, plus 50
 # MaxTimeMSExpired): the server did not judge the document, so retrying is right.
 TRANSIENT_CODES = frozenset(
@@ -76,8 +79,11 @@ def classify_error(exc: BaseException) -> ErrorClass:
     """Map an exception raised by a write to what the writer should do about it."""
     if isinstance(exc, BulkWriteError):
         return _classify_bulk(exc)
-    if isinstance(exc, ConfigurationError):  # includes InvalidURI
+    if isinstance(exc, ConfigurationError) or missing_privilege(exc):  # includes InvalidURI
         return ErrorClass.FATAL_CONFIG
+    if isinstance(exc, OperationFailure) and exc.code == ATLAS_ERROR \
+            and ATLAS_BAD_AUTH in str((exc.details or {}).get("errmsg", "")):
+        return ErrorClass.FATAL_CONFIG  # Atlas's AuthenticationFailed
     if isinstance(exc, (InvalidDocument, OverflowError)):
         # Raised by the BSON encoder (DocumentTooLarge is an InvalidDocument; an integer beyond
         # int64 is an OverflowError) before anything is sent: a property of one document.
@@ -112,6 +118,37 @@ def _classify_bulk(exc: BulkWriteError) -> ErrorClass:
     if codes == {DUPLICATE_KEY}:
         return ErrorClass.DUPLICATES_ONLY
     return ErrorClass.PER_DOCUMENT
+
+
+# How a server names the privilege a user lacks. mongod (13 Unauthorized) names the database and
+# quotes the command's head, ``{ insert: "tweets", ordered: false, … }`` (the documents travel
+# apart from it, never in the message); Atlas's front end answers 8000 AtlasError with the action
+# and the namespace. Only these names are taken from the message.
+_MONGOD_DENIAL = re.compile(r"not authorized on (?P<db>[^ ]+) to execute command "
+                            r'\{ ?(?P<command>\w+): ?(?:"(?P<coll>[^"]*)")?')
+_ATLAS_DENIAL = re.compile(r"not allowed to do action \[(?P<action>\w+)\] on \[(?P<ns>[^\]]*)\]")
+# The privilege action (as a role grants it) each command ingestd runs needs.
+_ACTIONS = {"insert": "insert", "update": "update", "delete": "remove", "find": "find",
+            "findandmodify": "update", "createindexes": "createIndex",
+            "listindexes": "listIndexes", "collmod": "collMod", "dropindexes": "dropIndex"}
+
+
+def missing_privilege(exc: BaseException) -> str | None:
+    """A refusal for want of a privilege, in the operator's words (``the user lacks the insert
+    privilege on db.tweets``): the fix is a role for the user, not a wait. None otherwise."""
+    if not isinstance(exc, OperationFailure) or exc.code not in (UNAUTHORIZED, ATLAS_ERROR):
+        return None
+    errmsg = str((exc.details or {}).get("errmsg", ""))
+    if atlas := _ATLAS_DENIAL.search(errmsg):
+        return f"the user lacks the {atlas['action']} privilege on {atlas['ns']}"
+    if exc.code != UNAUTHORIZED:  # another AtlasError: not a refusal this knows
+        return None
+    mongod = _MONGOD_DENIAL.search(errmsg)
+    if mongod is None:
+        return "the user lacks a privilege this operation needs"
+    action = _ACTIONS.get(mongod["command"].lower(), mongod["command"])
+    ns = f"{mongod['db']}.{mongod['coll']}" if mongod["coll"] else mongod["db"]
+    return f"the user lacks the {action} privilege on {ns}"
 
 
 def write_error_summary(bwe: BulkWriteError) -> list[tuple[int, int, str]]:
@@ -215,6 +252,8 @@ def error_fields(exc: BaseException) -> dict[str, Any]:
                                       "NoWritesPerformed") if exc.has_error_label(label)]
         if labels:
             fields["errorLabels"] = labels
+    if privilege := missing_privilege(exc):
+        fields["missing_privilege"] = privilege
     return fields
 
 
@@ -241,7 +280,24 @@ def error_name(exc: BaseException) -> str:
         parts.append(f"writeErrors {err['code']} {err['codeName']} x{err['count']}")
     if "code" in fields:
         parts.append(f"{fields['code']} {fields.get('codeName', '')}".rstrip())
+    if privilege := fields.get("missing_privilege"):  # what to fix first, then the server's code
+        return f"{privilege}: {' '.join(parts)}"
+    if len(parts) == 1 and isinstance(exc, ConnectionFailure) and (cause := driver_cause(exc)):
+        parts.append(cause)  # no server reply: what the driver met (refused, no primary, DNS…)
     return parts[0] if len(parts) == 1 else f"{parts[0]} ({', '.join(parts[1:])})"
+
+
+DRIVER_CAUSE_CAP = 160
+# What pymongo appends to the cause of a failed selection or connection: its timeouts and the
+# whole topology, too long for a status line (the error line keeps them, in ``errmsg``).
+_DRIVER_NOISE = re.compile(r" \(configured timeouts:[^)]*\)|, Timeout: .*$", re.S)
+
+
+def driver_cause(exc: ConnectionFailure) -> str:
+    """The driver's own cause of a connection failure, short: ``db1:27017: [Errno 111]
+    Connection refused``, ``No primary available for writes``, a DNS failure."""
+    text = _DRIVER_NOISE.sub("", str(exc)).strip()
+    return text if len(text) <= DRIVER_CAUSE_CAP else text[:DRIVER_CAUSE_CAP - 1] + "…"
 
 
 def server_error(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -406,21 +462,40 @@ INDEXES = (
                  sparse=True) for path in EMBEDDED_PATHS),
     IndexModel([("coordinates", pymongo.GEOSPHERE)]),
 )
+INDEX_NAMES = tuple(str(model.document["name"]) for model in INDEXES)
 
 
-def ensure_indexes(collection: Collection[Document]) -> list[tuple[str, ErrorClass]]:
-    """Create the analysts' indexes one by one; failures are logged and returned, never raised."""
-    failures: list[tuple[str, ErrorClass]] = []
-    for model in INDEXES:
+def missing_indexes(collection: Collection[Document]) -> list[IndexModel]:
+    """The analysts' indexes ``collection`` lacks, by key (one on the same key under another name
+    is there): all of them for a collection that does not exist (dropped). Errors are raised."""
+    have = {_key(index["key"]) for index in collection.list_indexes()}
+    return [model for model in INDEXES if _key(model.document["key"]) not in have]
+
+
+def _key(key: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(dict(key).items())
+
+
+def ensure_indexes(collection: Collection[Document], models: Sequence[IndexModel] = INDEXES
+                   ) -> list[tuple[str, ErrorClass, str]]:
+    """Create ``models`` (the analysts' indexes) one by one; failures are logged and returned as
+    ``(name, class, why)`` (``why``: ``error_name``), never raised."""
+    failures: list[tuple[str, ErrorClass, str]] = []
+    for model in models:
         name = str(model.document["name"])
         try:
             collection.create_indexes([model])
         except PyMongoError as exc:
-            cls = classify_error(exc)
-            log.error("index_create_failed", index=name, error=type(exc).__name__,
-                      code=getattr(exc, "code", None), error_class=cls.value)
-            failures.append((name, cls))
+            failures.append((name, *index_failed(name, exc)))
     return failures
+
+
+def index_failed(name: str, exc: PyMongoError) -> tuple[ErrorClass, str]:
+    """Log an index that could not be made (what the server said: a missing privilege is named);
+    its error class and ``error_name``."""
+    cls = classify_error(exc)
+    log.error("index_create_failed", index=name, error_class=cls.value, **error_fields(exc))
+    return cls, error_name(exc)
 
 
 # The tombstones' TTL index (``<collection>_deleted``): a tombstone is removed by the server once

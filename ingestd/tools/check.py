@@ -159,6 +159,7 @@ def check_mongo(settings: Settings) -> bool:
     try:
         client.admin.command("ping")
         hello = server_hello(client)
+        status = connection_status(client)
     except Exception as exc:  # any driver error is a finding to report, not a crash
         print(f"mongo      FAILED: {explain_mongo_error(exc, settings)}")
         return False
@@ -166,7 +167,40 @@ def check_mongo(settings: Settings) -> bool:
         client.close()
     print(f"mongo      reachable (ping ok) at {settings.mongo.display_uri()}")
     report_deployment(hello, settings)
-    return True
+    return report_privileges(status, settings)
+
+
+def connection_status(client: MongoClient[dict[str, Any]]) -> Mapping[str, object]:
+    """``connectionStatus`` with the user's privileges; {} from a server that refuses it."""
+    from pymongo.errors import OperationFailure
+
+    try:
+        return client.admin.command("connectionStatus", showPrivileges=True)
+    except OperationFailure:
+        return {}
+
+
+def report_privileges(status: Mapping[str, object], settings: Settings) -> bool:
+    """The privileges the daemon needs that the user lacks: a failure for those it cannot store
+    without, a warning for the indexes' (a ping needs none: it proves nothing about them)."""
+    from ingestd.tools.mongo_privileges import lacking, users
+
+    who = users(status)
+    if not who:
+        print("mongo      privileges not checked: no user authenticated (a server without "
+              "access control allows everything)")
+        return True
+    lacks = lacking(status, settings)
+    if not lacks:
+        print(f"mongo      privileges ok for {', '.join(who)}")
+        return True
+    for lack in lacks:
+        if lack.blocking:
+            print(f"mongo      FAILED: {lack.describe()}")
+        else:
+            print(f"warning: {settings.path}: mongo.uri: {lack.describe()}")
+    print("mongo      grant the user readWrite on the database (or a role with these actions)")
+    return not any(lack.blocking for lack in lacks)
 
 
 def server_hello(client: MongoClient[dict[str, Any]]) -> Mapping[str, object]:

@@ -14,6 +14,7 @@ an election or an overload::
         proxy.failover_at_next_insert(5.0)      # the same, when the next insert arrives
         proxy.fail_writes(1, commands=INSERTS)  # a fault for the next insert only
         proxy.rewrite_hello(MONGOS_HELLO)       # every hello reply now says "mongos"
+        proxy.answer("connectionStatus", {...}) # a command answered by the proxy, not the server
         proxy.wait_applied("command_error", 1)  # until the fault has been used
 
 Faults apply to write commands only (``insert``, ``delete``, ``update``; ``failover_at_next_insert``
@@ -56,6 +57,10 @@ HEADER = struct.Struct("<iiii")  # messageLength, requestID, responseTo, opCode
 CHECKSUM_PRESENT = 1
 WRITE_COMMANDS = frozenset({"insert", "delete", "update"})
 INSERTS = frozenset({"insert"})  # the tweets' writes (the coverage ledger's are updates)
+# Commands a fault may also name (``commands=``; lowercase, as matched): the indexes' creation,
+# the standby lease's compare-and-set.
+CREATE_INDEXES, FIND_AND_MODIFY = frozenset({"createindexes"}), frozenset({"findandmodify"})
+FAULTABLE = WRITE_COMMANDS | CREATE_INDEXES | FIND_AND_MODIFY
 
 # code → (codeName, errmsg, retryable write error): as a mongod answers during an election.
 COMMAND_ERRORS: dict[int, tuple[str, str, bool]] = {
@@ -63,6 +68,9 @@ COMMAND_ERRORS: dict[int, tuple[str, str, bool]] = {
     189: ("PrimarySteppedDown", "Primary stepped down while waiting for replication", True),
     11602: ("InterruptedDueToReplStateChange", "operation was interrupted", True),
     91: ("ShutdownInProgress", "The server is in quiesce mode and will shut down", True),
+    # A user whose roles lack the command's privilege: mongod quotes the command's head.
+    13: ("Unauthorized", 'not authorized on {db} to execute command {{ {command}: "{coll}", '
+         '$db: "{db}" }}', False),
 }
 WRITE_CONCERN_ERRORS: dict[int, tuple[str, str]] = {
     64: ("WriteConcernFailed", "waiting for replication timed out"),
@@ -147,6 +155,7 @@ class MongoProxy:
         self._faults: collections.deque[_Fault] = collections.deque()
         self._down_until = 0.0
         self._hello_fields: dict[str, Any] | None = None
+        self._answers: dict[str, dict[str, Any]] = {}  # command (lowercase) → canned reply
         self._pipes: set[_Pipe] = set()
         self.applied: collections.Counter[str] = collections.Counter()  # fault kind → times
         self.writes_seen = 0
@@ -237,6 +246,19 @@ class MongoProxy:
         OP_QUERY handshake's OP_REPLY); None: answer as the server does again."""
         with self._lock:
             self._hello_fields = dict(fields) if fields is not None else None
+
+    def answer(self, command: str, reply: dict[str, Any] | None) -> None:
+        """Answer every ``command`` (any case) with ``reply`` instead of the server (None: forward
+        it again): e.g. ``connectionStatus`` as a server with access control answers it."""
+        with self._lock:
+            if reply is None:
+                self._answers.pop(command.lower(), None)
+            else:
+                self._answers[command.lower()] = dict(reply)
+
+    def answer_for(self, command: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._answers.get(command)
 
     def hello_fields(self) -> dict[str, Any] | None:
         with self._lock:
@@ -376,7 +398,10 @@ class _Pipe:
         if command is not None and command_name(command).lower() in HELLO_COMMANDS:
             self._note_hello(message)
         body = op_msg_body(message)
-        if body is None or command_name(body).lower() not in WRITE_COMMANDS:
+        if body is not None and (reply := self.proxy.answer_for(command_name(body).lower())):
+            self._queue(0.0, op_msg(reply, HEADER.unpack_from(message)[1]), False)
+            return
+        if body is None or command_name(body).lower() not in FAULTABLE:
             self.upstream.sendall(message)
             return
         fault = self.proxy.take_fault(command_name(body).lower())
@@ -447,6 +472,8 @@ def _split(buf: bytearray) -> list[bytes]:
 
 def _command_error(code: int, request: dict[str, Any]) -> dict[str, Any]:
     name, errmsg, retryable = COMMAND_ERRORS[code]
+    command = command_name(request)
+    errmsg = errmsg.format(db=request.get("$db", ""), command=command, coll=request[command])
     reply: dict[str, Any] = {"ok": 0.0, "errmsg": errmsg, "code": code, "codeName": name}
     if retryable and "txnNumber" in request:
         reply["errorLabels"] = ["RetryableWriteError"]
