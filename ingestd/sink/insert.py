@@ -220,7 +220,8 @@ class Inserter:
 
     def _ensure_indexes(self) -> None:
         target = self._target
-        failures = self._retrier.call(lambda: ensure_indexes(target.collection))
+        failures = self._retrier.call(
+            lambda: ensure_indexes(target.collection, target.settings.stream.api))
         self._counters.index_failures += len(failures)
         # A transient failure is tried again after the next batch; a refusal is not.
         target.indexes_done = all(cls is not ErrorClass.TRANSIENT for _, cls in failures)
