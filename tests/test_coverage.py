@@ -1108,3 +1108,18 @@ def test_coverage_cli_names_an_instance_that_stopped_reporting(
     text = subprocess.run([sys.executable, "-m", "ingestd", "coverage", "--config", str(config),
                            "--since", since], capture_output=True, text=True, timeout=60)
     assert f"note: {name} has not reported since" in text.stdout, text.stdout
+
+
+@pytest.mark.parametrize("window", [("--until", "9999-12-31T23:59:59"),
+                                    ("--since", "0001-01-01T00:30:00+01:00")])
+def test_coverage_window_past_the_calendar_is_an_error_not_a_traceback(
+        tmp_path: Path, window: tuple[str, str]) -> None:
+    """The analyst audit: an ``--until`` in the last hour of year 9999 (a "no end" an analyst
+    types) widened to a whole hour past what a date holds and ended in a ValueError traceback."""
+    config = tmp_path / "settings.yaml"
+    config.write_text(json.dumps(settings_doc("http://127.0.0.1:1/1.1/statuses/filter.json",
+                                              "mongodb://127.0.0.1:1", "x")))
+    out = subprocess.run([sys.executable, "-m", "ingestd", "coverage", "--config", str(config),
+                          *window], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    assert "Traceback" not in out.stderr and "--since/--until: out of range" in out.stderr

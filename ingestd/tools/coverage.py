@@ -298,8 +298,13 @@ def run_coverage(config: Path, *, since: str | None, until: str | None, instance
         print(f"--since {start.isoformat()} is not before --until {end.isoformat()}",
               file=sys.stderr)
         return 2
-    first, last = whole_hours(ns(start), ns(end))
-    start, end = _at(first), _at(last)
+    try:
+        first, last = whole_hours(ns(start), ns(end))
+        start, end = _at(first), _at(last)
+    except (ValueError, OverflowError, OSError):  # whole hours past year 9999 (or before 1)
+        print(f"--since/--until: out of range: {start.isoformat()} to {end.isoformat()}",
+              file=sys.stderr)
+        return 2
     try:
         settings = load_settings(config, secrets=False, resolve=("mongo.uri",))
     except ConfigError as exc:
