@@ -1080,7 +1080,8 @@ def test_coverage_cli_names_an_instance_that_stopped_reporting(
     h, s = HOUR_NS, 10**9
     hour = (time.time_ns() // h - 2) * h
     seen = hour + 30 * 60 * s
-    name = "host1:/var/lib/ingestd"
+    name, other = "host1:/var/lib/ingestd", "host2:/var/lib/ingestd"
+    stop = hour + 90 * 60 * s
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
         mongo_uri, serverSelectionTimeoutMS=10000)
     try:
@@ -1092,7 +1093,16 @@ def test_coverage_cli_names_an_instance_that_stopped_reporting(
             {"_id": f"hour:{name}:x", "kind": "hour", "instance": name,
              "hour": datetime.fromtimestamp(hour / 1e9, UTC), "hour_ns": hour, "tweets": 10,
              "seq": 10, "limit_max": {}, "gap_seconds": {str(hour): 1.0}, "offline_seconds": 1.0,
-             "seen_ns": seen, "seen": datetime.fromtimestamp(seen / 1e9, UTC)}])
+             "seen_ns": seen, "seen": datetime.fromtimestamp(seen / 1e9, UTC)},
+            # another instance, stopped cleanly after the window asked for below: its open gap
+            # says why it went quiet, wherever the window ends
+            {"_id": f"hour:{other}:x", "kind": "hour", "instance": other,
+             "hour": datetime.fromtimestamp(hour / 1e9, UTC), "hour_ns": hour, "tweets": 5,
+             "seq": 5, "limit_max": {}, "gap_seconds": {}, "offline_seconds": 0.0,
+             "seen_ns": seen, "seen": datetime.fromtimestamp(seen / 1e9, UTC)},
+            {"_id": f"{other}:{stop}", "kind": "gap", "instance": other, "cause": "stopped",
+             "causes": ["stopped"], "start": datetime.fromtimestamp(stop / 1e9, UTC),
+             "end": None, "start_ns": stop, "end_ns": None, "seconds": None, "detail": {}}])
     finally:
         client.close()
     doc = settings_doc("http://127.0.0.1:1/1.1/statuses/filter.json", mongo_uri, mongo_database)
@@ -1102,12 +1112,21 @@ def test_coverage_cli_names_an_instance_that_stopped_reporting(
     out = subprocess.run([sys.executable, "-m", "ingestd", "coverage", "--config", str(config),
                           "--since", since, "--json"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    rows = json.loads(out.stdout)["hours"]
+    rows = [r for r in json.loads(out.stdout)["hours"] if r["instance"] == name]
     assert [r["causes"] for r in rows[:2]] == [["not_started", "unreported"], ["unreported"]]
     assert rows[0]["offline_seconds"] == 1.0 + 30 * 60 and rows[1]["covered_percent"] == 0.0
     text = subprocess.run([sys.executable, "-m", "ingestd", "coverage", "--config", str(config),
                            "--since", since], capture_output=True, text=True, timeout=60)
     assert f"note: {name} has not reported since" in text.stdout, text.stdout
+    assert f"note: {other}" not in text.stdout, text.stdout
+    until = datetime.fromtimestamp((hour + h) / 1e9, UTC).isoformat()
+    past = subprocess.run([sys.executable, "-m", "ingestd", "coverage", "--config", str(config),
+                           "--since", since, "--until", until, "--json"], capture_output=True,
+                          text=True, timeout=60)
+    got = json.loads(past.stdout)
+    assert {r["instance"]: r["causes"] for r in got["hours"]} == {
+        name: ["not_started", "unreported"], other: []}
+    assert [g["cause"] for g in got["gaps"] if g["instance"] == other] == []
 
 
 @pytest.mark.parametrize("window", [("--until", "9999-12-31T23:59:59"),

@@ -210,7 +210,8 @@ def resolve_instance(coverage: Collection[Document], settings: Settings, name: s
 def fetch(settings: Settings, since: datetime, until: datetime, instance: str | None
           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
     """Hour documents before ``until``, gap documents overlapping [since, until) (callers pass
-    whole hours) and each instance's last ``seen_ns`` stamp (``last_seen``, of every hour)."""
+    whole hours) and the last ``seen_ns`` stamp (``last_seen``, of every hour) of each instance
+    that has no open gap, wherever that gap is (one after ``until`` too: a stop says why)."""
     from ingestd.sink.mongo import make_client
 
     client = make_client(settings.mongo)
@@ -225,7 +226,10 @@ def fetch(settings: Settings, since: datetime, until: datetime, instance: str | 
         since_ns = ns(since)  # ``end_ns``, not ``end``: an integer compares on every server
         gaps = [g for g in coverage.find({"kind": "gap", "start": {"$lt": until}, **mine})
                 if g.get("end_ns") is None or g["end_ns"] >= since_ns]
-        seen = last_seen(coverage.find({"kind": "hour", **mine}, {"instance": 1, "seen_ns": 1}))
+        stamps = last_seen(coverage.find({"kind": "hour", **mine}, {"instance": 1, "seen_ns": 1}))
+        open_ = {g["instance"] for g in coverage.find({"kind": "gap", "end": None, **mine},
+                                                       {"instance": 1})}
+        seen = {name: ns_ for name, ns_ in stamps.items() if name not in open_}
     finally:
         client.close()
     return hours, gaps, seen
@@ -320,7 +324,7 @@ def run_coverage(config: Path, *, since: str | None, until: str | None, instance
     except Exception as exc:  # a driver error is a finding to report, not a traceback
         print(f"coverage: {explain_mongo_error(exc, settings)}", file=sys.stderr)
         return EXIT_MONGO
-    gaps += unreported_gaps(seen, gaps, ns(now))
+    gaps += [g for g in unreported_gaps(seen, gaps, ns(now)) if g["start_ns"] < ns(end)]
     rows = build_rows(hours, gaps, ns(start), ns(end), ns(now))
     if as_json:
         period = {"since": start.isoformat(), "until": end.isoformat()}
