@@ -1142,3 +1142,24 @@ def test_coverage_window_past_the_calendar_is_an_error_not_a_traceback(
                           *window], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stdout == "", out.stdout
     assert "Traceback" not in out.stderr and "--since/--until: out of range" in out.stderr
+
+
+def test_a_quiet_hour_has_a_document_stamped_seen(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """A stream that delivers nothing (keep-alives only): the idle store worker stamps the hour's
+    document, so the hour has a row (0 tweets, covered) and the stamp says the ledger is current;
+    before, a quiet hour had no document and no row."""
+    sim = SimProcess(tmp_path / "sim", "--max-tweets", "0", "--keepalive", "0.5").start()
+    daemon = Daemon(tmp_path / "daemon", settings_doc(sim.url, mongo_uri, mongo_database))
+    try:
+        started = time.time_ns()
+        daemon.start().wait_ready()
+        wait_until(lambda: daemon.assert_running() or any(
+            "seen_ns" in h for h in ledger(mongo_uri, mongo_database, "hour")), 30,
+            "the idle store worker's stamp")
+    finally:
+        finish(daemon, sim)
+    hours = ledger(mongo_uri, mongo_database, "hour")  # one, or two across an hour's end
+    assert [h["tweets"] for h in hours] == [0] * len(hours)
+    assert max(h.get("seen_ns", 0) for h in hours) >= started
+    assert sim.ground_truth().tweet_ids() == []
