@@ -414,11 +414,14 @@ class CoverageLedger:
         """On an idle pass: a takeover gap's start may still await the previous holder's
         report, which can come while this stream is quiet. ``caught_up``: every record the
         spool holds is stored and applied, so the ledger is complete until now: stamped once
-        every ``SEEN_EVERY`` in the current hour's document (a quiet hour gets one too)."""
+        every ``SEEN_EVERY`` in the current hour's document (a quiet hour gets one too). Only
+        while MongoDB answers (the ledger read from it this run, no failure since): an idle
+        worker must not sit in a retry for a stamp while the records it should read wait."""
         if self._handovers.waiting and self._loaded:
             self._settle_handovers()
             self._write_dirty()
-        if caught_up and not self._queue and self._clock() - self._seen_at >= SEEN_EVERY:
+        if caught_up and not self._queue and self._loaded and self._retry.healthy() \
+                and self._clock() - self._seen_at >= SEEN_EVERY:
             self._seen_at = self._clock()
             self._seen(time.time_ns())
             self._write_dirty()
