@@ -376,7 +376,9 @@ def test_recipe_hourly_completeness(cook: dict[str, Callable[..., Any]], tweets:
     expected = Counter(r.replace(minute=0, second=0, microsecond=0) for r in received)
     assert {r["hour"]: r["tweets"] for r in got if r["tweets"]} == dict(expected)
     ledger = {h["hour"]: h["tweets"] for h in coverage.find({"kind": "hour"})}
-    assert set(ledger) == set(expected) and all(ledger[h] >= n for h, n in expected.items())
+    # (an hour the daemon was up in without a tweet has a document too: 0 tweets, its `seen`)
+    assert {h for h, n in ledger.items() if n} == set(expected)
+    assert all(ledger[h] >= n for h, n in expected.items())
     first, gap = sorted(coverage.find({"kind": "gap", "cause": {"$ne": "limit"}}),
                         key=lambda g: g["start"])
     assert first["cause"] == "not_started" and first["end"] <= min(received)
@@ -432,3 +434,42 @@ def test_recipe_hourly_completeness_counts_a_lagging_connections_gap_as_the_tool
     tool = build_rows([], gaps, hour_ns - HOUR_NS, hour_ns + HOUR_NS, now_ns=hour_ns + HOUR_NS)
     assert [round(r["offline_seconds"], 3) for r in got] == [1.5, 0.5 + 4.0]
     assert [r.offline_seconds for r in tool] == [1.5, 4.5]
+
+
+def test_recipe_hourly_completeness_counts_an_instance_that_stopped_reporting_as_the_tool_does(
+        cook: dict[str, Callable[..., Any]], mongo_uri: str) -> None:
+    """The analyst audit: a daemon killed with all its processes and never restarted leaves no
+    open gap; the recipe, like ``ingestd coverage``, counts the time after the instance's last
+    ``seen`` stamp as ``unreported`` offline time (it read those hours as covered)."""
+    from ingestd.sink.coverage import HOUR_NS
+    from ingestd.tools.coverage import build_rows, last_seen, unreported_gaps
+
+    s = 10**9
+    hour_ns = (int(datetime.now().timestamp()) * s // HOUR_NS - 3) * HOUR_NS
+    seen_ns, now_ns = hour_ns + 600 * s, hour_ns + 2 * HOUR_NS
+
+    def date(ns: int) -> datetime:
+        return datetime.fromtimestamp(ns // 10**6 / 1000, UTC)
+
+    gap = {"_id": f"a:{hour_ns}", "kind": "gap", "instance": "a", "cause": "not_started",
+           "causes": ["not_started"], "start": date(hour_ns), "end": date(hour_ns + 5 * s),
+           "start_ns": hour_ns, "end_ns": hour_ns + 5 * s, "seconds": 5.0, "detail": {}}
+    hour = {"_id": "hour:a:x", "kind": "hour", "instance": "a", "hour": date(hour_ns),
+            "hour_ns": hour_ns, "tweets": 0, "seq": 0, "limit_max": {},
+            "gap_seconds": {str(hour_ns): 5.0}, "offline_seconds": 5.0, "seen_ns": seen_ns,
+            "seen": date(seen_ns)}
+    client: pymongo.MongoClient[Doc] = pymongo.MongoClient(mongo_uri, tz_aware=True)
+    try:
+        db = client[f"unrep_{uuid.uuid4().hex[:8]}"]
+        db.coverage.insert_many([dict(gap), dict(hour)])
+        got = cook["hourly_completeness"](db.tweets, db.coverage, date(hour_ns),
+                                          date(hour_ns + 2 * HOUR_NS), date(now_ns))
+    finally:
+        client.drop_database(db.name)
+        client.close()
+    gaps = [gap, *unreported_gaps(last_seen([hour]), [gap], now_ns)]
+    tool = build_rows([hour], gaps, hour_ns, hour_ns + 2 * HOUR_NS, now_ns=now_ns)
+    assert [round(r["offline_seconds"], 3) for r in got] == [r.offline_seconds for r in tool] \
+        == [5.0 + 3000.0, 3600.0]
+    assert [r["causes"] for r in got] == [r.causes for r in tool] == [
+        ["not_started", "unreported"], ["unreported"]]

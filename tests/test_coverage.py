@@ -51,8 +51,10 @@ from ingestd.tools.coverage import (
     UnknownInstance,
     build_rows,
     lag_notes,
+    last_seen,
     render,
     resolve_instance,
+    unreported_gaps,
 )
 from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.mongo import stored_ids
@@ -1028,3 +1030,136 @@ def test_a_marker_the_disk_refuses_is_logged_and_the_stream_worker_goes_on(
     assert [(e["marker"], e["cause"]) for e in lost] == [
         ("gap", "not_started"), ("connected", None), ("gap", "stopped")]
     assert all("No space left" in e["error"] for e in lost) and markers.written == 0
+
+
+def test_a_daemon_killed_and_never_restarted_is_not_counted_as_covered(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """The analyst audit: every process SIGKILLed (a host lost) and no restart to record the
+    ``crashed`` gap left the ledger with no open gap, so ``ingestd coverage`` counted the hours
+    after the kill as covered (100 % for a past hour the stream was up for seconds). The store
+    worker now stamps how far the ledger is complete (``seen_ns``); time past a stale stamp with
+    no open gap is ``unreported`` offline time."""
+    sim = SimProcess(tmp_path / "sim", "--rate", "100", "--keepalive", "0.5",
+                     "--control-every", "0").start()
+    daemon = Daemon(tmp_path / "daemon", settings_doc(sim.url, mongo_uri, mongo_database))
+    try:
+        daemon.start().wait_ready()
+        def stamped() -> bool:
+            daemon.assert_running()
+            return daemon.counters("store").get("stored", 0) >= 50 and any(
+                "seen_ns" in h for h in ledger(mongo_uri, mongo_database, "hour"))
+        wait_until(stamped, 60, "tweets stored and the ledger stamped")
+        kill_everything(daemon)
+        killed = time.time_ns()
+    finally:
+        daemon.kill()
+        sim.stop()
+    hours, gaps = ledger(mongo_uri, mongo_database, "hour"), ledger(mongo_uri, mongo_database,
+                                                                    "gap")
+    delivered = [e["t"] for e in sim.ground_truth().of("tweet")]
+    seen = max(h["seen_ns"] for h in hours)
+    assert seen <= killed and seen >= min(delivered) * 1e9, "stamped while the stream was up"
+    assert [g["end"] is None for g in gaps] == [False], "no restart: no crashed gap recorded"
+    later = killed + 2 * HOUR_NS  # the analyst looks two hours on
+    extra = unreported_gaps(last_seen(hours), gaps, later)
+    assert [(g["cause"], g["start_ns"]) for g in extra] == [("unreported", seen)]
+    rows = build_rows(hours, gaps + extra, gaps[0]["start_ns"], later, now_ns=later)
+    offline = sum(r.offline_seconds for r in rows)
+    assert offline == pytest.approx(gaps[0]["seconds"] + (later - seen) / 1e9, abs=0.01)
+    assert all("unreported" in r.causes for r in rows[-2:]), rows
+    assert rows[-1].covered_percent == 0.0
+    # ...while a stamp fresher than UNREPORTED_AFTER_NS is a daemon that is merely between two
+    assert unreported_gaps(last_seen(hours), gaps, seen + 60 * 10**9) == []
+
+
+def test_coverage_cli_names_an_instance_that_stopped_reporting(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """``ingestd coverage`` (the real command) on a ledger whose instance last stamped it an hour
+    and a half ago, with no open gap: the hours since are offline, cause ``unreported``, and a
+    note says so; a ledger with an open gap (a clean stop) gets no such gap."""
+    h, s = HOUR_NS, 10**9
+    hour = (time.time_ns() // h - 2) * h
+    seen = hour + 30 * 60 * s
+    name, other = "host1:/var/lib/ingestd", "host2:/var/lib/ingestd"
+    stop = hour + 90 * 60 * s
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo_uri, serverSelectionTimeoutMS=10000)
+    try:
+        client[mongo_database].coverage.insert_many([
+            {"_id": f"{name}:{hour}", "kind": "gap", "instance": name, "cause": "not_started",
+             "causes": ["not_started"], "start": datetime.fromtimestamp(hour / 1e9, UTC),
+             "end": datetime.fromtimestamp((hour + s) / 1e9, UTC), "start_ns": hour,
+             "end_ns": hour + s, "seconds": 1.0, "detail": {}},
+            {"_id": f"hour:{name}:x", "kind": "hour", "instance": name,
+             "hour": datetime.fromtimestamp(hour / 1e9, UTC), "hour_ns": hour, "tweets": 10,
+             "seq": 10, "limit_max": {}, "gap_seconds": {str(hour): 1.0}, "offline_seconds": 1.0,
+             "seen_ns": seen, "seen": datetime.fromtimestamp(seen / 1e9, UTC)},
+            # another instance, stopped cleanly after the window asked for below: its open gap
+            # says why it went quiet, wherever the window ends
+            {"_id": f"hour:{other}:x", "kind": "hour", "instance": other,
+             "hour": datetime.fromtimestamp(hour / 1e9, UTC), "hour_ns": hour, "tweets": 5,
+             "seq": 5, "limit_max": {}, "gap_seconds": {}, "offline_seconds": 0.0,
+             "seen_ns": seen, "seen": datetime.fromtimestamp(seen / 1e9, UTC)},
+            {"_id": f"{other}:{stop}", "kind": "gap", "instance": other, "cause": "stopped",
+             "causes": ["stopped"], "start": datetime.fromtimestamp(stop / 1e9, UTC),
+             "end": None, "start_ns": stop, "end_ns": None, "seconds": None, "detail": {}}])
+    finally:
+        client.close()
+    doc = settings_doc("http://127.0.0.1:1/1.1/statuses/filter.json", mongo_uri, mongo_database)
+    config = tmp_path / "settings.yaml"
+    config.write_text(json.dumps(doc))
+    since = datetime.fromtimestamp(hour / 1e9, UTC).isoformat()
+    out = subprocess.run([sys.executable, "-m", "ingestd", "coverage", "--config", str(config),
+                          "--since", since, "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = [r for r in json.loads(out.stdout)["hours"] if r["instance"] == name]
+    assert [r["causes"] for r in rows[:2]] == [["not_started", "unreported"], ["unreported"]]
+    assert rows[0]["offline_seconds"] == 1.0 + 30 * 60 and rows[1]["covered_percent"] == 0.0
+    text = subprocess.run([sys.executable, "-m", "ingestd", "coverage", "--config", str(config),
+                           "--since", since], capture_output=True, text=True, timeout=60)
+    assert f"note: {name} has not reported since" in text.stdout, text.stdout
+    assert f"note: {other}" not in text.stdout, text.stdout
+    until = datetime.fromtimestamp((hour + h) / 1e9, UTC).isoformat()
+    past = subprocess.run([sys.executable, "-m", "ingestd", "coverage", "--config", str(config),
+                           "--since", since, "--until", until, "--json"], capture_output=True,
+                          text=True, timeout=60)
+    got = json.loads(past.stdout)
+    assert {r["instance"]: r["causes"] for r in got["hours"]} == {
+        name: ["not_started", "unreported"], other: []}
+    assert [g["cause"] for g in got["gaps"] if g["instance"] == other] == []
+
+
+@pytest.mark.parametrize("window", [("--until", "9999-12-31T23:59:59"),
+                                    ("--since", "0001-01-01T00:30:00+01:00")])
+def test_coverage_window_past_the_calendar_is_an_error_not_a_traceback(
+        tmp_path: Path, window: tuple[str, str]) -> None:
+    """The analyst audit: an ``--until`` in the last hour of year 9999 (a "no end" an analyst
+    types) widened to a whole hour past what a date holds and ended in a ValueError traceback."""
+    config = tmp_path / "settings.yaml"
+    config.write_text(json.dumps(settings_doc("http://127.0.0.1:1/1.1/statuses/filter.json",
+                                              "mongodb://127.0.0.1:1", "x")))
+    out = subprocess.run([sys.executable, "-m", "ingestd", "coverage", "--config", str(config),
+                          *window], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    assert "Traceback" not in out.stderr and "--since/--until: out of range" in out.stderr
+
+
+def test_a_quiet_hour_has_a_document_stamped_seen(
+        tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
+    """A stream that delivers nothing (keep-alives only): the idle store worker stamps the hour's
+    document, so the hour has a row (0 tweets, covered) and the stamp says the ledger is current;
+    before, a quiet hour had no document and no row."""
+    sim = SimProcess(tmp_path / "sim", "--max-tweets", "0", "--keepalive", "0.5").start()
+    daemon = Daemon(tmp_path / "daemon", settings_doc(sim.url, mongo_uri, mongo_database))
+    try:
+        started = time.time_ns()
+        daemon.start().wait_ready()
+        wait_until(lambda: daemon.assert_running() or any(
+            "seen_ns" in h for h in ledger(mongo_uri, mongo_database, "hour")), 30,
+            "the idle store worker's stamp")
+    finally:
+        finish(daemon, sim)
+    hours = ledger(mongo_uri, mongo_database, "hour")  # one, or two across an hour's end
+    assert [h["tweets"] for h in hours] == [0] * len(hours)
+    assert max(h.get("seen_ns", 0) for h in hours) >= started
+    assert sim.ground_truth().tweet_ids() == []

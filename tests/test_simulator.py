@@ -23,6 +23,7 @@ import pytest
 from oauthlib.oauth1 import Client  # type: ignore[import-untyped]
 
 from ingestd.documents.matching import Matcher
+from ingestd.simulator.feed import RealTweets
 from ingestd.simulator.generator import TWITTER_EPOCH_MS
 from ingestd.simulator.script import FaultScript, ScriptError
 from ingestd.simulator.session import truncated
@@ -981,3 +982,14 @@ def test_the_hour_soak_forgives_only_an_unacknowledged_tail_of_a_reset_connectio
     assert reset_discarded(truth, {1, 2, 4}, set()) == {5}  # 3 missing before a stored one
     assert reset_discarded(truth, {1, 2}, {5}) == {3, 4}  # 5 deleted: no part of the run
     assert reset_discarded(truth, {1, 2, 3, 4, 5}, set()) == set()
+
+
+def test_the_readme_counts_the_real_tweets_the_simulator_serves() -> None:
+    """The analyst audit: the README said the simulator serves 558 real tweets; 28 of the file's
+    lines are mongoexport copies (``{"$numberLong": ...}`` ids) that it skips, so 530 reach a
+    collection, and an analyst reconciling a run against "558" finds 28 missing."""
+    real = RealTweets()
+    served = sum(real.get(i) is not None for i in range(len(real)))
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    assert (len(real), served) == (558, 530)
+    assert f"({served} real v1.1 tweets" in readme

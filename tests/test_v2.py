@@ -116,6 +116,21 @@ def test_v2_every_delivered_tweet_is_stored_once_with_its_rules(
         assert d["_ingest"]["matched"]["rules"] == [r["id"] for r in d["matching_rules"]]
         assert d["_ingest"]["matched"]["tags"] == [tags[r["id"]] for r in d["matching_rules"]]
         assert isinstance(d["_ingest"]["received_at"], datetime)
+    # The analyst audit: a v2 collection got only the v1.1 indexes (user.id, matched.track...),
+    # so "by author" and "by rule" over the archive scanned it. Queried as the cookbook says.
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+    try:
+        tweets = client[mongo_database].tweets
+        keys = [list(dict(i["key"])) for i in tweets.index_information().values()]
+        author = tweets.find_one({}, {"author_id": 1})
+        assert author is not None and isinstance(author["author_id"], str), "as delivered"
+        by_author = tweets.count_documents({"author_id": author["author_id"]})
+    finally:
+        client.close()
+    for key in (["author_id", "created_at"], ["_ingest.matched.rules", "created_at"],
+                ["_ingest.matched.tags", "created_at"]):
+        assert key in keys, f"no index on {key}"
+    assert by_author >= 1
     missed = {e["id"] for e in truth.of("missed")}
     print(f"\n[v2 reconcile] published={len(delivered | missed)} delivered={len(delivered)} "
           f"stored={len(ids)} duplicates={store['duplicates']} "

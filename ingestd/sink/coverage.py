@@ -19,9 +19,11 @@ written by the store worker in spool order (before the spool is acked, like the 
   its first start (``started_at``): the archive did not exist before.
 - hour ``{_id: "hour:<instance>:<YYYY-MM-DDTHH>", kind: "hour", instance, hour, tweets,
   hour_ns, tweets, seq, limit_max: {conn: cumulative limit.track}, gap_seconds: {start_ns:
-  seconds in this hour}, offline_seconds}``: ``tweets`` newly stored (duplicates not counted)
-  that were received in that hour, counted up to spool record ``seq``; a gap's seconds are those
-  of its ``offline_span`` (a lagging connection's reach back by its ``message_seconds``).
+  seconds in this hour}, offline_seconds, seen_ns, seen}``: ``tweets`` newly stored (duplicates
+  not counted) that were received in that hour, counted up to spool record ``seq``; a gap's
+  seconds are those of its ``offline_span`` (a lagging connection's reach back by its
+  ``message_seconds``); ``seen_ns``: the ledger is complete up to then (the last stored tweet's
+  receive time, or now on an idle pass with everything stored, once per ``SEEN_EVERY``).
 
 Replaying the spool after a crash rewrites the same documents: gap documents are replaced by
 their ``_id``; limit counts and gap seconds are maxima keyed by connection and gap; a replayed
@@ -70,6 +72,10 @@ _SEQ = operator.attrgetter("record.seq")
 _RECENT = 8  # records remembered before a gap: the last one with a time may not be the very last
 HANDOVER_LOOK_EVERY = 2.0  # s between looks for a previous holder's report
 HANDOVER_WAIT = 600.0  # s after a takeover: a previous holder that returns later is not awaited
+# s between an idle, caught-up store worker's ``seen_ns`` stamps: a daemon that dies without a
+# word (SIGKILL of every process, a host lost) records no gap until it starts again, so the
+# stamps say how far the ledger is known to be complete (``ingestd coverage``'s ``unreported``)
+SEEN_EVERY = 60.0
 
 
 def instance_name(state_dir: Path) -> str:
@@ -322,6 +328,8 @@ class CoverageLedger:
         self._dirty_hours: set[int] = set()
         self._persisted: dict[int, int] = {}  # hour -> spool seq its stored ``tweets`` count to
         self.gaps_recorded = 0
+        self._clock = clock
+        self._seen_at = -SEEN_EVERY  # clock time of the last idle stamp
 
     def collection(self) -> Collection[Document]:
         db = self._target.collection.database
@@ -371,6 +379,9 @@ class CoverageLedger:
             return
         received = list(map(ENTRY_RECV_NS, entries))
         first, last = min(received), max(received)
+        # the markers before these tweets are applied before they are written: the ledger is
+        # complete up to them
+        self._seen(last)
         if hour_start_ns(first) == hour_start_ns(last):
             self._count(first, len(entries), max(map(_SEQ, entries)))
             return
@@ -430,12 +441,27 @@ class CoverageLedger:
         ledger written with the checkpoint")."""
         self._write_dirty()
 
-    def settle(self) -> None:
+    def settle(self, caught_up: bool = False) -> None:
         """On an idle pass: a takeover gap's start may still await the previous holder's
-        report, which can come while this stream is quiet."""
+        report, which can come while this stream is quiet. ``caught_up``: every record the
+        spool holds is stored and applied, so the ledger is complete until now: stamped once
+        every ``SEEN_EVERY`` in the current hour's document (a quiet hour gets one too). Only
+        while MongoDB answers (the ledger read from it this run, no failure since): an idle
+        worker must not sit in a retry for a stamp while the records it should read wait."""
         if self._handovers.waiting and self._loaded:
             self._settle_handovers()
             self._write_dirty()
+        if caught_up and not self._queue and self._loaded and self._retry.healthy() \
+                and self._clock() - self._seen_at >= SEEN_EVERY:
+            self._seen_at = self._clock()
+            self._seen(time.time_ns())
+            self._write_dirty()
+
+    def _seen(self, ns: int) -> None:
+        """The ledger is complete up to ``ns``: kept in its hour's document (``seen_ns``)."""
+        doc = self._hour(ns)
+        if ns > doc.get("seen_ns", 0):
+            doc.update(seen_ns=ns, seen=utc(ns))
 
     def _write_dirty(self) -> None:
         if self._dirty_gaps:

@@ -24,14 +24,14 @@ from ingestd.sink.batch import Entry, InFlight
 from ingestd.sink.counters import StoreCounters, StoreHistograms
 from ingestd.sink.mongo import (
     DUPLICATE_KEY,
-    INDEX_NAMES,
-    INDEXES,
     TOMBSTONE_TTL_NAME,
     ErrorClass,
     classify_error,
     duplicate_on_id,
     ensure_indexes,
     error_fields,
+    index_names,
+    indexes_for,
     missing_indexes,
     short_reason,
     write_error_summary,
@@ -237,15 +237,16 @@ class Inserter:
         while the daemon runs was missing until the next start; the TTL is looked at too).
         A re-check leaves alone those refused before (tried again at the next start)."""
         target, missing = self._target, self._counters.indexes_missing
+        api = target.settings.stream.api
         recheck = target.indexes_done
         self._index_check_at = time.monotonic() + self.index_check_seconds
         if recheck and TOMBSTONE_TTL_NAME not in missing:
             target.tombstone_ttl = None  # the next batch looks for the TTL index again
         try:
-            models = self._retrier.call(lambda: missing_indexes(target.collection))
+            models = self._retrier.call(lambda: missing_indexes(target.collection, api))
         except PyMongoError as exc:  # no listIndexes (a role without it): create them all
             log.warning("index_list_failed", **error_fields(exc))
-            models = list(INDEXES)
+            models = list(indexes_for(api))
         if recheck:
             models = [m for m in models if str(m.document["name"]) not in missing]
             if models:
@@ -255,7 +256,7 @@ class Inserter:
         self._counters.index_failures += len(failures)
         # What status says is missing now: this target's analysts' indexes.
         if not recheck:  # each was looked for
-            for name in INDEX_NAMES:
+            for name in index_names(api):
                 missing.pop(name, None)
         for model in models:
             missing.pop(str(model.document["name"]), None)

@@ -462,14 +462,31 @@ INDEXES = (
                  sparse=True) for path in EMBEDDED_PATHS),
     IndexModel([("coordinates", pymongo.GEOSPHERE)]),
 )
-INDEX_NAMES = tuple(str(model.document["name"]) for model in INDEXES)
+# With ``stream.api: v2`` the same questions ask other fields: the author is ``author_id`` (a
+# string, as delivered) and what matched is ``_ingest.matched.rules``/``tags``; without these,
+# "tweets by one author" or "by rule" over the whole archive scanned the collection. Not made
+# for a v1.1 collection, whose documents have none of these fields.
+V2_INDEXES = (
+    IndexModel([("author_id", pymongo.ASCENDING), ("created_at", pymongo.ASCENDING)]),
+    IndexModel([("_ingest.matched.rules", pymongo.ASCENDING), ("created_at", pymongo.ASCENDING)]),
+    IndexModel([("_ingest.matched.tags", pymongo.ASCENDING), ("created_at", pymongo.ASCENDING)]),
+)
 
 
-def missing_indexes(collection: Collection[Document]) -> list[IndexModel]:
+def indexes_for(api: str) -> tuple[IndexModel, ...]:
+    """The analysts' indexes of a collection the ``api`` stream fills."""
+    return (*INDEXES, *(V2_INDEXES if api == "v2" else ()))
+
+
+def index_names(api: str) -> tuple[str, ...]:
+    return tuple(str(model.document["name"]) for model in indexes_for(api))
+
+
+def missing_indexes(collection: Collection[Document], api: str = "v1.1") -> list[IndexModel]:
     """The analysts' indexes ``collection`` lacks, by key (one on the same key under another name
     is there): all of them for a collection that does not exist (dropped). Errors are raised."""
     have = {_key(index["key"]) for index in collection.list_indexes()}
-    return [model for model in INDEXES if _key(model.document["key"]) not in have]
+    return [model for model in indexes_for(api) if _key(model.document["key"]) not in have]
 
 
 def _key(key: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:

@@ -147,6 +147,10 @@ class Retrier:
     def recovered(self) -> None:
         self._counters.state = "draining" if self.should_stop() else "running"
 
+    def healthy(self) -> bool:
+        """MongoDB answered the last operation (no failure since, ``recovered`` or never)."""
+        return not self._counters.state.startswith("degraded")
+
     def backoff(self, attempt: int, cls: ErrorClass) -> None:
         ws = self._target.settings.writer
         if cls is ErrorClass.FATAL_CONFIG:

@@ -59,6 +59,8 @@ class MongoTarget:
             self.epoch += 1
             self.ready = self.indexes_done = False
             self.tombstone_ttl = None
+        elif new.stream.api != old.stream.api:
+            self.indexes_done = False  # the other API's documents are queried by other fields
 
     def servers(self) -> str:
         """The servers the client knows of (its seeds, or those it discovered), as host:port."""

@@ -288,9 +288,10 @@ class StoreWorker:
                 self._flush()
             elif not read:
                 self._finish_flight()
-                if self._batch.last is None:  # all taken is acked: a loss after it is unsettled
+                caught_up = self._batch.last is None
+                if caught_up:  # all taken is acked: a loss after it is unsettled
                     self._count_losses(None)
-                self._ledger.settle()
+                self._ledger.settle(caught_up)
                 self._maybe_trim()
                 started = time.monotonic()
                 self._reader.wait_for_data(self._wait_time())

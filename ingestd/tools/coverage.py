@@ -25,6 +25,7 @@ from ingestd.config.schema import Settings
 from ingestd.config.settings import load_settings, secret_values
 from ingestd.logs import register_secret
 from ingestd.sink.coverage import (
+    SEEN_EVERY,
     hour_start_ns,
     instance_name,
     offline_span,
@@ -39,6 +40,11 @@ if TYPE_CHECKING:
 Document = dict[str, Any]
 EXIT_MONGO = EXIT_UNAVAILABLE  # MongoDB unreachable or refusing (as check --online)
 DEFAULT_WINDOW = timedelta(hours=24)
+# An instance without an open gap whose last ``seen_ns`` stamp is older than this has not
+# reported since: the ledger cannot say the stream was up (a few missed idle stamps: not a
+# store worker merely busy between two checkpoints).
+UNREPORTED_AFTER_NS = int(3 * SEEN_EVERY * 1e9)
+UNREPORTED = "unreported"
 
 
 @dataclass
@@ -147,6 +153,35 @@ def _before_start(gap: dict[str, Any], first: int, until_ns: int,
         r.not_started_seconds = round(r.not_started_seconds + seconds, 3)
 
 
+def last_seen(hours: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Instance → its latest ``seen_ns`` stamp (versions before the stamps wrote none)."""
+    seen: dict[str, int] = {}
+    for doc in hours:
+        if isinstance(stamp := doc.get("seen_ns"), int):
+            seen[doc["instance"]] = max(stamp, seen.get(doc["instance"], 0))
+    return seen
+
+
+def unreported_gaps(seen: dict[str, int], gaps: list[dict[str, Any]], now_ns: int
+                    ) -> list[dict[str, Any]]:
+    """An open gap for each instance that has neither an open gap nor a ``seen_ns`` stamp in the
+    last ``UNREPORTED_AFTER_NS``: from its last stamp (or the end of its last gap, if later) to
+    now. Such a daemon died without recording why (every process killed, its host lost: its
+    next start records the ``crashed`` gap), or its store worker has fallen behind or cannot
+    reach MongoDB: either way nothing says the stream was up, so the time is not counted as
+    covered (it was, silently, before the stamps)."""
+    found = []
+    for instance, stamp in sorted(seen.items()):
+        mine = [g for g in gaps if g["instance"] == instance and g["cause"] != "limit"]
+        if any(g.get("end_ns") is None for g in mine) or now_ns - stamp <= UNREPORTED_AFTER_NS:
+            continue
+        start = max([stamp, *(int(g["end_ns"]) for g in mine)])
+        found.append({"_id": f"{instance}:{UNREPORTED}", "kind": "gap", "instance": instance,
+                      "start_ns": start, "end_ns": None, "seconds": None, "cause": UNREPORTED,
+                      "causes": [UNREPORTED], "detail": {"seen_ns": stamp}})
+    return found
+
+
 class UnknownInstance(Exception):
     """``--instance`` names no instance of the ledger, under either of its names."""
 
@@ -173,9 +208,10 @@ def resolve_instance(coverage: Collection[Document], settings: Settings, name: s
 
 
 def fetch(settings: Settings, since: datetime, until: datetime, instance: str | None
-          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Hour documents before ``until`` and gap documents overlapping [since, until) (callers pass
-    whole hours)."""
+          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """Hour documents before ``until``, gap documents overlapping [since, until) (callers pass
+    whole hours) and the last ``seen_ns`` stamp (``last_seen``, of every hour) of each instance
+    that has no open gap, wherever that gap is (one after ``until`` too: a stop says why)."""
     from ingestd.sink.mongo import make_client
 
     client = make_client(settings.mongo)
@@ -190,9 +226,13 @@ def fetch(settings: Settings, since: datetime, until: datetime, instance: str | 
         since_ns = ns(since)  # ``end_ns``, not ``end``: an integer compares on every server
         gaps = [g for g in coverage.find({"kind": "gap", "start": {"$lt": until}, **mine})
                 if g.get("end_ns") is None or g["end_ns"] >= since_ns]
+        stamps = last_seen(coverage.find({"kind": "hour", **mine}, {"instance": 1, "seen_ns": 1}))
+        open_ = {g["instance"] for g in coverage.find({"kind": "gap", "end": None, **mine},
+                                                       {"instance": 1})}
+        seen = {name: ns_ for name, ns_ in stamps.items() if name not in open_}
     finally:
         client.close()
-    return hours, gaps
+    return hours, gaps, seen
 
 
 def render(rows: list[HourRow]) -> str:
@@ -242,6 +282,13 @@ def lag_notes(gaps: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
+def unreported_notes(gaps: list[dict[str, Any]]) -> list[str]:
+    return [f"note: {g['instance']} has not reported since {_iso(g['detail']['seen_ns'])}: it "
+            "was stopped without a word (killed, its host lost) and not started again, or it "
+            "cannot store into MongoDB; counted offline (unreported) from "
+            f"{_iso(g['start_ns'])} until now" for g in gaps if g["cause"] == UNREPORTED]
+
+
 def run_coverage(config: Path, *, since: str | None, until: str | None, instance: str | None,
                  as_json: bool) -> int:
     now = datetime.now(UTC)
@@ -255,8 +302,13 @@ def run_coverage(config: Path, *, since: str | None, until: str | None, instance
         print(f"--since {start.isoformat()} is not before --until {end.isoformat()}",
               file=sys.stderr)
         return 2
-    first, last = whole_hours(ns(start), ns(end))
-    start, end = _at(first), _at(last)
+    try:
+        first, last = whole_hours(ns(start), ns(end))
+        start, end = _at(first), _at(last)
+    except (ValueError, OverflowError, OSError):  # whole hours past year 9999 (or before 1)
+        print(f"--since/--until: out of range: {start.isoformat()} to {end.isoformat()}",
+              file=sys.stderr)
+        return 2
     try:
         settings = load_settings(config, secrets=False, resolve=("mongo.uri",))
     except ConfigError as exc:
@@ -265,13 +317,14 @@ def run_coverage(config: Path, *, since: str | None, until: str | None, instance
     for secret in secret_values(settings):
         register_secret(secret)  # a driver error's text may quote the password
     try:
-        hours, gaps = fetch(settings, start, end, instance)
+        hours, gaps, seen = fetch(settings, start, end, instance)
     except UnknownInstance as exc:
         print(exc, file=sys.stderr)
         return 2
     except Exception as exc:  # a driver error is a finding to report, not a traceback
         print(f"coverage: {explain_mongo_error(exc, settings)}", file=sys.stderr)
         return EXIT_MONGO
+    gaps += [g for g in unreported_gaps(seen, gaps, ns(now)) if g["start_ns"] < ns(end)]
     rows = build_rows(hours, gaps, ns(start), ns(end), ns(now))
     if as_json:
         period = {"since": start.isoformat(), "until": end.isoformat()}
@@ -279,5 +332,5 @@ def run_coverage(config: Path, *, since: str | None, until: str | None, instance
                           "gaps": [gap_json(g) for g in sorted(gaps, key=lambda g: g["start_ns"])]},
                          indent=2))
     else:
-        print("\n".join([render(rows), *lag_notes(gaps)]))
+        print("\n".join([render(rows), *lag_notes(gaps), *unreported_notes(gaps)]))
     return 0
