@@ -364,7 +364,9 @@ def test_mongodb_unreachable_status_says_what_the_driver_met(
     (``mongo unavailable (ServerSelectionTimeoutError)``) whether the host refused, reset, did
     not resolve or had no primary. Now pymongo's cause, without its timeouts and topology."""
     script = [[{"deliver": TWEETS}, {"keepalive_only": 120}]]
-    sim, daemon = start(tmp_path, proxy, mongo_database, script,
+    # 5 tweets/s: tweets still arrive after MongoDB goes down (at 100/s all 60 could be stored
+    # before it did, and an idle store worker, writing nothing, has nothing to fail)
+    sim, daemon = start(tmp_path, proxy, mongo_database, script, "--rate", "5",
                         mongo={"timeout_ms": 2000}, writer={"retry_cap": 1.0})
     try:
         daemon.wait_ready()
