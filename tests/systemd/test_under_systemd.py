@@ -377,6 +377,7 @@ def test_a_full_state_disk_past_the_start_limit_needs_reset_failed(
     space is back; `systemctl start` alone is refused ("repeated too quickly") within
     StartLimitIntervalSec, `systemctl reset-failed` then `start` runs it (README "State")."""
     box = deployment.box_
+    box.systemctl("stop", UNIT)  # stopped already by the test before (unless run alone)
     since = box.run("date", "+@%s").stdout.strip()
     fill_a_small_state_disk(deployment)
     try:
@@ -407,6 +408,7 @@ def test_a_restart_onto_a_state_disk_full_since_it_ran_uses_the_reserve(
     """The daemon ran on the disk (its reserve set aside), then the disk filled to the last
     block: `systemctl restart` runs at once, on the reserve's space, with no exit 75."""
     box = deployment.box_
+    box.systemctl("stop", UNIT)  # stopped already by the test before (unless run alone)
     box.run("mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", PRIVATE_STATE)
     try:
         box.systemctl("reset-failed", UNIT, check=False)
