@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import os
 import re
 import sys
 import threading
@@ -274,17 +275,46 @@ def _truncate_strings(value: object, limit: int) -> object:
     return value
 
 
+# syslog priorities (sd-daemon(3)'s "<N>" line prefixes) of our levels.
+_PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+
+
+def writes_to_the_journal(stream: IO[str]) -> bool:
+    """Whether ``stream`` is the journal's stream connection: systemd sets ``JOURNAL_STREAM``
+    to its ``device:inode`` for a service's stdout/stderr (inherited by our workers, whose
+    stdout is the supervisor's). Not when stdout was redirected (a file, a pipe, a terminal)."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # no descriptor (a test's StringIO)
+        return False
+    return bool(expected) and expected == f"{st.st_dev}:{st.st_ino}"
+
+
 class CappedRenderer:
     """Render with `renderer`; shrink string values until the line fits in `max_bytes`.
 
-    journald splits lines above 48K; a capped line stays one parseable record.
+    journald splits lines above 48K; a capped line stays one parseable record. With
+    ``priority_prefix`` (stdout is the journal) each line starts with its level's syslog
+    priority, ``<3>`` for an error: journald strips it and stores ``PRIORITY=3``, which
+    ``journalctl -p err``, ``systemctl status`` and syslog forwarding go by (without it every
+    line, errors included, was PRIORITY=6, info).
     """
 
-    def __init__(self, renderer: Processor, max_bytes: int = MAX_LINE_BYTES) -> None:
+    def __init__(self, renderer: Processor, max_bytes: int = MAX_LINE_BYTES, *,
+                 priority_prefix: bool = False) -> None:
         self.renderer = renderer
         self.max_bytes = max_bytes
+        self.priority_prefix = priority_prefix
 
     def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> str:
+        line = self._capped(logger, method, event_dict)
+        if not self.priority_prefix:
+            return line
+        level = str(event_dict.get("level", method))
+        return f"<{_PRIORITIES.get(level, 6)}>{line}"
+
+    def _capped(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> str:
         line = self._render(logger, method, event_dict)
         if len(line.encode()) <= self.max_bytes:
             return line
@@ -357,7 +387,8 @@ def build_processors(
                                       exception_formatter=structlog.dev.plain_traceback)
         if console else structlog.processors.JSONRenderer(serializer=_orjson_dumps)
     )
-    limiter, capped = RateLimiter(error_interval, clock), CappedRenderer(renderer)
+    limiter = RateLimiter(error_interval, clock)
+    capped = CappedRenderer(renderer, priority_prefix=writes_to_the_journal(stream))
     writer = structlog.WriteLogger(cast(TextIO, stream))
     # A folded line the limiter flushes has been through the chain up to it: render and write.
     limiter.emit = lambda event_dict: writer.msg(

@@ -24,7 +24,7 @@ from tests.support.mongo import MongoStandIn, stored_ids
 from tests.support.mounts import bind_read_only
 from tests.support.simulator import SimProcess
 from tests.support.skips import unavailable
-from tests.support.wait import wait_until
+from tests.support.wait import wait_progressing, wait_until
 from tests.test_durability import DB, durable_doc, figures, spooled, wait_drained
 
 
@@ -271,7 +271,9 @@ def test_a_restart_onto_a_full_disk_exits_75_naming_the_file_and_starts_once_spa
     the unit's `RestartPreventExitStatus=78` never restarts: down for good, although space
     comes back by itself (and the spool's backlog, once stored, frees it). Now exit 75
     (`state_dir_full`, naming the file that could not be written, no temp file left), which
-    systemd's `Restart=` retries; once space returns the next start runs."""
+    systemd's `Restart=` retries; once space returns the next start runs. (With the state
+    folder's reserve still there the start runs at once: the next test. Here it is gone, as
+    after an earlier start onto a full disk used it.)"""
     sim = SimProcess(tmp_path / "sim", "--rate", "50").start()
     disk = tmp_path / "disk"
     mount_tmpfs(disk, "4m")
@@ -283,6 +285,7 @@ def test_a_restart_onto_a_full_disk_exits_75_naming_the_file_and_starts_once_spa
     try:
         daemon.start().wait_ready()
         assert daemon.stop()[0] == 0
+        (daemon.state_dir / "run" / "space.reserve").unlink()
         fill_to_the_last_block(disk)
         daemon.start()
         assert daemon.proc is not None
@@ -300,6 +303,95 @@ def test_a_restart_onto_a_full_disk_exits_75_naming_the_file_and_starts_once_spa
     finally:
         daemon.kill()
         sim.stop()
+
+
+def test_a_restart_onto_a_disk_its_own_spool_filled_starts_and_stores_the_backlog(
+        tmp_path: Path, standin: MongoStandIn, mounts: list[Path]) -> None:
+    """MongoDB down, the spool fills the state folder's disk to the last block; the daemon is
+    restarted (the watchdog, a deploy, an operator, a reboot) before MongoDB returns. Only
+    the daemon can free that space, by storing its backlog, yet its start needed a block (the
+    pid file, the generation file): it exited 75 on every try, systemd gave up after
+    StartLimitBurst, and the backlog stayed on disk for good. The start now uses the state
+    folder's reserve (run/space.reserve, set aside while there was space), so it runs, stores the
+    backlog once MongoDB is back, and frees the disk by itself."""
+    tweets = 15000
+    sim, _, daemon = disk_drill(tmp_path, standin, "block", tweets, rate=1000, seed=18)
+    mount_tmpfs(daemon.state_dir, "8m")
+    mounts.append(daemon.state_dir)
+    standin.stop()
+    try:
+        daemon.start().wait_ready()
+        wait_until(lambda: disk_full_seen(daemon, "block"), 60, "the spool to hit ENOSPC")
+        fill_to_the_last_block(daemon.state_dir)
+        daemon.wait_log("spool_write_failed", 60)
+        assert daemon.stop()[0] == 0, daemon.tail()
+        # The stop gave back the pid file's block: another writer (a log) takes it meanwhile.
+        fill_to_the_last_block(daemon.state_dir)
+        assert shutil.disk_usage(daemon.state_dir).free == 0
+        standin.start()
+        daemon.start().wait_ready()
+        assert not daemon.events("state_dir_full"), daemon.tail()
+        wait_until(lambda: shutil.disk_usage(daemon.state_dir).free > 1 << 20, 120,
+                   "the stored backlog to free the disk")
+        wait_until(lambda: conn_stored(sim, standin, 2, tweets), 180,
+                   "the restarted daemon's connection stored whole", interval=1)
+        code, _ = daemon.stop()
+        assert code == 0, daemon.tail()
+    finally:
+        daemon.kill()
+        sim.stop()
+    # The backlog is stored: connection 1's tweets up to the ones the paused reader never took
+    # from its socket (the stop closed it), every one of connection 2's, each once.
+    ids, truth = stored_ids(standin.uri, DB), sim.ground_truth()
+    first = truth.tweet_ids(conn=1)
+    assert len(ids) == len(set(ids)) and set(ids) == set(first[:len(ids) - tweets]) | set(
+        truth.tweet_ids(conn=2)), (len(ids), len(first))
+    assert len(ids) - tweets > 4000, "the backlog the first run spooled is not stored"
+
+
+def conn_stored(sim: SimProcess, standin: MongoStandIn, conn: int, tweets: int) -> bool:
+    """Connection ``conn`` has delivered its ``tweets`` (``--max-tweets``: only keep-alives
+    follow) and the collection holds each of them."""
+    if sim.state()["tweets"].get(str(conn), 0) < tweets:
+        return False
+    return set(sim.ground_truth().tweet_ids(conn=conn)) <= set(stored_ids(standin.uri, DB))
+
+
+def test_a_stop_on_a_full_disk_counts_the_messages_it_held(
+        tmp_path: Path, standin: MongoStandIn, mounts: list[Path]) -> None:
+    """`systemctl stop`/`restart` while `when_full: block` holds messages the full disk would
+    not take: they were dropped without a word, still counted as `received` ("messages that
+    reached the spool"), so `received` stood above what was ever stored. Now the stop writes
+    them if it can, else counts them as `disk_error` drops (`spool_held_dropped`): every
+    message counted as received is stored once space and MongoDB are back."""
+    sim, _, daemon = disk_drill(tmp_path, standin, "block", 4000, rate=800, seed=9,
+                                segment_bytes="1MiB")
+    mount_tmpfs(daemon.state_dir, "6m")
+    mounts.append(daemon.state_dir)
+    filler = fill(daemon.state_dir, leave=1 << 20)
+    standin.stop()
+    try:
+        daemon.start().wait_ready()
+        wait_until(lambda: daemon.status("stream").get("spool", {}).get("held"), 60,
+                   "messages held by the full disk")
+        assert daemon.stop()[0] == 0, daemon.tail()
+        first = daemon.counters("stream")
+        assert first["dropped"].get("disk_error", 0) > 0, first
+        filler.unlink()
+        standin.start()
+        daemon.start().wait_ready()
+        conn1 = sim.ground_truth().tweet_ids(conn=1)
+
+        def stored_of_conn1() -> int:
+            return len(set(conn1) & set(stored_ids(standin.uri, DB)))
+        wait_progressing(lambda: stored_of_conn1() >= first["received"], stored_of_conn1, 30,
+                         120, "connection 1's spooled tweets stored")
+        finish(daemon, sim)
+    finally:
+        daemon.kill()
+        sim.stop()
+    stored = set(stored_ids(standin.uri, DB)) & set(conn1)
+    assert stored == set(conn1[:first["received"]]), (len(stored), first)
 
 
 # ---------------------------------------------------------------- 4b. read-only state folder

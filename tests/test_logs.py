@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import structlog
+import yaml
 
 from ingestd.config.schema import LoggingSettings
 from ingestd.logs import (
@@ -23,6 +28,8 @@ from ingestd.logs import (
     scrub_text,
     scrub_userinfo,
 )
+from tests.support.creds import CREDS
+from tests.support.daemon import settings_doc
 
 CANARY = "canary-Zq8v1x"        # registered through configure_logging(secrets=...)
 LATE = "late-canary-77Hh"       # registered afterwards with register_secret()
@@ -320,3 +327,37 @@ def test_reconfigure_before_any_configure_changes_nothing() -> None:
         assert reconfigure_logging(LoggingSettings(level="error")) is False
     finally:
         logs._CONFIGURED = saved
+
+
+def run_refused_start(tmp_path: Path, journal: bool) -> list[str]:
+    """``ingestd run`` onto a state folder that is a file (exit 78, one error line), its stdout
+    a file; ``journal``: ``JOURNAL_STREAM`` names that file, as systemd names its stream."""
+    (tmp_path / "not-a-folder").write_text("")
+    doc = settings_doc("http://127.0.0.1:9/stream", "mongodb://127.0.0.1:9", "db")
+    doc["state_dir"] = str(tmp_path / "not-a-folder" / "state")
+    config = tmp_path / "settings.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    out_path = tmp_path / f"out-{journal}.log"
+    with out_path.open("wb") as out:
+        st = os.fstat(out.fileno())
+        env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"} | CREDS
+        if journal:
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        code = subprocess.run([sys.executable, "-m", "ingestd", "run", "--config", str(config)],
+                              stdout=out, stderr=subprocess.STDOUT, env=env, timeout=60,
+                              cwd=tmp_path).returncode
+    assert code == 78, out_path.read_text()
+    return out_path.read_text().splitlines()
+
+
+def test_lines_to_the_journal_carry_their_syslog_priority(tmp_path: Path) -> None:
+    """Under systemd every line went to the journal at PRIORITY=6 (info), errors too: `journalctl
+    -p err` and `systemctl status` showed none of them. Written to the journal's stream
+    (JOURNAL_STREAM), a line starts with its priority (`<3>` error, `<6>` info), which journald
+    strips and stores; written anywhere else, it is plain JSON. (The info lines' `<6>`:
+    tests/systemd, under a real journald.)"""
+    lines = run_refused_start(tmp_path, journal=True)
+    (line,) = lines
+    assert line.startswith("<3>{") and orjson.loads(line[3:])["level"] == "error", lines
+    plain = run_refused_start(tmp_path, journal=False)
+    assert plain and all(ln.startswith("{") for ln in plain), plain

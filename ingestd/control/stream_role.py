@@ -81,6 +81,7 @@ class StreamRole:
         log.info("stream_worker_started", generation=self.ctx.generation)
         try:
             self.reader.run(lambda: bool(self.ctx.stop), self.tick)
+            self.intake.give_up_held()  # before the stop's marker: they came before it
             # The supervisor vanished without stopping us (SIGKILL, OOM): not a requested stop.
             # The marker carries the newest connection id, also one still unanswered at the
             # stop: the next run numbers on past it (the CI saw a reused id 7).
@@ -91,7 +92,7 @@ class StreamRole:
             self.rules.close()
             self.spool.close()
             self.publish()
-        log.info("stream_worker_stopped", received=self.reader.stats.received)
+        log.info("stream_worker_stopped", received=self.counters()["received"])
         return 0
 
     def tick(self) -> None:

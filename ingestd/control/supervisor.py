@@ -44,7 +44,7 @@ from ingestd.config.settings import (
     supervisor_start_only_changes,
 )
 from ingestd.control import notify as sd
-from ingestd.control import statedir
+from ingestd.control import reserve, statedir
 from ingestd.control.daemonctl import config_errors, write_verdict
 from ingestd.control.pipe import IN_FORCE_ENV, Reload, Stop, settings_digest
 from ingestd.control.pool import (
@@ -219,6 +219,7 @@ class Supervisor:
         if refused is not None:
             return refused
         self.pool.inherited_fds = self.claim.fds
+        self.keep_reserve()
         if self.start_listener is not None:
             self.listener = self.start_listener()
         try:
@@ -255,6 +256,7 @@ class Supervisor:
             if not self.claim.lock():
                 return self.EXIT_LOCKED
             statedir.prepare(self.state_dir)
+            self.use_reserve_if_short()
             self.record_start_generation()
             # Before the pid file: `ingestd reload` may send SIGHUP as soon as it exists.
             self.signals.install()
@@ -264,6 +266,22 @@ class Supervisor:
         except statedir.StateDirUnusable as exc:
             return self.unusable_state_dir(exc)
         return None
+
+    def use_reserve_if_short(self) -> None:
+        """A start onto a full disk writes into the reserve's space (``control/reserve.py``):
+        the spool's backlog, whose storing frees the disk, could not be stored otherwise."""
+        free = reserve.release_if_short(self.state_dir)
+        if free is not None:
+            log.warning("state_dir_reserve_used", state_dir=str(self.state_dir), free=free,
+                        reserve=reserve.BYTES, effect="this start writes into the space the "
+                        "reserve held; it is set aside again once "
+                        f"{reserve.MAKE_WHEN_FREE} bytes are free")
+
+    def keep_reserve(self) -> None:
+        """Set the reserve aside if it is missing and space allows (logged when made)."""
+        if reserve.replenish(self.state_dir):
+            log.info("state_dir_reserve_made", path=str(reserve.path(self.state_dir)),
+                     bytes=reserve.BYTES)
 
     def take_held_signals(self) -> None:
         """Act on a stop or reload sent while the daemon was starting, before any worker runs:
@@ -327,13 +345,15 @@ class Supervisor:
         self.look_at_pidfile()
 
     def look_at_pidfile(self) -> None:
-        """Every ``RUN_FILES_LOOK`` s: is the pid file still the one written (one stat)?"""
+        """Every ``RUN_FILES_LOOK`` s: is the pid file still the one written (one stat)? And
+        is the reserve there (a stat; a statvfs when it is not)?"""
         now = time.monotonic()
         if now < self.run_files_due:
             return
         self.run_files_due = now + self.RUN_FILES_LOOK
         if not self.claim.pidfile_intact():
             self.restore_run_files()
+        self.keep_reserve()
 
     def restore_run_files(self) -> None:
         """Write again what ``run/`` lost of the files written once at start: the pid file

@@ -141,6 +141,22 @@ class SpoolIntake:
         self.last_error = ""
         log.info("spool_write_recovered")
 
+    def give_up_held(self) -> int:
+        """At the stop: write the held messages if the disk takes them now, else count them as
+        ``disk_error`` drops (logged). They were counted as received and lived in memory only:
+        dropping them silently left ``received`` above what reached the spool, with nothing to
+        say which or how many. Returns how many were dropped."""
+        self._retry_at = 0.0
+        self.retry()
+        lost = sum(len(group[0]) for group in self.held)
+        if lost:
+            self.held = []
+            self.dropped += lost
+            log.error("spool_held_dropped", messages=lost, error=self.last_error,
+                      effect="received but never spooled (the disk stayed full until the "
+                      "stop): counted as dropped disk_error")
+        return lost
+
     def is_full(self) -> bool:
         return self.check_bound() or bool(self.held)
 

@@ -159,6 +159,32 @@ def test_reload_of_a_broken_file_fails_and_keeps_the_old_settings(
         deployment.reload()
 
 
+def test_daemon_errors_reach_the_journal_at_priority_err(deployment: Deployment) -> None:
+    """`journalctl -p err`, `systemctl status` and syslog forwarding go by PRIORITY=: the
+    daemon's error lines (a refused reload's, here) must be at err (3), its info lines at info
+    (6). Every line was at 6."""
+    good = copy.deepcopy(deployment.doc)
+    broken = copy.deepcopy(good)
+    broken["auth"]["consumer_key"] = "${NO_SUCH_CREDENTIAL}"
+    deployment.write_settings(yaml.safe_dump(broken, sort_keys=False))
+    try:
+        assert deployment.reload()[0] != 0
+    finally:
+        deployment.write_doc(good)
+        assert deployment.reload()[0] == 0
+    out = deployment.box_.run("journalctl", "-u", UNIT, "--no-pager", "-o", "json",
+                              "--output-fields=MESSAGE,PRIORITY").stdout
+    by_level: dict[str, set[str]] = {}
+    for line in out.splitlines():
+        entry = orjson.loads(line)
+        message = entry.get("MESSAGE")
+        if isinstance(message, str) and message.startswith("{"):
+            level = orjson.loads(message).get("level", "?")
+            by_level.setdefault(level, set()).add(str(entry.get("PRIORITY")))
+    assert by_level.get("error") == {"3"}, by_level
+    assert by_level.get("warning") in (None, {"4"}) and by_level.get("info") == {"6"}, by_level
+
+
 def test_status_from_a_root_shell_needs_no_secrets(deployment: Deployment) -> None:
     code, output = deployment.run_in_root_shell(f"ingestd status --config {CONFIG}")
     assert code == 0, f"`ingestd status --config {CONFIG}` (root, no TWITTER_*) exited {code}:\n" \
@@ -279,6 +305,129 @@ def test_every_delivered_tweet_is_stored_exactly_once(deployment: Deployment) ->
     assert delivered & deleted, "the scenario should exercise deletes of stored tweets"
     print(f"\n[{deployment.release}] delivered={len(delivered)} deleted={len(delivered & deleted)}"
           f" stored={len(ids)} connections={len(deployment.connections())}")
+
+
+# -- a full disk at start (README "State"): the tmpfs stands in for a state folder's file system.
+# These run after the reconciliation above and leave the unit stopped and its folder as it was.
+
+PRIVATE_STATE = "/var/lib/private/ingestd"
+
+
+def journal_since(dep: Deployment, since: str, *args: str) -> str:
+    return dep.box_.run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat", f"--since={since}",
+                        *args, check=False).stdout
+
+
+def fill_a_small_state_disk(dep: Deployment) -> None:
+    """A fresh 4 MiB tmpfs over the unit's (stopped) state folder, filled to its last block by
+    another writer: no reserve of the daemon's in it."""
+    box = dep.box_
+    box.run("mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", PRIVATE_STATE)
+    box.sh(f"dd if=/dev/zero of={PRIVATE_STATE}/filler bs=64k 2>/dev/null || true")
+    free = box.run("stat", "-f", "-c", "%a", PRIVATE_STATE).stdout.strip()
+    assert free == "0", f"{free} blocks still free on the tmpfs"
+
+
+def unmount_state_disk(dep: Deployment) -> None:
+    dep.box_.systemctl("stop", UNIT, check=False)
+    dep.box_.run("umount", PRIVATE_STATE, check=False)
+
+
+def await_failed_start(dep: Deployment, since: str, restarts: int) -> dict[str, str]:
+    """Until systemd scheduled ``restarts`` restarts after a start that exited 75."""
+    def scheduled() -> dict[str, str]:
+        props = dep.show("NRestarts", "ExecMainStatus", "ActiveState", "Result")
+        return props if int(props["NRestarts"]) >= restarts else {}
+    props = wait_until(scheduled, 90, f"{restarts} restart(s) scheduled by systemd", interval=0.3)
+    journal = journal_since(dep, since)
+    assert "Scheduled restart job" in journal, journal[-3000:]
+    full = [ln for ln in journal.splitlines() if '"state_dir_full"' in ln]
+    assert full, f"no state_dir_full line:\n{journal[-3000:]}"
+    reason = orjson.loads(full[-1])["reason"]
+    assert reason.startswith("/var/lib/ingestd/") and reason.endswith(
+        ": No space left on device"), reason
+    # From the journal: ExecMainStatus is reset as soon as the next start runs.
+    assert "status=75/TEMPFAIL" in journal, journal[-3000:]
+    return props
+
+
+def test_a_start_onto_a_full_state_disk_is_retried_and_runs_once_space_returns(
+        deployment: Deployment) -> None:
+    """Exit 75, not 78: systemd schedules restarts (every RestartSec=5), and once space is
+    freed within the start limit's burst the next one runs by itself."""
+    box = deployment.box_
+    box.systemctl("stop", UNIT)  # stopped already after the reconciliation (unless run alone)
+    since = box.run("date", "+@%s").stdout.strip()
+    fill_a_small_state_disk(deployment)
+    try:
+        started = box.systemctl("start", UNIT, check=False)
+        assert started.returncode != 0, "the start onto a full disk succeeded"
+        await_failed_start(deployment, since, restarts=1)
+        box.run("rm", f"{PRIVATE_STATE}/filler")
+        deployment.wait_active(timeout=30)  # the next restart: no operator needed
+        assert int(deployment.show("NRestarts")["NRestarts"]) < 5, "not within the burst"
+        deployment.wait_stored()
+    finally:
+        unmount_state_disk(deployment)
+
+
+def test_a_full_state_disk_past_the_start_limit_needs_reset_failed(
+        deployment: Deployment) -> None:
+    """Still full after StartLimitBurst=5 starts (~25 s): the unit is failed and stays so once
+    space is back; `systemctl start` alone is refused ("repeated too quickly") within
+    StartLimitIntervalSec, `systemctl reset-failed` then `start` runs it (README "State")."""
+    box = deployment.box_
+    box.systemctl("stop", UNIT)  # stopped already by the test before (unless run alone)
+    since = box.run("date", "+@%s").stdout.strip()
+    fill_a_small_state_disk(deployment)
+    try:
+        box.systemctl("reset-failed", UNIT, check=False)  # the previous test's starts count too
+        box.systemctl("start", UNIT, check=False)
+        await_failed_start(deployment, since, restarts=1)
+        # The automatic restart past the limit ends with Result=exit-code (252 and 257).
+        wait_until(lambda: "Start request repeated too quickly" in journal_since(
+            deployment, since), 120, "systemd's start limit", interval=0.5)
+        failed = deployment.show("ActiveState", "Result", "NRestarts")
+        assert failed["ActiveState"] == "failed" and failed["NRestarts"] == "5", failed
+        box.run("rm", f"{PRIVATE_STATE}/filler")
+        refused = box.systemctl("start", UNIT, check=False)
+        assert refused.returncode != 0, "a start past the start limit was not refused"
+        # Result= keeps the last exit's (exit-code) on 252 and 257: the journal says why.
+        assert journal_since(deployment, since).count("Start request repeated too quickly") >= 2
+        box.systemctl("reset-failed", UNIT)
+        box.systemctl("start", UNIT)
+        deployment.wait_active()
+        deployment.wait_stored()
+        print(f"\n[{deployment.release}] start limit hit after {failed['NRestarts']} restarts")
+    finally:
+        unmount_state_disk(deployment)
+
+
+def test_a_restart_onto_a_state_disk_full_since_it_ran_uses_the_reserve(
+        deployment: Deployment) -> None:
+    """The daemon ran on the disk (its reserve set aside), then the disk filled to the last
+    block: `systemctl restart` runs at once, on the reserve's space, with no exit 75."""
+    box = deployment.box_
+    box.systemctl("stop", UNIT)  # stopped already by the test before (unless run alone)
+    box.run("mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", PRIVATE_STATE)
+    try:
+        box.systemctl("reset-failed", UNIT, check=False)
+        box.systemctl("start", UNIT)
+        deployment.wait_active()
+        assert box.run("test", "-s", f"{PRIVATE_STATE}/run/space.reserve", check=False
+                       ).returncode == 0, "no reserve set aside at start"
+        box.systemctl("stop", UNIT)
+        box.sh(f"dd if=/dev/zero of={PRIVATE_STATE}/filler bs=4k 2>/dev/null || true")
+        assert box.run("stat", "-f", "-c", "%a", PRIVATE_STATE).stdout.strip() == "0"
+        since = box.run("date", "+@%s").stdout.strip()
+        restarts = deployment.show("NRestarts")["NRestarts"]
+        box.systemctl("start", UNIT)
+        deployment.wait_active()
+        journal = journal_since(deployment, since)
+        assert "state_dir_reserve_used" in journal and "state_dir_full" not in journal, journal
+        assert deployment.show("NRestarts")["NRestarts"] == restarts
+    finally:
+        unmount_state_disk(deployment)
 
 
 # -- several streams per host: ingestd@.service (tests/systemd/instances.py) ------------------
