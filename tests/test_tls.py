@@ -90,9 +90,10 @@ def test_the_daemon_names_the_certificate_problem_and_keeps_retrying(
         daemon = Daemon(tmp_path / "daemon", doc)
         try:
             daemon.start().wait_ready()
-            daemon.wait_log("stream_ended", conn=2, ending="network")
+            daemon.wait_log("stream_ended", conn=2, ending="tls_certificate")
             state = wait_until(lambda: str(daemon.status("stream").get("state", "")), 10,
                                "the stream's state")
+            counted = daemon.counters("stream").get("endings", {})
             code, _ = daemon.stop()
         finally:
             daemon.kill()
@@ -103,6 +104,8 @@ def test_the_daemon_names_the_certificate_problem_and_keeps_retrying(
         assert cause in text and setting in text and "curl error 60" in text, text
         assert UNTRUSTED not in text, text
     assert all(e["backoff"] > 0 for e in ended)
+    # counted apart from network blips (ingestd_stream_reconnects_total{reason})
+    assert counted.get("tls_certificate", 0) >= 2 and not counted.get("network"), counted
     assert not daemon.events("stream_rejected")
     no_secret_in(daemon.logs())
 
@@ -120,7 +123,7 @@ def test_a_ca_file_replaced_in_place_is_read_by_the_next_connection(
         daemon = Daemon(tmp_path / "daemon", doc)
         try:
             daemon.start().wait_ready()
-            ended = daemon.wait_log("stream_ended", ending="network")
+            ended = daemon.wait_log("stream_ended", ending="tls_certificate")
             assert "self-signed certificate" in ended["reason"], ended
             rotated = tmp_path / "bundle.pem.new"
             shutil.copy(certs.leaf("self"), rotated)

@@ -9,6 +9,9 @@ from ingestd.config.tls import HOST_STREAM, TRUST_STREAM, certificate_problem
 # 60 (and 51, its number before libcurl 7.62) is any failed certificate check: its message's
 # OpenSSL reason tells which (``config.tls``).
 CERTIFICATE_ERRORS = frozenset({51, 60})
+# The server's certificate could not be trusted, or the bundle to trust it by not read: counted
+# as ``tls_certificate``, not ``network`` (``response.classify``).
+TRUST_ERRORS = CERTIFICATE_ERRORS | {77}
 TLS_ERRORS = {
     35: "the TLS handshake failed",
     58: "the client certificate could not be used",
