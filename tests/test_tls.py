@@ -20,7 +20,8 @@ import yaml
 from ingestd.config.errors import EXIT_UNAVAILABLE
 from tests.support.creds import CREDS
 from tests.support.daemon import Daemon, settings_doc
-from tests.support.mongo import configured_uri
+from tests.support.mongo import configured_uri, stored_ids
+from tests.support.simulator import SimProcess
 from tests.support.tls import Certs, TlsFront, make_certs
 from tests.support.wait import wait_until
 from tests.test_status_check import ingestd, online_config
@@ -174,4 +175,45 @@ def test_an_untrusted_mongodb_certificate_is_named_in_the_status(
     assert code == 0
     for text in (failed["cause"], str(store), str(last)):
         assert "certificate has expired" in text and "tlsCAFile in mongo.uri" in text, text
+    no_secret_in(daemon.logs())
+
+
+def test_stream_and_mongodb_over_tls_store_every_tweet_across_a_reconnect(
+        tmp_path: Path, certs: Certs, mongo_uri: str, mongo_database: str) -> None:
+    """The production shape: the stream (gzip) through a TLS front to the simulator, MongoDB
+    through another to the stand-in, both verified against a private CA (``stream.ca_file``,
+    ``tlsCAFile``). A scripted close: the reconnect makes a new TLS handshake, and every tweet of
+    the simulator's ground truth is stored once."""
+    script = [[{"deliver": 30}, {"close": True}], [{"deliver": 30}, {"keepalive_only": 60}]]
+    sim = SimProcess(tmp_path / "sim", "--behind-tls", "--rate", "200", "--control-every", "0",
+                     script=script).start()
+    good = (certs.chain("good"), certs.key("good"))
+    try:
+        with (TlsFront(*good, upstream=("127.0.0.1", sim.port)) as stream_front,
+              TlsFront(*good, upstream=mongo_address(mongo_uri)) as mongo_front):
+            uri = (f"mongodb://127.0.0.1:{mongo_front.port}/?tls=true&tlsCAFile={certs.ca}"
+                   "&directConnection=true")
+            doc = settings_doc(stream_url(stream_front.port), uri, mongo_database)
+            doc["stream"]["ca_file"] = str(certs.ca)
+            daemon = Daemon(tmp_path / "daemon", doc)
+            try:
+                daemon.start().wait_ready()
+                def all_stored() -> set[int] | None:
+                    truth = set(sim.ground_truth().tweet_ids())
+                    got = set(stored_ids(mongo_uri, mongo_database))
+                    return truth if len(truth) == 60 and truth <= got else None
+                truth = wait_until(all_stored, 60, "all 60 tweets stored")
+                code, _ = daemon.stop()
+            finally:
+                daemon.kill()
+    finally:
+        sim.stop()
+    assert code == 0, daemon.tail()
+    ids = stored_ids(mongo_uri, mongo_database)
+    assert sorted(ids) == sorted(truth)  # each once
+    assert [c["status"] for c in sim.ground_truth().connections()] == [200, 200]
+    assert stream_front.handshakes == 2 and stream_front.failed == 0
+    connected = daemon.events("connected")
+    assert [e["conn"] for e in connected] == [1, 2] and all(e["gzip"] for e in connected)
+    assert all(e["ending"] == "closed" for e in daemon.events("stream_ended"))
     no_secret_in(daemon.logs())
