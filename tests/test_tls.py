@@ -8,9 +8,12 @@ change, not "set stream.ca_file" for a certificate no bundle can fix.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import socket
+import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -217,3 +220,34 @@ def test_stream_and_mongodb_over_tls_store_every_tweet_across_a_reconnect(
     assert [e["conn"] for e in connected] == [1, 2] and all(e["gzip"] for e in connected)
     assert all(e["ending"] == "closed" for e in daemon.events("stream_ended"))
     no_secret_in(daemon.logs())
+
+
+def test_a_tls_handshake_that_never_answers_is_ended_by_the_connect_timeout(
+        tmp_path: Path, mongo_uri: str) -> None:
+    """A server that accepts TCP and never answers the ClientHello: ``stream.connect_timeout``
+    ends each attempt (not ``read_timeout``, 90 s here), the daemon retries, and SIGTERM in the
+    middle of a handshake stops it within ``control.stop_timeout``."""
+    held: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def hold() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    held.append(listener.accept()[0])  # accepted, never answered
+        threading.Thread(target=hold, daemon=True).start()
+        doc = settings_doc(stream_url(listener.getsockname()[1]), mongo_uri, "tls_stall")
+        doc["stream"]["connect_timeout"] = 1
+        daemon = Daemon(tmp_path / "daemon", doc)
+        try:
+            daemon.start().wait_ready()
+            second = daemon.wait_log("stream_ended", conn=2, timeout=20)
+            daemon.wait_log("connecting", conn=3, timeout=20)  # in its handshake now
+            code, took = daemon.stop()
+        finally:
+            daemon.kill()
+            for sock in held:
+                sock.close()
+    assert code == 0, daemon.tail()
+    assert took < doc["control"]["stop_timeout"], took
+    assert second["ending"] == "network" and "timed out" in second["reason"], second
+    first = daemon.events("stream_ended", conn=1)[0]
+    assert first["backoff"] > 0, first
