@@ -1157,7 +1157,7 @@ def test_a_deleted_ca_file_is_a_connection_error_of_the_replaced_stream_worker(
     finally:
         daemon.kill()
     assert code == 0
-    assert ended["ending"] == "network" and ended["backoff"] > 0, ended
+    assert ended["ending"] == "tls_certificate" and ended["backoff"] > 0, ended
     for text in (ended["reason"], state):
         assert "the CA bundle could not be read (check stream.ca_file)" in text, text
     assert state.startswith("reconnecting in"), state

@@ -438,7 +438,7 @@ def test_the_daemon_names_stream_ca_file_when_the_certificate_is_not_trusted(
     daemon = Daemon(tmp_path / "daemon", settings_doc(tls_server, mongo_uri, "tls_reason"))
     try:
         daemon.start().wait_ready()
-        ended = daemon.wait_log("stream_ended", ending="network")
+        ended = daemon.wait_log("stream_ended", ending="tls_certificate")
         def stated() -> str | None:
             state = str(daemon.status("stream").get("state", ""))
             return state if "curl error" in state else None

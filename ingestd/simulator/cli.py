@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--host", default="127.0.0.1", help="bind address (loopback only unless --allow-remote)")
     a("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    a("--behind-tls", action="store_true",
+      help="clients reach this port through a TLS-terminating front, so they sign https:// URLs "
+           "(OAuth 1.0a's base string includes the scheme)")
     a("--port", type=_non_negative(int), default=0, help="0 picks a free port")
     a("--port-file", type=Path, help="write the bound port here (atomically) once listening")
     a("--ground-truth", type=Path, help="JSONL log of every connect/tweet/control/close event")
@@ -146,6 +149,7 @@ def build_state(args: argparse.Namespace) -> SimState:
         ground_truth=args.ground_truth,
         redundant=int(args.redundant),
         apis=("v1.1", "v2") if args.api in (None, "both") else (args.api,),
+        signed_scheme="https" if args.behind_tls else "http",
     )
     return SimState(
         config=config,

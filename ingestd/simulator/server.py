@@ -157,7 +157,7 @@ class Handler(BaseHTTPRequestHandler):
     def _signed_url(self) -> str:
         """The URL the client signed, rebuilt from the Host header (§5.2 "Wrong base URL")."""
         host = self.headers.get("Host") or f"127.0.0.1:{self.server.server_port}"
-        return f"http://{host}{self.path}"
+        return f"{self.server.state.config.signed_scheme}://{host}{self.path}"
 
     def _open_stream(self, conn: int, identity: str, params: StreamParams) -> None:
         state = self.server.state

@@ -53,6 +53,8 @@ class SimConfig:
     pool_size: int = 1000
     redundant: int = 1  # live streams per credentials; a newer one beyond that gets code 7
     apis: tuple[str, ...] = ("v1.1", "v2")  # routes served (--api); others answer 404
+    # The scheme clients sign their URLs with: https behind a TLS-terminating front (--behind-tls).
+    signed_scheme: str = "http"
 
 
 class RateLimiter:

@@ -34,6 +34,7 @@ from pymongo.errors import (
 )
 
 from ingestd.config.schema import MongoSettings
+from ingestd.config.tls import HOST_MONGO, TRUST_MONGO, certificate_problem
 from ingestd.documents.messages import EMBEDDED_PATHS
 
 log = structlog.get_logger("ingestd.sink.mongo")
@@ -268,6 +269,15 @@ def error_key(exc: BaseException) -> str:
              *(f"we {e['code']}" for e in fields.get("writeErrors", ())),  # not their counts
              *fields.get("errorLabels", ())]
     return " ".join(p for p in parts if p)
+
+
+def tls_cause(exc: BaseException) -> str | None:
+    """A failed TLS certificate check behind a connection error, said as its cause and the option
+    to change (``config.tls``): pymongo's name for it (ServerSelectionTimeoutError) says neither.
+    None for any other error."""
+    if not isinstance(exc, ConnectionFailure):
+        return None
+    return certificate_problem(str(exc), TRUST_MONGO, HOST_MONGO, verify_failed=False)
 
 
 def error_name(exc: BaseException) -> str:

@@ -30,6 +30,7 @@ from ingestd.sink.mongo import (
     error_fields,
     error_key,
     error_name,
+    tls_cause,
 )
 from ingestd.sink.target import MongoTarget
 from ingestd.spool.format import (
@@ -130,7 +131,8 @@ class Retrier:
 
     def failed(self, what: str, exc: BaseException, cls: ErrorClass) -> None:
         c = self._counters
-        name = error_name(exc)
+        cause = tls_cause(exc)  # an untrusted certificate: the status says so, and what to set
+        name = f"{error_name(exc)}: {cause}" if cause else error_name(exc)
         c.last_error, c.last_error_at = f"{what}: {name}", time.time()
         if cls is ErrorClass.FATAL_CONFIG:
             c.state = f"degraded: mongo rejects our configuration ({name})"
@@ -142,7 +144,7 @@ class Retrier:
         # where (``retries`` and the message's timeouts change at every attempt).
         key = f"{what} {cls.value} {error_key(exc)} @{self._target.servers()}"
         log.error("mongo_write_failed", op=what, error_class=cls.value, retries=c.retries,
-                  rate_key=key, **error_fields(exc))
+                  rate_key=key, **({"cause": cause} if cause else {}), **error_fields(exc))
 
     def recovered(self) -> None:
         self._counters.state = "draining" if self.should_stop() else "running"

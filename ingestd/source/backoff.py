@@ -39,6 +39,10 @@ class Ending(enum.Enum):
     # The response head held a line that is no header line (a broken proxy's junk): the network
     # schedule, counted apart so that the operator sees it (source.headers.MALFORMED_HEADER).
     MALFORMED_HEADER = "malformed_response_header"
+    # The server's certificate failed the check, or the CA bundle could not be read (libcurl's
+    # 51, 60, 77): the network schedule (a fix on the server heals it), counted apart so that an
+    # expired or replaced certificate is not one more network blip on the dashboard.
+    TLS_CERTIFICATE = "tls_certificate"
 
 
 # Codes after which reconnecting at once would fight another client using our credentials

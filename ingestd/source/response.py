@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ingestd.source.backoff import Ending, ServerWait
 from ingestd.source.connection import Connection
+from ingestd.source.curl_errors import TRUST_ERRORS
 
 CONFIG_STATUSES = frozenset({403, 404, 406, 413, 416})
 RATE_LIMIT_STATUSES = frozenset({420, 429})
@@ -47,7 +48,7 @@ def classify(conn: Connection, errno: int | None) -> Ending:
         return Ending.DISCONNECT
     if errno is None:
         return Ending.CLOSED if conn.status == 200 else Ending.NETWORK
-    return Ending.NETWORK
+    return Ending.TLS_CERTIFICATE if errno in TRUST_ERRORS else Ending.NETWORK
 
 
 def describe(conn: Connection, ending: Ending, errmsg: str) -> str:

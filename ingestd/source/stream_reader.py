@@ -80,6 +80,7 @@ GAP_CAUSES = {
     Ending.NETWORK: "reconnect", Ending.CLOSED: "reconnect", Ending.DISCONNECT: "reconnect",
     Ending.STALL: "stall", Ending.RATE_LIMITED: "rate_limited", Ending.HTTP: "http_error",
     Ending.CONFIG: "rejected", Ending.ABORTED: "reload", Ending.MALFORMED_HEADER: "reconnect",
+    Ending.TLS_CERTIFICATE: "reconnect",
 }
 
 

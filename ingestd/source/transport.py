@@ -12,21 +12,35 @@ in clear text off the host: a loopback endpoint is never reached through a proxy
 
 from __future__ import annotations
 
+import contextlib
 from urllib.parse import urlsplit
 
 import pycurl
 
 from ingestd.config.values import is_loopback
 
+# CURLOPT_CA_CACHE_TIMEOUT (libcurl >= 7.87; pycurl names no constant for it). libcurl keeps the
+# CA store it built from a bundle for 24 hours per multi handle, keyed by the file's name: a
+# stream.ca_file replaced in place (a CA rotation) went unread by every reconnect, and no reload
+# could make it read. 0: each connection reads the bundle (~5 ms for certifi's, per connection).
+CA_CACHE_TIMEOUT = 321
+
 
 def configure_transport(curl: pycurl.Curl, url: str, ca_file: str) -> None:
     """TLS verification against ``ca_file`` and the proxy policy for a request to ``url``."""
     # Settings refuse plain http:// for anything but loopback.
     curl.setopt(pycurl.CAINFO, ca_file)
+    _no_ca_cache(curl)
     curl.setopt(pycurl.SSL_VERIFYPEER, 1)
     curl.setopt(pycurl.SSL_VERIFYHOST, 2)
     if uses_no_proxy(url):
         curl.setopt(pycurl.NOPROXY, "*")  # "*": no host goes through the environment's proxy
+
+
+def _no_ca_cache(curl: pycurl.Curl) -> None:
+    """Every connection reads the CA bundle as the file is now (``CA_CACHE_TIMEOUT``)."""
+    with contextlib.suppress(pycurl.error):  # a libcurl before 7.87 has no cache to turn off
+        curl.setopt(CA_CACHE_TIMEOUT, 0)
 
 
 def uses_no_proxy(url: str) -> bool:

@@ -20,9 +20,10 @@ from ingestd.config.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError
 from ingestd.config.schema import Rule, Settings, StreamSettings
 from ingestd.config.settings import load_settings, secret_values
 from ingestd.config.stream import ca_bundle
+from ingestd.config.tls import HOST_MONGO, TRUST_MONGO, certificate_problem
 from ingestd.control import statedir
 from ingestd.logs import register_secret, scrub_text
-from ingestd.source.curl_errors import TLS_ERRORS
+from ingestd.source.curl_errors import tls_hint
 from ingestd.source.headers import USER_AGENT, ResponseHead
 from ingestd.source.oauth import diagnose_401, encode_form, sign_request
 from ingestd.source.request import post_params
@@ -34,9 +35,7 @@ if TYPE_CHECKING:
     from pymongo import MongoClient
 
 PROBE_SECONDS = 10
-MONGO_CAUSES = (
-    ("certificate verify failed", "the server's TLS certificate is not signed by a trusted CA "
-                                  "(set tlsCAFile in mongo.uri if you use a private CA)"),
+MONGO_CAUSES = (  # after a failed certificate check (config.tls names its cause)
     ("connection refused", "nothing listens at that address (connection refused): is mongod "
                            "running, and is the port right?"),
     ("name or service not known", "the host name does not resolve (DNS)"),
@@ -254,6 +253,8 @@ def explain_mongo_error(exc: BaseException, settings: Settings) -> str:
 def _why(detail: str) -> str:
     """The likely cause behind a driver's connection error text."""
     text = detail.lower()
+    if tls := certificate_problem(detail, TRUST_MONGO, HOST_MONGO, verify_failed=False):
+        return f"{tls} ({detail[:300]})"
     for needle, cause in MONGO_CAUSES:
         if needle in text:
             return f"{cause} ({detail[:200]})"
@@ -351,7 +352,8 @@ def probe_stream(settings: Settings) -> bool:
         if head.status == 200 and code in (23, 28):
             pass  # we stopped reading (23) or the stream was quiet (28): it answered 200
         else:
-            why = TLS_ERRORS.get(code) or CURL_ERRORS.get(code) or scrub_text(str(exc.args[1]))
+            text = str(exc.args[1])
+            why = tls_hint(code, text) or CURL_ERRORS.get(code) or scrub_text(text)
             print(f"endpoint   FAILED: {why} (curl error {code}, {s.url})")
             return False
     finally:
