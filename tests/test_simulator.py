@@ -392,6 +392,44 @@ def stop_while_unread(sim: SimProcess, stream: RawStream) -> tuple[list[bytes], 
     return complete, tail, truth
 
 
+def test_a_close_written_as_the_simulator_stops_is_in_the_ground_truth(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``stop`` closes the ground truth once no stream is open. A handler unregistered its
+    session before writing its close, so a close written in between was lost: under load a test
+    found no close for a connection after a clean stop. A handler slowed there shows it every
+    time (in-process: the delay goes into the ground truth's writer)."""
+    import argparse
+
+    from ingestd.simulator import cli as sim_cli
+    from ingestd.simulator.groundtruth import GroundTruth
+    from ingestd.simulator.server import Simulator
+
+    for key, value in CREDS.items():
+        monkeypatch.setenv(key, value)
+    event = GroundTruth.event
+
+    def slow_close(self: GroundTruth, name: str, conn: int | None = None, **fields: Any) -> None:
+        if name == "close":
+            time.sleep(1.5)  # the delay under test, past serve_forever's 0.5 s poll
+        event(self, name, conn, **fields)
+
+    monkeypatch.setattr(GroundTruth, "event", slow_close)
+    parser = argparse.ArgumentParser()
+    sim_cli.add_arguments(parser)
+    truth_path = tmp_path / "truth.jsonl"
+    args = parser.parse_args(["--rate", "50", "--ground-truth", str(truth_path)])
+    sim = Simulator(sim_cli.build_state(args))
+    sim.start()
+    try:
+        target, headers, body = sign(sim.port, PARAMS)
+        stream = RawStream(sim.port, target, headers, body)
+        assert stream.status == 200 and stream.chunk()
+    finally:
+        sim.stop()
+    closes = GroundTruthLog.read(truth_path).closes(1)
+    assert [c["reason"] for c in closes] == ["shutdown"], closes
+
+
 @pytest.mark.parametrize("gzip", [False, True], ids=["plain", "gzip"])
 def test_a_stream_logged_out_while_its_client_reads_nothing_is_closed_at_once(
         tmp_path: Path, gzip: bool) -> None:

@@ -180,10 +180,12 @@ class Handler(BaseHTTPRequestHandler):
         state.register(session)
         try:
             reason = session.run()
+            # Before unregistering: ``stop`` closes the ground truth once no session is open, and
+            # a close written after that was lost (seen under load: a test found no close).
+            state.ground_truth.event("close", conn, reason=reason, tweets=session.tweets_sent)
         finally:
             state.unregister(session)
             self.close_connection = True
-        state.ground_truth.event("close", conn, reason=reason, tweets=session.tweets_sent)
 
     def _send_stream_headers(self, use_gzip: bool) -> None:
         self.send_response(200)
@@ -217,17 +219,23 @@ class Simulator:
     def start(self) -> None:
         self._thread.start()
 
+    def _wait_sessions(self, timeout: float) -> None:
+        """Until every stream's handler has ended (and written its close), or ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.state.snapshot()["open_connections"] and time.monotonic() < deadline:
+            time.sleep(0.02)  # handler threads finish their own sockets; poll until they do
+
     def stop(self, grace: float = 3.0) -> None:
         """Close every stream cleanly (or hard after ``grace`` s), then the listener and log."""
         self.state.stop()
-        deadline = time.monotonic() + grace
-        while self.state.snapshot()["open_connections"] and time.monotonic() < deadline:
-            time.sleep(0.02)  # handler threads finish their own sockets; poll until they do
+        self._wait_sessions(grace)
         with self.state.lock:
             stuck = list(self.state.sessions.values())
         for session in stuck:  # blocked in sendall on a client that stopped reading
             with contextlib.suppress(OSError):
                 session.wire.sock.shutdown(socket.SHUT_RDWR)
+        if stuck:  # their threads still write their close to the ground truth
+            self._wait_sessions(grace)
         self.server.shutdown()
         self.server.server_close()
         self._thread.join(timeout=grace)
