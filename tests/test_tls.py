@@ -97,7 +97,10 @@ def test_the_daemon_names_the_certificate_problem_and_keeps_retrying(
             daemon.wait_log("stream_ended", conn=2, ending="tls_certificate")
             state = wait_until(lambda: str(daemon.status("stream").get("state", "")), 10,
                                "the stream's state")
-            counted = daemon.counters("stream").get("endings", {})
+            # the counts are published once a second: the second ending may not be in them yet
+            counted = wait_until(
+                lambda: (c := daemon.counters("stream").get("endings", {})).get(
+                    "tls_certificate", 0) >= 2 and c, 10, "both endings counted")
             code, _ = daemon.stop()
         finally:
             daemon.kill()
