@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from ingestd.control import runstate
-from ingestd.spool.format import fsync_dir, writing_for
+from ingestd.spool.format import write_atomically
 
 NAME = "space.reserve"
 # Far more than a start writes (the pid file, one generation file of a few KiB, directory blocks).
@@ -60,17 +60,11 @@ def replenish(state_dir: Path) -> bool:
     free = free_bytes(state_dir)
     if free is None or free < MAKE_WHEN_FREE:
         return False
-    tmp = target.with_name(f".{NAME}.tmp")
     try:
-        with writing_for(target, tmp), tmp.open("wb") as out:
-            # Random bytes: a compressing or deduplicating file system must store every block.
-            out.write(os.urandom(BYTES))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
+        # Random bytes: a compressing or deduplicating file system must store every block.
+        write_atomically(target, os.urandom(BYTES))
     except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        with contextlib.suppress(OSError):  # a failed rename leaves the temp file
+            target.with_name(f".{NAME}.tmp").unlink()
         return False
     return True

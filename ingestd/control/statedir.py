@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ingestd.control import runstate
 from ingestd.spool import generations
-from ingestd.spool.format import file_at_fault, fsync_dir, list_segments, writing_for
+from ingestd.spool.format import file_at_fault, list_segments, write_atomically
 
 # Created at start by the supervisor, so that a folder the workers could not create (spool/ by
 # the stream worker, deadletter/ by the store worker) stops the start with one clear error
@@ -222,10 +222,4 @@ def _stamp(state_dir: Path) -> None:
     with contextlib.suppress(OSError):
         if path.read_bytes() == data:
             return
-    tmp = state_dir / f".{FORMAT_FILE}.tmp"
-    with writing_for(path, tmp), tmp.open("wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    fsync_dir(state_dir)
+    write_atomically(path, data)

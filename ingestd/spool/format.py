@@ -314,6 +314,18 @@ def writing_for(target: Path, tmp: Path) -> Iterator[None]:
         raise OSError(exc.errno, exc.strerror, str(target)) from None
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all, and durably (file and folder fsynced); an error names
+    ``path`` and leaves no temp file (``writing_for``)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with writing_for(path, tmp), tmp.open("wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -27,7 +27,7 @@ from typing import Any, Literal, get_args
 
 import orjson
 
-from ingestd.spool.format import fsync_dir, writing_for
+from ingestd.spool.format import fsync_dir, write_atomically
 
 DIRNAME = "generations"
 FIRST_FILE = "first"
@@ -200,11 +200,4 @@ def _spec(doc: Any) -> FilterSpec:
 
 
 def _write_atomically(directory: Path, name: str, data: bytes) -> None:
-    """Write ``directory/name`` whole or not at all, and durably (file and folder fsynced)."""
-    tmp = directory / f".{name}.tmp"
-    with writing_for(directory / name, tmp), tmp.open("wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, directory / name)
-    fsync_dir(directory)
+    write_atomically(directory / name, data)
