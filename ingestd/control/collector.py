@@ -249,7 +249,7 @@ class RunStateCollector:
     def _workers(self, docs: Mapping[str, Mapping[str, Any]], now: float) -> Iterable[Metric]:
         sup = docs["supervisor"]
         timeout = status.timeout_in_force(sup)
-        frozen = status.files_frozen(self.state_dir) is not None
+        frozen = status.files_frozen(self.state_dir, sup.get("pid")) is not None
         yield labelled_gauge("ingestd_worker_up", "1 while the role's process heartbeats.", "role",
                              {role: 1.0 if status.alive(docs[role], now, timeout, frozen) else 0.0
                               for role in ("supervisor", "stream", "store")})

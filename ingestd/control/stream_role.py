@@ -111,7 +111,8 @@ class StreamRole:
             self._on_takeover(takeover)
         self.follow_rules()
         self.ctx.orphaned()
-        if (self.reader.state, self.intake.last_error) != self.published_state:
+        if (self.reader.state, self.intake.last_error or self.spool.read_error) \
+                != self.published_state:
             self.publish()  # a new state (connected, disk failing…) shows at once, not ≤ 1 s late
         self.status()
 
@@ -177,8 +178,10 @@ class StreamRole:
     def publish(self) -> None:
         """``run/stream.json``: the heartbeat, with the counters and the spool's fill."""
         reader, rules = self.reader, self.rules
-        self.published_state = (reader.state, self.intake.last_error)
-        state = self.intake.last_error or (
+        self.published_state = (reader.state, self.intake.last_error or self.spool.read_error)
+        unreadable = (f"degraded: spool unreadable: {self.spool.read_error}"
+                      if self.spool.read_error else "")
+        state = self.intake.last_error or unreadable or (
             f"degraded: {rules.error}; {_rules_effect(rules.status.generation)}" if rules.error
             else self.lease.state(reader.state))
         # Taken before the counters: a message received after it is counted in the next report
@@ -227,6 +230,7 @@ class StreamRole:
         dropped = self.intake.dropped
         stats["received"] -= dropped
         stats["dropped"] = {**stats["dropped"], **({"disk_error": dropped} if dropped else {})}
+        stats["spool_read_failures"] = self.spool.read_failures
         return stats
 
     def spool_status(self) -> dict[str, Any]:
