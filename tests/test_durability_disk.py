@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from ingestd.control.status import collect, render
@@ -532,3 +533,47 @@ def test_a_state_folder_made_unreadable_under_the_daemon_is_reported_and_loses_n
     assert end.stream["spool_read_failures"] >= 1 and end.store["spool_read_failures"] >= 1
     end.landed(standin, sim).check("block")
     end.report("state folder unreadable")
+
+
+def test_a_worker_restarted_onto_an_unreadable_state_folder_says_why_and_starts_once_back(
+        tmp_path: Path, standin: MongoStandIn) -> None:
+    """The store worker killed while the folder is unreadable: its restart met the folder in its
+    start (the spool's ``mkdir``) and died with a PermissionError traceback, again and again.
+    Now it logs ``spool_unreadable`` naming the path and exits 75 (the supervisor's back-off
+    retries it); once the folder is back, it starts and stores everything."""
+    if shutil.which("setpriv") is None:
+        unavailable("setpriv (util-linux) is needed to drop CAP_DAC_OVERRIDE")
+    tweets = 2000
+    sim, _, daemon = disk_drill(tmp_path, standin, "block", tweets, rate=300, seed=29)
+    daemon.wrapper = WITHOUT_DAC
+    try:
+        daemon.start().wait_ready()
+        wait_until(lambda: daemon.counters("store").get("stored", 0) > 200, 60, "tweets stored")
+        mode = daemon.state_dir.stat().st_mode
+        store = psutil.Process(daemon.worker_pid("store"))
+        daemon.state_dir.chmod(0)
+        try:
+            store.kill()  # a worker this test's daemon started
+            refused = wait_until(lambda: next(
+                (e for e in daemon.events("spool_unreadable", role="store")
+                 if "cannot start" in e["effect"]), None), 30, "the restart's refusal")
+            exited = daemon.wait_log("worker_exited", 30, role="store", exit_code=75)
+        finally:
+            daemon.state_dir.chmod(mode)
+        # the counters are per worker process: the ground truth against MongoDB instead
+        def all_stored() -> set[int] | None:
+            truth = set(sim.ground_truth().tweet_ids())
+            return truth if len(truth) == tweets and truth <= set(
+                stored_ids(standin.uri, DB)) else None
+        delivered = wait_until(all_stored, 120, "every delivered tweet stored")
+        code, _ = daemon.stop()
+    finally:
+        daemon.kill()
+        sim.stop()
+    assert code == 0, daemon.tail()
+    assert str(daemon.state_dir) in refused["error"] and "(EACCES)" in refused["error"], refused
+    assert exited["exit_code"] == 75
+    assert "Traceback" not in daemon.logs() and not daemon.events("uncaught_exception")
+    ids = stored_ids(standin.uri, DB)
+    assert len(ids) == len(set(ids)) and set(ids) == delivered
+

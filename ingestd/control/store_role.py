@@ -20,6 +20,7 @@ from ingestd.control.worker import (
     WorkerContext,
     sleep_until_signal,
     start_worker,
+    state_dir_refused,
     wake_on_signals,
 )
 from ingestd.memory import quiet_gc
@@ -180,4 +181,10 @@ def run_store_worker(config_path: Path, generation: int) -> int:
     if isinstance(ctx, int):
         return ctx
     quiet_gc()
-    return StoreRole(ctx).run()
+    try:
+        role = StoreRole(ctx)
+    except OSError as exc:
+        if (code := state_dir_refused(exc, ctx.settings.state_dir, "store")) is None:
+            raise
+        return code
+    return role.run()
