@@ -1163,3 +1163,49 @@ def test_a_quiet_hour_has_a_document_stamped_seen(
     assert [h["tweets"] for h in hours] == [0] * len(hours)
     assert max(h.get("seen_ns", 0) for h in hours) >= started
     assert sim.ground_truth().tweet_ids() == []
+
+
+def _connected(seq: int, recv_ns: int, conn: int, **flags: Any) -> Record:
+    return _rec(seq, recv_ns, encode_event({"type": "connected", "conn": conn, **flags}),
+                KIND_EVENT)
+
+
+def test_a_rules_refused_gap_is_held_until_a_connection_with_the_rules_accepted(
+        mongo_uri: str, mongo_database: str) -> None:
+    """v2 rules refused at the first sync: connections coming up with the rules unsettled
+    (``rules_pending``), messages and later gap markers do not end the gap; the
+    ``rules_accepted`` marker does. Replayed by a new store worker, the ledger is the same."""
+    s = 10**9
+    hour = (time.time_ns() // HOUR_NS) * HOUR_NS - 2 * HOUR_NS
+    up = hour + 600 * s
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
+    try:
+        coll = client[mongo_database].tweets
+        ledger_, _ = _ledger_pair(coll, _Now())
+        records = [_marker(1, up - s, "not_started", hour, started_ns=up - s),
+                   _connected(2, up, 1, rules_pending=True),
+                   # from the connection's coming up (``GapMarkers.pending_since_ns``)
+                   _marker(3, up + 1 * s, "rules_refused", up, refused=["Invalid"]),
+                   _rec(4, up + 2 * s, b'{"data":{"id":"4"}}'),  # the server's older rules
+                   _marker(5, up + 60 * s, "reconnect", up + 2 * s),
+                   _connected(6, up + 61 * s, 2, rules_pending=True),
+                   _connected(7, up + 300 * s, 2, rules_accepted=True)]
+        for record in records:
+            (ledger_.on_event if record.kind == KIND_EVENT else ledger_.on_live)(record)
+        flush(ledger_)
+        before = sorted(client[mongo_database].coverage.find(), key=lambda d: d["_id"])
+        again, _ = _ledger_pair(coll, _Now())  # a new store worker replays the whole spool
+        for record in records:
+            (again.on_event if record.kind == KIND_EVENT else again.on_live)(record)
+        flush(again)
+        after = sorted(client[mongo_database].coverage.find(), key=lambda d: d["_id"])
+    finally:
+        client.close()
+    assert after == before
+    first, gap = sorted((d for d in after if d["kind"] == "gap"), key=lambda d: d["start_ns"])
+    assert (first["cause"], first["end_ns"]) == ("not_started", up), first
+    assert gap["causes"] == ["rules_refused", "reconnect"], gap
+    assert (gap["start_ns"], gap["end_ns"]) == (up, up + 300 * s), gap
+    assert gap["detail"]["refused"] == ["Invalid"], gap
+    (hour_doc,) = [d for d in after if d["kind"] == "hour"]
+    assert hour_doc["offline_seconds"] == 900.0

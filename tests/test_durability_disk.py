@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from ingestd.control.status import collect, render
@@ -476,3 +477,103 @@ def run_read_only(tmp_path: Path, standin: MongoStandIn, mounts: list[Path], pol
     assert daemon.events("spool_checkpoint_write_recovered")
     end.landed(standin, sim).check(policy)
     end.report(f"read-only {'state_dir' if whole_state_dir else 'spool'} {policy}")
+
+
+# ---------------------------------------------------------------- 6. state folder unreadable
+
+# Root without the capabilities that override file permissions: the folder's mode applies to the
+# daemon as to the systemd unit's DynamicUser (tests run as root, whom a mode does not stop).
+WITHOUT_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+               "--inh-caps=-dac_override,-dac_read_search", "--"]
+
+
+def test_a_state_folder_made_unreadable_under_the_daemon_is_reported_and_loses_nothing(
+        tmp_path: Path, standin: MongoStandIn) -> None:
+    """The state folder's permissions change under the running daemon (seen once as a tmpfs
+    mounted over it): both workers died with a PermissionError traceback (the checkpoint's stat,
+    the spool's listing) and the supervisor exited 75 after the crash loop (then, with the
+    workers surviving, the supervisor itself died looking for its disk reserve). Now each worker
+    logs ``spool_unreadable`` with the path and the cause, counts it, and waits; ``status``
+    says why (not HUNG); once the folder is back every tweet of the ground truth is stored."""
+    if shutil.which("setpriv") is None:
+        unavailable("setpriv (util-linux) is needed to drop CAP_DAC_OVERRIDE")
+    tweets = 4000
+    sim, doc, daemon = disk_drill(tmp_path, standin, "block", tweets, rate=300, seed=23)
+    daemon.wrapper = WITHOUT_DAC
+    try:
+        daemon.start().wait_ready()
+        wait_until(lambda: daemon.counters("store").get("stored", 0) > 200, 60, "tweets stored")
+        mode = daemon.state_dir.stat().st_mode
+        daemon.state_dir.chmod(0)
+        unreadable_at = time.monotonic()
+        try:
+            failed = {role: daemon.wait_log("spool_unreadable", 30, role=role)
+                      for role in ("stream", "store")}
+            heartbeat = float(doc["control"]["heartbeat_timeout"])
+            wait_until(lambda: (daemon.assert_running() or
+                                time.monotonic() - unreadable_at > heartbeat + 3),
+                       heartbeat + 30, "longer than the heartbeat timeout, unreadable", 0.5)
+            view = collect(daemon.state_dir)
+            shown = render(view)
+        finally:
+            daemon.state_dir.chmod(mode)
+        daemon.wait_log("spool_readable_again", 30, role="store")
+        end = drain_and_stop(daemon, sim, tweets, timeout=120)
+    finally:
+        daemon.kill()
+        sim.stop()
+    for event in failed.values():
+        assert "Permission denied (EACCES)" in event["error"], event
+        assert str(daemon.state_dir / "spool") in event["error"], event
+        assert "make the state folder readable" in event["action"], event
+    assert not daemon.events("worker_hung") and not daemon.events("supervisor_failed")
+    assert view["health"] == "degraded", shown
+    assert "permission denied to the daemon's user" in shown and "mode 0000" in shown, shown
+    assert "HUNG" not in shown, shown
+    assert end.stream["spool_read_failures"] >= 1 and end.store["spool_read_failures"] >= 1
+    end.landed(standin, sim).check("block")
+    end.report("state folder unreadable")
+
+
+def test_a_worker_restarted_onto_an_unreadable_state_folder_says_why_and_starts_once_back(
+        tmp_path: Path, standin: MongoStandIn) -> None:
+    """The store worker killed while the folder is unreadable: its restart met the folder in its
+    start (the spool's ``mkdir``) and died with a PermissionError traceback, again and again.
+    Now it logs ``spool_unreadable`` naming the path and exits 75 (the supervisor's back-off
+    retries it); once the folder is back, it starts and stores everything."""
+    if shutil.which("setpriv") is None:
+        unavailable("setpriv (util-linux) is needed to drop CAP_DAC_OVERRIDE")
+    tweets = 2000
+    sim, _, daemon = disk_drill(tmp_path, standin, "block", tweets, rate=300, seed=29)
+    daemon.wrapper = WITHOUT_DAC
+    try:
+        daemon.start().wait_ready()
+        wait_until(lambda: daemon.counters("store").get("stored", 0) > 200, 60, "tweets stored")
+        mode = daemon.state_dir.stat().st_mode
+        store = psutil.Process(daemon.worker_pid("store"))
+        daemon.state_dir.chmod(0)
+        try:
+            store.kill()  # a worker this test's daemon started
+            refused = wait_until(lambda: next(
+                (e for e in daemon.events("spool_unreadable", role="store")
+                 if "cannot start" in e["effect"]), None), 30, "the restart's refusal")
+            exited = daemon.wait_log("worker_exited", 30, role="store", exit_code=75)
+        finally:
+            daemon.state_dir.chmod(mode)
+        # the counters are per worker process: the ground truth against MongoDB instead
+        def all_stored() -> set[int] | None:
+            truth = set(sim.ground_truth().tweet_ids())
+            return truth if len(truth) == tweets and truth <= set(
+                stored_ids(standin.uri, DB)) else None
+        delivered = wait_until(all_stored, 120, "every delivered tweet stored")
+        code, _ = daemon.stop()
+    finally:
+        daemon.kill()
+        sim.stop()
+    assert code == 0, daemon.tail()
+    assert str(daemon.state_dir) in refused["error"] and "(EACCES)" in refused["error"], refused
+    assert exited["exit_code"] == 75
+    assert "Traceback" not in daemon.logs() and not daemon.events("uncaught_exception")
+    ids = stored_ids(standin.uri, DB)
+    assert len(ids) == len(set(ids)) and set(ids) == delivered
+

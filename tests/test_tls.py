@@ -254,3 +254,46 @@ def test_a_tls_handshake_that_never_answers_is_ended_by_the_connect_timeout(
     assert second["ending"] == "network" and "timed out" in second["reason"], second
     first = daemon.events("stream_ended", conn=1)[0]
     assert first["backoff"] > 0, first
+
+
+V2_PATH = "/2/tweets/search/stream"
+V2_TOKEN = {"TWITTER_BEARER_TOKEN": "AAAAAAAAAAAAAAAAAAAAAtls-v2-token-ingestd-tests"}
+# certificate served -> (words of the cause, the setting it names), as the stream says them
+RULES_CAUSES = {
+    "self": ("not signed by a trusted CA (self-signed", "set stream.ca_file"),
+    "expired": STREAM_CAUSES["expired"],
+    "wrong_host": STREAM_CAUSES["wrong_host"],
+}
+
+
+@pytest.mark.parametrize("kind", list(RULES_CAUSES))
+def test_the_v2_rules_client_names_the_certificate_problem(
+        tmp_path: Path, kind: str, certs: Certs, mongo_uri: str) -> None:
+    """v2's rules calls behind a TLS front (the simulator ``--behind-tls``) whose certificate is
+    self-signed, expired or another host's: the rules client logged OpenSSL's bare text ("SSL
+    certificate problem: …"), while the stream's reason named the cause and stream.ca_file."""
+    sim = SimProcess(tmp_path / "sim", "--behind-tls", "--api", "v2", "--keepalive", "1",
+                     env=V2_TOKEN).start()
+    cert = (certs.leaf("self"), certs.key("self")) if kind == "self" else served(certs, kind)
+    try:
+        with TlsFront(*cert, upstream=("127.0.0.1", sim.port)) as front:
+            doc = settings_doc(f"https://127.0.0.1:{front.port}{V2_PATH}", mongo_uri, "tls_v2")
+            del doc["stream"]["track"]
+            doc["stream"].update({"api": "v2", "ca_file": str(certs.ca),
+                                  "rules": [{"value": "coffee", "tag": "drinks"}]})
+            doc["auth"] = {"bearer_token": "${TWITTER_BEARER_TOKEN}"}
+            daemon = Daemon(tmp_path / "daemon", doc)
+            try:
+                daemon.start(extra_env=V2_TOKEN).wait_ready()
+                retry = daemon.wait_log("rules_sync_retry", generation=1)
+                code, _ = daemon.stop()
+            finally:
+                daemon.kill()
+    finally:
+        sim.stop()
+    assert code == 0, daemon.tail()
+    cause, setting = RULES_CAUSES[kind]
+    text = retry["error"]
+    assert text.startswith("rules endpoint unreachable: "), text
+    assert cause in text and setting in text and "curl error 60" in text, text
+    assert V2_TOKEN["TWITTER_BEARER_TOKEN"] not in daemon.logs()

@@ -249,7 +249,7 @@ class RunStateCollector:
     def _workers(self, docs: Mapping[str, Mapping[str, Any]], now: float) -> Iterable[Metric]:
         sup = docs["supervisor"]
         timeout = status.timeout_in_force(sup)
-        frozen = status.files_frozen(self.state_dir) is not None
+        frozen = status.files_frozen(self.state_dir, sup.get("pid")) is not None
         yield labelled_gauge("ingestd_worker_up", "1 while the role's process heartbeats.", "role",
                              {role: 1.0 if status.alive(docs[role], now, timeout, frozen) else 0.0
                               for role in ("supervisor", "stream", "store")})
@@ -273,6 +273,11 @@ class RunStateCollector:
                               for name in (*status.STREAM_STATES, "other")})
         yield gauge("ingestd_stream_connected", "1 while a connection is delivering.",
                     1.0 if stream.get("delivering") else 0.0)
+        rules = _section(stream, "rules")
+        yield gauge("ingestd_stream_rules_refused", "1 while the endpoint refuses stream.rules "
+                    "(v2) and none of them are in force (refused since the run began): the "
+                    "stream delivers nothing they match; coverage gap rules_refused.",
+                    1.0 if rules.get("error") and rules.get("generation") is None else 0.0)
         yield gauge("ingestd_stream_backoff_seconds", "The reconnect delay last chosen.",
                     _num(stream.get("backoff")))
         yield known_counter("ingestd_stream_reconnects_total",

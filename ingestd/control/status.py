@@ -21,6 +21,7 @@ alive at the moment one looks, so that the headline does not flip between two lo
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import time
 from collections.abc import Mapping
@@ -106,14 +107,46 @@ def alive(status: Mapping[str, Any] | None, now: float,
     return liveness(status, now, timeout, frozen) in ("ok", "late", "unknown")
 
 
-def files_frozen(state_dir: Path) -> str | None:
+def files_frozen(state_dir: Path, pid: object = None) -> str | None:
     """Why no status file can be rewritten, if the run folder's file system says why: a
-    read-only mount (a file system remounted read-only after errors, a read-only bind)."""
+    read-only mount (a file system remounted read-only after errors, a read-only bind); or, for
+    the daemon's process ``pid``, a folder its user may no longer use (its mode or owner changed,
+    a mount over it: the daemon logs ``spool_unreadable``; ``status`` said HUNG)."""
     try:
         flags = os.statvfs(state_dir / RUN_DIR).f_flag
     except OSError:
+        flags = 0
+    if flags & os.ST_RDONLY:
+        return "read-only file system"
+    return _denied_to(pid, state_dir) if isinstance(pid, int) and pid > 0 else None
+
+
+CAP_DAC_OVERRIDE = 1  # bit in /proc/PID/status CapEff: permission bits do not apply
+
+
+def _denied_to(pid: int, state_dir: Path) -> str | None:
+    """Why process ``pid`` (its effective uid, groups and capabilities, from /proc) cannot use
+    the state folder or its run folder (read, write and search), or None if it can."""
+    try:
+        fields = dict(line.split(":", 1) for line in
+                      Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        uid = int(fields["Uid"].split()[1])
+        gids = {int(g) for g in (fields["Gid"].split()[1], *fields["Groups"].split())}
+        if int(fields["CapEff"].strip(), 16) >> CAP_DAC_OVERRIDE & 1:
+            return None
+    except (OSError, KeyError, ValueError, IndexError):
         return None
-    return "read-only file system" if flags & os.ST_RDONLY else None
+    for folder in (state_dir, state_dir / RUN_DIR):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return None
+        shift = 6 if st.st_uid == uid else 3 if st.st_gid in gids else 0
+        if (st.st_mode >> shift) & 0o7 != 0o7:
+            return (f"permission denied to the daemon's user (uid {uid}): {folder} is mode "
+                    f"{stat.S_IMODE(st.st_mode):04o}, owner {st.st_uid}:{st.st_gid} (its "
+                    "permissions changed, or a mount over it)")
+    return None
 
 
 def stream_state(state: str) -> str:
@@ -143,7 +176,7 @@ def collect(state_dir: Path, *, heartbeat_timeout: float | None = None) -> dict[
     now = time.time()
     roles = {role: read_status(state_dir, role) for role in ROLES}
     timeout = timeout_in_force(roles["supervisor"], heartbeat_timeout)
-    frozen = files_frozen(state_dir)
+    frozen = files_frozen(state_dir, (roles["supervisor"] or {}).get("pid"))
     live = {role: liveness(st, now, timeout, bool(frozen)) for role, st in roles.items()}
     age = {r: round(now - float(st.get("time", 0)), 1) for r, st in roles.items() if st}
     sup_up = live["supervisor"] != "not running"

@@ -20,6 +20,7 @@ from ingestd.control.worker import (
     WorkerContext,
     sleep_until_signal,
     start_worker,
+    state_dir_refused,
     wake_on_signals,
 )
 from ingestd.memory import quiet_gc
@@ -99,8 +100,13 @@ class StoreRole:
         counters["spool_corrupt_bytes"] = self.reader.corrupt_bytes
         counters["spool_checkpoint_resets"] = self.reader.checkpoint_resets
         acked_seq, unacked_bytes = self.reader.unacked()
+        counters["spool_read_failures"] = self.reader.read_failures
         state, error = str(counters["state"]), self.reader.checkpoint_error
-        if error:  # storing goes on; the checkpoint (and the space behind it) waits
+        if self.reader.read_error:  # storing waits where it was until the folder is back
+            if not state.startswith("degraded"):
+                state = f"degraded: spool unreadable ({self.reader.read_error})"
+            counters["last_error"] = f"spool unreadable: {self.reader.read_error}"
+        elif error:  # storing goes on; the checkpoint (and the space behind it) waits
             if not state.startswith("degraded"):
                 state = f"degraded: spool checkpoint unwritable ({error})"
             counters["last_error"] = f"spool checkpoint: {error}"
@@ -175,4 +181,10 @@ def run_store_worker(config_path: Path, generation: int) -> int:
     if isinstance(ctx, int):
         return ctx
     quiet_gc()
-    return StoreRole(ctx).run()
+    try:
+        role = StoreRole(ctx)
+    except OSError as exc:
+        if (code := state_dir_refused(exc, ctx.settings.state_dir, "store")) is None:
+            raise
+        return code
+    return role.run()

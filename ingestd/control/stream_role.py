@@ -19,6 +19,7 @@ from ingestd.control.worker import (
     Ticker,
     WorkerContext,
     start_worker,
+    state_dir_refused,
     wake_on_signals,
 )
 from ingestd.source.backoff import outage_grace
@@ -65,6 +66,10 @@ class StreamRole:
         # while the connection keeps streaming (no-op for v1.1).
         self.rules = RulesSync()
         self.rules.request(settings.stream, settings.auth, ctx.generation)
+        # Until a sync is accepted, none of the settings' rules may be in force: a connection
+        # coming up meanwhile does not end a rules_refused gap (``follow_rules``).
+        self.markers.rules_pending = settings.stream.api == "v2"
+        self.rules_gap_for: int | None = None  # the refused generation a gap marker records
         self.meter = RateMeter()
         self.write_status = StatusPublisher(settings.state_dir, "stream")
         self.status = Ticker(STATUS_INTERVAL, self.publish)
@@ -105,8 +110,10 @@ class StreamRole:
                 self.reload(command)
         for takeover in self.lease.takeovers():
             self._on_takeover(takeover)
+        self.follow_rules()
         self.ctx.orphaned()
-        if (self.reader.state, self.intake.last_error) != self.published_state:
+        if (self.reader.state, self.intake.last_error or self.spool.read_error) \
+                != self.published_state:
             self.publish()  # a new state (connected, disk failing…) shows at once, not ≤ 1 s late
         self.status()
 
@@ -143,6 +150,25 @@ class StreamRole:
         self.markers.gap("takeover", last_recv_ns=last_recv_ns or None,
                          detail={"from": previous or "unknown", **detail})
 
+    def follow_rules(self) -> None:
+        """v2: the rules sync's verdict in the coverage ledger (the sync runs on its own thread;
+        markers are written here, on the spool's owner). A refusal before any sync of this run
+        was accepted leaves none of the settings' rules in force: a ``rules_refused`` gap, held
+        across reconnects and restarts until a sync is accepted. A later reload's refusal keeps
+        the previous rules in force: no gap."""
+        status = self.rules.status
+        if self.reader.stream.api == "v2" and status.generation is None:
+            refused = status.refused_generation
+            if refused is not None and refused != self.rules_gap_for:
+                self.rules_gap_for = refused
+                self.markers.rules_refused({
+                    "rules_generation": refused, "refused": status.refused[:5],
+                    "rules": [r.value for r in self.reader.stream.rules][:20]})
+            return
+        if self.markers.rules_pending:
+            live = self.reader.active if self.reader.connected else None
+            self.markers.rules_accepted(live.conn_id if live is not None else None)
+
     def reload(self, command: Reload) -> None:
         if (new := self.ctx.reload(command)) is None:
             return
@@ -153,9 +179,11 @@ class StreamRole:
     def publish(self) -> None:
         """``run/stream.json``: the heartbeat, with the counters and the spool's fill."""
         reader, rules = self.reader, self.rules
-        self.published_state = (reader.state, self.intake.last_error)
-        state = self.intake.last_error or (
-            f"degraded: {rules.error}; previous rules still in force" if rules.error
+        self.published_state = (reader.state, self.intake.last_error or self.spool.read_error)
+        unreadable = (f"degraded: spool unreadable: {self.spool.read_error}"
+                      if self.spool.read_error else "")
+        state = self.intake.last_error or unreadable or (
+            f"degraded: {rules.error}; {_rules_effect(rules.status.generation)}" if rules.error
             else self.lease.state(reader.state))
         # Taken before the counters: a message received after it is counted in the next report
         # (what a kill loses of it, the supervisor reads back from the spool: tally).
@@ -203,6 +231,7 @@ class StreamRole:
         dropped = self.intake.dropped
         stats["received"] -= dropped
         stats["dropped"] = {**stats["dropped"], **({"disk_error": dropped} if dropped else {})}
+        stats["spool_read_failures"] = self.spool.read_failures
         return stats
 
     def spool_status(self) -> dict[str, Any]:
@@ -218,7 +247,24 @@ class StreamRole:
                 "full_since": self.intake.full_since, "when_full": self.intake.policy}
 
 
+def _rules_effect(in_force: int | None) -> str:
+    """What the endpoint filters by while a sync is refused: the last accepted generation's rules
+    (a refused reload), or none of the settings' (refused since the start of the run)."""
+    if in_force is not None:
+        return "previous rules still in force"
+    return ("none of these settings' rules are in force: the stream delivers nothing they match "
+            "(coverage: rules_refused gap)")
+
+
 def run_stream_worker(config_path: Path, generation: int) -> int:
     """``ingestd worker --role stream``: the process's body; its exit code."""
     ctx = start_worker(config_path, "stream", generation)
-    return ctx if isinstance(ctx, int) else StreamRole(ctx).run()
+    if isinstance(ctx, int):
+        return ctx
+    try:
+        role = StreamRole(ctx)
+    except OSError as exc:
+        if (code := state_dir_refused(exc, ctx.settings.state_dir, "stream")) is None:
+            raise
+        return code
+    return role.run()

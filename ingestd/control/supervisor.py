@@ -278,8 +278,14 @@ class Supervisor:
                         f"{reserve.MAKE_WHEN_FREE} bytes are free")
 
     def keep_reserve(self) -> None:
-        """Set the reserve aside if it is missing and space allows (logged when made)."""
-        if reserve.replenish(self.state_dir):
+        """Set the reserve aside if it is missing and space allows (logged when made). A state
+        folder that cannot be looked into (made unreadable under the daemon) ended the supervisor
+        here; the workers report it (``spool_unreadable``), and the next look tries again."""
+        try:
+            made = reserve.replenish(self.state_dir)
+        except OSError:
+            return
+        if made:
             log.info("state_dir_reserve_made", path=str(reserve.path(self.state_dir)),
                      bytes=reserve.BYTES)
 

@@ -280,3 +280,22 @@ class Ticker:
     def due_in(self) -> float:
         """Seconds until the next call runs ``fn`` (an idle loop sleeps that long)."""
         return max(0.0, self._next - time.monotonic())
+
+
+EXIT_STATE_DIR = 75  # EX_TEMPFAIL: the folder may come back; the supervisor restarts the worker
+
+
+def state_dir_refused(exc: OSError, state_dir: Path, role: str) -> int | None:
+    """A worker's start that met a state folder it may not use (its mode or owner changed, a
+    mount over it): said as the path and the cause, not a traceback; the exit code. None if the
+    error is not about a file in the state folder (the caller raises it)."""
+    where = str(exc.filename or "")
+    if not where.startswith(str(state_dir)):
+        return None
+    name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    log.error("spool_unreadable", error=f"{where}: {exc.strerror or exc} ({name})",
+              effect=f"the {role} worker cannot start; the supervisor starts it again after its "
+              "back-off", action="make the state folder readable and writable by the daemon's "
+              "user again (undo the mount or permission change)")
+    return EXIT_STATE_DIR
+

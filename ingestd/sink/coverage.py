@@ -58,7 +58,7 @@ from ingestd.sink.insert import written_from
 from ingestd.sink.mongo import Document
 from ingestd.sink.retry import Retrier
 from ingestd.sink.target import MongoTarget
-from ingestd.spool.events import CONNECTED, GAP, HOUR_NS, NOT_STARTED, decode_event
+from ingestd.spool.events import CONNECTED, GAP, HOUR_NS, NOT_STARTED, RULES_REFUSED, decode_event
 from ingestd.spool.format import KIND_MESSAGE, Record
 
 log = structlog.get_logger("ingestd.sink.coverage")
@@ -179,6 +179,16 @@ def _takes_over(gap: Document, cause: str) -> bool:
     """A takeover ends a standby's first gap (``not_started``) even when the previous holder's
     last message came before that gap's start: the pair's hole gets its own takeover gap."""
     return cause == "takeover" and gap["cause"] == NOT_STARTED
+
+
+def _held(gap: Document | None, event: Mapping[str, Any] | None) -> bool:
+    """A ``rules_refused`` gap (v2: the endpoint refused ``stream.rules`` at the run's first
+    sync) is not ended by a connection coming up while the rules are still unsettled
+    (``rules_pending``), nor by messages (what the endpoint streams meanwhile is not what the
+    settings' rules match): only by a connection once a sync was accepted. It survives
+    reconnects and restarts while the refusal lasts."""
+    return gap is not None and RULES_REFUSED in gap["causes"] and (
+        event is None or bool(event.get("rules_pending")))
 
 
 LIMIT_CONNECTIONS = 8  # connections whose limit counts LimitSpans keeps in memory
@@ -486,13 +496,13 @@ class CoverageLedger:
     def _apply(self, record: Record, event: dict[str, Any] | None) -> None:
         if event is None or event["type"] == CONNECTED:
             gap = self._open
-            if gap is not None and record.recv_ns > gap["start_ns"]:
+            if gap is not None and record.recv_ns > gap["start_ns"] and not _held(gap, event):
                 self._close(gap, record.recv_ns, record.conn_id)
             closed = self._last_closed  # by this record, or by the connection's first message
             if event is not None and event.get("backfill_minutes") and closed is not None \
                     and closed.get("conn_after") == record.conn_id:
                 self._backfilled(closed, int(event["backfill_minutes"]))
-            if event is not None:
+            if event is not None and not event.get("rules_accepted"):  # not a new connection
                 self._limits.connected(int(event.get("conn") or record.conn_id), record.recv_ns)
             else:
                 self._first_message(record)
@@ -513,14 +523,18 @@ class CoverageLedger:
             # The spool began again under an open gap (replayed from its first record, or emptied
             # by hand): that gap goes on; its hour was no fresh archive's.
             return
-        if gap is not None and start_ns <= gap["start_ns"] and not _takes_over(gap, cause):
+        detail = {k: v for k, v in event.items()
+                  if k not in ("type", "cause", "last_recv_ns", "last_message_ns")}
+        if gap is not None and (start_ns <= gap["start_ns"] or _held(gap, None)) \
+                and not _takes_over(gap, cause):
             self._more_cause(gap, cause)  # the same gap, kept open by something else
+            if cause == RULES_REFUSED:  # the latest refusal's rules and reasons
+                gap["detail"].update(detail)
+                self._dirty_gaps[gap["_id"]] = gap
             return
         if gap is not None:  # the record that ended it was lost: it ended by this start at last
             self._close(gap, max(start_ns, gap["start_ns"]), record.conn_id)
         last_ns = event.get("last_message_ns")
-        detail = {k: v for k, v in event.items()
-                  if k not in ("type", "cause", "last_recv_ns", "last_message_ns")}
         self._open = {
             "_id": f"{self.instance}:{start_ns}", "kind": "gap", "instance": self.instance,
             "start": utc(start_ns), "end": None, "start_ns": start_ns, "end_ns": None,

@@ -256,6 +256,11 @@ class RulesSync:
             action = f"{kept}; fix stream.rules and reload"
         self.status.refused_generation = job.generation
         self.status.refused = [self.status.error] if exc.credentials else exc.messages[:20]
+        # Refused since the run began: whatever the connection does, the settings' filters are
+        # not in force, and the coverage ledger says so (a rules_refused gap).
+        effect = ({} if self.status.generation is not None else
+                  {"effect": "the stream delivers nothing these settings' rules match: the "
+                   "coverage ledger records a rules_refused gap until a sync is accepted"})
         log.error("rules_rejected", generation=job.generation, errors=exc.messages[:20],
-                  action=action)
+                  rules=[r.value for r in job.stream.rules][:20], action=action, **effect)
         return True

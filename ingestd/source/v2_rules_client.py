@@ -24,6 +24,7 @@ import pycurl
 
 from ingestd.config.schema import AuthSettings, Rule, StreamSettings
 from ingestd.config.stream import ca_bundle
+from ingestd.source.curl_errors import curl_error_text, tls_hint
 from ingestd.source.headers import ResponseHead
 from ingestd.source.transport import configure_transport
 from ingestd.source.v2_request import bearer_headers, rules_url
@@ -148,8 +149,7 @@ class RulesClient:
             if malformed := head.refused_by_curl(exc.args[0], exc.args[1]):
                 raise RulesError([f"rules endpoint's answer unreadable: {malformed}"],
                                  transient=True) from None
-            raise RulesError([f"rules endpoint unreachable: {exc.args[1]} (curl error "
-                              f"{exc.args[0]})"], transient=True) from None
+            raise RulesError([_unreachable(exc.args[0], exc.args[1])], transient=True) from None
         finally:
             curl.close()
         self.last_rate_limit = {k: v for k, v in head.headers.items()
@@ -183,6 +183,15 @@ class RulesClient:
         messages = [_describe_error(e) for e in errors] or [_describe_problem(reply)]
         transient = reply.status == 429 or reply.status >= 500 or reply.status == 0
         raise RulesError(messages, transient=transient, status=reply.status)
+
+
+def _unreachable(errno: int, errmsg: str) -> str:
+    """A failed call's reason. A failed certificate check says its cause (expired, another host's,
+    self-signed…) and the setting to change, as the stream's reason does (``tls_hint``), not
+    OpenSSL's bare words."""
+    if tls_hint(errno, errmsg):
+        return f"rules endpoint unreachable: {curl_error_text(errno, errmsg)}"
+    return f"rules endpoint unreachable: {errmsg} (curl error {errno})"
 
 
 def _list(value: object) -> list[Any]:

@@ -8,9 +8,13 @@ JSON object:
   the last record received before it) the stream delivers nothing, because of ``C`` (``CAUSES``).
   A fresh spool (the instance's first start) begins with a ``not_started`` gap from the start of
   that hour: before it the archive did not exist, and until the first connection nothing came.
-- ``{"type": "connected", "conn": K[, "backfill_minutes": M]}``: connection K is up (first body
-  byte of a 200): the record's own receive time ends an open gap, as the first message after it
-  would; v2 says how many minutes of backfill it asked for.
+- ``{"type": "connected", "conn": K[, "backfill_minutes": M][, "rules_pending": true]
+  [, "rules_accepted": true]}``: connection K is up (first body byte of a 200): the record's own
+  receive time ends an open gap, as the first message after it would; v2 says how many minutes of
+  backfill it asked for. v2's ``rules_pending``: no sync of ``stream.rules`` has been accepted in
+  this run yet; such a marker (and any message) does not end a ``rules_refused`` gap. One with
+  ``rules_accepted`` is written for the live connection when a sync is accepted at last: it ends
+  that gap (a connection coming up after the sync ends it as any other).
 
 ``GapMarkers`` is the stream worker's writer of them: one gap marker when a live stream stops, a
 further one only if a different cause keeps it stopped (a reconnect answered by 420).
@@ -37,10 +41,13 @@ CONNECTED = "connected"
 # active (written by the HA code); ``killed``: the supervisor vanished (SIGKILL, OOM);
 # ``crashed``: found at startup, the previous stream worker wrote no marker before it ended;
 # ``standby``: this instance lost the lease and left the stream to another (ha.mode: standby);
-# ``not_started``: the first start on a fresh spool: the archive begins (see ``GapMarkers``).
+# ``not_started``: the first start on a fresh spool: the archive begins (see ``GapMarkers``);
+# ``rules_refused``: v2, the endpoint refused ``stream.rules`` at the run's first sync: the stream
+# may be connected, but none of the settings' rules are in force (held until a sync is accepted).
 CAUSES = ("reconnect", "stall", "rate_limited", "http_error", "rejected", "reload", "stopped",
-          "killed", "crashed", "takeover", "standby", "not_started")
+          "killed", "crashed", "takeover", "standby", "not_started", "rules_refused")
 NOT_STARTED = "not_started"
+RULES_REFUSED = "rules_refused"
 HOUR_NS = 3600 * 10**9
 
 
@@ -100,6 +107,10 @@ class GapMarkers:
         self.last_recv_ns = last.recv_ns if last is not None else 0
         self.open_cause: str | None = "none" if last is None else None
         self.written = 0
+        # v2: no sync of ``stream.rules`` accepted in this run yet (set by the stream worker);
+        # ``pending_since_ns``: when the first connection came up while so (None: none did).
+        self.rules_pending = False
+        self.pending_since_ns: int | None = None
         # Seqs of the markers written lately: the queue gauges count messages, not markers.
         self.seqs: deque[int] = deque(maxlen=256)
         self._resume(last)
@@ -137,6 +148,30 @@ class GapMarkers:
         event: dict[str, object] = {"type": CONNECTED, "conn": conn_id}
         if backfill_minutes:
             event["backfill_minutes"] = backfill_minutes
+        if self.rules_pending:
+            event["rules_pending"] = True
+        if self._append(event, now):
+            self.seen(now)
+            if self.rules_pending and self.pending_since_ns is None:
+                self.pending_since_ns = now
+
+    def rules_refused(self, detail: Mapping[str, object]) -> None:
+        """v2: the endpoint refused ``stream.rules`` and none of them is in force: a
+        ``rules_refused`` gap from when the connection came up with the rules unsettled (or the
+        open gap's start), held by the ledger until ``rules_accepted``."""
+        self.gap(RULES_REFUSED, last_recv_ns=self.pending_since_ns, detail=detail)
+
+    def rules_accepted(self, live_conn: int | None) -> None:
+        """v2: a sync of ``stream.rules`` was accepted (or the API is no longer v2). A connection
+        that came up before it (``live_conn``, still up) streams the settings' rules from now:
+        its ``rules_accepted`` marker ends a ``rules_refused`` gap. Without a live connection
+        the next one's marker, no longer pending, ends it."""
+        pending, self.rules_pending, self.pending_since_ns = (
+            self.pending_since_ns, False, None)
+        if pending is None or live_conn is None:
+            return
+        now = time.time_ns()
+        event = {"type": CONNECTED, "conn": live_conn, "rules_accepted": True}
         if self._append(event, now):
             self.seen(now)
 

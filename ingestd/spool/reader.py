@@ -39,6 +39,17 @@ log = structlog.get_logger("ingestd.spool.reader")
 CHECKPOINT_INTERVAL = 0.25  # seconds: at most one checkpoint write per interval within a segment
 
 
+class SpoolUnreadable(OSError):
+    """The spool folder cannot be listed (its permissions changed, a mount over it): ``read``
+    waits where it was, and reads on once it can (``SpoolReader.read_error`` says why)."""
+
+
+def os_error_text(exc: OSError, where: object) -> str:
+    """``<path>: <strerror> (<ERRNO>)``: the file and the cause, as the spool's other errors."""
+    name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    return f"{exc.filename or where}: {exc.strerror or exc} ({name})"
+
+
 class SpoolReader:
     """Reads records in order (store worker side) and checkpoints what has been stored.
 
@@ -74,6 +85,9 @@ class SpoolReader:
         self._written_at = -float("inf")
         self.checkpoint_error = ""  # why the last checkpoint write failed ("" once one works)
         self.checkpoint_failures = 0  # checkpoint writes that failed
+        self.read_error = ""  # why the spool folder could not be read ("" once it can)
+        self.read_failures = 0  # episodes in which it could not be read
+        self._listed: list[str] = []  # the segments at the last good look (for figures only)
         self._interval = checkpoint_interval
         self._clock = clock
         # Runs before each checkpoint write, with the checkpoint: what must be durable before
@@ -121,22 +135,55 @@ class SpoolReader:
         """
         out: list[Record] = []
         nbytes = 0
-        while len(out) < max_records and nbytes < max_bytes:
-            cursor = self._cursor or self._open_first()
-            if cursor is None:
-                break
-            before = len(out)
-            nbytes = cursor.parse(out, max_records, max_bytes, nbytes)
-            if len(out) > before:
-                # before any _advance: it must know what was read, and the numbering too
-                self._numbering.check(out, before)
-                self._last_read = out[-1]
-                continue
-            if cursor.fill():
-                continue
-            if not self._at_eof(cursor):
-                break
+        try:
+            while len(out) < max_records and nbytes < max_bytes:
+                cursor = self._cursor or self._open_first()
+                if cursor is None:
+                    break
+                before = len(out)
+                nbytes = cursor.parse(out, max_records, max_bytes, nbytes)
+                if len(out) > before:
+                    # before any _advance: it must know what was read, and the numbering too
+                    self._numbering.check(out, before)
+                    self._last_read = out[-1]
+                    continue
+                if cursor.fill():
+                    continue
+                if not self._at_eof(cursor):
+                    break
+        except SpoolUnreadable:
+            pass  # what was read is returned; the next call starts where this one stopped
         return out
+
+    def _segments(self) -> list[str]:
+        """``list_segments``, raising ``SpoolUnreadable`` (reported once per episode) if the
+        folder cannot be listed: a state folder made unreadable under the daemon killed the
+        worker with a PermissionError traceback."""
+        try:
+            names = list_segments(self.directory)
+        except OSError as exc:
+            if not self.read_error:
+                self.read_failures += 1
+                self.read_error = os_error_text(exc, self.directory)
+                log.error("spool_unreadable", error=self.read_error,
+                          effect="storing waits where it was; the stream worker's spool keeps "
+                          "what arrives meanwhile (spool.when_full if it cannot write either)",
+                          action="make the state folder readable and writable by the daemon's "
+                          "user again (undo the mount or permission change): reading resumes "
+                          "by itself")
+            raise SpoolUnreadable(exc.errno, exc.strerror, exc.filename) from exc
+        if self.read_error:
+            log.info("spool_readable_again", previous_error=self.read_error)
+            self.read_error = ""
+        self._listed = names
+        return names
+
+    def _listed_or_last(self) -> list[str]:
+        """The segments now, or at the last good look if the folder cannot be read (figures)."""
+        try:
+            return self._segments()
+        except SpoolUnreadable:
+            return self._listed
 
     def reread(self, ref: RecordRef) -> Record | None:
         """The record ``ref`` names, read back from its segment (a tweet's payload for its dead
@@ -221,7 +268,7 @@ class SpoolReader:
             return False
         if cursor.parseable or cursor.file_size() > cursor.position + cursor.buffered:
             return True
-        newest = list_segments(self.directory)
+        newest = self._listed_or_last()
         return bool(newest) and newest[-1] > cursor.name
 
     def unread_bytes(self) -> int:
@@ -229,7 +276,7 @@ class SpoolReader:
         stream this reader is. A few system calls: for a decision per batch, not per record."""
         cursor = self._cursor
         ahead = 0 if cursor is None else max(0, cursor.file_size() - cursor.position)
-        return ahead + sum(_size_or_zero(self.directory / n) for n in list_segments(self.directory)
+        return ahead + sum(_size_or_zero(self.directory / n) for n in self._listed_or_last()
                            if cursor is None or n > cursor.name)
 
     def unacked(self) -> tuple[int, int]:
@@ -238,8 +285,8 @@ class SpoolReader:
         stop, after the stream worker's last word on the queue (``status.queue``)."""
         ckpt = self._written
         if ckpt is None:
-            return 0, sum(_size_or_zero(self.directory / n) for n in list_segments(self.directory))
-        after = sum(_size_or_zero(self.directory / n) for n in list_segments(self.directory)
+            return 0, sum(_size_or_zero(self.directory / n) for n in self._listed_or_last())
+        after = sum(_size_or_zero(self.directory / n) for n in self._listed_or_last()
                     if n >= ckpt.segment)
         return ckpt.seq, max(0, after - ckpt.offset)
 
@@ -307,7 +354,7 @@ class SpoolReader:
         self.on_missing(first, last)
 
     def _open_first(self) -> SegmentCursor | None:
-        segments = list_segments(self.directory)
+        segments = self._segments()
         if not segments:
             return None
         self._cursor = SegmentCursor(self.directory, segments[0], 0, self._damage)
@@ -319,7 +366,7 @@ class SpoolReader:
         if cursor.at_end:
             return self._advance(cursor)
         if not cursor.sealed:
-            if not any(n > cursor.name for n in list_segments(self.directory)):
+            if not any(n > cursor.name for n in self._segments()):
                 return False  # the newest segment: an incomplete record may be in flight
             cursor.sealed = True  # re-read to EOF first: the writer may have finished it
             return True
@@ -327,7 +374,7 @@ class SpoolReader:
         return True
 
     def _advance(self, cursor: SegmentCursor) -> bool:
-        later = [n for n in list_segments(self.directory) if n > cursor.name]
+        later = [n for n in self._segments() if n > cursor.name]
         cursor.close()
         self._cursor = None
         if not later:  # deleted from under us: start again from whatever exists
@@ -371,7 +418,10 @@ class SpoolReader:
         on a ``spool-release`` thread, or before returning with ``release_now`` (a full disk
         needs the space at once). False if one could not be deleted (a read-only file system:
         a later ack tries again)."""
-        segments = list_segments(self.directory)
+        try:
+            segments = self._segments()
+        except SpoolUnreadable:
+            return False  # a later ack tries again
         newest = segments[-1] if segments else segment
         held: list[int] = []
         try:
@@ -414,7 +464,8 @@ def _close_all(fds: list[int]) -> None:
 
 
 def _size_or_zero(path: Path) -> int:
+    """The file's size; 0 if it is gone or cannot be looked at (a figure, never fatal)."""
     try:
         return path.stat().st_size
-    except FileNotFoundError:
+    except OSError:
         return 0

@@ -93,6 +93,8 @@ class SpoolWriter:
         self._ckpt_key: tuple[int, int, int] | None = None
         self._ckpt_checked = -float("inf")
         self.checkpoint_reads = 0  # checkpoint files read (tests count them)
+        self.read_error = ""  # why the checkpoint could not be looked at ("" once it can)
+        self.read_failures = 0  # episodes in which it could not
         # The previous run's last record (coverage markers: did it stop cleanly, and when).
         self.last_record = self._recover_last_record()
         self._mark = WrittenMark(self.directory)
@@ -342,6 +344,19 @@ class SpoolWriter:
     def _oldest_seq(self) -> int:
         return min((segment_first_seq(n) for n in self._sizes), default=self._next_seq)
 
+    def _unreadable(self, exc: OSError) -> None:
+        """Report, once per episode, a spool folder this worker can no longer look into: a
+        PermissionError here killed the stream worker with a traceback."""
+        if self.read_error:
+            return
+        self.read_failures += 1
+        self.read_error = _os_error_text(exc, self.directory / CHECKPOINT)
+        log.error("spool_unreadable", error=self.read_error,
+                  effect="the store worker's progress cannot be seen: the backlog counts from "
+                  "the last checkpoint seen; appends go on while the disk takes them",
+                  action="make the state folder readable and writable by the daemon's user "
+                  "again (undo the mount or permission change)")
+
     def _poll_checkpoint(self) -> None:
         """Re-read the checkpoint if it changed; forget the segments it says are wholly acked."""
         self._ckpt_checked = self._clock()
@@ -350,6 +365,12 @@ class SpoolWriter:
         except FileNotFoundError:
             self._ckpt, self._ckpt_key = None, None
             return
+        except OSError as exc:  # the folder made unreadable under the daemon (a mount over it)
+            self._unreadable(exc)
+            return  # the last checkpoint seen: the backlog is overstated, never understated
+        if self.read_error:
+            log.info("spool_readable_again", previous_error=self.read_error)
+            self.read_error = ""
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         settled = time.time_ns() - st.st_mtime_ns > _CHECKPOINT_SETTLE_NS
         if key == self._ckpt_key and settled:
@@ -364,6 +385,11 @@ class SpoolWriter:
                 self._total -= self._sizes.pop(name)
             if acked:
                 self._first_seq = self._oldest_seq()
+
+
+def _os_error_text(exc: OSError, where: Path) -> str:
+    name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    return f"{exc.filename or where}: {exc.strerror or exc} ({name})"
 
 
 def _write_more(fd: int, bufs: list[bytes], written: int) -> int:

@@ -289,6 +289,22 @@ def unreported_notes(gaps: list[dict[str, Any]]) -> list[str]:
             f"{_iso(g['start_ns'])} until now" for g in gaps if g["cause"] == UNREPORTED]
 
 
+def rules_notes(gaps: list[dict[str, Any]]) -> list[str]:
+    """v2 ``rules_refused`` gaps: the stream may have been connected, so the cause is said with
+    the endpoint's reasons (an analyst would otherwise look for a network problem)."""
+    notes = []
+    for gap in gaps:
+        if "rules_refused" not in (gap.get("causes") or ()):
+            continue
+        detail = gap.get("detail") or {}
+        refused = "; ".join(str(r) for r in detail.get("refused") or ()) or "no reason recorded"
+        until = _iso(gap["end_ns"]) if gap.get("end_ns") is not None else "now"
+        notes.append(f"note: from {_iso(gap['start_ns'])} until {until} the endpoint refused "
+                     f"stream.rules ({refused}): none of the settings' rules were in force, so "
+                     "nothing they match was streamed, connected or not (rules_refused)")
+    return notes
+
+
 def run_coverage(config: Path, *, since: str | None, until: str | None, instance: str | None,
                  as_json: bool) -> int:
     now = datetime.now(UTC)
@@ -332,5 +348,6 @@ def run_coverage(config: Path, *, since: str | None, until: str | None, instance
                           "gaps": [gap_json(g) for g in sorted(gaps, key=lambda g: g["start_ns"])]},
                          indent=2))
     else:
-        print("\n".join([render(rows), *lag_notes(gaps), *unreported_notes(gaps)]))
+        print("\n".join([render(rows), *lag_notes(gaps), *unreported_notes(gaps),
+                         *rules_notes(gaps)]))
     return 0

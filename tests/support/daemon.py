@@ -55,6 +55,7 @@ class Daemon:
         self.log_path = workdir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0  # wall clock of the last start (status files older are stale)
+        self.wrapper: list[str] = []  # a command the daemon runs under (setpriv …)
 
     def write_settings(self, doc: dict[str, Any]) -> None:
         self.doc = doc
@@ -70,7 +71,8 @@ class Daemon:
         self.started_at = time.time()
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ingestd", "run", "--config", str(self.config)],
+                [*self.wrapper, sys.executable, "-m", "ingestd", "run", "--config",
+                 str(self.config)],
                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
         return self
 
