@@ -222,7 +222,9 @@ def run_small_disk(tmp_path: Path, standin: MongoStandIn, mounts: list[Path],
     # store worker dies on the checkpoint (a crash loop, exit 75) and nothing is freed.
     # (drop_newest: the stream still delivers once space is back; its first good append is
     # what clears the state, see spool.intake)
-    tweets = 15000
+    # 8,000 tweets (seed 18): the disk is full after ~4,700, and the filler left after the
+    # first failed append stays, so every later one needs space the store worker freed.
+    tweets = 8000
     sim, _, daemon = disk_drill(tmp_path, standin, policy, tweets, rate=1000, seed=18)
     mount_tmpfs(daemon.state_dir, "8m")
     mounts.append(daemon.state_dir)
@@ -430,11 +432,13 @@ def run_read_only(tmp_path: Path, standin: MongoStandIn, mounts: list[Path], pol
     # The state folder turns read-only under a running daemon (the audit's bind mount): the
     # open segment is written on until it rolls, then the spool's writes fail and follow
     # when_full; checkpoints and status files fail and are reported. Longer than the heartbeat
-    # timeout (10 s): the workers beat through the supervisor's pipe and are not killed. Made
-    # writable again, everything resumes by itself.
-    tweets = 6000
+    # timeout (5 s here): the workers beat through the supervisor's pipe and are not killed.
+    # Made writable again, everything resumes by itself.
+    tweets = 4000
     sim, doc, daemon = disk_drill(tmp_path, standin, policy, tweets, rate=400, seed=19,
                                   segment_bytes="256KiB")
+    doc["control"]["heartbeat_timeout"] = 5  # half the default: the wait below is timed by it
+    daemon.write_settings(doc)
     state = daemon.state_dir if whole_state_dir else daemon.state_dir / "spool"
     try:
         daemon.start().wait_ready()
