@@ -56,7 +56,10 @@ LEASE = 3.0  # seconds: small, so takeovers are quick; the renewals stay well in
 PER_CONN = 600  # tweets per connection (--max-tweets)
 FIRST_BACKOFF = 0.25  # settings_doc's network_start: the delay a takeover may add at most
 BOOT = 90.0  # seconds a daemon may take to start: six engineers share two cores
-FREEZE = 30.0  # seconds the SIGSTOP scenario keeps the active frozen (the issue's figure)
+# seconds the SIGSTOP scenario keeps the active frozen (the issue had 30): twice the heartbeat
+# timeout (settings_doc's 10 s), so a supervisor that took the freeze for a hang would still
+# abort its workers, and well past the 3 s lease, so B takes over while A is frozen.
+FREEZE = 20.0
 
 
 def ha_doc(sim: SimProcess, uri: str, db: str, mode: str) -> dict[str, Any]:
@@ -203,7 +206,7 @@ def start_pair(tmp_path: Path, sim: SimProcess, uri: str, db: str,
 
 def test_standby_sigkill_the_active_standby_takes_over_nothing_lost(
         tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
-    sim = sim_for(tmp_path)
+    sim = sim_for(tmp_path, rate=300)  # 2 s a connection: the kill comes once A read them all
     a = b = None
     try:
         a, b = start_pair(tmp_path, sim, mongo_uri, mongo_database)
@@ -281,7 +284,7 @@ def test_standby_takeover_gap_is_timed_by_one_clock_when_the_hosts_disagree(
     clock) and ended at B's first message (B's): behind, B's messages all came before the start
     and the gap was never closed (coverage said the pair was offline while B streamed); ahead,
     the gap was 10 s too long. Now B times it by its own clock and the lease's age."""
-    sim = sim_for(tmp_path)
+    sim = sim_for(tmp_path, rate=300)  # 2 s a connection: the gap is timed against its tweets
     a = b = None
     try:
         a = Daemon(tmp_path / "a", ha_doc(sim, mongo_uri, mongo_database, "standby")).start()
