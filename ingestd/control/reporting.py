@@ -88,6 +88,11 @@ class Reporter:
         self.notify_watchdog(heartbeat_timeout)
         self.write_status()
 
+    def awaiting_first_status(self) -> bool:
+        """Not ready yet, and a running worker has still to publish its first status file."""
+        return not self.standing.ready and any(
+            w.beat_time is None for w in self.pool.workers.values())
+
     def notify_ready(self) -> None:
         """``READY=1`` once both workers have published their first status file."""
         workers = self.pool.workers
