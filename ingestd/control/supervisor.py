@@ -162,9 +162,10 @@ class Supervisor:
     # The longest sleep without a signal (SIGCHLD, SIGTERM, SIGHUP end it at once): worker
     # heartbeats are rewritten every second, so a look every second sees each one.
     LOOP_TIMEOUT = 1.0
-    # Until both workers published their first status (start-up, a second or so) it looks ten
-    # times a second: READY=1 follows the second status file within 0.1 s, not up to 1 s later
-    # (`systemctl start` waited for the next pass; so did every caller of `wait_ready`).
+    # Until a new worker published its first status (start-up or a restart: a second or so) it
+    # looks ten times a second: READY=1, and a restarted worker's pid in run/supervisor.json,
+    # follow that status file within 0.1 s, not up to 1 s later (`systemctl start` waited for
+    # the next pass).
     STARTING_LOOK = 0.1
     REAP_TIMEOUT = 5.0  # for processes already sent SIGKILL
     # Seconds between looks at run/supervisor.pid (one stat): a tmp cleaner may take it alone,
