@@ -148,7 +148,8 @@ def test_spool_fullness_ratio_can_be_written_from_the_metrics(scenario: Scenario
 
 
 def test_every_scrape_succeeds_at_a_one_second_interval(scenario: Scenario) -> None:
-    # Reading /proc for every process must keep a scrape well inside the 1 s timeout.
+    # Reading /proc for every process must keep a scrape well inside the 1 s timeout. 20 s of
+    # scrapes (the module's earlier tests took about that long: little or no wait here).
     prom = scenario.prom
-    prom.wait_value('count_over_time(up{job="ingestd"}[30s]) >= 25', 40, "30 s of scrapes")
-    assert prom.value('min_over_time(up{job="ingestd"}[30s])') == 1
+    prom.wait_value('count_over_time(up{job="ingestd"}[20s]) >= 16', 30, "20 s of scrapes")
+    assert prom.value('min_over_time(up{job="ingestd"}[20s])') == 1
