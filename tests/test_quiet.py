@@ -113,6 +113,23 @@ def test_a_signal_pipe_ends_the_wait(tmp_path: Path) -> None:
     os.close(write_fd)
 
 
+def test_a_signal_pipe_ends_the_readers_wait_for_data(tmp_path: Path) -> None:
+    """The store worker's idle wait is the reader's ``wait_for_data``, which waited again after
+    the watch woke for the signal pipe: SIGTERM began the drain only at the next heartbeat (up
+    to a second into every stop). Now the wait ends, with no data to report."""
+    reader = SpoolReader(tmp_path)
+    if reader.watch.polling:
+        unavailable("inotify is not available here: the reader polls")
+    read_fd, write_fd = os.pipe2(os.O_NONBLOCK)
+    reader.watch.extra_fds.append(read_fd)
+    threading.Timer(0.05, os.write, (write_fd, b"\x0f")).start()
+    started = time.monotonic()
+    assert reader.wait_for_data(30.0) is False
+    assert time.monotonic() - started < 10.0  # ended by the pipe, not by the 30 s timeout
+    os.close(read_fd)
+    os.close(write_fd)
+
+
 def test_idle_daemon_loops_once_per_housekeeping_interval(
         tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
     sim = SimProcess(tmp_path / "sim", "--max-tweets", "0", "--keepalive", "1").start()
