@@ -274,7 +274,7 @@ def test_killed_encoder_child_mid_drain_loses_nothing(tmp_path: Path,
                                                      standin: MongoStandIn) -> None:
     # A backlog built while MongoDB is down is drained in large reads: the store worker shares
     # them with its encoder child, which is SIGKILLed once it has encoded some of them.
-    total = 6000
+    total = 4000  # four reads of writer.batch_size (1000), each far past OFFLOAD_MIN (64)
     sim = SimProcess(tmp_path / "sim", "--rate", "1500", "--max-tweets", str(total),
                      "--control-every", "10", "--keepalive", "1", "--seed", "11").start()
     standin.stop()

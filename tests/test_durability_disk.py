@@ -223,7 +223,9 @@ def run_small_disk(tmp_path: Path, standin: MongoStandIn, mounts: list[Path],
     # store worker dies on the checkpoint (a crash loop, exit 75) and nothing is freed.
     # (drop_newest: the stream still delivers once space is back; its first good append is
     # what clears the state, see spool.intake)
-    tweets = 15000
+    # 8,000 tweets (seed 18): the disk is full after ~4,700, and the filler left after the
+    # first failed append stays, so every later one needs space the store worker freed.
+    tweets = 8000
     sim, _, daemon = disk_drill(tmp_path, standin, policy, tweets, rate=1000, seed=18)
     mount_tmpfs(daemon.state_dir, "8m")
     mounts.append(daemon.state_dir)
@@ -315,8 +317,14 @@ def test_a_restart_onto_a_disk_its_own_spool_filled_starts_and_stores_the_backlo
     StartLimitBurst, and the backlog stayed on disk for good. The start now uses the state
     folder's reserve (run/space.reserve, set aside while there was space), so it runs, stores the
     backlog once MongoDB is back, and frees the disk by itself."""
-    tweets = 15000
-    sim, _, daemon = disk_drill(tmp_path, standin, "block", tweets, rate=1000, seed=18)
+    # 8,000 a connection: the first fills the 8 MiB disk after ~4,700 (seed 18), and storing
+    # the second's whole takes the stand-in ~1 s a thousand (15,000 took 7 s more, to no end).
+    tweets = 8000
+    sim, doc, daemon = disk_drill(tmp_path, standin, "block", tweets, rate=1000, seed=18)
+    # The first stop comes with MongoDB down: the store worker's drain can only wait out the
+    # stop budget (10 s), whose length is no part of this test.
+    doc["control"]["stop_timeout"] = 3
+    daemon.write_settings(doc)
     mount_tmpfs(daemon.state_dir, "8m")
     mounts.append(daemon.state_dir)
     standin.stop()
@@ -365,8 +373,12 @@ def test_a_stop_on_a_full_disk_counts_the_messages_it_held(
     reached the spool"), so `received` stood above what was ever stored. Now the stop writes
     them if it can, else counts them as `disk_error` drops (`spool_held_dropped`): every
     message counted as received is stored once space and MongoDB are back."""
-    sim, _, daemon = disk_drill(tmp_path, standin, "block", 4000, rate=800, seed=9,
-                                segment_bytes="1MiB")
+    sim, doc, daemon = disk_drill(tmp_path, standin, "block", 4000, rate=800, seed=9,
+                                  segment_bytes="1MiB")
+    # The first stop comes with MongoDB down: the store worker's drain can only wait out the
+    # stop budget (10 s), whose length is no part of this test.
+    doc["control"]["stop_timeout"] = 3
+    daemon.write_settings(doc)
     mount_tmpfs(daemon.state_dir, "6m")
     mounts.append(daemon.state_dir)
     filler = fill(daemon.state_dir, leave=1 << 20)
@@ -421,11 +433,13 @@ def run_read_only(tmp_path: Path, standin: MongoStandIn, mounts: list[Path], pol
     # The state folder turns read-only under a running daemon (the audit's bind mount): the
     # open segment is written on until it rolls, then the spool's writes fail and follow
     # when_full; checkpoints and status files fail and are reported. Longer than the heartbeat
-    # timeout (10 s): the workers beat through the supervisor's pipe and are not killed. Made
-    # writable again, everything resumes by itself.
-    tweets = 6000
+    # timeout (5 s here): the workers beat through the supervisor's pipe and are not killed.
+    # Made writable again, everything resumes by itself.
+    tweets = 4000
     sim, doc, daemon = disk_drill(tmp_path, standin, policy, tweets, rate=400, seed=19,
                                   segment_bytes="256KiB")
+    doc["control"]["heartbeat_timeout"] = 5  # half the default: the wait below is timed by it
+    daemon.write_settings(doc)
     state = daemon.state_dir if whole_state_dir else daemon.state_dir / "spool"
     try:
         daemon.start().wait_ready()

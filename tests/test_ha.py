@@ -203,7 +203,7 @@ def start_pair(tmp_path: Path, sim: SimProcess, uri: str, db: str,
 
 def test_standby_sigkill_the_active_standby_takes_over_nothing_lost(
         tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
-    sim = sim_for(tmp_path)
+    sim = sim_for(tmp_path, rate=300)  # 2 s a connection: the kill comes once A read them all
     a = b = None
     try:
         a, b = start_pair(tmp_path, sim, mongo_uri, mongo_database)
@@ -281,7 +281,7 @@ def test_standby_takeover_gap_is_timed_by_one_clock_when_the_hosts_disagree(
     clock) and ended at B's first message (B's): behind, B's messages all came before the start
     and the gap was never closed (coverage said the pair was offline while B streamed); ahead,
     the gap was 10 s too long. Now B times it by its own clock and the lease's age."""
-    sim = sim_for(tmp_path)
+    sim = sim_for(tmp_path, rate=300)  # 2 s a connection: the gap is timed against its tweets
     a = b = None
     try:
         a = Daemon(tmp_path / "a", ha_doc(sim, mongo_uri, mongo_database, "standby")).start()

@@ -364,9 +364,10 @@ def test_mongodb_unreachable_status_says_what_the_driver_met(
     (``mongo unavailable (ServerSelectionTimeoutError)``) whether the host refused, reset, did
     not resolve or had no primary. Now pymongo's cause, without its timeouts and topology."""
     script = [[{"deliver": TWEETS}, {"keepalive_only": 120}]]
-    # 5 tweets/s: tweets still arrive after MongoDB goes down (at 100/s all 60 could be stored
-    # before it did, and an idle store worker, writing nothing, has nothing to fail)
-    sim, daemon = start(tmp_path, proxy, mongo_database, script, "--rate", "5",
+    # 10 tweets/s: tweets still arrive after MongoDB goes down, for 6 s (at 100/s all 60
+    # could be stored before it did, and an idle store worker, writing nothing, has nothing to
+    # fail)
+    sim, daemon = start(tmp_path, proxy, mongo_database, script, "--rate", "10",
                         mongo={"timeout_ms": 2000}, writer={"retry_cap": 1.0})
     try:
         daemon.wait_ready()
@@ -597,8 +598,11 @@ def test_an_srv_name_that_does_not_resolve_degrades_the_store_worker_and_crashes
     loop, and the daemon stopped."""
     sim = SimProcess(tmp_path / "sim", "--rate", "100", "--keepalive", "1", "--control-every",
                      "0", "--seed", "17").start()
+    # stop_timeout 3: the stop comes with MongoDB unreachable, so the store worker's drain can
+    # only wait out its budget (10 s by default), whose length is no part of this test.
     doc = settings_doc(sim.url, "mongodb+srv://ingestd-test.invalid/", "srv_unresolved",
-                       writer={"retry_cap": 1.0}, logging={"error_interval": 0})
+                       writer={"retry_cap": 1.0}, logging={"error_interval": 0},
+                       control={"stop_timeout": 3})
     daemon = Daemon(tmp_path / "daemon", doc).start()
     try:
         daemon.wait_ready()

@@ -113,6 +113,23 @@ def test_a_signal_pipe_ends_the_wait(tmp_path: Path) -> None:
     os.close(write_fd)
 
 
+def test_a_signal_pipe_ends_the_readers_wait_for_data(tmp_path: Path) -> None:
+    """The store worker's idle wait is the reader's ``wait_for_data``, which waited again after
+    the watch woke for the signal pipe: SIGTERM began the drain only at the next heartbeat (up
+    to a second into every stop). Now the wait ends, with no data to report."""
+    reader = SpoolReader(tmp_path)
+    if reader.watch.polling:
+        unavailable("inotify is not available here: the reader polls")
+    read_fd, write_fd = os.pipe2(os.O_NONBLOCK)
+    reader.watch.extra_fds.append(read_fd)
+    threading.Timer(0.05, os.write, (write_fd, b"\x0f")).start()
+    started = time.monotonic()
+    assert reader.wait_for_data(30.0) is False
+    assert time.monotonic() - started < 10.0  # ended by the pipe, not by the 30 s timeout
+    os.close(read_fd)
+    os.close(write_fd)
+
+
 def test_idle_daemon_loops_once_per_housekeeping_interval(
         tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
     sim = SimProcess(tmp_path / "sim", "--max-tweets", "0", "--keepalive", "1").start()
@@ -198,7 +215,7 @@ def test_slow_stream_store_worker_reads_each_batch_a_few_times(
     ``GATHER_SECONDS``: a batch costs a few loop passes and one insert carries the interval's
     tweets. Before, the worker read again every 0.1 s (≥ 10 passes a second); every tweet the
     simulator delivered is still stored exactly once."""
-    tweets, flush = 300, 2.0
+    tweets, flush = 240, 2.0  # 12 s of tweets: they still come when the 8 heartbeats end
     sim, first, last, elapsed = store_worker_at_rate(
         tmp_path, mongo_uri, mongo_database, "20", tweets,
         {"batch_size": 1000, "flush_interval": flush}, beats=8)
@@ -224,10 +241,11 @@ def test_sparse_records_do_not_spin_the_idle_store_worker(
     sleep lasts until the housekeeping can run, which is the retrier's next tick, not the
     heartbeat's due time. Before, a record taken just before a heartbeat moved the tick past it and
     the worker looped with zero-second waits until the tick (up to 0.25 s each time): 20,000 to
-    29,000 passes in this test instead of about 70."""
-    tweets = 30
+    29,000 passes over 12 heartbeats instead of about 70; 8 heartbeats (~11 records, at phases
+    0.27 s apart) are as telling."""
+    tweets = 16  # 11.7 s of records: they still come when the 8 heartbeats end
     sim, first, last, elapsed = store_worker_at_rate(
-        tmp_path, mongo_uri, mongo_database, "1.37", tweets, {"flush_interval": 0.1}, beats=12)
+        tmp_path, mongo_uri, mongo_database, "1.37", tweets, {"flush_interval": 0.1}, beats=8)
     passes = last["loop_passes"] - first["loop_passes"]
     read = last["counters"]["records_read"] - first["counters"]["records_read"]
     # Per record: the read that takes it, a gather pause, the flush, and the empty read that

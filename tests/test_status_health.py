@@ -159,11 +159,12 @@ def test_credentials_refused_on_every_attempt_is_degraded(
 
 def test_rate_limited_is_degraded_until_a_connection_is_accepted(
         tmp_path: Path, mongo_uri: str, mongo_database: str) -> None:
-    """420 twice (5 s apart), then the endpoint accepts: degraded, then ok again."""
+    """420 twice (2.5 s apart), then the endpoint accepts: degraded, then ok again (the views
+    of the first back-off take well under its 5 s)."""
     sim = SimProcess(tmp_path / "sim", "--rate", "50", "--keepalive", "0.5",
                      script=[[{"status": 420, "body": "Enhance your calm"}]] * 2).start()
     doc = settings_doc(sim.url, mongo_uri, mongo_database, metrics={"listen": "127.0.0.1:0"})
-    doc["stream"]["backoff"].update(rate_limit_start=5, rate_limit_cap=5)
+    doc["stream"]["backoff"].update(rate_limit_start=2.5, rate_limit_cap=2.5)
     daemon = Daemon(tmp_path / "daemon", doc).start()
     try:
         daemon.wait_ready()

@@ -165,6 +165,9 @@ def test_an_untrusted_mongodb_certificate_is_named_in_the_status(
                "&directConnection=true")
         doc = settings_doc("http://127.0.0.1:9/1.1/statuses/filter.json", uri, "tls_mongo")
         doc["mongo"]["timeout_ms"] = 2000
+        # The stop comes with MongoDB unusable: the store worker's drain can only wait out its
+        # budget (control.stop_timeout, 10 s by default), whose length is no part of this test.
+        doc["control"]["stop_timeout"] = 3
         daemon = Daemon(tmp_path / "daemon", doc)
         try:
             daemon.start()

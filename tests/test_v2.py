@@ -249,7 +249,7 @@ def test_v2_poison_lines_are_dead_lettered_or_stored_never_a_crash(
 def test_sighup_changes_rules_on_the_live_connection_without_losing_a_tweet(
     tmp_path: Path, mongo_uri: str, mongo_database: str
 ) -> None:
-    total, rate = 1500, 100.0
+    total, rate = 900, 100.0  # the reload at ~3 s, then ~6 s of tweets under the new rules
     sim, daemon = start(tmp_path, mongo_uri, mongo_database, "--rate", str(rate),
                         "--max-tweets", str(total))
     try:

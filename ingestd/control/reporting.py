@@ -88,6 +88,15 @@ class Reporter:
         self.notify_watchdog(heartbeat_timeout)
         self.write_status()
 
+    FIRST_STATUS_WAIT = 10.0  # s after a spawn: past it (a folder gone read-only) no hurry
+
+    def awaiting_first_status(self) -> bool:
+        """A worker spawned less than ``FIRST_STATUS_WAIT`` s ago (at start-up, or restarted)
+        has still to publish its first status file."""
+        now = time.monotonic()
+        return any(w.beat_time is None and now - w.started < self.FIRST_STATUS_WAIT
+                   for w in self.pool.workers.values())
+
     def notify_ready(self) -> None:
         """``READY=1`` once both workers have published their first status file."""
         workers = self.pool.workers

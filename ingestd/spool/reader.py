@@ -291,7 +291,9 @@ class SpoolReader:
         return ckpt.seq, max(0, after - ckpt.offset)
 
     def wait_for_data(self, timeout: float) -> bool:
-        """Return True as soon as data may be readable, False after ``timeout`` seconds.
+        """Return True as soon as data may be readable, False after ``timeout`` seconds, or at
+        once when the watch's wake-up pipe is written (a signal: SIGTERM must end the wait, not
+        the next heartbeat up to a second later).
 
         Sleeps on the spool folder's inotify events (``SpoolWatch``), waking early only to write
         a checkpoint that falls due meanwhile.
@@ -307,7 +309,8 @@ class SpoolReader:
                 return False
             if self.checkpoint_pending:
                 left = min(left, max(0.0, self._written_at + self._interval - self._clock()))
-            self.watch.wait(left)
+            if self.watch.wait(left):
+                return self.has_data()
 
     def close(self) -> None:
         """Write the pending checkpoint (raises OSError if that fails) and close the segment."""

@@ -47,11 +47,13 @@ class SpoolWatch:
         """True when inotify could not be used (the fallback)."""
         return self._inotify is None
 
-    def wait(self, timeout: float) -> None:
-        """Return once something may have changed, or after ``timeout`` seconds."""
+    def wait(self, timeout: float) -> bool:
+        """Return once something may have changed, or after ``timeout`` seconds: True if an
+        extra descriptor (the signal wake-up pipe) ended the wait, which the caller must see
+        (SIGTERM: stop waiting for records)."""
         if self._inotify is None:
             time.sleep(min(POLL_FALLBACK, max(timeout, 0.0)))
-            return
+            return False
         poller = select.poll()
         poller.register(self._inotify.fileno(), select.POLLIN)
         for fd in self.extra_fds:
@@ -60,12 +62,14 @@ class SpoolWatch:
         while (left := deadline - time.monotonic()) > 0:
             ready = {fd for fd, _ in poller.poll(left * 1000)}
             if not ready:
-                return
-            for fd in ready & set(self.extra_fds):
+                return False
+            woken = ready & set(self.extra_fds)
+            for fd in woken:
                 drain_wakeups(fd)
-            if self.clear() or ready - {self._inotify.fileno()}:
+            if self.clear() or woken:
                 self.wakeups += 1
-                return
+                return bool(woken)
+        return False
 
     def clear(self) -> bool:
         """Consume the queued events; True if one was about a file the stream worker writes."""
