@@ -196,11 +196,14 @@ def test_every_stop_leaves_one_gap_matching_ground_truth(
     last_tweet = max(float(e["t"]) for e in truth.of("tweet"))
     assert still_open["cause"] == "stopped" and still_open["end"] is None
     assert abs(still_open["start"].timestamp() - last_tweet) <= TOLERANCE
-    # A date-range query finds the gaps (BSON dates, not text).
+    # A date-range query finds the gaps (BSON dates, not text). Limit documents are left out,
+    # as ``gaps`` leaves them: connection 5's, if its notice was read before the stop, starts
+    # inside the range (seen once under load: 7 == 6).
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri, tz_aware=True)
     try:
         in_range = client[mongo_database].coverage.count_documents(
-            {"kind": "gap", "start": {"$gte": closed[0]["start"], "$lte": still_open["start"]}})
+            {"kind": "gap", "cause": {"$ne": "limit"},
+             "start": {"$gte": closed[0]["start"], "$lte": still_open["start"]}})
     finally:
         client.close()
     assert in_range == len(gaps)
