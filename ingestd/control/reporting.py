@@ -88,11 +88,15 @@ class Reporter:
         self.notify_watchdog(heartbeat_timeout)
         self.write_status()
 
+    def workers_up(self) -> bool:
+        """Both workers have published their first status file: ``READY=1`` is due."""
+        workers = self.pool.workers
+        return all(workers.get(r) is not None and workers[r].beat_time is not None
+                   for r in ROLES)
+
     def notify_ready(self) -> None:
         """``READY=1`` once both workers have published their first status file."""
-        workers = self.pool.workers
-        if self.standing.ready or any(workers.get(r) is None or workers[r].beat_time is None
-                                      for r in ROLES):
+        if self.standing.ready or not self.workers_up():
             return
         self.standing.ready = True
         sd.notify(f"READY=1\nSTATUS={self.refresh_status()}")

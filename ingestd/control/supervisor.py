@@ -295,6 +295,27 @@ class Supervisor:
             if self.exit_code is not None:
                 return
 
+    def catch_up_before_ready(self) -> None:
+        """Read the settings file again just before ``READY=1``; an edit made since the start
+        read it is applied as a reload would apply it (or refused, with the reasons).
+
+        systemd does not run ``ExecReload=`` for a ``systemctl reload`` sent while the unit is
+        still starting: it merges the reload into the start job and answers success once
+        ``READY=1`` comes. The operator's edit, made after this start had read the file, was
+        never applied and nothing said so (the stream kept the old keywords)."""
+        if self.settings_text is None:
+            return
+        try:
+            text: str | None = read_config_text(self.config_path)
+        except ConfigError:
+            text = None  # unreadable now: the reload below says why
+        if text == self.settings_text:
+            return
+        log.info("settings_edited_during_start", file=str(self.config_path),
+                 action="read again before READY=1 and applied as a reload (systemd runs no "
+                        "ExecReload= for a reload sent while the unit starts)")
+        self.reload()
+
     def record_start_generation(self) -> None:
         """Number this start's generation after the last run's and record its filters before
         any worker runs (``OSError``: the folder cannot be used)."""
@@ -341,6 +362,8 @@ class Supervisor:
         self.pool.spawn_due(self.standing.generation)
         self.pool.flush_pipes()
         self.count_refused_rules()
+        if not self.standing.ready and self.reporter.workers_up():
+            self.catch_up_before_ready()
         self.reporter.report(control.heartbeat_timeout)
         self.look_at_pidfile()
 

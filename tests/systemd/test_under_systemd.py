@@ -27,6 +27,7 @@ from tests.systemd.instances import TRACK, Instances
 pytestmark = pytest.mark.systemd
 
 NEW_TRACK = ["ipad", "ipod", "macbook"]
+STARTING_TRACK = ["ipad", "macbook", "imac"]
 INSTANCES = ("a", "b")
 A_NEW_TRACK = ["coffee", "cocoa"]
 PROCESS_SERIES = ("process_resident_memory_bytes", "process_cpu_seconds_total",
@@ -115,6 +116,64 @@ def test_reload_with_new_keywords_applies_without_restart(deployment: Deployment
     stored = deployment.wait_stored()
     deployment.timings["reload"] = took
     print(f"\n[{deployment.release}] reload ok in {took:.2f}s; {len(stored)} tweets stored")
+
+
+def journal_cursor(dep: Deployment) -> str:
+    """The journal's present end: ``--after-cursor`` then shows only what comes later."""
+    out = dep.box_.run("journalctl", "-n0", "--show-cursor", "--no-pager", check=False).stdout
+    return out.strip().rsplit("-- cursor: ", 1)[-1]
+
+
+def catch_the_start_after_it_read_the_file(dep: Deployment) -> int:
+    """``systemctl restart --no-block``, then freeze the new supervisor once it has read the
+    settings file (its run/supervisor.json says ``starting``) but before ``READY=1``: the unit is
+    ``activating`` for as long as it is frozen. Its pid."""
+    box = dep.box_
+    for _ in range(3):  # READY=1 may come before the freeze lands: a few tries
+        old = dep.main_pid()
+        box.systemctl("restart", "--no-block", UNIT)
+
+        def reading_done(old: int = old) -> int:
+            pid = dep.main_pid()
+            status = dep.status("supervisor")
+            return pid if pid not in (0, old) and status.get("pid") == pid else 0
+        pid = wait_until(reading_done, 60, "the new supervisor's first status file", interval=0.02)
+        box.systemctl("kill", "--kill-whom=main", "--signal=SIGSTOP", UNIT)
+        if dep.show("ActiveState")["ActiveState"] == "activating":
+            return pid
+        box.systemctl("kill", "--kill-whom=main", "--signal=SIGCONT", UNIT)
+        dep.wait_active()
+    raise AssertionError("READY=1 came before the supervisor could be frozen, three times")
+
+
+def test_a_reload_while_the_unit_starts_applies_the_edited_file(deployment: Deployment) -> None:
+    """`systemctl reload` while the unit is still starting (before READY=1): systemd runs no
+    ExecReload= then, it merges the reload into the start job and reports success once the start
+    is done. The keywords edited after the start had read the file were never applied (the stream
+    kept the old ones, `systemctl reload` said nothing). The supervisor now reads the file again
+    just before READY=1."""
+    deployment.wait_stored()
+    box = deployment.box_
+    doc = copy.deepcopy(deployment.doc)
+    doc["stream"]["track"] = STARTING_TRACK
+    cursor = journal_cursor(deployment)
+    catch_the_start_after_it_read_the_file(deployment)
+    try:
+        deployment.write_doc(doc)
+        # --no-block: returns once systemd took the request (merged into the start job).
+        box.systemctl("reload", "--no-block", UNIT)
+    finally:
+        box.systemctl("kill", "--kill-whom=main", "--signal=SIGCONT", UNIT)
+    deployment.wait_active()
+    wait_until(lambda: last_track(deployment) == STARTING_TRACK, 30,
+               f"a connection tracking {STARTING_TRACK} (edited while the unit started)")
+    journal = box.run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat",
+                      f"--after-cursor={cursor}").stdout
+    assert "Reloading" not in journal, "systemd ran ExecReload= during the start: docs/systemd.md"
+    assert "settings_edited_during_start" in journal, journal[-3000:]
+    deployment.wait_stored()
+    # The restart counts against StartLimitBurst=: leave the later tests their budget.
+    box.systemctl("reset-failed", UNIT)
 
 
 # (section, key, bad value, what the journal must say): a wrong type, which `ingestd reload`
