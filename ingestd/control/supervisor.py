@@ -163,6 +163,8 @@ class Supervisor:
     # heartbeats are rewritten every second, so a look every second sees each one.
     LOOP_TIMEOUT = 1.0
     REAP_TIMEOUT = 5.0  # for processes already sent SIGKILL
+    # What a stop needs beyond stop_timeout and the reap: the stop mark, the status file, exit.
+    STOP_SLACK = 5.0
     # Seconds between looks at run/supervisor.pid (one stat): a tmp cleaner may take it alone,
     # and `ingestd reload` cannot find the daemon without it. run/ removed whole is seen at once,
     # by the status write (``restore_run_files``).
@@ -604,8 +606,11 @@ class Supervisor:
         then either: the spool is durable, the next start drains it).
         """
         self.standing.stopping = True
-        sd.notify("STOPPING=1")
         budget = self.settings.control.stop_timeout
+        # Ask systemd for the whole stop: a stop_timeout above TimeoutStopSec= (a long drain
+        # chosen on purpose) was cut by systemd's SIGKILL, the unit failed with 'timeout'.
+        sd.notify(f"STOPPING=1\n"
+                  f"{sd.extend_timeout_message(budget + self.REAP_TIMEOUT + self.STOP_SLACK)}")
         deadline = time.monotonic() + budget
         log.info("stopping", reason=reason, stop_timeout=budget)
         for role in self.STOP_ORDER:

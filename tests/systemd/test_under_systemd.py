@@ -12,6 +12,8 @@ debootstrap, systemd-nspawn).
 from __future__ import annotations
 
 import copy
+import os
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -20,6 +22,7 @@ import orjson
 import pytest
 import yaml
 
+from tests.support.mongo import MongoStandIn
 from tests.support.wait import wait_until
 from tests.systemd.deployment import CONFIG, UNIT, Deployment
 from tests.systemd.instances import TRACK, Instances
@@ -28,6 +31,9 @@ pytestmark = pytest.mark.systemd
 
 NEW_TRACK = ["ipad", "ipod", "macbook"]
 STARTING_TRACK = ["ipad", "macbook", "imac"]
+BACKLOG_TRACK = ["ipad", "imac", "ipod"]
+LONG_STOP = 8
+STOP_DROPIN = "/etc/systemd/system/ingestd.service.d/test-stop.conf"
 INSTANCES = ("a", "b")
 A_NEW_TRACK = ["coffee", "cocoa"]
 PROCESS_SERIES = ("process_resident_memory_bytes", "process_cpu_seconds_total",
@@ -336,6 +342,56 @@ def test_a_hung_daemon_is_restarted_by_the_watchdog(deployment: Deployment) -> N
     assert "Watchdog timeout" in deployment.journal(), "the restart was not the watchdog's"
     wait_until(lambda: len(deployment.connections()) > conns, 30, "the restarted daemon's stream")
     deployment.wait_stored()
+
+
+def test_a_stop_timeout_above_timeoutstopsec_is_granted_by_systemd(
+        deployment: Deployment, mongo_server: MongoStandIn | None) -> None:
+    """`systemctl stop` during a long drain (MongoDB not answering, a backlog in the spool) with
+    `control.stop_timeout` above the unit's `TimeoutStopSec=`: systemd SIGKILLed the daemon at
+    TimeoutStopSec= (`State 'stop-sigterm' timed out. Killing.`, `Result=timeout`, the unit
+    failed) though it would have ended in its own time. The supervisor now asks for its budget
+    (`EXTEND_TIMEOUT_USEC=` with `STOPPING=1`), gives up in time and exits 0; the next start
+    stores the backlog. TimeoutStopSec=4 and stop_timeout 8 stand for 30 and, say, 60."""
+    if mongo_server is None or mongo_server.proc is None:
+        pytest.skip("needs the MongoDB stand-in, which the test pauses")
+    box = deployment.box_
+    deployment.wait_active()
+    deployment.wait_stored()
+    doc = copy.deepcopy(deployment.doc)
+    doc["stream"]["track"] = BACKLOG_TRACK  # a new connection: new tweets for the backlog
+    doc["control"]["stop_timeout"] = LONG_STOP
+    box.run("sh", "-c", f"cat > {STOP_DROPIN}", input="[Service]\nTimeoutStopSec=4\n")
+    box.systemctl("daemon-reload")
+    server = mongo_server.proc.pid
+    os.kill(server, signal.SIGSTOP)  # MongoDB accepts connections and answers nothing
+    try:
+        received = int(deployment.counters("stream").get("received", 0))
+        deployment.write_doc(doc)
+        code, output = deployment.reload()
+        assert code == 0, output
+        wait_until(lambda: int(deployment.counters("stream").get("received", 0)) >= received + 100,
+                   30, "a backlog while MongoDB does not answer")
+        cursor = journal_cursor(deployment)
+        started = time.monotonic()
+        box.systemctl("stop", UNIT)
+        took = time.monotonic() - started
+        props = deployment.show("ActiveState", "Result", "ExecMainStatus")
+    finally:
+        os.kill(server, signal.SIGCONT)
+        box.run("rm", "-f", STOP_DROPIN)
+        box.systemctl("daemon-reload")
+        doc["control"]["stop_timeout"] = 10
+        deployment.write_doc(doc)
+    journal = box.run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat",
+                      f"--after-cursor={cursor}").stdout
+    assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, (
+        f"{props} after {took:.1f}s:\n{journal[-4000:]}")
+    assert "store_gave_up" in journal and "timed out" not in journal, journal[-4000:]
+    box.systemctl("reset-failed", UNIT)
+    box.systemctl("start", UNIT)
+    deployment.wait_active()
+    deployment.wait_stored()  # the backlog the stop left in the spool
+    print(f"\n[{deployment.release}] stop with MongoDB paused: {took:.1f}s, {props}")
 
 
 def test_stop_is_clean_and_fast(deployment: Deployment) -> None:
