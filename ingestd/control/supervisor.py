@@ -648,8 +648,22 @@ class Supervisor:
                 if sig in (signal.SIGTERM, signal.SIGINT):
                     log.warning("stop_escalated", signal=signal.Signals(sig).name)
                     self.escalated = True
+                elif sig == signal.SIGHUP:
+                    self.refuse_reload_while_stopping()
             self.pool.reap(stopping=True)
             self.reporter.write_status()  # a draining supervisor still heart-beats
+
+    def refuse_reload_while_stopping(self) -> None:
+        """A SIGHUP during the stop's drain (``ingestd reload`` from a shell: systemd itself
+        refuses to reload a stopping unit) is answered at once. It went unanswered: ``ingestd
+        reload`` waited until the daemon had exited, then said it gave no verdict "within 30s"."""
+        standing = self.standing
+        standing.reloads += 1
+        reason = (f"{self.config_path}: not reloaded: the daemon is stopping (the next start "
+                  "reads the file)")
+        log.warning("reload_ignored", reason="stopping", generation=standing.generation,
+                    action="the next start reads the settings file")
+        write_verdict(self.state_dir, standing.reloads, standing.generation, errors=[reason])
 
     def kill_workers(self) -> list[str]:
         """SIGKILL every worker still running and reap them; the roles that had to be killed."""
