@@ -12,6 +12,7 @@ debootstrap, systemd-nspawn).
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import signal
 import time
@@ -34,6 +35,7 @@ STARTING_TRACK = ["ipad", "macbook", "imac"]
 BACKLOG_TRACK = ["ipad", "imac", "ipod"]
 LONG_STOP = 8
 STOP_DROPIN = "/etc/systemd/system/ingestd.service.d/test-stop.conf"
+BURST = ["kw1", "kw2", "kw3", "kw4", "kw5"]
 INSTANCES = ("a", "b")
 A_NEW_TRACK = ["coffee", "cocoa"]
 PROCESS_SERIES = ("process_resident_memory_bytes", "process_cpu_seconds_total",
@@ -392,6 +394,60 @@ def test_a_stop_timeout_above_timeoutstopsec_is_granted_by_systemd(
     deployment.wait_active()
     deployment.wait_stored()  # the backlog the stop left in the spool
     print(f"\n[{deployment.release}] stop with MongoDB paused: {took:.1f}s, {props}")
+
+
+def no_jobs(dep: Deployment) -> bool:
+    return "No jobs running." in dep.box_.systemctl("list-jobs", check=False).stdout
+
+
+def test_a_restart_then_a_burst_of_reloads_ends_with_the_last_file(
+        deployment: Deployment) -> None:
+    """What a config-management run does: `systemctl restart`, then a reload per edit, faster than
+    the daemon starts. systemd folds the reloads sent during the start into the start job and the
+    later ones into one pending reload; the daemon ends with the last file, reconnects only when
+    the filters it runs change, and no start limit is touched (a reload is no start)."""
+    deployment.wait_active()
+    deployment.wait_stored()
+    box = deployment.box_
+    box.systemctl("reset-failed", UNIT)
+    restarts = deployment.show("NRestarts")["NRestarts"]
+    seen = len(deployment.connections())
+    doc = copy.deepcopy(deployment.doc)
+    box.systemctl("restart", "--no-block", UNIT)
+    for word in BURST:
+        doc["stream"]["track"] = ["ipad", word]
+        deployment.write_doc(doc)
+        box.systemctl("reload", "--no-block", UNIT)
+    deployment.wait_active()
+    wait_until(lambda: no_jobs(deployment), 60, "systemd's reload jobs to finish")
+    final = ["ipad", BURST[-1]]
+    wait_until(lambda: last_track(deployment) == final, 30, f"a connection tracking {final}")
+    tracks = [list(c["params"]["track"]) for c in deployment.connections()[seen:]]
+    assert 1 <= len(tracks) <= 2, f"one connection per filter put in force: {tracks}"
+    assert all(a != b for a, b in itertools.pairwise(tracks)), f"a reconnect for nothing: {tracks}"
+    props = deployment.show("ActiveState", "NRestarts", "Result")
+    assert props == {"ActiveState": "active", "NRestarts": restarts, "Result": "success"}, props
+    deployment.wait_stored()
+
+
+def test_restarts_by_hand_count_against_the_start_limit(deployment: Deployment) -> None:
+    """StartLimitBurst=5 in StartLimitIntervalSec=600 counts every start, an operator's too: the
+    sixth `systemctl restart` within 10 minutes stops the daemon, then its start is refused and
+    the daemon stays down until `systemctl reset-failed` (docs/systemd.md)."""
+    deployment.wait_active()
+    box = deployment.box_
+    box.systemctl("reset-failed", UNIT)  # the count so far is the earlier tests'
+    done = 0
+    while (refused := box.systemctl("restart", UNIT, check=False)).returncode == 0:
+        done += 1
+        assert done <= 5, "a sixth start within StartLimitIntervalSec= was not refused"
+    assert done == 5 and "too often" in refused.stderr, (done, refused.stderr)
+    props = deployment.show("ActiveState", "Result", "MainPID")
+    assert props == {"ActiveState": "failed", "Result": "start-limit-hit", "MainPID": "0"}, props
+    box.systemctl("reset-failed", UNIT)
+    box.systemctl("start", UNIT)
+    deployment.wait_active()
+    deployment.wait_stored()
 
 
 def test_stop_is_clean_and_fast(deployment: Deployment) -> None:
