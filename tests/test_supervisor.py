@@ -478,6 +478,20 @@ def test_notify_messages_arrive_in_order(start: Any, notify_socket: NotifySocket
         "READY=1", "RELOADING=1", "READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
 
 
+def test_the_stop_asks_systemd_for_its_whole_budget(start: Any,
+                                                   notify_socket: NotifySocket) -> None:
+    """STOPPING=1 carries EXTEND_TIMEOUT_USEC= for stop_timeout plus the reap and the exit: a
+    stop_timeout above the unit's TimeoutStopSec= is not cut by systemd's SIGKILL
+    (tests/systemd: test_a_stop_timeout_above_timeoutstopsec_is_granted_by_systemd)."""
+    run = start({"stop_timeout": 42}, NOTIFY_SOCKET=notify_socket.name)
+    notify_socket.wait_for("READY=1")
+    os.kill(run.pid, signal.SIGTERM)
+    stopping = notify_socket.wait_for("STOPPING=1")
+    assert run.wait_exit(timeout=12) == 0
+    fields = dict(line.split("=", 1) for line in stopping.split("\n"))
+    assert int(fields["EXTEND_TIMEOUT_USEC"]) == (42 + 5 + 5) * 1_000_000, stopping
+
+
 def test_watchdog_pauses_while_a_worker_hangs(start: Any, notify_socket: NotifySocket) -> None:
     run = start({"heartbeat_timeout": 1.5}, NOTIFY_SOCKET=notify_socket.name,
                 WATCHDOG_USEC="400000", FAKE_STREAM_HANG_AFTER="2", FAKE_STREAM_TIMES="1",

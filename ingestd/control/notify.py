@@ -50,3 +50,9 @@ def reloading_message() -> str:
     """``RELOADING=1`` with the ``MONOTONIC_USEC`` systemd ≥ 253 needs in the same datagram."""
     now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     return f"RELOADING=1\nMONOTONIC_USEC={now_usec}"
+
+
+def extend_timeout_message(seconds: float) -> str:
+    """``EXTEND_TIMEOUT_USEC=``: systemd (≥ 236) lets the current state (here the stop) last at
+    least ``seconds`` from now, never less than the unit's own ``TimeoutStopSec=``."""
+    return f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}"

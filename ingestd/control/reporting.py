@@ -97,11 +97,15 @@ class Reporter:
         return any(w.beat_time is None and now - w.started < self.FIRST_STATUS_WAIT
                    for w in self.pool.workers.values())
 
+    def workers_up(self) -> bool:
+        """Both workers have published their first status file: ``READY=1`` is due."""
+        workers = self.pool.workers
+        return all(workers.get(r) is not None and workers[r].beat_time is not None
+                   for r in ROLES)
+
     def notify_ready(self) -> None:
         """``READY=1`` once both workers have published their first status file."""
-        workers = self.pool.workers
-        if self.standing.ready or any(workers.get(r) is None or workers[r].beat_time is None
-                                      for r in ROLES):
+        if self.standing.ready or not self.workers_up():
             return
         self.standing.ready = True
         sd.notify(f"READY=1\nSTATUS={self.refresh_status()}")

@@ -178,6 +178,8 @@ class Supervisor:
     # the next pass).
     STARTING_LOOK = 0.1
     REAP_TIMEOUT = 5.0  # for processes already sent SIGKILL
+    # What a stop needs beyond stop_timeout and the reap: the stop mark, the status file, exit.
+    STOP_SLACK = 5.0
     # Seconds between looks at run/supervisor.pid (one stat): a tmp cleaner may take it alone,
     # and `ingestd reload` cannot find the daemon without it. run/ removed whole is seen at once,
     # by the status write (``restore_run_files``). ``RUN_FILES_LOOK_ENV`` sets a shorter one
@@ -320,6 +322,27 @@ class Supervisor:
             if self.exit_code is not None:
                 return
 
+    def catch_up_before_ready(self) -> None:
+        """Read the settings file again just before ``READY=1``; an edit made since the start
+        read it is applied as a reload would apply it (or refused, with the reasons).
+
+        systemd does not run ``ExecReload=`` for a ``systemctl reload`` sent while the unit is
+        still starting: it merges the reload into the start job and answers success once
+        ``READY=1`` comes. The operator's edit, made after this start had read the file, was
+        never applied and nothing said so (the stream kept the old keywords)."""
+        if self.settings_text is None:
+            return
+        try:
+            text: str | None = read_config_text(self.config_path)
+        except ConfigError:
+            text = None  # unreadable now: the reload below says why
+        if text == self.settings_text:
+            return
+        log.info("settings_edited_during_start", file=str(self.config_path),
+                 action="read again before READY=1 and applied as a reload (systemd runs no "
+                        "ExecReload= for a reload sent while the unit starts)")
+        self.reload()
+
     def record_start_generation(self) -> None:
         """Number this start's generation after the last run's and record its filters before
         any worker runs (``OSError``: the folder cannot be used)."""
@@ -366,6 +389,8 @@ class Supervisor:
         self.pool.spawn_due(self.standing.generation)
         self.pool.flush_pipes()
         self.count_refused_rules()
+        if not self.standing.ready and self.reporter.workers_up():
+            self.catch_up_before_ready()
         self.reporter.report(control.heartbeat_timeout)
         self.look_at_pidfile()
 
@@ -607,8 +632,11 @@ class Supervisor:
         then either: the spool is durable, the next start drains it).
         """
         self.standing.stopping = True
-        sd.notify("STOPPING=1")
         budget = self.settings.control.stop_timeout
+        # Ask systemd for the whole stop: a stop_timeout above TimeoutStopSec= (a long drain
+        # chosen on purpose) was cut by systemd's SIGKILL, the unit failed with 'timeout'.
+        sd.notify(f"STOPPING=1\n"
+                  f"{sd.extend_timeout_message(budget + self.REAP_TIMEOUT + self.STOP_SLACK)}")
         deadline = time.monotonic() + budget
         log.info("stopping", reason=reason, stop_timeout=budget)
         for role in self.STOP_ORDER:
@@ -646,8 +674,22 @@ class Supervisor:
                 if sig in (signal.SIGTERM, signal.SIGINT):
                     log.warning("stop_escalated", signal=signal.Signals(sig).name)
                     self.escalated = True
+                elif sig == signal.SIGHUP:
+                    self.refuse_reload_while_stopping()
             self.pool.reap(stopping=True)
             self.reporter.write_status()  # a draining supervisor still heart-beats
+
+    def refuse_reload_while_stopping(self) -> None:
+        """A SIGHUP during the stop's drain (``ingestd reload`` from a shell: systemd itself
+        refuses to reload a stopping unit) is answered at once. It went unanswered: ``ingestd
+        reload`` waited until the daemon had exited, then said it gave no verdict "within 30s"."""
+        standing = self.standing
+        standing.reloads += 1
+        reason = (f"{self.config_path}: not reloaded: the daemon is stopping (the next start "
+                  "reads the file)")
+        log.warning("reload_ignored", reason="stopping", generation=standing.generation,
+                    action="the next start reads the settings file")
+        write_verdict(self.state_dir, standing.reloads, standing.generation, errors=[reason])
 
     def kill_workers(self) -> list[str]:
         """SIGKILL every worker still running and reap them; the roles that had to be killed."""

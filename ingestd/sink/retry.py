@@ -23,6 +23,7 @@ from ingestd.documents.labels import MessageReason
 from ingestd.sink.attempt import Started
 from ingestd.sink.counters import StoreCounters, bump
 from ingestd.sink.deadletter import DeadLetterStore, Reason
+from ingestd.sink.helper_thread import HelperThread
 from ingestd.sink.mongo import (
     DRIVER_EVENTS,
     ErrorClass,
@@ -65,7 +66,8 @@ class Retrier:
         self._counters = counters
         self._flush_spool = flush_spool
         self._rng = rng or random.Random()
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mongo")
+        # A daemon thread: a call abandoned at the drain deadline must not hold up the exit.
+        self._executor = HelperThread("mongo")
         self.should_stop: Callable[[], bool] = lambda: False
         self.tick: Callable[[], None] = lambda: None
         self.drain_deadline: Callable[[], float | None] = lambda: None
@@ -180,7 +182,7 @@ class Retrier:
         return deadline is not None and time.monotonic() >= deadline
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown()
 
     def _await(self, fn: Callable[[], T],
                what: str = "mongo operation") -> concurrent.futures.Future[T]:

@@ -12,6 +12,9 @@ debootstrap, systemd-nspawn).
 from __future__ import annotations
 
 import copy
+import itertools
+import os
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -20,6 +23,7 @@ import orjson
 import pytest
 import yaml
 
+from tests.support.mongo import MongoStandIn
 from tests.support.wait import wait_until
 from tests.systemd.deployment import CONFIG, UNIT, Deployment
 from tests.systemd.instances import TRACK, Instances
@@ -27,6 +31,11 @@ from tests.systemd.instances import TRACK, Instances
 pytestmark = pytest.mark.systemd
 
 NEW_TRACK = ["ipad", "ipod", "macbook"]
+STARTING_TRACK = ["ipad", "macbook", "imac"]
+BACKLOG_TRACK = ["ipad", "imac", "ipod"]
+LONG_STOP = 8
+STOP_DROPIN = "/etc/systemd/system/ingestd.service.d/test-stop.conf"
+BURST = ["kw1", "kw2", "kw3", "kw4", "kw5"]
 INSTANCES = ("a", "b")
 A_NEW_TRACK = ["coffee", "cocoa"]
 PROCESS_SERIES = ("process_resident_memory_bytes", "process_cpu_seconds_total",
@@ -115,6 +124,64 @@ def test_reload_with_new_keywords_applies_without_restart(deployment: Deployment
     stored = deployment.wait_stored()
     deployment.timings["reload"] = took
     print(f"\n[{deployment.release}] reload ok in {took:.2f}s; {len(stored)} tweets stored")
+
+
+def journal_cursor(dep: Deployment) -> str:
+    """The journal's present end: ``--after-cursor`` then shows only what comes later."""
+    out = dep.box_.run("journalctl", "-n0", "--show-cursor", "--no-pager", check=False).stdout
+    return out.strip().rsplit("-- cursor: ", 1)[-1]
+
+
+def catch_the_start_after_it_read_the_file(dep: Deployment) -> int:
+    """``systemctl restart --no-block``, then freeze the new supervisor once it has read the
+    settings file (its run/supervisor.json says ``starting``) but before ``READY=1``: the unit is
+    ``activating`` for as long as it is frozen. Its pid."""
+    box = dep.box_
+    for _ in range(3):  # READY=1 may come before the freeze lands: a few tries
+        old = dep.main_pid()
+        box.systemctl("restart", "--no-block", UNIT)
+
+        def reading_done(old: int = old) -> int:
+            pid = dep.main_pid()
+            status = dep.status("supervisor")
+            return pid if pid not in (0, old) and status.get("pid") == pid else 0
+        pid = wait_until(reading_done, 60, "the new supervisor's first status file", interval=0.02)
+        box.systemctl("kill", "--kill-whom=main", "--signal=SIGSTOP", UNIT)
+        if dep.show("ActiveState")["ActiveState"] == "activating":
+            return pid
+        box.systemctl("kill", "--kill-whom=main", "--signal=SIGCONT", UNIT)
+        dep.wait_active()
+    raise AssertionError("READY=1 came before the supervisor could be frozen, three times")
+
+
+def test_a_reload_while_the_unit_starts_applies_the_edited_file(deployment: Deployment) -> None:
+    """`systemctl reload` while the unit is still starting (before READY=1): systemd runs no
+    ExecReload= then, it merges the reload into the start job and reports success once the start
+    is done. The keywords edited after the start had read the file were never applied (the stream
+    kept the old ones, `systemctl reload` said nothing). The supervisor now reads the file again
+    just before READY=1."""
+    deployment.wait_stored()
+    box = deployment.box_
+    doc = copy.deepcopy(deployment.doc)
+    doc["stream"]["track"] = STARTING_TRACK
+    cursor = journal_cursor(deployment)
+    catch_the_start_after_it_read_the_file(deployment)
+    try:
+        deployment.write_doc(doc)
+        # --no-block: returns once systemd took the request (merged into the start job).
+        box.systemctl("reload", "--no-block", UNIT)
+    finally:
+        box.systemctl("kill", "--kill-whom=main", "--signal=SIGCONT", UNIT)
+    deployment.wait_active()
+    wait_until(lambda: last_track(deployment) == STARTING_TRACK, 30,
+               f"a connection tracking {STARTING_TRACK} (edited while the unit started)")
+    journal = box.run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat",
+                      f"--after-cursor={cursor}").stdout
+    assert "Reloading" not in journal, "systemd ran ExecReload= during the start: docs/systemd.md"
+    assert "settings_edited_during_start" in journal, journal[-3000:]
+    deployment.wait_stored()
+    # The restart counts against StartLimitBurst=: leave the later tests their budget.
+    box.systemctl("reset-failed", UNIT)
 
 
 # (section, key, bad value, what the journal must say): a wrong type, which `ingestd reload`
@@ -276,6 +343,111 @@ def test_a_hung_daemon_is_restarted_by_the_watchdog(deployment: Deployment) -> N
     deployment.timings["watchdog restart"] = time.monotonic() - started
     assert "Watchdog timeout" in deployment.journal(), "the restart was not the watchdog's"
     wait_until(lambda: len(deployment.connections()) > conns, 30, "the restarted daemon's stream")
+    deployment.wait_stored()
+
+
+def test_a_stop_timeout_above_timeoutstopsec_is_granted_by_systemd(
+        deployment: Deployment, mongo_server: MongoStandIn | None) -> None:
+    """`systemctl stop` during a long drain (MongoDB not answering, a backlog in the spool) with
+    `control.stop_timeout` above the unit's `TimeoutStopSec=`: systemd SIGKILLed the daemon at
+    TimeoutStopSec= (`State 'stop-sigterm' timed out. Killing.`, `Result=timeout`, the unit
+    failed) though it would have ended in its own time. The supervisor now asks for its budget
+    (`EXTEND_TIMEOUT_USEC=` with `STOPPING=1`), gives up in time and exits 0; the next start
+    stores the backlog. TimeoutStopSec=4 and stop_timeout 8 stand for 30 and, say, 60."""
+    if mongo_server is None or mongo_server.proc is None:
+        pytest.skip("needs the MongoDB stand-in, which the test pauses")
+    box = deployment.box_
+    deployment.wait_active()
+    deployment.wait_stored()
+    doc = copy.deepcopy(deployment.doc)
+    doc["stream"]["track"] = BACKLOG_TRACK  # a new connection: new tweets for the backlog
+    doc["control"]["stop_timeout"] = LONG_STOP
+    box.run("sh", "-c", f"cat > {STOP_DROPIN}", input="[Service]\nTimeoutStopSec=4\n")
+    box.systemctl("daemon-reload")
+    server = mongo_server.proc.pid
+    os.kill(server, signal.SIGSTOP)  # MongoDB accepts connections and answers nothing
+    try:
+        received = int(deployment.counters("stream").get("received", 0))
+        deployment.write_doc(doc)
+        code, output = deployment.reload()
+        assert code == 0, output
+        wait_until(lambda: int(deployment.counters("stream").get("received", 0)) >= received + 100,
+                   30, "a backlog while MongoDB does not answer")
+        cursor = journal_cursor(deployment)
+        started = time.monotonic()
+        box.systemctl("stop", UNIT)
+        took = time.monotonic() - started
+        props = deployment.show("ActiveState", "Result", "ExecMainStatus")
+    finally:
+        os.kill(server, signal.SIGCONT)
+        box.run("rm", "-f", STOP_DROPIN)
+        box.systemctl("daemon-reload")
+        doc["control"]["stop_timeout"] = 10
+        deployment.write_doc(doc)
+    journal = box.run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat",
+                      f"--after-cursor={cursor}").stdout
+    assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, (
+        f"{props} after {took:.1f}s:\n{journal[-4000:]}")
+    assert "store_gave_up" in journal and "'stop-sigterm' timed out" not in journal, (
+        journal[-4000:])
+    box.systemctl("reset-failed", UNIT)
+    box.systemctl("start", UNIT)
+    deployment.wait_active()
+    deployment.wait_stored()  # the backlog the stop left in the spool
+    print(f"\n[{deployment.release}] stop with MongoDB paused: {took:.1f}s, {props}")
+
+
+def no_jobs(dep: Deployment) -> bool:
+    return "No jobs running." in dep.box_.systemctl("list-jobs", check=False).stdout
+
+
+def test_a_restart_then_a_burst_of_reloads_ends_with_the_last_file(
+        deployment: Deployment) -> None:
+    """What a config-management run does: `systemctl restart`, then a reload per edit, faster than
+    the daemon starts. systemd folds the reloads sent during the start into the start job and the
+    later ones into one pending reload; the daemon ends with the last file, reconnects only when
+    the filters it runs change, and no start limit is touched (a reload is no start)."""
+    deployment.wait_active()
+    deployment.wait_stored()
+    box = deployment.box_
+    box.systemctl("reset-failed", UNIT)
+    restarts = deployment.show("NRestarts")["NRestarts"]
+    seen = len(deployment.connections())
+    doc = copy.deepcopy(deployment.doc)
+    box.systemctl("restart", "--no-block", UNIT)
+    for word in BURST:
+        doc["stream"]["track"] = ["ipad", word]
+        deployment.write_doc(doc)
+        box.systemctl("reload", "--no-block", UNIT)
+    deployment.wait_active()
+    wait_until(lambda: no_jobs(deployment), 60, "systemd's reload jobs to finish")
+    final = ["ipad", BURST[-1]]
+    wait_until(lambda: last_track(deployment) == final, 30, f"a connection tracking {final}")
+    tracks = [list(c["params"]["track"]) for c in deployment.connections()[seen:]]
+    assert 1 <= len(tracks) <= 2, f"one connection per filter put in force: {tracks}"
+    assert all(a != b for a, b in itertools.pairwise(tracks)), f"a reconnect for nothing: {tracks}"
+    props = deployment.show("ActiveState", "NRestarts", "Result")
+    assert props == {"ActiveState": "active", "NRestarts": restarts, "Result": "success"}, props
+    deployment.wait_stored()
+
+
+def test_restarts_by_hand_count_against_the_start_limit(deployment: Deployment) -> None:
+    """StartLimitBurst=5 in StartLimitIntervalSec=600 counts every start, an operator's too: the
+    sixth `systemctl restart` within 10 minutes stops the daemon, then its start is refused and
+    the daemon stays down until `systemctl reset-failed` (docs/systemd.md)."""
+    deployment.wait_active()
+    box = deployment.box_
+    box.systemctl("reset-failed", UNIT)  # the count so far is the earlier tests'
+    done = 0
+    while (refused := box.systemctl("restart", UNIT, check=False)).returncode == 0:
+        done += 1
+        assert done <= 5, "a sixth start within StartLimitIntervalSec= was not refused"
+    assert done == 5 and "too often" in refused.stderr, (done, refused.stderr)
+    props = deployment.show("ActiveState", "Result", "MainPID")
+    assert props == {"ActiveState": "failed", "Result": "start-limit-hit", "MainPID": "0"}, props
+    box.systemctl("reset-failed", UNIT)
+    box.systemctl("start", UNIT)
+    deployment.wait_active()
     deployment.wait_stored()
 
 
