@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -495,3 +496,16 @@ def test_a_long_run_of_symbols_in_a_word_is_tokenised_in_linear_time() -> None:
     assert word_tokens(word) == (word,)
     assert word_tokens("\u2603" * 30000 + "#x" + "\u2603" * 30000 + ".") == ("x",)
     assert time.monotonic() - started < 1.0
+
+
+def test_only_the_space_is_printable_whitespace() -> None:
+    """TrackMatcher looks for a printable text's words in the text as it is (``words_containing``
+    splits at " " only), which holds while " " is the one printable whitespace character."""
+    assert [c for c in map(chr, range(sys.maxunicode + 1))
+            if c.isspace() and c.isprintable()] == [" "]
+
+
+@pytest.mark.parametrize("text", ["a\u00a0twitter, b", "x\ntwitter\n", "tw\u3000twitter!",
+                                  "  twitter  ", "twitter\u2028x", "no twitterx here"])
+def test_words_found_whatever_the_whitespace(text: str) -> None:
+    assert tracks("twitter", tweet(text)) == ([] if "twitterx" in text else ["twitter"])

@@ -185,8 +185,12 @@ class TrackMatcher:
 
     def _text_word_hits(self, found: set[str], low: str, needles: set[str]) -> None:
         """The keys of the text's words that hold one of ``needles`` (each word's cached)."""
+        # words_containing splits at " " only: a printable text has no other whitespace (every
+        # other one is a control or a separator character), so most texts need no copy made
+        # with their whitespace runs collapsed (~1 µs for a tweet's text)
+        spaced = low if low.isprintable() else " ".join(low.split())
         cache = self._word_hits
-        for raw in words_containing(" ".join(low.split()), needles):
+        for raw in words_containing(spaced, needles):
             hits = cache.get(raw)
             if hits is None:
                 hits = self._cache_word_hits(raw)
