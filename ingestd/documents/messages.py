@@ -100,6 +100,8 @@ def tweet_document(
     if (type(stamp) is str and len(stamp) <= 15 and stamp.isascii() and stamp.isdigit()
             and MIN_DATE_MS <= (millis := int(stamp)) <= MAX_DATE_MS):
         obj["created_at"] = DatetimeMS(millis)
+    elif stamp is None and tweet_id >= SNOWFLAKE_MIN_ID:  # its time: always a datetime's
+        obj["created_at"] = DatetimeMS((tweet_id >> 22) + TWITTER_EPOCH_MS)
     else:
         obj["created_at"] = created_at(obj, tweet_id, created_str)
     obj["created_at_str"] = created_str
