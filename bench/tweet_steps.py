@@ -13,13 +13,22 @@ benchmark's filters (``bench/run.py``: 12 track phrases, 4 follow ids, 2 boxes),
 In the daemon the same steps cost more: three busy processes share two cores and their caches.
 Prints figures; asserts nothing.
 
+With ``--trees A B …`` it measures each source tree in its own interpreter (``PYTHONPATH``), in
+turns (``--turns``, the order rotated every turn, so that the machine's noise falls on every tree
+alike), and prints each step's median over the turns per tree and B's ratio to A.
+
     .venv/bin/python bench/tweet_steps.py [--rounds 3] [--passes 20]
+    .venv/bin/python bench/tweet_steps.py --trees /work/main /work/wt-x [--turns 7]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
+import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -75,11 +84,8 @@ def steps(lines: list[bytes], passes: int) -> dict[str, Callable[[], object]]:
             "encoder.encode (all of it)": whole}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--passes", type=int, default=20, help="passes over the sample per round")
-    args = parser.parse_args()
+def measure(args: argparse.Namespace) -> dict[str, float]:
+    """Each step's best of ``args.rounds`` rounds, CPU µs per tweet."""
     lines = sample()
     gc.freeze()
     table = steps(lines, args.passes)
@@ -90,9 +96,52 @@ def main() -> None:
             run()
             best[name] = min(best[name], time.process_time() - started)
     count = len(lines) * args.passes
-    print(f"{len(lines)} tweets x {args.passes} passes, best of {args.rounds} rounds, CPU µs/tweet")
-    for name, seconds in best.items():
-        print(f"  {name:32s} {seconds / count * 1e6:6.2f}")
+    return {name: seconds / count * 1e6 for name, seconds in best.items()}
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Every tree measured ``args.turns`` times, each turn in a fresh interpreter."""
+    figures: dict[str, list[dict[str, float]]] = {tree: [] for tree in args.trees}
+    for turn in range(args.turns):
+        shift = turn % len(args.trees)
+        for tree in args.trees[shift:] + args.trees[:shift]:
+            env = {**os.environ, "PYTHONPATH": tree}
+            out = subprocess.run([sys.executable, __file__, "--rounds", str(args.rounds),
+                                  "--passes", str(args.passes), "--json"], env=env,
+                                 capture_output=True, text=True, check=True).stdout
+            figures[tree].append(json.loads(out))
+    first = args.trees[0]
+    names = list(figures[first][0])
+    print(f"CPU µs/tweet, median of {args.turns} turns (each the best of {args.rounds} rounds of"
+          f" {args.passes} passes); ratio to {first}")
+    for name in names:
+        medians = {t: statistics.median(f[name] for f in figures[t]) for t in args.trees}
+        cells = "  ".join(f"{t}: {v:6.2f} ({v / medians[first]:.3f})" for t, v in medians.items())
+        print(f"  {name:32s} {cells}")
+    for tree in args.trees:
+        whole = [f"{f[names[-1]]:.2f}" for f in figures[tree]]
+        print(f"  {names[-1]} by turn, {tree}: {' '.join(whole)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=20, help="passes over the sample per round")
+    parser.add_argument("--trees", nargs="+", help="source trees to compare, in turns")
+    parser.add_argument("--turns", type=int, default=7, help="with --trees: turns per tree")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.trees:
+        compare(args)
+        return
+    figures = measure(args)
+    if args.json:
+        print(json.dumps(figures))
+        return
+    print(f"{len(sample())} tweets x {args.passes} passes, best of {args.rounds} rounds,"
+          " CPU µs/tweet")
+    for name, value in figures.items():
+        print(f"  {name:32s} {value:6.2f}")
 
 
 if __name__ == "__main__":

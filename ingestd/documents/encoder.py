@@ -18,7 +18,7 @@ from bson.datetime_ms import DatetimeMS
 from bson.errors import InvalidDocument
 
 from ingestd.documents.labels import MessageReason
-from ingestd.documents.matching import Box, Matched, Matcher
+from ingestd.documents.matching import Box, Matched, Matcher, MatchLists
 from ingestd.documents.messages import InvalidTweet, classify, embedded_authors, tweet_document
 
 MAX_BSON_SIZE = 16 * 1024 * 1024
@@ -72,7 +72,9 @@ def encode(job: JobLike, matcher: Matcher) -> Encoded:
         obj = orjson.loads(job.payload)
     except orjson.JSONDecodeError:
         return _PUNTED
-    if classify(obj) != "tweet":
+    # classify's usual answer inline: an object with an id and a text is a tweet
+    if not (type(obj) is dict and ("id" in obj or "id_str" in obj) and "text" in obj) and (
+            classify(obj) != "tweet"):
         return _PUNTED
     return encode_tweet(obj, job, matcher)
 
@@ -81,7 +83,7 @@ def encode_tweet(obj: dict[str, Any], job: JobLike, matcher: Matcher) -> Encoded
     """Match and encode a parsed v1.1 tweet (``obj`` is consumed: it becomes the document)."""
     match_error = False
     try:
-        matched = matcher.match(obj)
+        matched: Matched | MatchLists = matcher.match_lists(obj)
     except Exception:  # matching only annotates: a matcher bug must never lose a tweet
         matched, match_error = Matched(), True
     try:
@@ -107,9 +109,12 @@ def encode_document(doc: dict[str, Any], match_error: bool = False) -> Encoded:
                        match_error=match_error)
     user = doc.get("user")
     user_id = user.get("id") if isinstance(user, dict) else None
+    # embedded_authors' usual answer inline: no copy of another tweet, no call
+    authors = () if doc.get("retweeted_status") is None and doc.get("quoted_status") is None else (
+        embedded_authors(doc))
     # tuple.__new__: the NamedTuple's generated __new__ is a Python frame per tweet
     return _new_encoded(Encoded, (OK, raw, doc["_id"], user_id if type(user_id) is int else None,
-                                  "", "", match_error, embedded_authors(doc)))
+                                  "", "", match_error, authors))
 
 
 MatcherSpec = tuple[Sequence[str], Sequence[int], Sequence[Box]]

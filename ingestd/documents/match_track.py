@@ -6,21 +6,20 @@ and each \\w run of a token is a maximal \\w run of that word (edge punctuation,
 URL schemes and host dots are all non-word characters). So a word can only produce a configured
 key if it contains one of the key's runs; only those few words are tokenised (with the very same
 per-word rules, ``word_tokens``), and entity values are looked up directly. The needles are found
-by one Aho-Corasick pass (pyahocorasick) over the lower-cased text, for any number of phrases, and
-an occurrence counts only as a maximal \\w run.
+by one Aho-Corasick pass (ahocorasick-rs, a DFA for the usual few phrases) over the lower-cased
+text, for any number of phrases, and an occurrence counts only as a maximal \\w run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-import ahocorasick
+import ahocorasick_rs
 
 from ingestd.documents.match_tokens import (
     MAX_NESTING,
     WORD_RE,
-    entity_urls,
     term_keys,
     url_tokens,
     word_tokens,
@@ -33,6 +32,7 @@ _CACHE_SIZE = 8192  # entity URL values / text words remembered per matcher (cle
 # retired one's hold the hot entries (the 558 real sample tweets need ~600 with bench/run.py's
 # filters), while most URLs and words in a stream are seen once and never hit.
 RETIRED_CACHE_SIZE = 1024
+SCAN_CHUNK = 16384  # a text longer than this is scanned a window at a time (``_scan_long``)
 
 
 class TrackMatcher:
@@ -87,10 +87,21 @@ class TrackMatcher:
             else:
                 bare.append(key)
         self._bare = frozenset(bare)
-        self._automaton = ahocorasick.Automaton()  # needle -> itself
-        for needle in (*runs, *bare):
-            self._automaton.add_word(needle, needle)
-        self._automaton.make_automaton()
+        self._needles = [*runs, *bare]
+        self._reach = max(map(len, self._needles)) - 1  # how far an occurrence runs on
+        # (needle index, start, end) of every occurrence, overlapping ones included: ~0.45 µs
+        # for a tweet's text where pyahocorasick's walk took ~1 (bench/LOG.md, "Store side")
+        self._scan = ahocorasick_rs.AhoCorasick(self._needles).find_matches_as_indexes
+
+    def _scan_long(self, low: str) -> Iterator[tuple[int, int, int]]:
+        """``_scan`` of a text longer than ``SCAN_CHUNK``, a window at a time: its answer is a
+        list (~120 bytes an occurrence), and a 1 MB message of one repeated needle holds a
+        million occurrences. An occurrence is taken from the window it starts in."""
+        step, reach = SCAN_CHUNK, self._reach
+        for at in range(0, len(low), step):
+            for index, start, end in self._scan(low[at:at + step + reach], True):
+                if start < step:
+                    yield index, at + start, at + end
 
     def match(self, tweet: dict[str, Any]) -> list[str]:
         """The phrases ``tweet`` matches (all the terms of each, anywhere in it)."""
@@ -118,7 +129,8 @@ class TrackMatcher:
         return [self.phrases[pid] for pid in hits]
 
     def _part_hits(self, found: set[str], tweet: dict[str, Any], depth: int) -> None:
-        """``match_tokens.tweet_parts`` walked in place: no list of parts per tweet."""
+        """``match_tokens.tweet_parts`` walked in place: no list of parts per tweet. The text's
+        scan is inline here (no call per part: this runs for every tweet)."""
         original = tweet.get("retweeted_status")
         while type(original) is dict and depth < MAX_NESTING:
             tweet, depth = original, depth + 1
@@ -126,10 +138,27 @@ class TrackMatcher:
         text = tweet.get("text")
         entities = tweet.get("entities")
         extended = tweet.get("extended_tweet")
-        if type(extended) is dict and type(extended.get("full_text")) is str:
-            text, entities = extended["full_text"], extended.get("entities")
+        if type(extended) is dict and type(full := extended.get("full_text")) is str:
+            text, entities = full, extended.get("entities")
         if type(text) is str:
-            self._text_hits(found, text)
+            low = text.lower()
+            needles: set[str] | None = None
+            bare, all_needles = self._bare, self._needles
+            found_at = self._scan(low, True) if len(low) <= SCAN_CHUNK else self._scan_long(low)
+            for index, start, end in found_at:
+                needle = all_needles[index]
+                # a run needle counts only as a maximal \w run (as every token's runs are)
+                if needle not in bare and (
+                    (start > 0 and ((c := low[start - 1]).isalnum() or c == "_"))
+                    or (end < len(low) and ((c := low[end]).isalnum() or c == "_"))
+                ):
+                    continue
+                if needles is None:
+                    needles = {needle}
+                else:
+                    needles.add(needle)
+            if needles is not None:
+                self._text_word_hits(found, low, needles)
         if type(entities) is dict:
             self._entity_hits(found, entities)
         entities = tweet.get("extended_entities")
@@ -140,42 +169,40 @@ class TrackMatcher:
             self._part_hits(found, quoted, depth + 1)
 
     def _entity_hits(self, found: set[str], entities: dict[str, Any]) -> None:
-        """``entity_tags`` looked up without building its list (and ``entity_urls`` walked, each
-        URL value's hits cached): a hashtag or mention is checked by name against the names of the
-        ``#``/``@`` keys. Empty lists (most tweets) cost one truth test each."""
-        if self._tag_names and (items := entities.get("hashtags")):
+        """``entity_tags`` looked up without building its list, and ``entity_urls`` walked in a
+        plain loop (a generator per tweet cost ~0.3 µs), each URL value's hits cached: a hashtag
+        or mention is checked by name against the names of the ``#``/``@`` keys. Empty lists
+        (most tweets) cost one truth test each."""
+        if (items := entities.get("hashtags")) and self._tag_names:
             _name_hits(found, items, "text", self._tag_names, "#")
-        if self._mention_names and (items := entities.get("user_mentions")):
+        if (items := entities.get("user_mentions")) and self._mention_names:
             _name_hits(found, items, "screen_name", self._mention_names, "@")
-        if entities.get("urls") or entities.get("media"):  # empty lists: no generator
-            cache = self._url_hits
-            for value in entity_urls(entities):
-                hits = cache.get(value)
-                if hits is None:
-                    hits = self._cache_url_hits(value)
-                if hits:
-                    found.update(hits)
-
-    def _text_hits(self, found: set[str], text: str) -> None:
-        low = text.lower()
-        needles: set[str] | None = None
-        bare = self._bare
-        for end, needle in self._automaton.iter(low):
-            # a run needle counts only as a maximal \w run (as every token's runs are)
-            before = end - len(needle)
-            if needle not in bare and (
-                (before >= 0 and ((c := low[before]).isalnum() or c == "_"))
-                or (end + 1 < len(low) and ((c := low[end + 1]).isalnum() or c == "_"))
-            ):
-                continue
-            if needles is None:
-                needles = {needle}
-            else:
-                needles.add(needle)
-        if needles is None:
+        urls, media = entities.get("urls"), entities.get("media")
+        if not urls and not media:
             return
+        cache = self._url_hits
+        for group in (urls, media):
+            if type(group) is not list:
+                continue
+            for url in group:
+                if type(url) is not dict:
+                    continue
+                for value in (url.get("expanded_url"), url.get("display_url")):
+                    if type(value) is str and value:
+                        hits = cache.get(value)
+                        if hits is None:
+                            hits = self._cache_url_hits(value)
+                        if hits:
+                            found.update(hits)
+
+    def _text_word_hits(self, found: set[str], low: str, needles: set[str]) -> None:
+        """The keys of the text's words that hold one of ``needles`` (each word's cached)."""
+        # words_containing splits at " " only: a printable text has no other whitespace (every
+        # other one is a control or a separator character), so most texts need no copy made
+        # with their whitespace runs collapsed (~1 µs for a tweet's text)
+        spaced = low if low.isprintable() else " ".join(low.split())
         cache = self._word_hits
-        for raw in words_containing(" ".join(low.split()), needles):
+        for raw in words_containing(spaced, needles):
             hits = cache.get(raw)
             if hits is None:
                 hits = self._cache_word_hits(raw)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ingestd.documents.match_track import TrackMatcher
 
@@ -27,6 +27,17 @@ class Matched:
 
     def __bool__(self) -> bool:
         return bool(self.track or self.follow or self.locations)
+
+
+class MatchLists(NamedTuple):
+    """``Matched``'s lists as a tuple (``Matcher.match_lists``)."""
+
+    track: list[str]
+    follow: list[int]
+    locations: list[int]
+
+
+_new_tuple = tuple.__new__
 
 
 class Matcher:
@@ -53,13 +64,19 @@ class Matcher:
         """Return the predicates ``tweet`` matches (empty ``Matched`` for junk input)."""
         if not isinstance(tweet, dict):
             return Matched()
-        return Matched(
-            self._track.match(tweet) if self._track else [],
-            self._match_follow(tweet) if self._follow_order else [],
-            self._match_locations(tweet)
-            if self.locations and not isinstance(tweet.get("retweeted_status"), dict)
-            else [],
-        )
+        return Matched(*self.match_lists(tweet))
+
+    def match_lists(self, tweet: dict[str, Any]) -> MatchLists:
+        """``match`` of a dict, as the encoder takes it: a tuple, built in C (``Matched``'s
+        dataclass ``__init__`` is a Python frame per tweet)."""
+        track = self._track
+        phrases = track.match(tweet) if track is not None else []
+        follow = self._match_follow(tweet) if self._follow_order else []
+        locations: list[int] = []
+        if (self.locations and not isinstance(tweet.get("retweeted_status"), dict)
+                and (tweet.get("coordinates") is not None or tweet.get("place") is not None)):
+            locations = self._match_locations(tweet)  # neither: no call (most tweets)
+        return _new_tuple(MatchLists, (phrases, follow, locations))
 
     def _match_follow(self, tweet: dict[str, Any]) -> list[int]:
         """Followed users whose followers get this tweet: its author, the retweeted author, the

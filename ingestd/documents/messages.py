@@ -87,11 +87,23 @@ def tweet_document(
     ``obj`` must be owned by the caller (freshly parsed): it is returned mutated, not copied.
     So must ``matched``: its lists become the document's.
     """
-    check_top_level_keys(obj)
-    tweet_id = parse_id(obj.get("id", obj.get("id_str")))
+    # The usual tweet's steps inline (a call each cost ~0.15 µs per tweet); the functions
+    # handle the rest, and every error.
+    if not _STORABLE_KEYS.issuperset(obj):
+        check_top_level_keys(obj)
+    tweet_id = obj.get("id")
+    if type(tweet_id) is not int or not 0 < tweet_id <= INT64_MAX:
+        tweet_id = parse_id(obj.get("id", obj.get("id_str")))
     created_str = obj.get("created_at")
     obj["_id"] = tweet_id
-    obj["created_at"] = created_at(obj, tweet_id, created_str)
+    stamp = obj.get("timestamp_ms")  # the stream's digit string: created_at's first choice
+    if (type(stamp) is str and len(stamp) <= 15 and stamp.isascii() and stamp.isdigit()
+            and MIN_DATE_MS <= (millis := int(stamp)) <= MAX_DATE_MS):
+        obj["created_at"] = DatetimeMS(millis)
+    elif stamp is None and tweet_id >= SNOWFLAKE_MIN_ID:  # its time: always a datetime's
+        obj["created_at"] = DatetimeMS((tweet_id >> 22) + TWITTER_EPOCH_MS)
+    else:
+        obj["created_at"] = created_at(obj, tweet_id, created_str)
     obj["created_at_str"] = created_str
     obj["_ingest"] = {
         "received_at": received_at,
@@ -103,7 +115,10 @@ def tweet_document(
             "follow": matched.follow,
             "locations": matched.locations,
         },
-        "hashtags": ingest_hashtags(obj),
+        # ingest_hashtags' usual answer inline: no retweet, no hashtags, no extended form
+        "hashtags": [] if ("retweeted_status" not in obj and "extended_tweet" not in obj
+                           and type(entities := obj.get("entities")) is dict
+                           and not entities.get("hashtags")) else ingest_hashtags(obj),
     }
     return obj
 
