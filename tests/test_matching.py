@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingestd.documents import match_track
 from ingestd.documents.match_tokens import term_keys, tweet_tokens, word_tokens
 from ingestd.documents.matching import Matched, Matcher
 
@@ -510,15 +509,3 @@ def test_only_the_space_is_printable_whitespace() -> None:
                                   "  twitter  ", "twitter\u2028x", "no twitterx here"])
 def test_words_found_whatever_the_whitespace(text: str) -> None:
     assert tracks("twitter", tweet(text)) == ([] if "twitterx" in text else ["twitter"])
-
-
-@pytest.mark.parametrize("chunk", [5, 7, 16384])
-def test_a_long_text_is_scanned_in_windows(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
-    """Past ``SCAN_CHUNK`` the text is scanned a window at a time (the scan's answer is a list of
-    every occurrence); an occurrence across two windows is found once, as a short text's is."""
-    monkeypatch.setattr(match_track, "SCAN_CHUNK", chunk)
-    phrases = ["twitter", "api", "apis", "zz", "b", ":)", "x.y"]
-    t = tweet("xx twitter, a :) b apis api x.y " * 3 + "api")
-    tokens = tweet_tokens(t)
-    model = [p for p in phrases if all(any(k in tokens for k in term_keys(w)) for w in p.split())]
-    assert Matcher(phrases).match(t).track == model == ["twitter", "api", "apis", "b", "x.y"]

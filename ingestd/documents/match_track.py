@@ -6,16 +6,16 @@ and each \\w run of a token is a maximal \\w run of that word (edge punctuation,
 URL schemes and host dots are all non-word characters). So a word can only produce a configured
 key if it contains one of the key's runs; only those few words are tokenised (with the very same
 per-word rules, ``word_tokens``), and entity values are looked up directly. The needles are found
-by one Aho-Corasick pass (ahocorasick-rs, a DFA for the usual few phrases) over the lower-cased
-text, for any number of phrases, and an occurrence counts only as a maximal \\w run.
+by one Aho-Corasick pass (pyahocorasick) over the lower-cased text, for any number of phrases, and
+an occurrence counts only as a maximal \\w run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import ahocorasick_rs
+import ahocorasick
 
 from ingestd.documents.match_tokens import (
     MAX_NESTING,
@@ -32,7 +32,6 @@ _CACHE_SIZE = 8192  # entity URL values / text words remembered per matcher (cle
 # retired one's hold the hot entries (the 558 real sample tweets need ~600 with bench/run.py's
 # filters), while most URLs and words in a stream are seen once and never hit.
 RETIRED_CACHE_SIZE = 1024
-SCAN_CHUNK = 16384  # a text longer than this is scanned a window at a time (``_scan_long``)
 
 
 class TrackMatcher:
@@ -87,21 +86,11 @@ class TrackMatcher:
             else:
                 bare.append(key)
         self._bare = frozenset(bare)
-        self._needles = [*runs, *bare]
-        self._reach = max(map(len, self._needles)) - 1  # how far an occurrence runs on
-        # (needle index, start, end) of every occurrence, overlapping ones included: ~0.45 µs
-        # for a tweet's text where pyahocorasick's walk took ~1 (bench/LOG.md, "Store side")
-        self._scan = ahocorasick_rs.AhoCorasick(self._needles).find_matches_as_indexes
-
-    def _scan_long(self, low: str) -> Iterator[tuple[int, int, int]]:
-        """``_scan`` of a text longer than ``SCAN_CHUNK``, a window at a time: its answer is a
-        list (~120 bytes an occurrence), and a 1 MB message of one repeated needle holds a
-        million occurrences. An occurrence is taken from the window it starts in."""
-        step, reach = SCAN_CHUNK, self._reach
-        for at in range(0, len(low), step):
-            for index, start, end in self._scan(low[at:at + step + reach], True):
-                if start < step:
-                    yield index, at + start, at + end
+        self._automaton = ahocorasick.Automaton()  # needle -> itself
+        for needle in (*runs, *bare):
+            self._automaton.add_word(needle, needle)
+        self._automaton.make_automaton()
+        self._scan = self._automaton.iter  # (end index, needle) of every occurrence
 
     def match(self, tweet: dict[str, Any]) -> list[str]:
         """The phrases ``tweet`` matches (all the terms of each, anywhere in it)."""
@@ -143,14 +132,13 @@ class TrackMatcher:
         if type(text) is str:
             low = text.lower()
             needles: set[str] | None = None
-            bare, all_needles = self._bare, self._needles
-            found_at = self._scan(low, True) if len(low) <= SCAN_CHUNK else self._scan_long(low)
-            for index, start, end in found_at:
-                needle = all_needles[index]
+            bare = self._bare
+            for end, needle in self._scan(low):
                 # a run needle counts only as a maximal \w run (as every token's runs are)
+                before = end - len(needle)
                 if needle not in bare and (
-                    (start > 0 and ((c := low[start - 1]).isalnum() or c == "_"))
-                    or (end < len(low) and ((c := low[end]).isalnum() or c == "_"))
+                    (before >= 0 and ((c := low[before]).isalnum() or c == "_"))
+                    or (end + 1 < len(low) and ((c := low[end + 1]).isalnum() or c == "_"))
                 ):
                     continue
                 if needles is None:
