@@ -463,7 +463,11 @@ def test_a_stream_logged_out_while_its_client_reads_nothing_is_closed_at_once(
     if tail and not tail.startswith(CONTROL_STARTS):
         assert len(partial) == 1
         if (cut := re.match(rb'[{]"created_at":"[^"]*","id":(\d+)', tail)) is not None:
-            assert partial == [int(cut.group(1))]
+            digits = cut.group(1).decode()
+            if cut.end() == len(tail):  # the close cut the id's own digits: a prefix came
+                assert str(partial[0]).startswith(digits), (partial, digits)
+            else:
+                assert partial == [int(digits)]
 
 
 def client_reads(sent: bytes, frames: list[bytes], gzip: bool) -> int:
