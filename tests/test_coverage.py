@@ -535,6 +535,19 @@ def _ledger_pair(coll: Any, clock: _Now) -> tuple[CoverageLedger, CoverageLedger
     return a, b
 
 
+def _applied_then_replayed(db: Any, records: list[Record]) -> tuple[list[Any], list[Any]]:
+    """The coverage collection after a ledger took ``records``, and after a new store worker's
+    ledger replayed them all (the whole spool, as after a restart)."""
+    snapshots = []
+    for _ in range(2):
+        ledger_, _ = _ledger_pair(db.tweets, _Now())
+        for record in records:
+            (ledger_.on_event if record.kind == KIND_EVENT else ledger_.on_live)(record)
+        flush(ledger_)
+        snapshots.append(sorted(db.coverage.find(), key=lambda d: d["_id"]))
+    return snapshots[0], snapshots[1]
+
+
 def _rec(seq: int, recv_ns: int, payload: bytes, kind: int = KIND_MESSAGE) -> Record:
     return Record(seq, kind, 1, 1, recv_ns, payload, "s", 0)
 
@@ -671,21 +684,11 @@ def test_not_started_gap_replayed_under_an_open_gap_changes_nothing(
     started, stop = hour + 600 * s, hour + 900 * s
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
     try:
-        coll = client[mongo_database].tweets
-        ledger_, _ = _ledger_pair(coll, _Now())
         records = [_marker(1, started, "not_started", hour, started_ns=started),
                    _rec(2, started + s, b'{"connected":1}'),
                    _rec(3, stop - s, b'{"id":3,"text":"x"}'),
                    _marker(4, stop, "stopped", stop - s)]
-        for record in records:
-            (ledger_.on_event if record.kind == KIND_EVENT else ledger_.on_live)(record)
-        flush(ledger_)
-        before = sorted(client[mongo_database].coverage.find(), key=lambda d: d["_id"])
-        again, _ = _ledger_pair(coll, _Now())  # a new store worker replays the whole spool
-        for record in records:
-            (again.on_event if record.kind == KIND_EVENT else again.on_live)(record)
-        flush(again)
-        after = sorted(client[mongo_database].coverage.find(), key=lambda d: d["_id"])
+        before, after = _applied_then_replayed(client[mongo_database], records)
     finally:
         client.close()
     assert after == before
@@ -1183,8 +1186,6 @@ def test_a_rules_refused_gap_is_held_until_a_connection_with_the_rules_accepted(
     up = hour + 600 * s
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_uri)
     try:
-        coll = client[mongo_database].tweets
-        ledger_, _ = _ledger_pair(coll, _Now())
         records = [_marker(1, up - s, "not_started", hour, started_ns=up - s),
                    _connected(2, up, 1, rules_pending=True),
                    # from the connection's coming up (``GapMarkers.pending_since_ns``)
@@ -1193,15 +1194,7 @@ def test_a_rules_refused_gap_is_held_until_a_connection_with_the_rules_accepted(
                    _marker(5, up + 60 * s, "reconnect", up + 2 * s),
                    _connected(6, up + 61 * s, 2, rules_pending=True),
                    _connected(7, up + 300 * s, 2, rules_accepted=True)]
-        for record in records:
-            (ledger_.on_event if record.kind == KIND_EVENT else ledger_.on_live)(record)
-        flush(ledger_)
-        before = sorted(client[mongo_database].coverage.find(), key=lambda d: d["_id"])
-        again, _ = _ledger_pair(coll, _Now())  # a new store worker replays the whole spool
-        for record in records:
-            (again.on_event if record.kind == KIND_EVENT else again.on_live)(record)
-        flush(again)
-        after = sorted(client[mongo_database].coverage.find(), key=lambda d: d["_id"])
+        before, after = _applied_then_replayed(client[mongo_database], records)
     finally:
         client.close()
     assert after == before

@@ -18,9 +18,9 @@ from ingestd.control.worker import (
     StatusPublisher,
     Ticker,
     WorkerContext,
+    run_role,
     sleep_until_signal,
     start_worker,
-    state_dir_refused,
     wake_on_signals,
 )
 from ingestd.memory import quiet_gc
@@ -181,10 +181,4 @@ def run_store_worker(config_path: Path, generation: int) -> int:
     if isinstance(ctx, int):
         return ctx
     quiet_gc()
-    try:
-        role = StoreRole(ctx)
-    except OSError as exc:
-        if (code := state_dir_refused(exc, ctx.settings.state_dir, "store")) is None:
-            raise
-        return code
-    return role.run()
+    return run_role(ctx, "store", StoreRole)

@@ -18,8 +18,8 @@ from ingestd.control.worker import (
     StatusPublisher,
     Ticker,
     WorkerContext,
+    run_role,
     start_worker,
-    state_dir_refused,
     wake_on_signals,
 )
 from ingestd.source.backoff import outage_grace
@@ -259,12 +259,4 @@ def _rules_effect(in_force: int | None) -> str:
 def run_stream_worker(config_path: Path, generation: int) -> int:
     """``ingestd worker --role stream``: the process's body; its exit code."""
     ctx = start_worker(config_path, "stream", generation)
-    if isinstance(ctx, int):
-        return ctx
-    try:
-        role = StreamRole(ctx)
-    except OSError as exc:
-        if (code := state_dir_refused(exc, ctx.settings.state_dir, "stream")) is None:
-            raise
-        return code
-    return role.run()
+    return ctx if isinstance(ctx, int) else run_role(ctx, "stream", StreamRole)

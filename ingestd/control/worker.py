@@ -10,7 +10,6 @@ first, then store drains the spool).
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 import signal
@@ -19,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -35,6 +34,7 @@ from ingestd.control.pipe import (
 )
 from ingestd.control.runstate import status_path, write_status
 from ingestd.logs import bind_process, configure_logging, reconfigure_logging, register_secret
+from ingestd.spool.format import os_error_text
 from ingestd.spool.watch import drain_wakeups
 
 log = structlog.get_logger("ingestd.worker")
@@ -243,9 +243,7 @@ class StatusPublisher:
             write_status(self.state_dir, self.role, status)
         except OSError as exc:
             self.failures += 1
-            name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-            where = exc.filename or status_path(self.state_dir, self.role)
-            self.error = f"{where}: {exc.strerror or exc} ({name})"
+            self.error = os_error_text(exc, exc.filename or status_path(self.state_dir, self.role))
             log.warning("status_write_failed", error=self.error,
                         effect="status not published; heartbeat sent to the supervisor directly")
             self._beat()
@@ -282,7 +280,25 @@ class Ticker:
         return max(0.0, self._next - time.monotonic())
 
 
+class Role(Protocol):
+    """A worker's body: ``StreamRole`` or ``StoreRole``."""
+
+    def run(self) -> int: ...
+
+
 EXIT_STATE_DIR = 75  # EX_TEMPFAIL: the folder may come back; the supervisor restarts the worker
+
+
+def run_role(ctx: WorkerContext, role: str, make: Callable[[WorkerContext], Role]) -> int:
+    """Build a worker's role and run it; its exit code. A start that meets a state folder it may
+    not use exits ``EXIT_STATE_DIR`` naming the path (``state_dir_refused``), not a traceback."""
+    try:
+        body = make(ctx)
+    except OSError as exc:
+        if (code := state_dir_refused(exc, ctx.settings.state_dir, role)) is None:
+            raise
+        return code
+    return body.run()
 
 
 def state_dir_refused(exc: OSError, state_dir: Path, role: str) -> int | None:
@@ -292,8 +308,7 @@ def state_dir_refused(exc: OSError, state_dir: Path, role: str) -> int | None:
     where = str(exc.filename or "")
     if not where.startswith(str(state_dir)):
         return None
-    name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-    log.error("spool_unreadable", error=f"{where}: {exc.strerror or exc} ({name})",
+    log.error("spool_unreadable", error=os_error_text(exc, where),
               effect=f"the {role} worker cannot start; the supervisor starts it again after its "
               "back-off", action="make the state folder readable and writable by the daemon's "
               "user again (undo the mount or permission change)")

@@ -293,6 +293,14 @@ def _write_all(fd: int, data: bytes) -> None:
 _TARGET_IN_THE_WAY = frozenset({errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST})
 
 
+def os_error_text(exc: OSError, where: object) -> str:
+    """``<where>: <strerror> (<ERRNO>)``: the file at fault and the cause, as every error about
+    the state folder is said (``where`` is the caller's: the error's own file is not always the
+    one at fault, ``file_at_fault``)."""
+    name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    return f"{where}: {exc.strerror or exc} ({name})"
+
+
 def file_at_fault(exc: OSError) -> str | None:
     """The file an ``OSError`` is about: a rename's target when that is what stopped it (its
     ``filename`` is the temp file, which is never the culprit then), else its ``filename``."""

@@ -26,6 +26,7 @@ from ingestd.spool.format import (
     RecordRef,
     file_at_fault,
     list_segments,
+    os_error_text,
     read_checkpoint,
     reserve_checkpoint,
     segment_first_seq,
@@ -42,12 +43,6 @@ CHECKPOINT_INTERVAL = 0.25  # seconds: at most one checkpoint write per interval
 class SpoolUnreadable(OSError):
     """The spool folder cannot be listed (its permissions changed, a mount over it): ``read``
     waits where it was, and reads on once it can (``SpoolReader.read_error`` says why)."""
-
-
-def os_error_text(exc: OSError, where: object) -> str:
-    """``<path>: <strerror> (<ERRNO>)``: the file and the cause, as the spool's other errors."""
-    name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-    return f"{exc.filename or where}: {exc.strerror or exc} ({name})"
 
 
 class SpoolReader:
@@ -164,7 +159,7 @@ class SpoolReader:
         except OSError as exc:
             if not self.read_error:
                 self.read_failures += 1
-                self.read_error = os_error_text(exc, self.directory)
+                self.read_error = os_error_text(exc, exc.filename or self.directory)
                 log.error("spool_unreadable", error=self.read_error,
                           effect="storing waits where it was; the stream worker's spool keeps "
                           "what arrives meanwhile (spool.when_full if it cannot write either)",
@@ -394,9 +389,8 @@ class SpoolReader:
         except OSError as exc:
             self._written_at = self._clock()  # retried an interval later, not on every record
             self.checkpoint_failures += 1
-            name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
             where = file_at_fault(exc) or self.directory / CHECKPOINT
-            self.checkpoint_error = f"{where}: {exc.strerror or exc} ({name})"
+            self.checkpoint_error = os_error_text(exc, where)
             log.error("spool_checkpoint_write_failed", error=self.checkpoint_error,
                       effect="the checkpoint stays pending and is retried; stored segments are "
                       "kept until it is written")

@@ -28,6 +28,7 @@ from ingestd.spool.format import (
     encode_records,
     fsync_dir,
     list_segments,
+    os_error_text,
     read_checkpoint,
     segment_first_seq,
     segment_name,
@@ -350,7 +351,8 @@ class SpoolWriter:
         if self.read_error:
             return
         self.read_failures += 1
-        self.read_error = _os_error_text(exc, self.directory / CHECKPOINT)
+        self.read_error = os_error_text(
+            exc, exc.filename or self.directory / CHECKPOINT)
         log.error("spool_unreadable", error=self.read_error,
                   effect="the store worker's progress cannot be seen: the backlog counts from "
                   "the last checkpoint seen; appends go on while the disk takes them",
@@ -385,11 +387,6 @@ class SpoolWriter:
                 self._total -= self._sizes.pop(name)
             if acked:
                 self._first_seq = self._oldest_seq()
-
-
-def _os_error_text(exc: OSError, where: Path) -> str:
-    name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-    return f"{exc.filename or where}: {exc.strerror or exc} ({name})"
 
 
 def _write_more(fd: int, bufs: list[bytes], written: int) -> int:
