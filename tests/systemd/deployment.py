@@ -171,7 +171,17 @@ class Deployment:
             truth = self.sim.ground_truth()
             want = set(truth.tweet_ids()) - set(truth.deleted_ids())
             return want if want and set(self.stored_ids()) == want else set()
-        return wait_until(caught_up, timeout, "every delivered tweet to be stored", interval=0.3)
+        try:
+            return wait_until(caught_up, timeout, "every delivered tweet to be stored",
+                              interval=0.3)
+        except AssertionError as exc:  # say which: a lost tweet and a missed delete differ
+            truth = self.sim.ground_truth()
+            delivered, deleted = set(truth.tweet_ids()), set(truth.deleted_ids())
+            stored = set(self.stored_ids())
+            raise AssertionError(
+                f"{exc}: {len(delivered)} delivered, {len(deleted)} deleted, {len(stored)} "
+                f"stored; missing {sorted(delivered - deleted - stored)[:20]}, extra "
+                f"{sorted(stored - (delivered - deleted))[:20]}") from None
 
     def connections(self) -> list[dict[str, Any]]:
         """The simulator's answered-200 connections, in order."""
