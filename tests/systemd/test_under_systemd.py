@@ -442,6 +442,11 @@ def test_restarts_by_hand_count_against_the_start_limit(deployment: Deployment) 
     while (refused := box.systemctl("restart", UNIT, check=False)).returncode == 0:
         done += 1
         assert done <= 5, "a sixth start within StartLimitIntervalSec= was not refused"
+        # Each restart's connection sends its burst at once: the next stop waits for it to be
+        # stored. A stop mid-burst loses what the endpoint wrote after the stop's last read of
+        # the socket (the coverage ledger's `stopped` gap starts at the last message received):
+        # the shared deployment's reconciliation could never hold again (CI fresh-162, debian12).
+        deployment.wait_stored()
     assert done == 5 and "too often" in refused.stderr, (done, refused.stderr)
     props = deployment.show("ActiveState", "Result", "MainPID")
     assert props == {"ActiveState": "failed", "Result": "start-limit-hit", "MainPID": "0"}, props
