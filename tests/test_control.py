@@ -257,6 +257,40 @@ def test_sigterm_stores_what_was_already_in_the_socket(
            f"{drained[-1]['seconds'] * 1000:.0f} ms, {drained[-1]['reads']} reads")
 
 
+def test_a_stop_in_the_middle_of_a_burst_stores_every_tweet_the_endpoint_sent(
+        launch: Launch, mongo_uri: str, mongo_database: str) -> None:
+    # --rate 0: the simulator writes as fast as the reader takes it, so when the stop comes its
+    # socket buffers hold tweets the endpoint counts as delivered, and it is writing more. The
+    # stop half-closes the connection and reads on until the endpoint closes it: every tweet
+    # written is stored. Before, the drain read what had arrived and closed: what the simulator
+    # wrote after that last read was lost (seen under a real systemd: restarts mid-burst).
+    burst = 30000
+    sim, daemon = launch("--rate", "0", "--control-every", "0", "--seed", "25",
+                         script=[[{"deliver": burst}, {"stall": 600}]],
+                         control={"stop_timeout": 120})
+    daemon.wait_ready()
+    wait_until(lambda: len(sim.ground_truth().tweet_ids(1)) >= 2000, 60, "the burst under way")
+    code, _ = daemon.stop(timeout=180)
+    truth = sim.ground_truth()
+    delivered, ids = truth.tweet_ids(1), stored_ids(mongo_uri, mongo_database)
+    drained = daemon.events("stream_stop_drained")[-1]
+    stream = daemon.counters("stream")
+
+    assert code == 0, daemon.tail()
+    assert len(delivered) < burst, "the burst ended before the stop: nothing was tested"
+    assert drained["endpoint_closed"] is True, drained
+    assert truth.closes(1)[0]["reason"].startswith("client closed"), truth.closes(1)
+    assert not truth.of("partial", 1)
+    missing = set(delivered) - set(ids)
+    assert not missing, f"{len(missing)} of {len(delivered)} delivered tweets not stored"
+    assert sorted(ids) == sorted(delivered)
+    assert stream["received"] == len(delivered)
+    assert daemon.counters("store")["stored"] == len(delivered)
+    figure(f"stop mid-burst: {len(delivered)} of {burst} written before the endpoint closed, "
+           f"{len(ids)} stored; drain {drained['seconds'] * 1000:.0f} ms, "
+           f"{drained['messages']} messages")
+
+
 # -- 3, 4, 5: SIGHUP ------------------------------------------------------------------------------
 
 

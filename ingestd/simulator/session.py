@@ -12,7 +12,6 @@ import contextlib
 import math
 import random
 import select
-import socket
 import sys
 import threading
 import time
@@ -29,7 +28,7 @@ from ingestd.simulator.params import StreamParams
 from ingestd.simulator.redundant import FeedCursor
 from ingestd.simulator.script import Step, run_steps
 from ingestd.simulator.state import SimState
-from ingestd.simulator.wire import GivenUp, Stopping, Wire
+from ingestd.simulator.wire import ClientClosed, GivenUp, Stopping, Wire
 
 CLOSE_LOOK = 0.05  # s between looks for a client's close on an idle connection
 
@@ -121,8 +120,9 @@ class Session:
             return self._stream(count=value)
         if kind == "keepalive_only":
             return self._stream(duration=value, tweets=False)
-        if kind == "stall":
-            return self._interrupted() if self.wake.wait(value) else None
+        if kind == "stall":  # silent, but a client's close (or half-close) ends it at once
+            self._idle(value)
+            return self._interrupted() if self.wake.is_set() else None
         if kind == "split":
             self.wire.split = value
         elif kind == "control":
@@ -174,6 +174,8 @@ class Session:
         rate, count, start = pace.rate, pace.count, pace.start
         starved = False
         while not self.wake.is_set():
+            if self.wire.client_gone():  # a stopping client reads on: write nothing after its FIN
+                raise ClientClosed("the client closed its end")
             now = time.monotonic()
             if (duration is not None and now - start >= duration) or (
                 count is not None and pace.sent >= count
@@ -257,8 +259,8 @@ class Session:
                 return
             ready, _, _ = select.select([sock], [], [], min(left, CLOSE_LOOK))
             if ready:
-                if not sock.recv(1, socket.MSG_PEEK):
-                    raise ConnectionResetError("the client closed its end")
+                if self.wire.client_gone():
+                    raise ClientClosed("the client closed its end")
                 self.wake.wait(min(left, CLOSE_LOOK))  # bytes from the client: not a close
 
     def _may_tweet(self, now: float) -> bool:

@@ -28,7 +28,6 @@ import binascii
 import contextlib
 import hmac
 import random
-import select
 import socket
 import threading
 import time
@@ -437,7 +436,7 @@ class V2Session:
             if self.app.state.stopping.is_set():
                 self.wire.end()
                 return "shutdown"
-            if self._client_gone():
+            if self.wire.client_gone():
                 return "client closed"
             now = time.monotonic()
             if (end is not None and now >= end) or (count is not None and sent_here >= count):
@@ -487,15 +486,6 @@ class V2Session:
     def _write(self, body: bytes) -> None:
         self.wire.send(self.wire.encode(body))
         self.last_write = time.monotonic()
-
-    def _client_gone(self) -> bool:
-        """The client sends nothing after its request: readable means it closed or reset."""
-        sock = self.wire.sock
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            return bool(readable) and not sock.recv(1, socket.MSG_PEEK)
-        except (OSError, ValueError):
-            return True
 
 
 # ---------------------------------------------------------------- HTTP routes

@@ -38,6 +38,12 @@ class Stopping(GivenUp):
     """The simulator stops."""
 
 
+class ClientClosed(GivenUp, ConnectionResetError):
+    """The client closed its end, or half-closed it (a stopping ingestd reads on until we close):
+    nothing more is written, and a write in progress is given up and recorded as far as it went.
+    An ``OSError`` too, as the client going away always was."""
+
+
 def completed(ends: Sequence[int], taken: int) -> tuple[int, bool]:
     """A write of messages ending at ``ends`` (``encode_batch``) given up after ``taken`` of its
     body bytes: how many messages went whole, and whether some bytes of the next one went."""
@@ -149,10 +155,20 @@ class Wire:
         if writable:
             return
         if readable:
-            if not sock.recv(1, socket.MSG_PEEK):
-                raise ConnectionResetError("the client closed its end")
+            if self.client_gone():
+                raise ClientClosed("the client closed its end")
             select.select([], [sock], [], BLOCKED_LOOK)  # bytes from the client, not a close
         self.on_blocked()
+
+    def client_gone(self) -> bool:
+        """Whether the client sent its FIN (closed, or half-closed while it reads on) or reset:
+        it sends nothing after its request, so a readable socket with nothing to peek is one."""
+        sock = self.sock
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and not sock.recv(1, socket.MSG_PEEK)
+        except (OSError, ValueError):
+            return True
 
     def unacked_bytes(self) -> int | None:
         """Bytes handed to the socket that the client's kernel has not acknowledged yet (Linux's

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +105,23 @@ class Connection:
         self.curl.close()
         if self.framer.pending_bytes and self.status == 200:
             self.cut_bytes = self.framer.pending_bytes
+
+    def half_close(self) -> bool:
+        """Send our FIN (shut down our sending side) and keep reading: an endpoint that closes when
+        its client does (the simulator; most HTTP servers on reading EOF) ends the stream after a
+        write we will still read, so a stop gets every byte it sent (docs/protocol.md §8). False
+        when libcurl holds no socket for it (not connected, or already closed)."""
+        fd = self.curl.getinfo(pycurl.ACTIVESOCKET)
+        if fd < 0:
+            return False
+        sock = socket.socket(fileno=fd)  # a view of libcurl's socket: detached, never closed here
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False
+        finally:
+            sock.detach()
+        return True
 
     def _drop_held(self) -> int:
         """The messages in what a full spool held back (``held_pieces``), framed only to be

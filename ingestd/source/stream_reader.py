@@ -70,10 +70,11 @@ OWN_CLOSE_WINDOW = 15.0
 # On losing the standby lease, bytes already on their way are still read for this long at most
 # (ha.mode: standby; the stream worker sets it below the lease's safety margin, see ``stand_down``).
 STAND_DOWN_DRAIN = 0.3
-# On a clean stop, what has already arrived in the sockets is read (without waiting for more),
-# framed and spooled before the connections are closed, for at most this long: a stop then loses
-# only bytes still on the wire (and, with a full spool under ``when_full: block``, what TCP holds
-# back). A stream that keeps flowing is read until the bound; an empty socket ends it at once.
+# On a clean stop each streaming connection is half-closed (our FIN) and read until the endpoint
+# closes it, for at most this long: an endpoint that stops writing when its client closes (the
+# simulator does) then has sent nothing we did not read. One that ignores the FIN is read until
+# the bound: only the bytes still on the wire then are lost (and, with a full spool under
+# ``when_full: block``, what TCP holds back).
 STOP_DRAIN = 0.5
 # The coverage ledger's cause for a gap that begins with this ending of the active connection.
 GAP_CAUSES = {
@@ -176,25 +177,40 @@ class StreamReader:
             self.close()
 
     def drain(self, budget: float = STOP_DRAIN) -> None:
-        """A clean stop: take what the sockets already hold — read without blocking until a pass
-        reads nothing or ``budget`` seconds passed — and frame and spool it; ``close`` follows.
-        The loop may not have read for a while before the stop (a gather pause, a slow fsync or
-        status write in ``tick``, a busy machine): without this, those bytes were aborted
-        unread, after the endpoint had sent them."""
+        """A clean stop: half-close each streaming connection and read it until the endpoint
+        closes it, at most ``budget`` seconds in all, framing and spooling what comes; ``close``
+        follows. Closing at once lost what had arrived while the loop did not read (a gather
+        pause, a slow fsync or status write in ``tick``, a busy machine) and what the endpoint
+        wrote after our last read (a stop in the middle of a burst): it had sent both."""
         started = self._clock()
         deadline = started + budget
         received, nbytes, chunks = self.stats.received, self.stats.bytes, self._body.chunks
+        waiting = {id(c.curl) for c in self._connections() if c.status == 200 and c.half_close()}
         while True:
             self._resume(self._connections())
             before = self._body.chunks
             self._perform()
             self._flush()
-            if self._body.chunks == before or self._clock() >= deadline:
+            waiting.difference_update(id(curl) for curl in self._ended_handles())
+            left = deadline - self._clock()
+            if left <= 0 or not (waiting or self._body.chunks > before):
                 break
+            if waiting:  # the endpoint has not closed yet: wait for its bytes or its close
+                self._multi.select(min(left, TICK))
         log.info("stream_stop_drained", messages=self.stats.received - received,
                  bytes=self.stats.bytes - nbytes, reads=self._body.chunks - chunks,
-                 seconds=round(self._clock() - started, 3),
+                 seconds=round(self._clock() - started, 3), endpoint_closed=not waiting,
                  paused=any(c.paused for c in self._connections()))
+
+    def _ended_handles(self) -> list[pycurl.Curl]:
+        """The handles libcurl finished since the last look, whatever their result."""
+        ended: list[pycurl.Curl] = []
+        while True:
+            queued, ok, failed = self._multi.info_read()
+            ended += ok
+            ended += [curl for curl, _errno, _errmsg in failed]
+            if not queued:
+                return ended
 
     def step(self) -> None:
         """One loop pass: connect if due, move bytes, reap endings, check timers."""
