@@ -180,7 +180,7 @@ class BodyIntake:
         held pieces turned out undecodable: the caller ends them (no callback will)."""
         failed: list[Connection] = []
         for conn in conns:
-            if conn is not None and conn.paused and not self._is_full():
+            if conn is not None and conn.paused and (self._drop_when_full or not self._is_full()):
                 if conn.held_pieces is not None and not self._take_held(conn, failed):
                     continue  # full again (or failed): still paused
                 conn.paused = False
@@ -188,6 +188,12 @@ class BodyIntake:
                 conn.curl.pause(pycurl.PAUSE_CONT)
         self._unchecked = FULL_CHECK_BYTES
         return failed
+
+    def stop_pushing_back(self) -> None:
+        """The stop's drain: what TCP holds back would be discarded unread by our close, so a
+        full sink no longer pauses a transfer; what it has no room for is counted as dropped
+        (``spool_full``), as under ``when_full: drop_newest``, and paused transfers resume."""
+        self._drop_when_full = True
 
     def _take_held(self, conn: Connection, failed: list[Connection]) -> bool:
         """Take the pieces a full spool left with ``conn``; whether all of them were taken."""

@@ -73,8 +73,8 @@ STAND_DOWN_DRAIN = 0.3
 # On a clean stop each streaming connection is half-closed (our FIN) and read until the endpoint
 # closes it, for at most this long: an endpoint that stops writing when its client closes (the
 # simulator does) then has sent nothing we did not read. One that ignores the FIN is read until
-# the bound: only the bytes still on the wire then are lost (and, with a full spool under
-# ``when_full: block``, what TCP holds back).
+# the bound: only the bytes still on the wire then are lost. A full spool no longer pushes back
+# meanwhile (``when_full: block``): what TCP held would be discarded by our close, uncounted.
 STOP_DRAIN = 0.5
 # The coverage ledger's cause for a gap that begins with this ending of the active connection.
 GAP_CAUSES = {
@@ -185,7 +185,9 @@ class StreamReader:
         started = self._clock()
         deadline = started + budget
         received, nbytes, chunks = self.stats.received, self.stats.bytes, self._body.chunks
+        dropped = self.stats.dropped["spool_full"]
         waiting = {id(c.curl) for c in self._connections() if c.status == 200 and c.half_close()}
+        self._body.stop_pushing_back()
         while True:
             self._resume(self._connections())
             before = self._body.chunks
@@ -200,7 +202,7 @@ class StreamReader:
         log.info("stream_stop_drained", messages=self.stats.received - received,
                  bytes=self.stats.bytes - nbytes, reads=self._body.chunks - chunks,
                  seconds=round(self._clock() - started, 3), endpoint_closed=not waiting,
-                 paused=any(c.paused for c in self._connections()))
+                 dropped_at_stop=self.stats.dropped["spool_full"] - dropped)
 
     def _ended_handles(self) -> list[pycurl.Curl]:
         """The handles libcurl finished since the last look, whatever their result."""
