@@ -8,6 +8,7 @@ events, and every delivered id stored exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import os
@@ -453,6 +454,43 @@ def test_a_fields_reload_reconnects_within_seconds_and_reload_says_so(
     assert all(e["backoff"] <= 2 for e in ended), ended  # never the 429 schedule
     print(f"\n[v2 fields reload] reconnected after {accepted[1]['t'] - reloaded_at:.2f}s; "
           f"429s on the way: {len(ended)}")
+
+
+def test_a_reload_that_reconnects_loses_nothing_the_old_connection_delivered(
+    tmp_path: Path, mongo_uri: str, mongo_database: str
+) -> None:
+    """v2 allows one connection per app, so a reload that changes the connection closes the old
+    one before opening the next. The close came right after a wait that bytes had ended, before
+    they were read: what the endpoint wrote last on the old connection was lost. It is now read
+    to the endpoint's close first, as on a stop."""
+    total = 6000
+    sim, daemon = start(tmp_path, mongo_uri, mongo_database, "--rate", "2000",
+                        "--max-tweets", str(total))
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: len(sim.ground_truth().tweet_ids()) >= 1000, 60, "tweets flowing")
+        doc = dict(daemon.doc)
+        doc["stream"] = {**doc["stream"], "tweet_fields": ["author_id", "created_at", "lang"]}
+        daemon.write_settings_atomically(doc)
+        daemon.send(signal.SIGHUP)
+        daemon.wait_log("connected", timeout=30, generation=2)
+        with contextlib.suppress(AssertionError):  # a lost tweet never settles: said below
+            wait_until(lambda: settled(daemon, sim, total), 60, "every published tweet")
+        closed = daemon.events("stream_ended")
+    finally:
+        finish(daemon, sim)
+    truth = sim.ground_truth()
+    first, ids = set(truth.tweet_ids(1)), [d["_id"] for d in stored(mongo_uri, mongo_database)]
+    assert len([c for c in stream_connects(truth) if c["status"] == 200]) >= 2, closed
+    assert len(truth.tweet_ids(1)) < total, "the reload came after the last tweet"
+    assert len(ids) == len(set(ids)), "a tweet was stored twice"
+    missing = first - set(ids)
+    assert not missing, f"{len(missing)} of {len(first)} tweets of the old connection not stored"
+    assert set(ids) == set(truth.tweet_ids())
+    assert truth.closes(1)[0]["reason"].startswith("client closed"), truth.closes(1)
+    print(f"\n[v2 reload] old connection: {len(first)} delivered, all stored; "
+          f"{len(truth.tweet_ids()) - len(first)} after it; "
+          f"{len(truth.of('missed'))} missed between the two")
 
 
 @pytest.mark.parametrize("rules", [

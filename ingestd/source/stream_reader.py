@@ -76,6 +76,9 @@ STAND_DOWN_DRAIN = 0.3
 # the bound: only the bytes still on the wire then are lost. A full spool no longer pushes back
 # meanwhile (``when_full: block``): what TCP held would be discarded by our close, uncounted.
 STOP_DRAIN = 0.5
+# A reload that must close the connection before opening the next (v2: one per app) reads the
+# old one to the endpoint's close for at most this long, as a stop does (``STOP_DRAIN``).
+RELOAD_CLOSE_DRAIN = 0.5
 # The coverage ledger's cause for a gap that begins with this ending of the active connection.
 GAP_CAUSES = {
     Ending.NETWORK: "reconnect", Ending.CLOSED: "reconnect", Ending.DISCONNECT: "reconnect",
@@ -177,40 +180,52 @@ class StreamReader:
             self.close()
 
     def drain(self, budget: float = STOP_DRAIN) -> None:
-        """A clean stop: half-close each streaming connection and read it until the endpoint
-        closes it, at most ``budget`` seconds in all, framing and spooling what comes; ``close``
-        follows. Closing at once lost what had arrived while the loop did not read (a gather
-        pause, a slow fsync or status write in ``tick``, a busy machine) and what the endpoint
-        wrote after our last read (a stop in the middle of a burst): it had sent both."""
+        """A clean stop: read every connection to the endpoint's close (``_read_to_close``), the
+        spool no longer pushing back, framing and spooling what comes; ``close`` follows.
+        Closing at once lost what had arrived while the loop did not read (a gather pause, a
+        slow fsync or status write in ``tick``, a busy machine) and what the endpoint wrote
+        after our last read (a stop in the middle of a burst): it had sent both."""
         started = self._clock()
-        deadline = started + budget
         received, nbytes, chunks = self.stats.received, self.stats.bytes, self._body.chunks
         dropped = self.stats.dropped["spool_full"]
-        waiting = {id(c.curl) for c in self._connections() if c.status == 200 and c.half_close()}
         self._body.stop_pushing_back()
+        closed = self._read_to_close(self._connections(), budget)
+        log.info("stream_stop_drained", messages=self.stats.received - received,
+                 bytes=self.stats.bytes - nbytes, reads=self._body.chunks - chunks,
+                 seconds=round(self._clock() - started, 3), endpoint_closed=closed,
+                 dropped_at_stop=self.stats.dropped["spool_full"] - dropped)
+
+    def _read_to_close(self, closing: list[Connection], budget: float) -> bool:
+        """Half-close each of ``closing`` that streams (our FIN) and read until the endpoint has
+        closed them, at most ``budget`` seconds (one that could not be half-closed: until a pass
+        reads nothing); whether it closed them all. Their endings are left to the caller, who
+        ends them as planned (no reconnect, no gap of their own); any other connection's ending
+        is handled as in ``step``."""
+        deadline = self._clock() + budget
+        waiting = {id(c.curl) for c in closing if c.status == 200 and c.half_close()}
+        mine = {id(c.curl) for c in closing}
         while True:
             self._resume(self._connections())
             before = self._body.chunks
             self._perform()
             self._flush()
-            waiting.difference_update(id(curl) for curl in self._ended_handles())
+            for curl, errno, errmsg in self._ended():
+                waiting.discard(id(curl))
+                if id(curl) not in mine and id(curl) in self._by_handle:
+                    self._finished(self._by_handle[id(curl)], errno, errmsg)
             left = deadline - self._clock()
             if left <= 0 or not (waiting or self._body.chunks > before):
-                break
+                return not waiting
             if waiting:  # the endpoint has not closed yet: wait for its bytes or its close
                 self._multi.select(min(left, TICK))
-        log.info("stream_stop_drained", messages=self.stats.received - received,
-                 bytes=self.stats.bytes - nbytes, reads=self._body.chunks - chunks,
-                 seconds=round(self._clock() - started, 3), endpoint_closed=not waiting,
-                 dropped_at_stop=self.stats.dropped["spool_full"] - dropped)
 
-    def _ended_handles(self) -> list[pycurl.Curl]:
-        """The handles libcurl finished since the last look, whatever their result."""
-        ended: list[pycurl.Curl] = []
+    def _ended(self) -> list[tuple[pycurl.Curl, int | None, str]]:
+        """The handles libcurl finished since the last look: (handle, error or None, message)."""
+        ended: list[tuple[pycurl.Curl, int | None, str]] = []
         while True:
             queued, ok, failed = self._multi.info_read()
-            ended += ok
-            ended += [curl for curl, _errno, _errmsg in failed]
+            ended += [(curl, None, "") for curl in ok]
+            ended += failed
             if not queued:
                 return ended
 
@@ -305,9 +320,10 @@ class StreamReader:
         if self.active is None or not self.active.healthy or not api_for(stream).make_before_break:
             # Nothing worth keeping: replace at once (also leaves a degraded "wait for reload").
             if self.active is not None:
-                # Closed now (taking a transfer in progress out of the multi closes its socket
-                # at once), before the new connection is opened on the next pass: on v2 the
-                # endpoint refuses a second connection of the app.
+                # Closed now, before the new connection is opened on the next pass: on v2 the
+                # endpoint refuses a second connection of the app. Read to its close first, as a
+                # stop does: what the endpoint wrote after our last read was sent all the same.
+                self._read_to_close([self.active], RELOAD_CLOSE_DRAIN)
                 self._end(self.active, Ending.ABORTED)
                 self._mark_gap(self.active, Ending.ABORTED)
                 self.active = None
@@ -465,14 +481,8 @@ class StreamReader:
         self._body.settle()
 
     def _reap(self) -> None:
-        while True:
-            queued, ok, failed = self._multi.info_read()
-            for curl in ok:
-                self._finished(self._by_handle[id(curl)], None, "")
-            for curl, errno, errmsg in failed:
-                self._finished(self._by_handle[id(curl)], errno, errmsg)
-            if not queued:
-                return
+        for curl, errno, errmsg in self._ended():
+            self._finished(self._by_handle[id(curl)], errno, errmsg)
 
     def _check_stalls(self, now: float) -> None:
         for old in [c for c in self.retiring if now >= c.retire_at]:
