@@ -9,6 +9,7 @@ events, and every delivered id stored exactly once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import itertools
 import os
@@ -23,9 +24,13 @@ from typing import Any
 import orjson
 import pymongo
 import pytest
+import yaml
 
+from ingestd.config.settings import load_settings_text
 from ingestd.control.collector import RunStateCollector
 from ingestd.documents.messages import TWITTER_EPOCH_MS
+from ingestd.source.connection import open_connection
+from ingestd.source.stream_reader import StreamReader
 from tests.support.counters import resolved
 from tests.support.daemon import Daemon, finish, settings_doc
 from tests.support.simulator import GroundTruthLog, SimProcess
@@ -491,6 +496,33 @@ def test_a_reload_that_reconnects_loses_nothing_the_old_connection_delivered(
     print(f"\n[v2 reload] old connection: {len(first)} delivered, all stored; "
           f"{len(truth.tweet_ids()) - len(first)} after it; "
           f"{len(truth.of('missed'))} missed between the two")
+
+
+def test_a_reload_whose_old_connection_ends_while_read_to_its_close_opens_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read to the old connection's close may end it (held bytes that turn out undecodable
+    end it through ``_finished``); the reload must then go on to the next connection, not
+    close a connection that is no longer there (an AttributeError on ``None`` before)."""
+    doc = settings_doc("http://127.0.0.1:9/2/tweets/search/stream", "mongodb://127.0.0.1:9",
+                       "db")
+    del doc["stream"]["track"]
+    doc["stream"].update({"api": "v2", "rules": RULES})
+    doc["auth"] = {"bearer_token": "${TWITTER_BEARER_TOKEN}"}
+    settings = load_settings_text(yaml.safe_dump(doc), tmp_path / "s.yaml", ENV)
+    reader = StreamReader(settings.stream, settings.auth, 1, lambda *_: None,
+                          is_full=lambda: False, drop_when_full=False)
+    reader.active = open_connection(1, 1, settings.stream, settings.auth, 0.0,
+                                    lambda conn, data: None)
+
+    def ended_meanwhile(closing: list[Any], budget: float) -> bool:
+        reader.active = None  # what ``_finished`` does to an active connection
+        return True
+    monkeypatch.setattr(reader, "_read_to_close", ended_meanwhile)
+    new = dataclasses.replace(settings.stream, tweet_fields=("author_id", "lang"))
+    reader.reload(new, settings.auth, 2)
+    assert reader.active is None and reader.next_attempt_at is not None
+    reader.close()
 
 
 @pytest.mark.parametrize("rules", [

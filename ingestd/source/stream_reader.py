@@ -324,6 +324,7 @@ class StreamReader:
                 # endpoint refuses a second connection of the app. Read to its close first, as a
                 # stop does: what the endpoint wrote after our last read was sent all the same.
                 self._read_to_close([self.active], RELOAD_CLOSE_DRAIN)
+            if self.active is not None:  # (not ended meanwhile: held bytes found undecodable)
                 self._end(self.active, Ending.ABORTED)
                 self._mark_gap(self.active, Ending.ABORTED)
                 self.active = None
