@@ -11,9 +11,11 @@ store worker, 0.1 s in the stream worker) exceed them many times over.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,34 +102,36 @@ def test_the_writers_written_mark_does_not_wake_the_reader(tmp_path: Path) -> No
     assert reader.watch.clear() is False
 
 
-def test_a_signal_pipe_ends_the_wait(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def signalled_soon(tmp_path: Path) -> Iterator[SpoolReader]:
+    """A spool reader whose watch also waits on a signal pipe, written 50 ms from now."""
     reader = SpoolReader(tmp_path)
     if reader.watch.polling:
         unavailable("inotify is not available here: the reader polls")
     read_fd, write_fd = os.pipe2(os.O_NONBLOCK)
     reader.watch.extra_fds.append(read_fd)
     threading.Timer(0.05, os.write, (write_fd, b"\x0f")).start()
-    reader.watch.wait(60.0)
-    assert reader.watch.wakeups == 1  # ended by the pipe, not by the 60 s timeout
-    os.close(read_fd)
-    os.close(write_fd)
+    try:
+        yield reader
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def test_a_signal_pipe_ends_the_wait(tmp_path: Path) -> None:
+    with signalled_soon(tmp_path) as reader:
+        reader.watch.wait(60.0)
+        assert reader.watch.wakeups == 1  # ended by the pipe, not by the 60 s timeout
 
 
 def test_a_signal_pipe_ends_the_readers_wait_for_data(tmp_path: Path) -> None:
     """The store worker's idle wait is the reader's ``wait_for_data``, which waited again after
     the watch woke for the signal pipe: SIGTERM began the drain only at the next heartbeat (up
     to a second into every stop). Now the wait ends, with no data to report."""
-    reader = SpoolReader(tmp_path)
-    if reader.watch.polling:
-        unavailable("inotify is not available here: the reader polls")
-    read_fd, write_fd = os.pipe2(os.O_NONBLOCK)
-    reader.watch.extra_fds.append(read_fd)
-    threading.Timer(0.05, os.write, (write_fd, b"\x0f")).start()
-    started = time.monotonic()
-    assert reader.wait_for_data(30.0) is False
-    assert time.monotonic() - started < 10.0  # ended by the pipe, not by the 30 s timeout
-    os.close(read_fd)
-    os.close(write_fd)
+    with signalled_soon(tmp_path) as reader:
+        started = time.monotonic()
+        assert reader.wait_for_data(30.0) is False
+        assert time.monotonic() - started < 10.0  # ended by the pipe, not by the 30 s timeout
 
 
 def test_idle_daemon_loops_once_per_housekeeping_interval(
